@@ -1,0 +1,32 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= config/netd.yaml
+
+.PHONY: run test install lint bench clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	# Refresh Twisted's plugin cache now, while the tree is writable.
+	$(PY) -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/twistd --nodaemon --pidfile= netd -c $(CONFIG)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+bench: install
+	$(PY) bench/echo.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info state

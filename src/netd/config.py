@@ -1,0 +1,349 @@
+"""
+The service map: YAML parsed once into immutable objects that remember where they came from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from netd import endpoints
+from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
+
+__all__ = [
+    "AdminConfig",
+    "ConfigErrors",
+    "ListenerConfig",
+    "LogConfig",
+    "NetdConfig",
+    "ServiceConfig",
+    "TLSProfileConfig",
+    "load_config",
+    "parse_config",
+]
+
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+
+
+@attrs.frozen
+class KeyPairConfig:
+    cert: Path
+    key: Path
+
+
+@attrs.frozen
+class TLSProfileConfig:
+    name: str
+    position: Position
+    self_signed: tuple[str, ...] = ()
+    keypair: KeyPairConfig | None = None
+    min_version: str = "1.2"
+    client_ca: Path | None = None
+    sni: Mapping[str, KeyPairConfig] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ListenerConfig:
+    """One listener: an endpoint string plus what netd layers on top of it."""
+
+    endpoint: str
+    position: Position
+    path: str
+    datagram: bool = False
+    tls_profile: str | None = None
+    protocol: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_profile is not None or endpoints.has_own_tls(self.endpoint)
+
+
+@attrs.frozen
+class ServiceConfig:
+    name: str
+    type: str
+    position: Position
+    listen: tuple[ListenerConfig, ...]
+    enabled: bool = True
+    max_connections: int = 1000
+    idle_timeout: float = 300.0
+    options: Any = None
+
+
+@attrs.frozen
+class AdminConfig:
+    listen: tuple[ListenerConfig, ...]
+    token: str | None
+    position: Position
+
+
+@attrs.frozen
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@attrs.frozen
+class NetdConfig:
+    file: Path
+    state_dir: Path
+    shutdown_grace: float = 10.0
+    log: LogConfig = LogConfig()
+    tls: Mapping[str, TLSProfileConfig] = attrs.field(factory=dict)
+    admin: AdminConfig | None = None
+    services: Mapping[str, ServiceConfig] = attrs.field(factory=dict)
+
+
+def load_config(path: Path | str) -> NetdConfig:
+    """Read and validate the service map at C{path}; raise L{ConfigErrors} listing every error."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise ConfigErrors(
+            [_error_at(str(path), f"cannot read the service map: {reason}")]
+        ) from None
+    return parse_config(text, path)
+
+
+def _error_at(file: str, message: str) -> ConfigError:
+    return ConfigError(Position(file, 1, 1), "", message)
+
+
+def parse_config(text: str, path: Path) -> NetdConfig:
+    problems = Problems()
+    node = compose(text, str(path), problems)
+    problems.raise_if_any()
+    if node is None:
+        raise ConfigErrors([_error_at(str(path), "the service map is empty")])
+    root = Value(node, "", str(path), path.parent, problems)
+    if not root.is_mapping:
+        root.error("the service map must be a mapping")
+        problems.raise_if_any()
+    config = _read_root(root.section(), path)
+    problems.raise_if_any()
+    return config
+
+
+def _read_root(top: Section, path: Path) -> NetdConfig:
+    state_dir = top.file_path("state_dir") or path.parent / "state"
+    shutdown_grace = top.number("shutdown_grace", 10.0, minimum=0)
+    log = top.read("log", _read_log, LogConfig())
+    profiles: dict[str, TLSProfileConfig] = top.read("tls", _read_profiles, {})
+    admin = top.read("admin", lambda v: _read_admin(v, profiles), None)
+    services: dict[str, ServiceConfig] = top.read(
+        "services", lambda v: _read_services(v, profiles), {}
+    )
+    top.finish()
+    if not services and not top.has("services"):
+        top.value.error("no services: add a 'services' mapping")
+    return NetdConfig(
+        file=path,
+        state_dir=state_dir,
+        shutdown_grace=shutdown_grace,
+        log=log,
+        tls=profiles,
+        admin=admin,
+        services=services,
+    )
+
+
+def _read_log(value: Value) -> LogConfig:
+    section = value.section()
+    config = LogConfig(
+        format=section.choice("format", ("text", "json"), "text"),
+        level=section.choice("level", ("debug", "info", "warn", "error", "critical"), "info"),
+    )
+    section.finish()
+    return config
+
+
+def _read_keypair(section: Section) -> KeyPairConfig | None:
+    cert, key = section.file_path("cert"), section.file_path("key")
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        section.value.error("'cert' and 'key' go together")
+        return None
+    return KeyPairConfig(cert, key)
+
+
+def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
+    profiles = {}
+    for name, entry in value.items():
+        section = entry.section()
+        self_signed = section.strings("self_signed")
+        keypair = _read_keypair(section)
+        if bool(self_signed) == (keypair is not None):
+            entry.error("a TLS profile needs either 'self_signed' names or 'cert' and 'key'")
+        sni: dict[str, KeyPairConfig] = {}
+        sni_entries: list[tuple[str, Value]] = section.read("sni", lambda v: list(v.items()), [])
+        for server_name, sni_entry in sni_entries:
+            sni_section = sni_entry.section()
+            sni_keypair = _read_keypair(sni_section)
+            sni_section.finish()
+            if sni_keypair is None:
+                sni_entry.error("needs 'cert' and 'key'")
+            else:
+                sni[server_name] = sni_keypair
+        profiles[name] = TLSProfileConfig(
+            name=name,
+            position=entry.position,
+            self_signed=self_signed,
+            keypair=keypair,
+            min_version=section.choice("min_version", ("1.2", "1.3"), "1.2"),
+            client_ca=section.file_path("client_ca"),
+            sni=sni,
+        )
+        section.finish()
+    return profiles
+
+
+def _read_listener(
+    value: Value,
+    profiles: Mapping[str, TLSProfileConfig],
+    protocols: tuple[str, ...] = (),
+) -> ListenerConfig | None:
+    if value.is_mapping:
+        section = value.section()
+        endpoint_value = section.require("endpoint")
+        profile_value = section.get("tls")
+        protocol_value = section.get("protocol")
+        section.finish()
+        if endpoint_value is None:
+            return None
+    else:
+        endpoint_value, profile_value, protocol_value = value, None, None
+    description = endpoint_value.as_str()
+    if not endpoint_value.is_scalar:
+        return None
+    problem = endpoints.check(description, value.base_dir)
+    if problem:
+        endpoint_value.error(problem)
+        return None
+    profile = profile_value.as_str() if profile_value is not None else None
+    if profile is None and endpoints.wants_profile(description):
+        if "default" not in profiles:
+            endpoint_value.error(
+                "an ssl: endpoint without key material needs 'tls: PROFILE' "
+                "(or a TLS profile named 'default')"
+            )
+            return None
+        profile = "default"
+    if profile is not None and profile not in profiles:
+        assert profile_value is not None
+        known = ", ".join(sorted(profiles)) or "none defined"
+        profile_value.error(f"unknown TLS profile {profile!r} (known: {known})")
+        return None
+    datagram = endpoints.is_datagram(description)
+    if datagram and profile is not None:
+        value.error("TLS is not available on a udp: listener")
+        return None
+    protocol = None
+    if protocol_value is not None:
+        protocol = protocol_value.as_str()
+        if not protocols:
+            protocol_value.error("this service takes no 'protocol'")
+        elif protocol not in protocols:
+            protocol_value.error(f"must be one of {', '.join(protocols)}, got {protocol!r}")
+    return ListenerConfig(
+        endpoint=description,
+        position=value.position,
+        path=value.path,
+        datagram=datagram,
+        tls_profile=profile,
+        protocol=protocol,
+    )
+
+
+def _read_listeners(
+    value: Value,
+    profiles: Mapping[str, TLSProfileConfig],
+    protocols: tuple[str, ...] = (),
+    datagram_allowed: bool = True,
+) -> tuple[ListenerConfig, ...]:
+    listeners: list[ListenerConfig] = []
+    for element in value.elements(single=True):
+        listener = _read_listener(element, profiles, protocols)
+        if listener is None:
+            continue
+        if listener.datagram and not datagram_allowed:
+            element.error("this service kind has no datagram (udp:) listener")
+            continue
+        listeners.append(listener)
+    if not listeners and not value.problems.errors:
+        value.error("at least one listener is needed")
+    return tuple(listeners)
+
+
+def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> AdminConfig:
+    section = value.section()
+    listen_value = section.require("listen")
+    listen = _read_listeners(listen_value, profiles, datagram_allowed=False) if listen_value else ()
+    token = section.optional_str("token")
+    section.finish()
+    if not token:
+        for listener in listen:
+            if not endpoints.is_loopback(listener.endpoint):
+                section.value.error(
+                    f"admin listener {listener.endpoint!r} is not loopback-only: set a 'token'"
+                )
+    return AdminConfig(listen=listen, token=token or None, position=value.position)
+
+
+def _read_services(
+    value: Value, profiles: Mapping[str, TLSProfileConfig]
+) -> dict[str, ServiceConfig]:
+    from netd.services import kind_names, load_kind
+
+    services = {}
+    seen_endpoints: dict[str, str] = {}
+    for name, entry in value.items():
+        if not _SERVICE_NAME.match(name):
+            entry.error("service names are lower-case letters, digits, '-' and '_'")
+            continue
+        section = entry.section()
+        type_value = section.require("type")
+        if type_value is None:
+            continue
+        type_name = type_value.as_str()
+        if type_name not in kind_names():
+            type_value.error(
+                f"unknown service type {type_name!r} (one of {', '.join(kind_names())})"
+            )
+            continue
+        kind = load_kind(type_name)
+        listen_value = section.require("listen")
+        listen = (
+            _read_listeners(listen_value, profiles, kind.protocols, kind.datagram)
+            if listen_value
+            else ()
+        )
+        enabled = section.flag("enabled", True)
+        for listener in listen if enabled else ():
+            key = endpoints.identity(listener.endpoint)
+            if key in seen_endpoints:
+                value.problems.add(
+                    listener.position,
+                    listener.path,
+                    f"{listener.endpoint!r} is already used by {seen_endpoints[key]}",
+                )
+            elif key is not None:
+                seen_endpoints[key] = f"{name} ({listener.path})"
+        services[name] = ServiceConfig(
+            name=name,
+            type=type_name,
+            position=entry.position,
+            listen=listen,
+            enabled=enabled,
+            max_connections=section.integer("max_connections", 1000, minimum=1),
+            idle_timeout=section.number("idle_timeout", 300.0, minimum=0.1),
+            options=kind.parse(section, profiles),
+        )
+        section.finish()
+    return services

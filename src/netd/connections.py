@@ -1,0 +1,255 @@
+"""
+Connection accounting shared by every stream listener of a service.
+
+Each accepted connection is wrapped once, at the plaintext level (inside TLS), to
+count bytes, enforce C{max_connections} and close idle connections.  The idle
+check costs nothing per byte: a sweep every quarter of C{idle_timeout} closes
+connections whose byte counters did not move since the sweep before.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+
+from netd.events import Journal, ServiceStats
+
+__all__ = ["ConnectionSet", "TrackedConnection", "TrackingFactory", "describe_address"]
+
+_ids = itertools.count(1)
+_log = Logger()
+
+
+def describe_address(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    if host is not None:
+        port = getattr(address, "port", None)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = getattr(address, "name", None)
+    return f"unix:{name.decode() if isinstance(name, bytes) else name or ''}"
+
+
+class TrackedConnection(ProtocolWrapper):
+    factory: TrackingFactory
+    transport: Any
+
+    def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
+        super().__init__(factory, wrapped)  # type: ignore[arg-type]
+        self.connection_id = next(_ids)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.quiet_sweeps = 0
+        self._seen_at_sweep = 0
+        self._closed: Deferred[None] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self.wrappedProtocol.dataReceived(data)
+
+    def write(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self.transport.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.bytes_out += sum(map(len, data))
+        self.transport.writeSequence(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.factory.connections.forget(self)
+        super().connectionLost(reason)
+        self._closed.callback(None)
+
+    def when_closed(self) -> Deferred[None]:
+        closed: Deferred[None] = Deferred()
+
+        def relay(result: None) -> None:
+            closed.callback(None)
+
+        self._closed.addBoth(relay)
+        return closed
+
+    def was_quiet(self) -> bool:
+        """Called by the idle sweep: whether nothing moved since the last sweep."""
+        moved = self.bytes_in + self.bytes_out
+        if moved != self._seen_at_sweep:
+            self._seen_at_sweep = moved
+            self.quiet_sweeps = 0
+            return False
+        self.quiet_sweeps += 1
+        return True
+
+    def close_gracefully(self) -> None:
+        """Ask the protocol to finish its exchange, or close once pending output is sent."""
+        graceful = getattr(self.wrappedProtocol, "close_gracefully", None)
+        if graceful is not None:
+            graceful()
+        else:
+            self.loseConnection()
+
+
+class _Refusal(Protocol):
+    transport: Any
+
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
+
+    def connectionMade(self) -> None:
+        if self.reply:
+            self.transport.write(self.reply)
+        self.transport.loseConnection()
+
+
+class ConnectionSet:
+    """The live connections of one service, across all its stream listeners."""
+
+    _sweeps_per_timeout = 4
+
+    def __init__(
+        self,
+        clock: Any,
+        service: str,
+        stats: ServiceStats,
+        journal: Journal,
+        max_connections: int,
+        idle_timeout: float,
+        busy_reply: bytes = b"",
+    ) -> None:
+        self.clock = clock
+        self.service = service
+        self.stats = stats
+        self.journal = journal
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.busy_reply = busy_reply
+        self._live: dict[TrackedConnection, None] = {}
+        self._sweep: IDelayedCall | None = None
+
+    def __iter__(self) -> Iterator[TrackedConnection]:
+        return iter(list(self._live))
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def full(self) -> bool:
+        return len(self._live) >= self.max_connections
+
+    def refused(self, addr: IAddress | None) -> None:
+        self.stats.connections_refused += 1
+        self.journal.emit(self.service, "connection.refused", client=describe_address(addr))
+
+    def add(self, connection: TrackedConnection) -> None:
+        self._live[connection] = None
+        self.stats.connections_total += 1
+        self.stats.connections_active = len(self._live)
+        self.journal.emit(
+            self.service,
+            "connection.opened",
+            client=describe_address(connection.getPeer()),
+            connection=connection.connection_id,
+        )
+        if self._sweep is None:
+            self._schedule_sweep()
+
+    def forget(self, connection: TrackedConnection) -> None:
+        if connection not in self._live:
+            return
+        del self._live[connection]
+        self.stats.connections_active = len(self._live)
+        self.stats.bytes_in += connection.bytes_in
+        self.stats.bytes_out += connection.bytes_out
+        self.journal.emit(
+            self.service,
+            "connection.closed",
+            client=describe_address(connection.getPeer()),
+            connection=connection.connection_id,
+            bytes_in=connection.bytes_in,
+            bytes_out=connection.bytes_out,
+        )
+
+    def bytes_in_flight(self) -> tuple[int, int]:
+        """Bytes moved by connections still open, to add to the closed ones' totals."""
+        return (
+            sum(c.bytes_in for c in self._live),
+            sum(c.bytes_out for c in self._live),
+        )
+
+    def _schedule_sweep(self) -> None:
+        interval = self.idle_timeout / self._sweeps_per_timeout
+        self._sweep = self.clock.callLater(interval, self._sweep_idle)
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        for connection in list(self._live):
+            if not connection.was_quiet():
+                continue
+            if connection.quiet_sweeps == self._sweeps_per_timeout:
+                self.journal.emit(
+                    self.service, "connection.idle", connection=connection.connection_id
+                )
+                connection.close_gracefully()
+            elif connection.quiet_sweeps > self._sweeps_per_timeout:
+                # Still here a sweep later: its peer is not reading what is pending.
+                connection.transport.abortConnection()
+        if self._live:
+            self._schedule_sweep()
+
+    def stop(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
+
+    def drain(self, grace: float) -> Deferred[None]:
+        """Let open exchanges finish for up to C{grace} seconds, then cut what remains."""
+        live = list(self._live)
+        if not live:
+            return succeed(None)
+        closed = DeferredList([c.when_closed() for c in live])
+        for connection in live:
+            connection.close_gracefully()
+
+        def cut() -> None:
+            for connection in list(self._live):
+                connection.transport.abortConnection()
+
+        timer = self.clock.callLater(grace, cut)
+
+        def done(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+
+        closed.addCallback(done)
+        return closed  # type: ignore[return-value]
+
+
+class TrackingFactory(WrappingFactory):
+    """Wraps one listener's factory; all listeners of a service share one L{ConnectionSet}."""
+
+    protocol = TrackedConnection
+    noisy = False
+
+    def __init__(self, wrapped: IProtocolFactory, connections: ConnectionSet) -> None:
+        super().__init__(wrapped)
+        self.connections = connections
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
+        if self.connections.full():
+            self.connections.refused(addr)
+            return _Refusal(self.connections.busy_reply)
+        protocol = self.wrappedFactory.buildProtocol(addr)
+        if protocol is None:
+            return None
+        return TrackedConnection(self, protocol)
+
+    def registerProtocol(self, p: TrackedConnection) -> None:
+        self.connections.add(p)
+
+    def unregisterProtocol(self, p: TrackedConnection) -> None:
+        """Bookkeeping happens in L{ConnectionSet.forget}."""

@@ -1,0 +1,87 @@
+"""
+The contract between netd's core and its service kinds.
+
+A kind module under L{netd.services} exposes one or more L{ServiceKind} objects.
+The core reads a service's generic keys (C{type}, C{listen}, limits), hands the
+rest of its mapping to L{ServiceKind.parse}, and later calls L{ServiceKind.build}
+with a L{BuildContext} to get the L{Handlers} it puts behind the listeners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import attrs
+from twisted.application.service import IService
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+
+from netd.events import Journal, ServiceStats
+
+if TYPE_CHECKING:
+    from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+    from netd.schema import Section
+
+__all__ = ["BuildContext", "Handlers", "ServiceKind"]
+
+Options = TypeVar("Options")
+
+
+@attrs.frozen
+class BuildContext:
+    """What a kind's builder may use: never the global reactor, always this one."""
+
+    reactor: Any
+    name: str
+    state_dir: Path
+    journal: Journal
+    stats: ServiceStats
+    log: Logger
+    tls: Mapping[str, IOpenSSLServerConnectionCreator]
+
+    def emit(self, type: str, **fields: Any) -> None:
+        self.journal.emit(self.name, type, **fields)
+
+
+@attrs.frozen
+class Handlers:
+    """
+    What a built service puts behind its listeners.
+
+    @ivar stream: the protocol factory for a stream listener (TCP, TLS, UNIX).
+    @ivar datagram: a new protocol for each datagram listener.
+    @ivar busy_reply: written to a connection refused by C{max_connections}.
+    @ivar service: started before and stopped after the listeners (queues, caches).
+    @ivar views: per-service admin views, C{name -> callable(request) -> JSON-able}.
+    """
+
+    stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
+    datagram: Callable[[ListenerConfig], DatagramProtocol] | None = None
+    busy_reply: bytes = b""
+    service: IService | None = None
+    views: Mapping[str, Callable[..., Any]] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class ServiceKind(Generic[Options]):
+    """
+    One service type of the service map.
+
+    @ivar parse: reads the kind's own keys from the service's mapping.
+    @ivar build: turns the parsed service into handlers.
+    @ivar datagram: whether C{udp:} listeners are allowed.
+    @ivar protocols: values allowed for a listener's C{protocol:}, default first.
+    """
+
+    name: str
+    parse: Callable[[Section, Mapping[str, TLSProfileConfig]], Options]
+    build: Callable[[ServiceConfig, BuildContext], Handlers]
+    datagram: bool = False
+    protocols: tuple[str, ...] = ()
+
+
+def no_options(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> None:
+    """For kinds that take no keys of their own."""

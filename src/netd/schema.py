@@ -1,0 +1,327 @@
+"""
+Reading the YAML service map with positions.
+
+The map is composed into PyYAML nodes (which carry line and column), then read
+through L{Value} and L{Section}.  Readers never raise on bad input: they record a
+L{ConfigError} in the shared L{Problems} and return a placeholder, so one pass
+reports every error in the file at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import yaml
+from yaml.constructor import ConstructorError, SafeConstructor
+
+__all__ = [
+    "ConfigError",
+    "ConfigErrors",
+    "Position",
+    "Problems",
+    "Section",
+    "Value",
+    "compose",
+]
+
+T = TypeVar("T")
+
+_STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+_BOOL = "tag:yaml.org,2002:bool"
+_NULL = "tag:yaml.org,2002:null"
+
+
+@attrs.frozen
+class Position:
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@attrs.frozen
+class ConfigError:
+    position: Position
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.position}: {where}{self.message}"
+
+
+class ConfigErrors(Exception):
+    """Every problem found in one service map, in file order."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = sorted(errors, key=lambda e: (e.position.line, e.position.column))
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+class Problems:
+    """Collects errors while a map is read."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    def add(self, position: Position, path: str, message: str) -> None:
+        self.errors.append(ConfigError(position, path, message))
+
+    def raise_if_any(self) -> None:
+        if self.errors:
+            raise ConfigErrors(self.errors)
+
+
+class _UniqueKeyComposer(yaml.SafeLoader):
+    """A loader whose mappings remember duplicate keys instead of silently merging."""
+
+
+def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:
+    try:
+        node = yaml.compose(text, Loader=_UniqueKeyComposer)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problems.add(Position(file, line, column), "", f"not valid YAML: {e.problem}")
+        return None
+    except yaml.YAMLError as e:
+        problems.add(Position(file, 1, 1), "", f"not valid YAML: {e}")
+        return None
+    return node
+
+
+_constructor = SafeConstructor()
+
+
+def _scalar(node: yaml.ScalarNode) -> Any:
+    try:
+        return _constructor.construct_object(node, deep=True)
+    except (ConstructorError, ValueError):
+        return node.value
+
+
+@attrs.frozen
+class Value:
+    """One node of the map, with its dotted path for messages."""
+
+    node: yaml.Node
+    path: str
+    file: str
+    base_dir: Path
+    problems: Problems
+
+    @property
+    def position(self) -> Position:
+        mark = self.node.start_mark
+        return Position(self.file, mark.line + 1, mark.column + 1)
+
+    def error(self, message: str) -> None:
+        self.problems.add(self.position, self.path, message)
+
+    def child(self, node: yaml.Node, suffix: str) -> Value:
+        if suffix.startswith("["):
+            path = f"{self.path}{suffix}"
+        else:
+            path = f"{self.path}.{suffix}" if self.path else suffix
+        return attrs.evolve(self, node=node, path=path)
+
+    @property
+    def is_null(self) -> bool:
+        return isinstance(self.node, yaml.ScalarNode) and self.node.tag == _NULL
+
+    @property
+    def is_mapping(self) -> bool:
+        return isinstance(self.node, yaml.MappingNode)
+
+    @property
+    def is_sequence(self) -> bool:
+        return isinstance(self.node, yaml.SequenceNode)
+
+    @property
+    def is_scalar(self) -> bool:
+        return isinstance(self.node, yaml.ScalarNode) and not self.is_null
+
+    def _kind(self) -> str:
+        if self.is_mapping:
+            return "a mapping"
+        if self.is_sequence:
+            return "a list"
+        if self.is_null:
+            return "empty"
+        return {
+            _INT: "a number",
+            _FLOAT: "a number",
+            _BOOL: "a boolean",
+        }.get(self.node.tag, "a string")
+
+    def _expect(self, what: str) -> None:
+        self.error(f"expected {what}, got {self._kind()}")
+
+    def as_str(self, default: str = "") -> str:
+        if isinstance(self.node, yaml.ScalarNode) and self.node.tag in (_STR, _INT, _FLOAT):
+            # Ports and addresses are written unquoted; "2121" and 2121 mean the same.
+            return str(self.node.value)
+        self._expect("a string")
+        return default
+
+    def as_int(
+        self, default: int = 0, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag == _INT):
+            self._expect("an integer")
+            return default
+        number = int(_scalar(self.node))
+        if minimum is not None and number < minimum:
+            self.error(f"must be at least {minimum}, got {number}")
+            return default
+        if maximum is not None and number > maximum:
+            self.error(f"must be at most {maximum}, got {number}")
+            return default
+        return number
+
+    def as_float(self, default: float = 0.0, minimum: float | None = None) -> float:
+        if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag in (_INT, _FLOAT)):
+            self._expect("a number")
+            return default
+        number = float(_scalar(self.node))
+        if minimum is not None and number < minimum:
+            self.error(f"must be at least {minimum}, got {number:g}")
+            return default
+        return number
+
+    def as_bool(self, default: bool = False) -> bool:
+        if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag == _BOOL):
+            self._expect("true or false")
+            return default
+        return bool(_scalar(self.node))
+
+    def as_choice(self, choices: tuple[str, ...], default: str) -> str:
+        text = self.as_str(default)
+        if text not in choices:
+            if self.is_scalar:
+                self.error(f"must be one of {', '.join(choices)}, got {text!r}")
+            return default
+        return text
+
+    def as_path(self) -> Path:
+        return self.base_dir / self.as_str()
+
+    def as_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+        text = self.as_str()
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            if self.is_scalar:
+                self.error(f"not an IP network: {text!r}")
+            return None
+
+    def items(self) -> Iterator[tuple[str, Value]]:
+        """Key/value pairs of a mapping; reports non-string and duplicate keys."""
+        if not isinstance(self.node, yaml.MappingNode):
+            self._expect("a mapping")
+            return
+        seen: set[str] = set()
+        for key_node, value_node in self.node.value:
+            key_value = attrs.evolve(self, node=key_node)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _NULL:
+                key_value.error("mapping keys must be strings")
+                continue
+            key = str(key_node.value)
+            if key in seen:
+                attrs.evolve(key_value, path=self.child(key_node, key).path).error("duplicate key")
+                continue
+            seen.add(key)
+            yield key, self.child(value_node, key)
+
+    def elements(self, single: bool = False) -> list[Value]:
+        """The items of a list; with C{single}, a lone scalar counts as a one-item list."""
+        if isinstance(self.node, yaml.SequenceNode):
+            return [self.child(n, f"[{i}]") for i, n in enumerate(self.node.value)]
+        if single and not self.is_null and not self.is_sequence:
+            return [self]
+        self._expect("a list")
+        return []
+
+    def list_of(self, read: Callable[[Value], T], single: bool = False) -> tuple[T, ...]:
+        return tuple(read(element) for element in self.elements(single))
+
+    def section(self) -> Section:
+        return Section(self)
+
+
+class Section:
+    """A mapping read key by key; keys never asked for are reported as unknown."""
+
+    def __init__(self, value: Value) -> None:
+        self.value = value
+        self._entries: dict[str, Value] = dict(value.items()) if not value.is_null else {}
+        self._used: set[str] = set()
+
+    @property
+    def position(self) -> Position:
+        return self.value.position
+
+    @property
+    def path(self) -> str:
+        return self.value.path
+
+    def get(self, key: str) -> Value | None:
+        self._used.add(key)
+        entry = self._entries.get(key)
+        if entry is None or entry.is_null:
+            return None
+        return entry
+
+    def has(self, key: str) -> bool:
+        return self.get(key) is not None
+
+    def read(self, key: str, read: Callable[[Value], T], default: T) -> T:
+        entry = self.get(key)
+        return default if entry is None else read(entry)
+
+    def text(self, key: str, default: str = "") -> str:
+        return self.read(key, lambda v: v.as_str(default), default)
+
+    def optional_str(self, key: str) -> str | None:
+        return self.read(key, lambda v: v.as_str(), None)
+
+    def integer(
+        self, key: str, default: int, minimum: int | None = None, maximum: int | None = None
+    ) -> int:
+        return self.read(key, lambda v: v.as_int(default, minimum, maximum), default)
+
+    def number(self, key: str, default: float, minimum: float | None = None) -> float:
+        return self.read(key, lambda v: v.as_float(default, minimum), default)
+
+    def flag(self, key: str, default: bool) -> bool:
+        return self.read(key, lambda v: v.as_bool(default), default)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
+        return self.read(key, lambda v: v.as_choice(choices, default), default)
+
+    def file_path(self, key: str) -> Path | None:
+        return self.read(key, lambda v: v.as_path(), None)
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        return self.read(key, lambda v: v.list_of(lambda e: e.as_str(), single=True), ())
+
+    def require(self, key: str) -> Value | None:
+        entry = self.get(key)
+        if entry is None:
+            self.value.error(f"missing required key {key!r}")
+        return entry
+
+    def finish(self) -> None:
+        """Report every key that no reader asked for."""
+        for key, entry in self._entries.items():
+            if key not in self._used:
+                key_node = next(k for k, v in self.value.node.value if v is entry.node)
+                attrs.evolve(entry, node=key_node).error("unknown key")

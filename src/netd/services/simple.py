@@ -1,0 +1,190 @@
+"""
+The inetd simple services: echo (RFC 862), discard (863), chargen (864),
+quote of the day (865) and daytime (867), over streams and datagrams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IProtocolFactory, IPullProducer
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from zope.interface import implementer
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
+from netd.schema import Section
+
+__all__ = ["CHARGEN", "DAYTIME", "DISCARD", "ECHO", "QOTD"]
+
+# Datagrams from these source ports come from another simple service: answering
+# them is how two hosts' echo and chargen ping-pong forever (CVE-1999-0103).
+_LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37})
+
+# RFC 865: "the quote may be ... limited to 512 characters".
+_QUOTE_LIMIT = 512
+
+_PRINTABLE = bytes(range(32, 127))
+_LINE = 72
+# The chargen pattern repeats every len(_PRINTABLE) lines; one full cycle is one write.
+_CHARGEN_CYCLE = b"".join((_PRINTABLE * 2)[i : i + _LINE] + b"\r\n" for i in range(len(_PRINTABLE)))
+
+
+class _Datagrams(DatagramProtocol):
+    """Answers each datagram with C{reply(data)}, or not at all for C{None}."""
+
+    noisy = False
+    transport: Any
+
+    def __init__(self, context: BuildContext, reply: Callable[[bytes], bytes | None]) -> None:
+        self.context = context
+        self.reply = reply
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        stats = self.context.stats
+        stats.bytes_in += len(data)
+        stats.count("datagrams_in")
+        if addr[1] in _LOOP_PORTS:
+            return
+        answer = self.reply(data)
+        if answer is not None:
+            self.transport.write(answer, addr)
+            stats.bytes_out += len(answer)
+
+
+def _datagrams(
+    reply: Callable[[bytes], bytes | None],
+) -> Callable[[BuildContext], Callable[[ListenerConfig], DatagramProtocol]]:
+    return lambda context: lambda listener: _Datagrams(context, reply)
+
+
+def _stream(protocol: type[Protocol]) -> Callable[[ListenerConfig], IProtocolFactory]:
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    return lambda listener: factory
+
+
+class Echo(Protocol):
+    transport: Any  # a TCP, TLS or UNIX transport: all are producers and consumers
+
+    def connectionMade(self) -> None:
+        # A client that sends without reading would otherwise grow our write
+        # buffer forever: stop reading while the echo backs up.
+        self.transport.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+class Discard(Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+@implementer(IPullProducer)
+class Chargen(Protocol):
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:
+        self.transport.write(_CHARGEN_CYCLE)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _OneShot(Protocol):
+    """Sends one answer and closes (daytime, qotd)."""
+
+    answer: Callable[[], bytes]
+    transport: Any
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.answer())
+        self.transport.loseConnection()
+
+
+def _daytime(clock: Any) -> bytes:
+    return time.strftime("%A, %B %d, %Y %H:%M:%S-UTC\r\n", time.gmtime(clock.seconds())).encode()
+
+
+def _build_echo(service: ServiceConfig, context: BuildContext) -> Handlers:
+    return Handlers(stream=_stream(Echo), datagram=_datagrams(lambda data: data)(context))
+
+
+def _build_discard(service: ServiceConfig, context: BuildContext) -> Handlers:
+    return Handlers(stream=_stream(Discard), datagram=_datagrams(lambda data: None)(context))
+
+
+def _build_chargen(service: ServiceConfig, context: BuildContext) -> Handlers:
+    # RFC 864 leaves the datagram size to the server "between 0 and 512"; a fixed
+    # 512 keeps answers predictable.
+    answer = _CHARGEN_CYCLE[:_QUOTE_LIMIT]
+    return Handlers(stream=_stream(Chargen), datagram=_datagrams(lambda data: answer)(context))
+
+
+def _one_shot(answer: Callable[[], bytes]) -> type[_OneShot]:
+    return type("OneShot", (_OneShot,), {"answer": staticmethod(answer)})
+
+
+def _build_daytime(service: ServiceConfig, context: BuildContext) -> Handlers:
+    def answer() -> bytes:
+        return _daytime(context.reactor)
+
+    return Handlers(
+        stream=_stream(_one_shot(answer)), datagram=_datagrams(lambda data: answer())(context)
+    )
+
+
+@attrs.frozen
+class QuoteOptions:
+    quotes: tuple[str, ...]
+
+
+_DEFAULT_QUOTES = (
+    "Be conservative in what you do, be liberal in what you accept from others. - RFC 793",
+    "There is no silver bullet. - Fred Brooks",
+)
+
+
+def _parse_qotd(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> QuoteOptions:
+    value = section.get("quotes")
+    if value is None:
+        return QuoteOptions(_DEFAULT_QUOTES)
+    quotes = []
+    for element in value.elements():
+        quote = element.as_str()
+        if not quote.strip():
+            element.error("a quote cannot be empty")
+        elif len(quote.encode()) > _QUOTE_LIMIT - 2:
+            element.error(f"a quote must fit in {_QUOTE_LIMIT} bytes (RFC 865)")
+        else:
+            quotes.append(quote)
+    if not quotes and value.is_sequence and not value.problems.errors:
+        value.error("give at least one quote")
+    return QuoteOptions(tuple(quotes) or _DEFAULT_QUOTES)
+
+
+def _build_qotd(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: QuoteOptions = service.options
+    rotation = itertools.cycle(q.rstrip("\r\n").encode() + b"\r\n" for q in options.quotes)
+
+    def answer() -> bytes:
+        return next(rotation)
+
+    return Handlers(
+        stream=_stream(_one_shot(answer)), datagram=_datagrams(lambda data: answer())(context)
+    )
+
+
+ECHO: ServiceKind[None] = ServiceKind("echo", no_options, _build_echo, datagram=True)
+DISCARD: ServiceKind[None] = ServiceKind("discard", no_options, _build_discard, datagram=True)
+CHARGEN: ServiceKind[None] = ServiceKind("chargen", no_options, _build_chargen, datagram=True)
+DAYTIME: ServiceKind[None] = ServiceKind("daytime", no_options, _build_daytime, datagram=True)
+QOTD: ServiceKind[QuoteOptions] = ServiceKind("qotd", _parse_qotd, _build_qotd, datagram=True)

@@ -1,0 +1,81 @@
+"""
+twistd's entry point: C{twistd [-n] netd -c FILE [--ports-file PATH]}.
+
+Option parsing only records what was asked; L{makeService} loads and checks the
+service map, then hands back the service tree for twistd to start.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from netd import logs
+from netd.config import ConfigErrors, load_config
+from netd.runtime import Daemon, StartupError
+
+__all__ = ["Options", "makeService"]
+
+
+class Options(usage.Options):
+    synopsis = "-c FILE [--ports-file PATH]"
+    longdesc = "Run every enabled service of the YAML service map FILE in one reactor."
+    optParameters = [
+        ["config", "c", None, "the service map (YAML)"],
+        ["ports-file", None, None, "write the bound listeners here as JSON once ready"],
+    ]
+
+    def postOptions(self) -> None:
+        if not self["config"]:
+            raise usage.UsageError("give the service map with -c FILE")
+
+
+class _Root(MultiService):
+    """Turns start-up failures into one clear message and exit status 1."""
+
+    def __init__(self, daemon: Daemon, reactor: Any, twistd_options: Any) -> None:
+        super().__init__()
+        self.daemon = daemon
+        self.reactor = reactor
+        self.twistd_options = twistd_options
+        daemon.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        logs.install_for_twistd(parent, self.daemon.config.log, self.twistd_options)
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except StartupError as e:
+            logs.fatal(str(e))
+            raise SystemExit(1) from None
+
+    def startService(self) -> None:
+        super().startService()
+        self.reactor.callWhenRunning(self._take_sigterm)
+
+    def _take_sigterm(self) -> None:
+        # twistd re-raises SIGTERM on itself after shutdown, so the exit status
+        # would say "killed"; an orderly stop on SIGTERM is a success (exit 0).
+        def stop(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    try:
+        config = load_config(options["config"])
+    except ConfigErrors as e:
+        logs.fatal(str(e))
+        raise SystemExit(1) from None
+    ports_file = Path(options["ports-file"]).absolute() if options["ports-file"] else None
+    daemon = Daemon(config, reactor, ports_file=ports_file)
+    return _Root(daemon, reactor, getattr(options, "parent", None))
