@@ -14,11 +14,18 @@ from collections.abc import Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IAddress, IDelayedCall, IProtocol, IProtocolFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IProtocolNegotiationFactory,
+)
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
+from zope.interface import directlyProvides
 
 from netd.events import Journal, ServiceStats
 
@@ -238,6 +245,13 @@ class TrackingFactory(WrappingFactory):
     def __init__(self, wrapped: IProtocolFactory, connections: ConnectionSet) -> None:
         super().__init__(wrapped)
         self.connections = connections
+        if IProtocolNegotiationFactory.providedBy(wrapped):
+            # TLS offers ALPN (h2, http/1.1) only if the factory it wraps says so.
+            directlyProvides(self, IProtocolNegotiationFactory)
+
+    def acceptableProtocols(self) -> list[bytes]:
+        protocols: list[bytes] = self.wrappedFactory.acceptableProtocols()
+        return protocols
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
         if self.connections.full():

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
     from netd.schema import Section
 
-__all__ = ["BuildContext", "Handlers", "ServiceKind"]
+__all__ = ["AdminView", "BuildContext", "Handlers", "ServiceKind"]
 
 Options = TypeVar("Options")
 
@@ -47,6 +47,22 @@ class BuildContext:
 
 
 @attrs.frozen
+class AdminView:
+    """
+    One per-service view of the admin API, under C{/api/services/NAME/VIEW}.
+
+    @ivar list: C{GET .../VIEW?query}: anything JSON can encode.
+    @ivar item: C{GET .../VIEW/KEY}: JSON-able, or L{bytes} sent as they are
+        (a raw message), or L{None} for 404.
+    @ivar clear: C{DELETE .../VIEW}: forget what the view holds; returns JSON-able.
+    """
+
+    list: Callable[[Mapping[str, str]], Any]
+    item: Callable[[str], Any] | None = None
+    clear: Callable[[], Any] | None = None
+
+
+@attrs.frozen
 class Handlers:
     """
     What a built service puts behind its listeners.
@@ -55,14 +71,14 @@ class Handlers:
     @ivar datagram: a new protocol for each datagram listener.
     @ivar busy_reply: written to a connection refused by C{max_connections}.
     @ivar service: started before and stopped after the listeners (queues, caches).
-    @ivar views: per-service admin views, C{name -> callable(request) -> JSON-able}.
+    @ivar views: per-service admin views by name (C{requests}, C{messages}, ...).
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
     datagram: Callable[[ListenerConfig], DatagramProtocol] | None = None
     busy_reply: bytes = b""
     service: IService | None = None
-    views: Mapping[str, Callable[..., Any]] = attrs.field(factory=dict)
+    views: Mapping[str, AdminView] = attrs.field(factory=dict)
 
 
 @attrs.frozen

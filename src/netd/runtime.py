@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -34,9 +34,18 @@ from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.services import load_kind
 
-__all__ = ["Daemon", "RunningService", "StartupError", "build_tls"]
+__all__ = ["Daemon", "LifecycleObserver", "RunningService", "StartupError", "build_tls"]
 
 log = Logger(namespace="netd")
+
+
+class LifecycleObserver(Protocol):
+    """Told about the daemon's state changes (systemd notification, for one)."""
+
+    def ready(self, daemon: Daemon) -> None: ...
+    def reloading(self, daemon: Daemon) -> None: ...
+    def reloaded(self, daemon: Daemon) -> None: ...
+    def stopping(self, daemon: Daemon) -> None: ...
 
 
 class StartupError(Exception):
@@ -262,13 +271,12 @@ class Daemon(MultiService):
         config: NetdConfig,
         reactor: Any,
         ports_file: Path | None = None,
-        ready_hooks: tuple[Callable[[Daemon], None], ...] = (),
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.ports_file = ports_file
-        self.ready_hooks = list(ready_hooks)
+        self.observers: list[LifecycleObserver] = []
         self.journal = Journal(reactor)
         self.services_by_name: dict[str, RunningService] = {}
         self.ready = False
@@ -330,8 +338,8 @@ class Daemon(MultiService):
             service.announce()
         if self.ports_file is not None:
             write_atomically(self.ports_file, json.dumps(self.ports(), indent=2) + "\n")
-        for hook in self.ready_hooks:
-            hook(self)
+        for observer in self.observers:
+            observer.ready(self)
 
     def ports(self) -> dict[str, Any]:
         return {
@@ -350,6 +358,8 @@ class Daemon(MultiService):
         log.info(
             "netd stopping: no new connections, {grace}s grace", grace=self.config.shutdown_grace
         )
+        for observer in self.observers:
+            observer.stopping(self)
         self.running = False
         services = list(self.services_by_name.values())
         yield gatherResults([s.stop(self.config.shutdown_grace) for s in services])
