@@ -38,7 +38,7 @@ class KeyPairConfig:
 @attrs.frozen
 class TLSProfileConfig:
     name: str
-    position: Position
+    position: Position = attrs.field(eq=False)
     self_signed: tuple[str, ...] = ()
     keypair: KeyPairConfig | None = None
     min_version: str = "1.2"
@@ -51,8 +51,8 @@ class ListenerConfig:
     """One listener: an endpoint string plus what netd layers on top of it."""
 
     endpoint: str
-    position: Position
-    path: str
+    position: Position = attrs.field(eq=False)
+    path: str = attrs.field(eq=False)
     datagram: bool = False
     tls_profile: str | None = None
     protocol: str | None = None
@@ -64,9 +64,14 @@ class ListenerConfig:
 
 @attrs.frozen
 class ServiceConfig:
+    """
+    One service of the map.  Equality ignores file positions, so a reload can
+    tell a changed service from one that only moved in the file.
+    """
+
     name: str
     type: str
-    position: Position
+    position: Position = attrs.field(eq=False)
     listen: tuple[ListenerConfig, ...]
     enabled: bool = True
     max_connections: int = 1000
@@ -78,7 +83,7 @@ class ServiceConfig:
 class AdminConfig:
     listen: tuple[ListenerConfig, ...]
     token: str | None
-    position: Position
+    position: Position = attrs.field(eq=False)
 
 
 @attrs.frozen
@@ -176,19 +181,23 @@ def _read_keypair(section: Section) -> KeyPairConfig | None:
 def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
     profiles = {}
     for name, entry in value.items():
+        reported = len(entry.problems.errors)
         section = entry.section()
         self_signed = section.strings("self_signed")
         keypair = _read_keypair(section)
-        if bool(self_signed) == (keypair is not None):
+        # A profile already reported (not a mapping, half a key pair) needs no second message.
+        if bool(self_signed) == (keypair is not None) and len(entry.problems.errors) == reported:
             entry.error("a TLS profile needs either 'self_signed' names or 'cert' and 'key'")
         sni: dict[str, KeyPairConfig] = {}
         sni_entries: list[tuple[str, Value]] = section.read("sni", lambda v: list(v.items()), [])
         for server_name, sni_entry in sni_entries:
+            reported = len(sni_entry.problems.errors)
             sni_section = sni_entry.section()
             sni_keypair = _read_keypair(sni_section)
             sni_section.finish()
             if sni_keypair is None:
-                sni_entry.error("needs 'cert' and 'key'")
+                if len(sni_entry.problems.errors) == reported:
+                    sni_entry.error("needs 'cert' and 'key'")
             else:
                 sni[server_name] = sni_keypair
         profiles[name] = TLSProfileConfig(
@@ -219,8 +228,9 @@ def _read_listener(
             return None
     else:
         endpoint_value, profile_value, protocol_value = value, None, None
+    reported = len(value.problems.errors)
     description = endpoint_value.as_str()
-    if not endpoint_value.is_scalar:
+    if len(value.problems.errors) != reported:
         return None
     problem = endpoints.check(description, value.base_dir)
     if problem:
@@ -268,6 +278,7 @@ def _read_listeners(
     datagram_allowed: bool = True,
 ) -> tuple[ListenerConfig, ...]:
     listeners: list[ListenerConfig] = []
+    reported = len(value.problems.errors)
     for element in value.elements(single=True):
         listener = _read_listener(element, profiles, protocols)
         if listener is None:
@@ -276,7 +287,7 @@ def _read_listeners(
             element.error("this service kind has no datagram (udp:) listener")
             continue
         listeners.append(listener)
-    if not listeners and not value.problems.errors:
+    if not listeners and len(value.problems.errors) == reported:
         value.error("at least one listener is needed")
     return tuple(listeners)
 

@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 _SSL_KEY_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
-_PATH_OPTIONS = {"ssl": _SSL_KEY_OPTIONS, "unix": ("lockfile_path",)}
+# The unix: socket path is the first argument or address=; lockfile= is a flag, not a path.
+_PATH_OPTIONS = {"ssl": _SSL_KEY_OPTIONS, "unix": ("address",)}
 
 
 def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
@@ -135,7 +136,8 @@ def identity(description: str) -> str | None:
     """A key that two listeners share only if they would collide; L{None} for port 0."""
     prefix, args, kwargs = _split(description)
     if prefix == "unix":
-        return f"unix:{args[0]}" if args else None
+        path = args[0] if args else kwargs.get("address")
+        return f"unix:{path}" if path else None
     if prefix == "systemd":
         return f"systemd:{kwargs.get('name') or kwargs.get('index')}"
     family = {"ssl": "tcp", "tcp6": "tcp", "tls": "tcp"}.get(prefix, prefix)

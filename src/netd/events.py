@@ -18,7 +18,7 @@ __all__ = ["Event", "Journal", "ServiceStats"]
 
 @attrs.define
 class ServiceStats:
-    """Running totals for one service; kinds add their own under C{counters}."""
+    """Running totals for one service; kinds add their own under C{counters} and C{gauges}."""
 
     connections_total: int = 0
     connections_active: int = 0
@@ -27,9 +27,14 @@ class ServiceStats:
     bytes_out: int = 0
     errors: int = 0
     counters: dict[str, int] = attrs.field(factory=dict)
+    gauges: dict[str, float] = attrs.field(factory=dict)
 
     def count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
+
+    def gauge(self, name: str, value: float) -> None:
+        """A level rather than a total (a queue's length, say)."""
+        self.gauges[name] = value
 
     def snapshot(self) -> dict[str, int]:
         return {
@@ -105,16 +110,18 @@ class Journal:
     def select(
         self, since: int = 0, service: str | None = None, types: Iterable[str] = ()
     ) -> list[Event]:
-        return [e for e in self._events if _matcher(since, service, types)(e)]
+        matches = _matcher(since, service, types)
+        return [e for e in self._events if matches(e)]
 
     def wait(
         self, timeout: float, since: int = 0, service: str | None = None, types: Iterable[str] = ()
     ) -> Deferred[list[Event]]:
         """Fire with the matching events, waiting up to C{timeout} seconds for the first."""
+        types = tuple(types)  # read twice below: a generator would be empty the second time
         found = self.select(since, service, types)
         if found or timeout <= 0:
             return succeed(found)
-        waiter = _Waiter(_matcher(since, service, tuple(types)), Deferred(self._cancel))
+        waiter = _Waiter(_matcher(since, service, types), Deferred(self._cancel))
 
         def expire() -> None:
             self._waiters.remove(waiter)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,22 +15,28 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import (
     Deferred,
     DeferredList,
-    fail,
     gatherResults,
     inlineCallbacks,
-    maybeDeferred,
     succeed,
 )
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netd import endpoints, tls
-from netd.config import ListenerConfig, NetdConfig, ServiceConfig, TLSProfileConfig
+from netd.admin import AdminServer
+from netd.config import (
+    ConfigErrors,
+    ListenerConfig,
+    NetdConfig,
+    ServiceConfig,
+    TLSProfileConfig,
+    load_config,
+)
 from netd.connections import ConnectionSet, TrackingFactory
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
+from netd.listeners import ListenerGroup, StartupError, os_message
 from netd.services import load_kind
 
 __all__ = ["Daemon", "LifecycleObserver", "RunningService", "StartupError", "build_tls"]
@@ -46,39 +51,6 @@ class LifecycleObserver(Protocol):
     def reloading(self, daemon: Daemon) -> None: ...
     def reloaded(self, daemon: Daemon) -> None: ...
     def stopping(self, daemon: Daemon) -> None: ...
-
-
-class StartupError(Exception):
-    """netd cannot start as configured; str() is the operator's message."""
-
-
-@attrs.frozen
-class BoundListener:
-    config: ListenerConfig
-    port: IListeningPort
-
-    def describe(self) -> dict[str, Any]:
-        address: Any = self.port.getHost()
-        entry: dict[str, Any] = {"endpoint": self.config.endpoint}
-        name = getattr(address, "name", None)
-        if name is not None or not hasattr(address, "host"):
-            entry["transport"] = "unix"
-            entry["path"] = name.decode() if isinstance(name, bytes) else name
-        else:
-            entry["transport"] = "udp" if self.config.datagram else "tcp"
-            entry["host"] = address.host
-            entry["port"] = address.port
-        entry["tls"] = self.config.tls
-        return entry
-
-    def summary(self) -> str:
-        entry = self.describe()
-        where = entry.get("path") or (
-            f"[{entry['host']}]:{entry['port']}"
-            if ":" in entry["host"]
-            else f"{entry['host']}:{entry['port']}"
-        )
-        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}"
 
 
 def build_tls(
@@ -105,7 +77,7 @@ def build_tls(
     return creators
 
 
-class RunningService(Service):
+class RunningService(ListenerGroup, Service):
     """One service of the map: its handlers, listeners and live connections."""
 
     def __init__(
@@ -117,7 +89,10 @@ class RunningService(Service):
         tls_creators: Mapping[str, IOpenSSLServerConnectionCreator],
         state_dir: Path,
     ) -> None:
-        self.setName(config.name)
+        # Not setName(): during a reload the old and the new service of one
+        # name overlap while the old one drains.
+        self.label = f"service {config.name}"
+        self.summary_prefix = f"service {config.name} ({config.type})"
         self.config = config
         self.reactor = reactor
         self.base_dir = base_dir
@@ -143,7 +118,8 @@ class RunningService(Service):
             config.idle_timeout,
             self.handlers.busy_reply,
         )
-        self.listeners: list[BoundListener] = []
+        self.listeners = []
+        self.listener_configs = config.listen
 
     def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
         if listener.datagram:
@@ -163,62 +139,20 @@ class RunningService(Service):
         listening: Deferred[IListeningPort] = endpoint.listen(factory)
         return listening
 
-    def listen(self) -> Deferred[list[BoundListener]]:
-        """Bind every listener, or none: a failure unbinds the ones already bound."""
-        attempts = []
-        for listener in self.config.listen:
-            try:
-                attempt = self._listen_one(listener)
-            except Exception:
-                attempt = fail(Failure())
-            attempts.append(attempt.addCallback(partial(BoundListener, listener)))
-
-        def settled(results: list[tuple[bool, Any]]) -> Any:
-            bound = [value for ok, value in results if ok]
-            failures = [
-                (listener, value)
-                for listener, (ok, value) in zip(self.config.listen, results, strict=True)
-                if not ok
-            ]
-            if not failures:
-                self.listeners = bound
-                return bound
-            listener, failure = failures[0]
-            reason = failure.value
-            if isinstance(reason, CannotListenError) and reason.socketError is not None:
-                reason = reason.socketError
-            message = (
-                f"{listener.position}: service {self.config.name}: cannot listen on "
-                f"{listener.endpoint}: {_os_message(reason)}"
-            )
-            unbound = [maybeDeferred(b.port.stopListening) for b in bound]
-            return gatherResults(unbound).addBoth(lambda _: Failure(StartupError(message)))
-
-        return DeferredList(attempts, consumeErrors=True).addCallback(settled)
-
     def announce(self) -> None:
         self.state = "running"
-        for listener in self.listeners:
-            log.info(
-                "service {name} ({type}) listening on {where}",
-                name=self.config.name,
-                type=self.config.type,
-                where=listener.summary(),
-            )
+        super().announce()
 
     def startService(self) -> None:
         super().startService()
         if self.handlers.service is not None:
             self.handlers.service.startService()
 
-    def stop_listening(self) -> Deferred[None]:
-        stopping = [maybeDeferred(b.port.stopListening) for b in self.listeners]
-        self.listeners = []
-        return gatherResults(stopping).addCallback(lambda _: None)
-
     @inlineCallbacks
     def stop(self, grace: float) -> Any:
         """Stop accepting at once, let exchanges finish for C{grace} seconds, then stop."""
+        if self.state in ("stopping", "stopped"):
+            return
         self.state = "stopping"
         yield self.stop_listening()
         yield self.connections.drain(grace)
@@ -252,10 +186,29 @@ def _first_error(failure: Failure) -> BaseException | None:
     return sub.value if sub is not None else error
 
 
-def _os_message(reason: BaseException) -> str:
-    if isinstance(reason, OSError) and reason.strerror:
-        return f"{reason.strerror} (errno {reason.errno})"
-    return str(reason) or type(reason).__name__
+@attrs.frozen
+class ReloadResult:
+    """What a reload did, or the errors that stopped it (then nothing changed)."""
+
+    errors: tuple[str, ...] = ()
+    started: tuple[str, ...] = ()
+    restarted: tuple[str, ...] = ()
+    stopped: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def as_json(self) -> dict[str, Any]:
+        if self.errors:
+            return {"errors": list(self.errors)}
+        return {
+            "started": list(self.started),
+            "restarted": list(self.restarted),
+            "stopped": list(self.stopped),
+            "unchanged": list(self.unchanged),
+        }
 
 
 class Daemon(MultiService):
@@ -266,12 +219,7 @@ class Daemon(MultiService):
     are taken before twistd drops root; readiness is announced once all are bound.
     """
 
-    def __init__(
-        self,
-        config: NetdConfig,
-        reactor: Any,
-        ports_file: Path | None = None,
-    ) -> None:
+    def __init__(self, config: NetdConfig, reactor: Any, ports_file: Path | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -279,46 +227,58 @@ class Daemon(MultiService):
         self.observers: list[LifecycleObserver] = []
         self.journal = Journal(reactor)
         self.services_by_name: dict[str, RunningService] = {}
+        self.admin: AdminServer | None = None
         self.ready = False
+        self._reloading = False
+
+    def _running_service(
+        self,
+        service_config: ServiceConfig,
+        config: NetdConfig,
+        creators: Mapping[str, IOpenSSLServerConnectionCreator],
+    ) -> RunningService:
+        return RunningService(
+            service_config,
+            self.reactor,
+            config.file.parent,
+            self.journal,
+            creators,
+            config.state_dir,
+        )
 
     def _build(self) -> None:
         self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         creators = build_tls(self.config.tls, self.config.state_dir)
         for service_config in self.config.services.values():
-            if not service_config.enabled:
-                continue
-            running = RunningService(
-                service_config,
-                self.reactor,
-                self.config.file.parent,
-                self.journal,
-                creators,
-                self.config.state_dir,
-            )
-            running.setServiceParent(self)
-            self.services_by_name[service_config.name] = running
+            if service_config.enabled:
+                running = self._running_service(service_config, self.config, creators)
+                running.setServiceParent(self)
+                self.services_by_name[service_config.name] = running
+        if self.config.admin is not None:
+            self.admin = AdminServer(self, self.config.admin, creators)
+
+    def _bindables(self) -> list[RunningService | AdminServer]:
+        admin: list[RunningService | AdminServer] = [self.admin] if self.admin else []
+        return [*self.services_by_name.values(), *admin]
 
     def privilegedStartService(self) -> None:
         try:
             self._build()
         except OSError as e:
-            raise StartupError(f"{self.config.file}: state_dir: {_os_message(e)}") from None
+            raise StartupError(f"{self.config.file}: state_dir: {os_message(e)}") from None
         bound: list[Failure | Any] = []
-        all_bound = gatherResults(
-            [s.listen() for s in self.services_by_name.values()], consumeErrors=True
-        )
+        all_bound = gatherResults([s.listen() for s in self._bindables()], consumeErrors=True)
         all_bound.addBoth(bound.append)
         if bound and isinstance(bound[0], Failure):
             self._unbind()
-            failure: Failure = bound[0]
-            raise StartupError(str(_first_error(failure)))
+            raise StartupError(str(_first_error(bound[0])))
         if not bound:
             # An endpoint that binds asynchronously (a plugin's): readiness waits for it.
             all_bound.addCallbacks(lambda _: self._announce_ready(), self._failed_late)
 
     def _unbind(self) -> None:
-        for service in self.services_by_name.values():
-            service.stop_listening()
+        for bindable in self._bindables():
+            bindable.stop_listening()
 
     def _failed_late(self, failure: Failure) -> None:
         log.critical("{error}", error=_first_error(failure))
@@ -336,13 +296,18 @@ class Daemon(MultiService):
         self.ready = True
         for service in self.services_by_name.values():
             service.announce()
-        if self.ports_file is not None:
-            write_atomically(self.ports_file, json.dumps(self.ports(), indent=2) + "\n")
+        if self.admin is not None:
+            self.admin.announce()
+        self._write_ports()
         for observer in self.observers:
             observer.ready(self)
 
+    def _write_ports(self) -> None:
+        if self.ports_file is not None:
+            write_atomically(self.ports_file, json.dumps(self.ports(), indent=2) + "\n")
+
     def ports(self) -> dict[str, Any]:
-        return {
+        ports: dict[str, Any] = {
             "pid": os.getpid(),
             "services": {
                 name: {
@@ -352,6 +317,138 @@ class Daemon(MultiService):
                 for name, service in self.services_by_name.items()
             },
         }
+        if self.admin is not None:
+            ports["admin"] = {"listeners": [b.describe() for b in self.admin.listeners]}
+        return ports
+
+    def describe(self) -> dict[str, Any]:
+        return {name: service.describe() for name, service in self.services_by_name.items()}
+
+    @inlineCallbacks
+    def reload(self) -> Any:
+        """
+        Re-read the map and apply the difference; returns a L{ReloadResult}.
+
+        Unchanged services keep their listeners and connections.  A changed
+        service gives up its listeners only once its replacement is built; if
+        the replacement cannot bind, the old one takes its ports back and the
+        whole reload is undone.
+        """
+        if self._reloading:
+            return ReloadResult(errors=("a reload is already in progress",))
+        self._reloading = True
+        for observer in self.observers:
+            observer.reloading(self)
+        try:
+            result = yield self._reload()
+        finally:
+            self._reloading = False
+            for observer in self.observers:
+                observer.reloaded(self)
+        if result.ok:
+            log.info(
+                "reloaded {file}: started {started}, restarted {restarted}, stopped {stopped}",
+                file=self.config.file,
+                started=list(result.started),
+                restarted=list(result.restarted),
+                stopped=list(result.stopped),
+            )
+        else:
+            for error in result.errors:
+                log.error("reload refused, configuration unchanged: {error}", error=error)
+        self.journal.emit("netd", "reload", **result.as_json())
+        return result
+
+    @inlineCallbacks
+    def _reload(self) -> Any:
+        try:
+            new = load_config(self.config.file)
+        except ConfigErrors as e:
+            return ReloadResult(errors=tuple(str(error) for error in e.errors))
+        try:
+            new.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+            creators = build_tls(new.tls, new.state_dir)
+        except (OSError, StartupError) as e:
+            return ReloadResult(errors=(str(e),))
+
+        wanted = {n: c for n, c in new.services.items() if c.enabled}
+        changed_profiles = {
+            name
+            for name in set(self.config.tls) | set(new.tls)
+            if self.config.tls.get(name) != new.tls.get(name)
+        }
+        old = self.services_by_name
+        stopped = [n for n in old if n not in wanted]
+        unchanged = [
+            n
+            for n, c in wanted.items()
+            if n in old
+            and old[n].config == c
+            and not _uses_profiles(c, changed_profiles)
+            and new.state_dir == self.config.state_dir
+        ]
+        to_build = [n for n in wanted if n not in unchanged]
+        fresh: dict[str, RunningService] = {}
+        for name in to_build:
+            try:
+                fresh[name] = self._running_service(wanted[name], new, creators)
+            except Exception as e:
+                return ReloadResult(errors=(f"services.{name}: cannot build: {e}",))
+        admin_changed = new.admin != self.config.admin or bool(changed_profiles)
+        new_admin = AdminServer(self, new.admin, creators) if new.admin and admin_changed else None
+
+        retiring: list[ListenerGroup] = [
+            *(old[n] for n in to_build if n in old),
+            *(old[n] for n in stopped),
+        ]
+        if admin_changed and self.admin is not None:
+            retiring.append(self.admin)
+        binding: list[ListenerGroup] = [*fresh.values(), *([new_admin] if new_admin else [])]
+        # A replacement that takes over a fixed port needs the old holder to let
+        # go first; everything else binds beside the old listeners, so a failed
+        # reload leaves the old ones exactly where they were.
+        wanted_ports = {
+            key
+            for group in binding
+            for listener in group.listener_configs
+            if (key := endpoints.identity(listener.endpoint)) is not None
+        }
+        released = [
+            group
+            for group in retiring
+            if any(endpoints.identity(c.endpoint) in wanted_ports for c in group.listener_configs)
+        ]
+        yield gatherResults([group.stop_listening() for group in released])
+        outcome = yield DeferredList([b.listen() for b in binding], consumeErrors=True)
+        failures = [value for ok, value in outcome if not ok]
+        if failures:
+            yield gatherResults([b.stop_listening() for b in binding])
+            yield gatherResults([group.listen() for group in released])
+            return ReloadResult(errors=tuple(str(f.value) for f in failures))
+
+        # Committed: old services finish their exchanges while the new ones serve.
+        grace = new.shutdown_grace
+        for retired in retiring:
+            if isinstance(retired, RunningService):
+                retired.stop(grace).addBoth(_disown, retired)
+            else:
+                retired.stop_listening()
+        if admin_changed:
+            self.admin = new_admin
+        self.config = new
+        self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}
+        for running in fresh.values():
+            running.setServiceParent(self)
+            running.announce()
+        if new_admin is not None:
+            new_admin.announce()
+        self._write_ports()
+        return ReloadResult(
+            started=tuple(n for n in fresh if n not in old),
+            restarted=tuple(n for n in fresh if n in old),
+            stopped=tuple(stopped),
+            unchanged=tuple(unchanged),
+        )
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -361,11 +458,23 @@ class Daemon(MultiService):
         for observer in self.observers:
             observer.stopping(self)
         self.running = False
+        if self.admin is not None:
+            yield self.admin.stop_listening()
         services = list(self.services_by_name.values())
         yield gatherResults([s.stop(self.config.shutdown_grace) for s in services])
         if self.ports_file is not None:
             self.ports_file.unlink(missing_ok=True)
         log.info("netd stopped")
+
+
+def _disown(result: object, service: RunningService) -> None:
+    service.disownServiceParent()
+
+
+def _uses_profiles(service: ServiceConfig, profiles: set[str]) -> bool:
+    used = {listener.tls_profile for listener in service.listen}
+    used.update(getattr(service.options, "tls_profiles", ()))
+    return bool(used & profiles)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -315,7 +315,8 @@ class Section:
 
     def require(self, key: str) -> Value | None:
         entry = self.get(key)
-        if entry is None:
+        # Not a mapping at all is already reported; its keys are not missing too.
+        if entry is None and (self.value.is_mapping or self.value.is_null):
             self.value.error(f"missing required key {key!r}")
         return entry
 

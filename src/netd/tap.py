@@ -57,15 +57,19 @@ class _Root(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(self._take_sigterm)
+        self.reactor.callWhenRunning(self._take_signals)
 
-    def _take_sigterm(self) -> None:
+    def _take_signals(self) -> None:
         # twistd re-raises SIGTERM on itself after shutdown, so the exit status
         # would say "killed"; an orderly stop on SIGTERM is a success (exit 0).
         def stop(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.reactor.stop)
 
+        def reload(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.daemon.reload)
+
         signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGHUP, reload)
 
 
 def makeService(options: Options) -> IService:

@@ -254,8 +254,9 @@ def test_json_log_format(start_netd: StartNetd) -> None:
     netd = start_netd("log: {format: json}\n" + SIMPLE)
     netd.stop()
     records = [json.loads(line) for line in netd.output.splitlines() if line.strip()]
-    assert any(r.get("log_format", "").startswith("service {name}") for r in records)
-    assert any(r.get("name") == "echo" and r.get("log_namespace") == "netd" for r in records)
+    assert any(
+        r.get("what") == "service echo (echo)" and r.get("log_namespace") == "netd" for r in records
+    )
 
 
 def test_max_connections_and_idle_timeout(start_netd: StartNetd) -> None:

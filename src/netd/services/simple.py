@@ -158,15 +158,19 @@ def _parse_qotd(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> Q
     if value is None:
         return QuoteOptions(_DEFAULT_QUOTES)
     quotes = []
+    reported = len(value.problems.errors)
     for element in value.elements():
+        before = len(value.problems.errors)
         quote = element.as_str()
+        if len(value.problems.errors) != before:
+            continue  # not a string: already reported
         if not quote.strip():
             element.error("a quote cannot be empty")
         elif len(quote.encode()) > _QUOTE_LIMIT - 2:
             element.error(f"a quote must fit in {_QUOTE_LIMIT} bytes (RFC 865)")
         else:
             quotes.append(quote)
-    if not quotes and value.is_sequence and not value.problems.errors:
+    if not quotes and value.is_sequence and len(value.problems.errors) == reported:
         value.error("give at least one quote")
     return QuoteOptions(tuple(quotes) or _DEFAULT_QUOTES)
 

@@ -1,0 +1,119 @@
+"""
+Binding a group of listeners all together or not at all, and describing them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, DeferredList, fail, gatherResults, maybeDeferred
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from netd.config import ListenerConfig
+
+__all__ = ["BoundListener", "ListenerGroup", "StartupError", "os_message"]
+
+log = Logger(namespace="netd")
+
+
+class StartupError(Exception):
+    """netd cannot start as configured; str() is the operator's message."""
+
+
+@attrs.frozen
+class BoundListener:
+    config: ListenerConfig
+    port: IListeningPort
+
+    def describe(self) -> dict[str, Any]:
+        address: Any = self.port.getHost()
+        entry: dict[str, Any] = {"endpoint": self.config.endpoint}
+        name = getattr(address, "name", None)
+        if name is not None or not hasattr(address, "host"):
+            entry["transport"] = "unix"
+            entry["path"] = name.decode() if isinstance(name, bytes) else name
+        else:
+            entry["transport"] = "udp" if self.config.datagram else "tcp"
+            entry["host"] = address.host
+            entry["port"] = address.port
+        entry["tls"] = self.config.tls
+        return entry
+
+    def summary(self) -> str:
+        entry = self.describe()
+        where = entry.get("path") or (
+            f"[{entry['host']}]:{entry['port']}"
+            if ":" in entry["host"]
+            else f"{entry['host']}:{entry['port']}"
+        )
+        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}"
+
+
+class ListenerGroup(ABC):
+    """Listeners that come and go together: a service's, or the admin API's."""
+
+    label: str
+    summary_prefix: str
+    listener_configs: Sequence[ListenerConfig]
+    listeners: list[BoundListener]
+
+    @abstractmethod
+    def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
+        """Start one listener."""
+
+    def listen(self) -> Deferred[list[BoundListener]]:
+        """Bind every listener, or none: a failure unbinds the ones already bound."""
+        attempts = []
+        for listener in self.listener_configs:
+            try:
+                attempt = self._listen_one(listener)
+            except Exception:
+                attempt = fail(Failure())
+            attempts.append(attempt.addCallback(partial(BoundListener, listener)))
+
+        def settled(results: list[tuple[bool, Any]]) -> Any:
+            bound = [value for ok, value in results if ok]
+            failures = [
+                (listener, value)
+                for listener, (ok, value) in zip(self.listener_configs, results, strict=True)
+                if not ok
+            ]
+            if not failures:
+                self.listeners = bound
+                return bound
+            listener, failure = failures[0]
+            reason = failure.value
+            if isinstance(reason, CannotListenError) and reason.socketError is not None:
+                reason = reason.socketError
+            message = (
+                f"{listener.position}: {self.label}: cannot listen on "
+                f"{listener.endpoint}: {os_message(reason)}"
+            )
+            unbound = [maybeDeferred(b.port.stopListening) for b in bound]
+            return gatherResults(unbound).addBoth(lambda _: Failure(StartupError(message)))
+
+        return DeferredList(attempts, consumeErrors=True).addCallback(settled)
+
+    def stop_listening(self) -> Deferred[None]:
+        stopping = [maybeDeferred(b.port.stopListening) for b in self.listeners]
+        self.listeners = []
+        return gatherResults(stopping).addCallback(lambda _: None)
+
+    def announce(self) -> None:
+        for listener in self.listeners:
+            log.info(
+                "{what} listening on {where}", what=self.summary_prefix, where=listener.summary()
+            )
+
+
+def os_message(reason: BaseException) -> str:
+    if isinstance(reason, OSError) and reason.strerror:
+        return f"{reason.strerror} (errno {reason.errno})"
+    return str(reason) or type(reason).__name__

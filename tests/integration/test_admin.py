@@ -1,0 +1,253 @@
+"""
+The admin API and live reload, against the real daemon, with urllib and
+prometheus-client's own text parser.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from netd.testing import NetdProcess
+from tests.conftest import StartNetd
+
+TOKEN = "s3cret-token"
+
+BASE = f"""
+admin:
+  listen: ["tcp:0:interface=127.0.0.1"]
+  token: {TOKEN}
+services:
+  echo:
+    type: echo
+    listen: ["tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1"]
+  qotd:
+    type: qotd
+    listen: ["tcp:0:interface=127.0.0.1"]
+    quotes: ["first"]
+"""
+
+
+def admin_url(netd: NetdProcess, path: str) -> str:
+    entry = netd.ports["admin"]["listeners"][0]
+    return f"http://{entry['host']}:{entry['port']}{path}"
+
+
+def call(
+    netd: NetdProcess,
+    path: str,
+    method: str = "GET",
+    token: str | None = TOKEN,
+    data: bytes | None = None,
+    timeout: float = 10,
+) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(admin_url(netd, path), method=method, data=data)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def call_json(netd: NetdProcess, path: str, **kwargs: Any) -> tuple[int, Any]:
+    status, headers, body = call(netd, path, **kwargs)
+    assert headers["Content-Type"] == "application/json", body
+    return status, json.loads(body)
+
+
+@pytest.fixture
+def netd(start_netd: StartNetd) -> NetdProcess:
+    return start_netd(BASE)
+
+
+def echo_once(address: tuple[str, int], payload: bytes = b"ping") -> bytes:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(payload)
+        return sock.recv(100)
+
+
+def test_healthz_services_and_auth(netd: NetdProcess) -> None:
+    assert call(netd, "/healthz", token=None)[::2] == (200, b"ok\n")
+    echo_once(netd.address("echo"))
+    status, body = call_json(netd, "/api/services")
+    assert status == 200
+    echo = body["services"]["echo"]
+    assert echo["type"] == "echo" and echo["state"] == "running"
+    assert echo["listeners"] == netd.listeners("echo")
+    assert echo["counters"]["connections_total"] == 1
+    assert echo["counters"]["bytes_in"] == 4 and echo["counters"]["bytes_out"] == 4
+
+    status, headers, _ = call(netd, "/api/services", token=None)
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Bearer")
+    assert call_json(netd, "/api/services", token="wrong")[0] == 401
+    assert call_json(netd, "/api/nothing")[0] == 404
+    assert call_json(netd, "/api/services/nosuch")[0] == 404
+    status, headers, _ = call(netd, "/api/services", method="POST", data=b"")
+    assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, _, body = call(netd, "/api/reload", method="POST", data=b"x" * 100_000)
+    assert status == 413
+
+
+def test_metrics_parse_with_prometheus_client(netd: NetdProcess) -> None:
+    echo_once(netd.address("echo"), b"12345")
+    status, headers, body = call(netd, "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    samples = {
+        (sample.name, sample.labels.get("service")): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+    assert samples[("netd_connections_total", "echo")] == 1
+    assert samples[("netd_received_bytes_total", "echo")] == 5
+    assert samples[("netd_sent_bytes_total", "echo")] == 5
+    assert samples[("netd_connections_active", "qotd")] == 0
+    assert samples[("netd_ready", None)] == 1
+
+
+def test_events_long_poll_wakes_on_matching_event(netd: NetdProcess) -> None:
+    status, body = call_json(netd, "/api/events?service=echo")
+    assert status == 200 and body["events"] == []
+    since = body["last_id"]
+    result: dict[str, Any] = {}
+
+    def wait() -> None:
+        result["reply"] = call_json(
+            netd, f"/api/events?service=echo&type=connection.opened&since={since}&wait=20"
+        )
+
+    waiter = threading.Thread(target=wait)
+    started = time.monotonic()
+    waiter.start()
+    echo_once(netd.address("qotd"))  # another service: must not wake the waiter
+    echo_once(netd.address("echo"))
+    waiter.join(15)
+    assert not waiter.is_alive()
+    assert time.monotonic() - started < 10
+    status, body = result["reply"]
+    assert status == 200
+    [event] = body["events"]
+    assert event["service"] == "echo" and event["type"] == "connection.opened"
+    assert event["client"].startswith("127.0.0.1:")
+    # With nothing new, wait=0.3 returns empty after about that long.
+    status, body = call_json(netd, f"/api/events?service=echo&since={event['id'] + 99}&wait=0.3")
+    assert body["events"] == []
+
+
+def write_config(netd: NetdProcess, text: str) -> Path:
+    path = netd.log_path.parent / "netd.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_reload_keeps_unchanged_connections_and_restarts_changed(netd: NetdProcess) -> None:
+    echo_address = netd.address("echo")
+    kept = socket.create_connection(echo_address, timeout=5)
+    kept.sendall(b"before")
+    assert kept.recv(100) == b"before"
+
+    changed = BASE.replace('quotes: ["first"]', 'quotes: ["second"]') + (
+        "  daytime:\n    type: daytime\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+    )
+    write_config(netd, changed)
+    status, body = call_json(netd, "/api/reload", method="POST", data=b"")
+    assert status == 200, body
+    assert body == {
+        "started": ["daytime"],
+        "restarted": ["qotd"],
+        "stopped": [],
+        "unchanged": ["echo"],
+    }
+    kept.sendall(b"after")
+    assert kept.recv(100) == b"after"  # the open connection survived
+    assert echo_once(echo_address) == b"ping"  # same listener, same port
+
+    ports = json.loads((netd.log_path.parent / "ports.json").read_text())
+    qotd = ports["services"]["qotd"]["listeners"][0]
+    assert echo_once((qotd["host"], qotd["port"]), b"") == b"second\r\n"
+    assert "daytime" in ports["services"]
+    kept.close()
+
+
+def test_invalid_reload_keeps_running_config(netd: NetdProcess) -> None:
+    write_config(netd, BASE.replace("type: qotd", "type: qotd\n    colour: red"))
+    status, body = call_json(netd, "/api/reload", method="POST", data=b"")
+    assert status == 400
+    [error] = body["errors"]
+    assert error.endswith("services.qotd.colour: unknown key")
+    assert echo_once(netd.address("qotd"), b"") == b"first\r\n"
+
+
+def test_reload_that_cannot_bind_leaves_old_service(netd: NetdProcess) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    write_config(
+        netd,
+        BASE.replace('quotes: ["first"]', 'quotes: ["second"]').replace(
+            'type: qotd\n    listen: ["tcp:0:interface=127.0.0.1"]',
+            f'type: qotd\n    listen: ["tcp:{port}:interface=127.0.0.1"]',
+        ),
+    )
+    status, body = call_json(netd, "/api/reload", method="POST", data=b"")
+    assert status == 400
+    assert "cannot listen on tcp:" in body["errors"][0]
+    assert "Address already in use" in body["errors"][0]
+    assert echo_once(netd.address("qotd"), b"") == b"first\r\n"
+    taken.close()
+
+
+def test_sighup_reloads(netd: NetdProcess) -> None:
+    write_config(netd, BASE.replace('quotes: ["first"]', 'quotes: ["by signal"]'))
+    _status, body = call_json(netd, "/api/events?service=netd&type=reload")
+    since = body["last_id"]
+    netd.signal(signal.SIGHUP)
+    _, body = call_json(netd, f"/api/events?service=netd&type=reload&since={since}&wait=10")
+    [event] = body["events"]
+    assert event["restarted"] == ["qotd"]
+    ports = json.loads((netd.log_path.parent / "ports.json").read_text())
+    qotd = ports["services"]["qotd"]["listeners"][0]
+    assert echo_once((qotd["host"], qotd["port"]), b"") == b"by signal\r\n"
+
+
+def test_admin_burst_does_not_disturb_services(netd: NetdProcess) -> None:
+    errors: list[BaseException] = []
+
+    def hammer() -> None:
+        try:
+            for _ in range(250):
+                assert call(netd, "/api/services")[0] == 200
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    echoes = [echo_once(netd.address("echo"), b"x%d" % i) for i in range(50)]
+    for thread in threads:
+        thread.join(60)
+    assert not errors
+    assert echoes == [b"x%d" % i for i in range(50)]
+
+
+def test_non_loopback_admin_without_token_is_refused(start_netd: StartNetd) -> None:
+    from netd.testing import StartFailed
+
+    with pytest.raises(StartFailed) as failed:
+        start_netd(
+            'admin: {listen: ["tcp:0"]}\n'
+            'services: {echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}}\n'
+        )
+    assert "admin listener 'tcp:0' is not loopback-only: set a 'token'" in failed.value.output
