@@ -90,6 +90,7 @@ class AdminConfig:
 class LogConfig:
     format: str = "text"
     level: str = "info"
+    events: bool = False  # mirror the event journal into the log
 
 
 @attrs.frozen
@@ -163,6 +164,7 @@ def _read_log(value: Value) -> LogConfig:
     config = LogConfig(
         format=section.choice("format", ("text", "json"), "text"),
         level=section.choice("level", ("debug", "info", "warn", "error", "critical"), "info"),
+        events=section.flag("events", False),
     )
     section.finish()
     return config

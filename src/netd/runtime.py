@@ -34,7 +34,7 @@ from netd.config import (
     load_config,
 )
 from netd.connections import ConnectionSet, TrackingFactory
-from netd.events import Journal, ServiceStats
+from netd.events import Event, Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.listeners import ListenerGroup, StartupError, os_message
 from netd.services import load_kind
@@ -226,6 +226,8 @@ class Daemon(MultiService):
         self.ports_file = ports_file
         self.observers: list[LifecycleObserver] = []
         self.journal = Journal(reactor)
+        if config.log.events:
+            self.journal.subscribe(_log_event)
         self.services_by_name: dict[str, RunningService] = {}
         self.admin: AdminServer | None = None
         self.ready = False
@@ -465,6 +467,17 @@ class Daemon(MultiService):
         if self.ports_file is not None:
             self.ports_file.unlink(missing_ok=True)
         log.info("netd stopped")
+
+
+def _log_event(event: Event) -> None:
+    # In json mode every field of the event becomes a field of the log record.
+    log.info(
+        "event {event_type} {event_service} {event_fields}",
+        event_type=event.type,
+        event_service=event.service,
+        event_fields=dict(event.fields),
+        event_id=event.id,
+    )
 
 
 def _disown(result: object, service: RunningService) -> None:

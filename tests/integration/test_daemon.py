@@ -251,7 +251,9 @@ services:
 
 
 def test_json_log_format(start_netd: StartNetd) -> None:
-    netd = start_netd("log: {format: json}\n" + SIMPLE)
+    netd = start_netd("log: {format: json, events: true}\n" + SIMPLE)
+    with connect(netd.address("qotd")) as sock:
+        receive_all(sock)
     netd.stop()
     records = [json.loads(line) for line in netd.output.splitlines() if line.strip()]
     assert any(
