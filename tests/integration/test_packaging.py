@@ -1,0 +1,148 @@
+"""
+netd installs like any twistd plugin: wheel and editable installs into a new
+virtualenv, and a plugin directory the daemon's user cannot write to.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ECHO_ONLY = """
+services:
+  echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}
+"""
+
+
+@pytest.fixture
+def world_readable_dir() -> Iterator[Path]:
+    # pytest's tmp_path is private to root; the read-only case runs as nobody.
+    path = Path(tempfile.mkdtemp(prefix="netd-pkg-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def new_venv(where: Path) -> Path:
+    """A virtualenv that borrows the test environment's dependencies, not netd."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    python = where / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dependencies = [p for p in site.getsitepackages() if "site-packages" in p]
+    (Path(purelib) / "_deps.pth").write_text("\n".join(dependencies) + "\n")
+    return python
+
+
+def pip(python: Path, *args: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", *args],
+        check=True,
+        cwd=ROOT,
+    )
+
+
+def build_wheel(into: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(into),
+            str(ROOT),
+        ],
+        check=True,
+    )
+
+
+def twistd(python: Path, *args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(python), "-c", "from twisted.scripts.twistd import run; run()", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def lists_netd(help_text: str) -> bool:
+    return any(line.split()[:1] == ["netd"] for line in help_text.splitlines())
+
+
+def runs_echo(python: Path, workdir: Path) -> None:
+    config = workdir / "netd.yaml"
+    config.write_text(ECHO_ONLY)
+    check = subprocess.run(
+        [str(python), "-m", "netd.cli", "check", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+    )
+    assert check.returncode == 0, check.stderr
+    assert "echo (echo)" in check.stdout
+
+
+@pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
+def test_install_into_new_venv(world_readable_dir: Path, editable: bool) -> None:
+    python = new_venv(world_readable_dir / "venv")
+    if editable:
+        pip(python, "--no-build-isolation", "-e", str(ROOT))
+    else:
+        wheels = world_readable_dir / "wheels"
+        build_wheel(wheels)
+        [wheel] = wheels.glob("netd-*.whl")
+        pip(python, str(wheel))
+    result = twistd(python, "--help")
+    assert result.returncode == 0, result.stderr
+    assert lists_netd(result.stdout), result.stdout
+    runs_echo(python, world_readable_dir)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run twistd as nobody")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
+def test_read_only_install_still_finds_the_plugin(world_readable_dir: Path) -> None:
+    python = new_venv(world_readable_dir / "venv")
+    wheels = world_readable_dir / "wheels"
+    build_wheel(wheels)
+    pip(python, *map(str, wheels.glob("netd-*.whl")))
+    # No dropin.cache written at install time, and the directory belongs to root:
+    # the daemon's user can neither create nor refresh the cache.
+    for cache in (world_readable_dir / "venv").rglob("dropin.cache"):
+        cache.unlink()
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            str(python),
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=world_readable_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert lists_netd(result.stdout)
+    assert "Traceback" not in result.stderr
