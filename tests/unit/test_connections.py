@@ -1,0 +1,386 @@
+"""Tests for netd.connections: limits, idle sweeps, draining and counters, on a Clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress, IProtocol, IProtocolNegotiationFactory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.connections import (
+    ConnectionSet,
+    TrackedConnection,
+    TrackingFactory,
+    describe_address,
+)
+from netd.events import Journal, ServiceStats
+
+IDLE = 100.0  # seconds; the sweep runs every quarter of it
+CONNECTION_DONE = Failure(ConnectionDone())
+
+
+class Transport(StringTransportWithDisconnection):
+    """Closes like a real transport: abort at once, a graceful close when told to."""
+
+    def __init__(self, peer: IAddress, close_at_once: bool = True) -> None:
+        super().__init__(peerAddress=peer)
+        self.close_at_once = close_at_once
+        self.close_requested = False
+        self.aborted = False
+
+    def loseConnection(self) -> None:
+        self.close_requested = True
+        self.disconnecting = True
+        if self.close_at_once:
+            super().loseConnection()
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().loseConnection()
+
+
+class Recorder(Protocol):
+    """Echoes, and remembers what happened to it."""
+
+    transport: Any
+
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def connectionLost(self, reason: Failure = CONNECTION_DONE) -> None:
+        self.lost.append(reason)
+
+
+class Exchanging(Recorder):
+    """A protocol in the middle of an exchange: asked to finish, it takes its time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked_to_finish = 0
+
+    def close_gracefully(self) -> None:
+        self.asked_to_finish += 1
+
+
+class CountingFactory(Factory):
+    def __init__(self, protocol: type[Recorder] = Recorder) -> None:
+        self.protocol = protocol
+        self.built = 0
+
+    def buildProtocol(self, addr: IAddress | None) -> IProtocol | None:  # type: ignore[override]
+        self.built += 1
+        return super().buildProtocol(addr)
+
+
+@attrs.define
+class Harness:
+    clock: Clock
+    stats: ServiceStats
+    journal: Journal
+    connections: ConnectionSet
+    wrapped: CountingFactory
+    factory: TrackingFactory
+    ports: int = 40000
+
+    def connect(self, close_at_once: bool = True) -> tuple[Any, Transport]:
+        """Accept a connection; the protocol is a TrackedConnection unless refused."""
+        self.ports += 1
+        peer = IPv4Address("TCP", "192.0.2.7", self.ports)
+        protocol = self.factory.buildProtocol(peer)
+        assert protocol is not None
+        transport = Transport(peer, close_at_once)
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def elapse(self, seconds: float, step: float = 5.0) -> None:
+        """Let time pass in small steps, as a reactor would (one advance runs one sweep)."""
+        while seconds > 1e-9:
+            self.clock.advance(min(step, seconds))
+            seconds -= step
+
+    def events(self, type: str) -> list[dict[str, Any]]:
+        return [dict(e.fields) for e in self.journal.select(types=[type])]
+
+
+def harness(
+    max_connections: int = 10,
+    busy_reply: bytes = b"",
+    protocol: type[Recorder] = Recorder,
+) -> Harness:
+    clock = Clock()
+    stats = ServiceStats()
+    journal = Journal(clock)
+    connections = ConnectionSet(
+        clock, "svc", stats, journal, max_connections, IDLE, busy_reply=busy_reply
+    )
+    wrapped = CountingFactory(protocol)
+    return Harness(
+        clock, stats, journal, connections, wrapped, TrackingFactory(wrapped, connections)
+    )
+
+
+# --- limits ------------------------------------------------------------------------
+
+
+def test_connections_beyond_the_limit_are_refused_politely() -> None:
+    h = harness(max_connections=2, busy_reply=b"421 busy\r\n")
+    first, _ = h.connect()
+    h.connect()
+    refused, transport = h.connect()
+    assert not isinstance(refused, TrackedConnection)
+    assert transport.value() == b"421 busy\r\n"
+    assert transport.close_requested and not transport.connected
+    assert h.wrapped.built == 2  # the service's own protocol never saw it
+    assert len(h.connections) == 2
+    assert (h.stats.connections_total, h.stats.connections_active) == (2, 2)
+    assert h.stats.connections_refused == 1
+    assert h.events("connection.refused") == [{"client": "192.0.2.7:40003"}]
+    # Once one leaves, the next is let in.
+    first.transport.loseConnection()
+    accepted, _ = h.connect()
+    assert isinstance(accepted, TrackedConnection)
+    assert (h.stats.connections_total, h.stats.connections_refused) == (3, 1)
+
+
+def test_refusal_without_a_reply_just_closes() -> None:
+    h = harness(max_connections=1)
+    h.connect()
+    _, transport = h.connect()
+    assert transport.value() == b""
+    assert not transport.connected
+    assert h.stats.connections_refused == 1
+
+
+# --- the idle sweep ----------------------------------------------------------------
+
+
+def test_silent_connection_closes_after_idle_timeout_then_is_aborted() -> None:
+    h = harness()
+    connection, transport = h.connect(close_at_once=False)
+    h.elapse(IDLE * 3 / 4)
+    assert not transport.close_requested
+    h.elapse(IDLE / 4)
+    assert transport.close_requested
+    assert not transport.aborted
+    assert h.events("connection.idle") == [{"connection": connection.connection_id}]
+    # Its peer does not read what is pending: cut one sweep later.
+    h.elapse(IDLE / 4)
+    assert transport.aborted
+    assert len(h.connections) == 0
+    assert h.clock.getDelayedCalls() == []  # no sweeping without connections
+
+
+def test_traffic_keeps_a_connection_open() -> None:
+    h = harness()
+    connection, transport = h.connect()
+    for _ in range(20):  # 400 seconds, a byte every 20
+        h.elapse(20)
+        connection.dataReceived(b".")
+    assert not transport.close_requested
+    # The last byte came at t=400, just after that sweep: the one at 425 still sees it
+    # move, 450..500 count it quiet, 525 closes it (idle_timeout to 1.25 times that).
+    h.elapse(100)
+    assert not transport.close_requested
+    h.elapse(25)
+    assert transport.close_requested
+    assert not transport.connected
+
+
+def test_output_alone_counts_as_traffic() -> None:
+    h = harness()
+    connection, transport = h.connect()
+    for _ in range(10):
+        h.elapse(IDLE / 4)
+        connection.write(b"tick\r\n")
+    assert not transport.close_requested
+    assert connection.bytes_out == 60
+
+
+def test_idle_close_asks_the_protocol_to_finish_first() -> None:
+    h = harness(protocol=Exchanging)
+    connection, transport = h.connect(close_at_once=False)
+    h.elapse(IDLE)
+    assert connection.wrappedProtocol.asked_to_finish == 1
+    assert not transport.close_requested  # the protocol decides how to end
+    h.elapse(IDLE / 4)
+    assert transport.aborted
+
+
+def test_each_connection_has_its_own_idle_time() -> None:
+    h = harness()
+    _, early_transport = h.connect()
+    h.elapse(IDLE / 2)
+    _, late_transport = h.connect()
+    h.elapse(IDLE / 2)
+    assert early_transport.close_requested
+    assert not late_transport.close_requested
+    h.elapse(IDLE / 2)
+    assert late_transport.close_requested
+
+
+def test_stop_cancels_the_sweep() -> None:
+    h = harness()
+    _, transport = h.connect()
+    h.connections.stop()
+    assert h.clock.getDelayedCalls() == []
+    h.elapse(IDLE * 2)
+    assert not transport.close_requested
+
+
+# --- draining ----------------------------------------------------------------------
+
+
+def test_drain_without_connections_is_immediate() -> None:
+    h = harness()
+    drained = h.connections.drain(10)
+    assert drained.called
+
+
+def test_drain_closes_gracefully_then_cuts_after_grace() -> None:
+    h = harness()
+    plain, plain_transport = h.connect(close_at_once=False)
+    h.wrapped.protocol = Exchanging
+    busy, busy_transport = h.connect()
+    drained = h.connections.drain(5)
+    assert plain_transport.close_requested  # no exchange to finish: closed gracefully
+    assert busy.wrappedProtocol.asked_to_finish == 1
+    assert not busy_transport.close_requested
+    assert not drained.called
+    # The plain one finishes on its own.
+    plain.connectionLost(Failure(Exception("done")))
+    h.elapse(4.9)
+    assert not drained.called
+    assert not busy_transport.aborted
+    h.elapse(0.1)
+    assert busy_transport.aborted
+    assert not plain_transport.aborted
+    assert drained.called
+    assert len(h.connections) == 0
+
+
+def test_drain_that_finishes_in_time_cancels_the_cut() -> None:
+    h = harness()
+    _, first = h.connect()
+    _, second = h.connect()
+    h.connections.stop()  # leave only the drain's own timer on the clock
+    drained = h.connections.drain(5)
+    assert drained.called
+    assert not first.connected and not second.connected
+    assert not first.aborted and not second.aborted
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_when_closed_fires_for_every_waiter() -> None:
+    h = harness()
+    connection, transport = h.connect()
+    waiters: list[Deferred[None]] = [connection.when_closed(), connection.when_closed()]
+    assert not any(w.called for w in waiters)
+    transport.loseConnection()
+    assert all(w.called for w in waiters)
+
+
+# --- counters and events -----------------------------------------------------------
+
+
+def test_bytes_and_journal_events() -> None:
+    h = harness()
+    first, first_transport = h.connect()
+    second, second_transport = h.connect()
+    assert first.connection_id != second.connection_id
+    first.dataReceived(b"hello")
+    first.writeSequence([b"ab", b"cd"])
+    second.dataReceived(b"xy")
+    assert h.connections.bytes_in_flight() == (7, 11)
+    assert (h.stats.bytes_in, h.stats.bytes_out) == (0, 0)  # added as connections close
+    assert (h.stats.connections_total, h.stats.connections_active) == (2, 2)
+
+    service_protocol = first.wrappedProtocol
+    first_transport.loseConnection()
+    assert service_protocol.lost  # the service's protocol heard of it too
+    assert (h.stats.bytes_in, h.stats.bytes_out) == (5, 9)
+    assert h.connections.bytes_in_flight() == (2, 2)
+    assert h.stats.connections_active == 1
+    second_transport.loseConnection()
+    assert (h.stats.bytes_in, h.stats.bytes_out) == (7, 11)
+    assert (h.stats.connections_total, h.stats.connections_active) == (2, 0)
+
+    assert [(e.type, e.service) for e in h.journal.select()] == [
+        ("connection.opened", "svc"),
+        ("connection.opened", "svc"),
+        ("connection.closed", "svc"),
+        ("connection.closed", "svc"),
+    ]
+    assert h.events("connection.opened") == [
+        {"client": "192.0.2.7:40001", "connection": first.connection_id},
+        {"client": "192.0.2.7:40002", "connection": second.connection_id},
+    ]
+    assert h.events("connection.closed") == [
+        {
+            "client": "192.0.2.7:40001",
+            "connection": first.connection_id,
+            "bytes_in": 5,
+            "bytes_out": 9,
+        },
+        {
+            "client": "192.0.2.7:40002",
+            "connection": second.connection_id,
+            "bytes_in": 2,
+            "bytes_out": 2,
+        },
+    ]
+
+
+def test_a_connection_is_forgotten_once() -> None:
+    h = harness()
+    connection, transport = h.connect()
+    connection.dataReceived(b"abc")
+    transport.loseConnection()
+    h.connections.forget(connection)
+    assert h.stats.bytes_in == 3
+    assert len(h.events("connection.closed")) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (IPv4Address("TCP", "127.0.0.1", 7), "127.0.0.1:7"),
+        (IPv6Address("TCP", "::1", 7), "[::1]:7"),
+        (UNIXAddress(b"/run/netd/echo.sock"), "unix:/run/netd/echo.sock"),
+        (UNIXAddress(None), "unix:"),
+        (None, "unix:"),
+    ],
+)
+def test_describe_address(address: IAddress | None, text: str) -> None:
+    assert describe_address(address) == text
+
+
+# --- ALPN --------------------------------------------------------------------------
+
+
+@implementer(IProtocolNegotiationFactory)
+class NegotiatingFactory(Factory):
+    protocol = Protocol
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"h2", b"http/1.1"]
+
+
+def test_alpn_offered_only_when_the_wrapped_factory_offers_it() -> None:
+    h = harness()
+    negotiating = TrackingFactory(NegotiatingFactory(), h.connections)
+    assert IProtocolNegotiationFactory.providedBy(negotiating)
+    assert negotiating.acceptableProtocols() == [b"h2", b"http/1.1"]
+    assert not IProtocolNegotiationFactory.providedBy(h.factory)

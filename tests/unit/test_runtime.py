@@ -1,0 +1,287 @@
+"""Tests for netd.runtime: binding, readiness and shutdown on a memory reactor."""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import textwrap
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IAddress, IListeningPort, IProtocolFactory
+from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.config import NetdConfig, parse_config
+from netd.connections import TrackedConnection, TrackingFactory
+from netd.events import Journal
+from netd.runtime import Daemon, RunningService, StartupError
+
+
+@implementer(IListeningPort)
+class FakePort:
+    def __init__(self, address: IAddress) -> None:
+        self.address = address
+        self.listening = True
+
+    def startListening(self) -> None:
+        self.listening = True
+
+    def stopListening(self) -> None:
+        self.listening = False
+
+    def getHost(self) -> IAddress:
+        return self.address
+
+
+class ListeningReactor(MemoryReactorClock):
+    """
+    A MemoryReactorClock that also listens for datagrams, gives port 0 a real
+    number, remembers every port it handed out, and refuses the ports in C{refuse}
+    as a real reactor does: by raising L{CannotListenError}.
+    """
+
+    def __init__(self, refuse: Iterable[tuple[str, int, int]] = ()) -> None:
+        super().__init__()
+        self.refuse = {(kind, port): code for kind, port, code in refuse}
+        self.udpPorts: list[tuple[int, DatagramProtocol, str]] = []
+        self.ports: list[FakePort] = []
+        self._ephemeral = itertools.count(40001)
+
+    def _port(self, kind: Literal["TCP", "UDP"], port: int, interface: str) -> FakePort:
+        code = self.refuse.get((kind, port))
+        if code is not None:
+            raise CannotListenError(interface, port, OSError(code, os.strerror(code)))
+        number = next(self._ephemeral) if port == 0 else port
+        host = interface or "0.0.0.0"
+        address = IPv6Address if ":" in host else IPv4Address
+        listening = FakePort(address(kind, host, number))
+        self.ports.append(listening)
+        return listening
+
+    def listenTCP(
+        self, port: int, factory: IProtocolFactory, backlog: int = 50, interface: str = ""
+    ) -> FakePort:
+        self.tcpServers.append((port, factory, backlog, interface))
+        return self._port("TCP", port, interface)
+
+    def listenUDP(
+        self,
+        port: int,
+        protocol: DatagramProtocol,
+        interface: str = "",
+        maxPacketSize: int = 8192,
+    ) -> FakePort:
+        self.udpPorts.append((port, protocol, interface))
+        return self._port("UDP", port, interface)
+
+    def listenUNIX(
+        self,
+        address: str,
+        factory: IProtocolFactory,
+        backlog: int = 50,
+        mode: int = 0o666,
+        wantPID: int = 0,
+    ) -> FakePort:
+        self.unixServers.append((address, factory, backlog, mode, wantPID))
+        listening = FakePort(UNIXAddress(address))
+        self.ports.append(listening)
+        return listening
+
+
+class LingeringTransport(StringTransportWithDisconnection):
+    """A client that has not read everything yet: a graceful close waits, an abort does not."""
+
+    aborted = False
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        super().loseConnection()
+
+
+def load(tmp_path: Path, text: str) -> NetdConfig:
+    return parse_config(textwrap.dedent(text), tmp_path / "netd.yaml")
+
+
+MAP = """\
+    shutdown_grace: 5
+    services:
+      echo:
+        type: echo
+        listen: ["tcp:0:interface=127.0.0.1", "udp:0:interface=127.0.0.1", "unix:run/echo.sock"]
+      qotd:
+        type: qotd
+        listen: "tcp:7017"
+      off:
+        type: discard
+        enabled: false
+        listen: ["tcp:7009"]
+    """
+
+
+def started(tmp_path: Path, reactor: ListeningReactor) -> Daemon:
+    daemon = Daemon(load(tmp_path, MAP), reactor, ports_file=tmp_path / "ports.json")
+    daemon.privilegedStartService()
+    daemon.startService()
+    return daemon
+
+
+def test_binds_every_listener_and_writes_the_ports_file(tmp_path: Path) -> None:
+    reactor = ListeningReactor()
+    daemon = Daemon(load(tmp_path, MAP), reactor, ports_file=tmp_path / "ports.json")
+    daemon.privilegedStartService()
+
+    assert [(port, backlog, interface) for port, _, backlog, interface in reactor.tcpServers] == [
+        (0, 50, "127.0.0.1"),
+        (7017, 50, ""),
+    ]
+    assert all(isinstance(factory, TrackingFactory) for _, factory, _, _ in reactor.tcpServers)
+    ((udp_port, protocol, udp_interface),) = reactor.udpPorts
+    assert (udp_port, udp_interface) == (0, "127.0.0.1")
+    assert isinstance(protocol, DatagramProtocol)
+    assert [address for address, *_ in reactor.unixServers] == [str(tmp_path / "run/echo.sock")]
+    assert set(daemon.services_by_name) == {"echo", "qotd"}  # not the disabled one
+    assert not (tmp_path / "ports.json").exists()  # bound, but not yet ready
+
+    daemon.startService()
+    assert daemon.ready
+    assert json.loads((tmp_path / "ports.json").read_text()) == {
+        "pid": os.getpid(),
+        "services": {
+            "echo": {
+                "type": "echo",
+                "listeners": [
+                    {
+                        "endpoint": "tcp:0:interface=127.0.0.1",
+                        "transport": "tcp",
+                        "host": "127.0.0.1",
+                        "port": 40001,
+                        "tls": False,
+                    },
+                    {
+                        "endpoint": "udp:0:interface=127.0.0.1",
+                        "transport": "udp",
+                        "host": "127.0.0.1",
+                        "port": 40002,
+                        "tls": False,
+                    },
+                    {
+                        "endpoint": "unix:run/echo.sock",
+                        "transport": "unix",
+                        "path": str(tmp_path / "run/echo.sock"),
+                        "tls": False,
+                    },
+                ],
+            },
+            "qotd": {
+                "type": "qotd",
+                "listeners": [
+                    {
+                        "endpoint": "tcp:7017",
+                        "transport": "tcp",
+                        "host": "0.0.0.0",
+                        "port": 7017,
+                        "tls": False,
+                    }
+                ],
+            },
+        },
+    }
+    # Written atomically: nothing but the file itself is left beside it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ports.json", "state"]
+    assert all(s.describe()["state"] == "running" for s in daemon.services_by_name.values())
+
+
+def test_a_listener_that_cannot_bind_fails_start_up_as_a_whole(tmp_path: Path) -> None:
+    reactor = ListeningReactor(refuse=[("TCP", 8080, errno.EADDRINUSE)])
+    config = load(
+        tmp_path,
+        """\
+        services:
+          echo: {type: echo, listen: ["tcp:7007", "udp:7007"]}
+          web:
+            type: discard
+            listen:
+              - "tcp:0"
+              - "tcp:8080:interface=127.0.0.1"
+              - "tcp:8081"
+        """,
+    )
+    daemon = Daemon(config, reactor, ports_file=tmp_path / "ports.json")
+    with pytest.raises(StartupError) as excinfo:
+        daemon.privilegedStartService()
+    assert str(excinfo.value) == (
+        f"{tmp_path / 'netd.yaml'}:7:9: service web: cannot listen on "
+        f"tcp:8080:interface=127.0.0.1: Address already in use (errno {errno.EADDRINUSE})"
+    )
+    # Every other listener was bound, and every one of them is closed again.
+    assert len(reactor.ports) == 4
+    assert [p.listening for p in reactor.ports] == [False] * 4
+    assert not daemon.ready
+    assert not (tmp_path / "ports.json").exists()
+
+
+def test_running_service_unbinds_what_it_bound(tmp_path: Path) -> None:
+    reactor = ListeningReactor(refuse=[("UDP", 7, errno.EACCES)])
+    config = load(tmp_path, 'services: {echo: {type: echo, listen: ["tcp:7", "udp:7", "tcp:0"]}}\n')
+    service = RunningService(
+        config.services["echo"], reactor, tmp_path, Journal(reactor), {}, tmp_path / "state"
+    )
+    outcome: list[Any] = []
+    service.listen().addBoth(outcome.append)
+    (failure,) = outcome
+    assert isinstance(failure, Failure)
+    assert failure.check(StartupError)
+    assert str(failure.value) == (
+        f"{tmp_path / 'netd.yaml'}:1:49: service echo: cannot listen on udp:7: "
+        f"Permission denied (errno {errno.EACCES})"
+    )
+    assert [getattr(p.address, "port", None) for p in reactor.ports] == [7, 40001]
+    assert not any(p.listening for p in reactor.ports)
+    assert service.listeners == []
+
+
+def test_stop_stops_listening_at_once_then_drains_for_the_grace(tmp_path: Path) -> None:
+    reactor = ListeningReactor()
+    daemon = started(tmp_path, reactor)
+    _, factory, _, _ = reactor.tcpServers[0]
+    connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    assert isinstance(connection, TrackedConnection)
+    transport = LingeringTransport()
+    transport.protocol = connection
+    connection.makeConnection(transport)
+
+    stopped = daemon.stopService()
+    assert not any(p.listening for p in reactor.ports)
+    assert transport.disconnecting  # asked to finish
+    assert not stopped.called
+    reactor.advance(4.9)
+    assert not stopped.called and not transport.aborted
+    reactor.advance(0.1)
+    assert transport.aborted
+    assert stopped.called
+    assert not (tmp_path / "ports.json").exists()
+    assert {s.describe()["state"] for s in daemon.services_by_name.values()} == {"stopped"}
+    events = [(e.service, e.type) for e in daemon.journal.select(service="echo")]
+    assert events == [("echo", "connection.opened"), ("echo", "connection.closed")]
+
+
+def test_stop_without_connections_is_immediate(tmp_path: Path) -> None:
+    reactor = ListeningReactor()
+    daemon = started(tmp_path, reactor)
+    assert (tmp_path / "ports.json").exists()
+    stopped = daemon.stopService()
+    assert stopped.called
+    assert not any(p.listening for p in reactor.ports)
+    assert not (tmp_path / "ports.json").exists()
