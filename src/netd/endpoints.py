@@ -1,5 +1,6 @@
 """
-Endpoint strings: Twisted's server endpoint syntax plus netd's C{udp:} form.
+Endpoint strings: Twisted's server endpoint syntax plus netd's datagram forms,
+C{udp:PORT[:interface=ADDR]} and C{systemd-udp:domain=INET:name=NAME}.
 
 Everything that looks inside an endpoint string lives here, so the rest of netd
 treats listeners as opaque descriptions.
@@ -8,31 +9,50 @@ treats listeners as opaque descriptions.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
     _parse,
+    _SystemdParser,
     serverFromString,
     wrapServerTLS,
 )
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamServerEndpoint,
+)
+from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import MemoryReactor
+from zope.interface import implementer
 
 __all__ = [
     "check",
     "has_own_tls",
     "identity",
+    "inherited_socket",
     "is_datagram",
     "is_loopback",
+    "listen_datagram",
     "normalize",
     "parse_udp",
     "server_endpoint",
     "wants_profile",
 ]
+
+# Sockets handed over by systemd, by prefix: the socket type each form adopts.
+_SYSTEMD_TYPES = {"systemd": socket.SOCK_STREAM, "systemd-udp": socket.SOCK_DGRAM}
+_TRANSPORTS: dict[int, str] = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram"}
+_SYSTEMD_DOMAINS = {"systemd": ("INET", "INET6", "UNIX"), "systemd-udp": ("INET", "INET6")}
 
 _SSL_KEY_OPTIONS = ("privateKey", "certKey", "extraCertChain", "dhParameters")
 # The unix: socket path is the first argument or address=; lockfile= is a flag, not a path.
@@ -68,7 +88,7 @@ def normalize(description: str, base_dir: Path) -> str:
 
 
 def is_datagram(description: str) -> bool:
-    return _split(description)[0] == "udp"
+    return _split(description)[0] in ("udp", "systemd-udp")
 
 
 def has_own_tls(description: str) -> bool:
@@ -109,14 +129,8 @@ def check(description: str, base_dir: Path) -> str | None:
     try:
         if prefix == "udp":
             parse_udp(description)
-        elif prefix == "systemd":
-            # Descriptors exist only once systemd hands them over; check the syntax.
-            if ("index" in kwargs) == ("name" in kwargs):
-                raise ValueError("give exactly one of index= or name=")
-            if not hasattr(socket, "AF_" + kwargs.get("domain", "")):
-                raise ValueError("domain= must be INET, INET6 or UNIX")
-            if "index" in kwargs:
-                int(kwargs["index"])
+        elif prefix in _SYSTEMD_TYPES:
+            _check_systemd(prefix, args, kwargs)
         elif wants_profile(description):
             _plain_tcp(MemoryReactor(), args, kwargs)
         else:
@@ -138,13 +152,148 @@ def identity(description: str) -> str | None:
     if prefix == "unix":
         path = args[0] if args else kwargs.get("address")
         return f"unix:{path}" if path else None
-    if prefix == "systemd":
-        return f"systemd:{kwargs.get('name') or kwargs.get('index')}"
+    if prefix in _SYSTEMD_TYPES:
+        # A socket unit gives one name to all its sockets: stream and datagram differ.
+        selector = f"name={kwargs['name']}" if "name" in kwargs else f"index={kwargs.get('index')}"
+        return f"{prefix}:{selector}"
     family = {"ssl": "tcp", "tcp6": "tcp", "tls": "tcp"}.get(prefix, prefix)
     port = args[0] if args else kwargs.get("port")
     if port in (None, "0"):
         return None
     return f"{family}:{kwargs.get('interface', '*')}:{port}"
+
+
+def _check_systemd(prefix: str, args: list[str], kwargs: dict[str, str]) -> None:
+    # Descriptors exist only once systemd hands them over; check the syntax.
+    domains = _SYSTEMD_DOMAINS[prefix]
+    unknown = set(kwargs) - {"domain", "index", "name"}
+    if args or unknown:
+        raise ValueError(f"expected {prefix}:domain=DOMAIN:name=NAME (or index=N)")
+    if ("index" in kwargs) == ("name" in kwargs):
+        raise ValueError("give exactly one of index= or name=")
+    if kwargs.get("domain") not in domains:
+        raise ValueError(f"domain= must be {' or '.join(domains)}")
+    if "index" in kwargs and int(kwargs["index"]) < 0:
+        raise ValueError("index= must not be negative")
+
+
+def _inherited() -> list[tuple[str, int]]:
+    """The (name, descriptor) pairs systemd handed to this process, in order."""
+    # Twisted reads LISTEN_FDS when twisted.internet.endpoints is first imported and
+    # removes it from the environment, so its parser holds the only copy of the
+    # descriptors; the names are read again because ListenFDs maps each name to one
+    # descriptor, while a socket unit gives its one name to all of its sockets.
+    descriptors = _SystemdParser._sddaemon.inheritedDescriptors()
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    return list(zip(names, descriptors, strict=True)) if len(names) == len(descriptors) else []
+
+
+def _socket_kind(descriptor: int) -> tuple[int, int] | None:
+    """(family, type) of the socket open as C{descriptor}, or None if it is none."""
+    try:
+        probe = socket.socket(fileno=descriptor)
+    except OSError:
+        return None
+    try:
+        return probe.family, probe.type
+    finally:
+        probe.detach()
+
+
+def _kind_name(kind: tuple[int, int] | None) -> str:
+    if kind is None:
+        return "not a socket"
+    family, type_ = kind
+    try:
+        domain = socket.AddressFamily(family).name.removeprefix("AF_")
+    except ValueError:
+        domain = f"family {family}"
+    return f"{_TRANSPORTS.get(type_, 'other')} {domain}"
+
+
+def inherited_socket(
+    description: str, inherited: Sequence[tuple[str, int]] | None = None
+) -> tuple[int, int]:
+    """
+    The (descriptor, address family) systemd handed over for a C{systemd:} or
+    C{systemd-udp:} description, chosen by name (or index) and by socket type,
+    and set non-blocking as the reactor needs.
+
+    @param inherited: (name, descriptor) pairs; by default those systemd passed.
+    @raise ValueError: naming what was asked for and what systemd did pass.
+    """
+    prefix, args, kwargs = _split(description)
+    if prefix not in _SYSTEMD_TYPES:
+        raise ValueError(f"not a systemd socket: {description!r}")
+    _check_systemd(prefix, args, kwargs)
+    if inherited is None:
+        inherited = _inherited()
+    wanted = (getattr(socket, "AF_" + kwargs["domain"]), _SYSTEMD_TYPES[prefix])
+    if "index" in kwargs:
+        index = int(kwargs["index"])
+        candidates = inherited[index : index + 1]
+        which = f"with index {index}"
+    else:
+        candidates = [entry for entry in inherited if entry[0] == kwargs["name"]]
+        which = f"named {kwargs['name']!r}"
+    for _, descriptor in candidates:
+        if _socket_kind(descriptor) == wanted:
+            os.set_blocking(descriptor, False)
+            return descriptor, wanted[0]
+    passed = ", ".join(
+        f"{name} ({_kind_name(_socket_kind(descriptor))})" for name, descriptor in inherited
+    )
+    raise ValueError(
+        f"systemd passed no {_kind_name(wanted)} socket {which} (passed: {passed or 'none'})"
+    )
+
+
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class _InheritedStreamEndpoint:
+    """
+    Listens on a dup of a socket systemd passed, leaving systemd's descriptor open.
+
+    Twisted's C{systemd:} endpoint closes the inherited descriptor once adopted,
+    so a service restarted by a reload could not adopt it again.
+    """
+
+    reactor: Any
+    descriptor: int
+    family: int
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        try:
+            port: IListeningPort = self.reactor.adoptStreamPort(
+                self.descriptor, self.family, factory
+            )
+        except Exception:
+            return fail()
+        return succeed(port)
+
+
+def listen_datagram(
+    reactor: Any,
+    description: str,
+    protocol: DatagramProtocol,
+    inherited: Sequence[tuple[str, int]] | None = None,
+) -> IListeningPort:
+    """
+    Listen for datagrams as C{description} says: C{udp:PORT[:interface=ADDR]}
+    binds, C{systemd-udp:domain=INET:name=NAME} adopts a socket systemd passed
+    (a dup of it: systemd's descriptor stays open for the next adoption).
+
+    @param inherited: as for L{inherited_socket}.
+    """
+    # UDP has no endpoint API in Twisted (#4471): this is its one place.
+    port: IListeningPort
+    if _split(description)[0] == "udp":
+        number, interface = parse_udp(description)
+        port = reactor.listenUDP(number, protocol, interface=interface)
+    else:
+        descriptor, family = inherited_socket(description, inherited)
+        port = reactor.adoptDatagramPort(descriptor, family, protocol)
+    return port
 
 
 def is_loopback(description: str) -> bool:
@@ -180,14 +329,12 @@ def server_endpoint(
     tls: IOpenSSLServerConnectionCreator | None = None,
 ) -> IStreamServerEndpoint:
     """The stream endpoint for C{description}, wrapped in C{tls} when a profile applies."""
-    if tls is None:
-        endpoint: IStreamServerEndpoint = serverFromString(
-            reactor, normalize(description, base_dir)
-        )
-        return endpoint
     prefix, args, kwargs = _split(description)
-    if prefix == "ssl":
+    inner: IStreamServerEndpoint
+    if prefix == "systemd":
+        inner = _InheritedStreamEndpoint(reactor, *inherited_socket(description))
+    elif prefix == "ssl" and tls is not None:
         inner = _plain_tcp(reactor, args, kwargs)
     else:
         inner = serverFromString(reactor, normalize(description, base_dir))
-    return wrapServerTLS(tls, inner, reactor)
+    return inner if tls is None else wrapServerTLS(tls, inner, reactor)

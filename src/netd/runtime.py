@@ -124,12 +124,8 @@ class RunningService(ListenerGroup, Service):
     def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
         if listener.datagram:
             assert self.handlers.datagram is not None
-            port, interface = endpoints.parse_udp(listener.endpoint)
-            # UDP has no endpoint API in Twisted (#4471): this is its one place.
-            udp_port = self.reactor.listenUDP(
-                port, self.handlers.datagram(listener), interface=interface
-            )
-            return succeed(udp_port)
+            protocol = self.handlers.datagram(listener)
+            return succeed(endpoints.listen_datagram(self.reactor, listener.endpoint, protocol))
         assert self.handlers.stream is not None
         creator = self.tls_creators[listener.tls_profile] if listener.tls_profile else None
         endpoint = endpoints.server_endpoint(

@@ -7,6 +7,8 @@ service map, then hands back the service tree for twistd to start.
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
 
-from netd import logs
+from netd import logs, systemd
 from netd.config import ConfigErrors, load_config
 from netd.runtime import Daemon, StartupError
 
@@ -54,6 +56,26 @@ class _Root(MultiService):
         except StartupError as e:
             logs.fatal(str(e))
             raise SystemExit(1) from None
+        self._hand_over_state()
+
+    def _hand_over_state(self) -> None:
+        """
+        Give state_dir to the user twistd is about to become (--uid/--gid).
+
+        Certificates and spools are made as root during start-up; without this
+        the daemon could not read or renew them after the drop (on reload, say).
+        """
+        options = self.twistd_options or {}
+        uid, gid = options.get("uid"), options.get("gid")
+        if os.getuid() != 0 or uid is None:
+            return
+        if gid is None:
+            gid = pwd.getpwuid(uid).pw_gid
+        state_dir = self.daemon.config.state_dir
+        for directory, _, files in os.walk(state_dir):
+            os.chown(directory, uid, gid)
+            for name in files:
+                os.chown(os.path.join(directory, name), uid, gid)
 
     def startService(self) -> None:
         super().startService()
@@ -82,4 +104,5 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1) from None
     ports_file = Path(options["ports-file"]).absolute() if options["ports-file"] else None
     daemon = Daemon(config, reactor, ports_file=ports_file)
+    daemon.observers.append(systemd.Notifier.from_environment(os.environ, reactor))
     return _Root(daemon, reactor, getattr(options, "parent", None))
