@@ -18,8 +18,8 @@ run: install
 	$(VENV)/bin/twistd --nodaemon --pidfile= netd -c $(CONFIG)
 
 lint: install
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests $(wildcard bench)
+	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
 	$(VENV)/bin/mypy
 
 test: lint
