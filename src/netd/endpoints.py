@@ -32,7 +32,6 @@ from twisted.internet.interfaces import (
     IStreamServerEndpoint,
 )
 from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.testing import MemoryReactor
 from zope.interface import implementer
 
 __all__ = [
@@ -120,6 +119,11 @@ def parse_udp(description: str) -> tuple[int, str]:
     return port, interface
 
 
+# Endpoint constructors only keep their reactor; checking a description builds
+# one and never listens, so no reactor (real or fake) is needed.
+_NO_REACTOR = object()
+
+
 def check(description: str, base_dir: Path) -> str | None:
     """Validate C{description} offline; return what is wrong, or L{None}."""
     try:
@@ -132,9 +136,9 @@ def check(description: str, base_dir: Path) -> str | None:
         elif prefix in _SYSTEMD_TYPES:
             _check_systemd(prefix, args, kwargs)
         elif wants_profile(description):
-            _plain_tcp(MemoryReactor(), args, kwargs)
+            _plain_tcp(_NO_REACTOR, args, kwargs)
         else:
-            serverFromString(MemoryReactor(), normalize(description, base_dir))
+            serverFromString(_NO_REACTOR, normalize(description, base_dir))
     except (ValueError, TypeError, KeyError, OSError, ImportError) as e:
         reason = str(e) or type(e).__name__
         if isinstance(e, TypeError):

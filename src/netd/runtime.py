@@ -8,7 +8,7 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 from twisted.application.service import MultiService, Service
@@ -24,8 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netd import endpoints, tls
-from netd.admin import AdminServer
 from netd.config import (
+    AdminConfig,
     ConfigErrors,
     ListenerConfig,
     NetdConfig,
@@ -38,6 +38,9 @@ from netd.events import Event, Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.listeners import ListenerGroup, StartupError, os_message
 from netd.services import load_kind
+
+if TYPE_CHECKING:
+    from netd.admin import AdminServer
 
 __all__ = ["Daemon", "LifecycleObserver", "RunningService", "StartupError", "build_tls"]
 
@@ -253,7 +256,7 @@ class Daemon(MultiService):
                 running.setServiceParent(self)
                 self.services_by_name[service_config.name] = running
         if self.config.admin is not None:
-            self.admin = AdminServer(self, self.config.admin, creators)
+            self.admin = _admin_server(self, self.config.admin, creators)
 
     def _bindables(self) -> list[RunningService | AdminServer]:
         admin: list[RunningService | AdminServer] = [self.admin] if self.admin else []
@@ -393,7 +396,9 @@ class Daemon(MultiService):
             except Exception as e:
                 return ReloadResult(errors=(f"services.{name}: cannot build: {e}",))
         admin_changed = new.admin != self.config.admin or bool(changed_profiles)
-        new_admin = AdminServer(self, new.admin, creators) if new.admin and admin_changed else None
+        new_admin = (
+            _admin_server(self, new.admin, creators) if new.admin and admin_changed else None
+        )
 
         retiring: list[ListenerGroup] = [
             *(old[n] for n in to_build if n in old),
@@ -463,6 +468,15 @@ class Daemon(MultiService):
         if self.ports_file is not None:
             self.ports_file.unlink(missing_ok=True)
         log.info("netd stopped")
+
+
+def _admin_server(
+    daemon: Daemon, config: AdminConfig, creators: Mapping[str, IOpenSSLServerConnectionCreator]
+) -> AdminServer:
+    # twisted.web and prometheus-client cost ~6 MiB: only maps with an admin API pay.
+    from netd.admin import AdminServer
+
+    return AdminServer(daemon, config, creators)
 
 
 def _log_event(event: Event) -> None:
