@@ -289,7 +289,9 @@ class Daemon(MultiService):
     def startService(self) -> None:
         super().startService()
         if all(s.listeners or not s.config.listen for s in self.services_by_name.values()):
-            self._announce_ready()
+            # Ready means serving: the reactor must run (and its signal handlers
+            # be ours) before a watcher of the ports file sends us anything.
+            self.reactor.callWhenRunning(self._announce_ready)
 
     def _announce_ready(self) -> None:
         if self.ready:

@@ -78,8 +78,9 @@ class _Root(MultiService):
                 os.chown(os.path.join(directory, name), uid, gid)
 
     def startService(self) -> None:
-        super().startService()
+        # First in line, before the daemon announces readiness on the same hook.
         self.reactor.callWhenRunning(self._take_signals)
+        super().startService()
 
     def _take_signals(self) -> None:
         # twistd re-raises SIGTERM on itself after shutdown, so the exit status

@@ -131,6 +131,7 @@ MAP = """\
 
 
 def started(tmp_path: Path, reactor: ListeningReactor) -> Daemon:
+    reactor.running = True  # so callWhenRunning runs its hooks at once
     daemon = Daemon(load(tmp_path, MAP), reactor, ports_file=tmp_path / "ports.json")
     daemon.privilegedStartService()
     daemon.startService()
@@ -155,6 +156,10 @@ def test_binds_every_listener_and_writes_the_ports_file(tmp_path: Path) -> None:
     assert not (tmp_path / "ports.json").exists()  # bound, but not yet ready
 
     daemon.startService()
+    assert not daemon.ready  # serving starts with the reactor
+    reactor.running = True
+    for hook, args, kwargs in reactor.whenRunningHooks:
+        hook(*args, **kwargs)
     assert daemon.ready
     assert json.loads((tmp_path / "ports.json").read_text()) == {
         "pid": os.getpid(),
