@@ -342,6 +342,7 @@ def _on_port_zero(config: Path, tmp_path: Path) -> str:
 
     text = config.read_text()
     text = re.sub(r"(tcp|udp|ssl):\d+", r"\1:0", text)
+    text = text.replace("root: www", f"root: {config.parent / 'www'}")
     return text.replace("state_dir: ../state", f"state_dir: {tmp_path / 'state'}")
 
 

@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "chargen": "netd.services.simple:CHARGEN",
     "daytime": "netd.services.simple:DAYTIME",
     "qotd": "netd.services.simple:QOTD",
+    "http": "netd.services.http:HTTP",
 }
 
 

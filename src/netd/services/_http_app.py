@@ -1,0 +1,693 @@
+"""
+What an HTTP request gets, whatever carried it: routes, static files, records, logs.
+
+The wire (L{netd.services._http_wire}: HTTP/1.1 on our own parser, HTTP/2 through
+twisted.web) turns each request into an L{Exchange}; L{App.handle} answers it through
+the exchange's small response interface, so every rule here holds on both.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import functools
+import html
+import mimetypes
+import os
+import stat
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
+
+import attrs
+from twisted.internet.interfaces import IPullProducer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from netd.events import ServiceStats
+
+__all__ = ["App", "BodyStream", "Exchange", "Route", "StaticOptions"]
+
+Headers = list[tuple[bytes, bytes]]
+
+# One read of a file no bigger than this is cheaper than a producer.
+_SMALL_FILE = 64 * 1024
+_CHUNK = 256 * 1024
+# More ranges than this in one request is a resource attack (CVE-2011-3192), not a client.
+_MAX_RANGES = 16
+_ALLOW = b"GET, HEAD"
+_REAL_PATHS = 4096
+
+_REASONS: dict[int, bytes] = {
+    100: b"Continue",
+    200: b"OK",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    303: b"See Other",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    411: b"Length Required",
+    413: b"Content Too Large",
+    414: b"URI Too Long",
+    416: b"Range Not Satisfiable",
+    417: b"Expectation Failed",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+    505: b"HTTP Version Not Supported",
+}
+
+
+def reason(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+@attrs.frozen
+class Route:
+    """One entry of C{routes}: a canned answer, a redirect or a reverse proxy."""
+
+    path: str
+    prefix: bool
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    body: bytes | None = None
+    body_file: str | None = None
+    redirect: str | None = None
+    proxy: str | None = None
+    timeout: float = 30.0
+
+    def matches(self, path: str) -> bool:
+        return path.startswith(self.path) if self.prefix else path == self.path
+
+
+@attrs.frozen
+class StaticOptions:
+    root: str | None
+    listing: bool
+
+
+class BodyStream:
+    """
+    A request body on its way in: buffered until a consumer takes it, then passed on.
+
+    The wire calls L{feed} and L{end}; a consumer (the proxy) calls L{take}.  When
+    nobody takes it, the body is dropped as it arrives, apart from what the record keeps.
+    """
+
+    def __init__(self, expected: int | None, keep: int) -> None:
+        self.expected = expected
+        self.keep = keep
+        self.kept = bytearray()
+        self.size = 0
+        self.ended = False
+        self._pending: list[bytes] | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._done: Callable[[], None] | None = None
+        self.pause: Callable[[], None] = _nothing
+        self.resume: Callable[[], None] = _nothing
+
+    def want(self) -> None:
+        """Someone will L{take} this body: keep what arrives until then."""
+        if self._pending is None:
+            self._pending = []
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        room = self.keep - len(self.kept)
+        if room > 0:
+            self.kept += data[:room]
+        if self._sink is not None:
+            self._sink(data)
+        elif self._pending is not None:
+            self._pending.append(data)
+
+    def end(self) -> None:
+        self.ended = True
+        if self._done is not None:
+            self._done()
+
+    def take(self, sink: Callable[[bytes], None], done: Callable[[], None]) -> None:
+        for chunk in self._pending or ():
+            sink(chunk)
+        self._pending = None
+        self._sink, self._done = sink, done
+        if self.ended:
+            done()
+
+
+def _nothing() -> None:
+    pass
+
+
+class Exchange:
+    """
+    One request and its response, as the wire sees it.
+
+    Subclasses provide the response methods; the request fields are filled by the wire.
+    """
+
+    method: str
+    target: str
+    version: str
+    headers: Headers
+    client: str
+    scheme: str
+    body: BodyStream
+    status: int = 0
+    sent: int = 0
+    started: float = 0.0
+    # Set by the proxy while it waits on the upstream; the wire calls it if the client goes.
+    proxy_cancel: Callable[[], None] | None = None
+
+    _by_name: dict[bytes, bytes] | None = None
+
+    def header(self, name: bytes) -> bytes | None:
+        """The value of header C{name} (lower case); repeated headers joined by commas."""
+        by_name = self._by_name
+        if by_name is None:
+            by_name = self._by_name = {}
+            for key, value in self.headers:
+                key = key.lower()
+                by_name[key] = by_name[key] + b", " + value if key in by_name else value
+        return by_name.get(name)
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        """The whole response at once; the wire drops the body for HEAD and 304."""
+        raise NotImplementedError
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        """Send the status and headers of a response whose body follows in L{write}s."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        """Cut the connection: a response already started cannot become an error."""
+        raise NotImplementedError
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        raise NotImplementedError
+
+    def unregister_producer(self) -> None:
+        raise NotImplementedError
+
+    def send_file(self, file: IO[bytes], offset: int, count: int) -> bool:
+        """
+        Send C{count} bytes of C{file} from C{offset} with C{sendfile(2)}, then finish.
+
+        Returns C{False} when this wire cannot (TLS, HTTP/2): the caller streams instead.
+        """
+        return False
+
+
+@implementer(IPullProducer)
+class FileProducer:
+    """Streams byte ranges of an open file to an exchange as fast as it reads them."""
+
+    def __init__(
+        self, exchange: Exchange, file: IO[bytes], parts: list[tuple[bytes, int, int]], tail: bytes
+    ) -> None:
+        self.exchange = exchange
+        self.file = file
+        self.parts = deque(parts)
+        self.tail = tail
+        self.remaining = 0
+
+    def start(self) -> None:
+        self.exchange.register_producer(self, False)
+
+    def resumeProducing(self) -> None:
+        if self.remaining == 0:
+            if not self.parts:
+                self._done()
+                return
+            preamble, offset, count = self.parts.popleft()
+            if preamble:
+                self.exchange.write(preamble)
+            self.file.seek(offset)
+            self.remaining = count
+        data = self.file.read(min(_CHUNK, self.remaining))
+        if not data:  # the file shrank under us: the length we promised is a lie now
+            self.file.close()
+            self.exchange.unregister_producer()
+            self.exchange.abort()
+            return
+        self.remaining -= len(data)
+        self.exchange.write(data)
+
+    def _done(self) -> None:
+        self.file.close()
+        self.exchange.unregister_producer()
+        if self.tail:
+            self.exchange.write(self.tail)
+        self.exchange.finish()
+
+    def stopProducing(self) -> None:
+        self.file.close()
+
+
+class _DateCache:
+    """HTTP and log dates change once a second; formatting them per request is waste."""
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._second = -1
+        self.http = b""
+        self.log = ""
+
+    def refresh(self) -> None:
+        now = int(self.clock.seconds())
+        if now != self._second:
+            self._second = now
+            self.http = email.utils.formatdate(now, usegmt=True).encode()
+            self.log = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+
+
+@functools.lru_cache(maxsize=1024)
+def http_date(seconds: int) -> bytes:
+    """Last-Modified of a file: the same few values over and over."""
+    return email.utils.formatdate(seconds, usegmt=True).encode()
+
+
+def parse_http_date(value: bytes) -> float | None:
+    try:
+        parsed = email.utils.parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return parsed.timestamp()
+
+
+class _NotFound(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+class App:
+    """One service's answers: routes first, then the static root."""
+
+    def __init__(
+        self,
+        clock: Any,
+        routes: tuple[Route, ...],
+        static: StaticOptions,
+        record: int,
+        record_body: int,
+        access_log: bool,
+        log: Logger,
+        stats: ServiceStats,
+        emit: Callable[..., None],
+        proxy: Callable[[Exchange, Route, str], None] | None,
+    ) -> None:
+        self.clock = clock
+        self.routes = routes
+        self.static = static
+        self.root = os.path.realpath(static.root) if static.root else None
+        self.records: deque[dict[str, Any]] = deque(maxlen=max(record, 1))
+        self.record_size = record
+        self.record_body = record_body if record else 0
+        self.access_log = access_log
+        self.log = log
+        self.stats = stats
+        self.emit = emit
+        self.proxy = proxy
+        self.dates = _DateCache(clock)
+        # realpath() walks every component with lstat(); its answer is kept a second.
+        self._real_paths: dict[str, tuple[str, float]] = {}
+        self.types = mimetypes.MimeTypes()
+        self.bodies = {r.body_file: _read(r.body_file) for r in routes if r.body_file}
+
+    # -- the admin view ------------------------------------------------------------
+
+    def list_requests(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        return list(self.records)
+
+    def clear_requests(self) -> dict[str, int]:
+        cleared = len(self.records)
+        self.records.clear()
+        return {"cleared": cleared}
+
+    # -- answering -----------------------------------------------------------------
+
+    def handle(self, exchange: Exchange) -> None:
+        self.dates.refresh()
+        exchange.started = self.clock.seconds()
+        path = _path_of(exchange.target)
+        if path is None:
+            self.error(exchange, 400)
+            return
+        for route in self.routes:
+            if route.matches(path):
+                self._route(exchange, route, path)
+                return
+        if self.root is None:
+            self.error(exchange, 404)
+            return
+        if exchange.method not in ("GET", "HEAD"):
+            self.error(exchange, 405, [(b"Allow", _ALLOW)])
+            return
+        try:
+            self._static(exchange, path)
+        except _NotFound as e:
+            self.error(exchange, e.status)
+
+    def error(self, exchange: Exchange, status: int, headers: Headers | None = None) -> None:
+        body = b"%d %s\n" % (status, reason(status))
+        exchange.respond(
+            status,
+            [*(headers or ()), (b"Content-Type", b"text/plain; charset=utf-8")],
+            body,
+        )
+
+    def _route(self, exchange: Exchange, route: Route, path: str) -> None:
+        if route.proxy is not None and self.proxy is not None:
+            self.proxy(exchange, route, path[len(route.path) :] if route.prefix else "")
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in route.headers]
+        if route.redirect is not None:
+            location = route.redirect
+            if route.prefix:
+                location += path[len(route.path) :]
+            query = exchange.target.partition("?")[2]
+            if query:
+                location += "?" + query
+            headers.append((b"Location", location.encode("latin-1", "replace")))
+            self.error(exchange, route.status, headers)
+            return
+        body = self.bodies[route.body_file] if route.body_file else route.body or b""
+        if not any(k.lower() == "content-type" for k, _ in route.headers):
+            headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+        exchange.respond(route.status, headers, body)
+
+    def _static(self, exchange: Exchange, path: str) -> None:
+        assert self.root is not None
+        full = self._resolve(path)
+        info = os.stat(full)
+        if stat.S_ISDIR(info.st_mode):
+            if not path.endswith("/"):
+                location = urllib.parse.quote(path + "/", safe="/")
+                self.error(exchange, 301, [(b"Location", location.encode())])
+                return
+            index = os.path.join(full, "index.html")
+            if os.path.isfile(index):
+                full, info = index, os.stat(index)
+            elif self.static.listing:
+                self._listing(exchange, path, full)
+                return
+            else:
+                raise _NotFound(403)
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotFound(404)
+        self._file(exchange, full, info)
+
+    def _resolve(self, path: str) -> str:
+        """The file behind C{path}, never outside the root."""
+        assert self.root is not None
+        raw = urllib.parse.unquote_to_bytes(path)
+        segments = raw.split(b"/")
+        for segment in segments:
+            # Decoded dots, backslashes (Windows separators on a share) and NULs
+            # are how paths leave a root; none belongs in a name served here.
+            if segment in (b".", b"..") or b"\\" in segment or b"\x00" in segment:
+                raise _NotFound(404)
+        try:
+            relative = os.fsdecode(b"/".join(s for s in segments if s))
+        except UnicodeDecodeError:
+            raise _NotFound(404) from None
+        cached = self._real_paths.get(relative)
+        now = self.clock.seconds()
+        if cached is None or cached[1] < now:
+            if len(self._real_paths) >= _REAL_PATHS:
+                self._real_paths.clear()
+            cached = os.path.realpath(os.path.join(self.root, relative)), now + 1.0
+            self._real_paths[relative] = cached
+        real = cached[0]
+        if real != self.root and not real.startswith(self.root + os.sep):
+            raise _NotFound(403)
+        if not os.path.exists(real):
+            raise _NotFound(404)
+        return real
+
+    def _listing(self, exchange: Exchange, path: str, directory: str) -> None:
+        title = html.escape(urllib.parse.unquote(path))
+        rows = []
+        for name in sorted(os.listdir(directory)):
+            suffix = "/" if os.path.isdir(os.path.join(directory, name)) else ""
+            href = urllib.parse.quote(name) + suffix
+            rows.append(f'<li><a href="{href}">{html.escape(name)}{suffix}</a></li>')
+        page = (
+            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Index of {title}</title>"
+            f"</head>\n<body><h1>Index of {title}</h1>\n<ul>\n" + "\n".join(rows) + "\n</ul>\n"
+            "</body></html>\n"
+        )
+        exchange.respond(200, [(b"Content-Type", b"text/html; charset=utf-8")], page.encode())
+
+    def content_type(self, full: str) -> bytes:
+        kind, encoding = self.types.guess_type(full, strict=False)
+        if kind is None or encoding is not None:
+            return b"application/octet-stream"
+        if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
+            return f"{kind}; charset=utf-8".encode()
+        return kind.encode()
+
+    def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
+        size = info.st_size
+        etag = b'"%x-%x-%x"' % (info.st_ino, size, info.st_mtime_ns)
+        modified = int(info.st_mtime)
+        headers: Headers = [
+            (b"ETag", etag),
+            (b"Last-Modified", http_date(modified)),
+            (b"Accept-Ranges", b"bytes"),
+        ]
+        if _not_modified(exchange, etag, modified):
+            exchange.respond(304, headers, b"")
+            return
+        kind = self.content_type(full)
+        ranges = _ranges(exchange, etag, modified, size)
+        if ranges == []:
+            headers.append((b"Content-Range", b"bytes */%d" % size))
+            self.error(exchange, 416, headers)
+            return
+        if ranges is None:
+            parts = [(b"", 0, size)]
+            status, length, tail = 200, size, b""
+            headers.append((b"Content-Type", kind))
+        elif len(ranges) == 1:
+            start, end = ranges[0]
+            parts = [(b"", start, end - start + 1)]
+            status, length, tail = 206, end - start + 1, b""
+            headers.append((b"Content-Type", kind))
+            headers.append((b"Content-Range", b"bytes %d-%d/%d" % (start, end, size)))
+        else:
+            boundary = base64.b32encode(os.urandom(10)).decode().encode()
+            parts = []
+            for number, (start, end) in enumerate(ranges):
+                preamble = (
+                    b"%s--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
+                    % (
+                        b"\r\n" if number else b"",
+                        boundary,
+                        kind,
+                        start,
+                        end,
+                        size,
+                    )
+                )
+                parts.append((preamble, start, end - start + 1))
+            tail = b"\r\n--%s--\r\n" % boundary
+            status = 206
+            length = sum(len(p) + n for p, _, n in parts) + len(tail)
+            headers.append((b"Content-Type", b"multipart/byteranges; boundary=" + boundary))
+        if exchange.method == "HEAD":
+            headers.append((b"Content-Length", b"%d" % length))
+            exchange.respond(status, headers, b"")
+            return
+        if length <= _SMALL_FILE:
+            # os.pread skips the io layers of open(): a third of a small response's cost.
+            try:
+                descriptor = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                raise _NotFound(403) from None
+            try:
+                body = b"".join(
+                    preamble + os.pread(descriptor, count, offset)
+                    for preamble, offset, count in parts
+                )
+            finally:
+                os.close(descriptor)
+            exchange.respond(status, headers, body + tail)
+            return
+        try:
+            file = open(full, "rb")  # noqa: SIM115 - the producer closes it
+        except OSError:
+            raise _NotFound(403) from None
+        exchange.start(status, headers, length)
+        if len(parts) == 1 and exchange.send_file(file, parts[0][1], parts[0][2]):
+            return
+        FileProducer(exchange, file, parts, tail).start()
+
+    # -- after the response ----------------------------------------------------------
+
+    def completed(self, exchange: Exchange) -> None:
+        """Count, journal, log and record one finished exchange."""
+        stats = self.stats
+        stats.count("requests")
+        if exchange.status >= 500:
+            stats.errors += 1
+        target = exchange.target
+        self.emit(
+            "http.request",
+            method=exchange.method,
+            path=target,
+            status=exchange.status,
+            client=exchange.client,
+        )
+        if self.access_log:
+            self.dates.refresh()
+            referer = exchange.header(b"referer")
+            agent = exchange.header(b"user-agent")
+            line = '{} - - [{}] "{} {} {}" {} {} "{}" "{}"'.format(
+                exchange.client,
+                self.dates.log,
+                exchange.method,
+                target,
+                exchange.version,
+                exchange.status,
+                exchange.sent or "-",
+                _log_text(referer),
+                _log_text(agent),
+            )
+            self.log.info(
+                "{access}",
+                access=line,
+                client=exchange.client,
+                method=exchange.method,
+                path=target,
+                protocol=exchange.version,
+                status=exchange.status,
+                size=exchange.sent,
+                referer=_log_text(referer),
+                user_agent=_log_text(agent),
+            )
+        if self.record_size:
+            body = bytes(exchange.body.kept)
+            self.records.append(
+                {
+                    "time": exchange.started,
+                    "client": exchange.client,
+                    "method": exchange.method,
+                    "path": target,
+                    "protocol": exchange.version,
+                    "headers": [
+                        [n.decode("latin-1"), v.decode("latin-1")] for n, v in exchange.headers
+                    ],
+                    "body": body.decode("utf-8", "replace"),
+                    "body_size": exchange.body.size,
+                    "body_truncated": exchange.body.size > len(body),
+                    "status": exchange.status,
+                }
+            )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
+
+
+def _log_text(value: bytes | None) -> str:
+    if value is None:
+        return "-"
+    return value.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _path_of(target: str) -> str | None:
+    """The path of a request target (origin or absolute form), or None if it has none."""
+    if target.startswith("/"):
+        return target.partition("?")[0]
+    if target.startswith(("http://", "https://")):
+        path = urllib.parse.urlsplit(target).path
+        return path or "/"
+    return None
+
+
+def _etags(value: bytes) -> Iterator[bytes]:
+    for tag in value.split(b","):
+        tag = tag.strip()
+        yield tag[2:] if tag.startswith(b"W/") else tag
+
+
+def _not_modified(exchange: Exchange, etag: bytes, modified: int) -> bool:
+    """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
+    if exchange.method not in ("GET", "HEAD"):
+        return False
+    none_match = exchange.header(b"if-none-match")
+    if none_match is not None:
+        return none_match.strip() == b"*" or etag in _etags(none_match)
+    since = exchange.header(b"if-modified-since")
+    if since is not None:
+        when = parse_http_date(since)
+        return when is not None and modified <= when
+    return False
+
+
+def _ranges(
+    exchange: Exchange, etag: bytes, modified: int, size: int
+) -> list[tuple[int, int]] | None:
+    """
+    The satisfiable byte ranges asked for: None for the whole file, [] for 416.
+
+    A Range header that does not parse is ignored (RFC 9110 14.2), as is one whose
+    If-Range no longer matches the file.
+    """
+    value = exchange.header(b"range")
+    if value is None or exchange.method != "GET":
+        return None
+    condition = exchange.header(b"if-range")
+    if condition is not None:
+        if condition.startswith(b'"'):
+            if condition.strip() != etag:
+                return None
+        elif parse_http_date(condition) != modified:
+            return None
+    unit, _, specs = value.partition(b"=")
+    if unit.strip().lower() != b"bytes" or not specs:
+        return None
+    ranges: list[tuple[int, int]] = []
+    items = specs.split(b",")
+    if len(items) > _MAX_RANGES:
+        return None
+    for item in items:
+        first, dash, last = item.strip().partition(b"-")
+        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b""):
+            return None
+        if first == b"":
+            if last == b"":
+                return None
+            length = int(last)
+            if length == 0:
+                continue
+            ranges.append((max(size - length, 0), size - 1))
+        else:
+            start = int(first)
+            if last and int(last) < start:
+                return None
+            if start >= size:
+                continue
+            ranges.append((start, min(int(last), size - 1) if last else size - 1))
+    return ranges

@@ -1,0 +1,707 @@
+"""
+HTTP on the wire: HTTP/1.1 on llhttp (through httptools), HTTP/2 through twisted.web.
+
+twisted.web's request machinery costs more per request than everything netd does
+with a request put together, so HTTP/1.1 has its own lean connection: llhttp parses
+(strict: it refuses conflicting Content-Length/Transfer-Encoding, duplicate
+Content-Length, obsolete line folding and bare CR or LF), this module enforces the
+limits and timeouts, and L{App} answers.  A TLS connection that negotiates C{h2}
+is handed to twisted.web's L{H2Connection} and its requests reach the same L{App}.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import IO, Any
+
+import attrs
+import httptools
+from twisted.internet import tcp
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IPullProducer
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web._http2 import H2Connection
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from netd.services._http_app import App, BodyStream, Exchange, Headers, reason
+
+__all__ = ["HTTPConnection", "HTTPFactory", "Limits", "busy_reply", "factory_for"]
+
+_HOP_BY_HOP_FRAMING = (b"content-length", b"transfer-encoding", b"connection")
+_SENDFILE_CHUNK = 4 << 20
+_KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
+_CLOSE = b"Connection: close\r\n\r\n"
+
+
+@attrs.frozen
+class Limits:
+    """What one client may send, and how slowly (seconds)."""
+
+    max_request_line: int = 8192
+    max_header_bytes: int = 16384
+    max_headers: int = 100
+    max_body: int = 10 << 20
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    keepalive_timeout: float = 15.0
+    keepalive_requests: int = 1000
+
+
+def busy_reply() -> bytes:
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Length: 20\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+        b"503 Service Busy...\n"
+    )
+
+
+class _Reject(Exception):
+    """Raised inside parser callbacks: answer C{status} (none if 0) and close."""
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def _peer(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    return str(host) if host is not None else "unix"
+
+
+class LineExchange(Exchange):
+    """An exchange on an HTTP/1.x connection."""
+
+    def __init__(self, connection: HTTPConnection, keep_alive: bool) -> None:
+        self.connection = connection
+        self.keep_alive = keep_alive
+        self.chunked = False
+        self.done = False
+        self.expect_continue = False
+
+    def _head(self, status: int, headers: Headers, length: int | None) -> bytes:
+        self.status = status
+        connection = self.connection
+        if not connection.keep_alive_after(self):
+            self.keep_alive = False
+        lines = [
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: netd\r\n"
+            % (status, reason(status), connection.app.dates.http)
+        ]
+        lines.extend(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in headers
+            if name.lower() not in _HOP_BY_HOP_FRAMING
+        )
+        bodiless = status in (204, 304) or status < 200
+        if length is not None:
+            if not bodiless:
+                lines.append(b"Content-Length: %d\r\n" % length)
+        elif not bodiless and self.version == "HTTP/1.1":
+            self.chunked = True
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        elif not bodiless:
+            self.keep_alive = False  # HTTP/1.0: the end of the body is the end of the connection
+        lines.append(_KEEP_ALIVE if self.keep_alive else _CLOSE)
+        return b"".join(lines)
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        length = len(body)
+        for name, value in headers:
+            if name.lower() == b"content-length" and self.method == "HEAD":
+                length = int(value)
+        head = self._head(status, headers, length)
+        if self.method == "HEAD" or status in (204, 304):
+            self.connection.send_now(head)
+        else:
+            self.sent = len(body)
+            self.connection.send_now(head + body)
+        self.finish()
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        self.connection.transport.write(self._head(status, headers, length))
+
+    def write(self, data: bytes) -> None:
+        if not data or self.done or self.method == "HEAD":
+            return
+        self.sent += len(data)
+        if self.chunked:
+            self.connection.transport.writeSequence([b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self.connection.transport.write(data)
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.chunked and self.method != "HEAD":
+            self.connection.transport.write(b"0\r\n\r\n")
+        self.connection.finished(self)
+
+    def abort(self) -> None:
+        self.done = True
+        self.connection.transport.abortConnection()
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self.connection.transport.registerProducer(producer, streaming)
+
+    def unregister_producer(self) -> None:
+        self.connection.transport.unregisterProducer()
+
+    def send_file(self, file: IO[bytes], offset: int, count: int) -> bool:
+        tracked = self.connection.transport
+        raw = getattr(tracked, "transport", None)
+        if not isinstance(raw, tcp.Connection) or self.chunked or self.method == "HEAD":
+            return False
+        _SendFile(self, raw, tracked, file, offset, count).start()
+        return True
+
+
+@implementer(IPullProducer)
+class _SendFile:
+    """
+    C{sendfile(2)} as a pull producer of a plain TCP transport.
+
+    The transport asks for more when its own buffer is empty (so the response
+    head has gone out first); we send straight from the file to the socket, then
+    ask the transport to tell us when the socket is writable again.
+    """
+
+    def __init__(
+        self,
+        exchange: LineExchange,
+        raw: tcp.Connection,
+        tracked: Any,
+        file: IO[bytes],
+        offset: int,
+        count: int,
+    ) -> None:
+        self.exchange = exchange
+        self.raw = raw
+        self.tracked = tracked
+        self.file = file
+        self.offset = offset
+        self.remaining = count
+        self.primed = False
+
+    def start(self) -> None:
+        self.exchange.register_producer(self, False)
+
+    def resumeProducing(self) -> None:
+        if not self.primed:
+            # Called at once by registerProducer, maybe with the head still buffered.
+            self.primed = True
+            self.raw.startWriting()
+            return
+        try:
+            sent = os.sendfile(
+                self.raw.fileno(),
+                self.file.fileno(),
+                self.offset,
+                min(self.remaining, _SENDFILE_CHUNK),
+            )
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.file.close()
+            self.exchange.unregister_producer()
+            self.exchange.abort()
+            return
+        if sent == 0 and self.remaining and self.offset >= os.fstat(self.file.fileno()).st_size:
+            self.file.close()  # truncated under us: the promised length cannot be met
+            self.exchange.unregister_producer()
+            self.exchange.abort()
+            return
+        self.offset += sent
+        self.remaining -= sent
+        self.exchange.sent += sent
+        if hasattr(self.tracked, "bytes_out"):
+            # Bytes that bypass the wrapper still count, or the idle sweep
+            # would take a long download for a dead connection.
+            self.tracked.bytes_out += sent
+        if self.remaining:
+            self.raw.startWriting()
+            return
+        self.file.close()
+        self.exchange.unregister_producer()
+        self.exchange.finish()
+
+    def stopProducing(self) -> None:
+        self.file.close()
+
+
+class HTTPConnection(Protocol):
+    """One client connection: HTTP/1.1 requests in order, or HTTP/2 once ALPN says so."""
+
+    transport: Any
+
+    def __init__(self, factory: HTTPFactory) -> None:
+        self.factory = factory
+        self.app = factory.app
+        self.limits = factory.limits
+        self.clock = factory.app.clock
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue: deque[LineExchange] = deque()
+        self.current: LineExchange | None = None
+        self.receiving: LineExchange | None = None
+        self.served = 0
+        self.in_head = False
+        self.head_fed = 0
+        self.head_size = 0
+        self.url = b""
+        self.fields: Headers = []
+        self.closing = False
+        self.paused = False
+        self.deadline: float | None = None
+        self.timer: Any = None
+        self.h2: H2Connection | None = None
+        self.raw: tcp.Connection | None = None
+        self.first = True
+        self.client = ""
+        self.scheme = factory.scheme
+
+    # -- the connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.client = _peer(self.transport.getPeer())
+        # Plain TCP under the core's byte-counting wrapper: direct sends may skip
+        # Twisted's buffer (and must count their bytes themselves).
+        inner = getattr(self.transport, "transport", None)
+        if isinstance(inner, tcp.Connection) and hasattr(self.transport, "bytes_out"):
+            self.raw = inner
+        self.arm(self.limits.header_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.first:
+            self.first = False
+            if (
+                self.factory.h2_site is not None
+                and getattr(self.transport, "negotiatedProtocol", None) == b"h2"
+            ):
+                self.switch_to_h2()
+        if self.h2 is not None:
+            self.h2.dataReceived(data)
+            return
+        if self.closing:
+            return
+        if self.in_head or self.receiving is None:
+            self.head_fed += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We speak no upgraded protocol; what follows the request is not HTTP/1.1.
+            self.closing_after_current()
+            return
+        except httptools.HttpParserError as e:
+            # httptools wraps what our callbacks raise.
+            cause = e.__context__
+            if not isinstance(cause, _Reject):
+                self.reject(400)
+            elif cause.status:
+                self.reject(cause.status)
+            return
+        limits = self.limits
+        if self.in_head and self.head_fed > limits.max_request_line + limits.max_header_bytes:
+            # llhttp buffers a header it has not finished; this bounds it.
+            self.reject(414 if not self.fields and len(self.url) else 431)
+
+    def connectionLost(self, why: Failure = connectionDone) -> None:
+        if self.h2 is not None:
+            self.h2.connectionLost(why)
+        self.closing = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        for exchange in [self.current, *self.queue]:
+            if exchange is not None and exchange.proxy_cancel is not None:
+                exchange.proxy_cancel()
+
+    def send_now(self, data: bytes) -> None:
+        """
+        Write a whole response, straight to the socket when nothing is queued before it.
+
+        Twisted's write() only buffers and asks the reactor to watch for writability,
+        then writes on the next turn: two epoll_ctl calls and a loop turn per response.
+        A socket with an empty buffer almost always takes a small response whole.
+        """
+        raw = self.raw
+        if raw is None or raw.dataBuffer or raw._tempDataLen or raw.disconnecting:
+            self.transport.write(data)
+            return
+        try:
+            sent = raw.socket.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.transport.write(data)  # Twisted notices the error and closes
+            return
+        if sent:
+            self.transport.bytes_out += sent
+        if sent < len(data):
+            self.transport.write(data[sent:])
+
+    def close_gracefully(self) -> None:
+        """Finish the exchange in progress, then close (the daemon is stopping)."""
+        if self.h2 is not None or self.current is None:
+            self.transport.loseConnection()
+        else:
+            self.closing_after_current()
+
+    def closing_after_current(self) -> None:
+        self.closing = True
+        self.queue.clear()
+        if self.current is None:
+            self.transport.loseConnection()
+        else:
+            self.current.keep_alive = False
+
+    def reject(self, status: int) -> None:
+        """Bad input: one error response, then close without reading further."""
+        self.closing = True
+        self.queue.clear()
+        receiving = self.receiving
+        if receiving is not None and receiving.status and receiving is not self.current:
+            # Answered already (before its body came in): one response a request.
+            self.transport.loseConnection()
+            return
+        current = self.current
+        if current is not None:
+            if current.status:
+                # A response is on its way; an error cannot be framed after it.
+                self.transport.loseConnection()
+                return
+            # Its body turned out bad before anyone answered it: the error answers it.
+            current.done = True
+            self.current = None
+            if current.proxy_cancel is not None:
+                current.proxy_cancel()
+        self.app.stats.count("rejected")
+        body = b"%d %s\n" % (status, reason(status))
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: netd\r\nContent-Type: text/plain; "
+            b"charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (status, reason(status), self.app.dates.http, len(body), body)
+        )
+        self.app.emit("http.rejected", status=status, client=self.client)
+        self.transport.loseConnection()
+
+    # -- timeouts: one timer a connection, moved lazily -----------------------------
+
+    def arm(self, seconds: float | None) -> None:
+        if seconds is None:
+            self.deadline = None
+            return
+        self.deadline = self.clock.seconds() + seconds
+        if self.timer is None:
+            self.timer = self.clock.callLater(seconds, self.expire)
+
+    def expire(self) -> None:
+        self.timer = None
+        if self.deadline is None or self.closing:
+            return
+        left = self.deadline - self.clock.seconds()
+        if left > 0:
+            self.timer = self.clock.callLater(left, self.expire)
+            return
+        self.app.stats.count("timeouts")
+        if self.in_head or self.receiving is not None:
+            self.reject(408)
+        elif self.current is None:
+            self.transport.loseConnection()
+
+    # -- llhttp callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self.closing:
+            raise _Reject(0)  # pipelined after the last request we answer: ignored
+        self.in_head = True
+        self.url = b""
+        self.fields = []
+        self.head_size = 0
+        if self.current is None:
+            self.arm(self.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > self.limits.max_request_line:
+            raise _Reject(414)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value) + 4
+        self.fields.append((name, value))
+        limits = self.limits
+        if len(self.fields) > limits.max_headers or self.head_size > limits.max_header_bytes:
+            raise _Reject(431)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_fed = 0
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            # llhttp reads a request line without a version as HTTP/0.9: malformed here.
+            raise _Reject(400 if version == "0.9" else 505)
+        exchange = LineExchange(self, parser.should_keep_alive())
+        exchange.method = parser.get_method().decode("ascii")
+        exchange.target = self.url.decode("latin-1")
+        exchange.version = "HTTP/" + version
+        exchange.headers = self.fields
+        exchange.client = self.client
+        exchange.scheme = self.scheme
+        length: int | None = None
+        chunked = False
+        hosts = 0
+        for name, value in self.fields:
+            lower = name.lower()
+            if lower == b"host":
+                hosts += 1
+            elif lower == b"content-length":
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    # llhttp lets "gzip, chunked" through; we decode no other coding.
+                    raise _Reject(501)
+                chunked = True
+            elif lower == b"expect":
+                if value.strip().lower() != b"100-continue":
+                    raise _Reject(417)
+                exchange.expect_continue = True
+        if hosts > 1 or (hosts == 0 and version == "1.1"):
+            raise _Reject(400)
+        if length is not None and length > self.limits.max_body:
+            raise _Reject(413)
+        # Unknown length (None) means chunked; no framing at all means no body.
+        expected = length if length is not None else (None if chunked else 0)
+        exchange.body = BodyStream(expected, self.app.record_body)
+        exchange.body.pause = self.pause_reading
+        exchange.body.resume = self.resume_reading
+        self.receiving = exchange
+        self.arm(self.limits.body_timeout)
+        if self.current is None:
+            self.dispatch(exchange)
+        else:
+            self.queue.append(exchange)
+            self.pause_reading()
+
+    def on_body(self, data: bytes) -> None:
+        exchange = self.receiving
+        assert exchange is not None
+        if exchange.body.size + len(data) > self.limits.max_body:
+            raise _Reject(413)
+        if self.deadline is not None:
+            self.deadline = self.clock.seconds() + self.limits.body_timeout
+        exchange.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        exchange = self.receiving
+        self.receiving = None
+        if self.current is None and not self.queue:
+            self.arm(self.limits.keepalive_timeout)
+        else:
+            self.deadline = None
+        if exchange is not None:
+            exchange.body.end()
+
+    # -- exchanges, in order ------------------------------------------------------------
+
+    def dispatch(self, exchange: LineExchange) -> None:
+        self.current = exchange
+        self.served += 1
+        if exchange.expect_continue and exchange.body.expected != 0:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.app.handle(exchange)
+
+    def keep_alive_after(self, exchange: LineExchange) -> bool:
+        return (
+            exchange.keep_alive
+            and not self.closing
+            and self.served < self.limits.keepalive_requests
+            and (exchange.body.ended or self.receiving is exchange)
+        )
+
+    def finished(self, exchange: LineExchange) -> None:
+        self.current = None
+        self.app.completed(exchange)
+        if not exchange.keep_alive:
+            self.closing = True
+            self.queue.clear()
+            self.transport.loseConnection()
+            return
+        if self.queue:
+            self.dispatch(self.queue.popleft())
+        elif self.receiving is None:
+            self.arm(self.limits.keepalive_timeout)
+        if not self.queue and not self.closing:
+            self.resume_reading()
+
+    def pause_reading(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    # -- HTTP/2 -------------------------------------------------------------------------
+
+    def switch_to_h2(self) -> None:
+        h2: Any = H2Connection(self.clock)
+        site = self.factory.h2_site
+        h2.site = site
+        h2.requestFactory = site.requestFactory
+        h2.factory = site
+        h2.timeOut = self.limits.keepalive_timeout
+        h2.callLater = self.clock.callLater
+        self.arm(None)
+        self.h2 = h2
+        h2.makeConnection(self.transport)
+        self.transport.registerProducer(h2, True)
+
+
+class _H2Request(server.Request):
+    """A request whose body stops being stored past the service's limit."""
+
+    max_body = 0
+    too_large = False
+    received = 0
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.max_body:
+            self.too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+class H2Exchange(Exchange):
+    """An exchange on one HTTP/2 stream, through twisted.web's L{server.Request}."""
+
+    def __init__(self, app: App, request: server.Request, scheme: str) -> None:
+        self.app = app
+        self.request = request
+        self.method = request.method.decode("ascii", "replace")
+        self.target = request.uri.decode("latin-1")
+        self.version = "HTTP/2"
+        self.headers = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        self.client = _peer(request.getClientAddress())
+        self.scheme = scheme
+        content = request.content
+        data = content.read() if content is not None else b""
+        self.body = BodyStream(len(data), app.record_body)
+        self.body.feed(data)
+        self.body.end()
+        self.done = False
+        request.notifyFinish().addErrback(lambda _: setattr(self, "done", True))
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        self.status = status
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"server", b"netd")
+        for name, value in headers:
+            if name.lower() not in _HOP_BY_HOP_FRAMING:
+                request.responseHeaders.addRawHeader(name, value)
+        if length is not None:
+            request.setHeader(b"content-length", b"%d" % length)
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        length = len(body)
+        for name, value in headers:
+            if name.lower() == b"content-length":
+                length = int(value)
+        self.start(status, headers, length)
+        if self.method != "HEAD" and status not in (204, 304):
+            self.write(body)
+        self.finish()
+
+    def write(self, data: bytes) -> None:
+        if not self.done and data:
+            self.sent += len(data)
+            self.request.write(data)
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.request.finish()
+            self.app.completed(self)
+
+    def abort(self) -> None:
+        self.done = True
+        self.request.loseConnection()
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self.request.registerProducer(producer, streaming)
+
+    def unregister_producer(self) -> None:
+        self.request.unregisterProducer()
+
+
+class _H2Resource(Resource):
+    isLeaf = True
+
+    def __init__(self, app: App, scheme: str) -> None:
+        super().__init__()
+        self.app = app
+        self.scheme = scheme
+
+    def render(self, request: server.Request) -> Any:
+        exchange = H2Exchange(self.app, request, self.scheme)
+        if getattr(request, "too_large", False):
+            exchange.started = self.app.clock.seconds()
+            self.app.error(exchange, 413)
+        else:
+            self.app.handle(exchange)
+        return server.NOT_DONE_YET
+
+
+class _H2Site(server.Site):
+    def log(self, request: Any) -> None:
+        """L{App.completed} writes the access log for every protocol."""
+
+
+class HTTPFactory(Factory):
+    """The factory behind one listener; TLS listeners with HTTP/2 offer C{h2}."""
+
+    noisy = False
+
+    def __init__(self, app: App, limits: Limits, tls: bool, http2: bool) -> None:
+        self.app = app
+        self.limits = limits
+        self.scheme = "https" if tls else "http"
+        self.h2_site: server.Site | None = None
+        if tls and http2:
+
+            class Request(_H2Request):
+                max_body = limits.max_body
+
+            self.h2_site = _H2Site(_H2Resource(app, self.scheme), reactor=app.clock)
+            self.h2_site.requestFactory = Request
+
+    def buildProtocol(self, addr: IAddress | None) -> HTTPConnection:
+        return HTTPConnection(self)
+
+
+@implementer(IProtocolNegotiationFactory)
+class NegotiatingHTTPFactory(HTTPFactory):
+    """
+    A TLS listener's factory: offers C{h2} (unless C{http2: false}) and C{http/1.1}.
+
+    Even without h2 a TLS listener names http/1.1: Twisted's ALPN callback fails
+    the handshake of a client that offers ALPN when the server names nothing.
+    """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"h2", b"http/1.1"] if self.h2_site is not None else [b"http/1.1"]
+
+
+def factory_for(app: App, limits: Limits, tls: bool, http2: bool) -> HTTPFactory:
+    if tls:
+        return NegotiatingHTTPFactory(app, limits, tls, http2)
+    return HTTPFactory(app, limits, tls, http2)

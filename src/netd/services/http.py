@@ -1,0 +1,206 @@
+"""
+The C{http} service kind: static files, canned routes, redirects, a reverse proxy,
+request recording and HTTP/2, from one section of the service map.
+
+    web:
+      type: http
+      listen: ["tcp:8080", {endpoint: "ssl:8443", tls: lab}]
+      root: www
+      routes:
+        - {path: /health, status: 200, body: "ok\\n"}
+        - {path: /api/, proxy: "http://127.0.0.1:9000/"}
+        - {path: /old, redirect: /new, status: 301}
+      record: 100
+
+HTTP/1.1 runs on a lean connection of our own over llhttp (L{netd.services._http_wire});
+HTTP/2 goes through twisted.web; both hand requests to the same L{App}.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.schema import Section, Value
+from netd.services._http_app import App, Route, StaticOptions
+from netd.services._http_proxy import Proxy
+from netd.services._http_wire import Limits, busy_reply, factory_for
+
+__all__ = ["HTTP", "HttpOptions", "Limits", "Route"]
+
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@attrs.frozen
+class HttpOptions:
+    root: Path | None = None
+    listing: bool = False
+    routes: tuple[Route, ...] = ()
+    record: int = 0
+    record_body: int = 65536
+    access_log: bool = True
+    http2: bool = True
+    limits: Limits = attrs.field(factory=Limits)
+
+
+def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> HttpOptions:
+    root_value = section.get("root")
+    root = None
+    if root_value is not None:
+        root = root_value.as_path()
+        if root_value.is_scalar and not root.is_dir():
+            root_value.error(f"not a directory: {root}")
+    options = HttpOptions(
+        root=root,
+        listing=section.flag("listing", False),
+        routes=section.read("routes", lambda v: v.list_of(_route), ()),
+        record=section.integer("record", 0, minimum=0, maximum=100_000),
+        record_body=section.integer("record_body", 65536, minimum=0, maximum=16 << 20),
+        access_log=section.flag("access_log", True),
+        http2=section.flag("http2", True),
+        limits=section.read("limits", _limits, Limits()),
+    )
+    return options
+
+
+def _limits(value: Value) -> Limits:
+    section = value.section()
+    defaults = Limits()
+    limits = Limits(
+        max_request_line=section.integer(
+            "max_request_line", defaults.max_request_line, minimum=64, maximum=1 << 20
+        ),
+        max_header_bytes=section.integer(
+            "max_header_bytes", defaults.max_header_bytes, minimum=256, maximum=1 << 20
+        ),
+        max_headers=section.integer("max_headers", defaults.max_headers, minimum=1, maximum=10000),
+        max_body=section.integer("max_body", defaults.max_body, minimum=0),
+        header_timeout=section.number("header_timeout", defaults.header_timeout, minimum=0.1),
+        body_timeout=section.number("body_timeout", defaults.body_timeout, minimum=0.1),
+        keepalive_timeout=section.number(
+            "keepalive_timeout", defaults.keepalive_timeout, minimum=0.1
+        ),
+        keepalive_requests=section.integer(
+            "keepalive_requests", defaults.keepalive_requests, minimum=1
+        ),
+    )
+    section.finish()
+    return limits
+
+
+def _route(value: Value) -> Route:
+    section = value.section()
+    path_value = section.require("path")
+    path = path_value.as_str("/") if path_value is not None else "/"
+    if path_value is not None and path_value.is_scalar and not path.startswith("/"):
+        path_value.error("a route path starts with /")
+    redirect = section.optional_str("redirect")
+    proxy_value = section.get("proxy")
+    canned = any(section.has(k) for k in ("body", "body_file"))
+    if sum(map(bool, (redirect is not None, proxy_value is not None, canned))) > 1:
+        value.error("a route is one of: a canned answer (body), a redirect, a proxy")
+    status_value = section.get("status")
+    status = 302 if redirect is not None else 200
+    if status_value is not None:
+        status = status_value.as_int(status, minimum=100, maximum=599)
+        if redirect is not None and status not in _REDIRECTS:
+            status_value.error(f"a redirect status is one of {', '.join(map(str, _REDIRECTS))}")
+    no_headers: tuple[tuple[str, str], ...] = ()
+    headers = section.read("headers", _headers, no_headers)
+    body_text = section.optional_str("body")
+    body_file = section.file_path("body_file")
+    if body_file is not None and not body_file.is_file():
+        entry = section.get("body_file")
+        assert entry is not None
+        entry.error(f"not a file: {body_file}")
+    if body_text is not None and body_file is not None:
+        value.error("give body or body_file, not both")
+    proxy = None
+    if proxy_value is not None:
+        proxy = proxy_value.as_str()
+        parts = urllib.parse.urlsplit(proxy)
+        if proxy_value.is_scalar and (parts.scheme not in ("http", "https") or not parts.netloc):
+            proxy_value.error(f"not an http:// or https:// URL: {proxy!r}")
+    timeout = section.number("timeout", 30.0, minimum=0.1)
+    section.finish()
+    return Route(
+        path=path,
+        prefix=path.endswith("/"),
+        status=status,
+        headers=headers,
+        body=body_text.encode() if body_text is not None else None,
+        body_file=str(body_file) if body_file is not None else None,
+        redirect=redirect,
+        proxy=proxy,
+        timeout=timeout,
+    )
+
+
+def _headers(value: Value) -> tuple[tuple[str, str], ...]:
+    found = []
+    for name, entry in value.items():
+        text = entry.as_str()
+        if not name or any(c in name for c in " \t\r\n:") or any(c in text for c in "\r\n\0"):
+            entry.error("not a valid header name and value")
+            continue
+        try:
+            name.encode("latin-1")
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            entry.error("headers are latin-1 text")
+            continue
+        found.append((name, text))
+    return tuple(found)
+
+
+class _Upstreams(Service):
+    """Closes the proxy's kept-alive upstream connections when the service stops."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return self.proxy.close()
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: HttpOptions = service.options
+    proxy = None
+    if any(route.proxy for route in options.routes):
+        proxy = Proxy(context.reactor, context.stats, context.log)
+    app = App(
+        clock=context.reactor,
+        routes=options.routes,
+        static=StaticOptions(
+            root=str(options.root) if options.root else None, listing=options.listing
+        ),
+        record=options.record,
+        record_body=options.record_body,
+        access_log=options.access_log,
+        log=context.log,
+        stats=context.stats,
+        emit=context.emit,
+        proxy=proxy,
+    )
+
+    def stream(listener: ListenerConfig) -> Any:
+        return factory_for(app, options.limits, listener.tls, options.http2)
+
+    return Handlers(
+        stream=stream,
+        busy_reply=busy_reply(),
+        service=_Upstreams(proxy) if proxy is not None else None,
+        views={"requests": AdminView(list=app.list_requests, clear=app.clear_requests)},
+    )
+
+
+HTTP: ServiceKind[HttpOptions] = ServiceKind("http", parse, build)

@@ -1,0 +1,379 @@
+"""
+The http kind without sockets: its map section, its answers, and its HTTP/1.1
+connection driven through StringTransport and a Clock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger, LogLevel, globalLogPublisher
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import Journal, ServiceStats
+from netd.services._http_app import App, BodyStream, Exchange, Headers, Route, StaticOptions
+from netd.services._http_wire import HTTPConnection, Limits, factory_for
+from netd.services.http import HttpOptions
+
+
+def parse(tmp_path: Path, section: str) -> HttpOptions:
+    text = f"services:\n  web:\n    type: http\n    listen: ['tcp:0']\n{section}"
+    config = parse_config(text, tmp_path / "netd.yaml")
+    options: HttpOptions = config.services["web"].options
+    return options
+
+
+def errors(tmp_path: Path, section: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        parse(tmp_path, section)
+    return [str(e) for e in raised.value.errors]
+
+
+def test_parse_defaults_and_values(tmp_path: Path) -> None:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "body.txt").write_text("canned")
+    options = parse(
+        tmp_path,
+        "    root: www\n"
+        "    record: 5\n"
+        "    http2: false\n"
+        "    routes:\n"
+        "      - {path: /a, body_file: body.txt, status: 201, headers: {X-A: b}}\n"
+        "      - {path: /old/, redirect: /new/}\n"
+        "      - {path: /api/, proxy: 'http://127.0.0.1:9/', timeout: 2}\n"
+        "    limits: {max_body: 10, keepalive_requests: 3}\n",
+    )
+    assert options.root == tmp_path / "www" and options.record == 5 and not options.http2
+    canned, redirect, proxy = options.routes
+    assert canned.body_file == str(tmp_path / "body.txt") and canned.status == 201
+    assert canned.headers == (("X-A", "b"),) and not canned.prefix
+    assert redirect.status == 302 and redirect.prefix
+    assert proxy.proxy == "http://127.0.0.1:9/" and proxy.timeout == 2
+    assert options.limits == Limits(max_body=10, keepalive_requests=3)
+    assert parse(tmp_path, "") == HttpOptions()
+
+
+def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        "    root: nowhere\n"
+        "    routes:\n"
+        "      - {path: nope, body: x}\n"
+        "      - {path: /r, redirect: /x, status: 200}\n"
+        "      - {path: /p, proxy: 'ftp://x/'}\n"
+        "      - {path: /b, body: x, body_file: missing.txt}\n"
+        "      - {path: /m, body: x, proxy: 'http://x/'}\n"
+        "      - {path: /h, body: x, headers: {'Bad Name': x}}\n"
+        "    limits: {max_headers: 0, colour: red}\n",
+    )
+    joined = "\n".join(found)
+    assert "netd.yaml:5:11: services.web.root: not a directory" in joined
+    assert "services.web.routes[0].path: a route path starts with /" in joined
+    assert "services.web.routes[1].status: a redirect status is one of" in joined
+    assert "services.web.routes[2].proxy: not an http:// or https:// URL" in joined
+    assert "services.web.routes[3].body_file: not a file" in joined
+    assert "services.web.routes[3]: give body or body_file, not both" in joined
+    assert "services.web.routes[4]: a route is one of" in joined
+    assert "services.web.routes[5].headers.Bad Name: not a valid header" in joined
+    assert "services.web.limits.max_headers: must be at least 1" in joined
+    assert "services.web.limits.colour: unknown key" in joined
+
+
+class FakeExchange(Exchange):
+    def __init__(self, method: str, target: str, headers: Headers | None = None) -> None:
+        self.method = method
+        self.target = target
+        self.version = "HTTP/1.1"
+        self.headers = headers or []
+        self.client = "192.0.2.1"
+        self.scheme = "http"
+        self.body = BodyStream(0, 100)
+        self.body.end()
+        self.response_headers: dict[bytes, bytes] = {}
+        self.data = b""
+        self.finished = False
+        self.producer: Any = None
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        self.start(status, headers, len(body))
+        self.data = body
+        self.sent = len(body)
+        self.finished = True
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        self.status = status
+        self.response_headers = dict(headers)
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.sent += len(data)
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregister_producer(self) -> None:
+        self.producer = None
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    www = tmp_path / "www"
+    (www / "dir").mkdir(parents=True)
+    (www / "open").mkdir()
+    (www / "open" / "x.txt").write_text("x")
+    (www / "a.txt").write_bytes(b"0123456789")
+    (www / "big.bin").write_bytes(bytes(range(256)) * 1024)
+    (tmp_path / "secret").write_text("secret")
+    (www / "out").symlink_to(tmp_path / "secret")
+    return www
+
+
+def make_app(root: Path | None, routes: tuple[Route, ...] = (), record: int = 10) -> App:
+    clock = Clock()
+    clock.advance(1_700_000_000)
+    journal = Journal(clock)
+    return App(
+        clock=clock,
+        routes=routes,
+        static=StaticOptions(root=str(root) if root else None, listing=False),
+        record=record,
+        record_body=100,
+        access_log=True,
+        log=Logger(namespace="netd.test"),
+        stats=ServiceStats(),
+        emit=lambda type, **fields: journal.emit("web", type, **fields),
+        proxy=None,
+    )
+
+
+def answer(app: App, target: str, method: str = "GET", **headers: str) -> FakeExchange:
+    exchange = FakeExchange(
+        method, target, [(k.replace("_", "-").encode(), v.encode()) for k, v in headers.items()]
+    )
+    app.handle(exchange)
+    if exchange.producer is not None:
+        while exchange.producer is not None:
+            exchange.producer.resumeProducing()
+    return exchange
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "/../secret",
+        "/%2e%2e/secret",
+        "/%2E%2e/secret",
+        "/.%2e/secret",
+        "/dir/../../secret",
+        "/..%2fsecret",
+        "/..\\secret",
+        "/..%5csecret",
+        "/a.txt%00",
+        "/%00",
+        "/out",
+        "/./a.txt",
+        "/dir/%2e/../a.txt",
+        "http://host/../secret",
+        "/%c0%ae%c0%ae/secret",
+        "*",
+        "/%ff",
+    ],
+)
+def test_no_path_leaves_the_root(root: Path, target: str) -> None:
+    exchange = answer(make_app(root), target)
+    assert exchange.status in (400, 403, 404) and b"secret" not in exchange.data
+
+
+def test_static_answers(root: Path) -> None:
+    app = make_app(root)
+    whole = answer(app, "/a.txt")
+    assert (whole.status, whole.data) == (200, b"0123456789")
+    etag = whole.response_headers[b"ETag"]
+    modified = whole.response_headers[b"Last-Modified"].decode()
+    assert answer(app, "/a.txt", if_none_match=etag.decode()).status == 304
+    assert answer(app, "/a.txt", if_none_match=f'"x", W/{etag.decode()}').status == 304
+    assert answer(app, "/a.txt", if_modified_since=modified).status == 304
+    # If-None-Match wins over If-Modified-Since (RFC 9110 13.2.2).
+    assert answer(app, "/a.txt", if_none_match='"x"', if_modified_since=modified).status == 200
+    assert answer(app, "/a.txt", range="bytes=2-4").data == b"234"
+    assert answer(app, "/a.txt", range="bytes=-3").data == b"789"
+    assert answer(app, "/a.txt", range="bytes=8-100").data == b"89"
+    assert answer(app, "/a.txt", range="bytes=20-").status == 416
+    assert answer(app, "/a.txt", range="bytes=5-2").status == 200  # invalid: ignored
+    assert answer(app, "/a.txt", range="lines=1-2").status == 200
+    stale = answer(app, "/a.txt", range="bytes=0-1", if_range='"old"')
+    assert (stale.status, stale.data) == (200, b"0123456789")
+    assert answer(app, "/a.txt", range="bytes=0-1", if_range=etag.decode()).status == 206
+    many = ",".join(f"{i}-{i}" for i in range(20))
+    assert answer(app, "/a.txt", range=f"bytes={many}").status == 200
+    multi = answer(app, "/a.txt", range="bytes=0-0,9-9")
+    assert multi.status == 206 and b"Content-Range: bytes 9-9/10\r\n\r\n9" in multi.data
+    assert answer(app, "/dir").response_headers[b"Location"] == b"/dir/"
+    assert answer(app, "/dir/").status == 403
+    assert answer(app, "/a.txt", "POST").status == 405
+    head = answer(app, "/a.txt", "HEAD")
+    assert head.data == b"" and head.response_headers[b"Content-Length"] == b"10"
+    big = answer(app, "/big.bin")  # larger than one read: through the producer
+    assert big.data == bytes(range(256)) * 1024 and big.finished
+    ranged = answer(app, "/big.bin", range="bytes=1000-200000,-10")
+    assert ranged.data.endswith(b"--\r\n") and bytes(range(246, 256)) in ranged.data
+
+
+def test_listing(root: Path) -> None:
+    app = make_app(root)
+    app.static = StaticOptions(root=str(root), listing=True)
+    listing = answer(app, "/open/")
+    assert listing.status == 200 and b'<a href="x.txt">x.txt</a>' in listing.data
+
+
+def test_routes(tmp_path: Path) -> None:
+    routes = (
+        Route("/health", prefix=False, body=b"ok", headers=(("X-A", "1"),)),
+        Route("/old/", prefix=True, redirect="/new/", status=308),
+    )
+    app = make_app(None, routes)
+    health = answer(app, "/health?x", "POST")
+    assert (health.status, health.data, health.response_headers[b"X-A"]) == (200, b"ok", b"1")
+    moved = answer(app, "/old/a/b?c=d")
+    assert moved.status == 308 and moved.response_headers[b"Location"] == b"/new/a/b?c=d"
+    assert answer(app, "/elsewhere").status == 404
+
+
+def test_records_and_the_access_log(root: Path) -> None:
+    app = make_app(root, record=2)
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        for path in ("/a.txt", "/missing", "/dir/"):
+            app.completed(answer(app, path, user_agent="ua/1"))
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    records = app.list_requests({})
+    assert [r["path"] for r in records] == ["/missing", "/dir/"]
+    assert records[0]["status"] == 404 and records[0]["client"] == "192.0.2.1"
+    assert ["user-agent", "ua/1"] in records[0]["headers"]
+    assert app.clear_requests() == {"cleared": 2} and app.list_requests({}) == []
+    access = [e for e in seen if e.get("log_namespace") == "netd.test"]
+    assert access[0]["log_level"] == LogLevel.info and access[0]["status"] == 200
+    assert access[0]["access"] == (
+        '192.0.2.1 - - [14/Nov/2023:22:13:20 +0000] "GET /a.txt HTTP/1.1" 200 10 "-" "ua/1"'
+    )
+    assert app.stats.counters["requests"] == 3
+
+
+class Wire:
+    """One HTTP/1.1 connection over a StringTransport."""
+
+    def __init__(self, app: App, limits: Limits) -> None:
+        self.transport = StringTransport()
+        self.protocol = HTTPConnection(factory_for(app, limits, tls=False, http2=True))
+        self.protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> bytes:
+        self.protocol.dataReceived(data)
+        return self.take()
+
+    def take(self) -> bytes:
+        value: bytes = self.transport.value()
+        self.transport.clear()
+        return value
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+@pytest.fixture
+def wire(root: Path) -> Iterator[Wire]:
+    limits = Limits(
+        max_request_line=100, max_header_bytes=300, max_headers=5, max_body=50, header_timeout=1
+    )
+    yield Wire(make_app(root), limits)
+
+
+def test_pipelined_keepalive_in_order(wire: Wire) -> None:
+    out = wire.send(
+        b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\nGET /missing HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /a.txt HTTP/1.0\r\n\r\n"
+    )
+    statuses = re.findall(rb"HTTP/1\.1 (\d+) ", out)
+    assert statuses == [b"200", b"404", b"200"]
+    assert out.endswith(b"Connection: close\r\n\r\n0123456789") and wire.closed
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /" + b"a" * 200 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"y" * 400 + b"\r\n\r\n", 431),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 6 + b"\r\n", 431),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 51\r\n\r\n", 413),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+        ),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\nX: a\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\rX: a\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nExpect: magic\r\n\r\n", 417),
+        (b"\x00\xff garbage\r\n\r\n", 400),
+    ],
+)
+def test_bad_input_gets_its_status_and_close(wire: Wire, request_bytes: bytes, status: int) -> None:
+    out = wire.send(request_bytes)
+    assert out.startswith(b"HTTP/1.1 %d " % status) and wire.closed
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n") == b""  # nothing more is read
+
+
+def test_chunked_body_over_the_limit(wire: Wire) -> None:
+    out = wire.send(
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n" + b"20\r\n" + b"z" * 32
+    )
+    assert out.startswith(b"HTTP/1.1 405")  # answered at the head; the body still arrives
+    out = wire.send(b"\r\n20\r\n" + b"z" * 32 + b"\r\n")
+    assert out == b"" and wire.closed  # 64 > 50 bytes: cut
+
+
+def test_slow_head_times_out_with_408(wire: Wire) -> None:
+    clock = wire.protocol.clock
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHo") == b""
+    clock.advance(0.9)
+    assert wire.send(b"st: x\r\n") == b"" and not wire.closed
+    clock.advance(0.2)
+    assert wire.take().startswith(b"HTTP/1.1 408 ") and wire.closed
+
+
+def test_idle_keepalive_connection_closes(wire: Wire) -> None:
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    wire.protocol.clock.advance(Limits().keepalive_timeout + 1)
+    assert wire.closed and wire.take() == b""
+
+
+def test_keepalive_request_cap(root: Path) -> None:
+    capped = Wire(make_app(root), Limits(keepalive_requests=2))
+    out = capped.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    assert out.count(b"HTTP/1.1 200 OK") == 2 and capped.closed
+
+
+def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:
+    app = make_app(root)
+    with_h2 = factory_for(app, Limits(), tls=True, http2=True)
+    without = factory_for(app, Limits(), tls=True, http2=False)
+    plain = factory_for(app, Limits(), tls=False, http2=True)
+    assert IProtocolNegotiationFactory.providedBy(with_h2)
+    assert with_h2.acceptableProtocols() == [b"h2", b"http/1.1"]  # type: ignore[attr-defined]
+    assert without.acceptableProtocols() == [b"http/1.1"]  # type: ignore[attr-defined]
+    assert not IProtocolNegotiationFactory.providedBy(plain)
