@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import attrs
 from cryptography import x509
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
+from twisted.internet._sslverify import protosFromProtocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 __all__ = ["KeyPair", "TLSError", "ensure_self_signed", "server_options"]
@@ -377,6 +378,28 @@ def _sni_selector(
     return select
 
 
+class _ServerOptions(CertificateOptions):
+    """
+    CertificateOptions whose ALPN selection lets a handshake go on without ALPN.
+
+    Twisted's callback answers b"" when the client's protocols and the
+    listener's have nothing in common (always, for a service that negotiates
+    nothing, such as echo): OpenSSL then aborts the handshake with an internal
+    error, so curl or any HTTP/2-capable client could not talk TLS to it.
+    """
+
+    def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
+        context: SSL.Context = super()._makeContext(skipCiphers)
+        static = tuple(self._acceptableProtocols or ())
+
+        def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
+            ours = protosFromProtocol(connection.get_app_data(), static)
+            return next((p for p in ours if p in offered), SSL.NO_OVERLAPPING_PROTOCOLS)
+
+        context.set_alpn_select_callback(select)
+        return context
+
+
 def server_options(
     keypair: KeyPair,
     *,
@@ -400,7 +423,7 @@ def server_options(
         pair: KeyPair, select: Callable[[bytes | None], SSL.Context | None] | None = None
     ) -> CertificateOptions:
         cert, chain, key = _load_keypair(pair)
-        return CertificateOptions(
+        return _ServerOptions(
             privateKey=key,
             certificate=cert,
             extraCertChain=chain,

@@ -109,6 +109,8 @@ def test_echo_tcp_udp_tls_unix(netd: NetdProcess) -> None:
     assert udp_exchange(netd.address("echo", "udp"), b"datagram") == b"datagram"
 
     context = ssl.create_default_context(cafile=str(netd.log_path.parent / "state/tls/lab-ca.pem"))
+    # An HTTP/2-capable client offers ALPN; echo negotiates nothing and must still answer.
+    context.set_alpn_protocols(["h2", "http/1.1"])
     for server_name in ("localhost", "127.0.0.1"):
         with context.wrap_socket(
             connect(netd.address("echo", tls=True)), server_hostname=server_name
