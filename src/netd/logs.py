@@ -10,16 +10,19 @@ from typing import IO, Any
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
-    jsonFileLogObserver,
-    textFileLogObserver,
+    eventAsJSON,
+    formatEvent,
+    formatTime,
 )
 from twisted.python.logfile import LogFile
+from zope.interface import implementer
 
 from netd.config import LogConfig
 
-__all__ = ["fatal", "install_for_twistd", "observer"]
+__all__ = ["BufferedObserver", "fatal", "install_for_twistd", "observer"]
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -30,31 +33,101 @@ _LEVELS = {
 }
 
 
-def observer(config: LogConfig, output: IO[str]) -> ILogObserver:
-    if config.format == "json":
-        # One object a line: the default record separator (\x1e) breaks line-based tools.
-        sink = jsonFileLogObserver(output, recordSeparator="")
-    else:
-        sink = textFileLogObserver(output)
+@implementer(ILogObserver)
+class BufferedObserver:
+    """
+    Text or JSON lines, written in batches.
+
+    twistd's observers format a timestamp and flush the file for every event:
+    with an access log that was a third of the HTTP service's CPU.  Here the
+    timestamp is formatted once a second and lines are flushed after at most
+    C{delay} seconds; warnings, the daemon's own lifecycle lines (readiness,
+    reload) and everything after shutdown are written at once.
+    """
+
+    def __init__(
+        self, output: IO[str], json_lines: bool, clock: Any = None, delay: float = 0.2
+    ) -> None:
+        self.output = output
+        self.json_lines = json_lines
+        self.clock = clock
+        self.delay = delay
+        self._pending: list[str] = []
+        self._flush_call: Any = None
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, event: LogEvent) -> None:
+        line = eventAsJSON(event) + "\n" if self.json_lines else self._text(event)
+        if line is None:
+            return
+        self._pending.append(line)
+        level = event.get("log_level")
+        if (
+            self.clock is None
+            or (level is not None and level >= LogLevel.warn)
+            or event.get("log_namespace") == "netd"  # readiness, reload: rare, awaited
+        ):
+            self.flush()
+        elif self._flush_call is None:
+            self._flush_call = self.clock.callLater(self.delay, self.flush)
+
+    def _text(self, event: LogEvent) -> str | None:
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        if not text:
+            return None
+        when = event.get("log_time") or 0.0
+        if int(when) != self._second:
+            self._second = int(when)
+            self._stamp = formatTime(when)
+        level = event.get("log_level")
+        system = event.get("log_system") or (
+            f"{event.get('log_namespace', '-')}#{level.name if level else '-'}"
+        )
+        text = text.replace("\n", "\n\t")
+        return f"{self._stamp} [{system}] {text}\n"
+
+    def unbuffer(self) -> None:
+        """Write everything from now on at once: the reactor that flushes is gone."""
+        self.clock = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self.output.write("".join(lines))
+            self.output.flush()
+
+
+def observer(config: LogConfig, sink: BufferedObserver) -> ILogObserver:
     return FilteringLogObserver(
         sink, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])]
     )
 
 
-def install_for_twistd(application: Any, config: LogConfig, twistd_options: Any) -> None:
+def install_for_twistd(
+    application: Any, config: LogConfig, twistd_options: Any, clock: Any
+) -> BufferedObserver | None:
     """
     Offer our observer to twistd through the application's ILogObserver component.
 
-    twistd consults the component only when no --logger was given.  Plain text at
-    level info is twistd's own default, so then twistd keeps its observer (and its
-    log file handling) untouched.
+    twistd consults the component only when no --logger was given; its
+    --logfile (or twistd.log when daemonized) is kept as the destination.
     """
-    if config == LogConfig() or not hasattr(application, "setComponent"):
-        return
+    if not hasattr(application, "setComponent"):
+        return None
     options = twistd_options or {}
     logfile = options.get("logfile") or ("-" if options.get("nodaemon", True) else "twistd.log")
     output: IO[str] = sys.stdout if logfile == "-" else LogFile.fromFullPath(logfile)
-    application.setComponent(ILogObserver, observer(config, output))
+    sink = BufferedObserver(output, config.format == "json", clock)
+    application.setComponent(ILogObserver, observer(config, sink))
+    return sink
 
 
 def fatal(message: str) -> None:

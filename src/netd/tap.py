@@ -48,7 +48,11 @@ class _Root(MultiService):
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
-        logs.install_for_twistd(parent, self.daemon.config.log, self.twistd_options)
+        sink = logs.install_for_twistd(
+            parent, self.daemon.config.log, self.twistd_options, self.reactor
+        )
+        if sink is not None:
+            self.reactor.addSystemEventTrigger("after", "shutdown", sink.unbuffer)
 
     def privilegedStartService(self) -> None:
         try:

@@ -693,8 +693,7 @@ class NegotiatingHTTPFactory(HTTPFactory):
     """
     A TLS listener's factory: offers C{h2} (unless C{http2: false}) and C{http/1.1}.
 
-    Even without h2 a TLS listener names http/1.1: Twisted's ALPN callback fails
-    the handshake of a client that offers ALPN when the server names nothing.
+    Naming http/1.1 even without h2 tells an ALPN client which protocol it got.
     """
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -1,0 +1,81 @@
+"""The buffered log observer: batching, lifecycle lines at once, text and JSON shapes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.internet.task import Clock
+from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.python.failure import Failure
+
+from netd.config import LogConfig
+from netd.logs import BufferedObserver, observer
+
+
+def publish(sink: BufferedObserver, namespace: str, level: str = "info") -> Logger:
+    publisher = LogPublisher(observer(LogConfig(level=level), sink))
+    return Logger(namespace=namespace, observer=publisher)
+
+
+def test_service_lines_wait_for_the_batch_then_flush() -> None:
+    output, clock = io.StringIO(), Clock()
+    log = publish(BufferedObserver(output, json_lines=False, clock=clock, delay=0.2), "netd.web")
+    for number in range(3):
+        log.info("request {number}", number=number)
+    assert output.getvalue() == ""
+    clock.advance(0.2)
+    lines = output.getvalue().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        f"[netd.web#info] request {n}" for n in range(3)
+    ]
+    assert not clock.getDelayedCalls()
+
+
+def test_lifecycle_and_warnings_are_written_at_once() -> None:
+    output, clock = io.StringIO(), Clock()
+    sink = BufferedObserver(output, json_lines=False, clock=clock)
+    publish(sink, "netd.web").info("buffered")
+    publish(sink, "netd").info("service echo (echo) listening on tcp 127.0.0.1:7")
+    assert "buffered" in output.getvalue() and "listening" in output.getvalue()
+    publish(sink, "netd.web").warn("disk full")
+    assert "[netd.web#warn] disk full" in output.getvalue()
+    assert not clock.getDelayedCalls()
+
+
+def test_level_filter_and_unbuffer_after_shutdown() -> None:
+    output, clock = io.StringIO(), Clock()
+    sink = BufferedObserver(output, json_lines=False, clock=clock)
+    log = publish(sink, "netd.web", level="warn")
+    log.info("dropped")
+    log.error("kept")
+    assert "dropped" not in output.getvalue() and "kept" in output.getvalue()
+    sink.unbuffer()
+    publish(sink, "netd.web").info("after the reactor")
+    assert "after the reactor" in output.getvalue()
+
+
+def test_failures_carry_their_traceback_indented() -> None:
+    output = io.StringIO()
+    log = publish(BufferedObserver(output, json_lines=False), "netd.web")
+    try:
+        raise ZeroDivisionError("no requests per zero seconds")
+    except ZeroDivisionError:
+        log.failure("request failed", Failure())
+    text = output.getvalue()
+    assert "request failed\n\tTraceback" in text and "ZeroDivisionError" in text
+
+
+def test_json_lines_are_one_object_each() -> None:
+    output, clock = io.StringIO(), Clock()
+    log = publish(BufferedObserver(output, json_lines=True, clock=clock), "netd.web")
+    log.info("{access}", access="GET /", status=200)
+    log.info("{access}", access="GET /x", status=404)
+    clock.advance(1)
+    records = [json.loads(line) for line in output.getvalue().splitlines()]
+    assert [(r["access"], r["status"]) for r in records] == [("GET /", 200), ("GET /x", 404)]
+    assert records[0]["log_level"] == {
+        "name": "info",
+        "__class_uuid__": records[0]["log_level"]["__class_uuid__"],
+    }
+    assert LogLevel.levelWithName(records[1]["log_level"]["name"]) is LogLevel.info
