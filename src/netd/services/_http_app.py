@@ -17,6 +17,7 @@ import os
 import stat
 import time
 import urllib.parse
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
@@ -152,7 +153,7 @@ def _nothing() -> None:
     pass
 
 
-class Exchange:
+class Exchange(ABC):
     """
     One request and its response, as the wire sees it.
 
@@ -184,29 +185,33 @@ class Exchange:
                 by_name[key] = by_name[key] + b", " + value if key in by_name else value
         return by_name.get(name)
 
+    @abstractmethod
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         """The whole response at once; the wire drops the body for HEAD and 304."""
-        raise NotImplementedError
 
+    @abstractmethod
     def start(self, status: int, headers: Headers, length: int | None) -> None:
         """Send the status and headers of a response whose body follows in L{write}s."""
-        raise NotImplementedError
 
+    @abstractmethod
     def write(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Send the next piece of a started response's body."""
 
+    @abstractmethod
     def finish(self) -> None:
-        raise NotImplementedError
+        """End a started response."""
 
+    @abstractmethod
     def abort(self) -> None:
         """Cut the connection: a response already started cannot become an error."""
-        raise NotImplementedError
 
+    @abstractmethod
     def register_producer(self, producer: Any, streaming: bool) -> None:
-        raise NotImplementedError
+        """Let C{producer} write the body at the pace the client reads."""
 
+    @abstractmethod
     def unregister_producer(self) -> None:
-        raise NotImplementedError
+        """The producer has written everything."""
 
     def send_file(self, file: IO[bytes], offset: int, count: int) -> bool:
         """
