@@ -100,6 +100,7 @@ class FakeExchange(Exchange):
         self.data = b""
         self.finished = False
         self.producer: Any = None
+        self.aborted = False
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         self.start(status, headers, len(body))
@@ -117,6 +118,9 @@ class FakeExchange(Exchange):
 
     def finish(self) -> None:
         self.finished = True
+
+    def abort(self) -> None:
+        self.aborted = True
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
