@@ -25,13 +25,14 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides
+from zope.interface import directlyProvides, providedBy
 
 from netd.events import Journal, ServiceStats
 
 __all__ = ["ConnectionSet", "TrackedConnection", "TrackingFactory", "describe_address"]
 
 _ids = itertools.count(1)
+_provides_by_transport: dict[type, Any] = {}
 _log = Logger()
 
 
@@ -47,6 +48,9 @@ def describe_address(address: IAddress | None) -> str:
 class TrackedConnection(ProtocolWrapper):
     factory: TrackingFactory
     transport: Any
+    # Twisted asks the protocol for interfaces at close; without these the
+    # question falls through __getattr__ to the transport and costs an exception.
+    __conform__ = None
 
     def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
@@ -54,8 +58,27 @@ class TrackedConnection(ProtocolWrapper):
         self.bytes_in = 0
         self.bytes_out = 0
         self.quiet_sweeps = 0
+        self.client = ""
         self._seen_at_sweep = 0
-        self._closed: Deferred[None] = Deferred()
+        self._waiting_for_close: list[Deferred[None]] = []
+
+    def makeConnection(self, transport: Any) -> None:
+        # ProtocolWrapper re-declares the transport's interfaces on every
+        # wrapper (directlyProvides); the declaration per transport class is cached.
+        key = type(transport)
+        provides = _provides_by_transport.get(key)
+        if provides is None:
+            directlyProvides(self, providedBy(transport))
+            _provides_by_transport[key] = self.__dict__["__provides__"]
+        else:
+            self.__dict__["__provides__"] = provides
+        self.client = describe_address(transport.getPeer())
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
+
+    def logPrefix(self) -> str:
+        return self.factory.connections.service
 
     def dataReceived(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -72,15 +95,13 @@ class TrackedConnection(ProtocolWrapper):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.connections.forget(self)
         super().connectionLost(reason)
-        self._closed.callback(None)
+        waiting, self._waiting_for_close = self._waiting_for_close, []
+        for closed in waiting:
+            closed.callback(None)
 
     def when_closed(self) -> Deferred[None]:
         closed: Deferred[None] = Deferred()
-
-        def relay(result: None) -> None:
-            closed.callback(None)
-
-        self._closed.addBoth(relay)
+        self._waiting_for_close.append(closed)
         return closed
 
     def was_quiet(self) -> bool:
@@ -156,12 +177,13 @@ class ConnectionSet:
         self._live[connection] = None
         self.stats.connections_total += 1
         self.stats.connections_active = len(self._live)
-        self.journal.emit(
-            self.service,
-            "connection.opened",
-            client=describe_address(connection.getPeer()),
-            connection=connection.connection_id,
-        )
+        if self.journal.active:
+            self.journal.emit(
+                self.service,
+                "connection.opened",
+                client=connection.client,
+                connection=connection.connection_id,
+            )
         if self._sweep is None:
             self._schedule_sweep()
 
@@ -172,14 +194,15 @@ class ConnectionSet:
         self.stats.connections_active = len(self._live)
         self.stats.bytes_in += connection.bytes_in
         self.stats.bytes_out += connection.bytes_out
-        self.journal.emit(
-            self.service,
-            "connection.closed",
-            client=describe_address(connection.getPeer()),
-            connection=connection.connection_id,
-            bytes_in=connection.bytes_in,
-            bytes_out=connection.bytes_out,
-        )
+        if self.journal.active:
+            self.journal.emit(
+                self.service,
+                "connection.closed",
+                client=connection.client,
+                connection=connection.connection_id,
+                bytes_in=connection.bytes_in,
+                bytes_out=connection.bytes_out,
+            )
 
     def bytes_in_flight(self) -> tuple[int, int]:
         """Bytes moved by connections still open, to add to the closed ones' totals."""

@@ -81,8 +81,11 @@ class Journal:
     client can tell when it has fallen behind the oldest kept event.
     """
 
-    def __init__(self, clock: IReactorTime, size: int = 10000) -> None:
+    def __init__(self, clock: IReactorTime, size: int = 10000, active: bool = True) -> None:
         self._clock = clock
+        # Whether anything can read the journal (an admin API, the log).  High-rate
+        # emitters (a connection's open and close) skip their events otherwise.
+        self.active = active
         self._events: deque[Event] = deque(maxlen=size)
         self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
@@ -90,6 +93,7 @@ class Journal:
 
     def subscribe(self, listener: Callable[[Event], None]) -> None:
         self._listeners.append(listener)
+        self.active = True
 
     def emit(self, service: str, type: str, **fields: Any) -> Event:
         event = Event(next(self._ids), self._clock.seconds(), service, type, fields)

@@ -224,7 +224,7 @@ class Daemon(MultiService):
         self.reactor = reactor
         self.ports_file = ports_file
         self.observers: list[LifecycleObserver] = []
-        self.journal = Journal(reactor)
+        self.journal = Journal(reactor, active=config.admin is not None)
         if config.log.events:
             self.journal.subscribe(_log_event)
         self.services_by_name: dict[str, RunningService] = {}
@@ -441,6 +441,8 @@ class Daemon(MultiService):
         if admin_changed:
             self.admin = new_admin
         self.config = new
+        if new.admin is not None:
+            self.journal.active = True
         self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}
         for running in fresh.values():
             running.setServiceParent(self)

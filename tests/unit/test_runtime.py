@@ -260,6 +260,8 @@ def test_running_service_unbinds_what_it_bound(tmp_path: Path) -> None:
 def test_stop_stops_listening_at_once_then_drains_for_the_grace(tmp_path: Path) -> None:
     reactor = ListeningReactor()
     daemon = started(tmp_path, reactor)
+    assert not daemon.journal.active  # no admin API: nobody could read the events
+    daemon.journal.active = True
     _, factory, _, _ = reactor.tcpServers[0]
     connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
     assert isinstance(connection, TrackedConnection)
