@@ -1,7 +1,7 @@
 """
 netd's http kind against `twistd web --path` and nginx, same wrk load, same run.
 
-    python bench/http.py [--rounds 3] [--duration 5] [--connections 50]
+    python bench/http_bench.py [--rounds 3] [--duration 5] [--connections 50]
 
 Each round starts every server fresh on a free loopback port (in a rotated order),
 warms it up for a second, then runs `wrk -t1 -cN` against a 1 KiB file, a 1 MiB
