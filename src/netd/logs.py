@@ -4,6 +4,7 @@ Log output: text or one JSON object a line, filtered by level.
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import IO, Any
 
@@ -73,7 +74,7 @@ class BufferedObserver:
             self._flush_call = self.clock.callLater(self.delay, self.flush)
 
     def _text(self, event: LogEvent) -> str | None:
-        text = formatEvent(event)
+        text = _format(event)
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text}\n{failure.getTraceback()}"
@@ -103,6 +104,23 @@ class BufferedObserver:
             lines, self._pending = self._pending, []
             self.output.write("".join(lines))
             self.output.flush()
+
+
+_WHOLE_FIELD = re.compile(r"\{(\w+)\}\Z")
+_whole_field_of: dict[str, str | None] = {}
+
+
+def _format(event: LogEvent) -> str:
+    """formatEvent, minus the format parsing for a message that is one field ("{access}")."""
+    format = event.get("log_format")
+    if isinstance(format, str):
+        field = _whole_field_of.get(format, "")
+        if field == "":
+            match = _WHOLE_FIELD.match(format)
+            field = _whole_field_of[format] = match.group(1) if match else None
+        if field is not None and field in event:
+            return str(event[field])
+    return formatEvent(event)
 
 
 def observer(config: LogConfig, sink: BufferedObserver) -> ILogObserver:

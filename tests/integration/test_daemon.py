@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import signal
 import socket
 import ssl
@@ -123,6 +124,35 @@ def test_echo_tcp_udp_tls_unix(netd: NetdProcess) -> None:
         unix.connect(netd.listener("echo", "unix")["path"])
         unix.sendall(b"local")
         assert receive_exactly(unix, 5) == b"local"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl (Debian openssl)")
+def test_openssl_s_client_verifies_the_generated_ca(netd: NetdProcess) -> None:
+    host, port = netd.address("echo", tls=True)
+    ca = netd.log_path.parent / "state/tls/lab-ca.pem"
+    for name in ("localhost", "127.0.0.1"):
+        check = "-verify_ip" if name[0].isdigit() else "-verify_hostname"
+        result = subprocess.run(
+            [
+                "openssl",
+                "s_client",
+                "-connect",
+                f"{host}:{port}",
+                "-CAfile",
+                str(ca),
+                check,
+                name,
+                "-verify_return_error",
+                "-servername",
+                "localhost",
+                "-quiet",
+            ],
+            input=b"over openssl\n",
+            capture_output=True,
+            timeout=20,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == b"over openssl\n"
 
 
 def test_discard_chargen_daytime_qotd(netd: NetdProcess) -> None:

@@ -5,6 +5,7 @@ connection driven through StringTransport and a Clock.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,6 +232,17 @@ def test_static_answers(root: Path) -> None:
     assert big.data == bytes(range(256)) * 1024 and big.finished
     ranged = answer(app, "/big.bin", range="bytes=1000-200000,-10")
     assert ranged.data.endswith(b"--\r\n") and bytes(range(246, 256)) in ranged.data
+
+
+def test_an_edited_small_file_is_served_fresh(root: Path) -> None:
+    app = make_app(root)
+    assert answer(app, "/a.txt").data == b"0123456789"
+    assert answer(app, "/a.txt").data == b"0123456789"  # from memory now
+    (root / "a.txt").write_bytes(b"9876543210")  # same size, new mtime
+    os.utime(root / "a.txt", ns=(1, 2_000_000_000))
+    assert answer(app, "/a.txt").data == b"9876543210"
+    (root / "a.txt").unlink()
+    assert answer(app, "/a.txt").status == 404
 
 
 def test_listing(root: Path) -> None:

@@ -79,3 +79,15 @@ def test_json_lines_are_one_object_each() -> None:
         "__class_uuid__": records[0]["log_level"]["__class_uuid__"],
     }
     assert LogLevel.levelWithName(records[1]["log_level"]["name"]) is LogLevel.info
+
+
+def test_one_field_messages_and_ordinary_formats_read_the_same() -> None:
+    output = io.StringIO()
+    log = publish(BufferedObserver(output, json_lines=False), "netd.web")
+    log.info("{access}", access='127.0.0.1 - - "GET / HTTP/1.1" 200 5')
+    log.info("{count} requests from {client!r}", count=3, client="a")
+    log.info("{missing}")
+    lines = [line.split("] ", 1)[1] for line in output.getvalue().splitlines()]
+    assert lines[0] == '127.0.0.1 - - "GET / HTTP/1.1" 200 5'
+    assert lines[1] == "3 requests from 'a'"
+    assert lines[2].startswith("Unable to format event")
