@@ -130,8 +130,7 @@ def test_echo_tcp_udp_tls_unix(netd: NetdProcess) -> None:
 def test_openssl_s_client_verifies_the_generated_ca(netd: NetdProcess) -> None:
     host, port = netd.address("echo", tls=True)
     ca = netd.log_path.parent / "state/tls/lab-ca.pem"
-    for name in ("localhost", "127.0.0.1"):
-        check = "-verify_ip" if name[0].isdigit() else "-verify_hostname"
+    for check, name in (("-verify_hostname", "localhost"), ("-verify_ip", "127.0.0.1")):
         result = subprocess.run(
             [
                 "openssl",
@@ -145,14 +144,13 @@ def test_openssl_s_client_verifies_the_generated_ca(netd: NetdProcess) -> None:
                 "-verify_return_error",
                 "-servername",
                 "localhost",
-                "-quiet",
             ],
-            input=b"over openssl\n",
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=20,
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout == b"over openssl\n"
+        assert b"Verify return code: 0 (ok)" in result.stdout
 
 
 def test_discard_chargen_daytime_qotd(netd: NetdProcess) -> None:
