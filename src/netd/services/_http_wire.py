@@ -12,6 +12,7 @@ is handed to twisted.web's L{H2Connection} and its requests reach the same L{App
 from __future__ import annotations
 
 import os
+import socket
 from collections import deque
 from typing import IO, Any
 
@@ -186,6 +187,10 @@ class _SendFile:
         self.primed = False
 
     def start(self) -> None:
+        # Corked, the head and the file leave in full segments: otherwise the
+        # head goes alone and the client pays an extra wake-up per response
+        # (wrk at 1 MiB was CPU-bound on exactly that).
+        self.raw.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
         self.exchange.register_producer(self, False)
 
     def resumeProducing(self) -> None:
@@ -224,6 +229,7 @@ class _SendFile:
             self.raw.startWriting()
             return
         self.file.close()
+        self.raw.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
         self.exchange.unregister_producer()
         self.exchange.finish()
 
