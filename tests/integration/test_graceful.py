@@ -1,0 +1,81 @@
+"""
+SIGTERM stops accepting at once but lets an exchange in progress finish within
+shutdown_grace: a proxied request whose upstream is still thinking gets its answer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import StartNetd
+
+
+class _SlowUpstream(http.server.BaseHTTPRequestHandler):
+    arrived: threading.Event
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.arrived.set()
+        self.release.wait(10)
+        body = b"worth the wait"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[int, threading.Event, threading.Event]]:
+    arrived, release = threading.Event(), threading.Event()
+    handler = type("Handler", (_SlowUpstream,), {"arrived": arrived, "release": release})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], arrived, release
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def test_sigterm_lets_the_exchange_in_progress_finish(
+    start_netd: StartNetd, upstream: tuple[int, threading.Event, threading.Event]
+) -> None:
+    port, arrived, release = upstream
+    netd = start_netd(
+        f"""
+shutdown_grace: 10
+services:
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    routes:
+      - {{path: /slow, proxy: "http://127.0.0.1:{port}/slow", timeout: 10}}
+"""
+    )
+    host, web_port = netd.address("web")
+    client = http.client.HTTPConnection(host, web_port, timeout=15)
+    client.request("GET", "/slow")
+    assert arrived.wait(10), "the request never reached the upstream"
+
+    netd.signal(15)
+    # Stopped accepting: new connections are refused while the old one finishes.
+    for _ in range(500):
+        try:
+            socket.create_connection((host, web_port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+    else:
+        pytest.fail("netd still accepts connections after SIGTERM")
+    release.set()
+    response = client.getresponse()
+    assert (response.status, response.read()) == (200, b"worth the wait")
+    assert netd.process.wait(15) == 0
