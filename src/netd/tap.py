@@ -76,10 +76,12 @@ class _Root(MultiService):
         if gid is None:
             gid = pwd.getpwuid(uid).pw_gid
         state_dir = self.daemon.config.state_dir
-        for directory, _, files in os.walk(state_dir):
-            os.chown(directory, uid, gid)
-            for name in files:
-                os.chown(os.path.join(directory, name), uid, gid)
+        # Never follow a link: the service user owns this tree and could point
+        # one at /etc/shadow for root to hand over on the next start.
+        for directory, subdirectories, files in os.walk(state_dir):
+            os.chown(directory, uid, gid, follow_symlinks=False)
+            for name in [*subdirectories, *files]:
+                os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
 
     def startService(self) -> None:
         # First in line, before the daemon announces readiness on the same hook.

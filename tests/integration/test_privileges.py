@@ -133,3 +133,32 @@ def test_reload_after_the_drop(netd: tuple[subprocess.Popen[bytes], int], workdi
         assert time.monotonic() < deadline, "no reload"
         time.sleep(0.01)
     assert "reload refused" not in text, text
+
+
+def test_handing_over_state_never_follows_links(workdir: Path) -> None:
+    """The service user owns state_dir: a link it plants must not get root's file chowned."""
+    victim = workdir / "victim"
+    victim.write_text("root's")
+    os.chown(victim, 0, 0)
+    state = workdir / "state"
+    state.mkdir()
+    (state / "planted").symlink_to(victim)
+    (workdir / "netd.yaml").write_text(CONFIG.format(port=0))
+    command = [
+        *twistd_command(),
+        *("--nodaemon", "--pidfile=", "--uid", "nobody", "--gid", "nogroup"),
+        *("netd", "-c", "netd.yaml", "--ports-file", "ports.json"),
+    ]
+    with (workdir / "netd.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 15
+        while not (workdir / "ports.json").exists():
+            assert process.poll() is None, (workdir / "netd.log").read_text()
+            assert time.monotonic() < deadline, "netd not ready"
+            time.sleep(0.01)
+        assert (victim.stat().st_uid, victim.stat().st_gid) == (0, 0)
+        assert (state / "planted").lstat().st_uid == pwd.getpwnam("nobody").pw_uid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
