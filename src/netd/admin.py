@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -165,6 +166,8 @@ class AdminResource(Resource):
         try:
             since = int(query.get("since", "0"))
             wait = min(float(query.get("wait", "0")), MAX_WAIT)
+            if not math.isfinite(wait):
+                raise ValueError(wait)
         except ValueError:
             raise _HTTPError(400, "since must be an integer and wait a number") from None
         types = [t for t in query.get("type", "").split(",") if t]

@@ -4,6 +4,7 @@ The service map: YAML parsed once into immutable objects that remember where the
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"(\*\.)?({_LABEL}\.)*{_LABEL}\.?\Z")
 
 
 @attrs.frozen
@@ -180,12 +184,39 @@ def _read_keypair(section: Section) -> KeyPairConfig | None:
     return KeyPairConfig(cert, key)
 
 
+def _host_name(value: Value) -> str | None:
+    """A name a certificate can carry: an IP address, or an ASCII host name (C{*.} allowed)."""
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    try:
+        ipaddress.ip_address(text)
+        return text
+    except ValueError:
+        pass
+    if not _HOST_NAME.match(text):
+        value.error(
+            f"not a host name or IP address: {text!r} (international names go in their xn-- form)"
+        )
+        return None
+    return text
+
+
 def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
     profiles = {}
     for name, entry in value.items():
         reported = len(entry.problems.errors)
+        if not _PROFILE_NAME.match(name):
+            # The name becomes the generated files' names in state_dir/tls.
+            entry.error("TLS profile names are letters, digits, '.', '-' and '_'")
+            continue
         section = entry.section()
-        self_signed = section.strings("self_signed")
+        names_value = section.get("self_signed")
+        self_signed = tuple(
+            name
+            for name in (names_value.list_of(_host_name, single=True) if names_value else ())
+            if name is not None
+        )
         keypair = _read_keypair(section)
         # A profile already reported (not a mapping, half a key pair) needs no second message.
         if bool(self_signed) == (keypair is not None) and len(entry.problems.errors) == reported:
@@ -194,6 +225,9 @@ def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
         sni_entries: list[tuple[str, Value]] = section.read("sni", lambda v: list(v.items()), [])
         for server_name, sni_entry in sni_entries:
             reported = len(sni_entry.problems.errors)
+            if not _HOST_NAME.match(server_name):
+                sni_entry.error(f"not a server name or *.domain: {server_name!r}")
+                continue
             sni_section = sni_entry.section()
             sni_keypair = _read_keypair(sni_section)
             sni_section.finish()

@@ -300,6 +300,15 @@ def listen_datagram(
     return port
 
 
+def port_of(description: str) -> str | None:
+    """Family and fixed port, whatever the interface: listeners that may contend for it."""
+    key = identity(description)
+    if key is None or key.startswith(("unix:", "systemd")):
+        return key
+    family, _, interface_and_port = key.partition(":")
+    return f"{family}:{interface_and_port.rsplit(':', 1)[1]}"
+
+
 def is_loopback(description: str) -> bool:
     prefix, _, kwargs = _split(description)
     if prefix == "unix":

@@ -75,7 +75,7 @@ def build_tls(
                 client_ca=profile.client_ca,
                 sni=sni or None,
             )
-        except (tls.TLSError, OSError) as e:
+        except (tls.TLSError, OSError, ValueError) as e:
             raise StartupError(f"{profile.position}: tls.{name}: {e}") from None
     return creators
 
@@ -238,17 +238,26 @@ class Daemon(MultiService):
         config: NetdConfig,
         creators: Mapping[str, IOpenSSLServerConnectionCreator],
     ) -> RunningService:
-        return RunningService(
-            service_config,
-            self.reactor,
-            config.file.parent,
-            self.journal,
-            creators,
-            config.state_dir,
-        )
+        """Build one service; a kind's failure names the service instead of a traceback."""
+        try:
+            return RunningService(
+                service_config,
+                self.reactor,
+                config.file.parent,
+                self.journal,
+                creators,
+                config.state_dir,
+            )
+        except Exception as e:
+            reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+            where = f"{service_config.position}: services.{service_config.name}"
+            raise StartupError(f"{where}: cannot start: {reason}") from None
 
     def _build(self) -> None:
-        self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        try:
+            self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
+        except OSError as e:
+            raise StartupError(f"{self.config.file}: state_dir: {os_message(e)}") from None
         creators = build_tls(self.config.tls, self.config.state_dir)
         for service_config in self.config.services.values():
             if service_config.enabled:
@@ -263,10 +272,7 @@ class Daemon(MultiService):
         return [*self.services_by_name.values(), *admin]
 
     def privilegedStartService(self) -> None:
-        try:
-            self._build()
-        except OSError as e:
-            raise StartupError(f"{self.config.file}: state_dir: {os_message(e)}") from None
+        self._build()
         bound: list[Failure | Any] = []
         all_bound = gatherResults([s.listen() for s in self._bindables()], consumeErrors=True)
         all_bound.addBoth(bound.append)
@@ -344,6 +350,10 @@ class Daemon(MultiService):
             observer.reloading(self)
         try:
             result = yield self._reload()
+        except Exception as e:
+            # A reload must never take the daemon down; say what broke and keep running.
+            log.failure("reload failed")
+            result = ReloadResult(errors=(f"reload failed: {type(e).__name__}: {e}",))
         finally:
             self._reloading = False
             for observer in self.observers:
@@ -395,8 +405,8 @@ class Daemon(MultiService):
         for name in to_build:
             try:
                 fresh[name] = self._running_service(wanted[name], new, creators)
-            except Exception as e:
-                return ReloadResult(errors=(f"services.{name}: cannot build: {e}",))
+            except StartupError as e:
+                return ReloadResult(errors=(str(e),))
         admin_changed = new.admin != self.config.admin or bool(changed_profiles)
         new_admin = (
             _admin_server(self, new.admin, creators) if new.admin and admin_changed else None
@@ -416,12 +426,12 @@ class Daemon(MultiService):
             key
             for group in binding
             for listener in group.listener_configs
-            if (key := endpoints.identity(listener.endpoint)) is not None
+            if (key := endpoints.port_of(listener.endpoint)) is not None
         }
         released = [
             group
             for group in retiring
-            if any(endpoints.identity(c.endpoint) in wanted_ports for c in group.listener_configs)
+            if any(endpoints.port_of(c.endpoint) in wanted_ports for c in group.listener_configs)
         ]
         yield gatherResults([group.stop_listening() for group in released])
         outcome = yield DeferredList([b.listen() for b in binding], consumeErrors=True)

@@ -10,6 +10,7 @@ reports every error in the file at once.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -102,10 +103,11 @@ _constructor = SafeConstructor()
 
 
 def _scalar(node: yaml.ScalarNode) -> Any:
+    """The node's value, or None when its explicit tag does not fit (C{!!int abc})."""
     try:
         return _constructor.construct_object(node, deep=True)
-    except (ConstructorError, ValueError):
-        return node.value
+    except (ConstructorError, ValueError, KeyError):
+        return None
 
 
 @attrs.frozen
@@ -178,7 +180,10 @@ class Value:
         if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag == _INT):
             self._expect("an integer")
             return default
-        number = int(_scalar(self.node))
+        number = _scalar(self.node)
+        if not isinstance(number, int):
+            self.error(f"not an integer: {self.node.value!r}")
+            return default
         if minimum is not None and number < minimum:
             self.error(f"must be at least {minimum}, got {number}")
             return default
@@ -191,7 +196,15 @@ class Value:
         if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag in (_INT, _FLOAT)):
             self._expect("a number")
             return default
-        number = float(_scalar(self.node))
+        value = _scalar(self.node)
+        if not isinstance(value, (int, float)):
+            self.error(f"not a number: {self.node.value!r}")
+            return default
+        if not math.isfinite(value):
+            # NaN passes every comparison with a minimum; infinity is no timeout.
+            self.error(f"must be a finite number, got {self.node.value}")
+            return default
+        number = float(value)
         if minimum is not None and number < minimum:
             self.error(f"must be at least {minimum}, got {number:g}")
             return default
@@ -201,7 +214,11 @@ class Value:
         if not (isinstance(self.node, yaml.ScalarNode) and self.node.tag == _BOOL):
             self._expect("true or false")
             return default
-        return bool(_scalar(self.node))
+        flag = _scalar(self.node)
+        if not isinstance(flag, bool):
+            self.error(f"not true or false: {self.node.value!r}")
+            return default
+        return flag
 
     def as_choice(self, choices: tuple[str, ...], default: str) -> str:
         text = self.as_str(default)

@@ -110,6 +110,10 @@ def makeService(options: Options) -> IService:
         logs.fatal(str(e))
         raise SystemExit(1) from None
     ports_file = Path(options["ports-file"]).absolute() if options["ports-file"] else None
+    if ports_file is not None and not os.access(ports_file.parent, os.W_OK | os.X_OK):
+        # Found out only once ready, this would leave a daemon that never says so.
+        logs.fatal(f"--ports-file {ports_file}: cannot write in {ports_file.parent}")
+        raise SystemExit(1)
     daemon = Daemon(config, reactor, ports_file=ports_file)
     daemon.observers.append(systemd.Notifier.from_environment(os.environ, reactor))
     return _Root(daemon, reactor, getattr(options, "parent", None))

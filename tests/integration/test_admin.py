@@ -251,3 +251,43 @@ def test_non_loopback_admin_without_token_is_refused(start_netd: StartNetd) -> N
             'services: {echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}}\n'
         )
     assert "admin listener 'tcp:0' is not loopback-only: set a 'token'" in failed.value.output
+
+
+def test_reload_moves_a_fixed_port_to_another_interface(start_netd: StartNetd) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    before = BASE.replace(
+        'type: qotd\n    listen: ["tcp:0:interface=127.0.0.1"]',
+        f'type: qotd\n    listen: ["tcp:{port}"]',
+    )
+    netd = start_netd(before)
+    assert echo_once(("127.0.0.1", port), b"") == b"first\r\n"
+    write_config(netd, before.replace(f'"tcp:{port}"', f'"tcp:{port}:interface=127.0.0.1"'))
+    status, body = call_json(netd, "/api/reload", method="POST", data=b"")
+    assert (status, body["restarted"]) == (200, ["qotd"]), body
+    assert echo_once(("127.0.0.1", port), b"") == b"first\r\n"
+
+
+def test_reload_whose_tls_files_are_missing_is_refused_cleanly(netd: NetdProcess) -> None:
+    write_config(
+        netd,
+        "tls:\n  prod: {cert: missing.pem, key: missing.key}\n"
+        + BASE.replace(
+            'listen: ["tcp:0:interface=127.0.0.1"]\n    quotes',
+            'listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: prod}]\n    quotes',
+        ),
+    )
+    status, body = call_json(netd, "/api/reload", method="POST", data=b"")
+    assert status == 400
+    [error] = body["errors"]
+    assert "tls.prod: cannot read certificate" in error and "missing.pem" in error
+    assert echo_once(netd.address("qotd"), b"") == b"first\r\n"
+    assert "Traceback" not in netd.output
+
+
+def test_events_wait_must_be_a_finite_number(netd: NetdProcess) -> None:
+    for bad in ("nan", "soon"):
+        status, _ = call_json(netd, f"/api/events?wait={bad}")
+        assert status == 400, bad
+    assert call_json(netd, "/api/events?wait=0")[0] == 200

@@ -380,3 +380,41 @@ def test_twistd_lists_the_plugin() -> None:
     result = subprocess.run([*twistd_command(), "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert any(line.split()[:1] == ["netd"] for line in result.stdout.splitlines())
+
+
+def test_a_service_that_cannot_start_is_named_without_traceback(start_netd: StartNetd) -> None:
+    unreadable = "/proc/self/mem"  # a file, but reading it from the start fails (EIO)
+    config = f"""
+services:
+  echo:
+    type: echo
+    listen: ["tcp:0:interface=127.0.0.1"]
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    routes:
+      - {{path: /x, body_file: {unreadable}}}
+"""
+    with pytest.raises(StartFailed) as failed:
+        start_netd(config)
+    assert failed.value.returncode == 1
+    assert "services.web: cannot start: Input/output error" in failed.value.output
+    assert "Traceback" not in failed.value.output
+
+
+def test_unwritable_ports_file_folder_fails_at_once(tmp_path: Path) -> None:
+    config = tmp_path / "netd.yaml"
+    config.write_text(SIMPLE)
+    result = subprocess.run(
+        [
+            *twistd_command(),
+            *("-n", "--pidfile=", "netd", "-c", str(config)),
+            *("--ports-file", str(tmp_path / "no" / "such" / "ports.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "--ports-file" in result.stderr and "cannot write" in result.stderr

@@ -698,3 +698,47 @@ def test_every_error_at_once_in_file_order(map_file: Path) -> None:
         "7:27: tls.lab.colour: unknown key",
         "8:17: shutdown_grace: expected a number, got a string",
     ]
+
+
+def test_values_that_yaml_tags_cannot_carry_are_errors_not_crashes(tmp_path: Path) -> None:
+    text = """\
+shutdown_grace: .nan
+services:
+  e:
+    type: echo
+    listen: ["tcp:0"]
+    max_connections: !!int abc
+    enabled: !!bool maybe
+    idle_timeout: .inf
+"""
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(text, tmp_path / "netd.yaml")
+    assert [str(e).split(": ", 1)[1] for e in raised.value.errors] == [
+        "shutdown_grace: must be a finite number, got .nan",
+        "services.e.max_connections: not an integer: 'abc'",
+        "services.e.enabled: not true or false: 'maybe'",
+        "services.e.idle_timeout: must be a finite number, got .inf",
+    ]
+
+
+def test_tls_names_that_would_break_generation_are_errors(tmp_path: Path) -> None:
+    text = """\
+tls:
+  "my lab": {self_signed: [localhost]}
+  ok:
+    self_signed: [localhost, 127.0.0.1, "::1", "*.netd.test", bücher.example, "a b"]
+    sni: {"a*b.example": {cert: c.pem, key: k.pem}, "*.other.test": {cert: c.pem, key: k.pem}}
+services:
+  e: {type: echo, listen: ["tcp:0"]}
+"""
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(text, tmp_path / "netd.yaml")
+    messages = [str(e).split(": ", 1)[1] for e in raised.value.errors]
+    assert messages == [
+        "tls.my lab: TLS profile names are letters, digits, '.', '-' and '_'",
+        "tls.ok.self_signed[4]: not a host name or IP address: 'bücher.example' "
+        "(international names go in their xn-- form)",
+        "tls.ok.self_signed[5]: not a host name or IP address: 'a b' "
+        "(international names go in their xn-- form)",
+        "tls.ok.sni.a*b.example: not a server name or *.domain: 'a*b.example'",
+    ]
