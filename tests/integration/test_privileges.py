@@ -70,9 +70,8 @@ def workdir() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-@pytest.fixture
-def netd(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = low_port()
+def start_as_nobody(workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """twistd --uid nobody on CONFIG, returned once the ports file says it is ready."""
     (workdir / "netd.yaml").write_text(CONFIG.format(port=port))
     command = [
         *twistd_command(),
@@ -86,6 +85,13 @@ def netd(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         assert process.poll() is None, (workdir / "netd.log").read_text()
         assert time.monotonic() < deadline, "netd not ready"
         time.sleep(0.01)
+    return process
+
+
+@pytest.fixture
+def netd(workdir: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = low_port()
+    process = start_as_nobody(workdir, port)
     yield process, port
     if process.poll() is None:
         process.kill()
@@ -143,20 +149,8 @@ def test_handing_over_state_never_follows_links(workdir: Path) -> None:
     state = workdir / "state"
     state.mkdir()
     (state / "planted").symlink_to(victim)
-    (workdir / "netd.yaml").write_text(CONFIG.format(port=0))
-    command = [
-        *twistd_command(),
-        *("--nodaemon", "--pidfile=", "--uid", "nobody", "--gid", "nogroup"),
-        *("netd", "-c", "netd.yaml", "--ports-file", "ports.json"),
-    ]
-    with (workdir / "netd.log").open("wb") as log:
-        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    process = start_as_nobody(workdir, 0)
     try:
-        deadline = time.monotonic() + 15
-        while not (workdir / "ports.json").exists():
-            assert process.poll() is None, (workdir / "netd.log").read_text()
-            assert time.monotonic() < deadline, "netd not ready"
-            time.sleep(0.01)
         assert (victim.stat().st_uid, victim.stat().st_gid) == (0, 0)
         assert (state / "planted").lstat().st_uid == pwd.getpwnam("nobody").pw_uid
     finally:
