@@ -11,6 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import pytest
 from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.internet.task import Clock
@@ -19,7 +22,15 @@ from twisted.logger import Logger, LogLevel, globalLogPublisher
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
-from netd.services._http_app import App, BodyStream, Exchange, Headers, Route, StaticOptions
+from netd.services._http_app import (
+    App,
+    BodyStream,
+    Exchange,
+    Headers,
+    Route,
+    StaticOptions,
+    _path_of,
+)
 from netd.services._http_wire import HTTPConnection, Limits, factory_for
 from netd.services.http import HttpOptions
 
@@ -72,6 +83,7 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         "      - {path: /b, body: x, body_file: missing.txt}\n"
         "      - {path: /m, body: x, proxy: 'http://x/'}\n"
         "      - {path: /h, body: x, headers: {'Bad Name': x}}\n"
+        "      - {path: /l, body: x, headers: {Content-Length: abc, Transfer-Encoding: gzip}}\n"
         "    limits: {max_headers: 0, colour: red}\n",
     )
     joined = "\n".join(found)
@@ -83,6 +95,8 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
     assert "services.web.routes[3]: give body or body_file, not both" in joined
     assert "services.web.routes[4]: a route is one of" in joined
     assert "services.web.routes[5].headers.Bad Name: not a valid header" in joined
+    assert "routes[6].headers.Content-Length: set by netd from the body" in joined
+    assert "routes[6].headers.Transfer-Encoding: set by netd from the body" in joined
     assert "services.web.limits.max_headers: must be at least 1" in joined
     assert "services.web.limits.colour: unknown key" in joined
 
@@ -393,3 +407,140 @@ def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:
     assert with_h2.acceptableProtocols() == [b"h2", b"http/1.1"]  # type: ignore[attr-defined]
     assert without.acceptableProtocols() == [b"http/1.1"]  # type: ignore[attr-defined]
     assert not IProtocolNegotiationFactory.providedBy(plain)
+
+
+def test_nothing_is_answered_or_dispatched_after_the_client_leaves(root: Path) -> None:
+    proxied: list[Exchange] = []
+    cancelled: list[Exchange] = []
+
+    def proxy(exchange: Exchange, route: Route, rest: str) -> None:
+        proxied.append(exchange)
+        exchange.proxy_cancel = lambda: cancelled.append(exchange)
+
+    app = make_app(root, (Route("/api/", prefix=True, proxy="http://127.0.0.1:9/"),))
+    app.proxy = proxy
+    wire = Wire(app, Limits())
+    pipelined = b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\nGET /api/b HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert wire.send(pipelined) == b"" and len(proxied) == 1
+    wire.protocol.connectionLost()
+    assert cancelled == proxied and getattr(proxied[0], "done", False)
+    # What the proxy's failure path does after the cancel: nothing goes out, and
+    # the queued request is not dispatched to a client that left.
+    app.error(proxied[0], 502)
+    proxied[0].finish()
+    assert wire.take() == b"" and len(proxied) == 1
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        ("/a/b", "/a/b"),
+        ("/a%20b/", "/a b/"),
+        ("//a///b//", "/a/b/"),
+        ("/%73ecret?x=%2f", "/secret"),
+        ("http://h//a?q", "/a"),
+        ("/%25", "/%"),
+        ("/.well-known/x", "/.well-known/x"),
+        ("/caf%C3%A9", "/café"),
+        ("/a%2fb", None),
+        ("/a%5Cb", None),
+        ("/a/../b", None),
+        ("/a/%2e/b", None),
+        ("/a%00", None),
+        ("*", None),
+    ],
+)
+def test_one_normalised_path(target: str, path: str | None) -> None:
+    assert _path_of(target) == path
+
+
+def test_routes_and_redirects_see_the_normalised_path(root: Path) -> None:
+    routes = (
+        Route("/a.txt", prefix=False, status=403, body=b"no"),
+        Route("/old/", prefix=True, redirect="/", status=301),
+    )
+    app = make_app(root, routes)
+    for target in ("/a.txt", "/%61.txt", "//a.txt", "/dir/..%2fa.txt"):
+        assert answer(app, target).status in (400, 403), target
+    assert answer(app, "/old//evil.example/x?q").response_headers[b"Location"] == (
+        b"/evil.example/x?q"
+    )
+    assert answer(app, "/old/a%20b").response_headers[b"Location"] == b"/a%20b"
+    (root / "my dir").mkdir()
+    assert answer(app, "/my%20dir").response_headers[b"Location"] == b"/my%20dir/"
+    assert answer(app, "//dir").response_headers[b"Location"] == b"/dir/"
+
+
+def test_chunked_trailers_are_bounded_and_kept_out_of_the_headers(root: Path) -> None:
+    proxied: list[Exchange] = []
+
+    def proxy(exchange: Exchange, route: Route, rest: str) -> None:
+        proxied.append(exchange)  # and never answers
+
+    app = make_app(root, (Route("/api/", prefix=True, proxy="http://127.0.0.1:9/"),))
+    app.proxy = proxy
+    limits = Limits(max_header_bytes=300)
+    head = b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    fine = Wire(app, limits)
+    assert fine.send(head + b"3\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n") == b""
+    assert proxied[0].body.ended and proxied[0].headers[-1] == (b"Transfer-Encoding", b"chunked")
+    endless = Wire(app, limits)
+    assert endless.send(head + b"3\r\nabc\r\n0\r\nX-Trailer: ") == b""
+    out = b"".join(endless.send(b"a" * 200) for _ in range(3))
+    assert out.startswith(b"HTTP/1.1 431 ") and endless.closed
+    extension = Wire(app, limits)
+    extension.send(head + b"3;")
+    out = b"".join(extension.send(b"e" * 200) for _ in range(3))
+    assert out.startswith(b"HTTP/1.1 431 ") and extension.closed
+
+
+class H2Wire:
+    """An HTTP/2 connection (as if ALPN chose h2) over a StringTransport, and its client."""
+
+    def __init__(self, app: App, limits: Limits) -> None:
+        self.clock: Clock = app.clock
+        self.transport = StringTransport()
+        self.transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
+        self.protocol = HTTPConnection(factory_for(app, limits, tls=True, http2=True))
+        self.protocol.makeConnection(self.transport)
+        self.client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.client.initiate_connection()
+        self.events: list[h2.events.Event] = []
+
+    def send(self) -> None:
+        self.protocol.dataReceived(self.client.data_to_send())
+        for _ in range(20):  # twisted's sending loop runs from callLater(0)
+            self.clock.advance(0)
+        self.events += self.client.receive_data(self.transport.value())
+        self.transport.clear()
+
+    def statuses(self) -> dict[int, bytes]:
+        return {
+            e.stream_id: dict(e.headers)[b":status"]
+            for e in self.events
+            if isinstance(e, h2.events.ResponseReceived)
+        }
+
+
+def test_h2_body_over_the_limit_is_refused_at_once(root: Path) -> None:
+    wire = H2Wire(make_app(root), Limits(max_body=10))
+    request = [(":method", "POST"), (":path", "/a.txt"), (":scheme", "https")]
+    request.append((":authority", "x"))
+    # The whole body and END_STREAM in one read: refused at the crossing DATA.
+    wire.client.send_headers(1, request)
+    wire.client.send_data(1, b"x" * 20, end_stream=True)
+    wire.send()
+    assert wire.statuses() == {1: b"413"}
+    # Declared too large: refused at the headers; the body already on its way
+    # (same read) is dropped, and given back to the connection's window.
+    wire.client.send_headers(3, [*request, ("content-length", "60000")])
+    for _ in range(4):
+        wire.client.send_data(3, b"y" * 15000)
+    wire.send()
+    assert wire.statuses()[3] == b"413"
+    resets = [e for e in wire.events if isinstance(e, h2.events.StreamReset)]
+    assert [e.stream_id for e in resets] == [3] and resets[0].error_code == 0
+    assert wire.client.outbound_flow_control_window > 30000  # kept, it would be 5515
+    wire.client.send_headers(5, request, end_stream=True)
+    wire.send()
+    assert wire.statuses()[5] == b"405"  # POST on the root: the connection carries on

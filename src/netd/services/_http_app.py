@@ -165,6 +165,9 @@ class Exchange(ABC):
 
     method: str
     target: str
+    # The target's path as App.handle normalised it (decoded once): what routes
+    # match, the proxy strips and forwards, redirects keep and the root looks up.
+    path: str = "/"
     version: str
     headers: Headers
     client: str
@@ -362,6 +365,7 @@ class App:
         if path is None:
             self.error(exchange, 400)
             return
+        exchange.path = path
         for route in self.routes:
             if route.matches(path):
                 self._route(exchange, route, path)
@@ -393,8 +397,11 @@ class App:
         if route.redirect is not None:
             location = route.redirect
             if route.prefix:
-                location += path[len(route.path) :]
-            query = exchange.target.partition("?")[2]
+                location += quote_path(path[len(route.path) :])
+            if location.startswith("//") and not route.redirect.startswith("//"):
+                # Protocol-relative: the browser would go to another host.
+                location = "/" + location.lstrip("/")
+            query = query_of(exchange.target)
             if query:
                 location += "?" + query
             headers.append((b"Location", location.encode("latin-1", "replace")))
@@ -414,8 +421,12 @@ class App:
             raise _NotFound(404) from None
         if stat.S_ISDIR(info.st_mode):
             if not path.endswith("/"):
-                location = urllib.parse.quote(path + "/", safe="/")
-                self.error(exchange, 301, [(b"Location", location.encode())])
+                # The path is normalised (one leading slash): never protocol-relative.
+                location = quote_path(path + "/")
+                query = query_of(exchange.target)
+                if query:
+                    location += "?" + query
+                self.error(exchange, 301, [(b"Location", location.encode("latin-1", "replace"))])
                 return
             index = os.path.join(full, "index.html")
             if os.path.isfile(index):
@@ -430,19 +441,15 @@ class App:
         self._file(exchange, full, info)
 
     def _resolve(self, path: str) -> str:
-        """The file behind C{path}, never outside the root."""
+        """The file behind C{path} (normalised: decoded already), never outside the root."""
         assert self.root is not None
-        raw = urllib.parse.unquote_to_bytes(path)
-        segments = raw.split(b"/")
+        segments = path.split("/")
         for segment in segments:
-            # Decoded dots, backslashes (Windows separators on a share) and NULs
-            # are how paths leave a root; none belongs in a name served here.
-            if segment in (b".", b"..") or b"\\" in segment or b"\x00" in segment:
+            # _path_of refuses these already; checked again because this is
+            # the line that keeps requests inside the root.
+            if segment in (".", "..") or "\\" in segment or "\x00" in segment:
                 raise _NotFound(404)
-        try:
-            relative = os.fsdecode(b"/".join(s for s in segments if s))
-        except UnicodeDecodeError:
-            raise _NotFound(404) from None
+        relative = "/".join(s for s in segments if s)
         cached = self._real_paths.get(relative)
         now = self.clock.seconds()
         if cached is None or cached[1] < now:
@@ -456,18 +463,20 @@ class App:
         return real
 
     def _listing(self, exchange: Exchange, path: str, directory: str) -> None:
-        title = html.escape(urllib.parse.unquote(path))
+        title = html.escape(path)
         rows = []
         for name in sorted(os.listdir(directory)):
             suffix = "/" if os.path.isdir(os.path.join(directory, name)) else ""
-            href = urllib.parse.quote(name) + suffix
+            href = urllib.parse.quote(os.fsencode(name)) + suffix
             rows.append(f'<li><a href="{href}">{html.escape(name)}{suffix}</a></li>')
         page = (
             f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Index of {title}</title>"
             f"</head>\n<body><h1>Index of {title}</h1>\n<ul>\n" + "\n".join(rows) + "\n</ul>\n"
             "</body></html>\n"
         )
-        exchange.respond(200, [(b"Content-Type", b"text/html; charset=utf-8")], page.encode())
+        # Names that are not UTF-8 (surrogate escapes) show as U+FFFD's stand-in.
+        body = page.encode("utf-8", "replace")
+        exchange.respond(200, [(b"Content-Type", b"text/html; charset=utf-8")], body)
 
     def content_type(self, full: str) -> bytes:
         kind, encoding = self.types.guess_type(full, strict=False)
@@ -649,14 +658,66 @@ def _log_text(value: bytes | None) -> str:
     return value.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
 
 
+# RFC 3986 pchar (sub-delims, ':' and '@' stay literal, as nginx writes them) and '/'.
+_PATH_SAFE = "/!$&'()*+,;=:@~"
+
+
 def _path_of(target: str) -> str | None:
-    """The path of a request target (origin or absolute form), or None if it has none."""
+    """
+    The path of a request target (origin or absolute form), normalised once, or None.
+
+    Percent-decoded once (bytes that are not UTF-8 become surrogate escapes, as
+    file names do) and repeated slashes collapsed, so that routes, the proxy,
+    redirects and the static root all judge the same path: matching the raw
+    target while the root decoded it let C{/%73ecret} and C{//secret} past a
+    route guarding C{/secret}.  None (400) for a target without a path, and for
+    encoded slashes or backslashes, NULs and dot segments: no client needs
+    them, and each means different things to different readers.
+    """
     if target.startswith("/"):
-        return target.partition("?")[0]
-    if target.startswith(("http://", "https://")):
-        path = urllib.parse.urlsplit(target).path
-        return path or "/"
-    return None
+        raw = target.partition("?")[0]
+    elif target.startswith(("http://", "https://")):
+        raw = urllib.parse.urlsplit(target).path or "/"
+    else:
+        return None
+    if (
+        raw.isascii()
+        and "%" not in raw
+        and "//" not in raw
+        and "/." not in raw
+        and "\\" not in raw
+        and "\x00" not in raw
+    ):
+        return raw  # nearly every request: nothing to decode or collapse
+    lowered = raw.lower()
+    if "%2f" in lowered or "%5c" in lowered:
+        return None
+    try:
+        # The wire hands targets over as latin-1 text: these are the bytes sent.
+        decoded = urllib.parse.unquote_to_bytes(raw.encode("latin-1"))
+    except UnicodeEncodeError:
+        return None
+    if b"\\" in decoded or b"\x00" in decoded:
+        return None
+    segments = [s for s in decoded.split(b"/") if s]
+    if any(s in (b".", b"..") for s in segments):
+        return None
+    path = b"/" + b"/".join(segments)
+    if segments and decoded.endswith(b"/"):
+        path += b"/"
+    return path.decode("utf-8", "surrogateescape")
+
+
+def quote_path(path: str) -> str:
+    """A normalised path (or a piece of one) as it goes on the wire: percent-encoded once."""
+    return urllib.parse.quote(path.encode("utf-8", "surrogateescape"), safe=_PATH_SAFE)
+
+
+def query_of(target: str) -> str:
+    """The query of a request target, as the client sent it."""
+    if target.startswith("/"):
+        return target.partition("?")[2]
+    return urllib.parse.urlsplit(target).query
 
 
 def _etags(value: bytes) -> Iterator[bytes]:

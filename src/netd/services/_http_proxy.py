@@ -24,7 +24,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from netd.events import ServiceStats
-from netd.services._http_app import BodyStream, Exchange, Headers, Route
+from netd.services._http_app import BodyStream, Exchange, Headers, Route, query_of, quote_path
 
 __all__ = ["Proxy"]
 
@@ -42,6 +42,11 @@ _HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+# Framing of the request towards the upstream is the Agent's: it writes its own
+# Content-Length (from the body producer's length) or chunks, so the client's
+# Content-Length would go twice (a strict upstream answers 400).  Expect was
+# answered here already (100 Continue), and the Agent sends the body at once.
+_NOT_FORWARDED_UP = frozenset({b"content-length", b"expect"})
 
 
 def _forwardable(headers: Headers) -> Headers:
@@ -125,7 +130,7 @@ class Proxy:
 
     def __call__(self, exchange: Exchange, route: Route, rest: str) -> None:
         assert route.proxy is not None
-        url = _upstream_url(route.proxy, exchange.target, rest, route.prefix)
+        url = _upstream_url(route.proxy, exchange, rest, route.prefix)
         headers = TwistedHeaders()
         host = b""
         forwarded_for = b""
@@ -135,7 +140,10 @@ class Proxy:
                 host = value
             elif lower == b"x-forwarded-for":
                 forwarded_for = value + b", "
-            elif lower not in (b"x-forwarded-proto", b"x-forwarded-host"):
+            elif lower not in _NOT_FORWARDED_UP and lower not in (
+                b"x-forwarded-proto",
+                b"x-forwarded-host",
+            ):
                 headers.addRawHeader(name, value)
         headers.addRawHeader(b"X-Forwarded-For", forwarded_for + exchange.client.encode())
         headers.addRawHeader(b"X-Forwarded-Proto", exchange.scheme.encode())
@@ -186,13 +194,12 @@ class Proxy:
 
     def _failed(self, exchange: Exchange, failure: Failure, url: bytes, expired: bool) -> None:
         exchange.proxy_cancel = None
+        if exchange.status or getattr(exchange, "done", False):
+            # The client went away (our cancel is the failure), or its request
+            # turned out bad and was answered: nobody is left to tell.
+            return
         self.stats.count("proxy_errors")
-        if expired:
-            status = 504
-        elif exchange.status or getattr(exchange, "done", False):
-            return  # the client went away, or its request turned out bad
-        else:
-            status = 502
+        status = 504 if expired else 502
         self.log.warn(
             "proxy to {url} failed: {error}",
             url=url.decode("latin-1"),
@@ -202,13 +209,18 @@ class Proxy:
         exchange.respond(status, [(b"Content-Type", b"text/plain; charset=utf-8")], body)
 
 
-def _upstream_url(base: str, target: str, rest: str, prefix: bool) -> bytes:
-    """nginx's rule: an upstream URL with a path replaces the route's; without, keeps it."""
+def _upstream_url(base: str, exchange: Exchange, rest: str, prefix: bool) -> bytes:
+    """
+    nginx's rule: an upstream URL with a path replaces the route's; without, keeps it.
+
+    The path is the one the route matched (normalised, decoded; C{rest} is what
+    follows the route's prefix in it), encoded again once: forwarding the raw
+    target would hand the upstream a path other than the one the routes judged.
+    """
     parts = urllib.parse.urlsplit(base)
-    path, _, query = target.partition("?")
     if parts.path:
-        path = parts.path + rest if prefix else parts.path
-    if path.startswith("http://") or path.startswith("https://"):
-        path = urllib.parse.urlsplit(path).path or "/"
-    url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+        path = parts.path + quote_path(rest) if prefix else parts.path
+    else:
+        path = quote_path(exchange.path)
+    url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query_of(exchange.target), ""))
     return url.encode("latin-1")

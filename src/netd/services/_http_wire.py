@@ -11,14 +11,17 @@ is handed to twisted.web's L{H2Connection} and its requests reach the same L{App
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections import deque
 from typing import IO, Any
 
 import attrs
+import h2.exceptions
 import httptools
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IPullProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -33,6 +36,10 @@ __all__ = ["HTTPConnection", "HTTPFactory", "Limits", "busy_reply", "factory_for
 
 _HOP_BY_HOP_FRAMING = (b"content-length", b"transfer-encoding", b"connection")
 _SENDFILE_CHUNK = 4 << 20
+# Response bytes an HTTP/2 connection may queue before its streams' producers are
+# paused: shared by its open streams, with a floor for each.
+_H2_CONNECTION_BUFFER = 1 << 20
+_H2_STREAM_BUFFER_MIN = 64 * 1024
 _KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
 _CLOSE = b"Connection: close\r\n\r\n"
 
@@ -108,10 +115,12 @@ class LineExchange(Exchange):
         return b"".join(lines)
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        if self.done:
+            return  # answered already, or the client is gone
         length = len(body)
         for name, value in headers:
             if name.lower() == b"content-length" and self.method == "HEAD":
-                length = int(value)
+                length = int(value)  # what GET would send (App's own, digits)
         head = self._head(status, headers, length)
         if self.method == "HEAD" or status in (204, 304):
             self.connection.send_now(head)
@@ -255,6 +264,7 @@ class HTTPConnection(Protocol):
         self.in_head = False
         self.head_fed = 0
         self.head_size = 0
+        self.since_body = 0
         self.url = b""
         self.fields: Headers = []
         self.closing = False
@@ -264,6 +274,7 @@ class HTTPConnection(Protocol):
         self.h2: H2Connection | None = None
         self.raw: tcp.Connection | None = None
         self.first = True
+        self.gone = False
         self.client = ""
         self.scheme = factory.scheme
 
@@ -291,8 +302,13 @@ class HTTPConnection(Protocol):
             return
         if self.closing:
             return
-        if self.in_head or self.receiving is None:
+        receiving = self.receiving
+        if self.in_head or receiving is None:
             self.head_fed += len(data)
+        elif receiving.body.expected is None:
+            # Chunked: what is not body is framing, and after the last chunk
+            # trailer fields, which llhttp buffers whole until each one ends.
+            self.since_body += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -311,17 +327,30 @@ class HTTPConnection(Protocol):
         if self.in_head and self.head_fed > limits.max_request_line + limits.max_header_bytes:
             # llhttp buffers a header it has not finished; this bounds it.
             self.reject(414 if not self.fields and len(self.url) else 431)
+        elif self.receiving is not None and self.since_body > limits.max_header_bytes:
+            # That many bytes without a byte of body: an endless chunk extension or
+            # trailer field (counted from the read after the last body data, so
+            # at most one read more than the limit is ever held).
+            self.reject(431)
 
     def connectionLost(self, why: Failure = connectionDone) -> None:
         if self.h2 is not None:
             self.h2.connectionLost(why)
         self.closing = True
+        self.gone = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
-        for exchange in [self.current, *self.queue]:
-            if exchange is not None and exchange.proxy_cancel is not None:
-                exchange.proxy_cancel()
+        exchanges = [self.current, *self.queue]
+        # Nobody is left to answer: queued requests are never dispatched, and
+        # whatever still answers the current one (the proxy's failure path
+        # after the cancel below) must find it done.
+        self.queue.clear()
+        for exchange in exchanges:
+            if exchange is not None:
+                exchange.done = True
+                if exchange.proxy_cancel is not None:
+                    exchange.proxy_cancel()
 
     def send_now(self, data: bytes) -> None:
         """
@@ -331,9 +360,17 @@ class HTTPConnection(Protocol):
         then writes on the next turn: two epoll_ctl calls and a loop turn per response.
         A socket with an empty buffer almost always takes a small response whole.
         """
+        if self.gone:
+            return  # the socket is closed (and Twisted has dropped raw.socket)
         raw = self.raw
-        if raw is None or raw.dataBuffer or raw._tempDataLen or raw.disconnecting:
-            self.transport.write(data)
+        if (
+            raw is None
+            or raw.dataBuffer
+            or raw._tempDataLen
+            or raw.disconnecting
+            or raw.disconnected
+        ):
+            self.transport.write(data)  # which does nothing once disconnected
             return
         try:
             sent = raw.socket.send(data)
@@ -443,6 +480,7 @@ class HTTPConnection(Protocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.head_fed = 0
+        self.since_body = 0
         parser = self.parser
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):
@@ -482,6 +520,9 @@ class HTTPConnection(Protocol):
         exchange.body = BodyStream(expected, self.app.record_body)
         exchange.body.pause = self.pause_reading
         exchange.body.resume = self.resume_reading
+        # Trailer fields of a chunked body come through on_header too: they are
+        # counted against the limits there but must not join the request's headers.
+        self.fields = []
         self.receiving = exchange
         self.arm(self.limits.body_timeout)
         if self.current is None:
@@ -497,6 +538,7 @@ class HTTPConnection(Protocol):
             raise _Reject(413)
         if self.deadline is not None:
             self.deadline = self.clock.seconds() + self.limits.body_timeout
+        self.since_body = 0
         exchange.body.feed(data)
 
     def on_message_complete(self) -> None:
@@ -529,6 +571,8 @@ class HTTPConnection(Protocol):
     def finished(self, exchange: LineExchange) -> None:
         self.current = None
         self.app.completed(exchange)
+        if self.gone:
+            return
         if not exchange.keep_alive:
             self.closing = True
             self.queue.clear()
@@ -554,7 +598,9 @@ class HTTPConnection(Protocol):
     # -- HTTP/2 -------------------------------------------------------------------------
 
     def switch_to_h2(self) -> None:
-        h2: Any = H2Connection(self.clock)
+        h2: Any = _H2Connection(self.clock)
+        h2.app = self.app
+        h2.client = self.client
         site = self.factory.h2_site
         h2.site = site
         h2.requestFactory = site.requestFactory
@@ -567,12 +613,103 @@ class HTTPConnection(Protocol):
         self.transport.registerProducer(h2, True)
 
 
+class _H2Connection(H2Connection):
+    """
+    twisted.web's HTTP/2 connection with two limits of its own.
+
+    Back-pressure: twisted pauses a stream's producer only when the client's
+    flow-control window is used up, counting what is queued for the stream.  A
+    client may grant a window of 2**31-1 and then read nothing: TCP backs up,
+    this connection stops sending (the transport pauses it), and the producer,
+    never paused, queues the whole file here.  So the window a stream may fill
+    is capped at its share of L{_H2_CONNECTION_BUFFER}, and since no
+    WINDOW_UPDATE comes to wake a stream paused by that cap, the sending loop
+    wakes it once its queue has drained below it.  (A producer's write lands
+    whole: a stream may hold one write, 256 KiB for files, beyond its share.)
+
+    Bodies over C{max_body}: answered 413 as soon as the limit is crossed (or a
+    declared Content-Length exceeds it), and the stream is reset with NO_ERROR
+    (RFC 9113 8.1), instead of reading the whole body first.
+    """
+
+    app: App
+    client: str
+
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        share = max(_H2_CONNECTION_BUFFER // (len(self.streams) or 1), _H2_STREAM_BUFFER_MIN)
+        window = min(self.conn.local_flow_control_window(streamID), share)
+        queue = self._outboundStreamQueues[streamID]
+        # The queue also holds twisted's end-of-stream marker (not bytes).
+        return window - sum(len(chunk) for chunk in queue if isinstance(chunk, bytes))
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        super()._sendPrioritisedData(*args)
+        # The queues shrink only here: wake the streams the cap paused.
+        # windowUpdated resumes a producer only if its stream has room again.
+        for stream in list(self.streams.values()):
+            if stream.producer is not None and not stream._producerProducing:
+                stream.windowUpdated()
+
+    def _requestReceived(self, event: Any) -> None:
+        super()._requestReceived(event)
+        self._refuse_if_too_large(event.stream_id)
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if event.stream_id not in self.streams:
+            # Refused earlier in this batch of events.  h2 counted these bytes
+            # against the connection's window: give them back, or it shrinks.
+            self.openStreamWindow(event.stream_id, event.flow_controlled_length)
+            return
+        super()._requestDataReceived(event)
+        self._refuse_if_too_large(event.stream_id)
+
+    def _requestEnded(self, event: Any) -> None:
+        if event.stream_id in self.streams:  # not refused earlier in this batch
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+
+    def _refuse_if_too_large(self, streamID: int) -> None:
+        stream = self.streams.get(streamID)
+        if stream is None or not getattr(stream._request, "too_large", False):
+            return
+        status = 413
+        body = b"%d %s\n" % (status, reason(status))
+        headers = [(b":status", b"%d" % status), (b"server", b"netd")]
+        if self.conn.local_flow_control_window(streamID) >= len(body):
+            headers += [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            self.conn.send_headers(streamID, headers)
+            self.conn.send_data(streamID, body, end_stream=True)
+        else:
+            self.conn.send_headers(streamID, headers, end_stream=True)
+        # NO_ERROR: stop sending, nothing went wrong; unless the client has
+        # sent it all already (END_STREAM in the same read), and the stream is closed.
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.reset_stream(streamID)
+        self.app.stats.count("rejected")
+        self.app.emit("http.rejected", status=status, client=self.client)
+        if self._tryToWriteControlData():
+            stream.connectionLost(Failure(ConnectionLost("request body too large")))
+            self._requestDone(streamID)
+
+
 class _H2Request(server.Request):
     """A request whose body stops being stored past the service's limit."""
 
     max_body = 0
     too_large = False
     received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True  # refused as soon as its headers are in
+            length = 0  # and no buffer (nor temporary file) of that size
+        super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
         self.received += len(data)
@@ -604,7 +741,22 @@ class H2Exchange(Exchange):
         self.body.feed(data)
         self.body.end()
         self.done = False
-        request.notifyFinish().addErrback(lambda _: setattr(self, "done", True))
+        # The stream, kept: twisted.web forgets it (request.channel) when it is lost.
+        self.stream: Any = request.channel
+        self.producer: Any = None
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, reason: Failure) -> None:
+        """The stream was reset or the connection lost: stop whatever still works for it."""
+        self.done = True
+        if self.proxy_cancel is not None:
+            self.proxy_cancel()
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            # H2Stream neither stops nor unregisters a producer when it is reset:
+            # a file would be read to its end and an upstream relayed in full.
+            self.stream.unregisterProducer()
+            producer.stopProducing()
 
     def start(self, status: int, headers: Headers, length: int | None) -> None:
         self.status = status
@@ -620,8 +772,8 @@ class H2Exchange(Exchange):
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         length = len(body)
         for name, value in headers:
-            if name.lower() == b"content-length":
-                length = int(value)
+            if name.lower() == b"content-length" and self.method == "HEAD":
+                length = int(value)  # what GET would send (App's own, digits)
         self.start(status, headers, length)
         if self.method != "HEAD" and status not in (204, 304):
             self.write(body)
@@ -639,14 +791,22 @@ class H2Exchange(Exchange):
             self.app.completed(self)
 
     def abort(self) -> None:
+        if self.done:
+            return  # finished, or the stream is gone (request.channel with it)
         self.done = True
         self.request.loseConnection()
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
+        if self.done:
+            producer.stopProducing()
+            return
+        self.producer = producer
         self.request.registerProducer(producer, streaming)
 
     def unregister_producer(self) -> None:
-        self.request.unregisterProducer()
+        if self.producer is not None:
+            self.producer = None
+            self.request.unregisterProducer()
 
 
 class _H2Resource(Resource):

@@ -37,6 +37,7 @@ from netd.services._http_wire import Limits, busy_reply, factory_for
 __all__ = ["HTTP", "HttpOptions", "Limits", "Route"]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+_FRAMING = ("content-length", "transfer-encoding")
 
 
 @attrs.frozen
@@ -156,6 +157,11 @@ def _headers(value: Value) -> tuple[tuple[str, str], ...]:
             text.encode("latin-1")
         except UnicodeEncodeError:
             entry.error("headers are latin-1 text")
+            continue
+        if name.lower() in _FRAMING:
+            # The framing is the body's: a configured length was announced to
+            # HEAD (and an unparsable one answered 400) while GET sent the body.
+            entry.error("set by netd from the body")
             continue
         found.append((name, text))
     return tuple(found)

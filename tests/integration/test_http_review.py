@@ -1,0 +1,337 @@
+"""
+The http kind in the real daemon against the defects of a review: proxy framing, a
+client leaving mid-proxy, chunked trailers, path normalisation, HTTP/2 back-pressure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.settings
+import pytest
+
+from netd.testing import NetdProcess
+
+BIG = 96 << 20
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture(scope="module")
+def hanging() -> Iterator[int]:
+    """An upstream that takes connections (in the kernel's backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory, hanging: int) -> Iterator[NetdProcess]:
+    base = tmp_path_factory.mktemp("review")
+    www = base / "www"
+    (www / "my dir").mkdir(parents=True)
+    (www / "my dir" / "index.html").write_text("<p>spaced</p>\n")
+    (www / "sub").mkdir()
+    (www / "secret.txt").write_text("the secret\n")
+    (www / "hello.txt").write_text("hello\n")
+    with (www / "big.bin").open("wb") as big:
+        big.truncate(BIG)  # sparse: costs nothing on disk
+    up = _free_port()
+    config = f"""
+state_dir: state
+shutdown_grace: 1
+tls:
+  lab: {{self_signed: [localhost, 127.0.0.1]}}
+services:
+  up:
+    type: http
+    listen: ["tcp:{up}:interface=127.0.0.1"]
+    access_log: false
+    routes:
+      - {{path: /echo, body: "upstream ok\\n"}}
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1", {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
+    root: {www}
+    routes:
+      - {{path: /secret.txt, status: 403, body: "forbidden\\n"}}
+      - {{path: /old/, redirect: /, status: 301}}
+      - {{path: /up/, proxy: "http://127.0.0.1:{up}/"}}
+      - {{path: /hang/, proxy: "http://127.0.0.1:{hanging}/", timeout: 30}}
+    limits: {{max_header_bytes: 4096, max_body: 100000, body_timeout: 30}}
+"""
+    process = NetdProcess.start(config, base / "netd")
+    yield process
+    process.stop()
+
+
+def request(
+    netd: NetdProcess, method: str, path: str, body: bytes | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    connection = http.client.HTTPConnection(*netd.address("web"), timeout=5)
+    connection.request(method, path, body=body)
+    response = connection.getresponse()
+    data = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+
+
+def assert_serving(netd: NetdProcess) -> None:
+    assert request(netd, "GET", "/hello.txt")[::2] == (200, b"hello\n")
+    assert netd.process.poll() is None
+    assert "Unhandled error" not in netd.output and "Traceback" not in netd.output
+
+
+# -- 1. the proxy frames its own request -------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_proxied_body_with_a_length_reaches_a_strict_upstream(
+    netd: NetdProcess, method: str
+) -> None:
+    # The upstream is netd itself: llhttp answers 400 to a repeated Content-Length.
+    status, _, body = request(netd, method, "/up/echo", b"x" * 1000)
+    assert (status, body) == (200, b"upstream ok\n")
+    assert request(netd, method, "/up/echo", b"")[::2] == (200, b"upstream ok\n")
+    assert_serving(netd)
+
+
+# -- 2. a client that leaves while the proxy waits ----------------------------------------
+
+
+def test_client_leaving_a_proxied_request_is_quiet(netd: NetdProcess) -> None:
+    for _ in range(3):
+        with socket.create_connection(netd.address("web"), timeout=5) as sock:
+            sock.sendall(b"GET /hang/x HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.2)  # the proxy is waiting on the upstream now
+    time.sleep(0.3)  # netd sees the close, cancels the proxy call
+    assert_serving(netd)
+
+
+# -- 4. one normalised path for routes, the proxy, redirects and the root -------------------
+
+
+def raw(netd: NetdProcess, data: bytes) -> bytes:
+    """Send bytes as they are; everything until netd closes."""
+    with socket.create_connection(netd.address("web"), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def head_of(netd: NetdProcess, target: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
+    answer = raw(netd, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/secret.txt", b"/%73ecret.txt", b"//secret.txt", b"/sub/../secret.txt", b"/%2fsecret.txt"],
+)
+def test_a_route_cannot_be_bypassed_by_spelling(netd: NetdProcess, target: bytes) -> None:
+    status, _, body = head_of(netd, target)
+    assert status in (400, 403, 404) and b"the secret" not in body, (target, status, body)
+
+
+def test_redirects_are_encoded_once_and_stay_on_this_host(netd: NetdProcess) -> None:
+    status, fields, _ = head_of(netd, b"/my%20dir")
+    assert status == 301 and fields[b"location"] == b"/my%20dir/"
+    assert head_of(netd, b"/my%20dir?a=1")[1][b"location"] == b"/my%20dir/?a=1"
+    assert head_of(netd, b"/my%20dir/")[2] == b"<p>spaced</p>\n"
+    assert head_of(netd, b"//sub")[1][b"location"] == b"/sub/"
+    status, fields, _ = head_of(netd, b"/old//evil.example/x?q")
+    assert status == 301 and fields[b"location"] == b"/evil.example/x?q"
+    assert head_of(netd, b"/old/a%20b")[1][b"location"] == b"/a%20b"
+
+
+def test_the_proxy_forwards_the_normalised_path(netd: NetdProcess) -> None:
+    for target in ("/up/echo", "/up//echo", "/up/%65cho", "//up/echo"):
+        assert request(netd, "GET", target)[::2] == (200, b"upstream ok\n"), target
+    assert request(netd, "GET", "/up/echo/../echo")[0] == 400
+
+
+# -- 3. trailer fields count against max_header_bytes --------------------------------------
+
+
+def test_an_endless_trailer_is_cut(netd: NetdProcess) -> None:
+    with socket.create_connection(netd.address("web"), timeout=5) as sock:
+        sock.sendall(
+            b"POST /hang/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\nX-Trailer: "
+        )
+        started = time.monotonic()
+        sent = 0
+        with pytest.raises(OSError):  # EPIPE or ECONNRESET once netd has closed
+            while time.monotonic() - started < 5:
+                sent += sock.send(b"a" * 65536)
+        # Before: llhttp took it all in (hundreds of MB) until body_timeout.
+        assert sent < 16 << 20 and time.monotonic() - started < 3
+        try:
+            answer = sock.recv(1000)
+        except ConnectionResetError:
+            answer = b""  # the 431 raced our unread bytes' RST
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+    assert_serving(netd)
+
+
+# -- HTTP/2: early 413, streams reset mid-proxy, back-pressure ------------------------------
+
+
+class H2Client:
+    """A bare h2 client over TLS: frames in, events out."""
+
+    def __init__(self, netd: NetdProcess, window: int = 65535, rcvbuf: int = 0) -> None:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        raw = socket.socket()
+        if rcvbuf:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+        raw.settimeout(5)
+        raw.connect(netd.address("web", tls=True))
+        self.sock = context.wrap_socket(raw, server_hostname="localhost")
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        self.conn.initiate_connection()
+        if window > 65535:
+            self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+            self.conn.increment_flow_control_window(window - 65535)
+        self.flush()
+
+    def flush(self) -> None:
+        self.sock.sendall(self.conn.data_to_send())
+
+    def request(self, stream: int, method: str, path: str, end: bool = True, **extra: str) -> None:
+        headers = [(":method", method), (":path", path), (":scheme", "https")]
+        headers += [(":authority", "localhost"), *extra.items()]
+        self.conn.send_headers(stream, headers, end_stream=end)
+        self.flush()
+
+    def events(self, timeout: float = 5.0) -> list[h2.events.Event]:
+        self.sock.settimeout(timeout)
+        data = self.sock.recv(65536)
+        assert data, "netd closed the connection"
+        events = self.conn.receive_data(data)
+        self.flush()
+        return events
+
+    def status_of(self, stream: int) -> int:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    return int(dict(event.headers)[b":status"])
+        raise AssertionError(f"no answer on stream {stream}")
+
+    def get(self, stream: int, path: str) -> tuple[int, bytes]:
+        self.request(stream, "GET", path)
+        status, body = 0, b""
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            for event in self.events():
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id == stream:
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id == stream:
+                    body += event.data
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamEnded) and event.stream_id == stream:
+                    self.flush()
+                    return status, body
+        raise AssertionError(f"no answer on stream {stream}")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_h2_body_over_max_body_is_refused_as_it_crosses(netd: NetdProcess) -> None:
+    client = H2Client(netd)
+    client.request(1, "POST", "/up/echo", end=False)
+    sent, status, reset = 0, 0, None
+    deadline = time.monotonic() + 5
+    while (not status or reset is None) and time.monotonic() < deadline:
+        room = min(client.conn.local_flow_control_window(1), 16384)
+        if not status and room:
+            client.conn.send_data(1, b"x" * room)
+            client.flush()
+            sent += room
+        try:
+            events = client.events(timeout=0.02 if room and not status else 1)
+        except TimeoutError:
+            continue
+        for event in events:
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.StreamReset):
+                reset = event.error_code
+    # max_body is 100000: answered within a window or so of it, not at the body's end.
+    assert status == 413 and reset == h2.errors.ErrorCodes.NO_ERROR and sent < 400_000
+    client.request(3, "POST", "/up/echo", end=False, **{"content-length": str(10**9)})
+    assert client.status_of(3) == 413
+    assert client.get(5, "/hello.txt") == (200, b"hello\n")  # the connection carries on
+    client.close()
+    assert_serving(netd)
+
+
+def test_h2_streams_reset_mid_answer_are_quiet(netd: NetdProcess) -> None:
+    client = H2Client(netd)
+    client.request(1, "GET", "/hang/x")  # the proxy waits on the upstream
+    client.request(3, "GET", "/big.bin")  # a producer streams the file
+    while not any(isinstance(e, h2.events.DataReceived) for e in client.events()):
+        pass
+    for stream in (1, 3):
+        client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
+    client.flush()
+    assert client.get(5, "/hello.txt") == (200, b"hello\n")
+    client.close()
+    time.sleep(0.2)
+    assert_serving(netd)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_h2_download_to_a_client_that_does_not_read_keeps_memory_flat(
+    netd: NetdProcess,
+) -> None:
+    pid = netd.process.pid
+    before = _rss_kib(pid)
+    # The whole file fits the window the client grants; only TCP holds it back.
+    client = H2Client(netd, window=2**31 - 1, rcvbuf=4096)
+    client.request(1, "GET", "/big.bin")
+    grown = 0
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        grown = max(grown, _rss_kib(pid) - before)
+    client.close()
+    assert grown < 48 * 1024, f"netd grew by {grown} KiB for a {BIG >> 20} MiB download"
+    assert_serving(netd)
