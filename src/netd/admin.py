@@ -121,7 +121,9 @@ class AdminResource(Resource):
     def _api(self, request: Request, method: str, parts: list[str]) -> bytes | int:
         if parts == ["reload"]:
             _allow(method, "POST")
-            return self._deferred(request, self.daemon.reload(), _reload_answer)
+            # A reload runs to its end even if the client hangs up: stopping it
+            # between releasing old listeners and binding new ones would strand both.
+            return self._deferred(request, _uncancellable(self.daemon.reload()), _reload_answer)
         if parts == ["events"]:
             _allow(method, "GET")
             return self._events(request)
@@ -192,8 +194,11 @@ class AdminResource(Resource):
         answer: Callable[[Any], tuple[int, Any]],
     ) -> int:
         """Answer once C{pending} fires; cancel it if the client goes away."""
+        gone: list[bool] = []
 
         def respond(result: Any) -> None:
+            if gone:
+                return
             status, body = answer(result)
             if isinstance(body, bytes):
                 request.setResponseCode(status)
@@ -207,12 +212,34 @@ class AdminResource(Resource):
             if failure.check(CancelledError):
                 return
             log.failure("admin request failed", failure)
+            if gone:
+                return
             request.write(_json(request, {"error": "internal error"}, 500))
             request.finish()
 
-        request.notifyFinish().addErrback(lambda _: pending.cancel())
+        def client_left(reason: Failure) -> None:
+            gone.append(True)
+            pending.cancel()
+
+        request.notifyFinish().addErrback(client_left)
         pending.addCallback(respond).addErrback(failed)
         return NOT_DONE_YET
+
+
+def _uncancellable(work: Deferred[Any]) -> Deferred[Any]:
+    """A Deferred for C{work}'s result whose cancellation leaves C{work} alone."""
+    result: Deferred[Any] = Deferred()
+
+    def relay(outcome: Any) -> None:
+        if result.called:  # cancelled: the client is gone, nobody to tell
+            return
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)
+
+    work.addBoth(relay)
+    return result
 
 
 def _reload_answer(result: Any) -> tuple[int, Any]:
