@@ -9,6 +9,7 @@ import http.client
 import http.server
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -67,13 +68,19 @@ services:
     assert arrived.wait(10), "the request never reached the upstream"
 
     netd.signal(15)
-    # Stopped accepting: new connections are refused while the old one finishes.
-    for _ in range(500):
+    deadline = time.monotonic() + 10
+    while "netd stopping" not in netd.output:
+        assert time.monotonic() < deadline, "no sign of stopping"
+        time.sleep(0.01)
+    # The listening socket closes within a reactor turn of that line; from then
+    # on new connections are refused while the old one finishes.
+    for _ in range(100):
         try:
             socket.create_connection((host, web_port), timeout=1).close()
         except (ConnectionRefusedError, ConnectionResetError):
-            # Reset: accepted by the kernel while netd closed its listening socket.
             break
+        except TimeoutError:
+            continue  # queued in a backlog nobody accepts from any more
     else:
         pytest.fail("netd still accepts connections after SIGTERM")
     release.set()
