@@ -9,7 +9,6 @@ reports every error in the file at once.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -230,15 +229,6 @@ class Value:
 
     def as_path(self) -> Path:
         return self.base_dir / self.as_str()
-
-    def as_network(self) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-        text = self.as_str()
-        try:
-            return ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            if self.is_scalar:
-                self.error(f"not an IP network: {text!r}")
-            return None
 
     def items(self) -> Iterator[tuple[str, Value]]:
         """Key/value pairs of a mapping; reports non-string and duplicate keys."""
