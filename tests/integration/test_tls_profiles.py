@@ -1,0 +1,111 @@
+"""
+A TLS profile from PEM files with min_version and client_ca, served by the real
+daemon and met by Python's ssl module as the client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from netd.tls import ensure_self_signed
+from tests.conftest import StartNetd
+
+
+def client_certificate(ca_dir: Path, profile: str, into: Path) -> tuple[Path, Path]:
+    """A certificate for client authentication, signed by the CA netd generated in ca_dir."""
+    ca_cert = x509.load_pem_x509_certificate((ca_dir / f"{profile}-ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key(
+        (ca_dir / f"{profile}-ca.key").read_bytes(), password=None
+    )
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test client")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = into / "client.pem", into / "client.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_pem_profile_with_client_certificates_and_tls13(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    server, server_ca = ensure_self_signed(tmp_path / "server", "site", ["localhost"])
+    ensure_self_signed(tmp_path / "clients", "clients", ["clients.test"])
+    client_cert, client_key = client_certificate(tmp_path / "clients", "clients", tmp_path)
+    netd = start_netd(
+        f"""
+tls:
+  files:
+    cert: {server.chain}
+    key: {server.key}
+    min_version: "1.3"
+    client_ca: {tmp_path / "clients" / "clients-ca.pem"}
+services:
+  echo:
+    type: echo
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: files}}]
+"""
+    )
+    address = netd.address("echo", tls=True)
+
+    def client(certificate: bool = True, tls12_only: bool = False) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(server_ca))
+        if certificate:
+            context.load_cert_chain(client_cert, client_key)
+        if tls12_only:
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        return context
+
+    with client().wrap_socket(
+        socket.create_connection(address, timeout=5), server_hostname="localhost"
+    ) as tls:
+        assert tls.version() == "TLSv1.3"
+        tls.sendall(b"mutual")
+        assert tls.recv(100) == b"mutual"
+
+    with (
+        pytest.raises(ssl.SSLError),
+        client(tls12_only=True).wrap_socket(
+            socket.create_connection(address, timeout=5), server_hostname="localhost"
+        ),
+    ):
+        pass
+
+    # TLS 1.3 asks for the client certificate after the handshake: the refusal
+    # shows on the first read, as an alert or a closed connection.
+    with (
+        client(certificate=False).wrap_socket(
+            socket.create_connection(address, timeout=5), server_hostname="localhost"
+        ) as anonymous,
+        pytest.raises((ssl.SSLError, ConnectionResetError)),
+    ):
+        anonymous.sendall(b"who am I")
+        if not anonymous.recv(100):
+            raise ConnectionResetError("closed without an answer")
+    assert netd.process.poll() is None
