@@ -59,6 +59,10 @@ class _Root(MultiService):
             super().privilegedStartService()
         except StartupError as e:
             logs.fatal(str(e))
+            if not (self.twistd_options or {}).get("nodaemon", True):
+                # Daemonized, the waiting parent only hears of an exception that
+                # twistd writes to its status pipe; an exit leaves it waiting forever.
+                raise
             raise SystemExit(1) from None
         self._hand_over_state()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -418,3 +419,43 @@ def test_unwritable_ports_file_folder_fails_at_once(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "--ports-file" in result.stderr and "cannot write" in result.stderr
+
+
+def test_daemonized_twistd_reports_start_and_failure(tmp_path: Path) -> None:
+    """Without -n the parent waits for the child's word: 0 when serving, the error if not."""
+    config = tmp_path / "netd.yaml"
+    config.write_text(SIMPLE)
+    command = [*twistd_command(), "--pidfile=netd.pid", "--logfile=netd.log", "netd"]
+    started = subprocess.run(
+        [*command, "-c", str(config), "--ports-file", "ports.json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=tmp_path,
+    )
+    assert started.returncode == 0, started.stderr
+    ports = json.loads((tmp_path / "ports.json").read_text())
+    pid = int((tmp_path / "netd.pid").read_text())
+    try:
+        echo = ports["services"]["echo"]["listeners"][0]
+        with connect((echo["host"], echo["port"])) as sock:
+            sock.sendall(b"daemon")
+            assert receive_exactly(sock, 6) == b"daemon"
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config.write_text(
+        "services:\n  e: {type: echo, listen: "
+        f'["tcp:{taken.getsockname()[1]}:interface=127.0.0.1"]}}\n'
+    )
+    failed = subprocess.run(
+        [*command, "-c", str(config)], capture_output=True, text=True, timeout=30, cwd=tmp_path
+    )
+    taken.close()
+    assert failed.returncode == 1
+    # twistd relays the first 100 bytes of the error; the log has all of it.
+    assert "An error has occurred: b'netd.listeners.StartupError: " in failed.stderr
+    assert "service e: cannot listen on" in (tmp_path / "netd.log").read_text()
