@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage
+from twisted.python.logfile import LogFile
 
 from netd import logs, systemd
 from netd.config import ConfigErrors, load_config
@@ -44,6 +45,7 @@ class _Root(MultiService):
         self.daemon = daemon
         self.reactor = reactor
         self.twistd_options = twistd_options
+        self.log_sink: logs.BufferedObserver | None = None
         daemon.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
@@ -51,6 +53,7 @@ class _Root(MultiService):
         sink = logs.install_for_twistd(
             parent, self.daemon.config.log, self.twistd_options, self.reactor
         )
+        self.log_sink = sink
         if sink is not None:
             self.reactor.addSystemEventTrigger("after", "shutdown", sink.unbuffer)
 
@@ -101,8 +104,19 @@ class _Root(MultiService):
         def reload(signum: int, frame: Any) -> None:
             self.reactor.callFromThread(self.daemon.reload)
 
+        def reopen_log(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self._rotate_log)
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGHUP, reload)
+        # twistd rotates its own log file on SIGUSR1; ours replaces its observer.
+        signal.signal(signal.SIGUSR1, reopen_log)
+
+    def _rotate_log(self) -> None:
+        output = self.log_sink.output if self.log_sink is not None else None
+        if isinstance(output, LogFile):
+            self.log_sink.flush()
+            output.rotate()
 
 
 def makeService(options: Options) -> IService:

@@ -459,3 +459,38 @@ def test_daemonized_twistd_reports_start_and_failure(tmp_path: Path) -> None:
     # twistd relays the first 100 bytes of the error; the log has all of it.
     assert "An error has occurred: b'netd.listeners.StartupError: " in failed.stderr
     assert "service e: cannot listen on" in (tmp_path / "netd.log").read_text()
+
+
+def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
+    config = tmp_path / "netd.yaml"
+    config.write_text(SIMPLE)
+    logged = tmp_path / "rotated.log"
+    process = subprocess.Popen(
+        [
+            *twistd_command(),
+            "-n",
+            "--pidfile=",
+            f"--logfile={logged}",
+            "netd",
+            "-c",
+            str(config),
+            "--ports-file",
+            str(tmp_path / "ports.json"),
+        ],
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (tmp_path / "ports.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "rotated.log.1").exists():
+            assert time.monotonic() < deadline, "SIGUSR1 did not rotate the log"
+            time.sleep(0.01)
+        assert "listening on" in (tmp_path / "rotated.log.1").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert "netd stopped" in logged.read_text()
