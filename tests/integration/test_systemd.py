@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -316,3 +317,39 @@ def test_example_matches_the_socket_units() -> None:
         [sys.executable, "-m", "netd.cli", "check", str(example)], capture_output=True, text=True
     )
     assert check.returncode == 0, check.stderr
+
+
+@needs_socket_activate
+def test_tls_on_an_inherited_socket(tmp_path: Path) -> None:
+    """A systemd: stream socket with a TLS profile: TLS is put on top of the adopted socket."""
+    config = """
+state_dir: state
+tls:
+  lab: {self_signed: [localhost]}
+services:
+  echo:
+    type: echo
+    listen:
+      - {endpoint: "systemd:domain=INET:name=echo", tls: lab}
+      - "systemd-udp:domain=INET:name=echo"
+"""
+    port = free_port()
+    workdir = tmp_path / "run"
+    process = socket_activated(workdir, config, port)
+    try:
+        first = connect_when_listening(process, port)
+        # netd creates the CA while starting; the first connection waits for it.
+        deadline = time.monotonic() + 15
+        while not (workdir / "ports.json").exists():
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        context = ssl.create_default_context(cafile=str(workdir / "state/tls/lab-ca.pem"))
+        with context.wrap_socket(first, server_hostname="localhost") as tls:
+            tls.sendall(b"sealed")
+            assert tls.recv(100) == b"sealed"
+        listeners = json.loads((workdir / "ports.json").read_text())["services"]["echo"]
+        assert listeners["listeners"][0]["tls"] is True
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+    assert process.returncode == 0, (workdir / "netd.log").read_text()
