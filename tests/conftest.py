@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,3 +26,11 @@ def start_netd(tmp_path: Path) -> Iterator[StartNetd]:
     yield start
     for netd in started:
         netd.stop()
+
+
+def unused_port() -> int:
+    """A loopback TCP port nothing listens on just now (an upstream that is down)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from netd.testing import NetdProcess
+from tests.conftest import unused_port
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
@@ -76,13 +77,6 @@ def upstream() -> Iterator[int]:
     server.server_close()
 
 
-def _dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("site")
@@ -129,7 +123,7 @@ services:
       - {{path: /old/, redirect: /new/, status: 301}}
       - {{path: /api/, proxy: "http://127.0.0.1:{upstream}/v1/"}}
       - {{path: /slow, proxy: "http://127.0.0.1:{upstream}/slow", timeout: 0.5}}
-      - {{path: /dead, proxy: "http://127.0.0.1:{_dead_port()}/"}}
+      - {{path: /dead, proxy: "http://127.0.0.1:{unused_port()}/"}}
     limits:
       max_request_line: 1024
       max_header_bytes: 4096

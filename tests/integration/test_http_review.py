@@ -20,15 +20,9 @@ import h2.settings
 import pytest
 
 from netd.testing import NetdProcess
+from tests.conftest import unused_port
 
 BIG = 96 << 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +46,7 @@ def netd(tmp_path_factory: pytest.TempPathFactory, hanging: int) -> Iterator[Net
     (www / "hello.txt").write_text("hello\n")
     with (www / "big.bin").open("wb") as big:
         big.truncate(BIG)  # sparse: costs nothing on disk
-    up = _free_port()
+    up = unused_port()
     config = f"""
 state_dir: state
 shutdown_grace: 1
