@@ -93,6 +93,11 @@ class _Root(MultiService):
     def startService(self) -> None:
         # First in line, before the daemon announces readiness on the same hook.
         self.reactor.callWhenRunning(self._take_signals)
+        status_pipe = (self.twistd_options or {}).pop("statusPipe", None)
+        if status_pipe is not None:
+            # twistd tells its waiting parent "started" before the reactor runs,
+            # which is before the ports file exists; we say it once it does.
+            self.daemon.observers.append(_ParentNotice(status_pipe))
         super().startService()
 
     def _take_signals(self) -> None:
@@ -117,6 +122,34 @@ class _Root(MultiService):
         if isinstance(output, LogFile):
             self.log_sink.flush()
             output.rotate()
+
+
+class _ParentNotice:
+    """
+    Answers the parent a daemonizing twistd left waiting, in twistd's own
+    status-pipe language: C{0} for serving, C{1 reason} for not.
+    """
+
+    def __init__(self, pipe: int) -> None:
+        self.pipe: int | None = pipe
+
+    def _say(self, status: bytes) -> None:
+        if self.pipe is not None:
+            pipe, self.pipe = self.pipe, None
+            os.write(pipe, status)
+            os.close(pipe)
+
+    def ready(self, daemon: Daemon) -> None:
+        self._say(b"0")
+
+    def reloading(self, daemon: Daemon) -> None:
+        pass
+
+    def reloaded(self, daemon: Daemon) -> None:
+        pass
+
+    def stopping(self, daemon: Daemon) -> None:
+        self._say(b"1 netd stopped before it was ready; see the log")
 
 
 def makeService(options: Options) -> IService:
