@@ -4,28 +4,27 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from itertools import count
 from pathlib import Path
 
 import pytest
 
+from netd.pytest_plugin import daemons_for
 from netd.testing import NetdProcess
 
 StartNetd = Callable[..., NetdProcess]
 
 
 @pytest.fixture
-def start_netd(tmp_path: Path) -> Iterator[StartNetd]:
-    """Start the real daemon on a config text; every one started is stopped at teardown."""
-    started: list[NetdProcess] = []
-
-    def start(config: str, **kwargs: object) -> NetdProcess:
-        netd = NetdProcess.start(config, tmp_path / f"netd{len(started)}", **kwargs)  # type: ignore[arg-type]
-        started.append(netd)
-        return netd
-
-    yield start
-    for netd in started:
-        netd.stop()
+def start_netd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StartNetd]:
+    """
+    Start the real daemon on a config text; every one started is stopped at
+    teardown.  The shipped plugin's factory, under a name that several test
+    modules' own C{netd} fixtures do not hide.
+    """
+    counter = count()
+    with daemons_for(request.node, lambda: tmp_path / f"netd{next(counter)}") as start:
+        yield start
 
 
 def unused_port() -> int:

@@ -175,6 +175,7 @@ class RunningService(ListenerGroup, Service):
             "state": self.state,
             "listeners": [b.describe() for b in self.listeners],
             "counters": stats,
+            "views": sorted(self.handlers.views),
         }
 
 

@@ -14,17 +14,48 @@ once every listener is bound), never a sleep.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-__all__ = ["NetdProcess", "StartFailed", "twistd_command"]
+import yaml
+from twisted.internet.defer import Deferred
+
+from netd.config import load_config
+
+__all__ = [
+    "AdminError",
+    "NetdProcess",
+    "OffloadedNetd",
+    "StartFailed",
+    "start_asyncio",
+    "start_deferred",
+    "twistd_command",
+]
+
+# URL schemes by service type, where they differ from the type's name.
+_SCHEMES = {"chat": "irc"}
+
+
+class AdminError(Exception):
+    """The admin API answered with an error status."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"{status}: {body}")
+        self.status = status
+        self.body = body
 
 
 class StartFailed(Exception):
@@ -47,27 +78,57 @@ def twistd_command() -> list[str]:
 class NetdProcess:
     """One running netd; stop it with L{stop} or by leaving the C{with} block."""
 
-    def __init__(self, process: subprocess.Popen[bytes], ports: dict[str, Any], log: Path) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        ports: dict[str, Any],
+        log: Path,
+        config_path: Path | None = None,
+        scratch: tempfile.TemporaryDirectory[str] | None = None,
+        map_written: bool = False,
+        add_admin: bool = False,
+    ) -> None:
         self.process = process
         self.ports = ports
         self.log_path = log
+        self.config_path = config_path
+        self._scratch = scratch
+        self._map_written = map_written
+        self._add_admin = add_admin
+        self._config = load_config(config_path) if config_path is not None else None
 
     @classmethod
     def start(
         cls,
-        config: str | Path,
-        workdir: Path,
+        config: str | Path | Mapping[str, Any],
+        workdir: Path | None = None,
         timeout: float = 15.0,
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        admin: bool = True,
     ) -> NetdProcess:
-        """Start netd on C{config} (YAML text, or a path) and wait until it is ready."""
+        """
+        Start netd and wait until it is ready.
+
+        @param config: the service map as YAML text or a mapping (written to
+            C{workdir/netd.yaml}), or the L{Path} of a map used as it is.
+        @param workdir: where the map, log, ports file and (by default) the
+            state directory go; a temporary directory removed by L{stop} if
+            not given.
+        @param admin: give a map without an C{admin} section a loopback admin
+            listener on port 0, which L{messages}, L{events} and the other
+            inspection methods need.
+        """
+        scratch = None
+        if workdir is None:
+            scratch = tempfile.TemporaryDirectory(prefix="netd-")
+            workdir = Path(scratch.name)
         workdir.mkdir(parents=True, exist_ok=True)
         if isinstance(config, Path):
             config_path = config
         else:
             config_path = workdir / "netd.yaml"
-            config_path.write_text(config, encoding="utf-8")
+            config_path.write_text(_map_text(config, admin), encoding="utf-8")
         ports_file = workdir / "ports.json"
         ports_file.unlink(missing_ok=True)
         log = workdir / "netd.log"
@@ -93,14 +154,21 @@ class NetdProcess:
         deadline = time.monotonic() + timeout
         while not ports_file.exists():
             if process.poll() is not None:
-                raise StartFailed("netd exited during start-up", _read(log), process.returncode)
+                said = _read(log)
+                if scratch is not None:
+                    scratch.cleanup()
+                raise StartFailed("netd exited during start-up", said, process.returncode)
             if time.monotonic() > deadline:
                 process.kill()
                 process.wait()
-                raise StartFailed(f"netd not ready after {timeout}s", _read(log), None)
+                said = _read(log)
+                if scratch is not None:
+                    scratch.cleanup()
+                raise StartFailed(f"netd not ready after {timeout}s", said, None)
             time.sleep(0.01)
         ports = json.loads(ports_file.read_text(encoding="utf-8"))
-        return cls(process, ports, log)
+        written = not isinstance(config, Path)
+        return cls(process, ports, log, config_path, scratch, written, admin and written)
 
     @property
     def output(self) -> str:
@@ -124,6 +192,166 @@ class NetdProcess:
         entry = self.listener(service, transport, tls)
         return entry["host"], entry["port"]
 
+    def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:
+        """
+        C{scheme://host:port/path} of the service's first listener (TLS or not,
+        if C{tls} says which): http(s), ftp(s), smtp(s), irc(s), dns.
+        """
+        entry = self.listener(service, "tcp", tls)
+        kind = self.ports["services"][service]["type"]
+        scheme = _SCHEMES.get(kind, kind) + ("s" if entry["tls"] and kind != "dns" else "")
+        host = entry["host"]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{entry['port']}{path}"
+
+    @property
+    def workdir(self) -> Path:
+        """Where the map, the log and the ports file are."""
+        return self.log_path.parent
+
+    def ca_file(self, profile: str) -> Path:
+        """The CA certificate that a C{self_signed} TLS profile's leaf is issued by."""
+        return self.state_dir / "tls" / f"{profile}-ca.pem"
+
+    @property
+    def state_dir(self) -> Path:
+        if self._config is None:
+            raise LookupError("this netd was not started from a map")
+        return self._config.state_dir
+
+    # The admin API: what the tested software did, seen from the servers.
+
+    def admin(
+        self, method: str, path: str, body: bytes | None = None, timeout: float = 30.0
+    ) -> Any:
+        """One admin API request; the decoded JSON answer, or raw bytes if not JSON."""
+        if "admin" not in self.ports:
+            raise LookupError("this netd has no admin listener")
+        entry = self.ports["admin"]["listeners"][0]
+        host = f"[{entry['host']}]" if ":" in entry["host"] else entry["host"]
+        request = urllib.request.Request(
+            f"http://{host}:{entry['port']}{path}", data=body, method=method
+        )
+        token = self._admin_token()
+        if token is not None:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                raw: bytes = answer.read()
+                kind = answer.headers.get_content_type()
+        except urllib.error.HTTPError as e:
+            raise AdminError(e.code, e.read().decode("utf-8", "replace")) from None
+        return json.loads(raw) if kind == "application/json" else raw
+
+    def _admin_token(self) -> str | None:
+        admin = self._config.admin if self._config is not None else None
+        return admin.token if admin is not None else None
+
+    def services(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.admin("GET", "/api/services")["services"]
+        return found
+
+    def view(self, service: str, view: str, **query: str) -> Any:
+        """C{GET /api/services/SERVICE/VIEW?query}: a kind's own inspection view."""
+        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+        return self.admin("GET", f"/api/services/{_quote(service)}/{_quote(view)}{suffix}")
+
+    def messages(self, service: str, **query: str) -> Any:
+        """Mail an smtp service captured or spooled (C{to=} filters by recipient)."""
+        return self.view(service, "messages", **query)
+
+    def message(self, service: str, message_id: str) -> bytes:
+        """One message as it was received, headers and all."""
+        raw: bytes = self.admin(
+            "GET", f"/api/services/{_quote(service)}/messages/{_quote(message_id)}"
+        )
+        return raw
+
+    def requests(self, service: str, **query: str) -> Any:
+        """Requests an http service recorded."""
+        return self.view(service, "requests", **query)
+
+    def queries(self, service: str, **query: str) -> Any:
+        """Queries a dns service answered."""
+        return self.view(service, "queries", **query)
+
+    def sessions(self, service: str) -> Any:
+        """Who is connected to a chat or ftp service."""
+        return self.view(service, "sessions")
+
+    def reset(self, service: str) -> None:
+        """Forget what every view of C{service} holds (messages, requests ...)."""
+        for view in self.admin("GET", f"/api/services/{_quote(service)}")["views"]:
+            try:
+                self.admin("DELETE", f"/api/services/{_quote(service)}/{_quote(view)}")
+            except AdminError as e:
+                if e.status != 405:  # a view with nothing to forget
+                    raise
+
+    def events(
+        self,
+        service: str | None = None,
+        type: str | None = None,
+        since: int = 0,
+        wait: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """The event journal, newest last; C{wait} long-polls for a first match."""
+        query = {"since": str(since), "wait": str(wait)}
+        if service is not None:
+            query["service"] = service
+        if type is not None:
+            query["type"] = type
+        answer = self.admin("GET", f"/api/events?{urllib.parse.urlencode(query)}")
+        found: list[dict[str, Any]] = answer["events"]
+        return found
+
+    def wait_for(
+        self,
+        service: str | None = None,
+        type: str | None = None,
+        timeout: float = 10.0,
+        **match: Any,
+    ) -> dict[str, Any]:
+        """
+        The first event, past or coming, of C{service} and C{type} whose fields
+        equal C{match}; raises L{TimeoutError} after C{timeout} seconds.
+        """
+        deadline = time.monotonic() + timeout
+        since = 0
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {type or 'event'} of {service or 'any service'} {match}")
+            events = self.events(service, type, since, wait=min(left, 30.0))
+            for event in events:
+                if all(event.get(key) == value for key, value in match.items()):
+                    return event
+            if events:
+                since = events[-1]["id"]
+
+    def reload(self, config: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """
+        Apply a new map (or re-read the current one) without a restart.
+
+        @raise AdminError: the map has errors; netd keeps the one it runs.
+        """
+        if config is not None:
+            if self.config_path is None or not self._map_written:
+                # Never overwrite a map file the caller owns.
+                raise LookupError("reload(new map) needs a netd started from text or a mapping")
+            # The same admin section as at start, so the admin port stays as it is.
+            text = _map_text(config, admin=self._add_admin)
+            _write_atomically(self.config_path, text)
+        answer: dict[str, Any] = self.admin("POST", "/api/reload")
+        if self.config_path is not None:
+            self._config = load_config(self.config_path)
+        self.ports["services"] = {
+            name: {"type": service["type"], "listeners": service["listeners"]}
+            for name, service in self.services().items()
+        }
+        return answer
+
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
@@ -136,6 +364,9 @@ class NetdProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
         return self.process.returncode
 
     def __enter__(self) -> NetdProcess:
@@ -148,6 +379,121 @@ class NetdProcess:
         trace: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+Pending = TypeVar("Pending")
+
+
+class OffloadedNetd(Generic[Pending]):
+    """
+    L{NetdProcess} for asynchronous tests.
+
+    Lookups (L{address}, L{url}, L{ca_file}) answer at once; every call that
+    waits on netd runs in a thread and hands back what C{offload} makes of
+    it: a L{Deferred} from L{start_deferred}, an awaitable from
+    L{start_asyncio}.  C{async with} stops netd at the end of the block.
+    """
+
+    def __init__(self, netd: NetdProcess, offload: Callable[..., Pending]) -> None:
+        self.netd = netd
+        self._offload = offload
+
+    def address(
+        self, service: str, transport: str = "tcp", tls: bool | None = False
+    ) -> tuple[str, int]:
+        return self.netd.address(service, transport, tls)
+
+    def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:
+        return self.netd.url(service, tls, path)
+
+    def ca_file(self, profile: str) -> Path:
+        return self.netd.ca_file(profile)
+
+    def messages(self, service: str, **query: str) -> Pending:
+        return self._offload(self.netd.messages, service, **query)
+
+    def message(self, service: str, message_id: str) -> Pending:
+        return self._offload(self.netd.message, service, message_id)
+
+    def requests(self, service: str, **query: str) -> Pending:
+        return self._offload(self.netd.requests, service, **query)
+
+    def queries(self, service: str, **query: str) -> Pending:
+        return self._offload(self.netd.queries, service, **query)
+
+    def sessions(self, service: str) -> Pending:
+        return self._offload(self.netd.sessions, service)
+
+    def reset(self, service: str) -> Pending:
+        return self._offload(self.netd.reset, service)
+
+    def events(self, service: str | None = None, type: str | None = None, **kwargs: Any) -> Pending:
+        return self._offload(self.netd.events, service, type, **kwargs)
+
+    def wait_for(
+        self, service: str | None = None, type: str | None = None, **kwargs: Any
+    ) -> Pending:
+        return self._offload(self.netd.wait_for, service, type, **kwargs)
+
+    def reload(self, config: str | Mapping[str, Any] | None = None) -> Pending:
+        return self._offload(self.netd.reload, config)
+
+    def stop(self) -> Pending:
+        return self._offload(self.netd.stop)
+
+    async def __aenter__(self) -> OffloadedNetd[Pending]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()  # type: ignore[misc]
+
+
+def start_deferred(
+    config: str | Path | Mapping[str, Any], **kwargs: Any
+) -> Deferred[OffloadedNetd[Deferred[Any]]]:
+    """L{NetdProcess.start} for Twisted tests (trial, pytest-twisted): a L{Deferred}."""
+    from twisted.internet.threads import deferToThread
+
+    def offloaded(netd: NetdProcess) -> OffloadedNetd[Deferred[Any]]:
+        return OffloadedNetd(netd, deferToThread)
+
+    started: Deferred[NetdProcess] = deferToThread(NetdProcess.start, config, **kwargs)
+    return started.addCallback(offloaded)
+
+
+async def start_asyncio(
+    config: str | Path | Mapping[str, Any], **kwargs: Any
+) -> OffloadedNetd[Coroutine[Any, Any, Any]]:
+    """L{NetdProcess.start} for asyncio tests: C{async with await start_asyncio(...)}."""
+    netd = await asyncio.to_thread(NetdProcess.start, config, **kwargs)
+    return OffloadedNetd(netd, asyncio.to_thread)
+
+
+def _load_yaml(text: str) -> dict[str, Any]:
+    loaded = yaml.safe_load(text)
+    return loaded if isinstance(loaded, dict) else {}
+
+
+_ADMIN_SECTION = '\nadmin: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
+
+
+def _map_text(config: str | Mapping[str, Any], admin: bool) -> str:
+    """The map as YAML, with a loopback admin listener added if asked and absent."""
+    text = config if isinstance(config, str) else yaml.safe_dump(dict(config), sort_keys=False)
+    # Appended, not merged, so the positions in netd's errors match the text given.
+    if admin and "admin" not in _load_yaml(text):
+        text += _ADMIN_SECTION
+    return text
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    temporary.replace(path)
+
+
+def _quote(part: str) -> str:
+    return urllib.parse.quote(part, safe="")
 
 
 def _read(path: Path) -> str:

@@ -146,3 +146,39 @@ def test_read_only_install_still_finds_the_plugin(world_readable_dir: Path) -> N
     assert result.returncode == 0, result.stderr
     assert lists_netd(result.stdout)
     assert "Traceback" not in result.stderr
+
+
+THROWAWAY_TEST = """
+import urllib.request
+
+
+def test_client_calls_the_api(netd):
+    server = netd({"services": {"api": {
+        "type": "http", "listen": ["tcp:0:interface=127.0.0.1"], "record": 10,
+        "routes": [{"path": "/v1/ping", "body": "pong"}]}}})
+    with urllib.request.urlopen(server.url("api", path="/v1/ping")) as answer:
+        assert answer.read() == b"pong"
+    assert [r["path"] for r in server.requests("api")] == ["/v1/ping"]
+"""
+
+
+def test_another_projects_suite_needs_one_install_and_ten_lines(world_readable_dir: Path) -> None:
+    """The wheel alone brings the pytest plugin: no conftest, no fixture code."""
+    python = new_venv(world_readable_dir / "venv")
+    wheels = world_readable_dir / "wheels"
+    build_wheel(wheels)
+    pip(python, *map(str, wheels.glob("netd-*.whl")))
+    project = world_readable_dir / "project"
+    project.mkdir()
+    (project / "test_app.py").write_text(THROWAWAY_TEST)
+    assert len(THROWAWAY_TEST.strip().splitlines()) <= 10
+    result = subprocess.run(
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=project,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
