@@ -21,7 +21,7 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import attrs
 from twisted.internet.interfaces import IPullProducer
@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from netd.events import ServiceStats
 
-__all__ = ["App", "BodyStream", "Exchange", "Route", "StaticOptions"]
+__all__ = ["App", "BodyStream", "Exchange", "Route", "StaticOptions", "Upgrade"]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -156,6 +156,22 @@ def _nothing() -> None:
     pass
 
 
+class Upgrade(Protocol):
+    """
+    A client connection that may switch protocols (RFC 9110 7.8), as the proxy
+    sees it while it asks the upstream to switch too.
+    """
+
+    def splice(self, head: bytes, upstream: Any) -> None:
+        """The upstream switched with C{head}: send it on, then copy both ways."""
+
+    def to_client(self, data: bytes) -> None:
+        """Bytes the upstream sent after switching."""
+
+    def upstream_lost(self) -> None:
+        """The upstream closed the spliced connection."""
+
+
 class Exchange(ABC):
     """
     One request and its response, as the wire sees it.
@@ -190,6 +206,13 @@ class Exchange(ABC):
                 key = key.lower()
                 by_name[key] = by_name[key] + b", " + value if key in by_name else value
         return by_name.get(name)
+
+    def upgrade(self) -> Upgrade | None:
+        """
+        The connection, if this request asks to switch protocols and its
+        connection can (HTTP/1.1); None otherwise.
+        """
+        return None
 
     @abstractmethod
     def respond(self, status: int, headers: Headers, body: bytes) -> None:

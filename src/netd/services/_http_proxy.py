@@ -10,10 +10,14 @@ has not answered within the route's C{timeout} gets it a 504.
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
+import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -24,7 +28,15 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from netd.events import ServiceStats
-from netd.services._http_app import BodyStream, Exchange, Headers, Route, query_of, quote_path
+from netd.services._http_app import (
+    BodyStream,
+    Exchange,
+    Headers,
+    Route,
+    Upgrade,
+    query_of,
+    quote_path,
+)
 
 __all__ = ["Proxy"]
 
@@ -47,6 +59,10 @@ _HOP_BY_HOP = frozenset(
 # Content-Length would go twice (a strict upstream answers 400).  Expect was
 # answered here already (100 Continue), and the Agent sends the body at once.
 _NOT_FORWARDED_UP = frozenset({b"content-length", b"expect"})
+# The Date and Server of a response are ours, as nginx does.
+_OURS = frozenset({b"date", b"server"})
+# An upgrade answer's head is read whole before the switch; bounded like a request's.
+_MAX_UPSTREAM_HEAD = 65536
 
 
 def _forwardable(headers: Headers) -> Headers:
@@ -105,6 +121,130 @@ class _Relay(Protocol):
             self.exchange.abort()
 
 
+class _UpgradingUpstream(Protocol):
+    """
+    The upstream side of an upgrade request: sends the handshake, then either
+    splices on C{101 Switching Protocols} or relays the refusal as a response.
+    """
+
+    transport: Any
+
+    def __init__(self, exchange: Exchange, upgrade: Upgrade, head: bytes) -> None:
+        self.exchange = exchange
+        self.upgrade = upgrade
+        self.head = head
+        self.parser = httptools.HttpResponseParser(self)
+        self.answer_head = bytearray()
+        self.fields: Headers = []
+        self.status = 0
+        self.started = False
+        self.spliced = False
+        self.complete = False
+        self.over = False
+        self.switched: Callable[[], None] = lambda: None
+        self.failed: Callable[[Failure], None] = lambda failure: None
+
+    def connectionMade(self) -> None:
+        if self.over:
+            self.transport.abortConnection()
+            return
+        self.transport.write(self.head)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.spliced:
+            self.upgrade.to_client(data)
+            return
+        if not self.started:
+            self.answer_head += data
+            if len(self.answer_head) > _MAX_UPSTREAM_HEAD:
+                self._fail(ValueError("upstream answer head too large"))
+                return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:
+            if self.status != 101:
+                self._fail(ValueError(f"upstream upgraded with status {self.status}"))
+                return
+            rest = data[e.args[0] :]
+            head = bytes(self.answer_head[: len(self.answer_head) - len(rest)])
+            self.spliced = True
+            self.switched()
+            self.upgrade.splice(head, self.transport)
+            if rest:
+                self.upgrade.to_client(rest)
+        except httptools.HttpParserError as e:
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        self.over = True
+        self.transport.abortConnection()
+        if self.started:
+            self.exchange.abort()
+        else:
+            self.failed(Failure(error))
+
+    def give_up(self) -> None:
+        """The client left or the upstream took too long: drop the upstream."""
+        self.over = True
+        if self.transport is not None and not self.spliced:
+            self.transport.abortConnection()
+
+    def connect_failed(self, failure: Failure) -> None:
+        if not self.over:
+            self.over = True
+            self.failed(failure)
+
+    # llhttp's callbacks for the upstream's answer
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.fields.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.status == 101:
+            return
+        # Refused (a 4xx, say): that is the client's answer, and the connection
+        # ends with it since the client may already be speaking the new protocol.
+        self.started = True
+        self.switched()
+        self.exchange.proxy_cancel = None
+        self.exchange.keep_alive = False  # type: ignore[attr-defined]
+        fields = [(n, v) for n, v in _forwardable(self.fields) if n.lower() not in _OURS]
+        length = next((int(v) for n, v in self.fields if n.lower() == b"content-length"), None)
+        self.exchange.start(self.status, fields, length)
+
+    def on_body(self, data: bytes) -> None:
+        if self.started:
+            self.exchange.write(data)
+
+    def on_message_complete(self) -> None:
+        if self.started:
+            self.complete = True
+            self.exchange.finish()
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.spliced:
+            self.upgrade.upstream_lost()
+        elif self.started and not self.complete:
+            self.exchange.abort()
+        elif not self.started and not self.over:
+            self.over = True
+            self.failed(reason)
+
+
+class _OneProtocol(ClientFactory):
+    """Hands an endpoint the one protocol instance already made for the connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
 class _QuietClientFactory(HTTP11ClientFactory):
     """One log line per upstream connection would drown the access log."""
 
@@ -131,24 +271,13 @@ class Proxy:
     def __call__(self, exchange: Exchange, route: Route, rest: str) -> None:
         assert route.proxy is not None
         url = _upstream_url(route.proxy, exchange, rest, route.prefix)
+        upgrade = exchange.upgrade()
+        if upgrade is not None:
+            self._tunnel(exchange, upgrade, route, url)
+            return
         headers = TwistedHeaders()
-        host = b""
-        forwarded_for = b""
-        for name, value in _forwardable(exchange.headers):
-            lower = name.lower()
-            if lower == b"host":
-                host = value
-            elif lower == b"x-forwarded-for":
-                forwarded_for = value + b", "
-            elif lower not in _NOT_FORWARDED_UP and lower not in (
-                b"x-forwarded-proto",
-                b"x-forwarded-host",
-            ):
-                headers.addRawHeader(name, value)
-        headers.addRawHeader(b"X-Forwarded-For", forwarded_for + exchange.client.encode())
-        headers.addRawHeader(b"X-Forwarded-Proto", exchange.scheme.encode())
-        if host:
-            headers.addRawHeader(b"X-Forwarded-Host", host)
+        for name, value in _upstream_fields(exchange):
+            headers.addRawHeader(name, value)
         upload = _Upload(exchange.body) if exchange.body.expected != 0 else None
         asked = self.agent.request(exchange.method.encode(), url, headers, upload)
         # Deferred.addTimeout cannot tell our cancel from the Agent's own errors
@@ -179,6 +308,56 @@ class Proxy:
             lambda failure: self._failed(exchange, failure, url, bool(expired)),
         )
 
+    def _tunnel(self, exchange: Exchange, upgrade: Upgrade, route: Route, url: bytes) -> None:
+        """
+        An upgrade request (a WebSocket handshake): its own connection to the
+        upstream, spliced to the client's once the upstream switches protocols.
+        """
+        parts = urllib.parse.urlsplit(url.decode("latin-1"))
+        secure = parts.scheme == "https"
+        host = parts.hostname or "localhost"
+        endpoint: Any = HostnameEndpoint(
+            self.reactor, host, parts.port or (443 if secure else 80), timeout=route.timeout
+        )
+        if secure:
+            endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        fields = [
+            (b"Host", parts.netloc.encode("latin-1")),
+            *_upstream_fields(exchange),
+            (b"Upgrade", exchange.header(b"upgrade") or b""),
+            (b"Connection", b"Upgrade"),
+        ]
+        head = b"".join(
+            [
+                b"%s %s HTTP/1.1\r\n" % (exchange.method.encode(), target.encode("latin-1")),
+                *(b"%s: %s\r\n" % field for field in fields),
+                b"\r\n",
+            ]
+        )
+        upstream = _UpgradingUpstream(exchange, upgrade, head)
+        connecting = endpoint.connect(_OneProtocol(upstream))
+
+        def expire() -> None:
+            upstream.give_up()
+            connecting.cancel()
+            self._failed(exchange, Failure(TimeoutError()), url, expired=True)
+
+        timer = self.reactor.callLater(route.timeout, expire)
+        upstream.switched = lambda: timer.cancel() if timer.active() else None
+
+        def cancel() -> None:
+            if timer.active():
+                timer.cancel()
+            connecting.cancel()
+            upstream.give_up()
+
+        exchange.proxy_cancel = cancel
+        upstream.failed = lambda failure: self._failed(exchange, failure, url, expired=False)
+        connecting.addErrback(upstream.connect_failed)
+
     def _answered(self, exchange: Exchange, response: IResponse) -> None:
         exchange.proxy_cancel = None
         headers = [
@@ -186,7 +365,7 @@ class Proxy:
             for n, v in _forwardable(
                 [(n, v) for n, values in response.headers.getAllRawHeaders() for v in values]
             )
-            if n.lower() not in (b"date", b"server")  # ours, as nginx does
+            if n.lower() not in _OURS
         ]
         length = None if response.length is UNKNOWN_LENGTH else response.length
         exchange.start(response.code, headers, length)
@@ -207,6 +386,29 @@ class Proxy:
         )
         body = b"%d upstream %s\n" % (status, b"timed out" if status == 504 else b"failed")
         exchange.respond(status, [(b"Content-Type", b"text/plain; charset=utf-8")], body)
+
+
+def _upstream_fields(exchange: Exchange) -> Headers:
+    """The client's header fields as the upstream gets them: end to end, plus X-Forwarded-*."""
+    fields: Headers = []
+    host = b""
+    forwarded_for = b""
+    for name, value in _forwardable(exchange.headers):
+        lower = name.lower()
+        if lower == b"host":
+            host = value
+        elif lower == b"x-forwarded-for":
+            forwarded_for = value + b", "
+        elif lower not in _NOT_FORWARDED_UP and lower not in (
+            b"x-forwarded-proto",
+            b"x-forwarded-host",
+        ):
+            fields.append((name, value))
+    fields.append((b"X-Forwarded-For", forwarded_for + exchange.client.encode()))
+    fields.append((b"X-Forwarded-Proto", exchange.scheme.encode()))
+    if host:
+        fields.append((b"X-Forwarded-Host", host))
+    return fields
 
 
 def _upstream_url(base: str, exchange: Exchange, rest: str, prefix: bool) -> bytes:

@@ -114,6 +114,13 @@ class LineExchange(Exchange):
         lines.append(_KEEP_ALIVE if self.keep_alive else _CLOSE)
         return b"".join(lines)
 
+    def upgrade(self) -> _Splice | None:
+        connection = self.connection
+        if self.method != "GET" or not connection.parser.should_upgrade():
+            return None
+        connection.upgrading = self
+        return _Splice(connection, self)
+
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         if self.done:
             return  # answered already, or the client is gone
@@ -246,6 +253,50 @@ class _SendFile:
         self.file.close()
 
 
+class _Splice:
+    """
+    A client connection handed over to the protocol its upstream switched to
+    (a proxied WebSocket): from here on, bytes are copied both ways as they
+    come, each side paused while the other cannot take more.
+    """
+
+    def __init__(self, connection: HTTPConnection, exchange: LineExchange) -> None:
+        self.connection = connection
+        self.exchange = exchange
+
+    def splice(self, head: bytes, upstream: Any) -> None:
+        connection = self.connection
+        exchange = self.exchange
+        exchange.status = 101
+        exchange.keep_alive = False
+        exchange.proxy_cancel = None
+        if connection.gone:
+            upstream.loseConnection()
+            return
+        connection.deadline = None  # the service's idle_timeout still applies
+        connection.transport.write(head)
+        connection.spliced = upstream
+        held, connection.held = connection.held, None
+        if held:
+            upstream.write(bytes(held))
+        upstream.registerProducer(connection.transport, True)
+        connection.transport.registerProducer(upstream, True)
+        connection.resume_reading()
+
+    def to_client(self, data: bytes) -> None:
+        self.exchange.sent += len(data)
+        self.connection.transport.write(data)
+
+    def upstream_lost(self) -> None:
+        connection = self.connection
+        connection.spliced = None
+        if connection.gone:
+            connection.app.completed(self.exchange)
+            return
+        connection.transport.unregisterProducer()
+        self.exchange.finish()
+
+
 class HTTPConnection(Protocol):
     """One client connection: HTTP/1.1 requests in order, or HTTP/2 once ALPN says so."""
 
@@ -277,6 +328,11 @@ class HTTPConnection(Protocol):
         self.gone = False
         self.client = ""
         self.scheme = factory.scheme
+        # An upgrade request being proxied; what the client sent after it; the
+        # upstream once both sides switched protocols.
+        self.upgrading: LineExchange | None = None
+        self.held: bytearray | None = None
+        self.spliced: Any = None
 
     # -- the connection ----------------------------------------------------------
 
@@ -300,6 +356,12 @@ class HTTPConnection(Protocol):
         if self.h2 is not None:
             self.h2.dataReceived(data)
             return
+        if self.spliced is not None:
+            self.spliced.write(data)
+            return
+        if self.held is not None:
+            self.held += data  # reading is paused: at most what was in flight
+            return
         if self.closing:
             return
         receiving = self.receiving
@@ -311,9 +373,14 @@ class HTTPConnection(Protocol):
             self.since_body += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # We speak no upgraded protocol; what follows the request is not HTTP/1.1.
+        except httptools.HttpParserUpgrade as e:
+            # What follows the request is not HTTP/1.1: the upstream's new
+            # protocol if a proxy route is switching, else nothing we read.
             self.closing_after_current()
+            if self.upgrading is not None and self.upgrading is self.current:
+                self.held = bytearray(data[e.args[0] :])
+                self.deadline = None
+                self.pause_reading()
             return
         except httptools.HttpParserError as e:
             # httptools wraps what our callbacks raise.
@@ -336,6 +403,8 @@ class HTTPConnection(Protocol):
     def connectionLost(self, why: Failure = connectionDone) -> None:
         if self.h2 is not None:
             self.h2.connectionLost(why)
+        if self.spliced is not None:
+            self.spliced.loseConnection()
         self.closing = True
         self.gone = True
         if self.timer is not None and self.timer.active():
