@@ -95,6 +95,9 @@ class Journal:
         self._listeners.append(listener)
         self.active = True
 
+    def unsubscribe(self, listener: Callable[[Event], None]) -> None:
+        self._listeners.remove(listener)
+
     def emit(self, service: str, type: str, **fields: Any) -> Event:
         event = Event(next(self._ids), self._clock.seconds(), service, type, fields)
         self._events.append(event)

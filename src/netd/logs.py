@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
     FilteringLogObserver,
@@ -23,7 +23,10 @@ from zope.interface import implementer
 
 from netd.config import LogConfig
 
-__all__ = ["BufferedObserver", "fatal", "install_for_twistd", "observer"]
+if TYPE_CHECKING:
+    from netd.runtime import Daemon
+
+__all__ = ["BufferedObserver", "LogOutput", "fatal", "install_for_twistd"]
 
 _LEVELS = {
     "debug": LogLevel.debug,
@@ -123,15 +126,37 @@ def _format(event: LogEvent) -> str:
     return formatEvent(event)
 
 
-def observer(config: LogConfig, sink: BufferedObserver) -> ILogObserver:
-    return FilteringLogObserver(
-        sink, [LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])]
-    )
+class LogOutput:
+    """
+    netd's observer as installed, whose format and level follow the map: a
+    reload that changes C{log:} applies it (a lifecycle observer of the daemon).
+    """
+
+    def __init__(self, sink: BufferedObserver, config: LogConfig) -> None:
+        self.sink = sink
+        self.levels = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])
+        self.observer: ILogObserver = FilteringLogObserver(sink, [self.levels])
+
+    def apply(self, config: LogConfig) -> None:
+        self.sink.json_lines = config.format == "json"
+        self.levels.setLogLevelForNamespace("", _LEVELS[config.level])
+
+    def ready(self, daemon: Daemon) -> None:
+        pass
+
+    def reloading(self, daemon: Daemon) -> None:
+        pass
+
+    def reloaded(self, daemon: Daemon) -> None:
+        self.apply(daemon.config.log)
+
+    def stopping(self, daemon: Daemon) -> None:
+        pass
 
 
 def install_for_twistd(
     application: Any, config: LogConfig, twistd_options: Any, clock: Any
-) -> BufferedObserver | None:
+) -> LogOutput | None:
     """
     Offer our observer to twistd through the application's ILogObserver component.
 
@@ -143,9 +168,9 @@ def install_for_twistd(
     options = twistd_options or {}
     logfile = options.get("logfile") or ("-" if options.get("nodaemon", True) else "twistd.log")
     output: IO[str] = sys.stdout if logfile == "-" else LogFile.fromFullPath(logfile)
-    sink = BufferedObserver(output, config.format == "json", clock)
-    application.setComponent(ILogObserver, observer(config, sink))
-    return sink
+    installed = LogOutput(BufferedObserver(output, config.format == "json", clock), config)
+    application.setComponent(ILogObserver, installed.observer)
+    return installed
 
 
 def fatal(message: str) -> None:

@@ -451,9 +451,14 @@ class Daemon(MultiService):
                 retired.stop_listening()
         if admin_changed:
             self.admin = new_admin
+        if new.log.events != self.config.log.events:
+            if new.log.events:
+                self.journal.subscribe(_log_event)
+            else:
+                self.journal.unsubscribe(_log_event)
         self.config = new
-        if new.admin is not None:
-            self.journal.active = True
+        # Recording costs a little per connection: only when someone can read it.
+        self.journal.active = new.admin is not None or new.log.events
         self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}
         for running in fresh.values():
             running.setServiceParent(self)

@@ -45,17 +45,18 @@ class _Root(MultiService):
         self.daemon = daemon
         self.reactor = reactor
         self.twistd_options = twistd_options
-        self.log_sink: logs.BufferedObserver | None = None
+        self.log_output: logs.LogOutput | None = None
         daemon.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
-        sink = logs.install_for_twistd(
+        output = logs.install_for_twistd(
             parent, self.daemon.config.log, self.twistd_options, self.reactor
         )
-        self.log_sink = sink
-        if sink is not None:
-            self.reactor.addSystemEventTrigger("after", "shutdown", sink.unbuffer)
+        self.log_output = output
+        if output is not None:
+            self.daemon.observers.append(output)
+            self.reactor.addSystemEventTrigger("after", "shutdown", output.sink.unbuffer)
 
     def privilegedStartService(self) -> None:
         try:
@@ -118,10 +119,12 @@ class _Root(MultiService):
         signal.signal(signal.SIGUSR1, reopen_log)
 
     def _rotate_log(self) -> None:
-        output = self.log_sink.output if self.log_sink is not None else None
-        if isinstance(output, LogFile):
-            self.log_sink.flush()
-            output.rotate()
+        if self.log_output is None:
+            return
+        sink = self.log_output.sink
+        if isinstance(sink.output, LogFile):
+            sink.flush()
+            sink.output.rotate()
 
 
 class _ParentNotice:

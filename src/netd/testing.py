@@ -297,7 +297,7 @@ class NetdProcess:
         wait: float = 0.0,
     ) -> list[dict[str, Any]]:
         """The event journal, newest last; C{wait} long-polls for a first match."""
-        query = {"since": str(since), "wait": str(wait)}
+        query = {"since": str(since), "wait": f"{wait:.3f}"}
         if service is not None:
             query["service"] = service
         if type is not None:

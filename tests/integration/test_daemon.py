@@ -494,3 +494,20 @@ def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
     assert "netd stopped" in logged.read_text()
+
+
+def test_reload_applies_a_changed_log_section(start_netd: StartNetd) -> None:
+    echo_only = "services:\n  echo: {type: echo, listen: ['tcp:0:interface=127.0.0.1']}\n"
+    netd = start_netd(echo_only)
+    netd.reload("log: {format: json, events: true}\n" + echo_only)
+    with socket.create_connection(netd.address("echo"), timeout=5) as sock:
+        sock.sendall(b"x")
+        assert sock.recv(1) == b"x"
+    netd.wait_for("echo", "connection.closed", timeout=10)
+    netd.reload("log: {format: text, level: error}\n" + echo_only)
+    netd.stop()
+    lines = netd.output.splitlines()
+    as_json = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(event.get("event_type") == "connection.closed" for event in as_json), lines
+    # After the second reload nothing under error is written: no "netd stopping" line.
+    assert "netd stopping" not in netd.output

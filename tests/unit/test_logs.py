@@ -10,11 +10,11 @@ from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
 
 from netd.config import LogConfig
-from netd.logs import BufferedObserver, observer
+from netd.logs import BufferedObserver, LogOutput
 
 
 def publish(sink: BufferedObserver, namespace: str, level: str = "info") -> Logger:
-    publisher = LogPublisher(observer(LogConfig(level=level), sink))
+    publisher = LogPublisher(LogOutput(sink, LogConfig(level=level)).observer)
     return Logger(namespace=namespace, observer=publisher)
 
 
@@ -91,3 +91,16 @@ def test_one_field_messages_and_ordinary_formats_read_the_same() -> None:
     assert lines[0] == '127.0.0.1 - - "GET / HTTP/1.1" 200 5'
     assert lines[1] == "3 requests from 'a'"
     assert lines[2].startswith("Unable to format event")
+
+
+def test_a_reloaded_log_section_changes_format_and_level_in_place() -> None:
+    output = io.StringIO()
+    installed = LogOutput(BufferedObserver(output, json_lines=False), LogConfig(level="info"))
+    log = Logger(namespace="netd.web", observer=LogPublisher(installed.observer))
+    log.info("as text")
+    installed.apply(LogConfig(format="json", level="warn"))
+    log.info("now filtered out")
+    log.warn("as json")
+    first, second = output.getvalue().splitlines()
+    assert first.endswith("[netd.web#info] as text")
+    assert json.loads(second)["log_format"] == "as json"
