@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services._dns_forward import Cache, _matches
+from netd.services._dns_forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
 from netd.services._dns_wire import name_to_wire
 from netd.services.dns import DnsOptions, Server, _Stream, build
 
@@ -609,3 +609,148 @@ class _Datagrams:
 
     def write(self, data: bytes, addr: Any) -> None:
         self.sent.append((data, addr))
+
+
+# -- forwarding ----------------------------------------------------------------
+
+
+class _FakeUDP:
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.sent: list[bytes] = []
+        self.peer: tuple[str, int] | None = None
+        self.closed = False
+
+    def connect(self, host: str, port: int) -> None:
+        self.peer = (host, port)
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append(data)
+
+    def stopListening(self) -> None:
+        self.closed = True
+        self.protocol.doStop()
+
+
+class _FakeReactor(Clock):
+    """A clock that hands out fake UDP ports and records TCP connection attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[_FakeUDP] = []
+        self.tcp: list[tuple[str, int, Any]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _FakeUDP:
+        transport = _FakeUDP(protocol)
+        self.udp.append(transport)
+        protocol.makeConnection(transport)
+        return transport
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> None:
+        self.tcp.append((host, port, factory))
+
+
+UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
+
+
+def forwarder(reactor: _FakeReactor, **kwargs: Any) -> tuple[Forwarder, ServiceStats]:
+    stats = ServiceStats()
+    return Forwarder(reactor, UPSTREAMS, stats, **kwargs), stats
+
+
+def answer_to(sent: bytes, tc: bool = False, rcode: int = 0) -> bytes:
+    query = dns.message.from_wire(sent)
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    if tc:
+        reply.flags |= dns.flags.TC
+    else:
+        reply.answer = [dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "10.0.0.1")]
+    wire: bytes = reply.to_wire()
+    return wire
+
+
+def test_forwarder_takes_only_the_matching_answer() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    (port,) = reactor.udp
+    assert port.peer == ("127.0.0.1", 5300)
+    (sent,) = port.sent
+    right = answer_to(sent)
+    wrong_id = bytes([right[0] ^ 1]) + right[1:]
+    other = answer_to(
+        dns.message.make_query("b.example", "A", id=struct.unpack(">H", sent[:2])[0]).to_wire()
+    )
+    port.protocol.datagramReceived(right, ("127.0.0.9", 5300))
+    port.protocol.datagramReceived(wrong_id, ("127.0.0.1", 5300))
+    port.protocol.datagramReceived(other, ("127.0.0.1", 5300))
+    assert not result.called
+    port.protocol.datagramReceived(right, ("127.0.0.1", 5300))
+    assert result.called and result.result == right
+    assert port.closed and stats.counters["upstream_mismatched"] == 3
+
+
+def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    for i in range(20):
+        fwd.resolve(key(f"n{i}.example"))
+    assert len(reactor.udp) == 20
+    assert len({port.sent[0][:2] for port in reactor.udp}) >= 18
+
+
+def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    reactor.advance(2)
+    first, second = reactor.udp
+    assert first.closed and second.peer == ("127.0.0.2", 5301)
+    second.protocol.datagramReceived(answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
+    failure = result.result
+    result.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+
+
+def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    (port,) = reactor.udp
+    port.protocol.datagramReceived(answer_to(port.sent[0], tc=True), ("127.0.0.1", 5300))
+    ((host, tcp_port, factory),) = reactor.tcp
+    assert (host, tcp_port) == ("127.0.0.1", 5300)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    sent = transport.value()
+    assert struct.unpack(">H", sent[:2])[0] == len(sent) - 2
+    full = answer_to(sent[2:])
+    for byte in range(0, len(full) + 2, 7):
+        protocol.dataReceived((struct.pack(">H", len(full)) + full)[byte : byte + 7])
+    assert result.result == full and stats.counters["upstream_tcp_retries"] == 1
+
+
+def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor, max_in_flight=1)
+    first, again = fwd.resolve(key("a.example")), fwd.resolve(key("a.example"))
+    other = fwd.resolve(key("b.example"))
+    assert len(reactor.udp) == 1 and stats.counters["upstream_overload"] == 1
+    failure = other.result
+    other.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed)
+    (port,) = reactor.udp
+    reply = answer_to(port.sent[0])
+    port.protocol.datagramReceived(reply, ("127.0.0.1", 5300))
+    assert first.result == again.result == reply
+
+
+def test_forwarded_answers_say_recursion_is_available(tmp_path: Path) -> None:
+    srv = server(tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n")
+    assert ask(srv, "www.netd.test").flags & dns.flags.RA
+    closed = server(
+        tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n    recursion_from: [10.0.0.0/8]\n"
+    )
+    assert not ask(closed, "www.netd.test").flags & dns.flags.RA

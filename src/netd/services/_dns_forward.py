@@ -46,6 +46,9 @@ __all__ = ["Cache", "Forwarder", "Upstream", "UpstreamFailed"]
 _HEADER = struct.Struct(">HHHHHH")
 _TTL = struct.Struct(">I")
 _SOA = 6
+# Questions waiting on upstreams at once; each holds a socket, so a flood of
+# distinct names must not run the process out of descriptors.
+MAX_IN_FLIGHT = 1000
 # An upstream answering these did not answer: the next one may.
 _TRY_NEXT = frozenset({SERVFAIL, NOTIMP, REFUSED, FORMERR})
 
@@ -201,8 +204,10 @@ class Forwarder:
         upstreams: Sequence[Upstream],
         stats: ServiceStats,
         timeout: float = 2.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self.reactor = reactor
+        self.max_in_flight = max_in_flight
         self.upstreams = tuple(upstreams)
         self.stats = stats
         self.timeout = timeout
@@ -214,6 +219,10 @@ class Forwarder:
         waiting = self._pending.get(question)
         if waiting is not None:
             waiting.append(waiter)
+            return waiter
+        if len(self._pending) >= self.max_in_flight:
+            self.stats.count("upstream_overload")
+            waiter.errback(UpstreamFailed("too many questions waiting on upstreams"))
             return waiter
         self._pending[question] = [waiter]
         Deferred.fromCoroutine(self._resolve(question)).addBoth(self._done, question)

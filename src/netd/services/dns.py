@@ -52,6 +52,7 @@ from netd.services._dns_wire import (
     BADVERS,
     EDNS_PAYLOAD,
     NOERROR,
+    RA,
     REFUSED,
     SERVFAIL,
     Malformed,
@@ -264,6 +265,8 @@ def _cache(value: Value) -> CacheOptions:
 
 
 _RR = struct.Struct(">HHIH")
+_REFUSED = Sections(REFUSED, 0, 0, 0, b"")
+_SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
 _POINTER_TO_QUESTION = b"\xc0\x0c"
 
 
@@ -315,6 +318,9 @@ class Server:
         limit = udp_limit(query) if udp else None
         sections, source = self._answer_now(query, client)
         if sections is not None:
+            if self.forwarder is not None and self._may_recurse(client[0]):
+                # RA says this client may ask for any name, whatever answered this one.
+                sections = attrs.evolve(sections, flags=sections.flags | RA)
             return self._reply(sections, query, limit, client, udp, source, started)
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
@@ -325,7 +331,7 @@ class Server:
             return self.cache.put(key, reply)
 
         def failed(reason: Failure) -> Sections:
-            return Sections(SERVFAIL, 0, 0, 0, b"")
+            return _SERVFAIL
 
         return (
             waiting.addCallbacks(answered, failed)
@@ -335,14 +341,14 @@ class Server:
 
     def _answer_now(self, query: Query, client: Any) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
-            return Sections(REFUSED, 0, 0, 0, b""), "refused"
+            return _REFUSED, "refused"
         local = self.local.answer(query.name, query.type)
         if local is not None:
             return local, "local"
         if self.catch_all is not None and query.type == dns.A:
             return self.catch_all, "catch_all"
         if self.forwarder is None or not self._may_recurse(client[0]):
-            return Sections(REFUSED, 0, 0, 0, b""), "refused"
+            return _REFUSED, "refused"
         cached = self.cache.get(query.name + query.question[-4:])
         if cached is not None:
             self.stats.count("cache_hits")
@@ -383,7 +389,7 @@ class Server:
     def _crashed(self, reason: Failure, query: Query, limit: int | None) -> bytes:
         self.context.log.failure("answering a forwarded query", reason)
         self.stats.errors += 1
-        return encode_reply(query, Sections(SERVFAIL, 0, 0, 0, b""), limit)
+        return encode_reply(query, _SERVFAIL, limit)
 
     def _record(
         self, query: Query, reply: bytes, client: Any, udp: bool, source: str, started: float
