@@ -49,12 +49,19 @@ class Upstream:
     """
 
     def __init__(self) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((LOCAL, 0))
-        self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket()
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((LOCAL, self.port))
+        while True:
+            self.tcp = socket.socket()
+            self.tcp.bind((LOCAL, 0))
+            self.port = self.tcp.getsockname()[1]
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                self.udp.bind((LOCAL, self.port))
+            except OSError:
+                # Some other test's UDP socket has that port: try another.
+                self.tcp.close()
+                self.udp.close()
+                continue
+            break
         self.tcp.listen(16)
         self.lock = threading.Lock()
         self.counts: Counter[tuple[str, str]] = Counter()
@@ -211,6 +218,9 @@ services:
       www.closed.test: {{A: [127.0.0.5]}}
     forward: ["127.0.0.1:{upstream.port}"]
     recursion_from: [10.0.0.0/8]
+  lab:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1"]
     catch_all: 10.9.9.9
 """
     process = NetdProcess.start(config, base)
@@ -484,16 +494,25 @@ def test_upstream_queries_use_random_ports_and_ids(netd: NetdProcess, upstream: 
     assert len({ident for _, ident in recent}) >= 7
 
 
-def test_recursion_from_refuses_others_and_catch_all(netd: NetdProcess, upstream: Upstream) -> None:
-    port = udp_port(netd, "closed")
+def ask_service(netd: NetdProcess, service: str, name: str, rdtype: str) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype)
+    return dns.query.udp(query, LOCAL, port=udp_port(netd, service), timeout=5)
 
-    def ask(name: str, rdtype: str = "A") -> dns.message.Message:
-        return dns.query.udp(dns.message.make_query(name, rdtype), LOCAL, port=port, timeout=5)
 
-    assert ask("x.fwd.test", "AAAA").rcode() == dns.rcode.REFUSED
-    assert texts(ask("www.closed.test")) == ["www.closed.test. 60 IN A 127.0.0.5"]
-    assert texts(ask("anything.example")) == ["anything.example. 60 IN A 10.9.9.9"]
+def test_recursion_from_refuses_others(netd: NetdProcess, upstream: Upstream) -> None:
+    assert ask_service(netd, "closed", "x.fwd.test", "A").rcode() == dns.rcode.REFUSED
+    local = ask_service(netd, "closed", "www.closed.test", "A")
+    assert texts(local) == ["www.closed.test. 60 IN A 127.0.0.5"]
+    assert not local.flags & dns.flags.RA
     assert upstream.count("x.fwd.test") == 0
+
+
+@needs_dig
+def test_catch_all_with_dig(netd: NetdProcess) -> None:
+    out = dig(netd, "anything.example", port=udp_port(netd, "lab"))
+    assert "anything.example.\t60\tIN\tA\t10.9.9.9" in out and "flags: qr aa rd" in out
+    out = dig(netd, "anything.example", "AAAA", port=udp_port(netd, "lab"))
+    assert "status: NOERROR" in out and "ANSWER: 0" in out
 
 
 # -- admin ---------------------------------------------------------------------

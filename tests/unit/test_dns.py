@@ -165,6 +165,15 @@ def test_zone_file_errors_carry_the_line(tmp_path: Path) -> None:
     assert any("hosts line 2: not an IP address: 'not-an-address'" in e for e in found)
 
 
+def test_a_zone_file_without_soa_still_owns_its_origin(tmp_path: Path) -> None:
+    (tmp_path / "plain.test.zone").write_text("www A 10.0.0.1\n")
+    srv = server(tmp_path, "    zone_files: [plain.test.zone]\n    cache: {negative_ttl: 42}\n")
+    assert texts(ask(srv, "www.plain.test")) == ["www.plain.test. 60 IN A 10.0.0.1"]
+    missing = ask(srv, "other.plain.test")
+    assert missing.rcode() == dns.rcode.NXDOMAIN
+    assert str(missing.authority[0]).startswith("plain.test. 42 IN SOA ns.plain.test.")
+
+
 def test_zone_file_and_hosts_file(tmp_path: Path) -> None:
     (tmp_path / "lab.test.zone").write_text(
         "; comment\n"
@@ -290,7 +299,8 @@ def test_catch_all_answers_other_a_queries(tmp_path: Path) -> None:
     srv = server(tmp_path, RECORDS + "    catch_all: 10.9.9.9\n")
     assert texts(ask(srv, "anything.example.com")) == ["anything.example.com. 60 IN A 10.9.9.9"]
     assert texts(ask(srv, "www.netd.test"))[0].startswith("www.netd.test. 60 IN A 127.0.0.1")
-    assert ask(srv, "anything.example.com", "AAAA").rcode() == dns.rcode.REFUSED
+    nodata = ask(srv, "anything.example.com", "AAAA")
+    assert nodata.rcode() == dns.rcode.NOERROR and nodata.answer == []
 
 
 # -- EDNS0 and truncation ------------------------------------------------------

@@ -263,9 +263,11 @@ def parse_master_file(
 ) -> tuple[list[tuple[bytes, int, int, bytes]], bytes]:
     """
     The records of an RFC 1035 master file as (owner, type, ttl, rdata), and
-    its origin after any C{$ORIGIN}.  C{$INCLUDE} and C{$GENERATE} are refused.
+    its zone's apex: the origin its first record was read under.  C{$INCLUDE}
+    and C{$GENERATE} are refused.
     """
-    records = []
+    records: list[tuple[bytes, int, int, bytes]] = []
+    apex = origin
     ttl = default_ttl
     owner: bytes | None = None
     for line, blank_owner, words in _entries(text):
@@ -302,10 +304,12 @@ def parse_master_file(
                     f"unsupported record type {words[0][0]!r} (one of {', '.join(TYPES)})"
                 )
             rtype = TYPES[type_text]
+            if not records:
+                apex = origin
             records.append((owner, rtype, record_ttl, parse_rdata(rtype, words[1:], origin)))
         except DataError as e:
             raise DataError(str(e), line) from None
-    return records, origin
+    return records, apex
 
 
 def parse_hosts(text: str) -> list[tuple[bytes, int, bytes]]:

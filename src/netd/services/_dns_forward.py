@@ -151,7 +151,7 @@ class _TCPExchange(_Exchange, Protocol):
 
     def __init__(self, clock: Any, timeout: float, ident: int, question: bytes) -> None:
         _Exchange.__init__(self, clock, timeout, ident, question)
-        self.buffer = b""
+        self.buffer = bytearray()
         self.query = b""
 
     def connectionMade(self) -> None:
@@ -164,7 +164,7 @@ class _TCPExchange(_Exchange, Protocol):
         (length,) = struct.unpack_from(">H", self.buffer)
         if len(self.buffer) < 2 + length:
             return
-        reply = self.buffer[2 : 2 + length]
+        reply = bytes(self.buffer[2 : 2 + length])
         if _matches(reply, self.ident, self.question):
             self._finish(reply)
         else:

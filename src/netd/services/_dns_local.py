@@ -17,7 +17,7 @@ from twisted.names import dns
 
 from netd.services._dns_wire import AA, NOERROR, NXDOMAIN, Sections, parent
 
-__all__ = ["LocalData"]
+__all__ = ["LocalData", "made_up_soa"]
 
 _RR = struct.Struct(">HHIH")
 _WILDCARD = b"\x01*"
@@ -28,7 +28,8 @@ _MAX_CHAIN = 8
 _PREPARED_LIMIT = 50_000
 
 
-def _soa_rdata(apex: bytes, negative_ttl: int) -> bytes:
+def made_up_soa(apex: bytes, negative_ttl: int) -> bytes:
+    """The SOA data of a zone nobody wrote one for."""
     return (
         b"\x02ns"
         + apex
@@ -62,7 +63,7 @@ class LocalData:
                 self.zones.add(base)
                 self.sets.setdefault(base, {})[dns.SOA] = (
                     negative_ttl,
-                    [_soa_rdata(base, negative_ttl)],
+                    [made_up_soa(base, negative_ttl)],
                 )
         # Every name between an owner and its apex exists (empty non-terminals).
         self.names: set[bytes] = set()

@@ -46,7 +46,7 @@ from netd.services._dns_data import (
     type_name,
 )
 from netd.services._dns_forward import Cache, Forwarder, Upstream
-from netd.services._dns_local import LocalData
+from netd.services._dns_local import LocalData, made_up_soa
 from netd.services._dns_wire import (
     AA,
     BADVERS,
@@ -106,6 +106,7 @@ class DnsOptions:
 
 def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOptions:
     ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
+    cache = section.read("cache", _cache, CacheOptions())
     records: list[tuple[bytes, int, int, bytes]] = []
     records_value = section.get("records")
     if records_value is not None:
@@ -113,7 +114,7 @@ def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOpti
             records.extend(_name_records(name, entry, ttl))
     zone_files = section.get("zone_files")
     for element in zone_files.elements(single=True) if zone_files is not None else ():
-        records.extend(_zone_file(element, ttl))
+        records.extend(_zone_file(element, ttl, cache.negative_ttl))
     hosts_value = section.get("hosts_file")
     if hosts_value is not None:
         records.extend(_hosts_file(hosts_value, ttl))
@@ -129,7 +130,7 @@ def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOpti
     options = DnsOptions(
         records=tuple(records),
         forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
-        cache=section.read("cache", _cache, CacheOptions()),
+        cache=cache,
         recursion_from=_present(
             section.read("recursion_from", lambda v: v.list_of(_network, single=True), _LOOPBACK)
         ),
@@ -186,18 +187,22 @@ def _read_file(value: Value) -> str | None:
         return None
 
 
-def _zone_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
     text = _read_file(value)
     if text is None:
         return []
     path = Path(value.as_str())
     stem = path.name.removesuffix(".zone").removesuffix(".db")
     try:
-        records, _ = parse_master_file(text, name_to_wire(stem), ttl)
+        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
     except (DataError, ValueError) as e:
         line = getattr(e, "line", None)
         value.error(f"{path}{f' line {line}' if line else ''}: {e}")
         return []
+    if not any(rtype == dns.SOA for _, rtype, _, _ in records):
+        # The file's origin is its zone even without an SOA: names under it
+        # that the file does not have are NXDOMAIN, not forwarded.
+        records.append((apex, dns.SOA, negative_ttl, made_up_soa(apex, negative_ttl)))
     return records
 
 
@@ -267,6 +272,7 @@ def _cache(value: Value) -> CacheOptions:
 _RR = struct.Struct(">HHIH")
 _REFUSED = Sections(REFUSED, 0, 0, 0, b"")
 _SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
+_CATCH_ALL_NODATA = Sections(AA | NOERROR, 0, 0, 0, b"")
 _POINTER_TO_QUESTION = b"\xc0\x0c"
 
 
@@ -348,6 +354,10 @@ class Server:
         if self.catch_all is not None and query.type == dns.A:
             return self.catch_all, "catch_all"
         if self.forwarder is None or not self._may_recurse(client[0]):
+            if self.catch_all is not None:
+                # In lab mode every name exists: other types are NODATA, so a
+                # resolver asking A and AAAA together settles on the A answer.
+                return _CATCH_ALL_NODATA, "catch_all"
             return _REFUSED, "refused"
         cached = self.cache.get(query.name + query.question[-4:])
         if cached is not None:
@@ -457,6 +467,13 @@ class _Datagrams(DatagramProtocol):
     def __init__(self, server: Server) -> None:
         self.server = server
         self.stats = server.stats
+        self._sendto: Any = None
+
+    def startProtocol(self) -> None:
+        # udp.Port.write checks that the address is an IP for every datagram (a
+        # tenth of the time under load); ours are the kernel's own source addresses.
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else self.transport.write
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.stats.bytes_in += len(data)
@@ -470,7 +487,7 @@ class _Datagrams(DatagramProtocol):
 
     def send(self, answer: bytes, addr: Any) -> None:
         try:
-            self.transport.write(answer, addr)
+            self._sendto(answer, addr)
         except OSError:
             # A client's address the kernel will not send to: nothing to tell it.
             self.stats.errors += 1
@@ -489,7 +506,7 @@ class _Stream(Protocol, TimeoutMixin):
     def __init__(self, server: Server, timeout: float) -> None:
         self.server = server
         self.timeout = timeout
-        self.buffer = b""
+        self.buffer = bytearray()
         self.waiting = 0
         self.paused = False
         self.closed = False
@@ -500,12 +517,17 @@ class _Stream(Protocol, TimeoutMixin):
         self.setTimeout(self.timeout)
 
     def dataReceived(self, data: bytes) -> None:
-        buffer = self.buffer + data
-        while len(buffer) >= 2:
-            length = int.from_bytes(buffer[:2], "big")
-            if len(buffer) < 2 + length:
+        # A bytearray grows in place: a client trickling a 64 KiB message byte
+        # by byte must not cost a copy of the whole buffer per byte.
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= 2:
+            end = offset + 2 + int.from_bytes(buffer[offset : offset + 2], "big")
+            if len(buffer) < end:
                 break
-            message, buffer = buffer[2 : 2 + length], buffer[2 + length :]
+            message = bytes(buffer[offset + 2 : end])
+            offset = end
             self.resetTimeout()
             answer = self.server.handle(message, (self.peer.host, self.peer.port), False)
             if answer is None:
@@ -518,7 +540,7 @@ class _Stream(Protocol, TimeoutMixin):
                 if self.waiting >= _TCP_PIPELINE and not self.paused:
                     self.paused = True
                     self.transport.pauseProducing()
-        self.buffer = buffer
+        del buffer[:offset]
 
     def _answered(self, answer: bytes) -> None:
         self.waiting -= 1
