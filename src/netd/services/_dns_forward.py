@@ -1,0 +1,405 @@
+"""
+Forwarding to upstream resolvers, and netd's own answer cache.
+
+twisted.names' client resolver decodes every answer into objects and its
+CacheResolver is unbounded without negative caching; here upstream answers stay
+in wire form: the cache keeps the bytes after the question and where each TTL
+sits, and counts the TTLs down by patching those four bytes.
+"""
+
+from __future__ import annotations
+
+import secrets
+import struct
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectionRefusedError, TimeoutError
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
+from twisted.python.failure import Failure
+
+from netd.events import ServiceStats
+from netd.services._dns_wire import (
+    EDNS_PAYLOAD,
+    FORMERR,
+    NOERROR,
+    NOTIMP,
+    NXDOMAIN,
+    OPT,
+    QR,
+    RA,
+    RD,
+    REFUSED,
+    SERVFAIL,
+    TC,
+    Malformed,
+    Sections,
+    opt_record,
+    walk_records,
+)
+
+__all__ = ["Cache", "Forwarder", "Upstream", "UpstreamFailed"]
+
+_HEADER = struct.Struct(">HHHHHH")
+_TTL = struct.Struct(">I")
+_SOA = 6
+# Questions waiting on upstreams at once; each holds a socket, so a flood of
+# distinct names must not run the process out of descriptors.
+MAX_IN_FLIGHT = 1000
+# An upstream answering these did not answer: the next one may.
+_TRY_NEXT = frozenset({SERVFAIL, NOTIMP, REFUSED, FORMERR})
+
+
+@attrs.frozen
+class Upstream:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class UpstreamFailed(Exception):
+    """No upstream gave an answer."""
+
+
+def _matches(reply: bytes, ident: int, question: bytes) -> bool:
+    """Whether C{reply} answers our query: its ID and its question (any case) are ours."""
+    if len(reply) < 12 + len(question):
+        return False
+    rid, flags, qdcount = struct.unpack_from(">HHH", reply)
+    return (
+        rid == ident
+        and bool(flags & QR)
+        and qdcount == 1
+        and reply[12 : 12 + len(question)].lower() == question
+    )
+
+
+class _Exchange:
+    """One query to one upstream over one transport; fires with the reply bytes."""
+
+    def __init__(self, clock: Any, timeout: float, ident: int, question: bytes) -> None:
+        self.deferred: Deferred[bytes] = Deferred(lambda d: self._stop())
+        self.ident = ident
+        self.question = question
+        self.timer = clock.callLater(timeout, self._expire)
+        self.done = False
+
+    def _expire(self) -> None:
+        self._finish(Failure(TimeoutError("no answer from the upstream in time")))
+
+    def _stop(self) -> None:
+        """Release the socket; subclasses close their transport."""
+
+    def _finish(self, result: bytes | Failure) -> None:
+        if self.done or self.deferred.called:
+            return
+        self.done = True
+        if self.timer.active():
+            self.timer.cancel()
+        self._stop()
+        self.deferred.callback(result)
+
+
+class _UDPExchange(_Exchange, DatagramProtocol):
+    noisy = False
+    transport: Any
+
+    def __init__(
+        self, clock: Any, timeout: float, ident: int, question: bytes, upstream: Upstream
+    ) -> None:
+        _Exchange.__init__(self, clock, timeout, ident, question)
+        self.upstream = upstream
+        self.port: Any = None
+        self.mismatched = 0
+
+    def startProtocol(self) -> None:
+        # A connected socket: the kernel drops datagrams from any other address
+        # and reports ICMP port-unreachable as connectionRefused.
+        self.transport.connect(self.upstream.host, self.upstream.port)
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        if (addr[0], addr[1]) != (self.upstream.host, self.upstream.port) or not _matches(
+            data, self.ident, self.question
+        ):
+            self.mismatched += 1
+            return
+        self._finish(data)
+
+    def connectionRefused(self) -> None:
+        self._finish(Failure(ConnectionRefusedError(str(self.upstream))))
+
+    def stopProtocol(self) -> None:
+        # With epoll, the ICMP port-unreachable on a connected UDP socket comes
+        # as EPOLLERR alone, which Twisted takes for the port closing rather
+        # than calling connectionRefused: the port stopping unasked is the refusal.
+        self.port = None
+        self._finish(Failure(ConnectionRefusedError(str(self.upstream))))
+
+    def _stop(self) -> None:
+        if self.port is not None:
+            port, self.port = self.port, None
+            port.stopListening()
+
+
+class _TCPExchange(_Exchange, Protocol):
+    transport: Any
+
+    def __init__(self, clock: Any, timeout: float, ident: int, question: bytes) -> None:
+        _Exchange.__init__(self, clock, timeout, ident, question)
+        self.buffer = bytearray()
+        self.query = b""
+
+    def connectionMade(self) -> None:
+        self.transport.write(struct.pack(">H", len(self.query)) + self.query)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) < 2:
+            return
+        (length,) = struct.unpack_from(">H", self.buffer)
+        if len(self.buffer) < 2 + length:
+            return
+        reply = bytes(self.buffer[2 : 2 + length])
+        if _matches(reply, self.ident, self.question):
+            self._finish(reply)
+        else:
+            self._finish(Failure(UpstreamFailed("an answer that does not match the query")))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._finish(Failure(UpstreamFailed("the upstream closed the connection")))
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+class _TCPFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, exchange: _TCPExchange) -> None:
+        self.exchange = exchange
+
+    def buildProtocol(self, addr: Any) -> _TCPExchange:
+        return self.exchange
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.exchange._finish(reason)
+
+
+class Forwarder:
+    """
+    Asks upstreams in order: UDP from a fresh random port with a random ID,
+    TCP when the answer is truncated, the next upstream on silence or failure.
+    Identical questions in flight share one upstream query.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        upstreams: Sequence[Upstream],
+        stats: ServiceStats,
+        timeout: float = 2.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
+    ) -> None:
+        self.reactor = reactor
+        self.max_in_flight = max_in_flight
+        self.upstreams = tuple(upstreams)
+        self.stats = stats
+        self.timeout = timeout
+        self._pending: dict[bytes, list[Deferred[bytes]]] = {}
+
+    def resolve(self, question: bytes) -> Deferred[bytes]:
+        """The upstream's reply to C{question} (lower-case name, type, class)."""
+        waiter: Deferred[bytes] = Deferred()
+        waiting = self._pending.get(question)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        if len(self._pending) >= self.max_in_flight:
+            self.stats.count("upstream_overload")
+            waiter.errback(UpstreamFailed("too many questions waiting on upstreams"))
+            return waiter
+        self._pending[question] = [waiter]
+        Deferred.fromCoroutine(self._resolve(question)).addBoth(self._done, question)
+        return waiter
+
+    def _done(self, result: bytes | Failure, question: bytes) -> None:
+        for waiter in self._pending.pop(question, []):
+            waiter.callback(result)
+
+    async def _resolve(self, question: bytes) -> bytes:
+        for upstream in self.upstreams:
+            ident = secrets.randbelow(1 << 16)
+            query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + opt_record(EDNS_PAYLOAD)
+            self.stats.count("upstream_queries")
+            try:
+                reply = await self._udp(upstream, ident, question, query)
+                if reply[2] & (TC >> 8):
+                    self.stats.count("upstream_tcp_retries")
+                    reply = await self._tcp(upstream, ident, question, query)
+            except CancelledError:
+                raise
+            except Exception:
+                self.stats.count("upstream_failures")
+                continue
+            if reply[3] & 0xF in _TRY_NEXT:
+                self.stats.count("upstream_failures")
+                continue
+            return reply
+        raise UpstreamFailed("every upstream failed")
+
+    def _udp(
+        self, upstream: Upstream, ident: int, question: bytes, query: bytes
+    ) -> Deferred[bytes]:
+        exchange = _UDPExchange(self.reactor, self.timeout, ident, question, upstream)
+        interface = "::" if ":" in upstream.host else ""
+        try:
+            exchange.port = self.reactor.listenUDP(0, exchange, interface=interface)
+            exchange.transport.write(query)
+        except OSError as e:
+            exchange._finish(Failure(e))
+
+        def count(result: Any) -> Any:
+            if exchange.mismatched:
+                # Answers with the wrong ID or question: spoofing attempts or late replies.
+                self.stats.count("upstream_mismatched", exchange.mismatched)
+            return result
+
+        return exchange.deferred.addBoth(count)
+
+    def _tcp(
+        self, upstream: Upstream, ident: int, question: bytes, query: bytes
+    ) -> Deferred[bytes]:
+        exchange = _TCPExchange(self.reactor, self.timeout, ident, question)
+        exchange.query = query
+        self.reactor.connectTCP(
+            upstream.host, upstream.port, _TCPFactory(exchange), timeout=self.timeout
+        )
+        return exchange.deferred
+
+
+@attrs.define
+class _Entry:
+    expires: float
+    stored: float
+    flags: int
+    an: int
+    ns: int
+    ar: int
+    body: bytes
+    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL as received)
+    age: int = 0
+    current: Sections | None = None
+
+
+class Cache:
+    """
+    Answers from upstreams, by question, at most C{size} of them (least
+    recently used out first); negative answers per RFC 2308.
+    """
+
+    def __init__(self, clock: Any, size: int, max_ttl: int, negative_ttl: int) -> None:
+        self.clock = clock
+        self.size = size
+        self.max_ttl = max_ttl
+        self.negative_ttl = negative_ttl
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def get(self, question: bytes) -> Sections | None:
+        entry = self._entries.get(question)
+        if entry is None:
+            return None
+        now = self.clock.seconds()
+        if now >= entry.expires:
+            del self._entries[question]
+            return None
+        self._entries.move_to_end(question)
+        age = int(now - entry.stored)
+        if entry.current is None or age != entry.age:
+            body = bytearray(entry.body)
+            for offset, ttl in entry.ttls:
+                _TTL.pack_into(body, offset, max(ttl - age, 0))
+            entry.age = age
+            entry.current = Sections(entry.flags, entry.an, entry.ns, entry.ar, bytes(body))
+        return entry.current
+
+    def put(self, question: bytes, reply: bytes) -> Sections:
+        """Keep C{reply} (already matched to C{question}); the sections to answer with."""
+        entry = _entry(reply, len(question), self.clock.seconds())
+        lifetime = _lifetime(entry, reply[12 + len(question) :], self.max_ttl, self.negative_ttl)
+        sections = Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
+        if lifetime > 0 and self.size > 0:
+            entry.expires = entry.stored + lifetime
+            entry.current = sections
+            self._entries[question] = entry
+            self._entries.move_to_end(question)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return sections
+
+
+def sections_of(reply: bytes, question_length: int) -> Sections:
+    """An upstream reply's sections, to answer with, without the upstream's OPT record."""
+    entry = _entry(reply, question_length, 0.0)
+    return Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
+
+
+def _entry(reply: bytes, question_length: int, now: float) -> _Entry:
+    _, flags, _, an, ns, ar = _HEADER.unpack_from(reply)
+    start = 12 + question_length
+    records, _ = walk_records(reply, start, an + ns + ar)
+    kept = records
+    additional = records[an + ns :]
+    opts = [r for r in additional if r.type == OPT]
+    if opts:
+        # Cutting an OPT out of the middle would move what later names point at.
+        kept = records[:-1] if opts == additional[-1:] else records[: an + ns]
+        ar = len(kept) - an - ns
+    end = kept[-1].end if kept else start
+    body = reply[start:end]
+    ttls = tuple((r.ttl_offset - start, _ttl(reply, r.ttl_offset)) for r in kept)
+    return _Entry(
+        expires=0.0,
+        stored=now,
+        flags=RA | (flags & 0xF),
+        an=an,
+        ns=ns,
+        ar=ar,
+        body=body,
+        ttls=ttls,
+    )
+
+
+def _ttl(data: bytes, offset: int) -> int:
+    ttl: int = _TTL.unpack_from(data, offset)[0]
+    return ttl
+
+
+def _lifetime(entry: _Entry, body: bytes, max_ttl: int, negative_ttl: int) -> int:
+    rcode = entry.flags & 0xF
+    if rcode == NOERROR and entry.an:
+        return min(min(ttl for _, ttl in entry.ttls[: entry.an]), max_ttl)
+    if rcode not in (NOERROR, NXDOMAIN):
+        return 0
+    # RFC 2308 section 5: a negative answer lives min(SOA TTL, SOA minimum).
+    try:
+        records, _ = walk_records(body, 0, entry.an + entry.ns)
+    except Malformed:
+        return 0
+    for record in records[entry.an :]:
+        if record.type == _SOA and record.end - record.rdata >= 20:
+            minimum = _ttl(body, record.end - 4)
+            return min(_ttl(body, record.ttl_offset), minimum, negative_ttl)
+    # Without an SOA there is no negative TTL to go by (RFC 2308 section 5).
+    return 0

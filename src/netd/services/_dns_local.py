@@ -1,0 +1,157 @@
+"""
+The names netd serves itself, answered authoritatively from wire-form sections
+prepared once per (name, type) and then reused.
+
+Zones: a name with an SOA record is a zone apex; every other configured name
+that has no apex (and no configured name) above it is one too, with an SOA
+made up for it.  Under an apex, names nobody configured are NXDOMAIN, and
+types a name lacks are NODATA, both with the zone's SOA (RFC 2308).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from twisted.names import dns
+
+from netd.services._dns_wire import AA, NOERROR, NXDOMAIN, Sections, parent
+
+__all__ = ["LocalData", "made_up_soa"]
+
+_RR = struct.Struct(">HHIH")
+_WILDCARD = b"\x01*"
+# A name at the question's offset: owners equal to the query name cost two bytes.
+_QUESTION_POINTER = b"\xc0\x0c"
+# Chains longer than this are loops or abuse; what was found so far is answered.
+_MAX_CHAIN = 8
+_PREPARED_LIMIT = 50_000
+
+
+def made_up_soa(apex: bytes, negative_ttl: int) -> bytes:
+    """The SOA data of a zone nobody wrote one for."""
+    return (
+        b"\x02ns"
+        + apex
+        + b"\nhostmaster"
+        + apex
+        + struct.pack(">IIIII", 1, 3600, 600, 86400, negative_ttl)
+    )
+
+
+class LocalData:
+    """
+    Authoritative answers for configured records.
+
+    @param records: (owner, type, ttl, rdata) in wire form; several of one
+        owner and type form one set, with the smallest TTL.
+    @param negative_ttl: SOA minimum (and TTL) of the zones made up here.
+    """
+
+    def __init__(self, records: Iterable[tuple[bytes, int, int, bytes]], negative_ttl: int) -> None:
+        self.sets: dict[bytes, dict[int, tuple[int, list[bytes]]]] = {}
+        for owner, rtype, ttl, rdata in records:
+            node = self.sets.setdefault(owner, {})
+            old_ttl, rdatas = node.get(rtype, (ttl, []))
+            if rdata not in rdatas:
+                rdatas.append(rdata)
+            node[rtype] = (min(old_ttl, ttl), rdatas)
+        self.zones: set[bytes] = {o for o, node in self.sets.items() if dns.SOA in node}
+        for owner in sorted(self.sets, key=len):
+            base = owner[2:] if owner.startswith(_WILDCARD) else owner
+            if self._zone_of(base) is None:
+                self.zones.add(base)
+                self.sets.setdefault(base, {})[dns.SOA] = (
+                    negative_ttl,
+                    [made_up_soa(base, negative_ttl)],
+                )
+        # Every name between an owner and its apex exists (empty non-terminals).
+        self.names: set[bytes] = set()
+        for owner in self.sets:
+            name: bytes | None = owner
+            while name is not None and name not in self.names:
+                self.names.add(name)
+                if name in self.zones:
+                    break
+                name = parent(name)
+        self._prepared: dict[tuple[bytes, int], Sections | None] = {}
+
+    def __len__(self) -> int:
+        return sum(len(rdatas) for node in self.sets.values() for _, rdatas in node.values())
+
+    def _zone_of(self, name: bytes) -> bytes | None:
+        candidate: bytes | None = name
+        while candidate is not None:
+            if candidate in self.zones:
+                return candidate
+            candidate = parent(candidate)
+        return None
+
+    def is_local(self, name: bytes) -> bool:
+        return self._zone_of(name) is not None
+
+    def answer(self, name: bytes, qtype: int) -> Sections | None:
+        """The sections answering C{name}/C{qtype}, or None for a name that is not ours."""
+        key = (name, qtype)
+        try:
+            return self._prepared[key]
+        except KeyError:
+            pass
+        sections = self._build(name, qtype)
+        if len(self._prepared) >= _PREPARED_LIMIT:
+            # Random names (a scan, a cache-busting attack) must not grow memory.
+            self._prepared.clear()
+        self._prepared[key] = sections
+        return sections
+
+    def _node(self, name: bytes) -> dict[int, tuple[int, list[bytes]]] | None:
+        node = self.sets.get(name)
+        if node is not None or name in self.names:
+            return node or {}
+        # RFC 4592: the wildcard at the closest encloser, if that has one; the
+        # zone's apex exists, so the search ends there at the latest.
+        encloser = parent(name)
+        while encloser is not None and encloser not in self.names:
+            encloser = parent(encloser)
+        if encloser is None:
+            return None
+        return self.sets.get(_WILDCARD + encloser)
+
+    def _build(self, qname: bytes, qtype: int) -> Sections | None:
+        zone = self._zone_of(qname)
+        if zone is None:
+            return None
+        answers: list[bytes] = []
+        name = qname
+        for _ in range(_MAX_CHAIN):
+            owner = _QUESTION_POINTER if name == qname else name
+            node = self._node(name)
+            if node is None:
+                return self._negative(NXDOMAIN, zone, answers)
+            if qtype in node or (qtype == dns.ALL_RECORDS and node):
+                types = [qtype] if qtype in node else sorted(node)
+                for rtype in types:
+                    answers.extend(_records(owner, rtype, *node[rtype]))
+                return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+            cname = node.get(dns.CNAME)
+            if cname is None or qtype == dns.CNAME:
+                return self._negative(NOERROR, zone, answers)
+            answers.extend(_records(owner, dns.CNAME, *cname))
+            target = cname[1][0]
+            target_zone = self._zone_of(target)
+            if target_zone is None:
+                # The rest of the chain is someone else's: the client asks for it.
+                break
+            name, zone = target, target_zone
+        return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+
+    def _negative(self, rcode: int, zone: bytes, answers: list[bytes]) -> Sections:
+        ttl, (soa,) = self.sets[zone][dns.SOA]
+        # RFC 2308 section 3: the SOA's TTL in a negative answer is its minimum.
+        ttl = min(ttl, int.from_bytes(soa[-4:], "big"))
+        authority = zone + _RR.pack(dns.SOA, dns.IN, ttl, len(soa)) + soa
+        return Sections(AA | rcode, len(answers), 1, 0, b"".join(answers) + authority)
+
+
+def _records(owner: bytes, rtype: int, ttl: int, rdatas: list[bytes]) -> list[bytes]:
+    return [owner + _RR.pack(rtype, dns.IN, ttl, len(rdata)) + rdata for rdata in rdatas]

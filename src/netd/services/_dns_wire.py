@@ -1,0 +1,280 @@
+"""
+DNS messages at the byte level, for the paths that run once per query.
+
+twisted.names' L{dns.Message} decodes every record into objects and encodes
+them back; on the hot path netd only needs the header, the question and the
+EDNS0 OPT record of a query, and answers from sections prepared beforehand (or
+kept as an upstream sent them).  Names are never followed through compression
+pointers here, only skipped, so a pointer loop costs nothing and a question
+that uses a pointer at all is malformed.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+
+__all__ = [
+    "FORMERR",
+    "NOERROR",
+    "NOTIMP",
+    "NXDOMAIN",
+    "REFUSED",
+    "SERVFAIL",
+    "Malformed",
+    "Query",
+    "Sections",
+    "opt_record",
+    "parse_query",
+    "read_name",
+    "reply_header",
+    "skip_name",
+    "walk_records",
+]
+
+NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
+BADVERS = 16
+
+QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
+OPT = 41
+
+_HEADER = struct.Struct(">HHHHHH")
+_RR_FIXED = struct.Struct(">HHIH")
+_QUESTION_TAIL = struct.Struct(">HH")
+
+# RFC 1035 section 2.3.4.
+_MAX_NAME = 255
+
+
+class Malformed(Exception):
+    """The bytes are not a message netd answers; C{rcode} is the reply, or None for silence."""
+
+    def __init__(self, rcode: int | None, why: str) -> None:
+        super().__init__(why)
+        self.rcode = rcode
+
+
+@attrs.frozen
+class Query:
+    """
+    What the server needs from a query.
+
+    @ivar question: the question exactly as the client wrote it (its case is
+        echoed back, RFC 1035 and 0x20 mixed-case clients want that).
+    @ivar name: the query name in wire form, lower-cased: the lookup key.
+    @ivar payload: the client's EDNS0 UDP payload size, or None without EDNS0.
+    """
+
+    id: int
+    flags: int
+    question: bytes
+    name: bytes
+    type: int
+    cls: int
+    payload: int | None = None
+    edns_version: int = 0
+
+
+def skip_name(data: bytes, offset: int) -> int:
+    """The offset just past the name at C{offset}; a pointer ends the name."""
+    end = len(data)
+    while True:
+        if offset >= end:
+            raise Malformed(FORMERR, "name runs past the end")
+        length = data[offset]
+        if length == 0:
+            return offset + 1
+        if length & 0xC0 == 0xC0:
+            if offset + 2 > end:
+                raise Malformed(FORMERR, "pointer runs past the end")
+            return offset + 2
+        if length & 0xC0:
+            raise Malformed(FORMERR, "unknown label type")
+        offset += 1 + length
+
+
+def read_name(data: bytes, offset: int) -> int:
+    """
+    The offset past an uncompressed name at C{offset}; a name with a
+    compression pointer, or longer than 255 bytes, is malformed.
+    """
+    start, end = offset, len(data)
+    while True:
+        if offset >= end:
+            raise Malformed(FORMERR, "name runs past the end")
+        length = data[offset]
+        if length == 0:
+            offset += 1
+            break
+        if length & 0xC0:
+            raise Malformed(FORMERR, "compressed or extended label in a question")
+        offset += 1 + length
+    if offset - start > _MAX_NAME:
+        raise Malformed(FORMERR, "name longer than 255 bytes")
+    return offset
+
+
+@attrs.frozen
+class Record:
+    """Where one resource record sits in a message."""
+
+    start: int
+    type: int
+    ttl_offset: int
+    rdata: int
+    end: int
+
+
+def walk_records(data: bytes, offset: int, count: int) -> tuple[list[Record], int]:
+    """The next C{count} records from C{offset}, and the offset past them."""
+    records = []
+    for _ in range(count):
+        start = offset
+        offset = skip_name(data, offset)
+        if offset + 10 > len(data):
+            raise Malformed(FORMERR, "record runs past the end")
+        rtype, _cls, _ttl, length = _RR_FIXED.unpack_from(data, offset)
+        rdata = offset + 10
+        offset = rdata + length
+        if offset > len(data):
+            raise Malformed(FORMERR, "record data runs past the end")
+        records.append(Record(start, rtype, rdata - 6, rdata, offset))
+    return records, offset
+
+
+def parse_query(data: bytes) -> Query:
+    """Read a query; L{Malformed} says whether to answer FORMERR (or NOTIMP) or stay silent."""
+    if len(data) < 12:
+        raise Malformed(None, "shorter than a header")
+    ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    if flags & QR:
+        # Never answer an answer: two servers would bounce it forever.
+        raise Malformed(None, "a response, not a query")
+    if (flags >> 11) & 0xF:
+        raise Malformed(NOTIMP, "only standard queries")
+    if qdcount != 1:
+        raise Malformed(FORMERR, f"{qdcount} questions")
+    end = read_name(data, 12)
+    if end + 4 > len(data):
+        raise Malformed(FORMERR, "question runs past the end")
+    qtype, qclass = _QUESTION_TAIL.unpack_from(data, end)
+    question = data[12 : end + 4]
+    records, _ = walk_records(data, end + 4, ancount + nscount + arcount)
+    payload: int | None = None
+    version = 0
+    for index, record in enumerate(records):
+        if record.type != OPT:
+            continue
+        if payload is not None or index < ancount + nscount or data[record.start] != 0:
+            raise Malformed(FORMERR, "misplaced or repeated OPT record")
+        # The OPT record's class is the payload size, its TTL the extended flags.
+        payload = max(512, int.from_bytes(data[record.ttl_offset - 2 : record.ttl_offset], "big"))
+        version = data[record.ttl_offset + 1]
+    return Query(
+        id=ident,
+        flags=flags,
+        question=question,
+        name=data[12:end].lower(),
+        type=qtype,
+        cls=qclass,
+        payload=payload,
+        edns_version=version,
+    )
+
+
+def malformed_reply(data: bytes, rcode: int) -> bytes:
+    """A header-only answer to a query netd could not read beyond its header."""
+    ident, flags = struct.unpack_from(">HH", data)
+    return _HEADER.pack(ident, QR | (flags & (0x7800 | RD)) | rcode, 0, 0, 0, 0)
+
+
+def reply_header(query: Query, flags: int, an: int, ns: int, ar: int) -> bytes:
+    """The header of the answer to C{query}: its ID and RD, our flags and counts."""
+    return _HEADER.pack(query.id, QR | (query.flags & RD) | flags, 1, an, ns, ar)
+
+
+def opt_record(payload: int, extended_rcode: int = 0) -> bytes:
+    """An EDNS0 OPT record advertising C{payload} bytes (RFC 6891)."""
+    return b"\x00" + _RR_FIXED.pack(OPT, payload, (extended_rcode >> 4) << 24, 0)
+
+
+@attrs.frozen
+class Sections:
+    """
+    The part of an answer after the question, ready to send.
+
+    @ivar flags: AA, RA and the rcode.
+    @ivar body: the answer, authority and additional records in wire form;
+        compression pointers in it may point into a question of this name.
+    """
+
+    flags: int
+    an: int
+    ns: int
+    ar: int
+    body: bytes
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+
+def encode_reply(query: Query, sections: Sections, limit: int | None) -> bytes:
+    """
+    The answer to C{query}; over C{limit} bytes, the question alone with TC
+    set, for the client to ask again over TCP.
+    """
+    opt = b"" if query.payload is None else _OPT_REPLY
+    header = reply_header(
+        query, sections.flags, sections.an, sections.ns, sections.ar + (1 if opt else 0)
+    )
+    reply = header + query.question + sections.body + opt
+    if limit is not None and len(reply) > limit:
+        header = reply_header(query, sections.flags | TC, 0, 0, 1 if opt else 0)
+        reply = header + query.question + opt
+    return reply
+
+
+# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
+EDNS_PAYLOAD = 1232
+_OPT_REPLY = opt_record(EDNS_PAYLOAD)
+
+
+def udp_limit(query: Query) -> int:
+    """How big a UDP answer to C{query} may be (RFC 1035's 512 bytes without EDNS0)."""
+    if query.payload is None:
+        return 512
+    return min(query.payload, EDNS_PAYLOAD)
+
+
+def name_to_text(wire: bytes) -> str:
+    """A wire-form name (uncompressed) as dotted text, for logs."""
+    labels = []
+    offset = 0
+    while offset < len(wire) and wire[offset]:
+        length = wire[offset]
+        labels.append(wire[offset + 1 : offset + 1 + length].decode("ascii", "backslashreplace"))
+        offset += 1 + length
+    return ".".join(labels) + "."
+
+
+def name_to_wire(text: str) -> bytes:
+    """Dotted text (ASCII, relative or absolute) as a lower-cased wire-form name."""
+    text = text.rstrip(".")
+    if not text:
+        return b"\x00"
+    labels = text.lower().encode("ascii").split(b".")
+    if any(not label or len(label) > 63 for label in labels):
+        raise ValueError(f"not a domain name: {text!r}")
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    if len(wire) > _MAX_NAME:
+        raise ValueError(f"name longer than 255 bytes: {text!r}")
+    return wire
+
+
+def parent(wire: bytes) -> bytes | None:
+    """The name one label up, or None for the root."""
+    if wire == b"\x00":
+        return None
+    return wire[1 + wire[0] :]

@@ -1,0 +1,597 @@
+"""
+The C{dns} service kind: authoritative local records, a forwarding resolver with
+its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
+
+    dns:
+      type: dns
+      listen: ["udp:5353", "tcp:5353", {endpoint: "ssl:8853", tls: lab}]
+      records:
+        www.netd.test: {A: [127.0.0.1], AAAA: ["::1"]}
+        "*.apps.netd.test": {A: [127.0.0.2]}
+      forward: ["127.0.0.1:5300"]
+      cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
+
+Queries are read and answered at the byte level (L{netd.services._dns_wire}):
+local answers are prepared once per name and type, cached upstream answers are
+kept as the upstream sent them.  twisted.names encodes the configured records.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.names import dns
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.schema import Section, Value
+from netd.services._dns_data import (
+    TYPES,
+    DataError,
+    parse_hosts,
+    parse_master_file,
+    parse_rdata,
+    reverse_name,
+    type_name,
+)
+from netd.services._dns_forward import Cache, Forwarder, Upstream
+from netd.services._dns_local import LocalData, made_up_soa
+from netd.services._dns_wire import (
+    AA,
+    BADVERS,
+    EDNS_PAYLOAD,
+    NOERROR,
+    RA,
+    REFUSED,
+    SERVFAIL,
+    Malformed,
+    Query,
+    Sections,
+    encode_reply,
+    malformed_reply,
+    name_to_text,
+    name_to_wire,
+    opt_record,
+    parse_query,
+    reply_header,
+    udp_limit,
+)
+
+__all__ = ["DNS", "CacheOptions", "DnsOptions"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+# Zone transfers are not served: the data is the service map's.
+_TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
+_QUERY_LOG_SIZE = 1000
+# Queries one TCP connection may have waiting on upstreams before netd stops reading it.
+_TCP_PIPELINE = 100
+
+
+@attrs.frozen
+class CacheOptions:
+    size: int = 10000
+    max_ttl: int = 86400
+    negative_ttl: int = 300
+
+
+@attrs.frozen
+class DnsOptions:
+    """
+    @ivar records: every local record as (owner, type, ttl, rdata) in wire
+        form: the C{records} map, the zone files and the hosts file together.
+    """
+
+    records: tuple[tuple[bytes, int, int, bytes], ...] = ()
+    forward: tuple[Upstream, ...] = ()
+    cache: CacheOptions = CacheOptions()
+    recursion_from: tuple[Network, ...] = _LOOPBACK
+    catch_all: bytes | None = None
+    query_log: bool = False
+    ttl: int = 60
+
+
+def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOptions:
+    ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
+    cache = section.read("cache", _cache, CacheOptions())
+    records: list[tuple[bytes, int, int, bytes]] = []
+    records_value = section.get("records")
+    if records_value is not None:
+        for name, entry in records_value.items():
+            records.extend(_name_records(name, entry, ttl))
+    zone_files = section.get("zone_files")
+    for element in zone_files.elements(single=True) if zone_files is not None else ():
+        records.extend(_zone_file(element, ttl, cache.negative_ttl))
+    hosts_value = section.get("hosts_file")
+    if hosts_value is not None:
+        records.extend(_hosts_file(hosts_value, ttl))
+    catch_all = None
+    catch_value = section.get("catch_all")
+    if catch_value is not None:
+        text = catch_value.as_str()
+        try:
+            catch_all = ipaddress.IPv4Address(text).packed
+        except ValueError:
+            if catch_value.is_scalar:
+                catch_value.error(f"not an IPv4 address: {text!r}")
+    options = DnsOptions(
+        records=tuple(records),
+        forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
+        cache=cache,
+        recursion_from=_present(
+            section.read("recursion_from", lambda v: v.list_of(_network, single=True), _LOOPBACK)
+        ),
+        catch_all=catch_all,
+        query_log=section.flag("query_log", False),
+        ttl=ttl,
+    )
+    return options
+
+
+def _present(values: tuple[T | None, ...]) -> tuple[T, ...]:
+    """What was read, without the entries already reported as wrong."""
+    return tuple(v for v in values if v is not None)
+
+
+def _name_records(name: str, entry: Value, default_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    try:
+        owner = name_to_wire(name)
+    except (ValueError, UnicodeEncodeError):
+        entry.error(f"not a domain name: {name!r} (international names go in their xn-- form)")
+        return []
+    pairs = list(entry.items())
+    ttl = default_ttl
+    for key, value in pairs:
+        if key == "ttl":
+            ttl = value.as_int(default_ttl, minimum=0, maximum=2**31 - 1)
+    found = []
+    for key, values in pairs:
+        rtype = TYPES.get(key.upper())
+        if key == "ttl":
+            continue
+        if rtype is None:
+            values.error(f"unsupported record type {key!r} (one of {', '.join(TYPES)})")
+            continue
+        for value in values.elements(single=True):
+            text = value.as_str()
+            if not value.is_scalar:
+                continue
+            try:
+                found.append((owner, rtype, ttl, parse_rdata(rtype, text, None)))
+            except DataError as e:
+                value.error(str(e))
+    return found
+
+
+def _read_file(value: Value) -> str | None:
+    path = value.as_path()
+    if not value.is_scalar:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        value.error(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")
+        return None
+
+
+def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    text = _read_file(value)
+    if text is None:
+        return []
+    path = Path(value.as_str())
+    stem = path.name.removesuffix(".zone").removesuffix(".db")
+    try:
+        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
+    except (DataError, ValueError) as e:
+        line = getattr(e, "line", None)
+        value.error(f"{path}{f' line {line}' if line else ''}: {e}")
+        return []
+    if not any(rtype == dns.SOA for _, rtype, _, _ in records):
+        # The file's origin is its zone even without an SOA: names under it
+        # that the file does not have are NXDOMAIN, not forwarded.
+        records.append((apex, dns.SOA, negative_ttl, made_up_soa(apex, negative_ttl)))
+    return records
+
+
+def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    text = _read_file(value)
+    if text is None:
+        return []
+    try:
+        entries = parse_hosts(text)
+    except DataError as e:
+        value.error(f"{value.as_str()} line {e.line}: {e}")
+        return []
+    records = []
+    for name, rtype, packed in entries:
+        records.append((name, rtype, ttl, packed))
+        records.append((reverse_name(packed), dns.PTR, ttl, name))
+    return records
+
+
+def _upstream(value: Value) -> Upstream | None:
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest[1:]) if rest[:1] == ":" and rest[1:].isdigit() else -1
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text) if port_text.isdigit() else -1
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not 0 < port < 65536:
+        value.error(f"not an upstream IP[:PORT]: {text!r} (as in 127.0.0.1:5300 or [::1]:53)")
+        return None
+    return Upstream(str(address), port)
+
+
+def _network(value: Value) -> Network | None:
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        value.error(f"not an address or network: {text!r}")
+        return None
+
+
+def _cache(value: Value) -> CacheOptions:
+    section = value.section()
+    defaults = CacheOptions()
+    options = CacheOptions(
+        size=section.integer("size", defaults.size, minimum=0, maximum=10_000_000),
+        max_ttl=section.integer("max_ttl", defaults.max_ttl, minimum=0, maximum=2**31 - 1),
+        negative_ttl=section.integer(
+            "negative_ttl", defaults.negative_ttl, minimum=0, maximum=2**31 - 1
+        ),
+    )
+    section.finish()
+    return options
+
+
+_RR = struct.Struct(">HHIH")
+_REFUSED = Sections(REFUSED, 0, 0, 0, b"")
+_SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
+_CATCH_ALL_NODATA = Sections(AA | NOERROR, 0, 0, 0, b"")
+_POINTER_TO_QUESTION = b"\xc0\x0c"
+
+
+class Server:
+    """Turns query bytes into answer bytes, now or later (a L{Deferred})."""
+
+    def __init__(self, options: DnsOptions, context: BuildContext) -> None:
+        self.options = options
+        self.context = context
+        self.stats = context.stats
+        self.clock = context.reactor
+        self.local = LocalData(options.records, options.cache.negative_ttl)
+        self.forwarder = (
+            Forwarder(context.reactor, options.forward, context.stats) if options.forward else None
+        )
+        self.cache = Cache(
+            context.reactor,
+            options.cache.size,
+            options.cache.max_ttl,
+            options.cache.negative_ttl,
+        )
+        self.catch_all = None
+        if options.catch_all is not None:
+            rdata = options.catch_all
+            body = _POINTER_TO_QUESTION + _RR.pack(dns.A, dns.IN, options.ttl, len(rdata)) + rdata
+            self.catch_all = Sections(AA | NOERROR, 1, 0, 0, body)
+        self.networks = options.recursion_from
+        self.recursion_ok: dict[str, bool] = {}
+        self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
+
+    def handle(self, data: bytes, client: Any, udp: bool) -> bytes | Deferred[bytes] | None:
+        """The answer to C{data} from C{client} (an address), or None for silence."""
+        stats = self.stats
+        stats.count("queries")
+        try:
+            query = parse_query(data)
+        except Malformed as e:
+            stats.count("malformed")
+            if e.rcode is None:
+                return None
+            stats.count(f"rcode_{_RCODES[e.rcode]}")
+            return malformed_reply(data, e.rcode)
+        started = self.clock.seconds() if self.options.query_log else 0.0
+        if query.edns_version:
+            stats.count("rcode_BADVERS")
+            return (
+                reply_header(query, 0, 0, 0, 1) + query.question + opt_record(EDNS_PAYLOAD, BADVERS)
+            )
+        limit = udp_limit(query) if udp else None
+        sections, source = self._answer_now(query, client)
+        if sections is not None:
+            if self.forwarder is not None and self._may_recurse(client[0]):
+                # RA says this client may ask for any name, whatever answered this one.
+                sections = attrs.evolve(sections, flags=sections.flags | RA)
+            return self._reply(sections, query, limit, client, udp, source, started)
+        assert self.forwarder is not None
+        key = query.name + query.question[-4:]
+        stats.count("cache_misses")
+        waiting = self.forwarder.resolve(key)
+
+        def answered(reply: bytes) -> Sections:
+            return self.cache.put(key, reply)
+
+        def failed(reason: Failure) -> Sections:
+            return _SERVFAIL
+
+        return (
+            waiting.addCallbacks(answered, failed)
+            .addCallback(self._reply, query, limit, client, udp, "upstream", started)
+            .addErrback(self._crashed, query, limit)
+        )
+
+    def _answer_now(self, query: Query, client: Any) -> tuple[Sections | None, str]:
+        if query.cls != dns.IN or query.type in _TRANSFERS:
+            return _REFUSED, "refused"
+        local = self.local.answer(query.name, query.type)
+        if local is not None:
+            return local, "local"
+        if self.catch_all is not None and query.type == dns.A:
+            return self.catch_all, "catch_all"
+        if self.forwarder is None or not self._may_recurse(client[0]):
+            if self.catch_all is not None:
+                # In lab mode every name exists: other types are NODATA, so a
+                # resolver asking A and AAAA together settles on the A answer.
+                return _CATCH_ALL_NODATA, "catch_all"
+            return _REFUSED, "refused"
+        cached = self.cache.get(query.name + query.question[-4:])
+        if cached is not None:
+            self.stats.count("cache_hits")
+            return cached, "cache"
+        return None, "upstream"
+
+    def _may_recurse(self, host: str) -> bool:
+        allowed = self.recursion_ok.get(host)
+        if allowed is None:
+            try:
+                address = ipaddress.ip_address(host.split("%", 1)[0])
+            except ValueError:
+                address = None
+            allowed = address is not None and any(address in n for n in self.networks)
+            if len(self.recursion_ok) > 10000:
+                self.recursion_ok.clear()
+            self.recursion_ok[host] = allowed
+        return allowed
+
+    def _reply(
+        self,
+        sections: Sections,
+        query: Query,
+        limit: int | None,
+        client: Any,
+        udp: bool,
+        source: str,
+        started: float,
+    ) -> bytes:
+        reply = encode_reply(query, sections, limit)
+        self.stats.count(f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}")
+        if limit is not None and len(reply) < len(query.question) + 12 + len(sections.body):
+            self.stats.count("truncated")
+        if self.options.query_log:
+            self._record(query, reply, client, udp, source, started)
+        return reply
+
+    def _crashed(self, reason: Failure, query: Query, limit: int | None) -> bytes:
+        self.context.log.failure("answering a forwarded query", reason)
+        self.stats.errors += 1
+        return encode_reply(query, _SERVFAIL, limit)
+
+    def _record(
+        self, query: Query, reply: bytes, client: Any, udp: bool, source: str, started: float
+    ) -> None:
+        message = dns.Message()
+        try:
+            message.fromStr(reply)
+            answer = [_rr_text(rr) for rr in message.answers]
+        except Exception:
+            answer = []
+        entry = {
+            "time": started,
+            "client": f"[{client[0]}]:{client[1]}"
+            if ":" in client[0]
+            else f"{client[0]}:{client[1]}",
+            "transport": "udp" if udp else "tcp",
+            "name": name_to_text(query.name),
+            "qtype": type_name(query.type),
+            "rcode": _RCODES.get(message.rCode, str(message.rCode)),
+            "answer": answer,
+            "source": source,
+            "latency_ms": round((self.clock.seconds() - started) * 1000, 3),
+        }
+        self.log.append(entry)
+        self.context.emit("query", **entry)
+
+    def list_queries(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        return list(self.log)
+
+    def clear_queries(self) -> dict[str, int]:
+        cleared = len(self.log)
+        self.log.clear()
+        return {"cleared": cleared}
+
+
+def _rr_text(rr: dns.RRHeader) -> str:
+    """One answer record as a zone file line would have it, near enough for a log."""
+    payload: Any = rr.payload
+    if rr.type == dns.A:
+        data = socket.inet_ntop(socket.AF_INET, payload.address)
+    elif rr.type == dns.AAAA:
+        data = socket.inet_ntop(socket.AF_INET6, payload.address)
+    elif isinstance(payload, dns.UnknownRecord):
+        data = repr(payload.data)
+    else:
+        values = []
+        for field in payload.showAttributes:
+            attribute = field[0] if isinstance(field, tuple) else field
+            if attribute == "ttl":
+                continue
+            value = getattr(payload, attribute, "")
+            if isinstance(value, dns.Name):
+                value = value.name.decode("ascii", "backslashreplace") + "."
+            elif isinstance(value, list):
+                value = " ".join(repr(v.decode("utf-8", "replace")) for v in value)
+            values.append(str(value))
+        data = " ".join(values)
+    return f"{rr.name} {rr.ttl} {type_name(rr.type)} {data}"
+
+
+class _Datagrams(DatagramProtocol):
+    noisy = False
+    transport: Any
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.stats = server.stats
+        self._sendto: Any = None
+
+    def startProtocol(self) -> None:
+        # udp.Port.write checks that the address is an IP for every datagram (a
+        # tenth of the time under load); ours are the kernel's own source addresses.
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else self.transport.write
+
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
+        self.stats.bytes_in += len(data)
+        answer = self.server.handle(data, addr, True)
+        if answer is None:
+            return
+        if isinstance(answer, bytes):
+            self.send(answer, addr)
+        else:
+            answer.addCallback(self.send, addr)
+
+    def send(self, answer: bytes, addr: Any) -> None:
+        try:
+            self._sendto(answer, addr)
+        except OSError:
+            # A client's address the kernel will not send to: nothing to tell it.
+            self.stats.errors += 1
+            return
+        self.stats.bytes_out += len(answer)
+
+
+class _Stream(Protocol, TimeoutMixin):
+    """
+    DNS over a stream (RFC 7766): two-byte length prefixes, queries answered
+    as they complete (pipelined), closed after C{timeout} without a whole message.
+    """
+
+    transport: Any
+
+    def __init__(self, server: Server, timeout: float) -> None:
+        self.server = server
+        self.timeout = timeout
+        self.buffer = bytearray()
+        self.waiting = 0
+        self.paused = False
+        self.closed = False
+
+    def connectionMade(self) -> None:
+        self.callLater = self.server.clock.callLater  # type: ignore[method-assign]
+        self.peer = self.transport.getPeer()
+        self.setTimeout(self.timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        # A bytearray grows in place: a client trickling a 64 KiB message byte
+        # by byte must not cost a copy of the whole buffer per byte.
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= 2:
+            end = offset + 2 + int.from_bytes(buffer[offset : offset + 2], "big")
+            if len(buffer) < end:
+                break
+            message = bytes(buffer[offset + 2 : end])
+            offset = end
+            self.resetTimeout()
+            answer = self.server.handle(message, (self.peer.host, self.peer.port), False)
+            if answer is None:
+                continue
+            if isinstance(answer, bytes):
+                self.send(answer)
+            else:
+                self.waiting += 1
+                answer.addCallback(self._answered)
+                if self.waiting >= _TCP_PIPELINE and not self.paused:
+                    self.paused = True
+                    self.transport.pauseProducing()
+        del buffer[:offset]
+
+    def _answered(self, answer: bytes) -> None:
+        self.waiting -= 1
+        self.send(answer)
+        if self.paused and self.waiting < _TCP_PIPELINE // 2 and not self.closed:
+            self.paused = False
+            self.transport.resumeProducing()
+
+    def send(self, answer: bytes) -> None:
+        if not self.closed:
+            self.transport.write(len(answer).to_bytes(2, "big") + answer)
+
+    def timeoutConnection(self) -> None:
+        if self.waiting:
+            # Answers are still on their way from upstreams: the client is not idle.
+            self.setTimeout(self.timeout)
+            return
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.closed = True
+        self.setTimeout(None)
+
+
+class _StreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, server: Server, timeout: float) -> None:
+        self.server = server
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: Any) -> _Stream:
+        return _Stream(self.server, self.timeout)
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: DnsOptions = service.options
+    server = Server(options, context)
+    factory = _StreamFactory(server, service.idle_timeout)
+
+    def stream(listener: ListenerConfig) -> _StreamFactory:
+        return factory
+
+    def datagram(listener: ListenerConfig) -> _Datagrams:
+        return _Datagrams(server)
+
+    return Handlers(
+        stream=stream,
+        datagram=datagram,
+        views={"queries": AdminView(list=server.list_queries, clear=server.clear_queries)},
+    )
+
+
+DNS: ServiceKind[DnsOptions] = ServiceKind("dns", parse, build, datagram=True)

@@ -1,0 +1,766 @@
+"""
+The dns kind without sockets: options, local answers, the wire reader against bad
+input, the cache on a fake clock, TCP framing on a string transport.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+from typing import Any
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.name
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
+from netd.services._dns_forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
+from netd.services._dns_wire import name_to_wire
+from netd.services.dns import DnsOptions, Server, _Stream, build
+
+RECORDS = """\
+    records:
+      www.netd.test: {A: [127.0.0.1, 127.0.0.9], AAAA: ["::1"]}
+      netd.test:
+        MX: ["10 mx.netd.test"]
+        TXT: ["v=spf1 -all"]
+        NS: [ns.netd.test]
+        CAA: ['0 issue "letsencrypt.org"']
+        ttl: 300
+      alias.netd.test: {CNAME: [alias2.netd.test]}
+      alias2.netd.test: {CNAME: [www.netd.test]}
+      outside.netd.test: {CNAME: [www.example.com]}
+      loop.netd.test: {CNAME: [loop.netd.test]}
+      _sip._udp.netd.test: {SRV: ["0 5 5060 sip.netd.test"]}
+      1.0.0.127.in-addr.arpa: {PTR: [www.netd.test]}
+      "*.apps.netd.test": {A: [127.0.0.2]}
+"""
+
+
+def options(tmp_path: Path, section: str) -> DnsOptions:
+    text = f"services:\n  dns:\n    type: dns\n    listen: ['udp:0', 'tcp:0']\n{section}"
+    config = parse_config(text, tmp_path / "netd.yaml")
+    parsed: DnsOptions = config.services["dns"].options
+    return parsed
+
+
+def errors(tmp_path: Path, section: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        options(tmp_path, section)
+    return [str(e) for e in raised.value.errors]
+
+
+def server(tmp_path: Path, section: str = RECORDS, clock: Clock | None = None) -> Server:
+    context = BuildContext(
+        reactor=clock or Clock(),
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(Clock()),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    return Server(options(tmp_path, section), context)
+
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+def ask(
+    srv: Server, name: str, rdtype: str = "A", udp: bool = True, **kwargs: Any
+) -> dns.message.Message:
+    query = dns.message.make_query(name, rdtype, **kwargs)
+    answer = srv.handle(query.to_wire(), CLIENT, udp)
+    assert isinstance(answer, bytes)
+    reply = dns.message.from_wire(answer)
+    assert reply.id == query.id
+    return reply
+
+
+def texts(reply: dns.message.Message) -> list[str]:
+    return [str(rrset) for rrset in reply.answer]
+
+
+# -- options -------------------------------------------------------------------
+
+
+def test_defaults(tmp_path: Path) -> None:
+    parsed = options(tmp_path, "")
+    assert parsed.records == () and parsed.forward == () and parsed.catch_all is None
+    assert parsed.cache.size == 10000 and parsed.cache.negative_ttl == 300
+    assert [str(n) for n in parsed.recursion_from] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_values(tmp_path: Path) -> None:
+    parsed = options(
+        tmp_path,
+        "    forward: ['127.0.0.1:5300', '::1', '[::1]:5301', 10.0.0.1]\n"
+        "    cache: {size: 5, max_ttl: 60, negative_ttl: 10}\n"
+        "    recursion_from: [10.0.0.0/8]\n"
+        "    catch_all: 10.9.9.9\n"
+        "    query_log: true\n",
+    )
+    assert [str(u) for u in parsed.forward] == [
+        "127.0.0.1:5300",
+        "[::1]:53",
+        "[::1]:5301",
+        "10.0.0.1:53",
+    ]
+    assert (parsed.cache.size, parsed.cache.max_ttl, parsed.cache.negative_ttl) == (5, 60, 10)
+    assert parsed.catch_all == bytes([10, 9, 9, 9]) and parsed.query_log
+
+
+def test_config_errors_name_their_place(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        "    records:\n"
+        "      www.netd.test: {A: [1.2.3], MX: ['ten mx'], BOGUS: [x]}\n"
+        "      'bad..name': {A: [127.0.0.1]}\n"
+        "      six.netd.test: {AAAA: [127.0.0.1], SRV: ['1 2 3'], CAA: ['0 is-sue x']}\n"
+        "    forward: [nowhere:53, '127.0.0.1:99999']\n"
+        "    recursion_from: [10.0.0.0/33]\n"
+        "    catch_all: '::1'\n"
+        "    cache: {size: -1, bogus: 1}\n"
+        "    zone_files: [missing.zone]\n",
+    )
+    text = "\n".join(found)
+    for expected in (
+        ":6:27: services.dns.records.www.netd.test.A[0]: not an IPv4 address: '1.2.3'",
+        "services.dns.records.www.netd.test.MX[0]: not a 16-bit number: 'ten'",
+        "services.dns.records.www.netd.test.BOGUS: unsupported record type 'BOGUS'",
+        "services.dns.records.bad..name: not a domain name: 'bad..name'",
+        "services.dns.records.six.netd.test.AAAA[0]: not an IPv6 address",
+        "services.dns.records.six.netd.test.SRV[0]: expected PRIORITY WEIGHT PORT TARGET",
+        "services.dns.records.six.netd.test.CAA[0]: not a CAA tag: 'is-sue'",
+        "services.dns.forward[0]: not an upstream IP[:PORT]: 'nowhere:53'",
+        "services.dns.forward[1]: not an upstream IP[:PORT]: '127.0.0.1:99999'",
+        "services.dns.recursion_from[0]: not an address or network: '10.0.0.0/33'",
+        "services.dns.catch_all: not an IPv4 address: '::1'",
+        "services.dns.cache.size: must be at least 0",
+        "services.dns.cache.bogus: unknown key",
+        "services.dns.zone_files[0]: cannot read",
+    ):
+        assert expected in text, (expected, text)
+
+
+def test_zone_file_errors_carry_the_line(tmp_path: Path) -> None:
+    (tmp_path / "a.test.zone").write_text("$TTL 60\nwww A 127.0.0.1\nmail MX ten mail\n")
+    (tmp_path / "b.test.zone").write_text("$INCLUDE other.zone\n")
+    (tmp_path / "hosts").write_text("127.0.0.1 localhost\nnot-an-address host\n")
+    found = errors(tmp_path, "    zone_files: [a.test.zone, b.test.zone]\n    hosts_file: hosts\n")
+    assert any("a.test.zone line 3: not a 16-bit number: 'ten'" in e for e in found)
+    assert any("b.test.zone line 1: $INCLUDE is not supported" in e for e in found)
+    assert any("hosts line 2: not an IP address: 'not-an-address'" in e for e in found)
+
+
+def test_a_zone_file_without_soa_still_owns_its_origin(tmp_path: Path) -> None:
+    (tmp_path / "plain.test.zone").write_text("www A 10.0.0.1\n")
+    srv = server(tmp_path, "    zone_files: [plain.test.zone]\n    cache: {negative_ttl: 42}\n")
+    assert texts(ask(srv, "www.plain.test")) == ["www.plain.test. 60 IN A 10.0.0.1"]
+    missing = ask(srv, "other.plain.test")
+    assert missing.rcode() == dns.rcode.NXDOMAIN
+    assert str(missing.authority[0]).startswith("plain.test. 42 IN SOA ns.plain.test.")
+
+
+def test_zone_file_and_hosts_file(tmp_path: Path) -> None:
+    (tmp_path / "lab.test.zone").write_text(
+        "; comment\n"
+        "$TTL 120\n"
+        "@ IN SOA ns.lab.test. admin.lab.test. ( 7 3600 600\n"
+        "     86400 30 ) ; minimum 30\n"
+        "  IN NS ns\n"
+        "ns 60 IN A 10.0.0.1\n"
+        "www IN 90 A 10.0.0.2\n"
+        '    TXT "a b; c" plain\n'
+        "$ORIGIN sub.lab.test.\n"
+        "x CNAME www.lab.test.\n"
+    )
+    (tmp_path / "hosts").write_text("# hosts\n10.1.1.1 printer printer.lan\nfe80::1%lo v6host\n")
+    srv = server(tmp_path, "    zone_files: [lab.test.zone]\n    hosts_file: hosts\n")
+    assert texts(ask(srv, "ns.lab.test")) == ["ns.lab.test. 60 IN A 10.0.0.1"]
+    assert texts(ask(srv, "www.lab.test", "TXT")) == ['www.lab.test. 120 IN TXT "a b; c" "plain"']
+    assert texts(ask(srv, "www.lab.test")) == ["www.lab.test. 90 IN A 10.0.0.2"]
+    assert texts(ask(srv, "x.sub.lab.test"))[0] == "x.sub.lab.test. 120 IN CNAME www.lab.test."
+    missing = ask(srv, "nope.lab.test")
+    assert missing.rcode() == dns.rcode.NXDOMAIN
+    # RFC 2308: the SOA in a negative answer has min(TTL, minimum) = 30.
+    assert str(missing.authority[0]).startswith(
+        "lab.test. 30 IN SOA ns.lab.test. admin.lab.test. 7"
+    )
+    assert texts(ask(srv, "printer.lan")) == ["printer.lan. 60 IN A 10.1.1.1"]
+    assert texts(ask(srv, "v6host", "AAAA")) == ["v6host. 60 IN AAAA fe80::1"]
+    assert texts(ask(srv, "1.1.1.10.in-addr.arpa", "PTR")) == [
+        "1.1.1.10.in-addr.arpa. 60 IN PTR printer.\n1.1.1.10.in-addr.arpa. 60 IN PTR printer.lan."
+    ]
+    # Hosts names own only themselves: their neighbours are not local.
+    assert ask(srv, "scanner.lan").rcode() == dns.rcode.REFUSED
+
+
+# -- local answers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "rdtype", "expected"),
+    [
+        (
+            "www.netd.test",
+            "A",
+            ["www.netd.test. 60 IN A 127.0.0.1\nwww.netd.test. 60 IN A 127.0.0.9"],
+        ),
+        ("www.netd.test", "AAAA", ["www.netd.test. 60 IN AAAA ::1"]),
+        ("netd.test", "MX", ["netd.test. 300 IN MX 10 mx.netd.test."]),
+        ("netd.test", "TXT", ['netd.test. 300 IN TXT "v=spf1 -all"']),
+        ("netd.test", "NS", ["netd.test. 300 IN NS ns.netd.test."]),
+        ("netd.test", "CAA", ['netd.test. 300 IN CAA 0 issue "letsencrypt.org"']),
+        ("_sip._udp.netd.test", "SRV", ["_sip._udp.netd.test. 60 IN SRV 0 5 5060 sip.netd.test."]),
+        ("1.0.0.127.in-addr.arpa", "PTR", ["1.0.0.127.in-addr.arpa. 60 IN PTR www.netd.test."]),
+        ("a.apps.netd.test", "A", ["a.apps.netd.test. 60 IN A 127.0.0.2"]),
+        ("b.a.apps.netd.test", "A", ["b.a.apps.netd.test. 60 IN A 127.0.0.2"]),
+        ("WwW.NeTd.TeSt", "AAAA", ["WwW.NeTd.TeSt. 60 IN AAAA ::1"]),
+    ],
+)
+def test_local_records_answer_authoritatively(
+    tmp_path: Path, name: str, rdtype: str, expected: list[str]
+) -> None:
+    reply = ask(server(tmp_path), name, rdtype)
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert reply.flags & dns.flags.AA
+    assert texts(reply) == expected
+    assert str(reply.question[0].name) == name + "."
+
+
+def test_cname_chain_is_followed_inside_local_data(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    assert texts(ask(srv, "alias.netd.test")) == [
+        "alias.netd.test. 60 IN CNAME alias2.netd.test.",
+        "alias2.netd.test. 60 IN CNAME www.netd.test.",
+        "www.netd.test. 60 IN A 127.0.0.1\nwww.netd.test. 60 IN A 127.0.0.9",
+    ]
+    assert texts(ask(srv, "outside.netd.test")) == [
+        "outside.netd.test. 60 IN CNAME www.example.com."
+    ]
+    loop = ask(srv, "loop.netd.test")
+    assert loop.rcode() == dns.rcode.NOERROR and len(loop.answer[0]) == 1
+    assert texts(ask(srv, "alias.netd.test", "CNAME")) == [
+        "alias.netd.test. 60 IN CNAME alias2.netd.test."
+    ]
+
+
+def test_nxdomain_and_nodata_carry_the_soa(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    missing = ask(srv, "nope.netd.test")
+    assert missing.rcode() == dns.rcode.NXDOMAIN and missing.flags & dns.flags.AA
+    assert missing.answer == []
+    (soa,) = missing.authority
+    assert soa.rdtype == dns.rdatatype.SOA and str(soa.name) == "netd.test."
+    nodata = ask(srv, "www.netd.test", "MX")
+    assert nodata.rcode() == dns.rcode.NOERROR and nodata.answer == []
+    assert nodata.authority[0].rdtype == dns.rdatatype.SOA
+    # An empty non-terminal exists: NODATA, not NXDOMAIN.
+    assert ask(srv, "_udp.netd.test", "SRV").rcode() == dns.rcode.NOERROR
+    assert ask(srv, "apps.netd.test").rcode() == dns.rcode.NOERROR
+    assert texts(ask(srv, "netd.test", "SOA"))[0].startswith(
+        "netd.test. 300 IN SOA ns.netd.test. hostmaster.netd.test. 1"
+    )
+
+
+def test_other_names_and_classes_are_refused_without_upstreams(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    assert ask(srv, "example.com").rcode() == dns.rcode.REFUSED
+    assert ask(srv, "netd.test", "AXFR").rcode() == dns.rcode.REFUSED
+    chaos = dns.message.make_query("version.bind", "TXT", "CH")
+    answer = srv.handle(chaos.to_wire(), CLIENT, True)
+    assert isinstance(answer, bytes)
+    assert dns.message.from_wire(answer).rcode() == dns.rcode.REFUSED
+
+
+def test_recursion_only_for_recursion_from(tmp_path: Path) -> None:
+    srv = server(
+        tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n    recursion_from: [10.0.0.0/8]\n"
+    )
+    assert ask(srv, "example.com").rcode() == dns.rcode.REFUSED
+    # Local names answer everyone.
+    assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
+
+
+def test_catch_all_answers_other_a_queries(tmp_path: Path) -> None:
+    srv = server(tmp_path, RECORDS + "    catch_all: 10.9.9.9\n")
+    assert texts(ask(srv, "anything.example.com")) == ["anything.example.com. 60 IN A 10.9.9.9"]
+    assert texts(ask(srv, "www.netd.test"))[0].startswith("www.netd.test. 60 IN A 127.0.0.1")
+    nodata = ask(srv, "anything.example.com", "AAAA")
+    assert nodata.rcode() == dns.rcode.NOERROR and nodata.answer == []
+
+
+# -- EDNS0 and truncation ------------------------------------------------------
+
+
+def test_edns_is_echoed_and_advertises_our_payload(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    reply = ask(srv, "www.netd.test", use_edns=0, payload=4096)
+    assert reply.edns == 0 and reply.payload == 1232
+    assert ask(srv, "www.netd.test").edns == -1
+    bad = ask(srv, "www.netd.test", use_edns=1)
+    assert bad.rcode() == dns.rcode.BADVERS
+
+
+def big_server(tmp_path: Path) -> Server:
+    strings = ", ".join(f"'{i:03d} {'y' * 60}'" for i in range(30))
+    return server(tmp_path, f"    records:\n      many.netd.test: {{TXT: [{strings}]}}\n")
+
+
+def test_udp_answers_over_512_bytes_are_truncated_without_edns(tmp_path: Path) -> None:
+    srv = big_server(tmp_path)
+    small = ask(srv, "many.netd.test", "TXT")
+    assert small.flags & dns.flags.TC and small.answer == []
+    # EDNS0 with a big buffer still gets at most our 1232 bytes.
+    edns = ask(srv, "many.netd.test", "TXT", use_edns=0, payload=4096)
+    assert edns.flags & dns.flags.TC and edns.edns == 0
+    full = ask(srv, "many.netd.test", "TXT", udp=False)
+    assert not full.flags & dns.flags.TC and len(full.answer[0]) == 30
+    assert srv.stats.counters["truncated"] == 2
+
+
+def test_edns_lets_a_mid_sized_answer_through(tmp_path: Path) -> None:
+    values = ", ".join(f"'{c * 200}'" for c in "xyz")
+    srv = server(tmp_path, f"    records:\n      mid.netd.test: {{TXT: [{values}]}}\n")
+    assert ask(srv, "mid.netd.test", "TXT").flags & dns.flags.TC
+    reply = ask(srv, "mid.netd.test", "TXT", use_edns=0, payload=1232)
+    assert not reply.flags & dns.flags.TC and len(reply.answer[0]) == 3
+
+
+# -- bad input -----------------------------------------------------------------
+
+
+def header(qd: int = 1, an: int = 0, ns: int = 0, ar: int = 0, flags: int = 0x0100) -> bytes:
+    return struct.pack(">HHHHHH", 0x1234, flags, qd, an, ns, ar)
+
+
+QUESTION = name_to_wire("www.netd.test") + b"\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("data", "rcode"),
+    [
+        (b"", None),
+        (b"\x12\x34\x01", None),
+        (header(flags=0x8000) + QUESTION, None),  # a response
+        (header(qd=0), dns.rcode.FORMERR),
+        (header(qd=2) + QUESTION + QUESTION, dns.rcode.FORMERR),
+        (header(qd=65535) + QUESTION, dns.rcode.FORMERR),
+        (header() + b"\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),  # a pointer to itself
+        (header() + b"\x03www\xc0\x0c\x00\x01\x00\x01", dns.rcode.FORMERR),
+        (header() + b"\x03ww", dns.rcode.FORMERR),  # the name runs out
+        (header() + QUESTION[:-2], dns.rcode.FORMERR),
+        (header() + b"\x41" + b"x" * 65 + b"\x00\x00\x01\x00\x01", dns.rcode.FORMERR),
+        (header() + (b"\x3f" + b"x" * 63) * 4 + b"\x00\x00\x01\x00\x01", dns.rcode.FORMERR),
+        (header(ar=1) + QUESTION + b"\x00\x00\x29", dns.rcode.FORMERR),  # a cut OPT
+        (
+            header(ar=2) + QUESTION + (b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00") * 2,
+            dns.rcode.FORMERR,
+        ),
+        (
+            header(an=1) + QUESTION + b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00",
+            dns.rcode.FORMERR,
+        ),
+        (header(flags=0x2800) + QUESTION, dns.rcode.NOTIMP),  # opcode UPDATE
+    ],
+)
+def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: int | None) -> None:
+    srv = server(tmp_path)
+    answer = srv.handle(data, CLIENT, True)
+    if rcode is None:
+        assert answer is None
+    else:
+        assert isinstance(answer, bytes)
+        reply = dns.message.from_wire(answer, question_only=True)
+        assert reply.id == 0x1234 and reply.rcode() == rcode
+    assert srv.stats.counters["malformed"] == 1
+    assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_random_bytes_never_crash(data: bytes) -> None:
+    srv = FUZZ_SERVER
+    answer = srv.handle(data, CLIENT, True)
+    assert answer is None or (isinstance(answer, bytes) and answer[:2] == data[:2])
+
+
+@settings(max_examples=300, deadline=None)
+@given(tail=st.binary(max_size=200), counts=st.tuples(*[st.integers(0, 3)] * 3))
+def test_mutated_queries_never_crash(tail: bytes, counts: tuple[int, int, int]) -> None:
+    data = header(1, *counts) + QUESTION + tail
+    answer = FUZZ_SERVER.handle(data, CLIENT, True)
+    assert answer is None or (isinstance(answer, bytes) and answer[:2] == b"\x12\x34")
+
+
+FUZZ_SERVER: Server = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global FUZZ_SERVER
+    FUZZ_SERVER = server(tmp_path_factory.mktemp("fuzz"))
+
+
+# -- TCP framing ---------------------------------------------------------------
+
+
+def stream(tmp_path: Path, clock: Clock) -> tuple[_Stream, StringTransport]:
+    srv = server(tmp_path, clock=clock)
+    protocol = _Stream(srv, 5.0)
+    transport = StringTransport(peerAddress=_Peer())
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+class _Peer:
+    host = "127.0.0.1"
+    port = 40000
+
+
+def framed(name: str, rdtype: str = "A") -> bytes:
+    wire = dns.message.make_query(name, rdtype).to_wire()
+    return struct.pack(">H", len(wire)) + wire
+
+
+def unframe(data: bytes) -> list[dns.message.Message]:
+    found = []
+    while data:
+        (length,) = struct.unpack_from(">H", data)
+        found.append(dns.message.from_wire(data[2 : 2 + length]))
+        data = data[2 + length :]
+    return found
+
+
+def test_tcp_answers_several_queries_per_connection(tmp_path: Path) -> None:
+    protocol, transport = stream(tmp_path, Clock())
+    two = framed("www.netd.test") + framed("netd.test", "MX")
+    protocol.dataReceived(two)
+    third = framed("nope.netd.test")
+    for byte in range(len(third)):
+        protocol.dataReceived(third[byte : byte + 1])
+    replies = unframe(transport.value())
+    assert [r.rcode() for r in replies] == [0, 0, dns.rcode.NXDOMAIN]
+    assert str(replies[1].answer[0]) == "netd.test. 300 IN MX 10 mx.netd.test."
+
+
+def test_tcp_connection_without_a_whole_message_times_out(tmp_path: Path) -> None:
+    clock = Clock()
+    protocol, transport = stream(tmp_path, clock)
+    clock.advance(4)
+    protocol.dataReceived(framed("www.netd.test"))
+    clock.advance(4)
+    protocol.dataReceived(b"\xff\xff" + b"x" * 100)  # 64 KiB announced, never sent
+    clock.advance(0.9)
+    assert not transport.disconnecting
+    clock.advance(0.2)
+    assert transport.disconnecting
+
+
+# -- cache ---------------------------------------------------------------------
+
+
+def upstream_reply(
+    question: bytes, rrsets: list[str], rcode: int = 0, authority: list[str] = ()
+) -> bytes:  # type: ignore[assignment]
+    name = dns.name.from_wire(question, 0)[0]
+    rdtype = struct.unpack(">H", question[-4:-2])[0]
+    query = dns.message.make_query(name, rdtype, use_edns=0)
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    reply.answer = [dns.rrset.from_text(*text.split(" ", 4)) for text in rrsets]  # type: ignore[misc]
+    reply.authority = [dns.rrset.from_text(*text.split(" ", 4)) for text in authority]  # type: ignore[misc]
+    wire: bytes = reply.to_wire()
+    return wire
+
+
+def key(name: str, rdtype: int = 1) -> bytes:
+    return name_to_wire(name) + struct.pack(">HH", rdtype, 1)
+
+
+def cached_ttls(sections_body: bytes, question: bytes, an: int, ns: int) -> list[int]:
+    wire = header(1, an, ns, 0, 0x8000) + question + sections_body
+    message = dns.message.from_wire(wire)
+    return [rrset.ttl for rrset in message.answer + message.authority]
+
+
+def test_cache_counts_ttls_down_and_expires(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = Cache(clock, size=10, max_ttl=1000, negative_ttl=300)
+    question = key("a.example")
+    reply = upstream_reply(
+        question, ["a.example. 100 IN A 10.0.0.1", "a.example. 100 IN A 10.0.0.2"][:1]
+    )
+    put = cache.put(question, reply)
+    assert put.ar == 0  # the upstream's OPT is not passed on
+    clock.advance(30.5)
+    hit = cache.get(question)
+    assert hit is not None and cached_ttls(hit.body, question, hit.an, hit.ns) == [70]
+    clock.advance(70)
+    assert cache.get(question) is None and len(cache) == 0
+
+
+def test_cache_caps_ttls_at_max_ttl(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = Cache(clock, size=10, max_ttl=50, negative_ttl=300)
+    question = key("a.example")
+    cache.put(question, upstream_reply(question, ["a.example. 1000 IN A 10.0.0.1"]))
+    clock.advance(49)
+    assert cache.get(question) is not None
+    clock.advance(1)
+    assert cache.get(question) is None
+
+
+def test_negative_answers_live_for_the_soa_minimum(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = Cache(clock, size=10, max_ttl=1000, negative_ttl=300)
+    question = key("nope.example")
+    soa = "example. 3600 IN SOA ns.example. host.example. 1 2 3 4 20"
+    sections = cache.put(question, upstream_reply(question, [], 3, [soa]))
+    assert sections.rcode == 3
+    clock.advance(19)
+    hit = cache.get(question)
+    assert hit is not None and hit.rcode == 3
+    assert cached_ttls(hit.body, question, hit.an, hit.ns) == [3600 - 19]
+    clock.advance(1)
+    assert cache.get(question) is None
+    # negative_ttl caps it; without an SOA nothing is cached (RFC 2308 section 5).
+    capped = Cache(clock, size=10, max_ttl=1000, negative_ttl=5)
+    capped.put(question, upstream_reply(question, [], 3, [soa]))
+    clock.advance(5)
+    assert capped.get(question) is None
+    capped.put(question, upstream_reply(question, [], 3))
+    assert capped.get(question) is None
+
+
+def test_cache_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    clock = Clock()
+    cache = Cache(clock, size=2, max_ttl=1000, negative_ttl=300)
+    questions = [key(f"n{i}.example") for i in range(3)]
+    for q in questions[:2]:
+        cache.put(q, upstream_reply(q, [f"{dns.name.from_wire(q, 0)[0]} 100 IN A 10.0.0.1"]))
+    assert cache.get(questions[0]) is not None
+    q = questions[2]
+    cache.put(q, upstream_reply(q, ["n2.example. 100 IN A 10.0.0.1"]))
+    assert len(cache) == 2
+    assert cache.get(questions[1]) is None
+    assert cache.get(questions[0]) is not None and cache.get(questions[2]) is not None
+
+
+def test_upstream_replies_must_match_id_and_question() -> None:
+    question = key("a.example")
+    reply = upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"])
+    ident = struct.unpack(">H", reply[:2])[0]
+    assert _matches(reply, ident, question)
+    assert not _matches(reply, ident ^ 1, question)
+    assert not _matches(reply, ident, key("b.example"))
+    assert not _matches(reply, ident, key("a.example", 28))
+    assert not _matches(reply[:14], ident, question)
+
+
+# -- query log -----------------------------------------------------------------
+
+
+def test_query_log_and_its_view(tmp_path: Path) -> None:
+    clock = Clock()
+    context = BuildContext(
+        reactor=clock,
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    config = parse_config(
+        "services:\n  dns:\n    type: dns\n    listen: ['udp:0']\n"
+        + RECORDS
+        + "    query_log: true\n",
+        tmp_path / "netd.yaml",
+    )
+    handlers = build(config.services["dns"], context)
+    datagram = handlers.datagram
+    assert datagram is not None
+    view = handlers.views["queries"]
+    protocol = datagram(config.services["dns"].listen[0])
+    transport = _Datagrams()
+    protocol.makeConnection(transport)  # type: ignore[arg-type]
+    protocol.datagramReceived(dns.message.make_query("www.netd.test", "A").to_wire(), CLIENT)
+    protocol.datagramReceived(dns.message.make_query("nope.netd.test", "A").to_wire(), CLIENT)
+    assert len(transport.sent) == 2
+    entries = view.list({})
+    assert [(e["name"], e["qtype"], e["rcode"], e["source"]) for e in entries] == [
+        ("www.netd.test.", "A", "NOERROR", "local"),
+        ("nope.netd.test.", "A", "NXDOMAIN", "local"),
+    ]
+    assert entries[0]["client"] == "127.0.0.1:40000" and len(entries[0]["answer"]) == 2
+    assert [e.type for e in context.journal.select(service="dns")] == ["query", "query"]
+    assert context.stats.counters["rcode_NXDOMAIN"] == 1
+    assert view.clear is not None and view.clear() == {"cleared": 2}
+    assert view.list({}) == []
+
+
+class _Datagrams:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def write(self, data: bytes, addr: Any) -> None:
+        self.sent.append((data, addr))
+
+
+# -- forwarding ----------------------------------------------------------------
+
+
+class _FakeUDP:
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.sent: list[bytes] = []
+        self.peer: tuple[str, int] | None = None
+        self.closed = False
+
+    def connect(self, host: str, port: int) -> None:
+        self.peer = (host, port)
+
+    def write(self, data: bytes, addr: Any = None) -> None:
+        self.sent.append(data)
+
+    def stopListening(self) -> None:
+        self.closed = True
+        self.protocol.doStop()
+
+
+class _FakeReactor(Clock):
+    """A clock that hands out fake UDP ports and records TCP connection attempts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[_FakeUDP] = []
+        self.tcp: list[tuple[str, int, Any]] = []
+
+    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _FakeUDP:
+        transport = _FakeUDP(protocol)
+        self.udp.append(transport)
+        protocol.makeConnection(transport)
+        return transport
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> None:
+        self.tcp.append((host, port, factory))
+
+
+UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
+
+
+def forwarder(reactor: _FakeReactor, **kwargs: Any) -> tuple[Forwarder, ServiceStats]:
+    stats = ServiceStats()
+    return Forwarder(reactor, UPSTREAMS, stats, **kwargs), stats
+
+
+def answer_to(sent: bytes, tc: bool = False, rcode: int = 0) -> bytes:
+    query = dns.message.from_wire(sent)
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    if tc:
+        reply.flags |= dns.flags.TC
+    else:
+        reply.answer = [dns.rrset.from_text(query.question[0].name, 60, "IN", "A", "10.0.0.1")]
+    wire: bytes = reply.to_wire()
+    return wire
+
+
+def test_forwarder_takes_only_the_matching_answer() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    (port,) = reactor.udp
+    assert port.peer == ("127.0.0.1", 5300)
+    (sent,) = port.sent
+    right = answer_to(sent)
+    wrong_id = bytes([right[0] ^ 1]) + right[1:]
+    other = answer_to(
+        dns.message.make_query("b.example", "A", id=struct.unpack(">H", sent[:2])[0]).to_wire()
+    )
+    port.protocol.datagramReceived(right, ("127.0.0.9", 5300))
+    port.protocol.datagramReceived(wrong_id, ("127.0.0.1", 5300))
+    port.protocol.datagramReceived(other, ("127.0.0.1", 5300))
+    assert not result.called
+    port.protocol.datagramReceived(right, ("127.0.0.1", 5300))
+    assert result.called and result.result == right
+    assert port.closed and stats.counters["upstream_mismatched"] == 3
+
+
+def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    for i in range(20):
+        fwd.resolve(key(f"n{i}.example"))
+    assert len(reactor.udp) == 20
+    assert len({port.sent[0][:2] for port in reactor.udp}) >= 18
+
+
+def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    reactor.advance(2)
+    first, second = reactor.udp
+    assert first.closed and second.peer == ("127.0.0.2", 5301)
+    second.protocol.datagramReceived(answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
+    failure = result.result
+    result.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+
+
+def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    (port,) = reactor.udp
+    port.protocol.datagramReceived(answer_to(port.sent[0], tc=True), ("127.0.0.1", 5300))
+    ((host, tcp_port, factory),) = reactor.tcp
+    assert (host, tcp_port) == ("127.0.0.1", 5300)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    sent = transport.value()
+    assert struct.unpack(">H", sent[:2])[0] == len(sent) - 2
+    full = answer_to(sent[2:])
+    for byte in range(0, len(full) + 2, 7):
+        protocol.dataReceived((struct.pack(">H", len(full)) + full)[byte : byte + 7])
+    assert result.result == full and stats.counters["upstream_tcp_retries"] == 1
+
+
+def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor, max_in_flight=1)
+    first, again = fwd.resolve(key("a.example")), fwd.resolve(key("a.example"))
+    other = fwd.resolve(key("b.example"))
+    assert len(reactor.udp) == 1 and stats.counters["upstream_overload"] == 1
+    failure = other.result
+    other.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed)
+    (port,) = reactor.udp
+    reply = answer_to(port.sent[0])
+    port.protocol.datagramReceived(reply, ("127.0.0.1", 5300))
+    assert first.result == again.result == reply
+
+
+def test_forwarded_answers_say_recursion_is_available(tmp_path: Path) -> None:
+    srv = server(tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n")
+    assert ask(srv, "www.netd.test").flags & dns.flags.RA
+    closed = server(
+        tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n    recursion_from: [10.0.0.0/8]\n"
+    )
+    assert not ask(closed, "www.netd.test").flags & dns.flags.RA
