@@ -1,0 +1,289 @@
+"""
+The smtp kind in the real daemon, driven by smtplib, swaks and raw sockets,
+with the admin API as the window into what was captured.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+
+from netd.testing import NetdProcess
+from tests.conftest import StartNetd
+
+SWAKS = shutil.which("swaks")
+# Cost 4 keeps the test fast; the map takes any bcrypt cost.
+BOB_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+
+
+def config(state_dir: Path, **extra: str) -> str:
+    text = f"""
+state_dir: {state_dir}
+shutdown_grace: 2
+admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
+tls:
+  lab: {{self_signed: [localhost, 127.0.0.1]}}
+services:
+  mail:
+    type: smtp
+    listen:
+      - "tcp:0:interface=127.0.0.1"
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
+    hostname: mx.netd.test
+    tls: lab
+    max_message_size: 65536
+    max_recipients: 5
+    max_connections_per_client: 8
+    auth: {{users: {{bob: {{password: "{BOB_HASH}"}}, carol: {{password: plain}}}}}}
+    relay: {{allow_from: [], domains: [netd.test]}}
+"""
+    return text + "".join(f"    {key}: {value}\n" for key, value in extra.items())
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
+    base = tmp_path_factory.mktemp("smtp")
+    with NetdProcess.start(config(base / "state"), base) as process:
+        yield process
+
+
+def admin(netd: NetdProcess, path: str, method: str = "GET") -> Any:
+    entry = netd.ports["admin"]["listeners"][0]
+    request = urllib.request.Request(f"http://{entry['host']}:{entry['port']}{path}", method=method)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        body = response.read()
+        if response.headers["Content-Type"] == "application/json":
+            return json.loads(body)
+        return body
+
+
+def messages_to(netd: NetdProcess, recipient: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = admin(netd, f"/api/services/mail/messages?to={recipient}")[
+        "messages"
+    ]
+    return found
+
+
+def tls_context(netd: NetdProcess) -> ssl.SSLContext:
+    """Trusts the lab profile's CA (the module's daemon keeps its state next to its log)."""
+    ca = netd.log_path.parent / "state" / "tls" / "lab-ca.pem"
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def message(to: str, subject: str = "hello", body: str = "Hi there.\n") -> EmailMessage:
+    mail = EmailMessage()
+    mail["From"] = "alice@client.test"
+    mail["To"] = to
+    mail["Subject"] = subject
+    mail.set_content(body)
+    return mail
+
+
+def smtp(netd: NetdProcess) -> smtplib.SMTP:
+    host, port = netd.address("mail")
+    return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)
+
+
+def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -> None:
+    last = admin(netd, "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        code, features = client.ehlo()
+        assert code == 250
+        for extension in (b"SIZE 65536", b"8BITMIME", b"PIPELINING", b"ENHANCEDSTATUSCODES"):
+            assert extension in features
+        assert b"STARTTLS" in features and b"AUTH" not in features
+        client.send_message(message("listed@netd.test", "captured", "Line one.\n.dot\n"))
+    events = admin(netd, f"/api/events?service=mail&type=message.accepted&since={last}&wait=10")[
+        "events"
+    ]
+    assert [e["recipients"] for e in events] == [["listed@netd.test"]]
+    [listed] = messages_to(netd, "listed@netd.test")
+    assert listed["id"] == events[0]["id"] and listed["subject"] == "captured"
+    assert listed["from"] == "alice@client.test" and listed["client"] == "127.0.0.1"
+    raw = admin(netd, f"/api/services/mail/messages/{listed['id']}")
+    assert raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.netd.test (netd)")
+    assert b"\r\nLine one.\r\n.dot\r\n" in raw and len(raw) == listed["size"]
+    assert admin(netd, "/api/services/mail/messages", "DELETE")["deleted"] >= 1
+    assert messages_to(netd, "listed@netd.test") == []
+
+
+def test_swaks_over_starttls_with_auth(netd: NetdProcess) -> None:
+    if SWAKS is None:
+        pytest.skip("swaks is not installed (apt-get install swaks)")
+    host, port = netd.address("mail")
+    done = subprocess.run(
+        [SWAKS, "--server", f"{host}:{port}", "--from", "bob@client.test",
+         "--to", "swaks@elsewhere.test", "--tls", "--auth", "LOGIN",
+         "--auth-user", "bob", "--auth-password", "secret",
+         "--header", "Subject: from swaks", "--pipeline"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    [listed] = messages_to(netd, "swaks@elsewhere.test")
+    assert listed["user"] == "bob" and listed["subject"] == "from swaks"
+
+
+def test_starttls_and_implicit_tls_with_auth(netd: NetdProcess) -> None:
+    context = tls_context(netd)
+    with smtp(netd) as client:
+        with pytest.raises(smtplib.SMTPNotSupportedError):
+            client.login("bob", "secret")  # AUTH is hidden until TLS
+        client.starttls(context=context)
+        client.login("carol", "plain")
+        client.sendmail(
+            "carol@client.test", ["starttls@elsewhere.test"], b"Subject: s\r\n\r\nx\r\n"
+        )
+    host, port = netd.address("mail", tls=True)
+    with smtplib.SMTP_SSL(host, port, context=context, timeout=10) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            client.login("bob", "wrong")
+        assert refused.value.smtp_code == 535
+        client.login("bob", "secret")
+        client.sendmail("bob@client.test", ["implicit@elsewhere.test"], b"Subject: i\r\n\r\nx\r\n")
+    assert messages_to(netd, "starttls@elsewhere.test")[0]["user"] == "carol"
+    raw = admin(
+        netd, "/api/services/mail/messages/" + messages_to(netd, "implicit@elsewhere.test")[0]["id"]
+    )
+    assert b" with ESMTPSA id " in raw
+
+
+OPEN_RELAY_TRICKS = [
+    "victim@elsewhere.test",
+    "victim%elsewhere.test@netd.test",
+    '"victim@elsewhere.test"@netd.test',
+    "@netd.test:victim@elsewhere.test",
+    "victim@elsewhere.test@netd.test",
+    "elsewhere.test!victim@netd.test",
+    "victim@[127.0.0.1]",
+    "victim@[IPv6:::1]",
+]
+
+
+def test_open_relay_battery(netd: NetdProcess) -> None:
+    with smtp(netd) as client:
+        client.ehlo()
+        assert client.mail("spammer@client.test")[0] == 250
+        for address in OPEN_RELAY_TRICKS:
+            code, text = client.rcpt(f"<{address}>")
+            assert (code, text[:5]) == (550, b"5.7.1"), address
+        # Still serving, and the final destination is still accepted.
+        assert client.rcpt("<relay-battery@netd.test>")[0] == 250
+        assert client.data(b"Subject: ok\r\n\r\nok\r\n")[0] == 250
+    [listed] = messages_to(netd, "relay-battery@netd.test")
+    assert listed["to"] == ["relay-battery@netd.test"]
+
+
+def test_smuggling_with_bare_lf_is_refused(netd: NetdProcess) -> None:
+    host, port = netd.address("mail")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+
+        def reply() -> bytes:
+            lines = [stream.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(stream.readline())
+            return lines[-1]
+
+        reply()
+        sock.sendall(b"EHLO client.test\r\n")
+        reply()
+        sock.sendall(
+            b"MAIL FROM:<a@client.test>\r\nRCPT TO:<smuggle@netd.test>\r\nDATA\r\n"
+            b"Subject: outer\r\n\r\nhi\n.\nMAIL FROM:<evil@client.test>\r\n"
+            b"RCPT TO:<smuggled@netd.test>\r\nDATA\r\nSubject: inner\r\n\r\nevil\r\n.\r\n"
+        )
+        assert [reply()[:9] for _ in range(4)] == [
+            b"250 2.1.0", b"250 2.1.5", b"354 End d", b"554 5.6.0"
+        ]  # fmt: skip
+        sock.sendall(b"NOOP\r\n")
+        assert reply()[:9] == b"250 2.0.0"
+    assert messages_to(netd, "smuggled@netd.test") == []
+    assert messages_to(netd, "smuggle@netd.test") == []
+
+
+def test_limits_and_malformed_commands_leave_the_session_going(netd: NetdProcess) -> None:
+    with smtp(netd) as client:
+        client.ehlo()
+        assert client.docmd("BOGUS")[0] == 500
+        assert client.docmd("MAIL", "FROM:<broken")[0] == 501
+        assert client.docmd("MAIL", "FROM:<a@client.test> SIZE=999999")[0] == 552
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            client.sendmail("a@client.test", ["big@netd.test"], b"x" * 70000)
+        assert refused.value.smtp_code == 552
+        client.rset()
+        client.mail("a@client.test")
+        codes = [client.rcpt(f"<r{i}@netd.test>")[0] for i in range(6)]
+        assert codes == [250] * 5 + [452]
+        client.rset()
+        # No SIZE= this time: the limit holds at the end of DATA too.
+        client.mail("a@client.test")
+        client.rcpt("<big@netd.test>")
+        big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 70
+        assert client.data(big)[0] == 552
+        assert client.sendmail("a@client.test", ["after-limits@netd.test"], b"\r\nok\r\n") == {}
+    assert len(messages_to(netd, "after-limits@netd.test")) == 1
+
+
+def test_pipelined_burst_answers_in_order(netd: NetdProcess) -> None:
+    host, port = netd.address("mail")
+    count = 20
+    burst = (
+        b"EHLO client.test\r\n"
+        + b"".join(
+            b"MAIL FROM:<a@client.test>\r\nRCPT TO:<burst@netd.test>\r\nDATA\r\n"
+            b"Subject: %d\r\n\r\nbody %d\r\n.\r\n" % (i, i)
+            for i in range(count)
+        )
+        + b"QUIT\r\n"
+    )
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(burst)
+        received = b""
+        while not received.endswith(b"221 2.0.0 Bye\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    lines = [line for line in received.split(b"\r\n") if line and line[3:4] == b" "]
+    expected = [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * count + [b"221"]
+    assert [line[:3] for line in lines] == expected
+    listed = messages_to(netd, "burst@netd.test")
+    assert [m["subject"] for m in listed] == [str(i) for i in range(count)]
+
+
+def test_connections_per_client(netd: NetdProcess) -> None:
+    host, port = netd.address("mail")
+    sockets = [socket.create_connection((host, port), timeout=10) for _ in range(9)]
+    try:
+        greetings = [s.recv(200) for s in sockets]
+        assert [g[:3] for g in greetings] == [b"220"] * 8 + [b"421"]
+    finally:
+        for sock in sockets:
+            sock.close()
+    with smtp(netd) as client:
+        assert client.noop()[0] == 250
+
+
+def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path: Path) -> None:
+    text = config(tmp_path / "state")
+    first = start_netd(text)
+    with smtp(first) as client:
+        client.sendmail("a@client.test", ["durable@netd.test"], b"Subject: durable\r\n\r\nkept\r\n")
+        # Killed right after the 250, before QUIT: no chance to flush anything.
+        first.process.kill()
+        first.process.wait()
+    second = start_netd(text)
+    [listed] = messages_to(second, "durable@netd.test")
+    raw = admin(second, f"/api/services/mail/messages/{listed['id']}")
+    assert raw.endswith(b"Subject: durable\r\n\r\nkept\r\n") and listed["subject"] == "durable"
