@@ -5,12 +5,14 @@ with the admin API as the window into what was captured.
 
 from __future__ import annotations
 
+import email
 import json
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
+import threading
 import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -19,9 +21,11 @@ from typing import Any
 
 import bcrypt
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from netd.testing import NetdProcess
-from tests.conftest import StartNetd
+from tests.conftest import StartNetd, unused_port
 
 SWAKS = shutil.which("swaks")
 # Cost 4 keeps the test fast; the map takes any bcrypt cost.
@@ -110,7 +114,7 @@ def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -
     ]
     assert [e["recipients"] for e in events] == [["listed@netd.test"]]
     [listed] = messages_to(netd, "listed@netd.test")
-    assert listed["id"] == events[0]["id"] and listed["subject"] == "captured"
+    assert listed["id"] == events[0]["message_id"] and listed["subject"] == "captured"
     assert listed["from"] == "alice@client.test" and listed["client"] == "127.0.0.1"
     raw = admin(netd, f"/api/services/mail/messages/{listed['id']}")
     assert raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.netd.test (netd)")
@@ -287,3 +291,131 @@ def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path
     [listed] = messages_to(second, "durable@netd.test")
     raw = admin(second, f"/api/services/mail/messages/{listed['id']}")
     assert raw.endswith(b"Subject: durable\r\n\r\nkept\r\n") and listed["subject"] == "durable"
+
+
+class Smarthost:
+    """aiosmtpd on loopback as the upstream relay; recipients named reject*/later* fail."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.received: list[tuple[str, list[str], bytes]] = []
+        self.arrived = threading.Condition()
+        self.controller: Controller | None = None
+
+    def start(self) -> None:
+        def authenticate(
+            server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+        ) -> AuthResult:
+            ok = (data.login, data.password) == (b"relayuser", b"relaypass")
+            return AuthResult(success=ok)
+
+        self.controller = Controller(
+            self,
+            hostname="127.0.0.1",
+            port=self.port,
+            authenticator=authenticate,
+            auth_require_tls=False,
+            auth_required=True,
+        )
+        self.controller.start()
+
+    def stop(self) -> None:
+        assert self.controller is not None
+        self.controller.stop()
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address.startswith("reject"):
+            return "550 5.1.1 No such user here"
+        if address.startswith("later"):
+            return "451 4.3.0 Try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.arrived:
+            self.received.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.content))
+            self.arrived.notify_all()
+        return "250 OK"
+
+
+def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
+    events = admin(netd, f"/api/events?service=mail&type={kind}&since={since}&wait=20")["events"]
+    assert events, f"no {kind} event"
+    found: dict[str, Any] = events[0]
+    return found
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path: Path) -> None:
+    smarthost = Smarthost(unused_port())
+    text = config(tmp_path / "state").replace(
+        "relay: {allow_from: [], ", "relay: {allow_from: [127.0.0.1], "
+    )
+    text += (
+        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
+        "      username: relayuser, password: relaypass, retry: [0.2], max_age: 60}\n"
+    )
+    netd = start_netd(text)
+    # The smarthost is down: the message waits in the queue.
+    with smtp(netd) as client:
+        client.sendmail(
+            "alice@client.test", ["first@far.test"], b"Subject: one\r\n\r\n.leading dot\r\n"
+        )
+    deferred = wait_event(netd, "message.deferred", 0)
+    assert deferred["recipients"] == ["first@far.test"] and deferred["reply"].startswith(
+        "451 4.4.1"
+    )
+    smarthost.start()
+    try:
+        delivered = wait_event(netd, "message.delivered", deferred["id"] - 1)
+        assert delivered["recipients"] == ["first@far.test"]
+        [(sender, recipients, content)] = smarthost.received
+        assert (sender, recipients) == ("alice@client.test", ["first@far.test"])
+        assert content.startswith(b"Received: from client.test ([127.0.0.1])")
+        assert content.endswith(b"Subject: one\r\n\r\n.leading dot\r\n")
+        # One recipient refused for good, one accepted: a bounce goes to the sender.
+        since = admin(netd, "/api/events?service=mail")["last_id"]
+        with smtp(netd) as client:
+            client.sendmail(
+                "alice@client.test",
+                ["reject@far.test", "second@far.test"],
+                b"Subject: two\r\n\r\nx\r\n",
+            )
+        bounced = wait_event(netd, "message.bounced", since)
+        assert (
+            bounced["recipients"] == ["reject@far.test"]
+            and bounced["notified"] == "alice@client.test"
+        )
+        with smarthost.arrived:
+            assert smarthost.arrived.wait_for(lambda: len(smarthost.received) == 3, timeout=20)
+        bounce_from, bounce_to, report = smarthost.received[2]
+        assert (bounce_from, bounce_to) == (
+            "<>",
+            ["alice@client.test"],
+        )  # aiosmtpd spells null "<>"
+        parsed = email.message_from_bytes(report)
+        assert parsed.get_content_type() == "multipart/report"
+        assert parsed.get_param("report-type") == "delivery-status"
+        status = parsed.get_payload()[1]
+        assert status.get_content_type() == "message/delivery-status"
+        assert "Status: 5.1.1" in status.as_string() and "reject@far.test" in status.as_string()
+        # A bounce that cannot be delivered is dropped, never bounced again.
+        since = admin(netd, "/api/events?service=mail")["last_id"]
+        with smtp(netd) as client:
+            client.sendmail("", ["reject2@far.test"], b"Subject: three\r\n\r\nx\r\n")
+        bounced = wait_event(netd, "message.bounced", since)
+        assert bounced["notified"] is None
+        metrics = (
+            urllib.request.urlopen(
+                "http://{host}:{port}/metrics".format(**netd.ports["admin"]["listeners"][0]),
+                timeout=10,
+            )
+            .read()
+            .decode()
+        )
+        assert 'netd_smtp_delivered_recipients_total{service="mail",type="smtp"} 3.0' in metrics
+        assert 'netd_smtp_queue_messages{service="mail",type="smtp"} 0.0' in metrics
+    finally:
+        smarthost.stop()

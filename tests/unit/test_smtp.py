@@ -27,10 +27,17 @@ from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
+from netd.services._smtp_relay import Courier, Outcome, SmarthostOptions
 from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
 from netd.services._smtp_spool import Envelope, Spool
 from netd.services._smtp_store import MailStore
-from netd.services.smtp import AuthOptions, SmtpOptions, _PasswordChecker, _Realm
+from netd.services.smtp import (
+    AuthOptions,
+    DeliveryOptions,
+    SmtpOptions,
+    _PasswordChecker,
+    _Realm,
+)
 
 
 def parse(tmp_path: Path, section: str, top: str = "") -> SmtpOptions:
@@ -91,7 +98,8 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         "not an address or network: '10.0.0.300/8'",
         f"{path}:9:51: services.mail.relay.domains[0]: not a domain: '@x'",
         f"{path}:9:58: services.mail.relay.open: unknown key",
-        f"{path}:10:22: services.mail.delivery.mode: must be one of capture, got 'pigeon'",
+        f"{path}:10:22: services.mail.delivery.mode: "
+        "must be one of capture, smarthost, got 'pigeon'",
         f"{path}:10:30: services.mail.delivery.speed: unknown key",
         f"{path}:11:5: services.mail.colour: unknown key",
     ]
@@ -564,3 +572,160 @@ def test_store_accepts_lists_filters_reads_and_clears(tmp_path: Path) -> None:
     assert result_of(store.clear()) == {"deleted": 2}
     assert result_of(store.list({})) == {"messages": []}
     assert os.listdir(tmp_path / "spool") == []
+
+
+def test_parse_delivery(tmp_path: Path) -> None:
+    options = parse(
+        tmp_path,
+        "    delivery:\n"
+        "      mode: smarthost\n"
+        "      smarthost: '[::1]:2526'\n"
+        "      tls: required\n"
+        "      username: relay\n"
+        "      password: pw\n"
+        "      retry: [1, 2.5]\n"
+        "      max_age: 100\n",
+    )
+    assert options.delivery == DeliveryOptions(
+        mode="smarthost",
+        smarthost=SmarthostOptions("::1", 2526, "required", "relay", "pw"),
+        retry=(1.0, 2.5),
+        max_age=100.0,
+    )
+    assert parse(tmp_path, "    delivery: {mode: smarthost, smarthost: relay.test}\n").delivery == (
+        DeliveryOptions(mode="smarthost", smarthost=SmarthostOptions("relay.test"))
+    )
+    found = errors(
+        tmp_path,
+        "    delivery: {mode: smarthost, username: u, retry: [0], smarthost: 'h:99999'}\n",
+    )
+    assert [e.split(": ", 1)[1] for e in found] == [
+        "services.mail.delivery: 'username' and 'password' go together",
+        "services.mail.delivery.retry[0]: must be at least 0.01, got 0",
+        "services.mail.delivery.smarthost: not HOST:PORT: 'h:99999'",
+    ]
+    assert errors(tmp_path, "    delivery: {mode: smarthost}\n")[0].endswith(
+        "services.mail.delivery: mode smarthost needs 'smarthost: HOST:PORT'"
+    )
+
+
+# Delivery ------------------------------------------------------------------
+
+
+class Upstream:
+    """A stand-in smarthost: answers each attempt from a script."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Envelope, bytes]] = []
+        self.answers: list[Outcome | Exception] = []
+
+    def __call__(self, envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        self.attempts.append((envelope, data))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            failed: Deferred[Outcome] = Deferred()
+            failed.errback(answer)
+            return failed
+        return succeed(answer)
+
+
+def make_courier(
+    tmp_path: Path, max_age: float = 1000
+) -> tuple[Courier, MailStore, Upstream, Clock, Journal]:
+    store, journal, clock = make_store(tmp_path)
+    upstream = Upstream()
+    courier = Courier(store.context, store.spool, upstream, "mx.netd.test", (10, 60), max_age)
+    store.deliver = courier.schedule
+    courier.store = store
+    courier.startService()
+    return courier, store, upstream, clock, journal
+
+
+def accept(store: MailStore, sender: Mailbox | None, *to: str) -> str:
+    transaction = Transaction(
+        sender=sender,
+        recipients=tuple(Mailbox(*r.split("@")) for r in to),
+        data=b"Subject: s\r\n\r\nbody\r\n",
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    id: str = result_of(store.accept(transaction))
+    return id
+
+
+def test_courier_retries_on_the_schedule_then_delivers(tmp_path: Path) -> None:
+    courier, store, upstream, clock, journal = make_courier(tmp_path)
+    upstream.answers = [
+        ConnectionRefusedError("down"),
+        {"a@far.test": (250, "ok"), "b@far.test": (451, "4.3.0 later")},
+        {"b@far.test": (451, "4.3.0 later")},
+        {"b@far.test": (250, "ok")},
+    ]
+    id = accept(store, Mailbox("s", "client.test"), "a@far.test", "b@far.test")
+    clock.advance(0)
+    assert len(upstream.attempts) == 1 and courier.queue[id].attempts == 1
+    clock.advance(9.9)
+    assert len(upstream.attempts) == 1
+    clock.advance(0.1)  # first retry after 10 s: a is done, b waits
+    [(on_disk, _)] = result_of(Spool(store.spool.directory, maybeDeferred).recover())
+    assert on_disk.recipients == ("b@far.test",)
+    assert [e.recipients for e, _ in upstream.attempts] == [("a@far.test", "b@far.test")] * 2
+    clock.advance(60)  # the second retry after 60 s, only for b
+    clock.advance(60)  # the last interval repeats
+    assert [e.recipients for e, _ in upstream.attempts[2:]] == [("b@far.test",)] * 2
+    assert id not in store.messages and id not in courier.queue
+    assert courier.context.stats.gauges["smtp_queue_messages"] == 0
+    kinds = [e.type for e in journal.select() if e.type.startswith("message.")]
+    assert kinds == [
+        "message.accepted",
+        "message.deferred",  # refused connection
+        "message.delivered",  # a
+        "message.deferred",  # b
+        "message.deferred",
+        "message.delivered",  # b at last
+    ]
+    assert not os.listdir(store.spool.directory)
+
+
+def test_courier_bounces_refusals_and_expired_messages_but_never_a_bounce(tmp_path: Path) -> None:
+    courier, store, upstream, clock, journal = make_courier(tmp_path, max_age=30)
+    upstream.answers = [
+        {"a@far.test": (550, "5.1.1 no such user"), "b@far.test": (451, "later")},
+        {"alice@client.test": (250, "ok")},  # the first bounce
+        {"b@far.test": (451, "still later")},  # 10 s later: not expired yet
+        {"b@far.test": (451, "still later")},  # 70 s: expired, bounced
+        {"alice@client.test": (550, "5.1.1 gone")},  # the second bounce fails
+    ]
+    accept(store, Mailbox("alice", "client.test"), "a@far.test", "b@far.test")
+    clock.advance(0)
+    clock.advance(0)
+    bounce_envelope, report = upstream.attempts[1]
+    assert bounce_envelope.sender == "" and bounce_envelope.recipients == ("alice@client.test",)
+    assert bounce_envelope.bounce
+    assert b"Final-Recipient: rfc822; a@far.test\r\nAction: failed\r\nStatus: 5.1.1" in report
+    assert b"Content-Type: text/rfc822-headers\r\n\r\nReceived: from c.test" in report
+    clock.advance(10)
+    clock.advance(60)
+    clock.advance(0)
+    assert b"Status: 4.4.7" in upstream.attempts[4][1]
+    bounced = [e.fields for e in journal.select(types=["message.bounced"])]
+    assert [b["recipients"] for b in bounced] == [
+        ["a@far.test"],
+        ["b@far.test"],
+        ["alice@client.test"],
+    ]
+    assert [b["notified"] for b in bounced] == ["alice@client.test", "alice@client.test", None]
+    assert not upstream.answers and not store.messages and not courier.queue
+
+
+def test_a_message_deleted_while_queued_is_dropped(tmp_path: Path) -> None:
+    courier, store, upstream, clock, _ = make_courier(tmp_path)
+    upstream.answers = [ConnectionRefusedError("down")]
+    id = accept(store, None, "a@far.test")
+    clock.advance(0)
+    result_of(store.clear())
+    clock.advance(10)
+    assert len(upstream.attempts) == 1 and id not in courier.queue
+    courier.stopService()

@@ -129,7 +129,7 @@ class MailStore(Service):
             self.context.stats.count("smtp_messages_accepted")
             self.context.emit(
                 "message.accepted",
-                id=id,
+                message_id=id,
                 sender=envelope.sender,
                 recipients=list(envelope.recipients),
                 size=envelope.size,

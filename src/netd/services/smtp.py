@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
+from twisted.application.service import IService, MultiService
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -35,13 +36,22 @@ from zope.interface import implementer
 from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
+from netd.services._smtp_relay import Courier, SmarthostOptions, smarthost_sender
 from netd.services._smtp_server import Limits, Receiver, SessionFactory, busy_reply
 from netd.services._smtp_spool import Spool
 from netd.services._smtp_store import MailStore
 
-__all__ = ["SMTP", "AuthOptions", "DeliveryOptions", "RelayOptions", "SmtpOptions"]
+__all__ = [
+    "SMTP",
+    "AuthOptions",
+    "DeliveryOptions",
+    "RelayOptions",
+    "SmarthostOptions",
+    "SmtpOptions",
+]
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_MODES = ("capture", "smarthost")
 _LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 _NOTHING: tuple[str, ...] = ()
 
@@ -64,7 +74,15 @@ class RelayOptions:
 
 @attrs.frozen
 class DeliveryOptions:
+    """
+    @ivar retry: seconds between attempts; the last one repeats.
+    @ivar max_age: seconds after which a message still not delivered bounces.
+    """
+
     mode: str = "capture"
+    smarthost: SmarthostOptions | None = None
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
+    max_age: float = 432000.0
 
 
 @attrs.frozen
@@ -184,11 +202,52 @@ def _relay(value: Value) -> RelayOptions:
     return RelayOptions(allow_from=allow_from, domains=domains)
 
 
+def _host_port(value: Value) -> tuple[str, int] | None:
+    text = value.as_str()
+    host, colon, port = text.rpartition(":")
+    if not colon:
+        host, port = text, "25"
+    host = host.removeprefix("[").removesuffix("]")
+    if not value.is_scalar:
+        return None
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        value.error(f"not HOST:PORT: {text!r}")
+        return None
+    return host, int(port)
+
+
 def _delivery(value: Value) -> DeliveryOptions:
     section = value.section()
-    mode = section.choice("mode", ("capture",), "capture")
+    defaults = DeliveryOptions()
+    mode = section.choice("mode", _MODES, "capture")
+    address_value = section.get("smarthost")
+    address = _host_port(address_value) if address_value is not None else None
+    tls = section.choice("tls", ("none", "opportunistic", "required"), "opportunistic")
+    username = section.optional_str("username")
+    password = section.optional_str("password")
+    if (username is None) != (password is None):
+        value.error("'username' and 'password' go together")
+    retry = section.read(
+        "retry", lambda v: v.list_of(lambda e: e.as_float(60.0, minimum=0.01)), defaults.retry
+    )
+    if not retry:
+        retry = defaults.retry
+    max_age = section.number("max_age", defaults.max_age, minimum=1)
+    timeout = section.number("timeout", 60.0, minimum=0.1)
     section.finish()
-    return DeliveryOptions(mode=mode)
+    smarthost = None
+    if mode == "smarthost" and address_value is None:
+        value.error("mode smarthost needs 'smarthost: HOST:PORT'")
+    if address is not None:
+        smarthost = SmarthostOptions(
+            host=address[0],
+            port=address[1],
+            tls=tls,
+            username=username,
+            password=password,
+            timeout=timeout,
+        )
+    return DeliveryOptions(mode=mode, smarthost=smarthost, retry=retry, max_age=max_age)
 
 
 @implementer(ICredentialsChecker)
@@ -244,7 +303,25 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     run = _in_thread(context.reactor)
     hostname = options.hostname or socket.getfqdn()
     spool = Spool(context.state_dir / "smtp" / service.name, run)
-    store = MailStore(spool, context, hostname)
+    delivery = options.delivery
+    background: IService
+    if delivery.mode == "smarthost" and delivery.smarthost is not None:
+        courier = Courier(
+            context,
+            spool,
+            smarthost_sender(context.reactor, hostname, delivery.smarthost),
+            hostname,
+            delivery.retry,
+            delivery.max_age,
+        )
+        store = MailStore(spool, context, hostname, deliver=courier.schedule)
+        courier.store = store
+        background = MultiService()
+        store.setServiceParent(background)
+        courier.setServiceParent(background)
+    else:
+        store = MailStore(spool, context, hostname)
+        background = store
     portal = None
     if options.auth is not None:
         portal = Portal(_Realm(), [_PasswordChecker(options.auth.users, run)])
@@ -267,7 +344,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         busy_reply=busy_reply(),
-        service=store,
+        service=background,
         views={"messages": AdminView(list=store.list, item=store.item, clear=store.clear)},
     )
 
