@@ -55,6 +55,7 @@ def errors(tmp_path: Path, section: str) -> list[str]:
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:
     assert parse(tmp_path, "") == SmtpOptions()
+    assert parse(tmp_path, "    bare_newlines: reject\n").bare_newlines == "reject"
     options = parse(
         tmp_path,
         "    hostname: mx.netd.test\n"
@@ -386,24 +387,40 @@ def test_limits_on_size_and_recipients() -> None:
     assert harness.accepted == []
 
 
-@pytest.mark.parametrize(
-    "smuggled",
-    [
-        b"hello\r\n\n.\r\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<CR><LF>
-        b"hello\n.\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<LF>
-        b"hello\r\n.\rMAIL FROM:<evil@x.test>\r\n",  # <CR><LF>.<CR>
-        b"hello\r.\r\nMAIL FROM:<evil@x.test>\r\n",  # <CR>.<CR><LF>
-    ],
-)
-def test_bare_cr_or_lf_cannot_smuggle_a_second_message(smuggled: bytes) -> None:
-    harness = Harness()
+SMUGGLED = [
+    b"hello\r\n\n.\r\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<CR><LF>
+    b"hello\n.\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<LF>
+    b"hello\r\n.\rMAIL FROM:<evil@x.test>\r\n",  # <CR><LF>.<CR>
+    b"hello\r.\r\nMAIL FROM:<evil@x.test>\r\n",  # <CR>.<CR><LF>
+]
+
+
+def smuggle(harness: Harness, smuggled: bytes) -> list[str]:
     session, transport = harness.connect()
     send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
     replies(transport)
     send(session, smuggled + b"RCPT TO:<y@netd.test>\r\nDATA\r\nevil\r\n")
     assert codes(transport) == []  # all of it is still one message
     send(session, b".\r\nNOOP\r\n")
-    assert codes(transport) == ["554 5.6.0", "250 2.0.0"]
+    return codes(transport)
+
+
+@pytest.mark.parametrize("smuggled", SMUGGLED)
+def test_bare_cr_or_lf_cannot_smuggle_a_second_message(smuggled: bytes) -> None:
+    harness = Harness()
+    assert smuggle(harness, smuggled) == ["250 2.0.0", "250 2.0.0"]
+    [accepted] = harness.accepted
+    assert accepted.recipients == (Mailbox("x", "netd.test"),)
+    # Normalised into lines of the one message: no bare CR or LF is left.
+    assert b"\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<y@netd.test>\r\n" in accepted.data
+    assert accepted.data.replace(b"\r\n", b"").count(b"\r") == 0
+    assert accepted.data.replace(b"\r\n", b"").count(b"\n") == 0
+
+
+@pytest.mark.parametrize("smuggled", SMUGGLED)
+def test_bare_cr_or_lf_can_be_refused_instead(smuggled: bytes) -> None:
+    harness = Harness(reject_bare_newlines=True)
+    assert smuggle(harness, smuggled) == ["554 5.6.0", "250 2.0.0"]
     assert harness.accepted == []
 
 

@@ -7,8 +7,8 @@ it falls short for a relay replaced by name.
     the lines behind it, so pipelined replies stay in order (Twisted #8126),
     and C{STARTTLS} drops whatever plaintext came with it (command injection).
   - DATA is taken in chunks, not line by line: only C{CRLF.CRLF} ends it, and a
-    bare CR or LF anywhere rejects the message, so nothing can be smuggled past
-    another server's idea of the end (CVE-2023-51764).
+    bare CR or LF becomes CRLF (or rejects the message), so nothing can be
+    smuggled past another server's idea of the end (CVE-2023-51764).
   - Paths are read by L{netd.services._smtp_address}, not by
     L{twisted.mail.smtp.Address} (which strips source routes), and the relay
     policy is applied per recipient.
@@ -116,6 +116,8 @@ class Receiver:
     @ivar accept: spools a transaction; fires with its queue id once it is on disk.
     @ivar starttls: the TLS creator STARTTLS uses, or None (not offered).
     @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
+    @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
+        becomes CRLF.
     """
 
     hostname: str
@@ -128,6 +130,7 @@ class Receiver:
     starttls: Any = None
     portal: Portal | None = None
     allow_insecure_auth: bool = False
+    reject_bare_newlines: bool = False
 
     def may_relay(self, client: str) -> bool:
         try:
@@ -451,10 +454,18 @@ class Session(smtp.ESMTP):
             stats.count("smtp_messages_rejected")
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
+        # Unstuff first: only the client's CRLF lines were dot-stuffed.
+        if b"\r\n." in text:
+            text = text.replace(b"\r\n.", b"\r\n")
         if _BARE_NEWLINE.search(text):
-            stats.count("smtp_messages_rejected")
-            self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
-            return
+            if self.receiver.reject_bare_newlines:
+                stats.count("smtp_messages_rejected")
+                self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
+                return
+            # As lines of this message, never as an end of DATA here or downstream
+            # (the relay dot-stuffs what it sends).
+            text = _BARE_NEWLINE.sub(b"\r\n", text)
+            stats.count("smtp_bare_newlines_normalised")
         if len(text) > limits.max_line_length and any(
             len(line) > limits.max_line_length - 2 for line in text.split(b"\r\n")
         ):
@@ -464,8 +475,6 @@ class Session(smtp.ESMTP):
                 b"5.6.0 Line longer than %d octets (RFC 5321 4.5.3.1.6)" % limits.max_line_length,
             )
             return
-        if b"\r\n." in text:
-            text = text.replace(b"\r\n.", b"\r\n")
         data = text[2:]
         if len(data) > limits.max_message_size:
             stats.count("smtp_messages_rejected")

@@ -89,6 +89,7 @@ class DeliveryOptions:
 class SmtpOptions:
     hostname: str | None = None
     tls: str | None = None
+    bare_newlines: str = "normalize"
     limits: Limits = attrs.field(factory=Limits)
     auth: AuthOptions | None = None
     relay: RelayOptions = attrs.field(factory=RelayOptions)
@@ -108,6 +109,7 @@ def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> SmtpOpt
     return SmtpOptions(
         hostname=section.read("hostname", _hostname, None),
         tls=tls,
+        bare_newlines=section.choice("bare_newlines", ("normalize", "reject"), "normalize"),
         limits=Limits(
             max_message_size=section.integer(
                 "max_message_size", defaults.max_message_size, minimum=1024, maximum=1 << 31
@@ -336,6 +338,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         starttls=context.tls[options.tls] if options.tls else None,
         portal=portal,
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
+        reject_bare_newlines=options.bare_newlines == "reject",
     )
 
     def stream(listener: ListenerConfig) -> SessionFactory:
