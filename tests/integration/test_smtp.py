@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -301,8 +305,9 @@ def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path
 class Smarthost:
     """aiosmtpd on loopback as the upstream relay; recipients named reject*/later* fail."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, auth_required: bool = True) -> None:
         self.port = port
+        self.auth_required = auth_required
         self.received: list[tuple[str, list[str], bytes]] = []
         self.arrived = threading.Condition()
         self.controller: Controller | None = None
@@ -320,7 +325,7 @@ class Smarthost:
             port=self.port,
             authenticator=authenticate,
             auth_require_tls=False,
-            auth_required=True,
+            auth_required=self.auth_required,
         )
         self.controller.start()
 
@@ -424,3 +429,74 @@ def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path:
         assert 'netd_smtp_queue_messages{service="mail",type="smtp"} 0.0' in metrics
     finally:
         smarthost.stop()
+
+
+class FakeDNS:
+    """A loopback DNS server (dnspython) with a few zones' worth of records."""
+
+    def __init__(self, records: dict[tuple[str, str], list[str]]) -> None:
+        self.records = records
+        self.names = {name for name, _ in records}
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            query = dns.message.from_wire(data)
+            response = dns.message.make_response(query)
+            question = query.question[0]
+            name = question.name.to_text()
+            kind = dns.rdatatype.to_text(question.rdtype)
+            values = self.records.get((name, kind))
+            if values:
+                response.answer.append(dns.rrset.from_text(name, 60, "IN", kind, *values))
+            elif name not in self.names:
+                response.set_rcode(dns.rcode.NXDOMAIN)
+            self.sock.sendto(response.to_wire(), peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path) -> None:
+    resolver = FakeDNS(
+        {
+            ("far.test.", "MX"): ["10 mx1.far.test.", "20 mx2.far.test."],
+            ("mx1.far.test.", "A"): ["127.0.0.2"],  # nothing listens there: the next MX
+            ("mx2.far.test.", "A"): ["127.0.0.1"],
+            ("client.test.", "A"): ["127.0.0.1"],  # no MX: the domain itself (bounces)
+            ("nullmx.test.", "MX"): ["0 ."],
+        }
+    )
+    exchanger = Smarthost(unused_port(), auth_required=False)
+    exchanger.start()
+    try:
+        text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
+        text += (
+            f"    delivery: {{mode: mx, port: {exchanger.port}, tls: none, retry: [0.2],\n"
+            f"      resolver: '127.0.0.1:{resolver.port}'}}\n"
+        )
+        netd = start_netd(text)
+        with smtp(netd) as client:
+            client.sendmail(
+                "alice@client.test",
+                ["bob@far.test", "carol@nowhere.test", "dave@nullmx.test"],
+                b"Subject: mx\r\n\r\nvia MX\r\n",
+            )
+        bounced = wait_event(netd, "message.bounced", 0)
+        assert sorted(bounced["recipients"]) == ["carol@nowhere.test", "dave@nullmx.test"]
+        assert sorted(r[:10] for r in bounced["replies"]) == ["550 5.1.2 ", "556 5.1.10"]
+        with exchanger.arrived:
+            assert exchanger.arrived.wait_for(lambda: len(exchanger.received) == 2, timeout=20)
+        by_sender = {sender: recipients for sender, recipients, _ in exchanger.received}
+        assert by_sender == {"alice@client.test": ["bob@far.test"], "<>": ["alice@client.test"]}
+    finally:
+        exchanger.stop()
+        resolver.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,17 +17,20 @@ import bcrypt
 import pytest
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dns_error
 from zope.interface import implementer
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
+from netd.services._smtp_mx import MxOptions, addresses, exchangers
 from netd.services._smtp_relay import Courier, Outcome, SmarthostOptions
 from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
 from netd.services._smtp_spool import Envelope, Spool
@@ -100,7 +104,7 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         f"{path}:9:51: services.mail.relay.domains[0]: not a domain: '@x'",
         f"{path}:9:58: services.mail.relay.open: unknown key",
         f"{path}:10:22: services.mail.delivery.mode: "
-        "must be one of capture, smarthost, got 'pigeon'",
+        "must be one of capture, smarthost, mx, got 'pigeon'",
         f"{path}:10:30: services.mail.delivery.speed: unknown key",
         f"{path}:11:5: services.mail.colour: unknown key",
     ]
@@ -746,3 +750,71 @@ def test_a_message_deleted_while_queued_is_dropped(tmp_path: Path) -> None:
     clock.advance(10)
     assert len(upstream.attempts) == 1 and id not in courier.queue
     courier.stopService()
+
+
+class FakeResolver:
+    """Answers twisted.names lookups from a table; a missing name is NXDOMAIN."""
+
+    def __init__(self, records: dict[tuple[str, int], list[Any]], broken: bool = False) -> None:
+        self.records = records
+        self.broken = broken
+
+    def _lookup(self, name: str, kind: int) -> Deferred[Any]:
+        if self.broken:
+            return fail(dns_error.DNSServerError("SERVFAIL"))
+        if not any(n == name for n, _ in self.records):
+            return fail(dns_error.DNSNameError(name))
+        answers = [
+            dns.RRHeader(name, kind, payload=payload)
+            for payload in self.records.get((name, kind), [])
+        ]
+        return succeed((answers, [], []))
+
+    def lookupMailExchange(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.MX)
+
+    def lookupAddress(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.A)
+
+    def lookupIPV6Address(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.AAAA)
+
+
+def test_exchangers_and_their_addresses() -> None:
+    resolver = FakeResolver(
+        {
+            ("far.test", dns.MX): [
+                dns.Record_MX(20, b"b.far.test"),
+                dns.Record_MX(10, b"a.far.test"),
+            ],
+            ("a.far.test", dns.A): [dns.Record_A("127.0.0.2")],
+            ("a.far.test", dns.AAAA): [dns.Record_AAAA("::1")],
+            ("plain.test", dns.A): [dns.Record_A("127.0.0.3")],
+            ("nullmx.test", dns.MX): [dns.Record_MX(0, b"")],
+        }
+    )
+
+    def run(coroutine: Any) -> Any:
+        return result_of(Deferred.fromCoroutine(coroutine))
+
+    assert run(exchangers(resolver, "far.test")) == ["a.far.test", "b.far.test"]
+    assert run(exchangers(resolver, "plain.test")) == ["plain.test"]  # no MX: itself
+    refused = run(exchangers(resolver, "nowhere.test"))
+    assert (refused.value.code, refused.value.text) == (550, "5.1.2 No such domain")
+    assert run(exchangers(resolver, "nullmx.test")).value.code == 556
+    assert run(exchangers(FakeResolver({}, broken=True), "far.test")).value.code == 451
+    assert run(addresses(resolver, "a.far.test")) == [
+        (socket.AF_INET, "127.0.0.2"),
+        (socket.AF_INET6, "::1"),
+    ]
+    assert run(addresses(resolver, "b.far.test")) == []
+
+
+def test_parse_mx_delivery(tmp_path: Path) -> None:
+    options = parse(
+        tmp_path, "    delivery: {mode: mx, port: 2525, resolver: '127.0.0.1:5353', tls: none}\n"
+    )
+    assert options.delivery.mx == MxOptions(port=2525, tls="none", resolver=("127.0.0.1", 5353))
+    assert parse(tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n").delivery.mx == MxOptions(
+        resolver=("::1", 53)
+    )

@@ -31,7 +31,16 @@ from netd.services._smtp_spool import Envelope, Spool, new_id
 if TYPE_CHECKING:
     from netd.services._smtp_store import MailStore
 
-__all__ = ["Courier", "Outcome", "SmarthostOptions", "bounce_message", "smarthost_sender"]
+__all__ = [
+    "Courier",
+    "Outcome",
+    "Send",
+    "SmarthostOptions",
+    "bounce_message",
+    "client_tls",
+    "send_message",
+    "smarthost_sender",
+]
 
 # What happened to each recipient of one attempt: address -> (code, text).
 Outcome = Mapping[str, tuple[int, str]]
@@ -88,7 +97,8 @@ class _Sender(smtp.ESMTPSender):
             # An accepted recipient shares the fate of the DATA that followed.
             outcome[name] = (code, text) if rcpt_code // 100 == 2 else (rcpt_code, detail)
         for recipient in self.factory.toEmail:
-            outcome.setdefault(recipient, (code, text))  # MAIL FROM refused: all alike
+            # MAIL FROM refused: all alike.  (The factory keeps them as bytes.)
+            outcome.setdefault(recipient.decode(), (code, text))
         self._finish(outcome)
 
     def _finish(self, result: Outcome | Failure) -> None:
@@ -108,7 +118,7 @@ class _Sender(smtp.ESMTPSender):
         )
 
 
-def _client_tls(options: SmarthostOptions) -> Any:
+def client_tls(options: SmarthostOptions) -> Any:
     from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 
     if options.tls == "required":
@@ -120,39 +130,55 @@ def _client_tls(options: SmarthostOptions) -> Any:
     return None
 
 
+def send_message(
+    reactor: Any,
+    hostname: str,
+    hop: SmarthostOptions,
+    context: Any,
+    endpoint: Any,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    data: bytes,
+) -> Deferred[Outcome]:
+    """One attempt to hand C{recipients}' copy to C{hop} over C{endpoint}."""
+    result: Deferred[Outcome] = Deferred()
+    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    factory = smtp.ESMTPSenderFactory(
+        hop.username.encode() if hop.username else None,
+        hop.password.encode() if hop.password else None,
+        envelope.sender,
+        list(recipients),
+        io.BytesIO(stuffed),
+        result,
+        retries=0,
+        timeout=hop.timeout,
+        contextFactory=context,
+        heloFallback=True,
+        requireAuthentication=hop.username is not None,
+        requireTransportSecurity=hop.tls == "required",
+        hostname=hostname,
+    )
+    factory.protocol = _Sender
+    factory.domain = hostname.encode()
+    connecting = endpoint.connect(factory)
+
+    def not_connected(failure: Failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    connecting.addErrback(not_connected)
+    return result
+
+
 def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> Send:
     """Sends each message to one smarthost through twisted.mail's ESMTP client."""
-    context = _client_tls(options)
+    context = client_tls(options)
 
     def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
-        result: Deferred[Outcome] = Deferred()
-        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
-        factory = smtp.ESMTPSenderFactory(
-            options.username.encode() if options.username else None,
-            options.password.encode() if options.password else None,
-            envelope.sender,
-            list(envelope.recipients),
-            io.BytesIO(stuffed),
-            result,
-            retries=0,
-            timeout=options.timeout,
-            contextFactory=context,
-            heloFallback=True,
-            requireAuthentication=options.username is not None,
-            requireTransportSecurity=options.tls == "required",
-            hostname=hostname,
-        )
-        factory.protocol = _Sender
-        factory.domain = hostname.encode()
         endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=options.timeout)
-        connecting = endpoint.connect(factory)
-
-        def not_connected(failure: Failure) -> None:
-            if not result.called:
-                result.errback(failure)
-
-        connecting.addErrback(not_connected)
-        return result
+        return send_message(
+            reactor, hostname, options, context, endpoint, envelope, envelope.recipients, data
+        )
 
     return send
 
@@ -308,6 +334,8 @@ class Courier(Service):
             return None
         now = self.context.reactor.seconds()
         expired = now - envelope.received >= self.max_age
+        unanswered = (451, "4.4.0 No reply for this recipient")
+        outcome = {r: outcome.get(r, unanswered) for r in envelope.recipients}
         done = [r for r in envelope.recipients if outcome[r][0] // 100 == 2]
         waiting = [r for r in envelope.recipients if outcome[r][0] // 100 == 4 and not expired]
         failed = {r: outcome[r] for r in envelope.recipients if r not in done and r not in waiting}

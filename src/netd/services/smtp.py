@@ -36,6 +36,7 @@ from zope.interface import implementer
 from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
+from netd.services._smtp_mx import MxOptions, mx_sender, resolver_for
 from netd.services._smtp_relay import Courier, SmarthostOptions, smarthost_sender
 from netd.services._smtp_server import Limits, Receiver, SessionFactory, busy_reply
 from netd.services._smtp_spool import Spool
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
-_MODES = ("capture", "smarthost")
+_MODES = ("capture", "smarthost", "mx")
 _LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 _NOTHING: tuple[str, ...] = ()
 
@@ -81,6 +82,7 @@ class DeliveryOptions:
 
     mode: str = "capture"
     smarthost: SmarthostOptions | None = None
+    mx: MxOptions | None = None
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
     max_age: float = 432000.0
 
@@ -204,11 +206,11 @@ def _relay(value: Value) -> RelayOptions:
     return RelayOptions(allow_from=allow_from, domains=domains)
 
 
-def _host_port(value: Value) -> tuple[str, int] | None:
+def _host_port(value: Value, default_port: int = 25) -> tuple[str, int] | None:
     text = value.as_str()
     host, colon, port = text.rpartition(":")
-    if not colon:
-        host, port = text, "25"
+    if not colon or (host.count(":") and not host.endswith("]")):
+        host, port = text, str(default_port)
     host = host.removeprefix("[").removesuffix("]")
     if not value.is_scalar:
         return None
@@ -236,7 +238,13 @@ def _delivery(value: Value) -> DeliveryOptions:
         retry = defaults.retry
     max_age = section.number("max_age", defaults.max_age, minimum=1)
     timeout = section.number("timeout", 60.0, minimum=0.1)
+    port = section.integer("port", 25, minimum=1, maximum=65535)
+    resolver_value = section.get("resolver")
+    resolver = _host_port(resolver_value, 53) if resolver_value is not None else None
     section.finish()
+    mx = None
+    if mode == "mx":
+        mx = MxOptions(port=port, tls=tls, timeout=timeout, resolver=resolver)
     smarthost = None
     if mode == "smarthost" and address_value is None:
         value.error("mode smarthost needs 'smarthost: HOST:PORT'")
@@ -249,7 +257,7 @@ def _delivery(value: Value) -> DeliveryOptions:
             password=password,
             timeout=timeout,
         )
-    return DeliveryOptions(mode=mode, smarthost=smarthost, retry=retry, max_age=max_age)
+    return DeliveryOptions(mode=mode, smarthost=smarthost, mx=mx, retry=retry, max_age=max_age)
 
 
 @implementer(ICredentialsChecker)
@@ -307,15 +315,14 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     spool = Spool(context.state_dir / "smtp" / service.name, run)
     delivery = options.delivery
     background: IService
-    if delivery.mode == "smarthost" and delivery.smarthost is not None:
-        courier = Courier(
-            context,
-            spool,
-            smarthost_sender(context.reactor, hostname, delivery.smarthost),
-            hostname,
-            delivery.retry,
-            delivery.max_age,
-        )
+    send = None
+    if delivery.smarthost is not None and delivery.mode == "smarthost":
+        send = smarthost_sender(context.reactor, hostname, delivery.smarthost)
+    elif delivery.mx is not None:
+        resolver = resolver_for(context.reactor, delivery.mx)
+        send = mx_sender(context.reactor, hostname, delivery.mx, resolver)
+    if send is not None:
+        courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
         store = MailStore(spool, context, hostname, deliver=courier.schedule)
         courier.store = store
         background = MultiService()
