@@ -29,7 +29,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
 from netd.testing import NetdProcess
-from tests.conftest import StartNetd, unused_port
+from netd.tls import ensure_self_signed
+from tests.conftest import StartNetd
 
 SWAKS = shutil.which("swaks")
 # Cost 4 keeps the test fast; the map takes any bcrypt cost.
@@ -305,9 +306,16 @@ def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path
 class Smarthost:
     """aiosmtpd on loopback as the upstream relay; recipients named reject*/later* fail."""
 
-    def __init__(self, port: int, auth_required: bool = True) -> None:
-        self.port = port
+    def __init__(self, auth_required: bool = True, tls: ssl.SSLContext | None = None) -> None:
+        # Bound but not listening, the port refuses connections (the smarthost
+        # is down) and no other test can take it; aiosmtpd binds it too
+        # (SO_REUSEADDR on both) when switched on.
+        self.holder = socket.socket()
+        self.holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.holder.bind(("127.0.0.1", 0))
+        self.port: int = self.holder.getsockname()[1]
         self.auth_required = auth_required
+        self.tls = tls
         self.received: list[tuple[str, list[str], bytes]] = []
         self.arrived = threading.Condition()
         self.controller: Controller | None = None
@@ -326,12 +334,15 @@ class Smarthost:
             authenticator=authenticate,
             auth_require_tls=False,
             auth_required=self.auth_required,
+            tls_context=self.tls,
+            require_starttls=self.tls is not None,
         )
         self.controller.start()
 
     def stop(self) -> None:
-        assert self.controller is not None
-        self.controller.stop()
+        if self.controller is not None:
+            self.controller.stop()
+        self.holder.close()
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -359,7 +370,7 @@ def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path: Path) -> None:
-    smarthost = Smarthost(unused_port())
+    smarthost = Smarthost()
     text = config(tmp_path / "state").replace(
         "relay: {allow_from: [], ", "relay: {allow_from: [127.0.0.1], "
     )
@@ -475,7 +486,7 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
             ("nullmx.test.", "MX"): ["0 ."],
         }
     )
-    exchanger = Smarthost(unused_port(), auth_required=False)
+    exchanger = Smarthost(auth_required=False)
     exchanger.start()
     try:
         text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
@@ -500,3 +511,48 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
     finally:
         exchanger.stop()
         resolver.close()
+
+
+def test_smarthost_tls_required_verifies_the_certificate(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    keypair, ca = ensure_self_signed(tmp_path / "upstream", "upstream", ["localhost"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(keypair.chain, keypair.key)
+    upstream = Smarthost(auth_required=False, tls=context)
+    upstream.start()
+    services = "".join(
+        f"""
+  {name}:
+    type: smtp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: required,
+      ca: {ca}, retry: [30]}}
+"""
+        for name, host in (("good", "localhost"), ("bad", "127.0.0.1"))
+    )
+    netd = start_netd(
+        f"state_dir: {tmp_path / 'state'}\n"
+        'admin: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
+        f"services:{services}"
+    )
+    try:
+        for name in ("good", "bad"):
+            host, port = netd.address(name)
+            with smtplib.SMTP(host, port, timeout=10) as client:
+                client.sendmail("a@client.test", [f"{name}@far.test"], b"Subject: t\r\n\r\nx\r\n")
+        with upstream.arrived:
+            assert upstream.arrived.wait_for(lambda: len(upstream.received) == 1, timeout=20)
+        assert upstream.received[0][1] == ["good@far.test"]
+        events = admin(netd, "/api/events?service=bad&type=message.deferred&wait=20")["events"]
+        # The certificate names localhost, not 127.0.0.1: not delivered, kept for later.
+        assert events and events[0]["reply"].startswith("451 4.4.1"), events
+        assert "IPAddressMismatch" in events[0]["reply"]
+        assert messages_to_service(netd, "bad") == ["bad@far.test"]
+    finally:
+        upstream.stop()
+
+
+def messages_to_service(netd: NetdProcess, service: str) -> list[str]:
+    listed = admin(netd, f"/api/services/{service}/messages")["messages"]
+    return [recipient for message in listed for recipient in message["to"]]

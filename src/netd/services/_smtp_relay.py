@@ -14,6 +14,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.utils import formatdate
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -58,6 +59,7 @@ class SmarthostOptions:
     username: str | None = None
     password: str | None = None
     timeout: float = 60.0
+    ca: Path | None = None
 
 
 def _status_of(code: int, text: str) -> str:
@@ -118,12 +120,27 @@ class _Sender(smtp.ESMTPSender):
         )
 
 
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN" in block]
+
+
 def client_tls(options: SmarthostOptions) -> Any:
-    from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
+    from twisted.internet.ssl import (
+        Certificate,
+        CertificateOptions,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
 
     if options.tls == "required":
         # service-identity checks the name (or IP) against the certificate.
-        return optionsForClientTLS(options.host)
+        if options.ca is None:
+            return optionsForClientTLS(options.host)
+        roots = trustRootFromCertificates(
+            [Certificate.loadPEM(pem) for pem in _pem_blocks(options.ca.read_bytes())]
+        )
+        return optionsForClientTLS(options.host, trustRoot=roots)
     if options.tls == "opportunistic":
         # Encrypt when offered; an unverifiable certificate must not stop mail.
         return CertificateOptions(verify=False)

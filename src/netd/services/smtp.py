@@ -239,6 +239,11 @@ def _delivery(value: Value) -> DeliveryOptions:
     max_age = section.number("max_age", defaults.max_age, minimum=1)
     timeout = section.number("timeout", 60.0, minimum=0.1)
     port = section.integer("port", 25, minimum=1, maximum=65535)
+    ca = section.file_path("ca")
+    if ca is not None and not ca.is_file():
+        entry = section.get("ca")
+        assert entry is not None
+        entry.error(f"not a file: {ca}")
     resolver_value = section.get("resolver")
     resolver = _host_port(resolver_value, 53) if resolver_value is not None else None
     section.finish()
@@ -256,6 +261,7 @@ def _delivery(value: Value) -> DeliveryOptions:
             username=username,
             password=password,
             timeout=timeout,
+            ca=ca,
         )
     return DeliveryOptions(mode=mode, smarthost=smarthost, mx=mx, retry=retry, max_age=max_age)
 
