@@ -23,6 +23,7 @@ KINDS: dict[str, str] = {
     "qotd": "netd.services.simple:QOTD",
     "http": "netd.services.http:HTTP",
     "dns": "netd.services.dns:DNS",
+    "smtp": "netd.services.smtp:SMTP",
 }
 
 

@@ -1,0 +1,426 @@
+"""
+The smtp kind's outbound side: a retry scheduler over the spool, delivery
+through twisted.mail's ESMTP client, and RFC 3464 bounces.
+
+twisted.mail's own queue (C{relaymanager}) is broken on Python 3 and keeps
+pickles; this one keeps nothing but the spool files, so a restart simply tries
+every queued message again.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from email.utils import formatdate
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from netd.kinds import BuildContext
+from netd.services._smtp_spool import Envelope, Spool, new_id
+
+if TYPE_CHECKING:
+    from netd.services._smtp_store import MailStore
+
+__all__ = [
+    "Courier",
+    "Outcome",
+    "Send",
+    "SmarthostOptions",
+    "bounce_message",
+    "client_tls",
+    "send_message",
+    "smarthost_sender",
+]
+
+# What happened to each recipient of one attempt: address -> (code, text).
+Outcome = Mapping[str, tuple[int, str]]
+Send = Callable[[Envelope, bytes], Deferred[Outcome]]
+
+_STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\b")
+_CONCURRENT_DELIVERIES = 10
+
+
+@attrs.frozen
+class SmarthostOptions:
+    host: str
+    port: int = 25
+    tls: str = "opportunistic"  # none | opportunistic | required
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 60.0
+    ca: Path | None = None
+
+
+def _status_of(code: int, text: str) -> str:
+    found = _STATUS.match(text)
+    return found.group(1) if found else f"{code // 100}.0.0"
+
+
+class _Sender(smtp.ESMTPSender):
+    """
+    One delivery attempt.  It reports every recipient's reply rather than an
+    error for the whole message, and a connection lost half way as a failure:
+    endpoints never call the factory's C{clientConnectionLost}.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Twisted reads these when MAIL FROM is refused, before RCPT sets them.
+        self.toAddressesResult: list[Any] = []
+        self.successAddresses: list[Any] = []
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # The spool holds CRLF lines already dot-stuffed by smarthost_sender;
+        # Twisted's version would turn every CRLF into CR CR LF.
+        self.resetTimeout()
+        return chunk
+
+    def sendError(self, exc: Exception) -> None:
+        smtp.SMTPClient.sendError(self, exc)
+        self._finish(Failure(exc))
+
+    def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list[Any], log: Any) -> None:
+        text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+        outcome: dict[str, tuple[int, str]] = {}
+        for address, rcpt_code, rcpt_text in addresses:
+            name = address.decode() if isinstance(address, bytes) else str(address)
+            detail = rcpt_text.decode("utf-8", "replace")
+            # An accepted recipient shares the fate of the DATA that followed.
+            outcome[name] = (code, text) if rcpt_code // 100 == 2 else (rcpt_code, detail)
+        for recipient in self.factory.toEmail:
+            # MAIL FROM refused: all alike.  (The factory keeps them as bytes.)
+            outcome.setdefault(recipient.decode(), (code, text))
+        self._finish(outcome)
+
+    def _finish(self, result: Outcome | Failure) -> None:
+        factory = self.factory
+        if factory.sendFinished:
+            return
+        factory.sendFinished = True
+        if isinstance(result, Failure):
+            factory.result.errback(result)
+        else:
+            factory.result.callback(result)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._finish(
+            Failure(smtp.SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}"))
+        )
+
+
+def _pem_blocks(data: bytes) -> list[bytes]:
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN" in block]
+
+
+def client_tls(options: SmarthostOptions) -> Any:
+    from twisted.internet.ssl import (
+        Certificate,
+        CertificateOptions,
+        optionsForClientTLS,
+        trustRootFromCertificates,
+    )
+
+    if options.tls == "required":
+        # service-identity checks the name (or IP) against the certificate.
+        if options.ca is None:
+            return optionsForClientTLS(options.host)
+        roots = trustRootFromCertificates(
+            [Certificate.loadPEM(pem) for pem in _pem_blocks(options.ca.read_bytes())]
+        )
+        return optionsForClientTLS(options.host, trustRoot=roots)
+    if options.tls == "opportunistic":
+        # Encrypt when offered; an unverifiable certificate must not stop mail.
+        return CertificateOptions(verify=False)
+    return None
+
+
+def send_message(
+    reactor: Any,
+    hostname: str,
+    hop: SmarthostOptions,
+    context: Any,
+    endpoint: Any,
+    envelope: Envelope,
+    recipients: Sequence[str],
+    data: bytes,
+) -> Deferred[Outcome]:
+    """One attempt to hand C{recipients}' copy to C{hop} over C{endpoint}."""
+    result: Deferred[Outcome] = Deferred()
+    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+    factory = smtp.ESMTPSenderFactory(
+        hop.username.encode() if hop.username else None,
+        hop.password.encode() if hop.password else None,
+        envelope.sender,
+        list(recipients),
+        io.BytesIO(stuffed),
+        result,
+        retries=0,
+        timeout=hop.timeout,
+        contextFactory=context,
+        heloFallback=True,
+        requireAuthentication=hop.username is not None,
+        requireTransportSecurity=hop.tls == "required",
+        hostname=hostname,
+    )
+    factory.protocol = _Sender
+    factory.domain = hostname.encode()
+    connecting = endpoint.connect(factory)
+
+    def not_connected(failure: Failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    connecting.addErrback(not_connected)
+    return result
+
+
+def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> Send:
+    """Sends each message to one smarthost through twisted.mail's ESMTP client."""
+    context = client_tls(options)
+
+    def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=options.timeout)
+        return send_message(
+            reactor, hostname, options, context, endpoint, envelope, envelope.recipients, data
+        )
+
+    return send
+
+
+def bounce_message(
+    hostname: str,
+    envelope: Envelope,
+    failures: Mapping[str, tuple[int, str]],
+    head: bytes,
+    now: float,
+    expired: bool,
+) -> bytes:
+    """An RFC 3464 delivery status notification for C{failures}, to the sender."""
+    boundary = "netd-" + secrets.token_hex(8)
+    lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in failures.items())
+    reason = "it could not be delivered in time" if expired else "it was refused"
+    per_recipient = "".join(
+        f"\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\n"
+        f"Status: {'4.4.7' if expired else _status_of(code, text)}\r\n"
+        f"Diagnostic-Code: smtp; {code} {text}\r\n"
+        for r, (code, text) in failures.items()
+    )
+    text = (
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
+        f"To: <{envelope.sender}>\r\n"
+        f"Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Date: {formatdate(now)}\r\n"
+        f"Message-ID: <{envelope.id}.bounce@{hostname}>\r\n"
+        f"Auto-Submitted: auto-replied\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
+        f"\r\n"
+        f"--{boundary}\r\n"
+        f"Content-Type: text/plain; charset=us-ascii\r\n"
+        f"\r\n"
+        f"This is the mail system at {hostname}.\r\n"
+        f"Your message {envelope.id} was not delivered to these recipients, as {reason}:\r\n"
+        f"\r\n{lines}\r\n"
+        f"\r\n--{boundary}\r\n"
+        f"Content-Type: message/delivery-status\r\n"
+        f"\r\n"
+        f"Reporting-MTA: dns; {hostname}\r\n"
+        f"X-Netd-Queue-ID: {envelope.id}\r\n"
+        f"Arrival-Date: {formatdate(envelope.received)}\r\n"
+        f"{per_recipient}"
+        f"\r\n--{boundary}\r\n"
+        f"Content-Type: text/rfc822-headers\r\n"
+        f"\r\n"
+    )
+    return text.encode() + head.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+@attrs.define
+class _Queued:
+    envelope: Envelope
+    attempts: int = 0
+    timer: IDelayedCall | None = None
+    busy: bool = False
+
+
+class Courier(Service):
+    """
+    Sends spooled messages on and retries them on the C{retry} schedule.
+
+    Per recipient: 2xx is done, 4xx waits for the next attempt, 5xx (or 4xx
+    once the message is C{max_age} old) goes back to the sender as a bounce.
+    A message with the null sender (a bounce itself) is never bounced.
+
+    @ivar store: forgets delivered messages and spools bounces; set once the
+        store that feeds this courier exists.
+    """
+
+    def __init__(
+        self,
+        context: BuildContext,
+        spool: Spool,
+        send: Send,
+        hostname: str,
+        retry: Sequence[float],
+        max_age: float,
+    ) -> None:
+        self.context = context
+        self.spool = spool
+        self.send = send
+        self.hostname = hostname
+        self.retry = tuple(retry)
+        self.max_age = max_age
+        self.store: MailStore | None = None
+        self.queue: dict[str, _Queued] = {}
+        self.limit = DeferredSemaphore(_CONCURRENT_DELIVERIES)
+        self.stopped = False
+
+    def schedule(self, envelope: Envelope) -> None:
+        """Deliver C{envelope} now (a new or recovered message)."""
+        self.queue[envelope.id] = _Queued(envelope)
+        self._gauge()
+        self._later(envelope.id, 0)
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.stopped = True
+        for queued in self.queue.values():
+            if queued.timer is not None and queued.timer.active():
+                queued.timer.cancel()
+
+    def _gauge(self) -> None:
+        self.context.stats.gauge("smtp_queue_messages", len(self.queue))
+
+    def _later(self, id: str, delay: float) -> None:
+        queued = self.queue[id]
+        queued.timer = self.context.reactor.callLater(delay, self._attempt, id)
+
+    def _attempt(self, id: str) -> None:
+        queued = self.queue.get(id)
+        if queued is None or queued.busy or self.stopped:
+            return
+        queued.busy = True
+        queued.attempts += 1
+        attempt = self.limit.run(self._deliver, queued)
+
+        def failed(failure: Failure) -> None:
+            # The spool could not be read or written: try again later.
+            self.context.log.failure("delivering {id} failed", failure, id=id)
+            if id in self.queue and not self.stopped:
+                self._later(id, self.retry[0])
+
+        def idle(_: object) -> None:
+            queued.busy = False
+
+        attempt.addErrback(failed).addBoth(idle)
+
+    def _deliver(self, queued: _Queued) -> Deferred[Any]:
+        envelope = queued.envelope
+
+        def send(data: bytes | None) -> Any:
+            if data is None:
+                return None  # deleted through the admin API meanwhile
+            sent: Deferred[Any] = self.send(envelope, data)
+            return sent.addErrback(
+                lambda failure: dict.fromkeys(
+                    envelope.recipients, (451, f"4.4.1 {failure.getErrorMessage()}")
+                )
+            )
+
+        reading: Deferred[Any] = self.spool.read(envelope.id)
+        settled: Deferred[Any] = reading.addCallback(send).addCallback(self._settle, queued)
+        return settled
+
+    def _settle(self, outcome: Outcome | None, queued: _Queued) -> Deferred[None] | None:
+        envelope = queued.envelope
+        if outcome is None:
+            self.forget(envelope.id)
+            return None
+        now = self.context.reactor.seconds()
+        expired = now - envelope.received >= self.max_age
+        unanswered = (451, "4.4.0 No reply for this recipient")
+        outcome = {r: outcome.get(r, unanswered) for r in envelope.recipients}
+        done = [r for r in envelope.recipients if outcome[r][0] // 100 == 2]
+        waiting = [r for r in envelope.recipients if outcome[r][0] // 100 == 4 and not expired]
+        failed = {r: outcome[r] for r in envelope.recipients if r not in done and r not in waiting}
+        stats = self.context.stats
+        if done:
+            stats.count("smtp_delivered_recipients", len(done))
+            self.context.emit("message.delivered", message_id=envelope.id, recipients=done)
+        if failed:
+            stats.count("smtp_failed_recipients", len(failed))
+        steps: list[Deferred[Any]] = []
+        if failed:
+            steps.append(self._bounce(envelope, failed, expired))
+        if waiting:
+            stats.count("smtp_deferred_recipients", len(waiting))
+            delay = self.retry[min(queued.attempts - 1, len(self.retry) - 1)]
+            reason = outcome[waiting[0]]
+            self.context.emit(
+                "message.deferred",
+                message_id=envelope.id,
+                recipients=waiting,
+                reply=f"{reason[0]} {reason[1]}",
+                retry_in=delay,
+            )
+            if len(waiting) < len(envelope.recipients):
+                queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
+                steps.append(self.spool.replace(queued.envelope))
+            self._later(envelope.id, delay)
+        else:
+            steps.append(self.forget(envelope.id))
+        return _all(steps)
+
+    def _bounce(
+        self, envelope: Envelope, failed: Mapping[str, tuple[int, str]], expired: bool
+    ) -> Deferred[Any]:
+        self.context.emit(
+            "message.bounced",
+            message_id=envelope.id,
+            recipients=list(failed),
+            replies=[f"{code} {text}" for code, text in failed.values()],
+            notified=envelope.sender if envelope.sender and not envelope.bounce else None,
+        )
+        if not envelope.sender or envelope.bounce:
+            return _all([])  # never bounce a bounce: that is how mail loops start
+        assert self.store is not None
+        now = self.context.reactor.seconds()
+        head = self.store.heads.get(envelope.id, b"")
+        data = bounce_message(self.hostname, envelope, failed, head, now, expired)
+        notice = Envelope(
+            id=new_id(now),
+            sender="",
+            recipients=(envelope.sender,),
+            received=now,
+            size=len(data),
+            client="",
+            helo=self.hostname,
+            bounce=True,
+        )
+        self.context.stats.count("smtp_bounces")
+        return self.store.add_own(notice, data)
+
+    def forget(self, id: str) -> Deferred[Any]:
+        queued = self.queue.pop(id, None)
+        if queued is not None and queued.timer is not None and queued.timer.active():
+            queued.timer.cancel()
+        self._gauge()
+        assert self.store is not None
+        return self.store.forget([id])
+
+
+def _all(steps: Iterable[Deferred[Any]]) -> Deferred[None]:
+    return gatherResults(list(steps), consumeErrors=True).addCallback(lambda _: None)

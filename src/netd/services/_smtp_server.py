@@ -1,0 +1,626 @@
+"""
+The smtp kind's server side: L{twisted.mail.smtp.ESMTP} with the places where
+it falls short for a relay replaced by name.
+
+  - Input is split into lines here, not by C{LineOnlyReceiver}: a command whose
+    reply waits (the end of DATA while the spool syncs, a password check) holds
+    the lines behind it, so pipelined replies stay in order (Twisted #8126),
+    and C{STARTTLS} drops whatever plaintext came with it (command injection).
+  - DATA is taken in chunks, not line by line: only C{CRLF.CRLF} ends it, and a
+    bare CR or LF becomes CRLF (or rejects the message), so nothing can be
+    smuggled past another server's idea of the end (CVE-2023-51764).
+  - Paths are read by L{netd.services._smtp_address}, not by
+    L{twisted.mail.smtp.Address} (which strips source routes), and the relay
+    policy is applied per recipient.
+  - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
+    accepted only over TLS unless the map allows otherwise.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail._cred import LOGINCredentials, PLAINCredentials
+from twisted.mail._except import IllegalClientResponse
+from twisted.python.failure import Failure
+
+from netd.events import ServiceStats
+from netd.services._smtp_address import Mailbox, PathRefused, parse_path
+
+__all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Defaults when a message text has no status of its own (RFC 3463).
+_STATUS = {
+    211: b"2.0.0",
+    214: b"2.0.0",
+    221: b"2.0.0",
+    235: b"2.7.0",
+    250: b"2.0.0",
+    252: b"2.5.0",
+    421: b"4.3.0",
+    451: b"4.3.0",
+    452: b"4.5.3",
+    454: b"4.7.0",
+    500: b"5.5.2",
+    501: b"5.5.4",
+    502: b"5.5.1",
+    503: b"5.5.1",
+    504: b"5.5.4",
+    530: b"5.7.0",
+    535: b"5.7.8",
+    550: b"5.7.1",
+    552: b"5.3.4",
+    553: b"5.1.3",
+    554: b"5.0.0",
+}
+_NO_STATUS = frozenset({220, 334, 354})
+_HAS_STATUS = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |\Z)")
+_BAD_COMMAND = re.compile(rb"[\r\n\x00]")
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_END_OF_DATA = b"\r\n.\r\n"
+_MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
+_RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
+# Lines held while a reply is pending, before reading from the client stops.
+_HOLD_LIMIT = 256 * 1024
+# RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
+_COMMAND_LINE = 12288
+_AUTH_FAILURES = 3
+
+
+@attrs.frozen
+class Limits:
+    max_message_size: int = 10 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    max_connections_per_client: int = 20
+
+
+@attrs.frozen
+class Transaction:
+    """One message as the session hands it over, before it is spooled."""
+
+    sender: Mailbox | None
+    recipients: tuple[Mailbox, ...]
+    data: bytes
+    helo: str
+    client: str
+    user: str | None
+    protocol: str
+
+
+@attrs.define
+class _Mail:
+    sender: Mailbox | None
+    recipients: list[Mailbox] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class Receiver:
+    """
+    What every session of one service shares.
+
+    @ivar accept: spools a transaction; fires with its queue id once it is on disk.
+    @ivar starttls: the TLS creator STARTTLS uses, or None (not offered).
+    @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
+    @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
+        becomes CRLF.
+    """
+
+    hostname: str
+    limits: Limits
+    domains: frozenset[str]
+    allow_from: tuple[IPNetwork, ...]
+    accept: Callable[[Transaction], Deferred[str]]
+    stats: ServiceStats
+    log: Logger
+    starttls: Any = None
+    portal: Portal | None = None
+    allow_insecure_auth: bool = False
+    reject_bare_newlines: bool = False
+
+    def may_relay(self, client: str) -> bool:
+        try:
+            address = ipaddress.ip_address(client)
+        except ValueError:
+            return False  # a UNIX socket: no address to trust
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allow_from)
+
+
+def _client_host(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    return host if isinstance(host, str) else ""
+
+
+def _printable(text: bytes, limit: int = 255) -> str:
+    return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
+
+
+class Session(smtp.ESMTP):
+    """One SMTP connection."""
+
+    noisy = False
+    transport: Any
+
+    def __init__(self, receiver: Receiver, secure: bool) -> None:
+        challengers: dict[bytes, Any] = {}
+        if receiver.portal is not None:
+            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}
+        super().__init__(chal=challengers, contextFactory=receiver.starttls)
+        self.receiver = receiver
+        self.secure = secure
+        self.host = receiver.hostname.encode()
+        self.timeout = receiver.limits.command_timeout  # type: ignore[assignment]
+        self.portal: Any = receiver.portal
+        self.user: str | None = None
+        self._input = b""
+        self._body: bytearray | None = None
+        self._body_too_big = False
+        self._mail: _Mail | None = None
+        self._greeted = False
+        self._held = False
+        self._processing = False
+        self._skip_line = False
+        self._paused = False
+        self._auth_failures = 0
+        self._login: Deferred[Any] | None = None
+        self.client = ""
+
+    # Connection ----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.client = _client_host(self.transport.getPeer())
+        super().connectionMade()
+        if self.secure:
+            self.canStartTLS = False
+
+    def greeting(self) -> bytes:
+        host: bytes = self.host
+        return host + b" ESMTP netd"
+
+    def timeoutConnection(self) -> None:
+        self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
+        self.transport.loseConnection()
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        if code not in _NO_STATUS and not _HAS_STATUS.match(message):
+            status = _STATUS.get(code, b"%d.0.0" % (code // 100))
+            message = status + b" " + message
+        super().sendCode(code, message)
+
+    def _send_plain(self, code: int, message: bytes) -> None:
+        """A reply without a status code: EHLO and HELO (RFC 2034 exempts them)."""
+        smtp.ESMTP.sendCode(self, code, message)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._input += data
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # a reply released the hold from inside the loop below
+        self._processing = True
+        try:
+            while self._input and not self._held and self.transport is not None:
+                if self._body is not None:
+                    self._take_data()
+                elif not self._take_line():
+                    break
+        finally:
+            self._processing = False
+        if self._held and len(self._input) > _HOLD_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _take_line(self) -> bool:
+        """Handle one command line; False when only part of a line is buffered."""
+        end = self._input.find(b"\r\n")
+        if end < 0:
+            if len(self._input) <= _COMMAND_LINE:
+                return False
+            self._input = b""
+            self._skip_line = True
+            self.sendCode(500, b"5.5.6 Line too long")
+            return True
+        line, self._input = self._input[:end], self._input[end + 2 :]
+        if self._skip_line:
+            self._skip_line = False  # the end of a line already answered as too long
+        elif len(line) > _COMMAND_LINE:
+            self.sendCode(500, b"5.5.6 Line too long")
+        else:
+            self.lineReceived(line)
+        return True
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.mode == smtp.COMMAND and _BAD_COMMAND.search(line):
+            self.resetTimeout()
+            self.sendCode(500, b"5.5.2 Bare CR, LF or NUL in a command")
+            return
+        super().lineReceived(line)
+
+    def _hold(self, pending: Deferred[Any]) -> None:
+        """Hold further commands until C{pending} (whose callbacks reply) has fired."""
+        self._held = True
+
+        def release(result: object) -> None:
+            self._held = False
+            if self._paused and self.transport is not None:
+                self._paused = False
+                self.transport.resumeProducing()
+            if self.transport is not None:
+                self._process()
+
+        pending.addBoth(release)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._body = None
+        super().connectionLost(reason)
+        factory = getattr(self, "factory", None)
+        if isinstance(factory, SessionFactory):
+            factory.release(self.client)
+        self.transport = None
+
+    # Greetings and the small commands ------------------------------------
+
+    def _greet(self, rest: bytes) -> None:
+        self._helo = (rest, self.client.encode())
+        self._mail = None
+        self._greeted = True
+
+    def do_HELO(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 HELO needs a domain")
+            return
+        self._greet(rest)
+        self._send_plain(250, self.host)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 EHLO needs a domain")
+            return
+        self._greet(rest)
+        self._send_plain(250, self.host + b" Hello " + rest + b"\n" + self.listExtensions())
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        found: dict[bytes, list[bytes] | None] = {
+            b"SIZE": [b"%d" % self.receiver.limits.max_message_size],
+            b"8BITMIME": None,
+            b"PIPELINING": None,
+            b"ENHANCEDSTATUSCODES": None,
+        }
+        if self.canStartTLS and not self.startedTLS:
+            found[b"STARTTLS"] = None
+        if self.challengers and self._auth_allowed():
+            found[b"AUTH"] = list(self.challengers)
+        return found
+
+    def _auth_allowed(self) -> bool:
+        return self.secure or self.startedTLS or self.receiver.allow_insecure_auth
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._mail = None
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self.sendCode(252, b"2.5.0 Cannot VRFY; send mail and it will be delivered")
+
+    def do_HELP(self, rest: bytes) -> None:
+        self.sendCode(214, b"2.0.0 See RFC 5321")
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.sendCode(221, b"2.0.0 Bye")
+        self.transport.loseConnection()
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.receiver.stats.errors += 1
+        self.sendCode(500, b"5.5.2 Command not recognized")
+
+    # The mail transaction ------------------------------------------------
+
+    def _ready_for_mail(self) -> bool:
+        if not self._greeted:
+            self.sendCode(503, b"5.5.1 Send EHLO or HELO first")
+            return False
+        return True
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if not self._ready_for_mail():
+            return
+        if self._mail is not None:
+            self.sendCode(503, b"5.5.1 Nested MAIL command")
+            return
+        match = _MAIL_ARGUMENT.match(rest.strip())
+        if match is None:
+            self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        problem = self._mail_parameters(match.group("params") or b"")
+        if problem is not None:
+            self.sendCode(*problem)
+            return
+        try:
+            sender = parse_path(match.group("path"), False, self.receiver.hostname)
+        except PathRefused as e:
+            self.sendCode(e.code, e.reply)
+            return
+        self._mail = _Mail(sender)
+        self.sendCode(250, b"2.1.0 Sender ok")
+
+    def _mail_parameters(self, params: bytes) -> tuple[int, bytes] | None:
+        for param in params.split():
+            key, _, value = param.partition(b"=")
+            key = key.upper()
+            if key == b"SIZE":
+                if not value.isdigit():
+                    return 501, b"5.5.4 SIZE takes a number"
+                if int(value) > self.receiver.limits.max_message_size:
+                    return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+            elif key == b"BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return 501, b"5.5.4 BODY is 7BIT or 8BITMIME"
+            elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
+                return 555, b"5.5.4 Unsupported parameter " + key[:32]
+        return None
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if self._mail is None:
+            self.sendCode(503, b"5.5.1 Need MAIL before RCPT")
+            return
+        match = _RCPT_ARGUMENT.match(rest.strip())
+        if match is None:
+            self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
+            return
+        if match.group("params"):
+            self.sendCode(555, b"5.5.4 RCPT takes no parameters here")
+            return
+        if len(self._mail.recipients) >= self.receiver.limits.max_recipients:
+            self.sendCode(452, b"4.5.3 Too many recipients")
+            return
+        try:
+            recipient = parse_path(match.group("path"), True, self.receiver.hostname)
+            assert recipient is not None
+            self._check_relay(recipient)
+        except PathRefused as e:
+            self.receiver.stats.count("smtp_recipients_refused")
+            self.sendCode(e.code, e.reply)
+            return
+        self._mail.recipients.append(recipient)
+        self.sendCode(250, b"2.1.5 Recipient ok")
+
+    def _check_relay(self, recipient: Mailbox) -> None:
+        if recipient.domain in self.receiver.domains:
+            return
+        if self.user is not None or self.receiver.may_relay(self.client):
+            return
+        raise PathRefused(550, "5.7.1", f"<{recipient}>: Relay access denied")
+
+    def do_DATA(self, rest: bytes) -> None:
+        if rest.strip():
+            self.sendCode(501, b"5.5.4 DATA takes no arguments")
+            return
+        if self._mail is None:
+            self.sendCode(503, b"5.5.1 Need MAIL before DATA")
+            return
+        if not self._mail.recipients:
+            self.sendCode(554, b"5.5.1 No valid recipients")
+            return
+        self._body = bytearray(b"\r\n")  # the CRLF before a first line of "."
+        self._body_too_big = False
+        self.setTimeout(self.receiver.limits.data_timeout)
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _take_data(self) -> None:
+        body = self._body
+        assert body is not None
+        start = max(len(body) - len(_END_OF_DATA) + 1, 0)
+        body += self._input
+        self._input = b""
+        self.resetTimeout()
+        end = body.find(_END_OF_DATA, start)
+        if end < 0:
+            # Two bytes of slack: the CRLF sentinel and the final CRLF.
+            if len(body) > self.receiver.limits.max_message_size + 4:
+                self._body_too_big = True
+                del body[: -len(_END_OF_DATA)]
+            return
+        self._input = bytes(body[end + len(_END_OF_DATA) :])
+        self._body = None
+        self.setTimeout(self.receiver.limits.command_timeout)
+        mail, self._mail = self._mail, None
+        assert mail is not None
+        self._end_of_data(mail, bytes(body[: end + 2]))
+
+    def _end_of_data(self, mail: _Mail, text: bytes) -> None:
+        limits = self.receiver.limits
+        stats = self.receiver.stats
+        if self._body_too_big:
+            stats.count("smtp_messages_rejected")
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        # Unstuff first: only the client's CRLF lines were dot-stuffed.
+        if b"\r\n." in text:
+            text = text.replace(b"\r\n.", b"\r\n")
+        if _BARE_NEWLINE.search(text):
+            if self.receiver.reject_bare_newlines:
+                stats.count("smtp_messages_rejected")
+                self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
+                return
+            # As lines of this message, never as an end of DATA here or downstream
+            # (the relay dot-stuffs what it sends).
+            text = _BARE_NEWLINE.sub(b"\r\n", text)
+            stats.count("smtp_bare_newlines_normalised")
+        if len(text) > limits.max_line_length and any(
+            len(line) > limits.max_line_length - 2 for line in text.split(b"\r\n")
+        ):
+            stats.count("smtp_messages_rejected")
+            self.sendCode(
+                554,
+                b"5.6.0 Line longer than %d octets (RFC 5321 4.5.3.1.6)" % limits.max_line_length,
+            )
+            return
+        data = text[2:]
+        if len(data) > limits.max_message_size:
+            stats.count("smtp_messages_rejected")
+            self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        transaction = Transaction(
+            sender=mail.sender,
+            recipients=tuple(mail.recipients),
+            data=data,
+            helo=_printable(self._helo[0] if self._helo and self._helo[0] else b""),
+            client=self.client,
+            user=self.user,
+            protocol=self._protocol_name(),
+        )
+        accepted = self.receiver.accept(transaction)
+
+        def queued(id: str) -> None:
+            self.sendCode(250, b"2.0.0 Ok: queued as " + id.encode())
+
+        def failed(failure: Failure) -> None:
+            self.receiver.log.failure("spooling a message failed", failure)
+            self.receiver.stats.errors += 1
+            self.sendCode(451, b"4.3.0 Could not store the message; try again later")
+
+        accepted.addCallbacks(queued, failed)
+        self._hold(accepted)
+
+    def _protocol_name(self) -> str:
+        # RFC 3848's "with" keywords.
+        tls = "S" if self.secure or self.startedTLS else ""
+        return "ESMTP" + tls + ("A" if self.user is not None else "")
+
+    # STARTTLS and AUTH ---------------------------------------------------
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if self.startedTLS or self.secure:
+            self.sendCode(503, b"5.5.1 TLS already active")
+        elif not self.canStartTLS:
+            self.sendCode(454, b"4.7.0 TLS not available")
+        elif rest.strip():
+            self.sendCode(501, b"5.5.4 STARTTLS takes no arguments")
+        else:
+            # Whatever came with the command was sent in plaintext: a man in the
+            # middle's commands must not run as if they had come over TLS.
+            self._input = b""
+            self.sendCode(220, b"2.0.0 Ready to start TLS")
+            self.transport.startTLS(self.ctx)
+            self.startedTLS = True
+            # RFC 3207 4.2: forget everything learnt before TLS.
+            self._greeted = False
+            self._mail = None
+            self._helo = (None, self.client.encode())
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.challengers:
+            self.sendCode(502, b"5.5.1 AUTH not available")
+        elif not self._auth_allowed():
+            self.sendCode(538, b"5.7.11 Encryption required: STARTTLS first")
+        elif not self._greeted:
+            self.sendCode(503, b"5.5.1 Send EHLO first")
+        elif self._mail is not None:
+            self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+        else:
+            super().ext_AUTH(rest)
+
+    def state_AUTH(self, response: bytes | None) -> None:
+        self._login = None
+        try:
+            super().state_AUTH(response)
+        except IllegalClientResponse:
+            self.mode = smtp.COMMAND
+            self.challenger = None
+            self.sendCode(501, b"5.5.2 Malformed authentication response")
+            return
+        if self._login is not None:
+            self._hold(self._login)
+
+    def _cbAuthenticated(self, loginInfo: tuple[Any, str, Callable[[], None]]) -> None:
+        _, self.user, self._onLogout = loginInfo
+        self.authenticated = True
+        self.challenger = None
+
+    def _ebAuthenticated(self, reason: Failure) -> None:
+        self.challenger = None
+        self._auth_failures += 1
+        self.receiver.stats.count("smtp_auth_failures")
+        super()._ebAuthenticated(reason)
+        if self._auth_failures >= _AUTH_FAILURES:
+            self.sendCode(421, b"4.7.0 Too many failed authentications")
+            self.transport.loseConnection()
+
+
+class _SessionPortal:
+    """Lets the session hold pipelined commands while a password is checked."""
+
+    def __init__(self, portal: Portal, session: Session) -> None:
+        self.portal = portal
+        self.session = session
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        pending: Deferred[Any] = self.portal.login(credentials, mind, *interfaces)
+        self.session._login = pending
+        return pending
+
+
+class _TooMany(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+        self.transport.loseConnection()
+
+
+class SessionFactory(ServerFactory):
+    """Builds sessions and counts them per client address."""
+
+    noisy = False
+
+    def __init__(self, receiver: Receiver, secure: bool) -> None:
+        self.receiver = receiver
+        self.secure = secure
+        self.per_client: dict[str, int] = {}
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        client = _client_host(addr)
+        count = self.per_client.get(client, 0)
+        if count >= self.receiver.limits.max_connections_per_client:
+            self.receiver.stats.count("smtp_connections_per_client_refused")
+            return _TooMany()
+        self.per_client[client] = count + 1
+        session = Session(self.receiver, self.secure)
+        session.factory = self
+        if self.receiver.portal is not None:
+            session.portal = _SessionPortal(self.receiver.portal, session)
+        return session
+
+    def release(self, client: str) -> None:
+        count = self.per_client.get(client, 0) - 1
+        if count > 0:
+            self.per_client[client] = count
+        else:
+            self.per_client.pop(client, None)
+
+
+def relay_networks(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
+    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
+
+
+def busy_reply() -> bytes:
+    return b"421 4.3.2 Too many connections, try again later\r\n"

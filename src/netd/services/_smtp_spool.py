@@ -1,0 +1,243 @@
+"""
+The smtp kind's durable spool: one file per accepted message, fsync'd before
+the server answers C{250}.
+
+A spool file is one line of JSON (the envelope, with the message's size) and
+then the message itself.  A file whose length does not match its envelope was
+being written when netd died; its message was never acknowledged, so recovery
+removes it.  Writes from concurrent sessions are grouped: while one batch is
+being written and synced in a thread, the next batch collects, and each batch
+costs one directory fsync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+__all__ = ["HEAD_BYTES", "Envelope", "Spool", "new_id"]
+
+RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+
+_SUFFIX = ".msg"
+# How much of a message recovery reads back for its headers.
+HEAD_BYTES = 64 * 1024
+_MAGIC = b"NETD-SPOOL-1 "
+
+
+def new_id(now: float) -> str:
+    """Sortable by arrival (milliseconds first), unguessable (random after)."""
+    return f"{int(now * 1000):012x}{secrets.token_hex(5)}"
+
+
+@attrs.frozen
+class Envelope:
+    """
+    What SMTP said about a message, besides the message.
+
+    @ivar sender: the reverse path, C{""} for the null sender (bounces).
+    @ivar recipients: the forward paths still to deliver, in RCPT order.
+    @ivar received: when it was accepted (epoch seconds).
+    @ivar size: the message's length in bytes, which recovery checks.
+    @ivar bounce: whether this message is a delivery status notification netd wrote.
+    """
+
+    id: str
+    sender: str
+    recipients: tuple[str, ...]
+    received: float
+    size: int
+    client: str = ""
+    helo: str = ""
+    user: str | None = None
+    bounce: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "from": self.sender,
+            "to": list(self.recipients),
+            "received": self.received,
+            "size": self.size,
+            "client": self.client,
+            "helo": self.helo,
+            "user": self.user,
+            "bounce": self.bounce,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        return cls(
+            id=str(data["id"]),
+            sender=str(data["from"]),
+            recipients=tuple(str(r) for r in data["to"]),
+            received=float(data["received"]),
+            size=int(data["size"]),
+            client=str(data.get("client", "")),
+            helo=str(data.get("helo", "")),
+            user=data.get("user"),
+            bounce=bool(data.get("bounce", False)),
+        )
+
+
+def _encode(envelope: Envelope) -> bytes:
+    return _MAGIC + json.dumps(envelope.as_json(), separators=(",", ":")).encode() + b"\n"
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_batch(directory: Path, batch: list[tuple[Envelope, bytes]]) -> None:
+    """Runs in a thread: each file written and synced, then the directory once."""
+    for envelope, data in batch:
+        fd = os.open(
+            directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640
+        )
+        try:
+            view = memoryview(_encode(envelope) + data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _fsync_directory(directory)
+
+
+def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
+    """
+    The envelope and the start of the message of a complete spool file, or
+    None for a torn or foreign one.
+    """
+    try:
+        with path.open("rb") as f:
+            line = f.readline(1 << 20)
+            length = os.fstat(f.fileno()).st_size
+            start = f.read(HEAD_BYTES)
+        if not line.startswith(_MAGIC) or not line.endswith(b"\n"):
+            return None
+        envelope = Envelope.from_json(json.loads(line[len(_MAGIC) :]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if envelope.id + _SUFFIX != path.name or length != len(line) + envelope.size:
+        return None
+    return envelope, start
+
+
+def _recover(directory: Path) -> list[tuple[Envelope, bytes]]:
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    found = []
+    removed = False
+    for path in sorted(directory.iterdir()):
+        if not path.name.endswith(_SUFFIX):
+            continue
+        entry = _read_header(path)
+        if entry is None:
+            # Never acknowledged: the 250 waits for the complete file.
+            path.unlink(missing_ok=True)
+            removed = True
+        else:
+            found.append(entry)
+    if removed:
+        _fsync_directory(directory)
+    return found
+
+
+def _read_message(path: Path) -> bytes | None:
+    try:
+        with path.open("rb") as f:
+            f.readline(1 << 20)
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _remove(directory: Path, ids: list[str]) -> None:
+    for id in ids:
+        (directory / (id + _SUFFIX)).unlink(missing_ok=True)
+    _fsync_directory(directory)
+
+
+def _replace(directory: Path, envelope: Envelope) -> None:
+    """Rewrite a message's envelope (fewer recipients left) atomically."""
+    path = directory / (envelope.id + _SUFFIX)
+    data = _read_message(path)
+    if data is None:
+        return
+    temporary = directory / (envelope.id + ".tmp")
+    with temporary.open("wb") as f:
+        f.write(_encode(envelope) + data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(directory)
+
+
+class Spool:
+    """
+    The message files of one service, all file work in threads.
+
+    @ivar run: runs a callable in a thread and returns a Deferred of its result
+        (the reactor's thread pool in netd; a synchronous stand-in in unit tests).
+    """
+
+    def __init__(self, directory: Path, run: RunInThread) -> None:
+        self.directory = directory
+        self.run = run
+        self._batch: list[tuple[Envelope, bytes, Deferred[None]]] = []
+        self._writing = False
+
+    def recover(self) -> Deferred[list[tuple[Envelope, bytes]]]:
+        """
+        Every complete message on disk with its first L{HEAD_BYTES}; torn ones
+        are removed.
+        """
+        return self.run(lambda: _recover(self.directory))
+
+    def store(self, envelope: Envelope, data: bytes) -> Deferred[None]:
+        """Fires once the message and its envelope are on disk and synced."""
+        done: Deferred[None] = Deferred()
+        self._batch.append((envelope, data, done))
+        if not self._writing:
+            self._write()
+        return done
+
+    def _write(self) -> None:
+        batch, self._batch = self._batch, []
+        self._writing = True
+        pairs = [(envelope, data) for envelope, data, _ in batch]
+        written = self.run(lambda: _write_batch(self.directory, pairs))
+
+        def finished(result: object) -> None:
+            self._writing = False
+            if self._batch:
+                self._write()
+            for _, _, done in batch:
+                if isinstance(result, Failure):
+                    done.errback(result)
+                else:
+                    done.callback(None)
+
+        written.addBoth(finished)
+
+    def read(self, id: str) -> Deferred[bytes | None]:
+        return self.run(lambda: _read_message(self.directory / (id + _SUFFIX)))
+
+    def remove(self, ids: Iterable[str]) -> Deferred[None]:
+        listed = list(ids)
+        return self.run(lambda: _remove(self.directory, listed))
+
+    def replace(self, envelope: Envelope) -> Deferred[None]:
+        return self.run(lambda: _replace(self.directory, envelope))

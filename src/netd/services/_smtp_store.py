@@ -1,0 +1,196 @@
+"""
+The smtp kind's message store: what the spool holds, indexed in memory for the
+admin API, and the hand-over from a session to the spool and on to delivery.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from collections.abc import Callable, Mapping
+from email.utils import formatdate
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+
+from netd.kinds import BuildContext
+from netd.services._smtp_server import Transaction
+from netd.services._smtp_spool import HEAD_BYTES, Envelope, Spool, new_id
+
+__all__ = ["MailStore", "received_header"]
+
+
+def _head(data: bytes) -> bytes:
+    end = data.find(b"\r\n\r\n", 0, HEAD_BYTES)
+    return data[: end + 2] if end >= 0 else data[:HEAD_BYTES]
+
+
+def _client_literal(client: str) -> str:
+    if not client:
+        return "unix socket"
+    return f"[IPv6:{client}]" if ":" in client else f"[{client}]"
+
+
+def received_header(hostname: str, transaction: Transaction, id: str, now: float) -> bytes:
+    """RFC 5321 4.4 trace line; "for" only with one recipient, so Bcc stays private."""
+    text = (
+        f"Received: from {transaction.helo or 'unknown'} ({_client_literal(transaction.client)})"
+        f"\r\n\tby {hostname} (netd) with {transaction.protocol} id {id}"
+    )
+    if len(transaction.recipients) == 1:
+        text += f"\r\n\tfor <{transaction.recipients[0]}>"
+    return f"{text};\r\n\t{formatdate(now)}\r\n".encode()
+
+
+def _headers(head: bytes) -> list[list[str]]:
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    return [[name, str(value)] for name, value in parsed.items()]
+
+
+class MailStore(Service):
+    """
+    Every message in the spool, in arrival order.
+
+    @ivar deliver: called with each newly accepted or recovered envelope when a
+        delivery mode sends mail on; None keeps messages (capture).
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        context: BuildContext,
+        hostname: str,
+        deliver: Callable[[Envelope], None] | None = None,
+    ) -> None:
+        self.spool = spool
+        self.context = context
+        self.hostname = hostname
+        self.deliver = deliver
+        self.messages: dict[str, Envelope] = {}
+        self.heads: dict[str, bytes] = {}
+        self.ready: Deferred[None] = Deferred()
+        self._recovered = False
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
+
+    def _recovered_from_disk(self, found: list[tuple[Envelope, bytes]]) -> None:
+        for envelope, start in found:
+            self._add(envelope, _head(start))
+            if self.deliver is not None:
+                self.deliver(envelope)
+        if found:
+            self.context.emit("spool.recovered", messages=len(found))
+        self._recovered = True
+        self.ready.callback(None)
+
+    def _recovery_failed(self, failure: Any) -> None:
+        self.context.log.failure("reading the spool failed", failure)
+        self._recovered = True
+        self.ready.callback(None)
+
+    def _when_ready(self) -> Deferred[None]:
+        if self._recovered:
+            return succeed(None)
+        waiting: Deferred[None] = Deferred()
+
+        def wake(result: None) -> None:
+            waiting.callback(None)
+
+        self.ready.addCallback(wake)
+        return waiting
+
+    def _add(self, envelope: Envelope, head: bytes) -> None:
+        self.messages[envelope.id] = envelope
+        self.heads[envelope.id] = head
+        self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+
+    def accept(self, transaction: Transaction) -> Deferred[str]:
+        """Spool a message; the Deferred fires with its id once it is on disk."""
+        now = self.context.reactor.seconds()
+        id = new_id(now)
+        data = received_header(self.hostname, transaction, id, now) + transaction.data
+        envelope = Envelope(
+            id=id,
+            sender=str(transaction.sender) if transaction.sender is not None else "",
+            recipients=tuple(str(r) for r in transaction.recipients),
+            received=now,
+            size=len(data),
+            client=transaction.client,
+            helo=transaction.helo,
+            user=transaction.user,
+        )
+        stored = self.spool.store(envelope, data)
+
+        def spooled(_: None) -> str:
+            self._add(envelope, _head(data))
+            self.context.stats.count("smtp_messages_accepted")
+            self.context.emit(
+                "message.accepted",
+                message_id=id,
+                sender=envelope.sender,
+                recipients=list(envelope.recipients),
+                size=envelope.size,
+                client=envelope.client,
+                user=envelope.user,
+            )
+            if self.deliver is not None:
+                self.deliver(envelope)
+            return id
+
+        return stored.addCallback(spooled)
+
+    def add_own(self, envelope: Envelope, data: bytes) -> Deferred[None]:
+        """Spool a message netd wrote itself (a bounce) and send it on."""
+
+        def spooled(_: None) -> None:
+            self._add(envelope, _head(data))
+            if self.deliver is not None:
+                self.deliver(envelope)
+
+        return self.spool.store(envelope, data).addCallback(spooled)
+
+    def forget(self, ids: list[str]) -> Deferred[None]:
+        """Remove messages from the index and the disk."""
+        for id in ids:
+            self.messages.pop(id, None)
+            self.heads.pop(id, None)
+        self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+        return self.spool.remove(ids)
+
+    # Admin views ---------------------------------------------------------
+
+    def list(self, query: Mapping[str, str]) -> Deferred[dict[str, Any]]:
+        """C{GET .../messages[?to=ADDRESS]}: envelopes and headers, oldest first."""
+        wanted = query.get("to", "").lower()
+
+        def answer(_: None) -> dict[str, Any]:
+            found = []
+            for id, envelope in self.messages.items():
+                if wanted and wanted not in (r.lower() for r in envelope.recipients):
+                    continue
+                headers = _headers(self.heads.get(id, b""))
+                subject = next((v for n, v in headers if n.lower() == "subject"), None)
+                found.append({**envelope.as_json(), "subject": subject, "headers": headers})
+            return {"messages": found}
+
+        return self._when_ready().addCallback(answer)
+
+    def item(self, id: str) -> Deferred[bytes | None]:
+        """C{GET .../messages/ID}: the raw message as spooled (Received: first)."""
+        if id not in self.messages:
+            return self._when_ready().addCallback(
+                lambda _: self.spool.read(id) if id in self.messages else None
+            )
+        return self.spool.read(id)
+
+    def clear(self) -> Deferred[dict[str, int]]:
+        """C{DELETE .../messages}: drop every message."""
+
+        def drop(_: None) -> Deferred[dict[str, int]]:
+            ids = list(self.messages)
+            return self.forget(ids).addCallback(lambda _: {"deleted": len(ids)})
+
+        return self._when_ready().addCallback(drop)

@@ -1,0 +1,368 @@
+"""
+The C{smtp} service kind: an ESMTP relay that never loses a message it
+answered C{250} for and never relays for strangers.
+
+    mail:
+      type: smtp
+      listen: ["tcp:2525", {endpoint: "ssl:4650", tls: lab}]
+      hostname: mx.netd.test
+      tls: lab
+      relay: {allow_from: [127.0.0.0/8], domains: [netd.test]}
+      delivery: {mode: capture}
+
+Sessions are L{netd.services._smtp_server.Session} (twisted.mail's ESMTP);
+messages go to a spool in C{state_dir} (L{netd.services._smtp_spool}) and are
+either kept for the admin API (capture) or sent on (smarthost).
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import attrs
+from twisted.application.service import IService, MultiService
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.schema import Section, Value
+from netd.services._smtp_mx import MxOptions, mx_sender, resolver_for
+from netd.services._smtp_relay import Courier, SmarthostOptions, smarthost_sender
+from netd.services._smtp_server import Limits, Receiver, SessionFactory, busy_reply
+from netd.services._smtp_spool import Spool
+from netd.services._smtp_store import MailStore
+
+__all__ = [
+    "SMTP",
+    "AuthOptions",
+    "DeliveryOptions",
+    "RelayOptions",
+    "SmarthostOptions",
+    "SmtpOptions",
+]
+
+_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_MODES = ("capture", "smarthost", "mx")
+_LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+_NOTHING: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class AuthOptions:
+    """
+    @ivar users: user name to password, in clear or as a bcrypt hash (C{$2b$...}).
+    """
+
+    users: Mapping[str, str] = attrs.field(factory=dict)
+    allow_insecure_auth: bool = False
+
+
+@attrs.frozen
+class RelayOptions:
+    allow_from: tuple[str, ...] = _LOOPBACK
+    domains: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class DeliveryOptions:
+    """
+    @ivar retry: seconds between attempts; the last one repeats.
+    @ivar max_age: seconds after which a message still not delivered bounces.
+    """
+
+    mode: str = "capture"
+    smarthost: SmarthostOptions | None = None
+    mx: MxOptions | None = None
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
+    max_age: float = 432000.0
+
+
+@attrs.frozen
+class SmtpOptions:
+    hostname: str | None = None
+    tls: str | None = None
+    bare_newlines: str = "normalize"
+    limits: Limits = attrs.field(factory=Limits)
+    auth: AuthOptions | None = None
+    relay: RelayOptions = attrs.field(factory=RelayOptions)
+    delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
+
+
+def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> SmtpOptions:
+    defaults = Limits()
+    tls_value = section.get("tls")
+    tls = None
+    if tls_value is not None:
+        tls = tls_value.as_str()
+        if tls_value.is_scalar and tls not in profiles:
+            known = ", ".join(sorted(profiles)) or "none defined"
+            tls_value.error(f"unknown TLS profile {tls!r} (known: {known})")
+            tls = None
+    return SmtpOptions(
+        hostname=section.read("hostname", _hostname, None),
+        tls=tls,
+        bare_newlines=section.choice("bare_newlines", ("normalize", "reject"), "normalize"),
+        limits=Limits(
+            max_message_size=section.integer(
+                "max_message_size", defaults.max_message_size, minimum=1024, maximum=1 << 31
+            ),
+            max_recipients=section.integer(
+                "max_recipients", defaults.max_recipients, minimum=1, maximum=100_000
+            ),
+            max_line_length=section.integer(
+                "max_line_length", defaults.max_line_length, minimum=80, maximum=1 << 20
+            ),
+            command_timeout=section.number(
+                "command_timeout", defaults.command_timeout, minimum=0.1
+            ),
+            data_timeout=section.number("data_timeout", defaults.data_timeout, minimum=0.1),
+            max_connections_per_client=section.integer(
+                "max_connections_per_client", defaults.max_connections_per_client, minimum=1
+            ),
+        ),
+        auth=section.read("auth", _auth, None),
+        relay=section.read("relay", _relay, RelayOptions()),
+        delivery=section.read("delivery", _delivery, DeliveryOptions()),
+    )
+
+
+def _hostname(value: Value) -> str | None:
+    text = value.as_str()
+    labels = text.rstrip(".").split(".")
+    if value.is_scalar and not all(
+        0 < len(label) < 64 and label.replace("-", "").isalnum() and label.isascii()
+        for label in labels
+    ):
+        value.error(f"not a host name: {text!r}")
+        return None
+    return text.rstrip(".") or None
+
+
+def _auth(value: Value) -> AuthOptions:
+    section = value.section()
+    users: dict[str, str] = {}
+    users_value = section.require("users")
+    for name, entry in users_value.items() if users_value is not None else ():
+        user = entry.section()
+        password_value = user.require("password")
+        user.finish()
+        if password_value is None:
+            continue
+        password = password_value.as_str()
+        if password.startswith("$") and not (
+            password.startswith(_BCRYPT_PREFIXES) and len(password) == 60
+        ):
+            password_value.error("a hashed password must be a bcrypt hash ($2b$...)")
+            continue
+        if not password:
+            password_value.error("a password cannot be empty")
+            continue
+        users[name] = password
+    options = AuthOptions(
+        users=users, allow_insecure_auth=section.flag("allow_insecure_auth", False)
+    )
+    section.finish()
+    return options
+
+
+def _network(value: Value) -> str | None:
+    text = value.as_str()
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        if value.is_scalar:
+            value.error(f"not an address or network: {text!r}")
+        return None
+    return text
+
+
+def _domain(value: Value) -> str | None:
+    text = value.as_str().lower().rstrip(".")
+    if value.is_scalar and (not text or "@" in text or text.startswith("[")):
+        value.error(f"not a domain: {text!r}")
+        return None
+    return text
+
+
+def _read_list(read: Callable[[Value], str | None]) -> Callable[[Value], tuple[str, ...]]:
+    return lambda value: tuple(filter(None, value.list_of(read, single=True)))
+
+
+def _relay(value: Value) -> RelayOptions:
+    section = value.section()
+    allow_from = section.read("allow_from", _read_list(_network), _LOOPBACK)
+    domains = section.read("domains", _read_list(_domain), _NOTHING)
+    section.finish()
+    return RelayOptions(allow_from=allow_from, domains=domains)
+
+
+def _host_port(value: Value, default_port: int = 25) -> tuple[str, int] | None:
+    text = value.as_str()
+    host, colon, port = text.rpartition(":")
+    if not colon or (host.count(":") and not host.endswith("]")):
+        host, port = text, str(default_port)
+    host = host.removeprefix("[").removesuffix("]")
+    if not value.is_scalar:
+        return None
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        value.error(f"not HOST:PORT: {text!r}")
+        return None
+    return host, int(port)
+
+
+def _delivery(value: Value) -> DeliveryOptions:
+    section = value.section()
+    defaults = DeliveryOptions()
+    mode = section.choice("mode", _MODES, "capture")
+    address_value = section.get("smarthost")
+    address = _host_port(address_value) if address_value is not None else None
+    tls = section.choice("tls", ("none", "opportunistic", "required"), "opportunistic")
+    username = section.optional_str("username")
+    password = section.optional_str("password")
+    if (username is None) != (password is None):
+        value.error("'username' and 'password' go together")
+    retry = section.read(
+        "retry", lambda v: v.list_of(lambda e: e.as_float(60.0, minimum=0.01)), defaults.retry
+    )
+    if not retry:
+        retry = defaults.retry
+    max_age = section.number("max_age", defaults.max_age, minimum=1)
+    timeout = section.number("timeout", 60.0, minimum=0.1)
+    port = section.integer("port", 25, minimum=1, maximum=65535)
+    ca = section.file_path("ca")
+    if ca is not None and not ca.is_file():
+        entry = section.get("ca")
+        assert entry is not None
+        entry.error(f"not a file: {ca}")
+    resolver_value = section.get("resolver")
+    resolver = _host_port(resolver_value, 53) if resolver_value is not None else None
+    section.finish()
+    mx = None
+    if mode == "mx":
+        mx = MxOptions(port=port, tls=tls, timeout=timeout, resolver=resolver)
+    smarthost = None
+    if mode == "smarthost" and address_value is None:
+        value.error("mode smarthost needs 'smarthost: HOST:PORT'")
+    if address is not None:
+        smarthost = SmarthostOptions(
+            host=address[0],
+            port=address[1],
+            tls=tls,
+            username=username,
+            password=password,
+            timeout=timeout,
+            ca=ca,
+        )
+    return DeliveryOptions(mode=mode, smarthost=smarthost, mx=mx, retry=retry, max_age=max_age)
+
+
+@implementer(ICredentialsChecker)
+class _PasswordChecker:
+    """Clear passwords compared in constant time; bcrypt hashes checked in a thread."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, users: Mapping[str, str], run: Callable[[Callable[[], Any]], Any]) -> None:
+        self.users = users
+        self.run = run
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        username = credentials.username
+        password = credentials.password
+        name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
+        expected = self.users.get(name)
+        if expected is None:
+            return self._refuse()
+        if expected.startswith(_BCRYPT_PREFIXES):
+            import bcrypt
+
+            hashed = expected.encode()
+            checked: Deferred[bool] = self.run(lambda: bcrypt.checkpw(password, hashed))
+            return checked.addCallback(lambda ok: name if ok else self._refuse())
+        if hmac.compare_digest(password, expected.encode()):
+            return succeed(name)
+        return self._refuse()
+
+    def _refuse(self) -> Deferred[Any]:
+        failed: Deferred[Any] = Deferred()
+        failed.errback(UnauthorizedLogin())
+        return failed
+
+
+@implementer(IRealm)
+class _Realm:
+    """The avatar of an authenticated session is its user name."""
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        return interfaces[0], avatarId, lambda: None
+
+
+def _in_thread(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
+    def run(work: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
+    return run
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: SmtpOptions = service.options
+    run = _in_thread(context.reactor)
+    hostname = options.hostname or socket.getfqdn()
+    spool = Spool(context.state_dir / "smtp" / service.name, run)
+    delivery = options.delivery
+    background: IService
+    send = None
+    if delivery.smarthost is not None and delivery.mode == "smarthost":
+        send = smarthost_sender(context.reactor, hostname, delivery.smarthost)
+    elif delivery.mx is not None:
+        resolver = resolver_for(context.reactor, delivery.mx)
+        send = mx_sender(context.reactor, hostname, delivery.mx, resolver)
+    if send is not None:
+        courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
+        store = MailStore(spool, context, hostname, deliver=courier.schedule)
+        courier.store = store
+        background = MultiService()
+        store.setServiceParent(background)
+        courier.setServiceParent(background)
+    else:
+        store = MailStore(spool, context, hostname)
+        background = store
+    portal = None
+    if options.auth is not None:
+        portal = Portal(_Realm(), [_PasswordChecker(options.auth.users, run)])
+    receiver = Receiver(
+        hostname=hostname,
+        limits=options.limits,
+        domains=frozenset(options.relay.domains),
+        allow_from=tuple(ipaddress.ip_network(n, strict=False) for n in options.relay.allow_from),
+        accept=store.accept,
+        stats=context.stats,
+        log=context.log,
+        starttls=context.tls[options.tls] if options.tls else None,
+        portal=portal,
+        allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
+        reject_bare_newlines=options.bare_newlines == "reject",
+    )
+
+    def stream(listener: ListenerConfig) -> SessionFactory:
+        return SessionFactory(receiver, secure=listener.tls)
+
+    return Handlers(
+        stream=stream,
+        busy_reply=busy_reply(),
+        service=background,
+        views={"messages": AdminView(list=store.list, item=store.item, clear=store.clear)},
+    )
+
+
+SMTP: ServiceKind[SmtpOptions] = ServiceKind("smtp", parse, build)

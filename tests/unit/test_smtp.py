@@ -1,0 +1,820 @@
+"""
+The smtp kind without sockets: its map section, its paths, its sessions driven
+through StringTransport and a Clock, its spool and its message store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names import error as dns_error
+from zope.interface import implementer
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
+from netd.services._smtp_address import Mailbox, PathRefused, parse_path
+from netd.services._smtp_mx import MxOptions, addresses, exchangers
+from netd.services._smtp_relay import Courier, Outcome, SmarthostOptions
+from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
+from netd.services._smtp_spool import Envelope, Spool
+from netd.services._smtp_store import MailStore
+from netd.services.smtp import (
+    AuthOptions,
+    DeliveryOptions,
+    SmtpOptions,
+    _PasswordChecker,
+    _Realm,
+)
+
+
+def parse(tmp_path: Path, section: str, top: str = "") -> SmtpOptions:
+    text = f"{top}services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n{section}"
+    config = parse_config(text, tmp_path / "netd.yaml")
+    options: SmtpOptions = config.services["mail"].options
+    return options
+
+
+def errors(tmp_path: Path, section: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        parse(tmp_path, section)
+    return [str(e) for e in raised.value.errors]
+
+
+def test_parse_defaults_and_values(tmp_path: Path) -> None:
+    assert parse(tmp_path, "") == SmtpOptions()
+    assert parse(tmp_path, "    bare_newlines: reject\n").bare_newlines == "reject"
+    options = parse(
+        tmp_path,
+        "    hostname: mx.netd.test\n"
+        "    tls: lab\n"
+        "    max_message_size: 2048\n"
+        "    max_recipients: 3\n"
+        "    command_timeout: 5\n"
+        "    auth: {users: {bob: {password: pw}}, allow_insecure_auth: true}\n"
+        "    relay: {allow_from: [10.0.0.0/8, '::1'], domains: [Netd.Test.]}\n"
+        "    delivery: {mode: capture}\n",
+        top="tls:\n  lab: {self_signed: [localhost]}\n",
+    )
+    assert options.hostname == "mx.netd.test" and options.tls == "lab"
+    assert options.limits == Limits(max_message_size=2048, max_recipients=3, command_timeout=5)
+    assert options.auth == AuthOptions(users={"bob": "pw"}, allow_insecure_auth=True)
+    assert options.relay.allow_from == ("10.0.0.0/8", "::1")
+    assert options.relay.domains == ("netd.test",)
+
+
+def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        "    hostname: 'not a host'\n"
+        "    tls: nowhere\n"
+        "    max_message_size: 10\n"
+        "    auth: {users: {bob: {password: '$1$md5'}, eve: {}}, colour: red}\n"
+        "    relay: {allow_from: [10.0.0.300/8], domains: ['@x'], open: true}\n"
+        "    delivery: {mode: pigeon, speed: 3}\n"
+        "    colour: blue\n",
+    )
+    path = str(tmp_path / "netd.yaml")
+    assert found == [
+        f"{path}:5:15: services.mail.hostname: not a host name: 'not a host'",
+        f"{path}:6:10: services.mail.tls: unknown TLS profile 'nowhere' (known: none defined)",
+        f"{path}:7:23: services.mail.max_message_size: must be at least 1024, got 10",
+        f"{path}:8:36: services.mail.auth.users.bob.password: "
+        "a hashed password must be a bcrypt hash ($2b$...)",
+        f"{path}:8:52: services.mail.auth.users.eve: missing required key 'password'",
+        f"{path}:8:57: services.mail.auth.colour: unknown key",
+        f"{path}:9:26: services.mail.relay.allow_from[0]: "
+        "not an address or network: '10.0.0.300/8'",
+        f"{path}:9:51: services.mail.relay.domains[0]: not a domain: '@x'",
+        f"{path}:9:58: services.mail.relay.open: unknown key",
+        f"{path}:10:22: services.mail.delivery.mode: "
+        "must be one of capture, smarthost, mx, got 'pigeon'",
+        f"{path}:10:30: services.mail.delivery.speed: unknown key",
+        f"{path}:11:5: services.mail.colour: unknown key",
+    ]
+
+
+# Paths -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"<user%other.org@netd.test>",
+        b'<"user@other.org"@netd.test>',
+        b'<"user%other.org"@netd.test>',
+        b"<@netd.test:user@other.org>",
+        b"<@a,@b:user@other.org>",
+        b"<user@other.org@netd.test>",
+        b"<other.org!user@netd.test>",
+        b"<user@[127.0.0.1]>",
+        b"<user@[IPv6:::1]>",
+    ],
+)
+def test_routing_tricks_are_refused_as_recipients(path: bytes) -> None:
+    with pytest.raises(PathRefused) as refused:
+        parse_path(path, True, "mx.netd.test")
+    assert (refused.value.code, refused.value.status) == (550, "5.7.1")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [b"<>", b"<user>", b"<a b@c>", b"<user@-bad-.test>", b"<user@x..y>", b"<a@b", b"<.a@b.c>"],
+)
+def test_malformed_recipients_are_syntax_errors(path: bytes) -> None:
+    with pytest.raises(PathRefused) as refused:
+        parse_path(path, True, "mx.netd.test")
+    assert refused.value.code == 501 and refused.value.status == "5.1.3"
+
+
+def test_paths_that_are_fine() -> None:
+    assert parse_path(b"<Bob@Netd.TEST>", True, "mx") == Mailbox("Bob", "netd.test")
+    assert parse_path(b"bob@netd.test", True, "mx") == Mailbox("bob", "netd.test")
+    assert parse_path(b"<Postmaster>", True, "MX.netd.test") == Mailbox(
+        "postmaster", "mx.netd.test"
+    )
+    assert parse_path(b'<"john smith"@netd.test>', True, "mx") == Mailbox(
+        '"john smith"', "netd.test"
+    )
+    assert parse_path(b"<>", False, "mx") is None
+    assert parse_path(b"<@relay.test:bob@netd.test>", False, "mx") == Mailbox("bob", "netd.test")
+    with pytest.raises(PathRefused) as refused:
+        parse_path("<bøb@netd.test>".encode(), True, "mx")
+    assert refused.value.code == 553
+
+
+# Sessions ----------------------------------------------------------------
+
+
+@implementer(ITLSTransport)
+class TLSStringTransport(StringTransport):
+    """Records STARTTLS instead of doing it."""
+
+    tls: Any = None
+
+    def startTLS(self, contextFactory: Any) -> None:
+        self.tls = contextFactory
+
+
+class Harness:
+    """A receiver whose spool answers when the test says so."""
+
+    def __init__(self, **overrides: Any) -> None:
+        self.clock = Clock()
+        self.stats = ServiceStats()
+        self.accepted: list[Transaction] = []
+        self.pending: list[Deferred[str]] = []
+        self.immediate = True
+        fields: dict[str, Any] = dict(
+            hostname="mx.netd.test",
+            limits=Limits(
+                max_message_size=4096, max_recipients=3, command_timeout=30, data_timeout=60
+            ),
+            domains=frozenset({"netd.test"}),
+            allow_from=(),
+            accept=self.accept,
+            stats=self.stats,
+            log=Logger(),
+        )
+        fields.update(overrides)
+        self.receiver = Receiver(**fields)
+        self.factory = SessionFactory(self.receiver, secure=False)
+
+    def accept(self, transaction: Transaction) -> Deferred[str]:
+        self.accepted.append(transaction)
+        if self.immediate:
+            return succeed(f"id{len(self.accepted)}")
+        pending: Deferred[str] = Deferred()
+        self.pending.append(pending)
+        return pending
+
+    def connect(self, host: str = "192.0.2.1", tls: bool = True) -> tuple[Any, StringTransport]:
+        session = self.factory.buildProtocol(IPv4Address("TCP", host, 4000))
+        assert session is not None
+        session.callLater = self.clock.callLater
+        transport = (
+            TLSStringTransport(peerAddress=IPv4Address("TCP", host, 4000))
+            if tls
+            else StringTransport(peerAddress=IPv4Address("TCP", host, 4000))
+        )
+        session.makeConnection(transport)
+        return session, transport
+
+
+def replies(transport: StringTransport) -> list[str]:
+    """Reply lines since the last call, without EHLO's extension lines."""
+    text = transport.value().decode()
+    transport.clear()
+    return [line for line in text.split("\r\n") if line]
+
+
+def codes(transport: StringTransport) -> list[str]:
+    """Reply codes with their enhanced status, if any: C{["250 2.1.0", "354"]}."""
+    found = []
+    for line in replies(transport):
+        status = re.match(r"(\d{3}) ([245]\.\d+\.\d+)", line)
+        found.append(" ".join(status.groups()) if status else line[:3])
+    return found
+
+
+def send(session: Any, text: str | bytes) -> None:
+    session.dataReceived(text.encode() if isinstance(text, str) else text)
+
+
+MESSAGE = "Subject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+def test_a_whole_transaction() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    assert replies(transport) == ["220 mx.netd.test ESMTP netd"]
+    send(session, "EHLO client.test\r\n")
+    assert replies(transport) == [
+        "250-mx.netd.test Hello client.test",
+        "250-SIZE 4096",
+        "250-8BITMIME",
+        "250-PIPELINING",
+        "250 ENHANCEDSTATUSCODES",
+    ]
+    send(session, "MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<x@netd.test>\r\n")
+    send(session, "DATA\r\n" + "Subject: hi\r\n\r\n..dotted\r\nhello\r\n.\r\nQUIT\r\n")
+    assert replies(transport) == [
+        "250 2.1.0 Sender ok",
+        "250 2.1.5 Recipient ok",
+        "354 End data with <CR><LF>.<CR><LF>",
+        "250 2.0.0 Ok: queued as id1",
+        "221 2.0.0 Bye",
+    ]
+    (accepted,) = harness.accepted
+    assert accepted.data == b"Subject: hi\r\n\r\n.dotted\r\nhello\r\n"
+    assert accepted.sender == Mailbox("a", "b.test")
+    assert accepted.recipients == (Mailbox("x", "netd.test"),)
+    assert (accepted.helo, accepted.client, accepted.protocol) == (
+        "client.test",
+        "192.0.2.1",
+        "ESMTP",
+    )
+
+
+def test_pipelined_commands_wait_for_the_spool() -> None:
+    harness = Harness()
+    harness.immediate = False
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    burst = "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE
+    send(session, burst + burst + "NOOP\r\n")
+    # The second transaction is not even read while the first is being synced.
+    assert codes(transport) == ["250 2.1.0", "250 2.1.5", "354"]
+    harness.pending[0].callback("first")
+    assert codes(transport) == ["250 2.0.0", "250 2.1.0", "250 2.1.5", "354"]
+    harness.pending[1].callback("second")
+    assert codes(transport) == ["250 2.0.0", "250 2.0.0"]
+
+
+def test_a_failed_spool_write_answers_451_and_the_session_goes_on() -> None:
+    harness = Harness()
+    harness.immediate = False
+    session, transport = harness.connect()
+    send(session, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE)
+    replies(transport)
+    harness.pending[0].errback(OSError("disk full"))
+    send(session, "NOOP\r\n")
+    assert codes(transport) == ["451 4.3.0", "250 2.0.0"]
+
+
+def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
+    harness = Harness(starttls=object())
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    # An attacker in the middle appends a command to the client's STARTTLS.
+    send(session, "STARTTLS\r\nMAIL FROM:<evil@attacker.test>\r\n")
+    assert replies(transport) == ["220 2.0.0 Ready to start TLS"]
+    assert transport.tls is harness.receiver.starttls and session.startedTLS
+    # Everything learnt before TLS is forgotten: EHLO again, and no MAIL is open.
+    send(session, "MAIL FROM:<a@b.test>\r\nEHLO c\r\nRCPT TO:<x@netd.test>\r\n")
+    lines = replies(transport)
+    assert lines[0] == "503 5.5.1 Send EHLO or HELO first"
+    assert "250 STARTTLS" not in lines and lines[-1] == "503 5.5.1 Need MAIL before RCPT"
+
+
+def test_starttls_when_it_is_not_available() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nSTARTTLS\r\n")
+    assert replies(transport)[-1] == "454 4.7.0 TLS not available"
+
+
+def test_auth_is_offered_and_taken_only_over_tls() -> None:
+    portal = Portal(_Realm(), [_PasswordChecker({"bob": "pw"}, maybeDeferred)])
+    harness = Harness(starttls=object(), portal=portal)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    assert not any("AUTH" in line for line in replies(transport))
+    send(session, "AUTH PLAIN AGJvYgBwdw==\r\n")
+    assert replies(transport) == ["538 5.7.11 Encryption required: STARTTLS first"]
+    send(session, "STARTTLS\r\n")
+    send(session, "EHLO c\r\n")
+    assert replies(transport)[-1] == "250 AUTH PLAIN LOGIN"
+    send(session, "AUTH PLAIN AGJvYgB3cm9uZw==\r\n")
+    assert codes(transport) == ["535 5.7.8"]
+    send(session, "AUTH PLAIN !!!\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport) == ["501 5.5.2", "235 2.7.0"]
+    assert session.user == "bob"
+    # An authenticated user may relay anywhere.
+    send(session, "MAIL FROM:<bob@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n" + MESSAGE)
+    assert codes(transport)[-1] == "250 2.0.0"
+    assert harness.accepted[0].protocol == "ESMTPSA" and harness.accepted[0].user == "bob"
+
+
+def test_auth_login_with_a_bcrypt_hash_and_too_many_failures() -> None:
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    portal = Portal(_Realm(), [_PasswordChecker({"bob": hashed}, maybeDeferred)])
+    harness = Harness(portal=portal, allow_insecure_auth=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nAUTH LOGIN\r\nYm9i\r\ncHc=\r\n")
+    assert codes(transport)[-3:] == ["334", "334", "235 2.7.0"]
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n" + "AUTH PLAIN AGJvYgB4\r\n" * 3)
+    assert codes(transport)[-4:] == ["535 5.7.8", "535 5.7.8", "535 5.7.8", "421 4.7.0"]
+    assert transport.disconnecting
+
+
+def test_relay_policy_per_recipient() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    replies(transport)
+    send(session, "RCPT TO:<x@netd.test>\r\nRCPT TO:<x@other.test>\r\nRCPT TO:<x%y@netd.test>\r\n")
+    assert replies(transport) == [
+        "250 2.1.5 Recipient ok",
+        "550 5.7.1 <x@other.test>: Relay access denied",
+        "550 5.7.1 a % or ! route in the local part: routing through this server is not allowed",
+    ]
+    trusted = Harness(allow_from=(__import__("ipaddress").ip_network("192.0.2.0/24"),))
+    session, transport = trusted.connect("::ffff:192.0.2.9")
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@other.test>\r\n")
+    assert codes(transport)[-1] == "250 2.1.5"
+
+
+def test_limits_on_size_and_recipients() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    send(session, "MAIL FROM:<a@b.test> SIZE=5000\r\nMAIL FROM:<a@b.test> COLOUR=red\r\n")
+    assert codes(transport) == ["552 5.3.4", "555 5.5.4"]
+    send(session, "MAIL FROM:<a@b.test>\r\n" + "RCPT TO:<x@netd.test>\r\n" * 4)
+    assert codes(transport) == ["250 2.1.0"] + ["250 2.1.5"] * 3 + ["452 4.5.3"]
+    send(session, "DATA\r\n" + ("x" * 100 + "\r\n") * 50 + ".\r\nNOOP\r\n")
+    assert codes(transport) == ["354", "552 5.3.4", "250 2.0.0"]
+    send(session, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    send(session, "x" * 1001 + "\r\n.\r\n")
+    assert codes(transport)[-1] == "554 5.6.0"
+    assert harness.accepted == []
+
+
+SMUGGLED = [
+    b"hello\r\n\n.\r\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<CR><LF>
+    b"hello\n.\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<LF>
+    b"hello\r\n.\rMAIL FROM:<evil@x.test>\r\n",  # <CR><LF>.<CR>
+    b"hello\r.\r\nMAIL FROM:<evil@x.test>\r\n",  # <CR>.<CR><LF>
+]
+
+
+def smuggle(harness: Harness, smuggled: bytes) -> list[str]:
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    replies(transport)
+    send(session, smuggled + b"RCPT TO:<y@netd.test>\r\nDATA\r\nevil\r\n")
+    assert codes(transport) == []  # all of it is still one message
+    send(session, b".\r\nNOOP\r\n")
+    return codes(transport)
+
+
+@pytest.mark.parametrize("smuggled", SMUGGLED)
+def test_bare_cr_or_lf_cannot_smuggle_a_second_message(smuggled: bytes) -> None:
+    harness = Harness()
+    assert smuggle(harness, smuggled) == ["250 2.0.0", "250 2.0.0"]
+    [accepted] = harness.accepted
+    assert accepted.recipients == (Mailbox("x", "netd.test"),)
+    # Normalised into lines of the one message: no bare CR or LF is left.
+    assert b"\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<y@netd.test>\r\n" in accepted.data
+    assert accepted.data.replace(b"\r\n", b"").count(b"\r") == 0
+    assert accepted.data.replace(b"\r\n", b"").count(b"\n") == 0
+
+
+@pytest.mark.parametrize("smuggled", SMUGGLED)
+def test_bare_cr_or_lf_can_be_refused_instead(smuggled: bytes) -> None:
+    harness = Harness(reject_bare_newlines=True)
+    assert smuggle(harness, smuggled) == ["554 5.6.0", "250 2.0.0"]
+    assert harness.accepted == []
+
+
+def test_malformed_commands_get_500_or_501_and_the_session_goes_on() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    replies(transport)
+    send(session, "EHLO\r\nBOGUS\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\n")
+    assert codes(transport)[:3] == ["501 5.5.4", "500 5.5.2", "503 5.5.1"]
+    send(session, b"NOOP\x00\r\nMAIL FROM a@b\r\nRCPT TO:<x@netd.test>\r\nDATA x\r\n")
+    assert codes(transport) == ["500 5.5.2", "501 5.5.4", "503 5.5.1", "501 5.5.4"]
+    send(session, "A" * 20000 + "\r\nNOOP\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n")
+    assert codes(transport) == ["500 5.5.6", "250 2.0.0", "250 2.1.0", "554 5.5.1"]
+    send(session, "VRFY x\r\nHELP\r\nRSET\r\nQUIT\r\n")
+    assert codes(transport) == ["252 2.5.0", "214 2.0.0", "250 2.0.0", "221 2.0.0"]
+
+
+def test_command_and_data_timeouts() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    harness.clock.advance(29)
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    replies(transport)
+    harness.clock.advance(59)
+    send(session, "still writing\r\n")
+    harness.clock.advance(59)
+    assert not transport.disconnecting
+    harness.clock.advance(1)
+    assert replies(transport) == ["421 4.4.2 mx.netd.test Error: timeout exceeded"]
+    assert transport.disconnecting
+
+
+def test_connections_per_client() -> None:
+    harness = Harness(limits=Limits(max_connections_per_client=2))
+    first, _ = harness.connect()
+    harness.connect()
+    third = harness.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 4000))
+    transport = StringTransport()
+    assert third is not None
+    third.makeConnection(transport)
+    assert transport.value() == b"421 4.7.0 Too many connections from your address\r\n"
+    harness.connect("192.0.2.2")  # another client is not affected
+    first.connectionLost(None)
+    harness.connect()
+
+
+# The spool -----------------------------------------------------------------
+
+
+class ManualThreads:
+    """Runs thread work only when the test says so."""
+
+    def __init__(self) -> None:
+        self.work: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        self.work.append((work, done))
+        return done
+
+    def run_one(self) -> None:
+        work, done = self.work.pop(0)
+        maybeDeferred(work).chainDeferred(done)
+
+
+def envelope(id: str, size: int, to: tuple[str, ...] = ("x@netd.test",)) -> Envelope:
+    return Envelope(id=id, sender="a@b.test", recipients=to, received=1.0, size=size)
+
+
+def test_spool_groups_concurrent_writes_and_recovers(tmp_path: Path) -> None:
+    threads = ManualThreads()
+    spool = Spool(tmp_path, threads)
+    spool.directory.mkdir(exist_ok=True)
+    fired: list[str] = []
+    for id in ("a", "b", "c"):
+        spool.store(envelope(id, 5), b"data" + id.encode()).addCallback(
+            lambda _, id=id: fired.append(id)
+        )
+    assert len(threads.work) == 1  # b and c wait for a's batch
+    threads.run_one()
+    assert fired == ["a"] and len(threads.work) == 1
+    threads.run_one()
+    assert fired == ["a", "b", "c"] and not threads.work
+    # A torn file (netd died while writing it) was never acknowledged: it goes.
+    (tmp_path / "d.msg").write_bytes(
+        b"NETD-SPOOL-1 " + json.dumps(envelope("d", 99).as_json()).encode() + b"\nshort"
+    )
+    (tmp_path / "junk.msg").write_bytes(b"not a spool file")
+    recovered = Spool(tmp_path, maybeDeferred).recover()
+    found: list[Any] = []
+    recovered.addCallback(found.extend)
+    assert [(e.id, start) for e, start in found] == [
+        ("a", b"dataa"),
+        ("b", b"datab"),
+        ("c", b"datac"),
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg"]
+
+
+def test_a_failed_batch_fails_each_of_its_messages(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "missing", maybeDeferred)
+    failures: list[Any] = []
+    spool.store(envelope("a", 1), b"x").addErrback(failures.append)
+    assert failures and failures[0].check(FileNotFoundError)
+
+
+# The store -----------------------------------------------------------------
+
+
+def make_store(tmp_path: Path) -> tuple[MailStore, Journal, Clock]:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    journal = Journal(clock)
+    context = BuildContext(
+        reactor=clock,
+        name="mail",
+        state_dir=tmp_path,
+        journal=journal,
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
+    store.startService()
+    return store, journal, clock
+
+
+def result_of(deferred: Deferred[Any]) -> Any:
+    found: list[Any] = []
+    deferred.addBoth(found.append)
+    (result,) = found
+    return result
+
+
+def test_store_accepts_lists_filters_reads_and_clears(tmp_path: Path) -> None:
+    store, journal, _ = make_store(tmp_path)
+    for to in ("x", "y"):
+        transaction = Transaction(
+            sender=Mailbox("a", "b.test"),
+            recipients=(Mailbox(to, "netd.test"),),
+            data=b"Subject: for " + to.encode() + b"\r\nX-Long: a\r\n b\r\n\r\nbody\r\n",
+            helo="c.test",
+            client="::1",
+            user=None,
+            protocol="ESMTPS",
+        )
+        result_of(store.accept(transaction))
+    listed = result_of(store.list({}))["messages"]
+    assert [m["subject"] for m in listed] == ["for x", "for y"]
+    first = listed[0]
+    assert first["to"] == ["x@netd.test"] and first["from"] == "a@b.test"
+    received = first["headers"][0]
+    assert received[0] == "Received"
+    assert received[1].startswith(
+        "from c.test ([IPv6:::1])\r\n\tby mx.netd.test (netd) with ESMTPS id "
+    )
+    assert ["X-Long", "a\r\n b"] in first["headers"]
+    only_y = result_of(store.list({"to": "Y@netd.test"}))["messages"]
+    assert [m["id"] for m in only_y] == [listed[1]["id"]]
+    raw = result_of(store.item(first["id"]))
+    assert raw.startswith(b"Received: from c.test") and raw.endswith(b"\r\n\r\nbody\r\n")
+    assert len(raw) == first["size"]
+    assert result_of(store.item("nope")) is None
+    events = journal.select(types=["message.accepted"])
+    assert [e.fields["recipients"] for e in events] == [["x@netd.test"], ["y@netd.test"]]
+    assert result_of(store.clear()) == {"deleted": 2}
+    assert result_of(store.list({})) == {"messages": []}
+    assert os.listdir(tmp_path / "spool") == []
+
+
+def test_parse_delivery(tmp_path: Path) -> None:
+    options = parse(
+        tmp_path,
+        "    delivery:\n"
+        "      mode: smarthost\n"
+        "      smarthost: '[::1]:2526'\n"
+        "      tls: required\n"
+        "      username: relay\n"
+        "      password: pw\n"
+        "      retry: [1, 2.5]\n"
+        "      max_age: 100\n",
+    )
+    assert options.delivery == DeliveryOptions(
+        mode="smarthost",
+        smarthost=SmarthostOptions("::1", 2526, "required", "relay", "pw"),
+        retry=(1.0, 2.5),
+        max_age=100.0,
+    )
+    assert parse(tmp_path, "    delivery: {mode: smarthost, smarthost: relay.test}\n").delivery == (
+        DeliveryOptions(mode="smarthost", smarthost=SmarthostOptions("relay.test"))
+    )
+    found = errors(
+        tmp_path,
+        "    delivery: {mode: smarthost, username: u, retry: [0], smarthost: 'h:99999'}\n",
+    )
+    assert [e.split(": ", 1)[1] for e in found] == [
+        "services.mail.delivery: 'username' and 'password' go together",
+        "services.mail.delivery.retry[0]: must be at least 0.01, got 0",
+        "services.mail.delivery.smarthost: not HOST:PORT: 'h:99999'",
+    ]
+    assert errors(tmp_path, "    delivery: {mode: smarthost}\n")[0].endswith(
+        "services.mail.delivery: mode smarthost needs 'smarthost: HOST:PORT'"
+    )
+
+
+# Delivery ------------------------------------------------------------------
+
+
+class Upstream:
+    """A stand-in smarthost: answers each attempt from a script."""
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[Envelope, bytes]] = []
+        self.answers: list[Outcome | Exception] = []
+
+    def __call__(self, envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        self.attempts.append((envelope, data))
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            failed: Deferred[Outcome] = Deferred()
+            failed.errback(answer)
+            return failed
+        return succeed(answer)
+
+
+def make_courier(
+    tmp_path: Path, max_age: float = 1000
+) -> tuple[Courier, MailStore, Upstream, Clock, Journal]:
+    store, journal, clock = make_store(tmp_path)
+    upstream = Upstream()
+    courier = Courier(store.context, store.spool, upstream, "mx.netd.test", (10, 60), max_age)
+    store.deliver = courier.schedule
+    courier.store = store
+    courier.startService()
+    return courier, store, upstream, clock, journal
+
+
+def accept(store: MailStore, sender: Mailbox | None, *to: str) -> str:
+    transaction = Transaction(
+        sender=sender,
+        recipients=tuple(Mailbox(*r.split("@")) for r in to),
+        data=b"Subject: s\r\n\r\nbody\r\n",
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    id: str = result_of(store.accept(transaction))
+    return id
+
+
+def test_courier_retries_on_the_schedule_then_delivers(tmp_path: Path) -> None:
+    courier, store, upstream, clock, journal = make_courier(tmp_path)
+    upstream.answers = [
+        ConnectionRefusedError("down"),
+        {"a@far.test": (250, "ok"), "b@far.test": (451, "4.3.0 later")},
+        {"b@far.test": (451, "4.3.0 later")},
+        {"b@far.test": (250, "ok")},
+    ]
+    id = accept(store, Mailbox("s", "client.test"), "a@far.test", "b@far.test")
+    clock.advance(0)
+    assert len(upstream.attempts) == 1 and courier.queue[id].attempts == 1
+    clock.advance(9.9)
+    assert len(upstream.attempts) == 1
+    clock.advance(0.1)  # first retry after 10 s: a is done, b waits
+    [(on_disk, _)] = result_of(Spool(store.spool.directory, maybeDeferred).recover())
+    assert on_disk.recipients == ("b@far.test",)
+    assert [e.recipients for e, _ in upstream.attempts] == [("a@far.test", "b@far.test")] * 2
+    clock.advance(60)  # the second retry after 60 s, only for b
+    clock.advance(60)  # the last interval repeats
+    assert [e.recipients for e, _ in upstream.attempts[2:]] == [("b@far.test",)] * 2
+    assert id not in store.messages and id not in courier.queue
+    assert courier.context.stats.gauges["smtp_queue_messages"] == 0
+    kinds = [e.type for e in journal.select() if e.type.startswith("message.")]
+    assert kinds == [
+        "message.accepted",
+        "message.deferred",  # refused connection
+        "message.delivered",  # a
+        "message.deferred",  # b
+        "message.deferred",
+        "message.delivered",  # b at last
+    ]
+    assert not os.listdir(store.spool.directory)
+
+
+def test_courier_bounces_refusals_and_expired_messages_but_never_a_bounce(tmp_path: Path) -> None:
+    courier, store, upstream, clock, journal = make_courier(tmp_path, max_age=30)
+    upstream.answers = [
+        {"a@far.test": (550, "5.1.1 no such user"), "b@far.test": (451, "later")},
+        {"alice@client.test": (250, "ok")},  # the first bounce
+        {"b@far.test": (451, "still later")},  # 10 s later: not expired yet
+        {"b@far.test": (451, "still later")},  # 70 s: expired, bounced
+        {"alice@client.test": (550, "5.1.1 gone")},  # the second bounce fails
+    ]
+    accept(store, Mailbox("alice", "client.test"), "a@far.test", "b@far.test")
+    clock.advance(0)
+    clock.advance(0)
+    bounce_envelope, report = upstream.attempts[1]
+    assert bounce_envelope.sender == "" and bounce_envelope.recipients == ("alice@client.test",)
+    assert bounce_envelope.bounce
+    assert b"Final-Recipient: rfc822; a@far.test\r\nAction: failed\r\nStatus: 5.1.1" in report
+    assert b"Content-Type: text/rfc822-headers\r\n\r\nReceived: from c.test" in report
+    clock.advance(10)
+    clock.advance(60)
+    clock.advance(0)
+    assert b"Status: 4.4.7" in upstream.attempts[4][1]
+    bounced = [e.fields for e in journal.select(types=["message.bounced"])]
+    assert [b["recipients"] for b in bounced] == [
+        ["a@far.test"],
+        ["b@far.test"],
+        ["alice@client.test"],
+    ]
+    assert [b["notified"] for b in bounced] == ["alice@client.test", "alice@client.test", None]
+    assert not upstream.answers and not store.messages and not courier.queue
+
+
+def test_a_message_deleted_while_queued_is_dropped(tmp_path: Path) -> None:
+    courier, store, upstream, clock, _ = make_courier(tmp_path)
+    upstream.answers = [ConnectionRefusedError("down")]
+    id = accept(store, None, "a@far.test")
+    clock.advance(0)
+    result_of(store.clear())
+    clock.advance(10)
+    assert len(upstream.attempts) == 1 and id not in courier.queue
+    courier.stopService()
+
+
+class FakeResolver:
+    """Answers twisted.names lookups from a table; a missing name is NXDOMAIN."""
+
+    def __init__(self, records: dict[tuple[str, int], list[Any]], broken: bool = False) -> None:
+        self.records = records
+        self.broken = broken
+
+    def _lookup(self, name: str, kind: int) -> Deferred[Any]:
+        if self.broken:
+            return fail(dns_error.DNSServerError("SERVFAIL"))
+        if not any(n == name for n, _ in self.records):
+            return fail(dns_error.DNSNameError(name))
+        answers = [
+            dns.RRHeader(name, kind, payload=payload)
+            for payload in self.records.get((name, kind), [])
+        ]
+        return succeed((answers, [], []))
+
+    def lookupMailExchange(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.MX)
+
+    def lookupAddress(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.A)
+
+    def lookupIPV6Address(self, name: str) -> Deferred[Any]:
+        return self._lookup(name, dns.AAAA)
+
+
+def test_exchangers_and_their_addresses() -> None:
+    resolver = FakeResolver(
+        {
+            ("far.test", dns.MX): [
+                dns.Record_MX(20, b"b.far.test"),
+                dns.Record_MX(10, b"a.far.test"),
+            ],
+            ("a.far.test", dns.A): [dns.Record_A("127.0.0.2")],
+            ("a.far.test", dns.AAAA): [dns.Record_AAAA("::1")],
+            ("plain.test", dns.A): [dns.Record_A("127.0.0.3")],
+            ("nullmx.test", dns.MX): [dns.Record_MX(0, b"")],
+        }
+    )
+
+    def run(coroutine: Any) -> Any:
+        return result_of(Deferred.fromCoroutine(coroutine))
+
+    assert run(exchangers(resolver, "far.test")) == ["a.far.test", "b.far.test"]
+    assert run(exchangers(resolver, "plain.test")) == ["plain.test"]  # no MX: itself
+    refused = run(exchangers(resolver, "nowhere.test"))
+    assert (refused.value.code, refused.value.text) == (550, "5.1.2 No such domain")
+    assert run(exchangers(resolver, "nullmx.test")).value.code == 556
+    assert run(exchangers(FakeResolver({}, broken=True), "far.test")).value.code == 451
+    assert run(addresses(resolver, "a.far.test")) == [
+        (socket.AF_INET, "127.0.0.2"),
+        (socket.AF_INET6, "::1"),
+    ]
+    assert run(addresses(resolver, "b.far.test")) == []
+
+
+def test_parse_mx_delivery(tmp_path: Path) -> None:
+    options = parse(
+        tmp_path, "    delivery: {mode: mx, port: 2525, resolver: '127.0.0.1:5353', tls: none}\n"
+    )
+    assert options.delivery.mx == MxOptions(port=2525, tls="none", resolver=("127.0.0.1", 5353))
+    assert parse(tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n").delivery.mx == MxOptions(
+        resolver=("::1", 53)
+    )
