@@ -423,11 +423,11 @@ class Upload:
 
     def _written(self, result: object) -> None:
         self._writing = None
+        if self._pending_bytes >= self.batch and not (self._failed or self._finishing):
+            self._flush()
         if self._paused and self._pending_bytes < self.high_water:
             self._paused = False
             self.pause(False)
-        if self._pending_bytes >= self.batch and not (self._failed or self._finishing):
-            self._flush()
 
     def _write_failed(self, reason: Failure) -> None:
         self._writing = None
