@@ -5,6 +5,7 @@ sessions driven through StringTransport and a MemoryReactorClock.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -179,8 +180,15 @@ def test_shell_refuses_paths_out_of_its_root(tree: Path, segments: list[str]) ->
 
 def test_shell_lists_only_what_it_serves_and_writes_only_with_the_flag(tree: Path) -> None:
     shell = Shell(tree, writable=False)
-    names = sorted(name for name, _ in result_of(shell.list([])))
-    assert names == ["file.txt", "in_link", "sub"]
+    assert shell.listing([], long=False) == [b"file.txt", b"in_link", b"sub"]
+    file_line, link_line, dir_line = shell.listing([], long=True)
+    assert re.fullmatch(
+        rb"-rw.{7} +1 \S+ +\S+ +7 \w{3} \d\d [ \d]\d:?\d\d \d* ?file.txt", file_line
+    )
+    assert link_line.endswith(b" in_link") and dir_line.startswith(b"d")
+    assert shell.listing(["file.txt"], long=False) == [b"file.txt"]
+    with pytest.raises(ftp.FileNotFoundError):
+        shell.listing(["missing"], long=True)
     with shell.open_for_reading(["in_link"]) as source:
         assert source.read() == b"inside\n"
     with pytest.raises(ftp.PermissionDeniedError):

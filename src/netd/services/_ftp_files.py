@@ -7,9 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import grp
 import hmac
 import os
+import pwd
 import secrets
+import stat
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -227,21 +232,39 @@ class Shell(ftp.FTPShell):
         real = os.path.realpath(path)
         return real == self.real_root or real.startswith(self.real_root + os.sep)
 
-    def list(self, path: Segments, keys: tuple[str, ...] = ()) -> Deferred[Any]:
-        directory = self._path(path).path
-        listed: Deferred[Any] = super().list(path, keys)
+    def listing(self, path: Segments, long: bool) -> list[bytes]:
+        """
+        The lines of a LIST (C{long}) or NLST of C{path}, one C{stat} per entry.
 
-        def visible(entries: Entries) -> Entries:
-            # Uploads in progress, and links out of the root (whose details
-            # would describe files the client may not reach), are not shown.
-            return [
-                entry
-                for entry in entries
-                if not entry[0].startswith(UPLOAD_PREFIX)
-                and self._inside(os.path.join(directory, entry[0]))
-            ]
-
-        return listed.addCallback(visible)
+        Uploads in progress and links out of the root (whose details would
+        describe files the client may not reach) are left out.
+        """
+        found = self._path(path)
+        try:
+            if found.isdir():
+                with os.scandir(found.path) as scan:
+                    entries = [(e.name, e.path, e.is_symlink()) for e in scan]
+            elif found.exists():
+                entries = [(found.basename(), found.path, found.islink())]
+            else:
+                raise ftp.FileNotFoundError("/".join(path))
+        except OSError as e:
+            raise _error(e, path) from None
+        year = time.gmtime().tm_year
+        lines = []
+        for name, full, link in sorted(entries):
+            if name.startswith(UPLOAD_PREFIX) or (link and not self._inside(full)):
+                continue
+            encoded = name.encode("utf-8", "surrogateescape")
+            if not long:
+                lines.append(encoded)
+                continue
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue  # a dangling link, or gone since the scan
+            lines.append(_list_line(encoded, info, year))
+        return lines
 
     def open_for_reading(self, path: Segments) -> IO[bytes]:
         """Open a file to send; raises an L{ftp.FTPCmdError} the client can be told."""
@@ -264,6 +287,33 @@ class Shell(ftp.FTPShell):
         if not found.parent().isdir():
             raise ftp.FileNotFoundError("/".join(path))
         return Path(found.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name[:8]
+    except KeyError:
+        return str(uid)
+
+
+@functools.lru_cache(maxsize=256)
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name[:8]
+    except KeyError:
+        return str(gid)
+
+
+def _list_line(name: bytes, info: os.stat_result, year: int) -> bytes:
+    """One line of C{ls -l}, the format every FTP client parses (as Twisted writes it)."""
+    when = time.gmtime(info.st_mtime)
+    date = time.strftime("%b %d %H:%M" if when.tm_year == year else "%b %d  %Y", when)
+    head = (
+        f"{stat.filemode(info.st_mode)}{info.st_nlink:4d} {_owner(info.st_uid):<9}"
+        f"{_group(info.st_gid):<9}{info.st_size:15d} {date:>12} "
+    )
+    return head.encode() + name
 
 
 def _error(e: OSError, path: Segments) -> ftp.FTPCmdError:

@@ -170,10 +170,9 @@ class SessionFactory(Factory):
         return session
 
 
-class DataConnection(ftp.DTP):
-    """One data connection; Twisted's DTP supplies the LIST line format."""
+class DataConnection(Protocol):
+    """One data connection: what it receives goes to a sink once a command takes it."""
 
-    _encoding = "utf-8"
     transport: Any
 
     def __init__(self, channel: DataChannel) -> None:
@@ -183,7 +182,6 @@ class DataConnection(ftp.DTP):
         self.closed: Deferred[bool] = Deferred()
 
     def connectionMade(self) -> None:
-        self.isConnected = True
         self.channel.connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -203,7 +201,6 @@ class DataConnection(ftp.DTP):
         self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.isConnected = False
         self.channel.lost(self)
         # Whether the connection ended cleanly (a FIN, not a reset or an abort).
         self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
@@ -437,6 +434,11 @@ class Session(ftp.FTP):
             return
         self.server.per_client[self.client_host] = count + 1
         self.server.sessions[self.id] = self
+        # Replies are small and each waits on the one before: with Nagle's algorithm
+        # and delayed ACKs every exchange would stall for tens of milliseconds.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self.server.stats.count("sessions")
         super().connectionMade()
 
@@ -749,37 +751,14 @@ class Session(ftp.FTP):
         return segments
 
     def _listing(self, path: str, names_only: bool) -> Deferred[Any]:
-        segments = self._segments(path)
-        keys = (
-            ()
-            if names_only
-            else (
-                "size",
-                "directory",
-                "permissions",
-                "hardlinks",
-                "modified",
-                "owner",
-                "group",
-            )
-        )
-        listed = self.shell.list(segments, keys)
+        lines = self.shell.listing(self._segments(path), long=not names_only)
 
-        def send(entries: list[tuple[str, list[Any]]]) -> Deferred[Any]:
-            def work(connection: DataConnection) -> Deferred[Any]:
-                for name, details in entries:
-                    encoded = name.encode("utf-8", "surrogateescape")
-                    if names_only:
-                        connection.sendLine(encoded)
-                    else:
-                        connection.sendListResponse(encoded, details)
-                connection.transport.loseConnection()
-                return connection.closed.addCallback(lambda _: (ftp.TXFR_COMPLETE_OK,))
+        def work(connection: DataConnection) -> Deferred[Any]:
+            connection.transport.write(b"".join(line + b"\r\n" for line in lines))
+            connection.transport.loseConnection()
+            return connection.closed.addCallback(lambda _: (ftp.TXFR_COMPLETE_OK,))
 
-            return self._with_data(work)
-
-        sending: Deferred[Any] = listed.addCallback(send)
-        return sending
+        return self._with_data(work)
 
     # -- transfers -------------------------------------------------------------------
 
@@ -845,7 +824,7 @@ class Session(ftp.FTP):
                 self._guard(sender.stop, sent)
             else:
                 source.seek(offset)
-                sent = _FileProducer(source, connection, not self.binary, progress).start()
+                sent = _FileProducer(source, transport, not self.binary, progress).start()
 
             def done(_: object) -> Deferred[Any]:
                 transport.loseConnection()

@@ -1,0 +1,252 @@
+"""
+netd's ftp kind against pyftpdlib, same clients, same run.
+
+    python bench/ftp_bench.py [--rounds 3] [--duration 5] [--size-mib 100]
+
+pyftpdlib must be importable by this Python (``pip install pyftpdlib``: a benchmark
+peer, not a dependency of netd).  Each round starts both servers fresh on free
+loopback ports, in a rotated order, anonymous with write access to a scratch root,
+and measures with curl: a 100 MiB download (best of 3 per round) and a 100 MiB
+upload, then a loop of connect + anonymous login + LIST + QUIT from 4 ftplib
+threads for ``--duration`` seconds.  Servers run on CPU 1 and clients on CPU 0
+when taskset exists.  Prints the medians per server, netd/pyftpdlib ratios (taken
+within each round) and peak and idle RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ftplib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def pinned(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not come up")
+        time.sleep(0.05)
+
+
+def greets(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            return sock.recv(100).startswith(b"220")
+    except OSError:
+        return False
+
+
+def rss_mib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    name = ""
+
+    def __init__(self, work: Path, root: Path) -> None:
+        self.work = work
+        self.root = root
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        log = (self.work / f"{self.name}.out").open("wb")
+        self.process = subprocess.Popen(
+            pinned(1) + self.command(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: greets(self.port), self.name)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Netd(Server):
+    name = "netd"
+
+    def command(self) -> list[str]:
+        config = self.work / "netd-ftp-bench.yaml"
+        config.write_text(
+            f"""
+services:
+  files:
+    type: ftp
+    listen: ["tcp:{self.port}:interface=127.0.0.1"]
+    root: {self.root}
+    anonymous: write
+    max_connections: 4096
+    max_per_client: 4096
+"""
+        )
+        return [
+            str(VENV_BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.work / 'netd.log'}",
+            "netd",
+            "-c",
+            str(config),
+        ]
+
+
+class Pyftpdlib(Server):
+    name = "pyftpdlib"
+
+    def command(self) -> list[str]:
+        # -w: anonymous write, as netd's anonymous: write above.
+        return [sys.executable, "-m", "pyftpdlib", "-i", "127.0.0.1", "-p", str(self.port),
+                "-d", str(self.root), "-w"]  # fmt: skip
+
+
+def curl_rate(*args: str) -> float:
+    """MiB/s of one curl transfer, by curl's own clock."""
+    done = subprocess.run(
+        [*pinned(0), "curl", "-sS", "--max-time", "60", "-o", "/dev/null",
+         "-w", "%{size_download} %{size_upload} %{time_total}", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    down, up, seconds = done.stdout.split()
+    return max(float(down), float(up)) / float(seconds) / 2**20
+
+
+def sessions_per_second(port: int, duration: float, threads: int = 4) -> float:
+    completed = [0] * threads
+    end = time.monotonic() + duration
+
+    def worker(i: int) -> None:
+        lines: list[str] = []
+        while time.monotonic() < end:
+            client = ftplib.FTP()
+            client.connect("127.0.0.1", port, timeout=10)
+            client.login()
+            client.retrlines("LIST", lines.append)
+            client.quit()
+            completed[i] += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return sum(completed) / (time.monotonic() - started)
+
+
+def measure(server: Server, source: Path, duration: float) -> dict[str, float]:
+    base = f"ftp://127.0.0.1:{server.port}"
+    idle = rss_mib(server.pid, "VmRSS")
+    curl_rate(f"{base}/big.bin")  # warm the page cache and the server
+    download = max(curl_rate(f"{base}/big.bin") for _ in range(3))
+    upload = curl_rate("-T", str(source), f"{base}/up-{server.name}.bin")
+    os.unlink(server.root / f"up-{server.name}.bin")
+    sessions = sessions_per_second(server.port, duration)
+    return {
+        "download_mib_s": download,
+        "upload_mib_s": upload,
+        "sessions_s": sessions,
+        "rss_idle_mib": idle,
+        "rss_peak_mib": rss_mib(server.pid, "VmHWM"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--size-mib", type=int, default=100)
+    options = parser.parse_args()
+    options.rounds = min(options.rounds, 10)
+    options.duration = min(options.duration, 15.0)
+    if shutil.which("curl") is None:
+        raise SystemExit("curl is needed")
+    with tempfile.TemporaryDirectory(prefix="ftp-bench-") as scratch:
+        work = Path(scratch)
+        root = work / "root"
+        root.mkdir()
+        block = os.urandom(1 << 20)
+        with (root / "big.bin").open("wb") as big:
+            for _ in range(options.size_mib):
+                big.write(block)
+        for i in range(20):
+            (root / f"small-{i}.txt").write_text("x" * 100)
+        source = work / "upload.bin"
+        shutil.copyfile(root / "big.bin", source)
+        results: dict[str, list[dict[str, float]]] = {"netd": [], "pyftpdlib": []}
+        kinds: list[type[Server]] = [Netd, Pyftpdlib]
+        for round_number in range(options.rounds):
+            order = kinds[round_number % 2 :] + kinds[: round_number % 2]
+            for kind in order:
+                server = kind(work, root)
+                server.start()
+                try:
+                    results[kind.name].append(measure(server, source, options.duration))
+                finally:
+                    server.stop()
+                print(f"round {round_number + 1} {kind.name}: {results[kind.name][-1]}",
+                      file=sys.stderr)  # fmt: skip
+        report(results)
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> None:
+    keys = list(results["netd"][0])
+    print(f"{'':16}" + "".join(f"{key:>16}" for key in keys))
+    for name, rounds in results.items():
+        medians = [statistics.median(r[key] for r in rounds) for key in keys]
+        print(f"{name:16}" + "".join(f"{value:16.1f}" for value in medians))
+    ratios = []
+    for key in keys:
+        per_round = [
+            n[key] / p[key]
+            for n, p in zip(results["netd"], results["pyftpdlib"], strict=True)
+            if p[key]
+        ]
+        ratios.append(
+            f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        )
+    print(f"{'netd/pyftpdlib':16}" + "".join(f"{ratio:>16}" for ratio in ratios))
+
+
+if __name__ == "__main__":
+    main()
