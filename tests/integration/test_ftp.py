@@ -36,6 +36,18 @@ BIG = bytes(range(256)) * 4096 * 3  # 3 MiB
 PASSIVE_LOW = 20000 + os.getpid() % 20000
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+IPV6 = _ipv6_loopback()
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("ftp")
@@ -56,6 +68,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[NetdProcess]:
     bob_hash = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    ipv6 = '\n      - "tcp6:0:interface=\\\\:\\\\:1"' if IPV6 else ""
     config = f"""
 state_dir: state
 shutdown_grace: 1
@@ -67,7 +80,7 @@ services:
     type: ftp
     listen:
       - "tcp:0:interface=127.0.0.1"
-      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}{ipv6}
     root: {site / "pub"}
     anonymous: read
     users:
@@ -258,6 +271,24 @@ def test_user_writes_resumes_and_renames_with_ftplib(netd: NetdProcess, site: Pa
     client.storbinary("STOR active.txt", io.BytesIO(b"active\n"))
     assert retrieve(client, "active.txt") == b"active\n"
     client.delete("active.txt")
+    client.quit()
+
+
+@pytest.mark.skipif(not IPV6, reason="no IPv6 loopback")
+def test_ipv6_clients_use_epsv_and_eprt(netd: NetdProcess, site: Path) -> None:
+    port = next(e["port"] for e in netd.listeners("files") if e["host"] == "::1")
+    client = ftplib.FTP()
+    client.connect("::1", port, timeout=5)
+    client.login("alice", "wonderland")
+    with pytest.raises(ftplib.error_perm, match=r"^502"):
+        client.sendcmd("PASV")  # PASV cannot name an IPv6 address
+    client.storlines("STOR text.txt", io.BytesIO(b"one\r\ntwo\r\n"))  # EPSV, TYPE A
+    assert (site / "alice" / "text.txt").read_bytes() == b"one\ntwo\n"
+    client.set_pasv(False)  # EPRT |2|::1|...|
+    lines: list[str] = []
+    client.retrlines("RETR text.txt", lines.append)
+    assert lines == ["one", "two"]
+    client.delete("text.txt")
     client.quit()
 
 

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
 from netd.services._ftp_files import UPLOAD_PREFIX, Accounts, Realm, Sendfile, Shell, Upload, User
-from netd.services._ftp_session import FTPServer, Session, SessionLimits
+from netd.services._ftp_session import FTPServer, Session, SessionLimits, _LineEnds
 from netd.services.ftp import FtpOptions
 
 # -- the map section ----------------------------------------------------------------------
@@ -244,6 +244,12 @@ def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Pa
     assert paused == [True]
     pending.pop().callback(None)
     assert paused == [True, False]
+
+
+def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
+    line_ends = _LineEnds()
+    pieces = [line_ends.to_local(piece) for piece in (b"a\r", b"\nb\r\n\r", b"c", b"\r")]
+    assert b"".join(pieces) + line_ends.rest() == b"a\nb\n\rc\r"
 
 
 def test_sendfile_is_only_for_plain_sockets() -> None:

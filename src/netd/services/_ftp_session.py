@@ -376,6 +376,23 @@ class _FileProducer:
             self.done.errback(Failure(net_error.ConnectionLost("data connection lost")))
 
 
+class _LineEnds:
+    """TYPE A uploads: CRLF to LF, with a CR that ends one read kept for the next."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def to_local(self, data: bytes) -> bytes:
+        data, self._carry = self._carry + data, b""
+        if data.endswith(b"\r"):
+            data, self._carry = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def rest(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
+
+
 @attrs.define
 class Transfer:
     direction: str
@@ -655,9 +672,12 @@ class Session(ftp.FTP):
     def ftp_PASV(self) -> Any:
         if self._epsvAll:
             return fail(ftp.BadCmdSequenceError("may not send PASV after EPSV ALL"))
-        host = self.server.passive_host or _plain_host(self.transport.getHost().host)
-        if ":" in host:
+        local = _plain_host(self.transport.getHost().host)
+        if ":" in local:
+            # PASV can only name an IPv4 address; the data port listens on the
+            # control connection's address, so IPv6 clients use EPSV.
             return fail(ftp.PASVIPv6NotImplementedError())
+        host = self.server.passive_host or local
         try:
             port = self._passive()
         except _NoPassivePort:
@@ -879,12 +899,14 @@ class Session(ftp.FTP):
                     transport.resumeProducing()
 
             upload = Upload(target, offset, self.server.run_in_thread, pause)
+            newlines = _LineEnds() if ascii else None
+            if Sendfile.usable(transport):
+                # Fewer, larger reads: each one is a trip through the reactor.
+                transport.bufferSize = _READ_CHUNK
 
             def receive(data: bytes) -> None:
-                if ascii:
-                    data = data.replace(b"\r\n", b"\n")
                 self._account(len(data), True)
-                upload.write(data)
+                upload.write(newlines.to_local(data) if newlines is not None else data)
 
             def opened(_: object) -> Deferred[Any]:
                 connection.take(receive)
@@ -895,6 +917,8 @@ class Session(ftp.FTP):
                 # if the client is still there to say so: a client that vanished
                 # left half a file.
                 if clean and not self.disconnected:
+                    if newlines is not None:
+                        upload.write(newlines.rest())
                     return upload.finish().addCallbacks(
                         lambda _: self._finished(transfer, True),
                         lambda f: self._finished(transfer, False),
