@@ -56,6 +56,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (pub / "hello.txt").write_bytes(b"hello, world\n")
     (pub / "docs" / "readme.txt").write_text("read me\n")
     (pub / "big.bin").write_bytes(BIG)
+    with (pub / "huge.bin").open("wb") as huge:
+        huge.truncate(64 << 20)  # sparse: more than loopback buffers hold
     (base / "secret.txt").write_bytes(SECRET)
     (pub / "escape").symlink_to(base / "secret.txt")
     (pub / "escape_dir").symlink_to(base)
@@ -227,7 +229,7 @@ def hang_up(sock: socket.socket, reader: Any = None) -> None:
 def test_anonymous_read_with_ftplib(netd: NetdProcess) -> None:
     client = connect(netd, user="anonymous")
     assert client.pwd() == "/"
-    assert sorted(client.nlst()) == ["big.bin", "docs", "hello.txt"]  # links out are hidden
+    assert sorted(client.nlst()) == ["big.bin", "docs", "hello.txt", "huge.bin"]  # no links out
     lines: list[str] = []
     client.dir(lines.append)
     assert any(line.startswith("d") and line.endswith(" docs") for line in lines)
@@ -578,6 +580,22 @@ def test_client_vanishing_mid_download(netd: NetdProcess) -> None:
     reset(data)
     assert reader.readline()[:3] in (b"426", b"226")
     reset(sock, reader)
+    assert_serving(netd)
+
+
+def test_a_client_that_stops_reading_is_cut_after_data_timeout(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    data = socket.socket()
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data.connect(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    assert command(sock, reader, b"RETR huge.bin").startswith(b"125")
+    started = time.monotonic()
+    assert reader.readline().startswith(b"426")  # nothing read: the transfer stalls
+    assert time.monotonic() - started < 5
+    data.close()
+    assert command(sock, reader, b"NOOP").startswith(b"200")
+    hang_up(sock, reader)
     assert_serving(netd)
 
 

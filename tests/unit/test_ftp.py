@@ -17,6 +17,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
@@ -419,3 +420,41 @@ def test_per_client_limit(tmp_path: Path) -> None:
     assert second.disconnecting and harness.stats.counters["per_client_refused"] == 1
     _, other_host = harness.connect("127.0.0.2")
     assert not other_host.disconnecting
+
+
+def open_passive(harness: Harness, session: Session, transport: StringTransport) -> Any:
+    """PASV, then the client's data connection, as a protocol on a StringTransport."""
+    send(session, transport, b"PASV")
+    factory = harness.reactor.tcpServers[-1][1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6000))
+    data = StringTransport()
+    protocol.makeConnection(data)
+    return protocol, data
+
+
+def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport)
+    assert send(session, transport, b"STOR up.txt") == [
+        b"125 Data connection already open, starting transfer"
+    ]
+    protocol.dataReceived(b"uploaded")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert (tmp_path / "up.txt").read_bytes() == b"uploaded"
+
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"STOR stalled.txt")
+    protocol.dataReceived(b"half")
+    harness.reactor.advance(5)  # bytes moved in this period
+    assert not data.disconnecting
+    harness.reactor.advance(5)  # none in this one
+    assert harness.stats.counters["data_stalls"] == 1
+    protocol.connectionLost(Failure(ConnectionLost()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1].startswith(b"426")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["up.txt"]
+    assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]

@@ -27,7 +27,12 @@ import attrs
 from twisted.cred.portal import Portal
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import IConsumer, IOpenSSLServerConnectionCreator, IPullProducer
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IPullProducer,
+)
 from twisted.internet.protocol import (
     ClientFactory,
     Factory,
@@ -432,6 +437,7 @@ class Session(ftp.FTP):
         self.failures = 0
         self.data: DataChannel | None = None
         self.transfer: Transfer | None = None
+        self._watchdog: IDelayedCall | None = None
         self._cleanup: list[Callable[[], Any]] = []
         self.started = time.time()
         self.workingDirectory: list[str] = []
@@ -807,12 +813,32 @@ class Session(ftp.FTP):
         elif hasattr(tracked, "bytes_out"):
             tracked.bytes_out += count
 
-    def _begin(self, direction: str, segments: list[str]) -> Transfer:
-        self.transfer = Transfer(direction, "/" + "/".join(segments), time.time())
-        return self.transfer
+    def _begin(self, direction: str, segments: list[str], stall: Callable[[], object]) -> Transfer:
+        """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
+        transfer = Transfer(direction, "/" + "/".join(segments), time.time())
+        self.transfer = transfer
+        timeout = self.server.limits.data_timeout
+        seen = 0
+
+        def check() -> None:
+            nonlocal seen
+            if self.transfer is not transfer or self.disconnected:
+                return
+            if transfer.bytes == seen:
+                self.server.stats.count("data_stalls")
+                stall()
+                return
+            seen = transfer.bytes
+            self._watchdog = self.server.reactor.callLater(timeout, check)
+
+        self._watchdog = self.server.reactor.callLater(timeout, check)
+        return transfer
 
     def _end(self, transfer: Transfer, ok: bool) -> None:
         self.transfer = None
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
         stats = self.server.stats
         stats.count(f"{transfer.direction}s")
         stats.count(f"{transfer.direction}_bytes", transfer.bytes)
@@ -835,15 +861,16 @@ class Session(ftp.FTP):
         source = self.shell.open_for_reading(segments)
 
         def work(connection: DataConnection) -> Deferred[Any]:
-            transfer = self._begin("download", segments)
             transport = connection.transport
             progress = lambda n: self._account(n, False)  # noqa: E731
             if self.binary and Sendfile.usable(transport):
                 sender = Sendfile(self.server.reactor, transport, source, offset, progress)
+                transfer = self._begin("download", segments, sender.stop)
                 sent = sender.start()
                 self._guard(sender.stop, sent)
             else:
                 source.seek(offset)
+                transfer = self._begin("download", segments, transport.abortConnection)
                 sent = _FileProducer(source, transport, not self.binary, progress).start()
 
             def done(_: object) -> Deferred[Any]:
@@ -889,8 +916,8 @@ class Session(ftp.FTP):
         ascii = not self.binary
 
         def work(connection: DataConnection) -> Deferred[Any]:
-            transfer = self._begin("upload", segments)
             transport = connection.transport
+            transfer = self._begin("upload", segments, transport.abortConnection)
 
             def pause(paused: bool) -> None:
                 if paused:
