@@ -6,11 +6,12 @@ netd's ftp kind against pyftpdlib, same clients, same run.
 pyftpdlib must be importable by this Python (``pip install pyftpdlib``: a benchmark
 peer, not a dependency of netd).  Each round starts both servers fresh on free
 loopback ports, in a rotated order, anonymous with write access to a scratch root,
-and measures with curl: a 100 MiB download (best of 3 per round) and a 100 MiB
-upload, then a loop of connect + anonymous login + LIST + QUIT from 4 ftplib
-threads for ``--duration`` seconds.  Servers run on CPU 1 and clients on CPU 0
-when taskset exists.  Prints the medians per server, netd/pyftpdlib ratios (taken
-within each round) and peak and idle RSS.
+and measures with curl a 100 MiB download and a 100 MiB upload (3 of each, the
+servers alternating), then a loop of connect + anonymous login + LIST + QUIT
+from 4 ftplib threads (``--duration`` seconds per server, in two alternating
+halves).  Servers run on CPU 1 and clients on CPU 0 when taskset exists.  Prints
+the medians per server, netd/pyftpdlib ratios (taken within each round) and
+idle and peak RSS.
 """
 
 from __future__ import annotations
@@ -174,20 +175,35 @@ def sessions_per_second(port: int, duration: float, threads: int = 4) -> float:
     return sum(completed) / (time.monotonic() - started)
 
 
-def measure(server: Server, source: Path, duration: float) -> dict[str, float]:
-    base = f"ftp://127.0.0.1:{server.port}"
-    idle = rss_mib(server.pid, "VmRSS")
-    curl_rate(f"{base}/big.bin")  # warm the page cache and the server
-    download = max(curl_rate(f"{base}/big.bin") for _ in range(3))
-    upload = curl_rate("-T", str(source), f"{base}/up-{server.name}.bin")
-    os.unlink(server.root / f"up-{server.name}.bin")
-    sessions = sessions_per_second(server.port, duration)
+def measure_round(
+    servers: list[Server], source: Path, duration: float
+) -> dict[str, dict[str, float]]:
+    """
+    One round with every server up at once: each measurement alternates between
+    the servers, so a burst of load on this shared machine hits both alike.
+    """
+    found: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
+
+    def record(server: Server, key: str, value: float) -> None:
+        found[server.name].setdefault(key, []).append(value)
+
+    for server in servers:
+        record(server, "rss_idle_mib", rss_mib(server.pid, "VmRSS"))
+        curl_rate(f"ftp://127.0.0.1:{server.port}/big.bin")  # warm the page cache and server
+    for _ in range(3):
+        for server in servers:
+            base = f"ftp://127.0.0.1:{server.port}"
+            record(server, "download_mib_s", curl_rate(f"{base}/big.bin"))
+            record(server, "upload_mib_s", curl_rate("-T", str(source), f"{base}/up.bin"))
+            os.unlink(server.root / "up.bin")
+    for _ in range(2):
+        for server in servers:
+            record(server, "sessions_s", sessions_per_second(server.port, duration / 2))
+    for server in servers:
+        record(server, "rss_peak_mib", rss_mib(server.pid, "VmHWM"))
     return {
-        "download_mib_s": download,
-        "upload_mib_s": upload,
-        "sessions_s": sessions,
-        "rss_idle_mib": idle,
-        "rss_peak_mib": rss_mib(server.pid, "VmHWM"),
+        name: {key: statistics.median(values) for key, values in keys.items()}
+        for name, keys in found.items()
     }
 
 
@@ -203,29 +219,35 @@ def main() -> None:
         raise SystemExit("curl is needed")
     with tempfile.TemporaryDirectory(prefix="ftp-bench-") as scratch:
         work = Path(scratch)
-        root = work / "root"
-        root.mkdir()
         block = os.urandom(1 << 20)
-        with (root / "big.bin").open("wb") as big:
+        source = work / "upload.bin"
+        with source.open("wb") as big:
             for _ in range(options.size_mib):
                 big.write(block)
-        for i in range(20):
-            (root / f"small-{i}.txt").write_text("x" * 100)
-        source = work / "upload.bin"
-        shutil.copyfile(root / "big.bin", source)
         results: dict[str, list[dict[str, float]]] = {"netd": [], "pyftpdlib": []}
         kinds: list[type[Server]] = [Netd, Pyftpdlib]
         for round_number in range(options.rounds):
             order = kinds[round_number % 2 :] + kinds[: round_number % 2]
+            servers = []
             for kind in order:
+                # Each its own root: uploads land next to the file the other serves.
+                root = work / kind.name
+                root.mkdir(exist_ok=True)
+                if not (root / "big.bin").exists():
+                    shutil.copyfile(source, root / "big.bin")
+                    for i in range(20):
+                        (root / f"small-{i}.txt").write_text("x" * 100)
                 server = kind(work, root)
                 server.start()
-                try:
-                    results[kind.name].append(measure(server, source, options.duration))
-                finally:
+                servers.append(server)
+            try:
+                measured = measure_round(servers, source, options.duration)
+            finally:
+                for server in servers:
                     server.stop()
-                print(f"round {round_number + 1} {kind.name}: {results[kind.name][-1]}",
-                      file=sys.stderr)  # fmt: skip
+            for name, values in measured.items():
+                results[name].append(values)
+                print(f"round {round_number + 1} {name}: {values}", file=sys.stderr)
         report(results)
 
 
