@@ -63,6 +63,12 @@ def greets(port: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -190,15 +196,30 @@ def measure_round(
     for server in servers:
         record(server, "rss_idle_mib", rss_mib(server.pid, "VmRSS"))
         curl_rate(f"ftp://127.0.0.1:{server.port}/big.bin")  # warm the page cache and server
+    size_mib = source.stat().st_size / 2**20
+
+    def timed(
+        server: Server, key: str, per_run: float | None, run: Callable[..., float], *args: object
+    ) -> None:
+        """Record the rate, and the work done per second of the server's CPU (busy-proof)."""
+        before = cpu_seconds(server.pid)
+        started = time.monotonic()
+        rate = run(*args)
+        elapsed = time.monotonic() - started
+        spent = max(cpu_seconds(server.pid) - before, 0.01)
+        record(server, key, rate)
+        amount = per_run if per_run is not None else rate * elapsed
+        record(server, key.rsplit("_", 1)[0] + "_per_cpu_s", amount / spent)
+
     for _ in range(3):
         for server in servers:
             base = f"ftp://127.0.0.1:{server.port}"
-            record(server, "download_mib_s", curl_rate(f"{base}/big.bin"))
-            record(server, "upload_mib_s", curl_rate("-T", str(source), f"{base}/up.bin"))
+            timed(server, "download_mib_s", size_mib, curl_rate, f"{base}/big.bin")
+            timed(server, "upload_mib_s", size_mib, curl_rate, "-T", str(source), f"{base}/up.bin")
             os.unlink(server.root / "up.bin")
     for _ in range(2):
         for server in servers:
-            record(server, "sessions_s", sessions_per_second(server.port, duration / 2))
+            timed(server, "sessions_s", None, sessions_per_second, server.port, duration / 2)
     for server in servers:
         record(server, "rss_peak_mib", rss_mib(server.pid, "VmHWM"))
     return {
@@ -253,21 +274,17 @@ def main() -> None:
 
 def report(results: dict[str, list[dict[str, float]]]) -> None:
     keys = list(results["netd"][0])
-    print(f"{'':16}" + "".join(f"{key:>16}" for key in keys))
-    for name, rounds in results.items():
-        medians = [statistics.median(r[key] for r in rounds) for key in keys]
-        print(f"{name:16}" + "".join(f"{value:16.1f}" for value in medians))
-    ratios = []
+    names = list(results)
+    print(f"{'':22}" + "".join(f"{name:>14}" for name in names) + f"{'netd/pyftpdlib':>26}")
     for key in keys:
         per_round = [
             n[key] / p[key]
             for n, p in zip(results["netd"], results["pyftpdlib"], strict=True)
             if p[key]
         ]
-        ratios.append(
-            f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
-        )
-    print(f"{'netd/pyftpdlib':16}" + "".join(f"{ratio:>16}" for ratio in ratios))
+        medians = [statistics.median(r[key] for r in results[name]) for name in names]
+        ratio = f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        print(f"{key:22}" + "".join(f"{m:14.1f}" for m in medians) + f"{ratio:>26}")
 
 
 if __name__ == "__main__":

@@ -338,7 +338,7 @@ class Sendfile:
     stops reading (a download's client sends nothing) and gets it back after.
     """
 
-    chunk = 4 << 20
+    chunk = 1 << 20
 
     def __init__(
         self,

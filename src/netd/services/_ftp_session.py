@@ -40,6 +40,7 @@ from twisted.internet.protocol import (
     ServerFactory,
     connectionDone,
 )
+from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -263,8 +264,13 @@ class DataChannel:
         server = self.session.server
         factory = _DataFactory(self)
         for port in server.passive_candidates():
+            # Twisted sets SO_REUSEADDR on every listening socket, and with it Linux
+            # looks for a port nothing has ever used, slow when thousands of data
+            # connections sit in TIME_WAIT (3 ms a PASV here).  A chosen port of
+            # the range needs it, to be taken again soon after.
+            binding = port or makeBinding(interface, 0, reuseAddress=False)
             try:
-                self.port = server.reactor.listenTCP(port, factory, interface=interface)
+                self.port = server.reactor.listenTCP(binding, factory, interface=interface)
             except net_error.CannotListenError:
                 continue
             return int(self.port.getHost().port)
