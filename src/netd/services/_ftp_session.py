@@ -83,6 +83,8 @@ class SessionLimits:
 
 def _plain_host(host: str) -> str:
     """C{host} with an IPv4-mapped IPv6 address written as IPv4, for comparisons."""
+    if ":" not in host:
+        return host
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
