@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "http": "netd.services.http:HTTP",
     "dns": "netd.services.dns:DNS",
     "smtp": "netd.services.smtp:SMTP",
+    "ftp": "netd.services.ftp:FTP",
 }
 
 

@@ -1,0 +1,291 @@
+"""
+netd's ftp kind against pyftpdlib, same clients, same run.
+
+    python bench/ftp_bench.py [--rounds 3] [--duration 5] [--size-mib 100]
+
+pyftpdlib must be importable by this Python (``pip install pyftpdlib``: a benchmark
+peer, not a dependency of netd).  Each round starts both servers fresh on free
+loopback ports, in a rotated order, anonymous with write access to a scratch root,
+and measures with curl a 100 MiB download and a 100 MiB upload (3 of each, the
+servers alternating), then a loop of connect + anonymous login + LIST + QUIT
+from 4 ftplib threads (``--duration`` seconds per server, in two alternating
+halves).  Servers run on CPU 1 and clients on CPU 0 when taskset exists.  Prints
+the medians per server, netd/pyftpdlib ratios (taken within each round) and
+idle and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ftplib
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def pinned(cpu: int) -> list[str]:
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(cpu)]
+    return []
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{what} did not come up")
+        time.sleep(0.05)
+
+
+def greets(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            return sock.recv(100).startswith(b"220")
+    except OSError:
+        return False
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Server:
+    name = ""
+
+    def __init__(self, work: Path, root: Path) -> None:
+        self.work = work
+        self.root = root
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        log = (self.work / f"{self.name}.out").open("wb")
+        self.process = subprocess.Popen(
+            pinned(1) + self.command(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT
+        )
+        wait_for(lambda: greets(self.port), self.name)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class Netd(Server):
+    name = "netd"
+
+    def command(self) -> list[str]:
+        config = self.work / "netd-ftp-bench.yaml"
+        config.write_text(
+            f"""
+services:
+  files:
+    type: ftp
+    listen: ["tcp:{self.port}:interface=127.0.0.1"]
+    root: {self.root}
+    anonymous: write
+    max_connections: 4096
+    max_per_client: 4096
+"""
+        )
+        return [
+            str(VENV_BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.work / 'netd.log'}",
+            "netd",
+            "-c",
+            str(config),
+        ]
+
+
+class Pyftpdlib(Server):
+    name = "pyftpdlib"
+
+    def command(self) -> list[str]:
+        # -w: anonymous write, as netd's anonymous: write above.
+        return [sys.executable, "-m", "pyftpdlib", "-i", "127.0.0.1", "-p", str(self.port),
+                "-d", str(self.root), "-w"]  # fmt: skip
+
+
+def curl_rate(*args: str) -> float:
+    """MiB/s of one curl transfer, by curl's own clock."""
+    done = subprocess.run(
+        [*pinned(0), "curl", "-sS", "--max-time", "60", "-o", "/dev/null",
+         "-w", "%{size_download} %{size_upload} %{time_total}", *args],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    down, up, seconds = done.stdout.split()
+    return max(float(down), float(up)) / float(seconds) / 2**20
+
+
+def sessions_per_second(port: int, duration: float, threads: int = 4) -> float:
+    completed = [0] * threads
+    end = time.monotonic() + duration
+
+    def worker(i: int) -> None:
+        lines: list[str] = []
+        while time.monotonic() < end:
+            client = ftplib.FTP()
+            client.connect("127.0.0.1", port, timeout=10)
+            client.login()
+            client.retrlines("LIST", lines.append)
+            client.quit()
+            completed[i] += 1
+
+    started = time.monotonic()
+    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return sum(completed) / (time.monotonic() - started)
+
+
+def measure_round(
+    servers: list[Server], source: Path, duration: float
+) -> dict[str, dict[str, float]]:
+    """
+    One round with every server up at once: each measurement alternates between
+    the servers, so a burst of load on this shared machine hits both alike.
+    """
+    found: dict[str, dict[str, list[float]]] = {s.name: {} for s in servers}
+
+    def record(server: Server, key: str, value: float) -> None:
+        found[server.name].setdefault(key, []).append(value)
+
+    for server in servers:
+        record(server, "rss_idle_mib", rss_mib(server.pid, "VmRSS"))
+        curl_rate(f"ftp://127.0.0.1:{server.port}/big.bin")  # warm the page cache and server
+    size_mib = source.stat().st_size / 2**20
+
+    def timed(
+        server: Server, key: str, per_run: float | None, run: Callable[..., float], *args: object
+    ) -> None:
+        """Record the rate, and the work done per second of the server's CPU (busy-proof)."""
+        before = cpu_seconds(server.pid)
+        started = time.monotonic()
+        rate = run(*args)
+        elapsed = time.monotonic() - started
+        spent = max(cpu_seconds(server.pid) - before, 0.01)
+        record(server, key, rate)
+        amount = per_run if per_run is not None else rate * elapsed
+        record(server, key.rsplit("_", 1)[0] + "_per_cpu_s", amount / spent)
+
+    for _ in range(3):
+        for server in servers:
+            base = f"ftp://127.0.0.1:{server.port}"
+            timed(server, "download_mib_s", size_mib, curl_rate, f"{base}/big.bin")
+            timed(server, "upload_mib_s", size_mib, curl_rate, "-T", str(source), f"{base}/up.bin")
+            os.unlink(server.root / "up.bin")
+    for _ in range(2):
+        for server in servers:
+            timed(server, "sessions_s", None, sessions_per_second, server.port, duration / 2)
+    for server in servers:
+        record(server, "rss_peak_mib", rss_mib(server.pid, "VmHWM"))
+    return {
+        name: {key: statistics.median(values) for key, values in keys.items()}
+        for name, keys in found.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--size-mib", type=int, default=100)
+    options = parser.parse_args()
+    options.rounds = min(options.rounds, 10)
+    options.duration = min(options.duration, 15.0)
+    if shutil.which("curl") is None:
+        raise SystemExit("curl is needed")
+    with tempfile.TemporaryDirectory(prefix="ftp-bench-") as scratch:
+        work = Path(scratch)
+        block = os.urandom(1 << 20)
+        source = work / "upload.bin"
+        with source.open("wb") as big:
+            for _ in range(options.size_mib):
+                big.write(block)
+        results: dict[str, list[dict[str, float]]] = {"netd": [], "pyftpdlib": []}
+        kinds: list[type[Server]] = [Netd, Pyftpdlib]
+        for round_number in range(options.rounds):
+            order = kinds[round_number % 2 :] + kinds[: round_number % 2]
+            servers = []
+            for kind in order:
+                # Each its own root: uploads land next to the file the other serves.
+                root = work / kind.name
+                root.mkdir(exist_ok=True)
+                if not (root / "big.bin").exists():
+                    shutil.copyfile(source, root / "big.bin")
+                    for i in range(20):
+                        (root / f"small-{i}.txt").write_text("x" * 100)
+                server = kind(work, root)
+                server.start()
+                servers.append(server)
+            try:
+                measured = measure_round(servers, source, options.duration)
+            finally:
+                for server in servers:
+                    server.stop()
+            for name, values in measured.items():
+                results[name].append(values)
+                print(f"round {round_number + 1} {name}: {values}", file=sys.stderr)
+        report(results)
+
+
+def report(results: dict[str, list[dict[str, float]]]) -> None:
+    keys = list(results["netd"][0])
+    names = list(results)
+    print(f"{'':22}" + "".join(f"{name:>14}" for name in names) + f"{'netd/pyftpdlib':>26}")
+    for key in keys:
+        per_round = [
+            n[key] / p[key]
+            for n, p in zip(results["netd"], results["pyftpdlib"], strict=True)
+            if p[key]
+        ]
+        medians = [statistics.median(r[key] for r in results[name]) for name in names]
+        ratio = f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})"
+        print(f"{key:22}" + "".join(f"{m:14.1f}" for m in medians) + f"{ratio:>26}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,523 @@
+"""
+The file side of the ftp kind: accounts, confined shells, and the two fast paths
+of a transfer (sendfile out, batched writes in off the reactor thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import grp
+import hmac
+import os
+import pwd
+import secrets
+import stat
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import attrs
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ANONYMOUS, ICredentialsChecker
+from twisted.cred.portal import IRealm
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IWriteDescriptor
+from twisted.internet.threads import deferToThreadPool
+from twisted.protocols import ftp
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+__all__ = [
+    "UPLOAD_PREFIX",
+    "Accounts",
+    "Realm",
+    "Sendfile",
+    "Shell",
+    "Upload",
+    "User",
+    "in_thread",
+]
+
+# Uploads are written under this prefix next to their final name and renamed
+# when complete; names with it are hidden and cannot be addressed by clients.
+UPLOAD_PREFIX = ".~netd-upload."
+
+# A failed check still pays for one hash, so a wrong user and a wrong password
+# take the same time.
+_DUMMY_BCRYPT = b"$2b$04$7N1zW1F2/4Q9N0kqKXb5QOQ2t0dE7nqv4rXj9r1m5d2H0wz6dT6aK"
+
+RunInThread = Callable[..., "Deferred[Any]"]
+Segments = list[str]
+Entries = list[tuple[str, list[Any]]]
+
+
+def in_thread(reactor: Any) -> RunInThread:
+    """Run blocking calls on C{reactor}'s thread pool, or inline on a fake reactor."""
+    get_pool = getattr(reactor, "getThreadPool", None)
+    if get_pool is None:
+        return maybeDeferred
+    pool = get_pool()
+
+    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(reactor, pool, function, *args)
+
+    return run
+
+
+@attrs.frozen
+class User:
+    """
+    One account of the C{users} map.
+
+    @ivar password_hash: a bcrypt (C{$2b$...}) or crypt(3) hash.
+    """
+
+    name: str
+    home: Path
+    write: bool = False
+    password: str | None = attrs.field(default=None, repr=False)
+    password_hash: str | None = attrs.field(default=None, repr=False)
+
+
+def _check_hash(password: str, hashed: str) -> bool:
+    if hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        import bcrypt
+
+        try:
+            return bcrypt.checkpw(password.encode(), hashed.encode())
+        except ValueError:
+            return False
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+
+    return hmac.compare_digest(crypt.crypt(password, hashed) or "", hashed)
+
+
+def _burn_time(password: str) -> bool:
+    import bcrypt
+
+    bcrypt.checkpw(password.encode(), _DUMMY_BCRYPT)
+    return False
+
+
+@implementer(ICredentialsChecker)
+class Accounts:
+    """Checks anonymous logins against C{anonymous} and passwords against C{users}."""
+
+    credentialInterfaces = (credentials.IAnonymous, credentials.IUsernamePassword)
+
+    def __init__(
+        self, users: Mapping[str, User], anonymous: bool, run_in_thread: RunInThread
+    ) -> None:
+        self.users = users
+        self.anonymous = anonymous
+        self.run_in_thread = run_in_thread
+
+    def requestAvatarId(self, offered: Any) -> Deferred[Any]:
+        if credentials.IAnonymous.providedBy(offered):
+            if self.anonymous:
+                return succeed(ANONYMOUS)
+            return fail(error.UnauthorizedLogin())
+        name = offered.username
+        password = offered.password
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "replace")
+        if isinstance(password, bytes):
+            password = password.decode("utf-8", "replace")
+        user = self.users.get(name)
+        if user is None:
+            checked: Deferred[bool] = (
+                self.run_in_thread(_burn_time, password)
+                if any(u.password_hash for u in self.users.values())
+                else succeed(False)
+            )
+        elif user.password is not None:
+            checked = succeed(hmac.compare_digest(user.password.encode(), password.encode()))
+        else:
+            assert user.password_hash is not None
+            checked = self.run_in_thread(_check_hash, password, user.password_hash)
+
+        def decide(ok: bool) -> Any:
+            if not ok:
+                raise error.UnauthorizedLogin()
+            return name
+
+        return checked.addCallback(decide)
+
+
+@implementer(IRealm)
+class Realm:
+    """Gives anonymous users the anonymous root and every user their own home."""
+
+    def __init__(self, root: Path | None, anonymous_write: bool, users: Mapping[str, User]) -> None:
+        self.root = root
+        self.anonymous_write = anonymous_write
+        self.users = users
+
+    def requestAvatar(self, avatar_id: Any, mind: object, *interfaces: Any) -> Any:
+        if ftp.IFTPShell not in interfaces:
+            raise NotImplementedError("only FTP shells")
+        if avatar_id is ANONYMOUS:
+            assert self.root is not None
+            shell = Shell(self.root, self.anonymous_write)
+        else:
+            user = self.users[avatar_id]
+            shell = Shell(user.home, user.write)
+        return ftp.IFTPShell, shell, lambda: None
+
+
+def _denied(path: Segments) -> ftp.FTPCmdError:
+    return ftp.PermissionDeniedError("/".join(path))
+
+
+class Shell(ftp.FTPShell):
+    """
+    Twisted's filesystem shell, confined: every path is resolved (symlinks too)
+    and must stay under the root; writes need the C{write} flag.
+    """
+
+    def __init__(self, root: Path, writable: bool) -> None:
+        super().__init__(FilePath(os.path.realpath(root)))
+        self.real_root = self.filesystemRoot.path
+        self.writable = writable
+
+    def _path(self, path: Segments) -> FilePath[str]:
+        if any(segment.startswith(UPLOAD_PREFIX) or "\0" in segment for segment in path):
+            raise _denied(path)
+        try:
+            found: FilePath[str] = self.filesystemRoot.descendant(path)
+        except Exception:
+            raise ftp.FileNotFoundError("/".join(path)) from None
+        if not self._inside(found.path):
+            raise _denied(path)
+        return found
+
+    def _writing(self, path: Segments) -> None:
+        if not self.writable:
+            raise _denied(path)
+
+    def makeDirectory(self, path: Segments) -> Deferred[None]:
+        self._writing(path)
+        result: Deferred[None] = super().makeDirectory(path)
+        return result
+
+    def removeDirectory(self, path: Segments) -> Deferred[None]:
+        self._writing(path)
+        if not path:
+            return fail(_denied(path))
+        result: Deferred[None] = super().removeDirectory(path)
+        return result
+
+    def removeFile(self, path: Segments) -> Deferred[None]:
+        self._writing(path)
+        result: Deferred[None] = super().removeFile(path)
+        return result
+
+    def rename(self, from_path: Segments, to_path: Segments) -> Deferred[None]:
+        self._writing(from_path)
+        if not from_path or not to_path:
+            return fail(_denied(from_path))
+        result: Deferred[None] = super().rename(from_path, to_path)
+        return result
+
+    def _inside(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == self.real_root or real.startswith(self.real_root + os.sep)
+
+    def listing(self, path: Segments, long: bool) -> list[bytes]:
+        """
+        The lines of a LIST (C{long}) or NLST of C{path}, one C{stat} per entry.
+
+        Uploads in progress and links out of the root (whose details would
+        describe files the client may not reach) are left out.
+        """
+        found = self._path(path)
+        try:
+            if found.isdir():
+                with os.scandir(found.path) as scan:
+                    entries = [(e.name, e.path, e.is_symlink()) for e in scan]
+            elif found.exists():
+                entries = [(found.basename(), found.path, found.islink())]
+            else:
+                raise ftp.FileNotFoundError("/".join(path))
+        except OSError as e:
+            raise _error(e, path) from None
+        year = time.gmtime().tm_year
+        lines = []
+        for name, full, link in sorted(entries):
+            if name.startswith(UPLOAD_PREFIX) or (link and not self._inside(full)):
+                continue
+            encoded = name.encode("utf-8", "surrogateescape")
+            if not long:
+                lines.append(encoded)
+                continue
+            try:
+                info = os.stat(full)
+            except OSError:
+                continue  # a dangling link, or gone since the scan
+            lines.append(_list_line(encoded, info, year))
+        return lines
+
+    def open_for_reading(self, path: Segments) -> IO[bytes]:
+        """Open a file to send; raises an L{ftp.FTPCmdError} the client can be told."""
+        found = self._path(path)
+        if found.isdir():
+            raise ftp.IsADirectoryError("/".join(path))
+        try:
+            return open(found.path, "rb")
+        except OSError as e:
+            raise _error(e, path) from None
+
+    def upload_target(self, path: Segments) -> Path:
+        """Where an upload of C{path} ends up, after the checks a write needs."""
+        self._writing(path)
+        if not path:
+            raise ftp.IsADirectoryError("/")
+        found = self._path(path)
+        if found.isdir():
+            raise ftp.IsADirectoryError("/".join(path))
+        if not found.parent().isdir():
+            raise ftp.FileNotFoundError("/".join(path))
+        return Path(found.path)
+
+
+@functools.lru_cache(maxsize=256)
+def _owner(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name[:8]
+    except KeyError:
+        return str(uid)
+
+
+@functools.lru_cache(maxsize=256)
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name[:8]
+    except KeyError:
+        return str(gid)
+
+
+def _list_line(name: bytes, info: os.stat_result, year: int) -> bytes:
+    """One line of C{ls -l}, the format every FTP client parses (as Twisted writes it)."""
+    when = time.gmtime(info.st_mtime)
+    date = time.strftime("%b %d %H:%M" if when.tm_year == year else "%b %d  %Y", when)
+    head = (
+        f"{stat.filemode(info.st_mode)}{info.st_nlink:4d} {_owner(info.st_uid):<9}"
+        f"{_group(info.st_gid):<9}{info.st_size:15d} {date:>12} "
+    )
+    return head.encode() + name
+
+
+def _error(e: OSError, path: Segments) -> ftp.FTPCmdError:
+    name = "/".join(path)
+    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+        return ftp.FileNotFoundError(name)
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return ftp.PermissionDeniedError(name)
+    if e.errno == errno.EISDIR:
+        return ftp.IsADirectoryError(name)
+    return ftp.FileNotFoundError(name)
+
+
+@implementer(IWriteDescriptor)
+class Sendfile:
+    """
+    Sends a file on a plain TCP data connection with C{os.sendfile}, driven by
+    the reactor's writability events: the kernel copies from the page cache to
+    the socket and no byte passes through Python.
+
+    While it runs it owns the socket's descriptor in the reactor: the transport
+    stops reading (a download's client sends nothing) and gets it back after.
+    """
+
+    chunk = 1 << 20
+
+    def __init__(
+        self,
+        reactor: Any,
+        transport: Any,
+        source: IO[bytes],
+        offset: int,
+        progress: Callable[[int], None],
+    ) -> None:
+        self.reactor = reactor
+        self.transport = transport
+        self.source = source
+        self.offset = offset
+        self.progress = progress
+        self.done: Deferred[None] = Deferred()
+        self._fd: int = transport.fileno()
+
+    @staticmethod
+    def usable(transport: Any) -> bool:
+        """Whether C{transport} is a plain socket transport of a real reactor."""
+        # Not hasattr(): a TLS wrapper forwards every attribute to the socket below.
+        return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
+
+    def start(self) -> Deferred[None]:
+        self.transport.stopReading()
+        self.reactor.addWriter(self)
+        return self.done
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "ftp-sendfile"
+
+    def doWrite(self) -> None:
+        try:
+            sent = os.sendfile(self._fd, self.source.fileno(), self.offset, self.chunk)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            self._finish(Failure(e))
+            return None
+        if sent == 0:
+            self._finish(None)
+            return None
+        self.offset += sent
+        self.progress(sent)
+        return None
+
+    def doRead(self) -> None:
+        """Not registered for reading."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._finish(reason)
+
+    def stop(self) -> None:
+        """The transfer is abandoned (the session ended)."""
+        self._finish(Failure(ConnectionError("transfer abandoned")))
+
+    def _finish(self, reason: Failure | None) -> None:
+        if self.done.called:
+            return
+        self.reactor.removeWriter(self)
+        if reason is None:
+            self.transport.startReading()
+            self.done.callback(None)
+        else:
+            self.transport.abortConnection()
+            self.done.errback(reason)
+
+
+class Upload:
+    """
+    An upload in progress: bytes are batched in memory and written by a thread
+    to a temporary file next to the target, renamed over it only when complete.
+
+    @ivar offset: C{REST} (or the current size, for C{APPE}): that many bytes of
+        the existing file are copied into the temporary file first.
+    """
+
+    batch = 1 << 20
+    high_water = 8 << 20
+
+    def __init__(
+        self, target: Path, offset: int, run_in_thread: RunInThread, pause: Callable[[bool], None]
+    ) -> None:
+        self.target = target
+        self.offset = offset
+        self.temporary = target.with_name(UPLOAD_PREFIX + secrets.token_hex(8))
+        self.run_in_thread = run_in_thread
+        self.pause = pause
+        self.received = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writing: Deferred[None] | None = None
+        self._paused = False
+        self._failed: Failure | None = None
+        self._finishing = False
+        self._file: IO[bytes] | None = None
+
+    def open(self) -> Deferred[None]:
+        self._writing = self.run_in_thread(self._open)
+        return self._writing.addCallbacks(self._written, self._write_failed)
+
+    def _open(self) -> None:
+        self._file = open(self.temporary, "xb")  # noqa: SIM115 (closed in _close)
+        if self.offset:
+            with open(self.target, "rb") as existing:
+                left = self.offset
+                while left:
+                    copied = os.sendfile(self._file.fileno(), existing.fileno(), None, left)
+                    if not copied:
+                        break
+                    left -= copied
+
+    def write(self, data: bytes) -> None:
+        self.received += len(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._writing is None and self._pending_bytes >= self.batch:
+            self._flush()
+        elif self._pending_bytes >= self.high_water and not self._paused:
+            self._paused = True
+            self.pause(True)
+
+    def _flush(self) -> Deferred[None]:
+        data = b"".join(self._pending)
+        self._pending, self._pending_bytes = [], 0
+        assert self._file is not None
+        self._writing = self.run_in_thread(self._file.write, data)
+        return self._writing.addCallbacks(self._written, self._write_failed)
+
+    def _written(self, result: object) -> None:
+        self._writing = None
+        if self._pending_bytes >= self.batch and not (self._failed or self._finishing):
+            self._flush()
+        if self._paused and self._pending_bytes < self.high_water:
+            self._paused = False
+            self.pause(False)
+
+    def _write_failed(self, reason: Failure) -> None:
+        self._writing = None
+        self._failed = reason
+        self._pending, self._pending_bytes = [], 0
+
+    def finish(self) -> Deferred[None]:
+        """Write what is left and put the file in place."""
+        self._finishing = True
+        waiting = self._writing if self._writing is not None else succeed(None)
+
+        def complete(_: object) -> Deferred[None]:
+            if self._failed is not None:
+                failed = self._failed
+                return self.abort().addCallback(lambda _: failed)
+            data = b"".join(self._pending)
+            self._pending, self._pending_bytes = [], 0
+            return self.run_in_thread(self._commit, data)
+
+        return waiting.addCallback(complete)
+
+    def _commit(self, data: bytes) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(data)
+            self._file.close()
+            os.replace(self.temporary, self.target)
+        except OSError:
+            self._discard()
+            raise
+
+    def abort(self) -> Deferred[None]:
+        """Forget the upload: the target keeps what it had."""
+        self._finishing = True
+        self._pending, self._pending_bytes = [], 0
+        waiting = self._writing if self._writing is not None else succeed(None)
+        return waiting.addBoth(lambda _: self.run_in_thread(self._discard))
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.temporary)

@@ -1,0 +1,985 @@
+"""
+The FTP protocol interpreter of the ftp kind: Twisted's L{ftp.FTP}, extended in
+named places.
+
+What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
+  - data connections (L{DataChannel}): passive ports from a range, accepted only
+    from the control connection's client; PORT/EPRT only to the client itself
+    (no FTP bounce); a timeout when the connection never comes; TLS on them
+    (PROT P) -- Twisted has no FTPS at all (#5099);
+  - C{AUTH TLS}, C{PBSZ}, C{PROT}, C{REST}, C{APPE}, C{OPTS UTF8}, C{EPSV} with
+    C{passive_host}, and C{require_tls};
+  - transfers: C{sendfile} for downloads on plain connections, uploads to a
+    temporary name renamed when complete (L{netd.services._ftp_files});
+  - login failures are delayed and counted; the injected reactor is used
+    throughout (Twisted's FTP calls the global one).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import IO, Any
+
+import attrs
+from twisted.cred.portal import Portal
+from twisted.internet import error as net_error
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import (
+    IConsumer,
+    IDelayedCall,
+    IOpenSSLServerConnectionCreator,
+    IPullProducer,
+)
+from twisted.internet.protocol import (
+    ClientFactory,
+    Factory,
+    Protocol,
+    ServerFactory,
+    connectionDone,
+)
+from twisted.internet.tcp import makeBinding
+from twisted.logger import Logger
+from twisted.protocols import ftp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.events import ServiceStats
+from netd.services._ftp_files import RunInThread, Sendfile, Upload
+
+__all__ = ["DataChannel", "FTPServer", "Session", "SessionLimits"]
+
+_log = Logger(namespace="netd.ftp")
+
+# Replies Twisted's table does not have.
+_AUTH_OK = "234 AUTH TLS successful, negotiating."
+_TLS_REQUIRED = "530 TLS is required here: use AUTH TLS first."
+_PROT_REQUIRED = "521 Data connections must be protected: send PBSZ 0 and PROT P."
+_NO_TLS = "502 TLS is not configured on this server."
+_BOUNCE = "504 Data connections go back to the client's own address only."
+_LINE_TOO_LONG = "500 Command line too long."
+_TOO_MANY_FAILURES = "421 Too many failed logins, closing."
+_PER_CLIENT = "421 Too many connections from your address."
+_IDLE = "421 Idle timeout, closing control connection."
+
+_READ_CHUNK = 256 << 10
+
+
+class _NoPassivePort(Exception):
+    """Every port of C{passive_ports} is taken."""
+
+
+@attrs.frozen
+class SessionLimits:
+    max_line: int = 2048
+    max_per_client: int = 10
+    login_delay: float = 1.0
+    max_login_failures: int = 3
+    data_timeout: float = 30.0
+
+
+def _plain_host(host: str) -> str:
+    """C{host} with an IPv4-mapped IPv6 address written as IPv4, for comparisons."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+class FTPServer:
+    """What the sessions of one service share: options, accounts, TLS, bookkeeping."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        portal: Portal,
+        stats: ServiceStats,
+        emit: Callable[..., None],
+        run_in_thread: RunInThread,
+        limits: SessionLimits,
+        anonymous: bool,
+        passive_ports: tuple[int, int] | None = None,
+        passive_host: str | None = None,
+        tls: IOpenSSLServerConnectionCreator | None = None,
+        require_tls: bool = False,
+    ) -> None:
+        self.reactor = reactor
+        self.portal = portal
+        self.stats = stats
+        self.emit = emit
+        self.run_in_thread = run_in_thread
+        self.limits = limits
+        self.anonymous = anonymous
+        self.passive_ports = passive_ports
+        self.passive_host = passive_host
+        self.tls = tls
+        self.require_tls = require_tls
+        self.sessions: dict[int, Session] = {}
+        self.per_client: dict[str, int] = {}
+        self._ids = itertools.count(1)
+        self._next_port = 0
+
+    def factory(
+        self, data_tls: IOpenSSLServerConnectionCreator | None, implicit: bool
+    ) -> SessionFactory:
+        """
+        The control-connection factory of one listener.
+
+        @param data_tls: TLS for the data connections of an implicit-TLS listener.
+        @param implicit: whether the listener itself is TLS (implicit FTPS).
+        """
+        return SessionFactory(self, data_tls, implicit)
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def passive_candidates(self) -> Iterator[int]:
+        """Ports to try for a passive listener, rotating through the range."""
+        if self.passive_ports is None:
+            yield 0
+            return
+        low, high = self.passive_ports
+        size = high - low + 1
+        start = self._next_port
+        self._next_port = (self._next_port + 1) % size
+        for i in range(size):
+            yield low + (start + i) % size
+
+    def list_sessions(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        return [session.describe() for session in self.sessions.values()]
+
+
+class SessionFactory(Factory):
+    """Builds sessions; Twisted's FTP reads its anonymous settings from here."""
+
+    noisy = False
+    userAnonymous = "anonymous"
+    welcomeMessage = "netd FTP server ready."
+
+    def __init__(
+        self, server: FTPServer, data_tls: IOpenSSLServerConnectionCreator | None, implicit: bool
+    ) -> None:
+        self.server = server
+        self.data_tls = data_tls
+        self.implicit = implicit
+        self.allowAnonymous = server.anonymous
+
+    def buildProtocol(self, addr: Any) -> Session:
+        session = Session(self.server, self.data_tls, self.implicit)
+        session.factory = self
+        return session
+
+
+class DataConnection(Protocol):
+    """One data connection: what it receives goes to a sink once a command takes it."""
+
+    transport: Any
+
+    def __init__(self, channel: DataChannel) -> None:
+        self.channel = channel
+        self.sink: Callable[[bytes], None] | None = None
+        self._early: list[bytes] = []
+        self.closed: Deferred[bool] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.channel.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(data)
+        else:
+            # An upload may start before STOR is through; keep a little, then wait.
+            self._early.append(data)
+            if sum(map(len, self._early)) > Upload.high_water:
+                self.transport.pauseProducing()
+
+    def take(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        early, self._early = self._early, []
+        for data in early:
+            sink(data)
+        self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.channel.lost(self)
+        # Whether the connection ended cleanly (a FIN, not a reset or an abort).
+        self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
+
+
+class _DataFactory(ClientFactory, ServerFactory):
+    noisy = False
+
+    def __init__(self, channel: DataChannel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        return self.channel.accept(addr)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.channel.failed(reason)
+
+
+class _Prebuilt(Factory):
+    """Hands a protocol already built (and checked) to the TLS wrapper."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+class DataChannel:
+    """
+    The one data connection a session may have at a time: passive (we listen)
+    or active (we connect back to the client).  Transfer commands wait on
+    L{ready} for at most C{data_timeout}.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        client_host: str,
+        tls: IOpenSSLServerConnectionCreator | None,
+    ) -> None:
+        self.session = session
+        self.client_host = _plain_host(client_host)
+        self.tls = tls
+        self.connection: DataConnection | None = None
+        self.port: Any = None
+        self.connector: Any = None
+        self._waiting: list[Deferred[DataConnection]] = []
+        self._failure: Failure | None = None
+        self._closed = False
+        server = session.server
+        self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
+
+    def listen(self, interface: str) -> int:
+        server = self.session.server
+        factory = _DataFactory(self)
+        for port in server.passive_candidates():
+            # Twisted sets SO_REUSEADDR on every listening socket, and with it Linux
+            # looks for a port nothing has ever used, slow when thousands of data
+            # connections sit in TIME_WAIT (3 ms a PASV here).  A chosen port of
+            # the range needs it, to be taken again soon after.
+            binding = port or makeBinding(interface, 0, reuseAddress=False)
+            try:
+                self.port = server.reactor.listenTCP(binding, factory, interface=interface)
+            except net_error.CannotListenError:
+                continue
+            return int(self.port.getHost().port)
+        raise _NoPassivePort()
+
+    def connect(self, host: str, port: int) -> None:
+        self.connector = self.session.server.reactor.connectTCP(
+            host, port, _DataFactory(self), timeout=self.session.server.limits.data_timeout
+        )
+
+    def accept(self, addr: Any) -> Protocol | None:
+        if self.connection is not None or self._closed:
+            return None
+        if self.port is not None and _plain_host(addr.host) != self.client_host:
+            # Someone else raced the client to its passive port (data theft).
+            self.session.server.stats.count("data_refused")
+            self.session.server.emit(
+                "ftp.data_refused", client=self.session.client, source=addr.host
+            )
+            return None
+        connection = DataConnection(self)
+        if self.port is not None:
+            self.port.stopListening()
+        if self.tls is None:
+            return connection
+        # RFC 4217: the server is the TLS server on every data connection.
+        wrapped: Protocol = TLSMemoryBIOFactory(
+            self.tls, False, _Prebuilt(connection)
+        ).buildProtocol(addr)
+        return wrapped
+
+    def connected(self, connection: DataConnection) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        self.connection = connection
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(connection)
+
+    def failed(self, reason: Failure) -> None:
+        self._fail(reason)
+
+    def lost(self, connection: DataConnection) -> None:
+        if self.connection is connection:
+            self.session.data_closed(self)
+
+    def _timed_out(self) -> None:
+        self._fail(Failure(net_error.TimeoutError("no data connection")))
+
+    def _fail(self, reason: Failure) -> None:
+        if self._failure is not None or self.connection is not None:
+            return
+        self._failure = reason
+        if self.port is not None:
+            self.port.stopListening()
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.errback(reason)
+
+    def ready(self) -> Deferred[DataConnection]:
+        if self.connection is not None:
+            return succeed(self.connection)
+        if self._failure is not None:
+            return fail(self._failure)
+        waiter: Deferred[DataConnection] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    def close(self) -> None:
+        self._closed = True
+        if self.timer.active():
+            self.timer.cancel()
+        if self.port is not None:
+            self.port.stopListening()
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.abortConnection()
+        elif self.connector is not None:
+            self.connector.disconnect()
+        self._fail(Failure(net_error.ConnectionDone("data channel closed")))
+
+
+@implementer(IPullProducer)
+class _FileProducer:
+    """Sends a file through any transport (TLS, fakes) in large reads."""
+
+    def __init__(
+        self, source: IO[bytes], consumer: IConsumer, ascii: bool, progress: Callable[[int], None]
+    ) -> None:
+        self.source = source
+        self.consumer = consumer
+        self.ascii = ascii
+        self.progress = progress
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self.consumer.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        data = self.source.read(_READ_CHUNK)
+        if not data:
+            self.consumer.unregisterProducer()
+            self.done.callback(None)
+            return
+        if self.ascii:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.consumer.write(data)
+        self.progress(len(data))
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.errback(Failure(net_error.ConnectionLost("data connection lost")))
+
+
+class _LineEnds:
+    """TYPE A uploads: CRLF to LF, with a CR that ends one read kept for the next."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def to_local(self, data: bytes) -> bytes:
+        data, self._carry = self._carry + data, b""
+        if data.endswith(b"\r"):
+            data, self._carry = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def rest(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
+
+
+@attrs.define
+class Transfer:
+    direction: str
+    path: str
+    started: float
+    bytes: int = 0
+
+
+class Session(ftp.FTP):
+    """One control connection."""
+
+    PUBLIC_COMMANDS = ["FEAT", "QUIT", "AUTH", "PBSZ", "PROT", "SYST", "NOOP", "OPTS"]
+    _encoding = "utf-8"
+    timeOut = None
+    transport: Any
+    shell: Any
+    portal: Any
+
+    def __init__(
+        self,
+        server: FTPServer,
+        data_tls: IOpenSSLServerConnectionCreator | None = None,
+        implicit: bool = False,
+    ) -> None:
+        self.server = server
+        self.portal = server.portal
+        self.MAX_LENGTH = server.limits.max_line
+        self.id = server.next_id()
+        self.client = ""
+        self.client_host = ""
+        self.user: str | None = None
+        self.secure = implicit
+        self.data_tls = data_tls or server.tls
+        # Implicit FTPS protects data from the start, as clients expect.
+        self.protect_data = implicit and self.data_tls is not None
+        self.rest = 0
+        self.failures = 0
+        self.data: DataChannel | None = None
+        self.transfer: Transfer | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._cleanup: list[Callable[[], Any]] = []
+        self.started = time.time()
+        self.workingDirectory: list[str] = []
+
+    # -- connection ------------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_host = _plain_host(getattr(peer, "host", ""))
+        self.client = f"{self.client_host}:{getattr(peer, 'port', '')}"
+        count = self.server.per_client.get(self.client_host, 0)
+        if count >= self.server.limits.max_per_client:
+            self.server.stats.count("per_client_refused")
+            self.sendLine(_PER_CLIENT)
+            self.transport.loseConnection()
+            self.disconnected = True
+            return
+        self.server.per_client[self.client_host] = count + 1
+        self.server.sessions[self.id] = self
+        # Replies are small and each waits on the one before: with Nagle's algorithm
+        # and delayed ACKs every exchange would stall for tens of milliseconds.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
+        self.server.stats.count("sessions")
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.server.sessions.pop(self.id, None) is not None:
+            left = self.server.per_client.get(self.client_host, 1) - 1
+            if left:
+                self.server.per_client[self.client_host] = left
+            else:
+                self.server.per_client.pop(self.client_host, None)
+        self.disconnected = True
+        for cleanup in self._cleanup:
+            cleanup()
+        self._cleanup = []
+        if self.data is not None:
+            self.data.close()
+            self.data = None
+        super().connectionLost(reason)
+
+    def close_gracefully(self) -> None:
+        """Asked by netd's idle sweep or shutdown: never cut a transfer for idleness."""
+        if self.transfer is None:
+            self.sendLine(_IDLE)
+            self.transport.loseConnection()
+
+    def sendLine(self, line: str | bytes) -> None:
+        if isinstance(line, str):
+            line = line.encode("utf-8", "surrogateescape")
+        self.transport.write(line + b"\r\n")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.server.stats.count("bad_commands")
+        self.sendLine(_LINE_TOO_LONG)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        # While a command runs, lines wait in the buffer (Twisted pauses the whole
+        # transport instead, and then never sees the client go away mid-transfer).
+        if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
+            self.lineLengthExceeded(data)
+            return
+        super().dataReceived(data)
+
+    def lineReceived(self, line: bytes) -> None:
+        text = line.decode("utf-8", "surrogateescape")
+        command, _, argument = text.partition(" ")
+        arguments = (argument,) if _ else ()
+        done = maybeDeferred(self.processCommand, command, *arguments)
+        done.addCallbacks(self._answer, self._failed, errbackArgs=(command,))
+        done.addErrback(lambda f: _log.failure("FTP command failed", f))
+        if not done.called:
+            self.paused = True
+            done.addBoth(self._resume)
+
+    def _resume(self, result: object) -> None:
+        # Fired from outside lineReceived (a login check, a transfer's end).
+        self.paused = False
+        if not self.disconnected and self.transport is not None:
+            self.server.reactor.callLater(0, self.dataReceived, b"")
+
+    def _answer(self, result: Any) -> None:
+        if self.disconnected or self.transport is None:
+            return
+        if isinstance(result, tuple):
+            self.reply(*result)
+        elif isinstance(result, str) and result[:1].isdigit() and " " in result[:5]:
+            self.sendLine(result)
+        elif result is not None:
+            self.reply(result)
+
+    def _failed(self, reason: Failure, command: str) -> None:
+        if self.disconnected or self.transport is None:
+            return
+        if reason.check(ftp.FTPCmdError):
+            if reason.check(ftp.CmdNotImplementedError):
+                self.server.stats.count("bad_commands")
+            refusal: Any = reason.value
+            self.sendLine(refusal.response())
+        elif reason.check(TypeError):
+            self.reply(ftp.SYNTAX_ERR, f"{command.upper()} needs other arguments.")
+        else:
+            _log.failure("FTP command {command} failed", reason, command=command)
+            self.reply(ftp.REQ_ACTN_NOT_TAKEN, "internal server error")
+
+    def processCommand(self, command: str, *params: str) -> Any:
+        upper = command.upper()
+        if upper in ("USER", "PASS") and self.server.require_tls and not self.secure:
+            return _TLS_REQUIRED
+        return super().processCommand(command, *params)
+
+    def describe(self) -> dict[str, Any]:
+        transfer = None
+        if self.transfer is not None:
+            transfer = attrs.asdict(self.transfer)
+        return {
+            "id": self.id,
+            "client": self.client,
+            "user": self.user,
+            "cwd": "/" + "/".join(self.workingDirectory),
+            "tls": self.secure,
+            "data_tls": self.protect_data,
+            "since": self.started,
+            "transfer": transfer,
+        }
+
+    # -- login -----------------------------------------------------------------------
+
+    def ftp_PASS(self, password: str) -> Deferred[Any]:
+        user = getattr(self, "_user", "")
+        logged_in: Deferred[Any] = super().ftp_PASS(password)
+
+        def success(result: Any) -> Any:
+            self.user = user
+            self.server.stats.count("logins")
+            self.server.emit("ftp.login", client=self.client, user=user, session=self.id)
+            return result
+
+        def failure(reason: Failure) -> Deferred[Any]:
+            reason.trap(ftp.AuthorizationError)
+            self.failures += 1
+            self.server.stats.count("login_failures")
+            self.server.emit("ftp.login_failed", client=self.client, user=user, session=self.id)
+            delayed: Deferred[Any] = Deferred()
+
+            def answer() -> None:
+                if self.failures >= self.server.limits.max_login_failures:
+                    if not self.disconnected:
+                        self.sendLine(_TOO_MANY_FAILURES)
+                        self.transport.loseConnection()
+                    delayed.callback(None)
+                else:
+                    delayed.errback(reason)
+
+            call = self.server.reactor.callLater(self.server.limits.login_delay, answer)
+            self._guard(lambda: call.cancel() if call.active() else None, delayed)
+            return delayed
+
+        return logged_in.addCallbacks(success, failure)
+
+    # -- TLS (RFC 4217) --------------------------------------------------------------
+
+    def ftp_AUTH(self, mechanism: str) -> Any:
+        if self.server.tls is None:
+            return _NO_TLS
+        if mechanism.upper() not in ("TLS", "TLS-C", "SSL"):
+            return fail(ftp.CmdNotImplementedForArgError(mechanism))
+        if self.secure:
+            return fail(ftp.BadCmdSequenceError("TLS is already on"))
+        self.sendLine(_AUTH_OK)
+        # Anything pipelined after AUTH arrived in plaintext: it must not run as if
+        # it had come through TLS (the STARTTLS injection of CVE-2011-0411).
+        self.clearLineBuffer()
+        self.transport.startTLS(self.server.tls)
+        self.secure = True
+        self.server.stats.count("tls_upgrades")
+        return None
+
+    def ftp_PBSZ(self, size: str) -> Any:
+        if not self.secure:
+            return fail(ftp.BadCmdSequenceError("PBSZ needs AUTH TLS first"))
+        return "200 PBSZ=0"
+
+    def ftp_PROT(self, level: str) -> Any:
+        level = level.upper()
+        if level == "P":
+            if not self.secure or self.data_tls is None:
+                return fail(ftp.BadCmdSequenceError("PROT P needs AUTH TLS first"))
+            self.protect_data = True
+            return "200 Data connections will be protected."
+        if level == "C":
+            if self.server.require_tls:
+                return "534 Clear data connections are refused here."
+            self.protect_data = False
+            return "200 Data connections will be in the clear."
+        return "504 Only PROT C and PROT P are offered."
+
+    def ftp_FEAT(self) -> None:
+        features = ["EPRT", "EPSV", "MDTM", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
+        if self.server.tls is not None:
+            features[:0] = ["AUTH TLS", "PBSZ", "PROT"]
+        self.sendLine("211-Features:")
+        for feature in features:
+            self.sendLine(" " + feature)
+        self.sendLine("211 End")
+
+    def ftp_OPTS(self, option: str) -> Any:
+        if option.upper().split() == ["UTF8", "ON"]:
+            return "200 UTF8 is always on."
+        return (ftp.OPTS_NOT_IMPLEMENTED, option)
+
+    # -- data connections ------------------------------------------------------------
+
+    def _new_channel(self) -> DataChannel:
+        if self.data is not None:
+            self.data.close()
+        tls = self.data_tls if self.protect_data else None
+        self.data = DataChannel(self, self.client_host, tls)
+        return self.data
+
+    def data_closed(self, channel: DataChannel) -> None:
+        if self.data is channel:
+            self.data = None
+
+    def _passive(self) -> int:
+        channel = self._new_channel()
+        try:
+            return channel.listen(self.transport.getHost().host)
+        except _NoPassivePort:
+            channel.close()
+            self.data = None
+            self.server.stats.count("passive_exhausted")
+            raise
+
+    def ftp_PASV(self) -> Any:
+        if self._epsvAll:
+            return fail(ftp.BadCmdSequenceError("may not send PASV after EPSV ALL"))
+        local = _plain_host(self.transport.getHost().host)
+        if ":" in local:
+            # PASV can only name an IPv4 address; the data port listens on the
+            # control connection's address, so IPv6 clients use EPSV.
+            return fail(ftp.PASVIPv6NotImplementedError())
+        host = self.server.passive_host or local
+        try:
+            port = self._passive()
+        except _NoPassivePort:
+            return (ftp.CANT_OPEN_DATA_CNX,)
+        return ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(host, port)
+
+    def ftp_EPSV(self, protocol: str = "") -> Any:
+        if protocol.upper() == "ALL":
+            self._epsvAll = True
+            return ftp.EPSV_ALL_OK
+        if protocol:
+            self._validateNetworkProtocol(protocol)
+        try:
+            port = self._passive()
+        except _NoPassivePort:
+            return (ftp.CANT_OPEN_DATA_CNX,)
+        return ftp.ENTERING_EPSV_MODE, port
+
+    def _active(self, host: str, port: int) -> Any:
+        if self._epsvAll:
+            return fail(ftp.BadCmdSequenceError("may not send PORT after EPSV ALL"))
+        if _plain_host(host) != self.client_host or not 1024 <= port <= 65535:
+            self.server.stats.count("bounce_refused")
+            self.server.emit("ftp.bounce_refused", client=self.client, target=f"{host}:{port}")
+            return _BOUNCE
+        self._new_channel().connect(host, port)
+        return ftp.ENTERING_PORT_MODE
+
+    def ftp_PORT(self, address: str) -> Any:
+        try:
+            numbers = [int(n) for n in address.split(",")]
+            if len(numbers) != 6 or not all(0 <= n <= 255 for n in numbers):
+                raise ValueError(address)
+        except ValueError:
+            return fail(ftp.CmdArgSyntaxError(address))
+        host = ".".join(map(str, numbers[:4]))
+        return self._active(host, numbers[4] << 8 | numbers[5])
+
+    def ftp_EPRT(self, address: str) -> Any:
+        try:
+            protocol, host, port = ftp.decodeExtendedAddress(address)
+            ipaddress.ip_address(host)
+        except (ValueError, IndexError):
+            return fail(ftp.CmdArgSyntaxError(address))
+        if protocol:
+            self._validateNetworkProtocol(protocol)
+        return self._active(host, port)
+
+    def _with_data(self, work: Callable[[DataConnection], Deferred[Any]]) -> Deferred[Any]:
+        """Wait for the data connection, run C{work}, then answer for the transfer."""
+        if self.server.require_tls and not self.protect_data:
+            return succeed(_PROT_REQUIRED)
+        if self.data is None:
+            return fail(ftp.BadCmdSequenceError("PASV, EPSV, PORT or EPRT first"))
+        channel = self.data
+
+        def no_connection(reason: Failure) -> Any:
+            reason.trap(Exception)
+            if channel is self.data:
+                self.data = None
+            self.server.stats.count(
+                "data_timeouts" if reason.check(net_error.TimeoutError) else "data_failures"
+            )
+            return (ftp.CANT_OPEN_DATA_CNX,)
+
+        def opened(connection: DataConnection) -> Deferred[Any]:
+            self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
+            return work(connection)
+
+        return channel.ready().addCallbacks(opened, no_connection)
+
+    # -- listings --------------------------------------------------------------------
+
+    def ftp_LIST(self, path: str = "") -> Deferred[Any]:
+        if path.startswith("-"):
+            path = path.partition(" ")[2]
+        return self._listing(path, names_only=False)
+
+    def ftp_NLST(self, path: str = "") -> Deferred[Any]:
+        if path.startswith("-"):
+            path = path.partition(" ")[2]
+        return self._listing(path, names_only=True)
+
+    def _segments(self, path: str) -> list[str]:
+        """C{path} from the working directory; commands run in maybeDeferred, so raising
+        an L{ftp.FTPCmdError} here answers the client."""
+        try:
+            segments: list[str] = ftp.toSegments(self.workingDirectory, path)
+        except ftp.InvalidPath:
+            raise ftp.FileNotFoundError(path) from None
+        return segments
+
+    def _listing(self, path: str, names_only: bool) -> Deferred[Any]:
+        lines = self.shell.listing(self._segments(path), long=not names_only)
+
+        def work(connection: DataConnection) -> Deferred[Any]:
+            connection.transport.write(b"".join(line + b"\r\n" for line in lines))
+            connection.transport.loseConnection()
+            return connection.closed.addCallback(lambda _: (ftp.TXFR_COMPLETE_OK,))
+
+        return self._with_data(work)
+
+    # -- transfers -------------------------------------------------------------------
+
+    def ftp_REST(self, offset: str) -> Any:
+        try:
+            value = int(offset)
+            if value < 0:
+                raise ValueError(offset)
+        except ValueError:
+            return fail(ftp.CmdArgSyntaxError(offset))
+        self.rest = value
+        return f"350 Restarting at {value}. Send STOR or RETR."
+
+    def _take_rest(self) -> int:
+        offset, self.rest = self.rest, 0
+        return offset
+
+    def _account(self, count: int, incoming: bool) -> None:
+        if self.transfer is not None:
+            self.transfer.bytes += count
+        # Data bytes count for the control connection too: the idle sweep then
+        # leaves a session alone while its transfer moves.
+        tracked = self.transport
+        if incoming and hasattr(tracked, "bytes_in"):
+            tracked.bytes_in += count
+        elif hasattr(tracked, "bytes_out"):
+            tracked.bytes_out += count
+
+    def _begin(self, direction: str, segments: list[str], stall: Callable[[], object]) -> Transfer:
+        """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
+        transfer = Transfer(direction, "/" + "/".join(segments), time.time())
+        self.transfer = transfer
+        timeout = self.server.limits.data_timeout
+        seen = 0
+
+        def check() -> None:
+            nonlocal seen
+            if self.transfer is not transfer or self.disconnected:
+                return
+            if transfer.bytes == seen:
+                self.server.stats.count("data_stalls")
+                stall()
+                return
+            seen = transfer.bytes
+            self._watchdog = self.server.reactor.callLater(timeout, check)
+
+        self._watchdog = self.server.reactor.callLater(timeout, check)
+        return transfer
+
+    def _end(self, transfer: Transfer, ok: bool) -> None:
+        self.transfer = None
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+        stats = self.server.stats
+        stats.count(f"{transfer.direction}s")
+        stats.count(f"{transfer.direction}_bytes", transfer.bytes)
+        if not ok:
+            stats.count("transfers_failed")
+        self.server.emit(
+            "ftp.transfer",
+            client=self.client,
+            user=self.user,
+            direction=transfer.direction,
+            path=transfer.path,
+            bytes=transfer.bytes,
+            seconds=round(time.time() - transfer.started, 6),
+            ok=ok,
+        )
+
+    def ftp_RETR(self, path: str) -> Deferred[Any]:
+        offset = self._take_rest()
+        segments = self._segments(path)
+        source = self.shell.open_for_reading(segments)
+
+        def work(connection: DataConnection) -> Deferred[Any]:
+            transport = connection.transport
+            progress = lambda n: self._account(n, False)  # noqa: E731
+            if self.binary and Sendfile.usable(transport):
+                sender = Sendfile(self.server.reactor, transport, source, offset, progress)
+                transfer = self._begin("download", segments, sender.stop)
+                sent = sender.start()
+                self._guard(sender.stop, sent)
+            else:
+                source.seek(offset)
+                transfer = self._begin("download", segments, transport.abortConnection)
+                sent = _FileProducer(source, transport, not self.binary, progress).start()
+
+            def done(_: object) -> Deferred[Any]:
+                transport.loseConnection()
+                return connection.closed
+
+            return sent.addCallback(done).addCallbacks(
+                lambda clean: self._finished(transfer, clean),
+                lambda reason: self._finished(transfer, False),
+            )
+
+        return self._with_data(work).addBoth(lambda result: _closing(source, result))
+
+    def _guard(self, cleanup: Callable[[], object], until: Deferred[Any]) -> None:
+        """Run C{cleanup} if the session ends before C{until} fires."""
+        self._cleanup.append(cleanup)
+
+        def forget(result: object) -> object:
+            if cleanup in self._cleanup:
+                self._cleanup.remove(cleanup)
+            return result
+
+        until.addBoth(forget)
+
+    def _finished(self, transfer: Transfer, ok: bool) -> Any:
+        self._end(transfer, ok)
+        return (ftp.TXFR_COMPLETE_OK,) if ok else (ftp.CNX_CLOSED_TXFR_ABORTED,)
+
+    def ftp_STOR(self, path: str) -> Deferred[Any]:
+        return self._store(path, append=False)
+
+    def ftp_APPE(self, path: str) -> Deferred[Any]:
+        return self._store(path, append=True)
+
+    def _store(self, path: str, append: bool) -> Deferred[Any]:
+        offset = self._take_rest()
+        segments = self._segments(path)
+        target = self.shell.upload_target(segments)
+        if append:
+            offset = target.stat().st_size if target.exists() else 0
+        elif offset and (not target.exists() or target.stat().st_size < offset):
+            return succeed("554 REST offset is beyond the end of the file.")
+        ascii = not self.binary
+
+        def work(connection: DataConnection) -> Deferred[Any]:
+            transport = connection.transport
+            transfer = self._begin("upload", segments, transport.abortConnection)
+
+            def pause(paused: bool) -> None:
+                if paused:
+                    transport.pauseProducing()
+                else:
+                    transport.resumeProducing()
+
+            upload = Upload(target, offset, self.server.run_in_thread, pause)
+            newlines = _LineEnds() if ascii else None
+            if Sendfile.usable(transport):
+                # Fewer, larger reads: each one is a trip through the reactor.
+                transport.bufferSize = _READ_CHUNK
+
+            def receive(data: bytes) -> None:
+                self._account(len(data), True)
+                upload.write(newlines.to_local(data) if newlines is not None else data)
+
+            def opened(_: object) -> Deferred[Any]:
+                connection.take(receive)
+                return connection.closed.addCallback(closed)
+
+            def closed(clean: bool) -> Deferred[Any]:
+                # A clean end of the data stream is the end of the file, but only
+                # if the client is still there to say so: a client that vanished
+                # left half a file.
+                if clean and not self.disconnected:
+                    if newlines is not None:
+                        upload.write(newlines.rest())
+                    return upload.finish().addCallbacks(
+                        lambda _: self._finished(transfer, True),
+                        lambda f: self._finished(transfer, False),
+                    )
+                return upload.abort().addBoth(lambda _: self._finished(transfer, False))
+
+            def open_failed(reason: Failure) -> Any:
+                transport.abortConnection()
+                self._end(transfer, False)
+                return (ftp.REQ_ACTN_ABRTD_LOCAL_ERR,)
+
+            storing = upload.open().addCallbacks(opened, open_failed)
+            self._guard(upload.abort, storing)
+            return storing
+
+        return self._with_data(work)
+
+    def ftp_RNTO(self, to_name: str) -> Any:
+        if not hasattr(self, "_fromName"):
+            return fail(ftp.BadCmdSequenceError("RNFR required before RNTO"))
+        return super().ftp_RNTO(to_name)
+
+    def ftp_ABOR(self) -> Any:
+        return (ftp.CLOSING_DATA_CNX,)
+
+
+def _closing(source: IO[bytes], result: Any) -> Any:
+    source.close()
+    return result

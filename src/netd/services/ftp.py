@@ -1,0 +1,207 @@
+"""
+The C{ftp} service kind: anonymous and user FTP with FTPS, on twisted.protocols.ftp.
+
+    files:
+      type: ftp
+      listen: ["tcp:2121"]        # an ssl: listener is implicit FTPS
+      root: ftp                   # the anonymous root
+      anonymous: read             # none | read | write
+      users: {alice: {password: "...", home: ftp/alice, write: true}}
+      passive_ports: "30000-30099"
+      passive_host: 127.0.0.1     # announced in PASV replies
+      tls: lab                    # offers AUTH TLS and PROT P
+      require_tls: false
+
+The protocol lives in L{netd.services._ftp_session}, accounts, confined shells
+and the fast transfer paths in L{netd.services._ftp_files}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.cred.portal import Portal
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.schema import Section, Value
+from netd.services._ftp_files import Accounts, Realm, User, in_thread
+from netd.services._ftp_session import FTPServer, SessionLimits
+
+__all__ = ["FTP", "FtpOptions", "User", "build", "parse"]
+
+_ANONYMOUS = ("none", "read", "write")
+_USER_NAME = re.compile(r"[^\s:]{1,64}\Z")
+_PORTS = re.compile(r"(\d+)-(\d+)\Z")
+
+
+@attrs.frozen
+class FtpOptions:
+    root: Path | None = None
+    anonymous: str = "none"
+    users: tuple[User, ...] = ()
+    passive_ports: tuple[int, int] | None = None
+    passive_host: str | None = None
+    tls: str | None = None
+    require_tls: bool = False
+    limits: SessionLimits = attrs.field(factory=SessionLimits)
+
+    @property
+    def tls_profiles(self) -> tuple[str, ...]:
+        """Profiles used besides the listeners' (a reload rebuilds on their change)."""
+        return (self.tls,) if self.tls else ()
+
+
+def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> FtpOptions:
+    anonymous = section.choice("anonymous", _ANONYMOUS, "none")
+    root_value = section.get("root")
+    root = None
+    if root_value is not None:
+        root = _directory(root_value)
+    elif anonymous != "none":
+        section.value.error(f"anonymous: {anonymous} needs a 'root' directory")
+    no_users: tuple[User, ...] = ()
+    users = section.read("users", _users, no_users)
+    if anonymous == "none" and not users and section.value.is_mapping:
+        section.value.error("nobody can log in: set 'anonymous' to read or write, or add 'users'")
+    tls = section.optional_str("tls")
+    if tls is not None and tls not in profiles:
+        entry = section.get("tls")
+        assert entry is not None
+        known = ", ".join(sorted(profiles)) or "none defined"
+        entry.error(f"unknown TLS profile {tls!r} (known: {known})")
+        tls = None
+    require_tls = section.flag("require_tls", False)
+    if require_tls and tls is None and section.value.is_mapping and not section.has("tls"):
+        section.value.error("require_tls needs a 'tls' profile for AUTH TLS")
+    defaults = SessionLimits()
+    limits = SessionLimits(
+        max_line=defaults.max_line,
+        max_per_client=section.integer(
+            "max_per_client", defaults.max_per_client, minimum=1, maximum=100_000
+        ),
+        login_delay=section.number("login_delay", defaults.login_delay, minimum=0),
+        max_login_failures=section.integer(
+            "max_login_failures", defaults.max_login_failures, minimum=1, maximum=1000
+        ),
+        data_timeout=section.number("data_timeout", defaults.data_timeout, minimum=0.1),
+    )
+    return FtpOptions(
+        root=root,
+        anonymous=anonymous,
+        users=users,
+        passive_ports=section.read("passive_ports", _port_range, None),
+        passive_host=section.read("passive_host", _ipv4, None),
+        tls=tls,
+        require_tls=require_tls,
+        limits=limits,
+    )
+
+
+def _directory(value: Value) -> Path:
+    path = value.as_path()
+    if value.is_scalar and not path.is_dir():
+        value.error(f"not a directory: {path}")
+    return path
+
+
+def _users(value: Value) -> tuple[User, ...]:
+    users = []
+    for name, entry in value.items():
+        if not _USER_NAME.match(name) or name == "anonymous":
+            entry.error("user names are 1-64 characters, no spaces or ':', not 'anonymous'")
+            continue
+        section = entry.section()
+        home_value = section.require("home")
+        home = _directory(home_value) if home_value is not None else Path()
+        password = section.optional_str("password")
+        password_hash = section.optional_str("password_hash")
+        if (password is None) == (password_hash is None) and entry.is_mapping:
+            entry.error("give 'password' or 'password_hash' (one of them)")
+        if password_hash is not None and not _hash_usable(password_hash):
+            hashed = section.get("password_hash")
+            assert hashed is not None
+            hashed.error("not a bcrypt ($2b$...) or crypt(3) ($6$..., $5$..., $1$...) hash")
+        write = section.flag("write", False)
+        section.finish()
+        users.append(User(name, home, write, password, password_hash))
+    return tuple(users)
+
+
+def _hash_usable(hashed: str) -> bool:
+    if hashed.startswith(("$2a$", "$2b$", "$2y$")):
+        return len(hashed) == 60
+    return bool(
+        re.fullmatch(r"\$(1|5|6)\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]+", hashed)
+    )
+
+
+def _port_range(value: Value) -> tuple[int, int] | None:
+    text = value.as_str()
+    match = _PORTS.match(text.replace(" ", ""))
+    if not value.is_scalar:
+        return None
+    if match is None:
+        value.error(f"expected a port range like '30000-30099', got {text!r}")
+        return None
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low <= high <= 65535:
+        value.error("passive ports are between 1024 and 65535, low-high")
+        return None
+    return low, high
+
+
+def _ipv4(value: Value) -> str | None:
+    text = value.as_str()
+    try:
+        return str(ipaddress.IPv4Address(text))
+    except ValueError:
+        if value.is_scalar:
+            value.error(f"PASV announces an IPv4 address, got {text!r}")
+        return None
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: FtpOptions = service.options
+    users = {user.name: user for user in options.users}
+    run_in_thread = in_thread(context.reactor)
+    portal = Portal(
+        Realm(options.root, options.anonymous == "write", users),
+        [Accounts(users, options.anonymous != "none", run_in_thread)],
+    )
+    server = FTPServer(
+        reactor=context.reactor,
+        portal=portal,
+        stats=context.stats,
+        emit=context.emit,
+        run_in_thread=run_in_thread,
+        limits=options.limits,
+        anonymous=options.anonymous != "none",
+        passive_ports=options.passive_ports,
+        passive_host=options.passive_host,
+        tls=context.tls.get(options.tls) if options.tls else None,
+        require_tls=options.require_tls,
+    )
+
+    def stream(listener: ListenerConfig) -> Any:
+        data_tls = None
+        if listener.tls:
+            # Data connections of implicit FTPS use the listener's own profile,
+            # or the service's when the endpoint carries its key material itself.
+            profile = listener.tls_profile or options.tls
+            data_tls = context.tls.get(profile) if profile else None
+        return server.factory(data_tls, listener.tls)
+
+    return Handlers(
+        stream=stream,
+        busy_reply=b"421 Too many connections, try again later.\r\n",
+        views={"sessions": AdminView(list=server.list_sessions)},
+    )
+
+
+FTP: ServiceKind[FtpOptions] = ServiceKind("ftp", parse, build)

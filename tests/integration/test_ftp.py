@@ -1,0 +1,675 @@
+"""
+The ftp kind in the real daemon, driven by Python's ftplib, curl and lftp, plus raw
+sockets for what no client would send: traversal, FTP bounce, data theft, overlong
+commands and clients that vanish mid-transfer.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import ssl
+import struct
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+
+from netd.testing import NetdProcess
+
+CURL = shutil.which("curl")
+LFTP = shutil.which("lftp")
+needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
+needs_lftp = pytest.mark.skipif(LFTP is None, reason="lftp is not installed (apt-get install lftp)")
+SECRET = b"top secret outside the root\n"
+BIG = bytes(range(256)) * 4096 * 3  # 3 MiB
+PASSIVE_LOW = 20000 + os.getpid() % 20000
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+IPV6 = _ipv6_loopback()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("ftp")
+    pub = base / "pub"
+    (pub / "docs").mkdir(parents=True)
+    (pub / "hello.txt").write_bytes(b"hello, world\n")
+    (pub / "docs" / "readme.txt").write_text("read me\n")
+    (pub / "big.bin").write_bytes(BIG)
+    with (pub / "huge.bin").open("wb") as huge:
+        huge.truncate(64 << 20)  # sparse: more than loopback buffers hold
+    (base / "secret.txt").write_bytes(SECRET)
+    (pub / "escape").symlink_to(base / "secret.txt")
+    (pub / "escape_dir").symlink_to(base)
+    for name in ("alice", "bob", "drop", "vault"):
+        (base / name).mkdir()
+    (base / "bob" / "bob.txt").write_text("bob's\n")
+    return base
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[NetdProcess]:
+    bob_hash = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    ipv6 = '\n      - "tcp6:0:interface=\\\\:\\\\:1"' if IPV6 else ""
+    config = f"""
+state_dir: state
+shutdown_grace: 1
+admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
+tls:
+  lab: {{self_signed: [localhost, 127.0.0.1]}}
+services:
+  files:
+    type: ftp
+    listen:
+      - "tcp:0:interface=127.0.0.1"
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}{ipv6}
+    root: {site / "pub"}
+    anonymous: read
+    users:
+      alice: {{password: wonderland, home: {site / "alice"}, write: true}}
+      bob: {{password_hash: "{bob_hash}", home: {site / "bob"}}}
+    passive_ports: "{PASSIVE_LOW}-{PASSIVE_LOW + 49}"
+    passive_host: 127.0.0.1
+    tls: lab
+    login_delay: 0.3
+    max_login_failures: 2
+    data_timeout: 1
+    max_per_client: 6
+  drop:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    root: {site / "drop"}
+    anonymous: write
+    max_connections: 2
+  vault:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    users: {{carol: {{password: secret, home: {site / "vault"}, write: true}}}}
+    tls: lab
+    require_tls: true
+"""
+    process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
+    yield process
+    process.stop()
+
+
+def ca_file(netd: NetdProcess) -> str:
+    return str(netd.log_path.parent / "state/tls/lab-ca.pem")
+
+
+def connect(netd: NetdProcess, service: str = "files", user: str | None = None) -> ftplib.FTP:
+    client = ftplib.FTP()
+    client.connect(*netd.address(service), timeout=5)
+    if user == "alice":
+        client.login("alice", "wonderland")
+    elif user is not None:
+        client.login(user)
+    return client
+
+
+def tls_connect(netd: NetdProcess, service: str = "files") -> ftplib.FTP_TLS:
+    context = ssl.create_default_context(cafile=ca_file(netd))
+    client = ftplib.FTP_TLS(context=context)
+    client.connect(*netd.address(service), timeout=5)
+    return client
+
+
+def retrieve(client: ftplib.FTP, path: str, rest: int | None = None) -> bytes:
+    data = io.BytesIO()
+    client.retrbinary(f"RETR {path}", data.write, rest=rest)
+    return data.getvalue()
+
+
+def admin(netd: NetdProcess, path: str) -> Any:
+    entry = netd.ports["admin"]["listeners"][0]
+    url = f"http://{entry['host']}:{entry['port']}{path}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = response.read()
+    return json.loads(body) if path.startswith("/api/") else body.decode()
+
+
+def events(netd: NetdProcess, type: str, since: int = 0) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = admin(
+        netd, f"/api/events?since={since}&type={type}&service=files&wait=5"
+    )["events"]
+    return found
+
+
+def last_event_id(netd: NetdProcess) -> int:
+    last: int = admin(netd, "/api/events?since=0")["last_id"]
+    return last
+
+
+def assert_serving(netd: NetdProcess, service: str = "files") -> None:
+    client = connect(netd, service, "anonymous" if service != "vault" else None)
+    if service == "files":
+        assert retrieve(client, "hello.txt") == b"hello, world\n"
+    else:
+        client.voidcmd("NOOP")
+    client.quit()
+    assert netd.process.poll() is None
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[bytes]:
+    assert CURL is not None
+    return subprocess.run(
+        [CURL, "-sS", "--max-time", "15", *args], capture_output=True, check=False
+    )
+
+
+def url(netd: NetdProcess, path: str, user: str = "", tls: bool = False) -> str:
+    host, port = netd.address("files", tls=tls)
+    return f"{'ftps' if tls else 'ftp'}://{user}{host}:{port}{path}"
+
+
+def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:
+    """A raw control connection, logged in anonymously when the service allows it."""
+    sock = socket.create_connection(netd.address(service), timeout=5)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"220")
+    return sock, reader
+
+
+def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    reply: bytes = reader.readline()
+    while reply[3:4] == b"-":
+        reply = reader.readline()
+    return reply
+
+
+def login_raw(sock: socket.socket, reader: Any, user: bytes = b"anonymous") -> None:
+    command(sock, reader, b"USER " + user)
+    password = b"wonderland" if user == b"alice" else b"guest@"
+    assert command(sock, reader, b"PASS " + password).startswith(b"230")
+
+
+def passive_port(reply: bytes) -> int:
+    numbers = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
+    assert numbers is not None, reply
+    return int(numbers.group(5)) << 8 | int(numbers.group(6))
+
+
+def reset(sock: socket.socket, reader: Any = None) -> None:
+    """Close with a TCP reset, as a crashed client's kernel does."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    hang_up(sock, reader)
+
+
+def hang_up(sock: socket.socket, reader: Any = None) -> None:
+    # A socket's makefile() keeps it open until the file is closed too.
+    if reader is not None:
+        reader.close()
+    sock.close()
+
+
+# -- ftplib -----------------------------------------------------------------------------
+
+
+def test_anonymous_read_with_ftplib(netd: NetdProcess) -> None:
+    client = connect(netd, user="anonymous")
+    assert client.pwd() == "/"
+    assert sorted(client.nlst()) == ["big.bin", "docs", "hello.txt", "huge.bin"]  # no links out
+    lines: list[str] = []
+    client.dir(lines.append)
+    assert any(line.startswith("d") and line.endswith(" docs") for line in lines)
+    assert retrieve(client, "big.bin") == BIG
+    assert client.size("big.bin") == len(BIG)
+    assert re.fullmatch(r"213 \d{14}", client.sendcmd("MDTM hello.txt"))
+    client.cwd("docs")
+    assert client.pwd() == "/docs"
+    assert retrieve(client, "readme.txt") == b"read me\n"
+    client.sendcmd("CDUP")
+    assert client.pwd() == "/"
+    assert client.sendcmd("SYST").startswith("215")
+    assert client.sendcmd("TYPE A").startswith("200")
+    assert client.sendcmd("TYPE I").startswith("200")
+    for refused in ("STOR x.txt", "APPE hello.txt"):
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            client.storbinary(refused, io.BytesIO(b"no"))
+    for write in ("MKD new", "DELE hello.txt", "RMD docs"):
+        with pytest.raises(ftplib.error_perm, match=r"^550"):
+            client.sendcmd(write)
+    client.quit()
+
+
+def test_user_writes_resumes_and_renames_with_ftplib(netd: NetdProcess, site: Path) -> None:
+    client = connect(netd, user="alice")
+    client.storbinary("STOR up.bin", io.BytesIO(BIG))
+    assert (site / "alice" / "up.bin").read_bytes() == BIG
+    assert retrieve(client, "up.bin", rest=1000) == BIG[1000:]
+    client.storbinary("APPE up.bin", io.BytesIO(b"tail"))
+    assert (site / "alice" / "up.bin").read_bytes() == BIG + b"tail"
+    client.storbinary("STOR up.bin", io.BytesIO(b"0123456789"))
+    client.storbinary("STOR up.bin", io.BytesIO(b"abc"), rest=4)
+    assert (site / "alice" / "up.bin").read_bytes() == b"0123abc"
+    assert client.mkd("dir") == "dir"
+    client.rename("up.bin", "dir/moved.bin")
+    assert client.nlst("dir") == ["moved.bin"]
+    client.delete("dir/moved.bin")
+    client.rmd("dir")
+    assert client.nlst() == []
+    client.set_pasv(False)  # PORT: the server connects back
+    client.storbinary("STOR active.txt", io.BytesIO(b"active\n"))
+    assert retrieve(client, "active.txt") == b"active\n"
+    client.delete("active.txt")
+    client.quit()
+
+
+@pytest.mark.skipif(not IPV6, reason="no IPv6 loopback")
+def test_ipv6_clients_use_epsv_and_eprt(netd: NetdProcess, site: Path) -> None:
+    port = next(e["port"] for e in netd.listeners("files") if e["host"] == "::1")
+    client = ftplib.FTP()
+    client.connect("::1", port, timeout=5)
+    client.login("alice", "wonderland")
+    with pytest.raises(ftplib.error_perm, match=r"^502"):
+        client.sendcmd("PASV")  # PASV cannot name an IPv6 address
+    client.storlines("STOR text.txt", io.BytesIO(b"one\r\ntwo\r\n"))  # EPSV, TYPE A
+    assert (site / "alice" / "text.txt").read_bytes() == b"one\ntwo\n"
+    client.set_pasv(False)  # EPRT |2|::1|...|
+    lines: list[str] = []
+    client.retrlines("RETR text.txt", lines.append)
+    assert lines == ["one", "two"]
+    client.delete("text.txt")
+    client.quit()
+
+
+def test_bcrypt_user_reads_but_cannot_write(netd: NetdProcess) -> None:
+    client = connect(netd)
+    client.login("bob", "builder")
+    assert retrieve(client, "bob.txt") == b"bob's\n"
+    with pytest.raises(ftplib.error_perm, match=r"^550"):
+        client.storbinary("STOR x", io.BytesIO(b"x"))
+    client.quit()
+
+
+def test_failed_logins_are_delayed_counted_and_end_the_session(netd: NetdProcess) -> None:
+    since = last_event_id(netd)
+    client = connect(netd)
+    started = time.monotonic()
+    with pytest.raises(ftplib.error_perm, match=r"^530"):
+        client.login("alice", "wrong")
+    assert time.monotonic() - started >= 0.3
+    with pytest.raises((ftplib.error_temp, EOFError), match=r"421|"):
+        client.login("nobody", "wrong")  # the second failure closes the connection
+    failures = events(netd, "ftp.login_failed", since)
+    assert {event["user"] for event in failures} >= {"alice"}
+    assert "login_failures" in admin(netd, "/metrics")
+    assert_serving(netd)
+
+
+# -- FTPS -------------------------------------------------------------------------------
+
+
+def test_explicit_ftps_with_ftplib_prot_p(netd: NetdProcess, site: Path) -> None:
+    client = tls_connect(netd)
+    client.login("alice", "wonderland")
+    client.prot_p()
+    client.storbinary("STOR secure.bin", io.BytesIO(BIG))
+    assert retrieve(client, "secure.bin") == BIG
+    assert "secure.bin" in client.nlst()
+    client.delete("secure.bin")
+    client.quit()
+
+
+def test_require_tls_refuses_login_and_clear_data(netd: NetdProcess) -> None:
+    sock, reader = control(netd, "vault")
+    assert command(sock, reader, b"USER carol").startswith(b"530")
+    hang_up(sock, reader)
+    client = tls_connect(netd, "vault")
+    client.login("carol", "secret")
+    assert client.sendcmd("PBSZ 0").startswith("200")
+    with pytest.raises(ftplib.error_perm, match=r"^534"):
+        client.sendcmd("PROT C")
+    client.prot_p()
+    client.storbinary("STOR v.txt", io.BytesIO(b"vault\n"))
+    assert retrieve(client, "v.txt") == b"vault\n"
+    client.quit()
+
+
+def test_commands_pipelined_after_auth_tls_are_dropped(netd: NetdProcess) -> None:
+    sock = socket.create_connection(netd.address("files"), timeout=5)
+    reader = sock.makefile("rb")
+    reader.readline()
+    sock.sendall(b"AUTH TLS\r\nUSER anonymous\r\n")
+    assert reader.readline().startswith(b"234")
+    context = ssl.create_default_context(cafile=ca_file(netd))
+    secure = context.wrap_socket(sock, server_hostname="localhost")
+    secure_reader = secure.makefile("rb")
+    secure.sendall(b"PASS guest\r\n")
+    # The plaintext USER was dropped, so PASS comes out of sequence.
+    assert secure_reader.readline().startswith(b"503")
+    hang_up(secure, secure_reader)
+    reader.close()
+
+
+@needs_curl
+def test_curl_plain_explicit_and_implicit_ftps(netd: NetdProcess, tmp_path: Path) -> None:
+    listing = curl(url(netd, "/"))
+    assert b"hello.txt" in listing.stdout and b"escape" not in listing.stdout
+    for variant in ((), ("--disable-epsv",), ("-P", "127.0.0.1"), ("-P", "-", "--disable-eprt")):
+        fetched = curl(*variant, url(netd, "/big.bin"))
+        assert fetched.stdout == BIG, (variant, fetched.stderr)
+    source = tmp_path / "source.bin"
+    source.write_bytes(BIG)
+    ca = ca_file(netd)
+    uploaded = curl(
+        "--ssl-reqd", "--cacert", ca, "-T", str(source), url(netd, "/c.bin", "alice:wonderland@")
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
+    secure = curl("--ssl-reqd", "--cacert", ca, url(netd, "/c.bin", "alice:wonderland@"))
+    assert secure.stdout == BIG, secure.stderr
+    implicit = curl("--cacert", ca, url(netd, "/c.bin", "alice:wonderland@", tls=True))
+    assert implicit.stdout == BIG, implicit.stderr
+    resumed = curl("-C", "1000", url(netd, "/big.bin"))
+    assert resumed.stdout == BIG[1000:]
+    assert curl("-Q", "DELE c.bin", url(netd, "/", "alice:wonderland@")).returncode == 0
+
+
+@needs_lftp
+def test_lftp_plain_and_tls(netd: NetdProcess, tmp_path: Path, site: Path) -> None:
+    assert LFTP is not None
+    host, port = netd.address("files")
+    (tmp_path / "l.txt").write_text("from lftp\n")
+    settings = f"set net:max-retries 1; set net:timeout 5; set ssl:ca-file {ca_file(netd)};"
+    plain = subprocess.run(
+        [
+            LFTP,
+            "-p",
+            str(port),
+            "-e",
+            f"{settings} set ftp:ssl-allow no; ls; get hello.txt; bye",
+            host,
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert b"hello.txt" in plain.stdout, plain.stderr
+    assert (tmp_path / "hello.txt").read_bytes() == b"hello, world\n"
+    secure = subprocess.run(
+        [
+            LFTP,
+            "-u",
+            "alice,wonderland",
+            "-p",
+            str(port),
+            "-e",
+            f"{settings} set ftp:ssl-force yes; set ftp:ssl-protect-data yes;"
+            " put l.txt; cls; rm l.txt; bye",
+            host,
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    assert secure.returncode == 0 and b"l.txt" in secure.stdout, secure.stderr
+    assert not (site / "alice" / "l.txt").exists()
+
+
+# -- safety -------------------------------------------------------------------------------
+
+
+def test_no_path_leaves_the_root(netd: NetdProcess, site: Path) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader, b"alice")
+    (site / "alice" / "link_out").symlink_to(site / "secret.txt")
+    (site / "alice" / "dir_out").symlink_to(site)
+    reads = [
+        b"SIZE ../secret.txt",
+        b"SIZE /../secret.txt",
+        b"SIZE ../../../../etc/passwd",
+        b"SIZE /etc/passwd",
+        b"SIZE link_out",
+        b"SIZE dir_out/secret.txt",
+        b"MDTM link_out",
+        b"CWD ..",
+        b"CWD dir_out",
+        b"CWD /../..",
+        b"SIZE ..%2fsecret.txt",
+        b"SIZE \\..\\secret.txt",
+    ]
+    for line in reads:
+        assert command(sock, reader, line)[:1] == b"5", line
+    writes = [
+        b"MKD ../made",
+        b"MKD dir_out/made",
+        b"DELE link_out",
+        b"DELE dir_out/secret.txt",
+        b"RMD ../alice",
+        b"RMD dir_out",
+    ]
+    for line in writes:
+        assert command(sock, reader, line)[:1] == b"5", line
+    assert command(sock, reader, b"RNFR dir_out/secret.txt")[:3] == b"350"
+    assert command(sock, reader, b"RNTO stolen.txt")[:1] == b"5"
+    assert command(sock, reader, b"RNFR link_out")[:3] == b"350"
+    assert command(sock, reader, b"RNTO ../moved.txt")[:1] == b"5"
+    for line in (
+        b"STOR ../planted.txt",
+        b"STOR dir_out/planted.txt",
+        b"STOR link_out",
+        b"RETR link_out",
+    ):
+        assert command(sock, reader, b"PASV").startswith(b"227")
+        assert command(sock, reader, line)[:1] == b"5", line
+    hang_up(sock, reader)
+    assert (site / "secret.txt").read_bytes() == SECRET
+    assert not (site / "made").exists() and not (site / "planted.txt").exists()
+    assert sorted(os.listdir(site)) == ["alice", "bob", "drop", "pub", "secret.txt", "vault"]
+    (site / "alice" / "link_out").unlink()
+    (site / "alice" / "dir_out").unlink()
+    assert_serving(netd)
+
+
+def test_port_and_eprt_to_another_address_are_refused(netd: NetdProcess) -> None:
+    since = last_event_id(netd)
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    for line in (
+        b"PORT 127,0,0,2,4,1",  # another host
+        b"PORT 127,0,0,1,0,25",  # a privileged port of the client itself
+        b"EPRT |1|127.0.0.2|1025|",
+        b"EPRT |2|::1|1025|",
+        b"PORT 10,0,0,1,4,1",
+    ):
+        assert command(sock, reader, line).startswith(b"504"), line
+    assert command(sock, reader, b"PORT 1,2,3").startswith(b"501")
+    assert command(sock, reader, b"EPRT garbage").startswith(b"501")
+    hang_up(sock, reader)
+    assert len(events(netd, "ftp.bounce_refused", since)) >= 5
+    assert_serving(netd)
+
+
+def test_passive_port_accepts_only_the_control_client(netd: NetdProcess) -> None:
+    since = last_event_id(netd)
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    port = passive_port(command(sock, reader, b"PASV"))
+    assert PASSIVE_LOW <= port <= PASSIVE_LOW + 49
+    thief = socket.socket()
+    thief.bind(("127.0.0.2", 0))
+    thief.settimeout(5)
+    thief.connect(("127.0.0.1", port))
+    assert thief.recv(100) == b""  # closed at once
+    thief.close()
+    assert events(netd, "ftp.data_refused", since)
+    data = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.sendall(b"RETR hello.txt\r\n")
+    assert reader.readline().startswith(b"125")
+    assert data.makefile("rb").read() == b"hello, world\n"
+    assert reader.readline().startswith(b"226")
+    hang_up(sock, reader)
+
+
+def test_epsv_and_epsv_all(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    reply = command(sock, reader, b"EPSV")
+    match = re.search(rb"\(\|\|\|(\d+)\|\)", reply)
+    assert match is not None, reply
+    data = socket.create_connection(("127.0.0.1", int(match.group(1))), timeout=5)
+    sock.sendall(b"NLST\r\n")
+    assert reader.readline().startswith(b"125")
+    assert b"hello.txt" in data.makefile("rb").read()
+    assert reader.readline().startswith(b"226")
+    assert command(sock, reader, b"EPSV ALL").startswith(b"200")
+    assert command(sock, reader, b"PASV").startswith(b"503")
+    hang_up(sock, reader)
+
+
+def test_interrupted_uploads_never_appear_under_their_name(netd: NetdProcess, site: Path) -> None:
+    (site / "alice" / "keep.bin").write_bytes(b"old content")
+    # The data connection is reset halfway: 426, the old file stays.
+    sock, reader = control(netd)
+    login_raw(sock, reader, b"alice")
+    data = socket.create_connection(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    assert command(sock, reader, b"STOR keep.bin").startswith(b"125")
+    data.sendall(BIG[: len(BIG) // 2])
+    reset(data)
+    assert reader.readline().startswith(b"426")
+    assert (site / "alice" / "keep.bin").read_bytes() == b"old content"
+    # The client vanishes: control connection first, then the data stream ends.
+    data = socket.create_connection(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    assert command(sock, reader, b"STOR new.bin").startswith(b"125")
+    data.sendall(BIG[: len(BIG) // 2])
+    hang_up(sock, reader)
+    time.sleep(0.2)  # let the control connection's end arrive first, as a crash does
+    data.close()
+    client = connect(netd, user="alice")
+    deadline = time.monotonic() + 5
+    while [
+        n for n in os.listdir(site / "alice") if n.startswith(".~netd")
+    ] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(os.listdir(site / "alice")) == ["keep.bin"]
+    assert client.nlst() == ["keep.bin"]
+    client.delete("keep.bin")
+    client.quit()
+
+
+def test_client_vanishing_mid_download(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    data = socket.create_connection(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    assert command(sock, reader, b"RETR big.bin").startswith(b"125")
+    assert data.recv(1000)
+    reset(data)
+    assert reader.readline()[:3] in (b"426", b"226")
+    reset(sock, reader)
+    assert_serving(netd)
+
+
+def test_a_client_that_stops_reading_is_cut_after_data_timeout(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    data = socket.socket()
+    data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data.connect(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    assert command(sock, reader, b"RETR huge.bin").startswith(b"125")
+    started = time.monotonic()
+    assert reader.readline().startswith(b"426")  # nothing read: the transfer stalls
+    assert time.monotonic() - started < 5
+    data.close()
+    assert command(sock, reader, b"NOOP").startswith(b"200")
+    hang_up(sock, reader)
+    assert_serving(netd)
+
+
+def test_data_connection_that_never_comes(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader)
+    command(sock, reader, b"PASV")
+    started = time.monotonic()
+    assert command(sock, reader, b"RETR hello.txt").startswith(b"425")
+    assert time.monotonic() - started < 4
+    assert command(sock, reader, b"NOOP").startswith(b"200")
+    assert command(sock, reader, b"RETR hello.txt").startswith(b"503")  # no PASV any more
+    hang_up(sock, reader)
+    assert_serving(netd)
+
+
+def test_bad_commands(netd: NetdProcess) -> None:
+    sock, reader = control(netd)
+    assert command(sock, reader, b"LIST").startswith(b"530")  # not logged in
+    assert command(sock, reader, b"PASS x").startswith(b"503")
+    login_raw(sock, reader)
+    assert command(sock, reader, b"XYZZY plugh").startswith(b"502")
+    assert command(sock, reader, b"").startswith(b"502")
+    assert command(sock, reader, b"REST -5").startswith(b"501")
+    assert command(sock, reader, b"TYPE Q").startswith(b"504")
+    assert command(sock, reader, b"RNTO x").startswith(b"503")
+    assert command(sock, reader, b"NOOP").startswith(b"200")
+    sock.sendall(b"NOOP " + b"x" * 5000 + b"\r\n")
+    assert reader.readline().startswith(b"500")
+    assert reader.readline() == b""  # closed
+    hang_up(sock, reader)
+    assert_serving(netd)
+
+
+def test_per_client_and_total_connection_limits(netd: NetdProcess) -> None:
+    held = [control(netd) for _ in range(6)]
+    sock = socket.create_connection(netd.address("files"), timeout=5)
+    assert sock.makefile("rb").readline().startswith(b"421")
+    sock.close()
+    for held_sock, held_reader in held:
+        hang_up(held_sock, held_reader)
+    drop = [control(netd, "drop") for _ in range(2)]
+    sock = socket.create_connection(netd.address("drop"), timeout=5)
+    assert sock.makefile("rb").readline().startswith(b"421")
+    sock.close()
+    for held_sock, held_reader in drop:
+        hang_up(held_sock, held_reader)
+    assert_serving(netd)
+
+
+def test_anonymous_write_service(netd: NetdProcess, site: Path) -> None:
+    client = connect(netd, "drop", "anonymous")
+    client.storbinary("STOR dropped.txt", io.BytesIO(b"dropped\n"))
+    client.quit()
+    assert (site / "drop" / "dropped.txt").read_bytes() == b"dropped\n"
+
+
+def test_sessions_view_transfer_events_and_metrics(netd: NetdProcess) -> None:
+    since = last_event_id(netd)
+    client = connect(netd, user="alice")
+    client.cwd("/")
+    sessions = admin(netd, "/api/services/files/sessions")
+    mine = [s for s in sessions if s["user"] == "alice"]
+    assert mine and mine[0]["cwd"] == "/" and mine[0]["tls"] is False
+    client.storbinary("STOR m.bin", io.BytesIO(b"m" * 1000))
+    assert retrieve(client, "m.bin") == b"m" * 1000
+    client.delete("m.bin")
+    client.quit()
+    transfers = events(netd, "ftp.transfer", since)
+    while len(transfers) < 2:
+        transfers += events(netd, "ftp.transfer", transfers[-1]["id"])
+    assert [(t["direction"], t["bytes"], t["ok"]) for t in transfers[:2]] == [
+        ("upload", 1000, True),
+        ("download", 1000, True),
+    ]
+    metrics = admin(netd, "/metrics")
+    assert "download_bytes" in metrics and "upload_bytes" in metrics

@@ -1,0 +1,460 @@
+"""
+The ftp kind without sockets: its map section, accounts and confined shells, and
+sessions driven through StringTransport and a MemoryReactorClock.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from twisted.cred import credentials
+from twisted.cred.checkers import ANONYMOUS
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import ftp
+from twisted.python.failure import Failure
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import ServiceStats
+from netd.services._ftp_files import UPLOAD_PREFIX, Accounts, Realm, Sendfile, Shell, Upload, User
+from netd.services._ftp_session import FTPServer, Session, SessionLimits, _LineEnds
+from netd.services.ftp import FtpOptions
+
+# -- the map section ----------------------------------------------------------------------
+
+
+def parse(tmp_path: Path, section: str) -> FtpOptions:
+    text = (
+        "tls: {lab: {self_signed: [localhost]}}\n"
+        f"services:\n  files:\n    type: ftp\n    listen: ['tcp:0']\n{section}"
+    )
+    config = parse_config(text, tmp_path / "netd.yaml")
+    options: FtpOptions = config.services["files"].options
+    return options
+
+
+def errors(tmp_path: Path, section: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        parse(tmp_path, section)
+    return [str(e).split(": ", 1)[1] for e in raised.value.errors]
+
+
+def test_parse_values_and_defaults(tmp_path: Path) -> None:
+    (tmp_path / "pub").mkdir()
+    (tmp_path / "alice").mkdir()
+    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+    options = parse(
+        tmp_path,
+        "    root: pub\n"
+        "    anonymous: write\n"
+        "    users:\n"
+        "      alice: {password: pw, home: alice, write: true}\n"
+        f"      bob: {{password_hash: '{hashed}', home: pub}}\n"
+        "    passive_ports: '30000-30009'\n"
+        "    passive_host: 192.0.2.1\n"
+        "    tls: lab\n"
+        "    require_tls: true\n"
+        "    login_delay: 0\n"
+        "    data_timeout: 5\n",
+    )
+    assert options.root == tmp_path / "pub" and options.anonymous == "write"
+    alice, bob = options.users
+    assert alice == User("alice", tmp_path / "alice", True, "pw", None)
+    assert bob.password_hash == hashed and not bob.write
+    assert options.passive_ports == (30000, 30009) and options.passive_host == "192.0.2.1"
+    assert options.tls_profiles == ("lab",) and options.require_tls
+    assert options.limits == SessionLimits(login_delay=0, data_timeout=5)
+    anonymous_only = parse(tmp_path, "    root: pub\n    anonymous: read\n")
+    assert anonymous_only.users == () and anonymous_only.tls_profiles == ()
+
+
+def test_parse_reports_every_error(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        "    anonymous: maybe\n"
+        "    root: nowhere\n"
+        "    users:\n"
+        "      'bad name': {password: x, home: .}\n"
+        "      anonymous: {password: x, home: .}\n"
+        "      carol: {home: .}\n"
+        "      dave: {password: x, password_hash: y, home: .}\n"
+        "      erin: {password_hash: 'plain', home: .}\n"
+        "      frank: {password: x, home: ., shell: /bin/sh}\n"
+        "    passive_ports: '900-100'\n"
+        "    passive_host: ::1\n"
+        "    tls: nope\n"
+        "    colour: blue\n",
+    )
+    assert found == [
+        "services.files.anonymous: must be one of none, read, write, got 'maybe'",
+        f"services.files.root: not a directory: {tmp_path / 'nowhere'}",
+        "services.files.users.bad name: user names are 1-64 characters, no spaces or ':',"
+        " not 'anonymous'",
+        "services.files.users.anonymous: user names are 1-64 characters, no spaces or ':',"
+        " not 'anonymous'",
+        "services.files.users.carol: give 'password' or 'password_hash' (one of them)",
+        "services.files.users.dave: give 'password' or 'password_hash' (one of them)",
+        "services.files.users.dave.password_hash: not a bcrypt ($2b$...) or crypt(3)"
+        " ($6$..., $5$..., $1$...) hash",
+        "services.files.users.erin.password_hash: not a bcrypt ($2b$...) or crypt(3)"
+        " ($6$..., $5$..., $1$...) hash",
+        "services.files.users.frank.shell: unknown key",
+        "services.files.passive_ports: passive ports are between 1024 and 65535, low-high",
+        "services.files.passive_host: PASV announces an IPv4 address, got '::1'",
+        "services.files.tls: unknown TLS profile 'nope' (known: lab)",
+        "services.files.colour: unknown key",
+    ]
+    assert errors(tmp_path, "    anonymous: read\n") == [
+        "services.files: anonymous: read needs a 'root' directory"
+    ]
+    assert errors(tmp_path, "    anonymous: none\n") == [
+        "services.files: nobody can log in: set 'anonymous' to read or write, or add 'users'"
+    ]
+    assert errors(tmp_path, "    root: .\n    anonymous: read\n    require_tls: true\n") == [
+        "services.files: require_tls needs a 'tls' profile for AUTH TLS"
+    ]
+
+
+# -- accounts and shells ------------------------------------------------------------------
+
+
+def result_of(deferred: Deferred[Any]) -> Any:
+    results: list[Any] = []
+    deferred.addBoth(results.append)
+    assert results, "the Deferred has not fired"
+    return results[0]
+
+
+def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
+    hashed = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    users = {
+        "alice": User("alice", tmp_path, password="wonderland"),
+        "bob": User("bob", tmp_path, password_hash=hashed),
+    }
+    accounts = Accounts(users, anonymous=True, run_in_thread=maybeDeferred)
+
+    def login(name: str, password: str) -> Any:
+        return result_of(accounts.requestAvatarId(credentials.UsernamePassword(name, password)))
+
+    assert login("alice", "wonderland") == "alice"
+    assert login("bob", "builder") == "bob"
+    for name, password in (("alice", "wonder"), ("bob", "wonderland"), ("eve", "x")):
+        outcome = login(name, password)
+        assert isinstance(outcome, Failure) and outcome.check(UnauthorizedLogin)
+    assert result_of(accounts.requestAvatarId(credentials.Anonymous())) is ANONYMOUS
+    closed = Accounts(users, anonymous=False, run_in_thread=maybeDeferred)
+    assert isinstance(result_of(closed.requestAvatarId(credentials.Anonymous())), Failure)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "file.txt").write_text("inside\n")
+    (tmp_path / "secret.txt").write_text("outside\n")
+    (root / "out_link").symlink_to(tmp_path / "secret.txt")
+    (root / "out_dir").symlink_to(tmp_path)
+    (root / "in_link").symlink_to(root / "file.txt")
+    (root / (UPLOAD_PREFIX + "0123")).write_text("half an upload")
+    return root
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [["out_link"], ["out_dir"], ["out_dir", "secret.txt"], [UPLOAD_PREFIX + "0123"], ["a\0b"]],
+)
+def test_shell_refuses_paths_out_of_its_root(tree: Path, segments: list[str]) -> None:
+    shell = Shell(tree, writable=True)
+    with pytest.raises(ftp.FTPCmdError):
+        shell.open_for_reading(segments)
+    with pytest.raises(ftp.FTPCmdError):
+        shell.upload_target(segments)
+
+
+def test_shell_lists_only_what_it_serves_and_writes_only_with_the_flag(tree: Path) -> None:
+    shell = Shell(tree, writable=False)
+    assert shell.listing([], long=False) == [b"file.txt", b"in_link", b"sub"]
+    file_line, link_line, dir_line = shell.listing([], long=True)
+    assert re.fullmatch(
+        rb"-rw.{7} +1 \S+ +\S+ +7 \w{3} \d\d [ \d]\d:?\d\d \d* ?file.txt", file_line
+    )
+    assert link_line.endswith(b" in_link") and dir_line.startswith(b"d")
+    assert shell.listing(["file.txt"], long=False) == [b"file.txt"]
+    with pytest.raises(ftp.FileNotFoundError):
+        shell.listing(["missing"], long=True)
+    with shell.open_for_reading(["in_link"]) as source:
+        assert source.read() == b"inside\n"
+    with pytest.raises(ftp.PermissionDeniedError):
+        shell.upload_target(["new.txt"])
+    with pytest.raises(ftp.PermissionDeniedError):
+        shell.makeDirectory(["new"])
+    writable = Shell(tree, writable=True)
+    assert writable.upload_target(["sub", "new.txt"]) == tree.resolve() / "sub" / "new.txt"
+    with pytest.raises(ftp.IsADirectoryError):
+        writable.upload_target(["sub"])
+    assert isinstance(result_of(writable.removeDirectory([])), Failure)  # never the root
+
+
+def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"0123456789")
+    paused: list[bool] = []
+    upload = Upload(target, 4, maybeDeferred, paused.append)
+    upload.batch = 4
+    upload.high_water = 8
+    result_of(upload.open())
+    for piece in (b"ab", b"cd", b"ef"):
+        upload.write(piece)
+    assert target.read_bytes() == b"0123456789"  # untouched so far
+    result_of(upload.finish())
+    assert target.read_bytes() == b"0123abcdef"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+    aborted = Upload(target, 0, maybeDeferred, paused.append)
+    result_of(aborted.open())
+    aborted.write(b"never")
+    result_of(aborted.abort())
+    assert target.read_bytes() == b"0123abcdef"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
+
+
+def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Path) -> None:
+    pending: list[Deferred[Any]] = []
+
+    def slow(function: Any, *args: Any) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        pending.append(done)
+        done.addCallback(lambda _: function(*args))
+        return done
+
+    paused: list[bool] = []
+    upload = Upload(tmp_path / "f", 0, slow, paused.append)
+    upload.batch, upload.high_water = 2, 4
+    upload.open()
+    pending.pop().callback(None)
+    upload.write(b"ab")  # starts a write that does not finish yet
+    upload.write(b"cdef")
+    assert paused == [True]
+    pending.pop().callback(None)
+    assert paused == [True, False]
+
+
+def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
+    line_ends = _LineEnds()
+    pieces = [line_ends.to_local(piece) for piece in (b"a\r", b"\nb\r\n\r", b"c", b"\r")]
+    assert b"".join(pieces) + line_ends.rest() == b"a\nb\n\rc\r"
+
+
+def test_sendfile_is_only_for_plain_sockets() -> None:
+    assert not Sendfile.usable(StringTransport())
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+class _TLSCapableTransport(StringTransport):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.started_tls: list[object] = []
+
+    def startTLS(self, creator: object) -> None:
+        self.started_tls.append(creator)
+
+
+class Harness:
+    def __init__(self, root: Path, **server_options: Any) -> None:
+        self.reactor = MemoryReactorClock()
+        self.stats = ServiceStats()
+        self.events: list[tuple[str, dict[str, Any]]] = []
+        users = {"alice": User("alice", root, write=True, password="wonderland")}
+        portal = Portal(
+            Realm(root, False, users), [Accounts(users, True, run_in_thread=maybeDeferred)]
+        )
+        options: dict[str, Any] = {
+            "limits": SessionLimits(login_delay=1.0, max_login_failures=2, data_timeout=5),
+            "anonymous": True,
+            **server_options,
+        }
+        self.server = FTPServer(
+            reactor=self.reactor,
+            portal=portal,
+            stats=self.stats,
+            emit=lambda type, **fields: self.events.append((type, fields)),
+            run_in_thread=maybeDeferred,
+            **options,
+        )
+
+    def connect(self, host: str = "127.0.0.1") -> tuple[Session, _TLSCapableTransport]:
+        session = self.server.factory(None, False).buildProtocol(None)
+        transport = _TLSCapableTransport(
+            peerAddress=IPv4Address("TCP", host, 40000),
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 2121),
+        )
+        session.makeConnection(transport)
+        transport.clear()
+        return session, transport
+
+
+def send(session: Session, transport: StringTransport, *lines: bytes) -> list[bytes]:
+    transport.clear()
+    session.dataReceived(b"".join(line + b"\r\n" for line in lines))
+    return transport.value().splitlines()
+
+
+def test_failed_logins_wait_on_the_clock_and_then_close(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    assert send(session, transport, b"USER alice", b"PASS wrong") == [
+        b"331 Password required for alice."
+    ]
+    harness.reactor.advance(0.9)
+    assert transport.value().splitlines()[-1].startswith(b"331")
+    harness.reactor.advance(0.1)
+    assert transport.value().splitlines()[-1] == b"530 Sorry, Authentication failed."
+    send(session, transport, b"USER alice", b"PASS wrong again")
+    harness.reactor.advance(1.0)
+    assert transport.value().splitlines()[-1].startswith(b"421")
+    assert transport.disconnecting
+    assert harness.stats.counters["login_failures"] == 2
+    assert [t for t, _ in harness.events] == ["ftp.login_failed", "ftp.login_failed"]
+
+
+def test_login_then_commands(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    (tmp_path / "f.txt").write_text("12345")
+    session, transport = harness.connect()
+    replies = send(
+        session, transport, b"USER alice", b"PASS wonderland", b"PWD", b"SIZE f.txt", b"XYZ"
+    )
+    assert replies == [
+        b"331 Password required for alice.",
+        b"230 User logged in, proceed",
+        b'257 "/"',
+        b"213 5",
+        b"502 Command 'XYZ' not implemented",
+    ]
+    assert harness.stats.counters["bad_commands"] == 1
+    assert session.describe()["user"] == "alice"
+    assert harness.server.list_sessions({})[0]["client"] == "127.0.0.1:40000"
+
+
+def test_port_and_eprt_only_to_the_client(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x")
+    for line in (b"PORT 10,0,0,1,4,0", b"EPRT |1|127.0.0.2|2000|", b"PORT 127,0,0,1,0,21"):
+        assert send(session, transport, line)[0].startswith(b"504")
+    assert harness.reactor.tcpClients == []
+    assert send(session, transport, b"PORT 127,0,0,1,4,0") == [b"200 PORT OK"]
+    assert harness.reactor.tcpClients[0][:2] == ("127.0.0.1", 1024)
+    assert harness.stats.counters["bounce_refused"] == 3
+
+
+def test_passive_ports_host_and_peer_check(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, passive_ports=(30000, 30001), passive_host="192.0.2.7")
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x")
+    assert send(session, transport, b"PASV") == [b"227 Entering Passive Mode (192,0,2,7,117,48)."]
+    port, factory, _, interface = harness.reactor.tcpServers[-1]
+    assert (port, interface) == (30000, "127.0.0.1")
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.9", 5555)) is None
+    assert harness.stats.counters["data_refused"] == 1
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)) is not None
+    assert send(session, transport, b"EPSV") == [b"229 Entering Extended Passive Mode (|||30001|)."]
+
+
+def test_data_connection_that_never_comes_times_out(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x", b"PASV")
+    assert send(session, transport, b"RETR f.txt", b"NOOP") == []
+    harness.reactor.advance(5)
+    harness.reactor.advance(0)
+    assert transport.value().splitlines() == [b"425 Can't open data connection.", b"200 Command OK"]
+    assert harness.stats.counters["data_timeouts"] == 1
+
+
+def test_auth_tls_drops_what_was_pipelined_in_plaintext(tmp_path: Path) -> None:
+    creator = object()
+    harness = Harness(tmp_path, tls=creator)
+    session, transport = harness.connect()
+    replies = send(session, transport, b"FEAT", b"AUTH TLS", b"USER anonymous")
+    assert b" AUTH TLS" in replies and replies[-1] == b"234 AUTH TLS successful, negotiating."
+    assert transport.started_tls == [creator]
+    assert send(session, transport, b"PBSZ 0", b"PROT P") == [
+        b"200 PBSZ=0",
+        b"200 Data connections will be protected.",
+    ]
+    assert session.describe()["tls"] is True
+
+
+def test_require_tls_refuses_login_in_plaintext(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, tls=object(), require_tls=True)
+    session, transport = harness.connect()
+    assert send(session, transport, b"USER alice") == [
+        b"530 TLS is required here: use AUTH TLS first."
+    ]
+    assert send(session, transport, b"PROT P")[0].startswith(b"503")
+
+
+def test_overlong_command_line_closes_the_session(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    assert send(session, transport, b"NOOP " + b"x" * 3000) == [b"500 Command line too long."]
+    assert transport.disconnecting
+
+
+def test_per_client_limit(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, limits=SessionLimits(max_per_client=1))
+    harness.connect()
+    _, second = harness.connect()
+    assert second.disconnecting and harness.stats.counters["per_client_refused"] == 1
+    _, other_host = harness.connect("127.0.0.2")
+    assert not other_host.disconnecting
+
+
+def open_passive(harness: Harness, session: Session, transport: StringTransport) -> Any:
+    """PASV, then the client's data connection, as a protocol on a StringTransport."""
+    send(session, transport, b"PASV")
+    factory = harness.reactor.tcpServers[-1][1]
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6000))
+    data = StringTransport()
+    protocol.makeConnection(data)
+    return protocol, data
+
+
+def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport)
+    assert send(session, transport, b"STOR up.txt") == [
+        b"125 Data connection already open, starting transfer"
+    ]
+    protocol.dataReceived(b"uploaded")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert (tmp_path / "up.txt").read_bytes() == b"uploaded"
+
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"STOR stalled.txt")
+    protocol.dataReceived(b"half")
+    harness.reactor.advance(5)  # bytes moved in this period
+    assert not data.disconnecting
+    harness.reactor.advance(5)  # none in this one
+    assert harness.stats.counters["data_stalls"] == 1
+    protocol.connectionLost(Failure(ConnectionLost()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1].startswith(b"426")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["up.txt"]
+    assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
