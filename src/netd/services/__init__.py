@@ -22,6 +22,7 @@ KINDS: dict[str, str] = {
     "daytime": "netd.services.simple:DAYTIME",
     "qotd": "netd.services.simple:QOTD",
     "http": "netd.services.http:HTTP",
+    "chat": "netd.services.chat:CHAT",
 }
 
 
