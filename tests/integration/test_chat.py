@@ -12,7 +12,13 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+import irc.client
 import pytest
+import pytest_twisted
+from twisted.internet import defer, protocol
+from twisted.internet import reactor as global_reactor
+from twisted.internet.threads import deferToThread
+from twisted.words.protocols.irc import IRCClient
 
 from netd.testing import NetdProcess
 
@@ -40,6 +46,13 @@ services:
     listen: [{endpoint: "tcp:0:interface=127.0.0.1", protocol: line}]
     rooms: [busy]
     flood: {messages: 100000, per_seconds: 1}
+  strict:
+    type: chat
+    listen: ["tcp:0:interface=127.0.0.1"]
+    password: s3cret
+    ping_interval: 1
+    ping_timeout: 1
+    max_connections: 2
 """
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
@@ -48,7 +61,7 @@ services:
 
 def port(netd: NetdProcess, protocol: str, service: str = "chat") -> int:
     listeners = netd.listeners(service)
-    number: int = listeners[0 if protocol == "irc" and service == "chat" else -1]["port"]
+    number: int = listeners[0 if protocol == "irc" else -1]["port"]
     return number
 
 
@@ -189,3 +202,152 @@ def test_a_client_that_never_reads_is_dropped_and_others_keep_up(netd: NetdProce
     talker.send("after the drop")
     assert reader.expect("after the drop") == "<talker> after the drop"
     assert sleeper.closed()
+
+
+class Bots:
+    """Clients of the PyPI C{irc} library, driven from the test's thread."""
+
+    def __init__(self, netd: NetdProcess) -> None:
+        self.reactor = irc.client.Reactor()
+        self.port = port(netd, "irc")
+        self.events: list[tuple[str, irc.client.Event]] = []
+        self.reactor.add_global_handler("all_events", self._record, -10)
+
+    def _record(self, connection: irc.client.ServerConnection, event: irc.client.Event) -> None:
+        self.events.append((connection.get_nickname(), event))
+
+    def connect(self, nick: str) -> irc.client.ServerConnection:
+        connection = self.reactor.server().connect("127.0.0.1", self.port, nick, ircname=nick)
+        self.wait(nick, "welcome")
+        return connection
+
+    def wait(self, nick: str, type: str, text: str = "") -> irc.client.Event:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            for index, (who, event) in enumerate(self.events):
+                if (
+                    who == nick
+                    and event.type == type
+                    and text in " ".join(map(str, event.arguments))
+                ):
+                    del self.events[: index + 1]
+                    return event
+            self.reactor.process_once(0.05)
+        raise AssertionError(f"{nick} got no {type} event with {text!r}")
+
+
+def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
+    bots = Bots(netd)
+    alice = bots.connect("alice4")
+    bob = bots.connect("bob4")
+    carol = line_user(netd, "carol4", "cafe")
+    alice.join("#cafe")
+    bots.wait("alice4", "endofnames")
+    bob.join("#cafe")
+    names = bots.wait("bob4", "namreply")
+    assert sorted(names.arguments[2].split()) == ["alice4", "bob4", "carol4"]
+    carol.expect("bob4 joined #cafe")
+    alice.privmsg("#cafe", "hello from irc")
+    assert bots.wait("bob4", "pubmsg").arguments == ["hello from irc"]
+    assert carol.expect("hello from irc") == "<alice4> hello from irc"
+    carol.send("hello from the line")
+    event = bots.wait("alice4", "pubmsg", "hello from the line")
+    assert (event.source.nick, event.target) == ("carol4", "#cafe")
+    bots.wait("bob4", "pubmsg", "hello from the line")
+    bob.privmsg("carol4", "just for carol")
+    assert carol.expect("just for carol") == "*bob4* just for carol"
+    carol.send("/msg alice4 and for alice")
+    assert bots.wait("alice4", "privmsg").arguments == ["and for alice"]
+    bob.notice("#cafe", "a notice")
+    assert carol.expect("a notice") == "-bob4- a notice"
+    bob.topic("#cafe", "coffee")
+    assert bots.wait("alice4", "topic").arguments == ["coffee"]
+    alice.whois(["carol4"])
+    assert bots.wait("alice4", "whoischannels").arguments == ["carol4", "#lobby #cafe"]
+    alice.list()
+    assert bots.wait("alice4", "list", "#cafe").arguments == ["#cafe", "3", "coffee"]
+    alice.who("#cafe")
+    bots.wait("alice4", "endofwho")
+    alice.mode("#cafe", "")
+    assert bots.wait("alice4", "channelmodeis").arguments == ["#cafe", "+nt"]
+    bob.send_raw("FROBNICATE now")
+    bots.wait("bob4", "unknowncommand")
+    # A third client asking for a nick in use gets 433, then registers under another.
+    dave = bots.reactor.server()
+    dave.connect("127.0.0.1", bots.port, "Alice4")
+    bots.wait("Alice4", "nicknameinuse")
+    dave.nick("dave4")
+    bots.wait("dave4", "welcome")
+    sessions = admin(netd, "/api/services/chat/sessions?room=cafe")["sessions"]
+    assert sorted((s["nick"], s["protocol"]) for s in sessions) == [
+        ("alice4", "irc"),
+        ("bob4", "irc"),
+        ("carol4", "line"),
+    ]
+    bob.quit("see you")
+    assert carol.expect("bob4 quit") == "* bob4 quit (Quit: see you)"
+    bots.wait("alice4", "quit")
+    metrics = urllib.request.urlopen(
+        "http://{host}:{port}/metrics".format(**netd.ports["admin"]["listeners"][0]),
+        timeout=TIMEOUT,
+    ).read()
+    assert b'netd_chat_messages_total{service="chat",type="chat"}' in metrics
+    assert b'netd_chat_users{service="chat",type="chat"}' in metrics
+    joins = admin(netd, "/api/events?service=chat&type=chat.join")["events"]
+    assert {"nick": "bob4", "room": "cafe"}.items() <= joins[-1].items()
+    for connection in (alice, dave):
+        connection.disconnect()
+    carol.close()
+
+
+def test_password_ping_and_max_connections(netd: NetdProcess) -> None:
+    wrong = Raw(netd, "irc", "strict")
+    wrong.send("PASS nope", "NICK eve", "USER eve 0 * :Eve")
+    wrong.expect(" 464 ")
+    assert wrong.expect("ERROR") == "ERROR :Closing Link: 127.0.0.1 (Bad password)"
+    assert wrong.closed()
+    pinged = Raw(netd, "irc", "strict")
+    pinged.send("PASS s3cret", "NICK frank", "USER frank 0 * :Frank")
+    pinged.expect(" 001 frank ")
+    token = pinged.expect("PING").split(":", 1)[1]
+    pinged.send(f"PONG :{token}")
+    pinged.expect("PING")
+    others = [Raw(netd, "irc", "strict") for _ in range(2)]
+    assert others[-1].expect("ERROR") == "ERROR :Closing Link: too many connections"
+    # Silent after the second PING: dropped for it.
+    assert "Ping timeout" in pinged.expect("ERROR")
+    for other in others[:-1]:
+        other.close()
+
+
+class _Bot(IRCClient):
+    """Twisted's own IRC client as a bot: joins, answers !ping in the room."""
+
+    nickname = "twistbot"
+
+    def signedOn(self) -> None:
+        self.join("#bots")
+
+    def joined(self, channel: str) -> None:
+        self.factory.joined.callback(channel)
+
+    def privmsg(self, user: str, channel: str, message: str) -> None:
+        if message == "!ping":
+            self.msg(channel, f"pong, {user.split('!')[0]}")
+
+
+@pytest_twisted.inlineCallbacks
+def test_twisted_ircclient_bot_answers_a_line_user(netd: NetdProcess) -> Any:
+    factory = protocol.ClientFactory.forProtocol(_Bot)
+    factory.joined = defer.Deferred()
+    connector = global_reactor.connectTCP("127.0.0.1", port(netd, "irc"), factory)
+    try:
+        channel = yield factory.joined
+        assert channel == "#bots"
+        line = yield deferToThread(lambda: line_user(netd, "gina", "bots"))
+        line.send("!ping")
+        answer = yield deferToThread(lambda: line.expect("pong"))
+        assert answer == "<twistbot> pong, gina"
+        line.close()
+    finally:
+        connector.disconnect()

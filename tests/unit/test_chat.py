@@ -334,3 +334,248 @@ def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
     assert slow.closed
     assert chat.events("chat.dropped")[0]["nick"] == "slow"
     assert alice.read()[-1] == "* slow quit (Send queue exceeded)"
+
+
+# --- IRC ---------------------------------------------------------------------------------
+
+
+def irc_user(chat: Chat, nick: str) -> Client:
+    client = chat.connect("irc")
+    client.send(f"NICK {nick}", f"USER {nick} 0 * :{nick.title()} Example")
+    assert f":chat.netd.test 001 {nick} " in client.transport.value().decode()
+    client.read()
+    return client
+
+
+def test_irc_registration_and_welcome(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    motd: 'line one'\n")
+    bob = chat.connect("irc")
+    bob.send("JOIN #lobby")
+    assert bob.read() == [":chat.netd.test 451 * :You have not registered"]
+    bob.send("CAP LS 302", "NICK bob", "USER bob 0 * :Bob Example")
+    assert bob.read() == [":chat.netd.test CAP * LS :"]  # waits for CAP END
+    bob.send("CAP REQ :multi-prefix", "CAP END")
+    lines = bob.read()
+    assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
+    assert [line.split()[1] for line in lines[1:]] == [
+        "001", "002", "003", "004", "005", "251", "375", "372", "376",
+    ]  # fmt: skip
+    assert lines[1] == ":chat.netd.test 001 bob :Welcome to the netd IRC network bob!bob@192.0.2.7"
+    assert "CASEMAPPING=ascii" in lines[5] and "NICKLEN=30" in lines[5]
+    assert lines[8] == ":chat.netd.test 372 bob :- line one"
+    bob.send("USER again 0 * :x")
+    assert bob.read() == [":chat.netd.test 462 bob :You may not reregister"]
+    other = chat.connect("irc")
+    other.send("NICK BOB")
+    assert other.read() == [":chat.netd.test 433 * BOB :Nickname is already in use"]
+    other.send("NICK 1bad", "NICK")
+    assert other.read() == [
+        ":chat.netd.test 432 * 1bad :Erroneous nickname",
+        ":chat.netd.test 431 * :No nickname given",
+    ]
+    other.send("FROB x")
+    assert other.read() == [":chat.netd.test 451 * :You have not registered"]
+    bob.send("FROB x")
+    assert bob.read() == [":chat.netd.test 421 bob FROB :Unknown command"]
+    assert chat.events("chat.login")[0]["nick"] == "bob"
+
+
+def test_irc_password(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    password: s3cret\n")
+    bad = chat.connect("irc")
+    bad.send("PASS wrong", "NICK mallory", "USER m 0 * :M")
+    assert bad.read() == [
+        ":chat.netd.test 464 * :Password incorrect",
+        "ERROR :Closing Link: 192.0.2.7 (Bad password)",
+    ]
+    assert bad.closed
+    good = chat.connect("irc")
+    good.send("PASS s3cret", "NICK alice", "USER a 0 * :A")
+    assert good.read()[0].startswith(":chat.netd.test 001 alice ")
+
+
+def test_irc_rooms_and_queries(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    rooms: [lobby, dev]\n")
+    alice = irc_user(chat, "alice")
+    bob = irc_user(chat, "bob")
+    alice.send("JOIN #lobby,#dev,nohash")
+    assert alice.read() == [
+        ":alice!alice@192.0.2.7 JOIN #lobby",
+        ":chat.netd.test 353 alice = #lobby :alice",
+        ":chat.netd.test 366 alice #lobby :End of /NAMES list",
+        ":alice!alice@192.0.2.7 JOIN #dev",
+        ":chat.netd.test 353 alice = #dev :alice",
+        ":chat.netd.test 366 alice #dev :End of /NAMES list",
+        ":chat.netd.test 403 alice nohash :No such channel",
+    ]
+    bob.send("JOIN #Lobby")
+    bob.read()
+    assert alice.read() == [":bob!bob@192.0.2.7 JOIN #lobby"]
+    bob.send("PRIVMSG #lobby :hi all", "PRIVMSG alice :psst", "NOTICE #lobby :fyi")
+    assert alice.read() == [
+        ":bob!bob@192.0.2.7 PRIVMSG #lobby :hi all",
+        ":bob!bob@192.0.2.7 PRIVMSG alice :psst",
+        ":bob!bob@192.0.2.7 NOTICE #lobby :fyi",
+    ]
+    bob.send("PRIVMSG #dev :not a member", "PRIVMSG ghost :hello", "PRIVMSG #nowhere :x")
+    bob.send("NOTICE ghost :no reply to notices", "PRIVMSG", "PRIVMSG alice")
+    assert bob.read() == [
+        ":chat.netd.test 404 bob #dev :Cannot send to channel",
+        ":chat.netd.test 401 bob ghost :No such nick/channel",
+        ":chat.netd.test 403 bob #nowhere :No such channel",
+        ":chat.netd.test 411 bob :No recipient given (PRIVMSG)",
+        ":chat.netd.test 412 bob :No text to send",
+    ]
+    bob.send("TOPIC #lobby :the lobby", "TOPIC #lobby", "TOPIC #dev :not mine")
+    assert bob.read() == [
+        ":bob!bob@192.0.2.7 TOPIC #lobby :the lobby",
+        ":chat.netd.test 332 bob #lobby :the lobby",
+        ":chat.netd.test 442 bob #dev :You're not on that channel",
+    ]
+    bob.send("NAMES #lobby", "LIST")
+    assert bob.read() == [
+        ":chat.netd.test 353 bob = #lobby :alice bob",
+        ":chat.netd.test 366 bob #lobby :End of /NAMES list",
+        ":chat.netd.test 321 bob Channel :Users  Name",
+        ":chat.netd.test 322 bob #dev 1 :",
+        ":chat.netd.test 322 bob #lobby 2 :the lobby",
+        ":chat.netd.test 323 bob :End of /LIST",
+    ]
+    bob.send("WHO #lobby", "WHOIS alice", "WHOIS ghost")
+    assert bob.read() == [
+        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice H :0 Alice Example",
+        ":chat.netd.test 352 bob #lobby bob 192.0.2.7 chat.netd.test bob H :0 Bob Example",
+        ":chat.netd.test 315 bob #lobby :End of WHO list",
+        ":chat.netd.test 311 bob alice alice 192.0.2.7 * :Alice Example",
+        ":chat.netd.test 319 bob alice :#lobby #dev",
+        ":chat.netd.test 312 bob alice chat.netd.test :netd (irc)",
+        ":chat.netd.test 318 bob alice :End of /WHOIS list",
+        ":chat.netd.test 401 bob ghost :No such nick/channel",
+        ":chat.netd.test 318 bob ghost :End of /WHOIS list",
+    ]
+    bob.send("MODE #lobby", "MODE #lobby b", "MODE #lobby +o bob", "MODE bob", "MODE bob +i")
+    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob")
+    assert bob.read() == [
+        ":chat.netd.test 324 bob #lobby :+nt",
+        f":chat.netd.test 329 bob #lobby :{1_700_000_000}",
+        ":chat.netd.test 368 bob #lobby :End of channel ban list",
+        ":chat.netd.test 482 bob #lobby :You're not channel operator",
+        ":chat.netd.test 221 bob :+",
+        ":bob!bob@192.0.2.7 MODE bob :+i",
+        ":chat.netd.test 502 bob :Cannot change mode for other users",
+        ":chat.netd.test 501 bob :Unknown MODE flag",
+        ":chat.netd.test 303 bob :alice bob",
+    ]
+    alice.read()
+    bob.send("NICK robert")
+    assert alice.read() == [":bob!bob@192.0.2.7 NICK :robert"]
+    assert bob.read() == [":bob!bob@192.0.2.7 NICK :robert"]
+    bob.send("PART #lobby :later", "PART #lobby")
+    assert alice.read() == [":robert!bob@192.0.2.7 PART #lobby :later"]
+    assert bob.read() == [
+        ":robert!bob@192.0.2.7 PART #lobby :later",
+        ":chat.netd.test 442 robert #lobby :You're not on that channel",
+    ]
+    alice.send("JOIN 0")
+    assert alice.read() == [
+        ":alice!alice@192.0.2.7 PART #lobby :Left all channels",
+        ":alice!alice@192.0.2.7 PART #dev :Left all channels",
+    ]
+    alice.send("PING :tok", "PING")
+    assert alice.read() == [
+        ":chat.netd.test PONG chat.netd.test :tok",
+        ":chat.netd.test 409 alice :No origin specified",
+    ]
+    alice.send("QUIT :done")
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Quit: done)"]
+    assert alice.closed
+
+
+def test_irc_and_line_users_share_rooms(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby")
+    carol = line_user(chat, "carol")
+    assert alice.read()[-1] == ":carol!line@192.0.2.7 JOIN #lobby"
+    carol.send("hi irc")
+    assert alice.read() == [":carol!line@192.0.2.7 PRIVMSG #lobby :hi irc"]
+    alice.send("PRIVMSG #lobby :hi line", "PRIVMSG #lobby :\x01ACTION waves\x01")
+    alice.send("PRIVMSG carol :psst")
+    assert carol.read() == ["<alice> hi line", "* alice waves", "*alice* psst"]
+    carol.send("/msg alice back")
+    assert alice.read() == [":carol!line@192.0.2.7 PRIVMSG alice :back"]
+
+
+def test_irc_history_long_lines_and_big_rooms(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 1000, per_seconds: 1}\n")
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby", "PRIVMSG #lobby :" + "é" * 240)
+    users = [irc_user(chat, f"user{n:02d}_{'x' * 20}") for n in range(30)]
+    for user in users:
+        user.send("JOIN #lobby")
+    lines = users[-1].read()
+    names = [line for line in lines if " 353 " in line]
+    assert len(names) > 1 and all(len(line.encode()) <= 510 for line in lines)
+    history = lines[-1]
+    assert history.startswith(":alice!history@chat.netd.test PRIVMSG #lobby :é")
+    assert len(history.encode()) <= 510  # cut to fit, on a character boundary
+    alice.session.dataReceived(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")  # type: ignore[attr-defined]
+    assert alice.read()[-1] == ":chat.netd.test 417 alice :Input line was too long"
+    alice.session.dataReceived(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")  # type: ignore[attr-defined]
+    assert alice.read() == [":chat.netd.test 421 alice \ufffd\ufffd :Unknown command"]
+
+
+def test_irc_ping_timeout(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    ping_interval: 30\n    ping_timeout: 10\n")
+    lazy = chat.connect("irc")
+    chat.clock.advance(30)
+    assert lazy.read() == ["ERROR :Closing Link: 192.0.2.7 (Registration timeout)"]
+    alice = irc_user(chat, "alice")
+    chat.clock.advance(30)  # she registered within the interval: no ping yet
+    assert alice.read() == []
+    chat.clock.advance(30)
+    assert alice.read() == ["PING :chat.netd.test"]
+    alice.send("PONG :chat.netd.test")
+    chat.clock.advance(10)
+    chat.clock.advance(30)
+    assert alice.read() == ["PING :chat.netd.test"]
+    chat.clock.advance(10)
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Ping timeout: 40 seconds)"]
+    assert alice.closed
+
+
+def test_irc_flood(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 2, per_seconds: 10}\n")
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby")
+    alice.read()
+    for n in range(3):
+        alice.send(f"PRIVMSG #lobby :m{n}")
+    assert alice.read() == [
+        ":chat.netd.test NOTICE alice :flood: more than 2 messages in 10 s; messages dropped"
+    ]
+    alice.send("PRIVMSG #lobby :m3", "PRIVMSG #lobby :m4")
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Excess flood)"]
+
+
+def test_sessions_view(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    irc_user(chat, "alice").send("JOIN #lobby,#dev")
+    line_user(chat, "carol")
+    chat.connect("line")
+    view = chat.handlers.views["sessions"]
+    listing = view.list({})
+    assert [(s["nick"], s["protocol"], s["rooms"]) for s in listing["sessions"]] == [
+        ("alice", "irc", ["dev", "lobby"]),
+        ("carol", "line", ["lobby"]),
+        ("", "line", []),
+    ]
+    assert listing["rooms"] == [
+        {"room": "dev", "topic": "", "members": ["alice"]},
+        {"room": "lobby", "topic": "", "members": ["alice", "carol"]},
+    ]
+    assert [s["nick"] for s in view.list({"room": "#DEV"})["sessions"]] == ["alice"]
+    assert view.item is not None
+    assert view.item("CAROL")["rooms"] == ["lobby"]
+    assert view.item("nobody") is None
+    assert chat.stats.gauges["chat_users"] == 2
