@@ -28,6 +28,7 @@ test: lint
 bench: install
 	$(PY) bench/echo.py
 	$(PY) bench/http_bench.py
+	$(PY) bench/chat_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info state

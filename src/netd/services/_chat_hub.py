@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -179,13 +179,14 @@ class Wire:
         raise NotImplementedError
 
     def deliver(
-        self, members: Iterable[Session], sender: Session, room: Room, text: str, notice: bool
+        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
     ) -> None:
-        """Write one room message to these members of the room (never to C{sender})."""
+        """Queue one room message for these members of the room (never for C{sender})."""
         data = self.room_message(sender, room, text, notice)
+        # The hot loop of fan-out: one append per member; the hub marks them for flushing.
         for member in members:
             if member is not sender:
-                member.write(data)
+                member.out.append(data)
 
     def joined(self, user: Session, room: Room) -> bytes:
         raise NotImplementedError
@@ -256,6 +257,9 @@ class Session(Protocol):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
+        # Output waits here until the hub flushes, so a read that carries many
+        # messages costs each member one transport write, not one per message.
+        self.out: list[bytes] = []
         self._framer = LineFramer(self.max_line, self.too_long)
 
     @property
@@ -272,9 +276,14 @@ class Session(Protocol):
         self.transport.registerProducer(self, True)
         self.hub.connected(self)
 
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        self.hub.flush()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         self.hub.leave(self, "Connection closed")
+        self.hub.flush()
 
     def dataReceived(self, data: bytes) -> None:
         for line in self._framer.feed(data):
@@ -282,6 +291,7 @@ class Session(Protocol):
                 return
             self.lines_seen += 1
             self.line_received(clean(line))
+        self.hub.flush()
 
     def line_received(self, line: str) -> None:
         raise NotImplementedError
@@ -291,8 +301,17 @@ class Session(Protocol):
         raise NotImplementedError
 
     def write(self, data: bytes) -> None:
-        if self.gone:
+        """Queue C{data}; it reaches the transport when the hub flushes."""
+        if not self.gone:
+            self.out.append(data)
+            self.hub.dirty[self] = None
+
+    def flush(self) -> None:
+        if self.gone or not self.out:
+            self.out.clear()
             return
+        data = b"".join(self.out)
+        self.out.clear()
         if self.paused:
             self.backlog += len(data)
             if self.backlog > MAX_BACKLOG:
@@ -332,6 +351,7 @@ class Session(Protocol):
             return
         self.hub.leave(self, reason)
         self.write(self.farewell(reason))
+        self.flush()
         self.gone = True
         self.transport.loseConnection()
 
@@ -365,6 +385,8 @@ class Hub:
         self.rooms: dict[str, Room] = {}
         self.users: dict[str, Session] = {}
         self.sessions: dict[Session, None] = {}
+        # Sessions with output queued since the last flush.
+        self.dirty: dict[Session, None] = {}
         self.started = clock.seconds()
         for name in options.rooms:
             self._create(name)
@@ -381,6 +403,13 @@ class Hub:
         self.stats.gauge("chat_rooms", len(self.rooms))
 
     # --- connections and nicks -------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand every queued output to its transport; called at the end of each event."""
+        dirty = self.dirty
+        while dirty:
+            session, _ = dirty.popitem()
+            session.flush()
 
     def connected(self, session: Session) -> None:
         self.sessions[session] = None
@@ -539,7 +568,8 @@ class Hub:
         if room.key not in session.rooms:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
         for wire, members in list(room.members.items()):
-            wire.deliver(list(members), session, room, text, notice)
+            wire.deliver(members, session, room, text, notice)
+            self.dirty.update(members)
         if not notice:
             room.history.append((self.clock.seconds(), session.nick, text))
         self.stats.count("chat_messages")

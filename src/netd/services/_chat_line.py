@@ -7,7 +7,7 @@ current room and reaches everyone else as C{<nick> text}.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 from netd.services._chat_hub import ChatError, Hub, Room, Session, Wire
 
@@ -55,7 +55,7 @@ class LineWire(Wire):
         return f"{where}{shown}\r\n".encode()
 
     def deliver(
-        self, members: Iterable[Session], sender: Session, room: Room, text: str, notice: bool
+        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
     ) -> None:
         # Two forms: plain for those whose current room it is, tagged for the others.
         here = elsewhere = b""
@@ -65,10 +65,10 @@ class LineWire(Wire):
             assert isinstance(member, LineSession)
             if member.current == room.key:
                 here = here or self._message(sender, room, text, notice, current=True)
-                member.write(here)
+                member.out.append(here)
             else:
                 elsewhere = elsewhere or self._message(sender, room, text, notice, current=False)
-                member.write(elsewhere)
+                member.out.append(elsewhere)
 
     def joined(self, user: Session, room: Room) -> bytes:
         return f"* {user.nick} joined #{room.name}\r\n".encode()
