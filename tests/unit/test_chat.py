@@ -579,3 +579,35 @@ def test_sessions_view(tmp_path: Path) -> None:
     assert view.item("CAROL")["rooms"] == ["lobby"]
     assert view.item("nobody") is None
     assert chat.stats.gauges["chat_users"] == 2
+
+
+def test_rooms_clients_made_go_with_their_last_member(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    history: 5\n")
+    alice = line_user(chat, "alice")
+    alice.send("/join den", "secret", "/part den", "/part lobby")
+    assert chat.stats.gauges["chat_rooms"] == 1  # lobby is configured: it stays
+    alice.send("/join den")
+    assert alice.read()[-1] == "* in #den: alice"  # a new room: no history from before
+    for n in range(19):
+        alice.send(f"/join r{n}")
+    alice.read()
+    alice.send("/join one-too-many")
+    assert alice.read() == ["* cannot join one-too-many: you are in too many rooms"]
+    bob = irc_user(chat, "bob")
+    bob.send("JOIN " + ",".join(f"#b{n}" for n in range(21)))
+    assert bob.read()[-1] == ":chat.netd.test 405 bob #b20 :You have joined too many channels"
+
+
+def test_netd_closes_sessions_gracefully(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    carol = line_user(chat, "carol")
+    alice.send("JOIN #lobby")
+    alice.read()
+    alice.session.close_gracefully()  # type: ignore[attr-defined]
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Closed by the server)"]
+    assert alice.closed
+    assert carol.read()[-1] == "* alice quit (Closed by the server)"
+    carol.session.close_gracefully()  # type: ignore[attr-defined]
+    assert carol.read() == ["* bye: Closed by the server"]
+    assert chat.stats.gauges["chat_users"] == 0

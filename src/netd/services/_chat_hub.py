@@ -9,9 +9,10 @@ same bytes are written to every member that speaks it, in one pass.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -38,6 +39,7 @@ __all__ = [
 NICK_LENGTH = 30
 ROOM_LENGTH = 32
 TOPIC_LENGTH = 300
+MAX_ROOMS_PER_USER = 20
 # RFC 2812 2.3.1: a letter or "special" first, then letters, digits, specials and "-".
 _NICK = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]*\Z")
 _ROOM = re.compile(r"[A-Za-z0-9_.-]+\Z")
@@ -91,6 +93,7 @@ class ChatError(Exception):
     NO_CREATE = "rooms cannot be created"
     NOT_IN_ROOM = "not in room"
     NO_SUCH_NICK = "no such nick"
+    TOO_MANY_ROOMS = "too many rooms"
 
     def __init__(self, reason: str, name: str) -> None:
         super().__init__(reason, name)
@@ -351,9 +354,16 @@ class Session(Protocol):
             return
         self.hub.leave(self, reason)
         self.write(self.farewell(reason))
-        self.flush()
+        self.hub.flush()
         self.gone = True
+        # A paused transport with a producer would wait for it to resume
+        # instead of closing once its buffer is sent.
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def close_gracefully(self) -> None:
+        """Called by netd on idle timeout, reload and shutdown."""
+        self.disconnect("Closed by the server")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -390,6 +400,7 @@ class Hub:
         self.started = clock.seconds()
         for name in options.rooms:
             self._create(name)
+        self.permanent = frozenset(self.rooms)
         self._gauges()
 
     def _create(self, name: str) -> Room:
@@ -437,18 +448,25 @@ class Hub:
         del self.users[fold(old_nick)]
         session.nick = nick
         self.users[fold(nick)] = session
-        seen = {session}
-        data: dict[Wire, bytes] = {
-            session.wire: session.wire.renamed(session, old_prefix, old_nick)
-        }
-        session.write(data[session.wire])
-        for member in self._neighbours(session):
-            if member not in seen:
-                seen.add(member)
-                if member.wire not in data:
-                    data[member.wire] = member.wire.renamed(session, old_prefix, old_nick)
-                member.write(data[member.wire])
+        self._announce(
+            itertools.chain((session,), self._neighbours(session)),
+            lambda wire: wire.renamed(session, old_prefix, old_nick),
+        )
         self.emit("chat.nick", old=old_nick, nick=nick)
+
+    @staticmethod
+    def _announce(members: Iterable[Session], encode: Callable[[Wire], bytes]) -> None:
+        """Write one happening to each member once, encoded once per wire."""
+        data: dict[Wire, bytes] = {}
+        seen: set[Session] = set()
+        for member in members:
+            if member in seen:
+                continue
+            seen.add(member)
+            wire = member.wire
+            if wire not in data:
+                data[wire] = encode(wire)
+            member.write(data[wire])
 
     def _neighbours(self, session: Session) -> Iterator[Session]:
         for room in list(session.rooms.values()):
@@ -460,14 +478,10 @@ class Hub:
         if not session.nick or self.users.get(fold(session.nick)) is not session:
             return
         del self.users[fold(session.nick)]
-        data: dict[Wire, bytes] = {}
-        seen = {session}
-        for member in self._neighbours(session):
-            if member not in seen:
-                seen.add(member)
-                if member.wire not in data:
-                    data[member.wire] = member.wire.quit(session, reason)
-                member.write(data[member.wire])
+        self._announce(
+            (m for m in self._neighbours(session) if m is not session),
+            lambda wire: wire.quit(session, reason),
+        )
         for room in list(session.rooms.values()):
             self._remove(session, room)
         self._gauges()
@@ -495,18 +509,18 @@ class Hub:
         if room is None:
             if not self.options.create_rooms:
                 raise ChatError(ChatError.NO_CREATE, name)
+            if len(session.rooms) >= MAX_ROOMS_PER_USER:
+                raise ChatError(ChatError.TOO_MANY_ROOMS, name)
             room = self._create(name)
             self._gauges()
         if key in session.rooms:
             return None
+        if len(session.rooms) >= MAX_ROOMS_PER_USER:
+            raise ChatError(ChatError.TOO_MANY_ROOMS, name)
         session.rooms[key] = room
         room.members.setdefault(session.wire, {})[session] = None
         room.count += 1
-        data: dict[Wire, bytes] = {}
-        for member in room.all_members():
-            if member.wire not in data:
-                data[member.wire] = member.wire.joined(session, room)
-            member.write(data[member.wire])
+        self._announce(room.all_members(), lambda wire: wire.joined(session, room))
         self.emit("chat.join", nick=session.nick, room=room.name)
         return room
 
@@ -514,11 +528,7 @@ class Hub:
         room = self.find_room(name)
         if room.key not in session.rooms:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
-        data: dict[Wire, bytes] = {}
-        for member in room.all_members():
-            if member.wire not in data:
-                data[member.wire] = member.wire.parted(session, room, reason)
-            member.write(data[member.wire])
+        self._announce(room.all_members(), lambda wire: wire.parted(session, room, reason))
         self._remove(session, room)
         self.emit("chat.part", nick=session.nick, room=room.name, reason=reason)
         return room
@@ -531,17 +541,18 @@ class Hub:
             room.count -= 1
             if not group:
                 del room.members[session.wire]
+        if not room.count and room.key not in self.permanent:
+            # Rooms clients made go when their last member leaves, so rooms
+            # (and their history) stay bounded by users x MAX_ROOMS_PER_USER.
+            del self.rooms[room.key]
+            self._gauges()
 
     def set_topic(self, session: Session, name: str, topic: str) -> Room:
         room = self.find_room(name)
         if room.key not in session.rooms:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
         room.topic = topic[:TOPIC_LENGTH]
-        data: dict[Wire, bytes] = {}
-        for member in room.all_members():
-            if member.wire not in data:
-                data[member.wire] = member.wire.topic(session, room)
-            member.write(data[member.wire])
+        self._announce(room.all_members(), lambda wire: wire.topic(session, room))
         self.emit("chat.topic", nick=session.nick, room=room.name, topic=room.topic)
         return room
 

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
 from netd.services._chat_hub import (
+    MAX_ROOMS_PER_USER,
     NICK_LENGTH,
     ROOM_LENGTH,
     TOPIC_LENGTH,
@@ -43,6 +44,7 @@ _ISUPPORT = (
     f"CHANNELLEN={ROOM_LENGTH + 1}",
     f"TOPICLEN={TOPIC_LENGTH}",
     "MAXTARGETS=4",
+    f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
     "NETWORK=netd",
 )
 # Commands a client may send before it has registered.
@@ -94,6 +96,7 @@ _REFUSALS = {
     ChatError.NO_CREATE: (irc.ERR_NOSUCHCHANNEL, "No such channel (cannot create channels)"),
     ChatError.NOT_IN_ROOM: (irc.ERR_NOTONCHANNEL, "You're not on that channel"),
     ChatError.NO_SUCH_NICK: (irc.ERR_NOSUCHNICK, "No such nick/channel"),
+    ChatError.TOO_MANY_ROOMS: (irc.ERR_TOOMANYCHANNELS, "You have joined too many channels"),
 }
 
 

@@ -32,6 +32,7 @@ _REFUSALS = {
     ChatError.NO_CREATE: "no room {} (new rooms cannot be created here)",
     ChatError.NOT_IN_ROOM: "you are not in {}",
     ChatError.NO_SUCH_NICK: "nobody is called {}",
+    ChatError.TOO_MANY_ROOMS: "cannot join {}: you are in too many rooms",
 }
 
 
