@@ -5,14 +5,17 @@ the C{irc} library and Twisted's IRCClient, and the admin API's view of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import irc.client
+import irc.connection
 import pytest
 import pytest_twisted
 from twisted.internet import defer, protocol
@@ -28,7 +31,10 @@ TIMEOUT = 10.0
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     config = """
+state_dir: state
 admin: {listen: ["tcp:0:interface=127.0.0.1"]}
+tls:
+  lab: {self_signed: [localhost, 127.0.0.1]}
 services:
   chat:
     type: chat
@@ -53,6 +59,9 @@ services:
     ping_interval: 1
     ping_timeout: 1
     max_connections: 2
+  secure:
+    type: chat
+    listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}]
 """
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
@@ -137,7 +146,7 @@ def test_line_users_talk_in_a_room(netd: NetdProcess) -> None:
     assert alice.expect("psst") == "*bob1* psst"
     bob.send("/who")
     assert bob.expect("in #garden") == "* in #garden: alice1 bob1"
-    sessions = admin(netd, "/api/services/chat/sessions?room=garden")["sessions"]
+    sessions = admin(netd, "/api/services/chat/sessions?room=garden")
     assert sorted(s["nick"] for s in sessions) == ["alice1", "bob1"]
     assert {s["protocol"] for s in sessions} == {"line"}
     bob.send("/quit bye")
@@ -208,9 +217,16 @@ def test_a_client_that_never_reads_is_dropped_and_others_keep_up(netd: NetdProce
 class Bots:
     """Clients of the PyPI C{irc} library, driven from the test's thread."""
 
-    def __init__(self, netd: NetdProcess) -> None:
+    def __init__(self, netd: NetdProcess, service: str = "chat", tls: bool = False) -> None:
         self.reactor = irc.client.Reactor()
-        self.port = port(netd, "irc")
+        self.port = port(netd, "irc", service)
+        self.factory = irc.connection.Factory()
+        if tls:
+            context = ssl.create_default_context(
+                cafile=str(netd.log_path.parent / "state/tls/lab-ca.pem")
+            )
+            wrap = functools.partial(context.wrap_socket, server_hostname="localhost")
+            self.factory = irc.connection.Factory(wrapper=wrap)
         self.events: list[tuple[str, irc.client.Event]] = []
         self.reactor.add_global_handler("all_events", self._record, -10)
 
@@ -218,7 +234,9 @@ class Bots:
         self.events.append((connection.get_nickname(), event))
 
     def connect(self, nick: str) -> irc.client.ServerConnection:
-        connection = self.reactor.server().connect("127.0.0.1", self.port, nick, ircname=nick)
+        connection = self.reactor.server().connect(
+            "127.0.0.1", self.port, nick, ircname=nick, connect_factory=self.factory
+        )
         self.wait(nick, "welcome")
         return connection
 
@@ -263,6 +281,8 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     assert carol.expect("a notice") == "-bob4- a notice"
     bob.topic("#cafe", "coffee")
     assert bots.wait("alice4", "topic").arguments == ["coffee"]
+    room = admin(netd, "/api/services/chat/rooms/cafe")
+    assert (room["topic"], room["members"]) == ("coffee", ["alice4", "bob4", "carol4"])
     alice.whois(["carol4"])
     assert bots.wait("alice4", "whoischannels").arguments == ["carol4", "#lobby #cafe"]
     alice.list()
@@ -279,7 +299,7 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     bots.wait("Alice4", "nicknameinuse")
     dave.nick("dave4")
     bots.wait("dave4", "welcome")
-    sessions = admin(netd, "/api/services/chat/sessions?room=cafe")["sessions"]
+    sessions = admin(netd, "/api/services/chat/sessions?room=cafe")
     assert sorted((s["nick"], s["protocol"]) for s in sessions) == [
         ("alice4", "irc"),
         ("bob4", "irc"),
@@ -352,3 +372,17 @@ def test_twisted_ircclient_bot_answers_a_line_user(netd: NetdProcess) -> Any:
         line.close()
     finally:
         connector.disconnect()
+
+
+def test_irc_over_tls(netd: NetdProcess) -> None:
+    bots = Bots(netd, "secure", tls=True)
+    alice = bots.connect("alice5")
+    bob = bots.connect("bob5")
+    alice.join("#lobby")
+    bots.wait("alice5", "endofnames")
+    bob.join("#lobby")
+    bots.wait("alice5", "join")
+    alice.privmsg("#lobby", "over tls")
+    assert bots.wait("bob5", "pubmsg").arguments == ["over tls"]
+    alice.disconnect()
+    bob.disconnect()

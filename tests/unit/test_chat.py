@@ -565,16 +565,21 @@ def test_sessions_view(tmp_path: Path) -> None:
     chat.connect("line")
     view = chat.handlers.views["sessions"]
     listing = view.list({})
-    assert [(s["nick"], s["protocol"], s["rooms"]) for s in listing["sessions"]] == [
+    assert [(s["nick"], s["protocol"], s["rooms"]) for s in listing] == [
         ("alice", "irc", ["dev", "lobby"]),
         ("carol", "line", ["lobby"]),
         ("", "line", []),
     ]
-    assert listing["rooms"] == [
-        {"room": "dev", "topic": "", "members": ["alice"]},
-        {"room": "lobby", "topic": "", "members": ["alice", "carol"]},
+    rooms = chat.handlers.views["rooms"]
+    assert rooms.list({}) == [
+        {"room": "dev", "topic": "", "members": ["alice"], "history": 0},
+        {"room": "lobby", "topic": "", "members": ["alice", "carol"], "history": 0},
     ]
-    assert [s["nick"] for s in view.list({"room": "#DEV"})["sessions"]] == ["alice"]
+    assert rooms.item is not None
+    assert rooms.item("#Lobby")["members"] == ["alice", "carol"]
+    assert rooms.item("nowhere") is None
+    assert rooms.item("bad name!") is None
+    assert [s["nick"] for s in view.list({"room": "#DEV"})] == ["alice"]
     assert view.item is not None
     assert view.item("CAROL")["rooms"] == ["lobby"]
     assert view.item("nobody") is None

@@ -607,6 +607,14 @@ class Hub:
 
     def describe_rooms(self) -> list[dict[str, Any]]:
         return [
-            {"room": room.name, "topic": room.topic, "members": room.nicks()}
-            for room in sorted(self.rooms.values(), key=lambda r: r.key)
+            self.describe_room(room) for room in sorted(self.rooms.values(), key=lambda r: r.key)
         ]
+
+    @staticmethod
+    def describe_room(room: Room) -> dict[str, Any]:
+        return {
+            "room": room.name,
+            "topic": room.topic,
+            "members": room.nicks(),
+            "history": len(room.history),
+        }

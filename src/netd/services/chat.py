@@ -136,16 +136,24 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         if room:
             wanted = room_key(room)
             found = [s for s in found if any(fold(r) == wanted for r in s["rooms"])]
-        return {"sessions": found, "rooms": hub.describe_rooms()}
+        return found
 
     def session(nick: str) -> Any:
         user: Session | None = hub.users.get(fold(nick)) if len(nick) <= NICK_LENGTH else None
         return user.describe() if user is not None else None
 
+    def room(name: str) -> Any:
+        key = room_key(name)
+        found = hub.rooms.get(key) if key is not None else None
+        return hub.describe_room(found) if found is not None else None
+
     return Handlers(
         stream=stream,
         busy_reply=b"ERROR :Closing Link: too many connections\r\n",
-        views={"sessions": AdminView(list=sessions, item=session)},
+        views={
+            "sessions": AdminView(list=sessions, item=session),
+            "rooms": AdminView(list=lambda query: hub.describe_rooms(), item=room),
+        },
     )
 
 
