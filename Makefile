@@ -29,6 +29,7 @@ bench: install
 	$(PY) bench/echo.py
 	$(PY) bench/http_bench.py
 	$(PY) bench/startup.py
+	$(PY) bench/chat_bench.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info state

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "dns": "netd.services.dns:DNS",
     "smtp": "netd.services.smtp:SMTP",
     "ftp": "netd.services.ftp:FTP",
+    "chat": "netd.services.chat:CHAT",
 }
 
 

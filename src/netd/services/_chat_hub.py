@@ -1,0 +1,620 @@
+"""
+The chat hub: rooms, users, history and flood control, independent of any wire
+protocol.
+
+Each connection is a L{Session}; its protocol (IRC, line) supplies a L{Wire} that
+turns hub happenings into bytes.  A room message is encoded once per wire and the
+same bytes are written to every member that speaks it, in one pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import attrs
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.events import ServiceStats
+
+__all__ = [
+    "ChatError",
+    "ChatOptions",
+    "Flood",
+    "Hub",
+    "LineFramer",
+    "Room",
+    "Session",
+    "Wire",
+    "clean",
+    "fold",
+]
+
+NICK_LENGTH = 30
+ROOM_LENGTH = 32
+TOPIC_LENGTH = 300
+MAX_ROOMS_PER_USER = 20
+# RFC 2812 2.3.1: a letter or "special" first, then letters, digits, specials and "-".
+_NICK = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]*\Z")
+_ROOM = re.compile(r"[A-Za-z0-9_.-]+\Z")
+# Output a client that has stopped reading may still queue (beyond the transport's
+# own buffer) before it is dropped; a room must not hold memory for its slowest member.
+MAX_BACKLOG = 256 * 1024
+
+
+def fold(name: str) -> str:
+    """The key two nicks or room names share when they differ only in case."""
+    return name.lower()
+
+
+def valid_nick(nick: str) -> bool:
+    return len(nick) <= NICK_LENGTH and _NICK.match(nick) is not None
+
+
+def room_key(name: str) -> str | None:
+    """The hub's key for a room written C{#name} or C{name}, or None when not valid."""
+    bare = name[1:] if name.startswith("#") else name
+    if not bare or len(bare) > ROOM_LENGTH or _ROOM.match(bare) is None:
+        return None
+    return fold(bare)
+
+
+@attrs.frozen
+class FloodLimit:
+    messages: int = 10
+    per_seconds: float = 5.0
+
+
+@attrs.frozen
+class ChatOptions:
+    server_name: str = "chat.netd.test"
+    rooms: tuple[str, ...] = ("lobby",)
+    create_rooms: bool = True
+    motd: str = ""
+    history: int = 20
+    flood: FloodLimit = attrs.field(factory=FloodLimit)
+    password: str | None = None
+    ping_interval: float = 120.0
+    ping_timeout: float = 60.0
+
+
+class ChatError(Exception):
+    """A request the hub refuses; C{reason} is one of the class constants."""
+
+    NICK_IN_USE = "nick in use"
+    BAD_NICK = "erroneous nick"
+    BAD_ROOM = "no such room"
+    NO_CREATE = "rooms cannot be created"
+    NOT_IN_ROOM = "not in room"
+    NO_SUCH_NICK = "no such nick"
+    TOO_MANY_ROOMS = "too many rooms"
+
+    def __init__(self, reason: str, name: str) -> None:
+        super().__init__(reason, name)
+        self.reason = reason
+        self.name = name
+
+
+class Flood:
+    """
+    A token bucket: C{messages} at once, refilled over C{per_seconds}.
+
+    Each message beyond it is a strike; a client that keeps sending through
+    another whole bucket of strikes is flooding on purpose.
+    """
+
+    def __init__(self, limit: FloodLimit, clock: Any) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.tokens = float(limit.messages)
+        self.updated: float = clock.seconds()
+        self.strikes = 0
+
+    def spend(self) -> bool:
+        now = self.clock.seconds()
+        rate = self.limit.messages / self.limit.per_seconds
+        self.tokens = min(self.limit.messages, self.tokens + (now - self.updated) * rate)
+        self.updated = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            self.strikes = 0
+            return True
+        self.strikes += 1
+        return False
+
+    @property
+    def persistent(self) -> bool:
+        return self.strikes > self.limit.messages
+
+
+class LineFramer:
+    """
+    Splits a byte stream into lines of at most C{limit} bytes, CRLF included.
+
+    A longer line is dropped whole (C{too_long} is called once for it) and the
+    partial line kept between reads never grows past the limit.
+    """
+
+    def __init__(self, limit: int, too_long: Callable[[], None]) -> None:
+        self.limit = limit
+        self.too_long = too_long
+        self.buffer = b""
+        self.discarding = False
+
+    def feed(self, data: bytes) -> list[bytes]:
+        *complete, rest = (self.buffer + data).split(b"\n")
+        lines = []
+        for line in complete:
+            if self.discarding:
+                self.discarding = False
+            elif len(line) + 1 > self.limit:
+                self.too_long()
+            else:
+                lines.append(line.rstrip(b"\r"))
+        self.buffer = rest
+        if len(rest) + 1 > self.limit:
+            if not self.discarding:
+                self.too_long()
+            self.discarding = True
+            self.buffer = b""
+        return lines
+
+
+def clean(line: bytes) -> str:
+    """Text of a received line: undecodable bytes replaced, control characters dropped."""
+    text = line.decode("utf-8", "replace")
+    if text.isprintable():
+        return text
+    # IRC formatting (bold, colours) and CTCP's \x01 are kept.
+    return "".join(c for c in text if c.isprintable() or c in "\x01\x02\x03\x0f\x16\x1d\x1f")
+
+
+class Wire:
+    """How one protocol says what happens in the hub; each method returns bytes to send."""
+
+    def room_message(self, sender: Session, room: Room, text: str, notice: bool) -> bytes:
+        raise NotImplementedError
+
+    def deliver(
+        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
+    ) -> None:
+        """Queue one room message for these members of the room (never for C{sender})."""
+        data = self.room_message(sender, room, text, notice)
+        # The hot loop of fan-out: one append per member; the hub marks them for flushing.
+        for member in members:
+            if member is not sender:
+                member.out.append(data)
+
+    def joined(self, user: Session, room: Room) -> bytes:
+        raise NotImplementedError
+
+    def parted(self, user: Session, room: Room, reason: str) -> bytes:
+        raise NotImplementedError
+
+    def quit(self, user: Session, reason: str) -> bytes:
+        raise NotImplementedError
+
+    def renamed(self, user: Session, old_prefix: str, old_nick: str) -> bytes:
+        raise NotImplementedError
+
+    def topic(self, user: Session, room: Room) -> bytes:
+        raise NotImplementedError
+
+    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
+        raise NotImplementedError
+
+
+@attrs.define(eq=False)
+class Room:
+    name: str
+    history: deque[tuple[float, str, str]]
+    topic: str = ""
+    # Members by wire, so a message is encoded once per wire.
+    members: dict[Wire, dict[Session, None]] = attrs.field(factory=dict)
+    count: int = 0
+
+    @property
+    def key(self) -> str:
+        return fold(self.name)
+
+    def all_members(self) -> Iterator[Session]:
+        for group in list(self.members.values()):
+            yield from list(group)
+
+    def nicks(self) -> list[str]:
+        return sorted((m.nick for m in self.all_members()), key=fold)
+
+
+@implementer(IPushProducer)
+class Session(Protocol):
+    """
+    One connected user, whatever its protocol; the protocols subclass it.
+
+    It registers itself as the transport's producer only to learn when the
+    client stops reading: then further output is counted, and past
+    L{MAX_BACKLOG} the client is cut off rather than slowing its rooms.
+    """
+
+    wire: Wire
+    transport: Any
+    protocol_name = ""
+    # RFC 2812's 512 bytes a line, CRLF included, for both protocols.
+    max_line = 512
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.nick = ""
+        self.user = ""
+        self.realname = ""
+        self.host = ""
+        self.rooms: dict[str, Room] = {}
+        self.flood = Flood(hub.options.flood, hub.clock)
+        self.connected_at = hub.clock.seconds()
+        self.backlog = 0
+        self.paused = False
+        self.gone = False
+        self.lines_seen = 0
+        # Output waits here until the hub flushes, so a read that carries many
+        # messages costs each member one transport write, not one per message.
+        self.out: list[bytes] = []
+        self._framer = LineFramer(self.max_line, self.too_long)
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.nick}!{self.user or 'user'}@{self.host}"
+
+    @property
+    def registered(self) -> bool:
+        return bool(self.nick) and self.hub.users.get(fold(self.nick)) is self
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.host = getattr(peer, "host", None) or "localhost"
+        self.transport.registerProducer(self, True)
+        self.hub.connected(self)
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        self.hub.flush()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.gone = True
+        self.hub.leave(self, "Connection closed")
+        self.hub.flush()
+
+    def dataReceived(self, data: bytes) -> None:
+        for line in self._framer.feed(data):
+            if self.gone:
+                return
+            self.lines_seen += 1
+            self.line_received(clean(line))
+        self.hub.flush()
+
+    def line_received(self, line: str) -> None:
+        raise NotImplementedError
+
+    def too_long(self) -> None:
+        """A line over L{max_line} was dropped: tell the client."""
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        """Queue C{data}; it reaches the transport when the hub flushes."""
+        if not self.gone:
+            self.out.append(data)
+            self.hub.dirty[self] = None
+
+    def flush(self) -> None:
+        if self.gone or not self.out:
+            self.out.clear()
+            return
+        data = b"".join(self.out)
+        self.out.clear()
+        if self.paused:
+            self.backlog += len(data)
+            if self.backlog > MAX_BACKLOG:
+                self.hub.dropped_slow(self)
+                self.drop()
+                return
+        self.transport.write(data)
+
+    def drop(self) -> None:
+        """Cut the connection now, discarding whatever it has not read."""
+        self.gone = True
+        self.hub.leave(self, "Send queue exceeded")
+        self.transport.abortConnection()
+
+    # IPushProducer: the transport's verdict on whether the client keeps up.
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+    def notify(self, text: str) -> None:
+        """A message from the server to this user (a refusal, a flood warning)."""
+        raise NotImplementedError
+
+    def farewell(self, reason: str) -> bytes:
+        """The last words to a client being disconnected."""
+        raise NotImplementedError
+
+    def disconnect(self, reason: str) -> None:
+        """Say why and close once the reason is sent."""
+        if self.gone:
+            return
+        self.hub.leave(self, reason)
+        self.write(self.farewell(reason))
+        self.hub.flush()
+        self.gone = True
+        # A paused transport with a producer would wait for it to resume
+        # instead of closing once its buffer is sent.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def close_gracefully(self) -> None:
+        """Called by netd on idle timeout, reload and shutdown."""
+        self.disconnect("Closed by the server")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "nick": self.nick,
+            "protocol": self.protocol_name,
+            "client": self.host,
+            "rooms": sorted(room.name for room in self.rooms.values()),
+            "since": self.connected_at,
+        }
+
+
+class Hub:
+    """Every room and user of one chat service."""
+
+    def __init__(
+        self,
+        options: ChatOptions,
+        clock: Any,
+        stats: ServiceStats,
+        emit: Callable[..., None],
+        journal_active: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.options = options
+        # Messages are the one event frequent enough to cost when nobody reads the journal.
+        self.journal_active = journal_active
+        self.clock = clock
+        self.stats = stats
+        self.emit = emit
+        self.rooms: dict[str, Room] = {}
+        self.users: dict[str, Session] = {}
+        self.sessions: dict[Session, None] = {}
+        # Sessions with output queued since the last flush.
+        self.dirty: dict[Session, None] = {}
+        self.started = clock.seconds()
+        for name in options.rooms:
+            self._create(name)
+        self.permanent = frozenset(self.rooms)
+        self._gauges()
+
+    def _create(self, name: str) -> Room:
+        bare = name.removeprefix("#")
+        room = Room(bare, deque(maxlen=self.options.history))
+        self.rooms[room.key] = room
+        return room
+
+    def _gauges(self) -> None:
+        self.stats.gauge("chat_users", len(self.users))
+        self.stats.gauge("chat_rooms", len(self.rooms))
+
+    # --- connections and nicks -------------------------------------------------
+
+    def flush(self) -> None:
+        """Hand every queued output to its transport; called at the end of each event."""
+        dirty = self.dirty
+        while dirty:
+            session, _ = dirty.popitem()
+            session.flush()
+
+    def connected(self, session: Session) -> None:
+        self.sessions[session] = None
+
+    def nick_free(self, nick: str, session: Session | None = None) -> bool:
+        holder = self.users.get(fold(nick))
+        return holder is None or holder is session
+
+    def check_nick(self, nick: str, session: Session) -> None:
+        if not valid_nick(nick):
+            raise ChatError(ChatError.BAD_NICK, nick)
+        if not self.nick_free(nick, session):
+            raise ChatError(ChatError.NICK_IN_USE, nick)
+
+    def register(self, session: Session, nick: str) -> None:
+        self.check_nick(nick, session)
+        session.nick = nick
+        self.users[fold(nick)] = session
+        self._gauges()
+        self.emit("chat.login", nick=nick, protocol=session.protocol_name, client=session.host)
+
+    def rename(self, session: Session, nick: str) -> None:
+        self.check_nick(nick, session)
+        old_nick, old_prefix = session.nick, session.prefix
+        del self.users[fold(old_nick)]
+        session.nick = nick
+        self.users[fold(nick)] = session
+        self._announce(
+            itertools.chain((session,), self._neighbours(session)),
+            lambda wire: wire.renamed(session, old_prefix, old_nick),
+        )
+        self.emit("chat.nick", old=old_nick, nick=nick)
+
+    @staticmethod
+    def _announce(members: Iterable[Session], encode: Callable[[Wire], bytes]) -> None:
+        """Write one happening to each member once, encoded once per wire."""
+        data: dict[Wire, bytes] = {}
+        seen: set[Session] = set()
+        for member in members:
+            if member in seen:
+                continue
+            seen.add(member)
+            wire = member.wire
+            if wire not in data:
+                data[wire] = encode(wire)
+            member.write(data[wire])
+
+    def _neighbours(self, session: Session) -> Iterator[Session]:
+        for room in list(session.rooms.values()):
+            yield from room.all_members()
+
+    def leave(self, session: Session, reason: str) -> None:
+        """The session is gone (QUIT, closed, dropped): tell its rooms once."""
+        self.sessions.pop(session, None)
+        if not session.nick or self.users.get(fold(session.nick)) is not session:
+            return
+        del self.users[fold(session.nick)]
+        self._announce(
+            (m for m in self._neighbours(session) if m is not session),
+            lambda wire: wire.quit(session, reason),
+        )
+        for room in list(session.rooms.values()):
+            self._remove(session, room)
+        self._gauges()
+        self.emit("chat.quit", nick=session.nick, reason=reason)
+
+    def dropped_slow(self, session: Session) -> None:
+        self.stats.count("chat_dropped_slow")
+        self.emit("chat.dropped", nick=session.nick, client=session.host, reason="send queue")
+
+    # --- rooms ------------------------------------------------------------------
+
+    def find_room(self, name: str) -> Room:
+        key = room_key(name)
+        room = self.rooms.get(key) if key else None
+        if room is None:
+            raise ChatError(ChatError.BAD_ROOM, name)
+        return room
+
+    def join(self, session: Session, name: str) -> Room | None:
+        """Join (creating if allowed); None when already a member."""
+        key = room_key(name)
+        if key is None:
+            raise ChatError(ChatError.BAD_ROOM, name)
+        room = self.rooms.get(key)
+        if room is None:
+            if not self.options.create_rooms:
+                raise ChatError(ChatError.NO_CREATE, name)
+            if len(session.rooms) >= MAX_ROOMS_PER_USER:
+                raise ChatError(ChatError.TOO_MANY_ROOMS, name)
+            room = self._create(name)
+            self._gauges()
+        if key in session.rooms:
+            return None
+        if len(session.rooms) >= MAX_ROOMS_PER_USER:
+            raise ChatError(ChatError.TOO_MANY_ROOMS, name)
+        session.rooms[key] = room
+        room.members.setdefault(session.wire, {})[session] = None
+        room.count += 1
+        self._announce(room.all_members(), lambda wire: wire.joined(session, room))
+        self.emit("chat.join", nick=session.nick, room=room.name)
+        return room
+
+    def part(self, session: Session, name: str, reason: str) -> Room:
+        room = self.find_room(name)
+        if room.key not in session.rooms:
+            raise ChatError(ChatError.NOT_IN_ROOM, name)
+        self._announce(room.all_members(), lambda wire: wire.parted(session, room, reason))
+        self._remove(session, room)
+        self.emit("chat.part", nick=session.nick, room=room.name, reason=reason)
+        return room
+
+    def _remove(self, session: Session, room: Room) -> None:
+        session.rooms.pop(room.key, None)
+        group = room.members.get(session.wire)
+        if group is not None and session in group:
+            del group[session]
+            room.count -= 1
+            if not group:
+                del room.members[session.wire]
+        if not room.count and room.key not in self.permanent:
+            # Rooms clients made go when their last member leaves, so rooms
+            # (and their history) stay bounded by users x MAX_ROOMS_PER_USER.
+            del self.rooms[room.key]
+            self._gauges()
+
+    def set_topic(self, session: Session, name: str, topic: str) -> Room:
+        room = self.find_room(name)
+        if room.key not in session.rooms:
+            raise ChatError(ChatError.NOT_IN_ROOM, name)
+        room.topic = topic[:TOPIC_LENGTH]
+        self._announce(room.all_members(), lambda wire: wire.topic(session, room))
+        self.emit("chat.topic", nick=session.nick, room=room.name, topic=room.topic)
+        return room
+
+    # --- messages -----------------------------------------------------------------
+
+    def allow(self, session: Session) -> bool:
+        """Spend one message of the session's flood allowance; False when it is dropped."""
+        if session.flood.spend():
+            return True
+        self.stats.count("chat_flood_dropped")
+        if session.flood.persistent:
+            self.emit("chat.flood", nick=session.nick, client=session.host, action="disconnect")
+            session.disconnect("Excess flood")
+        elif session.flood.strikes == 1:
+            self.emit("chat.flood", nick=session.nick, client=session.host, action="drop")
+            session.notify(
+                f"flood: more than {self.options.flood.messages} messages in "
+                f"{self.options.flood.per_seconds:g} s; messages dropped"
+            )
+        return False
+
+    def say(self, session: Session, name: str, text: str, notice: bool = False) -> Room:
+        room = self.find_room(name)
+        if room.key not in session.rooms:
+            raise ChatError(ChatError.NOT_IN_ROOM, name)
+        for wire, members in list(room.members.items()):
+            wire.deliver(members, session, room, text, notice)
+            self.dirty.update(members)
+        if not notice:
+            room.history.append((self.clock.seconds(), session.nick, text))
+        self.stats.count("chat_messages")
+        self.stats.count("chat_deliveries", room.count - 1)
+        if self.journal_active():
+            self.emit("chat.message", nick=session.nick, room=room.name, text=text)
+        return room
+
+    def tell(self, session: Session, nick: str, text: str, notice: bool = False) -> Session:
+        target = self.users.get(fold(nick))
+        if target is None:
+            raise ChatError(ChatError.NO_SUCH_NICK, nick)
+        target.write(target.wire.private(session, target, text, notice))
+        self.stats.count("chat_messages")
+        self.stats.count("chat_deliveries")
+        if self.journal_active():
+            self.emit("chat.message", nick=session.nick, to=target.nick, text=text)
+        return target
+
+    # --- the admin view -------------------------------------------------------------
+
+    def describe_sessions(self) -> list[dict[str, Any]]:
+        return [session.describe() for session in self.sessions]
+
+    def describe_rooms(self) -> list[dict[str, Any]]:
+        return [
+            self.describe_room(room) for room in sorted(self.rooms.values(), key=lambda r: r.key)
+        ]
+
+    @staticmethod
+    def describe_room(room: Room) -> dict[str, Any]:
+        return {
+            "room": room.name,
+            "topic": room.topic,
+            "members": room.nicks(),
+            "history": len(room.history),
+        }

@@ -1,0 +1,160 @@
+"""
+The C{chat} service kind: shared rooms for IRC clients and telnet users.
+
+    chat:
+      type: chat
+      listen: ["tcp:6667", {endpoint: "tcp:7777", protocol: line}]
+      server_name: chat.netd.test
+      rooms: [lobby]
+      motd: "welcome to netd"
+      history: 20
+      flood: {messages: 10, per_seconds: 5}
+
+One L{Hub} per service holds the rooms and users; each listener's C{protocol:}
+picks the wire its connections speak (C{irc}, the default, or C{line}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.protocol import Factory, Protocol
+
+from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.schema import Section, Value
+from netd.services._chat_hub import (
+    NICK_LENGTH,
+    ChatOptions,
+    FloodLimit,
+    Hub,
+    Session,
+    fold,
+    room_key,
+)
+from netd.services._chat_irc import IrcSession, IrcWire
+from netd.services._chat_line import LineSession, LineWire
+
+__all__ = ["CHAT", "ChatOptions", "FloodLimit"]
+
+_PROTOCOLS = ("irc", "line")
+
+
+def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> ChatOptions:
+    defaults = ChatOptions()
+    server_name = section.text("server_name", defaults.server_name)
+    server_value = section.get("server_name")
+    if server_value is not None and (
+        not server_name or any(c in server_name for c in " :!@\r\n\0,*?")
+    ):
+        server_value.error("not a valid server name")
+    rooms = section.read("rooms", lambda v: v.list_of(_room, single=True), defaults.rooms)
+    password_value = section.get("password")
+    password = None
+    if password_value is not None:
+        password = password_value.as_str()
+        if password_value.is_scalar and (not password or any(c in password for c in " \r\n\0")):
+            password_value.error("a password is one word of printable characters")
+    motd = section.text("motd", defaults.motd)
+    if any(c in motd for c in "\r\0"):
+        entry = section.get("motd")
+        assert entry is not None
+        entry.error("the motd cannot hold CR or NUL")
+    options = ChatOptions(
+        server_name=server_name,
+        rooms=tuple(dict.fromkeys(rooms)),
+        create_rooms=section.flag("create_rooms", defaults.create_rooms),
+        motd=motd,
+        history=section.integer("history", defaults.history, minimum=0, maximum=10_000),
+        flood=section.read("flood", _flood, defaults.flood),
+        password=password,
+        ping_interval=section.number("ping_interval", defaults.ping_interval, minimum=1),
+        ping_timeout=section.number("ping_timeout", defaults.ping_timeout, minimum=1),
+    )
+    if not options.rooms and not options.create_rooms:
+        section.value.error("with create_rooms: false, give at least one room in rooms")
+    return options
+
+
+def _room(value: Value) -> str:
+    name = value.as_str()
+    if value.is_scalar and room_key(name) is None:
+        value.error(
+            f"not a valid room name: {name!r} (up to 32 letters, digits, '.', '_', '-',"
+            " after an optional '#')"
+        )
+    return name.removeprefix("#")
+
+
+def _flood(value: Value) -> FloodLimit:
+    section = value.section()
+    defaults = FloodLimit()
+    limit = FloodLimit(
+        messages=section.integer("messages", defaults.messages, minimum=1, maximum=100_000),
+        per_seconds=section.number("per_seconds", defaults.per_seconds, minimum=0.001),
+    )
+    section.finish()
+    return limit
+
+
+class _ChatFactory(Factory):
+    noisy = False
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol: Protocol = self.make()
+        protocol.factory = self
+        return protocol
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: ChatOptions = service.options
+    hub = Hub(
+        options,
+        context.reactor,
+        context.stats,
+        context.emit,
+        journal_active=lambda: context.journal.active,
+    )
+    irc_wire = IrcWire(options.server_name)
+    line_wire = LineWire()
+    factories: dict[str, IProtocolFactory] = {
+        "irc": _ChatFactory(lambda: IrcSession(hub, irc_wire)),
+        "line": _ChatFactory(lambda: LineSession(hub, line_wire)),
+    }
+
+    def stream(listener: ListenerConfig) -> IProtocolFactory:
+        return factories[listener.protocol or _PROTOCOLS[0]]
+
+    def sessions(query: Mapping[str, str]) -> Any:
+        found = hub.describe_sessions()
+        room = query.get("room")
+        if room:
+            wanted = room_key(room)
+            found = [s for s in found if any(fold(r) == wanted for r in s["rooms"])]
+        return found
+
+    def session(nick: str) -> Any:
+        user: Session | None = hub.users.get(fold(nick)) if len(nick) <= NICK_LENGTH else None
+        return user.describe() if user is not None else None
+
+    def room(name: str) -> Any:
+        key = room_key(name)
+        found = hub.rooms.get(key) if key is not None else None
+        return hub.describe_room(found) if found is not None else None
+
+    return Handlers(
+        stream=stream,
+        busy_reply=b"ERROR :Closing Link: too many connections\r\n",
+        views={
+            "sessions": AdminView(list=sessions, item=session),
+            "rooms": AdminView(list=lambda query: hub.describe_rooms(), item=room),
+        },
+    )
+
+
+CHAT: ServiceKind[ChatOptions] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS)

@@ -1,0 +1,618 @@
+"""
+The chat kind without sockets: its map section, the hub, and both wire protocols
+driven through StringTransport and a Clock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
+from twisted.logger import Logger
+
+from netd.config import ConfigErrors, ListenerConfig, parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext, Handlers
+from netd.schema import Position
+from netd.services._chat_hub import MAX_BACKLOG, ChatOptions, FloodLimit, LineFramer
+from netd.services.chat import CHAT
+
+PEER = IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+def parse(tmp_path: Path, section: str) -> ChatOptions:
+    text = f"services:\n  chat:\n    type: chat\n    listen: ['tcp:0']\n{section}"
+    config = parse_config(text, tmp_path / "netd.yaml")
+    options: ChatOptions = config.services["chat"].options
+    return options
+
+
+def errors(tmp_path: Path, section: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        parse(tmp_path, section)
+    return [str(e).removeprefix(f"{tmp_path}/") for e in raised.value.errors]
+
+
+def test_parse_defaults_and_values(tmp_path: Path) -> None:
+    assert parse(tmp_path, "") == ChatOptions()
+    options = parse(
+        tmp_path,
+        "    server_name: irc.example\n"
+        "    rooms: ['#lobby', ops, lobby]\n"
+        "    create_rooms: false\n"
+        "    motd: |\n      one\n      two\n"
+        "    history: 5\n"
+        "    flood: {messages: 3, per_seconds: 1.5}\n"
+        "    password: s3cret\n"
+        "    ping_interval: 30\n"
+        "    ping_timeout: 10\n",
+    )
+    assert options == ChatOptions(
+        server_name="irc.example",
+        rooms=("lobby", "ops"),
+        create_rooms=False,
+        motd="one\ntwo\n",
+        history=5,
+        flood=FloodLimit(3, 1.5),
+        password="s3cret",
+        ping_interval=30.0,
+        ping_timeout=10.0,
+    )
+
+
+def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
+    found = errors(
+        tmp_path,
+        "    server_name: 'a b'\n"
+        "    rooms: [ok, 'bad room', '#']\n"
+        "    history: -1\n"
+        "    flood: {messages: 0, per_seconds: 1, burst: 2}\n"
+        "    password: 'two words'\n"
+        "    colour: red\n",
+    )
+    assert found == [
+        "netd.yaml:5:18: services.chat.server_name: not a valid server name",
+        "netd.yaml:6:17: services.chat.rooms[1]: not a valid room name: 'bad room'"
+        " (up to 32 letters, digits, '.', '_', '-', after an optional '#')",
+        "netd.yaml:6:29: services.chat.rooms[2]: not a valid room name: '#'"
+        " (up to 32 letters, digits, '.', '_', '-', after an optional '#')",
+        "netd.yaml:7:14: services.chat.history: must be at least 0, got -1",
+        "netd.yaml:8:23: services.chat.flood.messages: must be at least 1, got 0",
+        "netd.yaml:8:42: services.chat.flood.burst: unknown key",
+        "netd.yaml:9:15: services.chat.password: a password is one word of printable characters",
+        "netd.yaml:10:5: services.chat.colour: unknown key",
+    ]
+
+
+def test_parse_needs_a_room_when_none_can_be_created(tmp_path: Path) -> None:
+    assert errors(tmp_path, "    rooms: []\n    create_rooms: false\n") == [
+        "netd.yaml:3:5: services.chat: with create_rooms: false, give at least one room in rooms"
+    ]
+
+
+def test_listener_protocols(tmp_path: Path) -> None:
+    text = (
+        "services:\n  chat:\n    type: chat\n"
+        "    listen: ['tcp:0', {endpoint: 'tcp:0', protocol: line},"
+        " {endpoint: 'tcp:0', protocol: smtp}]\n"
+    )
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(text, tmp_path / "netd.yaml")
+    assert [str(e).removeprefix(f"{tmp_path}/") for e in raised.value.errors] == [
+        "netd.yaml:4:90: services.chat.listen[2].protocol: must be one of irc, line, got 'smtp'"
+    ]
+
+
+# --- the service, over fake transports -------------------------------------------------
+
+
+@attrs.define
+class Chat:
+    handlers: Handlers
+    clock: MemoryReactorClock
+    stats: ServiceStats
+    journal: Journal
+
+    def connect(self, protocol: str = "line") -> Client:
+        assert self.handlers.stream is not None
+        listener = ListenerConfig(
+            "tcp:0", Position("netd.yaml", 1, 1), "services.chat.listen[0]", protocol=protocol
+        )
+        session = self.handlers.stream(listener).buildProtocol(PEER)
+        assert session is not None
+        transport = StringTransportWithDisconnection(peerAddress=PEER)
+        transport.protocol = session
+        session.makeConnection(transport)
+        return Client(session, transport)
+
+    def events(self, type: str) -> list[dict[str, object]]:
+        return [e.as_json() for e in self.journal.select(types=[type])]
+
+
+@attrs.define
+class Client:
+    session: object
+    transport: StringTransportWithDisconnection
+
+    def send(self, *lines: str) -> None:
+        for line in lines:
+            self.session.dataReceived(line.encode() + b"\r\n")  # type: ignore[attr-defined]
+
+    def read(self) -> list[str]:
+        text = self.transport.value().decode()
+        self.transport.clear()
+        return text.splitlines()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting) or not self.transport.connected
+
+
+def serve(tmp_path: Path, section: str = "") -> Chat:
+    options = parse(tmp_path, section)
+    clock = MemoryReactorClock()
+    clock.advance(1_700_000_000)
+    stats = ServiceStats()
+    journal = Journal(clock)
+    text = "services:\n  chat:\n    type: chat\n    listen: ['tcp:0']\n"
+    config = attrs.evolve(
+        parse_config(text, tmp_path / "netd.yaml").services["chat"], options=options
+    )
+    context = BuildContext(
+        reactor=clock,
+        name="chat",
+        state_dir=tmp_path,
+        journal=journal,
+        stats=stats,
+        log=Logger(),
+        tls={},
+    )
+    return Chat(CHAT.build(config, context), clock, stats, journal)
+
+
+def line_user(chat: Chat, nick: str) -> Client:
+    client = chat.connect("line")
+    client.send(f"/nick {nick}")
+    client.read()
+    return client
+
+
+def test_line_greeting_nick_and_room_talk(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    motd: 'be nice'\n")
+    alice = chat.connect("line")
+    assert alice.read() == [
+        "* welcome to chat.netd.test",
+        "* be nice",
+        "* choose a nick with /nick NAME; /help lists the commands",
+    ]
+    alice.send("hello?")
+    assert alice.read() == ["* choose a nick first: /nick NAME"]
+    alice.send("/nick alice")
+    assert alice.read() == [
+        "* you are alice",
+        "* alice joined #lobby",
+        "* in #lobby: alice",
+    ]
+    bob = line_user(chat, "bob")
+    assert alice.read() == ["* bob joined #lobby"]
+    alice.send("hi bob")
+    assert bob.read() == ["<alice> hi bob"]
+    assert alice.read() == []  # no echo of one's own lines
+    assert chat.events("chat.message")[0]["text"] == "hi bob"
+    assert chat.stats.counters["chat_messages"] == 1
+
+
+def test_line_commands(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = line_user(chat, "alice")
+    bob = line_user(chat, "bob")
+    alice.read()
+    bob.send("/nick bobby")
+    assert alice.read() == ["* bob is now known as bobby"]
+    assert bob.read() == ["* bob is now known as bobby"]
+    bob.send("/nick ALICE")
+    assert bob.read() == ["* nick ALICE is in use"]
+    bob.send("/nick 9lives")
+    assert bob.read()[0].startswith("* 9lives is not a valid nick")
+    alice.send("/msg bobby psst")
+    assert bob.read() == ["*alice* psst"]
+    alice.send("/msg nobody psst")
+    assert alice.read() == ["* nobody is called nobody"]
+    alice.send("/join #dev")
+    assert alice.read() == ["* alice joined #dev", "* in #dev: alice"]
+    bob.send("/rooms")
+    assert bob.read() == ["* #dev (1 users)", "* #lobby (2 users)"]
+    alice.send("/topic all things dev")
+    assert alice.read() == ["* alice set the topic of #dev: all things dev"]
+    bob.send("/who dev")
+    assert bob.read() == ["* in #dev: alice"]
+    bob.send("/join dev")
+    bob.read()
+    bob.send("/join lobby")
+    assert bob.read() == ["* now talking in #lobby"]
+    alice.read()
+    alice.send("in dev")
+    # bob is in #dev too, but talking in #lobby: the room is named.
+    assert bob.read() == ["[#dev] <alice> in dev"]
+    alice.send("/part")
+    assert bob.read() == ["* alice left #dev"]
+    assert alice.read() == ["* alice left #dev", "* now talking in #lobby"]
+    alice.send("/bogus")
+    assert alice.read() == ["* unknown command /bogus; /help lists the commands"]
+    alice.send("/help")
+    assert len(alice.read()) == 9
+    alice.send("/quit gone fishing")
+    assert alice.read() == ["* bye: Quit: gone fishing"]
+    assert alice.closed
+    assert bob.read() == ["* alice quit (Quit: gone fishing)"]
+    bob.send("/who")
+    assert bob.read() == ["* in #lobby: bobby"]
+
+
+def test_history_is_replayed_on_join(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    history: 2\n")
+    alice = line_user(chat, "alice")
+    for n in range(3):
+        alice.send(f"message {n}")
+    bob = line_user(chat, "bob")
+    assert bob.read() == []
+    bob = chat.connect("line")
+    bob.send("/nick carol")
+    assert bob.read()[-2:] == ["<alice> message 1", "<alice> message 2"]
+
+
+def test_rooms_cannot_be_created_when_forbidden(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    rooms: [main]\n    create_rooms: false\n")
+    alice = line_user(chat, "alice")
+    alice.send("/join other")
+    assert alice.read() == ["* no room other (new rooms cannot be created here)"]
+    alice.send("/join bad!name")
+    assert alice.read() == ["* no room bad!name"]
+
+
+def test_line_flood_drops_then_disconnects(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 3, per_seconds: 3}\n")
+    alice = line_user(chat, "alice")
+    bob = line_user(chat, "bob")
+    alice.read()
+    for n in range(4):
+        alice.send(f"m{n}")
+    assert bob.read() == ["<alice> m0", "<alice> m1", "<alice> m2"]
+    assert alice.read() == ["* flood: more than 3 messages in 3 s; messages dropped"]
+    chat.clock.advance(1)  # one message's worth of allowance comes back
+    alice.send("m4")
+    assert bob.read() == ["<alice> m4"]
+    for n in range(3):
+        alice.send(f"x{n}")
+    assert not alice.closed
+    alice.send("x3")
+    assert alice.read()[-1] == "* bye: Excess flood"
+    assert alice.closed
+    assert bob.read() == ["* alice quit (Excess flood)"]
+    assert [e["action"] for e in chat.events("chat.flood")] == ["drop", "drop", "disconnect"]
+
+
+def test_long_lines_and_garbage(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = line_user(chat, "alice")
+    bob = line_user(chat, "bob")
+    alice.read()
+    alice.session.dataReceived(b"x" * 10240)  # type: ignore[attr-defined]
+    alice.session.dataReceived(b"y" * 10240 + b"\r\nafter\r\n")  # type: ignore[attr-defined]
+    assert alice.read() == ["* line too long (over 510 bytes), dropped"]
+    alice.session.dataReceived(b"\xff\xfe\x00\x07bin\x1b[2Jary\r\n")  # type: ignore[attr-defined]
+    assert bob.read() == ["<alice> after", "<alice> \ufffd\ufffdbin[2Jary"]
+
+
+def test_framer_keeps_partial_lines_and_bounds_them() -> None:
+    dropped: list[int] = []
+    framer = LineFramer(8, lambda: dropped.append(1))
+    assert framer.feed(b"ab") == []
+    assert framer.feed(b"c\r\nde") == [b"abc"]
+    assert framer.feed(b"fghijk") == []
+    assert dropped == [1]
+    assert framer.buffer == b""
+    assert framer.feed(b"klm\nok\n") == [b"ok"]
+    assert dropped == [1]
+
+
+def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 100000, per_seconds: 1}\n")
+    alice = line_user(chat, "alice")
+    slow = line_user(chat, "slow")
+    alice.read()
+    # The transport says its buffer is full: output is counted from here on.
+    slow.transport.producer.pauseProducing()
+    text = "z" * 400
+    for _ in range(MAX_BACKLOG // 400 + 2):
+        alice.send(text)
+        if slow.closed:
+            break
+    assert slow.closed
+    assert chat.events("chat.dropped")[0]["nick"] == "slow"
+    assert alice.read()[-1] == "* slow quit (Send queue exceeded)"
+
+
+# --- IRC ---------------------------------------------------------------------------------
+
+
+def irc_user(chat: Chat, nick: str) -> Client:
+    client = chat.connect("irc")
+    client.send(f"NICK {nick}", f"USER {nick} 0 * :{nick.title()} Example")
+    assert f":chat.netd.test 001 {nick} " in client.transport.value().decode()
+    client.read()
+    return client
+
+
+def test_irc_registration_and_welcome(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    motd: 'line one'\n")
+    bob = chat.connect("irc")
+    bob.send("JOIN #lobby")
+    assert bob.read() == [":chat.netd.test 451 * :You have not registered"]
+    bob.send("CAP LS 302", "NICK bob", "USER bob 0 * :Bob Example")
+    assert bob.read() == [":chat.netd.test CAP * LS :"]  # waits for CAP END
+    bob.send("CAP REQ :multi-prefix", "CAP END")
+    lines = bob.read()
+    assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
+    assert [line.split()[1] for line in lines[1:]] == [
+        "001", "002", "003", "004", "005", "251", "375", "372", "376",
+    ]  # fmt: skip
+    assert lines[1] == ":chat.netd.test 001 bob :Welcome to the netd IRC network bob!bob@192.0.2.7"
+    assert "CASEMAPPING=ascii" in lines[5] and "NICKLEN=30" in lines[5]
+    assert lines[8] == ":chat.netd.test 372 bob :- line one"
+    bob.send("USER again 0 * :x")
+    assert bob.read() == [":chat.netd.test 462 bob :You may not reregister"]
+    other = chat.connect("irc")
+    other.send("NICK BOB")
+    assert other.read() == [":chat.netd.test 433 * BOB :Nickname is already in use"]
+    other.send("NICK 1bad", "NICK")
+    assert other.read() == [
+        ":chat.netd.test 432 * 1bad :Erroneous nickname",
+        ":chat.netd.test 431 * :No nickname given",
+    ]
+    other.send("FROB x")
+    assert other.read() == [":chat.netd.test 451 * :You have not registered"]
+    bob.send("FROB x")
+    assert bob.read() == [":chat.netd.test 421 bob FROB :Unknown command"]
+    assert chat.events("chat.login")[0]["nick"] == "bob"
+
+
+def test_irc_password(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    password: s3cret\n")
+    bad = chat.connect("irc")
+    bad.send("PASS wrong", "NICK mallory", "USER m 0 * :M")
+    assert bad.read() == [
+        ":chat.netd.test 464 * :Password incorrect",
+        "ERROR :Closing Link: 192.0.2.7 (Bad password)",
+    ]
+    assert bad.closed
+    good = chat.connect("irc")
+    good.send("PASS s3cret", "NICK alice", "USER a 0 * :A")
+    assert good.read()[0].startswith(":chat.netd.test 001 alice ")
+
+
+def test_irc_rooms_and_queries(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    rooms: [lobby, dev]\n")
+    alice = irc_user(chat, "alice")
+    bob = irc_user(chat, "bob")
+    alice.send("JOIN #lobby,#dev,nohash")
+    assert alice.read() == [
+        ":alice!alice@192.0.2.7 JOIN #lobby",
+        ":chat.netd.test 353 alice = #lobby :alice",
+        ":chat.netd.test 366 alice #lobby :End of /NAMES list",
+        ":alice!alice@192.0.2.7 JOIN #dev",
+        ":chat.netd.test 353 alice = #dev :alice",
+        ":chat.netd.test 366 alice #dev :End of /NAMES list",
+        ":chat.netd.test 403 alice nohash :No such channel",
+    ]
+    bob.send("JOIN #Lobby")
+    bob.read()
+    assert alice.read() == [":bob!bob@192.0.2.7 JOIN #lobby"]
+    bob.send("PRIVMSG #lobby :hi all", "PRIVMSG alice :psst", "NOTICE #lobby :fyi")
+    assert alice.read() == [
+        ":bob!bob@192.0.2.7 PRIVMSG #lobby :hi all",
+        ":bob!bob@192.0.2.7 PRIVMSG alice :psst",
+        ":bob!bob@192.0.2.7 NOTICE #lobby :fyi",
+    ]
+    bob.send("PRIVMSG #dev :not a member", "PRIVMSG ghost :hello", "PRIVMSG #nowhere :x")
+    bob.send("NOTICE ghost :no reply to notices", "PRIVMSG", "PRIVMSG alice")
+    assert bob.read() == [
+        ":chat.netd.test 404 bob #dev :Cannot send to channel",
+        ":chat.netd.test 401 bob ghost :No such nick/channel",
+        ":chat.netd.test 403 bob #nowhere :No such channel",
+        ":chat.netd.test 411 bob :No recipient given (PRIVMSG)",
+        ":chat.netd.test 412 bob :No text to send",
+    ]
+    bob.send("TOPIC #lobby :the lobby", "TOPIC #lobby", "TOPIC #dev :not mine")
+    assert bob.read() == [
+        ":bob!bob@192.0.2.7 TOPIC #lobby :the lobby",
+        ":chat.netd.test 332 bob #lobby :the lobby",
+        ":chat.netd.test 442 bob #dev :You're not on that channel",
+    ]
+    bob.send("NAMES #lobby", "LIST")
+    assert bob.read() == [
+        ":chat.netd.test 353 bob = #lobby :alice bob",
+        ":chat.netd.test 366 bob #lobby :End of /NAMES list",
+        ":chat.netd.test 321 bob Channel :Users  Name",
+        ":chat.netd.test 322 bob #dev 1 :",
+        ":chat.netd.test 322 bob #lobby 2 :the lobby",
+        ":chat.netd.test 323 bob :End of /LIST",
+    ]
+    bob.send("WHO #lobby", "WHOIS alice", "WHOIS ghost")
+    assert bob.read() == [
+        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice H :0 Alice Example",
+        ":chat.netd.test 352 bob #lobby bob 192.0.2.7 chat.netd.test bob H :0 Bob Example",
+        ":chat.netd.test 315 bob #lobby :End of WHO list",
+        ":chat.netd.test 311 bob alice alice 192.0.2.7 * :Alice Example",
+        ":chat.netd.test 319 bob alice :#lobby #dev",
+        ":chat.netd.test 312 bob alice chat.netd.test :netd (irc)",
+        ":chat.netd.test 318 bob alice :End of /WHOIS list",
+        ":chat.netd.test 401 bob ghost :No such nick/channel",
+        ":chat.netd.test 318 bob ghost :End of /WHOIS list",
+    ]
+    bob.send("MODE #lobby", "MODE #lobby b", "MODE #lobby +o bob", "MODE bob", "MODE bob +i")
+    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob")
+    assert bob.read() == [
+        ":chat.netd.test 324 bob #lobby :+nt",
+        f":chat.netd.test 329 bob #lobby :{1_700_000_000}",
+        ":chat.netd.test 368 bob #lobby :End of channel ban list",
+        ":chat.netd.test 482 bob #lobby :You're not channel operator",
+        ":chat.netd.test 221 bob :+",
+        ":bob!bob@192.0.2.7 MODE bob :+i",
+        ":chat.netd.test 502 bob :Cannot change mode for other users",
+        ":chat.netd.test 501 bob :Unknown MODE flag",
+        ":chat.netd.test 303 bob :alice bob",
+    ]
+    alice.read()
+    bob.send("NICK robert")
+    assert alice.read() == [":bob!bob@192.0.2.7 NICK :robert"]
+    assert bob.read() == [":bob!bob@192.0.2.7 NICK :robert"]
+    bob.send("PART #lobby :later", "PART #lobby")
+    assert alice.read() == [":robert!bob@192.0.2.7 PART #lobby :later"]
+    assert bob.read() == [
+        ":robert!bob@192.0.2.7 PART #lobby :later",
+        ":chat.netd.test 442 robert #lobby :You're not on that channel",
+    ]
+    alice.send("JOIN 0")
+    assert alice.read() == [
+        ":alice!alice@192.0.2.7 PART #lobby :Left all channels",
+        ":alice!alice@192.0.2.7 PART #dev :Left all channels",
+    ]
+    alice.send("PING :tok", "PING")
+    assert alice.read() == [
+        ":chat.netd.test PONG chat.netd.test :tok",
+        ":chat.netd.test 409 alice :No origin specified",
+    ]
+    alice.send("QUIT :done")
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Quit: done)"]
+    assert alice.closed
+
+
+def test_irc_and_line_users_share_rooms(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby")
+    carol = line_user(chat, "carol")
+    assert alice.read()[-1] == ":carol!line@192.0.2.7 JOIN #lobby"
+    carol.send("hi irc")
+    assert alice.read() == [":carol!line@192.0.2.7 PRIVMSG #lobby :hi irc"]
+    alice.send("PRIVMSG #lobby :hi line", "PRIVMSG #lobby :\x01ACTION waves\x01")
+    alice.send("PRIVMSG carol :psst")
+    assert carol.read() == ["<alice> hi line", "* alice waves", "*alice* psst"]
+    carol.send("/msg alice back")
+    assert alice.read() == [":carol!line@192.0.2.7 PRIVMSG alice :back"]
+
+
+def test_irc_history_long_lines_and_big_rooms(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 1000, per_seconds: 1}\n")
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby", "PRIVMSG #lobby :" + "é" * 240)
+    users = [irc_user(chat, f"user{n:02d}_{'x' * 20}") for n in range(30)]
+    for user in users:
+        user.send("JOIN #lobby")
+    lines = users[-1].read()
+    names = [line for line in lines if " 353 " in line]
+    assert len(names) > 1 and all(len(line.encode()) <= 510 for line in lines)
+    history = lines[-1]
+    assert history.startswith(":alice!history@chat.netd.test PRIVMSG #lobby :é")
+    assert len(history.encode()) <= 510  # cut to fit, on a character boundary
+    alice.session.dataReceived(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")  # type: ignore[attr-defined]
+    assert alice.read()[-1] == ":chat.netd.test 417 alice :Input line was too long"
+    alice.session.dataReceived(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")  # type: ignore[attr-defined]
+    assert alice.read() == [":chat.netd.test 421 alice \ufffd\ufffd :Unknown command"]
+
+
+def test_irc_ping_timeout(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    ping_interval: 30\n    ping_timeout: 10\n")
+    lazy = chat.connect("irc")
+    chat.clock.advance(30)
+    assert lazy.read() == ["ERROR :Closing Link: 192.0.2.7 (Registration timeout)"]
+    alice = irc_user(chat, "alice")
+    chat.clock.advance(30)  # she registered within the interval: no ping yet
+    assert alice.read() == []
+    chat.clock.advance(30)
+    assert alice.read() == ["PING :chat.netd.test"]
+    alice.send("PONG :chat.netd.test")
+    chat.clock.advance(10)
+    chat.clock.advance(30)
+    assert alice.read() == ["PING :chat.netd.test"]
+    chat.clock.advance(10)
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Ping timeout: 40 seconds)"]
+    assert alice.closed
+
+
+def test_irc_flood(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 2, per_seconds: 10}\n")
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby")
+    alice.read()
+    for n in range(3):
+        alice.send(f"PRIVMSG #lobby :m{n}")
+    assert alice.read() == [
+        ":chat.netd.test NOTICE alice :flood: more than 2 messages in 10 s; messages dropped"
+    ]
+    alice.send("PRIVMSG #lobby :m3", "PRIVMSG #lobby :m4")
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Excess flood)"]
+
+
+def test_sessions_view(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    irc_user(chat, "alice").send("JOIN #lobby,#dev")
+    line_user(chat, "carol")
+    chat.connect("line")
+    view = chat.handlers.views["sessions"]
+    listing = view.list({})
+    assert [(s["nick"], s["protocol"], s["rooms"]) for s in listing] == [
+        ("alice", "irc", ["dev", "lobby"]),
+        ("carol", "line", ["lobby"]),
+        ("", "line", []),
+    ]
+    rooms = chat.handlers.views["rooms"]
+    assert rooms.list({}) == [
+        {"room": "dev", "topic": "", "members": ["alice"], "history": 0},
+        {"room": "lobby", "topic": "", "members": ["alice", "carol"], "history": 0},
+    ]
+    assert rooms.item is not None
+    assert rooms.item("#Lobby")["members"] == ["alice", "carol"]
+    assert rooms.item("nowhere") is None
+    assert rooms.item("bad name!") is None
+    assert [s["nick"] for s in view.list({"room": "#DEV"})] == ["alice"]
+    assert view.item is not None
+    assert view.item("CAROL")["rooms"] == ["lobby"]
+    assert view.item("nobody") is None
+    assert chat.stats.gauges["chat_users"] == 2
+
+
+def test_rooms_clients_made_go_with_their_last_member(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    history: 5\n")
+    alice = line_user(chat, "alice")
+    alice.send("/join den", "secret", "/part den", "/part lobby")
+    assert chat.stats.gauges["chat_rooms"] == 1  # lobby is configured: it stays
+    alice.send("/join den")
+    assert alice.read()[-1] == "* in #den: alice"  # a new room: no history from before
+    for n in range(19):
+        alice.send(f"/join r{n}")
+    alice.read()
+    alice.send("/join one-too-many")
+    assert alice.read() == ["* cannot join one-too-many: you are in too many rooms"]
+    bob = irc_user(chat, "bob")
+    bob.send("JOIN " + ",".join(f"#b{n}" for n in range(21)))
+    assert bob.read()[-1] == ":chat.netd.test 405 bob #b20 :You have joined too many channels"
+
+
+def test_netd_closes_sessions_gracefully(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    carol = line_user(chat, "carol")
+    alice.send("JOIN #lobby")
+    alice.read()
+    alice.session.close_gracefully()  # type: ignore[attr-defined]
+    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Closed by the server)"]
+    assert alice.closed
+    assert carol.read()[-1] == "* alice quit (Closed by the server)"
+    carol.session.close_gracefully()  # type: ignore[attr-defined]
+    assert carol.read() == ["* bye: Closed by the server"]
+    assert chat.stats.gauges["chat_users"] == 0
