@@ -29,6 +29,9 @@ bench: install
 	$(PY) bench/echo.py
 	$(PY) bench/http_bench.py
 	$(PY) bench/startup.py
+	$(PY) bench/dns_bench.py
+	$(PY) bench/smtp_bench.py
+	$(PY) bench/ftp_bench.py
 	$(PY) bench/chat_bench.py
 
 clean:

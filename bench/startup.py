@@ -57,8 +57,8 @@ def time_twistd_web(workdir: Path) -> float:
             f"tcp:{port}:interface=127.0.0.1",
         ],
         cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = started + 30
@@ -68,7 +68,9 @@ def time_twistd_web(workdir: Path) -> float:
                 return time.perf_counter() - started
             except OSError:
                 time.sleep(0.005)
-        raise TimeoutError("twistd web did not listen within 30 s")
+        process.terminate()
+        said = process.communicate(timeout=10)[0].decode(errors="replace")
+        raise TimeoutError(f"twistd web did not listen within 30 s:\n{said}")
     finally:
         process.terminate()
         process.wait(10)

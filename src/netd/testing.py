@@ -253,9 +253,15 @@ class NetdProcess:
         return found
 
     def view(self, service: str, view: str, **query: str) -> Any:
-        """C{GET /api/services/SERVICE/VIEW?query}: a kind's own inspection view."""
+        """
+        C{GET /api/services/SERVICE/VIEW?query}: a kind's own inspection view;
+        an answer that wraps its list (C{{"messages": [...]}}) gives the list.
+        """
         suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
-        return self.admin("GET", f"/api/services/{_quote(service)}/{_quote(view)}{suffix}")
+        answer = self.admin("GET", f"/api/services/{_quote(service)}/{_quote(view)}{suffix}")
+        if isinstance(answer, dict) and isinstance(answer.get(view), list):
+            return answer[view]
+        return answer
 
     def messages(self, service: str, **query: str) -> Any:
         """Mail an smtp service captured or spooled (C{to=} filters by recipient)."""
