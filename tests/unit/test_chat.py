@@ -303,8 +303,10 @@ def test_long_lines_and_garbage(tmp_path: Path) -> None:
     alice.session.dataReceived(b"x" * 10240)  # type: ignore[attr-defined]
     alice.session.dataReceived(b"y" * 10240 + b"\r\nafter\r\n")  # type: ignore[attr-defined]
     assert alice.read() == ["* line too long (over 510 bytes), dropped"]
-    alice.session.dataReceived(b"\xff\xfe\x00\x07bin\x1b[2Jary\r\n")  # type: ignore[attr-defined]
-    assert bob.read() == ["<alice> after", "<alice> \ufffd\ufffdbin[2Jary"]
+    alice.session.dataReceived(b"\xc3\x28\x00\x07bin\x1b[2Jary\r\n")  # type: ignore[attr-defined]
+    # Telnet negotiation is dropped; a doubled IAC is a 0xff byte (not UTF-8: replaced).
+    alice.session.dataReceived(b"\xff\xfd\x18\xff\xfa\x18\x00x\xff\xf0te\xff\xfflnet\r\n")  # type: ignore[attr-defined]
+    assert bob.read() == ["<alice> after", "<alice> \ufffd(bin[2Jary", "<alice> te\ufffdlnet"]
 
 
 def test_framer_keeps_partial_lines_and_bounds_them() -> None:
@@ -358,11 +360,11 @@ def test_irc_registration_and_welcome(tmp_path: Path) -> None:
     lines = bob.read()
     assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
     assert [line.split()[1] for line in lines[1:]] == [
-        "001", "002", "003", "004", "005", "251", "375", "372", "376",
+        "001", "002", "003", "004", "005", "251", "254", "255", "375", "372", "376",
     ]  # fmt: skip
     assert lines[1] == ":chat.netd.test 001 bob :Welcome to the netd IRC network bob!bob@192.0.2.7"
     assert "CASEMAPPING=ascii" in lines[5] and "NICKLEN=30" in lines[5]
-    assert lines[8] == ":chat.netd.test 372 bob :- line one"
+    assert lines[10] == ":chat.netd.test 372 bob :- line one"
     bob.send("USER again 0 * :x")
     assert bob.read() == [":chat.netd.test 462 bob :You may not reregister"]
     other = chat.connect("irc")
@@ -454,7 +456,7 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
         ":chat.netd.test 318 bob ghost :End of /WHOIS list",
     ]
     bob.send("MODE #lobby", "MODE #lobby b", "MODE #lobby +o bob", "MODE bob", "MODE bob +i")
-    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob")
+    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob", "USERHOST alice ghost")
     assert bob.read() == [
         ":chat.netd.test 324 bob #lobby :+nt",
         f":chat.netd.test 329 bob #lobby :{1_700_000_000}",
@@ -465,6 +467,20 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
         ":chat.netd.test 502 bob :Cannot change mode for other users",
         ":chat.netd.test 501 bob :Unknown MODE flag",
         ":chat.netd.test 303 bob :alice bob",
+        ":chat.netd.test 302 bob :alice=+alice@192.0.2.7",
+    ]
+    alice.send("AWAY :lunch")
+    bob.send("PRIVMSG alice :there?", "WHO alice")
+    assert bob.read() == [
+        ":chat.netd.test 301 bob alice :lunch",
+        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice G :0 Alice Example",
+        ":chat.netd.test 315 bob alice :End of WHO list",
+    ]
+    alice.send("AWAY")
+    assert alice.read()[-3:] == [
+        ":chat.netd.test 306 alice :You have been marked as being away",
+        ":bob!bob@192.0.2.7 PRIVMSG alice :there?",
+        ":chat.netd.test 305 alice :You are no longer marked as being away",
     ]
     alice.read()
     bob.send("NICK robert")

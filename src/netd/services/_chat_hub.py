@@ -252,6 +252,7 @@ class Session(Protocol):
         self.nick = ""
         self.user = ""
         self.realname = ""
+        self.away = ""
         self.host = ""
         self.rooms: dict[str, Room] = {}
         self.flood = Flood(hub.options.flood, hub.clock)
@@ -371,6 +372,7 @@ class Session(Protocol):
             "protocol": self.protocol_name,
             "client": self.host,
             "rooms": sorted(room.name for room in self.rooms.values()),
+            "away": self.away or None,
             "since": self.connected_at,
         }
 
