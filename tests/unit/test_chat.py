@@ -17,7 +17,16 @@ from netd.config import ConfigErrors, ListenerConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.schema import Position
-from netd.services._chat_hub import MAX_BACKLOG, ChatOptions, FloodLimit, LineFramer
+from netd.services._chat_hub import (
+    MAX_BACKLOG,
+    ChatOptions,
+    FloodLimit,
+    Hub,
+    LineFramer,
+    Room,
+    Session,
+)
+from netd.services._chat_line import LineSession, LineWire
 from netd.services.chat import CHAT
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -632,3 +641,35 @@ def test_netd_closes_sessions_gracefully(tmp_path: Path) -> None:
     carol.session.close_gracefully()  # type: ignore[attr-defined]
     assert carol.read() == ["* bye: Closed by the server"]
     assert chat.stats.gauges["chat_users"] == 0
+
+
+class _CountingWire(LineWire):
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def _message(
+        self, sender: Session, room: Room, text: str, notice: bool, current: bool
+    ) -> bytes:
+        self.encoded += 1
+        return super()._message(sender, room, text, notice, current)
+
+
+def test_fan_out_encodes_once_and_writes_once_per_member_and_read(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    hub = Hub(ChatOptions(), clock, ServiceStats(), lambda type, **fields: None)
+    wire = _CountingWire()
+    writes: list[int] = []
+    members = []
+    for n in range(50):
+        session = LineSession(hub, wire)
+        transport = StringTransportWithDisconnection(peerAddress=PEER)
+        transport.protocol = session
+        transport.write = lambda data, n=n: writes.append(n)  # type: ignore[method-assign]
+        session.makeConnection(transport)
+        session.dataReceived(f"/nick user{n}\r\n".encode())
+        members.append(session)
+    writes.clear()
+    members[0].dataReceived(b"one\r\ntwo\r\nthree\r\n")
+    assert wire.encoded == 3  # once per message, not once per member
+    assert sorted(writes) == list(range(1, 50))  # one write per member for the whole read
+    assert hub.stats.counters["chat_deliveries"] == 3 * 49
