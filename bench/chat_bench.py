@@ -124,7 +124,8 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
         deadline = time.monotonic() + 20
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited: see {workdir / (name + '.log')}")
+                output = (workdir / f"{name}.log").read_text(errors="replace")
+                raise RuntimeError(f"{name} exited:\n{output[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
@@ -244,7 +245,12 @@ def measure(name: str, workdir: Path, args: argparse.Namespace, senders: int) ->
         time.sleep(0.3)
         idle = memory_kib(pid, "VmRSS")
         cpu_before = cpu_seconds(pid)
-        result = fan_out(port, args.clients, senders, args.messages, args.window, args.timeout)
+        try:
+            result = fan_out(port, args.clients, senders, args.messages, args.window, args.timeout)
+        except (OSError, RuntimeError):
+            output = (workdir / f"{name}.log").read_text(errors="replace")
+            print(f"{name} failed; the end of its log:\n{output[-3000:]}", file=sys.stderr)
+            raise
         result["cpu_s"] = cpu_seconds(pid) - cpu_before
         result["idle_rss_mib"] = idle / 1024
         result["peak_rss_mib"] = memory_kib(pid, "VmHWM") / 1024

@@ -135,7 +135,9 @@ class Chat:
         transport = StringTransportWithDisconnection(peerAddress=PEER)
         transport.protocol = session
         session.makeConnection(transport)
-        return Client(session, transport)
+        client = Client(session, transport, self.clock)
+        self.clock.advance(0)
+        return client
 
     def events(self, type: str) -> list[dict[str, object]]:
         return [e.as_json() for e in self.journal.select(types=[type])]
@@ -145,10 +147,16 @@ class Chat:
 class Client:
     session: object
     transport: StringTransportWithDisconnection
+    clock: MemoryReactorClock
 
     def send(self, *lines: str) -> None:
         for line in lines:
-            self.session.dataReceived(line.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self.feed(line.encode() + b"\r\n")
+
+    def feed(self, data: bytes) -> None:
+        """One read, then what the reactor runs after its reads (the hub's flush)."""
+        self.session.dataReceived(data)  # type: ignore[attr-defined]
+        self.clock.advance(0)
 
     def read(self) -> list[str]:
         text = self.transport.value().decode()
@@ -309,12 +317,12 @@ def test_long_lines_and_garbage(tmp_path: Path) -> None:
     alice = line_user(chat, "alice")
     bob = line_user(chat, "bob")
     alice.read()
-    alice.session.dataReceived(b"x" * 10240)  # type: ignore[attr-defined]
-    alice.session.dataReceived(b"y" * 10240 + b"\r\nafter\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"x" * 10240)
+    alice.feed(b"y" * 10240 + b"\r\nafter\r\n")
     assert alice.read() == ["* line too long (over 510 bytes), dropped"]
-    alice.session.dataReceived(b"\xc3\x28\x00\x07bin\x1b[2Jary\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"\xc3\x28\x00\x07bin\x1b[2Jary\r\n")
     # Telnet negotiation is dropped; a doubled IAC is a 0xff byte (not UTF-8: replaced).
-    alice.session.dataReceived(b"\xff\xfd\x18\xff\xfa\x18\x00x\xff\xf0te\xff\xfflnet\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"\xff\xfd\x18\xff\xfa\x18\x00x\xff\xf0te\xff\xfflnet\r\n")
     assert bob.read() == ["<alice> after", "<alice> \ufffd(bin[2Jary", "<alice> te\ufffdlnet"]
 
 
@@ -544,9 +552,9 @@ def test_irc_history_long_lines_and_big_rooms(tmp_path: Path) -> None:
     history = lines[-1]
     assert history.startswith(":alice!history@chat.netd.test PRIVMSG #lobby :é")
     assert len(history.encode()) <= 510  # cut to fit, on a character boundary
-    alice.session.dataReceived(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")
     assert alice.read()[-1] == ":chat.netd.test 417 alice :Input line was too long"
-    alice.session.dataReceived(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")  # type: ignore[attr-defined]
+    alice.feed(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")
     assert alice.read() == [":chat.netd.test 421 alice \ufffd\ufffd :Unknown command"]
 
 
@@ -654,7 +662,7 @@ class _CountingWire(LineWire):
         return super()._message(sender, room, text, notice, current)
 
 
-def test_fan_out_encodes_once_and_writes_once_per_member_and_read(tmp_path: Path) -> None:
+def test_fan_out_encodes_once_and_writes_once_per_member_and_turn(tmp_path: Path) -> None:
     clock = MemoryReactorClock()
     hub = Hub(ChatOptions(), clock, ServiceStats(), lambda type, **fields: None)
     wire = _CountingWire()
@@ -668,8 +676,13 @@ def test_fan_out_encodes_once_and_writes_once_per_member_and_read(tmp_path: Path
         session.makeConnection(transport)
         session.dataReceived(f"/nick user{n}\r\n".encode())
         members.append(session)
+    clock.advance(0)
     writes.clear()
-    members[0].dataReceived(b"one\r\ntwo\r\nthree\r\n")
+    # Two senders' reads in one reactor turn: one write per member for both.
+    members[0].dataReceived(b"one\r\ntwo\r\n")
+    members[1].dataReceived(b"three\r\n")
+    assert writes == []
+    clock.advance(0)
     assert wire.encoded == 3  # once per message, not once per member
-    assert sorted(writes) == list(range(1, 50))  # one write per member for the whole read
+    assert sorted(writes) == list(range(50))  # one write per member for the whole turn
     assert hub.stats.counters["chat_deliveries"] == 3 * 49

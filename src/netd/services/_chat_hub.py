@@ -261,8 +261,8 @@ class Session(Protocol):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
-        # Output waits here until the hub flushes, so a read that carries many
-        # messages costs each member one transport write, not one per message.
+        # Output waits here until the hub flushes, so the messages of one
+        # reactor turn cost each member one transport write, not one per message.
         self.out: list[bytes] = []
         self._framer = LineFramer(self.max_line, self.too_long)
 
@@ -282,12 +282,12 @@ class Session(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         self.hub.leave(self, "Connection closed")
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def dataReceived(self, data: bytes) -> None:
         for line in self._framer.feed(data):
@@ -295,7 +295,7 @@ class Session(Protocol):
                 return
             self.lines_seen += 1
             self.line_received(clean(line))
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def line_received(self, line: str) -> None:
         raise NotImplementedError
@@ -399,6 +399,7 @@ class Hub:
         self.sessions: dict[Session, None] = {}
         # Sessions with output queued since the last flush.
         self.dirty: dict[Session, None] = {}
+        self._flush_call: Any = None
         self.started = clock.seconds()
         for name in options.rooms:
             self._create(name)
@@ -417,8 +418,21 @@ class Hub:
 
     # --- connections and nicks -------------------------------------------------
 
+    def flush_soon(self) -> None:
+        """
+        Flush once the reactor has handled every read of this turn.
+
+        The reactor runs due timed calls right after dispatching a poll's events,
+        so all messages read in one turn reach each member in one write.
+        """
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
     def flush(self) -> None:
-        """Hand every queued output to its transport; called at the end of each event."""
+        """Hand every queued output to its transport."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         dirty = self.dirty
         while dirty:
             session, _ = dirty.popitem()

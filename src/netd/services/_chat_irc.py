@@ -149,7 +149,7 @@ class IrcSession(Session, irc.IRC):
             self.disconnect(
                 f"Ping timeout: {options.ping_interval + options.ping_timeout:g} seconds"
             )
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def farewell(self, reason: str) -> bytes:
         return _line(f"ERROR :Closing Link: {self.host} ({reason})")
