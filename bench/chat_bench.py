@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -81,10 +82,20 @@ PAM = no
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """
+    A loopback port free just now, below the ephemeral range: a port the kernel
+    hands out to outgoing connections (this client's 100, other programs') may
+    be taken again before the server binds it.
+    """
+    for _ in range(100):
+        candidate = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def pin(pid: int, cpu: int) -> None:
