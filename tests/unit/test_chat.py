@@ -645,6 +645,7 @@ def test_netd_closes_sessions_gracefully(tmp_path: Path) -> None:
     alice.session.close_gracefully()  # type: ignore[attr-defined]
     assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Closed by the server)"]
     assert alice.closed
+    chat.clock.advance(0)
     assert carol.read()[-1] == "* alice quit (Closed by the server)"
     carol.session.close_gracefully()  # type: ignore[attr-defined]
     assert carol.read() == ["* bye: Closed by the server"]

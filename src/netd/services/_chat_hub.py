@@ -355,7 +355,10 @@ class Session(Protocol):
             return
         self.hub.leave(self, reason)
         self.write(self.farewell(reason))
-        self.hub.flush()
+        # Only this session's output must precede the close; the others' (its
+        # quit) waits for the turn's flush, so closing n users is not n x n writes.
+        self.flush()
+        self.hub.flush_soon()
         self.gone = True
         # A paused transport with a producer would wait for it to resume
         # instead of closing once its buffer is sent.
