@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -81,10 +82,20 @@ PAM = no
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """
+    A loopback port free just now, below the ephemeral range: a port the kernel
+    hands out to outgoing connections (this client's 100, other programs') may
+    be taken again before the server binds it.
+    """
+    for _ in range(100):
+        candidate = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -124,7 +135,8 @@ def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
         deadline = time.monotonic() + 20
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited: see {workdir / (name + '.log')}")
+                output = (workdir / f"{name}.log").read_text(errors="replace")
+                raise RuntimeError(f"{name} exited:\n{output[-2000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
@@ -244,7 +256,12 @@ def measure(name: str, workdir: Path, args: argparse.Namespace, senders: int) ->
         time.sleep(0.3)
         idle = memory_kib(pid, "VmRSS")
         cpu_before = cpu_seconds(pid)
-        result = fan_out(port, args.clients, senders, args.messages, args.window, args.timeout)
+        try:
+            result = fan_out(port, args.clients, senders, args.messages, args.window, args.timeout)
+        except (OSError, RuntimeError):
+            output = (workdir / f"{name}.log").read_text(errors="replace")
+            print(f"{name} failed; the end of its log:\n{output[-3000:]}", file=sys.stderr)
+            raise
         result["cpu_s"] = cpu_seconds(pid) - cpu_before
         result["idle_rss_mib"] = idle / 1024
         result["peak_rss_mib"] = memory_kib(pid, "VmHWM") / 1024

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import socket
 import ssl
 import time
@@ -386,3 +387,20 @@ def test_irc_over_tls(netd: NetdProcess) -> None:
     assert bots.wait("bob5", "pubmsg").arguments == ["over tls"]
     alice.disconnect()
     bob.disconnect()
+
+
+def test_shutdown_tells_users_and_exits(start_netd: Any) -> None:
+    netd = start_netd(
+        "shutdown_grace: 5\n"
+        "services:\n  chat:\n    type: chat\n"
+        "    listen: ['tcp:0:interface=127.0.0.1', {endpoint: 'tcp:0:interface=127.0.0.1',"
+        " protocol: line}]\n"
+    )
+    irc_user = Raw(netd, "irc")
+    irc_user.send("NICK henry", "USER henry 0 * :Henry", "JOIN #lobby")
+    irc_user.expect(" 366 ")
+    line = line_user(netd, "ida")
+    netd.signal(signal.SIGTERM)
+    assert irc_user.expect("ERROR") == "ERROR :Closing Link: 127.0.0.1 (Closed by the server)"
+    assert line.expect("bye") == "* bye: Closed by the server"
+    assert netd.process.wait(TIMEOUT) == 0

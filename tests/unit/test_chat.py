@@ -17,7 +17,16 @@ from netd.config import ConfigErrors, ListenerConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.schema import Position
-from netd.services._chat_hub import MAX_BACKLOG, ChatOptions, FloodLimit, LineFramer
+from netd.services._chat_hub import (
+    MAX_BACKLOG,
+    ChatOptions,
+    FloodLimit,
+    Hub,
+    LineFramer,
+    Room,
+    Session,
+)
+from netd.services._chat_line import LineSession, LineWire
 from netd.services.chat import CHAT
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -126,7 +135,9 @@ class Chat:
         transport = StringTransportWithDisconnection(peerAddress=PEER)
         transport.protocol = session
         session.makeConnection(transport)
-        return Client(session, transport)
+        client = Client(session, transport, self.clock)
+        self.clock.advance(0)
+        return client
 
     def events(self, type: str) -> list[dict[str, object]]:
         return [e.as_json() for e in self.journal.select(types=[type])]
@@ -136,10 +147,16 @@ class Chat:
 class Client:
     session: object
     transport: StringTransportWithDisconnection
+    clock: MemoryReactorClock
 
     def send(self, *lines: str) -> None:
         for line in lines:
-            self.session.dataReceived(line.encode() + b"\r\n")  # type: ignore[attr-defined]
+            self.feed(line.encode() + b"\r\n")
+
+    def feed(self, data: bytes) -> None:
+        """One read, then what the reactor runs after its reads (the hub's flush)."""
+        self.session.dataReceived(data)  # type: ignore[attr-defined]
+        self.clock.advance(0)
 
     def read(self) -> list[str]:
         text = self.transport.value().decode()
@@ -300,11 +317,13 @@ def test_long_lines_and_garbage(tmp_path: Path) -> None:
     alice = line_user(chat, "alice")
     bob = line_user(chat, "bob")
     alice.read()
-    alice.session.dataReceived(b"x" * 10240)  # type: ignore[attr-defined]
-    alice.session.dataReceived(b"y" * 10240 + b"\r\nafter\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"x" * 10240)
+    alice.feed(b"y" * 10240 + b"\r\nafter\r\n")
     assert alice.read() == ["* line too long (over 510 bytes), dropped"]
-    alice.session.dataReceived(b"\xff\xfe\x00\x07bin\x1b[2Jary\r\n")  # type: ignore[attr-defined]
-    assert bob.read() == ["<alice> after", "<alice> \ufffd\ufffdbin[2Jary"]
+    alice.feed(b"\xc3\x28\x00\x07bin\x1b[2Jary\r\n")
+    # Telnet negotiation is dropped; a doubled IAC is a 0xff byte (not UTF-8: replaced).
+    alice.feed(b"\xff\xfd\x18\xff\xfa\x18\x00x\xff\xf0te\xff\xfflnet\r\n")
+    assert bob.read() == ["<alice> after", "<alice> \ufffd(bin[2Jary", "<alice> te\ufffdlnet"]
 
 
 def test_framer_keeps_partial_lines_and_bounds_them() -> None:
@@ -358,11 +377,11 @@ def test_irc_registration_and_welcome(tmp_path: Path) -> None:
     lines = bob.read()
     assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
     assert [line.split()[1] for line in lines[1:]] == [
-        "001", "002", "003", "004", "005", "251", "375", "372", "376",
+        "001", "002", "003", "004", "005", "251", "254", "255", "375", "372", "376",
     ]  # fmt: skip
     assert lines[1] == ":chat.netd.test 001 bob :Welcome to the netd IRC network bob!bob@192.0.2.7"
     assert "CASEMAPPING=ascii" in lines[5] and "NICKLEN=30" in lines[5]
-    assert lines[8] == ":chat.netd.test 372 bob :- line one"
+    assert lines[10] == ":chat.netd.test 372 bob :- line one"
     bob.send("USER again 0 * :x")
     assert bob.read() == [":chat.netd.test 462 bob :You may not reregister"]
     other = chat.connect("irc")
@@ -454,7 +473,7 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
         ":chat.netd.test 318 bob ghost :End of /WHOIS list",
     ]
     bob.send("MODE #lobby", "MODE #lobby b", "MODE #lobby +o bob", "MODE bob", "MODE bob +i")
-    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob")
+    bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob", "USERHOST alice ghost")
     assert bob.read() == [
         ":chat.netd.test 324 bob #lobby :+nt",
         f":chat.netd.test 329 bob #lobby :{1_700_000_000}",
@@ -465,6 +484,20 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
         ":chat.netd.test 502 bob :Cannot change mode for other users",
         ":chat.netd.test 501 bob :Unknown MODE flag",
         ":chat.netd.test 303 bob :alice bob",
+        ":chat.netd.test 302 bob :alice=+alice@192.0.2.7",
+    ]
+    alice.send("AWAY :lunch")
+    bob.send("PRIVMSG alice :there?", "WHO alice")
+    assert bob.read() == [
+        ":chat.netd.test 301 bob alice :lunch",
+        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice G :0 Alice Example",
+        ":chat.netd.test 315 bob alice :End of WHO list",
+    ]
+    alice.send("AWAY")
+    assert alice.read()[-3:] == [
+        ":chat.netd.test 306 alice :You have been marked as being away",
+        ":bob!bob@192.0.2.7 PRIVMSG alice :there?",
+        ":chat.netd.test 305 alice :You are no longer marked as being away",
     ]
     alice.read()
     bob.send("NICK robert")
@@ -519,9 +552,9 @@ def test_irc_history_long_lines_and_big_rooms(tmp_path: Path) -> None:
     history = lines[-1]
     assert history.startswith(":alice!history@chat.netd.test PRIVMSG #lobby :é")
     assert len(history.encode()) <= 510  # cut to fit, on a character boundary
-    alice.session.dataReceived(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")  # type: ignore[attr-defined]
+    alice.feed(b"PRIVMSG #lobby :" + b"x" * 600 + b"\r\n")
     assert alice.read()[-1] == ":chat.netd.test 417 alice :Input line was too long"
-    alice.session.dataReceived(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")  # type: ignore[attr-defined]
+    alice.feed(b":lonely-prefix\r\n   \r\n\xff\xfe\r\n")
     assert alice.read() == [":chat.netd.test 421 alice \ufffd\ufffd :Unknown command"]
 
 
@@ -612,7 +645,45 @@ def test_netd_closes_sessions_gracefully(tmp_path: Path) -> None:
     alice.session.close_gracefully()  # type: ignore[attr-defined]
     assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Closed by the server)"]
     assert alice.closed
+    chat.clock.advance(0)
     assert carol.read()[-1] == "* alice quit (Closed by the server)"
     carol.session.close_gracefully()  # type: ignore[attr-defined]
     assert carol.read() == ["* bye: Closed by the server"]
     assert chat.stats.gauges["chat_users"] == 0
+
+
+class _CountingWire(LineWire):
+    def __init__(self) -> None:
+        self.encoded = 0
+
+    def _message(
+        self, sender: Session, room: Room, text: str, notice: bool, current: bool
+    ) -> bytes:
+        self.encoded += 1
+        return super()._message(sender, room, text, notice, current)
+
+
+def test_fan_out_encodes_once_and_writes_once_per_member_and_turn(tmp_path: Path) -> None:
+    clock = MemoryReactorClock()
+    hub = Hub(ChatOptions(), clock, ServiceStats(), lambda type, **fields: None)
+    wire = _CountingWire()
+    writes: list[int] = []
+    members = []
+    for n in range(50):
+        session = LineSession(hub, wire)
+        transport = StringTransportWithDisconnection(peerAddress=PEER)
+        transport.protocol = session
+        transport.write = lambda data, n=n: writes.append(n)  # type: ignore[method-assign]
+        session.makeConnection(transport)
+        session.dataReceived(f"/nick user{n}\r\n".encode())
+        members.append(session)
+    clock.advance(0)
+    writes.clear()
+    # Two senders' reads in one reactor turn: one write per member for both.
+    members[0].dataReceived(b"one\r\ntwo\r\n")
+    members[1].dataReceived(b"three\r\n")
+    assert writes == []
+    clock.advance(0)
+    assert wire.encoded == 3  # once per message, not once per member
+    assert sorted(writes) == list(range(50))  # one write per member for the whole turn
+    assert hub.stats.counters["chat_deliveries"] == 3 * 49

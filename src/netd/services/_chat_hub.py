@@ -252,6 +252,7 @@ class Session(Protocol):
         self.nick = ""
         self.user = ""
         self.realname = ""
+        self.away = ""
         self.host = ""
         self.rooms: dict[str, Room] = {}
         self.flood = Flood(hub.options.flood, hub.clock)
@@ -260,8 +261,8 @@ class Session(Protocol):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
-        # Output waits here until the hub flushes, so a read that carries many
-        # messages costs each member one transport write, not one per message.
+        # Output waits here until the hub flushes, so the messages of one
+        # reactor turn cost each member one transport write, not one per message.
         self.out: list[bytes] = []
         self._framer = LineFramer(self.max_line, self.too_long)
 
@@ -281,12 +282,12 @@ class Session(Protocol):
 
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
         self.hub.leave(self, "Connection closed")
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def dataReceived(self, data: bytes) -> None:
         for line in self._framer.feed(data):
@@ -294,7 +295,7 @@ class Session(Protocol):
                 return
             self.lines_seen += 1
             self.line_received(clean(line))
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def line_received(self, line: str) -> None:
         raise NotImplementedError
@@ -354,7 +355,10 @@ class Session(Protocol):
             return
         self.hub.leave(self, reason)
         self.write(self.farewell(reason))
-        self.hub.flush()
+        # Only this session's output must precede the close; the others' (its
+        # quit) waits for the turn's flush, so closing n users is not n x n writes.
+        self.flush()
+        self.hub.flush_soon()
         self.gone = True
         # A paused transport with a producer would wait for it to resume
         # instead of closing once its buffer is sent.
@@ -371,6 +375,7 @@ class Session(Protocol):
             "protocol": self.protocol_name,
             "client": self.host,
             "rooms": sorted(room.name for room in self.rooms.values()),
+            "away": self.away or None,
             "since": self.connected_at,
         }
 
@@ -397,6 +402,7 @@ class Hub:
         self.sessions: dict[Session, None] = {}
         # Sessions with output queued since the last flush.
         self.dirty: dict[Session, None] = {}
+        self._flush_call: Any = None
         self.started = clock.seconds()
         for name in options.rooms:
             self._create(name)
@@ -415,8 +421,21 @@ class Hub:
 
     # --- connections and nicks -------------------------------------------------
 
+    def flush_soon(self) -> None:
+        """
+        Flush once the reactor has handled every read of this turn.
+
+        The reactor runs due timed calls right after dispatching a poll's events,
+        so all messages read in one turn reach each member in one write.
+        """
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self.flush)
+
     def flush(self) -> None:
-        """Hand every queued output to its transport; called at the end of each event."""
+        """Hand every queued output to its transport."""
+        call, self._flush_call = self._flush_call, None
+        if call is not None and call.active():
+            call.cancel()
         dirty = self.dirty
         while dirty:
             session, _ = dirty.popitem()

@@ -149,7 +149,7 @@ class IrcSession(Session, irc.IRC):
             self.disconnect(
                 f"Ping timeout: {options.ping_interval + options.ping_timeout:g} seconds"
             )
-        self.hub.flush()
+        self.hub.flush_soon()
 
     def farewell(self, reason: str) -> bytes:
         return _line(f"ERROR :Closing Link: {self.host} ({reason})")
@@ -275,10 +275,10 @@ class IrcSession(Session, irc.IRC):
         self.irc_MOTD("", [])
 
     def _lusers(self) -> None:
-        self.numeric(
-            irc.RPL_LUSERCLIENT,
-            f"There are {len(self.hub.users)} users and 0 invisible on 1 servers",
-        )
+        users = len(self.hub.users)
+        self.numeric(irc.RPL_LUSERCLIENT, f"There are {users} users and 0 invisible on 1 servers")
+        self.numeric(irc.RPL_LUSERCHANNELS, str(len(self.hub.rooms)), "channels formed")
+        self.numeric(irc.RPL_LUSERME, f"I have {users} clients and 0 servers")
 
     def irc_MOTD(self, prefix: str, params: list[str]) -> None:
         motd = self.hub.options.motd
@@ -460,7 +460,9 @@ class IrcSession(Session, irc.IRC):
                 if target.startswith("#"):
                     self.hub.say(self, target, text, notice)
                 else:
-                    self.hub.tell(self, target, text, notice)
+                    user = self.hub.tell(self, target, text, notice)
+                    if user.away and not notice:
+                        self.numeric(irc.RPL_AWAY, user.nick, user.away)
             except ChatError as e:
                 if notice:
                     continue  # RFC 2812 3.3.2: never an automatic reply to a NOTICE
@@ -497,7 +499,7 @@ class IrcSession(Session, irc.IRC):
             user.host,
             self.server_name,
             user.nick,
-            "H",
+            "G" if user.away else "H",
             f"0 {user.realname or user.nick}",
         )
 
@@ -524,7 +526,28 @@ class IrcSession(Session, irc.IRC):
                 self.numeric(
                     irc.RPL_WHOISSERVER, user.nick, self.server_name, f"netd ({user.protocol_name})"
                 )
+                if user.away:
+                    self.numeric(irc.RPL_AWAY, user.nick, user.away)
             self.numeric(irc.RPL_ENDOFWHOIS, nick, "End of /WHOIS list")
+
+    def irc_AWAY(self, prefix: str, params: list[str]) -> None:
+        self.away = params[0][:TOPIC_LENGTH] if params else ""
+        if self.away:
+            self.numeric(irc.RPL_NOWAWAY, "You have been marked as being away")
+        else:
+            self.numeric(irc.RPL_UNAWAY, "You are no longer marked as being away")
+
+    def irc_USERHOST(self, prefix: str, params: list[str]) -> None:
+        replies = []
+        for nick in params[:5]:
+            user = self.hub.users.get(fold(nick))
+            if user is not None:
+                state = "-" if user.away else "+"
+                replies.append(f"{user.nick}={state}{user.user or 'user'}@{user.host}")
+        self.numeric(irc.RPL_USERHOST, " ".join(replies))
+
+    def irc_LUSERS(self, prefix: str, params: list[str]) -> None:
+        self._lusers()
 
     def irc_ISON(self, prefix: str, params: list[str]) -> None:
         present = [

@@ -7,11 +7,15 @@ current room and reaches everyone else as C{<nick> text}.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from netd.services._chat_hub import ChatError, Hub, Room, Session, Wire
 
 __all__ = ["LineSession", "LineWire"]
+
+# IAC IAC, IAC SB ... IAC SE, IAC WILL/WONT/DO/DONT option, IAC command (RFC 854).
+_TELNET = re.compile(rb"\xff\xff|\xff\xfa.*?\xff\xf0|\xff[\xfb-\xfe].|\xff[\xf0-\xf9]", re.DOTALL)
 
 HELP = (
     "/nick NAME        choose or change your nick",
@@ -121,6 +125,12 @@ class LineSession(Session):
 
     def too_long(self) -> None:
         self.notify(f"line too long (over {self.max_line - 2} bytes), dropped")
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\xff" in data:
+            # Telnet option negotiation (IAC ...) is not text; a doubled IAC is a 0xff byte.
+            data = _TELNET.sub(lambda m: b"\xff" if m.group() == b"\xff\xff" else b"", data)
+        super().dataReceived(data)
 
     def line_received(self, line: str) -> None:
         if not line.strip():
