@@ -19,9 +19,11 @@ import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
@@ -87,6 +89,11 @@ def ask(
     reply = dns.message.from_wire(answer)
     assert reply.id == query.id
     return reply
+
+
+def make_wire(name: str, rdtype: str = "A") -> bytes:
+    wire: bytes = dns.message.make_query(name, rdtype).to_wire()
+    return wire
 
 
 def texts(reply: dns.message.Message) -> list[str]:
@@ -253,6 +260,7 @@ def test_cname_chain_is_followed_inside_local_data(tmp_path: Path) -> None:
     ]
     loop = ask(srv, "loop.netd.test")
     assert loop.rcode() == dns.rcode.NOERROR and len(loop.answer[0]) == 1
+    assert struct.unpack(">H", srv.handle(make_wire("loop.netd.test"), CLIENT, True)[6:8]) == (1,)  # type: ignore[index]
     assert texts(ask(srv, "alias.netd.test", "CNAME")) == [
         "alias.netd.test. 60 IN CNAME alias2.netd.test."
     ]
@@ -624,40 +632,74 @@ class _Datagrams:
 # -- forwarding ----------------------------------------------------------------
 
 
-class _FakeUDP:
-    def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
+class _FakeSocket:
+    """A UDP socket that records what is sent and hands out queued datagrams."""
+
+    def __init__(self, family: int, kind: int) -> None:
         self.sent: list[bytes] = []
+        self.inbox: list[tuple[bytes, tuple[str, int]] | OSError] = []
         self.peer: tuple[str, int] | None = None
         self.closed = False
 
-    def connect(self, host: str, port: int) -> None:
-        self.peer = (host, port)
+    def setblocking(self, flag: bool) -> None:
+        pass
 
-    def write(self, data: bytes, addr: Any = None) -> None:
+    def bind(self, address: tuple[str, int]) -> None:
+        pass
+
+    def connect(self, address: tuple[str, int]) -> None:
+        self.peer = address
+
+    def send(self, data: bytes) -> int:
         self.sent.append(data)
+        return len(data)
 
-    def stopListening(self) -> None:
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.inbox:
+            raise BlockingIOError
+        item = self.inbox.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 99
+
+    def close(self) -> None:
         self.closed = True
-        self.protocol.doStop()
 
 
 class _FakeReactor(Clock):
-    """A clock that hands out fake UDP ports and records TCP connection attempts."""
+    """A clock that keeps readers and records TCP connection attempts."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.udp: list[_FakeUDP] = []
+        self.sockets: list[_FakeSocket] = []
+        self.readers: list[Any] = []
         self.tcp: list[tuple[str, int, Any]] = []
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _FakeUDP:
-        transport = _FakeUDP(protocol)
-        self.udp.append(transport)
-        protocol.makeConnection(transport)
-        return transport
+    def socket(self, family: int, kind: int) -> _FakeSocket:
+        sock = _FakeSocket(family, kind)
+        self.sockets.append(sock)
+        return sock
+
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        if reader in self.readers:
+            self.readers.remove(reader)
 
     def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> None:
         self.tcp.append((host, port, factory))
+
+    def deliver(self, index: int, data: bytes | OSError, source: tuple[str, int]) -> None:
+        """A datagram (or an error) arrives on the index-th upstream socket."""
+        sock = self.sockets[index]
+        sock.inbox.append(data if isinstance(data, OSError) else (data, source))
+        for reader in list(self.readers):
+            if reader.socket is sock:
+                reader.doRead()
 
 
 UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
@@ -665,7 +707,7 @@ UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
 
 def forwarder(reactor: _FakeReactor, **kwargs: Any) -> tuple[Forwarder, ServiceStats]:
     stats = ServiceStats()
-    return Forwarder(reactor, UPSTREAMS, stats, **kwargs), stats
+    return Forwarder(reactor, UPSTREAMS, stats, socket_factory=reactor.socket, **kwargs), stats
 
 
 def answer_to(sent: bytes, tc: bool = False, rcode: int = 0) -> bytes:
@@ -684,21 +726,22 @@ def test_forwarder_takes_only_the_matching_answer() -> None:
     reactor = _FakeReactor()
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
-    (port,) = reactor.udp
-    assert port.peer == ("127.0.0.1", 5300)
-    (sent,) = port.sent
+    (sock,) = reactor.sockets
+    assert sock.peer == ("127.0.0.1", 5300)
+    (sent,) = sock.sent
     right = answer_to(sent)
     wrong_id = bytes([right[0] ^ 1]) + right[1:]
     other = answer_to(
         dns.message.make_query("b.example", "A", id=struct.unpack(">H", sent[:2])[0]).to_wire()
     )
-    port.protocol.datagramReceived(right, ("127.0.0.9", 5300))
-    port.protocol.datagramReceived(wrong_id, ("127.0.0.1", 5300))
-    port.protocol.datagramReceived(other, ("127.0.0.1", 5300))
+    reactor.deliver(0, right, ("127.0.0.9", 5300))
+    reactor.deliver(0, wrong_id, ("127.0.0.1", 5300))
+    reactor.deliver(0, other, ("127.0.0.1", 5300))
     assert not result.called
-    port.protocol.datagramReceived(right, ("127.0.0.1", 5300))
+    reactor.deliver(0, right, ("127.0.0.1", 5300))
     assert result.called and result.result == right
-    assert port.closed and stats.counters["upstream_mismatched"] == 3
+    assert sock.closed and reactor.readers == []
+    assert stats.counters["upstream_mismatched"] == 3
 
 
 def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
@@ -706,8 +749,8 @@ def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
     fwd, _ = forwarder(reactor)
     for i in range(20):
         fwd.resolve(key(f"n{i}.example"))
-    assert len(reactor.udp) == 20
-    assert len({port.sent[0][:2] for port in reactor.udp}) >= 18
+    assert len(reactor.sockets) == 20
+    assert len({sock.sent[0][:2] for sock in reactor.sockets}) >= 18
 
 
 def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
@@ -715,20 +758,35 @@ def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
     reactor.advance(2)
-    first, second = reactor.udp
+    first, second = reactor.sockets
     assert first.closed and second.peer == ("127.0.0.2", 5301)
-    second.protocol.datagramReceived(answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
+    reactor.deliver(1, answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
     failure = result.result
     result.addErrback(lambda f: None)
     assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+
+
+def test_forwarder_moves_on_from_a_refused_port_at_once() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    reactor.deliver(0, ConnectionRefusedError(), ("127.0.0.1", 5300))
+    assert len(reactor.sockets) == 2 and reactor.sockets[0].closed
+    # An error with nothing to read reaches the reader as connectionLost (epoll's EPOLLERR).
+    (reader,) = reactor.readers
+    reader.connectionLost(Failure(ConnectionDone()))
+    failure = result.result
+    result.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+    assert reactor.readers == []
 
 
 def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
     reactor = _FakeReactor()
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
-    (port,) = reactor.udp
-    port.protocol.datagramReceived(answer_to(port.sent[0], tc=True), ("127.0.0.1", 5300))
+    (sock,) = reactor.sockets
+    reactor.deliver(0, answer_to(sock.sent[0], tc=True), ("127.0.0.1", 5300))
     ((host, tcp_port, factory),) = reactor.tcp
     assert (host, tcp_port) == ("127.0.0.1", 5300)
     protocol = factory.buildProtocol(None)
@@ -747,13 +805,12 @@ def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:
     fwd, stats = forwarder(reactor, max_in_flight=1)
     first, again = fwd.resolve(key("a.example")), fwd.resolve(key("a.example"))
     other = fwd.resolve(key("b.example"))
-    assert len(reactor.udp) == 1 and stats.counters["upstream_overload"] == 1
+    assert len(reactor.sockets) == 1 and stats.counters["upstream_overload"] == 1
     failure = other.result
     other.addErrback(lambda f: None)
     assert failure.check(UpstreamFailed)
-    (port,) = reactor.udp
-    reply = answer_to(port.sent[0])
-    port.protocol.datagramReceived(reply, ("127.0.0.1", 5300))
+    reply = answer_to(reactor.sockets[0].sent[0])
+    reactor.deliver(0, reply, ("127.0.0.1", 5300))
     assert first.result == again.result == reply
 
 
