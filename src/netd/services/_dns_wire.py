@@ -12,6 +12,7 @@ that uses a pointer at all is malformed.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import attrs
 
@@ -55,10 +56,9 @@ class Malformed(Exception):
         self.rcode = rcode
 
 
-@attrs.frozen
-class Query:
+class Query(NamedTuple):
     """
-    What the server needs from a query.
+    What the server needs from a query (a tuple: one is made per query).
 
     @ivar question: the question exactly as the client wrote it (its case is
         echoed back, RFC 1035 and 0x20 mixed-case clients want that).
@@ -220,18 +220,18 @@ class Sections:
         return self.flags & 0xF
 
 
-def encode_reply(query: Query, sections: Sections, limit: int | None) -> bytes:
+def encode_reply(query: Query, sections: Sections, limit: int | None, flags: int = 0) -> bytes:
     """
-    The answer to C{query}; over C{limit} bytes, the question alone with TC
-    set, for the client to ask again over TCP.
+    The answer to C{query}, with C{flags} added to the sections' own; over
+    C{limit} bytes, the question alone with TC set, for the client to ask again
+    over TCP.
     """
     opt = b"" if query.payload is None else _OPT_REPLY
-    header = reply_header(
-        query, sections.flags, sections.an, sections.ns, sections.ar + (1 if opt else 0)
-    )
+    flags |= sections.flags
+    header = reply_header(query, flags, sections.an, sections.ns, sections.ar + (1 if opt else 0))
     reply = header + query.question + sections.body + opt
     if limit is not None and len(reply) > limit:
-        header = reply_header(query, sections.flags | TC, 0, 0, 1 if opt else 0)
+        header = reply_header(query, flags | TC, 0, 0, 1 if opt else 0)
         reply = header + query.question + opt
     return reply
 

@@ -322,12 +322,12 @@ class Server:
                 reply_header(query, 0, 0, 0, 1) + query.question + opt_record(EDNS_PAYLOAD, BADVERS)
             )
         limit = udp_limit(query) if udp else None
-        sections, source = self._answer_now(query, client)
+        recursion = self.forwarder is not None and self._may_recurse(client[0])
+        sections, source = self._answer_now(query, recursion)
         if sections is not None:
-            if self.forwarder is not None and self._may_recurse(client[0]):
-                # RA says this client may ask for any name, whatever answered this one.
-                sections = attrs.evolve(sections, flags=sections.flags | RA)
-            return self._reply(sections, query, limit, client, udp, source, started)
+            # RA says this client may ask for any name, whatever answered this one.
+            flags = RA if recursion else 0
+            return self._reply(sections, query, limit, client, udp, source, started, flags)
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
         stats.count("cache_misses")
@@ -345,7 +345,7 @@ class Server:
             .addErrback(self._crashed, query, limit)
         )
 
-    def _answer_now(self, query: Query, client: Any) -> tuple[Sections | None, str]:
+    def _answer_now(self, query: Query, recursion: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
             return _REFUSED, "refused"
         local = self.local.answer(query.name, query.type)
@@ -353,7 +353,7 @@ class Server:
             return local, "local"
         if self.catch_all is not None and query.type == dns.A:
             return self.catch_all, "catch_all"
-        if self.forwarder is None or not self._may_recurse(client[0]):
+        if not recursion:
             if self.catch_all is not None:
                 # In lab mode every name exists: other types are NODATA, so a
                 # resolver asking A and AAAA together settles on the A answer.
@@ -387,8 +387,9 @@ class Server:
         udp: bool,
         source: str,
         started: float,
+        flags: int = 0,
     ) -> bytes:
-        reply = encode_reply(query, sections, limit)
+        reply = encode_reply(query, sections, limit, flags)
         self.stats.count(f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}")
         if limit is not None and len(reply) < len(query.question) + 12 + len(sections.body):
             self.stats.count("truncated")
