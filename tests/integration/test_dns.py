@@ -554,3 +554,24 @@ services:
     )
     assert reply.rcode() == dns.rcode.SERVFAIL
     assert time.monotonic() - started < 2  # refused ports fail at once, no timeout
+
+
+def test_reload_reads_changed_zone_files(tmp_path: Path, start_netd: object) -> None:
+    zone = tmp_path / "reload.test.zone"
+    zone.write_text("www A 10.3.0.1\n")
+    # A fixed port: a changed service is rebuilt, and would bind another port 0.
+    config = f"""
+admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
+services:
+  dns:
+    type: dns
+    listen: ["udp:{shared_port()}:interface=127.0.0.1"]
+    zone_files: [{zone}]
+"""
+    netd = start_netd(config)  # type: ignore[operator]
+    assert texts(ask_udp(netd, "www.reload.test")) == ["www.reload.test. 60 IN A 10.3.0.1"]
+    zone.write_text("www A 10.3.0.2\nnew A 10.3.0.3\n")
+    changes = admin(netd, "POST", "/api/reload")
+    assert "dns" in json.dumps(changes)
+    assert texts(ask_udp(netd, "www.reload.test")) == ["www.reload.test. 60 IN A 10.3.0.2"]
+    assert texts(ask_udp(netd, "new.reload.test")) == ["new.reload.test. 60 IN A 10.3.0.3"]

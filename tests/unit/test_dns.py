@@ -821,3 +821,16 @@ def test_forwarded_answers_say_recursion_is_available(tmp_path: Path) -> None:
         tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n    recursion_from: [10.0.0.0/8]\n"
     )
     assert not ask(closed, "www.netd.test").flags & dns.flags.RA
+
+
+def test_forwarder_moves_on_from_an_unreadable_answer() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    sent = reactor.sockets[0].sent[0]
+    cut = answer_to(sent)[:-3]  # announces an answer record it does not hold
+    reactor.deliver(0, cut, ("127.0.0.1", 5300))
+    assert len(reactor.sockets) == 2 and stats.counters["upstream_failures"] == 1
+    good = answer_to(reactor.sockets[1].sent[0])
+    reactor.deliver(1, good, ("127.0.0.2", 5301))
+    assert result.result == good

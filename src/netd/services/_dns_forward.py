@@ -280,7 +280,7 @@ class Forwarder:
             except Exception:
                 self.stats.count("upstream_failures")
                 continue
-            if reply[3] & 0xF in _TRY_NEXT:
+            if reply[3] & 0xF in _TRY_NEXT or not _readable(reply, len(question)):
                 self.stats.count("upstream_failures")
                 continue
             return reply
@@ -382,10 +382,14 @@ class Cache:
         return sections
 
 
-def sections_of(reply: bytes, question_length: int) -> Sections:
-    """An upstream reply's sections, to answer with, without the upstream's OPT record."""
-    entry = _entry(reply, question_length, 0.0)
-    return Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
+def _readable(reply: bytes, question_length: int) -> bool:
+    """Whether every record the reply announces is there, so the cache can walk it."""
+    _, _, _, an, ns, ar = _HEADER.unpack_from(reply)
+    try:
+        walk_records(reply, 12 + question_length, an + ns + ar)
+    except Malformed:
+        return False
+    return True
 
 
 def _entry(reply: bytes, question_length: int, now: float) -> _Entry:

@@ -115,8 +115,7 @@ def read_name(data: bytes, offset: int) -> int:
     return offset
 
 
-@attrs.frozen
-class Record:
+class Record(NamedTuple):
     """Where one resource record sits in a message."""
 
     start: int
