@@ -19,6 +19,7 @@ import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -463,6 +464,16 @@ def test_tcp_answers_several_queries_per_connection(tmp_path: Path) -> None:
     replies = unframe(transport.value())
     assert [r.rcode() for r in replies] == [0, 0, dns.rcode.NXDOMAIN]
     assert str(replies[1].answer[0]) == "netd.test. 300 IN MX 10 mx.netd.test."
+
+
+def test_unix_socket_clients_count_as_loopback(tmp_path: Path) -> None:
+    srv = server(tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n")
+    protocol = _Stream(srv, 5.0)
+    transport = StringTransport(peerAddress=UNIXAddress(None))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(framed("www.netd.test"))
+    (reply,) = unframe(transport.value())
+    assert reply.flags & dns.flags.RA and reply.answer
 
 
 def test_tcp_connection_without_a_whole_message_times_out(tmp_path: Path) -> None:

@@ -274,6 +274,7 @@ _REFUSED = Sections(REFUSED, 0, 0, 0, b"")
 _SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
 _CATCH_ALL_NODATA = Sections(AA | NOERROR, 0, 0, 0, b"")
 _POINTER_TO_QUESTION = b"\xc0\x0c"
+_UNIX_CLIENT = "unix"
 
 
 class Server:
@@ -369,7 +370,9 @@ class Server:
         allowed = self.recursion_ok.get(host)
         if allowed is None:
             try:
-                address = ipaddress.ip_address(host.split("%", 1)[0])
+                address = ipaddress.ip_address(
+                    "127.0.0.1" if host == _UNIX_CLIENT else host.split("%", 1)[0]
+                )
             except ValueError:
                 address = None
             allowed = address is not None and any(address in n for n in self.networks)
@@ -514,7 +517,9 @@ class _Stream(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.callLater = self.server.clock.callLater  # type: ignore[method-assign]
-        self.peer = self.transport.getPeer()
+        peer = self.transport.getPeer()
+        # A UNIX-socket client has no address: it is on this host, like loopback.
+        self.client = (getattr(peer, "host", _UNIX_CLIENT), getattr(peer, "port", 0))
         self.setTimeout(self.timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -530,7 +535,7 @@ class _Stream(Protocol, TimeoutMixin):
             message = bytes(buffer[offset + 2 : end])
             offset = end
             self.resetTimeout()
-            answer = self.server.handle(message, (self.peer.host, self.peer.port), False)
+            answer = self.server.handle(message, self.client, False)
             if answer is None:
                 continue
             if isinstance(answer, bytes):
