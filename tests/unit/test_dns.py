@@ -680,6 +680,14 @@ class _FakeSocket:
         self.closed = True
 
 
+class _FakeConnector:
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    def disconnect(self) -> None:
+        self.disconnected = True
+
+
 class _FakeReactor(Clock):
     """A clock that keeps readers and records TCP connection attempts."""
 
@@ -701,8 +709,9 @@ class _FakeReactor(Clock):
         if reader in self.readers:
             self.readers.remove(reader)
 
-    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> None:
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> _FakeConnector:
         self.tcp.append((host, port, factory))
+        return _FakeConnector()
 
     def deliver(self, index: int, data: bytes | OSError, source: tuple[str, int]) -> None:
         """A datagram (or an error) arrives on the index-th upstream socket."""
@@ -809,6 +818,17 @@ def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
     for byte in range(0, len(full) + 2, 7):
         protocol.dataReceived((struct.pack(">H", len(full)) + full)[byte : byte + 7])
     assert result.result == full and stats.counters["upstream_tcp_retries"] == 1
+
+
+def test_forwarder_gives_up_a_slow_tcp_connection() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    fwd.resolve(key("a.example"))
+    reactor.deliver(0, answer_to(reactor.sockets[0].sent[0], tc=True), ("127.0.0.1", 5300))
+    ((_, _, factory),) = reactor.tcp
+    reactor.advance(2)
+    assert factory.exchange.connector.disconnected
+    assert reactor.sockets[1].peer == ("127.0.0.2", 5301)
 
 
 def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:

@@ -184,6 +184,7 @@ class _TCPExchange(_Exchange, Protocol):
         _Exchange.__init__(self, clock, timeout, ident, question)
         self.buffer = bytearray()
         self.query = b""
+        self.connector: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(struct.pack(">H", len(self.query)) + self.query)
@@ -207,6 +208,9 @@ class _TCPExchange(_Exchange, Protocol):
     def _stop(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
+        elif self.connector is not None:
+            # Still connecting when time ran out: a late connection must not open.
+            self.connector.disconnect()
 
 
 class _TCPFactory(ClientFactory):
@@ -310,7 +314,7 @@ class Forwarder:
     ) -> Deferred[bytes]:
         exchange = _TCPExchange(self.reactor, self.timeout, ident, question)
         exchange.query = query
-        self.reactor.connectTCP(
+        exchange.connector = self.reactor.connectTCP(
             upstream.host, upstream.port, _TCPFactory(exchange), timeout=self.timeout
         )
         return exchange.deferred
