@@ -48,14 +48,15 @@ class Upstream:
     wrong answers before the right one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = LOCAL) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         while True:
-            self.tcp = socket.socket()
-            self.tcp.bind((LOCAL, 0))
+            self.tcp = socket.socket(family)
+            self.tcp.bind((host, 0))
             self.port = self.tcp.getsockname()[1]
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                self.udp.bind((LOCAL, self.port))
+                self.udp.bind((host, self.port))
             except OSError:
                 # Some other test's UDP socket has that port: try another.
                 self.tcp.close()
@@ -575,3 +576,32 @@ services:
     assert "dns" in json.dumps(changes)
     assert texts(ask_udp(netd, "www.reload.test")) == ["www.reload.test. 60 IN A 10.3.0.2"]
     assert texts(ask_udp(netd, "new.reload.test")) == ["new.reload.test. 60 IN A 10.3.0.3"]
+
+
+def test_ipv6_listener_and_upstream(start_netd: object) -> None:
+    upstream = Upstream("::1")
+    try:
+        config = f"""
+services:
+  dns:
+    type: dns
+    listen: ['udp:0:interface=\\:\\:1', 'tcp:0:interface=\\:\\:1']
+    records:
+      www.netd.test: {{AAAA: ["::1"]}}
+    forward: ["[::1]:{upstream.port}"]
+"""
+        netd = start_netd(config)  # type: ignore[operator]
+        host, port = netd.address("dns", "udp")
+        assert host == "::1"
+        local = dns.query.udp(dns.message.make_query("www.netd.test", "AAAA"), host, port=port)
+        assert texts(local) == ["www.netd.test. 60 IN AAAA ::1"]
+        query = dns.message.make_query("v6.fwd.test", "A")
+        assert texts(dns.query.udp(query, host, port=port, timeout=5)) == [
+            "v6.fwd.test. 300 IN A 10.0.0.7"
+        ]
+        query = dns.message.make_query("big.fwd.test", "TXT")
+        tcp_port = netd.address("dns")[1]
+        assert len(dns.query.tcp(query, host, port=tcp_port, timeout=5).answer[0]) == 40
+        assert upstream.count("v6.fwd.test") == 1 and upstream.count("big.fwd.test", "tcp") == 1
+    finally:
+        upstream.close()
