@@ -427,6 +427,17 @@ def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> None:
 # -- TCP framing ---------------------------------------------------------------
 
 
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=8))
+def test_random_streams_never_crash(chunks: list[bytes]) -> None:
+    protocol = _Stream(FUZZ_SERVER, 5.0)
+    transport = StringTransport(peerAddress=_Peer())
+    protocol.makeConnection(transport)
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+    protocol.connectionLost(None)
+
+
 def stream(tmp_path: Path, clock: Clock) -> tuple[_Stream, StringTransport]:
     srv = server(tmp_path, clock=clock)
     protocol = _Stream(srv, 5.0)
@@ -799,6 +810,17 @@ def test_forwarder_moves_on_from_a_refused_port_at_once() -> None:
     result.addErrback(lambda f: None)
     assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
     assert reactor.readers == []
+
+
+def test_forwarder_starts_with_the_upstream_that_answered_last() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    first = fwd.resolve(key("a.example"))
+    reactor.advance(2)
+    reactor.deliver(1, answer_to(reactor.sockets[1].sent[0]), ("127.0.0.2", 5301))
+    assert first.called
+    fwd.resolve(key("b.example"))
+    assert reactor.sockets[2].peer == ("127.0.0.2", 5301)
 
 
 def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:

@@ -228,8 +228,9 @@ class _TCPFactory(ClientFactory):
 
 class Forwarder:
     """
-    Asks upstreams in order: UDP from a fresh random port with a random ID,
-    TCP when the answer is truncated, the next upstream on silence or failure.
+    Asks upstreams in turn, from the one that answered last: UDP from a fresh
+    random port with a random ID, TCP when the answer is truncated, the next
+    upstream on silence or failure.
     Identical questions in flight share one upstream query.
     """
 
@@ -249,6 +250,7 @@ class Forwarder:
         self.stats = stats
         self.timeout = timeout
         self._pending: dict[bytes, list[Deferred[bytes]]] = {}
+        self._preferred = 0
 
     def resolve(self, question: bytes) -> Deferred[bytes]:
         """The upstream's reply to C{question} (lower-case name, type, class)."""
@@ -270,7 +272,10 @@ class Forwarder:
             waiter.callback(result)
 
     async def _resolve(self, question: bytes) -> bytes:
-        for upstream in self.upstreams:
+        # Start with the upstream that answered last: a dead first upstream
+        # would otherwise cost every question its timeout.
+        first = self._preferred
+        for upstream in self.upstreams[first:] + self.upstreams[:first]:
             ident = secrets.randbelow(1 << 16)
             query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + opt_record(EDNS_PAYLOAD)
             self.stats.count("upstream_queries")
@@ -287,6 +292,7 @@ class Forwarder:
             if reply[3] & 0xF in _TRY_NEXT or not _readable(reply, len(question)):
                 self.stats.count("upstream_failures")
                 continue
+            self._preferred = self.upstreams.index(upstream)
             return reply
         raise UpstreamFailed("every upstream failed")
 
