@@ -5,6 +5,7 @@ input, the cache on a fake clock, TCP framing on a string transport.
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import Any
@@ -399,10 +400,16 @@ def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: i
     assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
 
 
+@functools.cache
+def fuzz_server() -> Server:
+    """One server for every generated example: no files are read, so no tmp_path."""
+    return server(Path("/nonexistent"))
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=600))
 def test_random_bytes_never_crash(data: bytes) -> None:
-    srv = FUZZ_SERVER
+    srv = fuzz_server()
     answer = srv.handle(data, CLIENT, True)
     assert answer is None or (isinstance(answer, bytes) and answer[:2] == data[:2])
 
@@ -411,17 +418,8 @@ def test_random_bytes_never_crash(data: bytes) -> None:
 @given(tail=st.binary(max_size=200), counts=st.tuples(*[st.integers(0, 3)] * 3))
 def test_mutated_queries_never_crash(tail: bytes, counts: tuple[int, int, int]) -> None:
     data = header(1, *counts) + QUESTION + tail
-    answer = FUZZ_SERVER.handle(data, CLIENT, True)
+    answer = fuzz_server().handle(data, CLIENT, True)
     assert answer is None or (isinstance(answer, bytes) and answer[:2] == b"\x12\x34")
-
-
-FUZZ_SERVER: Server = None  # type: ignore[assignment]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> None:
-    global FUZZ_SERVER
-    FUZZ_SERVER = server(tmp_path_factory.mktemp("fuzz"))
 
 
 # -- TCP framing ---------------------------------------------------------------
@@ -430,7 +428,7 @@ def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> None:
 @settings(max_examples=200, deadline=None)
 @given(chunks=st.lists(st.binary(max_size=300), max_size=8))
 def test_random_streams_never_crash(chunks: list[bytes]) -> None:
-    protocol = _Stream(FUZZ_SERVER, 5.0)
+    protocol = _Stream(fuzz_server(), 5.0)
     transport = StringTransport(peerAddress=_Peer())
     protocol.makeConnection(transport)
     for chunk in chunks:
