@@ -17,20 +17,35 @@ from typing import NamedTuple
 import attrs
 
 __all__ = [
+    "AA",
+    "BADVERS",
+    "EDNS_PAYLOAD",
     "FORMERR",
     "NOERROR",
     "NOTIMP",
     "NXDOMAIN",
+    "OPT",
+    "QR",
+    "RA",
+    "RD",
     "REFUSED",
     "SERVFAIL",
+    "TC",
     "Malformed",
     "Query",
+    "Record",
     "Sections",
+    "encode_reply",
+    "malformed_reply",
+    "name_to_text",
+    "name_to_wire",
     "opt_record",
+    "parent",
     "parse_query",
     "read_name",
     "reply_header",
     "skip_name",
+    "udp_limit",
     "walk_records",
 ]
 
@@ -39,6 +54,8 @@ BADVERS = 16
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
+# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
+EDNS_PAYLOAD = 1232
 
 _HEADER = struct.Struct(">HHHHHH")
 _RR_FIXED = struct.Struct(">HHIH")
@@ -198,6 +215,9 @@ def opt_record(payload: int, extended_rcode: int = 0) -> bytes:
     return b"\x00" + _RR_FIXED.pack(OPT, payload, (extended_rcode >> 4) << 24, 0)
 
 
+_OPT_REPLY = opt_record(EDNS_PAYLOAD)
+
+
 @attrs.frozen
 class Sections:
     """
@@ -233,11 +253,6 @@ def encode_reply(query: Query, sections: Sections, limit: int | None, flags: int
         header = reply_header(query, flags | TC, 0, 0, 1 if opt else 0)
         reply = header + query.question + opt
     return reply
-
-
-# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
-EDNS_PAYLOAD = 1232
-_OPT_REPLY = opt_record(EDNS_PAYLOAD)
 
 
 def udp_limit(query: Query) -> int:
