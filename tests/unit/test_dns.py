@@ -885,3 +885,15 @@ def test_forwarder_moves_on_from_an_unreadable_answer() -> None:
     good = answer_to(reactor.sockets[1].sent[0])
     reactor.deliver(1, good, ("127.0.0.2", 5301))
     assert result.result == good
+
+
+def test_repeated_queries_get_the_same_answer_with_their_own_id(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    # ask() checks that each answer carries its own query's ID.
+    first, second = ask(srv, "www.netd.test"), ask(srv, "www.netd.test")
+    assert texts(first) == texts(second) and second.flags & dns.flags.AA
+    big = big_server(tmp_path)
+    for _ in range(3):
+        assert ask(big, "many.netd.test", "TXT").flags & dns.flags.TC
+    assert big.stats.counters["truncated"] == 3 and big.stats.counters["queries"] == 3
+    assert srv.stats.counters["rcode_NOERROR"] == 2 and len(srv.prepared) == 1
