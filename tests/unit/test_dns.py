@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -897,3 +898,18 @@ def test_repeated_queries_get_the_same_answer_with_their_own_id(tmp_path: Path) 
         assert ask(big, "many.netd.test", "TXT").flags & dns.flags.TC
     assert big.stats.counters["truncated"] == 3 and big.stats.counters["queries"] == 3
     assert srv.stats.counters["rcode_NOERROR"] == 2 and len(srv.prepared) == 1
+
+
+def test_repeated_cached_answers_follow_the_ttl_countdown(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)
+    question = key("a.example")
+    srv.cache.put(question, upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"]))
+    assert [ask(srv, "a.example").answer[0].ttl for _ in range(2)] == [100, 100]
+    assert len(srv.prepared) == 1
+    clock.advance(10)
+    assert ask(srv, "a.example").answer[0].ttl == 90
+    clock.advance(90)
+    srv.forwarder.resolve = lambda q: Deferred()  # type: ignore[method-assign,union-attr]
+    assert not isinstance(srv.handle(make_wire("a.example"), CLIENT, True), bytes)
+    assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["cache_misses"] == 1

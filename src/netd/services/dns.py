@@ -305,7 +305,9 @@ class Server:
         self.networks = options.recursion_from
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
-        self.prepared: dict[tuple[bool, bool, bytes], tuple[bytes, tuple[str, ...]]] = {}
+        self.prepared: dict[
+            tuple[bool, bool, bytes], tuple[bytes, tuple[str, ...], bytes | None, Sections]
+        ] = {}
 
     def handle(self, data: bytes, client: Any, udp: bool) -> bytes | Deferred[bytes] | None:
         """The answer to C{data} from C{client} (an address), or None for silence."""
@@ -319,10 +321,13 @@ class Server:
             prepared_key = (udp, recursion, data[2:])
             prepared = self.prepared.get(prepared_key)
             if prepared is not None:
-                tail, counters = prepared
-                for counter in counters:
-                    stats.count(counter)
-                return data[:2] + tail
+                tail, counters, cache_key, cached = prepared
+                # A cached answer is good again while the cache still holds it
+                # with the same TTLs (it makes new sections as they count down).
+                if cache_key is None or self.cache.get(cache_key) is cached:
+                    for counter in counters:
+                        stats.count(counter)
+                    return data[:2] + tail
         try:
             query = parse_query(data)
         except Malformed as e:
@@ -342,8 +347,6 @@ class Server:
         if sections is not None:
             # RA says this client may ask for any name, whatever answered this one.
             flags = RA if recursion else 0
-            if source == "cache":
-                prepared_key = None  # its TTLs count down
             return self._reply(
                 sections, query, limit, client, udp, source, started, flags, prepared_key
             )
@@ -380,7 +383,6 @@ class Server:
             return _REFUSED, "refused"
         cached = self.cache.get(query.name + query.question[-4:])
         if cached is not None:
-            self.stats.count("cache_hits")
             return cached, "cache"
         return None, "upstream"
 
@@ -413,6 +415,8 @@ class Server:
     ) -> bytes:
         reply = encode_reply(query, sections, limit, flags)
         counters = [f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}"]
+        if source == "cache":
+            counters.append("cache_hits")
         if limit is not None and len(reply) < len(query.question) + 12 + len(sections.body):
             counters.append("truncated")
         for counter in counters:
@@ -423,7 +427,8 @@ class Server:
             if len(self.prepared) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
                 self.prepared.clear()
-            self.prepared[prepared_key] = (reply[2:], tuple(counters))
+            cache_key = query.name + query.question[-4:] if source == "cache" else None
+            self.prepared[prepared_key] = (reply[2:], tuple(counters), cache_key, sections)
         return reply
 
     def _crashed(self, reason: Failure, query: Query, limit: int | None) -> bytes:
