@@ -913,3 +913,14 @@ def test_repeated_cached_answers_follow_the_ttl_countdown(tmp_path: Path) -> Non
     srv.forwarder.resolve = lambda q: Deferred()  # type: ignore[method-assign,union-attr]
     assert not isinstance(srv.handle(make_wire("a.example"), CLIENT, True), bytes)
     assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["cache_misses"] == 1
+
+
+def test_oversized_queries_are_not_kept(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    padding = dns.edns.GenericOption(65001, b"p" * 600)
+    query = dns.message.make_query("www.netd.test", "A", use_edns=0, options=[padding])
+    wire = query.to_wire()
+    assert len(wire) > 512
+    answer = srv.handle(wire, CLIENT, False)
+    assert isinstance(answer, bytes) and dns.message.from_wire(answer).answer
+    assert srv.prepared == {}

@@ -77,8 +77,10 @@ _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP"
 # Zone transfers are not served: the data is the service map's.
 _TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
 _QUERY_LOG_SIZE = 1000
-# Whole answers kept by query bytes; at most about 1.5 KB each.
+# Whole answers kept by query bytes, for queries of ordinary size: a 64 KiB
+# TCP query padded with records must not become a 64 KiB key.
 _PREPARED_REPLIES = 10_000
+_PREPARED_QUERY = 512
 # Queries one TCP connection may have waiting on upstreams before netd stops reading it.
 _TCP_PIPELINE = 100
 
@@ -315,7 +317,7 @@ class Server:
         stats.count("queries")
         recursion = self.forwarder is not None and self._may_recurse(client[0])
         prepared_key = None
-        if not self.options.query_log:
+        if not self.options.query_log and len(data) <= _PREPARED_QUERY:
             # The same query bytes (ID aside) from a client of the same standing
             # get the same answer from local data: send it again as it was.
             prepared_key = (udp, recursion, data[2:])
