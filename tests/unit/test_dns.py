@@ -340,6 +340,7 @@ def test_udp_answers_over_512_bytes_are_truncated_without_edns(tmp_path: Path) -
     assert edns.flags & dns.flags.TC and edns.edns == 0
     full = ask(srv, "many.netd.test", "TXT", udp=False)
     assert not full.flags & dns.flags.TC and len(full.answer[0]) == 30
+    assert len(srv.prepared) == 2  # the two TC answers; the 2 KiB one is not kept
     assert srv.stats.counters["truncated"] == 2
 
 

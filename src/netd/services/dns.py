@@ -77,8 +77,9 @@ _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP"
 # Zone transfers are not served: the data is the service map's.
 _TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
 _QUERY_LOG_SIZE = 1000
-# Whole answers kept by query bytes, for queries of ordinary size: a 64 KiB
-# TCP query padded with records must not become a 64 KiB key.
+# Whole answers kept by query bytes, for queries of ordinary size and answers
+# that fit a UDP datagram: a 64 KiB TCP query padded with records must not
+# become a 64 KiB key, nor big TCP answers fill memory ten thousand at a time.
 _PREPARED_REPLIES = 10_000
 _PREPARED_QUERY = 512
 # Queries one TCP connection may have waiting on upstreams before netd stops reading it.
@@ -425,7 +426,7 @@ class Server:
             self.stats.count(counter)
         if self.options.query_log:
             self._record(query, reply, client, udp, source, started)
-        if prepared_key is not None:
+        if prepared_key is not None and len(reply) <= EDNS_PAYLOAD:
             if len(self.prepared) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
                 self.prepared.clear()
