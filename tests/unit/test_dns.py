@@ -5,6 +5,7 @@ input, the cache on a fake clock, TCP framing on a string transport.
 
 from __future__ import annotations
 
+import functools
 import struct
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,13 @@ import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet.address import UNIXAddress
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
@@ -87,6 +92,11 @@ def ask(
     reply = dns.message.from_wire(answer)
     assert reply.id == query.id
     return reply
+
+
+def make_wire(name: str, rdtype: str = "A") -> bytes:
+    wire: bytes = dns.message.make_query(name, rdtype).to_wire()
+    return wire
 
 
 def texts(reply: dns.message.Message) -> list[str]:
@@ -253,6 +263,7 @@ def test_cname_chain_is_followed_inside_local_data(tmp_path: Path) -> None:
     ]
     loop = ask(srv, "loop.netd.test")
     assert loop.rcode() == dns.rcode.NOERROR and len(loop.answer[0]) == 1
+    assert struct.unpack(">H", srv.handle(make_wire("loop.netd.test"), CLIENT, True)[6:8]) == (1,)  # type: ignore[index]
     assert texts(ask(srv, "alias.netd.test", "CNAME")) == [
         "alias.netd.test. 60 IN CNAME alias2.netd.test."
     ]
@@ -329,6 +340,7 @@ def test_udp_answers_over_512_bytes_are_truncated_without_edns(tmp_path: Path) -
     assert edns.flags & dns.flags.TC and edns.edns == 0
     full = ask(srv, "many.netd.test", "TXT", udp=False)
     assert not full.flags & dns.flags.TC and len(full.answer[0]) == 30
+    assert len(srv.prepared) == 2  # the two TC answers; the 2 KiB one is not kept
     assert srv.stats.counters["truncated"] == 2
 
 
@@ -390,10 +402,16 @@ def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: i
     assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
 
 
+@functools.cache
+def fuzz_server() -> Server:
+    """One server for every generated example: no files are read, so no tmp_path."""
+    return server(Path("/nonexistent"))
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=600))
 def test_random_bytes_never_crash(data: bytes) -> None:
-    srv = FUZZ_SERVER
+    srv = fuzz_server()
     answer = srv.handle(data, CLIENT, True)
     assert answer is None or (isinstance(answer, bytes) and answer[:2] == data[:2])
 
@@ -402,20 +420,22 @@ def test_random_bytes_never_crash(data: bytes) -> None:
 @given(tail=st.binary(max_size=200), counts=st.tuples(*[st.integers(0, 3)] * 3))
 def test_mutated_queries_never_crash(tail: bytes, counts: tuple[int, int, int]) -> None:
     data = header(1, *counts) + QUESTION + tail
-    answer = FUZZ_SERVER.handle(data, CLIENT, True)
+    answer = fuzz_server().handle(data, CLIENT, True)
     assert answer is None or (isinstance(answer, bytes) and answer[:2] == b"\x12\x34")
 
 
-FUZZ_SERVER: Server = None  # type: ignore[assignment]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> None:
-    global FUZZ_SERVER
-    FUZZ_SERVER = server(tmp_path_factory.mktemp("fuzz"))
-
-
 # -- TCP framing ---------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=300), max_size=8))
+def test_random_streams_never_crash(chunks: list[bytes]) -> None:
+    protocol = _Stream(fuzz_server(), 5.0)
+    transport = StringTransport(peerAddress=_Peer())
+    protocol.makeConnection(transport)
+    for chunk in chunks:
+        protocol.dataReceived(chunk)
+    protocol.connectionLost(None)
 
 
 def stream(tmp_path: Path, clock: Clock) -> tuple[_Stream, StringTransport]:
@@ -455,6 +475,16 @@ def test_tcp_answers_several_queries_per_connection(tmp_path: Path) -> None:
     replies = unframe(transport.value())
     assert [r.rcode() for r in replies] == [0, 0, dns.rcode.NXDOMAIN]
     assert str(replies[1].answer[0]) == "netd.test. 300 IN MX 10 mx.netd.test."
+
+
+def test_unix_socket_clients_count_as_loopback(tmp_path: Path) -> None:
+    srv = server(tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n")
+    protocol = _Stream(srv, 5.0)
+    transport = StringTransport(peerAddress=UNIXAddress(None))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(framed("www.netd.test"))
+    (reply,) = unframe(transport.value())
+    assert reply.flags & dns.flags.RA and reply.answer
 
 
 def test_tcp_connection_without_a_whole_message_times_out(tmp_path: Path) -> None:
@@ -624,40 +654,83 @@ class _Datagrams:
 # -- forwarding ----------------------------------------------------------------
 
 
-class _FakeUDP:
-    def __init__(self, protocol: Any) -> None:
-        self.protocol = protocol
+class _FakeSocket:
+    """A UDP socket that records what is sent and hands out queued datagrams."""
+
+    def __init__(self, family: int, kind: int) -> None:
         self.sent: list[bytes] = []
+        self.inbox: list[tuple[bytes, tuple[str, int]] | OSError] = []
         self.peer: tuple[str, int] | None = None
         self.closed = False
 
-    def connect(self, host: str, port: int) -> None:
-        self.peer = (host, port)
+    def setblocking(self, flag: bool) -> None:
+        pass
 
-    def write(self, data: bytes, addr: Any = None) -> None:
+    def bind(self, address: tuple[str, int]) -> None:
+        pass
+
+    def connect(self, address: tuple[str, int]) -> None:
+        self.peer = address
+
+    def send(self, data: bytes) -> int:
         self.sent.append(data)
+        return len(data)
 
-    def stopListening(self) -> None:
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int]]:
+        if not self.inbox:
+            raise BlockingIOError
+        item = self.inbox.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def fileno(self) -> int:
+        return -1 if self.closed else 99
+
+    def close(self) -> None:
         self.closed = True
-        self.protocol.doStop()
+
+
+class _FakeConnector:
+    def __init__(self) -> None:
+        self.disconnected = False
+
+    def disconnect(self) -> None:
+        self.disconnected = True
 
 
 class _FakeReactor(Clock):
-    """A clock that hands out fake UDP ports and records TCP connection attempts."""
+    """A clock that keeps readers and records TCP connection attempts."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.udp: list[_FakeUDP] = []
+        self.sockets: list[_FakeSocket] = []
+        self.readers: list[Any] = []
         self.tcp: list[tuple[str, int, Any]] = []
 
-    def listenUDP(self, port: int, protocol: Any, interface: str = "") -> _FakeUDP:
-        transport = _FakeUDP(protocol)
-        self.udp.append(transport)
-        protocol.makeConnection(transport)
-        return transport
+    def socket(self, family: int, kind: int) -> _FakeSocket:
+        sock = _FakeSocket(family, kind)
+        self.sockets.append(sock)
+        return sock
 
-    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> None:
+    def addReader(self, reader: Any) -> None:
+        self.readers.append(reader)
+
+    def removeReader(self, reader: Any) -> None:
+        if reader in self.readers:
+            self.readers.remove(reader)
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> _FakeConnector:
         self.tcp.append((host, port, factory))
+        return _FakeConnector()
+
+    def deliver(self, index: int, data: bytes | OSError, source: tuple[str, int]) -> None:
+        """A datagram (or an error) arrives on the index-th upstream socket."""
+        sock = self.sockets[index]
+        sock.inbox.append(data if isinstance(data, OSError) else (data, source))
+        for reader in list(self.readers):
+            if reader.socket is sock:
+                reader.doRead()
 
 
 UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
@@ -665,7 +738,7 @@ UPSTREAMS = (Upstream("127.0.0.1", 5300), Upstream("127.0.0.2", 5301))
 
 def forwarder(reactor: _FakeReactor, **kwargs: Any) -> tuple[Forwarder, ServiceStats]:
     stats = ServiceStats()
-    return Forwarder(reactor, UPSTREAMS, stats, **kwargs), stats
+    return Forwarder(reactor, UPSTREAMS, stats, socket_factory=reactor.socket, **kwargs), stats
 
 
 def answer_to(sent: bytes, tc: bool = False, rcode: int = 0) -> bytes:
@@ -684,21 +757,22 @@ def test_forwarder_takes_only_the_matching_answer() -> None:
     reactor = _FakeReactor()
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
-    (port,) = reactor.udp
-    assert port.peer == ("127.0.0.1", 5300)
-    (sent,) = port.sent
+    (sock,) = reactor.sockets
+    assert sock.peer == ("127.0.0.1", 5300)
+    (sent,) = sock.sent
     right = answer_to(sent)
     wrong_id = bytes([right[0] ^ 1]) + right[1:]
     other = answer_to(
         dns.message.make_query("b.example", "A", id=struct.unpack(">H", sent[:2])[0]).to_wire()
     )
-    port.protocol.datagramReceived(right, ("127.0.0.9", 5300))
-    port.protocol.datagramReceived(wrong_id, ("127.0.0.1", 5300))
-    port.protocol.datagramReceived(other, ("127.0.0.1", 5300))
+    reactor.deliver(0, right, ("127.0.0.9", 5300))
+    reactor.deliver(0, wrong_id, ("127.0.0.1", 5300))
+    reactor.deliver(0, other, ("127.0.0.1", 5300))
     assert not result.called
-    port.protocol.datagramReceived(right, ("127.0.0.1", 5300))
+    reactor.deliver(0, right, ("127.0.0.1", 5300))
     assert result.called and result.result == right
-    assert port.closed and stats.counters["upstream_mismatched"] == 3
+    assert sock.closed and reactor.readers == []
+    assert stats.counters["upstream_mismatched"] == 3
 
 
 def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
@@ -706,8 +780,8 @@ def test_forwarder_uses_a_fresh_port_and_id_per_query() -> None:
     fwd, _ = forwarder(reactor)
     for i in range(20):
         fwd.resolve(key(f"n{i}.example"))
-    assert len(reactor.udp) == 20
-    assert len({port.sent[0][:2] for port in reactor.udp}) >= 18
+    assert len(reactor.sockets) == 20
+    assert len({sock.sent[0][:2] for sock in reactor.sockets}) >= 18
 
 
 def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
@@ -715,20 +789,46 @@ def test_forwarder_moves_on_after_silence_and_fails_when_all_fail() -> None:
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
     reactor.advance(2)
-    first, second = reactor.udp
+    first, second = reactor.sockets
     assert first.closed and second.peer == ("127.0.0.2", 5301)
-    second.protocol.datagramReceived(answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
+    reactor.deliver(1, answer_to(second.sent[0], rcode=2), ("127.0.0.2", 5301))
     failure = result.result
     result.addErrback(lambda f: None)
     assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+
+
+def test_forwarder_moves_on_from_a_refused_port_at_once() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    reactor.deliver(0, ConnectionRefusedError(), ("127.0.0.1", 5300))
+    assert len(reactor.sockets) == 2 and reactor.sockets[0].closed
+    # An error with nothing to read reaches the reader as connectionLost (epoll's EPOLLERR).
+    (reader,) = reactor.readers
+    reader.connectionLost(Failure(ConnectionDone()))
+    failure = result.result
+    result.addErrback(lambda f: None)
+    assert failure.check(UpstreamFailed) and stats.counters["upstream_failures"] == 2
+    assert reactor.readers == []
+
+
+def test_forwarder_starts_with_the_upstream_that_answered_last() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    first = fwd.resolve(key("a.example"))
+    reactor.advance(2)
+    reactor.deliver(1, answer_to(reactor.sockets[1].sent[0]), ("127.0.0.2", 5301))
+    assert first.called
+    fwd.resolve(key("b.example"))
+    assert reactor.sockets[2].peer == ("127.0.0.2", 5301)
 
 
 def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
     reactor = _FakeReactor()
     fwd, stats = forwarder(reactor)
     result = fwd.resolve(key("a.example"))
-    (port,) = reactor.udp
-    port.protocol.datagramReceived(answer_to(port.sent[0], tc=True), ("127.0.0.1", 5300))
+    (sock,) = reactor.sockets
+    reactor.deliver(0, answer_to(sock.sent[0], tc=True), ("127.0.0.1", 5300))
     ((host, tcp_port, factory),) = reactor.tcp
     assert (host, tcp_port) == ("127.0.0.1", 5300)
     protocol = factory.buildProtocol(None)
@@ -742,18 +842,28 @@ def test_forwarder_retries_a_truncated_answer_over_tcp() -> None:
     assert result.result == full and stats.counters["upstream_tcp_retries"] == 1
 
 
+def test_forwarder_gives_up_a_slow_tcp_connection() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor)
+    fwd.resolve(key("a.example"))
+    reactor.deliver(0, answer_to(reactor.sockets[0].sent[0], tc=True), ("127.0.0.1", 5300))
+    ((_, _, factory),) = reactor.tcp
+    reactor.advance(2)
+    assert factory.exchange.connector.disconnected
+    assert reactor.sockets[1].peer == ("127.0.0.2", 5301)
+
+
 def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:
     reactor = _FakeReactor()
     fwd, stats = forwarder(reactor, max_in_flight=1)
     first, again = fwd.resolve(key("a.example")), fwd.resolve(key("a.example"))
     other = fwd.resolve(key("b.example"))
-    assert len(reactor.udp) == 1 and stats.counters["upstream_overload"] == 1
+    assert len(reactor.sockets) == 1 and stats.counters["upstream_overload"] == 1
     failure = other.result
     other.addErrback(lambda f: None)
     assert failure.check(UpstreamFailed)
-    (port,) = reactor.udp
-    reply = answer_to(port.sent[0])
-    port.protocol.datagramReceived(reply, ("127.0.0.1", 5300))
+    reply = answer_to(reactor.sockets[0].sent[0])
+    reactor.deliver(0, reply, ("127.0.0.1", 5300))
     assert first.result == again.result == reply
 
 
@@ -764,3 +874,54 @@ def test_forwarded_answers_say_recursion_is_available(tmp_path: Path) -> None:
         tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n    recursion_from: [10.0.0.0/8]\n"
     )
     assert not ask(closed, "www.netd.test").flags & dns.flags.RA
+
+
+def test_forwarder_moves_on_from_an_unreadable_answer() -> None:
+    reactor = _FakeReactor()
+    fwd, stats = forwarder(reactor)
+    result = fwd.resolve(key("a.example"))
+    sent = reactor.sockets[0].sent[0]
+    cut = answer_to(sent)[:-3]  # announces an answer record it does not hold
+    reactor.deliver(0, cut, ("127.0.0.1", 5300))
+    assert len(reactor.sockets) == 2 and stats.counters["upstream_failures"] == 1
+    good = answer_to(reactor.sockets[1].sent[0])
+    reactor.deliver(1, good, ("127.0.0.2", 5301))
+    assert result.result == good
+
+
+def test_repeated_queries_get_the_same_answer_with_their_own_id(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    # ask() checks that each answer carries its own query's ID.
+    first, second = ask(srv, "www.netd.test"), ask(srv, "www.netd.test")
+    assert texts(first) == texts(second) and second.flags & dns.flags.AA
+    big = big_server(tmp_path)
+    for _ in range(3):
+        assert ask(big, "many.netd.test", "TXT").flags & dns.flags.TC
+    assert big.stats.counters["truncated"] == 3 and big.stats.counters["queries"] == 3
+    assert srv.stats.counters["rcode_NOERROR"] == 2 and len(srv.prepared) == 1
+
+
+def test_repeated_cached_answers_follow_the_ttl_countdown(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)
+    question = key("a.example")
+    srv.cache.put(question, upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"]))
+    assert [ask(srv, "a.example").answer[0].ttl for _ in range(2)] == [100, 100]
+    assert len(srv.prepared) == 1
+    clock.advance(10)
+    assert ask(srv, "a.example").answer[0].ttl == 90
+    clock.advance(90)
+    srv.forwarder.resolve = lambda q: Deferred()  # type: ignore[method-assign,union-attr]
+    assert not isinstance(srv.handle(make_wire("a.example"), CLIENT, True), bytes)
+    assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["cache_misses"] == 1
+
+
+def test_oversized_queries_are_not_kept(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    padding = dns.edns.GenericOption(65001, b"p" * 600)
+    query = dns.message.make_query("www.netd.test", "A", use_edns=0, options=[padding])
+    wire = query.to_wire()
+    assert len(wire) > 512
+    answer = srv.handle(wire, CLIENT, False)
+    assert isinstance(answer, bytes) and dns.message.from_wire(answer).answer
+    assert srv.prepared == {}

@@ -10,16 +10,19 @@ sits, and counts the TTLs down by patching those four bytes.
 from __future__ import annotations
 
 import secrets
+import socket
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
-from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.events import ServiceStats
 from netd.services._dns_wire import (
@@ -105,45 +108,73 @@ class _Exchange:
         self.deferred.callback(result)
 
 
-class _UDPExchange(_Exchange, DatagramProtocol):
-    noisy = False
-    transport: Any
+@implementer(IReadDescriptor)
+class _UDPExchange(_Exchange):
+    """
+    One UDP query from a socket of its own, connected to the upstream: the
+    kernel picks a random source port and drops datagrams from anyone else.
+
+    Not a udp.Port: that logs two lines for every upstream query, and with
+    epoll reports the ICMP port-unreachable of a connected socket as the port
+    closing rather than as connectionRefused.
+    """
 
     def __init__(
-        self, clock: Any, timeout: float, ident: int, question: bytes, upstream: Upstream
+        self,
+        reactor: Any,
+        timeout: float,
+        ident: int,
+        question: bytes,
+        upstream: Upstream,
+        sock: socket.socket,
     ) -> None:
-        _Exchange.__init__(self, clock, timeout, ident, question)
+        _Exchange.__init__(self, reactor, timeout, ident, question)
+        self.reactor = reactor
         self.upstream = upstream
-        self.port: Any = None
+        self.socket = sock
         self.mismatched = 0
 
-    def startProtocol(self) -> None:
-        # A connected socket: the kernel drops datagrams from any other address
-        # and reports ICMP port-unreachable as connectionRefused.
-        self.transport.connect(self.upstream.host, self.upstream.port)
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        if (addr[0], addr[1]) != (self.upstream.host, self.upstream.port) or not _matches(
-            data, self.ident, self.question
-        ):
-            self.mismatched += 1
+    def start(self, query: bytes) -> None:
+        try:
+            self.socket.setblocking(False)
+            self.socket.bind(("::" if ":" in self.upstream.host else "0.0.0.0", 0))
+            self.socket.connect((self.upstream.host, self.upstream.port))
+            self.socket.send(query)
+        except OSError as e:
+            self._finish(Failure(e))
             return
-        self._finish(data)
+        self.reactor.addReader(self)
 
-    def connectionRefused(self) -> None:
-        self._finish(Failure(ConnectionRefusedError(str(self.upstream))))
+    def fileno(self) -> int:
+        return self.socket.fileno()
 
-    def stopProtocol(self) -> None:
-        # With epoll, the ICMP port-unreachable on a connected UDP socket comes
-        # as EPOLLERR alone, which Twisted takes for the port closing rather
-        # than calling connectionRefused: the port stopping unasked is the refusal.
-        self.port = None
+    def logPrefix(self) -> str:
+        return f"dns upstream {self.upstream}"
+
+    def doRead(self) -> None:
+        while not self.done:
+            try:
+                data, addr = self.socket.recvfrom(65535)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self._finish(Failure(e))  # ECONNREFUSED: nothing listens there
+                return
+            if (addr[0], addr[1]) != (self.upstream.host, self.upstream.port) or not _matches(
+                data, self.ident, self.question
+            ):
+                self.mismatched += 1
+                continue
+            self._finish(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw an error on the socket with nothing to read: with a
+        # connected UDP socket, the ICMP port-unreachable of a dead upstream.
         self._finish(Failure(ConnectionRefusedError(str(self.upstream))))
 
     def _stop(self) -> None:
-        if self.port is not None:
-            port, self.port = self.port, None
-            port.stopListening()
+        self.reactor.removeReader(self)
+        self.socket.close()
 
 
 class _TCPExchange(_Exchange, Protocol):
@@ -153,6 +184,7 @@ class _TCPExchange(_Exchange, Protocol):
         _Exchange.__init__(self, clock, timeout, ident, question)
         self.buffer = bytearray()
         self.query = b""
+        self.connector: Any = None
 
     def connectionMade(self) -> None:
         self.transport.write(struct.pack(">H", len(self.query)) + self.query)
@@ -176,6 +208,9 @@ class _TCPExchange(_Exchange, Protocol):
     def _stop(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
+        elif self.connector is not None:
+            # Still connecting when time ran out: a late connection must not open.
+            self.connector.disconnect()
 
 
 class _TCPFactory(ClientFactory):
@@ -193,8 +228,9 @@ class _TCPFactory(ClientFactory):
 
 class Forwarder:
     """
-    Asks upstreams in order: UDP from a fresh random port with a random ID,
-    TCP when the answer is truncated, the next upstream on silence or failure.
+    Asks upstreams in turn, from the one that answered last: UDP from a fresh
+    random port with a random ID, TCP when the answer is truncated, the next
+    upstream on silence or failure.
     Identical questions in flight share one upstream query.
     """
 
@@ -205,13 +241,16 @@ class Forwarder:
         stats: ServiceStats,
         timeout: float = 2.0,
         max_in_flight: int = MAX_IN_FLIGHT,
+        socket_factory: Callable[[int, int], socket.socket] = socket.socket,
     ) -> None:
         self.reactor = reactor
+        self.socket_factory = socket_factory
         self.max_in_flight = max_in_flight
         self.upstreams = tuple(upstreams)
         self.stats = stats
         self.timeout = timeout
         self._pending: dict[bytes, list[Deferred[bytes]]] = {}
+        self._preferred = 0
 
     def resolve(self, question: bytes) -> Deferred[bytes]:
         """The upstream's reply to C{question} (lower-case name, type, class)."""
@@ -233,7 +272,10 @@ class Forwarder:
             waiter.callback(result)
 
     async def _resolve(self, question: bytes) -> bytes:
-        for upstream in self.upstreams:
+        # Start with the upstream that answered last: a dead first upstream
+        # would otherwise cost every question its timeout.
+        first = self._preferred
+        for upstream in self.upstreams[first:] + self.upstreams[:first]:
             ident = secrets.randbelow(1 << 16)
             query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + opt_record(EDNS_PAYLOAD)
             self.stats.count("upstream_queries")
@@ -247,22 +289,23 @@ class Forwarder:
             except Exception:
                 self.stats.count("upstream_failures")
                 continue
-            if reply[3] & 0xF in _TRY_NEXT:
+            if reply[3] & 0xF in _TRY_NEXT or not _readable(reply, len(question)):
                 self.stats.count("upstream_failures")
                 continue
+            self._preferred = self.upstreams.index(upstream)
             return reply
         raise UpstreamFailed("every upstream failed")
 
     def _udp(
         self, upstream: Upstream, ident: int, question: bytes, query: bytes
     ) -> Deferred[bytes]:
-        exchange = _UDPExchange(self.reactor, self.timeout, ident, question, upstream)
-        interface = "::" if ":" in upstream.host else ""
+        family = socket.AF_INET6 if ":" in upstream.host else socket.AF_INET
         try:
-            exchange.port = self.reactor.listenUDP(0, exchange, interface=interface)
-            exchange.transport.write(query)
+            sock = self.socket_factory(family, socket.SOCK_DGRAM)
         except OSError as e:
-            exchange._finish(Failure(e))
+            return fail(e)
+        exchange = _UDPExchange(self.reactor, self.timeout, ident, question, upstream, sock)
+        exchange.start(query)
 
         def count(result: Any) -> Any:
             if exchange.mismatched:
@@ -277,7 +320,7 @@ class Forwarder:
     ) -> Deferred[bytes]:
         exchange = _TCPExchange(self.reactor, self.timeout, ident, question)
         exchange.query = query
-        self.reactor.connectTCP(
+        exchange.connector = self.reactor.connectTCP(
             upstream.host, upstream.port, _TCPFactory(exchange), timeout=self.timeout
         )
         return exchange.deferred
@@ -349,10 +392,14 @@ class Cache:
         return sections
 
 
-def sections_of(reply: bytes, question_length: int) -> Sections:
-    """An upstream reply's sections, to answer with, without the upstream's OPT record."""
-    entry = _entry(reply, question_length, 0.0)
-    return Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
+def _readable(reply: bytes, question_length: int) -> bool:
+    """Whether every record the reply announces is there, so the cache can walk it."""
+    _, _, _, an, ns, ar = _HEADER.unpack_from(reply)
+    try:
+        walk_records(reply, 12 + question_length, an + ns + ar)
+    except Malformed:
+        return False
+    return True
 
 
 def _entry(reply: bytes, question_length: int, now: float) -> _Entry:

@@ -76,9 +76,6 @@ class LocalData:
                 name = parent(name)
         self._prepared: dict[tuple[bytes, int], Sections | None] = {}
 
-    def __len__(self) -> int:
-        return sum(len(rdatas) for node in self.sets.values() for _, rdatas in node.values())
-
     def _zone_of(self, name: bytes) -> bytes | None:
         candidate: bytes | None = name
         while candidate is not None:
@@ -123,7 +120,11 @@ class LocalData:
             return None
         answers: list[bytes] = []
         name = qname
+        seen = set()
         for _ in range(_MAX_CHAIN):
+            if name in seen:
+                break  # a loop: what the chain has so far is the answer
+            seen.add(name)
             owner = _QUESTION_POINTER if name == qname else name
             node = self._node(name)
             if node is None:
@@ -146,7 +147,8 @@ class LocalData:
         return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
 
     def _negative(self, rcode: int, zone: bytes, answers: list[bytes]) -> Sections:
-        ttl, (soa,) = self.sets[zone][dns.SOA]
+        ttl, soas = self.sets[zone][dns.SOA]
+        soa = soas[0]
         # RFC 2308 section 3: the SOA's TTL in a negative answer is its minimum.
         ttl = min(ttl, int.from_bytes(soa[-4:], "big"))
         authority = zone + _RR.pack(dns.SOA, dns.IN, ttl, len(soa)) + soa

@@ -12,24 +12,40 @@ that uses a pointer at all is malformed.
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import attrs
 
 __all__ = [
+    "AA",
+    "BADVERS",
+    "EDNS_PAYLOAD",
     "FORMERR",
     "NOERROR",
     "NOTIMP",
     "NXDOMAIN",
+    "OPT",
+    "QR",
+    "RA",
+    "RD",
     "REFUSED",
     "SERVFAIL",
+    "TC",
     "Malformed",
     "Query",
+    "Record",
     "Sections",
+    "encode_reply",
+    "malformed_reply",
+    "name_to_text",
+    "name_to_wire",
     "opt_record",
+    "parent",
     "parse_query",
     "read_name",
     "reply_header",
     "skip_name",
+    "udp_limit",
     "walk_records",
 ]
 
@@ -38,6 +54,8 @@ BADVERS = 16
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
+# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
+EDNS_PAYLOAD = 1232
 
 _HEADER = struct.Struct(">HHHHHH")
 _RR_FIXED = struct.Struct(">HHIH")
@@ -55,10 +73,9 @@ class Malformed(Exception):
         self.rcode = rcode
 
 
-@attrs.frozen
-class Query:
+class Query(NamedTuple):
     """
-    What the server needs from a query.
+    What the server needs from a query (a tuple: one is made per query).
 
     @ivar question: the question exactly as the client wrote it (its case is
         echoed back, RFC 1035 and 0x20 mixed-case clients want that).
@@ -115,8 +132,7 @@ def read_name(data: bytes, offset: int) -> int:
     return offset
 
 
-@attrs.frozen
-class Record:
+class Record(NamedTuple):
     """Where one resource record sits in a message."""
 
     start: int
@@ -199,6 +215,9 @@ def opt_record(payload: int, extended_rcode: int = 0) -> bytes:
     return b"\x00" + _RR_FIXED.pack(OPT, payload, (extended_rcode >> 4) << 24, 0)
 
 
+_OPT_REPLY = opt_record(EDNS_PAYLOAD)
+
+
 @attrs.frozen
 class Sections:
     """
@@ -220,25 +239,20 @@ class Sections:
         return self.flags & 0xF
 
 
-def encode_reply(query: Query, sections: Sections, limit: int | None) -> bytes:
+def encode_reply(query: Query, sections: Sections, limit: int | None, flags: int = 0) -> bytes:
     """
-    The answer to C{query}; over C{limit} bytes, the question alone with TC
-    set, for the client to ask again over TCP.
+    The answer to C{query}, with C{flags} added to the sections' own; over
+    C{limit} bytes, the question alone with TC set, for the client to ask again
+    over TCP.
     """
     opt = b"" if query.payload is None else _OPT_REPLY
-    header = reply_header(
-        query, sections.flags, sections.an, sections.ns, sections.ar + (1 if opt else 0)
-    )
+    flags |= sections.flags
+    header = reply_header(query, flags, sections.an, sections.ns, sections.ar + (1 if opt else 0))
     reply = header + query.question + sections.body + opt
     if limit is not None and len(reply) > limit:
-        header = reply_header(query, sections.flags | TC, 0, 0, 1 if opt else 0)
+        header = reply_header(query, flags | TC, 0, 0, 1 if opt else 0)
         reply = header + query.question + opt
     return reply
-
-
-# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
-EDNS_PAYLOAD = 1232
-_OPT_REPLY = opt_record(EDNS_PAYLOAD)
 
 
 def udp_limit(query: Query) -> int:

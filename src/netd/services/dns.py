@@ -77,6 +77,11 @@ _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP"
 # Zone transfers are not served: the data is the service map's.
 _TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
 _QUERY_LOG_SIZE = 1000
+# Whole answers kept by query bytes, for queries of ordinary size and answers
+# that fit a UDP datagram: a 64 KiB TCP query padded with records must not
+# become a 64 KiB key, nor big TCP answers fill memory ten thousand at a time.
+_PREPARED_REPLIES = 10_000
+_PREPARED_QUERY = 512
 # Queries one TCP connection may have waiting on upstreams before netd stops reading it.
 _TCP_PIPELINE = 100
 
@@ -274,6 +279,7 @@ _REFUSED = Sections(REFUSED, 0, 0, 0, b"")
 _SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
 _CATCH_ALL_NODATA = Sections(AA | NOERROR, 0, 0, 0, b"")
 _POINTER_TO_QUESTION = b"\xc0\x0c"
+_UNIX_CLIENT = "unix"
 
 
 class Server:
@@ -302,11 +308,29 @@ class Server:
         self.networks = options.recursion_from
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
+        self.prepared: dict[
+            tuple[bool, bool, bytes], tuple[bytes, tuple[str, ...], bytes | None, Sections]
+        ] = {}
 
     def handle(self, data: bytes, client: Any, udp: bool) -> bytes | Deferred[bytes] | None:
         """The answer to C{data} from C{client} (an address), or None for silence."""
         stats = self.stats
         stats.count("queries")
+        recursion = self.forwarder is not None and self._may_recurse(client[0])
+        prepared_key = None
+        if not self.options.query_log and len(data) <= _PREPARED_QUERY:
+            # The same query bytes (ID aside) from a client of the same standing
+            # get the same answer from local data: send it again as it was.
+            prepared_key = (udp, recursion, data[2:])
+            prepared = self.prepared.get(prepared_key)
+            if prepared is not None:
+                tail, counters, cache_key, cached = prepared
+                # A cached answer is good again while the cache still holds it
+                # with the same TTLs (it makes new sections as they count down).
+                if cache_key is None or self.cache.get(cache_key) is cached:
+                    for counter in counters:
+                        stats.count(counter)
+                    return data[:2] + tail
         try:
             query = parse_query(data)
         except Malformed as e:
@@ -322,12 +346,13 @@ class Server:
                 reply_header(query, 0, 0, 0, 1) + query.question + opt_record(EDNS_PAYLOAD, BADVERS)
             )
         limit = udp_limit(query) if udp else None
-        sections, source = self._answer_now(query, client)
+        sections, source = self._answer_now(query, recursion)
         if sections is not None:
-            if self.forwarder is not None and self._may_recurse(client[0]):
-                # RA says this client may ask for any name, whatever answered this one.
-                sections = attrs.evolve(sections, flags=sections.flags | RA)
-            return self._reply(sections, query, limit, client, udp, source, started)
+            # RA says this client may ask for any name, whatever answered this one.
+            flags = RA if recursion else 0
+            return self._reply(
+                sections, query, limit, client, udp, source, started, flags, prepared_key
+            )
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
         stats.count("cache_misses")
@@ -345,7 +370,7 @@ class Server:
             .addErrback(self._crashed, query, limit)
         )
 
-    def _answer_now(self, query: Query, client: Any) -> tuple[Sections | None, str]:
+    def _answer_now(self, query: Query, recursion: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
             return _REFUSED, "refused"
         local = self.local.answer(query.name, query.type)
@@ -353,7 +378,7 @@ class Server:
             return local, "local"
         if self.catch_all is not None and query.type == dns.A:
             return self.catch_all, "catch_all"
-        if self.forwarder is None or not self._may_recurse(client[0]):
+        if not recursion:
             if self.catch_all is not None:
                 # In lab mode every name exists: other types are NODATA, so a
                 # resolver asking A and AAAA together settles on the A answer.
@@ -361,7 +386,6 @@ class Server:
             return _REFUSED, "refused"
         cached = self.cache.get(query.name + query.question[-4:])
         if cached is not None:
-            self.stats.count("cache_hits")
             return cached, "cache"
         return None, "upstream"
 
@@ -369,7 +393,9 @@ class Server:
         allowed = self.recursion_ok.get(host)
         if allowed is None:
             try:
-                address = ipaddress.ip_address(host.split("%", 1)[0])
+                address = ipaddress.ip_address(
+                    "127.0.0.1" if host == _UNIX_CLIENT else host.split("%", 1)[0]
+                )
             except ValueError:
                 address = None
             allowed = address is not None and any(address in n for n in self.networks)
@@ -387,13 +413,25 @@ class Server:
         udp: bool,
         source: str,
         started: float,
+        flags: int = 0,
+        prepared_key: tuple[bool, bool, bytes] | None = None,
     ) -> bytes:
-        reply = encode_reply(query, sections, limit)
-        self.stats.count(f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}")
+        reply = encode_reply(query, sections, limit, flags)
+        counters = [f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}"]
+        if source == "cache":
+            counters.append("cache_hits")
         if limit is not None and len(reply) < len(query.question) + 12 + len(sections.body):
-            self.stats.count("truncated")
+            counters.append("truncated")
+        for counter in counters:
+            self.stats.count(counter)
         if self.options.query_log:
             self._record(query, reply, client, udp, source, started)
+        if prepared_key is not None and len(reply) <= EDNS_PAYLOAD:
+            if len(self.prepared) >= _PREPARED_REPLIES:
+                # Distinct queries by the thousand (a scan): start again rather than grow.
+                self.prepared.clear()
+            cache_key = query.name + query.question[-4:] if source == "cache" else None
+            self.prepared[prepared_key] = (reply[2:], tuple(counters), cache_key, sections)
         return reply
 
     def _crashed(self, reason: Failure, query: Query, limit: int | None) -> bytes:
@@ -513,7 +551,9 @@ class _Stream(Protocol, TimeoutMixin):
 
     def connectionMade(self) -> None:
         self.callLater = self.server.clock.callLater  # type: ignore[method-assign]
-        self.peer = self.transport.getPeer()
+        peer = self.transport.getPeer()
+        # A UNIX-socket client has no address: it is on this host, like loopback.
+        self.client = (getattr(peer, "host", _UNIX_CLIENT), getattr(peer, "port", 0))
         self.setTimeout(self.timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -529,7 +569,7 @@ class _Stream(Protocol, TimeoutMixin):
             message = bytes(buffer[offset + 2 : end])
             offset = end
             self.resetTimeout()
-            answer = self.server.handle(message, (self.peer.host, self.peer.port), False)
+            answer = self.server.handle(message, self.client, False)
             if answer is None:
                 continue
             if isinstance(answer, bytes):
