@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import ftplib
+import io
 import re
 import shutil
+import smtplib
+import ssl
+import urllib.request
 from pathlib import Path
 
+import dns.message
+import dns.query
 import pytest
 
 from netd.testing import NetdProcess
@@ -44,3 +51,48 @@ def test_example_starts_and_every_service_runs(tmp_path: Path, name: str) -> Non
             assert all(
                 listener["port"] != 0 for listener in service["listeners"] if "port" in listener
             )
+
+
+def start_example(tmp_path: Path, name: str) -> NetdProcess:
+    return NetdProcess.start(copy_with_free_ports(tmp_path) / "examples" / name, tmp_path / "run")
+
+
+def test_mail_lab_captures_mail_to_anyone(tmp_path: Path) -> None:
+    with start_example(tmp_path, "mail-lab.yaml") as netd:
+        with smtplib.SMTP(*netd.address("mail"), timeout=10) as smtp:
+            smtp.starttls(context=ssl.create_default_context(cafile=str(netd.ca_file("lab"))))
+            smtp.sendmail("app@lab.test", ["someone@example.com"], b"Subject: hi\r\n\r\nhello\r\n")
+        [mail] = netd.messages("mail")
+        assert mail["to"] == ["someone@example.com"] and mail["subject"] == "hi"
+
+
+def test_fake_internet_answers_every_name_and_path(tmp_path: Path) -> None:
+    with start_example(tmp_path, "fake-internet.yaml") as netd:
+        host, port = netd.address("dns", "udp")
+        query = dns.message.make_query("anything.example.com", "A")
+        answer = dns.query.udp(query, host, port=port, timeout=5)
+        assert [item.address for item in answer.answer[0]] == ["127.0.0.1"]
+        with urllib.request.urlopen(netd.url("web", tls=False, path="/any/path"), timeout=10) as r:
+            assert r.read() == b"netd fake internet\n"
+        assert [q["name"] for q in netd.queries("dns")] == ["anything.example.com."]
+        assert [r["path"] for r in netd.requests("web")] == ["/any/path"]
+
+
+def test_ftp_dropbox_takes_uploads_over_tls_only(tmp_path: Path) -> None:
+    with start_example(tmp_path, "ftp-dropbox.yaml") as netd:
+        host, port = netd.address("dropbox")
+        plain = ftplib.FTP()
+        plain.connect(host, port, timeout=10)
+        with pytest.raises(ftplib.error_perm):
+            plain.login("acme", "upload-only")
+        plain.close()
+        context = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+        secure = ftplib.FTP_TLS(context=context)
+        secure.connect(host, port, timeout=10)
+        secure.login("acme", "upload-only")
+        secure.prot_p()
+        secure.storbinary("STOR report.csv", io.BytesIO(b"a,b\n1,2\n"))
+        assert "report.csv" in secure.nlst()
+        secure.quit()
+        uploaded = tmp_path / "config" / "examples" / "dropbox" / "acme" / "report.csv"
+        assert uploaded.read_bytes() == b"a,b\n1,2\n"
