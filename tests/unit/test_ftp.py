@@ -5,6 +5,7 @@ sessions driven through StringTransport and a MemoryReactorClock.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,16 @@ from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
-from netd.services._ftp_files import UPLOAD_PREFIX, Accounts, Realm, Sendfile, Shell, Upload, User
+from netd.services._ftp_files import (
+    UPLOAD_PREFIX,
+    Accounts,
+    Realm,
+    Sendfile,
+    Shell,
+    Upload,
+    User,
+    _write_all,
+)
 from netd.services._ftp_session import FTPServer, Session, SessionLimits, _LineEnds
 from netd.services.ftp import FtpOptions
 
@@ -458,3 +468,15 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     assert transport.value().splitlines()[-1].startswith(b"426")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["up.txt"]
     assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
+
+
+def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+
+    def short(fd: int, buffers: Any) -> int:
+        return real_writev(fd, [bytes(buffers[0][:3])])  # at most 3 bytes a call
+
+    monkeypatch.setattr(os, "writev", short)
+    with (tmp_path / "f").open("wb", buffering=0) as target:
+        _write_all(target.fileno(), [b"abcde", b"", b"fg", b"hijklmn"])
+    assert (tmp_path / "f").read_bytes() == b"abcdefghijklmn"

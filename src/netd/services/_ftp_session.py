@@ -255,9 +255,11 @@ class DataChannel:
         self.tls = tls
         self.connection: DataConnection | None = None
         self.port: Any = None
+        self.passive = False
         self.connector: Any = None
         self._waiting: list[Deferred[DataConnection]] = []
         self._failure: Failure | None = None
+        self._accepted = False
         self._closed = False
         server = session.server
         self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
@@ -265,6 +267,7 @@ class DataChannel:
     def listen(self, interface: str) -> int:
         server = self.session.server
         factory = _DataFactory(self)
+        self.passive = True
         for port in server.passive_candidates():
             # Twisted sets SO_REUSEADDR on every listening socket, and with it Linux
             # looks for a port nothing has ever used, slow when thousands of data
@@ -284,18 +287,18 @@ class DataChannel:
         )
 
     def accept(self, addr: Any) -> Protocol | None:
-        if self.connection is not None or self._closed:
+        if self._accepted or self._closed:
             return None
-        if self.port is not None and _plain_host(addr.host) != self.client_host:
+        if self.passive and _plain_host(addr.host) != self.client_host:
             # Someone else raced the client to its passive port (data theft).
             self.session.server.stats.count("data_refused")
             self.session.server.emit(
                 "ftp.data_refused", client=self.session.client, source=addr.host
             )
             return None
+        self._accepted = True
         connection = DataConnection(self)
-        if self.port is not None:
-            self.port.stopListening()
+        self._stop_listening()
         if self.tls is None:
             return connection
         # RFC 4217: the server is the TLS server on every data connection.
@@ -303,6 +306,12 @@ class DataChannel:
             self.tls, False, _Prebuilt(connection)
         ).buildProtocol(addr)
         return wrapped
+
+    def _stop_listening(self) -> None:
+        # Once: a second stopListening would close the port (and log it) twice.
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
 
     def connected(self, connection: DataConnection) -> None:
         if self.timer.active():
@@ -326,8 +335,7 @@ class DataChannel:
         if self._failure is not None or self.connection is not None:
             return
         self._failure = reason
-        if self.port is not None:
-            self.port.stopListening()
+        self._stop_listening()
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
             waiter.errback(reason)
@@ -345,8 +353,7 @@ class DataChannel:
         self._closed = True
         if self.timer.active():
             self.timer.cancel()
-        if self.port is not None:
-            self.port.stopListening()
+        self._stop_listening()
         if self.connection is not None and self.connection.transport is not None:
             self.connection.transport.abortConnection()
         elif self.connector is not None:
