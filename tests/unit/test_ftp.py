@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +144,21 @@ def result_of(deferred: Deferred[Any]) -> Any:
     return results[0]
 
 
+def _sha512_crypt(password: str) -> str | None:
+    """A crypt(3) hash, where the stdlib can still make one (Python < 3.13)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            return None
+    hashed: str = crypt.crypt(password, "$6$saltsalt$")
+    return hashed
+
+
 def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
     hashed = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    crypt_hash = _sha512_crypt("sea")
     users = {
         "alice": User("alice", tmp_path, password="wonderland"),
         "bob": User("bob", tmp_path, password_hash=hashed),
@@ -155,6 +169,10 @@ def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
         return result_of(accounts.requestAvatarId(credentials.UsernamePassword(name, password)))
 
     assert login("alice", "wonderland") == "alice"
+    if crypt_hash is not None:
+        users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
+        assert login("carol", "sea") == "carol"
+        assert isinstance(login("carol", "see"), Failure)
     assert login("bob", "builder") == "bob"
     for name, password in (("alice", "wonder"), ("bob", "wonderland"), ("eve", "x")):
         outcome = login(name, password)
@@ -459,6 +477,8 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     protocol, data = open_passive(harness, session, transport)
     send(session, transport, b"STOR stalled.txt")
     protocol.dataReceived(b"half")
+    shown = harness.server.list_sessions({})[0]["transfer"]
+    assert (shown["direction"], shown["path"], shown["bytes"]) == ("upload", "/stalled.txt", 4)
     harness.reactor.advance(5)  # bytes moved in this period
     assert not data.disconnecting
     harness.reactor.advance(5)  # none in this one

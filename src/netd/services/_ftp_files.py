@@ -47,10 +47,6 @@ __all__ = [
 # when complete; names with it are hidden and cannot be addressed by clients.
 UPLOAD_PREFIX = ".~netd-upload."
 
-# A failed check still pays for one hash, so a wrong user and a wrong password
-# take the same time.
-_DUMMY_BCRYPT = b"$2b$04$7N1zW1F2/4Q9N0kqKXb5QOQ2t0dE7nqv4rXj9r1m5d2H0wz6dT6aK"
-
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 RunInThread = Callable[..., "Deferred[Any]"]
@@ -103,10 +99,9 @@ def _check_hash(password: str, hashed: str) -> bool:
     return hmac.compare_digest(crypt.crypt(password, hashed) or "", hashed)
 
 
-def _burn_time(password: str) -> bool:
-    import bcrypt
-
-    bcrypt.checkpw(password.encode(), _DUMMY_BCRYPT)
+def _burn_time(password: str, hashed: str) -> bool:
+    """Check against another user's hash, so an unknown name costs what a known one does."""
+    _check_hash(password, hashed)
     return False
 
 
@@ -136,9 +131,10 @@ class Accounts:
             password = password.decode("utf-8", "replace")
         user = self.users.get(name)
         if user is None:
+            decoy = next((u.password_hash for u in self.users.values() if u.password_hash), None)
             checked: Deferred[bool] = (
-                self.run_in_thread(_burn_time, password)
-                if any(u.password_hash for u in self.users.values())
+                self.run_in_thread(_burn_time, password, decoy)
+                if decoy is not None
                 else succeed(False)
             )
         elif user.password is not None:
