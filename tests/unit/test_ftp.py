@@ -360,7 +360,14 @@ def test_login_then_commands(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("12345")
     session, transport = harness.connect()
     replies = send(
-        session, transport, b"USER alice", b"PASS wonderland", b"PWD", b"SIZE f.txt", b"XYZ"
+        session,
+        transport,
+        b"USER alice",
+        b"PASS wonderland",
+        b"PWD",
+        b"SIZE f.txt",
+        b"XYZ",
+        b"SIZE sub/missing",
     )
     assert replies == [
         b"331 Password required for alice.",
@@ -368,6 +375,7 @@ def test_login_then_commands(tmp_path: Path) -> None:
         b'257 "/"',
         b"213 5",
         b"502 Command 'XYZ' not implemented",
+        b"550 sub/missing: No such file or directory.",
     ]
     assert harness.stats.counters["bad_commands"] == 1
     assert session.describe()["user"] == "alice"

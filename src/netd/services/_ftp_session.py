@@ -553,8 +553,7 @@ class Session(ftp.FTP):
         if reason.check(ftp.FTPCmdError):
             if reason.check(ftp.CmdNotImplementedError):
                 self.server.stats.count("bad_commands")
-            refusal: Any = reason.value
-            self.sendLine(refusal.response())
+            self.sendLine(_response(reason.value))
         elif reason.check(TypeError):
             self.reply(ftp.SYNTAX_ERR, f"{command.upper()} needs other arguments.")
         else:
@@ -985,6 +984,16 @@ class Session(ftp.FTP):
 
     def ftp_ABOR(self) -> Any:
         return (ftp.CLOSING_DATA_CNX,)
+
+
+def _response(error: Any) -> str:
+    """
+    The reply for an L{ftp.FTPCmdError}; Twisted's shell puts paths in its errors
+    as lists of segments, which its own formatting shows as C{['a', 'b']}.
+    """
+    arguments = tuple("/".join(a) if isinstance(a, list) else a for a in error.errorMessage)
+    template: str = ftp.RESPONSE[error.errorCode]  # type: ignore[assignment]
+    return template % arguments
 
 
 def _closing(source: IO[bytes], result: Any) -> Any:
