@@ -427,6 +427,20 @@ def test_lftp_plain_and_tls(netd: NetdProcess, tmp_path: Path, site: Path) -> No
     )
     assert secure.returncode == 0 and b"l.txt" in secure.stdout, secure.stderr
     assert not (site / "alice" / "l.txt").exists()
+    implicit_host, implicit_port = netd.address("files", tls=True)
+    mirrored = subprocess.run(
+        [
+            LFTP,
+            "-e",
+            f"{settings} mirror /docs {tmp_path / 'mirror'}; bye",
+            f"ftps://anonymous:guest@{implicit_host}:{implicit_port}",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert mirrored.returncode == 0, mirrored.stderr
+    assert (tmp_path / "mirror" / "readme.txt").read_text() == "read me\n"
 
 
 # -- safety -------------------------------------------------------------------------------
