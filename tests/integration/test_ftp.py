@@ -687,3 +687,18 @@ def test_sessions_view_transfer_events_and_metrics(netd: NetdProcess) -> None:
     ]
     metrics = admin(netd, "/metrics")
     assert "download_bytes" in metrics and "upload_bytes" in metrics
+
+
+def test_abor_cuts_a_download_short(netd: NetdProcess) -> None:
+    client = connect(netd, user="anonymous")
+    data = client.transfercmd("RETR huge.bin")
+    assert data.recv(1000)
+    reply = client.abort()  # ABOR as urgent data, after Telnet IP and Synch
+    assert reply[:3] in ("426", "226"), reply
+    while reply.startswith("426"):
+        reply = client.getline()
+    data.close()
+    assert client.voidcmd("NOOP").startswith("200")
+    client.quit()
+    assert "aborts" in admin(netd, "/metrics")  # cut at ABOR, not by the stall timeout
+    assert_serving(netd)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
@@ -66,6 +68,8 @@ _PER_CLIENT = "421 Too many connections from your address."
 _IDLE = "421 Idle timeout, closing control connection."
 
 _READ_CHUNK = 256 << 10
+_TELNET = bytes([255, 242, 244])
+_ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
 
 
 class _NoPassivePort(Exception):
@@ -453,6 +457,7 @@ class Session(ftp.FTP):
         self.data: DataChannel | None = None
         self.transfer: Transfer | None = None
         self._watchdog: IDelayedCall | None = None
+        self._stop_transfer: Callable[[], object] = lambda: None
         self._cleanup: list[Callable[[], Any]] = []
         self.started = time.time()
         self.workingDirectory: list[str] = []
@@ -477,6 +482,10 @@ class Session(ftp.FTP):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            # ABOR sent as urgent data (ftplib does) would lose its last byte.
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         self.server.stats.count("sessions")
         super().connectionMade()
 
@@ -518,10 +527,15 @@ class Session(ftp.FTP):
         if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
             self.lineLengthExceeded(data)
             return
+        if self.transfer is not None and _ABORT.search(self._buffer[-8:] + data):
+            # ABOR cuts the transfer now (426), and is answered in its turn after.
+            self.server.stats.count("aborts")
+            self._stop_transfer()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        text = line.decode("utf-8", "surrogateescape")
+        # Telnet "interrupt process" and "synch" bytes clients send before ABOR.
+        text = line.lstrip(_TELNET).decode("utf-8", "surrogateescape")
         command, _, argument = text.partition(" ")
         arguments = (argument,) if _ else ()
         done = maybeDeferred(self.processCommand, command, *arguments)
@@ -831,6 +845,7 @@ class Session(ftp.FTP):
         """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
         transfer = Transfer(direction, "/" + "/".join(segments), time.time())
         self.transfer = transfer
+        self._stop_transfer = stall
         timeout = self.server.limits.data_timeout
         seen = 0
 
