@@ -769,7 +769,6 @@ class Session(ftp.FTP):
         channel = self.data
 
         def no_connection(reason: Failure) -> Any:
-            reason.trap(Exception)
             if channel is self.data:
                 self.data = None
             self.server.stats.count(
