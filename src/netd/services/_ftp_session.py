@@ -604,7 +604,9 @@ class Session(ftp.FTP):
         def success(result: Any) -> Any:
             self.user = user
             self.server.stats.count("logins")
-            self.server.emit("ftp.login", client=self.client, user=user, session=self.id)
+            self.server.emit(
+                "ftp.login", client=self.client, user=user, session=self.id, tls=self.secure
+            )
             return result
 
         def failure(reason: Failure) -> Deferred[Any]:
@@ -874,6 +876,7 @@ class Session(ftp.FTP):
             stats.count("transfers_failed")
         self.server.emit(
             "ftp.transfer",
+            session=self.id,
             client=self.client,
             user=self.user,
             direction=transfer.direction,
