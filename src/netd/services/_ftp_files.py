@@ -24,7 +24,7 @@ from twisted.cred import credentials, error
 from twisted.cred.checkers import ANONYMOUS, ICredentialsChecker
 from twisted.cred.portal import IRealm
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols import ftp
@@ -51,15 +51,11 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 RunInThread = Callable[..., "Deferred[Any]"]
 Segments = list[str]
-Entries = list[tuple[str, list[Any]]]
 
 
 def in_thread(reactor: Any) -> RunInThread:
-    """Run blocking calls on C{reactor}'s thread pool, or inline on a fake reactor."""
-    get_pool = getattr(reactor, "getThreadPool", None)
-    if get_pool is None:
-        return maybeDeferred
-    pool = get_pool()
+    """Run blocking calls on C{reactor}'s thread pool (tests pass C{maybeDeferred})."""
+    pool = reactor.getThreadPool()
 
     def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, pool, function, *args)
