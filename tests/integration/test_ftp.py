@@ -336,6 +336,8 @@ def test_explicit_ftps_with_ftplib_prot_p(netd: NetdProcess, site: Path) -> None
     client.storbinary("STOR secure.bin", io.BytesIO(BIG))
     assert retrieve(client, "secure.bin") == BIG
     assert "secure.bin" in client.nlst()
+    client.set_pasv(False)  # PORT: the server connects, and is still the TLS server
+    assert retrieve(client, "secure.bin") == BIG
     client.delete("secure.bin")
     client.quit()
 
