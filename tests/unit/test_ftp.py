@@ -309,6 +309,9 @@ class Harness:
         options: dict[str, Any] = {
             "limits": SessionLimits(login_delay=1.0, max_login_failures=2, data_timeout=5),
             "anonymous": True,
+            "listen_passive": lambda port, factory, interface: self.reactor.listenTCP(
+                port, factory, interface=interface
+            ),
             **server_options,
         }
         self.server = FTPServer(

@@ -23,17 +23,20 @@ import re
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import IO, Any
 
 import attrs
 from twisted.cred.portal import Portal
 from twisted.internet import error as net_error
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
     IPullProducer,
+    IReadDescriptor,
 )
 from twisted.internet.protocol import (
     ClientFactory,
@@ -42,7 +45,6 @@ from twisted.internet.protocol import (
     ServerFactory,
     connectionDone,
 )
-from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -98,6 +100,73 @@ def _plain_host(host: str) -> str:
     return str(address)
 
 
+ListenPassive = Callable[[int, "_DataFactory", str], Any]
+
+
+@implementer(IReadDescriptor)
+class PassivePort:
+    """
+    The listening socket of one passive data connection, our own rather than
+    Twisted's C{listenTCP}: that one logs two lines for every transfer, and sets
+    C{SO_REUSEADDR}, with which Linux looks for a port nothing has ever used --
+    slow when thousands of data connections sit in TIME_WAIT (3 ms a PASV
+    here).  A port chosen from C{passive_ports} does need it, to be taken again
+    soon after.  Accepted connections are handed to the reactor as they are.
+    """
+
+    def __init__(self, reactor: Any, port: int, factory: Any, interface: str) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        listening = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if port:
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind((interface, port))
+            listening.listen(1)
+            listening.setblocking(False)
+        except OSError as e:
+            listening.close()
+            raise net_error.CannotListenError(interface, port, e) from None
+        self.socket: socket.socket | None = listening
+        host, number = listening.getsockname()[:2]
+        kind = IPv6Address if self.family == socket.AF_INET6 else IPv4Address
+        self.host = kind("TCP", host, number)
+        reactor.addReader(self)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self.host
+
+    def fileno(self) -> int:
+        return self.socket.fileno() if self.socket is not None else -1
+
+    def logPrefix(self) -> str:
+        return "ftp-passive"
+
+    def doRead(self) -> None:
+        assert self.socket is not None
+        try:
+            connection, _ = self.socket.accept()
+        except BlockingIOError:
+            return
+        except OSError:
+            # Out of descriptors, say: the client gets 425 rather than a busy loop.
+            self.stopListening()
+            return
+        with connection:
+            connection.setblocking(False)
+            self.reactor.adoptStreamConnection(connection.fileno(), self.family, self.factory)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def stopListening(self) -> None:
+        if self.socket is not None:
+            self.reactor.removeReader(self)
+            self.socket.close()
+            self.socket = None
+
+
 class FTPServer:
     """What the sessions of one service share: options, accounts, TLS, bookkeeping."""
 
@@ -114,8 +183,10 @@ class FTPServer:
         passive_host: str | None = None,
         tls: IOpenSSLServerConnectionCreator | None = None,
         require_tls: bool = False,
+        listen_passive: ListenPassive | None = None,
     ) -> None:
         self.reactor = reactor
+        self.listen_passive: ListenPassive = listen_passive or partial(PassivePort, reactor)
         self.portal = portal
         self.stats = stats
         self.emit = emit
@@ -273,13 +344,8 @@ class DataChannel:
         factory = _DataFactory(self)
         self.passive = True
         for port in server.passive_candidates():
-            # Twisted sets SO_REUSEADDR on every listening socket, and with it Linux
-            # looks for a port nothing has ever used, slow when thousands of data
-            # connections sit in TIME_WAIT (3 ms a PASV here).  A chosen port of
-            # the range needs it, to be taken again soon after.
-            binding = port or makeBinding(interface, 0, reuseAddress=False)
             try:
-                self.port = server.reactor.listenTCP(binding, factory, interface=interface)
+                self.port = server.listen_passive(port, factory, interface)
             except net_error.CannotListenError:
                 continue
             return int(self.port.getHost().port)
