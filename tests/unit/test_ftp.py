@@ -36,7 +36,13 @@ from netd.services._ftp_files import (
     User,
     _write_all,
 )
-from netd.services._ftp_session import FTPServer, Session, SessionLimits, _LineEnds
+from netd.services._ftp_session import (
+    FailedLogins,
+    FTPServer,
+    Session,
+    SessionLimits,
+    _LineEnds,
+)
 from netd.services.ftp import FtpOptions
 
 # -- the map section ----------------------------------------------------------------------
@@ -351,7 +357,9 @@ def test_failed_logins_wait_on_the_clock_and_then_close(tmp_path: Path) -> None:
     harness.reactor.advance(0.1)
     assert transport.value().splitlines()[-1] == b"530 Sorry, Authentication failed."
     send(session, transport, b"USER alice", b"PASS wrong again")
-    harness.reactor.advance(1.0)
+    harness.reactor.advance(1.9)  # the second failure from this address waits twice as long
+    assert transport.value().splitlines()[-1].startswith(b"331")
+    harness.reactor.advance(0.1)
     assert transport.value().splitlines()[-1].startswith(b"421")
     assert transport.disconnecting
     assert harness.stats.counters["login_failures"] == 2
@@ -511,3 +519,17 @@ def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.Mon
     with (tmp_path / "f").open("wb", buffering=0) as target:
         _write_all(target.fileno(), [b"abcde", b"", b"fg", b"hijklmn"])
     assert (tmp_path / "f").read_bytes() == b"abcdefghijklmn"
+
+
+def test_failed_logins_slow_an_address_down_across_connections() -> None:
+    clock = MemoryReactorClock()
+    failed = FailedLogins(clock)
+    assert [failed.delay("192.0.2.1", 1.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert failed.delay("192.0.2.2", 1.0) == 1  # another address
+    failed.forget("192.0.2.1")  # a successful login
+    assert failed.delay("192.0.2.1", 1.0) == 1
+    clock.advance(FailedLogins.memory + 1)
+    assert failed.delay("192.0.2.1", 1.0) == 1  # forgotten after a quiet while
+    failed.size = 2
+    failed.delay("192.0.2.3", 1.0)
+    assert len(failed._recent) == 2 and "192.0.2.2" not in failed._recent

@@ -100,6 +100,38 @@ def _plain_host(host: str) -> str:
     return str(address)
 
 
+class FailedLogins:
+    """
+    Recent failed logins by client address: each one doubles the delay of the
+    next answer to that address, so reconnecting does not reset the pace of a
+    password guesser.  Forgotten after C{memory} seconds without failure, or at
+    a successful login; at most C{size} addresses are remembered.
+    """
+
+    longest = 30.0
+    memory = 600.0
+    size = 10_000
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._recent: dict[str, tuple[int, float]] = {}
+
+    def delay(self, host: str, base: float) -> float:
+        """Count a failure from C{host}; the seconds to wait before answering it."""
+        now = self.clock.seconds()
+        count, last = self._recent.pop(host, (0, now))
+        if now - last > self.memory:
+            count = 0
+        if len(self._recent) >= self.size:
+            # Oldest first: dicts keep insertion order and each failure re-inserts.
+            del self._recent[next(iter(self._recent))]
+        self._recent[host] = (count + 1, now)
+        return float(min(base * 2 ** min(count, 16), max(base, self.longest)))
+
+    def forget(self, host: str) -> None:
+        self._recent.pop(host, None)
+
+
 ListenPassive = Callable[[int, "_DataFactory", str], Any]
 
 
@@ -199,6 +231,7 @@ class FTPServer:
         self.require_tls = require_tls
         self.sessions: dict[int, Session] = {}
         self.per_client: dict[str, int] = {}
+        self.failed_logins = FailedLogins(reactor)
         self._ids = itertools.count(1)
         self._next_port = 0
 
@@ -669,6 +702,7 @@ class Session(ftp.FTP):
 
         def success(result: Any) -> Any:
             self.user = user
+            self.server.failed_logins.forget(self.client_host)
             self.server.stats.count("logins")
             self.server.emit(
                 "ftp.login", client=self.client, user=user, session=self.id, tls=self.secure
@@ -691,7 +725,10 @@ class Session(ftp.FTP):
                 else:
                     delayed.errback(reason)
 
-            call = self.server.reactor.callLater(self.server.limits.login_delay, answer)
+            delay = self.server.failed_logins.delay(
+                self.client_host, self.server.limits.login_delay
+            )
+            call = self.server.reactor.callLater(delay, answer)
             self._guard(lambda: call.cancel() if call.active() else None, delayed)
             return delayed
 
