@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
+from netd.services._ftp_data import LineEnds
 from netd.services._ftp_files import (
     UPLOAD_PREFIX,
     Accounts,
@@ -41,7 +42,6 @@ from netd.services._ftp_session import (
     FTPServer,
     Session,
     SessionLimits,
-    _LineEnds,
 )
 from netd.services.ftp import FtpOptions
 
@@ -282,7 +282,7 @@ def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Pa
 
 
 def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
-    line_ends = _LineEnds()
+    line_ends = LineEnds()
     pieces = [line_ends.to_local(piece) for piece in (b"a\r", b"\nb\r\n\r", b"c", b"\r")]
     assert b"".join(pieces) + line_ends.rest() == b"a\nb\n\rc\r"
 
