@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ftplib
+import importlib.util
 import os
 import shutil
 import signal
@@ -248,6 +249,8 @@ def main() -> None:
     options.duration = min(options.duration, 15.0)
     if shutil.which("curl") is None:
         raise SystemExit("curl is needed")
+    if importlib.util.find_spec("pyftpdlib") is None:
+        raise SystemExit("pyftpdlib is needed: pip install pyftpdlib")
     with tempfile.TemporaryDirectory(prefix="ftp-bench-") as scratch:
         work = Path(scratch)
         block = os.urandom(1 << 20)
