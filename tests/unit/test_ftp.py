@@ -5,7 +5,9 @@ sessions driven through StringTransport and a MemoryReactorClock.
 
 from __future__ import annotations
 
+import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,23 @@ from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
-from netd.services._ftp_files import UPLOAD_PREFIX, Accounts, Realm, Sendfile, Shell, Upload, User
-from netd.services._ftp_session import FTPServer, Session, SessionLimits, _LineEnds
+from netd.services._ftp_data import LineEnds
+from netd.services._ftp_files import (
+    UPLOAD_PREFIX,
+    Accounts,
+    Realm,
+    Sendfile,
+    Shell,
+    Upload,
+    User,
+    _write_all,
+)
+from netd.services._ftp_session import (
+    FailedLogins,
+    FTPServer,
+    Session,
+    SessionLimits,
+)
 from netd.services.ftp import FtpOptions
 
 # -- the map section ----------------------------------------------------------------------
@@ -133,8 +150,21 @@ def result_of(deferred: Deferred[Any]) -> Any:
     return results[0]
 
 
+def _sha512_crypt(password: str) -> str | None:
+    """A crypt(3) hash, where the stdlib can still make one (Python < 3.13)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            return None
+    hashed: str = crypt.crypt(password, "$6$saltsalt$")
+    return hashed
+
+
 def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
     hashed = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    crypt_hash = _sha512_crypt("sea")
     users = {
         "alice": User("alice", tmp_path, password="wonderland"),
         "bob": User("bob", tmp_path, password_hash=hashed),
@@ -145,6 +175,10 @@ def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
         return result_of(accounts.requestAvatarId(credentials.UsernamePassword(name, password)))
 
     assert login("alice", "wonderland") == "alice"
+    if crypt_hash is not None:
+        users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
+        assert login("carol", "sea") == "carol"
+        assert isinstance(login("carol", "see"), Failure)
     assert login("bob", "builder") == "bob"
     for name, password in (("alice", "wonder"), ("bob", "wonderland"), ("eve", "x")):
         outcome = login(name, password)
@@ -248,7 +282,7 @@ def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Pa
 
 
 def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
-    line_ends = _LineEnds()
+    line_ends = LineEnds()
     pieces = [line_ends.to_local(piece) for piece in (b"a\r", b"\nb\r\n\r", b"c", b"\r")]
     assert b"".join(pieces) + line_ends.rest() == b"a\nb\n\rc\r"
 
@@ -281,6 +315,9 @@ class Harness:
         options: dict[str, Any] = {
             "limits": SessionLimits(login_delay=1.0, max_login_failures=2, data_timeout=5),
             "anonymous": True,
+            "listen_passive": lambda port, factory, interface: self.reactor.listenTCP(
+                port, factory, interface=interface
+            ),
             **server_options,
         }
         self.server = FTPServer(
@@ -320,7 +357,9 @@ def test_failed_logins_wait_on_the_clock_and_then_close(tmp_path: Path) -> None:
     harness.reactor.advance(0.1)
     assert transport.value().splitlines()[-1] == b"530 Sorry, Authentication failed."
     send(session, transport, b"USER alice", b"PASS wrong again")
-    harness.reactor.advance(1.0)
+    harness.reactor.advance(1.9)  # the second failure from this address waits twice as long
+    assert transport.value().splitlines()[-1].startswith(b"331")
+    harness.reactor.advance(0.1)
     assert transport.value().splitlines()[-1].startswith(b"421")
     assert transport.disconnecting
     assert harness.stats.counters["login_failures"] == 2
@@ -332,7 +371,14 @@ def test_login_then_commands(tmp_path: Path) -> None:
     (tmp_path / "f.txt").write_text("12345")
     session, transport = harness.connect()
     replies = send(
-        session, transport, b"USER alice", b"PASS wonderland", b"PWD", b"SIZE f.txt", b"XYZ"
+        session,
+        transport,
+        b"USER alice",
+        b"PASS wonderland",
+        b"PWD",
+        b"SIZE f.txt",
+        b"XYZ",
+        b"SIZE sub/missing",
     )
     assert replies == [
         b"331 Password required for alice.",
@@ -340,6 +386,7 @@ def test_login_then_commands(tmp_path: Path) -> None:
         b'257 "/"',
         b"213 5",
         b"502 Command 'XYZ' not implemented",
+        b"550 sub/missing: No such file or directory.",
     ]
     assert harness.stats.counters["bad_commands"] == 1
     assert session.describe()["user"] == "alice"
@@ -449,6 +496,8 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     protocol, data = open_passive(harness, session, transport)
     send(session, transport, b"STOR stalled.txt")
     protocol.dataReceived(b"half")
+    shown = harness.server.list_sessions({})[0]["transfer"]
+    assert (shown["direction"], shown["path"], shown["bytes"]) == ("upload", "/stalled.txt", 4)
     harness.reactor.advance(5)  # bytes moved in this period
     assert not data.disconnecting
     harness.reactor.advance(5)  # none in this one
@@ -458,3 +507,29 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     assert transport.value().splitlines()[-1].startswith(b"426")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["up.txt"]
     assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
+
+
+def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_writev = os.writev
+
+    def short(fd: int, buffers: Any) -> int:
+        return real_writev(fd, [bytes(buffers[0][:3])])  # at most 3 bytes a call
+
+    monkeypatch.setattr(os, "writev", short)
+    with (tmp_path / "f").open("wb", buffering=0) as target:
+        _write_all(target.fileno(), [b"abcde", b"", b"fg", b"hijklmn"])
+    assert (tmp_path / "f").read_bytes() == b"abcdefghijklmn"
+
+
+def test_failed_logins_slow_an_address_down_across_connections() -> None:
+    clock = MemoryReactorClock()
+    failed = FailedLogins(clock)
+    assert [failed.delay("192.0.2.1", 1.0) for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
+    assert failed.delay("192.0.2.2", 1.0) == 1  # another address
+    failed.forget("192.0.2.1")  # a successful login
+    assert failed.delay("192.0.2.1", 1.0) == 1
+    clock.advance(FailedLogins.memory + 1)
+    assert failed.delay("192.0.2.1", 1.0) == 1  # forgotten after a quiet while
+    failed.size = 2
+    failed.delay("192.0.2.3", 1.0)
+    assert len(failed._recent) == 2 and "192.0.2.2" not in failed._recent

@@ -3,24 +3,28 @@ The FTP protocol interpreter of the ftp kind: Twisted's L{ftp.FTP}, extended in
 named places.
 
 What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
-  - data connections (L{DataChannel}): passive ports from a range, accepted only
-    from the control connection's client; PORT/EPRT only to the client itself
-    (no FTP bounce); a timeout when the connection never comes; TLS on them
-    (PROT P) -- Twisted has no FTPS at all (#5099);
+  - data connections (L{netd.services._ftp_data}): passive ports from a range,
+    accepted only from the control connection's client; PORT/EPRT only to the
+    client itself (no FTP bounce); a timeout when the connection never comes;
+    TLS on them (PROT P) -- Twisted has no FTPS at all (#5099);
   - C{AUTH TLS}, C{PBSZ}, C{PROT}, C{REST}, C{APPE}, C{OPTS UTF8}, C{EPSV} with
     C{passive_host}, and C{require_tls};
   - transfers: C{sendfile} for downloads on plain connections, uploads to a
     temporary name renamed when complete (L{netd.services._ftp_files});
-  - login failures are delayed and counted; the injected reactor is used
-    throughout (Twisted's FTP calls the global one).
+  - login failures are delayed (more for an address that keeps failing) and
+    counted; the injected reactor is used throughout (Twisted's FTP calls the
+    global one).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
+import re
+import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from typing import IO, Any
 
 import attrs
@@ -28,29 +32,32 @@ from twisted.cred.portal import Portal
 from twisted.internet import error as net_error
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import (
-    IConsumer,
     IDelayedCall,
     IOpenSSLServerConnectionCreator,
-    IPullProducer,
 )
 from twisted.internet.protocol import (
-    ClientFactory,
     Factory,
-    Protocol,
-    ServerFactory,
     connectionDone,
 )
-from twisted.internet.tcp import makeBinding
 from twisted.logger import Logger
 from twisted.protocols import ftp
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.services._ftp_data import (
+    READ_CHUNK,
+    DataChannel,
+    DataConnection,
+    FileProducer,
+    LineEnds,
+    ListenPassive,
+    NoPassivePort,
+    PassivePort,
+    plain_host,
+)
 from netd.services._ftp_files import RunInThread, Sendfile, Upload
 
-__all__ = ["DataChannel", "FTPServer", "Session", "SessionLimits"]
+__all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 
 _log = Logger(namespace="netd.ftp")
 
@@ -65,11 +72,8 @@ _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _PER_CLIENT = "421 Too many connections from your address."
 _IDLE = "421 Idle timeout, closing control connection."
 
-_READ_CHUNK = 256 << 10
-
-
-class _NoPassivePort(Exception):
-    """Every port of C{passive_ports} is taken."""
+_TELNET = bytes([255, 242, 244])
+_ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
 
 
 @attrs.frozen
@@ -81,17 +85,36 @@ class SessionLimits:
     data_timeout: float = 30.0
 
 
-def _plain_host(host: str) -> str:
-    """C{host} with an IPv4-mapped IPv6 address written as IPv4, for comparisons."""
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+class FailedLogins:
+    """
+    Recent failed logins by client address: each one doubles the delay of the
+    next answer to that address, so reconnecting does not reset the pace of a
+    password guesser.  Forgotten after C{memory} seconds without failure, or at
+    a successful login; at most C{size} addresses are remembered.
+    """
+
+    longest = 30.0
+    memory = 600.0
+    size = 10_000
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._recent: dict[str, tuple[int, float]] = {}
+
+    def delay(self, host: str, base: float) -> float:
+        """Count a failure from C{host}; the seconds to wait before answering it."""
+        now = self.clock.seconds()
+        count, last = self._recent.pop(host, (0, now))
+        if now - last > self.memory:
+            count = 0
+        if len(self._recent) >= self.size:
+            # Oldest first: dicts keep insertion order and each failure re-inserts.
+            del self._recent[next(iter(self._recent))]
+        self._recent[host] = (count + 1, now)
+        return float(min(base * 2 ** min(count, 16), max(base, self.longest)))
+
+    def forget(self, host: str) -> None:
+        self._recent.pop(host, None)
 
 
 class FTPServer:
@@ -110,8 +133,10 @@ class FTPServer:
         passive_host: str | None = None,
         tls: IOpenSSLServerConnectionCreator | None = None,
         require_tls: bool = False,
+        listen_passive: ListenPassive | None = None,
     ) -> None:
         self.reactor = reactor
+        self.listen_passive: ListenPassive = listen_passive or partial(PassivePort, reactor)
         self.portal = portal
         self.stats = stats
         self.emit = emit
@@ -124,6 +149,7 @@ class FTPServer:
         self.require_tls = require_tls
         self.sessions: dict[int, Session] = {}
         self.per_client: dict[str, int] = {}
+        self.failed_logins = FailedLogins(reactor)
         self._ids = itertools.count(1)
         self._next_port = 0
 
@@ -178,234 +204,6 @@ class SessionFactory(Factory):
         return session
 
 
-class DataConnection(Protocol):
-    """One data connection: what it receives goes to a sink once a command takes it."""
-
-    transport: Any
-
-    def __init__(self, channel: DataChannel) -> None:
-        self.channel = channel
-        self.sink: Callable[[bytes], None] | None = None
-        self._early: list[bytes] = []
-        self.closed: Deferred[bool] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.channel.connected(self)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.sink is not None:
-            self.sink(data)
-        else:
-            # An upload may start before STOR is through; keep a little, then wait.
-            self._early.append(data)
-            if sum(map(len, self._early)) > Upload.high_water:
-                self.transport.pauseProducing()
-
-    def take(self, sink: Callable[[bytes], None]) -> None:
-        self.sink = sink
-        early, self._early = self._early, []
-        for data in early:
-            sink(data)
-        self.transport.resumeProducing()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.channel.lost(self)
-        # Whether the connection ended cleanly (a FIN, not a reset or an abort).
-        self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
-
-
-class _DataFactory(ClientFactory, ServerFactory):
-    noisy = False
-
-    def __init__(self, channel: DataChannel) -> None:
-        self.channel = channel
-
-    def buildProtocol(self, addr: Any) -> Protocol | None:
-        return self.channel.accept(addr)
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.channel.failed(reason)
-
-
-class _Prebuilt(Factory):
-    """Hands a protocol already built (and checked) to the TLS wrapper."""
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.protocol_instance
-
-
-class DataChannel:
-    """
-    The one data connection a session may have at a time: passive (we listen)
-    or active (we connect back to the client).  Transfer commands wait on
-    L{ready} for at most C{data_timeout}.
-    """
-
-    def __init__(
-        self,
-        session: Session,
-        client_host: str,
-        tls: IOpenSSLServerConnectionCreator | None,
-    ) -> None:
-        self.session = session
-        self.client_host = _plain_host(client_host)
-        self.tls = tls
-        self.connection: DataConnection | None = None
-        self.port: Any = None
-        self.connector: Any = None
-        self._waiting: list[Deferred[DataConnection]] = []
-        self._failure: Failure | None = None
-        self._closed = False
-        server = session.server
-        self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
-
-    def listen(self, interface: str) -> int:
-        server = self.session.server
-        factory = _DataFactory(self)
-        for port in server.passive_candidates():
-            # Twisted sets SO_REUSEADDR on every listening socket, and with it Linux
-            # looks for a port nothing has ever used, slow when thousands of data
-            # connections sit in TIME_WAIT (3 ms a PASV here).  A chosen port of
-            # the range needs it, to be taken again soon after.
-            binding = port or makeBinding(interface, 0, reuseAddress=False)
-            try:
-                self.port = server.reactor.listenTCP(binding, factory, interface=interface)
-            except net_error.CannotListenError:
-                continue
-            return int(self.port.getHost().port)
-        raise _NoPassivePort()
-
-    def connect(self, host: str, port: int) -> None:
-        self.connector = self.session.server.reactor.connectTCP(
-            host, port, _DataFactory(self), timeout=self.session.server.limits.data_timeout
-        )
-
-    def accept(self, addr: Any) -> Protocol | None:
-        if self.connection is not None or self._closed:
-            return None
-        if self.port is not None and _plain_host(addr.host) != self.client_host:
-            # Someone else raced the client to its passive port (data theft).
-            self.session.server.stats.count("data_refused")
-            self.session.server.emit(
-                "ftp.data_refused", client=self.session.client, source=addr.host
-            )
-            return None
-        connection = DataConnection(self)
-        if self.port is not None:
-            self.port.stopListening()
-        if self.tls is None:
-            return connection
-        # RFC 4217: the server is the TLS server on every data connection.
-        wrapped: Protocol = TLSMemoryBIOFactory(
-            self.tls, False, _Prebuilt(connection)
-        ).buildProtocol(addr)
-        return wrapped
-
-    def connected(self, connection: DataConnection) -> None:
-        if self.timer.active():
-            self.timer.cancel()
-        self.connection = connection
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            waiter.callback(connection)
-
-    def failed(self, reason: Failure) -> None:
-        self._fail(reason)
-
-    def lost(self, connection: DataConnection) -> None:
-        if self.connection is connection:
-            self.session.data_closed(self)
-
-    def _timed_out(self) -> None:
-        self._fail(Failure(net_error.TimeoutError("no data connection")))
-
-    def _fail(self, reason: Failure) -> None:
-        if self._failure is not None or self.connection is not None:
-            return
-        self._failure = reason
-        if self.port is not None:
-            self.port.stopListening()
-        waiting, self._waiting = self._waiting, []
-        for waiter in waiting:
-            waiter.errback(reason)
-
-    def ready(self) -> Deferred[DataConnection]:
-        if self.connection is not None:
-            return succeed(self.connection)
-        if self._failure is not None:
-            return fail(self._failure)
-        waiter: Deferred[DataConnection] = Deferred()
-        self._waiting.append(waiter)
-        return waiter
-
-    def close(self) -> None:
-        self._closed = True
-        if self.timer.active():
-            self.timer.cancel()
-        if self.port is not None:
-            self.port.stopListening()
-        if self.connection is not None and self.connection.transport is not None:
-            self.connection.transport.abortConnection()
-        elif self.connector is not None:
-            self.connector.disconnect()
-        self._fail(Failure(net_error.ConnectionDone("data channel closed")))
-
-
-@implementer(IPullProducer)
-class _FileProducer:
-    """Sends a file through any transport (TLS, fakes) in large reads."""
-
-    def __init__(
-        self, source: IO[bytes], consumer: IConsumer, ascii: bool, progress: Callable[[int], None]
-    ) -> None:
-        self.source = source
-        self.consumer = consumer
-        self.ascii = ascii
-        self.progress = progress
-        self.done: Deferred[None] = Deferred()
-
-    def start(self) -> Deferred[None]:
-        self.consumer.registerProducer(self, False)
-        return self.done
-
-    def resumeProducing(self) -> None:
-        if self.done.called:
-            return
-        data = self.source.read(_READ_CHUNK)
-        if not data:
-            self.consumer.unregisterProducer()
-            self.done.callback(None)
-            return
-        if self.ascii:
-            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        self.consumer.write(data)
-        self.progress(len(data))
-
-    def stopProducing(self) -> None:
-        if not self.done.called:
-            self.done.errback(Failure(net_error.ConnectionLost("data connection lost")))
-
-
-class _LineEnds:
-    """TYPE A uploads: CRLF to LF, with a CR that ends one read kept for the next."""
-
-    def __init__(self) -> None:
-        self._carry = b""
-
-    def to_local(self, data: bytes) -> bytes:
-        data, self._carry = self._carry + data, b""
-        if data.endswith(b"\r"):
-            data, self._carry = data[:-1], b"\r"
-        return data.replace(b"\r\n", b"\n")
-
-    def rest(self) -> bytes:
-        rest, self._carry = self._carry, b""
-        return rest
-
-
 @attrs.define
 class Transfer:
     direction: str
@@ -446,6 +244,7 @@ class Session(ftp.FTP):
         self.data: DataChannel | None = None
         self.transfer: Transfer | None = None
         self._watchdog: IDelayedCall | None = None
+        self._stop_transfer: Callable[[], object] = lambda: None
         self._cleanup: list[Callable[[], Any]] = []
         self.started = time.time()
         self.workingDirectory: list[str] = []
@@ -454,7 +253,7 @@ class Session(ftp.FTP):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.client_host = _plain_host(getattr(peer, "host", ""))
+        self.client_host = plain_host(getattr(peer, "host", ""))
         self.client = f"{self.client_host}:{getattr(peer, 'port', '')}"
         count = self.server.per_client.get(self.client_host, 0)
         if count >= self.server.limits.max_per_client:
@@ -470,6 +269,10 @@ class Session(ftp.FTP):
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
+        handle = getattr(self.transport, "getHandle", lambda: None)()
+        if isinstance(handle, socket.socket):
+            # ABOR sent as urgent data (ftplib does) would lose its last byte.
+            handle.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
         self.server.stats.count("sessions")
         super().connectionMade()
 
@@ -511,10 +314,15 @@ class Session(ftp.FTP):
         if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
             self.lineLengthExceeded(data)
             return
+        if self.transfer is not None and _ABORT.search(self._buffer[-8:] + data):
+            # ABOR cuts the transfer now (426), and is answered in its turn after.
+            self.server.stats.count("aborts")
+            self._stop_transfer()
         super().dataReceived(data)
 
     def lineReceived(self, line: bytes) -> None:
-        text = line.decode("utf-8", "surrogateescape")
+        # Telnet "interrupt process" and "synch" bytes clients send before ABOR.
+        text = line.lstrip(_TELNET).decode("utf-8", "surrogateescape")
         command, _, argument = text.partition(" ")
         arguments = (argument,) if _ else ()
         done = maybeDeferred(self.processCommand, command, *arguments)
@@ -546,8 +354,7 @@ class Session(ftp.FTP):
         if reason.check(ftp.FTPCmdError):
             if reason.check(ftp.CmdNotImplementedError):
                 self.server.stats.count("bad_commands")
-            refusal: Any = reason.value
-            self.sendLine(refusal.response())
+            self.sendLine(_response(reason.value))
         elif reason.check(TypeError):
             self.reply(ftp.SYNTAX_ERR, f"{command.upper()} needs other arguments.")
         else:
@@ -583,8 +390,11 @@ class Session(ftp.FTP):
 
         def success(result: Any) -> Any:
             self.user = user
+            self.server.failed_logins.forget(self.client_host)
             self.server.stats.count("logins")
-            self.server.emit("ftp.login", client=self.client, user=user, session=self.id)
+            self.server.emit(
+                "ftp.login", client=self.client, user=user, session=self.id, tls=self.secure
+            )
             return result
 
         def failure(reason: Failure) -> Deferred[Any]:
@@ -603,7 +413,10 @@ class Session(ftp.FTP):
                 else:
                     delayed.errback(reason)
 
-            call = self.server.reactor.callLater(self.server.limits.login_delay, answer)
+            delay = self.server.failed_logins.delay(
+                self.client_host, self.server.limits.login_delay
+            )
+            call = self.server.reactor.callLater(delay, answer)
             self._guard(lambda: call.cancel() if call.active() else None, delayed)
             return delayed
 
@@ -677,7 +490,7 @@ class Session(ftp.FTP):
         channel = self._new_channel()
         try:
             return channel.listen(self.transport.getHost().host)
-        except _NoPassivePort:
+        except NoPassivePort:
             channel.close()
             self.data = None
             self.server.stats.count("passive_exhausted")
@@ -686,7 +499,7 @@ class Session(ftp.FTP):
     def ftp_PASV(self) -> Any:
         if self._epsvAll:
             return fail(ftp.BadCmdSequenceError("may not send PASV after EPSV ALL"))
-        local = _plain_host(self.transport.getHost().host)
+        local = plain_host(self.transport.getHost().host)
         if ":" in local:
             # PASV can only name an IPv4 address; the data port listens on the
             # control connection's address, so IPv6 clients use EPSV.
@@ -694,7 +507,7 @@ class Session(ftp.FTP):
         host = self.server.passive_host or local
         try:
             port = self._passive()
-        except _NoPassivePort:
+        except NoPassivePort:
             return (ftp.CANT_OPEN_DATA_CNX,)
         return ftp.ENTERING_PASV_MODE, ftp.encodeHostPort(host, port)
 
@@ -706,14 +519,14 @@ class Session(ftp.FTP):
             self._validateNetworkProtocol(protocol)
         try:
             port = self._passive()
-        except _NoPassivePort:
+        except NoPassivePort:
             return (ftp.CANT_OPEN_DATA_CNX,)
         return ftp.ENTERING_EPSV_MODE, port
 
     def _active(self, host: str, port: int) -> Any:
         if self._epsvAll:
             return fail(ftp.BadCmdSequenceError("may not send PORT after EPSV ALL"))
-        if _plain_host(host) != self.client_host or not 1024 <= port <= 65535:
+        if plain_host(host) != self.client_host or not 1024 <= port <= 65535:
             self.server.stats.count("bounce_refused")
             self.server.emit("ftp.bounce_refused", client=self.client, target=f"{host}:{port}")
             return _BOUNCE
@@ -749,7 +562,6 @@ class Session(ftp.FTP):
         channel = self.data
 
         def no_connection(reason: Failure) -> Any:
-            reason.trap(Exception)
             if channel is self.data:
                 self.data = None
             self.server.stats.count(
@@ -825,6 +637,7 @@ class Session(ftp.FTP):
         """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
         transfer = Transfer(direction, "/" + "/".join(segments), time.time())
         self.transfer = transfer
+        self._stop_transfer = stall
         timeout = self.server.limits.data_timeout
         seen = 0
 
@@ -854,6 +667,7 @@ class Session(ftp.FTP):
             stats.count("transfers_failed")
         self.server.emit(
             "ftp.transfer",
+            session=self.id,
             client=self.client,
             user=self.user,
             direction=transfer.direction,
@@ -879,7 +693,7 @@ class Session(ftp.FTP):
             else:
                 source.seek(offset)
                 transfer = self._begin("download", segments, transport.abortConnection)
-                sent = _FileProducer(source, transport, not self.binary, progress).start()
+                sent = FileProducer(source, transport, not self.binary, progress).start()
 
             def done(_: object) -> Deferred[Any]:
                 transport.loseConnection()
@@ -934,10 +748,10 @@ class Session(ftp.FTP):
                     transport.resumeProducing()
 
             upload = Upload(target, offset, self.server.run_in_thread, pause)
-            newlines = _LineEnds() if ascii else None
+            newlines = LineEnds() if ascii else None
             if Sendfile.usable(transport):
                 # Fewer, larger reads: each one is a trip through the reactor.
-                transport.bufferSize = _READ_CHUNK
+                transport.bufferSize = READ_CHUNK
 
             def receive(data: bytes) -> None:
                 self._account(len(data), True)
@@ -978,6 +792,16 @@ class Session(ftp.FTP):
 
     def ftp_ABOR(self) -> Any:
         return (ftp.CLOSING_DATA_CNX,)
+
+
+def _response(error: Any) -> str:
+    """
+    The reply for an L{ftp.FTPCmdError}; Twisted's shell puts paths in its errors
+    as lists of segments, which its own formatting shows as C{['a', 'b']}.
+    """
+    arguments = tuple("/".join(a) if isinstance(a, list) else a for a in error.errorMessage)
+    template: str = ftp.RESPONSE[error.errorCode]  # type: ignore[assignment]
+    return template % arguments
 
 
 def _closing(source: IO[bytes], result: Any) -> Any:

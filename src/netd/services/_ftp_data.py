@@ -1,0 +1,365 @@
+"""
+Data connections of the ftp kind: passive ports of netd's own, channels that
+accept only the control connection's client (and connect back only to it), TLS
+on them (PROT P, which Twisted lacks), and the producers that feed them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING, Any
+
+from twisted.internet import error as net_error
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import (
+    IConsumer,
+    IOpenSSLServerConnectionCreator,
+    IPullProducer,
+    IReadDescriptor,
+)
+from twisted.internet.protocol import (
+    ClientFactory,
+    Factory,
+    Protocol,
+    ServerFactory,
+    connectionDone,
+)
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.services._ftp_files import Upload
+
+if TYPE_CHECKING:
+    from netd.services._ftp_session import Session
+
+__all__ = [
+    "READ_CHUNK",
+    "DataChannel",
+    "DataConnection",
+    "FileProducer",
+    "LineEnds",
+    "ListenPassive",
+    "NoPassivePort",
+    "PassivePort",
+    "plain_host",
+]
+
+READ_CHUNK = 256 << 10
+
+
+class NoPassivePort(Exception):
+    """Every port of C{passive_ports} is taken."""
+
+
+def plain_host(host: str) -> str:
+    """C{host} with an IPv4-mapped IPv6 address written as IPv4, for comparisons."""
+    if ":" not in host:
+        return host
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+ListenPassive = Callable[[int, "_DataFactory", str], Any]
+
+
+@implementer(IReadDescriptor)
+class PassivePort:
+    """
+    The listening socket of one passive data connection, our own rather than
+    Twisted's C{listenTCP}: that one logs two lines for every transfer, and sets
+    C{SO_REUSEADDR}, with which Linux looks for a port nothing has ever used --
+    slow when thousands of data connections sit in TIME_WAIT (3 ms a PASV
+    here).  A port chosen from C{passive_ports} does need it, to be taken again
+    soon after.  Accepted connections are handed to the reactor as they are.
+    """
+
+    def __init__(self, reactor: Any, port: int, factory: Any, interface: str) -> None:
+        self.reactor = reactor
+        self.factory = factory
+        self.family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+        listening = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if port:
+                listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listening.bind((interface, port))
+            listening.listen(1)
+            listening.setblocking(False)
+        except OSError as e:
+            listening.close()
+            raise net_error.CannotListenError(interface, port, e) from None
+        self.socket: socket.socket | None = listening
+        host, number = listening.getsockname()[:2]
+        kind = IPv6Address if self.family == socket.AF_INET6 else IPv4Address
+        self.host = kind("TCP", host, number)
+        reactor.addReader(self)
+
+    def getHost(self) -> IPv4Address | IPv6Address:
+        return self.host
+
+    def fileno(self) -> int:
+        return self.socket.fileno() if self.socket is not None else -1
+
+    def logPrefix(self) -> str:
+        return "ftp-passive"
+
+    def doRead(self) -> None:
+        assert self.socket is not None
+        try:
+            connection, _ = self.socket.accept()
+        except BlockingIOError:
+            return
+        except OSError:
+            # Out of descriptors, say: the client gets 425 rather than a busy loop.
+            self.stopListening()
+            return
+        with connection:
+            connection.setblocking(False)
+            self.reactor.adoptStreamConnection(connection.fileno(), self.family, self.factory)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def stopListening(self) -> None:
+        if self.socket is not None:
+            self.reactor.removeReader(self)
+            self.socket.close()
+            self.socket = None
+
+
+class DataConnection(Protocol):
+    """One data connection: what it receives goes to a sink once a command takes it."""
+
+    transport: Any
+
+    def __init__(self, channel: DataChannel) -> None:
+        self.channel = channel
+        self.sink: Callable[[bytes], None] | None = None
+        self._early: list[bytes] = []
+        self.closed: Deferred[bool] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.channel.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink(data)
+        else:
+            # An upload may start before STOR is through; keep a little, then wait.
+            self._early.append(data)
+            if sum(map(len, self._early)) > Upload.high_water:
+                self.transport.pauseProducing()
+
+    def take(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        early, self._early = self._early, []
+        for data in early:
+            sink(data)
+        self.transport.resumeProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.channel.lost(self)
+        # Whether the connection ended cleanly (a FIN, not a reset or an abort).
+        self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
+
+
+class _DataFactory(ClientFactory, ServerFactory):
+    noisy = False
+
+    def __init__(self, channel: DataChannel) -> None:
+        self.channel = channel
+
+    def buildProtocol(self, addr: Any) -> Protocol | None:
+        return self.channel.accept(addr)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.channel.failed(reason)
+
+
+class _Prebuilt(Factory):
+    """Hands a protocol already built (and checked) to the TLS wrapper."""
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+class DataChannel:
+    """
+    The one data connection a session may have at a time: passive (we listen)
+    or active (we connect back to the client).  Transfer commands wait on
+    L{ready} for at most C{data_timeout}.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        client_host: str,
+        tls: IOpenSSLServerConnectionCreator | None,
+    ) -> None:
+        self.session = session
+        self.client_host = plain_host(client_host)
+        self.tls = tls
+        self.connection: DataConnection | None = None
+        self.port: Any = None
+        self.passive = False
+        self.connector: Any = None
+        self._waiting: list[Deferred[DataConnection]] = []
+        self._failure: Failure | None = None
+        self._accepted = False
+        self._closed = False
+        server = session.server
+        self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
+
+    def listen(self, interface: str) -> int:
+        server = self.session.server
+        factory = _DataFactory(self)
+        self.passive = True
+        for port in server.passive_candidates():
+            try:
+                self.port = server.listen_passive(port, factory, interface)
+            except net_error.CannotListenError:
+                continue
+            return int(self.port.getHost().port)
+        raise NoPassivePort()
+
+    def connect(self, host: str, port: int) -> None:
+        self.connector = self.session.server.reactor.connectTCP(
+            host, port, _DataFactory(self), timeout=self.session.server.limits.data_timeout
+        )
+
+    def accept(self, addr: Any) -> Protocol | None:
+        if self._accepted or self._closed:
+            return None
+        if self.passive and plain_host(addr.host) != self.client_host:
+            # Someone else raced the client to its passive port (data theft).
+            self.session.server.stats.count("data_refused")
+            self.session.server.emit(
+                "ftp.data_refused", client=self.session.client, source=addr.host
+            )
+            return None
+        self._accepted = True
+        connection = DataConnection(self)
+        self._stop_listening()
+        if self.tls is None:
+            return connection
+        # RFC 4217: the server is the TLS server on every data connection.
+        wrapped: Protocol = TLSMemoryBIOFactory(
+            self.tls, False, _Prebuilt(connection)
+        ).buildProtocol(addr)
+        return wrapped
+
+    def _stop_listening(self) -> None:
+        # Once: a second stopListening would close the port (and log it) twice.
+        port, self.port = self.port, None
+        if port is not None:
+            port.stopListening()
+
+    def connected(self, connection: DataConnection) -> None:
+        if self.timer.active():
+            self.timer.cancel()
+        self.connection = connection
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(connection)
+
+    def failed(self, reason: Failure) -> None:
+        self._fail(reason)
+
+    def lost(self, connection: DataConnection) -> None:
+        if self.connection is connection:
+            self.session.data_closed(self)
+
+    def _timed_out(self) -> None:
+        self._fail(Failure(net_error.TimeoutError("no data connection")))
+
+    def _fail(self, reason: Failure) -> None:
+        if self._failure is not None or self.connection is not None:
+            return
+        self._failure = reason
+        self._stop_listening()
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.errback(reason)
+
+    def ready(self) -> Deferred[DataConnection]:
+        if self.connection is not None:
+            return succeed(self.connection)
+        if self._failure is not None:
+            return fail(self._failure)
+        waiter: Deferred[DataConnection] = Deferred()
+        self._waiting.append(waiter)
+        return waiter
+
+    def close(self) -> None:
+        self._closed = True
+        if self.timer.active():
+            self.timer.cancel()
+        self._stop_listening()
+        if self.connection is not None and self.connection.transport is not None:
+            self.connection.transport.abortConnection()
+        elif self.connector is not None:
+            self.connector.disconnect()
+        self._fail(Failure(net_error.ConnectionDone("data channel closed")))
+
+
+@implementer(IPullProducer)
+class FileProducer:
+    """Sends a file through any transport (TLS, fakes) in large reads."""
+
+    def __init__(
+        self, source: IO[bytes], consumer: IConsumer, ascii: bool, progress: Callable[[int], None]
+    ) -> None:
+        self.source = source
+        self.consumer = consumer
+        self.ascii = ascii
+        self.progress = progress
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        self.consumer.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        data = self.source.read(READ_CHUNK)
+        if not data:
+            self.consumer.unregisterProducer()
+            self.done.callback(None)
+            return
+        if self.ascii:
+            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        self.consumer.write(data)
+        self.progress(len(data))
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.errback(Failure(net_error.ConnectionLost("data connection lost")))
+
+
+class LineEnds:
+    """TYPE A uploads: CRLF to LF, with a CR that ends one read kept for the next."""
+
+    def __init__(self) -> None:
+        self._carry = b""
+
+    def to_local(self, data: bytes) -> bytes:
+        data, self._carry = self._carry + data, b""
+        if data.endswith(b"\r"):
+            data, self._carry = data[:-1], b"\r"
+        return data.replace(b"\r\n", b"\n")
+
+    def rest(self) -> bytes:
+        rest, self._carry = self._carry, b""
+        return rest
