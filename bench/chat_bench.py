@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import random
 import selectors
 import shutil
 import signal
@@ -41,6 +40,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from _bench import cpu_seconds, free_port, proc_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = Path(sys.executable).parent / "twistd"
@@ -81,39 +82,10 @@ PAM = no
 """
 
 
-def free_port() -> int:
-    """
-    A loopback port free just now, below the ephemeral range: a port the kernel
-    hands out to outgoing connections (this client's 100, other programs') may
-    be taken again before the server binds it.
-    """
-    for _ in range(100):
-        candidate = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", candidate))
-            except OSError:
-                continue
-            return candidate
-    raise RuntimeError("no free port in 20000-32000")
-
-
 def pin(pid: int, cpu: int) -> None:
     if os.cpu_count() and os.cpu_count() >= 2:  # type: ignore[operator]
         with contextlib.suppress(OSError):
             os.sched_setaffinity(pid, {cpu})
-
-
-def memory_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    parts = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.contextmanager
@@ -254,7 +226,7 @@ def fan_out(
 def measure(name: str, workdir: Path, args: argparse.Namespace, senders: int) -> dict[str, float]:
     with server(name, workdir) as (pid, port):
         time.sleep(0.3)
-        idle = memory_kib(pid, "VmRSS")
+        idle = proc_mib(pid, "VmRSS") * 1024
         cpu_before = cpu_seconds(pid)
         try:
             result = fan_out(port, args.clients, senders, args.messages, args.window, args.timeout)
@@ -264,7 +236,7 @@ def measure(name: str, workdir: Path, args: argparse.Namespace, senders: int) ->
             raise
         result["cpu_s"] = cpu_seconds(pid) - cpu_before
         result["idle_rss_mib"] = idle / 1024
-        result["peak_rss_mib"] = memory_kib(pid, "VmHWM") / 1024
+        result["peak_rss_mib"] = proc_mib(pid)
     return result
 
 
@@ -272,11 +244,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 11))
-    parser.add_argument("--clients", type=int, default=100, choices=range(2, 1001))
+    parser.add_argument("--rounds", type=int, default=3, choices=range(1, 11), metavar="N")
+    parser.add_argument("--clients", type=int, default=100, choices=range(2, 1001), metavar="N")
     parser.add_argument("--senders", default="1,10", help="cases: senders among the clients")
-    parser.add_argument("--messages", type=int, default=3000, choices=range(1, 100_001))
-    parser.add_argument("--window", type=int, default=100, choices=range(1, 10_001))
+    parser.add_argument(
+        "--messages", type=int, default=3000, choices=range(1, 100_001), metavar="N"
+    )
+    parser.add_argument("--window", type=int, default=100, choices=range(1, 10_001), metavar="N")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--servers", default="netd,ngircd")
     args = parser.parse_args()

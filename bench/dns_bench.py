@@ -20,45 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import shutil
-import signal
 import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
+import _bench
+from _bench import VENV_BIN, pinned, proc_mib
+
 HERE = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
 NAMES = 1000
 DOMAIN = "bench.test"
-
-
-def free_port() -> int:
-    """A loopback port free for UDP and TCP (dnsmasq binds both)."""
-    while True:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
-def pinned(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu)]
-    return []
 
 
 def answers(port: int) -> bool:
@@ -74,54 +52,15 @@ def answers(port: int) -> bool:
             return False
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not come up")
-        time.sleep(0.05)
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    name = ""
+class Server(_bench.Server):
     cases: tuple[str, ...] = ()
 
     def __init__(self, work: Path, upstream: int) -> None:
-        self.work = work
+        super().__init__(work)
         self.upstream = upstream
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        log = (self.work / f"{self.name}.out").open("wb")
-        self.process = subprocess.Popen(
-            pinned(1) + self.command(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_for(lambda: answers(self.port), self.name)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def ready(self) -> bool:
+        return answers(self.port)
 
 
 def twistd(*args: str) -> list[str]:
@@ -312,9 +251,7 @@ def main() -> None:
                                 server.port, queries, options.duration, options.outstanding
                             )
                             results.setdefault(case, {}).setdefault(server.name, []).append(qps)
-                            rss.setdefault(f"{case} {server.name}", []).append(
-                                peak_rss_mib(server.pid)
-                            )
+                            rss.setdefault(f"{case} {server.name}", []).append(proc_mib(server.pid))
                             print(
                                 f"round {round_number + 1} {case:6} {server.name:10} "
                                 f"{qps:10,.0f} q/s",

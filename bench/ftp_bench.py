@@ -21,7 +21,6 @@ import ftplib
 import importlib.util
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,28 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def pinned(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu)]
-    return []
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not come up")
-        time.sleep(0.05)
+import _bench
+from _bench import VENV_BIN, cpu_seconds, pinned, proc_mib
 
 
 def greets(port: int) -> bool:
@@ -64,51 +43,13 @@ def greets(port: int) -> bool:
         return False
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    name = ""
-
+class Server(_bench.Server):
     def __init__(self, work: Path, root: Path) -> None:
-        self.work = work
+        super().__init__(work)
         self.root = root
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> None:
-        log = (self.work / f"{self.name}.out").open("wb")
-        self.process = subprocess.Popen(
-            pinned(1) + self.command(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_for(lambda: greets(self.port), self.name)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def ready(self) -> bool:
+        return greets(self.port)
 
 
 class Netd(Server):
@@ -200,7 +141,7 @@ def measure_round(
         found[server.name].setdefault(key, []).append(value)
 
     for server in servers:
-        record(server, "rss_idle_mib", rss_mib(server.pid, "VmRSS"))
+        record(server, "rss_idle_mib", proc_mib(server.pid, "VmRSS"))
         curl_rate(f"ftp://127.0.0.1:{server.port}/big.bin")  # warm the page cache and server
     size_mib = source.stat().st_size / 2**20
 
@@ -229,7 +170,7 @@ def measure_round(
         for server in servers:
             timed(server, "sessions_s", None, sessions_per_second, server.port, duration / 2)
     for server in servers:
-        record(server, "rss_peak_mib", rss_mib(server.pid, "VmHWM"))
+        record(server, "rss_peak_mib", proc_mib(server.pid))
         # Summed over the repeats: one transfer takes a few clock ticks of CPU.
         for case, (amount, spent) in work[server.name].items():
             record(server, case.rsplit("_", 1)[0] + "_per_cpu_s", amount / max(spent, 0.01))

@@ -18,92 +18,23 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
+
+import _bench
+from _bench import VENV_BIN, pinned, proc_mib
 
 CASES = {"1k": "/1k.bin", "1m": "/1m.bin", "canned": "/canned"}
 HERE = Path(__file__).resolve().parent
-VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def pinned(cpu: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu)]
-    return []
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not come up")
-        time.sleep(0.05)
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-class Server:
-    name = ""
-
+class Server(_bench.Server):
     def __init__(self, work: Path, www: Path) -> None:
-        self.work = work
+        super().__init__(work)
         self.www = www
-        self.port = free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def ready(self) -> bool:
-        return accepts(self.port)
-
-    def start(self) -> None:
-        log = (self.work / f"{self.name}.out").open("wb")
-        self.process = subprocess.Popen(
-            pinned(1) + self.command(), cwd=self.work, stdout=log, stderr=subprocess.STDOUT
-        )
-        wait_for(self.ready, self.name)
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def stop(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 class Netd(Server):
@@ -259,7 +190,7 @@ def main() -> None:
                             f"{measured[0]:10,.0f} req/s {measured[1]:8,.1f} MiB/s",
                             file=sys.stderr,
                         )
-                    rss.setdefault(server.name, []).append(peak_rss_mib(server.pid))
+                    rss.setdefault(server.name, []).append(proc_mib(server.pid))
                 finally:
                     server.stop()
         report(results, rss, options)
