@@ -168,6 +168,32 @@ def test_starttls_and_implicit_tls_with_auth(netd: NetdProcess) -> None:
     assert b" with ESMTPSA id " in raw
 
 
+def test_plaintext_pipelined_behind_starttls_is_discarded(netd: NetdProcess) -> None:
+    host, port = netd.address("mail")
+    with socket.create_connection((host, port), timeout=10) as raw:
+        plain = raw.makefile("rb")
+        plain.readline()
+        raw.sendall(b"EHLO client.test\r\n")
+        while plain.readline()[3:4] == b"-":
+            pass
+        # A man in the middle appends a command to the client's STARTTLS.
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@attacker.test>\r\n")
+        assert plain.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+        with tls_context(netd).wrap_socket(raw, server_hostname="localhost") as secure:
+            secure.sendall(b"EHLO client.test\r\nRCPT TO:<x@netd.test>\r\nQUIT\r\n")
+            answer = b""
+            while not answer.endswith(b"221 2.0.0 Bye\r\n"):
+                chunk = secure.recv(4096)
+                assert chunk, answer
+                answer += chunk
+    # Nothing answers the injected MAIL (not even a 503 inside TLS), and it set
+    # nothing up: the RCPT finds no transaction.
+    assert answer.startswith(b"250-")
+    assert [line[:3] for line in answer.split(b"\r\n") if line[3:4] == b" "] == [
+        b"250", b"503", b"221"
+    ]  # fmt: skip
+
+
 OPEN_RELAY_TRICKS = [
     "victim@elsewhere.test",
     "victim%elsewhere.test@netd.test",
