@@ -72,6 +72,12 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process and its threads (the spool's fsyncs run in threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def aiosmtpd(port: int, pin: bool) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}"]
     command += ["-c", "aiosmtpd.handlers.Sink"]
@@ -162,7 +168,11 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, float]
         process = netd(work, port, free_port(), args.pin, None)
     try:
         wait_for(lambda: accepts(port), name)
+        before = cpu_seconds(process.pid)
         result = run_client(port, args.duration, args.conns, args.size, 1_000_000, args.pin)
+        result["cpu_ms_per_msg"] = (
+            1000 * (cpu_seconds(process.pid) - before) / max(result["sent"], 1)
+        )
         result["rss_mib"] = peak_rss_mib(process.pid)
     finally:
         process.terminate()
@@ -228,10 +238,13 @@ def main() -> None:
         return statistics.median(row[key] for row in rows[name])
 
     print(f"smtp capture, {args.conns} connections, {args.size} B messages, {args.rounds} rounds")
-    print("| server | msgs/s | peak RSS MiB |")
-    print("|---|---|---|")
+    print("| server | msgs/s | server CPU ms/msg | peak RSS MiB |")
+    print("|---|---|---|---|")
     for name in ("netd", "aiosmtpd"):
-        print(f"| {name} | {median(name, 'msgs_s'):,.0f} | {median(name, 'rss_mib'):.1f} |")
+        print(
+            f"| {name} | {median(name, 'msgs_s'):,.0f} | {median(name, 'cpu_ms_per_msg'):.2f} "
+            f"| {median(name, 'rss_mib'):.1f} |"
+        )
     print(
         f"netd / aiosmtpd: {statistics.median(ratios):.2f}x "
         f"({min(ratios):.2f}-{max(ratios):.2f}), netd fsyncs every message"

@@ -494,17 +494,20 @@ def envelope(id: str, size: int, to: tuple[str, ...] = ("x@netd.test",)) -> Enve
     return Envelope(id=id, sender="a@b.test", recipients=to, received=1.0, size=size)
 
 
-def test_spool_groups_concurrent_writes_and_recovers(tmp_path: Path) -> None:
+def test_spool_syncs_files_apart_and_groups_folder_syncs(tmp_path: Path) -> None:
     threads = ManualThreads()
     spool = Spool(tmp_path, threads)
-    spool.directory.mkdir(exist_ok=True)
     fired: list[str] = []
     for id in ("a", "b", "c"):
         spool.store(envelope(id, 5), b"data" + id.encode()).addCallback(
             lambda _, id=id: fired.append(id)
         )
-    assert len(threads.work) == 1  # b and c wait for a's batch
+    assert len(threads.work) == 3  # three files, written and synced side by side
+    threads.run_one()  # a's file: a's folder sync starts
+    threads.run_one()  # b's file: waits for the next folder sync
     threads.run_one()
+    assert fired == [] and len(threads.work) == 1
+    threads.run_one()  # the folder sync a waited for: b and c need one that began later
     assert fired == ["a"] and len(threads.work) == 1
     threads.run_one()
     assert fired == ["a", "b", "c"] and not threads.work

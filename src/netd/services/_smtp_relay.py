@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -254,6 +254,7 @@ class _Queued:
     attempts: int = 0
     timer: IDelayedCall | None = None
     busy: bool = False
+    data: bytes | None = None
 
 
 class Courier(Service):
@@ -288,9 +289,12 @@ class Courier(Service):
         self.limit = DeferredSemaphore(_CONCURRENT_DELIVERIES)
         self.stopped = False
 
-    def schedule(self, envelope: Envelope) -> None:
-        """Deliver C{envelope} now (a new or recovered message)."""
-        self.queue[envelope.id] = _Queued(envelope)
+    def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
+        """
+        Deliver C{envelope} now (a new or recovered message); C{data} spares the
+        first attempt a read of the spool.
+        """
+        self.queue[envelope.id] = _Queued(envelope, data=data)
         self._gauge()
         self._later(envelope.id, 0)
 
@@ -340,7 +344,11 @@ class Courier(Service):
                 )
             )
 
-        reading: Deferred[Any] = self.spool.read(envelope.id)
+        if queued.data is not None:
+            reading: Deferred[Any] = succeed(queued.data)
+            queued.data = None  # later attempts read the spool: memory stays small
+        else:
+            reading = self.spool.read(envelope.id)
         settled: Deferred[Any] = reading.addCallback(send).addCallback(self._settle, queued)
         return settled
 

@@ -457,7 +457,7 @@ class Session(smtp.ESMTP):
         # Unstuff first: only the client's CRLF lines were dot-stuffed.
         if b"\r\n." in text:
             text = text.replace(b"\r\n.", b"\r\n")
-        if _BARE_NEWLINE.search(text):
+        if not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
             if self.receiver.reject_bare_newlines:
                 stats.count("smtp_messages_rejected")
                 self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
@@ -466,8 +466,9 @@ class Session(smtp.ESMTP):
             # (the relay dot-stuffs what it sends).
             text = _BARE_NEWLINE.sub(b"\r\n", text)
             stats.count("smtp_bare_newlines_normalised")
-        if len(text) > limits.max_line_length and any(
-            len(line) > limits.max_line_length - 2 for line in text.split(b"\r\n")
+        if (
+            len(text) > limits.max_line_length
+            and max(map(len, text.split(b"\r\n"))) > limits.max_line_length - 2
         ):
             stats.count("smtp_messages_rejected")
             self.sendCode(

@@ -5,9 +5,9 @@ the server answers C{250}.
 A spool file is one line of JSON (the envelope, with the message's size) and
 then the message itself.  A file whose length does not match its envelope was
 being written when netd died; its message was never acknowledged, so recovery
-removes it.  Writes from concurrent sessions are grouped: while one batch is
-being written and synced in a thread, the next batch collects, and each batch
-costs one directory fsync.
+removes it.  Each file is written and synced in its own thread, so the syncs
+of concurrent sessions overlap; the directory syncs are grouped: while one is
+running, the next collects every file finished meanwhile.
 """
 
 from __future__ import annotations
@@ -100,20 +100,16 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_batch(directory: Path, batch: list[tuple[Envelope, bytes]]) -> None:
-    """Runs in a thread: each file written and synced, then the directory once."""
-    for envelope, data in batch:
-        fd = os.open(
-            directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640
-        )
-        try:
-            view = memoryview(_encode(envelope) + data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    _fsync_directory(directory)
+def _write_file(directory: Path, envelope: Envelope, data: bytes) -> None:
+    """Runs in a thread: the file written and synced (its folder is synced apart)."""
+    fd = os.open(directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        view = memoryview(_encode(envelope) + data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
@@ -165,9 +161,10 @@ def _read_message(path: Path) -> bytes | None:
 
 
 def _remove(directory: Path, ids: list[str]) -> None:
+    # No folder sync: a removal lost in a crash only means a second delivery,
+    # which SMTP's at-least-once promise allows.
     for id in ids:
         (directory / (id + _SUFFIX)).unlink(missing_ok=True)
-    _fsync_directory(directory)
 
 
 def _replace(directory: Path, envelope: Envelope) -> None:
@@ -196,8 +193,8 @@ class Spool:
     def __init__(self, directory: Path, run: RunInThread) -> None:
         self.directory = directory
         self.run = run
-        self._batch: list[tuple[Envelope, bytes, Deferred[None]]] = []
-        self._writing = False
+        self._waiting: list[Deferred[None]] = []
+        self._syncing = False
 
     def recover(self) -> Deferred[list[tuple[Envelope, bytes]]]:
         """
@@ -208,29 +205,37 @@ class Spool:
 
     def store(self, envelope: Envelope, data: bytes) -> Deferred[None]:
         """Fires once the message and its envelope are on disk and synced."""
+        written: Deferred[None] = self.run(lambda: _write_file(self.directory, envelope, data))
+        return written.addCallback(lambda _: self._sync_directory())
+
+    def _sync_directory(self) -> Deferred[None]:
+        """
+        Fires after a sync of the folder that began after this call.  Files are
+        synced each in its own thread (the file system commits concurrent syncs
+        together); their folder entries share one sync per round.
+        """
         done: Deferred[None] = Deferred()
-        self._batch.append((envelope, data, done))
-        if not self._writing:
-            self._write()
+        self._waiting.append(done)
+        if not self._syncing:
+            self._sync_round()
         return done
 
-    def _write(self) -> None:
-        batch, self._batch = self._batch, []
-        self._writing = True
-        pairs = [(envelope, data) for envelope, data, _ in batch]
-        written = self.run(lambda: _write_batch(self.directory, pairs))
+    def _sync_round(self) -> None:
+        round, self._waiting = self._waiting, []
+        self._syncing = True
+        synced: Deferred[None] = self.run(lambda: _fsync_directory(self.directory))
 
         def finished(result: object) -> None:
-            self._writing = False
-            if self._batch:
-                self._write()
-            for _, _, done in batch:
+            self._syncing = False
+            if self._waiting:
+                self._sync_round()
+            for done in round:
                 if isinstance(result, Failure):
                     done.errback(result)
                 else:
                     done.callback(None)
 
-        written.addBoth(finished)
+        synced.addBoth(finished)
 
     def read(self, id: str) -> Deferred[bytes | None]:
         return self.run(lambda: _read_message(self.directory / (id + _SUFFIX)))

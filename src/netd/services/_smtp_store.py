@@ -52,8 +52,9 @@ class MailStore(Service):
     """
     Every message in the spool, in arrival order.
 
-    @ivar deliver: called with each newly accepted or recovered envelope when a
-        delivery mode sends mail on; None keeps messages (capture).
+    @ivar deliver: called with each newly accepted or recovered envelope (and the
+        message, when it is at hand) when a delivery mode sends mail on; None
+        keeps messages (capture).
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class MailStore(Service):
         spool: Spool,
         context: BuildContext,
         hostname: str,
-        deliver: Callable[[Envelope], None] | None = None,
+        deliver: Callable[[Envelope, bytes | None], None] | None = None,
     ) -> None:
         self.spool = spool
         self.context = context
@@ -80,7 +81,7 @@ class MailStore(Service):
         for envelope, start in found:
             self._add(envelope, _head(start))
             if self.deliver is not None:
-                self.deliver(envelope)
+                self.deliver(envelope, None)
         if found:
             self.context.emit("spool.recovered", messages=len(found))
         self._recovered = True
@@ -137,7 +138,7 @@ class MailStore(Service):
                 user=envelope.user,
             )
             if self.deliver is not None:
-                self.deliver(envelope)
+                self.deliver(envelope, data)
             return id
 
         return stored.addCallback(spooled)
@@ -148,7 +149,7 @@ class MailStore(Service):
         def spooled(_: None) -> None:
             self._add(envelope, _head(data))
             if self.deliver is not None:
-                self.deliver(envelope)
+                self.deliver(envelope, data)
 
         return self.spool.store(envelope, data).addCallback(spooled)
 
