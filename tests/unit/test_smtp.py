@@ -821,3 +821,31 @@ def test_parse_mx_delivery(tmp_path: Path) -> None:
     assert parse(tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n").delivery.mx == MxOptions(
         resolver=("::1", 53)
     )
+
+
+def test_a_replaced_service_hands_what_it_still_accepts_to_its_successor(tmp_path: Path) -> None:
+    old, _, _ = make_store(tmp_path)
+    new, _, _ = make_store(tmp_path)  # a reload: both serve the same folder for a while
+    transaction = Transaction(
+        sender=None,
+        recipients=(Mailbox("late", "netd.test"),),
+        data=b"Subject: late\r\n\r\nx\r\n",
+        helo="c",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    id = result_of(old.accept(transaction))
+    assert id in new.messages
+    old.stopService()
+    assert [m["id"] for m in result_of(new.list({}))["messages"]] == [id]
+    new.stopService()
+
+
+def test_recovery_leaves_files_being_written_alone(tmp_path: Path) -> None:
+    young, old = tmp_path / "young.tmp", tmp_path / "old.tmp"
+    young.write_bytes(b"half")
+    old.write_bytes(b"half")
+    os.utime(old, (1, 1))
+    result_of(Spool(tmp_path, maybeDeferred).recover())
+    assert young.exists() and not old.exists()

@@ -294,6 +294,8 @@ class Courier(Service):
         Deliver C{envelope} now (a new or recovered message); C{data} spares the
         first attempt a read of the spool.
         """
+        if envelope.id in self.queue:
+            return
         self.queue[envelope.id] = _Queued(envelope, data=data)
         self._gauge()
         self._later(envelope.id, 0)

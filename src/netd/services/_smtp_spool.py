@@ -3,8 +3,9 @@ The smtp kind's durable spool: one file per accepted message, fsync'd before
 the server answers C{250}.
 
 A spool file is one line of JSON (the envelope, with the message's size) and
-then the message itself.  A file whose length does not match its envelope was
-being written when netd died; its message was never acknowledged, so recovery
+then the message itself, written under a temporary name and renamed once
+synced.  A file whose length does not match its envelope is damaged; its
+message was never acknowledged (the 250 waits for the sync), so recovery
 removes it.  Each file is written and synced in its own thread, so the syncs
 of concurrent sessions overlap; the directory syncs are grouped: while one is
 running, the next collects every file finished meanwhile.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ __all__ = ["HEAD_BYTES", "Envelope", "Spool", "new_id"]
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 _SUFFIX = ".msg"
+_TEMPORARY = ".tmp"
+# A temporary file older than this was abandoned by a crash.
+_ABANDONED = 3600.0
 # How much of a message recovery reads back for its headers.
 HEAD_BYTES = 64 * 1024
 _MAGIC = b"NETD-SPOOL-1 "
@@ -101,8 +106,14 @@ def _fsync_directory(directory: Path) -> None:
 
 
 def _write_file(directory: Path, envelope: Envelope, data: bytes) -> None:
-    """Runs in a thread: the file written and synced (its folder is synced apart)."""
-    fd = os.open(directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    """
+    Runs in a thread: the file written and synced under a temporary name, then
+    renamed (its folder is synced apart).  Only complete files carry the
+    message suffix, so a recovery running meanwhile (a reloaded service
+    starting while the old one still takes mail) never mistakes one for torn.
+    """
+    temporary = directory / (envelope.id + _TEMPORARY)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         view = memoryview(_encode(envelope) + data)
         while view:
@@ -110,6 +121,7 @@ def _write_file(directory: Path, envelope: Envelope, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.rename(temporary, directory / (envelope.id + _SUFFIX))
 
 
 def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
@@ -132,11 +144,16 @@ def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
     return envelope, start
 
 
-def _recover(directory: Path) -> list[tuple[Envelope, bytes]]:
+def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     found = []
     removed = False
     for path in sorted(directory.iterdir()):
+        if path.name.endswith(_TEMPORARY):
+            # Left by a crash, unless it is young: then someone is writing it.
+            if path.stat().st_mtime < now - _ABANDONED:
+                path.unlink(missing_ok=True)
+            continue
         if not path.name.endswith(_SUFFIX):
             continue
         entry = _read_header(path)
@@ -173,7 +190,7 @@ def _replace(directory: Path, envelope: Envelope) -> None:
     data = _read_message(path)
     if data is None:
         return
-    temporary = directory / (envelope.id + ".tmp")
+    temporary = directory / (envelope.id + _TEMPORARY)
     with temporary.open("wb") as f:
         f.write(_encode(envelope) + data)
         f.flush()
@@ -201,7 +218,8 @@ class Spool:
         Every complete message on disk with its first L{HEAD_BYTES}; torn ones
         are removed.
         """
-        return self.run(lambda: _recover(self.directory))
+        now = time.time()
+        return self.run(lambda: _recover(self.directory, now))
 
     def store(self, envelope: Envelope, data: bytes) -> Deferred[None]:
         """Fires once the message and its envelope are on disk and synced."""

@@ -9,6 +9,7 @@ import email.parser
 import email.policy
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -48,6 +49,12 @@ def _headers(head: bytes) -> list[list[str]]:
     return [[name, str(value)] for name, value in parsed.items()]
 
 
+# The store that serves each spool folder now.  During a reload the old service
+# still takes mail on its open connections while the new one serves: what the
+# old one spools is handed to the new one's index and delivery.
+_SERVING: dict[Path, MailStore] = {}
+
+
 class MailStore(Service):
     """
     Every message in the spool, in arrival order.
@@ -75,10 +82,21 @@ class MailStore(Service):
 
     def startService(self) -> None:
         super().startService()
+        _SERVING[self.spool.directory] = self
         self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if _SERVING.get(self.spool.directory) is self:
+            del _SERVING[self.spool.directory]
+
+    def _serving(self) -> MailStore:
+        return _SERVING.get(self.spool.directory, self)
 
     def _recovered_from_disk(self, found: list[tuple[Envelope, bytes]]) -> None:
         for envelope, start in found:
+            if envelope.id in self.messages:
+                continue  # handed over by the service this one replaced
             self._add(envelope, _head(start))
             if self.deliver is not None:
                 self.deliver(envelope, None)
@@ -126,7 +144,8 @@ class MailStore(Service):
         stored = self.spool.store(envelope, data)
 
         def spooled(_: None) -> str:
-            self._add(envelope, _head(data))
+            owner = self._serving()
+            owner._add(envelope, _head(data))
             self.context.stats.count("smtp_messages_accepted")
             self.context.emit(
                 "message.accepted",
@@ -137,8 +156,8 @@ class MailStore(Service):
                 client=envelope.client,
                 user=envelope.user,
             )
-            if self.deliver is not None:
-                self.deliver(envelope, data)
+            if owner.deliver is not None:
+                owner.deliver(envelope, data)
             return id
 
         return stored.addCallback(spooled)
