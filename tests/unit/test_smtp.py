@@ -350,7 +350,12 @@ def test_auth_login_with_a_bcrypt_hash_and_too_many_failures() -> None:
     harness = Harness(portal=portal, allow_insecure_auth=True)
     session, transport = harness.connect()
     send(session, "EHLO c\r\nAUTH LOGIN\r\nYm9i\r\ncHc=\r\n")
-    assert codes(transport)[-3:] == ["334", "334", "235 2.7.0"]
+    # "Username:" and "Password:", as RFC 4954's examples and every client expect.
+    assert replies(transport)[-3:] == [
+        "334 VXNlcm5hbWU6",
+        "334 UGFzc3dvcmQ6",
+        "235 2.7.0 Authentication successful.",
+    ]
     session, transport = harness.connect()
     send(session, "EHLO c\r\n" + "AUTH PLAIN AGJvYgB4\r\n" * 3)
     assert codes(transport)[-4:] == ["535 5.7.8", "535 5.7.8", "535 5.7.8", "421 4.7.0"]

@@ -176,6 +176,7 @@ def send_message(
         hostname=hostname,
     )
     factory.protocol = _Sender
+    factory.noisy = False
     factory.domain = hostname.encode()
     connecting = endpoint.connect(factory)
 

@@ -151,6 +151,14 @@ def _printable(text: bytes, limit: int = 255) -> str:
     return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
 
 
+class _LoginCredentials(LOGINCredentials):
+    """AUTH LOGIN with the prompts clients expect (Twisted sends "User Name\\0")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.challenges = [b"Password:", b"Username:"]
+
+
 class Session(smtp.ESMTP):
     """One SMTP connection."""
 
@@ -160,7 +168,7 @@ class Session(smtp.ESMTP):
     def __init__(self, receiver: Receiver, secure: bool) -> None:
         challengers: dict[bytes, Any] = {}
         if receiver.portal is not None:
-            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}
+            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": _LoginCredentials}
         super().__init__(chal=challengers, contextFactory=receiver.starttls)
         self.receiver = receiver
         self.secure = secure
@@ -294,7 +302,8 @@ class Session(smtp.ESMTP):
             self.sendCode(501, b"5.5.4 EHLO needs a domain")
             return
         self._greet(rest)
-        self._send_plain(250, self.host + b" Hello " + rest + b"\n" + self.listExtensions())
+        greeting = self.host + b" Hello " + _printable(rest).encode()
+        self._send_plain(250, greeting + b"\n" + self.listExtensions())
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         found: dict[bytes, list[bytes] | None] = {
