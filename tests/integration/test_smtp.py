@@ -582,3 +582,29 @@ def test_smarthost_tls_required_verifies_the_certificate(
 def messages_to_service(netd: NetdProcess, service: str) -> list[str]:
     listed = admin(netd, f"/api/services/{service}/messages")["messages"]
     return [recipient for message in listed for recipient in message["to"]]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    smarthost = Smarthost(auth_required=False)  # down for now: the message stays queued
+    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
+    text += (
+        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
+        "      retry: [0.2]}\n"
+    )
+    first = start_netd(text)
+    with smtp(first) as client:
+        client.sendmail("a@client.test", ["kept@far.test"], b"Subject: kept\r\n\r\nqueued\r\n")
+        first.process.kill()
+        first.process.wait()
+    smarthost.start()
+    try:
+        second = start_netd(text)
+        assert wait_event(second, "message.delivered", 0)["recipients"] == ["kept@far.test"]
+        [(sender, recipients, content)] = smarthost.received
+        assert (sender, recipients) == ("a@client.test", ["kept@far.test"])
+        assert content.endswith(b"\r\n\r\nqueued\r\n")
+    finally:
+        smarthost.stop()

@@ -68,7 +68,6 @@ _STATUS = {
 _NO_STATUS = frozenset({220, 334, 354})
 _HAS_STATUS = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |\Z)")
 _BAD_COMMAND = re.compile(rb"[\r\n\x00]")
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _END_OF_DATA = b"\r\n.\r\n"
 _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
@@ -473,7 +472,7 @@ class Session(smtp.ESMTP):
                 return
             # As lines of this message, never as an end of DATA here or downstream
             # (the relay dot-stuffs what it sends).
-            text = _BARE_NEWLINE.sub(b"\r\n", text)
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
         if (
             len(text) > limits.max_line_length
