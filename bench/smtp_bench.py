@@ -190,8 +190,11 @@ def measure_relay(args: argparse.Namespace, work: Path) -> dict[str, float]:
         result = run_client(
             port, args.duration, args.conns, args.size, args.relay_messages, args.pin
         )
+        sent_at = time.perf_counter()
         wait_for(lambda: queue_length(admin) == 0, "an empty queue", timeout=120)
-        result["relay_msgs_s"] = result["sent"] / (time.perf_counter() - start)
+        done_at = time.perf_counter()
+        result["relay_msgs_s"] = result["sent"] / (done_at - start)
+        result["drain_s"] = done_at - sent_at
         result["rss_mib"] = peak_rss_mib(relay.pid)
     finally:
         relay.terminate()

@@ -24,6 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
+from twisted.test import iosim
 from zope.interface import implementer
 
 from netd.config import ConfigErrors, parse_config
@@ -31,7 +32,7 @@ from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 from netd.services._smtp_mx import MxOptions, addresses, exchangers
-from netd.services._smtp_relay import Courier, Outcome, SmarthostOptions
+from netd.services._smtp_relay import Courier, Hop, Outcome, SmarthostOptions
 from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
 from netd.services._smtp_spool import Envelope, Spool
 from netd.services._smtp_store import MailStore
@@ -499,7 +500,7 @@ def envelope(id: str, size: int, to: tuple[str, ...] = ("x@netd.test",)) -> Enve
     return Envelope(id=id, sender="a@b.test", recipients=to, received=1.0, size=size)
 
 
-def test_spool_syncs_files_apart_and_groups_folder_syncs(tmp_path: Path) -> None:
+def test_spool_syncs_each_message_in_its_own_thread_and_recovers(tmp_path: Path) -> None:
     threads = ManualThreads()
     spool = Spool(tmp_path, threads)
     fired: list[str] = []
@@ -507,32 +508,30 @@ def test_spool_syncs_files_apart_and_groups_folder_syncs(tmp_path: Path) -> None
         spool.store(envelope(id, 5), b"data" + id.encode()).addCallback(
             lambda _, id=id: fired.append(id)
         )
-    assert len(threads.work) == 3  # three files, written and synced side by side
-    threads.run_one()  # a's file: a's folder sync starts
-    threads.run_one()  # b's file: waits for the next folder sync
+    assert len(threads.work) == 3  # side by side: no message waits for another
     threads.run_one()
-    assert fired == [] and len(threads.work) == 1
-    threads.run_one()  # the folder sync a waited for: b and c need one that began later
-    assert fired == ["a"] and len(threads.work) == 1
+    assert fired == ["a"] and os.listdir(tmp_path) == ["a.msg"]
     threads.run_one()
-    assert fired == ["a", "b", "c"] and not threads.work
-    # A torn file (netd died while writing it) was never acknowledged: it goes.
-    (tmp_path / "d.msg").write_bytes(
-        b"NETD-SPOOL-1 " + json.dumps(envelope("d", 99).as_json()).encode() + b"\nshort"
-    )
+    threads.run_one()
+    assert fired == ["a", "b", "c"]
+    # Damaged files (netd died while writing them) were never acknowledged: the
+    # old ones go; a young one may still be being written (a reload) and stays.
+    torn = b"NETD-SPOOL-1 " + json.dumps(envelope("d", 99).as_json()).encode() + b"\nshort"
+    (tmp_path / "d.msg").write_bytes(torn)
+    (tmp_path / "e.msg").write_bytes(torn.replace(b'"d"', b'"e"'))
     (tmp_path / "junk.msg").write_bytes(b"not a spool file")
-    recovered = Spool(tmp_path, maybeDeferred).recover()
-    found: list[Any] = []
-    recovered.addCallback(found.extend)
+    for name in ("d.msg", "junk.msg"):
+        os.utime(tmp_path / name, (1, 1))
+    found = result_of(Spool(tmp_path, maybeDeferred).recover())
     assert [(e.id, start) for e, start in found] == [
         ("a", b"dataa"),
         ("b", b"datab"),
         ("c", b"datac"),
     ]
-    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg"]
+    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg", "e.msg"]
 
 
-def test_a_failed_batch_fails_each_of_its_messages(tmp_path: Path) -> None:
+def test_a_failed_write_fails_its_message(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "missing", maybeDeferred)
     failures: list[Any] = []
     spool.store(envelope("a", 1), b"x").addErrback(failures.append)
@@ -854,3 +853,76 @@ def test_recovery_leaves_files_being_written_alone(tmp_path: Path) -> None:
     os.utime(old, (1, 1))
     result_of(Spool(tmp_path, maybeDeferred).recover())
     assert young.exists() and not old.exists()
+
+
+class Endpoints:
+    """Connection attempts that stay pending until the test ends them."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[Any]] = []
+
+    def __call__(self) -> Any:
+        attempts = self.attempts
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                attempt: Deferred[Any] = Deferred()
+                attempts.append(attempt)
+                return attempt
+
+        return Endpoint()
+
+
+def test_a_hop_opens_connections_up_to_its_limit_and_fails_the_queue_when_down() -> None:
+    endpoints = Endpoints()
+    hop = Hop("mx.netd.test", SmarthostOptions("relay.test"), None, endpoints, connections=2)
+    results = [hop.send(envelope(str(i), 1), ["x@far.test"], b"x\r\n") for i in range(5)]
+    assert len(endpoints.attempts) == 2 and len(hop.pending) == 5
+    endpoints.attempts[0].errback(ConnectionRefusedError())
+    assert len(hop.pending) == 5  # the other attempt may still serve them
+    endpoints.attempts[1].errback(ConnectionRefusedError())
+    failures = [result_of(r) for r in results]
+    assert all(f.check(ConnectionRefusedError) for f in failures) and not hop.pending
+    assert hop.connections == 0
+
+
+def test_a_hop_sends_queued_messages_one_after_another_on_one_connection() -> None:
+    harness = Harness()
+    pumps: list[Any] = []
+    client_address = IPv4Address("TCP", "127.0.0.1", 4000)
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            client = factory.buildProtocol(None)
+            server = harness.factory.buildProtocol(client_address)
+            pumps.append(
+                iosim.connect(
+                    server,
+                    iosim.FakeTransport(server, True, peerAddress=client_address),
+                    client,
+                    iosim.FakeTransport(client, False),
+                    greet=False,
+                )
+            )
+            return succeed(client)
+
+    hop = Hop(
+        "relay.netd.test",
+        SmarthostOptions("mx.netd.test", tls="none"),
+        None,
+        Endpoint,
+        connections=1,
+    )
+    results = [
+        hop.send(envelope(str(i), 1), [f"to{i}@netd.test"], b"Subject: %d\r\n\r\n.dot\r\n" % i)
+        for i in range(3)
+    ]
+    pumps[0].flush()
+    assert len(pumps) == 1  # one connection, three messages
+    assert [result_of(r) for r in results] == [
+        {f"to{i}@netd.test": (250, f"2.0.0 Ok: queued as id{i + 1}")} for i in range(3)
+    ]
+    assert [t.data for t in harness.accepted] == [
+        b"Subject: %d\r\n\r\n.dot\r\n" % i for i in range(3)
+    ]
+    assert [t.helo for t in harness.accepted] == ["relay.netd.test"] * 3
