@@ -300,6 +300,19 @@ def test_a_failed_spool_write_answers_451_and_the_session_goes_on() -> None:
     assert codes(transport) == ["451 4.3.0", "250 2.0.0"]
 
 
+def test_a_client_gone_before_the_spool_answers() -> None:
+    harness = Harness()
+    harness.immediate = False
+    session, transport = harness.connect()
+    send(session, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE)
+    send(session, "NOOP\r\n")
+    session.connectionLost(None)
+    replies(transport)
+    harness.pending[0].callback("late")  # the message is kept; the reply goes nowhere
+    assert codes(transport) == ["250 2.0.0"]  # StringTransport keeps what a socket drops
+    assert len(harness.accepted) == 1
+
+
 def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
     harness = Harness(starttls=object())
     session, transport = harness.connect()

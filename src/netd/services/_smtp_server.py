@@ -182,6 +182,7 @@ class Session(smtp.ESMTP):
         self._greeted = False
         self._held = False
         self._processing = False
+        self._gone = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -223,7 +224,7 @@ class Session(smtp.ESMTP):
             return  # a reply released the hold from inside the loop below
         self._processing = True
         try:
-            while self._input and not self._held and self.transport is not None:
+            while self._input and not self._held and not self._gone:
                 if self._body is not None:
                     self._take_data()
                 elif not self._take_line():
@@ -266,10 +267,10 @@ class Session(smtp.ESMTP):
 
         def release(result: object) -> None:
             self._held = False
-            if self._paused and self.transport is not None:
+            if self._paused and not self._gone:
                 self._paused = False
                 self.transport.resumeProducing()
-            if self.transport is not None:
+            if not self._gone:
                 self._process()
 
         pending.addBoth(release)
@@ -280,7 +281,9 @@ class Session(smtp.ESMTP):
         factory = getattr(self, "factory", None)
         if isinstance(factory, SessionFactory):
             factory.release(self.client)
-        self.transport = None
+        # Replies still due (a spool write, a password check) go to a closed
+        # transport, which drops them; nothing more is read.
+        self._gone = True
 
     # Greetings and the small commands ------------------------------------
 
