@@ -608,3 +608,21 @@ def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
         assert content.endswith(b"\r\n\r\nqueued\r\n")
     finally:
         smarthost.stop()
+
+
+def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: Path) -> None:
+    text = config(tmp_path / "state")
+    netd = start_netd(text)
+    with smtp(netd) as client:
+        client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
+    (netd.log_path.parent / "netd.yaml").write_text(
+        text.replace("max_recipients: 5", "max_recipients: 6")
+    )
+    entry = netd.ports["admin"]["listeners"][0]
+    request = urllib.request.Request(
+        f"http://{entry['host']}:{entry['port']}/api/reload", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["restarted"] == ["mail"]
+    [listed] = messages_to(netd, "before@netd.test")
+    assert listed["subject"] == "before"
