@@ -99,6 +99,7 @@ class _Sender(smtp.ESMTPSender):
         self.successAddresses: list[Any] = []
         self.job: _Job | None = None
         self.sent = 0
+        self.idle = False
         self.error: Failure | None = None
 
     def connectionMade(self) -> None:
@@ -111,7 +112,10 @@ class _Sender(smtp.ESMTPSender):
 
     def getMailFrom(self) -> str | None:
         self.job = self.factory.take()
-        return self.job.envelope.sender if self.job is not None else None
+        if self.job is None:
+            self.idle = True  # about to QUIT: nothing is wrong with this destination
+            return None
+        return self.job.envelope.sender
 
     def getMailTo(self) -> list[bytes]:
         assert self.job is not None
@@ -220,7 +224,7 @@ class Hop(ClientFactory):
         self.connections -= 1
         if not self.pending or self.connections > 0:
             return
-        if sender.sent:
+        if sender.sent or sender.idle:
             self._connect()  # the connection had worked: a fresh one for the rest
         else:
             self._fail_pending(error)  # it never sent a message: neither would another
