@@ -939,3 +939,32 @@ def test_a_hop_sends_queued_messages_one_after_another_on_one_connection() -> No
         b"Subject: %d\r\n\r\n.dot\r\n" % i for i in range(3)
     ]
     assert [t.helo for t in harness.accepted] == ["relay.netd.test"] * 3
+
+
+def test_a_message_queued_while_the_connection_quits_gets_a_new_one() -> None:
+    harness = Harness()
+    pumps: list[Any] = []
+    client_address = IPv4Address("TCP", "127.0.0.1", 4000)
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            client = factory.buildProtocol(None)
+            server = harness.factory.buildProtocol(client_address)
+            server_transport = iosim.FakeTransport(server, True, peerAddress=client_address)
+            client_transport = iosim.FakeTransport(client, False)
+            pumps.append(
+                iosim.connect(server, server_transport, client, client_transport, greet=False)
+            )
+            return succeed(client)
+
+    options = SmarthostOptions("mx.netd.test", tls="none")
+    hop = Hop("relay.netd.test", options, None, Endpoint, connections=1)
+    first = hop.send(envelope("0", 1), ["a@netd.test"], b"x\r\n")
+    while not pumps[0].clientIO.stream or b"QUIT" not in b"".join(pumps[0].clientIO.stream):
+        pumps[0].pump()
+    second = hop.send(envelope("1", 1), ["b@netd.test"], b"y\r\n")
+    pumps[0].flush()
+    assert len(pumps) == 2  # the first connection quit; a fresh one takes the late message
+    pumps[1].flush()
+    assert result_of(first)["a@netd.test"][0] == 250
+    assert result_of(second)["b@netd.test"][0] == 250
