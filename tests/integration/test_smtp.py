@@ -539,7 +539,7 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
         resolver.close()
 
 
-def test_smarthost_tls_required_verifies_the_certificate(
+def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     keypair, ca = ensure_self_signed(tmp_path / "upstream", "upstream", ["localhost"])
@@ -552,10 +552,15 @@ def test_smarthost_tls_required_verifies_the_certificate(
   {name}:
     type: smtp
     listen: ["tcp:0:interface=127.0.0.1"]
-    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: required,
-      ca: {ca}, retry: [30]}}
+    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: {tls},
+      retry: [30]}}
 """
-        for name, host in (("good", "localhost"), ("bad", "127.0.0.1"))
+        for name, host, tls in (
+            ("good", "localhost", f"required, ca: {ca}"),
+            ("bad", "127.0.0.1", f"required, ca: {ca}"),
+            # Encrypted without a check: the name mismatch does not matter.
+            ("opportunistic", "127.0.0.1", "opportunistic"),
+        )
     )
     netd = start_netd(
         f"state_dir: {tmp_path / 'state'}\n"
@@ -563,13 +568,16 @@ def test_smarthost_tls_required_verifies_the_certificate(
         f"services:{services}"
     )
     try:
-        for name in ("good", "bad"):
+        for name in ("good", "bad", "opportunistic"):
             host, port = netd.address(name)
             with smtplib.SMTP(host, port, timeout=10) as client:
                 client.sendmail("a@client.test", [f"{name}@far.test"], b"Subject: t\r\n\r\nx\r\n")
         with upstream.arrived:
-            assert upstream.arrived.wait_for(lambda: len(upstream.received) == 1, timeout=20)
-        assert upstream.received[0][1] == ["good@far.test"]
+            assert upstream.arrived.wait_for(lambda: len(upstream.received) == 2, timeout=20)
+        assert sorted(r for _, [r], _ in upstream.received) == [
+            "good@far.test",
+            "opportunistic@far.test",
+        ]
         events = admin(netd, "/api/events?service=bad&type=message.deferred&wait=20")["events"]
         # The certificate names localhost, not 127.0.0.1: not delivered, kept for later.
         assert events and events[0]["reply"].startswith("451 4.4.1"), events
