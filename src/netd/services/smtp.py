@@ -317,7 +317,8 @@ def _in_thread(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: SmtpOptions = service.options
     run = _in_thread(context.reactor)
-    hostname = options.hostname or socket.getfqdn()
+    # Not getfqdn(): a reverse lookup would block the reactor during a reload.
+    hostname = options.hostname or socket.gethostname()
     spool = Spool(context.state_dir / "smtp" / service.name, run)
     delivery = options.delivery
     background: IService
