@@ -40,6 +40,7 @@ from netd.services.smtp import (
     AuthOptions,
     DeliveryOptions,
     SmtpOptions,
+    _crypt_module,
     _PasswordChecker,
     _Realm,
 )
@@ -86,7 +87,7 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         "    hostname: 'not a host'\n"
         "    tls: nowhere\n"
         "    max_message_size: 10\n"
-        "    auth: {users: {bob: {password: '$1$md5'}, eve: {}}, colour: red}\n"
+        "    auth: {users: {bob: {password: '$9$what'}, eve: {}}, colour: red}\n"
         "    relay: {allow_from: [10.0.0.300/8], domains: ['@x'], open: true}\n"
         "    delivery: {mode: pigeon, speed: 3}\n"
         "    colour: blue\n",
@@ -97,9 +98,9 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         f"{path}:6:10: services.mail.tls: unknown TLS profile 'nowhere' (known: none defined)",
         f"{path}:7:23: services.mail.max_message_size: must be at least 1024, got 10",
         f"{path}:8:36: services.mail.auth.users.bob.password: "
-        "a hashed password must be a bcrypt hash ($2b$...)",
-        f"{path}:8:52: services.mail.auth.users.eve: missing required key 'password'",
-        f"{path}:8:57: services.mail.auth.colour: unknown key",
+        "a hashed password is bcrypt ($2b$...) or crypt ($1$, $5$, $6$)",
+        f"{path}:8:53: services.mail.auth.users.eve: missing required key 'password'",
+        f"{path}:8:58: services.mail.auth.colour: unknown key",
         f"{path}:9:26: services.mail.relay.allow_from[0]: "
         "not an address or network: '10.0.0.300/8'",
         f"{path}:9:51: services.mail.relay.domains[0]: not a domain: '@x'",
@@ -968,3 +969,15 @@ def test_a_message_queued_while_the_connection_quits_gets_a_new_one() -> None:
     pumps[1].flush()
     assert result_of(first)["a@netd.test"][0] == 250
     assert result_of(second)["b@netd.test"][0] == 250
+
+
+@pytest.mark.skipif(_crypt_module() is None, reason="no crypt module (Python 3.13+)")
+def test_auth_with_a_crypt_hash() -> None:
+    crypt = _crypt_module()
+    hashed = crypt.crypt("pw", crypt.mksalt(crypt.METHOD_SHA512))
+    checker = _PasswordChecker({"bob": hashed}, maybeDeferred)
+    portal = Portal(_Realm(), [checker])
+    harness = Harness(portal=portal, allow_insecure_auth=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nAUTH PLAIN AGJvYgB4\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport)[-2:] == ["535 5.7.8", "235 2.7.0"]
