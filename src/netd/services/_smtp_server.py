@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from netd.events import ServiceStats
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
-__all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction"]
+__all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -628,10 +628,6 @@ class SessionFactory(ServerFactory):
             self.per_client[client] = count
         else:
             self.per_client.pop(client, None)
-
-
-def relay_networks(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
 
 
 def busy_reply() -> bytes:
