@@ -448,6 +448,19 @@ def test_bare_cr_or_lf_can_be_refused_instead(smuggled: bytes) -> None:
     assert harness.accepted == []
 
 
+def test_a_looping_message_is_refused() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    for hops, code in ((49, "250 2.0.0"), (50, "554 5.4.6")):
+        head = "Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * hops
+        send(session, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+        send(session, head + "Subject: loop\r\n\r\nreceived: in the body does not count\r\n.\r\n")
+        assert codes(transport)[-1] == code
+    assert len(harness.accepted) == 1
+
+
 def test_malformed_commands_get_500_or_501_and_the_session_goes_on() -> None:
     harness = Harness()
     session, transport = harness.connect()

@@ -76,6 +76,8 @@ _HOLD_LIMIT = 256 * 1024
 # RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
 _COMMAND_LINE = 12288
 _AUTH_FAILURES = 3
+# RFC 5321 6.3: a message that has passed this many relays is looping (Postfix: 50).
+_MAX_HOPS = 50
 
 
 @attrs.frozen
@@ -148,6 +150,13 @@ def _client_host(address: IAddress | None) -> str:
 
 def _printable(text: bytes, limit: int = 255) -> str:
     return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
+
+
+def _hops(text: bytes) -> int:
+    """C{Received:} lines in the header of C{text} (which starts with CRLF)."""
+    end = text.find(b"\r\n\r\n")
+    head = text[: end if end >= 0 else len(text)].lower()
+    return head.count(b"\r\nreceived:")
 
 
 class _LoginCredentials(LOGINCredentials):
@@ -491,6 +500,10 @@ class Session(smtp.ESMTP):
         if len(data) > limits.max_message_size:
             stats.count("smtp_messages_rejected")
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        if _hops(text) >= _MAX_HOPS:
+            stats.count("smtp_messages_rejected")
+            self.sendCode(554, b"5.4.6 Too many hops: a mail loop?")
             return
         transaction = Transaction(
             sender=mail.sender,
