@@ -634,3 +634,21 @@ def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: P
         assert json.loads(response.read())["restarted"] == ["mail"]
     [listed] = messages_to(netd, "before@netd.test")
     assert listed["subject"] == "before"
+
+
+def test_a_silent_client_is_timed_out_and_others_are_served(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
+    host, port = netd.address("mail")
+    with socket.create_connection((host, port), timeout=10) as silent:
+        replies = silent.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        silent.sendall(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n")
+        silent.sendall(b"RCPT TO:<slow@netd.test>\r\nDATA\r\nSubject: slow\r\n")
+        lines = [replies.readline() for _ in range(10)]
+        assert lines[-1] == b"421 4.4.2 mx.netd.test Error: timeout exceeded\r\n", lines
+        assert replies.readline() == b""  # closed
+    with smtp(netd) as client:
+        assert client.sendmail("a@client.test", ["fast@netd.test"], b"\r\nok\r\n") == {}
+    assert messages_to(netd, "slow@netd.test") == []
