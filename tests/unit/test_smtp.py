@@ -350,8 +350,10 @@ def test_auth_is_offered_and_taken_only_over_tls() -> None:
     assert replies(transport)[-1] == "250 AUTH PLAIN LOGIN"
     send(session, "AUTH PLAIN AGJvYgB3cm9uZw==\r\n")
     assert codes(transport) == ["535 5.7.8"]
-    send(session, "AUTH PLAIN !!!\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
-    assert codes(transport) == ["501 5.5.2", "235 2.7.0"]
+    send(session, "AUTH\r\nAUTH BOGUS\r\nAUTH PLAIN =\r\nAUTH PLAIN !!!\r\n")
+    assert codes(transport) == ["501 5.5.4", "504 5.5.4", "501 5.5.2", "501 5.5.2"]
+    send(session, "AUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport) == ["235 2.7.0"]
     assert session.user == "bob"
     # An authenticated user may relay anywhere.
     send(session, "MAIL FROM:<bob@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n" + MESSAGE)
@@ -471,6 +473,8 @@ def test_malformed_commands_get_500_or_501_and_the_session_goes_on() -> None:
     assert codes(transport) == ["500 5.5.2", "501 5.5.4", "503 5.5.1", "501 5.5.4"]
     send(session, "A" * 20000 + "\r\nNOOP\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n")
     assert codes(transport) == ["500 5.5.6", "250 2.0.0", "250 2.1.0", "554 5.5.1"]
+    send(session, b"\xff\xfe\r\nMAIL\xff FROM:<a@b.test>\r\n")
+    assert codes(transport) == ["500 5.5.2", "500 5.5.2"]
     send(session, "VRFY x\r\nHELP\r\nRSET\r\nQUIT\r\n")
     assert codes(transport) == ["252 2.5.0", "214 2.0.0", "250 2.0.0", "221 2.0.0"]
 

@@ -263,6 +263,12 @@ class Session(smtp.ESMTP):
             self.lineReceived(line)
         return True
 
+    def lookupMethod(self, command: bytes) -> Any:
+        # Twisted decodes the verb as ASCII unchecked: b"\xff" would raise.
+        if not command.isalpha():
+            return None
+        return super().lookupMethod(command)
+
     def lineReceived(self, line: bytes) -> None:
         if self.mode == smtp.COMMAND and _BAD_COMMAND.search(line):
             self.resetTimeout()
@@ -562,11 +568,16 @@ class Session(smtp.ESMTP):
             self.sendCode(503, b"5.5.1 Send EHLO first")
         elif self._mail is not None:
             self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+        elif not rest.strip():
+            # Twisted's ext_AUTH indexes the mechanism unchecked.
+            self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
         else:
             super().ext_AUTH(rest)
 
     def state_AUTH(self, response: bytes | None) -> None:
         self._login = None
+        if response == b"=":
+            response = b""  # RFC 4954 4: "=" is an empty initial response
         try:
             super().state_AUTH(response)
         except IllegalClientResponse:
