@@ -998,3 +998,32 @@ def test_auth_with_a_crypt_hash() -> None:
     session, transport = harness.connect()
     send(session, "EHLO c\r\nAUTH PLAIN AGJvYgB4\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
     assert codes(transport)[-2:] == ["535 5.7.8", "235 2.7.0"]
+
+
+FUZZ_PIECES = [
+    b"HELO", b"EHLO x", b"MAIL", b"MAIL FROM:", b"MAIL FROM:<>", b"MAIL FROM:<a@b.c> SIZE=",
+    b"MAIL FROM:<a@b.c> =", b"RCPT", b"RCPT TO:", b"RCPT TO:<>", b"RCPT TO:<x@netd.test>",
+    b'RCPT TO:<"@netd.test>', b"RCPT TO:<@:>", b"RCPT TO:<a@>", b"DATA", b"DATA x", b"RSET",
+    b"STARTTLS", b"STARTTLS x", b"AUTH", b"AUTH LOGIN", b"AUTH PLAIN", b"AUTH PLAIN =", b"*",
+    b"=", b"", b" ", b"\x00", b"\xff\xfe", b"MAIL FROM:<\xff@b.c>", b".", b"BDAT 10", b"\r",
+    b"\n", b"\r\n.\r\n", b"A" * 50,
+]  # fmt: skip
+
+
+def test_random_input_never_breaks_a_session() -> None:
+    import random
+
+    chooser = random.Random(7)
+    portal = Portal(_Realm(), [_PasswordChecker({"bob": "pw"}, maybeDeferred)])
+    for _ in range(400):
+        harness = Harness(portal=portal, allow_insecure_auth=True, starttls=object())
+        session, transport = harness.connect()
+        stream = b"".join(
+            chooser.choice(FUZZ_PIECES) + chooser.choice([b"\r\n", b""])
+            for _ in range(chooser.randint(1, 30))
+        )
+        while stream:  # in pieces, as TCP may deliver it
+            size = chooser.randint(1, 40)
+            session.dataReceived(stream[:size])
+            stream = stream[size:]
+        assert all(line[:3].isdigit() for line in replies(transport))
