@@ -72,6 +72,15 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def cpu_seconds(pid: int) -> float:
     """User and system time of a process and its threads (the spool's fsyncs run in threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -110,7 +119,9 @@ def run_client(
 ) -> dict[str, float]:
     command = [sys.executable, __file__, "--client", str(port), "--duration", str(duration)]
     command += ["--conns", str(conns), "--size", str(size), "--limit", str(limit)]
-    done = subprocess.run(pinned(0, pin) + command, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        pinned(0, pin) + command, capture_output=True, text=True, check=True, timeout=duration + 60
+    )
     result: dict[str, float] = json.loads(done.stdout)
     return result
 
@@ -175,8 +186,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, float]
         )
         result["rss_mib"] = peak_rss_mib(process.pid)
     finally:
-        process.terminate()
-        process.wait()
+        stop(process)
     return result
 
 
@@ -197,10 +207,8 @@ def measure_relay(args: argparse.Namespace, work: Path) -> dict[str, float]:
         result["drain_s"] = done_at - sent_at
         result["rss_mib"] = peak_rss_mib(relay.pid)
     finally:
-        relay.terminate()
-        sink.terminate()
-        relay.wait()
-        sink.wait()
+        stop(relay)
+        stop(sink)
     return result
 
 
