@@ -18,6 +18,7 @@ it falls short for a relay replaced by name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -134,13 +135,18 @@ class Receiver:
     reject_bare_newlines: bool = False
 
     def may_relay(self, client: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return False  # a UNIX socket: no address to trust
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow_from)
+        return _may_relay(self.allow_from, client)
+
+
+@functools.lru_cache(maxsize=1024)
+def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False  # a UNIX socket: no address to trust
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow_from)
 
 
 def _client_host(address: IAddress | None) -> str:

@@ -7,11 +7,14 @@ then the message itself.  A file whose length does not match its envelope is
 damaged: its message was never acknowledged (the 250 waits for the sync), so
 it is never listed or delivered, and recovery removes it once it is old.
 Each file is written and synced in its own thread, so the syncs of concurrent
-sessions overlap and the file system commits them together.
+sessions overlap and the file system commits them together.  (Grouping the
+folder syncs on top, one for all files created meanwhile, measured 15-25%
+slower here: after a create, a folder sync finds its commit already done.)
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -36,9 +39,16 @@ HEAD_BYTES = 64 * 1024
 _MAGIC = b"NETD-SPOOL-1 "
 
 
+_PROCESS = secrets.token_hex(3)
+_COUNTER = itertools.count()
+
+
 def new_id(now: float) -> str:
-    """Sortable by arrival (milliseconds first), unguessable (random after)."""
-    return f"{int(now * 1000):012x}{secrets.token_hex(5)}"
+    """
+    Sortable by arrival (milliseconds first) and unique: a counter and a random
+    tag per process (a restart within the same millisecond starts a new tag).
+    """
+    return f"{int(now * 1000):012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFF:06x}"
 
 
 @attrs.frozen
@@ -106,10 +116,10 @@ def _fsync_directory(directory: Path) -> None:
 def _write_file(directory: Path, envelope: Envelope, data: bytes) -> None:
     """
     Runs in a thread: the file created, written and synced, then its folder.
-    Creating the file under its final name puts its folder entry in the same
-    journal commit as its data on ext4, so the folder sync that POSIX asks for
-    costs next to nothing (a rename after the sync would need a commit of its
-    own: 15-50% fewer messages a second, measured here).
+    Creating the file under its final name puts
+    its folder entry in the same journal commit as its data on ext4, so the
+    folder sync that POSIX asks for costs little (a rename after the sync would
+    need a commit of its own: 15-50% fewer messages a second, measured here).
     """
     fd = os.open(directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
