@@ -33,7 +33,13 @@ from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 from netd.services._smtp_mx import MxOptions, addresses, exchangers
 from netd.services._smtp_relay import Courier, Hop, Outcome, SmarthostOptions
-from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
+from netd.services._smtp_server import (
+    Limits,
+    Receiver,
+    SessionFactory,
+    Transaction,
+    _TooMany,
+)
 from netd.services._smtp_spool import Envelope, Spool
 from netd.services._smtp_store import MailStore
 from netd.services.smtp import (
@@ -506,6 +512,9 @@ def test_connections_per_client() -> None:
     harness.connect("192.0.2.2")  # another client is not affected
     first.connectionLost(None)
     harness.connect()
+    # The limit holds across the service's listeners.
+    other_listener = SessionFactory(harness.receiver, secure=True)
+    assert isinstance(other_listener.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)), _TooMany)
 
 
 # The spool -----------------------------------------------------------------

@@ -120,6 +120,7 @@ class Receiver:
     @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
     @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
         becomes CRLF.
+    @ivar clients: open sessions per client address, across the listeners.
     """
 
     hostname: str
@@ -133,6 +134,7 @@ class Receiver:
     portal: Portal | None = None
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
+    clients: dict[str, int] = attrs.field(factory=dict, eq=False)
 
     def may_relay(self, client: str) -> bool:
         return _may_relay(self.allow_from, client)
@@ -637,7 +639,8 @@ class SessionFactory(ServerFactory):
     def __init__(self, receiver: Receiver, secure: bool) -> None:
         self.receiver = receiver
         self.secure = secure
-        self.per_client: dict[str, int] = {}
+        # Shared by the service's listeners: the limit is per service, not per port.
+        self.per_client = receiver.clients
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         client = _client_host(addr)
