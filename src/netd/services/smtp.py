@@ -12,7 +12,9 @@ answered C{250} for and never relays for strangers.
 
 Sessions are L{netd.services._smtp_server.Session} (twisted.mail's ESMTP);
 messages go to a spool in C{state_dir} (L{netd.services._smtp_spool}) and are
-either kept for the admin API (capture) or sent on (smarthost).
+either kept for the admin API (capture) or sent on by
+L{netd.services._smtp_relay.Courier} to a smarthost or to the recipients'
+exchangers (L{netd.services._smtp_mx}).
 """
 
 from __future__ import annotations
