@@ -72,6 +72,21 @@ def peak_rss_mib(pid: int) -> float:
     return 0.0
 
 
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process and its threads (the spool's fsyncs run in threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def aiosmtpd(port: int, pin: bool) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{port}"]
     command += ["-c", "aiosmtpd.handlers.Sink"]
@@ -104,7 +119,9 @@ def run_client(
 ) -> dict[str, float]:
     command = [sys.executable, __file__, "--client", str(port), "--duration", str(duration)]
     command += ["--conns", str(conns), "--size", str(size), "--limit", str(limit)]
-    done = subprocess.run(pinned(0, pin) + command, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        pinned(0, pin) + command, capture_output=True, text=True, check=True, timeout=duration + 60
+    )
     result: dict[str, float] = json.loads(done.stdout)
     return result
 
@@ -162,11 +179,14 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, float]
         process = netd(work, port, free_port(), args.pin, None)
     try:
         wait_for(lambda: accepts(port), name)
+        before = cpu_seconds(process.pid)
         result = run_client(port, args.duration, args.conns, args.size, 1_000_000, args.pin)
+        result["cpu_ms_per_msg"] = (
+            1000 * (cpu_seconds(process.pid) - before) / max(result["sent"], 1)
+        )
         result["rss_mib"] = peak_rss_mib(process.pid)
     finally:
-        process.terminate()
-        process.wait()
+        stop(process)
     return result
 
 
@@ -180,14 +200,15 @@ def measure_relay(args: argparse.Namespace, work: Path) -> dict[str, float]:
         result = run_client(
             port, args.duration, args.conns, args.size, args.relay_messages, args.pin
         )
+        sent_at = time.perf_counter()
         wait_for(lambda: queue_length(admin) == 0, "an empty queue", timeout=120)
-        result["relay_msgs_s"] = result["sent"] / (time.perf_counter() - start)
+        done_at = time.perf_counter()
+        result["relay_msgs_s"] = result["sent"] / (done_at - start)
+        result["drain_s"] = done_at - sent_at
         result["rss_mib"] = peak_rss_mib(relay.pid)
     finally:
-        relay.terminate()
-        sink.terminate()
-        relay.wait()
-        sink.wait()
+        stop(relay)
+        stop(sink)
     return result
 
 
@@ -228,10 +249,13 @@ def main() -> None:
         return statistics.median(row[key] for row in rows[name])
 
     print(f"smtp capture, {args.conns} connections, {args.size} B messages, {args.rounds} rounds")
-    print("| server | msgs/s | peak RSS MiB |")
-    print("|---|---|---|")
+    print("| server | msgs/s | server CPU ms/msg | peak RSS MiB |")
+    print("|---|---|---|---|")
     for name in ("netd", "aiosmtpd"):
-        print(f"| {name} | {median(name, 'msgs_s'):,.0f} | {median(name, 'rss_mib'):.1f} |")
+        print(
+            f"| {name} | {median(name, 'msgs_s'):,.0f} | {median(name, 'cpu_ms_per_msg'):.2f} "
+            f"| {median(name, 'rss_mib'):.1f} |"
+        )
     print(
         f"netd / aiosmtpd: {statistics.median(ratios):.2f}x "
         f"({min(ratios):.2f}-{max(ratios):.2f}), netd fsyncs every message"

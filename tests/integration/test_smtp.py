@@ -168,6 +168,32 @@ def test_starttls_and_implicit_tls_with_auth(netd: NetdProcess) -> None:
     assert b" with ESMTPSA id " in raw
 
 
+def test_plaintext_pipelined_behind_starttls_is_discarded(netd: NetdProcess) -> None:
+    host, port = netd.address("mail")
+    with socket.create_connection((host, port), timeout=10) as raw:
+        plain = raw.makefile("rb")
+        plain.readline()
+        raw.sendall(b"EHLO client.test\r\n")
+        while plain.readline()[3:4] == b"-":
+            pass
+        # A man in the middle appends a command to the client's STARTTLS.
+        raw.sendall(b"STARTTLS\r\nMAIL FROM:<evil@attacker.test>\r\n")
+        assert plain.readline() == b"220 2.0.0 Ready to start TLS\r\n"
+        with tls_context(netd).wrap_socket(raw, server_hostname="localhost") as secure:
+            secure.sendall(b"EHLO client.test\r\nRCPT TO:<x@netd.test>\r\nQUIT\r\n")
+            answer = b""
+            while not answer.endswith(b"221 2.0.0 Bye\r\n"):
+                chunk = secure.recv(4096)
+                assert chunk, answer
+                answer += chunk
+    # Nothing answers the injected MAIL (not even a 503 inside TLS), and it set
+    # nothing up: the RCPT finds no transaction.
+    assert answer.startswith(b"250-")
+    assert [line[:3] for line in answer.split(b"\r\n") if line[3:4] == b" "] == [
+        b"250", b"503", b"221"
+    ]  # fmt: skip
+
+
 OPEN_RELAY_TRICKS = [
     "victim@elsewhere.test",
     "victim%elsewhere.test@netd.test",
@@ -513,7 +539,7 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
         resolver.close()
 
 
-def test_smarthost_tls_required_verifies_the_certificate(
+def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     keypair, ca = ensure_self_signed(tmp_path / "upstream", "upstream", ["localhost"])
@@ -526,10 +552,15 @@ def test_smarthost_tls_required_verifies_the_certificate(
   {name}:
     type: smtp
     listen: ["tcp:0:interface=127.0.0.1"]
-    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: required,
-      ca: {ca}, retry: [30]}}
+    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: {tls},
+      retry: [30]}}
 """
-        for name, host in (("good", "localhost"), ("bad", "127.0.0.1"))
+        for name, host, tls in (
+            ("good", "localhost", f"required, ca: {ca}"),
+            ("bad", "127.0.0.1", f"required, ca: {ca}"),
+            # Encrypted without a check: the name mismatch does not matter.
+            ("opportunistic", "127.0.0.1", "opportunistic"),
+        )
     )
     netd = start_netd(
         f"state_dir: {tmp_path / 'state'}\n"
@@ -537,13 +568,16 @@ def test_smarthost_tls_required_verifies_the_certificate(
         f"services:{services}"
     )
     try:
-        for name in ("good", "bad"):
+        for name in ("good", "bad", "opportunistic"):
             host, port = netd.address(name)
             with smtplib.SMTP(host, port, timeout=10) as client:
                 client.sendmail("a@client.test", [f"{name}@far.test"], b"Subject: t\r\n\r\nx\r\n")
         with upstream.arrived:
-            assert upstream.arrived.wait_for(lambda: len(upstream.received) == 1, timeout=20)
-        assert upstream.received[0][1] == ["good@far.test"]
+            assert upstream.arrived.wait_for(lambda: len(upstream.received) == 2, timeout=20)
+        assert sorted(r for _, [r], _ in upstream.received) == [
+            "good@far.test",
+            "opportunistic@far.test",
+        ]
         events = admin(netd, "/api/events?service=bad&type=message.deferred&wait=20")["events"]
         # The certificate names localhost, not 127.0.0.1: not delivered, kept for later.
         assert events and events[0]["reply"].startswith("451 4.4.1"), events
@@ -556,3 +590,65 @@ def test_smarthost_tls_required_verifies_the_certificate(
 def messages_to_service(netd: NetdProcess, service: str) -> list[str]:
     listed = admin(netd, f"/api/services/{service}/messages")["messages"]
     return [recipient for message in listed for recipient in message["to"]]
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    smarthost = Smarthost(auth_required=False)  # down for now: the message stays queued
+    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
+    text += (
+        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
+        "      retry: [0.2]}\n"
+    )
+    first = start_netd(text)
+    with smtp(first) as client:
+        client.sendmail("a@client.test", ["kept@far.test"], b"Subject: kept\r\n\r\nqueued\r\n")
+        first.process.kill()
+        first.process.wait()
+    smarthost.start()
+    try:
+        second = start_netd(text)
+        assert wait_event(second, "message.delivered", 0)["recipients"] == ["kept@far.test"]
+        [(sender, recipients, content)] = smarthost.received
+        assert (sender, recipients) == ("a@client.test", ["kept@far.test"])
+        assert content.endswith(b"\r\n\r\nqueued\r\n")
+    finally:
+        smarthost.stop()
+
+
+def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: Path) -> None:
+    text = config(tmp_path / "state")
+    netd = start_netd(text)
+    with smtp(netd) as client:
+        client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
+    (netd.log_path.parent / "netd.yaml").write_text(
+        text.replace("max_recipients: 5", "max_recipients: 6")
+    )
+    entry = netd.ports["admin"]["listeners"][0]
+    request = urllib.request.Request(
+        f"http://{entry['host']}:{entry['port']}/api/reload", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["restarted"] == ["mail"]
+    [listed] = messages_to(netd, "before@netd.test")
+    assert listed["subject"] == "before"
+
+
+def test_a_silent_client_is_timed_out_and_others_are_served(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
+    host, port = netd.address("mail")
+    with socket.create_connection((host, port), timeout=10) as silent:
+        replies = silent.makefile("rb")
+        assert replies.readline().startswith(b"220 ")
+        silent.sendall(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n")
+        silent.sendall(b"RCPT TO:<slow@netd.test>\r\nDATA\r\nSubject: slow\r\n")
+        lines = [replies.readline() for _ in range(10)]
+        assert lines[-1] == b"421 4.4.2 mx.netd.test Error: timeout exceeded\r\n", lines
+        assert replies.readline() == b""  # closed
+    with smtp(netd) as client:
+        assert client.sendmail("a@client.test", ["fast@netd.test"], b"\r\nok\r\n") == {}
+    assert messages_to(netd, "slow@netd.test") == []

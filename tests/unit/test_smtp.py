@@ -24,6 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
+from twisted.test import iosim
 from zope.interface import implementer
 
 from netd.config import ConfigErrors, parse_config
@@ -31,14 +32,21 @@ from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 from netd.services._smtp_mx import MxOptions, addresses, exchangers
-from netd.services._smtp_relay import Courier, Outcome, SmarthostOptions
-from netd.services._smtp_server import Limits, Receiver, SessionFactory, Transaction
+from netd.services._smtp_relay import Courier, Hop, Outcome, SmarthostOptions
+from netd.services._smtp_server import (
+    Limits,
+    Receiver,
+    SessionFactory,
+    Transaction,
+    _TooMany,
+)
 from netd.services._smtp_spool import Envelope, Spool
 from netd.services._smtp_store import MailStore
 from netd.services.smtp import (
     AuthOptions,
     DeliveryOptions,
     SmtpOptions,
+    _crypt_module,
     _PasswordChecker,
     _Realm,
 )
@@ -85,7 +93,7 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         "    hostname: 'not a host'\n"
         "    tls: nowhere\n"
         "    max_message_size: 10\n"
-        "    auth: {users: {bob: {password: '$1$md5'}, eve: {}}, colour: red}\n"
+        "    auth: {users: {bob: {password: '$9$what'}, eve: {}}, colour: red}\n"
         "    relay: {allow_from: [10.0.0.300/8], domains: ['@x'], open: true}\n"
         "    delivery: {mode: pigeon, speed: 3}\n"
         "    colour: blue\n",
@@ -96,9 +104,9 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
         f"{path}:6:10: services.mail.tls: unknown TLS profile 'nowhere' (known: none defined)",
         f"{path}:7:23: services.mail.max_message_size: must be at least 1024, got 10",
         f"{path}:8:36: services.mail.auth.users.bob.password: "
-        "a hashed password must be a bcrypt hash ($2b$...)",
-        f"{path}:8:52: services.mail.auth.users.eve: missing required key 'password'",
-        f"{path}:8:57: services.mail.auth.colour: unknown key",
+        "a hashed password is bcrypt ($2b$...) or crypt ($1$, $5$, $6$)",
+        f"{path}:8:53: services.mail.auth.users.eve: missing required key 'password'",
+        f"{path}:8:58: services.mail.auth.colour: unknown key",
         f"{path}:9:26: services.mail.relay.allow_from[0]: "
         "not an address or network: '10.0.0.300/8'",
         f"{path}:9:51: services.mail.relay.domains[0]: not a domain: '@x'",
@@ -299,6 +307,19 @@ def test_a_failed_spool_write_answers_451_and_the_session_goes_on() -> None:
     assert codes(transport) == ["451 4.3.0", "250 2.0.0"]
 
 
+def test_a_client_gone_before_the_spool_answers() -> None:
+    harness = Harness()
+    harness.immediate = False
+    session, transport = harness.connect()
+    send(session, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE)
+    send(session, "NOOP\r\n")
+    session.connectionLost(None)
+    replies(transport)
+    harness.pending[0].callback("late")  # the message is kept; the reply goes nowhere
+    assert codes(transport) == ["250 2.0.0"]  # StringTransport keeps what a socket drops
+    assert len(harness.accepted) == 1
+
+
 def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
     harness = Harness(starttls=object())
     session, transport = harness.connect()
@@ -335,8 +356,10 @@ def test_auth_is_offered_and_taken_only_over_tls() -> None:
     assert replies(transport)[-1] == "250 AUTH PLAIN LOGIN"
     send(session, "AUTH PLAIN AGJvYgB3cm9uZw==\r\n")
     assert codes(transport) == ["535 5.7.8"]
-    send(session, "AUTH PLAIN !!!\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
-    assert codes(transport) == ["501 5.5.2", "235 2.7.0"]
+    send(session, "AUTH\r\nAUTH BOGUS\r\nAUTH PLAIN =\r\nAUTH PLAIN !!!\r\n")
+    assert codes(transport) == ["501 5.5.4", "504 5.5.4", "501 5.5.2", "501 5.5.2"]
+    send(session, "AUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport) == ["235 2.7.0"]
     assert session.user == "bob"
     # An authenticated user may relay anywhere.
     send(session, "MAIL FROM:<bob@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n" + MESSAGE)
@@ -350,7 +373,12 @@ def test_auth_login_with_a_bcrypt_hash_and_too_many_failures() -> None:
     harness = Harness(portal=portal, allow_insecure_auth=True)
     session, transport = harness.connect()
     send(session, "EHLO c\r\nAUTH LOGIN\r\nYm9i\r\ncHc=\r\n")
-    assert codes(transport)[-3:] == ["334", "334", "235 2.7.0"]
+    # "Username:" and "Password:", as RFC 4954's examples and every client expect.
+    assert replies(transport)[-3:] == [
+        "334 VXNlcm5hbWU6",
+        "334 UGFzc3dvcmQ6",
+        "235 2.7.0 Authentication successful.",
+    ]
     session, transport = harness.connect()
     send(session, "EHLO c\r\n" + "AUTH PLAIN AGJvYgB4\r\n" * 3)
     assert codes(transport)[-4:] == ["535 5.7.8", "535 5.7.8", "535 5.7.8", "421 4.7.0"]
@@ -428,6 +456,19 @@ def test_bare_cr_or_lf_can_be_refused_instead(smuggled: bytes) -> None:
     assert harness.accepted == []
 
 
+def test_a_looping_message_is_refused() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    for hops, code in ((49, "250 2.0.0"), (50, "554 5.4.6")):
+        head = "Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * hops
+        send(session, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+        send(session, head + "Subject: loop\r\n\r\nreceived: in the body does not count\r\n.\r\n")
+        assert codes(transport)[-1] == code
+    assert len(harness.accepted) == 1
+
+
 def test_malformed_commands_get_500_or_501_and_the_session_goes_on() -> None:
     harness = Harness()
     session, transport = harness.connect()
@@ -438,6 +479,8 @@ def test_malformed_commands_get_500_or_501_and_the_session_goes_on() -> None:
     assert codes(transport) == ["500 5.5.2", "501 5.5.4", "503 5.5.1", "501 5.5.4"]
     send(session, "A" * 20000 + "\r\nNOOP\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n")
     assert codes(transport) == ["500 5.5.6", "250 2.0.0", "250 2.1.0", "554 5.5.1"]
+    send(session, b"\xff\xfe\r\nMAIL\xff FROM:<a@b.test>\r\n")
+    assert codes(transport) == ["500 5.5.2", "500 5.5.2"]
     send(session, "VRFY x\r\nHELP\r\nRSET\r\nQUIT\r\n")
     assert codes(transport) == ["252 2.5.0", "214 2.0.0", "250 2.0.0", "221 2.0.0"]
 
@@ -469,6 +512,9 @@ def test_connections_per_client() -> None:
     harness.connect("192.0.2.2")  # another client is not affected
     first.connectionLost(None)
     harness.connect()
+    # The limit holds across the service's listeners.
+    other_listener = SessionFactory(harness.receiver, secure=True)
+    assert isinstance(other_listener.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)), _TooMany)
 
 
 # The spool -----------------------------------------------------------------
@@ -494,37 +540,38 @@ def envelope(id: str, size: int, to: tuple[str, ...] = ("x@netd.test",)) -> Enve
     return Envelope(id=id, sender="a@b.test", recipients=to, received=1.0, size=size)
 
 
-def test_spool_groups_concurrent_writes_and_recovers(tmp_path: Path) -> None:
+def test_spool_syncs_each_message_in_its_own_thread_and_recovers(tmp_path: Path) -> None:
     threads = ManualThreads()
     spool = Spool(tmp_path, threads)
-    spool.directory.mkdir(exist_ok=True)
     fired: list[str] = []
     for id in ("a", "b", "c"):
         spool.store(envelope(id, 5), b"data" + id.encode()).addCallback(
             lambda _, id=id: fired.append(id)
         )
-    assert len(threads.work) == 1  # b and c wait for a's batch
+    assert len(threads.work) == 3  # side by side: no message waits for another
     threads.run_one()
-    assert fired == ["a"] and len(threads.work) == 1
+    assert fired == ["a"] and os.listdir(tmp_path) == ["a.msg"]
     threads.run_one()
-    assert fired == ["a", "b", "c"] and not threads.work
-    # A torn file (netd died while writing it) was never acknowledged: it goes.
-    (tmp_path / "d.msg").write_bytes(
-        b"NETD-SPOOL-1 " + json.dumps(envelope("d", 99).as_json()).encode() + b"\nshort"
-    )
+    threads.run_one()
+    assert fired == ["a", "b", "c"]
+    # Damaged files (netd died while writing them) were never acknowledged: the
+    # old ones go; a young one may still be being written (a reload) and stays.
+    torn = b"NETD-SPOOL-1 " + json.dumps(envelope("d", 99).as_json()).encode() + b"\nshort"
+    (tmp_path / "d.msg").write_bytes(torn)
+    (tmp_path / "e.msg").write_bytes(torn.replace(b'"d"', b'"e"'))
     (tmp_path / "junk.msg").write_bytes(b"not a spool file")
-    recovered = Spool(tmp_path, maybeDeferred).recover()
-    found: list[Any] = []
-    recovered.addCallback(found.extend)
+    for name in ("d.msg", "junk.msg"):
+        os.utime(tmp_path / name, (1, 1))
+    found = result_of(Spool(tmp_path, maybeDeferred).recover())
     assert [(e.id, start) for e, start in found] == [
         ("a", b"dataa"),
         ("b", b"datab"),
         ("c", b"datac"),
     ]
-    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg"]
+    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg", "e.msg"]
 
 
-def test_a_failed_batch_fails_each_of_its_messages(tmp_path: Path) -> None:
+def test_a_failed_write_fails_its_message(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "missing", maybeDeferred)
     failures: list[Any] = []
     spool.store(envelope("a", 1), b"x").addErrback(failures.append)
@@ -818,3 +865,174 @@ def test_parse_mx_delivery(tmp_path: Path) -> None:
     assert parse(tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n").delivery.mx == MxOptions(
         resolver=("::1", 53)
     )
+
+
+def test_a_replaced_service_hands_what_it_still_accepts_to_its_successor(tmp_path: Path) -> None:
+    old, _, _ = make_store(tmp_path)
+    new, _, _ = make_store(tmp_path)  # a reload: both serve the same folder for a while
+    transaction = Transaction(
+        sender=None,
+        recipients=(Mailbox("late", "netd.test"),),
+        data=b"Subject: late\r\n\r\nx\r\n",
+        helo="c",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    id = result_of(old.accept(transaction))
+    assert id in new.messages
+    old.stopService()
+    assert [m["id"] for m in result_of(new.list({}))["messages"]] == [id]
+    new.stopService()
+
+
+def test_recovery_leaves_files_being_written_alone(tmp_path: Path) -> None:
+    young, old = tmp_path / "young.tmp", tmp_path / "old.tmp"
+    young.write_bytes(b"half")
+    old.write_bytes(b"half")
+    os.utime(old, (1, 1))
+    result_of(Spool(tmp_path, maybeDeferred).recover())
+    assert young.exists() and not old.exists()
+
+
+class Endpoints:
+    """Connection attempts that stay pending until the test ends them."""
+
+    def __init__(self) -> None:
+        self.attempts: list[Deferred[Any]] = []
+
+    def __call__(self) -> Any:
+        attempts = self.attempts
+
+        class Endpoint:
+            def connect(self, factory: Any) -> Deferred[Any]:
+                attempt: Deferred[Any] = Deferred()
+                attempts.append(attempt)
+                return attempt
+
+        return Endpoint()
+
+
+def test_a_hop_opens_connections_up_to_its_limit_and_fails_the_queue_when_down() -> None:
+    endpoints = Endpoints()
+    hop = Hop("mx.netd.test", SmarthostOptions("relay.test"), None, endpoints, connections=2)
+    results = [hop.send(envelope(str(i), 1), ["x@far.test"], b"x\r\n") for i in range(5)]
+    assert len(endpoints.attempts) == 2 and len(hop.pending) == 5
+    endpoints.attempts[0].errback(ConnectionRefusedError())
+    assert len(hop.pending) == 5  # the other attempt may still serve them
+    endpoints.attempts[1].errback(ConnectionRefusedError())
+    failures = [result_of(r) for r in results]
+    assert all(f.check(ConnectionRefusedError) for f in failures) and not hop.pending
+    assert hop.connections == 0
+
+
+def test_a_hop_sends_queued_messages_one_after_another_on_one_connection() -> None:
+    harness = Harness()
+    pumps: list[Any] = []
+    client_address = IPv4Address("TCP", "127.0.0.1", 4000)
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            client = factory.buildProtocol(None)
+            server = harness.factory.buildProtocol(client_address)
+            pumps.append(
+                iosim.connect(
+                    server,
+                    iosim.FakeTransport(server, True, peerAddress=client_address),
+                    client,
+                    iosim.FakeTransport(client, False),
+                    greet=False,
+                )
+            )
+            return succeed(client)
+
+    hop = Hop(
+        "relay.netd.test",
+        SmarthostOptions("mx.netd.test", tls="none"),
+        None,
+        Endpoint,
+        connections=1,
+    )
+    results = [
+        hop.send(envelope(str(i), 1), [f"to{i}@netd.test"], b"Subject: %d\r\n\r\n.dot\r\n" % i)
+        for i in range(3)
+    ]
+    pumps[0].flush()
+    assert len(pumps) == 1  # one connection, three messages
+    assert [result_of(r) for r in results] == [
+        {f"to{i}@netd.test": (250, f"2.0.0 Ok: queued as id{i + 1}")} for i in range(3)
+    ]
+    assert [t.data for t in harness.accepted] == [
+        b"Subject: %d\r\n\r\n.dot\r\n" % i for i in range(3)
+    ]
+    assert [t.helo for t in harness.accepted] == ["relay.netd.test"] * 3
+
+
+def test_a_message_queued_while_the_connection_quits_gets_a_new_one() -> None:
+    harness = Harness()
+    pumps: list[Any] = []
+    client_address = IPv4Address("TCP", "127.0.0.1", 4000)
+
+    class Endpoint:
+        def connect(self, factory: Any) -> Deferred[Any]:
+            client = factory.buildProtocol(None)
+            server = harness.factory.buildProtocol(client_address)
+            server_transport = iosim.FakeTransport(server, True, peerAddress=client_address)
+            client_transport = iosim.FakeTransport(client, False)
+            pumps.append(
+                iosim.connect(server, server_transport, client, client_transport, greet=False)
+            )
+            return succeed(client)
+
+    options = SmarthostOptions("mx.netd.test", tls="none")
+    hop = Hop("relay.netd.test", options, None, Endpoint, connections=1)
+    first = hop.send(envelope("0", 1), ["a@netd.test"], b"x\r\n")
+    while not pumps[0].clientIO.stream or b"QUIT" not in b"".join(pumps[0].clientIO.stream):
+        pumps[0].pump()
+    second = hop.send(envelope("1", 1), ["b@netd.test"], b"y\r\n")
+    pumps[0].flush()
+    assert len(pumps) == 2  # the first connection quit; a fresh one takes the late message
+    pumps[1].flush()
+    assert result_of(first)["a@netd.test"][0] == 250
+    assert result_of(second)["b@netd.test"][0] == 250
+
+
+@pytest.mark.skipif(_crypt_module() is None, reason="no crypt module (Python 3.13+)")
+def test_auth_with_a_crypt_hash() -> None:
+    crypt = _crypt_module()
+    hashed = crypt.crypt("pw", crypt.mksalt(crypt.METHOD_SHA512))
+    checker = _PasswordChecker({"bob": hashed}, maybeDeferred)
+    portal = Portal(_Realm(), [checker])
+    harness = Harness(portal=portal, allow_insecure_auth=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nAUTH PLAIN AGJvYgB4\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport)[-2:] == ["535 5.7.8", "235 2.7.0"]
+
+
+FUZZ_PIECES = [
+    b"HELO", b"EHLO x", b"MAIL", b"MAIL FROM:", b"MAIL FROM:<>", b"MAIL FROM:<a@b.c> SIZE=",
+    b"MAIL FROM:<a@b.c> =", b"RCPT", b"RCPT TO:", b"RCPT TO:<>", b"RCPT TO:<x@netd.test>",
+    b'RCPT TO:<"@netd.test>', b"RCPT TO:<@:>", b"RCPT TO:<a@>", b"DATA", b"DATA x", b"RSET",
+    b"STARTTLS", b"STARTTLS x", b"AUTH", b"AUTH LOGIN", b"AUTH PLAIN", b"AUTH PLAIN =", b"*",
+    b"=", b"", b" ", b"\x00", b"\xff\xfe", b"MAIL FROM:<\xff@b.c>", b".", b"BDAT 10", b"\r",
+    b"\n", b"\r\n.\r\n", b"A" * 50,
+]  # fmt: skip
+
+
+def test_random_input_never_breaks_a_session() -> None:
+    import random
+
+    chooser = random.Random(7)
+    portal = Portal(_Realm(), [_PasswordChecker({"bob": "pw"}, maybeDeferred)])
+    for _ in range(400):
+        harness = Harness(portal=portal, allow_insecure_auth=True, starttls=object())
+        session, transport = harness.connect()
+        stream = b"".join(
+            chooser.choice(FUZZ_PIECES) + chooser.choice([b"\r\n", b""])
+            for _ in range(chooser.randint(1, 30))
+        )
+        while stream:  # in pieces, as TCP may deliver it
+            size = chooser.randint(1, 40)
+            session.dataReceived(stream[:size])
+            stream = stream[size:]
+        assert all(line[:3].isdigit() for line in replies(transport))

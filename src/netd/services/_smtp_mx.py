@@ -111,7 +111,6 @@ def mx_sender(reactor: Any, hostname: str, options: MxOptions, resolver: Any) ->
                 endpoint = kind(reactor, address, options.port, timeout=options.timeout)
                 try:
                     outcome: Outcome = await send_message(
-                        reactor,
                         hostname,
                         hop,
                         client_tls(hop),

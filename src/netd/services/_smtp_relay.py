@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import re
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.utils import formatdate
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import connectionDone
+from twisted.internet.protocol import ClientFactory, connectionDone
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Courier",
+    "Hop",
     "Outcome",
     "Send",
     "SmarthostOptions",
@@ -67,30 +69,74 @@ def _status_of(code: int, text: str) -> str:
     return found.group(1) if found else f"{code // 100}.0.0"
 
 
+@attrs.define
+class _Job:
+    """One message for one destination; C{data} is dot-stuffed already."""
+
+    envelope: Envelope
+    recipients: tuple[str, ...]
+    data: bytes
+    result: Deferred[Outcome] = attrs.field(factory=Deferred)
+
+
 class _Sender(smtp.ESMTPSender):
     """
-    One delivery attempt.  It reports every recipient's reply rather than an
-    error for the whole message, and a connection lost half way as a failure:
-    endpoints never call the factory's C{clientConnectionLost}.
+    One connection to a destination, sending the messages its L{Hop} has
+    queued one after another (RSET between them), then QUIT.
+
+    It reports every recipient's reply rather than an error for the whole
+    message, sends the spool's CRLF lines as they are, and fails the message in
+    hand when the connection is lost (endpoints never call the factory's
+    C{clientConnectionLost}).
     """
+
+    factory: Hop
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Twisted reads these when MAIL FROM is refused, before RCPT sets them.
         self.toAddressesResult: list[Any] = []
         self.successAddresses: list[Any] = []
+        self.job: _Job | None = None
+        self.sent = 0
+        self.idle = False
+        self.error: Failure | None = None
+
+    def connectionMade(self) -> None:
+        # The body goes out in chunks and ".\r\n" after them: with Nagle's
+        # algorithm the last piece waits for the peer's delayed ACK, ~40 ms a message.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
+    def getMailFrom(self) -> str | None:
+        self.job = self.factory.take()
+        if self.job is None:
+            self.idle = True  # about to QUIT: nothing is wrong with this destination
+            return None
+        return self.job.envelope.sender
+
+    def getMailTo(self) -> list[bytes]:
+        assert self.job is not None
+        return [recipient.encode() for recipient in self.job.recipients]
+
+    def getMailData(self) -> io.BytesIO:
+        assert self.job is not None
+        return io.BytesIO(self.job.data)
 
     def transformChunk(self, chunk: bytes) -> bytes:
-        # The spool holds CRLF lines already dot-stuffed by smarthost_sender;
         # Twisted's version would turn every CRLF into CR CR LF.
         self.resetTimeout()
         return chunk
 
     def sendError(self, exc: Exception) -> None:
         smtp.SMTPClient.sendError(self, exc)
-        self._finish(Failure(exc))
+        self.error = Failure(exc)
+        self._finish(self.error)
 
     def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list[Any], log: Any) -> None:
+        assert self.job is not None
         text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
         outcome: dict[str, tuple[int, str]] = {}
         for address, rcpt_code, rcpt_text in addresses:
@@ -98,26 +144,106 @@ class _Sender(smtp.ESMTPSender):
             detail = rcpt_text.decode("utf-8", "replace")
             # An accepted recipient shares the fate of the DATA that followed.
             outcome[name] = (code, text) if rcpt_code // 100 == 2 else (rcpt_code, detail)
-        for recipient in self.factory.toEmail:
-            # MAIL FROM refused: all alike.  (The factory keeps them as bytes.)
-            outcome.setdefault(recipient.decode(), (code, text))
+        for recipient in self.job.recipients:
+            outcome.setdefault(recipient, (code, text))  # MAIL FROM refused: all alike
+        self.sent += 1
         self._finish(outcome)
 
     def _finish(self, result: Outcome | Failure) -> None:
-        factory = self.factory
-        if factory.sendFinished:
+        job, self.job = self.job, None
+        if job is None:
             return
-        factory.sendFinished = True
         if isinstance(result, Failure):
-            factory.result.errback(result)
+            job.result.errback(result)
         else:
-            factory.result.callback(result)
+            job.result.callback(result)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        self._finish(
-            Failure(smtp.SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}"))
+        error = self.error or Failure(
+            smtp.SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}")
         )
+        self._finish(error)
+        self.factory.lost(self, error)
+
+
+class Hop(ClientFactory):
+    """
+    A destination (a smarthost, or one exchanger's address) and the messages
+    waiting for it.  Up to C{connections} connections each send message after
+    message, so a busy relay pays for a connection and EHLO once, not per
+    message.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        hostname: str,
+        options: SmarthostOptions,
+        context: Any,
+        endpoint: Callable[[], Any],
+        connections: int = _CONCURRENT_DELIVERIES,
+    ) -> None:
+        self.hostname = hostname
+        self.options = options
+        self.context = context
+        self.endpoint = endpoint
+        self.limit = connections
+        self.pending: deque[_Job] = deque()
+        self.connections = 0
+
+    def send(self, envelope: Envelope, recipients: Sequence[str], data: bytes) -> Deferred[Outcome]:
+        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+        job = _Job(envelope, tuple(recipients), stuffed)
+        self.pending.append(job)
+        if self.connections < min(self.limit, len(self.pending)):
+            self._connect()
+        return job.result
+
+    def take(self) -> _Job | None:
+        return self.pending.popleft() if self.pending else None
+
+    def _connect(self) -> None:
+        self.connections += 1
+        connecting = self.endpoint().connect(self)
+
+        def failed(failure: Failure) -> None:
+            self.connections -= 1
+            if self.connections == 0:
+                self._fail_pending(failure)
+
+        connecting.addErrback(failed)
+
+    def _fail_pending(self, failure: Failure) -> None:
+        waiting, self.pending = self.pending, deque()
+        for job in waiting:
+            job.result.errback(failure)
+
+    def lost(self, sender: _Sender, error: Failure) -> None:
+        self.connections -= 1
+        if not self.pending or self.connections > 0:
+            return
+        if sender.sent or sender.idle:
+            self._connect()  # the connection had worked: a fresh one for the rest
+        else:
+            self._fail_pending(error)  # it never sent a message: neither would another
+
+    def buildProtocol(self, addr: Any) -> Any:
+        options = self.options
+        sender = _Sender(
+            options.username.encode() if options.username else None,
+            options.password.encode() if options.password else None,
+            self.context,
+            self.hostname.encode(),
+            hostname=self.hostname,
+        )
+        sender.heloFallback = True
+        sender.requireAuthentication = options.username is not None
+        sender.requireTransportSecurity = options.tls == "required"
+        sender.timeout = options.timeout  # type: ignore[assignment]
+        sender.factory = self
+        return sender
 
 
 def _pem_blocks(data: bytes) -> list[bytes]:
@@ -148,7 +274,6 @@ def client_tls(options: SmarthostOptions) -> Any:
 
 
 def send_message(
-    reactor: Any,
     hostname: str,
     hop: SmarthostOptions,
     context: Any,
@@ -157,45 +282,22 @@ def send_message(
     recipients: Sequence[str],
     data: bytes,
 ) -> Deferred[Outcome]:
-    """One attempt to hand C{recipients}' copy to C{hop} over C{endpoint}."""
-    result: Deferred[Outcome] = Deferred()
-    stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
-    factory = smtp.ESMTPSenderFactory(
-        hop.username.encode() if hop.username else None,
-        hop.password.encode() if hop.password else None,
-        envelope.sender,
-        list(recipients),
-        io.BytesIO(stuffed),
-        result,
-        retries=0,
-        timeout=hop.timeout,
-        contextFactory=context,
-        heloFallback=True,
-        requireAuthentication=hop.username is not None,
-        requireTransportSecurity=hop.tls == "required",
-        hostname=hostname,
+    """One attempt to hand C{recipients}' copy to C{hop} over C{endpoint}, alone."""
+    return Hop(hostname, hop, context, lambda: endpoint, connections=1).send(
+        envelope, recipients, data
     )
-    factory.protocol = _Sender
-    factory.domain = hostname.encode()
-    connecting = endpoint.connect(factory)
-
-    def not_connected(failure: Failure) -> None:
-        if not result.called:
-            result.errback(failure)
-
-    connecting.addErrback(not_connected)
-    return result
 
 
 def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> Send:
-    """Sends each message to one smarthost through twisted.mail's ESMTP client."""
-    context = client_tls(options)
+    """Sends every message to one smarthost, over connections that it reuses."""
+
+    def endpoint() -> HostnameEndpoint:
+        return HostnameEndpoint(reactor, options.host, options.port, timeout=options.timeout)
+
+    hop = Hop(hostname, options, client_tls(options), endpoint)
 
     def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
-        endpoint = HostnameEndpoint(reactor, options.host, options.port, timeout=options.timeout)
-        return send_message(
-            reactor, hostname, options, context, endpoint, envelope, envelope.recipients, data
-        )
+        return hop.send(envelope, envelope.recipients, data)
 
     return send
 
@@ -254,6 +356,7 @@ class _Queued:
     attempts: int = 0
     timer: IDelayedCall | None = None
     busy: bool = False
+    data: bytes | None = None
 
 
 class Courier(Service):
@@ -288,9 +391,14 @@ class Courier(Service):
         self.limit = DeferredSemaphore(_CONCURRENT_DELIVERIES)
         self.stopped = False
 
-    def schedule(self, envelope: Envelope) -> None:
-        """Deliver C{envelope} now (a new or recovered message)."""
-        self.queue[envelope.id] = _Queued(envelope)
+    def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
+        """
+        Deliver C{envelope} now (a new or recovered message); C{data} spares the
+        first attempt a read of the spool.
+        """
+        if envelope.id in self.queue:
+            return
+        self.queue[envelope.id] = _Queued(envelope, data=data)
         self._gauge()
         self._later(envelope.id, 0)
 
@@ -340,7 +448,11 @@ class Courier(Service):
                 )
             )
 
-        reading: Deferred[Any] = self.spool.read(envelope.id)
+        if queued.data is not None:
+            reading: Deferred[Any] = succeed(queued.data)
+            queued.data = None  # later attempts read the spool: memory stays small
+        else:
+            reading = self.spool.read(envelope.id)
         settled: Deferred[Any] = reading.addCallback(send).addCallback(self._settle, queued)
         return settled
 

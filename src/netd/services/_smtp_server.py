@@ -18,9 +18,10 @@ it falls short for a relay replaced by name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -37,7 +38,7 @@ from twisted.python.failure import Failure
 from netd.events import ServiceStats
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
-__all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction"]
+__all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -68,7 +69,6 @@ _STATUS = {
 _NO_STATUS = frozenset({220, 334, 354})
 _HAS_STATUS = re.compile(rb"[245]\.\d{1,3}\.\d{1,3}( |\Z)")
 _BAD_COMMAND = re.compile(rb"[\r\n\x00]")
-_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _END_OF_DATA = b"\r\n.\r\n"
 _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
@@ -77,6 +77,8 @@ _HOLD_LIMIT = 256 * 1024
 # RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
 _COMMAND_LINE = 12288
 _AUTH_FAILURES = 3
+# RFC 5321 6.3: a message that has passed this many relays is looping (Postfix: 50).
+_MAX_HOPS = 50
 
 
 @attrs.frozen
@@ -118,6 +120,7 @@ class Receiver:
     @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
     @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
         becomes CRLF.
+    @ivar clients: open sessions per client address, across the listeners.
     """
 
     hostname: str
@@ -131,15 +134,21 @@ class Receiver:
     portal: Portal | None = None
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
+    clients: dict[str, int] = attrs.field(factory=dict, eq=False)
 
     def may_relay(self, client: str) -> bool:
-        try:
-            address = ipaddress.ip_address(client)
-        except ValueError:
-            return False  # a UNIX socket: no address to trust
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.allow_from)
+        return _may_relay(self.allow_from, client)
+
+
+@functools.lru_cache(maxsize=1024)
+def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return False  # a UNIX socket: no address to trust
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in allow_from)
 
 
 def _client_host(address: IAddress | None) -> str:
@@ -151,6 +160,21 @@ def _printable(text: bytes, limit: int = 255) -> str:
     return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
 
 
+def _hops(text: bytes) -> int:
+    """C{Received:} lines in the header of C{text} (which starts with CRLF)."""
+    end = text.find(b"\r\n\r\n")
+    head = text[: end if end >= 0 else len(text)].lower()
+    return head.count(b"\r\nreceived:")
+
+
+class _LoginCredentials(LOGINCredentials):
+    """AUTH LOGIN with the prompts clients expect (Twisted sends "User Name\\0")."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.challenges = [b"Password:", b"Username:"]
+
+
 class Session(smtp.ESMTP):
     """One SMTP connection."""
 
@@ -160,7 +184,7 @@ class Session(smtp.ESMTP):
     def __init__(self, receiver: Receiver, secure: bool) -> None:
         challengers: dict[bytes, Any] = {}
         if receiver.portal is not None:
-            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": LOGINCredentials}
+            challengers = {b"PLAIN": PLAINCredentials, b"LOGIN": _LoginCredentials}
         super().__init__(chal=challengers, contextFactory=receiver.starttls)
         self.receiver = receiver
         self.secure = secure
@@ -175,6 +199,7 @@ class Session(smtp.ESMTP):
         self._greeted = False
         self._held = False
         self._processing = False
+        self._gone = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -216,7 +241,7 @@ class Session(smtp.ESMTP):
             return  # a reply released the hold from inside the loop below
         self._processing = True
         try:
-            while self._input and not self._held and self.transport is not None:
+            while self._input and not self._held and not self._gone:
                 if self._body is not None:
                     self._take_data()
                 elif not self._take_line():
@@ -246,6 +271,12 @@ class Session(smtp.ESMTP):
             self.lineReceived(line)
         return True
 
+    def lookupMethod(self, command: bytes) -> Any:
+        # Twisted decodes the verb as ASCII unchecked: b"\xff" would raise.
+        if not command.isalpha():
+            return None
+        return super().lookupMethod(command)
+
     def lineReceived(self, line: bytes) -> None:
         if self.mode == smtp.COMMAND and _BAD_COMMAND.search(line):
             self.resetTimeout()
@@ -259,10 +290,10 @@ class Session(smtp.ESMTP):
 
         def release(result: object) -> None:
             self._held = False
-            if self._paused and self.transport is not None:
+            if self._paused and not self._gone:
                 self._paused = False
                 self.transport.resumeProducing()
-            if self.transport is not None:
+            if not self._gone:
                 self._process()
 
         pending.addBoth(release)
@@ -273,7 +304,9 @@ class Session(smtp.ESMTP):
         factory = getattr(self, "factory", None)
         if isinstance(factory, SessionFactory):
             factory.release(self.client)
-        self.transport = None
+        # Replies still due (a spool write, a password check) go to a closed
+        # transport, which drops them; nothing more is read.
+        self._gone = True
 
     # Greetings and the small commands ------------------------------------
 
@@ -294,7 +327,8 @@ class Session(smtp.ESMTP):
             self.sendCode(501, b"5.5.4 EHLO needs a domain")
             return
         self._greet(rest)
-        self._send_plain(250, self.host + b" Hello " + rest + b"\n" + self.listExtensions())
+        greeting = self.host + b" Hello " + _printable(rest).encode()
+        self._send_plain(250, greeting + b"\n" + self.listExtensions())
 
     def extensions(self) -> dict[bytes, list[bytes] | None]:
         found: dict[bytes, list[bytes] | None] = {
@@ -457,17 +491,18 @@ class Session(smtp.ESMTP):
         # Unstuff first: only the client's CRLF lines were dot-stuffed.
         if b"\r\n." in text:
             text = text.replace(b"\r\n.", b"\r\n")
-        if _BARE_NEWLINE.search(text):
+        if not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
             if self.receiver.reject_bare_newlines:
                 stats.count("smtp_messages_rejected")
                 self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
                 return
             # As lines of this message, never as an end of DATA here or downstream
             # (the relay dot-stuffs what it sends).
-            text = _BARE_NEWLINE.sub(b"\r\n", text)
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
-        if len(text) > limits.max_line_length and any(
-            len(line) > limits.max_line_length - 2 for line in text.split(b"\r\n")
+        if (
+            len(text) > limits.max_line_length
+            and max(map(len, text.split(b"\r\n"))) > limits.max_line_length - 2
         ):
             stats.count("smtp_messages_rejected")
             self.sendCode(
@@ -479,6 +514,10 @@ class Session(smtp.ESMTP):
         if len(data) > limits.max_message_size:
             stats.count("smtp_messages_rejected")
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
+            return
+        if _hops(text) >= _MAX_HOPS:
+            stats.count("smtp_messages_rejected")
+            self.sendCode(554, b"5.4.6 Too many hops: a mail loop?")
             return
         transaction = Transaction(
             sender=mail.sender,
@@ -537,11 +576,16 @@ class Session(smtp.ESMTP):
             self.sendCode(503, b"5.5.1 Send EHLO first")
         elif self._mail is not None:
             self.sendCode(503, b"5.5.1 AUTH not allowed during a mail transaction")
+        elif not rest.strip():
+            # Twisted's ext_AUTH indexes the mechanism unchecked.
+            self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
         else:
             super().ext_AUTH(rest)
 
     def state_AUTH(self, response: bytes | None) -> None:
         self._login = None
+        if response == b"=":
+            response = b""  # RFC 4954 4: "=" is an empty initial response
         try:
             super().state_AUTH(response)
         except IllegalClientResponse:
@@ -595,7 +639,8 @@ class SessionFactory(ServerFactory):
     def __init__(self, receiver: Receiver, secure: bool) -> None:
         self.receiver = receiver
         self.secure = secure
-        self.per_client: dict[str, int] = {}
+        # Shared by the service's listeners: the limit is per service, not per port.
+        self.per_client = receiver.clients
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         client = _client_host(addr)
@@ -616,10 +661,6 @@ class SessionFactory(ServerFactory):
             self.per_client[client] = count
         else:
             self.per_client.pop(client, None)
-
-
-def relay_networks(texts: Sequence[str]) -> tuple[IPNetwork, ...]:
-    return tuple(ipaddress.ip_network(text, strict=False) for text in texts)
 
 
 def busy_reply() -> bytes:

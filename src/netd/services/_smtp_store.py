@@ -9,6 +9,7 @@ import email.parser
 import email.policy
 from collections.abc import Callable, Mapping
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
@@ -48,12 +49,19 @@ def _headers(head: bytes) -> list[list[str]]:
     return [[name, str(value)] for name, value in parsed.items()]
 
 
+# The store that serves each spool folder now.  During a reload the old service
+# still takes mail on its open connections while the new one serves: what the
+# old one spools is handed to the new one's index and delivery.
+_SERVING: dict[Path, MailStore] = {}
+
+
 class MailStore(Service):
     """
     Every message in the spool, in arrival order.
 
-    @ivar deliver: called with each newly accepted or recovered envelope when a
-        delivery mode sends mail on; None keeps messages (capture).
+    @ivar deliver: called with each newly accepted or recovered envelope (and the
+        message, when it is at hand) when a delivery mode sends mail on; None
+        keeps messages (capture).
     """
 
     def __init__(
@@ -61,7 +69,7 @@ class MailStore(Service):
         spool: Spool,
         context: BuildContext,
         hostname: str,
-        deliver: Callable[[Envelope], None] | None = None,
+        deliver: Callable[[Envelope, bytes | None], None] | None = None,
     ) -> None:
         self.spool = spool
         self.context = context
@@ -74,13 +82,24 @@ class MailStore(Service):
 
     def startService(self) -> None:
         super().startService()
+        _SERVING[self.spool.directory] = self
         self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if _SERVING.get(self.spool.directory) is self:
+            del _SERVING[self.spool.directory]
+
+    def _serving(self) -> MailStore:
+        return _SERVING.get(self.spool.directory, self)
 
     def _recovered_from_disk(self, found: list[tuple[Envelope, bytes]]) -> None:
         for envelope, start in found:
+            if envelope.id in self.messages:
+                continue  # handed over by the service this one replaced
             self._add(envelope, _head(start))
             if self.deliver is not None:
-                self.deliver(envelope)
+                self.deliver(envelope, None)
         if found:
             self.context.emit("spool.recovered", messages=len(found))
         self._recovered = True
@@ -125,7 +144,8 @@ class MailStore(Service):
         stored = self.spool.store(envelope, data)
 
         def spooled(_: None) -> str:
-            self._add(envelope, _head(data))
+            owner = self._serving()
+            owner._add(envelope, _head(data))
             self.context.stats.count("smtp_messages_accepted")
             self.context.emit(
                 "message.accepted",
@@ -136,8 +156,8 @@ class MailStore(Service):
                 client=envelope.client,
                 user=envelope.user,
             )
-            if self.deliver is not None:
-                self.deliver(envelope)
+            if owner.deliver is not None:
+                owner.deliver(envelope, data)
             return id
 
         return stored.addCallback(spooled)
@@ -148,7 +168,7 @@ class MailStore(Service):
         def spooled(_: None) -> None:
             self._add(envelope, _head(data))
             if self.deliver is not None:
-                self.deliver(envelope)
+                self.deliver(envelope, data)
 
         return self.spool.store(envelope, data).addCallback(spooled)
 

@@ -12,7 +12,9 @@ answered C{250} for and never relays for strangers.
 
 Sessions are L{netd.services._smtp_server.Session} (twisted.mail's ESMTP);
 messages go to a spool in C{state_dir} (L{netd.services._smtp_spool}) and are
-either kept for the admin API (capture) or sent on (smarthost).
+either kept for the admin API (capture) or sent on by
+L{netd.services._smtp_relay.Courier} to a smarthost or to the recipients'
+exchangers (L{netd.services._smtp_mx}).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -53,6 +56,21 @@ __all__ = [
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _MODES = ("capture", "smarthost", "mx")
+# MD5, SHA-256 and SHA-512 crypt, as in /etc/shadow.
+_CRYPT_PREFIXES = ("$1$", "$5$", "$6$")
+
+
+def _crypt_module() -> Any:
+    """Python's crypt module, deprecated in 3.11 and gone in 3.13; None without it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            import crypt
+        except ImportError:
+            return None
+    return crypt
+
+
 _LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 _NOTHING: tuple[str, ...] = ()
 
@@ -60,7 +78,8 @@ _NOTHING: tuple[str, ...] = ()
 @attrs.frozen
 class AuthOptions:
     """
-    @ivar users: user name to password, in clear or as a bcrypt hash (C{$2b$...}).
+    @ivar users: user name to password: in clear, a bcrypt hash (C{$2b$...}) or a
+        crypt hash (C{$6$...}).
     """
 
     users: Mapping[str, str] = attrs.field(factory=dict)
@@ -159,10 +178,16 @@ def _auth(value: Value) -> AuthOptions:
         if password_value is None:
             continue
         password = password_value.as_str()
+        if password.startswith(_CRYPT_PREFIXES) and _crypt_module() is None:
+            password_value.error(
+                "crypt hashes need Python's crypt module (gone since 3.13): use bcrypt ($2b$...)"
+            )
+            continue
         if password.startswith("$") and not (
-            password.startswith(_BCRYPT_PREFIXES) and len(password) == 60
+            (password.startswith(_BCRYPT_PREFIXES) and len(password) == 60)
+            or password.startswith(_CRYPT_PREFIXES)
         ):
-            password_value.error("a hashed password must be a bcrypt hash ($2b$...)")
+            password_value.error("a hashed password is bcrypt ($2b$...) or crypt ($1$, $5$, $6$)")
             continue
         if not password:
             password_value.error("a password cannot be empty")
@@ -283,6 +308,14 @@ class _PasswordChecker:
         expected = self.users.get(name)
         if expected is None:
             return self._refuse()
+        if expected.startswith(_CRYPT_PREFIXES):
+            module = _crypt_module()
+            assert module is not None  # checked when the map was read
+            text = password.decode("utf-8", "replace")
+            matched: Deferred[bool] = self.run(
+                lambda: hmac.compare_digest(module.crypt(text, expected) or "", expected)
+            )
+            return matched.addCallback(lambda ok: name if ok else self._refuse())
         if expected.startswith(_BCRYPT_PREFIXES):
             import bcrypt
 
@@ -317,7 +350,8 @@ def _in_thread(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: SmtpOptions = service.options
     run = _in_thread(context.reactor)
-    hostname = options.hostname or socket.getfqdn()
+    # Not getfqdn(): a reverse lookup would block the reactor during a reload.
+    hostname = options.hostname or socket.gethostname()
     spool = Spool(context.state_dir / "smtp" / service.name, run)
     delivery = options.delivery
     background: IService
