@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import shutil
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,46 +27,14 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+import _bench
+from _bench import VENV_BIN, accepts, cpu_seconds, free_port, proc_mib, wait_for
 
 
 def pinned(cpu: int, enabled: bool) -> list[str]:
-    if enabled and shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(cpu)]
-    return []
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"{what} did not come up")
-        time.sleep(0.05)
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    return _bench.pinned(cpu) if enabled else []
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -79,12 +44,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system time of a process and its threads (the spool's fsyncs run in threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def aiosmtpd(port: int, pin: bool) -> subprocess.Popen[bytes]:
@@ -184,7 +143,7 @@ def measure(name: str, args: argparse.Namespace, work: Path) -> dict[str, float]
         result["cpu_ms_per_msg"] = (
             1000 * (cpu_seconds(process.pid) - before) / max(result["sent"], 1)
         )
-        result["rss_mib"] = peak_rss_mib(process.pid)
+        result["rss_mib"] = proc_mib(process.pid)
     finally:
         stop(process)
     return result
@@ -205,7 +164,7 @@ def measure_relay(args: argparse.Namespace, work: Path) -> dict[str, float]:
         done_at = time.perf_counter()
         result["relay_msgs_s"] = result["sent"] / (done_at - start)
         result["drain_s"] = done_at - sent_at
-        result["rss_mib"] = peak_rss_mib(relay.pid)
+        result["rss_mib"] = proc_mib(relay.pid)
     finally:
         stop(relay)
         stop(sink)
