@@ -16,6 +16,7 @@ from typing import Any
 import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
@@ -141,6 +142,8 @@ class _UpgradingUpstream(Protocol):
         self.spliced = False
         self.complete = False
         self.over = False
+        self.interim = False
+        self.until_close = False
         self.switched: Callable[[], None] = lambda: None
         self.failed: Callable[[Failure], None] = lambda failure: None
 
@@ -154,11 +157,10 @@ class _UpgradingUpstream(Protocol):
         if self.spliced:
             self.upgrade.to_client(data)
             return
+        if self.complete or self.over:
+            return
         if not self.started:
             self.answer_head += data
-            if len(self.answer_head) > _MAX_UPSTREAM_HEAD:
-                self._fail(ValueError("upstream answer head too large"))
-                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
@@ -172,13 +174,20 @@ class _UpgradingUpstream(Protocol):
             self.upgrade.splice(head, self.transport)
             if rest:
                 self.upgrade.to_client(rest)
+            return
         except httptools.HttpParserError as e:
             self._fail(e)
+            return
+        if not self.started and len(self.answer_head) > _MAX_UPSTREAM_HEAD:
+            # Still no end of head (a 101's own frames never count here: they
+            # arrive in the read that switches, handled above).
+            self._fail(ValueError("upstream answer head too large"))
 
     def _fail(self, error: Exception) -> None:
         self.over = True
         self.transport.abortConnection()
         if self.started:
+            self.exchange.unregister_producer()
             self.exchange.abort()
         else:
             self.failed(Failure(error))
@@ -203,23 +212,40 @@ class _UpgradingUpstream(Protocol):
         self.status = self.parser.get_status_code()
         if self.status == 101:
             return
+        if 100 <= self.status < 200:
+            # 100 Continue, 103 Early Hints: the answer that counts follows, and
+            # only its head goes to the client (a WebSocket client expects 101 first).
+            self.interim = True
+            self.fields = []
+            del self.answer_head[: self.answer_head.find(b"\r\n\r\n") + 4]
+            return
         # Refused (a 4xx, say): that is the client's answer, and the connection
         # ends with it since the client may already be speaking the new protocol.
         self.started = True
         self.switched()
-        self.exchange.proxy_cancel = None
+        self.exchange.proxy_cancel = self.give_up
         self.exchange.keep_alive = False  # type: ignore[attr-defined]
         fields = [(n, v) for n, v in _forwardable(self.fields) if n.lower() not in _OURS]
         length = next((int(v) for n, v in self.fields if n.lower() == b"content-length"), None)
+        chunked = any(
+            n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.fields
+        )
+        self.until_close = length is None and not chunked and self.status not in (204, 304)
         self.exchange.start(self.status, fields, length)
+        # The client sets the pace: the upstream is paused while it does not read.
+        self.exchange.register_producer(self.transport, True)
 
     def on_body(self, data: bytes) -> None:
         if self.started:
             self.exchange.write(data)
 
     def on_message_complete(self) -> None:
-        if self.started:
+        if self.interim:
+            self.interim = False
+            return
+        if self.started and not self.complete:
             self.complete = True
+            self.exchange.unregister_producer()
             self.exchange.finish()
             self.transport.loseConnection()
 
@@ -227,7 +253,12 @@ class _UpgradingUpstream(Protocol):
         if self.spliced:
             self.upgrade.upstream_lost()
         elif self.started and not self.complete:
-            self.exchange.abort()
+            self.complete = True
+            self.exchange.unregister_producer()
+            if self.until_close and not self.over and reason.check(ConnectionDone):
+                self.exchange.finish()  # a body that ends with the connection: whole
+            else:
+                self.exchange.abort()
         elif not self.started and not self.over:
             self.over = True
             self.failed(reason)

@@ -87,6 +87,9 @@ class LineExchange(Exchange):
         self.chunked = False
         self.done = False
         self.expect_continue = False
+        # RFC 9110 7.8: a GET that asks to switch protocols, and only in HTTP/1.1
+        # (a server must ignore Upgrade in an HTTP/1.0 request).
+        self.wants_upgrade = False
 
     def _head(self, status: int, headers: Headers, length: int | None) -> bytes:
         self.status = status
@@ -115,11 +118,9 @@ class LineExchange(Exchange):
         return b"".join(lines)
 
     def upgrade(self) -> _Splice | None:
-        connection = self.connection
-        if self.method != "GET" or not connection.parser.should_upgrade():
+        if not self.wants_upgrade:
             return None
-        connection.upgrading = self
-        return _Splice(connection, self)
+        return _Splice(self.connection, self)
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:
         if self.done:
@@ -328,9 +329,8 @@ class HTTPConnection(Protocol):
         self.gone = False
         self.client = ""
         self.scheme = factory.scheme
-        # An upgrade request being proxied; what the client sent after it; the
-        # upstream once both sides switched protocols.
-        self.upgrading: LineExchange | None = None
+        # What the client sent after an upgrade request; the upstream once both
+        # sides switched protocols.
         self.held: bytearray | None = None
         self.spliced: Any = None
 
@@ -374,13 +374,18 @@ class HTTPConnection(Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as e:
-            # What follows the request is not HTTP/1.1: the upstream's new
-            # protocol if a proxy route is switching, else nothing we read.
-            self.closing_after_current()
-            if self.upgrading is not None and self.upgrading is self.current:
-                self.held = bytearray(data[e.args[0] :])
-                self.deadline = None
-                self.pause_reading()
+            # What follows the upgrade request is not HTTP/1.1: the new protocol
+            # if a proxy route switches, else nothing we read.  Requests before
+            # it are still answered; the connection ends after it.
+            last = self.queue[-1] if self.queue else self.current
+            if last is None:
+                self.closing = True
+                self.transport.loseConnection()  # answered already
+                return
+            last.keep_alive = False
+            self.held = bytearray(data[e.args[0] :])
+            self.deadline = None
+            self.pause_reading()
             return
         except httptools.HttpParserError as e:
             # httptools wraps what our callbacks raise.
@@ -455,7 +460,11 @@ class HTTPConnection(Protocol):
 
     def close_gracefully(self) -> None:
         """Finish the exchange in progress, then close (the daemon is stopping)."""
-        if self.h2 is not None or self.current is None:
+        if self.spliced is not None:
+            # A tunnel has no exchange to finish: both ends close now, in order.
+            self.spliced.loseConnection()
+            self.transport.loseConnection()
+        elif self.h2 is not None or self.current is None:
             self.transport.loseConnection()
         else:
             self.closing_after_current()
@@ -559,6 +568,9 @@ class HTTPConnection(Protocol):
         exchange.method = parser.get_method().decode("ascii")
         exchange.target = self.url.decode("latin-1")
         exchange.version = "HTTP/" + version
+        exchange.wants_upgrade = (
+            version == "1.1" and exchange.method == "GET" and parser.should_upgrade()
+        )
         exchange.headers = self.fields
         exchange.client = self.client
         exchange.scheme = self.scheme
@@ -660,7 +672,8 @@ class HTTPConnection(Protocol):
             self.transport.pauseProducing()
 
     def resume_reading(self) -> None:
-        if self.paused:
+        # Bytes after an upgrade request wait, unread, until a splice takes them.
+        if self.paused and self.held is None:
             self.paused = False
             self.transport.resumeProducing()
 
