@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -59,16 +59,20 @@ def daemons_for(
     """
     started = owner.stash.setdefault(_STARTED, [])
 
-    def start(config: str | Path | Mapping[str, Any], **kwargs: Any) -> NetdProcess:
-        daemon = NetdProcess.start(config, workdirs(), **kwargs)
+    def start(
+        config: str | Path | Mapping[str, Any], workdir: Path | None = None, **kwargs: Any
+    ) -> NetdProcess:
+        daemon = NetdProcess.start(config, workdir or workdirs(), **kwargs)
         started.append(daemon)
         return daemon
 
     try:
         yield start
     finally:
-        for daemon in started:
-            daemon.stop()
+        # Every daemon is stopped even if stopping one fails.
+        with ExitStack() as stopping:
+            for daemon in started:
+                stopping.callback(daemon.stop)
 
 
 @pytest.fixture

@@ -139,8 +139,12 @@ class _ParentNotice:
     def _say(self, status: bytes) -> None:
         if self.pipe is not None:
             pipe, self.pipe = self.pipe, None
-            os.write(pipe, status)
-            os.close(pipe)
+            try:
+                os.write(pipe, status)
+            except OSError:
+                pass  # the parent is gone (killed): nobody left to tell
+            finally:
+                os.close(pipe)
 
     def ready(self, daemon: Daemon) -> None:
         self._say(b"0")

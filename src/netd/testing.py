@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +33,7 @@ from typing import Any, Generic, TypeVar
 
 import yaml
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from netd.config import load_config
 
@@ -308,7 +310,11 @@ class NetdProcess:
             query["service"] = service
         if type is not None:
             query["type"] = type
-        answer = self.admin("GET", f"/api/events?{urllib.parse.urlencode(query)}")
+        # The socket waits longer than the long poll, or a quiet journal would
+        # look like a dead daemon.
+        answer = self.admin(
+            "GET", f"/api/events?{urllib.parse.urlencode(query)}", timeout=wait + 30.0
+        )
         found: list[dict[str, Any]] = answer["events"]
         return found
 
@@ -352,10 +358,9 @@ class NetdProcess:
         answer: dict[str, Any] = self.admin("POST", "/api/reload")
         if self.config_path is not None:
             self._config = load_config(self.config_path)
-        self.ports["services"] = {
-            name: {"type": service["type"], "listeners": service["listeners"]}
-            for name, service in self.services().items()
-        }
+        # netd rewrites the ports file before it answers; the admin port itself
+        # may have moved (a changed TLS profile rebuilds the admin server).
+        self.ports = json.loads((self.workdir / "ports.json").read_text(encoding="utf-8"))
         return answer
 
     def signal(self, signum: int) -> None:
@@ -454,42 +459,102 @@ class OffloadedNetd(Generic[Pending]):
         await self.stop()  # type: ignore[misc]
 
 
+class _Handoff:
+    """
+    A start in a thread that the waiting side may give up on (a timeout, a
+    cancel): the daemon it starts is then stopped, never left running.
+    """
+
+    def __init__(self, config: str | Path | Mapping[str, Any], options: dict[str, Any]) -> None:
+        self.config = config
+        self.options = options
+        self.lock = threading.Lock()
+        self.given_up = False
+        self.started: NetdProcess | None = None
+
+    def start(self) -> NetdProcess:
+        netd = NetdProcess.start(self.config, **self.options)
+        with self.lock:
+            if not self.given_up:
+                self.started = netd
+                return netd
+        netd.stop()
+        return netd
+
+    def give_up(self) -> None:
+        with self.lock:
+            self.given_up = True
+            netd, self.started = self.started, None
+        if netd is not None:
+            threading.Thread(target=netd.stop, name="netd-stop").start()
+
+
 def start_deferred(
     config: str | Path | Mapping[str, Any], **kwargs: Any
 ) -> Deferred[OffloadedNetd[Deferred[Any]]]:
-    """L{NetdProcess.start} for Twisted tests (trial, pytest-twisted): a L{Deferred}."""
+    """
+    L{NetdProcess.start} for Twisted tests (trial, pytest-twisted): a L{Deferred},
+    which may be cancelled.
+    """
     from twisted.internet.threads import deferToThread
 
-    def offloaded(netd: NetdProcess) -> OffloadedNetd[Deferred[Any]]:
-        return OffloadedNetd(netd, deferToThread)
+    handoff = _Handoff(config, kwargs)
+    started: Deferred[OffloadedNetd[Deferred[Any]]] = Deferred(lambda _: handoff.give_up())
 
-    started: Deferred[NetdProcess] = deferToThread(NetdProcess.start, config, **kwargs)
-    return started.addCallback(offloaded)
+    def ready(netd: NetdProcess) -> None:
+        if not started.called:
+            started.callback(OffloadedNetd(netd, deferToThread))
+
+    def failed(failure: Failure) -> None:
+        if not started.called:
+            started.errback(failure)
+
+    deferToThread(handoff.start).addCallbacks(ready, failed)
+    return started
 
 
 async def start_asyncio(
     config: str | Path | Mapping[str, Any], **kwargs: Any
 ) -> OffloadedNetd[Coroutine[Any, Any, Any]]:
-    """L{NetdProcess.start} for asyncio tests: C{async with await start_asyncio(...)}."""
-    netd = await asyncio.to_thread(NetdProcess.start, config, **kwargs)
+    """
+    L{NetdProcess.start} for asyncio tests: C{async with await start_asyncio(...)};
+    a timeout or cancel while it starts stops the daemon it was starting.
+    """
+    handoff = _Handoff(config, kwargs)
+    try:
+        netd = await asyncio.shield(asyncio.to_thread(handoff.start))
+    except asyncio.CancelledError:
+        handoff.give_up()
+        raise
     return OffloadedNetd(netd, asyncio.to_thread)
 
 
-def _load_yaml(text: str) -> dict[str, Any]:
-    loaded = yaml.safe_load(text)
+def _load_yaml(text: str) -> dict[str, Any] | None:
+    """The map's top level, or None if it is not YAML (netd will say why)."""
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
     return loaded if isinstance(loaded, dict) else {}
 
 
-_ADMIN_SECTION = '\nadmin: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
+_ADMIN_LISTENER = "tcp:0:interface=127.0.0.1"
+_ADMIN_SECTION = f'\nadmin: {{listen: ["{_ADMIN_LISTENER}"]}}\n'
 
 
 def _map_text(config: str | Mapping[str, Any], admin: bool) -> str:
     """The map as YAML, with a loopback admin listener added if asked and absent."""
     text = config if isinstance(config, str) else yaml.safe_dump(dict(config), sort_keys=False)
-    # Appended, not merged, so the positions in netd's errors match the text given.
-    if admin and "admin" not in _load_yaml(text):
-        text += _ADMIN_SECTION
-    return text
+    top = _load_yaml(text)
+    if not admin or top is None or "admin" in top:
+        return text
+    # Appended, not merged, so the positions in netd's errors match the text given;
+    # a map in flow style (JSON, say) or indented as a whole cannot take a block
+    # key after it, and is written out again instead.
+    appended = text + _ADMIN_SECTION
+    if "admin" in (_load_yaml(appended) or {}):
+        return appended
+    return yaml.safe_dump({**top, "admin": {"listen": [_ADMIN_LISTENER]}}, sort_keys=False)
 
 
 def _write_atomically(path: Path, text: str) -> None:

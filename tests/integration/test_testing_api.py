@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import ssl
+import textwrap
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -12,6 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import yaml
 
 from netd.testing import AdminError, NetdProcess, StartFailed, start_asyncio, start_deferred
 
@@ -126,3 +131,61 @@ async def test_deferred_variant() -> None:
         assert event["path"] == "/hello"
     finally:
         assert await netd.stop() == 0
+
+
+def test_json_and_indented_maps_get_their_admin_listener(tmp_path: Path) -> None:
+    """Text a YAML block key cannot follow (JSON, an indented map) is written out again."""
+    indented = textwrap.indent(yaml.safe_dump(WEB), "    ")
+    for number, text in enumerate([json.dumps(WEB), indented]):
+        with NetdProcess.start(text, tmp_path / str(number)) as netd:
+            assert netd.services()["web"]["state"] == "running"
+
+
+def test_a_map_that_is_not_yaml_fails_with_netds_message(tmp_path: Path) -> None:
+    with pytest.raises(StartFailed) as failed:
+        NetdProcess.start("services: [unclosed\n", tmp_path)
+    assert "netd.yaml:" in failed.value.output
+
+
+def test_reload_that_rebuilds_the_admin_api_follows_it(tmp_path: Path) -> None:
+    plain = {"services": {"echo": {"type": "echo", "listen": ["tcp:0:interface=127.0.0.1"]}}}
+    with NetdProcess.start(plain, tmp_path) as netd:
+        before = netd.ports["admin"]["listeners"][0]["port"]
+        # A changed TLS profile rebuilds the admin server, here on a new port 0.
+        netd.reload({**plain, "tls": {"lab": {"self_signed": ["localhost"]}}})
+        assert netd.services()["echo"]["state"] == "running"
+        assert netd.ports["admin"]["listeners"][0]["port"] != before
+
+
+def test_an_asyncio_start_given_up_on_leaves_no_daemon(tmp_path: Path) -> None:
+    async def give_up() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(start_asyncio(WEB, workdir=tmp_path), 0.05)
+
+    asyncio.run(give_up())  # returns once the starting thread is done
+    deadline = time.monotonic() + 15
+    while netd_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not netd_children()
+
+
+def netd_children() -> list[int]:
+    """Running (not zombie) twistd netd processes started by this test process."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == os.getpid() and state != "Z" and b"netd" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def test_the_plugin_factory_takes_a_workdir(netd: Any, tmp_path: Path) -> None:
+    daemon = netd(WEB, workdir=tmp_path / "mine")
+    assert daemon.workdir == tmp_path / "mine"
