@@ -77,3 +77,40 @@ services:
         assert not head.startswith(b"HTTP/1.1 101"), (head, seen)
     finally:
         upstream.stop()
+
+
+def test_the_body_of_an_upgrade_request_reaches_the_upstream(start_netd: StartNetd) -> None:
+    seen: list[bytes] = []
+
+    def plain(sock: socket.socket) -> None:
+        request = read_head(sock)
+        while not request.endswith(b"body"):
+            request += sock.recv(4096)
+        seen.append(request)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+
+    upstream = RawUpstream(plain)
+    try:
+        netd = start_netd(
+            f"""
+services:
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    routes:
+      - {{path: /ws/, proxy: "http://127.0.0.1:{upstream.port}/"}}
+"""
+        )
+        with socket.create_connection(netd.address("web"), timeout=10) as sock:
+            sock.sendall(
+                b"GET /ws/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Content-Length: 4\r\n\r\nbody"
+            )
+            received = b""
+            while chunk := sock.recv(4096):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.endswith(b"ok\n")
+        [request] = seen
+        assert b"content-length: 4\r\n" in request.lower() and request.endswith(b"\r\n\r\nbody")
+    finally:
+        upstream.stop()

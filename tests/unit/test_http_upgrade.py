@@ -41,6 +41,9 @@ class FakeUpgrade:
     def splice(self, head: bytes, upstream: Any) -> None:
         self.head = head
 
+    def take_held(self) -> bytes:
+        return b""
+
     def to_client(self, data: bytes) -> None:
         self.to_client_data += data
 

@@ -165,6 +165,10 @@ class Upgrade(Protocol):
     def splice(self, head: bytes, upstream: Any) -> None:
         """The upstream switched with C{head}: send it on, then copy both ways."""
 
+    def take_held(self) -> bytes:
+        """What the client sent after the request head so far (a body, early frames)."""
+        return b""
+
     def to_client(self, data: bytes) -> None:
         """Bytes the upstream sent after switching."""
 

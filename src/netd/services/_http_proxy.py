@@ -151,7 +151,7 @@ class _UpgradingUpstream(Protocol):
         if self.over:
             self.transport.abortConnection()
             return
-        self.transport.write(self.head)
+        self.transport.write(self.head + self.upgrade.take_held())
 
     def dataReceived(self, data: bytes) -> None:
         if self.spliced:
@@ -355,9 +355,16 @@ class Proxy:
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        # The request's own framing goes along: its body, if any, follows raw.
+        framing = [
+            (name, value)
+            for name, value in exchange.headers
+            if name.lower() in (b"content-length", b"transfer-encoding")
+        ]
         fields = [
             (b"Host", parts.netloc.encode("latin-1")),
             *_upstream_fields(exchange),
+            *framing,
             (b"Upgrade", exchange.header(b"upgrade") or b""),
             (b"Connection", b"Upgrade"),
         ]

@@ -284,6 +284,16 @@ class _Splice:
         connection.transport.registerProducer(upstream, True)
         connection.resume_reading()
 
+    def take_held(self) -> bytes:
+        # llhttp hands everything after an upgrade request's head to the new
+        # protocol, a body too: it goes to the upstream as it came.
+        held = self.connection.held
+        if not held:
+            return b""
+        taken = bytes(held)
+        held.clear()
+        return taken
+
     def to_client(self, data: bytes) -> None:
         self.exchange.sent += len(data)
         self.connection.transport.write(data)
