@@ -9,6 +9,7 @@ connections whose byte counters did not move since the sweep before.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +30,13 @@ from zope.interface import directlyProvides, providedBy
 
 from netd.events import Journal, ServiceStats
 
-__all__ = ["ConnectionSet", "TrackedConnection", "TrackingFactory", "describe_address"]
+__all__ = [
+    "ConnectionSet",
+    "TrackedConnection",
+    "TrackingFactory",
+    "describe_address",
+    "unsent_bytes",
+]
 
 _ids = itertools.count(1)
 _provides_by_transport: dict[type, Any] = {}
@@ -43,6 +50,29 @@ def describe_address(address: IAddress | None) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     name = getattr(address, "name", None)
     return f"unix:{name.decode() if isinstance(name, bytes) else name or ''}"
+
+
+def unsent_bytes(transport: Any) -> int:
+    """
+    Bytes written to a connection that the kernel has not taken yet: replies a
+    client is not reading.  A command protocol that keeps answering a client
+    that keeps sending and never reads would otherwise buffer without bound.
+
+    Looks down through netd's wrapper and TLS to Twisted's FileDescriptor
+    buffers (and TLS's own, before its handshake), reading each layer's own
+    attributes only: a ProtocolWrapper answers any other name for its transport.
+    """
+    total = 0
+    for _ in range(4):  # wrapper, TLS, socket: never deeper
+        if transport is None:
+            break
+        buffered = inspect.getattr_static(transport, "dataBuffer", b"")
+        if isinstance(buffered, bytes):
+            total += len(buffered) - inspect.getattr_static(transport, "offset", 0)
+            total += inspect.getattr_static(transport, "_tempDataLen", 0)
+        total += sum(map(len, inspect.getattr_static(transport, "_appSendBuffer", ())))
+        transport = inspect.getattr_static(transport, "transport", None)
+    return total
 
 
 class TrackedConnection(ProtocolWrapper):

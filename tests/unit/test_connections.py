@@ -384,3 +384,28 @@ def test_alpn_offered_only_when_the_wrapped_factory_offers_it() -> None:
     assert IProtocolNegotiationFactory.providedBy(negotiating)
     assert negotiating.acceptableProtocols() == [b"h2", b"http/1.1"]
     assert not IProtocolNegotiationFactory.providedBy(h.factory)
+
+
+def test_unsent_bytes_looks_through_wrapper_and_tls_without_counting_twice() -> None:
+    from netd.connections import unsent_bytes
+
+    class Socket:
+        dataBuffer = b"x" * 100
+        offset = 40
+        _tempDataLen = 7
+
+    class TLS:
+        def __init__(self) -> None:
+            self.transport = Socket()
+            self._appSendBuffer = [b"abc"]
+
+    class Wrapper:
+        # As ProtocolWrapper: unknown names are the transport's.
+        def __init__(self) -> None:
+            self.transport = TLS()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.transport, name)
+
+    assert unsent_bytes(Wrapper()) == 60 + 7 + 3
+    assert unsent_bytes(None) == 0

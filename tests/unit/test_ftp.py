@@ -241,7 +241,7 @@ def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
     target = tmp_path / "file.bin"
     target.write_bytes(b"0123456789")
     paused: list[bool] = []
-    upload = Upload(target, 4, maybeDeferred, paused.append)
+    upload = Upload(target, 4, maybeDeferred, paused.append, os.path.realpath(tmp_path))
     upload.batch = 4
     upload.high_water = 8
     result_of(upload.open())
@@ -252,7 +252,7 @@ def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
     assert target.read_bytes() == b"0123abcdef"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
-    aborted = Upload(target, 0, maybeDeferred, paused.append)
+    aborted = Upload(target, 0, maybeDeferred, paused.append, os.path.realpath(tmp_path))
     result_of(aborted.open())
     aborted.write(b"never")
     result_of(aborted.abort())
@@ -270,7 +270,7 @@ def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Pa
         return done
 
     paused: list[bool] = []
-    upload = Upload(tmp_path / "f", 0, slow, paused.append)
+    upload = Upload(tmp_path / "f", 0, slow, paused.append, os.path.realpath(tmp_path))
     upload.batch, upload.high_water = 2, 4
     upload.open()
     pending.pop().callback(None)

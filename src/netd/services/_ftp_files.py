@@ -168,6 +168,9 @@ class Realm:
         return ftp.IFTPShell, shell, lambda: None
 
 
+_UNSAFE = frozenset("\0\r\n")
+
+
 def _denied(path: Segments) -> ftp.FTPCmdError:
     return ftp.PermissionDeniedError("/".join(path))
 
@@ -184,7 +187,8 @@ class Shell(ftp.FTPShell):
         self.writable = writable
 
     def _path(self, path: Segments) -> FilePath[str]:
-        if any(segment.startswith(UPLOAD_PREFIX) or "\0" in segment for segment in path):
+        # CR and LF would forge lines in listings and replies; NUL ends C strings.
+        if any(segment.startswith(UPLOAD_PREFIX) or _UNSAFE & set(segment) for segment in path):
             raise _denied(path)
         try:
             found: FilePath[str] = self.filesystemRoot.descendant(path)
@@ -417,11 +421,20 @@ class Upload:
     high_water = 8 << 20
 
     def __init__(
-        self, target: Path, offset: int, run_in_thread: RunInThread, pause: Callable[[bool], None]
+        self,
+        target: Path,
+        offset: int,
+        run_in_thread: RunInThread,
+        pause: Callable[[bool], None],
+        root: str,
     ) -> None:
         self.target = target
         self.offset = offset
+        self.root = root
         self.temporary = target.with_name(UPLOAD_PREFIX + secrets.token_hex(8))
+        # The folder, held open from the moment the data connection comes: what
+        # the checks saw at STOR may have been swapped for a link since.
+        self._folder: int | None = None
         self.run_in_thread = run_in_thread
         self.pause = pause
         self.received = 0
@@ -438,16 +451,31 @@ class Upload:
         return self._writing.addCallbacks(self._written, self._write_failed)
 
     def _open(self) -> None:
+        folder = os.open(self.target.parent, os.O_RDONLY | os.O_DIRECTORY)
+        self._folder = folder
+        real = os.readlink(f"/proc/self/fd/{folder}")
+        if real != self.root and not real.startswith(self.root.rstrip("/") + "/"):
+            raise PermissionError(f"{self.target.parent} left the root")
+        # Created, never followed: a link planted under the temporary name fails.
+        created = os.open(
+            self.temporary.name,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            0o644,
+            dir_fd=folder,
+        )
         # Unbuffered: batches go to the kernel in one writev, never copied again.
-        self._file = open(self.temporary, "xb", buffering=0)  # noqa: SIM115 (closed in _close)
+        self._file = open(created, "wb", buffering=0)  # noqa: SIM115 (closed in _close)
         if self.offset:
-            with open(self.target, "rb") as existing:
+            kept = os.open(self.target.name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=folder)
+            try:
                 left = self.offset
                 while left:
-                    copied = os.sendfile(self._file.fileno(), existing.fileno(), None, left)
+                    copied = os.sendfile(self._file.fileno(), kept, None, left)
                     if not copied:
                         break
                     left -= copied
+            finally:
+                os.close(kept)
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
@@ -496,13 +524,20 @@ class Upload:
 
     def _commit(self, chunks: list[bytes]) -> None:
         assert self._file is not None
+        assert self._folder is not None
         try:
             _write_all(self._file.fileno(), chunks)
             self._file.close()
-            os.replace(self.temporary, self.target)
+            os.replace(
+                self.temporary.name,
+                self.target.name,
+                src_dir_fd=self._folder,
+                dst_dir_fd=self._folder,
+            )
         except OSError:
             self._discard()
             raise
+        self._close_folder()
 
     def abort(self) -> Deferred[None]:
         """Forget the upload: the target keeps what it had."""
@@ -514,8 +549,15 @@ class Upload:
     def _discard(self) -> None:
         if self._file is not None:
             self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temporary)
+        if self._folder is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temporary.name, dir_fd=self._folder)
+        self._close_folder()
+
+    def _close_folder(self) -> None:
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            os.close(folder)
 
 
 def _write_all(fd: int, chunks: list[bytes]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import os
 import re
 import socket
 import time
@@ -43,6 +44,7 @@ from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
+from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.services._ftp_data import (
     READ_CHUNK,
@@ -65,12 +67,15 @@ _log = Logger(namespace="netd.ftp")
 _AUTH_OK = "234 AUTH TLS successful, negotiating."
 _TLS_REQUIRED = "530 TLS is required here: use AUTH TLS first."
 _PROT_REQUIRED = "521 Data connections must be protected: send PBSZ 0 and PROT P."
+# Replies a client may leave unread while it goes on sending commands.
+_UNREAD_REPLIES = 1 << 20
 _NO_TLS = "502 TLS is not configured on this server."
 _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _PER_CLIENT = "421 Too many connections from your address."
 _IDLE = "421 Idle timeout, closing control connection."
+
 
 _TELNET = bytes([255, 242, 244])
 _ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
@@ -309,6 +314,10 @@ class Session(ftp.FTP):
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if unsent_bytes(self.transport) > _UNREAD_REPLIES:
+            # Commands keep coming, replies are not read: cut it, not our memory.
+            self.transport.abortConnection()
+            return
         # While a command runs, lines wait in the buffer (Twisted pauses the whole
         # transport instead, and then never sees the client go away mid-transfer).
         if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
@@ -450,12 +459,12 @@ class Session(ftp.FTP):
         if level == "P":
             if not self.secure or self.data_tls is None:
                 return fail(ftp.BadCmdSequenceError("PROT P needs AUTH TLS first"))
-            self.protect_data = True
+            self._protect(True)
             return "200 Data connections will be protected."
         if level == "C":
             if self.server.require_tls:
                 return "534 Clear data connections are refused here."
-            self.protect_data = False
+            self._protect(False)
             return "200 Data connections will be in the clear."
         return "504 Only PROT C and PROT P are offered."
 
@@ -474,6 +483,14 @@ class Session(ftp.FTP):
         return (ftp.OPTS_NOT_IMPLEMENTED, option)
 
     # -- data connections ------------------------------------------------------------
+
+    def _protect(self, protected: bool) -> None:
+        # A data channel opened before the change (PASV, then PROT P) was set up
+        # for the old level: drop it, so the client must ask for a new one.
+        if protected != self.protect_data and self.data is not None:
+            self.data.close()
+            self.data = None
+        self.protect_data = protected
 
     def _new_channel(self) -> DataChannel:
         if self.data is not None:
@@ -611,7 +628,7 @@ class Session(ftp.FTP):
     def ftp_REST(self, offset: str) -> Any:
         try:
             value = int(offset)
-            if value < 0:
+            if not 0 <= value < 2**63:  # beyond what a file offset can be
                 raise ValueError(offset)
         except ValueError:
             return fail(ftp.CmdArgSyntaxError(offset))
@@ -681,6 +698,9 @@ class Session(ftp.FTP):
         offset = self._take_rest()
         segments = self._segments(path)
         source = self.shell.open_for_reading(segments)
+        if offset and offset > os.fstat(source.fileno()).st_size:
+            source.close()
+            return succeed("554 REST offset is beyond the end of the file.")
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
@@ -747,7 +767,7 @@ class Session(ftp.FTP):
                 else:
                     transport.resumeProducing()
 
-            upload = Upload(target, offset, self.server.run_in_thread, pause)
+            upload = Upload(target, offset, self.server.run_in_thread, pause, self.shell.real_root)
             newlines = LineEnds() if ascii else None
             if Sendfile.usable(transport):
                 # Fewer, larger reads: each one is a trip through the reactor.

@@ -35,6 +35,7 @@ from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.mail._except import IllegalClientResponse
 from twisted.python.failure import Failure
 
+from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
@@ -74,6 +75,8 @@ _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<para
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 # Lines held while a reply is pending, before reading from the client stops.
 _HOLD_LIMIT = 256 * 1024
+# Replies a client may leave unread while it goes on sending commands.
+_UNREAD_REPLIES = 1 << 20
 # RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
 _COMMAND_LINE = 12288
 _AUTH_FAILURES = 3
@@ -233,6 +236,10 @@ class Session(smtp.ESMTP):
         smtp.ESMTP.sendCode(self, code, message)
 
     def dataReceived(self, data: bytes) -> None:
+        if unsent_bytes(self.transport) > _UNREAD_REPLIES:
+            # Commands keep coming, replies are not read: cut it, not our memory.
+            self.transport.abortConnection()
+            return
         self._input += data
         self._process()
 

@@ -1,0 +1,219 @@
+"""ftp safety edges found in review: TLS levels, paths swapped mid-command, forged names, floods."""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SECRET = b"secret outside the root\n"
+
+
+def _config(base: Path) -> str:
+    return f"""
+state_dir: state
+shutdown_grace: 1
+admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
+tls:
+  lab: {{self_signed: [localhost, 127.0.0.1]}}
+services:
+  files:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    root: {base / "pub"}
+    anonymous: read
+    users:
+      alice: {{password: wonderland, home: {base / "alice"}, write: true}}
+    tls: lab
+    data_timeout: 5
+  vault:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    users: {{carol: {{password: secret, home: {base / "vault"}, write: true}}}}
+    tls: lab
+    require_tls: true
+    data_timeout: 5
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    base = tmp_path / "site"
+    for name in ("pub", "alice", "vault", "outside"):
+        (base / name).mkdir(parents=True)
+    (base / "pub" / "hello.txt").write_bytes(b"hello\n")
+    (base / "vault" / "v.txt").write_bytes(b"vault data, must travel over TLS only\n")
+    (base / "secret.txt").write_bytes(SECRET)
+    return base
+
+
+@pytest.fixture
+def daemon(start_netd: Any, site: Path) -> Any:
+    return start_netd(_config(site))
+
+
+def control(netd: Any, service: str = "files") -> tuple[socket.socket, Any]:
+    sock = socket.create_connection(netd.address(service), timeout=10)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"220")
+    return sock, reader
+
+
+def command(sock: Any, reader: Any, line: bytes) -> bytes:
+    sock.sendall(line + b"\r\n")
+    reply: bytes = reader.readline()
+    while reply[3:4] == b"-":
+        reply = reader.readline()
+    return reply
+
+
+def login(sock: Any, reader: Any, user: bytes, password: bytes) -> None:
+    command(sock, reader, b"USER " + user)
+    assert command(sock, reader, b"PASS " + password).startswith(b"230")
+
+
+def pasv_port(reply: bytes) -> int:
+    m = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
+    assert m is not None, reply
+    return int(m.group(5)) << 8 | int(m.group(6))
+
+
+# -- 1. require_tls / PROT P bypass -----------------------------------------------------
+
+
+def test_pasv_before_prot_p_is_never_a_clear_data_connection(daemon: Any, site: Path) -> None:
+    """require_tls: a channel opened by PASV before PROT P is dropped, never used in clear."""
+    sock, reader = control(daemon, "vault")
+    assert command(sock, reader, b"AUTH TLS").startswith(b"234")
+    context = ssl.create_default_context(cafile=str(daemon.ca_file("lab")))
+    tls = context.wrap_socket(sock, server_hostname="localhost")
+    treader = tls.makefile("rb")
+    login(tls, treader, b"carol", b"secret")
+    port = pasv_port(command(tls, treader, b"PASV"))  # before PBSZ/PROT
+    assert command(tls, treader, b"PBSZ 0").startswith(b"200")
+    assert command(tls, treader, b"PROT P").startswith(b"200")
+    # The channel opened for the old level is gone: a new PASV is needed.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert command(tls, treader, b"RETR v.txt").startswith(b"503")
+
+
+# -- 2. symlink swapped during a session (TOCTOU between check and open) ---------------
+
+
+def test_stor_target_dir_swapped_for_symlink_before_data_connection(
+    daemon: Any, site: Path
+) -> None:
+    """A folder swapped for a link out of the root between STOR and the data connection."""
+    sub = site / "alice" / "sub"
+    sub.mkdir()
+    sock, reader = control(daemon)
+    login(sock, reader, b"alice", b"wonderland")
+    port = pasv_port(command(sock, reader, b"PASV"))
+    sock.sendall(b"STOR sub/planted.txt\r\n")
+    time.sleep(0.5)  # the STOR check has run; it now waits for the data connection
+    sub.rmdir()
+    sub.symlink_to(site / "outside")
+    data = socket.create_connection(("127.0.0.1", port), timeout=10)
+    data.sendall(b"planted outside the root\n")
+    data.close()
+    reader.readline()  # 125
+    reply = reader.readline()
+    sock.close()
+    assert not (site / "outside" / "planted.txt").exists(), (
+        f"upload written outside the root ({reply!r})"
+    )
+
+
+def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Path) -> None:
+    """APPE: a target swapped for a link out of the root is not followed to copy from."""
+    target = site / "alice" / "log.txt"
+    target.write_bytes(b"x" * len(SECRET))
+    sock, reader = control(daemon)
+    login(sock, reader, b"alice", b"wonderland")
+    port = pasv_port(command(sock, reader, b"PASV"))
+    sock.sendall(b"APPE log.txt\r\n")
+    time.sleep(0.5)
+    target.unlink()
+    target.symlink_to(site / "secret.txt")
+    data = socket.create_connection(("127.0.0.1", port), timeout=10)
+    data.sendall(b"!")
+    data.close()
+    reader.readline()
+    reader.readline()
+    sock.close()
+    time.sleep(0.3)
+    # The upload must not have put a file with the outside bytes in the link's place
+    # (the link itself, left as planted, still points out: reading it proves nothing).
+    got = target.read_bytes() if target.exists() and not target.is_symlink() else b""
+    assert SECRET not in got, "a file outside the root was copied into it"
+
+
+# -- 3. names with LF: listings and replies can be forged ------------------------------
+
+
+def test_names_with_newlines_are_refused(daemon: Any, site: Path) -> None:
+    """Names with LF or CR (which would forge listing lines and replies) are refused."""
+    sock, reader = control(daemon)
+    login(sock, reader, b"alice", b"wonderland")
+    reply = command(sock, reader, b"MKD a\nfake-entry")
+    sock.close()
+    names = [p.name for p in (site / "alice").iterdir()]
+    assert not any("\n" in n for n in names), f"created {names!r} ({reply!r})"
+
+
+# -- 4. control connection: replies buffered without bound -----------------------------
+
+
+def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
+    """Pipelined FEATs from a client that never reads: cut, not buffered without limit."""
+    pid = daemon.process.pid
+
+    def rss() -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    sock, _ = control(daemon)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    before = rss()
+    burst = b"FEAT\r\n" * 10000
+    sock.settimeout(20)
+    deadline = time.monotonic() + 15
+    sent = 0
+    try:
+        while time.monotonic() < deadline and sent < 8 << 20:
+            sock.sendall(burst)
+            sent += len(burst)
+    except (TimeoutError, OSError):
+        pass
+    time.sleep(1)
+    grown = rss() - before
+    sock.close()
+    assert grown < 64 << 20, f"server RSS grew by {grown >> 20} MiB for {sent >> 20} MiB sent"
+
+
+# -- 5. malformed arguments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [b"TYPE A", b"TYPE I"])
+def test_huge_rest_offset_is_refused_cleanly(daemon: Any, mode: bytes) -> None:
+    sock, reader = control(daemon)
+    login(sock, reader, b"anonymous", b"guest@")
+    assert command(sock, reader, mode).startswith(b"200")
+    port = pasv_port(command(sock, reader, b"PASV"))
+    data = socket.create_connection(("127.0.0.1", port), timeout=10)
+    assert command(sock, reader, b"REST 99999999999999999999999").startswith(b"501")
+    assert command(sock, reader, b"REST 999999").startswith(b"350")  # past the end
+    sock.sendall(b"RETR hello.txt\r\n")
+    replies = [reader.readline()]
+    assert replies[0].startswith(b"554"), replies
+    data.close()
+    assert command(sock, reader, b"NOOP").startswith(b"200")
+    assert b"internal server error" not in b"".join(replies), replies
