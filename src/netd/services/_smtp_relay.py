@@ -45,6 +45,13 @@ __all__ = [
     "smarthost_sender",
 ]
 
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 # What happened to each recipient of one attempt: address -> (code, text).
 Outcome = Mapping[str, tuple[int, str]]
 Send = Callable[[Envelope, bytes], Deferred[Outcome]]
@@ -137,11 +144,13 @@ class _Sender(smtp.ESMTPSender):
 
     def sentMail(self, code: int, resp: bytes, numOk: int, addresses: list[Any], log: Any) -> None:
         assert self.job is not None
-        text = resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp)
+        # A multi-line reply comes joined with LF; the text goes into bounces,
+        # where a bare LF (and what follows it) must not reach the next hop.
+        text = _one_line(resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp))
         outcome: dict[str, tuple[int, str]] = {}
         for address, rcpt_code, rcpt_text in addresses:
             name = address.decode() if isinstance(address, bytes) else str(address)
-            detail = rcpt_text.decode("utf-8", "replace")
+            detail = _one_line(rcpt_text.decode("utf-8", "replace"))
             # An accepted recipient shares the fate of the DATA that followed.
             outcome[name] = (code, text) if rcpt_code // 100 == 2 else (rcpt_code, detail)
         for recipient in self.job.recipients:
@@ -194,7 +203,10 @@ class Hop(ClientFactory):
         self.connections = 0
 
     def send(self, envelope: Envelope, recipients: Sequence[str], data: bytes) -> Deferred[Outcome]:
-        stuffed = (b"\r\n" + data).replace(b"\r\n.", b"\r\n..")[2:]
+        # Every line end a CRLF (no bare CR or LF can end DATA downstream), then
+        # dot-stuffed.
+        lines = _LINE_END.sub(b"\r\n", data)
+        stuffed = (b"\r\n" + lines).replace(b"\r\n.", b"\r\n..")[2:]
         job = _Job(envelope, tuple(recipients), stuffed)
         self.pending.append(job)
         if self.connections < min(self.limit, len(self.pending)):

@@ -203,6 +203,7 @@ class Session(smtp.ESMTP):
         self._held = False
         self._processing = False
         self._gone = False
+        self._closing = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -230,6 +231,7 @@ class Session(smtp.ESMTP):
             status = _STATUS.get(code, b"%d.0.0" % (code // 100))
             message = status + b" " + message
         super().sendCode(code, message)
+        self._close_if_idle()  # stopping: the reply that ends a transaction is the last
 
     def _send_plain(self, code: int, message: bytes) -> None:
         """A reply without a status code: EHLO and HELO (RFC 2034 exempts them)."""
@@ -263,6 +265,13 @@ class Session(smtp.ESMTP):
         """Handle one command line; False when only part of a line is buffered."""
         end = self._input.find(b"\r\n")
         if end < 0:
+            bare = self._input.find(b"\n")
+            if bare >= 0:
+                # Ended by a bare LF (netcat, a broken script): answered, not
+                # left to wait for a CRLF until the command timeout.
+                self._input = self._input[bare + 1 :]
+                self.sendCode(500, b"5.5.2 Bare LF in a command: end lines with CRLF")
+                return True
             if len(self._input) <= _COMMAND_LINE:
                 return False
             self._input = b""
@@ -300,10 +309,26 @@ class Session(smtp.ESMTP):
             if self._paused and not self._gone:
                 self._paused = False
                 self.transport.resumeProducing()
+            self._close_if_idle()
             if not self._gone:
                 self._process()
 
         pending.addBoth(release)
+
+    def close_gracefully(self) -> None:
+        """
+        netd is stopping, or this service is retired by a reload: a message in
+        flight (MAIL given, DATA coming, its spool write) is finished and
+        answered first; then, or at once if none is, the client is told 421.
+        """
+        self._closing = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if self._closing and not (self._gone or self._held or self._mail or self._body):
+            self._gone = True
+            self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down")
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._body = None
@@ -411,7 +436,8 @@ class Session(smtp.ESMTP):
             if key == b"SIZE":
                 if not value.isdigit():
                     return 501, b"5.5.4 SIZE takes a number"
-                if int(value) > self.receiver.limits.max_message_size:
+                # Twenty digits is beyond any size; int() of thousands raises.
+                if len(value) > 20 or int(value) > self.receiver.limits.max_message_size:
                     return 552, b"5.3.4 Message size exceeds fixed maximum message size"
             elif key == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
@@ -448,6 +474,8 @@ class Session(smtp.ESMTP):
     def _check_relay(self, recipient: Mailbox) -> None:
         if recipient.domain in self.receiver.domains:
             return
+        if recipient.local.lower() == "postmaster" and recipient.domain == self.receiver.hostname:
+            return  # RFC 5321 4.5.1: accepted from anyone
         if self.user is not None or self.receiver.may_relay(self.client):
             return
         raise PathRefused(550, "5.7.1", f"<{recipient}>: Relay access denied")
@@ -507,9 +535,10 @@ class Session(smtp.ESMTP):
             # (the relay dot-stuffs what it sends).
             text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
-        if (
-            len(text) > limits.max_line_length
-            and max(map(len, text.split(b"\r\n"))) > limits.max_line_length - 2
+        if len(text) > limits.max_line_length and re.search(
+            # Every CR and LF is part of a CRLF by now: a run without one is a line.
+            rb"[^\r\n]{%d}" % (limits.max_line_length - 1),
+            text,
         ):
             stats.count("smtp_messages_rejected")
             self.sendCode(

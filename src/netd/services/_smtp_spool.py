@@ -139,7 +139,9 @@ def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
     """
     try:
         with path.open("rb") as f:
-            line = f.readline(1 << 20)
+            # netd's own file: the envelope line is read whole, however many
+            # recipients it lists (a cut one would look torn and be removed).
+            line = f.readline()
             length = os.fstat(f.fileno()).st_size
             start = f.read(HEAD_BYTES)
         if not line.startswith(_MAGIC) or not line.endswith(b"\n"):
@@ -176,7 +178,7 @@ def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
 def _read_message(path: Path) -> bytes | None:
     try:
         with path.open("rb") as f:
-            f.readline(1 << 20)
+            f.readline()
             return f.read()
     except FileNotFoundError:
         return None
