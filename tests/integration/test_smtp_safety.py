@@ -90,11 +90,11 @@ def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: 
         assert answer.startswith(b"250"), answer
 
 
-def _rss_kb(pid: int) -> int:
+def _status_kb(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def test_pipelined_commands_without_reading_do_not_grow_memory(
@@ -104,7 +104,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
     netd = start_netd(config(tmp_path / "state"))
     pid = netd.process.pid
     host, port = netd.address("mail")
-    before = _rss_kb(pid)
+    before = _status_kb(pid)
     with socket.create_connection((host, port), timeout=30) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         chunk = b"EHLO x\r\n" * 8192
@@ -117,7 +117,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
         except (TimeoutError, OSError):
             pass  # the server stopped reading: good
         time.sleep(2)
-        grown = _rss_kb(pid) - before
+        grown = _status_kb(pid) - before
     assert grown < 50_000, f"daemon grew by {grown} kB after {sent} bytes of unread EHLOs"
 
 
@@ -145,13 +145,6 @@ def test_bare_lf_command_gets_an_answer(start_netd: StartNetd, tmp_path: Path) -
         assert answer[:1] in (b"2", b"5"), answer
 
 
-def _hwm_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
-
-
 def test_a_message_of_short_lines_costs_little_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
@@ -165,10 +158,10 @@ def test_a_message_of_short_lines_costs_little_memory(
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<lines@netd.test>\r\nDATA\r\n")
         assert [_reply(stream)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        before = _hwm_kb(pid)
+        before = _status_kb(pid, "VmHWM")
         sock.sendall(b"Subject: lines\r\n\r\n" + b"ab\r\n" * (10_000_000 // 4) + b".\r\n")
         assert _reply(stream).startswith(b"250")
-        peak = _hwm_kb(pid) - before
+        peak = _status_kb(pid, "VmHWM") - before
     assert peak < 60_000, f"peak grew by {peak} kB for a 10 MB message"
 
 
