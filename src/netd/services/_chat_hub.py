@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -175,11 +176,12 @@ def clean(line: bytes) -> str:
     return "".join(c for c in text if c.isprintable() or c in "\x01\x02\x03\x0f\x16\x1d\x1f")
 
 
-class Wire:
+class Wire(ABC):
     """How one protocol says what happens in the hub; each method returns bytes to send."""
 
+    @abstractmethod
     def room_message(self, sender: Session, room: Room, text: str, notice: bool) -> bytes:
-        raise NotImplementedError
+        """Room message, in this wire's words."""
 
     def deliver(
         self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
@@ -191,23 +193,29 @@ class Wire:
             if member is not sender:
                 member.out.append(data)
 
+    @abstractmethod
     def joined(self, user: Session, room: Room) -> bytes:
-        raise NotImplementedError
+        """Joined, in this wire's words."""
 
+    @abstractmethod
     def parted(self, user: Session, room: Room, reason: str) -> bytes:
-        raise NotImplementedError
+        """Parted, in this wire's words."""
 
+    @abstractmethod
     def quit(self, user: Session, reason: str) -> bytes:
-        raise NotImplementedError
+        """Quit, in this wire's words."""
 
+    @abstractmethod
     def renamed(self, user: Session, old_prefix: str, old_nick: str) -> bytes:
-        raise NotImplementedError
+        """Renamed, in this wire's words."""
 
+    @abstractmethod
     def topic(self, user: Session, room: Room) -> bytes:
-        raise NotImplementedError
+        """Topic, in this wire's words."""
 
+    @abstractmethod
     def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
-        raise NotImplementedError
+        """Private, in this wire's words."""
 
 
 @attrs.define(eq=False)
@@ -232,7 +240,7 @@ class Room:
 
 
 @implementer(IPushProducer)
-class Session(Protocol):
+class Session(Protocol, ABC):
     """
     One connected user, whatever its protocol; the protocols subclass it.
 
@@ -297,12 +305,13 @@ class Session(Protocol):
             self.line_received(clean(line))
         self.hub.flush_soon()
 
+    @abstractmethod
     def line_received(self, line: str) -> None:
-        raise NotImplementedError
+        """One line from the client, cleaned, in this protocol's syntax."""
 
+    @abstractmethod
     def too_long(self) -> None:
         """A line over L{max_line} was dropped: tell the client."""
-        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         """Queue C{data}; it reaches the transport when the hub flushes."""
@@ -341,13 +350,13 @@ class Session(Protocol):
     def stopProducing(self) -> None:
         self.paused = False
 
+    @abstractmethod
     def notify(self, text: str) -> None:
         """A message from the server to this user (a refusal, a flood warning)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def farewell(self, reason: str) -> bytes:
         """The last words to a client being disconnected."""
-        raise NotImplementedError
 
     def disconnect(self, reason: str) -> None:
         """Say why and close once the reason is sent."""
