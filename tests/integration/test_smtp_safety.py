@@ -8,8 +8,10 @@ import socket
 import time
 from pathlib import Path
 
-from netd.testing import NetdProcess
-from tests.conftest import StartNetd
+import pytest
+
+from netd.testing import AdminError, NetdProcess
+from tests.conftest import StartNetd, unused_port
 from tests.integration.test_smtp import config, messages_to, smtp
 
 
@@ -295,3 +297,22 @@ def test_bounce_sent_on_has_no_bare_lf(start_netd: StartNetd, tmp_path: Path) ->
         assert b"\n" not in body and b"\r" not in body, bounce
     finally:
         upstream.stop()
+
+
+def test_queued_relay_mail_cannot_be_dropped_through_the_admin_api(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """It leaves the spool delivered or bounced; DELETE is for capture mode (405 here)."""
+    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
+    text += (
+        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{unused_port()}', tls: none,"
+        " retry: [3600]}\n"
+    )
+    netd = start_netd(text)
+    with smtp(netd) as client:
+        client.sendmail("a@client.test", ["queued@far.test"], b"Subject: q\r\n\r\nx\r\n")
+    assert len(messages_to(netd, "queued@far.test")) == 1
+    with pytest.raises(AdminError) as refused:
+        netd.admin("DELETE", "/api/services/mail/messages")
+    assert refused.value.status == 405
+    assert len(messages_to(netd, "queued@far.test")) == 1

@@ -395,7 +395,15 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         stream=stream,
         busy_reply=busy_reply(),
         service=background,
-        views={"messages": AdminView(list=store.list, item=store.item, clear=store.clear)},
+        views={
+            "messages": AdminView(
+                list=store.list,
+                item=store.item,
+                # Mail queued for relay leaves the spool delivered or bounced, never
+                # dropped by an API call: DELETE is for capture mode (405 otherwise).
+                clear=store.clear if send is None else None,
+            )
+        },
     )
 
 
