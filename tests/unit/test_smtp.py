@@ -788,6 +788,18 @@ def test_courier_bounces_refusals_and_expired_messages_but_never_a_bounce(tmp_pa
     assert not upstream.answers and not store.messages and not courier.queue
 
 
+def test_a_bounce_that_cannot_be_stored_keeps_the_original(tmp_path: Path) -> None:
+    """The original leaves the spool only once its bounce is on disk."""
+    courier, store, upstream, clock, _ = make_courier(tmp_path)
+    upstream.answers = [{"a@far.test": (550, "5.1.1 no such user")}]
+    store.add_own = lambda envelope, data: fail(OSError("disk full"))  # type: ignore[method-assign]
+    id = accept(store, Mailbox("alice", "client.test"), "a@far.test")
+    clock.advance(0)
+    assert id in store.messages
+    assert [path.name for path in tmp_path.rglob("*.msg")] == [f"{id}.msg"]
+    courier.stopService()
+
+
 def test_a_message_deleted_while_queued_is_dropped(tmp_path: Path) -> None:
     courier, store, upstream, clock, _ = make_courier(tmp_path)
     upstream.answers = [ConnectionRefusedError("down")]

@@ -487,8 +487,7 @@ class Courier(Service):
         if failed:
             stats.count("smtp_failed_recipients", len(failed))
         steps: list[Deferred[Any]] = []
-        if failed:
-            steps.append(self._bounce(envelope, failed, expired))
+        bounced = self._bounce(envelope, failed, expired) if failed else None
         if waiting:
             stats.count("smtp_deferred_recipients", len(waiting))
             delay = self.retry[min(queued.attempts - 1, len(self.retry) - 1)]
@@ -504,6 +503,12 @@ class Courier(Service):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
                 steps.append(self.spool.replace(queued.envelope))
             self._later(envelope.id, delay)
+            if bounced is not None:
+                steps.append(bounced)
+        elif bounced is not None:
+            # The original goes only once its bounce is on disk: if storing the
+            # bounce fails, the message stays spooled rather than vanish untold.
+            steps.append(bounced.addCallback(lambda _: self.forget(envelope.id)))
         else:
             steps.append(self.forget(envelope.id))
         return _all(steps)
