@@ -578,6 +578,21 @@ def test_a_failed_write_fails_its_message(tmp_path: Path) -> None:
     assert failures and failures[0].check(FileNotFoundError)
 
 
+def test_a_message_whose_sync_fails_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not acknowledged, so not listed after a restart either (it would be a copy)."""
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    failures: list[Any] = []
+    Spool(tmp_path, maybeDeferred).store(envelope("a", 1), b"x").addErrback(failures.append)
+    assert failures and failures[0].check(OSError)
+    assert os.listdir(tmp_path) == []
+
+
 # The store -----------------------------------------------------------------
 
 

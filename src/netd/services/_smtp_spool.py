@@ -121,15 +121,22 @@ def _write_file(directory: Path, envelope: Envelope, data: bytes) -> None:
     folder sync that POSIX asks for costs little (a rename after the sync would
     need a commit of its own: 15-50% fewer messages a second, measured here).
     """
-    fd = os.open(directory / (envelope.id + _SUFFIX), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    path = directory / (envelope.id + _SUFFIX)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        view = memoryview(_encode(envelope) + data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_directory(directory)
+        try:
+            view = memoryview(_encode(envelope) + data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_directory(directory)
+    except OSError:
+        # Not acknowledged (the client hears 451): a whole file left behind would
+        # be listed and delivered after a restart, a copy of what the client resends.
+        path.unlink(missing_ok=True)
+        raise
 
 
 def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
