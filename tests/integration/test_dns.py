@@ -572,7 +572,7 @@ services:
     netd = start_netd(config)
     assert texts(ask_udp(netd, "www.reload.test")) == ["www.reload.test. 60 IN A 10.3.0.1"]
     zone.write_text("www A 10.3.0.2\nnew A 10.3.0.3\n")
-    changes = admin(netd, "POST", "/api/reload")
+    changes = netd.reload()
     assert "dns" in json.dumps(changes)
     assert texts(ask_udp(netd, "www.reload.test")) == ["www.reload.test. 60 IN A 10.3.0.2"]
     assert texts(ask_udp(netd, "new.reload.test")) == ["new.reload.test. 60 IN A 10.3.0.3"]

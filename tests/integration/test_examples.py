@@ -93,6 +93,7 @@ def test_ftp_dropbox_takes_uploads_over_tls_only(tmp_path: Path) -> None:
         secure.prot_p()
         secure.storbinary("STOR report.csv", io.BytesIO(b"a,b\n1,2\n"))
         assert "report.csv" in secure.nlst()
+        assert [s["user"] for s in netd.sessions("dropbox")] == ["acme"]
         secure.quit()
         uploaded = tmp_path / "config" / "examples" / "dropbox" / "acme" / "report.csv"
         assert uploaded.read_bytes() == b"a,b\n1,2\n"

@@ -6,7 +6,7 @@ import socket
 import time
 
 from tests.conftest import StartNetd
-from tests.integration.test_http_upgrade_edges import RawUpstream, read_head
+from tests.integration.test_http_upgrade_edges import RawUpstream, read_head, start
 
 
 def test_a_request_pipelined_behind_a_pending_one_with_upgrade_is_answered(
@@ -61,16 +61,7 @@ def test_an_http10_upgrade_is_not_switched(start_netd: StartNetd) -> None:
 
     upstream = RawUpstream(switching)
     try:
-        netd = start_netd(
-            f"""
-services:
-  web:
-    type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
-    routes:
-      - {{path: /ws/, proxy: "http://127.0.0.1:{upstream.port}/"}}
-"""
-        )
+        netd = start(start_netd, upstream.port)
         with socket.create_connection(netd.address("web"), timeout=10) as sock:
             sock.sendall(b"GET /ws/ HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             head = read_head(sock)
@@ -91,16 +82,7 @@ def test_the_body_of_an_upgrade_request_reaches_the_upstream(start_netd: StartNe
 
     upstream = RawUpstream(plain)
     try:
-        netd = start_netd(
-            f"""
-services:
-  web:
-    type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
-    routes:
-      - {{path: /ws/, proxy: "http://127.0.0.1:{upstream.port}/"}}
-"""
-        )
+        netd = start(start_netd, upstream.port)
         with socket.create_connection(netd.address("web"), timeout=10) as sock:
             sock.sendall(
                 b"GET /ws/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -623,15 +623,8 @@ def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: P
     netd = start_netd(text)
     with smtp(netd) as client:
         client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
-    (netd.log_path.parent / "netd.yaml").write_text(
-        text.replace("max_recipients: 5", "max_recipients: 6")
-    )
-    entry = netd.ports["admin"]["listeners"][0]
-    request = urllib.request.Request(
-        f"http://{entry['host']}:{entry['port']}/api/reload", method="POST"
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert json.loads(response.read())["restarted"] == ["mail"]
+    changes = netd.reload(text.replace("max_recipients: 5", "max_recipients: 6"))
+    assert changes["restarted"] == ["mail"]
     [listed] = messages_to(netd, "before@netd.test")
     assert listed["subject"] == "before"
 
