@@ -350,10 +350,16 @@ class AdminServer(ListenerGroup):
         self.site.noisy = False
         self.site.displayTracebacks = False
 
-    def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
+    def _listen_one(
+        self, listener: ListenerConfig, held: endpoints.HeldSocket | None
+    ) -> Deferred[IListeningPort]:
         creator = self.creators[listener.tls_profile] if listener.tls_profile else None
         endpoint = endpoints.server_endpoint(
-            self.daemon.reactor, listener.endpoint, Path(self.daemon.config.file).parent, creator
+            self.daemon.reactor,
+            listener.endpoint,
+            Path(self.daemon.config.file).parent,
+            creator,
+            held=held,
         )
         listening: Deferred[IListeningPort] = endpoint.listen(self.site)
         return listening

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IProtocol,
     IProtocolFactory,
     IProtocolNegotiationFactory,
@@ -26,9 +27,10 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 from netd.events import Journal, ServiceStats
+from netd.kinds import IOwesReplies
 
 __all__ = [
     "ConnectionSet",
@@ -75,7 +77,18 @@ def unsent_bytes(transport: Any) -> int:
     return total
 
 
+@implementer(IHalfCloseableProtocol)
 class TrackedConnection(ProtocolWrapper):
+    """
+    One accepted connection, as every kind's protocol sees its transport.
+
+    It also makes every kind half-close aware: Twisted closes a connection whose
+    protocol is not L{IHalfCloseableProtocol} the moment the client's FIN
+    arrives, dropping the replies still buffered or still to come.  Here the
+    client's FIN means "that was all": what it sent is answered (L{IOwesReplies}
+    says when), written out, and then the connection closes.
+    """
+
     factory: TrackingFactory
     transport: Any
     # Twisted asks the protocol for interfaces at close; without these the
@@ -121,6 +134,26 @@ class TrackedConnection(ProtocolWrapper):
     def writeSequence(self, data: list[bytes]) -> None:
         self.bytes_out += sum(map(len, data))
         self.transport.writeSequence(data)
+
+    def readConnectionLost(self) -> None:
+        wrapped = self.wrappedProtocol
+        half_closeable = IHalfCloseableProtocol(wrapped, None)
+        if half_closeable is not None:
+            half_closeable.readConnectionLost()
+            return
+        if getattr(self.transport, "producer", None) is self:
+            # The protocol throttled its reading by its writing (echo's
+            # back-pressure): with nothing more to read, nothing is left to pause,
+            # and a registered producer would hold the close below forever.
+            self.transport.unregisterProducer()
+        owes = IOwesReplies(wrapped, None)
+        replied = owes.when_replied() if owes is not None else succeed(None)
+        replied.addCallback(lambda _: self.loseConnection())
+
+    def writeConnectionLost(self) -> None:
+        half_closeable = IHalfCloseableProtocol(self.wrappedProtocol, None)
+        if half_closeable is not None:
+            half_closeable.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.factory.connections.forget(self)

@@ -34,7 +34,11 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
+from netd.compat import share_listening_socket
+
 __all__ = [
+    "HeldSocket",
+    "can_hand_over",
     "check",
     "has_own_tls",
     "identity",
@@ -256,7 +260,8 @@ def inherited_socket(
 @attrs.frozen
 class _InheritedStreamEndpoint:
     """
-    Listens on a dup of a socket systemd passed, leaving systemd's descriptor open.
+    Listens on a dup of a socket systemd passed, leaving systemd's descriptor
+    open; or on a dup of the socket of a listener being replaced.
 
     Twisted's C{systemd:} endpoint closes the inherited descriptor once adopted,
     so a service restarted by a reload could not adopt it again.
@@ -276,11 +281,43 @@ class _InheritedStreamEndpoint:
         return succeed(port)
 
 
+def can_hand_over(description: str) -> bool:
+    """
+    Whether a listener of C{description} can pass its bound socket to its
+    successor (a service restarted by a reload), so that no connection attempt
+    meets a closed port in between.  A UNIX socket cannot: Twisted unlinks its
+    path when the old listener stops.  Nor can TLS built from the string's own
+    key material, which only Twisted's parser knows how to wrap.
+    """
+    return _split(description)[0] not in ("unix", "tls") and not has_own_tls(description)
+
+
+@attrs.frozen
+class HeldSocket:
+    """
+    A dup of a bound listener's socket, held while a reload replaces the
+    listener: whichever listener closes first, the socket stays bound.
+    """
+
+    descriptor: int
+    family: int
+
+    @classmethod
+    def of(cls, port: IListeningPort) -> HeldSocket:
+        share_listening_socket(port)
+        listening: Any = port
+        return cls(os.dup(listening.fileno()), listening.socket.family)
+
+    def close(self) -> None:
+        os.close(self.descriptor)
+
+
 def listen_datagram(
     reactor: Any,
     description: str,
     protocol: DatagramProtocol,
     inherited: Sequence[tuple[str, int]] | None = None,
+    held: HeldSocket | None = None,
 ) -> IListeningPort:
     """
     Listen for datagrams as C{description} says: C{udp:PORT[:interface=ADDR]}
@@ -288,10 +325,14 @@ def listen_datagram(
     (a dup of it: systemd's descriptor stays open for the next adoption).
 
     @param inherited: as for L{inherited_socket}.
+    @param held: the socket of the listener this one replaces, to take over
+        (a dup of it) instead of binding.
     """
     # UDP has no endpoint API in Twisted (#4471): this is its one place.
     port: IListeningPort
-    if _split(description)[0] == "udp":
+    if held is not None:
+        port = reactor.adoptDatagramPort(held.descriptor, held.family, protocol)
+    elif _split(description)[0] == "udp":
         number, interface = parse_udp(description)
         port = reactor.listenUDP(number, protocol, interface=interface)
     else:
@@ -340,11 +381,20 @@ def server_endpoint(
     description: str,
     base_dir: Path,
     tls: IOpenSSLServerConnectionCreator | None = None,
+    held: HeldSocket | None = None,
 ) -> IStreamServerEndpoint:
-    """The stream endpoint for C{description}, wrapped in C{tls} when a profile applies."""
+    """
+    The stream endpoint for C{description}, wrapped in C{tls} when a profile applies.
+
+    @param held: the socket of the listener this one replaces: the endpoint
+        listens on a dup of it, so the kernel's listening socket, and the
+        connections waiting in its backlog, pass to the new factory.
+    """
     prefix, args, kwargs = _split(description)
     inner: IStreamServerEndpoint
-    if prefix == "systemd":
+    if held is not None:
+        inner = _InheritedStreamEndpoint(reactor, held.descriptor, held.family)
+    elif prefix == "systemd":
         inner = _InheritedStreamEndpoint(reactor, *inherited_socket(description))
     elif prefix == "ssl" and tls is not None:
         inner = _plain_tcp(reactor, args, kwargs)

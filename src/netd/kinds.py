@@ -15,9 +15,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 from twisted.application.service import IService
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from netd.events import Journal, ServiceStats
 
@@ -25,9 +27,28 @@ if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
     from netd.schema import Section
 
-__all__ = ["AdminView", "BuildContext", "Handlers", "ServiceKind"]
+__all__ = ["AdminView", "BuildContext", "Handlers", "IOwesReplies", "ServiceKind"]
 
 Options = TypeVar("Options")
+
+
+class IOwesReplies(Interface):
+    """
+    A stream protocol that answers some requests later than it reads them (a
+    spool write, an upstream, a thread).
+
+    When a client half-closes (C{shutdown(SHUT_WR)}, what C{nc -q} and many
+    scripts do after their last request), the core's connection wrapper keeps
+    the connection open until this fires, then closes once the replies are
+    written.  A protocol that answers as it reads need not provide it.
+    """
+
+    def when_replied() -> Deferred[None]:
+        """
+        Fires once every request read so far has been answered: its reply
+        written, or streaming through a registered producer.  A request the
+        client cut short is not waited for.
+        """
 
 
 @attrs.frozen

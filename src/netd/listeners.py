@@ -5,7 +5,7 @@ Binding a group of listeners all together or not at all, and describing them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from netd.config import ListenerConfig
+from netd.endpoints import HeldSocket
 
 __all__ = ["BoundListener", "ListenerGroup", "StartupError", "os_message"]
 
@@ -65,15 +66,23 @@ class ListenerGroup(ABC):
     listeners: list[BoundListener]
 
     @abstractmethod
-    def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
-        """Start one listener."""
+    def _listen_one(
+        self, listener: ListenerConfig, held: HeldSocket | None
+    ) -> Deferred[IListeningPort]:
+        """Start one listener: on C{held} (a listener it replaces) if given."""
 
-    def listen(self) -> Deferred[list[BoundListener]]:
-        """Bind every listener, or none: a failure unbinds the ones already bound."""
+    def listen(self, held: Mapping[str, HeldSocket] | None = None) -> Deferred[list[BoundListener]]:
+        """
+        Bind every listener, or none: a failure unbinds the ones already bound.
+
+        @param held: sockets of listeners this group replaces, by endpoint:
+            taken over instead of bound anew.
+        """
+        held = held or {}
         attempts = []
         for listener in self.listener_configs:
             try:
-                attempt = self._listen_one(listener)
+                attempt = self._listen_one(listener, held.get(listener.endpoint))
             except Exception:
                 attempt = fail(Failure())
             attempts.append(attempt.addCallback(partial(BoundListener, listener)))

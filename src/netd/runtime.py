@@ -124,15 +124,19 @@ class RunningService(ListenerGroup, Service):
         self.listeners = []
         self.listener_configs = config.listen
 
-    def _listen_one(self, listener: ListenerConfig) -> Deferred[IListeningPort]:
+    def _listen_one(
+        self, listener: ListenerConfig, held: endpoints.HeldSocket | None
+    ) -> Deferred[IListeningPort]:
         if listener.datagram:
             assert self.handlers.datagram is not None
             protocol = self.handlers.datagram(listener)
-            return succeed(endpoints.listen_datagram(self.reactor, listener.endpoint, protocol))
+            return succeed(
+                endpoints.listen_datagram(self.reactor, listener.endpoint, protocol, held=held)
+            )
         assert self.handlers.stream is not None
         creator = self.tls_creators[listener.tls_profile] if listener.tls_profile else None
         endpoint = endpoints.server_endpoint(
-            self.reactor, listener.endpoint, self.base_dir, creator
+            self.reactor, listener.endpoint, self.base_dir, creator, held=held
         )
         factory = TrackingFactory(self.handlers.stream(listener), self.connections)
         listening: Deferred[IListeningPort] = endpoint.listen(factory)
@@ -420,27 +424,23 @@ class Daemon(MultiService):
         if admin_changed and self.admin is not None:
             retiring.append(self.admin)
         binding: list[ListenerGroup] = [*fresh.values(), *([new_admin] if new_admin else [])]
-        # A replacement that takes over a fixed port needs the old holder to let
-        # go first; everything else binds beside the old listeners, so a failed
-        # reload leaves the old ones exactly where they were.
-        wanted_ports = {
-            key
-            for group in binding
-            for listener in group.listener_configs
-            if (key := endpoints.port_of(listener.endpoint)) is not None
-        }
-        released = [
-            group
-            for group in retiring
-            if any(endpoints.port_of(c.endpoint) in wanted_ports for c in group.listener_configs)
+        # A replacement listening as its predecessor did takes over its socket:
+        # the port is never closed, so no client meets a refusal or a reset.
+        successions: list[tuple[ListenerGroup, ListenerGroup]] = [
+            (old[n], fresh[n]) for n in fresh if n in old
         ]
-        yield gatherResults([group.stop_listening() for group in released])
-        outcome = yield DeferredList([b.listen() for b in binding], consumeErrors=True)
-        failures = [value for ok, value in outcome if not ok]
-        if failures:
-            yield gatherResults([b.stop_listening() for b in binding])
-            yield gatherResults([group.listen() for group in released])
-            return ReloadResult(errors=tuple(str(f.value) for f in failures))
+        if new_admin is not None and self.admin is not None:
+            successions.append((self.admin, new_admin))
+        handed_over = [(pair, _held_sockets(*pair)) for pair in successions]
+        held = {id(group): sockets for pair, sockets in handed_over for group in pair}
+        try:
+            result = yield self._rebind(retiring, binding, held)
+        finally:
+            for _, sockets in handed_over:
+                for socket in sockets.values():
+                    socket.close()
+        if result is not None:
+            return result
 
         # Committed: old services finish their exchanges while the new ones serve.
         grace = new.shutdown_grace
@@ -472,6 +472,47 @@ class Daemon(MultiService):
             stopped=tuple(stopped),
             unchanged=tuple(unchanged),
         )
+
+    @inlineCallbacks
+    def _rebind(
+        self,
+        retiring: list[ListenerGroup],
+        binding: list[ListenerGroup],
+        held: Mapping[int, Mapping[str, endpoints.HeldSocket]],
+    ) -> Any:
+        """
+        Bind the new listeners (all or none); a L{ReloadResult} with the errors
+        if they cannot bind, the old listeners then as they were.
+        """
+
+        def fresh(group: ListenerGroup) -> list[ListenerConfig]:
+            taken_over = held.get(id(group), {})
+            return [c for c in group.listener_configs if c.endpoint not in taken_over]
+
+        # A replacement that binds a fixed port anew needs the old holder to let
+        # go first; everything else binds beside the old listeners, so a failed
+        # reload leaves the old ones exactly where they were.
+        wanted_ports = {
+            key
+            for group in binding
+            for listener in fresh(group)
+            if (key := endpoints.port_of(listener.endpoint)) is not None
+        }
+        released = [
+            group
+            for group in retiring
+            if any(endpoints.port_of(c.endpoint) in wanted_ports for c in fresh(group))
+        ]
+        yield gatherResults([group.stop_listening() for group in released])
+        outcome = yield DeferredList(
+            [b.listen(held.get(id(b))) for b in binding], consumeErrors=True
+        )
+        failures = [value for ok, value in outcome if not ok]
+        if not failures:
+            return None
+        yield gatherResults([b.stop_listening() for b in binding])
+        yield gatherResults([group.listen(held.get(id(group))) for group in released])
+        return ReloadResult(errors=tuple(str(f.value) for f in failures))
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -508,6 +549,16 @@ def _log_event(event: Event) -> None:
         event_fields=dict(event.fields),
         event_id=event.id,
     )
+
+
+def _held_sockets(old: ListenerGroup, new: ListenerGroup) -> dict[str, endpoints.HeldSocket]:
+    """The sockets of C{old}'s listeners that C{new} listens on the same way, by endpoint."""
+    wanted = {c.endpoint for c in new.listener_configs}
+    return {
+        bound.config.endpoint: endpoints.HeldSocket.of(bound.port)
+        for bound in old.listeners
+        if bound.config.endpoint in wanted and endpoints.can_hand_over(bound.config.endpoint)
+    }
 
 
 def _disown(result: object, service: RunningService) -> None:

@@ -342,6 +342,23 @@ class NetdProcess:
             if events:
                 since = events[-1]["id"]
 
+    def wait_for_count(
+        self, service: str | None, type: str, count: int, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        """
+        The first C{count} events of C{service} and C{type}, past or coming:
+        e.g. every connection of a test seen closed before its next step.
+        """
+        deadline = time.monotonic() + timeout
+        found: list[dict[str, Any]] = []
+        while len(found) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(found)} of {count} {type} of {service or 'any service'}")
+            since = int(found[-1]["id"]) if found else 0
+            found += self.events(service, type, since, wait=min(left, 30.0))
+        return found[:count]
+
     def reload(self, config: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
         """
         Apply a new map (or re-read the current one) without a restart.

@@ -311,6 +311,8 @@ def test_connections_per_client(netd: NetdProcess) -> None:
     finally:
         for sock in sockets:
             sock.close()
+    # The per-client count drops as netd sees each close: wait for it to.
+    netd.wait_for_count("mail", "connection.closed", 8)
     with smtp(netd) as client:
         assert client.noop()[0] == 250
 

@@ -95,17 +95,6 @@ def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: 
         assert answer.startswith(b"250"), answer
 
 
-def _wait_closed(netd: NetdProcess, count: int, timeout: float = 20) -> None:
-    """Until the journal has seen C{count} of the mail service's connections close."""
-    deadline = time.monotonic() + timeout
-    closed: list[dict[str, object]] = []
-    while len(closed) < count:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(closed)} of {count} connections closed"
-        since = int(closed[-1]["id"]) if closed else 0  # type: ignore[call-overload]
-        closed += netd.events("mail", "connection.closed", since=since, wait=min(left, 5))
-
-
 def _status_kb(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -132,7 +121,9 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
                 sent += len(chunk)
         except (TimeoutError, OSError):
             pass  # the server stopped reading: good
-    _wait_closed(netd, 1)  # whatever the server took in, it has let go of the client
+    netd.wait_for_count(
+        "mail", "connection.closed", 1, timeout=20
+    )  # whatever the server took in, it has let go of the client
     grown = _status_kb(pid) - before
     assert grown < 50_000, f"daemon grew by {grown} kB after {sent} bytes of unread EHLOs"
 
@@ -217,7 +208,7 @@ def test_failed_tls_handshakes_do_not_leak_per_client_slots(
         with socket.create_connection((tls_entry["host"], tls_entry["port"]), timeout=5) as s:
             s.sendall(b"\x16\x03\x01\x00\x05hello-garbage")
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    _wait_closed(netd, 20)
+    netd.wait_for_count("mail", "connection.closed", 20, timeout=20)
     host, port = netd.address("mail")
     socks = [socket.create_connection((host, port), timeout=5) for _ in range(8)]
     try:

@@ -9,7 +9,12 @@ import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IAddress, IProtocol, IProtocolNegotiationFactory
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IProtocolNegotiationFactory,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
@@ -23,6 +28,7 @@ from netd.connections import (
     describe_address,
 )
 from netd.events import Journal, ServiceStats
+from netd.kinds import IOwesReplies
 
 IDLE = 100.0  # seconds; the sweep runs every quarter of it
 CONNECTION_DONE = Failure(ConnectionDone())
@@ -409,3 +415,66 @@ def test_unsent_bytes_looks_through_wrapper_and_tls_without_counting_twice() -> 
 
     assert unsent_bytes(Wrapper()) == 60 + 7 + 3
     assert unsent_bytes(None) == 0
+
+
+# --- half-close ----------------------------------------------------------------------
+
+
+@implementer(IOwesReplies)
+class Owing(Recorder):
+    """Answers later: the client's FIN must wait for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: Deferred[None] = Deferred()
+
+    def when_replied(self) -> Deferred[None]:
+        return self.pending
+
+
+@implementer(IHalfCloseableProtocol)
+class HalfCloseable(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_closed = 0
+
+    def readConnectionLost(self) -> None:
+        self.read_closed += 1
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+def test_half_close_closes_after_the_replies_already_written() -> None:
+    h = harness()
+    connection, transport = h.connect(close_at_once=False)
+    connection.dataReceived(b"ping")
+    IHalfCloseableProtocol(connection).readConnectionLost()
+    assert transport.value() == b"ping"
+    assert transport.close_requested  # a graceful close: buffered output still goes
+
+
+def test_half_close_waits_for_replies_still_owed() -> None:
+    h = harness(protocol=Owing)
+    connection, transport = h.connect(close_at_once=False)
+    IHalfCloseableProtocol(connection).readConnectionLost()
+    assert not transport.close_requested
+    connection.wrappedProtocol.pending.callback(None)
+    assert transport.close_requested
+
+
+def test_half_close_is_left_to_a_protocol_that_handles_it() -> None:
+    h = harness(protocol=HalfCloseable)
+    connection, transport = h.connect(close_at_once=False)
+    IHalfCloseableProtocol(connection).readConnectionLost()
+    assert connection.wrappedProtocol.read_closed == 1
+    assert not transport.close_requested
+
+
+def test_half_close_ends_reading_back_pressure() -> None:
+    h = harness()
+    connection, transport = h.connect(close_at_once=False)
+    transport.registerProducer(connection, True)
+    IHalfCloseableProtocol(connection).readConnectionLost()
+    assert transport.producer is None
+    assert transport.close_requested

@@ -21,6 +21,7 @@ import attrs
 import h2.exceptions
 import httptools
 from twisted.internet import tcp
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IPullProducer
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -30,6 +31,7 @@ from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from netd.kinds import IOwesReplies
 from netd.services._http_app import App, BodyStream, Exchange, Headers, reason
 
 __all__ = ["HTTPConnection", "HTTPFactory", "Limits", "busy_reply", "factory_for"]
@@ -308,6 +310,7 @@ class _Splice:
         self.exchange.finish()
 
 
+@implementer(IOwesReplies)
 class HTTPConnection(Protocol):
     """One client connection: HTTP/1.1 requests in order, or HTTP/2 once ALPN says so."""
 
@@ -343,6 +346,8 @@ class HTTPConnection(Protocol):
         # sides switched protocols.
         self.held: bytearray | None = None
         self.spliced: Any = None
+        self.replied: list[Deferred[None]] = []
+        self.last_request = False
 
     # -- the connection ----------------------------------------------------------
 
@@ -436,6 +441,21 @@ class HTTPConnection(Protocol):
                 if exchange.proxy_cancel is not None:
                     exchange.proxy_cancel()
 
+    def when_replied(self) -> Deferred[None]:
+        receiving = self.receiving
+        if receiving is not None and receiving in self.queue:
+            # Cut short by the client's FIN: never dispatched, never answered.
+            self.queue.remove(receiving)
+        if self.h2 is not None or self.spliced is not None or receiving is self.current:
+            # h2 and a tunnel have no requests to finish in order; a request
+            # whose body the client stopped sending cannot be answered whole.
+            return succeed(None)
+        if self.current is None:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self.replied.append(replied)
+        return replied
+
     def send_now(self, data: bytes) -> None:
         """
         Write a whole response, straight to the socket when nothing is queued before it.
@@ -474,6 +494,11 @@ class HTTPConnection(Protocol):
             # A tunnel has no exchange to finish: both ends close now, in order.
             self.spliced.loseConnection()
             self.transport.loseConnection()
+        elif self.current is None and not self.served and self.h2 is None:
+            # Accepted just before the stop, its first request maybe on its way:
+            # a client retries a request on a reused connection that closes, not
+            # its first one.  That request is answered, then the connection closes.
+            self.last_request = True
         elif self.h2 is not None or self.current is None:
             self.transport.loseConnection()
         else:
@@ -574,7 +599,7 @@ class HTTPConnection(Protocol):
         if version not in ("1.1", "1.0"):
             # llhttp reads a request line without a version as HTTP/0.9: malformed here.
             raise _Reject(400 if version == "0.9" else 505)
-        exchange = LineExchange(self, parser.should_keep_alive())
+        exchange = LineExchange(self, parser.should_keep_alive() and not self.last_request)
         exchange.method = parser.get_method().decode("ascii")
         exchange.target = self.url.decode("latin-1")
         exchange.version = "HTTP/" + version
@@ -663,6 +688,11 @@ class HTTPConnection(Protocol):
         self.current = None
         self.app.completed(exchange)
         if self.gone:
+            return
+        if self.replied and not self.queue:
+            replied, self.replied = self.replied, []
+            for waiting in replied:
+                waiting.callback(None)
             return
         if not exchange.keep_alive:
             self.closing = True

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -34,9 +34,11 @@ from twisted.mail import smtp
 from twisted.mail._cred import LOGINCredentials, PLAINCredentials
 from twisted.mail._except import IllegalClientResponse
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
+from netd.kinds import IOwesReplies
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
@@ -178,6 +180,7 @@ class _LoginCredentials(LOGINCredentials):
         self.challenges = [b"Password:", b"Username:"]
 
 
+@implementer(IOwesReplies)
 class Session(smtp.ESMTP):
     """One SMTP connection."""
 
@@ -208,6 +211,7 @@ class Session(smtp.ESMTP):
         self._paused = False
         self._auth_failures = 0
         self._login: Deferred[Any] | None = None
+        self._replied: list[Deferred[None]] = []
         self.client = ""
 
     # Connection ----------------------------------------------------------
@@ -312,8 +316,19 @@ class Session(smtp.ESMTP):
             self._close_if_idle()
             if not self._gone:
                 self._process()
+            if not self._held:
+                replied, self._replied = self._replied, []
+                for waiting in replied:
+                    waiting.callback(None)
 
         pending.addBoth(release)
+
+    def when_replied(self) -> Deferred[None]:
+        if not self._held:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self._replied.append(replied)
+        return replied
 
     def close_gracefully(self) -> None:
         """

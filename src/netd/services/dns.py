@@ -27,14 +27,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
-from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.kinds import AdminView, BuildContext, Handlers, IOwesReplies, ServiceKind
 from netd.schema import Section, Value
 from netd.services._dns_data import (
     TYPES,
@@ -533,6 +534,7 @@ class _Datagrams(DatagramProtocol):
         self.stats.bytes_out += len(answer)
 
 
+@implementer(IOwesReplies)
 class _Stream(Protocol, TimeoutMixin):
     """
     DNS over a stream (RFC 7766): two-byte length prefixes, queries answered
@@ -548,6 +550,7 @@ class _Stream(Protocol, TimeoutMixin):
         self.waiting = 0
         self.paused = False
         self.closed = False
+        self.replied: list[Deferred[None]] = []
 
     def connectionMade(self) -> None:
         self.callLater = self.server.clock.callLater  # type: ignore[method-assign]
@@ -582,9 +585,20 @@ class _Stream(Protocol, TimeoutMixin):
                     self.transport.pauseProducing()
         del buffer[:offset]
 
+    def when_replied(self) -> Deferred[None]:
+        if not self.waiting:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self.replied.append(replied)
+        return replied
+
     def _answered(self, answer: bytes) -> None:
         self.waiting -= 1
         self.send(answer)
+        if not self.waiting and self.replied:
+            replied, self.replied = self.replied, []
+            for waiting in replied:
+                waiting.callback(None)
         if self.paused and self.waiting < _TCP_PIPELINE // 2 and not self.closed:
             self.paused = False
             self.transport.resumeProducing()
