@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
+from netd.schema import client_address
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
@@ -145,13 +146,8 @@ class Receiver:
 
 @functools.lru_cache(maxsize=1024)
 def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False  # a UNIX socket: no address to trust
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in allow_from)
+    address = client_address(client)  # None for a UNIX socket: no address to trust
+    return address is not None and any(address in network for network in allow_from)
 
 
 def _client_host(address: IAddress | None) -> str:
