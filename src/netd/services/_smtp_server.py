@@ -151,8 +151,9 @@ def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
 
 
 def _client_host(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else ""
+    # One client, one count, whichever listener (IPv4 or dual-stack) it came through.
+    host = client_address(address)
+    return "" if host is None else str(host)
 
 
 def _printable(text: bytes, limit: int = 255) -> str:
