@@ -594,6 +594,7 @@ def test_query_log_in_the_admin_api(netd: NetdProcess) -> None:
     assert entries[1]["answer"] == ["logged.fwd.test 300 A 10.0.0.7"]
     assert entries[0]["rcode"] == "NOERROR" and entries[0]["client"].startswith("127.0.0.1:")
     assert admin(netd, "DELETE", "/api/services/dns/queries") == {"cleared": 3}
+    ask_udp(netd, "nope.lab.test")  # an NXDOMAIN of its own: the test may run alone
     metrics = admin(netd, "GET", "/metrics")
     assert isinstance(metrics, str)
     for counter in ("cache_hits", "cache_misses", "rcode_NOERROR", "rcode_NXDOMAIN"):
@@ -695,8 +696,8 @@ services:
     assert upstream.count("dual.fwd.test") == 1
 
 
-def test_query_log_writes_one_line_per_query(start_netd: StartNetd, upstream: Upstream) -> None:
-    config = f"""
+def query_logging(upstream: Upstream) -> str:
+    return f"""
 services:
   dns:
     type: dns
@@ -706,7 +707,10 @@ services:
     forward: ["127.0.0.1:{upstream.port}"]
     query_log: true
 """
-    netd = start_netd(config)
+
+
+def test_query_log_writes_one_line_per_query(start_netd: StartNetd, upstream: Upstream) -> None:
+    netd = start_netd(query_logging(upstream))
     ask_udp(netd, "www.netd.test")
     ask_udp(netd, "logline.fwd.test", "A")
     ask_tcp(netd, "logline.fwd.test")
@@ -729,3 +733,23 @@ services:
     if DIG is not None:
         expected.append(("tcp", "www.netd.test.", "MX", "NOERROR", "local"))
     assert lines == expected
+
+
+def test_query_log_lines_in_json_carry_their_fields(
+    start_netd: StartNetd, upstream: Upstream
+) -> None:
+    netd = start_netd("log: {format: json}\n" + query_logging(upstream))
+    ask_udp(netd, "json.fwd.test", "A")
+    assert netd.stop() == 0
+    records = [json.loads(line) for line in netd.output.splitlines() if line.strip()]
+    queries = [r for r in records if r.get("log_namespace") == "netd.dns"]
+    assert len(queries) == 1
+    query = queries[0]
+    assert query["client"].startswith("127.0.0.1:") and query["latency_ms"] >= 0
+    assert (query["transport"], query["name"], query["qtype"], query["rcode"]) == (
+        "udp",
+        "json.fwd.test.",
+        "A",
+        "NOERROR",
+    )
+    assert query["source"] == "upstream" and query["query_line"].endswith("ms")
