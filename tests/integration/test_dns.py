@@ -233,6 +233,8 @@ services:
     forward: ["127.0.0.1:{upstream.port}"]
     cache: {{max_ttl: 600}}
     udp_payload: 4096
+    records:
+      mid.netd.test: {{TXT: ['{"x" * 200}', '{"y" * 200}', '{"z" * 200}']}}
   small:
     type: dns
     listen: ["udp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
@@ -355,6 +357,12 @@ def test_udp_payload_is_the_smaller_of_the_clients_and_ours(
         query = dns.message.make_query("wide.fwd.test", "TXT", **edns)  # type: ignore[arg-type]
         cut = dns.query.udp(query, LOCAL, port=tuned, timeout=5)
         assert cut.flags & dns.flags.TC and cut.answer == []
+    # A 650-byte answer: whole for a client offering 1232, TC for one offering 512 or no EDNS0.
+    query = dns.message.make_query("mid.netd.test", "TXT", use_edns=0, payload=1232)
+    assert len(dns.query.udp(query, LOCAL, port=tuned, timeout=5).answer[0]) == 3
+    for edns in ({"use_edns": 0, "payload": 512}, {}):
+        query = dns.message.make_query("mid.netd.test", "TXT", **edns)  # type: ignore[arg-type]
+        assert dns.query.udp(query, LOCAL, port=tuned, timeout=5).flags & dns.flags.TC
     # small (udp_payload 512) truncates a 600-byte answer whatever the client offers.
     small = udp_port(netd, "small")
     query = dns.message.make_query("mid.netd.test", "TXT", use_edns=0, payload=4096)
@@ -372,6 +380,9 @@ def test_dig_sees_udp_payload_and_truncation(netd: NetdProcess, upstream: Upstre
     assert len(re.findall(r"^wide\.fwd\.test\.\s+\d+\s+IN\s+TXT", out, re.M)) == 40
     out = dig(netd, "+bufsize=1232", "+ignore", "wide.fwd.test", "TXT", port=port)
     assert "flags: qr tc rd ra" in out and "ANSWER: 0" in out
+    for edns in ("+bufsize=512", "+noedns"):
+        out = dig(netd, edns, "+ignore", "mid.netd.test", "TXT", port=port)
+        assert "flags: qr aa tc rd ra" in out and "ANSWER: 0" in out
 
 
 def test_max_ttl_caps_what_clients_see(netd: NetdProcess, upstream: Upstream) -> None:
