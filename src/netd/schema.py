@@ -9,6 +9,7 @@ reports every error in the file at once.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 
 import attrs
 import yaml
+from twisted.internet.interfaces import IAddress
 from yaml.constructor import ConstructorError, SafeConstructor
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "Problems",
     "Section",
     "Value",
+    "client_address",
     "compose",
 ]
 
@@ -96,6 +99,30 @@ def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:
         problems.add(Position(file, 1, 1), "", f"not valid YAML: {e}")
         return None
     return node
+
+
+def client_address(
+    client: str | IAddress | None,
+) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """
+    A client's IP address as every address check of the service map compares
+    it (C{allow_from}, C{recursion_from}, FTP's anti-bounce), or None for a
+    client without one (a UNIX socket).
+
+    A dual-stack listener (interface C{::}) sees an IPv4 client
+    as C{::ffff:a.b.c.d}; that is read as a.b.c.d, so IPv4 networks match it.
+    A zone index (C{fe80::1%eth0}) is dropped.
+    """
+    host = client if isinstance(client, str) else getattr(client, "host", None)
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 _constructor = SafeConstructor()

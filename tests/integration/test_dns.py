@@ -43,9 +43,10 @@ LOCAL = "127.0.0.1"
 class Upstream:
     """
     A resolver on loopback, UDP and TCP on one port, answering from rules by name:
-    C{*.fwd.test} A records, C{big.fwd.test} truncated over UDP, C{nx.fwd.test}
+    C{*.fwd.test} A records, C{big.fwd.test} (and C{wide.fwd.test}, for other
+    tests to count apart) 40 TXT strings truncated over UDP, C{nx.fwd.test}
     NXDOMAIN with an SOA, C{fail.fwd.test} SERVFAIL, C{spoof.fwd.test} with two
-    wrong answers before the right one.
+    wrong answers before the right one, C{long.fwd.test} with a day's TTL.
     """
 
     def __init__(self, host: str = LOCAL) -> None:
@@ -80,9 +81,10 @@ class Upstream:
         with self.lock:
             self.counts[(name, transport)] += 1
         reply = dns.message.make_response(query)
-        if name == "big.fwd.test" and transport == "udp":
+        big = name in ("big.fwd.test", "wide.fwd.test")
+        if big and transport == "udp":
             reply.flags |= dns.flags.TC
-        elif name == "big.fwd.test":
+        elif big:
             strings = [f'"{i:02d} {"b" * 60}"' for i in range(40)]
             reply.answer = [dns.rrset.from_text(name + ".", 300, "IN", "TXT", *strings)]
         elif name == "nx.fwd.test":
@@ -94,6 +96,8 @@ class Upstream:
             ]
         elif name == "fail.fwd.test":
             reply.set_rcode(dns.rcode.SERVFAIL)
+        elif name == "long.fwd.test":
+            reply.answer = [dns.rrset.from_text(name + ".", 86400, "IN", "A", "10.0.0.8")]
         elif name.endswith(".fwd.test"):
             reply.answer = [dns.rrset.from_text(name + ".", 300, "IN", "A", "10.0.0.7")]
         else:
@@ -223,6 +227,20 @@ services:
     type: dns
     listen: ["udp:0:interface=127.0.0.1"]
     catch_all: 10.9.9.9
+  tuned:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1"]
+    forward: ["127.0.0.1:{upstream.port}"]
+    cache: {{max_ttl: 600}}
+    udp_payload: 4096
+    records:
+      mid.netd.test: {{TXT: ['{"x" * 200}', '{"y" * 200}', '{"z" * 200}']}}
+  small:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
+    records:
+      mid.netd.test: {{TXT: ['{"x" * 200}', '{"y" * 200}', '{"z" * 200}']}}
+    udp_payload: 512
 """
     process = NetdProcess.start(config, base)
     yield process
@@ -324,6 +342,61 @@ def test_truncation_and_edns_with_dnspython(netd: NetdProcess) -> None:
     assert used_tcp and len(reply.answer[0]) == 30
     edns = ask_udp(netd, "www.netd.test", use_edns=0, payload=4096)
     assert edns.edns == 0 and edns.payload == 1232
+
+
+def test_udp_payload_is_the_smaller_of_the_clients_and_ours(
+    netd: NetdProcess, upstream: Upstream
+) -> None:
+    # wide.fwd.test is 40 TXT strings, some 2.7 KB: tuned (udp_payload 4096) sends it whole.
+    tuned = udp_port(netd, "tuned")
+    query = dns.message.make_query("wide.fwd.test", "TXT", use_edns=0, payload=4096)
+    whole = dns.query.udp(query, LOCAL, port=tuned, timeout=5)
+    assert not whole.flags & dns.flags.TC and len(whole.answer[0]) == 40
+    assert whole.payload == 4096
+    for edns in ({"use_edns": 0, "payload": 1232}, {}):
+        query = dns.message.make_query("wide.fwd.test", "TXT", **edns)  # type: ignore[arg-type]
+        cut = dns.query.udp(query, LOCAL, port=tuned, timeout=5)
+        assert cut.flags & dns.flags.TC and cut.answer == []
+    # A 650-byte answer: whole for a client offering 1232, TC for one offering 512 or no EDNS0.
+    query = dns.message.make_query("mid.netd.test", "TXT", use_edns=0, payload=1232)
+    assert len(dns.query.udp(query, LOCAL, port=tuned, timeout=5).answer[0]) == 3
+    for edns in ({"use_edns": 0, "payload": 512}, {}):
+        query = dns.message.make_query("mid.netd.test", "TXT", **edns)  # type: ignore[arg-type]
+        assert dns.query.udp(query, LOCAL, port=tuned, timeout=5).flags & dns.flags.TC
+    # small (udp_payload 512) truncates a 600-byte answer whatever the client offers.
+    small = udp_port(netd, "small")
+    query = dns.message.make_query("mid.netd.test", "TXT", use_edns=0, payload=4096)
+    reply = dns.query.udp(query, LOCAL, port=small, timeout=5)
+    assert reply.flags & dns.flags.TC and reply.payload == 512
+    over_tcp = dns.query.tcp(query, LOCAL, port=netd.address("small")[1], timeout=5)
+    assert len(over_tcp.answer[0]) == 3
+
+
+@needs_dig
+def test_dig_sees_udp_payload_and_truncation(netd: NetdProcess, upstream: Upstream) -> None:
+    port = udp_port(netd, "tuned")
+    out = dig(netd, "+bufsize=4096", "wide.fwd.test", "TXT", port=port)
+    assert "udp: 4096" in out and "flags: qr rd ra;" in out
+    assert len(re.findall(r"^wide\.fwd\.test\.\s+\d+\s+IN\s+TXT", out, re.M)) == 40
+    out = dig(netd, "+bufsize=1232", "+ignore", "wide.fwd.test", "TXT", port=port)
+    assert "flags: qr tc rd ra" in out and "ANSWER: 0" in out
+    for edns in ("+bufsize=512", "+noedns"):
+        out = dig(netd, edns, "+ignore", "mid.netd.test", "TXT", port=port)
+        assert "flags: qr aa tc rd ra" in out and "ANSWER: 0" in out
+
+
+def test_max_ttl_caps_what_clients_see(netd: NetdProcess, upstream: Upstream) -> None:
+    port = udp_port(netd, "tuned")
+    query = dns.message.make_query("long.fwd.test", "A")
+    fresh = dns.query.udp(query, LOCAL, port=port, timeout=5)
+    assert texts(fresh) == ["long.fwd.test. 600 IN A 10.0.0.8"]  # the upstream said 86400
+    cached = dns.query.udp(query, LOCAL, port=port, timeout=5)
+    assert 0 < cached.answer[0].ttl <= 600
+    assert upstream.count("long.fwd.test") == 1
+    if DIG is not None:
+        out = dig(netd, "long.fwd.test", port=port)
+        ttl = re.search(r"^long\.fwd\.test\.\s+(\d+)\s+IN\s+A\s+10\.0\.0\.8", out, re.M)
+        assert ttl is not None and 0 < int(ttl.group(1)) <= 600
 
 
 # -- TCP and TLS ---------------------------------------------------------------
@@ -532,6 +605,7 @@ def test_query_log_in_the_admin_api(netd: NetdProcess) -> None:
     assert entries[1]["answer"] == ["logged.fwd.test 300 A 10.0.0.7"]
     assert entries[0]["rcode"] == "NOERROR" and entries[0]["client"].startswith("127.0.0.1:")
     assert admin(netd, "DELETE", "/api/services/dns/queries") == {"cleared": 3}
+    ask_udp(netd, "nope.lab.test")  # an NXDOMAIN of its own: the test may run alone
     metrics = admin(netd, "GET", "/metrics")
     assert isinstance(metrics, str)
     for counter in ("cache_hits", "cache_misses", "rcode_NOERROR", "rcode_NXDOMAIN"):
@@ -605,3 +679,88 @@ services:
         assert upstream.count("v6.fwd.test") == 1 and upstream.count("big.fwd.test", "tcp") == 1
     finally:
         upstream.close()
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_get_recursion(
+    start_netd: StartNetd, upstream: Upstream
+) -> None:
+    config = f"""
+services:
+  dns:
+    type: dns
+    listen: ['udp:0:interface=\\:\\:', 'tcp6:0:interface=\\:\\:']
+    forward: ["127.0.0.1:{upstream.port}"]
+    recursion_from: [127.0.0.0/8]
+"""
+    netd = start_netd(config)
+    assert netd.address("dns", "udp")[0] == "::"
+    # 127.0.0.1 reaches a listener on :: as ::ffff:127.0.0.1, and is inside 127.0.0.0/8.
+    query = dns.message.make_query("dual.fwd.test", "A")
+    over_udp = dns.query.udp(query, LOCAL, port=udp_port(netd), timeout=5)
+    over_tcp = dns.query.tcp(query, LOCAL, port=netd.address("dns")[1], timeout=5)
+    for reply in (over_udp, over_tcp):
+        assert texts(reply) == ["dual.fwd.test. 300 IN A 10.0.0.7"]
+        assert reply.flags & dns.flags.RA
+    # ::1 is not in 127.0.0.0/8: the check still tells clients apart.
+    refused = dns.query.udp(query, "::1", port=udp_port(netd), timeout=5)
+    assert refused.rcode() == dns.rcode.REFUSED
+    assert upstream.count("dual.fwd.test") == 1
+
+
+def query_logging(upstream: Upstream) -> str:
+    return f"""
+services:
+  dns:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
+    records:
+      www.netd.test: {{A: [127.0.0.1]}}
+    forward: ["127.0.0.1:{upstream.port}"]
+    query_log: true
+"""
+
+
+def test_query_log_writes_one_line_per_query(start_netd: StartNetd, upstream: Upstream) -> None:
+    netd = start_netd(query_logging(upstream))
+    ask_udp(netd, "www.netd.test")
+    ask_udp(netd, "logline.fwd.test", "A")
+    ask_tcp(netd, "logline.fwd.test")
+    ask_udp(netd, "nope.netd.test", "AAAA")
+    if DIG is not None:
+        dig(netd, "+tcp", "www.netd.test", "MX", port=netd.address("dns")[1])
+    # Stopping writes out what the log still buffers.
+    assert netd.stop() == 0
+    lines = re.findall(
+        r"^\S+ \[netd\.dns#info\] 127\.0\.0\.1:\d+ (udp|tcp) (\S+) (\w+) (\w+) (\w+) [\d.]+ms$",
+        netd.output,
+        re.M,
+    )
+    expected = [
+        ("udp", "www.netd.test.", "A", "NOERROR", "local"),
+        ("udp", "logline.fwd.test.", "A", "NOERROR", "upstream"),
+        ("tcp", "logline.fwd.test.", "A", "NOERROR", "cache"),
+        ("udp", "nope.netd.test.", "AAAA", "NXDOMAIN", "upstream"),
+    ]
+    if DIG is not None:
+        expected.append(("tcp", "www.netd.test.", "MX", "NOERROR", "local"))
+    assert lines == expected
+
+
+def test_query_log_lines_in_json_carry_their_fields(
+    start_netd: StartNetd, upstream: Upstream
+) -> None:
+    netd = start_netd("log: {format: json}\n" + query_logging(upstream))
+    ask_udp(netd, "json.fwd.test", "A")
+    assert netd.stop() == 0
+    records = [json.loads(line) for line in netd.output.splitlines() if line.strip()]
+    queries = [r for r in records if r.get("log_namespace") == "netd.dns"]
+    assert len(queries) == 1
+    query = queries[0]
+    assert query["client"].startswith("127.0.0.1:") and query["latency_ms"] >= 0
+    assert (query["transport"], query["name"], query["qtype"], query["rcode"]) == (
+        "udp",
+        "json.fwd.test.",
+        "A",
+        "NOERROR",
+    )
+    assert query["source"] == "upstream" and query["query_line"].endswith("ms")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
 from pathlib import Path
 
 import pytest
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress
 
 from netd import endpoints
 from netd.config import ConfigErrors, NetdConfig, load_config, parse_config
+from netd.schema import client_address
 from netd.services import kind_names
 from netd.services.simple import QuoteOptions
 
@@ -742,3 +746,31 @@ services:
         "(international names go in their xn-- form)",
         "tls.ok.sni.a*b.example: not a server name or *.domain: 'a*b.example'",
     ]
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        ("127.0.0.1", "127.0.0.1"),
+        ("::ffff:127.0.0.1", "127.0.0.1"),  # an IPv4 client of a listener on ::
+        ("::1", "::1"),
+        ("fe80::1%eth0", "fe80::1"),
+        (IPv6Address("TCP", "::ffff:192.0.2.9", 4000), "192.0.2.9"),
+        (IPv4Address("UDP", "192.0.2.9", 4000), "192.0.2.9"),
+        (UNIXAddress("/run/netd/dns.sock"), None),
+        ("unix", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_client_address_reads_ipv4_mapped_addresses_as_ipv4(
+    client: str | IAddress | None, expected: str | None
+) -> None:
+    address = client_address(client)
+    assert (None if address is None else str(address)) == expected
+
+
+def test_a_mapped_client_is_inside_its_ipv4_network() -> None:
+    mapped = client_address("::ffff:127.0.0.1")
+    assert mapped is not None and mapped in ipaddress.ip_network("127.0.0.0/8")
+    assert ipaddress.ip_address("::ffff:127.0.0.1") not in ipaddress.ip_network("127.0.0.0/8")

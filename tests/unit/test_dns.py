@@ -24,8 +24,8 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import Logger
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
@@ -67,14 +67,19 @@ def errors(tmp_path: Path, section: str) -> list[str]:
     return [str(e) for e in raised.value.errors]
 
 
-def server(tmp_path: Path, section: str = RECORDS, clock: Clock | None = None) -> Server:
+def server(
+    tmp_path: Path,
+    section: str = RECORDS,
+    clock: Clock | None = None,
+    log: EventLoggingObserver | None = None,
+) -> Server:
     context = BuildContext(
         reactor=clock or Clock(),
         name="dns",
         state_dir=tmp_path,
         journal=Journal(Clock()),
         stats=ServiceStats(),
-        log=Logger(),
+        log=Logger(observer=log),
         tls={},
     )
     return Server(options(tmp_path, section), context)
@@ -111,6 +116,7 @@ def test_defaults(tmp_path: Path) -> None:
     assert parsed.records == () and parsed.forward == () and parsed.catch_all is None
     assert parsed.cache.size == 10000 and parsed.cache.negative_ttl == 300
     assert [str(n) for n in parsed.recursion_from] == ["127.0.0.0/8", "::1/128"]
+    assert parsed.udp_payload == 1232 and not parsed.query_log
 
 
 def test_values(tmp_path: Path) -> None:
@@ -120,6 +126,7 @@ def test_values(tmp_path: Path) -> None:
         "    cache: {size: 5, max_ttl: 60, negative_ttl: 10}\n"
         "    recursion_from: [10.0.0.0/8]\n"
         "    catch_all: 10.9.9.9\n"
+        "    udp_payload: 4096\n"
         "    query_log: true\n",
     )
     assert [str(u) for u in parsed.forward] == [
@@ -130,6 +137,18 @@ def test_values(tmp_path: Path) -> None:
     ]
     assert (parsed.cache.size, parsed.cache.max_ttl, parsed.cache.negative_ttl) == (5, 60, 10)
     assert parsed.catch_all == bytes([10, 9, 9, 9]) and parsed.query_log
+    assert parsed.udp_payload == 4096
+
+
+@pytest.mark.parametrize(
+    ("value", "message"), [(511, "must be at least 512"), (4097, "must be at most 4096")]
+)
+def test_udp_payload_outside_its_range_is_an_error_in_place(
+    tmp_path: Path, value: int, message: str
+) -> None:
+    assert errors(tmp_path, f"    udp_payload: {value}\n") == [
+        f"{tmp_path / 'netd.yaml'}:5:18: services.dns.udp_payload: {message}, got {value}"
+    ]
 
 
 def test_config_errors_name_their_place(tmp_path: Path) -> None:
@@ -306,6 +325,18 @@ def test_recursion_only_for_recursion_from(tmp_path: Path) -> None:
     assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
 
 
+def test_ipv4_clients_of_a_dual_stack_listener_are_checked_as_ipv4(tmp_path: Path) -> None:
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n    recursion_from: [127.0.0.0/8]\n")
+    srv.forwarder.resolve = lambda q: Deferred()  # type: ignore[method-assign,union-attr]
+    # A listener on :: sees 127.0.0.1 as ::ffff:127.0.0.1: forwarded, not REFUSED.
+    forwarded = srv.handle(make_wire("a.example"), ("::ffff:127.0.0.1", 40000), True)
+    assert isinstance(forwarded, Deferred)
+    for outsider in ("::ffff:10.0.0.1", "::1"):
+        refused = srv.handle(make_wire("a.example"), (outsider, 40000), True)
+        assert isinstance(refused, bytes)
+        assert dns.message.from_wire(refused).rcode() == dns.rcode.REFUSED
+
+
 def test_catch_all_answers_other_a_queries(tmp_path: Path) -> None:
     srv = server(tmp_path, RECORDS + "    catch_all: 10.9.9.9\n")
     assert texts(ask(srv, "anything.example.com")) == ["anything.example.com. 60 IN A 10.9.9.9"]
@@ -350,6 +381,28 @@ def test_edns_lets_a_mid_sized_answer_through(tmp_path: Path) -> None:
     assert ask(srv, "mid.netd.test", "TXT").flags & dns.flags.TC
     reply = ask(srv, "mid.netd.test", "TXT", use_edns=0, payload=1232)
     assert not reply.flags & dns.flags.TC and len(reply.answer[0]) == 3
+
+
+def test_udp_payload_is_what_we_advertise_and_at_most_what_we_send(tmp_path: Path) -> None:
+    strings = ", ".join(f"'{i:03d} {'y' * 60}'" for i in range(30))
+    srv = server(
+        tmp_path,
+        f"    udp_payload: 4096\n    records:\n      many.netd.test: {{TXT: [{strings}]}}\n",
+    )
+    whole = ask(srv, "many.netd.test", "TXT", use_edns=0, payload=4096)
+    assert not whole.flags & dns.flags.TC and len(whole.answer[0]) == 30
+    assert whole.payload == 4096
+    # min(client's, ours): the client's smaller buffer rules, and 512 without EDNS0.
+    assert ask(srv, "many.netd.test", "TXT", use_edns=0, payload=1232).flags & dns.flags.TC
+    assert ask(srv, "many.netd.test", "TXT").flags & dns.flags.TC
+    assert ask(srv, "many.netd.test", "TXT", use_edns=1).payload == 4096  # BADVERS
+    values = ", ".join(f"'{c * 200}'" for c in "xyz")
+    small = server(
+        tmp_path, f"    udp_payload: 512\n    records:\n      mid.netd.test: {{TXT: [{values}]}}\n"
+    )
+    reply = ask(small, "mid.netd.test", "TXT", use_edns=0, payload=4096)
+    assert reply.flags & dns.flags.TC and reply.payload == 512
+    assert len(ask(small, "mid.netd.test", "TXT", udp=False).answer[0]) == 3
 
 
 # -- bad input -----------------------------------------------------------------
@@ -547,8 +600,16 @@ def test_cache_caps_ttls_at_max_ttl(tmp_path: Path) -> None:
     clock = Clock()
     cache = Cache(clock, size=10, max_ttl=50, negative_ttl=300)
     question = key("a.example")
-    cache.put(question, upstream_reply(question, ["a.example. 1000 IN A 10.0.0.1"]))
-    clock.advance(49)
+    fresh = cache.put(
+        question,
+        upstream_reply(question, ["a.example. 1000 IN A 10.0.0.1"], 0, ["example. 20 IN NS ns."]),
+    )
+    # Clients see max_ttl, not the upstream's TTL; shorter TTLs stay as they are.
+    assert cached_ttls(fresh.body, question, fresh.an, fresh.ns) == [50, 20]
+    clock.advance(10)
+    hit = cache.get(question)
+    assert hit is not None and cached_ttls(hit.body, question, hit.an, hit.ns) == [40, 10]
+    clock.advance(39)
     assert cache.get(question) is not None
     clock.advance(1)
     assert cache.get(question) is None
@@ -564,7 +625,8 @@ def test_negative_answers_live_for_the_soa_minimum(tmp_path: Path) -> None:
     clock.advance(19)
     hit = cache.get(question)
     assert hit is not None and hit.rcode == 3
-    assert cached_ttls(hit.body, question, hit.an, hit.ns) == [3600 - 19]
+    # The SOA's 3600 s passes on as max_ttl's 1000, counting down.
+    assert cached_ttls(hit.body, question, hit.an, hit.ns) == [1000 - 19]
     clock.advance(1)
     assert cache.get(question) is None
     # negative_ttl caps it; without an SOA nothing is cached (RFC 2308 section 5).
@@ -606,13 +668,14 @@ def test_upstream_replies_must_match_id_and_question() -> None:
 
 def test_query_log_and_its_view(tmp_path: Path) -> None:
     clock = Clock()
+    logged = EventLoggingObserver()
     context = BuildContext(
         reactor=clock,
         name="dns",
         state_dir=tmp_path,
         journal=Journal(clock),
         stats=ServiceStats(),
-        log=Logger(),
+        log=Logger(observer=logged),
         tls={},
     )
     config = parse_config(
@@ -641,6 +704,26 @@ def test_query_log_and_its_view(tmp_path: Path) -> None:
     assert context.stats.counters["rcode_NXDOMAIN"] == 1
     assert view.clear is not None and view.clear() == {"cleared": 2}
     assert view.list({}) == []
+    # One log line a query: client, transport, name, type, rcode, source, time taken.
+    assert [formatEvent(event) for event in logged] == [
+        "127.0.0.1:40000 udp www.netd.test. A NOERROR local 0.0ms",
+        "127.0.0.1:40000 udp nope.netd.test. A NXDOMAIN local 0.0ms",
+    ]
+    assert logged[1]["rcode"] == "NXDOMAIN" and logged[1]["latency_ms"] == 0.0
+    assert "answer" not in logged[0]
+
+
+def test_query_log_lines_escape_odd_names_and_are_off_by_default(tmp_path: Path) -> None:
+    logged = EventLoggingObserver()
+    srv = server(tmp_path, RECORDS + "    query_log: true\n", log=logged)
+    odd = dns.name.Name([b"a b", b'"q"\n', b"netd", b"test", b""])
+    ask(srv, odd.to_text(), use_edns=0)
+    assert [formatEvent(event) for event in logged] == [
+        '127.0.0.1:40000 udp a\\032b.\\"q\\"\\010.netd.test. A NXDOMAIN local 0.0ms'
+    ]
+    quiet = EventLoggingObserver()
+    ask(server(tmp_path, log=quiet), "www.netd.test")
+    assert len(quiet) == 0
 
 
 class _Datagrams:
@@ -865,6 +948,30 @@ def test_forwarder_shares_questions_in_flight_and_bounds_them() -> None:
     reply = answer_to(reactor.sockets[0].sent[0])
     reactor.deliver(0, reply, ("127.0.0.1", 5300))
     assert first.result == again.result == reply
+
+
+def test_forwarder_offers_upstreams_our_udp_payload() -> None:
+    reactor = _FakeReactor()
+    fwd, _ = forwarder(reactor, payload=4096)
+    fwd.resolve(key("a.example"))
+    assert dns.message.from_wire(reactor.sockets[0].sent[0]).payload == 4096
+
+
+def test_forwarded_answers_carry_at_most_max_ttl(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n    cache: {max_ttl: 600}\n", clock=clock)
+    upstream: Deferred[bytes] = Deferred()
+    srv.forwarder.resolve = lambda q: upstream  # type: ignore[method-assign,union-attr]
+    waiting = srv.handle(make_wire("long.example"), CLIENT, True)
+    assert isinstance(waiting, Deferred)
+    question = key("long.example")
+    upstream.callback(upstream_reply(question, ["long.example. 86400 IN A 10.0.0.1"]))
+    fresh = dns.message.from_wire(waiting.result)
+    assert fresh.answer[0].ttl == 600
+    clock.advance(100)
+    assert ask(srv, "long.example").answer[0].ttl == 500  # from the cache, counting down
+    clock.advance(500)
+    assert srv.cache.get(question) is None
 
 
 def test_forwarded_answers_say_recursion_is_available(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from twisted.cred import credentials
 from twisted.cred.checkers import ANONYMOUS
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -403,6 +403,24 @@ def test_port_and_eprt_only_to_the_client(tmp_path: Path) -> None:
     assert send(session, transport, b"PORT 127,0,0,1,4,0") == [b"200 PORT OK"]
     assert harness.reactor.tcpClients[0][:2] == ("127.0.0.1", 1024)
     assert harness.stats.counters["bounce_refused"] == 3
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_are_compared_as_ipv4(tmp_path: Path) -> None:
+    harness = Harness(tmp_path, passive_ports=(30000, 30001))
+    session = harness.server.factory(None, False).buildProtocol(None)
+    # A listener on :: sees the IPv4 client 127.0.0.1 as ::ffff:127.0.0.1.
+    transport = _TLSCapableTransport(
+        peerAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 40000),
+        hostAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 2121),
+    )
+    session.makeConnection(transport)
+    send(session, transport, b"USER anonymous", b"PASS x")
+    assert send(session, transport, b"PORT 127,0,0,1,4,0") == [b"200 PORT OK"]
+    assert send(session, transport, b"PORT 127,0,0,2,4,0")[0].startswith(b"504")
+    assert send(session, transport, b"PASV")[0].startswith(b"227 Entering Passive Mode (127,0,0,1,")
+    factory = harness.reactor.tcpServers[-1][1]
+    assert factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5555)) is not None
+    assert harness.stats.counters["bounce_refused"] == 1
 
 
 def test_passive_ports_host_and_peer_check(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import bcrypt
 import pytest
 from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -515,6 +515,9 @@ def test_connections_per_client() -> None:
     # The limit holds across the service's listeners.
     other_listener = SessionFactory(harness.receiver, secure=True)
     assert isinstance(other_listener.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)), _TooMany)
+    # ... a dual-stack listener's (the same client, seen as ::ffff:192.0.2.1) too.
+    mapped = IPv6Address("TCP", "::ffff:192.0.2.1", 1)
+    assert isinstance(other_listener.buildProtocol(mapped), _TooMany)
 
 
 # The spool -----------------------------------------------------------------

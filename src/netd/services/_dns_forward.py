@@ -242,8 +242,11 @@ class Forwarder:
         timeout: float = 2.0,
         max_in_flight: int = MAX_IN_FLIGHT,
         socket_factory: Callable[[int, int], socket.socket] = socket.socket,
+        payload: int = EDNS_PAYLOAD,
     ) -> None:
         self.reactor = reactor
+        # The UDP answer size netd takes from upstreams, as it offers clients.
+        self.opt = opt_record(payload)
         self.socket_factory = socket_factory
         self.max_in_flight = max_in_flight
         self.upstreams = tuple(upstreams)
@@ -277,7 +280,7 @@ class Forwarder:
         first = self._preferred
         for upstream in self.upstreams[first:] + self.upstreams[:first]:
             ident = secrets.randbelow(1 << 16)
-            query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + opt_record(EDNS_PAYLOAD)
+            query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + self.opt
             self.stats.count("upstream_queries")
             try:
                 reply = await self._udp(upstream, ident, question, query)
@@ -335,7 +338,7 @@ class _Entry:
     ns: int
     ar: int
     body: bytes
-    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL as received)
+    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL as received, at most max_ttl)
     age: int = 0
     current: Sections | None = None
 
@@ -343,7 +346,8 @@ class _Entry:
 class Cache:
     """
     Answers from upstreams, by question, at most C{size} of them (least
-    recently used out first); negative answers per RFC 2308.
+    recently used out first); negative answers per RFC 2308.  No TTL passed
+    on is over C{max_ttl}, fresh from the upstream or counting down here.
     """
 
     def __init__(self, clock: Any, size: int, max_ttl: int, negative_ttl: int) -> None:
@@ -379,8 +383,8 @@ class Cache:
 
     def put(self, question: bytes, reply: bytes) -> Sections:
         """Keep C{reply} (already matched to C{question}); the sections to answer with."""
-        entry = _entry(reply, len(question), self.clock.seconds())
-        lifetime = _lifetime(entry, reply[12 + len(question) :], self.max_ttl, self.negative_ttl)
+        entry = _entry(reply, len(question), self.clock.seconds(), self.max_ttl)
+        lifetime = _lifetime(entry, self.negative_ttl)
         sections = Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
         if lifetime > 0 and self.size > 0:
             entry.expires = entry.stored + lifetime
@@ -402,7 +406,7 @@ def _readable(reply: bytes, question_length: int) -> bool:
     return True
 
 
-def _entry(reply: bytes, question_length: int, now: float) -> _Entry:
+def _entry(reply: bytes, question_length: int, now: float, max_ttl: int) -> _Entry:
     _, flags, _, an, ns, ar = _HEADER.unpack_from(reply)
     start = 12 + question_length
     records, _ = walk_records(reply, start, an + ns + ar)
@@ -415,7 +419,12 @@ def _entry(reply: bytes, question_length: int, now: float) -> _Entry:
         ar = len(kept) - an - ns
     end = kept[-1].end if kept else start
     body = reply[start:end]
-    ttls = tuple((r.ttl_offset - start, _ttl(reply, r.ttl_offset)) for r in kept)
+    ttls = tuple((r.ttl_offset - start, min(_ttl(reply, r.ttl_offset), max_ttl)) for r in kept)
+    if any(_ttl(body, offset) != ttl for offset, ttl in ttls):
+        capped = bytearray(body)
+        for offset, ttl in ttls:
+            _TTL.pack_into(capped, offset, ttl)
+        body = bytes(capped)
     return _Entry(
         expires=0.0,
         stored=now,
@@ -433,10 +442,12 @@ def _ttl(data: bytes, offset: int) -> int:
     return ttl
 
 
-def _lifetime(entry: _Entry, body: bytes, max_ttl: int, negative_ttl: int) -> int:
+def _lifetime(entry: _Entry, negative_ttl: int) -> int:
+    """How long C{entry} may be kept; its TTLs are capped already."""
     rcode = entry.flags & 0xF
+    body = entry.body
     if rcode == NOERROR and entry.an:
-        return min(min(ttl for _, ttl in entry.ttls[: entry.an]), max_ttl)
+        return min(ttl for _, ttl in entry.ttls[: entry.an])
     if rcode not in (NOERROR, NXDOMAIN):
         return 0
     # RFC 2308 section 5: a negative answer lives min(SOA TTL, SOA minimum).

@@ -54,7 +54,8 @@ BADVERS = 16
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
-# What netd advertises: the DNS flag day 2020 size, which fits an Ethernet MTU.
+# What netd advertises unless told otherwise: the DNS flag day 2020 size, which
+# fits an Ethernet MTU (BIND's and Unbound's default too).
 EDNS_PAYLOAD = 1232
 
 _HEADER = struct.Struct(">HHHHHH")
@@ -239,13 +240,16 @@ class Sections:
         return self.flags & 0xF
 
 
-def encode_reply(query: Query, sections: Sections, limit: int | None, flags: int = 0) -> bytes:
+def encode_reply(
+    query: Query, sections: Sections, limit: int | None, flags: int = 0, opt: bytes = _OPT_REPLY
+) -> bytes:
     """
     The answer to C{query}, with C{flags} added to the sections' own; over
     C{limit} bytes, the question alone with TC set, for the client to ask again
-    over TCP.
+    over TCP.  C{opt} (our OPT record) goes with it when the query had one.
     """
-    opt = b"" if query.payload is None else _OPT_REPLY
+    if query.payload is None:
+        opt = b""
     flags |= sections.flags
     header = reply_header(query, flags, sections.an, sections.ns, sections.ar + (1 if opt else 0))
     reply = header + query.question + sections.body + opt
@@ -255,20 +259,36 @@ def encode_reply(query: Query, sections: Sections, limit: int | None, flags: int
     return reply
 
 
-def udp_limit(query: Query) -> int:
-    """How big a UDP answer to C{query} may be (RFC 1035's 512 bytes without EDNS0)."""
+def udp_limit(query: Query, payload: int = EDNS_PAYLOAD) -> int:
+    """
+    How big a UDP answer to C{query} may be: the smaller of the client's EDNS0
+    payload and ours, C{payload}; RFC 1035's 512 bytes without EDNS0.
+    """
     if query.payload is None:
         return 512
-    return min(query.payload, EDNS_PAYLOAD)
+    return min(query.payload, payload)
+
+
+# Presentation format (RFC 1035 section 5.1): a query name is any bytes, and a
+# space, quote or newline in it must not pass for the end of a log field or line.
+_PRESENTATION = tuple(
+    "\\" + chr(byte)
+    if chr(byte) in '."\\'
+    else chr(byte)
+    if 0x21 <= byte <= 0x7E
+    else f"\\{byte:03d}"
+    for byte in range(256)
+)
 
 
 def name_to_text(wire: bytes) -> str:
-    """A wire-form name (uncompressed) as dotted text, for logs."""
+    """A wire-form name (uncompressed) as dotted text, escaped as dig writes it, for logs."""
     labels = []
     offset = 0
     while offset < len(wire) and wire[offset]:
         length = wire[offset]
-        labels.append(wire[offset + 1 : offset + 1 + length].decode("ascii", "backslashreplace"))
+        label = wire[offset + 1 : offset + 1 + length]
+        labels.append("".join([_PRESENTATION[byte] for byte in label]))
         offset += 1 + length
     return ".".join(labels) + "."
 

@@ -6,7 +6,6 @@ on them (PROT P, which Twisted lacks), and the producers that feed them.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
@@ -31,6 +30,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.schema import client_address
 from netd.services._ftp_files import Upload
 
 if TYPE_CHECKING:
@@ -57,15 +57,8 @@ class NoPassivePort(Exception):
 
 def plain_host(host: str) -> str:
     """C{host} with an IPv4-mapped IPv6 address written as IPv4, for comparisons."""
-    if ":" not in host:
-        return host
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    return str(address)
+    address = client_address(host)
+    return host if address is None else str(address)
 
 
 ListenPassive = Callable[[int, "_DataFactory", str], Any]

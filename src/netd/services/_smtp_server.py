@@ -39,6 +39,7 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies
+from netd.schema import client_address
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
@@ -147,18 +148,14 @@ class Receiver:
 
 @functools.lru_cache(maxsize=1024)
 def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
-    try:
-        address = ipaddress.ip_address(client)
-    except ValueError:
-        return False  # a UNIX socket: no address to trust
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in allow_from)
+    address = client_address(client)  # None for a UNIX socket: no address to trust
+    return address is not None and any(address in network for network in allow_from)
 
 
 def _client_host(address: IAddress | None) -> str:
-    host = getattr(address, "host", None)
-    return host if isinstance(host, str) else ""
+    # One client, one count, whichever listener (IPv4 or dual-stack) it came through.
+    host = client_address(address)
+    return "" if host is None else str(host)
 
 
 def _printable(text: bytes, limit: int = 255) -> str:

@@ -10,6 +10,8 @@ its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
         "*.apps.netd.test": {A: [127.0.0.2]}
       forward: ["127.0.0.1:5300"]
       cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
+      udp_payload: 1232
+      query_log: true
 
 Queries are read and answered at the byte level (L{netd.services._dns_wire}):
 local answers are prepared once per name and type, cached upstream answers are
@@ -36,7 +38,7 @@ from zope.interface import implementer
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
 from netd.kinds import AdminView, BuildContext, Handlers, IOwesReplies, ServiceKind
-from netd.schema import Section, Value
+from netd.schema import Section, Value, client_address
 from netd.services._dns_data import (
     TYPES,
     DataError,
@@ -79,8 +81,9 @@ _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP"
 _TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
 _QUERY_LOG_SIZE = 1000
 # Whole answers kept by query bytes, for queries of ordinary size and answers
-# that fit a UDP datagram: a 64 KiB TCP query padded with records must not
-# become a 64 KiB key, nor big TCP answers fill memory ten thousand at a time.
+# that fit a UDP datagram (1232 bytes, or a larger udp_payload): a 64 KiB TCP
+# query padded with records must not become a 64 KiB key, nor big TCP answers
+# fill memory ten thousand at a time.
 _PREPARED_REPLIES = 10_000
 _PREPARED_QUERY = 512
 # Queries one TCP connection may have waiting on upstreams before netd stops reading it.
@@ -108,6 +111,7 @@ class DnsOptions:
     catch_all: bytes | None = None
     query_log: bool = False
     ttl: int = 60
+    udp_payload: int = EDNS_PAYLOAD
 
 
 def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOptions:
@@ -143,6 +147,7 @@ def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOpti
         catch_all=catch_all,
         query_log=section.flag("query_log", False),
         ttl=ttl,
+        udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
     )
     return options
 
@@ -293,7 +298,9 @@ class Server:
         self.clock = context.reactor
         self.local = LocalData(options.records, options.cache.negative_ttl)
         self.forwarder = (
-            Forwarder(context.reactor, options.forward, context.stats) if options.forward else None
+            Forwarder(context.reactor, options.forward, context.stats, payload=options.udp_payload)
+            if options.forward
+            else None
         )
         self.cache = Cache(
             context.reactor,
@@ -307,6 +314,9 @@ class Server:
             body = _POINTER_TO_QUESTION + _RR.pack(dns.A, dns.IN, options.ttl, len(rdata)) + rdata
             self.catch_all = Sections(AA | NOERROR, 1, 0, 0, body)
         self.networks = options.recursion_from
+        self.udp_payload = options.udp_payload
+        self.opt = opt_record(options.udp_payload)
+        self.prepared_size = max(EDNS_PAYLOAD, options.udp_payload)
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
         self.prepared: dict[
@@ -344,9 +354,11 @@ class Server:
         if query.edns_version:
             stats.count("rcode_BADVERS")
             return (
-                reply_header(query, 0, 0, 0, 1) + query.question + opt_record(EDNS_PAYLOAD, BADVERS)
+                reply_header(query, 0, 0, 0, 1)
+                + query.question
+                + opt_record(self.udp_payload, BADVERS)
             )
-        limit = udp_limit(query) if udp else None
+        limit = udp_limit(query, self.udp_payload) if udp else None
         sections, source = self._answer_now(query, recursion)
         if sections is not None:
             # RA says this client may ask for any name, whatever answered this one.
@@ -393,12 +405,7 @@ class Server:
     def _may_recurse(self, host: str) -> bool:
         allowed = self.recursion_ok.get(host)
         if allowed is None:
-            try:
-                address = ipaddress.ip_address(
-                    "127.0.0.1" if host == _UNIX_CLIENT else host.split("%", 1)[0]
-                )
-            except ValueError:
-                address = None
+            address = client_address("127.0.0.1" if host == _UNIX_CLIENT else host)
             allowed = address is not None and any(address in n for n in self.networks)
             if len(self.recursion_ok) > 10000:
                 self.recursion_ok.clear()
@@ -417,7 +424,7 @@ class Server:
         flags: int = 0,
         prepared_key: tuple[bool, bool, bytes] | None = None,
     ) -> bytes:
-        reply = encode_reply(query, sections, limit, flags)
+        reply = encode_reply(query, sections, limit, flags, self.opt)
         counters = [f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}"]
         if source == "cache":
             counters.append("cache_hits")
@@ -427,7 +434,7 @@ class Server:
             self.stats.count(counter)
         if self.options.query_log:
             self._record(query, reply, client, udp, source, started)
-        if prepared_key is not None and len(reply) <= EDNS_PAYLOAD:
+        if prepared_key is not None and len(reply) <= self.prepared_size:
             if len(self.prepared) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
                 self.prepared.clear()
@@ -438,7 +445,7 @@ class Server:
     def _crashed(self, reason: Failure, query: Query, limit: int | None) -> bytes:
         self.context.log.failure("answering a forwarded query", reason)
         self.stats.errors += 1
-        return encode_reply(query, _SERVFAIL, limit)
+        return encode_reply(query, _SERVFAIL, limit, 0, self.opt)
 
     def _record(
         self, query: Query, reply: bytes, client: Any, udp: bool, source: str, started: float
@@ -464,6 +471,16 @@ class Server:
         }
         self.log.append(entry)
         self.context.emit("query", **entry)
+        # One line a query, as CoreDNS's log and dnsmasq's log-queries write;
+        # in JSON logs its fields are the entry's, minus the answer.
+        fields = {k: v for k, v in entry.items() if k not in ("time", "answer")}
+        self.context.log.info(
+            "{query_line}",
+            query_line="{client} {transport} {name} {qtype} {rcode} {source} {latency_ms}ms".format(
+                **fields
+            ),
+            **fields,
+        )
 
     def list_queries(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
         return list(self.log)
