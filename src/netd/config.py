@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ __all__ = [
     "NetdConfig",
     "ServiceConfig",
     "TLSProfileConfig",
+    "TLSProfiles",
     "load_config",
     "parse_config",
 ]
@@ -48,6 +49,41 @@ class TLSProfileConfig:
     min_version: str = "1.2"
     client_ca: Path | None = None
     sni: Mapping[str, KeyPairConfig] = attrs.field(factory=dict)
+
+
+class TLSProfiles(Mapping[str, TLSProfileConfig]):
+    """
+    The map's TLS profiles as one service's keys refer to them.
+
+    Every reference (a listener's C{tls:}, a kind's own, e.g. STARTTLS) goes
+    through L{reference}, which checks it and remembers it: a reload restarts
+    the service when a profile it uses changes, whichever key used it.
+    """
+
+    def __init__(self, profiles: Mapping[str, TLSProfileConfig]) -> None:
+        self._profiles = profiles
+        self.used: set[str] = set()
+
+    def __getitem__(self, name: str) -> TLSProfileConfig:
+        return self._profiles[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._profiles)
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def reference(self, value: Value) -> str | None:
+        """The profile C{value} names, or L{None} (reported) if there is none of that name."""
+        name = value.as_str()
+        if not value.is_scalar:
+            return None
+        if name not in self._profiles:
+            known = ", ".join(sorted(self._profiles)) or "none defined"
+            value.error(f"unknown TLS profile {name!r} (known: {known})")
+            return None
+        self.used.add(name)
+        return name
 
 
 @attrs.frozen
@@ -81,6 +117,8 @@ class ServiceConfig:
     max_connections: int = 1000
     idle_timeout: float = 300.0
     options: Any = None
+    # Every TLS profile the service uses, by its listeners or its own keys.
+    tls_profiles: frozenset[str] = frozenset()
 
 
 @attrs.frozen
@@ -251,7 +289,7 @@ def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
 
 def _read_listener(
     value: Value,
-    profiles: Mapping[str, TLSProfileConfig],
+    profiles: TLSProfiles,
     protocols: tuple[str, ...] = (),
 ) -> ListenerConfig | None:
     if value.is_mapping:
@@ -272,20 +310,20 @@ def _read_listener(
     if problem:
         endpoint_value.error(problem)
         return None
-    profile = profile_value.as_str() if profile_value is not None else None
-    if profile is None and endpoints.wants_profile(description):
+    profile = None
+    if profile_value is not None:
+        profile = profiles.reference(profile_value)
+        if profile is None:
+            return None
+    elif endpoints.wants_profile(description):
         if "default" not in profiles:
             endpoint_value.error(
                 "an ssl: endpoint without key material needs 'tls: PROFILE' "
                 "(or a TLS profile named 'default')"
             )
             return None
+        profiles.used.add("default")
         profile = "default"
-    if profile is not None and profile not in profiles:
-        assert profile_value is not None
-        known = ", ".join(sorted(profiles)) or "none defined"
-        profile_value.error(f"unknown TLS profile {profile!r} (known: {known})")
-        return None
     datagram = endpoints.is_datagram(description)
     if datagram and profile is not None:
         value.error("TLS is not available on a udp: listener")
@@ -309,7 +347,7 @@ def _read_listener(
 
 def _read_listeners(
     value: Value,
-    profiles: Mapping[str, TLSProfileConfig],
+    profiles: TLSProfiles,
     protocols: tuple[str, ...] = (),
     datagram_allowed: bool = True,
 ) -> tuple[ListenerConfig, ...]:
@@ -331,7 +369,11 @@ def _read_listeners(
 def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> AdminConfig:
     section = value.section()
     listen_value = section.require("listen")
-    listen = _read_listeners(listen_value, profiles, datagram_allowed=False) if listen_value else ()
+    listen = (
+        _read_listeners(listen_value, TLSProfiles(profiles), datagram_allowed=False)
+        if listen_value
+        else ()
+    )
     token = section.optional_str("token")
     section.finish()
     if not token:
@@ -365,9 +407,10 @@ def _read_services(
             )
             continue
         kind = load_kind(type_name)
+        used = TLSProfiles(profiles)
         listen_value = section.require("listen")
         listen = (
-            _read_listeners(listen_value, profiles, kind.protocols, kind.datagram)
+            _read_listeners(listen_value, used, kind.protocols, kind.datagram)
             if listen_value
             else ()
         )
@@ -390,7 +433,8 @@ def _read_services(
             enabled=enabled,
             max_connections=section.integer("max_connections", 1000, minimum=1),
             idle_timeout=section.number("idle_timeout", 300.0, minimum=0.1),
-            options=kind.parse(section, profiles),
+            options=kind.parse(section, used),
+            tls_profiles=frozenset(used.used),
         )
         section.finish()
     return services

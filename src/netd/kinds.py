@@ -24,7 +24,7 @@ from zope.interface import Interface
 from netd.events import Journal, ServiceStats
 
 if TYPE_CHECKING:
-    from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+    from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
     from netd.schema import Section
 
 __all__ = ["AdminView", "BuildContext", "Handlers", "IOwesReplies", "ServiceKind"]
@@ -107,18 +107,19 @@ class ServiceKind(Generic[Options]):
     """
     One service type of the service map.
 
-    @ivar parse: reads the kind's own keys from the service's mapping.
+    @ivar parse: reads the kind's own keys from the service's mapping; a key
+        naming a TLS profile is read with L{TLSProfiles.reference}.
     @ivar build: turns the parsed service into handlers.
     @ivar datagram: whether C{udp:} listeners are allowed.
     @ivar protocols: values allowed for a listener's C{protocol:}, default first.
     """
 
     name: str
-    parse: Callable[[Section, Mapping[str, TLSProfileConfig]], Options]
+    parse: Callable[[Section, TLSProfiles], Options]
     build: Callable[[ServiceConfig, BuildContext], Handlers]
     datagram: bool = False
     protocols: tuple[str, ...] = ()
 
 
-def no_options(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> None:
+def no_options(section: Section, profiles: TLSProfiles) -> None:
     """For kinds that take no keys of their own."""

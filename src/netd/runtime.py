@@ -402,7 +402,7 @@ class Daemon(MultiService):
             for n, c in wanted.items()
             if n in old
             and old[n].config == c
-            and not _uses_profiles(c, changed_profiles)
+            and not c.tls_profiles & changed_profiles
             and new.state_dir == self.config.state_dir
         ]
         to_build = [n for n in wanted if n not in unchanged]
@@ -563,12 +563,6 @@ def _held_sockets(old: ListenerGroup, new: ListenerGroup) -> dict[str, endpoints
 
 def _disown(result: object, service: RunningService) -> None:
     service.disownServiceParent()
-
-
-def _uses_profiles(service: ServiceConfig, profiles: set[str]) -> bool:
-    used = {listener.tls_profile for listener in service.listen}
-    used.update(getattr(service.options, "tls_profiles", ()))
-    return bool(used & profiles)
 
 
 def write_atomically(path: Path, text: str) -> None:

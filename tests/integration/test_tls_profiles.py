@@ -6,6 +6,7 @@ daemon and met by Python's ssl module as the client.
 from __future__ import annotations
 
 import datetime
+import smtplib
 import socket
 import ssl
 from pathlib import Path
@@ -16,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
 from tests.conftest import StartNetd
 
@@ -109,3 +111,36 @@ services:
         if not anonymous.recv(100):
             raise ConnectionResetError("closed without an answer")
     assert netd.process.poll() is None
+
+
+def _starttls_names(address: tuple[str, int], ca_file: Path) -> list[str]:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with smtplib.SMTP(*address, timeout=10) as client:
+        client.starttls(context=context)
+        der = client.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+    names = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    return names.value.get_values_for_type(x509.DNSName)
+
+
+def test_reload_applies_a_changed_profile_used_only_for_starttls(tmp_path: Path) -> None:
+    def mail_map(names: list[str]) -> dict[str, object]:
+        return {
+            "tls": {"mailtls": {"self_signed": [*names, "127.0.0.1"]}},
+            "services": {
+                "mail": {
+                    "type": "smtp",
+                    "listen": ["tcp:0:interface=127.0.0.1"],
+                    "tls": "mailtls",
+                    "delivery": {"mode": "capture"},
+                }
+            },
+        }
+
+    with NetdProcess.start(mail_map(["localhost"]), tmp_path) as netd:
+        assert _starttls_names(netd.address("mail"), netd.ca_file("mailtls")) == ["localhost"]
+        result = netd.reload(mail_map(["localhost", "mail.changed.test"]))
+        assert result["restarted"] == ["mail"]
+        names = _starttls_names(netd.address("mail"), netd.ca_file("mailtls"))
+        assert names == ["localhost", "mail.changed.test"]

@@ -154,6 +154,26 @@ def test_tls_profiles_and_listeners(map_file: Path) -> None:
         ("lab", True),
         (None, False),
     ]
+    assert config.services["echo"].tls_profiles == {"lab", "default"}
+
+
+def test_a_service_knows_every_profile_it_uses(map_file: Path) -> None:
+    config = parse(
+        map_file,
+        """
+        tls:
+          starttls: {self_signed: [localhost]}
+          other: {self_signed: [localhost]}
+        services:
+          mail:
+            type: smtp
+            listen: ["tcp:0"]
+            tls: starttls
+          plain: {type: echo, listen: ["tcp:0"]}
+        """,
+    )
+    assert config.services["mail"].tls_profiles == {"starttls"}
+    assert config.services["plain"].tls_profiles == set()
 
 
 def test_admin_on_loopback_needs_no_token(map_file: Path) -> None:

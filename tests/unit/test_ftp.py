@@ -87,10 +87,10 @@ def test_parse_values_and_defaults(tmp_path: Path) -> None:
     assert alice == User("alice", tmp_path / "alice", True, "pw", None)
     assert bob.password_hash == hashed and not bob.write
     assert options.passive_ports == (30000, 30009) and options.passive_host == "192.0.2.1"
-    assert options.tls_profiles == ("lab",) and options.require_tls
+    assert options.tls == "lab" and options.require_tls
     assert options.limits == SessionLimits(login_delay=0, data_timeout=5)
     anonymous_only = parse(tmp_path, "    root: pub\n    anonymous: read\n")
-    assert anonymous_only.users == () and anonymous_only.tls_profiles == ()
+    assert anonymous_only.users == () and anonymous_only.tls is None
 
 
 def test_parse_reports_every_error(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services._chat_hub import (
@@ -42,7 +42,7 @@ __all__ = ["CHAT", "ChatOptions", "FloodLimit"]
 _PROTOCOLS = ("irc", "line")
 
 
-def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> ChatOptions:
+def parse(section: Section, profiles: TLSProfiles) -> ChatOptions:
     defaults = ChatOptions()
     server_name = section.text("server_name", defaults.server_name)
     server_value = section.get("server_name")

@@ -36,7 +36,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, IOwesReplies, ServiceKind
 from netd.schema import Section, Value, client_address
 from netd.services._dns_data import (
@@ -114,7 +114,7 @@ class DnsOptions:
     udp_payload: int = EDNS_PAYLOAD
 
 
-def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> DnsOptions:
+def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
     ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
     cache = section.read("cache", _cache, CacheOptions())
     records: list[tuple[bytes, int, int, bytes]] = []

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.cred.portal import Portal
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services._ftp_files import Accounts, Realm, User, in_thread
@@ -51,13 +50,8 @@ class FtpOptions:
     require_tls: bool = False
     limits: SessionLimits = attrs.field(factory=SessionLimits)
 
-    @property
-    def tls_profiles(self) -> tuple[str, ...]:
-        """Profiles used besides the listeners' (a reload rebuilds on their change)."""
-        return (self.tls,) if self.tls else ()
 
-
-def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> FtpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> FtpOptions:
     anonymous = section.choice("anonymous", _ANONYMOUS, "none")
     root_value = section.get("root")
     root = None
@@ -69,13 +63,7 @@ def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> FtpOpti
     users = section.read("users", _users, no_users)
     if anonymous == "none" and not users and section.value.is_mapping:
         section.value.error("nobody can log in: set 'anonymous' to read or write, or add 'users'")
-    tls = section.optional_str("tls")
-    if tls is not None and tls not in profiles:
-        entry = section.get("tls")
-        assert entry is not None
-        known = ", ".join(sorted(profiles)) or "none defined"
-        entry.error(f"unknown TLS profile {tls!r} (known: {known})")
-        tls = None
+    tls = section.read("tls", profiles.reference, None)
     require_tls = section.flag("require_tls", False)
     if require_tls and tls is None and section.value.is_mapping and not section.has("tls"):
         section.value.error("require_tls needs a 'tls' profile for AUTH TLS")

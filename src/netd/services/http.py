@@ -19,7 +19,6 @@ HTTP/2 goes through twisted.web; both hand requests to the same L{App}.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services._http_app import App, Route, StaticOptions
@@ -52,7 +51,7 @@ class HttpOptions:
     limits: Limits = attrs.field(factory=Limits)
 
 
-def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> HttpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> HttpOptions:
     root_value = section.get("root")
     root = None
     if root_value is not None:

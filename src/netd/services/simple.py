@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IProtocolFactory, IPullProducer
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from zope.interface import implementer
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 from netd.schema import Section
 
@@ -153,7 +153,7 @@ _DEFAULT_QUOTES = (
 )
 
 
-def _parse_qotd(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> QuoteOptions:
+def _parse_qotd(section: Section, profiles: TLSProfiles) -> QuoteOptions:
     value = section.get("quotes")
     if value is None:
         return QuoteOptions(_DEFAULT_QUOTES)

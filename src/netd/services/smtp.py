@@ -36,7 +36,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfileConfig
+from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services._smtp_mx import MxOptions, mx_sender, resolver_for
@@ -117,16 +117,9 @@ class SmtpOptions:
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
 
 
-def parse(section: Section, profiles: Mapping[str, TLSProfileConfig]) -> SmtpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> SmtpOptions:
     defaults = Limits()
-    tls_value = section.get("tls")
-    tls = None
-    if tls_value is not None:
-        tls = tls_value.as_str()
-        if tls_value.is_scalar and tls not in profiles:
-            known = ", ".join(sorted(profiles)) or "none defined"
-            tls_value.error(f"unknown TLS profile {tls!r} (known: {known})")
-            tls = None
+    tls = section.read("tls", profiles.reference, None)
     return SmtpOptions(
         hostname=section.read("hostname", _hostname, None),
         tls=tls,
