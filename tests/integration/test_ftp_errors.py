@@ -25,6 +25,7 @@ from netd.testing import NetdProcess
 pytestmark = pytest.mark.integration
 
 CURL = shutil.which("curl")
+LFTP = shutil.which("lftp")
 LOGIN_DELAY = 0.2
 MAX_FAILURES = 3
 LONG_NAME = "n" * 300
@@ -192,6 +193,36 @@ def test_curl_does_not_get_a_file_through_a_directory_url(netd: NetdProcess) -> 
         [CURL, "-sS", "--max-time", "15", f"{base}/a.txt"], capture_output=True, check=False
     )
     assert fetched.returncode == 0 and fetched.stdout == b"the file\n"
+    assert_serving_and_no_traceback(netd)
+
+
+@pytest.mark.skipif(LFTP is None, reason="lftp is not installed")
+def test_lftp_shows_the_reasons(netd: NetdProcess, tmp_path: Path) -> None:
+    assert LFTP is not None
+    host, port = netd.address("files")
+    done = subprocess.run(
+        [
+            LFTP,
+            "-u",
+            "alice,wonderland",
+            "-p",
+            str(port),
+            "-e",
+            "set net:max-retries 1; set net:timeout 5; rmdir full; mkdir "
+            + LONG_NAME
+            + "; get a.txt/; bye",
+            host,
+        ],
+        capture_output=True,
+        cwd=tmp_path,
+        timeout=30,
+        check=False,
+    )
+    said = done.stderr.decode(errors="replace")
+    assert "Directory not empty" in said
+    assert "553" in said
+    assert "Not a directory" in said
+    assert not list(tmp_path.iterdir())
     assert_serving_and_no_traceback(netd)
 
 
