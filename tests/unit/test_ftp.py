@@ -5,6 +5,7 @@ sessions driven through StringTransport and a MemoryReactorClock.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -36,6 +37,7 @@ from netd.services._ftp_files import (
     Shell,
     Upload,
     User,
+    _error,
     _write_all,
 )
 from netd.services._ftp_session import (
@@ -293,6 +295,24 @@ def test_shell_errors_carry_their_reply_and_reason(tree: Path) -> None:
     with pytest.raises(ftp.FTPCmdError, match="Not a directory"):
         shell.require_directory(["file.txt"])
     assert (tree / "sub" / "inner.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "reply"),
+    [
+        (errno.ENOENT, "550 d/x: No such file or directory."),
+        (errno.EACCES, "550 d/x: Permission denied."),
+        (errno.EEXIST, "550 d/x: File exists"),
+        (errno.ENOTEMPTY, "550 Requested action not taken: d/x: Directory not empty"),
+        (errno.EINVAL, "550 Requested action not taken: d/x: Invalid argument"),
+        (errno.EILSEQ, f"550 Requested action not taken: d/x: {os.strerror(errno.EILSEQ)}"),
+        (errno.ENAMETOOLONG, "553 Requested action not taken, file name not allowed"),
+        (errno.ENOSPC, "452 Requested action aborted. Insufficient storage."),
+        (errno.EIO, "550 Requested action not taken: d/x: Input/output error"),
+    ],
+)
+def test_every_errno_has_a_reply(code: int, reply: str) -> None:
+    assert _response(_error(OSError(code, os.strerror(code)), ["d", "x"])) == reply
 
 
 def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
