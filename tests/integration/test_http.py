@@ -211,6 +211,10 @@ def test_static_files_types_index_and_head(netd: NetdProcess) -> None:
     assert get(netd, "/files/a%20b.txt")[2] == b"spaced\n"
     assert get(netd, "/files/")[0] == 403  # listing: false
     assert get(netd, "/missing")[0] == 404
+    # A file named as a directory is not served (nginx: 404), nor a directory's index.
+    assert get(netd, "/hello.txt/")[0] == 404
+    assert get(netd, "/docs/index.html/")[0] == 404
+    assert get(netd, "/docs//")[2] == b"<h1>docs</h1>\n"
     assert get(netd, "/digits.bin")[2] == bytes(range(256)) * 1024
 
     connection = http.client.HTTPConnection(*netd.address("web"), timeout=5)

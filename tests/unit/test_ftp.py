@@ -5,6 +5,7 @@ sessions driven through StringTransport and a MemoryReactorClock.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import warnings
@@ -30,11 +31,13 @@ from netd.services._ftp_data import LineEnds
 from netd.services._ftp_files import (
     UPLOAD_PREFIX,
     Accounts,
+    NameNotAllowed,
     Realm,
     Sendfile,
     Shell,
     Upload,
     User,
+    _error,
     _write_all,
 )
 from netd.services._ftp_session import (
@@ -42,6 +45,7 @@ from netd.services._ftp_session import (
     FTPServer,
     Session,
     SessionLimits,
+    _response,
 )
 from netd.services.ftp import FtpOptions
 
@@ -188,6 +192,23 @@ def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
     assert isinstance(result_of(closed.requestAvatarId(credentials.Anonymous())), Failure)
 
 
+def test_a_password_that_is_not_utf8_is_a_wrong_one_for_every_checker(tmp_path: Path) -> None:
+    hashed = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
+    users = {
+        "alice": User("alice", tmp_path, password="wonderland"),
+        "bob": User("bob", tmp_path, password_hash=hashed),
+    }
+    crypt_hash = _sha512_crypt("sea")
+    if crypt_hash is not None:
+        users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
+    accounts = Accounts(users, anonymous=False, run_in_thread=maybeDeferred)
+    # As the session decodes a line: bytes that are not UTF-8 become lone surrogates.
+    password = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    for name in [*users, "eve"]:
+        outcome = result_of(accounts.requestAvatarId(credentials.UsernamePassword(name, password)))
+        assert isinstance(outcome, Failure) and outcome.check(UnauthorizedLogin), name
+
+
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
     root = tmp_path / "root"
@@ -235,6 +256,63 @@ def test_shell_lists_only_what_it_serves_and_writes_only_with_the_flag(tree: Pat
     with pytest.raises(ftp.IsADirectoryError):
         writable.upload_target(["sub"])
     assert isinstance(result_of(writable.removeDirectory([])), Failure)  # never the root
+
+
+def reply_to(outcome: Any) -> str:
+    """The reply line a session sends for a failed shell operation."""
+    assert isinstance(outcome, Failure), outcome
+    assert outcome.check(ftp.FTPCmdError), outcome
+    return _response(outcome.value)
+
+
+def test_shell_errors_carry_their_reply_and_reason(tree: Path) -> None:
+    shell = Shell(tree, writable=True)
+    (tree / "sub" / "inner.txt").write_text("x")
+    assert reply_to(result_of(shell.removeDirectory(["sub"]))) == (
+        "550 Requested action not taken: sub: Directory not empty"
+    )
+    assert reply_to(result_of(shell.rename(["sub"], ["sub", "deeper"]))) == (
+        "550 Requested action not taken: sub: cannot be moved into itself"
+    )
+    assert reply_to(result_of(shell.removeDirectory(["file.txt"]))) == (
+        "550 Requested action not taken: file.txt: Not a directory"
+    )
+    long_name = "n" * 300
+    with pytest.raises(NameNotAllowed):
+        shell.makeDirectory([long_name])
+    with pytest.raises(NameNotAllowed):
+        shell.upload_target([long_name])
+    assert _response(NameNotAllowed()).startswith("553 ")
+    # What Twisted's shell leaves as a bare OSError is translated by errno.
+    assert reply_to(result_of(shell.makeDirectory(["file.txt", "below"]))) == (
+        "550 Requested action not taken: file.txt/below: Not a directory"
+    )
+    assert reply_to(result_of(shell.access(["file.txt"]))) == (
+        "550 Requested action not taken: file.txt: Not a directory"
+    )
+    shell.require_directory(["sub"])
+    shell.require_directory(["not", "there"])  # may be created (MKD new/)
+    with pytest.raises(ftp.FTPCmdError, match="Not a directory"):
+        shell.require_directory(["file.txt"])
+    assert (tree / "sub" / "inner.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "reply"),
+    [
+        (errno.ENOENT, "550 d/x: No such file or directory."),
+        (errno.EACCES, "550 d/x: Permission denied."),
+        (errno.EEXIST, "550 d/x: File exists"),
+        (errno.ENOTEMPTY, "550 Requested action not taken: d/x: Directory not empty"),
+        (errno.EINVAL, "550 Requested action not taken: d/x: Invalid argument"),
+        (errno.EILSEQ, f"550 Requested action not taken: d/x: {os.strerror(errno.EILSEQ)}"),
+        (errno.ENAMETOOLONG, "553 Requested action not taken, file name not allowed"),
+        (errno.ENOSPC, "452 Requested action aborted. Insufficient storage."),
+        (errno.EIO, "550 Requested action not taken: d/x: Input/output error"),
+    ],
+)
+def test_every_errno_has_a_reply(code: int, reply: str) -> None:
+    assert _response(_error(OSError(code, os.strerror(code)), ["d", "x"])) == reply
 
 
 def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
@@ -364,6 +442,66 @@ def test_failed_logins_wait_on_the_clock_and_then_close(tmp_path: Path) -> None:
     assert transport.disconnecting
     assert harness.stats.counters["login_failures"] == 2
     assert [t for t, _ in harness.events] == ["ftp.login_failed", "ftp.login_failed"]
+
+
+def test_pipelined_wrong_passwords_each_wait_their_delay(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    # A clear-text password is checked at once: the next lines must still wait.
+    tries = [b"USER alice", b"PASS wrong", b"USER alice", b"PASS \xff", b"USER alice", b"PASS x"]
+    assert send(session, transport, *tries) == [b"331 Password required for alice."]
+    harness.reactor.advance(1.0)
+    assert transport.value().splitlines()[-2:] == [
+        b"530 Sorry, Authentication failed.",
+        b"331 Password required for alice.",
+    ]
+    harness.reactor.advance(1.9)
+    assert transport.value().splitlines()[-1].startswith(b"331")
+    harness.reactor.advance(0.1)
+    assert transport.value().splitlines()[-1].startswith(b"421")
+    assert transport.disconnecting
+    harness.reactor.advance(10)
+    assert harness.stats.counters["login_failures"] == 2  # the third try never ran
+    assert transport.value().splitlines()[-1].startswith(b"421")
+
+
+def test_mistakes_after_login_get_their_reply(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    (tmp_path / "f.txt").write_text("12345")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    session, transport = harness.connect()
+    replies = send(
+        session,
+        transport,
+        b"USER alice",
+        b"PASS wonderland",
+        b"PASS wonderland",
+        b"SIZE f.txt/",
+        b"CWD f.txt/..",
+        b"RETR f.txt/",
+        b"STOR new/",
+        b"RMD full",
+        b"MKD " + b"n" * 300,
+        b"RNFR full",
+        b"RNTO full/x/y",
+        b"PWD",
+    )
+    assert replies == [
+        b"331 Password required for alice.",
+        b"230 User logged in, proceed",
+        b"503 Incorrect sequence of commands: already logged in",
+        b"550 Requested action not taken: f.txt: Not a directory",
+        b"550 Requested action not taken: f.txt: Not a directory",
+        b"550 Requested action not taken: f.txt: Not a directory",
+        b"550 new/: is a directory",
+        b"550 Requested action not taken: full: Directory not empty",
+        b"553 Requested action not taken, file name not allowed",
+        b"350 Requested file action pending further information.",
+        b"550 Requested action not taken: full: cannot be moved into itself",
+        b'257 "/"',
+    ]
+    assert not (tmp_path / "new").exists()
 
 
 def test_login_then_commands(tmp_path: Path) -> None:

@@ -248,6 +248,17 @@ def test_static_answers(root: Path) -> None:
     assert ranged.data.endswith(b"--\r\n") and bytes(range(246, 256)) in ranged.data
 
 
+def test_a_file_with_a_trailing_slash_is_not_served(root: Path) -> None:
+    app = make_app(root)
+    (root / "dir" / "index.html").write_text("<p>index</p>")
+    for target in ("/a.txt/", "/a.txt//", "/dir/index.html/", "/a.txt/?x=1"):
+        for method in ("GET", "HEAD"):
+            exchange = answer(app, target, method)
+            assert exchange.status == 404 and b"0123" not in exchange.data, target
+    assert answer(app, "/a.txt").data == b"0123456789"
+    assert answer(app, "/dir/").data == b"<p>index</p>"  # a directory's slash still serves it
+
+
 def test_an_edited_small_file_is_served_fresh(root: Path) -> None:
     app = make_app(root)
     assert answer(app, "/a.txt").data == b"0123456789"

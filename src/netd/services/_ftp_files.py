@@ -27,6 +27,7 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -35,7 +36,10 @@ from zope.interface import implementer
 __all__ = [
     "UPLOAD_PREFIX",
     "Accounts",
+    "NameNotAllowed",
+    "NoSpace",
     "Realm",
+    "Refused",
     "Sendfile",
     "Shell",
     "Upload",
@@ -48,6 +52,8 @@ __all__ = [
 UPLOAD_PREFIX = ".~netd-upload."
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+_log = Logger(namespace="netd.ftp")
 
 RunInThread = Callable[..., "Deferred[Any]"]
 Segments = list[str]
@@ -78,24 +84,28 @@ class User:
     password_hash: str | None = attrs.field(default=None, repr=False)
 
 
-def _check_hash(password: str, hashed: str) -> bool:
+def _check_hash(password: bytes, hashed: str) -> bool:
     if hashed.startswith(("$2a$", "$2b$", "$2y$")):
         import bcrypt
 
         try:
-            return bcrypt.checkpw(password.encode(), hashed.encode())
+            return bcrypt.checkpw(password, hashed.encode())
         except ValueError:
             return False
+    try:
+        text = password.decode()
+    except UnicodeDecodeError:
+        return False  # crypt(3) hashes here were made from text, and the module takes only text
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import crypt
 
-    return hmac.compare_digest(crypt.crypt(password, hashed) or "", hashed)
+    return hmac.compare_digest(crypt.crypt(text, hashed) or "", hashed)
 
 
-def _burn_time(password: str, hashed: str) -> bool:
+def _burn_time(password: bytes, hashed: str) -> bool:
     """Check against another user's hash, so an unknown name costs what a known one does."""
     _check_hash(password, hashed)
     return False
@@ -120,11 +130,13 @@ class Accounts:
                 return succeed(ANONYMOUS)
             return fail(error.UnauthorizedLogin())
         name = offered.username
-        password = offered.password
         if isinstance(name, bytes):
             name = name.decode("utf-8", "replace")
-        if isinstance(password, bytes):
-            password = password.decode("utf-8", "replace")
+        # Compared as the bytes the client sent: a password that is not UTF-8 is a
+        # wrong one, never an error (the session decodes lines with surrogateescape).
+        password = offered.password
+        if isinstance(password, str):
+            password = password.encode("utf-8", "surrogateescape")
         user = self.users.get(name)
         if user is None:
             decoy = next((u.password_hash for u in self.users.values() if u.password_hash), None)
@@ -134,7 +146,7 @@ class Accounts:
                 else succeed(False)
             )
         elif user.password is not None:
-            checked = succeed(hmac.compare_digest(user.password.encode(), password.encode()))
+            checked = succeed(hmac.compare_digest(user.password.encode(), password))
         else:
             assert user.password_hash is not None
             checked = self.run_in_thread(_check_hash, password, user.password_hash)
@@ -171,6 +183,24 @@ class Realm:
 _UNSAFE = frozenset("\0\r\n")
 
 
+class Refused(ftp.FTPCmdError):
+    """550 with the reason, for what Twisted's shell has no error of its own."""
+
+    errorCode = ftp.REQ_ACTN_NOT_TAKEN
+
+
+class NameNotAllowed(ftp.FTPCmdError):
+    """553: a name the filesystem cannot hold (too long)."""
+
+    errorCode = ftp.FILENAME_NOT_ALLOWED
+
+
+class NoSpace(ftp.FTPCmdError):
+    """452: the filesystem is full."""
+
+    errorCode = ftp.REQ_ACTN_ABRTD_INSUFF_STORAGE
+
+
 def _denied(path: Segments) -> ftp.FTPCmdError:
     return ftp.PermissionDeniedError("/".join(path))
 
@@ -185,11 +215,16 @@ class Shell(ftp.FTPShell):
         super().__init__(FilePath(os.path.realpath(root)))
         self.real_root = self.filesystemRoot.path
         self.writable = writable
+        self.name_max = _name_max(self.real_root)
 
     def _path(self, path: Segments) -> FilePath[str]:
         # CR and LF would forge lines in listings and replies; NUL ends C strings.
         if any(segment.startswith(UPLOAD_PREFIX) or _UNSAFE & set(segment) for segment in path):
             raise _denied(path)
+        # Refused before any system call: an upload would otherwise only fail at
+        # its final rename, after the whole file came in.
+        if any(len(segment.encode("utf-8", "surrogateescape")) > self.name_max for segment in path):
+            raise NameNotAllowed()
         try:
             found: FilePath[str] = self.filesystemRoot.descendant(path)
         except Exception:
@@ -202,29 +237,47 @@ class Shell(ftp.FTPShell):
         if not self.writable:
             raise _denied(path)
 
+    # Twisted's shell fails with the bare OSError of every errno it has no FTP
+    # error for (ENOTEMPTY, EINVAL, ENAMETOOLONG...): each operation passes
+    # through _translated, so that every one gets a reply of its own.
+
     def makeDirectory(self, path: Segments) -> Deferred[None]:
         self._writing(path)
-        result: Deferred[None] = super().makeDirectory(path)
-        return result
+        return _translated(super().makeDirectory(path), path)
 
     def removeDirectory(self, path: Segments) -> Deferred[None]:
         self._writing(path)
         if not path:
             return fail(_denied(path))
-        result: Deferred[None] = super().removeDirectory(path)
-        return result
+        return _translated(super().removeDirectory(path), path)
 
     def removeFile(self, path: Segments) -> Deferred[None]:
         self._writing(path)
-        result: Deferred[None] = super().removeFile(path)
-        return result
+        return _translated(super().removeFile(path), path)
 
     def rename(self, from_path: Segments, to_path: Segments) -> Deferred[None]:
         self._writing(from_path)
         if not from_path or not to_path:
             return fail(_denied(from_path))
-        result: Deferred[None] = super().rename(from_path, to_path)
-        return result
+        if len(to_path) > len(from_path) and to_path[: len(from_path)] == from_path:
+            # rename(2) says EINVAL; the client is better told why.
+            return fail(Refused(f"{'/'.join(from_path)}: cannot be moved into itself"))
+        return _translated(super().rename(from_path, to_path), from_path)
+
+    def access(self, path: Segments) -> Deferred[None]:
+        return _translated(super().access(path), path)
+
+    def stat(self, path: Segments, keys: Any = ()) -> Deferred[Any]:
+        return _translated(super().stat(path, keys), path)
+
+    def require_directory(self, path: Segments) -> None:
+        """
+        C{path} is used as a directory (a name followed by C{/}, C{.} or C{..}):
+        as for POSIX C{open("file/")}, an existing file there is not a directory.
+        """
+        found = self._path(path)
+        if found.exists() and not found.isdir():
+            raise _not_a_directory(path)
 
     def _inside(self, path: str) -> bool:
         real = os.path.realpath(path)
@@ -314,15 +367,74 @@ def _list_line(name: bytes, info: os.stat_result, year: int) -> bytes:
     return head.encode() + name
 
 
+# What a client's request can cause; any other errno is the server's trouble.
+_CLIENT_ERRNOS = frozenset(
+    {
+        errno.ENOENT,
+        errno.ENOTDIR,
+        errno.EISDIR,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.EINVAL,
+        errno.ENAMETOOLONG,
+        errno.ELOOP,
+        errno.EILSEQ,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EROFS,
+        errno.EXDEV,
+        errno.EBUSY,
+        errno.EMLINK,
+        errno.ENOSPC,
+        errno.EDQUOT,
+    }
+)
+
+
 def _error(e: OSError, path: Segments) -> ftp.FTPCmdError:
+    """The FTP error, with its reply code and reason, for a failed system call on C{path}."""
     name = "/".join(path)
-    if e.errno in (errno.ENOENT, errno.ENOTDIR):
+    code = e.errno
+    if code not in _CLIENT_ERRNOS:
+        _log.warn("ftp: {path!r}: {error}", path=name, error=e)
+    if code == errno.ENOENT:
         return ftp.FileNotFoundError(name)
-    if e.errno in (errno.EACCES, errno.EPERM):
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ftp.PermissionDeniedError(name)
-    if e.errno == errno.EISDIR:
+    if code == errno.EISDIR:
         return ftp.IsADirectoryError(name)
-    return ftp.FileNotFoundError(name)
+    if code == errno.EEXIST:
+        return ftp.FileExistsError(name)
+    if code == errno.ENAMETOOLONG:
+        return NameNotAllowed()
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace()
+    reason = os.strerror(code) if code is not None else str(e)
+    return Refused(f"{name}: {reason}")
+
+
+def _not_a_directory(path: Segments) -> ftp.FTPCmdError:
+    return Refused(f"{'/'.join(path)}: {os.strerror(errno.ENOTDIR)}")
+
+
+def _translated(result: Deferred[Any], path: Segments) -> Deferred[Any]:
+    def translate(reason: Failure) -> Failure:
+        # Twisted's own ENOTDIR error speaks of RMD whatever the command was.
+        if reason.check(ftp.IsNotADirectoryError):
+            return Failure(_not_a_directory(path))
+        failed = reason.value
+        if not isinstance(failed, OSError):
+            return reason
+        return Failure(_error(failed, path))
+
+    return result.addErrback(translate)
+
+
+def _name_max(root: str) -> int:
+    try:
+        return os.pathconf(root, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
 
 
 @implementer(IWriteDescriptor)

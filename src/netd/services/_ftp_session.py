@@ -77,6 +77,10 @@ _PER_CLIENT = "421 Too many connections from your address."
 _IDLE = "421 Idle timeout, closing control connection."
 
 
+# Path commands Twisted implements, parsing paths itself (see Session._segments).
+_TWISTED_PATH_COMMANDS = frozenset({"CWD", "SIZE", "MDTM", "DELE", "RMD", "MKD", "RNFR"})
+_DIRECTORY_PARTS = frozenset({"", ".", ".."})
+
 _TELNET = bytes([255, 242, 244])
 _ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
 
@@ -314,6 +318,9 @@ class Session(ftp.FTP):
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.disconnected or self.transport is None or self.transport.disconnecting:
+            # Closing (after a 421): lines still buffered from the client are not run.
+            return
         if unsent_bytes(self.transport) > _UNREAD_REPLIES:
             # Commands keep coming, replies are not read: cut it, not our memory.
             self.transport.abortConnection()
@@ -337,7 +344,12 @@ class Session(ftp.FTP):
         done = maybeDeferred(self.processCommand, command, *arguments)
         done.addCallbacks(self._answer, self._failed, errbackArgs=(command,))
         done.addErrback(lambda f: _log.failure("FTP command failed", f))
-        if not done.called:
+        # Not done.called: a Deferred that fired but waits on another (a login
+        # check answered at once, then held back by the failed-login delay) is
+        # "called" too, and the next lines would run before its answer.
+        answered: list[object] = []
+        done.addBoth(answered.append)
+        if not answered:
             self.paused = True
             done.addBoth(self._resume)
 
@@ -363,7 +375,16 @@ class Session(ftp.FTP):
         if reason.check(ftp.FTPCmdError):
             if reason.check(ftp.CmdNotImplementedError):
                 self.server.stats.count("bad_commands")
-            self.sendLine(_response(reason.value))
+            reply = _response(reason.value)
+            # A repr: the reply may hold the client's bytes that are not UTF-8.
+            _log.info(
+                "ftp session {session} {client}: {command} refused: {reply!r}",
+                session=self.id,
+                client=self.client,
+                command=command.upper(),
+                reply=reply,
+            )
+            self.sendLine(reply)
         elif reason.check(TypeError):
             self.reply(ftp.SYNTAX_ERR, f"{command.upper()} needs other arguments.")
         else:
@@ -374,6 +395,8 @@ class Session(ftp.FTP):
         upper = command.upper()
         if upper in ("USER", "PASS") and self.server.require_tls and not self.secure:
             return _TLS_REQUIRED
+        if upper in _TWISTED_PATH_COMMANDS and params and self.state == self.AUTHED:
+            self._segments(params[0])  # the checks of ours that Twisted's commands lack
         return super().processCommand(command, *params)
 
     def describe(self) -> dict[str, Any]:
@@ -394,6 +417,10 @@ class Session(ftp.FTP):
     # -- login -----------------------------------------------------------------------
 
     def ftp_PASS(self, password: str) -> Deferred[Any]:
+        if self.state != self.INAUTH:
+            # Twisted's state machine hands PASS on once logged in, to a method
+            # that expects USER just before.
+            return fail(ftp.BadCmdSequenceError("already logged in"))
         user = getattr(self, "_user", "")
         logged_in: Deferred[Any] = super().ftp_PASS(password)
 
@@ -407,7 +434,12 @@ class Session(ftp.FTP):
             return result
 
         def failure(reason: Failure) -> Deferred[Any]:
-            reason.trap(ftp.AuthorizationError)
+            # Every failed PASS takes this path, whatever made it fail: one that
+            # answered at once would let a guesser skip the delay and the limit.
+            self.state = self.UNAUTH
+            if not reason.check(ftp.AuthorizationError):
+                _log.failure("FTP login check failed", reason)
+                reason = Failure(ftp.AuthorizationError())
             self.failures += 1
             self.server.stats.count("login_failures")
             self.server.emit("ftp.login_failed", client=self.client, user=user, session=self.id)
@@ -605,12 +637,30 @@ class Session(ftp.FTP):
         return self._listing(path, names_only=True)
 
     def _segments(self, path: str) -> list[str]:
-        """C{path} from the working directory; commands run in maybeDeferred, so raising
-        an L{ftp.FTPCmdError} here answers the client."""
+        """
+        C{path} from the working directory; commands run in maybeDeferred, so raising
+        an L{ftp.FTPCmdError} here answers the client.
+
+        Twisted's C{toSegments} drops a C{/}, C{.} or C{..} after a name, which
+        would make C{RETR file/} serve C{file}: a name used that way must be a
+        directory, as in POSIX path resolution.
+        """
         try:
             segments: list[str] = ftp.toSegments(self.workingDirectory, path)
         except ftp.InvalidPath:
             raise ftp.FileNotFoundError(path) from None
+        walked = [] if path.startswith("/") else list(self.workingDirectory)
+        named = False
+        for part in path.split("/"):
+            if part in _DIRECTORY_PARTS:
+                if named:
+                    self.shell.require_directory(walked)
+                if part == ".." and walked:
+                    walked.pop()
+                named = False
+            else:
+                walked.append(part)
+                named = True
         return segments
 
     def _listing(self, path: str, names_only: bool) -> Deferred[Any]:
@@ -750,6 +800,8 @@ class Session(ftp.FTP):
     def _store(self, path: str, append: bool) -> Deferred[Any]:
         offset = self._take_rest()
         segments = self._segments(path)
+        if path.rpartition("/")[2] in _DIRECTORY_PARTS:
+            raise ftp.IsADirectoryError(path)  # "new/" names a directory, never a file
         target = self.shell.upload_target(segments)
         if append:
             offset = target.stat().st_size if target.exists() else 0
@@ -808,6 +860,16 @@ class Session(ftp.FTP):
     def ftp_RNTO(self, to_name: str) -> Any:
         if not hasattr(self, "_fromName"):
             return fail(ftp.BadCmdSequenceError("RNFR required before RNTO"))
+        from_name: str = self._fromName
+        try:
+            self._segments(to_name)
+            if to_name.rpartition("/")[2] in _DIRECTORY_PARTS:
+                # rename("file", "new/") fails with ENOTDIR: the target names a directory.
+                self.shell.require_directory(self._segments(from_name))
+        except ftp.FTPCmdError:
+            del self._fromName
+            self.state = self.AUTHED
+            raise
         return super().ftp_RNTO(to_name)
 
     def ftp_ABOR(self) -> Any:

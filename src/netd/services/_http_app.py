@@ -463,6 +463,9 @@ class App:
                 return
             else:
                 raise _NotFound(403)
+        elif path.endswith("/"):
+            # "/index.html/" names a directory, and there is none (nginx says 404 too).
+            raise _NotFound(404)
         if not stat.S_ISREG(info.st_mode):
             raise _NotFound(404)
         self._file(exchange, full, info)
