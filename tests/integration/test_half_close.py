@@ -75,6 +75,12 @@ services:
     hostname: mx.netd.test
     relay: {{allow_from: [127.0.0.0/8], domains: [netd.test]}}
     delivery: {{mode: capture}}
+  files:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    root: {www}
+    users: {{alice: {{password: pw, home: .}}}}
+    login_delay: 0.2
   chat:
     type: chat
     listen:
@@ -143,6 +149,13 @@ def test_smtp_answers_the_message_it_spooled_once(netd: NetdProcess) -> None:
     codes = [line[:3] for line in reply.split(b"\r\n") if line[3:4] == b" "]
     assert codes == [b"220", b"250", b"250", b"250", b"354", b"250", b"221"]
     assert len(netd.messages("mail")) == 1
+
+
+def test_ftp_answers_a_delayed_login_and_what_follows(netd: NetdProcess) -> None:
+    session = b"USER alice\r\nPASS wrong\r\nUSER alice\r\nPASS pw\r\nPWD\r\nQUIT\r\n"
+    reply = _send_then_half_close(netd.address("files"), session)
+    codes = [line[:3] for line in reply.split(b"\r\n") if line[3:4] == b" "]
+    assert codes[-3:] == [b"230", b"257", b"221"], reply
 
 
 def test_irc_registration_and_line_chat(netd: NetdProcess) -> None:

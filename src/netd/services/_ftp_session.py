@@ -43,9 +43,11 @@ from twisted.internet.protocol import (
 from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
+from netd.kinds import IOwesReplies
 from netd.services._ftp_data import (
     READ_CHUNK,
     DataChannel,
@@ -221,6 +223,7 @@ class Transfer:
     bytes: int = 0
 
 
+@implementer(IOwesReplies)
 class Session(ftp.FTP):
     """One control connection."""
 
@@ -255,6 +258,7 @@ class Session(ftp.FTP):
         self._watchdog: IDelayedCall | None = None
         self._stop_transfer: Callable[[], object] = lambda: None
         self._cleanup: list[Callable[[], Any]] = []
+        self._replied: list[Deferred[None]] = []
         self.started = time.time()
         self.workingDirectory: list[str] = []
 
@@ -335,6 +339,19 @@ class Session(ftp.FTP):
             self.server.stats.count("aborts")
             self._stop_transfer()
         super().dataReceived(data)
+        if self._replied and not self.paused:
+            replied, self._replied = self._replied, []
+            for waiting in replied:
+                waiting.callback(None)
+
+    def when_replied(self) -> Deferred[None]:
+        # Lines after a command still running wait in the buffer, and run once
+        # it is answered (dataReceived above): only that waits.
+        if not self.paused:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self._replied.append(replied)
+        return replied
 
     def lineReceived(self, line: bytes) -> None:
         # Telnet "interrupt process" and "synch" bytes clients send before ABOR.
