@@ -28,6 +28,7 @@ __all__ = [
     "parse_config",
 ]
 
+_IDLE_TIMEOUT = 300.0
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9])?"
@@ -425,15 +426,28 @@ def _read_services(
                 )
             elif key is not None:
                 seen_endpoints[key] = f"{name} ({listener.path})"
+        max_connections = section.integer("max_connections", 1000, minimum=1)
+        idle_value = section.get("idle_timeout")
+        idle_timeout = section.number("idle_timeout", _IDLE_TIMEOUT, minimum=0.1)
+        options = kind.parse(section, used)
+        if kind.longest_silence is not None and options is not None:
+            silence = kind.longest_silence(options)
+            if idle_value is None:
+                idle_timeout = max(idle_timeout, silence)
+            elif idle_timeout < silence:
+                idle_value.error(
+                    f"shorter than the {silence:g} s this {type_name} service's own "
+                    "timeouts allow a client to stay silent"
+                )
         services[name] = ServiceConfig(
             name=name,
             type=type_name,
             position=entry.position,
             listen=listen,
             enabled=enabled,
-            max_connections=section.integer("max_connections", 1000, minimum=1),
-            idle_timeout=section.number("idle_timeout", 300.0, minimum=0.1),
-            options=kind.parse(section, used),
+            max_connections=max_connections,
+            idle_timeout=idle_timeout,
+            options=options,
             tls_profiles=frozenset(used.used),
         )
         section.finish()

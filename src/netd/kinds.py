@@ -112,6 +112,11 @@ class ServiceKind(Generic[Options]):
     @ivar build: turns the parsed service into handlers.
     @ivar datagram: whether C{udp:} listeners are allowed.
     @ivar protocols: values allowed for a listener's C{protocol:}, default first.
+    @ivar longest_silence: how long (seconds) the kind's own timers let a
+        client stay silent (smtp's C{data_timeout}, say).  The service's
+        C{idle_timeout}, the core's backstop, defaults to at least that and may
+        not be set below it, so the kind's timer, which answers as its protocol
+        says (421 and a reason), always fires first.
     """
 
     name: str
@@ -119,6 +124,7 @@ class ServiceKind(Generic[Options]):
     build: Callable[[ServiceConfig, BuildContext], Handlers]
     datagram: bool = False
     protocols: tuple[str, ...] = ()
+    longest_silence: Callable[[Options], float] | None = None
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -647,3 +648,24 @@ def test_a_silent_client_is_timed_out_and_others_are_served(
     with smtp(netd) as client:
         assert client.sendmail("a@client.test", ["fast@netd.test"], b"\r\nok\r\n") == {}
     assert messages_to(netd, "slow@netd.test") == []
+
+
+def test_a_client_silent_in_data_gets_the_data_timeout_reply(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    # idle_timeout is left to its default: at least the longest smtp timeout, so
+    # the core's idle sweep never cuts a client before smtp's own timer answers.
+    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="1.5"))
+    assert netd.services()["mail"]["state"] == "running"
+    with socket.create_connection(netd.address("mail"), timeout=10) as sock:
+        sock.sendall(
+            b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\nRCPT TO:<b@netd.test>\r\n"
+            b"DATA\r\nSubject: slow\r\n"
+        )
+        started = time.monotonic()
+        received = bytearray()
+        while chunk := sock.recv(4096):
+            received += chunk
+        silent_for = time.monotonic() - started
+    assert received.splitlines()[-1].startswith(b"421 4.4.2"), received
+    assert 1.4 < silent_for < 5

@@ -27,7 +27,7 @@ from twisted.names import error as dns_error
 from twisted.test import iosim
 from zope.interface import implementer
 
-from netd.config import ConfigErrors, parse_config
+from netd.config import ConfigErrors, ServiceConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services._smtp_address import Mailbox, PathRefused, parse_path
@@ -1066,3 +1066,21 @@ def test_random_input_never_breaks_a_session() -> None:
             session.dataReceived(stream[:size])
             stream = stream[size:]
         assert all(line[:3].isdigit() for line in replies(transport))
+
+
+def test_idle_timeout_follows_the_longest_smtp_timeout(tmp_path: Path) -> None:
+    def service(section: str) -> ServiceConfig:
+        text = f"services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n{section}"
+        return parse_config(text, tmp_path / "netd.yaml").services["mail"]
+
+    assert service("").idle_timeout == 600  # data_timeout's default, over the 300 s default
+    assert service("    data_timeout: 30\n    command_timeout: 20\n").idle_timeout == 300
+    assert service("    command_timeout: 900\n").idle_timeout == 900
+    quick = "    data_timeout: 30\n    command_timeout: 30\n    idle_timeout: 60\n"
+    assert service(quick).idle_timeout == 60
+    with pytest.raises(ConfigErrors) as raised:
+        service("    data_timeout: 600\n    idle_timeout: 300\n")
+    assert [str(e) for e in raised.value.errors] == [
+        f"{tmp_path / 'netd.yaml'}:6:19: services.mail.idle_timeout: shorter than the 600 s "
+        "this smtp service's own timeouts allow a client to stay silent"
+    ]

@@ -400,4 +400,8 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-SMTP: ServiceKind[SmtpOptions] = ServiceKind("smtp", parse, build)
+def _longest_silence(options: SmtpOptions) -> float:
+    return max(options.limits.command_timeout, options.limits.data_timeout)
+
+
+SMTP: ServiceKind[SmtpOptions] = ServiceKind("smtp", parse, build, longest_silence=_longest_silence)
