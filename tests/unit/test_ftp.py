@@ -8,11 +8,11 @@ from __future__ import annotations
 import errno
 import os
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import bcrypt
+import crypt_r
 import pytest
 from twisted.cred import credentials
 from twisted.cred.checkers import ANONYMOUS
@@ -154,21 +154,9 @@ def result_of(deferred: Deferred[Any]) -> Any:
     return results[0]
 
 
-def _sha512_crypt(password: str) -> str | None:
-    """A crypt(3) hash, where the stdlib can still make one (Python < 3.13)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import crypt
-        except ImportError:
-            return None
-    hashed: str = crypt.crypt(password, "$6$saltsalt$")
-    return hashed
-
-
 def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
     hashed = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
-    crypt_hash = _sha512_crypt("sea")
+    crypt_hash = crypt_r.crypt("sea", "$6$saltsalt$")
     users = {
         "alice": User("alice", tmp_path, password="wonderland"),
         "bob": User("bob", tmp_path, password_hash=hashed),
@@ -179,10 +167,9 @@ def test_accounts_check_passwords_hashes_and_anonymous(tmp_path: Path) -> None:
         return result_of(accounts.requestAvatarId(credentials.UsernamePassword(name, password)))
 
     assert login("alice", "wonderland") == "alice"
-    if crypt_hash is not None:
-        users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
-        assert login("carol", "sea") == "carol"
-        assert isinstance(login("carol", "see"), Failure)
+    users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
+    assert login("carol", "sea") == "carol"
+    assert isinstance(login("carol", "see"), Failure)
     assert login("bob", "builder") == "bob"
     for name, password in (("alice", "wonder"), ("bob", "wonderland"), ("eve", "x")):
         outcome = login(name, password)
@@ -198,9 +185,7 @@ def test_a_password_that_is_not_utf8_is_a_wrong_one_for_every_checker(tmp_path: 
         "alice": User("alice", tmp_path, password="wonderland"),
         "bob": User("bob", tmp_path, password_hash=hashed),
     }
-    crypt_hash = _sha512_crypt("sea")
-    if crypt_hash is not None:
-        users["carol"] = User("carol", tmp_path, password_hash=crypt_hash)
+    users["carol"] = User("carol", tmp_path, password_hash=crypt_r.crypt("sea", "$6$saltsalt$"))
     accounts = Accounts(users, anonymous=False, run_in_thread=maybeDeferred)
     # As the session decodes a line: bytes that are not UTF-8 become lone surrogates.
     password = b"\xff\xfe".decode("utf-8", "surrogateescape")

@@ -9,7 +9,6 @@ import contextlib
 import errno
 import functools
 import grp
-import hmac
 import os
 import pwd
 import secrets
@@ -32,6 +31,8 @@ from twisted.protocols import ftp
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
+
+from netd import passwords
 
 __all__ = [
     "UPLOAD_PREFIX",
@@ -84,30 +85,9 @@ class User:
     password_hash: str | None = attrs.field(default=None, repr=False)
 
 
-def _check_hash(password: bytes, hashed: str) -> bool:
-    if hashed.startswith(("$2a$", "$2b$", "$2y$")):
-        import bcrypt
-
-        try:
-            return bcrypt.checkpw(password, hashed.encode())
-        except ValueError:
-            return False
-    try:
-        text = password.decode()
-    except UnicodeDecodeError:
-        return False  # crypt(3) hashes here were made from text, and the module takes only text
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt
-
-    return hmac.compare_digest(crypt.crypt(text, hashed) or "", hashed)
-
-
 def _burn_time(password: bytes, hashed: str) -> bool:
     """Check against another user's hash, so an unknown name costs what a known one does."""
-    _check_hash(password, hashed)
+    passwords.verify(password, hashed)
     return False
 
 
@@ -146,10 +126,10 @@ class Accounts:
                 else succeed(False)
             )
         elif user.password is not None:
-            checked = succeed(hmac.compare_digest(user.password.encode(), password))
+            checked = succeed(passwords.verify(password, user.password))
         else:
             assert user.password_hash is not None
-            checked = self.run_in_thread(_check_hash, password, user.password_hash)
+            checked = self.run_in_thread(passwords.verify, password, user.password_hash)
 
         def decide(ok: bool) -> Any:
             if not ok:

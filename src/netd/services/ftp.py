@@ -26,6 +26,7 @@ from typing import Any
 import attrs
 from twisted.cred.portal import Portal
 
+from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
@@ -111,22 +112,15 @@ def _users(value: Value) -> tuple[User, ...]:
         password_hash = section.optional_str("password_hash")
         if (password is None) == (password_hash is None) and entry.is_mapping:
             entry.error("give 'password' or 'password_hash' (one of them)")
-        if password_hash is not None and not _hash_usable(password_hash):
+        problem = passwords.hash_problem(password_hash) if password_hash is not None else None
+        if problem is not None:
             hashed = section.get("password_hash")
             assert hashed is not None
-            hashed.error("not a bcrypt ($2b$...) or crypt(3) ($6$..., $5$..., $1$...) hash")
+            hashed.error(problem)
         write = section.flag("write", False)
         section.finish()
         users.append(User(name, home, write, password, password_hash))
     return tuple(users)
-
-
-def _hash_usable(hashed: str) -> bool:
-    if hashed.startswith(("$2a$", "$2b$", "$2y$")):
-        return len(hashed) == 60
-    return bool(
-        re.fullmatch(r"\$(1|5|6)\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]+", hashed)
-    )
 
 
 def _port_range(value: Value) -> tuple[int, int] | None:

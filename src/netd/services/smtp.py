@@ -19,10 +19,8 @@ exchangers (L{netd.services._smtp_mx}).
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import socket
-import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +34,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
@@ -54,21 +53,7 @@ __all__ = [
     "SmtpOptions",
 ]
 
-_BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _MODES = ("capture", "smarthost", "mx")
-# MD5, SHA-256 and SHA-512 crypt, as in /etc/shadow.
-_CRYPT_PREFIXES = ("$1$", "$5$", "$6$")
-
-
-def _crypt_module() -> Any:
-    """Python's crypt module, deprecated in 3.11 and gone in 3.13; None without it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            import crypt
-        except ImportError:
-            return None
-    return crypt
 
 
 _LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
@@ -171,16 +156,9 @@ def _auth(value: Value) -> AuthOptions:
         if password_value is None:
             continue
         password = password_value.as_str()
-        if password.startswith(_CRYPT_PREFIXES) and _crypt_module() is None:
-            password_value.error(
-                "crypt hashes need Python's crypt module (gone since 3.13): use bcrypt ($2b$...)"
-            )
-            continue
-        if password.startswith("$") and not (
-            (password.startswith(_BCRYPT_PREFIXES) and len(password) == 60)
-            or password.startswith(_CRYPT_PREFIXES)
-        ):
-            password_value.error("a hashed password is bcrypt ($2b$...) or crypt ($1$, $5$, $6$)")
+        problem = passwords.hash_problem(password) if passwords.is_hash(password) else None
+        if problem is not None:
+            password_value.error(problem)
             continue
         if not password:
             password_value.error("a password cannot be empty")
@@ -301,23 +279,12 @@ class _PasswordChecker:
         expected = self.users.get(name)
         if expected is None:
             return self._refuse()
-        if expected.startswith(_CRYPT_PREFIXES):
-            module = _crypt_module()
-            assert module is not None  # checked when the map was read
-            text = password.decode("utf-8", "replace")
-            matched: Deferred[bool] = self.run(
-                lambda: hmac.compare_digest(module.crypt(text, expected) or "", expected)
-            )
-            return matched.addCallback(lambda ok: name if ok else self._refuse())
-        if expected.startswith(_BCRYPT_PREFIXES):
-            import bcrypt
-
-            hashed = expected.encode()
-            checked: Deferred[bool] = self.run(lambda: bcrypt.checkpw(password, hashed))
-            return checked.addCallback(lambda ok: name if ok else self._refuse())
-        if hmac.compare_digest(password, expected.encode()):
-            return succeed(name)
-        return self._refuse()
+        if not passwords.is_hash(expected):
+            matched = succeed(passwords.verify(password, expected))
+        else:
+            # bcrypt costs a fifth of a second on purpose: not on the reactor thread.
+            matched = self.run(lambda: passwords.verify(password, expected))
+        return matched.addCallback(lambda ok: name if ok else self._refuse())
 
     def _refuse(self) -> Deferred[Any]:
         failed: Deferred[Any] = Deferred()

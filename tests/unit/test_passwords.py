@@ -1,0 +1,41 @@
+"""Password checks shared by every kind with users: bcrypt, crypt(3) and clear text."""
+
+from __future__ import annotations
+
+import bcrypt
+import crypt_r
+import pytest
+
+from netd import passwords
+
+SHA512 = crypt_r.crypt("s3cret", "$6$saltsalt")
+SHA256 = crypt_r.crypt("s3cret", "$5$rounds=5000$saltsalt")
+MD5 = crypt_r.crypt("s3cret", "$1$saltsalt")
+BCRYPT = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [SHA512, SHA256, MD5, BCRYPT, "s3cret"],
+    ids=["sha512-crypt", "sha256-crypt", "md5-crypt", "bcrypt", "clear"],
+)
+def test_the_right_password_and_only_it(stored: str) -> None:
+    assert passwords.verify(b"s3cret", stored)
+    assert not passwords.verify(b"s3cret!", stored)
+    assert not passwords.verify(b"", stored)
+    # Bytes that are not UTF-8 are a wrong password, never an error.
+    assert not passwords.verify(b"s3cret\xff", stored)
+
+
+def test_usable_hashes_and_why_others_are_not() -> None:
+    for stored in (SHA512, SHA256, MD5, BCRYPT):
+        assert passwords.is_hash(stored) and passwords.hash_problem(stored) is None
+    assert passwords.hash_problem(BCRYPT[:-1]) == "a bcrypt hash has 60 characters"
+    assert passwords.hash_problem("$9$x$y") == (
+        "not a bcrypt ($2b$...) or crypt(3) ($6$..., $5$..., $1$...) hash"
+    )
+    assert not passwords.is_hash("plain")
+
+
+def test_a_malformed_bcrypt_hash_matches_nothing() -> None:
+    assert not passwords.verify(b"s3cret", "$2b$" + "x" * 56)
