@@ -39,7 +39,7 @@ def request(path: bytes, method: bytes = b"GET") -> DummyRequest:
 
 def test_a_reload_goes_on_when_its_client_hangs_up() -> None:
     daemon = FakeDaemon()
-    resource = AdminResource(daemon, None)  # type: ignore[arg-type]
+    resource = AdminResource(daemon, None, dict)  # type: ignore[arg-type]
     hung_up = request(b"/api/reload", b"POST")
     resource.render(hung_up)
     hung_up.processingFailed(Failure(ConnectionDone()))
@@ -58,7 +58,7 @@ def test_a_reload_goes_on_when_its_client_hangs_up() -> None:
 
 def test_a_long_poll_is_dropped_when_its_client_hangs_up() -> None:
     daemon = FakeDaemon()
-    resource = AdminResource(daemon, None)  # type: ignore[arg-type]
+    resource = AdminResource(daemon, None, dict)  # type: ignore[arg-type]
     waiting = request(b"/api/events")
     waiting.addArg(b"wait", b"30")
     resource.render(waiting)
