@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
@@ -21,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from netd.admin import AdminResource, _AdminChannel, _AdminSite
-from netd.config import AdminConfig
+from netd.config import AdminConfig, ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.runtime import ReloadResult
 from netd.schema import Position
@@ -278,3 +280,43 @@ def test_head_gets_no_body_with_an_error_it_ends_on() -> None:
     client.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
     headers, body = headers_and_body(client.answer())
     assert body == b"" and headers[b"content-length"] != b"0"
+
+
+# The admin section's limits in the map.
+
+SERVICES = 'services: {echo: {type: echo, listen: ["tcp:0"]}}\n'
+
+
+def admin_map(tmp_path: Path, keys: str) -> AdminConfig:
+    text = f'admin:\n  listen: ["tcp:0:interface=127.0.0.1"]\n{keys}{SERVICES}'
+    admin = parse_config(text, tmp_path / "netd.yaml").admin
+    assert admin is not None
+    return admin
+
+
+def test_admin_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
+    default = admin_map(tmp_path, "")
+    assert (default.max_connections, default.header_timeout, default.body_timeout) == (64, 10, 30)
+    assert (default.idle_timeout, default.max_body) == (60, 65536)
+    keys = (
+        "  max_connections: 5\n  header_timeout: 0.5\n  body_timeout: 2\n"
+        "  idle_timeout: 7\n  max_body: 0\n"
+    )
+    assert attrs.astuple(admin_map(tmp_path, keys))[3:] == (5, 0.5, 2.0, 7.0, 0)
+
+
+def test_admin_limits_are_checked_with_their_positions(tmp_path: Path) -> None:
+    keys = (
+        "  max_connections: 0\n  header_timeout: never\n  body_timeout: .nan\n"
+        "  idle_timeout: 0\n  max_body: -1\n  max_clients: 3\n"
+    )
+    with pytest.raises(ConfigErrors) as raised:
+        admin_map(tmp_path, keys)
+    assert [str(e).split(":", 1)[1] for e in raised.value.errors] == [
+        "3:20: admin.max_connections: must be at least 1, got 0",
+        "4:19: admin.header_timeout: expected a number, got a string",
+        "5:17: admin.body_timeout: must be a finite number, got .nan",
+        "6:17: admin.idle_timeout: must be at least 0.1, got 0",
+        "7:13: admin.max_body: must be at least 0, got -1",
+        "8:3: admin.max_clients: unknown key",
+    ]
