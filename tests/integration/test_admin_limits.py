@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -236,3 +237,27 @@ def test_curl_head_with_and_without_the_token(start_netd: StartNetd) -> None:
     assert allowed.stdout.startswith(b"HTTP/1.1 200 OK\r\n")
     length = int(head_fields(allowed.stdout)["content-length"])
     assert length > 0 and allowed.stdout.endswith(b"\r\n\r\n")
+
+
+@needs_curl
+def test_over_tls_the_admin_api_speaks_http1_and_keeps_its_limits(start_netd: StartNetd) -> None:
+    netd = start_netd(
+        "tls:\n  lab: {self_signed: [127.0.0.1]}\n"
+        'admin:\n  listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}]\n'
+        f"  token: {TOKEN}\n  header_timeout: 1\n"
+        'services:\n  echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}\n'
+    )
+    host, port = admin_address(netd)
+    url = f"https://{host}:{port}/healthz"
+    # curl offers h2 first; the admin API picks HTTP/1.1, whose deadlines it keeps.
+    answered = curl("--http2", "--cacert", str(netd.ca_file("lab")), "-I", url)
+    assert answered.stdout.startswith(b"HTTP/1.1 200 OK\r\n"), answered
+    assert head_fields(answered.stdout)["content-length"] == "3"
+    context = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+    raw = socket.create_connection((host, port), timeout=10)
+    with raw, context.wrap_socket(raw, server_hostname=host) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Slow: ")
+        answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert 0.9 <= time.monotonic() - started < 5
