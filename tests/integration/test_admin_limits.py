@@ -14,6 +14,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -83,64 +84,73 @@ def sockets() -> Iterator[ExitStack]:
         yield stack
 
 
-def test_past_the_cap_connections_get_503_while_held_ones_keep_working(
+def refused_answer(sock: socket.socket) -> dict[str, str]:
+    """The busy answer a connection past the cap gets at once, unasked."""
+    answer = read_to_end(sock)
+    assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "too many admin connections"}
+    return head_fields(answer)
+
+
+def test_200_idle_connections_hold_the_cap_until_their_header_deadline(
     start_netd: StartNetd, sockets: ExitStack
 ) -> None:
-    netd = start_netd(config())  # the default cap: 64
+    netd = start_netd(config(header_timeout=3))  # and the default cap: 64
     address = admin_address(netd)
-    opened = [
-        sockets.enter_context(socket.create_connection(address, timeout=10)) for _ in range(200)
-    ]
-    held, over = opened[:64], opened[64:]
-    # The held ones each wait for the next reload: busy, but sending nothing.
-    for sock in held:
-        sock.sendall(
-            b"GET /api/events?service=netd&type=reload&wait=60 HTTP/1.1\r\n"
-            b"Host: netd\r\nConnection: close\r\n\r\n"
-        )
-    for sock in over:
-        answer = read_to_end(sock)
-        assert answer.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
-        assert b"\r\nRetry-After: 1\r\n" in answer
-        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {
-            "error": "too many admin connections"
-        }
-    assert echo_once(netd) == b"still here"  # the services go on
+    started = time.monotonic()
+    held = [sockets.enter_context(socket.create_connection(address, timeout=10)) for _ in range(64)]
+    for _ in range(136):
+        # Each read before the next connect: a burst past the listen backlog would
+        # wait out SYN retries, and the held connections their deadline.
+        over = sockets.enter_context(socket.create_connection(address, timeout=10))
+        assert refused_answer(over)["retry-after"] == "1"
+    # A real client past the cap is told so too, and the services go on.
+    with pytest.raises(urllib.error.HTTPError) as busy:
+        get(netd, "/healthz")
+    assert busy.value.code == 503 and busy.value.headers["Retry-After"] == "1"
+    assert echo_once(netd) == b"still here"
 
-    netd.signal(signal.SIGHUP)
     for sock in held:
-        answer = read_to_end(sock)
-        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
-        [event] = json.loads(answer.partition(b"\r\n\r\n")[2])["events"]
-        assert event["type"] == "reload"
-
-    # All answered and closed, so under the cap again: another client gets in.
+        assert read_to_end(sock) == b""  # closed at the deadline, without a word
+    assert time.monotonic() - started >= 3
+    # Under the cap again: another client gets in.
     assert get(netd, "/healthz") == (200, b"ok\n")
     refused = netd.events(service="admin", type="connection.refused")
-    assert len(refused) == 136 and refused[0]["client"].startswith("127.0.0.1:")
+    assert len(refused) == 137 and refused[0]["client"].startswith("127.0.0.1:")
     samples = {
         (sample.name, sample.labels.get("service"), sample.labels.get("type")): sample.value
         for family in text_string_to_metric_families(get(netd, "/metrics")[1].decode())
         for sample in family.samples
     }
-    assert samples[("netd_connections_refused_total", "admin", "admin")] == 136
+    assert samples[("netd_connections_refused_total", "admin", "admin")] == 137
 
 
 @needs_curl
-def test_idle_connections_are_closed_at_the_header_deadline_and_free_the_cap(
+def test_busy_connections_outlive_the_deadlines_while_the_cap_turns_others_away(
     start_netd: StartNetd, sockets: ExitStack
 ) -> None:
-    netd = start_netd(config(max_connections=10, header_timeout=1.5))
+    netd = start_netd(config(max_connections=11, header_timeout=2))
     address = admin_address(netd)
-    started = time.monotonic()
-    idle = [sockets.enter_context(socket.create_connection(address, timeout=10)) for _ in range(10)]
-    refused = curl("-o", "/dev/null", "-w", "%{http_code}", admin_url(netd, "/healthz"))
-    assert refused.stdout == b"503", refused
-
-    for sock in idle:
-        assert read_to_end(sock) == b""  # closed without a word: no request to answer
-    assert time.monotonic() - started >= 1.5
-    assert netd.wait_for("admin", "connection.refused", timeout=5)
+    busy = []
+    for _ in range(10):
+        sock = sockets.enter_context(socket.create_connection(address, timeout=10))
+        # Each waits for the next reload: sending nothing, and not idle.
+        sock.sendall(
+            b"GET /api/events?service=netd&type=reload&wait=60 HTTP/1.1\r\n"
+            b"Host: netd\r\nConnection: close\r\n\r\n"
+        )
+        busy.append(sock)
+    silent = sockets.enter_context(socket.create_connection(address, timeout=10))
+    refused = curl("-o", "-", "-w", " %{http_code}", admin_url(netd, "/healthz"))
+    assert refused.stdout == b'{"error": "too many admin connections"}\n 503', refused
+    # The silent one is closed at its header deadline: the busy ones are past theirs.
+    assert read_to_end(silent) == b""
+    netd.signal(signal.SIGHUP)
+    for sock in busy:
+        answer = read_to_end(sock)
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer
+        [event] = json.loads(answer.partition(b"\r\n\r\n")[2])["events"]
+        assert event["type"] == "reload"
     answered = curl("-o", "-", "-w", " %{http_code}", admin_url(netd, "/healthz"))
     assert answered.stdout == b"ok\n 200"
 
