@@ -117,6 +117,8 @@ def test_200_idle_connections_hold_the_cap_until_their_header_deadline(
     assert get(netd, "/healthz") == (200, b"ok\n")
     refused = netd.events(service="admin", type="connection.refused")
     assert len(refused) == 137 and refused[0]["client"].startswith("127.0.0.1:")
+    # Its own connections' comings and goings stay out of the journal read through it.
+    assert netd.events(service="admin", type="connection.opened,connection.closed") == []
     samples = {
         (sample.name, sample.labels.get("service"), sample.labels.get("type")): sample.value
         for family in text_string_to_metric_families(get(netd, "/metrics")[1].decode())
@@ -177,6 +179,8 @@ def test_a_slow_request_head_is_cut_at_the_header_deadline(start_netd: StartNetd
     event = netd.wait_for("admin", "request.timeout", timeout=5)
     assert event["stage"] == "head" and event["client"].startswith("127.0.0.1:")
     assert get(netd, "/healthz") == (200, b"ok\n")
+    metrics = get(netd, "/metrics")[1].decode()
+    assert 'netd_head_timeouts_total{service="admin",type="admin"} 1.0' in metrics
 
 
 def test_a_slow_request_body_is_cut_at_the_body_deadline(start_netd: StartNetd) -> None:
