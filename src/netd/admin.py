@@ -18,14 +18,21 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IReactorTime,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
+from netd.connections import ConnectionSet, TrackingFactory, describe_address
+from netd.events import Event, Journal, ServiceStats
 from netd.listeners import ListenerGroup
 
 if TYPE_CHECKING:
@@ -35,8 +42,16 @@ __all__ = ["AdminServer"]
 
 log = Logger(namespace="netd.admin")
 
-MAX_BODY = 64 * 1024
 MAX_WAIT = 300.0
+# The admin listener's name in the journal and in metrics (with type "admin").
+NAME = "admin"
+_BUSY_BODY = b'{"error": "too many admin connections"}\n'
+_BUSY_REPLY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n%s"
+    % (len(_BUSY_BODY), _BUSY_BODY)
+)
+_REASONS = {408: b"Request Timeout", 413: b"Payload Too Large"}
 _METRIC_NAME = re.compile(r"[^a-zA-Z0-9_]")
 
 
@@ -48,13 +63,14 @@ class _HTTPError(Exception):
 
 
 class _LimitedRequest(Request):
-    """Refuses bodies over L{MAX_BODY} before reading them (413), then closes."""
+    """Refuses bodies over C{max_body} before reading them (413), then closes."""
 
+    channel: _AdminChannel
     _refused = False
     _body_bytes = 0
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > MAX_BODY:
+        if length is not None and length > self.channel.site.config.max_body:
             self._refuse()
             return
         super().gotLength(length)
@@ -63,7 +79,7 @@ class _LimitedRequest(Request):
         if self._refused:
             return
         self._body_bytes += len(data)
-        if self._body_bytes > MAX_BODY:
+        if self._body_bytes > self.channel.site.config.max_body:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -74,32 +90,179 @@ class _LimitedRequest(Request):
 
     def _refuse(self) -> None:
         self._refused = True
-        body = json.dumps({"error": f"request body over {MAX_BODY} bytes"}).encode()
-        transport: Any = self.channel.transport
-        transport.write(
-            b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        max_body = self.channel.site.config.max_body
+        self.channel.refuse(413, f"request body over {max_body} bytes")
+
+
+class _AdminChannel(HTTPChannel):
+    """
+    HTTP/1.1 with deadlines that a trickling client cannot push back.
+
+    Twisted's C{timeOut} is an idle timeout that every byte resets: one header
+    byte every few seconds holds a connection for ever.  Here a request's head
+    must be complete within C{header_timeout} of the connection opening (or of
+    its first byte, after an earlier answer), and its body within
+    C{body_timeout} of the head; bytes move neither deadline.  TimeoutMixin's
+    one timer carries them, and between requests Twisted's own idle timeout
+    (C{idle_timeout}), which Twisted stops while an answer is produced: a long
+    poll is not idle.
+    """
+
+    site: _AdminSite
+    transport: Any
+    # waiting (new, nothing read) -> head -> body -> answering -> idle -> head ...;
+    # closing once the connection is to end.
+    _stage = "waiting"
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.setTimeout(self.site.config.header_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._stage == "closing":
+            return  # answered and closing: nothing more is read
+        if self._stage == "idle":
+            self.setTimeout(self.site.config.header_timeout)
+        if self._stage in ("waiting", "idle"):
+            self._stage = "head"
+        super().dataReceived(data)
+
+    def resetTimeout(self) -> None:
+        """Bytes move no deadline: a trickle is what they are for."""
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        if self._stage == "head" and self.length != 0:
+            self._stage = "body"
+            self.setTimeout(self.site.config.body_timeout)
+
+    def allContentReceived(self) -> None:
+        if self._stage == "closing":
+            return  # a refused body's end: nothing to answer
+        self._stage = "answering"
+        # Twisted stops the timer while the answer is produced and restores
+        # this period, the idle timeout, once it is sent.
+        self.setTimeout(self.site.config.idle_timeout)
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        # Before Twisted replays pipelined bytes through dataReceived.
+        self._stage = "idle"
+        super().requestDone(request)
+
+    def timeoutConnection(self) -> None:
+        stage = self._stage
+        if stage in ("head", "body"):
+            limit = self.site.config.header_timeout
+            if stage == "body":
+                limit = self.site.config.body_timeout
+            self.site.timed_out(stage, self.transport)
+            self._write_error(408, f"request {stage} not complete within {limit:g} s")
+        super().timeoutConnection()
+
+    def loseConnection(self) -> None:
+        # Closing waits for the client to read what is pending; one that never
+        # does is cut after abortTimeout, as Twisted does after its own timeout.
+        self._stage = "closing"
+        self.setTimeout(None)
+        if self._abortingCall is None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        super().loseConnection()
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer an error that ends the connection, whatever is still unread."""
+        if self._stage == "closing":
+            return
+        self._write_error(status, message)
+        self.loseConnection()
+
+    def _write_error(self, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode() + b"\n"
+        head = (
+            b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % (status, _REASONS[status], len(body))
         )
-        transport.loseConnection()
+        # The method is known once the request line is in.
+        if getattr(self, "_command", None) == b"HEAD":
+            body = b""
+        self.transport.write(head + body)
+
+
+class _AdminSite(Site):
+    """The admin resource behind L{_AdminChannel}s, HTTP/1.1 only."""
+
+    protocol = _AdminChannel  # type: ignore[assignment]
+    requestFactory = _LimitedRequest
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(
+        self,
+        resource: AdminResource,
+        config: AdminConfig,
+        reactor: IReactorTime,
+        stats: ServiceStats,
+        journal: Journal,
+    ) -> None:
+        super().__init__(resource, timeout=config.idle_timeout, reactor=reactor)
+        self.config = config
+        self.stats = stats
+        self.journal = journal
+
+    def acceptableProtocols(self) -> list[bytes]:
+        # No h2 over TLS: the deadlines are HTTP/1.1's, and an operator's API needs no more.
+        return [b"http/1.1"]
+
+    def timed_out(self, stage: str, transport: Any) -> None:
+        self.stats.count(f"{stage}_timeouts")
+        self.journal.emit(
+            NAME, "request.timeout", stage=stage, client=describe_address(transport.getPeer())
+        )
+
+
+class _RefusalsOnly(Journal):
+    """
+    The daemon's journal as the admin listener's connections see it: refusals
+    and idle cuts go in, each connection's opening and closing do not (the
+    connection set records those only while its journal is C{active}).
+    Journal readers poll through this listener: each poll would add events.
+    """
+
+    def __init__(self, journal: Journal, clock: IReactorTime) -> None:
+        super().__init__(clock, size=0, active=False)
+        self._journal = journal
+
+    def emit(self, service: str, type: str, **fields: Any) -> Event:
+        return self._journal.emit(service, type, **fields)
 
 
 class AdminResource(Resource):
     isLeaf = True
 
-    def __init__(self, daemon: Daemon, token: str | None) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        token: str | None,
+        own_counters: Callable[[], dict[str, int]],
+    ) -> None:
         super().__init__()
         self.daemon = daemon
         self.token = token.encode() if token else None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_Collector(daemon))
+        self.registry.register(_Collector(daemon, own_counters))
 
     # Dispatch
 
     def render(self, request: Request) -> bytes | int:
         try:
-            return self._dispatch(request)
+            answer = self._dispatch(request)
         except _HTTPError as e:
-            return _json(request, {"error": str(e)}, e.status, e.headers)
+            answer = _json(request, {"error": str(e)}, e.status, e.headers)
+        if isinstance(answer, bytes) and request.method == b"HEAD":
+            # GET's headers without its body: given one, Twisted drops it and logs a warning.
+            request.setHeader(b"Content-Length", b"%d" % len(answer))
+            return b""
+        return answer
 
     def _dispatch(self, request: Request) -> bytes | int:
         method = (request.method or b"GET").decode("latin-1")
@@ -125,7 +288,7 @@ class AdminResource(Resource):
             # between releasing old listeners and binding new ones would strand both.
             return self._deferred(request, _uncancellable(self.daemon.reload()), _reload_answer)
         if parts == ["events"]:
-            _allow(method, "GET")
+            _allow(method, "GET", "HEAD")
             return self._events(request)
         if parts == ["services"]:
             _allow(method, "GET", "HEAD")
@@ -203,10 +366,9 @@ class AdminResource(Resource):
             if isinstance(body, bytes):
                 request.setResponseCode(status)
                 request.setHeader(b"Content-Type", b"application/octet-stream")
-                request.write(body)
+                _send(request, body)
             else:
-                request.write(_json(request, body, status))
-            request.finish()
+                _send(request, _json(request, body, status))
 
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
@@ -214,8 +376,7 @@ class AdminResource(Resource):
             log.failure("admin request failed", failure)
             if gone:
                 return
-            request.write(_json(request, {"error": "internal error"}, 500))
-            request.finish()
+            _send(request, _json(request, {"error": "internal error"}, 500))
 
         def client_left(reason: Failure) -> None:
             gone.append(True)
@@ -224,6 +385,14 @@ class AdminResource(Resource):
         request.notifyFinish().addErrback(client_left)
         pending.addCallback(respond).addErrback(failed)
         return NOT_DONE_YET
+
+
+def _send(request: Request, body: bytes) -> None:
+    """Finish an answer given later, with its length; a HEAD request gets no body."""
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    if request.method != b"HEAD":
+        request.write(body)
+    request.finish()
 
 
 def _uncancellable(work: Deferred[Any]) -> Deferred[Any]:
@@ -284,8 +453,9 @@ def _text(request: Request, body: str, status: int = 200) -> bytes:
 class _Collector:
     """Reads the daemon's counters at scrape time: nothing to keep in step."""
 
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, daemon: Daemon, own_counters: Callable[[], dict[str, int]]) -> None:
         self.daemon = daemon
+        self.own_counters = own_counters
 
     def collect(self) -> list[Metric]:
         fixed: list[tuple[str, Any, str, str]] = [
@@ -304,9 +474,15 @@ class _Collector:
         families: dict[str, Any] = {
             key: kind(name, help, labels=["service", "type"]) for key, kind, name, help in fixed
         }
+        # The admin listener's own connections, under a type no service kind has.
+        rows: list[tuple[list[str], Mapping[str, int], Mapping[str, float]]] = [
+            ([NAME, NAME], self.own_counters(), {})
+        ]
         for name, service in self.daemon.services_by_name.items():
-            counters = service.describe()["counters"]
-            labels = [name, service.config.type]
+            rows.append(
+                ([name, service.config.type], service.describe()["counters"], service.stats.gauges)
+            )
+        for labels, counters, gauges in rows:
             for key, value in counters.items():
                 family = families.get(key)
                 if family is None:
@@ -315,7 +491,7 @@ class _Collector:
                         metric, f"{key} (service-specific)", labels=["service", "type"]
                     )
                 family.add_metric(labels, value)
-            for key, value in service.stats.gauges.items():
+            for key, level in gauges.items():
                 gauge_key = f"gauge:{key}"
                 if gauge_key not in families:
                     families[gauge_key] = GaugeMetricFamily(
@@ -323,7 +499,7 @@ class _Collector:
                         f"{key} (service-specific)",
                         labels=["service", "type"],
                     )
-                families[gauge_key].add_metric(labels, value)
+                families[gauge_key].add_metric(labels, level)
         up = GaugeMetricFamily("netd_ready", "1 once every listener is bound")
         up.add_metric([], 1 if self.daemon.ready else 0)
         return [up, *families.values()]
@@ -345,10 +521,34 @@ class AdminServer(ListenerGroup):
         self.summary_prefix = "admin API"
         self.listener_configs = config.listen
         self.listeners = []
-        self.site = Site(AdminResource(daemon, config.token))
-        self.site.requestFactory = _LimitedRequest
-        self.site.noisy = False
-        self.site.displayTracebacks = False
+        self.stats = ServiceStats()
+        reactor = daemon.reactor
+        self.connections = ConnectionSet(
+            reactor,
+            NAME,
+            self.stats,
+            _RefusalsOnly(daemon.journal, reactor),
+            config.max_connections,
+            # Only a backstop here: the channel's own deadlines close idle and
+            # slow connections, but an answer that never comes (or is never
+            # read) is cut once quiet for longer than the longest long poll.
+            MAX_WAIT + config.idle_timeout,
+            _BUSY_REPLY,
+        )
+        self.site = _AdminSite(
+            AdminResource(daemon, config.token, self.counters),
+            config,
+            reactor,
+            self.stats,
+            daemon.journal,
+        )
+
+    def counters(self) -> dict[str, int]:
+        counters = self.stats.snapshot()
+        live_in, live_out = self.connections.bytes_in_flight()
+        counters["bytes_in"] += live_in
+        counters["bytes_out"] += live_out
+        return counters
 
     def _listen_one(
         self, listener: ListenerConfig, held: endpoints.HeldSocket | None
@@ -361,5 +561,6 @@ class AdminServer(ListenerGroup):
             creator,
             held=held,
         )
-        listening: Deferred[IListeningPort] = endpoint.listen(self.site)
+        factory = TrackingFactory(self.site, self.connections)
+        listening: Deferred[IListeningPort] = endpoint.listen(factory)
         return listening

@@ -124,9 +124,20 @@ class ServiceConfig:
 
 @attrs.frozen
 class AdminConfig:
+    """
+    The admin API's listeners and limits.  It may face the network (with a
+    token), so it bounds how many connections it holds and how slowly a client
+    may send a request (seconds, bytes).
+    """
+
     listen: tuple[ListenerConfig, ...]
     token: str | None
     position: Position = attrs.field(eq=False)
+    max_connections: int = 64
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_body: int = 64 * 1024
 
 
 @attrs.frozen
@@ -376,6 +387,17 @@ def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> Admin
         else ()
     )
     token = section.optional_str("token")
+    defaults = AdminConfig(listen=(), token=None, position=value.position)
+    config = AdminConfig(
+        listen=listen,
+        token=token or None,
+        position=value.position,
+        max_connections=section.integer("max_connections", defaults.max_connections, minimum=1),
+        header_timeout=section.number("header_timeout", defaults.header_timeout, minimum=0.1),
+        body_timeout=section.number("body_timeout", defaults.body_timeout, minimum=0.1),
+        idle_timeout=section.number("idle_timeout", defaults.idle_timeout, minimum=0.1),
+        max_body=section.integer("max_body", defaults.max_body, minimum=0),
+    )
     section.finish()
     if not token:
         for listener in listen:
@@ -383,7 +405,7 @@ def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> Admin
                 section.value.error(
                     f"admin listener {listener.endpoint!r} is not loopback-only: set a 'token'"
                 )
-    return AdminConfig(listen=listen, token=token or None, position=value.position)
+    return config
 
 
 def _read_services(
