@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -28,11 +28,13 @@ from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
 from netd.connections import ConnectionSet, TrackingFactory, describe_address
 from netd.events import Event, Journal, ServiceStats
+from netd.kinds import IOwesReplies
 from netd.listeners import ListenerGroup
 
 if TYPE_CHECKING:
@@ -94,6 +96,7 @@ class _LimitedRequest(Request):
         self.channel.refuse(413, f"request body over {max_body} bytes")
 
 
+@implementer(IOwesReplies)
 class _AdminChannel(HTTPChannel):
     """
     HTTP/1.1 with deadlines that a trickling client cannot push back.
@@ -117,6 +120,14 @@ class _AdminChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.setTimeout(self.site.config.header_timeout)
+        self._replied: list[Deferred[None]] = []
+
+    def when_replied(self) -> Deferred[None]:
+        if not self.requests:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self._replied.append(replied)
+        return replied
 
     def dataReceived(self, data: bytes) -> None:
         if self._stage == "closing":
@@ -149,6 +160,10 @@ class _AdminChannel(HTTPChannel):
         # Before Twisted replays pipelined bytes through dataReceived.
         self._stage = "idle"
         super().requestDone(request)
+        if self._replied and not self.requests:
+            replied, self._replied = self._replied, []
+            for waiting in replied:
+                waiting.callback(None)
 
     def timeoutConnection(self) -> None:
         stage = self._stage

@@ -165,3 +165,20 @@ def test_irc_registration_and_line_chat(netd: NetdProcess) -> None:
     line = netd.listeners("chat")[1]
     reply = _send_then_half_close((line["host"], line["port"]), b"bob\n/rooms\n")
     assert b"lobby" in reply
+
+
+def test_admin_api(netd: NetdProcess) -> None:
+    admin = netd.ports["admin"]["listeners"][0]
+    reply = _send_then_half_close(
+        (admin["host"], admin["port"]), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_admin_api_answers_a_long_poll_it_was_waiting_on(netd: NetdProcess) -> None:
+    admin = netd.ports["admin"]["listeners"][0]
+    reply = _send_then_half_close(
+        (admin["host"], admin["port"]),
+        b"GET /api/events?since=1000000&wait=0.3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 200") and b'"events": []' in reply
