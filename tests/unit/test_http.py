@@ -15,10 +15,17 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
-from twisted.internet.interfaces import IProtocolNegotiationFactory
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IProtocolNegotiationFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web._newclient import Request
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http_headers import Headers as TwistedHeaders
+from zope.interface import implementer
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
@@ -31,6 +38,7 @@ from netd.services._http_app import (
     StaticOptions,
     _path_of,
 )
+from netd.services._http_proxy import Proxy
 from netd.services._http_wire import HTTPConnection, Limits, factory_for
 from netd.services.http import HttpOptions
 
@@ -555,3 +563,75 @@ def test_h2_body_over_the_limit_is_refused_at_once(root: Path) -> None:
     wire.client.send_headers(5, request, end_stream=True)
     wire.send()
     assert wire.statuses()[5] == b"405"  # POST on the root: the connection carries on
+
+
+@implementer(IStreamClientEndpoint)
+class _FakeUpstream:
+    """An endpoint whose every connection is a StringTransport."""
+
+    def __init__(self) -> None:
+        self.transports: list[StringTransport] = []
+
+    def connect(self, factory: Any) -> Deferred[Any]:
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.transports.append(transport)
+        return succeed(protocol)
+
+
+def _upstream_connection(pool: HTTPConnectionPool, upstream: _FakeUpstream) -> Any:
+    connections: list[Any] = []
+    pool.getConnection("upstream", upstream).addCallback(connections.append)
+    return connections[0]
+
+
+def _proxied_once(pool: HTTPConnectionPool, upstream: _FakeUpstream, answer: bytes) -> Any:
+    """One request over a connection from the pool, answered with C{answer}."""
+    connection = _upstream_connection(pool, upstream)
+    request = Request(b"GET", b"/", TwistedHeaders({b"host": [b"upstream"]}), None, True)
+    responses: list[Any] = []
+    connection.request(request).addCallback(responses.append)
+    connection.dataReceived(answer)
+    assert responses[0].code in (200, 204)
+    return connection
+
+
+@pytest.mark.parametrize(
+    ("answer", "reused"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok", True),
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: Close\r\nContent-Length: 2\r\n\r\nok", False),
+        (b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 2\r\n\r\nok", False),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: x\r\nConnection: CLOSE\r\nContent-Length: 0\r\n\r\n",
+            False,
+        ),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", True),
+        (b"HTTP/1.0 204 No Content\r\n\r\n", False),
+    ],
+)
+def test_the_proxy_pools_an_upstream_connection_only_if_the_upstream_keeps_it(
+    answer: bytes, reused: bool
+) -> None:
+    """RFC 9112 9.3: HTTP/1.0 persists with keep-alive only; any version ends on close."""
+    pool = Proxy(Clock(), ServiceStats(), Logger()).pool
+    upstream = _FakeUpstream()
+    first = _proxied_once(pool, upstream, answer)
+    assert upstream.transports[0].disconnecting is not reused
+    assert (_upstream_connection(pool, upstream) is first) is reused
+    assert len(upstream.transports) == (1 if reused else 2)
+
+
+def test_a_pooled_upstream_connection_closed_while_idle_is_not_used_again() -> None:
+    """The keep-alive timeout race: the pool skips a connection lost while it waited."""
+    pool = Proxy(Clock(), ServiceStats(), Logger()).pool
+    upstream = _FakeUpstream()
+    first = _proxied_once(pool, upstream, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    first.connectionLost(Failure(ConnectionDone()))
+    second = _upstream_connection(pool, upstream)
+    assert second is not first and second.state == "QUIESCENT"
+    assert len(upstream.transports) == 2

@@ -10,17 +10,21 @@ has not answered within the route's C{timeout} gets it a 504.
 from __future__ import annotations
 
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httptools
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+# twisted.web.client uses it but does not export it; _newclient documents it as public.
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
@@ -276,10 +280,56 @@ class _OneProtocol(ClientFactory):
         return self.protocol_instance
 
 
+def _persists(version: tuple[bytes, int, int], connection: Sequence[bytes]) -> bool:
+    """
+    RFC 9112 9.3: whether the upstream keeps the connection open after a
+    response of this C{version} with these C{Connection} field values.
+    """
+    options = {token.strip().lower() for value in connection for token in value.split(b",")}
+    if b"close" in options:
+        return False
+    return version[1:] >= (1, 1) or b"keep-alive" in options
+
+
+class _UpstreamProtocol(HTTP11ClientProtocol):
+    """
+    Twisted's client protocol, but a connection goes back to the pool only if
+    the upstream keeps it open.  Twisted closes it only on a C{Connection}
+    field that is exactly C{close}: after an HTTP/1.0 answer without
+    keep-alive (http.server's default) or C{Connection: Close} the pool kept a
+    connection the upstream was closing, and the next request sent on it
+    failed with a 502 (the pool does not retry).
+    """
+
+    # Twisted dispatches its private _finishResponse on the state: this is the
+    # one place between "the response is whole" and "closed, or handed to the
+    # pool".  The private _parser alone holds the version and the Connection
+    # field values (Response.headers leaves them out).  In the TRANSMITTING
+    # state (answered before the request was all sent) Twisted closes anyway;
+    # with no parser left the connection is already lost.
+    def _finishResponse_WAITING(self, rest: bytes) -> None:
+        parser = self._parser
+        if parser is not None and not _persists(
+            parser.response.version, parser.connHeaders.getRawHeaders(b"connection", [])
+        ):
+            # What Twisted itself closes on: a request that is not persistent.
+            parser.request.persistent = False
+        super()._finishResponse_WAITING(rest)
+
+
 class _QuietClientFactory(HTTP11ClientFactory):
-    """One log line per upstream connection would drown the access log."""
+    """
+    The pool's protocol factory with netd's protocol (the pool's private
+    C{_factory} is the only way to choose it); quiet, since one log line per
+    upstream connection would drown the access log.
+    """
 
     noisy = False
+
+    def buildProtocol(self, addr: IAddress | None) -> _UpstreamProtocol:
+        # The pool's callback (kept privately by the base class) that takes
+        # the connection back once it is idle.
+        return _UpstreamProtocol(self._quiescentCallback)
 
 
 class Proxy:
