@@ -17,7 +17,8 @@ from netd.config import ConfigErrors, ListenerConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, Handlers
 from netd.schema import Position
-from netd.services._chat_hub import (
+from netd.services.chat import CHAT
+from netd.services.chat.hub import (
     MAX_BACKLOG,
     ChatOptions,
     FloodLimit,
@@ -26,8 +27,7 @@ from netd.services._chat_hub import (
     Room,
     Session,
 )
-from netd.services._chat_line import LineSession, LineWire
-from netd.services.chat import CHAT
+from netd.services.chat.line import LineSession, LineWire
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 

@@ -31,9 +31,10 @@ from twisted.python.failure import Failure
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services._dns_forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
-from netd.services._dns_wire import name_to_wire
-from netd.services.dns import DnsOptions, Server, _Stream, build
+from netd.services.dns import DnsOptions, build
+from netd.services.dns.forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
+from netd.services.dns.server import Server, Stream
+from netd.services.dns.wire import name_to_wire
 
 RECORDS = """\
     records:
@@ -483,7 +484,7 @@ def test_mutated_queries_never_crash(tail: bytes, counts: tuple[int, int, int]) 
 @settings(max_examples=200, deadline=None)
 @given(chunks=st.lists(st.binary(max_size=300), max_size=8))
 def test_random_streams_never_crash(chunks: list[bytes]) -> None:
-    protocol = _Stream(fuzz_server(), 5.0)
+    protocol = Stream(fuzz_server(), 5.0)
     transport = StringTransport(peerAddress=_Peer())
     protocol.makeConnection(transport)
     for chunk in chunks:
@@ -491,9 +492,9 @@ def test_random_streams_never_crash(chunks: list[bytes]) -> None:
     protocol.connectionLost(None)
 
 
-def stream(tmp_path: Path, clock: Clock) -> tuple[_Stream, StringTransport]:
+def stream(tmp_path: Path, clock: Clock) -> tuple[Stream, StringTransport]:
     srv = server(tmp_path, clock=clock)
-    protocol = _Stream(srv, 5.0)
+    protocol = Stream(srv, 5.0)
     transport = StringTransport(peerAddress=_Peer())
     protocol.makeConnection(transport)
     return protocol, transport
@@ -532,7 +533,7 @@ def test_tcp_answers_several_queries_per_connection(tmp_path: Path) -> None:
 
 def test_unix_socket_clients_count_as_loopback(tmp_path: Path) -> None:
     srv = server(tmp_path, RECORDS + "    forward: ['127.0.0.1:9']\n")
-    protocol = _Stream(srv, 5.0)
+    protocol = Stream(srv, 5.0)
     transport = StringTransport(peerAddress=UNIXAddress(None))
     protocol.makeConnection(transport)
     protocol.dataReceived(framed("www.netd.test"))

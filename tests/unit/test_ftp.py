@@ -27,8 +27,9 @@ from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
-from netd.services._ftp_data import LineEnds
-from netd.services._ftp_files import (
+from netd.services.ftp import FtpOptions
+from netd.services.ftp.data import LineEnds
+from netd.services.ftp.files import (
     UPLOAD_PREFIX,
     Accounts,
     NameNotAllowed,
@@ -40,14 +41,13 @@ from netd.services._ftp_files import (
     _error,
     _write_all,
 )
-from netd.services._ftp_session import (
+from netd.services.ftp.session import (
     FailedLogins,
     FTPServer,
     Session,
     SessionLimits,
     _response,
 )
-from netd.services.ftp import FtpOptions
 
 # -- the map section ----------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from zope.interface import implementer
 
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
-from netd.services._http_app import (
+from netd.services.http import HttpOptions
+from netd.services.http.app import (
     App,
     BodyStream,
     Exchange,
@@ -38,9 +39,8 @@ from netd.services._http_app import (
     StaticOptions,
     _path_of,
 )
-from netd.services._http_proxy import Proxy
-from netd.services._http_wire import HTTPConnection, Limits, factory_for
-from netd.services.http import HttpOptions
+from netd.services.http.proxy import Proxy
+from netd.services.http.wire import HTTPConnection, Limits, factory_for
 
 
 def parse(tmp_path: Path, section: str) -> HttpOptions:

@@ -7,7 +7,7 @@ from typing import Any
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from netd.services._http_proxy import _UpgradingUpstream
+from netd.services.http.proxy import _UpgradingUpstream
 
 
 class FakeExchange:

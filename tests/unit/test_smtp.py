@@ -31,18 +31,6 @@ from zope.interface import implementer
 from netd.config import ConfigErrors, ServiceConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services._smtp_address import Mailbox, PathRefused, parse_path
-from netd.services._smtp_mx import MxOptions, addresses, exchangers
-from netd.services._smtp_relay import Courier, Hop, Outcome, SmarthostOptions
-from netd.services._smtp_server import (
-    Limits,
-    Receiver,
-    SessionFactory,
-    Transaction,
-    _TooMany,
-)
-from netd.services._smtp_spool import Envelope, Spool
-from netd.services._smtp_store import MailStore
 from netd.services.smtp import (
     AuthOptions,
     DeliveryOptions,
@@ -50,6 +38,18 @@ from netd.services.smtp import (
     _PasswordChecker,
     _Realm,
 )
+from netd.services.smtp.address import Mailbox, PathRefused, parse_path
+from netd.services.smtp.mx import MxOptions, addresses, exchangers
+from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions
+from netd.services.smtp.server import (
+    Limits,
+    Receiver,
+    SessionFactory,
+    Transaction,
+    _TooMany,
+)
+from netd.services.smtp.spool import Envelope, Spool
+from netd.services.smtp.store import MailStore
 
 
 def parse(tmp_path: Path, section: str, top: str = "") -> SmtpOptions:

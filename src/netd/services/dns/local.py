@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from twisted.names import dns
 
-from netd.services._dns_wire import AA, NOERROR, NXDOMAIN, Sections, parent
+from netd.services.dns.wire import AA, NOERROR, NXDOMAIN, Sections, parent
 
 __all__ = ["LocalData", "made_up_soa"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from netd.services._chat_hub import ChatError, Hub, Room, Session, Wire
+from netd.services.chat.hub import ChatError, Hub, Room, Session, Wire
 
 __all__ = ["LineSession", "LineWire"]
 

@@ -14,7 +14,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
-from netd.services._chat_hub import (
+from netd.services.chat.hub import (
     MAX_ROOMS_PER_USER,
     NICK_LENGTH,
     ROOM_LENGTH,

@@ -28,10 +28,10 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
-from netd.services._smtp_spool import Envelope, Spool, new_id
+from netd.services.smtp.spool import Envelope, Spool, new_id
 
 if TYPE_CHECKING:
-    from netd.services._smtp_store import MailStore
+    from netd.services.smtp.store import MailStore
 
 __all__ = [
     "Courier",

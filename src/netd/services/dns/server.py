@@ -1,34 +1,16 @@
 """
-The C{dns} service kind: authoritative local records, a forwarding resolver with
-its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
-
-    dns:
-      type: dns
-      listen: ["udp:5353", "tcp:5353", {endpoint: "ssl:8853", tls: lab}]
-      records:
-        www.netd.test: {A: [127.0.0.1], AAAA: ["::1"]}
-        "*.apps.netd.test": {A: [127.0.0.2]}
-      forward: ["127.0.0.1:5300"]
-      cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
-      udp_payload: 1232
-      query_log: true
-
-Queries are read and answered at the byte level (L{netd.services._dns_wire}):
-local answers are prepared once per name and type, cached upstream answers are
-kept as the upstream sent them.  twisted.names encodes the configured records.
+The DNS server: one engine answering queries from local data, the cache or upstreams,
+and its UDP and stream (TCP, DNS over TLS) protocols.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import struct
 from collections import deque
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
-import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.names import dns
@@ -36,21 +18,15 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
-from netd.kinds import AdminView, BuildContext, Handlers, IOwesReplies, ServiceKind
-from netd.schema import Section, Value, client_address
-from netd.services._dns_data import (
-    TYPES,
-    DataError,
-    parse_hosts,
-    parse_master_file,
-    parse_rdata,
-    reverse_name,
+from netd.kinds import BuildContext, IOwesReplies
+from netd.schema import client_address
+from netd.services.dns.data import (
     type_name,
 )
-from netd.services._dns_forward import Cache, Forwarder, Upstream
-from netd.services._dns_local import LocalData, made_up_soa
-from netd.services._dns_wire import (
+from netd.services.dns.forward import Cache, Forwarder
+from netd.services.dns.local import LocalData
+from netd.services.dns.options import DnsOptions
+from netd.services.dns.wire import (
     AA,
     BADVERS,
     EDNS_PAYLOAD,
@@ -64,18 +40,15 @@ from netd.services._dns_wire import (
     encode_reply,
     malformed_reply,
     name_to_text,
-    name_to_wire,
     opt_record,
     parse_query,
     reply_header,
     udp_limit,
 )
 
-__all__ = ["DNS", "CacheOptions", "DnsOptions"]
+__all__ = ["Datagrams", "Server", "Stream", "StreamFactory"]
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 _RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
 # Zone transfers are not served: the data is the service map's.
 _TRANSFERS = frozenset({dns.AXFR, dns.IXFR})
@@ -88,196 +61,6 @@ _PREPARED_REPLIES = 10_000
 _PREPARED_QUERY = 512
 # Queries one TCP connection may have waiting on upstreams before netd stops reading it.
 _TCP_PIPELINE = 100
-
-
-@attrs.frozen
-class CacheOptions:
-    size: int = 10000
-    max_ttl: int = 86400
-    negative_ttl: int = 300
-
-
-@attrs.frozen
-class DnsOptions:
-    """
-    @ivar records: every local record as (owner, type, ttl, rdata) in wire
-        form: the C{records} map, the zone files and the hosts file together.
-    """
-
-    records: tuple[tuple[bytes, int, int, bytes], ...] = ()
-    forward: tuple[Upstream, ...] = ()
-    cache: CacheOptions = CacheOptions()
-    recursion_from: tuple[Network, ...] = _LOOPBACK
-    catch_all: bytes | None = None
-    query_log: bool = False
-    ttl: int = 60
-    udp_payload: int = EDNS_PAYLOAD
-
-
-def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
-    ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
-    cache = section.read("cache", _cache, CacheOptions())
-    records: list[tuple[bytes, int, int, bytes]] = []
-    records_value = section.get("records")
-    if records_value is not None:
-        for name, entry in records_value.items():
-            records.extend(_name_records(name, entry, ttl))
-    zone_files = section.get("zone_files")
-    for element in zone_files.elements(single=True) if zone_files is not None else ():
-        records.extend(_zone_file(element, ttl, cache.negative_ttl))
-    hosts_value = section.get("hosts_file")
-    if hosts_value is not None:
-        records.extend(_hosts_file(hosts_value, ttl))
-    catch_all = None
-    catch_value = section.get("catch_all")
-    if catch_value is not None:
-        text = catch_value.as_str()
-        try:
-            catch_all = ipaddress.IPv4Address(text).packed
-        except ValueError:
-            if catch_value.is_scalar:
-                catch_value.error(f"not an IPv4 address: {text!r}")
-    options = DnsOptions(
-        records=tuple(records),
-        forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
-        cache=cache,
-        recursion_from=_present(
-            section.read("recursion_from", lambda v: v.list_of(_network, single=True), _LOOPBACK)
-        ),
-        catch_all=catch_all,
-        query_log=section.flag("query_log", False),
-        ttl=ttl,
-        udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
-    )
-    return options
-
-
-def _present(values: tuple[T | None, ...]) -> tuple[T, ...]:
-    """What was read, without the entries already reported as wrong."""
-    return tuple(v for v in values if v is not None)
-
-
-def _name_records(name: str, entry: Value, default_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
-    try:
-        owner = name_to_wire(name)
-    except (ValueError, UnicodeEncodeError):
-        entry.error(f"not a domain name: {name!r} (international names go in their xn-- form)")
-        return []
-    pairs = list(entry.items())
-    ttl = default_ttl
-    for key, value in pairs:
-        if key == "ttl":
-            ttl = value.as_int(default_ttl, minimum=0, maximum=2**31 - 1)
-    found = []
-    for key, values in pairs:
-        rtype = TYPES.get(key.upper())
-        if key == "ttl":
-            continue
-        if rtype is None:
-            values.error(f"unsupported record type {key!r} (one of {', '.join(TYPES)})")
-            continue
-        for value in values.elements(single=True):
-            text = value.as_str()
-            if not value.is_scalar:
-                continue
-            try:
-                found.append((owner, rtype, ttl, parse_rdata(rtype, text, None)))
-            except DataError as e:
-                value.error(str(e))
-    return found
-
-
-def _read_file(value: Value) -> str | None:
-    path = value.as_path()
-    if not value.is_scalar:
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        value.error(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")
-        return None
-
-
-def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
-    text = _read_file(value)
-    if text is None:
-        return []
-    path = Path(value.as_str())
-    stem = path.name.removesuffix(".zone").removesuffix(".db")
-    try:
-        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
-    except (DataError, ValueError) as e:
-        line = getattr(e, "line", None)
-        value.error(f"{path}{f' line {line}' if line else ''}: {e}")
-        return []
-    if not any(rtype == dns.SOA for _, rtype, _, _ in records):
-        # The file's origin is its zone even without an SOA: names under it
-        # that the file does not have are NXDOMAIN, not forwarded.
-        records.append((apex, dns.SOA, negative_ttl, made_up_soa(apex, negative_ttl)))
-    return records
-
-
-def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
-    text = _read_file(value)
-    if text is None:
-        return []
-    try:
-        entries = parse_hosts(text)
-    except DataError as e:
-        value.error(f"{value.as_str()} line {e.line}: {e}")
-        return []
-    records = []
-    for name, rtype, packed in entries:
-        records.append((name, rtype, ttl, packed))
-        records.append((reverse_name(packed), dns.PTR, ttl, name))
-    return records
-
-
-def _upstream(value: Value) -> Upstream | None:
-    text = value.as_str()
-    if not value.is_scalar:
-        return None
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            port = int(rest[1:]) if rest[:1] == ":" and rest[1:].isdigit() else -1
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text) if port_text.isdigit() else -1
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None or not 0 < port < 65536:
-        value.error(f"not an upstream IP[:PORT]: {text!r} (as in 127.0.0.1:5300 or [::1]:53)")
-        return None
-    return Upstream(str(address), port)
-
-
-def _network(value: Value) -> Network | None:
-    text = value.as_str()
-    if not value.is_scalar:
-        return None
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        value.error(f"not an address or network: {text!r}")
-        return None
-
-
-def _cache(value: Value) -> CacheOptions:
-    section = value.section()
-    defaults = CacheOptions()
-    options = CacheOptions(
-        size=section.integer("size", defaults.size, minimum=0, maximum=10_000_000),
-        max_ttl=section.integer("max_ttl", defaults.max_ttl, minimum=0, maximum=2**31 - 1),
-        negative_ttl=section.integer(
-            "negative_ttl", defaults.negative_ttl, minimum=0, maximum=2**31 - 1
-        ),
-    )
-    section.finish()
-    return options
 
 
 _RR = struct.Struct(">HHIH")
@@ -516,7 +299,7 @@ def _rr_text(rr: dns.RRHeader) -> str:
     return f"{rr.name} {rr.ttl} {type_name(rr.type)} {data}"
 
 
-class _Datagrams(DatagramProtocol):
+class Datagrams(DatagramProtocol):
     noisy = False
     transport: Any
 
@@ -552,7 +335,7 @@ class _Datagrams(DatagramProtocol):
 
 
 @implementer(IOwesReplies)
-class _Stream(Protocol, TimeoutMixin):
+class Stream(Protocol, TimeoutMixin):
     """
     DNS over a stream (RFC 7766): two-byte length prefixes, queries answered
     as they complete (pipelined), closed after C{timeout} without a whole message.
@@ -636,33 +419,12 @@ class _Stream(Protocol, TimeoutMixin):
         self.setTimeout(None)
 
 
-class _StreamFactory(Factory):
+class StreamFactory(Factory):
     noisy = False
 
     def __init__(self, server: Server, timeout: float) -> None:
         self.server = server
         self.timeout = timeout
 
-    def buildProtocol(self, addr: Any) -> _Stream:
-        return _Stream(self.server, self.timeout)
-
-
-def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: DnsOptions = service.options
-    server = Server(options, context)
-    factory = _StreamFactory(server, service.idle_timeout)
-
-    def stream(listener: ListenerConfig) -> _StreamFactory:
-        return factory
-
-    def datagram(listener: ListenerConfig) -> _Datagrams:
-        return _Datagrams(server)
-
-    return Handlers(
-        stream=stream,
-        datagram=datagram,
-        views={"queries": AdminView(list=server.list_queries, clear=server.clear_queries)},
-    )
-
-
-DNS: ServiceKind[DnsOptions] = ServiceKind("dns", parse, build, datagram=True)
+    def buildProtocol(self, addr: Any) -> Stream:
+        return Stream(self.server, self.timeout)

@@ -1,7 +1,7 @@
 """
 What an HTTP request gets, whatever carried it: routes, static files, records, logs.
 
-The wire (L{netd.services._http_wire}: HTTP/1.1 on our own parser, HTTP/2 through
+The wire (L{netd.services.http.wire}: HTTP/1.1 on our own parser, HTTP/2 through
 twisted.web) turns each request into an L{Exchange}; L{App.handle} answers it through
 the exchange's small response interface, so every rule here holds on both.
 """
@@ -24,13 +24,22 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IPullProducer
+from twisted.internet.interfaces import IAddress, IPullProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from netd.events import ServiceStats
 
-__all__ = ["App", "BodyStream", "Exchange", "Route", "StaticOptions", "Upgrade"]
+__all__ = [
+    "HOP_BY_HOP_FRAMING",
+    "App",
+    "BodyStream",
+    "Exchange",
+    "Route",
+    "StaticOptions",
+    "Upgrade",
+    "peer_host",
+]
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -73,6 +82,15 @@ _REASONS: dict[int, bytes] = {
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
 }
+
+
+# What HTTP/1.1 and HTTP/2 each frame their own way: never copied into a response.
+HOP_BY_HOP_FRAMING = (b"content-length", b"transfer-encoding", b"connection")
+
+
+def peer_host(address: IAddress | None) -> str:
+    host = getattr(address, "host", None)
+    return str(host) if host is not None else "unix"
 
 
 def reason(status: int) -> bytes:

@@ -9,7 +9,7 @@ it falls short for a relay replaced by name.
   - DATA is taken in chunks, not line by line: only C{CRLF.CRLF} ends it, and a
     bare CR or LF becomes CRLF (or rejects the message), so nothing can be
     smuggled past another server's idea of the end (CVE-2023-51764).
-  - Paths are read by L{netd.services._smtp_address}, not by
+  - Paths are read by L{netd.services.smtp.address}, not by
     L{twisted.mail.smtp.Address} (which strips source routes), and the relay
     policy is applied per recipient.
   - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
@@ -40,7 +40,7 @@ from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies
 from netd.schema import client_address
-from netd.services._smtp_address import Mailbox, PathRefused, parse_path
+from netd.services.smtp.address import Mailbox, PathRefused, parse_path
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.events import ServiceStats
-from netd.services._dns_wire import (
+from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     FORMERR,
     NOERROR,

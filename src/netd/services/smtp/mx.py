@@ -19,8 +19,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
 
-from netd.services._smtp_relay import Outcome, Send, SmarthostOptions, client_tls, send_message
-from netd.services._smtp_spool import Envelope
+from netd.services.smtp.relay import Outcome, Send, SmarthostOptions, client_tls, send_message
+from netd.services.smtp.spool import Envelope
 
 __all__ = ["MxOptions", "mx_sender", "resolver_for"]
 

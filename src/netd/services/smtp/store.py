@@ -16,8 +16,8 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
 from netd.kinds import BuildContext
-from netd.services._smtp_server import Transaction
-from netd.services._smtp_spool import HEAD_BYTES, Envelope, Spool, new_id
+from netd.services.smtp.server import Transaction
+from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
 __all__ = ["MailStore", "received_header"]
 

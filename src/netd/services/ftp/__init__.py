@@ -12,8 +12,8 @@ The C{ftp} service kind: anonymous and user FTP with FTPS, on twisted.protocols.
       tls: lab                    # offers AUTH TLS and PROT P
       require_tls: false
 
-The protocol lives in L{netd.services._ftp_session}, accounts, confined shells
-and the fast transfer paths in L{netd.services._ftp_files}.
+The protocol lives in L{netd.services.ftp.session}, accounts, confined shells
+and the fast transfer paths in L{netd.services.ftp.files}.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
-from netd.services._ftp_files import Accounts, Realm, User, in_thread
-from netd.services._ftp_session import FTPServer, SessionLimits
+from netd.services.ftp.files import Accounts, Realm, User, in_thread
+from netd.services.ftp.session import FTPServer, SessionLimits
 
 __all__ = ["FTP", "FtpOptions", "User", "build", "parse"]
 

@@ -10,11 +10,11 @@ answered C{250} for and never relays for strangers.
       relay: {allow_from: [127.0.0.0/8], domains: [netd.test]}
       delivery: {mode: capture}
 
-Sessions are L{netd.services._smtp_server.Session} (twisted.mail's ESMTP);
-messages go to a spool in C{state_dir} (L{netd.services._smtp_spool}) and are
+Sessions are L{netd.services.smtp.server.Session} (twisted.mail's ESMTP);
+messages go to a spool in C{state_dir} (L{netd.services.smtp.spool}) and are
 either kept for the admin API (capture) or sent on by
-L{netd.services._smtp_relay.Courier} to a smarthost or to the recipients'
-exchangers (L{netd.services._smtp_mx}).
+L{netd.services.smtp.relay.Courier} to a smarthost or to the recipients'
+exchangers (L{netd.services.smtp.mx}).
 """
 
 from __future__ import annotations
@@ -38,11 +38,11 @@ from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
-from netd.services._smtp_mx import MxOptions, mx_sender, resolver_for
-from netd.services._smtp_relay import Courier, SmarthostOptions, smarthost_sender
-from netd.services._smtp_server import Limits, Receiver, SessionFactory, busy_reply
-from netd.services._smtp_spool import Spool
-from netd.services._smtp_store import MailStore
+from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
+from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
+from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
+from netd.services.smtp.spool import Spool
+from netd.services.smtp.store import MailStore
 
 __all__ = [
     "SMTP",

@@ -25,7 +25,7 @@ from twisted.internet.protocol import Factory, Protocol
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
-from netd.services._chat_hub import (
+from netd.services.chat.hub import (
     NICK_LENGTH,
     ChatOptions,
     FloodLimit,
@@ -34,8 +34,8 @@ from netd.services._chat_hub import (
     fold,
     room_key,
 )
-from netd.services._chat_irc import IrcSession, IrcWire
-from netd.services._chat_line import LineSession, LineWire
+from netd.services.chat.irc import IrcSession, IrcWire
+from netd.services.chat.line import LineSession, LineWire
 
 __all__ = ["CHAT", "ChatOptions", "FloodLimit"]
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 import attrs
 from twisted.names import dns
 
-from netd.services._dns_wire import name_to_wire
+from netd.services.dns.wire import name_to_wire
 
 __all__ = [
     "TYPES",

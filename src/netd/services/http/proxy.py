@@ -33,7 +33,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
 from netd.events import ServiceStats
-from netd.services._http_app import (
+from netd.services.http.app import (
     BodyStream,
     Exchange,
     Headers,

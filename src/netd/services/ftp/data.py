@@ -31,10 +31,10 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.schema import client_address
-from netd.services._ftp_files import Upload
+from netd.services.ftp.files import Upload
 
 if TYPE_CHECKING:
-    from netd.services._ftp_session import Session
+    from netd.services.ftp.session import Session
 
 __all__ = [
     "READ_CHUNK",

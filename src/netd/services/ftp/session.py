@@ -3,14 +3,14 @@ The FTP protocol interpreter of the ftp kind: Twisted's L{ftp.FTP}, extended in
 named places.
 
 What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
-  - data connections (L{netd.services._ftp_data}): passive ports from a range,
+  - data connections (L{netd.services.ftp.data}): passive ports from a range,
     accepted only from the control connection's client; PORT/EPRT only to the
     client itself (no FTP bounce); a timeout when the connection never comes;
     TLS on them (PROT P) -- Twisted has no FTPS at all (#5099);
   - C{AUTH TLS}, C{PBSZ}, C{PROT}, C{REST}, C{APPE}, C{OPTS UTF8}, C{EPSV} with
     C{passive_host}, and C{require_tls};
   - transfers: C{sendfile} for downloads on plain connections, uploads to a
-    temporary name renamed when complete (L{netd.services._ftp_files});
+    temporary name renamed when complete (L{netd.services.ftp.files});
   - login failures are delayed (more for an address that keeps failing) and
     counted; the injected reactor is used throughout (Twisted's FTP calls the
     global one).
@@ -48,7 +48,7 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies
-from netd.services._ftp_data import (
+from netd.services.ftp.data import (
     READ_CHUNK,
     DataChannel,
     DataConnection,
@@ -59,7 +59,7 @@ from netd.services._ftp_data import (
     PassivePort,
     plain_host,
 )
-from netd.services._ftp_files import RunInThread, Sendfile, Upload
+from netd.services.ftp.files import RunInThread, Sendfile, Upload
 
 __all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 

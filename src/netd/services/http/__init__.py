@@ -12,7 +12,7 @@ request recording and HTTP/2, from one section of the service map.
         - {path: /old, redirect: /new, status: 301}
       record: 100
 
-HTTP/1.1 runs on a lean connection of our own over llhttp (L{netd.services._http_wire});
+HTTP/1.1 runs on a lean connection of our own over llhttp (L{netd.services.http.wire});
 HTTP/2 goes through twisted.web; both hand requests to the same L{App}.
 """
 
@@ -29,9 +29,9 @@ from twisted.internet.defer import Deferred
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
-from netd.services._http_app import App, Route, StaticOptions
-from netd.services._http_proxy import Proxy
-from netd.services._http_wire import Limits, busy_reply, factory_for
+from netd.services.http.app import App, Route, StaticOptions
+from netd.services.http.proxy import Proxy
+from netd.services.http.wire import Limits, busy_reply, factory_for
 
 __all__ = ["HTTP", "HttpOptions", "Limits", "Route"]
 

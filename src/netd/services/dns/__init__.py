@@ -1,0 +1,49 @@
+"""
+The C{dns} service kind: authoritative local records, a forwarding resolver with
+its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
+
+    dns:
+      type: dns
+      listen: ["udp:5353", "tcp:5353", {endpoint: "ssl:8853", tls: lab}]
+      records:
+        www.netd.test: {A: [127.0.0.1], AAAA: ["::1"]}
+        "*.apps.netd.test": {A: [127.0.0.2]}
+      forward: ["127.0.0.1:5300"]
+      cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
+      udp_payload: 1232
+      query_log: true
+
+Queries are read and answered at the byte level (L{netd.services.dns.wire}):
+local answers are prepared once per name and type, cached upstream answers are
+kept as the upstream sent them.  twisted.names encodes the configured records.
+"""
+
+from __future__ import annotations
+
+from netd.config import ListenerConfig, ServiceConfig
+from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.services.dns.options import CacheOptions, DnsOptions, parse
+from netd.services.dns.server import Datagrams, Server, StreamFactory
+
+__all__ = ["DNS", "CacheOptions", "DnsOptions"]
+
+
+def build(service: ServiceConfig, context: BuildContext) -> Handlers:
+    options: DnsOptions = service.options
+    server = Server(options, context)
+    factory = StreamFactory(server, service.idle_timeout)
+
+    def stream(listener: ListenerConfig) -> StreamFactory:
+        return factory
+
+    def datagram(listener: ListenerConfig) -> Datagrams:
+        return Datagrams(server)
+
+    return Handlers(
+        stream=stream,
+        datagram=datagram,
+        views={"queries": AdminView(list=server.list_queries, clear=server.clear_queries)},
+    )
+
+
+DNS: ServiceKind[DnsOptions] = ServiceKind("dns", parse, build, datagram=True)

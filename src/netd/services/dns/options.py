@@ -1,0 +1,223 @@
+"""The dns kind's keys, read from the service map."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+from twisted.names import dns
+
+from netd.config import TLSProfiles
+from netd.schema import Section, Value
+from netd.services.dns.data import (
+    TYPES,
+    DataError,
+    parse_hosts,
+    parse_master_file,
+    parse_rdata,
+    reverse_name,
+)
+from netd.services.dns.forward import Upstream
+from netd.services.dns.local import made_up_soa
+from netd.services.dns.wire import (
+    EDNS_PAYLOAD,
+    name_to_wire,
+)
+
+__all__ = ["CacheOptions", "DnsOptions", "parse"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+T = TypeVar("T")
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+@attrs.frozen
+class CacheOptions:
+    size: int = 10000
+    max_ttl: int = 86400
+    negative_ttl: int = 300
+
+
+@attrs.frozen
+class DnsOptions:
+    """
+    @ivar records: every local record as (owner, type, ttl, rdata) in wire
+        form: the C{records} map, the zone files and the hosts file together.
+    """
+
+    records: tuple[tuple[bytes, int, int, bytes], ...] = ()
+    forward: tuple[Upstream, ...] = ()
+    cache: CacheOptions = CacheOptions()
+    recursion_from: tuple[Network, ...] = _LOOPBACK
+    catch_all: bytes | None = None
+    query_log: bool = False
+    ttl: int = 60
+    udp_payload: int = EDNS_PAYLOAD
+
+
+def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
+    ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
+    cache = section.read("cache", _cache, CacheOptions())
+    records: list[tuple[bytes, int, int, bytes]] = []
+    records_value = section.get("records")
+    if records_value is not None:
+        for name, entry in records_value.items():
+            records.extend(_name_records(name, entry, ttl))
+    zone_files = section.get("zone_files")
+    for element in zone_files.elements(single=True) if zone_files is not None else ():
+        records.extend(_zone_file(element, ttl, cache.negative_ttl))
+    hosts_value = section.get("hosts_file")
+    if hosts_value is not None:
+        records.extend(_hosts_file(hosts_value, ttl))
+    catch_all = None
+    catch_value = section.get("catch_all")
+    if catch_value is not None:
+        text = catch_value.as_str()
+        try:
+            catch_all = ipaddress.IPv4Address(text).packed
+        except ValueError:
+            if catch_value.is_scalar:
+                catch_value.error(f"not an IPv4 address: {text!r}")
+    options = DnsOptions(
+        records=tuple(records),
+        forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
+        cache=cache,
+        recursion_from=_present(
+            section.read("recursion_from", lambda v: v.list_of(_network, single=True), _LOOPBACK)
+        ),
+        catch_all=catch_all,
+        query_log=section.flag("query_log", False),
+        ttl=ttl,
+        udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
+    )
+    return options
+
+
+def _present(values: tuple[T | None, ...]) -> tuple[T, ...]:
+    """What was read, without the entries already reported as wrong."""
+    return tuple(v for v in values if v is not None)
+
+
+def _name_records(name: str, entry: Value, default_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    try:
+        owner = name_to_wire(name)
+    except (ValueError, UnicodeEncodeError):
+        entry.error(f"not a domain name: {name!r} (international names go in their xn-- form)")
+        return []
+    pairs = list(entry.items())
+    ttl = default_ttl
+    for key, value in pairs:
+        if key == "ttl":
+            ttl = value.as_int(default_ttl, minimum=0, maximum=2**31 - 1)
+    found = []
+    for key, values in pairs:
+        rtype = TYPES.get(key.upper())
+        if key == "ttl":
+            continue
+        if rtype is None:
+            values.error(f"unsupported record type {key!r} (one of {', '.join(TYPES)})")
+            continue
+        for value in values.elements(single=True):
+            text = value.as_str()
+            if not value.is_scalar:
+                continue
+            try:
+                found.append((owner, rtype, ttl, parse_rdata(rtype, text, None)))
+            except DataError as e:
+                value.error(str(e))
+    return found
+
+
+def _read_file(value: Value) -> str | None:
+    path = value.as_path()
+    if not value.is_scalar:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        value.error(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")
+        return None
+
+
+def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    text = _read_file(value)
+    if text is None:
+        return []
+    path = Path(value.as_str())
+    stem = path.name.removesuffix(".zone").removesuffix(".db")
+    try:
+        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
+    except (DataError, ValueError) as e:
+        line = getattr(e, "line", None)
+        value.error(f"{path}{f' line {line}' if line else ''}: {e}")
+        return []
+    if not any(rtype == dns.SOA for _, rtype, _, _ in records):
+        # The file's origin is its zone even without an SOA: names under it
+        # that the file does not have are NXDOMAIN, not forwarded.
+        records.append((apex, dns.SOA, negative_ttl, made_up_soa(apex, negative_ttl)))
+    return records
+
+
+def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
+    text = _read_file(value)
+    if text is None:
+        return []
+    try:
+        entries = parse_hosts(text)
+    except DataError as e:
+        value.error(f"{value.as_str()} line {e.line}: {e}")
+        return []
+    records = []
+    for name, rtype, packed in entries:
+        records.append((name, rtype, ttl, packed))
+        records.append((reverse_name(packed), dns.PTR, ttl, name))
+    return records
+
+
+def _upstream(value: Value) -> Upstream | None:
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    host, port = text, 53
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest:
+            port = int(rest[1:]) if rest[:1] == ":" and rest[1:].isdigit() else -1
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        port = int(port_text) if port_text.isdigit() else -1
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or not 0 < port < 65536:
+        value.error(f"not an upstream IP[:PORT]: {text!r} (as in 127.0.0.1:5300 or [::1]:53)")
+        return None
+    return Upstream(str(address), port)
+
+
+def _network(value: Value) -> Network | None:
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        value.error(f"not an address or network: {text!r}")
+        return None
+
+
+def _cache(value: Value) -> CacheOptions:
+    section = value.section()
+    defaults = CacheOptions()
+    options = CacheOptions(
+        size=section.integer("size", defaults.size, minimum=0, maximum=10_000_000),
+        max_ttl=section.integer("max_ttl", defaults.max_ttl, minimum=0, maximum=2**31 - 1),
+        negative_ttl=section.integer(
+            "negative_ttl", defaults.negative_ttl, minimum=0, maximum=2**31 - 1
+        ),
+    )
+    section.finish()
+    return options

@@ -1,0 +1,266 @@
+"""
+HTTP/2 through twisted.web's H2Connection, with netd's limits, answering from the same L{App}.
+
+A TLS connection of an http service that negotiates C{h2} is handed over here by
+L{netd.services.http.wire.HTTPConnection}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import h2.exceptions
+from twisted.internet.error import ConnectionLost
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web._http2 import H2Connection
+from twisted.web.resource import Resource
+
+from netd.services.http.app import (
+    HOP_BY_HOP_FRAMING,
+    App,
+    BodyStream,
+    Exchange,
+    Headers,
+    peer_host,
+    reason,
+)
+
+__all__ = ["LimitedH2Connection", "h2_site"]
+
+# Response bytes an HTTP/2 connection may queue before its streams' producers are
+# paused: shared by its open streams, with a floor for each.
+_H2_CONNECTION_BUFFER = 1 << 20
+_H2_STREAM_BUFFER_MIN = 64 * 1024
+
+
+class LimitedH2Connection(H2Connection):
+    """
+    twisted.web's HTTP/2 connection with two limits of its own.
+
+    Back-pressure: twisted pauses a stream's producer only when the client's
+    flow-control window is used up, counting what is queued for the stream.  A
+    client may grant a window of 2**31-1 and then read nothing: TCP backs up,
+    this connection stops sending (the transport pauses it), and the producer,
+    never paused, queues the whole file here.  So the window a stream may fill
+    is capped at its share of L{_H2_CONNECTION_BUFFER}, and since no
+    WINDOW_UPDATE comes to wake a stream paused by that cap, the sending loop
+    wakes it once its queue has drained below it.  (A producer's write lands
+    whole: a stream may hold one write, 256 KiB for files, beyond its share.)
+
+    Bodies over C{max_body}: answered 413 as soon as the limit is crossed (or a
+    declared Content-Length exceeds it), and the stream is reset with NO_ERROR
+    (RFC 9113 8.1), instead of reading the whole body first.
+    """
+
+    app: App
+    client: str
+
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        share = max(_H2_CONNECTION_BUFFER // (len(self.streams) or 1), _H2_STREAM_BUFFER_MIN)
+        window = min(self.conn.local_flow_control_window(streamID), share)
+        queue = self._outboundStreamQueues[streamID]
+        # The queue also holds twisted's end-of-stream marker (not bytes).
+        return window - sum(len(chunk) for chunk in queue if isinstance(chunk, bytes))
+
+    def _sendPrioritisedData(self, *args: Any) -> None:
+        super()._sendPrioritisedData(*args)
+        # The queues shrink only here: wake the streams the cap paused.
+        # windowUpdated resumes a producer only if its stream has room again.
+        for stream in list(self.streams.values()):
+            if stream.producer is not None and not stream._producerProducing:
+                stream.windowUpdated()
+
+    def _requestReceived(self, event: Any) -> None:
+        super()._requestReceived(event)
+        self._refuse_if_too_large(event.stream_id)
+
+    def _requestDataReceived(self, event: Any) -> None:
+        if event.stream_id not in self.streams:
+            # Refused earlier in this batch of events.  h2 counted these bytes
+            # against the connection's window: give them back, or it shrinks.
+            self.openStreamWindow(event.stream_id, event.flow_controlled_length)
+            return
+        super()._requestDataReceived(event)
+        self._refuse_if_too_large(event.stream_id)
+
+    def _requestEnded(self, event: Any) -> None:
+        if event.stream_id in self.streams:  # not refused earlier in this batch
+            super()._requestEnded(event)
+
+    def _requestAborted(self, event: Any) -> None:
+        if event.stream_id in self.streams:
+            super()._requestAborted(event)
+
+    def _refuse_if_too_large(self, streamID: int) -> None:
+        stream = self.streams.get(streamID)
+        if stream is None or not getattr(stream._request, "too_large", False):
+            return
+        status = 413
+        body = b"%d %s\n" % (status, reason(status))
+        headers = [(b":status", b"%d" % status), (b"server", b"netd")]
+        if self.conn.local_flow_control_window(streamID) >= len(body):
+            headers += [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", b"%d" % len(body)),
+            ]
+            self.conn.send_headers(streamID, headers)
+            self.conn.send_data(streamID, body, end_stream=True)
+        else:
+            self.conn.send_headers(streamID, headers, end_stream=True)
+        # NO_ERROR: stop sending, nothing went wrong; unless the client has
+        # sent it all already (END_STREAM in the same read), and the stream is closed.
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            self.conn.reset_stream(streamID)
+        self.app.stats.count("rejected")
+        self.app.emit("http.rejected", status=status, client=self.client)
+        if self._tryToWriteControlData():
+            stream.connectionLost(Failure(ConnectionLost("request body too large")))
+            self._requestDone(streamID)
+
+
+class _H2Request(server.Request):
+    """A request whose body stops being stored past the service's limit."""
+
+    max_body = 0
+    too_large = False
+    received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.max_body:
+            self.too_large = True  # refused as soon as its headers are in
+            length = 0  # and no buffer (nor temporary file) of that size
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.max_body:
+            self.too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+class H2Exchange(Exchange):
+    """An exchange on one HTTP/2 stream, through twisted.web's L{server.Request}."""
+
+    def __init__(self, app: App, request: server.Request, scheme: str) -> None:
+        self.app = app
+        self.request = request
+        self.method = request.method.decode("ascii", "replace")
+        self.target = request.uri.decode("latin-1")
+        self.version = "HTTP/2"
+        self.headers = [
+            (name, value)
+            for name, values in request.requestHeaders.getAllRawHeaders()
+            for value in values
+        ]
+        self.client = peer_host(request.getClientAddress())
+        self.scheme = scheme
+        content = request.content
+        data = content.read() if content is not None else b""
+        self.body = BodyStream(len(data), app.record_body)
+        self.body.feed(data)
+        self.body.end()
+        self.done = False
+        # The stream, kept: twisted.web forgets it (request.channel) when it is lost.
+        self.stream: Any = request.channel
+        self.producer: Any = None
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, reason: Failure) -> None:
+        """The stream was reset or the connection lost: stop whatever still works for it."""
+        self.done = True
+        if self.proxy_cancel is not None:
+            self.proxy_cancel()
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            # H2Stream neither stops nor unregisters a producer when it is reset:
+            # a file would be read to its end and an upstream relayed in full.
+            self.stream.unregisterProducer()
+            producer.stopProducing()
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        self.status = status
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"server", b"netd")
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP_FRAMING:
+                request.responseHeaders.addRawHeader(name, value)
+        if length is not None:
+            request.setHeader(b"content-length", b"%d" % length)
+
+    def respond(self, status: int, headers: Headers, body: bytes) -> None:
+        length = len(body)
+        for name, value in headers:
+            if name.lower() == b"content-length" and self.method == "HEAD":
+                length = int(value)  # what GET would send (App's own, digits)
+        self.start(status, headers, length)
+        if self.method != "HEAD" and status not in (204, 304):
+            self.write(body)
+        self.finish()
+
+    def write(self, data: bytes) -> None:
+        if not self.done and data:
+            self.sent += len(data)
+            self.request.write(data)
+
+    def finish(self) -> None:
+        if not self.done:
+            self.done = True
+            self.request.finish()
+            self.app.completed(self)
+
+    def abort(self) -> None:
+        if self.done:
+            return  # finished, or the stream is gone (request.channel with it)
+        self.done = True
+        self.request.loseConnection()
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        if self.done:
+            producer.stopProducing()
+            return
+        self.producer = producer
+        self.request.registerProducer(producer, streaming)
+
+    def unregister_producer(self) -> None:
+        if self.producer is not None:
+            self.producer = None
+            self.request.unregisterProducer()
+
+
+class _H2Resource(Resource):
+    isLeaf = True
+
+    def __init__(self, app: App, scheme: str) -> None:
+        super().__init__()
+        self.app = app
+        self.scheme = scheme
+
+    def render(self, request: server.Request) -> Any:
+        exchange = H2Exchange(self.app, request, self.scheme)
+        if getattr(request, "too_large", False):
+            exchange.started = self.app.clock.seconds()
+            self.app.error(exchange, 413)
+        else:
+            self.app.handle(exchange)
+        return server.NOT_DONE_YET
+
+
+class _H2Site(server.Site):
+    def log(self, request: Any) -> None:
+        """L{App.completed} writes the access log for every protocol."""
+
+
+def h2_site(app: App, scheme: str, max_body: int) -> server.Site:
+    """The twisted.web site whose requests an HTTP/2 connection's streams become."""
+
+    class Request(_H2Request):
+        pass
+
+    Request.max_body = max_body
+    site = _H2Site(_H2Resource(app, scheme), reactor=app.clock)
+    site.requestFactory = Request
+    return site
