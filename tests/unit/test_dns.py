@@ -20,7 +20,7 @@ import dns.rrset
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import UNIXAddress
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
@@ -776,11 +776,15 @@ class _FakeSocket:
 
 
 class _FakeConnector:
-    def __init__(self) -> None:
-        self.disconnected = False
+    def __init__(self, host: str, port: int) -> None:
+        self.destination = IPv4Address("TCP", host, port)
+        self.stopped = False
 
-    def disconnect(self) -> None:
-        self.disconnected = True
+    def stopConnecting(self) -> None:
+        self.stopped = True
+
+    def getDestination(self) -> IPv4Address:
+        return self.destination
 
 
 class _FakeReactor(Clock):
@@ -791,6 +795,7 @@ class _FakeReactor(Clock):
         self.sockets: list[_FakeSocket] = []
         self.readers: list[Any] = []
         self.tcp: list[tuple[str, int, Any]] = []
+        self.connectors: list[_FakeConnector] = []
 
     def socket(self, family: int, kind: int) -> _FakeSocket:
         sock = _FakeSocket(family, kind)
@@ -804,9 +809,14 @@ class _FakeReactor(Clock):
         if reader in self.readers:
             self.readers.remove(reader)
 
-    def connectTCP(self, host: str, port: int, factory: Any, timeout: float) -> _FakeConnector:
+    def connectTCP(
+        self, host: str, port: int, factory: Any, timeout: float, bindAddress: Any = None
+    ) -> _FakeConnector:
         self.tcp.append((host, port, factory))
-        return _FakeConnector()
+        connector = _FakeConnector(host, port)
+        factory.startedConnecting(connector)
+        self.connectors.append(connector)
+        return connector
 
     def deliver(self, index: int, data: bytes | OSError, source: tuple[str, int]) -> None:
         """A datagram (or an error) arrives on the index-th upstream socket."""
@@ -931,9 +941,9 @@ def test_forwarder_gives_up_a_slow_tcp_connection() -> None:
     fwd, _ = forwarder(reactor)
     fwd.resolve(key("a.example"))
     reactor.deliver(0, answer_to(reactor.sockets[0].sent[0], tc=True), ("127.0.0.1", 5300))
-    ((_, _, factory),) = reactor.tcp
+    assert len(reactor.tcp) == 1
     reactor.advance(2)
-    assert factory.exchange.connector.disconnected
+    assert reactor.connectors[0].stopped
     assert reactor.sockets[1].peer == ("127.0.0.2", 5301)
 
 

@@ -18,9 +18,10 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -184,9 +185,10 @@ class _TCPExchange(_Exchange, Protocol):
         _Exchange.__init__(self, clock, timeout, ident, question)
         self.buffer = bytearray()
         self.query = b""
-        self.connector: Any = None
+        self.connecting: Deferred[Any] | None = None
 
     def connectionMade(self) -> None:
+        self.connecting = None
         self.transport.write(struct.pack(">H", len(self.query)) + self.query)
 
     def dataReceived(self, data: bytes) -> None:
@@ -208,22 +210,9 @@ class _TCPExchange(_Exchange, Protocol):
     def _stop(self) -> None:
         if self.transport is not None:
             self.transport.abortConnection()
-        elif self.connector is not None:
+        elif self.connecting is not None:
             # Still connecting when time ran out: a late connection must not open.
-            self.connector.disconnect()
-
-
-class _TCPFactory(ClientFactory):
-    noisy = False
-
-    def __init__(self, exchange: _TCPExchange) -> None:
-        self.exchange = exchange
-
-    def buildProtocol(self, addr: Any) -> _TCPExchange:
-        return self.exchange
-
-    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
-        self.exchange._finish(reason)
+            self.connecting.cancel()
 
 
 class Forwarder:
@@ -323,9 +312,10 @@ class Forwarder:
     ) -> Deferred[bytes]:
         exchange = _TCPExchange(self.reactor, self.timeout, ident, question)
         exchange.query = query
-        exchange.connector = self.reactor.connectTCP(
-            upstream.host, upstream.port, _TCPFactory(exchange), timeout=self.timeout
-        )
+        tcp = TCP6ClientEndpoint if ":" in upstream.host else TCP4ClientEndpoint
+        endpoint = tcp(self.reactor, upstream.host, upstream.port, timeout=self.timeout)
+        exchange.connecting = connectProtocol(endpoint, exchange)
+        exchange.connecting.addErrback(exchange._finish)
         return exchange.deferred
 
 

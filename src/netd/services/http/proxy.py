@@ -15,10 +15,10 @@ from typing import Any
 
 import httptools
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IAddress
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -268,18 +268,6 @@ class _UpgradingUpstream(Protocol):
             self.failed(reason)
 
 
-class _OneProtocol(ClientFactory):
-    """Hands an endpoint the one protocol instance already made for the connection."""
-
-    noisy = False
-
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol_instance = protocol
-
-    def buildProtocol(self, addr: Any) -> Protocol:
-        return self.protocol_instance
-
-
 def _persists(version: tuple[bytes, int, int], connection: Sequence[bytes]) -> bool:
     """
     RFC 9112 9.3: whether the upstream keeps the connection open after a
@@ -426,7 +414,7 @@ class Proxy:
             ]
         )
         upstream = _UpgradingUpstream(exchange, upgrade, head)
-        connecting = endpoint.connect(_OneProtocol(upstream))
+        connecting = connectProtocol(endpoint, upstream)
 
         def expire() -> None:
             upstream.give_up()
