@@ -102,6 +102,7 @@ class ChatError(Exception):
         self.name = name
 
 
+@attrs.define(eq=False)
 class Flood:
     """
     A token bucket: C{messages} at once, refilled over C{per_seconds}.
@@ -110,12 +111,15 @@ class Flood:
     another whole bucket of strikes is flooding on purpose.
     """
 
-    def __init__(self, limit: FloodLimit, clock: Any) -> None:
-        self.limit = limit
-        self.clock = clock
-        self.tokens = float(limit.messages)
-        self.updated: float = clock.seconds()
-        self.strikes = 0
+    limit: FloodLimit
+    clock: Any
+    tokens: float = attrs.field(init=False)
+    updated: float = attrs.field(init=False)
+    strikes: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self.tokens = float(self.limit.messages)
+        self.updated = self.clock.seconds()
 
     def spend(self) -> bool:
         now = self.clock.seconds()
@@ -134,6 +138,7 @@ class Flood:
         return self.strikes > self.limit.messages
 
 
+@attrs.define(eq=False)
 class LineFramer:
     """
     Splits a byte stream into lines of at most C{limit} bytes, CRLF included.
@@ -142,11 +147,10 @@ class LineFramer:
     partial line kept between reads never grows past the limit.
     """
 
-    def __init__(self, limit: int, too_long: Callable[[], None]) -> None:
-        self.limit = limit
-        self.too_long = too_long
-        self.buffer = b""
-        self.discarding = False
+    limit: int
+    too_long: Callable[[], None]
+    buffer: bytes = b""
+    discarding: bool = False
 
     def feed(self, data: bytes) -> list[bytes]:
         *complete, rest = (self.buffer + data).split(b"\n")
@@ -389,31 +393,28 @@ class Session(Protocol, ABC):
         }
 
 
+@attrs.define(eq=False)
 class Hub:
     """Every room and user of one chat service."""
 
-    def __init__(
-        self,
-        options: ChatOptions,
-        clock: Any,
-        stats: ServiceStats,
-        emit: Callable[..., None],
-        journal_active: Callable[[], bool] = lambda: True,
-    ) -> None:
-        self.options = options
-        # Messages are the one event frequent enough to cost when nobody reads the journal.
-        self.journal_active = journal_active
-        self.clock = clock
-        self.stats = stats
-        self.emit = emit
-        self.rooms: dict[str, Room] = {}
-        self.users: dict[str, Session] = {}
-        self.sessions: dict[Session, None] = {}
-        # Sessions with output queued since the last flush.
-        self.dirty: dict[Session, None] = {}
-        self._flush_call: Any = None
-        self.started = clock.seconds()
-        for name in options.rooms:
+    options: ChatOptions
+    clock: Any
+    stats: ServiceStats
+    emit: Callable[..., None]
+    # Messages are the one event frequent enough to cost when nobody reads the journal.
+    journal_active: Callable[[], bool] = lambda: True
+    rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
+    users: dict[str, Session] = attrs.field(init=False, factory=dict)
+    sessions: dict[Session, None] = attrs.field(init=False, factory=dict)
+    # Sessions with output queued since the last flush.
+    dirty: dict[Session, None] = attrs.field(init=False, factory=dict)
+    _flush_call: Any = attrs.field(init=False, default=None)
+    started: float = attrs.field(init=False)
+    permanent: frozenset[str] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.started = self.clock.seconds()
+        for name in self.options.rooms:
             self._create(name)
         self.permanent = frozenset(self.rooms)
         self._gauges()

@@ -176,6 +176,8 @@ class _Sender(smtp.ESMTPSender):
         self.factory.lost(self, error)
 
 
+# Not slotted: Twisted's factories set attributes of their own.
+@attrs.define(slots=False, eq=False)
 class Hop(ClientFactory):
     """
     A destination (a smarthost, or one exchanger's address) and the messages
@@ -186,21 +188,14 @@ class Hop(ClientFactory):
 
     noisy = False
 
-    def __init__(
-        self,
-        hostname: str,
-        options: SmarthostOptions,
-        context: Any,
-        endpoint: Callable[[], Any],
-        connections: int = _CONCURRENT_DELIVERIES,
-    ) -> None:
-        self.hostname = hostname
-        self.options = options
-        self.context = context
-        self.endpoint = endpoint
-        self.limit = connections
-        self.pending: deque[_Job] = deque()
-        self.connections = 0
+    hostname: str
+    options: SmarthostOptions
+    context: Any
+    endpoint: Callable[[], Any]
+    # How many connections may be open at once, given as connections=.
+    limit: int = attrs.field(default=_CONCURRENT_DELIVERIES, alias="connections")
+    pending: deque[_Job] = attrs.field(init=False, factory=deque)
+    connections: int = attrs.field(init=False, default=0)
 
     def send(self, envelope: Envelope, recipients: Sequence[str], data: bytes) -> Deferred[Outcome]:
         # Every line end a CRLF (no bare CR or LF can end DATA downstream), then
@@ -371,6 +366,12 @@ class _Queued:
     data: bytes | None = None
 
 
+def _seconds(values: Sequence[float]) -> tuple[float, ...]:
+    return tuple(values)
+
+
+# Not slotted: twisted.application's Service sets attributes of its own.
+@attrs.define(slots=False, eq=False)
 class Courier(Service):
     """
     Sends spooled messages on and retries them on the C{retry} schedule.
@@ -383,25 +384,18 @@ class Courier(Service):
         store that feeds this courier exists.
     """
 
-    def __init__(
-        self,
-        context: BuildContext,
-        spool: Spool,
-        send: Send,
-        hostname: str,
-        retry: Sequence[float],
-        max_age: float,
-    ) -> None:
-        self.context = context
-        self.spool = spool
-        self.send = send
-        self.hostname = hostname
-        self.retry = tuple(retry)
-        self.max_age = max_age
-        self.store: MailStore | None = None
-        self.queue: dict[str, _Queued] = {}
-        self.limit = DeferredSemaphore(_CONCURRENT_DELIVERIES)
-        self.stopped = False
+    context: BuildContext
+    spool: Spool
+    send: Send
+    hostname: str
+    retry: tuple[float, ...] = attrs.field(converter=_seconds)
+    max_age: float = 0.0
+    store: MailStore | None = attrs.field(init=False, default=None)
+    queue: dict[str, _Queued] = attrs.field(init=False, factory=dict)
+    limit: DeferredSemaphore = attrs.field(
+        init=False, factory=lambda: DeferredSemaphore(_CONCURRENT_DELIVERIES)
+    )
+    stopped: bool = attrs.field(init=False, default=False)
 
     def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
         """
