@@ -673,13 +673,12 @@ def test_parse_delivery(tmp_path: Path) -> None:
         "      max_age: 100\n",
     )
     assert options.delivery == DeliveryOptions(
-        mode="smarthost",
-        smarthost=SmarthostOptions("::1", 2526, "required", "relay", "pw"),
+        route=SmarthostOptions("::1", 2526, "required", "relay", "pw"),
         retry=(1.0, 2.5),
         max_age=100.0,
     )
     assert parse(tmp_path, "    delivery: {mode: smarthost, smarthost: relay.test}\n").delivery == (
-        DeliveryOptions(mode="smarthost", smarthost=SmarthostOptions("relay.test"))
+        DeliveryOptions(route=SmarthostOptions("relay.test"))
     )
     found = errors(
         tmp_path,
@@ -891,10 +890,10 @@ def test_parse_mx_delivery(tmp_path: Path) -> None:
     options = parse(
         tmp_path, "    delivery: {mode: mx, port: 2525, resolver: '127.0.0.1:5353', tls: none}\n"
     )
-    assert options.delivery.mx == MxOptions(port=2525, tls="none", resolver=("127.0.0.1", 5353))
-    assert parse(tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n").delivery.mx == MxOptions(
-        resolver=("::1", 53)
-    )
+    assert options.delivery.route == MxOptions(port=2525, tls="none", resolver=("127.0.0.1", 5353))
+    assert parse(
+        tmp_path, "    delivery: {mode: mx, resolver: '::1'}\n"
+    ).delivery.route == MxOptions(resolver=("::1", 53))
 
 
 def test_a_replaced_service_hands_what_it_still_accepts_to_its_successor(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ from netd.services.smtp.store import MailStore
 __all__ = [
     "SMTP",
     "AuthOptions",
+    "Capture",
     "DeliveryOptions",
     "RelayOptions",
     "SmarthostOptions",
@@ -78,15 +79,23 @@ class RelayOptions:
 
 
 @attrs.frozen
+class Capture:
+    """Keep every message for the admin API's C{messages} view; deliver none."""
+
+
+# Where accepted mail goes, decided once when the map is read: one of these.
+Route = Capture | SmarthostOptions | MxOptions
+
+
+@attrs.frozen
 class DeliveryOptions:
     """
+    @ivar route: capture, a smarthost, or each recipient domain's MX.
     @ivar retry: seconds between attempts; the last one repeats.
     @ivar max_age: seconds after which a message still not delivered bounces.
     """
 
-    mode: str = "capture"
-    smarthost: SmarthostOptions | None = None
-    mx: MxOptions | None = None
+    route: Route = Capture()
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
     max_age: float = 432000.0
 
@@ -243,14 +252,11 @@ def _delivery(value: Value) -> DeliveryOptions:
     resolver_value = section.get("resolver")
     resolver = _host_port(resolver_value, 53) if resolver_value is not None else None
     section.finish()
-    mx = None
+    route: Route = Capture()
     if mode == "mx":
-        mx = MxOptions(port=port, tls=tls, timeout=timeout, resolver=resolver)
-    smarthost = None
-    if mode == "smarthost" and address_value is None:
-        value.error("mode smarthost needs 'smarthost: HOST:PORT'")
-    if address is not None:
-        smarthost = SmarthostOptions(
+        route = MxOptions(port=port, tls=tls, timeout=timeout, resolver=resolver)
+    elif mode == "smarthost" and address is not None:
+        route = SmarthostOptions(
             host=address[0],
             port=address[1],
             tls=tls,
@@ -259,7 +265,9 @@ def _delivery(value: Value) -> DeliveryOptions:
             timeout=timeout,
             ca=ca,
         )
-    return DeliveryOptions(mode=mode, smarthost=smarthost, mx=mx, retry=retry, max_age=max_age)
+    elif mode == "smarthost" and address_value is None:
+        value.error("mode smarthost needs 'smarthost: HOST:PORT'")
+    return DeliveryOptions(route=route, retry=retry, max_age=max_age)
 
 
 @implementer(ICredentialsChecker)
@@ -315,12 +323,12 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     spool = Spool(context.state_dir / "smtp" / service.name, run)
     delivery = options.delivery
     background: IService
+    route = delivery.route
     send = None
-    if delivery.smarthost is not None and delivery.mode == "smarthost":
-        send = smarthost_sender(context.reactor, hostname, delivery.smarthost)
-    elif delivery.mx is not None:
-        resolver = resolver_for(context.reactor, delivery.mx)
-        send = mx_sender(context.reactor, hostname, delivery.mx, resolver)
+    if isinstance(route, SmarthostOptions):
+        send = smarthost_sender(context.reactor, hostname, route)
+    elif isinstance(route, MxOptions):
+        send = mx_sender(context.reactor, hostname, route, resolver_for(context.reactor, route))
     if send is not None:
         courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
         store = MailStore(spool, context, hostname, deliver=courier.schedule)
