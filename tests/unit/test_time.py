@@ -30,22 +30,6 @@ CLIENT = ("192.0.2.7", 40000)
 LOOP_PORTS = (0, 7, 9, 13, 17, 19, 37)
 
 
-def build(clock: Clock, stats: ServiceStats, tmp_path: Path) -> Handlers:
-    service = ServiceConfig(
-        name="time", type="time", position=Position("netd.yaml", 1, 1), listen=(LISTENER,)
-    )
-    context = BuildContext(
-        reactor=clock,
-        name="time",
-        state_dir=tmp_path,
-        journal=Journal(clock),
-        stats=stats,
-        log=Logger(),
-        tls={},
-    )
-    return load_kind("time").build(service, context)
-
-
 @pytest.fixture
 def clock() -> Clock:
     clock = Clock()
@@ -60,7 +44,19 @@ def stats() -> ServiceStats:
 
 @pytest.fixture
 def handlers(clock: Clock, stats: ServiceStats, tmp_path: Path) -> Handlers:
-    return build(clock, stats, tmp_path)
+    service = ServiceConfig(
+        name="time", type="time", position=Position("netd.yaml", 1, 1), listen=(LISTENER,)
+    )
+    context = BuildContext(
+        reactor=clock,
+        name="time",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=stats,
+        log=Logger(),
+        tls={},
+    )
+    return load_kind("time").build(service, context)
 
 
 def connect(handlers: Handlers) -> tuple[IProtocol, StringTransport]:
