@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "chargen": "netd.services.simple:CHARGEN",
     "daytime": "netd.services.simple:DAYTIME",
     "qotd": "netd.services.simple:QOTD",
+    "time": "netd.services.time:TIME",
     "http": "netd.services.http:HTTP",
     "dns": "netd.services.dns:DNS",
     "smtp": "netd.services.smtp:SMTP",
