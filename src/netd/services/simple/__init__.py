@@ -12,18 +12,15 @@ from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IProtocolFactory, IPullProducer
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
+from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 from netd.schema import Section
 
 __all__ = ["CHARGEN", "DAYTIME", "DISCARD", "ECHO", "QOTD"]
-
-# Datagrams from these source ports come from another simple service: answering
-# them is how two hosts' echo and chargen ping-pong forever (CVE-1999-0103).
-_LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37})
 
 # RFC 865: "the quote may be ... limited to 512 characters".
 _QUOTE_LIMIT = 512
@@ -32,34 +29,6 @@ _PRINTABLE = bytes(range(32, 127))
 _LINE = 72
 # The chargen pattern repeats every len(_PRINTABLE) lines; one full cycle is one write.
 _CHARGEN_CYCLE = b"".join((_PRINTABLE * 2)[i : i + _LINE] + b"\r\n" for i in range(len(_PRINTABLE)))
-
-
-class _Datagrams(DatagramProtocol):
-    """Answers each datagram with C{reply(data)}, or not at all for C{None}."""
-
-    noisy = False
-    transport: Any
-
-    def __init__(self, context: BuildContext, reply: Callable[[bytes], bytes | None]) -> None:
-        self.context = context
-        self.reply = reply
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        stats = self.context.stats
-        stats.bytes_in += len(data)
-        stats.count("datagrams_in")
-        if addr[1] in _LOOP_PORTS:
-            return
-        answer = self.reply(data)
-        if answer is not None:
-            self.transport.write(answer, addr)
-            stats.bytes_out += len(answer)
-
-
-def _datagrams(
-    reply: Callable[[bytes], bytes | None],
-) -> Callable[[BuildContext], Callable[[ListenerConfig], DatagramProtocol]]:
-    return lambda context: lambda listener: _Datagrams(context, reply)
 
 
 def _stream(protocol: type[Protocol]) -> Callable[[ListenerConfig], IProtocolFactory]:
@@ -115,18 +84,18 @@ def _daytime(clock: Any) -> bytes:
 
 
 def _build_echo(service: ServiceConfig, context: BuildContext) -> Handlers:
-    return Handlers(stream=_stream(Echo), datagram=_datagrams(lambda data: data)(context))
+    return Handlers(stream=_stream(Echo), datagram=answering(context, lambda data: data))
 
 
 def _build_discard(service: ServiceConfig, context: BuildContext) -> Handlers:
-    return Handlers(stream=_stream(Discard), datagram=_datagrams(lambda data: None)(context))
+    return Handlers(stream=_stream(Discard), datagram=answering(context, lambda data: None))
 
 
 def _build_chargen(service: ServiceConfig, context: BuildContext) -> Handlers:
     # RFC 864 leaves the datagram size to the server "between 0 and 512"; a fixed
     # 512 keeps answers predictable.
     answer = _CHARGEN_CYCLE[:_QUOTE_LIMIT]
-    return Handlers(stream=_stream(Chargen), datagram=_datagrams(lambda data: answer)(context))
+    return Handlers(stream=_stream(Chargen), datagram=answering(context, lambda data: answer))
 
 
 def _one_shot(answer: Callable[[], bytes]) -> type[_OneShot]:
@@ -138,7 +107,7 @@ def _build_daytime(service: ServiceConfig, context: BuildContext) -> Handlers:
         return _daytime(context.reactor)
 
     return Handlers(
-        stream=_stream(_one_shot(answer)), datagram=_datagrams(lambda data: answer())(context)
+        stream=_stream(_one_shot(answer)), datagram=answering(context, lambda data: answer())
     )
 
 
@@ -183,7 +152,7 @@ def _build_qotd(service: ServiceConfig, context: BuildContext) -> Handlers:
         return next(rotation)
 
     return Handlers(
-        stream=_stream(_one_shot(answer)), datagram=_datagrams(lambda data: answer())(context)
+        stream=_stream(_one_shot(answer)), datagram=answering(context, lambda data: answer())
     )
 
 

@@ -11,19 +11,16 @@ from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol
 
 from netd.config import ServiceConfig
+from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 
 __all__ = ["TIME", "rfc868_time"]
 
 # Seconds from 1900-01-01 to the Unix epoch, 1970-01-01 (RFC 868's own figure).
 _EPOCH_OFFSET = 2_208_988_800
-
-# Datagrams from these source ports come from an inetd simple service: answering
-# one would start a ping-pong with it (CVE-1999-0103).  Port 37 is time itself.
-_LOOP_PORTS = frozenset({0, 7, 9, 13, 17, 19, 37})
 
 
 def rfc868_time(unix_seconds: float) -> bytes:
@@ -51,31 +48,13 @@ class Time(Protocol):
         self.transport.loseConnection()
 
 
-class TimeDatagrams(DatagramProtocol):
-    """Answers any datagram, whatever it holds (RFC 868 says send an empty one)."""
-
-    noisy = False
-    transport: Any
-
-    def __init__(self, context: BuildContext) -> None:
-        self.context = context
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:
-        stats = self.context.stats
-        stats.bytes_in += len(data)
-        stats.count("datagrams_in")
-        if addr[1] in _LOOP_PORTS:
-            return
-        answer = rfc868_time(self.context.reactor.seconds())
-        self.transport.write(answer, addr)
-        stats.bytes_out += len(answer)
-
-
 def _build(service: ServiceConfig, context: BuildContext) -> Handlers:
     factory = Factory.forProtocol(partial(Time, context.reactor))
     factory.noisy = False
     return Handlers(
-        stream=lambda listener: factory, datagram=lambda listener: TimeDatagrams(context)
+        stream=lambda listener: factory,
+        # RFC 868 says answer any datagram (an empty one is expected).
+        datagram=answering(context, lambda data: rfc868_time(context.reactor.seconds())),
     )
 
 
