@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -34,7 +34,7 @@ from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
 from netd.connections import ConnectionSet, TrackingFactory, describe_address
 from netd.events import Event, Journal, ServiceStats
-from netd.kinds import IOwesReplies
+from netd.kinds import IOwesReplies, RepliesOwed
 from netd.listeners import ListenerGroup
 
 if TYPE_CHECKING:
@@ -120,14 +120,10 @@ class _AdminChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.setTimeout(self.site.config.header_timeout)
-        self._replied: list[Deferred[None]] = []
+        self._owed = RepliesOwed()
 
     def when_replied(self) -> Deferred[None]:
-        if not self.requests:
-            return succeed(None)
-        replied: Deferred[None] = Deferred()
-        self._replied.append(replied)
-        return replied
+        return self._owed.wait(bool(self.requests))
 
     def dataReceived(self, data: bytes) -> None:
         if self._stage == "closing":
@@ -160,10 +156,8 @@ class _AdminChannel(HTTPChannel):
         # Before Twisted replays pipelined bytes through dataReceived.
         self._stage = "idle"
         super().requestDone(request)
-        if self._replied and not self.requests:
-            replied, self._replied = self._replied, []
-            for waiting in replied:
-                waiting.callback(None)
+        if not self.requests:
+            self._owed.settled()
 
     def timeoutConnection(self) -> None:
         stage = self._stage

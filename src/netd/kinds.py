@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import attrs
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
     from netd.schema import Section
 
-__all__ = ["AdminView", "BuildContext", "Handlers", "IOwesReplies", "ServiceKind"]
+__all__ = ["AdminView", "BuildContext", "Handlers", "IOwesReplies", "RepliesOwed", "ServiceKind"]
 
 Options = TypeVar("Options")
 
@@ -49,6 +49,35 @@ class IOwesReplies(Interface):
         written, or streaming through a registered producer.  A request the
         client cut short is not waited for.
         """
+
+
+@attrs.define
+class RepliesOwed:
+    """
+    What a protocol providing L{IOwesReplies} keeps: who waits for its replies.
+
+    The protocol answers C{when_replied} with C{wait(owed)}, saying whether a
+    reply is still owed now, and calls C{settled()} whenever the last one owed
+    has been written.
+    """
+
+    _waiting: list[Deferred[None]] = attrs.field(factory=list)
+
+    def wait(self, owed: bool) -> Deferred[None]:
+        if not owed:
+            return succeed(None)
+        replied: Deferred[None] = Deferred()
+        self._waiting.append(replied)
+        return replied
+
+    @property
+    def awaited(self) -> bool:
+        return bool(self._waiting)
+
+    def settled(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for replied in waiting:
+            replied.callback(None)
 
 
 @attrs.frozen

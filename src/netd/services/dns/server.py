@@ -11,14 +11,14 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.kinds import BuildContext, IOwesReplies
+from netd.kinds import BuildContext, IOwesReplies, RepliesOwed
 from netd.schema import client_address
 from netd.services.dns.data import (
     type_name,
@@ -350,7 +350,7 @@ class Stream(Protocol, TimeoutMixin):
         self.waiting = 0
         self.paused = False
         self.closed = False
-        self.replied: list[Deferred[None]] = []
+        self.owed = RepliesOwed()
 
     def connectionMade(self) -> None:
         self.callLater = self.server.clock.callLater  # type: ignore[method-assign]
@@ -386,19 +386,13 @@ class Stream(Protocol, TimeoutMixin):
         del buffer[:offset]
 
     def when_replied(self) -> Deferred[None]:
-        if not self.waiting:
-            return succeed(None)
-        replied: Deferred[None] = Deferred()
-        self.replied.append(replied)
-        return replied
+        return self.owed.wait(self.waiting > 0)
 
     def _answered(self, answer: bytes) -> None:
         self.waiting -= 1
         self.send(answer)
-        if not self.waiting and self.replied:
-            replied, self.replied = self.replied, []
-            for waiting in replied:
-                waiting.callback(None)
+        if not self.waiting:
+            self.owed.settled()
         if self.paused and self.waiting < _TCP_PIPELINE // 2 and not self.closed:
             self.paused = False
             self.transport.resumeProducing()

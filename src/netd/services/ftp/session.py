@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
-from netd.kinds import IOwesReplies
+from netd.kinds import IOwesReplies, RepliesOwed
 from netd.services.ftp.data import (
     READ_CHUNK,
     DataChannel,
@@ -258,7 +258,7 @@ class Session(ftp.FTP):
         self._watchdog: IDelayedCall | None = None
         self._stop_transfer: Callable[[], object] = lambda: None
         self._cleanup: list[Callable[[], Any]] = []
-        self._replied: list[Deferred[None]] = []
+        self._owed = RepliesOwed()
         self.started = time.time()
         self.workingDirectory: list[str] = []
 
@@ -339,19 +339,13 @@ class Session(ftp.FTP):
             self.server.stats.count("aborts")
             self._stop_transfer()
         super().dataReceived(data)
-        if self._replied and not self.paused:
-            replied, self._replied = self._replied, []
-            for waiting in replied:
-                waiting.callback(None)
+        if not self.paused:
+            self._owed.settled()
 
     def when_replied(self) -> Deferred[None]:
         # Lines after a command still running wait in the buffer, and run once
         # it is answered (dataReceived above): only that waits.
-        if not self.paused:
-            return succeed(None)
-        replied: Deferred[None] = Deferred()
-        self._replied.append(replied)
-        return replied
+        return self._owed.wait(self.paused)
 
     def lineReceived(self, line: bytes) -> None:
         # Telnet "interrupt process" and "synch" bytes clients send before ABOR.

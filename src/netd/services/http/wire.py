@@ -27,7 +27,7 @@ from twisted.web import server
 from twisted.web._http2 import H2Connection
 from zope.interface import implementer
 
-from netd.kinds import IOwesReplies
+from netd.kinds import IOwesReplies, RepliesOwed
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
     App,
@@ -341,7 +341,7 @@ class HTTPConnection(Protocol):
         # sides switched protocols.
         self.held: bytearray | None = None
         self.spliced: Any = None
-        self.replied: list[Deferred[None]] = []
+        self.owed = RepliesOwed()
         self.last_request = False
 
     # -- the connection ----------------------------------------------------------
@@ -445,11 +445,7 @@ class HTTPConnection(Protocol):
             # h2 and a tunnel have no requests to finish in order; a request
             # whose body the client stopped sending cannot be answered whole.
             return succeed(None)
-        if self.current is None:
-            return succeed(None)
-        replied: Deferred[None] = Deferred()
-        self.replied.append(replied)
-        return replied
+        return self.owed.wait(self.current is not None)
 
     def send_now(self, data: bytes) -> None:
         """
@@ -684,10 +680,8 @@ class HTTPConnection(Protocol):
         self.app.completed(exchange)
         if self.gone:
             return
-        if self.replied and not self.queue:
-            replied, self.replied = self.replied, []
-            for waiting in replied:
-                waiting.callback(None)
+        if self.owed.awaited and not self.queue:
+            self.owed.settled()
             return
         if not exchange.keep_alive:
             self.closing = True

@@ -26,7 +26,7 @@ from typing import Any
 
 import attrs
 from twisted.cred.portal import Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
-from netd.kinds import IOwesReplies
+from netd.kinds import IOwesReplies, RepliesOwed
 from netd.schema import client_address
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
 
@@ -208,7 +208,7 @@ class Session(smtp.ESMTP):
         self._paused = False
         self._auth_failures = 0
         self._login: Deferred[Any] | None = None
-        self._replied: list[Deferred[None]] = []
+        self._owed = RepliesOwed()
         self.client = ""
 
     # Connection ----------------------------------------------------------
@@ -314,18 +314,12 @@ class Session(smtp.ESMTP):
             if not self._gone:
                 self._process()
             if not self._held:
-                replied, self._replied = self._replied, []
-                for waiting in replied:
-                    waiting.callback(None)
+                self._owed.settled()
 
         pending.addBoth(release)
 
     def when_replied(self) -> Deferred[None]:
-        if not self._held:
-            return succeed(None)
-        replied: Deferred[None] = Deferred()
-        self._replied.append(replied)
-        return replied
+        return self._owed.wait(self._held)
 
     def close_gracefully(self) -> None:
         """
