@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,17 +22,27 @@ from twisted.internet.interfaces import IAddress
 from yaml.constructor import ConstructorError, SafeConstructor
 
 __all__ = [
+    "LOOPBACK",
     "ConfigError",
     "ConfigErrors",
+    "Network",
     "Position",
     "Problems",
     "Section",
     "Value",
     "client_address",
     "compose",
+    "in_networks",
 ]
 
 T = TypeVar("T")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[Network, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+# RFC 1123 host names (letters, digits, '-'; '_' as real zones have it), dot-ended or not.
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 
 _STR = "tag:yaml.org,2002:str"
 _INT = "tag:yaml.org,2002:int"
@@ -123,6 +134,12 @@ def client_address(
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def in_networks(client: str | IAddress | None, networks: tuple[Network, ...]) -> bool:
+    """Whether C{client} (as L{client_address} reads it) is in one of C{networks}."""
+    address = client_address(client)
+    return address is not None and any(address in network for network in networks)
 
 
 _constructor = SafeConstructor()
@@ -254,6 +271,58 @@ class Value:
             return default
         return text
 
+    def as_network(self) -> Network | None:
+        """An address or a network in CIDR form (host bits allowed: C{10.1.2.3/8})."""
+        text = self.as_str()
+        if not self.is_scalar:
+            return None
+        try:
+            return ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            self.error(f"not an address or network: {text!r}")
+            return None
+
+    def as_hostname(self) -> str | None:
+        """A host name (RFC 1123), without its final dot."""
+        text = self.as_str()
+        name = text.rstrip(".")
+        if not self.is_scalar:
+            return None
+        if not name or len(name) > 253 or not all(map(_LABEL.match, name.split("."))):
+            self.error(f"not a host name: {text!r}")
+            return None
+        return name
+
+    def as_host_port(self, default_port: int, numeric: bool = False) -> tuple[str, int] | None:
+        """
+        C{HOST[:PORT]}: a name or an IPv4 address, or an IPv6 address bare or as
+        C{[v6]:PORT}; C{numeric} allows addresses only.
+        """
+        text = self.as_str()
+        if not self.is_scalar:
+            return None
+        host, port = text, str(default_port)
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            if rest:
+                port = rest[1:] if rest[:1] == ":" else ""
+        elif text.count(":") == 1:
+            host, _, port = text.partition(":")
+        try:
+            address = str(ipaddress.ip_address(host))
+        except ValueError:
+            address = ""  # a name, then
+        name_ok = not numeric and all(map(_LABEL.match, host.rstrip(".").split(".")))
+        if not ((address or name_ok) and port.isdigit() and 0 < int(port) < 65536):
+            shape = "IP" if numeric else "HOST"
+            self.error(
+                f"not {shape}[:PORT]: {text!r} (as in 127.0.0.1:{default_port} or "
+                f"[::1]:{default_port})"
+            )
+            return None
+        host = address or host.rstrip(".")
+        return host, int(port)
+
     def as_path(self) -> Path:
         return self.base_dir / self.as_str()
 
@@ -343,6 +412,14 @@ class Section:
 
     def file_path(self, key: str) -> Path | None:
         return self.read(key, lambda v: v.as_path(), None)
+
+    def networks(self, key: str, default: tuple[Network, ...]) -> tuple[Network, ...]:
+        """A list of addresses and networks (a single one may stand alone)."""
+
+        def read(value: Value) -> tuple[Network, ...]:
+            return tuple(n for n in value.list_of(Value.as_network, single=True) if n is not None)
+
+        return self.read(key, read, default)
 
     def strings(self, key: str) -> tuple[str, ...]:
         return self.read(key, lambda v: v.list_of(lambda e: e.as_str(), single=True), ())

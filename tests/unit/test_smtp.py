@@ -5,6 +5,7 @@ through StringTransport and a Clock, its spool and its message store.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -83,7 +84,10 @@ def test_parse_defaults_and_values(tmp_path: Path) -> None:
     assert options.hostname == "mx.netd.test" and options.tls == "lab"
     assert options.limits == Limits(max_message_size=2048, max_recipients=3, command_timeout=5)
     assert options.auth == AuthOptions(users={"bob": "pw"}, allow_insecure_auth=True)
-    assert options.relay.allow_from == ("10.0.0.0/8", "::1")
+    assert options.relay.allow_from == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("::1"),
+    )
     assert options.relay.domains == ("netd.test",)
 
 
@@ -687,7 +691,8 @@ def test_parse_delivery(tmp_path: Path) -> None:
     assert [e.split(": ", 1)[1] for e in found] == [
         "services.mail.delivery: 'username' and 'password' go together",
         "services.mail.delivery.retry[0]: must be at least 0.01, got 0",
-        "services.mail.delivery.smarthost: not HOST:PORT: 'h:99999'",
+        "services.mail.delivery.smarthost: not HOST[:PORT]: 'h:99999' "
+        "(as in 127.0.0.1:25 or [::1]:25)",
     ]
     assert errors(tmp_path, "    delivery: {mode: smarthost}\n")[0].endswith(
         "services.mail.delivery: mode smarthost needs 'smarthost: HOST:PORT'"

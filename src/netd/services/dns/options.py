@@ -10,7 +10,7 @@ import attrs
 from twisted.names import dns
 
 from netd.config import TLSProfiles
-from netd.schema import Section, Value
+from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.dns.data import (
     TYPES,
     DataError,
@@ -28,9 +28,7 @@ from netd.services.dns.wire import (
 
 __all__ = ["CacheOptions", "DnsOptions", "parse"]
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 T = TypeVar("T")
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @attrs.frozen
@@ -50,7 +48,7 @@ class DnsOptions:
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
     forward: tuple[Upstream, ...] = ()
     cache: CacheOptions = CacheOptions()
-    recursion_from: tuple[Network, ...] = _LOOPBACK
+    recursion_from: tuple[Network, ...] = LOOPBACK
     catch_all: bytes | None = None
     query_log: bool = False
     ttl: int = 60
@@ -84,9 +82,7 @@ def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
         records=tuple(records),
         forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
         cache=cache,
-        recursion_from=_present(
-            section.read("recursion_from", lambda v: v.list_of(_network, single=True), _LOOPBACK)
-        ),
+        recursion_from=section.networks("recursion_from", LOOPBACK),
         catch_all=catch_all,
         query_log=section.flag("query_log", False),
         ttl=ttl,
@@ -177,36 +173,8 @@ def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
 
 
 def _upstream(value: Value) -> Upstream | None:
-    text = value.as_str()
-    if not value.is_scalar:
-        return None
-    host, port = text, 53
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        if rest:
-            port = int(rest[1:]) if rest[:1] == ":" and rest[1:].isdigit() else -1
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-        port = int(port_text) if port_text.isdigit() else -1
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None or not 0 < port < 65536:
-        value.error(f"not an upstream IP[:PORT]: {text!r} (as in 127.0.0.1:5300 or [::1]:53)")
-        return None
-    return Upstream(str(address), port)
-
-
-def _network(value: Value) -> Network | None:
-    text = value.as_str()
-    if not value.is_scalar:
-        return None
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        value.error(f"not an address or network: {text!r}")
-        return None
+    address = value.as_host_port(53, numeric=True)
+    return Upstream(*address) if address is not None else None
 
 
 def _cache(value: Value) -> CacheOptions:

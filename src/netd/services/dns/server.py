@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.kinds import BuildContext, IOwesReplies, RepliesOwed
-from netd.schema import client_address
+from netd.schema import in_networks
 from netd.services.dns.data import (
     type_name,
 )
@@ -188,8 +188,7 @@ class Server:
     def _may_recurse(self, host: str) -> bool:
         allowed = self.recursion_ok.get(host)
         if allowed is None:
-            address = client_address("127.0.0.1" if host == _UNIX_CLIENT else host)
-            allowed = address is not None and any(address in n for n in self.networks)
+            allowed = in_networks("127.0.0.1" if host == _UNIX_CLIENT else host, self.networks)
             if len(self.recursion_ok) > 10000:
                 self.recursion_ok.clear()
             self.recursion_ok[host] = allowed

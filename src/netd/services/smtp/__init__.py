@@ -19,7 +19,6 @@ exchangers (L{netd.services.smtp.mx}).
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,7 +36,7 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
-from netd.schema import Section, Value
+from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
 from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
@@ -57,7 +56,6 @@ __all__ = [
 _MODES = ("capture", "smarthost", "mx")
 
 
-_LOOPBACK: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
 _NOTHING: tuple[str, ...] = ()
 
 
@@ -74,7 +72,7 @@ class AuthOptions:
 
 @attrs.frozen
 class RelayOptions:
-    allow_from: tuple[str, ...] = _LOOPBACK
+    allow_from: tuple[Network, ...] = LOOPBACK
     domains: tuple[str, ...] = ()
 
 
@@ -115,7 +113,7 @@ def parse(section: Section, profiles: TLSProfiles) -> SmtpOptions:
     defaults = Limits()
     tls = section.read("tls", profiles.reference, None)
     return SmtpOptions(
-        hostname=section.read("hostname", _hostname, None),
+        hostname=section.read("hostname", Value.as_hostname, None),
         tls=tls,
         bare_newlines=section.choice("bare_newlines", ("normalize", "reject"), "normalize"),
         limits=Limits(
@@ -140,18 +138,6 @@ def parse(section: Section, profiles: TLSProfiles) -> SmtpOptions:
         relay=section.read("relay", _relay, RelayOptions()),
         delivery=section.read("delivery", _delivery, DeliveryOptions()),
     )
-
-
-def _hostname(value: Value) -> str | None:
-    text = value.as_str()
-    labels = text.rstrip(".").split(".")
-    if value.is_scalar and not all(
-        0 < len(label) < 64 and label.replace("-", "").isalnum() and label.isascii()
-        for label in labels
-    ):
-        value.error(f"not a host name: {text!r}")
-        return None
-    return text.rstrip(".") or None
 
 
 def _auth(value: Value) -> AuthOptions:
@@ -180,17 +166,6 @@ def _auth(value: Value) -> AuthOptions:
     return options
 
 
-def _network(value: Value) -> str | None:
-    text = value.as_str()
-    try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        if value.is_scalar:
-            value.error(f"not an address or network: {text!r}")
-        return None
-    return text
-
-
 def _domain(value: Value) -> str | None:
     text = value.as_str().lower().rstrip(".")
     if value.is_scalar and (not text or "@" in text or text.startswith("[")):
@@ -205,24 +180,10 @@ def _read_list(read: Callable[[Value], str | None]) -> Callable[[Value], tuple[s
 
 def _relay(value: Value) -> RelayOptions:
     section = value.section()
-    allow_from = section.read("allow_from", _read_list(_network), _LOOPBACK)
+    allow_from = section.networks("allow_from", LOOPBACK)
     domains = section.read("domains", _read_list(_domain), _NOTHING)
     section.finish()
     return RelayOptions(allow_from=allow_from, domains=domains)
-
-
-def _host_port(value: Value, default_port: int = 25) -> tuple[str, int] | None:
-    text = value.as_str()
-    host, colon, port = text.rpartition(":")
-    if not colon or (host.count(":") and not host.endswith("]")):
-        host, port = text, str(default_port)
-    host = host.removeprefix("[").removesuffix("]")
-    if not value.is_scalar:
-        return None
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        value.error(f"not HOST:PORT: {text!r}")
-        return None
-    return host, int(port)
 
 
 def _delivery(value: Value) -> DeliveryOptions:
@@ -230,7 +191,7 @@ def _delivery(value: Value) -> DeliveryOptions:
     defaults = DeliveryOptions()
     mode = section.choice("mode", _MODES, "capture")
     address_value = section.get("smarthost")
-    address = _host_port(address_value) if address_value is not None else None
+    address = address_value.as_host_port(25) if address_value is not None else None
     tls = section.choice("tls", ("none", "opportunistic", "required"), "opportunistic")
     username = section.optional_str("username")
     password = section.optional_str("password")
@@ -250,7 +211,7 @@ def _delivery(value: Value) -> DeliveryOptions:
         assert entry is not None
         entry.error(f"not a file: {ca}")
     resolver_value = section.get("resolver")
-    resolver = _host_port(resolver_value, 53) if resolver_value is not None else None
+    resolver = resolver_value.as_host_port(53, numeric=True) if resolver_value is not None else None
     section.finish()
     route: Route = Capture()
     if mode == "mx":
@@ -346,7 +307,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         hostname=hostname,
         limits=options.limits,
         domains=frozenset(options.relay.domains),
-        allow_from=tuple(ipaddress.ip_network(n, strict=False) for n in options.relay.allow_from),
+        allow_from=options.relay.allow_from,
         accept=store.accept,
         stats=context.stats,
         log=context.log,

@@ -19,7 +19,6 @@ it falls short for a relay replaced by name.
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from collections.abc import Callable
 from typing import Any
@@ -39,12 +38,11 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
-from netd.schema import client_address
+from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Defaults when a message text has no status of its own (RFC 3463).
 _STATUS = {
@@ -132,7 +130,7 @@ class Receiver:
     hostname: str
     limits: Limits
     domains: frozenset[str]
-    allow_from: tuple[IPNetwork, ...]
+    allow_from: tuple[Network, ...]
     accept: Callable[[Transaction], Deferred[str]]
     stats: ServiceStats
     log: Logger
@@ -143,15 +141,10 @@ class Receiver:
     clients: dict[str, int] = attrs.field(factory=dict, eq=False)
 
     def may_relay(self, client: str) -> bool:
-        return _may_relay(self.allow_from, client)
+        return in_networks(client, self.allow_from)
 
 
 @functools.lru_cache(maxsize=1024)
-def _may_relay(allow_from: tuple[IPNetwork, ...], client: str) -> bool:
-    address = client_address(client)  # None for a UNIX socket: no address to trust
-    return address is not None and any(address in network for network in allow_from)
-
-
 def _client_host(address: IAddress | None) -> str:
     # One client, one count, whichever listener (IPv4 or dual-stack) it came through.
     host = client_address(address)
