@@ -17,7 +17,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import fuzz, half_close, smtp_kill
+from . import fuzz, half_close, reload_load, security, slow_clients, smtp_kill
 from ._harness import Budget, Row, render_table, rows_as_json
 
 Family = Callable[[Path, Budget], list[Row]]
@@ -25,7 +25,10 @@ Family = Callable[[Path, Budget], list[Row]]
 FAMILIES: dict[str, Family] = {
     "smtp_kill": smtp_kill.run,
     "fuzz": fuzz.run,
+    "security": security.run,
+    "slow_clients": slow_clients.run,
     "half_close": half_close.run,
+    "reload_load": reload_load.run,
 }
 
 

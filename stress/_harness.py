@@ -218,15 +218,15 @@ def full_map(base: Path, http_upstream: int, dns_upstream: int) -> dict[str, Any
                 "login_delay": 0,
                 "max_per_client": 1000,
                 "data_timeout": 2,
-                "idle_timeout": 20,
+                "idle_timeout": 5,
             },
             "mail": {
                 "type": "smtp",
                 "listen": [tcp],
                 "hostname": "mx.netd.test",
                 "max_connections_per_client": 1000,
-                "command_timeout": 5,
-                "data_timeout": 5,
+                "command_timeout": 3,
+                "data_timeout": 3,
                 "relay": {"allow_from": [], "domains": ["netd.test"]},
                 "delivery": {"mode": "capture"},
             },
@@ -336,6 +336,14 @@ def map_text(config: dict[str, Any]) -> str:
 
 
 # -- small clients -------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback TCP port free just now, for a map that needs a fixed one."""
+    with socket.socket() as sock:
+        sock.bind((LOCAL, 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def connect(address: tuple[str, int], timeout: float = 5.0) -> socket.socket:

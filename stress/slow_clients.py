@@ -211,7 +211,7 @@ def run(base: Path, budget: Budget) -> list[Row]:
     rows = []
     with full_daemon(base) as (daemon, _, _):
         for slow in _slow_cases(budget):
-            rows.append(_slowloris(daemon, slow, budget.seconds(10, 4)))
+            rows.append(_slowloris(daemon, slow, budget.seconds(10, 6)))
         for non_reader in _non_reader_cases():
             rows.append(
                 _non_reader(daemon, non_reader, budget.seconds(2, 0.5), budget.seconds(3, 1))
