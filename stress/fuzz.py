@@ -301,7 +301,7 @@ def run(base: Path, budget: Budget) -> list[Row]:
             while left and daemon.alive():
                 target = left.pop(0)
                 rng = random.Random(f"{budget.seed}-fuzz-{target.name}")
-                count = budget.count(1500, 60)
-                rows.append(_batch(daemon, target, rng, count, budget.seconds(20, 3)))
+                count = budget.count(2000, 60)
+                rows.append(_batch(daemon, target, rng, count, budget.seconds(15, 3)))
         restarts += 1
     return rows

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import dns.message
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 
 from ._harness import (
     ADMIN_TOKEN,
@@ -152,7 +152,10 @@ def _one(netd: NetdProcess, case: Case, trial: int) -> str | None:
             reply = read_until_closed(sock, READ_TIMEOUT)
     except OSError as e:
         return f"{type(e).__name__}"
-    return check(reply)
+    try:
+        return check(reply)
+    except (OSError, AdminError) as e:
+        return f"check failed: {e}"
 
 
 def _probe(netd: NetdProcess, name: str, trials: int) -> Row:

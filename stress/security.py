@@ -15,11 +15,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rrset
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 
 from ._harness import (
     ADMIN_TOKEN,
@@ -335,25 +336,31 @@ def admin_token(netd: NetdProcess) -> Row:
 
 
 def run(base: Path, budget: Budget) -> list[Row]:
-    rows = []
     with full_daemon(base) as (daemon, _, dns_upstream):
         netd = daemon.netd
-        batteries: list[Callable[[], Row]] = [
-            lambda: open_relay(netd),
-            lambda: smtp_smuggling(netd),
-            lambda: _ftp_battery(netd, FTP_TRAVERSAL, "ftp path traversal (links, .., absolute)"),
-            lambda: _ftp_battery(netd, FTP_BOUNCE, "ftp bounce (PORT/EPRT elsewhere)"),
-            lambda: http_traversal(netd),
-            lambda: http_smuggling(netd),
-            lambda: ssrf(netd),
-            lambda: forged_dns(netd, dns_upstream),
-            lambda: admin_token(netd),
-        ]
-        for battery in batteries:
-            rows.append(_sampled(daemon, battery))
-    return rows
+        batteries: dict[str, Callable[[], Row]] = {
+            "smtp open relay": lambda: open_relay(netd),
+            "smtp smuggling": lambda: smtp_smuggling(netd),
+            "ftp traversal": lambda: _ftp_battery(
+                netd, FTP_TRAVERSAL, "ftp path traversal (links, .., absolute)"
+            ),
+            "ftp bounce": lambda: _ftp_battery(
+                netd, FTP_BOUNCE, "ftp bounce (PORT/EPRT elsewhere)"
+            ),
+            "http traversal": lambda: http_traversal(netd),
+            "http smuggling": lambda: http_smuggling(netd),
+            "ssrf": lambda: ssrf(netd),
+            "forged dns": lambda: forged_dns(netd, dns_upstream),
+            "admin token": lambda: admin_token(netd),
+        }
+        return [_sampled(daemon, name, battery) for name, battery in batteries.items()]
 
 
-def _sampled(daemon: Daemon, battery: Callable[[], Row]) -> Row:
+def _sampled(daemon: Daemon, name: str, battery: Callable[[], Row]) -> Row:
     sampler = Sampler(daemon)
-    return sampler.finish(battery())
+    try:
+        row = battery()
+    except (OSError, AdminError, dns.exception.DNSException) as e:
+        # The service stopped answering in the middle of the battery: a finding.
+        row = Row(FAMILY, name, 0, f"service failed: {type(e).__name__}: {e}", verdict="DEFECT")
+    return sampler.finish(row)

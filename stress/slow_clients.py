@@ -73,10 +73,15 @@ def _slowloris(daemon: Daemon, slow: Slow, cap: float) -> Row:
     sockets: dict[socket.socket, int] = {}
     cut_after: list[float] = []
     peak = 0
+    refused = 0
     served = True
     try:
         for _ in range(slow.count):
-            sock = socket.create_connection(slow.address(daemon.netd), timeout=5)
+            try:
+                sock = socket.create_connection(slow.address(daemon.netd), timeout=5)
+            except OSError:
+                refused += 1  # turned away at once: not holding anything either
+                continue
             sock.setblocking(False)
             if slow.opening:
                 sock.send(slow.opening)
@@ -105,6 +110,8 @@ def _slowloris(daemon: Daemon, slow: Slow, cap: float) -> Row:
             sock.close()
     held = len(sockets)
     result = f"cut {len(cut_after)}/{slow.count} within {cap:.0f} s"
+    if refused:
+        result += f", refused {refused}"
     if cut_after:
         result += f" (median {statistics.median(cut_after):.1f} s)"
     result += f"; others {'served' if served else 'NOT served'}; RSS peak +{peak} KiB"
@@ -181,8 +188,8 @@ def _non_reader(daemon: Daemon, case: NonReader, hold: float, stall: float) -> R
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(stall)
-        sock.connect(case.address(daemon.netd))
         try:
+            sock.connect(case.address(daemon.netd))
             while sent < case.total and peak < RSS_ABORT_KIB:
                 sock.sendall(case.chunk)
                 sent += len(case.chunk)

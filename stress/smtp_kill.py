@@ -18,7 +18,7 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from netd.testing import NetdProcess
+from netd.testing import NetdProcess, StartFailed
 
 from ._harness import LOCAL, Budget, Row, connect, smtp_reply
 
@@ -70,7 +70,13 @@ class Sink:
 def _send_and_kill(netd: NetdProcess, rcpt: str, subject: str, point: str, delay: float) -> bool:
     """Whether the client read a 250 for the message before the daemon died."""
     answered = False
-    with connect(netd.address("mail")) as sock:
+    try:
+        sock = connect(netd.address("mail"))
+    except OSError:
+        netd.process.kill()
+        netd.process.wait()
+        return False
+    with sock:
         stream = sock.makefile("rb")
         try:
             smtp_reply(stream)
@@ -101,19 +107,24 @@ def _send_and_kill(netd: NetdProcess, rcpt: str, subject: str, point: str, delay
 
 def _trials(mode: str, base: Path, budget: Budget) -> Row:
     rng = random.Random(f"{budget.seed}-kill-{mode}")
-    trials = budget.count(24, 3)
+    trials = budget.count(36, 3)
     sink = Sink() if mode == "smarthost" else None
     config = _config(base / "state", sink.port if sink else None)
     rcpt = "kill@far.test" if sink else "kill@netd.test"
     answered: dict[str, bool] = {}
+    case = f"{mode} mode, kill before/after dot/250"
     try:
         for i in range(trials):
             netd = NetdProcess.start(config, base, admin=False)
             subject = f"stress kill {mode} {i}"
             point = KILL_POINTS[i % len(KILL_POINTS)]
-            answered[subject] = _send_and_kill(netd, rcpt, subject, point, rng.uniform(0, 0.005))
+            answered[subject] = _send_and_kill(netd, rcpt, subject, point, rng.uniform(0, 0.03))
         with NetdProcess.start(config, base) as last:
             found = _final_count(last, sink)
+    except StartFailed as e:
+        # What a kill left behind stops the next start: the worst outcome there is.
+        said = e.output.strip().splitlines()[-1:] or ["(no output)"]
+        return Row(FAMILY, case, len(answered), f"restart failed: {said[0]}", verdict="DEFECT")
     finally:
         if sink is not None:
             sink.stop()
@@ -125,8 +136,16 @@ def _trials(mode: str, base: Path, budget: Budget) -> Row:
         f"250 read {sum(answered.values())}/{trials}; lost {lost}, duplicated {duplicated}; "
         f"{where} without a 250 read {unanswered_kept}"
     )
-    verdict = "DEFECT" if lost or duplicated else "ok"
-    return Row(FAMILY, f"{mode} mode, kill before/after dot/250", trials, result, verdict=verdict)
+    # A smarthost may see a message twice when the kill falls between its 250 and
+    # the spool removal: at-least-once relaying, as every MTA does (RFC 1047).
+    defect = bool(lost) or (bool(duplicated) and sink is None)
+    return Row(FAMILY, case, trials, result, verdict=_verdict(defect, bool(duplicated)))
+
+
+def _verdict(defect: bool, noted: bool) -> str:
+    if defect:
+        return "DEFECT"
+    return "note" if noted else "ok"
 
 
 def _final_count(netd: NetdProcess, sink: Sink | None) -> Counter[str]:
