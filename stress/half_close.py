@@ -72,7 +72,8 @@ def _line(netd: NetdProcess, trial: int) -> tuple[tuple[str, int], bytes, Check]
 
 def _http(path: str, check: Check) -> Case:
     def case(netd: NetdProcess, trial: int) -> tuple[tuple[str, int], bytes, Check]:
-        request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        # No "Connection: close": a keep-alive request, as curl or a script sends.
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
         return netd.address("web"), request, check
 
     return case
@@ -98,8 +99,7 @@ def _dns_tcp(netd: NetdProcess, trial: int) -> tuple[tuple[str, int], bytes, Che
 
 def _admin(netd: NetdProcess, trial: int) -> tuple[tuple[str, int], bytes, Check]:
     request = (
-        f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n"
-        "Connection: close\r\n\r\n"
+        f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
     ).encode()
     return admin_address(netd), request, _expect(b" 200 ")
 
