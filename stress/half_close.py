@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -116,8 +117,14 @@ def _smtp(netd: NetdProcess, trial: int) -> tuple[tuple[str, int], bytes, Check]
     ).encode()
 
     def check(reply: bytes) -> str | None:
-        stored = [m for m in netd.messages("mail") if m["subject"] == f"half-close {trial}"]
         answered = b"250 2.0.0" in reply
+        # The spool write may end after the connection did: give it a moment.
+        deadline = time.monotonic() + 2
+        while True:
+            stored = [m for m in netd.messages("mail") if m["subject"] == f"half-close {trial}"]
+            if stored or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         if answered and len(stored) == 1:
             return None
         return f"250 {'read' if answered else 'lost'}, stored {len(stored)}x"
