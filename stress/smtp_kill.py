@@ -118,7 +118,10 @@ def _trials(mode: str, base: Path, budget: Budget) -> Row:
             netd = NetdProcess.start(config, base, admin=False)
             subject = f"stress kill {mode} {i}"
             point = KILL_POINTS[i % len(KILL_POINTS)]
-            answered[subject] = _send_and_kill(netd, rcpt, subject, point, rng.uniform(0, 0.03))
+            # The 250 follows the dot by the spool's fsync, some 40-50 ms on this
+            # machine's disk: delays up to 100 ms fall on both sides of it.
+            delay = rng.uniform(0, 0.1)
+            answered[subject] = _send_and_kill(netd, rcpt, subject, point, delay)
         with NetdProcess.start(config, base) as last:
             found = _final_count(last, sink)
     except StartFailed as e:
