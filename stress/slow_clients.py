@@ -180,7 +180,10 @@ def _non_reader_cases() -> list[NonReader]:
     ]
 
 
-def _non_reader(daemon: Daemon, case: NonReader, hold: float, stall: float) -> Row:
+def _non_reader(daemon: Daemon, case: NonReader, budget: Budget) -> Row:
+    hold = budget.seconds(2, 0.5)  # held unread this long once netd stops reading
+    stall = budget.seconds(3, 1)  # a send blocked this long: netd stopped reading
+    total = budget.count(case.total, case.total // 4)
     sampler = Sampler(daemon)
     sent = 0
     peak = 0
@@ -190,7 +193,7 @@ def _non_reader(daemon: Daemon, case: NonReader, hold: float, stall: float) -> R
         sock.settimeout(stall)
         try:
             sock.connect(case.address(daemon.netd))
-            while sent < case.total and peak < RSS_ABORT_KIB:
+            while sent < total and peak < RSS_ABORT_KIB:
                 sock.sendall(case.chunk)
                 sent += len(case.chunk)
                 peak = max(peak, daemon.rss_kib() - sampler.rss)
@@ -198,7 +201,7 @@ def _non_reader(daemon: Daemon, case: NonReader, hold: float, stall: float) -> R
             stopped_reading = True  # back-pressure: netd stopped reading from it
         except OSError:
             stopped_reading = True  # netd cut it
-        # Held a while, unread, as a stuck client would.
+        # Held unread a while, as a stuck client would.
         deadline = time.monotonic() + hold
         served = serving(daemon, case.check)
         while time.monotonic() < deadline:
@@ -220,7 +223,5 @@ def run(base: Path, budget: Budget) -> list[Row]:
         for slow in _slow_cases(budget):
             rows.append(_slowloris(daemon, slow, budget.seconds(10, 6)))
         for non_reader in _non_reader_cases():
-            rows.append(
-                _non_reader(daemon, non_reader, budget.seconds(2, 0.5), budget.seconds(3, 1))
-            )
+            rows.append(_non_reader(daemon, non_reader, budget))
     return rows
