@@ -128,10 +128,27 @@ class Daemon:
         return count
 
     def new_tracebacks(self) -> int:
-        """Tracebacks and critical lines logged since the last call."""
+        """Log records since the last call that are critical or carry a traceback."""
         text = self.netd.output
         fresh, self._log_seen = text[self._log_seen :], len(text)
-        return fresh.count("Traceback (most recent call last)") + fresh.count("#critical]")
+        return bad_records(fresh)
+
+
+def bad_records(log: str) -> int:
+    """
+    How many records of a text log are critical or carry a traceback: a record is
+    a line and the indented lines after it, so a critical record with its
+    traceback counts once.
+    """
+    count = 0
+    counted = False  # the record being read is counted already
+    for line in log.splitlines():
+        if line and not line[0].isspace():
+            counted = False
+        if not counted and ("#critical]" in line or "Traceback (most recent call last)" in line):
+            counted = True
+            count += 1
+    return count
 
 
 class Sampler:

@@ -6,7 +6,7 @@ import random
 from pathlib import Path
 
 from stress.__main__ import FAMILIES, run_family
-from stress._harness import Budget, Row, render_table
+from stress._harness import Budget, Row, bad_records, render_table
 from stress.fuzz import mutate, targets
 
 
@@ -47,3 +47,19 @@ def test_every_family_the_issue_names_is_run() -> None:
         "half_close",
         "reload_load",
     }
+
+
+def test_a_critical_record_and_its_traceback_count_once() -> None:
+    log = (
+        "2026-12-03T08:24:58+0000 [netd#info] service ftp listening\n"
+        "2026-12-03T08:24:59+0000 [netd.ftp#critical] FTP command PASS failed\n"
+        "\tTraceback (most recent call last):\n"
+        '\t  File "ftp.py", line 962, in ftp_PASS\n'
+        "\tbuiltins.AttributeError: 'Session' object has no attribute '_user'\n"
+        "2026-12-03T08:25:00+0000 [netd#error] Unhandled error\n"
+        "\tTraceback (most recent call last):\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "2026-12-03T08:25:01+0000 [netd#warn] a warning\n"
+    )
+    assert bad_records(log) == 3
