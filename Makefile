@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/netd.yaml
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench stress clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,8 @@ run: install
 	$(VENV)/bin/twistd --nodaemon --pidfile= netd -c $(CONFIG)
 
 lint: install
-	$(VENV)/bin/ruff check src tests $(wildcard bench)
-	$(VENV)/bin/ruff format --check src tests $(wildcard bench)
+	$(VENV)/bin/ruff check src tests stress $(wildcard bench)
+	$(VENV)/bin/ruff format --check src tests stress $(wildcard bench)
 	$(VENV)/bin/mypy
 
 test: lint
@@ -33,6 +33,11 @@ bench: install
 	$(PY) bench/smtp_bench.py
 	$(PY) bench/ftp_bench.py
 	$(PY) bench/chat_bench.py
+
+# Probes against real daemons (kill -9, fuzz, security, slow clients, half-close,
+# reloads under load): one table, in under 10 minutes; not part of `make test`.
+stress: install
+	$(PY) -m stress $(STRESS_ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info state
