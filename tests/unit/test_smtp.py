@@ -423,6 +423,18 @@ def test_limits_on_size_and_recipients() -> None:
     assert harness.accepted == []
 
 
+def test_a_line_may_be_1000_octets_with_its_crlf_not_one_more() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    for line, code in (("y" * 998, "250 2.0.0"), ("z" * 999, "554 5.6.0")):
+        send(session, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+        send(session, f"Subject: long\r\n\r\nshort\r\n{line}\r\nshort\r\n.\r\n")
+        assert codes(transport)[-1] == code
+    assert [len(max(t.data.split(b"\r\n"), key=len)) for t in harness.accepted] == [998]
+
+
 SMUGGLED = [
     b"hello\r\n\n.\r\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<CR><LF>
     b"hello\n.\nMAIL FROM:<evil@x.test>\r\n",  # <LF>.<LF>

@@ -534,10 +534,11 @@ class Session(smtp.ESMTP):
             # (the relay dot-stuffs what it sends).
             text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
-        if len(text) > limits.max_line_length and re.search(
-            # Every CR and LF is part of a CRLF by now: a run without one is a line.
-            rb"[^\r\n]{%d}" % (limits.max_line_length - 1),
-            text,
+        # Every CR and LF is part of a CRLF by now, so the lines are what lies between
+        # CRLFs (the limit counts the CRLF).  Splitting is a C loop; a regex that
+        # looked for a long run cost 0.6 ms per 10 KiB message (issue 15).
+        if len(text) >= limits.max_line_length and (
+            max(map(len, text.split(b"\r\n"))) + 2 > limits.max_line_length
         ):
             stats.count("smtp_messages_rejected")
             self.sendCode(
