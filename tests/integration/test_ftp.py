@@ -94,7 +94,7 @@ services:
     login_delay: 0.3
     max_login_failures: 2
     data_timeout: 1
-    max_per_client: 6
+    max_connections_per_client: 6
   drop:
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]
