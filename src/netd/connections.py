@@ -3,9 +3,9 @@ Connection accounting shared by every stream listener of a service.
 
 Each accepted connection is wrapped once, at the plaintext level (inside TLS), to
 count bytes, enforce C{max_connections} and C{max_connections_per_client} and
-close idle connections.  The idle
-check costs nothing per byte: a sweep every quarter of C{idle_timeout} closes
-connections whose byte counters did not move since the sweep before.
+close idle connections.  The idle check costs nothing per byte: a sweep every
+quarter of C{idle_timeout} closes connections whose byte counters did not move
+since the sweep before.
 """
 
 from __future__ import annotations
