@@ -116,6 +116,8 @@ class ServiceConfig:
     listen: tuple[ListenerConfig, ...]
     enabled: bool = True
     max_connections: int = 1000
+    # Per client: an IPv4 address, or an IPv6 /64; 0 is no limit.
+    max_connections_per_client: int = 0
     idle_timeout: float = 300.0
     options: Any = None
     # Every TLS profile the service uses, by its listeners or its own keys.
@@ -449,6 +451,9 @@ def _read_services(
             elif key is not None:
                 seen_endpoints[key] = f"{name} ({listener.path})"
         max_connections = section.integer("max_connections", 1000, minimum=1)
+        max_connections_per_client = section.integer(
+            "max_connections_per_client", kind.per_client_default, minimum=0
+        )
         idle_value = section.get("idle_timeout")
         idle_timeout = section.number("idle_timeout", _IDLE_TIMEOUT, minimum=0.1)
         options = kind.parse(section, used)
@@ -468,6 +473,7 @@ def _read_services(
             listen=listen,
             enabled=enabled,
             max_connections=max_connections,
+            max_connections_per_client=max_connections_per_client,
             idle_timeout=idle_timeout,
             options=options,
             tls_profiles=frozenset(used.used),

@@ -2,9 +2,10 @@
 Connection accounting shared by every stream listener of a service.
 
 Each accepted connection is wrapped once, at the plaintext level (inside TLS), to
-count bytes, enforce C{max_connections} and close idle connections.  The idle
-check costs nothing per byte: a sweep every quarter of C{idle_timeout} closes
-connections whose byte counters did not move since the sweep before.
+count bytes, enforce C{max_connections} and C{max_connections_per_client} and
+close idle connections.  The idle check costs nothing per byte: a sweep every
+quarter of C{idle_timeout} closes connections whose byte counters did not move
+since the sweep before.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import inspect
 import itertools
 from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv6Network
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -31,11 +33,13 @@ from zope.interface import directlyProvides, implementer, providedBy
 
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
+from netd.schema import client_address
 
 __all__ = [
     "ConnectionSet",
     "TrackedConnection",
     "TrackingFactory",
+    "client_key",
     "describe_address",
     "unsent_bytes",
 ]
@@ -43,6 +47,9 @@ __all__ = [
 _ids = itertools.count(1)
 _provides_by_transport: dict[type, Any] = {}
 _log = Logger()
+# A site gets at least a /64 and each of its hosts picks addresses in it at will
+# (privacy addresses change daily): one client, one /64.
+_IPV6_CLIENT_PREFIX = 64
 
 
 def describe_address(address: IAddress | None) -> str:
@@ -52,6 +59,18 @@ def describe_address(address: IAddress | None) -> str:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     name = getattr(address, "name", None)
     return f"unix:{name.decode() if isinstance(name, bytes) else name or ''}"
+
+
+def client_key(address: IAddress | None) -> IPv4Address | IPv6Network | None:
+    """
+    What a connection counts against for C{max_connections_per_client}: its
+    IPv4 address (also when a dual-stack listener sees it as C{::ffff:a.b.c.d}),
+    or the /64 of its IPv6 address; L{None} for a UNIX socket, which is not limited.
+    """
+    ip = client_address(address)
+    if ip is None or isinstance(ip, IPv4Address):
+        return ip
+    return IPv6Network((ip, _IPV6_CLIENT_PREFIX), strict=False)
 
 
 def unsent_bytes(transport: Any) -> int:
@@ -102,6 +121,8 @@ class TrackedConnection(ProtocolWrapper):
         self.bytes_out = 0
         self.quiet_sweeps = 0
         self.client = ""
+        # Set by the factory when the service limits connections per client.
+        self.client_key: IPv4Address | IPv6Network | None = None
         self._seen_at_sweep = 0
         self._waiting_for_close: list[Deferred[None]] = []
 
@@ -212,6 +233,8 @@ class ConnectionSet:
         max_connections: int,
         idle_timeout: float,
         busy_reply: bytes = b"",
+        max_per_client: int = 0,
+        per_client_reply: bytes | None = None,
     ) -> None:
         self.clock = clock
         self.service = service
@@ -220,7 +243,10 @@ class ConnectionSet:
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
         self.busy_reply = busy_reply
+        self.max_per_client = max_per_client  # 0: no limit
+        self.per_client_reply = busy_reply if per_client_reply is None else per_client_reply
         self._live: dict[TrackedConnection, None] = {}
+        self._per_client: dict[IPv4Address | IPv6Network, int] = {}
         self._sweep: IDelayedCall | None = None
 
     def __iter__(self) -> Iterator[TrackedConnection]:
@@ -229,15 +255,35 @@ class ConnectionSet:
     def __len__(self) -> int:
         return len(self._live)
 
-    def full(self) -> bool:
-        return len(self._live) >= self.max_connections
+    def counted_as(self, addr: IAddress | None) -> IPv4Address | IPv6Network | None:
+        """The client a new connection counts against, or L{None} if it is not limited."""
+        return client_key(addr) if self.max_per_client else None
 
-    def refused(self, addr: IAddress | None) -> None:
-        self.stats.connections_refused += 1
-        self.journal.emit(self.service, "connection.refused", client=describe_address(addr))
+    def refusal(
+        self, addr: IAddress | None, client: IPv4Address | IPv6Network | None
+    ) -> bytes | None:
+        """
+        The reply that refuses a new connection from C{addr} (counted as
+        C{client}), journaled and counted; L{None} if it may come in.
+        """
+        if len(self._live) >= self.max_connections:
+            self.stats.connections_refused += 1
+            reason, reply = "max_connections", self.busy_reply
+        elif client is not None and self._per_client.get(client, 0) >= self.max_per_client:
+            self.stats.count("per_client_refused")
+            reason, reply = "max_connections_per_client", self.per_client_reply
+        else:
+            return None
+        self.journal.emit(
+            self.service, "connection.refused", client=describe_address(addr), reason=reason
+        )
+        return reply
 
     def add(self, connection: TrackedConnection) -> None:
         self._live[connection] = None
+        if connection.client_key is not None:
+            key = connection.client_key
+            self._per_client[key] = self._per_client.get(key, 0) + 1
         self.stats.connections_total += 1
         self.stats.connections_active = len(self._live)
         if self.journal.active:
@@ -254,6 +300,13 @@ class ConnectionSet:
         if connection not in self._live:
             return
         del self._live[connection]
+        if connection.client_key is not None:
+            key = connection.client_key
+            left = self._per_client[key] - 1
+            if left:
+                self._per_client[key] = left
+            else:
+                del self._per_client[key]
         self.stats.connections_active = len(self._live)
         self.stats.bytes_in += connection.bytes_in
         self.stats.bytes_out += connection.bytes_out
@@ -340,13 +393,16 @@ class TrackingFactory(WrappingFactory):
         return protocols
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:  # type: ignore[override]
-        if self.connections.full():
-            self.connections.refused(addr)
-            return _Refusal(self.connections.busy_reply)
+        client = self.connections.counted_as(addr)
+        refusal = self.connections.refusal(addr, client)
+        if refusal is not None:
+            return _Refusal(refusal)
         protocol = self.wrappedFactory.buildProtocol(addr)
         if protocol is None:
             return None
-        return TrackedConnection(self, protocol)
+        connection = TrackedConnection(self, protocol)
+        connection.client_key = client
+        return connection
 
     def registerProtocol(self, p: TrackedConnection) -> None:
         self.connections.add(p)

@@ -120,6 +120,8 @@ class Handlers:
     @ivar stream: the protocol factory for a stream listener (TCP, TLS, UNIX).
     @ivar datagram: a new protocol for each datagram listener.
     @ivar busy_reply: written to a connection refused by C{max_connections}.
+    @ivar per_client_reply: written to a connection refused by
+        C{max_connections_per_client}; L{None}: the C{busy_reply}.
     @ivar service: started before and stopped after the listeners (queues, caches).
     @ivar views: per-service admin views by name (C{requests}, C{messages}, ...).
     """
@@ -127,6 +129,7 @@ class Handlers:
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
     datagram: Callable[[ListenerConfig], DatagramProtocol] | None = None
     busy_reply: bytes = b""
+    per_client_reply: bytes | None = None
     service: IService | None = None
     views: Mapping[str, AdminView] = attrs.field(factory=dict)
 
@@ -146,6 +149,8 @@ class ServiceKind(Generic[Options]):
         C{idle_timeout}, the core's backstop, defaults to at least that and may
         not be set below it, so the kind's timer, which answers as its protocol
         says (421 and a reason), always fires first.
+    @ivar per_client_default: the service's C{max_connections_per_client}
+        when the map does not set it; 0 is no per-client limit.
     """
 
     name: str
@@ -154,6 +159,7 @@ class ServiceKind(Generic[Options]):
     datagram: bool = False
     protocols: tuple[str, ...] = ()
     longest_silence: Callable[[Options], float] | None = None
+    per_client_default: int = 0
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

@@ -120,6 +120,8 @@ class RunningService(ListenerGroup, Service):
             config.max_connections,
             config.idle_timeout,
             self.handlers.busy_reply,
+            config.max_connections_per_client,
+            self.handlers.per_client_reply,
         )
         self.listeners = []
         self.listener_configs = config.listen

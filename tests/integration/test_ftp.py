@@ -94,7 +94,7 @@ services:
     login_delay: 0.3
     max_login_failures: 2
     data_timeout: 1
-    max_per_client: 6
+    max_connections_per_client: 6
   drop:
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]
@@ -657,12 +657,22 @@ def test_bad_commands(netd: NetdProcess) -> None:
 def test_per_client_and_total_connection_limits(netd: NetdProcess) -> None:
     wait_for_no_sessions(netd, "files")
     wait_for_no_sessions(netd, "drop")
-    held = [control(netd) for _ in range(6)]
-    sock = socket.create_connection(netd.address("files"), timeout=5)
-    assert sock.makefile("rb").readline().startswith(b"421")
-    sock.close()
-    for held_sock, held_reader in held:
-        hang_up(held_sock, held_reader)
+    held = [connect(netd) for _ in range(6)]  # max_connections_per_client: 6
+    with pytest.raises(ftplib.error_temp, match=r"^421 Too many connections from your address"):
+        connect(netd)
+    refused = netd.wait_for("files", "connection.refused", reason="max_connections_per_client")
+    assert refused["client"].startswith("127.0.0.1:")
+    # The ones let in are served as ever.
+    held[0].login()
+    assert retrieve(held[0], "hello.txt") == b"hello, world\n"
+    # One leaves: once netd has seen it go, its slot is the next client's.
+    host, port = held[0].sock.getsockname()[:2]
+    held.pop(0).quit()
+    netd.wait_for("files", "connection.closed", client=f"{host}:{port}")
+    held.append(connect(netd, user="anonymous"))
+    assert retrieve(held[-1], "hello.txt") == b"hello, world\n"
+    for client in held:
+        client.close()
     drop = [control(netd, "drop") for _ in range(2)]
     sock = socket.create_connection(netd.address("drop"), timeout=5)
     assert sock.makefile("rb").readline().startswith(b"421")

@@ -6,6 +6,7 @@ import ipaddress
 import textwrap
 from pathlib import Path
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
@@ -89,6 +90,64 @@ def test_explicit_values(map_file: Path) -> None:
         False,
     )
     assert listener.path == "services.echo.listen"
+
+
+def test_max_connections_per_client(map_file: Path, tmp_path: Path) -> None:
+    config = parse(
+        map_file,
+        f"""
+        services:
+          echo: {{type: echo, listen: ["tcp:0"]}}
+          limited: {{type: echo, listen: ["tcp:1"], max_connections_per_client: 3}}
+          mail: {{type: smtp, listen: ["tcp:2"]}}
+          files: {{type: ftp, listen: ["tcp:3"], root: {tmp_path}, anonymous: read}}
+          open: {{type: ftp, listen: ["tcp:4"], root: {tmp_path}, anonymous: read,
+                  max_connections_per_client: 0}}
+        """,
+    )
+    limits = {name: s.max_connections_per_client for name, s in config.services.items()}
+    # 0 is no limit; smtp and ftp declare their own defaults.
+    assert limits == {"echo": 0, "limited": 3, "mail": 20, "files": 10, "open": 0}
+    # A reload restarts a service whose limit changed: its config compares unequal.
+    other = parse(map_file, ECHO.replace("}}", ", max_connections_per_client: 3}}"))
+    assert other.services["echo"] != config.services["echo"]
+    assert other.services["echo"] == attrs.evolve(
+        config.services["echo"], max_connections_per_client=3
+    )
+
+
+def test_max_connections_per_client_errors(map_file: Path) -> None:
+    text = """\
+        services:
+          echo:
+            type: echo
+            listen: ["tcp:0"]
+            max_connections_per_client: -1
+          chat:
+            type: chat
+            listen: ["tcp:1"]
+            max_connections_per_client: many
+        """
+    assert errors(map_file, text) == [
+        "5:33: services.echo.max_connections_per_client: must be at least 0, got -1",
+        "9:33: services.chat.max_connections_per_client: expected an integer, got a string",
+    ]
+
+
+def test_ftp_max_per_client_is_renamed(map_file: Path, tmp_path: Path) -> None:
+    text = f"""\
+        services:
+          files:
+            type: ftp
+            listen: ["tcp:0"]
+            root: {tmp_path}
+            anonymous: read
+            max_per_client: 4
+        """
+    assert errors(map_file, text) == [
+        "7:21: services.files.max_per_client: "
+        "renamed: use max_connections_per_client (a key of every service)"
+    ]
 
 
 def test_relative_paths_resolve_against_the_map_folder(map_file: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import attrs
@@ -25,6 +26,7 @@ from netd.connections import (
     ConnectionSet,
     TrackedConnection,
     TrackingFactory,
+    client_key,
     describe_address,
 )
 from netd.events import Journal, ServiceStats
@@ -100,10 +102,13 @@ class Harness:
     factory: TrackingFactory
     ports: int = 40000
 
-    def connect(self, close_at_once: bool = True) -> tuple[Any, Transport]:
+    def connect(self, close_at_once: bool = True, host: str = "192.0.2.7") -> tuple[Any, Transport]:
         """Accept a connection; the protocol is a TrackedConnection unless refused."""
         self.ports += 1
-        peer = IPv4Address("TCP", "192.0.2.7", self.ports)
+        peer = (IPv6Address if ":" in host else IPv4Address)("TCP", host, self.ports)
+        return self.accept(peer, close_at_once)
+
+    def accept(self, peer: IAddress, close_at_once: bool = True) -> tuple[Any, Transport]:
         protocol = self.factory.buildProtocol(peer)
         assert protocol is not None
         transport = Transport(peer, close_at_once)
@@ -125,12 +130,22 @@ def harness(
     max_connections: int = 10,
     busy_reply: bytes = b"",
     protocol: type[Recorder] = Recorder,
+    max_per_client: int = 0,
+    per_client_reply: bytes | None = None,
 ) -> Harness:
     clock = Clock()
     stats = ServiceStats()
     journal = Journal(clock)
     connections = ConnectionSet(
-        clock, "svc", stats, journal, max_connections, IDLE, busy_reply=busy_reply
+        clock,
+        "svc",
+        stats,
+        journal,
+        max_connections,
+        IDLE,
+        busy_reply=busy_reply,
+        max_per_client=max_per_client,
+        per_client_reply=per_client_reply,
     )
     wrapped = CountingFactory(protocol)
     return Harness(
@@ -153,7 +168,9 @@ def test_connections_beyond_the_limit_are_refused_politely() -> None:
     assert len(h.connections) == 2
     assert (h.stats.connections_total, h.stats.connections_active) == (2, 2)
     assert h.stats.connections_refused == 1
-    assert h.events("connection.refused") == [{"client": "192.0.2.7:40003"}]
+    assert h.events("connection.refused") == [
+        {"client": "192.0.2.7:40003", "reason": "max_connections"}
+    ]
     # Once one leaves, the next is let in.
     first.transport.loseConnection()
     accepted, _ = h.connect()
@@ -168,6 +185,125 @@ def test_refusal_without_a_reply_just_closes() -> None:
     assert transport.value() == b""
     assert not transport.connected
     assert h.stats.connections_refused == 1
+
+
+# --- per client ----------------------------------------------------------------------
+
+PER_CLIENT = b"421 too many from your address\r\n"
+
+
+def test_connections_per_client_are_limited() -> None:
+    h = harness(
+        max_connections=5, busy_reply=b"421 busy\r\n", max_per_client=2, per_client_reply=PER_CLIENT
+    )
+    first, _ = h.connect()
+    h.connect()
+    refused, transport = h.connect()
+    assert not isinstance(refused, TrackedConnection)
+    assert transport.value() == PER_CLIENT and not transport.connected
+    assert h.wrapped.built == 2
+    assert h.stats.counters == {"per_client_refused": 1}
+    assert h.stats.connections_refused == 0  # that one counts max_connections alone
+    assert h.events("connection.refused") == [
+        {"client": "192.0.2.7:40003", "reason": "max_connections_per_client"}
+    ]
+    # Another client is not affected.
+    other, _ = h.connect(host="192.0.2.8")
+    assert isinstance(other, TrackedConnection)
+    # The refused one took no slot: one close lets exactly one more in.
+    first.transport.loseConnection()
+    again, _ = h.connect()
+    assert isinstance(again, TrackedConnection)
+    _, transport = h.connect()
+    assert transport.value() == PER_CLIENT
+    assert h.stats.counters == {"per_client_refused": 2}
+
+
+def test_the_service_limit_is_checked_first() -> None:
+    h = harness(
+        max_connections=2, busy_reply=b"421 busy\r\n", max_per_client=2, per_client_reply=PER_CLIENT
+    )
+    h.connect()
+    h.connect(host="192.0.2.8")
+    _, transport = h.connect()
+    assert transport.value() == b"421 busy\r\n"
+    assert h.events("connection.refused")[0]["reason"] == "max_connections"
+    assert (h.stats.connections_refused, h.stats.counters) == (1, {})
+
+
+def test_per_client_refusal_says_the_busy_reply_unless_told_otherwise() -> None:
+    h = harness(busy_reply=b"503 busy\r\n", max_per_client=1)
+    h.connect()
+    _, transport = h.connect()
+    assert transport.value() == b"503 busy\r\n"
+
+
+def test_an_ipv6_client_is_counted_per_64() -> None:
+    h = harness(max_per_client=2, per_client_reply=PER_CLIENT)
+    h.connect(host="2001:db8:1:2::1")
+    h.connect(host="2001:db8:1:2:ffff:ffff:ffff:fffe")  # same /64, another host part
+    _, same_64 = h.connect(host="2001:db8:1:2::99")
+    assert same_64.value() == PER_CLIENT
+    neighbour, _ = h.connect(host="2001:db8:1:3::1")  # the next /64 is another client
+    assert isinstance(neighbour, TrackedConnection)
+    assert h.events("connection.refused") == [
+        {"client": "[2001:db8:1:2::99]:40003", "reason": "max_connections_per_client"}
+    ]
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_counts_as_ipv4() -> None:
+    h = harness(max_per_client=2, per_client_reply=PER_CLIENT)
+    h.connect(host="192.0.2.7")
+    h.connect(host="::ffff:192.0.2.7")
+    _, transport = h.connect(host="192.0.2.7")
+    assert transport.value() == PER_CLIENT
+    _, transport = h.connect(host="::ffff:192.0.2.7")
+    assert transport.value() == PER_CLIENT
+    # Not lumped with the other IPv4 addresses of ::ffff:0:0/96 either.
+    other, _ = h.connect(host="::ffff:192.0.2.8")
+    assert isinstance(other, TrackedConnection)
+
+
+def test_unix_socket_clients_are_not_limited_per_client() -> None:
+    h = harness(max_per_client=1)
+    accepted = [h.accept(UNIXAddress(b"/run/netd/svc.sock"))[0] for _ in range(4)]
+    accepted.append(h.accept(UNIXAddress(None))[0])
+    assert all(isinstance(c, TrackedConnection) for c in accepted)
+    assert h.stats.counters == {}
+
+
+def test_no_per_client_limit_by_default() -> None:
+    h = harness(max_connections=20)
+    accepted = [h.connect()[0] for _ in range(20)]
+    assert all(isinstance(c, TrackedConnection) for c in accepted)
+    assert all(c.client_key is None for c in accepted)  # nothing counted either
+
+
+def test_per_client_slots_are_freed_whichever_way_a_connection_ends() -> None:
+    h = harness(max_per_client=1, per_client_reply=PER_CLIENT)
+    _, transport = h.connect(close_at_once=False)
+    h.elapse(IDLE * 5 / 4)  # closed, then cut, by the idle sweep
+    assert transport.aborted
+    drained, _ = h.connect()
+    assert isinstance(drained, TrackedConnection)
+    h.connections.drain(1)
+    assert isinstance(h.connect()[0], TrackedConnection)
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        (IPv4Address("TCP", "192.0.2.7", 1), ipaddress.IPv4Address("192.0.2.7")),
+        (IPv6Address("TCP", "::ffff:192.0.2.7", 1), ipaddress.IPv4Address("192.0.2.7")),
+        (IPv6Address("TCP", "2001:db8::1:2:3:4", 1), ipaddress.IPv6Network("2001:db8::/64")),
+        (IPv6Address("TCP", "fe80::1%eth0", 1), ipaddress.IPv6Network("fe80::/64")),
+        (IPv6Address("TCP", "::1", 1), ipaddress.IPv6Network("::/64")),
+        (UNIXAddress(b"/run/netd/svc.sock"), None),
+        (None, None),
+    ],
+)
+def test_client_key(address: IAddress | None, key: object) -> None:
+    assert client_key(address) == key
 
 
 # --- the idle sweep ----------------------------------------------------------------

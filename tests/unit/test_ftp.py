@@ -601,15 +601,6 @@ def test_overlong_command_line_closes_the_session(tmp_path: Path) -> None:
     assert transport.disconnecting
 
 
-def test_per_client_limit(tmp_path: Path) -> None:
-    harness = Harness(tmp_path, limits=SessionLimits(max_per_client=1))
-    harness.connect()
-    _, second = harness.connect()
-    assert second.disconnecting and harness.stats.counters["per_client_refused"] == 1
-    _, other_host = harness.connect("127.0.0.2")
-    assert not other_host.disconnecting
-
-
 def open_passive(harness: Harness, session: Session, transport: StringTransport) -> Any:
     """PASV, then the client's data connection, as a protocol on a StringTransport."""
     send(session, transport, b"PASV")

@@ -18,7 +18,7 @@ import bcrypt
 import crypt_r
 import pytest
 from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
@@ -47,7 +47,6 @@ from netd.services.smtp.server import (
     Receiver,
     SessionFactory,
     Transaction,
-    _TooMany,
 )
 from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
@@ -514,26 +513,6 @@ def test_command_and_data_timeouts() -> None:
     harness.clock.advance(1)
     assert replies(transport) == ["421 4.4.2 mx.netd.test Error: timeout exceeded"]
     assert transport.disconnecting
-
-
-def test_connections_per_client() -> None:
-    harness = Harness(limits=Limits(max_connections_per_client=2))
-    first, _ = harness.connect()
-    harness.connect()
-    third = harness.factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 4000))
-    transport = StringTransport()
-    assert third is not None
-    third.makeConnection(transport)
-    assert transport.value() == b"421 4.7.0 Too many connections from your address\r\n"
-    harness.connect("192.0.2.2")  # another client is not affected
-    first.connectionLost(None)
-    harness.connect()
-    # The limit holds across the service's listeners.
-    other_listener = SessionFactory(harness.receiver, secure=True)
-    assert isinstance(other_listener.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)), _TooMany)
-    # ... a dual-stack listener's (the same client, seen as ::ffff:192.0.2.1) too.
-    mapped = IPv6Address("TCP", "::ffff:192.0.2.1", 1)
-    assert isinstance(other_listener.buildProtocol(mapped), _TooMany)
 
 
 # The spool -----------------------------------------------------------------

@@ -68,12 +68,12 @@ def parse(section: Section, profiles: TLSProfiles) -> FtpOptions:
     require_tls = section.flag("require_tls", False)
     if require_tls and tls is None and section.value.is_mapping and not section.has("tls"):
         section.value.error("require_tls needs a 'tls' profile for AUTH TLS")
+    renamed = section.get("max_per_client")
+    if renamed is not None:
+        renamed.error("renamed: use max_connections_per_client (a key of every service)")
     defaults = SessionLimits()
     limits = SessionLimits(
         max_line=defaults.max_line,
-        max_per_client=section.integer(
-            "max_per_client", defaults.max_per_client, minimum=1, maximum=100_000
-        ),
         login_delay=section.number("login_delay", defaults.login_delay, minimum=0),
         max_login_failures=section.integer(
             "max_login_failures", defaults.max_login_failures, minimum=1, maximum=1000
@@ -182,8 +182,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         busy_reply=b"421 Too many connections, try again later.\r\n",
+        per_client_reply=b"421 Too many connections from your address.\r\n",
         views={"sessions": AdminView(list=server.list_sessions)},
     )
 
 
-FTP: ServiceKind[FtpOptions] = ServiceKind("ftp", parse, build)
+FTP: ServiceKind[FtpOptions] = ServiceKind("ftp", parse, build, per_client_default=10)

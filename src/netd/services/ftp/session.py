@@ -75,7 +75,6 @@ _NO_TLS = "502 TLS is not configured on this server."
 _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
-_PER_CLIENT = "421 Too many connections from your address."
 _IDLE = "421 Idle timeout, closing control connection."
 
 
@@ -90,7 +89,6 @@ _ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
 @attrs.frozen
 class SessionLimits:
     max_line: int = 2048
-    max_per_client: int = 10
     login_delay: float = 1.0
     max_login_failures: int = 3
     data_timeout: float = 30.0
@@ -159,7 +157,6 @@ class FTPServer:
         self.tls = tls
         self.require_tls = require_tls
         self.sessions: dict[int, Session] = {}
-        self.per_client: dict[str, int] = {}
         self.failed_logins = FailedLogins(reactor)
         self._ids = itertools.count(1)
         self._next_port = 0
@@ -268,14 +265,6 @@ class Session(ftp.FTP):
         peer = self.transport.getPeer()
         self.client_host = plain_host(getattr(peer, "host", ""))
         self.client = f"{self.client_host}:{getattr(peer, 'port', '')}"
-        count = self.server.per_client.get(self.client_host, 0)
-        if count >= self.server.limits.max_per_client:
-            self.server.stats.count("per_client_refused")
-            self.sendLine(_PER_CLIENT)
-            self.transport.loseConnection()
-            self.disconnected = True
-            return
-        self.server.per_client[self.client_host] = count + 1
         self.server.sessions[self.id] = self
         # Replies are small and each waits on the one before: with Nagle's algorithm
         # and delayed ACKs every exchange would stall for tens of milliseconds.
@@ -290,12 +279,7 @@ class Session(ftp.FTP):
         super().connectionMade()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.server.sessions.pop(self.id, None) is not None:
-            left = self.server.per_client.get(self.client_host, 1) - 1
-            if left:
-                self.server.per_client[self.client_host] = left
-            else:
-                self.server.per_client.pop(self.client_host, None)
+        self.server.sessions.pop(self.id, None)
         self.disconnected = True
         for cleanup in self._cleanup:
             cleanup()

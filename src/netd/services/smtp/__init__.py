@@ -130,9 +130,6 @@ def parse(section: Section, profiles: TLSProfiles) -> SmtpOptions:
                 "command_timeout", defaults.command_timeout, minimum=0.1
             ),
             data_timeout=section.number("data_timeout", defaults.data_timeout, minimum=0.1),
-            max_connections_per_client=section.integer(
-                "max_connections_per_client", defaults.max_connections_per_client, minimum=1
-            ),
         ),
         auth=section.read("auth", _auth, None),
         relay=section.read("relay", _relay, RelayOptions()),
@@ -323,6 +320,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         busy_reply=busy_reply(),
+        per_client_reply=b"421 4.7.0 Too many connections from your address\r\n",
         service=background,
         views={
             "messages": AdminView(
@@ -340,4 +338,6 @@ def _longest_silence(options: SmtpOptions) -> float:
     return max(options.limits.command_timeout, options.limits.data_timeout)
 
 
-SMTP: ServiceKind[SmtpOptions] = ServiceKind("smtp", parse, build, longest_silence=_longest_silence)
+SMTP: ServiceKind[SmtpOptions] = ServiceKind(
+    "smtp", parse, build, longest_silence=_longest_silence, per_client_default=20
+)

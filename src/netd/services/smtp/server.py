@@ -92,7 +92,6 @@ class Limits:
     max_line_length: int = 1000
     command_timeout: float = 300.0
     data_timeout: float = 600.0
-    max_connections_per_client: int = 20
 
 
 @attrs.frozen
@@ -124,7 +123,6 @@ class Receiver:
     @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
     @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
         becomes CRLF.
-    @ivar clients: open sessions per client address, across the listeners.
     """
 
     hostname: str
@@ -138,7 +136,6 @@ class Receiver:
     portal: Portal | None = None
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
-    clients: dict[str, int] = attrs.field(factory=dict, eq=False)
 
     def may_relay(self, client: str) -> bool:
         return in_networks(client, self.allow_from)
@@ -146,7 +143,7 @@ class Receiver:
 
 @functools.lru_cache(maxsize=1024)
 def _client_host(address: IAddress | None) -> str:
-    # One client, one count, whichever listener (IPv4 or dual-stack) it came through.
+    # One client, one name, whichever listener (IPv4 or dual-stack) it came through.
     host = client_address(address)
     return "" if host is None else str(host)
 
@@ -332,9 +329,6 @@ class Session(smtp.ESMTP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._body = None
         super().connectionLost(reason)
-        factory = getattr(self, "factory", None)
-        if isinstance(factory, SessionFactory):
-            factory.release(self.client)
         # Replies still due (a spool write, a password check) go to a closed
         # transport, which drops them; nothing more is read.
         self._gone = True
@@ -660,43 +654,21 @@ class _SessionPortal:
         return pending
 
 
-class _TooMany(Protocol):
-    def connectionMade(self) -> None:
-        assert self.transport is not None
-        self.transport.write(b"421 4.7.0 Too many connections from your address\r\n")
-        self.transport.loseConnection()
-
-
 class SessionFactory(ServerFactory):
-    """Builds sessions and counts them per client address."""
+    """Builds the sessions of one listener."""
 
     noisy = False
 
     def __init__(self, receiver: Receiver, secure: bool) -> None:
         self.receiver = receiver
         self.secure = secure
-        # Shared by the service's listeners: the limit is per service, not per port.
-        self.per_client = receiver.clients
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
-        client = _client_host(addr)
-        count = self.per_client.get(client, 0)
-        if count >= self.receiver.limits.max_connections_per_client:
-            self.receiver.stats.count("smtp_connections_per_client_refused")
-            return _TooMany()
-        self.per_client[client] = count + 1
         session = Session(self.receiver, self.secure)
         session.factory = self
         if self.receiver.portal is not None:
             session.portal = _SessionPortal(self.receiver.portal, session)
         return session
-
-    def release(self, client: str) -> None:
-        count = self.per_client.get(client, 0) - 1
-        if count > 0:
-            self.per_client[client] = count
-        else:
-            self.per_client.pop(client, None)
 
 
 def busy_reply() -> bytes:
