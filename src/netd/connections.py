@@ -31,6 +31,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from netd.compat import buffered_bytes
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
 from netd.schema import client_address
@@ -87,11 +88,7 @@ def unsent_bytes(transport: Any) -> int:
     for _ in range(4):  # wrapper, TLS, socket: never deeper
         if transport is None:
             break
-        buffered = inspect.getattr_static(transport, "dataBuffer", b"")
-        if isinstance(buffered, bytes):
-            total += len(buffered) - inspect.getattr_static(transport, "offset", 0)
-            total += inspect.getattr_static(transport, "_tempDataLen", 0)
-        total += sum(map(len, inspect.getattr_static(transport, "_appSendBuffer", ())))
+        total += buffered_bytes(transport)
         transport = inspect.getattr_static(transport, "transport", None)
     return total
 

@@ -20,8 +20,6 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import (
     TCP4ServerEndpoint,
     TCP6ServerEndpoint,
-    _parse,
-    _SystemdParser,
     serverFromString,
     wrapServerTLS,
 )
@@ -34,7 +32,7 @@ from twisted.internet.interfaces import (
 from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
-from netd.compat import share_listening_socket
+from netd.compat import inherited_descriptors, parse_endpoint, share_listening_socket
 
 __all__ = [
     "HeldSocket",
@@ -63,7 +61,7 @@ _PATH_OPTIONS = {"ssl": _SSL_KEY_OPTIONS, "unix": ("address",)}
 
 
 def _split(description: str) -> tuple[str, list[str], dict[str, str]]:
-    args, kwargs = _parse(description)
+    args, kwargs = parse_endpoint(description)
     return args[0].lower(), args[1:], kwargs
 
 
@@ -187,11 +185,10 @@ def _check_systemd(prefix: str, args: list[str], kwargs: dict[str, str]) -> None
 
 def _inherited() -> list[tuple[str, int]]:
     """The (name, descriptor) pairs systemd handed to this process, in order."""
-    # Twisted reads LISTEN_FDS when twisted.internet.endpoints is first imported and
-    # removes it from the environment, so its parser holds the only copy of the
-    # descriptors; the names are read again because ListenFDs maps each name to one
-    # descriptor, while a socket unit gives its one name to all of its sockets.
-    descriptors = _SystemdParser._sddaemon.inheritedDescriptors()
+    # The names are read again (the descriptors cannot be: see inherited_descriptors)
+    # because ListenFDs maps each name to one descriptor, while a socket unit gives
+    # its one name to all of its sockets.
+    descriptors = inherited_descriptors()
     names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     return list(zip(names, descriptors, strict=True)) if len(names) == len(descriptors) else []
 

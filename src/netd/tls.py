@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
-from twisted.internet._sslverify import protosFromProtocol
 from twisted.internet.ssl import CertificateOptions, TLSVersion
+
+from netd.compat import protosFromProtocol
 
 __all__ = ["KeyPair", "TLSError", "ensure_self_signed", "server_options"]
 

@@ -14,9 +14,9 @@ import h2.exceptions
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._http2 import H2Connection
 from twisted.web.resource import Resource
 
+from netd.compat import H2Connection, h2_producer_paused, h2_stream_request
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
     App,
@@ -69,7 +69,7 @@ class LimitedH2Connection(H2Connection):
         # The queues shrink only here: wake the streams the cap paused.
         # windowUpdated resumes a producer only if its stream has room again.
         for stream in list(self.streams.values()):
-            if stream.producer is not None and not stream._producerProducing:
+            if h2_producer_paused(stream):
                 stream.windowUpdated()
 
     def _requestReceived(self, event: Any) -> None:
@@ -95,7 +95,7 @@ class LimitedH2Connection(H2Connection):
 
     def _refuse_if_too_large(self, streamID: int) -> None:
         stream = self.streams.get(streamID)
-        if stream is None or not getattr(stream._request, "too_large", False):
+        if stream is None or not getattr(h2_stream_request(stream), "too_large", False):
             return
         status = 413
         body = b"%d %s\n" % (status, reason(status))

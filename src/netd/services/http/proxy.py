@@ -22,16 +22,13 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-
-# twisted.web.client uses it but does not export it; _newclient documents it as public.
-from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from netd.compat import HTTP11ClientFactory, HTTP11ClientProtocol, set_pool_protocol_factory
 from netd.events import ServiceStats
 from netd.services.http.app import (
     BodyStream,
@@ -330,7 +327,7 @@ class Proxy:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         # A request the upstream may have half-processed must not be sent twice.
         self.pool.retryAutomatically = False
-        self.pool._factory = _QuietClientFactory
+        set_pool_protocol_factory(self.pool, _QuietClientFactory)
         self.agent = Agent(reactor, pool=self.pool, connectTimeout=10)
 
     def close(self) -> Deferred[None]:

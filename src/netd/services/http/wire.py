@@ -24,9 +24,9 @@ from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, I
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import server
-from twisted.web._http2 import H2Connection
 from zope.interface import implementer
 
+from netd.compat import H2Connection, unwritten_bytes
 from netd.kinds import IOwesReplies, RepliesOwed
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
@@ -458,13 +458,7 @@ class HTTPConnection(Protocol):
         if self.gone:
             return  # the socket is closed (and Twisted has dropped raw.socket)
         raw = self.raw
-        if (
-            raw is None
-            or raw.dataBuffer
-            or raw._tempDataLen
-            or raw.disconnecting
-            or raw.disconnected
-        ):
+        if raw is None or unwritten_bytes(raw) or raw.disconnecting or raw.disconnected:
             self.transport.write(data)  # which does nothing once disconnected
             return
         try:

@@ -30,11 +30,10 @@ from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import Protocol, ServerFactory, connectionDone
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.mail._cred import LOGINCredentials, PLAINCredentials
-from twisted.mail._except import IllegalClientResponse
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.compat import IllegalClientResponse, LOGINCredentials, PLAINCredentials
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
