@@ -233,7 +233,7 @@ def full_map(base: Path, http_upstream: int, dns_upstream: int) -> dict[str, Any
                     }
                 },
                 "login_delay": 0,
-                "max_per_client": 1000,
+                "max_connections_per_client": 1000,
                 "data_timeout": 2,
                 "idle_timeout": 5,
             },

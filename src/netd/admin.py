@@ -70,6 +70,9 @@ class _LimitedRequest(Request):
     channel: _AdminChannel
     _refused = False
     _body_bytes = 0
+    # A long poll's way to answer at once: its client half-closed, so it waits
+    # for the answer, not for events still to come.
+    answer_now: Callable[[], None] | None = None
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.channel.site.config.max_body:
@@ -123,6 +126,9 @@ class _AdminChannel(HTTPChannel):
         self._owed = RepliesOwed()
 
     def when_replied(self) -> Deferred[None]:
+        for request in list(self.requests):
+            if request.answer_now is not None:
+                request.answer_now()
         return self._owed.wait(bool(self.requests))
 
     def dataReceived(self, data: bytes) -> None:
@@ -346,7 +352,10 @@ class AdminResource(Resource):
             raise _HTTPError(400, "since must be an integer and wait a number") from None
         types = [t for t in query.get("type", "").split(",") if t]
         service = query.get("service") or None
-        found = self.daemon.journal.wait(wait, since, service, types)
+        journal = self.daemon.journal
+        found = journal.wait(wait, since, service, types)
+        if isinstance(request, _LimitedRequest):
+            request.answer_now = lambda: journal.end_wait(found)
         return self._deferred(
             request,
             found,

@@ -138,6 +138,13 @@ class Journal:
         self._waiters.append(waiter)
         return waiter.deferred
 
+    def end_wait(self, deferred: Deferred[list[Event]]) -> None:
+        """Answer a waiting L{wait} now, with nothing: its client will not wait longer."""
+        for waiter in list(self._waiters):
+            if waiter.deferred is deferred:
+                self._cancel(deferred)
+                deferred.callback([])
+
     def _cancel(self, deferred: Deferred[list[Event]]) -> None:
         for waiter in list(self._waiters):
             if waiter.deferred is deferred:

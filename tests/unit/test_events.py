@@ -205,3 +205,16 @@ def test_cancel_removes_the_waiter() -> None:
 def test_wait_without_time_returns_what_there_is(timeout: float) -> None:
     journal = filled(Clock())
     assert [ids(r) for r in result_of(journal.wait(timeout, since=3))] == [[4]]
+
+
+def test_a_wait_ended_early_answers_nothing_and_forgets_its_timer() -> None:
+    clock = Clock()
+    journal = Journal(clock)
+    waited = journal.wait(30, service="a")
+    results: list[Any] = []
+    waited.addBoth(results.append)
+    journal.end_wait(waited)
+    assert results == [[]] and clock.getDelayedCalls() == []
+    journal.emit("a", "later")  # no waiter left to answer twice
+    journal.end_wait(waited)
+    assert results == [[]]
