@@ -422,6 +422,35 @@ def test_limits_on_size_and_recipients() -> None:
     assert harness.accepted == []
 
 
+def test_a_stopping_session_finishes_its_transaction_then_says_421() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    replies(transport)
+    session.close_gracefully()
+    assert codes(transport) == []  # a message is on its way: it is finished first
+    send(session, MESSAGE)
+    assert codes(transport) == ["250 2.0.0", "421 4.3.2"]
+    idle, idle_transport = harness.connect()
+    send(idle, "EHLO c\r\n")
+    replies(idle_transport)
+    idle.close_gracefully()
+    assert codes(idle_transport) == ["421 4.3.2"]
+
+
+def test_a_session_stopped_before_its_first_command_may_send_one_message() -> None:
+    # Accepted just before a reload retired its service: its commands are on the way.
+    harness = Harness()
+    session, transport = harness.connect()
+    replies(transport)  # the greeting
+    session.close_gracefully()
+    assert codes(transport) == []
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    send(session, MESSAGE)
+    assert codes(transport)[-2:] == ["250 2.0.0", "421 4.3.2"]
+    assert len(harness.accepted) == 1
+
+
 def test_a_line_may_be_1000_octets_with_its_crlf_not_one_more() -> None:
     harness = Harness()
     session, transport = harness.connect()

@@ -147,6 +147,24 @@ def _client_host(address: IAddress | None) -> str:
     return "" if host is None else str(host)
 
 
+def _lines_fit(text: bytes, limit: int) -> bool:
+    """
+    Whether every line of C{text} (which ends in CRLF, and whose every CR and
+    LF is part of a CRLF) is at most C{limit} octets with its CRLF.
+
+    Window by window: the last CRLF within a line's reach starts the next
+    window, so a message costs a C search per C{limit} octets, not a Python
+    step per line, nor a copy per line (a regex scan cost 0.6 ms per 10 KiB).
+    """
+    start, end = 0, len(text)
+    while end - start > limit:
+        crlf = text.rfind(b"\r\n", start, start + limit)
+        if crlf < 0:
+            return False
+        start = crlf + 2
+    return True
+
+
 def _printable(text: bytes, limit: int = 255) -> str:
     return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
 
@@ -193,6 +211,9 @@ class Session(smtp.ESMTP):
         self._processing = False
         self._gone = False
         self._closing = False
+        self._began_mail = False
+        self._heard = False
+        self._first_may_finish = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -253,6 +274,7 @@ class Session(smtp.ESMTP):
 
     def _take_line(self) -> bool:
         """Handle one command line; False when only part of a line is buffered."""
+        self._heard = True
         end = self._input.find(b"\r\n")
         if end < 0:
             bare = self._input.find(b"\n")
@@ -315,12 +337,21 @@ class Session(smtp.ESMTP):
         netd is stopping, or this service is retired by a reload: a message in
         flight (MAIL given, DATA coming, its spool write) is finished and
         answered first; then, or at once if none is, the client is told 421.
+
+        A session that had sent nothing yet (accepted just before the stop, its
+        EHLO and MAIL maybe on their way) may finish one transaction first, as
+        Postfix lets a session finish on reload; shutdown_grace bounds the wait.
         """
         self._closing = True
+        self._first_may_finish = not self._heard
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
-        if self._closing and not (self._gone or self._held or self._mail or self._body):
+        if (
+            self._closing
+            and (self._began_mail or not self._first_may_finish)
+            and not (self._gone or self._held or self._mail or self._body)
+        ):
             self._gone = True
             self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down")
             self.transport.loseConnection()
@@ -419,6 +450,7 @@ class Session(smtp.ESMTP):
             self.sendCode(e.code, e.reply)
             return
         self._mail = _Mail(sender)
+        self._began_mail = True
         self.sendCode(250, b"2.1.0 Sender ok")
 
     def _mail_parameters(self, params: bytes) -> tuple[int, bytes] | None:
@@ -527,12 +559,7 @@ class Session(smtp.ESMTP):
             # (the relay dot-stuffs what it sends).
             text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
-        # Every CR and LF is part of a CRLF by now, so the lines are what lies between
-        # CRLFs (the limit counts the CRLF).  Splitting is a C loop; a regex that
-        # looked for a long run cost 0.6 ms per 10 KiB message (issue 15).
-        if len(text) >= limits.max_line_length and (
-            max(map(len, text.split(b"\r\n"))) + 2 > limits.max_line_length
-        ):
+        if not _lines_fit(text, limits.max_line_length):
             stats.count("smtp_messages_rejected")
             self.sendCode(
                 554,
