@@ -22,6 +22,7 @@ import socket
 from collections.abc import Callable
 from typing import IO, Any
 
+import attrs
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
@@ -80,32 +81,26 @@ def send_file(
         rules C{sendfile} out.
     """
     raw = plain_socket(consumer) if transform is None else None
+    fd = file.fileno()
     producer: _FileProducer
     if raw is not None:
-        producer = _Sendfile(consumer, raw, file, offset, count, progress)
+        producer = _Sendfile(consumer, fd, offset, count, progress, raw)
     else:
-        producer = _Chunks(consumer, file, offset, count, progress, transform)
+        producer = _Chunks(consumer, fd, offset, count, progress, transform)
     consumer.registerProducer(producer, False)
     return producer.done
 
 
+@attrs.define(eq=False)
 class _FileProducer:
-    """What both ways share: the range left and how it ends."""
+    """What both ways share: the range left (C{remaining} C{None}: to the end) and how it ends."""
 
-    def __init__(
-        self,
-        consumer: IConsumer,
-        file: IO[bytes],
-        offset: int,
-        count: int | None,
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        self.consumer = consumer
-        self.fd = file.fileno()
-        self.offset = offset
-        self.remaining = count
-        self.progress = progress
-        self.done: Deferred[None] = Deferred()
+    consumer: IConsumer
+    fd: int
+    offset: int
+    remaining: int | None
+    progress: Callable[[int], None] | None
+    done: Deferred[None] = attrs.field(init=False, factory=Deferred)
 
     def _chunk(self, most: int) -> int:
         return most if self.remaining is None else min(most, self.remaining)
@@ -139,20 +134,11 @@ class _FileProducer:
 
 
 @implementer(IPullProducer)
+@attrs.define(eq=False)
 class _Chunks(_FileProducer):
     """Reads of L{READ_CHUNK}, each written to the consumer when it asks for more."""
 
-    def __init__(
-        self,
-        consumer: IConsumer,
-        file: IO[bytes],
-        offset: int,
-        count: int | None,
-        progress: Callable[[int], None] | None,
-        transform: Callable[[bytes], bytes] | None,
-    ) -> None:
-        super().__init__(consumer, file, offset, count, progress)
-        self.transform = transform
+    transform: Callable[[bytes], bytes] | None
 
     def resumeProducing(self) -> None:
         if self.done.called:
@@ -176,6 +162,7 @@ class _Chunks(_FileProducer):
 
 
 @implementer(IPullProducer)
+@attrs.define(eq=False)
 class _Sendfile(_FileProducer):
     """
     C{sendfile(2)} straight to the socket, each time the transport has sent
@@ -189,20 +176,14 @@ class _Sendfile(_FileProducer):
     dead connection.
     """
 
-    def __init__(
-        self,
-        consumer: IConsumer,
-        raw: tcp.Connection,
-        file: IO[bytes],
-        offset: int,
-        count: int | None,
-        progress: Callable[[int], None] | None,
-    ) -> None:
-        super().__init__(consumer, file, offset, count, progress)
-        self.raw = raw
-        self.tracked = consumer if isinstance(consumer, TrackedConnection) else None
-        self.corks = raw.socket.family in _TCP_FAMILIES
-        self.primed = False
+    raw: tcp.Connection
+    tracked: TrackedConnection | None = attrs.field(init=False)
+    corks: bool = attrs.field(init=False)
+    primed: bool = attrs.field(init=False, default=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.tracked = self.consumer if isinstance(self.consumer, TrackedConnection) else None
+        self.corks = self.raw.socket.family in _TCP_FAMILIES
 
     def _cork(self, on: bool) -> None:
         if self.corks:
