@@ -34,7 +34,6 @@ from netd.services.ftp.files import (
     Accounts,
     NameNotAllowed,
     Realm,
-    Sendfile,
     Shell,
     Upload,
     User,
@@ -348,10 +347,6 @@ def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
     line_ends = LineEnds()
     pieces = [line_ends.to_local(piece) for piece in (b"a\r", b"\nb\r\n\r", b"c", b"\r")]
     assert b"".join(pieces) + line_ends.rest() == b"a\nb\n\rc\r"
-
-
-def test_sendfile_is_only_for_plain_sockets() -> None:
-    assert not Sendfile.usable(StringTransport())
 
 
 # -- sessions -------------------------------------------------------------------------------

@@ -256,6 +256,39 @@ def test_static_answers(root: Path) -> None:
     assert ranged.data.endswith(b"--\r\n") and bytes(range(246, 256)) in ranged.data
 
 
+def _streaming(app: App, target: str) -> tuple[FakeExchange, int]:
+    """A GET of a file too big for memory, started: the exchange and the file's descriptor."""
+    exchange = FakeExchange("GET", target)
+    app.handle(exchange)
+    assert exchange.producer is not None
+    return exchange, exchange.producer.fd
+
+
+def _closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def test_a_file_cut_short_under_its_response_aborts_it(root: Path) -> None:
+    exchange, fd = _streaming(make_app(root), "/big.bin")
+    os.truncate(root / "big.bin", 1000)
+    while exchange.producer is not None:
+        exchange.producer.resumeProducing()
+    assert exchange.aborted and not exchange.finished
+    assert exchange.data == bytes(range(256)) * 3 + bytes(range(232))
+    assert _closed(fd)
+
+
+def test_a_client_gone_mid_file_closes_it_without_more(root: Path) -> None:
+    exchange, fd = _streaming(make_app(root), "/big.bin")
+    exchange.producer.stopProducing()
+    assert _closed(fd)
+    assert not exchange.aborted and not exchange.finished and exchange.data == b""
+
+
 def test_a_file_with_a_trailing_slash_is_not_served(root: Path) -> None:
     app = make_app(root)
     (root / "dir" / "index.html").write_text("<p>index</p>")

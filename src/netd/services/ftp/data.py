@@ -1,22 +1,21 @@
 """
 Data connections of the ftp kind: passive ports of netd's own, channels that
 accept only the control connection's client (and connect back only to it), TLS
-on them (PROT P, which Twisted lacks), and the producers that feed them.
+on them (PROT P, which Twisted lacks).  Files are sent on them by
+L{netd.sendfile}.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as net_error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
-    IConsumer,
     IOpenSSLServerConnectionCreator,
-    IPullProducer,
     IReadDescriptor,
 )
 from twisted.internet.protocol import (
@@ -40,7 +39,6 @@ __all__ = [
     "READ_CHUNK",
     "DataChannel",
     "DataConnection",
-    "FileProducer",
     "LineEnds",
     "ListenPassive",
     "NoPassivePort",
@@ -48,6 +46,7 @@ __all__ = [
     "plain_host",
 ]
 
+# Socket reads of an upload: fewer, larger ones, each a trip through the reactor.
 READ_CHUNK = 256 << 10
 
 
@@ -304,41 +303,6 @@ class DataChannel:
         elif self.connector is not None:
             self.connector.disconnect()
         self._fail(Failure(net_error.ConnectionDone("data channel closed")))
-
-
-@implementer(IPullProducer)
-class FileProducer:
-    """Sends a file through any transport (TLS, fakes) in large reads."""
-
-    def __init__(
-        self, source: IO[bytes], consumer: IConsumer, ascii: bool, progress: Callable[[int], None]
-    ) -> None:
-        self.source = source
-        self.consumer = consumer
-        self.ascii = ascii
-        self.progress = progress
-        self.done: Deferred[None] = Deferred()
-
-    def start(self) -> Deferred[None]:
-        self.consumer.registerProducer(self, False)
-        return self.done
-
-    def resumeProducing(self) -> None:
-        if self.done.called:
-            return
-        data = self.source.read(READ_CHUNK)
-        if not data:
-            self.consumer.unregisterProducer()
-            self.done.callback(None)
-            return
-        if self.ascii:
-            data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        self.consumer.write(data)
-        self.progress(len(data))
-
-    def stopProducing(self) -> None:
-        if not self.done.called:
-            self.done.errback(Failure(net_error.ConnectionLost("data connection lost")))
 
 
 class LineEnds:

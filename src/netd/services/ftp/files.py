@@ -1,6 +1,6 @@
 """
-The file side of the ftp kind: accounts, confined shells, and the two fast paths
-of a transfer (sendfile out, batched writes in off the reactor thread).
+The file side of the ftp kind: accounts, confined shells, and uploads (batched
+writes off the reactor thread).  Downloads go through L{netd.sendfile}.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ import attrs
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ANONYMOUS, ICredentialsChecker
 from twisted.cred.portal import IRealm
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IWriteDescriptor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import ftp
@@ -41,7 +39,6 @@ __all__ = [
     "NoSpace",
     "Realm",
     "Refused",
-    "Sendfile",
     "Shell",
     "Upload",
     "User",
@@ -415,89 +412,6 @@ def _name_max(root: str) -> int:
         return os.pathconf(root, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
-
-
-@implementer(IWriteDescriptor)
-class Sendfile:
-    """
-    Sends a file on a plain TCP data connection with C{os.sendfile}, driven by
-    the reactor's writability events: the kernel copies from the page cache to
-    the socket and no byte passes through Python.
-
-    While it runs it owns the socket's descriptor in the reactor: the transport
-    stops reading (a download's client sends nothing) and gets it back after.
-    """
-
-    chunk = 1 << 20
-
-    def __init__(
-        self,
-        reactor: Any,
-        transport: Any,
-        source: IO[bytes],
-        offset: int,
-        progress: Callable[[int], None],
-    ) -> None:
-        self.reactor = reactor
-        self.transport = transport
-        self.source = source
-        self.offset = offset
-        self.progress = progress
-        self.done: Deferred[None] = Deferred()
-        self._fd: int = transport.fileno()
-
-    @staticmethod
-    def usable(transport: Any) -> bool:
-        """Whether C{transport} is a plain socket transport of a real reactor."""
-        # Not hasattr(): a TLS wrapper forwards every attribute to the socket below.
-        return isinstance(transport, FileDescriptor) and not getattr(transport, "TLS", False)
-
-    def start(self) -> Deferred[None]:
-        self.transport.stopReading()
-        self.reactor.addWriter(self)
-        return self.done
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def logPrefix(self) -> str:
-        return "ftp-sendfile"
-
-    def doWrite(self) -> None:
-        try:
-            sent = os.sendfile(self._fd, self.source.fileno(), self.offset, self.chunk)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            self._finish(Failure(e))
-            return None
-        if sent == 0:
-            self._finish(None)
-            return None
-        self.offset += sent
-        self.progress(sent)
-        return None
-
-    def doRead(self) -> None:
-        """Not registered for reading."""
-
-    def connectionLost(self, reason: Failure) -> None:
-        self._finish(reason)
-
-    def stop(self) -> None:
-        """The transfer is abandoned (the session ended)."""
-        self._finish(Failure(ConnectionError("transfer abandoned")))
-
-    def _finish(self, reason: Failure | None) -> None:
-        if self.done.called:
-            return
-        self.reactor.removeWriter(self)
-        if reason is None:
-            self.transport.startReading()
-            self.done.callback(None)
-        else:
-            self.transport.abortConnection()
-            self.done.errback(reason)
 
 
 class Upload:

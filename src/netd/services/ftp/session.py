@@ -9,8 +9,8 @@ What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
     TLS on them (PROT P) -- Twisted has no FTPS at all (#5099);
   - C{AUTH TLS}, C{PBSZ}, C{PROT}, C{REST}, C{APPE}, C{OPTS UTF8}, C{EPSV} with
     C{passive_host}, and C{require_tls};
-  - transfers: C{sendfile} for downloads on plain connections, uploads to a
-    temporary name renamed when complete (L{netd.services.ftp.files});
+  - transfers: C{sendfile} for downloads on plain connections (L{netd.sendfile}),
+    uploads to a temporary name renamed when complete (L{netd.services.ftp.files});
   - login failures are delayed (more for an address that keeps failing) and
     counted; the injected reactor is used throughout (Twisted's FTP calls the
     global one).
@@ -48,18 +48,18 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.sendfile import plain_socket, send_file
 from netd.services.ftp.data import (
     READ_CHUNK,
     DataChannel,
     DataConnection,
-    FileProducer,
     LineEnds,
     ListenPassive,
     NoPassivePort,
     PassivePort,
     plain_host,
 )
-from netd.services.ftp.files import RunInThread, Sendfile, Upload
+from netd.services.ftp.files import RunInThread, Upload
 
 __all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 
@@ -749,22 +749,25 @@ class Session(ftp.FTP):
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
-            progress = lambda n: self._account(n, False)  # noqa: E731
-            if self.binary and Sendfile.usable(transport):
-                sender = Sendfile(self.server.reactor, transport, source, offset, progress)
-                transfer = self._begin("download", segments, sender.stop)
-                sent = sender.start()
-                self._guard(sender.stop, sent)
-            else:
-                source.seek(offset)
-                transfer = self._begin("download", segments, transport.abortConnection)
-                sent = FileProducer(source, transport, not self.binary, progress).start()
+            transfer = self._begin("download", segments, transport.abortConnection)
+            sent = send_file(
+                transport,
+                source,
+                offset,
+                progress=lambda n: self._account(n, False),
+                transform=None if self.binary else _crlf,
+            )
 
             def done(_: object) -> Deferred[Any]:
                 transport.loseConnection()
                 return connection.closed
 
-            return sent.addCallback(done).addCallbacks(
+            def failed(reason: Failure) -> bool:
+                if not reason.check(net_error.ConnectionLost):
+                    transport.abortConnection()  # what was sent cannot be completed
+                return False
+
+            return sent.addCallbacks(done, failed).addCallbacks(
                 lambda clean: self._finished(transfer, clean),
                 lambda reason: self._finished(transfer, False),
             )
@@ -816,7 +819,7 @@ class Session(ftp.FTP):
 
             upload = Upload(target, offset, self.server.run_in_thread, pause, self.shell.real_root)
             newlines = LineEnds() if ascii else None
-            if Sendfile.usable(transport):
+            if plain_socket(transport) is not None:
                 # Fewer, larger reads: each one is a trip through the reactor.
                 transport.bufferSize = READ_CHUNK
 
@@ -879,6 +882,11 @@ def _response(error: Any) -> str:
     arguments = tuple("/".join(a) if isinstance(a, list) else a for a in error.errorMessage)
     template: str = ftp.RESPONSE[error.errorCode]  # type: ignore[assignment]
     return template % arguments
+
+
+def _crlf(data: bytes) -> bytes:
+    """TYPE A: local line ends to the network's CRLF."""
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _closing(source: IO[bytes], result: Any) -> Any:

@@ -24,11 +24,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any, Protocol
 
 import attrs
-from twisted.internet.interfaces import IAddress, IPullProducer
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IAddress, IConsumer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.sendfile import send_file
 
 __all__ = [
     "HOP_BY_HOP_FRAMING",
@@ -47,7 +51,6 @@ Headers = list[tuple[bytes, bytes]]
 _SMALL_FILE = 64 * 1024
 # Small files kept in memory, checked against each request's stat: at most this much.
 _SMALL_FILES_BYTES = 32 * 1024 * 1024
-_CHUNK = 256 * 1024
 # More ranges than this in one request is a resource attack (CVE-2011-3192), not a client.
 _MAX_RANGES = 16
 _ALLOW = b"GET, HEAD"
@@ -264,59 +267,60 @@ class Exchange(ABC):
     def unregister_producer(self) -> None:
         """The producer has written everything."""
 
-    def send_file(self, file: IO[bytes], offset: int, count: int) -> bool:
+    def count_sent(self, size: int) -> None:
+        """Body bytes that went out past L{write}."""
+        self.sent += size
+
+    def send_file(self, file: IO[bytes], offset: int, count: int) -> Deferred[None]:
         """
-        Send C{count} bytes of C{file} from C{offset} with C{sendfile(2)}, then finish.
+        Send C{count} bytes of C{file} from C{offset} as the next piece of the body.
 
-        Returns C{False} when this wire cannot (TLS, HTTP/2): the caller streams instead.
+        Fires when they are sent; fails as L{netd.sendfile.send_file} does.
         """
-        return False
+        return send_file(_BodyConsumer(self), file, offset, count)
 
 
-@implementer(IPullProducer)
-class FileProducer:
-    """Streams byte ranges of an open file to an exchange as fast as it reads them."""
+@implementer(IConsumer)
+class _BodyConsumer:
+    """An exchange as what a file is sent to: its writes are the response body."""
 
-    def __init__(
-        self, exchange: Exchange, file: IO[bytes], parts: list[tuple[bytes, int, int]], tail: bytes
-    ) -> None:
+    def __init__(self, exchange: Exchange) -> None:
         self.exchange = exchange
-        self.file = file
-        self.parts = deque(parts)
-        self.tail = tail
-        self.remaining = 0
 
-    def start(self) -> None:
-        self.exchange.register_producer(self, False)
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.exchange.register_producer(producer, streaming)
 
-    def resumeProducing(self) -> None:
-        if self.remaining == 0:
-            if not self.parts:
-                self._done()
-                return
-            preamble, offset, count = self.parts.popleft()
-            if preamble:
-                self.exchange.write(preamble)
-            self.file.seek(offset)
-            self.remaining = count
-        data = self.file.read(min(_CHUNK, self.remaining))
-        if not data:  # the file shrank under us: the length we promised is a lie now
-            self.file.close()
-            self.exchange.unregister_producer()
-            self.exchange.abort()
-            return
-        self.remaining -= len(data)
+    def unregisterProducer(self) -> None:
+        self.exchange.unregister_producer()
+
+    def write(self, data: bytes) -> None:
         self.exchange.write(data)
 
-    def _done(self) -> None:
-        self.file.close()
-        self.exchange.unregister_producer()
-        if self.tail:
-            self.exchange.write(self.tail)
-        self.exchange.finish()
 
-    def stopProducing(self) -> None:
-        self.file.close()
+def _send_parts(
+    exchange: Exchange, file: IO[bytes], parts: list[tuple[bytes, int, int]], tail: bytes
+) -> None:
+    """Send each byte range of C{file} after its preamble, then C{tail}; close C{file} after."""
+    left = deque(parts)
+
+    def next_part(_: object = None) -> None:
+        if not left:
+            file.close()
+            exchange.write(tail)
+            exchange.finish()
+            return
+        preamble, offset, count = left.popleft()
+        exchange.write(preamble)
+        exchange.send_file(file, offset, count).addCallbacks(next_part, failed)
+
+    def failed(reason: Failure) -> None:
+        file.close()
+        if not reason.check(ConnectionLost):
+            # The file shrank or the socket failed: the length we promised is a
+            # lie now, and only cutting the connection tells the client.
+            exchange.abort()
+
+    next_part()
 
 
 class _DateCache:
@@ -628,9 +632,7 @@ class App:
         except OSError:
             raise _NotFound(403) from None
         exchange.start(status, headers, length)
-        if len(parts) == 1 and exchange.send_file(file, parts[0][1], parts[0][2]):
-            return
-        FileProducer(exchange, file, parts, tail).start()
+        _send_parts(exchange, file, parts, tail)
 
     # -- after the response ----------------------------------------------------------
 

@@ -11,8 +11,6 @@ is handed to twisted.web's L{H2Connection} and its requests reach the same L{App
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import deque
 from typing import IO, Any
 
@@ -20,7 +18,7 @@ import attrs
 import httptools
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, IPullProducer
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -28,6 +26,7 @@ from zope.interface import implementer
 
 from netd.compat import H2Connection, unwritten_bytes
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.sendfile import send_file
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
     App,
@@ -41,7 +40,6 @@ from netd.services.http.h2 import LimitedH2Connection, h2_site
 
 __all__ = ["HTTPConnection", "HTTPFactory", "Limits", "busy_reply", "factory_for"]
 
-_SENDFILE_CHUNK = 4 << 20
 _KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
 _CLOSE = b"Connection: close\r\n\r\n"
 
@@ -164,91 +162,11 @@ class LineExchange(Exchange):
     def unregister_producer(self) -> None:
         self.connection.transport.unregisterProducer()
 
-    def send_file(self, file: IO[bytes], offset: int, count: int) -> bool:
-        tracked = self.connection.transport
-        raw = getattr(tracked, "transport", None)
-        if not isinstance(raw, tcp.Connection) or self.chunked or self.method == "HEAD":
-            return False
-        _SendFile(self, raw, tracked, file, offset, count).start()
-        return True
-
-
-@implementer(IPullProducer)
-class _SendFile:
-    """
-    C{sendfile(2)} as a pull producer of a plain TCP transport.
-
-    The transport asks for more when its own buffer is empty (so the response
-    head has gone out first); we send straight from the file to the socket, then
-    ask the transport to tell us when the socket is writable again.
-    """
-
-    def __init__(
-        self,
-        exchange: LineExchange,
-        raw: tcp.Connection,
-        tracked: Any,
-        file: IO[bytes],
-        offset: int,
-        count: int,
-    ) -> None:
-        self.exchange = exchange
-        self.raw = raw
-        self.tracked = tracked
-        self.file = file
-        self.offset = offset
-        self.remaining = count
-        self.primed = False
-
-    def start(self) -> None:
-        # Corked, the head and the file leave in full segments: otherwise the
-        # head goes alone and the client pays an extra wake-up per response
-        # (wrk at 1 MiB was CPU-bound on exactly that).
-        self.raw.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-        self.exchange.register_producer(self, False)
-
-    def resumeProducing(self) -> None:
-        if not self.primed:
-            # Called at once by registerProducer, maybe with the head still buffered.
-            self.primed = True
-            self.raw.startWriting()
-            return
-        try:
-            sent = os.sendfile(
-                self.raw.fileno(),
-                self.file.fileno(),
-                self.offset,
-                min(self.remaining, _SENDFILE_CHUNK),
-            )
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.file.close()
-            self.exchange.unregister_producer()
-            self.exchange.abort()
-            return
-        if sent == 0 and self.remaining and self.offset >= os.fstat(self.file.fileno()).st_size:
-            self.file.close()  # truncated under us: the promised length cannot be met
-            self.exchange.unregister_producer()
-            self.exchange.abort()
-            return
-        self.offset += sent
-        self.remaining -= sent
-        self.exchange.sent += sent
-        if hasattr(self.tracked, "bytes_out"):
-            # Bytes that bypass the wrapper still count, or the idle sweep
-            # would take a long download for a dead connection.
-            self.tracked.bytes_out += sent
-        if self.remaining:
-            self.raw.startWriting()
-            return
-        self.file.close()
-        self.raw.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-        self.exchange.unregister_producer()
-        self.exchange.finish()
-
-    def stopProducing(self) -> None:
-        self.file.close()
+    def send_file(self, file: IO[bytes], offset: int, count: int) -> Deferred[None]:
+        if self.chunked or self.method == "HEAD":
+            return super().send_file(file, offset, count)
+        # Straight to the transport: sendfile(2) can write there, past Python.
+        return send_file(self.connection.transport, file, offset, count, self.count_sent)
 
 
 class _Splice:
