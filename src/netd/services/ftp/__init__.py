@@ -79,6 +79,7 @@ def parse(section: Section, profiles: TLSProfiles) -> FtpOptions:
             "max_login_failures", defaults.max_login_failures, minimum=1, maximum=1000
         ),
         data_timeout=section.number("data_timeout", defaults.data_timeout, minimum=0.1),
+        line_timeout=section.number("line_timeout", defaults.line_timeout, minimum=0.1),
     )
     return FtpOptions(
         root=root,

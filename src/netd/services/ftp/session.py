@@ -76,6 +76,7 @@ _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _IDLE = "421 Idle timeout, closing control connection."
+_SLOW_LINE = "421 Command line not complete in time, closing control connection."
 
 
 # Path commands Twisted implements, parsing paths itself (see Session._segments).
@@ -92,6 +93,9 @@ class SessionLimits:
     login_delay: float = 1.0
     max_login_failures: int = 3
     data_timeout: float = 30.0
+    # Seconds from a command line's first byte to its end: bytes trickled to
+    # keep a connection (slowloris) move no idle timer, so this one cuts them.
+    line_timeout: float = 30.0
 
 
 class FailedLogins:
@@ -256,6 +260,7 @@ class Session(ftp.FTP):
         self._stop_transfer: Callable[[], object] = lambda: None
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
+        self._line_deadline: IDelayedCall | None = None
         self.started = time.time()
         self.workingDirectory: list[str] = []
 
@@ -281,6 +286,8 @@ class Session(ftp.FTP):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.server.sessions.pop(self.id, None)
         self.disconnected = True
+        if self._line_deadline is not None and self._line_deadline.active():
+            self._line_deadline.cancel()
         for cleanup in self._cleanup:
             cleanup()
         self._cleanup = []
@@ -325,6 +332,25 @@ class Session(ftp.FTP):
         super().dataReceived(data)
         if not self.paused:
             self._owed.settled()
+        self._watch_line()
+
+    def _watch_line(self) -> None:
+        """Time the line being received, from its first byte; not one a running command holds."""
+        receiving = bool(self._buffer) and not self.paused
+        if receiving and self._line_deadline is None:
+            self._line_deadline = self.server.reactor.callLater(
+                self.server.limits.line_timeout, self._line_too_slow
+            )
+        elif not receiving and self._line_deadline is not None:
+            if self._line_deadline.active():
+                self._line_deadline.cancel()
+            self._line_deadline = None
+
+    def _line_too_slow(self) -> None:
+        self._line_deadline = None
+        self.server.stats.count("line_timeouts")
+        self.sendLine(_SLOW_LINE)
+        self.transport.loseConnection()
 
     def when_replied(self) -> Deferred[None]:
         # Lines after a command still running wait in the buffer, and run once
