@@ -22,8 +22,6 @@ import pytest
 
 from netd.testing import NetdProcess
 
-pytestmark = pytest.mark.integration
-
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
 LOGIN_DELAY = 0.2

@@ -20,8 +20,6 @@ import pytest
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
 
-pytestmark = pytest.mark.integration
-
 _BIG = bytes(range(256)) * 4096  # 1 MiB
 
 

@@ -19,8 +19,6 @@ import pytest
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
 
-pytestmark = pytest.mark.integration
-
 
 class _Upstream(BaseHTTPRequestHandler):
     """Echoes method, path and body as JSON; notes which connection each request came on."""

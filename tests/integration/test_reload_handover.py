@@ -14,11 +14,8 @@ from pathlib import Path
 
 import dns.message
 import dns.query
-import pytest
 
 from netd.testing import NetdProcess
-
-pytestmark = pytest.mark.integration
 
 _RELOADS = 12
 

@@ -25,7 +25,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
-from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
 from netd.services.ftp import FtpOptions
 from netd.services.ftp.data import LineEnds
@@ -48,24 +47,17 @@ from netd.services.ftp.session import (
     SessionLimits,
     _response,
 )
+from tests.maps import ServiceMap
 
 # -- the map section ----------------------------------------------------------------------
 
 
-def parse(tmp_path: Path, section: str) -> FtpOptions:
-    text = (
-        "tls: {lab: {self_signed: [localhost]}}\n"
-        f"services:\n  files:\n    type: ftp\n    listen: ['tcp:0']\n{section}"
-    )
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: FtpOptions = config.services["files"].options
-    return options
+FILES = ServiceMap("ftp", "files", FtpOptions, top="tls: {lab: {self_signed: [localhost]}}\n")
+parse = FILES.parse
 
 
 def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e).split(": ", 1)[1] for e in raised.value.errors]
+    return [e.split(": ", 1)[1] for e in FILES.errors(tmp_path, section)]
 
 
 def test_parse_values_and_defaults(tmp_path: Path) -> None:

@@ -27,7 +27,6 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers as TwistedHeaders
 from zope.interface import implementer
 
-from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.services.http import HttpOptions
 from netd.services.http.app import (
@@ -41,19 +40,11 @@ from netd.services.http.app import (
 )
 from netd.services.http.proxy import Proxy
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
+from tests.maps import ServiceMap
 
-
-def parse(tmp_path: Path, section: str) -> HttpOptions:
-    text = f"services:\n  web:\n    type: http\n    listen: ['tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: HttpOptions = config.services["web"].options
-    return options
-
-
-def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e) for e in raised.value.errors]
+WEB = ServiceMap("http", "web", HttpOptions)
+parse = WEB.parse
+errors = WEB.errors
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:

@@ -50,19 +50,11 @@ from netd.services.smtp.server import (
 )
 from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
+from tests.maps import ServiceMap
 
-
-def parse(tmp_path: Path, section: str, top: str = "") -> SmtpOptions:
-    text = f"{top}services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: SmtpOptions = config.services["mail"].options
-    return options
-
-
-def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e) for e in raised.value.errors]
+MAIL = ServiceMap("smtp", "mail", SmtpOptions)
+parse = MAIL.parse
+errors = MAIL.errors
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:

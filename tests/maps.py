@@ -1,0 +1,43 @@
+"""Maps of one service, parsed for the unit tests of that service's section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Generic, TypeVar
+
+import attrs
+import pytest
+
+from netd.config import ConfigErrors, parse_config
+
+Options = TypeVar("Options")
+
+
+@attrs.frozen
+class ServiceMap(Generic[Options]):
+    """
+    A map with one service, C{name} of C{kind}, whose section the test
+    writes: the preamble every kind's option tests share.
+    """
+
+    kind: str
+    name: str
+    options_type: type[Options]
+    listen: str = "['tcp:0']"
+    top: str = ""  # top-level keys the section refers to (a TLS profile, say)
+
+    def parse(self, tmp_path: Path, section: str, top: str = "") -> Options:
+        """The service's options after C{section} (indented under it) is parsed."""
+        text = (
+            f"{self.top}{top}services:\n  {self.name}:\n    type: {self.kind}\n"
+            f"    listen: {self.listen}\n{section}"
+        )
+        options = parse_config(text, tmp_path / "netd.yaml").services[self.name].options
+        assert isinstance(options, self.options_type)
+        return options
+
+    def errors(self, tmp_path: Path, section: str) -> list[str]:
+        """Every error C{section} is refused with, each with its file position."""
+        with pytest.raises(ConfigErrors) as raised:
+            self.parse(tmp_path, section)
+        return [str(e) for e in raised.value.errors]
