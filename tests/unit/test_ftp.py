@@ -47,6 +47,7 @@ from netd.services.ftp.session import (
     SessionLimits,
     _response,
 )
+from tests.fakes.transports import TLSStringTransport
 from tests.maps import ServiceMap
 
 # -- the map section ----------------------------------------------------------------------
@@ -349,15 +350,6 @@ def test_sendfile_is_only_for_plain_sockets() -> None:
 # -- sessions -------------------------------------------------------------------------------
 
 
-class _TLSCapableTransport(StringTransport):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.started_tls: list[object] = []
-
-    def startTLS(self, creator: object) -> None:
-        self.started_tls.append(creator)
-
-
 class Harness:
     def __init__(self, root: Path, **server_options: Any) -> None:
         self.reactor = MemoryReactorClock()
@@ -384,9 +376,9 @@ class Harness:
             **options,
         )
 
-    def connect(self, host: str = "127.0.0.1") -> tuple[Session, _TLSCapableTransport]:
+    def connect(self, host: str = "127.0.0.1") -> tuple[Session, TLSStringTransport]:
         session = self.server.factory(None, False).buildProtocol(None)
-        transport = _TLSCapableTransport(
+        transport = TLSStringTransport(
             peerAddress=IPv4Address("TCP", host, 40000),
             hostAddress=IPv4Address("TCP", "127.0.0.1", 2121),
         )
@@ -524,7 +516,7 @@ def test_ipv4_clients_of_a_dual_stack_listener_are_compared_as_ipv4(tmp_path: Pa
     harness = Harness(tmp_path, passive_ports=(30000, 30001))
     session = harness.server.factory(None, False).buildProtocol(None)
     # A listener on :: sees the IPv4 client 127.0.0.1 as ::ffff:127.0.0.1.
-    transport = _TLSCapableTransport(
+    transport = TLSStringTransport(
         peerAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 40000),
         hostAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 2121),
     )

@@ -22,6 +22,7 @@ from twisted.logger import LogEvent, globalLogPublisher
 
 from netd import endpoints
 from netd.systemd import Notifier, notify_address
+from tests.fakes.reactors import ListeningReactor
 
 
 @attrs.frozen
@@ -264,23 +265,11 @@ def test_nothing_inherited_outside_systemd() -> None:
         endpoints.server_endpoint(MemoryReactor(), "systemd:domain=INET:name=echo", Path("."))
 
 
-class UDPReactor(MemoryReactor):
-    """MemoryReactor has no listenUDP; this one records the calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.udp: list[tuple[int, DatagramProtocol, str]] = []
-
-    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "") -> object:
-        self.udp.append((port, protocol, interface))
-        return object()
-
-
 def test_listen_datagram(passed: list[tuple[str, int]]) -> None:
-    reactor = UDPReactor()
+    reactor = ListeningReactor()
     protocol = DatagramProtocol()
     endpoints.listen_datagram(reactor, "udp:5353:interface=127.0.0.1", protocol)
-    assert reactor.udp == [(5353, protocol, "127.0.0.1")]
+    assert reactor.udpPorts == [(5353, protocol, "127.0.0.1")]
     endpoints.listen_datagram(reactor, "systemd-udp:domain=INET:name=echo", protocol, passed)
     assert reactor.adoptedPorts == [(passed[1][1], socket.AF_INET, protocol, 8192)]
 
