@@ -41,3 +41,18 @@ class ServiceMap(Generic[Options]):
         with pytest.raises(ConfigErrors) as raised:
             self.parse(tmp_path, section)
         return [str(e) for e in raised.value.errors]
+
+
+def proxying(port: int, path: str, timeout: float, record: int | None = None) -> str:
+    """
+    A map whose http service C{web} proxies what is under C{path} to the root
+    of an upstream on loopback C{port}, recording the last C{record} requests
+    if given.
+    """
+    recording = "" if record is None else f"    record: {record}\n"
+    return (
+        "services:\n  web:\n    type: http\n"
+        '    listen: ["tcp:0:interface=127.0.0.1"]\n'
+        f"{recording}    routes:\n"
+        f'      - {{path: {path}, proxy: "http://127.0.0.1:{port}/", timeout: {timeout}}}\n'
+    )

@@ -11,31 +11,30 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import unused_port
+from tests.fakes.upstreams import QuietHandler, serving_http
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
 SECRET = b"top secret outside the root\n"
 
 
-class _Upstream(BaseHTTPRequestHandler):
+class _Upstream(QuietHandler):
     """Echoes what it got as JSON; /slow answers after a while."""
 
     protocol_version = "HTTP/1.1"
 
     def _answer(self) -> None:
         if self.path.startswith("/slow"):
-            time.sleep(3)
+            time.sleep(3)  # a slow upstream: what the proxy's timeout is tested against
         length = int(self.headers.get("Content-Length") or 0)
         if self.headers.get("Transfer-Encoding") == "chunked":
             body = b""
@@ -62,19 +61,11 @@ class _Upstream(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = _answer
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving_http(_Upstream) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

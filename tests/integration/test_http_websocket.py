@@ -12,7 +12,6 @@ import ssl
 import threading
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from websockets.sync.server import Server, ServerConnection, serve
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd, unused_port
+from tests.fakes.upstreams import QuietHandler, serving_http
 
 MiB = 1024 * 1024
 
@@ -51,18 +51,11 @@ class Upstream:
         self.thread.join(10)
 
 
-class _NoWebSockets(BaseHTTPRequestHandler):
+class _NoWebSockets(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = b"no websockets here\n"
-        self.send_response(403)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(403, b"no websockets here\n")
 
 
 @pytest.fixture
@@ -74,12 +67,8 @@ def upstream() -> Iterator[Upstream]:
 
 @pytest.fixture
 def refusing() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoWebSockets)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    thread.join(10)
+    with serving_http(_NoWebSockets) as port:
+        yield port
 
 
 @pytest.fixture
