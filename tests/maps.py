@@ -56,3 +56,19 @@ def proxying(port: int, path: str, timeout: float, record: int | None = None) ->
         f"{recording}    routes:\n"
         f'      - {{path: {path}, proxy: "http://127.0.0.1:{port}/", timeout: {timeout}}}\n'
     )
+
+
+def lab_map(services: str, state_dir: str | Path = "state", shutdown_grace: float = 1) -> str:
+    """
+    A map for the real daemon: C{services} (the YAML under C{services:}, each
+    service indented two spaces) with the self-signed TLS profile C{lab} for
+    localhost and 127.0.0.1, and a short C{shutdown_grace} so stopping is quick.
+    C{netd.testing} adds the admin listener.
+    """
+    return (
+        f"state_dir: {state_dir}\n"
+        f"shutdown_grace: {shutdown_grace}\n"
+        "tls:\n"
+        "  lab: {self_signed: [localhost, 127.0.0.1]}\n"
+        f"services:\n{services.lstrip(chr(10))}"
+    )

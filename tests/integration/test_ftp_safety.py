@@ -11,17 +11,14 @@ from typing import Any
 
 import pytest
 
+from tests.maps import lab_map
+
 SECRET = b"secret outside the root\n"
 
 
 def _config(base: Path) -> str:
-    return f"""
-state_dir: state
-shutdown_grace: 1
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    return lab_map(
+        f"""
   files:
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]
@@ -39,6 +36,7 @@ services:
     require_tls: true
     data_timeout: 5
 """
+    )
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ import pytest
 from netd.testing import NetdProcess
 from tests.conftest import unused_port
 from tests.fakes.upstreams import QuietHandler, serving_http
+from tests.maps import lab_map
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
@@ -91,13 +92,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def netd(
     tmp_path_factory: pytest.TempPathFactory, site: Path, upstream: int
 ) -> Iterator[NetdProcess]:
-    config = f"""
-state_dir: state
-shutdown_grace: 2
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    config = lab_map(
+        f"""
   web:
     type: http
     listen:
@@ -129,7 +125,9 @@ services:
     listing: true
     http2: false
     access_log: false
-"""
+""",
+        shutdown_grace=2,
+    )
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
     process.stop()
@@ -396,21 +394,14 @@ def test_access_log_in_combined_format(netd: NetdProcess) -> None:
     assert "127.0.0.1 - - [" in netd.output
 
 
-def admin(netd: NetdProcess, method: str, path: str) -> object:
-    entry = netd.ports["admin"]["listeners"][0]
-    request = urllib.request.Request(f"http://{entry['host']}:{entry['port']}{path}", method=method)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
 def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
-    admin(netd, "DELETE", "/api/services/web/requests")
+    netd.admin("DELETE", "/api/services/web/requests")
     connection = http.client.HTTPConnection(*netd.address("web"), timeout=5)
     connection.request("POST", "/api/rec", body=b"0123456789" * 5, headers={"X-Tag": "rec"})
     connection.getresponse().read()
     connection.close()
     assert get(netd, "/missing")[0] == 404
-    records = admin(netd, "GET", "/api/services/web/requests")
+    records = netd.admin("GET", "/api/services/web/requests")
     assert isinstance(records, list) and len(records) == 2
     posted, missing = records
     assert posted["method"] == "POST" and posted["path"] == "/api/rec"
@@ -419,8 +410,8 @@ def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
     assert posted["body"] == "0123456789012345"  # record_body: 16
     assert posted["body_size"] == 50 and posted["body_truncated"] is True
     assert missing["status"] == 404 and isinstance(missing["time"], float)
-    assert admin(netd, "DELETE", "/api/services/web/requests") == {"cleared": 2}
-    assert admin(netd, "GET", "/api/services/web/requests") == []
+    assert netd.admin("DELETE", "/api/services/web/requests") == {"cleared": 2}
+    assert netd.admin("GET", "/api/services/web/requests") == []
 
 
 # -- limits and bad input ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 from netd.testing import AdminError, NetdProcess
 from tests.conftest import StartNetd, unused_port
-from tests.integration.test_smtp import config, messages_to, smtp
+from tests.integration.test_smtp import config, smtp
 
 
 def _reply(stream) -> bytes:  # type: ignore[no-untyped-def]
@@ -65,11 +65,11 @@ def test_big_envelope_survives_restart(start_netd: StartNetd, tmp_path: Path) ->
         assert _reply(stream).startswith(b"354")
         sock.sendall(b"Subject: many\r\n\r\nbody\r\n.\r\n")
         assert _reply(stream).startswith(b"250 2.0.0 Ok: queued")
-    first_id = messages_to(first, f"{local}00000@netd.test")[0]["id"]
+    first_id = first.messages("mail", to=f"{local}00000@netd.test")[0]["id"]
     first.process.kill()
     first.process.wait()
     second = start_netd(text)
-    listed = messages_to(second, f"{local}00000@netd.test")
+    listed = second.messages("mail", to=f"{local}00000@netd.test")
     assert [m["id"] for m in listed] == [first_id]
 
 
@@ -193,7 +193,7 @@ def test_reload_lets_a_message_in_data_finish_on_the_old_service(
         except OSError as e:
             answer = repr(e).encode()
         assert answer.startswith(b"250"), answer
-    assert len(messages_to(netd, "reload@netd.test")) == 1
+    assert len(netd.messages("mail", to="reload@netd.test")) == 1
 
 
 def test_failed_tls_handshakes_do_not_leak_per_client_slots(
@@ -307,8 +307,8 @@ def test_queued_relay_mail_cannot_be_dropped_through_the_admin_api(
     netd = start_netd(text)
     with smtp(netd) as client:
         client.sendmail("a@client.test", ["queued@far.test"], b"Subject: q\r\n\r\nx\r\n")
-    assert len(messages_to(netd, "queued@far.test")) == 1
+    assert len(netd.messages("mail", to="queued@far.test")) == 1
     with pytest.raises(AdminError) as refused:
         netd.admin("DELETE", "/api/services/mail/messages")
     assert refused.value.status == 405
-    assert len(messages_to(netd, "queued@far.test")) == 1
+    assert len(netd.messages("mail", to="queued@far.test")) == 1
