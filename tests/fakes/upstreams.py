@@ -7,6 +7,11 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from websockets.sync.server import Server, ServerConnection, serve
+
+MiB = 1024 * 1024
 
 
 class QuietHandler(BaseHTTPRequestHandler):
@@ -87,3 +92,31 @@ def read_head(sock: socket.socket) -> bytes:
             break
         data += chunk
     return data
+
+
+class WebSocketUpstream:
+    """
+    A WebSocket server (the C{websockets} library's) that echoes every
+    message, says goodbye and closes on 'bye', and keeps each handshake.
+    """
+
+    def __init__(self) -> None:
+        self.handshakes: list[Any] = []
+        self.server: Server = serve(self.handle, "127.0.0.1", 0, max_size=4 * MiB)
+        self.port: int = self.server.socket.getsockname()[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def handle(self, connection: ServerConnection) -> None:
+        assert connection.request is not None
+        self.handshakes.append(connection.request)
+        for message in connection:
+            if message == "bye":
+                connection.send("goodbye")
+                connection.close()
+                return
+            connection.send(message)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.thread.join(10)

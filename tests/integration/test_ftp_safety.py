@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from tests.maps import lab_map
+from tests.signals import client_address, wait_closed
 
 SECRET = b"secret outside the root\n"
 
@@ -114,7 +115,9 @@ def test_stor_target_dir_swapped_for_symlink_before_data_connection(
     login(sock, reader, b"alice", b"wonderland")
     port = pasv_port(command(sock, reader, b"PASV"))
     sock.sendall(b"STOR sub/planted.txt\r\n")
-    time.sleep(0.5)  # the STOR check has run; it now waits for the data connection
+    # Time for the STOR check to run; netd shows nothing until the data
+    # connection comes, and the swap must fall between the two.
+    time.sleep(0.5)
     sub.rmdir()
     sub.symlink_to(site / "outside")
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -136,7 +139,7 @@ def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Pat
     login(sock, reader, b"alice", b"wonderland")
     port = pasv_port(command(sock, reader, b"PASV"))
     sock.sendall(b"APPE log.txt\r\n")
-    time.sleep(0.5)
+    time.sleep(0.5)  # as above: the swap falls between the check and the data connection
     target.unlink()
     target.symlink_to(site / "secret.txt")
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -145,7 +148,7 @@ def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Pat
     reader.readline()
     reader.readline()
     sock.close()
-    time.sleep(0.3)
+    daemon.wait_for("files", "ftp.transfer", path="/log.txt")  # the upload is done with
     # The upload must not have put a file with the outside bytes in the link's place
     # (the link itself, left as planted, still points out: reading it proves nothing).
     got = target.read_bytes() if target.exists() and not target.is_symlink() else b""
@@ -179,6 +182,7 @@ def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
         return 0
 
     sock, _ = control(daemon)
+    client = client_address(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     before = rss()
     burst = b"FEAT\r\n" * 10000
@@ -191,7 +195,7 @@ def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
             sent += len(burst)
     except (TimeoutError, OSError):
         pass
-    time.sleep(1)
+    wait_closed(daemon, "files", client)  # cut, with what it had buffered let go
     grown = rss() - before
     sock.close()
     assert grown < 64 << 20, f"server RSS grew by {grown >> 20} MiB for {sent >> 20} MiB sent"

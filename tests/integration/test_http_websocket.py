@@ -9,46 +9,16 @@ import base64
 import os
 import socket
 import ssl
-import threading
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import connect
-from websockets.sync.server import Server, ServerConnection, serve
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd, unused_port
-from tests.fakes.upstreams import QuietHandler, serving_http
-
-MiB = 1024 * 1024
-
-
-class Upstream:
-    """Echoes every message; says goodbye and closes on 'bye'; keeps each handshake."""
-
-    def __init__(self) -> None:
-        self.handshakes: list[Any] = []
-        self.server: Server = serve(self.handle, "127.0.0.1", 0, max_size=4 * MiB)
-        self.port: int = self.server.socket.getsockname()[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def handle(self, connection: ServerConnection) -> None:
-        assert connection.request is not None
-        self.handshakes.append(connection.request)
-        for message in connection:
-            if message == "bye":
-                connection.send("goodbye")
-                connection.close()
-                return
-            connection.send(message)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.thread.join(10)
+from tests.fakes.upstreams import MiB, QuietHandler, WebSocketUpstream, serving_http
 
 
 class _NoWebSockets(QuietHandler):
@@ -59,8 +29,8 @@ class _NoWebSockets(QuietHandler):
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
+def upstream() -> Iterator[WebSocketUpstream]:
+    server = WebSocketUpstream()
     yield server
     server.stop()
 
@@ -72,7 +42,7 @@ def refusing() -> Iterator[int]:
 
 
 @pytest.fixture
-def netd(start_netd: StartNetd, upstream: Upstream, refusing: int) -> NetdProcess:
+def netd(start_netd: StartNetd, upstream: WebSocketUpstream, refusing: int) -> NetdProcess:
     return start_netd(
         f"""
 tls:
@@ -102,7 +72,9 @@ def still_serving(netd: NetdProcess) -> None:
         assert answer.read() == b"ok\n"
 
 
-def test_messages_flow_both_ways_through_the_proxy(netd: NetdProcess, upstream: Upstream) -> None:
+def test_messages_flow_both_ways_through_the_proxy(
+    netd: NetdProcess, upstream: WebSocketUpstream
+) -> None:
     with connect(ws_url(netd, "/ws/chat?room=1"), max_size=4 * MiB, open_timeout=10) as ws:
         ws.send("hello")
         assert ws.recv(timeout=10) == "hello"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from netd.testing import AdminError, NetdProcess
 from tests.conftest import StartNetd, unused_port
+from tests.fakes.upstreams import RawUpstream
 from tests.integration.test_smtp import config, smtp
 
 
@@ -222,24 +222,9 @@ class _RawSmarthost:
     """Refuses rcpt 'multi*' with a multi-line 550; records every DATA it accepts."""
 
     def __init__(self) -> None:
-        import threading
-
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(8)
-        self.port = self.server.getsockname()[1]
         self.received: list[bytes] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._serve(conn)
+        self.upstream = RawUpstream(self._serve)
+        self.port = self.upstream.port
 
     def _serve(self, conn: socket.socket) -> None:
         stream = conn.makefile("rb")
@@ -270,7 +255,7 @@ class _RawSmarthost:
                 conn.sendall(b"250 ok\r\n")
 
     def stop(self) -> None:
-        self.server.close()
+        self.upstream.stop()
 
 
 def test_bounce_sent_on_has_no_bare_lf(start_netd: StartNetd, tmp_path: Path) -> None:
@@ -285,9 +270,9 @@ def test_bounce_sent_on_has_no_bare_lf(start_netd: StartNetd, tmp_path: Path) ->
         netd = start_netd(text)
         with smtp(netd) as client:
             client.sendmail("alice@client.test", ["multi@far.test"], b"Subject: m\r\n\r\nx\r\n")
-        deadline = time.time() + 15
-        while not upstream.received and time.time() < deadline:
-            time.sleep(0.1)
+        # The bounce to the sender is the one delivery: its event says the
+        # smarthost has answered its DATA.
+        netd.wait_for("mail", "message.delivered", timeout=15, recipients=["alice@client.test"])
         [bounce] = upstream.received
         body = bounce.replace(b"\r\n", b"")
         assert b"\n" not in body and b"\r" not in body, bounce
