@@ -24,6 +24,7 @@ import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import command, control, hang_up, passive_port
 from tests.maps import lab_map
 
 CURL = shutil.which("curl")
@@ -174,45 +175,16 @@ def url(netd: NetdProcess, path: str, user: str = "", tls: bool = False) -> str:
     return f"{'ftps' if tls else 'ftp'}://{user}{host}:{port}{path}"
 
 
-def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:
-    """A raw control connection, logged in anonymously when the service allows it."""
-    sock = socket.create_connection(netd.address(service), timeout=5)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
 def login_raw(sock: socket.socket, reader: Any, user: bytes = b"anonymous") -> None:
     command(sock, reader, b"USER " + user)
     password = b"wonderland" if user == b"alice" else b"guest@"
     assert command(sock, reader, b"PASS " + password).startswith(b"230")
 
 
-def passive_port(reply: bytes) -> int:
-    numbers = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
-    assert numbers is not None, reply
-    return int(numbers.group(5)) << 8 | int(numbers.group(6))
-
-
 def reset(sock: socket.socket, reader: Any = None) -> None:
     """Close with a TCP reset, as a crashed client's kernel does."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     hang_up(sock, reader)
-
-
-def hang_up(sock: socket.socket, reader: Any = None) -> None:
-    # A socket's makefile() keeps it open until the file is closed too.
-    if reader is not None:
-        reader.close()
-    sock.close()
 
 
 # -- ftplib -----------------------------------------------------------------------------

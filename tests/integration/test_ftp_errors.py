@@ -10,17 +10,16 @@ import contextlib
 import ftplib
 import io
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import command, control, hang_up
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -57,26 +56,6 @@ services:
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
     process.stop()
-
-
-def control(netd: NetdProcess) -> tuple[socket.socket, Any]:
-    sock = socket.create_connection(netd.address("files"), timeout=10)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
-def hang_up(sock: socket.socket, reader: Any) -> None:
-    reader.close()
-    sock.close()
 
 
 def login(netd: NetdProcess) -> ftplib.FTP:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 import time
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.clients import command, control, passive_port
 from tests.maps import lab_map
 from tests.signals import client_address, wait_closed
 
@@ -56,30 +56,9 @@ def daemon(start_netd: Any, site: Path) -> Any:
     return start_netd(_config(site))
 
 
-def control(netd: Any, service: str = "files") -> tuple[socket.socket, Any]:
-    sock = socket.create_connection(netd.address(service), timeout=10)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: Any, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
 def login(sock: Any, reader: Any, user: bytes, password: bytes) -> None:
     command(sock, reader, b"USER " + user)
     assert command(sock, reader, b"PASS " + password).startswith(b"230")
-
-
-def pasv_port(reply: bytes) -> int:
-    m = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
-    assert m is not None, reply
-    return int(m.group(5)) << 8 | int(m.group(6))
 
 
 # -- 1. require_tls / PROT P bypass -----------------------------------------------------
@@ -93,7 +72,7 @@ def test_pasv_before_prot_p_is_never_a_clear_data_connection(daemon: Any, site: 
     tls = context.wrap_socket(sock, server_hostname="localhost")
     treader = tls.makefile("rb")
     login(tls, treader, b"carol", b"secret")
-    port = pasv_port(command(tls, treader, b"PASV"))  # before PBSZ/PROT
+    port = passive_port(command(tls, treader, b"PASV"))  # before PBSZ/PROT
     assert command(tls, treader, b"PBSZ 0").startswith(b"200")
     assert command(tls, treader, b"PROT P").startswith(b"200")
     # The channel opened for the old level is gone: a new PASV is needed.
@@ -113,7 +92,7 @@ def test_stor_target_dir_swapped_for_symlink_before_data_connection(
     sub.mkdir()
     sock, reader = control(daemon)
     login(sock, reader, b"alice", b"wonderland")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     sock.sendall(b"STOR sub/planted.txt\r\n")
     # Time for the STOR check to run; netd shows nothing until the data
     # connection comes, and the swap must fall between the two.
@@ -137,7 +116,7 @@ def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Pat
     target.write_bytes(b"x" * len(SECRET))
     sock, reader = control(daemon)
     login(sock, reader, b"alice", b"wonderland")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     sock.sendall(b"APPE log.txt\r\n")
     time.sleep(0.5)  # as above: the swap falls between the check and the data connection
     target.unlink()
@@ -209,7 +188,7 @@ def test_huge_rest_offset_is_refused_cleanly(daemon: Any, mode: bytes) -> None:
     sock, reader = control(daemon)
     login(sock, reader, b"anonymous", b"guest@")
     assert command(sock, reader, mode).startswith(b"200")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
     assert command(sock, reader, b"REST 99999999999999999999999").startswith(b"501")
     assert command(sock, reader, b"REST 999999").startswith(b"350")  # past the end

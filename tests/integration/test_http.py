@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import raw_http
 from tests.conftest import unused_port
 from tests.fakes.upstreams import QuietHandler, serving_http
 from tests.maps import lab_map
@@ -136,19 +137,6 @@ def netd(
 def url(netd: NetdProcess, path: str, service: str = "web", tls: bool = False) -> str:
     host, port = netd.address(service, tls=tls)
     return f"{'https' if tls else 'http'}://{host}:{port}{path}"
-
-
-def raw(netd: NetdProcess, data: bytes, service: str = "web") -> bytes:
-    """Send bytes as they are; return everything until netd closes (or 5 s pass)."""
-    with socket.create_connection(netd.address(service), timeout=5) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return b"".join(chunks)
 
 
 def status_of(response: bytes) -> int:
@@ -296,7 +284,9 @@ TRICKS = [
 def test_traversal_battery(netd: NetdProcess) -> None:
     assert len(TRICKS) >= 20
     for trick in TRICKS:
-        answer = raw(netd, b"GET " + trick + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = raw_http(
+            netd, b"GET " + trick + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         assert status_of(answer) in (400, 403, 404), (trick, answer[:200])
         assert SECRET not in answer and b"root:" not in answer, trick
     assert_serving(netd)
@@ -419,26 +409,26 @@ def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
 
 def test_limits(netd: NetdProcess) -> None:
     long_url = b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    assert status_of(raw(netd, long_url)) == 414
+    assert status_of(raw_http(netd, long_url)) == 414
     big_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 8000 + b"\r\n\r\n"
-    assert status_of(raw(netd, big_header)) == 431
+    assert status_of(raw_http(netd, big_header)) == 431
     endless_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 200_000
-    assert status_of(raw(netd, endless_header)) == 431
+    assert status_of(raw_http(netd, endless_header)) == 431
     many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(40))
-    assert status_of(raw(netd, many + b"\r\n")) == 431
+    assert status_of(raw_http(netd, many + b"\r\n")) == 431
     body = b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
-    assert status_of(raw(netd, body)) == 413
+    assert status_of(raw_http(netd, body)) == 413
     chunked = b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunked += b"10000\r\n" + b"z" * 0x10000 + b"\r\n" + b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
-    assert status_of(raw(netd, chunked)) == 413
-    assert status_of(raw(netd, b"GET / HTTP/1.1\r\n\r\n")) == 400  # no Host
-    assert status_of(raw(netd, b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")) == 505
+    assert status_of(raw_http(netd, chunked)) == 413
+    assert status_of(raw_http(netd, b"GET / HTTP/1.1\r\n\r\n")) == 400  # no Host
+    assert status_of(raw_http(netd, b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")) == 505
     assert_serving(netd)
 
 
 def test_keepalive_cap_and_pipelining(netd: NetdProcess) -> None:
     request = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
-    answer = raw(netd, request * 7)  # pipelined; the cap is 5 a connection
+    answer = raw_http(netd, request * 7)  # pipelined; the cap is 5 a connection
     assert answer.count(b"HTTP/1.1 200 OK") == 5
     assert answer.count(b"hello, world\n") == 5
     assert answer.rstrip(b"\n").endswith(b"hello, world")
@@ -486,14 +476,14 @@ SMUGGLING = {
 
 @pytest.mark.parametrize("case", sorted(SMUGGLING))
 def test_smuggling_and_garbage_get_400_and_close(netd: NetdProcess, case: str) -> None:
-    answer = raw(netd, SMUGGLING[case])
+    answer = raw_http(netd, SMUGGLING[case])
     assert status_of(answer) == 400, answer[:300]
     assert answer.count(b"HTTP/1.1") == 1 and b"Connection: close" in answer
     assert_serving(netd)
 
 
 def test_unsupported_transfer_coding_is_501(netd: NetdProcess) -> None:
-    answer = raw(
+    answer = raw_http(
         netd, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
     )
     assert status_of(answer) == 501
@@ -504,7 +494,7 @@ def test_client_that_stops_reading(netd: NetdProcess) -> None:
     stuck = socket.create_connection(netd.address("web"), timeout=5)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET /digits.bin HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
-    hello = raw(netd, b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    hello = raw_http(netd, b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert hello.endswith(b"hello, world\n")
     stuck.close()
     assert_serving(netd)

@@ -20,6 +20,7 @@ import h2.settings
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import raw_http
 from tests.conftest import unused_port
 from tests.signals import client_address, wait_closed
 
@@ -127,21 +128,8 @@ def test_client_leaving_a_proxied_request_is_quiet(netd: NetdProcess) -> None:
 # -- 4. one normalised path for routes, the proxy, redirects and the root -------------------
 
 
-def raw(netd: NetdProcess, data: bytes) -> bytes:
-    """Send bytes as they are; everything until netd closes."""
-    with socket.create_connection(netd.address("web"), timeout=5) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return b"".join(chunks)
-
-
 def head_of(netd: NetdProcess, target: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-    answer = raw(netd, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    answer = raw_http(netd, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     fields = dict(line.split(b": ", 1) for line in lines[1:])
