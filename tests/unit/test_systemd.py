@@ -18,7 +18,7 @@ import pytest
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from netd import endpoints
 from netd.systemd import Notifier, notify_address
@@ -58,14 +58,6 @@ def manager(tmp_path: Path) -> Iterator[socket.socket]:
         sock.bind(str(tmp_path / "notify"))
         sock.setblocking(False)
         yield sock
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def received(sock: socket.socket) -> list[list[str]]:
