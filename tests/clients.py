@@ -1,8 +1,9 @@
-"""Clients typed by hand: raw FTP control connections and raw HTTP bytes."""
+"""Clients the integration tests share: raw FTP control connections, raw HTTP, smtplib."""
 
 from __future__ import annotations
 
 import re
+import smtplib
 import socket
 from typing import Any
 
@@ -51,3 +52,9 @@ def raw_http(netd: NetdProcess, data: bytes, service: str = "web") -> bytes:
         except (TimeoutError, ConnectionResetError):
             pass
     return b"".join(chunks)
+
+
+def smtp(netd: NetdProcess) -> smtplib.SMTP:
+    """smtplib on the C{mail} service, saying EHLO as client.test."""
+    host, port = netd.address("mail")
+    return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)

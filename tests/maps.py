@@ -1,4 +1,7 @@
-"""Maps of one service, parsed for the unit tests of that service's section."""
+"""
+Maps the tests share: one service parsed for its section's unit tests, and
+maps for the real daemon with the preamble several modules had in common.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 import attrs
+import bcrypt
 import pytest
 
 from netd.config import ConfigErrors, parse_config
@@ -71,4 +75,41 @@ def lab_map(services: str, state_dir: str | Path = "state", shutdown_grace: floa
         "tls:\n"
         "  lab: {self_signed: [localhost, 127.0.0.1]}\n"
         f"services:\n{services.lstrip(chr(10))}"
+    )
+
+
+# Cost 4 keeps the test fast; the map takes any bcrypt cost.
+BOB_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+
+
+def mail_map(state_dir: Path, **extra: str) -> str:
+    """
+    The smtp service C{mail} the smtp tests share: capture mode, STARTTLS and
+    TLS on connect, AUTH for bob and carol; C{extra} keys added to it.
+    """
+    text = lab_map(
+        f"""
+  mail:
+    type: smtp
+    listen:
+      - "tcp:0:interface=127.0.0.1"
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
+    hostname: mx.netd.test
+    tls: lab
+    max_message_size: 65536
+    max_recipients: 5
+    max_connections_per_client: 8
+    auth: {{users: {{bob: {{password: "{BOB_HASH}"}}, carol: {{password: plain}}}}}}
+    relay: {{allow_from: [], domains: [netd.test]}}
+""",
+        state_dir,
+        shutdown_grace=2,
+    )
+    return text + "".join(f"    {key}: {value}\n" for key, value in extra.items())
+
+
+def relaying(state_dir: Path, delivery: str) -> str:
+    """L{mail_map}, relaying for 127.0.0.1 with C{delivery} (the inside of its flow mapping)."""
+    return mail_map(state_dir).replace("allow_from: []", "allow_from: [127.0.0.1]") + (
+        f"    delivery: {{{delivery}}}\n"
     )

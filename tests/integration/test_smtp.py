@@ -18,7 +18,6 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -29,40 +28,17 @@ from aiosmtpd.smtp import AuthResult
 
 from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
+from tests.clients import smtp
 from tests.conftest import StartNetd
-from tests.maps import lab_map
+from tests.maps import mail_map, relaying
 
 SWAKS = shutil.which("swaks")
-# Cost 4 keeps the test fast; the map takes any bcrypt cost.
-BOB_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
-
-
-def config(state_dir: Path, **extra: str) -> str:
-    text = lab_map(
-        f"""
-  mail:
-    type: smtp
-    listen:
-      - "tcp:0:interface=127.0.0.1"
-      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
-    hostname: mx.netd.test
-    tls: lab
-    max_message_size: 65536
-    max_recipients: 5
-    max_connections_per_client: 8
-    auth: {{users: {{bob: {{password: "{BOB_HASH}"}}, carol: {{password: plain}}}}}}
-    relay: {{allow_from: [], domains: [netd.test]}}
-""",
-        state_dir,
-        shutdown_grace=2,
-    )
-    return text + "".join(f"    {key}: {value}\n" for key, value in extra.items())
 
 
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     base = tmp_path_factory.mktemp("smtp")
-    with NetdProcess.start(config(base / "state"), base) as process:
+    with NetdProcess.start(mail_map(base / "state"), base) as process:
         yield process
 
 
@@ -79,11 +55,6 @@ def message(to: str, subject: str = "hello", body: str = "Hi there.\n") -> Email
     mail["Subject"] = subject
     mail.set_content(body)
     return mail
-
-
-def smtp(netd: NetdProcess) -> smtplib.SMTP:
-    host, port = netd.address("mail")
-    return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)
 
 
 def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -> None:
@@ -295,7 +266,7 @@ def test_connections_per_client(netd: NetdProcess) -> None:
 
 
 def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path: Path) -> None:
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     first = start_netd(text)
     with smtp(first) as client:
         client.sendmail("a@client.test", ["durable@netd.test"], b"Subject: durable\r\n\r\nkept\r\n")
@@ -376,7 +347,7 @@ def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path: Path) -> None:
     smarthost = Smarthost()
-    text = config(tmp_path / "state").replace(
+    text = mail_map(tmp_path / "state").replace(
         "relay: {allow_from: [], ", "relay: {allow_from: [127.0.0.1], "
     )
     text += (
@@ -487,10 +458,10 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
     exchanger = Smarthost(auth_required=False)
     exchanger.start()
     try:
-        text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-        text += (
-            f"    delivery: {{mode: mx, port: {exchanger.port}, tls: none, retry: [0.2],\n"
-            f"      resolver: '127.0.0.1:{resolver.port}'}}\n"
+        text = relaying(
+            tmp_path / "state",
+            f"mode: mx, port: {exchanger.port}, tls: none, retry: [0.2],"
+            f" resolver: '127.0.0.1:{resolver.port}'",
         )
         netd = start_netd(text)
         with smtp(netd) as client:
@@ -569,10 +540,9 @@ def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     smarthost = Smarthost(auth_required=False)  # down for now: the message stays queued
-    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-    text += (
-        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
-        "      retry: [0.2]}\n"
+    text = relaying(
+        tmp_path / "state",
+        f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none, retry: [0.2]",
     )
     first = start_netd(text)
     with smtp(first) as client:
@@ -591,7 +561,7 @@ def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
 
 
 def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: Path) -> None:
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     netd = start_netd(text)
     with smtp(netd) as client:
         client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
@@ -604,7 +574,7 @@ def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: P
 def test_a_silent_client_is_timed_out_and_others_are_served(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
-    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
+    netd = start_netd(mail_map(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
     host, port = netd.address("mail")
     with socket.create_connection((host, port), timeout=10) as silent:
         replies = silent.makefile("rb")
@@ -624,7 +594,7 @@ def test_a_client_silent_in_data_gets_the_data_timeout_reply(
 ) -> None:
     # idle_timeout is left to its default: at least the longest smtp timeout, so
     # the core's idle sweep never cuts a client before smtp's own timer answers.
-    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="1.5"))
+    netd = start_netd(mail_map(tmp_path / "state", command_timeout="0.5", data_timeout="1.5"))
     assert netd.services()["mail"]["state"] == "running"
     with socket.create_connection(netd.address("mail"), timeout=10) as sock:
         sock.sendall(

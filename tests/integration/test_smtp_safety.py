@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from netd.testing import AdminError, NetdProcess
+from tests.clients import smtp
 from tests.conftest import StartNetd, unused_port
 from tests.fakes.upstreams import RawUpstream
-from tests.integration.test_smtp import config, smtp
+from tests.maps import mail_map, relaying
 
 
 def _reply(stream) -> bytes:  # type: ignore[no-untyped-def]
@@ -36,7 +37,7 @@ def test_mail_size_with_huge_number_gets_a_reply_and_session_goes_on(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """SIZE= with thousands of digits gets a reply (int() of that many digits raises)."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test> SIZE=" + b"9" * 5000 + b"\r\n")
@@ -48,7 +49,7 @@ def test_mail_size_with_huge_number_gets_a_reply_and_session_goes_on(
 
 def test_big_envelope_survives_restart(start_netd: StartNetd, tmp_path: Path) -> None:
     """An envelope line over 1 MiB (many recipients) is read whole at recovery."""
-    text = config(tmp_path / "state").replace("max_recipients: 5", "max_recipients: 20000")
+    text = mail_map(tmp_path / "state").replace("max_recipients: 5", "max_recipients: 20000")
     first = start_netd(text)
     count = 16000
     local = "r" * 58
@@ -75,7 +76,7 @@ def test_big_envelope_survives_restart(start_netd: StartNetd, tmp_path: Path) ->
 
 def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: Path) -> None:
     """SIGTERM lets a message in DATA finish and be answered within shutdown_grace."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<term@netd.test>\r\nDATA\r\n")
@@ -106,7 +107,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """A client that pipelines commands and never reads the replies is cut."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     pid = netd.process.pid
     host, port = netd.address("mail")
     before = _status_kb(pid)
@@ -130,7 +131,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
 
 def test_bare_postmaster_is_accepted_from_anyone(start_netd: StartNetd, tmp_path: Path) -> None:
     """RFC 5321 4.5.1: <postmaster> is accepted from anyone."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     with smtp(netd) as client:
         client.ehlo()
         assert client.mail("a@client.test")[0] == 250
@@ -140,7 +141,7 @@ def test_bare_postmaster_is_accepted_from_anyone(start_netd: StartNetd, tmp_path
 
 def test_bare_lf_command_gets_an_answer(start_netd: StartNetd, tmp_path: Path) -> None:
     """A command ended by a bare LF (netcat, broken scripts) gets an answer at once."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.settimeout(3)
@@ -156,7 +157,7 @@ def test_a_message_of_short_lines_costs_little_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """The line-length check does not split a big message into millions of lines."""
-    text = config(tmp_path / "state").replace(
+    text = mail_map(tmp_path / "state").replace(
         "max_message_size: 65536", "max_message_size: 10485760"
     )
     netd = start_netd(text)
@@ -177,7 +178,7 @@ def test_reload_lets_a_message_in_data_finish_on_the_old_service(
 ) -> None:
     """A reload lets a message in DATA on the old service finish and be listed."""
 
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     netd = start_netd(text)
     sock, stream = _session(netd)
     with sock:
@@ -202,7 +203,7 @@ def test_failed_tls_handshakes_do_not_leak_per_client_slots(
     """Per-client counting survives failed implicit-TLS handshakes and resets."""
     import struct
 
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     tls_entry = next(e for e in netd.listeners("mail") if e["tls"])
     for _ in range(20):
         with socket.create_connection((tls_entry["host"], tls_entry["port"]), timeout=5) as s:
@@ -262,10 +263,9 @@ def test_bounce_sent_on_has_no_bare_lf(start_netd: StartNetd, tmp_path: Path) ->
     """A bounce quoting a multi-line remote reply sends no bare LF to the next hop."""
     upstream = _RawSmarthost()
     try:
-        text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-        text += (
-            f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{upstream.port}',"
-            " tls: none, retry: [0.2]}\n"
+        text = relaying(
+            tmp_path / "state",
+            f"mode: smarthost, smarthost: '127.0.0.1:{upstream.port}', tls: none, retry: [0.2]",
         )
         netd = start_netd(text)
         with smtp(netd) as client:
@@ -284,10 +284,9 @@ def test_queued_relay_mail_cannot_be_dropped_through_the_admin_api(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """It leaves the spool delivered or bounced; DELETE is for capture mode (405 here)."""
-    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-    text += (
-        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{unused_port()}', tls: none,"
-        " retry: [3600]}\n"
+    text = relaying(
+        tmp_path / "state",
+        f"mode: smarthost, smarthost: '127.0.0.1:{unused_port()}', tls: none, retry: [3600]",
     )
     netd = start_netd(text)
     with smtp(netd) as client:
