@@ -26,6 +26,7 @@ import pytest
 from netd.testing import NetdProcess
 from tests.clients import command, control, hang_up, passive_port
 from tests.maps import lab_map
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -147,10 +148,7 @@ def last_event_id(netd: NetdProcess) -> int:
 
 def wait_for_no_sessions(netd: NetdProcess, service: str) -> None:
     """Connections earlier tests closed may not have reached the server yet."""
-    deadline = time.monotonic() + 5
-    while netd.sessions(service):
-        assert time.monotonic() < deadline, "sessions left open"
-        time.sleep(0.02)
+    wait_until(lambda: not netd.sessions(service), "end of every session", timeout=5)
 
 
 def assert_serving(netd: NetdProcess, service: str = "files") -> None:
@@ -539,11 +537,11 @@ def test_interrupted_uploads_never_appear_under_their_name(netd: NetdProcess, si
     wait_for_no_sessions(netd, "files")  # the control connection's end arrives first
     data.close()
     client = connect(netd, user="alice")
-    deadline = time.monotonic() + 5
-    while [
-        n for n in os.listdir(site / "alice") if n.startswith(".~netd")
-    ] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: not [n for n in os.listdir(site / "alice") if n.startswith(".~netd")],
+        "the partial upload's removal",
+        timeout=5,
+    )
     assert sorted(os.listdir(site / "alice")) == ["keep.bin"]
     assert client.nlst() == ["keep.bin"]
     client.delete("keep.bin")

@@ -20,6 +20,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.clients import command, control, hang_up
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -83,16 +84,6 @@ def assert_serving_and_no_traceback(netd: NetdProcess) -> None:
     assert "internal server error" not in output
 
 
-def logged(netd: NetdProcess, text: str) -> bool:
-    """Whether C{text} reaches the log (info lines are flushed in batches)."""
-    deadline = time.monotonic() + 5
-    while text not in netd.output:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
 def test_filesystem_mistakes_get_their_reply_and_a_log_line(netd: NetdProcess, site: Path) -> None:
     sock, reader = control(netd)
     command(sock, reader, b"USER alice")
@@ -119,8 +110,12 @@ def test_filesystem_mistakes_get_their_reply_and_a_log_line(netd: NetdProcess, s
     with pytest.raises(ftplib.error_perm, match=r"^553"):
         client.storbinary(f"STOR {LONG_NAME}", io.BytesIO(b"never stored"))
     client.quit()
-    assert logged(netd, "RMD refused: '550 Requested action not taken: full: Directory not empty'")
-    assert logged(netd, "PASS refused: '503 ")
+    # Info lines are flushed in batches: each shows up in the log a little later.
+    for line in (
+        "RMD refused: '550 Requested action not taken: full: Directory not empty'",
+        "PASS refused: '503 ",
+    ):
+        wait_until(lambda line=line: line in netd.output, f"log line {line!r}", timeout=5)
     assert_serving_and_no_traceback(netd)
 
 

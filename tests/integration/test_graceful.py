@@ -9,13 +9,13 @@ import http.client
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import StartNetd
 from tests.fakes.upstreams import QuietHandler, serving_http
+from tests.signals import wait_until
 
 
 class _SlowUpstream(QuietHandler):
@@ -57,10 +57,7 @@ services:
     assert arrived.wait(10), "the request never reached the upstream"
 
     netd.signal(15)
-    deadline = time.monotonic() + 10
-    while "netd stopping" not in netd.output:
-        assert time.monotonic() < deadline, "no sign of stopping"
-        time.sleep(0.01)
+    wait_until(lambda: "netd stopping" in netd.output, "sign of stopping", timeout=10)
     # The listening socket closes within a reactor turn of that line; from then
     # on new connections are refused while the old one finishes.
     for _ in range(100):

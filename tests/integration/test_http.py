@@ -23,6 +23,7 @@ from tests.clients import raw_http
 from tests.conftest import unused_port
 from tests.fakes.upstreams import QuietHandler, serving_http
 from tests.maps import lab_map
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
@@ -376,11 +377,8 @@ def test_http2_over_alpn_and_fallback(netd: NetdProcess) -> None:
 
 def test_access_log_in_combined_format(netd: NetdProcess) -> None:
     get(netd, "/hello.txt", {"User-Agent": "probe/1", "Referer": "http://r/"})
-    deadline = time.monotonic() + 5
     line = '"GET /hello.txt HTTP/1.1" 200 13 "http://r/" "probe/1"'
-    while line not in netd.output and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert line in netd.output
+    wait_until(lambda: line in netd.output, "access log line", timeout=5)
     assert "127.0.0.1 - - [" in netd.output
 
 

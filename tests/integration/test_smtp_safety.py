@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from tests.clients import smtp
 from tests.conftest import StartNetd, unused_port
 from tests.fakes.upstreams import RawUpstream
 from tests.maps import mail_map, relaying
+from tests.signals import wait_until
 
 
 def _reply(stream) -> bytes:  # type: ignore[no-untyped-def]
@@ -84,10 +84,7 @@ def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: 
         sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
         netd.signal(signal.SIGTERM)
         # Stopping has begun once netd says so (its lifecycle lines are written at once).
-        deadline = time.monotonic() + 10
-        while "netd stopping" not in netd.output:
-            assert time.monotonic() < deadline, "netd did not start stopping"
-            time.sleep(0.01)
+        wait_until(lambda: "netd stopping" in netd.output, "sign of stopping", timeout=10)
         try:
             sock.sendall(b"second half\r\n.\r\n")
             answer = _reply(stream)
