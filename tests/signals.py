@@ -35,7 +35,8 @@ def wait_until(
 ) -> None:
     """
     Poll C{ready} until it is true: for what netd shows only in files (a
-    ports file, a log line) or in a view, where the journal has no event.
+    ports file, a log line) or in a view, where the journal has no event, and
+    for what a test's own clients have seen of it.
     Fails naming C{what} once C{timeout} passes or C{process} (a netd run
     by hand, logging to C{log}) exits.
     """
