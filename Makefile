@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/netd.yaml
 
-.PHONY: run test install lint bench stress clean
+.PHONY: run test test-fast install lint bench stress clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: install
 
 test: lint
 	$(VENV)/bin/python -m pytest -q -n 2 tests
+
+# The unit tier alone: no daemon started, seconds rather than minutes.
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not integration" tests
 
 bench: install
 	$(PY) bench/echo.py

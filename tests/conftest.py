@@ -8,6 +8,7 @@ from itertools import count
 from pathlib import Path
 
 import pytest
+from twisted.logger import LogEvent, globalLogPublisher
 
 from netd.pytest_plugin import daemons_for
 from netd.testing import NetdProcess
@@ -25,6 +26,15 @@ def start_netd(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Start
     counter = count()
     with daemons_for(request.node, lambda: tmp_path / f"netd{next(counter)}") as start:
         yield start
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    """Every event logged through Twisted's global publisher while the test runs."""
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
 
 
 def unused_port() -> int:

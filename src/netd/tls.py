@@ -71,8 +71,8 @@ class KeyPair:
     key: Path
 
 
-def _now() -> datetime:
-    # Indirection so tests can move the clock without touching real files' times.
+def _utc_now() -> datetime:
+    """The wall clock in UTC: what certificates are dated and checked against."""
     return datetime.now(timezone.utc)
 
 
@@ -297,9 +297,15 @@ def _leaf_reusable(
     return True
 
 
-def ensure_self_signed(directory: Path, profile: str, names: Sequence[str]) -> tuple[KeyPair, Path]:
+def ensure_self_signed(
+    directory: Path,
+    profile: str,
+    names: Sequence[str],
+    now: Callable[[], datetime] = _utc_now,
+) -> tuple[KeyPair, Path]:
     """Create (or reuse) a CA and a leaf for `names` in `directory`.
 
+    `now` is the clock certificates are dated and checked for renewal against.
     Returns the leaf key pair and the path of the CA certificate.
     """
     if not _PROFILE_RE.fullmatch(profile):
@@ -319,18 +325,18 @@ def ensure_self_signed(directory: Path, profile: str, names: Sequence[str]) -> t
     ca_key_path = directory / f"{profile}-ca.key"
     keypair = KeyPair(chain=directory / f"{profile}.pem", key=directory / f"{profile}.key")
     names_path = directory / f"{profile}.names"
-    now = _now()
+    when = now()
 
-    ca = _usable_ca(ca_path, ca_key_path, now)
+    ca = _usable_ca(ca_path, ca_key_path, when)
     if ca is None:
-        new_cert, new_key = _make_ca(profile, now)
+        new_cert, new_key = _make_ca(profile, when)
         _write_atomic(ca_key_path, _key_pem(new_key), 0o600)
         _write_atomic(ca_path, _cert_pem(new_cert), 0o644)
         ca = new_cert, new_key
     ca_cert, ca_key = ca
 
-    if not _leaf_reusable((keypair.chain, keypair.key, names_path), names, ca_cert, now):
-        leaf, leaf_key = _make_leaf(names, ca_cert, ca_key, profile, now)
+    if not _leaf_reusable((keypair.chain, keypair.key, names_path), names, ca_cert, when):
+        leaf, leaf_key = _make_leaf(names, ca_cert, ca_key, profile, when)
         _write_atomic(keypair.key, _key_pem(leaf_key), 0o600)
         _write_atomic(keypair.chain, _cert_pem(leaf) + _cert_pem(ca_cert), 0o644)
         # Written last: it is what marks the leaf as complete on the next start.

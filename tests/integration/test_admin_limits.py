@@ -25,8 +25,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
 
-pytestmark = pytest.mark.integration
-
 TOKEN = "limits-token"
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")

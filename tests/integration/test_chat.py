@@ -6,12 +6,10 @@ the C{irc} library and Twisted's IRCClient, and the admin API's view of them.
 from __future__ import annotations
 
 import functools
-import json
 import signal
 import socket
 import ssl
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,13 +71,6 @@ def port(netd: NetdProcess, protocol: str, service: str = "chat") -> int:
     listeners = netd.listeners(service)
     number: int = listeners[0 if protocol == "irc" else -1]["port"]
     return number
-
-
-def admin(netd: NetdProcess, path: str) -> Any:
-    entry = netd.ports["admin"]["listeners"][0]
-    url = f"http://{entry['host']}:{entry['port']}{path}"
-    with urllib.request.urlopen(url, timeout=TIMEOUT) as answer:
-        return json.load(answer)
 
 
 class Raw:
@@ -147,7 +138,7 @@ def test_line_users_talk_in_a_room(netd: NetdProcess) -> None:
     assert alice.expect("psst") == "*bob1* psst"
     bob.send("/who")
     assert bob.expect("in #garden") == "* in #garden: alice1 bob1"
-    sessions = admin(netd, "/api/services/chat/sessions?room=garden")
+    sessions = netd.view("chat", "sessions", room="garden")
     assert sorted(s["nick"] for s in sessions) == ["alice1", "bob1"]
     assert {s["protocol"] for s in sessions} == {"line"}
     bob.send("/quit bye")
@@ -204,7 +195,7 @@ def test_a_client_that_never_reads_is_dropped_and_others_keep_up(netd: NetdProce
             talker.send(text)
         talker.send(f"end of batch {batch}")
         reader.expect(f"end of batch {batch}")
-        events = admin(netd, "/api/events?service=fast&type=chat.dropped")["events"]
+        events = netd.events("fast", "chat.dropped")
         if events:
             break
     assert events and events[0]["nick"] == "sleeper"
@@ -282,7 +273,7 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     assert carol.expect("a notice") == "-bob4- a notice"
     bob.topic("#cafe", "coffee")
     assert bots.wait("alice4", "topic").arguments == ["coffee"]
-    room = admin(netd, "/api/services/chat/rooms/cafe")
+    room = netd.admin("GET", "/api/services/chat/rooms/cafe")
     assert (room["topic"], room["members"]) == ("coffee", ["alice4", "bob4", "carol4"])
     alice.whois(["carol4"])
     assert bots.wait("alice4", "whoischannels").arguments == ["carol4", "#lobby #cafe"]
@@ -300,7 +291,7 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     bots.wait("Alice4", "nicknameinuse")
     dave.nick("dave4")
     bots.wait("dave4", "welcome")
-    sessions = admin(netd, "/api/services/chat/sessions?room=cafe")
+    sessions = netd.view("chat", "sessions", room="cafe")
     assert sorted((s["nick"], s["protocol"]) for s in sessions) == [
         ("alice4", "irc"),
         ("bob4", "irc"),
@@ -309,13 +300,10 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     bob.quit("see you")
     assert carol.expect("bob4 quit") == "* bob4 quit (Quit: see you)"
     bots.wait("alice4", "quit")
-    metrics = urllib.request.urlopen(
-        "http://{host}:{port}/metrics".format(**netd.ports["admin"]["listeners"][0]),
-        timeout=TIMEOUT,
-    ).read()
+    metrics = netd.admin("GET", "/metrics")
     assert b'netd_chat_messages_total{service="chat",type="chat"}' in metrics
     assert b'netd_chat_users{service="chat",type="chat"}' in metrics
-    joins = admin(netd, "/api/events?service=chat&type=chat.join")["events"]
+    joins = netd.events("chat", "chat.join")
     assert {"nick": "bob4", "room": "cafe"}.items() <= joins[-1].items()
     for connection in (alice, dave):
         connection.disconnect()

@@ -20,6 +20,7 @@ import pytest
 
 from netd.testing import NetdProcess, StartFailed, twistd_command
 from tests.conftest import StartNetd
+from tests.signals import wait_until
 
 SIMPLE = """
 state_dir: state
@@ -348,9 +349,7 @@ def test_netd_run_foreground(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not ports.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(ports.exists, "ports file", process=process)
         echo = json.loads(ports.read_text())["services"]["echo"]["listeners"][0]
         with connect((echo["host"], echo["port"])) as sock:
             sock.sendall(b"run")
@@ -484,15 +483,9 @@ def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 15
-        while not (tmp_path / "ports.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until((tmp_path / "ports.json").exists, "ports file", process=process)
         process.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 10
-        while not (tmp_path / "rotated.log.1").exists():
-            assert time.monotonic() < deadline, "SIGUSR1 did not rotate the log"
-            time.sleep(0.01)
+        wait_until((tmp_path / "rotated.log.1").exists, "log rotated on SIGUSR1", timeout=10)
         assert "listening on" in (tmp_path / "rotated.log.1").read_text()
     finally:
         process.send_signal(signal.SIGTERM)

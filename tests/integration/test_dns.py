@@ -17,7 +17,6 @@ import struct
 import subprocess
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd, unused_port
+from tests.maps import lab_map
 
 DIG = shutil.which("dig")
 needs_dig = pytest.mark.skipif(
@@ -192,13 +192,8 @@ def netd(tmp_path_factory: pytest.TempPathFactory, upstream: Upstream) -> Iterat
     )
     (base / "hosts").write_text("10.2.0.1 printer.lan printer\n")
     port = shared_port()
-    config = f"""
-state_dir: state
-shutdown_grace: 1
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    config = lab_map(
+        f"""
   dns:
     type: dns
     listen:
@@ -242,6 +237,7 @@ services:
       mid.netd.test: {{TXT: ['{"x" * 200}', '{"y" * 200}', '{"z" * 200}']}}
     udp_payload: 512
 """
+    )
     process = NetdProcess.start(config, base)
     yield process
     process.stop()
@@ -277,14 +273,6 @@ def dig(netd: NetdProcess, *args: str, port: int | None = None) -> str:
         timeout=20,
     )
     return result.stdout
-
-
-def admin(netd: NetdProcess, method: str, path: str) -> object:
-    entry = netd.ports["admin"]["listeners"][0]
-    request = urllib.request.Request(f"http://{entry['host']}:{entry['port']}{path}", method=method)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        body = response.read()
-    return body.decode() if path == "/metrics" else json.loads(body)
 
 
 # -- local data ----------------------------------------------------------------
@@ -553,7 +541,7 @@ def test_all_upstreams_failing_is_servfail(netd: NetdProcess, upstream: Upstream
 
 def test_only_matching_upstream_answers_are_taken(netd: NetdProcess, upstream: Upstream) -> None:
     assert texts(ask_udp(netd, "spoof.fwd.test")) == ["spoof.fwd.test. 300 IN A 10.0.0.7"]
-    metrics = admin(netd, "GET", "/metrics")
+    metrics = netd.admin("GET", "/metrics").decode()
     assert isinstance(metrics, str) and "upstream_mismatched" in metrics
 
 
@@ -591,11 +579,11 @@ def test_catch_all_with_dig(netd: NetdProcess) -> None:
 
 
 def test_query_log_in_the_admin_api(netd: NetdProcess) -> None:
-    admin(netd, "DELETE", "/api/services/dns/queries")
+    netd.admin("DELETE", "/api/services/dns/queries")
     ask_udp(netd, "www.netd.test")
     ask_udp(netd, "logged.fwd.test")
     ask_tcp(netd, "logged.fwd.test")
-    entries = admin(netd, "GET", "/api/services/dns/queries")
+    entries = netd.admin("GET", "/api/services/dns/queries")
     assert isinstance(entries, list)
     assert [(e["name"], e["source"], e["transport"]) for e in entries] == [
         ("www.netd.test.", "local", "udp"),
@@ -604,9 +592,9 @@ def test_query_log_in_the_admin_api(netd: NetdProcess) -> None:
     ]
     assert entries[1]["answer"] == ["logged.fwd.test 300 A 10.0.0.7"]
     assert entries[0]["rcode"] == "NOERROR" and entries[0]["client"].startswith("127.0.0.1:")
-    assert admin(netd, "DELETE", "/api/services/dns/queries") == {"cleared": 3}
+    assert netd.admin("DELETE", "/api/services/dns/queries") == {"cleared": 3}
     ask_udp(netd, "nope.lab.test")  # an NXDOMAIN of its own: the test may run alone
-    metrics = admin(netd, "GET", "/metrics")
+    metrics = netd.admin("GET", "/metrics").decode()
     assert isinstance(metrics, str)
     for counter in ("cache_hits", "cache_misses", "rcode_NOERROR", "rcode_NXDOMAIN"):
         assert counter in metrics

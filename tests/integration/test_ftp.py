@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ftplib
 import io
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,6 @@ import ssl
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,9 @@ import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import command, control, hang_up, passive_port
+from tests.maps import lab_map
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -71,13 +72,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def netd(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[NetdProcess]:
     bob_hash = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
     ipv6 = '\n      - "tcp6:0:interface=\\\\:\\\\:1"' if IPV6 else ""
-    config = f"""
-state_dir: state
-shutdown_grace: 1
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    config = lab_map(
+        f"""
   files:
     type: ftp
     listen:
@@ -108,6 +104,7 @@ services:
     tls: lab
     require_tls: true
 """
+    )
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
     process.stop()
@@ -140,32 +137,18 @@ def retrieve(client: ftplib.FTP, path: str, rest: int | None = None) -> bytes:
     return data.getvalue()
 
 
-def admin(netd: NetdProcess, path: str) -> Any:
-    entry = netd.ports["admin"]["listeners"][0]
-    url = f"http://{entry['host']}:{entry['port']}{path}"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = response.read()
-    return json.loads(body) if path.startswith("/api/") else body.decode()
-
-
 def events(netd: NetdProcess, type: str, since: int = 0) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = admin(
-        netd, f"/api/events?since={since}&type={type}&service=files&wait=5"
-    )["events"]
-    return found
+    return netd.events("files", type, since, wait=5)
 
 
 def last_event_id(netd: NetdProcess) -> int:
-    last: int = admin(netd, "/api/events?since=0")["last_id"]
+    last: int = netd.admin("GET", "/api/events?since=0")["last_id"]
     return last
 
 
 def wait_for_no_sessions(netd: NetdProcess, service: str) -> None:
     """Connections earlier tests closed may not have reached the server yet."""
-    deadline = time.monotonic() + 5
-    while admin(netd, f"/api/services/{service}/sessions"):
-        assert time.monotonic() < deadline, "sessions left open"
-        time.sleep(0.02)
+    wait_until(lambda: not netd.sessions(service), "end of every session", timeout=5)
 
 
 def assert_serving(netd: NetdProcess, service: str = "files") -> None:
@@ -190,45 +173,16 @@ def url(netd: NetdProcess, path: str, user: str = "", tls: bool = False) -> str:
     return f"{'ftps' if tls else 'ftp'}://{user}{host}:{port}{path}"
 
 
-def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:
-    """A raw control connection, logged in anonymously when the service allows it."""
-    sock = socket.create_connection(netd.address(service), timeout=5)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
 def login_raw(sock: socket.socket, reader: Any, user: bytes = b"anonymous") -> None:
     command(sock, reader, b"USER " + user)
     password = b"wonderland" if user == b"alice" else b"guest@"
     assert command(sock, reader, b"PASS " + password).startswith(b"230")
 
 
-def passive_port(reply: bytes) -> int:
-    numbers = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
-    assert numbers is not None, reply
-    return int(numbers.group(5)) << 8 | int(numbers.group(6))
-
-
 def reset(sock: socket.socket, reader: Any = None) -> None:
     """Close with a TCP reset, as a crashed client's kernel does."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     hang_up(sock, reader)
-
-
-def hang_up(sock: socket.socket, reader: Any = None) -> None:
-    # A socket's makefile() keeps it open until the file is closed too.
-    if reader is not None:
-        reader.close()
-    sock.close()
 
 
 # -- ftplib -----------------------------------------------------------------------------
@@ -322,7 +276,7 @@ def test_failed_logins_are_delayed_counted_and_end_the_session(netd: NetdProcess
         client.login("nobody", "wrong")  # the second failure closes the connection
     failures = events(netd, "ftp.login_failed", since)
     assert {event["user"] for event in failures} >= {"alice"}
-    assert "login_failures" in admin(netd, "/metrics")
+    assert "login_failures" in netd.admin("GET", "/metrics").decode()
     assert_serving(netd)
 
 
@@ -583,11 +537,11 @@ def test_interrupted_uploads_never_appear_under_their_name(netd: NetdProcess, si
     wait_for_no_sessions(netd, "files")  # the control connection's end arrives first
     data.close()
     client = connect(netd, user="alice")
-    deadline = time.monotonic() + 5
-    while [
-        n for n in os.listdir(site / "alice") if n.startswith(".~netd")
-    ] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: not [n for n in os.listdir(site / "alice") if n.startswith(".~netd")],
+        "the partial upload's removal",
+        timeout=5,
+    )
     assert sorted(os.listdir(site / "alice")) == ["keep.bin"]
     assert client.nlst() == ["keep.bin"]
     client.delete("keep.bin")
@@ -693,7 +647,7 @@ def test_sessions_view_transfer_events_and_metrics(netd: NetdProcess) -> None:
     since = last_event_id(netd)
     client = connect(netd, user="alice")
     client.cwd("/")
-    sessions = admin(netd, "/api/services/files/sessions")
+    sessions = netd.sessions("files")
     mine = [s for s in sessions if s["user"] == "alice"]
     assert mine and mine[0]["cwd"] == "/" and mine[0]["tls"] is False
     client.storbinary("STOR m.bin", io.BytesIO(b"m" * 1000))
@@ -707,7 +661,7 @@ def test_sessions_view_transfer_events_and_metrics(netd: NetdProcess) -> None:
         ("upload", 1000, True),
         ("download", 1000, True),
     ]
-    metrics = admin(netd, "/metrics")
+    metrics = netd.admin("GET", "/metrics").decode()
     assert "download_bytes" in metrics and "upload_bytes" in metrics
 
 
@@ -722,5 +676,7 @@ def test_abor_cuts_a_download_short(netd: NetdProcess) -> None:
     data.close()
     assert client.voidcmd("NOOP").startswith("200")
     client.quit()
-    assert "aborts" in admin(netd, "/metrics")  # cut at ABOR, not by the stall timeout
+    assert (
+        "aborts" in netd.admin("GET", "/metrics").decode()
+    )  # cut at ABOR, not by the stall timeout
     assert_serving(netd)

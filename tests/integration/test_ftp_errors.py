@@ -10,19 +10,17 @@ import contextlib
 import ftplib
 import io
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
-
-pytestmark = pytest.mark.integration
+from tests.clients import command, control, hang_up
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -61,26 +59,6 @@ services:
     process.stop()
 
 
-def control(netd: NetdProcess) -> tuple[socket.socket, Any]:
-    sock = socket.create_connection(netd.address("files"), timeout=10)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
-def hang_up(sock: socket.socket, reader: Any) -> None:
-    reader.close()
-    sock.close()
-
-
 def login(netd: NetdProcess) -> ftplib.FTP:
     """A good login, which also makes the daemon forget this address's failures."""
     client = ftplib.FTP()
@@ -104,16 +82,6 @@ def assert_serving_and_no_traceback(netd: NetdProcess) -> None:
     assert "Traceback" not in output
     assert "#critical]" not in output
     assert "internal server error" not in output
-
-
-def logged(netd: NetdProcess, text: str) -> bool:
-    """Whether C{text} reaches the log (info lines are flushed in batches)."""
-    deadline = time.monotonic() + 5
-    while text not in netd.output:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def test_filesystem_mistakes_get_their_reply_and_a_log_line(netd: NetdProcess, site: Path) -> None:
@@ -142,8 +110,12 @@ def test_filesystem_mistakes_get_their_reply_and_a_log_line(netd: NetdProcess, s
     with pytest.raises(ftplib.error_perm, match=r"^553"):
         client.storbinary(f"STOR {LONG_NAME}", io.BytesIO(b"never stored"))
     client.quit()
-    assert logged(netd, "RMD refused: '550 Requested action not taken: full: Directory not empty'")
-    assert logged(netd, "PASS refused: '503 ")
+    # Info lines are flushed in batches: each shows up in the log a little later.
+    for line in (
+        "RMD refused: '550 Requested action not taken: full: Directory not empty'",
+        "PASS refused: '503 ",
+    ):
+        wait_until(lambda line=line: line in netd.output, f"log line {line!r}", timeout=5)
     assert_serving_and_no_traceback(netd)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 import time
@@ -11,17 +10,16 @@ from typing import Any
 
 import pytest
 
+from tests.clients import command, control, passive_port
+from tests.maps import lab_map
+from tests.signals import client_address, wait_closed
+
 SECRET = b"secret outside the root\n"
 
 
 def _config(base: Path) -> str:
-    return f"""
-state_dir: state
-shutdown_grace: 1
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    return lab_map(
+        f"""
   files:
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]
@@ -39,6 +37,7 @@ services:
     require_tls: true
     data_timeout: 5
 """
+    )
 
 
 @pytest.fixture
@@ -57,30 +56,9 @@ def daemon(start_netd: Any, site: Path) -> Any:
     return start_netd(_config(site))
 
 
-def control(netd: Any, service: str = "files") -> tuple[socket.socket, Any]:
-    sock = socket.create_connection(netd.address(service), timeout=10)
-    reader = sock.makefile("rb")
-    assert reader.readline().startswith(b"220")
-    return sock, reader
-
-
-def command(sock: Any, reader: Any, line: bytes) -> bytes:
-    sock.sendall(line + b"\r\n")
-    reply: bytes = reader.readline()
-    while reply[3:4] == b"-":
-        reply = reader.readline()
-    return reply
-
-
 def login(sock: Any, reader: Any, user: bytes, password: bytes) -> None:
     command(sock, reader, b"USER " + user)
     assert command(sock, reader, b"PASS " + password).startswith(b"230")
-
-
-def pasv_port(reply: bytes) -> int:
-    m = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
-    assert m is not None, reply
-    return int(m.group(5)) << 8 | int(m.group(6))
 
 
 # -- 1. require_tls / PROT P bypass -----------------------------------------------------
@@ -94,7 +72,7 @@ def test_pasv_before_prot_p_is_never_a_clear_data_connection(daemon: Any, site: 
     tls = context.wrap_socket(sock, server_hostname="localhost")
     treader = tls.makefile("rb")
     login(tls, treader, b"carol", b"secret")
-    port = pasv_port(command(tls, treader, b"PASV"))  # before PBSZ/PROT
+    port = passive_port(command(tls, treader, b"PASV"))  # before PBSZ/PROT
     assert command(tls, treader, b"PBSZ 0").startswith(b"200")
     assert command(tls, treader, b"PROT P").startswith(b"200")
     # The channel opened for the old level is gone: a new PASV is needed.
@@ -114,9 +92,11 @@ def test_stor_target_dir_swapped_for_symlink_before_data_connection(
     sub.mkdir()
     sock, reader = control(daemon)
     login(sock, reader, b"alice", b"wonderland")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     sock.sendall(b"STOR sub/planted.txt\r\n")
-    time.sleep(0.5)  # the STOR check has run; it now waits for the data connection
+    # Time for the STOR check to run; netd shows nothing until the data
+    # connection comes, and the swap must fall between the two.
+    time.sleep(0.5)
     sub.rmdir()
     sub.symlink_to(site / "outside")
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -136,9 +116,9 @@ def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Pat
     target.write_bytes(b"x" * len(SECRET))
     sock, reader = control(daemon)
     login(sock, reader, b"alice", b"wonderland")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     sock.sendall(b"APPE log.txt\r\n")
-    time.sleep(0.5)
+    time.sleep(0.5)  # as above: the swap falls between the check and the data connection
     target.unlink()
     target.symlink_to(site / "secret.txt")
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -147,7 +127,7 @@ def test_appe_does_not_follow_a_target_swapped_for_a_link(daemon: Any, site: Pat
     reader.readline()
     reader.readline()
     sock.close()
-    time.sleep(0.3)
+    daemon.wait_for("files", "ftp.transfer", path="/log.txt")  # the upload is done with
     # The upload must not have put a file with the outside bytes in the link's place
     # (the link itself, left as planted, still points out: reading it proves nothing).
     got = target.read_bytes() if target.exists() and not target.is_symlink() else b""
@@ -181,6 +161,7 @@ def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
         return 0
 
     sock, _ = control(daemon)
+    client = client_address(sock)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     before = rss()
     burst = b"FEAT\r\n" * 10000
@@ -193,7 +174,7 @@ def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
             sent += len(burst)
     except (TimeoutError, OSError):
         pass
-    time.sleep(1)
+    wait_closed(daemon, "files", client)  # cut, with what it had buffered let go
     grown = rss() - before
     sock.close()
     assert grown < 64 << 20, f"server RSS grew by {grown >> 20} MiB for {sent >> 20} MiB sent"
@@ -207,7 +188,7 @@ def test_huge_rest_offset_is_refused_cleanly(daemon: Any, mode: bytes) -> None:
     sock, reader = control(daemon)
     login(sock, reader, b"anonymous", b"guest@")
     assert command(sock, reader, mode).startswith(b"200")
-    port = pasv_port(command(sock, reader, b"PASV"))
+    port = passive_port(command(sock, reader, b"PASV"))
     data = socket.create_connection(("127.0.0.1", port), timeout=10)
     assert command(sock, reader, b"REST 99999999999999999999999").startswith(b"501")
     assert command(sock, reader, b"REST 999999").startswith(b"350")  # past the end

@@ -9,42 +9,31 @@ import http.client
 import http.server
 import socket
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import StartNetd
+from tests.fakes.upstreams import QuietHandler, serving_http
+from tests.signals import wait_until
 
 
-class _SlowUpstream(http.server.BaseHTTPRequestHandler):
+class _SlowUpstream(QuietHandler):
     arrived: threading.Event
     release: threading.Event
 
     def do_GET(self) -> None:
         self.arrived.set()
         self.release.wait(10)
-        body = b"worth the wait"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.answer(200, b"worth the wait")
 
 
 @pytest.fixture
 def upstream() -> Iterator[tuple[int, threading.Event, threading.Event]]:
     arrived, release = threading.Event(), threading.Event()
-    handler = type("Handler", (_SlowUpstream,), {"arrived": arrived, "release": release})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1], arrived, release
-    release.set()
-    server.shutdown()
-    server.server_close()
+    with serving_http(_SlowUpstream, arrived=arrived, release=release) as port:
+        yield port, arrived, release
+        release.set()
 
 
 def test_sigterm_lets_the_exchange_in_progress_finish(
@@ -68,10 +57,7 @@ services:
     assert arrived.wait(10), "the request never reached the upstream"
 
     netd.signal(15)
-    deadline = time.monotonic() + 10
-    while "netd stopping" not in netd.output:
-        assert time.monotonic() < deadline, "no sign of stopping"
-        time.sleep(0.01)
+    wait_until(lambda: "netd stopping" in netd.output, "sign of stopping", timeout=10)
     # The listening socket closes within a reactor turn of that line; from then
     # on new connections are refused while the old one finishes.
     for _ in range(100):

@@ -7,9 +7,7 @@ buffered: an SMTP client never saw the 250 for a spooled message and sent it aga
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,33 +18,22 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
-
-pytestmark = pytest.mark.integration
+from tests.fakes.upstreams import QuietHandler, serving_http
 
 _BIG = bytes(range(256)) * 4096  # 1 MiB
 
 
-class _Upstream(http.server.BaseHTTPRequestHandler):
+class _Upstream(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = b"from upstream\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        self.answer(200, b"from upstream\n")
 
 
 @pytest.fixture(scope="module")
 def upstream_port() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving_http(_Upstream) as port:
+        yield port
 
 
 @pytest.fixture

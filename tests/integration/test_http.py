@@ -11,31 +11,33 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import raw_http
 from tests.conftest import unused_port
+from tests.fakes.upstreams import QuietHandler, serving_http
+from tests.maps import lab_map
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
 SECRET = b"top secret outside the root\n"
 
 
-class _Upstream(BaseHTTPRequestHandler):
+class _Upstream(QuietHandler):
     """Echoes what it got as JSON; /slow answers after a while."""
 
     protocol_version = "HTTP/1.1"
 
     def _answer(self) -> None:
         if self.path.startswith("/slow"):
-            time.sleep(3)
+            time.sleep(3)  # a slow upstream: what the proxy's timeout is tested against
         length = int(self.headers.get("Content-Length") or 0)
         if self.headers.get("Transfer-Encoding") == "chunked":
             body = b""
@@ -62,19 +64,11 @@ class _Upstream(BaseHTTPRequestHandler):
 
     do_GET = do_POST = do_PUT = _answer
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Upstream)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with serving_http(_Upstream) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -100,13 +94,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def netd(
     tmp_path_factory: pytest.TempPathFactory, site: Path, upstream: int
 ) -> Iterator[NetdProcess]:
-    config = f"""
-state_dir: state
-shutdown_grace: 2
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
+    config = lab_map(
+        f"""
   web:
     type: http
     listen:
@@ -138,7 +127,9 @@ services:
     listing: true
     http2: false
     access_log: false
-"""
+""",
+        shutdown_grace=2,
+    )
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
     process.stop()
@@ -147,19 +138,6 @@ services:
 def url(netd: NetdProcess, path: str, service: str = "web", tls: bool = False) -> str:
     host, port = netd.address(service, tls=tls)
     return f"{'https' if tls else 'http'}://{host}:{port}{path}"
-
-
-def raw(netd: NetdProcess, data: bytes, service: str = "web") -> bytes:
-    """Send bytes as they are; return everything until netd closes (or 5 s pass)."""
-    with socket.create_connection(netd.address(service), timeout=5) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return b"".join(chunks)
 
 
 def status_of(response: bytes) -> int:
@@ -307,7 +285,9 @@ TRICKS = [
 def test_traversal_battery(netd: NetdProcess) -> None:
     assert len(TRICKS) >= 20
     for trick in TRICKS:
-        answer = raw(netd, b"GET " + trick + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = raw_http(
+            netd, b"GET " + trick + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
         assert status_of(answer) in (400, 403, 404), (trick, answer[:200])
         assert SECRET not in answer and b"root:" not in answer, trick
     assert_serving(netd)
@@ -397,29 +377,19 @@ def test_http2_over_alpn_and_fallback(netd: NetdProcess) -> None:
 
 def test_access_log_in_combined_format(netd: NetdProcess) -> None:
     get(netd, "/hello.txt", {"User-Agent": "probe/1", "Referer": "http://r/"})
-    deadline = time.monotonic() + 5
     line = '"GET /hello.txt HTTP/1.1" 200 13 "http://r/" "probe/1"'
-    while line not in netd.output and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert line in netd.output
+    wait_until(lambda: line in netd.output, "access log line", timeout=5)
     assert "127.0.0.1 - - [" in netd.output
 
 
-def admin(netd: NetdProcess, method: str, path: str) -> object:
-    entry = netd.ports["admin"]["listeners"][0]
-    request = urllib.request.Request(f"http://{entry['host']}:{entry['port']}{path}", method=method)
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read())
-
-
 def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
-    admin(netd, "DELETE", "/api/services/web/requests")
+    netd.admin("DELETE", "/api/services/web/requests")
     connection = http.client.HTTPConnection(*netd.address("web"), timeout=5)
     connection.request("POST", "/api/rec", body=b"0123456789" * 5, headers={"X-Tag": "rec"})
     connection.getresponse().read()
     connection.close()
     assert get(netd, "/missing")[0] == 404
-    records = admin(netd, "GET", "/api/services/web/requests")
+    records = netd.admin("GET", "/api/services/web/requests")
     assert isinstance(records, list) and len(records) == 2
     posted, missing = records
     assert posted["method"] == "POST" and posted["path"] == "/api/rec"
@@ -428,8 +398,8 @@ def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
     assert posted["body"] == "0123456789012345"  # record_body: 16
     assert posted["body_size"] == 50 and posted["body_truncated"] is True
     assert missing["status"] == 404 and isinstance(missing["time"], float)
-    assert admin(netd, "DELETE", "/api/services/web/requests") == {"cleared": 2}
-    assert admin(netd, "GET", "/api/services/web/requests") == []
+    assert netd.admin("DELETE", "/api/services/web/requests") == {"cleared": 2}
+    assert netd.admin("GET", "/api/services/web/requests") == []
 
 
 # -- limits and bad input ----------------------------------------------------------------------
@@ -437,26 +407,26 @@ def test_recorded_requests_through_the_admin_api(netd: NetdProcess) -> None:
 
 def test_limits(netd: NetdProcess) -> None:
     long_url = b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    assert status_of(raw(netd, long_url)) == 414
+    assert status_of(raw_http(netd, long_url)) == 414
     big_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 8000 + b"\r\n\r\n"
-    assert status_of(raw(netd, big_header)) == 431
+    assert status_of(raw_http(netd, big_header)) == 431
     endless_header = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 200_000
-    assert status_of(raw(netd, endless_header)) == 431
+    assert status_of(raw_http(netd, endless_header)) == 431
     many = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(40))
-    assert status_of(raw(netd, many + b"\r\n")) == 431
+    assert status_of(raw_http(netd, many + b"\r\n")) == 431
     body = b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n"
-    assert status_of(raw(netd, body)) == 413
+    assert status_of(raw_http(netd, body)) == 413
     chunked = b"POST /api/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
     chunked += b"10000\r\n" + b"z" * 0x10000 + b"\r\n" + b"10000\r\n" + b"z" * 0x10000 + b"\r\n"
-    assert status_of(raw(netd, chunked)) == 413
-    assert status_of(raw(netd, b"GET / HTTP/1.1\r\n\r\n")) == 400  # no Host
-    assert status_of(raw(netd, b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")) == 505
+    assert status_of(raw_http(netd, chunked)) == 413
+    assert status_of(raw_http(netd, b"GET / HTTP/1.1\r\n\r\n")) == 400  # no Host
+    assert status_of(raw_http(netd, b"GET / HTTP/2.0\r\nHost: x\r\n\r\n")) == 505
     assert_serving(netd)
 
 
 def test_keepalive_cap_and_pipelining(netd: NetdProcess) -> None:
     request = b"GET /hello.txt HTTP/1.1\r\nHost: x\r\n\r\n"
-    answer = raw(netd, request * 7)  # pipelined; the cap is 5 a connection
+    answer = raw_http(netd, request * 7)  # pipelined; the cap is 5 a connection
     assert answer.count(b"HTTP/1.1 200 OK") == 5
     assert answer.count(b"hello, world\n") == 5
     assert answer.rstrip(b"\n").endswith(b"hello, world")
@@ -504,14 +474,14 @@ SMUGGLING = {
 
 @pytest.mark.parametrize("case", sorted(SMUGGLING))
 def test_smuggling_and_garbage_get_400_and_close(netd: NetdProcess, case: str) -> None:
-    answer = raw(netd, SMUGGLING[case])
+    answer = raw_http(netd, SMUGGLING[case])
     assert status_of(answer) == 400, answer[:300]
     assert answer.count(b"HTTP/1.1") == 1 and b"Connection: close" in answer
     assert_serving(netd)
 
 
 def test_unsupported_transfer_coding_is_501(netd: NetdProcess) -> None:
-    answer = raw(
+    answer = raw_http(
         netd, b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n"
     )
     assert status_of(answer) == 501
@@ -522,7 +492,7 @@ def test_client_that_stops_reading(netd: NetdProcess) -> None:
     stuck = socket.create_connection(netd.address("web"), timeout=5)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET /digits.bin HTTP/1.1\r\nHost: x\r\n\r\n" * 5)
-    hello = raw(netd, b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    hello = raw_http(netd, b"GET /hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert hello.endswith(b"hello, world\n")
     stuck.close()
     assert_serving(netd)

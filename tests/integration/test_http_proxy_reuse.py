@@ -10,19 +10,18 @@ import http.client
 import json
 import select
 import socket
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import ExitStack
 
 import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+from tests.fakes.upstreams import QuietHandler, serving_http
+from tests.maps import proxying
 
-pytestmark = pytest.mark.integration
 
-
-class _Upstream(BaseHTTPRequestHandler):
+class _Upstream(QuietHandler):
     """Echoes method, path and body as JSON; notes which connection each request came on."""
 
     connection_field: str | None = None
@@ -43,9 +42,6 @@ class _Upstream(BaseHTTPRequestHandler):
         self.wfile.write(reply)
 
     do_GET = do_POST = _answer
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 class _LingeringUpstream(_Upstream):
@@ -73,46 +69,25 @@ def start_upstream() -> Iterator[StartUpstream]:
     Starts upstreams (HTTP/1.0 unless told: http.server's default); each gives
     its port and the client port of each request it answered.
     """
-    servers: list[ThreadingHTTPServer] = []
+    with ExitStack() as servers:
 
-    def start(
-        base: type[_Upstream] = _Upstream,
-        protocol_version: str = "HTTP/1.0",
-        connection_field: str | None = None,
-    ) -> tuple[int, list[int]]:
-        peers: list[int] = []
-        handler = type(
-            "Handler",
-            (base,),
-            {
-                "protocol_version": protocol_version,
-                "connection_field": connection_field,
-                "peers": peers,
-            },
-        )
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return server.server_address[1], peers
+        def start(
+            base: type[_Upstream] = _Upstream,
+            protocol_version: str = "HTTP/1.0",
+            connection_field: str | None = None,
+        ) -> tuple[int, list[int]]:
+            peers: list[int] = []
+            port = servers.enter_context(
+                serving_http(
+                    base,
+                    protocol_version=protocol_version,
+                    connection_field=connection_field,
+                    peers=peers,
+                )
+            )
+            return port, peers
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def _proxy_to(start_netd: StartNetd, port: int) -> NetdProcess:
-    return start_netd(
-        f"""
-services:
-  web:
-    type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
-    routes:
-      - {{path: /up/, proxy: "http://127.0.0.1:{port}/", timeout: 10}}
-"""
-    )
+        yield start
 
 
 def _pipelined(netd: NetdProcess, count: int) -> list[bytes]:
@@ -151,7 +126,7 @@ def test_pipelined_requests_to_an_http10_upstream_all_succeed(
     start_netd: StartNetd, start_upstream: StartUpstream, base: type[_Upstream]
 ) -> None:
     port, peers = start_upstream(base)
-    netd = _proxy_to(start_netd, port)
+    netd = start_netd(proxying(port, "/up/", timeout=10))
     statuses = _pipelined(netd, 3)
     assert statuses == [b"200 OK"] * 3, netd.output
     assert "failed" not in netd.output
@@ -163,7 +138,7 @@ def test_sequential_requests_to_an_http10_upstream_all_succeed(
     start_netd: StartNetd, start_upstream: StartUpstream, base: type[_Upstream]
 ) -> None:
     port, peers = start_upstream(base)
-    netd = _proxy_to(start_netd, port)
+    netd = start_netd(proxying(port, "/up/", timeout=10))
     answers = _sequential(netd, 6)
     assert [status for status, _ in answers] == [200] * 6, netd.output
     assert [json.loads(body)["path"] for _, body in answers] == [f"/{n}" for n in range(6)]
@@ -174,7 +149,7 @@ def test_posts_to_an_http10_upstream_carry_their_bodies(
     start_netd: StartNetd, start_upstream: StartUpstream
 ) -> None:
     port, _ = start_upstream(_LingeringUpstream)
-    netd = _proxy_to(start_netd, port)
+    netd = start_netd(proxying(port, "/up/", timeout=10))
     answers = _sequential(netd, 4, method="POST")
     assert [status for status, _ in answers] == [200] * 4, netd.output
     echoed = [json.loads(body) for _, body in answers]
@@ -189,7 +164,7 @@ def test_an_http11_upstream_saying_close_in_any_spelling_is_not_reused(
 ) -> None:
     """Connection options are case-insensitive tokens (RFC 9110 7.6.1)."""
     port, peers = start_upstream(_LingeringUpstream, "HTTP/1.1", field)
-    netd = _proxy_to(start_netd, port)
+    netd = start_netd(proxying(port, "/up/", timeout=10))
     statuses = _pipelined(netd, 3)
     assert statuses == [b"200 OK"] * 3, netd.output
     assert len(set(peers)) == 3
@@ -204,7 +179,7 @@ def test_a_persistent_upstream_connection_is_reused(
 ) -> None:
     """HTTP/1.1, or HTTP/1.0 with keep-alive: one upstream connection serves them all."""
     port, peers = start_upstream(_Upstream, version, field)
-    netd = _proxy_to(start_netd, port)
+    netd = start_netd(proxying(port, "/up/", timeout=10))
     assert _pipelined(netd, 3) == [b"200 OK"] * 3, netd.output
     assert [status for status, _ in _sequential(netd, 3, method="POST")] == [200] * 3
     assert len(peers) == 6 and len(set(peers)) == 1, peers

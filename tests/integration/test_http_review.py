@@ -20,7 +20,9 @@ import h2.settings
 import pytest
 
 from netd.testing import NetdProcess
+from tests.clients import raw_http
 from tests.conftest import unused_port
+from tests.signals import client_address, wait_closed
 
 BIG = 96 << 20
 
@@ -113,29 +115,21 @@ def test_client_leaving_a_proxied_request_is_quiet(netd: NetdProcess) -> None:
     for _ in range(3):
         with socket.create_connection(netd.address("web"), timeout=5) as sock:
             sock.sendall(b"GET /hang/x HTTP/1.1\r\nHost: a\r\n\r\n")
-            time.sleep(0.2)  # the proxy is waiting on the upstream now
-    time.sleep(0.3)  # netd sees the close, cancels the proxy call
+            # Time for the proxy to start waiting on the upstream: the upstream
+            # never accepts, so nothing shows when it has.
+            time.sleep(0.2)
+    # netd does not read a client whose request is in the proxy, so it gives no
+    # sign of seeing the close (no connection.closed until the proxy times out):
+    # this is time for whatever the close sets off to go wrong.
+    time.sleep(0.3)
     assert_serving(netd)
 
 
 # -- 4. one normalised path for routes, the proxy, redirects and the root -------------------
 
 
-def raw(netd: NetdProcess, data: bytes) -> bytes:
-    """Send bytes as they are; everything until netd closes."""
-    with socket.create_connection(netd.address("web"), timeout=5) as sock:
-        sock.sendall(data)
-        chunks = []
-        try:
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-        except (TimeoutError, ConnectionResetError):
-            pass
-    return b"".join(chunks)
-
-
 def head_of(netd: NetdProcess, target: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
-    answer = raw(netd, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    answer = raw_http(netd, b"GET " + target + b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     fields = dict(line.split(b": ", 1) for line in lines[1:])
@@ -301,8 +295,9 @@ def test_h2_streams_reset_mid_answer_are_quiet(netd: NetdProcess) -> None:
         client.conn.reset_stream(stream, h2.errors.ErrorCodes.CANCEL)
     client.flush()
     assert client.get(5, "/hello.txt") == (200, b"hello\n")
+    address = client_address(client.sock)
     client.close()
-    time.sleep(0.2)
+    wait_closed(netd, "web", address)
     assert_serving(netd)
 
 
@@ -324,7 +319,7 @@ def test_h2_download_to_a_client_that_does_not_read_keeps_memory_flat(
     grown = 0
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # sampling netd's memory while the download is held back
         grown = max(grown, _rss_kib(pid) - before)
     client.close()
     assert grown < 48 * 1024, f"netd grew by {grown} KiB for a {BIG >> 20} MiB download"

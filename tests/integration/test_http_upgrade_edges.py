@@ -3,72 +3,19 @@
 from __future__ import annotations
 
 import http.client
+import select
 import socket
 import threading
 import time
-from collections.abc import Callable
 
-from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+from tests.fakes.upstreams import RawUpstream, read_head
+from tests.maps import proxying
 
 HANDSHAKE = (
     b"GET /ws/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-class RawUpstream:
-    """One-connection-at-a-time raw TCP upstream; `behave(sock)` scripts it."""
-
-    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
-        self.behave = behave
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        self.errors: list[BaseException] = []
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def run(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                self.behave(sock)
-            except BaseException as e:
-                self.errors.append(e)
-            finally:
-                sock.close()
-
-    def stop(self) -> None:
-        self.listener.close()
-
-
-def read_head(sock: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
-def start(start_netd: StartNetd, port: int) -> NetdProcess:
-    return start_netd(
-        f"""
-services:
-  web:
-    type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
-    record: 20
-    routes:
-      - {{path: /ws/, proxy: "http://127.0.0.1:{port}/", timeout: 5}}
-"""
-    )
 
 
 def test_client_leaving_while_upstream_is_backpressured_releases_the_upstream(
@@ -98,7 +45,7 @@ def test_client_leaving_while_upstream_is_backpressured_releases_the_upstream(
 
     upstream = RawUpstream(behave)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         client = socket.create_connection(netd.address("web"), timeout=10)
         client.sendall(HANDSHAKE)
         assert read_head(client).startswith(b"HTTP/1.1 101")
@@ -110,14 +57,15 @@ def test_client_leaving_while_upstream_is_backpressured_releases_the_upstream(
                 client.send(blob)
                 last_progress = time.monotonic()
             except BlockingIOError:
-                time.sleep(0.05)
+                select.select([], [client], [], 0.1)
         client.close()  # the client leaves while netd has paused it
+        # netd reads nothing from a paused client, so it shows no sign of the
+        # close: this is time for the FIN to reach its socket before the upstream
+        # lets netd's buffer drain and netd reads the client again.
         time.sleep(0.5)
         go_read.set()
-        upstream.thread.join(0)  # upstream reads what netd buffered, then waits for EOF
-        deadline = time.monotonic() + 20
-        while not outcome and time.monotonic() < deadline:
-            time.sleep(0.1)
+        # The upstream reads what netd buffered, then waits for EOF.
+        assert upstream.served.wait(20), "the upstream is still reading"
         assert "eof" in outcome, f"upstream connection never closed by netd: {outcome}"
         # and the exchange is logged/recorded once both sides are gone
         assert [r for r in netd.requests("web") if r["path"] == "/ws/"]
@@ -138,22 +86,19 @@ def test_client_leaving_during_a_refusal_drops_the_upstream(start_netd: StartNet
         try:
             while time.monotonic() - start < 15:
                 sock.sendall(chunk)
-                time.sleep(0.01)
+                time.sleep(0.01)  # a trickle: the upstream is still sending when the client goes
             outcome["still_open_after"] = time.monotonic() - start
         except OSError as e:
             outcome["closed"] = repr(e)
 
     upstream = RawUpstream(behave)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         client = socket.create_connection(netd.address("web"), timeout=10)
         client.sendall(HANDSHAKE)
         assert read_head(client).startswith(b"HTTP/1.1 200")
         client.close()
-        upstream.thread.join(0)
-        deadline = time.monotonic() + 20
-        while not outcome and time.monotonic() < deadline:
-            time.sleep(0.1)
+        assert upstream.served.wait(20), "the upstream is still sending"
         assert "closed" in outcome, f"netd kept reading the upstream for nobody: {outcome}"
     finally:
         upstream.stop()
@@ -184,7 +129,7 @@ def test_a_refusal_body_is_relayed_with_back_pressure(start_netd: StartNetd) -> 
 
     upstream = RawUpstream(behave)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         pid = netd.ports["pid"]
         before = _rss_kib(pid)
         client = socket.create_connection(netd.address("web"), timeout=10)
@@ -193,7 +138,9 @@ def test_a_refusal_body_is_relayed_with_back_pressure(start_netd: StartNetd) -> 
             b"GET /ws/ HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
             b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
         )
-        time.sleep(6)  # the client reads nothing
+        # What is under test: six seconds in which the client reads nothing
+        # (netd gives no sign that it paused the upstream).
+        time.sleep(6)
         grown = _rss_kib(pid) - before
         client.close()
         assert grown < 64 * 1024, f"netd grew by {grown // 1024} MiB buffering for a slow client"
@@ -210,7 +157,7 @@ def test_a_close_delimited_refusal_reaches_the_client_whole(start_netd: StartNet
 
     upstream = RawUpstream(behave)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         host, port = netd.address("web")
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("GET", "/ws/", headers={"Upgrade": "websocket", "Connection": "Upgrade"})

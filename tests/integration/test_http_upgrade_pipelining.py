@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 from tests.conftest import StartNetd
-from tests.integration.test_http_upgrade_edges import RawUpstream, read_head, start
+from tests.fakes.upstreams import RawUpstream, read_head
+from tests.maps import proxying
 
 
 def test_a_request_pipelined_behind_a_pending_one_with_upgrade_is_answered(
@@ -16,6 +18,8 @@ def test_a_request_pipelined_behind_a_pending_one_with_upgrade_is_answered(
 
     def slow(sock: socket.socket) -> None:
         read_head(sock)
+        # A stays pending a while (the point of the test): B has arrived behind it
+        # by then, and netd shows no sign of having read B.
         time.sleep(0.5)
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nA\n")
 
@@ -51,20 +55,22 @@ services:
 def test_an_http10_upgrade_is_not_switched(start_netd: StartNetd) -> None:
     """RFC 9110 7.8: a server MUST ignore Upgrade in an HTTP/1.0 request."""
     seen: list[bytes] = []
+    answered = threading.Event()
 
     def switching(sock: socket.socket) -> None:
         seen.append(read_head(sock))
         sock.sendall(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
         )
-        time.sleep(1)
+        answered.wait(10)  # open until the client has its answer, so no EOF decides it
 
     upstream = RawUpstream(switching)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         with socket.create_connection(netd.address("web"), timeout=10) as sock:
             sock.sendall(b"GET /ws/ HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
             head = read_head(sock)
+        answered.set()
         assert not head.startswith(b"HTTP/1.1 101"), (head, seen)
     finally:
         upstream.stop()
@@ -82,7 +88,7 @@ def test_the_body_of_an_upgrade_request_reaches_the_upstream(start_netd: StartNe
 
     upstream = RawUpstream(plain)
     try:
-        netd = start(start_netd, upstream.port)
+        netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
         with socket.create_connection(netd.address("web"), timeout=10) as sock:
             sock.sendall(
                 b"GET /ws/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -7,13 +7,13 @@ import time
 from websockets.sync.client import connect
 
 from tests.conftest import StartNetd
-from tests.integration.test_http_websocket import Upstream
+from tests.fakes.upstreams import WebSocketUpstream
 
 
 def test_shutdown_with_an_open_tunnel_does_not_wait_the_whole_grace(
     start_netd: StartNetd,
 ) -> None:
-    upstream = Upstream()
+    upstream = WebSocketUpstream()
     try:
         netd = start_netd(
             f"""

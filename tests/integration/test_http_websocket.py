@@ -9,81 +9,40 @@ import base64
 import os
 import socket
 import ssl
-import threading
 import urllib.request
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 from websockets.sync.client import connect
-from websockets.sync.server import Server, ServerConnection, serve
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd, unused_port
-
-MiB = 1024 * 1024
-
-
-class Upstream:
-    """Echoes every message; says goodbye and closes on 'bye'; keeps each handshake."""
-
-    def __init__(self) -> None:
-        self.handshakes: list[Any] = []
-        self.server: Server = serve(self.handle, "127.0.0.1", 0, max_size=4 * MiB)
-        self.port: int = self.server.socket.getsockname()[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def handle(self, connection: ServerConnection) -> None:
-        assert connection.request is not None
-        self.handshakes.append(connection.request)
-        for message in connection:
-            if message == "bye":
-                connection.send("goodbye")
-                connection.close()
-                return
-            connection.send(message)
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.thread.join(10)
+from tests.fakes.upstreams import MiB, QuietHandler, WebSocketUpstream, serving_http
 
 
-class _NoWebSockets(BaseHTTPRequestHandler):
+class _NoWebSockets(QuietHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        body = b"no websockets here\n"
-        self.send_response(403)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.answer(403, b"no websockets here\n")
 
 
 @pytest.fixture
-def upstream() -> Iterator[Upstream]:
-    server = Upstream()
+def upstream() -> Iterator[WebSocketUpstream]:
+    server = WebSocketUpstream()
     yield server
     server.stop()
 
 
 @pytest.fixture
 def refusing() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NoWebSockets)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
-    thread.join(10)
+    with serving_http(_NoWebSockets) as port:
+        yield port
 
 
 @pytest.fixture
-def netd(start_netd: StartNetd, upstream: Upstream, refusing: int) -> NetdProcess:
+def netd(start_netd: StartNetd, upstream: WebSocketUpstream, refusing: int) -> NetdProcess:
     return start_netd(
         f"""
 tls:
@@ -113,7 +72,9 @@ def still_serving(netd: NetdProcess) -> None:
         assert answer.read() == b"ok\n"
 
 
-def test_messages_flow_both_ways_through_the_proxy(netd: NetdProcess, upstream: Upstream) -> None:
+def test_messages_flow_both_ways_through_the_proxy(
+    netd: NetdProcess, upstream: WebSocketUpstream
+) -> None:
     with connect(ws_url(netd, "/ws/chat?room=1"), max_size=4 * MiB, open_timeout=10) as ws:
         ws.send("hello")
         assert ws.recv(timeout=10) == "hello"

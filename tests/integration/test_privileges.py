@@ -18,13 +18,13 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from netd.testing import twistd_command
+from tests.signals import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="binding below 1024 needs root")
 
@@ -80,11 +80,9 @@ def start_as_nobody(workdir: Path, port: int) -> subprocess.Popen[bytes]:
     ]
     with (workdir / "netd.log").open("wb") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while not (workdir / "ports.json").exists():
-        assert process.poll() is None, (workdir / "netd.log").read_text()
-        assert time.monotonic() < deadline, "netd not ready"
-        time.sleep(0.01)
+    wait_until(
+        (workdir / "ports.json").exists, "ports file", process=process, log=workdir / "netd.log"
+    )
     return process
 
 
@@ -134,10 +132,10 @@ def test_reload_after_the_drop(netd: tuple[subprocess.Popen[bytes], int], workdi
     process, _ = netd
     process.send_signal(signal.SIGHUP)
     log = workdir / "netd.log"
-    deadline = time.monotonic() + 15
-    while "reloaded" not in (text := log.read_text()) and "reload refused" not in text:
-        assert time.monotonic() < deadline, "no reload"
-        time.sleep(0.01)
+    wait_until(
+        lambda: "reloaded" in log.read_text() or "reload refused" in log.read_text(), "reload"
+    )
+    text = log.read_text()
     assert "reload refused" not in text, text
 
 

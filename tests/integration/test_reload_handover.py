@@ -14,11 +14,9 @@ from pathlib import Path
 
 import dns.message
 import dns.query
-import pytest
 
 from netd.testing import NetdProcess
-
-pytestmark = pytest.mark.integration
+from tests.signals import wait_until
 
 _RELOADS = 12
 
@@ -99,6 +97,10 @@ def test_reloads_under_load_refuse_and_reset_nothing(tmp_path: Path) -> None:
             result = netd.reload(_map(generation))
             assert sorted(result["restarted"]) == ["dns", "echo", "web"]
         for load in loads:
+            # The answer in flight as the last reload returned may be the old
+            # generation's; the one after it began once the reload was done.
+            settled = len(load.answers) + 2
+            wait_until(lambda load=load, settled=settled: len(load.answers) >= settled, "answers")
             load.done.set()
             load.join()
 

@@ -6,7 +6,6 @@ with the admin API as the window into what was captured.
 from __future__ import annotations
 
 import email
-import json
 import shutil
 import smtplib
 import socket
@@ -14,13 +13,11 @@ import ssl
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import dns.message
 import dns.rcode
 import dns.rdatatype
@@ -31,59 +28,18 @@ from aiosmtpd.smtp import AuthResult
 
 from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
+from tests.clients import smtp
 from tests.conftest import StartNetd
+from tests.maps import mail_map, relaying
 
 SWAKS = shutil.which("swaks")
-# Cost 4 keeps the test fast; the map takes any bcrypt cost.
-BOB_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
-
-
-def config(state_dir: Path, **extra: str) -> str:
-    text = f"""
-state_dir: {state_dir}
-shutdown_grace: 2
-admin: {{listen: ["tcp:0:interface=127.0.0.1"]}}
-tls:
-  lab: {{self_signed: [localhost, 127.0.0.1]}}
-services:
-  mail:
-    type: smtp
-    listen:
-      - "tcp:0:interface=127.0.0.1"
-      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
-    hostname: mx.netd.test
-    tls: lab
-    max_message_size: 65536
-    max_recipients: 5
-    max_connections_per_client: 8
-    auth: {{users: {{bob: {{password: "{BOB_HASH}"}}, carol: {{password: plain}}}}}}
-    relay: {{allow_from: [], domains: [netd.test]}}
-"""
-    return text + "".join(f"    {key}: {value}\n" for key, value in extra.items())
 
 
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     base = tmp_path_factory.mktemp("smtp")
-    with NetdProcess.start(config(base / "state"), base) as process:
+    with NetdProcess.start(mail_map(base / "state"), base) as process:
         yield process
-
-
-def admin(netd: NetdProcess, path: str, method: str = "GET") -> Any:
-    entry = netd.ports["admin"]["listeners"][0]
-    request = urllib.request.Request(f"http://{entry['host']}:{entry['port']}{path}", method=method)
-    with urllib.request.urlopen(request, timeout=10) as response:
-        body = response.read()
-        if response.headers["Content-Type"] == "application/json":
-            return json.loads(body)
-        return body
-
-
-def messages_to(netd: NetdProcess, recipient: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = admin(netd, f"/api/services/mail/messages?to={recipient}")[
-        "messages"
-    ]
-    return found
 
 
 def tls_context(netd: NetdProcess) -> ssl.SSLContext:
@@ -101,13 +57,8 @@ def message(to: str, subject: str = "hello", body: str = "Hi there.\n") -> Email
     return mail
 
 
-def smtp(netd: NetdProcess) -> smtplib.SMTP:
-    host, port = netd.address("mail")
-    return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)
-
-
 def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -> None:
-    last = admin(netd, "/api/events?service=mail")["last_id"]
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
     with smtp(netd) as client:
         code, features = client.ehlo()
         assert code == 250
@@ -115,18 +66,16 @@ def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -
             assert extension in features
         assert b"STARTTLS" in features and b"AUTH" not in features
         client.send_message(message("listed@netd.test", "captured", "Line one.\n.dot\n"))
-    events = admin(netd, f"/api/events?service=mail&type=message.accepted&since={last}&wait=10")[
-        "events"
-    ]
+    events = netd.events("mail", "message.accepted", last, wait=10)
     assert [e["recipients"] for e in events] == [["listed@netd.test"]]
-    [listed] = messages_to(netd, "listed@netd.test")
+    [listed] = netd.messages("mail", to="listed@netd.test")
     assert listed["id"] == events[0]["message_id"] and listed["subject"] == "captured"
     assert listed["from"] == "alice@client.test" and listed["client"] == "127.0.0.1"
-    raw = admin(netd, f"/api/services/mail/messages/{listed['id']}")
+    raw = netd.message("mail", listed["id"])
     assert raw.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby mx.netd.test (netd)")
     assert b"\r\nLine one.\r\n.dot\r\n" in raw and len(raw) == listed["size"]
-    assert admin(netd, "/api/services/mail/messages", "DELETE")["deleted"] >= 1
-    assert messages_to(netd, "listed@netd.test") == []
+    assert netd.admin("DELETE", "/api/services/mail/messages")["deleted"] >= 1
+    assert netd.messages("mail", to="listed@netd.test") == []
 
 
 def test_swaks_over_starttls_with_auth(netd: NetdProcess) -> None:
@@ -141,7 +90,7 @@ def test_swaks_over_starttls_with_auth(netd: NetdProcess) -> None:
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    [listed] = messages_to(netd, "swaks@elsewhere.test")
+    [listed] = netd.messages("mail", to="swaks@elsewhere.test")
     assert listed["user"] == "bob" and listed["subject"] == "from swaks"
 
 
@@ -162,10 +111,8 @@ def test_starttls_and_implicit_tls_with_auth(netd: NetdProcess) -> None:
         assert refused.value.smtp_code == 535
         client.login("bob", "secret")
         client.sendmail("bob@client.test", ["implicit@elsewhere.test"], b"Subject: i\r\n\r\nx\r\n")
-    assert messages_to(netd, "starttls@elsewhere.test")[0]["user"] == "carol"
-    raw = admin(
-        netd, "/api/services/mail/messages/" + messages_to(netd, "implicit@elsewhere.test")[0]["id"]
-    )
+    assert netd.messages("mail", to="starttls@elsewhere.test")[0]["user"] == "carol"
+    raw = netd.message("mail", netd.messages("mail", to="implicit@elsewhere.test")[0]["id"])
     assert b" with ESMTPSA id " in raw
 
 
@@ -217,7 +164,7 @@ def test_open_relay_battery(netd: NetdProcess) -> None:
         # Still serving, and the final destination is still accepted.
         assert client.rcpt("<relay-battery@netd.test>")[0] == 250
         assert client.data(b"Subject: ok\r\n\r\nok\r\n")[0] == 250
-    [listed] = messages_to(netd, "relay-battery@netd.test")
+    [listed] = netd.messages("mail", to="relay-battery@netd.test")
     assert listed["to"] == ["relay-battery@netd.test"]
 
 
@@ -245,9 +192,9 @@ def test_smuggling_with_bare_lf_stays_inside_one_message(netd: NetdProcess) -> N
         ]  # fmt: skip
         sock.sendall(b"NOOP\r\n")
         assert reply()[:9] == b"250 2.0.0"
-    assert messages_to(netd, "smuggled@netd.test") == []
-    [outer] = messages_to(netd, "smuggle@netd.test")
-    raw = admin(netd, f"/api/services/mail/messages/{outer['id']}")
+    assert netd.messages("mail", to="smuggled@netd.test") == []
+    [outer] = netd.messages("mail", to="smuggle@netd.test")
+    raw = netd.message("mail", outer["id"])
     assert raw.endswith(
         b"\r\n\r\nhi\r\n.\r\nMAIL FROM:<evil@client.test>\r\n"
         b"RCPT TO:<smuggled@netd.test>\r\nDATA\r\nSubject: inner\r\n\r\nevil\r\n"
@@ -274,7 +221,7 @@ def test_limits_and_malformed_commands_leave_the_session_going(netd: NetdProcess
         big = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 70
         assert client.data(big)[0] == 552
         assert client.sendmail("a@client.test", ["after-limits@netd.test"], b"\r\nok\r\n") == {}
-    assert len(messages_to(netd, "after-limits@netd.test")) == 1
+    assert len(netd.messages("mail", to="after-limits@netd.test")) == 1
 
 
 def test_pipelined_burst_answers_in_order(netd: NetdProcess) -> None:
@@ -299,7 +246,7 @@ def test_pipelined_burst_answers_in_order(netd: NetdProcess) -> None:
     lines = [line for line in received.split(b"\r\n") if line and line[3:4] == b" "]
     expected = [b"220", b"250"] + [b"250", b"250", b"354", b"250"] * count + [b"221"]
     assert [line[:3] for line in lines] == expected
-    listed = messages_to(netd, "burst@netd.test")
+    listed = netd.messages("mail", to="burst@netd.test")
     assert [m["subject"] for m in listed] == [str(i) for i in range(count)]
 
 
@@ -319,7 +266,7 @@ def test_connections_per_client(netd: NetdProcess) -> None:
 
 
 def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path: Path) -> None:
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     first = start_netd(text)
     with smtp(first) as client:
         client.sendmail("a@client.test", ["durable@netd.test"], b"Subject: durable\r\n\r\nkept\r\n")
@@ -327,8 +274,8 @@ def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path
         first.process.kill()
         first.process.wait()
     second = start_netd(text)
-    [listed] = messages_to(second, "durable@netd.test")
-    raw = admin(second, f"/api/services/mail/messages/{listed['id']}")
+    [listed] = second.messages("mail", to="durable@netd.test")
+    raw = second.message("mail", listed["id"])
     assert raw.endswith(b"Subject: durable\r\n\r\nkept\r\n") and listed["subject"] == "durable"
 
 
@@ -391,7 +338,7 @@ class Smarthost:
 
 
 def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
-    events = admin(netd, f"/api/events?service=mail&type={kind}&since={since}&wait=20")["events"]
+    events = netd.events("mail", kind, since, wait=20)
     assert events, f"no {kind} event"
     found: dict[str, Any] = events[0]
     return found
@@ -400,7 +347,7 @@ def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path: Path) -> None:
     smarthost = Smarthost()
-    text = config(tmp_path / "state").replace(
+    text = mail_map(tmp_path / "state").replace(
         "relay: {allow_from: [], ", "relay: {allow_from: [127.0.0.1], "
     )
     text += (
@@ -426,7 +373,7 @@ def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path:
         assert content.startswith(b"Received: from client.test ([127.0.0.1])")
         assert content.endswith(b"Subject: one\r\n\r\n.leading dot\r\n")
         # One recipient refused for good, one accepted: a bounce goes to the sender.
-        since = admin(netd, "/api/events?service=mail")["last_id"]
+        since = netd.admin("GET", "/api/events?service=mail")["last_id"]
         with smtp(netd) as client:
             client.sendmail(
                 "alice@client.test",
@@ -452,19 +399,12 @@ def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path:
         assert status.get_content_type() == "message/delivery-status"
         assert "Status: 5.1.1" in status.as_string() and "reject@far.test" in status.as_string()
         # A bounce that cannot be delivered is dropped, never bounced again.
-        since = admin(netd, "/api/events?service=mail")["last_id"]
+        since = netd.admin("GET", "/api/events?service=mail")["last_id"]
         with smtp(netd) as client:
             client.sendmail("", ["reject2@far.test"], b"Subject: three\r\n\r\nx\r\n")
         bounced = wait_event(netd, "message.bounced", since)
         assert bounced["notified"] is None
-        metrics = (
-            urllib.request.urlopen(
-                "http://{host}:{port}/metrics".format(**netd.ports["admin"]["listeners"][0]),
-                timeout=10,
-            )
-            .read()
-            .decode()
-        )
+        metrics = netd.admin("GET", "/metrics").decode()
         assert 'netd_smtp_delivered_recipients_total{service="mail",type="smtp"} 3.0' in metrics
         assert 'netd_smtp_queue_messages{service="mail",type="smtp"} 0.0' in metrics
     finally:
@@ -518,10 +458,10 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
     exchanger = Smarthost(auth_required=False)
     exchanger.start()
     try:
-        text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-        text += (
-            f"    delivery: {{mode: mx, port: {exchanger.port}, tls: none, retry: [0.2],\n"
-            f"      resolver: '127.0.0.1:{resolver.port}'}}\n"
+        text = relaying(
+            tmp_path / "state",
+            f"mode: mx, port: {exchanger.port}, tls: none, retry: [0.2],"
+            f" resolver: '127.0.0.1:{resolver.port}'",
         )
         netd = start_netd(text)
         with smtp(netd) as client:
@@ -581,7 +521,7 @@ def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
             "good@far.test",
             "opportunistic@far.test",
         ]
-        events = admin(netd, "/api/events?service=bad&type=message.deferred&wait=20")["events"]
+        events = netd.events("bad", "message.deferred", wait=20)
         # The certificate names localhost, not 127.0.0.1: not delivered, kept for later.
         assert events and events[0]["reply"].startswith("451 4.4.1"), events
         assert "IPAddressMismatch" in events[0]["reply"]
@@ -591,7 +531,7 @@ def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
 
 
 def messages_to_service(netd: NetdProcess, service: str) -> list[str]:
-    listed = admin(netd, f"/api/services/{service}/messages")["messages"]
+    listed = netd.messages(service)
     return [recipient for message in listed for recipient in message["to"]]
 
 
@@ -600,10 +540,9 @@ def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     smarthost = Smarthost(auth_required=False)  # down for now: the message stays queued
-    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-    text += (
-        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
-        "      retry: [0.2]}\n"
+    text = relaying(
+        tmp_path / "state",
+        f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none, retry: [0.2]",
     )
     first = start_netd(text)
     with smtp(first) as client:
@@ -622,20 +561,20 @@ def test_a_queued_message_survives_sigkill_and_is_delivered_after_restart(
 
 
 def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: Path) -> None:
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     netd = start_netd(text)
     with smtp(netd) as client:
         client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
     changes = netd.reload(text.replace("max_recipients: 5", "max_recipients: 6"))
     assert changes["restarted"] == ["mail"]
-    [listed] = messages_to(netd, "before@netd.test")
+    [listed] = netd.messages("mail", to="before@netd.test")
     assert listed["subject"] == "before"
 
 
 def test_a_silent_client_is_timed_out_and_others_are_served(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
-    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
+    netd = start_netd(mail_map(tmp_path / "state", command_timeout="0.5", data_timeout="0.5"))
     host, port = netd.address("mail")
     with socket.create_connection((host, port), timeout=10) as silent:
         replies = silent.makefile("rb")
@@ -647,7 +586,7 @@ def test_a_silent_client_is_timed_out_and_others_are_served(
         assert replies.readline() == b""  # closed
     with smtp(netd) as client:
         assert client.sendmail("a@client.test", ["fast@netd.test"], b"\r\nok\r\n") == {}
-    assert messages_to(netd, "slow@netd.test") == []
+    assert netd.messages("mail", to="slow@netd.test") == []
 
 
 def test_a_client_silent_in_data_gets_the_data_timeout_reply(
@@ -655,7 +594,7 @@ def test_a_client_silent_in_data_gets_the_data_timeout_reply(
 ) -> None:
     # idle_timeout is left to its default: at least the longest smtp timeout, so
     # the core's idle sweep never cuts a client before smtp's own timer answers.
-    netd = start_netd(config(tmp_path / "state", command_timeout="0.5", data_timeout="1.5"))
+    netd = start_netd(mail_map(tmp_path / "state", command_timeout="0.5", data_timeout="1.5"))
     assert netd.services()["mail"]["state"] == "running"
     with socket.create_connection(netd.address("mail"), timeout=10) as sock:
         sock.sendall(

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from netd.testing import AdminError, NetdProcess
+from tests.clients import smtp
 from tests.conftest import StartNetd, unused_port
-from tests.integration.test_smtp import config, messages_to, smtp
+from tests.fakes.upstreams import RawUpstream
+from tests.maps import mail_map, relaying
+from tests.signals import wait_until
 
 
 def _reply(stream) -> bytes:  # type: ignore[no-untyped-def]
@@ -36,7 +37,7 @@ def test_mail_size_with_huge_number_gets_a_reply_and_session_goes_on(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """SIZE= with thousands of digits gets a reply (int() of that many digits raises)."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test> SIZE=" + b"9" * 5000 + b"\r\n")
@@ -48,7 +49,7 @@ def test_mail_size_with_huge_number_gets_a_reply_and_session_goes_on(
 
 def test_big_envelope_survives_restart(start_netd: StartNetd, tmp_path: Path) -> None:
     """An envelope line over 1 MiB (many recipients) is read whole at recovery."""
-    text = config(tmp_path / "state").replace("max_recipients: 5", "max_recipients: 20000")
+    text = mail_map(tmp_path / "state").replace("max_recipients: 5", "max_recipients: 20000")
     first = start_netd(text)
     count = 16000
     local = "r" * 58
@@ -65,17 +66,17 @@ def test_big_envelope_survives_restart(start_netd: StartNetd, tmp_path: Path) ->
         assert _reply(stream).startswith(b"354")
         sock.sendall(b"Subject: many\r\n\r\nbody\r\n.\r\n")
         assert _reply(stream).startswith(b"250 2.0.0 Ok: queued")
-    first_id = messages_to(first, f"{local}00000@netd.test")[0]["id"]
+    first_id = first.messages("mail", to=f"{local}00000@netd.test")[0]["id"]
     first.process.kill()
     first.process.wait()
     second = start_netd(text)
-    listed = messages_to(second, f"{local}00000@netd.test")
+    listed = second.messages("mail", to=f"{local}00000@netd.test")
     assert [m["id"] for m in listed] == [first_id]
 
 
 def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: Path) -> None:
     """SIGTERM lets a message in DATA finish and be answered within shutdown_grace."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<term@netd.test>\r\nDATA\r\n")
@@ -83,10 +84,7 @@ def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: 
         sock.sendall(b"Subject: in flight\r\n\r\nfirst half\r\n")
         netd.signal(signal.SIGTERM)
         # Stopping has begun once netd says so (its lifecycle lines are written at once).
-        deadline = time.monotonic() + 10
-        while "netd stopping" not in netd.output:
-            assert time.monotonic() < deadline, "netd did not start stopping"
-            time.sleep(0.01)
+        wait_until(lambda: "netd stopping" in netd.output, "sign of stopping", timeout=10)
         try:
             sock.sendall(b"second half\r\n.\r\n")
             answer = _reply(stream)
@@ -106,7 +104,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """A client that pipelines commands and never reads the replies is cut."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     pid = netd.process.pid
     host, port = netd.address("mail")
     before = _status_kb(pid)
@@ -130,7 +128,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
 
 def test_bare_postmaster_is_accepted_from_anyone(start_netd: StartNetd, tmp_path: Path) -> None:
     """RFC 5321 4.5.1: <postmaster> is accepted from anyone."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     with smtp(netd) as client:
         client.ehlo()
         assert client.mail("a@client.test")[0] == 250
@@ -140,7 +138,7 @@ def test_bare_postmaster_is_accepted_from_anyone(start_netd: StartNetd, tmp_path
 
 def test_bare_lf_command_gets_an_answer(start_netd: StartNetd, tmp_path: Path) -> None:
     """A command ended by a bare LF (netcat, broken scripts) gets an answer at once."""
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     sock, stream = _session(netd)
     with sock:
         sock.settimeout(3)
@@ -156,7 +154,7 @@ def test_a_message_of_short_lines_costs_little_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """The line-length check does not split a big message into millions of lines."""
-    text = config(tmp_path / "state").replace(
+    text = mail_map(tmp_path / "state").replace(
         "max_message_size: 65536", "max_message_size: 10485760"
     )
     netd = start_netd(text)
@@ -177,7 +175,7 @@ def test_reload_lets_a_message_in_data_finish_on_the_old_service(
 ) -> None:
     """A reload lets a message in DATA on the old service finish and be listed."""
 
-    text = config(tmp_path / "state")
+    text = mail_map(tmp_path / "state")
     netd = start_netd(text)
     sock, stream = _session(netd)
     with sock:
@@ -193,7 +191,7 @@ def test_reload_lets_a_message_in_data_finish_on_the_old_service(
         except OSError as e:
             answer = repr(e).encode()
         assert answer.startswith(b"250"), answer
-    assert len(messages_to(netd, "reload@netd.test")) == 1
+    assert len(netd.messages("mail", to="reload@netd.test")) == 1
 
 
 def test_failed_tls_handshakes_do_not_leak_per_client_slots(
@@ -202,7 +200,7 @@ def test_failed_tls_handshakes_do_not_leak_per_client_slots(
     """Per-client counting survives failed implicit-TLS handshakes and resets."""
     import struct
 
-    netd = start_netd(config(tmp_path / "state"))
+    netd = start_netd(mail_map(tmp_path / "state"))
     tls_entry = next(e for e in netd.listeners("mail") if e["tls"])
     for _ in range(20):
         with socket.create_connection((tls_entry["host"], tls_entry["port"]), timeout=5) as s:
@@ -223,24 +221,9 @@ class _RawSmarthost:
     """Refuses rcpt 'multi*' with a multi-line 550; records every DATA it accepts."""
 
     def __init__(self) -> None:
-        import threading
-
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen(8)
-        self.port = self.server.getsockname()[1]
         self.received: list[bytes] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                self._serve(conn)
+        self.upstream = RawUpstream(self._serve)
+        self.port = self.upstream.port
 
     def _serve(self, conn: socket.socket) -> None:
         stream = conn.makefile("rb")
@@ -271,24 +254,23 @@ class _RawSmarthost:
                 conn.sendall(b"250 ok\r\n")
 
     def stop(self) -> None:
-        self.server.close()
+        self.upstream.stop()
 
 
 def test_bounce_sent_on_has_no_bare_lf(start_netd: StartNetd, tmp_path: Path) -> None:
     """A bounce quoting a multi-line remote reply sends no bare LF to the next hop."""
     upstream = _RawSmarthost()
     try:
-        text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-        text += (
-            f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{upstream.port}',"
-            " tls: none, retry: [0.2]}\n"
+        text = relaying(
+            tmp_path / "state",
+            f"mode: smarthost, smarthost: '127.0.0.1:{upstream.port}', tls: none, retry: [0.2]",
         )
         netd = start_netd(text)
         with smtp(netd) as client:
             client.sendmail("alice@client.test", ["multi@far.test"], b"Subject: m\r\n\r\nx\r\n")
-        deadline = time.time() + 15
-        while not upstream.received and time.time() < deadline:
-            time.sleep(0.1)
+        # The bounce to the sender is the one delivery: its event says the
+        # smarthost has answered its DATA.
+        netd.wait_for("mail", "message.delivered", timeout=15, recipients=["alice@client.test"])
         [bounce] = upstream.received
         body = bounce.replace(b"\r\n", b"")
         assert b"\n" not in body and b"\r" not in body, bounce
@@ -300,16 +282,15 @@ def test_queued_relay_mail_cannot_be_dropped_through_the_admin_api(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """It leaves the spool delivered or bounced; DELETE is for capture mode (405 here)."""
-    text = config(tmp_path / "state").replace("allow_from: []", "allow_from: [127.0.0.1]")
-    text += (
-        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{unused_port()}', tls: none,"
-        " retry: [3600]}\n"
+    text = relaying(
+        tmp_path / "state",
+        f"mode: smarthost, smarthost: '127.0.0.1:{unused_port()}', tls: none, retry: [3600]",
     )
     netd = start_netd(text)
     with smtp(netd) as client:
         client.sendmail("a@client.test", ["queued@far.test"], b"Subject: q\r\n\r\nx\r\n")
-    assert len(messages_to(netd, "queued@far.test")) == 1
+    assert len(netd.messages("mail", to="queued@far.test")) == 1
     with pytest.raises(AdminError) as refused:
         netd.admin("DELETE", "/api/services/mail/messages")
     assert refused.value.status == 405
-    assert len(messages_to(netd, "queued@far.test")) == 1
+    assert len(netd.messages("mail", to="queued@far.test")) == 1

@@ -21,6 +21,7 @@ import pytest
 
 from netd.testing import StartFailed, twistd_command
 from tests.conftest import StartNetd
+from tests.signals import wait_until
 
 ROOT = Path(__file__).parents[2]
 
@@ -339,10 +340,7 @@ services:
     try:
         first = connect_when_listening(process, port)
         # netd creates the CA while starting; the first connection waits for it.
-        deadline = time.monotonic() + 15
-        while not (workdir / "ports.json").exists():
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until((workdir / "ports.json").exists, "ports file", process=process)
         context = ssl.create_default_context(cafile=str(workdir / "state/tls/lab-ca.pem"))
         with context.wrap_socket(first, server_hostname="localhost") as tls:
             tls.sendall(b"sealed")

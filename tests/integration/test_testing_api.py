@@ -8,7 +8,6 @@ import os
 import ssl
 import textwrap
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest_twisted
 import yaml
 
 from netd.testing import AdminError, NetdProcess, StartFailed, start_asyncio, start_deferred
+from tests.signals import wait_until
 
 WEB: dict[str, Any] = {
     "tls": {"lab": {"self_signed": ["localhost", "127.0.0.1"]}},
@@ -164,10 +164,7 @@ def test_an_asyncio_start_given_up_on_leaves_no_daemon(tmp_path: Path) -> None:
             await asyncio.wait_for(start_asyncio(WEB, workdir=tmp_path), 0.05)
 
     asyncio.run(give_up())  # returns once the starting thread is done
-    deadline = time.monotonic() + 15
-    while netd_children() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not netd_children()
+    wait_until(lambda: not netd_children(), "the given-up daemon's exit")
 
 
 def netd_children() -> list[int]:

@@ -5,7 +5,6 @@ daemon and met by Python's ssl module as the client.
 
 from __future__ import annotations
 
-import datetime
 import smtplib
 import socket
 import ssl
@@ -13,45 +12,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
+from tests.certificates import client_certificate
 from tests.conftest import StartNetd
-
-
-def client_certificate(ca_dir: Path, profile: str, into: Path) -> tuple[Path, Path]:
-    """A certificate for client authentication, signed by the CA netd generated in ca_dir."""
-    ca_cert = x509.load_pem_x509_certificate((ca_dir / f"{profile}-ca.pem").read_bytes())
-    ca_key = serialization.load_pem_private_key(
-        (ca_dir / f"{profile}-ca.key").read_bytes(), password=None
-    )
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test client")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = into / "client.pem", into / "client.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
 
 
 def test_pem_profile_with_client_certificates_and_tls13(

@@ -28,21 +28,17 @@ from netd.services.chat.hub import (
     Session,
 )
 from netd.services.chat.line import LineSession, LineWire
+from tests.maps import ServiceMap
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 
 
-def parse(tmp_path: Path, section: str) -> ChatOptions:
-    text = f"services:\n  chat:\n    type: chat\n    listen: ['tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: ChatOptions = config.services["chat"].options
-    return options
+CHAT_MAP = ServiceMap("chat", "chat", ChatOptions)
+parse = CHAT_MAP.parse
 
 
 def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e).removeprefix(f"{tmp_path}/") for e in raised.value.errors]
+    return [e.removeprefix(f"{tmp_path}/") for e in CHAT_MAP.errors(tmp_path, section)]
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:

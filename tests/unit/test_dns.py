@@ -28,13 +28,14 @@ from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 
-from netd.config import ConfigErrors, parse_config
+from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services.dns import DnsOptions, build
 from netd.services.dns.forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
 from netd.services.dns.server import Server, Stream
 from netd.services.dns.wire import name_to_wire
+from tests.maps import ServiceMap
 
 RECORDS = """\
     records:
@@ -55,17 +56,9 @@ RECORDS = """\
 """
 
 
-def options(tmp_path: Path, section: str) -> DnsOptions:
-    text = f"services:\n  dns:\n    type: dns\n    listen: ['udp:0', 'tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    parsed: DnsOptions = config.services["dns"].options
-    return parsed
-
-
-def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        options(tmp_path, section)
-    return [str(e) for e in raised.value.errors]
+DNS = ServiceMap("dns", "dns", DnsOptions, listen="['udp:0', 'tcp:0']")
+options = DNS.parse
+errors = DNS.errors
 
 
 def server(

@@ -25,7 +25,6 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
-from netd.config import ConfigErrors, parse_config
 from netd.events import ServiceStats
 from netd.services.ftp import FtpOptions
 from netd.services.ftp.data import LineEnds
@@ -47,24 +46,18 @@ from netd.services.ftp.session import (
     SessionLimits,
     _response,
 )
+from tests.fakes.transports import TLSStringTransport
+from tests.maps import ServiceMap
 
 # -- the map section ----------------------------------------------------------------------
 
 
-def parse(tmp_path: Path, section: str) -> FtpOptions:
-    text = (
-        "tls: {lab: {self_signed: [localhost]}}\n"
-        f"services:\n  files:\n    type: ftp\n    listen: ['tcp:0']\n{section}"
-    )
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: FtpOptions = config.services["files"].options
-    return options
+FILES = ServiceMap("ftp", "files", FtpOptions, top="tls: {lab: {self_signed: [localhost]}}\n")
+parse = FILES.parse
 
 
 def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e).split(": ", 1)[1] for e in raised.value.errors]
+    return [e.split(": ", 1)[1] for e in FILES.errors(tmp_path, section)]
 
 
 def test_parse_values_and_defaults(tmp_path: Path) -> None:
@@ -352,15 +345,6 @@ def test_ascii_uploads_turn_crlf_into_lf_across_reads() -> None:
 # -- sessions -------------------------------------------------------------------------------
 
 
-class _TLSCapableTransport(StringTransport):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.started_tls: list[object] = []
-
-    def startTLS(self, creator: object) -> None:
-        self.started_tls.append(creator)
-
-
 class Harness:
     def __init__(self, root: Path, **server_options: Any) -> None:
         self.reactor = MemoryReactorClock()
@@ -387,9 +371,9 @@ class Harness:
             **options,
         )
 
-    def connect(self, host: str = "127.0.0.1") -> tuple[Session, _TLSCapableTransport]:
+    def connect(self, host: str = "127.0.0.1") -> tuple[Session, TLSStringTransport]:
         session = self.server.factory(None, False).buildProtocol(None)
-        transport = _TLSCapableTransport(
+        transport = TLSStringTransport(
             peerAddress=IPv4Address("TCP", host, 40000),
             hostAddress=IPv4Address("TCP", "127.0.0.1", 2121),
         )
@@ -527,7 +511,7 @@ def test_ipv4_clients_of_a_dual_stack_listener_are_compared_as_ipv4(tmp_path: Pa
     harness = Harness(tmp_path, passive_ports=(30000, 30001))
     session = harness.server.factory(None, False).buildProtocol(None)
     # A listener on :: sees the IPv4 client 127.0.0.1 as ::ffff:127.0.0.1.
-    transport = _TLSCapableTransport(
+    transport = TLSStringTransport(
         peerAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 40000),
         hostAddress=IPv6Address("TCP", "::ffff:127.0.0.1", 2121),
     )

@@ -27,33 +27,23 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers as TwistedHeaders
 from zope.interface import implementer
 
-from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.services.http import HttpOptions
 from netd.services.http.app import (
     App,
-    BodyStream,
     Exchange,
-    Headers,
     Route,
     StaticOptions,
     _path_of,
 )
 from netd.services.http.proxy import Proxy
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
+from tests.fakes.exchanges import FakeExchange
+from tests.maps import ServiceMap
 
-
-def parse(tmp_path: Path, section: str) -> HttpOptions:
-    text = f"services:\n  web:\n    type: http\n    listen: ['tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: HttpOptions = config.services["web"].options
-    return options
-
-
-def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e) for e in raised.value.errors]
+WEB = ServiceMap("http", "web", HttpOptions)
+parse = WEB.parse
+errors = WEB.errors
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:
@@ -107,49 +97,6 @@ def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:
     assert "routes[6].headers.Transfer-Encoding: set by netd from the body" in joined
     assert "services.web.limits.max_headers: must be at least 1" in joined
     assert "services.web.limits.colour: unknown key" in joined
-
-
-class FakeExchange(Exchange):
-    def __init__(self, method: str, target: str, headers: Headers | None = None) -> None:
-        self.method = method
-        self.target = target
-        self.version = "HTTP/1.1"
-        self.headers = headers or []
-        self.client = "192.0.2.1"
-        self.scheme = "http"
-        self.body = BodyStream(0, 100)
-        self.body.end()
-        self.response_headers: dict[bytes, bytes] = {}
-        self.data = b""
-        self.finished = False
-        self.producer: Any = None
-        self.aborted = False
-
-    def respond(self, status: int, headers: Headers, body: bytes) -> None:
-        self.start(status, headers, len(body))
-        self.data = body
-        self.sent = len(body)
-        self.finished = True
-
-    def start(self, status: int, headers: Headers, length: int | None) -> None:
-        self.status = status
-        self.response_headers = dict(headers)
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-        self.sent += len(data)
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-    def register_producer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregister_producer(self) -> None:
-        self.producer = None
 
 
 @pytest.fixture

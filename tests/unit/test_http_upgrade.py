@@ -8,29 +8,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from netd.services.http.proxy import _UpgradingUpstream
-
-
-class FakeExchange:
-    proxy_cancel: Any = None
-    keep_alive = True
-
-    def __init__(self) -> None:
-        self.started: list[Any] = []
-        self.written = b""
-        self.finished = False
-        self.aborted = False
-
-    def start(self, status: int, headers: Any, length: Any) -> None:
-        self.started.append((status, headers, length))
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def finish(self) -> None:
-        self.finished = True
-
-    def abort(self) -> None:
-        self.aborted = True
+from tests.fakes.exchanges import FakeExchange
 
 
 class FakeUpgrade:
@@ -52,7 +30,7 @@ class FakeUpgrade:
 
 
 def make() -> tuple[_UpgradingUpstream, FakeExchange, FakeUpgrade, list[Failure]]:
-    exchange, upgrade = FakeExchange(), FakeUpgrade()
+    exchange, upgrade = FakeExchange("GET", "/ws/"), FakeUpgrade()
     upstream = _UpgradingUpstream(exchange, upgrade, b"GET / HTTP/1.1\r\n\r\n")  # type: ignore[arg-type]
     failures: list[Failure] = []
     upstream.failed = failures.append
@@ -79,4 +57,4 @@ def test_early_hints_before_the_switch() -> None:
         b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" + HEAD + b"\x81\x00"
     )
     assert not exchange.finished, "the 103 ended the exchange: the client connection is closed"
-    assert upgrade.head == HEAD, (exchange.started, upgrade.head, failures)
+    assert upgrade.head == HEAD, (exchange.status, upgrade.head, failures)

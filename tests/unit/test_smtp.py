@@ -20,14 +20,12 @@ import pytest
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names import error as dns_error
 from twisted.test import iosim
-from zope.interface import implementer
 
 from netd.config import ConfigErrors, ServiceConfig, parse_config
 from netd.events import Journal, ServiceStats
@@ -50,19 +48,12 @@ from netd.services.smtp.server import (
 )
 from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
+from tests.fakes.transports import TLSStringTransport
+from tests.maps import ServiceMap
 
-
-def parse(tmp_path: Path, section: str, top: str = "") -> SmtpOptions:
-    text = f"{top}services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n{section}"
-    config = parse_config(text, tmp_path / "netd.yaml")
-    options: SmtpOptions = config.services["mail"].options
-    return options
-
-
-def errors(tmp_path: Path, section: str) -> list[str]:
-    with pytest.raises(ConfigErrors) as raised:
-        parse(tmp_path, section)
-    return [str(e) for e in raised.value.errors]
+MAIL = ServiceMap("smtp", "mail", SmtpOptions)
+parse = MAIL.parse
+errors = MAIL.errors
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:
@@ -171,16 +162,6 @@ def test_paths_that_are_fine() -> None:
 
 
 # Sessions ----------------------------------------------------------------
-
-
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """Records STARTTLS instead of doing it."""
-
-    tls: Any = None
-
-    def startTLS(self, contextFactory: Any) -> None:
-        self.tls = contextFactory
 
 
 class Harness:
@@ -331,7 +312,7 @@ def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
     # An attacker in the middle appends a command to the client's STARTTLS.
     send(session, "STARTTLS\r\nMAIL FROM:<evil@attacker.test>\r\n")
     assert replies(transport) == ["220 2.0.0 Ready to start TLS"]
-    assert transport.tls is harness.receiver.starttls and session.startedTLS
+    assert transport.started_tls == [harness.receiver.starttls] and session.startedTLS
     # Everything learnt before TLS is forgotten: EHLO again, and no MAIL is open.
     send(session, "MAIL FROM:<a@b.test>\r\nEHLO c\r\nRCPT TO:<x@netd.test>\r\n")
     lines = replies(transport)

@@ -18,10 +18,11 @@ import pytest
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent
 
 from netd import endpoints
 from netd.systemd import Notifier, notify_address
+from tests.fakes.reactors import ListeningReactor
 
 
 @attrs.frozen
@@ -57,14 +58,6 @@ def manager(tmp_path: Path) -> Iterator[socket.socket]:
         sock.bind(str(tmp_path / "notify"))
         sock.setblocking(False)
         yield sock
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
 
 
 def received(sock: socket.socket) -> list[list[str]]:
@@ -264,23 +257,11 @@ def test_nothing_inherited_outside_systemd() -> None:
         endpoints.server_endpoint(MemoryReactor(), "systemd:domain=INET:name=echo", Path("."))
 
 
-class UDPReactor(MemoryReactor):
-    """MemoryReactor has no listenUDP; this one records the calls."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.udp: list[tuple[int, DatagramProtocol, str]] = []
-
-    def listenUDP(self, port: int, protocol: DatagramProtocol, interface: str = "") -> object:
-        self.udp.append((port, protocol, interface))
-        return object()
-
-
 def test_listen_datagram(passed: list[tuple[str, int]]) -> None:
-    reactor = UDPReactor()
+    reactor = ListeningReactor()
     protocol = DatagramProtocol()
     endpoints.listen_datagram(reactor, "udp:5353:interface=127.0.0.1", protocol)
-    assert reactor.udp == [(5353, protocol, "127.0.0.1")]
+    assert reactor.udpPorts == [(5353, protocol, "127.0.0.1")]
     endpoints.listen_datagram(reactor, "systemd-udp:domain=INET:name=echo", protocol, passed)
     assert reactor.adoptedPorts == [(passed[1][1], socket.AF_INET, protocol, 8192)]
 

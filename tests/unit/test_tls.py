@@ -20,14 +20,12 @@ from typing import TypeVar
 import attrs
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.ssl import CertificateOptions
 
-from netd import tls
 from netd.tls import KeyPair, TLSError, ensure_self_signed, server_options
+from tests.certificates import client_certificate
 
 TIMEOUT = 5.0
 NAMES = ["localhost", "127.0.0.1", "::1"]
@@ -149,44 +147,6 @@ def _handshake(
     return result
 
 
-def _issue_client_cert(ca_dir: Path, profile: str, out: Path) -> tuple[Path, Path]:
-    """Sign a clientAuth certificate with the CA that ensure_self_signed made."""
-    ca_cert = x509.load_pem_x509_certificates((ca_dir / f"{profile}-ca.pem").read_bytes())[0]
-    ca_key = serialization.load_pem_private_key(
-        (ca_dir / f"{profile}-ca.key").read_bytes(), password=None
-    )
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "client-1")]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    out.mkdir(exist_ok=True)
-    cert_path, key_path = out / "client.pem", out / "client.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> tuple[KeyPair, Path]:
     return ensure_self_signed(tmp_path / "tls", "web", NAMES)
@@ -265,20 +225,16 @@ def test_leaf_regenerated_but_ca_kept_when_names_change(tmp_path: Path) -> None:
     )
 
 
-def test_expiring_leaf_renewed_then_expiring_ca_renewed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_expiring_leaf_renewed_then_expiring_ca_renewed(tmp_path: Path) -> None:
     keypair, ca = ensure_self_signed(tmp_path, "web", NAMES)
     ca_bytes, leaf_bytes = ca.read_bytes(), keypair.chain.read_bytes()
     start = datetime.now(timezone.utc)
 
-    monkeypatch.setattr(tls, "_now", lambda: start + timedelta(days=800))
-    ensure_self_signed(tmp_path, "web", NAMES)
+    ensure_self_signed(tmp_path, "web", NAMES, now=lambda: start + timedelta(days=800))
     assert ca.read_bytes() == ca_bytes
     assert keypair.chain.read_bytes() != leaf_bytes
 
-    monkeypatch.setattr(tls, "_now", lambda: start + timedelta(days=3640))
-    ensure_self_signed(tmp_path, "web", NAMES)
+    ensure_self_signed(tmp_path, "web", NAMES, now=lambda: start + timedelta(days=3640))
     new_ca = x509.load_pem_x509_certificates(ca.read_bytes())[0]
     assert ca.read_bytes() != ca_bytes
     # The leaf must follow the new CA even though its own lifetime was fine.
@@ -400,10 +356,10 @@ def test_client_ca_required_and_verified(tmp_path: Path, server: tuple[KeyPair, 
     keypair, ca = server
     clients_dir = tmp_path / "clients"
     _, client_ca = ensure_self_signed(clients_dir, "clients", ["clients"])
-    good = _issue_client_cert(clients_dir, "clients", tmp_path / "good")
+    good = client_certificate(clients_dir, "clients", tmp_path / "good", "client-1")
     rogue_dir = tmp_path / "rogue"
     ensure_self_signed(rogue_dir, "rogue", ["rogue"])
-    rogue = _issue_client_cert(rogue_dir, "rogue", tmp_path / "bad")
+    rogue = client_certificate(rogue_dir, "rogue", tmp_path / "bad")
     options = server_options(keypair, client_ca=client_ca)
 
     anonymous = _handshake(options, _client_context(ca), "localhost")
@@ -427,7 +383,7 @@ def test_client_ca_applies_to_sni_certificates(
     other, other_ca = ensure_self_signed(tmp_path / "other", "other", ["other.test"])
     clients_dir = tmp_path / "clients"
     _, client_ca = ensure_self_signed(clients_dir, "clients", ["clients"])
-    good = _issue_client_cert(clients_dir, "clients", tmp_path / "good")
+    good = client_certificate(clients_dir, "clients", tmp_path / "good")
     options = server_options(keypair, client_ca=client_ca, sni={"other.test": other})
 
     anonymous = _handshake(options, _client_context(other_ca), "other.test")

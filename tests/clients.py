@@ -1,0 +1,60 @@
+"""Clients the integration tests share: raw FTP control connections, raw HTTP, smtplib."""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+from typing import Any
+
+from netd.testing import NetdProcess
+
+
+def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:
+    """A raw FTP control connection to C{service} and a reader of its replies, greeted."""
+    sock = socket.create_connection(netd.address(service), timeout=10)
+    reader = sock.makefile("rb")
+    assert reader.readline().startswith(b"220")
+    return sock, reader
+
+
+def command(sock: socket.socket, reader: Any, line: bytes) -> bytes:
+    """Send one FTP command; its reply's last line."""
+    sock.sendall(line + b"\r\n")
+    reply: bytes = reader.readline()
+    while reply[3:4] == b"-":
+        reply = reader.readline()
+    return reply
+
+
+def passive_port(reply: bytes) -> int:
+    """The port of a 227 reply to PASV."""
+    numbers = re.search(rb"\((\d+),(\d+),(\d+),(\d+),(\d+),(\d+)\)", reply)
+    assert numbers is not None, reply
+    return int(numbers.group(5)) << 8 | int(numbers.group(6))
+
+
+def hang_up(sock: socket.socket, reader: Any = None) -> None:
+    # A socket's makefile() keeps it open until the file is closed too.
+    if reader is not None:
+        reader.close()
+    sock.close()
+
+
+def raw_http(netd: NetdProcess, data: bytes, service: str = "web") -> bytes:
+    """Send bytes as they are; return everything until netd closes (or 5 s pass)."""
+    with socket.create_connection(netd.address(service), timeout=5) as sock:
+        sock.sendall(data)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return b"".join(chunks)
+
+
+def smtp(netd: NetdProcess) -> smtplib.SMTP:
+    """smtplib on the C{mail} service, saying EHLO as client.test."""
+    host, port = netd.address("mail")
+    return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)

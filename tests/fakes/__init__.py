@@ -1,0 +1,1 @@
+"""Fakes shared by several test modules: reactors, transports, exchanges, upstreams."""
