@@ -20,10 +20,10 @@ from netd.schema import Position
 from netd.services.chat import CHAT
 from netd.services.chat.hub import (
     MAX_BACKLOG,
-    ChatOptions,
     FloodLimit,
     Hub,
     LineFramer,
+    Options,
     Room,
     Session,
 )
@@ -33,7 +33,7 @@ from tests.maps import ServiceMap
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
 
 
-CHAT_MAP = ServiceMap("chat", "chat", ChatOptions)
+CHAT_MAP = ServiceMap("chat", "chat", Options)
 parse = CHAT_MAP.parse
 
 
@@ -42,7 +42,7 @@ def errors(tmp_path: Path, section: str) -> list[str]:
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:
-    assert parse(tmp_path, "") == ChatOptions()
+    assert parse(tmp_path, "") == Options()
     options = parse(
         tmp_path,
         "    server_name: irc.example\n"
@@ -55,7 +55,7 @@ def test_parse_defaults_and_values(tmp_path: Path) -> None:
         "    ping_interval: 30\n"
         "    ping_timeout: 10\n",
     )
-    assert options == ChatOptions(
+    assert options == Options(
         server_name="irc.example",
         rooms=("lobby", "ops"),
         create_rooms=False,
@@ -661,7 +661,7 @@ class _CountingWire(LineWire):
 
 def test_fan_out_encodes_once_and_writes_once_per_member_and_turn(tmp_path: Path) -> None:
     clock = MemoryReactorClock()
-    hub = Hub(ChatOptions(), clock, ServiceStats(), lambda type, **fields: None)
+    hub = Hub(Options(), clock, ServiceStats(), lambda type, **fields: None)
     wire = _CountingWire()
     writes: list[int] = []
     members = []

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services.dns import DnsOptions, build
+from netd.services.dns import Options, build
 from netd.services.dns.forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
 from netd.services.dns.server import Server, Stream
 from netd.services.dns.wire import name_to_wire
@@ -56,7 +56,7 @@ RECORDS = """\
 """
 
 
-DNS = ServiceMap("dns", "dns", DnsOptions, listen="['udp:0', 'tcp:0']")
+DNS = ServiceMap("dns", "dns", Options, listen="['udp:0', 'tcp:0']")
 options = DNS.parse
 errors = DNS.errors
 

@@ -26,7 +26,7 @@ from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
 from netd.events import ServiceStats
-from netd.services.ftp import FtpOptions
+from netd.services.ftp import Options
 from netd.services.ftp.data import LineEnds
 from netd.services.ftp.files import (
     UPLOAD_PREFIX,
@@ -52,7 +52,7 @@ from tests.maps import ServiceMap
 # -- the map section ----------------------------------------------------------------------
 
 
-FILES = ServiceMap("ftp", "files", FtpOptions, top="tls: {lab: {self_signed: [localhost]}}\n")
+FILES = ServiceMap("ftp", "files", Options, top="tls: {lab: {self_signed: [localhost]}}\n")
 parse = FILES.parse
 
 

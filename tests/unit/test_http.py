@@ -28,7 +28,7 @@ from twisted.web.http_headers import Headers as TwistedHeaders
 from zope.interface import implementer
 
 from netd.events import Journal, ServiceStats
-from netd.services.http import HttpOptions
+from netd.services.http import Options
 from netd.services.http.app import (
     App,
     Exchange,
@@ -41,7 +41,7 @@ from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.maps import ServiceMap
 
-WEB = ServiceMap("http", "web", HttpOptions)
+WEB = ServiceMap("http", "web", Options)
 parse = WEB.parse
 errors = WEB.errors
 
@@ -67,7 +67,7 @@ def test_parse_defaults_and_values(tmp_path: Path) -> None:
     assert redirect.status == 302 and redirect.prefix
     assert proxy.proxy == "http://127.0.0.1:9/" and proxy.timeout == 2
     assert options.limits == Limits(max_body=10, keepalive_requests=3)
-    assert parse(tmp_path, "") == HttpOptions()
+    assert parse(tmp_path, "") == Options()
 
 
 def test_parse_reports_every_error_with_its_position(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from netd.kinds import BuildContext
 from netd.services.smtp import (
     AuthOptions,
     DeliveryOptions,
-    SmtpOptions,
+    Options,
     _PasswordChecker,
     _Realm,
 )
@@ -51,13 +51,13 @@ from netd.services.smtp.store import MailStore
 from tests.fakes.transports import TLSStringTransport
 from tests.maps import ServiceMap
 
-MAIL = ServiceMap("smtp", "mail", SmtpOptions)
+MAIL = ServiceMap("smtp", "mail", Options)
 parse = MAIL.parse
 errors = MAIL.errors
 
 
 def test_parse_defaults_and_values(tmp_path: Path) -> None:
-    assert parse(tmp_path, "") == SmtpOptions()
+    assert parse(tmp_path, "") == Options()
     assert parse(tmp_path, "    bare_newlines: reject\n").bare_newlines == "reject"
     options = parse(
         tmp_path,

@@ -27,9 +27,9 @@ from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services.chat.hub import (
     NICK_LENGTH,
-    ChatOptions,
     FloodLimit,
     Hub,
+    Options,
     Session,
     fold,
     room_key,
@@ -37,13 +37,13 @@ from netd.services.chat.hub import (
 from netd.services.chat.irc import IrcSession, IrcWire
 from netd.services.chat.line import LineSession, LineWire
 
-__all__ = ["CHAT", "ChatOptions", "FloodLimit"]
+__all__ = ["CHAT", "FloodLimit", "Options"]
 
 _PROTOCOLS = ("irc", "line")
 
 
-def parse(section: Section, profiles: TLSProfiles) -> ChatOptions:
-    defaults = ChatOptions()
+def parse(section: Section, profiles: TLSProfiles) -> Options:
+    defaults = Options()
     server_name = section.text("server_name", defaults.server_name)
     server_value = section.get("server_name")
     if server_value is not None and (
@@ -62,7 +62,7 @@ def parse(section: Section, profiles: TLSProfiles) -> ChatOptions:
         entry = section.get("motd")
         assert entry is not None
         entry.error("the motd cannot hold CR or NUL")
-    options = ChatOptions(
+    options = Options(
         server_name=server_name,
         rooms=tuple(dict.fromkeys(rooms)),
         create_rooms=section.flag("create_rooms", defaults.create_rooms),
@@ -112,7 +112,7 @@ class _ChatFactory(Factory):
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: ChatOptions = service.options
+    options: Options = service.options
     hub = Hub(
         options,
         context.reactor,
@@ -157,4 +157,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-CHAT: ServiceKind[ChatOptions] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS)
+CHAT: ServiceKind[Options] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS)

@@ -26,10 +26,10 @@ from netd.events import ServiceStats
 
 __all__ = [
     "ChatError",
-    "ChatOptions",
     "Flood",
     "Hub",
     "LineFramer",
+    "Options",
     "Room",
     "Session",
     "Wire",
@@ -73,7 +73,7 @@ class FloodLimit:
 
 
 @attrs.frozen
-class ChatOptions:
+class Options:
     server_name: str = "chat.netd.test"
     rooms: tuple[str, ...] = ("lobby",)
     create_rooms: bool = True
@@ -397,7 +397,7 @@ class Session(Protocol, ABC):
 class Hub:
     """Every room and user of one chat service."""
 
-    options: ChatOptions
+    options: Options
     clock: Any
     stats: ServiceStats
     emit: Callable[..., None]

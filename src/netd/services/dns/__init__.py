@@ -22,14 +22,14 @@ from __future__ import annotations
 
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
-from netd.services.dns.options import CacheOptions, DnsOptions, parse
+from netd.services.dns.options import CacheOptions, Options, parse
 from netd.services.dns.server import Datagrams, Server, StreamFactory
 
-__all__ = ["DNS", "CacheOptions", "DnsOptions"]
+__all__ = ["DNS", "CacheOptions", "Options"]
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: DnsOptions = service.options
+    options: Options = service.options
     server = Server(options, context)
     factory = StreamFactory(server, service.idle_timeout)
 
@@ -46,4 +46,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-DNS: ServiceKind[DnsOptions] = ServiceKind("dns", parse, build, datagram=True)
+DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True)

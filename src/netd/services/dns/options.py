@@ -26,7 +26,7 @@ from netd.services.dns.wire import (
     name_to_wire,
 )
 
-__all__ = ["CacheOptions", "DnsOptions", "parse"]
+__all__ = ["CacheOptions", "Options", "parse"]
 
 T = TypeVar("T")
 
@@ -39,7 +39,7 @@ class CacheOptions:
 
 
 @attrs.frozen
-class DnsOptions:
+class Options:
     """
     @ivar records: every local record as (owner, type, ttl, rdata) in wire
         form: the C{records} map, the zone files and the hosts file together.
@@ -55,7 +55,7 @@ class DnsOptions:
     udp_payload: int = EDNS_PAYLOAD
 
 
-def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
+def parse(section: Section, profiles: TLSProfiles) -> Options:
     ttl = section.integer("ttl", 60, minimum=0, maximum=2**31 - 1)
     cache = section.read("cache", _cache, CacheOptions())
     records: list[tuple[bytes, int, int, bytes]] = []
@@ -78,7 +78,7 @@ def parse(section: Section, profiles: TLSProfiles) -> DnsOptions:
         except ValueError:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
-    options = DnsOptions(
+    options = Options(
         records=tuple(records),
         forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
         cache=cache,

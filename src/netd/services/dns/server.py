@@ -25,7 +25,7 @@ from netd.services.dns.data import (
 )
 from netd.services.dns.forward import Cache, Forwarder
 from netd.services.dns.local import LocalData
-from netd.services.dns.options import DnsOptions
+from netd.services.dns.options import Options
 from netd.services.dns.wire import (
     AA,
     BADVERS,
@@ -74,7 +74,7 @@ _UNIX_CLIENT = "unix"
 class Server:
     """Turns query bytes into answer bytes, now or later (a L{Deferred})."""
 
-    def __init__(self, options: DnsOptions, context: BuildContext) -> None:
+    def __init__(self, options: Options, context: BuildContext) -> None:
         self.options = options
         self.context = context
         self.stats = context.stats

@@ -33,7 +33,7 @@ from netd.schema import Section, Value
 from netd.services.ftp.files import Accounts, Realm, User, in_thread
 from netd.services.ftp.session import FTPServer, SessionLimits
 
-__all__ = ["FTP", "FtpOptions", "User", "build", "parse"]
+__all__ = ["FTP", "Options", "User", "build", "parse"]
 
 _ANONYMOUS = ("none", "read", "write")
 _USER_NAME = re.compile(r"[^\s:]{1,64}\Z")
@@ -41,7 +41,7 @@ _PORTS = re.compile(r"(\d+)-(\d+)\Z")
 
 
 @attrs.frozen
-class FtpOptions:
+class Options:
     root: Path | None = None
     anonymous: str = "none"
     users: tuple[User, ...] = ()
@@ -52,7 +52,7 @@ class FtpOptions:
     limits: SessionLimits = attrs.field(factory=SessionLimits)
 
 
-def parse(section: Section, profiles: TLSProfiles) -> FtpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> Options:
     anonymous = section.choice("anonymous", _ANONYMOUS, "none")
     root_value = section.get("root")
     root = None
@@ -81,7 +81,7 @@ def parse(section: Section, profiles: TLSProfiles) -> FtpOptions:
         data_timeout=section.number("data_timeout", defaults.data_timeout, minimum=0.1),
         line_timeout=section.number("line_timeout", defaults.line_timeout, minimum=0.1),
     )
-    return FtpOptions(
+    return Options(
         root=root,
         anonymous=anonymous,
         users=users,
@@ -150,7 +150,7 @@ def _ipv4(value: Value) -> str | None:
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: FtpOptions = service.options
+    options: Options = service.options
     users = {user.name: user for user in options.users}
     run_in_thread = in_thread(context.reactor)
     portal = Portal(
@@ -188,4 +188,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-FTP: ServiceKind[FtpOptions] = ServiceKind("ftp", parse, build, per_client_default=10)
+FTP: ServiceKind[Options] = ServiceKind("ftp", parse, build, per_client_default=10)

@@ -33,14 +33,14 @@ from netd.services.http.app import App, Route, StaticOptions
 from netd.services.http.proxy import Proxy
 from netd.services.http.wire import Limits, busy_reply, factory_for
 
-__all__ = ["HTTP", "HttpOptions", "Limits", "Route"]
+__all__ = ["HTTP", "Limits", "Options", "Route"]
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _FRAMING = ("content-length", "transfer-encoding")
 
 
 @attrs.frozen
-class HttpOptions:
+class Options:
     root: Path | None = None
     listing: bool = False
     routes: tuple[Route, ...] = ()
@@ -51,14 +51,14 @@ class HttpOptions:
     limits: Limits = attrs.field(factory=Limits)
 
 
-def parse(section: Section, profiles: TLSProfiles) -> HttpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> Options:
     root_value = section.get("root")
     root = None
     if root_value is not None:
         root = root_value.as_path()
         if root_value.is_scalar and not root.is_dir():
             root_value.error(f"not a directory: {root}")
-    options = HttpOptions(
+    options = Options(
         root=root,
         listing=section.flag("listing", False),
         routes=section.read("routes", lambda v: v.list_of(_route), ()),
@@ -178,7 +178,7 @@ class _Upstreams(Service):
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: HttpOptions = service.options
+    options: Options = service.options
     proxy = None
     if any(route.proxy for route in options.routes):
         proxy = Proxy(context.reactor, context.stats, context.log)
@@ -208,4 +208,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-HTTP: ServiceKind[HttpOptions] = ServiceKind("http", parse, build)
+HTTP: ServiceKind[Options] = ServiceKind("http", parse, build)

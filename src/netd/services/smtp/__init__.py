@@ -48,9 +48,9 @@ __all__ = [
     "AuthOptions",
     "Capture",
     "DeliveryOptions",
+    "Options",
     "RelayOptions",
     "SmarthostOptions",
-    "SmtpOptions",
 ]
 
 _MODES = ("capture", "smarthost", "mx")
@@ -99,7 +99,7 @@ class DeliveryOptions:
 
 
 @attrs.frozen
-class SmtpOptions:
+class Options:
     hostname: str | None = None
     tls: str | None = None
     bare_newlines: str = "normalize"
@@ -109,10 +109,10 @@ class SmtpOptions:
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
 
 
-def parse(section: Section, profiles: TLSProfiles) -> SmtpOptions:
+def parse(section: Section, profiles: TLSProfiles) -> Options:
     defaults = Limits()
     tls = section.read("tls", profiles.reference, None)
-    return SmtpOptions(
+    return Options(
         hostname=section.read("hostname", Value.as_hostname, None),
         tls=tls,
         bare_newlines=section.choice("bare_newlines", ("normalize", "reject"), "normalize"),
@@ -274,7 +274,7 @@ def _in_thread(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
-    options: SmtpOptions = service.options
+    options: Options = service.options
     run = _in_thread(context.reactor)
     # Not getfqdn(): a reverse lookup would block the reactor during a reload.
     hostname = options.hostname or socket.gethostname()
@@ -334,10 +334,10 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-def _longest_silence(options: SmtpOptions) -> float:
+def _longest_silence(options: Options) -> float:
     return max(options.limits.command_timeout, options.limits.data_timeout)
 
 
-SMTP: ServiceKind[SmtpOptions] = ServiceKind(
+SMTP: ServiceKind[Options] = ServiceKind(
     "smtp", parse, build, longest_silence=_longest_silence, per_client_default=20
 )
