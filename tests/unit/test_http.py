@@ -37,6 +37,7 @@ from netd.services.http.app import (
     _path_of,
 )
 from netd.services.http.proxy import Proxy
+from netd.services.http.static import StaticFiles
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.maps import ServiceMap
@@ -119,7 +120,7 @@ def make_app(root: Path | None, routes: tuple[Route, ...] = (), record: int = 10
     return App(
         clock=clock,
         routes=routes,
-        static=StaticOptions(root=str(root) if root else None, listing=False),
+        files=StaticFiles(StaticOptions(str(root), listing=False), clock) if root else None,
         record=record,
         record_body=100,
         access_log=True,
@@ -260,7 +261,7 @@ def test_an_edited_small_file_is_served_fresh(root: Path) -> None:
 
 def test_listing(root: Path) -> None:
     app = make_app(root)
-    app.static = StaticOptions(root=str(root), listing=True)
+    app.files = StaticFiles(StaticOptions(str(root), listing=True), app.clock)
     listing = answer(app, "/open/")
     assert listing.status == 200 and b'<a href="x.txt">x.txt</a>' in listing.data
 

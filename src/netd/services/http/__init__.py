@@ -31,6 +31,7 @@ from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value
 from netd.services.http.app import App, Route, StaticOptions
 from netd.services.http.proxy import Proxy
+from netd.services.http.static import StaticFiles
 from netd.services.http.wire import Limits, busy_reply, factory_for
 
 __all__ = ["HTTP", "Limits", "Options", "Route"]
@@ -185,8 +186,10 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     app = App(
         clock=context.reactor,
         routes=options.routes,
-        static=StaticOptions(
-            root=str(options.root) if options.root else None, listing=options.listing
+        files=(
+            StaticFiles(StaticOptions(str(options.root), options.listing), context.reactor)
+            if options.root
+            else None
         ),
         record=options.record,
         record_body=options.record_body,

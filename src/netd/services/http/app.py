@@ -8,27 +8,18 @@ the exchange's small response interface, so every rule here holds on both.
 
 from __future__ import annotations
 
-import base64
 import email.utils
-import functools
-import html
-import io
-import mimetypes
-import os
-import stat
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IAddress, IConsumer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.events import ServiceStats
@@ -297,32 +288,6 @@ class _BodyConsumer:
         self.exchange.write(data)
 
 
-def _send_parts(
-    exchange: Exchange, file: IO[bytes], parts: list[tuple[bytes, int, int]], tail: bytes
-) -> None:
-    """Send each byte range of C{file} after its preamble, then C{tail}; close C{file} after."""
-    left = deque(parts)
-
-    def next_part(_: object = None) -> None:
-        if not left:
-            file.close()
-            exchange.write(tail)
-            exchange.finish()
-            return
-        preamble, offset, count = left.popleft()
-        exchange.write(preamble)
-        exchange.send_file(file, offset, count).addCallbacks(next_part, failed)
-
-    def failed(reason: Failure) -> None:
-        file.close()
-        if not reason.check(ConnectionLost):
-            # The file shrank or the socket failed: the length we promised is a
-            # lie now, and only cutting the connection tells the client.
-            exchange.abort()
-
-    next_part()
-
-
 class _DateCache:
     """HTTP and log dates change once a second; formatting them per request is waste."""
 
@@ -340,33 +305,30 @@ class _DateCache:
             self.log = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
 
 
-@functools.lru_cache(maxsize=1024)
-def http_date(seconds: int) -> bytes:
-    """Last-Modified of a file: the same few values over and over."""
-    return email.utils.formatdate(seconds, usegmt=True).encode()
+class Files(Protocol):
+    """The static root behind the routes (L{netd.services.http.static.StaticFiles})."""
+
+    def serve(self, exchange: Exchange, path: str) -> None: ...
 
 
-def parse_http_date(value: bytes) -> float | None:
-    try:
-        parsed = email.utils.parsedate_to_datetime(value.decode("latin-1"))
-    except (TypeError, ValueError, IndexError):
-        return None
-    return parsed.timestamp()
-
-
-class _NotFound(Exception):
-    def __init__(self, status: int) -> None:
-        self.status = status
+def respond_error(exchange: Exchange, status: int, headers: Headers | None = None) -> None:
+    """A short plain-text answer for C{status}."""
+    body = b"%d %s\n" % (status, reason(status))
+    exchange.respond(
+        status,
+        [*(headers or ()), (b"Content-Type", b"text/plain; charset=utf-8")],
+        body,
+    )
 
 
 class App:
-    """One service's answers: routes first, then the static root."""
+    """One service's answers: routes first, then the static root (C{files})."""
 
     def __init__(
         self,
         clock: Any,
         routes: tuple[Route, ...],
-        static: StaticOptions,
+        files: Files | None,
         record: int,
         record_body: int,
         access_log: bool,
@@ -377,8 +339,7 @@ class App:
     ) -> None:
         self.clock = clock
         self.routes = routes
-        self.static = static
-        self.root = os.path.realpath(static.root) if static.root else None
+        self.files = files
         self.records: deque[dict[str, Any]] = deque(maxlen=max(record, 1))
         self.record_size = record
         self.record_body = record_body if record else 0
@@ -388,11 +349,6 @@ class App:
         self.emit = emit
         self.proxy = proxy
         self.dates = _DateCache(clock)
-        # realpath() walks every component with lstat(); its answer is kept a second.
-        self._real_paths: dict[str, tuple[str, float]] = {}
-        self._small_files: dict[str, tuple[tuple[int, int, int], bytes]] = {}
-        self._small_bytes = 0
-        self.types = mimetypes.MimeTypes()
         self.bodies = {r.body_file: _read(r.body_file) for r in routes if r.body_file}
 
     # -- the admin view ------------------------------------------------------------
@@ -419,24 +375,13 @@ class App:
             if route.matches(path):
                 self._route(exchange, route, path)
                 return
-        if self.root is None:
+        if self.files is None:
             self.error(exchange, 404)
             return
-        if exchange.method not in ("GET", "HEAD"):
-            self.error(exchange, 405, [(b"Allow", _ALLOW)])
-            return
-        try:
-            self._static(exchange, path)
-        except _NotFound as e:
-            self.error(exchange, e.status)
+        self.files.serve(exchange, path)
 
     def error(self, exchange: Exchange, status: int, headers: Headers | None = None) -> None:
-        body = b"%d %s\n" % (status, reason(status))
-        exchange.respond(
-            status,
-            [*(headers or ()), (b"Content-Type", b"text/plain; charset=utf-8")],
-            body,
-        )
+        respond_error(exchange, status, headers)
 
     def _route(self, exchange: Exchange, route: Route, path: str) -> None:
         if route.proxy is not None and self.proxy is not None:
@@ -460,179 +405,6 @@ class App:
         if not any(k.lower() == "content-type" for k, _ in route.headers):
             headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
         exchange.respond(route.status, headers, body)
-
-    def _static(self, exchange: Exchange, path: str) -> None:
-        assert self.root is not None
-        full = self._resolve(path)
-        try:
-            info = os.stat(full)
-        except (FileNotFoundError, NotADirectoryError):
-            raise _NotFound(404) from None
-        if stat.S_ISDIR(info.st_mode):
-            if not path.endswith("/"):
-                # The path is normalised (one leading slash): never protocol-relative.
-                location = quote_path(path + "/")
-                query = query_of(exchange.target)
-                if query:
-                    location += "?" + query
-                self.error(exchange, 301, [(b"Location", location.encode("latin-1", "replace"))])
-                return
-            index = os.path.join(full, "index.html")
-            if os.path.isfile(index):
-                full, info = index, os.stat(index)
-            elif self.static.listing:
-                self._listing(exchange, path, full)
-                return
-            else:
-                raise _NotFound(403)
-        elif path.endswith("/"):
-            # "/index.html/" names a directory, and there is none (nginx says 404 too).
-            raise _NotFound(404)
-        if not stat.S_ISREG(info.st_mode):
-            raise _NotFound(404)
-        self._file(exchange, full, info)
-
-    def _resolve(self, path: str) -> str:
-        """The file behind C{path} (normalised: decoded already), never outside the root."""
-        assert self.root is not None
-        segments = path.split("/")
-        for segment in segments:
-            # _path_of refuses these already; checked again because this is
-            # the line that keeps requests inside the root.
-            if segment in (".", "..") or "\\" in segment or "\x00" in segment:
-                raise _NotFound(404)
-        relative = "/".join(s for s in segments if s)
-        cached = self._real_paths.get(relative)
-        now = self.clock.seconds()
-        if cached is None or cached[1] < now:
-            if len(self._real_paths) >= _REAL_PATHS:
-                self._real_paths.clear()
-            cached = os.path.realpath(os.path.join(self.root, relative)), now + 1.0
-            self._real_paths[relative] = cached
-        real = cached[0]
-        if real != self.root and not real.startswith(self.root + os.sep):
-            raise _NotFound(403)
-        return real
-
-    def _listing(self, exchange: Exchange, path: str, directory: str) -> None:
-        title = html.escape(path)
-        rows = []
-        for name in sorted(os.listdir(directory)):
-            suffix = "/" if os.path.isdir(os.path.join(directory, name)) else ""
-            href = urllib.parse.quote(os.fsencode(name)) + suffix
-            rows.append(f'<li><a href="{href}">{html.escape(name)}{suffix}</a></li>')
-        page = (
-            f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>Index of {title}</title>"
-            f"</head>\n<body><h1>Index of {title}</h1>\n<ul>\n" + "\n".join(rows) + "\n</ul>\n"
-            "</body></html>\n"
-        )
-        # Names that are not UTF-8 (surrogate escapes) show as U+FFFD's stand-in.
-        body = page.encode("utf-8", "replace")
-        exchange.respond(200, [(b"Content-Type", b"text/html; charset=utf-8")], body)
-
-    def content_type(self, full: str) -> bytes:
-        kind, encoding = self.types.guess_type(full, strict=False)
-        if kind is None or encoding is not None:
-            return b"application/octet-stream"
-        if kind.startswith("text/") or kind in ("application/javascript", "application/json"):
-            return f"{kind}; charset=utf-8".encode()
-        return kind.encode()
-
-    def _small_file(self, full: str, info: os.stat_result) -> bytes:
-        """
-        The content of a small file, kept while its identity stays the same.
-
-        The request's own stat (inode, size, mtime in ns) validates the copy, so
-        an edited file is read again at once; opening and reading every time was
-        a quarter of a small response's cost.
-        """
-        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-        cached = self._small_files.get(full)
-        if cached is not None and cached[0] == identity:
-            return cached[1]
-        try:
-            descriptor = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            raise _NotFound(403) from None
-        try:
-            content = os.pread(descriptor, info.st_size, 0)
-        finally:
-            os.close(descriptor)
-        if len(content) == info.st_size:
-            if self._small_bytes + len(content) > _SMALL_FILES_BYTES:
-                self._small_files.clear()
-                self._small_bytes = 0
-            self._small_files[full] = identity, content
-            self._small_bytes += len(content)
-        return content
-
-    def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
-        size = info.st_size
-        etag = b'"%x-%x-%x"' % (info.st_ino, size, info.st_mtime_ns)
-        modified = int(info.st_mtime)
-        headers: Headers = [
-            (b"ETag", etag),
-            (b"Last-Modified", http_date(modified)),
-            (b"Accept-Ranges", b"bytes"),
-        ]
-        if _not_modified(exchange, etag, modified):
-            exchange.respond(304, headers, b"")
-            return
-        kind = self.content_type(full)
-        ranges = _ranges(exchange, etag, modified, size)
-        if ranges == []:
-            headers.append((b"Content-Range", b"bytes */%d" % size))
-            self.error(exchange, 416, headers)
-            return
-        if ranges is None:
-            parts = [(b"", 0, size)]
-            status, length, tail = 200, size, b""
-            headers.append((b"Content-Type", kind))
-        elif len(ranges) == 1:
-            start, end = ranges[0]
-            parts = [(b"", start, end - start + 1)]
-            status, length, tail = 206, end - start + 1, b""
-            headers.append((b"Content-Type", kind))
-            headers.append((b"Content-Range", b"bytes %d-%d/%d" % (start, end, size)))
-        else:
-            boundary = base64.b32encode(os.urandom(10)).decode().encode()
-            parts = []
-            for number, (start, end) in enumerate(ranges):
-                preamble = (
-                    b"%s--%s\r\nContent-Type: %s\r\nContent-Range: bytes %d-%d/%d\r\n\r\n"
-                    % (
-                        b"\r\n" if number else b"",
-                        boundary,
-                        kind,
-                        start,
-                        end,
-                        size,
-                    )
-                )
-                parts.append((preamble, start, end - start + 1))
-            tail = b"\r\n--%s--\r\n" % boundary
-            status = 206
-            length = sum(len(p) + n for p, _, n in parts) + len(tail)
-            headers.append((b"Content-Type", b"multipart/byteranges; boundary=" + boundary))
-        if exchange.method == "HEAD":
-            headers.append((b"Content-Length", b"%d" % length))
-            exchange.respond(status, headers, b"")
-            return
-        if size <= _SMALL_FILE:
-            content = self._small_file(full, info)
-            body = b"".join(
-                preamble + content[offset : offset + count] for preamble, offset, count in parts
-            )
-            exchange.respond(status, headers, body + tail)
-            return
-        try:
-            # Unbuffered: sendfile reads by descriptor and the producer in large
-            # blocks; a buffered open() adds an ioctl and an lseek per response.
-            file = io.FileIO(full, "r")  # the producer closes it
-        except OSError:
-            raise _NotFound(403) from None
-        exchange.start(status, headers, length)
-        _send_parts(exchange, file, parts, tail)
 
     # -- after the response ----------------------------------------------------------
 
@@ -768,70 +540,3 @@ def query_of(target: str) -> str:
     if target.startswith("/"):
         return target.partition("?")[2]
     return urllib.parse.urlsplit(target).query
-
-
-def _etags(value: bytes) -> Iterator[bytes]:
-    for tag in value.split(b","):
-        tag = tag.strip()
-        yield tag[2:] if tag.startswith(b"W/") else tag
-
-
-def _not_modified(exchange: Exchange, etag: bytes, modified: int) -> bool:
-    """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
-    if exchange.method not in ("GET", "HEAD"):
-        return False
-    none_match = exchange.header(b"if-none-match")
-    if none_match is not None:
-        return none_match.strip() == b"*" or etag in _etags(none_match)
-    since = exchange.header(b"if-modified-since")
-    if since is not None:
-        when = parse_http_date(since)
-        return when is not None and modified <= when
-    return False
-
-
-def _ranges(
-    exchange: Exchange, etag: bytes, modified: int, size: int
-) -> list[tuple[int, int]] | None:
-    """
-    The satisfiable byte ranges asked for: None for the whole file, [] for 416.
-
-    A Range header that does not parse is ignored (RFC 9110 14.2), as is one whose
-    If-Range no longer matches the file.
-    """
-    value = exchange.header(b"range")
-    if value is None or exchange.method != "GET":
-        return None
-    condition = exchange.header(b"if-range")
-    if condition is not None:
-        if condition.startswith(b'"'):
-            if condition.strip() != etag:
-                return None
-        elif parse_http_date(condition) != modified:
-            return None
-    unit, _, specs = value.partition(b"=")
-    if unit.strip().lower() != b"bytes" or not specs:
-        return None
-    ranges: list[tuple[int, int]] = []
-    items = specs.split(b",")
-    if len(items) > _MAX_RANGES:
-        return None
-    for item in items:
-        first, dash, last = item.strip().partition(b"-")
-        if not dash or not (first.isdigit() or first == b"") or not (last.isdigit() or last == b""):
-            return None
-        if first == b"":
-            if last == b"":
-                return None
-            length = int(last)
-            if length == 0:
-                continue
-            ranges.append((max(size - length, 0), size - 1))
-        else:
-            start = int(first)
-            if last and int(last) < start:
-                return None
-            if start >= size:
-                continue
-            ranges.append((start, min(int(last), size - 1) if last else size - 1))
-    return ranges
