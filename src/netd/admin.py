@@ -126,10 +126,12 @@ class _AdminChannel(HTTPChannel):
         self._owed = RepliesOwed()
 
     def when_replied(self) -> Deferred[None]:
+        # Only a request read whole is owed an answer: one cut short by the
+        # client's FIN never will be whole, and its connection closes now.
         for request in list(self.requests):
             if request.answer_now is not None:
                 request.answer_now()
-        return self._owed.wait(bool(self.requests))
+        return self._owed.wait(self._stage == "answering" and bool(self.requests))
 
     def dataReceived(self, data: bytes) -> None:
         if self._stage == "closing":

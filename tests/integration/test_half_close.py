@@ -174,3 +174,10 @@ def test_admin_api_answers_a_long_poll_at_once(netd: NetdProcess) -> None:
     )
     assert reply.startswith(b"HTTP/1.1 200") and b'"events": []' in reply
     assert time.monotonic() - started < 10
+
+
+def test_admin_api_closes_at_once_on_a_request_cut_short(netd: NetdProcess) -> None:
+    admin = netd.ports["admin"]["listeners"][0]
+    started = time.monotonic()
+    reply = _send_then_half_close((admin["host"], admin["port"]), b"GET /healthz HTTP/1.1\r\nHo")
+    assert reply == b"" and time.monotonic() - started < 5  # not after header_timeout

@@ -411,24 +411,30 @@ def test_a_stopping_session_finishes_its_transaction_then_says_421() -> None:
     session.close_gracefully()
     assert codes(transport) == []  # a message is on its way: it is finished first
     send(session, MESSAGE)
-    assert codes(transport) == ["250 2.0.0", "421 4.3.2"]
+    assert codes(transport) == ["250 2.0.0"]
+    send(session, "MAIL FROM:<a@b.test>\r\n")  # a second one is not taken
+    assert codes(transport) == ["421 4.3.2"] and transport.disconnecting
+    # A session idle after a message of its own is told at once.
     idle, idle_transport = harness.connect()
-    send(idle, "EHLO c\r\n")
+    send(idle, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    send(idle, MESSAGE)
     replies(idle_transport)
     idle.close_gracefully()
     assert codes(idle_transport) == ["421 4.3.2"]
+    assert len(harness.accepted) == 2
 
 
-def test_a_session_stopped_before_its_first_command_may_send_one_message() -> None:
+def test_a_session_stopped_before_its_first_message_may_send_one_and_quit() -> None:
     # Accepted just before a reload retired its service: its commands are on the way.
     harness = Harness()
     session, transport = harness.connect()
-    replies(transport)  # the greeting
+    send(session, "EHLO c\r\n")
+    replies(transport)
     session.close_gracefully()
     assert codes(transport) == []
-    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
-    send(session, MESSAGE)
-    assert codes(transport)[-2:] == ["250 2.0.0", "421 4.3.2"]
+    send(session, "MAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
+    send(session, MESSAGE + "QUIT\r\n")
+    assert codes(transport)[-2:] == ["250 2.0.0", "221 2.0.0"]
     assert len(harness.accepted) == 1
 
 

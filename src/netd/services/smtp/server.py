@@ -211,9 +211,11 @@ class Session(smtp.ESMTP):
         self._processing = False
         self._gone = False
         self._closing = False
-        self._began_mail = False
-        self._heard = False
-        self._first_may_finish = False
+        self._transactions = 0
+        # Closing: may this session still finish one transaction (it had none
+        # yet)?  Once it has, only QUIT is still answered as usual.
+        self._may_finish_one = False
+        self._only_quit = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -274,7 +276,6 @@ class Session(smtp.ESMTP):
 
     def _take_line(self) -> bool:
         """Handle one command line; False when only part of a line is buffered."""
-        self._heard = True
         end = self._input.find(b"\r\n")
         if end < 0:
             bare = self._input.find(b"\n")
@@ -306,6 +307,10 @@ class Session(smtp.ESMTP):
         return super().lookupMethod(command)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._only_quit and self.mode == smtp.COMMAND and line.upper() != b"QUIT":
+            self._only_quit = False
+            self._close_if_idle()
+            return
         if self.mode == smtp.COMMAND and _BAD_COMMAND.search(line):
             self.resetTimeout()
             self.sendCode(500, b"5.5.2 Bare CR, LF or NUL in a command")
@@ -338,18 +343,20 @@ class Session(smtp.ESMTP):
         flight (MAIL given, DATA coming, its spool write) is finished and
         answered first; then, or at once if none is, the client is told 421.
 
-        A session that had sent nothing yet (accepted just before the stop, its
-        EHLO and MAIL maybe on their way) may finish one transaction first, as
-        Postfix lets a session finish on reload; shutdown_grace bounds the wait.
+        A session that has not finished a transaction yet (accepted just before
+        a reload retired its service, its EHLO and MAIL maybe on their way) may
+        finish one, and its QUIT after it is answered 221, as Postfix lets a
+        session finish on reload; any other command then gets the 421, and
+        shutdown_grace bounds the wait.
         """
         self._closing = True
-        self._first_may_finish = not self._heard
+        self._may_finish_one = self._transactions == 0
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
         if (
             self._closing
-            and (self._began_mail or not self._first_may_finish)
+            and not (self._may_finish_one or self._only_quit)
             and not (self._gone or self._held or self._mail or self._body)
         ):
             self._gone = True
@@ -450,7 +457,6 @@ class Session(smtp.ESMTP):
             self.sendCode(e.code, e.reply)
             return
         self._mail = _Mail(sender)
-        self._began_mail = True
         self.sendCode(250, b"2.1.0 Sender ok")
 
     def _mail_parameters(self, params: bytes) -> tuple[int, bytes] | None:
@@ -538,6 +544,9 @@ class Session(smtp.ESMTP):
         self.setTimeout(self.receiver.limits.command_timeout)
         mail, self._mail = self._mail, None
         assert mail is not None
+        self._transactions += 1
+        if self._may_finish_one:
+            self._may_finish_one, self._only_quit = False, True
         self._end_of_data(mail, bytes(body[: end + 2]))
 
     def _end_of_data(self, mail: _Mail, text: bytes) -> None:
