@@ -197,7 +197,14 @@ def full_map(base: Path, http_upstream: int, dns_upstream: int) -> dict[str, Any
         "state_dir": str(base / "state"),
         "shutdown_grace": 2,
         "tls": {"lab": {"self_signed": ["localhost", LOCAL]}},
-        "admin": {"listen": [tcp], "token": ADMIN_TOKEN},
+        # The same 3 s deadlines as the services below, so that the slow-client
+        # probes see every kind cut within their 10 s.
+        "admin": {
+            "listen": [tcp],
+            "token": ADMIN_TOKEN,
+            "header_timeout": 3,
+            "body_timeout": 3,
+        },
         "services": {
             "echo": {"type": "echo", "listen": [tcp], "idle_timeout": 20},
             "chargen": {"type": "chargen", "listen": [tcp], "idle_timeout": 20},
@@ -235,6 +242,7 @@ def full_map(base: Path, http_upstream: int, dns_upstream: int) -> dict[str, Any
                 "login_delay": 0,
                 "max_connections_per_client": 1000,
                 "data_timeout": 2,
+                "line_timeout": 3,
                 "idle_timeout": 5,
             },
             "mail": {

@@ -12,6 +12,14 @@ from typing import Any
 from netd.testing import NetdProcess
 
 
+def status_kib(netd: NetdProcess, field: str = "VmRSS") -> int:
+    """A size in /proc/PID/status of the daemon (VmRSS, VmHWM: its peak), in KiB."""
+    for line in Path(f"/proc/{netd.process.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field}")
+
+
 def client_address(sock: socket.socket) -> str:
     """How netd's journal names the client end of C{sock}."""
     host, port = sock.getsockname()[:2]

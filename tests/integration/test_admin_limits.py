@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+from tests.signals import status_kib
 
 TOKEN = "limits-token"
 CURL = shutil.which("curl")
@@ -273,3 +274,25 @@ def test_over_tls_the_admin_api_speaks_http1_and_keeps_its_limits(start_netd: St
         answer = read_to_end(sock)
     assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
     assert 0.9 <= time.monotonic() - started < 5
+
+
+def test_a_client_that_pipelines_and_never_reads_is_cut(start_netd: StartNetd) -> None:
+    netd = start_netd(config())
+    before = status_kib(netd)
+    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 64
+    sent = 0
+    cut = False
+    deadline = time.monotonic() + 20
+    with socket.create_connection(admin_address(netd), timeout=5) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        while time.monotonic() < deadline and sent < 64 << 20:
+            try:
+                sent += sock.send(request)
+            except (ConnectionResetError, BrokenPipeError):
+                cut = True
+                break
+            except TimeoutError:
+                continue  # netd stopped reading for now: keep pushing until it cuts
+    assert cut, f"still connected after {sent} bytes of requests whose answers were never read"
+    assert status_kib(netd) - before < 60_000
+    assert get(netd, "/healthz")[0] == 200

@@ -12,7 +12,7 @@ import pytest
 
 from tests.clients import command, control, passive_port
 from tests.maps import lab_map
-from tests.signals import client_address, wait_closed
+from tests.signals import client_address, status_kib, wait_closed
 
 SECRET = b"secret outside the root\n"
 
@@ -152,13 +152,9 @@ def test_names_with_newlines_are_refused(daemon: Any, site: Path) -> None:
 
 def test_a_client_that_never_reads_replies_is_cut(daemon: Any) -> None:
     """Pipelined FEATs from a client that never reads: cut, not buffered without limit."""
-    pid = daemon.process.pid
 
     def rss() -> int:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        return 0
+        return status_kib(daemon) * 1024
 
     sock, _ = control(daemon)
     client = client_address(sock)

@@ -23,7 +23,7 @@ from tests.clients import raw_http
 from tests.conftest import unused_port
 from tests.fakes.upstreams import QuietHandler, serving_http
 from tests.maps import lab_map
-from tests.signals import wait_until
+from tests.signals import status_kib, wait_until
 
 CURL = shutil.which("curl")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
@@ -513,7 +513,7 @@ services:
     access_log: false
 """
     with NetdProcess.start(config, tmp_path / "netd") as netd:
-        before = _rss_kib(netd.process.pid)
+        before = status_kib(netd, "VmHWM")
         connection = http.client.HTTPConnection(*netd.address("big"), timeout=20)
         connection.request("GET", "/huge.bin")
         response = connection.getresponse()
@@ -521,11 +521,4 @@ services:
         while chunk := response.read(1 << 20):
             total += len(chunk)
         assert total == 1 << 30
-        assert _rss_kib(netd.process.pid) - before < 32 * 1024
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
+        assert status_kib(netd, "VmHWM") - before < 32 * 1024

@@ -10,7 +10,6 @@ import socket
 import ssl
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import h2.config
 import h2.connection
@@ -22,7 +21,7 @@ import pytest
 from netd.testing import NetdProcess
 from tests.clients import raw_http
 from tests.conftest import unused_port
-from tests.signals import client_address, wait_closed
+from tests.signals import client_address, status_kib, wait_closed
 
 BIG = 96 << 20
 
@@ -301,18 +300,10 @@ def test_h2_streams_reset_mid_answer_are_quiet(netd: NetdProcess) -> None:
     assert_serving(netd)
 
 
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_h2_download_to_a_client_that_does_not_read_keeps_memory_flat(
     netd: NetdProcess,
 ) -> None:
-    pid = netd.process.pid
-    before = _rss_kib(pid)
+    before = status_kib(netd)
     # The whole file fits the window the client grants; only TCP holds it back.
     client = H2Client(netd, window=2**31 - 1, rcvbuf=4096)
     client.request(1, "GET", "/big.bin")
@@ -320,7 +311,7 @@ def test_h2_download_to_a_client_that_does_not_read_keeps_memory_flat(
     deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         time.sleep(0.1)  # sampling netd's memory while the download is held back
-        grown = max(grown, _rss_kib(pid) - before)
+        grown = max(grown, status_kib(netd) - before)
     client.close()
     assert grown < 48 * 1024, f"netd grew by {grown} KiB for a {BIG >> 20} MiB download"
     assert_serving(netd)

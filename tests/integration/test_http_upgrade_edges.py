@@ -11,6 +11,7 @@ import time
 from tests.conftest import StartNetd
 from tests.fakes.upstreams import RawUpstream, read_head
 from tests.maps import proxying
+from tests.signals import status_kib
 
 HANDSHAKE = (
     b"GET /ws/ HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -104,14 +105,6 @@ def test_client_leaving_during_a_refusal_drops_the_upstream(start_netd: StartNet
         upstream.stop()
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_a_refusal_body_is_relayed_with_back_pressure(start_netd: StartNetd) -> None:
     """
     Any GET with Upgrade (curl --http2 sends Upgrade: h2c) to a proxy route takes the
@@ -130,8 +123,7 @@ def test_a_refusal_body_is_relayed_with_back_pressure(start_netd: StartNetd) -> 
     upstream = RawUpstream(behave)
     try:
         netd = start_netd(proxying(upstream.port, "/ws/", timeout=5, record=20))
-        pid = netd.ports["pid"]
-        before = _rss_kib(pid)
+        before = status_kib(netd)
         client = socket.create_connection(netd.address("web"), timeout=10)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         client.sendall(
@@ -141,7 +133,7 @@ def test_a_refusal_body_is_relayed_with_back_pressure(start_netd: StartNetd) -> 
         # What is under test: six seconds in which the client reads nothing
         # (netd gives no sign that it paused the upstream).
         time.sleep(6)
-        grown = _rss_kib(pid) - before
+        grown = status_kib(netd) - before
         client.close()
         assert grown < 64 * 1024, f"netd grew by {grown // 1024} MiB buffering for a slow client"
     finally:

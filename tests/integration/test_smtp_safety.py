@@ -13,7 +13,7 @@ from tests.clients import smtp
 from tests.conftest import StartNetd, unused_port
 from tests.fakes.upstreams import RawUpstream
 from tests.maps import mail_map, relaying
-from tests.signals import wait_until
+from tests.signals import status_kib, wait_until
 
 
 def _reply(stream) -> bytes:  # type: ignore[no-untyped-def]
@@ -93,21 +93,13 @@ def test_sigterm_lets_a_message_in_data_finish(start_netd: StartNetd, tmp_path: 
         assert answer.startswith(b"250"), answer
 
 
-def _status_kb(pid: int, field: str = "VmRSS") -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"no {field}")
-
-
 def test_pipelined_commands_without_reading_do_not_grow_memory(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """A client that pipelines commands and never reads the replies is cut."""
     netd = start_netd(mail_map(tmp_path / "state"))
-    pid = netd.process.pid
     host, port = netd.address("mail")
-    before = _status_kb(pid)
+    before = status_kib(netd)
     with socket.create_connection((host, port), timeout=30) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         chunk = b"EHLO x\r\n" * 8192
@@ -122,7 +114,7 @@ def test_pipelined_commands_without_reading_do_not_grow_memory(
     netd.wait_for_count(
         "mail", "connection.closed", 1, timeout=20
     )  # whatever the server took in, it has let go of the client
-    grown = _status_kb(pid) - before
+    grown = status_kib(netd) - before
     assert grown < 50_000, f"daemon grew by {grown} kB after {sent} bytes of unread EHLOs"
 
 
@@ -158,15 +150,14 @@ def test_a_message_of_short_lines_costs_little_memory(
         "max_message_size: 65536", "max_message_size: 10485760"
     )
     netd = start_netd(text)
-    pid = netd.process.pid
     sock, stream = _session(netd)
     with sock:
         sock.sendall(b"MAIL FROM:<a@client.test>\r\nRCPT TO:<lines@netd.test>\r\nDATA\r\n")
         assert [_reply(stream)[:3] for _ in range(3)] == [b"250", b"250", b"354"]
-        before = _status_kb(pid, "VmHWM")
+        before = status_kib(netd, "VmHWM")
         sock.sendall(b"Subject: lines\r\n\r\n" + b"ab\r\n" * (10_000_000 // 4) + b".\r\n")
         assert _reply(stream).startswith(b"250")
-        peak = _status_kb(pid, "VmHWM") - before
+        peak = status_kib(netd, "VmHWM") - before
     assert peak < 60_000, f"peak grew by {peak} kB for a 10 MB message"
 
 
