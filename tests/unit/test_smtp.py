@@ -414,12 +414,15 @@ def test_a_stopping_session_finishes_its_transaction_then_says_421() -> None:
     assert codes(transport) == ["250 2.0.0"]
     send(session, "MAIL FROM:<a@b.test>\r\n")  # a second one is not taken
     assert codes(transport) == ["421 4.3.2"] and transport.disconnecting
-    # A session idle after a message of its own is told at once.
+    # A session idle after a message of its own has two seconds to say QUIT.
     idle, idle_transport = harness.connect()
     send(idle, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n")
     send(idle, MESSAGE)
     replies(idle_transport)
     idle.close_gracefully()
+    harness.clock.advance(1.9)
+    assert codes(idle_transport) == []
+    harness.clock.advance(0.1)
     assert codes(idle_transport) == ["421 4.3.2"]
     assert len(harness.accepted) == 2
 

@@ -75,6 +75,8 @@ _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<para
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 # Lines held while a reply is pending, before reading from the client stops.
 _HOLD_LIMIT = 256 * 1024
+# Seconds a stopping session that has sent its mail is given to say QUIT.
+_QUIT_WAIT = 2.0
 # Replies a client may leave unread while it goes on sending commands.
 _UNREAD_REPLIES = 1 << 20
 # RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
@@ -236,6 +238,10 @@ class Session(smtp.ESMTP):
         return host + b" ESMTP netd"
 
     def timeoutConnection(self) -> None:
+        if self._only_quit:
+            self._only_quit = False
+            self._close_if_idle()
+            return
         self.sendCode(421, b"4.4.2 " + self.host + b" Error: timeout exceeded")
         self.transport.loseConnection()
 
@@ -343,15 +349,24 @@ class Session(smtp.ESMTP):
         flight (MAIL given, DATA coming, its spool write) is finished and
         answered first; then, or at once if none is, the client is told 421.
 
-        A session that has not finished a transaction yet (accepted just before
-        a reload retired its service, its EHLO and MAIL maybe on their way) may
+        A session in a transaction, or with none yet (accepted just before a
+        reload retired its service, its EHLO and MAIL maybe on their way), may
         finish one, and its QUIT after it is answered 221, as Postfix lets a
-        session finish on reload; any other command then gets the 421, and
-        shutdown_grace bounds the wait.
+        session finish on reload; any other command then gets the 421, and so
+        does silence for _QUIT_WAIT seconds (shutdown_grace bounds it all).
         """
         self._closing = True
-        self._may_finish_one = self._transactions == 0
+        if self._mail is None and self._body is None and self._transactions:
+            # Its last message is answered or being answered: its QUIT may be on
+            # its way.  A client keeping the session for more gets the 421 soon.
+            self._await_quit()
+        else:
+            self._may_finish_one = True
         self._close_if_idle()
+
+    def _await_quit(self) -> None:
+        self._may_finish_one, self._only_quit = False, True
+        self.setTimeout(_QUIT_WAIT)
 
     def _close_if_idle(self) -> None:
         if (
@@ -546,7 +561,7 @@ class Session(smtp.ESMTP):
         assert mail is not None
         self._transactions += 1
         if self._may_finish_one:
-            self._may_finish_one, self._only_quit = False, True
+            self._await_quit()
         self._end_of_data(mail, bytes(body[: end + 2]))
 
     def _end_of_data(self, mail: _Mail, text: bytes) -> None:
