@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from netd import endpoints, tls
+from netd import endpoints
 from netd.config import (
     AdminConfig,
     ConfigErrors,
@@ -61,6 +61,11 @@ def build_tls(
 ) -> dict[str, IOpenSSLServerConnectionCreator]:
     """Load or generate every TLS profile; raise L{StartupError} naming the profile."""
     creators: dict[str, IOpenSSLServerConnectionCreator] = {}
+    if not profiles:
+        return creators
+    # netd.tls (certificate checks and generation) loads only for maps with profiles.
+    from netd import tls
+
     for name, profile in profiles.items():
         try:
             if profile.self_signed:

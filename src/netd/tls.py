@@ -26,7 +26,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509, PKey
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
-from netd.compat import protosFromProtocol
+from netd.compat.tls import protosFromProtocol
 
 __all__ = ["KeyPair", "TLSError", "ensure_self_signed", "server_options"]
 

@@ -37,6 +37,9 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from netd import compat
+from netd.compat import mail as compat_mail
+from netd.compat import tls as compat_tls
+from netd.compat import web as compat_web
 
 _SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -74,12 +77,12 @@ def test_the_scan_finds_each_form_of_private_import() -> None:
 
 def test_only_compat_imports_private_twisted_names() -> None:
     modules = sorted([*(_SRC / "netd").rglob("*.py"), *(_SRC / "twisted").rglob("*.py")])
-    compat_module = _SRC / "netd" / "compat.py"
-    assert compat_module in modules
+    compat_package = _SRC / "netd" / "compat"
+    assert compat_package / "__init__.py" in modules
     offenders = [
         f"{path.relative_to(_SRC)}:{line}: {text}"
         for path in modules
-        if path != compat_module
+        if compat_package not in path.parents
         for line, text in _private_twisted_imports(path.read_text())
     ]
     assert offenders == [], "import these through netd.compat:\n" + "\n".join(offenders)
@@ -146,7 +149,7 @@ class _NegotiatingFactory(Factory):
 def test_protos_from_protocol_puts_the_wrapped_factorys_protocols_first() -> None:
     tls = TLSMemoryBIOFactory(optionsForClientTLS("localhost"), True, _NegotiatingFactory())
     protocol = tls.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1))
-    assert tuple(compat.protosFromProtocol(protocol, [b"http/1.1"])) == (b"h2", b"http/1.1")
+    assert tuple(compat_tls.protosFromProtocol(protocol, [b"http/1.1"])) == (b"h2", b"http/1.1")
 
 
 def test_certificate_options_members_the_alpn_override_uses() -> None:
@@ -213,24 +216,24 @@ def _assert_method(cls: type, name: str, parameters: list[str]) -> None:
     ],
 )
 def test_h2_connection_has_the_methods_netd_overrides(name: str, parameters: list[str]) -> None:
-    _assert_method(compat.H2Connection, name, parameters)
+    _assert_method(compat_web.H2Connection, name, parameters)
 
 
 def test_h2_connection_keeps_its_outbound_queues_by_stream() -> None:
-    connection = compat.H2Connection(Clock())
+    connection = compat_web.H2Connection(Clock())
     assert connection._outboundStreamQueues == {}
 
 
 def _stream() -> H2Stream:
     headers = [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"example")]
-    connection = compat.H2Connection(Clock())
+    connection = compat_web.H2Connection(Clock())
     connection.makeConnection(StringTransport())
     return H2Stream(1, connection, headers, http.Request, None, None)
 
 
 def test_h2_stream_request_is_the_request_the_stream_feeds() -> None:
     stream = _stream()
-    request = compat.h2_stream_request(stream)
+    request = compat_web.h2_stream_request(stream)
     assert isinstance(request, http.Request)
     assert request.channel is stream
     assert request.requestHeaders.getRawHeaders(b"host") == [b"example"]
@@ -252,13 +255,13 @@ class _Producer:
 
 def test_h2_producer_paused_follows_flow_control() -> None:
     stream = _stream()
-    assert not compat.h2_producer_paused(stream)  # no producer
+    assert not compat_web.h2_producer_paused(stream)  # no producer
     producer = _Producer()
     stream.registerProducer(producer, True)
-    assert not compat.h2_producer_paused(stream)
+    assert not compat_web.h2_producer_paused(stream)
     stream.flowControlBlocked()
     assert producer.paused
-    assert compat.h2_producer_paused(stream)
+    assert compat_web.h2_producer_paused(stream)
 
 
 # --- HTTP client (the proxy) ----------------------------------------------------------
@@ -268,9 +271,9 @@ def test_http11_client_factory_builds_the_protocol_with_the_pools_callback() -> 
     def quiescent(protocol: object) -> None:
         pass
 
-    factory = compat.HTTP11ClientFactory(quiescent, "upstream")
+    factory = compat_web.HTTP11ClientFactory(quiescent, "upstream")
     protocol = factory.buildProtocol(None)
-    assert isinstance(protocol, compat.HTTP11ClientProtocol)
+    assert isinstance(protocol, compat_web.HTTP11ClientProtocol)
     # netd.services.http.proxy._QuietClientFactory builds its protocol with it.
     assert factory._quiescentCallback is quiescent
     assert protocol._quiescentCallback is quiescent
@@ -286,16 +289,16 @@ class _RecordingEndpoint:
 
 
 def test_set_pool_protocol_factory_is_what_the_pool_connects_with() -> None:
-    class Chosen(compat.HTTP11ClientFactory):
+    class Chosen(compat_web.HTTP11ClientFactory):
         pass
 
     pool = HTTPConnectionPool(MemoryReactor(), persistent=True)
-    compat.set_pool_protocol_factory(pool, Chosen)
+    compat_web.set_pool_protocol_factory(pool, Chosen)
     endpoint = _RecordingEndpoint()
     pool.getConnection(("http", b"example", 80), endpoint)
     [factory] = endpoint.factories
     assert isinstance(factory, Chosen)
-    assert isinstance(factory.buildProtocol(None), compat.HTTP11ClientProtocol)
+    assert isinstance(factory.buildProtocol(None), compat_web.HTTP11ClientProtocol)
 
 
 def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_set() -> None:
@@ -303,7 +306,7 @@ def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_
     # and reads the version and Connection values from the private _parser there.
     seen: list[tuple[object, object, object]] = []
 
-    class Upstream(compat.HTTP11ClientProtocol):
+    class Upstream(compat_web.HTTP11ClientProtocol):
         def _finishResponse_WAITING(self, rest: bytes) -> None:
             parser = self._parser
             seen.append(
@@ -315,7 +318,7 @@ def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_
             )
             super()._finishResponse_WAITING(rest)
 
-    _assert_method(compat.HTTP11ClientProtocol, "_finishResponse_WAITING", ["self", "rest"])
+    _assert_method(compat_web.HTTP11ClientProtocol, "_finishResponse_WAITING", ["self", "rest"])
     protocol = Upstream()
     protocol.makeConnection(StringTransport())
     protocol.request(Request(b"GET", b"/", Headers({b"host": [b"example"]}), None, True))
@@ -327,7 +330,7 @@ def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_
 
 
 def test_login_credentials_ask_for_user_then_password() -> None:
-    credentials = compat.LOGINCredentials()
+    credentials = compat_mail.LOGINCredentials()
     challenges = []
     for answer in (b"alice", b"secret"):
         assert credentials.moreChallenges()
@@ -340,14 +343,14 @@ def test_login_credentials_ask_for_user_then_password() -> None:
 
 
 def test_plain_credentials_take_one_answer_and_refuse_a_malformed_one() -> None:
-    credentials = compat.PLAINCredentials()
+    credentials = compat_mail.PLAINCredentials()
     assert credentials.getChallenge() == b""
     credentials.setResponse(b"\0alice\0secret")
     assert not credentials.moreChallenges()
     assert credentials.username == b"alice"
     assert credentials.checkPassword(b"secret")
-    with pytest.raises(compat.IllegalClientResponse):
-        compat.PLAINCredentials().setResponse(b"no separators")
+    with pytest.raises(compat_mail.IllegalClientResponse):
+        compat_mail.PLAINCredentials().setResponse(b"no separators")
 
 
 def test_esmtp_members_netds_session_uses() -> None:

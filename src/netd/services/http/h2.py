@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from netd.compat import H2Connection, h2_producer_paused, h2_stream_request
+from netd.compat.web import H2Connection, h2_producer_paused, h2_stream_request
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
     App,

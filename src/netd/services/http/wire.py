@@ -24,7 +24,8 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from netd.compat import H2Connection, unwritten_bytes
+from netd.compat import unwritten_bytes
+from netd.compat.web import H2Connection
 from netd.kinds import IOwesReplies, RepliesOwed
 from netd.sendfile import send_file
 from netd.services.http.app import (

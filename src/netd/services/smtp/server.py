@@ -33,7 +33,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.compat import IllegalClientResponse, LOGINCredentials, PLAINCredentials
+from netd.compat.mail import IllegalClientResponse, LOGINCredentials, PLAINCredentials
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed

@@ -6,6 +6,12 @@ each, and checks that the private methods netd's subclasses override (left in
 those subclasses) still exist, so a Twisted upgrade that moves one fails there,
 by name, rather than somewhere in a kind.  setup.cfg bounds Twisted to the
 versions that test passed on.
+
+This module holds what the core needs, from modules the reactor and
+twisted.internet.endpoints load anyway; the names of a heavier area live in
+their own submodule (netd.compat.web: HTTP client and HTTP/2; netd.compat.mail:
+SASL; netd.compat.tls: ALPN), imported by the code that serves it, so a map
+without web or mail services never loads twisted.web, h2 or twisted.mail.
 """
 
 from __future__ import annotations
@@ -13,49 +19,17 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from twisted.internet._sslverify import protosFromProtocol
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse, _SystemdParser
 from twisted.internet.interfaces import IListeningPort
-from twisted.mail._cred import LOGINCredentials, PLAINCredentials
-from twisted.mail._except import IllegalClientResponse
-from twisted.web._http2 import H2Connection, H2Stream
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
-from twisted.web.http import Request
 
 __all__ = [
-    "H2Connection",
-    "HTTP11ClientFactory",
-    "HTTP11ClientProtocol",
-    "IllegalClientResponse",
-    "LOGINCredentials",
-    "PLAINCredentials",
     "buffered_bytes",
-    "h2_producer_paused",
-    "h2_stream_request",
     "inherited_descriptors",
     "parse_endpoint",
-    "protosFromProtocol",
-    "set_pool_protocol_factory",
     "share_listening_socket",
     "unwritten_bytes",
 ]
-
-# Re-exported as they are:
-# - H2Connection: twisted.web serves HTTP/2 with it but exports no class to
-#   subclass for flow-control and body-size limits.
-# - HTTP11ClientProtocol: twisted.web.client uses it but does not export it
-#   (_newclient documents it as public).
-# - HTTP11ClientFactory: the factory HTTPConnectionPool builds connections with;
-#   a pool that should use another protocol has to subclass it.
-# - LOGINCredentials, PLAINCredentials, IllegalClientResponse: the SASL LOGIN and
-#   PLAIN challengers ESMTP takes in its C{chal=} map, and the error they raise
-#   on a malformed answer; twisted.mail.smtp uses them but does not export them.
-# - protosFromProtocol: the ALPN protocols a TLS connection offers (its wrapped
-#   factory's and the options' own), which a replacement ALPN selection
-#   callback needs; only Twisted's own callback is public.
 
 
 def parse_endpoint(description: str) -> tuple[list[str], dict[str, str]]:
@@ -94,14 +68,6 @@ def share_listening_socket(port: IListeningPort) -> None:
         listening._shouldShutdown = False
 
 
-def set_pool_protocol_factory(pool: HTTPConnectionPool, factory: type[HTTP11ClientFactory]) -> None:
-    """
-    Make C{pool} connect with C{factory}: the pool's private C{_factory} is the
-    only way to choose the protocol its connections speak.
-    """
-    pool._factory = factory
-
-
 def unwritten_bytes(descriptor: FileDescriptor) -> int:
     """
     Bytes C{descriptor} buffers for its socket: its current buffer past what was
@@ -125,17 +91,3 @@ def buffered_bytes(layer: object) -> int:
         total += len(buffered) - inspect.getattr_static(layer, "offset", 0)
         total += inspect.getattr_static(layer, "_tempDataLen", 0)
     return total + sum(map(len, inspect.getattr_static(layer, "_appSendBuffer", ())))
-
-
-def h2_stream_request(stream: H2Stream) -> Request:
-    """The request an HTTP/2 stream feeds; H2Stream keeps it privately."""
-    request: Request = stream._request
-    return request
-
-
-def h2_producer_paused(stream: H2Stream) -> bool:
-    """
-    Whether C{stream} has a producer and holds it paused.  H2Stream resumes it
-    only on a WINDOW_UPDATE and keeps whether it paused it privately.
-    """
-    return stream.producer is not None and not stream._producerProducing

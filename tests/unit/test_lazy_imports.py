@@ -1,0 +1,129 @@
+"""
+What a small map loads: the heavy imports (twisted.web and h2, twisted.mail,
+twisted.names, prometheus-client, TLS profiles, kinds not in the map) only
+when the map uses them.
+
+Each case starts netd in a fresh interpreter (what is imported depends on
+everything imported before), serves one echo round trip, and reports the
+modules it loaded.  A module kept out here is memory and start-up time an echo
+daemon does not pay; README "Performance" has the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# Starts the map's daemon as twistd would, waits until it is ready, echoes one
+# message through the service "echo", then prints the loaded modules' names.
+_SERVE_ONE_ECHO = """
+import json, sys
+from twisted.internet import protocol, reactor
+from netd.tap import Options, makeService
+
+options = Options()
+options.parseOptions(["-c", sys.argv[1]])
+root = makeService(options)
+daemon = root.daemon
+
+class Once(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"ping")
+
+    def dataReceived(self, data):
+        assert data == b"ping", data
+        self.transport.loseConnection()
+        reactor.stop()
+
+class Ready:
+    def ready(self, daemon):
+        port = daemon.ports()["services"]["echo"]["listeners"][0]["port"]
+        protocol.ClientCreator(reactor, Once).connectTCP("127.0.0.1", port)
+
+    def reloading(self, daemon): pass
+    def reloaded(self, daemon): pass
+    def stopping(self, daemon): pass
+
+daemon.observers.append(Ready())
+reactor.callLater(20, reactor.stop)  # a bound on a daemon that never answers
+root.privilegedStartService()
+root.startService()
+reactor.run()
+print(json.dumps(sorted(sys.modules)))
+"""
+
+_ECHO_ONLY = """\
+state_dir: state
+services:
+  echo:
+    type: echo
+    listen: ["tcp:0:interface=127.0.0.1"]
+"""
+
+_ADMIN = """\
+admin:
+  listen: ["tcp:0:interface=127.0.0.1"]
+"""
+
+_TLS = """\
+tls:
+  lab: {self_signed: [localhost]}
+"""
+
+# Modules (and their submodules) that cost an echo-only daemon memory and
+# start-up time for features it does not use.
+_HEAVY = (
+    "h2",
+    "prometheus_client",
+    "twisted.mail",
+    "twisted.names",
+    "twisted.web",
+    "twisted.words",
+    "netd.admin",
+    "netd.compat.mail",
+    "netd.compat.tls",
+    "netd.compat.web",
+    "netd.tls",
+    "netd.services.http",
+    "netd.services.smtp",
+)
+
+
+def _modules_serving(tmp_path: Path, service_map: str) -> set[str]:
+    (tmp_path / "netd.yaml").write_text(service_map)
+    done = subprocess.run(
+        [sys.executable, "-c", _SERVE_ONE_ECHO, str(tmp_path / "netd.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    modules = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "netd.services.simple" in modules  # it did serve the echo
+    return modules
+
+
+def _loaded(modules: set[str], *names: str) -> list[str]:
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_an_echo_only_map_loads_no_heavy_module(tmp_path: Path) -> None:
+    modules = _modules_serving(tmp_path, _ECHO_ONLY)
+    assert _loaded(modules, *_HEAVY) == []
+
+
+def test_an_admin_api_loads_the_web_stack_but_not_prometheus_until_scraped(
+    tmp_path: Path,
+) -> None:
+    modules = _modules_serving(tmp_path, _ADMIN + _ECHO_ONLY)
+    assert _loaded(modules, "netd.admin", "twisted.web.server") != []
+    assert _loaded(modules, "prometheus_client", "twisted.mail", "netd.tls") == []
+
+
+def test_a_tls_profile_loads_netd_tls(tmp_path: Path) -> None:
+    modules = _modules_serving(tmp_path, _TLS + _ECHO_ONLY)
+    assert _loaded(modules, "netd.tls", "netd.compat.tls") == ["netd.compat.tls", "netd.tls"]
+    assert _loaded(modules, "twisted.web", "h2", "prometheus_client") == []
