@@ -639,7 +639,7 @@ def test_failed_logins_slow_an_address_down_across_connections() -> None:
     assert failed.delay("192.0.2.2", 1.0) == 1  # another address
     failed.forget("192.0.2.1")  # a successful login
     assert failed.delay("192.0.2.1", 1.0) == 1
-    clock.advance(FailedLogins.memory + 1)
+    clock.advance(failed.memory + 1)
     assert failed.delay("192.0.2.1", 1.0) == 1  # forgotten after a quiet while
     failed.size = 2
     failed.delay("192.0.2.3", 1.0)

@@ -98,6 +98,7 @@ class SessionLimits:
     line_timeout: float = 30.0
 
 
+@attrs.define
 class FailedLogins:
     """
     Recent failed logins by client address: each one doubles the delay of the
@@ -106,13 +107,11 @@ class FailedLogins:
     a successful login; at most C{size} addresses are remembered.
     """
 
-    longest = 30.0
-    memory = 600.0
-    size = 10_000
-
-    def __init__(self, clock: Any) -> None:
-        self.clock = clock
-        self._recent: dict[str, tuple[int, float]] = {}
+    clock: Any
+    longest: float = 30.0
+    memory: float = 600.0
+    size: int = 10_000
+    _recent: dict[str, tuple[int, float]] = attrs.field(init=False, factory=dict)
 
     def delay(self, host: str, base: float) -> float:
         """Count a failure from C{host}; the seconds to wait before answering it."""
@@ -130,40 +129,30 @@ class FailedLogins:
         self._recent.pop(host, None)
 
 
+@attrs.define(eq=False)
 class FTPServer:
     """What the sessions of one service share: options, accounts, TLS, bookkeeping."""
 
-    def __init__(
-        self,
-        reactor: Any,
-        portal: Portal,
-        stats: ServiceStats,
-        emit: Callable[..., None],
-        run_in_thread: RunInThread,
-        limits: SessionLimits,
-        anonymous: bool,
-        passive_ports: tuple[int, int] | None = None,
-        passive_host: str | None = None,
-        tls: IOpenSSLServerConnectionCreator | None = None,
-        require_tls: bool = False,
-        listen_passive: ListenPassive | None = None,
-    ) -> None:
-        self.reactor = reactor
-        self.listen_passive: ListenPassive = listen_passive or partial(PassivePort, reactor)
-        self.portal = portal
-        self.stats = stats
-        self.emit = emit
-        self.run_in_thread = run_in_thread
-        self.limits = limits
-        self.anonymous = anonymous
-        self.passive_ports = passive_ports
-        self.passive_host = passive_host
-        self.tls = tls
-        self.require_tls = require_tls
-        self.sessions: dict[int, Session] = {}
-        self.failed_logins = FailedLogins(reactor)
-        self._ids = itertools.count(1)
-        self._next_port = 0
+    reactor: Any
+    portal: Portal
+    stats: ServiceStats
+    emit: Callable[..., None]
+    run_in_thread: RunInThread
+    limits: SessionLimits
+    anonymous: bool
+    passive_ports: tuple[int, int] | None = None
+    passive_host: str | None = None
+    tls: IOpenSSLServerConnectionCreator | None = None
+    require_tls: bool = False
+    listen_passive: ListenPassive = attrs.field(
+        default=attrs.Factory(lambda self: partial(PassivePort, self.reactor), takes_self=True)
+    )
+    sessions: dict[int, Session] = attrs.field(init=False, factory=dict)
+    failed_logins: FailedLogins = attrs.field(
+        init=False, default=attrs.Factory(lambda self: FailedLogins(self.reactor), takes_self=True)
+    )
+    _ids: Iterator[int] = attrs.field(init=False, factory=lambda: itertools.count(1))
+    _next_port: int = attrs.field(init=False, default=0)
 
     def factory(
         self, data_tls: IOpenSSLServerConnectionCreator | None, implicit: bool
