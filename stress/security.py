@@ -21,6 +21,7 @@ import dns.query
 import dns.rrset
 
 from netd.testing import AdminError, NetdProcess
+from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES, OPEN_RELAY_TRICKS
 
 from ._harness import (
     ADMIN_TOKEN,
@@ -40,42 +41,9 @@ from ._harness import (
 
 FAMILY = "security"
 
-# tests/integration/test_smtp.py's battery, and a few more spellings.
-OPEN_RELAY_TRICKS = [
-    "victim@elsewhere.test",
-    "victim%elsewhere.test@netd.test",
-    '"victim@elsewhere.test"@netd.test',
-    "@netd.test:victim@elsewhere.test",
-    "victim@elsewhere.test@netd.test",
-    "elsewhere.test!victim@netd.test",
-    "victim@[127.0.0.1]",
-    "victim@[IPv6:::1]",
-    "victim@elsewhere.test.",
-    "victim@netd.test.elsewhere.test",
-    "victim@NETD.TEST.elsewhere.test",
-    "@netd.test,@elsewhere.test:victim@elsewhere.test",
-]
-
 SMUGGLED_ENDINGS = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r\n.\r", b"\r.\r\n"]
 
-# tests/integration/test_ftp.py's traversal reads, from alice's home with links out.
-FTP_TRAVERSAL = [
-    b"SIZE ../secret.txt",
-    b"SIZE /../secret.txt",
-    b"SIZE ../../../../etc/passwd",
-    b"SIZE /etc/passwd",
-    b"SIZE link_out",
-    b"SIZE dir_out/secret.txt",
-    b"MDTM link_out",
-    b"CWD ..",
-    b"CWD dir_out",
-    b"CWD /../..",
-    b"SIZE ..%2fsecret.txt",
-    b"SIZE \\..\\secret.txt",
-    b"MKD ../made",
-    b"DELE link_out",
-    b"RMD dir_out",
-]
+FTP_TRAVERSAL = [*FTP_TRAVERSAL_READS, *FTP_TRAVERSAL_WRITES]
 
 FTP_BOUNCE = [
     b"PORT 127,0,0,2,4,1",

@@ -24,6 +24,7 @@ import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
+from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES
 from tests.clients import command, control, hang_up, passive_port
 from tests.maps import lab_map
 from tests.signals import wait_until
@@ -415,31 +416,9 @@ def test_no_path_leaves_the_root(netd: NetdProcess, site: Path) -> None:
     login_raw(sock, reader, b"alice")
     (site / "alice" / "link_out").symlink_to(site / "secret.txt")
     (site / "alice" / "dir_out").symlink_to(site)
-    reads = [
-        b"SIZE ../secret.txt",
-        b"SIZE /../secret.txt",
-        b"SIZE ../../../../etc/passwd",
-        b"SIZE /etc/passwd",
-        b"SIZE link_out",
-        b"SIZE dir_out/secret.txt",
-        b"MDTM link_out",
-        b"CWD ..",
-        b"CWD dir_out",
-        b"CWD /../..",
-        b"SIZE ..%2fsecret.txt",
-        b"SIZE \\..\\secret.txt",
-    ]
-    for line in reads:
+    for line in FTP_TRAVERSAL_READS:
         assert command(sock, reader, line)[:1] == b"5", line
-    writes = [
-        b"MKD ../made",
-        b"MKD dir_out/made",
-        b"DELE link_out",
-        b"DELE dir_out/secret.txt",
-        b"RMD ../alice",
-        b"RMD dir_out",
-    ]
-    for line in writes:
+    for line in FTP_TRAVERSAL_WRITES:
         assert command(sock, reader, line)[:1] == b"5", line
     assert command(sock, reader, b"RNFR dir_out/secret.txt")[:3] == b"350"
     assert command(sock, reader, b"RNTO stolen.txt")[:1] == b"5"

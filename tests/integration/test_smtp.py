@@ -28,6 +28,7 @@ from aiosmtpd.smtp import AuthResult
 
 from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
+from tests.batteries import OPEN_RELAY_TRICKS
 from tests.clients import smtp
 from tests.conftest import StartNetd
 from tests.maps import mail_map, relaying
@@ -142,25 +143,15 @@ def test_plaintext_pipelined_behind_starttls_is_discarded(netd: NetdProcess) -> 
     ]  # fmt: skip
 
 
-OPEN_RELAY_TRICKS = [
-    "victim@elsewhere.test",
-    "victim%elsewhere.test@netd.test",
-    '"victim@elsewhere.test"@netd.test',
-    "@netd.test:victim@elsewhere.test",
-    "victim@elsewhere.test@netd.test",
-    "elsewhere.test!victim@netd.test",
-    "victim@[127.0.0.1]",
-    "victim@[IPv6:::1]",
-]
-
-
 def test_open_relay_battery(netd: NetdProcess) -> None:
     with smtp(netd) as client:
         client.ehlo()
         assert client.mail("spammer@client.test")[0] == 250
-        for address in OPEN_RELAY_TRICKS:
-            code, text = client.rcpt(f"<{address}>")
-            assert (code, text[:5]) == (550, b"5.7.1"), address
+        refusals = {address: client.rcpt(f"<{address}>") for address in OPEN_RELAY_TRICKS}
+        # Relaying denied, or (a trailing dot) a malformed address: never taken.
+        assert {
+            a: (c, t[:5]) for a, (c, t) in refusals.items() if (c, t[:5]) != (550, b"5.7.1")
+        } == {"victim@elsewhere.test.": (501, b"5.1.3")}
         # Still serving, and the final destination is still accepted.
         assert client.rcpt("<relay-battery@netd.test>")[0] == 250
         assert client.data(b"Subject: ok\r\n\r\nok\r\n")[0] == 250
