@@ -142,10 +142,7 @@ def python_script(path: Path, *args: str) -> list[str]:
     """The command running a bench/ script without bench/ itself on sys.path."""
     # bench/ also holds other benchmarks' modules (bench/http_bench.py, say); as sys.path[0]
     # they would shadow the stdlib in our children (Twisted imports http.cookiejar).
-    if sys.version_info >= (3, 11):
-        return [sys.executable, "-P", str(path), *args]
-    code = "import runpy, sys; sys.argv.pop(0); runpy.run_path(sys.argv[0], run_name='__main__')"
-    return [sys.executable, "-c", code, str(path), *args]
+    return [sys.executable, "-P", str(path), *args]
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int | None:

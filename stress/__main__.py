@@ -14,7 +14,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from . import fuzz, half_close, reload_load, security, slow_clients, smtp_kill
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             found = run_family(name, FAMILIES[name], Path(scratch), budget)
             print(f"[stress] {name}: {time.monotonic() - began:.0f} s", file=sys.stderr)
             rows += found
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     print(
         f"netd stress, {stamp}, seed {budget.seed}{', quick' if budget.quick else ''}, "
         f"{platform.node()} ({platform.machine()}, Python {platform.python_version()}), "

@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -73,7 +73,7 @@ class KeyPair:
 
 def _utc_now() -> datetime:
     """The wall clock in UTC: what certificates are dated and checked against."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _reason(exc: OSError) -> str:

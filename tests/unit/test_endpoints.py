@@ -56,7 +56,7 @@ def _write_server_pem(path: Path) -> None:
     """A self-signed certificate and its key in one PEM file, as C{ssl:privateKey=} takes."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -13,7 +13,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -228,7 +228,7 @@ def test_leaf_regenerated_but_ca_kept_when_names_change(tmp_path: Path) -> None:
 def test_expiring_leaf_renewed_then_expiring_ca_renewed(tmp_path: Path) -> None:
     keypair, ca = ensure_self_signed(tmp_path, "web", NAMES)
     ca_bytes, leaf_bytes = ca.read_bytes(), keypair.chain.read_bytes()
-    start = datetime.now(timezone.utc)
+    start = datetime.now(UTC)
 
     ensure_self_signed(tmp_path, "web", NAMES, now=lambda: start + timedelta(days=800))
     assert ca.read_bytes() == ca_bytes
