@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -111,3 +112,35 @@ def test_reloads_under_load_refuse_and_reset_nothing(tmp_path: Path) -> None:
             assert len(load.answers) > _RELOADS
         assert loads[0].answers[-1] == str(_RELOADS)
         assert loads[1].answers[-1] == f'"g{_RELOADS}"'
+
+
+def test_a_tls_listener_keeps_its_socket_and_takes_the_new_certificate(tmp_path: Path) -> None:
+    def tls_map(names: list[str]) -> dict[str, object]:
+        return {
+            "tls": {"lab": {"self_signed": [*names, "127.0.0.1"]}},
+            "services": {
+                "echo": {
+                    "type": "echo",
+                    "listen": [{"endpoint": "ssl:0:interface=127.0.0.1", "tls": "lab"}],
+                }
+            },
+        }
+
+    def names_seen(netd: NetdProcess) -> list[str]:
+        context = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+        address = netd.address("echo", tls=True)
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"ping")
+            assert sock.recv(4) == b"ping"
+            cert = sock.getpeercert()
+        return [value for kind, value in cert["subjectAltName"] if kind == "DNS"]
+
+    with NetdProcess.start(tls_map(["localhost"]), tmp_path) as netd:
+        before = netd.address("echo", tls=True)
+        assert names_seen(netd) == ["localhost"]
+        assert netd.reload(tls_map(["localhost", "new.test"]))["restarted"] == ["echo"]
+        assert netd.address("echo", tls=True) == before
+        assert names_seen(netd) == ["localhost", "new.test"]
