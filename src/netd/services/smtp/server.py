@@ -170,8 +170,12 @@ def _lines_fit(text: bytes, limit: int) -> bool:
     return True
 
 
+# Every octet but a visible ASCII character becomes "?".
+_VISIBLE = bytes(c if 32 < c < 127 else ord("?") for c in range(256))
+
+
 def _printable(text: bytes, limit: int = 255) -> str:
-    return "".join(c if 32 < ord(c) < 127 else "?" for c in text[:limit].decode("latin-1"))
+    return text[:limit].translate(_VISIBLE).decode("ascii")
 
 
 def _hops(text: bytes) -> int:
