@@ -304,6 +304,25 @@ def test_a_client_gone_before_the_spool_answers() -> None:
     assert len(harness.accepted) == 1
 
 
+def test_unread_replies_are_looked_at_once_per_64_kib_of_replies() -> None:
+    """
+    A client that never reads is cut at its first read after 64 KiB more
+    replies: the reads before it cost no look at the transport's buffers.
+    """
+    harness = Harness()
+    session, transport = harness.connect(tls=False)
+    transport.dataBuffer = b"x" * (2 << 20)  # a socket buffer the client never drains
+    noops = "NOOP\r\n" * 1000  # 14,000 bytes of "250 2.0.0 Ok" replies
+    for _ in range(4):
+        send(session, noops)
+    assert not transport.disconnected
+    send(session, noops)
+    assert not transport.disconnected  # the look comes with the next read
+    send(session, "NOOP\r\n")
+    assert transport.disconnected
+    assert transport.value().count(b"250 2.0.0 Ok") == 5000  # the last NOOP is not answered
+
+
 def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
     harness = Harness(starttls=object())
     session, transport = harness.connect()

@@ -20,6 +20,7 @@ _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 _ADDRESS_LITERAL = re.compile(r"\[[^\[\]\\]+\]\Z")
+_CONTROL_OR_BRACKET = re.compile(r"[\x00-\x1f\x7f<>]")
 # RFC 5321 4.5.3.1: local part 64 octets, domain 255, path 256 with the brackets.
 _MAX_LOCAL = 64
 _MAX_DOMAIN = 255
@@ -93,7 +94,7 @@ def parse_path(raw: bytes, recipient: bool, default_domain: str) -> Mailbox | No
         text = text[1:-1]
     if len(text) + 2 > _MAX_PATH:
         raise _syntax("the address is longer than 256 characters")
-    if any(ord(c) < 32 or ord(c) == 127 or c in "<>" for c in text):
+    if _CONTROL_OR_BRACKET.search(text):
         raise _syntax("controls and brackets cannot appear in an address")
     if not text:
         if recipient:
