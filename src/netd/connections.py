@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Network
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -124,8 +124,8 @@ class TrackedConnection(ProtocolWrapper):
         self._seen_at_sweep = 0
         self._waiting_for_close: list[Deferred[None]] = []
         # The socket itself when this connection's transport is one (TCP, UNIX;
-        # not TLS): see L{write}.
-        self._socket: FileDescriptor | None = None
+        # not a TLS listener's): see L{write}.
+        self._socket: tcp.Connection | None = None
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper re-declares the transport's interfaces on every
@@ -138,7 +138,7 @@ class TrackedConnection(ProtocolWrapper):
         else:
             self.__dict__["__provides__"] = provides
         self.client = describe_address(transport.getPeer())
-        if isinstance(transport, FileDescriptor):
+        if isinstance(transport, tcp.Connection):  # UNIX's Server is one too
             self._socket = transport
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
@@ -158,12 +158,14 @@ class TrackedConnection(ProtocolWrapper):
         # When nothing is queued ahead, send now, as asyncio does; the rest of
         # a partial send, and every case below, takes Twisted's own path.  This
         # is most of what a small echo or one chat delivery costs.  It reads
-        # FileDescriptor's buffers (as netd.compat.buffered_bytes does) and
-        # skips pull producers, which Twisted resumes only from doWrite.
+        # FileDescriptor's buffers (as netd.compat.buffered_bytes does), skips
+        # pull producers, which Twisted resumes only from doWrite, and a socket
+        # after STARTTLS (smtp, ftp), whose write Twisted routes through TLS.
         socket = self._socket
         if (
             socket is not None
             and data
+            and not socket.TLS
             and not socket._tempDataLen
             and not socket.dataBuffer
             and socket.connected

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
+from twisted.internet.tcp import Connection
 from twisted.internet.testing import MemoryReactor, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -621,13 +622,13 @@ def test_half_close_ends_reading_back_pressure() -> None:
 # --- writing straight to the socket ----------------------------------------------------
 
 
-class Socket(FileDescriptor):
-    """A connected socket whose kernel takes C{room} more bytes, then no more."""
+class Socket(Connection):
+    """A connected TCP socket whose kernel takes C{room} more bytes, then no more."""
 
     protocol: Any
 
     def __init__(self, room: int) -> None:
-        super().__init__(MemoryReactor())
+        FileDescriptor.__init__(self, MemoryReactor())  # no real socket
         self.connected = 1
         self.room = room
         self.lost = False
@@ -697,6 +698,23 @@ def test_a_pull_producer_keeps_twisted_buffering() -> None:
     connection.write(b"data")
     assert socket.sent == []
     assert socket.queued() == b"data"
+
+
+def test_after_starttls_writes_go_through_tls() -> None:
+    class TLS:
+        def __init__(self) -> None:
+            self.encrypted: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.encrypted.append(data)
+
+    connection, socket = on_socket(room=100)
+    # As startTLS leaves it: the socket's write hands the bytes to TLS.
+    socket.protocol = tls = TLS()
+    socket.TLS = True
+    connection.write(b"secret")
+    assert socket.sent == []
+    assert tls.encrypted == [b"secret"]
 
 
 def test_no_direct_write_once_closing_or_lost() -> None:
