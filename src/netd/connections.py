@@ -5,7 +5,8 @@ Each accepted connection is wrapped once, at the plaintext level (inside TLS), t
 count bytes, enforce C{max_connections} and C{max_connections_per_client} and
 close idle connections.  The idle check costs nothing per byte: a sweep every
 quarter of C{idle_timeout} closes connections whose byte counters did not move
-since the sweep before.
+since the sweep before.  Writes to an idle socket leave at once rather than on the
+reactor's next turn (L{TrackedConnection.write}).
 """
 
 from __future__ import annotations
