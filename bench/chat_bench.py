@@ -3,12 +3,15 @@
 netd's chat benchmark: fan-out in one IRC room, netd against ngIRCd.
 
     .venv/bin/python bench/chat_bench.py [--rounds 3] [--clients 100] [--senders 1,10]
+        [--baseline OTHER_CHECKOUT/.venv/bin/twistd]
 
-Both servers are measured in the same run, by the same client, in interleaved
-rounds (the order flips each round):
+The servers are measured in the same run, by the same client, in interleaved
+rounds (the order rotates each round):
 
-  netd    twistd -n netd on a generated map: one chat service on tcp:0
-  ngircd  Debian's ngircd -n on a generated config (penalties off, no DNS/ident)
+  netd       twistd -n netd on a generated map: one chat service on tcp:0
+  ngircd     Debian's ngircd -n on a generated config (penalties off, no DNS/ident)
+  netd-base  with --baseline: the same map under another build's twistd, so a
+             change is measured against the code before it in the same rounds
 
 The load: C{--clients} IRC clients register and join #bench; in each case of
 C{--senders}, that many of them send C{--messages} PRIVMSGs in all, as fast as
@@ -89,13 +92,13 @@ def pin(pid: int, cpu: int) -> None:
 
 
 @contextlib.contextmanager
-def server(name: str, workdir: Path) -> Iterator[tuple[int, int]]:
+def server(name: str, workdir: Path, twistd: Path) -> Iterator[tuple[int, int]]:
     """Start one server; yield (pid, port) once it accepts connections."""
     port = free_port()
-    if name == "netd":
+    if name.startswith("netd"):
         config = workdir / "chat.yaml"
         config.write_text(NETD_MAP.format(port=port))
-        command = [str(TWISTD), "--nodaemon", "--pidfile=", "netd", "-c", str(config)]
+        command = [str(twistd), "--nodaemon", "--pidfile=", "netd", "-c", str(config)]
     else:
         config = workdir / "ngircd.conf"
         config.write_text(NGIRCD_CONF.format(port=port, dir=workdir))
@@ -224,7 +227,8 @@ def fan_out(
 
 
 def measure(name: str, workdir: Path, args: argparse.Namespace, senders: int) -> dict[str, float]:
-    with server(name, workdir) as (pid, port):
+    twistd = args.baseline if name == "netd-base" else TWISTD
+    with server(name, workdir, twistd) as (pid, port):
         time.sleep(0.3)
         idle = proc_mib(pid, "VmRSS") * 1024
         cpu_before = cpu_seconds(pid)
@@ -253,8 +257,13 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=100, choices=range(1, 10_001), metavar="N")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--servers", default="netd,ngircd")
+    parser.add_argument(
+        "--baseline", type=Path, metavar="TWISTD", help="also run netd-base under this twistd"
+    )
     args = parser.parse_args()
     names = args.servers.split(",")
+    if args.baseline:
+        names.append("netd-base")
     cases = [int(n) for n in args.senders.split(",")]
     if "ngircd" in names and shutil.which("ngircd") is None:
         print("ngircd is not installed (apt-get install ngircd): netd alone", file=sys.stderr)
@@ -264,7 +273,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="chat-bench-") as tmp:
         for round_number in range(args.rounds):
             for senders in cases:
-                order = names if round_number % 2 == 0 else names[::-1]
+                turn = round_number % len(names)
+                order = names[turn:] + names[:turn]
                 for name in order:
                     workdir = Path(tmp) / f"{name}-{senders}-{round_number}"
                     workdir.mkdir()
@@ -291,12 +301,16 @@ def main() -> int:
             f" | {median['idle_rss_mib']:.1f} | {median['peak_rss_mib']:.1f} |"
         )
     for senders in cases:
-        if (senders, "netd") in rows and (senders, "ngircd") in rows:
-            pairs = zip(rows[senders, "netd"], rows[senders, "ngircd"], strict=True)
+        for netd in ("netd", "netd-base"):
+            if (senders, netd) not in rows or (senders, "ngircd") not in rows:
+                continue
+            pairs = list(zip(rows[senders, netd], rows[senders, "ngircd"], strict=True))
             ratios = [n["deliveries_s"] / g["deliveries_s"] for n, g in pairs]
+            cpu = [n["cpu_s"] / g["cpu_s"] for n, g in pairs]
             print(
-                f"{senders} sender(s): netd / ngircd deliveries {statistics.median(ratios):.2f}x"
-                f" ({min(ratios):.2f}-{max(ratios):.2f}), ratios within each round"
+                f"{senders} sender(s): {netd} / ngircd deliveries"
+                f" {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}),"
+                f" server CPU {statistics.median(cpu):.2f}x, ratios within each round"
             )
     return 0
 

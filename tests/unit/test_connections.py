@@ -7,18 +7,21 @@ from typing import Any
 
 import attrs
 import pytest
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IAddress,
     IHalfCloseableProtocol,
     IProtocol,
     IProtocolNegotiationFactory,
+    IPullProducer,
 )
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransportWithDisconnection
+from twisted.internet.tcp import Connection
+from twisted.internet.testing import MemoryReactor, StringTransportWithDisconnection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -614,3 +617,113 @@ def test_half_close_ends_reading_back_pressure() -> None:
     IHalfCloseableProtocol(connection).readConnectionLost()
     assert transport.producer is None
     assert transport.close_requested
+
+
+# --- writing straight to the socket ----------------------------------------------------
+
+
+class Socket(Connection):
+    """A connected TCP socket whose kernel takes C{room} more bytes, then no more."""
+
+    protocol: Any
+
+    def __init__(self, room: int) -> None:
+        FileDescriptor.__init__(self, MemoryReactor())  # no real socket
+        self.connected = 1
+        self.room = room
+        self.lost = False
+        self.sent: list[bytes] = []
+
+    def writeSomeData(self, data: bytes) -> int | BaseException:
+        if self.lost:
+            return ConnectionLost()
+        taken = bytes(data[: self.room])
+        self.room -= len(taken)
+        if taken:
+            self.sent.append(taken)
+        return len(taken)
+
+    def getPeer(self) -> IPv4Address:
+        return IPv4Address("TCP", "192.0.2.7", 40001)
+
+    def queued(self) -> bytes:
+        return self.dataBuffer[self.offset :] + b"".join(self._tempDataBuffer)
+
+
+def on_socket(room: int) -> tuple[TrackedConnection, Socket]:
+    h = harness()
+    connection = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40001))
+    assert isinstance(connection, TrackedConnection)
+    socket = Socket(room)
+    socket.protocol = connection
+    connection.makeConnection(socket)
+    return connection, socket
+
+
+def test_a_write_to_an_idle_socket_is_sent_at_once() -> None:
+    connection, socket = on_socket(room=100)
+    connection.dataReceived(b"ping")
+    connection.writeSequence([b"a", b"b"])
+    assert socket.sent == [b"ping", b"ab"]
+    assert socket.queued() == b""
+    assert socket not in socket.reactor.getWriters()
+    assert (connection.bytes_in, connection.bytes_out) == (4, 6)
+
+
+def test_what_the_socket_does_not_take_is_buffered_and_later_writes_queue_behind_it() -> None:
+    connection, socket = on_socket(room=3)
+    connection.write(b"hello")
+    connection.write(b"!")
+    assert socket.sent == [b"hel"]
+    assert socket.queued() == b"lo!"
+    assert socket in socket.reactor.getWriters()
+    socket.room = 100
+    socket.doWrite()
+    assert socket.sent == [b"hel", b"lo!"]
+    assert connection.bytes_out == 6
+
+
+def test_a_pull_producer_keeps_twisted_buffering() -> None:
+    # Twisted asks a pull producer for more only from doWrite: a write must go there.
+    @implementer(IPullProducer)
+    class Pull:
+        def resumeProducing(self) -> None:
+            pass
+
+        def stopProducing(self) -> None:
+            pass
+
+    connection, socket = on_socket(room=100)
+    socket.registerProducer(Pull(), False)
+    connection.write(b"data")
+    assert socket.sent == []
+    assert socket.queued() == b"data"
+
+
+def test_after_starttls_writes_go_through_tls() -> None:
+    class TLS:
+        def __init__(self) -> None:
+            self.encrypted: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.encrypted.append(data)
+
+    connection, socket = on_socket(room=100)
+    # As startTLS leaves it: the socket's write hands the bytes to TLS.
+    socket.protocol = tls = TLS()
+    socket.TLS = True
+    connection.write(b"secret")
+    assert socket.sent == []
+    assert tls.encrypted == [b"secret"]
+
+
+def test_no_direct_write_once_closing_or_lost() -> None:
+    connection, socket = on_socket(room=100)
+    socket.lost = True
+    connection.write(b"late")
+    assert socket.queued() == b"late"
+    assert isinstance(socket.doWrite(), ConnectionLost)
+    closing, closing_socket = on_socket(room=100)
+    closing_socket.loseConnection()
+    closing.write(b"bye")
+    assert closing_socket.sent == []

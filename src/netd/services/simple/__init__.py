@@ -44,6 +44,8 @@ class Echo(Protocol):
         # A client that sends without reading would otherwise grow our write
         # buffer forever: stop reading while the echo backs up.
         self.transport.registerProducer(self.transport, True)
+        # Reads go straight to the transport's write: one Python call fewer per echo.
+        self.dataReceived = self.transport.write  # type: ignore[method-assign]
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
