@@ -33,7 +33,7 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from netd.compat import buffered_bytes
+from netd.compat import buffered_bytes, may_send_now
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
 from netd.schema import client_address
@@ -156,24 +156,12 @@ class TrackedConnection(ProtocolWrapper):
         self.bytes_out += len(data)
         # Twisted's FileDescriptor.write only buffers: the bytes leave on the
         # reactor's next turn, after two epoll_ctl calls and a writable event.
-        # When nothing is queued ahead, send now, as asyncio does; the rest of
-        # a partial send, and every case below, takes Twisted's own path.  This
-        # is most of what a small echo or one chat delivery costs.  It reads
-        # FileDescriptor's buffers (as netd.compat.buffered_bytes does), skips
-        # pull producers, which Twisted resumes only from doWrite, and a socket
-        # after STARTTLS (smtp, ftp), whose write Twisted routes through TLS.
+        # When nothing is queued ahead (netd.compat.may_send_now says when), send
+        # now, as asyncio does; the rest of a partial send, and every other
+        # case, takes Twisted's own path.  This is most of what a small echo, an
+        # HTTP response or one chat delivery costs.
         socket = self._socket
-        if (
-            socket is not None
-            and data
-            and not socket.TLS
-            and not socket._tempDataLen
-            and not socket.dataBuffer
-            and socket.connected
-            and not socket.disconnecting
-            and not socket._writeDisconnecting
-            and (socket.producer is None or socket.streamingProducer)
-        ):
+        if socket is not None and data and may_send_now(socket):
             sent = socket.writeSomeData(data)
             if isinstance(sent, int):
                 if sent == len(data):

@@ -169,16 +169,31 @@ class _Descriptor(FileDescriptor):
         return min(len(data), 2)
 
 
-def test_unwritten_bytes_counts_the_buffer_past_what_was_sent_and_the_queued_writes() -> None:
+def test_buffered_bytes_counts_the_buffer_past_what_was_sent_and_the_queued_writes() -> None:
     descriptor = _Descriptor(reactor=MemoryReactor())
     descriptor.connected = True
     descriptor.write(b"abcdef")
-    assert compat.unwritten_bytes(descriptor) == 6  # queued
+    assert compat.buffered_bytes(descriptor) == 6  # queued
     descriptor.doWrite()
-    assert compat.unwritten_bytes(descriptor) == 4  # two sent from the buffer
+    assert compat.buffered_bytes(descriptor) == 4  # two sent from the buffer
     descriptor.write(b"gh")
-    assert compat.unwritten_bytes(descriptor) == 6
     assert compat.buffered_bytes(descriptor) == 6
+
+
+def test_may_send_now_only_with_nothing_queued_and_nothing_closing() -> None:
+    descriptor = _Descriptor(reactor=MemoryReactor())
+    descriptor.connected = True
+    descriptor.TLS = False
+    assert compat.may_send_now(descriptor)
+    descriptor.write(b"queued")
+    assert not compat.may_send_now(descriptor)  # written behind what waits
+    descriptor.doWrite()
+    assert not compat.may_send_now(descriptor)  # the rest still in the buffer
+    while descriptor.dataBuffer[descriptor.offset :] or descriptor._tempDataLen:
+        descriptor.doWrite()
+    assert compat.may_send_now(descriptor)
+    descriptor.loseWriteConnection()
+    assert not compat.may_send_now(descriptor)  # half-closed
 
 
 def test_buffered_bytes_counts_cleartext_tls_holds_before_its_handshake() -> None:

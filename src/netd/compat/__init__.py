@@ -19,16 +19,15 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse, _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 
 __all__ = [
     "buffered_bytes",
     "inherited_descriptors",
+    "may_send_now",
     "parse_endpoint",
     "share_listening_socket",
-    "unwritten_bytes",
 ]
 
 
@@ -68,12 +67,25 @@ def share_listening_socket(port: IListeningPort) -> None:
         listening._shouldShutdown = False
 
 
-def unwritten_bytes(descriptor: FileDescriptor) -> int:
+def may_send_now(socket: Any) -> bool:
     """
-    Bytes C{descriptor} buffers for its socket: its current buffer past what was
-    sent, and the writes queued behind it (kept privately until the next send).
+    Whether a write to C{socket} (a TCP or UNIX connection) may go straight to
+    the kernel: nothing queued ahead of it, not closing or half-closed, no pull
+    producer (Twisted asks one for more only from its own doWrite), and no TLS
+    started on it (after STARTTLS Twisted routes writes through TLS).
+
+    FileDescriptor keeps its queue (C{_tempDataLen}) and half-close state
+    (C{_writeDisconnecting}) private; there is no public "is anything queued".
     """
-    return len(descriptor.dataBuffer) - descriptor.offset + descriptor._tempDataLen
+    return (
+        not socket._tempDataLen
+        and not socket.dataBuffer
+        and not socket.TLS
+        and socket.connected
+        and not socket.disconnecting
+        and not socket._writeDisconnecting
+        and (socket.producer is None or socket.streamingProducer)
+    )
 
 
 def buffered_bytes(layer: object) -> int:

@@ -16,7 +16,6 @@ from typing import IO, Any
 
 import attrs
 import httptools
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -24,7 +23,6 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from zope.interface import implementer
 
-from netd.compat import unwritten_bytes
 from netd.compat.web import H2Connection
 from netd.kinds import IOwesReplies, RepliesOwed
 from netd.sendfile import send_file
@@ -127,10 +125,10 @@ class LineExchange(Exchange):
                 length = int(value)  # what GET would send (App's own, digits)
         head = self._head(status, headers, length)
         if self.method == "HEAD" or status in (204, 304):
-            self.connection.send_now(head)
+            self.connection.transport.write(head)
         else:
             self.sent = len(body)
-            self.connection.send_now(head + body)
+            self.connection.transport.write(head + body)
         self.finish()
 
     def start(self, status: int, headers: Headers, length: int | None) -> None:
@@ -251,7 +249,6 @@ class HTTPConnection(Protocol):
         self.deadline: float | None = None
         self.timer: Any = None
         self.h2: H2Connection | None = None
-        self.raw: tcp.Connection | None = None
         self.first = True
         self.gone = False
         self.client = ""
@@ -267,11 +264,6 @@ class HTTPConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.client = peer_host(self.transport.getPeer())
-        # Plain TCP under the core's byte-counting wrapper: direct sends may skip
-        # Twisted's buffer (and must count their bytes themselves).
-        inner = getattr(self.transport, "transport", None)
-        if isinstance(inner, tcp.Connection) and hasattr(self.transport, "bytes_out"):
-            self.raw = inner
         self.arm(self.limits.header_timeout)
 
     def dataReceived(self, data: bytes) -> None:
@@ -365,32 +357,6 @@ class HTTPConnection(Protocol):
             # whose body the client stopped sending cannot be answered whole.
             return succeed(None)
         return self.owed.wait(self.current is not None)
-
-    def send_now(self, data: bytes) -> None:
-        """
-        Write a whole response, straight to the socket when nothing is queued before it.
-
-        Twisted's write() only buffers and asks the reactor to watch for writability,
-        then writes on the next turn: two epoll_ctl calls and a loop turn per response.
-        A socket with an empty buffer almost always takes a small response whole.
-        """
-        if self.gone:
-            return  # the socket is closed (and Twisted has dropped raw.socket)
-        raw = self.raw
-        if raw is None or unwritten_bytes(raw) or raw.disconnecting or raw.disconnected:
-            self.transport.write(data)  # which does nothing once disconnected
-            return
-        try:
-            sent = raw.socket.send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self.transport.write(data)  # Twisted notices the error and closes
-            return
-        if sent:
-            self.transport.bytes_out += sent
-        if sent < len(data):
-            self.transport.write(data[sent:])
 
     def close_gracefully(self) -> None:
         """Finish the exchange in progress, then close (the daemon is stopping)."""
