@@ -15,8 +15,9 @@ import inspect
 import itertools
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Network
-from typing import Any
+from typing import Any, ClassVar
 
+import attrs
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
@@ -236,35 +237,29 @@ class _Refusal(Protocol):
         self.transport.loseConnection()
 
 
+@attrs.define(eq=False)
 class ConnectionSet:
-    """The live connections of one service, across all its stream listeners."""
+    """
+    The live connections of one service, across all its stream listeners.
 
-    _sweeps_per_timeout = 4
+    @ivar max_per_client: connections one client may hold at once; 0, no limit.
+    @ivar per_client_reply: what refuses a client over it; the busy reply if None.
+    """
 
-    def __init__(
-        self,
-        clock: Any,
-        service: str,
-        stats: ServiceStats,
-        journal: Journal,
-        max_connections: int,
-        idle_timeout: float,
-        busy_reply: bytes = b"",
-        max_per_client: int = 0,
-        per_client_reply: bytes | None = None,
-    ) -> None:
-        self.clock = clock
-        self.service = service
-        self.stats = stats
-        self.journal = journal
-        self.max_connections = max_connections
-        self.idle_timeout = idle_timeout
-        self.busy_reply = busy_reply
-        self.max_per_client = max_per_client  # 0: no limit
-        self.per_client_reply = busy_reply if per_client_reply is None else per_client_reply
-        self._live: dict[TrackedConnection, None] = {}
-        self._per_client: dict[IPv4Address | IPv6Network, int] = {}
-        self._sweep: IDelayedCall | None = None
+    _sweeps_per_timeout: ClassVar[int] = 4
+
+    clock: Any
+    service: str
+    stats: ServiceStats
+    journal: Journal
+    max_connections: int
+    idle_timeout: float
+    busy_reply: bytes = b""
+    max_per_client: int = 0
+    per_client_reply: bytes | None = None
+    _live: dict[TrackedConnection, None] = attrs.field(init=False, factory=dict)
+    _per_client: dict[IPv4Address | IPv6Network, int] = attrs.field(init=False, factory=dict)
+    _sweep: IDelayedCall | None = attrs.field(init=False, default=None)
 
     def __iter__(self) -> Iterator[TrackedConnection]:
         return iter(list(self._live))
@@ -288,7 +283,8 @@ class ConnectionSet:
             reason, reply = "max_connections", self.busy_reply
         elif client is not None and self._per_client.get(client, 0) >= self.max_per_client:
             self.stats.count("per_client_refused")
-            reason, reply = "max_connections_per_client", self.per_client_reply
+            reason = "max_connections_per_client"
+            reply = self.busy_reply if self.per_client_reply is None else self.per_client_reply
         else:
             return None
         self.journal.emit(
