@@ -58,3 +58,16 @@ def smtp(netd: NetdProcess) -> smtplib.SMTP:
     """smtplib on the C{mail} service, saying EHLO as client.test."""
     host, port = netd.address("mail")
     return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# Whether this machine's loopback has ::1 (a container may have IPv6 off).
+IPV6 = _ipv6_loopback()

@@ -25,7 +25,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES
-from tests.clients import command, control, hang_up, passive_port
+from tests.clients import IPV6, command, control, hang_up, passive_port
 from tests.maps import lab_map
 from tests.signals import wait_until
 
@@ -36,18 +36,6 @@ needs_lftp = pytest.mark.skipif(LFTP is None, reason="lftp is not installed (apt
 SECRET = b"top secret outside the root\n"
 BIG = bytes(range(256)) * 4096 * 3  # 3 MiB
 PASSIVE_LOW = 20000 + os.getpid() % 20000
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-IPV6 = _ipv6_loopback()
 
 
 @pytest.fixture(scope="module")

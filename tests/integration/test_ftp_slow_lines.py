@@ -11,11 +11,7 @@ import socket
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import StartNetd
-
-pytestmark = pytest.mark.integration
 
 LINE_TIMEOUT = 1.0
 

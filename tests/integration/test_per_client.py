@@ -8,24 +8,10 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import pytest
-
 from netd.testing import NetdProcess
+from tests.clients import IPV6
 from tests.conftest import StartNetd
 
-pytestmark = pytest.mark.integration
-
-
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-IPV6 = _ipv6_loopback()
 IPV6_LISTENER = ', "tcp6:0:interface=\\\\:\\\\:1"' if IPV6 else ""
 
 

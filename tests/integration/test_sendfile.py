@@ -17,8 +17,6 @@ import pytest
 
 from netd.testing import NetdProcess
 
-pytestmark = pytest.mark.integration
-
 CONTENT = os.urandom(3 << 20)
 
 

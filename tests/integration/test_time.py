@@ -15,8 +15,6 @@ import pytest
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
 
-pytestmark = pytest.mark.integration
-
 RFC868_OFFSET = 2_208_988_800  # seconds from 1900 to 1970
 RDATE = shutil.which("rdate")
 TIME = """
