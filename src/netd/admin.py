@@ -32,8 +32,9 @@ from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
 from netd.connections import ConnectionSet, TrackingFactory, describe_address, unsent_bytes
 from netd.events import Event, Journal, ServiceStats
-from netd.kinds import IOwesReplies, RepliesOwed
+from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
+from netd.schema import ConfigErrors
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -339,16 +340,45 @@ class AdminResource(Resource):
                 known = ", ".join(sorted(service.handlers.views)) or "none"
                 raise _HTTPError(404, f"service {parts[1]} has no view {parts[2]!r} ({known})")
             if len(parts) == 3:
-                if method == "DELETE" and view.clear is not None:
-                    return self._deferred(request, maybeDeferred(view.clear), lambda r: (200, r))
-                _allow(method, "GET", "HEAD", *(["DELETE"] if view.clear else []))
-                return self._deferred(
-                    request, maybeDeferred(view.list, _query(request)), lambda r: (200, r)
-                )
-            if len(parts) == 4 and view.item is not None:
-                _allow(method, "GET", "HEAD")
-                return self._deferred(request, maybeDeferred(view.item, parts[3]), _item_answer)
+                return self._view(request, method, view)
+            return self._view_entry(request, method, view, "/".join(parts[3:]))
         raise _HTTPError(404, "not found")
+
+    def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
+        if method == "DELETE" and view.clear is not None:
+            return self._deferred(request, maybeDeferred(view.clear), lambda r: (200, r))
+        if method == "POST" and view.post is not None:
+            return self._deferred(
+                request, maybeDeferred(view.post, _json_body(request)), lambda r: (201, r)
+            )
+        _allow(
+            method,
+            "GET",
+            "HEAD",
+            *(["DELETE"] if view.clear else []),
+            *(["POST"] if view.post else []),
+        )
+        return self._deferred(
+            request, maybeDeferred(view.list, _query(request)), lambda r: (200, r)
+        )
+
+    def _view_entry(self, request: Request, method: str, view: AdminView, key: str) -> bytes | int:
+        if method == "PUT" and view.put is not None:
+            return self._deferred(
+                request, maybeDeferred(view.put, key, _json_body(request)), lambda r: (200, r)
+            )
+        if method == "DELETE" and view.remove is not None:
+            return self._deferred(request, maybeDeferred(view.remove, key), _item_answer)
+        if view.item is None and view.put is None and view.remove is None:
+            raise _HTTPError(404, "not found")
+        _allow(
+            method,
+            *(["GET", "HEAD"] if view.item else []),
+            *(["PUT"] if view.put else []),
+            *(["DELETE"] if view.remove else []),
+        )
+        assert view.item is not None
+        return self._deferred(request, maybeDeferred(view.item, key), _item_answer)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:
@@ -410,6 +440,11 @@ class AdminResource(Resource):
         def failed(failure: Failure) -> None:
             if failure.check(CancelledError):
                 return
+            if failure.check(ViewRefused, ConfigErrors) is not None:
+                if not gone:
+                    status, body = _refusal(failure.value)
+                    _send(request, _json(request, body, status))
+                return
             log.failure("admin request failed", failure)
             if gone:
                 return
@@ -446,6 +481,26 @@ def _uncancellable(work: Deferred[Any]) -> Deferred[Any]:
 
     work.addBoth(relay)
     return result
+
+
+def _refusal(error: BaseException | None) -> tuple[int, Any]:
+    """The answer to a view's refused write: a status and a reason, or each error at its path."""
+    if isinstance(error, ViewRefused):
+        return error.status, {"error": error.reason}
+    assert isinstance(error, ConfigErrors)
+    return 400, {
+        "error": str(error),
+        "errors": [{"path": e.path, "message": e.message} for e in error.errors],
+    }
+
+
+def _json_body(request: Request) -> Any:
+    """A write's JSON body (already bounded by C{max_body}); 400 if it is not JSON."""
+    raw = request.content.read() if request.content is not None else b""
+    try:
+        return json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise _HTTPError(400, f"the body is not JSON: {e}") from None
 
 
 def _reload_answer(result: Any) -> tuple[int, Any]:

@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
     from netd.schema import Section
 
-__all__ = ["AdminView", "BuildContext", "Handlers", "IOwesReplies", "RepliesOwed", "ServiceKind"]
+__all__ = [
+    "AdminView",
+    "BuildContext",
+    "Handlers",
+    "IOwesReplies",
+    "RepliesOwed",
+    "ServiceKind",
+    "ViewRefused",
+]
 
 Options = TypeVar("Options")
 
@@ -105,11 +113,32 @@ class AdminView:
     @ivar item: C{GET .../VIEW/KEY}: JSON-able, or L{bytes} sent as they are
         (a raw message), or L{None} for 404.
     @ivar clear: C{DELETE .../VIEW}: forget what the view holds; returns JSON-able.
+    @ivar post: C{POST .../VIEW} with a JSON body: add to the view; returns
+        JSON-able (answered 201).
+    @ivar put: C{PUT .../VIEW/KEY} with a JSON body: set one entry.
+    @ivar remove: C{DELETE .../VIEW/KEY}: forget one entry; L{None} for 404.
+
+    A KEY is the rest of the path, its segments joined with C{/}
+    (C{records/www.lab.test/A}).  A write may raise L{ViewRefused} (its status
+    and reason are the answer) or L{netd.schema.ConfigErrors} (400, each error
+    with its path, as the map's own errors read).  Each may return a Deferred.
     """
 
     list: Callable[[Mapping[str, str]], Any]
     item: Callable[[str], Any] | None = None
     clear: Callable[[], Any] | None = None
+    post: Callable[[Any], Any] | None = None
+    put: Callable[[str, Any], Any] | None = None
+    remove: Callable[[str], Any] | None = None
+
+
+class ViewRefused(Exception):
+    """A view's refusal of a request: the HTTP status and a reason for the client."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
 
 
 @attrs.frozen

@@ -6,6 +6,7 @@ HEAD answers).
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from netd.admin import AdminResource, _AdminChannel, _AdminSite
 from netd.config import AdminConfig, ConfigErrors, parse_config
+from netd.kinds import AdminView, ViewRefused
 from netd.events import Journal, ServiceStats
 from netd.runtime import ReloadResult
-from netd.schema import Position
+from netd.schema import ConfigError, Position
 
 
 class FakeDaemon:
@@ -311,3 +313,87 @@ def test_admin_limits_are_checked_with_their_positions(tmp_path: Path) -> None:
         "7:13: admin.max_body: must be at least 0, got -1",
         "8:3: admin.max_clients: unknown key",
     ]
+
+
+@attrs.define
+class _Records:
+    """A writable view, as a kind would declare one."""
+
+    held: dict[str, Any] = attrs.field(factory=dict)
+
+    def put(self, key: str, body: Any) -> Any:
+        if not isinstance(body, dict):
+            raise ViewRefused(422, "a record is an object")
+        self.held[key] = body
+        return body
+
+    def post(self, body: Any) -> Any:
+        if body.get("ttl") == -1:
+            raise ConfigErrors([ConfigError(Position("<api>", 1, 1), "rules[0].ttl", "negative")])
+        self.held[body["name"]] = body
+        return body
+
+    def remove(self, key: str) -> Any:
+        return self.held.pop(key, None)
+
+    def view(self) -> AdminView:
+        return AdminView(
+            list=lambda query: self.held,
+            item=self.held.get,
+            post=self.post,
+            put=self.put,
+            remove=self.remove,
+        )
+
+
+def _service_with(view: AdminView) -> FakeDaemon:
+    daemon = FakeDaemon()
+    daemon.services_by_name["dns"] = attrs.make_class("S", ["handlers"])(
+        attrs.make_class("H", ["views"])({"records": view})
+    )
+    return daemon
+
+
+def _write(resource: AdminResource, path: bytes, method: bytes, body: Any) -> DummyRequest:
+    dummy = request(path, method)
+    dummy.content = io.BytesIO(body if isinstance(body, bytes) else json.dumps(body).encode())
+    resource.render(dummy)
+    return dummy
+
+
+def test_a_view_takes_writes_with_keys_of_many_segments() -> None:
+    records = _Records()
+    resource = AdminResource(_service_with(records.view()), None, dict)  # type: ignore[arg-type]
+    put = _write(resource, b"/api/services/dns/records/www.lab.test/A", b"PUT", {"ttl": 5})
+    assert put.responseCode == 200 and records.held == {"www.lab.test/A": {"ttl": 5}}
+    posted = _write(resource, b"/api/services/dns/records", b"POST", {"name": "x"})
+    assert posted.responseCode == 201 and "x" in records.held
+    gone = _write(resource, b"/api/services/dns/records/www.lab.test/A", b"DELETE", b"")
+    assert gone.responseCode == 200 and "www.lab.test/A" not in records.held
+    again = _write(resource, b"/api/services/dns/records/www.lab.test/A", b"DELETE", b"")
+    assert again.responseCode == 404
+
+
+def test_a_refused_write_answers_its_status_and_each_error_at_its_path() -> None:
+    records = _Records()
+    resource = AdminResource(_service_with(records.view()), None, dict)  # type: ignore[arg-type]
+    refused = _write(resource, b"/api/services/dns/records/a", b"PUT", [1])
+    assert refused.responseCode == 422
+    assert json.loads(b"".join(refused.written)) == {"error": "a record is an object"}
+    bad = _write(resource, b"/api/services/dns/records", b"POST", {"name": "y", "ttl": -1})
+    assert bad.responseCode == 400
+    assert json.loads(b"".join(bad.written))["errors"] == [
+        {"path": "rules[0].ttl", "message": "negative"}
+    ]
+    not_json = _write(resource, b"/api/services/dns/records", b"POST", b"{nope")
+    assert not_json.responseCode == 400
+    assert records.held == {}
+
+
+def test_a_read_only_view_refuses_writes_with_the_methods_it_allows() -> None:
+    view = AdminView(list=lambda query: [], item=lambda key: None)
+    resource = AdminResource(_service_with(view), None, dict)  # type: ignore[arg-type]
+    put = _write(resource, b"/api/services/dns/records/a", b"PUT", {})
+    assert put.responseCode == 405 and put.responseHeaders.getRawHeaders(b"allow") == [b"GET, HEAD"]
+    posted = _write(resource, b"/api/services/dns/records", b"POST", {})
+    assert posted.responseCode == 405
