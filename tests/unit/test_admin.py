@@ -24,8 +24,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from netd.admin import AdminResource, _AdminChannel, _AdminSite
 from netd.config import AdminConfig, ConfigErrors, parse_config
-from netd.kinds import AdminView, ViewRefused
 from netd.events import Journal, ServiceStats
+from netd.kinds import AdminView, ViewRefused
 from netd.runtime import ReloadResult
 from netd.schema import ConfigError, Position
 
