@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
     "smtp": "netd.services.smtp:SMTP",
     "ftp": "netd.services.ftp:FTP",
     "chat": "netd.services.chat:CHAT",
+    "proxy": "netd.services.proxy:PROXY",
 }
 
 

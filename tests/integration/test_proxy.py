@@ -1,0 +1,225 @@
+"""
+The proxy kind with real clients and real servers behind it: a stdlib
+socketserver echo, netd's own echo and http.  Each toxic is timed or counted
+from the client's side.
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from netd.testing import NetdProcess
+from tests.conftest import StartNetd, unused_port
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+        self.request.shutdown(socket.SHUT_WR)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    server = _Server(("127.0.0.1", 0), _Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def netd(start_netd: StartNetd, tmp_path: Path, echo_port: int) -> NetdProcess:
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello.txt").write_text("hello through the proxy\n")
+    web_port = unused_port()
+    return start_netd(
+        f"""
+services:
+  web: {{type: http, listen: ["tcp:{web_port}:interface=127.0.0.1"], root: {www}}}
+  web-px:
+    type: proxy
+    listen: ["tcp:0:interface=127.0.0.1", "unix:{tmp_path}/px.sock"]
+    upstream: "127.0.0.1:{web_port}"
+  echo:
+    type: proxy
+    listen: ["tcp:0:interface=127.0.0.1"]
+    upstream: 127.0.0.1:{echo_port}
+"""
+    )
+
+
+def _one_proxy(upstream_port: int) -> str:
+    return f"""
+services:
+  px:
+    type: proxy
+    listen: ["tcp:0:interface=127.0.0.1"]
+    upstream: "127.0.0.1:{upstream_port}"
+"""
+
+
+def _connect(netd: NetdProcess, service: str = "echo") -> socket.socket:
+    sock = socket.create_connection(netd.address(service), timeout=10)
+    return sock
+
+
+def _send_then_fin(sock: socket.socket, payload: bytes) -> threading.Thread:
+    def send() -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    return sender
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _toxic(netd: NetdProcess, service: str, **toxic: Any) -> Any:
+    import json
+
+    return netd.admin("POST", f"/api/services/{service}/toxics", json.dumps(toxic).encode())
+
+
+def _round_trip(sock: socket.socket, payload: bytes = b"x" * 64) -> float:
+    started = time.monotonic()
+    sock.sendall(payload)
+    got = b""
+    while len(got) < len(payload):
+        got += sock.recv(65536)
+    return time.monotonic() - started
+
+
+def test_bytes_pass_both_ways_and_half_close_is_passed_through(netd: NetdProcess) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB: more than any buffer on the way
+    with _connect(netd) as sock:
+        sender = _send_then_fin(sock, payload)
+        # The echo answers all, then closes only after reading our FIN through netd.
+        assert _read_all(sock) == payload
+        sender.join(10)
+    closed = netd.wait_for("echo", "connection.closed")
+    assert closed["bytes_in"] == closed["bytes_out"] == len(payload)
+
+
+def test_netd_http_behind_the_proxy_over_tcp_and_unix(netd: NetdProcess, tmp_path: Path) -> None:
+    host, port = netd.address("web-px")
+    with urllib.request.urlopen(f"http://{host}:{port}/hello.txt", timeout=10) as r:
+        assert r.read() == b"hello through the proxy\n"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(tmp_path / "px.sock"))
+        sock.sendall(b"GET /hello.txt HTTP/1.0\r\n\r\n")
+        assert _read_all(sock).endswith(b"hello through the proxy\n")
+
+
+def test_latency_is_added_within_a_fifth(netd: NetdProcess) -> None:
+    with _connect(netd) as sock:
+        baseline = min(_round_trip(sock) for _ in range(5))
+    _toxic(netd, "echo", type="latency", attributes={"latency": 300})
+    with _connect(netd) as sock:
+        measured = sorted(_round_trip(sock) for _ in range(3))[1] - baseline
+    assert 0.24 <= measured <= 0.36, measured
+    fired = netd.wait_for("echo", "toxic.fired", toxic="latency_downstream")
+    assert fired["toxic_type"] == "latency"
+    assert "toxics_fired" in netd.services()["echo"]["counters"]
+
+
+def test_bandwidth_is_kept_within_a_fifth(netd: NetdProcess) -> None:
+    _toxic(netd, "echo", type="bandwidth", attributes={"rate": 100})  # KB/s back to the client
+    payload = b"b" * 150_000
+    with _connect(netd) as sock:
+        started = time.monotonic()
+        sender = _send_then_fin(sock, payload)
+        got = _read_all(sock)
+        elapsed = time.monotonic() - started
+        sender.join(10)
+    assert got == payload
+    assert 1.2 <= elapsed <= 1.8, elapsed
+
+
+def test_reset_peer_is_seen_as_econnreset(netd: NetdProcess) -> None:
+    _toxic(netd, "echo", type="reset_peer", stream="upstream", attributes={"timeout": 0})
+    with _connect(netd) as sock:
+        sock.sendall(b"anything")
+        with pytest.raises(ConnectionResetError):
+            _read_all(sock)
+    # The daemon goes on: the toxic gone, the proxy relays again.
+    netd.admin("DELETE", "/api/services/echo/toxics/reset_peer_upstream")
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 5
+
+
+def test_limit_data_closes_after_exactly_n_bytes(netd: NetdProcess) -> None:
+    _toxic(netd, "echo", type="limit_data", attributes={"bytes": 1000})
+    with _connect(netd) as sock:
+        sock.sendall(b"z" * 700)
+        sock.sendall(b"z" * 700)
+        assert _read_all(sock) == b"z" * 1000
+
+
+def test_timeout_stalls_then_closes(netd: NetdProcess) -> None:
+    _toxic(netd, "echo", type="timeout", attributes={"timeout": 500})
+    with _connect(netd) as sock:
+        started = time.monotonic()
+        sock.sendall(b"are you there?")
+        assert _read_all(sock) == b""
+        assert 0.4 <= time.monotonic() - started <= 3
+
+
+def test_slow_reader_does_not_make_netd_buffer_without_bound(
+    start_netd: StartNetd,
+) -> None:
+    # An upstream that accepts and never reads: the client must end up blocked.
+    listener = socket.create_server(("127.0.0.1", 0))
+    netd = start_netd(_one_proxy(listener.getsockname()[1]))
+    with listener, _connect(netd, "px") as sock:
+        upstream, _ = listener.accept()
+        sock.setblocking(False)
+        sent, chunk = 0, b"s" * 65536
+        deadline = time.monotonic() + 20
+        stuck_since = None
+        while sent < 256 * 2**20 and time.monotonic() < deadline:
+            try:
+                sent += sock.send(chunk)
+                stuck_since = None
+            except BlockingIOError:
+                stuck_since = stuck_since or time.monotonic()
+                if time.monotonic() - stuck_since > 1.0:
+                    break
+                time.sleep(0.01)
+        upstream.close()
+    # Kernel buffers on both hops (a few MiB each on loopback) plus netd's bound.
+    assert sent < 48 * 2**20, sent
+
+
+def test_a_refused_upstream_closes_the_client_and_is_journaled(
+    start_netd: StartNetd,
+) -> None:
+    netd = start_netd(_one_proxy(unused_port()))
+    with _connect(netd, "px") as sock:
+        assert _read_all(sock) == b""
+    assert "refused" in netd.wait_for("px", "proxy.upstream_failed")["error"].lower()
