@@ -35,6 +35,7 @@ from netd.events import Event, Journal, ServiceStats
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
 from netd.schema import ConfigErrors
+from netd.services import admin_root
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -298,6 +299,12 @@ class AdminResource(Resource):
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
         self._authorize(request)
+        root = admin_root(parts[0]) if parts else None
+        if root is not None:
+            # A kind's own API at the root (Toxiproxy's): it answers in its own shapes.
+            body = request.content.read() if request.content is not None else b""
+            handled = maybeDeferred(root.handle, self.daemon, method, parts, body)
+            return self._deferred(request, handled, lambda answer: answer)
         if parts == ["metrics"]:
             _allow(method, "GET", "HEAD")
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -430,7 +437,10 @@ class AdminResource(Resource):
             if gone:
                 return
             status, body = answer(result)
-            if isinstance(body, bytes):
+            if body is None:
+                request.setResponseCode(status)
+                request.finish()
+            elif isinstance(body, bytes):
                 request.setResponseCode(status)
                 request.setHeader(b"Content-Type", b"application/octet-stream")
                 _send(request, body)
