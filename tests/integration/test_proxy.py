@@ -223,3 +223,84 @@ def test_a_refused_upstream_closes_the_client_and_is_journaled(
     with _connect(netd, "px") as sock:
         assert _read_all(sock) == b""
     assert "refused" in netd.wait_for("px", "proxy.upstream_failed")["error"].lower()
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def udp_netd(start_netd: StartNetd) -> NetdProcess:
+    dns_port, echo_port = _free_udp_port(), _free_udp_port()
+    return start_netd(
+        f"""
+services:
+  dns:
+    type: dns
+    listen: ["udp:{dns_port}:interface=127.0.0.1"]
+    records: {{www.netd.test: {{A: [127.0.0.9]}}}}
+  dns-px:
+    type: proxy
+    listen: ["udp:0:interface=127.0.0.1"]
+    upstream: 127.0.0.1:{dns_port}
+  echo: {{type: echo, listen: ["udp:{echo_port}:interface=127.0.0.1"]}}
+  echo-px:
+    type: proxy
+    listen: ["udp:0:interface=127.0.0.1"]
+    upstream: 127.0.0.1:{echo_port}
+    udp_idle: 0.5
+"""
+    )
+
+
+def _ask(netd: NetdProcess, timeout: float = 5.0) -> tuple[list[str], float]:
+    import dns.message
+    import dns.query
+
+    host, port = netd.address("dns-px", "udp")
+    query = dns.message.make_query("www.netd.test", "A")
+    started = time.monotonic()
+    answer = dns.query.udp(query, host, port=port, timeout=timeout)
+    return [r.address for r in answer.answer[0]], time.monotonic() - started
+
+
+def test_dns_over_udp_through_the_proxy_with_delay_and_drop(udp_netd: NetdProcess) -> None:
+    import dns.exception
+
+    assert _ask(udp_netd)[0] == ["127.0.0.9"]
+    _toxic(udp_netd, "dns-px", type="delay", stream="upstream", attributes={"delay": 300})
+    addresses, elapsed = _ask(udp_netd)
+    assert addresses == ["127.0.0.9"] and 0.24 <= elapsed <= 0.36 + 0.05, elapsed
+    udp_netd.admin("DELETE", "/api/services/dns-px/toxics")
+    _toxic(udp_netd, "dns-px", type="drop", times=1)
+    with pytest.raises(dns.exception.Timeout):
+        _ask(udp_netd, timeout=0.5)
+    # Spent after one datagram: the next query is answered.
+    assert _ask(udp_netd)[0] == ["127.0.0.9"]
+    fired = udp_netd.wait_for("dns-px", "toxic.fired", toxic="drop_downstream")
+    assert fired["toxic_type"] == "drop"
+
+
+def test_udp_duplicate_and_mappings_expire(udp_netd: NetdProcess) -> None:
+    _toxic(udp_netd, "echo-px", type="duplicate", attributes={"copies": 2})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(b"once", udp_netd.address("echo-px", "udp"))
+        assert [sock.recv(100) for _ in range(3)] == [b"once"] * 3
+    udp_netd.admin("DELETE", "/api/services/echo-px/toxics")
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    for sock in clients:
+        sock.settimeout(5)
+        sock.sendto(b"hi", udp_netd.address("echo-px", "udp"))
+        assert sock.recv(100) == b"hi"
+        sock.close()
+    # Each client had its own mapping; all go once quiet for udp_idle (0.5 s).
+    assert udp_netd.services()["echo-px"]["counters"]["datagrams_in"] == 4
+    deadline = time.monotonic() + 10
+    gauge = b'netd_udp_clients{service="echo-px",type="proxy"} 0.0'
+    while gauge not in udp_netd.admin("GET", "/metrics"):
+        assert time.monotonic() < deadline, "mappings never expired"
+        time.sleep(0.1)

@@ -15,6 +15,7 @@ C{/api/services/NAME/toxics}, or through the Toxiproxy API (L{netd.services.prox
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ from twisted.internet.protocol import Factory
 from netd.config import ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind, ViewRefused
 from netd.schema import Section, Value
+from netd.services.proxy.datagram import DatagramRelay
 from netd.services.proxy.relay import ClientSide
 from netd.services.proxy.state import Proxy, UpstreamTLS
 from netd.services.proxy.toxics import Toxic, ToxicError, read_toxic
@@ -34,9 +36,16 @@ __all__ = ["PROXY", "ProxyOptions"]
 
 @attrs.frozen
 class ProxyOptions:
+    """
+    @ivar udp_clients: client addresses a udp: listener maps to upstream sockets at once.
+    @ivar udp_idle: seconds a quiet mapping lives.
+    """
+
     upstream: tuple[str, int]
     upstream_tls: UpstreamTLS | None = None
     toxics: tuple[Toxic, ...] = ()
+    udp_clients: int = 256
+    udp_idle: float = 60.0
 
 
 def _plain(value: Value) -> Any:
@@ -85,13 +94,16 @@ def _parse(section: Section, profiles: TLSProfiles) -> ProxyOptions | None:
     upstream_tls = section.read("upstream_tls", _read_upstream_tls, None)
     no_toxics: tuple[Toxic, ...] = ()
     toxics = section.read("toxics", _read_toxics, no_toxics)
+    defaults = ProxyOptions(("", 0))
+    udp_clients = section.integer("udp_clients", defaults.udp_clients, minimum=1)
+    udp_idle = section.number("udp_idle", defaults.udp_idle, minimum=0.1)
     if upstream is None or upstream_value is None:
         return None
     if not upstream_value.as_str().endswith(f":{upstream[1]}"):
         # A proxy has no default port: "db.lab.test" alone is a mistake, not port 1.
         upstream_value.error("the upstream needs its port: HOST:PORT")
         return None
-    return ProxyOptions(upstream=upstream, upstream_tls=upstream_tls, toxics=toxics)
+    return ProxyOptions(upstream, upstream_tls, toxics, udp_clients, udp_idle)
 
 
 def toxics_view(proxy: Proxy) -> AdminView:
@@ -138,11 +150,17 @@ def build_proxy(service: ServiceConfig, context: BuildContext) -> Handlers:
     proxy = Proxy(context, options.upstream, options.upstream_tls, options.toxics)
     factory = Factory.forProtocol(lambda: ClientSide(proxy))
     factory.noisy = False
+    if any(listener.datagram for listener in service.listen):
+        try:
+            ipaddress.ip_address(options.upstream[0])
+        except ValueError:
+            raise ValueError("a udp: listener needs the upstream as an IP address") from None
     return Handlers(
         stream=lambda listener: factory,
+        datagram=lambda listener: DatagramRelay(proxy, options.udp_clients, options.udp_idle),
         service=proxy,
         views={"toxics": toxics_view(proxy)},
     )
 
 
-PROXY: ServiceKind[ProxyOptions | None] = ServiceKind("proxy", _parse, build_proxy)
+PROXY: ServiceKind[ProxyOptions | None] = ServiceKind("proxy", _parse, build_proxy, datagram=True)
