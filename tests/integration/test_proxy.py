@@ -304,3 +304,53 @@ def test_udp_duplicate_and_mappings_expire(udp_netd: NetdProcess) -> None:
     while gauge not in udp_netd.admin("GET", "/metrics"):
         assert time.monotonic() < deadline, "mappings never expired"
         time.sleep(0.1)
+
+
+def test_tls_terminated_at_the_proxy_and_originated_to_the_upstream(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    import ssl
+
+    www = tmp_path / "www"
+    www.mkdir()
+    (www / "hello.txt").write_text("hello over tls twice\n")
+    upstream = start_netd(
+        f"""
+tls: {{up: {{self_signed: [web.lab.test]}}}}
+services:
+  web:
+    type: http
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: up}}]
+    root: {www}
+"""
+    )
+    port = upstream.address("web", tls=True)[1]
+    proxy = start_netd(
+        f"""
+tls: {{front: {{self_signed: [localhost]}}}}
+services:
+  px:
+    type: proxy
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: front}}]
+    upstream: 127.0.0.1:{port}
+    upstream_tls: {{server_name: web.lab.test, ca: {upstream.ca_file("up")}}}
+  wrong-name:
+    type: proxy
+    listen: ["tcp:0:interface=127.0.0.1"]
+    upstream: 127.0.0.1:{port}
+    upstream_tls: {{server_name: other.lab.test, ca: {upstream.ca_file("up")}}}
+"""
+    )
+    context = ssl.create_default_context(cafile=str(proxy.ca_file("front")))
+    with (
+        socket.create_connection(proxy.address("px", tls=True), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as sock,
+    ):
+        sock.sendall(b"GET /hello.txt HTTP/1.0\r\nHost: web.lab.test\r\n\r\n")
+        assert _read_all(sock).endswith(b"hello over tls twice\n")
+    # An upstream whose certificate does not name server_name is never spoken to.
+    with _connect(proxy, "wrong-name") as sock:
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert _read_all(sock) == b""
+    failed = proxy.wait_for("wrong-name", "proxy.upstream_failed")
+    assert "other.lab.test" in failed["error"] or "certificate" in failed["error"].lower()

@@ -134,11 +134,15 @@ def test_slow_close_delays_the_fin(tmp_path: Path) -> None:
     client.dataReceived(b"last words")
     client.readConnectionLost()
     assert to_upstream.value() == b"last words"
+    relay = pipe.relay(client)
     pipe.clock.advance(0.4)
-    assert not to_upstream.disconnecting
+    assert not relay.up.finished
     pipe.clock.advance(0.2)
-    # StringTransport cannot half-close: the FIN becomes the close.
-    assert to_upstream.disconnecting
+    assert relay.up.finished
+    # StringTransport cannot half-close (as TLS): the close waits for the other way's FIN.
+    assert not to_upstream.disconnecting
+    relay.upstream.readConnectionLost()  # type: ignore[union-attr]
+    assert to_upstream.disconnecting and to_upstream.producer is None
 
 
 def test_timeout_swallows_bytes_and_closes_after_the_quiet_period(tmp_path: Path) -> None:

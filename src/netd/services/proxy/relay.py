@@ -26,11 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.connections import TrackedConnection
 from netd.schema import client_address
 from netd.services.proxy.toxics import ToxicState
 
@@ -57,6 +59,22 @@ def reset(transport: Any) -> None:
             break
         layer = inspect.getattr_static(layer, "transport", None)
     transport.abortConnection()
+
+
+def can_half_close(transport: Any) -> bool:
+    """
+    Whether C{transport} is a TCP or UNIX socket under netd's wrapper alone:
+    TLS has no half-close, and its wrapper would pass C{loseWriteConnection}
+    on to the socket below, ending the TLS stream without its close_notify.
+    """
+    layer = transport
+    for _ in range(3):
+        if isinstance(layer, tcp.Connection):
+            return True
+        if not isinstance(layer, TrackedConnection):
+            return False
+        layer = inspect.getattr_static(layer, "transport", None)
+    return False
 
 
 def _slices(data: bytes, average: int, variation: int, chance: Any) -> list[bytes]:
@@ -354,19 +372,12 @@ class Relay:
         self.close()
 
     def fin_sent(self, direction: Direction) -> None:
-        sink = direction.sink
         other = self.down if direction is self.up else self.up
-        if other.finished or sink is None:
+        if other.finished or direction.sink is None:
             self.close()
-            return
-        half_close = getattr(sink, "loseWriteConnection", None)
-        try:
-            if half_close is None:
-                raise AttributeError("loseWriteConnection")
-            half_close()
-        except (AttributeError, NotImplementedError):
-            # A transport that cannot half-close (TLS): the FIN becomes the close.
-            self.close()
+        elif can_half_close(direction.sink):
+            direction.sink.loseWriteConnection()
+        # else TLS, which has no half-close: the FIN waits for the other way's end.
 
     def reset(self) -> None:
         """reset_peer: an RST to both sides, as Toxiproxy's SO_LINGER 0 on both."""
@@ -389,8 +400,15 @@ class Relay:
         self.closed = True
         if self.connecting is not None:
             self.connecting.cancel()
+        self._unregister()
         for side in self._transports():
             side.loseConnection()
+
+    def _unregister(self) -> None:
+        # TLS holds its close_notify (so the close) while a producer is registered.
+        for direction in (self.up, self.down):
+            if direction.sink is not None:
+                direction.sink.unregisterProducer()
 
     def cut(self) -> None:
         """Close both sides now, sent or not (a disabled proxy)."""
@@ -405,7 +423,10 @@ class Relay:
         self.up.close_after_queue()
         self.proxy.forget(self)
 
-    def upstream_lost(self) -> None:
+    def upstream_lost(self, reason: Failure) -> None:
+        if not self.closed and reason.check(ConnectionDone) is None:
+            # Reset, or TLS refused (a certificate that does not name server_name).
+            self.proxy.upstream_failed(self, reason)
         self.up.discard()
         self.down.close_after_queue()
 
@@ -474,7 +495,7 @@ class UpstreamSide(Protocol):
         """The upstream reads no more: what the client sends is dropped as it comes."""
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.relay.upstream_lost()
+        self.relay.upstream_lost(reason)
 
 
 def connecting(relay: Relay, connect: Callable[[UpstreamSide], Deferred[Any]]) -> None:

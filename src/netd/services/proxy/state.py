@@ -12,8 +12,9 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, connectProtocol, wrapClientTLS
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
@@ -85,7 +86,9 @@ class Proxy(Service):
         endpoint: Any = HostnameEndpoint(self.clock, host, port, timeout=CONNECT_TIMEOUT)
         if self._tls_creator is not None:
             endpoint = wrapClientTLS(self._tls_creator, endpoint)
-        connected: Deferred[Any] = connectProtocol(endpoint, side)
+        factory = Factory.forProtocol(lambda: side)
+        factory.noisy = False
+        connected: Deferred[Any] = endpoint.connect(factory)
         return connected
 
     def forget(self, relay: Relay) -> None:
