@@ -335,6 +335,9 @@ class AdminResource(Resource):
         if parts == ["services"]:
             _allow(method, "GET", "HEAD")
             return _json(request, {"services": self.daemon.describe()})
+        if len(parts) == 3 and parts[0] == "tls" and parts[2] == "ca.pem":
+            _allow(method, "GET", "HEAD")
+            return self._ca_pem(request, parts[1])
         if len(parts) >= 2 and parts[0] == "services":
             service = self.daemon.services_by_name.get(parts[1])
             if service is None:
@@ -350,6 +353,20 @@ class AdminResource(Resource):
                 return self._view(request, method, view)
             return self._view_entry(request, method, view, "/".join(parts[3:]))
         raise _HTTPError(404, "not found")
+
+    def _ca_pem(self, request: Request, profile: str) -> bytes:
+        """The CA of a C{self_signed} profile: trusting it trusts its leaves, minted ones too."""
+        config = self.daemon.config.tls.get(profile)
+        if config is None or not config.self_signed:
+            raise _HTTPError(404, f"no self_signed TLS profile {profile!r}")
+        # A few hundred bytes the profile wrote at start: no reason to defer.
+        path = self.daemon.config.state_dir / "tls" / f"{profile}-ca.pem"
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise _HTTPError(404, f"{path}: {e.strerror}") from None
+        request.setHeader(b"Content-Type", b"application/x-pem-file")
+        return pem
 
     def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
         if method == "DELETE" and view.clear is not None:

@@ -74,11 +74,15 @@ def build_tls(
                 assert profile.keypair is not None
                 keypair = tls.KeyPair(profile.keypair.cert, profile.keypair.key)
             sni = {n: tls.KeyPair(k.cert, k.key) for n, k in profile.sni.items()}
+            mint = (
+                tls.minter(state_dir / "tls", name, profile.self_signed) if profile.mint else None
+            )
             creators[name] = tls.server_options(
                 keypair,
                 min_version=profile.min_version,
                 client_ca=profile.client_ca,
                 sni=sni or None,
+                mint=mint,
             )
         except (tls.TLSError, OSError, ValueError) as e:
             raise StartupError(f"{profile.position}: tls.{name}: {e}") from None
