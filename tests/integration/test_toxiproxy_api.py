@@ -71,6 +71,7 @@ def test_the_python_client_makes_a_proxy_and_a_toxic_that_acts(
     echo = netd.address("echo")
     proxy = toxiproxy.create(upstream=f"127.0.0.1:{echo[1]}", name="echo_px")
     assert proxy.enabled and proxy.listen.startswith("127.0.0.1:")
+    assert netd.wait_for("echo_px", "proxy.created")["listen"] == proxy.listen
     address = _address(proxy.listen)
     assert _round_trip(address)[0] == b"ping"
 
@@ -95,6 +96,7 @@ def test_the_python_client_makes_a_proxy_and_a_toxic_that_acts(
     assert set(toxiproxy.proxies()) == {"echo_px", "mapped"}
     proxy.destroy()
     assert set(toxiproxy.proxies()) == {"mapped"}
+    netd.wait_for("echo_px", "proxy.deleted")
     with pytest.raises(OSError):
         _round_trip(address)
 

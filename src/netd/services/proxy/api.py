@@ -132,8 +132,15 @@ def _create(host: ServiceHost, raw: Any, where: str = "") -> Any:
         raise _Refused(500, str(e)) from None
     proxy = service.handlers.service
     assert isinstance(proxy, Proxy)
+    proxy.context.emit("proxy.created", listen=_listen_of(service), upstream=raw["upstream"])
     proxy.set_enabled(bool(enabled))
     return service, proxy
+
+
+def _remove(host: ServiceHost, name: str) -> Any:
+    _, proxy = _found(host, name)
+    proxy.context.emit("proxy.deleted")
+    return host.remove_service(name)
 
 
 def _found(host: ServiceHost, name: str) -> tuple[HostedService, Proxy]:
@@ -155,7 +162,7 @@ def _update(host: ServiceHost, name: str, raw: Any) -> Any:
             raise _Refused(409, f"{name} is in the service map: its listeners change there")
         # Toxiproxy restarts a proxy that moves; its toxics go with it.
         toxics = [state.toxic for state in proxy.toxics]
-        yield host.remove_service(name)
+        yield _remove(host, name)
         service, proxy = yield _create(
             host, {"name": name, "listen": listen, "upstream": _host_port(*upstream)}
         )
@@ -188,7 +195,7 @@ def _populate(host: ServiceHost, raw: Any) -> Any:
                 continue
             if not host.added_at_run_time(entry["name"]):
                 raise _Refused(409, f"{entry['name']} is in the service map: change it there")
-            yield host.remove_service(entry["name"])
+            yield _remove(host, entry["name"])
         service, proxy = yield _create(host, entry)
         made.append(_shape(service, proxy))
     return 201, {"proxies": made}
@@ -256,7 +263,7 @@ def _route(host: ServiceHost, method: str, root: str, rest: Sequence[str], raw: 
             _found(host, name)
             if not host.added_at_run_time(name):
                 raise _Refused(409, f"{name} is in the service map: remove it there")
-            yield host.remove_service(name)
+            yield _remove(host, name)
             return 204, None
         raise _Refused(405, "method not allowed")
     if rest[1] != "toxics":

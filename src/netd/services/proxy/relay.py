@@ -132,12 +132,13 @@ class Direction:
     def attach(self, source: Any, sink: Any) -> None:
         self.source, self.sink = source, sink
         sink.registerProducer(self, True)
+        self.pump()  # anything that came before the far side was there
 
     def feed(self, data: bytes) -> None:
         if self.ended:
             return
         toxics = self.relay.acting(self.stream)
-        if not toxics and not self.queue and not self.sink_paused:
+        if not toxics and not self.queue and not self.sink_paused and self.sink is not None:
             self.sink.write(data)
             return
         now = self.clock.seconds()
@@ -257,7 +258,8 @@ class Direction:
             self._timer.cancel()
         self._timer = None
         now = self.clock.seconds()
-        while self.queue and not self.sink_paused:
+        # Until the far side is connected (or once it is gone) nothing leaves.
+        while self.queue and not self.sink_paused and self.sink is not None:
             due, item = self.queue[0]
             if due > now:
                 self._timer = self.clock.callLater(due - now, self.pump)
@@ -265,8 +267,7 @@ class Direction:
             self.queue.popleft()
             if isinstance(item, bytes):
                 self.queued -= len(item)
-                if self.sink is not None:
-                    self.sink.write(item)
+                self.sink.write(item)
             else:
                 self._finish(item)
                 return
@@ -314,6 +315,7 @@ class Relay:
         self.down = Direction(self, "downstream")
         self.connecting: Deferred[Any] | None = None
         self.closed = False
+        self.client_gone = False
         self._decisions: dict[ToxicState, bool] = {}
         self._acting: dict[str, list[ToxicState]] = {}
         self._version = -1
@@ -359,6 +361,9 @@ class Relay:
 
     def connected(self, upstream: UpstreamSide) -> None:
         self.connecting = None
+        if self.client_gone:
+            upstream.transport.loseConnection()
+            return
         self.upstream = upstream
         self.up.attach(self.client.transport, upstream.transport)
         self.down.attach(upstream.transport, self.client.transport)
@@ -366,7 +371,7 @@ class Relay:
 
     def connect_failed(self, failure: Failure) -> None:
         self.connecting = None
-        if self.closed:
+        if self.closed or self.client_gone:
             return
         self.proxy.upstream_failed(self, failure)
         self.close()
@@ -419,6 +424,9 @@ class Relay:
             side.abortConnection()
 
     def client_lost(self) -> None:
+        self.client_gone = True
+        if self.connecting is not None:
+            self.connecting.cancel()
         self.down.discard()
         self.up.close_after_queue()
         self.proxy.forget(self)
