@@ -249,3 +249,30 @@ def test_an_upstream_needs_its_port(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as refused:
         parse_config(text, tmp_path / "netd.yaml")
     assert "HOST:PORT" in str(refused.value)
+
+
+def test_slicer_cuts_chunks_into_spaced_small_writes(tmp_path: Path) -> None:
+    toxic = Toxic(
+        "cut",
+        "slicer",
+        "upstream",
+        attributes={"average_size": 10, "size_variation": 0, "delay": 1000},
+    )
+    pipe = _Pipe(tmp_path, toxic)
+    client, _, to_upstream = pipe.open()
+    writes: list[bytes] = []
+    to_upstream.write = writes.append  # type: ignore[method-assign]
+    client.dataReceived(bytes(range(80)))
+    pipe.clock.advance(1.0)
+    assert b"".join(writes) == bytes(range(80))
+    assert len(writes) == 8 and all(len(w) == 10 for w in writes)
+
+
+def test_a_udp_listener_needs_a_numeric_upstream(tmp_path: Path) -> None:
+    from netd.services import load_kind
+
+    text = "services: {px: {type: proxy, listen: ['udp:0'], upstream: 'db.lab.test:53'}}"
+    service = parse_config(text, tmp_path / "netd.yaml").services["px"]
+    context = _Pipe(tmp_path).proxy.context
+    with pytest.raises(ValueError, match="IP address"):
+        load_kind("proxy").build(service, context)
