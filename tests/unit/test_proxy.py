@@ -276,3 +276,12 @@ def test_a_udp_listener_needs_a_numeric_upstream(tmp_path: Path) -> None:
     context = _Pipe(tmp_path).proxy.context
     with pytest.raises(ValueError, match="IP address"):
         load_kind("proxy").build(service, context)
+
+
+def test_a_client_that_half_closes_then_goes_closes_the_upstream(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"request")
+    client.readConnectionLost()
+    client.connectionLost()
+    assert to_upstream.value() == b"request" and to_upstream.disconnecting

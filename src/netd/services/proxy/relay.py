@@ -162,10 +162,9 @@ class Direction:
         self.pump()
 
     def close_after_queue(self) -> None:
-        """The source is gone: send what is queued, then close the connection."""
-        if not self.ended:
-            self.ended = True
-            self._enqueue(self.clock.seconds(), _CLOSE)
+        """The source is gone: send what is queued (its FIN too), then close the connection."""
+        self.ended = True
+        self._enqueue(self.clock.seconds(), _CLOSE)
         self.pump()
 
     def _through(
@@ -270,7 +269,8 @@ class Direction:
                 self.sink.write(item)
             else:
                 self._finish(item)
-                return
+                if item != _FIN:
+                    return
         if self.source_paused and not self.sink_paused and self.queued <= LOW_WATER:
             self.source_paused = False
             if self.source is not None:
