@@ -35,6 +35,7 @@ from netd.events import Event, Journal, ServiceStats
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
 from netd.schema import ConfigErrors
+from netd.services import admin_root
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -298,6 +299,12 @@ class AdminResource(Resource):
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
         self._authorize(request)
+        root = admin_root(parts[0]) if parts else None
+        if root is not None:
+            # A kind's own API at the root (Toxiproxy's): it answers in its own shapes.
+            body = request.content.read() if request.content is not None else b""
+            handled = maybeDeferred(root.handle, self.daemon, method, parts, body)
+            return self._deferred(request, handled, lambda answer: answer)
         if parts == ["metrics"]:
             _allow(method, "GET", "HEAD")
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -328,6 +335,9 @@ class AdminResource(Resource):
         if parts == ["services"]:
             _allow(method, "GET", "HEAD")
             return _json(request, {"services": self.daemon.describe()})
+        if len(parts) == 3 and parts[0] == "tls" and parts[2] == "ca.pem":
+            _allow(method, "GET", "HEAD")
+            return self._ca_pem(request, parts[1])
         if len(parts) >= 2 and parts[0] == "services":
             service = self.daemon.services_by_name.get(parts[1])
             if service is None:
@@ -343,6 +353,20 @@ class AdminResource(Resource):
                 return self._view(request, method, view)
             return self._view_entry(request, method, view, "/".join(parts[3:]))
         raise _HTTPError(404, "not found")
+
+    def _ca_pem(self, request: Request, profile: str) -> bytes:
+        """The CA of a C{self_signed} profile: trusting it trusts its leaves, minted ones too."""
+        config = self.daemon.config.tls.get(profile)
+        if config is None or not config.self_signed:
+            raise _HTTPError(404, f"no self_signed TLS profile {profile!r}")
+        # A few hundred bytes the profile wrote at start: no reason to defer.
+        path = self.daemon.config.state_dir / "tls" / f"{profile}-ca.pem"
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise _HTTPError(404, f"{path}: {e.strerror}") from None
+        request.setHeader(b"Content-Type", b"application/x-pem-file")
+        return pem
 
     def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
         if method == "DELETE" and view.clear is not None:
@@ -430,7 +454,10 @@ class AdminResource(Resource):
             if gone:
                 return
             status, body = answer(result)
-            if isinstance(body, bytes):
+            if body is None:
+                request.setResponseCode(status)
+                request.finish()
+            elif isinstance(body, bytes):
                 request.setResponseCode(status)
                 request.setHeader(b"Content-Type", b"application/octet-stream")
                 _send(request, body)

@@ -50,6 +50,8 @@ class TLSProfileConfig:
     min_version: str = "1.2"
     client_ca: Path | None = None
     sni: Mapping[str, KeyPairConfig] = attrs.field(factory=dict)
+    # Leaves minted for any other server name, from the self-signed CA.
+    mint: bool = False
 
 
 class TLSProfiles(Mapping[str, TLSProfileConfig]):
@@ -296,9 +298,17 @@ def _read_profiles(value: Value) -> dict[str, TLSProfileConfig]:
             min_version=section.choice("min_version", ("1.2", "1.3"), "1.2"),
             client_ca=section.file_path("client_ca"),
             sni=sni,
+            mint=_read_mint(section, self_signed),
         )
         section.finish()
     return profiles
+
+
+def _read_mint(section: Section, self_signed: tuple[str, ...]) -> bool:
+    mint = section.flag("mint", False)
+    if mint and not self_signed:
+        section.value.error("'mint' needs 'self_signed': its CA signs the minted leaves")
+    return mint
 
 
 def _read_listener(

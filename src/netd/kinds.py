@@ -9,9 +9,9 @@ with a L{BuildContext} to get the L{Handlers} it puts behind the listeners.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import attrs
 from twisted.application.service import IService
@@ -28,11 +28,14 @@ if TYPE_CHECKING:
     from netd.schema import Section
 
 __all__ = [
+    "AdminRoot",
     "AdminView",
     "BuildContext",
     "Handlers",
+    "HostedService",
     "IOwesReplies",
     "RepliesOwed",
+    "ServiceHost",
     "ServiceKind",
     "ViewRefused",
 ]
@@ -161,6 +164,50 @@ class Handlers:
     per_client_reply: bytes | None = None
     service: IService | None = None
     views: Mapping[str, AdminView] = attrs.field(factory=dict)
+
+
+class HostedService(Protocol):
+    """A running service as an L{AdminRoot} sees it."""
+
+    @property
+    def config(self) -> ServiceConfig: ...
+    @property
+    def handlers(self) -> Handlers: ...
+    def describe(self) -> dict[str, Any]:
+        """Type, state, listeners (as in the ports file) and counters."""
+
+
+class ServiceHost(Protocol):
+    """
+    The daemon as an L{AdminRoot} sees it: its services, and services made at
+    run time, which run like the map's (journal, metrics, ports file) and
+    outlive reloads until removed or until the map takes their name.
+    """
+
+    @property
+    def services_by_name(self) -> Mapping[str, HostedService]: ...
+    def added_at_run_time(self, name: str) -> bool: ...
+    def add_service(self, config: ServiceConfig) -> Deferred[Any]:
+        """Build, bind and start C{config}; fires with the running service."""
+
+    def remove_service(self, name: str) -> Deferred[None]:
+        """Stop a service made at run time, cutting its connections."""
+
+
+@attrs.frozen
+class AdminRoot:
+    """
+    A kind's own resource at the admin API's root, for clients that expect an
+    API at fixed paths (Toxiproxy's C{/proxies}).  The first path segments it
+    serves are listed in L{netd.services.ADMIN_ROOTS}, so the admin API loads
+    the kind only when such a path is asked for.
+
+    @ivar handle: C{(host, method, path segments from the root on, body)} to
+        C{(status, JSON-able answer)}, or a Deferred of it; an answer of
+        L{None} has no body (204).
+    """
+
+    handle: Callable[[ServiceHost, str, Sequence[str], bytes], Any]
 
 
 @attrs.frozen

@@ -74,11 +74,15 @@ def build_tls(
                 assert profile.keypair is not None
                 keypair = tls.KeyPair(profile.keypair.cert, profile.keypair.key)
             sni = {n: tls.KeyPair(k.cert, k.key) for n, k in profile.sni.items()}
+            mint = (
+                tls.minter(state_dir / "tls", name, profile.self_signed) if profile.mint else None
+            )
             creators[name] = tls.server_options(
                 keypair,
                 min_version=profile.min_version,
                 client_ca=profile.client_ca,
                 sni=sni or None,
+                mint=mint,
             )
         except (tls.TLSError, OSError, ValueError) as e:
             raise StartupError(f"{profile.position}: tls.{name}: {e}") from None
@@ -240,6 +244,8 @@ class Daemon(MultiService):
         if config.log.events:
             self.journal.subscribe(_log_event)
         self.services_by_name: dict[str, RunningService] = {}
+        # Services made at run time (the Toxiproxy API's proxies), kept across reloads.
+        self.added: dict[str, ServiceConfig] = {}
         self.admin: AdminServer | None = None
         self.ready = False
         self._reloading = False
@@ -264,6 +270,42 @@ class Daemon(MultiService):
             reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
             where = f"{service_config.position}: services.{service_config.name}"
             raise StartupError(f"{where}: cannot start: {reason}") from None
+
+    def added_at_run_time(self, name: str) -> bool:
+        return name in self.added
+
+    @inlineCallbacks
+    def add_service(self, config: ServiceConfig) -> Any:
+        """
+        Build, bind and start a service that is not in the map; it runs like
+        the map's and outlives reloads until removed, or until the map takes its name.
+        """
+        if config.name in self.services_by_name or config.name in self.added:
+            raise ValueError(f"service {config.name!r} exists")
+        # Claimed before binding: a second request for the name meets it.
+        self.added[config.name] = config
+        try:
+            running = self._running_service(config, self.config, {})
+            yield running.listen()
+        except BaseException:
+            del self.added[config.name]
+            raise
+        running.setServiceParent(self)
+        self.services_by_name[config.name] = running
+        running.announce()
+        self._write_ports()
+        return running
+
+    @inlineCallbacks
+    def remove_service(self, name: str) -> Any:
+        """Stop a service made at run time, cutting its open connections."""
+        if name not in self.added or name not in self.services_by_name:
+            raise KeyError(name)
+        del self.added[name]
+        running = self.services_by_name.pop(name)
+        self._write_ports()
+        yield running.stop(0)
+        running.disownServiceParent()
 
     def _build(self) -> None:
         try:
@@ -397,6 +439,9 @@ class Daemon(MultiService):
             return ReloadResult(errors=(str(e),))
 
         wanted = {n: c for n, c in new.services.items() if c.enabled}
+        # Run-time services stay, unless the map now names one of them.
+        kept_added = {n: c for n, c in self.added.items() if n not in new.services}
+        wanted.update(kept_added)
         changed_profiles = {
             name
             for name in set(self.config.tls) | set(new.tls)
@@ -464,6 +509,7 @@ class Daemon(MultiService):
             else:
                 self.journal.unsubscribe(_log_event)
         self.config = new
+        self.added = kept_added
         # Recording costs a little per connection: only when someone can read it.
         self.journal.active = new.admin is not None or new.log.events
         self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}

@@ -1,6 +1,7 @@
 """TLS key material: self-signed profiles and Twisted server policies from PEM files.
 
-Everything here runs at start-up or reload, so file I/O is synchronous.
+Everything here runs at start-up or reload, so file I/O is synchronous.  The one
+exception is L{Minter}, which signs a leaf (in memory, no I/O) during a handshake.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -28,7 +30,7 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 from netd.compat.tls import protosFromProtocol
 
-__all__ = ["KeyPair", "TLSError", "ensure_self_signed", "server_options"]
+__all__ = ["KeyPair", "Minter", "TLSError", "ensure_self_signed", "minter", "server_options"]
 
 _CA_LIFETIME = timedelta(days=3650)
 # 825 days is the longest lifetime Apple platforms accept for a server certificate.
@@ -53,6 +55,11 @@ _SIGNING_KEYS = (
 )
 
 _PROFILE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_SERVER_NAME_RE = re.compile(
+    r"([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
+)
+# Minted leaves kept per profile; the least recently asked for goes first.
+MINTED_CACHE = 1024
 _MIN_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 
 
@@ -365,7 +372,9 @@ def _sni_pattern(name: str) -> str:
 
 
 def _sni_selector(
-    exact: dict[str, SSL.Context], wildcard: dict[str, SSL.Context]
+    exact: dict[str, SSL.Context],
+    wildcard: dict[str, SSL.Context],
+    mint: Minter | None = None,
 ) -> Callable[[bytes | None], SSL.Context | None]:
     def select(server_name: bytes | None) -> SSL.Context | None:
         # Twisted answers an exception here by calling abortConnection() on the
@@ -380,9 +389,78 @@ def _sni_selector(
         if name in exact:
             return exact[name]
         label, _, parent = name.partition(".")
-        return wildcard.get(parent) if label and parent else None
+        found = wildcard.get(parent) if label and parent else None
+        if found is None and mint is not None:
+            return mint.context_for(name)
+        return found
 
     return select
+
+
+class Minter:
+    """
+    Leaves for any server name a client asks for, signed by a C{self_signed}
+    profile's CA (C{mint: true}): whoever trusts that one CA trusts every name.
+
+    Each leaf is made in memory during the handshake that first asks for its
+    name (an EC P-256 key and a signature: about a millisecond) and cached,
+    at most L{MINTED_CACHE} of them.  Names the profile's own leaf carries are
+    left to it.
+    """
+
+    def __init__(
+        self,
+        ca_cert: x509.Certificate,
+        ca_key: _SigningKey,
+        profile: str,
+        covered: Sequence[str],
+        size: int = MINTED_CACHE,
+        now: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        self.ca_cert = ca_cert
+        self.ca_key = ca_key
+        self.profile = profile
+        self.covered = {name.lower().rstrip(".") for name in covered}
+        self.size = size
+        self.now = now
+        self.build: Callable[[X509, list[X509], PKey], SSL.Context] | None = None
+        self.contexts: OrderedDict[str, SSL.Context] = OrderedDict()
+
+    def _covered(self, name: str) -> bool:
+        parent = name.partition(".")[2]
+        return name in self.covered or (bool(parent) and f"*.{parent}" in self.covered)
+
+    def context_for(self, name: str) -> SSL.Context | None:
+        """The context for C{name} (lower case), minted if new; L{None}: the default leaf."""
+        if self.build is None or self._covered(name) or not _mintable(name):
+            return None
+        context = self.contexts.get(name)
+        if context is not None:
+            self.contexts.move_to_end(name)
+            return context
+        leaf, key = _make_leaf([name], self.ca_cert, self.ca_key, self.profile, self.now())
+        context = self.build(
+            X509.from_cryptography(leaf),
+            [X509.from_cryptography(self.ca_cert)],
+            PKey.from_cryptography_key(key),
+        )
+        self.contexts[name] = context
+        if len(self.contexts) > self.size:
+            self.contexts.popitem(last=False)
+        return context
+
+
+def _mintable(name: str) -> bool:
+    """A DNS name a certificate may carry (SNI never names an address)."""
+    return len(name) <= 253 and _SERVER_NAME_RE.fullmatch(name) is not None
+
+
+def minter(directory: Path, profile: str, names: Sequence[str]) -> Minter:
+    """The L{Minter} of a self-signed profile, with the CA L{ensure_self_signed} made."""
+    ca = _usable_ca(directory / f"{profile}-ca.pem", directory / f"{profile}-ca.key", _utc_now())
+    if ca is None:
+        raise TLSError(f"profile {profile}: no usable CA in {directory} to mint leaves with")
+    return Minter(ca[0], ca[1], profile, names)
 
 
 class _ServerOptions(CertificateOptions):
@@ -413,10 +491,12 @@ def server_options(
     min_version: str = "1.2",
     client_ca: Path | None = None,
     sni: Mapping[str, KeyPair] | None = None,
+    mint: Minter | None = None,
 ) -> CertificateOptions:
     """Build a Twisted server TLS policy from PEM files.
 
-    `sni` maps exact names or ``*.domain`` (one label) to alternative key pairs.
+    `sni` maps exact names or ``*.domain`` (one label) to alternative key pairs;
+    `mint` answers every other name with a leaf of its own.
     """
     if min_version not in _MIN_VERSIONS:
         raise ValueError(f"min_version must be '1.2' or '1.3', not {min_version!r}")
@@ -429,7 +509,14 @@ def server_options(
     def build(
         pair: KeyPair, select: Callable[[bytes | None], SSL.Context | None] | None = None
     ) -> CertificateOptions:
-        cert, chain, key = _load_keypair(pair)
+        return build_loaded(*_load_keypair(pair), select)
+
+    def build_loaded(
+        cert: X509,
+        chain: list[X509],
+        key: PKey,
+        select: Callable[[bytes | None], SSL.Context | None] | None = None,
+    ) -> CertificateOptions:
         return _ServerOptions(
             privateKey=key,
             certificate=cert,
@@ -441,7 +528,9 @@ def server_options(
             contextForServerName=select,
         )
 
-    if not sni:
+    if mint is not None:
+        mint.build = lambda cert, chain, key: build_loaded(cert, chain, key).getContext()
+    if not sni and mint is None:
         return build(keypair)
 
     # OpenSSL's SSL_set_SSL_CTX swaps in the certificate, chain and trust store
@@ -450,7 +539,7 @@ def server_options(
     contexts: dict[KeyPair, SSL.Context] = {}
     exact: dict[str, SSL.Context] = {}
     wildcard: dict[str, SSL.Context] = {}
-    for name, pair in sni.items():
+    for name, pair in (sni or {}).items():
         if pair not in contexts:
             contexts[pair] = build(pair).getContext()
         pattern = _sni_pattern(name)
@@ -458,4 +547,4 @@ def server_options(
             wildcard[pattern[2:]] = contexts[pair]
         else:
             exact[pattern] = contexts[pair]
-    return build(keypair, _sni_selector(exact, wildcard))
+    return build(keypair, _sni_selector(exact, wildcard, mint))

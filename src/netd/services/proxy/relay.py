@@ -1,0 +1,513 @@
+"""
+Relaying one stream connection to the upstream, through the proxy's toxics.
+
+Each accepted connection is a L{Relay}: the client's side (L{ClientSide}, behind
+the core's connection wrapper), the upstream's side (L{UpstreamSide}) and one
+L{Direction} each way.  A direction passes bytes straight through while no toxic
+acts and the far side keeps up; otherwise it queues them with the time each may
+leave (latency, bandwidth, slicer) or what ends the connection (limit_data,
+timeout, reset_peer, slow_close), and one timer sends the head of the queue.
+
+Back-pressure: a direction is the streaming producer of the transport it writes
+to.  When that transport's buffer fills (its reader is slow) it pauses the
+direction, which pauses reading from the other side; the same happens when the
+queue holds more than L{HIGH_WATER} bytes.  netd never holds more than about
+that much per direction, whatever the two peers do.
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import tcp
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.connections import TrackedConnection
+from netd.schema import client_address
+from netd.services.proxy.toxics import ToxicState
+
+if TYPE_CHECKING:
+    from netd.services.proxy.state import Proxy
+
+__all__ = ["HIGH_WATER", "LOW_WATER", "ClientSide", "Direction", "Relay", "UpstreamSide"]
+
+# Bytes a direction queues before it stops reading, and resumes under.
+HIGH_WATER = 1 << 20
+LOW_WATER = HIGH_WATER // 4
+# What ends a direction's queue instead of bytes.
+_FIN, _CLOSE, _RESET = "fin", "close", "reset"
+# Bandwidth sends a tenth of a second's worth at a time, as Toxiproxy does.
+_BANDWIDTH_SLICES_PER_SECOND = 10
+
+
+def reset(transport: Any) -> None:
+    """Close with a TCP RST (SO_LINGER 0): the peer reads ECONNRESET."""
+    layer = transport
+    for _ in range(4):  # netd's wrapper, TLS, the socket: never deeper
+        if isinstance(layer, tcp.Connection):
+            layer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            break
+        layer = inspect.getattr_static(layer, "transport", None)
+    transport.abortConnection()
+
+
+def can_half_close(transport: Any) -> bool:
+    """
+    Whether C{transport} is a TCP or UNIX socket under netd's wrapper alone:
+    TLS has no half-close, and its wrapper would pass C{loseWriteConnection}
+    on to the socket below, ending the TLS stream without its close_notify.
+    """
+    layer = transport
+    for _ in range(3):
+        if isinstance(layer, tcp.Connection):
+            return True
+        if not isinstance(layer, TrackedConnection):
+            return False
+        layer = inspect.getattr_static(layer, "transport", None)
+    return False
+
+
+def _slices(data: bytes, average: int, variation: int, chance: Any) -> list[bytes]:
+    """Toxiproxy's slicer: halve until a piece is within C{variation} of C{average}."""
+    if len(data) - average <= variation:
+        return [data]
+    middle = len(data) // 2
+    if variation > 0:
+        middle += chance.randrange(-variation, variation)
+    middle = min(max(middle, 1), len(data) - 1)
+    return _slices(data[:middle], average, variation, chance) + _slices(
+        data[middle:], average, variation, chance
+    )
+
+
+@implementer(IPushProducer)
+class Direction:
+    """
+    Bytes one way: from C{source} (read) to C{sink} (written), through the
+    toxics of its C{stream} (C{upstream}: client to upstream).
+    """
+
+    def __init__(self, relay: Relay, stream: str) -> None:
+        self.relay = relay
+        self.stream = stream
+        self.clock = relay.proxy.clock
+        self.source: Any = None
+        self.sink: Any = None
+        self.queue: deque[tuple[float, bytes | str]] = deque()
+        self.queued = 0
+        self.last_due = 0.0
+        self.sink_paused = False
+        self.source_paused = False
+        # No more input: the source ended, or a toxic closed this direction.
+        self.ended = False
+        self.finished = False  # its FIN (or the close) went out
+        self._timer: IDelayedCall | None = None
+        self._bandwidth_free: dict[ToxicState, float] = {}
+        self._passed: dict[ToxicState, int] = {}
+        self._timeouts: dict[ToxicState, IDelayedCall] = {}
+
+    # The sink's producer: it pauses us when its buffer is full.
+
+    def pauseProducing(self) -> None:
+        self.sink_paused = True
+        self._hold_source()
+
+    def resumeProducing(self) -> None:
+        self.sink_paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        """The sink is gone: L{Relay} hears of it through the sink's connectionLost."""
+
+    def attach(self, source: Any, sink: Any) -> None:
+        self.source, self.sink = source, sink
+        sink.registerProducer(self, True)
+        self.pump()  # anything that came before the far side was there
+
+    def feed(self, data: bytes) -> None:
+        if self.ended:
+            return
+        toxics = self.relay.acting(self.stream)
+        if not toxics and not self.queue and not self.sink_paused and self.sink is not None:
+            self.sink.write(data)
+            return
+        now = self.clock.seconds()
+        pieces, tail = self._through(toxics, data, now)
+        for due, piece in pieces:
+            self._enqueue(due, piece)
+        if tail is not None:
+            self._enqueue(*tail)
+        self.pump()
+
+    def end(self) -> None:
+        """The source sent its FIN: pass it on once the queue is out (after slow_close)."""
+        if self.ended:
+            return
+        self.ended = True
+        due = self.clock.seconds()
+        for state in self.relay.acting(self.stream):
+            if state.toxic.type == "slow_close":
+                due += state.toxic["delay"] / 1000
+        self._enqueue(due, _FIN)
+        self.pump()
+
+    def close_after_queue(self) -> None:
+        """The source is gone: send what is queued (its FIN too), then close the connection."""
+        self.ended = True
+        self._enqueue(self.clock.seconds(), _CLOSE)
+        self.pump()
+
+    def _through(
+        self, toxics: list[ToxicState], data: bytes, now: float
+    ) -> tuple[list[tuple[float, bytes]], tuple[float, str] | None]:
+        """C{data} as pieces with their times to leave, and what ends the direction."""
+        pieces = [(now, data)]
+        tail: tuple[float, str] | None = None
+        chance = self.relay.proxy.chance
+        for state in toxics:
+            toxic = state.toxic
+            kind = toxic.type
+            if kind == "latency":
+                jitter = toxic["jitter"]
+                delay = toxic["latency"] + (chance.uniform(-jitter, jitter) if jitter else 0)
+                pieces = [(due + max(delay, 0) / 1000, piece) for due, piece in pieces]
+            elif kind == "bandwidth" and toxic["rate"] > 0:
+                rate = toxic["rate"] * 1000
+                step = max(int(rate / _BANDWIDTH_SLICES_PER_SECOND), 1)
+                free = self._bandwidth_free.get(state, 0.0)
+                paced = []
+                for due, piece in pieces:
+                    for start in range(0, len(piece), step):
+                        part = piece[start : start + step]
+                        free = max(due, free) + len(part) / rate
+                        paced.append((free, part))
+                self._bandwidth_free[state] = free
+                pieces = paced
+            elif kind == "slicer" and toxic["average_size"] >= 1:
+                average, variation = int(toxic["average_size"]), int(toxic["size_variation"])
+                gap = toxic["delay"] / 1_000_000
+                sliced = []
+                for due, piece in pieces:
+                    for index, part in enumerate(_slices(piece, average, variation, chance)):
+                        sliced.append((due + index * gap, part))
+                pieces = sliced
+            elif kind == "limit_data":
+                left = int(toxic["bytes"]) - self._passed.get(state, 0)
+                kept = []
+                for due, piece in pieces:
+                    if left <= 0:
+                        break
+                    kept.append((due, piece[:left]))
+                    left -= len(piece[:left])
+                self._passed[state] = int(toxic["bytes"]) - left
+                pieces = kept
+                if left <= 0:
+                    self.ended = True
+                    tail = (pieces[-1][0] if pieces else now, _CLOSE)
+            elif kind == "timeout":
+                pieces = []
+                self._start_timeout(state)
+            elif kind == "reset_peer":
+                pieces = []
+                self.ended = True
+                tail = (now + toxic["timeout"] / 1000, _RESET)
+        return pieces, tail
+
+    def start_toxic(self, state: ToxicState) -> None:
+        """A toxic began to act on this direction (timeout's clock starts then)."""
+        if state.toxic.type == "timeout":
+            self._start_timeout(state)
+
+    def stop_toxic(self, state: ToxicState) -> None:
+        """A toxic was removed: its timer goes with it."""
+        timer = self._timeouts.pop(state, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _start_timeout(self, state: ToxicState) -> None:
+        # Toxiproxy's timeout restarts with every chunk it swallows; 0 never closes.
+        self.stop_toxic(state)
+        delay = state.toxic["timeout"] / 1000
+        if delay > 0:
+            self._timeouts[state] = self.clock.callLater(delay, self.relay.close)
+
+    def _enqueue(self, due: float, item: bytes | str) -> None:
+        # Nothing overtakes what is queued ahead of it.
+        due = max(due, self.last_due)
+        self.last_due = due
+        self.queue.append((due, item))
+        if isinstance(item, bytes):
+            self.queued += len(item)
+        if self.queued > HIGH_WATER:
+            self._hold_source()
+
+    def pump(self) -> None:
+        """Send every queued item whose time has come, while the sink takes it."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        now = self.clock.seconds()
+        # Until the far side is connected (or once it is gone) nothing leaves.
+        while self.queue and not self.sink_paused and self.sink is not None:
+            due, item = self.queue[0]
+            if due > now:
+                self._timer = self.clock.callLater(due - now, self.pump)
+                break
+            self.queue.popleft()
+            if isinstance(item, bytes):
+                self.queued -= len(item)
+                self.sink.write(item)
+            else:
+                self._finish(item)
+                if item != _FIN:
+                    return
+        if self.source_paused and not self.sink_paused and self.queued <= LOW_WATER:
+            self.source_paused = False
+            if self.source is not None:
+                self.source.resumeProducing()
+
+    def _hold_source(self) -> None:
+        if not self.source_paused:
+            self.source_paused = True
+            if self.source is not None:
+                self.source.pauseProducing()
+
+    def _finish(self, item: str) -> None:
+        self.finished = True
+        if item == _FIN:
+            self.relay.fin_sent(self)
+        elif item == _RESET:
+            self.relay.reset()
+        else:
+            self.relay.close()
+
+    def discard(self) -> None:
+        """The sink is gone: nothing queued can be sent."""
+        self.sink = None
+        self.ended = True
+        self.queue.clear()
+        self.queued = 0
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for state in list(self._timeouts):
+            self.stop_toxic(state)
+
+
+class Relay:
+    """One client connection and its upstream connection."""
+
+    def __init__(self, proxy: Proxy, client: ClientSide) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream: UpstreamSide | None = None
+        self.up = Direction(self, "upstream")
+        self.down = Direction(self, "downstream")
+        self.connecting: Deferred[Any] | None = None
+        self.closed = False
+        self.client_gone = False
+        self._decisions: dict[ToxicState, bool] = {}
+        self._acting: dict[str, list[ToxicState]] = {}
+        self._version = -1
+        transport = client.transport
+        self.connection_id = getattr(transport, "connection_id", 0)
+        self.client_name = getattr(transport, "client", "")
+        self.client_ip = client_address(transport.getPeer())
+        # Decided now, in connection order: what a toxic's nth counts.
+        self.acting("upstream")
+
+    def acting(self, stream: str) -> list[ToxicState]:
+        """The toxics acting on this connection's C{stream}, each decided once."""
+        toxics = self.proxy.toxics
+        if toxics.version != self._version:
+            self._version = toxics.version
+            present = set()
+            acting: dict[str, list[ToxicState]] = {"upstream": [], "downstream": []}
+            for state in toxics:
+                if state.toxic.datagram:
+                    continue
+                present.add(state)
+                decided = self._decisions.get(state)
+                if decided is None:
+                    decided = self._decisions[state] = state.decide(
+                        self.client_ip, self.proxy.chance
+                    )
+                    if decided:
+                        self.proxy.fired(
+                            state, connection=self.connection_id, client=self.client_name
+                        )
+                        self._direction(state.toxic.stream).start_toxic(state)
+                if decided:
+                    acting[state.toxic.stream].append(state)
+            for state in [s for s in self._decisions if s not in present]:
+                del self._decisions[state]
+                self.up.stop_toxic(state)
+                self.down.stop_toxic(state)
+            self._acting = acting
+        return self._acting[stream]
+
+    def _direction(self, stream: str) -> Direction:
+        return self.up if stream == "upstream" else self.down
+
+    def connected(self, upstream: UpstreamSide) -> None:
+        self.connecting = None
+        if self.client_gone:
+            upstream.transport.loseConnection()
+            return
+        self.upstream = upstream
+        self.up.attach(self.client.transport, upstream.transport)
+        self.down.attach(upstream.transport, self.client.transport)
+        self.client.transport.resumeProducing()
+
+    def connect_failed(self, failure: Failure) -> None:
+        self.connecting = None
+        if self.closed or self.client_gone:
+            return
+        self.proxy.upstream_failed(self, failure)
+        self.close()
+
+    def fin_sent(self, direction: Direction) -> None:
+        other = self.down if direction is self.up else self.up
+        if other.finished or direction.sink is None:
+            self.close()
+        elif can_half_close(direction.sink):
+            direction.sink.loseWriteConnection()
+        # else TLS, which has no half-close: the FIN waits for the other way's end.
+
+    def reset(self) -> None:
+        """reset_peer: an RST to both sides, as Toxiproxy's SO_LINGER 0 on both."""
+        if self.closed:
+            return
+        self.closed = True
+        for side in self._transports():
+            reset(side)
+
+    def _transports(self) -> list[Any]:
+        sides = [self.client.transport]
+        if self.upstream is not None and self.upstream.transport is not None:
+            sides.append(self.upstream.transport)
+        return sides
+
+    def close(self) -> None:
+        """Close both sides once what was written to them is sent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self._unregister()
+        for side in self._transports():
+            side.loseConnection()
+
+    def _unregister(self) -> None:
+        # TLS holds its close_notify (so the close) while a producer is registered.
+        for direction in (self.up, self.down):
+            if direction.sink is not None:
+                direction.sink.unregisterProducer()
+
+    def cut(self) -> None:
+        """Close both sides now, sent or not (a disabled proxy)."""
+        self.closed = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        for side in self._transports():
+            side.abortConnection()
+
+    def client_lost(self) -> None:
+        self.client_gone = True
+        if self.connecting is not None:
+            self.connecting.cancel()
+        self.down.discard()
+        self.up.close_after_queue()
+        self.proxy.forget(self)
+
+    def upstream_lost(self, reason: Failure) -> None:
+        if not self.closed and reason.check(ConnectionDone) is None:
+            # Reset, or TLS refused (a certificate that does not name server_name).
+            self.proxy.upstream_failed(self, reason)
+        self.up.discard()
+        self.down.close_after_queue()
+
+
+@implementer(IHalfCloseableProtocol)
+class ClientSide(Protocol):
+    """The client's connection: everything it sends goes upstream."""
+
+    transport: Any
+    relay: Relay | None = None
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+
+    def connectionMade(self) -> None:
+        if not self.proxy.enabled:
+            # Down, as Toxiproxy's disabled proxy: no connection gets through.
+            self.transport.abortConnection()
+            return
+        # Nothing is read until the upstream can take it.
+        self.transport.pauseProducing()
+        self.relay = self.proxy.relay(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.up.feed(data)
+
+    def readConnectionLost(self) -> None:
+        if self.relay is not None:
+            self.relay.up.end()
+
+    def writeConnectionLost(self) -> None:
+        """The client will read no more: the upstream's bytes are dropped as they come."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.relay is not None:
+            self.relay.client_lost()
+
+    def close_gracefully(self) -> None:
+        # Shutdown, reload or idle: a proxy has no exchange of its own to finish.
+        if self.relay is not None:
+            self.relay.close()
+        else:
+            self.transport.loseConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamSide(Protocol):
+    """The connection to the upstream: everything it sends goes to the client."""
+
+    transport: Any
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+
+    def connectionMade(self) -> None:
+        self.relay.connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.relay.down.feed(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay.down.end()
+
+    def writeConnectionLost(self) -> None:
+        """The upstream reads no more: what the client sends is dropped as it comes."""
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.relay.upstream_lost(reason)
+
+
+def connecting(relay: Relay, connect: Callable[[UpstreamSide], Deferred[Any]]) -> None:
+    """Start C{relay}'s upstream connection with C{connect}."""
+    attempt = connect(UpstreamSide(relay))
+    relay.connecting = attempt
+    attempt.addErrback(relay.connect_failed)

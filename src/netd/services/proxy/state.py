@@ -1,0 +1,137 @@
+"""
+A proxy service's live state: its upstream, whether it is up, its toxics and
+its open relays; what the map, the admin views and the Toxiproxy API change.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from netd.kinds import BuildContext
+from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
+from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
+
+__all__ = ["Proxy", "UpstreamTLS"]
+
+# Seconds to reach the upstream before the client is closed.
+CONNECT_TIMEOUT = 10
+
+
+@attrs.frozen
+class UpstreamTLS:
+    """TLS to the upstream: verified against C{ca} (or the system's), for C{server_name}."""
+
+    server_name: str
+    ca_pem: bytes | None = None
+
+    def creator(self) -> IOpenSSLClientConnectionCreator:
+        from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
+
+        if self.ca_pem is not None:
+            trust: Any = Certificate.loadPEM(self.ca_pem)
+        else:
+            trust = platformTrust()
+        return optionsForClientTLS(self.server_name, trustRoot=trust)
+
+
+class Proxy(Service):
+    """One proxy service: a map's, or one made through the Toxiproxy API."""
+
+    def __init__(
+        self,
+        context: BuildContext,
+        upstream: tuple[str, int],
+        upstream_tls: UpstreamTLS | None,
+        toxics: tuple[Toxic, ...],
+        connect: Callable[[UpstreamSide], Deferred[Any]] | None = None,
+    ) -> None:
+        """
+        @param connect: opens the upstream connection for one relay; by
+            default to C{upstream} (with C{upstream_tls}) through the reactor.
+        """
+        self.context = context
+        self.connect = connect or self._connect
+        self.clock = context.reactor
+        self.upstream = upstream
+        self.upstream_tls = upstream_tls
+        self._tls_creator = upstream_tls.creator() if upstream_tls is not None else None
+        self.configured_toxics = toxics
+        self.toxics = ToxicSet()
+        for toxic in toxics:
+            self.toxics.add(toxic)
+        self.enabled = True
+        self.chance = random.Random()
+        self.live: dict[Relay, None] = {}
+
+    # Connections
+
+    def relay(self, client: ClientSide) -> Relay:
+        relay = Relay(self, client)
+        self.live[relay] = None
+        connecting(relay, self.connect)
+        return relay
+
+    def _connect(self, side: UpstreamSide) -> Deferred[Any]:
+        host, port = self.upstream
+        endpoint: Any = HostnameEndpoint(self.clock, host, port, timeout=CONNECT_TIMEOUT)
+        if self._tls_creator is not None:
+            endpoint = wrapClientTLS(self._tls_creator, endpoint)
+        factory = Factory.forProtocol(lambda: side)
+        factory.noisy = False
+        connected: Deferred[Any] = endpoint.connect(factory)
+        return connected
+
+    def forget(self, relay: Relay) -> None:
+        self.live.pop(relay, None)
+
+    def upstream_failed(self, relay: Relay, failure: Failure) -> None:
+        self.context.stats.count("upstream_failures")
+        host, port = self.upstream
+        self.context.emit(
+            "proxy.upstream_failed",
+            connection=relay.connection_id,
+            upstream=f"{host}:{port}",
+            error=failure.getErrorMessage(),
+        )
+
+    def fired(self, state: ToxicState, **where: Any) -> None:
+        toxic = state.toxic
+        self.context.stats.count("toxics_fired")
+        self.context.emit(
+            "toxic.fired", toxic=toxic.name, toxic_type=toxic.type, stream=toxic.stream, **where
+        )
+
+    # Control
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Down refuses new connections and cuts the open ones, as Toxiproxy's disabled proxy."""
+        if enabled == self.enabled:
+            return
+        self.enabled = enabled
+        self.context.emit("proxy.enabled" if enabled else "proxy.disabled")
+        if not enabled:
+            for relay in list(self.live):
+                relay.cut()
+
+    def reset(self) -> None:
+        """Toxiproxy's reset: up again, and no toxic left."""
+        self.set_enabled(True)
+        self.clear_toxics()
+
+    def clear_toxics(self) -> None:
+        self.toxics.clear()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for relay in list(self.live):
+            relay.cut()

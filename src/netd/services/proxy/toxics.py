@@ -1,0 +1,260 @@
+"""
+Toxics: Toxiproxy's faults, with its names, attributes and defaults, plus netd's
+conditions on which connections (or datagrams) they act.
+
+A toxic has the shape of one of the scenario rules of issue #16: a match
+(C{stream}, C{client}, C{nth}), a C{times} budget, a C{toxicity} probability and
+one act (its C{type} and C{attributes}).  Each decision to act is a
+C{toxic.fired} event in the journal.  This module keeps that decision
+(L{ToxicState.decide}) apart from the byte mechanics (L{netd.services.proxy.relay})
+so that the rules engine can take the decision over without touching the relay.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from netd.schema import Network
+
+__all__ = [
+    "DATAGRAM_TYPES",
+    "STREAM_TYPES",
+    "Toxic",
+    "ToxicError",
+    "ToxicSet",
+    "ToxicState",
+    "read_toxic",
+]
+
+# Each type's attributes and their defaults (Toxiproxy's, all 0), in its units:
+# milliseconds, KB/s (1000 bytes), bytes, microseconds for the slicer's delay.
+STREAM_TYPES: Mapping[str, Mapping[str, float]] = {
+    "latency": {"latency": 0, "jitter": 0},
+    "bandwidth": {"rate": 0},
+    "slow_close": {"delay": 0},
+    "timeout": {"timeout": 0},
+    "reset_peer": {"timeout": 0},
+    "slicer": {"average_size": 0, "size_variation": 0, "delay": 0},
+    "limit_data": {"bytes": 0},
+}
+# netd's own, for udp: listeners: each decided per datagram.
+DATAGRAM_TYPES: Mapping[str, Mapping[str, float]] = {
+    "drop": {},
+    "delay": {"delay": 0, "jitter": 0},
+    "duplicate": {"copies": 1},
+}
+_TYPES = {**STREAM_TYPES, **DATAGRAM_TYPES}
+_STREAMS = ("upstream", "downstream")
+_KEYS = frozenset(
+    {"name", "type", "stream", "toxicity", "attributes", "client", "nth", "times", "fired"}
+)
+
+
+class ToxicError(ValueError):
+    """A toxic that cannot be: C{path} is the offending key ("" for the whole toxic)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}" if path else message)
+        self.path = path
+        self.message = message
+
+
+@attrs.frozen
+class Toxic:
+    """
+    One toxic as configured.
+
+    @ivar stream: C{upstream} acts on bytes from the client to the upstream,
+        C{downstream} on bytes back (Toxiproxy's default).
+    @ivar toxicity: the probability that it acts on a connection (a datagram).
+    @ivar client: act only on clients in these networks; empty, on every client.
+    @ivar nth: act only on the Nth matching connection (datagram); 0, on each.
+    @ivar times: act at most this many times; 0, without limit.
+    """
+
+    name: str
+    type: str
+    stream: str = "downstream"
+    toxicity: float = 1.0
+    attributes: Mapping[str, float] = attrs.field(factory=dict)
+    client: tuple[Network, ...] = ()
+    nth: int = 0
+    times: int = 0
+
+    @property
+    def datagram(self) -> bool:
+        return self.type in DATAGRAM_TYPES
+
+    def __getitem__(self, attribute: str) -> float:
+        """An attribute's value, its type's default if not given."""
+        found = self.attributes.get(attribute)
+        return _TYPES[self.type][attribute] if found is None else found
+
+    def as_json(self) -> dict[str, Any]:
+        """Toxiproxy's shape, with netd's conditions only where set."""
+        shape: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "stream": self.stream,
+            "toxicity": self.toxicity,
+            "attributes": dict(self.attributes),
+        }
+        if self.client:
+            shape["client"] = [str(network) for network in self.client]
+        if self.nth:
+            shape["nth"] = self.nth
+        if self.times:
+            shape["times"] = self.times
+        return shape
+
+
+def _number(raw: Any, path: str, minimum: float = 0) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+        raise ToxicError(path, f"expected a number, got {raw!r}")
+    if not raw >= minimum or raw == float("inf"):
+        raise ToxicError(path, f"must be a finite number of at least {minimum:g}, got {raw!r}")
+    return raw
+
+
+def _count(raw: Any, path: str) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ToxicError(path, f"expected a whole number of at least 0, got {raw!r}")
+    return raw
+
+
+def _networks(raw: Any, path: str) -> tuple[Network, ...]:
+    entries = raw if isinstance(raw, list) else [raw]
+    networks = []
+    for index, entry in enumerate(entries):
+        try:
+            networks.append(ipaddress.ip_network(str(entry), strict=False))
+        except ValueError:
+            raise ToxicError(f"{path}[{index}]", f"not an address or network: {entry!r}") from None
+    return tuple(networks)
+
+
+def read_toxic(raw: Any, default_stream: str = "downstream", base: Toxic | None = None) -> Toxic:
+    """
+    A toxic from its JSON (the API's body, or a map entry as plain data), with
+    Toxiproxy's defaults: stream C{downstream}, toxicity 1, name C{TYPE_STREAM};
+    C{base}, when given, supplies every field C{raw} leaves out (an update).
+    Raises L{ToxicError} naming the first wrong key.
+    """
+    if not isinstance(raw, dict):
+        raise ToxicError("", "a toxic is a JSON object")
+    unknown = sorted(set(raw) - _KEYS)
+    if unknown:
+        raise ToxicError(unknown[0], "unknown key")
+    kind = raw.get("type", base.type if base else None)
+    if kind not in _TYPES:
+        raise ToxicError("type", f"must be one of {', '.join(_TYPES)}, got {kind!r}")
+    if base is not None and kind != base.type:
+        raise ToxicError("type", "a toxic's type cannot change")
+    stream = raw.get("stream", base.stream if base else default_stream)
+    if stream not in _STREAMS:
+        raise ToxicError("stream", "stream was invalid, can be either upstream or downstream")
+    name = raw.get("name") or (base.name if base else f"{kind}_{stream}")
+    if not isinstance(name, str):
+        raise ToxicError("name", f"expected a string, got {name!r}")
+    toxicity = _number(raw.get("toxicity", base.toxicity if base else 1.0), "toxicity")
+    if toxicity > 1:
+        raise ToxicError("toxicity", f"a probability from 0 to 1, got {toxicity!r}")
+    given = raw.get("attributes", {})
+    if not isinstance(given, dict):
+        raise ToxicError("attributes", "expected a JSON object")
+    defaults = _TYPES[kind]
+    extra = sorted(set(given) - set(defaults))
+    if extra:
+        raise ToxicError(f"attributes.{extra[0]}", f"{kind} has no such attribute")
+    attributes = {**defaults, **(base.attributes if base else {})}
+    for key, value in given.items():
+        attributes[key] = _number(value, f"attributes.{key}")
+    client = (
+        _networks(raw["client"], "client") if "client" in raw else (base.client if base else ())
+    )
+    return Toxic(
+        name=name,
+        type=kind,
+        stream=stream,
+        toxicity=toxicity,
+        attributes=attributes,
+        client=client,
+        nth=_count(raw.get("nth", base.nth if base else 0), "nth"),
+        times=_count(raw.get("times", base.times if base else 0), "times"),
+    )
+
+
+@attrs.define(eq=False)
+class ToxicState:
+    """A toxic in use: its configuration (replaced by an update) and its counts."""
+
+    toxic: Toxic
+    # Connections (datagrams) that matched its stream and client: what nth counts.
+    seen: int = 0
+    # How often it acted: what times limits, and what the API reports.
+    fired: int = 0
+
+    def decide(
+        self, client: ipaddress.IPv4Address | ipaddress.IPv6Address | None, chance: random.Random
+    ) -> bool:
+        """Whether it acts on one more connection (datagram) from C{client}."""
+        toxic = self.toxic
+        if toxic.client and (client is None or not any(client in n for n in toxic.client)):
+            return False
+        self.seen += 1
+        if toxic.nth and self.seen != toxic.nth:
+            return False
+        if toxic.times and self.fired >= toxic.times:
+            return False
+        if toxic.toxicity < 1 and chance.random() >= toxic.toxicity:
+            return False
+        self.fired += 1
+        return True
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.toxic.as_json(), "fired": self.fired}
+
+
+@attrs.define(eq=False)
+class ToxicSet:
+    """A proxy's toxics, in the order they act, by name."""
+
+    _states: dict[str, ToxicState] = attrs.field(factory=dict)
+    # Bumped on every change: a connection re-reads its toxics when it moved.
+    version: int = 0
+
+    def __iter__(self) -> Iterator[ToxicState]:
+        return iter(list(self._states.values()))
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, name: str) -> ToxicState | None:
+        return self._states.get(name)
+
+    def add(self, toxic: Toxic) -> ToxicState:
+        if toxic.name in self._states:
+            raise KeyError(toxic.name)
+        state = self._states[toxic.name] = ToxicState(toxic)
+        self.version += 1
+        return state
+
+    def update(self, toxic: Toxic) -> ToxicState:
+        state = self._states[toxic.name]
+        state.toxic = toxic
+        self.version += 1
+        return state
+
+    def remove(self, name: str) -> bool:
+        found = self._states.pop(name, None) is not None
+        self.version += 1
+        return found
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.version += 1

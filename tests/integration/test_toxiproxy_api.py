@@ -1,0 +1,159 @@
+"""
+Toxiproxy's API on netd's admin listener: Toxiproxy's own Python client
+(toxiproxy-python) and the raw HTTP calls of Toxiproxy's README, unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from toxiproxy import Toxiproxy
+from toxiproxy.api import APIConsumer
+
+from netd.testing import AdminError, NetdProcess
+from tests.conftest import StartNetd
+
+
+@pytest.fixture
+def netd(start_netd: StartNetd) -> NetdProcess:
+    return start_netd(
+        """
+services:
+  echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}
+  mapped:
+    type: proxy
+    listen: ["tcp:0:interface=127.0.0.1"]
+    upstream: 127.0.0.1:1
+"""
+    )
+
+
+@pytest.fixture
+def toxiproxy(netd: NetdProcess) -> Iterator[Toxiproxy]:
+    admin = netd.ports["admin"]["listeners"][0]
+    saved = APIConsumer.host, APIConsumer.port
+    server = Toxiproxy()
+    server.update_api_consumer(admin["host"], admin["port"])
+    try:
+        yield server
+    finally:
+        APIConsumer.host, APIConsumer.port = saved
+
+
+def _call(netd: NetdProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    try:
+        return 200, netd.admin(method, path, data)
+    except AdminError as e:
+        return e.status, json.loads(e.body) if e.body else None
+
+
+def _round_trip(address: tuple[str, int]) -> tuple[bytes, float]:
+    with socket.create_connection(address, timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"ping")
+        return sock.recv(100), time.monotonic() - started
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host, int(port)
+
+
+def test_the_python_client_makes_a_proxy_and_a_toxic_that_acts(
+    netd: NetdProcess, toxiproxy: Toxiproxy
+) -> None:
+    echo = netd.address("echo")
+    proxy = toxiproxy.create(upstream=f"127.0.0.1:{echo[1]}", name="echo_px")
+    assert proxy.enabled and proxy.listen.startswith("127.0.0.1:")
+    assert netd.wait_for("echo_px", "proxy.created")["listen"] == proxy.listen
+    address = _address(proxy.listen)
+    assert _round_trip(address)[0] == b"ping"
+
+    proxy.add_toxic(type="latency", attributes={"latency": 300})
+    assert set(proxy.toxics()) == {"latency_downstream"}
+    answer, elapsed = _round_trip(address)
+    assert answer == b"ping" and 0.24 <= elapsed <= 0.5, elapsed
+    netd.wait_for("echo_px", "toxic.fired", toxic="latency_downstream")
+
+    # Down: accepted and reset at once, never relayed.
+    with proxy.down(), pytest.raises(OSError), socket.create_connection(address, 5) as sock:
+        sock.sendall(b"ping")
+        if not sock.recv(100):
+            raise ConnectionResetError("closed without a reset")
+    proxy.destroy_toxic("latency_downstream")
+    assert _round_trip(address)[1] < 0.2
+    # A run-time proxy is a service like the map's: listed, counted, in /metrics.
+    assert netd.services()["echo_px"]["counters"]["connections_total"] >= 3
+    assert b'netd_toxics_fired_total{service="echo_px",type="proxy"}' in netd.admin(
+        "GET", "/metrics"
+    )
+    assert set(toxiproxy.proxies()) == {"echo_px", "mapped"}
+    proxy.destroy()
+    assert set(toxiproxy.proxies()) == {"mapped"}
+    netd.wait_for("echo_px", "proxy.deleted")
+    with pytest.raises(OSError):
+        _round_trip(address)
+
+
+def test_a_run_time_proxy_outlives_a_reload(netd: NetdProcess, toxiproxy: Toxiproxy) -> None:
+    proxy = toxiproxy.create(upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="kept")
+    assert "kept" in netd.reload()["unchanged"]
+    assert _round_trip(_address(proxy.listen))[0] == b"ping"
+
+
+def test_status_codes_and_shapes_are_toxiproxys(netd: NetdProcess) -> None:
+    echo = f"127.0.0.1:{netd.address('echo')[1]}"
+    assert _call(netd, "GET", "/version")[1]["version"].startswith("netd-")
+    status, made = _call(netd, "POST", "/proxies", {"name": "db", "upstream": echo})
+    assert status == 200  # netd.testing's admin() reads 201 as a success
+    assert set(made) == {"name", "listen", "upstream", "enabled", "toxics"}
+    assert _call(netd, "POST", "/proxies", {"name": "db", "upstream": echo}) == (
+        409,
+        {"error": "proxy already exists", "status": 409},
+    )
+    assert _call(netd, "POST", "/proxies", {"name": "x"})[0] == 400
+    assert _call(netd, "GET", "/proxies/nope") == (
+        404,
+        {"error": "proxy not found", "status": 404},
+    )
+    toxic = {"type": "latency", "stream": "upstream", "attributes": {"latency": 10}}
+    status, created = _call(netd, "POST", "/proxies/db/toxics", toxic)
+    assert status == 200 and created["name"] == "latency_upstream"
+    assert _call(netd, "POST", "/proxies/db/toxics", toxic)[0] == 409
+    assert _call(netd, "POST", "/proxies/db/toxics", {"type": "lag"}) == (
+        400,
+        {"error": "invalid toxic type", "status": 400},
+    )
+    assert _call(netd, "POST", "/proxies/db/toxics", b"{".decode())[0] == 400
+    status, updated = _call(
+        netd, "POST", "/proxies/db/toxics/latency_upstream", {"attributes": {"latency": 20}}
+    )
+    assert updated["attributes"] == {"latency": 20, "jitter": 0}
+    assert _call(netd, "GET", "/proxies/db/toxics/nope")[0] == 404
+    assert _call(netd, "POST", "/proxies/db", {"enabled": False})[1]["enabled"] is False
+    assert _call(netd, "POST", "/reset")[0] == 200  # 204: no body
+    shown = _call(netd, "GET", "/proxies/db")[1]
+    assert shown["enabled"] is True and shown["toxics"] == []
+    # The map's proxy may change, not go.
+    assert _call(netd, "DELETE", "/proxies/mapped")[0] == 409
+    status, populated = _call(
+        netd,
+        "POST",
+        "/populate",
+        [{"name": "db", "upstream": echo}, {"name": "cache", "upstream": echo}],
+    )
+    assert [p["name"] for p in populated["proxies"]] == ["db", "cache"]
+    assert _call(netd, "POST", "/populate", [{"upstream": echo}]) == (
+        400,
+        {"error": "missing required field: name at proxy 1", "status": 400},
+    )
+    assert _call(netd, "DELETE", "/proxies/db")[0] == 200  # 204
+    assert _call(netd, "GET", "/proxies/db")[0] == 404
+    # Still serving after all that.
+    assert netd.admin("GET", "/healthz") == b"ok\n"

@@ -1,0 +1,287 @@
+"""The proxy kind's relay and toxics over fake transports and a fake clock."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import textwrap
+from pathlib import Path
+
+import pytest
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.logger import Logger
+
+from netd.config import parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
+from netd.schema import ConfigErrors
+from netd.services.proxy.relay import HIGH_WATER, ClientSide, Relay, UpstreamSide
+from netd.services.proxy.state import Proxy
+from netd.services.proxy.toxics import Toxic, ToxicError, ToxicState, read_toxic
+
+PEER = IPv4Address("TCP", "192.0.2.7", 40000)
+
+
+class _Pipe:
+    """A proxy whose upstream connections are StringTransports, opened at once."""
+
+    def __init__(self, tmp_path: Path, *toxics: Toxic) -> None:
+        self.clock = Clock()
+        self.journal = Journal(self.clock)
+        self.stats = ServiceStats()
+        context = BuildContext(
+            reactor=self.clock,
+            name="px",
+            state_dir=tmp_path,
+            journal=self.journal,
+            stats=self.stats,
+            log=Logger(),
+            tls={},
+        )
+        self.proxy = Proxy(context, ("127.0.0.1", 1), None, toxics, connect=self._connect)
+        self.upstreams: list[StringTransport] = []
+
+    def _connect(self, side: UpstreamSide) -> Deferred[object]:
+        transport = StringTransport()
+        self.upstreams.append(transport)
+        side.makeConnection(transport)
+        return Deferred()
+
+    def open(self) -> tuple[ClientSide, StringTransport, StringTransport]:
+        client = ClientSide(self.proxy)
+        transport = StringTransport(peerAddress=PEER)
+        client.makeConnection(transport)
+        return client, transport, self.upstreams[-1]
+
+    def relay(self, client: ClientSide) -> Relay:
+        assert client.relay is not None
+        return client.relay
+
+
+def test_bytes_pass_straight_through_without_toxics(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    client, to_client, to_upstream = pipe.open()
+    assert to_client.producerState == "producing"  # resumed once the upstream was there
+    client.dataReceived(b"ping")
+    assert to_upstream.value() == b"ping"
+    pipe.relay(client).upstream.dataReceived(b"pong")  # type: ignore[union-attr]
+    assert to_client.value() == b"pong"
+
+
+def test_a_slow_reader_pauses_the_other_side_and_the_queue_stays_bounded(
+    tmp_path: Path,
+) -> None:
+    pipe = _Pipe(tmp_path)
+    client, to_client, to_upstream = pipe.open()
+    relay = pipe.relay(client)
+    # The upstream's transport buffer is full: it pauses its producer, the up direction.
+    assert to_upstream.producer is relay.up
+    relay.up.pauseProducing()
+    assert to_client.producerState == "paused"
+    # Bytes already read keep arriving for a while: queued, not written.
+    for _ in range(3):
+        client.dataReceived(b"q" * (HIGH_WATER // 2))
+    assert to_upstream.value() == b""
+    assert relay.up.queued == 3 * (HIGH_WATER // 2)
+    relay.up.resumeProducing()
+    assert len(to_upstream.value()) == 3 * (HIGH_WATER // 2)
+    assert to_client.producerState == "producing"
+
+
+def test_latency_holds_each_chunk_and_keeps_order(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("slow", "latency", "upstream", attributes={"latency": 100}))
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"one ")
+    pipe.clock.advance(0.05)
+    client.dataReceived(b"two")
+    pipe.clock.advance(0.0499)
+    assert to_upstream.value() == b""
+    pipe.clock.advance(0.0002)
+    assert to_upstream.value() == b"one "
+    pipe.clock.advance(0.05)
+    assert to_upstream.value() == b"one two"
+    fired = pipe.journal.select(types=["toxic.fired"])
+    assert [e.fields["toxic"] for e in fired] == ["slow"]
+    assert pipe.stats.counters["toxics_fired"] == 1
+
+
+def test_bandwidth_paces_bytes_at_the_rate(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("bw", "bandwidth", "upstream", attributes={"rate": 10}))
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"x" * 5000)  # 10 KB/s: half a second
+    pipe.clock.advance(0.49)
+    assert 4000 <= len(to_upstream.value()) < 5000
+    pipe.clock.advance(0.02)
+    assert len(to_upstream.value()) == 5000
+
+
+def test_limit_data_passes_exactly_n_bytes_then_closes(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("cap", "limit_data", "upstream", attributes={"bytes": 10}))
+    client, to_client, to_upstream = pipe.open()
+    client.dataReceived(b"123456")
+    client.dataReceived(b"789abcdef")
+    client.dataReceived(b"more")
+    assert to_upstream.value() == b"123456789a"
+    assert to_client.disconnecting and to_upstream.disconnecting
+
+
+def test_slow_close_delays_the_fin(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("sc", "slow_close", "upstream", attributes={"delay": 500}))
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"last words")
+    client.readConnectionLost()
+    assert to_upstream.value() == b"last words"
+    relay = pipe.relay(client)
+    pipe.clock.advance(0.4)
+    assert not relay.up.finished
+    pipe.clock.advance(0.2)
+    assert relay.up.finished
+    # StringTransport cannot half-close (as TLS): the close waits for the other way's FIN.
+    assert not to_upstream.disconnecting
+    relay.upstream.readConnectionLost()  # type: ignore[union-attr]
+    assert to_upstream.disconnecting and to_upstream.producer is None
+
+
+def test_timeout_swallows_bytes_and_closes_after_the_quiet_period(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("t", "timeout", "downstream", attributes={"timeout": 1000}))
+    client, to_client, _ = pipe.open()
+    pipe.clock.advance(0.6)
+    pipe.relay(client).upstream.dataReceived(b"swallowed")  # type: ignore[union-attr]
+    pipe.clock.advance(0.6)  # the clock restarted with the chunk
+    assert to_client.value() == b"" and not to_client.disconnecting
+    pipe.clock.advance(0.5)
+    assert to_client.disconnecting
+
+
+def test_disabling_cuts_open_relays_and_refuses_new_ones(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    _, to_client, _ = pipe.open()
+    pipe.proxy.set_enabled(False)
+    assert to_client.disconnecting
+    newcomer = ClientSide(pipe.proxy)
+    transport = StringTransport(peerAddress=PEER)
+    newcomer.makeConnection(transport)
+    assert transport.disconnecting and newcomer.relay is None
+    assert len(pipe.upstreams) == 1
+
+
+def test_toxics_added_later_act_on_open_connections(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    client, _, to_upstream = pipe.open()
+    pipe.proxy.toxics.add(Toxic("cap", "limit_data", "upstream", attributes={"bytes": 2}))
+    client.dataReceived(b"abc")
+    assert to_upstream.value() == b"ab"
+    pipe.proxy.toxics.remove("cap")
+
+
+def test_nth_times_client_and_toxicity_decide_per_connection() -> None:
+    chance = random.Random(7)
+    here = ipaddress.ip_address("10.1.2.3")
+    elsewhere = ipaddress.ip_address("192.0.2.1")
+    nth = ToxicState(Toxic("n", "latency", nth=2))
+    assert [nth.decide(here, chance) for _ in range(3)] == [False, True, False]
+    times = ToxicState(Toxic("t", "latency", times=2))
+    assert [times.decide(here, chance) for _ in range(3)] == [True, True, False]
+    cidr = ToxicState(Toxic("c", "latency", client=(ipaddress.ip_network("10.0.0.0/8"),)))
+    assert cidr.decide(here, chance) and not cidr.decide(elsewhere, chance)
+    assert not cidr.decide(None, chance)  # a UNIX socket's client is in no network
+    never = ToxicState(Toxic("z", "latency", toxicity=0.0))
+    assert not any(never.decide(here, chance) for _ in range(20))
+    assert never.fired == 0 and never.seen == 20
+
+
+def test_toxic_json_takes_toxiproxys_defaults() -> None:
+    toxic = read_toxic({"type": "latency", "attributes": {"latency": 5}})
+    assert toxic.as_json() == {
+        "name": "latency_downstream",
+        "type": "latency",
+        "stream": "downstream",
+        "toxicity": 1.0,
+        "attributes": {"latency": 5, "jitter": 0},
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        ({"type": "lag"}, "type"),
+        ({"type": "latency", "stream": "sideways"}, "stream"),
+        ({"type": "latency", "attributes": {"latncy": 5}}, "attributes.latncy"),
+        ({"type": "latency", "attributes": {"latency": "5"}}, "attributes.latency"),
+        ({"type": "latency", "attributes": {"latency": -1}}, "attributes.latency"),
+        ({"type": "latency", "toxicity": 2}, "toxicity"),
+        ({"type": "latency", "client": "not-a-net"}, "client[0]"),
+        ({"type": "latency", "nth": -1}, "nth"),
+        ({"type": "latency", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_toxics_are_refused_at_their_key(raw: dict[str, object], path: str) -> None:
+    with pytest.raises(ToxicError) as refused:
+        read_toxic(raw)
+    assert refused.value.path == path
+
+
+def test_map_errors_name_the_toxic_and_the_key(tmp_path: Path) -> None:
+    text = textwrap.dedent(
+        """
+        services:
+          px:
+            type: proxy
+            listen: ["tcp:0"]
+            upstream: 127.0.0.1:6379
+            toxics:
+              - {type: latency, attributes: {latency: 10}}
+              - {type: bandwidth, attributes: {rate: fast}}
+        """
+    )
+    with pytest.raises(ConfigErrors) as refused:
+        parse_config(text, tmp_path / "netd.yaml")
+    [error] = refused.value.errors
+    assert error.path == "services.px.toxics[1].attributes.rate"
+    assert error.position.line == 9
+
+
+def test_an_upstream_needs_its_port(tmp_path: Path) -> None:
+    text = "services: {px: {type: proxy, listen: ['tcp:0'], upstream: db.lab.test}}"
+    with pytest.raises(ConfigErrors) as refused:
+        parse_config(text, tmp_path / "netd.yaml")
+    assert "HOST:PORT" in str(refused.value)
+
+
+def test_slicer_cuts_chunks_into_spaced_small_writes(tmp_path: Path) -> None:
+    toxic = Toxic(
+        "cut",
+        "slicer",
+        "upstream",
+        attributes={"average_size": 10, "size_variation": 0, "delay": 1000},
+    )
+    pipe = _Pipe(tmp_path, toxic)
+    client, _, to_upstream = pipe.open()
+    writes: list[bytes] = []
+    to_upstream.write = writes.append  # type: ignore[method-assign]
+    client.dataReceived(bytes(range(80)))
+    pipe.clock.advance(1.0)
+    assert b"".join(writes) == bytes(range(80))
+    assert len(writes) == 8 and all(len(w) == 10 for w in writes)
+
+
+def test_a_udp_listener_needs_a_numeric_upstream(tmp_path: Path) -> None:
+    from netd.services import load_kind
+
+    text = "services: {px: {type: proxy, listen: ['udp:0'], upstream: 'db.lab.test:53'}}"
+    service = parse_config(text, tmp_path / "netd.yaml").services["px"]
+    context = _Pipe(tmp_path).proxy.context
+    with pytest.raises(ValueError, match="IP address"):
+        load_kind("proxy").build(service, context)
+
+
+def test_a_client_that_half_closes_then_goes_closes_the_upstream(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"request")
+    client.readConnectionLost()
+    client.connectionLost()
+    assert to_upstream.value() == b"request" and to_upstream.disconnecting
