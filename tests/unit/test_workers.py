@@ -1,0 +1,180 @@
+"""
+Tests for netd.workers' supervision (a dead worker started again, with backoff)
+driven by a Clock, and for the map's C{workers} key.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from netd.config import ConfigErrors, NetdConfig, parse_config
+from netd.workers import Backoff, _Link, _merged, _Slot
+
+
+def test_backoff_doubles_to_its_ceiling() -> None:
+    clock = Clock()
+    backoff = Backoff(clock, first=0.5, most=4.0)
+    assert [backoff.delay(clock.seconds()) for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
+
+
+def test_backoff_starts_over_after_a_stable_run() -> None:
+    clock = Clock()
+    backoff = Backoff(clock, first=0.5, most=4.0, stable=10)
+    assert [backoff.delay(clock.seconds()) for _ in range(3)] == [0.5, 1, 2]
+    started = clock.seconds()
+    clock.advance(9)
+    assert backoff.delay(started) == 4  # up, but not long enough to count as stable
+    started = clock.seconds()
+    clock.advance(10)
+    assert backoff.delay(started) == 0.5
+
+
+class _Spawner:
+    """Hands out links whose processes the test ends, or spawns that fail."""
+
+    def __init__(self) -> None:
+        self.spawned: list[Deferred[_Link]] = []
+        self.links: list[_Link] = []
+
+    def __call__(self) -> Deferred[_Link]:
+        starting: Deferred[_Link] = Deferred()
+        self.spawned.append(starting)
+        return starting
+
+    def serve(self, pid: int) -> _Link:
+        link = _Link.__new__(_Link)
+        link.pid = pid
+        link.ended = Deferred()
+        self.links.append(link)
+        self.spawned[-1].callback(link)
+        return link
+
+
+def _slot() -> tuple[Clock, _Spawner, list[tuple[int, str, float | None]], _Slot]:
+    clock, spawner = Clock(), _Spawner()
+    told: list[tuple[int, str, float | None]] = []
+    slot = _Slot(clock, spawner, lambda *end: told.append(end))
+    return clock, spawner, told, slot
+
+
+def test_a_dead_worker_is_started_again_later_each_time() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    spawner.serve(101).ended.callback("killed by signal 9")
+    assert told == [(101, "killed by signal 9", 0.1)]
+    clock.advance(0.05)
+    assert len(spawner.spawned) == 1  # not before its delay
+    clock.advance(0.05)
+    assert len(spawner.spawned) == 2
+    spawner.serve(102).ended.callback("exited with status 1")
+    assert told[-1] == (102, "exited with status 1", 0.2)
+    clock.advance(0.2)
+    assert len(spawner.spawned) == 3
+
+
+def test_a_worker_that_cannot_start_is_tried_again() -> None:
+    clock, spawner, told, slot = _slot()
+    booted = slot.start()
+    spawner.spawned[-1].errback(RuntimeError("no such kind"))
+    assert told == [(0, "did not start: no such kind", 0.1)]
+    assert booted.called and isinstance(booted.result.value, RuntimeError)
+    booted.addErrback(lambda _: None)
+    clock.advance(0.1)
+    spawner.serve(103)
+    assert slot.link is not None and slot.link.pid == 103
+
+
+def test_stop_cancels_a_pending_start_and_reports_a_stop() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    spawner.serve(104).ended.callback("killed by signal 9")
+    stopped = slot.stop(5)
+    assert stopped.called
+    clock.advance(60)
+    assert len(spawner.spawned) == 1  # the pending start was cancelled
+    assert told == [(104, "killed by signal 9", 0.1)]
+
+
+def test_a_stopped_worker_is_not_replaced() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    link = spawner.serve(105)
+    calls: list[object] = []
+    link.callRemote = lambda *args, **kwargs: calls.append(args) or Deferred()  # type: ignore[method-assign]
+    link.kill = lambda: calls.append("kill")  # type: ignore[method-assign]
+    stopped = slot.stop(2)
+    assert not stopped.called and len(calls) == 1
+    clock.advance(2 + 5)
+    assert calls[-1] == "kill"  # past its grace and margin
+    link.ended.callback("killed by signal 9")
+    assert stopped.called
+    assert told == [(105, "killed by signal 9", None)]
+    clock.advance(60)
+    assert len(spawner.spawned) == 1
+
+
+def test_views_merge_lists_and_sum_counts() -> None:
+    assert _merged([[1, 2], [3]]) == [1, 2, 3]
+    assert _merged([{"cleared": 2, "note": "a"}, {"cleared": 3, "note": "b"}]) == {
+        "cleared": 5,
+        "note": "a",
+    }
+    assert _merged([]) == []
+
+
+# --- the map's workers key ----------------------------------------------------------
+
+
+def _parse(tmp_path: Path, text: str) -> NetdConfig:
+    return parse_config(textwrap.dedent(text), tmp_path / "netd.yaml")
+
+
+def _errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        _parse(tmp_path, text)
+    return [str(e).split(":", 1)[1] for e in raised.value.errors]
+
+
+def test_workers_auto_is_the_number_of_cores(tmp_path: Path) -> None:
+    config = _parse(
+        tmp_path,
+        """
+        services:
+          web: {type: http, listen: ["tcp:0"], workers: auto}
+          echo: {type: echo, listen: ["tcp:0"], workers: 3}
+          dns: {type: dns, listen: ["udp:0"]}
+        """,
+    )
+    assert config.services["web"].workers == os.cpu_count()
+    assert config.services["echo"].workers == 3
+    assert config.services["dns"].workers == 0
+
+
+def test_workers_are_refused_where_state_or_a_listener_cannot_be_shared(tmp_path: Path) -> None:
+    assert _errors(
+        tmp_path,
+        """
+        services:
+          mail: {type: smtp, listen: ["tcp:0"], workers: 2}
+          web: {type: http, listen: ["tcp:0"], record: 10, workers: 2}
+          echo:
+            type: echo
+            workers: 2
+            listen: ["unix:echo.sock", "tcp:0"]
+          time: {type: time, listen: ["tcp:0"], workers: many}
+        """,
+    ) == [
+        "3:50: services.mail.workers: a smtp service keeps its state in one process: "
+        "it cannot run in workers",
+        "4:61: services.web.workers: cannot run in workers: 'record' keeps the requests "
+        "in one process (leave it out, or run one process)",
+        "8:14: services.echo.listen[0]: 'unix:echo.sock' cannot be shared with workers "
+        "(a UNIX path, or TLS keys in the string: use a 'tls:' profile)",
+        "9:50: services.time.workers: expected an integer, got a string",
+    ]
