@@ -49,7 +49,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, LogEvent, Logger, LogLevel, formatEvent, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.components import proxyForInterface
 from twisted.python.failure import Failure
@@ -102,7 +102,6 @@ class _BootFailed(Exception):
 
 class _Boot(amp.Command):
     arguments = [(b"spec", _Big())]
-    response = [(b"pid", amp.Integer())]
     errors = {_BootFailed: b"BOOT_FAILED"}
 
 
@@ -126,6 +125,11 @@ class _CallView(amp.Command):
 
 class _Emit(amp.Command):
     arguments = [(b"event", _Big())]
+    requiresAnswer = False
+
+
+class _Log(amp.Command):
+    arguments = [(b"level", amp.Unicode()), (b"namespace", amp.Unicode()), (b"text", _Big())]
     requiresAnswer = False
 
 
@@ -190,6 +194,13 @@ class _Link(amp.AMP):
         self.pool.journal.emit(fields.pop("service"), fields.pop("type"), worker=self.pid, **fields)
         return {}
 
+    @_Log.responder
+    def log(self, level: str, namespace: str, text: bytes) -> dict[str, Any]:
+        Logger(namespace=namespace).emit(
+            LogLevel.levelWithName(level), "{text}", text=text.decode(), worker=self.pid
+        )
+        return {}
+
     @_Report.responder
     def report(self, report: bytes) -> dict[str, Any]:
         self.pool.reports[self.pid] = json.loads(report)
@@ -232,7 +243,9 @@ class _Process(ProcessProtocol):
         self.link = link
 
     def connectionMade(self) -> None:
-        self.link.makeConnection(_Pipes(self.transport))
+        transport: Any = self.transport
+        self.link.pid = transport.pid
+        self.link.makeConnection(_Pipes(transport))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 1:
@@ -442,7 +455,6 @@ class WorkerPool(RunningService):
             booting: Deferred[dict[str, Any]] = link.callRemote(_Boot, spec=pickle.dumps(spec))
 
             def booted(answer: dict[str, Any]) -> _Link:
-                link.pid = answer["pid"]
                 log.info(
                     "service {name}: worker {pid} serving", name=self.config.name, pid=link.pid
                 )
@@ -626,10 +638,20 @@ class _Worker(amp.AMP):
         self.reactor = reactor
         self.service: RunningService | None = None
         self.grace = 0.0
+        self.journal_active = False
         self.stopped: Deferred[None] | None = None
         self.last_report: dict[str, Any] | None = None
         self.reporting = LoopingCall(self._report)
         self.reporting.clock = reactor
+        self.log_observer = _LogToMain(self)
+
+    def send_log(self, level: str, namespace: str, text: str) -> None:
+        transport: Any = self.transport
+        if transport is None or transport.disconnected:
+            # The channel is gone (the worker is finishing): stderr is all there is.
+            sys.stderr.write(f"netd worker {os.getpid()}: {text}\n")
+            return
+        self.callRemote(_Log, level=level, namespace=namespace, text=text.encode())
 
     @_Boot.responder
     def boot(self, spec: bytes) -> Deferred[dict[str, Any]]:
@@ -637,11 +659,11 @@ class _Worker(amp.AMP):
 
     @inlineCallbacks
     def _boot(self, spec: _Spec) -> Any:
-        _log_to_stderr(spec.log, spec.service.name)
+        self.log_observer.least = _LEVELS.index(LogLevel.levelWithName(spec.log.level))
         self.grace = spec.shutdown_grace
         journal = Journal(self.reactor)
         journal.subscribe(self._forward)
-        journal.active = spec.journal_active
+        journal.active = self.journal_active = spec.journal_active
         service = RunningService(
             spec.service,
             self.reactor,
@@ -664,9 +686,12 @@ class _Worker(amp.AMP):
         service.startService()
         service.state = "running"
         self.reporting.start(_REPORT_INTERVAL, now=False)
-        return {"pid": os.getpid()}
+        return {}
 
     def _forward(self, event: Any) -> None:
+        # Nobody reads the main process's journal (no admin API, no event log).
+        if not self.journal_active:
+            return
         fields = {"service": event.service, "type": event.type, **event.fields}
         self.callRemote(_Emit, event=json.dumps(fields, default=str).encode())
 
@@ -779,25 +804,34 @@ def _boot_failed(failure: Failure) -> Failure:
     return Failure(_BootFailed(f"{type(error).__name__}: {error}"))
 
 
-def _log_to_stderr(config: LogConfig, service: str) -> None:
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        jsonFileLogObserver,
-        textFileLogObserver,
-    )
+_LEVELS = list(LogLevel.iterconstants())
 
-    output = (
-        jsonFileLogObserver(sys.stderr, recordSeparator="")
-        if config.format == "json"
-        else textFileLogObserver(sys.stderr)
-    )
-    level = LogLevel.levelWithName({"warn": "warn"}.get(config.level, config.level))
-    observer = FilteringLogObserver(output, [LogLevelFilterPredicate(defaultLogLevel=level)])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    log.info("worker {pid} of service {service}", pid=os.getpid(), service=service)
+
+@implementer(ILogObserver)
+class _LogToMain:
+    """
+    A worker's log observer: netd's own records, and anything of warn and
+    above, go to the main process's log; Twisted's chatter about ports and
+    pipes stays behind (the main process says the same once).
+    """
+
+    def __init__(self, worker: _Worker) -> None:
+        self.worker = worker
+        self.least = _LEVELS.index(LogLevel.info)
+
+    def __call__(self, event: LogEvent) -> None:
+        level: LogLevel = event.get("log_level", LogLevel.info)
+        namespace: str = event.get("log_namespace") or ""
+        rank = _LEVELS.index(level)
+        if rank < self.least:
+            return
+        if rank < _LEVELS.index(LogLevel.warn) and not namespace.startswith("netd"):
+            return
+        text = formatEvent(event)
+        failure = event.get("log_failure")
+        if failure is not None:
+            text = f"{text}\n{failure.getTraceback()}"
+        self.worker.send_log(level.name, namespace, text)
 
 
 def main() -> None:
@@ -812,6 +846,7 @@ def main() -> None:
     channel_out = os.dup(1)
     os.dup2(2, 1)
     worker = _Worker(reactor)
+    globalLogBeginner.beginLoggingTo([worker.log_observer], redirectStandardIO=False)
     standard_io: Any = stdio.StandardIO
     standard_io(worker, stdin=0, stdout=channel_out, reactor=reactor)
 
