@@ -283,7 +283,7 @@ class _Slot:
         """Start a worker; fires once it serves, or fails if it could not."""
         self.timer = None
         self.started_at = self.clock.seconds()
-        starting = self.spawn()
+        starting = maybeDeferred(self.spawn)
         booted: Deferred[None] = Deferred()
 
         def up(link: _Link) -> None:

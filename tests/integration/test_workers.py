@@ -6,8 +6,15 @@ one that dies is replaced; reload and SIGTERM reach each; the admin API sums the
 from __future__ import annotations
 
 import http.client
+import json
 import os
+import pwd
 import signal
+import socket
+import ssl
+import stat
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,9 +23,20 @@ from typing import Any
 import dns.message
 import dns.query
 import dns.rdatatype
+import pytest
 
-from netd.testing import NetdProcess
+from netd.testing import NetdProcess, twistd_command
+from tests.integration.test_privileges import low_port, workdir
+from tests.integration.test_systemd import (
+    connect_when_listening,
+    echo_over_both,
+    free_port,
+    needs_socket_activate,
+    socket_activated,
+)
 from tests.signals import wait_until
+
+__all__ = ["workdir"]  # the fixture, shared with test_privileges
 
 _ATTEMPTS = 200  # connections tried before giving up on seeing every worker answer
 
@@ -188,3 +206,119 @@ def test_workers_restore_the_listeners_of_a_service_moved_back(tmp_path: Path) -
         assert netd.address("web") == web
         assert _get(web) == "one"
         assert netd.admin("GET", "/api/services/web").get("workers") is None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue  # gone meanwhile
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+PRIVILEGED = """
+state_dir: state
+shutdown_grace: 2
+tls:
+  lab: {{self_signed: [localhost, 127.0.0.1]}}
+services:
+  echo:
+    type: echo
+    workers: 2
+    listen:
+      - "tcp:{port}:interface=127.0.0.1"
+      - "udp:{port}:interface=127.0.0.1"
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
+"""
+
+
+def _anyone_can_run(program: str) -> bool:
+    """Whether a user of no group of the file can run it (nobody starting a worker)."""
+    path = Path(program).resolve()
+    return bool(path.stat().st_mode & stat.S_IXOTH) and all(
+        folder.stat().st_mode & stat.S_IXOTH for folder in path.parents
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="binding below 1024 needs root")
+@pytest.mark.skipif(
+    not _anyone_can_run(sys.executable), reason="nobody may not run this Python (under /root?)"
+)
+def test_workers_serve_a_privileged_port_as_the_user_twistd_becomes(workdir: Path) -> None:
+    port = low_port()
+    (workdir / "netd.yaml").write_text(PRIVILEGED.format(port=port))
+    command = [
+        *twistd_command(),
+        *("--nodaemon", "--pidfile=", "--uid", "nobody", "--gid", "nogroup"),
+        *("netd", "-c", "netd.yaml", "--ports-file", "ports.json"),
+    ]
+    log = workdir / "netd.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(command, cwd=workdir, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until((workdir / "ports.json").exists, "ports file", process=process, log=log)
+        workers = _children(process.pid)
+        assert len(workers) == 2
+        nobody = str(pwd.getpwnam("nobody").pw_uid)
+        for pid in workers:
+            status = Path(f"/proc/{pid}/status").read_text()
+            [uid] = [line.split()[1:] for line in status.splitlines() if line.startswith("Uid:")]
+            assert uid == [nobody] * 4
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as tcp:
+            tcp.sendall(b"low port")
+            assert tcp.recv(100) == b"low port"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.settimeout(5)
+            udp.sendto(b"low udp", ("127.0.0.1", port))
+            assert udp.recvfrom(100) == (b"low udp", ("127.0.0.1", port))
+        ports = json.loads((workdir / "ports.json").read_text())
+        [tls_port] = [e["port"] for e in ports["services"]["echo"]["listeners"] if e["tls"]]
+        context = ssl.create_default_context(cafile=str(workdir / "state/tls/lab-ca.pem"))
+        raw = socket.create_connection(("127.0.0.1", tls_port), timeout=5)
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"secret")
+            assert tls.recv(100) == b"secret"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert process.returncode == 0, log.read_text()
+
+
+ACTIVATED_WORKERS = """
+shutdown_grace: 2
+services:
+  echo:
+    type: echo
+    workers: 2
+    listen: ["systemd:domain=INET:name=echo", "systemd-udp:domain=INET:name=echo"]
+    idle_timeout: {idle}
+"""
+
+
+@needs_socket_activate
+def test_workers_serve_systemd_sockets_across_a_reload(tmp_path: Path) -> None:
+    port = free_port()
+    workdir = tmp_path / "run"
+    process = socket_activated(workdir, ACTIVATED_WORKERS.format(idle=60), port)
+    log = workdir / "netd.log"
+    try:
+        first = connect_when_listening(process, port)
+        echo_over_both(port, first)  # the first connection waited in systemd's socket
+        wait_until((workdir / "ports.json").exists, "ports file", process=process, log=log)
+        assert len(_children(process.pid)) == 2
+        (workdir / "netd.yaml").write_text(ACTIVATED_WORKERS.format(idle=30))
+        process.send_signal(signal.SIGHUP)
+        wait_until(lambda: "restarted ['echo']" in log.read_text(), "reload", process=process)
+        echo_over_both(port)
+        wait_until(
+            lambda: log.read_text().count("stopped, exited with status 0") == 2, "old workers"
+        )
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+    assert process.returncode == 0, log.read_text()
