@@ -60,6 +60,7 @@ from netd.compat import share_listening_socket
 from netd.config import ListenerConfig, LogConfig, ServiceConfig, TLSProfileConfig
 from netd.events import Journal
 from netd.kinds import AdminView, ViewRefused
+from netd.listeners import BoundListener
 from netd.runtime import RunningService, build_tls
 from netd.schema import ConfigError, ConfigErrors, Position
 
@@ -275,25 +276,42 @@ class _Slot:
         self.exited = exited
         self.backoff = Backoff(clock)
         self.link: _Link | None = None
+        self.booting = False
         self.stopping = False
         self.started_at = 0.0
         self.timer: IDelayedCall | None = None
+        # Workers told to stop while the slot goes on: their ends, by link.
+        self.retired: dict[_Link, Deferred[None]] = {}
+        # A replacement asked for while a worker was booting on the old sockets.
+        self.replace_when_up: float | None = None
+        # Fires once a worker booting when the slot was stopped has ended.
+        self.boot_ended: Deferred[None] | None = None
 
     def start(self) -> Deferred[None]:
         """Start a worker; fires once it serves, or fails if it could not."""
         self.timer = None
+        self.booting = True
         self.started_at = self.clock.seconds()
         starting = maybeDeferred(self.spawn)
         booted: Deferred[None] = Deferred()
 
         def up(link: _Link) -> None:
-            if self.stopping:
-                link.kill()
+            self.booting = False
             self.link = link
             link.ended.addCallback(partial(self._ended, link))
+            if self.stopping:
+                self._retire(link, 0)
+                if self.boot_ended is not None:
+                    self.retired[link].chainDeferred(self.boot_ended)
+            elif self.replace_when_up is not None:
+                grace, self.replace_when_up = self.replace_when_up, None
+                self.replace(grace)
             booted.callback(None)
 
         def failed(failure: Failure) -> None:
+            self.booting = False
+            if self.boot_ended is not None:
+                self.boot_ended.callback(None)
             self._again(0, f"did not start: {failure.getErrorMessage()}")
             booted.errback(failure)
 
@@ -301,11 +319,12 @@ class _Slot:
         return booted
 
     def _ended(self, link: _Link, reason: str) -> None:
-        self.link = None
-        if self.stopping:
+        if link in self.retired:
+            del self.retired[link]
             self.exited(link.pid, reason, None)
-        else:
-            self._again(link.pid, reason)
+            return
+        self.link = None
+        self._again(link.pid, reason)
 
     def _again(self, pid: int, reason: str) -> None:
         if self.stopping:
@@ -318,22 +337,45 @@ class _Slot:
         # A failed start is reported and retried by _again; nothing to add here.
         self.start().addErrback(lambda _: None)
 
-    def stop(self, grace: float) -> Deferred[None]:
-        """Ask the worker to finish its exchanges within C{grace}; kill it after that."""
-        self.stopping = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        link = self.link
-        if link is None:
-            return succeed(None)
+    def replace(self, grace: float) -> None:
+        """Start a new worker now; the one serving finishes within C{grace}."""
+        if self.booting:
+            self.replace_when_up = grace
+            return
+        if self.link is not None:
+            self._retire(self.link, grace)
+        if self.timer is None or not self.timer.active():
+            self._restart()
+
+    def _retire(self, link: _Link, grace: float) -> None:
+        """Tell C{link}'s worker to finish within C{grace}; kill it after that."""
+        if self.link is link:
+            self.link = None
         link.callRemote(_Stop, grace=grace).addErrback(lambda _: None)
         killer = self.clock.callLater(grace + _KILL_MARGIN, link.kill)
+        finished: Deferred[None] = Deferred()
 
         def ended(_: object) -> None:
             if killer.active():
                 killer.cancel()
+            finished.callback(None)
 
-        return link.ended.addCallback(ended)
+        # After _ended, which looks the link up here.
+        self.retired[link] = finished
+        link.ended.addCallback(ended)
+
+    def stop(self, grace: float) -> Deferred[None]:
+        """Stop the slot: its workers finish within C{grace}; fires once all ended."""
+        self.stopping = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        if self.link is not None:
+            self._retire(self.link, grace)
+        ends = list(self.retired.values())
+        if self.booting:
+            self.boot_ended = Deferred()
+            ends.append(self.boot_ended)
+        return gatherResults(ends).addCallback(lambda _: None)
 
 
 def _exit_reason(reason: Failure) -> str:
@@ -504,6 +546,21 @@ class WorkerPool(RunningService):
 
     def _links(self) -> list[_Link]:
         return [slot.link for slot in self.slots if slot.link is not None and slot.link.pid]
+
+    def listen(
+        self, held: Mapping[str, endpoints.HeldSocket] | None = None
+    ) -> Deferred[list[BoundListener]]:
+        listening = super().listen(held)
+        if self.running:
+            # Bound again after a reload that failed had taken the sockets away:
+            # the workers serving the old ones make way for workers on these.
+            listening.addCallback(self._hand_over_anew)
+        return listening
+
+    def _hand_over_anew(self, bound: list[BoundListener]) -> list[BoundListener]:
+        for slot in self.slots:
+            slot.replace(self.shutdown_grace)
+        return bound
 
     def stop_listening(self) -> Deferred[None]:
         closed = super().stop_listening()

@@ -25,7 +25,7 @@ import dns.query
 import dns.rdatatype
 import pytest
 
-from netd.testing import NetdProcess, twistd_command
+from netd.testing import AdminError, NetdProcess, twistd_command
 from tests.integration.test_privileges import low_port, workdir
 from tests.integration.test_systemd import (
     connect_when_listening,
@@ -322,3 +322,27 @@ def test_workers_serve_systemd_sockets_across_a_reload(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         process.wait(30)
     assert process.returncode == 0, log.read_text()
+
+
+def test_a_failed_reload_gives_the_workers_their_listener_back(tmp_path: Path) -> None:
+    port, taken = free_port(), socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    web = _map()["services"]["web"]
+    with (
+        taken,
+        NetdProcess.start(
+            {"services": {"web": {**web, "listen": [f"tcp:{port}:interface=127.0.0.1"]}}}, tmp_path
+        ) as netd,
+    ):
+        old = _started(netd, "web", 2)
+        # Another string for the same port cannot take the socket over: the old
+        # listener lets go first, then the taken port fails the whole reload.
+        listen = [f"tcp:{port}", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"]
+        with pytest.raises(AdminError) as refused:
+            netd.reload({"services": {"web": {**web, "listen": listen}}})
+        assert "Address already in use" in refused.value.body
+        assert _get(("127.0.0.1", port)) == "one"
+        for pid in old:
+            netd.wait_for("web", "worker.stopped", worker=pid)
+        assert len(_started(netd, "web", 4) - old) == 2

@@ -106,8 +106,7 @@ def test_a_stopped_worker_is_not_replaced() -> None:
     slot.start()
     link = spawner.serve(105)
     calls: list[object] = []
-    link.callRemote = lambda *args, **kwargs: calls.append(args) or Deferred()  # type: ignore[method-assign]
-    link.kill = lambda: calls.append("kill")  # type: ignore[method-assign]
+    _answering(link, calls)
     stopped = slot.stop(2)
     assert not stopped.called and len(calls) == 1
     clock.advance(2 + 5)
@@ -117,6 +116,50 @@ def test_a_stopped_worker_is_not_replaced() -> None:
     assert told == [(105, "killed by signal 9", None)]
     clock.advance(60)
     assert len(spawner.spawned) == 1
+
+
+def _answering(link: _Link, calls: list[object]) -> None:
+    link.callRemote = lambda *args, **kwargs: calls.append(args) or Deferred()  # type: ignore[method-assign]
+    link.kill = lambda: calls.append("kill")  # type: ignore[method-assign]
+
+
+def test_replace_starts_a_worker_at_once_and_lets_the_old_one_finish() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    old = spawner.serve(106)
+    calls: list[object] = []
+    _answering(old, calls)
+    slot.replace(3)
+    assert len(calls) == 1 and len(spawner.spawned) == 2  # told to stop; the next one starts
+    new = spawner.serve(107)
+    old.ended.callback("exited with status 0")
+    assert told == [(106, "exited with status 0", None)]  # no restart for a retired worker
+    clock.advance(60)
+    assert len(spawner.spawned) == 2 and slot.link is new
+
+
+def test_replace_while_booting_waits_for_the_worker_then_replaces_it() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    slot.replace(3)
+    assert len(spawner.spawned) == 1
+    calls: list[object] = []
+    link = _Link.__new__(_Link)
+    link.pid, link.ended = 108, Deferred()
+    _answering(link, calls)
+    spawner.spawned[-1].callback(link)
+    assert len(calls) == 1 and len(spawner.spawned) == 2  # booted on old sockets: replaced
+    stopped = slot.stop(1)
+    link.ended.callback("exited with status 0")
+    assert not stopped.called  # the replacement still boots; it is stopped once up
+    replacement = _Link.__new__(_Link)
+    replacement.pid, replacement.ended = 109, Deferred()
+    _answering(replacement, calls)
+    spawner.spawned[-1].callback(replacement)
+    assert not stopped.called
+    replacement.ended.callback("exited with status 0")
+    assert stopped.called
+    assert told == [(108, "exited with status 0", None), (109, "exited with status 0", None)]
 
 
 def test_views_merge_lists_and_sum_counts() -> None:
