@@ -139,7 +139,7 @@ def test_replace_starts_a_worker_at_once_and_lets_the_old_one_finish() -> None:
 
 
 def test_replace_while_booting_waits_for_the_worker_then_replaces_it() -> None:
-    clock, spawner, told, slot = _slot()
+    _, spawner, told, slot = _slot()
     slot.start()
     slot.replace(3)
     assert len(spawner.spawned) == 1
