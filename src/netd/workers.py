@@ -702,9 +702,13 @@ class _Worker(amp.AMP):
         self.reporting.clock = reactor
         self.log_observer = _LogToMain(self)
 
-    def send_log(self, level: str, namespace: str, text: str) -> None:
+    @property
+    def channel_open(self) -> bool:
         transport: Any = self.transport
-        if transport is None or transport.disconnected:
+        return transport is not None and not transport.disconnected
+
+    def send_log(self, level: str, namespace: str, text: str) -> None:
+        if not self.channel_open:
             # The channel is gone (the worker is finishing): stderr is all there is.
             sys.stderr.write(f"netd worker {os.getpid()}: {text}\n")
             return
@@ -746,8 +750,9 @@ class _Worker(amp.AMP):
         return {}
 
     def _forward(self, event: Any) -> None:
-        # Nobody reads the main process's journal (no admin API, no event log).
-        if not self.journal_active:
+        # Nobody reads the main process's journal (no admin API, no event
+        # log), or the main process is gone and this worker is finishing.
+        if not self.journal_active or not self.channel_open:
             return
         fields = {"service": event.service, "type": event.type, **event.fields}
         self.callRemote(_Emit, event=json.dumps(fields, default=str).encode())
@@ -758,7 +763,7 @@ class _Worker(amp.AMP):
             "counters": self.service.describe()["counters"],
             "gauges": dict(self.service.stats.gauges),
         }
-        if report != self.last_report:
+        if report != self.last_report and self.channel_open:
             self.last_report = report
             self.callRemote(_Report, report=json.dumps(report).encode())
 
@@ -778,15 +783,17 @@ class _Worker(amp.AMP):
             service = self.service
             stopping = succeed(None) if service is None else service.stop(grace)
 
-            def done(_: object) -> None:
+            def done(result: object) -> None:
+                if isinstance(result, Failure):
+                    log.failure("stopping the service failed", result)
                 if self.reporting.running:
                     self.reporting.stop()
-                if service is not None and self.transport is not None:
+                if service is not None:
                     self._report()
                 # The answer to Stop goes out first; the exit follows the close.
                 self.reactor.callLater(0, self._close)
 
-            self.stopped = stopping.addCallback(done)
+            self.stopped = stopping.addBoth(done)
         finished: Deferred[None] = Deferred()
 
         def tell(result: object) -> object:
@@ -798,7 +805,7 @@ class _Worker(amp.AMP):
 
     def _close(self) -> None:
         transport: Any = self.transport
-        if transport is not None and not transport.disconnected:
+        if self.channel_open:
             transport.loseConnection()
         else:
             self._exit()

@@ -81,11 +81,12 @@ def _started(netd: NetdProcess, service: str, count: int, since: int = 0) -> set
 
 
 def _alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie, exited and not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_workers_answer_on_one_port_and_counters_sum(tmp_path: Path) -> None:
@@ -196,6 +197,16 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path: Path) -> None:
     for pid in web_workers | dns_workers:
         assert not _alive(pid)
         assert f"worker {pid} stopped, exited with status 0" in netd.output
+
+
+def test_workers_of_a_main_process_gone_finish_and_exit(tmp_path: Path) -> None:
+    netd = NetdProcess.start(_map(), tmp_path)
+    workers = _started(netd, "web", 2) | _started(netd, "dns", 2)
+    netd.process.kill()
+    netd.process.wait()
+    for pid in workers:
+        wait_until(lambda pid=pid: not _alive(pid), f"worker {pid} gone")
+    netd.stop()
 
 
 def test_workers_restore_the_listeners_of_a_service_moved_back(tmp_path: Path) -> None:
