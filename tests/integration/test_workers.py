@@ -26,6 +26,7 @@ import dns.rdatatype
 import pytest
 
 from netd.testing import AdminError, NetdProcess, twistd_command
+from tests.integration.test_graceful import upstream
 from tests.integration.test_privileges import low_port, workdir
 from tests.integration.test_systemd import (
     connect_when_listening,
@@ -36,7 +37,7 @@ from tests.integration.test_systemd import (
 )
 from tests.signals import wait_until
 
-__all__ = ["workdir"]  # the fixture, shared with test_privileges
+__all__ = ["upstream", "workdir"]  # fixtures shared with test_graceful and test_privileges
 
 _ATTEMPTS = 200  # connections tried before giving up on seeing every worker answer
 
@@ -197,6 +198,47 @@ def test_sigterm_stops_every_worker_gracefully(tmp_path: Path) -> None:
     for pid in web_workers | dns_workers:
         assert not _alive(pid)
         assert f"worker {pid} stopped, exited with status 0" in netd.output
+
+
+def test_sigterm_lets_a_workers_exchange_in_progress_finish(
+    upstream: tuple[int, threading.Event, threading.Event], tmp_path: Path
+) -> None:
+    port, arrived, release = upstream
+    slow = {"path": "/slow", "proxy": f"http://127.0.0.1:{port}/slow", "timeout": 10}
+    netd = NetdProcess.start(
+        {
+            "shutdown_grace": 10,
+            "services": {
+                "web": {
+                    "type": "http",
+                    "workers": 2,
+                    "listen": ["tcp:0:interface=127.0.0.1"],
+                    "routes": [slow],
+                }
+            },
+        },
+        tmp_path,
+    )
+    host, web_port = netd.address("web")
+    client = http.client.HTTPConnection(host, web_port, timeout=15)
+    client.request("GET", "/slow")
+    assert arrived.wait(10), "the request never reached the upstream"
+    netd.signal(signal.SIGTERM)
+    # Every worker, and the main process, let go of the listening socket.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, web_port), timeout=1).close()
+        except (ConnectionRefusedError, ConnectionResetError):
+            break
+        except TimeoutError:
+            continue  # queued in a backlog nobody accepts from any more
+    else:
+        pytest.fail("netd still accepts connections after SIGTERM")
+    release.set()
+    response = client.getresponse()
+    assert (response.status, response.read()) == (200, b"worth the wait")
+    assert netd.stop() == 0
 
 
 def test_workers_of_a_main_process_gone_finish_and_exit(tmp_path: Path) -> None:
