@@ -12,9 +12,21 @@ from pathlib import Path
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, NetdConfig, parse_config
-from netd.workers import Backoff, _Link, _merged, _Slot
+from netd.kinds import ViewRefused
+from netd.schema import ConfigError, Position
+from netd.workers import (
+    Backoff,
+    _Big,
+    _encode_refusal,
+    _encode_value,
+    _Link,
+    _merged,
+    _outcome,
+    _Slot,
+)
 
 
 def test_backoff_doubles_to_its_ceiling() -> None:
@@ -169,6 +181,30 @@ def test_views_merge_lists_and_sum_counts() -> None:
         "note": "a",
     }
     assert _merged([]) == []
+
+
+def test_big_values_cross_amp_in_pieces() -> None:
+    value = bytes(range(256)) * 1000  # 256 KB: four times what one AMP value holds
+    box: dict[bytes, bytes] = {}
+    _Big().toBox(b"body", box, {"body": value}, None)
+    assert all(len(piece) <= 0xFFFF for piece in box.values()) and len(box) > 4
+    decoded: dict[str, bytes] = {}
+    _Big().fromBox(b"body", box, decoded, None)
+    assert decoded == {"body": value}
+
+
+def test_view_answers_and_refusals_cross_from_a_worker() -> None:
+    assert _outcome(_encode_value([{"name": "a"}])["outcome"]) == [{"name": "a"}]
+    assert _outcome(_encode_value(b"raw\xff")["outcome"]) == b"raw\xff"
+    with pytest.raises(ViewRefused) as refused:
+        _outcome(_encode_refusal(Failure(ViewRefused(409, "exists")))["outcome"])
+    assert (refused.value.status, refused.value.reason) == (409, "exists")
+    error = ConfigError(Position("body", 1, 2), "records.www", "not an address")
+    with pytest.raises(ConfigErrors) as invalid:
+        _outcome(_encode_refusal(Failure(ConfigErrors([error])))["outcome"])
+    assert invalid.value.errors == [error]
+    with pytest.raises(ZeroDivisionError):
+        _encode_refusal(Failure(ZeroDivisionError()))
 
 
 # --- the map's workers key ----------------------------------------------------------
