@@ -17,7 +17,8 @@ def _plan(config: NetdConfig) -> str:
     lines = [f"{config.file}: {len(config.services)} services, state in {config.state_dir}"]
     for name, service in config.services.items():
         state = "" if service.enabled else " (disabled)"
-        lines.append(f"  {name} ({service.type}){state}")
+        workers = f", {service.workers} workers" if service.workers else ""
+        lines.append(f"  {name} ({service.type}){workers}{state}")
         for listener in service.listen:
             extras = []
             if listener.tls_profile:

@@ -5,15 +5,19 @@ The service map: YAML parsed once into immutable objects that remember where the
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from netd import endpoints
 from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
+
+if TYPE_CHECKING:
+    from netd.kinds import ServiceKind
 
 __all__ = [
     "AdminConfig",
@@ -122,6 +126,8 @@ class ServiceConfig:
     max_connections_per_client: int = 0
     idle_timeout: float = 300.0
     options: Any = None
+    # Worker processes serving the listeners the main process binds; 0 serves in the main process.
+    workers: int = 0
     # Every TLS profile the service uses, by its listeners or its own keys.
     tls_profiles: frozenset[str] = frozenset()
 
@@ -467,6 +473,7 @@ def _read_services(
         idle_value = section.get("idle_timeout")
         idle_timeout = section.number("idle_timeout", _IDLE_TIMEOUT, minimum=0.1)
         options = kind.parse(section, used)
+        workers = _read_workers(section, kind, options, listen)
         if kind.longest_silence is not None and options is not None:
             silence = kind.longest_silence(options)
             if idle_value is None:
@@ -486,7 +493,44 @@ def _read_services(
             max_connections_per_client=max_connections_per_client,
             idle_timeout=idle_timeout,
             options=options,
+            workers=workers,
             tls_profiles=frozenset(used.used),
         )
         section.finish()
     return services
+
+
+_MOST_WORKERS = 256
+
+
+def _read_workers(
+    section: Section, kind: ServiceKind[Any], options: Any, listen: tuple[ListenerConfig, ...]
+) -> int:
+    """C{workers: N | auto}: refused where the kind's state or a listener cannot be shared."""
+    value = section.get("workers")
+    if value is None:
+        return 0
+    if value.is_scalar and value.as_str() == "auto":
+        count = os.cpu_count() or 1
+    else:
+        count = value.as_int(0, minimum=0, maximum=_MOST_WORKERS)
+    if not count:
+        return 0
+    if not kind.workers:
+        value.error(
+            f"a {kind.name} service keeps its state in one process: it cannot run in workers"
+        )
+        return 0
+    reason = kind.workers_refusal(options) if kind.workers_refusal is not None else None
+    if reason:
+        value.error(f"cannot run in workers: {reason}")
+        return 0
+    for listener in listen:
+        if not endpoints.can_share(listener.endpoint):
+            value.problems.add(
+                listener.position,
+                listener.path,
+                f"{listener.endpoint!r} cannot be shared with workers "
+                "(a UNIX path, or TLS keys in the string: use a 'tls:' profile)",
+            )
+    return count

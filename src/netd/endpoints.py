@@ -37,6 +37,7 @@ from netd.compat import inherited_descriptors, parse_endpoint, share_listening_s
 __all__ = [
     "HeldSocket",
     "can_hand_over",
+    "can_share",
     "check",
     "has_own_tls",
     "identity",
@@ -287,6 +288,19 @@ def can_hand_over(description: str) -> bool:
     key material, which only Twisted's parser knows how to wrap.
     """
     return _split(description)[0] not in ("unix", "tls") and not has_own_tls(description)
+
+
+def can_share(description: str) -> bool:
+    """
+    Whether worker processes can serve a listener of C{description} on the
+    socket the main process binds: as for L{can_hand_over}, and not a UNIX
+    socket systemd passed, whose path a worker's Twisted port would unlink
+    when it stops.
+    """
+    prefix, _, kwargs = _split(description)
+    return can_hand_over(description) and not (
+        prefix == "systemd" and kwargs.get("domain") == "UNIX"
+    )
 
 
 @attrs.frozen

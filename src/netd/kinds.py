@@ -227,6 +227,12 @@ class ServiceKind(Generic[Options]):
         says (421 and a reason), always fires first.
     @ivar per_client_default: the service's C{max_connections_per_client}
         when the map does not set it; 0 is no per-client limit.
+    @ivar workers: whether the kind's state allows running one service in
+        several worker processes (C{workers: N}), each with its own copy of it
+        (a cache, a log of queries): nothing a client would notice depends on
+        which process answered.
+    @ivar workers_refusal: why a service's options keep it in one process
+        (http's C{record}), or L{None} where they do not.
     """
 
     name: str
@@ -236,6 +242,8 @@ class ServiceKind(Generic[Options]):
     protocols: tuple[str, ...] = ()
     longest_silence: Callable[[Options], float] | None = None
     per_client_default: int = 0
+    workers: bool = False
+    workers_refusal: Callable[[Options], str | None] | None = None
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

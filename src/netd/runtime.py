@@ -162,6 +162,10 @@ class RunningService(ListenerGroup, Service):
         if self.handlers.service is not None:
             self.handlers.service.startService()
 
+    def serving(self) -> Deferred[None]:
+        """Fires once the service answers on its listeners: at once, in this process."""
+        return succeed(None)
+
     @inlineCallbacks
     def stop(self, grace: float) -> Any:
         """Stop accepting at once, let exchanges finish for C{grace} seconds, then stop."""
@@ -258,6 +262,21 @@ class Daemon(MultiService):
     ) -> RunningService:
         """Build one service; a kind's failure names the service instead of a traceback."""
         try:
+            if service_config.workers:
+                # AMP and process management load only for maps that use workers.
+                from netd.workers import WorkerPool
+
+                return WorkerPool(
+                    service_config,
+                    self.reactor,
+                    config.file.parent,
+                    self.journal,
+                    creators,
+                    config.state_dir,
+                    config.tls,
+                    config.shutdown_grace,
+                    config.log,
+                )
             return RunningService(
                 service_config,
                 self.reactor,
@@ -350,8 +369,15 @@ class Daemon(MultiService):
         super().startService()
         if all(s.listeners or not s.config.listen for s in self.services_by_name.values()):
             # Ready means serving: the reactor must run (and its signal handlers
-            # be ours) before a watcher of the ports file sends us anything.
-            self.reactor.callWhenRunning(self._announce_ready)
+            # be ours) before a watcher of the ports file sends us anything,
+            # and worker processes must have taken their listeners.
+            self.reactor.callWhenRunning(self._when_serving)
+
+    def _when_serving(self) -> None:
+        serving = [s.serving() for s in self.services_by_name.values()]
+        gatherResults(serving, consumeErrors=True).addCallbacks(
+            lambda _: self._announce_ready(), self._failed_late
+        )
 
     def _announce_ready(self) -> None:
         if self.ready:
@@ -495,6 +521,8 @@ class Daemon(MultiService):
             return result
 
         # Committed: old services finish their exchanges while the new ones serve.
+        # Once the reload answers, none of the old accepts (a worker, told so, included).
+        listening_stopped = gatherResults([r.stop_listening() for r in retiring])
         grace = new.shutdown_grace
         for retired in retiring:
             if isinstance(retired, RunningService):
@@ -519,6 +547,9 @@ class Daemon(MultiService):
         if new_admin is not None:
             new_admin.announce()
         self._write_ports()
+        yield listening_stopped
+        # A worker that cannot start is retried (and logged); the reload stands.
+        yield DeferredList([running.serving() for running in fresh.values()], consumeErrors=True)
         return ReloadResult(
             started=tuple(n for n in fresh if n not in old),
             restarted=tuple(n for n in fresh if n in old),

@@ -46,4 +46,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True)
+DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True, workers=True)

@@ -211,4 +211,12 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-HTTP: ServiceKind[Options] = ServiceKind("http", parse, build)
+def _workers_refusal(options: Options) -> str | None:
+    if options.record:
+        return "'record' keeps the requests in one process (leave it out, or run one process)"
+    return None
+
+
+HTTP: ServiceKind[Options] = ServiceKind(
+    "http", parse, build, workers=True, workers_refusal=_workers_refusal
+)

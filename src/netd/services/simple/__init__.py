@@ -158,8 +158,16 @@ def _build_qotd(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-ECHO: ServiceKind[None] = ServiceKind("echo", no_options, _build_echo, datagram=True)
-DISCARD: ServiceKind[None] = ServiceKind("discard", no_options, _build_discard, datagram=True)
-CHARGEN: ServiceKind[None] = ServiceKind("chargen", no_options, _build_chargen, datagram=True)
-DAYTIME: ServiceKind[None] = ServiceKind("daytime", no_options, _build_daytime, datagram=True)
-QOTD: ServiceKind[QuoteOptions] = ServiceKind("qotd", _parse_qotd, _build_qotd, datagram=True)
+ECHO: ServiceKind[None] = ServiceKind("echo", no_options, _build_echo, datagram=True, workers=True)
+DISCARD: ServiceKind[None] = ServiceKind(
+    "discard", no_options, _build_discard, datagram=True, workers=True
+)
+CHARGEN: ServiceKind[None] = ServiceKind(
+    "chargen", no_options, _build_chargen, datagram=True, workers=True
+)
+DAYTIME: ServiceKind[None] = ServiceKind(
+    "daytime", no_options, _build_daytime, datagram=True, workers=True
+)
+QOTD: ServiceKind[QuoteOptions] = ServiceKind(
+    "qotd", _parse_qotd, _build_qotd, datagram=True, workers=True
+)

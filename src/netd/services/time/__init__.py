@@ -58,4 +58,4 @@ def _build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-TIME: ServiceKind[None] = ServiceKind("time", no_options, _build, datagram=True)
+TIME: ServiceKind[None] = ServiceKind("time", no_options, _build, datagram=True, workers=True)

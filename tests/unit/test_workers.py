@@ -1,0 +1,259 @@
+"""
+Tests for netd.workers' supervision (a dead worker started again, with backoff)
+driven by a Clock, and for the map's C{workers} key.
+"""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+from netd.config import ConfigErrors, NetdConfig, parse_config
+from netd.kinds import ViewRefused
+from netd.schema import ConfigError, Position
+from netd.workers import (
+    Backoff,
+    _Big,
+    _encode_refusal,
+    _encode_value,
+    _Link,
+    _merged,
+    _outcome,
+    _Slot,
+)
+
+
+def test_backoff_doubles_to_its_ceiling() -> None:
+    clock = Clock()
+    backoff = Backoff(clock, first=0.5, most=4.0)
+    assert [backoff.delay(clock.seconds()) for _ in range(6)] == [0.5, 1, 2, 4, 4, 4]
+
+
+def test_backoff_starts_over_after_a_stable_run() -> None:
+    clock = Clock()
+    backoff = Backoff(clock, first=0.5, most=4.0, stable=10)
+    assert [backoff.delay(clock.seconds()) for _ in range(3)] == [0.5, 1, 2]
+    started = clock.seconds()
+    clock.advance(9)
+    assert backoff.delay(started) == 4  # up, but not long enough to count as stable
+    started = clock.seconds()
+    clock.advance(10)
+    assert backoff.delay(started) == 0.5
+
+
+class _Spawner:
+    """Hands out links whose processes the test ends, or spawns that fail."""
+
+    def __init__(self) -> None:
+        self.spawned: list[Deferred[_Link]] = []
+        self.links: list[_Link] = []
+
+    def __call__(self) -> Deferred[_Link]:
+        starting: Deferred[_Link] = Deferred()
+        self.spawned.append(starting)
+        return starting
+
+    def serve(self, pid: int) -> _Link:
+        link = _Link.__new__(_Link)
+        link.pid = pid
+        link.ended = Deferred()
+        self.links.append(link)
+        self.spawned[-1].callback(link)
+        return link
+
+
+def _slot() -> tuple[Clock, _Spawner, list[tuple[int, str, float | None]], _Slot]:
+    clock, spawner = Clock(), _Spawner()
+    told: list[tuple[int, str, float | None]] = []
+    slot = _Slot(clock, spawner, lambda *end: told.append(end))
+    return clock, spawner, told, slot
+
+
+def test_a_dead_worker_is_started_again_later_each_time() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    spawner.serve(101).ended.callback("killed by signal 9")
+    assert told == [(101, "killed by signal 9", 0.1)]
+    clock.advance(0.05)
+    assert len(spawner.spawned) == 1  # not before its delay
+    clock.advance(0.05)
+    assert len(spawner.spawned) == 2
+    spawner.serve(102).ended.callback("exited with status 1")
+    assert told[-1] == (102, "exited with status 1", 0.2)
+    clock.advance(0.2)
+    assert len(spawner.spawned) == 3
+
+
+def test_a_worker_that_cannot_start_is_tried_again() -> None:
+    clock, spawner, told, slot = _slot()
+    booted = slot.start()
+    spawner.spawned[-1].errback(RuntimeError("no such kind"))
+    assert told == [(0, "did not start: no such kind", 0.1)]
+    assert booted.called and isinstance(booted.result.value, RuntimeError)
+    booted.addErrback(lambda _: None)
+    clock.advance(0.1)
+    spawner.serve(103)
+    assert slot.link is not None and slot.link.pid == 103
+
+
+def test_stop_cancels_a_pending_start_and_reports_a_stop() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    spawner.serve(104).ended.callback("killed by signal 9")
+    stopped = slot.stop(5)
+    assert stopped.called
+    clock.advance(60)
+    assert len(spawner.spawned) == 1  # the pending start was cancelled
+    assert told == [(104, "killed by signal 9", 0.1)]
+
+
+def test_a_stopped_worker_is_not_replaced() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    link = spawner.serve(105)
+    calls: list[object] = []
+    _answering(link, calls)
+    stopped = slot.stop(2)
+    assert not stopped.called and len(calls) == 1
+    clock.advance(2 + 5)
+    assert calls[-1] == "kill"  # past its grace and margin
+    link.ended.callback("killed by signal 9")
+    assert stopped.called
+    assert told == [(105, "killed by signal 9", None)]
+    clock.advance(60)
+    assert len(spawner.spawned) == 1
+
+
+def _answering(link: _Link, calls: list[object]) -> None:
+    link.callRemote = lambda *args, **kwargs: calls.append(args) or Deferred()  # type: ignore[method-assign]
+    link.kill = lambda: calls.append("kill")  # type: ignore[method-assign]
+
+
+def test_replace_starts_a_worker_at_once_and_lets_the_old_one_finish() -> None:
+    clock, spawner, told, slot = _slot()
+    slot.start()
+    old = spawner.serve(106)
+    calls: list[object] = []
+    _answering(old, calls)
+    slot.replace(3)
+    assert len(calls) == 1 and len(spawner.spawned) == 2  # told to stop; the next one starts
+    new = spawner.serve(107)
+    old.ended.callback("exited with status 0")
+    assert told == [(106, "exited with status 0", None)]  # no restart for a retired worker
+    clock.advance(60)
+    assert len(spawner.spawned) == 2 and slot.link is new
+
+
+def test_replace_while_booting_waits_for_the_worker_then_replaces_it() -> None:
+    _, spawner, told, slot = _slot()
+    slot.start()
+    slot.replace(3)
+    assert len(spawner.spawned) == 1
+    calls: list[object] = []
+    link = _Link.__new__(_Link)
+    link.pid, link.ended = 108, Deferred()
+    _answering(link, calls)
+    spawner.spawned[-1].callback(link)
+    assert len(calls) == 1 and len(spawner.spawned) == 2  # booted on old sockets: replaced
+    stopped = slot.stop(1)
+    link.ended.callback("exited with status 0")
+    assert not stopped.called  # the replacement still boots; it is stopped once up
+    replacement = _Link.__new__(_Link)
+    replacement.pid, replacement.ended = 109, Deferred()
+    _answering(replacement, calls)
+    spawner.spawned[-1].callback(replacement)
+    assert not stopped.called
+    replacement.ended.callback("exited with status 0")
+    assert stopped.called
+    assert told == [(108, "exited with status 0", None), (109, "exited with status 0", None)]
+
+
+def test_views_merge_lists_and_sum_counts() -> None:
+    assert _merged([[1, 2], [3]]) == [1, 2, 3]
+    assert _merged([{"cleared": 2, "note": "a"}, {"cleared": 3, "note": "b"}]) == {
+        "cleared": 5,
+        "note": "a",
+    }
+    assert _merged([]) == []
+
+
+def test_big_values_cross_amp_in_pieces() -> None:
+    value = bytes(range(256)) * 1000  # 256 KB: four times what one AMP value holds
+    box: dict[bytes, bytes] = {}
+    _Big().toBox(b"body", box, {"body": value}, None)
+    assert all(len(piece) <= 0xFFFF for piece in box.values()) and len(box) > 4
+    decoded: dict[str, bytes] = {}
+    _Big().fromBox(b"body", box, decoded, None)
+    assert decoded == {"body": value}
+
+
+def test_view_answers_and_refusals_cross_from_a_worker() -> None:
+    assert _outcome(_encode_value([{"name": "a"}])["outcome"]) == [{"name": "a"}]
+    assert _outcome(_encode_value(b"raw\xff")["outcome"]) == b"raw\xff"
+    with pytest.raises(ViewRefused) as refused:
+        _outcome(_encode_refusal(Failure(ViewRefused(409, "exists")))["outcome"])
+    assert (refused.value.status, refused.value.reason) == (409, "exists")
+    error = ConfigError(Position("body", 1, 2), "records.www", "not an address")
+    with pytest.raises(ConfigErrors) as invalid:
+        _outcome(_encode_refusal(Failure(ConfigErrors([error])))["outcome"])
+    assert invalid.value.errors == [error]
+    with pytest.raises(ZeroDivisionError):
+        _encode_refusal(Failure(ZeroDivisionError()))
+
+
+# --- the map's workers key ----------------------------------------------------------
+
+
+def _parse(tmp_path: Path, text: str) -> NetdConfig:
+    return parse_config(textwrap.dedent(text), tmp_path / "netd.yaml")
+
+
+def _errors(tmp_path: Path, text: str) -> list[str]:
+    with pytest.raises(ConfigErrors) as raised:
+        _parse(tmp_path, text)
+    return [str(e).split(":", 1)[1] for e in raised.value.errors]
+
+
+def test_workers_auto_is_the_number_of_cores(tmp_path: Path) -> None:
+    config = _parse(
+        tmp_path,
+        """
+        services:
+          web: {type: http, listen: ["tcp:0"], workers: auto}
+          echo: {type: echo, listen: ["tcp:0"], workers: 3}
+          dns: {type: dns, listen: ["udp:0"]}
+        """,
+    )
+    assert config.services["web"].workers == os.cpu_count()
+    assert config.services["echo"].workers == 3
+    assert config.services["dns"].workers == 0
+
+
+def test_workers_are_refused_where_state_or_a_listener_cannot_be_shared(tmp_path: Path) -> None:
+    assert _errors(
+        tmp_path,
+        """
+        services:
+          mail: {type: smtp, listen: ["tcp:0"], workers: 2}
+          web: {type: http, listen: ["tcp:0"], record: 10, workers: 2}
+          echo:
+            type: echo
+            workers: 2
+            listen: ["unix:echo.sock", "tcp:0"]
+          time: {type: time, listen: ["tcp:0"], workers: many}
+        """,
+    ) == [
+        "3:50: services.mail.workers: a smtp service keeps its state in one process: "
+        "it cannot run in workers",
+        "4:61: services.web.workers: cannot run in workers: 'record' keeps the requests "
+        "in one process (leave it out, or run one process)",
+        "8:14: services.echo.listen[0]: 'unix:echo.sock' cannot be shared with workers "
+        "(a UNIX path, or TLS keys in the string: use a 'tls:' profile)",
+        "9:50: services.time.workers: expected an integer, got a string",
+    ]
