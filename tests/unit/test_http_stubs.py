@@ -371,3 +371,22 @@ def test_routes_added_at_run_time(tmp_path: Path) -> None:
     paths = {e.path for e in bad.value.errors}
     assert paths == {"route.path", "route.colour", "route.body"}
     assert ask(app, "/users").data == b"list"  # a refused route changes nothing
+
+
+def test_websocket_scripts_are_checked_when_read(tmp_path: Path) -> None:
+    found = "\n".join(
+        WEB.errors(
+            tmp_path,
+            "    routes:\n"
+            "      - {path: /a, websocket: {replies: [{text: x, close: 1005}]}}\n"
+            "      - {path: /b, websocket: {on_open: [{json: 1, base64: AA==}]}}\n"
+            "      - {path: /c, websocket: {on_open: [{base64: '%%%'}]}}\n"
+            "      - {path: /d, websocket: {echo: true}, body: x}\n"
+            "      - {path: /e, websocket: {replies: [{regex: '(', send: x}]}}\n",
+        )
+    )
+    assert "routes[0].websocket.replies[0].close: 1005 is not a close code" in found
+    assert "routes[1].websocket.on_open[0]: a message is text, {json: ...} or {base64" in found
+    assert "routes[2].websocket.on_open[0]: not base64" in found
+    assert "routes[3]: a route is one of" in found
+    assert "routes[4].websocket.replies[0].regex: not a regular expression" in found

@@ -34,6 +34,7 @@ from netd.services.http.match import path_pattern, read_conditions
 from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
 from netd.services.http.stubs import RoutesView, read_stub
+from netd.services.http.websocket import read_script
 from netd.services.http.wire import Limits, busy_reply, factory_for
 
 __all__ = ["HTTP", "Limits", "Options", "Route"]
@@ -117,9 +118,11 @@ def _route(value: Value) -> Route:
     stub = read_stub(section, value, _headers)
     redirect = section.optional_str("redirect")
     proxy_value = section.get("proxy")
+    websocket = section.read("websocket", read_script, None)
     canned = stub is not None or any(section.has(k) for k in ("body", "body_file"))
-    if sum(map(bool, (redirect is not None, proxy_value is not None, canned))) > 1:
-        value.error("a route is one of: a canned answer (body), a redirect, a proxy")
+    kinds = (redirect is not None, proxy_value is not None, canned, websocket is not None)
+    if sum(map(bool, kinds)) > 1:
+        value.error("a route is one of: a canned answer (body), a redirect, a proxy, a websocket")
     status = 302 if redirect is not None else 200
     headers: tuple[tuple[str, str], ...] = ()
     body_text = body_file = None
@@ -162,6 +165,7 @@ def _route(value: Value) -> Route:
         priority=priority,
         id=route_id,
         stub=stub,
+        websocket=websocket,
     )
 
 

@@ -27,6 +27,7 @@ from netd.events import ServiceStats
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
 from netd.services.http.stubs import Stub, Stubs, explain, near_miss
+from netd.services.http.websocket import Script, serve
 
 __all__ = [
     "HOP_BY_HOP_FRAMING",
@@ -71,6 +72,7 @@ _REASONS: dict[int, bytes] = {
     414: b"URI Too Long",
     416: b"Range Not Satisfiable",
     417: b"Expectation Failed",
+    426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -118,6 +120,7 @@ class Route:
     priority: int = 5
     id: str = ""
     stub: Stub | None = None
+    websocket: Script | None = None
 
     def matches(self, path: str) -> bool:
         if self.pattern is not None:
@@ -438,6 +441,9 @@ class App:
                 if not verdict:
                     continue
             exchange.route = route.id
+            if route.websocket is not None:
+                serve(exchange, route.websocket, self.clock)
+                return
             if route.stub is not None:
                 if request is None:
                     request = Request(exchange, path)

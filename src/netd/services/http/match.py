@@ -44,6 +44,7 @@ __all__ = [
     "path_pattern",
     "plain",
     "read_conditions",
+    "read_regex",
 ]
 
 # The verdict of a route whose conditions hold so far but whose body has not all come in.
@@ -314,7 +315,7 @@ def path_pattern(value: Value, path: str) -> re.Pattern[str] | None:
         section = value.section()
         regex = section.require("regex")
         section.finish()
-        return _regex(regex) if regex is not None else None
+        return read_regex(regex) if regex is not None else None
     if not any(c in path for c in _GLOB):
         return None
     # fnmatch's '*' crosses '/'; a route's '*' stays within one segment.
@@ -323,7 +324,7 @@ def path_pattern(value: Value, path: str) -> re.Pattern[str] | None:
     return re.compile(translated)
 
 
-def _regex(value: Value) -> re.Pattern[str] | None:
+def read_regex(value: Value) -> re.Pattern[str] | None:
     text = value.as_str()
     try:
         return re.compile(text)
@@ -341,7 +342,7 @@ def read_text(value: Value) -> Text:
     text = Text(
         equals=section.optional_str("equals"),
         contains=section.optional_str("contains"),
-        regex=_regex(regex) if regex is not None else None,
+        regex=read_regex(regex) if regex is not None else None,
         absent=section.flag("absent", False),
     )
     section.finish()
@@ -368,7 +369,7 @@ def _body(value: Value) -> Body:
     text = Text(
         equals=section.optional_str("equals"),
         contains=section.optional_str("contains"),
-        regex=section.read("regex", _regex, None),
+        regex=section.read("regex", read_regex, None),
     )
     json_value = section.get("json")
     no_paths: tuple[tuple[str, Any, Text | None] | None, ...] = ()
@@ -394,7 +395,7 @@ def _jsonpath(value: Value) -> tuple[str, Any, Text | None] | None:
         wanted = Text(
             equals=section.optional_str("equals"),
             contains=section.optional_str("contains"),
-            regex=section.read("regex", _regex, None),
+            regex=section.read("regex", read_regex, None),
         )
         section.finish()
         if path_value is None:
