@@ -390,3 +390,24 @@ def test_websocket_scripts_are_checked_when_read(tmp_path: Path) -> None:
     assert "routes[2].websocket.on_open[0]: not base64" in found
     assert "routes[3]: a route is one of" in found
     assert "routes[4].websocket.replies[0].regex: not a regular expression" in found
+
+
+def test_recording_and_replay_keys_are_checked_when_read(tmp_path: Path) -> None:
+    (tmp_path / "bad.yaml").write_text("- {path: nope, body: x}\n")
+    (tmp_path / "empty.yaml").write_text("")
+    found = "\n".join(
+        WEB.errors(
+            tmp_path,
+            "    routes_from: [missing.yaml, bad.yaml, empty.yaml]\n"
+            "    routes:\n"
+            "      - {path: /a, body: x, record_to: a.yaml}\n"
+            "      - {path: /b/, proxy: 'http://127.0.0.1:9/', record_to: no/such/dir.yaml}\n",
+        )
+    )
+    assert "services.web.routes_from[0]: cannot read" in found
+    assert "bad.yaml:1:10: [0].path: a route path starts with /" in found
+    assert "routes[0].record_to: only a proxy route records" in found
+    assert "routes[1].record_to: not a directory" in found
+    (tmp_path / "good.yaml").write_text("- {path: /r, status: 204}\n")
+    options = WEB.parse(tmp_path, "    routes_from: good.yaml\n    routes: [{path: /m, body: m}]\n")
+    assert [r.id for r in options.routes] == ["routes[0]", "good.yaml[0]"]

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
-from netd.schema import Section, Value
+from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Route, StaticOptions
 from netd.services.http.match import path_pattern, read_conditions
 from netd.services.http.proxy import Proxy
@@ -62,10 +62,12 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         root = root_value.as_path()
         if root_value.is_scalar and not root.is_dir():
             root_value.error(f"not a directory: {root}")
+    no_routes: tuple[Route, ...] = ()
     options = Options(
         root=root,
         listing=section.flag("listing", False),
-        routes=section.read("routes", _routes, ()),
+        routes=section.read("routes", _routes, no_routes)
+        + section.read("routes_from", _routes_from, no_routes),
         record=section.integer("record", 0, minimum=0, maximum=100_000),
         record_body=section.integer("record_body", 65536, minimum=0, maximum=16 << 20),
         access_log=section.flag("access_log", True),
@@ -148,6 +150,15 @@ def _route(value: Value) -> Route:
         if proxy_value.is_scalar and (parts.scheme not in ("http", "https") or not parts.netloc):
             proxy_value.error(f"not an http:// or https:// URL: {proxy!r}")
     timeout = section.number("timeout", 30.0, minimum=0.1)
+    record_to = section.file_path("record_to")
+    record_secrets = section.flag("record_secrets", False)
+    if record_to is not None:
+        entry = section.get("record_to")
+        assert entry is not None
+        if proxy_value is None:
+            entry.error("only a proxy route records")
+        elif not record_to.parent.is_dir():
+            entry.error(f"not a directory: {record_to.parent}")
     section.finish()
     return Route(
         path=path,
@@ -166,19 +177,41 @@ def _route(value: Value) -> Route:
         id=route_id,
         stub=stub,
         websocket=websocket,
+        record_to=str(record_to) if record_to is not None else None,
+        record_secrets=record_secrets,
     )
 
 
-def _routes(value: Value) -> tuple[Route, ...]:
+def _routes(value: Value, name: str = "routes") -> tuple[Route, ...]:
     """The map's routes, each with an id: its own, or where it stands (C{routes[2]})."""
     routes = value.list_of(_route)
-    named = [r if r.id else attrs.evolve(r, id=f"routes[{i}]") for i, r in enumerate(routes)]
+    named = [r if r.id else attrs.evolve(r, id=f"{name}[{i}]") for i, r in enumerate(routes)]
     seen: set[str] = set()
     for route, element in zip(named, value.elements(), strict=False):
         if route.id in seen:
             element.error(f"another route has the id {route.id!r}")
         seen.add(route.id)
     return tuple(named)
+
+
+def _routes_from(value: Value) -> tuple[Route, ...]:
+    """Routes kept in other files (recorded ones, say), each read as the map's are."""
+    found: list[Route] = []
+    for entry in value.elements(single=True):
+        path = entry.as_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            entry.error(f"cannot read {path}: {e}")
+            continue
+        node = compose(text, str(path), value.problems)
+        if node is None:
+            continue
+        routes = Value(node, "", str(path), path.parent, value.problems)
+        if routes.is_null:
+            continue  # an empty recording: nothing to replay yet
+        found.extend(_routes(routes, path.name))
+    return tuple(found)
 
 
 def _headers(value: Value) -> tuple[tuple[str, str], ...]:

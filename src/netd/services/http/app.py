@@ -26,6 +26,7 @@ from zope.interface import implementer
 from netd.events import ServiceStats
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
+from netd.services.http.record import Recorder
 from netd.services.http.stubs import Stub, Stubs, explain, near_miss
 from netd.services.http.websocket import Script, serve
 
@@ -121,6 +122,8 @@ class Route:
     id: str = ""
     stub: Stub | None = None
     websocket: Script | None = None
+    record_to: str | None = None
+    record_secrets: bool = False
 
     def matches(self, path: str) -> bool:
         if self.pattern is not None:
@@ -389,6 +392,9 @@ class App:
                 if answer.body_file is not None:
                     self.bodies[answer.body_file] = _read(answer.body_file)
         self.stubs = Stubs(clock, self.bodies)
+        self.recorders = {
+            r.id: Recorder(r.record_to, r.record_secrets) for r in routes if r.record_to
+        }
 
     # -- the admin view ------------------------------------------------------------
 
@@ -492,7 +498,12 @@ class App:
 
     def _route(self, exchange: Exchange, route: Route, path: str) -> None:
         if route.proxy is not None and self.proxy is not None:
-            self.proxy(exchange, route, path[len(route.path) :] if route.prefix else "")
+            recorder = self.recorders.get(route.id)
+            self.proxy(
+                recorder.wrap(exchange) if recorder is not None else exchange,
+                route,
+                path[len(route.path) :] if route.prefix else "",
+            )
             return
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in route.headers]
         if route.redirect is not None:
