@@ -36,7 +36,9 @@ services:
         method: POST
         template: true
         status: 201
-        headers: {{Set-Cookie: "session=secret-value; HttpOnly", X-Order: "{{{{request.json.sku}}}}"}}
+        headers:
+          Set-Cookie: "session=secret-value; HttpOnly"
+          X-Order: "{{{{request.json.sku}}}}"
         json: {{sku: "{{{{request.json.sku}}}}"}}
       - {{path: /binary, body_file: {tmp_path / "binary.bin"}}}
       - {{path: /big, body_file: {tmp_path / "big.txt"}}}
