@@ -411,3 +411,57 @@ def test_recording_and_replay_keys_are_checked_when_read(tmp_path: Path) -> None
     (tmp_path / "good.yaml").write_text("- {path: /r, status: 204}\n")
     options = WEB.parse(tmp_path, "    routes_from: good.yaml\n    routes: [{path: /m, body: m}]\n")
     assert [r.id for r in options.routes] == ["routes[0]", "good.yaml[0]"]
+
+
+def test_openapi_files_are_checked_when_read(tmp_path: Path) -> None:
+    (tmp_path / "not-openapi.yaml").write_text("hello: world\n")
+    (tmp_path / "broken.yaml").write_text(
+        "openapi: 3.0.0\ninfo: {title: x, version: '1'}\npaths: {/a: {get: {responses: 7}}}\n"
+    )
+    for name, message in (
+        ("missing.yaml", "cannot read"),
+        ("not-openapi.yaml", "not an OpenAPI description"),
+        ("broken.yaml", "broken.yaml:"),
+    ):
+        found = "\n".join(WEB.errors(tmp_path, f"    openapi: {name}\n"))
+        assert "services.web.openapi: " in found and message in found
+
+
+def test_bodies_built_to_fit_a_schema() -> None:
+    from netd.services.http.openapi import minimal
+
+    spec = {
+        "components": {
+            "schemas": {
+                "Pet": {
+                    "type": "object",
+                    "required": ["id", "born", "tags", "kind"],
+                    "properties": {
+                        "id": {"type": "integer", "exclusiveMinimum": 0},
+                        "born": {"type": "string", "format": "date"},
+                        "tags": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                        "kind": {"enum": ["cat", "dog"]},
+                        "optional": {"type": "string"},
+                    },
+                },
+                "Loop": {
+                    "type": "object",
+                    "required": ["next"],
+                    "properties": {"next": {"$ref": "#/components/schemas/Loop"}},
+                },
+            }
+        }
+    }
+    assert minimal(spec, {"$ref": "#/components/schemas/Pet"}) == {
+        "id": 1,
+        "born": "1970-01-01",
+        "tags": [""],
+        "kind": "cat",
+    }
+    assert (
+        minimal(spec, {"allOf": [{"$ref": "#/components/schemas/Pet"}, {"type": "object"}]})["id"]
+        == 1
+    )
+    assert minimal(spec, {"type": ["null", "number"], "minimum": 2.5}) == 2.5
+    looped = minimal(spec, {"$ref": "#/components/schemas/Loop"})  # bounded, not endless
+    assert isinstance(looped, dict)

@@ -30,7 +30,7 @@ from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Route, StaticOptions
-from netd.services.http.match import path_pattern, read_conditions
+from netd.services.http.match import Conditions, path_pattern, read_conditions
 from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
 from netd.services.http.stubs import RoutesView, read_stub
@@ -67,7 +67,8 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         root=root,
         listing=section.flag("listing", False),
         routes=section.read("routes", _routes, no_routes)
-        + section.read("routes_from", _routes_from, no_routes),
+        + section.read("routes_from", _routes_from, no_routes)
+        + section.read("openapi", _openapi_routes, no_routes),
         record=section.integer("record", 0, minimum=0, maximum=100_000),
         record_body=section.integer("record_body", 65536, minimum=0, maximum=16 << 20),
         access_log=section.flag("access_log", True),
@@ -212,6 +213,33 @@ def _routes_from(value: Value) -> tuple[Route, ...]:
             continue  # an empty recording: nothing to replay yet
         found.extend(_routes(routes, path.name))
     return tuple(found)
+
+
+def _openapi_routes(value: Value) -> tuple[Route, ...]:
+    """A route for each operation of an OpenAPI description (L{netd.services.http.openapi})."""
+    path = value.as_path()
+    try:
+        # Loaded only for a map that names a file: it brings werkzeug and jsonschema.
+        from netd.services.http import openapi
+    except ImportError as e:
+        value.error(f"needs openapi-core: pip install 'netd[openapi]' ({e})")
+        return ()
+    try:
+        found = openapi.operations(path)
+    except openapi.OpenAPIError as e:
+        value.error(str(e))
+        return ()
+    return tuple(
+        Route(
+            path=operation.path,
+            prefix=False,
+            pattern=operation.pattern,
+            when=Conditions(methods=frozenset({operation.method})),
+            id=f"openapi:{operation.name}",
+            stub=operation.stub,
+        )
+        for operation in found
+    )
 
 
 def _headers(value: Value) -> tuple[tuple[str, str], ...]:

@@ -86,12 +86,19 @@ def _header(text: str) -> bytes:
 
 @attrs.frozen
 class Stub:
+    """
+    A route's answers; C{check}, if given, refuses a request with 400 and its
+    reasons (an OpenAPI operation's validation); C{body_read}: it reads the body.
+    """
+
     answers: tuple[Answer, ...]
+    check: Callable[[Request], str | None] | None = None
+    body_read: bool = False
 
     @property
     def reads_body(self) -> bool:
         """Whether its answers are built from the body: then it waits for all of it."""
-        return any(answer.reads_body for answer in self.answers)
+        return self.body_read or any(answer.reads_body for answer in self.answers)
 
 
 def read_stub(
@@ -182,6 +189,11 @@ class Stubs:
         respond_error: Callable[[Any, int], None],
     ) -> None:
         stub: Stub = route.stub
+        if stub.check is not None:
+            refused = stub.check(request)
+            if refused is not None:
+                exchange.respond(400, [_TEXT_TYPE], f"400 Bad Request\n{refused}\n".encode())
+                return
         count = self.counts[route.id] = self.counts.get(route.id, 0) + 1
         answer = stub.answers[min(count, len(stub.answers)) - 1]
         scope = Scope(request, count, self.clock.seconds(), route.pattern)
