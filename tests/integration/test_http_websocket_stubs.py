@@ -36,7 +36,9 @@ services:
             - {regex: "^bye", send: "see you", close: {code: 4000, reason: bye}}
           echo: true
       - path: /ws/quiet
-        websocket: {replies: [{contains: hi, send: {base64: AAEC}}]}
+        websocket:
+          subprotocols: [graphql-transport-ws, chat]
+          replies: [{contains: hi, send: {base64: AAEC}}]
 """
 
 
@@ -82,7 +84,13 @@ def test_the_script_runs(netd: NetdProcess) -> None:
 
 def test_wss_and_a_client_that_closes(netd: NetdProcess) -> None:
     context = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
-    with connect(url(netd, "/ws/quiet", tls=True), ssl=context, open_timeout=10) as ws:
+    with connect(
+        url(netd, "/ws/quiet", tls=True),
+        ssl=context,
+        open_timeout=10,
+        subprotocols=["chat", "graphql-transport-ws"],  # type: ignore[list-item]
+    ) as ws:
+        assert ws.subprotocol == "graphql-transport-ws"  # the server's preference
         ws.send("say hi")
         assert ws.recv(timeout=10) == b"\x00\x01\x02"
         ws.send("nothing matches this and there is no echo")

@@ -465,3 +465,20 @@ def test_bodies_built_to_fit_a_schema() -> None:
     assert minimal(spec, {"type": ["null", "number"], "minimum": 2.5}) == 2.5
     looped = minimal(spec, {"$ref": "#/components/schemas/Loop"})  # bounded, not endless
     assert isinstance(looped, dict)
+
+
+@pytest.mark.parametrize(
+    ("glob", "matched", "missed"),
+    [
+        ("/a/*/b", "/a/x/b", "/a/x/y/b"),
+        ("/f/**", "/f/a/b/c", "/g/a"),
+        ("/v?", "/v1", "/v/"),
+        ("/x/[a-c]1", "/x/b1", "/x/d1"),
+        ("/x/[!a]", "/x/b", "/x/a"),
+        ("/a.b*", "/a.bz", "/axbz"),
+    ],
+)
+def test_globs_keep_to_their_segments(tmp_path: Path, glob: str, matched: str, missed: str) -> None:
+    app = app_for(tmp_path, f"      - {{path: '{glob}', body: hit}}\n")
+    assert ask(app, matched).data == b"hit"
+    assert ask(app, missed).status == 404

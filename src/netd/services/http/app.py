@@ -392,6 +392,8 @@ class App:
                 if answer.body_file is not None:
                     self.bodies[answer.body_file] = _read(answer.body_file)
         self.stubs = Stubs(clock, self.bodies)
+        # Requests each route answered, by id: a stub's sequence and counter, the routes view.
+        self.matched: dict[str, int] = {}
         self.recorders = {
             r.id: Recorder(r.record_to, r.record_secrets) for r in routes if r.record_to
         }
@@ -413,7 +415,7 @@ class App:
         self.added = [r for r in self.added if r.id != route_id]
         self.routes = in_order([*self.added, *self.map_routes])
         self.reads_bodies = _reads_bodies(self.routes)
-        self.stubs.counts.pop(route_id, None)
+        self.matched.pop(route_id, None)
 
     def clear_requests(self) -> dict[str, int]:
         cleared = len(self.records)
@@ -446,19 +448,23 @@ class App:
                     return
                 if not verdict:
                     continue
-            exchange.route = route.id
-            if route.websocket is not None:
-                serve(exchange, route.websocket, self.clock)
-                return
-            if route.stub is not None:
+            stub = route.stub
+            if stub is not None:
                 if request is None:
                     request = Request(exchange, path)
-                if request.body is None and route.stub.reads_body:
+                if request.body is None and stub.reads_body:
                     self._after_body(exchange, path, request)
                     return
-                self.stubs.answer(exchange, route, request, self.error)
-                return
-            self._route(exchange, route, path)
+            exchange.route = route.id
+            matched = self.matched
+            count = matched[route.id] = matched.get(route.id, 0) + 1
+            if route.websocket is not None:
+                serve(exchange, route.websocket, self.clock)
+            elif stub is not None:
+                assert request is not None
+                self.stubs.answer(exchange, route, request, count, self.error)
+            else:
+                self._route(exchange, route, path)
             return
         if self.files is not None:
             self.files.serve(exchange, path)

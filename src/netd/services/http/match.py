@@ -23,7 +23,6 @@ queries compiled once when the map is read.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
 import urllib.parse
@@ -78,9 +77,10 @@ class Request:
     def query(self) -> dict[str, list[str]]:
         if self._query is None:
             target: str = self.exchange.target
-            raw = target.partition("?")[2] if target.startswith("/") else ""
-            if not target.startswith("/"):
-                raw = urllib.parse.urlsplit(target).query
+            if target.startswith("/"):
+                raw = target.partition("?")[2]
+            else:
+                raw = urllib.parse.urlsplit(target).query  # absolute form
             self._query = urllib.parse.parse_qs(raw, keep_blank_values=True)
         return self._query
 
@@ -318,10 +318,35 @@ def path_pattern(value: Value, path: str) -> re.Pattern[str] | None:
         return read_regex(regex) if regex is not None else None
     if not any(c in path for c in _GLOB):
         return None
-    # fnmatch's '*' crosses '/'; a route's '*' stays within one segment.
-    translated = fnmatch.translate(path.replace("**", "\0"))
-    translated = translated.replace(".*", "[^/]*").replace("\0", ".*")
-    return re.compile(translated)
+    return re.compile(_glob_regex(path))
+
+
+def _glob_regex(glob: str) -> str:
+    """A route glob as a regex: C{*} and C{?} within one segment, C{**} across them."""
+    out = []
+    i = 0
+    while i < len(glob):
+        c = glob[i]
+        if glob.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in glob[i + 2 :]:
+            end = glob.index("]", i + 2)
+            inside = glob[i + 1 : end]
+            negated = inside.startswith("!")
+            body = re.escape(inside[1:] if negated else inside).replace("\\-", "-")
+            out.append(f"[{'^/' if negated else ''}{body}]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 def read_regex(value: Value) -> re.Pattern[str] | None:

@@ -174,27 +174,27 @@ def _answer(
 
 
 class Stubs:
-    """A service's stub answers: each route's count, its sequence, its delay."""
+    """A service's stub answers: the one in sequence, built, delayed."""
 
     def __init__(self, clock: Any, files: dict[str, bytes]) -> None:
         self.clock = clock
         self.files = files
-        self.counts: dict[str, int] = {}
 
     def answer(
         self,
         exchange: Any,
         route: Any,
         request: Request,
+        count: int,
         respond_error: Callable[[Any, int], None],
     ) -> None:
+        """Answer the C{count}th request C{route} matched."""
         stub: Stub = route.stub
         if stub.check is not None:
             refused = stub.check(request)
             if refused is not None:
                 exchange.respond(400, [_TEXT_TYPE], f"400 Bad Request\n{refused}\n".encode())
                 return
-        count = self.counts[route.id] = self.counts.get(route.id, 0) + 1
         answer = stub.answers[min(count, len(stub.answers)) - 1]
         scope = Scope(request, count, self.clock.seconds(), route.pattern)
         try:
@@ -278,7 +278,7 @@ class RoutesView:
             "path": describe_path(route),
             "priority": route.priority,
             "source": "api" if route.id in self.posted else "map",
-            "matched": self.app.stubs.counts.get(route.id, 0),
+            "matched": self.app.matched.get(route.id, 0),
         }
         if route.id in self.posted:
             described["definition"] = self.posted[route.id]

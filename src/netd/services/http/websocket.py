@@ -83,6 +83,8 @@ class Script:
     on_open: tuple[Send, ...] = ()
     replies: tuple[Reply, ...] = ()
     echo: bool = False
+    # Offered subprotocols this endpoint takes, in its order of preference.
+    subprotocols: tuple[str, ...] = ()
 
 
 def accept(key: bytes) -> bytes:
@@ -232,6 +234,7 @@ def read_script(value: Value) -> Script:
         on_open=section.read("on_open", _messages, ()),
         replies=section.read("replies", lambda v: v.list_of(_reply), ()),
         echo=section.flag("echo", False),
+        subprotocols=section.strings("subprotocols"),
     )
     section.finish()
     return script
@@ -303,6 +306,13 @@ def _code(value: Value) -> int:
     return code
 
 
+def _subprotocol(exchange: Any, script: Script) -> str | None:
+    """The first of the script's subprotocols that the client offered (RFC 6455 4.2.2)."""
+    offered = (exchange.header(b"sec-websocket-protocol") or b"").decode("latin-1")
+    names = {name.strip() for name in offered.split(",")}
+    return next((name for name in script.subprotocols if name in names), None)
+
+
 def serve(exchange: Any, script: Script, clock: Any) -> None:
     """Answer a request on a WebSocket route: switch and run C{script}, or say why not."""
     upgrade = exchange.upgrade()
@@ -319,8 +329,12 @@ def serve(exchange: Any, script: Script, clock: Any) -> None:
     key = exchange.header(b"sec-websocket-key") or b""
     head = (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: %s\r\n\r\n" % accept(key)
+        b"Sec-WebSocket-Accept: %s\r\n" % accept(key)
     )
+    chosen = _subprotocol(exchange, script)
+    if chosen is not None:
+        head += b"Sec-WebSocket-Protocol: %s\r\n" % chosen.encode("ascii")
+    head += b"\r\n"
     peer = StubSocket(script, upgrade)
 
     def switch() -> None:
