@@ -7,6 +7,7 @@ routes added at run time, through L{App} and a fake exchange.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -482,3 +483,35 @@ def test_globs_keep_to_their_segments(tmp_path: Path, glob: str, matched: str, m
     app = app_for(tmp_path, f"      - {{path: '{glob}', body: hit}}\n")
     assert ask(app, matched).data == b"hit"
     assert ask(app, missed).status == 404
+
+
+def test_bodies_matched_on_the_wire_pipelined_and_chunked(tmp_path: Path) -> None:
+    """A body that arrives before its request is dispatched (pipelined) is still matched."""
+    from twisted.internet.testing import StringTransport
+
+    from netd.services.http.wire import HTTPConnection, Limits, factory_for
+
+    app = app_for(tmp_path, MATCHING)
+    transport = StringTransport()
+    connection = HTTPConnection(factory_for(app, Limits(), tls=False, http2=False))
+    connection.makeConnection(transport)
+    alice = b'{"customer": {"name": "alice"}, "items": [{"sku": "A"}]}'
+    bob = b'{"customer": {"name": "bob"}, "items": [{"qty": 9}]}'
+    connection.dataReceived(
+        b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(alice), alice)
+        + b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(bob), bob)
+        + b"POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"%x\r\n%s\r\n" % (len(alice[:10]), alice[:10])
+    )
+    connection.dataReceived(b"%x\r\n%s\r\n0\r\n\r\n" % (len(alice[10:]), alice[10:]))
+    out = transport.value()
+    assert re.findall(rb"HTTP/1\.1 (\d+) ", out) == [b"201", b"200", b"201"]
+    assert out.count(b"\r\n\r\njson") == 2 and b"\r\n\r\nbulk" in out
+
+
+def test_hostile_bodies_do_not_break_matching(tmp_path: Path) -> None:
+    app = app_for(tmp_path, MATCHING)
+    for body in (b"[" * 100_000, b"\xff\xfe\x00", b'{"customer": ' * 5000, b"user=%ZZ&password"):
+        assert ask(app, "/orders", "POST", body).status == 404
+        assert ask(app, "/login", "POST", body).status == 404
+    assert ask(app, "/users").data == b"list"  # still answering
