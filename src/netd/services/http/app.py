@@ -405,6 +405,13 @@ class App:
             return [r for r in self.records if r.get("unmatched")]
         return list(self.records)
 
+    def clear_requests(self) -> dict[str, int]:
+        cleared = len(self.records)
+        self.records.clear()
+        return {"cleared": cleared}
+
+    # -- routes added at run time (L{netd.services.http.stubs.RoutesView}) ------------
+
     def add_route(self, route: Route) -> None:
         """A route from the admin API: tried before the map's routes of its priority."""
         self.added.insert(0, route)
@@ -416,11 +423,6 @@ class App:
         self.routes = in_order([*self.added, *self.map_routes])
         self.reads_bodies = _reads_bodies(self.routes)
         self.matched.pop(route_id, None)
-
-    def clear_requests(self) -> dict[str, int]:
-        cleared = len(self.records)
-        self.records.clear()
-        return {"cleared": cleared}
 
     # -- answering -----------------------------------------------------------------
 
