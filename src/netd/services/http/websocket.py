@@ -11,10 +11,8 @@ small script instead of splicing to an upstream.
           - {regex: "^bye", send: "see you", close: {code: 4000, reason: bye}}
         echo: true                                    # what nothing matched comes back
 
-The handshake (RFC 6455 4.2) is answered here; frames are read and written by
-wsproto, the sans-IO WebSocket library Twisted's own C{websocket} extra uses.
-The peer sits where a proxied WebSocket's upstream would (L{Upgrade.splice}), so
-the wire's splice, back-pressure and shutdown handling serve both.
+The handshake (RFC 6455 4.2) is answered here; the frames are
+L{netd.services.http.wspeer}'s, loaded with the first map that has such a route.
 """
 
 from __future__ import annotations
@@ -25,27 +23,13 @@ import json
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IPushProducer
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Message,
-    Ping,
-    TextMessage,
-)
-from wsproto.utilities import LocalProtocolError
-from zope.interface import implementer
 
 from netd.schema import Value
 from netd.services.http.match import Text, json_subset, plain, read_regex
 
-__all__ = ["Script", "StubSocket", "accept", "read_script"]
+__all__ = ["Script", "accept", "read_script", "serve"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-# A message longer than this (assembled from its frames) closes with 1009.
-MAX_MESSAGE = 1 << 20
 
 
 @attrs.frozen
@@ -108,127 +92,14 @@ def handshake_problem(exchange: Any) -> str | None:
     return None
 
 
-@implementer(IPushProducer)
-class StubSocket:
-    """
-    The server end of one stubbed WebSocket: what the wire splices the client to.
-
-    The wire calls L{write} with the client's bytes and L{loseConnection} when
-    the client goes; L{splice} is the client side (C{to_client},
-    C{upstream_lost}).
-    """
-
-    def __init__(self, script: Script, splice: Any) -> None:
-        self.script = script
-        self.splice = splice
-        self.ws = Connection(ConnectionType.SERVER)
-        self.parts: list[str | bytes] = []
-        self.size = 0
-        self.ended = False
-
-    def open(self) -> None:
-        self._send(self.script.on_open)
-
-    # -- what the wire calls ------------------------------------------------------------
-
-    def write(self, data: bytes) -> None:
-        if self.ended:
-            return
-        try:
-            self.ws.receive_data(data)
-        except LocalProtocolError:
-            self._end()
-            return
-        for event in self.ws.events():
-            self._event(event)
-            if self.ended:
-                return
-
-    def loseConnection(self) -> None:
-        self._end()
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        """The client's transport: our replies are small, its pace is not ours to set."""
-
-    def unregisterProducer(self) -> None:
-        pass
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        self._end()
-
-    # -- the script -------------------------------------------------------------------
-
-    def _event(self, event: Event) -> None:
-        if isinstance(event, CloseConnection):
-            if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                self._out(event.response())
-            elif self.ws.state is ConnectionState.OPEN:
-                self._close(event.code, event.reason or "")  # a frame wsproto could not parse
-            self._end()
-        elif isinstance(event, Ping):
-            self._out(event.response())
-        elif isinstance(event, Message):
-            self.size += len(event.data)
-            if self.size > MAX_MESSAGE:
-                self._close(1009, "message too big")
-                return
-            self.parts.append(event.data)
-            if event.message_finished:
-                message: str | bytes = (
-                    "".join(p for p in self.parts if isinstance(p, str))
-                    if isinstance(event, TextMessage)
-                    else b"".join(p for p in self.parts if isinstance(p, bytes))
-                )
-                self.parts, self.size = [], 0
-                self._message(message)
-
-    def _message(self, message: str | bytes) -> None:
-        for reply in self.script.replies:
-            if reply.matches(message):
-                self._send(reply.send)
-                if reply.close is not None:
-                    self._close(*reply.close)
-                return
-        if self.script.echo:
-            self._send((Send(message),))
-
-    def _send(self, messages: tuple[Send, ...]) -> None:
-        for message in messages:
-            if isinstance(message.data, str):
-                self._out(TextMessage(data=message.data))
-            else:
-                self._out(BytesMessage(data=message.data))
-
-    def _close(self, code: int, reason: str) -> None:
-        """Send a Close; the client answers it and the connection ends then (or now)."""
-        if self.ws.state is ConnectionState.OPEN:
-            self._out(CloseConnection(code=code, reason=reason))
-
-    def _out(self, event: Event) -> None:
-        if self.ended:
-            return
-        try:
-            data = self.ws.send(event)
-        except LocalProtocolError:
-            return
-        self.splice.to_client(data)
-
-    def _end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.splice.upstream_lost()
-
-
 # -- reading the map ---------------------------------------------------------------
 
 
 def read_script(value: Value) -> Script:
+    # The peer and wsproto load with the first map that has a WebSocket route,
+    # not with every http service (a tenth of a second of start-up).
+    from netd.services.http import wspeer  # noqa: F401
+
     section = value.section()
     script = Script(
         on_open=section.read("on_open", _messages, ()),
@@ -335,6 +206,8 @@ def serve(exchange: Any, script: Script, clock: Any) -> None:
     if chosen is not None:
         head += b"Sec-WebSocket-Protocol: %s\r\n" % chosen.encode("ascii")
     head += b"\r\n"
+    from netd.services.http.wspeer import StubSocket
+
     peer = StubSocket(script, upgrade)
 
     def switch() -> None:
