@@ -102,6 +102,10 @@ def test_wss_and_a_client_that_closes(netd: NetdProcess) -> None:
 def test_a_plain_request_and_a_bad_handshake(netd: NetdProcess) -> None:
     plain = httpx.get(netd.url("web", False, "/ws/prices"), timeout=10)
     assert plain.status_code == 426 and plain.headers["upgrade"] == "websocket"
+    verify = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+    with httpx.Client(http2=True, verify=verify, timeout=10) as client:
+        over_h2 = client.get(netd.url("web", True, "/ws/prices"))
+    assert over_h2.http_version == "HTTP/2" and over_h2.status_code == 426
     with socket.create_connection(netd.address("web"), timeout=10) as sock:
         sock.sendall(
             b"GET /ws/prices HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
