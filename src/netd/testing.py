@@ -26,7 +26,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -276,9 +277,25 @@ class NetdProcess:
         )
         return raw
 
-    def requests(self, service: str, **query: str) -> Any:
-        """Requests an http service recorded."""
+    def requests(self, service: str, unmatched: bool = False, **query: str) -> Any:
+        """Requests an http service recorded; with C{unmatched}, those no route answered."""
+        if unmatched:
+            query["unmatched"] = "true"
         return self.view(service, "requests", **query)
+
+    @contextmanager
+    def route(self, service: str, **route: Any) -> Iterator[dict[str, Any]]:
+        """
+        An http route (the map's keys: C{path=}, C{method=}, C{match=}, C{json=}
+        ...) for the length of a C{with} block, tried before the map's own
+        routes of its priority; yields the route as the admin API lists it.
+        """
+        base = f"/api/services/{_quote(service)}/routes"
+        added: dict[str, Any] = self.admin("POST", base, json.dumps(route).encode())
+        try:
+            yield added
+        finally:
+            self.admin("DELETE", f"{base}/{_quote(added['id'])}")
 
     def queries(self, service: str, **query: str) -> Any:
         """Queries a dns service answered."""
@@ -443,8 +460,8 @@ class OffloadedNetd(Generic[Pending]):
     def message(self, service: str, message_id: str) -> Pending:
         return self._offload(self.netd.message, service, message_id)
 
-    def requests(self, service: str, **query: str) -> Pending:
-        return self._offload(self.netd.requests, service, **query)
+    def requests(self, service: str, unmatched: bool = False, **query: str) -> Pending:
+        return self._offload(self.netd.requests, service, unmatched, **query)
 
     def queries(self, service: str, **query: str) -> Pending:
         return self._offload(self.netd.queries, service, **query)

@@ -127,3 +127,18 @@ def test_a_tls_profile_loads_netd_tls(tmp_path: Path) -> None:
     modules = _modules_serving(tmp_path, _TLS + _ECHO_ONLY)
     assert _loaded(modules, "netd.tls", "netd.compat.tls") == ["netd.compat.tls", "netd.tls"]
     assert _loaded(modules, "twisted.web", "h2", "prometheus_client") == []
+
+
+def test_an_http_map_loads_stub_libraries_only_for_routes_that_use_them(tmp_path: Path) -> None:
+    web = "  web:\n    type: http\n    listen: ['tcp:0:interface=127.0.0.1']\n    routes:\n"
+    stub = "    - {path: /a, method: POST, match: {body: {json: {a: 1}}}, json: {b: 2}}\n"
+    modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub)
+    assert _loaded(modules, "netd.services.http.match") != []
+    assert _loaded(modules, "jsonpath", "wsproto", "openapi_core", "werkzeug") == []
+    richer = (
+        "    - {path: /b, match: {body: {jsonpath: '$.a'}}, body: x}\n"
+        "    - {path: /ws, websocket: {echo: true}}\n"
+    )
+    modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub + richer)
+    assert _loaded(modules, "jsonpath", "wsproto") != []
+    assert _loaded(modules, "openapi_core") == []

@@ -28,10 +28,13 @@ from twisted.internet.defer import Deferred
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
-from netd.schema import Section, Value
+from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Route, StaticOptions
+from netd.services.http.match import Conditions, path_pattern, read_conditions
 from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
+from netd.services.http.stubs import RoutesView, read_stub
+from netd.services.http.websocket import read_script
 from netd.services.http.wire import Limits, busy_reply, factory_for
 
 __all__ = ["HTTP", "Limits", "Options", "Route"]
@@ -59,10 +62,13 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         root = root_value.as_path()
         if root_value.is_scalar and not root.is_dir():
             root_value.error(f"not a directory: {root}")
+    no_routes: tuple[Route, ...] = ()
     options = Options(
         root=root,
         listing=section.flag("listing", False),
-        routes=section.read("routes", lambda v: v.list_of(_route), ()),
+        routes=section.read("routes", _routes, no_routes)
+        + section.read("routes_from", _routes_from, no_routes)
+        + section.read("openapi", _openapi_routes, no_routes),
         record=section.integer("record", 0, minimum=0, maximum=100_000),
         record_body=section.integer("record_body", 65536, minimum=0, maximum=16 << 20),
         access_log=section.flag("access_log", True),
@@ -100,30 +106,44 @@ def _limits(value: Value) -> Limits:
 def _route(value: Value) -> Route:
     section = value.section()
     path_value = section.require("path")
-    path = path_value.as_str("/") if path_value is not None else "/"
-    if path_value is not None and path_value.is_scalar and not path.startswith("/"):
-        path_value.error("a route path starts with /")
+    path, pattern = "/", None
+    if path_value is not None and path_value.is_mapping:
+        pattern = path_pattern(path_value, "")
+        path = pattern.pattern if pattern is not None else "/"
+    elif path_value is not None:
+        path = path_value.as_str("/")
+        if path_value.is_scalar and not path.startswith("/"):
+            path_value.error("a route path starts with /")
+        pattern = path_pattern(path_value, path)
+    when = read_conditions(section.get("method"), section.get("match"))
+    route_id = section.optional_str("id") or ""
+    priority = section.integer("priority", 5, minimum=1, maximum=1_000_000)
+    stub = read_stub(section, value, _headers)
     redirect = section.optional_str("redirect")
     proxy_value = section.get("proxy")
-    canned = any(section.has(k) for k in ("body", "body_file"))
-    if sum(map(bool, (redirect is not None, proxy_value is not None, canned))) > 1:
-        value.error("a route is one of: a canned answer (body), a redirect, a proxy")
-    status_value = section.get("status")
+    websocket = section.read("websocket", read_script, None)
+    canned = stub is not None or any(section.has(k) for k in ("body", "body_file"))
+    kinds = (redirect is not None, proxy_value is not None, canned, websocket is not None)
+    if sum(map(bool, kinds)) > 1:
+        value.error("a route is one of: a canned answer (body), a redirect, a proxy, a websocket")
     status = 302 if redirect is not None else 200
-    if status_value is not None:
-        status = status_value.as_int(status, minimum=100, maximum=599)
-        if redirect is not None and status not in _REDIRECTS:
-            status_value.error(f"a redirect status is one of {', '.join(map(str, _REDIRECTS))}")
-    no_headers: tuple[tuple[str, str], ...] = ()
-    headers = section.read("headers", _headers, no_headers)
-    body_text = section.optional_str("body")
-    body_file = section.file_path("body_file")
-    if body_file is not None and not body_file.is_file():
-        entry = section.get("body_file")
-        assert entry is not None
-        entry.error(f"not a file: {body_file}")
-    if body_text is not None and body_file is not None:
-        value.error("give body or body_file, not both")
+    headers: tuple[tuple[str, str], ...] = ()
+    body_text = body_file = None
+    if stub is None:
+        status_value = section.get("status")
+        if status_value is not None:
+            status = status_value.as_int(status, minimum=100, maximum=599)
+            if redirect is not None and status not in _REDIRECTS:
+                status_value.error(f"a redirect status is one of {', '.join(map(str, _REDIRECTS))}")
+        headers = section.read("headers", _headers, ())
+        body_text = section.optional_str("body")
+        body_file = section.file_path("body_file")
+        if body_file is not None and not body_file.is_file():
+            entry = section.get("body_file")
+            assert entry is not None
+            entry.error(f"not a file: {body_file}")
+        if body_text is not None and body_file is not None:
+            value.error("give body or body_file, not both")
     proxy = None
     if proxy_value is not None:
         proxy = proxy_value.as_str()
@@ -131,10 +151,19 @@ def _route(value: Value) -> Route:
         if proxy_value.is_scalar and (parts.scheme not in ("http", "https") or not parts.netloc):
             proxy_value.error(f"not an http:// or https:// URL: {proxy!r}")
     timeout = section.number("timeout", 30.0, minimum=0.1)
+    record_to = section.file_path("record_to")
+    record_secrets = section.flag("record_secrets", False)
+    if record_to is not None:
+        entry = section.get("record_to")
+        assert entry is not None
+        if proxy_value is None:
+            entry.error("only a proxy route records")
+        elif not record_to.parent.is_dir():
+            entry.error(f"not a directory: {record_to.parent}")
     section.finish()
     return Route(
         path=path,
-        prefix=path.endswith("/"),
+        prefix=pattern is None and path.endswith("/"),
         status=status,
         headers=headers,
         body=body_text.encode() if body_text is not None else None,
@@ -142,6 +171,74 @@ def _route(value: Value) -> Route:
         redirect=redirect,
         proxy=proxy,
         timeout=timeout,
+        pattern=pattern,
+        glob=pattern is not None and not (path_value is not None and path_value.is_mapping),
+        when=when,
+        priority=priority,
+        id=route_id,
+        stub=stub,
+        websocket=websocket,
+        record_to=str(record_to) if record_to is not None else None,
+        record_secrets=record_secrets,
+    )
+
+
+def _routes(value: Value, name: str = "routes") -> tuple[Route, ...]:
+    """The map's routes, each with an id: its own, or where it stands (C{routes[2]})."""
+    routes = value.list_of(_route)
+    named = [r if r.id else attrs.evolve(r, id=f"{name}[{i}]") for i, r in enumerate(routes)]
+    seen: set[str] = set()
+    for route, element in zip(named, value.elements(), strict=False):
+        if route.id in seen:
+            element.error(f"another route has the id {route.id!r}")
+        seen.add(route.id)
+    return tuple(named)
+
+
+def _routes_from(value: Value) -> tuple[Route, ...]:
+    """Routes kept in other files (recorded ones, say), each read as the map's are."""
+    found: list[Route] = []
+    for entry in value.elements(single=True):
+        path = entry.as_path()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            entry.error(f"cannot read {path}: {e}")
+            continue
+        node = compose(text, str(path), value.problems)
+        if node is None:
+            continue
+        routes = Value(node, "", str(path), path.parent, value.problems)
+        if routes.is_null:
+            continue  # an empty recording: nothing to replay yet
+        found.extend(_routes(routes, path.name))
+    return tuple(found)
+
+
+def _openapi_routes(value: Value) -> tuple[Route, ...]:
+    """A route for each operation of an OpenAPI description (L{netd.services.http.openapi})."""
+    path = value.as_path()
+    try:
+        # Loaded only for a map that names a file: it brings werkzeug and jsonschema.
+        from netd.services.http import openapi
+    except ImportError as e:
+        value.error(f"needs openapi-core: pip install 'netd[openapi]' ({e})")
+        return ()
+    try:
+        found = openapi.operations(path)
+    except openapi.OpenAPIError as e:
+        value.error(str(e))
+        return ()
+    return tuple(
+        Route(
+            path=operation.path,
+            prefix=False,
+            pattern=operation.pattern,
+            when=Conditions(methods=frozenset({operation.method})),
+            id=f"openapi:{operation.name}",
+            stub=operation.stub,
+        )
+        for operation in found
     )
 
 
@@ -207,13 +304,24 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         stream=stream,
         busy_reply=busy_reply(),
         service=_Upstreams(proxy) if proxy is not None else None,
-        views={"requests": AdminView(list=app.list_requests, clear=app.clear_requests)},
+        views={
+            "requests": AdminView(list=app.list_requests, clear=app.clear_requests),
+            "routes": _routes_view(app),
+        },
     )
+
+
+def _routes_view(app: App) -> AdminView:
+    routes = RoutesView(app, _route)
+    return AdminView(list=routes.list, post=routes.post, remove=routes.remove)
 
 
 def _workers_refusal(options: Options) -> str | None:
     if options.record:
         return "'record' keeps the requests in one process (leave it out, or run one process)"
+    if any(route.record_to for route in options.routes):
+        # Each worker would append its own exchanges to the one file.
+        return "a route's 'record_to' writes one file from one process (run one process)"
     return None
 
 

@@ -9,6 +9,7 @@ the exchange's small response interface, so every rule here holds on both.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
@@ -24,6 +25,10 @@ from zope.interface import implementer
 
 from netd.events import ServiceStats
 from netd.sendfile import send_file
+from netd.services.http.match import WAIT, Conditions, Request
+from netd.services.http.record import Recorder
+from netd.services.http.stubs import Stub, Stubs, explain, near_miss
+from netd.services.http.websocket import Script, serve
 
 __all__ = [
     "HOP_BY_HOP_FRAMING",
@@ -68,6 +73,7 @@ _REASONS: dict[int, bytes] = {
     414: b"URI Too Long",
     416: b"Range Not Satisfiable",
     417: b"Expectation Failed",
+    426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
@@ -93,7 +99,11 @@ def reason(status: int) -> bytes:
 
 @attrs.frozen
 class Route:
-    """One entry of C{routes}: a canned answer, a redirect or a reverse proxy."""
+    """
+    One entry of C{routes}: a canned answer, a redirect, a reverse proxy or a
+    stub (L{netd.services.http.stubs}), for a path and, with C{when}, what
+    else the request must be (L{netd.services.http.match}).
+    """
 
     path: str
     prefix: bool
@@ -104,9 +114,26 @@ class Route:
     redirect: str | None = None
     proxy: str | None = None
     timeout: float = 30.0
+    # A glob or regex path, matched against the whole path.
+    pattern: re.Pattern[str] | None = None
+    glob: bool = False
+    when: Conditions | None = None
+    priority: int = 5
+    id: str = ""
+    stub: Stub | None = None
+    websocket: Script | None = None
+    record_to: str | None = None
+    record_secrets: bool = False
 
     def matches(self, path: str) -> bool:
+        if self.pattern is not None:
+            return self.pattern.fullmatch(path) is not None
         return path.startswith(self.path) if self.prefix else path == self.path
+
+
+def in_order(routes: tuple[Route, ...] | list[Route]) -> tuple[Route, ...]:
+    """Routes as they are tried: by priority (lower first, WireMock's way), then as listed."""
+    return tuple(sorted(routes, key=lambda route: route.priority))
 
 
 @attrs.frozen
@@ -120,16 +147,18 @@ class BodyStream:
     A request body on its way in: buffered until a consumer takes it, then passed on.
 
     The wire calls L{feed} and L{end}; a consumer (the proxy) calls L{take}.  When
-    nobody takes it, the body is dropped as it arrives, apart from what the record keeps.
+    nobody takes it, the body is dropped as it arrives, apart from what the record keeps,
+    unless it is held from the start (C{hold}: some route matches on bodies, and a
+    body may come in before its request is handled: pipelined, or over h2).
     """
 
-    def __init__(self, expected: int | None, keep: int) -> None:
+    def __init__(self, expected: int | None, keep: int, hold: bool = False) -> None:
         self.expected = expected
         self.keep = keep
         self.kept = bytearray()
         self.size = 0
         self.ended = False
-        self._pending: list[bytes] | None = None
+        self._pending: list[bytes] | None = [] if hold else None
         self._sink: Callable[[bytes], None] | None = None
         self._done: Callable[[], None] | None = None
         self.pause: Callable[[], None] = _nothing
@@ -208,8 +237,13 @@ class Exchange(ABC):
     status: int = 0
     sent: int = 0
     started: float = 0.0
-    # Set by the proxy while it waits on the upstream; the wire calls it if the client goes.
+    # Set by the proxy while it waits on the upstream (a stub while it delays);
+    # the wire calls it if the client goes.
     proxy_cancel: Callable[[], None] | None = None
+    # The route that answered, for the record; or what the request missed when none did.
+    route: str | None = None
+    unmatched: bool = False
+    near_miss: dict[str, Any] | None = None
 
     _by_name: dict[bytes, bytes] | None = None
 
@@ -338,7 +372,10 @@ class App:
         proxy: Callable[[Exchange, Route, str], None] | None,
     ) -> None:
         self.clock = clock
-        self.routes = routes
+        self.map_routes = routes
+        self.added: list[Route] = []
+        self.routes = in_order(routes)
+        self.reads_bodies = _reads_bodies(self.routes)
         self.files = files
         self.records: deque[dict[str, Any]] = deque(maxlen=max(record, 1))
         self.record_size = record
@@ -350,16 +387,42 @@ class App:
         self.proxy = proxy
         self.dates = _DateCache(clock)
         self.bodies = {r.body_file: _read(r.body_file) for r in routes if r.body_file}
+        for route in routes:
+            for answer in route.stub.answers if route.stub is not None else ():
+                if answer.body_file is not None:
+                    self.bodies[answer.body_file] = _read(answer.body_file)
+        self.stubs = Stubs(clock, self.bodies)
+        # Requests each route answered, by id: a stub's sequence and counter, the routes view.
+        self.matched: dict[str, int] = {}
+        self.recorders = {
+            r.id: Recorder(r.record_to, r.record_secrets) for r in routes if r.record_to
+        }
 
     # -- the admin view ------------------------------------------------------------
 
     def list_requests(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
+        if query.get("unmatched", "").lower() in ("1", "true", "yes"):
+            return [r for r in self.records if r.get("unmatched")]
         return list(self.records)
 
     def clear_requests(self) -> dict[str, int]:
         cleared = len(self.records)
         self.records.clear()
         return {"cleared": cleared}
+
+    # -- routes added at run time (L{netd.services.http.stubs.RoutesView}) ------------
+
+    def add_route(self, route: Route) -> None:
+        """A route from the admin API: tried before the map's routes of its priority."""
+        self.added.insert(0, route)
+        self.routes = in_order([*self.added, *self.map_routes])
+        self.reads_bodies = _reads_bodies(self.routes)
+
+    def remove_route(self, route_id: str) -> None:
+        self.added = [r for r in self.added if r.id != route_id]
+        self.routes = in_order([*self.added, *self.map_routes])
+        self.reads_bodies = _reads_bodies(self.routes)
+        self.matched.pop(route_id, None)
 
     # -- answering -----------------------------------------------------------------
 
@@ -371,21 +434,84 @@ class App:
             self.error(exchange, 400)
             return
         exchange.path = path
+        self._dispatch(exchange, path, None)
+
+    def _dispatch(self, exchange: Exchange, path: str, request: Request | None) -> None:
         for route in self.routes:
-            if route.matches(path):
+            if not route.matches(path):
+                continue
+            when = route.when
+            if when is not None:
+                if request is None:
+                    request = Request(exchange, path)
+                verdict = when.verdict(request)
+                if verdict is WAIT:
+                    self._after_body(exchange, path, request)
+                    return
+                if not verdict:
+                    continue
+            stub = route.stub
+            if stub is not None:
+                if request is None:
+                    request = Request(exchange, path)
+                if request.body is None and stub.reads_body:
+                    self._after_body(exchange, path, request)
+                    return
+            exchange.route = route.id
+            matched = self.matched
+            count = matched[route.id] = matched.get(route.id, 0) + 1
+            if route.websocket is not None:
+                serve(exchange, route.websocket, self.clock)
+            elif stub is not None:
+                assert request is not None
+                self.stubs.answer(exchange, route, request, count, self.error)
+            else:
                 self._route(exchange, route, path)
-                return
-        if self.files is None:
+            return
+        if self.files is not None:
+            self.files.serve(exchange, path)
+            return
+        exchange.unmatched = True
+        if not self.routes:
             self.error(exchange, 404)
             return
-        self.files.serve(exchange, path)
+        if request is None:
+            request = Request(exchange, path)
+        exchange.near_miss = near_miss(self.routes, request)
+        exchange.respond(
+            404,
+            [(b"Content-Type", b"text/plain; charset=utf-8")],
+            explain(request, exchange.near_miss),
+        )
+
+    def _after_body(self, exchange: Exchange, path: str, request: Request) -> None:
+        """A route looks at the body: take it all, then match again."""
+        received = bytearray()
+        stream = exchange.body
+
+        def done() -> None:
+            request.body = bytes(received)
+            # What the route chosen next (a proxy, say) takes: the same body, whole.
+            replay = BodyStream(len(received), stream.keep)
+            replay.feed(request.body)
+            replay.end()
+            exchange.body = replay
+            self._dispatch(exchange, path, request)
+
+        stream.want()
+        stream.take(received.extend, done)
 
     def error(self, exchange: Exchange, status: int, headers: Headers | None = None) -> None:
         respond_error(exchange, status, headers)
 
     def _route(self, exchange: Exchange, route: Route, path: str) -> None:
         if route.proxy is not None and self.proxy is not None:
-            self.proxy(exchange, route, path[len(route.path) :] if route.prefix else "")
+            recorder = self.recorders.get(route.id)
+            self.proxy(
+                recorder.wrap(exchange) if recorder is not None else exchange,
+                route,
+                path[len(route.path) :] if route.prefix else "",
+            )
             return
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in route.headers]
         if route.redirect is not None:
@@ -465,8 +591,19 @@ class App:
                     "body_size": exchange.body.size,
                     "body_truncated": exchange.body.size > len(body),
                     "status": exchange.status,
+                    "route": exchange.route,
+                    "unmatched": exchange.unmatched,
+                    **({"near_miss": exchange.near_miss} if exchange.near_miss else {}),
                 }
             )
+
+
+def _reads_bodies(routes: tuple[Route, ...]) -> bool:
+    return any(
+        (route.when is not None and route.when.body is not None)
+        or (route.stub is not None and route.stub.reads_body)
+        for route in routes
+    )
 
 
 def _read(path: str) -> bytes:

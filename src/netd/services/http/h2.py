@@ -159,7 +159,7 @@ class H2Exchange(Exchange):
         self.scheme = scheme
         content = request.content
         data = content.read() if content is not None else b""
-        self.body = BodyStream(len(data), app.record_body)
+        self.body = BodyStream(len(data), app.record_body, app.reads_bodies)
         self.body.feed(data)
         self.body.end()
         self.done = False

@@ -503,7 +503,7 @@ class HTTPConnection(Protocol):
             raise _Reject(413)
         # Unknown length (None) means chunked; no framing at all means no body.
         expected = length if length is not None else (None if chunked else 0)
-        exchange.body = BodyStream(expected, self.app.record_body)
+        exchange.body = BodyStream(expected, self.app.record_body, self.app.reads_bodies)
         exchange.body.pause = self.pause_reading
         exchange.body.resume = self.resume_reading
         # Trailer fields of a chunked body come through on_header too: they are

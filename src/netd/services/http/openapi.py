@@ -1,0 +1,284 @@
+"""
+Routes from an OpenAPI description: C{openapi: FILE} on an http service.
+
+Each operation (3.0 or 3.1, YAML or JSON) becomes a route for its method and path
+template under the first server's path; it answers the operation's first success
+response (lowest 2xx, else C{default}) with the spec's example (the media type's
+C{example}, its first C{examples} entry, the schema's C{example}) or else a small
+body built to fit the schema; and it refuses, with 400 and the reason, a request the
+spec does not allow (parameters, body).  openapi-core reads and checks the file
+and validates requests (C{pip install 'netd[openapi]'}); it is imported only when a
+map names a file, as it brings werkzeug and jsonschema along.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+from openapi_core import OpenAPI
+from openapi_core.datatypes import RequestParameters
+from werkzeug.datastructures import Headers as WerkzeugHeaders
+from werkzeug.datastructures import ImmutableMultiDict
+
+from netd.services.http.match import Request
+from netd.services.http.stubs import Answer, Stub
+from netd.services.http.template import JSONTemplate, Template
+
+__all__ = ["OpenAPIError", "operations"]
+
+_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+_PARAMETER = re.compile(r"\{([^}/]+)\}")
+# Nested $refs followed when a body is built from a schema; deeper is left empty.
+_DEPTH = 12
+
+
+class OpenAPIError(ValueError):
+    """A file that is not an OpenAPI description openapi-core accepts."""
+
+
+@attrs.frozen
+class Operation:
+    """One operation as a route: where it is, and the stub that answers it."""
+
+    method: str
+    path: str
+    pattern: re.Pattern[str]
+    name: str
+    stub: Stub
+    parameters: int
+
+
+def operations(path: Path) -> list[Operation]:
+    """Every operation of the description in C{path}."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
+        raise OpenAPIError(f"cannot read {path}: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("paths"), dict):
+        raise OpenAPIError(f"{path} is not an OpenAPI description (no paths)")
+    base = _base_path(spec)
+    # Requests reach netd on whatever host it listens: servers are matched on their path.
+    checked = dict(spec, servers=[{"url": base or "/"}])
+    try:
+        api = OpenAPI.from_dict(checked)
+        api.check_spec()
+    except Exception as e:  # openapi-core's spec errors share no base class
+        raise OpenAPIError(f"{path}: {e}") from None
+    found = []
+    for template, item in spec["paths"].items():
+        if not isinstance(item, dict):
+            continue
+        for method in _METHODS:
+            operation = item.get(method)
+            if not isinstance(operation, dict):
+                continue
+            found.append(_operation(api, spec, base, template, method, operation))
+    # A fixed path before a template that would also match it (/pets/mine, /pets/{id}).
+    found.sort(key=lambda o: o.parameters)
+    return found
+
+
+def _base_path(spec: dict[str, Any]) -> str:
+    servers = spec.get("servers") or [{"url": "/"}]
+    url = str(servers[0].get("url", "/")) if isinstance(servers[0], dict) else "/"
+    # Server variables: their defaults.
+    for name, variable in (servers[0].get("variables") or {}).items():
+        url = url.replace("{" + name + "}", str(variable.get("default", "")))
+    return urllib.parse.urlsplit(url).path.rstrip("/")
+
+
+def _operation(
+    api: OpenAPI,
+    spec: dict[str, Any],
+    base: str,
+    template: str,
+    method: str,
+    operation: dict[str, Any],
+) -> Operation:
+    full = base + template
+    pieces = _PARAMETER.split(full)
+    regex = "".join(re.escape(piece) if i % 2 == 0 else "[^/]+" for i, piece in enumerate(pieces))
+    status, headers, body = _answer(spec, operation)
+    answer = Answer(
+        status=status,
+        headers=tuple((name, Template.literal(value)) for name, value in headers),
+        body=Template.literal(body) if isinstance(body, str) else None,
+        json=None if isinstance(body, str) else JSONTemplate(body, templated=False),
+    )
+    validate = _Validator(api)
+    stub = Stub(answers=(answer,), check=validate, body_read="requestBody" in operation)
+    return Operation(
+        method=method.upper(),
+        path=full,
+        pattern=re.compile(regex),
+        name=str(operation.get("operationId") or f"{method.upper()} {full}"),
+        stub=stub,
+        parameters=len(pieces) // 2,
+    )
+
+
+def _answer(
+    spec: dict[str, Any], operation: dict[str, Any]
+) -> tuple[int, list[tuple[str, str]], Any]:
+    responses = operation.get("responses") or {}
+    codes = sorted(str(c) for c in responses if str(c).startswith("2"))
+    code = codes[0] if codes else ("default" if "default" in responses else None)
+    if code is None:
+        return 200, [], ""
+    response = _resolve(spec, responses[code if code in responses else int(code)])
+    status = int(code) if code.isdigit() else 200
+    content = response.get("content") or {}
+    if not content:
+        return status, [], ""
+    media_type = "application/json" if "application/json" in content else next(iter(content))
+    media = _resolve(spec, content[media_type]) or {}
+    body = _example(spec, media)
+    headers = [("Content-Type", media_type)]
+    if "json" not in media_type:
+        return status, headers, body if isinstance(body, str) else json.dumps(body)
+    return status, headers, body
+
+
+def _example(spec: dict[str, Any], media: dict[str, Any]) -> Any:
+    if "example" in media:
+        return media["example"]
+    examples = media.get("examples")
+    if isinstance(examples, dict) and examples:
+        first = _resolve(spec, next(iter(examples.values())))
+        if "value" in first:
+            return first["value"]
+    schema = _resolve(spec, media.get("schema") or {})
+    if "example" in schema:
+        return schema["example"]
+    return minimal(spec, schema)
+
+
+def _resolve(spec: dict[str, Any], node: Any, depth: int = 0) -> Any:
+    """A local C{$ref} ("#/components/...") followed to what it names."""
+    while isinstance(node, dict) and "$ref" in node and depth < _DEPTH:
+        ref = str(node["$ref"])
+        if not ref.startswith("#/"):
+            return {}
+        target: Any = spec
+        for part in ref[2:].split("/"):
+            part = part.replace("~1", "/").replace("~0", "~")
+            target = target.get(part) if isinstance(target, dict) else None
+        node = target if target is not None else {}
+        depth += 1
+    return node if isinstance(node, dict) else {}
+
+
+def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
+    """A small value valid for C{schema}: required members, least lengths, lowest bounds."""
+    schema = _resolve(spec, schema)
+    if depth > _DEPTH:
+        return None
+    for key in ("example", "default", "const"):
+        if key in schema:
+            return schema[key]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("oneOf", "anyOf"):
+        if schema.get(key):
+            return minimal(spec, schema[key][0], depth + 1)
+    if schema.get("allOf"):
+        merged: dict[str, Any] = {}
+        for part in schema["allOf"]:
+            value = minimal(spec, part, depth + 1)
+            if isinstance(value, dict):
+                merged.update(value)
+        return merged
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties") or {}
+        return {
+            name: minimal(spec, properties.get(name, {}), depth + 1)
+            for name in schema.get("required") or []
+        }
+    if kind == "array":
+        return [minimal(spec, schema.get("items", {}), depth + 1)] * int(schema.get("minItems", 0))
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", 0)
+        exclusive = schema.get("exclusiveMinimum")
+        if isinstance(exclusive, (int, float)) and not isinstance(exclusive, bool):
+            low = exclusive + 1
+        elif exclusive is True:
+            low += 1
+        return int(low) if kind == "integer" else low
+    if kind == "boolean":
+        return False
+    if kind == "string":
+        return _string(schema)
+    return None
+
+
+def _string(schema: dict[str, Any]) -> str:
+    formats = {
+        "date-time": "1970-01-01T00:00:00Z",
+        "date": "1970-01-01",
+        "uuid": "00000000-0000-0000-0000-000000000000",
+        "email": "user@example.com",
+        "uri": "http://example.com/",
+        "ipv4": "127.0.0.1",
+        "ipv6": "::1",
+    }
+    text = formats.get(str(schema.get("format")), "")
+    least = int(schema.get("minLength", 0))
+    return text if len(text) >= least else text + "x" * (least - len(text))
+
+
+class _Validator:
+    """What the spec says of one request: None if it allows it, else the reasons."""
+
+    def __init__(self, api: OpenAPI) -> None:
+        self.api = api
+
+    def __call__(self, request: Request) -> str | None:
+        errors = list(self.api.iter_request_errors(_SpecRequest(request)))
+        if not errors:
+            return None
+        return "\n".join(_reason(e) for e in errors)
+
+
+def _reason(error: Exception) -> str:
+    reasons = [str(error)]
+    cause = error.__cause__
+    while cause is not None:
+        details = getattr(cause, "schema_errors", None)
+        if details:
+            reasons.extend(f"  {getattr(d, 'message', d)}" for d in details)
+        else:
+            reasons.append(f"  {cause}")
+        cause = cause.__cause__
+    return "\n".join(reasons)
+
+
+class _SpecRequest:
+    """A request as openapi-core reads one."""
+
+    host_url = "http://netd"
+
+    def __init__(self, request: Request) -> None:
+        exchange = request.exchange
+        self.path = request.path
+        self.method = request.method.lower()
+        self.body = request.body
+        self.content_type = (request.header("content-type") or "").lower()
+        self.parameters = RequestParameters(
+            query=ImmutableMultiDict(
+                [(k, v) for k, values in request.query.items() for v in values]
+            ),
+            header=WerkzeugHeaders(
+                [(n.decode("latin-1"), v.decode("latin-1")) for n, v in exchange.headers]
+            ),
+            cookie=ImmutableMultiDict(list(request.cookies.items())),
+        )

@@ -1,0 +1,173 @@
+"""
+Record and replay: a proxy route with C{record_to: FILE} writes each exchange it
+relays as a netd route; the service's C{routes_from: [FILE]} serves them back with
+no upstream.
+
+    routes:
+      - {path: /api/, proxy: "http://127.0.0.1:9000/", record_to: recorded.yaml}
+    # later, offline:
+    routes_from: [recorded.yaml]
+
+A recorded route matches the method, the path and each query parameter (and the
+body, when the service's record kept all of it); it answers the upstream's status,
+headers and body.  A body that is not UTF-8 text, or over L{INLINE} bytes, goes to a
+file beside the recording (C{FILE.bodies/N}), so replay sends the very bytes.
+C{Set-Cookie} is written masked unless the route says C{record_secrets: true};
+request headers (C{Authorization}, C{Cookie} ...) are never written.  A request
+already recorded (same method, path, query and body) is not written again: the
+first answer is the one replayed.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from netd.services.http.app import Exchange, Headers
+
+__all__ = ["INLINE", "Recorder", "Recording"]
+
+# Bodies up to this size that are UTF-8 text are written in the YAML itself.
+INLINE = 64 * 1024
+# An answer longer than this is relayed but not recorded (it is held until whole).
+MAX_RECORDED = 64 << 20
+MASK = "(masked by netd)"
+_SECRET_ANSWER_HEADERS = frozenset({b"set-cookie"})
+# Framing and what netd sets on every answer itself: a route may not set them.
+_NOT_RECORDED = frozenset(
+    {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
+)
+_GLOB = "*?["
+
+
+class Recorder:
+    """Appends the routes of one C{record_to} file (a YAML list, one item per exchange)."""
+
+    def __init__(self, path: str, secrets: bool) -> None:
+        self.path = Path(path)
+        self.bodies = self.path.with_name(self.path.name + ".bodies")
+        self.secrets = secrets
+        self.seen: set[tuple[str, str, tuple[tuple[str, str], ...], bytes | None]] = set()
+        self.count = 0
+
+    def wrap(self, exchange: Exchange) -> Exchange:
+        """The exchange as the proxy should see it: its answer is recorded on the way out."""
+        recording: Any = Recording(exchange, self)
+        wrapped: Exchange = recording
+        return wrapped
+
+    def write(self, exchange: Exchange, status: int, headers: Headers, body: bytes) -> None:
+        query = tuple(
+            urllib.parse.parse_qsl(exchange.target.partition("?")[2], keep_blank_values=True)
+        )
+        request_body = _whole_body(exchange)
+        key = (exchange.method, exchange.path, query, request_body)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.count += 1
+        # A path with glob characters in it is written as a regex of itself.
+        path: Any = exchange.path
+        if any(c in path for c in _GLOB):
+            path = {"regex": re.escape(path)}
+        route: dict[str, Any] = {"path": path, "method": exchange.method}
+        match: dict[str, Any] = {}
+        if query:
+            match["query"] = dict(query)
+        if request_body:
+            text = _inline_text(request_body)
+            if text is not None:
+                match["body"] = {"equals": text}
+        if match:
+            route["match"] = match
+        route["status"] = status
+        answer_headers: dict[str, str] = {}
+        for name, value in headers:
+            if name.lower() in _NOT_RECORDED:
+                continue
+            text_value = value.decode("latin-1")
+            if name.lower() in _SECRET_ANSWER_HEADERS and not self.secrets:
+                text_value = MASK
+            key_name = name.decode("latin-1")
+            if key_name in answer_headers:
+                answer_headers[key_name] += ", " + text_value
+            else:
+                answer_headers[key_name] = text_value
+        if answer_headers:
+            route["headers"] = answer_headers
+        text = _inline_text(body)
+        if text is not None:
+            route["body"] = text
+        else:
+            self.bodies.mkdir(exist_ok=True)
+            file_name = f"{self.count}.bin"
+            (self.bodies / file_name).write_bytes(body)
+            route["body_file"] = f"{self.bodies.name}/{file_name}"
+        # One small append per exchange to a local file, as the access log writes.
+        with self.path.open("a", encoding="utf-8") as file:
+            file.write(yaml.safe_dump([route], allow_unicode=True, sort_keys=False))
+
+
+def _whole_body(exchange: Exchange) -> bytes | None:
+    body = exchange.body
+    if body.size == 0:
+        return None
+    return bytes(body.kept) if len(body.kept) == body.size else None
+
+
+def _inline_text(data: bytes) -> str | None:
+    """C{data} as text that YAML gives back byte for byte, or None."""
+    if len(data) > INLINE:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if yaml.safe_load(yaml.safe_dump(text)) != text:
+        return None
+    return text
+
+
+class Recording:
+    """
+    An exchange handed to the proxy: what the upstream answers goes to the
+    client as ever, and to the recorder once whole.  Everything else (the
+    request, the connection's hooks) is the exchange's own.
+    """
+
+    def __init__(self, exchange: Exchange, recorder: Recorder) -> None:
+        object.__setattr__(self, "_exchange", exchange)
+        object.__setattr__(self, "_recorder", recorder)
+        object.__setattr__(self, "_answer", None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._exchange, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._exchange, name, value)
+
+    def start(self, status: int, headers: Headers, length: int | None) -> None:
+        object.__setattr__(self, "_answer", (status, list(headers), bytearray()))
+        self._exchange.start(status, headers, length)
+
+    def write(self, data: bytes) -> None:
+        answer = self._answer
+        if answer is not None:
+            if len(answer[2]) + len(data) > MAX_RECORDED:
+                object.__setattr__(self, "_answer", None)
+            else:
+                answer[2].extend(data)
+        self._exchange.write(data)
+
+    def finish(self) -> None:
+        answer = self._answer
+        object.__setattr__(self, "_answer", None)
+        self._exchange.finish()
+        if answer is not None:
+            status, headers, body = answer
+            self._recorder.write(self._exchange, status, headers, bytes(body))
