@@ -13,6 +13,7 @@ from typing import Any
 import attrs
 
 from netd import endpoints
+from netd.rules import RuleSpec, read_rules, read_scenarios
 from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
 
 __all__ = [
@@ -122,6 +123,9 @@ class ServiceConfig:
     options: Any = None
     # Every TLS profile the service uses, by its listeners or its own keys.
     tls_profiles: frozenset[str] = frozenset()
+    # Not compared: a reload that changes only the rules replaces them in the
+    # running service, whose connections go on.
+    rules: tuple[RuleSpec, ...] = attrs.field(default=(), eq=False)
 
 
 @attrs.frozen
@@ -158,6 +162,8 @@ class NetdConfig:
     tls: Mapping[str, TLSProfileConfig] = attrs.field(factory=dict)
     admin: AdminConfig | None = None
     services: Mapping[str, ServiceConfig] = attrs.field(factory=dict)
+    # Named states shared by every service's rules, with their initial state.
+    scenarios: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def load_config(path: Path | str) -> NetdConfig:
@@ -201,6 +207,7 @@ def _read_root(top: Section, path: Path) -> NetdConfig:
     services: dict[str, ServiceConfig] = top.read(
         "services", lambda v: _read_services(v, profiles), {}
     )
+    scenarios: dict[str, str] = top.read("scenarios", read_scenarios, {})
     top.finish()
     if not services and not top.has("services"):
         top.value.error("no services: add a 'services' mapping")
@@ -212,6 +219,7 @@ def _read_root(top: Section, path: Path) -> NetdConfig:
         tls=profiles,
         admin=admin,
         services=services,
+        scenarios=scenarios,
     )
 
 
@@ -457,6 +465,8 @@ def _read_services(
         idle_value = section.get("idle_timeout")
         idle_timeout = section.number("idle_timeout", _IDLE_TIMEOUT, minimum=0.1)
         options = kind.parse(section, used)
+        rules_value = section.get("rules")
+        rules = read_rules(rules_value, kind.rules) if rules_value is not None else ()
         if kind.longest_silence is not None and options is not None:
             silence = kind.longest_silence(options)
             if idle_value is None:
@@ -477,6 +487,7 @@ def _read_services(
             idle_timeout=idle_timeout,
             options=options,
             tls_profiles=frozenset(used.used),
+            rules=rules,
         )
         section.finish()
     return services

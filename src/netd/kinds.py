@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from netd.events import Journal, ServiceStats
+from netd.rules import CONNECTIONS_ONLY, RuleSet, Vocabulary
 
 if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
@@ -99,6 +100,9 @@ class BuildContext:
     stats: ServiceStats
     log: Logger
     tls: Mapping[str, IOpenSSLServerConnectionCreator]
+    # The service's rules (netd.rules): a kind with a rule vocabulary checks
+    # them at its events; they change at run time through the admin API.
+    rules: RuleSet = attrs.field(factory=RuleSet)
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
@@ -180,6 +184,9 @@ class ServiceKind(Generic[Options]):
         says (421 and a reason), always fires first.
     @ivar per_client_default: the service's C{max_connections_per_client}
         when the map does not set it; 0 is no per-client limit.
+    @ivar rules: what the service's C{rules:} may match and do at the kind's
+        events (L{netd.rules.Vocabulary}); without one, rules act on
+        connections only (delay, throttle, reset, close, stall, drop).
     """
 
     name: str
@@ -189,6 +196,7 @@ class ServiceKind(Generic[Options]):
     protocols: tuple[str, ...] = ()
     longest_silence: Callable[[Options], float] | None = None
     per_client_default: int = 0
+    rules: Vocabulary = CONNECTIONS_ONLY
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:
