@@ -19,6 +19,7 @@ exchangers (L{netd.services.smtp.mx}).
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.rules import Vocabulary, exact, glob
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
@@ -57,6 +59,8 @@ _MODES = ("capture", "smarthost", "mx")
 
 
 _NOTHING: tuple[str, ...] = ()
+STAGES = ("connect", "helo", "auth", "starttls", "mail", "rcpt", "data", "eom")
+_REPLY = re.compile(r"([2-5][0-9][0-9])(?: ([\x20-\x7e]{0,500}))?\Z")
 
 
 @attrs.frozen
@@ -312,6 +316,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         portal=portal,
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
         reject_bare_newlines=options.bare_newlines == "reject",
+        rules=context.rules,
     )
 
     def stream(listener: ListenerConfig) -> SessionFactory:
@@ -334,10 +339,34 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
+def _reply(value: Value) -> tuple[int, bytes] | None:
+    """A rule's C{reply}: one SMTP reply line, C{CODE [text]} (C{451 4.3.0 try later})."""
+    text = value.as_str()
+    if not value.is_scalar:
+        return None
+    found = _REPLY.match(text)
+    if found is None:
+        value.error(f"not an SMTP reply line (as in '451 4.3.0 try later'): {text!r}")
+        return None
+    return int(found.group(1)), (found.group(2) or "").encode("ascii")
+
+
+RULES = Vocabulary(
+    match={"stage": exact(*STAGES), "mail": glob(), "rcpt": glob(), "helo": glob()},
+    acts={"reply": _reply},
+    generic=("delay", "throttle", "reset", "close", "stall"),
+)
+
+
 def _longest_silence(options: Options) -> float:
     return max(options.limits.command_timeout, options.limits.data_timeout)
 
 
 SMTP: ServiceKind[Options] = ServiceKind(
-    "smtp", parse, build, longest_silence=_longest_silence, per_client_default=20
+    "smtp",
+    parse,
+    build,
+    longest_silence=_longest_silence,
+    per_client_default=20,
+    rules=RULES,
 )
