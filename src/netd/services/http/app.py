@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "App",
     "BodyStream",
     "Exchange",
+    "Reply",
     "Route",
     "StaticOptions",
     "Upgrade",
@@ -107,6 +109,15 @@ class Route:
 
     def matches(self, path: str) -> bool:
         return path.startswith(self.path) if self.prefix else path == self.path
+
+
+@attrs.frozen
+class Reply:
+    """A rule's C{reply}: the answer it gives instead of the service's."""
+
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
 
 
 @attrs.frozen
@@ -210,6 +221,10 @@ class Exchange(ABC):
     started: float = 0.0
     # Set by the proxy while it waits on the upstream; the wire calls it if the client goes.
     proxy_cancel: Callable[[], None] | None = None
+    # A rule throttles this response: the throttle ends with it.
+    throttled = False
+    # Answered, or its client is gone: nothing more is sent for it.
+    done = False
 
     _by_name: dict[bytes, bytes] | None = None
 
@@ -228,6 +243,10 @@ class Exchange(ABC):
         The connection, if this request asks to switch protocols and its
         connection can (HTTP/1.1); None otherwise.
         """
+        return None
+
+    def connection_transport(self) -> Any:
+        """The transport of the whole connection: what a rule's generic acts act on."""
         return None
 
     @abstractmethod
@@ -336,6 +355,7 @@ class App:
         stats: ServiceStats,
         emit: Callable[..., None],
         proxy: Callable[[Exchange, Route, str], None] | None,
+        rules: RuleSet | None = None,
     ) -> None:
         self.clock = clock
         self.routes = routes
@@ -348,6 +368,7 @@ class App:
         self.stats = stats
         self.emit = emit
         self.proxy = proxy
+        self.rules = rules if rules is not None else RuleSet()
         self.dates = _DateCache(clock)
         self.bodies = {r.body_file: _read(r.body_file) for r in routes if r.body_file}
 
@@ -371,6 +392,39 @@ class App:
             self.error(exchange, 400)
             return
         exchange.path = path
+        rules = self.rules
+        if rules.event_rules:
+            fired = rules.check(
+                exchange.client,
+                method=exchange.method,
+                path=path,
+                host=_host(exchange),
+                header=lambda name: _text(exchange.header(name.encode("latin-1"))),
+            )
+            if fired is not None:
+                self._act(exchange, fired, path)
+                return
+        self._answer(exchange, path)
+
+    def _act(self, exchange: Exchange, fired: Fired, path: str) -> None:
+        """A rule fired on this request: its answer, or the usual one after its acts."""
+        reply: Reply | None = fired.acts.get("reply")
+        answer = None
+        if reply is not None:
+
+            def answer() -> None:
+                headers = list(reply.headers)
+                if reply.body and not any(n.lower() == b"content-type" for n, _ in headers):
+                    headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+                exchange.respond(reply.status, headers, reply.body)
+
+        exchange.throttled = "throttle" in fired.acts
+        transport = exchange.connection_transport()
+        fired.act(transport, lambda: self._answer(exchange, path), answer)
+
+    def _answer(self, exchange: Exchange, path: str) -> None:
+        if exchange.done:
+            return  # the client left while a rule delayed the answer
         for route in self.routes:
             if route.matches(path):
                 self._route(exchange, route, path)
@@ -410,6 +464,10 @@ class App:
 
     def completed(self, exchange: Exchange) -> None:
         """Count, journal, log and record one finished exchange."""
+        if exchange.throttled:
+            shaper = getattr(exchange.connection_transport(), "shaper", None)
+            if shaper is not None:
+                shaper.release()
         stats = self.stats
         stats.count("requests")
         if exchange.status >= 500:
@@ -467,6 +525,21 @@ class App:
                     "status": exchange.status,
                 }
             )
+
+
+def _host(exchange: Exchange) -> str | None:
+    """The host a request names, without its port, as a rule's C{host} matches it."""
+    host = exchange.header(b"host")
+    if host is None:
+        return None
+    text = host.decode("latin-1")
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def _read(path: str) -> bytes:
