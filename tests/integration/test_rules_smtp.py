@@ -115,3 +115,24 @@ def test_bad_reply_refused_with_its_path(start_netd: StartNetd) -> None:
     assert [e["path"] for e in json.loads(refused.value.body)["errors"]] == ["reply"]
     with client(netd) as smtp:
         assert smtp.ehlo("client.test")[0] == 250
+
+
+def test_netd_testing_rule_and_scenario(start_netd: StartNetd) -> None:
+    netd = start_netd(MAIL_MAP)
+    netd.admin("DELETE", "/api/services/mail/rules")
+    with netd.rule(
+        "mail", match={"stage": "rcpt", "rcpt": "*@later.test"}, reply="451 4.3.0 later", times=2
+    ) as rule:
+        with client(netd) as smtp:
+            smtp.ehlo("client.test")
+            smtp.mail("alice@client.test")
+            codes = [smtp.rcpt("bob@later.test")[0] for _ in range(3)]
+        assert codes == [451, 451, 250]  # spent: the usual answer (loopback may relay)
+        assert rule.fired == 2
+        assert [e["matched"]["rcpt"] for e in rule.wait_fired(2)] == ["bob@later.test"] * 2
+    assert netd.view("mail", "rules") == []
+    assert netd.scenario("signup") == "started"
+    assert netd.scenario("signup", "created") == "created"
+    assert netd.scenarios() == {"signup": "created"}
+    netd.reset_scenarios()
+    assert netd.scenarios() == {}
