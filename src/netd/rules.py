@@ -88,7 +88,8 @@ class Vocabulary:
         predicate that an event's value for that key must pass.
     @ivar acts: the kind's own acts by name, each with the reader of its value
         (SMTP's C{reply} line, HTTP's C{reply} mapping).
-    @ivar generic: which of L{GENERIC_ACTS} its events can take.
+    @ivar generic: which of L{GENERIC_ACTS} its events can take (a rule on
+        connections, without a match on the kind's keys, takes them all).
     """
 
     match: Mapping[str, MatchReader] = attrs.field(factory=dict)
@@ -255,7 +256,10 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
                     predicates.append((key, predicate))
         match.finish(known=", ".join(["client", *vocabulary.match]))
     found: dict[str, Any] = {}
-    for name in vocabulary.generic:
+    # A rule on connections may take every generic act; one on the kind's
+    # events, those its events can take.
+    generic = vocabulary.generic if predicates else GENERIC_ACTS
+    for name in generic:
         entry = section.get(name)
         if entry is not None:
             found[name] = _GENERIC_READERS[name](entry)
@@ -277,14 +281,15 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     scenario = section.read("scenario", _name, None)
     state = section.read("state", _name, None)
     next_state = section.read("next_state", _name, None)
-    section.finish(known=", ".join([*_CONTROL, "id", *vocabulary.generic, *vocabulary.acts]))
+    section.finish(known=", ".join([*_CONTROL, "id", *generic, *vocabulary.acts]))
     if (state is not None or next_state is not None) and scenario is None:
         value.error("'state' and 'next_state' need a 'scenario'")
     acted = [name for name, act in found.items() if act is not False]
     if not acted and next_state is None:
         value.error(
-            "a rule needs an act (" + ", ".join([*vocabulary.generic, *vocabulary.acts]) + ")"
-            " or a 'next_state'"
+            "a rule needs an act ("
+            + ", ".join([*generic, *vocabulary.acts])
+            + ") or a 'next_state'"
         )
     final = [name for name in _FINAL_ACTS if found.get(name)]
     if len(final) > 1 or (final and (own or found.get("close") is not None)):

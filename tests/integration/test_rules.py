@@ -123,3 +123,24 @@ def test_scenarios_api(start_netd: StartNetd) -> None:
     with pytest.raises(AdminError) as refused:
         netd.admin("PUT", "/api/scenarios/signup", b"{}")
     assert refused.value.status == 400
+
+
+def test_udp_drop_at_the_connection_level(start_netd: StartNetd) -> None:
+    netd = start_netd("""
+services:
+  echo:
+    type: echo
+    listen: ["udp:0:interface=127.0.0.1"]
+    rules:
+      - {drop: true, nth: 1}
+""")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1)
+        sock.sendto(b"first", netd.address("echo", "udp"))
+        with pytest.raises(TimeoutError):
+            sock.recvfrom(100)
+        sock.settimeout(5)
+        sock.sendto(b"second", netd.address("echo", "udp"))
+        assert sock.recvfrom(100)[0] == b"second"
+    [rule] = netd.view("echo", "rules")
+    assert rule["fired"] == 1 and rule["spent"]
