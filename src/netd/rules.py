@@ -64,6 +64,7 @@ __all__ = [
     "read_rule",
     "read_rules",
     "read_scenarios",
+    "reply_line",
 ]
 
 Predicate = Callable[[Any], bool]
@@ -170,6 +171,26 @@ def fields(case_sensitive_names: bool = False) -> MatchReader:
             return callable(lookup) and all(predicate(lookup(n)) for n, predicate in wanted)
 
         return matches
+
+    return read
+
+
+def reply_line(first_digits: str = "2345") -> ActReader:
+    """
+    A reply of a line protocol (SMTP, FTP): C{CODE [text]}, as in C{451 4.3.0
+    try later}; read as C{(code, text)}, the text printable ASCII.
+    """
+    shape = re.compile(rf"([{first_digits}][0-9][0-9])(?: ([\x20-\x7e]{{0,500}}))?\Z")
+
+    def read(value: Value) -> tuple[int, str] | None:
+        text = value.as_str()
+        if not value.is_scalar:
+            return None
+        found = shape.match(text)
+        if found is None:
+            value.error(f"not a reply line 'CODE text' (as in '451 try later'): {text!r}")
+            return None
+        return int(found.group(1)), found.group(2) or ""
 
     return read
 

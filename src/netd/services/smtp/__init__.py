@@ -19,7 +19,6 @@ exchangers (L{netd.services.smtp.mx}).
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -37,7 +36,7 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
-from netd.rules import Vocabulary, exact, glob
+from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
@@ -60,7 +59,6 @@ _MODES = ("capture", "smarthost", "mx")
 
 _NOTHING: tuple[str, ...] = ()
 STAGES = ("connect", "helo", "auth", "starttls", "mail", "rcpt", "data", "eom")
-_REPLY = re.compile(r"([2-5][0-9][0-9])(?: ([\x20-\x7e]{0,500}))?\Z")
 
 
 @attrs.frozen
@@ -339,21 +337,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-def _reply(value: Value) -> tuple[int, bytes] | None:
-    """A rule's C{reply}: one SMTP reply line, C{CODE [text]} (C{451 4.3.0 try later})."""
-    text = value.as_str()
-    if not value.is_scalar:
-        return None
-    found = _REPLY.match(text)
-    if found is None:
-        value.error(f"not an SMTP reply line (as in '451 4.3.0 try later'): {text!r}")
-        return None
-    return int(found.group(1)), (found.group(2) or "").encode("ascii")
-
-
 RULES = Vocabulary(
     match={"stage": exact(*STAGES), "mail": glob(), "rcpt": glob(), "helo": glob()},
-    acts={"reply": _reply},
+    acts={"reply": reply_line()},
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
 

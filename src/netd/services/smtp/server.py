@@ -259,13 +259,13 @@ class Session(smtp.ESMTP):
         if fired is None:
             proceed()
             return
-        reply: tuple[int, bytes] | None = fired.acts.get("reply")
+        reply: tuple[int, str] | None = fired.acts.get("reply")
         answer = None
         if reply is not None:
             code, text = reply
 
             def answer() -> None:
-                self.sendCode(code, text)
+                self.sendCode(code, text.encode("ascii"))
                 if code == 421:  # RFC 5321 3.8: the server closes after a 421
                     self.transport.loseConnection()
 
