@@ -98,6 +98,8 @@ class Server:
             body = _POINTER_TO_QUESTION + _RR.pack(dns.A, dns.IN, options.ttl, len(rdata)) + rdata
             self.catch_all = Sections(AA | NOERROR, 1, 0, 0, body)
         self.rules = context.rules
+        self.rules.watchers.append(self._rules_changed)
+        self._rules_changed()
         self.networks = options.recursion_from
         self.udp_payload = options.udp_payload
         self.opt = opt_record(options.udp_payload)
@@ -114,11 +116,7 @@ class Server:
         stats.count("queries")
         recursion = self.forwarder is not None and self._may_recurse(client[0])
         prepared_key = None
-        if (
-            not self.options.query_log
-            and not self.rules.event_rules
-            and len(data) <= _PREPARED_QUERY
-        ):
+        if self.send_prepared and len(data) <= _PREPARED_QUERY:
             # The same query bytes (ID aside) from a client of the same standing
             # get the same answer from local data: send it again as it was.
             prepared_key = (udp, recursion, data[2:])
@@ -161,6 +159,10 @@ class Server:
                     lambda: self._answer(query, client, udp, recursion, started),
                 )
         return self._answer(query, client, udp, recursion, started, prepared_key)
+
+    def _rules_changed(self) -> None:
+        # Prepared answers are sent as they were: not while a rule may answer instead.
+        self.send_prepared = not self.options.query_log and not self.rules.event_rules
 
     def _answer(
         self,
