@@ -120,6 +120,14 @@ class TrackedConnection(ProtocolWrapper):
     # Twisted asks the protocol for interfaces at close; without these the
     # question falls through __getattr__ to the transport and costs an exception.
     __conform__ = None
+    # Class-level defaults, set on a connection only when a rule changes them
+    # (nothing per connection without rules).  The shaper: while a rule
+    # throttles this connection or cuts it after N bytes.  Started: whether the
+    # kind's protocol has been given the connection (a rule may delay that, or
+    # keep it from ever happening: stall, reset).
+    shaper: Shaper | None = None
+    started = True
+    closed = False
 
     def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
@@ -135,12 +143,6 @@ class TrackedConnection(ProtocolWrapper):
         # The socket itself when this connection's transport is one (TCP, UNIX;
         # not a TLS listener's): see L{write}.
         self._socket: tcp.Connection | None = None
-        # Set while a rule throttles this connection or cuts it after N bytes.
-        self.shaper: Shaper | None = None
-        # Whether the kind's protocol has been given the connection: a rule
-        # may delay that, or keep it from ever happening (stall, reset).
-        self.started = True
-        self.closed = False
 
     def makeConnection(self, transport: Any) -> None:
         # ProtocolWrapper re-declares the transport's interfaces on every

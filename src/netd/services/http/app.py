@@ -418,13 +418,14 @@ class App:
                     headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
                 exchange.respond(reply.status, headers, reply.body)
 
+        def proceed() -> None:
+            if not exchange.done:  # the client may have left while a rule delayed it
+                self._answer(exchange, path)
+
         exchange.throttled = "throttle" in fired.acts
-        transport = exchange.connection_transport()
-        fired.act(transport, lambda: self._answer(exchange, path), answer)
+        fired.act(exchange.connection_transport(), proceed, answer)
 
     def _answer(self, exchange: Exchange, path: str) -> None:
-        if exchange.done:
-            return  # the client left while a rule delayed the answer
         for route in self.routes:
             if route.matches(path):
                 self._route(exchange, route, path)
