@@ -43,6 +43,7 @@ from netd import acts
 from netd.events import Journal
 from netd.schema import (
     Network,
+    Position,
     Problems,
     Value,
     client_address,
@@ -373,13 +374,17 @@ def read_scenarios(value: Value) -> dict[str, str]:
 def parse_api_rule(body: Any, vocabulary: Vocabulary) -> RuleSpec:
     """A rule sent to the admin API as JSON; L{ConfigErrors} with each field's path."""
     problems = Problems()
-    node = yaml.compose(json.dumps(body))
-    assert node is not None  # JSON text is never empty
-    value = Value(node, "", "request body", Path("."), problems)
-    if not value.is_mapping:
-        value.error("a rule is a JSON object")
-        problems.raise_if_any()
-    spec = read_rule(value, vocabulary)
+    try:
+        node = yaml.compose(json.dumps(body))
+        assert node is not None  # JSON text is never empty
+        value = Value(node, "", "request body", Path("."), problems)
+        if not value.is_mapping:
+            value.error("a rule is a JSON object")
+            problems.raise_if_any()
+        spec = read_rule(value, vocabulary)
+    except RecursionError:
+        # JSON nested hundreds deep (max_body allows it): no rule is shaped so.
+        problems.add(Position("request body", 1, 1), "", "nested too deeply to be a rule")
     problems.raise_if_any()
     assert spec is not None
     return spec

@@ -94,6 +94,10 @@ def test_bad_rules_are_refused_with_paths(start_netd: StartNetd) -> None:
     assert refused.value.status == 400
     paths = {e["path"] for e in json.loads(refused.value.body)["errors"]}
     assert paths == {"match.stage", "delay"}
+    deep = "[" * 900 + "]" * 900
+    with pytest.raises(AdminError) as nested:
+        netd.admin("POST", "/api/services/echo/rules", f'{{"delay": {deep}}}'.encode())
+    assert nested.value.status == 400 and "nested too deeply" in nested.value.body
     assert [r["id"] for r in netd.view("echo", "rules")] == ["first-cut"]
     netd.admin("DELETE", "/api/services/echo/rules/first-cut")
     assert echoes(netd) == b"ping"

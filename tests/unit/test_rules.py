@@ -202,3 +202,11 @@ def test_map_rules_are_replaced_and_api_rules_kept() -> None:
         ("r1", {"delay": 1.0}),
     ]
     assert successor.post({"delay": 2})["id"] == "r2"
+
+
+def test_a_rule_nested_too_deeply_is_refused() -> None:
+    nested: list[object] = []
+    for _ in range(900):
+        nested = [nested]
+    with pytest.raises(ConfigErrors, match="nested too deeply"):
+        parse_api_rule({"match": {"name": "a"}, "reply": nested}, WORDS)
