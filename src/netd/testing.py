@@ -546,6 +546,9 @@ class OffloadedNetd(Generic[Pending]):
     def reset(self, service: str) -> Pending:
         return self._offload(self.netd.reset, service)
 
+    def scenario(self, name: str, state: str | None = None) -> Pending:
+        return self._offload(self.netd.scenario, name, state)
+
     def events(self, service: str | None = None, type: str | None = None, **kwargs: Any) -> Pending:
         return self._offload(self.netd.events, service, type, **kwargs)
 

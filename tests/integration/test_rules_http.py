@@ -126,3 +126,25 @@ def test_openssl_s_client_sees_the_reset(start_netd: StartNetd, tmp_path: Path) 
     netd.admin("DELETE", f"/api/services/secure/rules/{added['id']}")
     fine = curl("--cacert", str(netd.ca_file("lab")), netd.url("secure", path="/"))
     assert fine.stdout == "fine\n"
+
+
+def test_rules_answer_http2_streams(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    netd.rule("secure", match={"path": "/teapot"}, reply={"status": 418, "body": "short\n"})
+    ca = str(netd.ca_file("lab"))
+    url = netd.url("secure", path="/teapot")
+    answer = curl("--http2", "--cacert", ca, "-w", " %{http_version} %{http_code}", url)
+    assert answer.stdout == "short\n 2 418"
+    usual = curl("--http2", "--cacert", ca, netd.url("secure", path="/"))
+    assert usual.stdout == "fine\n"
+
+
+def test_a_throttled_http2_stream(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    netd.rule("secure", match={"path": "/"}, throttle=200)
+    ca = str(netd.ca_file("lab"))
+    url = netd.url("secure", path="/")
+    answer = curl("--http2", "--cacert", ca, "-w", " %{http_version} %{time_total}", url)
+    body, version, seconds = answer.stdout.split()
+    assert (body, version) == ("fine", "2")
+    assert float(seconds) >= 0.3  # its frames (headers, data, settings) at 200 bytes/s
