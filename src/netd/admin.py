@@ -338,6 +338,8 @@ class AdminResource(Resource):
         if len(parts) == 3 and parts[0] == "tls" and parts[2] == "ca.pem":
             _allow(method, "GET", "HEAD")
             return self._ca_pem(request, parts[1])
+        if parts[:1] == ["scenarios"]:
+            return self._scenarios(request, method, parts[1:])
         if len(parts) >= 2 and parts[0] == "services":
             service = self.daemon.services_by_name.get(parts[1])
             if service is None:
@@ -367,6 +369,27 @@ class AdminResource(Resource):
             raise _HTTPError(404, f"{path}: {e.strerror}") from None
         request.setHeader(b"Content-Type", b"application/x-pem-file")
         return pem
+
+    def _scenarios(self, request: Request, method: str, parts: list[str]) -> bytes:
+        """The named states of rules (netd.rules): read, set one, reset all."""
+        scenarios = self.daemon.scenarios
+        if parts == ["reset"]:
+            _allow(method, "POST")
+            scenarios.reset()
+        elif len(parts) == 1:
+            _allow(method, "GET", "HEAD", "PUT")
+            if method == "PUT":
+                body = _json_body(request)
+                state = body.get("state") if isinstance(body, dict) else body
+                if not isinstance(state, str) or not state:
+                    raise _HTTPError(400, 'give the state: {"state": "NAME"}')
+                scenarios.set(parts[0], state)
+            return _json(request, {"name": parts[0], "state": scenarios.state(parts[0])})
+        elif parts:
+            raise _HTTPError(404, "not found")
+        else:
+            _allow(method, "GET", "HEAD")
+        return _json(request, {"scenarios": scenarios.describe()})
 
     def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
         if method == "DELETE" and view.clear is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from netd import endpoints
+from netd.rules import RuleSpec, read_rules, read_scenarios
 from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
 
 if TYPE_CHECKING:
@@ -130,6 +131,9 @@ class ServiceConfig:
     workers: int = 0
     # Every TLS profile the service uses, by its listeners or its own keys.
     tls_profiles: frozenset[str] = frozenset()
+    # Not compared: a reload that changes only the rules replaces them in the
+    # running service, whose connections go on.
+    rules: tuple[RuleSpec, ...] = attrs.field(default=(), eq=False)
 
 
 @attrs.frozen
@@ -166,6 +170,8 @@ class NetdConfig:
     tls: Mapping[str, TLSProfileConfig] = attrs.field(factory=dict)
     admin: AdminConfig | None = None
     services: Mapping[str, ServiceConfig] = attrs.field(factory=dict)
+    # Named states shared by every service's rules, with their initial state.
+    scenarios: Mapping[str, str] = attrs.field(factory=dict)
 
 
 def load_config(path: Path | str) -> NetdConfig:
@@ -209,6 +215,7 @@ def _read_root(top: Section, path: Path) -> NetdConfig:
     services: dict[str, ServiceConfig] = top.read(
         "services", lambda v: _read_services(v, profiles), {}
     )
+    scenarios: dict[str, str] = top.read("scenarios", read_scenarios, {})
     top.finish()
     if not services and not top.has("services"):
         top.value.error("no services: add a 'services' mapping")
@@ -220,6 +227,7 @@ def _read_root(top: Section, path: Path) -> NetdConfig:
         tls=profiles,
         admin=admin,
         services=services,
+        scenarios=scenarios,
     )
 
 
@@ -474,6 +482,8 @@ def _read_services(
         idle_timeout = section.number("idle_timeout", _IDLE_TIMEOUT, minimum=0.1)
         options = kind.parse(section, used)
         workers = _read_workers(section, kind, options, listen)
+        rules_value = section.get("rules")
+        rules = read_rules(rules_value, kind.rules) if rules_value is not None else ()
         if kind.longest_silence is not None and options is not None:
             silence = kind.longest_silence(options)
             if idle_value is None:
@@ -495,6 +505,7 @@ def _read_services(
             options=options,
             workers=workers,
             tls_profiles=frozenset(used.used),
+            rules=rules,
         )
         section.finish()
     return services

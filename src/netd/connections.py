@@ -7,6 +7,11 @@ close idle connections.  The idle check costs nothing per byte: a sweep every
 quarter of C{idle_timeout} closes connections whose byte counters did not move
 since the sweep before.  Writes to an idle socket leave at once rather than on the
 reactor's next turn (L{TrackedConnection.write}).
+
+Rules that act on connections (L{netd.rules}: no match, or only C{client}) are
+applied here as each connection opens: a reset, a stall, a delayed greeting, a
+throttle or a cut after N bytes (L{netd.acts}).  A service without such rules
+pays one empty-tuple test per connection.
 """
 
 from __future__ import annotations
@@ -34,9 +39,11 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
+from netd.acts import Shaper
 from netd.compat import buffered_bytes, may_send_now
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
+from netd.rules import Fired, RuleSet
 from netd.schema import client_address
 
 __all__ = [
@@ -113,6 +120,14 @@ class TrackedConnection(ProtocolWrapper):
     # Twisted asks the protocol for interfaces at close; without these the
     # question falls through __getattr__ to the transport and costs an exception.
     __conform__ = None
+    # Class-level defaults, set on a connection only when a rule changes them
+    # (nothing per connection without rules).  The shaper: while a rule
+    # throttles this connection or cuts it after N bytes.  Started: whether the
+    # kind's protocol has been given the connection (a rule may delay that, or
+    # keep it from ever happening: stall, reset).
+    shaper: Shaper | None = None
+    started = True
+    closed = False
 
     def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
@@ -144,7 +159,68 @@ class TrackedConnection(ProtocolWrapper):
             self._socket = transport
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
+        rules = self.factory.connections.rules
+        if rules is not None and rules.connect_rules:
+            fired = rules.at_connect(transport.getPeer())
+            if fired is not None:
+                self._act_at_connect(fired, rules.clock)
+                return
         self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
+
+    def _act_at_connect(self, fired: Fired, clock: Any) -> None:
+        """A connection rule fired: the kind's protocol starts late, or never."""
+        acts = fired.acts
+        self.started = False
+        if acts.get("stall") or acts.get("close") is True:
+            # Never answered: what the client sends is read and dropped, and
+            # moves no byte counter, so the idle timeout still ends it.
+            self.dataReceived = self._discard  # type: ignore[method-assign]
+        elif acts.get("delay"):
+            self.transport.pauseProducing()
+        fired.act(self, self._start)
+
+    def _discard(self, data: bytes) -> None:
+        """Input of a connection whose protocol never starts."""
+
+    def _start(self) -> None:
+        self.started = True
+        if self.transport is not None and not self.closed:
+            self.transport.resumeProducing()
+            self.wrappedProtocol.makeConnection(self)  # type: ignore[arg-type]
+
+    def shape(self, clock: Any, rate: int | None, budget: int | None) -> None:
+        """
+        Pace this connection's writes at C{rate} bytes/s, or close it (FIN)
+        after C{budget} more bytes, or both (L{netd.acts}).
+        """
+        shaper = self.shaper
+        if shaper is None:
+            shaper = self.shaper = Shaper(
+                clock,
+                send=lambda data: TrackedConnection.write(self, data),
+                lose=lambda: ProtocolWrapper.loseConnection(self),
+                pause=self.transport.pauseProducing,
+                resume=self.transport.resumeProducing,
+                done=self._unshape,
+            )
+            # Instance attributes, so an unshaped connection's writes pay nothing.
+            self.write = shaper.write  # type: ignore[method-assign]
+            self.writeSequence = shaper.write_sequence  # type: ignore[method-assign]
+            self.loseConnection = shaper.lose_connection  # type: ignore[method-assign]
+            self.registerProducer = shaper.register_producer  # type: ignore[method-assign]
+            self.unregisterProducer = shaper.unregister_producer  # type: ignore[method-assign]
+        shaper.set(rate, budget)
+
+    def _unshape(self) -> None:
+        for name in (
+            "write",
+            "writeSequence",
+            "loseConnection",
+            "registerProducer",
+            "unregisterProducer",
+        ):
+            self.__dict__.pop(name, None)
+        self.shaper = None
 
     def logPrefix(self) -> str:
         return self.factory.connections.service
@@ -175,6 +251,9 @@ class TrackedConnection(ProtocolWrapper):
         self.write(b"".join(data))
 
     def readConnectionLost(self) -> None:
+        if not self.started:
+            self.loseConnection()
+            return
         wrapped = self.wrappedProtocol
         half_closeable = IHalfCloseableProtocol(wrapped, None)
         if half_closeable is not None:
@@ -190,13 +269,21 @@ class TrackedConnection(ProtocolWrapper):
         replied.addCallback(lambda _: self.loseConnection())
 
     def writeConnectionLost(self) -> None:
+        if not self.started:
+            return
         half_closeable = IHalfCloseableProtocol(self.wrappedProtocol, None)
         if half_closeable is not None:
             half_closeable.writeConnectionLost()
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        self.closed = True
         self.factory.connections.forget(self)
-        super().connectionLost(reason)
+        if self.shaper is not None:
+            self.shaper.stop()
+        if self.started:
+            super().connectionLost(reason)
+        else:
+            self.factory.unregisterProtocol(self)
         waiting, self._waiting_for_close = self._waiting_for_close, []
         for closed in waiting:
             closed.callback(None)
@@ -219,7 +306,7 @@ class TrackedConnection(ProtocolWrapper):
     def close_gracefully(self) -> None:
         """Ask the protocol to finish its exchange, or close once pending output is sent."""
         graceful = getattr(self.wrappedProtocol, "close_gracefully", None)
-        if graceful is not None:
+        if graceful is not None and self.started:
             graceful()
         else:
             self.loseConnection()
@@ -257,6 +344,7 @@ class ConnectionSet:
     busy_reply: bytes = b""
     max_per_client: int = 0
     per_client_reply: bytes | None = None
+    rules: RuleSet | None = None
     _live: dict[TrackedConnection, None] = attrs.field(init=False, factory=dict)
     _per_client: dict[IPv4Address | IPv6Network, int] = attrs.field(init=False, factory=dict)
     _sweep: IDelayedCall | None = attrs.field(init=False, default=None)

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from netd.events import Journal, ServiceStats
+from netd.rules import CONNECTIONS_ONLY, RuleSet, Vocabulary
 
 if TYPE_CHECKING:
     from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
@@ -102,6 +103,9 @@ class BuildContext:
     stats: ServiceStats
     log: Logger
     tls: Mapping[str, IOpenSSLServerConnectionCreator]
+    # The service's rules (netd.rules): a kind with a rule vocabulary checks
+    # them at its events; they change at run time through the admin API.
+    rules: RuleSet = attrs.field(factory=RuleSet)
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
@@ -233,6 +237,9 @@ class ServiceKind(Generic[Options]):
         which process answered.
     @ivar workers_refusal: why a service's options keep it in one process
         (http's C{record}), or L{None} where they do not.
+    @ivar rules: what the service's C{rules:} may match and do at the kind's
+        events (L{netd.rules.Vocabulary}); without one, rules act on
+        connections only (delay, throttle, reset, close, stall, drop).
     """
 
     name: str
@@ -244,6 +251,7 @@ class ServiceKind(Generic[Options]):
     per_client_default: int = 0
     workers: bool = False
     workers_refusal: Callable[[Options], str | None] | None = None
+    rules: Vocabulary = CONNECTIONS_ONLY
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

@@ -35,8 +35,9 @@ from netd.config import (
 )
 from netd.connections import ConnectionSet, TrackingFactory
 from netd.events import Event, Journal, ServiceStats
-from netd.kinds import BuildContext, Handlers
+from netd.kinds import AdminView, BuildContext, Handlers
 from netd.listeners import ListenerGroup, StartupError, os_message
+from netd.rules import RuleSet, Scenarios
 from netd.services import load_kind
 
 if TYPE_CHECKING:
@@ -100,6 +101,7 @@ class RunningService(ListenerGroup, Service):
         journal: Journal,
         tls_creators: Mapping[str, IOpenSSLServerConnectionCreator],
         state_dir: Path,
+        scenarios: Scenarios | None = None,
     ) -> None:
         # Not setName(): during a reload the old and the new service of one
         # name overlap while the old one drains.
@@ -111,6 +113,8 @@ class RunningService(ListenerGroup, Service):
         self.stats = ServiceStats()
         self.state = "configured"
         self.tls_creators = tls_creators
+        kind = load_kind(config.type)
+        self.rules = RuleSet(config.name, kind.rules, reactor, journal, scenarios, config.rules)
         self.context = BuildContext(
             reactor=reactor,
             name=config.name,
@@ -119,8 +123,21 @@ class RunningService(ListenerGroup, Service):
             stats=self.stats,
             log=Logger(namespace=f"netd.{config.name}"),
             tls=tls_creators,
+            rules=self.rules,
         )
-        self.handlers: Handlers = load_kind(config.type).build(config, self.context)
+        handlers = kind.build(config, self.context)
+        rules_view = AdminView(
+            list=self.rules.list,
+            item=self.rules.item,
+            clear=self.rules.clear,
+            post=self.rules.post,
+            remove=self.rules.remove,
+        )
+        self.handlers: Handlers = attrs.evolve(
+            handlers, views={**handlers.views, "rules": rules_view}
+        )
+        self.datagram_protocols: list[Any] = []
+        self.rules.watchers.append(self._rules_changed)
         self.connections = ConnectionSet(
             reactor,
             config.name,
@@ -131,6 +148,7 @@ class RunningService(ListenerGroup, Service):
             self.handlers.busy_reply,
             config.max_connections_per_client,
             self.handlers.per_client_reply,
+            self.rules,
         )
         self.listeners = []
         self.listener_configs = config.listen
@@ -141,6 +159,8 @@ class RunningService(ListenerGroup, Service):
         if listener.datagram:
             assert self.handlers.datagram is not None
             protocol = self.handlers.datagram(listener)
+            self.datagram_protocols.append(protocol)
+            self._watch_datagrams(protocol)
             return succeed(
                 endpoints.listen_datagram(self.reactor, listener.endpoint, protocol, held=held)
             )
@@ -156,6 +176,31 @@ class RunningService(ListenerGroup, Service):
     def announce(self) -> None:
         self.state = "running"
         super().announce()
+
+    def _rules_changed(self) -> None:
+        for protocol in self.datagram_protocols:
+            self._watch_datagrams(protocol)
+
+    def _watch_datagrams(self, protocol: Any) -> None:
+        """
+        While a rule may drop datagrams, each passes it first; otherwise the
+        protocol's own C{datagramReceived} is called directly (an instance
+        attribute comes and goes: no cost without such a rule).
+        """
+        if not self.rules.datagram_rules:
+            protocol.__dict__.pop("datagramReceived", None)
+            return
+        if "datagramReceived" in protocol.__dict__:
+            return
+        receive = type(protocol).datagramReceived.__get__(protocol)
+        rules = self.rules
+
+        def datagram_received(data: bytes, addr: Any) -> None:
+            if rules.datagram_rules and rules.on_datagram(addr[0]) is not None:
+                return
+            receive(data, addr)
+
+        protocol.datagramReceived = datagram_received
 
     def startService(self) -> None:
         super().startService()
@@ -241,6 +286,7 @@ class Daemon(MultiService):
     def __init__(self, config: NetdConfig, reactor: Any, ports_file: Path | None = None) -> None:
         super().__init__()
         self.config = config
+        self.scenarios = Scenarios(config.scenarios)
         self.reactor = reactor
         self.ports_file = ports_file
         self.observers: list[LifecycleObserver] = []
@@ -284,6 +330,7 @@ class Daemon(MultiService):
                 self.journal,
                 creators,
                 config.state_dir,
+                self.scenarios,
             )
         except Exception as e:
             reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
@@ -482,6 +529,8 @@ class Daemon(MultiService):
             and old[n].config == c
             and not c.tls_profiles & changed_profiles
             and new.state_dir == self.config.state_dir
+            # Workers hold the map's rules in their own processes: new ones, new workers.
+            and not (c.workers and old[n].config.rules != c.rules)
         ]
         to_build = [n for n in wanted if n not in unchanged]
         fresh: dict[str, RunningService] = {}
@@ -520,7 +569,15 @@ class Daemon(MultiService):
         if result is not None:
             return result
 
-        # Committed: old services finish their exchanges while the new ones serve.
+        # Committed.  The map's rules are replaced; those added through the
+        # API stay in force, in the replacement of a restarted service too.
+        for name in unchanged:
+            old[name].rules.replace_map(wanted[name].rules)
+        for name, running in fresh.items():
+            if name in old:
+                running.rules.adopt(old[name].rules)
+        self.scenarios.reconfigure(new.scenarios)
+        # Old services finish their exchanges while the new ones serve.
         # Once the reload answers, none of the old accepts (a worker, told so, included).
         listening_stopped = gatherResults([r.stop_listening() for r in retiring])
         grace = new.shutdown_grace

@@ -431,9 +431,10 @@ class Section:
             self.value.error(f"missing required key {key!r}")
         return entry
 
-    def finish(self) -> None:
-        """Report every key that no reader asked for."""
+    def finish(self, known: str = "") -> None:
+        """Report every key that no reader asked for (naming the C{known} ones, if given)."""
+        message = f"unknown key (known: {known})" if known else "unknown key"
         for key, entry in self._entries.items():
             if key not in self._used:
                 key_node = next(k for k, v in self.value.node.value if v is entry.node)
-                attrs.evolve(entry, node=key_node).error("unknown key")
+                attrs.evolve(entry, node=key_node).error(message)

@@ -52,6 +52,8 @@ def plain_socket(consumer: Any) -> tcp.Connection | None:
     TLS wrapper hands out the socket under it as its C{transport} too.
     """
     if isinstance(consumer, TrackedConnection):
+        if consumer.shaper is not None:
+            return None  # a rule paces or cuts its writes: they must pass through it
         consumer = consumer.transport
     if isinstance(consumer, tcp.Connection) and not consumer.TLS:
         return consumer

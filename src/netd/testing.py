@@ -42,6 +42,7 @@ __all__ = [
     "AdminError",
     "NetdProcess",
     "OffloadedNetd",
+    "RuleHandle",
     "StartFailed",
     "start_asyncio",
     "start_deferred",
@@ -59,6 +60,54 @@ class AdminError(Exception):
         super().__init__(f"{status}: {body}")
         self.status = status
         self.body = body
+
+
+class RuleHandle:
+    """
+    A rule added through the admin API (L{NetdProcess.rule}); leaving its
+    C{with} block removes it.
+    """
+
+    def __init__(self, netd: NetdProcess, service: str, described: Mapping[str, Any]) -> None:
+        self.netd = netd
+        self.service = service
+        self.id: str = described["id"]
+        self._path = f"/api/services/{_quote(service)}/rules/{_quote(self.id)}"
+
+    @property
+    def fired(self) -> int:
+        """How often it fired so far."""
+        described: dict[str, Any] = self.netd.admin("GET", self._path)
+        return int(described["fired"])
+
+    def wait_fired(self, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """The first C{count} C{rule.fired} events of this rule, past or coming."""
+        deadline = time.monotonic() + timeout
+        found: list[dict[str, Any]] = []
+        since = 0
+        while len(found) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"rule {self.id} fired {len(found)} of {count} times")
+            events = self.netd.events(self.service, "rule.fired", since, wait=min(left, 30.0))
+            found += [e for e in events if e.get("rule") == self.id]
+            if events:
+                since = events[-1]["id"]
+        return found[:count]
+
+    def remove(self) -> None:
+        """Take it out of force (it may be gone already: spent rules stay until removed)."""
+        try:
+            self.netd.admin("DELETE", self._path)
+        except AdminError as e:
+            if e.status != 404:
+                raise
+
+    def __enter__(self) -> RuleHandle:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
 
 
 class StartFailed(Exception):
@@ -306,13 +355,55 @@ class NetdProcess:
         return self.view(service, "sessions")
 
     def reset(self, service: str) -> None:
-        """Forget what every view of C{service} holds (messages, requests ...)."""
+        """
+        Forget what every view of C{service} holds (messages, requests ...);
+        its rules stay in force.
+        """
         for view in self.admin("GET", f"/api/services/{_quote(service)}")["views"]:
+            if view == "rules":
+                continue
             try:
                 self.admin("DELETE", f"/api/services/{_quote(service)}/{_quote(view)}")
             except AdminError as e:
                 if e.status != 405:  # a view with nothing to forget
                     raise
+
+    def rule(self, service: str, match: Mapping[str, Any] | None = None, **rule: Any) -> RuleHandle:
+        """
+        Add a rule to C{service} at run time, after those in force: C{match}
+        and the rule's other keys as in the map (C{reply=}, C{times=},
+        C{delay=}, C{scenario=} ...).  Use it as a context manager to remove
+        it at the end of the block.
+
+            with netd.rule("mail", match={"stage": "rcpt"}, reply="451 4.3.0 later", times=2) as r:
+                ...
+            assert r.fired == 2
+
+        @raise AdminError: the rule is refused (400: each error with its path).
+        """
+        body = {**({"match": dict(match)} if match is not None else {}), **rule}
+        described = self.admin(
+            "POST", f"/api/services/{_quote(service)}/rules", json.dumps(body).encode()
+        )
+        return RuleHandle(self, service, described)
+
+    def scenario(self, name: str, state: str | None = None) -> str:
+        """A scenario's state; with C{state}, set it first."""
+        path = f"/api/scenarios/{_quote(name)}"
+        if state is not None:
+            answer = self.admin("PUT", path, json.dumps({"state": state}).encode())
+        else:
+            answer = self.admin("GET", path)
+        return str(answer["state"])
+
+    def scenarios(self) -> dict[str, str]:
+        """Every scenario's state."""
+        found: dict[str, str] = self.admin("GET", "/api/scenarios")["scenarios"]
+        return found
+
+    def reset_scenarios(self) -> None:
+        """Every scenario back to its state in the map."""
+        self.admin("POST", "/api/scenarios/reset")
 
     def events(
         self,
@@ -471,6 +562,9 @@ class OffloadedNetd(Generic[Pending]):
 
     def reset(self, service: str) -> Pending:
         return self._offload(self.netd.reset, service)
+
+    def scenario(self, name: str, state: str | None = None) -> Pending:
+        return self._offload(self.netd.scenario, name, state)
 
     def events(self, service: str | None = None, type: str | None = None, **kwargs: Any) -> Pending:
         return self._offload(self.netd.events, service, type, **kwargs)

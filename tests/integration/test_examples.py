@@ -8,6 +8,7 @@ import re
 import shutil
 import smtplib
 import ssl
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -76,6 +77,19 @@ def test_fake_internet_answers_every_name_and_path(tmp_path: Path) -> None:
             assert r.read() == b"netd fake internet\n"
         assert [q["name"] for q in netd.queries("dns")] == ["anything.example.com."]
         assert [r["path"] for r in netd.requests("web")] == ["/any/path"]
+
+
+def test_fake_internet_has_a_flaky_upstream(tmp_path: Path) -> None:
+    with start_example(tmp_path, "fake-internet.yaml") as netd:
+        statuses = []
+        for _ in range(3):
+            try:
+                with urllib.request.urlopen(netd.url("web", tls=False, path="/flaky/x")) as r:
+                    statuses.append(r.status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        assert statuses == [503, 503, 200]
+        assert [r["fired"] for r in netd.view("web", "rules")] == [2, 0]
 
 
 def test_ftp_dropbox_takes_uploads_over_tls_only(tmp_path: Path) -> None:

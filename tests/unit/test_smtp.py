@@ -30,6 +30,8 @@ from twisted.test import iosim
 from netd.config import ConfigErrors, ServiceConfig, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
+from netd.rules import RuleSet
+from netd.services.smtp import RULES as SMTP_RULES
 from netd.services.smtp import (
     AuthOptions,
     DeliveryOptions,
@@ -1114,4 +1116,50 @@ def test_idle_timeout_follows_the_longest_smtp_timeout(tmp_path: Path) -> None:
     assert [str(e) for e in raised.value.errors] == [
         f"{tmp_path / 'netd.yaml'}:6:19: services.mail.idle_timeout: shorter than the 600 s "
         "this smtp service's own timeouts allow a client to stay silent"
+    ]
+
+
+def rules_harness(*bodies: dict[str, Any]) -> Harness:
+    clock = Clock()
+    ruleset = RuleSet("mail", SMTP_RULES, clock, Journal(clock))
+    for body in bodies:
+        ruleset.post(body)
+    harness = Harness(rules=ruleset)
+    harness.clock = clock
+    return harness
+
+
+def test_a_delay_at_eom_keeps_pipelined_commands_behind_the_spool_write() -> None:
+    harness = rules_harness({"match": {"stage": "eom"}, "delay": 5})
+    harness.immediate = False
+    session, transport = harness.connect()
+    send(session, "HELO c\r\nMAIL FROM:<>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE)
+    send(session, "NOOP\r\n")
+    assert codes(transport)[-1] == "354"
+    harness.clock.advance(5)
+    # The delay is over and the spool write begins: NOOP still waits for it.
+    assert codes(transport) == [] and len(harness.pending) == 1
+    harness.pending[0].callback("late")
+    assert codes(transport) == ["250 2.0.0", "250 2.0.0"]
+
+
+def test_rules_answer_at_their_stage_and_then_no_more() -> None:
+    harness = rules_harness(
+        {"match": {"stage": "connect"}, "reply": "554 5.3.2 not now", "times": 1},
+        {"match": {"stage": "mail", "mail": ""}, "reply": "550 no bounces here"},
+        {"match": {"stage": "rcpt", "rcpt": "*@netd.test"}, "reply": "452 4.2.2 full", "nth": 2},
+    )
+    _, refused = harness.connect()
+    assert replies(refused) == ["554 5.3.2 not now"]
+    session, transport = harness.connect()
+    assert codes(transport) == ["220"]
+    send(session, "HELO c\r\nMAIL FROM:<>\r\nMAIL FROM:<a@b.test>\r\n")
+    send(session, "RCPT TO:<x@netd.test>\r\nRCPT TO:<y@netd.test>\r\nRCPT TO:<z@netd.test>\r\n")
+    assert codes(transport) == [
+        "250",
+        "550 5.7.1",
+        "250 2.1.0",
+        "250 2.1.5",
+        "452 4.2.2",
+        "250 2.1.5",
     ]

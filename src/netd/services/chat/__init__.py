@@ -24,6 +24,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
 from netd.services.chat.hub import (
     NICK_LENGTH,
@@ -119,6 +120,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         context.stats,
         context.emit,
         journal_active=lambda: context.journal.active,
+        rules=context.rules,
     )
     irc_wire = IrcWire(options.server_name)
     line_wire = LineWire()
@@ -157,4 +159,18 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-CHAT: ServiceKind[Options] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS)
+def _disconnect(value: Value) -> str | None:
+    """A rule's C{disconnect}: the reason the client is told (C{true}: a plain one)."""
+    if value.node.tag == "tag:yaml.org,2002:bool":
+        return "Disconnected by a rule" if value.as_bool() else None
+    return value.as_str()
+
+
+# IRC commands' rules: the command and the channel it names (its first parameter).
+RULES = Vocabulary(
+    match={"command": exact(), "channel": glob()},
+    acts={"numeric": reply_line("0123456789"), "disconnect": _disconnect},
+    generic=("delay", "reset", "close", "stall"),
+)
+
+CHAT: ServiceKind[Options] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS, rules=RULES)

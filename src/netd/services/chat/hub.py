@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.rules import RuleSet
 
 __all__ = [
     "ChatError",
@@ -403,6 +404,7 @@ class Hub:
     emit: Callable[..., None]
     # Messages are the one event frequent enough to cost when nobody reads the journal.
     journal_active: Callable[[], bool] = lambda: True
+    rules: RuleSet = attrs.field(factory=RuleSet)
     rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
     users: dict[str, Session] = attrs.field(init=False, factory=dict)
     sessions: dict[Session, None] = attrs.field(init=False, factory=dict)

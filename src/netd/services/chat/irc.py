@@ -14,6 +14,7 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
+from netd.rules import Fired
 from netd.services.chat.hub import (
     MAX_ROOMS_PER_USER,
     NICK_LENGTH,
@@ -168,7 +169,36 @@ class IrcSession(Session, irc.IRC):
         if not self.registered and command not in _BEFORE_REGISTRATION:
             self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
             return
+        rules = self.hub.rules
+        if rules.event_rules:
+            channel = params[0] if params and params[0][:1] in ("#", "&") else ""
+            fired = rules.check(self.host, command=command, channel=channel)
+            if fired is not None:
+                self._ruled(fired, command, prefix, params, channel)
+                return
         self.handleCommand(command, prefix, params)
+
+    def _ruled(
+        self, fired: Fired, command: str, prefix: str, params: list[str], channel: str
+    ) -> None:
+        """A rule's numeric or disconnect instead of the command, or the command after its acts."""
+        acts = fired.acts
+        numeric: tuple[int, str] | None = acts.get("numeric")
+        reason: str | None = acts.get("disconnect")
+
+        def answer() -> None:
+            if reason is not None:
+                self.disconnect(reason)
+            elif numeric is not None:
+                self.numeric(f"{numeric[0]:03d}", channel or command, numeric[1])
+            self.hub.flush_soon()
+
+        def proceed() -> None:
+            self.handleCommand(command, prefix, params)
+            self.hub.flush_soon()
+
+        own = numeric is not None or reason is not None
+        fired.act(self.transport, proceed, answer if own else None)
 
     def too_long(self) -> None:
         self.numeric(ERR_INPUTTOOLONG, "Input line was too long")

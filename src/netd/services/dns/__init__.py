@@ -23,6 +23,7 @@ from __future__ import annotations
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.services.dns.options import CacheOptions, Options, parse
+from netd.services.dns.rules import RULES
 from netd.services.dns.server import Datagrams, Server, StreamFactory
 
 __all__ = ["DNS", "CacheOptions", "Options"]
@@ -46,4 +47,6 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True, workers=True)
+DNS: ServiceKind[Options] = ServiceKind(
+    "dns", parse, build, datagram=True, workers=True, rules=RULES
+)

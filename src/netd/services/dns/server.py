@@ -26,6 +26,7 @@ from netd.services.dns.data import (
 from netd.services.dns.forward import Cache, Forwarder
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
+from netd.services.dns.rules import answer_by_rule, query_event
 from netd.services.dns.wire import (
     AA,
     BADVERS,
@@ -96,6 +97,9 @@ class Server:
             rdata = options.catch_all
             body = _POINTER_TO_QUESTION + _RR.pack(dns.A, dns.IN, options.ttl, len(rdata)) + rdata
             self.catch_all = Sections(AA | NOERROR, 1, 0, 0, body)
+        self.rules = context.rules
+        self.rules.watchers.append(self._rules_changed)
+        self._rules_changed()
         self.networks = options.recursion_from
         self.udp_payload = options.udp_payload
         self.opt = opt_record(options.udp_payload)
@@ -112,7 +116,7 @@ class Server:
         stats.count("queries")
         recursion = self.forwarder is not None and self._may_recurse(client[0])
         prepared_key = None
-        if not self.options.query_log and len(data) <= _PREPARED_QUERY:
+        if self.send_prepared and len(data) <= _PREPARED_QUERY:
             # The same query bytes (ID aside) from a client of the same standing
             # get the same answer from local data: send it again as it was.
             prepared_key = (udp, recursion, data[2:])
@@ -141,6 +145,36 @@ class Server:
                 + query.question
                 + opt_record(self.udp_payload, BADVERS)
             )
+        if self.rules.event_rules:
+            fired = self.rules.check(client[0], **query_event(query, udp))
+            if fired is not None:
+                limit = udp_limit(query, self.udp_payload) if udp else None
+                return answer_by_rule(
+                    self,
+                    fired,
+                    query,
+                    lambda sections, flags: self._reply(
+                        sections, query, limit, client, udp, "rule", started, flags
+                    ),
+                    lambda: self._answer(query, client, udp, recursion, started),
+                )
+        return self._answer(query, client, udp, recursion, started, prepared_key)
+
+    def _rules_changed(self) -> None:
+        # Prepared answers are sent as they were: not while a rule may answer instead.
+        self.send_prepared = not self.options.query_log and not self.rules.event_rules
+
+    def _answer(
+        self,
+        query: Query,
+        client: Any,
+        udp: bool,
+        recursion: bool,
+        started: float,
+        prepared_key: tuple[bool, bool, bytes] | None = None,
+    ) -> bytes | Deferred[bytes] | None:
+        """The service's own answer to a parsed query."""
+        stats = self.stats
         limit = udp_limit(query, self.udp_payload) if udp else None
         sections, source = self._answer_now(query, recursion)
         if sections is not None:

@@ -29,6 +29,7 @@ from twisted.cred.portal import Portal
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
 from netd.services.ftp.files import Accounts, Realm, User, in_thread
 from netd.services.ftp.session import FTPServer, SessionLimits
@@ -169,6 +170,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         passive_host=options.passive_host,
         tls=context.tls.get(options.tls) if options.tls else None,
         require_tls=options.require_tls,
+        rules=context.rules,
     )
 
     def stream(listener: ListenerConfig) -> Any:
@@ -188,4 +190,11 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-FTP: ServiceKind[Options] = ServiceKind("ftp", parse, build, per_client_default=10)
+# A command's rules: its verb and its argument as sent (a path, mostly).
+RULES = Vocabulary(
+    match={"command": exact(), "path": glob(case_sensitive=True)},
+    acts={"reply": reply_line("12345")},
+    generic=("delay", "throttle", "reset", "close", "stall"),
+)
+
+FTP: ServiceKind[Options] = ServiceKind("ftp", parse, build, per_client_default=10, rules=RULES)

@@ -48,6 +48,7 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.rules import Fired, RuleSet
 from netd.sendfile import plain_socket, send_file
 from netd.services.ftp.data import (
     READ_CHUNK,
@@ -144,6 +145,7 @@ class FTPServer:
     passive_host: str | None = None
     tls: IOpenSSLServerConnectionCreator | None = None
     require_tls: bool = False
+    rules: RuleSet = attrs.field(factory=RuleSet)
     listen_passive: ListenPassive = attrs.field(
         default=attrs.Factory(lambda self: partial(PassivePort, self.reactor), takes_self=True)
     )
@@ -402,6 +404,30 @@ class Session(ftp.FTP):
             self.reply(ftp.REQ_ACTN_NOT_TAKEN, "internal server error")
 
     def processCommand(self, command: str, *params: str) -> Any:
+        rules = self.server.rules
+        if rules.event_rules:
+            path = params[0] if params else ""
+            fired = rules.check(self.client_host, command=command.upper(), path=path)
+            if fired is not None:
+                return self._ruled(fired, command, params)
+        return self._process(command, *params)
+
+    def _ruled(self, fired: Fired, command: str, params: tuple[str, ...]) -> Deferred[Any]:
+        """A rule's answer to a command (C{reply}), or the usual one after its acts."""
+        result: Deferred[Any] = Deferred()
+        reply: tuple[int, str] | None = fired.acts.get("reply")
+
+        def answer() -> None:
+            assert reply is not None
+            result.callback(f"{reply[0]} {reply[1]}".rstrip())
+
+        def proceed() -> None:
+            maybeDeferred(self._process, command, *params).chainDeferred(result)
+
+        fired.act(self.transport, proceed, answer if reply is not None else None)
+        return result
+
+    def _process(self, command: str, *params: str) -> Any:
         upper = command.upper()
         if upper in ("USER", "PASS") and self.server.require_tls and not self.secure:
             return _TLS_REQUIRED

@@ -28,8 +28,9 @@ from twisted.internet.defer import Deferred
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.rules import Vocabulary, exact, fields, glob
 from netd.schema import Section, Value, compose
-from netd.services.http.app import App, Route, StaticOptions
+from netd.services.http.app import App, Reply, Route, StaticOptions
 from netd.services.http.match import Conditions, path_pattern, read_conditions
 from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
@@ -295,6 +296,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         stats=context.stats,
         emit=context.emit,
         proxy=proxy,
+        rules=context.rules,
     )
 
     def stream(listener: ListenerConfig) -> Any:
@@ -325,6 +327,36 @@ def _workers_refusal(options: Options) -> str | None:
     return None
 
 
+def _reply(value: Value) -> Reply | None:
+    """
+    A rule's C{reply}: C{{status, headers, body}}, each optional (200, none,
+    empty), or a bare status.
+    """
+    if value.is_scalar:
+        return Reply(status=value.as_int(200, minimum=100, maximum=599))
+    section = value.section()
+    no_headers: tuple[tuple[str, str], ...] = ()
+    headers = section.read("headers", _headers, no_headers)
+    reply = Reply(
+        status=section.integer("status", 200, minimum=100, maximum=599),
+        headers=tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in headers),
+        body=section.text("body").encode(),
+    )
+    section.finish(known="status, headers, body")
+    return reply
+
+
+RULES = Vocabulary(
+    match={
+        "method": exact(),
+        "path": glob(case_sensitive=True),
+        "host": glob(),
+        "header": fields(),
+    },
+    acts={"reply": _reply},
+    generic=("delay", "throttle", "reset", "close", "stall"),
+)
+
 HTTP: ServiceKind[Options] = ServiceKind(
-    "http", parse, build, workers=True, workers_refusal=_workers_refusal
+    "http", parse, build, workers=True, workers_refusal=_workers_refusal, rules=RULES
 )

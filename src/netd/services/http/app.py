@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
 from netd.services.http.record import Recorder
@@ -35,6 +36,7 @@ __all__ = [
     "App",
     "BodyStream",
     "Exchange",
+    "Reply",
     "Route",
     "StaticOptions",
     "Upgrade",
@@ -134,6 +136,15 @@ class Route:
 def in_order(routes: tuple[Route, ...] | list[Route]) -> tuple[Route, ...]:
     """Routes as they are tried: by priority (lower first, WireMock's way), then as listed."""
     return tuple(sorted(routes, key=lambda route: route.priority))
+
+
+@attrs.frozen
+class Reply:
+    """A rule's C{reply}: the answer it gives instead of the service's."""
+
+    status: int = 200
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    body: bytes = b""
 
 
 @attrs.frozen
@@ -244,6 +255,10 @@ class Exchange(ABC):
     route: str | None = None
     unmatched: bool = False
     near_miss: dict[str, Any] | None = None
+    # A rule throttles this response: the throttle ends with it.
+    throttled = False
+    # Answered, or its client is gone: nothing more is sent for it.
+    done = False
 
     _by_name: dict[bytes, bytes] | None = None
 
@@ -262,6 +277,10 @@ class Exchange(ABC):
         The connection, if this request asks to switch protocols and its
         connection can (HTTP/1.1); None otherwise.
         """
+        return None
+
+    def connection_transport(self) -> Any:
+        """The transport of the whole connection: what a rule's generic acts act on."""
         return None
 
     @abstractmethod
@@ -370,6 +389,7 @@ class App:
         stats: ServiceStats,
         emit: Callable[..., None],
         proxy: Callable[[Exchange, Route, str], None] | None,
+        rules: RuleSet | None = None,
     ) -> None:
         self.clock = clock
         self.map_routes = routes
@@ -385,6 +405,7 @@ class App:
         self.stats = stats
         self.emit = emit
         self.proxy = proxy
+        self.rules = rules if rules is not None else RuleSet()
         self.dates = _DateCache(clock)
         self.bodies = {r.body_file: _read(r.body_file) for r in routes if r.body_file}
         for route in routes:
@@ -434,7 +455,38 @@ class App:
             self.error(exchange, 400)
             return
         exchange.path = path
+        rules = self.rules
+        if rules.event_rules:
+            fired = rules.check(
+                exchange.client,
+                method=exchange.method,
+                path=path,
+                host=_host(exchange),
+                header=lambda name: _text(exchange.header(name.encode("latin-1"))),
+            )
+            if fired is not None:
+                self._act(exchange, fired, path)
+                return
         self._dispatch(exchange, path, None)
+
+    def _act(self, exchange: Exchange, fired: Fired, path: str) -> None:
+        """A rule fired on this request: its answer, or the usual one after its acts."""
+        reply: Reply | None = fired.acts.get("reply")
+        answer = None
+        if reply is not None:
+
+            def answer() -> None:
+                headers = list(reply.headers)
+                if reply.body and not any(n.lower() == b"content-type" for n, _ in headers):
+                    headers.append((b"Content-Type", b"text/plain; charset=utf-8"))
+                exchange.respond(reply.status, headers, reply.body)
+
+        def proceed() -> None:
+            if not exchange.done:  # the client may have left while a rule delayed it
+                self._dispatch(exchange, path, None)
+
+        exchange.throttled = "throttle" in fired.acts
+        fired.act(exchange.connection_transport(), proceed, answer)
 
     def _dispatch(self, exchange: Exchange, path: str, request: Request | None) -> None:
         for route in self.routes:
@@ -536,6 +588,10 @@ class App:
 
     def completed(self, exchange: Exchange) -> None:
         """Count, journal, log and record one finished exchange."""
+        if exchange.throttled:
+            shaper = getattr(exchange.connection_transport(), "shaper", None)
+            if shaper is not None:
+                shaper.release()
         stats = self.stats
         stats.count("requests")
         if exchange.status >= 500:
@@ -604,6 +660,21 @@ def _reads_bodies(routes: tuple[Route, ...]) -> bool:
         or (route.stub is not None and route.stub.reads_body)
         for route in routes
     )
+
+
+def _host(exchange: Exchange) -> str | None:
+    """The host a request names, without its port, as a rule's C{host} matches it."""
+    host = exchange.header(b"host")
+    if host is None:
+        return None
+    text = host.decode("latin-1")
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
+def _text(value: bytes | None) -> str | None:
+    return value.decode("latin-1") if value is not None else None
 
 
 def _read(path: str) -> bytes:

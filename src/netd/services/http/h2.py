@@ -74,6 +74,11 @@ class LimitedH2Connection(H2Connection):
 
     def _requestReceived(self, event: Any) -> None:
         super()._requestReceived(event)
+        stream = self.streams.get(event.stream_id)
+        request = h2_stream_request(stream) if stream is not None else None
+        if isinstance(request, _H2Request):
+            # What a rule's generic acts (a throttle, a reset) act on.
+            request.connection_transport = self.transport
         self._refuse_if_too_large(event.stream_id)
 
     def _requestDataReceived(self, event: Any) -> None:
@@ -126,6 +131,7 @@ class _H2Request(server.Request):
     max_body = 0
     too_large = False
     received = 0
+    connection_transport: Any = None
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
@@ -211,6 +217,9 @@ class H2Exchange(Exchange):
             self.done = True
             self.request.finish()
             self.app.completed(self)
+
+    def connection_transport(self) -> Any:
+        return getattr(self.request, "connection_transport", None)
 
     def abort(self) -> None:
         if self.done:

@@ -111,6 +111,9 @@ class LineExchange(Exchange):
         lines.append(_KEEP_ALIVE if self.keep_alive else _CLOSE)
         return b"".join(lines)
 
+    def connection_transport(self) -> Any:
+        return self.connection.transport
+
     def upgrade(self) -> _Splice | None:
         if not self.wants_upgrade:
             return None

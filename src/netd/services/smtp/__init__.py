@@ -36,6 +36,7 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
@@ -57,6 +58,7 @@ _MODES = ("capture", "smarthost", "mx")
 
 
 _NOTHING: tuple[str, ...] = ()
+STAGES = ("connect", "helo", "auth", "starttls", "mail", "rcpt", "data", "eom")
 
 
 @attrs.frozen
@@ -312,6 +314,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         portal=portal,
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
         reject_bare_newlines=options.bare_newlines == "reject",
+        rules=context.rules,
     )
 
     def stream(listener: ListenerConfig) -> SessionFactory:
@@ -334,10 +337,22 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
+RULES = Vocabulary(
+    match={"stage": exact(*STAGES), "mail": glob(), "rcpt": glob(), "helo": glob()},
+    acts={"reply": reply_line()},
+    generic=("delay", "throttle", "reset", "close", "stall"),
+)
+
+
 def _longest_silence(options: Options) -> float:
     return max(options.limits.command_timeout, options.limits.data_timeout)
 
 
 SMTP: ServiceKind[Options] = ServiceKind(
-    "smtp", parse, build, longest_silence=_longest_silence, per_client_default=20
+    "smtp",
+    parse,
+    build,
+    longest_silence=_longest_silence,
+    per_client_default=20,
+    rules=RULES,
 )

@@ -14,6 +14,9 @@ it falls short for a relay replaced by name.
     policy is applied per recipient.
   - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
     accepted only over TLS unless the map allows otherwise.
+  - The service's rules (L{netd.rules}) are checked at each stage (connect,
+    helo, auth, starttls, mail, rcpt, data, eom) when it has any: a rule may
+    answer instead (C{reply}), or delay, throttle, stall, close or reset.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from netd.compat.mail import IllegalClientResponse, LOGINCredentials, PLAINCrede
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.rules import RuleSet
 from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
 
@@ -140,6 +144,7 @@ class Receiver:
     portal: Portal | None = None
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
+    rules: RuleSet = attrs.field(factory=RuleSet)
 
     def may_relay(self, client: str) -> bool:
         return in_networks(client, self.allow_from)
@@ -218,6 +223,7 @@ class Session(smtp.ESMTP):
         self._mail: _Mail | None = None
         self._greeted = False
         self._held = False
+        self._holds = 0
         self._processing = False
         self._gone = False
         self._closing = False
@@ -237,9 +243,35 @@ class Session(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self.client = _client_host(self.transport.getPeer())
-        super().connectionMade()
         if self.secure:
             self.canStartTLS = False
+        if self.receiver.rules.event_rules:
+            self._ruled("connect", super().connectionMade)
+            return
+        super().connectionMade()
+
+    def _ruled(self, stage: str, proceed: Callable[[], None], **fields: str) -> None:
+        """
+        At C{stage}, the first of the service's rules that fires acts instead
+        of C{proceed} (or before it: a delay, a throttle); none fires, it runs.
+        """
+        fired = self.receiver.rules.check(self.client, stage=stage, **fields)
+        if fired is None:
+            proceed()
+            return
+        reply: tuple[int, str] | None = fired.acts.get("reply")
+        answer = None
+        if reply is not None:
+            code, text = reply
+
+            def answer() -> None:
+                self.sendCode(code, text.encode("ascii"))
+                if code == 421:  # RFC 5321 3.8: the server closes after a 421
+                    self.transport.loseConnection()
+
+        done = fired.act(self.transport, proceed, answer)
+        if not done.called:
+            self._hold(done)
 
     def greeting(self) -> bytes:
         host: bytes = self.host
@@ -338,10 +370,18 @@ class Session(smtp.ESMTP):
         super().lineReceived(line)
 
     def _hold(self, pending: Deferred[Any]) -> None:
-        """Hold further commands until C{pending} (whose callbacks reply) has fired."""
+        """
+        Hold further commands until C{pending} (whose callbacks reply) has
+        fired, and every other hold taken meanwhile (a rule's delay, then the
+        spool write it let through).
+        """
         self._held = True
+        self._holds += 1
 
         def release(result: object) -> None:
+            self._holds -= 1
+            if self._holds:
+                return
             self._held = False
             if self._paused and not self._gone:
                 self._paused = False
@@ -410,6 +450,12 @@ class Session(smtp.ESMTP):
         if not rest.strip():
             self.sendCode(501, b"5.5.4 HELO needs a domain")
             return
+        if self.receiver.rules.event_rules:
+            self._ruled("helo", lambda: self._helo_ok(rest), helo=_printable(rest))
+            return
+        self._helo_ok(rest)
+
+    def _helo_ok(self, rest: bytes) -> None:
         self._greet(rest)
         self._send_plain(250, self.host)
 
@@ -417,6 +463,12 @@ class Session(smtp.ESMTP):
         if not rest.strip():
             self.sendCode(501, b"5.5.4 EHLO needs a domain")
             return
+        if self.receiver.rules.event_rules:
+            self._ruled("helo", lambda: self._ehlo_ok(rest), helo=_printable(rest))
+            return
+        self._ehlo_ok(rest)
+
+    def _ehlo_ok(self, rest: bytes) -> None:
         self._greet(rest)
         greeting = self.host + b" Hello " + _printable(rest).encode()
         self._send_plain(250, greeting + b"\n" + self.listExtensions())
@@ -485,6 +537,12 @@ class Session(smtp.ESMTP):
         except PathRefused as e:
             self.sendCode(e.code, e.reply)
             return
+        if self.receiver.rules.event_rules:
+            self._ruled("mail", lambda: self._mail_ok(sender), mail=_path_text(sender))
+            return
+        self._mail_ok(sender)
+
+    def _mail_ok(self, sender: Mailbox | None) -> None:
         self._mail = _Mail(sender)
         self.sendCode(250, b"2.1.0 Sender ok")
 
@@ -527,7 +585,17 @@ class Session(smtp.ESMTP):
             self.receiver.stats.count("smtp_recipients_refused")
             self.sendCode(e.code, e.reply)
             return
-        self._mail.recipients.append(recipient)
+        if self.receiver.rules.event_rules:
+            sender = _path_text(self._mail.sender)
+            accept = functools.partial(self._rcpt_ok, self._mail, recipient)
+            self._ruled("rcpt", accept, mail=sender, rcpt=str(recipient))
+            return
+        self._rcpt_ok(self._mail, recipient)
+
+    def _rcpt_ok(self, mail: _Mail, recipient: Mailbox) -> None:
+        if mail is not self._mail:
+            return  # the transaction was reset while a rule delayed this answer
+        mail.recipients.append(recipient)
         self.sendCode(250, b"2.1.5 Recipient ok")
 
     def _check_relay(self, recipient: Mailbox) -> None:
@@ -549,6 +617,12 @@ class Session(smtp.ESMTP):
         if not self._mail.recipients:
             self.sendCode(554, b"5.5.1 No valid recipients")
             return
+        if self.receiver.rules.event_rules:
+            self._ruled("data", self._data_ok, mail=_path_text(self._mail.sender))
+            return
+        self._data_ok()
+
+    def _data_ok(self) -> None:
         self._body = bytearray(b"\r\n")  # the CRLF before a first line of "."
         self._body_too_big = False
         self.setTimeout(self.receiver.limits.data_timeout)
@@ -613,6 +687,13 @@ class Session(smtp.ESMTP):
             stats.count("smtp_messages_rejected")
             self.sendCode(554, b"5.4.6 Too many hops: a mail loop?")
             return
+        if self.receiver.rules.event_rules:
+            proceed = functools.partial(self._spool, mail, data)
+            self._ruled("eom", proceed, mail=_path_text(mail.sender), size=str(len(data)))
+            return
+        self._spool(mail, data)
+
+    def _spool(self, mail: _Mail, data: bytes) -> None:
         transaction = Transaction(
             sender=mail.sender,
             recipients=tuple(mail.recipients),
@@ -653,13 +734,20 @@ class Session(smtp.ESMTP):
             # Whatever came with the command was sent in plaintext: a man in the
             # middle's commands must not run as if they had come over TLS.
             self._input = b""
-            self.sendCode(220, b"2.0.0 Ready to start TLS")
-            self.transport.startTLS(self.ctx)
-            self.startedTLS = True
-            # RFC 3207 4.2: forget everything learnt before TLS.
-            self._greeted = False
-            self._mail = None
-            self._helo = (None, self.client.encode())
+            if self.receiver.rules.event_rules:
+                self._ruled("starttls", self._starttls_ok)
+                return
+            self._starttls_ok()
+
+    def _starttls_ok(self) -> None:
+        self._input = b""  # sent in plaintext while a rule delayed the answer, too
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+        # RFC 3207 4.2: forget everything learnt before TLS.
+        self._greeted = False
+        self._mail = None
+        self._helo = (None, self.client.encode())
 
     def ext_AUTH(self, rest: bytes) -> None:
         if not self.challengers:
@@ -673,6 +761,9 @@ class Session(smtp.ESMTP):
         elif not rest.strip():
             # Twisted's ext_AUTH indexes the mechanism unchecked.
             self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
+        elif self.receiver.rules.event_rules:
+            mechanism = _printable(rest.split()[0], 32)
+            self._ruled("auth", lambda: smtp.ESMTP.ext_AUTH(self, rest), mechanism=mechanism)
         else:
             super().ext_AUTH(rest)
 
@@ -733,6 +824,11 @@ class SessionFactory(ServerFactory):
         if self.receiver.portal is not None:
             session.portal = _SessionPortal(self.receiver.portal, session)
         return session
+
+
+def _path_text(path: Mailbox | None) -> str:
+    """A path as rules match it: the address, or "" for the null sender."""
+    return "" if path is None else str(path)
 
 
 def busy_reply() -> bytes:

@@ -1,0 +1,254 @@
+"""
+The generic acts of rules (L{netd.rules}), carried out on a connection.
+
+    delay: 3          # seconds before the answer (or before the greeting, at connect)
+    throttle: 2048    # bytes/s for the rest of the reply
+    reset: true       # RST: SO_LINGER 0, what abortConnection does
+    close: true       # FIN instead of the answer; close: N lets N bytes of it out first
+    stall: true       # never answer (the service's idle_timeout still ends it)
+    drop: true        # a datagram, unanswered
+
+Throttling and the partial answer shape what the connection's wrapper
+(L{netd.connections.TrackedConnection}) writes: its C{shape} installs a
+L{Shaper} for the connection's writes, and removes it when it is no longer
+needed, so an unshaped connection pays nothing for it.  Each act is the same
+on every kind; a kind's own acts (a reply) come through the C{answer} it hands
+to L{perform}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+__all__ = ["Shaper", "perform"]
+
+# What a throttled connection holds before it stops its producer and its reading.
+_HIGH_WATER = 64 * 1024
+_LOW_WATER = 16 * 1024
+# A throttle sends in steps of this many seconds' worth (at least a byte).
+_STEP = 0.05
+
+
+def perform(
+    acts: Mapping[str, Any],
+    clock: Any,
+    transport: Any,
+    proceed: Callable[[], None],
+    answer: Callable[[], None] | None = None,
+) -> Deferred[None]:
+    """
+    Carry out a fired rule's acts on the connection C{transport}.
+
+    After C{delay} seconds: C{reset} aborts the connection; C{stall} and
+    C{drop} do nothing, ever; otherwise C{throttle} and C{close: N} shape what
+    follows, then C{answer} (the rule's own reply) or C{proceed} (the kind's
+    usual answer) runs, unless C{close: true} closes instead of the kind's
+    usual answer (after the rule's own, if it has one).
+
+    Fires once C{answer} or C{proceed} has run; never for C{reset}, C{stall}
+    and C{drop}: a kind that holds its input until then holds it for good.
+    """
+    done: Deferred[None] = Deferred()
+
+    def go() -> None:
+        if getattr(transport, "closed", False):
+            return
+        if acts.get("reset"):
+            transport.abortConnection()
+            return
+        if acts.get("stall") or acts.get("drop"):
+            return
+        close = acts.get("close")
+        rate = acts.get("throttle")
+        budget = close if close is not None and close is not True else None
+        if rate is not None or budget is not None:
+            shape = getattr(transport, "shape", None)
+            if shape is not None:
+                shape(clock, rate, budget)
+        if close is True and answer is None:
+            transport.loseConnection()
+            return
+        (answer or proceed)()
+        if close is True:
+            transport.loseConnection()
+        done.callback(None)
+
+    delay = acts.get("delay")
+    if delay:
+        clock.callLater(delay, go)
+        return done
+    go()
+    return done
+
+
+class Shaper:
+    """
+    Paces and cuts what one connection writes.
+
+    @ivar rate: bytes a second, or L{None} for no pacing.
+    @ivar budget: bytes still let out before the connection is closed (FIN),
+        or L{None}.
+    """
+
+    def __init__(
+        self,
+        clock: Any,
+        send: Callable[[bytes], None],
+        lose: Callable[[], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        done: Callable[[], None],
+    ) -> None:
+        self.clock = clock
+        self._send = send
+        self._lose = lose
+        self._pause_reading = pause
+        self._resume_reading = resume
+        self._done = done
+        self.rate: int | None = None
+        self.budget: int | None = None
+        self.queue = bytearray()
+        self.ending = False
+        self.lose_when_sent = False
+        self.released = False
+        self.stopped = False
+        self.producer: Any = None
+        self.streaming = False
+        self._paused = False
+        self._tokens = 0.0
+        self._last = 0.0
+        self._timer: Any = None
+
+    def set(self, rate: int | None, budget: int | None) -> None:
+        if rate is not None:
+            self.rate = rate
+            self._tokens = self._step()
+            self._last = self.clock.seconds()
+            self.released = False
+        if budget is not None:
+            self.budget = budget
+            if budget == 0:
+                self._end()
+
+    def _step(self) -> float:
+        return max(1.0, (self.rate or 1) * _STEP)
+
+    # -- the connection's writes --------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.ending or self.stopped or not data:
+            return
+        budget = self.budget
+        if budget is not None:
+            if len(data) >= budget:
+                data = data[:budget]
+                self.budget = 0
+                self.ending = True
+            else:
+                self.budget = budget - len(data)
+        if self.rate is None:
+            self._send(data)
+        else:
+            if not self.queue:
+                # Credit earned while idle is at most one step: no burst after a pause.
+                now = self.clock.seconds()
+                self._tokens = min(self._step(), self._tokens + (now - self._last) * self.rate)
+                self._last = now
+            self.queue += data
+            if self._timer is None:
+                # On the next turn: a pull producer writing from its
+                # resumeProducing must not be asked again from inside it.
+                self._timer = self.clock.callLater(0, self._pump)
+            self._pressure(ask=False)
+        if self.ending and not self.queue:
+            self._end()
+
+    def write_sequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def lose_connection(self) -> None:
+        if self.queue:
+            self.lose_when_sent = True
+        else:
+            self._lose()
+
+    def register_producer(self, producer: Any, streaming: bool) -> None:
+        self.producer, self.streaming = producer, streaming
+        if not streaming:
+            producer.resumeProducing()
+
+    def unregister_producer(self) -> None:
+        self.producer = None
+
+    def release(self) -> None:
+        """Pace no more once what is queued is sent (the end of a throttled reply)."""
+        self.released = True
+        if not self.queue:
+            self._uninstall_if_idle()
+
+    def stop(self) -> None:
+        """The connection is gone."""
+        self.stopped = True
+        self.queue.clear()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    # -- pacing ----------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        self._timer = None
+        if self.stopped:
+            return
+        rate = self.rate or 1
+        now = self.clock.seconds()
+        step = self._step()
+        # A late timer's time is not lost: what it owes is sent now.
+        self._tokens += (now - self._last) * rate
+        self._last = now
+        count = min(int(self._tokens), len(self.queue))
+        if count:
+            chunk = bytes(self.queue[:count])
+            del self.queue[:count]
+            self._tokens -= count
+            self._send(chunk)
+        if self.queue:
+            wanted = min(len(self.queue), step) - self._tokens
+            self._timer = self.clock.callLater(max(wanted / rate, 0.001), self._pump)
+        self._pressure()
+        if not self.queue:
+            if self.ending:
+                self._end()
+            elif self.lose_when_sent:
+                self._lose()
+            elif self.released:
+                self._uninstall_if_idle()
+
+    def _pressure(self, ask: bool = True) -> None:
+        queued = len(self.queue)
+        if queued > _HIGH_WATER and not self._paused:
+            self._paused = True
+            self._pause_reading()
+            if self.producer is not None and self.streaming:
+                self.producer.pauseProducing()
+        elif queued < _LOW_WATER:
+            if self._paused:
+                self._paused = False
+                self._resume_reading()
+                if self.producer is not None and self.streaming:
+                    self.producer.resumeProducing()
+            if ask and self.producer is not None and not self.streaming:
+                self.producer.resumeProducing()
+
+    def _end(self) -> None:
+        self.ending = True
+        self.stop()
+        self._lose()
+
+    def _uninstall_if_idle(self) -> None:
+        if self.budget is None and self.producer is None and not self._paused:
+            self.rate = None
+            self._done()

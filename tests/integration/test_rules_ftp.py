@@ -1,0 +1,82 @@
+"""
+ftp rules in the real daemon, seen by ftplib: a reply to a chosen command and
+path, a delayed command, a stalled greeting the client times out on.
+"""
+
+from __future__ import annotations
+
+import ftplib
+import io
+import time
+from pathlib import Path
+
+import pytest
+
+from netd.testing import NetdProcess
+from tests.conftest import StartNetd
+
+
+def ftp_map(root: Path) -> str:
+    return f"""
+services:
+  files:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    root: {root}
+    anonymous: read
+    rules:
+      - {{match: {{command: RETR, path: "*.csv"}}, reply: "550 not today", times: 1}}
+      - {{match: {{command: LIST}}, delay: 1}}
+"""
+
+
+def client(netd: NetdProcess, timeout: float = 10) -> ftplib.FTP:
+    ftp = ftplib.FTP()
+    ftp.connect(*netd.address("files"), timeout=timeout)
+    ftp.login()
+    return ftp
+
+
+def started(start_netd: StartNetd, tmp_path: Path) -> NetdProcess:
+    root = tmp_path / "pub"
+    root.mkdir()
+    (root / "report.csv").write_bytes(b"a,b\n")
+    return start_netd(ftp_map(root))
+
+
+def test_reply_to_a_command_and_path_once(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    ftp = client(netd)
+    with pytest.raises(ftplib.error_perm, match="550 not today"):
+        ftp.retrbinary("RETR report.csv", io.BytesIO().write)
+    got = io.BytesIO()
+    ftp.retrbinary("RETR report.csv", got.write)
+    assert got.getvalue() == b"a,b\n"
+    ftp.quit()
+    event = netd.wait_for("files", "rule.fired", rule="m1")
+    assert event["matched"] == {"command": "RETR", "path": "report.csv"}
+
+
+def test_delayed_list(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    ftp = client(netd)
+    begun = time.monotonic()
+    assert ftp.nlst() == ["report.csv"]  # NLST: no rule
+    assert time.monotonic() - begun < 0.9
+    lines: list[str] = []
+    begun = time.monotonic()
+    ftp.retrlines("LIST", lines.append)
+    assert time.monotonic() - begun >= 0.9
+    assert "report.csv" in lines[0]
+    ftp.quit()
+
+
+def test_ftplib_times_out_on_a_stall(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    with netd.rule("files", stall=True) as stall:
+        with pytest.raises(TimeoutError):
+            ftplib.FTP().connect(*netd.address("files"), timeout=1)
+        assert stall.fired == 1
+    ftp = client(netd)  # the rule is gone: greeted again
+    assert "netd" in ftp.getwelcome()
+    ftp.quit()

@@ -1,0 +1,130 @@
+"""netd.acts: the generic acts on a connection, through the core's connection wrapper."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from netd.connections import ConnectionSet, TrackingFactory
+from netd.events import Journal, ServiceStats
+from netd.rules import RuleSet, parse_api_rule
+
+
+class Greeter(Protocol):
+    """Greets, then answers each read with 10 KiB."""
+
+    transport: Any
+    made = False
+    lost = False
+
+    def connectionMade(self) -> None:
+        self.made = True
+        self.transport.write(b"hello\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"x" * 10240)
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost = True
+
+
+def connect(*rules: dict[str, Any]) -> tuple[Clock, Any, StringTransportWithDisconnection]:
+    clock = Clock()
+    journal = Journal(clock)
+    ruleset = RuleSet("svc", clock=clock, journal=journal)
+    ruleset.replace_map([parse_api_rule(body, ruleset.vocabulary) for body in rules])
+    connections = ConnectionSet(clock, "svc", ServiceStats(), journal, 10, 60.0, rules=ruleset)
+    factory = TrackingFactory(Factory.forProtocol(Greeter), connections)
+    connection = factory.buildProtocol(None)
+    transport = StringTransportWithDisconnection()
+    transport.protocol = connection
+    connection.makeConnection(transport)
+    return clock, connection, transport
+
+
+def test_no_rule_leaves_the_connection_alone() -> None:
+    _, connection, transport = connect()
+    assert transport.value() == b"hello\r\n"
+    assert connection.shaper is None
+    assert "write" not in connection.__dict__
+
+
+def test_reset_aborts_before_the_protocol_starts() -> None:
+    _, connection, transport = connect({"reset": True})
+    assert transport.value() == b""
+    assert not connection.wrappedProtocol.made
+    assert not transport.connected
+
+
+def test_stall_never_starts_the_protocol_and_drops_input() -> None:
+    clock, connection, transport = connect({"stall": True})
+    connection.dataReceived(b"anyone?")
+    clock.advance(100)
+    assert transport.value() == b""
+    assert connection.bytes_in == 0
+    assert transport.connected
+
+
+def test_close_true_at_connect_is_a_fin_without_a_greeting() -> None:
+    _, connection, transport = connect({"close": True})
+    assert transport.value() == b""
+    assert not transport.connected
+    assert not connection.wrappedProtocol.made
+
+
+def test_delay_holds_the_greeting_and_reading() -> None:
+    clock, _, transport = connect({"delay": 2})
+    assert transport.value() == b""
+    assert transport.producerState == "paused"
+    clock.advance(1.9)
+    assert transport.value() == b""
+    clock.advance(0.2)
+    assert transport.value() == b"hello\r\n"
+    assert transport.producerState == "producing"
+
+
+def test_close_after_n_bytes_is_a_partial_answer() -> None:
+    _, _, transport = connect({"close": 3})
+    assert transport.value() == b"hel"
+    assert not transport.connected
+
+
+def test_throttle_paces_writes_then_closes_when_sent() -> None:
+    clock, connection, transport = connect({"throttle": 1000})
+    connection.dataReceived(b"go")
+    connection.loseConnection()
+    sent = []
+    for _ in range(120):
+        clock.advance(0.1)
+        sent.append(len(transport.value()))
+    total = 7 + 10240
+    assert sent[-1] == total
+    seconds = next(i for i, n in enumerate(sent) if n == total) / 10
+    assert 9.5 <= seconds <= 10.8
+    assert not transport.connected
+
+
+def test_throttle_stops_reading_past_the_high_water_mark() -> None:
+    _, connection, transport = connect({"throttle": 100})
+    for _ in range(8):
+        connection.dataReceived(b"more")
+    assert transport.producerState == "paused"
+
+
+def test_a_removed_rule_no_longer_acts() -> None:
+    clock = Clock()
+    ruleset = RuleSet("svc", clock=clock)
+    ruleset.post({"reset": True})
+    connections = ConnectionSet(
+        clock, "svc", ServiceStats(), Journal(clock), 10, 60.0, rules=ruleset
+    )
+    factory = TrackingFactory(Factory.forProtocol(Greeter), connections)
+    ruleset.remove("r1")
+    connection = factory.buildProtocol(None)
+    transport = StringTransportWithDisconnection()
+    transport.protocol = connection
+    connection.makeConnection(transport)
+    assert transport.value() == b"hello\r\n"
