@@ -32,6 +32,7 @@ from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
 from netd.connections import ConnectionSet, TrackingFactory, describe_address, unsent_bytes
 from netd.events import Event, Journal, ServiceStats
+from netd.eventstream import EventStreams, StreamRefused
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
 from netd.schema import ConfigErrors
@@ -275,6 +276,7 @@ class AdminResource(Resource):
         self.token = token.encode() if token else None
         self.collector = _Collector(daemon, own_counters)
         self.registry: CollectorRegistry | None = None
+        self.streams = EventStreams(daemon.journal, daemon.reactor, self._stream_cut)
 
     # Dispatch
 
@@ -325,6 +327,9 @@ class AdminResource(Resource):
         if parts == ["events"]:
             _allow(method, "GET", "HEAD")
             return self._events(request)
+        if parts == ["events", "stream"]:
+            _allow(method, "GET", "HEAD")
+            return self._stream(request)
         if parts == ["services"]:
             _allow(method, "GET", "HEAD")
             return _json(request, {"services": self.daemon.describe()})
@@ -416,6 +421,20 @@ class AdminResource(Resource):
                 },
             ),
         )
+
+    def _stream(self, request: Request) -> bytes | int:
+        try:
+            stream = self.streams.open(request, _query(request))
+        except StreamRefused as e:
+            raise _HTTPError(400, str(e)) from None
+        if stream is None:
+            return b""
+        if isinstance(request, _LimitedRequest):
+            request.answer_now = stream.finish
+        return NOT_DONE_YET
+
+    def _stream_cut(self, client: str, unread: int) -> None:
+        self.daemon.journal.emit(NAME, "stream.cut", client=client, unread=unread)
 
     def _deferred(
         self,
