@@ -94,7 +94,12 @@ IDLE_TIMEOUT = 20.0
 class Client:
     """One connection to an admin site: what it sent, what came back, and when."""
 
-    def __init__(self, max_body: int = 64 * 1024, transport: StringTransport | None = None) -> None:
+    def __init__(
+        self,
+        max_body: int = 64 * 1024,
+        transport: StringTransport | None = None,
+        token: str | None = None,
+    ) -> None:
         self.clock = Clock()
         self.daemon = FakeDaemon()
         self.daemon.reactor = self.clock
@@ -109,7 +114,7 @@ class Client:
             idle_timeout=IDLE_TIMEOUT,
             max_body=max_body,
         )
-        resource = AdminResource(self.daemon, None, self.stats.snapshot)  # type: ignore[arg-type]
+        resource = AdminResource(self.daemon, token, self.stats.snapshot)  # type: ignore[arg-type]
         site = _AdminSite(resource, config, self.clock, self.stats, self.daemon.journal)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert isinstance(channel, _AdminChannel)
