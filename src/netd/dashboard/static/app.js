@@ -10,6 +10,8 @@
   const MAX_EVENTS = 500;
   const PAGE_SIZE = 50;
   const RATE_POINTS = 60;
+  // Fields of a session that are seconds since the epoch.
+  const TIME_KEYS = new Set(["since", "time", "started", "connected"]);
   const state = {
     csrf: "",
     tokenRequired: false,
@@ -66,7 +68,9 @@
     return node;
   }
 
+  // rows: <tr>s, or the <tbody> a page fills itself.
   function table(headings, rows, className) {
+    const body = rows instanceof HTMLTableSectionElement ? rows : el("tbody", null, rows);
     return el(
       "div",
       { class: "scroll" },
@@ -74,7 +78,7 @@
         "table",
         { class: className },
         el("thead", null, el("tr", null, headings.map((h) => el("th", { text: h })))),
-        el("tbody", null, rows),
+        body,
       ),
     );
   }
@@ -430,7 +434,7 @@
       el(
         "div",
         { class: "panel" },
-        table(["Received", "From", "To", "Subject", "Size"], [body], "mail-list"),
+        table(["Received", "From", "To", "Subject", "Size"], body, "mail-list"),
         el("div", { class: "pager" }, newer, older, count),
       ),
     );
@@ -464,7 +468,7 @@
         ),
       );
       const first = answer.total ? query.offset + 1 : 0;
-      count.textContent = `${first}–${query.offset + answer.messages.length} of ${answer.total}`;
+      count.textContent = `${first}-${query.offset + answer.messages.length} of ${answer.total}`;
       newer.disabled = query.offset === 0;
       older.disabled = query.offset + PAGE_SIZE >= answer.total;
       fresh.hidden = true;
@@ -542,7 +546,9 @@
         ["Subject", info.subject],
         ["Date", info.date],
         ["Size", bytes(info.size)],
-      ].map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]),
+      ]
+        .filter(([, v]) => v)
+        .map(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]),
     );
     const extras = [];
     if (info.codes.length) {
@@ -626,7 +632,7 @@
 
   // Per-service lists: HTTP requests, DNS queries, sessions
 
-  function servicePanels(title, view, empty, draw) {
+  function servicePanels(title, view, empty, draw, nothingYet = "Nothing yet.") {
     main.append(el("h1", { text: title }));
     const services = servicesWith(view);
     if (services.length === 0) {
@@ -658,7 +664,7 @@
         try {
           const answer = await api("GET", `/api/services/${enc(service)}/${view}`);
           const rows = Array.isArray(answer) ? answer : answer[view] || [];
-          holder.replaceChildren(rows.length ? draw(rows.slice().reverse()) : el("p", { class: "muted", text: "Nothing yet." }));
+          holder.replaceChildren(rows.length ? draw(rows.slice().reverse()) : el("p", { class: "muted", text: nothingYet }));
         } catch (e) {
           holder.replaceChildren(el("p", { class: "error", text: e.message }));
         }
@@ -735,6 +741,7 @@
         ),
         "queries",
       ),
+      "Nothing yet (a dns service keeps its queries with query_log: true).",
     );
 
   pages.sessions = () =>
@@ -742,7 +749,9 @@
       const keys = [...new Set(rows.flatMap((row) => Object.keys(row)))];
       return table(
         keys,
-        rows.map((row) => el("tr", null, keys.map((k) => el("td", { text: brief(row[k]) })))),
+        rows.map((row) =>
+          el("tr", null, keys.map((k) => el("td", { text: TIME_KEYS.has(k) ? dateTime(row[k]) : brief(row[k]) }))),
+        ),
         "sessions",
       );
     });
@@ -780,7 +789,7 @@
     main.append(
       el("h1", { text: "Journal" }),
       el("div", { class: "toolbar" }, serviceFilter, typeFilter, el("label", null, paused, "pause")),
-      el("div", { class: "panel" }, table(["#", "Time", "Service", "Type", "Fields"], [body], "journal")),
+      el("div", { class: "panel" }, table(["#", "Time", "Service", "Type", "Fields"], body, "journal")),
     );
     redraw();
     onEvent((event) => {
