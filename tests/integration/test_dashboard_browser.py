@@ -31,12 +31,15 @@ import pytest
 from netd.testing import NetdProcess
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import (  # noqa: E402
+    NoAlertPresentException,
+    StaleElementReferenceException,
+)
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -123,8 +126,11 @@ def admin_base(netd: NetdProcess) -> str:
     return f"http://{entry['host']}:{entry['port']}/"
 
 
-def wait(browser: WebDriver, timeout: float = 10) -> WebDriverWait[WebDriver]:
-    return WebDriverWait(browser, timeout, poll_frequency=0.05)
+def wait(
+    browser: WebDriver, timeout: float = 10, ignore_stale: bool = False
+) -> WebDriverWait[WebDriver]:
+    ignored = (StaleElementReferenceException,) if ignore_stale else None
+    return WebDriverWait(browser, timeout, poll_frequency=0.05, ignored_exceptions=ignored)
 
 
 def visible(browser: WebDriver, css: str) -> WebElement:
@@ -355,11 +361,18 @@ def test_a_thousand_messages_render_fast_page_through_and_the_page_is_light(
     assert 0 < weight < 150 * 1024, f"the page weighs {weight} bytes"
 
 
-def test_every_page_live_in_screenshots(netd: NetdProcess, page: WebDriver, tmp_path: Path) -> None:
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    """Where screenshots go: C{$NETD_SCREENSHOTS} (relative to the checkout), or tmp_path."""
     folder = Path(os.environ.get("NETD_SCREENSHOTS") or tmp_path)
     if not folder.is_absolute():
         folder = ROOT / folder
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_every_page_live_in_screenshots(netd: NetdProcess, page: WebDriver, shots: Path) -> None:
+    folder = shots
     taken: list[Path] = []
 
     send_mail(netd, "mail", mail("Your verification code is 482913"))
@@ -417,6 +430,40 @@ def test_every_page_live_in_screenshots(netd: NetdProcess, page: WebDriver, tmp_
     )
     for path in taken:
         assert png_size(path) == (WIDTH, HEIGHT), path
+
+
+def test_a_rule_added_in_the_form_answers_smtplib_and_is_deleted(
+    netd: NetdProcess, page: WebDriver, shots: Path
+) -> None:
+    if not _rules_api(netd):
+        pytest.skip("this netd has no rules API (issue #16)")
+    visible(page, '[data-page="rules"]').click()
+    Select(visible(page, "#rule-service")).select_by_value("mail")
+    form = visible(page, "#rule-text")
+    form.send_keys('{"match": {"stage": "nowhere"}, "reply": "451 4.3.0 try later"}')
+    form.submit()
+    wait(page).until(lambda b: "match.stage" in b.find_element(By.ID, "rule-errors").text)
+    form.clear()
+    form.send_keys(
+        '{"match": {"stage": "rcpt", "rcpt": "*@flaky.test"}, "reply": "451 4.3.0 try later",'
+        ' "times": 1}'
+    )
+    form.submit()
+    rule = 'table.rules tr[data-service="mail"] '
+    visible(page, rule + ".rule-fired")
+    with smtplib.SMTP(*netd.address("mail"), timeout=10) as client:
+        client.ehlo()
+        client.mail("alice@client.test")
+        assert client.rcpt("someone@flaky.test") == (451, b"4.3.0 try later")
+        assert client.rcpt("someone@flaky.test")[0] == 250  # spent after one
+    # Drawn again on its rule.fired event: looked up afresh.
+    wait(page, ignore_stale=True).until(
+        lambda b: b.find_element(By.CSS_SELECTOR, rule + ".rule-fired").text == "1 (spent)"
+    )
+    assert png_size(screenshot(page, shots, "rules")) == (WIDTH, HEIGHT)
+    page.find_element(By.CSS_SELECTOR, rule + "button.danger").click()
+    wait(page).until(lambda b: rows(b, "table.rules tr[data-rule]") == [])
+    assert netd.admin("GET", "/api/services/mail/rules")["rules"] == []
 
 
 def _rules_api(netd: NetdProcess) -> Any:

@@ -10,6 +10,14 @@
   const MAX_EVENTS = 500;
   const PAGE_SIZE = 50;
   const RATE_POINTS = 60;
+  // A rule for each kind to start from (issue #16's examples).
+  const RULE_EXAMPLES = {
+    smtp: '{"match": {"stage": "rcpt", "rcpt": "*@flaky.test"}, "reply": "451 4.3.0 try later", "times": 2}',
+    http: '{"match": {"method": "POST", "path": "/v1/users"}, "reply": {"status": 503}, "times": 1}',
+    dns: '{"match": {"name": "*.down.test"}, "rcode": "SERVFAIL"}',
+    ftp: '{"match": {"command": "RETR"}, "reply": "550 4.0.0 not today"}',
+    other: '{"reset": true, "nth": 3}',
+  };
   // Fields of a session that are seconds since the epoch.
   const TIME_KEYS = new Set(["since", "time", "started", "connected"]);
   const state = {
@@ -851,80 +859,100 @@
       );
     };
     loadScenarios();
-    const loads = {};
-    for (const service of state.rulesServices) {
-      const list = el("div");
-      const rule = el("textarea", {
-        "aria-label": `new rule for ${service}`,
-        placeholder: '{"match": {"stage": "rcpt", "rcpt": "*@flaky.test"}, "reply": "451 4.3.0 try later", "times": 2}',
-      });
-      const errors = el("div", { class: "error" });
-      const add = async (event) => {
-        event.preventDefault();
-        errors.textContent = "";
-        let body;
-        try {
-          body = JSON.parse(rule.value);
-        } catch (e) {
-          errors.textContent = `Not JSON: ${e.message}`;
-          return;
-        }
-        try {
-          await api("POST", `/api/services/${enc(service)}/rules`, body);
-          rule.value = "";
-          loads[service]();
-        } catch (e) {
-          const listed = e.body && Array.isArray(e.body.errors) ? e.body.errors : [];
-          errors.textContent = listed.length ? listed.map((x) => `${x.path}: ${x.message}`).join("\n") : e.message;
-        }
-      };
-      main.append(
+
+    const chooser = el(
+      "select",
+      { id: "rule-service", "aria-label": "service" },
+      state.rulesServices.map((name) => el("option", { value: name, text: `${name} (${state.services[name].type})` })),
+    );
+    const rule = el("textarea", { id: "rule-text", "aria-label": "the rule, as JSON" });
+    const errors = el("div", { id: "rule-errors", class: "error" });
+    const example = () => {
+      const kind = (state.services[chooser.value] || {}).type;
+      rule.placeholder = RULE_EXAMPLES[kind] || RULE_EXAMPLES.other;
+    };
+    chooser.addEventListener("change", example);
+    example();
+    const inForce = el("div");
+    const add = async (event) => {
+      event.preventDefault();
+      errors.textContent = "";
+      let body;
+      try {
+        body = JSON.parse(rule.value);
+      } catch (e) {
+        errors.textContent = `Not JSON: ${e.message}`;
+        return;
+      }
+      try {
+        await api("POST", `/api/services/${enc(chooser.value)}/rules`, body);
+        rule.value = "";
+        load();
+      } catch (e) {
+        const listed = e.body && Array.isArray(e.body.errors) ? e.body.errors : [];
+        errors.textContent = listed.length ? listed.map((x) => `${x.path}: ${x.message}`).join("\n") : e.message;
+      }
+    };
+    main.append(
+      el(
+        "section",
+        { class: "panel" },
+        el("h2", { text: "Add a rule" }),
         el(
-          "section",
-          { class: "panel", "data-service": service },
-          el("h2", { text: `Rules · ${service}` }),
-          list,
-          el("form", { class: "rule-form", onsubmit: add }, rule, errors, el("div", { class: "toolbar" }, el("button", { type: "submit", text: "Add rule" }))),
+          "form",
+          { id: "rule-form", onsubmit: add },
+          el("div", { class: "toolbar" }, el("label", null, "Service ", chooser)),
+          rule,
+          errors,
+          el("div", { class: "toolbar" }, el("button", { type: "submit", text: "Add rule" })),
         ),
-      );
-      loads[service] = async () => {
+      ),
+      el("section", { class: "panel" }, el("h2", { text: "Rules in force" }), inForce),
+    );
+
+    const load = debounce(async () => {
+      const found = [];
+      for (const service of state.rulesServices) {
         const answer = await api("GET", `/api/services/${enc(service)}/rules`).catch(() => ({ rules: [] }));
-        const rules = Array.isArray(answer) ? answer : answer.rules || [];
-        list.replaceChildren(
-          rules.length
-            ? table(
-                ["Id", "Rule", "Fired", ""],
-                rules.map((r) => {
-                  const { id, fired, ...rest } = r;
-                  return el(
-                    "tr",
+        for (const r of Array.isArray(answer) ? answer : answer.rules || []) found.push([service, r]);
+      }
+      inForce.replaceChildren(
+        found.length
+          ? table(
+              ["Service", "Id", "Rule", "Source", "Fired", ""],
+              found.map(([service, r]) => {
+                const { id, fired, source, spent, ...rest } = r;
+                return el(
+                  "tr",
+                  { "data-rule": id, "data-service": service },
+                  el("td", { text: service }),
+                  el("td", { text: id }),
+                  el("td", null, el("code", { text: JSON.stringify(rest) })),
+                  el("td", { text: source }),
+                  el("td", { class: "num rule-fired", text: spent ? `${fired} (spent)` : fired }),
+                  el(
+                    "td",
                     null,
-                    el("td", { text: id }),
-                    el("td", null, el("code", { text: JSON.stringify(rest) })),
-                    el("td", { class: "num", text: fired }),
-                    el(
-                      "td",
-                      null,
-                      el("button", {
-                        type: "button",
-                        class: "danger",
-                        text: "Delete",
-                        onclick: () => act(() => api("DELETE", `/api/services/${enc(service)}/rules/${enc(id)}`), loads[service]),
-                      }),
-                    ),
-                  );
-                }),
-                "rules",
-              )
-            : el("p", { class: "muted", text: "No rules." }),
-        );
-      };
-      loads[service]();
-    }
+                    el("button", {
+                      type: "button",
+                      class: "danger",
+                      text: "Delete",
+                      onclick: () => act(() => api("DELETE", `/api/services/${enc(service)}/rules/${enc(id)}`), load),
+                    }),
+                  ),
+                );
+              }),
+              "rules",
+            )
+          : el("p", { class: "muted", text: "No rules in force." }),
+      );
+    }, 100);
+    load();
     onEvent((event) => {
-      if (event.type === "rule.fired" && loads[event.service]) loads[event.service]();
+      if (event.type === "rule.fired") load();
+      if (event.type === "rule.fired" && event.scenario) loadScenarios();
     });
-    return null;
+    return load.cancel;
   };
 
   async function act(change, then) {
