@@ -361,6 +361,28 @@ def test_a_thousand_messages_render_fast_page_through_and_the_page_is_light(
     assert 0 < weight < 150 * 1024, f"the page weighs {weight} bytes"
 
 
+def test_the_pages_fit_a_phone(netd: NetdProcess, page: WebDriver) -> None:
+    send_mail(netd, "mail", mail("Read on a phone"))
+    metrics = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
+    page.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+    try:
+        for target, shown in [
+            ("#/services", "#services"),
+            ("#/mail/mail", "table.mail-list tbody tr"),
+            ("#/journal", "table.journal"),
+        ]:
+            go(page, target)
+            visible(page, shown)
+            # Wide tables scroll in their own box; the page itself never does sideways.
+            width = page.execute_script("return document.documentElement.scrollWidth")
+            assert width <= 390, (target, width)
+    finally:
+        page.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
+
+
 @pytest.fixture
 def shots(tmp_path: Path) -> Path:
     """Where screenshots go: C{$NETD_SCREENSHOTS} (relative to the checkout), or tmp_path."""

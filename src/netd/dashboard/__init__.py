@@ -28,7 +28,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 
-from netd.dashboard import mail
 from netd.kinds import ViewRefused
 
 if TYPE_CHECKING:
@@ -197,6 +196,9 @@ class Dashboard:
         view = service.handlers.views.get("messages") if service is not None else None
         if view is None or view.item is None:
             raise ViewRefused(404, f"no service {service_name!r} with messages")
+        # Python's email package costs ~0.1 s to import: paid when a message is first viewed.
+        from netd.dashboard import mail
+
         raw = maybeDeferred(view.item, id)
         if rest == []:
             return _later(request, raw, lambda r: _as_json(request, mail.describe(r)))
@@ -301,6 +303,8 @@ def _as_json(request: Request, body: Any) -> bytes:
 
 
 def _html_part(request: Request, raw: bytes, remote: bool) -> bytes:
+    from netd.dashboard import mail
+
     html = mail.html_part(raw)
     if html is None:
         raise ViewRefused(404, "this message has no HTML part")
@@ -312,6 +316,8 @@ def _html_part(request: Request, raw: bytes, remote: bool) -> bytes:
 
 
 def _download(request: Request, raw: bytes, index: int) -> bytes:
+    from netd.dashboard import mail
+
     part = mail.part(raw, index)
     if part is None:
         raise ViewRefused(404, "no such part")
