@@ -361,6 +361,25 @@ def test_a_thousand_messages_render_fast_page_through_and_the_page_is_light(
     assert 0 < weight < 150 * 1024, f"the page weighs {weight} bytes"
 
 
+def test_a_refused_reload_shows_each_error_at_its_line(netd: NetdProcess, page: WebDriver) -> None:
+    config = netd.log_path.parent / "netd.yaml"
+    good = config.read_text()
+    config.write_text(good.replace("    rooms: [lobby]\n", "    rooms: [lobby]\n    colour: red\n"))
+    try:
+        visible(page, "#reload").click()
+        shown = visible(page, "#notice")
+        wait(page).until(lambda b: "services.chat.colour: unknown key" in shown.text)
+        line = next(
+            n for n, text in enumerate(config.read_text().splitlines(), 1) if "colour" in text
+        )
+        assert f"netd.yaml:{line}:" in shown.text and "the running map stays" in shown.text
+    finally:
+        config.write_text(good)
+    shown.click()  # dismissed
+    visible(page, "#reload").click()
+    wait(page).until(lambda b: b.find_element(By.ID, "notice").text.startswith("Reloaded."))
+
+
 def test_the_pages_fit_a_phone(netd: NetdProcess, page: WebDriver) -> None:
     send_mail(netd, "mail", mail("Read on a phone"))
     metrics = {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
