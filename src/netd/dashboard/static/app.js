@@ -35,6 +35,7 @@
     onServices: null,
     mailQuery: { from: "", to: "", subject: "", text: "", offset: 0 },
     started: false,
+    firstServices: null,
   };
 
   class ApiError extends Error {
@@ -219,7 +220,8 @@
     main.hidden = false;
     document.getElementById("logout").hidden = !state.tokenRequired;
     openStream(Math.max(0, state.lastId - 200));
-    refreshServices().then(route);
+    refreshServices(state.firstServices).then(route);
+    state.firstServices = null;
     if (!state.started) {
       state.started = true;
       window.addEventListener("hashchange", route);
@@ -257,13 +259,15 @@
 
   // Services and their rates
 
-  async function refreshServices() {
+  async function refreshServices(prefetched) {
     if (main.hidden) return;
-    let answer;
-    try {
-      answer = await api("GET", "/api/services");
-    } catch (_) {
-      return;
+    let answer = prefetched;
+    if (!answer) {
+      try {
+        answer = await api("GET", "/api/services");
+      } catch (_) {
+        return;
+      }
     }
     const now = performance.now() / 1000;
     for (const [name, service] of Object.entries(answer.services)) {
@@ -276,22 +280,22 @@
     }
     const known = Object.keys(state.services).sort().join(",");
     state.services = answer.services;
-    if (Object.keys(state.services).sort().join(",") !== known) await probeRules();
+    if (Object.keys(state.services).sort().join(",") !== known) probeRules();
     if (state.onServices) state.onServices();
   }
 
+  // In the background, all at once: the first page does not wait for it.
   async function probeRules() {
-    const found = [];
-    for (const name of Object.keys(state.services).sort()) {
-      try {
-        await api("GET", `/api/services/${enc(name)}/rules`);
-        found.push(name);
-      } catch (_) {
-        // 404: this service (or this netd) has no rules API
-      }
-    }
-    state.rulesServices = found;
-    document.querySelector('[data-page="rules"]').hidden = found.length === 0;
+    const names = Object.keys(state.services).sort();
+    const answers = await Promise.all(
+      names.map((name) => api("GET", `/api/services/${enc(name)}/rules`).then(
+        () => true,
+        () => false, // 404: this service (or this netd) has no rules API
+      )),
+    );
+    state.rulesServices = names.filter((_, i) => answers[i]);
+    document.querySelector('[data-page="rules"]').hidden = state.rulesServices.length === 0;
+    if (main.dataset.page === "rules") route();
   }
 
   function sparkline(points) {
@@ -1003,8 +1007,11 @@
     document.getElementById("logout").addEventListener("click", signOut);
     document.getElementById("reload").addEventListener("click", reloadMap);
     document.getElementById("notice").addEventListener("click", () => notice(""));
+    // Asked together: a signed-in page needs both before its first view.
+    const services = api("GET", "/api/services").catch(() => null);
     const session = await api("GET", "/ui/session");
     state.tokenRequired = session.token_required;
+    state.firstServices = await services;
     if (!session.signed_in) {
       showLogin();
       return;

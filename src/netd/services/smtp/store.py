@@ -208,13 +208,14 @@ class MailStore(Service):
             for id, envelope in self.messages.items():
                 if to and to not in (r.lower() for r in envelope.recipients):
                     continue
-                summary = self._summary(id)
-                if sender and sender not in summary["from_text"]:
-                    continue
-                if subject and subject not in (summary["subject"] or "").lower():
-                    continue
-                if anywhere and anywhere not in summary["text"]:
-                    continue
+                if sender or subject or anywhere:  # parsed headers needed: kept once parsed
+                    summary = self._summary(id)
+                    if sender and sender not in summary["from_text"]:
+                        continue
+                    if subject and subject not in (summary["subject"] or "").lower():
+                        continue
+                    if anywhere and anywhere not in summary["text"]:
+                        continue
                 found.append(id)
             if query.get("order") == "newest":
                 found.reverse()
