@@ -276,8 +276,9 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
     hostile["X-Evil"] = "<svg onload=alert(3)>"
     hostile.set_content("text <script>window.pwned=4</script>\n")
     hostile.add_alternative(
-        "<p><script>parent.pwned=5;alert(5)</script><img src=x onerror='parent.pwned=6'>"
-        '<a id="js" href="javascript:parent.pwned=7;alert(7)">click me</a></p>',
+        "<p id='p'><script>document.body.className='ran';parent.pwned=5;alert(5)</script>"
+        "<img id='img' src=x onerror='this.className=\"ran\";parent.pwned=6'>"
+        '<a id="js" href="javascript:document.body.className=\'ran\';alert(7)">click me</a></p>',
         subtype="html",
     )
     send_mail(netd, "mail", hostile)
@@ -292,6 +293,11 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
     assert page.find_element(By.CSS_SELECTOR, "h1.subject").text == hostile["Subject"]
     page.switch_to.frame(frame)
     visible(page, "#js").click()
+    # Nothing ran inside the sandbox either: the script, the handler and the link
+    # would each have marked the frame's own document.
+    assert no_alert(page)
+    assert page.find_element(By.TAG_NAME, "body").get_attribute("class") in ("", None)
+    assert page.find_element(By.ID, "img").get_attribute("class") in ("", None)
     page.switch_to.default_content()
     for tab in ("Text", "Headers", "Raw"):
         page.find_element(By.CSS_SELECTOR, f'[data-tab="{tab}"]').click()
