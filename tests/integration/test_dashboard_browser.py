@@ -126,11 +126,28 @@ def admin_base(netd: NetdProcess) -> str:
     return f"http://{entry['host']}:{entry['port']}/"
 
 
-def wait(
-    browser: WebDriver, timeout: float = 10, ignore_stale: bool = False
-) -> WebDriverWait[WebDriver]:
-    ignored = (StaleElementReferenceException,) if ignore_stale else None
-    return WebDriverWait(browser, timeout, poll_frequency=0.05, ignored_exceptions=ignored)
+def wait(browser: WebDriver, timeout: float = 10) -> WebDriverWait[WebDriver]:
+    # Live lists are drawn again as events come: an element found a moment ago
+    # may be gone, and is looked up afresh on the next try.
+    return WebDriverWait(
+        browser,
+        timeout,
+        poll_frequency=0.05,
+        ignored_exceptions=(StaleElementReferenceException,),
+    )
+
+
+def click(browser: WebDriver, css: str, text: str = "") -> None:
+    """Click the first element matching C{css} whose text holds C{text}, looked up afresh."""
+
+    def clicked(b: WebDriver) -> bool:
+        for element in b.find_elements(By.CSS_SELECTOR, css):
+            if text in element.text:
+                element.click()
+                return True
+        return False
+
+    wait(browser).until(clicked)
 
 
 def visible(browser: WebDriver, css: str) -> WebElement:
@@ -232,14 +249,8 @@ def test_a_mail_appears_live_opens_in_the_sandbox_is_found_and_deleted(
     visible(page, "#mail-search")
     page.execute_script("window.notReloaded = true")
     send_mail(netd, "mail", mail("Live arrival 7731"))
-    row = wait(page).until(
-        lambda b: next(
-            (r for r in rows(b, "table.mail-list tbody tr") if "Live arrival 7731" in r.text), None
-        )
-    )
+    click(page, "table.mail-list tbody tr", "Live arrival 7731")
     assert page.execute_script("return window.notReloaded") is True
-
-    row.click()
     frame = visible(page, "iframe.mail")
     assert frame.get_attribute("sandbox") == ""
     page.switch_to.frame(frame)
@@ -260,7 +271,7 @@ def test_a_mail_appears_live_opens_in_the_sandbox_is_found_and_deleted(
         )
     )
     assert len(rows(page, "table.mail-list tbody tr")) == 1
-    rows(page, "table.mail-list tbody tr")[0].click()
+    click(page, "table.mail-list tbody tr")
     visible(page, "#delete-message").click()
     wait(page).until(lambda b: b.execute_script("return location.hash") == "#/mail/mail")
     wait(page).until(lambda b: rows(b, "table.mail-list tbody tr") == [])
@@ -283,12 +294,7 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
     )
     send_mail(netd, "mail", hostile)
     go(page, "#/mail/mail")
-    row = wait(page).until(
-        lambda b: next(
-            (r for r in rows(b, "table.mail-list tbody tr") if "<script>" in r.text), None
-        )
-    )
-    row.click()
+    click(page, "table.mail-list tbody tr", "<script>")
     frame = visible(page, "iframe.mail")
     assert page.find_element(By.CSS_SELECTOR, "h1.subject").text == hostile["Subject"]
     page.switch_to.frame(frame)
@@ -311,7 +317,7 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
         )
         assert client.makefile("rb").readline().startswith(b"HTTP/1.1 201")
     go(page, "#/http")
-    visible(page, "table.requests tbody tr.clickable").click()
+    click(page, "table.requests tbody tr.clickable")
     wait(page).until(
         lambda b: any(
             cell.text == markup for cell in b.find_elements(By.CSS_SELECTOR, "table.headers td")
@@ -435,7 +441,7 @@ def test_every_page_live_in_screenshots(netd: NetdProcess, page: WebDriver, shot
     )
     taken.append(screenshot(page, folder, "services"))
     go(page, "#/mail/mail")
-    visible(page, "table.mail-list tbody tr").click()
+    click(page, "table.mail-list tbody tr")
     visible(page, "iframe.mail")
     taken.append(screenshot(page, folder, "message"))
     go(page, "#/mail/mail")
@@ -504,11 +510,11 @@ def test_a_rule_added_in_the_form_answers_smtplib_and_is_deleted(
         assert client.rcpt("someone@flaky.test") == (451, b"4.3.0 try later")
         assert client.rcpt("someone@flaky.test")[0] == 250  # spent after one
     # Drawn again on its rule.fired event: looked up afresh.
-    wait(page, ignore_stale=True).until(
+    wait(page).until(
         lambda b: b.find_element(By.CSS_SELECTOR, rule + ".rule-fired").text == "1 (spent)"
     )
     assert png_size(screenshot(page, shots, "rules")) == (WIDTH, HEIGHT)
-    page.find_element(By.CSS_SELECTOR, rule + "button.danger").click()
+    click(page, rule + "button.danger")
     wait(page).until(lambda b: rows(b, "table.rules tr[data-rule]") == [])
     assert netd.admin("GET", "/api/services/mail/rules")["rules"] == []
 

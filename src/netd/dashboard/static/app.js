@@ -690,13 +690,16 @@
     return () => Object.values(loads).forEach((load) => load.cancel());
   }
 
-  pages.http = () =>
-    servicePanels("HTTP requests", "requests", "No http service records requests.", (rows) => {
+  pages.http = () => {
+    // Rows opened stay open when the list is drawn again for a new request.
+    const opened = new Set();
+    return servicePanels("HTTP requests", "requests", "No http service records requests.", (rows) => {
       const body = el("tbody");
       for (const r of rows) {
+        const key = `${r.time} ${r.client} ${r.method} ${r.path}`;
         const detail = el(
           "tr",
-          { hidden: true },
+          { hidden: !opened.has(key) },
           el(
             "td",
             { colspan: 7 },
@@ -708,7 +711,14 @@
         body.append(
           el(
             "tr",
-            { class: "clickable", onclick: () => (detail.hidden = !detail.hidden) },
+            {
+              class: "clickable",
+              onclick: () => {
+                detail.hidden = !detail.hidden;
+                if (detail.hidden) opened.delete(key);
+                else opened.add(key);
+              },
+            },
             el("td", { class: "num", text: time(r.time) }),
             el("td", { class: "hide-narrow", text: r.client }),
             el("td", { text: r.method }),
@@ -731,6 +741,7 @@
         ),
       );
     });
+  };
 
   pages.dns = () =>
     servicePanels("DNS queries", "queries", "No dns service logs queries.", (rows) =>
