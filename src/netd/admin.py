@@ -31,7 +31,9 @@ from zope.interface import implementer
 from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
 from netd.connections import ConnectionSet, TrackingFactory, describe_address, unsent_bytes
+from netd.dashboard import Dashboard
 from netd.events import Event, Journal, ServiceStats
+from netd.eventstream import EventStreams, StreamRefused
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
 from netd.schema import ConfigErrors
@@ -276,14 +278,19 @@ class AdminResource(Resource):
         self.token = token.encode() if token else None
         self.collector = _Collector(daemon, own_counters)
         self.registry: CollectorRegistry | None = None
+        self.streams = EventStreams(daemon.journal, daemon.reactor, self._stream_cut)
+        self.dashboard = Dashboard(daemon, self.token, self._login_failed)
 
     # Dispatch
 
     def render(self, request: Request) -> bytes | int:
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
         try:
             answer = self._dispatch(request)
         except _HTTPError as e:
             answer = _json(request, {"error": str(e)}, e.status, e.headers)
+        except ViewRefused as e:
+            answer = _json(request, {"error": e.reason}, e.status)
         if isinstance(answer, bytes) and request.method == b"HEAD":
             # GET's headers without its body: given one, Twisted drops it and logs a warning.
             request.setHeader(b"Content-Length", b"%d" % len(answer))
@@ -298,7 +305,11 @@ class AdminResource(Resource):
             if not self.daemon.ready:
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
+        if self.dashboard.is_public(parts):
+            return self.dashboard.render_public(request, method, parts)
         self._authorize(request)
+        if parts[:1] == ["ui"]:
+            return self.dashboard.render_private(request, method, parts)
         root = admin_root(parts[0]) if parts else None
         if root is not None:
             # A kind's own API at the root (Toxiproxy's): it answers in its own shapes.
@@ -332,6 +343,9 @@ class AdminResource(Resource):
         if parts == ["events"]:
             _allow(method, "GET", "HEAD")
             return self._events(request)
+        if parts == ["events", "stream"]:
+            _allow(method, "GET", "HEAD")
+            return self._stream(request)
         if parts == ["services"]:
             _allow(method, "GET", "HEAD")
             return _json(request, {"services": self.daemon.describe()})
@@ -432,10 +446,13 @@ class AdminResource(Resource):
             return
         header = request.getHeader(b"authorization") or b""
         scheme, _, offered = header.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(offered.strip(), self.token):
-            raise _HTTPError(
-                401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="netd"'}
-            )
+        if scheme.lower() == b"bearer" and hmac.compare_digest(offered.strip(), self.token):
+            return
+        if not header and self.dashboard.signed_in(request):
+            return
+        raise _HTTPError(
+            401, "missing or wrong bearer token", {"WWW-Authenticate": 'Bearer realm="netd"'}
+        )
 
     def _events(self, request: Request) -> bytes | int:
         query = _query(request)
@@ -463,6 +480,23 @@ class AdminResource(Resource):
                 },
             ),
         )
+
+    def _stream(self, request: Request) -> bytes | int:
+        try:
+            stream = self.streams.open(request, _query(request))
+        except StreamRefused as e:
+            raise _HTTPError(400, str(e)) from None
+        if stream is None:
+            return b""
+        if isinstance(request, _LimitedRequest):
+            request.answer_now = stream.finish
+        return NOT_DONE_YET
+
+    def _login_failed(self, client: str) -> None:
+        self.daemon.journal.emit(NAME, "login.failed", client=client)
+
+    def _stream_cut(self, client: str, unread: int) -> None:
+        self.daemon.journal.emit(NAME, "stream.cut", client=client, unread=unread)
 
     def _deferred(
         self,

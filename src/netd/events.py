@@ -91,12 +91,16 @@ class Journal:
         self._waiters: list[_Waiter] = []
         self._listeners: list[Callable[[Event], None]] = []
 
+    # Copied on write, not changed in place: a listener may unsubscribe (an
+    # event stream it cuts) while emit goes through the list.
     def subscribe(self, listener: Callable[[Event], None]) -> None:
-        self._listeners.append(listener)
+        self._listeners = [*self._listeners, listener]
         self.active = True
 
     def unsubscribe(self, listener: Callable[[Event], None]) -> None:
-        self._listeners.remove(listener)
+        listeners = list(self._listeners)
+        listeners.remove(listener)
+        self._listeners = listeners
 
     def emit(self, service: str, type: str, **fields: Any) -> Event:
         event = Event(next(self._ids), self._clock.seconds(), service, type, fields)

@@ -114,6 +114,14 @@ def test_install_into_new_venv(world_readable_dir: Path, editable: bool) -> None
     assert result.returncode == 0, result.stderr
     assert lists_netd(result.stdout), result.stdout
     runs_echo(python, world_readable_dir)
+    # The dashboard's page is package data: the installed netd finds every file.
+    assets = subprocess.run(
+        [str(python), "-c", "from netd.dashboard import _load_assets; print(*_load_assets())"],
+        capture_output=True,
+        text=True,
+        cwd=world_readable_dir,
+    )
+    assert set(assets.stdout.split()) >= {"index.html", "app.js", "app.css"}, assets.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run twistd as nobody")

@@ -26,7 +26,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 from netd.tls import ensure_self_signed
 from tests.batteries import OPEN_RELAY_TRICKS
 from tests.clients import smtp
@@ -77,6 +77,34 @@ def test_smtplib_message_is_spooled_listed_read_and_deleted(netd: NetdProcess) -
     assert b"\r\nLine one.\r\n.dot\r\n" in raw and len(raw) == listed["size"]
     assert netd.admin("DELETE", "/api/services/mail/messages")["deleted"] >= 1
     assert netd.messages("mail", to="listed@netd.test") == []
+
+
+def test_messages_are_searched_paged_and_deleted_one_by_one(netd: NetdProcess) -> None:
+    with smtp(netd) as client:
+        for n in range(5):
+            body = f"Your code is {n}4217.\n" if n == 3 else "Nothing here.\n"
+            client.send_message(message(f"page{n}@netd.test", f"Paged {n} of five", body))
+    path = "/api/services/mail/messages?q=paged&order=newest&limit=2"
+    first = netd.admin("GET", path)
+    assert first["total"] == 5
+    assert [m["to"] for m in first["messages"]] == [["page4@netd.test"], ["page3@netd.test"]]
+    last = netd.admin("GET", path + "&offset=4")["messages"]
+    assert [m["subject"] for m in last] == ["Paged 0 of five"]
+    assert netd.admin("GET", "/api/services/mail/messages?subject=2+OF+FIVE")["total"] == 1
+    assert netd.messages("mail", **{"from": "ALICE@client", "subject": "paged"})[0]["subject"]
+    [coded] = netd.messages("mail", text="34217", q="paged")
+    assert coded["to"] == ["page3@netd.test"]
+    assert netd.messages("mail", text="not in any message") == []
+    with pytest.raises(AdminError, match="offset and limit must be integers") as refused:
+        netd.admin("GET", "/api/services/mail/messages?limit=many")
+    assert refused.value.status == 400
+    assert netd.admin("DELETE", f"/api/services/mail/messages/{coded['id']}") == {
+        "deleted": coded["id"]
+    }
+    assert netd.admin("GET", "/api/services/mail/messages?q=paged")["total"] == 4
+    with pytest.raises(AdminError) as gone:
+        netd.admin("DELETE", f"/api/services/mail/messages/{coded['id']}")
+    assert gone.value.status == 404
 
 
 def test_swaks_over_starttls_with_auth(netd: NetdProcess) -> None:

@@ -33,7 +33,8 @@ from netd.schema import ConfigError, Position
 class FakeDaemon:
     def __init__(self) -> None:
         self.ready = True
-        self.journal = Journal(Clock())
+        self.reactor = Clock()
+        self.journal = Journal(self.reactor)
         self.services_by_name: dict[str, Any] = {}
         self.reloads: list[Deferred[ReloadResult]] = []
 
@@ -93,9 +94,15 @@ IDLE_TIMEOUT = 20.0
 class Client:
     """One connection to an admin site: what it sent, what came back, and when."""
 
-    def __init__(self, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        max_body: int = 64 * 1024,
+        transport: StringTransport | None = None,
+        token: str | None = None,
+    ) -> None:
         self.clock = Clock()
         self.daemon = FakeDaemon()
+        self.daemon.reactor = self.clock
         self.daemon.journal = Journal(self.clock)
         self.stats = ServiceStats()
         config = AdminConfig(
@@ -107,12 +114,15 @@ class Client:
             idle_timeout=IDLE_TIMEOUT,
             max_body=max_body,
         )
-        resource = AdminResource(self.daemon, None, self.stats.snapshot)  # type: ignore[arg-type]
+        resource = AdminResource(self.daemon, token, self.stats.snapshot)  # type: ignore[arg-type]
         site = _AdminSite(resource, config, self.clock, self.stats, self.daemon.journal)
         channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert isinstance(channel, _AdminChannel)
         self.channel = channel
-        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.resource = resource
+        self.transport = transport or StringTransport(
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 40000)
+        )
         channel.makeConnection(self.transport)
 
     def send(self, data: bytes) -> None:

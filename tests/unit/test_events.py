@@ -87,6 +87,20 @@ def test_subscribers_see_every_event() -> None:
     assert [(e.service, e.type) for e in seen] == [("echo", "a"), ("web", "b")]
 
 
+def test_a_subscriber_leaving_during_an_event_does_not_hide_it_from_the_next() -> None:
+    journal = Journal(Clock())
+    seen: list[str] = []
+
+    def once(event: Event) -> None:
+        journal.unsubscribe(once)  # an event stream cut as it writes
+
+    journal.subscribe(once)
+    journal.subscribe(lambda event: seen.append(event.type))
+    journal.emit("echo", "first")
+    journal.emit("echo", "second")
+    assert seen == ["first", "second"]
+
+
 def test_select_filters() -> None:
     journal = filled(Clock())
     assert ids(journal.select()) == [1, 2, 3, 4]

@@ -121,6 +121,8 @@ def test_an_admin_api_loads_the_web_stack_but_not_prometheus_until_scraped(
     modules = _modules_serving(tmp_path, _ADMIN + _ECHO_ONLY)
     assert _loaded(modules, "netd.admin", "twisted.web.server") != []
     assert _loaded(modules, "prometheus_client", "twisted.mail", "netd.tls") == []
+    # The dashboard parses mail only once a message is viewed.
+    assert _loaded(modules, "netd.dashboard.mail", "email.policy") == []
 
 
 def test_a_tls_profile_loads_netd_tls(tmp_path: Path) -> None:

@@ -691,7 +691,7 @@ def test_store_accepts_lists_filters_reads_and_clears(tmp_path: Path) -> None:
     events = journal.select(types=["message.accepted"])
     assert [e.fields["recipients"] for e in events] == [["x@netd.test"], ["y@netd.test"]]
     assert result_of(store.clear()) == {"deleted": 2}
-    assert result_of(store.list({})) == {"messages": []}
+    assert result_of(store.list({})) == {"messages": [], "total": 0}
     assert os.listdir(tmp_path / "spool") == []
 
 

@@ -332,6 +332,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
                 # Mail queued for relay leaves the spool delivered or bounced, never
                 # dropped by an API call: DELETE is for capture mode (405 otherwise).
                 clear=store.clear if send is None else None,
+                remove=store.remove if send is None else None,
             )
         },
     )

@@ -191,6 +191,15 @@ def _read_message(path: Path) -> bytes | None:
         return None
 
 
+def _containing(directory: Path, ids: list[str], needle: bytes) -> list[str]:
+    found = []
+    for id in ids:
+        data = _read_message(directory / (id + _SUFFIX))
+        if data is not None and needle in data.lower():
+            found.append(id)
+    return found
+
+
 def _remove(directory: Path, ids: list[str]) -> None:
     # No folder sync: a removal lost in a crash only means a second delivery,
     # which SMTP's at-least-once promise allows.
@@ -244,6 +253,11 @@ class Spool:
 
     def read(self, id: str) -> Deferred[bytes | None]:
         return self.run(lambda: _read_message(self.directory / (id + _SUFFIX)))
+
+    def containing(self, ids: Iterable[str], needle: bytes) -> Deferred[list[str]]:
+        """The ids, in order, of the messages whose raw source holds C{needle} (lower case)."""
+        listed = list(ids)
+        return self.run(lambda: _containing(self.directory, listed, needle))
 
     def remove(self, ids: Iterable[str]) -> Deferred[None]:
         listed = list(ids)

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
-from netd.kinds import BuildContext
+from netd.kinds import BuildContext, ViewRefused
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
@@ -77,6 +77,7 @@ class MailStore(Service):
         self.deliver = deliver
         self.messages: dict[str, Envelope] = {}
         self.heads: dict[str, bytes] = {}
+        self.summaries: dict[str, dict[str, Any]] = {}
         self.ready: Deferred[None] = Deferred()
         self._recovered = False
 
@@ -177,26 +178,95 @@ class MailStore(Service):
         for id in ids:
             self.messages.pop(id, None)
             self.heads.pop(id, None)
+            self.summaries.pop(id, None)
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
         return self.spool.remove(ids)
 
     # Admin views ---------------------------------------------------------
 
     def list(self, query: Mapping[str, str]) -> Deferred[dict[str, Any]]:
-        """C{GET .../messages[?to=ADDRESS]}: envelopes and headers, oldest first."""
-        wanted = query.get("to", "").lower()
+        """
+        C{GET .../messages}: envelopes and headers, oldest first (C{order=newest}:
+        newest first).  C{to} is one recipient; C{from}, C{subject} and C{q} (the
+        envelope and every header) match parts, ignoring case; C{text} searches
+        each raw source, in a thread.  C{offset} and C{limit} page through the
+        matches; C{total} counts them all.
+        """
+        try:
+            offset = max(int(query.get("offset", "0")), 0)
+            limit = int(query["limit"]) if "limit" in query else None
+        except ValueError:
+            raise ViewRefused(400, "offset and limit must be integers") from None
+        to = query.get("to", "").lower()
+        sender = query.get("from", "").lower()
+        subject = query.get("subject", "").lower()
+        anywhere = query.get("q", "").lower()
+        text = query.get("text", "").lower().encode()
 
-        def answer(_: None) -> dict[str, Any]:
+        def matching(_: None) -> list[str]:
             found = []
             for id, envelope in self.messages.items():
-                if wanted and wanted not in (r.lower() for r in envelope.recipients):
+                if to and to not in (r.lower() for r in envelope.recipients):
                     continue
-                headers = _headers(self.heads.get(id, b""))
-                subject = next((v for n, v in headers if n.lower() == "subject"), None)
-                found.append({**envelope.as_json(), "subject": subject, "headers": headers})
-            return {"messages": found}
+                if sender or subject or anywhere:  # parsed headers needed: kept once parsed
+                    summary = self._summary(id)
+                    if sender and sender not in summary["from_text"]:
+                        continue
+                    if subject and subject not in (summary["subject"] or "").lower():
+                        continue
+                    if anywhere and anywhere not in summary["text"]:
+                        continue
+                found.append(id)
+            if query.get("order") == "newest":
+                found.reverse()
+            return found
 
-        return self._when_ready().addCallback(answer)
+        def page(ids: list[str]) -> dict[str, Any]:
+            chosen = ids[offset : None if limit is None else offset + max(limit, 0)]
+            messages = []
+            for id in chosen:
+                envelope = self.messages.get(id)
+                if envelope is not None:  # not removed while the text search ran
+                    summary = self._summary(id)
+                    messages.append(
+                        {
+                            **envelope.as_json(),
+                            "subject": summary["subject"],
+                            "headers": summary["headers"],
+                        }
+                    )
+            return {"messages": messages, "total": len(ids)}
+
+        found = self._when_ready().addCallback(matching)
+        if text:
+            found.addCallback(lambda ids: self.spool.containing(ids, text))
+        return found.addCallback(page)
+
+    def _summary(self, id: str) -> dict[str, Any]:
+        """A message's parsed headers and search texts, kept once asked for."""
+        summary = self.summaries.get(id)
+        if summary is None:
+            envelope = self.messages[id]
+            headers = _headers(self.heads.get(id, b""))
+            named = {n.lower(): v for n, v in reversed(headers)}
+            everything = [envelope.sender, *envelope.recipients, *(v for _, v in headers)]
+            summary = self.summaries[id] = {
+                "headers": headers,
+                "subject": named.get("subject"),
+                "from_text": f"{envelope.sender}\n{named.get('from', '')}".lower(),
+                "text": "\n".join(everything).lower(),
+            }
+        return summary
+
+    def remove(self, id: str) -> Deferred[dict[str, str] | None]:
+        """C{DELETE .../messages/ID}: drop one message (L{None}: no such message)."""
+
+        def drop(_: None) -> Deferred[dict[str, str] | None] | None:
+            if id not in self.messages:
+                return None
+            return self.forget([id]).addCallback(lambda _: {"deleted": id})
+
+        return self._when_ready().addCallback(drop)
 
     def item(self, id: str) -> Deferred[bytes | None]:
         """C{GET .../messages/ID}: the raw message as spooled (Received: first)."""
