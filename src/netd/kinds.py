@@ -180,6 +180,12 @@ class ServiceKind(Generic[Options]):
         says (421 and a reason), always fires first.
     @ivar per_client_default: the service's C{max_connections_per_client}
         when the map does not set it; 0 is no per-client limit.
+    @ivar listener_sections: keys of the service's mapping (smtp's C{imap},
+        C{pop3}) whose value is a mapping with a C{listen:} list of its own:
+        the core reads those listeners with the service's, each tagged with
+        its key as its C{protocol}, so they bind, reload, count and show in
+        the ports file as the service's; L{Handlers.stream} tells them apart
+        by C{listener.protocol}.  The kind reads the section's other keys.
     """
 
     name: str
@@ -189,6 +195,7 @@ class ServiceKind(Generic[Options]):
     protocols: tuple[str, ...] = ()
     longest_silence: Callable[[Options], float] | None = None
     per_client_default: int = 0
+    listener_sections: tuple[str, ...] = ()
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

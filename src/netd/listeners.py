@@ -45,6 +45,8 @@ class BoundListener:
             entry["host"] = address.host
             entry["port"] = address.port
         entry["tls"] = self.config.tls
+        if self.config.protocol is not None:
+            entry["protocol"] = self.config.protocol
         return entry
 
     def summary(self) -> str:
@@ -54,7 +56,8 @@ class BoundListener:
             if ":" in entry["host"]
             else f"{entry['host']}:{entry['port']}"
         )
-        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}"
+        protocol = f" {entry['protocol']}" if "protocol" in entry else ""
+        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}{protocol}"
 
 
 class ListenerGroup(ABC):

@@ -181,17 +181,39 @@ class NetdProcess:
         return found
 
     def listener(
-        self, service: str, transport: str = "tcp", tls: bool | None = False
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
     ) -> dict[str, Any]:
-        for entry in self.listeners(service):
-            if entry["transport"] == transport and (tls is None or entry["tls"] == tls):
-                return entry
-        raise LookupError(f"{service} has no {transport} listener with tls={tls}")
+        """
+        The service's first listener of that transport and TLS; C{protocol}
+        picks one of a section's (smtp's C{imap}, C{pop3}) or a tagged one
+        (chat's C{line}); without it, untagged listeners come first.
+        """
+        found = [
+            entry
+            for entry in self.listeners(service)
+            if entry["transport"] == transport
+            and (tls is None or entry["tls"] == tls)
+            and (protocol is None or entry.get("protocol") == protocol)
+        ]
+        found.sort(key=lambda entry: protocol is None and "protocol" in entry)
+        if not found:
+            raise LookupError(
+                f"{service} has no {transport} listener with tls={tls}, protocol={protocol}"
+            )
+        return found[0]
 
     def address(
-        self, service: str, transport: str = "tcp", tls: bool | None = False
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
     ) -> tuple[str, int]:
-        entry = self.listener(service, transport, tls)
+        entry = self.listener(service, transport, tls, protocol)
         return entry["host"], entry["port"]
 
     def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:

@@ -10,6 +10,11 @@ answered C{250} for and never relays for strangers.
       relay: {allow_from: [127.0.0.0/8], domains: [netd.test]}
       delivery: {mode: capture}
 
+Optional C{imap:} and C{pop3:} sections, each with a C{listen:} list of its
+own, serve captured mail to mail clients (L{netd.services.smtp.imap},
+L{netd.services.smtp.pop3}) with the logins of C{mailboxes:}
+(L{netd.services.smtp.mailbox}).
+
 Sessions are L{netd.services.smtp.server.Session} (twisted.mail's ESMTP);
 messages go to a spool in C{state_dir} (L{netd.services.smtp.spool}) and are
 either kept for the admin API (capture) or sent on by
@@ -30,6 +35,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
@@ -37,6 +43,13 @@ from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import LOOPBACK, Network, Section, Value
+from netd.services.smtp.mailbox import (
+    Access,
+    AnyAddressChecker,
+    Mailboxes,
+    MailboxOptions,
+    MailRealm,
+)
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
 from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
@@ -48,6 +61,7 @@ __all__ = [
     "AuthOptions",
     "Capture",
     "DeliveryOptions",
+    "MailboxOptions",
     "Options",
     "RelayOptions",
     "SmarthostOptions",
@@ -107,11 +121,21 @@ class Options:
     auth: AuthOptions | None = None
     relay: RelayOptions = attrs.field(factory=RelayOptions)
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
+    mailboxes: MailboxOptions | None = None
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
     defaults = Limits()
     tls = section.read("tls", profiles.reference, None)
+    readers = [key for key in _LISTENER_SECTIONS if section.read(key, _listener_section, False)]
+    mailboxes = section.read("mailboxes", _mailboxes, None)
+    delivery = section.read("delivery", _delivery, DeliveryOptions())
+    if readers and mailboxes is None:
+        section.value.error(
+            f"{' and '.join(readers)} need 'mailboxes' (users: or any_password: true)"
+        )
+    if readers and not isinstance(delivery.route, Capture):
+        section.value.error(f"{' and '.join(readers)} read captured mail: delivery mode capture")
     return Options(
         hostname=section.read("hostname", Value.as_hostname, None),
         tls=tls,
@@ -133,15 +157,50 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         ),
         auth=section.read("auth", _auth, None),
         relay=section.read("relay", _relay, RelayOptions()),
-        delivery=section.read("delivery", _delivery, DeliveryOptions()),
+        delivery=delivery,
+        mailboxes=mailboxes if readers else None,
     )
+
+
+_LISTENER_SECTIONS = ("imap", "pop3")
+
+
+def _listener_section(value: Value) -> bool:
+    section = value.section()
+    section.get("listen")  # read by the core with the service's listeners
+    section.finish()
+    return True
+
+
+def _mailboxes(value: Value) -> MailboxOptions:
+    section = value.section()
+    users: dict[str, str] = section.read("users", _users, {})
+    options = MailboxOptions(
+        users={login.lower(): password for login, password in users.items()},
+        any_password=section.flag("any_password", False),
+        allow_insecure_auth=section.flag("allow_insecure_auth", False),
+    )
+    section.finish()
+    if not options.users and not options.any_password:
+        value.error("no one can log in: add 'users' or 'any_password: true'")
+    return options
 
 
 def _auth(value: Value) -> AuthOptions:
     section = value.section()
-    users: dict[str, str] = {}
     users_value = section.require("users")
-    for name, entry in users_value.items() if users_value is not None else ():
+    options = AuthOptions(
+        users=_users(users_value) if users_value is not None else {},
+        allow_insecure_auth=section.flag("allow_insecure_auth", False),
+    )
+    section.finish()
+    return options
+
+
+def _users(users_value: Value) -> dict[str, str]:
+    """C{NAME: {password: ...}}: in clear, or a bcrypt or crypt hash."""
+    users: dict[str, str] = {}
+    for name, entry in users_value.items():
         user = entry.section()
         password_value = user.require("password")
         user.finish()
@@ -156,11 +215,7 @@ def _auth(value: Value) -> AuthOptions:
             password_value.error("a password cannot be empty")
             continue
         users[name] = password
-    options = AuthOptions(
-        users=users, allow_insecure_auth=section.flag("allow_insecure_auth", False)
-    )
-    section.finish()
-    return options
+    return users
 
 
 def _domain(value: Value) -> str | None:
@@ -234,14 +289,23 @@ class _PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Mapping[str, str], run: Callable[[Callable[[], Any]], Any]) -> None:
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        run: Callable[[Callable[[], Any]], Any],
+        fold_case: bool = False,
+    ) -> None:
         self.users = users
         self.run = run
+        # Mailbox logins are addresses, matched without regard to case.
+        self.fold_case = fold_case
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username
         password = credentials.password
         name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
+        if self.fold_case:
+            name = name.lower()
         expected = self.users.get(name)
         if expected is None:
             return self._refuse()
@@ -314,7 +378,31 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         reject_bare_newlines=options.bare_newlines == "reject",
     )
 
-    def stream(listener: ListenerConfig) -> SessionFactory:
+    access = None
+    if options.mailboxes is not None:
+        mailboxes = Mailboxes(store, uid_validity=int(context.reactor.seconds()))
+        checker: ICredentialsChecker = (
+            AnyAddressChecker()
+            if options.mailboxes.any_password
+            else _PasswordChecker(options.mailboxes.users, run, fold_case=True)
+        )
+        access = Access(
+            reactor=context.reactor,
+            mailboxes=mailboxes,
+            portal=Portal(MailRealm(mailboxes), [checker]),
+            starttls=context.tls[options.tls] if options.tls else None,
+            allow_insecure_auth=options.mailboxes.allow_insecure_auth,
+        )
+
+    def stream(listener: ListenerConfig) -> ServerFactory:
+        if listener.protocol == "imap" and access is not None:
+            from netd.services.smtp.imap import IMAPFactory
+
+            return IMAPFactory(access, secure=listener.tls)
+        if listener.protocol == "pop3" and access is not None:
+            from netd.services.smtp.pop3 import POP3Factory
+
+            return POP3Factory(access, secure=listener.tls)
         return SessionFactory(receiver, secure=listener.tls)
 
     return Handlers(
@@ -329,6 +417,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
                 # Mail queued for relay leaves the spool delivered or bounced, never
                 # dropped by an API call: DELETE is for capture mode (405 otherwise).
                 clear=store.clear if send is None else None,
+                remove=store.remove if send is None else None,
             )
         },
     )
@@ -339,5 +428,10 @@ def _longest_silence(options: Options) -> float:
 
 
 SMTP: ServiceKind[Options] = ServiceKind(
-    "smtp", parse, build, longest_silence=_longest_silence, per_client_default=20
+    "smtp",
+    parse,
+    build,
+    longest_silence=_longest_silence,
+    per_client_default=20,
+    listener_sections=_LISTENER_SECTIONS,
 )

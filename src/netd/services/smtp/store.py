@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -19,7 +19,14 @@ from netd.kinds import BuildContext
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
-__all__ = ["MailStore", "received_header"]
+__all__ = ["MailStore", "MailWatcher", "received_header"]
+
+
+class MailWatcher(Protocol):
+    """Told of every message the store gains or loses (the IMAP and POP3 mailboxes)."""
+
+    def added(self, envelope: Envelope) -> None: ...
+    def removed(self, ids: Iterable[str]) -> None: ...
 
 
 def _head(data: bytes) -> bytes:
@@ -78,6 +85,7 @@ class MailStore(Service):
         self.messages: dict[str, Envelope] = {}
         self.heads: dict[str, bytes] = {}
         self.ready: Deferred[None] = Deferred()
+        self.watchers: list[MailWatcher] = []
         self._recovered = False
 
     def startService(self) -> None:
@@ -125,6 +133,8 @@ class MailStore(Service):
         self.messages[envelope.id] = envelope
         self.heads[envelope.id] = head
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+        for watcher in self.watchers:
+            watcher.added(envelope)
 
     def accept(self, transaction: Transaction) -> Deferred[str]:
         """Spool a message; the Deferred fires with its id once it is on disk."""
@@ -174,11 +184,20 @@ class MailStore(Service):
 
     def forget(self, ids: list[str]) -> Deferred[None]:
         """Remove messages from the index and the disk."""
+        gone = [id for id in ids if self.messages.pop(id, None) is not None]
         for id in ids:
-            self.messages.pop(id, None)
             self.heads.pop(id, None)
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+        if gone:
+            for watcher in self.watchers:
+                watcher.removed(gone)
         return self.spool.remove(ids)
+
+    def read(self, id: str) -> Deferred[bytes | None]:
+        """A message as spooled, read in a thread; None once it is gone."""
+        if id not in self.messages:
+            return succeed(None)
+        return self.spool.read(id)
 
     # Admin views ---------------------------------------------------------
 
@@ -205,6 +224,16 @@ class MailStore(Service):
                 lambda _: self.spool.read(id) if id in self.messages else None
             )
         return self.spool.read(id)
+
+    def remove(self, id: str) -> Deferred[dict[str, int] | None]:
+        """C{DELETE .../messages/ID}: drop one message; None (404) if there is none."""
+
+        def drop(_: None) -> Deferred[dict[str, int] | None] | None:
+            if id not in self.messages:
+                return None
+            return self.forget([id]).addCallback(lambda _: {"deleted": 1})
+
+        return self._when_ready().addCallback(drop)
 
     def clear(self) -> Deferred[dict[str, int]]:
         """C{DELETE .../messages}: drop every message."""

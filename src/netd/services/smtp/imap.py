@@ -1,0 +1,151 @@
+"""
+IMAP4rev1 over the smtp kind's store: Twisted's IMAP4Server with netd's
+mailboxes (L{netd.services.smtp.mailbox}), a reactor of its own (no global
+one), and the edges a daemon facing the network needs: STARTTLS drops the
+plaintext that came with it, malformed arguments get C{BAD} rather than a
+logged traceback, an overlong line gets C{BYE}, a message is read from the
+spool in a thread only when a FETCH wants more than its headers, and a
+message removed from the store is C{EXPUNGE}d in every open session.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.mail.imap4 import IllegalClientResponse, IMAP4Exception, IMAP4Server
+
+from netd.compat.mail import FetchParser
+from netd.services.smtp.mailbox import Access, Message, compile_search
+
+__all__ = ["IMAPFactory", "IMAPSession"]
+
+# FETCH items answered from the store's index, without reading the message.
+_FROM_INDEX = frozenset({"flags", "uid", "internaldate", "rfc822size", "envelope", "rfc822header"})
+
+
+def _from_index(part: Any) -> bool:
+    if part.type == "body":
+        return bool(getattr(part, "header", None)) and not part.part
+    return part.type in _FROM_INDEX
+
+
+def _marks_seen(part: Any) -> bool:
+    # RFC 3501 6.4.5: fetching a body sets \Seen, unless BODY.PEEK.
+    return part.type in ("rfc822", "rfc822text") or (
+        part.type == "body" and not getattr(part, "peek", True)
+    )
+
+
+class IMAPSession(IMAP4Server):
+    """One IMAP connection."""
+
+    IDENT = b"netd IMAP4rev1 ready"
+    transport: Any
+
+    def __init__(self, access: Access, secure: bool) -> None:
+        super().__init__(contextFactory=access.starttls, scheduler=access.schedule)
+        self.access = access
+        self.secure = secure
+        self.portal = access.portal  # type: ignore[assignment]
+        # TimeoutMixin's timers run on the service's reactor, not the global one.
+        self.callLater = access.reactor.callLater  # type: ignore[method-assign]
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.secure:
+            self.canStartTLS = False
+
+    def capabilities(self) -> dict[bytes, Any]:
+        found: dict[bytes, Any] = super().capabilities()
+        if self.access.allow_insecure_auth:
+            found.pop(b"LOGINDISABLED", None)
+        return found
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.sendLine(b"* BYE Line too long")
+        self.transport.loseConnection()
+
+    def dispatchCommand(
+        self, tag: bytes, cmd: bytes, rest: bytes | None, uid: int | None = None
+    ) -> None:
+        # A command without arguments has rest None, which Twisted's argument
+        # parsers meet with an AttributeError (a logged "server error").
+        super().dispatchCommand(tag, cmd, rest if rest is not None else b"", uid)
+
+    def do_STARTTLS(self, tag: bytes) -> None:
+        super().do_STARTTLS(tag)
+        if self.startedTLS:
+            # Whatever came with the command was sent in plaintext: a man in the
+            # middle's commands must not run as if they had come over TLS.
+            self._buffer = b""
+
+    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
+
+    def arg_fetchatt(self, line: bytes) -> tuple[Any, bytes]:
+        parser = FetchParser()
+        try:
+            parser.parseString(line)
+        except Exception as e:  # _FetchParser raises bare Exceptions
+            raise IllegalClientResponse(f"bad FETCH items: {e}") from None
+        return parser.result, b""
+
+    def arg_searchkeys(self, line: bytes) -> tuple[Any, bytes]:
+        try:
+            keys, rest = super().arg_searchkeys(line)
+        except IMAP4Exception as e:
+            raise IllegalClientResponse(f"bad SEARCH keys: {e}") from None
+        return compile_search(keys), rest
+
+    def do_STORE(self, tag: bytes, *args: Any, **kwargs: Any) -> None:
+        if self.mbox is not None and not self.mbox.isWriteable():
+            # Twisted answers a mailbox's refusal as a server error (BAD).
+            self.sendNegativeResponse(tag, b"STORE on a read-only mailbox (EXAMINE)")
+            return
+        super().do_STORE(tag, *args, **kwargs)
+
+    select_STORE = (  # type: ignore[assignment]
+        do_STORE,
+        IMAP4Server.arg_seqset,
+        IMAP4Server.arg_atom,
+        IMAP4Server.arg_flaglist,
+    )
+    select_FETCH = (IMAP4Server.do_FETCH, IMAP4Server.arg_seqset, arg_fetchatt)  # type: ignore[assignment]
+    select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
+    # netd's mailboxes take mail over SMTP alone: no APPEND, no COPY.
+    auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]
+
+    def spewMessage(self, id: int, msg: Message, query: list[Any], uid: bool) -> Any:
+        if self.mbox is not None and self.mbox.isWriteable() and any(map(_marks_seen, query)):
+            self.access.mark_seen(msg.id)
+        if all(map(_from_index, query)):
+            return super().spewMessage(id, msg, query, uid)
+        return msg.load().addCallback(lambda _: IMAP4Server.spewMessage(self, id, msg, query, uid))
+
+    def expunged(self, numbers: list[int]) -> None:
+        """Told by the selected mailbox: these messages left the store."""
+        for number in numbers:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % number, isAsync=True)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.mbox is not None:
+            self.mbox.removeListener(self)
+            self.mbox.close()
+            self.mbox = None
+        super().connectionLost(reason)
+
+
+class IMAPFactory(ServerFactory):
+    """Builds the IMAP sessions of one listener."""
+
+    noisy = False
+
+    def __init__(self, access: Access, secure: bool) -> None:
+        self.access = access
+        self.secure = secure
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        session = IMAPSession(self.access, self.secure)
+        session.factory = self
+        return session

@@ -1,0 +1,305 @@
+"""
+The smtp kind's IMAP and POP3 sessions over its store, driven with string
+transports and a clock; the map keys that turn them on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.mail.imap4 import IllegalClientResponse
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
+from netd.services.smtp.address import Mailbox
+from netd.services.smtp.imap import IMAPSession
+from netd.services.smtp.mailbox import (
+    Access,
+    AnyAddressChecker,
+    Mailboxes,
+    MailRealm,
+    compile_search,
+)
+from netd.services.smtp.pop3 import POP3Session
+from netd.services.smtp.server import Transaction
+from netd.services.smtp.spool import Spool
+from netd.services.smtp.store import MailStore
+from tests.fakes.transports import TLSStringTransport
+
+STARTTLS = object()
+
+
+def result_of(deferred: Deferred[Any]) -> Any:
+    found: list[Any] = []
+    deferred.addBoth(found.append)
+    (result,) = found
+    return result
+
+
+class Lab:
+    """A store with mailboxes, on a clock, with sessions on fake transports."""
+
+    def __init__(self, tmp_path: Path, allow_insecure_auth: bool = True) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        context = BuildContext(
+            reactor=self.clock,
+            name="mail",
+            state_dir=tmp_path,
+            journal=Journal(self.clock),
+            stats=ServiceStats(),
+            log=Logger(),
+            tls={},
+        )
+        self.store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
+        self.store.startService()
+        self.mailboxes = Mailboxes(self.store, uid_validity=42)
+        self.access = Access(
+            reactor=self.clock,
+            mailboxes=self.mailboxes,
+            portal=Portal(MailRealm(self.mailboxes), [AnyAddressChecker()]),
+            starttls=STARTTLS,  # type: ignore[arg-type]
+            allow_insecure_auth=allow_insecure_auth,
+        )
+
+    def deliver(self, *to: str, subject: str = "s", body: str = "body") -> str:
+        transaction = Transaction(
+            sender=Mailbox("shop", "client.test"),
+            recipients=tuple(Mailbox(*r.split("@")) for r in to),
+            data=f"Subject: {subject}\r\nTo: {to[0]}\r\n\r\n{body}\r\n".encode(),
+            helo="c.test",
+            client="127.0.0.1",
+            user=None,
+            protocol="ESMTP",
+        )
+        id: str = result_of(self.store.accept(transaction))
+        return id
+
+    def imap(self, secure: bool = False) -> tuple[IMAPSession, TLSStringTransport]:
+        session = IMAPSession(self.access, secure)
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        return session, transport
+
+    def pop3(self, secure: bool = False) -> tuple[POP3Session, TLSStringTransport]:
+        session = POP3Session(self.access, secure)
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        return session, transport
+
+
+def said(transport: TLSStringTransport) -> list[bytes]:
+    lines = transport.value().split(b"\r\n")
+    transport.clear()
+    return [line for line in lines if line]
+
+
+def test_imap_select_fetch_and_expunge_reach_the_store(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    kept = lab.deliver("ann@netd.test", subject="one")
+    gone = lab.deliver("ann@netd.test", subject="two")
+    lab.deliver("ben@netd.test")
+    session, transport = lab.imap()
+    said(transport)
+    session.dataReceived(b"a LOGIN ann@netd.test anything\r\na SELECT INBOX\r\n")
+    lines = said(transport)
+    assert b"* 2 EXISTS" in lines and lines[-1] == b"a OK [READ-WRITE] SELECT successful"
+    session.dataReceived(b"b FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    reply = transport.value()
+    assert b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {14}\r\nSubject: one" in reply
+    assert b"* 2 FETCH (UID 2 FLAGS ()" in reply and reply.endswith(b"b OK FETCH completed\r\n")
+    transport.clear()
+    session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
+    assert said(transport)[-2:] == [b"* 2 EXPUNGE", b"d OK EXPUNGE completed"]
+    assert list(lab.store.messages) != [kept, gone] and gone not in lab.store.messages
+
+
+def test_imap_idle_hears_of_new_and_removed_mail(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc IDLE\r\n")
+    assert said(transport)[-1] == b"+"
+    lab.deliver("ann@netd.test")
+    lab.deliver("ben@netd.test")  # not ann's
+    assert said(transport) == [b"* 2 EXISTS"]
+    result_of(lab.store.remove(first))
+    assert said(transport) == [b"* 1 EXPUNGE"]
+    session.dataReceived(b"DONE\r\n")
+    assert said(transport) == [b"c OK IDLE terminated"]
+
+
+def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, allow_insecure_auth=False)
+    session, transport = lab.imap()
+    assert b"LOGINDISABLED" in said(transport)[0]
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"a BAD LOGIN is disabled before STARTTLS"]
+    session.dataReceived(b"b STARTTLS\r\nc LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"b OK Begin TLS negotiation now"]
+    assert transport.started_tls == [STARTTLS]
+    session.dataReceived(b"d LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"d OK LOGIN succeeded"]
+
+
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        (b"a LOGIN", b"a BAD Illegal syntax: Missing argument"),
+        (
+            b"a LOGIN {4097}",
+            b"a BAD Illegal syntax: Literal too long! I accept at most 4096 octets",
+        ),
+        (b"a APPEND INBOX {3}", b"a BAD Unsupported command"),
+        (b"a SEARCH (FROM x", b"a BAD Illegal syntax: bad SEARCH keys: "),
+        (b"a SEARCH FROM", b"a BAD Illegal syntax: a search key lacks its argument"),
+        (b"a FETCH 1 (FLAGS", b"a BAD Illegal syntax: bad FETCH items: Whitespace expected"),
+        (b"a FETCH 1:1000000 FLAGS", b"a OK FETCH completed"),
+        (b"a STORE 1 FLAGS \\Seen", b"a NO STORE on a read-only mailbox (EXAMINE)"),
+    ],
+)
+def test_imap_bad_input_gets_bad_and_the_session_goes_on(
+    tmp_path: Path, command: bytes, answer: bytes
+) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    if not command.startswith(b"a LOGIN"):
+        session.dataReceived(b"x LOGIN ann@netd.test x\r\ny EXAMINE INBOX\r\n")
+    said(transport)
+    session.dataReceived(command + b"\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    assert said(transport)[-1].startswith(answer)
+    session.dataReceived(b"z NOOP\r\n")
+    assert said(transport)[-1] == b"z OK NOOP No operation performed"
+
+
+def test_imap_overlong_line_says_bye(tmp_path: Path) -> None:
+    session, transport = Lab(tmp_path).imap()
+    said(transport)
+    session.dataReceived(b"a " + b"x" * 20000)
+    assert said(transport) == [b"* BYE Line too long"] and transport.disconnecting
+
+
+def test_search_keys_compile_once_and_refuse_unknown_ones() -> None:
+    assert not compile_search([b"FROM", b"x", [b"OR", b"SEEN", b"UNSEEN"]]).needs_text
+    assert compile_search([b"NOT", b"TEXT", b"code"]).needs_text
+    for bad in ([b"SINCE", b"yesterday"], [b"NOSUCHKEY"], [b"LARGER", b"big"], []):
+        with pytest.raises(IllegalClientResponse):
+            compile_search(bad)
+
+
+def test_pop3_refuses_before_login_then_serves_and_deletes_at_quit(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test", body=".dot")
+    second = lab.deliver("ann@netd.test")
+    session, transport = lab.pop3()
+    assert said(transport) == [b"+OK netd POP3 ready"]
+    for command in (b"STAT", b"RETR 1", b"DELE 1", b"BOGUS"):
+        session.dataReceived(command + b"\r\n")
+        assert said(transport)[0].startswith(b"-ERR not authenticated yet")
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nSTAT\r\n")
+    lab.clock.advance(0)
+    size = lab.store.messages[first].size + lab.store.messages[second].size
+    assert said(transport)[-1] == b"+OK 2 %d" % size
+    session.dataReceived(b"RETR 1\r\n")
+    while transport.producer is not None:  # a real transport pulls as it writes
+        transport.producer.resumeProducing()
+    assert b"\r\n..dot\r\n.\r\n" in transport.value()
+    transport.clear()
+    session.dataReceived(b"DELE 1\r\nDELE 9\r\nDELE x\r\n")
+    assert [line[:4] for line in said(transport)] == [b"+OK ", b"-ERR", b"-ERR"]
+    assert first in lab.store.messages
+    session.dataReceived(b"QUIT\r\n")
+    assert list(lab.store.messages) == [second]
+
+
+def test_pop3_stls_drops_what_came_with_it_and_guards_login(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, allow_insecure_auth=False)
+    session, transport = lab.pop3()
+    said(transport)
+    session.dataReceived(b"CAPA\r\n")
+    assert said(transport) == [
+        b"+OK I can do the following:",
+        b"TOP",
+        b"UIDL",
+        b"RESP-CODES",
+        b"IMPLEMENTATION netd",
+        b"STLS",
+        b".",
+    ]
+    session.dataReceived(b"USER ann@netd.test\r\n")
+    assert said(transport) == [b"-ERR [AUTH] STLS first"]
+    session.dataReceived(b"STLS\r\nUSER mallory@netd.test\r\n")
+    assert said(transport) == [b"+OK Begin TLS negotiation"]
+    assert transport.started_tls == [STARTTLS]
+    session.dataReceived(b"STLS\r\n")
+    assert said(transport) == [b"-ERR TLS already active"]
+
+
+def test_pop3_overlong_line_is_refused(tmp_path: Path) -> None:
+    session, transport = Lab(tmp_path).pop3()
+    said(transport)
+    session.dataReceived(b"USER " + b"a" * 2000 + b"\r\nUSER ann@netd.test\r\n")
+    assert said(transport) == [b"-ERR line too long", b"+OK USER accepted, send PASS"]
+    session.dataReceived(b"x" * 2000)
+    assert said(transport) == [b"-ERR line too long"] and transport.disconnecting
+
+
+def _service(tmp_path: Path, extra: str) -> Any:
+    text = (
+        "tls: {lab: {self_signed: [localhost]}}\n"
+        "services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n" + extra
+    )
+    return parse_config(text, tmp_path / "netd.yaml").services["mail"]
+
+
+def test_imap_and_pop3_sections_add_tagged_listeners(tmp_path: Path) -> None:
+    service = _service(
+        tmp_path,
+        "    imap: {listen: ['tcp:1143', {endpoint: 'ssl:1993', tls: lab}]}\n"
+        "    pop3: {listen: 'tcp:1110'}\n"
+        "    mailboxes: {users: {Ann@netd.test: {password: pw}}}\n",
+    )
+    assert [(lst.endpoint, lst.protocol, lst.tls) for lst in service.listen] == [
+        ("tcp:0", None, False),
+        ("tcp:1143", "imap", False),
+        ("ssl:1993", "imap", True),
+        ("tcp:1110", "pop3", False),
+    ]
+    assert service.options.mailboxes.users == {"ann@netd.test": "pw"}
+    assert service.tls_profiles == {"lab"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ("    imap: {listen: ['tcp:1143']}\n", "imap need 'mailboxes'"),
+        (
+            "    pop3: {listen: ['tcp:1110']}\n    mailboxes: {any_password: true}\n"
+            "    delivery: {mode: mx}\n",
+            "pop3 read captured mail: delivery mode capture",
+        ),
+        ("    imap: {port: 1}\n    mailboxes: {any_password: true}\n", "missing required key"),
+        (
+            "    imap: {listen: ['tcp:0'], x: 1}\n    mailboxes: {any_password: true}\n",
+            "unknown key",
+        ),
+        ("    imap: {listen: ['udp:0']}\n    mailboxes: {any_password: true}\n", "datagram"),
+        ("    imap: {listen: ['tcp:0']}\n    mailboxes: {}\n", "no one can log in"),
+    ],
+)
+def test_mailbox_map_errors(tmp_path: Path, extra: str, error: str) -> None:
+    with pytest.raises(ConfigErrors) as raised:
+        _service(tmp_path, extra)
+    assert any(error in str(e) for e in raised.value.errors), raised.value.errors
