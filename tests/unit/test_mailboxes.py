@@ -138,6 +138,32 @@ def test_imap_idle_hears_of_new_and_removed_mail(tmp_path: Path) -> None:
     assert said(transport) == [b"c OK IDLE terminated"]
 
 
+def test_imap_says_expunge_at_a_command_that_allows_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test", subject="one")
+    lab.deliver("ann@netd.test", subject="two")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    result_of(lab.store.remove(first))
+    assert said(transport) == []  # no command in progress
+    session.dataReceived(b"c FETCH 2 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    # Still numbered as the client knows them: 2 is "two", and no EXPUNGE with a FETCH.
+    assert said(transport) == [
+        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {14}",
+        b"Subject: two",
+        b")",
+        b"c OK FETCH completed",
+    ]
+    session.dataReceived(b"d NOOP\r\n")
+    assert said(transport) == [b"* 1 EXPUNGE", b"d OK NOOP No operation performed"]
+    session.dataReceived(b"e FETCH 1 (UID)\r\n")
+    lab.clock.advance(0)
+    assert said(transport) == [b"* 1 FETCH (UID 2)", b"e OK FETCH completed"]
+
+
 def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
     lab = Lab(tmp_path, allow_insecure_auth=False)
     session, transport = lab.imap()

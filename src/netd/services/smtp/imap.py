@@ -25,6 +25,9 @@ __all__ = ["IMAPFactory", "IMAPSession"]
 _FROM_INDEX = frozenset({"flags", "uid", "internaldate", "rfc822size", "envelope", "rfc822header"})
 
 
+_NO_EXPUNGE_WITH = frozenset({b"FETCH", b"STORE", b"SEARCH"})
+
+
 def _from_index(part: Any) -> bool:
     if part.type == "body":
         return bool(getattr(part, "header", None)) and not part.part
@@ -48,6 +51,7 @@ class IMAPSession(IMAP4Server):
         super().__init__(contextFactory=access.starttls, scheduler=access.schedule)
         self.access = access
         self.secure = secure
+        self._may_expunge = False
         self.portal = access.portal  # type: ignore[assignment]
         # TimeoutMixin's timers run on the service's reactor, not the global one.
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
@@ -66,13 +70,6 @@ class IMAPSession(IMAP4Server):
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(b"* BYE Line too long")
         self.transport.loseConnection()
-
-    def dispatchCommand(
-        self, tag: bytes, cmd: bytes, rest: bytes | None, uid: int | None = None
-    ) -> None:
-        # A command without arguments has rest None, which Twisted's argument
-        # parsers meet with an AttributeError (a logged "server error").
-        super().dispatchCommand(tag, cmd, rest if rest is not None else b"", uid)
 
     def do_STARTTLS(self, tag: bytes) -> None:
         super().do_STARTTLS(tag)
@@ -123,10 +120,37 @@ class IMAPSession(IMAP4Server):
             return super().spewMessage(id, msg, query, uid)
         return msg.load().addCallback(lambda _: IMAP4Server.spewMessage(self, id, msg, query, uid))
 
-    def expunged(self, numbers: list[int]) -> None:
-        """Told by the selected mailbox: these messages left the store."""
-        for number in numbers:
-            self.sendUntaggedResponse(b"%d EXPUNGE" % number, isAsync=True)
+    def dispatchCommand(
+        self, tag: bytes, cmd: bytes, rest: bytes | None, uid: int | None = None
+    ) -> None:
+        # Which command the next tagged answer ends: EXPUNGEs of messages that
+        # left the store may not come with a FETCH, STORE or SEARCH (RFC 3501 7.4.1).
+        self._may_expunge = uid is not None or cmd.upper() not in _NO_EXPUNGE_WITH
+        # A command without arguments has rest None, which Twisted's argument
+        # parsers meet with an AttributeError (a logged "server error").
+        super().dispatchCommand(tag, cmd, rest if rest is not None else b"", uid)
+
+    def expunge_due(self) -> None:
+        """Told by the selected mailbox: messages left the store."""
+        if self.parseState == "idle":
+            self._say_vanished()
+
+    def _say_vanished(self) -> None:
+        if self.mbox is not None:
+            for number in self.mbox.take_vanished():
+                self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+
+    def _ending(self, tag: bytes | None) -> None:
+        if tag is not None and self._may_expunge:
+            self._say_vanished()
+
+    def sendPositiveResponse(self, tag: bytes | None = None, message: bytes = b"") -> None:
+        self._ending(tag)
+        super().sendPositiveResponse(tag, message)
+
+    def sendNegativeResponse(self, tag: bytes | None = None, message: bytes = b"") -> None:
+        self._ending(tag)
+        super().sendNegativeResponse(tag, message)
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.mbox is not None:

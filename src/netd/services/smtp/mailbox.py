@@ -155,8 +155,8 @@ class Mailboxes:
             if self.sees(inbox.login, envelope):
                 inbox.arrived(envelope.id)
 
-    def removed(self, ids: Iterable[str]) -> None:
-        gone = set(ids)
+    def removed(self, envelopes: Iterable[Envelope]) -> None:
+        gone = {envelope.id: envelope for envelope in envelopes}
         for inbox in self.inboxes:
             inbox.lost(gone)
         for id in gone:
@@ -222,10 +222,11 @@ class Message:
     whole message is read from the spool (in a thread) only by L{load}.
     """
 
-    def __init__(self, mailboxes: Mailboxes, id: str) -> None:
+    def __init__(self, mailboxes: Mailboxes, id: str, envelope: Envelope, uid: int) -> None:
         self.mailboxes = mailboxes
         self.id = id
-        self.envelope = mailboxes.store.messages[id]
+        self.envelope = envelope
+        self.uid = uid
         self.raw: bytes | None = None
         self._parsed: EmailMessage | None = None
 
@@ -249,7 +250,7 @@ class Message:
         return self._parsed
 
     def getUID(self) -> int:
-        return self.mailboxes.uids.get(self.id, 0)
+        return self.uid
 
     def getFlags(self) -> list[str]:
         return sorted(self.mailboxes.flags.get(self.id, ()))
@@ -513,6 +514,7 @@ class Inbox(_InboxInfo):
         self.login = login
         self.writeable = writeable
         self.ids = mailboxes.ids_for(login)
+        self.vanishing: dict[str, tuple[Envelope, int]] = {}
         self.listeners: list[Any] = []
         mailboxes.inboxes.append(self)
 
@@ -523,15 +525,36 @@ class Inbox(_InboxInfo):
         for listener in self.listeners:
             listener.newMessages(len(self.ids), None)
 
-    def lost(self, gone: set[str]) -> None:
-        numbers = [seq for seq, id in enumerate(self.ids, 1) if id in gone]
-        if not numbers:
+    def lost(self, gone: Mapping[str, Envelope]) -> None:
+        """
+        Messages left the store.  They keep their numbers until the session
+        says EXPUNGE (RFC 3501 7.4.1: not while no command is in progress, nor
+        in answer to FETCH, STORE or SEARCH); until then they read as their
+        headers alone.
+        """
+        uids = self.mailboxes.uids
+        vanished = {id: (gone[id], uids.get(id, 0)) for id in self.ids if id in gone}
+        if not vanished:
             return
-        self.ids = [id for id in self.ids if id not in gone]
+        self.vanishing.update(vanished)
         for listener in self.listeners:
-            expunged = getattr(listener, "expunged", None)
-            if expunged is not None:
-                expunged(sorted(numbers, reverse=True))
+            listener.expunge_due()
+
+    def take_vanished(self) -> list[int]:
+        """The numbers of the messages that left, highest first; they leave the view now."""
+        if not self.vanishing:
+            return []
+        numbers = [seq for seq, id in enumerate(self.ids, 1) if id in self.vanishing]
+        self.ids = [id for id in self.ids if id not in self.vanishing]
+        self.vanishing.clear()
+        return numbers[::-1]
+
+    def _message(self, id: str) -> Message:
+        envelope = self.mailboxes.store.messages.get(id)
+        if envelope is None:
+            envelope, uid = self.vanishing[id]
+            return Message(self.mailboxes, id, envelope, uid)
+        return Message(self.mailboxes, id, envelope, self.mailboxes.uids.get(id, 0))
 
     # IMailboxInfo/IMailbox ---------------------------------------------------
 
@@ -542,7 +565,7 @@ class Inbox(_InboxInfo):
         return self.mailboxes.next_uid
 
     def getUID(self, message: int) -> int:
-        return self.mailboxes.uids.get(self.ids[message - 1], 0)
+        return self._message(self.ids[message - 1]).getUID()
 
     def getMessageCount(self) -> int:
         return len(self.ids)
@@ -591,15 +614,15 @@ class Inbox(_InboxInfo):
 
     def _numbered(self, messages: MessageSet, uid: bool) -> Iterator[tuple[int, str]]:
         """The (sequence number, id) of each message the set names that exists."""
-        uids = self.mailboxes.uids
         if uid:
-            messages.last = max((uids.get(id, 0) for id in self.ids), default=1)
-            return ((s, id) for s, id in enumerate(self.ids, 1) if uids.get(id, 0) in messages)
+            numbers = [self._message(id).getUID() for id in self.ids]
+            messages.last = max(numbers, default=1)
+            return ((s, self.ids[s - 1]) for s, n in enumerate(numbers, 1) if n in messages)
         messages.last = max(len(self.ids), 1)
         return ((s, id) for s, id in enumerate(self.ids, 1) if s in messages)
 
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
-        return [(seq, Message(self.mailboxes, id)) for seq, id in self._numbered(messages, uid)]
+        return [(seq, self._message(id)) for seq, id in self._numbered(messages, uid)]
 
     def store(
         self, messages: MessageSet, flags: list[str], mode: int, uid: bool
@@ -634,7 +657,7 @@ class Inbox(_InboxInfo):
         return self.mailboxes.store.forget(sorted(gone)).addCallback(lambda _: numbers)
 
     def search(self, query: Search, uid: bool) -> Deferred[list[int]]:
-        candidates = [(seq, Message(self.mailboxes, id)) for seq, id in enumerate(self.ids, 1)]
+        candidates = [(seq, self._message(id)) for seq, id in enumerate(self.ids, 1)]
         loading = [m.load() for _, m in candidates] if query.needs_text else []
 
         def match(_: object) -> list[int]:

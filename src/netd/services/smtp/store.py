@@ -26,7 +26,7 @@ class MailWatcher(Protocol):
     """Told of every message the store gains or loses (the IMAP and POP3 mailboxes)."""
 
     def added(self, envelope: Envelope) -> None: ...
-    def removed(self, ids: Iterable[str]) -> None: ...
+    def removed(self, envelopes: Iterable[Envelope]) -> None: ...
 
 
 def _head(data: bytes) -> bytes:
@@ -184,7 +184,7 @@ class MailStore(Service):
 
     def forget(self, ids: list[str]) -> Deferred[None]:
         """Remove messages from the index and the disk."""
-        gone = [id for id in ids if self.messages.pop(id, None) is not None]
+        gone = [envelope for id in ids if (envelope := self.messages.pop(id, None)) is not None]
         for id in ids:
             self.heads.pop(id, None)
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
