@@ -11,6 +11,7 @@ import poplib
 import socket
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any
@@ -23,7 +24,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.threads import deferToThread
 from twisted.mail import imap4
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 from tests.clients import smtp
 from tests.maps import mail_map
 
@@ -41,6 +42,44 @@ MAILBOXES = {
     f'"eve@netd.test": {{password: "{PASSWORD}"}}, '
     f'"fay@netd.test": {{password: "{PASSWORD}"}}}}}}',
 }
+
+
+def test_links_codes_and_waiting_for_a_message(netd: NetdProcess) -> None:
+    mail = EmailMessage()
+    mail["From"] = "accounts@client.test"
+    mail["To"] = "new.user@netd.test"
+    mail["Subject"] = "Confirm your address"
+    mail.set_content("Your code: 604211\nOr open https://app.test/confirm?t=Zx9&u=7 today.\n")
+    mail.add_alternative(
+        '<p>Code <b>604211</b></p><p><a href="https://app.test/confirm?t=Zx9&amp;u=7">Confirm'
+        '</a> or <a href="https://app.test/help">get help</a></p><p>Expires 2026-12-31</p>',
+        subtype="html",
+    )
+    sender = threading.Thread(target=lambda: _send_message(netd, mail))
+    sender.start()
+    try:
+        found = netd.wait_for_message("mail", to="New.User@netd.test", timeout=10)
+    finally:
+        sender.join()
+    assert found["subject"] == "Confirm your address"
+    assert netd.links("mail", found["id"]) == [
+        "https://app.test/confirm?t=Zx9&u=7",
+        "https://app.test/help",
+    ]
+    assert netd.codes("mail", found["id"]) == ["604211"]
+    with pytest.raises(AdminError) as missing:
+        netd.links("mail", "no-such-message")
+    assert missing.value.status == 404
+    with pytest.raises(AdminError) as unknown:
+        netd.admin("GET", f"/api/services/mail/messages/{found['id']}/attachments")
+    assert unknown.value.status == 404
+    with pytest.raises(TimeoutError):
+        netd.wait_for_message("mail", to="nobody@netd.test", timeout=0.5)
+
+
+def _send_message(netd: NetdProcess, mail: EmailMessage) -> None:
+    with smtp(netd) as client:
+        client.send_message(mail)
 
 
 @pytest.fixture(scope="module")

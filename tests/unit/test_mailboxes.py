@@ -5,6 +5,7 @@ transports and a clock; the map keys that turn them on.
 
 from __future__ import annotations
 
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.mail.imap4 import IllegalClientResponse
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
+from netd.services.smtp import extract
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
 from netd.services.smtp.mailbox import (
@@ -329,3 +331,58 @@ def test_mailbox_map_errors(tmp_path: Path, extra: str, error: str) -> None:
     with pytest.raises(ConfigErrors) as raised:
         _service(tmp_path, extra)
     assert any(error in str(e) for e in raised.value.errors), raised.value.errors
+
+
+def _mail(text: str, html: str | None = None, attachment: str | None = None) -> bytes:
+    mail = EmailMessage()
+    mail["Subject"] = "Sign in"
+    mail.set_content(text)
+    if html is not None:
+        mail.add_alternative(html, subtype="html")
+    if attachment is not None:
+        mail.add_attachment(attachment, filename="notes.txt")
+    return bytes(mail)
+
+
+def test_links_come_from_text_and_html_in_order_each_once() -> None:
+    raw = _mail(
+        "Open https://app.test/a?x=1&y=2. Or (https://app.test/b), not ftp://app.test/c",
+        '<a href="https://app.test/a?x=1&amp;y=2">a</a><a href="mailto:x@y">m</a>'
+        '<area href="https://app.test/map"><script>"https://app.test/hidden"</script>',
+        attachment="https://app.test/attached",
+    )
+    assert extract.links(raw) == [
+        "https://app.test/a?x=1&y=2",
+        "https://app.test/b",
+        "https://app.test/map",
+    ]
+
+
+def test_codes_stand_alone_outside_links_or_match_the_configured_pattern() -> None:
+    raw = _mail(
+        "Code 482913. Order #12, 2026-12-03 10:30:45, v1.2345, 12345678901, "
+        "https://app.test/c?code=99887766",
+        "<p>Your PIN:<b>4321</b></p><style>.a{width:5555px}</style>",
+    )
+    assert extract.codes(raw) == ["482913", "4321"]
+    assert extract.codes(raw, r"PIN:\s*(\d+)") == ["4321"]
+    assert extract.codes(_mail("no digits here")) == []
+
+
+def test_codes_key_is_a_regular_expression(tmp_path: Path) -> None:
+    assert _service(tmp_path, "    codes: 'PIN (\\d+)'\n").options.codes == "PIN (\\d+)"
+    for bad, error in (("'('", "not a regular expression"), ("'(a)(b)'", "one group at most")):
+        with pytest.raises(ConfigErrors) as raised:
+            _service(tmp_path, f"    codes: {bad}\n")
+        assert error in str(raised.value.errors[0])
+
+
+def test_store_answers_links_and_codes_of_a_message(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    id = lab.deliver("ann@netd.test", body="Code 1234 at https://app.test/x")
+    assert result_of(lab.store.item(f"{id}/links")) == {"links": ["https://app.test/x"]}
+    assert result_of(lab.store.item(f"{id}/codes")) == {"codes": ["1234"]}
+    assert result_of(lab.store.item(f"{id}/other")) is None
+    assert result_of(lab.store.item("missing/links")) is None
+    assert result_of(lab.store.remove(id)) == {"deleted": 1}
+    assert result_of(lab.store.remove(id)) is None

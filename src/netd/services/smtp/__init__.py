@@ -24,6 +24,7 @@ exchangers (L{netd.services.smtp.mx}).
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +44,7 @@ from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.schema import LOOPBACK, Network, Section, Value
+from netd.services.smtp.extract import DEFAULT_CODES
 from netd.services.smtp.mailbox import (
     Access,
     AnyAddressChecker,
@@ -122,6 +124,7 @@ class Options:
     relay: RelayOptions = attrs.field(factory=RelayOptions)
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
     mailboxes: MailboxOptions | None = None
+    codes: str = DEFAULT_CODES
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -159,7 +162,20 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         relay=section.read("relay", _relay, RelayOptions()),
         delivery=delivery,
         mailboxes=mailboxes if readers else None,
+        codes=section.read("codes", _pattern, DEFAULT_CODES),
     )
+
+
+def _pattern(value: Value) -> str:
+    text = value.as_str()
+    try:
+        compiled = re.compile(text)
+    except re.error as e:
+        value.error(f"not a regular expression: {e}")
+        return DEFAULT_CODES
+    if compiled.groups > 1:
+        value.error("one group at most: the code")
+    return text
 
 
 _LISTENER_SECTIONS = ("imap", "pop3")
@@ -353,13 +369,13 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         send = mx_sender(context.reactor, hostname, route, resolver_for(context.reactor, route))
     if send is not None:
         courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
-        store = MailStore(spool, context, hostname, deliver=courier.schedule)
+        store = MailStore(spool, context, hostname, deliver=courier.schedule, codes=options.codes)
         courier.store = store
         background = MultiService()
         store.setServiceParent(background)
         courier.setServiceParent(background)
     else:
-        store = MailStore(spool, context, hostname)
+        store = MailStore(spool, context, hostname, codes=options.codes)
         background = store
     portal = None
     if options.auth is not None:

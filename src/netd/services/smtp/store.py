@@ -16,6 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
 from netd.kinds import BuildContext
+from netd.services.smtp import extract
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
@@ -69,6 +70,7 @@ class MailStore(Service):
     @ivar deliver: called with each newly accepted or recovered envelope (and the
         message, when it is at hand) when a delivery mode sends mail on; None
         keeps messages (capture).
+    @ivar codes: the regular expression one-time codes match (C{.../ID/codes}).
     """
 
     def __init__(
@@ -77,8 +79,10 @@ class MailStore(Service):
         context: BuildContext,
         hostname: str,
         deliver: Callable[[Envelope, bytes | None], None] | None = None,
+        codes: str = extract.DEFAULT_CODES,
     ) -> None:
         self.spool = spool
+        self.codes = codes
         self.context = context
         self.hostname = hostname
         self.deliver = deliver
@@ -217,13 +221,32 @@ class MailStore(Service):
 
         return self._when_ready().addCallback(answer)
 
-    def item(self, id: str) -> Deferred[bytes | None]:
-        """C{GET .../messages/ID}: the raw message as spooled (Received: first)."""
+    def item(self, key: str) -> Deferred[Any]:
+        """
+        C{GET .../messages/ID}: the raw message as spooled (Received: first);
+        C{.../ID/links} and C{.../ID/codes}: what its text and HTML parts hold.
+        """
+        id, _, what = key.partition("/")
+        if what not in ("", "links", "codes"):
+            return succeed(None)
         if id not in self.messages:
             return self._when_ready().addCallback(
-                lambda _: self.spool.read(id) if id in self.messages else None
+                lambda _: self._answer(id, what) if id in self.messages else None
             )
-        return self.spool.read(id)
+        return self._answer(id, what)
+
+    def _answer(self, id: str, what: str) -> Deferred[Any]:
+        raw = self.spool.read(id)
+        if what == "links":
+            return raw.addCallback(self._in_thread, lambda m: {"links": extract.links(m)})
+        if what == "codes":
+            pattern = self.codes
+            return raw.addCallback(self._in_thread, lambda m: {"codes": extract.codes(m, pattern)})
+        return raw
+
+    def _in_thread(self, raw: bytes | None, work: Callable[[bytes], Any]) -> Deferred[Any] | None:
+        # Parsing megabytes of HTML is no work for the reactor thread.
+        return self.spool.run(lambda: work(raw)) if raw is not None else None
 
     def remove(self, id: str) -> Deferred[dict[str, int] | None]:
         """C{DELETE .../messages/ID}: drop one message; None (404) if there is none."""
