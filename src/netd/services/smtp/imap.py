@@ -41,6 +41,15 @@ def _marks_seen(part: Any) -> bool:
     )
 
 
+def _no_delay(transport: Any) -> None:
+    # A FETCH answer goes out in pieces over reactor turns (the literal, its
+    # ")", the tagged OK): with Nagle's algorithm the last piece would wait for
+    # the client's delayed ACK, ~40 ms a command.
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        set_no_delay(True)
+
+
 class IMAPSession(IMAP4Server):
     """One IMAP connection."""
 
@@ -57,6 +66,7 @@ class IMAPSession(IMAP4Server):
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:
+        _no_delay(self.transport)
         super().connectionMade()
         if self.secure:
             self.canStartTLS = False

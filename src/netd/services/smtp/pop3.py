@@ -40,6 +40,14 @@ class POP3Session(pop3.POP3):
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
         self.schedule = access.schedule  # type: ignore[assignment]
 
+    def connectionMade(self) -> None:
+        # A RETR answer goes out in pieces (the message, then ".\r\n"): with
+        # Nagle's algorithm the last would wait for the client's delayed ACK.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
+        super().connectionMade()
+
     def _tls_offered(self) -> bool:
         return (
             self.access.starttls is not None
