@@ -51,11 +51,12 @@ class Lab:
     def __init__(self, tmp_path: Path, allow_insecure_auth: bool = True) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
+        self.journal = Journal(self.clock)
         context = BuildContext(
             reactor=self.clock,
             name="mail",
             state_dir=tmp_path,
-            journal=Journal(self.clock),
+            journal=self.journal,
             stats=ServiceStats(),
             log=Logger(),
             tls={},
@@ -64,7 +65,7 @@ class Lab:
         self.store.startService()
         self.mailboxes = Mailboxes(self.store, uid_validity=42)
         self.access = Access(
-            reactor=self.clock,
+            context=context,
             mailboxes=self.mailboxes,
             portal=Portal(MailRealm(self.mailboxes), [AnyAddressChecker()]),
             starttls=STARTTLS,  # type: ignore[arg-type]
@@ -250,6 +251,53 @@ def test_pop3_refuses_before_login_then_serves_and_deletes_at_quit(tmp_path: Pat
     assert first in lab.store.messages
     session.dataReceived(b"QUIT\r\n")
     assert list(lab.store.messages) == [second]
+
+
+def test_logins_are_counted_and_journaled(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER nobody\r\nPASS x\r\nUSER Ann@netd.test\r\nPASS x\r\n")
+    assert said(transport)[-1] == b"+OK Authentication succeeded"
+    imap, imap_transport = lab.imap()
+    imap.dataReceived(b"a LOGIN all x\r\n")
+    events = [(e.type, dict(e.fields)) for e in lab.journal.select(0, "mail", ())]
+    assert events == [
+        ("mailbox.login_failed", {"protocol": "pop3", "client": "192.168.1.1", "user": "nobody"}),
+        (
+            "mailbox.login",
+            {"protocol": "pop3", "client": "192.168.1.1", "user": "ann@netd.test", "tls": False},
+        ),
+        (
+            "mailbox.login",
+            {"protocol": "imap", "client": "192.168.1.1", "user": "all", "tls": False},
+        ),
+    ]
+    snapshot = lab.access.context.stats.snapshot()
+    assert snapshot["smtp_mailbox_logins"] == 2 and snapshot["smtp_mailbox_login_failures"] == 1
+    imap.close_gracefully()
+    assert said(imap_transport)[-1] == b"* BYE netd closes this session"
+    assert imap_transport.disconnecting
+
+
+def test_an_old_store_forgets_in_the_serving_one_too(tmp_path: Path) -> None:
+    old = Lab(tmp_path)
+    id = old.deliver("ann@netd.test")
+    new = Lab(tmp_path)  # a reload's replacement: it serves the spool now
+    assert id in new.store.messages and id in new.mailboxes.uids
+    result_of(old.store.forget([id]))
+    assert id not in new.store.messages and id not in new.mailboxes.uids
+
+
+def test_imap_makes_the_service_wait_for_idle_clients(tmp_path: Path) -> None:
+    plain = _service(tmp_path, "")
+    pop3 = _service(
+        tmp_path, "    pop3: {listen: ['tcp:0']}\n    mailboxes: {any_password: true}\n"
+    )
+    imap = _service(
+        tmp_path, "    imap: {listen: ['tcp:0']}\n    mailboxes: {any_password: true}\n"
+    )
+    assert plain.idle_timeout == pop3.idle_timeout == 600
+    assert imap.idle_timeout == 1800
 
 
 def test_pop3_stls_drops_what_came_with_it_and_guards_login(tmp_path: Path) -> None:

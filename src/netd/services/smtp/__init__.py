@@ -124,6 +124,7 @@ class Options:
     relay: RelayOptions = attrs.field(factory=RelayOptions)
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
     mailboxes: MailboxOptions | None = None
+    imap: bool = False
     codes: str = DEFAULT_CODES
 
 
@@ -162,6 +163,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         relay=section.read("relay", _relay, RelayOptions()),
         delivery=delivery,
         mailboxes=mailboxes if readers else None,
+        imap="imap" in readers,
         codes=section.read("codes", _pattern, DEFAULT_CODES),
     )
 
@@ -403,7 +405,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
             else _PasswordChecker(options.mailboxes.users, run, fold_case=True)
         )
         access = Access(
-            reactor=context.reactor,
+            context=context,
             mailboxes=mailboxes,
             portal=Portal(MailRealm(mailboxes), [checker]),
             starttls=context.tls[options.tls] if options.tls else None,
@@ -439,8 +441,14 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
+# An authenticated IMAP session may stay silent this long (Twisted's
+# IMAP4Server.POSTAUTH_TIMEOUT): RFC 2177 clients renew IDLE every 29 minutes.
+_IMAP_SILENCE = 30 * 60.0
+
+
 def _longest_silence(options: Options) -> float:
-    return max(options.limits.command_timeout, options.limits.data_timeout)
+    longest = max(options.limits.command_timeout, options.limits.data_timeout)
+    return max(longest, _IMAP_SILENCE) if options.imap else longest
 
 
 SMTP: ServiceKind[Options] = ServiceKind(

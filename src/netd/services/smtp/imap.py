@@ -17,7 +17,8 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail.imap4 import IllegalClientResponse, IMAP4Exception, IMAP4Server
 
 from netd.compat.mail import FetchParser
-from netd.services.smtp.mailbox import Access, Message, compile_search
+from netd.schema import client_address
+from netd.services.smtp.mailbox import Access, Message, SessionPortal, compile_search
 
 __all__ = ["IMAPFactory", "IMAPSession"]
 
@@ -61,15 +62,28 @@ class IMAPSession(IMAP4Server):
         self.access = access
         self.secure = secure
         self._may_expunge = False
-        self.portal = access.portal  # type: ignore[assignment]
+        self.portal = SessionPortal(access, self)  # type: ignore[assignment]
+        self.client = ""
         # TimeoutMixin's timers run on the service's reactor, not the global one.
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
 
+    protocol = "imap"
+
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        address = client_address(self.transport.getPeer())
+        self.client = str(address) if address is not None else ""
         super().connectionMade()
         if self.secure:
             self.canStartTLS = False
+
+    def is_tls(self) -> bool:
+        return self.secure or self.startedTLS
+
+    def close_gracefully(self) -> None:
+        """netd stops, or the session idled past the service's idle_timeout."""
+        self.sendLine(b"* BYE netd closes this session")
+        self.transport.loseConnection()
 
     def capabilities(self) -> dict[bytes, Any]:
         found: dict[bytes, Any] = super().capabilities()

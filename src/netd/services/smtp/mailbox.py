@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from email.message import Message as EmailMessage
 from io import BytesIO
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 import attrs
 from twisted.cred.checkers import ICredentialsChecker
@@ -47,6 +48,7 @@ from twisted.mail.imap4 import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.kinds import BuildContext
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
 
@@ -56,10 +58,12 @@ __all__ = [
     "AnyAddressChecker",
     "Inbox",
     "MailRealm",
+    "MailSession",
     "MailboxOptions",
     "Mailboxes",
     "Maildrop",
     "Search",
+    "SessionPortal",
     "compile_search",
 ]
 
@@ -88,7 +92,7 @@ class MailboxOptions:
 class Access:
     """What the IMAP and POP3 sessions of one service share."""
 
-    reactor: Any
+    context: BuildContext
     mailboxes: Mailboxes
     portal: Portal
     starttls: IOpenSSLServerConnectionCreator | None
@@ -111,15 +115,59 @@ class Access:
             except Exception:
                 done.errback(Failure())
                 return
-            self.reactor.callLater(0, done.callback, None)
+            self.context.reactor.callLater(0, done.callback, None)
 
         go()
         return done
+
+    @property
+    def reactor(self) -> Any:
+        return self.context.reactor
 
     def mark_seen(self, id: str) -> None:
         flags = self.mailboxes.flags.get(id)
         if flags is not None:
             flags.add("\\Seen")
+
+
+class MailSession(TypingProtocol):
+    """What L{SessionPortal} asks of an IMAP or POP3 session."""
+
+    protocol: str
+    client: str
+
+    def is_tls(self) -> bool: ...
+
+
+class SessionPortal:
+    """
+    A session's way to the service's portal: every login, and every refused
+    one, counted and in the event journal (C{mailbox.login},
+    C{mailbox.login_failed}).
+    """
+
+    def __init__(self, access: Access, session: MailSession) -> None:
+        self.access = access
+        self.session = session
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        user = _text(getattr(credentials, "username", b"")).lower()
+        session = self.session
+        context = self.access.context
+        fields = {"protocol": session.protocol, "client": session.client, "user": user}
+
+        def succeeded(result: Any) -> Any:
+            context.stats.count("smtp_mailbox_logins")
+            context.emit("mailbox.login", tls=session.is_tls(), **fields)
+            return result
+
+        def refused(reason: Failure) -> Failure:
+            context.stats.count("smtp_mailbox_login_failures")
+            context.emit("mailbox.login_failed", **fields)
+            return reason
+
+        attempt: Deferred[Any] = self.access.portal.login(credentials, mind, *interfaces)
+        return attempt.addCallbacks(succeeded, refused)
 
 
 class Mailboxes:

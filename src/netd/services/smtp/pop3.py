@@ -14,7 +14,8 @@ from twisted.internet.interfaces import IAddress, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail import pop3
 
-from netd.services.smtp.mailbox import Access
+from netd.schema import client_address
+from netd.services.smtp.mailbox import Access, SessionPortal
 
 __all__ = ["POP3Factory", "POP3Session"]
 
@@ -30,7 +31,8 @@ class POP3Session(pop3.POP3):
     def __init__(self, access: Access, secure: bool) -> None:
         self.access = access
         self.secure = secure
-        self.portal = access.portal  # type: ignore[assignment]
+        self.portal = SessionPortal(access, self)  # type: ignore[assignment]
+        self.client = ""
         self.started_tls = False
         # No APOP timestamp in the greeting: clients (curl) would try APOP,
         # which needs the password in clear on the server, then give up.
@@ -40,7 +42,14 @@ class POP3Session(pop3.POP3):
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
         self.schedule = access.schedule  # type: ignore[assignment]
 
+    protocol = "pop3"
+
+    def is_tls(self) -> bool:
+        return self.secure or self.started_tls
+
     def connectionMade(self) -> None:
+        address = client_address(self.transport.getPeer())
+        self.client = str(address) if address is not None else ""
         # A RETR answer goes out in pieces (the message, then ".\r\n"): with
         # Nagle's algorithm the last would wait for the client's delayed ACK.
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)

@@ -187,7 +187,16 @@ class MailStore(Service):
         return self.spool.store(envelope, data).addCallback(spooled)
 
     def forget(self, ids: list[str]) -> Deferred[None]:
-        """Remove messages from the index and the disk."""
+        """
+        Remove messages from the index and the disk; during a reload, from the
+        index of the store serving the spool now too (an old IMAP session's
+        EXPUNGE, an old courier's delivery).
+        """
+        for store in dict.fromkeys((self, self._serving())):
+            store._drop(ids)
+        return self.spool.remove(ids)
+
+    def _drop(self, ids: list[str]) -> None:
         gone = [envelope for id in ids if (envelope := self.messages.pop(id, None)) is not None]
         for id in ids:
             self.heads.pop(id, None)
@@ -195,7 +204,6 @@ class MailStore(Service):
         if gone:
             for watcher in self.watchers:
                 watcher.removed(gone)
-        return self.spool.remove(ids)
 
     def read(self, id: str) -> Deferred[bytes | None]:
         """A message as spooled, read in a thread; None once it is gone."""
