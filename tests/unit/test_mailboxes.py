@@ -434,3 +434,61 @@ def test_store_answers_links_and_codes_of_a_message(tmp_path: Path) -> None:
     assert result_of(lab.store.item("missing/links")) is None
     assert result_of(lab.store.remove(id)) == {"deleted": 1}
     assert result_of(lab.store.remove(id)) is None
+
+
+def test_imap_list_status_and_search_body_against_text(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", subject="hello", body="world")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\n")
+    said(transport)
+    for command, listed in (
+        (b'LIST "" "*"', [b'* LIST (\\Seen \\Answered \\Flagged \\Deleted \\Draft) "/" "INBOX"']),
+        (b'LIST "" "in%"', [b'* LIST (\\Seen \\Answered \\Flagged \\Deleted \\Draft) "/" "INBOX"']),
+        (b'LIST "" ""', [b'* LIST (\\Noselect) "/" ""']),
+        (b'LIST "" "Other*"', []),
+    ):
+        session.dataReceived(b"l " + command + b"\r\n")
+        assert said(transport)[:-1] == listed, command
+    for _ in range(3):
+        session.dataReceived(b"s STATUS INBOX (MESSAGES UNSEEN UIDNEXT)\r\n")
+        assert said(transport)[0] == b"* STATUS INBOX (MESSAGES 1 UNSEEN 1 UIDNEXT 2)"
+    assert lab.mailboxes.inboxes == []  # STATUS views do not follow the store
+    session.dataReceived(b"x SELECT INBOX\r\n")
+    said(transport)
+    assert len(lab.mailboxes.inboxes) == 1
+    for keys, found in ((b"TEXT hello", b"* SEARCH 1"), (b"BODY hello", b"* SEARCH ")):
+        session.dataReceived(b"f SEARCH " + keys + b"\r\n")
+        assert said(transport)[0] in (found, found.rstrip()), keys
+    session.dataReceived(b"c CLOSE\r\n")
+    assert lab.mailboxes.inboxes == []
+
+
+def test_pop3_deleted_messages_leave_stat_and_list(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for _ in range(2):
+        lab.deliver("ann@netd.test")
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nDELE 1\r\n")
+    said(transport)
+    session.dataReceived(b"STAT\r\n")
+    lab.clock.advance(0)
+    size = lab.store.messages[list(lab.store.messages)[1]].size
+    assert said(transport) == [b"+OK 1 %d" % size]
+    session.dataReceived(b"LIST\r\nLIST 1\r\nLIST 2\r\nUIDL 1\r\nLIST x\r\n")
+    assert said(transport) == [
+        b"+OK 1 messages",
+        b"2 %d" % size,
+        b".",
+        b"-ERR no such message",
+        b"+OK 2 %d" % size,
+        b"-ERR no such message",
+        b"-ERR no such message",
+    ]
+    session.dataReceived(b"UIDL\r\nRETR 1\r\n")
+    assert said(transport) == [
+        b"+OK 1 messages",
+        b"2 " + list(lab.store.messages)[1].encode(),
+        b".",
+        b"-ERR message deleted",
+    ]

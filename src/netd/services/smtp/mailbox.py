@@ -16,6 +16,7 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from email.message import Message as EmailMessage
@@ -328,9 +329,11 @@ class Message:
         assert self.raw is not None, "load() first"
         return BytesIO(self.raw)
 
-    def text(self) -> str:
+    def text(self, body_only: bool = False) -> str:
+        """The message (or its body) as lower-case text, for SEARCH TEXT and BODY."""
         assert self.raw is not None, "load() first"
-        return self.raw.decode("utf-8", "replace").lower()
+        raw = _split(self.raw)[1] if body_only else self.raw
+        return raw.decode("utf-8", "replace").lower()
 
 
 # SEARCH -----------------------------------------------------------------------
@@ -448,7 +451,7 @@ class _SearchParser:
         if key in ("BODY", "TEXT"):
             self.needs_text = True
             needle = _text(self._take()).lower()
-            return lambda seq, m: needle in m.text()
+            return lambda seq, m: needle in m.text(body_only=key == "BODY")
         if key in ("SINCE", "BEFORE", "ON"):
             return _compare(_received_day, key, _day(self._take()))
         if key in ("SENTSINCE", "SENTBEFORE", "SENTON"):
@@ -520,12 +523,14 @@ class Account:
         self.login = login
 
     def listMailboxes(self, ref: str, wildcard: str) -> list[tuple[str, _InboxInfo]]:
-        pattern = (ref + wildcard).upper()
-        if pattern in ("*", "%", INBOX, "INBOX*", "INBOX%") or (
-            "*" in pattern and INBOX.startswith(pattern.split("*")[0])
-        ):
-            return [(INBOX, _InboxInfo())]
-        return []
+        if not wildcard:
+            # RFC 3501 6.3.8: an empty name asks for the delimiter and the root.
+            return [("", _InboxInfo(("\\Noselect",)))]
+        # "*" matches anything, "%" anything but the delimiter; INBOX in any case.
+        pattern = "".join(
+            ".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in ref + wildcard
+        )
+        return [(INBOX, _InboxInfo())] if re.fullmatch(pattern, INBOX, re.IGNORECASE) else []
 
     def select(self, name: str, rw: bool = True) -> Inbox | None:
         if name.upper() != INBOX:
@@ -543,8 +548,12 @@ class Account:
 
 @implementer(IMailboxInfo)
 class _InboxInfo:
+    def __init__(self, flags: tuple[str, ...] = ()) -> None:
+        # LIST's attributes of the name (\Noselect); SELECT's flags are the system ones.
+        self.attributes = flags
+
     def getFlags(self) -> list[str]:
-        return list(_SYSTEM_FLAGS)
+        return list(self.attributes or _SYSTEM_FLAGS)
 
     def getHierarchicalDelimiter(self) -> str:
         return "/"
@@ -561,10 +570,10 @@ class Inbox(_InboxInfo):
         self.mailboxes = mailboxes
         self.login = login
         self.writeable = writeable
+        super().__init__()
         self.ids = mailboxes.ids_for(login)
         self.vanishing: dict[str, tuple[Envelope, int]] = {}
         self.listeners: list[Any] = []
-        mailboxes.inboxes.append(self)
 
     # Told by Mailboxes -----------------------------------------------------
 
@@ -647,11 +656,16 @@ class Inbox(_InboxInfo):
         return answer
 
     def addListener(self, listener: Any) -> None:
+        # Only a selected mailbox follows the store: STATUS opens one and drops it.
+        if not self.listeners:
+            self.mailboxes.inboxes.append(self)
         self.listeners.append(listener)
 
     def removeListener(self, listener: Any) -> None:
         if listener in self.listeners:
             self.listeners.remove(listener)
+        if not self.listeners:
+            self.close()
 
     def addMessage(self, message: Any, flags: Any = (), date: Any = None) -> Deferred[None]:
         return fail(MailboxException("netd's mailboxes take mail over SMTP only"))
@@ -740,6 +754,14 @@ class Maildrop:
             return [0 if n in self.deleted else size for n, size in enumerate(self.sizes)]
         index = self._index(i)
         return 0 if index in self.deleted else self.sizes[index]
+
+    def live(self) -> list[tuple[int, int, bytes]]:
+        """(number, size, unique id) of each message not marked deleted."""
+        return [
+            (n + 1, size, self.ids[n].encode())
+            for n, size in enumerate(self.sizes)
+            if n not in self.deleted
+        ]
 
     def getMessage(self, i: int) -> Deferred[BytesIO]:
         index = self._index(i)
