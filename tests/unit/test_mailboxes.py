@@ -492,3 +492,35 @@ def test_pop3_deleted_messages_leave_stat_and_list(tmp_path: Path) -> None:
         b".",
         b"-ERR message deleted",
     ]
+
+
+def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=Mailbox("shop", "client.test"),
+        recipients=(Mailbox("ann", "netd.test"),),
+        data=(
+            "Subject: Grüße =?utf-8?q?caf=C3=A9?=\r\nFrom: Jörg <j@x.test>\r\n\r\nHällo\r\n"
+        ).encode(),
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    result_of(lab.store.accept(transaction))
+    [listed] = result_of(lab.store.list({}))["messages"]
+    assert listed["subject"] == "Grüße =?utf-8?q?caf=C3=A9?="
+    assert ["From", "Jörg <j@x.test>"] in listed["headers"]
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (ENVELOPE)\r\n")
+    lab.clock.advance(0)
+    envelope = said(transport)[0]
+    assert envelope.startswith(b'* 1 FETCH (ENVELOPE (NIL "=?utf-8?b?')
+    assert b'(("=?utf-8?b?SsO2cmc=?=" NIL "j" "x.test"))' in envelope
+    assert not transport.disconnecting
+    for needle in ("grüße".encode(), b"CAF\xc3\xa9", "jörg".encode()):
+        key = b"FROM" if needle.startswith(b"j") else b"SUBJECT"
+        session.dataReceived(b"s SEARCH CHARSET UTF-8 " + key + b" " + needle + b"\r\n")
+        assert said(transport)[0] == b"* SEARCH 1", needle

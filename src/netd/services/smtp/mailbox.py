@@ -19,6 +19,7 @@ import email.utils
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from email.header import Header, decode_header
 from email.message import Message as EmailMessage
 from io import BytesIO
 from typing import Any
@@ -231,8 +232,54 @@ def _header_dict(
     for name, value in items:
         key = name.lower()
         if (key in wanted) != negate or (not names and negate):
-            found.setdefault(key, str(value))
+            found.setdefault(key, _seven_bit(name, str(value)))
     return found
+
+
+_ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+
+
+def _unicode(value: str) -> str:
+    """8-bit (UTF-8) header text, which the parser keeps as surrogates, as text."""
+    if value.isascii():
+        return value
+    return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+
+
+def _seven_bit(name: str, value: str) -> str:
+    """
+    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it (7-bit:
+    netd does not offer UTF8=ACCEPT): 8-bit text in RFC 2047 words; in an
+    address header only the display names, so the addresses stay readable.
+    """
+    if value.isascii():
+        return value
+    text = _unicode(value)
+    if name.lower() in _ADDRESS_HEADERS:
+        text = ", ".join(
+            email.utils.formataddr(pair, charset="utf-8")
+            for pair in email.utils.getaddresses([text])
+        )
+    else:
+        text = Header(text, "utf-8", maxlinelen=0, header_name=name).encode()
+    # An internationalised address (SMTPUTF8) has no 7-bit form.
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _decoded(value: str) -> str:
+    """A header's value as a reader sees it: 8-bit text and RFC 2047 words decoded."""
+    text = _unicode(value)
+    words = []
+    for chunk, charset in decode_header(text):
+        if isinstance(chunk, str):
+            words.append(chunk)
+            continue
+        try:
+            # Text outside encoded words comes back as raw-unicode-escape bytes.
+            words.append(chunk.decode(charset or "raw-unicode-escape", "replace"))
+        except LookupError:  # a charset Python does not know
+            words.append(chunk.decode("utf-8", "replace"))
+    return "".join(words)
 
 
 @implementer(IMessagePart)
@@ -243,7 +290,7 @@ class _Part:
         self.part = part
 
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
-        return _header_dict(self.part.items(), negate, names)
+        return _header_dict(self.part.raw_items(), negate, names)
 
     def _body(self) -> bytes:
         return _split(self.part.as_bytes(policy=_POLICY))[1]
@@ -310,7 +357,16 @@ class Message:
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
         head = self.raw if self.raw is not None else self._head()
         parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-        return _header_dict(parsed.items(), negate, names)
+        return _header_dict(parsed.raw_items(), negate, names)
+
+    def header_text(self, name: str) -> str:
+        """The decoded text of a header (the first of that name), for SEARCH."""
+        head = self.raw if self.raw is not None else self._head()
+        parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        for found, value in parsed.raw_items():
+            if found.lower() == name:
+                return _decoded(value)
+        return ""
 
     def getBodyFile(self) -> BytesIO:
         assert self.raw is not None, "load() first"
@@ -379,7 +435,7 @@ def _flag(name: str, present: bool = True) -> _Test:
 
 def _header(name: str, needle: str) -> _Test:
     wanted = needle.lower()
-    return lambda seq, m: wanted in m.getHeaders(False, name).get(name, "").lower()
+    return lambda seq, m: wanted in m.header_text(name).lower()
 
 
 def _compare(

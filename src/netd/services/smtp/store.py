@@ -54,7 +54,14 @@ def received_header(hostname: str, transaction: Transaction, id: str, now: float
 
 def _headers(head: bytes) -> list[list[str]]:
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    return [[name, str(value)] for name, value in parsed.items()]
+    return [[name, _text(value)] for name, value in parsed.raw_items()]
+
+
+def _text(value: str) -> str:
+    """8-bit (UTF-8) header text, which the parser kept as surrogates, as text."""
+    if value.isascii():
+        return value
+    return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
 
 
 # The store that serves each spool folder now.  During a reload the old service
