@@ -524,3 +524,37 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         key = b"FROM" if needle.startswith(b"j") else b"SUBJECT"
         session.dataReceived(b"s SEARCH CHARSET UTF-8 " + key + b" " + needle + b"\r\n")
         assert said(transport)[0] == b"* SEARCH 1", needle
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Subject: single\r\n\r\nbody\r\n",
+        b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\n\r\none\r\n--zz--\r\n",
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+        b"Content-Type: text\r\nDate: not a date\r\nFrom: <<>>@@\r\n\r\nx\r\n",
+    ],
+)
+def test_a_part_the_message_lacks_is_nil_and_the_session_goes_on(
+    tmp_path: Path, data: bytes
+) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=None,
+        recipients=(Mailbox("ann", "netd.test"),),
+        data=data,
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (BODY[5] BODY[1.3] ENVELOPE BODYSTRUCTURE)\r\n")
+    for _ in range(3):
+        lab.clock.advance(0)
+    answer = transport.value()
+    assert answer.startswith(b"* 1 FETCH (BODY[5] NIL BODY[1.3] NIL ENVELOPE (")
+    assert answer.endswith(b"c OK FETCH completed\r\n") and not transport.disconnecting

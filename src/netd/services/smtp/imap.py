@@ -154,6 +154,23 @@ class IMAPSession(IMAP4Server):
         # parsers meet with an AttributeError (a logged "server error").
         super().dispatchCommand(tag, cmd, rest if rest is not None else b"", uid)
 
+    def spew_body(self, part: Any, id: int, msg: Any, _w: Any = None, _f: Any = None) -> Any:
+        # A part the message does not have (BODY[2] of a single part) is NIL,
+        # as Dovecot answers; Twisted raises, and drops the connection for it.
+        target = msg
+        for number in part.part:
+            if target.isMultipart():
+                try:
+                    target = target.getSubPart(number)
+                except IndexError:
+                    target = None
+            elif number > 0:
+                target = None
+            if target is None:
+                (_w or self.transport.write)(part.__bytes__() + b" NIL")
+                return None
+        return super().spew_body(part, id, msg, _w, _f)
+
     def expunge_due(self) -> None:
         """Told by the selected mailbox: messages left the store."""
         if self.parseState == "idle":
