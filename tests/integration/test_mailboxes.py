@@ -14,6 +14,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -387,3 +388,24 @@ def test_twisted_imap4client_idles_and_sees_new_mail(netd: NetdProcess) -> Any:
         yield client.logout()
     finally:
         connector.disconnect()
+
+
+def test_reload_adds_and_removes_the_mail_readers(tmp_path: Path) -> None:
+    without = mail_map(tmp_path / "state")
+    with NetdProcess.start(without, tmp_path) as process:
+        assert [e.get("protocol") for e in process.listeners("mail")] == [None, None]
+        message_id = send(process, "ann@netd.test", "Before the reload", "Kept.\n")
+        answer = process.reload(mail_map(tmp_path / "state", **MAILBOXES))
+        assert answer["restarted"] == ["mail"]
+        protocols = [e.get("protocol") for e in process.listeners("mail")]
+        assert protocols == [None, None, "imap", "imap", "pop3", "pop3"]
+        client = imap(process, "ann@netd.test")
+        client.select("INBOX")
+        assert client.search(None, "ALL") == ("OK", [b"1"])
+        # An unchanged map keeps the service, its listeners and this session.
+        assert process.reload(mail_map(tmp_path / "state", **MAILBOXES))["unchanged"] == ["mail"]
+        assert client.noop()[0] == "OK"
+        client.logout()
+        process.reload(without)
+        assert [e.get("protocol") for e in process.listeners("mail")] == [None, None]
+        assert [m["id"] for m in process.messages("mail")] == [message_id]
