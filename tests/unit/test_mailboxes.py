@@ -28,6 +28,7 @@ from netd.services.smtp.mailbox import (
     Mailboxes,
     MailRealm,
     compile_search,
+    uid_validity,
 )
 from netd.services.smtp.pop3 import POP3Session
 from netd.services.smtp.server import Transaction
@@ -558,3 +559,11 @@ def test_a_part_the_message_lacks_is_nil_and_the_session_goes_on(
     answer = transport.value()
     assert answer.startswith(b"* 1 FETCH (BODY[5] NIL BODY[1.3] NIL ENVELOPE (")
     assert answer.endswith(b"c OK FETCH completed\r\n") and not transport.disconnecting
+
+
+def test_each_build_of_a_spools_mailboxes_has_a_larger_uid_validity(tmp_path: Path) -> None:
+    first = uid_validity(tmp_path / "a", 1_800_000_000.5)
+    assert first == 1_800_000_000
+    assert uid_validity(tmp_path / "a", 1_800_000_000.9) == first + 1  # a reload, same second
+    assert uid_validity(tmp_path / "b", 1_800_000_000.9) == first
+    assert uid_validity(tmp_path / "a", 1_900_000_000) == 1_900_000_000

@@ -51,6 +51,7 @@ from netd.services.smtp.mailbox import (
     Mailboxes,
     MailboxOptions,
     MailRealm,
+    uid_validity,
 )
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
@@ -398,7 +399,8 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
 
     access = None
     if options.mailboxes is not None:
-        mailboxes = Mailboxes(store, uid_validity=int(context.reactor.seconds()))
+        validity = uid_validity(spool.directory, context.reactor.seconds())
+        mailboxes = Mailboxes(store, uid_validity=validity)
         checker: ICredentialsChecker = (
             AnyAddressChecker()
             if options.mailboxes.any_password

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from email.header import Header, decode_header
 from email.message import Message as EmailMessage
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -67,6 +68,7 @@ __all__ = [
     "Search",
     "SessionPortal",
     "compile_search",
+    "uid_validity",
 ]
 
 ALL = "all"
@@ -170,6 +172,18 @@ class SessionPortal:
 
         attempt: Deferred[Any] = self.access.portal.login(credentials, mind, *interfaces)
         return attempt.addCallbacks(succeeded, refused)
+
+
+# The UID validity each spool folder's mailboxes last had: a reload numbers
+# UIDs anew, so its mailboxes need a validity of their own, even within a second.
+_VALIDITIES: dict[Path, int] = {}
+
+
+def uid_validity(spool: Path, now: float) -> int:
+    """A new UID validity for the mailboxes of C{spool}: the time, and always larger."""
+    validity = max(int(now), _VALIDITIES.get(spool, 0) + 1)
+    _VALIDITIES[spool] = validity
+    return validity
 
 
 class Mailboxes:
