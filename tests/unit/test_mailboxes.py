@@ -567,3 +567,20 @@ def test_each_build_of_a_spools_mailboxes_has_a_larger_uid_validity(tmp_path: Pa
     assert uid_validity(tmp_path / "a", 1_800_000_000.9) == first + 1  # a reload, same second
     assert uid_validity(tmp_path / "b", 1_800_000_000.9) == first
     assert uid_validity(tmp_path / "a", 1_900_000_000) == 1_900_000_000
+
+
+def test_three_failed_logins_end_the_session(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    imap, imap_transport = lab.imap()
+    pop3, pop3_transport = lab.pop3()
+    said(imap_transport)
+    said(pop3_transport)
+    for attempt in (1, 2, 3):
+        imap.dataReceived(b"a%d LOGIN nobody x\r\n" % attempt)
+        pop3.dataReceived(b"USER nobody\r\nPASS x\r\n")
+        lab.clock.advance(0)
+        lines = said(imap_transport)
+        assert lines[0] == b"a%d NO LOGIN failed" % attempt
+        assert (b"* BYE Too many failed logins" in lines) == (attempt == 3)
+        assert said(pop3_transport)[-1] == b"-ERR Authentication failed"
+        assert imap_transport.disconnecting == pop3_transport.disconnecting == (attempt == 3)

@@ -80,6 +80,10 @@ class IMAPSession(IMAP4Server):
     def is_tls(self) -> bool:
         return self.secure or self.startedTLS
 
+    def too_many_failures(self) -> None:
+        self.sendLine(b"* BYE Too many failed logins")
+        self.transport.loseConnection()
+
     def close_gracefully(self) -> None:
         """netd stops, or the session idled past the service's idle_timeout."""
         self.sendLine(b"* BYE netd closes this session")

@@ -57,6 +57,7 @@ from netd.services.smtp.store import MailStore
 
 __all__ = [
     "ALL",
+    "LOGIN_FAILURES",
     "Access",
     "AnyAddressChecker",
     "Inbox",
@@ -142,6 +143,14 @@ class MailSession(TypingProtocol):
 
     def is_tls(self) -> bool: ...
 
+    def too_many_failures(self) -> None:
+        """Say goodbye and close: the session failed L{LOGIN_FAILURES} logins."""
+
+
+# Failed logins a session may have before it is closed: enough for typos, few
+# for a guesser (smtp's AUTH allows as many).
+LOGIN_FAILURES = 3
+
 
 class SessionPortal:
     """
@@ -153,6 +162,7 @@ class SessionPortal:
     def __init__(self, access: Access, session: MailSession) -> None:
         self.access = access
         self.session = session
+        self.failures = 0
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         user = _text(getattr(credentials, "username", b"")).lower()
@@ -168,6 +178,10 @@ class SessionPortal:
         def refused(reason: Failure) -> Failure:
             context.stats.count("smtp_mailbox_login_failures")
             context.emit("mailbox.login_failed", **fields)
+            self.failures += 1
+            if self.failures >= LOGIN_FAILURES:
+                # After the refusal this failure is about to become.
+                context.reactor.callLater(0, session.too_many_failures)
             return reason
 
         attempt: Deferred[Any] = self.access.portal.login(credentials, mind, *interfaces)

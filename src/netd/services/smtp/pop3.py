@@ -58,6 +58,9 @@ class POP3Session(pop3.POP3):
             set_no_delay(True)
         super().connectionMade()
 
+    def too_many_failures(self) -> None:
+        self.transport.loseConnection()
+
     def _tls_offered(self) -> bool:
         return (
             self.access.starttls is not None
