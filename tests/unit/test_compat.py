@@ -400,11 +400,10 @@ def test_imap_and_pop3_members_netds_sessions_use() -> None:
     _assert_method(imap4.IMAP4Server, "arg_searchkeys", ["self", "line"])
     for table in ("select_FETCH", "select_SEARCH", "select_STORE", "unauth_STARTTLS"):
         assert callable(getattr(imap4.IMAP4Server, table)[0]), table
-    # POP3Session sets magic (the greeting), schedule and callLater, extends
-    # AUTH_CMDS and overrides state_COMMAND.
+    # POP3Session sets magic (the greeting) and callLater, extends AUTH_CMDS
+    # and overrides state_COMMAND.
     assert pop3.POP3.magic is None and b"USER" in pop3.POP3.AUTH_CMDS
     _assert_method(pop3.POP3, "state_COMMAND", ["self", "line"])
-    assert pop3.POP3.schedule is not None
 
 
 # --- members other kinds' subclasses rely on ------------------------------------------

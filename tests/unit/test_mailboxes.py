@@ -99,6 +99,14 @@ class Lab:
         return session, transport
 
 
+def pump(lab: Lab, transport: TLSStringTransport) -> None:
+    """Run a FETCH through: its turns on the clock, its literals pulled as a socket would."""
+    for _ in range(10):
+        lab.clock.advance(0)
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+
+
 def said(transport: TLSStringTransport) -> list[bytes]:
     lines = transport.value().split(b"\r\n")
     transport.clear()
@@ -584,3 +592,24 @@ def test_three_failed_logins_end_the_session(tmp_path: Path) -> None:
         assert (b"* BYE Too many failed logins" in lines) == (attempt == 3)
         assert said(pop3_transport)[-1] == b"-ERR Authentication failed"
         assert imap_transport.disconnecting == pop3_transport.disconnecting == (attempt == 3)
+
+
+def test_fetching_a_body_sets_seen_and_says_so_once(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", body="text")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb EXAMINE INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (BODY[TEXT])\r\n")  # read-only: nothing set
+    pump(lab, transport)
+    assert said(transport)[-1] == b"c OK FETCH completed"
+    assert lab.mailboxes.flags[next(iter(lab.store.messages))] == set()
+    session.dataReceived(b"d SELECT INBOX\r\n")
+    said(transport)
+    for tag in (b"e", b"f"):
+        session.dataReceived(tag + b" FETCH 1 (BODY[TEXT])\r\n")
+        pump(lab, transport)
+        answer = transport.value()
+        transport.clear()
+        assert answer.endswith(tag + b" OK FETCH completed\r\n")
+        assert (b" FLAGS (\\Seen))\r\n" in answer) == (tag == b"e")

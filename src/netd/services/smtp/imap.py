@@ -24,9 +24,17 @@ __all__ = ["IMAPFactory", "IMAPSession"]
 
 # FETCH items answered from the store's index, without reading the message.
 _FROM_INDEX = frozenset({"flags", "uid", "internaldate", "rfc822size", "envelope", "rfc822header"})
-
-
+# Commands whose answer may not carry EXPUNGE (RFC 3501 7.4.1), unless as UID commands.
 _NO_EXPUNGE_WITH = frozenset({b"FETCH", b"STORE", b"SEARCH"})
+
+
+def _flags_item() -> Any:
+    parser = FetchParser()
+    parser.parseString(b"FLAGS")
+    return parser.result[0]
+
+
+_FLAGS = _flags_item()
 
 
 def _from_index(part: Any) -> bool:
@@ -55,6 +63,7 @@ class IMAPSession(IMAP4Server):
     """One IMAP connection."""
 
     IDENT = b"netd IMAP4rev1 ready"
+    protocol = "imap"
     transport: Any
 
     def __init__(self, access: Access, secure: bool) -> None:
@@ -66,8 +75,6 @@ class IMAPSession(IMAP4Server):
         self.client = ""
         # TimeoutMixin's timers run on the service's reactor, not the global one.
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
-
-    protocol = "imap"
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
@@ -142,8 +149,11 @@ class IMAPSession(IMAP4Server):
     auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]
 
     def spewMessage(self, id: int, msg: Message, query: list[Any], uid: bool) -> Any:
-        if self.mbox is not None and self.mbox.isWriteable() and any(map(_marks_seen, query)):
-            self.access.mark_seen(msg.id)
+        writeable = self.mbox is not None and self.mbox.isWriteable()
+        changed = writeable and any(map(_marks_seen, query)) and self.access.mark_seen(msg.id)
+        if changed and not any(part.type == "flags" for part in query):
+            # RFC 3501 6.4.5: flags the fetch changed come with its answer.
+            query = [*query, _FLAGS]
         if all(map(_from_index, query)):
             return super().spewMessage(id, msg, query, uid)
         return msg.load().addCallback(lambda _: IMAP4Server.spewMessage(self, id, msg, query, uid))

@@ -105,7 +105,7 @@ class Access:
 
     def schedule(self, steps: Iterator[Any]) -> Deferred[None]:
         """
-        Run an iterator of writes (a FETCH's message, a POP3 listing), pausing
+        Run an iterator of writes (a FETCH answer's message), pausing
         on the Deferreds it yields; done in the reactor's next turn, so that a
         long FETCH does not recurse through Twisted's per-message callbacks.
         """
@@ -129,10 +129,13 @@ class Access:
     def reactor(self) -> Any:
         return self.context.reactor
 
-    def mark_seen(self, id: str) -> None:
+    def mark_seen(self, id: str) -> bool:
+        """Set \\Seen on a message; whether that changed its flags."""
         flags = self.mailboxes.flags.get(id)
-        if flags is not None:
-            flags.add("\\Seen")
+        if flags is None or "\\Seen" in flags:
+            return False
+        flags.add("\\Seen")
+        return True
 
 
 class MailSession(TypingProtocol):

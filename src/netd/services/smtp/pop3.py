@@ -27,6 +27,7 @@ class POP3Session(pop3.POP3):
     """One POP3 connection."""
 
     AUTH_CMDS = [*pop3.POP3.AUTH_CMDS, b"STLS"]
+    protocol = "pop3"
     transport: Any
 
     def __init__(self, access: Access, secure: bool) -> None:
@@ -39,11 +40,8 @@ class POP3Session(pop3.POP3):
         # which needs the password in clear on the server, then give up.
         self.magic = b"netd POP3 ready"
         self._input = b""
-        # Twisted's timers and its cooperator would use the global reactor.
+        # TimeoutMixin's timers run on the service's reactor, not the global one.
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
-        self.schedule = access.schedule  # type: ignore[assignment]
-
-    protocol = "pop3"
 
     def is_tls(self) -> bool:
         return self.secure or self.started_tls
