@@ -613,3 +613,18 @@ def test_fetching_a_body_sets_seen_and_says_so_once(tmp_path: Path) -> None:
         transport.clear()
         assert answer.endswith(tag + b" OK FETCH completed\r\n")
         assert (b" FLAGS (\\Seen))\r\n" in answer) == (tag == b"e")
+
+
+def test_pop3_stuffs_a_dot_at_the_start_of_a_message_or_of_a_chunk(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test")
+    session, _ = lab.pop3()
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\n")
+    # Twisted's file sender hands RETR's message over in 16 KiB chunks, lines
+    # ending in LF, through transformChunk; a line may start a chunk.
+    session.dataReceived(b"RETR 1\r\n")
+    chunks = [b".first\nmid", b"dle\n", b".line\n.\n", b"", b"..two\n"]
+    sent = b"".join(session.transformChunk(chunk) for chunk in chunks)
+    assert sent == b"..first\r\nmiddle\r\n..line\r\n..\r\n...two\r\n"
+    session.do_TOP(b"1", b"0")  # a new answer starts at a line's start
+    assert session.transformChunk(b".x") == b"..x"

@@ -36,6 +36,7 @@ class POP3Session(pop3.POP3):
         self.portal = SessionPortal(access, self)  # type: ignore[assignment]
         self.client = ""
         self.started_tls = False
+        self._line_start = True
         # No APOP timestamp in the greeting: clients (curl) would try APOP,
         # which needs the password in clear on the server, then give up.
         self.magic = b"netd POP3 ready"
@@ -55,6 +56,25 @@ class POP3Session(pop3.POP3):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+
+    def do_RETR(self, i: bytes) -> Any:
+        self._line_start = True
+        return super().do_RETR(i)
+
+    def do_TOP(self, i: bytes, size: bytes) -> Any:
+        self._line_start = True
+        return super().do_TOP(i, size)
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        # Twisted's dot-stuffing misses a "." that starts the message or the
+        # chunk (the line began in the one before): a message could end its
+        # own answer early and have the client read the rest as replies.
+        text = chunk.replace(b"\n", b"\r\n").replace(b"\r\n.", b"\r\n..")
+        if self._line_start and chunk.startswith(b"."):
+            text = b"." + text
+        if chunk:
+            self._line_start = chunk.endswith(b"\n")
+        return text
 
     def too_many_failures(self) -> None:
         self.transport.loseConnection()
