@@ -401,9 +401,14 @@ def test_imap_and_pop3_members_netds_sessions_use() -> None:
     for table in ("select_FETCH", "select_SEARCH", "select_STORE", "unauth_STARTTLS"):
         assert callable(getattr(imap4.IMAP4Server, table)[0]), table
     # POP3Session sets magic (the greeting) and callLater, extends AUTH_CMDS
-    # and overrides state_COMMAND.
+    # and overrides state_COMMAND and transformChunk.  Both sessions override
+    # _unblock, which runs the commands queued (in blocked) behind a long answer.
     assert pop3.POP3.magic is None and b"USER" in pop3.POP3.AUTH_CMDS
     _assert_method(pop3.POP3, "state_COMMAND", ["self", "line"])
+    _assert_method(pop3.POP3, "transformChunk", ["self", "chunk"])
+    _assert_method(pop3.POP3, "_unblock", ["self", "_"])
+    _assert_method(imap4.IMAP4Server, "_unblock", ["self"])
+    assert pop3.POP3.blocked is None and imap4.IMAP4Server.blocked is None
 
 
 # --- members other kinds' subclasses rely on ------------------------------------------

@@ -23,6 +23,7 @@ from netd.services.smtp import extract
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
 from netd.services.smtp.mailbox import (
+    MAX_WAITING_COMMANDS,
     Access,
     AnyAddressChecker,
     Mailboxes,
@@ -628,3 +629,26 @@ def test_pop3_stuffs_a_dot_at_the_start_of_a_message_or_of_a_chunk(tmp_path: Pat
     assert sent == b"..first\r\nmiddle\r\n..line\r\n..\r\n...two\r\n"
     session.do_TOP(b"1", b"0")  # a new answer starts at a line's start
     assert session.transformChunk(b".x") == b"..x"
+
+
+def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", body="x" * 50_000)
+    imap, imap_transport = lab.imap()
+    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (BODY[])\r\n")
+    lab.clock.advance(0)  # the message is read; its literal waits for the socket
+    pop3, pop3_transport = lab.pop3()
+    pop3.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nRETR 1\r\n")
+    for session, transport, command in (
+        (imap, imap_transport, b"n NOOP\r\n"),
+        (pop3, pop3_transport, b"NOOP\r\n"),
+    ):
+        session.dataReceived(b"BOGUS\r\n" + command * (MAX_WAITING_COMMANDS - 2))
+        assert transport.producerState == "producing"
+        session.dataReceived(command)
+        assert transport.producerState == "paused"
+        pump(lab, transport)
+        assert transport.producerState == "producing"
+        # Every command queued is answered, the bad one too.
+        assert transport.value().count(b"OK") >= MAX_WAITING_COMMANDS - 1
+        assert b"BAD" in transport.value() or b"-ERR" in transport.value()

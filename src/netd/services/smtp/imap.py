@@ -18,7 +18,13 @@ from twisted.mail.imap4 import IllegalClientResponse, IMAP4Exception, IMAP4Serve
 
 from netd.compat.mail import FetchParser
 from netd.schema import client_address
-from netd.services.smtp.mailbox import Access, Message, SessionPortal, compile_search
+from netd.services.smtp.mailbox import (
+    MAX_WAITING_COMMANDS,
+    Access,
+    Message,
+    SessionPortal,
+    compile_search,
+)
 
 __all__ = ["IMAPFactory", "IMAPSession"]
 
@@ -71,6 +77,7 @@ class IMAPSession(IMAP4Server):
         self.access = access
         self.secure = secure
         self._may_expunge = False
+        self._not_reading = False
         self.portal = SessionPortal(access, self)  # type: ignore[assignment]
         self.client = ""
         # TimeoutMixin's timers run on the service's reactor, not the global one.
@@ -101,6 +108,23 @@ class IMAPSession(IMAP4Server):
         if self.access.allow_insecure_auth:
             found.pop(b"LOGINDISABLED", None)
         return found
+
+    def lineReceived(self, line: bytes) -> None:
+        super().lineReceived(line)
+        # Twisted queues what comes while a FETCH is written, without limit.
+        if self.blocked is not None and len(self.blocked) >= MAX_WAITING_COMMANDS:
+            self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if not self._not_reading:
+            self._not_reading = True
+            self.transport.pauseProducing()
+
+    def _unblock(self) -> None:
+        super()._unblock()
+        if self._not_reading and self.blocked is None:
+            self._not_reading = False
+            self.transport.resumeProducing()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.sendLine(b"* BYE Line too long")

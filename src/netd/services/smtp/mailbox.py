@@ -58,6 +58,7 @@ from netd.services.smtp.store import MailStore
 __all__ = [
     "ALL",
     "LOGIN_FAILURES",
+    "MAX_WAITING_COMMANDS",
     "Access",
     "AnyAddressChecker",
     "Inbox",
@@ -149,6 +150,10 @@ class MailSession(TypingProtocol):
     def too_many_failures(self) -> None:
         """Say goodbye and close: the session failed L{LOGIN_FAILURES} logins."""
 
+
+# Commands a client may send ahead while a FETCH or RETR is still being
+# written before its session stops reading (until the answer is out).
+MAX_WAITING_COMMANDS = 1000
 
 # Failed logins a session may have before it is closed: enough for typos, few
 # for a guesser (smtp's AUTH allows as many).

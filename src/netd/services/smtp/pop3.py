@@ -16,7 +16,7 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail import pop3
 
 from netd.schema import client_address
-from netd.services.smtp.mailbox import Access, Maildrop, SessionPortal
+from netd.services.smtp.mailbox import MAX_WAITING_COMMANDS, Access, Maildrop, SessionPortal
 
 __all__ = ["POP3Factory", "POP3Session"]
 
@@ -37,6 +37,7 @@ class POP3Session(pop3.POP3):
         self.client = ""
         self.started_tls = False
         self._line_start = True
+        self._not_reading = False
         # No APOP timestamp in the greeting: clients (curl) would try APOP,
         # which needs the password in clear on the server, then give up.
         self.magic = b"netd POP3 ready"
@@ -105,9 +106,36 @@ class POP3Session(pop3.POP3):
                 continue
             self.lineReceived(line)
 
+    def processCommand(self, command: bytes, *args: bytes) -> Any:
+        result = super().processCommand(command, *args)
+        # Twisted queues what comes while a RETR is written, without limit.
+        waiting = self.blocked is not None and len(self.blocked) >= MAX_WAITING_COMMANDS
+        if waiting and not self._not_reading:
+            self._not_reading = True
+            self.transport.pauseProducing()
+        return result
+
+    def _unblock(self, _: object) -> None:
+        # Twisted's runs the queued commands without state_COMMAND's error
+        # handling: one bad command among them raised out of the RETR's
+        # callbacks, and the commands after it were lost.
+        commands: list[Any] = self.blocked or []
+        self.blocked = None  # type: ignore[assignment]  # Twisted's None: nothing waits
+        while commands and self.blocked is None:
+            command, args = commands.pop(0)
+            self._run(command, *args)
+        if self.blocked is not None:
+            self.blocked.extend(commands)
+        elif self._not_reading:
+            self._not_reading = False
+            self.transport.resumeProducing()
+
     def state_COMMAND(self, line: bytes) -> None:
+        self._run(*line.split(b" "))
+
+    def _run(self, command: bytes, *args: bytes) -> None:
         try:
-            self.processCommand(*line.split(b" "))
+            self.processCommand(command, *args)
         except (ValueError, AttributeError, pop3.POP3Error, TypeError) as e:
             reason = e.args[0] if e.args and isinstance(e.args[0], bytes) else b"bad command"
             self.failResponse(reason)
