@@ -241,15 +241,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="imap-bench-") as scratch:
         os.chmod(scratch, 0o755)  # Dovecot's login user reaches its sockets in there
         servers: list[_bench.Server] = []
-        for kind in (Netd, Dovecot):
-            work = Path(scratch) / kind.name
-            work.mkdir()
-            server = kind(work)
-            if isinstance(server, Dovecot):
-                server.load(messages)
-            server.start()
-            servers.append(server)
         try:
+            for kind in (Netd, Dovecot):
+                work = Path(scratch) / kind.name
+                work.mkdir()
+                server = kind(work)
+                if isinstance(server, Dovecot):
+                    server.load(messages)
+                # Stopped below even if it never comes up (wait_for exits).
+                servers.append(server)
+                server.start()
             for server in servers:
                 if isinstance(server, Netd):
                     server.load(messages)
@@ -279,7 +280,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                         )
         finally:
             for server in servers:
-                server.stop()
+                if server.process is not None:
+                    server.stop()
     return {"messages": args.messages, "size": args.size, "rows": rows}
 
 
