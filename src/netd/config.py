@@ -404,6 +404,19 @@ def _read_listeners(
     return tuple(listeners)
 
 
+def _read_section_listeners(
+    value: Value | None, key: str, profiles: TLSProfiles
+) -> tuple[ListenerConfig, ...]:
+    """The C{listen:} of one of a kind's listener sections, tagged with its key."""
+    if value is None or not value.is_mapping:
+        return ()  # absent, or reported by the kind that reads the section
+    listen_value = value.section().require("listen")
+    if listen_value is None:
+        return ()
+    listen = _read_listeners(listen_value, profiles, datagram_allowed=False)
+    return tuple(attrs.evolve(listener, protocol=key) for listener in listen)
+
+
 def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> AdminConfig:
     section = value.section()
     listen_value = section.require("listen")
@@ -463,6 +476,8 @@ def _read_services(
             if listen_value
             else ()
         )
+        for section_key in kind.listener_sections:
+            listen += _read_section_listeners(section.get(section_key), section_key, used)
         enabled = section.flag("enabled", True)
         for listener in listen if enabled else ():
             key = endpoints.identity(listener.endpoint)

@@ -240,6 +240,12 @@ class ServiceKind(Generic[Options]):
     @ivar rules: what the service's C{rules:} may match and do at the kind's
         events (L{netd.rules.Vocabulary}); without one, rules act on
         connections only (delay, throttle, reset, close, stall, drop).
+    @ivar listener_sections: keys of the service's mapping (smtp's C{imap},
+        C{pop3}) whose value is a mapping with a C{listen:} list of its own:
+        the core reads those listeners with the service's, each tagged with
+        its key as its C{protocol}, so they bind, reload, count and show in
+        the ports file as the service's; L{Handlers.stream} tells them apart
+        by C{listener.protocol}.  The kind reads the section's other keys.
     """
 
     name: str
@@ -252,6 +258,7 @@ class ServiceKind(Generic[Options]):
     workers: bool = False
     workers_refusal: Callable[[Options], str | None] | None = None
     rules: Vocabulary = CONNECTIONS_ONLY
+    listener_sections: tuple[str, ...] = ()
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

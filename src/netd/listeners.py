@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from netd.config import ListenerConfig
 from netd.endpoints import HeldSocket
 
-__all__ = ["BoundListener", "ListenerGroup", "StartupError", "os_message"]
+__all__ = ["BoundListener", "ListenerGroup", "StartupError", "handover_key", "os_message"]
 
 log = Logger(namespace="netd")
 
@@ -45,6 +45,8 @@ class BoundListener:
             entry["host"] = address.host
             entry["port"] = address.port
         entry["tls"] = self.config.tls
+        if self.config.protocol is not None:
+            entry["protocol"] = self.config.protocol
         return entry
 
     def summary(self) -> str:
@@ -54,7 +56,8 @@ class BoundListener:
             if ":" in entry["host"]
             else f"{entry['host']}:{entry['port']}"
         )
-        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}"
+        protocol = f" {entry['protocol']}" if "protocol" in entry else ""
+        return f"{entry['transport']} {where}{' tls' if entry['tls'] else ''}{protocol}"
 
 
 class ListenerGroup(ABC):
@@ -75,14 +78,19 @@ class ListenerGroup(ABC):
         """
         Bind every listener, or none: a failure unbinds the ones already bound.
 
-        @param held: sockets of listeners this group replaces, by endpoint:
+        @param held: sockets of listeners this group replaces, by L{handover_key}:
             taken over instead of bound anew.
         """
         held = held or {}
         attempts = []
+        handed: set[str] = set()
         for listener in self.listener_configs:
+            # One socket, one listener: two listeners alike (tcp:0 twice) bind anew.
+            key = handover_key(listener)
+            socket = held.get(key) if key not in handed else None
+            handed.add(key)
             try:
-                attempt = self._listen_one(listener, held.get(listener.endpoint))
+                attempt = self._listen_one(listener, socket)
             except Exception:
                 attempt = fail(Failure())
             attempts.append(attempt.addCallback(partial(BoundListener, listener)))
@@ -120,6 +128,17 @@ class ListenerGroup(ABC):
             log.info(
                 "{what} listening on {where}", what=self.summary_prefix, where=listener.summary()
             )
+
+
+def handover_key(listener: ListenerConfig) -> str:
+    """
+    What a reload's new listener must share with an old one to take over its
+    socket: the endpoint and the protocol (smtp's imap listener on C{tcp:0}
+    is not its smtp one on C{tcp:0}).
+    """
+    if listener.protocol is None:
+        return listener.endpoint
+    return f"{listener.endpoint} protocol={listener.protocol}"
 
 
 def os_message(reason: BaseException) -> str:

@@ -36,7 +36,7 @@ from netd.config import (
 from netd.connections import ConnectionSet, TrackingFactory
 from netd.events import Event, Journal, ServiceStats
 from netd.kinds import AdminView, BuildContext, Handlers
-from netd.listeners import ListenerGroup, StartupError, os_message
+from netd.listeners import ListenerGroup, StartupError, handover_key, os_message
 from netd.rules import RuleSet, Scenarios
 from netd.services import load_kind
 
@@ -628,7 +628,7 @@ class Daemon(MultiService):
 
         def fresh(group: ListenerGroup) -> list[ListenerConfig]:
             taken_over = held.get(id(group), {})
-            return [c for c in group.listener_configs if c.endpoint not in taken_over]
+            return [c for c in group.listener_configs if handover_key(c) not in taken_over]
 
         # A replacement that binds a fixed port anew needs the old holder to let
         # go first; everything else binds beside the old listeners, so a failed
@@ -693,13 +693,17 @@ def _log_event(event: Event) -> None:
 
 
 def _held_sockets(old: ListenerGroup, new: ListenerGroup) -> dict[str, endpoints.HeldSocket]:
-    """The sockets of C{old}'s listeners that C{new} listens on the same way, by endpoint."""
-    wanted = {c.endpoint for c in new.listener_configs}
-    return {
-        bound.config.endpoint: endpoints.HeldSocket.of(bound.port)
-        for bound in old.listeners
-        if bound.config.endpoint in wanted and endpoints.can_hand_over(bound.config.endpoint)
-    }
+    """
+    The sockets of C{old}'s listeners that C{new} listens on the same way, by
+    L{handover_key}; of listeners alike, the first.
+    """
+    wanted = {handover_key(c) for c in new.listener_configs}
+    held: dict[str, endpoints.HeldSocket] = {}
+    for bound in old.listeners:
+        key = handover_key(bound.config)
+        if key in wanted and key not in held and endpoints.can_hand_over(bound.config.endpoint):
+            held[key] = endpoints.HeldSocket.of(bound.port)
+    return held
 
 
 def _disown(result: object, service: RunningService) -> None:

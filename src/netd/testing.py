@@ -231,17 +231,39 @@ class NetdProcess:
         return found
 
     def listener(
-        self, service: str, transport: str = "tcp", tls: bool | None = False
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
     ) -> dict[str, Any]:
-        for entry in self.listeners(service):
-            if entry["transport"] == transport and (tls is None or entry["tls"] == tls):
-                return entry
-        raise LookupError(f"{service} has no {transport} listener with tls={tls}")
+        """
+        The service's first listener of that transport and TLS; C{protocol}
+        picks one of a section's (smtp's C{imap}, C{pop3}) or a tagged one
+        (chat's C{line}); without it, untagged listeners come first.
+        """
+        found = [
+            entry
+            for entry in self.listeners(service)
+            if entry["transport"] == transport
+            and (tls is None or entry["tls"] == tls)
+            and (protocol is None or entry.get("protocol") == protocol)
+        ]
+        found.sort(key=lambda entry: protocol is None and "protocol" in entry)
+        if not found:
+            raise LookupError(
+                f"{service} has no {transport} listener with tls={tls}, protocol={protocol}"
+            )
+        return found[0]
 
     def address(
-        self, service: str, transport: str = "tcp", tls: bool | None = False
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
     ) -> tuple[str, int]:
-        entry = self.listener(service, transport, tls)
+        entry = self.listener(service, transport, tls, protocol)
         return entry["host"], entry["port"]
 
     def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:
@@ -325,6 +347,43 @@ class NetdProcess:
             "GET", f"/api/services/{_quote(service)}/messages/{_quote(message_id)}"
         )
         return raw
+
+    def links(self, service: str, message_id: str) -> list[str]:
+        """The http(s) links in a message's text and HTML parts, in order, each once."""
+        found: list[str] = self.admin(
+            "GET", f"/api/services/{_quote(service)}/messages/{_quote(message_id)}/links"
+        )["links"]
+        return found
+
+    def codes(self, service: str, message_id: str) -> list[str]:
+        """
+        The one-time codes in a message's text and HTML parts (4 to 8 digits
+        standing alone, or the service's C{codes} pattern), in order, each once.
+        """
+        found: list[str] = self.admin(
+            "GET", f"/api/services/{_quote(service)}/messages/{_quote(message_id)}/codes"
+        )["codes"]
+        return found
+
+    def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> dict[str, Any]:
+        """
+        The oldest message to C{to} that C{service} holds, waiting up to
+        C{timeout} seconds for one to arrive (then L{TimeoutError}).  Delete a
+        message you are done with (or L{reset}) to wait for the next one.
+        """
+        deadline = time.monotonic() + timeout
+        since = self.admin("GET", "/api/events?service=" + _quote(service))["last_id"]
+        while True:
+            held = self.messages(service, to=to)
+            if held:
+                found: dict[str, Any] = held[0]
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no message to {to} in {service} after {timeout}s")
+            arrived = self.events(service, "message.accepted", since, wait=min(left, 30.0))
+            if arrived:
+                since = arrived[-1]["id"]
 
     def requests(self, service: str, unmatched: bool = False, **query: str) -> Any:
         """Requests an http service recorded; with C{unmatched}, those no route answered."""
@@ -535,9 +594,13 @@ class OffloadedNetd(Generic[Pending]):
         self._offload = offload
 
     def address(
-        self, service: str, transport: str = "tcp", tls: bool | None = False
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
     ) -> tuple[str, int]:
-        return self.netd.address(service, transport, tls)
+        return self.netd.address(service, transport, tls, protocol)
 
     def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:
         return self.netd.url(service, tls, path)
@@ -550,6 +613,15 @@ class OffloadedNetd(Generic[Pending]):
 
     def message(self, service: str, message_id: str) -> Pending:
         return self._offload(self.netd.message, service, message_id)
+
+    def links(self, service: str, message_id: str) -> Pending:
+        return self._offload(self.netd.links, service, message_id)
+
+    def codes(self, service: str, message_id: str) -> Pending:
+        return self._offload(self.netd.codes, service, message_id)
+
+    def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> Pending:
+        return self._offload(self.netd.wait_for_message, service, to, timeout)
 
     def requests(self, service: str, unmatched: bool = False, **query: str) -> Pending:
         return self._offload(self.netd.requests, service, unmatched, **query)

@@ -26,7 +26,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import CertificateOptions, optionsForClientTLS
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, StringTransport
-from twisted.mail import smtp
+from twisted.mail import imap4, pop3, smtp
 from twisted.protocols import ftp
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -376,6 +376,39 @@ def test_esmtp_members_netds_session_uses() -> None:
     assert session._onLogout is None
     _assert_method(smtp.ESMTP, "_cbAuthenticated", ["self", "loginInfo"])
     _assert_method(smtp.ESMTP, "_ebAuthenticated", ["self", "reason"])
+
+
+def test_fetch_parser_parses_items_and_raises_on_malformed_ones() -> None:
+    # netd.services.smtp.imap.IMAPSession parses FETCH items with it to answer BAD.
+    parser = compat_mail.FetchParser()
+    parser.parseString(b"(UID BODY.PEEK[HEADER.FIELDS (Subject)])")
+    assert [item.type for item in parser.result] == ["uid", "body"]
+    assert parser.result[1].peek and parser.result[1].header
+    with pytest.raises(Exception, match="Whitespace expected"):
+        compat_mail.FetchParser().parseString(b"(FLAGS")
+
+
+def test_imap_and_pop3_members_netds_sessions_use() -> None:
+    # IMAPSession clears LineReceiver's _buffer after STARTTLS, overrides these
+    # and puts its own functions in the command tables Twisted dispatches on.
+    server = imap4.IMAP4Server()
+    server.makeConnection(StringTransport())
+    server.dataReceived(b"a NOOP")
+    assert server._buffer == b"a NOOP"
+    _assert_method(imap4.IMAP4Server, "dispatchCommand", ["self", "tag", "cmd", "rest", "uid"])
+    _assert_method(imap4.IMAP4Server, "spewMessage", ["self", "id", "msg", "query", "uid"])
+    _assert_method(imap4.IMAP4Server, "arg_searchkeys", ["self", "line"])
+    for table in ("select_FETCH", "select_SEARCH", "select_STORE", "unauth_STARTTLS"):
+        assert callable(getattr(imap4.IMAP4Server, table)[0]), table
+    # POP3Session sets magic (the greeting) and callLater, extends AUTH_CMDS
+    # and overrides state_COMMAND and transformChunk.  Both sessions override
+    # _unblock, which runs the commands queued (in blocked) behind a long answer.
+    assert pop3.POP3.magic is None and b"USER" in pop3.POP3.AUTH_CMDS
+    _assert_method(pop3.POP3, "state_COMMAND", ["self", "line"])
+    _assert_method(pop3.POP3, "transformChunk", ["self", "chunk"])
+    _assert_method(pop3.POP3, "_unblock", ["self", "_"])
+    _assert_method(imap4.IMAP4Server, "_unblock", ["self"])
+    assert pop3.POP3.blocked is None and imap4.IMAP4Server.blocked is None
 
 
 # --- members other kinds' subclasses rely on ------------------------------------------

@@ -10,6 +10,11 @@ answered C{250} for and never relays for strangers.
       relay: {allow_from: [127.0.0.0/8], domains: [netd.test]}
       delivery: {mode: capture}
 
+Optional C{imap:} and C{pop3:} sections, each with a C{listen:} list of its
+own, serve captured mail to mail clients (L{netd.services.smtp.imap},
+L{netd.services.smtp.pop3}) with the logins of C{mailboxes:}
+(L{netd.services.smtp.mailbox}).
+
 Sessions are L{netd.services.smtp.server.Session} (twisted.mail's ESMTP);
 messages go to a spool in C{state_dir} (L{netd.services.smtp.spool}) and are
 either kept for the admin API (capture) or sent on by
@@ -19,6 +24,7 @@ exchangers (L{netd.services.smtp.mx}).
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -30,6 +36,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import ServerFactory
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
@@ -38,6 +45,15 @@ from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
+from netd.services.smtp.extract import DEFAULT_CODES
+from netd.services.smtp.mailbox import (
+    Access,
+    AnyAddressChecker,
+    Mailboxes,
+    MailboxOptions,
+    MailRealm,
+    uid_validity,
+)
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
 from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
@@ -49,6 +65,7 @@ __all__ = [
     "AuthOptions",
     "Capture",
     "DeliveryOptions",
+    "MailboxOptions",
     "Options",
     "RelayOptions",
     "SmarthostOptions",
@@ -109,11 +126,23 @@ class Options:
     auth: AuthOptions | None = None
     relay: RelayOptions = attrs.field(factory=RelayOptions)
     delivery: DeliveryOptions = attrs.field(factory=DeliveryOptions)
+    mailboxes: MailboxOptions | None = None
+    imap: bool = False
+    codes: str = DEFAULT_CODES
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
     defaults = Limits()
     tls = section.read("tls", profiles.reference, None)
+    readers = [key for key in _LISTENER_SECTIONS if section.read(key, _listener_section, False)]
+    mailboxes = section.read("mailboxes", _mailboxes, None)
+    delivery = section.read("delivery", _delivery, DeliveryOptions())
+    if readers and mailboxes is None:
+        section.value.error(
+            f"{' and '.join(readers)} need 'mailboxes' (users: or any_password: true)"
+        )
+    if readers and not isinstance(delivery.route, Capture):
+        section.value.error(f"{' and '.join(readers)} read captured mail: delivery mode capture")
     return Options(
         hostname=section.read("hostname", Value.as_hostname, None),
         tls=tls,
@@ -135,15 +164,64 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         ),
         auth=section.read("auth", _auth, None),
         relay=section.read("relay", _relay, RelayOptions()),
-        delivery=section.read("delivery", _delivery, DeliveryOptions()),
+        delivery=delivery,
+        mailboxes=mailboxes if readers else None,
+        imap="imap" in readers,
+        codes=section.read("codes", _pattern, DEFAULT_CODES),
     )
+
+
+def _pattern(value: Value) -> str:
+    text = value.as_str()
+    try:
+        compiled = re.compile(text)
+    except re.error as e:
+        value.error(f"not a regular expression: {e}")
+        return DEFAULT_CODES
+    if compiled.groups > 1:
+        value.error("one group at most: the code")
+    return text
+
+
+_LISTENER_SECTIONS = ("imap", "pop3")
+
+
+def _listener_section(value: Value) -> bool:
+    section = value.section()
+    section.get("listen")  # read by the core with the service's listeners
+    section.finish()
+    return True
+
+
+def _mailboxes(value: Value) -> MailboxOptions:
+    section = value.section()
+    users: dict[str, str] = section.read("users", _users, {})
+    options = MailboxOptions(
+        users={login.lower(): password for login, password in users.items()},
+        any_password=section.flag("any_password", False),
+        allow_insecure_auth=section.flag("allow_insecure_auth", False),
+    )
+    section.finish()
+    if not options.users and not options.any_password:
+        value.error("no one can log in: add 'users' or 'any_password: true'")
+    return options
 
 
 def _auth(value: Value) -> AuthOptions:
     section = value.section()
-    users: dict[str, str] = {}
     users_value = section.require("users")
-    for name, entry in users_value.items() if users_value is not None else ():
+    options = AuthOptions(
+        users=_users(users_value) if users_value is not None else {},
+        allow_insecure_auth=section.flag("allow_insecure_auth", False),
+    )
+    section.finish()
+    return options
+
+
+def _users(users_value: Value) -> dict[str, str]:
+    """C{NAME: {password: ...}}: in clear, or a bcrypt or crypt hash."""
+    users: dict[str, str] = {}
+    for name, entry in users_value.items():
         user = entry.section()
         password_value = user.require("password")
         user.finish()
@@ -158,11 +236,7 @@ def _auth(value: Value) -> AuthOptions:
             password_value.error("a password cannot be empty")
             continue
         users[name] = password
-    options = AuthOptions(
-        users=users, allow_insecure_auth=section.flag("allow_insecure_auth", False)
-    )
-    section.finish()
-    return options
+    return users
 
 
 def _domain(value: Value) -> str | None:
@@ -236,14 +310,23 @@ class _PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: Mapping[str, str], run: Callable[[Callable[[], Any]], Any]) -> None:
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        run: Callable[[Callable[[], Any]], Any],
+        fold_case: bool = False,
+    ) -> None:
         self.users = users
         self.run = run
+        # Mailbox logins are addresses, matched without regard to case.
+        self.fold_case = fold_case
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username
         password = credentials.password
         name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
+        if self.fold_case:
+            name = name.lower()
         expected = self.users.get(name)
         if expected is None:
             return self._refuse()
@@ -291,13 +374,13 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         send = mx_sender(context.reactor, hostname, route, resolver_for(context.reactor, route))
     if send is not None:
         courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
-        store = MailStore(spool, context, hostname, deliver=courier.schedule)
+        store = MailStore(spool, context, hostname, deliver=courier.schedule, codes=options.codes)
         courier.store = store
         background = MultiService()
         store.setServiceParent(background)
         courier.setServiceParent(background)
     else:
-        store = MailStore(spool, context, hostname)
+        store = MailStore(spool, context, hostname, codes=options.codes)
         background = store
     portal = None
     if options.auth is not None:
@@ -317,7 +400,32 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         rules=context.rules,
     )
 
-    def stream(listener: ListenerConfig) -> SessionFactory:
+    access = None
+    if options.mailboxes is not None:
+        validity = uid_validity(spool.directory, context.reactor.seconds())
+        mailboxes = Mailboxes(store, uid_validity=validity)
+        checker: ICredentialsChecker = (
+            AnyAddressChecker()
+            if options.mailboxes.any_password
+            else _PasswordChecker(options.mailboxes.users, run, fold_case=True)
+        )
+        access = Access(
+            context=context,
+            mailboxes=mailboxes,
+            portal=Portal(MailRealm(mailboxes), [checker]),
+            starttls=context.tls[options.tls] if options.tls else None,
+            allow_insecure_auth=options.mailboxes.allow_insecure_auth,
+        )
+
+    def stream(listener: ListenerConfig) -> ServerFactory:
+        if listener.protocol == "imap" and access is not None:
+            from netd.services.smtp.imap import IMAPFactory
+
+            return IMAPFactory(access, secure=listener.tls)
+        if listener.protocol == "pop3" and access is not None:
+            from netd.services.smtp.pop3 import POP3Factory
+
+            return POP3Factory(access, secure=listener.tls)
         return SessionFactory(receiver, secure=listener.tls)
 
     return Handlers(
@@ -344,9 +452,14 @@ RULES = Vocabulary(
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
 
+# An authenticated IMAP session may stay silent this long (Twisted's
+# IMAP4Server.POSTAUTH_TIMEOUT): RFC 2177 clients renew IDLE every 29 minutes.
+_IMAP_SILENCE = 30 * 60.0
+
 
 def _longest_silence(options: Options) -> float:
-    return max(options.limits.command_timeout, options.limits.data_timeout)
+    longest = max(options.limits.command_timeout, options.limits.data_timeout)
+    return max(longest, _IMAP_SILENCE) if options.imap else longest
 
 
 SMTP: ServiceKind[Options] = ServiceKind(
@@ -356,4 +469,5 @@ SMTP: ServiceKind[Options] = ServiceKind(
     longest_silence=_longest_silence,
     per_client_default=20,
     rules=RULES,
+    listener_sections=_LISTENER_SECTIONS,
 )

@@ -7,19 +7,27 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 
 from netd.kinds import BuildContext, ViewRefused
+from netd.services.smtp import extract
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
-__all__ = ["MailStore", "received_header"]
+__all__ = ["MailStore", "MailWatcher", "received_header"]
+
+
+class MailWatcher(Protocol):
+    """Told of every message the store gains or loses (the IMAP and POP3 mailboxes)."""
+
+    def added(self, envelope: Envelope) -> None: ...
+    def removed(self, envelopes: Iterable[Envelope]) -> None: ...
 
 
 def _head(data: bytes) -> bytes:
@@ -46,7 +54,14 @@ def received_header(hostname: str, transaction: Transaction, id: str, now: float
 
 def _headers(head: bytes) -> list[list[str]]:
     parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    return [[name, str(value)] for name, value in parsed.items()]
+    return [[name, _text(value)] for name, value in parsed.raw_items()]
+
+
+def _text(value: str) -> str:
+    """8-bit (UTF-8) header text, which the parser kept as surrogates, as text."""
+    if value.isascii():
+        return value
+    return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
 
 
 # The store that serves each spool folder now.  During a reload the old service
@@ -62,6 +77,7 @@ class MailStore(Service):
     @ivar deliver: called with each newly accepted or recovered envelope (and the
         message, when it is at hand) when a delivery mode sends mail on; None
         keeps messages (capture).
+    @ivar codes: the regular expression one-time codes match (C{.../ID/codes}).
     """
 
     def __init__(
@@ -70,8 +86,10 @@ class MailStore(Service):
         context: BuildContext,
         hostname: str,
         deliver: Callable[[Envelope, bytes | None], None] | None = None,
+        codes: str = extract.DEFAULT_CODES,
     ) -> None:
         self.spool = spool
+        self.codes = codes
         self.context = context
         self.hostname = hostname
         self.deliver = deliver
@@ -79,6 +97,7 @@ class MailStore(Service):
         self.heads: dict[str, bytes] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
         self.ready: Deferred[None] = Deferred()
+        self.watchers: list[MailWatcher] = []
         self._recovered = False
 
     def startService(self) -> None:
@@ -126,6 +145,8 @@ class MailStore(Service):
         self.messages[envelope.id] = envelope
         self.heads[envelope.id] = head
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+        for watcher in self.watchers:
+            watcher.added(envelope)
 
     def accept(self, transaction: Transaction) -> Deferred[str]:
         """Spool a message; the Deferred fires with its id once it is on disk."""
@@ -174,13 +195,30 @@ class MailStore(Service):
         return self.spool.store(envelope, data).addCallback(spooled)
 
     def forget(self, ids: list[str]) -> Deferred[None]:
-        """Remove messages from the index and the disk."""
+        """
+        Remove messages from the index and the disk; during a reload, from the
+        index of the store serving the spool now too (an old IMAP session's
+        EXPUNGE, an old courier's delivery).
+        """
+        for store in dict.fromkeys((self, self._serving())):
+            store._drop(ids)
+        return self.spool.remove(ids)
+
+    def _drop(self, ids: list[str]) -> None:
+        gone = [envelope for id in ids if (envelope := self.messages.pop(id, None)) is not None]
         for id in ids:
-            self.messages.pop(id, None)
             self.heads.pop(id, None)
             self.summaries.pop(id, None)
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
-        return self.spool.remove(ids)
+        if gone:
+            for watcher in self.watchers:
+                watcher.removed(gone)
+
+    def read(self, id: str) -> Deferred[bytes | None]:
+        """A message as spooled, read in a thread; None once it is gone."""
+        if id not in self.messages:
+            return succeed(None)
+        return self.spool.read(id)
 
     # Admin views ---------------------------------------------------------
 
@@ -258,23 +296,42 @@ class MailStore(Service):
             }
         return summary
 
-    def remove(self, id: str) -> Deferred[dict[str, str] | None]:
-        """C{DELETE .../messages/ID}: drop one message (L{None}: no such message)."""
-
-        def drop(_: None) -> Deferred[dict[str, str] | None] | None:
-            if id not in self.messages:
-                return None
-            return self.forget([id]).addCallback(lambda _: {"deleted": id})
-
-        return self._when_ready().addCallback(drop)
-
-    def item(self, id: str) -> Deferred[bytes | None]:
-        """C{GET .../messages/ID}: the raw message as spooled (Received: first)."""
+    def item(self, key: str) -> Deferred[Any]:
+        """
+        C{GET .../messages/ID}: the raw message as spooled (Received: first);
+        C{.../ID/links} and C{.../ID/codes}: what its text and HTML parts hold.
+        """
+        id, _, what = key.partition("/")
+        if what not in ("", "links", "codes"):
+            return succeed(None)
         if id not in self.messages:
             return self._when_ready().addCallback(
-                lambda _: self.spool.read(id) if id in self.messages else None
+                lambda _: self._answer(id, what) if id in self.messages else None
             )
-        return self.spool.read(id)
+        return self._answer(id, what)
+
+    def _answer(self, id: str, what: str) -> Deferred[Any]:
+        raw = self.spool.read(id)
+        if what == "links":
+            return raw.addCallback(self._in_thread, lambda m: {"links": extract.links(m)})
+        if what == "codes":
+            pattern = self.codes
+            return raw.addCallback(self._in_thread, lambda m: {"codes": extract.codes(m, pattern)})
+        return raw
+
+    def _in_thread(self, raw: bytes | None, work: Callable[[bytes], Any]) -> Deferred[Any] | None:
+        # Parsing megabytes of HTML is no work for the reactor thread.
+        return self.spool.run(lambda: work(raw)) if raw is not None else None
+
+    def remove(self, id: str) -> Deferred[dict[str, int] | None]:
+        """C{DELETE .../messages/ID}: drop one message; None (404) if there is none."""
+
+        def drop(_: None) -> Deferred[dict[str, int] | None] | None:
+            if id not in self.messages:
+                return None
+            return self.forget([id]).addCallback(lambda _: {"deleted": 1})
+
+        return self._when_ready().addCallback(drop)
 
     def clear(self) -> Deferred[dict[str, int]]:
         """C{DELETE .../messages}: drop every message."""

@@ -1,0 +1,149 @@
+"""
+What a test of a sign-up or log-in flow wants from a captured message: the
+links and the one-time codes in its text and HTML parts (C{GET
+.../messages/ID/links} and C{.../codes}).
+
+Runs in a thread: a message may be megabytes of HTML.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import re
+from collections.abc import Iterable, Iterator
+from email.message import EmailMessage
+from html.parser import HTMLParser
+
+__all__ = ["DEFAULT_CODES", "codes", "links"]
+
+# A one-time code: 4 to 8 digits standing alone (not inside a longer number or word).
+DEFAULT_CODES = r"(?<![\w.,/-])\d{4,8}(?![\w/-]|[.,]\d)"
+_URL = re.compile(r"""https?://[^\s<>"'`]+""", re.IGNORECASE)
+# Closing punctuation after a URL in prose is the sentence's, not the URL's.
+_TRAILING = ".,;:!?)]}>'\""
+
+
+# Elements that end a line of text: their neighbours' words must not run together.
+_BLOCKS = frozenset(
+    [
+        "address",
+        "article",
+        "br",
+        "dd",
+        "div",
+        "dl",
+        "dt",
+        "footer",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "header",
+        "hr",
+        "li",
+        "ol",
+        "p",
+        "pre",
+        "section",
+        "table",
+        "td",
+        "th",
+        "tr",
+        "ul",
+    ]
+)
+
+
+class _HTMLText(HTMLParser):
+    """An HTML part's visible text and the targets of its links."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text: list[str] = []
+        self.hrefs: list[str] = []
+        self._hidden = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _BLOCKS:
+            self.text.append("\n")
+        if tag in ("script", "style"):
+            self._hidden += 1
+        if tag in ("a", "area"):
+            for name, value in attrs:
+                if (
+                    name == "href"
+                    and value
+                    and value.strip().lower().startswith(("http:", "https:"))
+                ):
+                    self.hrefs.append(value.strip())
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _BLOCKS:
+            self.text.append("\n")
+        if tag in ("script", "style") and self._hidden:
+            self._hidden -= 1
+
+    def handle_data(self, data: str) -> None:
+        if not self._hidden:
+            self.text.append(data)
+
+
+def _parts(raw: bytes) -> Iterator[tuple[str, str]]:
+    """(subtype, decoded text) of each text/plain and text/html part, attachments aside."""
+    message = email.message_from_bytes(raw, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() != "text":
+            continue
+        if part.get_content_disposition() == "attachment":
+            continue
+        subtype = part.get_content_subtype()
+        if subtype not in ("plain", "html"):
+            continue
+        try:
+            text = part.get_content()
+        except (LookupError, ValueError):  # an unknown charset, a broken encoding
+            payload = part.get_payload(decode=True)
+            text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+        yield subtype, text
+
+
+def _prose_and_links(raw: bytes) -> tuple[list[str], list[str]]:
+    prose: list[str] = []
+    found: list[str] = []
+    for subtype, text in _parts(raw):
+        if subtype == "html":
+            parser = _HTMLText()
+            parser.feed(text)
+            parser.close()
+            found += parser.hrefs
+            text = "".join(parser.text)
+        found += (match.rstrip(_TRAILING) for match in _URL.findall(text))
+        prose.append(text)
+    return prose, found
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def links(raw: bytes) -> list[str]:
+    """Every http(s) link, in order of appearance, each once."""
+    return _unique(_prose_and_links(raw)[1])
+
+
+def codes(raw: bytes, pattern: str = DEFAULT_CODES) -> list[str]:
+    """
+    Every match of C{pattern} (its first group, if it has one) in the text
+    outside links, in order of appearance, each once.
+    """
+    compiled = re.compile(pattern)
+    prose, _ = _prose_and_links(raw)
+    found = []
+    for text in prose:
+        for match in compiled.finditer(_URL.sub(" ", text)):
+            found.append(match.group(1) if compiled.groups else match.group(0))
+    return _unique(found)

@@ -1,0 +1,915 @@
+"""
+The smtp kind's store seen as mailboxes, for its IMAP and POP3 listeners.
+
+A login is a recipient address (it sees the messages sent to it) or C{all}
+(it sees every message).  Flags and IMAP UIDs live here, in memory, shared
+by every session of the service: UIDs are numbered in arrival order and the
+UID validity is the time the service was built, so a restart or a reload
+tells clients to forget what they cached.  Removing a message (POP3 C{DELE},
+IMAP C{EXPUNGE}) removes it from the store, and a message the store loses
+(the admin API's C{DELETE}) leaves every open mailbox.
+"""
+
+from __future__ import annotations
+
+import email
+import email.parser
+import email.policy
+import email.utils
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from email.header import Header, decode_header
+from email.message import Message as EmailMessage
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+from typing import Protocol as TypingProtocol
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.mail import pop3
+from twisted.mail.imap4 import (
+    IAccount,
+    ICloseableMailbox,
+    IllegalClientResponse,
+    IMailbox,
+    IMailboxInfo,
+    IMessage,
+    IMessageFile,
+    IMessagePart,
+    ISearchableMailbox,
+    MailboxException,
+    MessageSet,
+    parseIdList,
+)
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from netd.kinds import BuildContext
+from netd.services.smtp.spool import Envelope
+from netd.services.smtp.store import MailStore
+
+__all__ = [
+    "ALL",
+    "LOGIN_FAILURES",
+    "MAX_WAITING_COMMANDS",
+    "Access",
+    "AnyAddressChecker",
+    "Inbox",
+    "MailRealm",
+    "MailSession",
+    "MailboxOptions",
+    "Mailboxes",
+    "Maildrop",
+    "Search",
+    "SessionPortal",
+    "compile_search",
+    "uid_validity",
+]
+
+ALL = "all"
+INBOX = "INBOX"
+_SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
+_POLICY = email.policy.compat32.clone(linesep="\r\n")
+
+
+@attrs.frozen
+class MailboxOptions:
+    """
+    Who may read mail over the service's IMAP and POP3 listeners.
+
+    @ivar users: login (an address or C{all}) to password, in clear or hashed.
+    @ivar any_password: lab mode: any address (or C{all}) logs in with any password.
+    @ivar allow_insecure_auth: log in without TLS on a listener that offers STARTTLS/STLS.
+    """
+
+    users: Mapping[str, str] = attrs.field(factory=dict)
+    any_password: bool = False
+    allow_insecure_auth: bool = False
+
+
+@attrs.frozen
+class Access:
+    """What the IMAP and POP3 sessions of one service share."""
+
+    context: BuildContext
+    mailboxes: Mailboxes
+    portal: Portal
+    starttls: IOpenSSLServerConnectionCreator | None
+    allow_insecure_auth: bool
+
+    def schedule(self, steps: Iterator[Any]) -> Deferred[None]:
+        """
+        Run an iterator of writes (a FETCH answer's message), pausing
+        on the Deferreds it yields; done in the reactor's next turn, so that a
+        long FETCH does not recurse through Twisted's per-message callbacks.
+        """
+        done: Deferred[None] = Deferred()
+
+        def go(_: object = None) -> None:
+            try:
+                for step in steps:
+                    if isinstance(step, Deferred):
+                        step.addCallbacks(go, done.errback)
+                        return
+            except Exception:
+                done.errback(Failure())
+                return
+            self.context.reactor.callLater(0, done.callback, None)
+
+        go()
+        return done
+
+    @property
+    def reactor(self) -> Any:
+        return self.context.reactor
+
+    def mark_seen(self, id: str) -> bool:
+        """Set \\Seen on a message; whether that changed its flags."""
+        flags = self.mailboxes.flags.get(id)
+        if flags is None or "\\Seen" in flags:
+            return False
+        flags.add("\\Seen")
+        return True
+
+
+class MailSession(TypingProtocol):
+    """What L{SessionPortal} asks of an IMAP or POP3 session."""
+
+    protocol: str
+    client: str
+
+    def is_tls(self) -> bool: ...
+
+    def too_many_failures(self) -> None:
+        """Say goodbye and close: the session failed L{LOGIN_FAILURES} logins."""
+
+
+# Commands a client may send ahead while a FETCH or RETR is still being
+# written before its session stops reading (until the answer is out).
+MAX_WAITING_COMMANDS = 1000
+
+# Failed logins a session may have before it is closed: enough for typos, few
+# for a guesser (smtp's AUTH allows as many).
+LOGIN_FAILURES = 3
+
+
+class SessionPortal:
+    """
+    A session's way to the service's portal: every login, and every refused
+    one, counted and in the event journal (C{mailbox.login},
+    C{mailbox.login_failed}).
+    """
+
+    def __init__(self, access: Access, session: MailSession) -> None:
+        self.access = access
+        self.session = session
+        self.failures = 0
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        user = _text(getattr(credentials, "username", b"")).lower()
+        session = self.session
+        context = self.access.context
+        fields = {"protocol": session.protocol, "client": session.client, "user": user}
+
+        def succeeded(result: Any) -> Any:
+            context.stats.count("smtp_mailbox_logins")
+            context.emit("mailbox.login", tls=session.is_tls(), **fields)
+            return result
+
+        def refused(reason: Failure) -> Failure:
+            context.stats.count("smtp_mailbox_login_failures")
+            context.emit("mailbox.login_failed", **fields)
+            self.failures += 1
+            if self.failures >= LOGIN_FAILURES:
+                # After the refusal this failure is about to become.
+                context.reactor.callLater(0, session.too_many_failures)
+            return reason
+
+        attempt: Deferred[Any] = self.access.portal.login(credentials, mind, *interfaces)
+        return attempt.addCallbacks(succeeded, refused)
+
+
+# The UID validity each spool folder's mailboxes last had: a reload numbers
+# UIDs anew, so its mailboxes need a validity of their own, even within a second.
+_VALIDITIES: dict[Path, int] = {}
+
+
+def uid_validity(spool: Path, now: float) -> int:
+    """A new UID validity for the mailboxes of C{spool}: the time, and always larger."""
+    validity = max(int(now), _VALIDITIES.get(spool, 0) + 1)
+    _VALIDITIES[spool] = validity
+    return validity
+
+
+class Mailboxes:
+    """The service's messages by login, with the flags and UIDs its sessions share."""
+
+    def __init__(self, store: MailStore, uid_validity: int) -> None:
+        self.store = store
+        self.uid_validity = uid_validity
+        self.uids: dict[str, int] = {}
+        self.next_uid = 1
+        self.flags: dict[str, set[str]] = {}
+        self.inboxes: list[Inbox] = []
+        for envelope in store.messages.values():
+            self._number(envelope.id)
+        store.watchers.append(self)
+
+    def _number(self, id: str) -> None:
+        self.uids[id] = self.next_uid
+        self.next_uid += 1
+        self.flags[id] = set()
+
+    def sees(self, login: str, envelope: Envelope) -> bool:
+        return login == ALL or any(login == r.lower() for r in envelope.recipients)
+
+    def ids_for(self, login: str) -> list[str]:
+        return [id for id, e in self.store.messages.items() if self.sees(login, e)]
+
+    # MailWatcher ---------------------------------------------------------
+
+    def added(self, envelope: Envelope) -> None:
+        self._number(envelope.id)
+        for inbox in self.inboxes:
+            if self.sees(inbox.login, envelope):
+                inbox.arrived(envelope.id)
+
+    def removed(self, envelopes: Iterable[Envelope]) -> None:
+        gone = {envelope.id: envelope for envelope in envelopes}
+        for inbox in self.inboxes:
+            inbox.lost(gone)
+        for id in gone:
+            self.uids.pop(id, None)
+            self.flags.pop(id, None)
+
+
+# Messages -------------------------------------------------------------------
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return raw, b""
+    return raw[: end + 2], raw[end + 4 :]
+
+
+def _header_dict(
+    items: Iterable[tuple[str, Any]], negate: bool, names: tuple[str | bytes, ...]
+) -> dict[str, str]:
+    wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
+    found: dict[str, str] = {}
+    for name, value in items:
+        key = name.lower()
+        if (key in wanted) != negate or (not names and negate):
+            found.setdefault(key, _seven_bit(name, str(value)))
+    return found
+
+
+_ADDRESS_HEADERS = frozenset({"from", "sender", "reply-to", "to", "cc", "bcc"})
+
+
+def _unicode(value: str) -> str:
+    """8-bit (UTF-8) header text, which the parser keeps as surrogates, as text."""
+    if value.isascii():
+        return value
+    return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+
+
+def _seven_bit(name: str, value: str) -> str:
+    """
+    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it (7-bit:
+    netd does not offer UTF8=ACCEPT): 8-bit text in RFC 2047 words; in an
+    address header only the display names, so the addresses stay readable.
+    """
+    if value.isascii():
+        return value
+    text = _unicode(value)
+    if name.lower() in _ADDRESS_HEADERS:
+        text = ", ".join(
+            email.utils.formataddr(pair, charset="utf-8")
+            for pair in email.utils.getaddresses([text])
+        )
+    else:
+        text = Header(text, "utf-8", maxlinelen=0, header_name=name).encode()
+    # An internationalised address (SMTPUTF8) has no 7-bit form.
+    return text.encode("ascii", "replace").decode("ascii")
+
+
+def _decoded(value: str) -> str:
+    """A header's value as a reader sees it: 8-bit text and RFC 2047 words decoded."""
+    text = _unicode(value)
+    words = []
+    for chunk, charset in decode_header(text):
+        if isinstance(chunk, str):
+            words.append(chunk)
+            continue
+        try:
+            # Text outside encoded words comes back as raw-unicode-escape bytes.
+            words.append(chunk.decode(charset or "raw-unicode-escape", "replace"))
+        except LookupError:  # a charset Python does not know
+            words.append(chunk.decode("utf-8", "replace"))
+    return "".join(words)
+
+
+@implementer(IMessagePart)
+class _Part:
+    """One MIME part of a message, for BODY[n] and BODYSTRUCTURE."""
+
+    def __init__(self, part: EmailMessage) -> None:
+        self.part = part
+
+    def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
+        return _header_dict(self.part.raw_items(), negate, names)
+
+    def _body(self) -> bytes:
+        return _split(self.part.as_bytes(policy=_POLICY))[1]
+
+    def getBodyFile(self) -> BytesIO:
+        return BytesIO(self._body())
+
+    def getSize(self) -> int:
+        return len(self._body())
+
+    def isMultipart(self) -> bool:
+        return self.part.is_multipart()
+
+    def getSubPart(self, part: int) -> _Part:
+        parts: Any = self.part.get_payload()
+        if not isinstance(parts, list) or not 0 <= part < len(parts):
+            raise IndexError(part)
+        return _Part(parts[part])
+
+
+@implementer(IMessage, IMessageFile)
+class Message:
+    """
+    One message of a mailbox.  Headers come from the store's index; the
+    whole message is read from the spool (in a thread) only by L{load}.
+    """
+
+    def __init__(self, mailboxes: Mailboxes, id: str, envelope: Envelope, uid: int) -> None:
+        self.mailboxes = mailboxes
+        self.id = id
+        self.envelope = envelope
+        self.uid = uid
+        self.raw: bytes | None = None
+        self._parsed: EmailMessage | None = None
+
+    def load(self) -> Deferred[None]:
+        if self.raw is not None:
+            return succeed(None)
+
+        def keep(raw: bytes | None) -> None:
+            # Removed meanwhile: what the index still had stands in for it.
+            self.raw = raw if raw is not None else self._head()
+
+        return self.mailboxes.store.read(self.id).addCallback(keep)
+
+    def _head(self) -> bytes:
+        return self.mailboxes.store.heads.get(self.id, b"")
+
+    def _message(self) -> EmailMessage:
+        if self._parsed is None:
+            assert self.raw is not None, "load() first"
+            self._parsed = email.message_from_bytes(self.raw, policy=_POLICY)
+        return self._parsed
+
+    def getUID(self) -> int:
+        return self.uid
+
+    def getFlags(self) -> list[str]:
+        return sorted(self.mailboxes.flags.get(self.id, ()))
+
+    def getInternalDate(self) -> str:
+        return email.utils.formatdate(self.envelope.received)
+
+    def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
+        head = self.raw if self.raw is not None else self._head()
+        parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        return _header_dict(parsed.raw_items(), negate, names)
+
+    def header_text(self, name: str) -> str:
+        """The decoded text of a header (the first of that name), for SEARCH."""
+        head = self.raw if self.raw is not None else self._head()
+        parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        for found, value in parsed.raw_items():
+            if found.lower() == name:
+                return _decoded(value)
+        return ""
+
+    def getBodyFile(self) -> BytesIO:
+        assert self.raw is not None, "load() first"
+        return BytesIO(_split(self.raw)[1])
+
+    def getSize(self) -> int:
+        return self.envelope.size
+
+    def isMultipart(self) -> bool:
+        return self._message().is_multipart()
+
+    def getSubPart(self, part: int) -> _Part:
+        return _Part(self._message()).getSubPart(part)
+
+    def open(self) -> BytesIO:
+        assert self.raw is not None, "load() first"
+        return BytesIO(self.raw)
+
+    def text(self, body_only: bool = False) -> str:
+        """The message (or its body) as lower-case text, for SEARCH TEXT and BODY."""
+        assert self.raw is not None, "load() first"
+        raw = _split(self.raw)[1] if body_only else self.raw
+        return raw.decode("utf-8", "replace").lower()
+
+
+# SEARCH -----------------------------------------------------------------------
+
+_Test = Callable[[int, Message], bool]
+_MONTHS = {
+    month: number
+    for number, month in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
+
+
+def _day(token: Any) -> tuple[int, int, int]:
+    """An IMAP date (1-Feb-2026) as (year, month, day)."""
+    try:
+        day, month, year = _text(token).split("-")
+        return int(year), _MONTHS[month.lower()], int(day)
+    except (ValueError, KeyError):
+        raise IllegalClientResponse(f"bad date: {_text(token)!r}") from None
+
+
+def _text(token: Any) -> str:
+    if isinstance(token, bytes):
+        return token.decode("utf-8", "replace")
+    if isinstance(token, str):
+        return token
+    raise IllegalClientResponse("a string was expected, not a list")
+
+
+def _received_day(message: Message) -> tuple[int, int, int]:
+    return time.gmtime(message.envelope.received)[:3]
+
+
+def _sent_day(message: Message) -> tuple[int, int, int] | None:
+    parsed = email.utils.parsedate(message.getHeaders(False, "date").get("date", ""))
+    return (parsed[0], parsed[1], parsed[2]) if parsed else None
+
+
+def _flag(name: str, present: bool = True) -> _Test:
+    return lambda seq, m: (name in m.mailboxes.flags.get(m.id, ())) == present
+
+
+def _header(name: str, needle: str) -> _Test:
+    wanted = needle.lower()
+    return lambda seq, m: wanted in m.header_text(name).lower()
+
+
+def _compare(
+    day: Callable[[Message], tuple[int, int, int] | None], key: str, when: tuple[int, int, int]
+) -> _Test:
+    def test(seq: int, message: Message) -> bool:
+        found = day(message)
+        if found is None:
+            return False
+        if key.endswith("BEFORE"):
+            return found < when
+        if key.endswith("ON"):
+            return found == when
+        return found >= when
+
+    return test
+
+
+@attrs.frozen
+class Search:
+    """A parsed SEARCH: the test, and whether it reads message bodies."""
+
+    test: _Test
+    needs_text: bool
+
+
+class _SearchParser:
+    """RFC 3501 6.4.4 search keys, as a test of (sequence number, message)."""
+
+    def __init__(self, tokens: list[Any]) -> None:
+        self.tokens = tokens
+        self.needs_text = False
+
+    def all(self) -> _Test:
+        tests = []
+        while self.tokens:
+            tests.append(self.one())
+        return lambda seq, m: all(t(seq, m) for t in tests)
+
+    def _take(self) -> Any:
+        if not self.tokens:
+            raise IllegalClientResponse("a search key lacks its argument")
+        return self.tokens.pop(0)
+
+    def one(self) -> _Test:
+        token = self._take()
+        if isinstance(token, list):
+            return _SearchParser.nested(self, token)
+        key = _text(token).upper()
+        simple = {
+            "ALL": lambda seq, m: True,
+            "NEW": _flag("\\Seen", False),
+            "OLD": lambda seq, m: True,
+            "RECENT": lambda seq, m: False,
+        }
+        if key in simple:
+            return simple[key]
+        for flag in _SYSTEM_FLAGS:
+            name = flag[1:].upper()
+            if key == name:
+                return _flag(flag)
+            if key == "UN" + name:
+                return _flag(flag, False)
+        if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            return _header(key.lower(), _text(self._take()))
+        if key == "HEADER":
+            name = _text(self._take()).lower()
+            return _header(name, _text(self._take()))
+        if key in ("BODY", "TEXT"):
+            self.needs_text = True
+            needle = _text(self._take()).lower()
+            return lambda seq, m: needle in m.text(body_only=key == "BODY")
+        if key in ("SINCE", "BEFORE", "ON"):
+            return _compare(_received_day, key, _day(self._take()))
+        if key in ("SENTSINCE", "SENTBEFORE", "SENTON"):
+            return _compare(_sent_day, key, _day(self._take()))
+        if key in ("LARGER", "SMALLER"):
+            try:
+                size = int(_text(self._take()))
+            except ValueError:
+                raise IllegalClientResponse("a size is a number") from None
+            if key == "LARGER":
+                return lambda seq, m: m.getSize() > size
+            return lambda seq, m: m.getSize() < size
+        if key in ("KEYWORD", "UNKEYWORD"):
+            return _flag(_text(self._take()), key == "KEYWORD")
+        if key == "NOT":
+            inner = self.one()
+            return lambda seq, m: not inner(seq, m)
+        if key == "OR":
+            left, right = self.one(), self.one()
+            return lambda seq, m: left(seq, m) or right(seq, m)
+        if key == "UID":
+            uids = _id_set(self._take())
+            return lambda seq, m: _contains(uids, m.getUID())
+        if key[:1].isdigit() or key[:1] == "*":
+            numbers = _id_set(token)
+            return lambda seq, m: _contains(numbers, seq)
+        raise IllegalClientResponse(f"unknown search key {key}")
+
+    def nested(self, tokens: list[Any]) -> _Test:
+        inner = _SearchParser(list(tokens))
+        test = inner.all()
+        self.needs_text = self.needs_text or inner.needs_text
+        return test
+
+
+def _id_set(token: Any) -> MessageSet:
+    try:
+        found: MessageSet = parseIdList(_text(token).encode())
+    except Exception:
+        raise IllegalClientResponse(f"bad message set {_text(token)!r}") from None
+    return found
+
+
+def _contains(ids: MessageSet, value: int) -> bool:
+    # An open range ("5:*") reaches the highest number there is.
+    return any(
+        (low if low is not None else 0) <= value <= (high if high is not None else value)
+        for low, high in ids.ranges
+    )
+
+
+def compile_search(tokens: list[Any]) -> Search:
+    """Parse SEARCH's keys once, before any message is looked at."""
+    parser = _SearchParser(list(tokens))
+    if not parser.tokens:
+        raise IllegalClientResponse("SEARCH needs a key")
+    return Search(parser.all(), parser.needs_text)
+
+
+# IMAP -------------------------------------------------------------------------
+
+
+@implementer(IAccount)
+class Account:
+    """A login's IMAP account: one mailbox, INBOX."""
+
+    def __init__(self, mailboxes: Mailboxes, login: str) -> None:
+        self.mailboxes = mailboxes
+        self.login = login
+
+    def listMailboxes(self, ref: str, wildcard: str) -> list[tuple[str, _InboxInfo]]:
+        if not wildcard:
+            # RFC 3501 6.3.8: an empty name asks for the delimiter and the root.
+            return [("", _InboxInfo(("\\Noselect",)))]
+        # "*" matches anything, "%" anything but the delimiter; INBOX in any case.
+        pattern = "".join(
+            ".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in ref + wildcard
+        )
+        return [(INBOX, _InboxInfo())] if re.fullmatch(pattern, INBOX, re.IGNORECASE) else []
+
+    def select(self, name: str, rw: bool = True) -> Inbox | None:
+        if name.upper() != INBOX:
+            return None
+        return Inbox(self.mailboxes, self.login, bool(rw))
+
+    def isSubscribed(self, name: str) -> bool:
+        return name.upper() == INBOX
+
+    def _fixed(self, *args: Any) -> None:
+        raise MailboxException("netd's mailboxes are fixed: INBOX only")
+
+    addMailbox = create = delete = rename = subscribe = unsubscribe = _fixed
+
+
+@implementer(IMailboxInfo)
+class _InboxInfo:
+    def __init__(self, flags: tuple[str, ...] = ()) -> None:
+        # LIST's attributes of the name (\Noselect); SELECT's flags are the system ones.
+        self.attributes = flags
+
+    def getFlags(self) -> list[str]:
+        return list(self.attributes or _SYSTEM_FLAGS)
+
+    def getHierarchicalDelimiter(self) -> str:
+        return "/"
+
+
+@implementer(IMailbox, ISearchableMailbox, ICloseableMailbox)
+class Inbox(_InboxInfo):
+    """
+    One IMAP session's view of a login's messages, in sequence order.
+    Messages arrive at the end; a removal renumbers the rest (C{EXPUNGE}).
+    """
+
+    def __init__(self, mailboxes: Mailboxes, login: str, writeable: bool) -> None:
+        self.mailboxes = mailboxes
+        self.login = login
+        self.writeable = writeable
+        super().__init__()
+        self.ids = mailboxes.ids_for(login)
+        self.vanishing: dict[str, tuple[Envelope, int]] = {}
+        self.listeners: list[Any] = []
+
+    # Told by Mailboxes -----------------------------------------------------
+
+    def arrived(self, id: str) -> None:
+        self.ids.append(id)
+        for listener in self.listeners:
+            listener.newMessages(len(self.ids), None)
+
+    def lost(self, gone: Mapping[str, Envelope]) -> None:
+        """
+        Messages left the store.  They keep their numbers until the session
+        says EXPUNGE (RFC 3501 7.4.1: not while no command is in progress, nor
+        in answer to FETCH, STORE or SEARCH); until then they read as their
+        headers alone.
+        """
+        uids = self.mailboxes.uids
+        vanished = {id: (gone[id], uids.get(id, 0)) for id in self.ids if id in gone}
+        if not vanished:
+            return
+        self.vanishing.update(vanished)
+        for listener in self.listeners:
+            listener.expunge_due()
+
+    def take_vanished(self) -> list[int]:
+        """The numbers of the messages that left, highest first; they leave the view now."""
+        if not self.vanishing:
+            return []
+        numbers = [seq for seq, id in enumerate(self.ids, 1) if id in self.vanishing]
+        self.ids = [id for id in self.ids if id not in self.vanishing]
+        self.vanishing.clear()
+        return numbers[::-1]
+
+    def _message(self, id: str) -> Message:
+        envelope = self.mailboxes.store.messages.get(id)
+        if envelope is None:
+            envelope, uid = self.vanishing[id]
+            return Message(self.mailboxes, id, envelope, uid)
+        return Message(self.mailboxes, id, envelope, self.mailboxes.uids.get(id, 0))
+
+    # IMailboxInfo/IMailbox ---------------------------------------------------
+
+    def getUIDValidity(self) -> int:
+        return self.mailboxes.uid_validity
+
+    def getUIDNext(self) -> int:
+        return self.mailboxes.next_uid
+
+    def getUID(self, message: int) -> int:
+        return self._message(self.ids[message - 1]).getUID()
+
+    def getMessageCount(self) -> int:
+        return len(self.ids)
+
+    def getRecentCount(self) -> int:
+        return 0
+
+    def getUnseenCount(self) -> int:
+        flags = self.mailboxes.flags
+        return sum(1 for id in self.ids if "\\Seen" not in flags.get(id, ()))
+
+    def isWriteable(self) -> bool:
+        return self.writeable
+
+    def destroy(self) -> None:
+        raise MailboxException("INBOX cannot be deleted")
+
+    def requestStatus(self, names: Iterable[str | bytes]) -> dict[str, int]:
+        values = {
+            "MESSAGES": self.getMessageCount,
+            "RECENT": self.getRecentCount,
+            "UIDNEXT": self.getUIDNext,
+            "UIDVALIDITY": self.getUIDValidity,
+            "UNSEEN": self.getUnseenCount,
+        }
+        answer = {}
+        for name in names:
+            key = _text(name).upper()
+            if key in values:
+                answer[key] = values[key]()
+        return answer
+
+    def addListener(self, listener: Any) -> None:
+        # Only a selected mailbox follows the store: STATUS opens one and drops it.
+        if not self.listeners:
+            self.mailboxes.inboxes.append(self)
+        self.listeners.append(listener)
+
+    def removeListener(self, listener: Any) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+        if not self.listeners:
+            self.close()
+
+    def addMessage(self, message: Any, flags: Any = (), date: Any = None) -> Deferred[None]:
+        return fail(MailboxException("netd's mailboxes take mail over SMTP only"))
+
+    def close(self) -> None:
+        if self in self.mailboxes.inboxes:
+            self.mailboxes.inboxes.remove(self)
+
+    def _numbered(self, messages: MessageSet, uid: bool) -> Iterator[tuple[int, str]]:
+        """The (sequence number, id) of each message the set names that exists."""
+        if uid:
+            numbers = [self._message(id).getUID() for id in self.ids]
+            messages.last = max(numbers, default=1)
+            return ((s, self.ids[s - 1]) for s, n in enumerate(numbers, 1) if n in messages)
+        messages.last = max(len(self.ids), 1)
+        return ((s, id) for s, id in enumerate(self.ids, 1) if s in messages)
+
+    def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
+        return [(seq, self._message(id)) for seq, id in self._numbered(messages, uid)]
+
+    def store(
+        self, messages: MessageSet, flags: list[str], mode: int, uid: bool
+    ) -> dict[int, list[str]]:
+        if not self.writeable:
+            raise MailboxException("the mailbox is read-only (EXAMINE)")
+        changed = {}
+        for seq, id in self._numbered(messages, uid):
+            current = self.mailboxes.flags.setdefault(id, set())
+            if mode > 0:
+                current.update(flags)
+            elif mode < 0:
+                current.difference_update(flags)
+            else:
+                current.clear()
+                current.update(flags)
+            changed[seq] = sorted(current)
+        return changed
+
+    def expunge(self) -> Deferred[list[int]]:
+        flags = self.mailboxes.flags
+        doomed = [
+            (seq, id) for seq, id in enumerate(self.ids, 1) if "\\Deleted" in flags.get(id, ())
+        ]
+        if not doomed:
+            return succeed([])
+        # This session says EXPUNGE itself (Twisted answers with the list), so
+        # it leaves its own view before the store tells every other one.
+        gone = {id for _, id in doomed}
+        self.ids = [id for id in self.ids if id not in gone]
+        numbers = sorted((seq for seq, _ in doomed), reverse=True)
+        return self.mailboxes.store.forget(sorted(gone)).addCallback(lambda _: numbers)
+
+    def search(self, query: Search, uid: bool) -> Deferred[list[int]]:
+        candidates = [(seq, self._message(id)) for seq, id in enumerate(self.ids, 1)]
+        loading = [m.load() for _, m in candidates] if query.needs_text else []
+
+        def match(_: object) -> list[int]:
+            return [seq for seq, m in candidates if query.test(seq, m)]
+
+        return gatherResults(loading).addCallback(match)
+
+
+# POP3 -------------------------------------------------------------------------
+
+
+@implementer(pop3.IMailbox)
+class Maildrop:
+    """
+    A POP3 session's maildrop: the login's messages when it logged in.
+    Deletions take effect at QUIT (RFC 1939's UPDATE state).
+    """
+
+    def __init__(self, mailboxes: Mailboxes, login: str) -> None:
+        self.mailboxes = mailboxes
+        self.ids = mailboxes.ids_for(login)
+        self.sizes = [mailboxes.store.messages[id].size for id in self.ids]
+        self.deleted: set[int] = set()
+
+    def _index(self, i: int) -> int:
+        if not 0 <= i < len(self.ids):
+            raise ValueError(f"no message {i + 1}")
+        return i
+
+    def listMessages(self, i: int | None = None) -> Any:
+        if i is None:
+            return [0 if n in self.deleted else size for n, size in enumerate(self.sizes)]
+        index = self._index(i)
+        return 0 if index in self.deleted else self.sizes[index]
+
+    def live(self) -> list[tuple[int, int, bytes]]:
+        """(number, size, unique id) of each message not marked deleted."""
+        return [
+            (n + 1, size, self.ids[n].encode())
+            for n, size in enumerate(self.sizes)
+            if n not in self.deleted
+        ]
+
+    def getMessage(self, i: int) -> Deferred[BytesIO]:
+        index = self._index(i)
+
+        def opened(raw: bytes | None) -> BytesIO:
+            if raw is None:
+                raise ValueError(f"message {i + 1} was removed")
+            # Twisted's POP3 writes lines ending in LF as CRLF.
+            return BytesIO(raw.replace(b"\r\n", b"\n"))
+
+        return self.mailboxes.store.read(self.ids[index]).addCallback(opened)
+
+    def getUidl(self, i: int) -> bytes:
+        return self.ids[self._index(i)].encode()
+
+    def deleteMessage(self, i: int) -> None:
+        self.deleted.add(self._index(i))
+
+    def undeleteMessages(self) -> None:
+        self.deleted.clear()
+
+    def sync(self) -> Deferred[None]:
+        doomed = [self.ids[n] for n in sorted(self.deleted)]
+        self.deleted.clear()
+        return self.mailboxes.store.forget(doomed) if doomed else succeed(None)
+
+
+# Logins -----------------------------------------------------------------------
+
+
+@implementer(IRealm)
+class MailRealm:
+    """An IMAP account or a POP3 maildrop for an authenticated login."""
+
+    def __init__(self, mailboxes: Mailboxes) -> None:
+        self.mailboxes = mailboxes
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
+        login = (avatarId.decode() if isinstance(avatarId, bytes) else avatarId).lower()
+        for interface in interfaces:
+            if interface is IAccount:
+                return IAccount, Account(self.mailboxes, login), lambda: None
+            if interface is pop3.IMailbox:
+                return pop3.IMailbox, Maildrop(self.mailboxes, login), lambda: None
+        raise NotImplementedError(interfaces)
+
+
+@implementer(ICredentialsChecker)
+class AnyAddressChecker:
+    """Lab mode: an address or C{all}, with any password."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
+        username = credentials.username
+        name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
+        if name.lower() == ALL or "@" in name.strip("@"):
+            return succeed(name.lower())
+        return fail(UnauthorizedLogin())

@@ -1,0 +1,654 @@
+"""
+The smtp kind's IMAP and POP3 sessions over its store, driven with string
+transports and a clock; the map keys that turn them on.
+"""
+
+from __future__ import annotations
+
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.mail.imap4 import IllegalClientResponse
+
+from netd.config import ConfigErrors, parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
+from netd.services.smtp import extract
+from netd.services.smtp.address import Mailbox
+from netd.services.smtp.imap import IMAPSession
+from netd.services.smtp.mailbox import (
+    MAX_WAITING_COMMANDS,
+    Access,
+    AnyAddressChecker,
+    Mailboxes,
+    MailRealm,
+    compile_search,
+    uid_validity,
+)
+from netd.services.smtp.pop3 import POP3Session
+from netd.services.smtp.server import Transaction
+from netd.services.smtp.spool import Spool
+from netd.services.smtp.store import MailStore
+from tests.fakes.transports import TLSStringTransport
+
+STARTTLS = object()
+
+
+def result_of(deferred: Deferred[Any]) -> Any:
+    found: list[Any] = []
+    deferred.addBoth(found.append)
+    (result,) = found
+    return result
+
+
+class Lab:
+    """A store with mailboxes, on a clock, with sessions on fake transports."""
+
+    def __init__(self, tmp_path: Path, allow_insecure_auth: bool = True) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.journal = Journal(self.clock)
+        context = BuildContext(
+            reactor=self.clock,
+            name="mail",
+            state_dir=tmp_path,
+            journal=self.journal,
+            stats=ServiceStats(),
+            log=Logger(),
+            tls={},
+        )
+        self.store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
+        self.store.startService()
+        self.mailboxes = Mailboxes(self.store, uid_validity=42)
+        self.access = Access(
+            context=context,
+            mailboxes=self.mailboxes,
+            portal=Portal(MailRealm(self.mailboxes), [AnyAddressChecker()]),
+            starttls=STARTTLS,  # type: ignore[arg-type]
+            allow_insecure_auth=allow_insecure_auth,
+        )
+
+    def deliver(self, *to: str, subject: str = "s", body: str = "body") -> str:
+        transaction = Transaction(
+            sender=Mailbox("shop", "client.test"),
+            recipients=tuple(Mailbox(*r.split("@")) for r in to),
+            data=f"Subject: {subject}\r\nTo: {to[0]}\r\n\r\n{body}\r\n".encode(),
+            helo="c.test",
+            client="127.0.0.1",
+            user=None,
+            protocol="ESMTP",
+        )
+        id: str = result_of(self.store.accept(transaction))
+        return id
+
+    def imap(self, secure: bool = False) -> tuple[IMAPSession, TLSStringTransport]:
+        session = IMAPSession(self.access, secure)
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        return session, transport
+
+    def pop3(self, secure: bool = False) -> tuple[POP3Session, TLSStringTransport]:
+        session = POP3Session(self.access, secure)
+        transport = TLSStringTransport()
+        session.makeConnection(transport)
+        return session, transport
+
+
+def pump(lab: Lab, transport: TLSStringTransport) -> None:
+    """Run a FETCH through: its turns on the clock, its literals pulled as a socket would."""
+    for _ in range(10):
+        lab.clock.advance(0)
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+
+
+def said(transport: TLSStringTransport) -> list[bytes]:
+    lines = transport.value().split(b"\r\n")
+    transport.clear()
+    return [line for line in lines if line]
+
+
+def test_imap_select_fetch_and_expunge_reach_the_store(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    kept = lab.deliver("ann@netd.test", subject="one")
+    gone = lab.deliver("ann@netd.test", subject="two")
+    lab.deliver("ben@netd.test")
+    session, transport = lab.imap()
+    said(transport)
+    session.dataReceived(b"a LOGIN ann@netd.test anything\r\na SELECT INBOX\r\n")
+    lines = said(transport)
+    assert b"* 2 EXISTS" in lines and lines[-1] == b"a OK [READ-WRITE] SELECT successful"
+    session.dataReceived(b"b FETCH 1:* (UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    reply = transport.value()
+    assert b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {14}\r\nSubject: one" in reply
+    assert b"* 2 FETCH (UID 2 FLAGS ()" in reply and reply.endswith(b"b OK FETCH completed\r\n")
+    transport.clear()
+    session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
+    assert said(transport)[-2:] == [b"* 2 EXPUNGE", b"d OK EXPUNGE completed"]
+    assert list(lab.store.messages) != [kept, gone] and gone not in lab.store.messages
+
+
+def test_imap_idle_hears_of_new_and_removed_mail(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc IDLE\r\n")
+    assert said(transport)[-1] == b"+"
+    lab.deliver("ann@netd.test")
+    lab.deliver("ben@netd.test")  # not ann's
+    assert said(transport) == [b"* 2 EXISTS"]
+    result_of(lab.store.remove(first))
+    assert said(transport) == [b"* 1 EXPUNGE"]
+    session.dataReceived(b"DONE\r\n")
+    assert said(transport) == [b"c OK IDLE terminated"]
+
+
+def test_imap_says_expunge_at_a_command_that_allows_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test", subject="one")
+    lab.deliver("ann@netd.test", subject="two")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    result_of(lab.store.remove(first))
+    assert said(transport) == []  # no command in progress
+    session.dataReceived(b"c FETCH 2 (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    # Still numbered as the client knows them: 2 is "two", and no EXPUNGE with a FETCH.
+    assert said(transport) == [
+        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {14}",
+        b"Subject: two",
+        b")",
+        b"c OK FETCH completed",
+    ]
+    session.dataReceived(b"d NOOP\r\n")
+    assert said(transport) == [b"* 1 EXPUNGE", b"d OK NOOP No operation performed"]
+    session.dataReceived(b"e FETCH 1 (UID)\r\n")
+    lab.clock.advance(0)
+    assert said(transport) == [b"* 1 FETCH (UID 2)", b"e OK FETCH completed"]
+
+
+def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, allow_insecure_auth=False)
+    session, transport = lab.imap()
+    assert b"LOGINDISABLED" in said(transport)[0]
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"a BAD LOGIN is disabled before STARTTLS"]
+    session.dataReceived(b"b STARTTLS\r\nc LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"b OK Begin TLS negotiation now"]
+    assert transport.started_tls == [STARTTLS]
+    session.dataReceived(b"d LOGIN ann@netd.test x\r\n")
+    assert said(transport) == [b"d OK LOGIN succeeded"]
+
+
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        (b"a LOGIN", b"a BAD Illegal syntax: Missing argument"),
+        (
+            b"a LOGIN {4097}",
+            b"a BAD Illegal syntax: Literal too long! I accept at most 4096 octets",
+        ),
+        (b"a APPEND INBOX {3}", b"a BAD Unsupported command"),
+        (b"a SEARCH (FROM x", b"a BAD Illegal syntax: bad SEARCH keys: "),
+        (b"a SEARCH FROM", b"a BAD Illegal syntax: a search key lacks its argument"),
+        (b"a FETCH 1 (FLAGS", b"a BAD Illegal syntax: bad FETCH items: Whitespace expected"),
+        (b"a FETCH 1:1000000 FLAGS", b"a OK FETCH completed"),
+        (b"a STORE 1 FLAGS \\Seen", b"a NO STORE on a read-only mailbox (EXAMINE)"),
+    ],
+)
+def test_imap_bad_input_gets_bad_and_the_session_goes_on(
+    tmp_path: Path, command: bytes, answer: bytes
+) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    if not command.startswith(b"a LOGIN"):
+        session.dataReceived(b"x LOGIN ann@netd.test x\r\ny EXAMINE INBOX\r\n")
+    said(transport)
+    session.dataReceived(command + b"\r\n")
+    lab.clock.advance(0)
+    lab.clock.advance(0)
+    assert said(transport)[-1].startswith(answer)
+    session.dataReceived(b"z NOOP\r\n")
+    assert said(transport)[-1] == b"z OK NOOP No operation performed"
+
+
+def test_imap_overlong_line_says_bye(tmp_path: Path) -> None:
+    session, transport = Lab(tmp_path).imap()
+    said(transport)
+    session.dataReceived(b"a " + b"x" * 20000)
+    assert said(transport) == [b"* BYE Line too long"] and transport.disconnecting
+
+
+def test_search_keys_compile_once_and_refuse_unknown_ones() -> None:
+    assert not compile_search([b"FROM", b"x", [b"OR", b"SEEN", b"UNSEEN"]]).needs_text
+    assert compile_search([b"NOT", b"TEXT", b"code"]).needs_text
+    for bad in ([b"SINCE", b"yesterday"], [b"NOSUCHKEY"], [b"LARGER", b"big"], []):
+        with pytest.raises(IllegalClientResponse):
+            compile_search(bad)
+
+
+def test_pop3_refuses_before_login_then_serves_and_deletes_at_quit(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    first = lab.deliver("ann@netd.test", body=".dot")
+    second = lab.deliver("ann@netd.test")
+    session, transport = lab.pop3()
+    assert said(transport) == [b"+OK netd POP3 ready"]
+    for command in (b"STAT", b"RETR 1", b"DELE 1", b"BOGUS"):
+        session.dataReceived(command + b"\r\n")
+        assert said(transport)[0].startswith(b"-ERR not authenticated yet")
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nSTAT\r\n")
+    lab.clock.advance(0)
+    size = lab.store.messages[first].size + lab.store.messages[second].size
+    assert said(transport)[-1] == b"+OK 2 %d" % size
+    session.dataReceived(b"RETR 1\r\n")
+    while transport.producer is not None:  # a real transport pulls as it writes
+        transport.producer.resumeProducing()
+    assert b"\r\n..dot\r\n.\r\n" in transport.value()
+    transport.clear()
+    session.dataReceived(b"DELE 1\r\nDELE 9\r\nDELE x\r\n")
+    assert [line[:4] for line in said(transport)] == [b"+OK ", b"-ERR", b"-ERR"]
+    assert first in lab.store.messages
+    session.dataReceived(b"QUIT\r\n")
+    assert list(lab.store.messages) == [second]
+
+
+def test_logins_are_counted_and_journaled(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER nobody\r\nPASS x\r\nUSER Ann@netd.test\r\nPASS x\r\n")
+    assert said(transport)[-1] == b"+OK Authentication succeeded"
+    imap, imap_transport = lab.imap()
+    imap.dataReceived(b"a LOGIN all x\r\n")
+    events = [(e.type, dict(e.fields)) for e in lab.journal.select(0, "mail", ())]
+    assert events == [
+        ("mailbox.login_failed", {"protocol": "pop3", "client": "192.168.1.1", "user": "nobody"}),
+        (
+            "mailbox.login",
+            {"protocol": "pop3", "client": "192.168.1.1", "user": "ann@netd.test", "tls": False},
+        ),
+        (
+            "mailbox.login",
+            {"protocol": "imap", "client": "192.168.1.1", "user": "all", "tls": False},
+        ),
+    ]
+    snapshot = lab.access.context.stats.snapshot()
+    assert snapshot["smtp_mailbox_logins"] == 2 and snapshot["smtp_mailbox_login_failures"] == 1
+    imap.close_gracefully()
+    assert said(imap_transport)[-1] == b"* BYE netd closes this session"
+    assert imap_transport.disconnecting
+
+
+def test_an_old_store_forgets_in_the_serving_one_too(tmp_path: Path) -> None:
+    old = Lab(tmp_path)
+    id = old.deliver("ann@netd.test")
+    new = Lab(tmp_path)  # a reload's replacement: it serves the spool now
+    assert id in new.store.messages and id in new.mailboxes.uids
+    result_of(old.store.forget([id]))
+    assert id not in new.store.messages and id not in new.mailboxes.uids
+
+
+def test_imap_makes_the_service_wait_for_idle_clients(tmp_path: Path) -> None:
+    plain = _service(tmp_path, "")
+    pop3 = _service(
+        tmp_path, "    pop3: {listen: ['tcp:0']}\n    mailboxes: {any_password: true}\n"
+    )
+    imap = _service(
+        tmp_path, "    imap: {listen: ['tcp:0']}\n    mailboxes: {any_password: true}\n"
+    )
+    assert plain.idle_timeout == pop3.idle_timeout == 600
+    assert imap.idle_timeout == 1800
+
+
+def test_pop3_stls_drops_what_came_with_it_and_guards_login(tmp_path: Path) -> None:
+    lab = Lab(tmp_path, allow_insecure_auth=False)
+    session, transport = lab.pop3()
+    said(transport)
+    session.dataReceived(b"CAPA\r\n")
+    assert said(transport) == [
+        b"+OK I can do the following:",
+        b"TOP",
+        b"UIDL",
+        b"RESP-CODES",
+        b"IMPLEMENTATION netd",
+        b"STLS",
+        b".",
+    ]
+    session.dataReceived(b"USER ann@netd.test\r\n")
+    assert said(transport) == [b"-ERR [AUTH] STLS first"]
+    session.dataReceived(b"STLS\r\nUSER mallory@netd.test\r\n")
+    assert said(transport) == [b"+OK Begin TLS negotiation"]
+    assert transport.started_tls == [STARTTLS]
+    session.dataReceived(b"STLS\r\n")
+    assert said(transport) == [b"-ERR TLS already active"]
+
+
+def test_pop3_overlong_line_is_refused(tmp_path: Path) -> None:
+    session, transport = Lab(tmp_path).pop3()
+    said(transport)
+    session.dataReceived(b"USER " + b"a" * 2000 + b"\r\nUSER ann@netd.test\r\n")
+    assert said(transport) == [b"-ERR line too long", b"+OK USER accepted, send PASS"]
+    session.dataReceived(b"x" * 2000)
+    assert said(transport) == [b"-ERR line too long"] and transport.disconnecting
+
+
+def _service(tmp_path: Path, extra: str) -> Any:
+    text = (
+        "tls: {lab: {self_signed: [localhost]}}\n"
+        "services:\n  mail:\n    type: smtp\n    listen: ['tcp:0']\n" + extra
+    )
+    return parse_config(text, tmp_path / "netd.yaml").services["mail"]
+
+
+def test_imap_and_pop3_sections_add_tagged_listeners(tmp_path: Path) -> None:
+    service = _service(
+        tmp_path,
+        "    imap: {listen: ['tcp:1143', {endpoint: 'ssl:1993', tls: lab}]}\n"
+        "    pop3: {listen: 'tcp:1110'}\n"
+        "    mailboxes: {users: {Ann@netd.test: {password: pw}}}\n",
+    )
+    assert [(lst.endpoint, lst.protocol, lst.tls) for lst in service.listen] == [
+        ("tcp:0", None, False),
+        ("tcp:1143", "imap", False),
+        ("ssl:1993", "imap", True),
+        ("tcp:1110", "pop3", False),
+    ]
+    assert service.options.mailboxes.users == {"ann@netd.test": "pw"}
+    assert service.tls_profiles == {"lab"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ("    imap: {listen: ['tcp:1143']}\n", "imap need 'mailboxes'"),
+        (
+            "    pop3: {listen: ['tcp:1110']}\n    mailboxes: {any_password: true}\n"
+            "    delivery: {mode: mx}\n",
+            "pop3 read captured mail: delivery mode capture",
+        ),
+        ("    imap: {port: 1}\n    mailboxes: {any_password: true}\n", "missing required key"),
+        (
+            "    imap: {listen: ['tcp:0'], x: 1}\n    mailboxes: {any_password: true}\n",
+            "unknown key",
+        ),
+        ("    imap: {listen: ['udp:0']}\n    mailboxes: {any_password: true}\n", "datagram"),
+        ("    imap: {listen: ['tcp:0']}\n    mailboxes: {}\n", "no one can log in"),
+    ],
+)
+def test_mailbox_map_errors(tmp_path: Path, extra: str, error: str) -> None:
+    with pytest.raises(ConfigErrors) as raised:
+        _service(tmp_path, extra)
+    assert any(error in str(e) for e in raised.value.errors), raised.value.errors
+
+
+def _mail(text: str, html: str | None = None, attachment: str | None = None) -> bytes:
+    mail = EmailMessage()
+    mail["Subject"] = "Sign in"
+    mail.set_content(text)
+    if html is not None:
+        mail.add_alternative(html, subtype="html")
+    if attachment is not None:
+        mail.add_attachment(attachment, filename="notes.txt")
+    return bytes(mail)
+
+
+def test_links_come_from_text_and_html_in_order_each_once() -> None:
+    raw = _mail(
+        "Open https://app.test/a?x=1&y=2. Or (https://app.test/b), not ftp://app.test/c",
+        '<a href="https://app.test/a?x=1&amp;y=2">a</a><a href="mailto:x@y">m</a>'
+        '<area href="https://app.test/map"><script>"https://app.test/hidden"</script>',
+        attachment="https://app.test/attached",
+    )
+    assert extract.links(raw) == [
+        "https://app.test/a?x=1&y=2",
+        "https://app.test/b",
+        "https://app.test/map",
+    ]
+
+
+def test_codes_stand_alone_outside_links_or_match_the_configured_pattern() -> None:
+    raw = _mail(
+        "Code 482913. Order #12, 2026-12-03 10:30:45, v1.2345, 12345678901, "
+        "https://app.test/c?code=99887766",
+        "<p>Your PIN:<b>4321</b></p><style>.a{width:5555px}</style>",
+    )
+    assert extract.codes(raw) == ["482913", "4321"]
+    assert extract.codes(raw, r"PIN:\s*(\d+)") == ["4321"]
+    assert extract.codes(_mail("no digits here")) == []
+
+
+def test_codes_key_is_a_regular_expression(tmp_path: Path) -> None:
+    assert _service(tmp_path, "    codes: 'PIN (\\d+)'\n").options.codes == "PIN (\\d+)"
+    for bad, error in (("'('", "not a regular expression"), ("'(a)(b)'", "one group at most")):
+        with pytest.raises(ConfigErrors) as raised:
+            _service(tmp_path, f"    codes: {bad}\n")
+        assert error in str(raised.value.errors[0])
+
+
+def test_store_answers_links_and_codes_of_a_message(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    id = lab.deliver("ann@netd.test", body="Code 1234 at https://app.test/x")
+    assert result_of(lab.store.item(f"{id}/links")) == {"links": ["https://app.test/x"]}
+    assert result_of(lab.store.item(f"{id}/codes")) == {"codes": ["1234"]}
+    assert result_of(lab.store.item(f"{id}/other")) is None
+    assert result_of(lab.store.item("missing/links")) is None
+    assert result_of(lab.store.remove(id)) == {"deleted": 1}
+    assert result_of(lab.store.remove(id)) is None
+
+
+def test_imap_list_status_and_search_body_against_text(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", subject="hello", body="world")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\n")
+    said(transport)
+    for command, listed in (
+        (b'LIST "" "*"', [b'* LIST (\\Seen \\Answered \\Flagged \\Deleted \\Draft) "/" "INBOX"']),
+        (b'LIST "" "in%"', [b'* LIST (\\Seen \\Answered \\Flagged \\Deleted \\Draft) "/" "INBOX"']),
+        (b'LIST "" ""', [b'* LIST (\\Noselect) "/" ""']),
+        (b'LIST "" "Other*"', []),
+    ):
+        session.dataReceived(b"l " + command + b"\r\n")
+        assert said(transport)[:-1] == listed, command
+    for _ in range(3):
+        session.dataReceived(b"s STATUS INBOX (MESSAGES UNSEEN UIDNEXT)\r\n")
+        assert said(transport)[0] == b"* STATUS INBOX (MESSAGES 1 UNSEEN 1 UIDNEXT 2)"
+    assert lab.mailboxes.inboxes == []  # STATUS views do not follow the store
+    session.dataReceived(b"x SELECT INBOX\r\n")
+    said(transport)
+    assert len(lab.mailboxes.inboxes) == 1
+    for keys, found in ((b"TEXT hello", b"* SEARCH 1"), (b"BODY hello", b"* SEARCH ")):
+        session.dataReceived(b"f SEARCH " + keys + b"\r\n")
+        assert said(transport)[0] in (found, found.rstrip()), keys
+    session.dataReceived(b"c CLOSE\r\n")
+    assert lab.mailboxes.inboxes == []
+
+
+def test_pop3_deleted_messages_leave_stat_and_list(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for _ in range(2):
+        lab.deliver("ann@netd.test")
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nDELE 1\r\n")
+    said(transport)
+    session.dataReceived(b"STAT\r\n")
+    lab.clock.advance(0)
+    size = lab.store.messages[list(lab.store.messages)[1]].size
+    assert said(transport) == [b"+OK 1 %d" % size]
+    session.dataReceived(b"LIST\r\nLIST 1\r\nLIST 2\r\nUIDL 1\r\nLIST x\r\n")
+    assert said(transport) == [
+        b"+OK 1 messages",
+        b"2 %d" % size,
+        b".",
+        b"-ERR no such message",
+        b"+OK 2 %d" % size,
+        b"-ERR no such message",
+        b"-ERR no such message",
+    ]
+    session.dataReceived(b"UIDL\r\nRETR 1\r\n")
+    assert said(transport) == [
+        b"+OK 1 messages",
+        b"2 " + list(lab.store.messages)[1].encode(),
+        b".",
+        b"-ERR message deleted",
+    ]
+
+
+def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=Mailbox("shop", "client.test"),
+        recipients=(Mailbox("ann", "netd.test"),),
+        data=(
+            "Subject: Grüße =?utf-8?q?caf=C3=A9?=\r\nFrom: Jörg <j@x.test>\r\n\r\nHällo\r\n"
+        ).encode(),
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    result_of(lab.store.accept(transaction))
+    [listed] = result_of(lab.store.list({}))["messages"]
+    assert listed["subject"] == "Grüße =?utf-8?q?caf=C3=A9?="
+    assert ["From", "Jörg <j@x.test>"] in listed["headers"]
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (ENVELOPE)\r\n")
+    lab.clock.advance(0)
+    envelope = said(transport)[0]
+    assert envelope.startswith(b'* 1 FETCH (ENVELOPE (NIL "=?utf-8?b?')
+    assert b'(("=?utf-8?b?SsO2cmc=?=" NIL "j" "x.test"))' in envelope
+    assert not transport.disconnecting
+    for needle in ("grüße".encode(), b"CAF\xc3\xa9", "jörg".encode()):
+        key = b"FROM" if needle.startswith(b"j") else b"SUBJECT"
+        session.dataReceived(b"s SEARCH CHARSET UTF-8 " + key + b" " + needle + b"\r\n")
+        assert said(transport)[0] == b"* SEARCH 1", needle
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"Subject: single\r\n\r\nbody\r\n",
+        b"Content-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\n\r\none\r\n--zz--\r\n",
+        b"Content-Type: multipart/mixed\r\n\r\nno boundary\r\n",
+        b"Content-Type: text\r\nDate: not a date\r\nFrom: <<>>@@\r\n\r\nx\r\n",
+    ],
+)
+def test_a_part_the_message_lacks_is_nil_and_the_session_goes_on(
+    tmp_path: Path, data: bytes
+) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=None,
+        recipients=(Mailbox("ann", "netd.test"),),
+        data=data,
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (BODY[5] BODY[1.3] ENVELOPE BODYSTRUCTURE)\r\n")
+    for _ in range(3):
+        lab.clock.advance(0)
+    answer = transport.value()
+    assert answer.startswith(b"* 1 FETCH (BODY[5] NIL BODY[1.3] NIL ENVELOPE (")
+    assert answer.endswith(b"c OK FETCH completed\r\n") and not transport.disconnecting
+
+
+def test_each_build_of_a_spools_mailboxes_has_a_larger_uid_validity(tmp_path: Path) -> None:
+    first = uid_validity(tmp_path / "a", 1_800_000_000.5)
+    assert first == 1_800_000_000
+    assert uid_validity(tmp_path / "a", 1_800_000_000.9) == first + 1  # a reload, same second
+    assert uid_validity(tmp_path / "b", 1_800_000_000.9) == first
+    assert uid_validity(tmp_path / "a", 1_900_000_000) == 1_900_000_000
+
+
+def test_three_failed_logins_end_the_session(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    imap, imap_transport = lab.imap()
+    pop3, pop3_transport = lab.pop3()
+    said(imap_transport)
+    said(pop3_transport)
+    for attempt in (1, 2, 3):
+        imap.dataReceived(b"a%d LOGIN nobody x\r\n" % attempt)
+        pop3.dataReceived(b"USER nobody\r\nPASS x\r\n")
+        lab.clock.advance(0)
+        lines = said(imap_transport)
+        assert lines[0] == b"a%d NO LOGIN failed" % attempt
+        assert (b"* BYE Too many failed logins" in lines) == (attempt == 3)
+        assert said(pop3_transport)[-1] == b"-ERR Authentication failed"
+        assert imap_transport.disconnecting == pop3_transport.disconnecting == (attempt == 3)
+
+
+def test_fetching_a_body_sets_seen_and_says_so_once(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", body="text")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb EXAMINE INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (BODY[TEXT])\r\n")  # read-only: nothing set
+    pump(lab, transport)
+    assert said(transport)[-1] == b"c OK FETCH completed"
+    assert lab.mailboxes.flags[next(iter(lab.store.messages))] == set()
+    session.dataReceived(b"d SELECT INBOX\r\n")
+    said(transport)
+    for tag in (b"e", b"f"):
+        session.dataReceived(tag + b" FETCH 1 (BODY[TEXT])\r\n")
+        pump(lab, transport)
+        answer = transport.value()
+        transport.clear()
+        assert answer.endswith(tag + b" OK FETCH completed\r\n")
+        assert (b" FLAGS (\\Seen))\r\n" in answer) == (tag == b"e")
+
+
+def test_pop3_stuffs_a_dot_at_the_start_of_a_message_or_of_a_chunk(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test")
+    session, _ = lab.pop3()
+    session.dataReceived(b"USER ann@netd.test\r\nPASS x\r\n")
+    # Twisted's file sender hands RETR's message over in 16 KiB chunks, lines
+    # ending in LF, through transformChunk; a line may start a chunk.
+    session.dataReceived(b"RETR 1\r\n")
+    chunks = [b".first\nmid", b"dle\n", b".line\n.\n", b"", b"..two\n"]
+    sent = b"".join(session.transformChunk(chunk) for chunk in chunks)
+    assert sent == b"..first\r\nmiddle\r\n..line\r\n..\r\n...two\r\n"
+    session.do_TOP(b"1", b"0")  # a new answer starts at a line's start
+    assert session.transformChunk(b".x") == b"..x"
+
+
+def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", body="x" * 50_000)
+    imap, imap_transport = lab.imap()
+    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (BODY[])\r\n")
+    lab.clock.advance(0)  # the message is read; its literal waits for the socket
+    pop3, pop3_transport = lab.pop3()
+    pop3.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nRETR 1\r\n")
+    for session, transport, command in (
+        (imap, imap_transport, b"n NOOP\r\n"),
+        (pop3, pop3_transport, b"NOOP\r\n"),
+    ):
+        session.dataReceived(b"BOGUS\r\n" + command * (MAX_WAITING_COMMANDS - 2))
+        assert transport.producerState == "producing"
+        session.dataReceived(command)
+        assert transport.producerState == "paused"
+        pump(lab, transport)
+        assert transport.producerState == "producing"
+        # Every command queued is answered, the bad one too.
+        assert transport.value().count(b"OK") >= MAX_WAITING_COMMANDS - 1
+        assert b"BAD" in transport.value() or b"-ERR" in transport.value()
