@@ -99,6 +99,14 @@ class BuildContext:
     stats: ServiceStats
     log: Logger
     tls: Mapping[str, IOpenSSLServerConnectionCreator]
+    carried: dict[str, Any] = attrs.field(factory=dict)
+    """
+    What a service hands to its successor of the same name when a reload
+    rebuilds it (state changed at run time, outside the map); the same dict
+    for every build of the name, forgotten once the service leaves the map.
+    A kind reads it while building and writes it only once started, so a
+    replacement whose reload fails leaves its predecessor's state as it was.
+    """
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)

@@ -96,6 +96,7 @@ class RunningService(ListenerGroup, Service):
         journal: Journal,
         tls_creators: Mapping[str, IOpenSSLServerConnectionCreator],
         state_dir: Path,
+        carried: dict[str, Any] | None = None,
     ) -> None:
         # Not setName(): during a reload the old and the new service of one
         # name overlap while the old one drains.
@@ -115,6 +116,7 @@ class RunningService(ListenerGroup, Service):
             stats=self.stats,
             log=Logger(namespace=f"netd.{config.name}"),
             tls=tls_creators,
+            carried={} if carried is None else carried,
         )
         self.handlers: Handlers = load_kind(config.type).build(config, self.context)
         self.connections = ConnectionSet(
@@ -243,6 +245,7 @@ class Daemon(MultiService):
         self.admin: AdminServer | None = None
         self.ready = False
         self._reloading = False
+        self._carried: dict[str, dict[str, Any]] = {}
 
     def _running_service(
         self,
@@ -259,6 +262,7 @@ class Daemon(MultiService):
                 self.journal,
                 creators,
                 config.state_dir,
+                self._carried.setdefault(service_config.name, {}),
             )
         except Exception as e:
             reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
@@ -467,6 +471,8 @@ class Daemon(MultiService):
         # Recording costs a little per connection: only when someone can read it.
         self.journal.active = new.admin is not None or new.log.events
         self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}
+        for name in stopped:
+            self._carried.pop(name, None)
         for running in fresh.values():
             running.setServiceParent(self)
             running.announce()

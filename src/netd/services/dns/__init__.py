@@ -12,6 +12,10 @@ its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
       cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
       udp_payload: 1232
       query_log: true
+      persist: live-records.json
+
+Local records change at run time through the admin API's C{records} view
+(L{netd.services.dns.live}); a reload keeps those changes.
 
 Queries are read and answered at the byte level (L{netd.services.dns.wire}):
 local answers are prepared once per name and type, cached upstream answers are
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.services.dns.live import RecordsService, records_view
 from netd.services.dns.options import CacheOptions, Options, parse
 from netd.services.dns.server import Datagrams, Server, StreamFactory
 
@@ -42,7 +47,11 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         datagram=datagram,
-        views={"queries": AdminView(list=server.list_queries, clear=server.clear_queries)},
+        service=RecordsService(server.records),
+        views={
+            "queries": AdminView(list=server.list_queries, clear=server.clear_queries),
+            "records": records_view(server.records, options.ttl),
+        },
     )
 
 

@@ -59,7 +59,7 @@ class LocalData:
         self.zones: set[bytes] = {o for o, node in self.sets.items() if dns.SOA in node}
         for owner in sorted(self.sets, key=len):
             base = owner[2:] if owner.startswith(_WILDCARD) else owner
-            if self._zone_of(base) is None:
+            if self.zone_of(base) is None:
                 self.zones.add(base)
                 self.sets.setdefault(base, {})[dns.SOA] = (
                     negative_ttl,
@@ -76,7 +76,7 @@ class LocalData:
                 name = parent(name)
         self._prepared: dict[tuple[bytes, int], Sections | None] = {}
 
-    def _zone_of(self, name: bytes) -> bytes | None:
+    def zone_of(self, name: bytes) -> bytes | None:
         candidate: bytes | None = name
         while candidate is not None:
             if candidate in self.zones:
@@ -85,7 +85,7 @@ class LocalData:
         return None
 
     def is_local(self, name: bytes) -> bool:
-        return self._zone_of(name) is not None
+        return self.zone_of(name) is not None
 
     def answer(self, name: bytes, qtype: int) -> Sections | None:
         """The sections answering C{name}/C{qtype}, or None for a name that is not ours."""
@@ -115,7 +115,7 @@ class LocalData:
         return self.sets.get(_WILDCARD + encloser)
 
     def _build(self, qname: bytes, qtype: int) -> Sections | None:
-        zone = self._zone_of(qname)
+        zone = self.zone_of(qname)
         if zone is None:
             return None
         answers: list[bytes] = []
@@ -139,7 +139,7 @@ class LocalData:
                 return self._negative(NOERROR, zone, answers)
             answers.extend(_records(owner, dns.CNAME, *cname))
             target = cname[1][0]
-            target_zone = self._zone_of(target)
+            target_zone = self.zone_of(target)
             if target_zone is None:
                 # The rest of the chain is someone else's: the client asks for it.
                 break

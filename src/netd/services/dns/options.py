@@ -53,6 +53,7 @@ class Options:
     query_log: bool = False
     ttl: int = 60
     udp_payload: int = EDNS_PAYLOAD
+    persist: Path | None = None
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -87,6 +88,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         query_log=section.flag("query_log", False),
         ttl=ttl,
         udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
+        persist=section.file_path("persist"),
     )
     return options
 

@@ -24,6 +24,7 @@ from netd.services.dns.data import (
     type_name,
 )
 from netd.services.dns.forward import Cache, Forwarder
+from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
 from netd.services.dns.wire import (
@@ -79,7 +80,20 @@ class Server:
         self.context = context
         self.stats = context.stats
         self.clock = context.reactor
-        self.local = LocalData(options.records, options.cache.negative_ttl)
+        saver = (
+            Saver(options.persist, in_thread(context.reactor), context.log)
+            if options.persist is not None
+            else None
+        )
+        self.records = Records(
+            options.records,
+            options.cache.negative_ttl,
+            context.carried,
+            self._local_changed,
+            context.emit,
+            saver,
+        )
+        self.local = self.records.local
         self.forwarder = (
             Forwarder(context.reactor, options.forward, context.stats, payload=options.udp_payload)
             if options.forward
@@ -165,6 +179,11 @@ class Server:
             .addCallback(self._reply, query, limit, client, udp, "upstream", started)
             .addErrback(self._crashed, query, limit)
         )
+
+    def _local_changed(self, local: LocalData) -> None:
+        self.local = local
+        # Replies prepared from the old records must not be sent again.
+        self.prepared.clear()
 
     def _answer_now(self, query: Query, recursion: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
