@@ -5,22 +5,36 @@ reload carries over, the persist file's writer on a fake thread.
 
 from __future__ import annotations
 
+import base64
+import functools
 import json
+import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.message as dns_message
+import dns.rcode as dns_rcode
+import dns.tsigkeyring as dns_tsigkeyring
+import dns.update as dns_update
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.names import dns
 
-from netd.kinds import ViewRefused
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext, ViewRefused
 from netd.schema import ConfigErrors
 from netd.services.dns.data import parse_rdata
 from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
 from netd.services.dns.local import LocalData
+from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
+from tests.unit.test_dns import DNS
 
 SOA = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 7 3600 600 86400 30", None)
 WWW = name_to_wire("www.z.test")
@@ -195,3 +209,111 @@ def test_the_view_refuses_bad_writes_with_paths() -> None:
     assert deep.value.status == 404
     assert view.remove("nothing.z.test") is None
     assert serial(records) == 7
+
+
+# -- RFC 2136 UPDATE through the server, on a fake clock ----------------------------
+
+SECRET = base64.b64encode(b"k" * 32).decode()
+KEYRING = dns_tsigkeyring.from_text({"ci-key": ("hmac-sha256", SECRET)})
+UPDATABLE = f"""\
+    records:
+      www.dyn.test: {{A: [10.0.0.1]}}
+    update:
+      keys: {{ci-key: {{secret: "{SECRET}"}}}}
+      allow: [dyn.test, empty.test]
+"""
+
+
+def update_server(tmp_path: Path, clock: Clock) -> Server:
+    context = BuildContext(
+        reactor=clock,
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    return Server(DNS.parse(tmp_path, UPDATABLE), context)
+
+
+def send_update(server: Server, message: dns_message.Message) -> dns_message.Message:
+    answer = server.handle(message.to_wire(), ("127.0.0.1", 5000), True)
+    assert isinstance(answer, bytes)
+    return dns_message.from_wire(answer, keyring=False)
+
+
+def adding(zone: str = "dyn.test.", **kwargs: Any) -> dns_update.UpdateMessage:
+    message = dns_update.UpdateMessage(zone, **kwargs)
+    message.add(f"new.{zone}", 60, "A", "10.0.0.2")
+    return message
+
+
+def test_a_signed_update_is_checked_against_netds_clock(tmp_path: Path) -> None:
+    clock = Clock()  # 1970: every signature made now is hours out
+    server = update_server(tmp_path, clock)
+    late = send_update(server, adding(keyring=KEYRING, keyname="ci-key"))
+    assert (late.rcode(), late.tsig_error) == (dns_rcode.NOTAUTH, dns_rcode.BADTIME)
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
+    clock.advance(time.time())
+    done = send_update(server, adding(keyring=KEYRING, keyname="ci-key"))
+    assert (done.rcode(), done.tsig_error) == (dns_rcode.NOERROR, 0)
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) == a("10.0.0.2")
+    assert server.stats.snapshot()["update_rcode_NOTAUTH"] == 1
+
+
+def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(time.time())
+    server = update_server(tmp_path, clock)
+    assert server.records.local.is_local(name_to_wire("nothing.empty.test"))
+    done = send_update(server, adding("empty.test.", keyring=KEYRING, keyname="ci-key"))
+    assert done.rcode() == dns_rcode.NOERROR
+    assert server.records.get(name_to_wire("new.empty.test"), dns.A) == a("10.0.0.2")
+
+
+def test_unsigned_and_malformed_updates(tmp_path: Path) -> None:
+    server = update_server(tmp_path, Clock())
+    assert send_update(server, adding()).rcode() == dns_rcode.REFUSED
+    garbage = bytes([0, 1, 0x28, 0]) + b"\x00\x01" + b"\x00" * 6 + b"\x03dyn"
+    answer = server.handle(garbage, ("127.0.0.1", 5000), True)
+    assert isinstance(answer, bytes) and answer[3] & 0xF == dns_rcode.FORMERR
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
+
+
+def test_update_options_are_checked(tmp_path: Path) -> None:
+    found = DNS.errors(
+        tmp_path,
+        "    update:\n"
+        "      keys: {k: {algorithm: hmac-md4, secret: 'not base64!'}}\n"
+        "      allow: ['bad..zone']\n",
+    )
+    assert [e.split(": ", 1)[1] for e in found] == [
+        "services.dns.update.keys.k.algorithm: must be one of hmac-sha1, hmac-sha224,"
+        " hmac-sha256, hmac-sha384, hmac-sha512, got 'hmac-md4'",
+        "services.dns.update.keys.k.secret: not base64 (tsig-keygen and ddns-confgen print one)",
+        "services.dns.update.allow[0]: not a zone name: 'bad..zone'",
+    ]
+    assert DNS.errors(tmp_path, "    update: {allow: [a.test]}\n")[0].endswith(
+        "services.dns.update: update needs at least one key under keys: (unsigned updates are"
+        " refused)"
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300), counts=st.tuples(*[st.integers(0, 3)] * 4))
+def test_random_updates_get_an_answer_or_silence(body: bytes, counts: tuple[int, ...]) -> None:
+    server = unsigned_update_server()
+    data = struct.pack(">HHHHHH", 7, 0x2800, *counts) + body
+    answer = server.handle(data, ("127.0.0.1", 5000), True)
+    assert answer is None or answer[:2] == b"\x00\x07"
+    assert server.records.get(WWW_DYN, dns.A) == a("10.0.0.1")
+
+
+WWW_DYN = name_to_wire("www.dyn.test")
+
+
+@functools.cache
+def unsigned_update_server() -> Server:
+    """One server for every example: none of them may change anything."""
+    return update_server(Path("."), Clock())

@@ -15,7 +15,8 @@ its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
       persist: live-records.json
 
 Local records change at run time through the admin API's C{records} view
-(L{netd.services.dns.live}); a reload keeps those changes.
+(L{netd.services.dns.live}) and TSIG-signed RFC 2136 UPDATE messages
+(L{netd.services.dns.update}); a reload keeps those changes.
 
 Queries are read and answered at the byte level (L{netd.services.dns.wire}):
 local answers are prepared once per name and type, cached upstream answers are

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from netd.kinds import AdminView, ViewRefused
 from netd.schema import ConfigError, ConfigErrors, Position
 from netd.services.dns.data import TYPES, DataError, parse_rdata, type_name
-from netd.services.dns.local import LocalData
+from netd.services.dns.local import LocalData, made_up_soa
 from netd.services.dns.wire import name_to_text, name_to_wire
 
 __all__ = [
@@ -81,6 +81,8 @@ class Records:
     @param persist: C{persist: FILE}, read when nothing is carried (at start:
         a reload carries the changes in memory), written after each change.
     @param emit: journals one changed set.
+    @param zones: zones to serve even with no record in the map (those open to
+        updates), with a made-up SOA unless a zone above holds them.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class Records:
         changed: Callable[[LocalData], None],
         emit: Callable[..., None],
         saver: Saver | None = None,
+        zones: Sequence[bytes] = (),
     ) -> None:
         self.configured = configured
         self.negative_ttl = negative_ttl
@@ -98,7 +101,16 @@ class Records:
         self.changed = changed
         self.emit = emit
         self.saver = saver
-        self.map_sets = dict(_sets(LocalData(configured, negative_ttl)))
+        mapped = LocalData(configured, negative_ttl)
+        # A zone open to updates exists even if the map has no name in it yet.
+        missing = [z for z in zones if mapped.zone_of(z) is None]
+        if missing:
+            self.configured = configured = [
+                *configured,
+                *((z, names.SOA, negative_ttl, made_up_soa(z, negative_ttl)) for z in missing),
+            ]
+            mapped = LocalData(configured, negative_ttl)
+        self.map_sets = dict(_sets(mapped))
         previous = carried.get(_CARRIED)
         if isinstance(previous, LiveChanges):
             known = previous.changes

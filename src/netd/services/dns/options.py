@@ -21,6 +21,7 @@ from netd.services.dns.data import (
 )
 from netd.services.dns.forward import Upstream
 from netd.services.dns.local import made_up_soa
+from netd.services.dns.update import UpdateOptions, parse_update
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
@@ -54,6 +55,7 @@ class Options:
     ttl: int = 60
     udp_payload: int = EDNS_PAYLOAD
     persist: Path | None = None
+    update: UpdateOptions = attrs.field(factory=UpdateOptions)
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -89,6 +91,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         ttl=ttl,
         udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
         persist=section.file_path("persist"),
+        update=section.read("update", parse_update, UpdateOptions()),
     )
     return options
 

@@ -27,6 +27,7 @@ from netd.services.dns.forward import Cache, Forwarder
 from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
+from netd.services.dns.update import Updates
 from netd.services.dns.wire import (
     AA,
     BADVERS,
@@ -92,8 +93,12 @@ class Server:
             self._local_changed,
             context.emit,
             saver,
+            options.update.allow,
         )
         self.local = self.records.local
+        self.updates = Updates(
+            options.update, self.records, context.reactor, context.stats, context.log
+        )
         self.forwarder = (
             Forwarder(context.reactor, options.forward, context.stats, payload=options.udp_payload)
             if options.forward
@@ -139,6 +144,8 @@ class Server:
                     for counter in counters:
                         stats.count(counter)
                     return data[:2] + tail
+        if Updates.is_update(data):
+            return self.updates.handle(data, client)
         try:
             query = parse_query(data)
         except Malformed as e:
