@@ -439,6 +439,12 @@ def _read_services(
             if listen_value
             else ()
         )
+        for list_key in kind.listener_keys:
+            # A kind's own listener list (dns's doh:): each listener's protocol is its key.
+            extra = section.get(list_key)
+            if extra is not None:
+                more = _read_listeners(extra, used, datagram_allowed=False)
+                listen += tuple(attrs.evolve(listener, protocol=list_key) for listener in more)
         enabled = section.flag("enabled", True)
         for listener in listen if enabled else ():
             key = endpoints.identity(listener.endpoint)

@@ -188,6 +188,9 @@ class ServiceKind(Generic[Options]):
         says (421 and a reason), always fires first.
     @ivar per_client_default: the service's C{max_connections_per_client}
         when the map does not set it; 0 is no per-client limit.
+    @ivar listener_keys: keys of the service besides C{listen} that hold
+        stream listeners (dns's C{doh:}); each joins C{listen} with the key as
+        its C{protocol}.
     """
 
     name: str
@@ -197,6 +200,7 @@ class ServiceKind(Generic[Options]):
     protocols: tuple[str, ...] = ()
     longest_silence: Callable[[Options], float] | None = None
     per_client_default: int = 0
+    listener_keys: tuple[str, ...] = ()
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

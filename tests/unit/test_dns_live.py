@@ -16,6 +16,7 @@ from typing import Any
 
 import dns.message as dns_message
 import dns.rcode as dns_rcode
+import dns.rrset as dns_rrset
 import dns.tsigkeyring as dns_tsigkeyring
 import dns.update as dns_update
 import pytest
@@ -26,10 +27,12 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.names import dns
 
+from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, ViewRefused
 from netd.schema import ConfigErrors
 from netd.services.dns.data import parse_rdata
+from netd.services.dns.doh import max_age
 from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
 from netd.services.dns.local import LocalData
 from netd.services.dns.server import Server
@@ -317,3 +320,34 @@ WWW_DYN = name_to_wire("www.dyn.test")
 def unsigned_update_server() -> Server:
     """One server for every example: none of them may change anything."""
     return update_server(Path("."), Clock())
+
+
+def test_max_age_is_the_smallest_ttl_of_answer_and_authority() -> None:
+    reply = dns_message.make_response(dns_message.make_query("www.z.test", "A"))
+    reply.answer.append(dns_rrset.from_text("www.z.test.", 300, "IN", "A", "10.0.0.1"))
+    reply.answer.append(dns_rrset.from_text("www.z.test.", 90, "IN", "A", "10.0.0.2"))
+    reply.additional.append(dns_rrset.from_text("ns.z.test.", 5, "IN", "A", "10.0.0.3"))
+    assert max_age(reply.to_wire()) == 90
+    negative = dns_message.make_response(dns_message.make_query("no.z.test", "A"))
+    negative.authority.append(
+        dns_rrset.from_text("z.test.", 30, "IN", "SOA", "ns.z.test. h.z.test. 1 2 3 4 30")
+    )
+    assert max_age(negative.to_wire()) == 30
+    assert max_age(dns_message.make_query("x.test", "A").to_wire()) == 0
+    assert max_age(b"\x00\x01\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\x01") == 0  # cut short
+
+
+def test_doh_listeners_are_stream_listeners_of_their_own_list(tmp_path: Path) -> None:
+    found = DNS.errors(tmp_path, '    doh: ["udp:0"]\n')
+    assert found[0].endswith(
+        "services.dns.doh[0]: this service kind has no datagram (udp:) listener"
+    )
+    config = parse_config(
+        "services:\n  dns:\n    type: dns\n    listen: ['udp:0']\n"
+        "    doh: ['tcp:0:interface=127.0.0.1']\n",
+        tmp_path / "netd.yaml",
+    )
+    assert [(lst.endpoint, lst.protocol) for lst in config.services["dns"].listen] == [
+        ("udp:0", None),
+        ("tcp:0:interface=127.0.0.1", "doh"),
+    ]

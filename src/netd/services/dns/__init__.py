@@ -13,6 +13,7 @@ its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
       udp_payload: 1232
       query_log: true
       persist: live-records.json
+      doh: [{endpoint: "ssl:8443", tls: lab}]   # DNS over HTTPS, /dns-query
 
 Local records change at run time through the admin API's C{records} view
 (L{netd.services.dns.live}) and TSIG-signed RFC 2136 UPDATE messages
@@ -24,6 +25,8 @@ kept as the upstream sent them.  twisted.names encodes the configured records.
 """
 
 from __future__ import annotations
+
+from twisted.internet.interfaces import IProtocolFactory
 
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
@@ -38,8 +41,17 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: Options = service.options
     server = Server(options, context)
     factory = StreamFactory(server, service.idle_timeout)
+    doh: IProtocolFactory | None = None
+    if any(listener.protocol == "doh" for listener in service.listen):
+        # twisted.web (and h2) only for a service that serves DNS over HTTPS.
+        from netd.services.dns.doh import doh_site
 
-    def stream(listener: ListenerConfig) -> StreamFactory:
+        doh = doh_site(server, service.idle_timeout)
+
+    def stream(listener: ListenerConfig) -> IProtocolFactory:
+        if listener.protocol == "doh":
+            assert doh is not None
+            return doh
         return factory
 
     def datagram(listener: ListenerConfig) -> Datagrams:
@@ -56,4 +68,4 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True)
+DNS: ServiceKind[Options] = ServiceKind("dns", parse, build, datagram=True, listener_keys=("doh",))
