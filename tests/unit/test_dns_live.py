@@ -33,11 +33,12 @@ from netd.kinds import BuildContext, ViewRefused
 from netd.schema import ConfigErrors
 from netd.services.dns.data import parse_rdata
 from netd.services.dns.doh import max_age
+from netd.services.dns.forward import Forwarder, Forwarders, Upstream, UpstreamFailed
 from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
 from netd.services.dns.local import LocalData
 from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
-from tests.unit.test_dns import DNS
+from tests.unit.test_dns import DNS, UPSTREAMS, _FakeReactor, key
 
 SOA = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 7 3600 600 86400 30", None)
 WWW = name_to_wire("www.z.test")
@@ -350,4 +351,81 @@ def test_doh_listeners_are_stream_listeners_of_their_own_list(tmp_path: Path) ->
     assert [(lst.endpoint, lst.protocol) for lst in config.services["dns"].listen] == [
         ("udp:0", None),
         ("tcp:0:interface=127.0.0.1", "doh"),
+    ]
+
+
+# -- forwarding: attempts, zones, DoT options ------------------------------------
+
+
+def test_attempts_go_round_the_upstreams_again() -> None:
+    reactor = _FakeReactor()
+    stats = ServiceStats()
+    fwd = Forwarder(
+        reactor, UPSTREAMS, stats, timeout=0.5, socket_factory=reactor.socket, attempts=2
+    )
+    result = fwd.resolve(key("a.example"))
+    for _ in range(3):
+        reactor.advance(0.5)
+    assert [sock.peer for sock in reactor.sockets] == [u_peer(u) for u in UPSTREAMS * 2]
+    reactor.advance(0.5)
+    result.addErrback(lambda f: f.trap(UpstreamFailed))
+    assert stats.counters["upstream_failures"] == 4
+
+
+def u_peer(upstream: Upstream) -> tuple[str, int]:
+    return (upstream.host, upstream.port)
+
+
+def test_forward_zones_route_by_the_longest_suffix() -> None:
+    asked: list[tuple[str, bytes]] = []
+
+    class Recording(Forwarder):
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        def resolve(self, question: bytes) -> Deferred[bytes]:
+            asked.append((self.label, question))
+            return Deferred()
+
+    router = Forwarders(
+        Recording("default"),
+        {name_to_wire("corp.test"): Recording("corp"), name_to_wire("a.corp.test"): Recording("a")},
+    )
+    for name in ("x.a.corp.test", "b.corp.test", "corp.test", "example.com"):
+        router.resolve(key(name))
+    assert [label for label, _ in asked] == ["a", "corp", "corp", "default"]
+    failed = Forwarders(None, {}).resolve(key("example.com"))
+    assert failed.called
+    failed.addErrback(lambda f: f.trap(UpstreamFailed))
+
+
+def test_forward_options(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"not a certificate")
+    parsed = DNS.parse(
+        tmp_path,
+        "    forward:\n"
+        "      upstreams: ['127.0.0.1', 'tls://[::1]', {address: 'tls://10.0.0.1:8853',"
+        " server_name: dns.test}]\n"
+        "      timeout: 0.5\n"
+        "      attempts: 3\n"
+        "    forward_zones: {corp.test: ['10.1.1.1:5353']}\n",
+    )
+    assert parsed.forward == (
+        Upstream("127.0.0.1", 53),
+        Upstream("::1", 853, tls=True),
+        Upstream("10.0.0.1", 8853, tls=True, server_name="dns.test"),
+    )
+    assert (parsed.forward_timeout, parsed.forward_attempts) == (0.5, 3)
+    assert parsed.forward_zones == ((name_to_wire("corp.test"), (Upstream("10.1.1.1", 5353),)),)
+    assert str(parsed.forward[1]) == "tls://[::1]:853"
+    found = DNS.errors(
+        tmp_path,
+        f"    forward: [{{address: '10.0.0.1', server_name: x.test}},"
+        f" {{address: 'tls://10.0.0.2', ca: {ca}}}, 'tls://name.test']\n",
+    )
+    assert [e.split(": ", 1)[1].split(":")[0] for e in found] == [
+        "services.dns.forward[0]",
+        "services.dns.forward[1].ca",
+        "services.dns.forward[2]",
     ]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import attrs
+import yaml
 from twisted.names import dns
 
 from netd.config import TLSProfiles
@@ -19,7 +20,7 @@ from netd.services.dns.data import (
     parse_rdata,
     reverse_name,
 )
-from netd.services.dns.forward import Upstream
+from netd.services.dns.forward import Upstream, certificates
 from netd.services.dns.local import made_up_soa
 from netd.services.dns.update import UpdateOptions, parse_update
 from netd.services.dns.wire import (
@@ -48,6 +49,9 @@ class Options:
 
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
     forward: tuple[Upstream, ...] = ()
+    forward_timeout: float = 2.0
+    forward_attempts: int = 1
+    forward_zones: tuple[tuple[bytes, tuple[Upstream, ...]], ...] = ()
     cache: CacheOptions = CacheOptions()
     recursion_from: tuple[Network, ...] = LOOPBACK
     catch_all: bytes | None = None
@@ -81,9 +85,14 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         except ValueError:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
+    no_forward: tuple[tuple[Upstream, ...], float, int] = ((), 2.0, 1)
+    forward, forward_timeout, forward_attempts = section.read("forward", _forward, no_forward)
     options = Options(
         records=tuple(records),
-        forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
+        forward=forward,
+        forward_timeout=forward_timeout,
+        forward_attempts=forward_attempts,
+        forward_zones=section.read("forward_zones", _forward_zones, ()),
         cache=cache,
         recursion_from=section.networks("recursion_from", LOOPBACK),
         catch_all=catch_all,
@@ -177,9 +186,72 @@ def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
     return records
 
 
+def _forward(value: Value) -> tuple[tuple[Upstream, ...], float, int]:
+    """C{forward}: a list of upstreams, or {upstreams, timeout, attempts}."""
+    if not value.is_mapping:
+        return _upstreams(value), 2.0, 1
+    section = value.section()
+    upstreams_value = section.require("upstreams")
+    upstreams = _upstreams(upstreams_value) if upstreams_value is not None else ()
+    timeout = section.number("timeout", 2.0, minimum=0.1)
+    attempts = section.integer("attempts", 1, minimum=1, maximum=10)
+    section.finish()
+    return upstreams, timeout, attempts
+
+
+def _upstreams(value: Value) -> tuple[Upstream, ...]:
+    return _present(value.list_of(_upstream, single=True))
+
+
+def _forward_zones(value: Value) -> tuple[tuple[bytes, tuple[Upstream, ...]], ...]:
+    zones = []
+    for name, entry in value.items():
+        try:
+            zone = name_to_wire(name)
+        except (ValueError, UnicodeEncodeError):
+            entry.error(f"not a zone name: {name!r}")
+            continue
+        zones.append((zone, _upstreams(entry)))
+    return tuple(zones)
+
+
 def _upstream(value: Value) -> Upstream | None:
-    address = value.as_host_port(53, numeric=True)
-    return Upstream(*address) if address is not None else None
+    """C{IP[:PORT]}, C{tls://IP[:PORT]} or {address, server_name, ca} for a tls:// one."""
+    if not value.is_mapping:
+        return _address(value)
+    section = value.section()
+    address_value = section.require("address")
+    server_name = section.optional_str("server_name")
+    ca_value = section.get("ca")
+    section.finish()
+    upstream = _address(address_value) if address_value is not None else None
+    if upstream is None:
+        return None
+    ca = None
+    if ca_value is not None:
+        path = ca_value.as_path()
+        try:
+            ca = path.read_bytes()
+            certificates(ca)
+        except (OSError, ValueError) as e:
+            ca_value.error(f"cannot read CA certificates from {path}: {e}")
+            return None
+    if (server_name or ca) and not upstream.tls:
+        value.error("server_name and ca are for tls:// upstreams")
+        return None
+    return attrs.evolve(upstream, server_name=server_name, ca=ca)
+
+
+def _address(value: Value) -> Upstream | None:
+    text = value.as_str()
+    tls = text.startswith("tls://")
+    if tls:
+        node = value.node
+        value = attrs.evolve(
+            value, node=yaml.ScalarNode(node.tag, text[6:], node.start_mark, node.end_mark)
+        )
+    address = value.as_host_port(853 if tls else 53, numeric=True)
+    return Upstream(*address, tls=tls) if address is not None else None
 
 
 def _cache(value: Value) -> CacheOptions:

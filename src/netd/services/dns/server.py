@@ -23,7 +23,7 @@ from netd.schema import in_networks
 from netd.services.dns.data import (
     type_name,
 )
-from netd.services.dns.forward import Cache, Forwarder
+from netd.services.dns.forward import Cache, Forwarder, Forwarders, Upstream
 from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
@@ -99,11 +99,7 @@ class Server:
         self.updates = Updates(
             options.update, self.records, context.reactor, context.stats, context.log
         )
-        self.forwarder = (
-            Forwarder(context.reactor, options.forward, context.stats, payload=options.udp_payload)
-            if options.forward
-            else None
-        )
+        self.forwarder = _forwarders(options, context)
         self.cache = Cache(
             context.reactor,
             options.cache.size,
@@ -297,6 +293,27 @@ class Server:
         cleared = len(self.log)
         self.log.clear()
         return {"cleared": cleared}
+
+
+def _forwarders(options: Options, context: BuildContext) -> Forwarders | None:
+    """C{forward} and C{forward_zones}' forwarders, or None if netd forwards nothing."""
+
+    def forwarder(upstreams: tuple[Upstream, ...]) -> Forwarder:
+        return Forwarder(
+            context.reactor,
+            upstreams,
+            context.stats,
+            timeout=options.forward_timeout,
+            payload=options.udp_payload,
+            attempts=options.forward_attempts,
+        )
+
+    if not options.forward and not options.forward_zones:
+        return None
+    return Forwarders(
+        forwarder(options.forward) if options.forward else None,
+        {zone: forwarder(upstreams) for zone, upstreams in options.forward_zones},
+    )
 
 
 def _rr_text(rr: dns.RRHeader) -> str:
