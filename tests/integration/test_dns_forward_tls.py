@@ -6,7 +6,9 @@ forward_zones sending one suffix to its own upstreams (split horizon).
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
+import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
@@ -130,3 +132,50 @@ def test_dnspython_over_tls_to_the_upstream(upstream_netd: NetdProcess) -> None:
         timeout=10,
     )
     assert [str(r) for r in reply.answer] == ["www.up.test. 60 IN A 10.8.0.1"]
+
+
+def test_recorded_answers_replay_with_the_upstream_gone(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    recording = tmp_path / "recorded.zone"
+    upstream = Upstream()
+    try:
+        recorder = start_netd(
+            f"""
+services:
+  resolver:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1"]
+    forward: ["127.0.0.1:{upstream.port}"]
+    record_to: {recording}
+"""
+        )
+        seen = {name: texts(ask(recorder, name)) for name in ("a.fwd.test", "long.fwd.test")}
+        assert ask(recorder, "big.fwd.test", "TXT").rcode() == dns.rcode.NOERROR
+        assert ask(recorder, "nx.fwd.test").rcode() == dns.rcode.NXDOMAIN
+        recorder.stop()  # stopping waits for the last write
+    finally:
+        upstream.close()
+    text = recording.read_text()
+    assert "a.fwd.test. 300 IN A 10.0.0.7\n" in text
+    assert len([line for line in text.splitlines() if line.startswith("big.fwd.test.")]) == 40
+    assert "nx.fwd.test" not in text
+    replay = start_netd(
+        f"""
+services:
+  resolver:
+    type: dns
+    listen: ["udp:0:interface=127.0.0.1"]
+    zone_files: [{recording}]
+"""
+    )
+    # No forward at all: the same names answer the same, now authoritatively.
+    for name, answer in seen.items():
+        reply = ask(replay, name)
+        assert texts(reply) == answer and reply.flags & dns.flags.AA
+    truncated = ask(replay, "big.fwd.test", "TXT")  # recorded from the TCP retry, all 40
+    assert truncated.flags & dns.flags.TC and not truncated.answer
+
+
+def texts(reply: dns.message.Message) -> list[str]:
+    return [str(rrset) for rrset in reply.answer]

@@ -31,11 +31,12 @@ from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, ViewRefused
 from netd.schema import ConfigErrors
-from netd.services.dns.data import parse_rdata
+from netd.services.dns.data import parse_master_file, parse_rdata
 from netd.services.dns.doh import max_age
 from netd.services.dns.forward import Forwarder, Forwarders, Upstream, UpstreamFailed
 from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
 from netd.services.dns.local import LocalData
+from netd.services.dns.record import Recorder
 from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
 from tests.unit.test_dns import DNS, UPSTREAMS, _FakeReactor, key
@@ -429,3 +430,25 @@ def test_forward_options(tmp_path: Path) -> None:
         "services.dns.forward[1].ca",
         "services.dns.forward[2]",
     ]
+
+
+def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path / "rec.zone", Clock(), Logger(), "dns")
+    thread = FakeThread()
+    recorder.saver = Saver(tmp_path / "rec.zone", thread, Logger())
+    reply = dns_message.make_response(dns_message.make_query("www.example.test", "A"))
+    reply.answer.append(dns_rrset.from_text("WWW.example.test.", 300, "IN", "A", "10.0.0.1"))
+    reply.answer.append(dns_rrset.from_text("www.example.test.", 300, "IN", "HINFO", "a b"))
+    recorder.add(reply.to_wire())
+    recorder.add(reply.to_wire())  # nothing new: no second write
+    assert len(thread.calls) == 1
+    reply.answer[0].ttl = 60
+    recorder.add(reply.to_wire())
+    recorder.add(b"\x00\x01garbage")
+    thread.finish()
+    thread.finish()
+    assert (tmp_path / "rec.zone").read_text().splitlines()[1:] == [
+        "www.example.test. 60 IN A 10.0.0.1"
+    ]
+    records, _ = parse_master_file((tmp_path / "rec.zone").read_text(), name_to_wire("rec"), 60)
+    assert records == [(name_to_wire("www.example.test"), dns.A, 60, bytes([10, 0, 0, 1]))]

@@ -26,6 +26,7 @@ kept as the upstream sent them.  twisted.names encodes the configured records.
 
 from __future__ import annotations
 
+from twisted.application.service import MultiService
 from twisted.internet.interfaces import IProtocolFactory
 
 from netd.config import ListenerConfig, ServiceConfig
@@ -48,6 +49,11 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
 
         doh = doh_site(server, service.idle_timeout)
 
+    services = MultiService()
+    RecordsService(server.records).setServiceParent(services)
+    if server.recorder is not None:
+        server.recorder.setServiceParent(services)
+
     def stream(listener: ListenerConfig) -> IProtocolFactory:
         if listener.protocol == "doh":
             assert doh is not None
@@ -60,7 +66,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         datagram=datagram,
-        service=RecordsService(server.records),
+        service=services,
         views={
             "queries": AdminView(list=server.list_queries, clear=server.clear_queries),
             "records": records_view(server.records, options.ttl),

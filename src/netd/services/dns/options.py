@@ -59,6 +59,7 @@ class Options:
     ttl: int = 60
     udp_payload: int = EDNS_PAYLOAD
     persist: Path | None = None
+    record_to: Path | None = None
     update: UpdateOptions = attrs.field(factory=UpdateOptions)
 
 
@@ -100,6 +101,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         ttl=ttl,
         udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
         persist=section.file_path("persist"),
+        record_to=section.file_path("record_to"),
         update=section.read("update", parse_update, UpdateOptions()),
     )
     return options

@@ -27,6 +27,7 @@ from netd.services.dns.forward import Cache, Forwarder, Forwarders, Upstream
 from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
+from netd.services.dns.record import Recorder
 from netd.services.dns.update import Updates
 from netd.services.dns.wire import (
     AA,
@@ -100,6 +101,11 @@ class Server:
             options.update, self.records, context.reactor, context.stats, context.log
         )
         self.forwarder = _forwarders(options, context)
+        self.recorder = (
+            Recorder(options.record_to, context.reactor, context.log, context.name)
+            if options.record_to is not None and self.forwarder is not None
+            else None
+        )
         self.cache = Cache(
             context.reactor,
             options.cache.size,
@@ -172,6 +178,8 @@ class Server:
         waiting = self.forwarder.resolve(key)
 
         def answered(reply: bytes) -> Sections:
+            if self.recorder is not None:
+                self.recorder.add(reply)
             return self.cache.put(key, reply)
 
         def failed(reason: Failure) -> Sections:
