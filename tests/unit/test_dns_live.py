@@ -277,6 +277,22 @@ def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path
     assert server.records.get(name_to_wire("new.empty.test"), dns.A) == a("10.0.0.2")
 
 
+def test_a_service_without_update_keys_refuses_every_update(tmp_path: Path) -> None:
+    context = BuildContext(
+        reactor=Clock(),
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(Clock()),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    server = Server(DNS.parse(tmp_path, "    records: {www.dyn.test: {A: [10.0.0.1]}}\n"), context)
+    message = adding(keyring=KEYRING, keyname="ci-key")
+    assert send_update(server, message).rcode() == dns_rcode.REFUSED
+    assert server.stats.counters["update_rcode_REFUSED"] == 1
+
+
 def test_unsigned_and_malformed_updates(tmp_path: Path) -> None:
     server = update_server(tmp_path, Clock())
     assert send_update(server, adding()).rcode() == dns_rcode.REFUSED

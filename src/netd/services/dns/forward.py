@@ -27,12 +27,6 @@ from twisted.internet.endpoints import (
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import (
-    Certificate,
-    optionsForClientTLS,
-    platformTrust,
-    trustRootFromCertificates,
-)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -357,6 +351,13 @@ class Forwarder:
         """The client TLS options of C{upstream}: its server name verified against its CAs."""
         options = self._tls_options.get(upstream)
         if options is None:
+            # pyOpenSSL only for a service that forwards over TLS.
+            from twisted.internet.ssl import (
+                optionsForClientTLS,
+                platformTrust,
+                trustRootFromCertificates,
+            )
+
             trust = platformTrust()
             if upstream.ca is not None:
                 trust = trustRootFromCertificates(certificates(upstream.ca))
@@ -366,8 +367,10 @@ class Forwarder:
         return options
 
 
-def certificates(pem: bytes) -> list[Certificate]:
-    """Every certificate in a PEM bundle; ValueError if there is none."""
+def certificates(pem: bytes) -> list[Any]:
+    """The L{twisted.internet.ssl.Certificate}s in a PEM bundle; ValueError if none."""
+    from twisted.internet.ssl import Certificate
+
     found = [
         Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
         for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]

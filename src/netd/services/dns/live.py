@@ -21,9 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import dns.exception
-import dns.rdata
-import dns.rdatatype
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -257,6 +254,11 @@ def owner_text(owner: bytes) -> str:
 
 def rdata_text(rtype: int, rdata: bytes) -> str:
     """One record's data in master-file form, which the map and the view read back."""
+    # dnspython writes every type; loaded on the first record shown, not with the kind.
+    import dns.exception
+    import dns.rdata
+    import dns.rdatatype
+
     try:
         return str(
             dns.rdata.from_wire(

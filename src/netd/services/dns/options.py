@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from pathlib import Path
 from typing import TypeVar
@@ -22,13 +24,14 @@ from netd.services.dns.data import (
 )
 from netd.services.dns.forward import Upstream, certificates
 from netd.services.dns.local import made_up_soa
-from netd.services.dns.update import UpdateOptions, parse_update
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
 )
 
-__all__ = ["CacheOptions", "Options", "parse"]
+__all__ = ["ALGORITHMS", "CacheOptions", "Options", "TSIGKey", "UpdateOptions", "parse"]
+
+ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
 
 T = TypeVar("T")
 
@@ -38,6 +41,57 @@ class CacheOptions:
     size: int = 10000
     max_ttl: int = 86400
     negative_ttl: int = 300
+
+
+@attrs.frozen
+class TSIGKey:
+    name: str
+    algorithm: str
+    secret: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class UpdateOptions:
+    keys: tuple[TSIGKey, ...] = ()
+    allow: tuple[bytes, ...] = ()
+
+
+def parse_update(value: Value) -> UpdateOptions:
+    section = value.section()
+    keys = []
+    keys_value = section.get("keys")
+    for name, entry in keys_value.items() if keys_value is not None else ():
+        try:
+            name_to_wire(name)
+        except (ValueError, UnicodeEncodeError):
+            entry.error(f"not a key name: {name!r}")
+            continue
+        key_section = entry.section()
+        algorithm = key_section.choice("algorithm", ALGORITHMS, "hmac-sha256")
+        secret_value = key_section.require("secret")
+        key_section.finish()
+        if secret_value is None:
+            continue
+        try:
+            secret = base64.b64decode(secret_value.as_str(), validate=True)
+        except (binascii.Error, ValueError):
+            secret_value.error("not base64 (tsig-keygen and ddns-confgen print one)")
+            continue
+        if not secret:
+            secret_value.error("an empty secret")
+            continue
+        keys.append(TSIGKey(name.lower().rstrip("."), algorithm, secret))
+    allow = []
+    allow_value = section.get("allow")
+    for zone in allow_value.elements(single=True) if allow_value is not None else ():
+        try:
+            allow.append(name_to_wire(zone.as_str()))
+        except (ValueError, UnicodeEncodeError):
+            zone.error(f"not a zone name: {zone.as_str()!r}")
+    section.finish()
+    if value.is_mapping and (keys_value is None or not list(keys_value.items())):
+        value.error("update needs at least one key under keys: (unsigned updates are refused)")
+    return UpdateOptions(tuple(keys), tuple(allow))
 
 
 @attrs.frozen

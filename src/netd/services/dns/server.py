@@ -27,8 +27,6 @@ from netd.services.dns.forward import Cache, Forwarder, Forwarders, Upstream
 from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
-from netd.services.dns.record import Recorder
-from netd.services.dns.update import Updates
 from netd.services.dns.wire import (
     AA,
     BADVERS,
@@ -41,6 +39,7 @@ from netd.services.dns.wire import (
     Query,
     Sections,
     encode_reply,
+    is_update,
     malformed_reply,
     name_to_text,
     opt_record,
@@ -97,15 +96,20 @@ class Server:
             options.update.allow,
         )
         self.local = self.records.local
-        self.updates = Updates(
-            options.update, self.records, context.reactor, context.stats, context.log
-        )
+        self.updates = None
+        if options.update.keys:
+            # dnspython, for TSIG, only for a service that takes updates.
+            from netd.services.dns.update import Updates
+
+            self.updates = Updates(
+                options.update, self.records, context.reactor, context.stats, context.log
+            )
         self.forwarder = _forwarders(options, context)
-        self.recorder = (
-            Recorder(options.record_to, context.reactor, context.log, context.name)
-            if options.record_to is not None and self.forwarder is not None
-            else None
-        )
+        self.recorder = None
+        if options.record_to is not None and self.forwarder is not None:
+            from netd.services.dns.record import Recorder
+
+            self.recorder = Recorder(options.record_to, context.reactor, context.log, context.name)
         self.cache = Cache(
             context.reactor,
             options.cache.size,
@@ -146,7 +150,11 @@ class Server:
                     for counter in counters:
                         stats.count(counter)
                     return data[:2] + tail
-        if Updates.is_update(data):
+        if is_update(data):
+            if self.updates is None:
+                stats.count("updates")
+                stats.count("update_rcode_REFUSED")
+                return malformed_reply(data, REFUSED)
             return self.updates.handle(data, client)
         try:
             query = parse_query(data)

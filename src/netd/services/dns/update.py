@@ -5,6 +5,9 @@ RFC 2136 dynamic updates of local records, authorised by TSIG (RFC 8945).
       keys: {ci-key: {algorithm: hmac-sha256, secret: "base64..."}}
       allow: [lab.test]          # zones the keys may change
 
+(read by L{netd.services.dns.options}; this module, and dnspython with it,
+is loaded only for a service with update keys).
+
 twisted.names reads a TSIG record but neither checks nor makes a MAC, so
 dnspython reads UPDATE messages and does TSIG: L{dns.tsig.validate} is called
 here with netd's own clock, in the order RFC 8945 section 5.2 checks (key,
@@ -18,17 +21,13 @@ L{netd.services.dns.live.Records}.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import struct
 from typing import Any, cast
 
-import attrs
 import dns.exception
 import dns.flags
 import dns.message
 import dns.name
-import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
@@ -39,16 +38,14 @@ import dns.update
 from twisted.logger import Logger
 
 from netd.events import ServiceStats
-from netd.schema import Value
 from netd.services.dns.data import TYPES
 from netd.services.dns.live import Edit, Records, RecordSet
-from netd.services.dns.wire import name_to_wire, read_name, walk_records
+from netd.services.dns.options import UpdateOptions
+from netd.services.dns.wire import read_name, walk_records
 
-__all__ = ["ALGORITHMS", "TSIGKey", "UpdateOptions", "Updates", "parse_update"]
+__all__ = ["Updates"]
 
-ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
 _SERVED_TYPES = frozenset(TYPES.values())
-_UPDATE = dns.opcode.UPDATE
 _TSIG = dns.rdatatype.TSIG
 _ANY = dns.rdataclass.ANY
 _NONE = dns.rdataclass.NONE
@@ -58,57 +55,6 @@ class Refusal(Exception):
     def __init__(self, rcode: int, why: str) -> None:
         super().__init__(why)
         self.rcode = rcode
-
-
-@attrs.frozen
-class TSIGKey:
-    name: str
-    algorithm: str
-    secret: bytes = attrs.field(repr=False)
-
-
-@attrs.frozen
-class UpdateOptions:
-    keys: tuple[TSIGKey, ...] = ()
-    allow: tuple[bytes, ...] = ()
-
-
-def parse_update(value: Value) -> UpdateOptions:
-    section = value.section()
-    keys = []
-    keys_value = section.get("keys")
-    for name, entry in keys_value.items() if keys_value is not None else ():
-        try:
-            dns.name.from_text(name)
-        except dns.exception.DNSException:
-            entry.error(f"not a key name: {name!r}")
-            continue
-        key_section = entry.section()
-        algorithm = key_section.choice("algorithm", ALGORITHMS, "hmac-sha256")
-        secret_value = key_section.require("secret")
-        key_section.finish()
-        if secret_value is None:
-            continue
-        try:
-            secret = base64.b64decode(secret_value.as_str(), validate=True)
-        except (binascii.Error, ValueError):
-            secret_value.error("not base64 (tsig-keygen and ddns-confgen print one)")
-            continue
-        if not secret:
-            secret_value.error("an empty secret")
-            continue
-        keys.append(TSIGKey(name.lower().rstrip("."), algorithm, secret))
-    allow = []
-    allow_value = section.get("allow")
-    for zone in allow_value.elements(single=True) if allow_value is not None else ():
-        try:
-            allow.append(name_to_wire(zone.as_str()))
-        except (ValueError, UnicodeEncodeError):
-            zone.error(f"not a zone name: {zone.as_str()!r}")
-    section.finish()
-    if value.is_mapping and (keys_value is None or not list(keys_value.items())):
-        value.error("update needs at least one key under keys: (unsigned updates are refused)")
-    return UpdateOptions(tuple(keys), tuple(allow))
 
 
 class Updates:
@@ -131,10 +77,6 @@ class Updates:
         self.clock = clock
         self.stats = stats
         self.log = log
-
-    @staticmethod
-    def is_update(data: bytes) -> bool:
-        return len(data) >= 12 and not data[2] & 0x80 and (data[2] >> 3) & 0xF == _UPDATE
 
     def handle(self, data: bytes, client: Any) -> bytes | None:
         """The answer to the UPDATE in C{data}, or None if it is not worth one."""
