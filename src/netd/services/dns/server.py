@@ -9,7 +9,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -47,6 +47,10 @@ from netd.services.dns.wire import (
     reply_header,
     udp_limit,
 )
+
+if TYPE_CHECKING:
+    from netd.services.dns.record import Recorder
+    from netd.services.dns.update import Updates
 
 __all__ = ["Datagrams", "Server", "Stream", "StreamFactory"]
 
@@ -96,7 +100,7 @@ class Server:
             options.update.allow,
         )
         self.local = self.records.local
-        self.updates = None
+        self.updates: Updates | None = None
         if options.update.keys:
             # dnspython, for TSIG, only for a service that takes updates.
             from netd.services.dns.update import Updates
@@ -105,7 +109,7 @@ class Server:
                 options.update, self.records, context.reactor, context.stats, context.log
             )
         self.forwarder = _forwarders(options, context)
-        self.recorder = None
+        self.recorder: Recorder | None = None
         if options.record_to is not None and self.forwarder is not None:
             from netd.services.dns.record import Recorder
 
