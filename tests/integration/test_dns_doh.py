@@ -48,6 +48,7 @@ services:
     records:
       www.doh.test: {A: [127.0.0.1], ttl: 120}
       doh.test: {SOA: ["ns.doh.test hostmaster.doh.test 1 3600 600 86400 45"]}
+    query_log: true
 """
     )
 
@@ -133,6 +134,8 @@ def test_dnspython_https_sees_an_admin_change(netd: NetdProcess) -> None:
     netd.admin("PUT", "/api/services/dns/records/new.doh.test/AAAA", body)
     after = dns.query.https(query, LOCAL, port=port, verify=verify, timeout=10, http_version=H2)
     assert [str(rrset) for rrset in after.answer] == ["new.doh.test. 33 IN AAAA ::7"]
+    logged = netd.queries("dns")[-1]
+    assert (logged["name"], logged["transport"]) == ("new.doh.test.", "https")
 
 
 @pytest.mark.parametrize("http2", [False, True])

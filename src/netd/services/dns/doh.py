@@ -75,7 +75,7 @@ class _DoH(Resource):
             return self._refuse(request, 405, "GET or POST")
         address = request.getClientAddress()
         client = (getattr(address, "host", "unix"), getattr(address, "port", 0))
-        answer = self.dns.handle(data, client, False)
+        answer = self.dns.handle(data, client, False, "https")
         if answer is None:
             return self._refuse(request, 400, "not a DNS query")
         if isinstance(answer, bytes):

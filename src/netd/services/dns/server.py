@@ -135,8 +135,14 @@ class Server:
             tuple[bool, bool, bytes], tuple[bytes, tuple[str, ...], bytes | None, Sections]
         ] = {}
 
-    def handle(self, data: bytes, client: Any, udp: bool) -> bytes | Deferred[bytes] | None:
-        """The answer to C{data} from C{client} (an address), or None for silence."""
+    def handle(
+        self, data: bytes, client: Any, udp: bool, transport: str | None = None
+    ) -> bytes | Deferred[bytes] | None:
+        """
+        The answer to C{data} from C{client} (an address), or None for silence.
+
+        @param transport: what the query log calls it (C{https}); C{udp} or C{tcp} by default.
+        """
         stats = self.stats
         stats.count("queries")
         recursion = self.forwarder is not None and self._may_recurse(client[0])
@@ -177,12 +183,13 @@ class Server:
                 + opt_record(self.udp_payload, BADVERS)
             )
         limit = udp_limit(query, self.udp_payload) if udp else None
+        transport = transport or ("udp" if udp else "tcp")
         sections, source = self._answer_now(query, recursion)
         if sections is not None:
             # RA says this client may ask for any name, whatever answered this one.
             flags = RA if recursion else 0
             return self._reply(
-                sections, query, limit, client, udp, source, started, flags, prepared_key
+                sections, query, limit, client, transport, source, started, flags, prepared_key
             )
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
@@ -199,7 +206,7 @@ class Server:
 
         return (
             waiting.addCallbacks(answered, failed)
-            .addCallback(self._reply, query, limit, client, udp, "upstream", started)
+            .addCallback(self._reply, query, limit, client, transport, "upstream", started)
             .addErrback(self._crashed, query, limit)
         )
 
@@ -242,7 +249,7 @@ class Server:
         query: Query,
         limit: int | None,
         client: Any,
-        udp: bool,
+        transport: str,
         source: str,
         started: float,
         flags: int = 0,
@@ -257,7 +264,7 @@ class Server:
         for counter in counters:
             self.stats.count(counter)
         if self.options.query_log:
-            self._record(query, reply, client, udp, source, started)
+            self._record(query, reply, client, transport, source, started)
         if prepared_key is not None and len(reply) <= self.prepared_size:
             if len(self.prepared) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
@@ -272,7 +279,7 @@ class Server:
         return encode_reply(query, _SERVFAIL, limit, 0, self.opt)
 
     def _record(
-        self, query: Query, reply: bytes, client: Any, udp: bool, source: str, started: float
+        self, query: Query, reply: bytes, client: Any, transport: str, source: str, started: float
     ) -> None:
         message = dns.Message()
         try:
@@ -285,7 +292,7 @@ class Server:
             "client": f"[{client[0]}]:{client[1]}"
             if ":" in client[0]
             else f"{client[0]}:{client[1]}",
-            "transport": "udp" if udp else "tcp",
+            "transport": transport,
             "name": name_to_text(query.name),
             "qtype": type_name(query.type),
             "rcode": _RCODES.get(message.rCode, str(message.rCode)),
