@@ -39,7 +39,7 @@ from netd.services.dns.local import LocalData
 from netd.services.dns.record import Recorder
 from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
-from tests.unit.test_dns import DNS, UPSTREAMS, _FakeReactor, key
+from tests.unit.test_dns import CLIENT, DNS, UPSTREAMS, _FakeReactor, key
 
 SOA = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 7 3600 600 86400 30", None)
 WWW = name_to_wire("www.z.test")
@@ -468,3 +468,51 @@ def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Pa
     ]
     records, _ = parse_master_file((tmp_path / "rec.zone").read_text(), name_to_wire("rec"), 60)
     assert records == [(name_to_wire("www.example.test"), dns.A, 60, bytes([10, 0, 0, 1]))]
+
+
+# -- the additional section ------------------------------------------------------------
+
+TARGETS = """\
+    records:
+      lab.test: {MX: ["10 mx.lab.test", "20 mx.elsewhere.test"], NS: [ns.lab.test]}
+      mx.lab.test: {A: [10.0.0.25], AAAA: ["::25"], TXT: [not an address]}
+      ns.lab.test: {A: [10.0.0.53]}
+      _sip._udp.lab.test: {SRV: ["0 5 5060 sip.lab.test"]}
+      sip.lab.test: {AAAA: ["::5060"]}
+      many.lab.test: {MX: [SETS]}
+"""
+
+
+def test_mx_ns_and_srv_targets_held_locally_come_with_their_addresses(tmp_path: Path) -> None:
+    many = ", ".join(f"'{i} host{i}.lab.test'" for i in range(8))
+    section = TARGETS.replace("SETS", many)
+    for i in range(8):
+        section += f"      host{i}.lab.test: {{A: [10.1.0.{i}]}}\n"
+    clock = Clock()
+    context = BuildContext(
+        reactor=clock,
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    srv = Server(DNS.parse(tmp_path, section), context)
+
+    def additional(name: str, rdtype: str) -> list[str]:
+        answer = srv.handle(dns_message.make_query(name, rdtype).to_wire(), CLIENT, True)
+        assert isinstance(answer, bytes)
+        reply = dns_message.from_wire(answer)
+        assert reply.answer and not reply.flags & 0x0200  # never truncated for them
+        return sorted(str(rrset) for rrset in reply.additional)
+
+    assert additional("lab.test", "MX") == [
+        "mx.lab.test. 60 IN A 10.0.0.25",
+        "mx.lab.test. 60 IN AAAA ::25",
+    ]
+    assert additional("lab.test", "NS") == ["ns.lab.test. 60 IN A 10.0.0.53"]
+    assert additional("_sip._udp.lab.test", "SRV") == ["sip.lab.test. 60 IN AAAA ::5060"]
+    assert additional("lab.test", "SOA") == []
+    # Eight targets' addresses would take the answer past 512 bytes: left out.
+    assert additional("many.lab.test", "MX") == []

@@ -26,6 +26,9 @@ _QUESTION_POINTER = b"\xc0\x0c"
 # Chains longer than this are loops or abuse; what was found so far is answered.
 _MAX_CHAIN = 8
 _PREPARED_LIMIT = 50_000
+# Where the target name starts in the data of the types with additional section processing.
+_TARGET_OFFSET = {dns.MX: 2, dns.NS: 0, dns.SRV: 6}
+_ADDITIONAL_LIMIT = 512
 
 
 def made_up_soa(apex: bytes, negative_ttl: int) -> bytes:
@@ -133,7 +136,9 @@ class LocalData:
                 types = [qtype] if qtype in node else sorted(node)
                 for rtype in types:
                     answers.extend(_records(owner, rtype, *node[rtype]))
-                return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+                additional = self._additional(qname, qtype, node, answers)
+                body = b"".join(answers + additional)
+                return Sections(AA | NOERROR, len(answers), 0, len(additional), body)
             cname = node.get(dns.CNAME)
             if cname is None or qtype == dns.CNAME:
                 return self._negative(NOERROR, zone, answers)
@@ -145,6 +150,31 @@ class LocalData:
                 break
             name, zone = target, target_zone
         return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+
+    def _additional(
+        self,
+        qname: bytes,
+        qtype: int,
+        node: dict[int, tuple[int, list[bytes]]],
+        answers: list[bytes],
+    ) -> list[bytes]:
+        """
+        The addresses of the MX, NS and SRV targets netd holds itself (RFC 1035
+        section 3.3, RFC 2782), saving the client a query each; left out when
+        they would take the answer past 512 bytes, so they never cause a TC.
+        """
+        skip = _TARGET_OFFSET.get(qtype)
+        if skip is None:
+            return []
+        found: list[bytes] = []
+        for rdata in node[qtype][1]:
+            target = self.sets.get(rdata[skip:])
+            for rtype in (dns.A, dns.AAAA):
+                if target is not None and rtype in target:
+                    found.extend(_records(rdata[skip:], rtype, *target[rtype]))
+        # Header, question (the name and type and class), answers, additional, an OPT record.
+        size = 12 + len(qname) + 4 + sum(map(len, answers)) + sum(map(len, found)) + 11
+        return found if size <= _ADDITIONAL_LIMIT else []
 
     def _negative(self, rcode: int, zone: bytes, answers: list[bytes]) -> Sections:
         ttl, soas = self.sets[zone][dns.SOA]
