@@ -404,16 +404,22 @@ def _read_listeners(
     return tuple(listeners)
 
 
-def _read_section_listeners(
+def _read_listener_key(
     value: Value | None, key: str, profiles: TLSProfiles
 ) -> tuple[ListenerConfig, ...]:
-    """The C{listen:} of one of a kind's listener sections, tagged with its key."""
-    if value is None or not value.is_mapping:
-        return ()  # absent, or reported by the kind that reads the section
-    listen_value = value.section().require("listen")
-    if listen_value is None:
+    """
+    One of a kind's L{listener_keys<netd.kinds.ServiceKind.listener_keys>}:
+    a listener list, or a mapping's C{listen:} list, each listener tagged
+    with the key as its protocol.
+    """
+    if value is None:
         return ()
-    listen = _read_listeners(listen_value, profiles, datagram_allowed=False)
+    if value.is_mapping:
+        listen_value = value.section().require("listen")
+        if listen_value is None:
+            return ()
+        value = listen_value
+    listen = _read_listeners(value, profiles, datagram_allowed=False)
     return tuple(attrs.evolve(listener, protocol=key) for listener in listen)
 
 
@@ -476,8 +482,8 @@ def _read_services(
             if listen_value
             else ()
         )
-        for section_key in kind.listener_sections:
-            listen += _read_section_listeners(section.get(section_key), section_key, used)
+        for listener_key in kind.listener_keys:
+            listen += _read_listener_key(section.get(listener_key), listener_key, used)
         enabled = section.flag("enabled", True)
         for listener in listen if enabled else ():
             key = endpoints.identity(listener.endpoint)

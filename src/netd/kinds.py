@@ -106,6 +106,14 @@ class BuildContext:
     # The service's rules (netd.rules): a kind with a rule vocabulary checks
     # them at its events; they change at run time through the admin API.
     rules: RuleSet = attrs.field(factory=RuleSet)
+    carried: dict[str, Any] = attrs.field(factory=dict)
+    """
+    What a service hands to its successor of the same name when a reload
+    rebuilds it (state changed at run time, outside the map); the same dict
+    for every build of the name, forgotten once the service leaves the map.
+    A kind reads it while building and writes it only once started, so a
+    replacement whose reload fails leaves its predecessor's state as it was.
+    """
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
@@ -240,12 +248,14 @@ class ServiceKind(Generic[Options]):
     @ivar rules: what the service's C{rules:} may match and do at the kind's
         events (L{netd.rules.Vocabulary}); without one, rules act on
         connections only (delay, throttle, reset, close, stall, drop).
-    @ivar listener_sections: keys of the service's mapping (smtp's C{imap},
-        C{pop3}) whose value is a mapping with a C{listen:} list of its own:
-        the core reads those listeners with the service's, each tagged with
-        its key as its C{protocol}, so they bind, reload, count and show in
-        the ports file as the service's; L{Handlers.stream} tells them apart
-        by C{listener.protocol}.  The kind reads the section's other keys.
+    @ivar listener_keys: keys of the service besides C{listen} that hold
+        stream listeners of another protocol: a listener list (dns's C{doh:})
+        or a mapping with a C{listen:} list of its own (smtp's C{imap:},
+        C{pop3:}; the kind reads the mapping's other keys).  The core reads
+        those listeners with the service's, each tagged with its key as its
+        C{protocol}, so they bind, reload, count and show in the ports file as
+        the service's; L{Handlers.stream} tells them apart by
+        C{listener.protocol}.
     """
 
     name: str
@@ -258,7 +268,7 @@ class ServiceKind(Generic[Options]):
     workers: bool = False
     workers_refusal: Callable[[Options], str | None] | None = None
     rules: Vocabulary = CONNECTIONS_ONLY
-    listener_sections: tuple[str, ...] = ()
+    listener_keys: tuple[str, ...] = ()
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

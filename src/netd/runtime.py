@@ -102,6 +102,7 @@ class RunningService(ListenerGroup, Service):
         tls_creators: Mapping[str, IOpenSSLServerConnectionCreator],
         state_dir: Path,
         scenarios: Scenarios | None = None,
+        carried: dict[str, Any] | None = None,
     ) -> None:
         # Not setName(): during a reload the old and the new service of one
         # name overlap while the old one drains.
@@ -124,6 +125,7 @@ class RunningService(ListenerGroup, Service):
             log=Logger(namespace=f"netd.{config.name}"),
             tls=tls_creators,
             rules=self.rules,
+            carried={} if carried is None else carried,
         )
         handlers = kind.build(config, self.context)
         rules_view = AdminView(
@@ -299,6 +301,7 @@ class Daemon(MultiService):
         self.admin: AdminServer | None = None
         self.ready = False
         self._reloading = False
+        self._carried: dict[str, dict[str, Any]] = {}
 
     def _running_service(
         self,
@@ -331,6 +334,7 @@ class Daemon(MultiService):
                 creators,
                 config.state_dir,
                 self.scenarios,
+                self._carried.setdefault(service_config.name, {}),
             )
         except Exception as e:
             reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
@@ -598,6 +602,8 @@ class Daemon(MultiService):
         # Recording costs a little per connection: only when someone can read it.
         self.journal.active = new.admin is not None or new.log.events
         self.services_by_name = {n: fresh[n] if n in fresh else old[n] for n in wanted}
+        for name in stopped:
+            self._carried.pop(name, None)
         for running in fresh.values():
             running.setServiceParent(self)
             running.announce()

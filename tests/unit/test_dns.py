@@ -433,7 +433,7 @@ QUESTION = name_to_wire("www.netd.test") + b"\x00\x01\x00\x01"
             header(an=1) + QUESTION + b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00",
             dns.rcode.FORMERR,
         ),
-        (header(flags=0x2800) + QUESTION, dns.rcode.NOTIMP),  # opcode UPDATE
+        (header(flags=0x1000) + QUESTION, dns.rcode.NOTIMP),  # opcode STATUS
     ],
 )
 def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: int | None) -> None:

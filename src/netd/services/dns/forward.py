@@ -18,7 +18,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    connectProtocol,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionRefusedError, TimeoutError
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Protocol
@@ -45,7 +50,7 @@ from netd.services.dns.wire import (
     walk_records,
 )
 
-__all__ = ["Cache", "Forwarder", "Upstream", "UpstreamFailed"]
+__all__ = ["Cache", "Forwarder", "Forwarders", "Upstream", "UpstreamFailed", "certificates"]
 
 _HEADER = struct.Struct(">HHHHHH")
 _TTL = struct.Struct(">I")
@@ -59,11 +64,25 @@ _TRY_NEXT = frozenset({SERVFAIL, NOTIMP, REFUSED, FORMERR})
 
 @attrs.frozen
 class Upstream:
+    """
+    One upstream resolver.
+
+    @ivar tls: DNS over TLS (RFC 7858, C{tls://HOST:853}): every query on a
+        TLS connection of its own, the certificate verified for C{server_name}.
+    @ivar server_name: the name (or address) the certificate must carry, and
+        the SNI sent; the host by default.
+    @ivar ca: PEM certificates to trust instead of the system's store.
+    """
+
     host: str
     port: int
+    tls: bool = False
+    server_name: str | None = None
+    ca: bytes | None = attrs.field(default=None, repr=False)
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return f"tls://{address}" if self.tls else address
 
 
 class UpstreamFailed(Exception):
@@ -218,8 +237,9 @@ class _TCPExchange(_Exchange, Protocol):
 class Forwarder:
     """
     Asks upstreams in turn, from the one that answered last: UDP from a fresh
-    random port with a random ID, TCP when the answer is truncated, the next
-    upstream on silence or failure.
+    random port with a random ID, TCP when the answer is truncated (DNS over
+    TLS for a C{tls} upstream), the next upstream on silence or failure; the
+    whole list C{attempts} times, each try given C{timeout} seconds.
     Identical questions in flight share one upstream query.
     """
 
@@ -232,8 +252,11 @@ class Forwarder:
         max_in_flight: int = MAX_IN_FLIGHT,
         socket_factory: Callable[[int, int], socket.socket] = socket.socket,
         payload: int = EDNS_PAYLOAD,
+        attempts: int = 1,
     ) -> None:
         self.reactor = reactor
+        self.attempts = attempts
+        self._tls_options: dict[Upstream, Any] = {}
         # The UDP answer size netd takes from upstreams, as it offers clients.
         self.opt = opt_record(payload)
         self.socket_factory = socket_factory
@@ -267,13 +290,17 @@ class Forwarder:
         # Start with the upstream that answered last: a dead first upstream
         # would otherwise cost every question its timeout.
         first = self._preferred
-        for upstream in self.upstreams[first:] + self.upstreams[:first]:
+        order = self.upstreams[first:] + self.upstreams[:first]
+        for upstream in order * self.attempts:
             ident = secrets.randbelow(1 << 16)
             query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + self.opt
             self.stats.count("upstream_queries")
             try:
-                reply = await self._udp(upstream, ident, question, query)
-                if reply[2] & (TC >> 8):
+                if upstream.tls:
+                    reply = await self._tcp(upstream, ident, question, query)
+                else:
+                    reply = await self._udp(upstream, ident, question, query)
+                if reply[2] & (TC >> 8) and not upstream.tls:
                     self.stats.count("upstream_tcp_retries")
                     reply = await self._tcp(upstream, ident, question, query)
             except CancelledError:
@@ -313,10 +340,66 @@ class Forwarder:
         exchange = _TCPExchange(self.reactor, self.timeout, ident, question)
         exchange.query = query
         tcp = TCP6ClientEndpoint if ":" in upstream.host else TCP4ClientEndpoint
-        endpoint = tcp(self.reactor, upstream.host, upstream.port, timeout=self.timeout)
+        endpoint: Any = tcp(self.reactor, upstream.host, upstream.port, timeout=self.timeout)
+        if upstream.tls:
+            endpoint = wrapClientTLS(self._tls(upstream), endpoint)
         exchange.connecting = connectProtocol(endpoint, exchange)
         exchange.connecting.addErrback(exchange._finish)
         return exchange.deferred
+
+    def _tls(self, upstream: Upstream) -> Any:
+        """The client TLS options of C{upstream}: its server name verified against its CAs."""
+        options = self._tls_options.get(upstream)
+        if options is None:
+            # pyOpenSSL only for a service that forwards over TLS.
+            from twisted.internet.ssl import (
+                optionsForClientTLS,
+                platformTrust,
+                trustRootFromCertificates,
+            )
+
+            trust = platformTrust()
+            if upstream.ca is not None:
+                trust = trustRootFromCertificates(certificates(upstream.ca))
+            name = upstream.server_name or upstream.host
+            options = optionsForClientTLS(name, trustRoot=trust)
+            self._tls_options[upstream] = options
+        return options
+
+
+def certificates(pem: bytes) -> list[Any]:
+    """The L{twisted.internet.ssl.Certificate}s in a PEM bundle; ValueError if none."""
+    from twisted.internet.ssl import Certificate
+
+    found = [
+        Certificate.loadPEM(b"-----BEGIN CERTIFICATE-----" + block)
+        for block in pem.split(b"-----BEGIN CERTIFICATE-----")[1:]
+    ]
+    if not found:
+        raise ValueError("no PEM certificate in it")
+    return found
+
+
+class Forwarders:
+    """
+    The forwarders by zone: C{forward_zones} suffixes each to its own
+    upstreams, the rest to C{forward}'s (split horizon, dnsmasq's server=/x/).
+    """
+
+    def __init__(self, default: Forwarder | None, zones: dict[bytes, Forwarder]) -> None:
+        self.default = default
+        self.zones = zones
+
+    def resolve(self, question: bytes) -> Deferred[bytes]:
+        name: bytes | None = question[:-4]
+        while name is not None and self.zones:
+            forwarder = self.zones.get(name)
+            if forwarder is not None:
+                return forwarder.resolve(question)
+            name = None if name == b"\x00" else name[1 + name[0] :]
+        if self.default is None:
+            return fail(UpstreamFailed("no upstream for this name"))
+        return self.default.resolve(question)
 
 
 @attrs.define

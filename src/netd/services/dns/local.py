@@ -26,6 +26,9 @@ _QUESTION_POINTER = b"\xc0\x0c"
 # Chains longer than this are loops or abuse; what was found so far is answered.
 _MAX_CHAIN = 8
 _PREPARED_LIMIT = 50_000
+# Where the target name starts in the data of the types with additional section processing.
+_TARGET_OFFSET = {dns.MX: 2, dns.NS: 0, dns.SRV: 6}
+_ADDITIONAL_LIMIT = 512
 
 
 def made_up_soa(apex: bytes, negative_ttl: int) -> bytes:
@@ -59,7 +62,7 @@ class LocalData:
         self.zones: set[bytes] = {o for o, node in self.sets.items() if dns.SOA in node}
         for owner in sorted(self.sets, key=len):
             base = owner[2:] if owner.startswith(_WILDCARD) else owner
-            if self._zone_of(base) is None:
+            if self.zone_of(base) is None:
                 self.zones.add(base)
                 self.sets.setdefault(base, {})[dns.SOA] = (
                     negative_ttl,
@@ -76,7 +79,7 @@ class LocalData:
                 name = parent(name)
         self._prepared: dict[tuple[bytes, int], Sections | None] = {}
 
-    def _zone_of(self, name: bytes) -> bytes | None:
+    def zone_of(self, name: bytes) -> bytes | None:
         candidate: bytes | None = name
         while candidate is not None:
             if candidate in self.zones:
@@ -85,7 +88,7 @@ class LocalData:
         return None
 
     def is_local(self, name: bytes) -> bool:
-        return self._zone_of(name) is not None
+        return self.zone_of(name) is not None
 
     def answer(self, name: bytes, qtype: int) -> Sections | None:
         """The sections answering C{name}/C{qtype}, or None for a name that is not ours."""
@@ -115,7 +118,7 @@ class LocalData:
         return self.sets.get(_WILDCARD + encloser)
 
     def _build(self, qname: bytes, qtype: int) -> Sections | None:
-        zone = self._zone_of(qname)
+        zone = self.zone_of(qname)
         if zone is None:
             return None
         answers: list[bytes] = []
@@ -133,18 +136,45 @@ class LocalData:
                 types = [qtype] if qtype in node else sorted(node)
                 for rtype in types:
                     answers.extend(_records(owner, rtype, *node[rtype]))
-                return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+                additional = self._additional(qname, qtype, node, answers)
+                body = b"".join(answers + additional)
+                return Sections(AA | NOERROR, len(answers), 0, len(additional), body)
             cname = node.get(dns.CNAME)
             if cname is None or qtype == dns.CNAME:
                 return self._negative(NOERROR, zone, answers)
             answers.extend(_records(owner, dns.CNAME, *cname))
             target = cname[1][0]
-            target_zone = self._zone_of(target)
+            target_zone = self.zone_of(target)
             if target_zone is None:
                 # The rest of the chain is someone else's: the client asks for it.
                 break
             name, zone = target, target_zone
         return Sections(AA | NOERROR, len(answers), 0, 0, b"".join(answers))
+
+    def _additional(
+        self,
+        qname: bytes,
+        qtype: int,
+        node: dict[int, tuple[int, list[bytes]]],
+        answers: list[bytes],
+    ) -> list[bytes]:
+        """
+        The addresses of the MX, NS and SRV targets netd holds itself (RFC 1035
+        section 3.3, RFC 2782), saving the client a query each; left out when
+        they would take the answer past 512 bytes, so they never cause a TC.
+        """
+        skip = _TARGET_OFFSET.get(qtype)
+        if skip is None:
+            return []
+        found: list[bytes] = []
+        for rdata in node[qtype][1]:
+            target = self.sets.get(rdata[skip:])
+            for rtype in (dns.A, dns.AAAA):
+                if target is not None and rtype in target:
+                    found.extend(_records(rdata[skip:], rtype, *target[rtype]))
+        # Header, question (the name and type and class), answers, additional, an OPT record.
+        size = 12 + len(qname) + 4 + sum(map(len, answers)) + sum(map(len, found)) + 11
+        return found if size <= _ADDITIONAL_LIMIT else []
 
     def _negative(self, rcode: int, zone: bytes, answers: list[bytes]) -> Sections:
         ttl, soas = self.sets[zone][dns.SOA]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from pathlib import Path
 from typing import TypeVar
 
 import attrs
+import yaml
 from twisted.names import dns
 
 from netd.config import TLSProfiles
@@ -19,14 +22,16 @@ from netd.services.dns.data import (
     parse_rdata,
     reverse_name,
 )
-from netd.services.dns.forward import Upstream
+from netd.services.dns.forward import Upstream, certificates
 from netd.services.dns.local import made_up_soa
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
 )
 
-__all__ = ["CacheOptions", "Options", "parse"]
+__all__ = ["ALGORITHMS", "CacheOptions", "Options", "TSIGKey", "UpdateOptions", "parse"]
+
+ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sha512")
 
 T = TypeVar("T")
 
@@ -39,6 +44,57 @@ class CacheOptions:
 
 
 @attrs.frozen
+class TSIGKey:
+    name: str
+    algorithm: str
+    secret: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class UpdateOptions:
+    keys: tuple[TSIGKey, ...] = ()
+    allow: tuple[bytes, ...] = ()
+
+
+def parse_update(value: Value) -> UpdateOptions:
+    section = value.section()
+    keys = []
+    keys_value = section.get("keys")
+    for name, entry in keys_value.items() if keys_value is not None else ():
+        try:
+            name_to_wire(name)
+        except (ValueError, UnicodeEncodeError):
+            entry.error(f"not a key name: {name!r}")
+            continue
+        key_section = entry.section()
+        algorithm = key_section.choice("algorithm", ALGORITHMS, "hmac-sha256")
+        secret_value = key_section.require("secret")
+        key_section.finish()
+        if secret_value is None:
+            continue
+        try:
+            secret = base64.b64decode(secret_value.as_str(), validate=True)
+        except (binascii.Error, ValueError):
+            secret_value.error("not base64 (tsig-keygen and ddns-confgen print one)")
+            continue
+        if not secret:
+            secret_value.error("an empty secret")
+            continue
+        keys.append(TSIGKey(name.lower().rstrip("."), algorithm, secret))
+    allow = []
+    allow_value = section.get("allow")
+    for zone in allow_value.elements(single=True) if allow_value is not None else ():
+        try:
+            allow.append(name_to_wire(zone.as_str()))
+        except (ValueError, UnicodeEncodeError):
+            zone.error(f"not a zone name: {zone.as_str()!r}")
+    section.finish()
+    if value.is_mapping and (keys_value is None or not list(keys_value.items())):
+        value.error("update needs at least one key under keys: (unsigned updates are refused)")
+    return UpdateOptions(tuple(keys), tuple(allow))
+
+
+@attrs.frozen
 class Options:
     """
     @ivar records: every local record as (owner, type, ttl, rdata) in wire
@@ -47,12 +103,18 @@ class Options:
 
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
     forward: tuple[Upstream, ...] = ()
+    forward_timeout: float = 2.0
+    forward_attempts: int = 1
+    forward_zones: tuple[tuple[bytes, tuple[Upstream, ...]], ...] = ()
     cache: CacheOptions = CacheOptions()
     recursion_from: tuple[Network, ...] = LOOPBACK
     catch_all: bytes | None = None
     query_log: bool = False
     ttl: int = 60
     udp_payload: int = EDNS_PAYLOAD
+    persist: Path | None = None
+    record_to: Path | None = None
+    update: UpdateOptions = attrs.field(factory=UpdateOptions)
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -78,15 +140,23 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         except ValueError:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
+    no_forward: tuple[tuple[Upstream, ...], float, int] = ((), 2.0, 1)
+    forward, forward_timeout, forward_attempts = section.read("forward", _forward, no_forward)
     options = Options(
         records=tuple(records),
-        forward=_present(section.read("forward", lambda v: v.list_of(_upstream, single=True), ())),
+        forward=forward,
+        forward_timeout=forward_timeout,
+        forward_attempts=forward_attempts,
+        forward_zones=section.read("forward_zones", _forward_zones, ()),
         cache=cache,
         recursion_from=section.networks("recursion_from", LOOPBACK),
         catch_all=catch_all,
         query_log=section.flag("query_log", False),
         ttl=ttl,
         udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
+        persist=section.file_path("persist"),
+        record_to=section.file_path("record_to"),
+        update=section.read("update", parse_update, UpdateOptions()),
     )
     return options
 
@@ -172,9 +242,72 @@ def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
     return records
 
 
+def _forward(value: Value) -> tuple[tuple[Upstream, ...], float, int]:
+    """C{forward}: a list of upstreams, or {upstreams, timeout, attempts}."""
+    if not value.is_mapping:
+        return _upstreams(value), 2.0, 1
+    section = value.section()
+    upstreams_value = section.require("upstreams")
+    upstreams = _upstreams(upstreams_value) if upstreams_value is not None else ()
+    timeout = section.number("timeout", 2.0, minimum=0.1)
+    attempts = section.integer("attempts", 1, minimum=1, maximum=10)
+    section.finish()
+    return upstreams, timeout, attempts
+
+
+def _upstreams(value: Value) -> tuple[Upstream, ...]:
+    return _present(value.list_of(_upstream, single=True))
+
+
+def _forward_zones(value: Value) -> tuple[tuple[bytes, tuple[Upstream, ...]], ...]:
+    zones = []
+    for name, entry in value.items():
+        try:
+            zone = name_to_wire(name)
+        except (ValueError, UnicodeEncodeError):
+            entry.error(f"not a zone name: {name!r}")
+            continue
+        zones.append((zone, _upstreams(entry)))
+    return tuple(zones)
+
+
 def _upstream(value: Value) -> Upstream | None:
-    address = value.as_host_port(53, numeric=True)
-    return Upstream(*address) if address is not None else None
+    """C{IP[:PORT]}, C{tls://IP[:PORT]} or {address, server_name, ca} for a tls:// one."""
+    if not value.is_mapping:
+        return _address(value)
+    section = value.section()
+    address_value = section.require("address")
+    server_name = section.optional_str("server_name")
+    ca_value = section.get("ca")
+    section.finish()
+    upstream = _address(address_value) if address_value is not None else None
+    if upstream is None:
+        return None
+    ca = None
+    if ca_value is not None:
+        path = ca_value.as_path()
+        try:
+            ca = path.read_bytes()
+            certificates(ca)
+        except (OSError, ValueError) as e:
+            ca_value.error(f"cannot read CA certificates from {path}: {e}")
+            return None
+    if (server_name or ca) and not upstream.tls:
+        value.error("server_name and ca are for tls:// upstreams")
+        return None
+    return attrs.evolve(upstream, server_name=server_name, ca=ca)
+
+
+def _address(value: Value) -> Upstream | None:
+    text = value.as_str()
+    tls = text.startswith("tls://")
+    if tls:
+        node = value.node
+        value = attrs.evolve(
+            value, node=yaml.ScalarNode(node.tag, text[6:], node.start_mark, node.end_mark)
+        )
+    address = value.as_host_port(853 if tls else 53, numeric=True)
+    return Upstream(*address, tls=tls) if address is not None else None
 
 
 def _cache(value: Value) -> CacheOptions:

@@ -9,7 +9,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -23,7 +23,8 @@ from netd.schema import in_networks
 from netd.services.dns.data import (
     type_name,
 )
-from netd.services.dns.forward import Cache, Forwarder
+from netd.services.dns.forward import Cache, Forwarder, Forwarders, Upstream
+from netd.services.dns.live import Records, Saver, in_thread
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
 from netd.services.dns.rules import answer_by_rule, query_event
@@ -39,6 +40,7 @@ from netd.services.dns.wire import (
     Query,
     Sections,
     encode_reply,
+    is_update,
     malformed_reply,
     name_to_text,
     opt_record,
@@ -46,6 +48,10 @@ from netd.services.dns.wire import (
     reply_header,
     udp_limit,
 )
+
+if TYPE_CHECKING:
+    from netd.services.dns.record import Recorder
+    from netd.services.dns.update import Updates
 
 __all__ = ["Datagrams", "Server", "Stream", "StreamFactory"]
 
@@ -80,12 +86,35 @@ class Server:
         self.context = context
         self.stats = context.stats
         self.clock = context.reactor
-        self.local = LocalData(options.records, options.cache.negative_ttl)
-        self.forwarder = (
-            Forwarder(context.reactor, options.forward, context.stats, payload=options.udp_payload)
-            if options.forward
+        saver = (
+            Saver(options.persist, in_thread(context.reactor), context.log)
+            if options.persist is not None
             else None
         )
+        self.records = Records(
+            options.records,
+            options.cache.negative_ttl,
+            context.carried,
+            self._local_changed,
+            context.emit,
+            saver,
+            options.update.allow,
+        )
+        self.local = self.records.local
+        self.updates: Updates | None = None
+        if options.update.keys:
+            # dnspython, for TSIG, only for a service that takes updates.
+            from netd.services.dns.update import Updates
+
+            self.updates = Updates(
+                options.update, self.records, context.reactor, context.stats, context.log
+            )
+        self.forwarder = _forwarders(options, context)
+        self.recorder: Recorder | None = None
+        if options.record_to is not None and self.forwarder is not None:
+            from netd.services.dns.record import Recorder
+
+            self.recorder = Recorder(options.record_to, context.reactor, context.log, context.name)
         self.cache = Cache(
             context.reactor,
             options.cache.size,
@@ -110,8 +139,14 @@ class Server:
             tuple[bool, bool, bytes], tuple[bytes, tuple[str, ...], bytes | None, Sections]
         ] = {}
 
-    def handle(self, data: bytes, client: Any, udp: bool) -> bytes | Deferred[bytes] | None:
-        """The answer to C{data} from C{client} (an address), or None for silence."""
+    def handle(
+        self, data: bytes, client: Any, udp: bool, transport: str | None = None
+    ) -> bytes | Deferred[bytes] | None:
+        """
+        The answer to C{data} from C{client} (an address), or None for silence.
+
+        @param transport: what the query log calls it (C{https}); C{udp} or C{tcp} by default.
+        """
         stats = self.stats
         stats.count("queries")
         recursion = self.forwarder is not None and self._may_recurse(client[0])
@@ -129,6 +164,12 @@ class Server:
                     for counter in counters:
                         stats.count(counter)
                     return data[:2] + tail
+        if is_update(data):
+            if self.updates is None:
+                stats.count("updates")
+                stats.count("update_rcode_REFUSED")
+                return malformed_reply(data, REFUSED)
+            return self.updates.handle(data, client)
         try:
             query = parse_query(data)
         except Malformed as e:
@@ -145,6 +186,7 @@ class Server:
                 + query.question
                 + opt_record(self.udp_payload, BADVERS)
             )
+        transport = transport or ("udp" if udp else "tcp")
         if self.rules.event_rules:
             fired = self.rules.check(client[0], **query_event(query, udp))
             if fired is not None:
@@ -154,11 +196,11 @@ class Server:
                     fired,
                     query,
                     lambda sections, flags: self._reply(
-                        sections, query, limit, client, udp, "rule", started, flags
+                        sections, query, limit, client, transport, "rule", started, flags
                     ),
-                    lambda: self._answer(query, client, udp, recursion, started),
+                    lambda: self._answer(query, client, udp, transport, recursion, started),
                 )
-        return self._answer(query, client, udp, recursion, started, prepared_key)
+        return self._answer(query, client, udp, transport, recursion, started, prepared_key)
 
     def _rules_changed(self) -> None:
         # Prepared answers are sent as they were: not while a rule may answer instead.
@@ -169,6 +211,7 @@ class Server:
         query: Query,
         client: Any,
         udp: bool,
+        transport: str,
         recursion: bool,
         started: float,
         prepared_key: tuple[bool, bool, bytes] | None = None,
@@ -181,7 +224,7 @@ class Server:
             # RA says this client may ask for any name, whatever answered this one.
             flags = RA if recursion else 0
             return self._reply(
-                sections, query, limit, client, udp, source, started, flags, prepared_key
+                sections, query, limit, client, transport, source, started, flags, prepared_key
             )
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
@@ -189,6 +232,8 @@ class Server:
         waiting = self.forwarder.resolve(key)
 
         def answered(reply: bytes) -> Sections:
+            if self.recorder is not None:
+                self.recorder.add(reply)
             return self.cache.put(key, reply)
 
         def failed(reason: Failure) -> Sections:
@@ -196,9 +241,14 @@ class Server:
 
         return (
             waiting.addCallbacks(answered, failed)
-            .addCallback(self._reply, query, limit, client, udp, "upstream", started)
+            .addCallback(self._reply, query, limit, client, transport, "upstream", started)
             .addErrback(self._crashed, query, limit)
         )
+
+    def _local_changed(self, local: LocalData) -> None:
+        self.local = local
+        # Replies prepared from the old records must not be sent again.
+        self.prepared.clear()
 
     def _answer_now(self, query: Query, recursion: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
@@ -234,7 +284,7 @@ class Server:
         query: Query,
         limit: int | None,
         client: Any,
-        udp: bool,
+        transport: str,
         source: str,
         started: float,
         flags: int = 0,
@@ -249,7 +299,7 @@ class Server:
         for counter in counters:
             self.stats.count(counter)
         if self.options.query_log:
-            self._record(query, reply, client, udp, source, started)
+            self._record(query, reply, client, transport, source, started)
         if prepared_key is not None and len(reply) <= self.prepared_size:
             if len(self.prepared) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
@@ -264,7 +314,7 @@ class Server:
         return encode_reply(query, _SERVFAIL, limit, 0, self.opt)
 
     def _record(
-        self, query: Query, reply: bytes, client: Any, udp: bool, source: str, started: float
+        self, query: Query, reply: bytes, client: Any, transport: str, source: str, started: float
     ) -> None:
         message = dns.Message()
         try:
@@ -277,7 +327,7 @@ class Server:
             "client": f"[{client[0]}]:{client[1]}"
             if ":" in client[0]
             else f"{client[0]}:{client[1]}",
-            "transport": "udp" if udp else "tcp",
+            "transport": transport,
             "name": name_to_text(query.name),
             "qtype": type_name(query.type),
             "rcode": _RCODES.get(message.rCode, str(message.rCode)),
@@ -305,6 +355,27 @@ class Server:
         cleared = len(self.log)
         self.log.clear()
         return {"cleared": cleared}
+
+
+def _forwarders(options: Options, context: BuildContext) -> Forwarders | None:
+    """C{forward} and C{forward_zones}' forwarders, or None if netd forwards nothing."""
+
+    def forwarder(upstreams: tuple[Upstream, ...]) -> Forwarder:
+        return Forwarder(
+            context.reactor,
+            upstreams,
+            context.stats,
+            timeout=options.forward_timeout,
+            payload=options.udp_payload,
+            attempts=options.forward_attempts,
+        )
+
+    if not options.forward and not options.forward_zones:
+        return None
+    return Forwarders(
+        forwarder(options.forward) if options.forward else None,
+        {zone: forwarder(upstreams) for zone, upstreams in options.forward_zones},
+    )
 
 
 def _rr_text(rr: dns.RRHeader) -> str:

@@ -36,6 +36,7 @@ __all__ = [
     "Record",
     "Sections",
     "encode_reply",
+    "is_update",
     "malformed_reply",
     "name_to_text",
     "name_to_wire",
@@ -51,6 +52,7 @@ __all__ = [
 
 NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
 BADVERS = 16
+UPDATE = 5
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
@@ -198,6 +200,11 @@ def parse_query(data: bytes) -> Query:
         payload=payload,
         edns_version=version,
     )
+
+
+def is_update(data: bytes) -> bool:
+    """Whether C{data} is an RFC 2136 UPDATE (opcode 5), not a response."""
+    return len(data) >= 12 and not data[2] & 0x80 and (data[2] >> 3) & 0xF == UPDATE
 
 
 def malformed_reply(data: bytes, rcode: int) -> bytes:

@@ -469,5 +469,5 @@ SMTP: ServiceKind[Options] = ServiceKind(
     longest_silence=_longest_silence,
     per_client_default=20,
     rules=RULES,
-    listener_sections=_LISTENER_SECTIONS,
+    listener_keys=_LISTENER_SECTIONS,
 )

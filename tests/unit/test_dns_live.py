@@ -1,0 +1,518 @@
+"""
+Live record changes without sockets: the changes over the map, serials, what a
+reload carries over, the persist file's writer on a fake thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dns.message as dns_message
+import dns.rcode as dns_rcode
+import dns.rrset as dns_rrset
+import dns.tsigkeyring as dns_tsigkeyring
+import dns.update as dns_update
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.names import dns
+
+from netd.config import parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext, ViewRefused
+from netd.schema import ConfigErrors
+from netd.services.dns.data import parse_master_file, parse_rdata
+from netd.services.dns.doh import max_age
+from netd.services.dns.forward import Forwarder, Forwarders, Upstream, UpstreamFailed
+from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
+from netd.services.dns.local import LocalData
+from netd.services.dns.record import Recorder
+from netd.services.dns.server import Server
+from netd.services.dns.wire import name_to_wire
+from tests.unit.test_dns import CLIENT, DNS, UPSTREAMS, _FakeReactor, key
+
+SOA = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 7 3600 600 86400 30", None)
+WWW = name_to_wire("www.z.test")
+ZONE = name_to_wire("z.test")
+MAP = [
+    (ZONE, dns.SOA, 60, SOA),
+    (WWW, dns.A, 60, bytes([10, 0, 0, 1])),
+]
+
+
+def a(*addresses: str, ttl: int = 60) -> RecordSet:
+    return ttl, tuple(parse_rdata(dns.A, address, None) for address in addresses)
+
+
+def serial(records: Records) -> int:
+    found = records.get(ZONE, dns.SOA)
+    assert found is not None
+    return int.from_bytes(found[1][0][-20:-16], "big")
+
+
+def make(
+    configured: list[tuple[bytes, int, int, bytes]] = MAP,
+    carried: dict[str, Any] | None = None,
+    saver: Saver | None = None,
+) -> tuple[Records, list[dict[str, Any]], list[LocalData]]:
+    events: list[dict[str, Any]] = []
+    built: list[LocalData] = []
+
+    def emit(type: str, **fields: Any) -> None:
+        events.append({"type": type, **fields})
+
+    records = Records(configured, 30, {} if carried is None else carried, built.append, emit, saver)
+    return records, events, built
+
+
+def test_a_change_is_answered_and_bumps_the_serial_once() -> None:
+    records, events, built = make()
+    done = records.commit([((WWW, dns.A), a("10.0.0.2", "10.0.0.3"))], "admin")
+    assert [key for key, _ in done] == [(WWW, dns.A), (ZONE, dns.SOA)]
+    assert built == [records.local]
+    answer = records.local.answer(WWW, dns.A)
+    assert answer is not None and answer.an == 2
+    assert serial(records) == 8
+    assert [(e["action"], e["rtype"]) for e in events] == [("set", "A"), ("set", "SOA")]
+    assert events[0]["values"] == ["10.0.0.2", "10.0.0.3"]
+
+
+def test_a_change_to_what_is_already_there_changes_nothing() -> None:
+    records, events, built = make()
+    assert records.commit([((WWW, dns.A), a("10.0.0.1"))], "admin") == []
+    assert (events, built, serial(records)) == ([], [], 7)
+
+
+def test_setting_the_soa_itself_is_not_bumped_again() -> None:
+    records, _, _ = make()
+    new_soa = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 100 3600 600 86400 30", None)
+    records.commit([((ZONE, dns.SOA), (60, (new_soa,)))], "admin")
+    assert serial(records) == 100
+
+
+def test_a_new_name_outside_every_zone_is_a_zone_of_its_own() -> None:
+    records, _, _ = make()
+    other = name_to_wire("host.other.test")
+    records.commit([((other, dns.A), a("10.9.0.1"))], "update")
+    assert records.local.zone_of(other) == other
+    # Its made-up SOA is bumped like any other: 1 becomes 2.
+    soa = records.get(other, dns.SOA)
+    assert soa is not None and int.from_bytes(soa[1][0][-20:-16], "big") == 2
+
+
+def test_removing_the_last_name_of_a_made_up_zone_does_not_fail() -> None:
+    records, _, _ = make([(WWW, dns.A, 60, bytes([10, 0, 0, 1]))])
+    done = records.commit([((WWW, dns.A), None)], "admin")
+    assert done[0] == ((WWW, dns.A), None)
+    assert records.get(WWW, dns.A) is None
+
+
+def test_a_reload_carries_changes_and_the_map_wins_where_it_changed() -> None:
+    carried: dict[str, Any] = {}
+    old, _, _ = make(carried=carried)
+    RecordsService(old).startService()
+    new_name = name_to_wire("new.z.test")
+    old.commit([((WWW, dns.A), a("10.0.0.5")), ((new_name, dns.A), a("10.0.0.6"))], "admin")
+    assert serial(old) == 8
+    # The new map changed www and the SOA's TTL, not new.z.test.
+    new_map = [
+        (ZONE, dns.SOA, 120, SOA),
+        (WWW, dns.A, 60, bytes([10, 0, 0, 7])),
+    ]
+    new, _, _ = make(new_map, carried)
+    assert new.get(WWW, dns.A) == a("10.0.0.7")
+    assert new.get(new_name, dns.A) == a("10.0.0.6")
+    soa = new.get(ZONE, dns.SOA)
+    assert soa is not None and soa[0] == 120 and serial(new) == 8
+
+
+def test_a_replacement_not_yet_started_does_not_publish() -> None:
+    carried: dict[str, Any] = {}
+    old, _, _ = make(carried=carried)
+    RecordsService(old).startService()
+    make(carried=carried)  # built for a reload that then failed to bind
+    old.commit([((WWW, dns.A), a("10.0.0.5"))], "admin")
+    again, _, _ = make(carried=carried)
+    assert again.get(WWW, dns.A) == a("10.0.0.5")
+
+
+def test_revert_goes_back_to_the_map() -> None:
+    records, events, _ = make()
+    records.commit([((WWW, dns.A), None)], "admin")
+    assert records.revert() == 2
+    assert records.get(WWW, dns.A) == a("10.0.0.1") and serial(records) == 7
+    assert events[-1] == {"type": "record", "action": "revert", "source": "admin", "count": 2}
+
+
+class FakeThread:
+    """Runs nothing until told: each call's work and its Deferred, in order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[[], None], Deferred[None]]] = []
+
+    def __call__(self, work: Callable[[], None]) -> Deferred[None]:
+        done: Deferred[None] = Deferred()
+        self.calls.append((work, done))
+        return done
+
+    def finish(self) -> None:
+        work, done = self.calls.pop(0)
+        work()
+        done.callback(None)
+
+
+def test_saver_writes_one_at_a_time_and_only_the_newest(tmp_path: Path) -> None:
+    thread = FakeThread()
+    path = tmp_path / "live.json"
+    saver = Saver(path, thread, Logger())
+    records, _, _ = make(saver=saver)
+    service = RecordsService(records)
+    service.startService()
+    records.commit([((WWW, dns.A), a("10.0.0.2"))], "admin")
+    records.commit([((WWW, dns.A), a("10.0.0.3"))], "admin")
+    records.commit([((WWW, dns.A), a("10.0.0.4"))], "admin")
+    assert len(thread.calls) == 1
+    stopped = service.stopService()
+    assert isinstance(stopped, Deferred)
+    thread.finish()
+    assert len(thread.calls) == 1  # the newest of the two waiting, once
+    assert not stopped.called
+    thread.finish()
+    assert stopped.called
+    changes = json.loads(path.read_text())["changes"]
+    assert [(c["name"], c["type"]) for c in changes] == [("www.z.test", "A"), ("z.test", "SOA")]
+    assert changes[0]["values"] == ["10.0.0.4"]
+    # A new start reads the file back.
+    again, _, _ = make(saver=Saver(path, thread, Logger()))
+    assert again.get(WWW, dns.A) == a("10.0.0.4") and serial(again) == 10
+
+
+def test_the_view_refuses_bad_writes_with_paths() -> None:
+    records, _, _ = make()
+    view = records_view(records, 60)
+    assert view.put is not None and view.remove is not None and view.post is not None
+    with pytest.raises(ConfigErrors) as refused:
+        view.put("www.z.test/A", {"values": ["10.0.0.1", "x"], "ttl": "long"})
+    assert [e.path for e in refused.value.errors] == ["ttl", "values[1]"]
+    with pytest.raises(ConfigErrors):
+        view.post({"type": "A", "values": ["10.0.0.1"]})
+    with pytest.raises(ViewRefused) as soa:
+        view.remove("z.test/SOA")
+    assert soa.value.status == 409
+    with pytest.raises(ViewRefused) as deep:
+        view.put("www.z.test/A/more", {"values": ["10.0.0.1"]})
+    assert deep.value.status == 404
+    assert view.remove("nothing.z.test") is None
+    assert serial(records) == 7
+
+
+# -- RFC 2136 UPDATE through the server, on a fake clock ----------------------------
+
+SECRET = base64.b64encode(b"k" * 32).decode()
+KEYRING = dns_tsigkeyring.from_text({"ci-key": ("hmac-sha256", SECRET)})
+UPDATABLE = f"""\
+    records:
+      www.dyn.test: {{A: [10.0.0.1]}}
+    update:
+      keys: {{ci-key: {{secret: "{SECRET}"}}}}
+      allow: [dyn.test, empty.test]
+"""
+
+
+def update_server(tmp_path: Path, clock: Clock) -> Server:
+    context = BuildContext(
+        reactor=clock,
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    return Server(DNS.parse(tmp_path, UPDATABLE), context)
+
+
+def send_update(server: Server, message: dns_message.Message) -> dns_message.Message:
+    answer = server.handle(message.to_wire(), ("127.0.0.1", 5000), True)
+    assert isinstance(answer, bytes)
+    return dns_message.from_wire(answer, keyring=False)
+
+
+def adding(zone: str = "dyn.test.", **kwargs: Any) -> dns_update.UpdateMessage:
+    message = dns_update.UpdateMessage(zone, **kwargs)
+    message.add(f"new.{zone}", 60, "A", "10.0.0.2")
+    return message
+
+
+def test_a_signed_update_is_checked_against_netds_clock(tmp_path: Path) -> None:
+    clock = Clock()  # 1970: every signature made now is hours out
+    server = update_server(tmp_path, clock)
+    late = send_update(server, adding(keyring=KEYRING, keyname="ci-key"))
+    assert (late.rcode(), late.tsig_error) == (dns_rcode.NOTAUTH, dns_rcode.BADTIME)
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
+    clock.advance(time.time())
+    done = send_update(server, adding(keyring=KEYRING, keyname="ci-key"))
+    assert (done.rcode(), done.tsig_error) == (dns_rcode.NOERROR, 0)
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) == a("10.0.0.2")
+    assert server.stats.snapshot()["update_rcode_NOTAUTH"] == 1
+
+
+def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(time.time())
+    server = update_server(tmp_path, clock)
+    assert server.records.local.is_local(name_to_wire("nothing.empty.test"))
+    done = send_update(server, adding("empty.test.", keyring=KEYRING, keyname="ci-key"))
+    assert done.rcode() == dns_rcode.NOERROR
+    assert server.records.get(name_to_wire("new.empty.test"), dns.A) == a("10.0.0.2")
+
+
+def test_a_service_without_update_keys_refuses_every_update(tmp_path: Path) -> None:
+    context = BuildContext(
+        reactor=Clock(),
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(Clock()),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    server = Server(DNS.parse(tmp_path, "    records: {www.dyn.test: {A: [10.0.0.1]}}\n"), context)
+    message = adding(keyring=KEYRING, keyname="ci-key")
+    assert send_update(server, message).rcode() == dns_rcode.REFUSED
+    assert server.stats.counters["update_rcode_REFUSED"] == 1
+
+
+def test_unsigned_and_malformed_updates(tmp_path: Path) -> None:
+    server = update_server(tmp_path, Clock())
+    assert send_update(server, adding()).rcode() == dns_rcode.REFUSED
+    garbage = bytes([0, 1, 0x28, 0]) + b"\x00\x01" + b"\x00" * 6 + b"\x03dyn"
+    answer = server.handle(garbage, ("127.0.0.1", 5000), True)
+    assert isinstance(answer, bytes) and answer[3] & 0xF == dns_rcode.FORMERR
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
+
+
+def test_update_options_are_checked(tmp_path: Path) -> None:
+    found = DNS.errors(
+        tmp_path,
+        "    update:\n"
+        "      keys: {k: {algorithm: hmac-md4, secret: 'not base64!'}}\n"
+        "      allow: ['bad..zone']\n",
+    )
+    assert [e.split(": ", 1)[1] for e in found] == [
+        "services.dns.update.keys.k.algorithm: must be one of hmac-sha1, hmac-sha224,"
+        " hmac-sha256, hmac-sha384, hmac-sha512, got 'hmac-md4'",
+        "services.dns.update.keys.k.secret: not base64 (tsig-keygen and ddns-confgen print one)",
+        "services.dns.update.allow[0]: not a zone name: 'bad..zone'",
+    ]
+    assert DNS.errors(tmp_path, "    update: {allow: [a.test]}\n")[0].endswith(
+        "services.dns.update: update needs at least one key under keys: (unsigned updates are"
+        " refused)"
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=300), counts=st.tuples(*[st.integers(0, 3)] * 4))
+def test_random_updates_get_an_answer_or_silence(body: bytes, counts: tuple[int, ...]) -> None:
+    server = unsigned_update_server()
+    data = struct.pack(">HHHHHH", 7, 0x2800, *counts) + body
+    answer = server.handle(data, ("127.0.0.1", 5000), True)
+    assert answer is None or answer[:2] == b"\x00\x07"
+    assert server.records.get(WWW_DYN, dns.A) == a("10.0.0.1")
+
+
+WWW_DYN = name_to_wire("www.dyn.test")
+
+
+@functools.cache
+def unsigned_update_server() -> Server:
+    """One server for every example: none of them may change anything."""
+    return update_server(Path("."), Clock())
+
+
+def test_max_age_is_the_smallest_ttl_of_answer_and_authority() -> None:
+    reply = dns_message.make_response(dns_message.make_query("www.z.test", "A"))
+    reply.answer.append(dns_rrset.from_text("www.z.test.", 300, "IN", "A", "10.0.0.1"))
+    reply.answer.append(dns_rrset.from_text("www.z.test.", 90, "IN", "A", "10.0.0.2"))
+    reply.additional.append(dns_rrset.from_text("ns.z.test.", 5, "IN", "A", "10.0.0.3"))
+    assert max_age(reply.to_wire()) == 90
+    negative = dns_message.make_response(dns_message.make_query("no.z.test", "A"))
+    negative.authority.append(
+        dns_rrset.from_text("z.test.", 30, "IN", "SOA", "ns.z.test. h.z.test. 1 2 3 4 30")
+    )
+    assert max_age(negative.to_wire()) == 30
+    assert max_age(dns_message.make_query("x.test", "A").to_wire()) == 0
+    assert max_age(b"\x00\x01\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\x01") == 0  # cut short
+
+
+def test_doh_listeners_are_stream_listeners_of_their_own_list(tmp_path: Path) -> None:
+    found = DNS.errors(tmp_path, '    doh: ["udp:0"]\n')
+    assert found[0].endswith(
+        "services.dns.doh[0]: this service kind has no datagram (udp:) listener"
+    )
+    config = parse_config(
+        "services:\n  dns:\n    type: dns\n    listen: ['udp:0']\n"
+        "    doh: ['tcp:0:interface=127.0.0.1']\n",
+        tmp_path / "netd.yaml",
+    )
+    assert [(lst.endpoint, lst.protocol) for lst in config.services["dns"].listen] == [
+        ("udp:0", None),
+        ("tcp:0:interface=127.0.0.1", "doh"),
+    ]
+
+
+# -- forwarding: attempts, zones, DoT options ------------------------------------
+
+
+def test_attempts_go_round_the_upstreams_again() -> None:
+    reactor = _FakeReactor()
+    stats = ServiceStats()
+    fwd = Forwarder(
+        reactor, UPSTREAMS, stats, timeout=0.5, socket_factory=reactor.socket, attempts=2
+    )
+    result = fwd.resolve(key("a.example"))
+    for _ in range(3):
+        reactor.advance(0.5)
+    assert [sock.peer for sock in reactor.sockets] == [u_peer(u) for u in UPSTREAMS * 2]
+    reactor.advance(0.5)
+    result.addErrback(lambda f: f.trap(UpstreamFailed))
+    assert stats.counters["upstream_failures"] == 4
+
+
+def u_peer(upstream: Upstream) -> tuple[str, int]:
+    return (upstream.host, upstream.port)
+
+
+def test_forward_zones_route_by_the_longest_suffix() -> None:
+    asked: list[tuple[str, bytes]] = []
+
+    class Recording(Forwarder):
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        def resolve(self, question: bytes) -> Deferred[bytes]:
+            asked.append((self.label, question))
+            return Deferred()
+
+    router = Forwarders(
+        Recording("default"),
+        {name_to_wire("corp.test"): Recording("corp"), name_to_wire("a.corp.test"): Recording("a")},
+    )
+    for name in ("x.a.corp.test", "b.corp.test", "corp.test", "example.com"):
+        router.resolve(key(name))
+    assert [label for label, _ in asked] == ["a", "corp", "corp", "default"]
+    failed = Forwarders(None, {}).resolve(key("example.com"))
+    assert failed.called
+    failed.addErrback(lambda f: f.trap(UpstreamFailed))
+
+
+def test_forward_options(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(b"not a certificate")
+    parsed = DNS.parse(
+        tmp_path,
+        "    forward:\n"
+        "      upstreams: ['127.0.0.1', 'tls://[::1]', {address: 'tls://10.0.0.1:8853',"
+        " server_name: dns.test}]\n"
+        "      timeout: 0.5\n"
+        "      attempts: 3\n"
+        "    forward_zones: {corp.test: ['10.1.1.1:5353']}\n",
+    )
+    assert parsed.forward == (
+        Upstream("127.0.0.1", 53),
+        Upstream("::1", 853, tls=True),
+        Upstream("10.0.0.1", 8853, tls=True, server_name="dns.test"),
+    )
+    assert (parsed.forward_timeout, parsed.forward_attempts) == (0.5, 3)
+    assert parsed.forward_zones == ((name_to_wire("corp.test"), (Upstream("10.1.1.1", 5353),)),)
+    assert str(parsed.forward[1]) == "tls://[::1]:853"
+    found = DNS.errors(
+        tmp_path,
+        f"    forward: [{{address: '10.0.0.1', server_name: x.test}},"
+        f" {{address: 'tls://10.0.0.2', ca: {ca}}}, 'tls://name.test']\n",
+    )
+    assert [e.split(": ", 1)[1].split(":")[0] for e in found] == [
+        "services.dns.forward[0]",
+        "services.dns.forward[1].ca",
+        "services.dns.forward[2]",
+    ]
+
+
+def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Path) -> None:
+    recorder = Recorder(tmp_path / "rec.zone", Clock(), Logger(), "dns")
+    thread = FakeThread()
+    recorder.saver = Saver(tmp_path / "rec.zone", thread, Logger())
+    reply = dns_message.make_response(dns_message.make_query("www.example.test", "A"))
+    reply.answer.append(dns_rrset.from_text("WWW.example.test.", 300, "IN", "A", "10.0.0.1"))
+    reply.answer.append(dns_rrset.from_text("www.example.test.", 300, "IN", "HINFO", "a b"))
+    recorder.add(reply.to_wire())
+    recorder.add(reply.to_wire())  # nothing new: no second write
+    assert len(thread.calls) == 1
+    reply.answer[0].ttl = 60
+    recorder.add(reply.to_wire())
+    recorder.add(b"\x00\x01garbage")
+    thread.finish()
+    thread.finish()
+    assert (tmp_path / "rec.zone").read_text().splitlines()[1:] == [
+        "www.example.test. 60 IN A 10.0.0.1"
+    ]
+    records, _ = parse_master_file((tmp_path / "rec.zone").read_text(), name_to_wire("rec"), 60)
+    assert records == [(name_to_wire("www.example.test"), dns.A, 60, bytes([10, 0, 0, 1]))]
+
+
+# -- the additional section ------------------------------------------------------------
+
+TARGETS = """\
+    records:
+      lab.test: {MX: ["10 mx.lab.test", "20 mx.elsewhere.test"], NS: [ns.lab.test]}
+      mx.lab.test: {A: [10.0.0.25], AAAA: ["::25"], TXT: [not an address]}
+      ns.lab.test: {A: [10.0.0.53]}
+      _sip._udp.lab.test: {SRV: ["0 5 5060 sip.lab.test"]}
+      sip.lab.test: {AAAA: ["::5060"]}
+      many.lab.test: {MX: [SETS]}
+"""
+
+
+def test_mx_ns_and_srv_targets_held_locally_come_with_their_addresses(tmp_path: Path) -> None:
+    many = ", ".join(f"'{i} host{i}.lab.test'" for i in range(8))
+    section = TARGETS.replace("SETS", many)
+    for i in range(8):
+        section += f"      host{i}.lab.test: {{A: [10.1.0.{i}]}}\n"
+    clock = Clock()
+    context = BuildContext(
+        reactor=clock,
+        name="dns",
+        state_dir=tmp_path,
+        journal=Journal(clock),
+        stats=ServiceStats(),
+        log=Logger(),
+        tls={},
+    )
+    srv = Server(DNS.parse(tmp_path, section), context)
+
+    def additional(name: str, rdtype: str) -> list[str]:
+        answer = srv.handle(dns_message.make_query(name, rdtype).to_wire(), CLIENT, True)
+        assert isinstance(answer, bytes)
+        reply = dns_message.from_wire(answer)
+        assert reply.answer and not reply.flags & 0x0200  # never truncated for them
+        return sorted(str(rrset) for rrset in reply.additional)
+
+    assert additional("lab.test", "MX") == [
+        "mx.lab.test. 60 IN A 10.0.0.25",
+        "mx.lab.test. 60 IN AAAA ::25",
+    ]
+    assert additional("lab.test", "NS") == ["ns.lab.test. 60 IN A 10.0.0.53"]
+    assert additional("_sip._udp.lab.test", "SRV") == ["sip.lab.test. 60 IN AAAA ::5060"]
+    assert additional("lab.test", "SOA") == []
+    # Eight targets' addresses would take the answer past 512 bytes: left out.
+    assert additional("many.lab.test", "MX") == []
