@@ -5,6 +5,7 @@ driven through StringTransport and a Clock.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import attrs
@@ -368,10 +369,13 @@ def test_irc_registration_and_welcome(tmp_path: Path) -> None:
     bob.send("JOIN #lobby")
     assert bob.read() == [":chat.netd.test 451 * :You have not registered"]
     bob.send("CAP LS 302", "NICK bob", "USER bob 0 * :Bob Example")
-    assert bob.read() == [":chat.netd.test CAP * LS :"]  # waits for CAP END
+    assert bob.read() == [  # and waits for CAP END; no sasl without accounts
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " server-time"
+    ]
     bob.send("CAP REQ :multi-prefix", "CAP END")
     lines = bob.read()
-    assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
+    assert lines[0] == ":chat.netd.test CAP * ACK :multi-prefix"
     assert [line.split()[1] for line in lines[1:]] == [
         "001", "002", "003", "004", "005", "251", "254", "255", "375", "372", "376",
     ]  # fmt: skip
@@ -683,3 +687,157 @@ def test_fan_out_encodes_once_and_writes_once_per_member_and_turn(tmp_path: Path
     assert wire.encoded == 3  # once per message, not once per member
     assert sorted(writes) == list(range(50))  # one write per member for the whole turn
     assert hub.stats.counters["chat_deliveries"] == 3 * 49
+
+
+# --- IRCv3 ---------------------------------------------------------------------------------
+
+STAMP = "2023-11-14T22:13:20.000Z"  # the test clock's 1_700_000_000
+
+
+def test_cap_negotiation_as_clients_send_it(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    users: {alice: {password: wonderland}}\n")
+    client = chat.connect("irc")
+    client.send("CAP LS")  # no version: no values
+    assert client.read() == [
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " sasl server-time"
+    ]
+    client.send("CAP LS 302")
+    assert client.read() == [
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " sasl=PLAIN server-time"
+    ]
+    client.send("CAP REQ :server-time bogus")
+    assert client.read() == [":chat.netd.test CAP * NAK :server-time bogus"]  # all or nothing
+    client.send("CAP REQ :server-time message-tags echo-message", "CAP REQ :-echo-message")
+    assert client.read() == [
+        ":chat.netd.test CAP * ACK :server-time message-tags echo-message",
+        f"@time={STAMP} :chat.netd.test CAP * ACK :-echo-message",
+    ]
+    client.send("CAP LIST", "CAP FROB")
+    assert client.read() == [
+        f"@time={STAMP} :chat.netd.test CAP * LIST :message-tags server-time",
+        f"@time={STAMP} :chat.netd.test 410 * FROB :Invalid CAP command",
+    ]
+    client.send("NICK alice", "USER alice 0 * :Alice")
+    assert client.read() == []  # still negotiating
+    client.send("CAP END")
+    assert client.read()[0] == (
+        f"@time={STAMP} :chat.netd.test 001 alice :Welcome to the netd IRC network"
+        " alice!alice@192.0.2.7"
+    )
+
+
+def sasl(client: Client, payload: bytes) -> list[str]:
+    client.send("AUTHENTICATE PLAIN")
+    assert client.read() == ["AUTHENTICATE +"]
+    client.send("AUTHENTICATE " + base64.b64encode(payload).decode())
+    return client.read()
+
+
+def test_sasl_plain_against_users(tmp_path: Path) -> None:
+    # Hashed passwords go through the reactor's thread pool: the integration tests'.
+    chat = serve(tmp_path, "    users: {alice: {password: wonderland}, bob: {password: builder}}\n")
+    client = chat.connect("irc")
+    client.send("AUTHENTICATE PLAIN")  # sasl not requested
+    assert client.read() == [":chat.netd.test 904 * :SASL authentication failed"]
+    client.send("CAP LS 302", "NICK alice", "USER alice 0 * :Alice", "CAP REQ :sasl")
+    client.read()
+    client.send("AUTHENTICATE SCRAM-SHA-256")
+    assert client.read() == [
+        ":chat.netd.test 908 * PLAIN :are available SASL mechanisms",
+        ":chat.netd.test 904 * :SASL authentication failed",
+    ]
+    assert sasl(client, b"\0alice\0wrong") == [":chat.netd.test 904 * :SASL authentication failed"]
+    client.send("AUTHENTICATE PLAIN", "AUTHENTICATE *")
+    assert client.read() == ["AUTHENTICATE +", ":chat.netd.test 906 * :SASL authentication aborted"]
+    assert sasl(client, b"\0alice\0wonderland") == [
+        ":chat.netd.test 900 * alice!alice@192.0.2.7 alice :You are now logged in as alice",
+        ":chat.netd.test 903 * :SASL authentication successful",
+    ]
+    client.send("AUTHENTICATE PLAIN")
+    assert client.read() == [":chat.netd.test 907 * :You have already authenticated using SASL"]
+    client.send("CAP END")
+    assert client.read()[0].startswith(":chat.netd.test 001 alice ")
+    assert [e["ok"] for e in chat.events("chat.sasl")] == [False, True]
+    # Another account, logging in as someone else, garbage, too long.
+    other = chat.connect("irc")
+    other.send("CAP REQ :sasl")
+    other.read()
+    assert sasl(other, b"bob\0bob\0builder")[-1].endswith(":SASL authentication successful")
+    guesser = chat.connect("irc")
+    guesser.send("CAP REQ :sasl")
+    guesser.read()
+    assert sasl(guesser, b"alice\0bob\0builder")[-1].endswith(" 904 * :SASL authentication failed")
+    guesser.send("AUTHENTICATE PLAIN", "AUTHENTICATE !!notbase64!!")
+    assert guesser.read()[-1].endswith(" 904 * :SASL authentication failed")
+    guesser.send(
+        "AUTHENTICATE PLAIN", "AUTHENTICATE " + "A" * 400, *["AUTHENTICATE " + "A" * 400] * 4
+    )
+    lines = guesser.read()
+    assert lines[-2].endswith(" 904 * :SASL authentication failed")  # the third failure
+    assert lines[-1].startswith("ERROR :Closing Link") and guesser.closed
+    assert chat.stats.counters["chat_sasl_failures"] == 4
+
+
+def test_tags_time_echo_and_tagmsg(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    modern = chat.connect("irc")
+    modern.send("CAP LS 302", "CAP REQ :server-time message-tags echo-message", "CAP END")
+    modern.send("NICK modern", "USER m 0 * :M", "JOIN #lobby")
+    plain = irc_user(chat, "plain")
+    timed = chat.connect("irc")
+    timed.send("CAP REQ server-time", "NICK timed", "USER t 0 * :T", "CAP END")
+    plain.send("JOIN #lobby")
+    timed.send("JOIN #lobby")
+    for client in (modern, plain, timed):
+        client.read()
+    modern.send("@+draft/reply=abc;+typing=done;time=forged;label=x PRIVMSG #lobby :hi all")
+    tags = "+draft/reply=abc;+typing=done"
+    assert modern.read() == [f"@time={STAMP};{tags} :modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    assert plain.read() == [":modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    assert timed.read() == [f"@time={STAMP} :modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    plain.send("PRIVMSG modern :psst")
+    assert modern.read() == [f"@time={STAMP} :plain!plain@192.0.2.7 PRIVMSG modern :psst"]
+    modern.send("@+typing=active TAGMSG #lobby", "@+typing=active TAGMSG plain", "TAGMSG #lobby")
+    assert modern.read() == [  # its echoes; a TAGMSG without tags goes nowhere
+        f"@time={STAMP};+typing=active :modern!m@192.0.2.7 TAGMSG #lobby",
+        f"@time={STAMP};+typing=active :modern!m@192.0.2.7 TAGMSG plain",
+    ]
+    assert plain.read() == [] and timed.read() == []  # neither takes message tags
+    modern.send("@+x=" + "y" * 5000 + " PRIVMSG #lobby :long tags")
+    assert modern.read() == [f"@time={STAMP} :chat.netd.test 417 modern :Input line was too long"]
+    plain.send("PRIVMSG #lobby :" + "z" * 600)
+    assert plain.read() == [":chat.netd.test 417 plain :Input line was too long"]
+
+
+def test_history_batch_and_away_notify(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby", "PRIVMSG #lobby :first")
+    chat.clock.advance(1.5)
+    alice.send("PRIVMSG #lobby :second")
+    late = chat.connect("irc")
+    late.send("CAP REQ :batch server-time away-notify", "CAP END", "NICK late", "USER l 0 * :L")
+    late.send("JOIN #lobby")
+    lines = [line for line in late.read() if " 353 " not in line and " 366 " not in line]
+    now = "2023-11-14T22:13:21.500Z"
+    assert lines[-5:] == [
+        f"@time={now} :late!l@192.0.2.7 JOIN #lobby",
+        f"@time={now} :chat.netd.test BATCH +h1 chathistory #lobby",
+        f"@time={STAMP};batch=h1 :alice!history@chat.netd.test PRIVMSG #lobby :first",
+        f"@time={now};batch=h1 :alice!history@chat.netd.test PRIVMSG #lobby :second",
+        f"@time={now} :chat.netd.test BATCH -h1",
+    ]
+    alice.read()
+    alice.send("AWAY :lunch")
+    assert late.read() == [f"@time={now} :alice!alice@192.0.2.7 AWAY :lunch"]
+    alice.send("AWAY")
+    assert late.read() == [f"@time={now} :alice!alice@192.0.2.7 AWAY"]
+    plain = irc_user(chat, "plain")
+    plain.send("AWAY :gone", "JOIN #lobby")
+    assert late.read() == [
+        f"@time={now} :plain!plain@192.0.2.7 JOIN #lobby",
+        f"@time={now} :plain!plain@192.0.2.7 AWAY :gone",
+    ]
+    assert not any("AWAY" in line for line in alice.read())  # alice did not ask

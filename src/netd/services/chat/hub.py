@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd import passwords
 from netd.events import ServiceStats
 
 __all__ = [
@@ -81,6 +83,8 @@ class Options:
     history: int = 20
     flood: FloodLimit = attrs.field(factory=FloodLimit)
     password: str | None = None
+    # SASL PLAIN accounts of IRC clients: name to password, in clear or hashed.
+    users: Mapping[str, str] = attrs.field(factory=dict)
     ping_interval: float = 120.0
     ping_timeout: float = 60.0
 
@@ -188,9 +192,20 @@ class Wire(ABC):
         """Room message, in this wire's words."""
 
     def deliver(
-        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
     ) -> None:
-        """Queue one room message for these members of the room (never for C{sender})."""
+        """
+        Queue one room message for these members of the room (never for C{sender}).
+
+        @param tags: the client's own message tags (IRCv3 C{+name=value;...}), for
+            wires that carry them.
+        """
         data = self.room_message(sender, room, text, notice)
         # The hot loop of fan-out: one append per member; the hub marks them for flushing.
         for member in members:
@@ -218,8 +233,10 @@ class Wire(ABC):
         """Topic, in this wire's words."""
 
     @abstractmethod
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
-        """Private, in this wire's words."""
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
+        """Private, in this wire's words (C{tags} as for L{deliver})."""
 
 
 @attrs.define(eq=False)
@@ -273,6 +290,8 @@ class Session(Protocol, ABC):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
+        # The IRCv3 tags this client takes (see netd.services.chat.irc); 0 for none.
+        self.tag_profile = 0
         # Output waits here until the hub flushes, so the messages of one
         # reactor turn cost each member one transport write, not one per message.
         self.out: list[bytes] = []
@@ -403,6 +422,8 @@ class Hub:
     emit: Callable[..., None]
     # Messages are the one event frequent enough to cost when nobody reads the journal.
     journal_active: Callable[[], bool] = lambda: True
+    # Password hashes are checked here (bcrypt is slow on purpose): a thread pool.
+    run_in_thread: Callable[..., Deferred[Any]] = maybeDeferred
     rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
     users: dict[str, Session] = attrs.field(init=False, factory=dict)
     sessions: dict[Session, None] = attrs.field(init=False, factory=dict)
@@ -603,12 +624,14 @@ class Hub:
             )
         return False
 
-    def say(self, session: Session, name: str, text: str, notice: bool = False) -> Room:
+    def say(
+        self, session: Session, name: str, text: str, notice: bool = False, tags: bytes = b""
+    ) -> Room:
         room = self.find_room(name)
         if room.key not in session.rooms:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
         for wire, members in list(room.members.items()):
-            wire.deliver(members, session, room, text, notice)
+            wire.deliver(members, session, room, text, notice, tags)
             self.dirty.update(members)
         if not notice:
             room.history.append((self.clock.seconds(), session.nick, text))
@@ -618,16 +641,28 @@ class Hub:
             self.emit("chat.message", nick=session.nick, room=room.name, text=text)
         return room
 
-    def tell(self, session: Session, nick: str, text: str, notice: bool = False) -> Session:
+    def tell(
+        self, session: Session, nick: str, text: str, notice: bool = False, tags: bytes = b""
+    ) -> Session:
         target = self.users.get(fold(nick))
         if target is None:
             raise ChatError(ChatError.NO_SUCH_NICK, nick)
-        target.write(target.wire.private(session, target, text, notice))
+        target.write(target.wire.private(session, target, text, notice, tags))
         self.stats.count("chat_messages")
         self.stats.count("chat_deliveries")
         if self.journal_active():
             self.emit("chat.message", nick=session.nick, to=target.nick, text=text)
         return target
+
+    def check_password(self, account: str, password: bytes) -> Deferred[bool]:
+        """Whether C{password} is C{account}'s, from the C{users} map."""
+        stored = self.options.users.get(account)
+        if stored is None:
+            return succeed(False)
+        if not passwords.is_hash(stored):
+            return succeed(passwords.verify(password, stored))
+        checked: Deferred[bool] = self.run_in_thread(passwords.verify, password, stored)
+        return checked
 
     # --- the admin view -------------------------------------------------------------
 

@@ -1,13 +1,25 @@
 """
-The IRC side of the chat kind: the RFC 2812 subset ordinary clients and bots use.
+The IRC side of the chat kind: the RFC 2812 subset ordinary clients and bots use,
+and the IRCv3 capabilities today's clients ask for (C{server-time},
+C{message-tags}, C{echo-message}, C{multi-prefix}, C{away-notify}, C{batch},
+C{sasl} PLAIN).
 
 L{twisted.words.protocols.irc.IRC} supplies the message parser, the command
 dispatch (C{irc_COMMAND} methods) and the numerics; netd replaces its framing,
 which decodes each read as strict UTF-8 (one stray byte raised out of
-C{dataReceived}) and allowed 16 KiB lines, with bytes framing at 512 bytes.
+C{dataReceived}) and allowed 16 KiB lines, with bytes framing at 512 bytes
+(plus IRCv3 message tags).
 """
 
 from __future__ import annotations
+
+import base64
+import binascii
+import itertools
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
@@ -31,6 +43,25 @@ __all__ = ["IrcSession", "IrcWire"]
 
 # RFC 2812 2.3: 512 bytes a message, CRLF included.
 MAX_LINE = 512
+# IRCv3 message-tags: a client's tags take at most 4094 bytes, with "@" and a space.
+MAX_TAGS = 4096
+# What a client's tag profile (Session.tag_profile) asks for.
+SERVER_TIME = 1
+MESSAGE_TAGS = 2
+_CAPABILITIES = (
+    "away-notify",
+    "batch",
+    "echo-message",
+    "message-tags",
+    "multi-prefix",
+    "sasl",
+    "server-time",
+)
+# SASL: a client's response arrives in base64 lines of 400; PLAIN needs few of them.
+_SASL_CHUNK = 400
+_SASL_MOST = 4 * _SASL_CHUNK
+_SASL_TRIES = 3
+_CLIENT_TAG = re.compile(r"\+[A-Za-z0-9/.-]+[A-Za-z0-9-]*(=[^\0\r\n; ]*)?\Z")
 VERSION = "netd-chat-1"
 # From the modern IRC client protocol, not RFC 2812.
 ERR_INPUTTOOLONG = "417"
@@ -48,7 +79,9 @@ _ISUPPORT = (
     "NETWORK=netd",
 )
 # Commands a client may send before it has registered.
-_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
+_BEFORE_REGISTRATION = frozenset(
+    {"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"}
+)
 
 
 def _line(text: str) -> bytes:
@@ -59,15 +92,69 @@ def _line(text: str) -> bytes:
     return data + b"\r\n"
 
 
+def with_tags(tags: bytes, line: bytes) -> bytes:
+    """C{line} with C{tags} (C{name=value;...}) first among its message tags."""
+    if not tags:
+        return line
+    if line.startswith(b"@"):
+        return b"@" + tags + b";" + line[1:]
+    return b"@" + tags + b" " + line
+
+
+def server_time(when: float) -> bytes:
+    """The IRCv3 C{time} tag for C{when}: UTC, milliseconds."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+    return f"time={seconds}.{int(when * 1000) % 1000:03d}Z".encode()
+
+
+def _client_tags(raw: str) -> bytes:
+    """The client-only tags (C{+name[=value]}) of a received tag list, as they came."""
+    kept = [tag for tag in raw.split(";") if _CLIENT_TAG.match(tag)]
+    return ";".join(kept).encode()
+
+
 class IrcWire(Wire):
     """Hub happenings as IRC messages; one instance serves every IRC session of a hub."""
 
-    def __init__(self, server_name: str) -> None:
+    def __init__(self, server_name: str, clock: Any) -> None:
         self.server_name = server_name
+        self.clock = clock
 
     def room_message(self, sender: Session, room: Room, text: str, notice: bool) -> bytes:
         verb = "NOTICE" if notice else "PRIVMSG"
         return _line(f":{sender.prefix} {verb} #{room.name} :{text}")
+
+    def deliver(
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
+    ) -> None:
+        plain = self.room_message(sender, room, text, notice)
+        # One encoding per tag profile: members without IRCv3 tags share the plain bytes.
+        tagged: dict[int, bytes] = {}
+        for member in members:
+            if member is sender:
+                continue
+            profile = member.tag_profile
+            if not profile:
+                member.out.append(plain)
+                continue
+            data = tagged.get(profile)
+            if data is None:
+                data = tagged[profile] = self.tagged(profile, plain, tags)
+            member.out.append(data)
+
+    def tagged(self, profile: int, line: bytes, tags: bytes) -> bytes:
+        """C{line} as a client of C{profile} gets it: client tags, then server time first."""
+        if profile & MESSAGE_TAGS:
+            line = with_tags(tags, line)
+        if profile & SERVER_TIME:
+            line = with_tags(server_time(self.clock.seconds()), line)
+        return line
 
     def joined(self, user: Session, room: Room) -> bytes:
         return _line(f":{user.prefix} JOIN #{room.name}")
@@ -84,9 +171,13 @@ class IrcWire(Wire):
     def topic(self, user: Session, room: Room) -> bytes:
         return _line(f":{user.prefix} TOPIC #{room.name} :{room.topic}")
 
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
         verb = "NOTICE" if notice else "PRIVMSG"
-        return _line(f":{sender.prefix} {verb} {target.nick} :{text}")
+        line = _line(f":{sender.prefix} {verb} {target.nick} :{text}")
+        # The time tag, if wanted, is added as the target's write queues it.
+        return with_tags(tags, line) if target.tag_profile & MESSAGE_TAGS else line
 
 
 _REFUSALS = {
@@ -104,6 +195,7 @@ class IrcSession(Session, irc.IRC):
     """One IRC client."""
 
     protocol_name = "irc"
+    max_line = MAX_LINE + MAX_TAGS
 
     def __init__(self, hub: Hub, wire: IrcWire) -> None:
         super().__init__(hub)
@@ -116,6 +208,13 @@ class IrcSession(Session, irc.IRC):
         self._seen_at_check = -1
         self._awaiting_pong = False
         self._timer: IDelayedCall | None = None
+        self.caps: set[str] = set()
+        self.account: str | None = None
+        self._sasl: list[str] | None = None
+        self._sasl_failures = 0
+        # The client tags of the command being handled.
+        self._tags = b""
+        self._batches = itertools.count(1)
 
     # --- connection ---------------------------------------------------------------
 
@@ -160,6 +259,17 @@ class IrcSession(Session, irc.IRC):
         text = line.strip(" ")
         if not text:
             return
+        self._tags = b""
+        if text.startswith("@"):
+            raw, _, text = text.partition(" ")
+            text = text.lstrip(" ")
+            if len(raw.encode()) > MAX_TAGS - 2:
+                self.too_long()
+                return
+            self._tags = _client_tags(raw[1:])
+        if len(text.encode()) > MAX_LINE - 2:
+            self.too_long()
+            return
         try:
             prefix, command, params = irc.parsemsg(text)
         except (ValueError, IndexError):
@@ -175,6 +285,12 @@ class IrcSession(Session, irc.IRC):
 
     def sendLine(self, line: str) -> None:
         self.write(_line(line))
+
+    def write(self, data: bytes) -> None:
+        # One line at a time; a line that carries its own time (history) keeps it.
+        if self.tag_profile & SERVER_TIME and not data.startswith(b"@time="):
+            data = with_tags(server_time(self.hub.clock.seconds()), data)
+        super().write(data)
 
     def numeric(self, code: str, *params: str) -> None:
         """A reply from the server to this client; the last parameter is the trailing one."""
@@ -199,24 +315,114 @@ class IrcSession(Session, irc.IRC):
 
     # --- registration -------------------------------------------------------------------
 
+    # --- IRCv3 capabilities and SASL ----------------------------------------------------
+
+    def _available(self) -> tuple[str, ...]:
+        # SASL only where there are accounts to log in to.
+        return tuple(c for c in _CAPABILITIES if c != "sasl" or self.hub.options.users)
+
     def irc_CAP(self, prefix: str, params: list[str]) -> None:
-        # No capabilities: answer the listing and refuse requests, so IRCv3
-        # clients finish negotiation at once.
         sub = params[0].upper() if params else ""
+        nick = self.nick or "*"
         if sub == "LS":
+            # Registration waits for CAP END once a client has asked (IRCv3 302).
             self.negotiating = not self.registered
-            self.sendCommand("CAP", [self.nick or "*", "LS", ":"], self.server_name)
+            version = params[1] if len(params) > 1 else ""
+            values = version.isdigit() and int(version) >= 302
+            offered = [
+                f"{cap}=PLAIN" if cap == "sasl" and values else cap for cap in self._available()
+            ]
+            self.sendCommand("CAP", [nick, "LS", f":{' '.join(offered)}"], self.server_name)
         elif sub == "LIST":
-            self.sendCommand("CAP", [self.nick or "*", "LIST", ":"], self.server_name)
-        elif sub == "REQ":
             self.sendCommand(
-                "CAP", [self.nick or "*", "NAK", f":{' '.join(params[1:])}"], self.server_name
+                "CAP", [nick, "LIST", f":{' '.join(sorted(self.caps))}"], self.server_name
+            )
+        elif sub == "REQ":
+            self.negotiating = not self.registered
+            asked = params[1].split() if len(params) > 1 else []
+            available = self._available()
+            if not asked or not all(cap.removeprefix("-") in available for cap in asked):
+                # All or nothing.
+                self.sendCommand("CAP", [nick, "NAK", f":{' '.join(asked)}"], self.server_name)
+                return
+            # Acknowledged as things were: the changes apply from the next message on.
+            self.sendCommand("CAP", [nick, "ACK", f":{' '.join(asked)}"], self.server_name)
+            for cap in asked:
+                if cap.startswith("-"):
+                    self.caps.discard(cap[1:])
+                else:
+                    self.caps.add(cap)
+            self.tag_profile = (SERVER_TIME if "server-time" in self.caps else 0) | (
+                MESSAGE_TAGS if "message-tags" in self.caps else 0
             )
         elif sub == "END":
             self.negotiating = False
             self._try_register()
         else:
             self.numeric(ERR_INVALIDCAPCMD, sub or "*", "Invalid CAP command")
+
+    def irc_AUTHENTICATE(self, prefix: str, params: list[str]) -> None:
+        if "sasl" not in self.caps or not params or not params[0]:
+            self.numeric("904", "SASL authentication failed")
+            return
+        if self.account is not None:
+            self.numeric("907", "You have already authenticated using SASL")
+            return
+        argument = params[0]
+        if argument == "*":
+            self._sasl = None
+            self.numeric("906", "SASL authentication aborted")
+            return
+        if self._sasl is None:
+            if argument.upper() != "PLAIN":
+                self.numeric("908", "PLAIN", "are available SASL mechanisms")
+                self.numeric("904", "SASL authentication failed")
+                return
+            self._sasl = []
+            self.write(_line("AUTHENTICATE +"))
+            return
+        if argument != "+":
+            self._sasl.append(argument)
+        if sum(map(len, self._sasl)) > _SASL_MOST:
+            self._sasl = None
+            self._sasl_failed("")
+            return
+        if len(argument) == _SASL_CHUNK:
+            return  # more lines of the same response follow
+        response, self._sasl = "".join(self._sasl), None
+        try:
+            authorize, name, password = base64.b64decode(response, validate=True).split(b"\0")
+            account = name.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl_failed("")
+            return
+        if authorize and authorize != name:
+            self._sasl_failed(account)  # no logging in as someone else
+            return
+        checked = self.hub.check_password(account, password)
+        checked.addCallback(self._sasl_checked, account)
+
+    def _sasl_checked(self, ok: bool, account: str) -> None:
+        if self.gone:
+            return
+        if not ok:
+            self._sasl_failed(account)
+        else:
+            self.account = account
+            nick = self.nick or self.wanted_nick or "*"
+            mask = f"{nick}!{self.user or 'user'}@{self.host}"
+            self.numeric("900", mask, account, f"You are now logged in as {account}")
+            self.numeric("903", "SASL authentication successful")
+            self.hub.emit("chat.sasl", account=account, client=self.host, ok=True)
+        self.hub.flush_soon()
+
+    def _sasl_failed(self, account: str) -> None:
+        self._sasl_failures += 1
+        self.hub.stats.count("chat_sasl_failures")
+        self.hub.emit("chat.sasl", account=account, client=self.host, ok=False)
+        self.numeric("904", "SASL authentication failed")
+        if self._sasl_failures >= _SASL_TRIES:
+            self.disconnect("Too many failed SASL attempts")
 
     def irc_PASS(self, prefix: str, params: list[str]) -> None:
         if self.registered:
@@ -326,10 +532,28 @@ class IrcSession(Session, irc.IRC):
             if room.topic:
                 self.numeric(irc.RPL_TOPIC, f"#{room.name}", room.topic)
             self._names(room)
-            for _, nick, text in room.history:
-                self.write(
-                    _line(f":{nick}!history@{self.server_name} PRIVMSG #{room.name} :{text}")
-                )
+            self._replay(room)
+            if self.away:
+                self._tell_away(room.all_members())
+
+    def _replay(self, room: Room) -> None:
+        """The room's history, each line at its own time, in a batch for clients that asked."""
+        if not room.history:
+            return
+        channel = f"#{room.name}"
+        batch = b""
+        if "batch" in self.caps:
+            batch = f"h{next(self._batches)}".encode()
+            self.write(_line(f":{self.server_name} BATCH +{batch.decode()} chathistory {channel}"))
+        for when, nick, text in room.history:
+            line = _line(f":{nick}!history@{self.server_name} PRIVMSG {channel} :{text}")
+            if batch:
+                line = with_tags(b"batch=" + batch, line)
+            if self.tag_profile & SERVER_TIME:
+                line = with_tags(server_time(when), line)
+            self.write(line)
+        if batch:
+            self.write(_line(f":{self.server_name} BATCH -{batch.decode()}"))
 
     def _names(self, room: Room) -> None:
         # 353 lines of up to about 400 bytes, so a big room fits in 512-byte messages.
@@ -458,9 +682,11 @@ class IrcSession(Session, irc.IRC):
         for target in params[0].split(",")[:4]:
             try:
                 if target.startswith("#"):
-                    self.hub.say(self, target, text, notice)
+                    room = self.hub.say(self, target, text, notice, self._tags)
+                    self._echo(f":{self.prefix} {command} #{room.name} :{text}")
                 else:
-                    user = self.hub.tell(self, target, text, notice)
+                    user = self.hub.tell(self, target, text, notice, self._tags)
+                    self._echo(f":{self.prefix} {command} {user.nick} :{text}")
                     if user.away and not notice:
                         self.numeric(irc.RPL_AWAY, user.nick, user.away)
             except ChatError as e:
@@ -470,6 +696,41 @@ class IrcSession(Session, irc.IRC):
                     self.numeric(irc.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
                 else:
                     self.refuse(e)
+
+    def _echo(self, message: str) -> None:
+        """echo-message: the client sees what it sent as the others do, tags and all."""
+        if "echo-message" in self.caps:
+            line = _line(message)
+            self.write(with_tags(self._tags, line) if self.tag_profile & MESSAGE_TAGS else line)
+
+    def irc_TAGMSG(self, prefix: str, params: list[str]) -> None:
+        """A message of tags alone (typing notices, reactions), to clients that take tags."""
+        if not self._enough("TAGMSG", params) or not self._tags or not self.hub.allow(self):
+            return
+        target = params[0].split(",")[0]
+        recipients: list[Session]
+        try:
+            if target.startswith("#"):
+                room = self.hub.find_room(target)
+                if room.key not in self.rooms:
+                    self.numeric(irc.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
+                    return
+                target = f"#{room.name}"
+                recipients = [m for m in room.all_members() if m is not self]
+            else:
+                user = self.hub.users.get(fold(target))
+                if user is None:
+                    raise ChatError(ChatError.NO_SUCH_NICK, target)
+                target, recipients = user.nick, [user]
+        except ChatError as e:
+            self.refuse(e)
+            return
+        line = with_tags(self._tags, _line(f":{self.prefix} TAGMSG {target}"))
+        for member in recipients:
+            if member.tag_profile & MESSAGE_TAGS:
+                member.write(line)
+        if "echo-message" in self.caps and self.tag_profile & MESSAGE_TAGS:
+            self.write(line)
 
     # --- who is who ---------------------------------------------------------------------
 
@@ -536,6 +797,17 @@ class IrcSession(Session, irc.IRC):
             self.numeric(irc.RPL_NOWAWAY, "You have been marked as being away")
         else:
             self.numeric(irc.RPL_UNAWAY, "You are no longer marked as being away")
+        self._tell_away(m for room in self.rooms.values() for m in room.all_members())
+
+    def _tell_away(self, members: Iterable[Session]) -> None:
+        """away-notify: this user's away state, to the others that asked for it."""
+        line = _line(f":{self.prefix} AWAY :{self.away}" if self.away else f":{self.prefix} AWAY")
+        told: set[Session] = {self}
+        for member in members:
+            if member not in told and isinstance(member, IrcSession):
+                told.add(member)
+                if "away-notify" in member.caps:
+                    member.write(line)
 
     def irc_USERHOST(self, prefix: str, params: list[str]) -> None:
         replies = []

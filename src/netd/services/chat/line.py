@@ -60,7 +60,13 @@ class LineWire(Wire):
         return f"{where}{shown}\r\n".encode()
 
     def deliver(
-        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
     ) -> None:
         # Two forms: plain for those whose current room it is, tagged for the others.
         here = elsewhere = b""
@@ -91,7 +97,9 @@ class LineWire(Wire):
     def topic(self, user: Session, room: Room) -> bytes:
         return f"* {user.nick} set the topic of #{room.name}: {room.topic}\r\n".encode()
 
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
         shown = _action(sender.nick, text) or (
             f"-{sender.nick}- {text}" if notice else f"*{sender.nick}* {text}"
         )
