@@ -27,12 +27,14 @@ from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
 from netd.services.chat.hub import (
+    MAX_BANS,
     MAX_ROOMS_PER_USER,
     NICK_LENGTH,
     ROOM_LENGTH,
     TOPIC_LENGTH,
     ChatError,
     Hub,
+    ModeChange,
     Room,
     Session,
     Wire,
@@ -66,11 +68,15 @@ VERSION = "netd-chat-1"
 # From the modern IRC client protocol, not RFC 2812.
 ERR_INPUTTOOLONG = "417"
 ERR_INVALIDCAPCMD = "410"
+# Channel mode changes that take an argument, at most, in one MODE command.
+MAX_MODE_ARGUMENTS = 4
 _ISUPPORT = (
     "CASEMAPPING=ascii",
     "CHANTYPES=#",
-    "CHANMODES=b,,,nt",
+    "CHANMODES=b,k,l,imnt",
     "PREFIX=(ov)@+",
+    f"MODES={MAX_MODE_ARGUMENTS}",
+    f"MAXLIST=b:{MAX_BANS}",
     f"NICKLEN={NICK_LENGTH}",
     f"CHANNELLEN={ROOM_LENGTH + 1}",
     f"TOPICLEN={TOPIC_LENGTH}",
@@ -105,6 +111,22 @@ def server_time(when: float) -> bytes:
     """The IRCv3 C{time} tag for C{when}: UTC, milliseconds."""
     seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
     return f"time={seconds}.{int(when * 1000) % 1000:03d}Z".encode()
+
+
+def mode_string(changes: list[ModeChange]) -> str:
+    """C{+o-v alice bob}: the changes as one MODE message writes them."""
+    flags = ""
+    sign = ""
+    arguments = []
+    for change in changes:
+        wanted = "+" if change.adding else "-"
+        if wanted != sign:
+            flags += wanted
+            sign = wanted
+        flags += change.mode
+        if change.argument is not None:
+            arguments.append(change.argument)
+    return " ".join([flags, *arguments])
 
 
 def _client_tags(raw: str) -> bytes:
@@ -171,6 +193,15 @@ class IrcWire(Wire):
     def topic(self, user: Session, room: Room) -> bytes:
         return _line(f":{user.prefix} TOPIC #{room.name} :{room.topic}")
 
+    def kicked(self, kicker: Session, room: Room, target: Session, reason: str) -> bytes:
+        return _line(f":{kicker.prefix} KICK #{room.name} {target.nick} :{reason}")
+
+    def modes(self, user: Session, room: Room, changes: list[ModeChange]) -> bytes:
+        return _line(f":{user.prefix} MODE #{room.name} {mode_string(changes)}")
+
+    def invited(self, inviter: Session, target: Session, room: Room) -> bytes:
+        return _line(f":{inviter.prefix} INVITE {target.nick} #{room.name}")
+
     def private(
         self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
     ) -> bytes:
@@ -188,7 +219,20 @@ _REFUSALS = {
     ChatError.NOT_IN_ROOM: (irc.ERR_NOTONCHANNEL, "You're not on that channel"),
     ChatError.NO_SUCH_NICK: (irc.ERR_NOSUCHNICK, "No such nick/channel"),
     ChatError.TOO_MANY_ROOMS: (irc.ERR_TOOMANYCHANNELS, "You have joined too many channels"),
+    ChatError.NOT_OPERATOR: (irc.ERR_CHANOPRIVSNEEDED, "You're not channel operator"),
+    ChatError.CANNOT_SEND: (irc.ERR_CANNOTSENDTOCHAN, "Cannot send to channel"),
+    ChatError.BANNED: (irc.ERR_BANNEDFROMCHAN, "Cannot join channel (+b)"),
+    ChatError.INVITE_ONLY: (irc.ERR_INVITEONLYCHAN, "Cannot join channel (+i)"),
+    ChatError.BAD_KEY: (irc.ERR_BADCHANNELKEY, "Cannot join channel (+k)"),
+    ChatError.FULL: (irc.ERR_CHANNELISFULL, "Cannot join channel (+l)"),
+    ChatError.THEY_ARE_NOT_IN_ROOM: (irc.ERR_USERNOTINCHANNEL, "They aren't on that channel"),
+    ChatError.ALREADY_IN_ROOM: (irc.ERR_USERONCHANNEL, "is already on channel"),
+    ChatError.BAN_LIST_FULL: ("478", "Channel ban list is full"),
 }
+# Stands for "MODE #channel b" among parsed changes: the list of bans, asked for.
+_BAN_LIST = ModeChange(True, "b")
+# Refusals about a user in a channel name the user first (441, 443), a mask second (478).
+_NICK_FIRST = frozenset({ChatError.THEY_ARE_NOT_IN_ROOM, ChatError.ALREADY_IN_ROOM})
 
 
 class IrcSession(Session, irc.IRC):
@@ -302,7 +346,12 @@ class IrcSession(Session, irc.IRC):
 
     def refuse(self, error: ChatError) -> None:
         code, text = _REFUSALS[error.reason]
-        self.numeric(code, error.name, text)
+        if not error.nick:
+            self.numeric(code, error.name, text)
+        elif error.reason in _NICK_FIRST:
+            self.numeric(code, error.nick, error.name, text)
+        else:
+            self.numeric(code, error.name, error.nick, text)
 
     def irc_unknown(self, prefix: str, command: str, params: list[str]) -> None:
         self.numeric(irc.ERR_UNKNOWNCOMMAND, command, "Unknown command")
@@ -475,7 +524,9 @@ class IrcSession(Session, irc.IRC):
         self.numeric(irc.RPL_WELCOME, f"Welcome to the netd IRC network {self.prefix}")
         self.numeric(irc.RPL_YOURHOST, f"Your host is {server}, running version {VERSION}")
         self.numeric(irc.RPL_CREATED, f"This server was created {created:.0f}")
-        self.sendCommand(irc.RPL_MYINFO, [self.nick, server, VERSION, "i", "bnt"], server)
+        self.sendCommand(
+            irc.RPL_MYINFO, [self.nick, server, VERSION, "i", "biklmnotv", "bklov"], server
+        )
         self.numeric(irc.RPL_ISUPPORT, *_ISUPPORT, "are supported by this server")
         self._lusers()
         self.irc_MOTD("", [])
@@ -518,12 +569,13 @@ class IrcSession(Session, irc.IRC):
             for joined in list(self.rooms.values()):
                 self.hub.part(self, joined.name, "Left all channels")
             return
-        for name in params[0].split(","):
+        keys = params[1].split(",") if len(params) > 1 else []
+        for index, name in enumerate(params[0].split(",")):
             if not name.startswith("#"):
                 self.numeric(irc.ERR_NOSUCHCHANNEL, name, "No such channel")
                 continue
             try:
-                room = self.hub.join(self, name)
+                room = self.hub.join(self, name, keys[index] if index < len(keys) else "")
             except ChatError as e:
                 self.refuse(e)
                 continue
@@ -560,7 +612,7 @@ class IrcSession(Session, irc.IRC):
         channel = f"#{room.name}"
         batch: list[str] = []
         size = 0
-        for nick in room.nicks():
+        for nick in self._prefixed(room):
             if batch and size + len(nick) > 400:
                 self.numeric(irc.RPL_NAMREPLY, "=", channel, " ".join(batch))
                 batch, size = [], 0
@@ -569,6 +621,15 @@ class IrcSession(Session, irc.IRC):
         if batch:
             self.numeric(irc.RPL_NAMREPLY, "=", channel, " ".join(batch))
         self.numeric(irc.RPL_ENDOFNAMES, channel, "End of /NAMES list")
+
+    def _prefixed(self, room: Room) -> list[str]:
+        """Members as NAMES shows them: C{@} and C{+}, only the highest without multi-prefix."""
+        every = "multi-prefix" in self.caps
+        shown = []
+        for member in sorted(room.all_members(), key=lambda m: fold(m.nick)):
+            prefixes = room.prefixes(member)
+            shown.append((prefixes if every else prefixes[:1]) + member.nick)
+        return shown
 
     def irc_PART(self, prefix: str, params: list[str]) -> None:
         if not self._enough("PART", params):
@@ -637,12 +698,91 @@ class IrcSession(Session, irc.IRC):
             return
         channel = f"#{room.name}"
         if not changes:
-            self.numeric(irc.RPL_CHANNELMODEIS, channel, "+nt")
-            self.numeric("329", channel, f"{self.hub.started:.0f}")
-        elif changes[0].lstrip("+") == "b":
+            shown = room.mode_flags(with_key=room.key in self.rooms)
+            self.sendCommand(irc.RPL_CHANNELMODEIS, [self.nick, channel, *shown], self.server_name)
+            self.numeric("329", channel, f"{room.created:.0f}")
+            return
+        parsed = self._parse_modes(channel, changes)
+        if parsed is None:
+            return
+        if parsed == [_BAN_LIST]:
+            # A ban-list query ("MODE #c b", "+b" with no mask): open to anyone.
+            for mask, setter, when in room.bans:
+                self.numeric(irc.RPL_BANLIST, channel, mask, setter, f"{when:.0f}")
             self.numeric(irc.RPL_ENDOFBANLIST, channel, "End of channel ban list")
-        else:
-            self.numeric(irc.ERR_CHANOPRIVSNEEDED, channel, "You're not channel operator")
+            return
+        parsed = [change for change in parsed if change is not _BAN_LIST]
+        if not parsed:
+            return
+        try:
+            self.hub.change_modes(self, channel, parsed)
+        except ChatError as e:
+            self.refuse(e)
+
+    def _parse_modes(self, channel: str, words: list[str]) -> list[ModeChange] | None:
+        """
+        C{+o-v alice bob}, as changes; None once an unknown mode was answered (472).
+        A ban without a mask is the list query (L{_BAN_LIST}); another change that
+        lacks its argument is ignored, as IRC servers do.
+        """
+        flags, arguments = words[0], list(words[1:])
+        changes: list[ModeChange] = []
+        adding = True
+        taken = 0
+        for flag in flags:
+            if flag in "+-":
+                adding = flag == "+"
+                continue
+            if flag not in "biklmnotv":
+                self.numeric(irc.ERR_UNKNOWNMODE, flag, "is unknown mode char to me")
+                return None
+            argument = None
+            if flag == "b" and not arguments:
+                if _BAN_LIST not in changes:
+                    changes.append(_BAN_LIST)
+                continue
+            if flag in "bov" or (flag in "kl" and adding):
+                if not arguments or taken >= MAX_MODE_ARGUMENTS:
+                    continue
+                argument = arguments.pop(0)
+                taken += 1
+            if (
+                flag == "l"
+                and argument is not None
+                and not (argument.isdigit() and 0 < int(argument) < 10**6)
+            ):
+                self.numeric("696", channel, "l", argument, "Invalid limit")
+                continue
+            if (
+                flag == "k"
+                and argument is not None
+                and (not argument or any(c in argument for c in " ,:"))
+            ):
+                self.numeric("696", channel, "k", argument, "Invalid key")
+                continue
+            changes.append(ModeChange(adding, flag, argument))
+        return changes
+
+    def irc_KICK(self, prefix: str, params: list[str]) -> None:
+        if not self._enough("KICK", params, 2):
+            return
+        reason = params[2] if len(params) > 2 else ""
+        for nick in params[1].split(",")[:4]:
+            try:
+                self.hub.kick(self, params[0], nick, reason)
+            except ChatError as e:
+                self.refuse(e)
+
+    def irc_INVITE(self, prefix: str, params: list[str]) -> None:
+        if not self._enough("INVITE", params, 2):
+            return
+        try:
+            target = self.hub.invite(self, params[0], params[1])
+        except ChatError as e:
+            self.refuse(e)
+            return
+        channel = f"#{self.hub.find_room(params[1]).name}"
+        self.numeric(irc.RPL_INVITING, target.nick, channel)
 
     def _user_mode(self, change: str) -> None:
         # Only "invisible" exists, and it changes nothing here: no one is listed
@@ -744,7 +884,8 @@ class IrcSession(Session, irc.IRC):
             members = list(room.all_members()) if room is not None else []
             channel = f"#{room.name}" if room is not None else mask
             for member in sorted(members, key=lambda m: fold(m.nick)):
-                self._who_line(channel, member)
+                assert room is not None
+                self._who_line(channel, member, room.prefixes(member))
         else:
             user = self.hub.users.get(fold(mask))
             if user is not None:
@@ -752,7 +893,9 @@ class IrcSession(Session, irc.IRC):
                 self._who_line(f"#{first.name}" if first else "*", user)
         self.numeric(irc.RPL_ENDOFWHO, mask, "End of WHO list")
 
-    def _who_line(self, channel: str, user: Session) -> None:
+    def _who_line(self, channel: str, user: Session, prefixes: str = "") -> None:
+        if "multi-prefix" not in self.caps:
+            prefixes = prefixes[:1]
         self.numeric(
             irc.RPL_WHOREPLY,
             channel,
@@ -760,7 +903,7 @@ class IrcSession(Session, irc.IRC):
             user.host,
             self.server_name,
             user.nick,
-            "G" if user.away else "H",
+            ("G" if user.away else "H") + prefixes,
             f"0 {user.realname or user.nick}",
         )
 
@@ -782,7 +925,11 @@ class IrcSession(Session, irc.IRC):
                     user.realname or user.nick,
                 )
                 if user.rooms:
-                    channels = " ".join(f"#{r.name}" for r in user.rooms.values())
+                    every = "multi-prefix" in self.caps
+                    channels = " ".join(
+                        f"{r.prefixes(user) if every else r.prefixes(user)[:1]}#{r.name}"
+                        for r in user.rooms.values()
+                    )
                     self.numeric(irc.RPL_WHOISCHANNELS, user.nick, channels)
                 self.numeric(
                     irc.RPL_WHOISSERVER, user.nick, self.server_name, f"netd ({user.protocol_name})"
