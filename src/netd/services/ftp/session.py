@@ -30,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import IO, Any
 
 import attrs
@@ -880,8 +881,14 @@ class Session(ftp.FTP):
     def ftp_RETR(self, path: str) -> Deferred[Any]:
         offset = self._take_rest()
         segments = self._segments(path)
-        source = self.shell.open_for_reading(segments)
-        if offset and offset > os.fstat(source.fileno()).st_size:
+        opened = self.server.run_in_thread(_open_with_size, self.shell, segments)
+        return opened.addCallback(self._send_file, segments, offset)
+
+    def _send_file(
+        self, opened: tuple[IO[bytes], int], segments: list[str], offset: int
+    ) -> Deferred[Any]:
+        source, size = opened
+        if offset > size:
             source.close()
             return succeed("554 REST offset is beyond the end of the file.")
 
@@ -938,10 +945,12 @@ class Session(ftp.FTP):
         segments = self._segments(path)
         if path.rpartition("/")[2] in _DIRECTORY_PARTS:
             raise ftp.IsADirectoryError(path)  # "new/" names a directory, never a file
-        target = self.shell.upload_target(segments)
-        if append:
-            offset = target.stat().st_size if target.exists() else 0
-        elif offset and (not target.exists() or target.stat().st_size < offset):
+        planned = self.server.run_in_thread(_upload_plan, self.shell, segments, append, offset)
+        return planned.addCallback(self._receive_file, segments)
+
+    def _receive_file(self, plan: tuple[Path, int | None], segments: list[str]) -> Deferred[Any]:
+        target, offset = plan
+        if offset is None:
             return succeed("554 REST offset is beyond the end of the file.")
         ascii = not self.binary
 
@@ -1027,6 +1036,28 @@ def _response(error: Any) -> str:
     arguments = tuple("/".join(a) if isinstance(a, list) else a for a in error.errorMessage)
     template: str = ftp.RESPONSE[error.errorCode]  # type: ignore[assignment]
     return template % arguments
+
+
+def _open_with_size(shell: Any, segments: list[str]) -> tuple[IO[bytes], int]:
+    """RETR's file, opened, and its size (in a thread: both are system calls)."""
+    source: IO[bytes] = shell.open_for_reading(segments)
+    return source, os.fstat(source.fileno()).st_size
+
+
+def _upload_plan(
+    shell: Any, segments: list[str], append: bool, offset: int
+) -> tuple[Path, int | None]:
+    """
+    Where STOR or APPE writes and from which offset (in a thread: the checks stat);
+    None for a REST offset past the end of the file.
+    """
+    target: Path = shell.upload_target(segments)
+    size = target.stat().st_size if target.exists() else None
+    if append:
+        return target, size or 0
+    if offset and (size is None or size < offset):
+        return target, None
+    return target, offset
 
 
 def _joined(build: Callable[..., list[bytes]], *args: Any) -> bytes:
