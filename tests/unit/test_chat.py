@@ -946,11 +946,15 @@ def test_operators_modes_and_what_they_guard(tmp_path: Path) -> None:
     assert erin.read()[-1] == ":chat.netd.test 471 erin #den :Cannot join channel (+l)"
     alice.read()
     alice.send("MODE #den +x", "MODE #den +l many", "MODE #den +o ghost", "MODE #den +o erin")
+    alice.send("MODE #den -k+v-l secret erin", "MODE #den +kl secret 4")
     assert alice.read() == [
         ":chat.netd.test 472 alice x :is unknown mode char to me",
         ":chat.netd.test 696 alice #den l many :Invalid limit",
         ":chat.netd.test 401 alice ghost :No such nick/channel",
         ":chat.netd.test 441 alice erin #den :They aren't on that channel",
+        ":alice!alice@192.0.2.7 MODE #den -k *",  # +v erin failed, -l was not tried
+        ":chat.netd.test 441 alice erin #den :They aren't on that channel",
+        ":alice!alice@192.0.2.7 MODE #den +k secret",  # the limit was 4 already
     ]
     carol.send("/join den", "/topic x")
     assert carol.read()[-1] == "* you are not an operator of #den"

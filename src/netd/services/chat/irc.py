@@ -741,7 +741,13 @@ class IrcSession(Session, irc.IRC):
                 if _BAN_LIST not in changes:
                     changes.append(_BAN_LIST)
                 continue
-            if flag in "bov" or (flag in "kl" and adding):
+            if flag == "k" and not adding:
+                # The key's argument is taken when unset too (CHANMODES type B), unchecked.
+                if arguments:
+                    arguments.pop(0)
+                changes.append(ModeChange(False, "k"))
+                continue
+            if flag in "bovk" or (flag == "l" and adding):
                 if not arguments or taken >= MAX_MODE_ARGUMENTS:
                     continue
                 argument = arguments.pop(0)
