@@ -23,6 +23,7 @@ from typing import Any
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
@@ -42,6 +43,8 @@ from netd.services.chat.hub import (
 )
 
 __all__ = ["IrcSession", "IrcWire"]
+
+_log = Logger(namespace="netd.chat")
 
 # RFC 2812 2.3: 512 bytes a message, CRLF included.
 MAX_LINE = 512
@@ -256,6 +259,7 @@ class IrcSession(Session, irc.IRC):
         self.account: str | None = None
         self._sasl: list[str] | None = None
         self._sasl_failures = 0
+        self._sasl_checking = False
         # The client tags of the command being handled.
         self._tags = b""
         self._batches = itertools.count(1)
@@ -362,8 +366,6 @@ class IrcSession(Session, irc.IRC):
             return False
         return True
 
-    # --- registration -------------------------------------------------------------------
-
     # --- IRCv3 capabilities and SASL ----------------------------------------------------
 
     def _available(self) -> tuple[str, ...]:
@@ -417,6 +419,9 @@ class IrcSession(Session, irc.IRC):
         if self.account is not None:
             self.numeric("907", "You have already authenticated using SASL")
             return
+        if self._sasl_checking:
+            self.numeric("904", "SASL authentication failed")  # one check at a time
+            return
         argument = params[0]
         if argument == "*":
             self._sasl = None
@@ -448,10 +453,18 @@ class IrcSession(Session, irc.IRC):
         if authorize and authorize != name:
             self._sasl_failed(account)  # no logging in as someone else
             return
+        self._sasl_checking = True
         checked = self.hub.check_password(account, password)
+        checked.addErrback(self._check_failed)
         checked.addCallback(self._sasl_checked, account)
 
+    @staticmethod
+    def _check_failed(reason: Failure) -> bool:
+        _log.failure("chat: SASL password check failed", reason)
+        return False
+
     def _sasl_checked(self, ok: bool, account: str) -> None:
+        self._sasl_checking = False
         if self.gone:
             return
         if not ok:
@@ -472,6 +485,8 @@ class IrcSession(Session, irc.IRC):
         self.numeric("904", "SASL authentication failed")
         if self._sasl_failures >= _SASL_TRIES:
             self.disconnect("Too many failed SASL attempts")
+
+    # --- registration -------------------------------------------------------------------
 
     def irc_PASS(self, prefix: str, params: list[str]) -> None:
         if self.registered:

@@ -487,7 +487,7 @@ class NotAFolder(ftp.FTPCmdError):
 
 
 # Entries a listing thread describes between two pauses.
-_PACE = 128
+_PACE = 32
 
 
 def _paced(entries: list[_T]) -> Iterator[_T]:
