@@ -137,7 +137,7 @@ def test_line_users_talk_in_a_room(netd: NetdProcess) -> None:
     bob.send("/msg alice1 psst")
     assert alice.expect("psst") == "*bob1* psst"
     bob.send("/who")
-    assert bob.expect("in #garden") == "* in #garden: alice1 bob1"
+    assert bob.expect("in #garden") == "* in #garden: @alice1 bob1"
     sessions = netd.view("chat", "sessions", room="garden")
     assert sorted(s["nick"] for s in sessions) == ["alice1", "bob1"]
     assert {s["protocol"] for s in sessions} == {"line"}
@@ -256,7 +256,8 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     bots.wait("alice4", "endofnames")
     bob.join("#cafe")
     names = bots.wait("bob4", "namreply")
-    assert sorted(names.arguments[2].split()) == ["alice4", "bob4", "carol4"]
+    # carol made the room: its operator.
+    assert sorted(names.arguments[2].split()) == ["@carol4", "alice4", "bob4"]
     carol.expect("bob4 joined #cafe")
     alice.privmsg("#cafe", "hello from irc")
     assert bots.wait("bob4", "pubmsg").arguments == ["hello from irc"]
@@ -271,12 +272,16 @@ def test_two_irc_clients_and_a_line_user_converse(netd: NetdProcess) -> None:
     assert bots.wait("alice4", "privmsg").arguments == ["and for alice"]
     bob.notice("#cafe", "a notice")
     assert carol.expect("a notice") == "-bob4- a notice"
-    bob.topic("#cafe", "coffee")
+    bob.topic("#cafe", "tea")
+    bots.wait("bob4", "chanoprivsneeded")  # +t: not an operator
+    carol.send("/topic coffee")
     assert bots.wait("alice4", "topic").arguments == ["coffee"]
     room = netd.admin("GET", "/api/services/chat/rooms/cafe")
     assert (room["topic"], room["members"]) == ("coffee", ["alice4", "bob4", "carol4"])
     alice.whois(["carol4"])
-    assert bots.wait("alice4", "whoischannels").arguments == ["carol4", "#lobby #cafe"]
+    nick, channels = bots.wait("alice4", "whoischannels").arguments
+    assert nick == "carol4" and "@#cafe" in channels.split()
+    assert [channel.lstrip("@+") for channel in channels.split()] == ["#lobby", "#cafe"]
     alice.list()
     assert bots.wait("alice4", "list", "#cafe").arguments == ["#cafe", "3", "coffee"]
     alice.who("#cafe")

@@ -5,6 +5,7 @@ driven through StringTransport and a Clock.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import attrs
@@ -207,7 +208,7 @@ def test_line_greeting_nick_and_room_talk(tmp_path: Path) -> None:
     assert alice.read() == [
         "* you are alice",
         "* alice joined #lobby",
-        "* in #lobby: alice",
+        "* in #lobby: @alice",  # the first in a room is its operator
     ]
     bob = line_user(chat, "bob")
     assert alice.read() == ["* bob joined #lobby"]
@@ -235,13 +236,13 @@ def test_line_commands(tmp_path: Path) -> None:
     alice.send("/msg nobody psst")
     assert alice.read() == ["* nobody is called nobody"]
     alice.send("/join #dev")
-    assert alice.read() == ["* alice joined #dev", "* in #dev: alice"]
+    assert alice.read() == ["* alice joined #dev", "* in #dev: @alice"]
     bob.send("/rooms")
     assert bob.read() == ["* #dev (1 users)", "* #lobby (2 users)"]
     alice.send("/topic all things dev")
     assert alice.read() == ["* alice set the topic of #dev: all things dev"]
     bob.send("/who dev")
-    assert bob.read() == ["* in #dev: alice"]
+    assert bob.read() == ["* in #dev: @alice"]
     bob.send("/join dev")
     bob.read()
     bob.send("/join lobby")
@@ -368,10 +369,13 @@ def test_irc_registration_and_welcome(tmp_path: Path) -> None:
     bob.send("JOIN #lobby")
     assert bob.read() == [":chat.netd.test 451 * :You have not registered"]
     bob.send("CAP LS 302", "NICK bob", "USER bob 0 * :Bob Example")
-    assert bob.read() == [":chat.netd.test CAP * LS :"]  # waits for CAP END
+    assert bob.read() == [  # and waits for CAP END; no sasl without accounts
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " server-time"
+    ]
     bob.send("CAP REQ :multi-prefix", "CAP END")
     lines = bob.read()
-    assert lines[0] == ":chat.netd.test CAP * NAK :multi-prefix"
+    assert lines[0] == ":chat.netd.test CAP * ACK :multi-prefix"
     assert [line.split()[1] for line in lines[1:]] == [
         "001", "002", "003", "004", "005", "251", "254", "255", "375", "372", "376",
     ]  # fmt: skip
@@ -416,10 +420,10 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
     alice.send("JOIN #lobby,#dev,nohash")
     assert alice.read() == [
         ":alice!alice@192.0.2.7 JOIN #lobby",
-        ":chat.netd.test 353 alice = #lobby :alice",
+        ":chat.netd.test 353 alice = #lobby :@alice",
         ":chat.netd.test 366 alice #lobby :End of /NAMES list",
         ":alice!alice@192.0.2.7 JOIN #dev",
-        ":chat.netd.test 353 alice = #dev :alice",
+        ":chat.netd.test 353 alice = #dev :@alice",
         ":chat.netd.test 366 alice #dev :End of /NAMES list",
         ":chat.netd.test 403 alice nohash :No such channel",
     ]
@@ -441,15 +445,21 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
         ":chat.netd.test 411 bob :No recipient given (PRIVMSG)",
         ":chat.netd.test 412 bob :No text to send",
     ]
-    bob.send("TOPIC #lobby :the lobby", "TOPIC #lobby", "TOPIC #dev :not mine")
+    bob.send("TOPIC #lobby :mine now", "TOPIC #dev :not mine")
     assert bob.read() == [
-        ":bob!bob@192.0.2.7 TOPIC #lobby :the lobby",
-        ":chat.netd.test 332 bob #lobby :the lobby",
+        ":chat.netd.test 482 bob #lobby :You're not channel operator",  # +t
         ":chat.netd.test 442 bob #dev :You're not on that channel",
+    ]
+    alice.send("TOPIC #lobby :the lobby")
+    alice.read()
+    bob.send("TOPIC #lobby")
+    assert bob.read() == [
+        ":alice!alice@192.0.2.7 TOPIC #lobby :the lobby",
+        ":chat.netd.test 332 bob #lobby :the lobby",
     ]
     bob.send("NAMES #lobby", "LIST")
     assert bob.read() == [
-        ":chat.netd.test 353 bob = #lobby :alice bob",
+        ":chat.netd.test 353 bob = #lobby :@alice bob",
         ":chat.netd.test 366 bob #lobby :End of /NAMES list",
         ":chat.netd.test 321 bob Channel :Users  Name",
         ":chat.netd.test 322 bob #dev 1 :",
@@ -458,11 +468,11 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
     ]
     bob.send("WHO #lobby", "WHOIS alice", "WHOIS ghost")
     assert bob.read() == [
-        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice H :0 Alice Example",
+        ":chat.netd.test 352 bob #lobby alice 192.0.2.7 chat.netd.test alice H@ :0 Alice Example",
         ":chat.netd.test 352 bob #lobby bob 192.0.2.7 chat.netd.test bob H :0 Bob Example",
         ":chat.netd.test 315 bob #lobby :End of WHO list",
         ":chat.netd.test 311 bob alice alice 192.0.2.7 * :Alice Example",
-        ":chat.netd.test 319 bob alice :#lobby #dev",
+        ":chat.netd.test 319 bob alice :@#lobby @#dev",
         ":chat.netd.test 312 bob alice chat.netd.test :netd (irc)",
         ":chat.netd.test 318 bob alice :End of /WHOIS list",
         ":chat.netd.test 401 bob ghost :No such nick/channel",
@@ -471,7 +481,7 @@ def test_irc_rooms_and_queries(tmp_path: Path) -> None:
     bob.send("MODE #lobby", "MODE #lobby b", "MODE #lobby +o bob", "MODE bob", "MODE bob +i")
     bob.send("MODE alice", "MODE bob +x", "ISON alice ghost bob", "USERHOST alice ghost")
     assert bob.read() == [
-        ":chat.netd.test 324 bob #lobby :+nt",
+        ":chat.netd.test 324 bob #lobby +nt",
         f":chat.netd.test 329 bob #lobby :{1_700_000_000}",
         ":chat.netd.test 368 bob #lobby :End of channel ban list",
         ":chat.netd.test 482 bob #lobby :You're not channel operator",
@@ -601,8 +611,26 @@ def test_sessions_view(tmp_path: Path) -> None:
     ]
     rooms = chat.handlers.views["rooms"]
     assert rooms.list({}) == [
-        {"room": "dev", "topic": "", "members": ["alice"], "history": 0},
-        {"room": "lobby", "topic": "", "members": ["alice", "carol"], "history": 0},
+        {
+            "room": "dev",
+            "topic": "",
+            "members": ["alice"],
+            "operators": ["alice"],
+            "voiced": [],
+            "modes": "+nt",
+            "bans": [],
+            "history": 0,
+        },
+        {
+            "room": "lobby",
+            "topic": "",
+            "members": ["alice", "carol"],
+            "operators": ["alice"],
+            "voiced": [],
+            "modes": "+nt",
+            "bans": [],
+            "history": 0,
+        },
     ]
     assert rooms.item is not None
     assert rooms.item("#Lobby")["members"] == ["alice", "carol"]
@@ -621,7 +649,7 @@ def test_rooms_clients_made_go_with_their_last_member(tmp_path: Path) -> None:
     alice.send("/join den", "secret", "/part den", "/part lobby")
     assert chat.stats.gauges["chat_rooms"] == 1  # lobby is configured: it stays
     alice.send("/join den")
-    assert alice.read()[-1] == "* in #den: alice"  # a new room: no history from before
+    assert alice.read()[-1] == "* in #den: @alice"  # a new room: no history from before
     for n in range(19):
         alice.send(f"/join r{n}")
     alice.read()
@@ -683,3 +711,277 @@ def test_fan_out_encodes_once_and_writes_once_per_member_and_turn(tmp_path: Path
     assert wire.encoded == 3  # once per message, not once per member
     assert sorted(writes) == list(range(50))  # one write per member for the whole turn
     assert hub.stats.counters["chat_deliveries"] == 3 * 49
+
+
+# --- IRCv3 ---------------------------------------------------------------------------------
+
+STAMP = "2023-11-14T22:13:20.000Z"  # the test clock's 1_700_000_000
+
+
+def test_cap_negotiation_as_clients_send_it(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    users: {alice: {password: wonderland}}\n")
+    client = chat.connect("irc")
+    client.send("CAP LS")  # no version: no values
+    assert client.read() == [
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " sasl server-time"
+    ]
+    client.send("CAP LS 302")
+    assert client.read() == [
+        ":chat.netd.test CAP * LS :away-notify batch echo-message message-tags multi-prefix"
+        " sasl=PLAIN server-time"
+    ]
+    client.send("CAP REQ :server-time bogus")
+    assert client.read() == [":chat.netd.test CAP * NAK :server-time bogus"]  # all or nothing
+    client.send("CAP REQ :server-time message-tags echo-message", "CAP REQ :-echo-message")
+    assert client.read() == [
+        ":chat.netd.test CAP * ACK :server-time message-tags echo-message",
+        f"@time={STAMP} :chat.netd.test CAP * ACK :-echo-message",
+    ]
+    client.send("CAP LIST", "CAP FROB")
+    assert client.read() == [
+        f"@time={STAMP} :chat.netd.test CAP * LIST :message-tags server-time",
+        f"@time={STAMP} :chat.netd.test 410 * FROB :Invalid CAP command",
+    ]
+    client.send("NICK alice", "USER alice 0 * :Alice")
+    assert client.read() == []  # still negotiating
+    client.send("CAP END")
+    assert client.read()[0] == (
+        f"@time={STAMP} :chat.netd.test 001 alice :Welcome to the netd IRC network"
+        " alice!alice@192.0.2.7"
+    )
+
+
+def sasl(client: Client, payload: bytes) -> list[str]:
+    client.send("AUTHENTICATE PLAIN")
+    assert client.read() == ["AUTHENTICATE +"]
+    client.send("AUTHENTICATE " + base64.b64encode(payload).decode())
+    return client.read()
+
+
+def test_sasl_plain_against_users(tmp_path: Path) -> None:
+    # Hashed passwords go through the reactor's thread pool: the integration tests'.
+    chat = serve(tmp_path, "    users: {alice: {password: wonderland}, bob: {password: builder}}\n")
+    client = chat.connect("irc")
+    client.send("AUTHENTICATE PLAIN")  # sasl not requested
+    assert client.read() == [":chat.netd.test 904 * :SASL authentication failed"]
+    client.send("CAP LS 302", "NICK alice", "USER alice 0 * :Alice", "CAP REQ :sasl")
+    client.read()
+    client.send("AUTHENTICATE SCRAM-SHA-256")
+    assert client.read() == [
+        ":chat.netd.test 908 * PLAIN :are available SASL mechanisms",
+        ":chat.netd.test 904 * :SASL authentication failed",
+    ]
+    assert sasl(client, b"\0alice\0wrong") == [":chat.netd.test 904 * :SASL authentication failed"]
+    client.send("AUTHENTICATE PLAIN", "AUTHENTICATE *")
+    assert client.read() == ["AUTHENTICATE +", ":chat.netd.test 906 * :SASL authentication aborted"]
+    assert sasl(client, b"\0alice\0wonderland") == [
+        ":chat.netd.test 900 * alice!alice@192.0.2.7 alice :You are now logged in as alice",
+        ":chat.netd.test 903 * :SASL authentication successful",
+    ]
+    client.send("AUTHENTICATE PLAIN")
+    assert client.read() == [":chat.netd.test 907 * :You have already authenticated using SASL"]
+    client.send("CAP END")
+    assert client.read()[0].startswith(":chat.netd.test 001 alice ")
+    assert [e["ok"] for e in chat.events("chat.sasl")] == [False, True]
+    # Another account, logging in as someone else, garbage, too long.
+    other = chat.connect("irc")
+    other.send("CAP REQ :sasl")
+    other.read()
+    assert sasl(other, b"bob\0bob\0builder")[-1].endswith(":SASL authentication successful")
+    guesser = chat.connect("irc")
+    guesser.send("CAP REQ :sasl")
+    guesser.read()
+    assert sasl(guesser, b"alice\0bob\0builder")[-1].endswith(" 904 * :SASL authentication failed")
+    guesser.send("AUTHENTICATE PLAIN", "AUTHENTICATE !!notbase64!!")
+    assert guesser.read()[-1].endswith(" 904 * :SASL authentication failed")
+    guesser.send(
+        "AUTHENTICATE PLAIN", "AUTHENTICATE " + "A" * 400, *["AUTHENTICATE " + "A" * 400] * 4
+    )
+    lines = guesser.read()
+    assert lines[-2].endswith(" 904 * :SASL authentication failed")  # the third failure
+    assert lines[-1].startswith("ERROR :Closing Link") and guesser.closed
+    assert chat.stats.counters["chat_sasl_failures"] == 4
+
+
+def test_tags_time_echo_and_tagmsg(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    modern = chat.connect("irc")
+    modern.send("CAP LS 302", "CAP REQ :server-time message-tags echo-message", "CAP END")
+    modern.send("NICK modern", "USER m 0 * :M", "JOIN #lobby")
+    plain = irc_user(chat, "plain")
+    timed = chat.connect("irc")
+    timed.send("CAP REQ server-time", "NICK timed", "USER t 0 * :T", "CAP END")
+    plain.send("JOIN #lobby")
+    timed.send("JOIN #lobby")
+    for client in (modern, plain, timed):
+        client.read()
+    modern.send("@+draft/reply=abc;+typing=done;time=forged;label=x PRIVMSG #lobby :hi all")
+    tags = "+draft/reply=abc;+typing=done"
+    assert modern.read() == [f"@time={STAMP};{tags} :modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    assert plain.read() == [":modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    assert timed.read() == [f"@time={STAMP} :modern!m@192.0.2.7 PRIVMSG #lobby :hi all"]
+    plain.send("PRIVMSG modern :psst")
+    assert modern.read() == [f"@time={STAMP} :plain!plain@192.0.2.7 PRIVMSG modern :psst"]
+    modern.send("@+typing=active TAGMSG #lobby", "@+typing=active TAGMSG plain", "TAGMSG #lobby")
+    assert modern.read() == [  # its echoes; a TAGMSG without tags goes nowhere
+        f"@time={STAMP};+typing=active :modern!m@192.0.2.7 TAGMSG #lobby",
+        f"@time={STAMP};+typing=active :modern!m@192.0.2.7 TAGMSG plain",
+    ]
+    assert plain.read() == [] and timed.read() == []  # neither takes message tags
+    modern.send("@+x=" + "y" * 5000 + " PRIVMSG #lobby :long tags")
+    assert modern.read() == [f"@time={STAMP} :chat.netd.test 417 modern :Input line was too long"]
+    plain.send("PRIVMSG #lobby :" + "z" * 600)
+    assert plain.read() == [":chat.netd.test 417 plain :Input line was too long"]
+
+
+def test_history_batch_and_away_notify(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #lobby", "PRIVMSG #lobby :first")
+    chat.clock.advance(1.5)
+    alice.send("PRIVMSG #lobby :second")
+    late = chat.connect("irc")
+    late.send("CAP REQ :batch server-time away-notify", "CAP END", "NICK late", "USER l 0 * :L")
+    late.send("JOIN #lobby")
+    lines = [line for line in late.read() if " 353 " not in line and " 366 " not in line]
+    now = "2023-11-14T22:13:21.500Z"
+    assert lines[-5:] == [
+        f"@time={now} :late!l@192.0.2.7 JOIN #lobby",
+        f"@time={now} :chat.netd.test BATCH +h1 chathistory #lobby",
+        f"@time={STAMP};batch=h1 :alice!history@chat.netd.test PRIVMSG #lobby :first",
+        f"@time={now};batch=h1 :alice!history@chat.netd.test PRIVMSG #lobby :second",
+        f"@time={now} :chat.netd.test BATCH -h1",
+    ]
+    alice.read()
+    alice.send("AWAY :lunch")
+    assert late.read() == [f"@time={now} :alice!alice@192.0.2.7 AWAY :lunch"]
+    alice.send("AWAY")
+    assert late.read() == [f"@time={now} :alice!alice@192.0.2.7 AWAY"]
+    plain = irc_user(chat, "plain")
+    plain.send("AWAY :gone", "JOIN #lobby")
+    assert late.read() == [
+        f"@time={now} :plain!plain@192.0.2.7 JOIN #lobby",
+        f"@time={now} :plain!plain@192.0.2.7 AWAY :gone",
+    ]
+    assert not any("AWAY" in line for line in alice.read())  # alice did not ask
+
+
+# --- channel operators -------------------------------------------------------------------
+
+
+def test_operators_modes_and_what_they_guard(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #den")
+    bob = irc_user(chat, "bob")
+    bob.send("JOIN #den")
+    carol = line_user(chat, "carol")
+    carol.send("/join den")
+    for client in (alice, bob, carol):
+        client.read()
+    bob.send("MODE #den +m", "KICK #den alice", "INVITE carol #den")
+    assert bob.read() == [
+        ":chat.netd.test 482 bob #den :You're not channel operator",
+        ":chat.netd.test 482 bob #den :You're not channel operator",
+        ":chat.netd.test 443 bob carol #den :is already on channel",
+    ]
+    alice.send("MODE #den +ov-n+mt bob carol")
+    change = ":alice!alice@192.0.2.7 MODE #den +ov-n+m bob carol"  # +t was on already
+    assert alice.read() == [change] and bob.read() == [change]
+    assert carol.read() == [
+        "* alice set #den: bob is an operator, carol has a voice, outsiders may talk, moderated"
+    ]
+    bob.send("NAMES #den", "WHO #den")
+    assert bob.read() == [
+        ":chat.netd.test 353 bob = #den :@alice @bob +carol",
+        ":chat.netd.test 366 bob #den :End of /NAMES list",
+        ":chat.netd.test 352 bob #den alice 192.0.2.7 chat.netd.test alice H@ :0 Alice Example",
+        ":chat.netd.test 352 bob #den bob 192.0.2.7 chat.netd.test bob H@ :0 Bob Example",
+        ":chat.netd.test 352 bob #den line 192.0.2.7 chat.netd.test carol H+ :0 carol",
+        ":chat.netd.test 315 bob #den :End of WHO list",
+    ]
+    dave = irc_user(chat, "dave")
+    dave.send("CAP REQ multi-prefix", "JOIN #den", "PRIVMSG #den :hello?", "TOPIC #den :mine")
+    alice.send("MODE #den +v dave")
+    dave.send("NAMES #den", "PRIVMSG #den :with a voice")
+    lines = dave.read()
+    assert ":chat.netd.test 404 dave #den :Cannot send to channel" in lines  # +m
+    assert ":chat.netd.test 482 dave #den :You're not channel operator" in lines  # +t
+    assert ":chat.netd.test 353 dave = #den :@alice @bob +carol +dave" in lines
+    assert carol.read()[-1] == "<dave> with a voice"
+    alice.read()
+    alice.send("MODE #den -o+b bob bob", "MODE #den b", "KICK #den bob :behave")
+    lines = alice.read()
+    assert lines[:2] == [
+        ":alice!alice@192.0.2.7 MODE #den -o+b bob bob!*@*",
+        ":chat.netd.test 367 alice #den bob!*@* alice!alice@192.0.2.7 :1700000000",
+    ]
+    assert lines[-1] == ":alice!alice@192.0.2.7 KICK #den bob :behave"
+    assert bob.read()[-1] == ":alice!alice@192.0.2.7 KICK #den bob :behave"
+    assert carol.read()[-1] == "* alice kicked bob from #den (behave)"
+    bob.send("JOIN #den")
+    assert bob.read() == [":chat.netd.test 474 bob #den :Cannot join channel (+b)"]
+    alice.send("MODE #den +ik-b secret bob", "MODE #den +l 4", "MODE #den")
+    assert alice.read()[-2] == ":chat.netd.test 324 alice #den +imtkl secret 4"
+    bob.send("JOIN #den", "MODE #den")
+    assert bob.read() == [
+        ":chat.netd.test 473 bob #den :Cannot join channel (+i)",
+        ":chat.netd.test 324 bob #den +imtkl * 4",  # the key only for members
+        f":chat.netd.test 329 bob #den :{1_700_000_000}",
+    ]
+    alice.send("INVITE bob #den", "INVITE ghost #den")
+    assert bob.read() == [":alice!alice@192.0.2.7 INVITE bob #den"]
+    assert alice.read() == [
+        ":chat.netd.test 341 alice bob :#den",
+        ":chat.netd.test 401 alice ghost :No such nick/channel",
+    ]
+    bob.send("JOIN #den wrong", "JOIN #den secret")
+    lines = bob.read()
+    assert lines[0] == ":chat.netd.test 475 bob #den :Cannot join channel (+k)"
+    assert lines[1] == ":bob!bob@192.0.2.7 JOIN #den"
+    erin = irc_user(chat, "erin")
+    alice.send("INVITE erin #den")
+    erin.send("JOIN #den secret")
+    assert erin.read()[-1] == ":chat.netd.test 471 erin #den :Cannot join channel (+l)"
+    alice.read()
+    alice.send("MODE #den +x", "MODE #den +l many", "MODE #den +o ghost", "MODE #den +o erin")
+    alice.send("MODE #den -k+v-l secret erin", "MODE #den +kl secret 4")
+    assert alice.read() == [
+        ":chat.netd.test 472 alice x :is unknown mode char to me",
+        ":chat.netd.test 696 alice #den l many :Invalid limit",
+        ":chat.netd.test 401 alice ghost :No such nick/channel",
+        ":chat.netd.test 441 alice erin #den :They aren't on that channel",
+        ":alice!alice@192.0.2.7 MODE #den -k *",  # +v erin failed, -l was not tried
+        ":chat.netd.test 441 alice erin #den :They aren't on that channel",
+        ":alice!alice@192.0.2.7 MODE #den +k secret",  # the limit was 4 already
+    ]
+    carol.send("/join den", "/topic x")
+    assert carol.read()[-1] == "* you are not an operator of #den"
+    room = chat.handlers.views["rooms"].item("den")  # type: ignore[misc]
+    assert (room["operators"], room["modes"], room["bans"]) == (["alice"], "+imtkl * 4", [])
+    assert [e["target"] for e in chat.events("chat.kick")] == ["bob"]
+
+
+def test_bans_match_masks_and_silence_members(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #den")
+    bob = irc_user(chat, "bob")
+    bob.send("JOIN #den")
+    alice.read()
+    alice.send("MODE #den +b *!*@192.0.2.*", "MODE #den +b *!*@192.0.2.*")
+    assert alice.read() == [":alice!alice@192.0.2.7 MODE #den +b *!*@192.0.2.*"]  # once
+    bob.read()
+    bob.send("PRIVMSG #den :can I talk?")
+    assert bob.read() == [":chat.netd.test 404 bob #den :Cannot send to channel"]
+    alice.send("PRIVMSG #den :operators can")  # a ban does not silence an operator
+    assert bob.read() == [":alice!alice@192.0.2.7 PRIVMSG #den :operators can"]
+    for n in range(101):
+        alice.send(f"MODE #den +b spam{n}")
+    assert (
+        alice.read()[-1] == ":chat.netd.test 478 alice #den spam100!*@* :Channel ban list is full"
+    )
+    outsider = irc_user(chat, "outsider")
+    outsider.send("PRIVMSG #den :from outside")
+    assert outsider.read() == [":chat.netd.test 404 outsider #den :Cannot send to channel"]  # +n

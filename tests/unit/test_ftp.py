@@ -29,6 +29,7 @@ from netd.events import ServiceStats
 from netd.services.ftp import Options
 from netd.services.ftp.data import LineEnds
 from netd.services.ftp.files import (
+    FACTS,
     UPLOAD_PREFIX,
     Accounts,
     NameNotAllowed,
@@ -37,6 +38,7 @@ from netd.services.ftp.files import (
     Upload,
     User,
     _error,
+    _Rights,
     _write_all,
 )
 from netd.services.ftp.session import (
@@ -45,6 +47,7 @@ from netd.services.ftp.session import (
     Session,
     SessionLimits,
     _response,
+    _timestamp,
 )
 from tests.fakes.transports import TLSStringTransport
 from tests.maps import ServiceMap
@@ -87,6 +90,16 @@ def test_parse_values_and_defaults(tmp_path: Path) -> None:
     assert options.limits == SessionLimits(login_delay=0, data_timeout=5)
     anonymous_only = parse(tmp_path, "    root: pub\n    anonymous: read\n")
     assert anonymous_only.users == () and anonymous_only.tls is None
+    assert anonymous_only.umask == 0o022
+    # Written as octal, quoted or not (YAML alone would read 027 as the number 23).
+    for written in ("027", "'027'", "'0o027'"):
+        assert (
+            parse(tmp_path, f"    root: pub\n    anonymous: read\n    umask: {written}\n").umask
+            == 0o27
+        )
+    assert errors(tmp_path, "    root: pub\n    anonymous: read\n    umask: '1777'\n") == [
+        "services.files.umask: expected an octal umask like '022', got '1777'"
+    ]
 
 
 def test_parse_reports_every_error(tmp_path: Path) -> None:
@@ -255,8 +268,7 @@ def test_shell_errors_carry_their_reply_and_reason(tree: Path) -> None:
         "550 Requested action not taken: file.txt: Not a directory"
     )
     long_name = "n" * 300
-    with pytest.raises(NameNotAllowed):
-        shell.makeDirectory([long_name])
+    assert result_of(shell.makeDirectory([long_name])).check(NameNotAllowed)
     with pytest.raises(NameNotAllowed):
         shell.upload_target([long_name])
     assert _response(NameNotAllowed()).startswith("553 ")
@@ -644,3 +656,149 @@ def test_failed_logins_slow_an_address_down_across_connections() -> None:
     failed.size = 2
     failed.delay("192.0.2.3", 1.0)
     assert len(failed._recent) == 2 and "192.0.2.2" not in failed._recent
+
+
+# -- MLSD, MLST, MFMT, SITE CHMOD, HELP ------------------------------------------------------
+
+
+def facts_of(lines: list[bytes]) -> dict[str, dict[str, str]]:
+    found = {}
+    for line in lines:
+        facts, _, name = line.decode().partition(" ")
+        found[name] = dict(fact.split("=") for fact in facts.rstrip(";").split(";"))
+    return found
+
+
+def test_perm_follows_the_write_flag_and_the_daemons_rights(tree: Path) -> None:
+    (tree / "locked.txt").write_text("x")
+    (tree / "locked.txt").chmod(0o000)
+    # What "others" may: the daemon here owns nothing (and is not root).
+    for folder in (tree, tree / "sub"):
+        folder.chmod(0o757)
+    (tree / "file.txt").chmod(0o646)
+    stranger = _Rights(uid=12345, groups=frozenset({54321}))
+    reader = Shell(tree, writable=False)
+    writer = Shell(tree, writable=True)
+    reader.rights = writer.rights = stranger
+    seen = facts_of(reader.facts([], FACTS, entries=True))
+    assert set(seen) == {".", "file.txt", "in_link", "sub", "locked.txt"}  # no link out
+    assert seen["."]["type"] == "cdir"
+    assert seen["file.txt"]["perm"] == "r" and seen["sub"]["perm"] == "el"
+    assert seen["locked.txt"]["perm"] == ""
+    assert seen["in_link"]["type"] == "file"  # links are described by what they reach
+    mine = facts_of(writer.facts([], FACTS, entries=True))
+    assert mine["file.txt"]["perm"] == "adfrw"
+    assert mine["sub"]["perm"] == "cdeflmp"
+    assert mine["locked.txt"]["perm"] == "df"  # may go, may not be read or written
+    assert mine["."]["perm"] == "celmp"  # the root is never removed
+    root = _Rights(uid=0, groups=frozenset())
+    assert root.may(os.stat(tree / "locked.txt"), 0o6) and not root.may(
+        os.stat(tree / "locked.txt"), 0o1
+    )
+    (single,) = writer.facts(["sub"], ("type", "size"), entries=False)
+    assert single == b"type=dir; /sub"
+    with pytest.raises(ftp.FTPCmdError, match="Not a directory"):
+        writer.facts(["file.txt"], FACTS, entries=True)
+    with pytest.raises(ftp.FileNotFoundError):
+        writer.facts(["gone"], FACTS, entries=False)
+    with pytest.raises(ftp.PermissionDeniedError):
+        writer.facts(["out_dir"], FACTS, entries=True)
+
+
+def test_mfmt_stamps_and_site_chmod_modes(tree: Path) -> None:
+    assert _timestamp("20200102030405") == 1577934245
+    assert _timestamp("20200102030405.5") == 1577934245.5
+    for bad in ("2020", "20201301000000", "2020010203040x", "20200102030405.", ""):
+        assert _timestamp(bad) is None
+    shell = Shell(tree, writable=True, umask=0o077)
+    assert shell.change_mode(["file.txt"], 0o755) == 0o700
+    assert os.stat(tree / "file.txt").st_mode & 0o777 == 0o700
+    shell.set_modified(["file.txt"], 1577934245)
+    assert os.stat(tree / "file.txt").st_mtime == 1577934245
+    with pytest.raises(ftp.PermissionDeniedError):
+        Shell(tree, writable=True, anonymous=True).change_mode(["file.txt"], 0o644)
+    with pytest.raises(ftp.PermissionDeniedError):
+        Shell(tree, writable=False).set_modified(["file.txt"], 0)
+    with pytest.raises(ftp.PermissionDeniedError):
+        shell.change_mode([], 0o755)  # the root itself
+    with pytest.raises(ftp.PermissionDeniedError):
+        shell.change_mode(["out_link"], 0o777)
+
+
+def test_facts_commands_through_a_session(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    (tmp_path / "f.txt").write_text("12345")
+    session, transport = harness.connect()
+    help_lines = send(session, transport, b"HELP")
+    assert help_lines[0] == b"214-The following commands are recognized:"
+    assert help_lines[-1] == b"214 Help OK." and b"MLSD" in b" ".join(help_lines)
+    feat = send(session, transport, b"FEAT")
+    assert b" MLST type*;size*;modify*;perm*;unique*;" in feat and b" MFMT" in feat
+    replies = send(
+        session,
+        transport,
+        b"USER alice",
+        b"PASS wonderland",
+        b"OPTS MLST size;perm;bogus;",
+        b"MLST f.txt",
+        b"OPTS MLST",
+        b"MLST f.txt",
+        b"MFMT 20200102030405 f.txt",
+        b"MFMT yesterday f.txt",
+        b"SITE CHMOD 640 f.txt",
+        b"SITE CHMOD 2640 f.txt",
+        b"SITE CHMOD x f.txt",
+        b"SITE ZAP",
+        b"HELP SITE",
+    )
+    assert replies == [
+        b"331 Password required for alice.",
+        b"230 User logged in, proceed",
+        b"200 MLST OPTS size;perm;",
+        b"250-Listing /f.txt",
+        b" size=5;perm=adfrw; /f.txt",
+        b"250 End",
+        b"200 MLST OPTS ",
+        b"250-Listing /f.txt",
+        b"  /f.txt",
+        b"250 End",
+        b"213 Modify=20200102030405; f.txt",
+        b"501 syntax error in argument(s) yesterday f.txt.",
+        b"200 Mode of f.txt set to 0640.",
+        b"550 SITE CHMOD sets permission bits only (no setuid, setgid or sticky).",
+        b"501 syntax error in argument(s) CHMOD x f.txt.",
+        b"504 Not implemented for parameter 'ZAP'.",
+        b"214 SITE CHMOD <octal mode> <path>; SITE HELP.",
+    ]
+    feat = send(session, transport, b"FEAT")
+    assert b" MLST type;size;modify;perm;unique;" in feat  # none chosen now
+
+
+def test_a_listing_is_a_transfer_cut_when_it_stalls(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    for number in range(3):
+        (tmp_path / f"f{number}").write_text("x")
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport)
+    assert send(session, transport, b"MLSD")[0].startswith(b"125")
+    while data.producer is not None:  # the transport pulls, as a socket does
+        data.producer.resumeProducing()
+    names = [line.partition(b" ")[2] for line in data.value().splitlines()]
+    assert names == [b".", b"f0", b"f1", b"f2"]
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    # A client that never reads: the transport never pulls, the listing stalls.
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"LIST")
+    assert session.describe()["transfer"]["direction"] == "listing"
+    harness.reactor.advance(5)
+    assert harness.stats.counters["data_stalls"] == 1
+    protocol.connectionLost(Failure(ConnectionLost()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1].startswith(b"426")
+    assert [(f["direction"], f["ok"]) for t, f in harness.events if t == "ftp.transfer"] == [
+        ("listing", True),
+        ("listing", False),
+    ]

@@ -9,6 +9,7 @@ The C{chat} service kind: shared rooms for IRC clients and telnet users.
       motd: "welcome to netd"
       history: 20
       flood: {messages: 10, per_seconds: 5}
+      users: {alice: {password: "..."}}   # IRCv3 SASL PLAIN accounts
 
 One L{Hub} per service holds the rooms and users; each listener's C{protocol:}
 picks the wire its connections speak (C{irc}, the default, or C{line}).
@@ -16,12 +17,16 @@ picks the wire its connections speak (C{irc}, the default, or C{line}).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
 
+from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.rules import Vocabulary, exact, glob, reply_line
@@ -71,6 +76,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         history=section.integer("history", defaults.history, minimum=0, maximum=10_000),
         flood=section.read("flood", _flood, defaults.flood),
         password=password,
+        users=section.read("users", _users, defaults.users),
         ping_interval=section.number("ping_interval", defaults.ping_interval, minimum=1),
         ping_timeout=section.number("ping_timeout", defaults.ping_timeout, minimum=1),
     )
@@ -89,6 +95,28 @@ def _room(value: Value) -> str:
     return name.removeprefix("#")
 
 
+def _users(value: Value) -> dict[str, str]:
+    users: dict[str, str] = {}
+    for name, entry in value.items():
+        if not name or len(name) > 64 or any(c in name for c in " \0\r\n"):
+            entry.error("account names are 1-64 characters, no spaces")
+            continue
+        user = entry.section()
+        password_value = user.require("password")
+        user.finish()
+        if password_value is None:
+            continue
+        password = password_value.as_str()
+        problem = passwords.hash_problem(password) if passwords.is_hash(password) else None
+        if problem is not None:
+            password_value.error(problem)
+        elif not password:
+            password_value.error("a password cannot be empty")
+        else:
+            users[name] = password
+    return users
+
+
 def _flood(value: Value) -> FloodLimit:
     section = value.section()
     defaults = FloodLimit()
@@ -98,6 +126,10 @@ def _flood(value: Value) -> FloodLimit:
     )
     section.finish()
     return limit
+
+
+def _in_thread(reactor: Any, work: Any, *args: Any) -> Deferred[Any]:
+    return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
 
 
 class _ChatFactory(Factory):
@@ -121,8 +153,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         context.emit,
         journal_active=lambda: context.journal.active,
         rules=context.rules,
+        run_in_thread=functools.partial(_in_thread, context.reactor),
     )
-    irc_wire = IrcWire(options.server_name)
+    irc_wire = IrcWire(options.server_name, context.reactor)
     line_wire = LineWire()
     factories: dict[str, IProtocolFactory] = {
         "irc": _ChatFactory(lambda: IrcSession(hub, irc_wire)),

@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import attrs
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd import passwords
 from netd.events import ServiceStats
 from netd.rules import RuleSet
 
@@ -42,6 +44,7 @@ NICK_LENGTH = 30
 ROOM_LENGTH = 32
 TOPIC_LENGTH = 300
 MAX_ROOMS_PER_USER = 20
+MAX_BANS = 100
 # RFC 2812 2.3.1: a letter or "special" first, then letters, digits, specials and "-".
 _NICK = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]*\Z")
 _ROOM = re.compile(r"[A-Za-z0-9_.-]+\Z")
@@ -82,6 +85,8 @@ class Options:
     history: int = 20
     flood: FloodLimit = attrs.field(factory=FloodLimit)
     password: str | None = None
+    # SASL PLAIN accounts of IRC clients: name to password, in clear or hashed.
+    users: Mapping[str, str] = attrs.field(factory=dict)
     ping_interval: float = 120.0
     ping_timeout: float = 60.0
 
@@ -96,11 +101,48 @@ class ChatError(Exception):
     NOT_IN_ROOM = "not in room"
     NO_SUCH_NICK = "no such nick"
     TOO_MANY_ROOMS = "too many rooms"
+    NOT_OPERATOR = "not operator"
+    CANNOT_SEND = "cannot send"
+    BANNED = "banned"
+    INVITE_ONLY = "invite only"
+    BAD_KEY = "bad key"
+    FULL = "full"
+    THEY_ARE_NOT_IN_ROOM = "they are not in room"
+    ALREADY_IN_ROOM = "already in room"
+    BAN_LIST_FULL = "ban list full"
 
-    def __init__(self, reason: str, name: str) -> None:
-        super().__init__(reason, name)
+    def __init__(self, reason: str, name: str, nick: str = "") -> None:
+        super().__init__(reason, name, nick)
         self.reason = reason
         self.name = name
+        # The other user a refusal is about (KICK, INVITE, MODE +o of someone absent).
+        self.nick = nick
+
+
+def ban_mask(mask: str) -> str:
+    """C{mask} completed to C{nick!user@host} as IRC servers do (C{bob} is C{bob!*@*})."""
+    if "!" not in mask and "@" not in mask:
+        return f"{mask}!*@*"
+    if "!" not in mask:
+        return f"*!{mask}"
+    if "@" not in mask:
+        return f"{mask}@*"
+    return mask
+
+
+def mask_matches(mask: str, prefix: str) -> bool:
+    """Whether C{prefix} (C{nick!user@host}) matches the ban C{mask}; C{*} and C{?} are wild."""
+    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in fold(mask))
+    return re.fullmatch(pattern, fold(prefix)) is not None
+
+
+@attrs.frozen
+class ModeChange:
+    """One channel mode change: C{+o nick}, C{-k}, C{+b mask}..."""
+
+    adding: bool
+    mode: str
+    argument: str | None = None
 
 
 @attrs.define(eq=False)
@@ -189,9 +231,20 @@ class Wire(ABC):
         """Room message, in this wire's words."""
 
     def deliver(
-        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
     ) -> None:
-        """Queue one room message for these members of the room (never for C{sender})."""
+        """
+        Queue one room message for these members of the room (never for C{sender}).
+
+        @param tags: the client's own message tags (IRCv3 C{+name=value;...}), for
+            wires that carry them.
+        """
         data = self.room_message(sender, room, text, notice)
         # The hot loop of fan-out: one append per member; the hub marks them for flushing.
         for member in members:
@@ -219,18 +272,72 @@ class Wire(ABC):
         """Topic, in this wire's words."""
 
     @abstractmethod
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
-        """Private, in this wire's words."""
+    def kicked(self, kicker: Session, room: Room, target: Session, reason: str) -> bytes:
+        """Kicked, in this wire's words."""
+
+    @abstractmethod
+    def modes(self, user: Session, room: Room, changes: list[ModeChange]) -> bytes:
+        """Channel modes changed, in this wire's words."""
+
+    @abstractmethod
+    def invited(self, inviter: Session, target: Session, room: Room) -> bytes:
+        """An invitation to the target, in this wire's words."""
+
+    @abstractmethod
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
+        """Private, in this wire's words (C{tags} as for L{deliver})."""
 
 
 @attrs.define(eq=False)
 class Room:
     name: str
     history: deque[tuple[float, str, str]]
+    created: float = 0.0
     topic: str = ""
     # Members by wire, so a message is encoded once per wire.
     members: dict[Wire, dict[Session, None]] = attrs.field(factory=dict)
     count: int = 0
+    operators: set[Session] = attrs.field(factory=set)
+    voiced: set[Session] = attrs.field(factory=set)
+    # Channel modes (+i, +m, +n, +t, +k, +l) and bans (mask, set by, when).
+    invite_only: bool = False
+    moderated: bool = False
+    no_outside: bool = True
+    topic_locked: bool = True
+    join_key: str | None = None
+    limit: int | None = None
+    bans: list[tuple[str, str, float]] = attrs.field(factory=list)
+    invited: set[str] = attrs.field(factory=set)
+
+    def mode_flags(self, with_key: bool) -> tuple[str, ...]:
+        """C{+flags} and their arguments, the key shown only to members (C{with_key})."""
+        flags = "".join(
+            flag
+            for flag, on in (
+                ("i", self.invite_only),
+                ("m", self.moderated),
+                ("n", self.no_outside),
+                ("t", self.topic_locked),
+                ("k", self.join_key is not None),
+                ("l", self.limit is not None),
+            )
+            if on
+        )
+        arguments = []
+        if self.join_key is not None:
+            arguments.append(self.join_key if with_key else "*")
+        if self.limit is not None:
+            arguments.append(str(self.limit))
+        return ("+" + flags, *arguments)
+
+    def prefixes(self, member: Session) -> str:
+        """C{@} for an operator, C{+} for a voiced member, both in that order."""
+        return ("@" if member in self.operators else "") + ("+" if member in self.voiced else "")
+
+    def banned(self, session: Session) -> bool:
+        return any(mask_matches(mask, session.prefix) for mask, _, _ in self.bans)
 
     @property
     def key(self) -> str:
@@ -274,6 +381,8 @@ class Session(Protocol, ABC):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
+        # The IRCv3 tags this client takes (see netd.services.chat.irc); 0 for none.
+        self.tag_profile = 0
         # Output waits here until the hub flushes, so the messages of one
         # reactor turn cost each member one transport write, not one per message.
         self.out: list[bytes] = []
@@ -405,6 +514,8 @@ class Hub:
     # Messages are the one event frequent enough to cost when nobody reads the journal.
     journal_active: Callable[[], bool] = lambda: True
     rules: RuleSet = attrs.field(factory=RuleSet)
+    # Password hashes are checked here (bcrypt is slow on purpose): a thread pool.
+    run_in_thread: Callable[..., Deferred[Any]] = maybeDeferred
     rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
     users: dict[str, Session] = attrs.field(init=False, factory=dict)
     sessions: dict[Session, None] = attrs.field(init=False, factory=dict)
@@ -423,7 +534,7 @@ class Hub:
 
     def _create(self, name: str) -> Room:
         bare = name.removeprefix("#")
-        room = Room(bare, deque(maxlen=self.options.history))
+        room = Room(bare, deque(maxlen=self.options.history), self.clock.seconds())
         self.rooms[room.key] = room
         return room
 
@@ -531,7 +642,7 @@ class Hub:
             raise ChatError(ChatError.BAD_ROOM, name)
         return room
 
-    def join(self, session: Session, name: str) -> Room | None:
+    def join(self, session: Session, name: str, channel_key: str = "") -> Room | None:
         """Join (creating if allowed); None when already a member."""
         key = room_key(name)
         if key is None:
@@ -548,12 +659,29 @@ class Hub:
             return None
         if len(session.rooms) >= MAX_ROOMS_PER_USER:
             raise ChatError(ChatError.TOO_MANY_ROOMS, name)
+        self._may_join(session, room, channel_key)
+        room.invited.discard(fold(session.nick))
         session.rooms[key] = room
         room.members.setdefault(session.wire, {})[session] = None
         room.count += 1
+        if room.count == 1:
+            room.operators.add(session)  # whoever opens an empty room runs it
         self._announce(room.all_members(), lambda wire: wire.joined(session, room))
         self.emit("chat.join", nick=session.nick, room=room.name)
         return room
+
+    @staticmethod
+    def _may_join(session: Session, room: Room, key: str) -> None:
+        channel = f"#{room.name}"
+        invited = fold(session.nick) in room.invited
+        if room.banned(session):
+            raise ChatError(ChatError.BANNED, channel)
+        if room.invite_only and not invited:
+            raise ChatError(ChatError.INVITE_ONLY, channel)
+        if room.join_key is not None and key != room.join_key:
+            raise ChatError(ChatError.BAD_KEY, channel)
+        if room.limit is not None and room.count >= room.limit:
+            raise ChatError(ChatError.FULL, channel)
 
     def part(self, session: Session, name: str, reason: str) -> Room:
         room = self.find_room(name)
@@ -566,13 +694,15 @@ class Hub:
 
     def _remove(self, session: Session, room: Room) -> None:
         session.rooms.pop(room.key, None)
+        room.operators.discard(session)
+        room.voiced.discard(session)
         group = room.members.get(session.wire)
         if group is not None and session in group:
             del group[session]
             room.count -= 1
             if not group:
                 del room.members[session.wire]
-        if not room.count and room.key not in self.permanent:
+        if not room.count and room.key not in self.permanent and room.key in self.rooms:
             # Rooms clients made go when their last member leaves, so rooms
             # (and their history) stay bounded by users x MAX_ROOMS_PER_USER.
             del self.rooms[room.key]
@@ -582,6 +712,8 @@ class Hub:
         room = self.find_room(name)
         if room.key not in session.rooms:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
+        if room.topic_locked and session not in room.operators:
+            raise ChatError(ChatError.NOT_OPERATOR, f"#{room.name}")
         room.topic = topic[:TOPIC_LENGTH]
         self._announce(room.all_members(), lambda wire: wire.topic(session, room))
         self.emit("chat.topic", nick=session.nick, room=room.name, topic=room.topic)
@@ -605,12 +737,13 @@ class Hub:
             )
         return False
 
-    def say(self, session: Session, name: str, text: str, notice: bool = False) -> Room:
+    def say(
+        self, session: Session, name: str, text: str, notice: bool = False, tags: bytes = b""
+    ) -> Room:
         room = self.find_room(name)
-        if room.key not in session.rooms:
-            raise ChatError(ChatError.NOT_IN_ROOM, name)
+        self._may_speak(session, room, name)
         for wire, members in list(room.members.items()):
-            wire.deliver(members, session, room, text, notice)
+            wire.deliver(members, session, room, text, notice, tags)
             self.dirty.update(members)
         if not notice:
             room.history.append((self.clock.seconds(), session.nick, text))
@@ -620,16 +753,154 @@ class Hub:
             self.emit("chat.message", nick=session.nick, room=room.name, text=text)
         return room
 
-    def tell(self, session: Session, nick: str, text: str, notice: bool = False) -> Session:
+    @staticmethod
+    def _may_speak(session: Session, room: Room, name: str) -> None:
+        member = room.key in session.rooms
+        if not member and room.no_outside:
+            raise ChatError(ChatError.NOT_IN_ROOM, name)
+        if session in room.operators or session in room.voiced:
+            return
+        if room.moderated or room.banned(session):
+            raise ChatError(ChatError.CANNOT_SEND, f"#{room.name}")
+
+    # --- channel operators ----------------------------------------------------------
+
+    def _operated(self, session: Session, name: str) -> Room:
+        """The room C{name}, where C{session} must be an operator."""
+        room = self.find_room(name)
+        if room.key not in session.rooms:
+            raise ChatError(ChatError.NOT_IN_ROOM, f"#{room.name}")
+        if session not in room.operators:
+            raise ChatError(ChatError.NOT_OPERATOR, f"#{room.name}")
+        return room
+
+    def _member(self, room: Room, nick: str) -> Session:
         target = self.users.get(fold(nick))
         if target is None:
             raise ChatError(ChatError.NO_SUCH_NICK, nick)
-        target.write(target.wire.private(session, target, text, notice))
+        if room.key not in target.rooms:
+            raise ChatError(ChatError.THEY_ARE_NOT_IN_ROOM, f"#{room.name}", target.nick)
+        return target
+
+    def kick(self, session: Session, name: str, nick: str, reason: str) -> Room:
+        room = self._operated(session, name)
+        target = self._member(room, nick)
+        reason = reason or session.nick
+        self._announce(room.all_members(), lambda wire: wire.kicked(session, room, target, reason))
+        self._remove(target, room)
+        self.emit("chat.kick", nick=session.nick, room=room.name, target=target.nick, reason=reason)
+        return room
+
+    def invite(self, session: Session, nick: str, name: str) -> Session:
+        room = self.find_room(name)
+        channel = f"#{room.name}"
+        if room.key not in session.rooms:
+            raise ChatError(ChatError.NOT_IN_ROOM, channel)
+        if room.invite_only and session not in room.operators:
+            raise ChatError(ChatError.NOT_OPERATOR, channel)
+        target = self.users.get(fold(nick))
+        if target is None:
+            raise ChatError(ChatError.NO_SUCH_NICK, nick)
+        if room.key in target.rooms:
+            raise ChatError(ChatError.ALREADY_IN_ROOM, channel, target.nick)
+        # Bounded: one entry per user at most, dropped at its join.
+        if len(room.invited) < len(self.users):
+            room.invited.add(fold(target.nick))
+        target.write(target.wire.invited(session, target, room))
+        self.emit("chat.invite", nick=session.nick, room=room.name, target=target.nick)
+        return target
+
+    def change_modes(self, session: Session, name: str, changes: list[ModeChange]) -> Room:
+        """
+        Apply C{changes} (an operator's), telling the room those that changed
+        something; a change naming a user not in the room fails after the ones
+        before it are applied, as IRC servers do.
+        """
+        room = self._operated(session, name)
+        applied: list[ModeChange] = []
+        try:
+            for change in changes:
+                done = self._apply(session, room, change)
+                if done is not None:
+                    applied.append(done)
+        finally:
+            if applied:
+                self._announce(room.all_members(), lambda wire: wire.modes(session, room, applied))
+                self.emit(
+                    "chat.mode",
+                    nick=session.nick,
+                    room=room.name,
+                    changes=[attrs.astuple(change) for change in applied],
+                )
+        return room
+
+    def _apply(self, session: Session, room: Room, change: ModeChange) -> ModeChange | None:
+        """Apply one change; what the room is told of it, or None if nothing changed."""
+        adding, mode, argument = change.adding, change.mode, change.argument
+        if mode in "ov":
+            assert argument is not None
+            target = self._member(room, argument)
+            group = room.operators if mode == "o" else room.voiced
+            if (target in group) == adding:
+                return None
+            if adding:
+                group.add(target)
+            else:
+                group.discard(target)
+            return attrs.evolve(change, argument=target.nick)
+        if mode == "b":
+            assert argument is not None
+            mask = ban_mask(argument)
+            present = [ban for ban in room.bans if fold(ban[0]) == fold(mask)]
+            if adding and not present:
+                if len(room.bans) >= MAX_BANS:
+                    raise ChatError(ChatError.BAN_LIST_FULL, f"#{room.name}", mask)
+                room.bans.append((mask, session.prefix, self.clock.seconds()))
+            elif not adding and present:
+                room.bans.remove(present[0])
+            else:
+                return None
+            return attrs.evolve(change, argument=mask)
+        if mode == "k":
+            key = argument if adding else None
+            if key == room.join_key:
+                return None
+            room.join_key = key
+            return attrs.evolve(change, argument=argument if adding else "*")
+        if mode == "l":
+            limit = int(argument) if adding and argument is not None else None
+            if limit == room.limit:
+                return None
+            room.limit = limit
+            return change
+        flag = {"i": "invite_only", "m": "moderated", "n": "no_outside", "t": "topic_locked"}[mode]
+        if getattr(room, flag) == adding:
+            return None
+        setattr(room, flag, adding)
+        return change
+
+    def tell(
+        self, session: Session, nick: str, text: str, notice: bool = False, tags: bytes = b""
+    ) -> Session:
+        target = self.users.get(fold(nick))
+        if target is None:
+            raise ChatError(ChatError.NO_SUCH_NICK, nick)
+        target.write(target.wire.private(session, target, text, notice, tags))
         self.stats.count("chat_messages")
         self.stats.count("chat_deliveries")
         if self.journal_active():
             self.emit("chat.message", nick=session.nick, to=target.nick, text=text)
         return target
+
+    def check_password(self, account: str, password: bytes) -> Deferred[bool]:
+        """Whether C{password} is C{account}'s, from the C{users} map."""
+        stored = self.options.users.get(account)
+        if stored is None:
+            return succeed(False)
+        if not passwords.is_hash(stored):
+            return succeed(passwords.verify(password, stored))
+        checked: Deferred[bool] = self.run_in_thread(passwords.verify, password, stored)
+        return checked
 
     # --- the admin view -------------------------------------------------------------
 
@@ -647,5 +918,9 @@ class Hub:
             "room": room.name,
             "topic": room.topic,
             "members": room.nicks(),
+            "operators": sorted((m.nick for m in room.operators), key=fold),
+            "voiced": sorted((m.nick for m in room.voiced), key=fold),
+            "modes": " ".join(room.mode_flags(with_key=False)),
+            "bans": [mask for mask, _, _ in room.bans],
             "history": len(room.history),
         }

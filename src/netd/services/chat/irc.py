@@ -1,27 +1,42 @@
 """
-The IRC side of the chat kind: the RFC 2812 subset ordinary clients and bots use.
+The IRC side of the chat kind: the RFC 2812 subset ordinary clients and bots use,
+and the IRCv3 capabilities today's clients ask for (C{server-time},
+C{message-tags}, C{echo-message}, C{multi-prefix}, C{away-notify}, C{batch},
+C{sasl} PLAIN).
 
 L{twisted.words.protocols.irc.IRC} supplies the message parser, the command
 dispatch (C{irc_COMMAND} methods) and the numerics; netd replaces its framing,
 which decodes each read as strict UTF-8 (one stray byte raised out of
-C{dataReceived}) and allowed 16 KiB lines, with bytes framing at 512 bytes.
+C{dataReceived}) and allowed 16 KiB lines, with bytes framing at 512 bytes
+(plus IRCv3 message tags).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import itertools
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
 from netd.rules import Fired
 from netd.services.chat.hub import (
+    MAX_BANS,
     MAX_ROOMS_PER_USER,
     NICK_LENGTH,
     ROOM_LENGTH,
     TOPIC_LENGTH,
     ChatError,
     Hub,
+    ModeChange,
     Room,
     Session,
     Wire,
@@ -30,17 +45,42 @@ from netd.services.chat.hub import (
 
 __all__ = ["IrcSession", "IrcWire"]
 
+_log = Logger(namespace="netd.chat")
+
 # RFC 2812 2.3: 512 bytes a message, CRLF included.
 MAX_LINE = 512
+# IRCv3 message-tags: a client's tags take at most 4094 bytes, with "@" and a space.
+MAX_TAGS = 4096
+# What a client's tag profile (Session.tag_profile) asks for.
+SERVER_TIME = 1
+MESSAGE_TAGS = 2
+_CAPABILITIES = (
+    "away-notify",
+    "batch",
+    "echo-message",
+    "message-tags",
+    "multi-prefix",
+    "sasl",
+    "server-time",
+)
+# SASL: a client's response arrives in base64 lines of 400; PLAIN needs few of them.
+_SASL_CHUNK = 400
+_SASL_MOST = 4 * _SASL_CHUNK
+_SASL_TRIES = 3
+_CLIENT_TAG = re.compile(r"\+[A-Za-z0-9/.-]+[A-Za-z0-9-]*(=[^\0\r\n; ]*)?\Z")
 VERSION = "netd-chat-1"
 # From the modern IRC client protocol, not RFC 2812.
 ERR_INPUTTOOLONG = "417"
 ERR_INVALIDCAPCMD = "410"
+# Channel mode changes that take an argument, at most, in one MODE command.
+MAX_MODE_ARGUMENTS = 4
 _ISUPPORT = (
     "CASEMAPPING=ascii",
     "CHANTYPES=#",
-    "CHANMODES=b,,,nt",
+    "CHANMODES=b,k,l,imnt",
     "PREFIX=(ov)@+",
+    f"MODES={MAX_MODE_ARGUMENTS}",
+    f"MAXLIST=b:{MAX_BANS}",
     f"NICKLEN={NICK_LENGTH}",
     f"CHANNELLEN={ROOM_LENGTH + 1}",
     f"TOPICLEN={TOPIC_LENGTH}",
@@ -49,7 +89,9 @@ _ISUPPORT = (
     "NETWORK=netd",
 )
 # Commands a client may send before it has registered.
-_BEFORE_REGISTRATION = frozenset({"CAP", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"})
+_BEFORE_REGISTRATION = frozenset(
+    {"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"}
+)
 
 
 def _line(text: str) -> bytes:
@@ -60,15 +102,85 @@ def _line(text: str) -> bytes:
     return data + b"\r\n"
 
 
+def with_tags(tags: bytes, line: bytes) -> bytes:
+    """C{line} with C{tags} (C{name=value;...}) first among its message tags."""
+    if not tags:
+        return line
+    if line.startswith(b"@"):
+        return b"@" + tags + b";" + line[1:]
+    return b"@" + tags + b" " + line
+
+
+def server_time(when: float) -> bytes:
+    """The IRCv3 C{time} tag for C{when}: UTC, milliseconds."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when))
+    return f"time={seconds}.{int(when * 1000) % 1000:03d}Z".encode()
+
+
+def mode_string(changes: list[ModeChange]) -> str:
+    """C{+o-v alice bob}: the changes as one MODE message writes them."""
+    flags = ""
+    sign = ""
+    arguments = []
+    for change in changes:
+        wanted = "+" if change.adding else "-"
+        if wanted != sign:
+            flags += wanted
+            sign = wanted
+        flags += change.mode
+        if change.argument is not None:
+            arguments.append(change.argument)
+    return " ".join([flags, *arguments])
+
+
+def _client_tags(raw: str) -> bytes:
+    """The client-only tags (C{+name[=value]}) of a received tag list, as they came."""
+    kept = [tag for tag in raw.split(";") if _CLIENT_TAG.match(tag)]
+    return ";".join(kept).encode()
+
+
 class IrcWire(Wire):
     """Hub happenings as IRC messages; one instance serves every IRC session of a hub."""
 
-    def __init__(self, server_name: str) -> None:
+    def __init__(self, server_name: str, clock: Any) -> None:
         self.server_name = server_name
+        self.clock = clock
 
     def room_message(self, sender: Session, room: Room, text: str, notice: bool) -> bytes:
         verb = "NOTICE" if notice else "PRIVMSG"
         return _line(f":{sender.prefix} {verb} #{room.name} :{text}")
+
+    def deliver(
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
+    ) -> None:
+        plain = self.room_message(sender, room, text, notice)
+        # One encoding per tag profile: members without IRCv3 tags share the plain bytes.
+        tagged: dict[int, bytes] = {}
+        for member in members:
+            if member is sender:
+                continue
+            profile = member.tag_profile
+            if not profile:
+                member.out.append(plain)
+                continue
+            data = tagged.get(profile)
+            if data is None:
+                data = tagged[profile] = self.tagged(profile, plain, tags)
+            member.out.append(data)
+
+    def tagged(self, profile: int, line: bytes, tags: bytes) -> bytes:
+        """C{line} as a client of C{profile} gets it: client tags, then server time first."""
+        if profile & MESSAGE_TAGS:
+            line = with_tags(tags, line)
+        if profile & SERVER_TIME:
+            line = with_tags(server_time(self.clock.seconds()), line)
+        return line
 
     def joined(self, user: Session, room: Room) -> bytes:
         return _line(f":{user.prefix} JOIN #{room.name}")
@@ -85,9 +197,22 @@ class IrcWire(Wire):
     def topic(self, user: Session, room: Room) -> bytes:
         return _line(f":{user.prefix} TOPIC #{room.name} :{room.topic}")
 
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
+    def kicked(self, kicker: Session, room: Room, target: Session, reason: str) -> bytes:
+        return _line(f":{kicker.prefix} KICK #{room.name} {target.nick} :{reason}")
+
+    def modes(self, user: Session, room: Room, changes: list[ModeChange]) -> bytes:
+        return _line(f":{user.prefix} MODE #{room.name} {mode_string(changes)}")
+
+    def invited(self, inviter: Session, target: Session, room: Room) -> bytes:
+        return _line(f":{inviter.prefix} INVITE {target.nick} #{room.name}")
+
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
         verb = "NOTICE" if notice else "PRIVMSG"
-        return _line(f":{sender.prefix} {verb} {target.nick} :{text}")
+        line = _line(f":{sender.prefix} {verb} {target.nick} :{text}")
+        # The time tag, if wanted, is added as the target's write queues it.
+        return with_tags(tags, line) if target.tag_profile & MESSAGE_TAGS else line
 
 
 _REFUSALS = {
@@ -98,13 +223,27 @@ _REFUSALS = {
     ChatError.NOT_IN_ROOM: (irc.ERR_NOTONCHANNEL, "You're not on that channel"),
     ChatError.NO_SUCH_NICK: (irc.ERR_NOSUCHNICK, "No such nick/channel"),
     ChatError.TOO_MANY_ROOMS: (irc.ERR_TOOMANYCHANNELS, "You have joined too many channels"),
+    ChatError.NOT_OPERATOR: (irc.ERR_CHANOPRIVSNEEDED, "You're not channel operator"),
+    ChatError.CANNOT_SEND: (irc.ERR_CANNOTSENDTOCHAN, "Cannot send to channel"),
+    ChatError.BANNED: (irc.ERR_BANNEDFROMCHAN, "Cannot join channel (+b)"),
+    ChatError.INVITE_ONLY: (irc.ERR_INVITEONLYCHAN, "Cannot join channel (+i)"),
+    ChatError.BAD_KEY: (irc.ERR_BADCHANNELKEY, "Cannot join channel (+k)"),
+    ChatError.FULL: (irc.ERR_CHANNELISFULL, "Cannot join channel (+l)"),
+    ChatError.THEY_ARE_NOT_IN_ROOM: (irc.ERR_USERNOTINCHANNEL, "They aren't on that channel"),
+    ChatError.ALREADY_IN_ROOM: (irc.ERR_USERONCHANNEL, "is already on channel"),
+    ChatError.BAN_LIST_FULL: ("478", "Channel ban list is full"),
 }
+# Stands for "MODE #channel b" among parsed changes: the list of bans, asked for.
+_BAN_LIST = ModeChange(True, "b")
+# Refusals about a user in a channel name the user first (441, 443), a mask second (478).
+_NICK_FIRST = frozenset({ChatError.THEY_ARE_NOT_IN_ROOM, ChatError.ALREADY_IN_ROOM})
 
 
 class IrcSession(Session, irc.IRC):
     """One IRC client."""
 
     protocol_name = "irc"
+    max_line = MAX_LINE + MAX_TAGS
 
     def __init__(self, hub: Hub, wire: IrcWire) -> None:
         super().__init__(hub)
@@ -117,6 +256,14 @@ class IrcSession(Session, irc.IRC):
         self._seen_at_check = -1
         self._awaiting_pong = False
         self._timer: IDelayedCall | None = None
+        self.caps: set[str] = set()
+        self.account: str | None = None
+        self._sasl: list[str] | None = None
+        self._sasl_failures = 0
+        self._sasl_checking = False
+        # The client tags of the command being handled.
+        self._tags = b""
+        self._batches = itertools.count(1)
 
     # --- connection ---------------------------------------------------------------
 
@@ -160,6 +307,17 @@ class IrcSession(Session, irc.IRC):
     def line_received(self, line: str) -> None:
         text = line.strip(" ")
         if not text:
+            return
+        self._tags = b""
+        if text.startswith("@"):
+            raw, _, text = text.partition(" ")
+            text = text.lstrip(" ")
+            if len(raw.encode()) > MAX_TAGS - 2:
+                self.too_long()
+                return
+            self._tags = _client_tags(raw[1:])
+        if len(text.encode()) > MAX_LINE - 2:
+            self.too_long()
             return
         try:
             prefix, command, params = irc.parsemsg(text)
@@ -206,6 +364,12 @@ class IrcSession(Session, irc.IRC):
     def sendLine(self, line: str) -> None:
         self.write(_line(line))
 
+    def write(self, data: bytes) -> None:
+        # One line at a time; a line that carries its own time (history) keeps it.
+        if self.tag_profile & SERVER_TIME and not data.startswith(b"@time="):
+            data = with_tags(server_time(self.hub.clock.seconds()), data)
+        super().write(data)
+
     def numeric(self, code: str, *params: str) -> None:
         """A reply from the server to this client; the last parameter is the trailing one."""
         *middle, last = params
@@ -216,7 +380,12 @@ class IrcSession(Session, irc.IRC):
 
     def refuse(self, error: ChatError) -> None:
         code, text = _REFUSALS[error.reason]
-        self.numeric(code, error.name, text)
+        if not error.nick:
+            self.numeric(code, error.name, text)
+        elif error.reason in _NICK_FIRST:
+            self.numeric(code, error.nick, error.name, text)
+        else:
+            self.numeric(code, error.name, error.nick, text)
 
     def irc_unknown(self, prefix: str, command: str, params: list[str]) -> None:
         self.numeric(irc.ERR_UNKNOWNCOMMAND, command, "Unknown command")
@@ -227,26 +396,127 @@ class IrcSession(Session, irc.IRC):
             return False
         return True
 
-    # --- registration -------------------------------------------------------------------
+    # --- IRCv3 capabilities and SASL ----------------------------------------------------
+
+    def _available(self) -> tuple[str, ...]:
+        # SASL only where there are accounts to log in to.
+        return tuple(c for c in _CAPABILITIES if c != "sasl" or self.hub.options.users)
 
     def irc_CAP(self, prefix: str, params: list[str]) -> None:
-        # No capabilities: answer the listing and refuse requests, so IRCv3
-        # clients finish negotiation at once.
         sub = params[0].upper() if params else ""
+        nick = self.nick or "*"
         if sub == "LS":
+            # Registration waits for CAP END once a client has asked (IRCv3 302).
             self.negotiating = not self.registered
-            self.sendCommand("CAP", [self.nick or "*", "LS", ":"], self.server_name)
+            version = params[1] if len(params) > 1 else ""
+            values = version.isdigit() and int(version) >= 302
+            offered = [
+                f"{cap}=PLAIN" if cap == "sasl" and values else cap for cap in self._available()
+            ]
+            self.sendCommand("CAP", [nick, "LS", f":{' '.join(offered)}"], self.server_name)
         elif sub == "LIST":
-            self.sendCommand("CAP", [self.nick or "*", "LIST", ":"], self.server_name)
-        elif sub == "REQ":
             self.sendCommand(
-                "CAP", [self.nick or "*", "NAK", f":{' '.join(params[1:])}"], self.server_name
+                "CAP", [nick, "LIST", f":{' '.join(sorted(self.caps))}"], self.server_name
+            )
+        elif sub == "REQ":
+            self.negotiating = not self.registered
+            asked = params[1].split() if len(params) > 1 else []
+            available = self._available()
+            if not asked or not all(cap.removeprefix("-") in available for cap in asked):
+                # All or nothing.
+                self.sendCommand("CAP", [nick, "NAK", f":{' '.join(asked)}"], self.server_name)
+                return
+            # Acknowledged as things were: the changes apply from the next message on.
+            self.sendCommand("CAP", [nick, "ACK", f":{' '.join(asked)}"], self.server_name)
+            for cap in asked:
+                if cap.startswith("-"):
+                    self.caps.discard(cap[1:])
+                else:
+                    self.caps.add(cap)
+            self.tag_profile = (SERVER_TIME if "server-time" in self.caps else 0) | (
+                MESSAGE_TAGS if "message-tags" in self.caps else 0
             )
         elif sub == "END":
             self.negotiating = False
             self._try_register()
         else:
             self.numeric(ERR_INVALIDCAPCMD, sub or "*", "Invalid CAP command")
+
+    def irc_AUTHENTICATE(self, prefix: str, params: list[str]) -> None:
+        if "sasl" not in self.caps or not params or not params[0]:
+            self.numeric("904", "SASL authentication failed")
+            return
+        if self.account is not None:
+            self.numeric("907", "You have already authenticated using SASL")
+            return
+        if self._sasl_checking:
+            self.numeric("904", "SASL authentication failed")  # one check at a time
+            return
+        argument = params[0]
+        if argument == "*":
+            self._sasl = None
+            self.numeric("906", "SASL authentication aborted")
+            return
+        if self._sasl is None:
+            if argument.upper() != "PLAIN":
+                self.numeric("908", "PLAIN", "are available SASL mechanisms")
+                self.numeric("904", "SASL authentication failed")
+                return
+            self._sasl = []
+            self.write(_line("AUTHENTICATE +"))
+            return
+        if argument != "+":
+            self._sasl.append(argument)
+        if sum(map(len, self._sasl)) > _SASL_MOST:
+            self._sasl = None
+            self._sasl_failed("")
+            return
+        if len(argument) == _SASL_CHUNK:
+            return  # more lines of the same response follow
+        response, self._sasl = "".join(self._sasl), None
+        try:
+            authorize, name, password = base64.b64decode(response, validate=True).split(b"\0")
+            account = name.decode("utf-8")
+        except (binascii.Error, ValueError):
+            self._sasl_failed("")
+            return
+        if authorize and authorize != name:
+            self._sasl_failed(account)  # no logging in as someone else
+            return
+        self._sasl_checking = True
+        checked = self.hub.check_password(account, password)
+        checked.addErrback(self._check_failed)
+        checked.addCallback(self._sasl_checked, account)
+
+    @staticmethod
+    def _check_failed(reason: Failure) -> bool:
+        _log.failure("chat: SASL password check failed", reason)
+        return False
+
+    def _sasl_checked(self, ok: bool, account: str) -> None:
+        self._sasl_checking = False
+        if self.gone:
+            return
+        if not ok:
+            self._sasl_failed(account)
+        else:
+            self.account = account
+            nick = self.nick or self.wanted_nick or "*"
+            mask = f"{nick}!{self.user or 'user'}@{self.host}"
+            self.numeric("900", mask, account, f"You are now logged in as {account}")
+            self.numeric("903", "SASL authentication successful")
+            self.hub.emit("chat.sasl", account=account, client=self.host, ok=True)
+        self.hub.flush_soon()
+
+    def _sasl_failed(self, account: str) -> None:
+        self._sasl_failures += 1
+        self.hub.stats.count("chat_sasl_failures")
+        self.hub.emit("chat.sasl", account=account, client=self.host, ok=False)
+        self.numeric("904", "SASL authentication failed")
+        if self._sasl_failures >= _SASL_TRIES:
+            self.disconnect("Too many failed SASL attempts")
+
+    # --- registration -------------------------------------------------------------------
 
     def irc_PASS(self, prefix: str, params: list[str]) -> None:
         if self.registered:
@@ -299,7 +569,9 @@ class IrcSession(Session, irc.IRC):
         self.numeric(irc.RPL_WELCOME, f"Welcome to the netd IRC network {self.prefix}")
         self.numeric(irc.RPL_YOURHOST, f"Your host is {server}, running version {VERSION}")
         self.numeric(irc.RPL_CREATED, f"This server was created {created:.0f}")
-        self.sendCommand(irc.RPL_MYINFO, [self.nick, server, VERSION, "i", "bnt"], server)
+        self.sendCommand(
+            irc.RPL_MYINFO, [self.nick, server, VERSION, "i", "biklmnotv", "bklov"], server
+        )
         self.numeric(irc.RPL_ISUPPORT, *_ISUPPORT, "are supported by this server")
         self._lusers()
         self.irc_MOTD("", [])
@@ -342,12 +614,13 @@ class IrcSession(Session, irc.IRC):
             for joined in list(self.rooms.values()):
                 self.hub.part(self, joined.name, "Left all channels")
             return
-        for name in params[0].split(","):
+        keys = params[1].split(",") if len(params) > 1 else []
+        for index, name in enumerate(params[0].split(",")):
             if not name.startswith("#"):
                 self.numeric(irc.ERR_NOSUCHCHANNEL, name, "No such channel")
                 continue
             try:
-                room = self.hub.join(self, name)
+                room = self.hub.join(self, name, keys[index] if index < len(keys) else "")
             except ChatError as e:
                 self.refuse(e)
                 continue
@@ -356,17 +629,35 @@ class IrcSession(Session, irc.IRC):
             if room.topic:
                 self.numeric(irc.RPL_TOPIC, f"#{room.name}", room.topic)
             self._names(room)
-            for _, nick, text in room.history:
-                self.write(
-                    _line(f":{nick}!history@{self.server_name} PRIVMSG #{room.name} :{text}")
-                )
+            self._replay(room)
+            if self.away:
+                self._tell_away(room.all_members())
+
+    def _replay(self, room: Room) -> None:
+        """The room's history, each line at its own time, in a batch for clients that asked."""
+        if not room.history:
+            return
+        channel = f"#{room.name}"
+        batch = b""
+        if "batch" in self.caps:
+            batch = f"h{next(self._batches)}".encode()
+            self.write(_line(f":{self.server_name} BATCH +{batch.decode()} chathistory {channel}"))
+        for when, nick, text in room.history:
+            line = _line(f":{nick}!history@{self.server_name} PRIVMSG {channel} :{text}")
+            if batch:
+                line = with_tags(b"batch=" + batch, line)
+            if self.tag_profile & SERVER_TIME:
+                line = with_tags(server_time(when), line)
+            self.write(line)
+        if batch:
+            self.write(_line(f":{self.server_name} BATCH -{batch.decode()}"))
 
     def _names(self, room: Room) -> None:
         # 353 lines of up to about 400 bytes, so a big room fits in 512-byte messages.
         channel = f"#{room.name}"
         batch: list[str] = []
         size = 0
-        for nick in room.nicks():
+        for nick in self._prefixed(room):
             if batch and size + len(nick) > 400:
                 self.numeric(irc.RPL_NAMREPLY, "=", channel, " ".join(batch))
                 batch, size = [], 0
@@ -375,6 +666,15 @@ class IrcSession(Session, irc.IRC):
         if batch:
             self.numeric(irc.RPL_NAMREPLY, "=", channel, " ".join(batch))
         self.numeric(irc.RPL_ENDOFNAMES, channel, "End of /NAMES list")
+
+    def _prefixed(self, room: Room) -> list[str]:
+        """Members as NAMES shows them: C{@} and C{+}, only the highest without multi-prefix."""
+        every = "multi-prefix" in self.caps
+        shown = []
+        for member in sorted(room.all_members(), key=lambda m: fold(m.nick)):
+            prefixes = room.prefixes(member)
+            shown.append((prefixes if every else prefixes[:1]) + member.nick)
+        return shown
 
     def irc_PART(self, prefix: str, params: list[str]) -> None:
         if not self._enough("PART", params):
@@ -443,12 +743,97 @@ class IrcSession(Session, irc.IRC):
             return
         channel = f"#{room.name}"
         if not changes:
-            self.numeric(irc.RPL_CHANNELMODEIS, channel, "+nt")
-            self.numeric("329", channel, f"{self.hub.started:.0f}")
-        elif changes[0].lstrip("+") == "b":
+            shown = room.mode_flags(with_key=room.key in self.rooms)
+            self.sendCommand(irc.RPL_CHANNELMODEIS, [self.nick, channel, *shown], self.server_name)
+            self.numeric("329", channel, f"{room.created:.0f}")
+            return
+        parsed = self._parse_modes(channel, changes)
+        if parsed is None:
+            return
+        if parsed == [_BAN_LIST]:
+            # A ban-list query ("MODE #c b", "+b" with no mask): open to anyone.
+            for mask, setter, when in room.bans:
+                self.numeric(irc.RPL_BANLIST, channel, mask, setter, f"{when:.0f}")
             self.numeric(irc.RPL_ENDOFBANLIST, channel, "End of channel ban list")
-        else:
-            self.numeric(irc.ERR_CHANOPRIVSNEEDED, channel, "You're not channel operator")
+            return
+        parsed = [change for change in parsed if change is not _BAN_LIST]
+        if not parsed:
+            return
+        try:
+            self.hub.change_modes(self, channel, parsed)
+        except ChatError as e:
+            self.refuse(e)
+
+    def _parse_modes(self, channel: str, words: list[str]) -> list[ModeChange] | None:
+        """
+        C{+o-v alice bob}, as changes; None once an unknown mode was answered (472).
+        A ban without a mask is the list query (L{_BAN_LIST}); another change that
+        lacks its argument is ignored, as IRC servers do.
+        """
+        flags, arguments = words[0], list(words[1:])
+        changes: list[ModeChange] = []
+        adding = True
+        taken = 0
+        for flag in flags:
+            if flag in "+-":
+                adding = flag == "+"
+                continue
+            if flag not in "biklmnotv":
+                self.numeric(irc.ERR_UNKNOWNMODE, flag, "is unknown mode char to me")
+                return None
+            argument = None
+            if flag == "b" and not arguments:
+                if _BAN_LIST not in changes:
+                    changes.append(_BAN_LIST)
+                continue
+            if flag == "k" and not adding:
+                # The key's argument is taken when unset too (CHANMODES type B), unchecked.
+                if arguments:
+                    arguments.pop(0)
+                changes.append(ModeChange(False, "k"))
+                continue
+            if flag in "bovk" or (flag == "l" and adding):
+                if not arguments or taken >= MAX_MODE_ARGUMENTS:
+                    continue
+                argument = arguments.pop(0)
+                taken += 1
+            if (
+                flag == "l"
+                and argument is not None
+                and not (argument.isdigit() and 0 < int(argument) < 10**6)
+            ):
+                self.numeric("696", channel, "l", argument, "Invalid limit")
+                continue
+            if (
+                flag == "k"
+                and argument is not None
+                and (not argument or any(c in argument for c in " ,:"))
+            ):
+                self.numeric("696", channel, "k", argument, "Invalid key")
+                continue
+            changes.append(ModeChange(adding, flag, argument))
+        return changes
+
+    def irc_KICK(self, prefix: str, params: list[str]) -> None:
+        if not self._enough("KICK", params, 2):
+            return
+        reason = params[2] if len(params) > 2 else ""
+        for nick in params[1].split(",")[:4]:
+            try:
+                self.hub.kick(self, params[0], nick, reason)
+            except ChatError as e:
+                self.refuse(e)
+
+    def irc_INVITE(self, prefix: str, params: list[str]) -> None:
+        if not self._enough("INVITE", params, 2):
+            return
+        try:
+            target = self.hub.invite(self, params[0], params[1])
+        except ChatError as e:
+            self.refuse(e)
+            return
+        channel = f"#{self.hub.find_room(params[1]).name}"
+        self.numeric(irc.RPL_INVITING, target.nick, channel)
 
     def _user_mode(self, change: str) -> None:
         # Only "invisible" exists, and it changes nothing here: no one is listed
@@ -488,9 +873,11 @@ class IrcSession(Session, irc.IRC):
         for target in params[0].split(",")[:4]:
             try:
                 if target.startswith("#"):
-                    self.hub.say(self, target, text, notice)
+                    room = self.hub.say(self, target, text, notice, self._tags)
+                    self._echo(f":{self.prefix} {command} #{room.name} :{text}")
                 else:
-                    user = self.hub.tell(self, target, text, notice)
+                    user = self.hub.tell(self, target, text, notice, self._tags)
+                    self._echo(f":{self.prefix} {command} {user.nick} :{text}")
                     if user.away and not notice:
                         self.numeric(irc.RPL_AWAY, user.nick, user.away)
             except ChatError as e:
@@ -500,6 +887,41 @@ class IrcSession(Session, irc.IRC):
                     self.numeric(irc.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
                 else:
                     self.refuse(e)
+
+    def _echo(self, message: str) -> None:
+        """echo-message: the client sees what it sent as the others do, tags and all."""
+        if "echo-message" in self.caps:
+            line = _line(message)
+            self.write(with_tags(self._tags, line) if self.tag_profile & MESSAGE_TAGS else line)
+
+    def irc_TAGMSG(self, prefix: str, params: list[str]) -> None:
+        """A message of tags alone (typing notices, reactions), to clients that take tags."""
+        if not self._enough("TAGMSG", params) or not self._tags or not self.hub.allow(self):
+            return
+        target = params[0].split(",")[0]
+        recipients: list[Session]
+        try:
+            if target.startswith("#"):
+                room = self.hub.find_room(target)
+                if room.key not in self.rooms:
+                    self.numeric(irc.ERR_CANNOTSENDTOCHAN, target, "Cannot send to channel")
+                    return
+                target = f"#{room.name}"
+                recipients = [m for m in room.all_members() if m is not self]
+            else:
+                user = self.hub.users.get(fold(target))
+                if user is None:
+                    raise ChatError(ChatError.NO_SUCH_NICK, target)
+                target, recipients = user.nick, [user]
+        except ChatError as e:
+            self.refuse(e)
+            return
+        line = with_tags(self._tags, _line(f":{self.prefix} TAGMSG {target}"))
+        for member in recipients:
+            if member.tag_profile & MESSAGE_TAGS:
+                member.write(line)
+        if "echo-message" in self.caps and self.tag_profile & MESSAGE_TAGS:
+            self.write(line)
 
     # --- who is who ---------------------------------------------------------------------
 
@@ -513,7 +935,8 @@ class IrcSession(Session, irc.IRC):
             members = list(room.all_members()) if room is not None else []
             channel = f"#{room.name}" if room is not None else mask
             for member in sorted(members, key=lambda m: fold(m.nick)):
-                self._who_line(channel, member)
+                assert room is not None
+                self._who_line(channel, member, room.prefixes(member))
         else:
             user = self.hub.users.get(fold(mask))
             if user is not None:
@@ -521,7 +944,9 @@ class IrcSession(Session, irc.IRC):
                 self._who_line(f"#{first.name}" if first else "*", user)
         self.numeric(irc.RPL_ENDOFWHO, mask, "End of WHO list")
 
-    def _who_line(self, channel: str, user: Session) -> None:
+    def _who_line(self, channel: str, user: Session, prefixes: str = "") -> None:
+        if "multi-prefix" not in self.caps:
+            prefixes = prefixes[:1]
         self.numeric(
             irc.RPL_WHOREPLY,
             channel,
@@ -529,7 +954,7 @@ class IrcSession(Session, irc.IRC):
             user.host,
             self.server_name,
             user.nick,
-            "G" if user.away else "H",
+            ("G" if user.away else "H") + prefixes,
             f"0 {user.realname or user.nick}",
         )
 
@@ -551,7 +976,11 @@ class IrcSession(Session, irc.IRC):
                     user.realname or user.nick,
                 )
                 if user.rooms:
-                    channels = " ".join(f"#{r.name}" for r in user.rooms.values())
+                    every = "multi-prefix" in self.caps
+                    channels = " ".join(
+                        f"{r.prefixes(user) if every else r.prefixes(user)[:1]}#{r.name}"
+                        for r in user.rooms.values()
+                    )
                     self.numeric(irc.RPL_WHOISCHANNELS, user.nick, channels)
                 self.numeric(
                     irc.RPL_WHOISSERVER, user.nick, self.server_name, f"netd ({user.protocol_name})"
@@ -566,6 +995,17 @@ class IrcSession(Session, irc.IRC):
             self.numeric(irc.RPL_NOWAWAY, "You have been marked as being away")
         else:
             self.numeric(irc.RPL_UNAWAY, "You are no longer marked as being away")
+        self._tell_away(m for room in self.rooms.values() for m in room.all_members())
+
+    def _tell_away(self, members: Iterable[Session]) -> None:
+        """away-notify: this user's away state, to the others that asked for it."""
+        line = _line(f":{self.prefix} AWAY :{self.away}" if self.away else f":{self.prefix} AWAY")
+        told: set[Session] = {self}
+        for member in members:
+            if member not in told and isinstance(member, IrcSession):
+                told.add(member)
+                if "away-notify" in member.caps:
+                    member.write(line)
 
     def irc_USERHOST(self, prefix: str, params: list[str]) -> None:
         replies = []

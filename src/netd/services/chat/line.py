@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from netd.services.chat.hub import ChatError, Hub, Room, Session, Wire
+from netd.services.chat.hub import ChatError, Hub, ModeChange, Room, Session, Wire, fold
 
 __all__ = ["LineSession", "LineWire"]
 
@@ -19,7 +19,7 @@ _TELNET = re.compile(rb"\xff\xff|\xff\xfa.*?\xff\xf0|\xff[\xfb-\xfe].|\xff[\xf0-
 
 HELP = (
     "/nick NAME        choose or change your nick",
-    "/join ROOM        join ROOM (created if new) and make it current",
+    "/join ROOM [KEY]  join ROOM (created if new) and make it current",
     "/part [ROOM]      leave ROOM (default: the current room)",
     "/msg NICK TEXT    a private message",
     "/who [ROOM]       who is in ROOM (default: the current room)",
@@ -37,7 +37,41 @@ _REFUSALS = {
     ChatError.NOT_IN_ROOM: "you are not in {}",
     ChatError.NO_SUCH_NICK: "nobody is called {}",
     ChatError.TOO_MANY_ROOMS: "cannot join {}: you are in too many rooms",
+    ChatError.NOT_OPERATOR: "you are not an operator of {}",
+    ChatError.CANNOT_SEND: "you cannot talk in {} (moderated, or banned)",
+    ChatError.BANNED: "cannot join {}: you are banned",
+    ChatError.INVITE_ONLY: "cannot join {}: invitation only",
+    ChatError.BAD_KEY: "cannot join {}: wrong key (/join ROOM KEY)",
+    ChatError.FULL: "cannot join {}: it is full",
+    ChatError.THEY_ARE_NOT_IN_ROOM: "they are not in {}",
+    ChatError.ALREADY_IN_ROOM: "they are already in {}",
+    ChatError.BAN_LIST_FULL: "the ban list of {} is full",
 }
+
+
+# How line users read a channel mode change.
+_MODE_WORDS = {
+    "o": ("{} is an operator", "{} is no longer an operator"),
+    "v": ("{} has a voice", "{} no longer has a voice"),
+    "b": ("{} is banned", "{} is no longer banned"),
+    "i": ("invitation only", "open to all"),
+    "m": ("moderated", "not moderated"),
+    "n": ("members only may talk", "outsiders may talk"),
+    "t": ("operators only set the topic", "anyone sets the topic"),
+    "k": ("key required", "no key"),
+    "l": ("at most {} users", "no user limit"),
+}
+
+
+def _mode_text(change: ModeChange) -> str:
+    on, off = _MODE_WORDS[change.mode]
+    return (on if change.adding else off).format(change.argument)
+
+
+def _members(room: Room) -> str:
+    """Who is in C{room}, operators marked C{@} and voiced users C{+}, as on IRC."""
+    members = sorted(room.all_members(), key=lambda m: fold(m.nick))
+    return " ".join(room.prefixes(member) + member.nick for member in members)
 
 
 def _action(nick: str, text: str) -> str | None:
@@ -60,7 +94,13 @@ class LineWire(Wire):
         return f"{where}{shown}\r\n".encode()
 
     def deliver(
-        self, members: Mapping[Session, None], sender: Session, room: Room, text: str, notice: bool
+        self,
+        members: Mapping[Session, None],
+        sender: Session,
+        room: Room,
+        text: str,
+        notice: bool,
+        tags: bytes = b"",
     ) -> None:
         # Two forms: plain for those whose current room it is, tagged for the others.
         here = elsewhere = b""
@@ -91,7 +131,19 @@ class LineWire(Wire):
     def topic(self, user: Session, room: Room) -> bytes:
         return f"* {user.nick} set the topic of #{room.name}: {room.topic}\r\n".encode()
 
-    def private(self, sender: Session, target: Session, text: str, notice: bool) -> bytes:
+    def kicked(self, kicker: Session, room: Room, target: Session, reason: str) -> bytes:
+        return f"* {kicker.nick} kicked {target.nick} from #{room.name} ({reason})\r\n".encode()
+
+    def modes(self, user: Session, room: Room, changes: list[ModeChange]) -> bytes:
+        shown = ", ".join(_mode_text(change) for change in changes)
+        return f"* {user.nick} set #{room.name}: {shown}\r\n".encode()
+
+    def invited(self, inviter: Session, target: Session, room: Room) -> bytes:
+        return f"* {inviter.nick} invites you to #{room.name} (/join {room.name})\r\n".encode()
+
+    def private(
+        self, sender: Session, target: Session, text: str, notice: bool, tags: bytes = b""
+    ) -> bytes:
         shown = _action(sender.nick, text) or (
             f"-{sender.nick}- {text}" if notice else f"*{sender.nick}* {text}"
         )
@@ -146,12 +198,17 @@ class LineSession(Session):
             except ChatError as e:
                 self.notify(_REFUSALS[e.reason].format(e.name))
             return
+        if self.current is not None and self.current not in self.rooms:
+            self.current = next(iter(self.rooms), None)  # kicked out of it
         if not self.registered:
             self.notify("choose a nick first: /nick NAME")
         elif self.current is None:
             self.notify("you are in no room: /join ROOM")
         elif self.hub.allow(self):
-            self.hub.say(self, self.current, line)
+            try:
+                self.hub.say(self, self.current, line)
+            except ChatError as e:
+                self.notify(_REFUSALS[e.reason].format(e.name))
 
     def do_help(self, rest: str) -> None:
         for line in HELP:
@@ -176,11 +233,12 @@ class LineSession(Session):
     def do_join(self, rest: str) -> None:
         if not self._need_nick():
             return
-        if not rest:
-            self.notify("usage: /join ROOM")
+        name, _, channel_key = rest.partition(" ")
+        if not name:
+            self.notify("usage: /join ROOM [KEY]")
             return
-        room = self.hub.join(self, rest)
-        key = room.key if room is not None else self.hub.find_room(rest).key
+        room = self.hub.join(self, name, channel_key.strip())
+        key = room.key if room is not None else self.hub.find_room(name).key
         self.current = key
         joined = self.rooms[key]
         if room is None:
@@ -188,7 +246,7 @@ class LineSession(Session):
             return
         if joined.topic:
             self.notify(f"topic of #{joined.name}: {joined.topic}")
-        self.notify(f"in #{joined.name}: {' '.join(joined.nicks())}")
+        self.notify(f"in #{joined.name}: {_members(joined)}")
         for _, nick, text in joined.history:
             self.write(f"<{nick}> {text}\r\n".encode())
 
@@ -220,7 +278,7 @@ class LineSession(Session):
             self.notify("usage: /who ROOM")
             return
         room = self.hub.find_room(name)
-        self.notify(f"in #{room.name}: {' '.join(room.nicks())}")
+        self.notify(f"in #{room.name}: {_members(room)}")
 
     def do_rooms(self, rest: str) -> None:
         for room in sorted(self.hub.rooms.values(), key=lambda r: r.key):

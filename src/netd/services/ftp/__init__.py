@@ -11,6 +11,7 @@ The C{ftp} service kind: anonymous and user FTP with FTPS, on twisted.protocols.
       passive_host: 127.0.0.1     # announced in PASV replies
       tls: lab                    # offers AUTH TLS and PROT P
       require_tls: false
+      umask: "022"                # new files and folders, and the most SITE CHMOD grants
 
 The protocol lives in L{netd.services.ftp.session}, accounts, confined shells
 and the fast transfer paths in L{netd.services.ftp.files}.
@@ -39,6 +40,7 @@ __all__ = ["FTP", "Options", "User", "build", "parse"]
 _ANONYMOUS = ("none", "read", "write")
 _USER_NAME = re.compile(r"[^\s:]{1,64}\Z")
 _PORTS = re.compile(r"(\d+)-(\d+)\Z")
+_OCTAL = re.compile(r"(?:0o)?([0-7]{1,4})\Z")
 
 
 @attrs.frozen
@@ -50,6 +52,7 @@ class Options:
     passive_host: str | None = None
     tls: str | None = None
     require_tls: bool = False
+    umask: int = 0o022
     limits: SessionLimits = attrs.field(factory=SessionLimits)
 
 
@@ -90,6 +93,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         passive_host=section.read("passive_host", _ipv4, None),
         tls=tls,
         require_tls=require_tls,
+        umask=section.read("umask", _umask, 0o022),
         limits=limits,
     )
 
@@ -125,6 +129,17 @@ def _users(value: Value) -> tuple[User, ...]:
     return tuple(users)
 
 
+def _umask(value: Value) -> int:
+    # The text as written: YAML would read an unquoted 022 as the number 18.
+    text = value.as_str()
+    match = _OCTAL.match(text)
+    if match is None or int(match.group(1), 8) > 0o777:
+        if value.is_scalar:
+            value.error(f"expected an octal umask like '022', got {text!r}")
+        return 0o022
+    return int(match.group(1), 8)
+
+
 def _port_range(value: Value) -> tuple[int, int] | None:
     text = value.as_str()
     match = _PORTS.match(text.replace(" ", ""))
@@ -155,7 +170,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     users = {user.name: user for user in options.users}
     run_in_thread = in_thread(context.reactor)
     portal = Portal(
-        Realm(options.root, options.anonymous == "write", users),
+        Realm(options.root, options.anonymous == "write", users, run_in_thread, options.umask),
         [Accounts(users, options.anonymous != "none", run_in_thread)],
     )
     server = FTPServer(

@@ -14,15 +14,15 @@ import pwd
 import secrets
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import attrs
 from twisted.cred import credentials, error
 from twisted.cred.checkers import ANONYMOUS, ICredentialsChecker
 from twisted.cred.portal import IRealm
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import ftp
@@ -33,10 +33,12 @@ from zope.interface import implementer
 from netd import passwords
 
 __all__ = [
+    "FACTS",
     "UPLOAD_PREFIX",
     "Accounts",
     "NameNotAllowed",
     "NoSpace",
+    "NotAFolder",
     "Realm",
     "Refused",
     "Shell",
@@ -55,6 +57,10 @@ _log = Logger(namespace="netd.ftp")
 
 RunInThread = Callable[..., "Deferred[Any]"]
 Segments = list[str]
+_T = TypeVar("_T")
+
+# The MLST/MLSD facts offered (RFC 3659 section 7), in the order they are written.
+FACTS = ("type", "size", "modify", "perm", "unique")
 
 
 def in_thread(reactor: Any) -> RunInThread:
@@ -140,20 +146,31 @@ class Accounts:
 class Realm:
     """Gives anonymous users the anonymous root and every user their own home."""
 
-    def __init__(self, root: Path | None, anonymous_write: bool, users: Mapping[str, User]) -> None:
+    def __init__(
+        self,
+        root: Path | None,
+        anonymous_write: bool,
+        users: Mapping[str, User],
+        run_in_thread: RunInThread = maybeDeferred,
+        umask: int = 0o022,
+    ) -> None:
         self.root = root
         self.anonymous_write = anonymous_write
         self.users = users
+        self.run_in_thread = run_in_thread
+        self.umask = umask
 
     def requestAvatar(self, avatar_id: Any, mind: object, *interfaces: Any) -> Any:
         if ftp.IFTPShell not in interfaces:
             raise NotImplementedError("only FTP shells")
         if avatar_id is ANONYMOUS:
             assert self.root is not None
-            shell = Shell(self.root, self.anonymous_write)
+            shell = Shell(
+                self.root, self.anonymous_write, self.run_in_thread, self.umask, anonymous=True
+            )
         else:
             user = self.users[avatar_id]
-            shell = Shell(user.home, user.write)
+            shell = Shell(user.home, user.write, self.run_in_thread, self.umask)
         return ftp.IFTPShell, shell, lambda: None
 
 
@@ -188,11 +205,23 @@ class Shell(ftp.FTPShell):
     and must stay under the root; writes need the C{write} flag.
     """
 
-    def __init__(self, root: Path, writable: bool) -> None:
+    def __init__(
+        self,
+        root: Path,
+        writable: bool,
+        run_in_thread: RunInThread = maybeDeferred,
+        umask: int = 0o022,
+        anonymous: bool = False,
+    ) -> None:
         super().__init__(FilePath(os.path.realpath(root)))
         self.real_root = self.filesystemRoot.path
         self.writable = writable
+        self.run_in_thread = run_in_thread
+        self.umask = umask
+        self.anonymous = anonymous
         self.name_max = _name_max(self.real_root)
+        # Who the daemon is now (after twistd dropped privileges), for the perm fact.
+        self.rights = _Rights(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}))
 
     def _path(self, path: Segments) -> FilePath[str]:
         # CR and LF would forge lines in listings and replies; NUL ends C strings.
@@ -218,19 +247,31 @@ class Shell(ftp.FTPShell):
     # error for (ENOTEMPTY, EINVAL, ENAMETOOLONG...): each operation passes
     # through _translated, so that every one gets a reply of its own.
 
+    # Twisted's shell answers with Deferreds fired at once, after its system calls:
+    # each operation runs whole in a thread (_threaded), off the reactor.
+
+    def _threaded(self, operation: Callable[[], Deferred[Any]], path: Segments) -> Deferred[Any]:
+        return _translated(self.run_in_thread(lambda: _settled(operation())), path)
+
     def makeDirectory(self, path: Segments) -> Deferred[None]:
         self._writing(path)
-        return _translated(super().makeDirectory(path), path)
+
+        def make() -> Deferred[None]:
+            made: Deferred[None] = super(Shell, self).makeDirectory(path)
+            # The service's umask, whatever the daemon's own is.
+            return made.addCallback(lambda _: os.chmod(self._path(path).path, 0o777 & ~self.umask))
+
+        return self._threaded(make, path)
 
     def removeDirectory(self, path: Segments) -> Deferred[None]:
         self._writing(path)
         if not path:
             return fail(_denied(path))
-        return _translated(super().removeDirectory(path), path)
+        return self._threaded(lambda: super(Shell, self).removeDirectory(path), path)
 
     def removeFile(self, path: Segments) -> Deferred[None]:
         self._writing(path)
-        return _translated(super().removeFile(path), path)
+        return self._threaded(lambda: super(Shell, self).removeFile(path), path)
 
     def rename(self, from_path: Segments, to_path: Segments) -> Deferred[None]:
         self._writing(from_path)
@@ -239,13 +280,13 @@ class Shell(ftp.FTPShell):
         if len(to_path) > len(from_path) and to_path[: len(from_path)] == from_path:
             # rename(2) says EINVAL; the client is better told why.
             return fail(Refused(f"{'/'.join(from_path)}: cannot be moved into itself"))
-        return _translated(super().rename(from_path, to_path), from_path)
+        return self._threaded(lambda: super(Shell, self).rename(from_path, to_path), from_path)
 
     def access(self, path: Segments) -> Deferred[None]:
-        return _translated(super().access(path), path)
+        return self._threaded(lambda: super(Shell, self).access(path), path)
 
     def stat(self, path: Segments, keys: Any = ()) -> Deferred[Any]:
-        return _translated(super().stat(path, keys), path)
+        return self._threaded(lambda: super(Shell, self).stat(path, keys), path)
 
     def require_directory(self, path: Segments) -> None:
         """
@@ -280,7 +321,7 @@ class Shell(ftp.FTPShell):
             raise _error(e, path) from None
         year = time.gmtime().tm_year
         lines = []
-        for name, full, link in sorted(entries):
+        for name, full, link in _paced(sorted(entries)):
             if name.startswith(UPLOAD_PREFIX) or (link and not self._inside(full)):
                 continue
             encoded = name.encode("utf-8", "surrogateescape")
@@ -293,6 +334,108 @@ class Shell(ftp.FTPShell):
                 continue  # a dangling link, or gone since the scan
             lines.append(_list_line(encoded, info, year))
         return lines
+
+    def facts(self, path: Segments, selected: tuple[str, ...], entries: bool) -> list[bytes]:
+        """
+        MLSD (C{entries}: the folder C{path} holds, after a C{type=cdir} line for
+        itself) or MLST (C{path} alone, named by its full path) lines: the
+        C{selected} facts of each, then a space and the name (RFC 3659 section 7).
+        """
+        found = self._path(path)
+        shown = "/" + "/".join(path)
+        try:
+            info = os.stat(found.path)
+            parent = os.stat(os.path.dirname(os.path.realpath(found.path)))
+            if not entries:
+                return [self._fact_line(shown, info, parent, selected, bool(path), None)]
+            if not stat.S_ISDIR(info.st_mode):
+                raise NotAFolder(f"{shown}: {os.strerror(errno.ENOTDIR)}")
+            with os.scandir(found.path) as scan:
+                found_entries = [(e.name, e.path, e.is_symlink()) for e in scan]
+        except OSError as e:
+            raise _error(e, path) from None
+        lines = [self._fact_line(".", info, parent, selected, bool(path), "cdir")]
+        for name, full, link in _paced(sorted(found_entries)):
+            if name.startswith(UPLOAD_PREFIX) or (link and not self._inside(full)):
+                continue
+            try:
+                entry = os.stat(full)
+            except OSError:
+                continue  # a dangling link, or gone since the scan
+            lines.append(self._fact_line(name, entry, info, selected, True, None))
+        return lines
+
+    def _fact_line(
+        self,
+        name: str,
+        info: os.stat_result,
+        parent: os.stat_result,
+        selected: tuple[str, ...],
+        removable: bool,
+        kind: str | None,
+    ) -> bytes:
+        folder = stat.S_ISDIR(info.st_mode)
+        values = {
+            "type": kind or ("dir" if folder else "file"),
+            "size": None if folder else str(info.st_size),
+            "modify": time.strftime("%Y%m%d%H%M%S", time.gmtime(info.st_mtime)),
+            "perm": self._perm(info, parent, removable),
+            "unique": f"{info.st_dev:x}g{info.st_ino:x}",
+        }
+        facts = "".join(f"{fact}={values[fact]};" for fact in selected if values[fact] is not None)
+        return f"{facts} {name}".encode("utf-8", "surrogateescape")
+
+    def _perm(self, info: os.stat_result, parent: os.stat_result, removable: bool) -> str:
+        """
+        The C{perm} fact: what this user may do with the entry, which needs the
+        shell's C{write} flag for any change and the daemon's own file rights.
+        """
+        may = self.rights.may
+        write = self.writable
+        # Removing or renaming an entry is a change to the folder holding it.
+        movable = "df" if write and removable and may(parent, 0o3) else ""
+        if stat.S_ISDIR(info.st_mode):
+            enter = "e" if may(info, 0o1) else ""
+            listed = "l" if may(info, 0o5) else ""
+            create = "cmp" if write and may(info, 0o3) else ""
+            return "".join(sorted(enter + listed + create + movable))
+        read = "r" if may(info, 0o4) else ""
+        change = "aw" if write and may(info, 0o2) else ""
+        return "".join(sorted(read + change + movable))
+
+    def set_modified(self, path: Segments, when: float) -> None:
+        """MFMT: the modification time of the file C{path} becomes C{when}."""
+        self._writing(path)
+        with self._handle(path) as handle:
+            info = os.fstat(handle)
+            os.utime(handle, ns=(info.st_atime_ns, int(when * 1e9)))
+
+    def change_mode(self, path: Segments, mode: int) -> int:
+        """SITE CHMOD, for users who may write: C{mode} less the umask's bits, as set."""
+        if self.anonymous:
+            raise _denied(path)
+        self._writing(path)
+        granted = mode & 0o777 & ~self.umask
+        with self._handle(path) as handle:
+            os.chmod(handle, granted)
+        return granted
+
+    @contextlib.contextmanager
+    def _handle(self, path: Segments) -> Iterator[int]:
+        """The entry at C{path}, opened without following a link swapped in since the check."""
+        if not path:
+            raise _denied(path)
+        real = os.path.realpath(self._path(path).path)
+        try:
+            handle = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as e:
+            raise _error(e, path) from None
+        try:
+            yield handle
+        except OSError as e:
+            raise _error(e, path) from None
+        finally:
+            os.close(handle)
 
     def open_for_reading(self, path: Segments) -> IO[bytes]:
         """Open a file to send; raises an L{ftp.FTPCmdError} the client can be told."""
@@ -315,6 +458,58 @@ class Shell(ftp.FTPShell):
         if not found.parent().isdir():
             raise ftp.FileNotFoundError("/".join(path))
         return Path(found.path)
+
+
+@attrs.frozen
+class _Rights:
+    """The daemon's user and groups, to tell what it may do to a file from its stat."""
+
+    uid: int
+    groups: frozenset[int]
+
+    def may(self, info: os.stat_result, wanted: int) -> bool:
+        """Whether every bit of C{wanted} (4 read, 2 write, 1 search/execute) is granted."""
+        if self.uid == 0:
+            return not wanted & 1 or bool(info.st_mode & 0o111) or stat.S_ISDIR(info.st_mode)
+        if info.st_uid == self.uid:
+            granted = info.st_mode >> 6
+        elif info.st_gid in self.groups:
+            granted = info.st_mode >> 3
+        else:
+            granted = info.st_mode
+        return granted & wanted == wanted
+
+
+class NotAFolder(ftp.FTPCmdError):
+    """501: MLSD of a file (RFC 3659 section 7.2.1)."""
+
+    errorCode = ftp.SYNTAX_ERR_IN_ARGS
+
+
+# Entries a listing thread describes between two pauses.
+_PACE = 32
+
+
+def _paced(entries: list[_T]) -> Iterator[_T]:
+    """
+    C{entries}, with the GIL let go every L{_PACE} of them: a thread that holds
+    it for its whole switch interval (5 ms) can keep the reactor thread waiting
+    that long after each of its system calls, and transfers crawl meanwhile.
+    """
+    for index, entry in enumerate(entries):
+        if not index % _PACE:
+            time.sleep(0)
+        yield entry
+
+
+def _settled(result: Deferred[Any]) -> Any:
+    """The value of a Deferred that has fired (Twisted's shell), raised if a failure."""
+    outcome: list[Any] = []
+    result.addBoth(outcome.append)
+    value = outcome[0]
+    if isinstance(value, Failure):
+        value.raiseException()
+    return value
 
 
 @functools.lru_cache(maxsize=256)
@@ -433,10 +628,12 @@ class Upload:
         run_in_thread: RunInThread,
         pause: Callable[[bool], None],
         root: str,
+        mode: int = 0o644,
     ) -> None:
         self.target = target
         self.offset = offset
         self.root = root
+        self.mode = mode
         self.temporary = target.with_name(UPLOAD_PREFIX + secrets.token_hex(8))
         # The folder, held open from the moment the data connection comes: what
         # the checks saw at STOR may have been swapped for a link since.
@@ -469,6 +666,7 @@ class Upload:
             0o644,
             dir_fd=folder,
         )
+        os.fchmod(created, self.mode)  # the service's umask, not the daemon's
         # Unbuffered: batches go to the kernel in one writev, never copied again.
         self._file = open(created, "wb", buffering=0)  # noqa: SIM115 (closed in _close)
         if self.offset:

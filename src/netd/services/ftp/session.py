@@ -9,6 +9,8 @@ What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
     TLS on them (PROT P) -- Twisted has no FTPS at all (#5099);
   - C{AUTH TLS}, C{PBSZ}, C{PROT}, C{REST}, C{APPE}, C{OPTS UTF8}, C{EPSV} with
     C{passive_host}, and C{require_tls};
+  - C{MLSD}/C{MLST} (RFC 3659, #4819), C{MFMT}, C{HELP}, C{SITE CHMOD}; listings
+    built in a thread and sent as a transfer, so a stalled one is cut;
   - transfers: C{sendfile} for downloads on plain connections (L{netd.sendfile}),
     uploads to a temporary name renamed when complete (L{netd.services.ftp.files});
   - login failures are delayed (more for an address that keeps failing) and
@@ -18,6 +20,8 @@ What Twisted's FTP lacks or gets wrong for a daemon, and where it is fixed here:
 
 from __future__ import annotations
 
+import calendar
+import io
 import ipaddress
 import itertools
 import os
@@ -26,6 +30,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
 from typing import IO, Any
 
 import attrs
@@ -42,6 +47,7 @@ from twisted.internet.protocol import (
 )
 from twisted.logger import Logger
 from twisted.protocols import ftp
+from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -60,7 +66,7 @@ from netd.services.ftp.data import (
     PassivePort,
     plain_host,
 )
-from netd.services.ftp.files import RunInThread, Upload
+from netd.services.ftp.files import FACTS, RunInThread, Upload
 
 __all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 
@@ -83,6 +89,9 @@ _SLOW_LINE = "421 Command line not complete in time, closing control connection.
 # Path commands Twisted implements, parsing paths itself (see Session._segments).
 _TWISTED_PATH_COMMANDS = frozenset({"CWD", "SIZE", "MDTM", "DELE", "RMD", "MKD", "RNFR"})
 _DIRECTORY_PARTS = frozenset({"", ".", ".."})
+
+_STAMP = re.compile(r"(\d{14})(\.\d{1,3})?")
+_MODE = re.compile(r"[0-7]{1,4}")
 
 _TELNET = bytes([255, 242, 244])
 _ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
@@ -219,7 +228,7 @@ class Transfer:
 class Session(ftp.FTP):
     """One control connection."""
 
-    PUBLIC_COMMANDS = ["FEAT", "QUIT", "AUTH", "PBSZ", "PROT", "SYST", "NOOP", "OPTS"]
+    PUBLIC_COMMANDS = ["FEAT", "QUIT", "AUTH", "PBSZ", "PROT", "SYST", "NOOP", "OPTS", "HELP"]
     _encoding = "utf-8"
     timeOut = None
     transport: Any
@@ -254,6 +263,7 @@ class Session(ftp.FTP):
         self._line_deadline: IDelayedCall | None = None
         self.started = time.time()
         self.workingDirectory: list[str] = []
+        self.facts: tuple[str, ...] = FACTS
 
     # -- connection ------------------------------------------------------------------
 
@@ -537,7 +547,20 @@ class Session(ftp.FTP):
         return "504 Only PROT C and PROT P are offered."
 
     def ftp_FEAT(self) -> None:
-        features = ["EPRT", "EPSV", "MDTM", "PASV", "REST STREAM", "SIZE", "TYPE A;I", "UTF8"]
+        chosen = "".join(f"{fact}{'*' if fact in self.facts else ''};" for fact in FACTS)
+        features = [
+            "EPRT",
+            "EPSV",
+            "MDTM",
+            "MFMT",
+            f"MLST {chosen}",
+            "PASV",
+            "REST STREAM",
+            "SIZE",
+            "TVFS",
+            "TYPE A;I",
+            "UTF8",
+        ]
         if self.server.tls is not None:
             features[:0] = ["AUTH TLS", "PBSZ", "PROT"]
         self.sendLine("211-Features:")
@@ -546,9 +569,28 @@ class Session(ftp.FTP):
         self.sendLine("211 End")
 
     def ftp_OPTS(self, option: str) -> Any:
-        if option.upper().split() == ["UTF8", "ON"]:
+        words = option.split(None, 1)
+        if [w.upper() for w in words] == ["UTF8", "ON"]:
             return "200 UTF8 is always on."
+        if words and words[0].upper() == "MLST":
+            # RFC 3659 section 7.9: the facts MLST and MLSD give from now on.
+            wanted = (words[1] if len(words) > 1 else "").lower().split(";")
+            self.facts = tuple(fact for fact in FACTS if fact in wanted)
+            return "200 MLST OPTS " + "".join(f"{fact};" for fact in self.facts)
         return (ftp.OPTS_NOT_IMPLEMENTED, option)
+
+    def ftp_HELP(self, topic: str = "") -> str:
+        if topic.upper() == "SITE":
+            return "214 SITE CHMOD <octal mode> <path>; SITE HELP."
+        if topic:
+            command = topic.upper()
+            known = getattr(self, "ftp_" + command, None) is not None
+            return f"214 {command} is {'' if known else 'not '}a command of this server."
+        commands = sorted(name[4:] for name in dir(self) if name.startswith("ftp_"))
+        self.sendLine("214-The following commands are recognized:")
+        for start in range(0, len(commands), 10):
+            self.sendLine(" " + " ".join(commands[start : start + 10]))
+        return "214 Help OK."
 
     # -- data connections ------------------------------------------------------------
 
@@ -700,14 +742,96 @@ class Session(ftp.FTP):
         return segments
 
     def _listing(self, path: str, names_only: bool) -> Deferred[Any]:
-        lines = self.shell.listing(self._segments(path), long=not names_only)
+        segments = self._segments(path)
+        built = self.server.run_in_thread(_joined, self.shell.listing, segments, not names_only)
+        return built.addCallback(self._send_listing, segments)
+
+    def ftp_MLSD(self, path: str = "") -> Deferred[Any]:
+        segments = self._segments(path)
+        built = self.server.run_in_thread(_joined, self.shell.facts, segments, self.facts, True)
+        return built.addCallback(self._send_listing, segments)
+
+    def ftp_MLST(self, path: str = "") -> Deferred[Any]:
+        segments = self._segments(path)
+
+        def reply(lines: list[bytes]) -> str | None:
+            if self.disconnected:
+                return None
+            self.sendLine("250-Listing /" + "/".join(segments))
+            self.sendLine(b" " + lines[0])
+            return "250 End"
+
+        found = self.server.run_in_thread(self.shell.facts, segments, self.facts, False)
+        return found.addCallback(reply)
+
+    def _send_listing(self, listing: bytes, segments: list[str]) -> Deferred[Any]:
+        """
+        Send a listing built off the reactor thread (a missing path was 550 before
+        any data connection was taken), as a transfer: cut if it stalls.
+        """
 
         def work(connection: DataConnection) -> Deferred[Any]:
-            connection.transport.write(b"".join(line + b"\r\n" for line in lines))
-            connection.transport.loseConnection()
-            return connection.closed.addCallback(lambda _: (ftp.TXFR_COMPLETE_OK,))
+            transport = connection.transport
+            transfer = self._begin("listing", segments, transport.abortConnection)
+
+            def counted(chunk: bytes) -> bytes:
+                self._account(len(chunk), False)
+                return chunk
+
+            sender = FileSender()
+            sent: Deferred[Any] = sender.beginFileTransfer(io.BytesIO(listing), transport, counted)
+
+            def stop_sending(clean: bool) -> bool:
+                # Gone before the last chunk (a stall cut, a reset): whether the
+                # transport stops its producer then or not, the listing ends here.
+                if not sent.called:
+                    sender.stopProducing()
+                return clean
+
+            connection.closed.addCallback(stop_sending)
+
+            def done(_: object) -> Deferred[Any]:
+                transport.loseConnection()
+                return connection.closed
+
+            def failed(reason: Failure) -> bool:
+                transport.abortConnection()
+                return False
+
+            return sent.addCallbacks(done, failed).addCallbacks(
+                lambda clean: self._finished(transfer, clean),
+                lambda reason: self._finished(transfer, False),
+            )
 
         return self._with_data(work)
+
+    # -- file facts (RFC 3659) and SITE ----------------------------------------------
+
+    def ftp_MFMT(self, argument: str) -> Deferred[Any]:
+        stamp, _, path = argument.partition(" ")
+        when = _timestamp(stamp)
+        if when is None or not path:
+            return fail(ftp.CmdArgSyntaxError(argument))
+        segments = self._segments(path)
+        changed = self.server.run_in_thread(self.shell.set_modified, segments, when)
+        return changed.addCallback(lambda _: f"213 Modify={stamp}; {path}")
+
+    def ftp_SITE(self, argument: str) -> Any:
+        command, _, rest = argument.partition(" ")
+        command = command.upper()
+        if command == "HELP":
+            return self.ftp_HELP("SITE")
+        if command != "CHMOD":
+            return fail(ftp.CmdNotImplementedForArgError(command))
+        mode_text, _, path = rest.strip().partition(" ")
+        if _MODE.fullmatch(mode_text) is None or not path:
+            return fail(ftp.CmdArgSyntaxError(argument))
+        mode = int(mode_text, 8)
+        if mode & ~0o777:
+            return "550 SITE CHMOD sets permission bits only (no setuid, setgid or sticky)."
+        segments = self._segments(path)
+        changed = self.server.run_in_thread(self.shell.change_mode, segments, mode)
+        return changed.addCallback(lambda granted: f"200 Mode of {path} set to {granted:04o}.")
 
     # -- transfers -------------------------------------------------------------------
 
@@ -783,8 +907,14 @@ class Session(ftp.FTP):
     def ftp_RETR(self, path: str) -> Deferred[Any]:
         offset = self._take_rest()
         segments = self._segments(path)
-        source = self.shell.open_for_reading(segments)
-        if offset and offset > os.fstat(source.fileno()).st_size:
+        opened = self.server.run_in_thread(_open_with_size, self.shell, segments)
+        return opened.addCallback(self._send_file, segments, offset)
+
+    def _send_file(
+        self, opened: tuple[IO[bytes], int], segments: list[str], offset: int
+    ) -> Deferred[Any]:
+        source, size = opened
+        if offset > size:
             source.close()
             return succeed("554 REST offset is beyond the end of the file.")
 
@@ -841,10 +971,12 @@ class Session(ftp.FTP):
         segments = self._segments(path)
         if path.rpartition("/")[2] in _DIRECTORY_PARTS:
             raise ftp.IsADirectoryError(path)  # "new/" names a directory, never a file
-        target = self.shell.upload_target(segments)
-        if append:
-            offset = target.stat().st_size if target.exists() else 0
-        elif offset and (not target.exists() or target.stat().st_size < offset):
+        planned = self.server.run_in_thread(_upload_plan, self.shell, segments, append, offset)
+        return planned.addCallback(self._receive_file, segments)
+
+    def _receive_file(self, plan: tuple[Path, int | None], segments: list[str]) -> Deferred[Any]:
+        target, offset = plan
+        if offset is None:
             return succeed("554 REST offset is beyond the end of the file.")
         ascii = not self.binary
 
@@ -858,7 +990,14 @@ class Session(ftp.FTP):
                 else:
                     transport.resumeProducing()
 
-            upload = Upload(target, offset, self.server.run_in_thread, pause, self.shell.real_root)
+            upload = Upload(
+                target,
+                offset,
+                self.server.run_in_thread,
+                pause,
+                self.shell.real_root,
+                0o666 & ~self.shell.umask,
+            )
             newlines = LineEnds() if ascii else None
             if plain_socket(transport) is not None:
                 # Fewer, larger reads: each one is a trip through the reactor.
@@ -923,6 +1062,45 @@ def _response(error: Any) -> str:
     arguments = tuple("/".join(a) if isinstance(a, list) else a for a in error.errorMessage)
     template: str = ftp.RESPONSE[error.errorCode]  # type: ignore[assignment]
     return template % arguments
+
+
+def _open_with_size(shell: Any, segments: list[str]) -> tuple[IO[bytes], int]:
+    """RETR's file, opened, and its size (in a thread: both are system calls)."""
+    source: IO[bytes] = shell.open_for_reading(segments)
+    return source, os.fstat(source.fileno()).st_size
+
+
+def _upload_plan(
+    shell: Any, segments: list[str], append: bool, offset: int
+) -> tuple[Path, int | None]:
+    """
+    Where STOR or APPE writes and from which offset (in a thread: the checks stat);
+    None for a REST offset past the end of the file.
+    """
+    target: Path = shell.upload_target(segments)
+    size = target.stat().st_size if target.exists() else None
+    if append:
+        return target, size or 0
+    if offset and (size is None or size < offset):
+        return target, None
+    return target, offset
+
+
+def _joined(build: Callable[..., list[bytes]], *args: Any) -> bytes:
+    """C{build}'s lines as one CRLF-ended block (made in the thread that built them)."""
+    return b"".join(line + b"\r\n" for line in build(*args))
+
+
+def _timestamp(stamp: str) -> float | None:
+    """MFMT's C{YYYYMMDDHHMMSS[.sss]} (UTC) as seconds since the epoch, or None."""
+    match = _STAMP.fullmatch(stamp)
+    if match is None:
+        return None
+    try:
+        moment = time.strptime(match.group(1), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    return calendar.timegm(moment) + float("0" + (match.group(2) or ""))
 
 
 def _crlf(data: bytes) -> bytes:
