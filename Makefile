@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= config/netd.yaml
 
-.PHONY: run test test-fast install lint bench stress clean
+.PHONY: run test test-all test-fast install lint bench stress clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests
+
+# Everything, the slow tests too (load batteries that outlast make test's budget).
+test-all: lint
 	$(VENV)/bin/python -m pytest -q -n 2 tests
 
 # The unit tier alone: no daemon started, seconds rather than minutes.
