@@ -288,8 +288,9 @@ class LinesOverWebSocket(Protocol):
         self._stop_deadline()
         self.head = b""
         self.transport.write(answer + b"\r\n")
+        # Each message gains a CRLF on its way in: the line limit counts it.
         self.frames = Frames(
-            self.transport.write, self._message, self._ended, self.options.max_line
+            self.transport.write, self._message, self._ended, self.options.max_line - 2
         )
         self.lines = _LineTransport(self)
         self.inner.makeConnection(self.lines)
