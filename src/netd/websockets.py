@@ -376,16 +376,17 @@ class _LineTransport:
             return
         *lines, self.partial = (self.partial + data).split(b"\n")
         binary = self.socket.binary
-        out = [
+        # One write for all the lines (the hub flushes a turn's output at once).
+        out = b"".join(
             frames.encode(
                 line.removesuffix(b"\r")
                 if binary
                 else line.removesuffix(b"\r").decode("utf-8", "replace")
             )
             for line in lines
-        ]
+        )
         if out:
-            self.connection.write(b"".join(out))
+            self.connection.write(out)
 
     def writeSequence(self, data: Iterable[bytes]) -> None:
         self.write(b"".join(data))
