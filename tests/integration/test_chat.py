@@ -68,8 +68,10 @@ services:
 
 
 def port(netd: NetdProcess, protocol: str, service: str = "chat") -> int:
-    listeners = netd.listeners(service)
-    number: int = listeners[0 if protocol == "irc" else -1]["port"]
+    if protocol != "irc":
+        tagged: int = netd.listener(service, protocol=protocol)["port"]
+        return tagged
+    number: int = netd.listeners(service)[0]["port"]
     return number
 
 

@@ -144,3 +144,13 @@ def test_an_http_map_loads_stub_libraries_only_for_routes_that_use_them(tmp_path
     modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub + richer)
     assert _loaded(modules, "jsonpath", "wsproto") != []
     assert _loaded(modules, "openapi_core") == []
+
+
+def test_a_chat_map_loads_wsproto_only_with_a_websocket_listener(tmp_path: Path) -> None:
+    chat = "  chat:\n    type: chat\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+    modules = _modules_serving(tmp_path, _ECHO_ONLY + chat)
+    assert _loaded(modules, "netd.services.chat") != []
+    assert _loaded(modules, "wsproto", "netd.websockets") == []
+    websocket = "    websocket: ['tcp:0:interface=127.0.0.1']\n"
+    modules = _modules_serving(tmp_path, _ECHO_ONLY + chat + websocket)
+    assert _loaded(modules, "wsproto", "netd.websockets") != []

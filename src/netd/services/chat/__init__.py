@@ -10,9 +10,12 @@ The C{chat} service kind: shared rooms for IRC clients and telnet users.
       history: 20
       flood: {messages: 10, per_seconds: 5}
       users: {alice: {password: "..."}}   # IRCv3 SASL PLAIN accounts
+      websocket: ["tcp:8067"]             # IRC over WebSocket (browsers)
 
 One L{Hub} per service holds the rooms and users; each listener's C{protocol:}
-picks the wire its connections speak (C{irc}, the default, or C{line}).
+picks the wire its connections speak (C{irc}, the default, or C{line}); the
+C{websocket:} listeners speak IRC in WebSocket messages (the IRCv3 spec,
+L{netd.websockets.LinesOverWebSocket}).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ from netd.services.chat.line import LineSession, LineWire
 __all__ = ["CHAT", "FloodLimit", "Options"]
 
 _PROTOCOLS = ("irc", "line")
+# IRC over WebSocket: the IRCv3 subprotocols, each with whether its messages are binary.
+_WEBSOCKET_SUBPROTOCOLS = {"text.ircv3.net": False, "binary.ircv3.net": True}
+# The handshake must be done within this (or the idle timeout, if shorter).
+_WEBSOCKET_HEAD_TIMEOUT = 10.0
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -162,6 +169,19 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         "line": _ChatFactory(lambda: LineSession(hub, line_wire)),
     }
 
+    if any(listener.protocol == "websocket" for listener in service.listen):
+        # wsproto loads with the first map that has a WebSocket listener.
+        from netd.websockets import LineSocketOptions, LinesOverWebSocket
+
+        socket_options = LineSocketOptions(
+            subprotocols=_WEBSOCKET_SUBPROTOCOLS,
+            max_line=IrcSession.max_line,
+            head_timeout=min(_WEBSOCKET_HEAD_TIMEOUT, service.idle_timeout),
+        )
+        factories["websocket"] = _ChatFactory(
+            lambda: LinesOverWebSocket(IrcSession(hub, irc_wire), context.reactor, socket_options)
+        )
+
     def stream(listener: ListenerConfig) -> IProtocolFactory:
         return factories[listener.protocol or _PROTOCOLS[0]]
 
@@ -206,4 +226,6 @@ RULES = Vocabulary(
     generic=("delay", "reset", "close", "stall"),
 )
 
-CHAT: ServiceKind[Options] = ServiceKind("chat", parse, build, protocols=_PROTOCOLS, rules=RULES)
+CHAT: ServiceKind[Options] = ServiceKind(
+    "chat", parse, build, protocols=_PROTOCOLS, rules=RULES, listener_keys=("websocket",)
+)

@@ -12,13 +12,13 @@ small script instead of splicing to an upstream.
         echo: true                                    # what nothing matched comes back
 
 The handshake (RFC 6455 4.2) is answered here; the frames are
-L{netd.services.http.wspeer}'s, loaded with the first map that has such a route.
+L{netd.services.http.wspeer}'s (over L{netd.websockets.Frames}), loaded with the
+first map that has such a route.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 from typing import Any
 
@@ -27,9 +27,7 @@ import attrs
 from netd.schema import Value
 from netd.services.http.match import Text, json_subset, plain, read_regex
 
-__all__ = ["Script", "accept", "read_script", "serve"]
-
-_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+__all__ = ["Script", "read_script", "serve"]
 
 
 @attrs.frozen
@@ -69,27 +67,6 @@ class Script:
     echo: bool = False
     # Offered subprotocols this endpoint takes, in its order of preference.
     subprotocols: tuple[str, ...] = ()
-
-
-def accept(key: bytes) -> bytes:
-    """The Sec-WebSocket-Accept for a client's Sec-WebSocket-Key (RFC 6455 4.2.2)."""
-    return base64.b64encode(hashlib.sha1(key.strip() + _GUID).digest())
-
-
-def handshake_problem(exchange: Any) -> str | None:
-    """What is wrong with a WebSocket handshake (RFC 6455 4.2.1), or None."""
-    upgrade = (exchange.header(b"upgrade") or b"").lower()
-    if b"websocket" not in [t.strip() for t in upgrade.split(b",")]:
-        return "not a WebSocket handshake (Upgrade: websocket)"
-    if exchange.header(b"sec-websocket-version") != b"13":
-        return "Sec-WebSocket-Version: 13 only"
-    key = exchange.header(b"sec-websocket-key") or b""
-    try:
-        if len(base64.b64decode(key.strip(), validate=True)) != 16:
-            return "Sec-WebSocket-Key is not 16 bytes in base64"
-    except ValueError:
-        return "Sec-WebSocket-Key is not base64"
-    return None
 
 
 # -- reading the map ---------------------------------------------------------------
@@ -179,15 +156,18 @@ def _code(value: Value) -> int:
 
 def _subprotocol(exchange: Any, script: Script) -> str | None:
     """The first of the script's subprotocols that the client offered (RFC 6455 4.2.2)."""
-    offered = (exchange.header(b"sec-websocket-protocol") or b"").decode("latin-1")
-    names = {name.strip() for name in offered.split(",")}
+    from netd.websockets import offered_subprotocols
+
+    names = set(offered_subprotocols(exchange.header(b"sec-websocket-protocol")))
     return next((name for name in script.subprotocols if name in names), None)
 
 
 def serve(exchange: Any, script: Script, clock: Any) -> None:
     """Answer a request on a WebSocket route: switch and run C{script}, or say why not."""
+    from netd.websockets import accept, handshake_problem
+
     upgrade = exchange.upgrade()
-    problem = handshake_problem(exchange) if upgrade is not None else None
+    problem = handshake_problem(exchange.header) if upgrade is not None else None
     if upgrade is None or problem is not None:
         # HTTP/2 (RFC 8441 is not offered) or a plain request: a WebSocket lives here.
         status = 426 if upgrade is None else 400
