@@ -85,6 +85,25 @@ class _Job:
     data: bytes
     result: Deferred[Outcome] = attrs.field(factory=Deferred)
 
+    @property
+    def needs_utf8(self) -> bool:
+        """
+        Whether only a next hop that offers SMTPUTF8 may take it (RFC 6531
+        3.2): it came with SMTPUTF8 and has a UTF-8 address or header.  One
+        that said SMTPUTF8 but needs none goes on without it.
+        """
+        if not self.envelope.utf8:
+            return False
+        addresses = (self.envelope.sender, *self.recipients)
+        if not all(address.isascii() for address in addresses):
+            return True
+        end = self.data.find(b"\r\n\r\n")
+        return not self.data[: end if end >= 0 else len(self.data)].isascii()
+
+
+# RFC 6531 3.2: what becomes of a message needing SMTPUTF8 at a hop without it.
+_NO_SMTPUTF8 = (550, "5.6.7 SMTPUTF8 is required, but was not offered by the next hop")
+
 
 class _Sender(smtp.ESMTPSender):
     """
@@ -94,7 +113,8 @@ class _Sender(smtp.ESMTPSender):
     It reports every recipient's reply rather than an error for the whole
     message, sends the spool's CRLF lines as they are, and fails the message in
     hand when the connection is lost (endpoints never call the factory's
-    C{clientConnectionLost}).
+    C{clientConnectionLost}).  It writes MAIL and RCPT itself (Twisted's
+    C{quoteaddr} is ASCII only) with the parameters the next hop offers.
     """
 
     factory: Hop
@@ -108,6 +128,8 @@ class _Sender(smtp.ESMTPSender):
         self.sent = 0
         self.idle = False
         self.error: Failure | None = None
+        # The extensions the next hop's last EHLO offered (none after HELO).
+        self.offered: frozenset[bytes] = frozenset()
 
     def connectionMade(self) -> None:
         # The body goes out in chunks and ".\r\n" after them: with Nagle's
@@ -116,6 +138,46 @@ class _Sender(smtp.ESMTPSender):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self.offered = frozenset(
+            line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()
+        )
+        super().esmtpState_serverConfig(code, resp)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        self._failresponse = self.smtpTransferFailed
+        while True:
+            self._from = self.getMailFrom()
+            if self._from is None:
+                self._disconnectFromServer()  # all messages sent
+                return
+            assert self.job is not None
+            if not self.job.needs_utf8 or b"SMTPUTF8" in self.offered:
+                break
+            self._finish(dict.fromkeys(self.job.recipients, _NO_SMTPUTF8))
+        parameters = b" SMTPUTF8" if self.job.needs_utf8 else b""
+        self.sendLine(b"MAIL FROM:<" + self._from.encode() + b">" + parameters)
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> Any:
+        # Twisted's, with the RCPT line written here.
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if not self.successAddresses:
+                return self.smtpState_msgSent(code, "No recipients accepted")
+            self.sendLine(b"DATA")
+            self._expected = [354]
+            self._okresponse = self.smtpState_data
+        else:
+            self.sendLine(b"RCPT TO:<" + self.lastAddress + b">")
+        return None
 
     def getMailFrom(self) -> str | None:
         self.job = self.factory.take()
@@ -322,7 +384,7 @@ def bounce_message(
     lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in failures.items())
     reason = "it could not be delivered in time" if expired else "it was refused"
     per_recipient = "".join(
-        f"\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\n"
+        f"\r\nFinal-Recipient: {_address_type(r)}; {r}\r\nAction: failed\r\n"
         f"Status: {'4.4.7' if expired else _status_of(code, text)}\r\n"
         f"Diagnostic-Code: smtp; {code} {text}\r\n"
         for r, (code, text) in failures.items()
@@ -355,6 +417,11 @@ def bounce_message(
         f"\r\n"
     )
     return text.encode() + head.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+
+
+def _address_type(address: str) -> str:
+    # RFC 6533 3: an internationalised address is of type utf-8.
+    return "rfc822" if address.isascii() else "utf-8"
 
 
 @attrs.define
@@ -532,6 +599,7 @@ class Courier(Service):
             client="",
             helo=self.hostname,
             bounce=True,
+            utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
         )
         self.context.stats.count("smtp_bounces")
         return self.store.add_own(notice, data)

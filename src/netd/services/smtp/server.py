@@ -14,6 +14,7 @@ it falls short for a relay replaced by name.
     policy is applied per recipient.
   - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
     accepted only over TLS unless the map allows otherwise.
+  - SMTPUTF8 (RFC 6531): a transaction that says so may use UTF-8 addresses.
   - The service's rules (L{netd.rules}) are checked at each stage (connect,
     helo, auth, starttls, mail, rcpt, data, eom) when it has any: a rule may
     answer instead (C{reply}), or delay, throttle, stall, close or reset.
@@ -113,12 +114,21 @@ class Transaction:
     client: str
     user: str | None
     protocol: str
+    utf8: bool = False
 
 
 @attrs.define
 class _Mail:
     sender: Mailbox | None
+    utf8: bool = False
     recipients: list[Mailbox] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class _MailParameters:
+    """What MAIL FROM's parameters asked for."""
+
+    utf8: bool = False
 
 
 @attrs.frozen
@@ -479,6 +489,7 @@ class Session(smtp.ESMTP):
             b"8BITMIME": None,
             b"PIPELINING": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"SMTPUTF8": None,
         }
         if self.canStartTLS and not self.startedTLS:
             found[b"STARTTLS"] = None
@@ -528,25 +539,30 @@ class Session(smtp.ESMTP):
         if match is None:
             self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
-        problem = self._mail_parameters(match.group("params") or b"")
-        if problem is not None:
-            self.sendCode(*problem)
+        parameters = self._mail_parameters(match.group("params") or b"")
+        if isinstance(parameters, tuple):
+            self.sendCode(*parameters)
             return
         try:
-            sender = parse_path(match.group("path"), False, self.receiver.hostname)
+            sender = parse_path(
+                match.group("path"), False, self.receiver.hostname, utf8=parameters.utf8
+            )
         except PathRefused as e:
             self.sendCode(e.code, e.reply)
             return
         if self.receiver.rules.event_rules:
-            self._ruled("mail", lambda: self._mail_ok(sender), mail=_path_text(sender))
+            proceed = functools.partial(self._mail_ok, sender, parameters)
+            self._ruled("mail", proceed, mail=_path_text(sender))
             return
-        self._mail_ok(sender)
+        self._mail_ok(sender, parameters)
 
-    def _mail_ok(self, sender: Mailbox | None) -> None:
-        self._mail = _Mail(sender)
+    def _mail_ok(self, sender: Mailbox | None, parameters: _MailParameters) -> None:
+        self._mail = _Mail(sender, utf8=parameters.utf8)
         self.sendCode(250, b"2.1.0 Sender ok")
 
-    def _mail_parameters(self, params: bytes) -> tuple[int, bytes] | None:
+    def _mail_parameters(self, params: bytes) -> _MailParameters | tuple[int, bytes]:
+        """MAIL FROM's parameters, or the reply refusing them."""
+        utf8 = False
         for param in params.split():
             key, _, value = param.partition(b"=")
             key = key.upper()
@@ -559,9 +575,13 @@ class Session(smtp.ESMTP):
             elif key == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return 501, b"5.5.4 BODY is 7BIT or 8BITMIME"
+            elif key == b"SMTPUTF8":
+                if value or b"=" in param:
+                    return 501, b"5.5.4 SMTPUTF8 takes no value"
+                utf8 = True
             elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
-                return 555, b"5.5.4 Unsupported parameter " + key[:32]
-        return None
+                return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
+        return _MailParameters(utf8=utf8)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._mail is None:
@@ -578,7 +598,9 @@ class Session(smtp.ESMTP):
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
         try:
-            recipient = parse_path(match.group("path"), True, self.receiver.hostname)
+            recipient = parse_path(
+                match.group("path"), True, self.receiver.hostname, utf8=self._mail.utf8
+            )
             assert recipient is not None
             self._check_relay(recipient)
         except PathRefused as e:
@@ -701,7 +723,8 @@ class Session(smtp.ESMTP):
             helo=_printable(self._helo[0] if self._helo and self._helo[0] else b""),
             client=self.client,
             user=self.user,
-            protocol=self._protocol_name(),
+            protocol=self._protocol_name(mail.utf8),
+            utf8=mail.utf8,
         )
         accepted = self.receiver.accept(transaction)
 
@@ -716,10 +739,10 @@ class Session(smtp.ESMTP):
         accepted.addCallbacks(queued, failed)
         self._hold(accepted)
 
-    def _protocol_name(self) -> str:
-        # RFC 3848's "with" keywords.
+    def _protocol_name(self, utf8: bool) -> str:
+        # RFC 3848's "with" keywords, and RFC 6531 4.3's for SMTPUTF8.
         tls = "S" if self.secure or self.startedTLS else ""
-        return "ESMTP" + tls + ("A" if self.user is not None else "")
+        return ("UTF8SMTP" if utf8 else "ESMTP") + tls + ("A" if self.user is not None else "")
 
     # STARTTLS and AUTH ---------------------------------------------------
 

@@ -61,6 +61,7 @@ class Envelope:
     @ivar received: when it was accepted (epoch seconds).
     @ivar size: the message's length in bytes, which recovery checks.
     @ivar bounce: whether this message is a delivery status notification netd wrote.
+    @ivar utf8: it came with SMTPUTF8 (RFC 6531), and goes on with it.
     """
 
     id: str
@@ -72,6 +73,7 @@ class Envelope:
     helo: str = ""
     user: str | None = None
     bounce: bool = False
+    utf8: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class Envelope:
             "helo": self.helo,
             "user": self.user,
             "bounce": self.bounce,
+            "smtputf8": self.utf8,
         }
 
     @classmethod
@@ -98,6 +101,7 @@ class Envelope:
             helo=str(data.get("helo", "")),
             user=data.get("user"),
             bounce=bool(data.get("bounce", False)),
+            utf8=bool(data.get("smtputf8", False)),
         )
 
 

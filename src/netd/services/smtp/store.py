@@ -162,6 +162,7 @@ class MailStore(Service):
             client=transaction.client,
             helo=transaction.helo,
             user=transaction.user,
+            utf8=transaction.utf8,
         )
         stored = self.spool.store(envelope, data)
 

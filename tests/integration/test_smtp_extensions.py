@@ -1,0 +1,104 @@
+"""
+The SMTP extensions in the real daemon: SMTPUTF8 with smtplib and IMAP,
+CHUNKING/BDAT over raw sockets, DSN bounces and release through a relay to
+an aiosmtpd smarthost.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+import pytest
+
+from netd.testing import NetdProcess
+from tests.clients import smtp
+from tests.maps import mail_map
+
+pytestmark = pytest.mark.integration
+
+USER = "пользователь@netd.test"
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
+    base = tmp_path_factory.mktemp("smtpext")
+    text = mail_map(
+        base / "state",
+        imap='{listen: ["tcp:0:interface=127.0.0.1"]}',
+        mailboxes="{any_password: true, allow_insecure_auth: true}",
+    )
+    with NetdProcess.start(text, base) as process:
+        yield process
+
+
+def _send(netd: NetdProcess, mail: EmailMessage) -> str:
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        client.send_message(mail)
+    [event] = netd.events("mail", "message.accepted", last, wait=10)
+    message_id: str = event["message_id"]
+    return message_id
+
+
+def _imap_line(sock: socket.socket, reader: object, tag: bytes) -> list[bytes]:
+    lines = []
+    while True:
+        line = reader.readline()  # type: ignore[attr-defined]
+        assert line, lines
+        lines.append(line)
+        if line.startswith(tag + b" "):
+            return lines
+
+
+def test_smtputf8_addresses_are_stored_listed_and_read_over_imap(netd: NetdProcess) -> None:
+    mail = EmailMessage()
+    mail["From"] = "Jörg <jörg@bücher.example>"
+    mail["To"] = USER
+    mail["Subject"] = "Grüße"
+    mail.set_content("Привет.\n")
+    with smtp(netd) as client:
+        client.ehlo()
+        assert client.has_extn("smtputf8")
+        # Without SMTPUTF8 a UTF-8 address is refused, and the session goes on.
+        client.send("MAIL FROM:<jörg@bücher.example>\r\n".encode())
+        code, reply = client.getreply()
+        assert (code, reply[:5]) == (553, b"5.6.7")
+    message_id = _send(netd, mail)  # smtplib says SMTPUTF8 for a UTF-8 address
+    [listed] = netd.messages("mail", to=USER)
+    assert listed["id"] == message_id
+    assert listed["from"] == "jörg@bücher.example" and listed["to"] == [USER]
+    assert listed["smtputf8"] is True and listed["subject"] == "Grüße"
+    raw = netd.message("mail", message_id)
+    assert b"with UTF8SMTP id" in raw and f"for <{USER}>".encode() in raw
+
+    # The recipient's mailbox: its login is the UTF-8 address, sent as a literal.
+    login = USER.encode()
+    with socket.create_connection(netd.address("mail", protocol="imap"), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        sock.sendall(b"a LOGIN {%d}\r\n" % len(login))
+        assert reader.readline().startswith(b"+")
+        sock.sendall(login + b" secret\r\n")
+        assert _imap_line(sock, reader, b"a")[-1].startswith(b"a OK")
+        sock.sendall(b"b SELECT INBOX\r\n")
+        assert b"* 1 EXISTS\r\n" in _imap_line(sock, reader, b"b")
+        sock.sendall(b"c FETCH 1 BODY[]\r\n")
+        fetched = b"".join(_imap_line(sock, reader, b"c"))
+        assert f"To: {USER}".encode() in fetched and "Привет".encode() in fetched
+        reader.close()
+    # Still serving plain SMTP.
+    with smtp(netd) as client:
+        assert client.noop()[0] == 250
+
+
+def test_a_smtputf8_parameter_with_a_value_is_refused(netd: NetdProcess) -> None:
+    with smtp(netd) as client:
+        client.ehlo()
+        code, _ = client.docmd("MAIL FROM:<a@b.test> SMTPUTF8=1")
+        assert code == 501
+        assert client.docmd("MAIL FROM:<a@b.test> SMTPUTF8")[0] == 250
+        client.send(b"RCPT TO:<\xff@netd.test>\r\n")  # not UTF-8
+        assert client.getreply()[0] == 501
+        assert client.rset()[0] == 250
