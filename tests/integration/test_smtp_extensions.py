@@ -102,3 +102,71 @@ def test_a_smtputf8_parameter_with_a_value_is_refused(netd: NetdProcess) -> None
         client.send(b"RCPT TO:<\xff@netd.test>\r\n")  # not UTF-8
         assert client.getreply()[0] == 501
         assert client.rset()[0] == 250
+
+
+def _replies(reader: object, count: int) -> list[bytes]:
+    """The last lines of C{count} replies."""
+    found = []
+    while len(found) < count:
+        line = reader.readline()  # type: ignore[attr-defined]
+        assert line, found
+        if line[3:4] != b"-":
+            found.append(line.rstrip(b"\r\n"))
+    return found
+
+
+def test_pipelined_bdat_chunks_over_a_socket(netd: NetdProcess) -> None:
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    head = b"Subject: chunked\r\nTo: chunks@netd.test\r\n\r\n"
+    body = b"".join(b"line %04d of a chunked message\r\n" % n for n in range(2000))
+    with socket.create_connection(netd.address("mail"), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        extensions = [reader.readline()]
+        while extensions[-1][3:4] == b"-":
+            extensions.append(reader.readline())
+        assert b"CHUNKING" in [line[4:].strip() for line in extensions]
+        # Everything in one write: the chunks pipelined behind MAIL and RCPT.
+        sock.sendall(
+            b"MAIL FROM:<alice@client.test>\r\nRCPT TO:<chunks@netd.test>\r\n"
+            + b"BDAT %d\r\n" % len(head)
+            + head
+            + b"BDAT %d LAST\r\n" % len(body)
+            + body
+            + b"BDAT 5 LAST\r\nhello"  # after LAST: no transaction, 503, skipped
+            + b"QUIT\r\n"
+        )
+        answers = _replies(reader, 6)
+        reader.close()
+    assert [a[:9] for a in answers] == [
+        b"250 2.1.0",
+        b"250 2.1.5",
+        b"250 2.0.0",
+        b"250 2.0.0",
+        b"503 5.5.1",
+        b"221 2.0.0",
+    ]
+    [event] = netd.events("mail", "message.accepted", last, wait=10)
+    raw = netd.message("mail", event["message_id"])
+    assert raw.endswith(head + body)
+    [listed] = netd.messages("mail", to="chunks@netd.test")
+    assert listed["subject"] == "chunked" and listed["size"] == len(raw)
+
+
+def test_an_oversized_bdat_is_refused_and_the_session_goes_on(netd: NetdProcess) -> None:
+    with socket.create_connection(netd.address("mail"), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<big@netd.test>\r\n")
+        sock.sendall(b"BDAT 70000 LAST\r\n" + b"x" * 70000 + b"NOOP\r\n")
+        answers = _replies(reader, 5)
+        reader.close()
+    assert [a[:9] for a in answers] == [
+        b"250 mx.ne",
+        b"250 2.1.0",
+        b"250 2.1.5",
+        b"552 5.3.4",  # max_message_size is 65536 here
+        b"250 2.0.0",
+    ]
+    assert netd.messages("mail", to="big@netd.test") == []

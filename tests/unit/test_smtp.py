@@ -245,7 +245,8 @@ def test_a_whole_transaction() -> None:
         "250-8BITMIME",
         "250-PIPELINING",
         "250-ENHANCEDSTATUSCODES",
-        "250 SMTPUTF8",
+        "250-SMTPUTF8",
+        "250 CHUNKING",
     ]
     send(session, "MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<x@netd.test>\r\n")
     send(session, "DATA\r\n" + "Subject: hi\r\n\r\n..dotted\r\nhello\r\n.\r\nQUIT\r\n")

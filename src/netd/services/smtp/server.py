@@ -15,6 +15,8 @@ it falls short for a relay replaced by name.
   - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
     accepted only over TLS unless the map allows otherwise.
   - SMTPUTF8 (RFC 6531): a transaction that says so may use UTF-8 addresses.
+  - CHUNKING (RFC 3030): BDAT chunks are read by count, not by lines, and
+    meet DATA's checks (size, line length, bare CR or LF, hops) and spool.
   - The service's rules (L{netd.rules}) are checked at each stage (connect,
     helo, auth, starttls, mail, rcpt, data, eom) when it has any: a rule may
     answer instead (C{reply}), or delay, throttle, stall, close or reset.
@@ -78,6 +80,7 @@ _BAD_COMMAND = re.compile(rb"[\r\n\x00]")
 _END_OF_DATA = b"\r\n.\r\n"
 _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
+_BDAT_ARGUMENT = re.compile(rb"(?P<size>\d{1,20})(?: +(?P<last>LAST))?\Z", re.I)
 # Lines held while a reply is pending, before reading from the client stops.
 _HOLD_LIMIT = 256 * 1024
 # Seconds a stopping session that has sent its mail is given to say QUIT.
@@ -122,6 +125,8 @@ class _Mail:
     sender: Mailbox | None
     utf8: bool = False
     recipients: list[Mailbox] = attrs.field(factory=list)
+    # The BDAT chunks so far; None: no BDAT yet (DATA may still come).
+    chunks: bytearray | None = None
 
 
 @attrs.frozen
@@ -230,6 +235,13 @@ class Session(smtp.ESMTP):
         self._replied_since_look = 0
         self._body: bytearray | None = None
         self._body_too_big = False
+        # A BDAT chunk being read: octets still due (None: none is), what has
+        # come (None: it is thrown away), whether it is the last, and the reply
+        # refusing it once read.
+        self._chunk_left: int | None = None
+        self._chunk: bytearray | None = None
+        self._chunk_last = False
+        self._chunk_refusal: tuple[int, bytes] | None = None
         self._mail: _Mail | None = None
         self._greeted = False
         self._held = False
@@ -260,10 +272,17 @@ class Session(smtp.ESMTP):
             return
         super().connectionMade()
 
-    def _ruled(self, stage: str, proceed: Callable[[], None], **fields: str) -> None:
+    def _ruled(
+        self,
+        stage: str,
+        proceed: Callable[[], None],
+        refused: Callable[[], None] | None = None,
+        **fields: str,
+    ) -> None:
         """
         At C{stage}, the first of the service's rules that fires acts instead
         of C{proceed} (or before it: a delay, a throttle); none fires, it runs.
+        C{refused} runs after a rule's reply, which answered instead.
         """
         fired = self.receiver.rules.check(self.client, stage=stage, **fields)
         if fired is None:
@@ -278,6 +297,8 @@ class Session(smtp.ESMTP):
                 self.sendCode(code, text.encode("ascii"))
                 if code == 421:  # RFC 5321 3.8: the server closes after a 421
                     self.transport.loseConnection()
+                if refused is not None:
+                    refused()
 
         done = fired.act(self.transport, proceed, answer)
         if not done.called:
@@ -328,6 +349,8 @@ class Session(smtp.ESMTP):
             while self._input and not self._held and not self._gone:
                 if self._body is not None:
                     self._take_data()
+                elif self._chunk_left is not None:
+                    self._take_chunk()
                 elif not self._take_line():
                     break
         finally:
@@ -437,6 +460,7 @@ class Session(smtp.ESMTP):
             self._closing
             and not (self._may_finish_one or self._only_quit)
             and not (self._gone or self._held or self._mail or self._body)
+            and self._chunk_left is None
         ):
             self._gone = True
             self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down")
@@ -444,6 +468,7 @@ class Session(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._body = None
+        self._chunk = None
         super().connectionLost(reason)
         # Replies still due (a spool write, a password check) go to a closed
         # transport, which drops them; nothing more is read.
@@ -490,6 +515,7 @@ class Session(smtp.ESMTP):
             b"PIPELINING": None,
             b"ENHANCEDSTATUSCODES": None,
             b"SMTPUTF8": None,
+            b"CHUNKING": None,
         }
         if self.canStartTLS and not self.startedTLS:
             found[b"STARTTLS"] = None
@@ -639,6 +665,9 @@ class Session(smtp.ESMTP):
         if not self._mail.recipients:
             self.sendCode(554, b"5.5.1 No valid recipients")
             return
+        if self._mail.chunks is not None:
+            self.sendCode(503, b"5.5.1 DATA cannot follow BDAT (RFC 3030 2)")
+            return
         if self.receiver.rules.event_rules:
             self._ruled("data", self._data_ok, mail=_path_text(self._mail.sender))
             return
@@ -674,15 +703,101 @@ class Session(smtp.ESMTP):
             self._await_quit()
         self._end_of_data(mail, bytes(body[: end + 2]))
 
-    def _end_of_data(self, mail: _Mail, text: bytes) -> None:
+    def do_BDAT(self, rest: bytes) -> None:
+        match = _BDAT_ARGUMENT.match(rest.strip())
+        if match is None:
+            # With no size to go by, what follows can only be read as commands.
+            self.sendCode(501, b"5.5.4 Syntax: BDAT size [LAST]")
+            return
+        size = int(match.group("size"))
+        refusal = self._chunk_refused(size)
+        # A refused chunk is still read (RFC 3030 2), and thrown away.
+        self._chunk_left = size
+        self._chunk = bytearray() if refusal is None else None
+        self._chunk_last = match.group("last") is not None
+        self._chunk_refusal = refusal
+        self.setTimeout(self.receiver.limits.data_timeout)
+        if size == 0:
+            self._chunk_read()
+
+    def _chunk_refused(self, size: int) -> tuple[int, bytes] | None:
+        mail = self._mail
+        if not self._greeted:
+            return 503, b"5.5.1 Send EHLO or HELO first"
+        if mail is None:
+            return 503, b"5.5.1 Need MAIL before BDAT"
+        if not mail.recipients:
+            return 554, b"5.5.1 No valid recipients"
+        so_far = len(mail.chunks) if mail.chunks is not None else 0
+        if so_far + size > self.receiver.limits.max_message_size:
+            self._mail = None  # the transaction has failed: later chunks get 503
+            self.receiver.stats.count("smtp_messages_rejected")
+            return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+        return None
+
+    def _take_chunk(self) -> None:
+        left = self._chunk_left
+        assert left is not None
+        taken = self._input[:left]
+        self._input = self._input[len(taken) :]
+        self._chunk_left = left - len(taken)
+        if self._chunk is not None:
+            self._chunk += taken
+        self.resetTimeout()
+        if self._chunk_left == 0:
+            self._chunk_read()
+
+    def _chunk_read(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self._chunk_left = None
+        self.setTimeout(self.receiver.limits.command_timeout)
+        if refusal is not None:
+            self.sendCode(*refusal)
+            return
+        mail = self._mail
+        assert mail is not None and chunk is not None
+        proceed = functools.partial(self._chunk_ok, mail, chunk, self._chunk_last)
+        if mail.chunks is None and self.receiver.rules.event_rules:
+
+            def refused() -> None:
+                if self._mail is mail:
+                    self._mail = None  # a rule answered the first chunk: no message
+
+            self._ruled("data", proceed, refused, mail=_path_text(mail.sender))
+            return
+        proceed()
+
+    def _chunk_ok(self, mail: _Mail, chunk: bytearray, last: bool) -> None:
+        if mail.chunks is None:
+            mail.chunks = chunk
+        else:
+            mail.chunks += chunk
+        if not last:
+            self.sendCode(250, b"2.0.0 %d octets received" % len(chunk))
+            return
+        self._mail = None
+        self._transactions += 1
+        if self._may_finish_one:
+            self._await_quit()
+        # RFC 5322 text ends with a CRLF, which BDAT does not promise.
+        end = b"" if mail.chunks.endswith(b"\r\n") else b"\r\n"
+        self._end_of_data(mail, b"\r\n" + bytes(mail.chunks) + end, stuffed=False)
+
+    def _end_of_data(self, mail: _Mail, text: bytes, stuffed: bool = True) -> None:
+        """
+        Check and spool C{text} (the message after a CRLF sentinel), which
+        DATA dot-stuffed (C{stuffed}) and BDAT did not.
+        """
         limits = self.receiver.limits
         stats = self.receiver.stats
         if self._body_too_big:
+            self._body_too_big = False
             stats.count("smtp_messages_rejected")
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
         # Unstuff first: only the client's CRLF lines were dot-stuffed.
-        if b"\r\n." in text:
+        if stuffed and b"\r\n." in text:
             text = text.replace(b"\r\n.", b"\r\n")
         if not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
             if self.receiver.reject_bare_newlines:
