@@ -6,15 +6,21 @@ an aiosmtpd smarthost.
 
 from __future__ import annotations
 
+import email
 import socket
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from netd.testing import NetdProcess
 from tests.clients import smtp
-from tests.maps import mail_map
+from tests.conftest import StartNetd
+from tests.integration.test_smtp import Smarthost
+from tests.maps import mail_map, relaying
 
 pytestmark = pytest.mark.integration
 
@@ -170,3 +176,72 @@ def test_an_oversized_bdat_is_refused_and_the_session_goes_on(netd: NetdProcess)
         b"250 2.0.0",
     ]
     assert netd.messages("mail", to="big@netd.test") == []
+
+
+@pytest.fixture
+def smarthost() -> Iterator[Smarthost]:
+    """aiosmtpd on loopback, without AUTH; recipients named reject* are refused."""
+    host = Smarthost(auth_required=False)
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+
+
+def _wait_received(smarthost: Smarthost, count: int) -> list[tuple[str, list[str], bytes]]:
+    with smarthost.arrived:
+        assert smarthost.arrived.wait_for(lambda: len(smarthost.received) >= count, timeout=20)
+    return smarthost.received
+
+
+def test_a_dsn_with_ret_hdrs_bounces_with_headers_only(
+    start_netd: StartNetd, tmp_path: Path, smarthost: Smarthost
+) -> None:
+    netd = start_netd(
+        relaying(
+            tmp_path / "state",
+            f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none",
+        )
+    )
+    body = b"Subject: secret\r\n\r\nthe body stays home\r\n"
+    with smtp(netd) as client:
+        refused = client.sendmail(
+            "alice@client.test",
+            ["reject@far.test", "reject-quietly@far.test"],
+            body,
+            mail_options=["RET=HDRS", "ENVID=order+2B42"],
+            rcpt_options=["NOTIFY=FAILURE ORCPT=rfc822;reject+40old.test"],
+        )
+        assert refused == {}
+        # NOTIFY=NEVER: refused as well, and no bounce at all.
+        client.sendmail(
+            "alice@client.test", ["reject@far.test"], body, rcpt_options=["NOTIFY=NEVER"]
+        )
+    [(sender, recipients, report)] = _wait_received(smarthost, 1)
+    assert (sender, recipients) == ("<>", ["alice@client.test"])
+    parsed = email.message_from_bytes(report)
+    assert parsed.get_content_type() == "multipart/report"
+    _, status, returned = parsed.get_payload()
+    assert returned.get_content_type() == "text/rfc822-headers"
+    assert b"Subject: secret" in report and b"the body stays home" not in report
+    text = status.as_string()
+    assert "Original-Envelope-Id: order+42" in text
+    assert "Original-Recipient: rfc822;reject@old.test" in text
+    bounced = _events(netd, "message.bounced", 2)
+    assert sorted(b["notified"] or "" for b in bounced) == ["", "alice@client.test"]
+    # The report delivered, and nothing else: no report for NOTIFY=NEVER.
+    [delivered] = _events(netd, "message.delivered", 1)
+    assert delivered["recipients"] == ["alice@client.test"]
+    assert len(smarthost.received) == 1
+
+
+def _events(netd: NetdProcess, kind: str, count: int) -> list[dict[str, Any]]:
+    """The first C{count} events of C{kind}, waiting for them up to 20 s."""
+    deadline = time.monotonic() + 20
+    found = netd.events("mail", kind, 0)
+    while len(found) < count and time.monotonic() < deadline:
+        since = found[-1]["id"] if found else 0
+        found += netd.events("mail", kind, since, wait=max(deadline - time.monotonic(), 0.1))
+    assert len(found) >= count, found
+    return found[:count]

@@ -246,7 +246,8 @@ def test_a_whole_transaction() -> None:
         "250-PIPELINING",
         "250-ENHANCEDSTATUSCODES",
         "250-SMTPUTF8",
-        "250 CHUNKING",
+        "250-CHUNKING",
+        "250 DSN",
     ]
     send(session, "MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<x@netd.test>\r\n")
     send(session, "DATA\r\n" + "Subject: hi\r\n\r\n..dotted\r\nhello\r\n.\r\nQUIT\r\n")

@@ -5,6 +5,7 @@ SMTPUTF8 (RFC 6531), CHUNKING/BDAT (RFC 3030) and DSN (RFC 3461).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,10 +16,19 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
-from netd.services.smtp.relay import Hop, SmarthostOptions
-from netd.services.smtp.server import Limits, Session, SessionFactory
-from netd.services.smtp.spool import Envelope
-from tests.unit.test_smtp import Harness, codes, replies, result_of, rules_harness, send
+from netd.services.smtp.relay import Hop, Replies, SmarthostOptions
+from netd.services.smtp.server import Limits, Session, SessionFactory, Transaction
+from netd.services.smtp.spool import Envelope, Notify
+from netd.services.smtp.store import MailStore
+from tests.unit.test_smtp import (
+    Harness,
+    codes,
+    make_courier,
+    replies,
+    result_of,
+    rules_harness,
+    send,
+)
 
 USER = "пользователь@пример.рф"
 
@@ -252,3 +262,142 @@ def test_rules_see_bdat_at_data_and_eom() -> None:
     harness.clock.advance(5)
     assert codes(transport) == ["250 2.0.0", "250 2.0.0"]
     assert harness.accepted[0].data == b"abcd\r\n"
+
+
+# DSN -------------------------------------------------------------------------
+
+
+def test_dsn_parameters_are_checked_and_kept() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    assert "DSN" in [line[4:] for line in replies(transport)]
+    for bad in ("RET=PART", "ENVID=a+zz", "ENVID=" + "x" * 101, "RET=FULL RET=HDRS", "X=1"):
+        send(session, f"MAIL FROM:<a@b.test> {bad}\r\n")
+    send(session, "MAIL FROM:<a@b.test> RET=hdrs ENVID=QQ+2B314\r\n")
+    for bad in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "NOTIFY=", "ORCPT=bob", "ORCPT=;x"):
+        send(session, f"RCPT TO:<x@netd.test> {bad}\r\n")
+    send(session, "RCPT TO:<x@netd.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Bob+40old.test\r\n")
+    send(session, "RCPT TO:<y@netd.test> NOTIFY=never\r\nRCPT TO:<z@netd.test>\r\n")
+    send(session, "RCPT TO:<w@netd.test> COLOUR=red\r\nDATA\r\n" + "Subject: s\r\n\r\nb\r\n.\r\n")
+    assert codes(transport) == [
+        *["501 5.5.4"] * 4,
+        "555 5.5.4",
+        "250 2.1.0",
+        *["501 5.5.4"] * 5,
+        *["250 2.1.5"] * 3,
+        "555 5.5.4",
+        "354",
+        "250 2.0.0",
+    ]
+    (accepted,) = harness.accepted
+    assert (accepted.ret, accepted.envid) == ("HDRS", "QQ+314")
+    assert accepted.dsn == {
+        "x@netd.test": Notify(("SUCCESS", "FAILURE"), "rfc822;Bob@old.test"),
+        "y@netd.test": Notify(("NEVER",)),
+    }
+
+
+def _accept_with_dsn(store: MailStore, ret: str | None, **dsn: Notify) -> str:
+    transaction = Transaction(
+        sender=Mailbox("alice", "client.test"),
+        recipients=tuple(Mailbox(r, "far.test") for r in dsn),
+        data=b"Subject: s\r\n\r\nthe secret body\r\n",
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+        ret=ret,
+        envid="env-1",
+        dsn={f"{r}@far.test": notify for r, notify in dsn.items()},
+    )
+    id: str = result_of(store.accept(transaction))
+    return id
+
+
+@pytest.mark.parametrize("ret", ["HDRS", "FULL"])
+def test_bounces_honour_ret_envid_orcpt_and_notify_never(tmp_path: Path, ret: str) -> None:
+    _, store, upstream, clock, journal = make_courier(tmp_path)
+    refused = (550, "5.1.1 no such user")
+    upstream.answers = [
+        {"a@far.test": refused, "b@far.test": refused},
+        {"alice@client.test": (250, "ok")},  # the bounce, for a only
+    ]
+    _accept_with_dsn(
+        store,
+        ret,
+        a=Notify(("FAILURE",), "rfc822;old-a@far.test"),
+        b=Notify(("NEVER",)),
+    )
+    clock.advance(0)
+    bounce, report = upstream.attempts[1]
+    assert bounce.recipients == ("alice@client.test",) and bounce.bounce
+    assert b"Original-Envelope-Id: env-1\r\nReporting-MTA: dns; mx.netd.test" in report
+    assert (
+        b"Original-Recipient: rfc822;old-a@far.test\r\nFinal-Recipient: rfc822; a@far.test"
+        in report
+    )
+    assert b"b@far.test" not in report  # NOTIFY=NEVER
+    if ret == "HDRS":
+        assert b"Content-Type: text/rfc822-headers\r\n\r\nReceived: from c.test" in report
+        assert b"the secret body" not in report
+    else:
+        assert b"Content-Type: message/rfc822\r\n\r\nReceived: from c.test" in report
+        assert b"Subject: s\r\n\r\nthe secret body\r\n\r\n--netd-" in report
+    [event] = journal.select(types=["message.bounced"])
+    assert event.fields["recipients"] == ["a@far.test", "b@far.test"]
+    assert not upstream.answers and not store.messages
+
+
+def test_notify_never_alone_sends_no_bounce(tmp_path: Path) -> None:
+    _, store, upstream, clock, journal = make_courier(tmp_path)
+    upstream.answers = [{"a@far.test": (550, "5.1.1 no such user")}]
+    _accept_with_dsn(store, None, a=Notify(("NEVER",)))
+    clock.advance(0)
+    clock.advance(0)
+    assert len(upstream.attempts) == 1 and not store.messages
+    [event] = journal.select(types=["message.bounced"])
+    assert event.fields["notified"] is None
+
+
+def test_notify_success_reports_relaying_unless_the_hop_took_it_on(tmp_path: Path) -> None:
+    _, store, upstream, clock, _ = make_courier(tmp_path)
+    took_on = Replies({"c@far.test": (250, "2.0.0 ok")})
+    took_on.passed_on = frozenset({"c@far.test"})
+    upstream.answers = [
+        {"a@far.test": (250, "2.0.0 queued"), "b@far.test": (250, "2.0.0 queued")},
+        {"alice@client.test": (250, "ok")},  # the report, for a only
+        took_on,
+    ]
+    _accept_with_dsn(store, None, a=Notify(("SUCCESS",)), b=Notify(("FAILURE", "DELAY")))
+    clock.advance(0)
+    clock.advance(0)
+    report_envelope, report = upstream.attempts[1]
+    assert report_envelope.sender == "" and report_envelope.recipients == ("alice@client.test",)
+    assert b"Subject: Successful Mail Relay Report" in report
+    assert b"Final-Recipient: rfc822; a@far.test\r\nAction: relayed\r\nStatus: 2.0.0" in report
+    assert b"b@far.test" not in report
+    _accept_with_dsn(store, None, c=Notify(("SUCCESS",)))
+    clock.advance(0)
+    clock.advance(0)
+    assert len(upstream.attempts) == 3 and not upstream.answers and not store.messages
+
+
+def test_dsn_requests_go_on_to_a_hop_offering_dsn() -> None:
+    harness = Harness()
+    hop = _relay_to(harness, harness.factory)
+    envelope = Envelope(
+        "1",
+        "a@b.test",
+        ("x@netd.test",),
+        0.0,
+        1,
+        ret="FULL",
+        envid="id with space+",
+        dsn={"x@netd.test": Notify(("SUCCESS", "DELAY"), "rfc822;x=y@old.test")},
+    )
+    outcome = result_of(hop.send(envelope, ["x@netd.test"], b"Subject: a\r\n\r\nb\r\n"))
+    assert outcome["x@netd.test"][0] == 250 and outcome.passed_on == {"x@netd.test"}
+    (accepted,) = harness.accepted
+    assert (accepted.ret, accepted.envid) == ("FULL", "id with space+")
+    assert accepted.dsn == {"x@netd.test": Notify(("SUCCESS", "DELAY"), "rfc822;x=y@old.test")}

@@ -37,10 +37,11 @@ __all__ = [
     "Courier",
     "Hop",
     "Outcome",
+    "Replies",
     "Send",
     "SmarthostOptions",
-    "bounce_message",
     "client_tls",
+    "delivery_report",
     "send_message",
     "smarthost_sender",
 ]
@@ -50,6 +51,16 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+class Replies(dict[str, tuple[int, str]]):
+    """
+    An attempt's replies by recipient, and those recipients whose DSN requests
+    the next hop took on (it offered DSN): their reports are its to send
+    (RFC 3461 5.2.2).
+    """
+
+    passed_on: frozenset[str] = frozenset()
 
 
 # What happened to each recipient of one attempt: address -> (code, text).
@@ -157,6 +168,12 @@ class _Sender(smtp.ESMTPSender):
                 break
             self._finish(dict.fromkeys(self.job.recipients, _NO_SMTPUTF8))
         parameters = b" SMTPUTF8" if self.job.needs_utf8 else b""
+        envelope = self.job.envelope
+        if b"DSN" in self.offered:
+            if envelope.ret is not None:
+                parameters += b" RET=" + envelope.ret.encode()
+            if envelope.envid is not None:
+                parameters += b" ENVID=" + _xtext(envelope.envid)
         self.sendLine(b"MAIL FROM:<" + self._from.encode() + b">" + parameters)
         self._expected = [250]
         self._okresponse = self.smtpState_to
@@ -176,8 +193,23 @@ class _Sender(smtp.ESMTPSender):
             self._expected = [354]
             self._okresponse = self.smtpState_data
         else:
-            self.sendLine(b"RCPT TO:<" + self.lastAddress + b">")
+            address: bytes = self.lastAddress
+            self.sendLine(b"RCPT TO:<" + address + b">" + self._rcpt_parameters(address))
         return None
+
+    def _rcpt_parameters(self, address: bytes) -> bytes:
+        """A recipient's DSN request, passed on to a next hop that offers DSN."""
+        assert self.job is not None
+        if b"DSN" not in self.offered:
+            return b""
+        notify = self.job.envelope.notify(address.decode())
+        parameters = b""
+        if notify.notify is not None:
+            parameters += b" NOTIFY=" + ",".join(notify.notify).encode()
+        if notify.orcpt is not None:
+            kind, _, original = notify.orcpt.partition(";")
+            parameters += b" ORCPT=" + kind.encode() + b";" + _xtext(original)
+        return parameters
 
     def getMailFrom(self) -> str | None:
         self.job = self.factory.take()
@@ -209,7 +241,9 @@ class _Sender(smtp.ESMTPSender):
         # A multi-line reply comes joined with LF; the text goes into bounces,
         # where a bare LF (and what follows it) must not reach the next hop.
         text = _one_line(resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp))
-        outcome: dict[str, tuple[int, str]] = {}
+        outcome = Replies()
+        if b"DSN" in self.offered:
+            outcome.passed_on = frozenset(self.job.recipients)
         for address, rcpt_code, rcpt_text in addresses:
             name = address.decode() if isinstance(address, bytes) else str(address)
             detail = _one_line(rcpt_text.decode("utf-8", "replace"))
@@ -371,30 +405,56 @@ def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> 
     return send
 
 
-def bounce_message(
+def _xtext(text: str) -> bytes:
+    """RFC 3461 4's xtext: "+", "=", controls, spaces and 8-bit octets as "+XX"."""
+    return b"".join(
+        bytes([octet]) if 0x21 <= octet <= 0x7E and octet not in b"+=" else b"+%02X" % octet
+        for octet in text.encode()
+    )
+
+
+def delivery_report(
     hostname: str,
     envelope: Envelope,
-    failures: Mapping[str, tuple[int, str]],
-    head: bytes,
+    results: Mapping[str, tuple[int, str]],
+    original: bytes,
     now: float,
-    expired: bool,
+    expired: bool = False,
+    relayed: bool = False,
 ) -> bytes:
-    """An RFC 3464 delivery status notification for C{failures}, to the sender."""
+    """
+    An RFC 3464 delivery status notification to the sender: the C{results}
+    of recipients that failed, or (C{relayed}) that went on to a next hop that
+    sends no reports (RFC 3461 5.2.2).  C{original} is the whole message when
+    the sender said C{RET=FULL}, its header otherwise.
+    """
     boundary = "netd-" + secrets.token_hex(8)
-    lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in failures.items())
-    reason = "it could not be delivered in time" if expired else "it was refused"
+    lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in results.items())
+    if relayed:
+        subject = "Successful Mail Relay Report"
+        summary = "was relayed to these recipients, to a server that sends no delivery reports"
+        action = "relayed"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
+        reason = "it could not be delivered in time" if expired else "it was refused"
+        summary = f"was not delivered to these recipients, as {reason}"
+        action = "failed"
     per_recipient = "".join(
-        f"\r\nFinal-Recipient: {_address_type(r)}; {r}\r\nAction: failed\r\n"
+        "\r\n"
+        + _original_recipient(envelope, r)
+        + f"Final-Recipient: {_address_type(r)}; {r}\r\nAction: {action}\r\n"
         f"Status: {'4.4.7' if expired else _status_of(code, text)}\r\n"
         f"Diagnostic-Code: smtp; {code} {text}\r\n"
-        for r, (code, text) in failures.items()
+        for r, (code, text) in results.items()
     )
+    envid = f"Original-Envelope-Id: {envelope.envid}\r\n" if envelope.envid else ""
+    full = envelope.ret == "FULL"
     text = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{envelope.sender}>\r\n"
-        f"Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Subject: {subject}\r\n"
         f"Date: {formatdate(now)}\r\n"
-        f"Message-ID: <{envelope.id}.bounce@{hostname}>\r\n"
+        f"Message-ID: <{envelope.id}.{'relayed' if relayed else 'bounce'}@{hostname}>\r\n"
         f"Auto-Submitted: auto-replied\r\n"
         f"MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
@@ -403,20 +463,27 @@ def bounce_message(
         f"Content-Type: text/plain; charset=us-ascii\r\n"
         f"\r\n"
         f"This is the mail system at {hostname}.\r\n"
-        f"Your message {envelope.id} was not delivered to these recipients, as {reason}:\r\n"
+        f"Your message {envelope.id} {summary}:\r\n"
         f"\r\n{lines}\r\n"
         f"\r\n--{boundary}\r\n"
         f"Content-Type: message/delivery-status\r\n"
         f"\r\n"
+        f"{envid}"
         f"Reporting-MTA: dns; {hostname}\r\n"
         f"X-Netd-Queue-ID: {envelope.id}\r\n"
         f"Arrival-Date: {formatdate(envelope.received)}\r\n"
         f"{per_recipient}"
         f"\r\n--{boundary}\r\n"
-        f"Content-Type: text/rfc822-headers\r\n"
+        f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}\r\n"
         f"\r\n"
     )
-    return text.encode() + head.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+    quoted = original if full else original.rstrip(b"\r\n") + b"\r\n"
+    return text.encode() + quoted + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _original_recipient(envelope: Envelope, recipient: str) -> str:
+    orcpt = envelope.notify(recipient).orcpt
+    return f"Original-Recipient: {orcpt}\r\n" if orcpt else ""
 
 
 def _address_type(address: str) -> str:
@@ -536,6 +603,7 @@ class Courier(Service):
             return None
         now = self.context.reactor.seconds()
         expired = now - envelope.received >= self.max_age
+        passed_on = outcome.passed_on if isinstance(outcome, Replies) else frozenset()
         unanswered = (451, "4.4.0 No reply for this recipient")
         outcome = {r: outcome.get(r, unanswered) for r in envelope.recipients}
         done = [r for r in envelope.recipients if outcome[r][0] // 100 == 2]
@@ -548,7 +616,17 @@ class Courier(Service):
         if failed:
             stats.count("smtp_failed_recipients", len(failed))
         steps: list[Deferred[Any]] = []
-        bounced = self._bounce(envelope, failed, expired) if failed else None
+        # NOTIFY=SUCCESS: a report unless the next hop took the request on.
+        relayed = {
+            r: outcome[r]
+            for r in done
+            if r not in passed_on and envelope.notify(r).wants("SUCCESS")
+        }
+        reports = [
+            *([self._bounce(envelope, failed, expired)] if failed else []),
+            *([self._report(envelope, relayed, relayed=True)] if relayed else []),
+        ]
+        bounced = _all(reports) if reports else None
         if waiting:
             stats.count("smtp_deferred_recipients", len(waiting))
             delay = self.retry[min(queued.attempts - 1, len(self.retry) - 1)]
@@ -577,32 +655,55 @@ class Courier(Service):
     def _bounce(
         self, envelope: Envelope, failed: Mapping[str, tuple[int, str]], expired: bool
     ) -> Deferred[Any]:
+        # NOTIFY=NEVER, or a NOTIFY without FAILURE: no report for that recipient.
+        wanted = {r: result for r, result in failed.items() if envelope.notify(r).wants("FAILURE")}
+        told = wanted and envelope.sender and not envelope.bounce
         self.context.emit(
             "message.bounced",
             message_id=envelope.id,
             recipients=list(failed),
             replies=[f"{code} {text}" for code, text in failed.values()],
-            notified=envelope.sender if envelope.sender and not envelope.bounce else None,
+            notified=envelope.sender if told else None,
         )
-        if not envelope.sender or envelope.bounce:
-            return _all([])  # never bounce a bounce: that is how mail loops start
-        assert self.store is not None
-        now = self.context.reactor.seconds()
-        head = self.store.heads.get(envelope.id, b"")
-        data = bounce_message(self.hostname, envelope, failed, head, now, expired)
-        notice = Envelope(
-            id=new_id(now),
-            sender="",
-            recipients=(envelope.sender,),
-            received=now,
-            size=len(data),
-            client="",
-            helo=self.hostname,
-            bounce=True,
-            utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
-        )
-        self.context.stats.count("smtp_bounces")
-        return self.store.add_own(notice, data)
+        return self._report(envelope, wanted, expired=expired)
+
+    def _report(
+        self,
+        envelope: Envelope,
+        results: Mapping[str, tuple[int, str]],
+        expired: bool = False,
+        relayed: bool = False,
+    ) -> Deferred[Any]:
+        """Spool a delivery report on C{results} to the sender, and send it on."""
+        if not results or not envelope.sender or envelope.bounce:
+            return _all([])  # never report on a report: that is how mail loops start
+        store = self.store
+        assert store is not None
+        if envelope.ret == "FULL":
+            original: Deferred[bytes | None] = self.spool.read(envelope.id)
+        else:
+            original = succeed(store.heads.get(envelope.id, b""))
+
+        def spool(text: bytes | None) -> Deferred[None]:
+            now = self.context.reactor.seconds()
+            data = delivery_report(
+                self.hostname, envelope, results, text or b"", now, expired, relayed
+            )
+            notice = Envelope(
+                id=new_id(now),
+                sender="",
+                recipients=(envelope.sender,),
+                received=now,
+                size=len(data),
+                client="",
+                helo=self.hostname,
+                bounce=True,
+                utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
+            )
+            self.context.stats.count("smtp_delivery_reports" if relayed else "smtp_bounces")
+            return store.add_own(notice, data)
+
+        return original.addCallback(spool)
 
     def forget(self, id: str) -> Deferred[Any]:
         queued = self.queue.pop(id, None)

@@ -17,6 +17,8 @@ it falls short for a relay replaced by name.
   - SMTPUTF8 (RFC 6531): a transaction that says so may use UTF-8 addresses.
   - CHUNKING (RFC 3030): BDAT chunks are read by count, not by lines, and
     meet DATA's checks (size, line length, bare CR or LF, hops) and spool.
+  - DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are checked and kept with the
+    message for the relay's reports.
   - The service's rules (L{netd.rules}) are checked at each stage (connect,
     helo, auth, starttls, mail, rcpt, data, eom) when it has any: a rule may
     answer instead (C{reply}), or delay, throttle, stall, close or reset.
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -46,6 +48,7 @@ from netd.kinds import IOwesReplies, RepliesOwed
 from netd.rules import RuleSet
 from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
+from netd.services.smtp.spool import Notify
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 
@@ -81,6 +84,12 @@ _END_OF_DATA = b"\r\n.\r\n"
 _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _BDAT_ARGUMENT = re.compile(rb"(?P<size>\d{1,20})(?: +(?P<last>LAST))?\Z", re.I)
+# RFC 3461 4: xtext, "+" and two upper-case hex digits for what is not xchar.
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_ADDR_TYPE = re.compile(rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
+_NOTIFY_WHEN = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_MAX_ENVID = 100  # RFC 3461 4.4
+_MAX_ORCPT = 500  # RFC 3461 4.2
 # Lines held while a reply is pending, before reading from the client stops.
 _HOLD_LIMIT = 256 * 1024
 # Seconds a stopping session that has sent its mail is given to say QUIT.
@@ -118,13 +127,17 @@ class Transaction:
     user: str | None
     protocol: str
     utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    dsn: Mapping[str, Notify] = attrs.field(factory=dict)
 
 
 @attrs.define
 class _Mail:
     sender: Mailbox | None
-    utf8: bool = False
+    parameters: _MailParameters
     recipients: list[Mailbox] = attrs.field(factory=list)
+    dsn: dict[str, Notify] = attrs.field(factory=dict)
     # The BDAT chunks so far; None: no BDAT yet (DATA may still come).
     chunks: bytearray | None = None
 
@@ -134,6 +147,46 @@ class _MailParameters:
     """What MAIL FROM's parameters asked for."""
 
     utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+def _xtext(value: bytes) -> str | None:
+    """RFC 3461 4's xtext decoded, or None if it is not xtext."""
+    if not _XTEXT.match(value):
+        return None
+    return re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value).decode(
+        "utf-8", "replace"
+    )
+
+
+def _rcpt_parameters(params: bytes) -> Notify | tuple[int, bytes]:
+    """RCPT TO's parameters (DSN's NOTIFY and ORCPT), or the reply refusing them."""
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    seen: set[bytes] = set()
+    for param in params.split():
+        key, _, value = param.partition(b"=")
+        key = key.upper()
+        if key in seen:
+            return 501, b"5.5.4 " + key + b" given twice"
+        seen.add(key)
+        if key == b"NOTIFY":
+            words = tuple(value.decode("ascii", "replace").upper().split(","))
+            if words != ("NEVER",) and not (words and set(words) <= _NOTIFY_WHEN):
+                return 501, b"5.5.4 NOTIFY is NEVER, or SUCCESS, FAILURE and DELAY"
+            notify = tuple(dict.fromkeys(words))
+        elif key == b"ORCPT":
+            kind, semicolon, address = value.partition(b";")
+            decoded = _xtext(address)
+            if not (semicolon and _ADDR_TYPE.match(kind)) or not decoded:
+                return 501, b"5.5.4 ORCPT is addr-type;xtext"
+            if len(value) > _MAX_ORCPT:
+                return 501, b"5.5.4 ORCPT is longer than 500 characters"
+            orcpt = kind.decode("ascii") + ";" + decoded
+        else:
+            return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
+    return Notify(notify=notify, orcpt=orcpt)
 
 
 @attrs.frozen
@@ -516,6 +569,7 @@ class Session(smtp.ESMTP):
             b"ENHANCEDSTATUSCODES": None,
             b"SMTPUTF8": None,
             b"CHUNKING": None,
+            b"DSN": None,
         }
         if self.canStartTLS and not self.startedTLS:
             found[b"STARTTLS"] = None
@@ -583,16 +637,29 @@ class Session(smtp.ESMTP):
         self._mail_ok(sender, parameters)
 
     def _mail_ok(self, sender: Mailbox | None, parameters: _MailParameters) -> None:
-        self._mail = _Mail(sender, utf8=parameters.utf8)
+        self._mail = _Mail(sender, parameters)
         self.sendCode(250, b"2.1.0 Sender ok")
 
     def _mail_parameters(self, params: bytes) -> _MailParameters | tuple[int, bytes]:
         """MAIL FROM's parameters, or the reply refusing them."""
         utf8 = False
+        ret = envid = None
+        seen: set[bytes] = set()
         for param in params.split():
             key, _, value = param.partition(b"=")
             key = key.upper()
-            if key == b"SIZE":
+            if key in seen:
+                return 501, b"5.5.4 " + _printable(key, 32).encode() + b" given twice"
+            seen.add(key)
+            if key == b"RET":
+                if value.upper() not in (b"FULL", b"HDRS"):
+                    return 501, b"5.5.4 RET is FULL or HDRS"
+                ret = value.upper().decode()
+            elif key == b"ENVID":
+                envid = _xtext(value)
+                if not envid or len(value) > _MAX_ENVID:
+                    return 501, b"5.5.4 ENVID is up to 100 characters of xtext"
+            elif key == b"SIZE":
                 if not value.isdigit():
                     return 501, b"5.5.4 SIZE takes a number"
                 # Twenty digits is beyond any size; int() of thousands raises.
@@ -607,7 +674,7 @@ class Session(smtp.ESMTP):
                 utf8 = True
             elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
                 return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
-        return _MailParameters(utf8=utf8)
+        return _MailParameters(utf8=utf8, ret=ret, envid=envid)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._mail is None:
@@ -617,15 +684,16 @@ class Session(smtp.ESMTP):
         if match is None:
             self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
             return
-        if match.group("params"):
-            self.sendCode(555, b"5.5.4 RCPT takes no parameters here")
+        notify = _rcpt_parameters(match.group("params") or b"")
+        if isinstance(notify, tuple):
+            self.sendCode(*notify)
             return
         if len(self._mail.recipients) >= self.receiver.limits.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
         try:
             recipient = parse_path(
-                match.group("path"), True, self.receiver.hostname, utf8=self._mail.utf8
+                match.group("path"), True, self.receiver.hostname, utf8=self._mail.parameters.utf8
             )
             assert recipient is not None
             self._check_relay(recipient)
@@ -635,15 +703,17 @@ class Session(smtp.ESMTP):
             return
         if self.receiver.rules.event_rules:
             sender = _path_text(self._mail.sender)
-            accept = functools.partial(self._rcpt_ok, self._mail, recipient)
+            accept = functools.partial(self._rcpt_ok, self._mail, recipient, notify)
             self._ruled("rcpt", accept, mail=sender, rcpt=str(recipient))
             return
-        self._rcpt_ok(self._mail, recipient)
+        self._rcpt_ok(self._mail, recipient, notify)
 
-    def _rcpt_ok(self, mail: _Mail, recipient: Mailbox) -> None:
+    def _rcpt_ok(self, mail: _Mail, recipient: Mailbox, notify: Notify) -> None:
         if mail is not self._mail:
             return  # the transaction was reset while a rule delayed this answer
         mail.recipients.append(recipient)
+        if notify != Notify():
+            mail.dsn[str(recipient)] = notify
         self.sendCode(250, b"2.1.5 Recipient ok")
 
     def _check_relay(self, recipient: Mailbox) -> None:
@@ -838,8 +908,11 @@ class Session(smtp.ESMTP):
             helo=_printable(self._helo[0] if self._helo and self._helo[0] else b""),
             client=self.client,
             user=self.user,
-            protocol=self._protocol_name(mail.utf8),
-            utf8=mail.utf8,
+            protocol=self._protocol_name(mail.parameters.utf8),
+            utf8=mail.parameters.utf8,
+            ret=mail.parameters.ret,
+            envid=mail.parameters.envid,
+            dsn=mail.dsn,
         )
         accepted = self.receiver.accept(transaction)
 

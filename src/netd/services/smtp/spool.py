@@ -19,14 +19,14 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 
-__all__ = ["HEAD_BYTES", "Envelope", "Spool", "new_id"]
+__all__ = ["HEAD_BYTES", "Envelope", "Notify", "Spool", "new_id"]
 
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
@@ -52,6 +52,39 @@ def new_id(now: float) -> str:
 
 
 @attrs.frozen
+class Notify:
+    """
+    One recipient's DSN request (RFC 3461 4).
+
+    @ivar notify: when to report (C{SUCCESS}, C{FAILURE}, C{DELAY}), or
+        C{("NEVER",)}; None when RCPT did not say (failures are reported).
+    @ivar orcpt: the original recipient as given, C{addr-type;address} with
+        the xtext decoded.
+    """
+
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+    def wants(self, what: str) -> bool:
+        return what == "FAILURE" if self.notify is None else what in self.notify
+
+    def as_json(self) -> dict[str, Any]:
+        return {"notify": None if self.notify is None else list(self.notify), "orcpt": self.orcpt}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Notify:
+        notify = data.get("notify")
+        orcpt = data.get("orcpt")
+        return cls(
+            notify=None if notify is None else tuple(str(n) for n in notify),
+            orcpt=None if orcpt is None else str(orcpt),
+        )
+
+
+_NO_REQUEST = Notify()
+
+
+@attrs.frozen
 class Envelope:
     """
     What SMTP said about a message, besides the message.
@@ -62,6 +95,9 @@ class Envelope:
     @ivar size: the message's length in bytes, which recovery checks.
     @ivar bounce: whether this message is a delivery status notification netd wrote.
     @ivar utf8: it came with SMTPUTF8 (RFC 6531), and goes on with it.
+    @ivar ret: DSN's C{FULL} or C{HDRS} (RFC 3461 4.3): what a report quotes.
+    @ivar envid: DSN's envelope id, xtext decoded (RFC 3461 4.4).
+    @ivar dsn: the recipients' DSN requests, by address, for those that made one.
     """
 
     id: str
@@ -74,6 +110,12 @@ class Envelope:
     user: str | None = None
     bounce: bool = False
     utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    dsn: Mapping[str, Notify] = attrs.field(factory=dict, hash=False)
+
+    def notify(self, recipient: str) -> Notify:
+        return self.dsn.get(recipient, _NO_REQUEST)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -87,6 +129,9 @@ class Envelope:
             "user": self.user,
             "bounce": self.bounce,
             "smtputf8": self.utf8,
+            "ret": self.ret,
+            "envid": self.envid,
+            "dsn": {recipient: notify.as_json() for recipient, notify in self.dsn.items()},
         }
 
     @classmethod
@@ -102,6 +147,9 @@ class Envelope:
             user=data.get("user"),
             bounce=bool(data.get("bounce", False)),
             utf8=bool(data.get("smtputf8", False)),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            dsn={str(r): Notify.from_json(n) for r, n in (data.get("dsn") or {}).items()},
         )
 
 

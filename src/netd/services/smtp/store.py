@@ -163,6 +163,9 @@ class MailStore(Service):
             helo=transaction.helo,
             user=transaction.user,
             utf8=transaction.utf8,
+            ret=transaction.ret,
+            envid=transaction.envid,
+            dsn=dict(transaction.dsn),
         )
         stored = self.spool.store(envelope, data)
 
