@@ -7,6 +7,7 @@ an aiosmtpd smarthost.
 from __future__ import annotations
 
 import email
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 from tests.clients import smtp
 from tests.conftest import StartNetd
 from tests.integration.test_smtp import Smarthost
@@ -245,3 +246,85 @@ def _events(netd: NetdProcess, kind: str, count: int) -> list[dict[str, Any]]:
         found += netd.events("mail", kind, since, wait=max(deadline - time.monotonic(), 0.1))
     assert len(found) >= count, found
     return found[:count]
+
+
+def _release(netd: NetdProcess, message_id: str, body: object) -> Any:
+    return netd.admin(
+        "POST",
+        f"/api/services/mail/messages/{message_id}/release",
+        json.dumps(body).encode(),
+    )
+
+
+def test_release_sends_a_captured_message_on_to_a_smarthost(
+    netd: NetdProcess, smarthost: Smarthost
+) -> None:
+    mail = EmailMessage()
+    mail["From"] = "shop@client.test"
+    mail["To"] = "held@netd.test"
+    mail["Subject"] = "release me"
+    mail.set_content("Captured, then sent on.\n")
+    message_id = _send(netd, mail)
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    answer = _release(
+        netd,
+        message_id,
+        {"to": ["real@far.test", "reject@far.test"], "smarthost": f"127.0.0.1:{smarthost.port}"},
+    )
+    assert answer["id"] == message_id and answer["released"] == 1
+    assert answer["to"]["real@far.test"]["code"] == 250
+    assert answer["to"]["reject@far.test"] == {"code": 550, "reply": "5.1.1 No such user here"}
+    [(sender, recipients, content)] = _wait_received(smarthost, 1)
+    assert (sender, recipients) == ("shop@client.test", ["real@far.test"])
+    assert content == netd.message("mail", message_id)  # as captured, Received: and all
+    [event] = netd.events("mail", "message.released", last, wait=10)
+    assert event["recipients"] == ["real@far.test", "reject@far.test"]
+    # The message stays captured.
+    assert [m["id"] for m in netd.messages("mail", to="held@netd.test")] == [message_id]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("nope/release", {"to": ["a@far.test"], "smarthost": "127.0.0.1:25"}, 404),
+        ("{id}/launch", {"to": ["a@far.test"], "smarthost": "127.0.0.1:25"}, 404),
+        ("{id}/release", {"to": [], "smarthost": "127.0.0.1:25"}, 400),
+        ("{id}/release", {"to": ["a%b@far.test"], "smarthost": "127.0.0.1:25"}, 400),
+        ("{id}/release", {"to": ["a@far.test"], "smarthost": "127.0.0.1"}, 400),
+        ("{id}/release", {"to": ["a@far.test"], "smarthost": "127.0.0.1:99999"}, 400),
+        ("{id}/release", {"to": ["a@far.test"], "smarthost": "h:1", "x": 1}, 400),
+        ("{id}/release", ["a@far.test"], 400),
+    ],
+)
+def test_bad_releases_are_refused_and_the_daemon_goes_on(
+    netd: NetdProcess, path: str, body: object, status: int
+) -> None:
+    message_id = _send(netd, _plain("bad-release@netd.test"))
+    with pytest.raises(AdminError) as refused:
+        netd.admin(
+            "POST",
+            "/api/services/mail/messages/" + path.format(id=message_id),
+            json.dumps(body).encode(),
+        )
+    assert refused.value.status == status
+    assert netd.messages("mail", to="bad-release@netd.test")
+
+
+def test_a_release_to_a_smarthost_that_is_down_is_502(netd: NetdProcess) -> None:
+    message_id = _send(netd, _plain("down@netd.test"))
+    with socket.socket() as holder:  # bound, not listening: connections are refused
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        with pytest.raises(AdminError) as refused:
+            _release(netd, message_id, {"to": ["a@far.test"], "smarthost": f"127.0.0.1:{port}"})
+    assert refused.value.status == 502 and f"127.0.0.1:{port}" in refused.value.body
+    assert netd.messages("mail", to="down@netd.test")
+
+
+def _plain(to: str) -> EmailMessage:
+    mail = EmailMessage()
+    mail["From"] = "shop@client.test"
+    mail["To"] = to
+    mail["Subject"] = "plain"
+    mail.set_content("x\n")
+    return mail

@@ -37,6 +37,7 @@ __all__ = [
     "Courier",
     "Hop",
     "Outcome",
+    "Releaser",
     "Replies",
     "Send",
     "SmarthostOptions",
@@ -389,6 +390,42 @@ def send_message(
     return Hop(hostname, hop, context, lambda: endpoint, connections=1).send(
         envelope, recipients, data
     )
+
+
+# Smarthosts a Releaser keeps a Hop for; past it, an idle one is let go.
+_RELEASE_HOPS = 16
+
+
+@attrs.define
+class Releaser:
+    """
+    Sends captured messages on to a smarthost named with each (Mailpit's
+    release), through a L{Hop} per smarthost: its queue and its connections,
+    opportunistic TLS, SMTPUTF8 and DSN as for relayed mail.  One attempt: the
+    caller hears each recipient's reply, or why the smarthost was not reached.
+    """
+
+    reactor: Any
+    hostname: str
+    timeout: float = 60.0
+    hops: dict[tuple[str, int], Hop] = attrs.field(factory=dict)
+
+    def send(self, host: str, port: int, envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        hop = self.hops.get((host, port))
+        if hop is None:
+            idle = [key for key, h in self.hops.items() if not (h.connections or h.pending)]
+            if len(self.hops) >= _RELEASE_HOPS and idle:
+                del self.hops[idle[0]]
+            options = SmarthostOptions(host, port, timeout=self.timeout)
+            reactor = self.reactor
+
+            def endpoint() -> HostnameEndpoint:
+                return HostnameEndpoint(reactor, host, port, timeout=options.timeout)
+
+            hop = self.hops[host, port] = Hop(
+                self.hostname, options, client_tls(options), endpoint, connections=2
+            )
+        return hop.send(envelope, envelope.recipients, data)
 
 
 def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> Send:
