@@ -10,18 +10,19 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
-from netd.services.smtp.relay import Hop, Replies, SmarthostOptions
+from netd.services.smtp.relay import Courier, Hop, Replies, SmarthostOptions
 from netd.services.smtp.server import Limits, Session, SessionFactory, Transaction
-from netd.services.smtp.spool import Envelope, Notify
+from netd.services.smtp.spool import Envelope, Notify, Spool
 from netd.services.smtp.store import MailStore
 from tests.unit.test_smtp import (
     Harness,
+    accept,
     codes,
     make_courier,
     replies,
@@ -401,3 +402,48 @@ def test_dsn_requests_go_on_to_a_hop_offering_dsn() -> None:
     (accepted,) = harness.accepted
     assert (accepted.ret, accepted.envid) == ("FULL", "id with space+")
     assert accepted.dsn == {"x@netd.test": Notify(("SUCCESS", "DELAY"), "rfc822;x=y@old.test")}
+
+
+# Retry state across a restart -------------------------------------------------
+
+
+def test_a_restart_takes_up_each_message_s_retry_schedule(tmp_path: Path) -> None:
+    courier, store, upstream, clock, _ = make_courier(tmp_path)  # retry (10, 60)
+    upstream.answers = [ConnectionRefusedError("down")] * 3
+    first = accept(store, Mailbox("s", "client.test"), "a@far.test")
+    clock.advance(0)  # attempt 1 fails: next in 10 s
+    clock.advance(10)  # attempt 2 fails: next in 60 s
+    second = accept(store, Mailbox("s", "client.test"), "b@far.test")
+    clock.advance(0)  # its attempt 1 fails: next in 10 s
+    courier.stopService()
+    store.stopService()
+    retries = {p.name for p in store.spool.directory.glob("*.retry")}
+    assert retries == {f"{first}.retry", f"{second}.retry"}
+
+    # The restart, 5 s later: neither is tried at once.
+    clock.advance(5)
+    store = MailStore(store.spool, store.context, "mx.netd.test")
+    courier = Courier(store.context, store.spool, upstream, "mx.netd.test", (10, 60), 1000)
+    store.deliver = courier.schedule
+    courier.store = store
+    store.startService()
+    courier.startService()
+    upstream.answers = [{"b@far.test": (250, "ok")}, {"a@far.test": (250, "ok")}]
+    clock.advance(0)
+    assert len(upstream.attempts) == 3
+    clock.advance(5)  # the second's retry was due 10 s after its first attempt
+    assert [e.recipients for e, _ in upstream.attempts[3:]] == [("b@far.test",)]
+    clock.advance(49)
+    assert len(upstream.attempts) == 4
+    clock.advance(1)  # the first's, 60 s after its second attempt
+    assert [e.recipients for e, _ in upstream.attempts[4:]] == [("a@far.test",)]
+    assert not store.messages and not list(store.spool.directory.iterdir())
+
+
+def test_a_retry_state_without_its_message_is_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, maybeDeferred)
+    (tmp_path / "gone.retry").write_text('{"attempts": 2, "due": 5}')
+    (tmp_path / "bad.retry").write_text("{")
+    (tmp_path / "bad.msg").write_bytes(b"")
+    assert result_of(spool.retries()) == {}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.msg", "bad.retry"]

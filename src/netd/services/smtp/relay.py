@@ -3,8 +3,9 @@ The smtp kind's outbound side: a retry scheduler over the spool, delivery
 through twisted.mail's ESMTP client, and RFC 3464 bounces.
 
 twisted.mail's own queue (C{relaymanager}) is broken on Python 3 and keeps
-pickles; this one keeps nothing but the spool files, so a restart simply tries
-every queued message again.
+pickles; this one keeps the spool files and, beside each message deferred, a
+small file saying where its retries have got to, so a restart takes up each
+message's schedule where it was rather than trying the whole queue at once.
 """
 
 from __future__ import annotations
@@ -567,17 +568,50 @@ class Courier(Service):
         init=False, factory=lambda: DeferredSemaphore(_CONCURRENT_DELIVERIES)
     )
     stopped: bool = attrs.field(init=False, default=False)
+    # The retry states the spool kept (None until read), and the recovered
+    # messages waiting for them.
+    resumed: dict[str, tuple[int, float]] | None = attrs.field(init=False, default=None)
+    recovered: list[str] = attrs.field(init=False, factory=list)
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.retries().addCallbacks(self._resume, self._no_states)
+
+    def _no_states(self, failure: Failure) -> None:
+        self.context.log.failure("reading the retry states failed", failure)
+        self._resume({})
+
+    def _resume(self, states: dict[str, tuple[int, float]]) -> None:
+        self.resumed = states
+        waiting, self.recovered = self.recovered, []
+        for id in waiting:
+            self._resume_one(id)
+
+    def _resume_one(self, id: str) -> None:
+        queued = self.queue.get(id)
+        if queued is None or self.stopped:
+            return
+        assert self.resumed is not None
+        attempts, due = self.resumed.pop(id, (0, 0.0))
+        queued.attempts = attempts
+        self._later(id, max(due - self.context.reactor.seconds(), 0.0))
 
     def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
         """
-        Deliver C{envelope} now (a new or recovered message); C{data} spares the
-        first attempt a read of the spool.
+        Deliver C{envelope}: now when it is new (C{data} spares the first
+        attempt a read of the spool), when its retry state says when recovered
+        from the spool (C{data} None).
         """
         if envelope.id in self.queue:
             return
         self.queue[envelope.id] = _Queued(envelope, data=data)
         self._gauge()
-        self._later(envelope.id, 0)
+        if data is not None:
+            self._later(envelope.id, 0)
+        elif self.resumed is None:
+            self.recovered.append(envelope.id)
+        else:
+            self._resume_one(envelope.id)
 
     def stopService(self) -> None:
         super().stopService()
@@ -678,6 +712,7 @@ class Courier(Service):
             if len(waiting) < len(envelope.recipients):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
                 steps.append(self.spool.replace(queued.envelope))
+            steps.append(self.spool.save_retry(envelope.id, queued.attempts, now + delay))
             self._later(envelope.id, delay)
             if bounced is not None:
                 steps.append(bounced)

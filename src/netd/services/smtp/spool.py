@@ -32,6 +32,8 @@ RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 _SUFFIX = ".msg"
 _TEMPORARY = ".tmp"
+# Where a queued message's retries have got to, beside it: attempts and when the next is due.
+_RETRY = ".retry"
 # A damaged or temporary file older than this was left by a crash.
 _ABANDONED = 3600.0
 # How much of a message recovery reads back for its headers.
@@ -257,6 +259,34 @@ def _remove(directory: Path, ids: list[str]) -> None:
     # which SMTP's at-least-once promise allows.
     for id in ids:
         (directory / (id + _SUFFIX)).unlink(missing_ok=True)
+        (directory / (id + _RETRY)).unlink(missing_ok=True)
+
+
+def _save_retry(directory: Path, id: str, attempts: int, due: float) -> None:
+    """
+    Replace a message's retry state atomically.  Not synced: a state lost in
+    a crash only means an earlier attempt, and a deferral costs no fsync.
+    """
+    if not (directory / (id + _SUFFIX)).exists():
+        return  # delivered or deleted meanwhile
+    temporary = directory / (id + _RETRY + _TEMPORARY)
+    temporary.write_text(json.dumps({"attempts": attempts, "due": due}))
+    os.replace(temporary, directory / (id + _RETRY))
+
+
+def _retries(directory: Path) -> dict[str, tuple[int, float]]:
+    found = {}
+    for path in directory.glob("*" + _RETRY):
+        id = path.name[: -len(_RETRY)]
+        try:
+            state = json.loads(path.read_text())
+            found[id] = (int(state["attempts"]), float(state["due"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.pop(id, None)
+        if not (directory / (id + _SUFFIX)).exists():
+            path.unlink(missing_ok=True)  # its message left while the state was written
+            found.pop(id, None)
+    return found
 
 
 def _replace(directory: Path, envelope: Envelope) -> None:
@@ -317,3 +347,11 @@ class Spool:
 
     def replace(self, envelope: Envelope) -> Deferred[None]:
         return self.run(lambda: _replace(self.directory, envelope))
+
+    def save_retry(self, id: str, attempts: int, due: float) -> Deferred[None]:
+        """Keep how many attempts a queued message has had and when the next is due."""
+        return self.run(lambda: _save_retry(self.directory, id, attempts, due))
+
+    def retries(self) -> Deferred[dict[str, tuple[int, float]]]:
+        """Every queued message's retry state by id: (attempts, epoch seconds due)."""
+        return self.run(lambda: _retries(self.directory))
