@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.controller import Controller
 
 from netd.testing import AdminError, NetdProcess
 from tests.clients import smtp
@@ -328,3 +329,49 @@ def _plain(to: str) -> EmailMessage:
     mail["Subject"] = "plain"
     mail.set_content("x\n")
     return mail
+
+
+class _AsciiSmarthost(Smarthost):
+    """The smarthost without SMTPUTF8 (aiosmtpd's Controller offers it by default)."""
+
+    def start(self) -> None:
+        self.controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, enable_SMTPUTF8=False
+        )
+        self.controller.start()
+
+
+@pytest.mark.parametrize("offered", [True, False])
+def test_a_message_needing_smtputf8_goes_only_to_a_hop_offering_it(
+    start_netd: StartNetd, tmp_path: Path, offered: bool
+) -> None:
+    smarthost = Smarthost(auth_required=False) if offered else _AsciiSmarthost()
+    smarthost.start()
+    try:
+        netd = start_netd(
+            relaying(
+                tmp_path / "state",
+                f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none",
+            )
+        )
+        with smtp(netd) as client:
+            client.sendmail(
+                "alice@client.test",
+                ["юля@far.test", "plain@far.test"],
+                b"Subject: hi\r\n\r\nhello\r\n",
+                mail_options=["SMTPUTF8"],
+            )
+        [(sender, recipients, content)] = _wait_received(smarthost, 1)
+    finally:
+        smarthost.stop()
+    if offered:
+        assert (sender, recipients) == ("alice@client.test", ["юля@far.test", "plain@far.test"])
+        assert b"with UTF8SMTP id" in content
+        return
+    # Not sent without SMTPUTF8 (RFC 6531 3.2): bounced to the sender instead.
+    assert (sender, recipients) == ("<>", ["alice@client.test"])
+    text = content.decode()
+    assert "Final-Recipient: utf-8; юля@far.test" in text
+    assert "Status: 5.6.7" in text and "SMTPUTF8 is required" in text
+    [bounced] = _events(netd, "message.bounced", 1)
+    assert bounced["recipients"] == ["юля@far.test", "plain@far.test"]

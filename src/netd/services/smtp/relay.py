@@ -498,7 +498,7 @@ def delivery_report(
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
         f"\r\n"
         f"--{boundary}\r\n"
-        f"Content-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Type: text/plain; charset={'us-ascii' if lines.isascii() else 'utf-8'}\r\n"
         f"\r\n"
         f"This is the mail system at {hostname}.\r\n"
         f"Your message {envelope.id} {summary}:\r\n"
