@@ -1081,7 +1081,9 @@ FUZZ_PIECES = [
     b'RCPT TO:<"@netd.test>', b"RCPT TO:<@:>", b"RCPT TO:<a@>", b"DATA", b"DATA x", b"RSET",
     b"STARTTLS", b"STARTTLS x", b"AUTH", b"AUTH LOGIN", b"AUTH PLAIN", b"AUTH PLAIN =", b"*",
     b"=", b"", b" ", b"\x00", b"\xff\xfe", b"MAIL FROM:<\xff@b.c>", b".", b"BDAT 10", b"\r",
-    b"\n", b"\r\n.\r\n", b"A" * 50,
+    b"\n", b"\r\n.\r\n", b"A" * 50, b"BDAT 3 LAST", b"BDAT 0", b"BDAT 99999", b"BDAT 1 LAST x",
+    b"MAIL FROM:<a@b.c> SMTPUTF8 RET=HDRS ENVID=x+2B", "RCPT TO:<ю@netd.test>".encode(),
+    b"RCPT TO:<x@netd.test> NOTIFY=NEVER ORCPT=rfc822;x", b"RCPT TO:<x@netd.test> NOTIFY=",
 ]  # fmt: skip
 
 
