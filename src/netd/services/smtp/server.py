@@ -169,7 +169,7 @@ def _rcpt_parameters(params: bytes) -> Notify | tuple[int, bytes]:
         key, _, value = param.partition(b"=")
         key = key.upper()
         if key in seen:
-            return 501, b"5.5.4 " + key + b" given twice"
+            return 501, b"5.5.4 " + _printable(key, 32).encode() + b" given twice"
         seen.add(key)
         if key == b"NOTIFY":
             words = tuple(value.decode("ascii", "replace").upper().split(","))
