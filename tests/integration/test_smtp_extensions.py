@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 import json
+import poplib
 import socket
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     text = mail_map(
         base / "state",
         imap='{listen: ["tcp:0:interface=127.0.0.1"]}',
+        pop3='{listen: ["tcp:0:interface=127.0.0.1"]}',
         mailboxes="{any_password: true, allow_insecure_auth: true}",
     )
     with NetdProcess.start(text, base) as process:
@@ -96,6 +98,15 @@ def test_smtputf8_addresses_are_stored_listed_and_read_over_imap(netd: NetdProce
         fetched = b"".join(_imap_line(sock, reader, b"c"))
         assert f"To: {USER}".encode() in fetched and "Привет".encode() in fetched
         reader.close()
+    # And over POP3 (poplib speaks UTF-8).
+    pop = poplib.POP3(*netd.address("mail", protocol="pop3"), timeout=10)
+    try:
+        pop.user(USER)
+        pop.pass_("secret")
+        assert pop.stat()[0] == 1
+        assert "Привет".encode() in b"\r\n".join(pop.retr(1)[1])
+    finally:
+        pop.quit()
     # Still serving plain SMTP.
     with smtp(netd) as client:
         assert client.noop()[0] == 250
