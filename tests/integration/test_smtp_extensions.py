@@ -386,3 +386,28 @@ def test_a_message_needing_smtputf8_goes_only_to_a_hop_offering_it(
     assert "Status: 5.6.7" in text and "SMTPUTF8 is required" in text
     [bounced] = _events(netd, "message.bounced", 1)
     assert bounced["recipients"] == ["юля@far.test", "plain@far.test"]
+
+
+def test_a_restart_keeps_a_deferred_message_s_schedule(tmp_path: Path) -> None:
+    smarthost = Smarthost(auth_required=False)  # bound, not listening: down
+    text = relaying(
+        tmp_path / "state",
+        f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none, retry: [60]",
+    )
+    try:
+        with NetdProcess.start(text, tmp_path / "first") as netd:
+            with smtp(netd) as client:
+                client.sendmail(
+                    "alice@client.test", ["queued@far.test"], b"Subject: s\r\n\r\nx\r\n"
+                )
+            [deferred] = netd.events("mail", "message.deferred", 0, wait=10)
+            assert deferred["retry_in"] == 60
+        assert len(list((tmp_path / "state" / "smtp" / "mail").glob("*.retry"))) == 1
+        smarthost.start()  # up now: a restart that retried at once would deliver at once
+        with NetdProcess.start(text, tmp_path / "second") as netd:
+            assert netd.events("mail", "spool.recovered", 0, wait=10)
+            tried = netd.events("mail", "message.delivered,message.deferred", 0, wait=3)
+            assert tried == [] and len(netd.messages("mail")) == 1
+        assert smarthost.received == []
+    finally:
+        smarthost.stop()
