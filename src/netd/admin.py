@@ -430,13 +430,17 @@ class AdminResource(Resource):
             )
         if method == "DELETE" and view.remove is not None:
             return self._deferred(request, maybeDeferred(view.remove, key), _item_answer)
-        if view.item is None and view.put is None and view.remove is None:
+        if method == "POST" and view.act is not None:
+            acted = maybeDeferred(view.act, key, _json_body(request))
+            return self._deferred(request, acted, _item_answer)
+        if view.item is None and view.put is None and view.remove is None and view.act is None:
             raise _HTTPError(404, "not found")
         _allow(
             method,
             *(["GET", "HEAD"] if view.item else []),
             *(["PUT"] if view.put else []),
             *(["DELETE"] if view.remove else []),
+            *(["POST"] if view.act else []),
         )
         assert view.item is not None
         return self._deferred(request, maybeDeferred(view.item, key), _item_answer)

@@ -132,6 +132,8 @@ class AdminView:
         JSON-able (answered 201).
     @ivar put: C{PUT .../VIEW/KEY} with a JSON body: set one entry.
     @ivar remove: C{DELETE .../VIEW/KEY}: forget one entry; L{None} for 404.
+    @ivar act: C{POST .../VIEW/KEY} with a JSON body: an action on one entry
+        (C{messages/ID/release}); returns JSON-able, or L{None} for 404.
 
     A KEY is the rest of the path, its segments joined with C{/}
     (C{records/www.lab.test/A}).  A write may raise L{ViewRefused} (its status
@@ -145,6 +147,7 @@ class AdminView:
     post: Callable[[Any], Any] | None = None
     put: Callable[[str, Any], Any] | None = None
     remove: Callable[[str], Any] | None = None
+    act: Callable[[str, Any], Any] | None = None
 
 
 class ViewRefused(Exception):

@@ -621,6 +621,7 @@ class WorkerPool(RunningService):
             post=when(view.post, lambda body: call("post", body=body).addCallback(first)),
             put=when(view.put, lambda key, body: call("put", key, body).addCallback(first)),
             remove=when(view.remove, lambda key: call("remove", key).addCallback(first)),
+            act=when(view.act, lambda key, body: call("act", key, body).addCallback(first)),
         )
 
 
@@ -827,6 +828,7 @@ class _Worker(amp.AMP):
             "post": lambda: _must(found.post)(argument),
             "put": lambda: _must(found.put)(key, argument),
             "remove": lambda: _must(found.remove)(key),
+            "act": lambda: _must(found.act)(key, argument),
         }
         return maybeDeferred(calls[action]).addCallbacks(_encode_value, _encode_refusal)
 

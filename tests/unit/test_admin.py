@@ -407,3 +407,23 @@ def test_a_read_only_view_refuses_writes_with_the_methods_it_allows() -> None:
     assert put.responseCode == 405 and put.responseHeaders.getRawHeaders(b"allow") == [b"GET, HEAD"]
     posted = _write(resource, b"/api/services/dns/records", b"POST", {})
     assert posted.responseCode == 405
+
+
+def test_a_view_acts_on_one_entry_with_post() -> None:
+    acted: list[tuple[str, Any]] = []
+
+    def act(key: str, body: Any) -> Any:
+        if key.endswith("/refuse"):
+            raise ViewRefused(400, "no")
+        acted.append((key, body))
+        return None if key.startswith("gone/") else {"done": key}
+
+    view = AdminView(list=lambda query: [], act=act)
+    resource = AdminResource(_service_with(view), None, dict)  # type: ignore[arg-type]
+    done = _write(resource, b"/api/services/dns/records/m1/release", b"POST", {"to": ["a"]})
+    assert done.responseCode == 200 and acted == [("m1/release", {"to": ["a"]})]
+    assert json.loads(b"".join(done.written)) == {"done": "m1/release"}
+    assert _write(resource, b"/api/services/dns/records/gone/x", b"POST", {}).responseCode == 404
+    assert _write(resource, b"/api/services/dns/records/m1/refuse", b"POST", {}).responseCode == 400
+    got = _write(resource, b"/api/services/dns/records/m1", b"GET", b"")
+    assert got.responseCode == 405 and got.responseHeaders.getRawHeaders(b"allow") == [b"POST"]

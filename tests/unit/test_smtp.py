@@ -244,7 +244,10 @@ def test_a_whole_transaction() -> None:
         "250-SIZE 4096",
         "250-8BITMIME",
         "250-PIPELINING",
-        "250 ENHANCEDSTATUSCODES",
+        "250-ENHANCEDSTATUSCODES",
+        "250-SMTPUTF8",
+        "250-CHUNKING",
+        "250 DSN",
     ]
     send(session, "MAIL FROM:<a@b.test> SIZE=100 BODY=8BITMIME\r\nRCPT TO:<x@netd.test>\r\n")
     send(session, "DATA\r\n" + "Subject: hi\r\n\r\n..dotted\r\nhello\r\n.\r\nQUIT\r\n")
@@ -1078,7 +1081,9 @@ FUZZ_PIECES = [
     b'RCPT TO:<"@netd.test>', b"RCPT TO:<@:>", b"RCPT TO:<a@>", b"DATA", b"DATA x", b"RSET",
     b"STARTTLS", b"STARTTLS x", b"AUTH", b"AUTH LOGIN", b"AUTH PLAIN", b"AUTH PLAIN =", b"*",
     b"=", b"", b" ", b"\x00", b"\xff\xfe", b"MAIL FROM:<\xff@b.c>", b".", b"BDAT 10", b"\r",
-    b"\n", b"\r\n.\r\n", b"A" * 50,
+    b"\n", b"\r\n.\r\n", b"A" * 50, b"BDAT 3 LAST", b"BDAT 0", b"BDAT 99999", b"BDAT 1 LAST x",
+    b"MAIL FROM:<a@b.c> SMTPUTF8 RET=HDRS ENVID=x+2B", "RCPT TO:<ю@netd.test>".encode(),
+    b"RCPT TO:<x@netd.test> NOTIFY=NEVER ORCPT=rfc822;x", b"RCPT TO:<x@netd.test> NOTIFY=",
 ]  # fmt: skip
 
 

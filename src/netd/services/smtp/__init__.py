@@ -55,7 +55,7 @@ from netd.services.smtp.mailbox import (
     uid_validity,
 )
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
-from netd.services.smtp.relay import Courier, SmarthostOptions, smarthost_sender
+from netd.services.smtp.relay import Courier, Releaser, SmarthostOptions, smarthost_sender
 from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
 from netd.services.smtp.spool import Spool
 from netd.services.smtp.store import MailStore
@@ -374,13 +374,26 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         send = mx_sender(context.reactor, hostname, route, resolver_for(context.reactor, route))
     if send is not None:
         courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
-        store = MailStore(spool, context, hostname, deliver=courier.schedule, codes=options.codes)
+        store = MailStore(
+            spool,
+            context,
+            hostname,
+            deliver=courier.schedule,
+            codes=options.codes,
+            releaser=Releaser(context.reactor, hostname),
+        )
         courier.store = store
         background = MultiService()
         store.setServiceParent(background)
         courier.setServiceParent(background)
     else:
-        store = MailStore(spool, context, hostname, codes=options.codes)
+        store = MailStore(
+            spool,
+            context,
+            hostname,
+            codes=options.codes,
+            releaser=Releaser(context.reactor, hostname),
+        )
         background = store
     portal = None
     if options.auth is not None:
@@ -441,6 +454,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
                 # dropped by an API call: DELETE is for capture mode (405 otherwise).
                 clear=store.clear if send is None else None,
                 remove=store.remove if send is None else None,
+                act=store.act,
             )
         },
     )

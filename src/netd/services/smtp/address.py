@@ -17,11 +17,17 @@ import attrs
 __all__ = ["Mailbox", "PathRefused", "parse_path"]
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
+# RFC 6531 3.3: atext gains every non-ASCII character (UTF8-non-ascii).
+_UTF8_DOT_ATOM = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
+    r"(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*\Z"
+)
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 _ADDRESS_LITERAL = re.compile(r"\[[^\[\]\\]+\]\Z")
-_CONTROL_OR_BRACKET = re.compile(r"[\x00-\x1f\x7f<>]")
-# RFC 5321 4.5.3.1: local part 64 octets, domain 255, path 256 with the brackets.
+_CONTROL_OR_BRACKET = re.compile(r"[\x00-\x1f\x7f-\x9f<>\u2028\u2029]")
+# RFC 5321 4.5.3.1: local part 64 octets, domain 255, path 256 with the brackets
+# (octets: a UTF-8 local part counts its encoded length).
 _MAX_LOCAL = 64
 _MAX_DOMAIN = 255
 _MAX_PATH = 256
@@ -51,13 +57,18 @@ def _trick(text: str) -> PathRefused:
 
 @attrs.frozen
 class Mailbox:
-    """C{local@domain}; C{domain} is lower-case."""
+    """C{local@domain}; C{domain} is lower-case (an internationalised one in U-labels)."""
 
     local: str
     domain: str
 
     def __str__(self) -> str:
         return f"{self.local}@{self.domain}"
+
+    @property
+    def international(self) -> bool:
+        """Whether only SMTPUTF8 can carry this address (RFC 6531)."""
+        return not (self.local.isascii() and self.domain.isascii())
 
 
 def _split_quoted(text: str) -> tuple[str, str]:
@@ -74,7 +85,26 @@ def _split_quoted(text: str) -> tuple[str, str]:
     raise _syntax("unbalanced quotes in the address")
 
 
-def parse_path(raw: bytes, recipient: bool, default_domain: str) -> Mailbox | None:
+def _domain_name(domain: str) -> str | None:
+    """
+    A domain in lower case, U-labels kept as such once they have a valid
+    A-label form (IDNA 2003, Python's own codec); None if it is not a domain.
+    """
+    if domain.isascii():
+        ascii_form = domain
+    else:
+        try:
+            ascii_form = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return None
+    if len(ascii_form) > _MAX_DOMAIN or not _DOMAIN.match(ascii_form):
+        return None
+    return domain.lower()
+
+
+def parse_path(
+    raw: bytes, recipient: bool, default_domain: str, utf8: bool = False
+) -> Mailbox | None:
     """
     Read the argument of C{MAIL FROM:} or C{RCPT TO:} (the path, angle brackets
     optional); L{None} is the null reverse path C{<>}.
@@ -82,17 +112,20 @@ def parse_path(raw: bytes, recipient: bool, default_domain: str) -> Mailbox | No
     @param recipient: forward paths refuse routing tricks (source routes, C{%},
         C{!}, a quoted C{@}, two C{@}, address literals).
     @param default_domain: the domain of a bare C{postmaster} recipient.
+    @param utf8: the transaction said C{SMTPUTF8}: UTF-8 addresses are read.
     @raise PathRefused: with the reply to send.
     """
     try:
-        text = raw.decode("ascii")
+        text = raw.decode("utf-8" if utf8 else "ascii")
     except UnicodeDecodeError:
-        raise PathRefused(553, "5.6.7", "non-ASCII addresses need SMTPUTF8 (not offered)") from None
+        if utf8:
+            raise _syntax("the address is not valid UTF-8") from None
+        raise PathRefused(553, "5.6.7", "non-ASCII addresses need MAIL FROM's SMTPUTF8") from None
     if text.startswith("<") != text.endswith(">") or (text.startswith("<") and len(text) < 2):
         raise _syntax("unbalanced angle brackets")
     if text.startswith("<"):
         text = text[1:-1]
-    if len(text) + 2 > _MAX_PATH:
+    if len(text.encode()) + 2 > _MAX_PATH:
         raise _syntax("the address is longer than 256 characters")
     if _CONTROL_OR_BRACKET.search(text):
         raise _syntax("controls and brackets cannot appear in an address")
@@ -122,14 +155,15 @@ def parse_path(raw: bytes, recipient: bool, default_domain: str) -> Mailbox | No
             raise _trick("more than one @")
         if recipient and ("%" in local or "!" in local):
             raise _trick("a % or ! route in the local part")
-        if not _DOT_ATOM.match(local):  # no spaces outside quotes
+        if not (_UTF8_DOT_ATOM if utf8 else _DOT_ATOM).match(local):  # no spaces outside quotes
             raise _syntax("not a valid local part")
-    if len(local) > _MAX_LOCAL:
+    if len(local.encode()) > _MAX_LOCAL:
         raise _syntax("the local part is longer than 64 characters")
     if _ADDRESS_LITERAL.match(domain):
         if recipient:
             raise _trick("an address literal")
         return Mailbox(local, domain)
-    if len(domain) > _MAX_DOMAIN or not _DOMAIN.match(domain):
+    name = _domain_name(domain)
+    if name is None:
         raise _syntax("not a valid domain")
-    return Mailbox(local, domain.lower())
+    return Mailbox(local, name)

@@ -19,7 +19,14 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
 
-from netd.services.smtp.relay import Outcome, Send, SmarthostOptions, client_tls, send_message
+from netd.services.smtp.relay import (
+    Outcome,
+    Replies,
+    Send,
+    SmarthostOptions,
+    client_tls,
+    send_message,
+)
 from netd.services.smtp.spool import Envelope
 
 __all__ = ["MxOptions", "mx_sender", "resolver_for"]
@@ -135,9 +142,11 @@ def mx_sender(reactor: Any, hostname: str, options: MxOptions, resolver: Any) ->
         ]
 
         def merge(outcomes: list[Outcome]) -> Outcome:
-            merged: dict[str, tuple[int, str]] = {}
+            merged = Replies()
             for outcome in outcomes:
                 merged.update(outcome)
+                if isinstance(outcome, Replies):
+                    merged.passed_on |= outcome.passed_on
             return merged
 
         return gatherResults(attempts, consumeErrors=True).addCallback(merge)

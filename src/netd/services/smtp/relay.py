@@ -3,8 +3,9 @@ The smtp kind's outbound side: a retry scheduler over the spool, delivery
 through twisted.mail's ESMTP client, and RFC 3464 bounces.
 
 twisted.mail's own queue (C{relaymanager}) is broken on Python 3 and keeps
-pickles; this one keeps nothing but the spool files, so a restart simply tries
-every queued message again.
+pickles; this one keeps the spool files and, beside each message deferred, a
+small file saying where its retries have got to, so a restart takes up each
+message's schedule where it was rather than trying the whole queue at once.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ __all__ = [
     "Courier",
     "Hop",
     "Outcome",
+    "Releaser",
+    "Replies",
     "Send",
     "SmarthostOptions",
-    "bounce_message",
     "client_tls",
+    "delivery_report",
     "send_message",
     "smarthost_sender",
 ]
@@ -50,6 +53,16 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+class Replies(dict[str, tuple[int, str]]):
+    """
+    An attempt's replies by recipient, and those recipients whose DSN requests
+    the next hop took on (it offered DSN): their reports are its to send
+    (RFC 3461 5.2.2).
+    """
+
+    passed_on: frozenset[str] = frozenset()
 
 
 # What happened to each recipient of one attempt: address -> (code, text).
@@ -85,6 +98,25 @@ class _Job:
     data: bytes
     result: Deferred[Outcome] = attrs.field(factory=Deferred)
 
+    @property
+    def needs_utf8(self) -> bool:
+        """
+        Whether only a next hop that offers SMTPUTF8 may take it (RFC 6531
+        3.2): it came with SMTPUTF8 and has a UTF-8 address or header.  One
+        that said SMTPUTF8 but needs none goes on without it.
+        """
+        if not self.envelope.utf8:
+            return False
+        addresses = (self.envelope.sender, *self.recipients)
+        if not all(address.isascii() for address in addresses):
+            return True
+        end = self.data.find(b"\r\n\r\n")
+        return not self.data[: end if end >= 0 else len(self.data)].isascii()
+
+
+# RFC 6531 3.2: what becomes of a message needing SMTPUTF8 at a hop without it.
+_NO_SMTPUTF8 = (550, "5.6.7 SMTPUTF8 is required, but was not offered by the next hop")
+
 
 class _Sender(smtp.ESMTPSender):
     """
@@ -94,7 +126,8 @@ class _Sender(smtp.ESMTPSender):
     It reports every recipient's reply rather than an error for the whole
     message, sends the spool's CRLF lines as they are, and fails the message in
     hand when the connection is lost (endpoints never call the factory's
-    C{clientConnectionLost}).
+    C{clientConnectionLost}).  It writes MAIL and RCPT itself (Twisted's
+    C{quoteaddr} is ASCII only) with the parameters the next hop offers.
     """
 
     factory: Hop
@@ -108,6 +141,8 @@ class _Sender(smtp.ESMTPSender):
         self.sent = 0
         self.idle = False
         self.error: Failure | None = None
+        # The extensions the next hop's last EHLO offered (none after HELO).
+        self.offered: frozenset[bytes] = frozenset()
 
     def connectionMade(self) -> None:
         # The body goes out in chunks and ".\r\n" after them: with Nagle's
@@ -116,6 +151,67 @@ class _Sender(smtp.ESMTPSender):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        self.offered = frozenset(
+            line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()
+        )
+        super().esmtpState_serverConfig(code, resp)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        self._failresponse = self.smtpTransferFailed
+        while True:
+            self._from = self.getMailFrom()
+            if self._from is None:
+                self._disconnectFromServer()  # all messages sent
+                return
+            assert self.job is not None
+            if not self.job.needs_utf8 or b"SMTPUTF8" in self.offered:
+                break
+            self._finish(dict.fromkeys(self.job.recipients, _NO_SMTPUTF8))
+        parameters = b" SMTPUTF8" if self.job.needs_utf8 else b""
+        envelope = self.job.envelope
+        if b"DSN" in self.offered:
+            if envelope.ret is not None:
+                parameters += b" RET=" + envelope.ret.encode()
+            if envelope.envid is not None:
+                parameters += b" ENVID=" + _xtext(envelope.envid)
+        self.sendLine(b"MAIL FROM:<" + self._from.encode() + b">" + parameters)
+        self._expected = [250]
+        self._okresponse = self.smtpState_to
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> Any:
+        # Twisted's, with the RCPT line written here.
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if not self.successAddresses:
+                return self.smtpState_msgSent(code, "No recipients accepted")
+            self.sendLine(b"DATA")
+            self._expected = [354]
+            self._okresponse = self.smtpState_data
+        else:
+            address: bytes = self.lastAddress
+            self.sendLine(b"RCPT TO:<" + address + b">" + self._rcpt_parameters(address))
+        return None
+
+    def _rcpt_parameters(self, address: bytes) -> bytes:
+        """A recipient's DSN request, passed on to a next hop that offers DSN."""
+        assert self.job is not None
+        if b"DSN" not in self.offered:
+            return b""
+        notify = self.job.envelope.notify(address.decode())
+        parameters = b""
+        if notify.notify is not None:
+            parameters += b" NOTIFY=" + ",".join(notify.notify).encode()
+        if notify.orcpt is not None:
+            kind, _, original = notify.orcpt.partition(";")
+            parameters += b" ORCPT=" + kind.encode() + b";" + _xtext(original)
+        return parameters
 
     def getMailFrom(self) -> str | None:
         self.job = self.factory.take()
@@ -147,7 +243,9 @@ class _Sender(smtp.ESMTPSender):
         # A multi-line reply comes joined with LF; the text goes into bounces,
         # where a bare LF (and what follows it) must not reach the next hop.
         text = _one_line(resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp))
-        outcome: dict[str, tuple[int, str]] = {}
+        outcome = Replies()
+        if b"DSN" in self.offered:
+            outcome.passed_on = frozenset(self.job.recipients)
         for address, rcpt_code, rcpt_text in addresses:
             name = address.decode() if isinstance(address, bytes) else str(address)
             detail = _one_line(rcpt_text.decode("utf-8", "replace"))
@@ -295,6 +393,42 @@ def send_message(
     )
 
 
+# Smarthosts a Releaser keeps a Hop for; past it, an idle one is let go.
+_RELEASE_HOPS = 16
+
+
+@attrs.define
+class Releaser:
+    """
+    Sends captured messages on to a smarthost named with each (Mailpit's
+    release), through a L{Hop} per smarthost: its queue and its connections,
+    opportunistic TLS, SMTPUTF8 and DSN as for relayed mail.  One attempt: the
+    caller hears each recipient's reply, or why the smarthost was not reached.
+    """
+
+    reactor: Any
+    hostname: str
+    timeout: float = 60.0
+    hops: dict[tuple[str, int], Hop] = attrs.field(factory=dict)
+
+    def send(self, host: str, port: int, envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        hop = self.hops.get((host, port))
+        if hop is None:
+            idle = [key for key, h in self.hops.items() if not (h.connections or h.pending)]
+            if len(self.hops) >= _RELEASE_HOPS and idle:
+                del self.hops[idle[0]]
+            options = SmarthostOptions(host, port, timeout=self.timeout)
+            reactor = self.reactor
+
+            def endpoint() -> HostnameEndpoint:
+                return HostnameEndpoint(reactor, host, port, timeout=options.timeout)
+
+            hop = self.hops[host, port] = Hop(
+                self.hostname, options, client_tls(options), endpoint, connections=2
+            )
+        return hop.send(envelope, envelope.recipients, data)
+
+
 def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> Send:
     """Sends every message to one smarthost, over connections that it reuses."""
 
@@ -309,52 +443,90 @@ def smarthost_sender(reactor: Any, hostname: str, options: SmarthostOptions) -> 
     return send
 
 
-def bounce_message(
+def _xtext(text: str) -> bytes:
+    """RFC 3461 4's xtext: "+", "=", controls, spaces and 8-bit octets as "+XX"."""
+    return b"".join(
+        bytes([octet]) if 0x21 <= octet <= 0x7E and octet not in b"+=" else b"+%02X" % octet
+        for octet in text.encode()
+    )
+
+
+def delivery_report(
     hostname: str,
     envelope: Envelope,
-    failures: Mapping[str, tuple[int, str]],
-    head: bytes,
+    results: Mapping[str, tuple[int, str]],
+    original: bytes,
     now: float,
-    expired: bool,
+    expired: bool = False,
+    relayed: bool = False,
 ) -> bytes:
-    """An RFC 3464 delivery status notification for C{failures}, to the sender."""
+    """
+    An RFC 3464 delivery status notification to the sender: the C{results}
+    of recipients that failed, or (C{relayed}) that went on to a next hop that
+    sends no reports (RFC 3461 5.2.2).  C{original} is the whole message when
+    the sender said C{RET=FULL}, its header otherwise.
+    """
     boundary = "netd-" + secrets.token_hex(8)
-    lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in failures.items())
-    reason = "it could not be delivered in time" if expired else "it was refused"
+    lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in results.items())
+    if relayed:
+        subject = "Successful Mail Relay Report"
+        summary = "was relayed to these recipients, to a server that sends no delivery reports"
+        action = "relayed"
+    else:
+        subject = "Undelivered Mail Returned to Sender"
+        reason = "it could not be delivered in time" if expired else "it was refused"
+        summary = f"was not delivered to these recipients, as {reason}"
+        action = "failed"
     per_recipient = "".join(
-        f"\r\nFinal-Recipient: rfc822; {r}\r\nAction: failed\r\n"
+        "\r\n"
+        + _original_recipient(envelope, r)
+        + f"Final-Recipient: {_address_type(r)}; {r}\r\nAction: {action}\r\n"
         f"Status: {'4.4.7' if expired else _status_of(code, text)}\r\n"
         f"Diagnostic-Code: smtp; {code} {text}\r\n"
-        for r, (code, text) in failures.items()
+        for r, (code, text) in results.items()
     )
+    envid = f"Original-Envelope-Id: {envelope.envid}\r\n" if envelope.envid else ""
+    full = envelope.ret == "FULL"
     text = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{envelope.sender}>\r\n"
-        f"Subject: Undelivered Mail Returned to Sender\r\n"
+        f"Subject: {subject}\r\n"
         f"Date: {formatdate(now)}\r\n"
-        f"Message-ID: <{envelope.id}.bounce@{hostname}>\r\n"
+        f"Message-ID: <{envelope.id}.{'relayed' if relayed else 'bounce'}@{hostname}>\r\n"
         f"Auto-Submitted: auto-replied\r\n"
         f"MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
         f"\r\n"
         f"--{boundary}\r\n"
-        f"Content-Type: text/plain; charset=us-ascii\r\n"
+        f"Content-Type: text/plain; charset={'us-ascii' if lines.isascii() else 'utf-8'}\r\n"
         f"\r\n"
         f"This is the mail system at {hostname}.\r\n"
-        f"Your message {envelope.id} was not delivered to these recipients, as {reason}:\r\n"
+        f"Your message {envelope.id} {summary}:\r\n"
         f"\r\n{lines}\r\n"
         f"\r\n--{boundary}\r\n"
         f"Content-Type: message/delivery-status\r\n"
         f"\r\n"
+        f"{envid}"
         f"Reporting-MTA: dns; {hostname}\r\n"
         f"X-Netd-Queue-ID: {envelope.id}\r\n"
         f"Arrival-Date: {formatdate(envelope.received)}\r\n"
         f"{per_recipient}"
         f"\r\n--{boundary}\r\n"
-        f"Content-Type: text/rfc822-headers\r\n"
+        f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}\r\n"
         f"\r\n"
     )
-    return text.encode() + head.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
+    quoted = original if full else original.rstrip(b"\r\n") + b"\r\n"
+    return text.encode() + quoted + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _original_recipient(envelope: Envelope, recipient: str) -> str:
+    orcpt = envelope.notify(recipient).orcpt
+    return f"Original-Recipient: {orcpt}\r\n" if orcpt else ""
+
+
+def _address_type(address: str) -> str:
+    # RFC 6533 3: an internationalised address is of type utf-8.
+    return "rfc822" if address.isascii() else "utf-8"
 
 
 @attrs.define
@@ -396,17 +568,50 @@ class Courier(Service):
         init=False, factory=lambda: DeferredSemaphore(_CONCURRENT_DELIVERIES)
     )
     stopped: bool = attrs.field(init=False, default=False)
+    # The retry states the spool kept (None until read), and the recovered
+    # messages waiting for them.
+    resumed: dict[str, tuple[int, float]] | None = attrs.field(init=False, default=None)
+    recovered: list[str] = attrs.field(init=False, factory=list)
+
+    def startService(self) -> None:
+        super().startService()
+        self.spool.retries().addCallbacks(self._resume, self._no_states)
+
+    def _no_states(self, failure: Failure) -> None:
+        self.context.log.failure("reading the retry states failed", failure)
+        self._resume({})
+
+    def _resume(self, states: dict[str, tuple[int, float]]) -> None:
+        self.resumed = states
+        waiting, self.recovered = self.recovered, []
+        for id in waiting:
+            self._resume_one(id)
+
+    def _resume_one(self, id: str) -> None:
+        queued = self.queue.get(id)
+        if queued is None or self.stopped:
+            return
+        assert self.resumed is not None
+        attempts, due = self.resumed.pop(id, (0, 0.0))
+        queued.attempts = attempts
+        self._later(id, max(due - self.context.reactor.seconds(), 0.0))
 
     def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
         """
-        Deliver C{envelope} now (a new or recovered message); C{data} spares the
-        first attempt a read of the spool.
+        Deliver C{envelope}: now when it is new (C{data} spares the first
+        attempt a read of the spool), when its retry state says when recovered
+        from the spool (C{data} None).
         """
         if envelope.id in self.queue:
             return
         self.queue[envelope.id] = _Queued(envelope, data=data)
         self._gauge()
-        self._later(envelope.id, 0)
+        if data is not None:
+            self._later(envelope.id, 0)
+        elif self.resumed is None:
+            self.recovered.append(envelope.id)
+        else:
+            self._resume_one(envelope.id)
 
     def stopService(self) -> None:
         super().stopService()
@@ -469,6 +674,7 @@ class Courier(Service):
             return None
         now = self.context.reactor.seconds()
         expired = now - envelope.received >= self.max_age
+        passed_on = outcome.passed_on if isinstance(outcome, Replies) else frozenset()
         unanswered = (451, "4.4.0 No reply for this recipient")
         outcome = {r: outcome.get(r, unanswered) for r in envelope.recipients}
         done = [r for r in envelope.recipients if outcome[r][0] // 100 == 2]
@@ -481,7 +687,17 @@ class Courier(Service):
         if failed:
             stats.count("smtp_failed_recipients", len(failed))
         steps: list[Deferred[Any]] = []
-        bounced = self._bounce(envelope, failed, expired) if failed else None
+        # NOTIFY=SUCCESS: a report unless the next hop took the request on.
+        relayed = {
+            r: outcome[r]
+            for r in done
+            if r not in passed_on and envelope.notify(r).wants("SUCCESS")
+        }
+        reports = [
+            *([self._bounce(envelope, failed, expired)] if failed else []),
+            *([self._report(envelope, relayed, relayed=True)] if relayed else []),
+        ]
+        bounced = _all(reports) if reports else None
         if waiting:
             stats.count("smtp_deferred_recipients", len(waiting))
             delay = self.retry[min(queued.attempts - 1, len(self.retry) - 1)]
@@ -496,6 +712,7 @@ class Courier(Service):
             if len(waiting) < len(envelope.recipients):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
                 steps.append(self.spool.replace(queued.envelope))
+            steps.append(self.spool.save_retry(envelope.id, queued.attempts, now + delay))
             self._later(envelope.id, delay)
             if bounced is not None:
                 steps.append(bounced)
@@ -510,31 +727,55 @@ class Courier(Service):
     def _bounce(
         self, envelope: Envelope, failed: Mapping[str, tuple[int, str]], expired: bool
     ) -> Deferred[Any]:
+        # NOTIFY=NEVER, or a NOTIFY without FAILURE: no report for that recipient.
+        wanted = {r: result for r, result in failed.items() if envelope.notify(r).wants("FAILURE")}
+        told = wanted and envelope.sender and not envelope.bounce
         self.context.emit(
             "message.bounced",
             message_id=envelope.id,
             recipients=list(failed),
             replies=[f"{code} {text}" for code, text in failed.values()],
-            notified=envelope.sender if envelope.sender and not envelope.bounce else None,
+            notified=envelope.sender if told else None,
         )
-        if not envelope.sender or envelope.bounce:
-            return _all([])  # never bounce a bounce: that is how mail loops start
-        assert self.store is not None
-        now = self.context.reactor.seconds()
-        head = self.store.heads.get(envelope.id, b"")
-        data = bounce_message(self.hostname, envelope, failed, head, now, expired)
-        notice = Envelope(
-            id=new_id(now),
-            sender="",
-            recipients=(envelope.sender,),
-            received=now,
-            size=len(data),
-            client="",
-            helo=self.hostname,
-            bounce=True,
-        )
-        self.context.stats.count("smtp_bounces")
-        return self.store.add_own(notice, data)
+        return self._report(envelope, wanted, expired=expired)
+
+    def _report(
+        self,
+        envelope: Envelope,
+        results: Mapping[str, tuple[int, str]],
+        expired: bool = False,
+        relayed: bool = False,
+    ) -> Deferred[Any]:
+        """Spool a delivery report on C{results} to the sender, and send it on."""
+        if not results or not envelope.sender or envelope.bounce:
+            return _all([])  # never report on a report: that is how mail loops start
+        store = self.store
+        assert store is not None
+        if envelope.ret == "FULL":
+            original: Deferred[bytes | None] = self.spool.read(envelope.id)
+        else:
+            original = succeed(store.heads.get(envelope.id, b""))
+
+        def spool(text: bytes | None) -> Deferred[None]:
+            now = self.context.reactor.seconds()
+            data = delivery_report(
+                self.hostname, envelope, results, text or b"", now, expired, relayed
+            )
+            notice = Envelope(
+                id=new_id(now),
+                sender="",
+                recipients=(envelope.sender,),
+                received=now,
+                size=len(data),
+                client="",
+                helo=self.hostname,
+                bounce=True,
+                utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
+            )
+            self.context.stats.count("smtp_delivery_reports" if relayed else "smtp_bounces")
+            return store.add_own(notice, data)
+
+        return original.addCallback(spool)
 
     def forget(self, id: str) -> Deferred[Any]:
         queued = self.queue.pop(id, None)

@@ -14,6 +14,11 @@ it falls short for a relay replaced by name.
     policy is applied per recipient.
   - Every reply carries an enhanced status code (RFC 2034); AUTH is offered and
     accepted only over TLS unless the map allows otherwise.
+  - SMTPUTF8 (RFC 6531): a transaction that says so may use UTF-8 addresses.
+  - CHUNKING (RFC 3030): BDAT chunks are read by count, not by lines, and
+    meet DATA's checks (size, line length, bare CR or LF, hops) and spool.
+  - DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are checked and kept with the
+    message for the relay's reports.
   - The service's rules (L{netd.rules}) are checked at each stage (connect,
     helo, auth, starttls, mail, rcpt, data, eom) when it has any: a rule may
     answer instead (C{reply}), or delay, throttle, stall, close or reset.
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -43,6 +48,7 @@ from netd.kinds import IOwesReplies, RepliesOwed
 from netd.rules import RuleSet
 from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
+from netd.services.smtp.spool import Notify
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
 
@@ -77,6 +83,13 @@ _BAD_COMMAND = re.compile(rb"[\r\n\x00]")
 _END_OF_DATA = b"\r\n.\r\n"
 _MAIL_ARGUMENT = re.compile(rb"FROM:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
 _RCPT_ARGUMENT = re.compile(rb"TO:\s*(?P<path><[^<>]*>|[^\s<>]*)(?:\s+(?P<params>.*))?\Z", re.I)
+_BDAT_ARGUMENT = re.compile(rb"(?P<size>\d{1,20})(?: +(?P<last>LAST))?\Z", re.I)
+# RFC 3461 4: xtext, "+" and two upper-case hex digits for what is not xchar.
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+_ADDR_TYPE = re.compile(rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
+_NOTIFY_WHEN = frozenset({"SUCCESS", "FAILURE", "DELAY"})
+_MAX_ENVID = 100  # RFC 3461 4.4
+_MAX_ORCPT = 500  # RFC 3461 4.2
 # Lines held while a reply is pending, before reading from the client stops.
 _HOLD_LIMIT = 256 * 1024
 # Seconds a stopping session that has sent its mail is given to say QUIT.
@@ -113,12 +126,67 @@ class Transaction:
     client: str
     user: str | None
     protocol: str
+    utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    dsn: Mapping[str, Notify] = attrs.field(factory=dict)
 
 
 @attrs.define
 class _Mail:
     sender: Mailbox | None
+    parameters: _MailParameters
     recipients: list[Mailbox] = attrs.field(factory=list)
+    dsn: dict[str, Notify] = attrs.field(factory=dict)
+    # The BDAT chunks so far; None: no BDAT yet (DATA may still come).
+    chunks: bytearray | None = None
+
+
+@attrs.frozen
+class _MailParameters:
+    """What MAIL FROM's parameters asked for."""
+
+    utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+
+
+def _xtext(value: bytes) -> str | None:
+    """RFC 3461 4's xtext decoded, or None if it is not xtext."""
+    if not _XTEXT.match(value):
+        return None
+    return re.sub(rb"\+([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value).decode(
+        "utf-8", "replace"
+    )
+
+
+def _rcpt_parameters(params: bytes) -> Notify | tuple[int, bytes]:
+    """RCPT TO's parameters (DSN's NOTIFY and ORCPT), or the reply refusing them."""
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+    seen: set[bytes] = set()
+    for param in params.split():
+        key, _, value = param.partition(b"=")
+        key = key.upper()
+        if key in seen:
+            return 501, b"5.5.4 " + _printable(key, 32).encode() + b" given twice"
+        seen.add(key)
+        if key == b"NOTIFY":
+            words = tuple(value.decode("ascii", "replace").upper().split(","))
+            if words != ("NEVER",) and not (words and set(words) <= _NOTIFY_WHEN):
+                return 501, b"5.5.4 NOTIFY is NEVER, or SUCCESS, FAILURE and DELAY"
+            notify = tuple(dict.fromkeys(words))
+        elif key == b"ORCPT":
+            kind, semicolon, address = value.partition(b";")
+            decoded = _xtext(address)
+            if not (semicolon and _ADDR_TYPE.match(kind)) or not decoded:
+                return 501, b"5.5.4 ORCPT is addr-type;xtext"
+            if len(value) > _MAX_ORCPT:
+                return 501, b"5.5.4 ORCPT is longer than 500 characters"
+            orcpt = kind.decode("ascii") + ";" + decoded
+        else:
+            return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
+    return Notify(notify=notify, orcpt=orcpt)
 
 
 @attrs.frozen
@@ -220,6 +288,13 @@ class Session(smtp.ESMTP):
         self._replied_since_look = 0
         self._body: bytearray | None = None
         self._body_too_big = False
+        # A BDAT chunk being read: octets still due (None: none is), what has
+        # come (None: it is thrown away), whether it is the last, and the reply
+        # refusing it once read.
+        self._chunk_left: int | None = None
+        self._chunk: bytearray | None = None
+        self._chunk_last = False
+        self._chunk_refusal: tuple[int, bytes] | None = None
         self._mail: _Mail | None = None
         self._greeted = False
         self._held = False
@@ -250,10 +325,17 @@ class Session(smtp.ESMTP):
             return
         super().connectionMade()
 
-    def _ruled(self, stage: str, proceed: Callable[[], None], **fields: str) -> None:
+    def _ruled(
+        self,
+        stage: str,
+        proceed: Callable[[], None],
+        refused: Callable[[], None] | None = None,
+        **fields: str,
+    ) -> None:
         """
         At C{stage}, the first of the service's rules that fires acts instead
         of C{proceed} (or before it: a delay, a throttle); none fires, it runs.
+        C{refused} runs after a rule's reply, which answered instead.
         """
         fired = self.receiver.rules.check(self.client, stage=stage, **fields)
         if fired is None:
@@ -268,6 +350,8 @@ class Session(smtp.ESMTP):
                 self.sendCode(code, text.encode("ascii"))
                 if code == 421:  # RFC 5321 3.8: the server closes after a 421
                     self.transport.loseConnection()
+                if refused is not None:
+                    refused()
 
         done = fired.act(self.transport, proceed, answer)
         if not done.called:
@@ -318,6 +402,8 @@ class Session(smtp.ESMTP):
             while self._input and not self._held and not self._gone:
                 if self._body is not None:
                     self._take_data()
+                elif self._chunk_left is not None:
+                    self._take_chunk()
                 elif not self._take_line():
                     break
         finally:
@@ -427,6 +513,7 @@ class Session(smtp.ESMTP):
             self._closing
             and not (self._may_finish_one or self._only_quit)
             and not (self._gone or self._held or self._mail or self._body)
+            and self._chunk_left is None
         ):
             self._gone = True
             self.sendCode(421, b"4.3.2 " + self.host + b" Service shutting down")
@@ -434,6 +521,7 @@ class Session(smtp.ESMTP):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._body = None
+        self._chunk = None
         super().connectionLost(reason)
         # Replies still due (a spool write, a password check) go to a closed
         # transport, which drops them; nothing more is read.
@@ -479,6 +567,9 @@ class Session(smtp.ESMTP):
             b"8BITMIME": None,
             b"PIPELINING": None,
             b"ENHANCEDSTATUSCODES": None,
+            b"SMTPUTF8": None,
+            b"CHUNKING": None,
+            b"DSN": None,
         }
         if self.canStartTLS and not self.startedTLS:
             found[b"STARTTLS"] = None
@@ -528,29 +619,47 @@ class Session(smtp.ESMTP):
         if match is None:
             self.sendCode(501, b"5.5.4 Syntax: MAIL FROM:<address>")
             return
-        problem = self._mail_parameters(match.group("params") or b"")
-        if problem is not None:
-            self.sendCode(*problem)
+        parameters = self._mail_parameters(match.group("params") or b"")
+        if isinstance(parameters, tuple):
+            self.sendCode(*parameters)
             return
         try:
-            sender = parse_path(match.group("path"), False, self.receiver.hostname)
+            sender = parse_path(
+                match.group("path"), False, self.receiver.hostname, utf8=parameters.utf8
+            )
         except PathRefused as e:
             self.sendCode(e.code, e.reply)
             return
         if self.receiver.rules.event_rules:
-            self._ruled("mail", lambda: self._mail_ok(sender), mail=_path_text(sender))
+            proceed = functools.partial(self._mail_ok, sender, parameters)
+            self._ruled("mail", proceed, mail=_path_text(sender))
             return
-        self._mail_ok(sender)
+        self._mail_ok(sender, parameters)
 
-    def _mail_ok(self, sender: Mailbox | None) -> None:
-        self._mail = _Mail(sender)
+    def _mail_ok(self, sender: Mailbox | None, parameters: _MailParameters) -> None:
+        self._mail = _Mail(sender, parameters)
         self.sendCode(250, b"2.1.0 Sender ok")
 
-    def _mail_parameters(self, params: bytes) -> tuple[int, bytes] | None:
+    def _mail_parameters(self, params: bytes) -> _MailParameters | tuple[int, bytes]:
+        """MAIL FROM's parameters, or the reply refusing them."""
+        utf8 = False
+        ret = envid = None
+        seen: set[bytes] = set()
         for param in params.split():
             key, _, value = param.partition(b"=")
             key = key.upper()
-            if key == b"SIZE":
+            if key in seen:
+                return 501, b"5.5.4 " + _printable(key, 32).encode() + b" given twice"
+            seen.add(key)
+            if key == b"RET":
+                if value.upper() not in (b"FULL", b"HDRS"):
+                    return 501, b"5.5.4 RET is FULL or HDRS"
+                ret = value.upper().decode()
+            elif key == b"ENVID":
+                envid = _xtext(value)
+                if not envid or len(value) > _MAX_ENVID:
+                    return 501, b"5.5.4 ENVID is up to 100 characters of xtext"
+            elif key == b"SIZE":
                 if not value.isdigit():
                     return 501, b"5.5.4 SIZE takes a number"
                 # Twenty digits is beyond any size; int() of thousands raises.
@@ -559,9 +668,13 @@ class Session(smtp.ESMTP):
             elif key == b"BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
                     return 501, b"5.5.4 BODY is 7BIT or 8BITMIME"
+            elif key == b"SMTPUTF8":
+                if value or b"=" in param:
+                    return 501, b"5.5.4 SMTPUTF8 takes no value"
+                utf8 = True
             elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
-                return 555, b"5.5.4 Unsupported parameter " + key[:32]
-        return None
+                return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
+        return _MailParameters(utf8=utf8, ret=ret, envid=envid)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._mail is None:
@@ -571,14 +684,17 @@ class Session(smtp.ESMTP):
         if match is None:
             self.sendCode(501, b"5.5.4 Syntax: RCPT TO:<address>")
             return
-        if match.group("params"):
-            self.sendCode(555, b"5.5.4 RCPT takes no parameters here")
+        notify = _rcpt_parameters(match.group("params") or b"")
+        if isinstance(notify, tuple):
+            self.sendCode(*notify)
             return
         if len(self._mail.recipients) >= self.receiver.limits.max_recipients:
             self.sendCode(452, b"4.5.3 Too many recipients")
             return
         try:
-            recipient = parse_path(match.group("path"), True, self.receiver.hostname)
+            recipient = parse_path(
+                match.group("path"), True, self.receiver.hostname, utf8=self._mail.parameters.utf8
+            )
             assert recipient is not None
             self._check_relay(recipient)
         except PathRefused as e:
@@ -587,15 +703,17 @@ class Session(smtp.ESMTP):
             return
         if self.receiver.rules.event_rules:
             sender = _path_text(self._mail.sender)
-            accept = functools.partial(self._rcpt_ok, self._mail, recipient)
+            accept = functools.partial(self._rcpt_ok, self._mail, recipient, notify)
             self._ruled("rcpt", accept, mail=sender, rcpt=str(recipient))
             return
-        self._rcpt_ok(self._mail, recipient)
+        self._rcpt_ok(self._mail, recipient, notify)
 
-    def _rcpt_ok(self, mail: _Mail, recipient: Mailbox) -> None:
+    def _rcpt_ok(self, mail: _Mail, recipient: Mailbox, notify: Notify) -> None:
         if mail is not self._mail:
             return  # the transaction was reset while a rule delayed this answer
         mail.recipients.append(recipient)
+        if notify != Notify():
+            mail.dsn[str(recipient)] = notify
         self.sendCode(250, b"2.1.5 Recipient ok")
 
     def _check_relay(self, recipient: Mailbox) -> None:
@@ -616,6 +734,9 @@ class Session(smtp.ESMTP):
             return
         if not self._mail.recipients:
             self.sendCode(554, b"5.5.1 No valid recipients")
+            return
+        if self._mail.chunks is not None:
+            self.sendCode(503, b"5.5.1 DATA cannot follow BDAT (RFC 3030 2)")
             return
         if self.receiver.rules.event_rules:
             self._ruled("data", self._data_ok, mail=_path_text(self._mail.sender))
@@ -652,15 +773,101 @@ class Session(smtp.ESMTP):
             self._await_quit()
         self._end_of_data(mail, bytes(body[: end + 2]))
 
-    def _end_of_data(self, mail: _Mail, text: bytes) -> None:
+    def do_BDAT(self, rest: bytes) -> None:
+        match = _BDAT_ARGUMENT.match(rest.strip())
+        if match is None:
+            # With no size to go by, what follows can only be read as commands.
+            self.sendCode(501, b"5.5.4 Syntax: BDAT size [LAST]")
+            return
+        size = int(match.group("size"))
+        refusal = self._chunk_refused(size)
+        # A refused chunk is still read (RFC 3030 2), and thrown away.
+        self._chunk_left = size
+        self._chunk = bytearray() if refusal is None else None
+        self._chunk_last = match.group("last") is not None
+        self._chunk_refusal = refusal
+        self.setTimeout(self.receiver.limits.data_timeout)
+        if size == 0:
+            self._chunk_read()
+
+    def _chunk_refused(self, size: int) -> tuple[int, bytes] | None:
+        mail = self._mail
+        if not self._greeted:
+            return 503, b"5.5.1 Send EHLO or HELO first"
+        if mail is None:
+            return 503, b"5.5.1 Need MAIL before BDAT"
+        if not mail.recipients:
+            return 554, b"5.5.1 No valid recipients"
+        so_far = len(mail.chunks) if mail.chunks is not None else 0
+        if so_far + size > self.receiver.limits.max_message_size:
+            self._mail = None  # the transaction has failed: later chunks get 503
+            self.receiver.stats.count("smtp_messages_rejected")
+            return 552, b"5.3.4 Message size exceeds fixed maximum message size"
+        return None
+
+    def _take_chunk(self) -> None:
+        left = self._chunk_left
+        assert left is not None
+        taken = self._input[:left]
+        self._input = self._input[len(taken) :]
+        self._chunk_left = left - len(taken)
+        if self._chunk is not None:
+            self._chunk += taken
+        self.resetTimeout()
+        if self._chunk_left == 0:
+            self._chunk_read()
+
+    def _chunk_read(self) -> None:
+        chunk, self._chunk = self._chunk, None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self._chunk_left = None
+        self.setTimeout(self.receiver.limits.command_timeout)
+        if refusal is not None:
+            self.sendCode(*refusal)
+            return
+        mail = self._mail
+        assert mail is not None and chunk is not None
+        proceed = functools.partial(self._chunk_ok, mail, chunk, self._chunk_last)
+        if mail.chunks is None and self.receiver.rules.event_rules:
+
+            def refused() -> None:
+                if self._mail is mail:
+                    self._mail = None  # a rule answered the first chunk: no message
+
+            self._ruled("data", proceed, refused, mail=_path_text(mail.sender))
+            return
+        proceed()
+
+    def _chunk_ok(self, mail: _Mail, chunk: bytearray, last: bool) -> None:
+        if mail.chunks is None:
+            mail.chunks = chunk
+        else:
+            mail.chunks += chunk
+        if not last:
+            self.sendCode(250, b"2.0.0 %d octets received" % len(chunk))
+            return
+        self._mail = None
+        self._transactions += 1
+        if self._may_finish_one:
+            self._await_quit()
+        # RFC 5322 text ends with a CRLF, which BDAT does not promise.
+        end = b"" if mail.chunks.endswith(b"\r\n") else b"\r\n"
+        self._end_of_data(mail, b"\r\n" + bytes(mail.chunks) + end, stuffed=False)
+
+    def _end_of_data(self, mail: _Mail, text: bytes, stuffed: bool = True) -> None:
+        """
+        Check and spool C{text} (the message after a CRLF sentinel), which
+        DATA dot-stuffed (C{stuffed}) and BDAT did not.
+        """
         limits = self.receiver.limits
         stats = self.receiver.stats
         if self._body_too_big:
+            self._body_too_big = False
             stats.count("smtp_messages_rejected")
             self.sendCode(552, b"5.3.4 Message size exceeds fixed maximum message size")
             return
         # Unstuff first: only the client's CRLF lines were dot-stuffed.
-        if b"\r\n." in text:
+        if stuffed and b"\r\n." in text:
             text = text.replace(b"\r\n.", b"\r\n")
         if not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
             if self.receiver.reject_bare_newlines:
@@ -701,7 +908,11 @@ class Session(smtp.ESMTP):
             helo=_printable(self._helo[0] if self._helo and self._helo[0] else b""),
             client=self.client,
             user=self.user,
-            protocol=self._protocol_name(),
+            protocol=self._protocol_name(mail.parameters.utf8),
+            utf8=mail.parameters.utf8,
+            ret=mail.parameters.ret,
+            envid=mail.parameters.envid,
+            dsn=mail.dsn,
         )
         accepted = self.receiver.accept(transaction)
 
@@ -716,10 +927,10 @@ class Session(smtp.ESMTP):
         accepted.addCallbacks(queued, failed)
         self._hold(accepted)
 
-    def _protocol_name(self) -> str:
-        # RFC 3848's "with" keywords.
+    def _protocol_name(self, utf8: bool) -> str:
+        # RFC 3848's "with" keywords, and RFC 6531 4.3's for SMTPUTF8.
         tls = "S" if self.secure or self.startedTLS else ""
-        return "ESMTP" + tls + ("A" if self.user is not None else "")
+        return ("UTF8SMTP" if utf8 else "ESMTP") + tls + ("A" if self.user is not None else "")
 
     # STARTTLS and AUTH ---------------------------------------------------
 

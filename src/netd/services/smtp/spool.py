@@ -19,19 +19,21 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 
-__all__ = ["HEAD_BYTES", "Envelope", "Spool", "new_id"]
+__all__ = ["HEAD_BYTES", "Envelope", "Notify", "Spool", "new_id"]
 
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
 _SUFFIX = ".msg"
 _TEMPORARY = ".tmp"
+# Where a queued message's retries have got to, beside it: attempts and when the next is due.
+_RETRY = ".retry"
 # A damaged or temporary file older than this was left by a crash.
 _ABANDONED = 3600.0
 # How much of a message recovery reads back for its headers.
@@ -52,6 +54,39 @@ def new_id(now: float) -> str:
 
 
 @attrs.frozen
+class Notify:
+    """
+    One recipient's DSN request (RFC 3461 4).
+
+    @ivar notify: when to report (C{SUCCESS}, C{FAILURE}, C{DELAY}), or
+        C{("NEVER",)}; None when RCPT did not say (failures are reported).
+    @ivar orcpt: the original recipient as given, C{addr-type;address} with
+        the xtext decoded.
+    """
+
+    notify: tuple[str, ...] | None = None
+    orcpt: str | None = None
+
+    def wants(self, what: str) -> bool:
+        return what == "FAILURE" if self.notify is None else what in self.notify
+
+    def as_json(self) -> dict[str, Any]:
+        return {"notify": None if self.notify is None else list(self.notify), "orcpt": self.orcpt}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Notify:
+        notify = data.get("notify")
+        orcpt = data.get("orcpt")
+        return cls(
+            notify=None if notify is None else tuple(str(n) for n in notify),
+            orcpt=None if orcpt is None else str(orcpt),
+        )
+
+
+_NO_REQUEST = Notify()
+
+
+@attrs.frozen
 class Envelope:
     """
     What SMTP said about a message, besides the message.
@@ -61,6 +96,10 @@ class Envelope:
     @ivar received: when it was accepted (epoch seconds).
     @ivar size: the message's length in bytes, which recovery checks.
     @ivar bounce: whether this message is a delivery status notification netd wrote.
+    @ivar utf8: it came with SMTPUTF8 (RFC 6531), and goes on with it.
+    @ivar ret: DSN's C{FULL} or C{HDRS} (RFC 3461 4.3): what a report quotes.
+    @ivar envid: DSN's envelope id, xtext decoded (RFC 3461 4.4).
+    @ivar dsn: the recipients' DSN requests, by address, for those that made one.
     """
 
     id: str
@@ -72,6 +111,13 @@ class Envelope:
     helo: str = ""
     user: str | None = None
     bounce: bool = False
+    utf8: bool = False
+    ret: str | None = None
+    envid: str | None = None
+    dsn: Mapping[str, Notify] = attrs.field(factory=dict, hash=False)
+
+    def notify(self, recipient: str) -> Notify:
+        return self.dsn.get(recipient, _NO_REQUEST)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -84,6 +130,10 @@ class Envelope:
             "helo": self.helo,
             "user": self.user,
             "bounce": self.bounce,
+            "smtputf8": self.utf8,
+            "ret": self.ret,
+            "envid": self.envid,
+            "dsn": {recipient: notify.as_json() for recipient, notify in self.dsn.items()},
         }
 
     @classmethod
@@ -98,6 +148,10 @@ class Envelope:
             helo=str(data.get("helo", "")),
             user=data.get("user"),
             bounce=bool(data.get("bounce", False)),
+            utf8=bool(data.get("smtputf8", False)),
+            ret=data.get("ret"),
+            envid=data.get("envid"),
+            dsn={str(r): Notify.from_json(n) for r, n in (data.get("dsn") or {}).items()},
         )
 
 
@@ -205,6 +259,34 @@ def _remove(directory: Path, ids: list[str]) -> None:
     # which SMTP's at-least-once promise allows.
     for id in ids:
         (directory / (id + _SUFFIX)).unlink(missing_ok=True)
+        (directory / (id + _RETRY)).unlink(missing_ok=True)
+
+
+def _save_retry(directory: Path, id: str, attempts: int, due: float) -> None:
+    """
+    Replace a message's retry state atomically.  Not synced: a state lost in
+    a crash only means an earlier attempt, and a deferral costs no fsync.
+    """
+    if not (directory / (id + _SUFFIX)).exists():
+        return  # delivered or deleted meanwhile
+    temporary = directory / (id + _RETRY + _TEMPORARY)
+    temporary.write_text(json.dumps({"attempts": attempts, "due": due}))
+    os.replace(temporary, directory / (id + _RETRY))
+
+
+def _retries(directory: Path) -> dict[str, tuple[int, float]]:
+    found = {}
+    for path in directory.glob("*" + _RETRY):
+        id = path.name[: -len(_RETRY)]
+        try:
+            state = json.loads(path.read_text())
+            found[id] = (int(state["attempts"]), float(state["due"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            found.pop(id, None)
+        if not (directory / (id + _SUFFIX)).exists():
+            path.unlink(missing_ok=True)  # its message left while the state was written
+            found.pop(id, None)
+    return found
 
 
 def _replace(directory: Path, envelope: Envelope) -> None:
@@ -265,3 +347,11 @@ class Spool:
 
     def replace(self, envelope: Envelope) -> Deferred[None]:
         return self.run(lambda: _replace(self.directory, envelope))
+
+    def save_retry(self, id: str, attempts: int, due: float) -> Deferred[None]:
+        """Keep how many attempts a queued message has had and when the next is due."""
+        return self.run(lambda: _save_retry(self.directory, id, attempts, due))
+
+    def retries(self) -> Deferred[dict[str, tuple[int, float]]]:
+        """Every queued message's retry state by id: (attempts, epoch seconds due)."""
+        return self.run(lambda: _retries(self.directory))

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import re
 from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext, ViewRefused
 from netd.services.smtp import extract
+from netd.services.smtp.address import PathRefused, parse_path
+from netd.services.smtp.relay import Outcome, Releaser
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
@@ -78,6 +83,7 @@ class MailStore(Service):
         message, when it is at hand) when a delivery mode sends mail on; None
         keeps messages (capture).
     @ivar codes: the regular expression one-time codes match (C{.../ID/codes}).
+    @ivar releaser: sends a message on for C{POST .../ID/release}.
     """
 
     def __init__(
@@ -87,8 +93,10 @@ class MailStore(Service):
         hostname: str,
         deliver: Callable[[Envelope, bytes | None], None] | None = None,
         codes: str = extract.DEFAULT_CODES,
+        releaser: Releaser | None = None,
     ) -> None:
         self.spool = spool
+        self.releaser = releaser
         self.codes = codes
         self.context = context
         self.hostname = hostname
@@ -162,6 +170,10 @@ class MailStore(Service):
             client=transaction.client,
             helo=transaction.helo,
             user=transaction.user,
+            utf8=transaction.utf8,
+            ret=transaction.ret,
+            envid=transaction.envid,
+            dsn=dict(transaction.dsn),
         )
         stored = self.spool.store(envelope, data)
 
@@ -323,6 +335,62 @@ class MailStore(Service):
         # Parsing megabytes of HTML is no work for the reactor thread.
         return self.spool.run(lambda: work(raw)) if raw is not None else None
 
+    def act(self, key: str, body: Any) -> Deferred[Any] | None:
+        """
+        C{POST .../messages/ID/release} with C{{"to": [...], "smarthost":
+        "host:port"}}: send the message on, as it is held, to C{to} through that
+        smarthost; each recipient's reply, or 502 if it was not reached.  The
+        message stays.
+        """
+        id, _, what = key.partition("/")
+        if what != "release" or self.releaser is None:
+            return None
+        releaser = self.releaser
+        recipients, host, port = _release_request(body, self.hostname)
+        smarthost = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+        def read(_: None) -> Deferred[Any] | None:
+            if id not in self.messages:
+                return None
+            return self.spool.read(id).addCallback(send)
+
+        def send(data: bytes | None) -> Deferred[Any] | None:
+            envelope = self.messages.get(id)
+            if data is None or envelope is None:
+                return None  # deleted meanwhile
+            released = attrs.evolve(
+                envelope,
+                recipients=recipients,
+                utf8=envelope.utf8 or not all(r.isascii() for r in recipients),
+                ret=None,
+                envid=None,
+                dsn={},
+            )
+            sent = releaser.send(host, port, released, data)
+            return sent.addCallbacks(answer, unreached)
+
+        def answer(outcome: Outcome) -> dict[str, Any]:
+            replies = {r: outcome.get(r, (451, "4.4.0 No reply")) for r in recipients}
+            self.context.stats.count("smtp_messages_released")
+            self.context.emit(
+                "message.released",
+                message_id=id,
+                smarthost=smarthost,
+                recipients=list(recipients),
+                replies=[f"{code} {text}" for code, text in replies.values()],
+            )
+            return {
+                "id": id,
+                "smarthost": smarthost,
+                "released": sum(code // 100 == 2 for code, _ in replies.values()),
+                "to": {r: {"code": code, "reply": text} for r, (code, text) in replies.items()},
+            }
+
+        def unreached(failure: Failure) -> None:
+            raise ViewRefused(502, f"{smarthost}: {failure.getErrorMessage()}")
+
+        return self._when_ready().addCallback(read)
+
     def remove(self, id: str) -> Deferred[dict[str, int] | None]:
         """C{DELETE .../messages/ID}: drop one message; None (404) if there is none."""
 
@@ -341,3 +409,35 @@ class MailStore(Service):
             return self.forget(ids).addCallback(lambda _: {"deleted": len(ids)})
 
         return self._when_ready().addCallback(drop)
+
+
+_SMARTHOST = re.compile(
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+)):(?P<port>\d{1,5})\Z"
+)
+_RELEASE_RECIPIENTS = 100
+
+
+def _release_request(body: Any, hostname: str) -> tuple[tuple[str, ...], str, int]:
+    """A release's recipients and smarthost; L{ViewRefused} (400) says what is wrong."""
+    if not isinstance(body, dict) or set(body) - {"to", "smarthost"}:
+        raise ViewRefused(400, 'give {"to": ["ADDRESS", ...], "smarthost": "HOST:PORT"}')
+    to = body.get("to")
+    if isinstance(to, str):
+        to = [to]
+    if not isinstance(to, list) or not to or not all(isinstance(r, str) for r in to):
+        raise ViewRefused(400, "to: one or more addresses")
+    if len(to) > _RELEASE_RECIPIENTS:
+        raise ViewRefused(400, f"to: at most {_RELEASE_RECIPIENTS} addresses")
+    recipients = []
+    for address in to:
+        try:
+            mailbox = parse_path(address.encode(), True, hostname, utf8=True)
+        except PathRefused as e:
+            raise ViewRefused(400, f"to: {address!r}: {e.text}") from None
+        recipients.append(str(mailbox))
+    smarthost = body.get("smarthost")
+    found = _SMARTHOST.match(smarthost) if isinstance(smarthost, str) else None
+    if found is None or not 0 < int(found.group("port")) < 65536:
+        raise ViewRefused(400, "smarthost: HOST:PORT, as in 127.0.0.1:25 or [::1]:25")
+    host = found.group("v6") or found.group("host")
+    return tuple(dict.fromkeys(recipients)), host, int(found.group("port"))
