@@ -59,6 +59,7 @@ __all__ = [
     "RuleSpec",
     "Scenarios",
     "Vocabulary",
+    "admits",
     "exact",
     "fields",
     "glob",
@@ -435,6 +436,12 @@ class Rule:
     seen: int = 0
     chance: random.Random | None = None
 
+    @classmethod
+    def of(cls, spec: RuleSpec, rule_id: str, source: str) -> Rule:
+        """A rule put in force: its own seeded generator when it has a C{probability}."""
+        chance = random.Random(spec.seed) if spec.probability is not None else None
+        return cls(spec=spec, id=rule_id, source=source, chance=chance)
+
     @property
     def spent(self) -> bool:
         times = self.spec.times
@@ -450,6 +457,33 @@ class Rule:
             "fired": self.fired,
             "spent": self.spent,
         }
+
+
+def admits(rule: Rule, client: str | IAddress | None, scenarios: Scenarios | None = None) -> bool:
+    """
+    Whether C{rule} may fire now for C{client}: C{times} not spent, its client
+    networks and scenario state fit (it is then counted as seen), and its C{nth}
+    and C{probability} agree.  The caller counts C{rule.fired} when it fires.
+    L{RuleSet} decides so for every kind; the proxy's toxics, which keep their
+    own API and acts, decide with it too.
+    """
+    spec = rule.spec
+    if spec.times is not None and rule.fired >= spec.times:
+        return False
+    if spec.client and not in_networks(client, spec.client):
+        return False
+    if (
+        scenarios is not None
+        and spec.scenario is not None
+        and spec.state is not None
+        and scenarios.state(spec.scenario) != spec.state
+    ):
+        return False
+    rule.seen += 1
+    if spec.nth is not None and rule.seen != spec.nth:
+        return False
+    chance = rule.chance
+    return chance is None or chance.random() < (spec.probability or 0.0)
 
 
 @attrs.frozen
@@ -532,8 +566,7 @@ class RuleSet:
         self._changed()
 
     def _rule(self, spec: RuleSpec, rule_id: str, source: str) -> Rule:
-        chance = random.Random(spec.seed) if spec.probability is not None else None
-        return Rule(spec=spec, id=rule_id, source=source, chance=chance)
+        return Rule.of(spec, rule_id, source)
 
     def _changed(self) -> None:
         self.event_rules = tuple(r for r in self.rules if not r.spec.on_connections)
@@ -576,22 +609,7 @@ class RuleSet:
         return None
 
     def _admits(self, rule: Rule, client: str | IAddress | None) -> bool:
-        spec = rule.spec
-        if spec.times is not None and rule.fired >= spec.times:
-            return False
-        if spec.client and not in_networks(client, spec.client):
-            return False
-        if (
-            spec.scenario is not None
-            and spec.state is not None
-            and self.scenarios.state(spec.scenario) != spec.state
-        ):
-            return False
-        rule.seen += 1
-        if spec.nth is not None and rule.seen != spec.nth:
-            return False
-        chance = rule.chance
-        return chance is None or chance.random() < (spec.probability or 0.0)
+        return admits(rule, client, self.scenarios)
 
     def _fire(self, rule: Rule, client: str | IAddress | None, event: Mapping[str, Any]) -> Fired:
         rule.fired += 1

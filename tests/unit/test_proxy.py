@@ -178,19 +178,58 @@ def test_toxics_added_later_act_on_open_connections(tmp_path: Path) -> None:
 
 
 def test_nth_times_client_and_toxicity_decide_per_connection() -> None:
-    chance = random.Random(7)
-    here = ipaddress.ip_address("10.1.2.3")
-    elsewhere = ipaddress.ip_address("192.0.2.1")
+    here, elsewhere = "10.1.2.3", "192.0.2.1"
     nth = ToxicState(Toxic("n", "latency", nth=2))
-    assert [nth.decide(here, chance) for _ in range(3)] == [False, True, False]
+    assert [nth.decide(here) for _ in range(3)] == [False, True, False]
     times = ToxicState(Toxic("t", "latency", times=2))
-    assert [times.decide(here, chance) for _ in range(3)] == [True, True, False]
+    assert [times.decide(here) for _ in range(3)] == [True, True, False]
     cidr = ToxicState(Toxic("c", "latency", client=(ipaddress.ip_network("10.0.0.0/8"),)))
-    assert cidr.decide(here, chance) and not cidr.decide(elsewhere, chance)
-    assert not cidr.decide(None, chance)  # a UNIX socket's client is in no network
+    assert cidr.decide(here) and not cidr.decide(elsewhere)
+    assert not cidr.decide(None)  # a UNIX socket's client is in no network
     never = ToxicState(Toxic("z", "latency", toxicity=0.0))
-    assert not any(never.decide(here, chance) for _ in range(20))
+    assert not any(never.decide(here) for _ in range(20))
     assert never.fired == 0 and never.seen == 20
+
+
+def test_toxicity_draws_from_the_toxics_seed_as_a_rules_probability_does() -> None:
+    first, again = (ToxicState(Toxic("p", "latency", toxicity=0.5, seed=7)) for _ in range(2))
+    decisions = [first.decide("10.1.2.3") for _ in range(40)]
+    assert decisions == [again.decide("10.1.2.3") for _ in range(40)]
+    expected = random.Random(7)
+    assert decisions == [expected.random() < 0.5 for _ in range(40)]
+    assert 0 < first.fired < 40 and first.seen == 40
+
+
+def test_an_update_keeps_a_toxics_counts(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    state = pipe.proxy.toxics.add(Toxic("t", "latency", times=2))
+    pipe.open()
+    pipe.proxy.toxics.update(Toxic("t", "latency", times=1, attributes={"latency": 5}))
+    assert state.fired == 1 and state.rule.spec.times == 1
+    pipe.open()
+    assert state.fired == 1  # times=1 is spent
+
+
+def test_toxic_fired_has_the_fields_of_rule_fired(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("slow", "latency", "upstream", attributes={"latency": 10}))
+    pipe.open()
+    (event,) = pipe.journal.select(types=["toxic.fired"])
+    assert {
+        key: event.fields[key] for key in ("rule", "source", "fired", "client", "matched", "acts")
+    } == {
+        "rule": "slow",
+        "source": "map",
+        "fired": 1,
+        "client": "192.0.2.7",
+        "matched": {},
+        "acts": ["latency"],
+    }
+
+
+def test_a_bad_seed_is_refused() -> None:
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "seed": "x"})
+    assert refused.value.path == "seed"
 
 
 def test_toxic_json_takes_toxiproxys_defaults() -> None:

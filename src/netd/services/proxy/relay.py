@@ -34,7 +34,6 @@ from zope.interface import implementer
 
 from netd.compat import may_send_now
 from netd.connections import TrackedConnection
-from netd.schema import client_address
 from netd.services.proxy.toxics import ToxicState
 
 if TYPE_CHECKING:
@@ -381,7 +380,7 @@ class Relay:
         transport = client.transport
         self.connection_id = getattr(transport, "connection_id", 0)
         self.client_name = getattr(transport, "client", "")
-        self.client_ip = client_address(transport.getPeer())
+        self.peer = transport.getPeer()
         # Decided now, in connection order: what a toxic's nth counts.
         self.acting("upstream")
 
@@ -398,12 +397,10 @@ class Relay:
                 present.add(state)
                 decided = self._decisions.get(state)
                 if decided is None:
-                    decided = self._decisions[state] = state.decide(
-                        self.client_ip, self.proxy.chance
-                    )
+                    decided = self._decisions[state] = state.decide(self.peer)
                     if decided:
                         self.proxy.fired(
-                            state, connection=self.connection_id, client=self.client_name
+                            state, self.peer, connection=self.connection_id, peer=self.client_name
                         )
                         self._direction(state.toxic.stream).start_toxic(state)
                 if decided:

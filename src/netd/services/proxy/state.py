@@ -13,11 +13,12 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IAddress, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
+from netd.schema import client_address
 from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
 
@@ -68,7 +69,7 @@ class Proxy(Service):
         self.configured_toxics = toxics
         self.toxics = ToxicSet()
         for toxic in toxics:
-            self.toxics.add(toxic)
+            self.toxics.add(toxic, source="map")
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
@@ -104,11 +105,26 @@ class Proxy(Service):
             error=failure.getErrorMessage(),
         )
 
-    def fired(self, state: ToxicState, **where: Any) -> None:
-        toxic = state.toxic
+    def fired(self, state: ToxicState, client: IAddress | str | None, **where: Any) -> None:
+        """
+        Journal a toxic's decision to act as C{toxic.fired}: the fields of the
+        rules' C{rule.fired} (C{rule} is the toxic's name), then the toxic's own.
+        """
+        toxic, rule = state.toxic, state.rule
+        address = client_address(client)
         self.context.stats.count("toxics_fired")
         self.context.emit(
-            "toxic.fired", toxic=toxic.name, toxic_type=toxic.type, stream=toxic.stream, **where
+            "toxic.fired",
+            rule=toxic.name,
+            source=rule.source,
+            fired=rule.fired,
+            client=str(address) if address is not None else "",
+            matched={},
+            acts=[toxic.type],
+            toxic=toxic.name,
+            toxic_type=toxic.type,
+            stream=toxic.stream,
+            **where,
         )
 
     # Control
