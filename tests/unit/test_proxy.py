@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 
 from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.schema import ConfigErrors
-from netd.services.proxy.relay import HIGH_WATER, ClientSide, Relay, UpstreamSide
+from netd.services.proxy.relay import (
+    HIGH_WATER,
+    READ_SIZE,
+    ClientSide,
+    Relay,
+    UpstreamSide,
+    send_now,
+    tune,
+)
 from netd.services.proxy.state import Proxy
 from netd.services.proxy.toxics import Toxic, ToxicError, ToxicState, read_toxic
 
@@ -324,3 +336,45 @@ def test_a_client_that_half_closes_then_goes_closes_the_upstream(tmp_path: Path)
     client.readConnectionLost()
     client.connectionLost()
     assert to_upstream.value() == b"request" and to_upstream.disconnecting
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[tcp.Connection, socket.socket]]:
+    """A Twisted TCP connection (on a fake reactor) and the loopback socket at its other end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    connection = tcp.Connection(near, Protocol(), reactor=MemoryReactorClock())
+    connection.connected = True
+    try:
+        yield connection, far
+    finally:
+        near.close()
+        far.close()
+
+
+def test_tune_reads_larger_chunks_without_nagle(
+    tcp_pair: tuple[tcp.Connection, socket.socket],
+) -> None:
+    connection, _ = tcp_pair
+    tune(connection)
+    assert connection.bufferSize == READ_SIZE > 65536
+    assert connection.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_send_now_leaves_at_once_unless_bytes_are_queued_ahead(
+    tcp_pair: tuple[tcp.Connection, socket.socket],
+) -> None:
+    connection, far = tcp_pair
+    far.settimeout(5)
+    send_now(connection, b"first")
+    # On the wire with no reactor turn: Twisted's write alone would only have buffered it.
+    assert far.recv(100) == b"first"
+    connection.write(b"queued ")  # buffered, for the reactor's next turn
+    send_now(connection, b"second")
+    far.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        far.recv(100)  # "second" waits behind "queued ", not ahead of it
+    connection.doWrite()
+    far.setblocking(True)
+    assert far.recv(100) == b"queued second"
