@@ -476,6 +476,9 @@ class NetdProcess:
         nth: int | None = None,
         times: int | None = None,
         seed: int | None = None,
+        scenario: str | None = None,
+        state: str | None = None,
+        next_state: str | None = None,
         **attributes: float,
     ) -> ToxicHandle:
         """
@@ -498,6 +501,9 @@ class NetdProcess:
             "nth": nth,
             "times": times,
             "seed": seed,
+            "scenario": scenario,
+            "state": state,
+            "next_state": next_state,
         }
         body = {
             "type": type,

@@ -167,6 +167,16 @@ def test_toxic_handle_adds_counts_and_removes_a_toxic(netd: NetdProcess) -> None
         assert _round_trip(sock) < 0.15  # gone with the block
 
 
+def test_a_toxic_acts_while_the_daemons_scenario_is_in_its_state(netd: NetdProcess) -> None:
+    with netd.toxic("echo", "latency", latency=200, scenario="db", state="slow") as toxic:
+        with _connect(netd) as sock:
+            assert _round_trip(sock) < 0.15
+        netd.scenario("db", "slow")  # the scenarios every service's rules share
+        with _connect(netd) as sock:
+            assert _round_trip(sock) >= 0.15
+        assert toxic.fired == 1
+
+
 def test_toxic_handle_refusal_names_the_key_and_the_proxy_serves_on(netd: NetdProcess) -> None:
     with pytest.raises(AdminError) as refused:
         netd.toxic("echo", "latency", latncy=5)

@@ -238,6 +238,42 @@ def test_toxic_fired_has_the_fields_of_rule_fired(tmp_path: Path) -> None:
     }
 
 
+def test_a_toxic_waits_for_its_scenario_state_and_moves_it(tmp_path: Path) -> None:
+    pipe = _Pipe(
+        tmp_path,
+        Toxic("breaks", "latency", scenario="db", next_state="broken", times=1),
+        Toxic(
+            "while-broken",
+            "limit_data",
+            "upstream",
+            attributes={"bytes": 1},
+            scenario="db",
+            state="x",
+        ),
+    )
+    scenarios = pipe.proxy.scenarios
+    pipe.open()
+    assert scenarios.state("db") == "broken"
+    (event,) = pipe.journal.select(types=["toxic.fired"])
+    assert event.fields["scenario"] == "db" and event.fields["state"] == "broken"
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"ab")
+    assert to_upstream.value() == b"ab"  # "while-broken" waits for state x
+    scenarios.set("db", "x")
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"ab")
+    assert to_upstream.value() == b"a"
+
+
+def test_a_state_without_a_scenario_is_refused() -> None:
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "state": "up"})
+    assert refused.value.path == "scenario"
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "scenario": "no spaces"})
+    assert refused.value.path == "scenario"
+
+
 def test_a_bad_seed_is_refused() -> None:
     with pytest.raises(ToxicError) as refused:
         read_toxic({"type": "latency", "seed": "x"})

@@ -117,7 +117,7 @@ class DatagramRelay(DatagramProtocol):
             toxic = state.toxic
             if not toxic.datagram or toxic.stream != stream:
                 continue
-            if not state.decide(client[0]):
+            if not state.decide(client[0], self.proxy.scenarios):
                 continue
             self.proxy.fired(state, client[0], peer=f"{client[0]}:{client[1]}")
             if toxic.type == "drop":

@@ -397,7 +397,7 @@ class Relay:
                 present.add(state)
                 decided = self._decisions.get(state)
                 if decided is None:
-                    decided = self._decisions[state] = state.decide(self.peer)
+                    decided = self._decisions[state] = state.decide(self.peer, self.proxy.scenarios)
                     if decided:
                         self.proxy.fired(
                             state, self.peer, connection=self.connection_id, peer=self.client_name

@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
+from netd.rules import moved
 from netd.schema import client_address
 from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
@@ -73,6 +74,8 @@ class Proxy(Service):
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
+        # The daemon's scenarios, which toxics read (state) and move (next_state) as rules do.
+        self.scenarios = context.rules.scenarios
 
     # Connections
 
@@ -107,11 +110,13 @@ class Proxy(Service):
 
     def fired(self, state: ToxicState, client: IAddress | str | None, **where: Any) -> None:
         """
-        Journal a toxic's decision to act as C{toxic.fired}: the fields of the
+        A toxic acts on one more connection (datagram): its scenario moves to its
+        C{next_state}, and C{toxic.fired} is journaled with the fields of the
         rules' C{rule.fired} (C{rule} is the toxic's name), then the toxic's own.
         """
         toxic, rule = state.toxic, state.rule
         address = client_address(client)
+        scenario = moved(rule, self.scenarios)
         self.context.stats.count("toxics_fired")
         self.context.emit(
             "toxic.fired",
@@ -124,6 +129,7 @@ class Proxy(Service):
             toxic=toxic.name,
             toxic_type=toxic.type,
             stream=toxic.stream,
+            **scenario,
             **where,
         )
 

@@ -20,7 +20,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IAddress
 
-from netd.rules import Rule, RuleSpec, admits
+from netd.rules import Rule, RuleSpec, Scenarios, admits, is_name
 from netd.schema import Network
 
 __all__ = [
@@ -53,7 +53,10 @@ DATAGRAM_TYPES: Mapping[str, Mapping[str, float]] = {
 _TYPES = {**STREAM_TYPES, **DATAGRAM_TYPES}
 _STREAMS = ("upstream", "downstream")
 _KEYS = frozenset(
-    {"name", "type", "stream", "toxicity", "attributes", "client", "nth", "times", "seed", "fired"}
+    {
+        *("name", "type", "stream", "toxicity", "attributes", "client", "nth", "times"),
+        *("seed", "scenario", "state", "next_state", "fired"),
+    }
 )
 
 
@@ -78,6 +81,8 @@ class Toxic:
     @ivar nth: act only on the Nth matching connection (datagram); 0, on each.
     @ivar times: act at most this many times; 0, without limit.
     @ivar seed: seeds the generator C{toxicity} draws from, as a rule's C{seed}.
+    @ivar scenario: with C{state}, act only while that scenario is in it; with
+        C{next_state}, move it there on acting (the rules' scenarios).
     """
 
     name: str
@@ -89,6 +94,9 @@ class Toxic:
     nth: int = 0
     times: int = 0
     seed: int = 0
+    scenario: str | None = None
+    state: str | None = None
+    next_state: str | None = None
 
     @property
     def datagram(self) -> bool:
@@ -116,6 +124,9 @@ class Toxic:
             shape["times"] = self.times
         if self.seed:
             shape["seed"] = self.seed
+        for key in ("scenario", "state", "next_state"):
+            if getattr(self, key) is not None:
+                shape[key] = getattr(self, key)
         return shape
 
     def rule_spec(self) -> RuleSpec:
@@ -130,6 +141,9 @@ class Toxic:
             nth=self.nth or None,
             probability=self.toxicity if self.toxicity < 1 else None,
             seed=self.seed,
+            scenario=self.scenario,
+            state=self.state,
+            next_state=self.next_state,
         )
 
 
@@ -207,7 +221,20 @@ def read_toxic(raw: Any, default_stream: str = "downstream", base: Toxic | None 
         nth=_count(raw.get("nth", base.nth if base else 0), "nth"),
         times=_count(raw.get("times", base.times if base else 0), "times"),
         seed=_seed(raw.get("seed", base.seed if base else 0)),
+        **_scenario(raw, base),
     )
+
+
+def _scenario(raw: dict[str, Any], base: Toxic | None) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for key in ("scenario", "state", "next_state"):
+        value = raw.get(key, getattr(base, key) if base else None)
+        if value is not None and (not isinstance(value, str) or not is_name(value)):
+            raise ToxicError(key, f"not a name: {value!r} (letters, digits, '_', '.', ':', '-')")
+        found[key] = value
+    if found["scenario"] is None and (found["state"] or found["next_state"]):
+        raise ToxicError("scenario", "'state' and 'next_state' need a 'scenario'")
+    return found
 
 
 def _seed(raw: Any) -> int:
@@ -248,9 +275,12 @@ class ToxicState:
             rule.chance = self.rule.chance  # the same draws go on
         self.toxic, self.rule = toxic, rule
 
-    def decide(self, client: str | IAddress | None) -> bool:
-        """Whether it acts on one more connection (datagram) from C{client}."""
-        if not admits(self.rule, client):
+    def decide(self, client: str | IAddress | None, scenarios: Scenarios | None = None) -> bool:
+        """
+        Whether it acts on one more connection (datagram) from C{client}, with
+        its scenario in C{state} (in C{scenarios}, the daemon's).
+        """
+        if not admits(self.rule, client, scenarios):
             return False
         self.rule.fired += 1
         return True
