@@ -11,7 +11,8 @@ bench/echo_client.py, the client of every echo benchmark:
   rr    1 connection, one 64-byte message in flight: p50 round trip, and what
         the proxy adds to the direct p50.
 netd runs with no toxics.  The rounds interleave the proxies so that a load
-change on the machine hits all of them alike; the table gives each one's median.
+change on the machine hits all of them alike; the table gives each one's median,
+and netd's bulk against each peer as the median of the ratios within each round.
 Every run is bounded: at most 10 rounds of at most 10 s per case.
 """
 
@@ -156,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
                     server.stop()
             upstream.stop()
     direct_p50 = statistics.median(rows["direct"]["p50"])
-    netd_bulk = statistics.median(rows["netd"]["bulk"]) if "netd" in rows else 0.0
+    netd_bulk = rows["netd"]["bulk"] if "netd" in rows else []
     print("| proxy | bulk MB/s | netd's bulk is | p50 64 B round trip µs | added µs |")
     print("|---|---|---|---|---|")
     for name, row in rows.items():
         bulk, p50 = statistics.median(row["bulk"]), statistics.median(row["p50"])
-        ratio = f"{netd_bulk / bulk:.2f}x" if netd_bulk and name not in ("netd", "direct") else ""
+        ratio = ""
+        if netd_bulk and name not in ("netd", "direct"):
+            # Within each round, then the median: a load change between rounds cancels out.
+            ratios = [n / b for n, b in zip(netd_bulk, row["bulk"], strict=True)]
+            ratio = f"{statistics.median(ratios):.2f}x"
         added = f"{p50 - direct_p50:.0f}" if name != "direct" else ""
         print(f"| {name} | {bulk / 1e6:.0f} | {ratio} | {p50:.0f} | {added} |")
     return 0

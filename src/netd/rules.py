@@ -59,9 +59,12 @@ __all__ = [
     "RuleSpec",
     "Scenarios",
     "Vocabulary",
+    "admits",
     "exact",
     "fields",
     "glob",
+    "is_name",
+    "moved",
     "read_rule",
     "read_rules",
     "read_scenarios",
@@ -111,6 +114,11 @@ def _patterns(value: Value) -> list[str]:
     if not found and value.is_sequence:
         value.error("give at least one pattern")
     return found
+
+
+def is_name(text: str) -> bool:
+    """Whether C{text} may name a rule, a scenario or a state."""
+    return _NAME.match(text) is not None
 
 
 def glob(case_sensitive: bool = False) -> MatchReader:
@@ -253,7 +261,7 @@ def _name(value: Value) -> str | None:
     text = value.as_str()
     if not value.is_scalar:
         return None
-    if not _NAME.match(text):
+    if not is_name(text):
         value.error(f"not a name: {text!r} (letters, digits, '_', '.', ':', '-')")
         return None
     return text
@@ -362,7 +370,7 @@ def read_scenarios(value: Value) -> dict[str, str]:
     """The map's C{scenarios:}: each name with its initial state."""
     initial: dict[str, str] = {}
     for name, entry in value.items():
-        if not _NAME.match(name):
+        if not is_name(name):
             entry.error(f"not a scenario name: {name!r}")
             continue
         state = _name(entry)
@@ -435,6 +443,12 @@ class Rule:
     seen: int = 0
     chance: random.Random | None = None
 
+    @classmethod
+    def of(cls, spec: RuleSpec, rule_id: str, source: str) -> Rule:
+        """A rule put in force: its own seeded generator when it has a C{probability}."""
+        chance = random.Random(spec.seed) if spec.probability is not None else None
+        return cls(spec=spec, id=rule_id, source=source, chance=chance)
+
     @property
     def spent(self) -> bool:
         times = self.spec.times
@@ -450,6 +464,42 @@ class Rule:
             "fired": self.fired,
             "spent": self.spent,
         }
+
+
+def admits(rule: Rule, client: str | IAddress | None, scenarios: Scenarios | None = None) -> bool:
+    """
+    Whether C{rule} may fire now for C{client}: C{times} not spent, its client
+    networks and scenario state fit (it is then counted as seen), and its C{nth}
+    and C{probability} agree.  The caller counts C{rule.fired} and moves the
+    scenario (L{moved}) when it fires.  L{RuleSet} decides so for every kind;
+    the proxy's toxics, which keep their own API and acts, decide with it too.
+    """
+    spec = rule.spec
+    if spec.times is not None and rule.fired >= spec.times:
+        return False
+    if spec.client and not in_networks(client, spec.client):
+        return False
+    if (
+        scenarios is not None
+        and spec.scenario is not None
+        and spec.state is not None
+        and scenarios.state(spec.scenario) != spec.state
+    ):
+        return False
+    rule.seen += 1
+    if spec.nth is not None and rule.seen != spec.nth:
+        return False
+    chance = rule.chance
+    return chance is None or chance.random() < (spec.probability or 0.0)
+
+
+def moved(rule: Rule, scenarios: Scenarios) -> dict[str, str]:
+    """A rule fired: its scenario moves to C{next_state}; what moved, for the journal."""
+    spec = rule.spec
+    if spec.scenario is None or spec.next_state is None:
+        return {}
+    scenarios.set(spec.scenario, spec.next_state)
+    return {"scenario": spec.scenario, "state": spec.next_state}
 
 
 @attrs.frozen
@@ -532,8 +582,7 @@ class RuleSet:
         self._changed()
 
     def _rule(self, spec: RuleSpec, rule_id: str, source: str) -> Rule:
-        chance = random.Random(spec.seed) if spec.probability is not None else None
-        return Rule(spec=spec, id=rule_id, source=source, chance=chance)
+        return Rule.of(spec, rule_id, source)
 
     def _changed(self) -> None:
         self.event_rules = tuple(r for r in self.rules if not r.spec.on_connections)
@@ -576,30 +625,12 @@ class RuleSet:
         return None
 
     def _admits(self, rule: Rule, client: str | IAddress | None) -> bool:
-        spec = rule.spec
-        if spec.times is not None and rule.fired >= spec.times:
-            return False
-        if spec.client and not in_networks(client, spec.client):
-            return False
-        if (
-            spec.scenario is not None
-            and spec.state is not None
-            and self.scenarios.state(spec.scenario) != spec.state
-        ):
-            return False
-        rule.seen += 1
-        if spec.nth is not None and rule.seen != spec.nth:
-            return False
-        chance = rule.chance
-        return chance is None or chance.random() < (spec.probability or 0.0)
+        return admits(rule, client, self.scenarios)
 
     def _fire(self, rule: Rule, client: str | IAddress | None, event: Mapping[str, Any]) -> Fired:
         rule.fired += 1
         spec = rule.spec
-        moved = {}
-        if spec.scenario is not None and spec.next_state is not None:
-            moved = {"scenario": spec.scenario, "state": spec.next_state}
-            self.scenarios.set(spec.scenario, spec.next_state)
+        scenario = moved(rule, self.scenarios)
         if self.journal is not None:
             address = client_address(client)
             self.journal.emit(
@@ -611,7 +642,7 @@ class RuleSet:
                 client=str(address) if address is not None else "",
                 matched={key: value for key, value in event.items() if _shown(value)},
                 acts=sorted(spec.acts),
-                **moved,
+                **scenario,
             )
         return Fired(rule, self.clock)
 

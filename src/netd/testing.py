@@ -44,6 +44,7 @@ __all__ = [
     "OffloadedNetd",
     "RuleHandle",
     "StartFailed",
+    "ToxicHandle",
     "start_asyncio",
     "start_deferred",
     "twistd_command",
@@ -68,11 +69,15 @@ class RuleHandle:
     C{with} block removes it.
     """
 
+    # The admin view it lives in, and the event that journals its firing.
+    view = "rules"
+    event = "rule.fired"
+
     def __init__(self, netd: NetdProcess, service: str, described: Mapping[str, Any]) -> None:
         self.netd = netd
         self.service = service
         self.id: str = described["id"]
-        self._path = f"/api/services/{_quote(service)}/rules/{_quote(self.id)}"
+        self._path = f"/api/services/{_quote(service)}/{self.view}/{_quote(self.id)}"
 
     @property
     def fired(self) -> int:
@@ -81,7 +86,7 @@ class RuleHandle:
         return int(described["fired"])
 
     def wait_fired(self, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
-        """The first C{count} C{rule.fired} events of this rule, past or coming."""
+        """The first C{count} C{rule.fired} (C{toxic.fired}) events of this rule, past or coming."""
         deadline = time.monotonic() + timeout
         found: list[dict[str, Any]] = []
         since = 0
@@ -89,7 +94,7 @@ class RuleHandle:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"rule {self.id} fired {len(found)} of {count} times")
-            events = self.netd.events(self.service, "rule.fired", since, wait=min(left, 30.0))
+            events = self.netd.events(self.service, self.event, since, wait=min(left, 30.0))
             found += [e for e in events if e.get("rule") == self.id]
             if events:
                 since = events[-1]["id"]
@@ -108,6 +113,19 @@ class RuleHandle:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+class ToxicHandle(RuleHandle):
+    """
+    A toxic added to a proxy service (L{NetdProcess.toxic}): a rule applied to
+    bytes, with a rule's C{fired}, C{wait_fired} and C{remove}; C{id} is its name.
+    """
+
+    view = "toxics"
+    event = "toxic.fired"
+
+    def __init__(self, netd: NetdProcess, service: str, described: Mapping[str, Any]) -> None:
+        super().__init__(netd, service, {**described, "id": described["name"]})
 
 
 class StartFailed(Exception):
@@ -445,6 +463,58 @@ class NetdProcess:
             "POST", f"/api/services/{_quote(service)}/rules", json.dumps(body).encode()
         )
         return RuleHandle(self, service, described)
+
+    def toxic(
+        self,
+        service: str,
+        type: str,
+        *,
+        stream: str = "downstream",
+        name: str | None = None,
+        toxicity: float | None = None,
+        client: str | list[str] | None = None,
+        nth: int | None = None,
+        times: int | None = None,
+        seed: int | None = None,
+        scenario: str | None = None,
+        state: str | None = None,
+        next_state: str | None = None,
+        **attributes: float,
+    ) -> ToxicHandle:
+        """
+        Add a toxic to the proxy C{service} at run time (open connections
+        too): its C{type}, its conditions as keywords and its attributes as
+        the other keywords.  Use it as a context manager to remove it at the
+        end of the block.
+
+            with netd.toxic("db", "latency", latency=100, stream="downstream") as t:
+                ...
+            assert t.fired == 1
+
+        @raise AdminError: the toxic is refused (400 naming its key, 409 for a
+            name in use).
+        """
+        conditions = {
+            "name": name,
+            "toxicity": toxicity,
+            "client": client,
+            "nth": nth,
+            "times": times,
+            "seed": seed,
+            "scenario": scenario,
+            "state": state,
+            "next_state": next_state,
+        }
+        body = {
+            "type": type,
+            "stream": stream,
+            "attributes": attributes,
+            **{key: value for key, value in conditions.items() if value is not None},
+        }
+        described = self.admin(
+            "POST", f"/api/services/{_quote(service)}/toxics", json.dumps(body).encode()
+        )
+        return ToxicHandle(self, service, described)
 
     def scenario(self, name: str, state: str | None = None) -> str:
         """A scenario's state; with C{state}, set it first."""

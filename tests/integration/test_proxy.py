@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 from tests.conftest import StartNetd, unused_port
 
 
@@ -146,6 +146,43 @@ def test_latency_is_added_within_a_fifth(netd: NetdProcess) -> None:
     fired = netd.wait_for("echo", "toxic.fired", toxic="latency_downstream")
     assert fired["toxic_type"] == "latency"
     assert "toxics_fired" in netd.services()["echo"]["counters"]
+
+
+def test_toxic_handle_adds_counts_and_removes_a_toxic(netd: NetdProcess) -> None:
+    with netd.toxic("echo", "latency", latency=200, stream="downstream", nth=2) as toxic:
+        assert toxic.id == "latency_downstream"
+        with _connect(netd) as sock:
+            first = _round_trip(sock)  # the 1st connection: nth=2 lets it be
+        with _connect(netd) as sock:
+            second = _round_trip(sock)
+        assert first < 0.15 <= second, (first, second)
+        (fired,) = toxic.wait_fired()
+        assert toxic.fired == 1
+        # toxic.fired carries rule.fired's fields: what a rule's watcher reads.
+        assert fired["rule"] == "latency_downstream" and fired["source"] == "api"
+        assert fired["fired"] == 1 and fired["client"] == "127.0.0.1"
+        assert fired["acts"] == ["latency"] and fired["stream"] == "downstream"
+    assert netd.view("echo", "toxics") == []
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 0.15  # gone with the block
+
+
+def test_a_toxic_acts_while_the_daemons_scenario_is_in_its_state(netd: NetdProcess) -> None:
+    with netd.toxic("echo", "latency", latency=200, scenario="db", state="slow") as toxic:
+        with _connect(netd) as sock:
+            assert _round_trip(sock) < 0.15
+        netd.scenario("db", "slow")  # the scenarios every service's rules share
+        with _connect(netd) as sock:
+            assert _round_trip(sock) >= 0.15
+        assert toxic.fired == 1
+
+
+def test_toxic_handle_refusal_names_the_key_and_the_proxy_serves_on(netd: NetdProcess) -> None:
+    with pytest.raises(AdminError) as refused:
+        netd.toxic("echo", "latency", latncy=5)
+    assert refused.value.status == 400 and "attributes.latncy" in refused.value.body
+    with _connect(netd) as sock:
+        _round_trip(sock)
 
 
 def test_bandwidth_is_kept_within_a_fifth(netd: NetdProcess) -> None:

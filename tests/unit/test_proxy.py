@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import Logger
 
 from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.schema import ConfigErrors
-from netd.services.proxy.relay import HIGH_WATER, ClientSide, Relay, UpstreamSide
+from netd.services.proxy.relay import (
+    HIGH_WATER,
+    READ_SIZE,
+    ClientSide,
+    Relay,
+    UpstreamSide,
+    send_now,
+    tune,
+)
 from netd.services.proxy.state import Proxy
 from netd.services.proxy.toxics import Toxic, ToxicError, ToxicState, read_toxic
 
@@ -178,19 +190,94 @@ def test_toxics_added_later_act_on_open_connections(tmp_path: Path) -> None:
 
 
 def test_nth_times_client_and_toxicity_decide_per_connection() -> None:
-    chance = random.Random(7)
-    here = ipaddress.ip_address("10.1.2.3")
-    elsewhere = ipaddress.ip_address("192.0.2.1")
+    here, elsewhere = "10.1.2.3", "192.0.2.1"
     nth = ToxicState(Toxic("n", "latency", nth=2))
-    assert [nth.decide(here, chance) for _ in range(3)] == [False, True, False]
+    assert [nth.decide(here) for _ in range(3)] == [False, True, False]
     times = ToxicState(Toxic("t", "latency", times=2))
-    assert [times.decide(here, chance) for _ in range(3)] == [True, True, False]
+    assert [times.decide(here) for _ in range(3)] == [True, True, False]
     cidr = ToxicState(Toxic("c", "latency", client=(ipaddress.ip_network("10.0.0.0/8"),)))
-    assert cidr.decide(here, chance) and not cidr.decide(elsewhere, chance)
-    assert not cidr.decide(None, chance)  # a UNIX socket's client is in no network
+    assert cidr.decide(here) and not cidr.decide(elsewhere)
+    assert not cidr.decide(None)  # a UNIX socket's client is in no network
     never = ToxicState(Toxic("z", "latency", toxicity=0.0))
-    assert not any(never.decide(here, chance) for _ in range(20))
+    assert not any(never.decide(here) for _ in range(20))
     assert never.fired == 0 and never.seen == 20
+
+
+def test_toxicity_draws_from_the_toxics_seed_as_a_rules_probability_does() -> None:
+    first, again = (ToxicState(Toxic("p", "latency", toxicity=0.5, seed=7)) for _ in range(2))
+    decisions = [first.decide("10.1.2.3") for _ in range(40)]
+    assert decisions == [again.decide("10.1.2.3") for _ in range(40)]
+    expected = random.Random(7)
+    assert decisions == [expected.random() < 0.5 for _ in range(40)]
+    assert 0 < first.fired < 40 and first.seen == 40
+
+
+def test_an_update_keeps_a_toxics_counts(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path)
+    state = pipe.proxy.toxics.add(Toxic("t", "latency", times=2))
+    pipe.open()
+    pipe.proxy.toxics.update(Toxic("t", "latency", times=1, attributes={"latency": 5}))
+    assert state.fired == 1 and state.rule.spec.times == 1
+    pipe.open()
+    assert state.fired == 1  # times=1 is spent
+
+
+def test_toxic_fired_has_the_fields_of_rule_fired(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("slow", "latency", "upstream", attributes={"latency": 10}))
+    pipe.open()
+    (event,) = pipe.journal.select(types=["toxic.fired"])
+    assert {
+        key: event.fields[key] for key in ("rule", "source", "fired", "client", "matched", "acts")
+    } == {
+        "rule": "slow",
+        "source": "map",
+        "fired": 1,
+        "client": "192.0.2.7",
+        "matched": {},
+        "acts": ["latency"],
+    }
+
+
+def test_a_toxic_waits_for_its_scenario_state_and_moves_it(tmp_path: Path) -> None:
+    pipe = _Pipe(
+        tmp_path,
+        Toxic("breaks", "latency", scenario="db", next_state="broken", times=1),
+        Toxic(
+            "while-broken",
+            "limit_data",
+            "upstream",
+            attributes={"bytes": 1},
+            scenario="db",
+            state="x",
+        ),
+    )
+    scenarios = pipe.proxy.scenarios
+    pipe.open()
+    assert scenarios.state("db") == "broken"
+    (event,) = pipe.journal.select(types=["toxic.fired"])
+    assert event.fields["scenario"] == "db" and event.fields["state"] == "broken"
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"ab")
+    assert to_upstream.value() == b"ab"  # "while-broken" waits for state x
+    scenarios.set("db", "x")
+    client, _, to_upstream = pipe.open()
+    client.dataReceived(b"ab")
+    assert to_upstream.value() == b"a"
+
+
+def test_a_state_without_a_scenario_is_refused() -> None:
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "state": "up"})
+    assert refused.value.path == "scenario"
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "scenario": "no spaces"})
+    assert refused.value.path == "scenario"
+
+
+def test_a_bad_seed_is_refused() -> None:
+    with pytest.raises(ToxicError) as refused:
+        read_toxic({"type": "latency", "seed": "x"})
+    assert refused.value.path == "seed"
 
 
 def test_toxic_json_takes_toxiproxys_defaults() -> None:
@@ -285,3 +372,45 @@ def test_a_client_that_half_closes_then_goes_closes_the_upstream(tmp_path: Path)
     client.readConnectionLost()
     client.connectionLost()
     assert to_upstream.value() == b"request" and to_upstream.disconnecting
+
+
+@pytest.fixture
+def tcp_pair() -> Iterator[tuple[tcp.Connection, socket.socket]]:
+    """A Twisted TCP connection (on a fake reactor) and the loopback socket at its other end."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        near = socket.create_connection(listener.getsockname())
+        far, _ = listener.accept()
+    connection = tcp.Connection(near, Protocol(), reactor=MemoryReactorClock())
+    connection.connected = True
+    try:
+        yield connection, far
+    finally:
+        near.close()
+        far.close()
+
+
+def test_tune_reads_larger_chunks_without_nagle(
+    tcp_pair: tuple[tcp.Connection, socket.socket],
+) -> None:
+    connection, _ = tcp_pair
+    tune(connection)
+    assert connection.bufferSize == READ_SIZE > 65536
+    assert connection.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_send_now_leaves_at_once_unless_bytes_are_queued_ahead(
+    tcp_pair: tuple[tcp.Connection, socket.socket],
+) -> None:
+    connection, far = tcp_pair
+    far.settimeout(5)
+    send_now(connection, b"first")
+    # On the wire with no reactor turn: Twisted's write alone would only have buffered it.
+    assert far.recv(100) == b"first"
+    connection.write(b"queued ")  # buffered, for the reactor's next turn
+    send_now(connection, b"second")
+    far.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        far.recv(100)  # "second" waits behind "queued ", not ahead of it
+    connection.doWrite()
+    far.setblocking(True)
+    assert far.recv(100) == b"queued second"

@@ -113,14 +113,13 @@ class DatagramRelay(DatagramProtocol):
         """Send C{data} on with C{write}, through the datagram toxics of C{stream}."""
         delay, copies = 0.0, 1
         chance = self.proxy.chance
-        client_ip = _ip(client[0])
         for state in self.proxy.toxics:
             toxic = state.toxic
             if not toxic.datagram or toxic.stream != stream:
                 continue
-            if not state.decide(client_ip, chance):
+            if not state.decide(client[0], self.proxy.scenarios):
                 continue
-            self.proxy.fired(state, client=f"{client[0]}:{client[1]}")
+            self.proxy.fired(state, client[0], peer=f"{client[0]}:{client[1]}")
             if toxic.type == "drop":
                 return
             if toxic.type == "delay":
@@ -165,13 +164,3 @@ class DatagramRelay(DatagramProtocol):
         if self._sweep is not None and self._sweep.active():
             self._sweep.cancel()
         self._sweep = None
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        address = ipaddress.ip_address(text.partition("%")[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address

@@ -32,8 +32,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.compat import may_send_now
 from netd.connections import TrackedConnection
-from netd.schema import client_address
 from netd.services.proxy.toxics import ToxicState
 
 if TYPE_CHECKING:
@@ -48,16 +48,64 @@ LOW_WATER = HIGH_WATER // 4
 _FIN, _CLOSE, _RESET = "fin", "close", "reset"
 # Bandwidth sends a tenth of a second's worth at a time, as Toxiproxy does.
 _BANDWIDTH_SLICES_PER_SECOND = 10
+# Bytes read from a socket at once (Twisted's default is 64 KiB): fewer, larger
+# system calls are most of what a bulk relay saves.  Kept under glibc's 128 KiB
+# mmap threshold: Python allocates the whole size for every recv, and a larger
+# buffer is mapped and unmapped again for each small read (+15 µs each).
+READ_SIZE = (1 << 17) - 4096
+
+
+def socket_of(transport: Any) -> tcp.Connection | None:
+    """The TCP (or UNIX) socket under netd's wrapper and TLS, if there is one."""
+    layer = transport
+    for _ in range(4):  # netd's wrapper, TLS, the socket: never deeper
+        if isinstance(layer, tcp.Connection):
+            return layer
+        layer = inspect.getattr_static(layer, "transport", None)
+    return None
+
+
+def tune(transport: Any) -> None:
+    """
+    Ready one side's socket for relaying: larger reads, and no
+    Nagle delay (a relayed small message must not wait for the ack of the last).
+    """
+    connection = socket_of(transport)
+    if connection is None:
+        return
+    connection.bufferSize = READ_SIZE
+    if connection.socket.family != socket.AF_UNIX:
+        connection.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def bare_socket(transport: Any) -> tcp.Connection | None:
+    """C{transport} itself when it is a plain TCP (or UNIX) socket: the upstream's, without TLS."""
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        return transport
+    return None
+
+
+def send_now(connection: tcp.Connection, data: bytes) -> None:
+    """
+    Write to a bare socket as netd's wrapper does (L{TrackedConnection.write}):
+    at once when nothing is queued ahead.  Twisted's own C{write} only buffers,
+    and the bytes leave on the reactor's next turn after two epoll_ctl calls.
+    """
+    if may_send_now(connection):
+        sent = connection.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # else the connection is lost: the buffered write lets doWrite see it
+    connection.write(data)
 
 
 def reset(transport: Any) -> None:
     """Close with a TCP RST (SO_LINGER 0): the peer reads ECONNRESET."""
-    layer = transport
-    for _ in range(4):  # netd's wrapper, TLS, the socket: never deeper
-        if isinstance(layer, tcp.Connection):
-            layer.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            break
-        layer = inspect.getattr_static(layer, "transport", None)
+    connection = socket_of(transport)
+    if connection is not None:
+        connection.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     transport.abortConnection()
 
 
@@ -103,6 +151,8 @@ class Direction:
         self.clock = relay.proxy.clock
         self.source: Any = None
         self.sink: Any = None
+        # The sink when it is a bare socket, written with L{send_now}.
+        self.bare: tcp.Connection | None = None
         self.queue: deque[tuple[float, bytes | str]] = deque()
         self.queued = 0
         self.last_due = 0.0
@@ -131,6 +181,7 @@ class Direction:
 
     def attach(self, source: Any, sink: Any) -> None:
         self.source, self.sink = source, sink
+        self.bare = bare_socket(sink)
         sink.registerProducer(self, True)
         self.pump()  # anything that came before the far side was there
 
@@ -139,7 +190,7 @@ class Direction:
             return
         toxics = self.relay.acting(self.stream)
         if not toxics and not self.queue and not self.sink_paused and self.sink is not None:
-            self.sink.write(data)
+            self.send(data)
             return
         now = self.clock.seconds()
         pieces, tail = self._through(toxics, data, now)
@@ -266,7 +317,7 @@ class Direction:
             self.queue.popleft()
             if isinstance(item, bytes):
                 self.queued -= len(item)
-                self.sink.write(item)
+                self.send(item)
             else:
                 self._finish(item)
                 if item != _FIN:
@@ -291,9 +342,16 @@ class Direction:
         else:
             self.relay.close()
 
+    def send(self, data: bytes) -> None:
+        if self.bare is not None:
+            send_now(self.bare, data)
+        else:
+            self.sink.write(data)
+
     def discard(self) -> None:
         """The sink is gone: nothing queued can be sent."""
         self.sink = None
+        self.bare = None
         self.ended = True
         self.queue.clear()
         self.queued = 0
@@ -322,7 +380,7 @@ class Relay:
         transport = client.transport
         self.connection_id = getattr(transport, "connection_id", 0)
         self.client_name = getattr(transport, "client", "")
-        self.client_ip = client_address(transport.getPeer())
+        self.peer = transport.getPeer()
         # Decided now, in connection order: what a toxic's nth counts.
         self.acting("upstream")
 
@@ -339,12 +397,10 @@ class Relay:
                 present.add(state)
                 decided = self._decisions.get(state)
                 if decided is None:
-                    decided = self._decisions[state] = state.decide(
-                        self.client_ip, self.proxy.chance
-                    )
+                    decided = self._decisions[state] = state.decide(self.peer, self.proxy.scenarios)
                     if decided:
                         self.proxy.fired(
-                            state, connection=self.connection_id, client=self.client_name
+                            state, self.peer, connection=self.connection_id, peer=self.client_name
                         )
                         self._direction(state.toxic.stream).start_toxic(state)
                 if decided:
@@ -365,6 +421,8 @@ class Relay:
             upstream.transport.loseConnection()
             return
         self.upstream = upstream
+        tune(self.client.transport)
+        tune(upstream.transport)
         self.up.attach(self.client.transport, upstream.transport)
         self.down.attach(upstream.transport, self.client.transport)
         self.client.transport.resumeProducing()

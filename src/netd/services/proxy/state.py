@@ -13,11 +13,13 @@ import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IAddress, IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
+from netd.rules import moved
+from netd.schema import client_address
 from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
 
@@ -68,10 +70,12 @@ class Proxy(Service):
         self.configured_toxics = toxics
         self.toxics = ToxicSet()
         for toxic in toxics:
-            self.toxics.add(toxic)
+            self.toxics.add(toxic, source="map")
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
+        # The daemon's scenarios, which toxics read (state) and move (next_state) as rules do.
+        self.scenarios = context.rules.scenarios
 
     # Connections
 
@@ -104,11 +108,29 @@ class Proxy(Service):
             error=failure.getErrorMessage(),
         )
 
-    def fired(self, state: ToxicState, **where: Any) -> None:
-        toxic = state.toxic
+    def fired(self, state: ToxicState, client: IAddress | str | None, **where: Any) -> None:
+        """
+        A toxic acts on one more connection (datagram): its scenario moves to its
+        C{next_state}, and C{toxic.fired} is journaled with the fields of the
+        rules' C{rule.fired} (C{rule} is the toxic's name), then the toxic's own.
+        """
+        toxic, rule = state.toxic, state.rule
+        address = client_address(client)
+        scenario = moved(rule, self.scenarios)
         self.context.stats.count("toxics_fired")
         self.context.emit(
-            "toxic.fired", toxic=toxic.name, toxic_type=toxic.type, stream=toxic.stream, **where
+            "toxic.fired",
+            rule=toxic.name,
+            source=rule.source,
+            fired=rule.fired,
+            client=str(address) if address is not None else "",
+            matched={},
+            acts=[toxic.type],
+            toxic=toxic.name,
+            toxic_type=toxic.type,
+            stream=toxic.stream,
+            **scenario,
+            **where,
         )
 
     # Control

@@ -2,23 +2,25 @@
 Toxics: Toxiproxy's faults, with its names, attributes and defaults, plus netd's
 conditions on which connections (or datagrams) they act.
 
-A toxic has the shape of one of the scenario rules of issue #16: a match
-(C{stream}, C{client}, C{nth}), a C{times} budget, a C{toxicity} probability and
-one act (its C{type} and C{attributes}).  Each decision to act is a
-C{toxic.fired} event in the journal.  This module keeps that decision
-(L{ToxicState.decide}) apart from the byte mechanics (L{netd.services.proxy.relay})
-so that the rules engine can take the decision over without touching the relay.
+A toxic is a scenario rule (L{netd.rules}) applied to bytes: C{client}, C{nth},
+C{times} and C{toxicity} (the rule's C{probability}, drawn from a generator
+seeded with C{seed}) make its L{netd.rules.RuleSpec}, and whether it acts on a
+connection (a datagram) is decided by L{netd.rules.admits}, counted as a rule's.
+Its C{type} and C{attributes} are its one act, carried out by the relay
+(L{netd.services.proxy.relay}).  Each decision to act is a C{toxic.fired} event
+with the fields of C{rule.fired}.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import random
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IAddress
 
+from netd.rules import Rule, RuleSpec, Scenarios, admits, is_name
 from netd.schema import Network
 
 __all__ = [
@@ -51,7 +53,10 @@ DATAGRAM_TYPES: Mapping[str, Mapping[str, float]] = {
 _TYPES = {**STREAM_TYPES, **DATAGRAM_TYPES}
 _STREAMS = ("upstream", "downstream")
 _KEYS = frozenset(
-    {"name", "type", "stream", "toxicity", "attributes", "client", "nth", "times", "fired"}
+    {
+        *("name", "type", "stream", "toxicity", "attributes", "client", "nth", "times"),
+        *("seed", "scenario", "state", "next_state", "fired"),
+    }
 )
 
 
@@ -75,6 +80,9 @@ class Toxic:
     @ivar client: act only on clients in these networks; empty, on every client.
     @ivar nth: act only on the Nth matching connection (datagram); 0, on each.
     @ivar times: act at most this many times; 0, without limit.
+    @ivar seed: seeds the generator C{toxicity} draws from, as a rule's C{seed}.
+    @ivar scenario: with C{state}, act only while that scenario is in it; with
+        C{next_state}, move it there on acting (the rules' scenarios).
     """
 
     name: str
@@ -85,6 +93,10 @@ class Toxic:
     client: tuple[Network, ...] = ()
     nth: int = 0
     times: int = 0
+    seed: int = 0
+    scenario: str | None = None
+    state: str | None = None
+    next_state: str | None = None
 
     @property
     def datagram(self) -> bool:
@@ -110,7 +122,29 @@ class Toxic:
             shape["nth"] = self.nth
         if self.times:
             shape["times"] = self.times
+        if self.seed:
+            shape["seed"] = self.seed
+        for key in ("scenario", "state", "next_state"):
+            if getattr(self, key) is not None:
+                shape[key] = getattr(self, key)
         return shape
+
+    def rule_spec(self) -> RuleSpec:
+        """The scenario rule this toxic is: its conditions, and its type as its one act."""
+        return RuleSpec(
+            match=(),
+            client=self.client,
+            acts={self.type: dict(self.attributes)},
+            described=self.as_json(),
+            id=self.name,
+            times=self.times or None,
+            nth=self.nth or None,
+            probability=self.toxicity if self.toxicity < 1 else None,
+            seed=self.seed,
+            scenario=self.scenario,
+            state=self.state,
+            next_state=self.next_state,
+        )
 
 
 def _number(raw: Any, path: str, minimum: float = 0) -> float:
@@ -186,34 +220,69 @@ def read_toxic(raw: Any, default_stream: str = "downstream", base: Toxic | None 
         client=client,
         nth=_count(raw.get("nth", base.nth if base else 0), "nth"),
         times=_count(raw.get("times", base.times if base else 0), "times"),
+        seed=_seed(raw.get("seed", base.seed if base else 0)),
+        **_scenario(raw, base),
     )
 
 
-@attrs.define(eq=False)
+def _scenario(raw: dict[str, Any], base: Toxic | None) -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for key in ("scenario", "state", "next_state"):
+        value = raw.get(key, getattr(base, key) if base else None)
+        if value is not None and (not isinstance(value, str) or not is_name(value)):
+            raise ToxicError(key, f"not a name: {value!r} (letters, digits, '_', '.', ':', '-')")
+        found[key] = value
+    if found["scenario"] is None and (found["state"] or found["next_state"]):
+        raise ToxicError("scenario", "'state' and 'next_state' need a 'scenario'")
+    return found
+
+
+def _seed(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ToxicError("seed", f"expected a whole number, got {raw!r}")
+    return raw
+
+
 class ToxicState:
-    """A toxic in use: its configuration (replaced by an update) and its counts."""
+    """
+    A toxic in use: its configuration (replaced by an update) and the rule
+    that decides and counts for it.
+    """
 
-    toxic: Toxic
-    # Connections (datagrams) that matched its stream and client: what nth counts.
-    seen: int = 0
-    # How often it acted: what times limits, and what the API reports.
-    fired: int = 0
+    def __init__(self, toxic: Toxic, source: str = "api") -> None:
+        self.toxic = toxic
+        self.rule = Rule.of(toxic.rule_spec(), toxic.name, source)
 
-    def decide(
-        self, client: ipaddress.IPv4Address | ipaddress.IPv6Address | None, chance: random.Random
-    ) -> bool:
-        """Whether it acts on one more connection (datagram) from C{client}."""
-        toxic = self.toxic
-        if toxic.client and (client is None or not any(client in n for n in toxic.client)):
+    @property
+    def seen(self) -> int:
+        """Connections (datagrams) that met its client condition: what C{nth} counts."""
+        return self.rule.seen
+
+    @property
+    def fired(self) -> int:
+        """How often it acted: what C{times} limits, and what the API reports."""
+        return self.rule.fired
+
+    def replace(self, toxic: Toxic) -> None:
+        """An update: the new configuration, with the counts so far."""
+        rule = Rule.of(toxic.rule_spec(), toxic.name, self.rule.source)
+        rule.seen, rule.fired = self.rule.seen, self.rule.fired
+        if (
+            rule.chance is not None
+            and self.rule.chance is not None
+            and toxic.seed == self.toxic.seed
+        ):
+            rule.chance = self.rule.chance  # the same draws go on
+        self.toxic, self.rule = toxic, rule
+
+    def decide(self, client: str | IAddress | None, scenarios: Scenarios | None = None) -> bool:
+        """
+        Whether it acts on one more connection (datagram) from C{client}, with
+        its scenario in C{state} (in C{scenarios}, the daemon's).
+        """
+        if not admits(self.rule, client, scenarios):
             return False
-        self.seen += 1
-        if toxic.nth and self.seen != toxic.nth:
-            return False
-        if toxic.times and self.fired >= toxic.times:
-            return False
-        if toxic.toxicity < 1 and chance.random() >= toxic.toxicity:
-            return False
-        self.fired += 1
+        self.rule.fired += 1
         return True
 
     def as_json(self) -> dict[str, Any]:
@@ -237,16 +306,17 @@ class ToxicSet:
     def get(self, name: str) -> ToxicState | None:
         return self._states.get(name)
 
-    def add(self, toxic: Toxic) -> ToxicState:
+    def add(self, toxic: Toxic, source: str = "api") -> ToxicState:
+        """C{toxic} after the others; C{source} as a rule's: C{map} or C{api}."""
         if toxic.name in self._states:
             raise KeyError(toxic.name)
-        state = self._states[toxic.name] = ToxicState(toxic)
+        state = self._states[toxic.name] = ToxicState(toxic, source)
         self.version += 1
         return state
 
     def update(self, toxic: Toxic) -> ToxicState:
         state = self._states[toxic.name]
-        state.toxic = toxic
+        state.replace(toxic)
         self.version += 1
         return state
 
