@@ -41,6 +41,7 @@ from yaml.constructor import SafeConstructor
 
 from netd import acts
 from netd.events import Journal
+from netd.namespaces import key as namespace_key
 from netd.schema import (
     Network,
     Position,
@@ -77,7 +78,17 @@ GENERIC_ACTS = ("delay", "throttle", "reset", "close", "stall", "drop")
 _FINAL_ACTS = ("reset", "stall", "drop")
 DEFAULT_STATE = "started"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-_CONTROL = ("match", "times", "nth", "probability", "seed", "scenario", "state", "next_state")
+_CONTROL = (
+    "match",
+    "namespace",
+    "times",
+    "nth",
+    "probability",
+    "seed",
+    "scenario",
+    "state",
+    "next_state",
+)
 
 
 @attrs.frozen
@@ -215,11 +226,13 @@ class RuleSpec:
     scenario: str | None = None
     state: str | None = None
     next_state: str | None = None
+    # Fires only on events of this namespace (netd.namespaces).
+    namespace: str | None = None
 
     @property
     def on_connections(self) -> bool:
         """Whether it matches on nothing the kind reports: the core applies it."""
-        return not self.match
+        return not self.match and self.namespace is None
 
 
 def _described(node: yaml.Node) -> Any:
@@ -280,7 +293,9 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     found: dict[str, Any] = {}
     # A rule on connections may take every generic act; one on the kind's
     # events, those its events can take.
-    generic = vocabulary.generic if predicates else GENERIC_ACTS
+    # A rule scoped to a namespace acts on the kind's events, which carry it.
+    on_events = bool(predicates) or section.has("namespace")
+    generic = vocabulary.generic if on_events else GENERIC_ACTS
     for name in generic:
         entry = section.get(name)
         if entry is not None:
@@ -300,6 +315,7 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
         if probability > 1:
             probability_value.error(f"a probability is at most 1, got {probability:g}")
     seed = section.integer("seed", 0)
+    namespace = section.read("namespace", _namespace, None)
     scenario = section.read("scenario", _name, None)
     state = section.read("state", _name, None)
     next_state = section.read("next_state", _name, None)
@@ -317,7 +333,7 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     if len(final) > 1 or (final and (own or found.get("close") is not None)):
         others = [*final, *own, *(["close"] if "close" in found else [])]
         value.error(f"{', '.join(others)}: these acts exclude each other")
-    if own and not predicates and vocabulary.match:
+    if own and not on_events and vocabulary.match:
         value.error(
             f"{', '.join(own)} answers an event: give a match on "
             + ", ".join(vocabulary.match)
@@ -338,7 +354,16 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
         scenario=scenario,
         state=state,
         next_state=next_state,
+        namespace=namespace,
     )
+
+
+def _namespace(value: Value) -> str | None:
+    text = value.as_str()
+    found = namespace_key(text)
+    if value.is_scalar and found is None:
+        value.error(f"not a namespace: {text!r} (letters, digits, '_', '-')")
+    return found
 
 
 def read_rules(value: Value, vocabulary: Vocabulary) -> tuple[RuleSpec, ...]:
@@ -545,20 +570,25 @@ class RuleSet:
 
     # -- matching -------------------------------------------------------------------
 
-    def check(self, client: str | IAddress | None, **event: Any) -> Fired | None:
+    def check(
+        self, client: str | IAddress | None, namespace: str | None = None, **event: Any
+    ) -> Fired | None:
         """
         The first rule that fires on this event, counted and journaled, or
         L{None}.  A rule matches when every key it names is in C{event} and
-        passes, its client and scenario state fit, and its C{nth},
-        C{probability} and C{times} let it fire now.
+        passes, its namespace (if it has one) is the event's, its client and
+        scenario state fit, and its C{nth}, C{probability} and C{times} let it
+        fire now.
         """
         for rule in self.event_rules:
+            if rule.spec.namespace is not None and rule.spec.namespace != namespace:
+                continue
             for key, predicate in rule.spec.match:
                 if key not in event or not predicate(event[key]):
                     break
             else:
                 if self._admits(rule, client):
-                    return self._fire(rule, client, event)
+                    return self._fire(rule, client, event, namespace)
         return None
 
     def at_connect(self, client: str | IAddress | None) -> Fired | None:
@@ -593,12 +623,20 @@ class RuleSet:
         chance = rule.chance
         return chance is None or chance.random() < (spec.probability or 0.0)
 
-    def _fire(self, rule: Rule, client: str | IAddress | None, event: Mapping[str, Any]) -> Fired:
+    def _fire(
+        self,
+        rule: Rule,
+        client: str | IAddress | None,
+        event: Mapping[str, Any],
+        namespace: str | None = None,
+    ) -> Fired:
         rule.fired += 1
         spec = rule.spec
-        moved = {}
+        moved: dict[str, str] = {}
+        if namespace is not None:
+            moved["namespace"] = namespace
         if spec.scenario is not None and spec.next_state is not None:
-            moved = {"scenario": spec.scenario, "state": spec.next_state}
+            moved.update(scenario=spec.scenario, state=spec.next_state)
             self.scenarios.set(spec.scenario, spec.next_state)
         if self.journal is not None:
             address = client_address(client)
@@ -655,6 +693,15 @@ class RuleSet:
         self.rules = []
         self._changed()
         return {"cleared": cleared}
+
+    def forget(self, namespace: str) -> dict[str, int]:
+        """The rules scoped to one namespace go (C{DELETE /api/namespaces/NS})."""
+        kept = [rule for rule in self.rules if rule.spec.namespace != namespace]
+        removed = len(self.rules) - len(kept)
+        if removed:
+            self.rules = kept
+            self._changed()
+        return {"removed": removed}
 
     def _find(self, rule_id: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.id == rule_id), None)

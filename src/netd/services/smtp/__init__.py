@@ -43,6 +43,8 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import Derive, SourceReader, suffix_source
+from netd.namespaces import key as namespace_key
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.extract import DEFAULT_CODES
@@ -398,6 +400,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
         reject_bare_newlines=options.bare_newlines == "reject",
         rules=context.rules,
+        namespaces=context.namespaces,
     )
 
     access = None
@@ -441,6 +444,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
                 # dropped by an API call: DELETE is for capture mode (405 otherwise).
                 clear=store.clear if send is None else None,
                 remove=store.remove if send is None else None,
+                forget=store.forget_namespace if send is None else None,
             )
         },
     )
@@ -451,6 +455,41 @@ RULES = Vocabulary(
     acts={"reply": reply_line()},
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
+
+
+def _plus_tag(argument: Value | None) -> Derive | None:
+    """C{plus_tag}: a recipient's tag, C{bob+t42@example.test} -> C{t42}."""
+    if argument is not None:
+        argument.error("'plus_tag' takes no argument")
+        return None
+
+    def derive(carried: Mapping[str, Any]) -> str | None:
+        for recipient in carried.get("recipients", ()):
+            local = recipient.rpartition("@")[0]
+            if "+" in local:
+                found = namespace_key(local.partition("+")[2])
+                if found is not None:
+                    return found
+        return None
+
+    return derive
+
+
+def _auth_user(argument: Value | None) -> Derive | None:
+    """C{auth_user}: the user the session authenticated as."""
+    if argument is not None:
+        argument.error("'auth_user' takes no argument")
+        return None
+    return lambda carried: namespace_key(carried.get("user"))
+
+
+# namespace_from's sources: recipients are addresses, the suffix reads their domains.
+NAMESPACES: Mapping[str, SourceReader] = {
+    "plus_tag": _plus_tag,
+    "suffix": suffix_source("domains"),
+    "auth_user": _auth_user,
+}
+
 
 # An authenticated IMAP session may stay silent this long (Twisted's
 # IMAP4Server.POSTAUTH_TIMEOUT): RFC 2177 clients renew IDLE every 29 minutes.
@@ -470,4 +509,5 @@ SMTP: ServiceKind[Options] = ServiceKind(
     per_client_default=20,
     rules=RULES,
     listener_keys=_LISTENER_SECTIONS,
+    namespaces=NAMESPACES,
 )
