@@ -23,7 +23,7 @@ lint: install
 	$(VENV)/bin/mypy
 
 test: lint
-	$(VENV)/bin/python -m pytest -q -n 2 tests
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests
 
 # The unit tier alone: no daemon started, seconds rather than minutes.
 test-fast: install

@@ -222,7 +222,7 @@ class NetdProcess:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | None,
         ports: dict[str, Any],
         log: Path,
         config_path: Path | None = None,
@@ -311,6 +311,15 @@ class NetdProcess:
         ports = json.loads(ports_file.read_text(encoding="utf-8"))
         written = not isinstance(config, Path)
         return cls(process, ports, log, config_path, scratch, written, admin and written)
+
+    @classmethod
+    def attach(cls, workdir: Path) -> NetdProcess:
+        """
+        A handle on a daemon another process started with C{workdir} (and
+        stops): one daemon for every xdist worker, say.  L{stop} leaves it.
+        """
+        ports = json.loads((workdir / "ports.json").read_text(encoding="utf-8"))
+        return cls(None, ports, workdir / "netd.log", workdir / "netd.yaml")
 
     @property
     def output(self) -> str:
@@ -666,10 +675,17 @@ class NetdProcess:
         return answer
 
     def signal(self, signum: int) -> None:
+        if self.process is None:
+            raise LookupError("an attached netd is not this handle's to signal")
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then wait; returns the exit status (kills after C{timeout})."""
+        """
+        SIGTERM, then wait; returns the exit status (kills after C{timeout}).
+        An attached daemon is left running: 0.
+        """
+        if self.process is None:
+            return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
