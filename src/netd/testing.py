@@ -230,7 +230,7 @@ class NetdProcess:
         map_written: bool = False,
         add_admin: bool = False,
     ) -> None:
-        self.process = process
+        self._process = process
         self.ports = ports
         self.log_path = log
         self.config_path = config_path
@@ -320,6 +320,13 @@ class NetdProcess:
         """
         ports = json.loads((workdir / "ports.json").read_text(encoding="utf-8"))
         return cls(None, ports, workdir / "netd.log", workdir / "netd.yaml")
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The daemon's process; an attached daemon's is not this handle's (LookupError)."""
+        if self._process is None:
+            raise LookupError("an attached netd's process is not this handle's")
+        return self._process
 
     @property
     def output(self) -> str:
@@ -675,8 +682,6 @@ class NetdProcess:
         return answer
 
     def signal(self, signum: int) -> None:
-        if self.process is None:
-            raise LookupError("an attached netd is not this handle's to signal")
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -684,7 +689,7 @@ class NetdProcess:
         SIGTERM, then wait; returns the exit status (kills after C{timeout}).
         An attached daemon is left running: 0.
         """
-        if self.process is None:
+        if self._process is None:
             return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

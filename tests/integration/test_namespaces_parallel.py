@@ -12,7 +12,7 @@ from netd.pytest_plugin import NAMESPACED_MAP
 from tests.conftest import StartNetd
 
 # The workers' tests all use the daemon the outer test started.
-SHARED = '''
+SHARED = """
 import os
 from pathlib import Path
 
@@ -24,9 +24,9 @@ from netd.testing import NetdProcess
 @pytest.fixture(scope="session")
 def netd_ns_server():
     return NetdProcess.attach(Path(os.environ["NETD_SHARED_WORKDIR"]))
-'''
+"""
 
-TESTS = '''
+TESTS = """
 import smtplib
 
 import dns.resolver
@@ -42,7 +42,8 @@ def test_sees_exactly_its_own_traffic(netd_ns, number):
     with smtplib.SMTP(*netd_ns.address("mail"), timeout=10) as smtp:
         for i in range(sent):
             to = netd_ns.email(f"user{{i}}@example.test")
-            smtp.sendmail("app@example.test", [to], f"Subject: {{number}}/{{i}}\\r\\n\\r\\nhi\\r\\n")
+            text = f"Subject: {{number}}/{{i}}\\r\\n\\r\\nhi\\r\\n"
+            smtp.sendmail("app@example.test", [to], text)
     api = netd_ns.url("api")
     with httpx.Client(headers=netd_ns.headers, timeout=10) as http:
         for i in range(sent):
@@ -62,7 +63,7 @@ def test_sees_exactly_its_own_traffic(netd_ns, number):
     assert len(netd_ns.queries("dns")) == sent
     assert len(netd_ns.events("mail", "message.accepted")) == sent
     assert len(netd_ns.events("api", "rule.fired")) == 1
-'''
+"""
 
 
 def run_in_parallel(
