@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 
-from netd.admin import _in_namespace
+from netd.admin import AdminResource, _in_namespace
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal
+from netd.kinds import AdminView
 from netd.namespaces import Namespacing, below_suffix, key
 from netd.pytest_plugin import namespace_for
 from netd.rules import RuleSet, Vocabulary, glob
 from netd.services.smtp.namespace import derive_namespace
+from tests.unit.test_admin import Client, FakeDaemon, request
+from tests.unit.test_eventstream import frames, open_stream
 
 
 def namespacing(tmp_path: Path, kind: str, sources: str, extra: str = "") -> Namespacing:
@@ -203,3 +208,67 @@ def test_a_test_id_makes_a_namespace_key() -> None:
     assert key(one) == one
     assert one != namespace_for("tests/test_b.py::test_Signup[bob@x-1]")
     assert key(namespace_for("t.py::" + "x" * 200)) is not None
+
+
+def _admin_with(views: dict[str, AdminView]) -> tuple[AdminResource, FakeDaemon]:
+    daemon = FakeDaemon()
+    daemon.services_by_name["svc"] = attrs.make_class("S", ["handlers"])(
+        attrs.make_class("H", ["views"])(views)
+    )
+    return AdminResource(daemon, None, dict), daemon  # type: ignore[arg-type]
+
+
+def _get(resource: AdminResource, path: bytes, method: bytes = b"GET") -> tuple[int, Any]:
+    target, _, query = path.partition(b"?")
+    dummy = request(target, method)
+    for pair in filter(None, query.split(b"&")):
+        name, _, value = pair.partition(b"=")
+        dummy.addArg(name, value)
+    # An answer given at once is returned; one given later is written.
+    answer = resource.render(dummy)
+    body = answer if isinstance(answer, bytes) else b"".join(dummy.written)
+    return dummy.responseCode or 200, json.loads(body)
+
+
+def test_the_admin_api_forgets_a_namespace_in_every_view_and_the_journal() -> None:
+    held = [{"namespace": "a", "n": 1}, {"namespace": "b", "n": 2}, {"n": 3}]
+
+    def forget(namespace: str) -> dict[str, int]:
+        held[:] = [e for e in held if e.get("namespace") != namespace]
+        return {"cleared": 1}
+
+    views = {
+        "items": AdminView(list=lambda query: {"items": list(held)}, forget=forget),
+        "plain": AdminView(list=lambda query: list(held)),
+    }
+    resource, daemon = _admin_with(views)
+    daemon.journal.emit("svc", "e", namespace="a")
+    daemon.journal.emit("svc", "e", namespace="b")
+    assert _get(resource, b"/api/services/svc/items?namespace=b") == (
+        200,
+        {"items": [{"namespace": "b", "n": 2}]},
+    )
+    assert _get(resource, b"/api/services/svc/plain?namespace=a")[1] == [held[0]]
+    status, events = _get(resource, b"/api/events?namespace=b")
+    assert [e["id"] for e in events["events"]] == [2]
+    assert _get(resource, b"/api/namespaces/A", b"DELETE") == (
+        200,
+        {"namespace": "a", "events": 1, "services": {"svc": {"items": {"cleared": 1}}}},
+    )
+    assert [e.get("namespace") for e in held] == ["b", None]
+    assert [e.id for e in daemon.journal.select()] == [2]
+    status, refused = _get(resource, b"/api/namespaces/no%20key", b"DELETE")
+    assert status == 400 and "not a namespace" in refused["error"]
+    assert _get(resource, b"/api/namespaces/a", b"GET")[0] == 405
+
+
+def test_the_event_stream_filters_by_namespace() -> None:
+    client = Client()
+    journal = client.daemon.journal
+    answer = open_stream(client, b"/api/events/stream?namespace=a&since=0")
+    assert frames(answer) == []
+    journal.emit("svc", "e", namespace="a")
+    journal.emit("svc", "e", namespace="b")
+    journal.emit("svc", "e")
+    client.clock.advance(0)
+    assert [e["id"] for e in frames(client.answer())] == [1]
