@@ -411,7 +411,10 @@ class AdminResource(Resource):
         return _json(request, {"scenarios": scenarios.describe()})
 
     def _forget_namespace(self, request: Request, name: str) -> int:
-        """C{DELETE /api/namespaces/NS}: every view's entries of NS, its rules, its events."""
+        """
+        C{DELETE /api/namespaces/NS}: every view's entries of NS, its rules,
+        its scenarios' states and its events.
+        """
         namespace = namespace_key(name)
         if namespace is None:
             raise _HTTPError(400, f"not a namespace: {name!r} (letters, digits, '_', '-')")
@@ -421,12 +424,18 @@ class AdminResource(Resource):
                 if view.forget is not None:
                     forgetting.append(_labelled(service_name, view_name, view.forget, namespace))
         events = self.daemon.journal.forget(namespace)
+        scenarios = self.daemon.scenarios.forget(namespace)
 
         def answer(results: list[tuple[str, str, Any]]) -> tuple[int, Any]:
             services: dict[str, dict[str, Any]] = {}
             for service_name, view_name, result in results:
                 services.setdefault(service_name, {})[view_name] = result
-            return 200, {"namespace": namespace, "events": events, "services": services}
+            return 200, {
+                "namespace": namespace,
+                "events": events,
+                "scenarios": scenarios,
+                "services": services,
+            }
 
         return self._deferred(request, gatherResults(forgetting, consumeErrors=True), answer)
 

@@ -67,6 +67,7 @@ __all__ = [
     "read_rules",
     "read_scenarios",
     "reply_line",
+    "scoped_scenario",
 ]
 
 Predicate = Callable[[Any], bool]
@@ -233,6 +234,21 @@ class RuleSpec:
     def on_connections(self) -> bool:
         """Whether it matches on nothing the kind reports: the core applies it."""
         return not self.match and self.namespace is None
+
+    @property
+    def scenario_key(self) -> str | None:
+        """
+        Where its scenario's state is kept: a rule scoped to a namespace reads
+        and moves that namespace's own copy, C{NAME@NAMESPACE}.
+        """
+        if self.scenario is None or self.namespace is None:
+            return self.scenario
+        return scoped_scenario(self.scenario, self.namespace)
+
+
+def scoped_scenario(name: str, namespace: str) -> str:
+    """A scenario's name in one namespace: C{signup@t42} (a map's names have no C{@})."""
+    return f"{name}@{namespace}"
 
 
 def _described(node: yaml.Node) -> Any:
@@ -436,6 +452,14 @@ class Scenarios:
         """Every scenario back to its state in the map; those the map does not name, forgotten."""
         self.states = dict(self.initial)
 
+    def forget(self, namespace: str) -> int:
+        """One namespace's copies of scenarios go (they start again in C{started})."""
+        suffix = "@" + namespace
+        gone = [name for name in self.states if name.endswith(suffix)]
+        for name in gone:
+            del self.states[name]
+        return len(gone)
+
     def reconfigure(self, initial: Mapping[str, str]) -> None:
         """A reloaded map: new names start in their state; states already moved are kept."""
         for name, state in initial.items():
@@ -612,9 +636,9 @@ class RuleSet:
         if spec.client and not in_networks(client, spec.client):
             return False
         if (
-            spec.scenario is not None
+            spec.scenario_key is not None
             and spec.state is not None
-            and self.scenarios.state(spec.scenario) != spec.state
+            and self.scenarios.state(spec.scenario_key) != spec.state
         ):
             return False
         rule.seen += 1
@@ -635,9 +659,9 @@ class RuleSet:
         moved: dict[str, str] = {}
         if namespace is not None:
             moved["namespace"] = namespace
-        if spec.scenario is not None and spec.next_state is not None:
-            moved.update(scenario=spec.scenario, state=spec.next_state)
-            self.scenarios.set(spec.scenario, spec.next_state)
+        if spec.scenario_key is not None and spec.next_state is not None:
+            moved.update(scenario=spec.scenario_key, state=spec.next_state)
+            self.scenarios.set(spec.scenario_key, spec.next_state)
         if self.journal is not None:
             address = client_address(client)
             self.journal.emit(

@@ -195,8 +195,15 @@ class Namespace:
         """A rule that fires only on this namespace's events (C{namespace:} in the map)."""
         return self.netd.rule(service, match, namespace=self.name, **rule)
 
+    def scenario(self, name: str, state: str | None = None) -> str:
+        """
+        This namespace's state of a scenario, which only its rules (those with
+        C{namespace:}) read and move; with C{state}, set it first.
+        """
+        return self.netd.scenario(f"{name}@{self.name}", state)
+
     def reset(self) -> dict[str, Any]:
-        """Forget this namespace's messages, requests, queries, rules and events."""
+        """Forget this namespace's messages, requests, queries, rules, scenarios and events."""
         return self.netd.forget_namespace(self.name)
 
 

@@ -136,3 +136,21 @@ def test_bad_namespace_input_is_refused_and_the_daemon_serves_on(shared: NetdPro
         shared.forget_namespace(too_long)
     assert bad.value.status == 400
     assert shared.namespace("red").reset()["namespace"] == "red"
+
+
+def test_a_scoped_scenario_moves_in_its_namespace_only(shared: NetdProcess) -> None:
+    red, blue = shared.namespace("red"), shared.namespace("blue")
+    step = {"scenario": "signup", "state": "started", "next_state": "created"}
+    for ns in (red, blue):
+        ns.rule("api", match={"path": "/users"}, reply={"status": 201}, **step)
+        ns.rule("api", match={"path": "/users"}, scenario="signup", state="created", reply=409)
+
+    def post(ns: Namespace) -> int:
+        return httpx.post(shared.url("api", path="/users"), headers=ns.headers).status_code
+
+    assert [post(red), post(red)] == [201, 409]
+    assert blue.scenario("signup") == "started"
+    assert post(blue) == 201
+    assert red.reset()["scenarios"] == 1
+    assert (red.scenario("signup"), blue.scenario("signup")) == ("started", "created")
+    assert shared.scenario("signup") == "started"  # the daemon's own copy never moved

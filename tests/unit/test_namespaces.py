@@ -18,7 +18,7 @@ from netd.events import Journal
 from netd.kinds import AdminView
 from netd.namespaces import Namespacing, below_suffix, key
 from netd.pytest_plugin import namespace_for
-from netd.rules import RuleSet, Vocabulary, glob
+from netd.rules import RuleSet, Scenarios, Vocabulary, glob
 from netd.services.smtp.namespace import derive_namespace
 from tests.unit.test_admin import Client, FakeDaemon, request
 from tests.unit.test_eventstream import frames, open_stream
@@ -157,6 +157,21 @@ def test_a_scoped_rule_without_a_match_acts_on_events_not_connections() -> None:
     assert rules.check("127.0.0.1", "t43", name="anything") is None
 
 
+def test_a_scoped_rule_reads_and_moves_its_namespace_copy_of_a_scenario() -> None:
+    scenarios = Scenarios({"signup": "started"})
+    clock = Clock()
+    rules = RuleSet("svc", WORDS, clock, Journal(clock), scenarios)
+    step = {"scenario": "signup", "state": "started", "next_state": "created", "reply": "201"}
+    rules.post({"namespace": "a", **step})
+    rules.post({"match": {"name": "*"}, **step})
+    assert rules.check("127.0.0.1", "a", name="x").rule.id == "r1"  # type: ignore[union-attr]
+    assert scenarios.describe() == {"signup": "started", "signup@a": "created"}
+    assert rules.check("127.0.0.1", "a", name="x").rule.id == "r2"  # type: ignore[union-attr]
+    assert scenarios.describe() == {"signup": "created", "signup@a": "created"}
+    assert scenarios.forget("a") == 1
+    assert scenarios.describe() == {"signup": "created"}
+
+
 def test_forgetting_a_namespace_takes_its_rules_only() -> None:
     rules, _ = scoped_rules(
         {"namespace": "a", "reply": "1"},
@@ -212,6 +227,7 @@ def test_a_test_id_makes_a_namespace_key() -> None:
 
 def _admin_with(views: dict[str, AdminView]) -> tuple[AdminResource, FakeDaemon]:
     daemon = FakeDaemon()
+    daemon.scenarios = Scenarios()  # type: ignore[attr-defined]
     daemon.services_by_name["svc"] = attrs.make_class("S", ["handlers"])(
         attrs.make_class("H", ["views"])(views)
     )
@@ -251,10 +267,18 @@ def test_the_admin_api_forgets_a_namespace_in_every_view_and_the_journal() -> No
     assert _get(resource, b"/api/services/svc/plain?namespace=a")[1] == [held[0]]
     status, events = _get(resource, b"/api/events?namespace=b")
     assert [e["id"] for e in events["events"]] == [2]
+    daemon.scenarios.set("signup@a", "created")  # type: ignore[attr-defined]
+    daemon.scenarios.set("signup", "created")  # type: ignore[attr-defined]
     assert _get(resource, b"/api/namespaces/A", b"DELETE") == (
         200,
-        {"namespace": "a", "events": 1, "services": {"svc": {"items": {"cleared": 1}}}},
+        {
+            "namespace": "a",
+            "events": 1,
+            "scenarios": 1,
+            "services": {"svc": {"items": {"cleared": 1}}},
+        },
     )
+    assert daemon.scenarios.describe() == {"signup": "created"}  # type: ignore[attr-defined]
     assert [e.get("namespace") for e in held] == ["b", None]
     assert [e.id for e in daemon.journal.select()] == [2]
     status, refused = _get(resource, b"/api/namespaces/no%20key", b"DELETE")
