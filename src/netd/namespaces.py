@@ -29,7 +29,9 @@ from netd.schema import Value, client_address
 
 __all__ = [
     "CORE_SOURCES",
+    "BelowSuffix",
     "Derive",
+    "LoopbackClient",
     "Namespacing",
     "SourceReader",
     "below_suffix",
@@ -64,11 +66,28 @@ def below_suffix(name: str, suffix: str) -> str | None:
     return key(name[: -len(tail)].rpartition(".")[2])
 
 
+@attrs.frozen
+class BelowSuffix:
+    """
+    The label under C{suffix} in what the kind carries as C{carried} (a
+    domain or a list of them, a Host, a query name).  A class, not a closure:
+    a service in workers is sent to them pickled.
+    """
+
+    carried: str
+    suffix: str
+
+    def __call__(self, carried: Carried) -> str | None:
+        names = carried.get(self.carried)
+        for name in [names] if isinstance(names, str) else names or ():
+            found = below_suffix(name, self.suffix)
+            if found is not None:
+                return found
+        return None
+
+
 def suffix_source(carried_name: str) -> SourceReader:
-    """
-    C{{suffix: lab.test}}: the label under the suffix in what the kind carries
-    as C{carried_name} (a domain or a list of them, a Host, a query name).
-    """
+    """C{{suffix: lab.test}}: L{BelowSuffix} of what the kind carries as C{carried_name}."""
 
     def read(argument: Value | None) -> Derive | None:
         if argument is None:
@@ -77,28 +96,17 @@ def suffix_source(carried_name: str) -> SourceReader:
         if argument.is_scalar and (not suffix or "/" in suffix or " " in suffix):
             argument.error(f"not a domain suffix: {suffix!r}")
             return None
-
-        def derive(carried: Carried) -> str | None:
-            names = carried.get(carried_name)
-            for name in [names] if isinstance(names, str) else names or ():
-                found = below_suffix(name, suffix)
-                if found is not None:
-                    return found
-            return None
-
-        return derive
+        return BelowSuffix(carried_name, suffix)
 
     return read
 
 
-def _client(argument: Value | None) -> Derive | None:
-    if argument is not None:
-        argument.error("'client' takes no argument")
-        return None
+@attrs.frozen
+class LoopbackClient:
+    """C{client}: a client on 127.0.0.N has the namespace N (not 127.0.0.1, everyone's)."""
 
-    def derive(carried: Carried) -> str | None:
+    def __call__(self, carried: Carried) -> str | None:
         address = client_address(carried.get("client"))
-        # 127.0.0.1 is every client's loopback: only the others name a namespace.
         if address is None or address.version != 4:
             return None
         packed = address.packed
@@ -106,7 +114,12 @@ def _client(argument: Value | None) -> Derive | None:
             return None
         return str(packed[3])
 
-    return derive
+
+def _client(argument: Value | None) -> Derive | None:
+    if argument is not None:
+        argument.error("'client' takes no argument")
+        return None
+    return LoopbackClient()
 
 
 CORE_SOURCES: Mapping[str, SourceReader] = {"client": _client}

@@ -621,6 +621,9 @@ class WorkerPool(RunningService):
             post=when(view.post, lambda body: call("post", body=body).addCallback(first)),
             put=when(view.put, lambda key, body: call("put", key, body).addCallback(first)),
             remove=when(view.remove, lambda key: call("remove", key).addCallback(first)),
+            forget=when(
+                view.forget, lambda namespace: call("forget", namespace).addCallback(_merged)
+            ),
         )
 
 
@@ -827,6 +830,7 @@ class _Worker(amp.AMP):
             "post": lambda: _must(found.post)(argument),
             "put": lambda: _must(found.put)(key, argument),
             "remove": lambda: _must(found.remove)(key),
+            "forget": lambda: _must(found.forget)(key),
         }
         return maybeDeferred(calls[action]).addCallbacks(_encode_value, _encode_refusal)
 

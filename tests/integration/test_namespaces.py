@@ -154,3 +154,28 @@ def test_a_scoped_scenario_moves_in_its_namespace_only(shared: NetdProcess) -> N
     assert red.reset()["scenarios"] == 1
     assert (red.scenario("signup"), blue.scenario("signup")) == ("started", "created")
     assert shared.scenario("signup") == "started"  # the daemon's own copy never moved
+
+
+def test_a_namespace_is_forgotten_in_every_worker(start_netd: StartNetd) -> None:
+    netd = start_netd(
+        """
+services:
+  dns:
+    type: dns
+    workers: 2
+    listen: ["udp:0:interface=127.0.0.1"]
+    query_log: true
+    records: {"*.lab.test": {A: [127.0.0.1]}}
+    namespace_from: [{suffix: lab.test}]
+"""
+    )
+    netd.wait_for_count("dns", "worker.started", 2)
+    red, blue = netd.namespace("red"), netd.namespace("blue")
+    # Each query on a new socket: the kernel spreads them over both workers.
+    for number in range(20):
+        for ns in (red, blue):
+            resolve(ns, ns.hostname("lab.test", f"h{number}"))
+    assert len(red.queries("dns")) == len(blue.queries("dns")) == 20
+    assert red.reset()["services"]["dns"]["queries"] == {"cleared": 20}
+    assert red.queries("dns") == []
+    assert len(blue.queries("dns")) == 20

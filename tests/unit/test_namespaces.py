@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,18 @@ def test_dns_and_the_client_source(tmp_path: Path) -> None:
     assert ns.derive(name="x.", client="::ffff:127.0.0.44") == "44"
     for other in ("127.0.0.1", "127.0.1.42", "10.0.0.42", "::1", None):
         assert ns.derive(name="x.", client=other) is None
+
+
+def test_sources_pickle_for_workers(tmp_path: Path) -> None:
+    for kind, sources in [
+        ("smtp", "[plus_tag, {suffix: mail.test}, auth_user, client]"),
+        ("http", "[header, {suffix: api.test}]"),
+    ]:
+        ns = namespacing(tmp_path, kind, sources)
+        copy = pickle.loads(pickle.dumps(ns))
+        assert copy == ns and copy.sources == ns.sources
+    http = pickle.loads(pickle.dumps(namespacing(tmp_path, "http", "[header]")))
+    assert http.derive(header={"x-netd-namespace": "t1"}.get) == "t1"
 
 
 def test_equal_when_read_from_the_same_text(tmp_path: Path) -> None:

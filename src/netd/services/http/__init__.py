@@ -367,20 +367,26 @@ RULES = Vocabulary(
 NAMESPACE_HEADER = "X-Netd-Namespace"
 
 
+@attrs.frozen
+class Header:
+    """C{header}: the namespace a request names in a header."""
+
+    name: str
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        lookup = carried.get("header")
+        return namespace_key(lookup(self.name.lower())) if lookup is not None else None
+
+
 def _header_source(argument: Value | None) -> Derive | None:
-    """C{header} (C{X-Netd-Namespace}), or C{{header: NAME}}: the namespace a request names."""
+    """C{header} (C{X-Netd-Namespace}), or C{{header: NAME}}."""
     name = NAMESPACE_HEADER
     if argument is not None:
         name = argument.as_str()
         if argument.is_scalar and not _TOKEN.match(name):
             argument.error(f"not a header name: {name!r}")
             return None
-
-    def derive(carried: Mapping[str, Any]) -> str | None:
-        lookup = carried.get("header")
-        return namespace_key(lookup(name.lower())) if lookup is not None else None
-
-    return derive
+    return Header(name)
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")

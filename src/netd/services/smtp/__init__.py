@@ -457,13 +457,11 @@ RULES = Vocabulary(
 )
 
 
-def _plus_tag(argument: Value | None) -> Derive | None:
+@attrs.frozen
+class PlusTag:
     """C{plus_tag}: a recipient's tag, C{bob+t42@example.test} -> C{t42}."""
-    if argument is not None:
-        argument.error("'plus_tag' takes no argument")
-        return None
 
-    def derive(carried: Mapping[str, Any]) -> str | None:
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
         for recipient in carried.get("recipients", ()):
             local = recipient.rpartition("@")[0]
             if "+" in local:
@@ -472,22 +470,30 @@ def _plus_tag(argument: Value | None) -> Derive | None:
                     return found
         return None
 
-    return derive
 
-
-def _auth_user(argument: Value | None) -> Derive | None:
+@attrs.frozen
+class AuthUser:
     """C{auth_user}: the user the session authenticated as."""
-    if argument is not None:
-        argument.error("'auth_user' takes no argument")
-        return None
-    return lambda carried: namespace_key(carried.get("user"))
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        return namespace_key(carried.get("user"))
+
+
+def _bare(source: Callable[[], Derive], name: str) -> SourceReader:
+    def read(argument: Value | None) -> Derive | None:
+        if argument is not None:
+            argument.error(f"'{name}' takes no argument")
+            return None
+        return source()
+
+    return read
 
 
 # namespace_from's sources: recipients are addresses, the suffix reads their domains.
 NAMESPACES: Mapping[str, SourceReader] = {
-    "plus_tag": _plus_tag,
+    "plus_tag": _bare(PlusTag, "plus_tag"),
     "suffix": suffix_source("domains"),
-    "auth_user": _auth_user,
+    "auth_user": _bare(AuthUser, "auth_user"),
 }
 
 
