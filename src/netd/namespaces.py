@@ -29,12 +29,14 @@ from netd.schema import Value, client_address
 
 __all__ = [
     "CORE_SOURCES",
+    "NO_NAMESPACES",
     "BelowSuffix",
     "Derive",
     "LoopbackClient",
     "Namespacing",
     "SourceReader",
     "below_suffix",
+    "in_namespace",
     "key",
     "read_namespace_from",
     "suffix_source",
@@ -91,7 +93,7 @@ def suffix_source(carried_name: str) -> SourceReader:
 
     def read(argument: Value | None) -> Derive | None:
         if argument is None:
-            return None
+            return None  # reported by read_namespace_from: the source needs its suffix
         suffix = argument.as_str().lower().strip(".")
         if argument.is_scalar and (not suffix or "/" in suffix or " " in suffix):
             argument.error(f"not a domain suffix: {suffix!r}")
@@ -123,6 +125,8 @@ def _client(argument: Value | None) -> Derive | None:
 
 
 CORE_SOURCES: Mapping[str, SourceReader] = {"client": _client}
+# Sources named bare that need an argument, and what it is.
+_NEEDS_ARGUMENT = {"suffix": "{suffix: lab.test}"}
 
 
 @attrs.frozen
@@ -172,6 +176,9 @@ def read_namespace_from(value: Value, kind_sources: Mapping[str, SourceReader]) 
         reader = readers.get(name)
         if reader is None:
             element.error(f"unknown namespace source {name!r} (one of {known})")
+            continue
+        if argument is None and name in _NEEDS_ARGUMENT:
+            element.error(f"{name!r} needs its argument: {_NEEDS_ARGUMENT[name]}")
             continue
         derive = reader(argument)
         if derive is not None:

@@ -132,6 +132,9 @@ def test_namespace_from_errors(tmp_path: Path) -> None:
         (f"{where}[1].suffix", "not a domain suffix: ''"),
         (f"{where}[2]", "one source per entry (plus_tag, suffix, auth_user, client)"),
     ]
+    assert errors(tmp_path, "dns", "[suffix]") == [
+        (f"{where}[0]", "'suffix' needs its argument: {suffix: lab.test}")
+    ]
     assert errors(tmp_path, "http", "[{header: 'bad header'}]") == [
         (f"{where}[0].header", "not a header name: 'bad header'")
     ]
