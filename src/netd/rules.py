@@ -349,6 +349,10 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     if len(final) > 1 or (final and (own or found.get("close") is not None)):
         others = [*final, *own, *(["close"] if "close" in found else [])]
         value.error(f"{', '.join(others)}: these acts exclude each other")
+    if namespace is not None and not vocabulary.match:
+        value.error(
+            "'namespace' scopes a rule to a kind's events: this kind's rules act on connections"
+        )
     if own and not on_events and vocabulary.match:
         value.error(
             f"{', '.join(own)} answers an event: give a match on "

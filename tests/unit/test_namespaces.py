@@ -199,6 +199,24 @@ def test_forgetting_a_namespace_takes_its_rules_only() -> None:
     assert rules.forget("a") == {"removed": 0}
 
 
+def test_a_connections_only_kind_refuses_a_scoped_rule(tmp_path: Path) -> None:
+    text = """
+    services:
+      echo:
+        type: echo
+        listen: ["tcp:0"]
+        rules: [{namespace: t1, reset: true}]
+    """
+    with pytest.raises(ConfigErrors) as refused:
+        parse_config(textwrap.dedent(text), tmp_path / "netd.yaml")
+    assert [(e.path, e.message) for e in refused.value.errors] == [
+        (
+            "services.echo.rules[0]",
+            "'namespace' scopes a rule to a kind's events: this kind's rules act on connections",
+        )
+    ]
+
+
 def test_a_rule_namespace_must_be_a_key() -> None:
     rules, _ = scoped_rules()
     with pytest.raises(ConfigErrors) as refused:
