@@ -37,6 +37,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from netd.config import load_config
+from netd.namespaces import key as namespace_key
 
 __all__ = [
     "AdminError",
@@ -123,8 +124,12 @@ class Namespace:
     """
 
     def __init__(self, netd: NetdProcess, name: str) -> None:
+        key = namespace_key(name)
+        if key is None:
+            raise ValueError(f"not a namespace: {name!r} (letters, digits, '_', '-'; 63 at most)")
         self.netd = netd
-        self.name = name
+        # As the daemon derives it: lower case.
+        self.name = key
 
     # What the traffic carries ------------------------------------------------
 

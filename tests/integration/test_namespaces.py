@@ -54,6 +54,12 @@ def test_each_namespace_sees_only_its_mail_requests_and_queries(shared: NetdProc
     assert [r["path"] for r in blue.requests("api")] == ["/b"]
     assert [q["name"] for q in red.queries("dns")] == ["www.red.lab.test."]
     assert blue.queries("dns") == []
+    assert red.wait_for_message("mail", to="bob+red@example.test")["namespace"] == "red"
+    with pytest.raises(TimeoutError):
+        blue.wait_for_message("mail", to="bob+red@example.test", timeout=0.2)
+    assert shared.namespace("RED").name == "red"
+    with pytest.raises(ValueError):
+        shared.namespace("a/b")
     accepted = red.wait_for("mail", "message.accepted")
     assert accepted["recipients"] == ["bob+red@example.test"]
     assert {e["namespace"] for e in blue.events()} == {"blue"}
