@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -36,6 +36,8 @@ from netd.events import Event, Journal, ServiceStats
 from netd.eventstream import EventStreams, StreamRefused
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.listeners import ListenerGroup
+from netd.namespaces import in_namespace
+from netd.namespaces import key as namespace_key
 from netd.schema import ConfigErrors
 from netd.services import admin_root
 
@@ -354,6 +356,9 @@ class AdminResource(Resource):
             return self._ca_pem(request, parts[1])
         if parts[:1] == ["scenarios"]:
             return self._scenarios(request, method, parts[1:])
+        if len(parts) == 2 and parts[0] == "namespaces":
+            _allow(method, "DELETE")
+            return self._forget_namespace(request, parts[1])
         if len(parts) >= 2 and parts[0] == "services":
             service = self.daemon.services_by_name.get(parts[1])
             if service is None:
@@ -405,6 +410,35 @@ class AdminResource(Resource):
             _allow(method, "GET", "HEAD")
         return _json(request, {"scenarios": scenarios.describe()})
 
+    def _forget_namespace(self, request: Request, name: str) -> int:
+        """
+        C{DELETE /api/namespaces/NS}: every view's entries of NS, its rules,
+        its scenarios' states and its events.
+        """
+        namespace = namespace_key(name)
+        if namespace is None:
+            raise _HTTPError(400, f"not a namespace: {name!r} (letters, digits, '_', '-')")
+        forgetting: list[Deferred[tuple[str, str, Any]]] = []
+        for service_name, service in self.daemon.services_by_name.items():
+            for view_name, view in service.handlers.views.items():
+                if view.forget is not None:
+                    forgetting.append(_labelled(service_name, view_name, view.forget, namespace))
+        events = self.daemon.journal.forget(namespace)
+        scenarios = self.daemon.scenarios.forget(namespace)
+
+        def answer(results: list[tuple[str, str, Any]]) -> tuple[int, Any]:
+            services: dict[str, dict[str, Any]] = {}
+            for service_name, view_name, result in results:
+                services.setdefault(service_name, {})[view_name] = result
+            return 200, {
+                "namespace": namespace,
+                "events": events,
+                "scenarios": scenarios,
+                "services": services,
+            }
+
+        return self._deferred(request, gatherResults(forgetting, consumeErrors=True), answer)
+
     def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
         if method == "DELETE" and view.clear is not None:
             return self._deferred(request, maybeDeferred(view.clear), lambda r: (200, r))
@@ -419,8 +453,12 @@ class AdminResource(Resource):
             *(["DELETE"] if view.clear else []),
             *(["POST"] if view.post else []),
         )
+        query = _query(request)
+        namespace = query.get("namespace")
         return self._deferred(
-            request, maybeDeferred(view.list, _query(request)), lambda r: (200, r)
+            request,
+            maybeDeferred(view.list, query),
+            lambda r: (200, r if namespace is None else _in_namespace(r, namespace)),
         )
 
     def _view_entry(self, request: Request, method: str, view: AdminView, key: str) -> bytes | int:
@@ -469,8 +507,9 @@ class AdminResource(Resource):
             raise _HTTPError(400, "since must be an integer and wait a number") from None
         types = [t for t in query.get("type", "").split(",") if t]
         service = query.get("service") or None
+        namespace = query.get("namespace") or None
         journal = self.daemon.journal
-        found = journal.wait(wait, since, service, types)
+        found = journal.wait(wait, since, service, types, namespace)
         if isinstance(request, _LimitedRequest):
             request.answer_now = lambda: journal.end_wait(found)
         return self._deferred(
@@ -589,6 +628,31 @@ def _json_body(request: Request) -> Any:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise _HTTPError(400, f"the body is not JSON: {e}") from None
+
+
+def _labelled(
+    service: str, view: str, forget: Callable[[str], Any], namespace: str
+) -> Deferred[tuple[str, str, Any]]:
+    def label(result: Any) -> tuple[str, str, Any]:
+        return service, view, result
+
+    return maybeDeferred(forget, namespace).addCallback(label)
+
+
+def _in_namespace(listed: Any, namespace: str) -> Any:
+    """
+    A view's list cut to one namespace's entries: the list itself, or each
+    list a JSON object wraps (C{{"messages": [...]}}).  A view that pages
+    filters before paging, which leaves nothing for this to drop.
+    """
+    if isinstance(listed, list):
+        return in_namespace(listed, namespace)
+    if isinstance(listed, dict):
+        return {
+            name: in_namespace(value, namespace) if isinstance(value, list) else value
+            for name, value in listed.items()
+        }
+    return listed
 
 
 def _reload_answer(result: Any) -> tuple[int, Any]:

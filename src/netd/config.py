@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from netd import endpoints
+from netd.namespaces import NO_NAMESPACES, Namespacing, read_namespace_from
 from netd.rules import RuleSpec, read_rules, read_scenarios
 from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
 
@@ -134,6 +135,7 @@ class ServiceConfig:
     # Not compared: a reload that changes only the rules replaces them in the
     # running service, whose connections go on.
     rules: tuple[RuleSpec, ...] = attrs.field(default=(), eq=False)
+    namespace_from: Namespacing = NO_NAMESPACES
 
 
 @attrs.frozen
@@ -505,6 +507,12 @@ def _read_services(
         workers = _read_workers(section, kind, options, listen)
         rules_value = section.get("rules")
         rules = read_rules(rules_value, kind.rules) if rules_value is not None else ()
+        namespace_value = section.get("namespace_from")
+        namespace_from = (
+            read_namespace_from(namespace_value, kind.namespaces)
+            if namespace_value is not None
+            else NO_NAMESPACES
+        )
         if kind.longest_silence is not None and options is not None:
             silence = kind.longest_silence(options)
             if idle_value is None:
@@ -527,6 +535,7 @@ def _read_services(
             workers=workers,
             tls_profiles=frozenset(used.used),
             rules=rules,
+            namespace_from=namespace_from,
         )
         section.finish()
     return services

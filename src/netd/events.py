@@ -119,20 +119,29 @@ class Journal:
             waiter.deferred.callback([event])
 
     def select(
-        self, since: int = 0, service: str | None = None, types: Iterable[str] = ()
+        self,
+        since: int = 0,
+        service: str | None = None,
+        types: Iterable[str] = (),
+        namespace: str | None = None,
     ) -> list[Event]:
-        matches = _matcher(since, service, types)
+        matches = _matcher(since, service, types, namespace)
         return [e for e in self._events if matches(e)]
 
     def wait(
-        self, timeout: float, since: int = 0, service: str | None = None, types: Iterable[str] = ()
+        self,
+        timeout: float,
+        since: int = 0,
+        service: str | None = None,
+        types: Iterable[str] = (),
+        namespace: str | None = None,
     ) -> Deferred[list[Event]]:
         """Fire with the matching events, waiting up to C{timeout} seconds for the first."""
         types = tuple(types)  # read twice below: a generator would be empty the second time
-        found = self.select(since, service, types)
+        found = self.select(since, service, types, namespace)
         if found or timeout <= 0:
             return succeed(found)
-        waiter = _Waiter(_matcher(since, service, types), Deferred(self._cancel))
+        waiter = _Waiter(_matcher(since, service, types, namespace), Deferred(self._cancel))
 
         def expire() -> None:
             self._waiters.remove(waiter)
@@ -156,12 +165,22 @@ class Journal:
                 if waiter.timer is not None and waiter.timer.active():
                     waiter.timer.cancel()
 
+    def forget(self, namespace: str) -> int:
+        """Drop the events of one namespace; how many went."""
+        kept = [e for e in self._events if e.fields.get("namespace") != namespace]
+        forgotten = len(self._events) - len(kept)
+        if forgotten:
+            self._events = deque(kept, maxlen=self._events.maxlen)
+        return forgotten
+
     @property
     def last_id(self) -> int:
         return self._events[-1].id if self._events else 0
 
 
-def _matcher(since: int, service: str | None, types: Iterable[str]) -> Callable[[Event], bool]:
+def _matcher(
+    since: int, service: str | None, types: Iterable[str], namespace: str | None = None
+) -> Callable[[Event], bool]:
     wanted = frozenset(types)
 
     def matches(event: Event) -> bool:
@@ -169,6 +188,7 @@ def _matcher(since: int, service: str | None, types: Iterable[str]) -> Callable[
             event.id > since
             and (service is None or event.service == service)
             and (not wanted or event.type in wanted)
+            and (namespace is None or event.fields.get("namespace") == namespace)
         )
 
     return matches

@@ -62,7 +62,7 @@ class EventStreams:
         """
         Answer C{request} with a stream of the events after C{Last-Event-ID}
         (or C{?since=}; by default only the events still to come) that match
-        C{?service=} and C{?type=} (comma-separated).  A C{HEAD} request gets
+        C{?service=}, C{?type=} (comma-separated) and C{?namespace=}.  A C{HEAD} request gets
         the headers alone (L{None}: the caller finishes it).
         """
         resume = request.getHeader(b"last-event-id")
@@ -72,12 +72,13 @@ class EventStreams:
             raise StreamRefused("Last-Event-ID and since must be integers") from None
         types = frozenset(t for t in query.get("type", "").split(",") if t)
         service = query.get("service") or None
+        namespace = query.get("namespace") or None
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         if request.method == b"HEAD":
             return None
-        stream = EventStream(self, request, service, types)
-        stream.start(self.journal.select(since, service, types))
+        stream = EventStream(self, request, service, types, namespace)
+        stream.start(self.journal.select(since, service, types, namespace))
         return stream
 
 
@@ -90,11 +91,13 @@ class EventStream:
         request: Request,
         service: str | None,
         types: frozenset[str],
+        namespace: str | None = None,
     ) -> None:
         self.streams = streams
         self.request = request
         self.service = service
         self.types = types
+        self.namespace = namespace
         self.pending: list[Event] = []
         self.flush_call: IDelayedCall | None = None
         self.heartbeat_call: IDelayedCall | None = None
@@ -112,6 +115,8 @@ class EventStream:
         if self.service is not None and event.service != self.service:
             return
         if self.types and event.type not in self.types:
+            return
+        if self.namespace is not None and event.fields.get("namespace") != self.namespace:
             return
         self.pending.append(event)
         if len(self.pending) >= _BATCH:

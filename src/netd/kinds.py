@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from netd.events import Journal, ServiceStats
+from netd.namespaces import NO_NAMESPACES, Namespacing, SourceReader
 from netd.rules import CONNECTIONS_ONLY, RuleSet, Vocabulary
 
 if TYPE_CHECKING:
@@ -106,6 +107,9 @@ class BuildContext:
     # The service's rules (netd.rules): a kind with a rule vocabulary checks
     # them at its events; they change at run time through the admin API.
     rules: RuleSet = attrs.field(factory=RuleSet)
+    # The service's namespace_from (netd.namespaces): the kind derives each
+    # exchange's namespace with it and stamps it on events and view entries.
+    namespaces: Namespacing = NO_NAMESPACES
     carried: dict[str, Any] = attrs.field(factory=dict)
     """
     What a service hands to its successor of the same name when a reload
@@ -134,6 +138,10 @@ class AdminView:
     @ivar remove: C{DELETE .../VIEW/KEY}: forget one entry; L{None} for 404.
     @ivar act: C{POST .../VIEW/KEY} with a JSON body: an action on one entry
         (C{messages/ID/release}); returns JSON-able, or L{None} for 404.
+    @ivar forget: C{DELETE /api/namespaces/NS}: forget the entries of one
+        namespace (L{netd.namespaces}); returns JSON-able.  A view whose list
+        entries carry C{namespace} is filtered by C{?namespace=} by the core;
+        one that pages its entries filters them itself before paging.
 
     A KEY is the rest of the path, its segments joined with C{/}
     (C{records/www.lab.test/A}).  A write may raise L{ViewRefused} (its status
@@ -148,6 +156,7 @@ class AdminView:
     put: Callable[[str, Any], Any] | None = None
     remove: Callable[[str], Any] | None = None
     act: Callable[[str, Any], Any] | None = None
+    forget: Callable[[str], Any] | None = None
 
 
 class ViewRefused(Exception):
@@ -259,6 +268,8 @@ class ServiceKind(Generic[Options]):
         C{protocol}, so they bind, reload, count and show in the ports file as
         the service's; L{Handlers.stream} tells them apart by
         C{listener.protocol}.
+    @ivar namespaces: the sources of C{namespace_from:} the kind's exchanges
+        carry, by name (L{netd.namespaces}); C{client} is the core's.
     """
 
     name: str
@@ -272,6 +283,7 @@ class ServiceKind(Generic[Options]):
     workers_refusal: Callable[[Options], str | None] | None = None
     rules: Vocabulary = CONNECTIONS_ONLY
     listener_keys: tuple[str, ...] = ()
+    namespaces: Mapping[str, SourceReader] = attrs.field(factory=dict)
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

@@ -7,13 +7,18 @@ netd's pytest plugin, registered through the C{pytest11} entry point.
         assert server.messages("mail", to="bob@example.test")
 
 C{netd} starts daemons for one test, C{netd_session} for the whole run; both
-stop what they started.  When a test fails, the logs of the daemons it used
-are added to its report; C{--netd-keep-logs DIR} also copies them there, and
-the C{netd_logs} marker adds them even when the test passes.
+stop what they started.  C{netd_ns} gives each test a namespace of its own
+(L{netd.namespaces}) on one daemon shared by the run (by each xdist worker),
+its map C{netd_ns_config}'s; the namespace is reset after the test.
+
+When a test fails, the logs of the daemons it used are added to its report;
+C{--netd-keep-logs DIR} also copies them there, and the C{netd_logs} marker
+adds them even when the test passes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -24,9 +29,19 @@ from typing import Any
 
 import pytest
 
-from netd.testing import NetdProcess
+from netd.testing import Namespace, NetdProcess
 
-__all__ = ["NetdFactory", "daemons_for", "netd", "netd_session"]
+__all__ = [
+    "NAMESPACED_MAP",
+    "NetdFactory",
+    "daemons_for",
+    "namespace_for",
+    "netd",
+    "netd_ns",
+    "netd_ns_config",
+    "netd_ns_server",
+    "netd_session",
+]
 
 NetdFactory = Callable[..., NetdProcess]
 
@@ -90,6 +105,68 @@ def netd_session(
     """Start netd daemons shared by every test of the run."""
     with daemons_for(request.session, lambda: tmp_path_factory.mktemp("netd")) as start:
         yield start
+
+
+_LOOPBACK = "tcp:0:interface=127.0.0.1"
+
+# netd_ns's map unless a suite gives its own (the fixture netd_ns_config): mail,
+# HTTP and DNS, each telling namespaces apart by what netd.testing.Namespace
+# puts in the traffic (a plus tag, a header, a label) or by a suffix.
+NAMESPACED_MAP: Mapping[str, Any] = {
+    "services": {
+        "mail": {
+            "type": "smtp",
+            "listen": [_LOOPBACK],
+            "relay": {"allow_from": ["127.0.0.0/8"]},
+            "delivery": {"mode": "capture"},
+            "namespace_from": ["plus_tag", {"suffix": "mail.test"}, "auth_user"],
+        },
+        "api": {
+            "type": "http",
+            "listen": [_LOOPBACK],
+            "record": 10000,
+            "namespace_from": ["header", {"suffix": "api.test"}],
+        },
+        "dns": {
+            "type": "dns",
+            "listen": ["udp:0:interface=127.0.0.1", _LOOPBACK],
+            "query_log": True,
+            "records": {"*.lab.test": {"A": ["127.0.0.1"]}},
+            "namespace_from": [{"suffix": "lab.test"}],
+        },
+    }
+}
+
+
+def namespace_for(nodeid: str) -> str:
+    """
+    A namespace key for a test: its name, made a DNS label, and a digest of its
+    whole id, so two tests of one name in two files differ.
+    """
+    name = nodeid.rpartition("::")[2].lower()
+    readable = re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40] or "t"
+    return f"{readable}-{hashlib.sha256(nodeid.encode()).hexdigest()[:8]}"
+
+
+@pytest.fixture(scope="session")
+def netd_ns_config() -> Mapping[str, Any]:
+    """The map of netd_ns's shared daemon: override it in a conftest.py for your own."""
+    return NAMESPACED_MAP
+
+
+@pytest.fixture(scope="session")
+def netd_ns_server(netd_session: NetdFactory, netd_ns_config: Mapping[str, Any]) -> NetdProcess:
+    """The daemon every netd_ns of this run (or xdist worker) shares."""
+    return netd_session(netd_ns_config)
+
+
+@pytest.fixture
+def netd_ns(request: pytest.FixtureRequest, netd_ns_server: NetdProcess) -> Iterator[Namespace]:
+    """This test's namespace of the shared daemon, fresh, and reset after the test."""
+    namespace = netd_ns_server.namespace(namespace_for(request.node.nodeid))
+    namespace.reset()  # a rerun of the test in the same session starts clean too
+    yield namespace
+    namespace.reset()
 
 
 @pytest.hookimpl(wrapper=True)

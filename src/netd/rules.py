@@ -41,6 +41,7 @@ from yaml.constructor import SafeConstructor
 
 from netd import acts
 from netd.events import Journal
+from netd.namespaces import key as namespace_key
 from netd.schema import (
     Network,
     Position,
@@ -69,6 +70,7 @@ __all__ = [
     "read_rules",
     "read_scenarios",
     "reply_line",
+    "scoped_scenario",
 ]
 
 Predicate = Callable[[Any], bool]
@@ -80,7 +82,17 @@ GENERIC_ACTS = ("delay", "throttle", "reset", "close", "stall", "drop")
 _FINAL_ACTS = ("reset", "stall", "drop")
 DEFAULT_STATE = "started"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-_CONTROL = ("match", "times", "nth", "probability", "seed", "scenario", "state", "next_state")
+_CONTROL = (
+    "match",
+    "namespace",
+    "times",
+    "nth",
+    "probability",
+    "seed",
+    "scenario",
+    "state",
+    "next_state",
+)
 
 
 @attrs.frozen
@@ -223,11 +235,28 @@ class RuleSpec:
     scenario: str | None = None
     state: str | None = None
     next_state: str | None = None
+    # Fires only on events of this namespace (netd.namespaces).
+    namespace: str | None = None
 
     @property
     def on_connections(self) -> bool:
         """Whether it matches on nothing the kind reports: the core applies it."""
-        return not self.match
+        return not self.match and self.namespace is None
+
+    @property
+    def scenario_key(self) -> str | None:
+        """
+        Where its scenario's state is kept: a rule scoped to a namespace reads
+        and moves that namespace's own copy, C{NAME@NAMESPACE}.
+        """
+        if self.scenario is None or self.namespace is None:
+            return self.scenario
+        return scoped_scenario(self.scenario, self.namespace)
+
+
+def scoped_scenario(name: str, namespace: str) -> str:
+    """A scenario's name in one namespace: C{signup@t42} (a map's names have no C{@})."""
+    return f"{name}@{namespace}"
 
 
 def _described(node: yaml.Node) -> Any:
@@ -288,7 +317,9 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     found: dict[str, Any] = {}
     # A rule on connections may take every generic act; one on the kind's
     # events, those its events can take.
-    generic = vocabulary.generic if predicates else GENERIC_ACTS
+    # A rule scoped to a namespace acts on the kind's events, which carry it.
+    on_events = bool(predicates) or section.has("namespace")
+    generic = vocabulary.generic if on_events else GENERIC_ACTS
     for name in generic:
         entry = section.get(name)
         if entry is not None:
@@ -308,6 +339,7 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
         if probability > 1:
             probability_value.error(f"a probability is at most 1, got {probability:g}")
     seed = section.integer("seed", 0)
+    namespace = section.read("namespace", _namespace, None)
     scenario = section.read("scenario", _name, None)
     state = section.read("state", _name, None)
     next_state = section.read("next_state", _name, None)
@@ -325,7 +357,11 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
     if len(final) > 1 or (final and (own or found.get("close") is not None)):
         others = [*final, *own, *(["close"] if "close" in found else [])]
         value.error(f"{', '.join(others)}: these acts exclude each other")
-    if own and not predicates and vocabulary.match:
+    if namespace is not None and not vocabulary.match:
+        value.error(
+            "'namespace' scopes a rule to a kind's events: this kind's rules act on connections"
+        )
+    if own and not on_events and vocabulary.match:
         value.error(
             f"{', '.join(own)} answers an event: give a match on "
             + ", ".join(vocabulary.match)
@@ -346,7 +382,16 @@ def read_rule(value: Value, vocabulary: Vocabulary) -> RuleSpec | None:
         scenario=scenario,
         state=state,
         next_state=next_state,
+        namespace=namespace,
     )
+
+
+def _namespace(value: Value) -> str | None:
+    text = value.as_str()
+    found = namespace_key(text)
+    if value.is_scalar and found is None:
+        value.error(f"not a namespace: {text!r} (letters, digits, '_', '-')")
+    return found
 
 
 def read_rules(value: Value, vocabulary: Vocabulary) -> tuple[RuleSpec, ...]:
@@ -419,6 +464,14 @@ class Scenarios:
         """Every scenario back to its state in the map; those the map does not name, forgotten."""
         self.states = dict(self.initial)
 
+    def forget(self, namespace: str) -> int:
+        """One namespace's copies of scenarios go (they start again in C{started})."""
+        suffix = "@" + namespace
+        gone = [name for name in self.states if name.endswith(suffix)]
+        for name in gone:
+            del self.states[name]
+        return len(gone)
+
     def reconfigure(self, initial: Mapping[str, str]) -> None:
         """A reloaded map: new names start in their state; states already moved are kept."""
         for name, state in initial.items():
@@ -481,9 +534,9 @@ def admits(rule: Rule, client: str | IAddress | None, scenarios: Scenarios | Non
         return False
     if (
         scenarios is not None
-        and spec.scenario is not None
+        and spec.scenario_key is not None
         and spec.state is not None
-        and scenarios.state(spec.scenario) != spec.state
+        and scenarios.state(spec.scenario_key) != spec.state
     ):
         return False
     rule.seen += 1
@@ -496,10 +549,10 @@ def admits(rule: Rule, client: str | IAddress | None, scenarios: Scenarios | Non
 def moved(rule: Rule, scenarios: Scenarios) -> dict[str, str]:
     """A rule fired: its scenario moves to C{next_state}; what moved, for the journal."""
     spec = rule.spec
-    if spec.scenario is None or spec.next_state is None:
+    if spec.scenario_key is None or spec.next_state is None:
         return {}
-    scenarios.set(spec.scenario, spec.next_state)
-    return {"scenario": spec.scenario, "state": spec.next_state}
+    scenarios.set(spec.scenario_key, spec.next_state)
+    return {"scenario": spec.scenario_key, "state": spec.next_state}
 
 
 @attrs.frozen
@@ -594,20 +647,25 @@ class RuleSet:
 
     # -- matching -------------------------------------------------------------------
 
-    def check(self, client: str | IAddress | None, **event: Any) -> Fired | None:
+    def check(
+        self, client: str | IAddress | None, namespace: str | None = None, **event: Any
+    ) -> Fired | None:
         """
         The first rule that fires on this event, counted and journaled, or
         L{None}.  A rule matches when every key it names is in C{event} and
-        passes, its client and scenario state fit, and its C{nth},
-        C{probability} and C{times} let it fire now.
+        passes, its namespace (if it has one) is the event's, its client and
+        scenario state fit, and its C{nth}, C{probability} and C{times} let it
+        fire now.
         """
         for rule in self.event_rules:
+            if rule.spec.namespace is not None and rule.spec.namespace != namespace:
+                continue
             for key, predicate in rule.spec.match:
                 if key not in event or not predicate(event[key]):
                     break
             else:
                 if self._admits(rule, client):
-                    return self._fire(rule, client, event)
+                    return self._fire(rule, client, event, namespace)
         return None
 
     def at_connect(self, client: str | IAddress | None) -> Fired | None:
@@ -627,10 +685,18 @@ class RuleSet:
     def _admits(self, rule: Rule, client: str | IAddress | None) -> bool:
         return admits(rule, client, self.scenarios)
 
-    def _fire(self, rule: Rule, client: str | IAddress | None, event: Mapping[str, Any]) -> Fired:
+    def _fire(
+        self,
+        rule: Rule,
+        client: str | IAddress | None,
+        event: Mapping[str, Any],
+        namespace: str | None = None,
+    ) -> Fired:
         rule.fired += 1
         spec = rule.spec
         scenario = moved(rule, self.scenarios)
+        if namespace is not None:
+            scenario["namespace"] = namespace
         if self.journal is not None:
             address = client_address(client)
             self.journal.emit(
@@ -686,6 +752,15 @@ class RuleSet:
         self.rules = []
         self._changed()
         return {"cleared": cleared}
+
+    def forget(self, namespace: str) -> dict[str, int]:
+        """The rules scoped to one namespace go (C{DELETE /api/namespaces/NS})."""
+        kept = [rule for rule in self.rules if rule.spec.namespace != namespace]
+        removed = len(self.rules) - len(kept)
+        if removed:
+            self.rules = kept
+            self._changed()
+        return {"removed": removed}
 
     def _find(self, rule_id: str) -> Rule | None:
         return next((rule for rule in self.rules if rule.id == rule_id), None)

@@ -125,6 +125,7 @@ class RunningService(ListenerGroup, Service):
             log=Logger(namespace=f"netd.{config.name}"),
             tls=tls_creators,
             rules=self.rules,
+            namespaces=config.namespace_from,
             carried={} if carried is None else carried,
         )
         handlers = kind.build(config, self.context)
@@ -134,6 +135,7 @@ class RunningService(ListenerGroup, Service):
             clear=self.rules.clear,
             post=self.rules.post,
             remove=self.rules.remove,
+            forget=self.rules.forget,
         )
         self.handlers: Handlers = attrs.evolve(
             handlers, views={**handlers.views, "rules": rules_view}

@@ -37,9 +37,11 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from netd.config import load_config
+from netd.namespaces import key as namespace_key
 
 __all__ = [
     "AdminError",
+    "Namespace",
     "NetdProcess",
     "OffloadedNetd",
     "RuleHandle",
@@ -128,6 +130,106 @@ class ToxicHandle(RuleHandle):
         super().__init__(netd, service, {**described, "id": described["name"]})
 
 
+class Namespace:
+    """
+    One namespace of a shared daemon (L{NetdProcess.namespace}): the daemon
+    handle's methods, each seeing and changing only this namespace's traffic,
+    rules and events.
+
+        ns = netd.namespace("t42")
+        smtp.sendmail("app@example.test", [ns.email("bob@example.test")], ...)
+        assert len(ns.messages("mail")) == 1
+    """
+
+    def __init__(self, netd: NetdProcess, name: str) -> None:
+        key = namespace_key(name)
+        if key is None:
+            raise ValueError(f"not a namespace: {name!r} (letters, digits, '_', '-'; 63 at most)")
+        self.netd = netd
+        # As the daemon derives it: lower case.
+        self.name = key
+
+    # What the traffic carries ------------------------------------------------
+
+    def email(self, address: str) -> str:
+        """C{address} with this namespace as its plus tag (smtp's C{plus_tag})."""
+        local, _, domain = address.rpartition("@")
+        return f"{local}+{self.name}@{domain}"
+
+    def hostname(self, suffix: str, first: str = "") -> str:
+        """
+        A name under this namespace's label below C{suffix} (the C{suffix}
+        source): C{hostname("lab.test", "www")} is C{www.NAME.lab.test}.
+        """
+        return ".".join(filter(None, (first, self.name, suffix)))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The header http's C{header} source reads by default."""
+        return {"X-Netd-Namespace": self.name}
+
+    # The daemon's methods, scoped ----------------------------------------------
+
+    def address(
+        self,
+        service: str,
+        transport: str = "tcp",
+        tls: bool | None = False,
+        protocol: str | None = None,
+    ) -> tuple[str, int]:
+        return self.netd.address(service, transport, tls, protocol)
+
+    def url(self, service: str, tls: bool | None = None, path: str = "/") -> str:
+        return self.netd.url(service, tls, path)
+
+    def view(self, service: str, view: str, **query: str) -> Any:
+        return self.netd.view(service, view, namespace=self.name, **query)
+
+    def messages(self, service: str, **query: str) -> Any:
+        return self.netd.messages(service, namespace=self.name, **query)
+
+    def message(self, service: str, message_id: str) -> bytes:
+        return self.netd.message(service, message_id)
+
+    def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> dict[str, Any]:
+        return self.netd.wait_for_message(service, to, timeout, namespace=self.name)
+
+    def requests(self, service: str, unmatched: bool = False, **query: str) -> Any:
+        return self.netd.requests(service, unmatched, namespace=self.name, **query)
+
+    def queries(self, service: str, **query: str) -> Any:
+        return self.netd.queries(service, namespace=self.name, **query)
+
+    def events(
+        self, service: str | None = None, type: str | None = None, since: int = 0, wait: float = 0.0
+    ) -> list[dict[str, Any]]:
+        return self.netd.events(service, type, since, wait, namespace=self.name)
+
+    def wait_for(
+        self,
+        service: str | None = None,
+        type: str | None = None,
+        timeout: float = 10.0,
+        **match: Any,
+    ) -> dict[str, Any]:
+        return self.netd.wait_for(service, type, timeout, namespace=self.name, **match)
+
+    def rule(self, service: str, match: Mapping[str, Any] | None = None, **rule: Any) -> RuleHandle:
+        """A rule that fires only on this namespace's events (C{namespace:} in the map)."""
+        return self.netd.rule(service, match, namespace=self.name, **rule)
+
+    def scenario(self, name: str, state: str | None = None) -> str:
+        """
+        This namespace's state of a scenario, which only its rules (those with
+        C{namespace:}) read and move; with C{state}, set it first.
+        """
+        return self.netd.scenario(f"{name}@{self.name}", state)
+
+    def reset(self) -> dict[str, Any]:
+        """Forget this namespace's messages, requests, queries, rules, scenarios and events."""
+        return self.netd.forget_namespace(self.name)
+
+
 class StartFailed(Exception):
     """netd exited or did not get ready in time; carries its output."""
 
@@ -150,7 +252,7 @@ class NetdProcess:
 
     def __init__(
         self,
-        process: subprocess.Popen[bytes],
+        process: subprocess.Popen[bytes] | None,
         ports: dict[str, Any],
         log: Path,
         config_path: Path | None = None,
@@ -158,7 +260,7 @@ class NetdProcess:
         map_written: bool = False,
         add_admin: bool = False,
     ) -> None:
-        self.process = process
+        self._process = process
         self.ports = ports
         self.log_path = log
         self.config_path = config_path
@@ -239,6 +341,22 @@ class NetdProcess:
         ports = json.loads(ports_file.read_text(encoding="utf-8"))
         written = not isinstance(config, Path)
         return cls(process, ports, log, config_path, scratch, written, admin and written)
+
+    @classmethod
+    def attach(cls, workdir: Path) -> NetdProcess:
+        """
+        A handle on a daemon another process started with C{workdir} (and
+        stops): one daemon for every xdist worker, say.  L{stop} leaves it.
+        """
+        ports = json.loads((workdir / "ports.json").read_text(encoding="utf-8"))
+        return cls(None, ports, workdir / "netd.log", workdir / "netd.yaml")
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        """The daemon's process; an attached daemon's is not this handle's (LookupError)."""
+        if self._process is None:
+            raise LookupError("an attached netd's process is not this handle's")
+        return self._process
 
     @property
     def output(self) -> str:
@@ -383,23 +501,29 @@ class NetdProcess:
         )["codes"]
         return found
 
-    def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> dict[str, Any]:
+    def wait_for_message(
+        self, service: str, to: str, timeout: float = 10.0, namespace: str | None = None
+    ) -> dict[str, Any]:
         """
-        The oldest message to C{to} that C{service} holds, waiting up to
-        C{timeout} seconds for one to arrive (then L{TimeoutError}).  Delete a
-        message you are done with (or L{reset}) to wait for the next one.
+        The oldest message to C{to} that C{service} holds (in C{namespace}, if
+        given), waiting up to C{timeout} seconds for one to arrive (then
+        L{TimeoutError}).  Delete a message you are done with (or L{reset}) to
+        wait for the next one.
         """
         deadline = time.monotonic() + timeout
         since = self.admin("GET", "/api/events?service=" + _quote(service))["last_id"]
+        scope = {} if namespace is None else {"namespace": namespace}
         while True:
-            held = self.messages(service, to=to)
+            held = self.messages(service, to=to, **scope)
             if held:
                 found: dict[str, Any] = held[0]
                 return found
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no message to {to} in {service} after {timeout}s")
-            arrived = self.events(service, "message.accepted", since, wait=min(left, 30.0))
+            arrived = self.events(
+                service, "message.accepted", since, wait=min(left, 30.0), namespace=namespace
+            )
             if arrived:
                 since = arrived[-1]["id"]
 
@@ -540,11 +664,17 @@ class NetdProcess:
         type: str | None = None,
         since: int = 0,
         wait: float = 0.0,
+        namespace: str | None = None,
     ) -> list[dict[str, Any]]:
-        """The event journal, newest last; C{wait} long-polls for a first match."""
+        """
+        The event journal, newest last; C{wait} long-polls for a first match;
+        C{namespace}: only the events of that namespace.
+        """
         query = {"since": str(since), "wait": f"{wait:.3f}"}
         if service is not None:
             query["service"] = service
+        if namespace is not None:
+            query["namespace"] = namespace
         if type is not None:
             query["type"] = type
         # The socket waits longer than the long poll, or a quiet journal would
@@ -560,11 +690,13 @@ class NetdProcess:
         service: str | None = None,
         type: str | None = None,
         timeout: float = 10.0,
+        namespace: str | None = None,
         **match: Any,
     ) -> dict[str, Any]:
         """
-        The first event, past or coming, of C{service} and C{type} whose fields
-        equal C{match}; raises L{TimeoutError} after C{timeout} seconds.
+        The first event, past or coming, of C{service} and C{type} (and
+        C{namespace}) whose fields equal C{match}; raises L{TimeoutError} after
+        C{timeout} seconds.
         """
         deadline = time.monotonic() + timeout
         since = 0
@@ -572,7 +704,7 @@ class NetdProcess:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {type or 'event'} of {service or 'any service'} {match}")
-            events = self.events(service, type, since, wait=min(left, 30.0))
+            events = self.events(service, type, since, wait=min(left, 30.0), namespace=namespace)
             for event in events:
                 if all(event.get(key) == value for key, value in match.items()):
                     return event
@@ -595,6 +727,20 @@ class NetdProcess:
             since = int(found[-1]["id"]) if found else 0
             found += self.events(service, type, since, wait=min(left, 30.0))
         return found[:count]
+
+    def namespace(self, name: str) -> Namespace:
+        """
+        This daemon as one namespace sees it (L{netd.namespaces}): the same
+        methods, each scoped to C{name}.  Its traffic carries C{name} as the
+        services' C{namespace_from} reads it (L{Namespace.email},
+        L{Namespace.headers}, L{Namespace.hostname}).
+        """
+        return Namespace(self, name)
+
+    def forget_namespace(self, name: str) -> dict[str, Any]:
+        """C{DELETE /api/namespaces/NAME}: its entries in every view, its rules and events."""
+        answer: dict[str, Any] = self.admin("DELETE", f"/api/namespaces/{_quote(name)}")
+        return answer
 
     def reload(self, config: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
         """
@@ -621,7 +767,12 @@ class NetdProcess:
         self.process.send_signal(signum)
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGTERM, then wait; returns the exit status (kills after C{timeout})."""
+        """
+        SIGTERM, then wait; returns the exit status (kills after C{timeout}).
+        An attached daemon is left running: 0.
+        """
+        if self._process is None:
+            return 0
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:

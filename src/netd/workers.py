@@ -622,6 +622,9 @@ class WorkerPool(RunningService):
             put=when(view.put, lambda key, body: call("put", key, body).addCallback(first)),
             remove=when(view.remove, lambda key: call("remove", key).addCallback(first)),
             act=when(view.act, lambda key, body: call("act", key, body).addCallback(first)),
+            forget=when(
+                view.forget, lambda namespace: call("forget", namespace).addCallback(_merged)
+            ),
         )
 
 
@@ -829,6 +832,7 @@ class _Worker(amp.AMP):
             "put": lambda: _must(found.put)(key, argument),
             "remove": lambda: _must(found.remove)(key),
             "act": lambda: _must(found.act)(key, argument),
+            "forget": lambda: _must(found.forget)(key),
         }
         return maybeDeferred(calls[action]).addCallbacks(_encode_value, _encode_refusal)
 

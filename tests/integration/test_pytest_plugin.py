@@ -59,4 +59,6 @@ def test_passes(netd):
 
 def test_the_plugin_is_registered_by_its_entry_point(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--fixtures", "-p", "no:cacheprovider")
-    result.stdout.fnmatch_lines(["*netd -- *pytest_plugin.py*", "*netd_session* -- *"])
+    # pytest lists session fixtures first: one line at a time, in any order.
+    for fixture in ("*netd -- *pytest_plugin.py*", "*netd_session* -- *", "*netd_ns -- *"):
+        result.stdout.fnmatch_lines([fixture])

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IProtocolFactory
 
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import suffix_source
 from netd.services.dns.live import RecordsService, records_view
 from netd.services.dns.options import CacheOptions, Options, parse
 from netd.services.dns.rules import RULES
@@ -69,7 +70,11 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         datagram=datagram,
         service=services,
         views={
-            "queries": AdminView(list=server.list_queries, clear=server.clear_queries),
+            "queries": AdminView(
+                list=server.list_queries,
+                clear=server.clear_queries,
+                forget=server.forget_queries,
+            ),
             "records": records_view(server.records, options.ttl),
         },
     )
@@ -94,4 +99,6 @@ DNS: ServiceKind[Options] = ServiceKind(
     workers_refusal=_workers_refusal,
     rules=RULES,
     listener_keys=("doh",),
+    # namespace_from: the query name's label under a suffix (www.t42.lab.test -> t42).
+    namespaces={"suffix": suffix_source("name")},
 )

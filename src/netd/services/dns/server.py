@@ -188,7 +188,8 @@ class Server:
             )
         transport = transport or ("udp" if udp else "tcp")
         if self.rules.event_rules:
-            fired = self.rules.check(client[0], **query_event(query, udp))
+            namespace = self._namespace(name_to_text(query.name), client)
+            fired = self.rules.check(client[0], namespace, **query_event(query, udp))
             if fired is not None:
                 limit = udp_limit(query, self.udp_payload) if udp else None
                 return answer_by_rule(
@@ -335,6 +336,9 @@ class Server:
             "source": source,
             "latency_ms": round((self.clock.seconds() - started) * 1000, 3),
         }
+        namespace = self._namespace(entry["name"], client)
+        if namespace is not None:
+            entry["namespace"] = namespace
         self.log.append(entry)
         self.context.emit("query", **entry)
         # One line a query, as CoreDNS's log and dnsmasq's log-queries write;
@@ -348,8 +352,21 @@ class Server:
             **fields,
         )
 
+    def _namespace(self, name: str, client: Any) -> str | None:
+        namespaces = self.context.namespaces
+        if not namespaces.enabled:
+            return None
+        return namespaces.derive(name=name, client=client[0])
+
     def list_queries(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
         return list(self.log)
+
+    def forget_queries(self, namespace: str) -> dict[str, int]:
+        """C{DELETE /api/namespaces/NS}: the queries of one namespace go from the log."""
+        kept = [entry for entry in self.log if entry.get("namespace") != namespace]
+        forgotten = len(self.log) - len(kept)
+        self.log = deque(kept, maxlen=self.log.maxlen)
+        return {"cleared": forgotten}
 
     def clear_queries(self) -> dict[str, int]:
         cleared = len(self.log)

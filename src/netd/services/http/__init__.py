@@ -18,7 +18,9 @@ HTTP/2 goes through twisted.web; both hand requests to the same L{App}.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,8 @@ from twisted.internet.defer import Deferred
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import Derive, SourceReader, suffix_source
+from netd.namespaces import key as namespace_key
 from netd.rules import Vocabulary, exact, fields, glob
 from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Reply, Route, StaticOptions
@@ -297,6 +301,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         emit=context.emit,
         proxy=proxy,
         rules=context.rules,
+        namespaces=context.namespaces,
     )
 
     def stream(listener: ListenerConfig) -> Any:
@@ -307,7 +312,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         busy_reply=busy_reply(),
         service=_Upstreams(proxy) if proxy is not None else None,
         views={
-            "requests": AdminView(list=app.list_requests, clear=app.clear_requests),
+            "requests": AdminView(
+                list=app.list_requests, clear=app.clear_requests, forget=app.forget_requests
+            ),
             "routes": _routes_view(app),
         },
     )
@@ -357,6 +364,42 @@ RULES = Vocabulary(
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
 
+NAMESPACE_HEADER = "X-Netd-Namespace"
+
+
+@attrs.frozen
+class Header:
+    """C{header}: the namespace a request names in a header."""
+
+    name: str
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        lookup = carried.get("header")
+        return namespace_key(lookup(self.name.lower())) if lookup is not None else None
+
+
+def _header_source(argument: Value | None) -> Derive | None:
+    """C{header} (C{X-Netd-Namespace}), or C{{header: NAME}}."""
+    name = NAMESPACE_HEADER
+    if argument is not None:
+        name = argument.as_str()
+        if argument.is_scalar and not _TOKEN.match(name):
+            argument.error(f"not a header name: {name!r}")
+            return None
+    return Header(name)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+
+# namespace_from's sources: a header, or the Host's label under a suffix.
+NAMESPACES: Mapping[str, SourceReader] = {"header": _header_source, "suffix": suffix_source("host")}
+
 HTTP: ServiceKind[Options] = ServiceKind(
-    "http", parse, build, workers=True, workers_refusal=_workers_refusal, rules=RULES
+    "http",
+    parse,
+    build,
+    workers=True,
+    workers_refusal=_workers_refusal,
+    rules=RULES,
+    namespaces=NAMESPACES,
 )

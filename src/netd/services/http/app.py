@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.namespaces import NO_NAMESPACES, Namespacing
 from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
@@ -255,6 +256,8 @@ class Exchange(ABC):
     route: str | None = None
     unmatched: bool = False
     near_miss: dict[str, Any] | None = None
+    # Its namespace (netd.namespaces), on its event and its record.
+    namespace: str | None = None
     # A rule throttles this response: the throttle ends with it.
     throttled = False
     # Answered, or its client is gone: nothing more is sent for it.
@@ -390,7 +393,9 @@ class App:
         emit: Callable[..., None],
         proxy: Callable[[Exchange, Route, str], None] | None,
         rules: RuleSet | None = None,
+        namespaces: Namespacing = NO_NAMESPACES,
     ) -> None:
+        self.namespaces = namespaces
         self.clock = clock
         self.map_routes = routes
         self.added: list[Route] = []
@@ -426,6 +431,13 @@ class App:
             return [r for r in self.records if r.get("unmatched")]
         return list(self.records)
 
+    def forget_requests(self, namespace: str) -> dict[str, int]:
+        """C{DELETE /api/namespaces/NS}: the records of one namespace go."""
+        kept = [r for r in self.records if r.get("namespace") != namespace]
+        forgotten = len(self.records) - len(kept)
+        self.records = deque(kept, maxlen=self.records.maxlen)
+        return {"cleared": forgotten}
+
     def clear_requests(self) -> dict[str, int]:
         cleared = len(self.records)
         self.records.clear()
@@ -455,10 +467,17 @@ class App:
             self.error(exchange, 400)
             return
         exchange.path = path
+        if self.namespaces.enabled:
+            exchange.namespace = self.namespaces.derive(
+                client=exchange.client,
+                host=_host(exchange),
+                header=lambda name: _text(exchange.header(name.encode("latin-1"))),
+            )
         rules = self.rules
         if rules.event_rules:
             fired = rules.check(
                 exchange.client,
+                exchange.namespace,
                 method=exchange.method,
                 path=path,
                 host=_host(exchange),
@@ -603,6 +622,7 @@ class App:
             path=target,
             status=exchange.status,
             client=exchange.client,
+            **({"namespace": exchange.namespace} if exchange.namespace is not None else {}),
         )
         if self.access_log:
             self.dates.refresh()
@@ -650,6 +670,7 @@ class App:
                     "route": exchange.route,
                     "unmatched": exchange.unmatched,
                     **({"near_miss": exchange.near_miss} if exchange.near_miss else {}),
+                    **({"namespace": exchange.namespace} if exchange.namespace else {}),
                 }
             )
 

@@ -43,6 +43,8 @@ from zope.interface import implementer
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import Derive, SourceReader, suffix_source
+from netd.namespaces import key as namespace_key
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.extract import DEFAULT_CODES
@@ -411,6 +413,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
         reject_bare_newlines=options.bare_newlines == "reject",
         rules=context.rules,
+        namespaces=context.namespaces,
     )
 
     access = None
@@ -455,6 +458,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
                 clear=store.clear if send is None else None,
                 remove=store.remove if send is None else None,
                 act=store.act,
+                forget=store.forget_namespace if send is None else None,
             )
         },
     )
@@ -465,6 +469,47 @@ RULES = Vocabulary(
     acts={"reply": reply_line()},
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
+
+
+@attrs.frozen
+class PlusTag:
+    """C{plus_tag}: a recipient's tag, C{bob+t42@example.test} -> C{t42}."""
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        for recipient in carried.get("recipients", ()):
+            local = recipient.rpartition("@")[0]
+            if "+" in local:
+                found = namespace_key(local.partition("+")[2])
+                if found is not None:
+                    return found
+        return None
+
+
+@attrs.frozen
+class AuthUser:
+    """C{auth_user}: the user the session authenticated as."""
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        return namespace_key(carried.get("user"))
+
+
+def _bare(source: Callable[[], Derive], name: str) -> SourceReader:
+    def read(argument: Value | None) -> Derive | None:
+        if argument is not None:
+            argument.error(f"'{name}' takes no argument")
+            return None
+        return source()
+
+    return read
+
+
+# namespace_from's sources: recipients are addresses, the suffix reads their domains.
+NAMESPACES: Mapping[str, SourceReader] = {
+    "plus_tag": _bare(PlusTag, "plus_tag"),
+    "suffix": suffix_source("domains"),
+    "auth_user": _bare(AuthUser, "auth_user"),
+}
+
 
 # An authenticated IMAP session may stay silent this long (Twisted's
 # IMAP4Server.POSTAUTH_TIMEOUT): RFC 2177 clients renew IDLE every 29 minutes.
@@ -484,4 +529,5 @@ SMTP: ServiceKind[Options] = ServiceKind(
     per_client_default=20,
     rules=RULES,
     listener_keys=_LISTENER_SECTIONS,
+    namespaces=NAMESPACES,
 )

@@ -45,9 +45,11 @@ from netd.compat.mail import IllegalClientResponse, LOGINCredentials, PLAINCrede
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.namespaces import NO_NAMESPACES, Namespacing
 from netd.rules import RuleSet
 from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
+from netd.services.smtp.namespace import derive_namespace
 from netd.services.smtp.spool import Notify
 
 __all__ = ["Limits", "Receiver", "Session", "SessionFactory", "Transaction", "busy_reply"]
@@ -213,6 +215,7 @@ class Receiver:
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
     rules: RuleSet = attrs.field(factory=RuleSet)
+    namespaces: Namespacing = NO_NAMESPACES
 
     def may_relay(self, client: str) -> bool:
         return in_networks(client, self.allow_from)
@@ -337,7 +340,12 @@ class Session(smtp.ESMTP):
         of C{proceed} (or before it: a delay, a throttle); none fires, it runs.
         C{refused} runs after a rule's reply, which answered instead.
         """
-        fired = self.receiver.rules.check(self.client, stage=stage, **fields)
+        # The event's namespace: this RCPT's recipient first, then those given
+        # before it, the AUTH user, the client.
+        recipients = [fields["rcpt"]] if "rcpt" in fields else []
+        recipients += [str(r) for r in self._mail.recipients] if self._mail else []
+        namespace = derive_namespace(self.receiver.namespaces, recipients, self.user, self.client)
+        fired = self.receiver.rules.check(self.client, namespace, stage=stage, **fields)
         if fired is None:
             proceed()
             return

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from netd.kinds import BuildContext, ViewRefused
 from netd.services.smtp import extract
 from netd.services.smtp.address import PathRefused, parse_path
+from netd.services.smtp.namespace import derive_namespace
 from netd.services.smtp.relay import Outcome, Releaser
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
@@ -104,6 +105,8 @@ class MailStore(Service):
         self.messages: dict[str, Envelope] = {}
         self.heads: dict[str, bytes] = {}
         self.summaries: dict[str, dict[str, Any]] = {}
+        # Each message's namespace (netd.namespaces), derived from its envelope.
+        self.namespaces: dict[str, str] = {}
         self.ready: Deferred[None] = Deferred()
         self.watchers: list[MailWatcher] = []
         self._recovered = False
@@ -152,6 +155,11 @@ class MailStore(Service):
     def _add(self, envelope: Envelope, head: bytes) -> None:
         self.messages[envelope.id] = envelope
         self.heads[envelope.id] = head
+        namespace = derive_namespace(
+            self.context.namespaces, envelope.recipients, envelope.user, envelope.client
+        )
+        if namespace is not None:
+            self.namespaces[envelope.id] = namespace
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
         for watcher in self.watchers:
             watcher.added(envelope)
@@ -189,6 +197,7 @@ class MailStore(Service):
                 size=envelope.size,
                 client=envelope.client,
                 user=envelope.user,
+                **_namespaced(owner.namespaces.get(id)),
             )
             if owner.deliver is not None:
                 owner.deliver(envelope, data)
@@ -221,6 +230,7 @@ class MailStore(Service):
         for id in ids:
             self.heads.pop(id, None)
             self.summaries.pop(id, None)
+            self.namespaces.pop(id, None)
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
         if gone:
             for watcher in self.watchers:
@@ -252,10 +262,13 @@ class MailStore(Service):
         subject = query.get("subject", "").lower()
         anywhere = query.get("q", "").lower()
         text = query.get("text", "").lower().encode()
+        namespace = query.get("namespace")
 
         def matching(_: None) -> list[str]:
             found = []
             for id, envelope in self.messages.items():
+                if namespace is not None and self.namespaces.get(id) != namespace:
+                    continue
                 if to and to not in (r.lower() for r in envelope.recipients):
                     continue
                 if sender or subject or anywhere:  # parsed headers needed: kept once parsed
@@ -281,6 +294,7 @@ class MailStore(Service):
                     messages.append(
                         {
                             **envelope.as_json(),
+                            **_namespaced(self.namespaces.get(id)),
                             "subject": summary["subject"],
                             "headers": summary["headers"],
                         }
@@ -401,6 +415,15 @@ class MailStore(Service):
 
         return self._when_ready().addCallback(drop)
 
+    def forget_namespace(self, namespace: str) -> Deferred[dict[str, int]]:
+        """C{DELETE /api/namespaces/NS}: drop the messages of one namespace."""
+
+        def drop(_: None) -> Deferred[dict[str, int]]:
+            ids = [id for id, found in self.namespaces.items() if found == namespace]
+            return self.forget(ids).addCallback(lambda _: {"deleted": len(ids)})
+
+        return self._when_ready().addCallback(drop)
+
     def clear(self) -> Deferred[dict[str, int]]:
         """C{DELETE .../messages}: drop every message."""
 
@@ -441,3 +464,7 @@ def _release_request(body: Any, hostname: str) -> tuple[tuple[str, ...], str, in
         raise ViewRefused(400, "smarthost: HOST:PORT, as in 127.0.0.1:25 or [::1]:25")
     host = found.group("v6") or found.group("host")
     return tuple(dict.fromkeys(recipients)), host, int(found.group("port"))
+
+
+def _namespaced(namespace: str | None) -> dict[str, str]:
+    return {} if namespace is None else {"namespace": namespace}
