@@ -20,6 +20,7 @@ from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services.smtp import extract
+from netd.services.smtp import imap as imap_module
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
 from netd.services.smtp.mailbox import (
@@ -87,9 +88,11 @@ class Lab:
         id: str = result_of(self.store.accept(transaction))
         return id
 
-    def imap(self, secure: bool = False) -> tuple[IMAPSession, TLSStringTransport]:
+    def imap(
+        self, secure: bool = False, transport: TLSStringTransport | None = None
+    ) -> tuple[IMAPSession, TLSStringTransport]:
         session = IMAPSession(self.access, secure)
-        transport = TLSStringTransport()
+        transport = transport or TLSStringTransport()
         session.makeConnection(transport)
         return session, transport
 
@@ -98,6 +101,18 @@ class Lab:
         transport = TLSStringTransport()
         session.makeConnection(transport)
         return session, transport
+
+
+class SlowReader(TLSStringTransport):
+    """A client that reads slowly: every write fills the socket's buffer."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes += 1
+        if self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
 
 
 def pump(lab: Lab, transport: TLSStringTransport) -> None:
@@ -631,12 +646,16 @@ def test_pop3_stuffs_a_dot_at_the_start_of_a_message_or_of_a_chunk(tmp_path: Pat
     assert session.transformChunk(b".x") == b"..x"
 
 
-def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) -> None:
+def test_commands_piling_up_behind_an_answer_stop_the_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 1)
     lab = Lab(tmp_path)
     lab.deliver("ann@netd.test", body="x" * 50_000)
-    imap, imap_transport = lab.imap()
-    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (BODY[])\r\n")
-    lab.clock.advance(0)  # the message is read; its literal waits for the socket
+    lab.deliver("ann@netd.test", body="y" * 50_000)
+    imap, imap_transport = lab.imap(transport=SlowReader())
+    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1:2 (BODY[])\r\n")
+    lab.clock.advance(0)  # the first message is out; the second waits for the socket
     pop3, pop3_transport = lab.pop3()
     pop3.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nRETR 1\r\n")
     for session, transport, command in (
@@ -652,3 +671,39 @@ def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) ->
         # Every command queued is answered, the bad one too.
         assert transport.value().count(b"OK") >= MAX_WAITING_COMMANDS - 1
         assert b"BAD" in transport.value() or b"-ERR" in transport.value()
+
+
+def test_a_fetch_of_many_reads_a_batch_at_a_time_and_waits_while_the_client_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 2)
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    reads: list[list[str]] = []
+    read_many = lab.store.read_many
+
+    def counted(ids: list[str]) -> Any:
+        reads.append(ids)
+        return read_many(ids)
+
+    monkeypatch.setattr(lab.store, "read_many", counted)
+    session, transport = lab.imap(transport=SlowReader())
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    transport.clear()
+    transport.writes = 0
+    session.dataReceived(b"c FETCH 1:* (BODY.PEEK[])\r\n")
+    lab.clock.advance(0)
+    # One batch read and written, one write a message; then the full socket stops it.
+    assert [len(ids) for ids in reads] == [2]
+    assert transport.writes == 2
+    assert transport.value().count(b" FETCH (") == 2
+    pump(lab, transport)
+    assert [len(ids) for ids in reads] == [2, 2, 1]
+    answer = transport.value()
+    assert [answer.count(b"message %d" % n) for n in range(5)] == [1] * 5
+    # The last message and the tagged OK went out in one write.
+    assert transport.writes == 5
+    assert answer.endswith(b"message 4\r\n)\r\nc OK FETCH completed\r\n")
+    session.dataReceived(b"d NOOP\r\n")
+    assert transport.value().endswith(b"d OK NOOP No operation performed\r\n")

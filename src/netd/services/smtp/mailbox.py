@@ -70,6 +70,7 @@ __all__ = [
     "Search",
     "SessionPortal",
     "compile_search",
+    "load_all",
     "uid_validity",
 ]
 
@@ -365,12 +366,11 @@ class Message:
     def load(self) -> Deferred[None]:
         if self.raw is not None:
             return succeed(None)
+        return self.mailboxes.store.read(self.id).addCallback(self.keep)
 
-        def keep(raw: bytes | None) -> None:
-            # Removed meanwhile: what the index still had stands in for it.
-            self.raw = raw if raw is not None else self._head()
-
-        return self.mailboxes.store.read(self.id).addCallback(keep)
+    def keep(self, raw: bytes | None) -> None:
+        """The message as read; removed meanwhile, what the index still had stands in for it."""
+        self.raw = raw if raw is not None else self._head()
 
     def _head(self) -> bytes:
         return self.mailboxes.store.heads.get(self.id, b"")
@@ -426,6 +426,19 @@ class Message:
         assert self.raw is not None, "load() first"
         raw = _split(self.raw)[1] if body_only else self.raw
         return raw.decode("utf-8", "replace").lower()
+
+
+def load_all(messages: list[Message]) -> Deferred[None]:
+    """L{Message.load} for many, in one thread call: what a FETCH of many reads."""
+    missing = [message for message in messages if message.raw is None]
+    if not missing:
+        return succeed(None)
+
+    def keep(found: list[bytes | None]) -> None:
+        for message, raw in zip(missing, found, strict=True):
+            message.keep(raw)
+
+    return missing[0].mailboxes.store.read_many([m.id for m in missing]).addCallback(keep)
 
 
 # SEARCH -----------------------------------------------------------------------
