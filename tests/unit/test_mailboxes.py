@@ -707,3 +707,23 @@ def test_a_fetch_of_many_reads_a_batch_at_a_time_and_waits_while_the_client_lags
     assert answer.endswith(b"message 4\r\n)\r\nc OK FETCH completed\r\n")
     session.dataReceived(b"d NOOP\r\n")
     assert transport.value().endswith(b"d OK NOOP No operation performed\r\n")
+
+
+def test_a_fetch_names_messages_by_ranges_clamped_to_the_mailbox(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    for ranges, numbers in (
+        (b"4:2,5", [2, 3, 4, 5]),
+        (b"9:*", [5]),
+        (b"1,1:2", [1, 2]),
+        (b"1:1000000", [1, 2, 3, 4, 5]),
+    ):
+        transport.clear()
+        session.dataReceived(b"c FETCH " + ranges + b" (FLAGS)\r\n")
+        pump(lab, transport)
+        lines = said(transport)
+        assert lines[-1] == b"c OK FETCH completed"
+        assert [int(line.split()[1]) for line in lines[:-1]] == numbers

@@ -785,8 +785,16 @@ class Inbox(_InboxInfo):
             numbers = [self._message(id).getUID() for id in self.ids]
             messages.last = max(numbers, default=1)
             return ((s, self.ids[s - 1]) for s, n in enumerate(numbers, 1) if n in messages)
-        messages.last = max(len(self.ids), 1)
-        return ((s, id) for s, id in enumerate(self.ids, 1) if s in messages)
+        count = len(self.ids)
+        messages.last = max(count, 1)
+        # The set's ranges, clamped to the mailbox (sorted and merged once
+        # C{last} is set): a FETCH of one message costs one step, not a test
+        # of every message in the mailbox.
+        return (
+            (s, self.ids[s - 1])
+            for low, high in messages.ranges
+            for s in range(max(low, 1), min(high, count) + 1)
+        )
 
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
         return [(seq, self._message(id)) for seq, id in self._numbered(messages, uid)]
