@@ -92,11 +92,11 @@ class BatchingH2Connection(H2Connection):
                 self._consumerBlocked.addCallback(self._sendPrioritisedData)
                 return
             self._send_frame(stream)
-        self.resetTimeout()
         self._flush_frames()
         self._reactor.callLater(0, self._sendPrioritisedData)
 
     def _send_frame(self, stream: int) -> None:
+        self.resetTimeout()
         queue = self._outboundStreamQueues[stream]
         frame = queue.popleft()
         if frame is _END_STREAM_SENTINEL:
