@@ -727,3 +727,21 @@ def test_a_fetch_names_messages_by_ranges_clamped_to_the_mailbox(tmp_path: Path)
         lines = said(transport)
         assert lines[-1] == b"c OK FETCH completed"
         assert [int(line.split()[1]) for line in lines[:-1]] == numbers
+
+
+def test_a_fetch_of_many_index_only_batches_answers_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches from the index alone are written in a loop, not a recursion per batch.
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 1)
+    lab = Lab(tmp_path)
+    for _ in range(1500):
+        lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    transport.clear()
+    session.dataReceived(b"c FETCH 1:* (FLAGS)\r\nd NOOP\r\n")
+    pump(lab, transport)
+    lines = said(transport)
+    assert len(lines) == 1502
+    assert lines[-2:] == [b"c OK FETCH completed", b"d OK NOOP No operation performed"]

@@ -119,41 +119,53 @@ class _FetchAnswer:
         self._read_batch()
 
     def _read_batch(self) -> None:
-        start = end = self.next
-        size = 0
-        while end < len(self.fetched) and end - start < FETCH_BATCH and size < FETCH_BATCH_BYTES:
-            size += self.fetched[end][1].getSize()
-            end += 1
-        if start == end:
-            self.session.transport.unregisterProducer()
-            self.session.fetch_done(self.tag)
-            return
-        self.next = end
-        batch = self.fetched[start:end]
-        if not self.loads:
-            self._write_batch(batch)
-            return
-        self.reading = True
-        load_all([message for _, message in batch]).addCallback(
-            lambda _: self._write_batch(batch)
-        ).addErrback(self._failed)
+        """Batches read and written until the transport pauses, a read waits or all are out."""
+        while not self.paused and not self.stopped:
+            start = end = self.next
+            size = 0
+            while (
+                end < len(self.fetched) and end - start < FETCH_BATCH and size < FETCH_BATCH_BYTES
+            ):
+                size += self.fetched[end][1].getSize()
+                end += 1
+            if start == end:  # nothing matched
+                self._finish()
+                return
+            self.next = end
+            batch = self.fetched[start:end]
+            if self.loads:
+                self.reading = True
+                load_all([message for _, message in batch]).addCallback(
+                    self._loaded, batch
+                ).addErrback(self._failed)
+                return
+            try:
+                self._write_batch(batch)
+            except Exception:
+                self._failed(Failure())
 
-    def _write_batch(self, batch: list[tuple[int, Message]]) -> None:
+    def _loaded(self, _: object, batch: list[tuple[int, Message]]) -> None:
         self.reading = False
         if self.stopped:
             return
+        self._write_batch(batch)
+        self._read_batch()
+
+    def _write_batch(self, batch: list[tuple[int, Message]]) -> None:
         session = self.session
         last = self.next == len(self.fetched)
         for index, (number, message) in enumerate(batch):
             answer = session.fetch_answer(number, message, self.query, self.uid)
             if last and index == len(batch) - 1:
                 # The last answer and the tagged OK leave together: one packet.
-                session.transport.unregisterProducer()
-                session.fetch_done(self.tag, answer)
+                self._finish(answer)
                 return
             session.transport.write(answer)
-        if not self.paused:
-            self._read_batch()
+
+    def _finish(self, last: bytes = b"") -> None:
+        self.stopped = True
+        self.session.transport.unregisterProducer()
+        self.session.fetch_done(self.tag, last)
 
     def _failed(self, failure: Failure) -> None:
         # Part of the answer may be out already: nothing the client could parse.
@@ -284,12 +296,13 @@ class IMAPSession(IMAP4Server):
             self.sendPositiveResponse(tag, b"FETCH complete")
             return
         assert self.mbox is not None
+        fetched = self.mbox.fetch(messages, uid=bool(uid))
         # As Twisted's FETCH: no idle timeout while the answer is written, and
         # the commands that come meanwhile wait for it.
         self._oldTimeout = self.setTimeout(None)
         if self.blocked is None:
             self.blocked = []
-        _FetchAnswer(self, tag, self.mbox.fetch(messages, uid=bool(uid)), query, bool(uid)).start()
+        _FetchAnswer(self, tag, fetched, query, bool(uid)).start()
 
     def fetch_answer(self, number: int, message: Message, query: list[Any], uid: bool) -> bytes:
         """The C{* N FETCH (...)} line of one message, its literals in it."""
