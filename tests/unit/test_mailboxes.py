@@ -745,3 +745,26 @@ def test_a_fetch_of_many_index_only_batches_answers_them_all(
     lines = said(transport)
     assert len(lines) == 1502
     assert lines[-2:] == [b"c OK FETCH completed", b"d OK NOOP No operation performed"]
+
+
+def test_a_uid_fetch_names_messages_by_uid_ranges(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
+    pump(lab, transport)
+    for ranges, uids in (
+        (b"1:3", [1, 3]),
+        (b"2", []),
+        (b"4:2,5", [3, 4, 5]),
+        (b"9:*", [5]),
+        (b"1:4294967295", [1, 3, 4, 5]),
+    ):
+        transport.clear()
+        session.dataReceived(b"e UID FETCH " + ranges + b" (FLAGS)\r\n")
+        pump(lab, transport)
+        lines = said(transport)
+        assert lines[-1] == b"e OK FETCH completed"
+        assert [int(line.split(b"UID ")[1].split(b")")[0]) for line in lines[:-1]] == uids

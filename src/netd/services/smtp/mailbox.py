@@ -16,8 +16,10 @@ import email
 import email.parser
 import email.policy
 import email.utils
+import itertools
 import re
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from email.header import Header, decode_header
 from email.message import Message as EmailMessage
@@ -782,8 +784,20 @@ class Inbox(_InboxInfo):
     def _numbered(self, messages: MessageSet, uid: bool) -> Iterator[tuple[int, str]]:
         """The (sequence number, id) of each message the set names that exists."""
         if uid:
-            numbers = [self._message(id).getUID() for id in self.ids]
+            uids = self.mailboxes.uids
+            numbers = [
+                uids[id] if id in uids else self.vanishing[id][1] if id in self.vanishing else 0
+                for id in self.ids
+            ]
             messages.last = max(numbers, default=1)
+            if all(a < b for a, b in itertools.pairwise(numbers)):
+                # UIDs ascend with sequence numbers (RFC 3501 2.3.1.1): each range
+                # is found by bisection, not by testing every message.
+                return (
+                    (s + 1, self.ids[s])
+                    for low, high in messages.ranges
+                    for s in range(bisect_left(numbers, low), bisect_right(numbers, high))
+                )
             return ((s, self.ids[s - 1]) for s, n in enumerate(numbers, 1) if n in messages)
         count = len(self.ids)
         messages.last = max(count, 1)
