@@ -24,6 +24,7 @@ from tests.conftest import StartNetd
 
 CURL = shutil.which("curl")
 KDIG = shutil.which("kdig")
+H2LOAD = shutil.which("h2load")
 needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 needs_kdig = pytest.mark.skipif(
     KDIG is None, reason="kdig is not installed (apt-get install knot-dnsutils)"
@@ -185,3 +186,24 @@ def test_bad_requests_get_their_status_and_the_daemon_serves_on(
         assert fine.status_code == 200
     counters = netd.services()["dns"]["counters"]
     assert counters["doh_rejected"] >= 7
+
+
+@pytest.mark.skipif(
+    H2LOAD is None, reason="h2load is not installed (apt-get install nghttp2-client)"
+)
+def test_many_streams_in_flight_on_one_h2_connection_are_all_answered(netd: NetdProcess) -> None:
+    # The batching sending loop answers streams together; each answer must still be whole.
+    url = f"{doh_url(netd)}?dns={encoded('www.doh.test')}"
+    assert H2LOAD is not None
+    result = subprocess.run(
+        [H2LOAD, "-n", "300", "-c", "1", "-m", "100", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "300 succeeded, 0 failed, 0 errored" in result.stdout, result.stdout
+    assert "status codes: 300 2xx" in result.stdout, result.stdout
+    with client(netd, http2=True) as http:
+        answer = http.get(doh_url(netd), params={"dns": encoded("www.doh.test")})
+    assert answer.status_code == 200
+    assert dns.message.from_wire(answer.content).answer[0].to_text().endswith("127.0.0.1")

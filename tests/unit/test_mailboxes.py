@@ -20,6 +20,7 @@ from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services.smtp import extract
+from netd.services.smtp import imap as imap_module
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
 from netd.services.smtp.mailbox import (
@@ -87,9 +88,11 @@ class Lab:
         id: str = result_of(self.store.accept(transaction))
         return id
 
-    def imap(self, secure: bool = False) -> tuple[IMAPSession, TLSStringTransport]:
+    def imap(
+        self, secure: bool = False, transport: TLSStringTransport | None = None
+    ) -> tuple[IMAPSession, TLSStringTransport]:
         session = IMAPSession(self.access, secure)
-        transport = TLSStringTransport()
+        transport = transport or TLSStringTransport()
         session.makeConnection(transport)
         return session, transport
 
@@ -98,6 +101,18 @@ class Lab:
         transport = TLSStringTransport()
         session.makeConnection(transport)
         return session, transport
+
+
+class SlowReader(TLSStringTransport):
+    """A client that reads slowly: every write fills the socket's buffer."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.writes += 1
+        if self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
 
 
 def pump(lab: Lab, transport: TLSStringTransport) -> None:
@@ -631,12 +646,16 @@ def test_pop3_stuffs_a_dot_at_the_start_of_a_message_or_of_a_chunk(tmp_path: Pat
     assert session.transformChunk(b".x") == b"..x"
 
 
-def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) -> None:
+def test_commands_piling_up_behind_an_answer_stop_the_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 1)
     lab = Lab(tmp_path)
     lab.deliver("ann@netd.test", body="x" * 50_000)
-    imap, imap_transport = lab.imap()
-    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (BODY[])\r\n")
-    lab.clock.advance(0)  # the message is read; its literal waits for the socket
+    lab.deliver("ann@netd.test", body="y" * 50_000)
+    imap, imap_transport = lab.imap(transport=SlowReader())
+    imap.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1:2 (BODY[])\r\n")
+    lab.clock.advance(0)  # the first message is out; the second waits for the socket
     pop3, pop3_transport = lab.pop3()
     pop3.dataReceived(b"USER ann@netd.test\r\nPASS x\r\nRETR 1\r\n")
     for session, transport, command in (
@@ -652,3 +671,100 @@ def test_commands_piling_up_behind_an_answer_stop_the_reading(tmp_path: Path) ->
         # Every command queued is answered, the bad one too.
         assert transport.value().count(b"OK") >= MAX_WAITING_COMMANDS - 1
         assert b"BAD" in transport.value() or b"-ERR" in transport.value()
+
+
+def test_a_fetch_of_many_reads_a_batch_at_a_time_and_waits_while_the_client_lags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 2)
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    reads: list[list[str]] = []
+    read_many = lab.store.read_many
+
+    def counted(ids: list[str]) -> Any:
+        reads.append(ids)
+        return read_many(ids)
+
+    monkeypatch.setattr(lab.store, "read_many", counted)
+    session, transport = lab.imap(transport=SlowReader())
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    transport.clear()
+    transport.writes = 0
+    session.dataReceived(b"c FETCH 1:* (BODY.PEEK[])\r\n")
+    lab.clock.advance(0)
+    # One batch read and written, one write a message; then the full socket stops it.
+    assert [len(ids) for ids in reads] == [2]
+    assert transport.writes == 2
+    assert transport.value().count(b" FETCH (") == 2
+    pump(lab, transport)
+    assert [len(ids) for ids in reads] == [2, 2, 1]
+    answer = transport.value()
+    assert [answer.count(b"message %d" % n) for n in range(5)] == [1] * 5
+    # The last message and the tagged OK went out in one write.
+    assert transport.writes == 5
+    assert answer.endswith(b"message 4\r\n)\r\nc OK FETCH completed\r\n")
+    session.dataReceived(b"d NOOP\r\n")
+    assert transport.value().endswith(b"d OK NOOP No operation performed\r\n")
+
+
+def test_a_fetch_names_messages_by_ranges_clamped_to_the_mailbox(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    for ranges, numbers in (
+        (b"4:2,5", [2, 3, 4, 5]),
+        (b"9:*", [5]),
+        (b"1,1:2", [1, 2]),
+        (b"1:1000000", [1, 2, 3, 4, 5]),
+    ):
+        transport.clear()
+        session.dataReceived(b"c FETCH " + ranges + b" (FLAGS)\r\n")
+        pump(lab, transport)
+        lines = said(transport)
+        assert lines[-1] == b"c OK FETCH completed"
+        assert [int(line.split()[1]) for line in lines[:-1]] == numbers
+
+
+def test_a_fetch_of_many_index_only_batches_answers_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Batches from the index alone are written in a loop, not a recursion per batch.
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 1)
+    lab = Lab(tmp_path)
+    for _ in range(1500):
+        lab.deliver("ann@netd.test")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    transport.clear()
+    session.dataReceived(b"c FETCH 1:* (FLAGS)\r\nd NOOP\r\n")
+    pump(lab, transport)
+    lines = said(transport)
+    assert len(lines) == 1502
+    assert lines[-2:] == [b"c OK FETCH completed", b"d OK NOOP No operation performed"]
+
+
+def test_a_uid_fetch_names_messages_by_uid_ranges(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    for number in range(5):
+        lab.deliver("ann@netd.test", body=f"message {number}")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
+    pump(lab, transport)
+    for ranges, uids in (
+        (b"1:3", [1, 3]),
+        (b"2", []),
+        (b"4:2,5", [3, 4, 5]),
+        (b"9:*", [5]),
+        (b"1:4294967295", [1, 3, 4, 5]),
+    ):
+        transport.clear()
+        session.dataReceived(b"e UID FETCH " + ranges + b" (FLAGS)\r\n")
+        pump(lab, transport)
+        lines = said(transport)
+        assert lines[-1] == b"e OK FETCH completed"
+        assert [int(line.split(b"UID ")[1].split(b")")[0]) for line in lines[:-1]] == uids

@@ -507,8 +507,12 @@ class App:
         exchange.throttled = "throttle" in fired.acts
         fired.act(exchange.connection_transport(), proceed, answer)
 
-    def _dispatch(self, exchange: Exchange, path: str, request: Request | None) -> None:
-        for route in self.routes:
+    def _dispatch(
+        self, exchange: Exchange, path: str, request: Request | None, start: int = 0
+    ) -> None:
+        routes = self.routes
+        for index in range(start, len(routes)):
+            route = routes[index]
             if not route.matches(path):
                 continue
             when = route.when
@@ -517,7 +521,7 @@ class App:
                     request = Request(exchange, path)
                 verdict = when.verdict(request)
                 if verdict is WAIT:
-                    self._after_body(exchange, path, request)
+                    self._after_body(exchange, path, request, index)
                     return
                 if not verdict:
                     continue
@@ -526,7 +530,7 @@ class App:
                 if request is None:
                     request = Request(exchange, path)
                 if request.body is None and stub.reads_body:
-                    self._after_body(exchange, path, request)
+                    self._after_body(exchange, path, request, index)
                     return
             exchange.route = route.id
             matched = self.matched
@@ -555,10 +559,14 @@ class App:
             explain(request, exchange.near_miss),
         )
 
-    def _after_body(self, exchange: Exchange, path: str, request: Request) -> None:
-        """A route looks at the body: take it all, then match again."""
+    def _after_body(self, exchange: Exchange, path: str, request: Request, index: int) -> None:
+        """
+        Route C{index} looks at the body: take it all, then match again from
+        that route (those before it did not match without the body).
+        """
         received = bytearray()
         stream = exchange.body
+        routes = self.routes
 
         def done() -> None:
             request.body = bytes(received)
@@ -567,7 +575,8 @@ class App:
             replay.feed(request.body)
             replay.end()
             exchange.body = replay
-            self._dispatch(exchange, path, request)
+            # Routes added or removed meanwhile: their order is new, start over.
+            self._dispatch(exchange, path, request, index if self.routes is routes else 0)
 
         stream.want()
         stream.take(received.extend, done)

@@ -245,6 +245,21 @@ def _place(inside: str) -> _Place:
     return _Place(_lookup(ref), default, reads_body)
 
 
+# One encoder for every answer: json.dumps with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _joined(pieces: list[str | Template]) -> list[str | Template]:
+    """Runs of constant text as one piece."""
+    joined: list[str | Template] = []
+    for piece in pieces:
+        if isinstance(piece, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += piece
+        else:
+            joined.append(piece)
+    return joined
+
+
 class JSONTemplate:
     """A JSON document whose string values (not keys) are templates."""
 
@@ -253,7 +268,33 @@ class JSONTemplate:
         self.constant = self._constant(self.document)
         self.reads_body = self._reads_body(self.document)
         # A document with nothing to fill is encoded once, not per request.
-        self.fixed = json.dumps(document, ensure_ascii=False).encode() if self.constant else None
+        self.fixed = _encode(document).encode() if self.constant else None
+        # Otherwise the document is encoded once around its places: each
+        # request encodes only what it fills in (the same text json.dumps gives).
+        self.pieces: list[str | Template] = []
+        if not self.constant:
+            self._compile(self.document)
+            self.pieces = _joined(self.pieces)
+
+    def _compile(self, node: Any) -> None:
+        pieces = self.pieces
+        if isinstance(node, Template):
+            pieces.append(node)
+        elif isinstance(node, dict) and node and not self._constant(node):
+            pieces.append("{")
+            for index, (key, value) in enumerate(node.items()):
+                pieces.append((", " if index else "") + _encode(key) + ": ")
+                self._compile(value)
+            pieces.append("}")
+        elif isinstance(node, list) and node and not self._constant(node):
+            pieces.append("[")
+            for index, value in enumerate(node):
+                if index:
+                    pieces.append(", ")
+                self._compile(value)
+            pieces.append("]")
+        else:
+            pieces.append(_encode(node))
 
     def _parse(self, node: Any) -> Any:
         if isinstance(node, str):
@@ -286,16 +327,10 @@ class JSONTemplate:
     def render(self, scope: Scope) -> bytes:
         if self.fixed is not None:
             return self.fixed
-        text = json.dumps(self._fill(self.document, scope), ensure_ascii=False)
+        text = "".join(
+            piece if isinstance(piece, str) else _encode(piece.value(scope))
+            for piece in self.pieces
+        )
         if len(text) > MAX_RENDERED:
             raise TemplateError(f"renders past {MAX_RENDERED} characters")
         return text.encode()
-
-    def _fill(self, node: Any, scope: Scope) -> Any:
-        if isinstance(node, Template):
-            return node.value(scope)
-        if isinstance(node, dict):
-            return {k: self._fill(v, scope) for k, v in node.items()}
-        if isinstance(node, list):
-            return [self._fill(v, scope) for v in node]
-        return node

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IAddress
+from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
 from twisted.mail.imap4 import IllegalClientResponse, IMAP4Exception, IMAP4Server
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.compat.mail import FetchParser
 from netd.schema import client_address
@@ -24,6 +27,7 @@ from netd.services.smtp.mailbox import (
     Message,
     SessionPortal,
     compile_search,
+    load_all,
 )
 
 __all__ = ["IMAPFactory", "IMAPSession"]
@@ -56,13 +60,130 @@ def _marks_seen(part: Any) -> bool:
     )
 
 
+# A FETCH reads its messages from the spool this many (or this many bytes) at a
+# time, each batch in one thread call, and reads the next batch only once the
+# transport has room for it.
+FETCH_BATCH = 64
+FETCH_BATCH_BYTES = 1 << 20
+
+_log = Logger()
+
+
 def _no_delay(transport: Any) -> None:
-    # A FETCH answer goes out in pieces over reactor turns (the literal, its
-    # ")", the tagged OK): with Nagle's algorithm the last piece would wait for
-    # the client's delayed ACK, ~40 ms a command.
+    # Small answers (a FLAGS, a tagged OK) go out as they are written: with
+    # Nagle's algorithm one would wait for the client's delayed ACK, ~40 ms.
     set_no_delay = getattr(transport, "setTcpNoDelay", None)
     if set_no_delay is not None:
         set_no_delay(True)
+
+
+def _literal(data: bytes) -> bytes:
+    return b"{%d}\r\n%b" % (len(data), data)
+
+
+def _ignore() -> None:
+    pass
+
+
+@implementer(IPushProducer)
+class _FetchAnswer:
+    """
+    The answer of one FETCH: its messages read a batch at a time, each
+    message's answer written in one piece, the next batch read only while
+    the transport is not paused (a slow reader holds one batch in memory, not
+    the mailbox).  Twisted's own loop reads each message in a thread hop of
+    its own and writes it in pieces over several reactor turns.
+    """
+
+    def __init__(
+        self,
+        session: IMAPSession,
+        tag: bytes,
+        fetched: list[tuple[int, Message]],
+        query: list[Any],
+        uid: bool,
+    ) -> None:
+        self.session = session
+        self.tag = tag
+        self.fetched = fetched
+        self.query = query
+        self.uid = uid
+        self.loads = not all(map(_from_index, query))
+        self.next = 0
+        self.paused = False
+        self.reading = False
+        self.stopped = False
+
+    def start(self) -> None:
+        self.session.transport.registerProducer(self, True)
+        self._read_batch()
+
+    def _read_batch(self) -> None:
+        """Batches read and written until the transport pauses, a read waits or all are out."""
+        while not self.paused and not self.stopped:
+            start = end = self.next
+            size = 0
+            while (
+                end < len(self.fetched) and end - start < FETCH_BATCH and size < FETCH_BATCH_BYTES
+            ):
+                size += self.fetched[end][1].getSize()
+                end += 1
+            if start == end:  # nothing matched
+                self._finish()
+                return
+            self.next = end
+            batch = self.fetched[start:end]
+            if self.loads:
+                self.reading = True
+                load_all([message for _, message in batch]).addCallback(
+                    self._loaded, batch
+                ).addErrback(self._failed)
+                return
+            try:
+                self._write_batch(batch)
+            except Exception:
+                self._failed(Failure())
+
+    def _loaded(self, _: object, batch: list[tuple[int, Message]]) -> None:
+        self.reading = False
+        if self.stopped:
+            return
+        self._write_batch(batch)
+        self._read_batch()
+
+    def _write_batch(self, batch: list[tuple[int, Message]]) -> None:
+        session = self.session
+        last = self.next == len(self.fetched)
+        for index, (number, message) in enumerate(batch):
+            answer = session.fetch_answer(number, message, self.query, self.uid)
+            if last and index == len(batch) - 1:
+                # The last answer and the tagged OK leave together: one packet.
+                self._finish(answer)
+                return
+            session.transport.write(answer)
+
+    def _finish(self, last: bytes = b"") -> None:
+        self.stopped = True
+        self.session.transport.unregisterProducer()
+        self.session.fetch_done(self.tag, last)
+
+    def _failed(self, failure: Failure) -> None:
+        # Part of the answer may be out already: nothing the client could parse.
+        _log.failure("FETCH failed", failure)
+        self.stopped = True
+        self.session.transport.unregisterProducer()
+        self.session.transport.loseConnection()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if not self.reading and not self.stopped:
+            self._read_batch()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
 
 
 class IMAPSession(IMAP4Server):
@@ -77,6 +198,8 @@ class IMAPSession(IMAP4Server):
         self.access = access
         self.secure = secure
         self._may_expunge = False
+        # Lines held back to go out with a FETCH's last answer, in one write.
+        self._held: list[bytes] | None = None
         self._not_reading = False
         self.portal = SessionPortal(access, self)  # type: ignore[assignment]
         self.client = ""
@@ -167,20 +290,73 @@ class IMAPSession(IMAP4Server):
         IMAP4Server.arg_atom,
         IMAP4Server.arg_flaglist,
     )
-    select_FETCH = (IMAP4Server.do_FETCH, IMAP4Server.arg_seqset, arg_fetchatt)  # type: ignore[assignment]
-    select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
-    # netd's mailboxes take mail over SMTP alone: no APPEND, no COPY.
-    auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]
 
-    def spewMessage(self, id: int, msg: Message, query: list[Any], uid: bool) -> Any:
+    def do_FETCH(self, tag: bytes, messages: Any, query: list[Any], uid: int = 0) -> None:
+        if not query:
+            self.sendPositiveResponse(tag, b"FETCH complete")
+            return
+        assert self.mbox is not None
+        fetched = self.mbox.fetch(messages, uid=bool(uid))
+        # As Twisted's FETCH: no idle timeout while the answer is written, and
+        # the commands that come meanwhile wait for it.
+        self._oldTimeout = self.setTimeout(None)
+        if self.blocked is None:
+            self.blocked = []
+        _FetchAnswer(self, tag, fetched, query, bool(uid)).start()
+
+    def fetch_answer(self, number: int, message: Message, query: list[Any], uid: bool) -> bytes:
+        """The C{* N FETCH (...)} line of one message, its literals in it."""
         writeable = self.mbox is not None and self.mbox.isWriteable()
-        changed = writeable and any(map(_marks_seen, query)) and self.access.mark_seen(msg.id)
+        changed = writeable and any(map(_marks_seen, query)) and self.access.mark_seen(message.id)
         if changed and not any(part.type == "flags" for part in query):
             # RFC 3501 6.4.5: flags the fetch changed come with its answer.
             query = [*query, _FLAGS]
-        if all(map(_from_index, query)):
-            return super().spewMessage(id, msg, query, uid)
-        return msg.load().addCallback(lambda _: IMAP4Server.spewMessage(self, id, msg, query, uid))
+        pieces = [b"* %d FETCH (" % number]
+        write = pieces.append
+        seen_uid = False
+        for index, part in enumerate(query):
+            if index:
+                write(b" ")
+            if part.type == "uid":
+                seen_uid = True
+            if part.type == "body":
+                self.spew_body(part, number, message, write, _ignore)
+            else:
+                getattr(self, "spew_" + part.type)(number, message, write, _ignore)
+        if uid and not seen_uid:
+            write(b" ")
+            self.spew_uid(number, message, write, _ignore)
+        write(b")\r\n")
+        return b"".join(pieces)
+
+    def fetch_done(self, tag: bytes, last: bytes = b"") -> None:
+        """The FETCH is answered: its tagged OK (with C{last}, in one write), then what waited."""
+        self.setTimeout(self._oldTimeout)
+        del self._oldTimeout
+        self._held = [last]
+        try:
+            self.sendPositiveResponse(tag, b"FETCH completed")
+        finally:
+            held, self._held = self._held, None
+        self.transport.write(b"".join(held))
+        self._unblock()
+
+    def sendLine(self, line: bytes) -> None:
+        if self._held is not None:
+            self._held.append(line + self.delimiter)
+            return
+        super().sendLine(line)
+
+    def spew_rfc822(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        (_w or self.transport.write)(b"RFC822 " + _literal(msg.open().read()))
+
+    def spew_rfc822text(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        (_w or self.transport.write)(b"RFC822.TEXT " + _literal(msg.getBodyFile().read()))
+
+    select_FETCH = (do_FETCH, IMAP4Server.arg_seqset, arg_fetchatt)  # type: ignore[assignment]
+    select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
+    # netd's mailboxes take mail over SMTP alone: no APPEND, no COPY.
+    auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]
 
     def dispatchCommand(
         self, tag: bytes, cmd: bytes, rest: bytes | None, uid: int | None = None
@@ -207,6 +383,18 @@ class IMAPSession(IMAP4Server):
             if target is None:
                 (_w or self.transport.write)(part.__bytes__() + b" NIL")
                 return None
+        # The message is read whole before its answer: its literal goes in
+        # the same write, not through Twisted's FileProducer a turn later.
+        if part.text:
+            text = target.getBodyFile().read()
+            (_w or self.transport.write)(part.__bytes__() + b" " + _literal(text))
+            return None
+        if part.empty:
+            whole = target.getBodyFile().read() if part.part else msg.open().read()
+            (_w or self.transport.write)(
+                part.getBytes(length=msg.getSize()) + b" " + _literal(whole)
+            )
+            return None
         return super().spew_body(part, id, msg, _w, _f)
 
     def expunge_due(self) -> None:

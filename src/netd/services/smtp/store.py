@@ -242,6 +242,16 @@ class MailStore(Service):
             return succeed(None)
         return self.spool.read(id)
 
+    def read_many(self, ids: list[str]) -> Deferred[list[bytes | None]]:
+        """Messages as spooled, in one thread call; None for each one gone."""
+        present = [id for id in ids if id in self.messages]
+
+        def placed(found: list[bytes | None]) -> list[bytes | None]:
+            by_id = dict(zip(present, found, strict=True))
+            return [by_id.get(id) for id in ids]
+
+        return self.spool.read_many(present).addCallback(placed)
+
     # Admin views ---------------------------------------------------------
 
     def list(self, query: Mapping[str, str]) -> Deferred[dict[str, Any]]:
