@@ -27,6 +27,7 @@ from tests.maps import lab_map
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
 MANY = 100_000
+WIDE = 20_000
 WARM = 32 << 20
 
 
@@ -37,13 +38,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (pub / "docs").mkdir(parents=True)
     (pub / "hello.txt").write_bytes(b"hello, world\n")
     (pub / "docs" / "readme.txt").write_text("read me\n")
-    # Downloaded again and again while the big folder is listed: real bytes, so
-    # that every download reads the page cache (a sparse file's first reads fill it).
-    (pub / "warm.bin").write_bytes(bytes(range(256)) * (WARM // 256))
-    many = pub / "many"
-    many.mkdir()
-    for number in range(MANY):
-        os.close(os.open(many / f"f{number:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    # A listing of several MiB (more than the sockets between hold), in a
+    # fraction of the time 100,000 short names take to create.
+    wide = pub / "wide"
+    wide.mkdir()
+    for number in range(WIDE):
+        os.close(os.open(wide / f"{number:06d}{'w' * 240}", os.O_CREAT | os.O_WRONLY, 0o644))
     (base / "alice").mkdir()
     (base / "alice" / "mine.txt").write_text("alice's\n")
     return base
@@ -224,7 +224,7 @@ def test_a_listing_that_stalls_is_cut_after_data_timeout(netd: NetdProcess) -> N
     data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     data.connect(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
     started = time.monotonic()
-    assert command(sock, reader, b"MLSD /many").startswith(b"125")
+    assert command(sock, reader, b"MLSD /wide").startswith(b"125")
     assert reader.readline().startswith(b"426")  # never read: cut, not kept forever
     assert time.monotonic() - started < 15
     data.close()
@@ -249,9 +249,24 @@ def _download_rate(netd: NetdProcess, seconds: float, during: threading.Event | 
     return received / elapsed / (1 << 20)
 
 
+@pytest.fixture
+def many(site: Path) -> Path:
+    """100,000 files (about 10 s to create), and a file to download while they are listed."""
+    pub = site / "pub"
+    # Downloaded again and again while the big folder is listed: real bytes, so
+    # that every download reads the page cache (a sparse file's first reads fill it).
+    (pub / "warm.bin").write_bytes(bytes(range(256)) * (WARM // 256))
+    many = pub / "many"
+    many.mkdir()
+    for number in range(MANY):
+        os.close(os.open(many / f"f{number:06d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    return many
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
 def test_a_folder_of_100000_files_is_listed_while_a_download_streams(
-    netd: NetdProcess, tmp_path: Path
+    netd: NetdProcess, many: Path, tmp_path: Path
 ) -> None:
     # About 10 s: the listings take 1.5-3 s here, downloads are read meanwhile
     # (0.6-0.8x of their rate alone, on this shared machine). Built on the reactor

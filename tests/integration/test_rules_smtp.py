@@ -89,6 +89,8 @@ def test_delay_at_data_then_normal_service(start_netd: StartNetd) -> None:
         started = time.monotonic()
         assert smtp.docmd("DATA")[0] == 354
         assert time.monotonic() - started < 0.9
+        smtp.send(b"Subject: quick\r\n\r\nquick\r\n.\r\n")  # so QUIT is not message text
+        assert smtp.getreply()[0] == 250
 
 
 def test_greeting_refused_and_reset_at_mail(start_netd: StartNetd) -> None:
