@@ -28,6 +28,7 @@ from netd.services.chat.hub import (
     Room,
     Session,
 )
+from netd.services.chat.irc import SASL_FAILURE_DELAY
 from netd.services.chat.line import LineSession, LineWire
 from tests.maps import ServiceMap
 
@@ -772,7 +773,11 @@ def test_sasl_plain_against_users(tmp_path: Path) -> None:
         ":chat.netd.test 908 * PLAIN :are available SASL mechanisms",
         ":chat.netd.test 904 * :SASL authentication failed",
     ]
-    assert sasl(client, b"\0alice\0wrong") == [":chat.netd.test 904 * :SASL authentication failed"]
+    assert sasl(client, b"\0alice\0wrong") == []  # a wrong password is answered late
+    client.send("AUTHENTICATE PLAIN")  # a guess meanwhile is refused at once
+    assert client.read() == [":chat.netd.test 904 * :SASL authentication failed"]
+    client.clock.advance(SASL_FAILURE_DELAY)
+    assert client.read() == [":chat.netd.test 904 * :SASL authentication failed"]
     client.send("AUTHENTICATE PLAIN", "AUTHENTICATE *")
     assert client.read() == ["AUTHENTICATE +", ":chat.netd.test 906 * :SASL authentication aborted"]
     assert sasl(client, b"\0alice\0wonderland") == [

@@ -67,6 +67,9 @@ _CAPABILITIES = (
 _SASL_CHUNK = 400
 _SASL_MOST = 4 * _SASL_CHUNK
 _SASL_TRIES = 3
+# A wrong password is answered this late (as ftp's login_delay): a client that
+# guesses gets one try a second on each connection, not as many as it can send.
+SASL_FAILURE_DELAY = 1.0
 _CLIENT_TAG = re.compile(r"\+[A-Za-z0-9/.-]+[A-Za-z0-9-]*(=[^\0\r\n; ]*)?\Z")
 VERSION = "netd-chat-1"
 # From the modern IRC client protocol, not RFC 2812.
@@ -494,18 +497,27 @@ class IrcSession(Session, irc.IRC):
         return False
 
     def _sasl_checked(self, ok: bool, account: str) -> None:
+        if self.gone:
+            self._sasl_checking = False
+            return
+        if not ok:
+            # Still "checking" until the answer: a guess sent meanwhile gets 904 at once.
+            self.hub.clock.callLater(SASL_FAILURE_DELAY, self._sasl_refused, account)
+            return
+        self._sasl_checking = False
+        self.account = account
+        nick = self.nick or self.wanted_nick or "*"
+        mask = f"{nick}!{self.user or 'user'}@{self.host}"
+        self.numeric("900", mask, account, f"You are now logged in as {account}")
+        self.numeric("903", "SASL authentication successful")
+        self.hub.emit("chat.sasl", account=account, client=self.host, ok=True)
+        self.hub.flush_soon()
+
+    def _sasl_refused(self, account: str) -> None:
         self._sasl_checking = False
         if self.gone:
             return
-        if not ok:
-            self._sasl_failed(account)
-        else:
-            self.account = account
-            nick = self.nick or self.wanted_nick or "*"
-            mask = f"{nick}!{self.user or 'user'}@{self.host}"
-            self.numeric("900", mask, account, f"You are now logged in as {account}")
-            self.numeric("903", "SASL authentication successful")
-            self.hub.emit("chat.sasl", account=account, client=self.host, ok=True)
+        self._sasl_failed(account)
         self.hub.flush_soon()
 
     def _sasl_failed(self, account: str) -> None:
