@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.interfaces import (
     IListeningPort,
     IOpenSSLServerConnectionCreator,
@@ -35,6 +35,7 @@ from netd.dashboard import Dashboard
 from netd.events import Event, Journal, ServiceStats
 from netd.eventstream import EventStreams, StreamRefused
 from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
+from netd.later import answer_later, finish
 from netd.listeners import ListenerGroup
 from netd.namespaces import in_namespace
 from netd.namespaces import key as namespace_key
@@ -548,10 +549,11 @@ class AdminResource(Resource):
         answer: Callable[[Any], tuple[int, Any]],
     ) -> int:
         """Answer once C{pending} fires; cancel it if the client goes away."""
-        gone: list[bool] = []
 
         def respond(result: Any) -> None:
-            if gone:
+            if isinstance(result, Failure):  # a view refused: its status, or each error at its path
+                status, refusal = _refusal(result.value)
+                finish(request, _json(request, refusal, status))
                 return
             status, body = answer(result)
             if body is None:
@@ -560,38 +562,11 @@ class AdminResource(Resource):
             elif isinstance(body, bytes):
                 request.setResponseCode(status)
                 request.setHeader(b"Content-Type", b"application/octet-stream")
-                _send(request, body)
+                finish(request, body)
             else:
-                _send(request, _json(request, body, status))
+                finish(request, _json(request, body, status))
 
-        def failed(failure: Failure) -> None:
-            if failure.check(CancelledError):
-                return
-            if failure.check(ViewRefused, ConfigErrors) is not None:
-                if not gone:
-                    status, body = _refusal(failure.value)
-                    _send(request, _json(request, body, status))
-                return
-            log.failure("admin request failed", failure)
-            if gone:
-                return
-            _send(request, _json(request, {"error": "internal error"}, 500))
-
-        def client_left(reason: Failure) -> None:
-            gone.append(True)
-            pending.cancel()
-
-        request.notifyFinish().addErrback(client_left)
-        pending.addCallback(respond).addErrback(failed)
-        return NOT_DONE_YET
-
-
-def _send(request: Request, body: bytes) -> None:
-    """Finish an answer given later, with its length; a HEAD request gets no body."""
-    request.setHeader(b"Content-Length", b"%d" % len(body))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
+        return answer_later(request, pending, respond, (ViewRefused, ConfigErrors))
 
 
 def _uncancellable(work: Deferred[Any]) -> Deferred[Any]:

@@ -22,20 +22,18 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
-from twisted.python.failure import Failure
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from netd.kinds import ViewRefused
+from netd.later import answer_later, finish
 
 if TYPE_CHECKING:
     from netd.runtime import Daemon
 
 __all__ = ["CSRF_HEADER", "SESSION_COOKIE", "Dashboard"]
 
-log = Logger(namespace="netd.dashboard")
 
 SESSION_COOKIE = b"netd_session"
 CSRF_HEADER = b"x-csrf-token"
@@ -332,11 +330,8 @@ def _download(request: Request, raw: bytes, index: int) -> bytes:
 
 def _later(request: Request, raw: Deferred[bytes | None], answer: Callable[[bytes], bytes]) -> int:
     """Answer with C{answer(message)} once the message is read; 404 if there is none."""
-    gone: list[bool] = []
 
     def respond(message: bytes | None) -> None:
-        if gone:
-            return
         try:
             if message is None:
                 raise ViewRefused(404, "no such message")
@@ -344,26 +339,6 @@ def _later(request: Request, raw: Deferred[bytes | None], answer: Callable[[byte
         except ViewRefused as e:
             request.setResponseCode(e.status)
             body = _as_json(request, {"error": e.reason})
-        _finish(request, body)
+        finish(request, body)
 
-    def failed(failure: Failure) -> None:
-        if failure.check(CancelledError) or gone:
-            return
-        log.failure("reading a message for the dashboard failed", failure)
-        request.setResponseCode(500)
-        _finish(request, _as_json(request, {"error": "internal error"}))
-
-    def client_left(reason: Failure) -> None:
-        gone.append(True)
-        raw.cancel()
-
-    request.notifyFinish().addErrback(client_left)
-    raw.addCallback(respond).addErrback(failed)
-    return NOT_DONE_YET
-
-
-def _finish(request: Request, body: bytes) -> None:
-    request.setHeader(b"Content-Length", b"%d" % len(body))
-    if request.method != b"HEAD":
-        request.write(body)
-    request.finish()
+    return answer_later(request, raw, respond, what="reading a message for the dashboard failed")
