@@ -9,6 +9,7 @@ reports every error in the file at once.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
@@ -127,6 +128,12 @@ def client_address(
     host = client if isinstance(client, str) else getattr(client, "host", None)
     if not isinstance(host, str):
         return None
+    return _host_address(host)
+
+
+# Every check of a message or query asks again for the same few clients.
+@functools.lru_cache(maxsize=4096)
+def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -10,6 +10,7 @@ business forwarding along a route the sender chose.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import attrs
@@ -102,6 +103,9 @@ def _domain_name(domain: str) -> str | None:
     return domain.lower()
 
 
+# Test suites send from and to the same few addresses again and again; a
+# Mailbox is immutable, so the reading of each is kept (a refusal is not).
+@functools.lru_cache(maxsize=4096)
 def parse_path(
     raw: bytes, recipient: bool, default_domain: str, utf8: bool = False
 ) -> Mailbox | None:

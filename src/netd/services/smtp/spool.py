@@ -9,7 +9,12 @@ it is never listed or delivered, and recovery removes it once it is old.
 Each file is written and synced in its own thread, so the syncs of concurrent
 sessions overlap and the file system commits them together.  (Grouping the
 folder syncs on top, one for all files created meanwhile, measured 15-25%
-slower here: after a create, a folder sync finds its commit already done.)
+slower here: after a create, a folder sync finds its commit already done.  A
+whole group commit, the messages that end while one group is being synced
+written and synced together by one thread call, measured 2.5-6x slower in
+three interleaved rounds on 2026-12-03 with 8 smtplib connections: the file
+system already commits concurrent syncs together, and a group waits for the
+one before it.)
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
@@ -55,7 +56,13 @@ def received_header(hostname: str, transaction: Transaction, id: str, now: float
     )
     if len(transaction.recipients) == 1:
         text += f"\r\n\tfor <{transaction.recipients[0]}>"
-    return f"{text};\r\n\t{formatdate(now)}\r\n".encode()
+    return f"{text};\r\n\t{_date(int(now))}\r\n".encode()
+
+
+@functools.lru_cache(maxsize=4)
+def _date(second: int) -> str:
+    # Messages arrive many a second; the RFC 5322 date changes once a second.
+    return formatdate(second)
 
 
 def _headers(head: bytes) -> list[list[str]]:
