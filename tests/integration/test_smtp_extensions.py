@@ -249,6 +249,39 @@ def test_a_dsn_with_ret_hdrs_bounces_with_headers_only(
     assert len(smarthost.received) == 1
 
 
+def test_notify_delay_earns_one_delay_report_once_delay_warning_passes(
+    start_netd: StartNetd, tmp_path: Path, smarthost: Smarthost
+) -> None:
+    netd = start_netd(
+        relaying(
+            tmp_path / "state",
+            f"mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,"
+            " retry: [0.3], delay_warning: 0.5",
+        )
+    )
+    with smtp(netd) as client:
+        client.sendmail(
+            "alice@client.test",
+            ["later@far.test"],  # the smarthost answers 451 to later*
+            b"Subject: slow\r\n\r\nstill trying\r\n",
+            rcpt_options=["NOTIFY=DELAY,FAILURE"],
+        )
+    [(sender, recipients, report)] = _wait_received(smarthost, 1)
+    assert (sender, recipients) == ("<>", ["alice@client.test"])
+    parsed = email.message_from_bytes(report)
+    assert parsed["Subject"] == "Delayed Mail (still being retried)"
+    _, status, _ = parsed.get_payload()
+    recipient = status.get_payload()[1]
+    assert recipient["Action"] == "delayed" and recipient["Status"] == "4.3.0"
+    assert recipient["Will-Retry-Until"]
+    [delayed] = _events(netd, "message.delayed", 1)
+    assert delayed["notified"] == "alice@client.test"
+    # Still queued and retried, and not reported on again.
+    _events(netd, "message.deferred", 4)
+    assert len(netd.events("mail", "message.delayed", 0)) == 1
+    assert len(smarthost.received) == 1
+
+
 def _events(netd: NetdProcess, kind: str, count: int) -> list[dict[str, Any]]:
     """The first C{count} events of C{kind}, waiting for them up to 20 s."""
     deadline = time.monotonic() + 20

@@ -404,6 +404,59 @@ def test_dsn_requests_go_on_to_a_hop_offering_dsn() -> None:
     assert accepted.dsn == {"x@netd.test": Notify(("SUCCESS", "DELAY"), "rfc822;x=y@old.test")}
 
 
+# Delay reports (RFC 3461 NOTIFY=DELAY) -----------------------------------------
+
+
+def test_a_message_waiting_past_delay_warning_earns_one_delay_report(tmp_path: Path) -> None:
+    courier, store, upstream, clock, journal = make_courier(tmp_path)  # retry (10, 60)
+    courier.delay_warning = 65
+    later = (451, "4.2.0 mailbox busy")
+    upstream.answers = [
+        {"a@far.test": later, "b@far.test": later},  # at 0 s
+        {"a@far.test": later, "b@far.test": later},  # at 10 s
+        {"a@far.test": later, "b@far.test": later},  # at 70 s: past delay_warning
+        {"alice@client.test": (250, "ok")},  # the delay report, for a only
+        {"a@far.test": later, "b@far.test": later},  # at 130 s: no second report
+    ]
+    id = _accept_with_dsn(store, None, a=Notify(("DELAY", "FAILURE")), b=Notify(("FAILURE",)))
+    clock.advance(0)
+    clock.advance(10)
+    assert len(upstream.attempts) == 2 and not journal.select(types=["message.delayed"])
+    clock.advance(60)
+    clock.advance(0)
+    notice, report = upstream.attempts[3]
+    assert notice.recipients == ("alice@client.test",) and notice.sender == ""
+    assert b"Subject: Delayed Mail (still being retried)" in report
+    assert b"Final-Recipient: rfc822; a@far.test\r\nAction: delayed\r\nStatus: 4.2.0" in report
+    assert b"Will-Retry-Until: " in report and b"b@far.test" not in report
+    [event] = journal.select(types=["message.delayed"])
+    assert event.fields["recipients"] == ["a@far.test", "b@far.test"]
+    assert event.fields["notified"] == "alice@client.test"
+    assert id in store.messages  # still queued
+    clock.advance(60)
+    assert len(upstream.attempts) == 5 and len(journal.select(types=["message.delayed"])) == 1
+    # The warning is part of the retry state: a restart does not warn again.
+    [state] = result_of(store.spool.retries()).values()
+    assert state.warned
+
+
+def test_no_delay_report_without_notify_delay_or_with_delay_warning_0(tmp_path: Path) -> None:
+    for delay_warning, notify in ((65.0, None), (0.0, Notify(("DELAY",)))):
+        courier, store, upstream, clock, journal = make_courier(tmp_path / str(delay_warning))
+        courier.delay_warning = delay_warning
+        upstream.answers = [{"a@far.test": (451, "4.2.0 busy")}] * 3
+        dsn = {} if notify is None else {"a": notify}
+        if dsn:
+            _accept_with_dsn(store, None, **dsn)
+        else:
+            accept(store, Mailbox("alice", "client.test"), "a@far.test")
+        for step in (0, 10, 60):
+            clock.advance(step)
+        assert len(upstream.attempts) == 3  # three tries, no report among them
+        delayed = journal.select(types=["message.delayed"])
+        assert [e.fields["notified"] for e in delayed] == ([None] if delay_warning else [])
+
+
 # Retry state across a restart -------------------------------------------------
 
 

@@ -112,11 +112,14 @@ class DeliveryOptions:
     @ivar route: capture, a smarthost, or each recipient domain's MX.
     @ivar retry: seconds between attempts; the last one repeats.
     @ivar max_age: seconds after which a message still not delivered bounces.
+    @ivar delay_warning: seconds a message waits before the recipients that
+        asked for C{NOTIFY=DELAY} earn the sender a delay report; 0, never.
     """
 
     route: Route = Capture()
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 3600.0)
     max_age: float = 432000.0
+    delay_warning: float = 14400.0
 
 
 @attrs.frozen
@@ -278,6 +281,7 @@ def _delivery(value: Value) -> DeliveryOptions:
     if not retry:
         retry = defaults.retry
     max_age = section.number("max_age", defaults.max_age, minimum=1)
+    delay_warning = section.number("delay_warning", defaults.delay_warning, minimum=0)
     timeout = section.number("timeout", 60.0, minimum=0.1)
     port = section.integer("port", 25, minimum=1, maximum=65535)
     ca = section.file_path("ca")
@@ -303,7 +307,7 @@ def _delivery(value: Value) -> DeliveryOptions:
         )
     elif mode == "smarthost" and address_value is None:
         value.error("mode smarthost needs 'smarthost: HOST:PORT'")
-    return DeliveryOptions(route=route, retry=retry, max_age=max_age)
+    return DeliveryOptions(route=route, retry=retry, max_age=max_age, delay_warning=delay_warning)
 
 
 @implementer(ICredentialsChecker)
@@ -375,7 +379,15 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     elif isinstance(route, MxOptions):
         send = mx_sender(context.reactor, hostname, route, resolver_for(context.reactor, route))
     if send is not None:
-        courier = Courier(context, spool, send, hostname, delivery.retry, delivery.max_age)
+        courier = Courier(
+            context,
+            spool,
+            send,
+            hostname,
+            delivery.retry,
+            delivery.max_age,
+            delivery.delay_warning,
+        )
         store = MailStore(
             spool,
             context,

@@ -29,7 +29,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
-from netd.services.smtp.spool import Envelope, Spool, new_id
+from netd.services.smtp.spool import Envelope, RetryState, Spool, new_id
 
 if TYPE_CHECKING:
     from netd.services.smtp.store import MailStore
@@ -457,32 +457,42 @@ def delivery_report(
     results: Mapping[str, tuple[int, str]],
     original: bytes,
     now: float,
+    action: str = "failed",
     expired: bool = False,
-    relayed: bool = False,
+    retry_until: float | None = None,
 ) -> bytes:
     """
-    An RFC 3464 delivery status notification to the sender: the C{results}
-    of recipients that failed, or (C{relayed}) that went on to a next hop that
-    sends no reports (RFC 3461 5.2.2).  C{original} is the whole message when
-    the sender said C{RET=FULL}, its header otherwise.
+    An RFC 3464 delivery status notification to the sender on the C{results}
+    of some recipients, by C{action}: C{failed} (a bounce; C{expired} when
+    C{max_age} ran out), C{relayed} (to a next hop that sends no reports, RFC
+    3461 5.2.2) or C{delayed} (still queued, tried until C{retry_until}).
+    C{original} is the whole message when the sender said C{RET=FULL}, its
+    header otherwise.
     """
     boundary = "netd-" + secrets.token_hex(8)
     lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in results.items())
-    if relayed:
+    will_retry = ""
+    if action == "relayed":
         subject = "Successful Mail Relay Report"
         summary = "was relayed to these recipients, to a server that sends no delivery reports"
-        action = "relayed"
+    elif action == "delayed":
+        assert retry_until is not None
+        subject = "Delayed Mail (still being retried)"
+        summary = (
+            "is not yet delivered to these recipients; no action is required on your part,"
+            f" delivery is tried until {formatdate(retry_until)}"
+        )
+        will_retry = f"Will-Retry-Until: {formatdate(retry_until)}\r\n"
     else:
         subject = "Undelivered Mail Returned to Sender"
         reason = "it could not be delivered in time" if expired else "it was refused"
         summary = f"was not delivered to these recipients, as {reason}"
-        action = "failed"
     per_recipient = "".join(
         "\r\n"
         + _original_recipient(envelope, r)
         + f"Final-Recipient: {_address_type(r)}; {r}\r\nAction: {action}\r\n"
         f"Status: {'4.4.7' if expired else _status_of(code, text)}\r\n"
-        f"Diagnostic-Code: smtp; {code} {text}\r\n"
+        f"Diagnostic-Code: smtp; {code} {text}\r\n{will_retry}"
         for r, (code, text) in results.items()
     )
     envid = f"Original-Envelope-Id: {envelope.envid}\r\n" if envelope.envid else ""
@@ -492,7 +502,7 @@ def delivery_report(
         f"To: <{envelope.sender}>\r\n"
         f"Subject: {subject}\r\n"
         f"Date: {formatdate(now)}\r\n"
-        f"Message-ID: <{envelope.id}.{'relayed' if relayed else 'bounce'}@{hostname}>\r\n"
+        f"Message-ID: <{envelope.id}.{_REPORT_TAG[action]}@{hostname}>\r\n"
         f"Auto-Submitted: auto-replied\r\n"
         f"MIME-Version: 1.0\r\n"
         f'Content-Type: multipart/report; report-type=delivery-status; boundary="{boundary}"\r\n'
@@ -519,6 +529,14 @@ def delivery_report(
     return text.encode() + quoted + f"\r\n--{boundary}--\r\n".encode()
 
 
+_REPORT_TAG = {"failed": "bounce", "relayed": "relayed", "delayed": "delayed"}
+_REPORT_COUNTER = {
+    "failed": "smtp_bounces",
+    "relayed": "smtp_delivery_reports",
+    "delayed": "smtp_delay_reports",
+}
+
+
 def _original_recipient(envelope: Envelope, recipient: str) -> str:
     orcpt = envelope.notify(recipient).orcpt
     return f"Original-Recipient: {orcpt}\r\n" if orcpt else ""
@@ -536,6 +554,7 @@ class _Queued:
     timer: IDelayedCall | None = None
     busy: bool = False
     data: bytes | None = None
+    warned: bool = False
 
 
 def _seconds(values: Sequence[float]) -> tuple[float, ...]:
@@ -550,7 +569,10 @@ class Courier(Service):
 
     Per recipient: 2xx is done, 4xx waits for the next attempt, 5xx (or 4xx
     once the message is C{max_age} old) goes back to the sender as a bounce.
-    A message with the null sender (a bounce itself) is never bounced.
+    A message with the null sender (a bounce itself) is never bounced.  Once
+    a message has waited C{delay_warning} seconds (0: never), its recipients
+    that asked for C{NOTIFY=DELAY} earn the sender one delay report, as
+    sendmail's C{Timeout.queuewarn} and Postfix's C{delay_warning_time} send.
 
     @ivar store: forgets delivered messages and spools bounces; set once the
         store that feeds this courier exists.
@@ -562,6 +584,7 @@ class Courier(Service):
     hostname: str
     retry: tuple[float, ...] = attrs.field(converter=_seconds)
     max_age: float = 0.0
+    delay_warning: float = 0.0
     store: MailStore | None = attrs.field(init=False, default=None)
     queue: dict[str, _Queued] = attrs.field(init=False, factory=dict)
     limit: DeferredSemaphore = attrs.field(
@@ -570,7 +593,7 @@ class Courier(Service):
     stopped: bool = attrs.field(init=False, default=False)
     # The retry states the spool kept (None until read), and the recovered
     # messages waiting for them.
-    resumed: dict[str, tuple[int, float]] | None = attrs.field(init=False, default=None)
+    resumed: dict[str, RetryState] | None = attrs.field(init=False, default=None)
     recovered: list[str] = attrs.field(init=False, factory=list)
 
     def startService(self) -> None:
@@ -581,7 +604,7 @@ class Courier(Service):
         self.context.log.failure("reading the retry states failed", failure)
         self._resume({})
 
-    def _resume(self, states: dict[str, tuple[int, float]]) -> None:
+    def _resume(self, states: dict[str, RetryState]) -> None:
         self.resumed = states
         waiting, self.recovered = self.recovered, []
         for id in waiting:
@@ -592,9 +615,10 @@ class Courier(Service):
         if queued is None or self.stopped:
             return
         assert self.resumed is not None
-        attempts, due = self.resumed.pop(id, (0, 0.0))
-        queued.attempts = attempts
-        self._later(id, max(due - self.context.reactor.seconds(), 0.0))
+        state = self.resumed.pop(id, RetryState(0, 0.0))
+        queued.attempts = state.attempts
+        queued.warned = state.warned
+        self._later(id, max(state.due - self.context.reactor.seconds(), 0.0))
 
     def schedule(self, envelope: Envelope, data: bytes | None = None) -> None:
         """
@@ -695,7 +719,7 @@ class Courier(Service):
         }
         reports = [
             *([self._bounce(envelope, failed, expired)] if failed else []),
-            *([self._report(envelope, relayed, relayed=True)] if relayed else []),
+            *([self._report(envelope, relayed, action="relayed")] if relayed else []),
         ]
         bounced = _all(reports) if reports else None
         if waiting:
@@ -712,7 +736,11 @@ class Courier(Service):
             if len(waiting) < len(envelope.recipients):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
                 steps.append(self.spool.replace(queued.envelope))
-            steps.append(self.spool.save_retry(envelope.id, queued.attempts, now + delay))
+            if self._late(queued, now):
+                queued.warned = True
+                steps.append(self._warn(envelope, {r: outcome[r] for r in waiting}))
+            state = RetryState(queued.attempts, now + delay, queued.warned)
+            steps.append(self.spool.save_retry(envelope.id, state))
             self._later(envelope.id, delay)
             if bounced is not None:
                 steps.append(bounced)
@@ -739,12 +767,28 @@ class Courier(Service):
         )
         return self._report(envelope, wanted, expired=expired)
 
+    def _late(self, queued: _Queued, now: float) -> bool:
+        waited = now - queued.envelope.received
+        return bool(self.delay_warning) and not queued.warned and waited >= self.delay_warning
+
+    def _warn(self, envelope: Envelope, waiting: Mapping[str, tuple[int, str]]) -> Deferred[Any]:
+        # A NOTIFY without DELAY (or none: FAILURE only here): no delay report.
+        wanted = {r: result for r, result in waiting.items() if envelope.notify(r).wants("DELAY")}
+        told = wanted and envelope.sender and not envelope.bounce
+        self.context.emit(
+            "message.delayed",
+            message_id=envelope.id,
+            recipients=list(waiting),
+            notified=envelope.sender if told else None,
+        )
+        return self._report(envelope, wanted, action="delayed")
+
     def _report(
         self,
         envelope: Envelope,
         results: Mapping[str, tuple[int, str]],
+        action: str = "failed",
         expired: bool = False,
-        relayed: bool = False,
     ) -> Deferred[Any]:
         """Spool a delivery report on C{results} to the sender, and send it on."""
         if not results or not envelope.sender or envelope.bounce:
@@ -759,7 +803,14 @@ class Courier(Service):
         def spool(text: bytes | None) -> Deferred[None]:
             now = self.context.reactor.seconds()
             data = delivery_report(
-                self.hostname, envelope, results, text or b"", now, expired, relayed
+                self.hostname,
+                envelope,
+                results,
+                text or b"",
+                now,
+                action,
+                expired,
+                retry_until=envelope.received + self.max_age,
             )
             notice = Envelope(
                 id=new_id(now),
@@ -772,7 +823,7 @@ class Courier(Service):
                 bounce=True,
                 utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
             )
-            self.context.stats.count("smtp_delivery_reports" if relayed else "smtp_bounces")
+            self.context.stats.count(_REPORT_COUNTER[action])
             return store.add_own(notice, data)
 
         return original.addCallback(spool)

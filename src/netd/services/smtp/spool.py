@@ -31,7 +31,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
-__all__ = ["HEAD_BYTES", "Envelope", "Notify", "Spool", "new_id"]
+__all__ = ["HEAD_BYTES", "Envelope", "Notify", "RetryState", "Spool", "new_id"]
 
 RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
 
@@ -89,6 +89,22 @@ class Notify:
 
 
 _NO_REQUEST = Notify()
+
+
+@attrs.frozen
+class RetryState:
+    """
+    Where a queued message's retries have got to.
+
+    @ivar attempts: how many have been made.
+    @ivar due: when the next is (epoch seconds).
+    @ivar warned: the sender has had its delay report (RFC 3461 NOTIFY=DELAY):
+        one a message, however long it waits.
+    """
+
+    attempts: int
+    due: float
+    warned: bool = False
 
 
 @attrs.frozen
@@ -267,26 +283,31 @@ def _remove(directory: Path, ids: list[str]) -> None:
         (directory / (id + _RETRY)).unlink(missing_ok=True)
 
 
-def _save_retry(directory: Path, id: str, attempts: int, due: float) -> None:
+def _save_retry(directory: Path, id: str, state: RetryState) -> None:
     """
     Replace a message's retry state atomically.  Not synced: a state lost in
-    a crash only means an earlier attempt, and a deferral costs no fsync.
+    a crash only means an earlier attempt (or a second delay report), and a
+    deferral costs no fsync.
     """
     if not (directory / (id + _SUFFIX)).exists():
         return  # delivered or deleted meanwhile
     temporary = directory / (id + _RETRY + _TEMPORARY)
-    temporary.write_text(json.dumps({"attempts": attempts, "due": due}))
+    temporary.write_text(
+        json.dumps({"attempts": state.attempts, "due": state.due, "warned": state.warned})
+    )
     os.replace(temporary, directory / (id + _RETRY))
 
 
-def _retries(directory: Path) -> dict[str, tuple[int, float]]:
+def _retries(directory: Path) -> dict[str, RetryState]:
     found = {}
     for path in directory.glob("*" + _RETRY):
         id = path.name[: -len(_RETRY)]
         try:
-            state = json.loads(path.read_text())
-            found[id] = (int(state["attempts"]), float(state["due"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            saved = json.loads(path.read_text())
+            found[id] = RetryState(
+                int(saved["attempts"]), float(saved["due"]), bool(saved.get("warned", False))
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             found.pop(id, None)
         if not (directory / (id + _SUFFIX)).exists():
             path.unlink(missing_ok=True)  # its message left while the state was written
@@ -358,10 +379,10 @@ class Spool:
     def replace(self, envelope: Envelope) -> Deferred[None]:
         return self.run(lambda: _replace(self.directory, envelope))
 
-    def save_retry(self, id: str, attempts: int, due: float) -> Deferred[None]:
-        """Keep how many attempts a queued message has had and when the next is due."""
-        return self.run(lambda: _save_retry(self.directory, id, attempts, due))
+    def save_retry(self, id: str, state: RetryState) -> Deferred[None]:
+        """Keep where a queued message's retries have got to."""
+        return self.run(lambda: _save_retry(self.directory, id, state))
 
-    def retries(self) -> Deferred[dict[str, tuple[int, float]]]:
-        """Every queued message's retry state by id: (attempts, epoch seconds due)."""
+    def retries(self) -> Deferred[dict[str, RetryState]]:
+        """Every queued message's retry state, by id."""
         return self.run(lambda: _retries(self.directory))
