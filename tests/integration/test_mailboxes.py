@@ -409,3 +409,39 @@ def test_reload_adds_and_removes_the_mail_readers(tmp_path: Path) -> None:
         process.reload(without)
         assert [e.get("protocol") for e in process.listeners("mail")] == [None, None]
         assert [m["id"] for m in process.messages("mail")] == [message_id]
+
+
+def test_each_namespace_reads_only_its_own_mail(tmp_path: Path) -> None:
+    namespaced = {
+        **MAILBOXES,
+        "namespace_from": "[plus_tag]",
+        "mailboxes": f'{{users: {{"ns/*": {{password: "{PASSWORD}"}}}}}}',
+    }
+    with NetdProcess.start(mail_map(tmp_path / "state", **namespaced), tmp_path) as process:
+        mine = send(process, "ann+t1@netd.test", "For t1", "One.\n")
+        theirs = send(process, "ann+t2@netd.test", "For t2", "Two.\n")
+        send(process, "ann@netd.test", "No namespace", "Three.\n")
+        client = imap(process, "ns/t1")
+        assert client.select("INBOX") == ("OK", [b"1"])
+        _, data = client.fetch("1", "(BODY.PEEK[])")
+        assert data[0][1] == process.message("mail", mine)  # type: ignore[index]
+        # A message of t1 sent now shows up in t1's open session, t2's does not.
+        later = send(process, "bob+t1@netd.test", "Later for t1", "Four.\n")
+        send(process, "bob+t2@netd.test", "Later for t2", "Five.\n")
+        assert client.noop()[0] == "OK"
+        assert client.untagged_responses["EXISTS"][-1] == b"2"
+        host, port = process.address("mail", tls=True, protocol="pop3")
+        pop = poplib.POP3_SSL(host, port, context=tls(process), timeout=10)
+        pop.user("ns/t2")
+        pop.pass_(PASSWORD)
+        _, listing, _ = pop.uidl()
+        assert listing[0] == f"1 {theirs}".encode() and len(listing) == 2
+        pop.dele(1)
+        pop.quit()
+        assert theirs not in [m["id"] for m in process.messages("mail")]
+        assert client.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert client.expunge() == ("OK", [b"1"])
+        assert [m["id"] for m in process.messages("mail", namespace="t1")] == [later]
+        client.logout()
+        with pytest.raises(imaplib.IMAP4.error):
+            imap(process, "ns/t1.x")

@@ -19,7 +19,8 @@ from twisted.mail.imap4 import IllegalClientResponse
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services.smtp import extract
+from netd.namespaces import NO_NAMESPACES, Namespacing
+from netd.services.smtp import PlusTag, extract
 from netd.services.smtp import imap as imap_module
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
@@ -51,7 +52,12 @@ def result_of(deferred: Deferred[Any]) -> Any:
 class Lab:
     """A store with mailboxes, on a clock, with sessions on fake transports."""
 
-    def __init__(self, tmp_path: Path, allow_insecure_auth: bool = True) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        allow_insecure_auth: bool = True,
+        namespaces: Namespacing = NO_NAMESPACES,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.journal = Journal(self.clock)
@@ -63,6 +69,7 @@ class Lab:
             stats=ServiceStats(),
             log=Logger(),
             tls={},
+            namespaces=namespaces,
         )
         self.store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
         self.store.startService()
@@ -304,6 +311,49 @@ def test_logins_are_counted_and_journaled(tmp_path: Path) -> None:
     assert imap_transport.disconnecting
 
 
+def test_a_namespace_login_reads_its_namespace_live_and_removes_from_the_store(
+    tmp_path: Path,
+) -> None:
+    lab = Lab(tmp_path, namespaces=Namespacing(("plus_tag",), (PlusTag(),)))
+    mine = lab.deliver("bob+t1@x.test", subject="for t1")
+    theirs = lab.deliver("bob+t2@x.test", subject="for t2")
+    lab.deliver("bob@x.test", subject="no namespace")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ns/T1 x\r\nb SELECT INBOX\r\n")
+    assert b"* 1 EXISTS" in said(transport)
+    session.dataReceived(b"c IDLE\r\n")
+    said(transport)
+    also_theirs = lab.deliver("bob+t2@x.test")
+    later = lab.deliver("ann+t1@y.test")
+    assert said(transport) == [b"* 2 EXISTS"]
+    session.dataReceived(b"DONE\r\nd STORE 1 +FLAGS (\\Deleted)\r\ne EXPUNGE\r\n")
+    assert said(transport)[-2:] == [b"* 1 EXPUNGE", b"e OK EXPUNGE completed"]
+    assert mine not in lab.store.messages and theirs in lab.store.messages
+    assert session.mbox.ids == [later]
+    pop3, pop3_transport = lab.pop3()
+    pop3.dataReceived(b"USER ns/t2\r\nPASS x\r\nUIDL\r\n")
+    assert said(pop3_transport)[-3:] == [
+        b"1 " + theirs.encode(),
+        b"2 " + also_theirs.encode(),
+        b".",
+    ]
+    [login] = [
+        e
+        for e in lab.journal.select(0, "mail", ("mailbox.login",))
+        if e.fields["protocol"] == "pop3"
+    ]
+    assert login.fields["namespace"] == "t2"
+
+
+@pytest.mark.parametrize("login", [b"ns/t1", b"ns/", b"ns/a.b"])
+def test_a_namespace_login_needs_namespaces_and_a_key(tmp_path: Path, login: bytes) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("bob+t1@x.test")
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER " + login + b"\r\nPASS x\r\n")
+    assert said(transport)[-1].startswith(b"-ERR")
+
+
 def test_an_old_store_forgets_in_the_serving_one_too(tmp_path: Path) -> None:
     old = Lab(tmp_path)
     id = old.deliver("ann@netd.test")
@@ -398,6 +448,10 @@ def test_imap_and_pop3_sections_add_tagged_listeners(tmp_path: Path) -> None:
         ),
         ("    imap: {listen: ['udp:0']}\n    mailboxes: {any_password: true}\n", "datagram"),
         ("    imap: {listen: ['tcp:0']}\n    mailboxes: {}\n", "no one can log in"),
+        (
+            "    imap: {listen: ['tcp:0']}\n    mailboxes: {users: {ns/T.1: {password: p}}}\n",
+            "'ns/t.1': a namespace key is",
+        ),
     ],
 )
 def test_mailbox_map_errors(tmp_path: Path, extra: str, error: str) -> None:

@@ -1,13 +1,15 @@
 """
 The smtp kind's store seen as mailboxes, for its IMAP and POP3 listeners.
 
-A login is a recipient address (it sees the messages sent to it) or C{all}
-(it sees every message).  Flags and IMAP UIDs live here, in memory, shared
-by every session of the service: UIDs are numbered in arrival order and the
-UID validity is the time the service was built, so a restart or a reload
-tells clients to forget what they cached.  Removing a message (POP3 C{DELE},
-IMAP C{EXPUNGE}) removes it from the store, and a message the store loses
-(the admin API's C{DELETE}) leaves every open mailbox.
+A login is a recipient address (it sees the messages sent to it), C{all}
+(it sees every message) or, when the service has C{namespace_from}, C{ns/KEY}
+(it sees the messages of namespace KEY, L{netd.namespaces}).  Flags and IMAP
+UIDs live here, in memory, shared by every session of the service: UIDs are
+numbered in arrival order and the UID validity is the time the service was
+built, so a restart or a reload tells clients to forget what they cached.
+Removing a message (POP3 C{DELE}, IMAP C{EXPUNGE}) removes it from the store,
+and a message the store loses (the admin API's C{DELETE}) leaves every open
+mailbox.
 """
 
 from __future__ import annotations
@@ -54,13 +56,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.kinds import BuildContext
+from netd.namespaces import key as namespace_key
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
 
 __all__ = [
     "ALL",
+    "EVERY_NAMESPACE",
     "LOGIN_FAILURES",
     "MAX_WAITING_COMMANDS",
+    "NAMESPACE_LOGIN",
     "Access",
     "AnyAddressChecker",
     "Inbox",
@@ -73,13 +78,36 @@ __all__ = [
     "SessionPortal",
     "compile_search",
     "load_all",
+    "login_namespace",
+    "login_password",
     "uid_validity",
 ]
 
 ALL = "all"
+# A namespace's login: C{ns/t42}.  Not C{t42@ns}: logins that are addresses
+# have an C{@}; a C{/} is an atom character in IMAP and passes curl's C{-u}.
+NAMESPACE_LOGIN = "ns/"
+# A password under this login opens every namespace's mailbox.
+EVERY_NAMESPACE = NAMESPACE_LOGIN + "*"
 INBOX = "INBOX"
 _SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 _POLICY = email.policy.compat32.clone(linesep="\r\n")
+
+
+def login_namespace(login: str) -> str | None:
+    """The namespace a login C{ns/KEY} reads, or None for any other login."""
+    if not login.startswith(NAMESPACE_LOGIN):
+        return None
+    wanted = login[len(NAMESPACE_LOGIN) :]
+    return wanted if namespace_key(wanted) == wanted else None
+
+
+def login_password(users: Mapping[str, str], login: str) -> str | None:
+    """A login's password in C{users}: its own, or for a namespace C{ns/*}'s."""
+    found = users.get(login)
+    if found is None and login_namespace(login) is not None:
+        return users.get(EVERY_NAMESPACE)
+    return found
 
 
 @attrs.frozen
@@ -180,6 +208,10 @@ class SessionPortal:
         session = self.session
         context = self.access.context
         fields = {"protocol": session.protocol, "client": session.client, "user": user}
+        namespace = login_namespace(user)
+        if namespace is not None:
+            # A namespace's login is its traffic: its journal filter shows it.
+            fields["namespace"] = namespace
 
         def succeeded(result: Any) -> Any:
             context.stats.count("smtp_mailbox_logins")
@@ -230,8 +262,18 @@ class Mailboxes:
         self.next_uid += 1
         self.flags[id] = set()
 
+    @property
+    def namespaced(self) -> bool:
+        """Whether the service stamps its messages with namespaces (C{ns/KEY} logins)."""
+        return self.store.context.namespaces.enabled
+
     def sees(self, login: str, envelope: Envelope) -> bool:
-        return login == ALL or any(login == r.lower() for r in envelope.recipients)
+        if login == ALL:
+            return True
+        if login.startswith(NAMESPACE_LOGIN):
+            # The store stamps a message before it tells its watchers.
+            return self.store.namespaces.get(envelope.id) == login[len(NAMESPACE_LOGIN) :]
+        return any(login == r.lower() for r in envelope.recipients)
 
     def ids_for(self, login: str) -> list[str]:
         return [id for id, e in self.store.messages.items() if self.sees(login, e)]
@@ -928,6 +970,11 @@ class MailRealm:
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         login = (avatarId.decode() if isinstance(avatarId, bytes) else avatarId).lower()
+        if login.startswith(NAMESPACE_LOGIN) and (
+            login_namespace(login) is None or not self.mailboxes.namespaced
+        ):
+            # Without namespace_from no message has a namespace to read.
+            raise UnauthorizedLogin()
         for interface in interfaces:
             if interface is IAccount:
                 return IAccount, Account(self.mailboxes, login), lambda: None
@@ -938,13 +985,14 @@ class MailRealm:
 
 @implementer(ICredentialsChecker)
 class AnyAddressChecker:
-    """Lab mode: an address or C{all}, with any password."""
+    """Lab mode: an address, C{all} or a namespace's C{ns/KEY}, with any password."""
 
     credentialInterfaces = (IUsernamePassword,)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username
         name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
-        if name.lower() == ALL or "@" in name.strip("@"):
+        login = name.lower()
+        if login == ALL or login_namespace(login) is not None or "@" in name.strip("@"):
             return succeed(name.lower())
         return fail(UnauthorizedLogin())
