@@ -41,7 +41,8 @@ MAILBOXES = {
     f'"cy@netd.test": {{password: "{PASSWORD}"}}, '
     f'"dee@netd.test": {{password: "{PASSWORD}"}}, '
     f'"eve@netd.test": {{password: "{PASSWORD}"}}, '
-    f'"fay@netd.test": {{password: "{PASSWORD}"}}}}}}',
+    f'"fay@netd.test": {{password: "{PASSWORD}"}}, '
+    f'"gus@netd.test": {{password: "{PASSWORD}"}}}}}}',
 }
 
 
@@ -195,6 +196,27 @@ def test_admin_delete_is_expunged_in_an_open_session(netd: NetdProcess) -> None:
     assert client.untagged_responses.get("EXPUNGE") == [b"2"]
     assert client.search(None, "ALL") == ("OK", [b"1"])
     assert ids(netd, "dee@netd.test") == [kept]
+    client.logout()
+
+
+def test_imap_utf8_accept_shows_an_smtputf8_message_as_it_came(netd: NetdProcess) -> None:
+    raw = (
+        "From: Jörg Müller <jörg@bücher.test>\r\nTo: gus@netd.test\r\n"
+        "Subject: Grüße aus Köln\r\n\r\nHallo.\r\n"
+    ).encode()
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        client.ehlo()
+        client.sendmail("jörg@bücher.test", ["gus@netd.test"], raw, mail_options=["SMTPUTF8"])
+    netd.events("mail", "message.accepted", last, wait=10)
+    client = imap(netd, "gus@netd.test")
+    assert "UTF8=ACCEPT" in client.capabilities
+    assert client.enable("UTF8=ACCEPT") == ("OK", [b"ENABLE completed"])
+    client.select("INBOX")
+    _, data = client.fetch("1", "(ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM)])")
+    envelope, header = data[0]  # type: ignore[misc]
+    assert '"Grüße aus Köln" (("Jörg Müller" NIL "jörg" "bücher.test"))'.encode() in envelope
+    assert header == "From: Jörg Müller <jörg@bücher.test>\r\n\r\n".encode()
     client.logout()
 
 

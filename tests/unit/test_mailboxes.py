@@ -150,7 +150,10 @@ def test_imap_select_fetch_and_expunge_reach_the_store(tmp_path: Path) -> None:
     lab.clock.advance(0)
     lab.clock.advance(0)
     reply = transport.value()
-    assert b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {14}\r\nSubject: one" in reply
+    assert (
+        b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {16}\r\nSubject: one\r\n\r\n)"
+        in reply
+    )
     assert b"* 2 FETCH (UID 2 FLAGS ()" in reply and reply.endswith(b"b OK FETCH completed\r\n")
     transport.clear()
     session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
@@ -187,7 +190,7 @@ def test_imap_says_expunge_at_a_command_that_allows_it(tmp_path: Path) -> None:
     lab.clock.advance(0)
     # Still numbered as the client knows them: 2 is "two", and no EXPUNGE with a FETCH.
     assert said(transport) == [
-        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {14}",
+        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {16}",
         b"Subject: two",
         b")",
         b"c OK FETCH completed",
@@ -603,6 +606,43 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         key = b"FROM" if needle.startswith(b"j") else b"SUBJECT"
         session.dataReceived(b"s SEARCH CHARSET UTF-8 " + key + b" " + needle + b"\r\n")
         assert said(transport)[0] == b"* SEARCH 1", needle
+
+
+def test_utf8_accept_sends_headers_as_they_are(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=Mailbox("jörg", "bücher.test"),
+        recipients=(Mailbox("ann", "netd.test"),),
+        data="Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo\r\n".encode(),
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="UTF8SMTP",
+        utf8=True,
+    )
+    result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    assert b" ENABLE " in said(transport)[0]
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb ENABLE\r\n")
+    assert said(transport)[-1].startswith(b"b BAD")
+    session.dataReceived(b"c ENABLE CONDSTORE utf8=accept\r\nd ENABLE UTF8=ACCEPT\r\n")
+    assert said(transport)[-3:] == [
+        b"* ENABLED UTF8=ACCEPT",
+        b"c OK ENABLE completed",
+        b"d OK ENABLE completed",
+    ]
+    session.dataReceived(b"e SELECT INBOX\r\nf ENABLE UTF8=ACCEPT\r\n")
+    assert said(transport)[-1].startswith(b"f BAD")  # only before SELECT (RFC 5161)
+    session.dataReceived(b"g FETCH 1 (ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    answer = transport.value()
+    assert '(NIL "Grüße" (("Jörg" NIL "jörg" "bücher.test"))'.encode() in answer
+    assert "Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n".encode() in answer
+    # A session that did not enable it still gets 7-bit ENVELOPEs.
+    other, other_transport = lab.imap()
+    other.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (ENVELOPE)\r\n")
+    lab.clock.advance(0)
+    assert other_transport.value().isascii()
 
 
 @pytest.mark.parametrize(

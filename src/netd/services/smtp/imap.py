@@ -15,7 +15,13 @@ from typing import Any
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.mail.imap4 import IllegalClientResponse, IMAP4Exception, IMAP4Server
+from twisted.mail.imap4 import (
+    IllegalClientResponse,
+    IMAP4Exception,
+    IMAP4Server,
+    collapseNestedLists,
+    getEnvelope,
+)
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -83,6 +89,28 @@ def _literal(data: bytes) -> bytes:
 
 def _ignore() -> None:
     pass
+
+
+def _utf8(item: Any) -> Any:
+    """An ENVELOPE's strings as UTF-8 bytes (Twisted's own encoding takes ASCII only)."""
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    if isinstance(item, list | tuple):
+        return [_utf8(inner) for inner in item]
+    return item
+
+
+def _format_headers(headers: dict[str, str]) -> bytes:
+    """
+    C{BODY[HEADER.FIELDS ...]}: in UTF-8 (8-bit only after UTF8=ACCEPT), and
+    with the blank line that ends a header (RFC 3501 6.4.5), which Twisted's
+    leaves out.
+    """
+    lines = [
+        f"{name.title()}: " + "\r\n".join(value.splitlines()) + "\r\n"
+        for name, value in headers.items()
+    ]
+    return ("".join(lines) + "\r\n").encode("utf-8")
 
 
 @implementer(IPushProducer)
@@ -201,6 +229,8 @@ class IMAPSession(IMAP4Server):
         # Lines held back to go out with a FETCH's last answer, in one write.
         self._held: list[bytes] | None = None
         self._not_reading = False
+        # ENABLE UTF8=ACCEPT (RFC 6855) said: headers go out as UTF-8, not 7-bit.
+        self.utf8 = False
         self.portal = SessionPortal(access, self)  # type: ignore[assignment]
         self.client = ""
         # TimeoutMixin's timers run on the service's reactor, not the global one.
@@ -230,7 +260,23 @@ class IMAPSession(IMAP4Server):
         found: dict[bytes, Any] = super().capabilities()
         if self.access.allow_insecure_auth:
             found.pop(b"LOGINDISABLED", None)
+        found[b"ENABLE"] = None
+        found[b"UTF8=ACCEPT"] = None
         return found
+
+    def do_ENABLE(self, tag: bytes, line: bytes) -> None:
+        """RFC 5161: enable what netd knows of the extensions named (UTF8=ACCEPT), ignore others."""
+        asked = {name.upper() for name in line.split()}
+        if not asked:
+            self.sendBadResponse(tag, b"ENABLE needs a capability")
+            return
+        if b"UTF8=ACCEPT" in asked and not self.utf8:
+            self.utf8 = True
+            self.sendUntaggedResponse(b"ENABLED UTF8=ACCEPT")
+        self.sendPositiveResponse(tag, b"ENABLE completed")
+
+    # RFC 5161 3.1: in the authenticated state only, before a mailbox is selected.
+    auth_ENABLE = (do_ENABLE, IMAP4Server.arg_line)
 
     def lineReceived(self, line: bytes) -> None:
         super().lineReceived(line)
@@ -306,6 +352,7 @@ class IMAPSession(IMAP4Server):
 
     def fetch_answer(self, number: int, message: Message, query: list[Any], uid: bool) -> bytes:
         """The C{* N FETCH (...)} line of one message, its literals in it."""
+        message.utf8 = self.utf8
         writeable = self.mbox is not None and self.mbox.isWriteable()
         changed = writeable and any(map(_marks_seen, query)) and self.access.mark_seen(message.id)
         if changed and not any(part.type == "flags" for part in query):
@@ -347,6 +394,13 @@ class IMAPSession(IMAP4Server):
             return
         super().sendLine(line)
 
+    def spew_envelope(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        (_w or self.transport.write)(b"ENVELOPE " + collapseNestedLists([_utf8(getEnvelope(msg))]))
+
+    def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        headers = _format_headers(msg.getHeaders(True))
+        (_w or self.transport.write)(b"RFC822.HEADER " + _literal(headers))
+
     def spew_rfc822(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"RFC822 " + _literal(msg.open().read()))
 
@@ -383,6 +437,16 @@ class IMAPSession(IMAP4Server):
             if target is None:
                 (_w or self.transport.write)(part.__bytes__() + b" NIL")
                 return None
+        if part.header or part.mime:
+            headers = (
+                target.getHeaders(part.header.negate, *part.header.fields)
+                if part.header
+                else target.getHeaders(True)
+            )
+            (_w or self.transport.write)(
+                part.__bytes__() + b" " + _literal(_format_headers(headers))
+            )
+            return None
         # The message is read whole before its answer: its literal goes in
         # the same write, not through Twisted's FileProducer a turn later.
         if part.text:

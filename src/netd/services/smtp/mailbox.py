@@ -306,14 +306,18 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def _header_dict(
-    items: Iterable[tuple[str, Any]], negate: bool, names: tuple[str | bytes, ...]
+    items: Iterable[tuple[str, Any]],
+    negate: bool,
+    names: tuple[str | bytes, ...],
+    utf8: bool = False,
 ) -> dict[str, str]:
     wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
     found: dict[str, str] = {}
     for name, value in items:
         key = name.lower()
         if (key in wanted) != negate or (not names and negate):
-            found.setdefault(key, _seven_bit(name, str(value)))
+            text = _unicode(str(value)) if utf8 else _seven_bit(name, str(value))
+            found.setdefault(key, text)
     return found
 
 
@@ -329,9 +333,10 @@ def _unicode(value: str) -> str:
 
 def _seven_bit(name: str, value: str) -> str:
     """
-    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it (7-bit:
-    netd does not offer UTF8=ACCEPT): 8-bit text in RFC 2047 words; in an
-    address header only the display names, so the addresses stay readable.
+    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it to a
+    client that did not enable UTF8=ACCEPT (7-bit): 8-bit text in RFC 2047
+    words; in an address header only the display names, so the addresses
+    stay readable.
     """
     if value.isascii():
         return value
@@ -367,11 +372,12 @@ def _decoded(value: str) -> str:
 class _Part:
     """One MIME part of a message, for BODY[n] and BODYSTRUCTURE."""
 
-    def __init__(self, part: EmailMessage) -> None:
+    def __init__(self, part: EmailMessage, utf8: bool) -> None:
         self.part = part
+        self.utf8 = utf8
 
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
-        return _header_dict(self.part.raw_items(), negate, names)
+        return _header_dict(self.part.raw_items(), negate, names, self.utf8)
 
     def _body(self) -> bytes:
         return _split(self.part.as_bytes(policy=_POLICY))[1]
@@ -389,7 +395,7 @@ class _Part:
         parts: Any = self.part.get_payload()
         if not isinstance(parts, list) or not 0 <= part < len(parts):
             raise IndexError(part)
-        return _Part(parts[part])
+        return _Part(parts[part], self.utf8)
 
 
 @implementer(IMessage, IMessageFile)
@@ -406,6 +412,8 @@ class Message:
         self.uid = uid
         self.raw: bytes | None = None
         self._parsed: EmailMessage | None = None
+        # Headers in UTF-8 as they are (the session enabled UTF8=ACCEPT), else 7-bit.
+        self.utf8 = False
 
     def load(self) -> Deferred[None]:
         if self.raw is not None:
@@ -437,7 +445,7 @@ class Message:
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
         head = self.raw if self.raw is not None else self._head()
         parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-        return _header_dict(parsed.raw_items(), negate, names)
+        return _header_dict(parsed.raw_items(), negate, names, self.utf8)
 
     def header_text(self, name: str) -> str:
         """The decoded text of a header (the first of that name), for SEARCH."""
@@ -459,7 +467,7 @@ class Message:
         return self._message().is_multipart()
 
     def getSubPart(self, part: int) -> _Part:
-        return _Part(self._message()).getSubPart(part)
+        return _Part(self._message(), self.utf8).getSubPart(part)
 
     def open(self) -> BytesIO:
         assert self.raw is not None, "load() first"
