@@ -803,6 +803,37 @@ def test_a_fetch_of_many_reads_a_batch_at_a_time_and_waits_while_the_client_lags
     assert transport.value().endswith(b"d OK NOOP No operation performed\r\n")
 
 
+def test_a_client_fetching_one_message_after_another_has_the_next_ones_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 3)
+    lab = Lab(tmp_path)
+    ids = [lab.deliver("ann@netd.test", body=f"message {number}") for number in range(1, 7)]
+    reads: list[list[str]] = []
+    read_many = lab.store.read_many
+
+    def counted(wanted: list[str]) -> Any:
+        reads.append(wanted)
+        return read_many(wanted)
+
+    monkeypatch.setattr(lab.store, "read_many", counted)
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    for number in (1, 2, 3, 5, 4):
+        transport.clear()
+        session.dataReceived(b"f FETCH %d (BODY.PEEK[])\r\n" % number)
+        pump(lab, transport)
+        assert b"message %d" % number in transport.value()
+    # 1 read 2 and 3 with it; 5 came out of order, so 4 is read on its own.
+    assert reads == [ids[0:3], [ids[4]], [ids[3]]]
+    session.dataReceived(b"f FETCH 5 (BODY.PEEK[])\r\n")
+    pump(lab, transport)
+    assert reads[-1] == [ids[4], ids[5]]
+    assert list(session.mbox.read_ahead) == [ids[5]]
+    result_of(lab.store.remove(ids[5]))  # read ahead, then deleted: not kept for it
+    assert session.mbox.read_ahead == {}
+
+
 def test_a_fetch_names_messages_by_ranges_clamped_to_the_mailbox(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     for number in range(5):

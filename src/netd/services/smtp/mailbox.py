@@ -77,7 +77,6 @@ __all__ = [
     "Search",
     "SessionPortal",
     "compile_search",
-    "load_all",
     "login_namespace",
     "login_password",
     "uid_validity",
@@ -480,19 +479,6 @@ class Message:
         return raw.decode("utf-8", "replace").lower()
 
 
-def load_all(messages: list[Message]) -> Deferred[None]:
-    """L{Message.load} for many, in one thread call: what a FETCH of many reads."""
-    missing = [message for message in messages if message.raw is None]
-    if not missing:
-        return succeed(None)
-
-    def keep(found: list[bytes | None]) -> None:
-        for message, raw in zip(missing, found, strict=True):
-            message.keep(raw)
-
-    return missing[0].mailboxes.store.read_many([m.id for m in missing]).addCallback(keep)
-
-
 # SEARCH -----------------------------------------------------------------------
 
 _Test = Callable[[int, Message], bool]
@@ -731,6 +717,10 @@ class Inbox(_InboxInfo):
         self.ids = mailboxes.ids_for(login)
         self.vanishing: dict[str, tuple[Envelope, int]] = {}
         self.listeners: list[Any] = []
+        # Messages read before a FETCH asked for them (L{read}), by id.
+        self.read_ahead: dict[str, bytes] = {}
+        # The sequence number after the last message a FETCH read.
+        self.next_seq = 1
 
     # Told by Mailboxes -----------------------------------------------------
 
@@ -747,6 +737,8 @@ class Inbox(_InboxInfo):
         headers alone.
         """
         uids = self.mailboxes.uids
+        for id in gone:
+            self.read_ahead.pop(id, None)
         vanished = {id: (gone[id], uids.get(id, 0)) for id in self.ids if id in gone}
         if not vanished:
             return
@@ -862,6 +854,49 @@ class Inbox(_InboxInfo):
 
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
         return [(seq, self._message(id)) for seq, id in self._numbered(messages, uid)]
+
+    def read(self, batch: list[tuple[int, Message]], count: int, size: int) -> Deferred[None]:
+        """
+        Read a FETCH's messages (L{Message.load}), in one thread call.  A
+        client that walks the mailbox a message a FETCH (the next after the
+        last one read) has the messages after them read in the same call, up
+        to C{count} messages or C{size} bytes in all, so that its next FETCHes
+        are answered from memory rather than a thread hop each.
+        """
+        missing = []
+        for _, message in batch:
+            if message.raw is None:
+                early = self.read_ahead.pop(message.id, None)
+                if early is not None:
+                    message.keep(early)
+                else:
+                    missing.append(message)
+        walking = batch[0][0] == self.next_seq
+        self.next_seq = batch[-1][0] + 1
+        if not missing:
+            return succeed(None)
+        # A client that jumps about leaves nothing read for it in memory.
+        self.read_ahead.clear()
+        ahead: list[str] = []
+        if walking:
+            messages = self.mailboxes.store.messages
+            room = size - sum(message.getSize() for message in missing)
+            for id in self.ids[self.next_seq - 1 : self.next_seq - 1 + count - len(missing)]:
+                envelope = messages.get(id)
+                if envelope is None or envelope.size > room:
+                    break
+                room -= envelope.size
+                ahead.append(id)
+
+        def keep(found: list[bytes | None]) -> None:
+            for message, raw in zip(missing, found, strict=False):
+                message.keep(raw)
+            for id, raw in zip(ahead, found[len(missing) :], strict=True):
+                if raw is not None:
+                    self.read_ahead[id] = raw
+
+        ids = [message.id for message in missing] + ahead
+        return self.mailboxes.store.read_many(ids).addCallback(keep)
 
     def store(
         self, messages: MessageSet, flags: list[str], mode: int, uid: bool
