@@ -465,5 +465,10 @@ def test_each_namespace_reads_only_its_own_mail(tmp_path: Path) -> None:
         assert client.expunge() == ("OK", [b"1"])
         assert [m["id"] for m in process.messages("mail", namespace="t1")] == [later]
         client.logout()
+        host, port = process.address("mail", protocol="imap")
+        ca = str(process.ca_file("lab"))
+        url = f"imap://{host}:{port}/INBOX;MAILINDEX=1"
+        fetched = _curl("--ssl-reqd", "--cacert", ca, "--user", f"ns/t1:{PASSWORD}", url)
+        assert "Subject: Later for t1" in fetched
         with pytest.raises(imaplib.IMAP4.error):
             imap(process, "ns/t1.x")

@@ -228,6 +228,8 @@ def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
         (b"a SEARCH FROM", b"a BAD Illegal syntax: a search key lacks its argument"),
         (b"a FETCH 1 (FLAGS", b"a BAD Illegal syntax: bad FETCH items: Whitespace expected"),
         (b"a FETCH 1:1000000 FLAGS", b"a OK FETCH completed"),
+        (b"a FETCH 0 FLAGS", b"a BAD Illegal syntax: Bad message number 0"),
+        (b"a FETCH 99999999999999999999 FLAGS", b"a OK FETCH completed"),
         (b"a STORE 1 FLAGS \\Seen", b"a NO STORE on a read-only mailbox (EXAMINE)"),
     ],
 )
@@ -824,8 +826,9 @@ def test_a_client_fetching_one_message_after_another_has_the_next_ones_read_ahea
         session.dataReceived(b"f FETCH %d (BODY.PEEK[])\r\n" % number)
         pump(lab, transport)
         assert b"message %d" % number in transport.value()
-    # 1 read 2 and 3 with it; 5 came out of order, so 4 is read on its own.
-    assert reads == [ids[0:3], [ids[4]], [ids[3]]]
+    # 2, after 1, read 3 and 4 with it; 5 came out of order, so 4 was dropped
+    # and is read on its own.
+    assert reads == [[ids[0]], ids[1:4], [ids[4]], [ids[3]]]
     session.dataReceived(b"f FETCH 5 (BODY.PEEK[])\r\n")
     pump(lab, transport)
     assert reads[-1] == [ids[4], ids[5]]

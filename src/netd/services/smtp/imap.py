@@ -356,7 +356,7 @@ class IMAPSession(IMAP4Server):
 
     select_STORE = (  # type: ignore[assignment]
         do_STORE,
-        IMAP4Server.arg_seqset,
+        arg_seqset,
         IMAP4Server.arg_atom,
         IMAP4Server.arg_flaglist,
     )
@@ -435,7 +435,7 @@ class IMAPSession(IMAP4Server):
     def spew_rfc822text(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"RFC822.TEXT " + _literal(msg.getBodyFile().read()))
 
-    select_FETCH = (do_FETCH, IMAP4Server.arg_seqset, arg_fetchatt)  # type: ignore[assignment]
+    select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)  # type: ignore[assignment]
     select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
     # netd's mailboxes take mail over SMTP alone: no APPEND, no COPY.
     auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]

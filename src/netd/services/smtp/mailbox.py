@@ -719,8 +719,8 @@ class Inbox(_InboxInfo):
         self.listeners: list[Any] = []
         # Messages read before a FETCH asked for them (L{read}), by id.
         self.read_ahead: dict[str, bytes] = {}
-        # The sequence number after the last message a FETCH read.
-        self.next_seq = 1
+        # The sequence number after the last message a FETCH read (0: none yet).
+        self.next_seq = 0
 
     # Told by Mailboxes -----------------------------------------------------
 
@@ -858,10 +858,12 @@ class Inbox(_InboxInfo):
     def read(self, batch: list[tuple[int, Message]], count: int, size: int) -> Deferred[None]:
         """
         Read a FETCH's messages (L{Message.load}), in one thread call.  A
-        client that walks the mailbox a message a FETCH (the next after the
-        last one read) has the messages after them read in the same call, up
-        to C{count} messages or C{size} bytes in all, so that its next FETCHes
-        are answered from memory rather than a thread hop each.
+        client that walks the mailbox (its FETCH starts at the message after
+        the last one it read) has the messages after them read in the same
+        call, up to C{count} messages or C{size} bytes in all, so that its
+        next FETCHes are answered from memory rather than a thread hop each.
+        A session's first FETCH is no walk yet: a client that reads one
+        message does not have 64 read for it.
         """
         missing = []
         for _, message in batch:
