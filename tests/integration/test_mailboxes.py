@@ -217,6 +217,8 @@ def test_imap_utf8_accept_shows_an_smtputf8_message_as_it_came(netd: NetdProcess
     envelope, header = data[0]  # type: ignore[misc]
     assert '"Grüße aus Köln" (("Jörg Müller" NIL "jörg" "bücher.test"))'.encode() in envelope
     assert header == "From: Jörg Müller <jörg@bücher.test>\r\n\r\n".encode()
+    # imaplib now sends its commands in UTF-8: a quoted UTF-8 string is searched for.
+    assert client.search(None, "FROM", '"jörg@bücher"') == ("OK", [b"1"])
     client.logout()
 
 
