@@ -4,8 +4,10 @@ mailboxes (L{netd.services.smtp.mailbox}), a reactor of its own (no global
 one), and the edges a daemon facing the network needs: STARTTLS drops the
 plaintext that came with it, malformed arguments get C{BAD} rather than a
 logged traceback, an overlong line gets C{BYE}, a message is read from the
-spool in a thread only when a FETCH wants more than its headers, and a
-message removed from the store is C{EXPUNGE}d in every open session.
+spool in a thread only when a FETCH wants more than its headers (and read
+ahead for a client that walks the mailbox), and a message removed from the
+store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
+5161, 6855) has headers sent as they came, UTF-8 and all.
 """
 
 from __future__ import annotations
