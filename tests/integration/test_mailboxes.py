@@ -41,7 +41,8 @@ MAILBOXES = {
     f'"cy@netd.test": {{password: "{PASSWORD}"}}, '
     f'"dee@netd.test": {{password: "{PASSWORD}"}}, '
     f'"eve@netd.test": {{password: "{PASSWORD}"}}, '
-    f'"fay@netd.test": {{password: "{PASSWORD}"}}}}}}',
+    f'"fay@netd.test": {{password: "{PASSWORD}"}}, '
+    f'"gus@netd.test": {{password: "{PASSWORD}"}}}}}}',
 }
 
 
@@ -195,6 +196,29 @@ def test_admin_delete_is_expunged_in_an_open_session(netd: NetdProcess) -> None:
     assert client.untagged_responses.get("EXPUNGE") == [b"2"]
     assert client.search(None, "ALL") == ("OK", [b"1"])
     assert ids(netd, "dee@netd.test") == [kept]
+    client.logout()
+
+
+def test_imap_utf8_accept_shows_an_smtputf8_message_as_it_came(netd: NetdProcess) -> None:
+    raw = (
+        "From: Jörg Müller <jörg@bücher.test>\r\nTo: gus@netd.test\r\n"
+        "Subject: Grüße aus Köln\r\n\r\nHallo.\r\n"
+    ).encode()
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        client.ehlo()
+        client.sendmail("jörg@bücher.test", ["gus@netd.test"], raw, mail_options=["SMTPUTF8"])
+    netd.events("mail", "message.accepted", last, wait=10)
+    client = imap(netd, "gus@netd.test")
+    assert "UTF8=ACCEPT" in client.capabilities
+    assert client.enable("UTF8=ACCEPT") == ("OK", [b"ENABLE completed"])
+    client.select("INBOX")
+    _, data = client.fetch("1", "(ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM)])")
+    envelope, header = data[0]  # type: ignore[misc]
+    assert '"Grüße aus Köln" (("Jörg Müller" NIL "jörg" "bücher.test"))'.encode() in envelope
+    assert header == "From: Jörg Müller <jörg@bücher.test>\r\n\r\n".encode()
+    # imaplib now sends its commands in UTF-8: a quoted UTF-8 string is searched for.
+    assert client.search(None, "FROM", '"jörg@bücher"') == ("OK", [b"1"])
     client.logout()
 
 
@@ -409,3 +433,44 @@ def test_reload_adds_and_removes_the_mail_readers(tmp_path: Path) -> None:
         process.reload(without)
         assert [e.get("protocol") for e in process.listeners("mail")] == [None, None]
         assert [m["id"] for m in process.messages("mail")] == [message_id]
+
+
+def test_each_namespace_reads_only_its_own_mail(tmp_path: Path) -> None:
+    namespaced = {
+        **MAILBOXES,
+        "namespace_from": "[plus_tag]",
+        "mailboxes": f'{{users: {{"ns/*": {{password: "{PASSWORD}"}}}}}}',
+    }
+    with NetdProcess.start(mail_map(tmp_path / "state", **namespaced), tmp_path) as process:
+        mine = send(process, "ann+t1@netd.test", "For t1", "One.\n")
+        theirs = send(process, "ann+t2@netd.test", "For t2", "Two.\n")
+        send(process, "ann@netd.test", "No namespace", "Three.\n")
+        client = imap(process, "ns/t1")
+        assert client.select("INBOX") == ("OK", [b"1"])
+        _, data = client.fetch("1", "(BODY.PEEK[])")
+        assert data[0][1] == process.message("mail", mine)  # type: ignore[index]
+        # A message of t1 sent now shows up in t1's open session, t2's does not.
+        later = send(process, "bob+t1@netd.test", "Later for t1", "Four.\n")
+        send(process, "bob+t2@netd.test", "Later for t2", "Five.\n")
+        assert client.noop()[0] == "OK"
+        assert client.untagged_responses["EXISTS"][-1] == b"2"
+        host, port = process.address("mail", tls=True, protocol="pop3")
+        pop = poplib.POP3_SSL(host, port, context=tls(process), timeout=10)
+        pop.user("ns/t2")
+        pop.pass_(PASSWORD)
+        _, listing, _ = pop.uidl()
+        assert listing[0] == f"1 {theirs}".encode() and len(listing) == 2
+        pop.dele(1)
+        pop.quit()
+        assert theirs not in [m["id"] for m in process.messages("mail")]
+        assert client.store("1", "+FLAGS", "(\\Deleted)")[0] == "OK"
+        assert client.expunge() == ("OK", [b"1"])
+        assert [m["id"] for m in process.messages("mail", namespace="t1")] == [later]
+        client.logout()
+        host, port = process.address("mail", protocol="imap")
+        ca = str(process.ca_file("lab"))
+        url = f"imap://{host}:{port}/INBOX;MAILINDEX=1"
+        fetched = _curl("--ssl-reqd", "--cacert", ca, "--user", f"ns/t1:{PASSWORD}", url)
+        assert "Subject: Later for t1" in fetched
+        with pytest.raises(imaplib.IMAP4.error):
+            imap(process, "ns/t1.x")

@@ -19,7 +19,8 @@ from twisted.mail.imap4 import IllegalClientResponse
 from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
-from netd.services.smtp import extract
+from netd.namespaces import NO_NAMESPACES, Namespacing
+from netd.services.smtp import PlusTag, extract
 from netd.services.smtp import imap as imap_module
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
@@ -51,7 +52,12 @@ def result_of(deferred: Deferred[Any]) -> Any:
 class Lab:
     """A store with mailboxes, on a clock, with sessions on fake transports."""
 
-    def __init__(self, tmp_path: Path, allow_insecure_auth: bool = True) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        allow_insecure_auth: bool = True,
+        namespaces: Namespacing = NO_NAMESPACES,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
         self.journal = Journal(self.clock)
@@ -63,6 +69,7 @@ class Lab:
             stats=ServiceStats(),
             log=Logger(),
             tls={},
+            namespaces=namespaces,
         )
         self.store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
         self.store.startService()
@@ -143,7 +150,10 @@ def test_imap_select_fetch_and_expunge_reach_the_store(tmp_path: Path) -> None:
     lab.clock.advance(0)
     lab.clock.advance(0)
     reply = transport.value()
-    assert b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {14}\r\nSubject: one" in reply
+    assert (
+        b"* 1 FETCH (UID 1 FLAGS () BODY[HEADER.FIELDS (Subject)] {16}\r\nSubject: one\r\n\r\n)"
+        in reply
+    )
     assert b"* 2 FETCH (UID 2 FLAGS ()" in reply and reply.endswith(b"b OK FETCH completed\r\n")
     transport.clear()
     session.dataReceived(b"c STORE 2 +FLAGS (\\Deleted)\r\nd EXPUNGE\r\n")
@@ -180,7 +190,7 @@ def test_imap_says_expunge_at_a_command_that_allows_it(tmp_path: Path) -> None:
     lab.clock.advance(0)
     # Still numbered as the client knows them: 2 is "two", and no EXPUNGE with a FETCH.
     assert said(transport) == [
-        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {14}",
+        b"* 2 FETCH (UID 2 BODY[HEADER.FIELDS (Subject)] {16}",
         b"Subject: two",
         b")",
         b"c OK FETCH completed",
@@ -218,6 +228,8 @@ def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
         (b"a SEARCH FROM", b"a BAD Illegal syntax: a search key lacks its argument"),
         (b"a FETCH 1 (FLAGS", b"a BAD Illegal syntax: bad FETCH items: Whitespace expected"),
         (b"a FETCH 1:1000000 FLAGS", b"a OK FETCH completed"),
+        (b"a FETCH 0 FLAGS", b"a BAD Illegal syntax: Bad message number 0"),
+        (b"a FETCH 99999999999999999999 FLAGS", b"a OK FETCH completed"),
         (b"a STORE 1 FLAGS \\Seen", b"a NO STORE on a read-only mailbox (EXAMINE)"),
     ],
 )
@@ -302,6 +314,49 @@ def test_logins_are_counted_and_journaled(tmp_path: Path) -> None:
     imap.close_gracefully()
     assert said(imap_transport)[-1] == b"* BYE netd closes this session"
     assert imap_transport.disconnecting
+
+
+def test_a_namespace_login_reads_its_namespace_live_and_removes_from_the_store(
+    tmp_path: Path,
+) -> None:
+    lab = Lab(tmp_path, namespaces=Namespacing(("plus_tag",), (PlusTag(),)))
+    mine = lab.deliver("bob+t1@x.test", subject="for t1")
+    theirs = lab.deliver("bob+t2@x.test", subject="for t2")
+    lab.deliver("bob@x.test", subject="no namespace")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ns/T1 x\r\nb SELECT INBOX\r\n")
+    assert b"* 1 EXISTS" in said(transport)
+    session.dataReceived(b"c IDLE\r\n")
+    said(transport)
+    also_theirs = lab.deliver("bob+t2@x.test")
+    later = lab.deliver("ann+t1@y.test")
+    assert said(transport) == [b"* 2 EXISTS"]
+    session.dataReceived(b"DONE\r\nd STORE 1 +FLAGS (\\Deleted)\r\ne EXPUNGE\r\n")
+    assert said(transport)[-2:] == [b"* 1 EXPUNGE", b"e OK EXPUNGE completed"]
+    assert mine not in lab.store.messages and theirs in lab.store.messages
+    assert session.mbox.ids == [later]
+    pop3, pop3_transport = lab.pop3()
+    pop3.dataReceived(b"USER ns/t2\r\nPASS x\r\nUIDL\r\n")
+    assert said(pop3_transport)[-3:] == [
+        b"1 " + theirs.encode(),
+        b"2 " + also_theirs.encode(),
+        b".",
+    ]
+    [login] = [
+        e
+        for e in lab.journal.select(0, "mail", ("mailbox.login",))
+        if e.fields["protocol"] == "pop3"
+    ]
+    assert login.fields["namespace"] == "t2"
+
+
+@pytest.mark.parametrize("login", [b"ns/t1", b"ns/", b"ns/a.b"])
+def test_a_namespace_login_needs_namespaces_and_a_key(tmp_path: Path, login: bytes) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("bob+t1@x.test")
+    session, transport = lab.pop3()
+    session.dataReceived(b"USER " + login + b"\r\nPASS x\r\n")
+    assert said(transport)[-1].startswith(b"-ERR")
 
 
 def test_an_old_store_forgets_in_the_serving_one_too(tmp_path: Path) -> None:
@@ -398,6 +453,10 @@ def test_imap_and_pop3_sections_add_tagged_listeners(tmp_path: Path) -> None:
         ),
         ("    imap: {listen: ['udp:0']}\n    mailboxes: {any_password: true}\n", "datagram"),
         ("    imap: {listen: ['tcp:0']}\n    mailboxes: {}\n", "no one can log in"),
+        (
+            "    imap: {listen: ['tcp:0']}\n    mailboxes: {users: {ns/T.1: {password: p}}}\n",
+            "'ns/t.1': a namespace key is",
+        ),
     ],
 )
 def test_mailbox_map_errors(tmp_path: Path, extra: str, error: str) -> None:
@@ -549,6 +608,43 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         key = b"FROM" if needle.startswith(b"j") else b"SUBJECT"
         session.dataReceived(b"s SEARCH CHARSET UTF-8 " + key + b" " + needle + b"\r\n")
         assert said(transport)[0] == b"* SEARCH 1", needle
+
+
+def test_utf8_accept_sends_headers_as_they_are(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=Mailbox("jörg", "bücher.test"),
+        recipients=(Mailbox("ann", "netd.test"),),
+        data="Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo\r\n".encode(),
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="UTF8SMTP",
+        utf8=True,
+    )
+    result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    assert b" ENABLE " in said(transport)[0]
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb ENABLE\r\n")
+    assert said(transport)[-1].startswith(b"b BAD")
+    session.dataReceived(b"c ENABLE CONDSTORE utf8=accept\r\nd ENABLE UTF8=ACCEPT\r\n")
+    assert said(transport)[-3:] == [
+        b"* ENABLED UTF8=ACCEPT",
+        b"c OK ENABLE completed",
+        b"d OK ENABLE completed",
+    ]
+    session.dataReceived(b"e SELECT INBOX\r\nf ENABLE UTF8=ACCEPT\r\n")
+    assert said(transport)[-1].startswith(b"f BAD")  # only before SELECT (RFC 5161)
+    session.dataReceived(b"g FETCH 1 (ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])\r\n")
+    lab.clock.advance(0)
+    answer = transport.value()
+    assert '(NIL "Grüße" (("Jörg" NIL "jörg" "bücher.test"))'.encode() in answer
+    assert "Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n".encode() in answer
+    # A session that did not enable it still gets 7-bit ENVELOPEs.
+    other, other_transport = lab.imap()
+    other.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\nc FETCH 1 (ENVELOPE)\r\n")
+    lab.clock.advance(0)
+    assert other_transport.value().isascii()
 
 
 @pytest.mark.parametrize(
@@ -707,6 +803,38 @@ def test_a_fetch_of_many_reads_a_batch_at_a_time_and_waits_while_the_client_lags
     assert answer.endswith(b"message 4\r\n)\r\nc OK FETCH completed\r\n")
     session.dataReceived(b"d NOOP\r\n")
     assert transport.value().endswith(b"d OK NOOP No operation performed\r\n")
+
+
+def test_a_client_fetching_one_message_after_another_has_the_next_ones_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(imap_module, "FETCH_BATCH", 3)
+    lab = Lab(tmp_path)
+    ids = [lab.deliver("ann@netd.test", body=f"message {number}") for number in range(1, 7)]
+    reads: list[list[str]] = []
+    read_many = lab.store.read_many
+
+    def counted(wanted: list[str]) -> Any:
+        reads.append(wanted)
+        return read_many(wanted)
+
+    monkeypatch.setattr(lab.store, "read_many", counted)
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    for number in (1, 2, 3, 5, 4):
+        transport.clear()
+        session.dataReceived(b"f FETCH %d (BODY.PEEK[])\r\n" % number)
+        pump(lab, transport)
+        assert b"message %d" % number in transport.value()
+    # 2, after 1, read 3 and 4 with it; 5 came out of order, so 4 was dropped
+    # and is read on its own.
+    assert reads == [[ids[0]], ids[1:4], [ids[4]], [ids[3]]]
+    session.dataReceived(b"f FETCH 5 (BODY.PEEK[])\r\n")
+    pump(lab, transport)
+    assert reads[-1] == [ids[4], ids[5]]
+    assert list(session.mbox.read_ahead) == [ids[5]]
+    result_of(lab.store.remove(ids[5]))  # read ahead, then deleted: not kept for it
+    assert session.mbox.read_ahead == {}
 
 
 def test_a_fetch_names_messages_by_ranges_clamped_to_the_mailbox(tmp_path: Path) -> None:

@@ -49,11 +49,15 @@ from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.extract import DEFAULT_CODES
 from netd.services.smtp.mailbox import (
+    EVERY_NAMESPACE,
+    NAMESPACE_LOGIN,
     Access,
     AnyAddressChecker,
     Mailboxes,
     MailboxOptions,
     MailRealm,
+    login_namespace,
+    login_password,
     uid_validity,
 )
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
@@ -207,6 +211,10 @@ def _mailboxes(value: Value) -> MailboxOptions:
         allow_insecure_auth=section.flag("allow_insecure_auth", False),
     )
     section.finish()
+    for login in options.users:
+        namespaced = login.startswith(NAMESPACE_LOGIN) and login != EVERY_NAMESPACE
+        if namespaced and login_namespace(login) is None:
+            value.error(f"users: {login!r}: a namespace key is [a-z0-9][a-z0-9_-]*")
     if not options.users and not options.any_password:
         value.error("no one can log in: add 'users' or 'any_password: true'")
     return options
@@ -321,11 +329,13 @@ class _PasswordChecker:
         users: Mapping[str, str],
         run: Callable[[Callable[[], Any]], Any],
         fold_case: bool = False,
+        lookup: Callable[[Mapping[str, str], str], str | None] = Mapping.get,
     ) -> None:
         self.users = users
         self.run = run
         # Mailbox logins are addresses, matched without regard to case.
         self.fold_case = fold_case
+        self.lookup = lookup
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username
@@ -333,7 +343,7 @@ class _PasswordChecker:
         name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
         if self.fold_case:
             name = name.lower()
-        expected = self.users.get(name)
+        expected = self.lookup(self.users, name)
         if expected is None:
             return self._refuse()
         if not passwords.is_hash(expected):
@@ -435,7 +445,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         checker: ICredentialsChecker = (
             AnyAddressChecker()
             if options.mailboxes.any_password
-            else _PasswordChecker(options.mailboxes.users, run, fold_case=True)
+            else _PasswordChecker(
+                options.mailboxes.users, run, fold_case=True, lookup=login_password
+            )
         )
         access = Access(
             context=context,

@@ -1,13 +1,15 @@
 """
 The smtp kind's store seen as mailboxes, for its IMAP and POP3 listeners.
 
-A login is a recipient address (it sees the messages sent to it) or C{all}
-(it sees every message).  Flags and IMAP UIDs live here, in memory, shared
-by every session of the service: UIDs are numbered in arrival order and the
-UID validity is the time the service was built, so a restart or a reload
-tells clients to forget what they cached.  Removing a message (POP3 C{DELE},
-IMAP C{EXPUNGE}) removes it from the store, and a message the store loses
-(the admin API's C{DELETE}) leaves every open mailbox.
+A login is a recipient address (it sees the messages sent to it), C{all}
+(it sees every message) or, when the service has C{namespace_from}, C{ns/KEY}
+(it sees the messages of namespace KEY, L{netd.namespaces}).  Flags and IMAP
+UIDs live here, in memory, shared by every session of the service: UIDs are
+numbered in arrival order and the UID validity is the time the service was
+built, so a restart or a reload tells clients to forget what they cached.
+Removing a message (POP3 C{DELE}, IMAP C{EXPUNGE}) removes it from the store,
+and a message the store loses (the admin API's C{DELETE}) leaves every open
+mailbox.
 """
 
 from __future__ import annotations
@@ -54,13 +56,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.kinds import BuildContext
+from netd.namespaces import key as namespace_key
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
 
 __all__ = [
     "ALL",
+    "EVERY_NAMESPACE",
     "LOGIN_FAILURES",
     "MAX_WAITING_COMMANDS",
+    "NAMESPACE_LOGIN",
     "Access",
     "AnyAddressChecker",
     "Inbox",
@@ -72,14 +77,36 @@ __all__ = [
     "Search",
     "SessionPortal",
     "compile_search",
-    "load_all",
+    "login_namespace",
+    "login_password",
     "uid_validity",
 ]
 
 ALL = "all"
+# A namespace's login: C{ns/t42}.  Not C{t42@ns}: logins that are addresses
+# have an C{@}; a C{/} is an atom character in IMAP and passes curl's C{-u}.
+NAMESPACE_LOGIN = "ns/"
+# A password under this login opens every namespace's mailbox.
+EVERY_NAMESPACE = NAMESPACE_LOGIN + "*"
 INBOX = "INBOX"
 _SYSTEM_FLAGS = ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 _POLICY = email.policy.compat32.clone(linesep="\r\n")
+
+
+def login_namespace(login: str) -> str | None:
+    """The namespace a login C{ns/KEY} reads, or None for any other login."""
+    if not login.startswith(NAMESPACE_LOGIN):
+        return None
+    wanted = login[len(NAMESPACE_LOGIN) :]
+    return wanted if namespace_key(wanted) == wanted else None
+
+
+def login_password(users: Mapping[str, str], login: str) -> str | None:
+    """A login's password in C{users}: its own, or for a namespace C{ns/*}'s."""
+    found = users.get(login)
+    if found is None and login_namespace(login) is not None:
+        return users.get(EVERY_NAMESPACE)
+    return found
 
 
 @attrs.frozen
@@ -180,6 +207,10 @@ class SessionPortal:
         session = self.session
         context = self.access.context
         fields = {"protocol": session.protocol, "client": session.client, "user": user}
+        namespace = login_namespace(user)
+        if namespace is not None:
+            # A namespace's login is its traffic: its journal filter shows it.
+            fields["namespace"] = namespace
 
         def succeeded(result: Any) -> Any:
             context.stats.count("smtp_mailbox_logins")
@@ -230,8 +261,18 @@ class Mailboxes:
         self.next_uid += 1
         self.flags[id] = set()
 
+    @property
+    def namespaced(self) -> bool:
+        """Whether the service stamps its messages with namespaces (C{ns/KEY} logins)."""
+        return self.store.context.namespaces.enabled
+
     def sees(self, login: str, envelope: Envelope) -> bool:
-        return login == ALL or any(login == r.lower() for r in envelope.recipients)
+        if login == ALL:
+            return True
+        if login.startswith(NAMESPACE_LOGIN):
+            # The store stamps a message before it tells its watchers.
+            return self.store.namespaces.get(envelope.id) == login[len(NAMESPACE_LOGIN) :]
+        return any(login == r.lower() for r in envelope.recipients)
 
     def ids_for(self, login: str) -> list[str]:
         return [id for id, e in self.store.messages.items() if self.sees(login, e)]
@@ -264,14 +305,18 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
 
 
 def _header_dict(
-    items: Iterable[tuple[str, Any]], negate: bool, names: tuple[str | bytes, ...]
+    items: Iterable[tuple[str, Any]],
+    negate: bool,
+    names: tuple[str | bytes, ...],
+    utf8: bool = False,
 ) -> dict[str, str]:
     wanted = {(n.decode() if isinstance(n, bytes) else n).lower() for n in names}
     found: dict[str, str] = {}
     for name, value in items:
         key = name.lower()
         if (key in wanted) != negate or (not names and negate):
-            found.setdefault(key, _seven_bit(name, str(value)))
+            text = _unicode(str(value)) if utf8 else _seven_bit(name, str(value))
+            found.setdefault(key, text)
     return found
 
 
@@ -287,9 +332,10 @@ def _unicode(value: str) -> str:
 
 def _seven_bit(name: str, value: str) -> str:
     """
-    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it (7-bit:
-    netd does not offer UTF8=ACCEPT): 8-bit text in RFC 2047 words; in an
-    address header only the display names, so the addresses stay readable.
+    A header's value as IMAP's ENVELOPE and HEADER.FIELDS carry it to a
+    client that did not enable UTF8=ACCEPT (7-bit): 8-bit text in RFC 2047
+    words; in an address header only the display names, so the addresses
+    stay readable.
     """
     if value.isascii():
         return value
@@ -325,11 +371,12 @@ def _decoded(value: str) -> str:
 class _Part:
     """One MIME part of a message, for BODY[n] and BODYSTRUCTURE."""
 
-    def __init__(self, part: EmailMessage) -> None:
+    def __init__(self, part: EmailMessage, utf8: bool) -> None:
         self.part = part
+        self.utf8 = utf8
 
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
-        return _header_dict(self.part.raw_items(), negate, names)
+        return _header_dict(self.part.raw_items(), negate, names, self.utf8)
 
     def _body(self) -> bytes:
         return _split(self.part.as_bytes(policy=_POLICY))[1]
@@ -347,7 +394,7 @@ class _Part:
         parts: Any = self.part.get_payload()
         if not isinstance(parts, list) or not 0 <= part < len(parts):
             raise IndexError(part)
-        return _Part(parts[part])
+        return _Part(parts[part], self.utf8)
 
 
 @implementer(IMessage, IMessageFile)
@@ -364,6 +411,8 @@ class Message:
         self.uid = uid
         self.raw: bytes | None = None
         self._parsed: EmailMessage | None = None
+        # Headers in UTF-8 as they are (the session enabled UTF8=ACCEPT), else 7-bit.
+        self.utf8 = False
 
     def load(self) -> Deferred[None]:
         if self.raw is not None:
@@ -395,7 +444,7 @@ class Message:
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
         head = self.raw if self.raw is not None else self._head()
         parsed = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-        return _header_dict(parsed.raw_items(), negate, names)
+        return _header_dict(parsed.raw_items(), negate, names, self.utf8)
 
     def header_text(self, name: str) -> str:
         """The decoded text of a header (the first of that name), for SEARCH."""
@@ -417,7 +466,7 @@ class Message:
         return self._message().is_multipart()
 
     def getSubPart(self, part: int) -> _Part:
-        return _Part(self._message()).getSubPart(part)
+        return _Part(self._message(), self.utf8).getSubPart(part)
 
     def open(self) -> BytesIO:
         assert self.raw is not None, "load() first"
@@ -428,19 +477,6 @@ class Message:
         assert self.raw is not None, "load() first"
         raw = _split(self.raw)[1] if body_only else self.raw
         return raw.decode("utf-8", "replace").lower()
-
-
-def load_all(messages: list[Message]) -> Deferred[None]:
-    """L{Message.load} for many, in one thread call: what a FETCH of many reads."""
-    missing = [message for message in messages if message.raw is None]
-    if not missing:
-        return succeed(None)
-
-    def keep(found: list[bytes | None]) -> None:
-        for message, raw in zip(missing, found, strict=True):
-            message.keep(raw)
-
-    return missing[0].mailboxes.store.read_many([m.id for m in missing]).addCallback(keep)
 
 
 # SEARCH -----------------------------------------------------------------------
@@ -681,6 +717,10 @@ class Inbox(_InboxInfo):
         self.ids = mailboxes.ids_for(login)
         self.vanishing: dict[str, tuple[Envelope, int]] = {}
         self.listeners: list[Any] = []
+        # Messages read before a FETCH asked for them (L{read}), by id.
+        self.read_ahead: dict[str, bytes] = {}
+        # The sequence number after the last message a FETCH read (0: none yet).
+        self.next_seq = 0
 
     # Told by Mailboxes -----------------------------------------------------
 
@@ -697,6 +737,8 @@ class Inbox(_InboxInfo):
         headers alone.
         """
         uids = self.mailboxes.uids
+        for id in gone:
+            self.read_ahead.pop(id, None)
         vanished = {id: (gone[id], uids.get(id, 0)) for id in self.ids if id in gone}
         if not vanished:
             return
@@ -813,6 +855,51 @@ class Inbox(_InboxInfo):
     def fetch(self, messages: MessageSet, uid: bool) -> list[tuple[int, Message]]:
         return [(seq, self._message(id)) for seq, id in self._numbered(messages, uid)]
 
+    def read(self, batch: list[tuple[int, Message]], count: int, size: int) -> Deferred[None]:
+        """
+        Read a FETCH's messages (L{Message.load}), in one thread call.  A
+        client that walks the mailbox (its FETCH starts at the message after
+        the last one it read) has the messages after them read in the same
+        call, up to C{count} messages or C{size} bytes in all, so that its
+        next FETCHes are answered from memory rather than a thread hop each.
+        A session's first FETCH is no walk yet: a client that reads one
+        message does not have 64 read for it.
+        """
+        missing = []
+        for _, message in batch:
+            if message.raw is None:
+                early = self.read_ahead.pop(message.id, None)
+                if early is not None:
+                    message.keep(early)
+                else:
+                    missing.append(message)
+        walking = batch[0][0] == self.next_seq
+        self.next_seq = batch[-1][0] + 1
+        if not missing:
+            return succeed(None)
+        # A client that jumps about leaves nothing read for it in memory.
+        self.read_ahead.clear()
+        ahead: list[str] = []
+        if walking:
+            messages = self.mailboxes.store.messages
+            room = size - sum(message.getSize() for message in missing)
+            for id in self.ids[self.next_seq - 1 : self.next_seq - 1 + count - len(missing)]:
+                envelope = messages.get(id)
+                if envelope is None or envelope.size > room:
+                    break
+                room -= envelope.size
+                ahead.append(id)
+
+        def keep(found: list[bytes | None]) -> None:
+            for message, raw in zip(missing, found, strict=False):
+                message.keep(raw)
+            for id, raw in zip(ahead, found[len(missing) :], strict=True):
+                if raw is not None:
+                    self.read_ahead[id] = raw
+
+        ids = [message.id for message in missing] + ahead
+        return self.mailboxes.store.read_many(ids).addCallback(keep)
+
     def store(
         self, messages: MessageSet, flags: list[str], mode: int, uid: bool
     ) -> dict[int, list[str]]:
@@ -928,6 +1015,11 @@ class MailRealm:
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple[Any, Any, Any]:
         login = (avatarId.decode() if isinstance(avatarId, bytes) else avatarId).lower()
+        if login.startswith(NAMESPACE_LOGIN) and (
+            login_namespace(login) is None or not self.mailboxes.namespaced
+        ):
+            # Without namespace_from no message has a namespace to read.
+            raise UnauthorizedLogin()
         for interface in interfaces:
             if interface is IAccount:
                 return IAccount, Account(self.mailboxes, login), lambda: None
@@ -938,13 +1030,14 @@ class MailRealm:
 
 @implementer(ICredentialsChecker)
 class AnyAddressChecker:
-    """Lab mode: an address or C{all}, with any password."""
+    """Lab mode: an address, C{all} or a namespace's C{ns/KEY}, with any password."""
 
     credentialInterfaces = (IUsernamePassword,)
 
     def requestAvatarId(self, credentials: Any) -> Deferred[Any]:
         username = credentials.username
         name = username.decode("utf-8", "replace") if isinstance(username, bytes) else username
-        if name.lower() == ALL or "@" in name.strip("@"):
+        login = name.lower()
+        if login == ALL or login_namespace(login) is not None or "@" in name.strip("@"):
             return succeed(name.lower())
         return fail(UnauthorizedLogin())
