@@ -16,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Starts the map's daemon as twistd would, waits until it is ready, echoes one
-# message through the service "echo", then prints the loaded modules' names.
+# Starts the map's daemon as twistd would (netd.tap imported first, as by twistd),
+# waits until it is ready, echoes one message through the service "echo", then
+# prints the loaded modules' names.
 _SERVE_ONE_ECHO = """
 import json, sys
-from twisted.internet import protocol, reactor
 from netd.tap import Options, makeService
+from twisted.internet import protocol, reactor
 
 options = Options()
 options.parseOptions(["-c", sys.argv[1]])
@@ -51,7 +52,7 @@ reactor.callLater(20, reactor.stop)  # a bound on a daemon that never answers
 root.privilegedStartService()
 root.startService()
 reactor.run()
-print(json.dumps(sorted(sys.modules)))
+print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))
 """
 
 _ECHO_ONLY = """\
@@ -88,6 +89,8 @@ _HEAVY = (
     "netd.tls",
     "netd.services.http",
     "netd.services.smtp",
+    # PyYAML's libyaml binding: netd composes maps in Python, to keep positions.
+    "yaml._yaml",
 )
 
 
