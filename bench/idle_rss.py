@@ -7,7 +7,9 @@ Idle RSS of netd running one echo service against bare Twisted echo servers.
 Four servers, started one after the other in an order that rotates every run,
 each read from /proc/PID/status (VmRSS) once ready and settled:
 
-- netd on bench/echo.py's echo-only map (no admin API);
+- netd on bench/echo.py's echo-only map (no admin API), under twistd
+  (C{twistd -n netd -c MAP}) and under C{netd run MAP} (twistd's runner without
+  its look through every installed plugin);
 - bare Twisted: bench/echo_servers.py twisted, the peer baseline's
   echo_twisted.py (a script, no twistd), in this venv;
 - the same script under C{twistd -n -y} (bench/echo.py's echo.tac): what twistd
@@ -27,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import compileall
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +40,11 @@ from pathlib import Path
 
 from echo import (
     IDLE_SETTLE,
+    NETD_CONFIG,
     TARGET_RSS_MIB,
     Server,
+    _wait_ports_file,
+    spawn,
     start_netd,
     start_reference,
     start_twistd_tac,
@@ -47,8 +54,29 @@ from echo import (
 
 import netd
 
+
+def start_netd_run(work: Path) -> Server:
+    """C{netd run MAP}: ready once the ports file exists, as start_netd."""
+    work.mkdir(parents=True)
+    config, ports, log = work / "netd.yaml", work / "ports.json", work / "netd.log"
+    config.write_text(NETD_CONFIG)
+    command = [str(Path(sys.executable).parent / "netd"), "run", str(config)]
+    with log.open("wb") as out:
+        process = spawn(
+            [*command, "--ports-file", str(ports)],
+            None,
+            cwd=work,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    _wait_ports_file(process, ports, log)
+    port = json.loads(ports.read_text())["services"]["echo"]["listeners"][0]["port"]
+    return Server("netd-run", process, int(port), 0.0)
+
+
 STARTS: dict[str, Callable[[Path], Server]] = {
     "netd echo": lambda work: start_netd(work, None),
+    "netd run echo": start_netd_run,
     "bare Twisted": lambda work: start_reference("twisted", None),
     "twistd -y echo": lambda work: start_twistd_tac(work, None),
     "bare Twisted, no TLS": lambda work: start_reference("twisted-without-tls", None),
@@ -87,7 +115,11 @@ def main() -> None:
             f" | {gap} |"
         )
     gap = _median_gap(rss["netd echo"], rss[TARGET_PEER])
-    print(f"\nnetd - {TARGET_PEER}: {gap:+.1f} MiB (target <= {TARGET_RSS_MIB:g})")
+    run_gap = _median_gap(rss["netd run echo"], rss[TARGET_PEER])
+    print(
+        f"\nnetd - {TARGET_PEER}: {gap:+.1f} MiB under twistd, {run_gap:+.1f} MiB under"
+        f" netd run (target <= {TARGET_RSS_MIB:g} under twistd)"
+    )
     sys.exit(0 if gap <= TARGET_RSS_MIB else 1)
 
 
