@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from netd import endpoints
-from netd.config import ConfigErrors, NetdConfig, load_config
+if TYPE_CHECKING:
+    from netd.config import NetdConfig
 
 __all__ = ["main"]
 
 
 def _plan(config: NetdConfig) -> str:
+    from netd import endpoints
+
     lines = [f"{config.file}: {len(config.services)} services, state in {config.state_dir}"]
     for name, service in config.services.items():
         state = "" if service.enabled else " (disabled)"
@@ -50,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     if arguments.command == "check":
+        # Imported here: `netd run` leaves the map to netd.tap, which must be
+        # the first to import PyYAML (see there).
+        from netd.config import ConfigErrors, load_config
+
         try:
             config = load_config(arguments.file)
         except ConfigErrors as e:
