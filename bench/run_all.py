@@ -81,7 +81,7 @@ def run_one(bench: Bench, stamp: str, quick: bool) -> tuple[int | str, float]:
     load_before, started = _load(), time.monotonic()
     print(f"{bench.name}: {' '.join(command[1:])}", file=sys.stderr, flush=True)
     with report.open("w") as out, log.open("w") as err:
-        out.write(f"# {bench.name}, {stamp}\n\n")
+        out.write(f"# {bench.name}, {stamp}{' (quick: a check, not figures)' * quick}\n\n")
         out.write(f"- command: `{' '.join(['python', *command[1:]])}`\n- commit: {_commit()}\n")
         out.flush()
         # Its own session, stopped by its PID: a benchmark's servers are its children.
