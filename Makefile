@@ -35,14 +35,10 @@ test-all: lint
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -n 2 -m "not integration" tests
 
+# Every benchmark in bench/ as one dated run: bench/results/NAME-DATE.md and bench-DATE.md.
+# BENCH_QUICK=1 runs each briefly (does it start?); BENCH_ONLY=echo,dns picks some.
 bench: install
-	$(PY) bench/echo.py
-	$(PY) bench/http_bench.py
-	$(PY) bench/startup.py
-	$(PY) bench/dns_bench.py
-	$(PY) bench/smtp_bench.py
-	$(PY) bench/ftp_bench.py
-	$(PY) bench/chat_bench.py
+	$(PY) bench/run_all.py
 
 # Probes against real daemons (kill -9, fuzz, security, slow clients, half-close,
 # reloads under load): one table, in under 10 minutes; not part of `make test`.

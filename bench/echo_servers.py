@@ -2,7 +2,7 @@
 """
 The reference echo servers netd is compared with: the frameworks' own ceilings.
 
-    echo_servers.py twisted|asyncio
+    echo_servers.py twisted|twisted-without-tls|asyncio
 
 Each binds 127.0.0.1 on a free port (backlog 1024), prints the port on one line
 and serves until SIGTERM/SIGINT.  They are as small as the peer baseline's
@@ -37,6 +37,16 @@ def serve_twisted() -> None:
     reactor.run()
 
 
+def serve_twisted_without_tls() -> None:
+    """
+    Plain Twisted as in a venv without pyOpenSSL (the peer baseline's): Twisted's
+    TCP transport imports its TLS support, and with it pyOpenSSL and cryptography,
+    whenever they are installed, which netd's venv always has.
+    """
+    sys.modules["OpenSSL"] = None  # type: ignore[assignment]  # import fails: no TLS support
+    serve_twisted()
+
+
 def serve_asyncio() -> None:
     """Plain asyncio (the default event loop, no uvloop)."""
     import asyncio
@@ -64,7 +74,11 @@ def serve_asyncio() -> None:
 
 
 def main(argv: list[str]) -> int:
-    servers = {"twisted": serve_twisted, "asyncio": serve_asyncio}
+    servers = {
+        "twisted": serve_twisted,
+        "twisted-without-tls": serve_twisted_without_tls,
+        "asyncio": serve_asyncio,
+    }
     if len(argv) != 1 or argv[0] not in servers:
         sys.stderr.write(f"usage: echo_servers.py {'|'.join(servers)}\n")
         return 2

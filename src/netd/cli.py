@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
-from netd import endpoints
-from netd.config import ConfigErrors, NetdConfig, load_config
+if TYPE_CHECKING:
+    from netd.config import NetdConfig
 
 __all__ = ["main"]
 
 
 def _plan(config: NetdConfig) -> str:
+    from netd import endpoints
+
     lines = [f"{config.file}: {len(config.services)} services, state in {config.state_dir}"]
     for name, service in config.services.items():
         state = "" if service.enabled else " (disabled)"
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     if arguments.command == "check":
+        # Imported here: `netd run` leaves the map to netd.tap, which must be
+        # the first to import PyYAML (see there).
+        from netd.config import ConfigErrors, load_config
+
         try:
             config = load_config(arguments.file)
         except ConfigErrors as e:
@@ -57,12 +64,23 @@ def main(argv: list[str] | None = None) -> int:
         print(_plan(config))
         return 0
 
-    from twisted.scripts.twistd import run as twistd
+    from twisted.application import app
+    from twisted.scripts.twistd import ServerOptions, runApp  # type: ignore[attr-defined]
 
-    sys.argv = ["twistd", "--nodaemon", "--pidfile=", "netd", "-c", arguments.file]
+    from twisted.plugins.netd_plugin import netd
+
+    class NetdOnly(ServerOptions):
+        # twistd's own options, offered netd's plugin alone: looking through every
+        # installed plugin imports the interfaces they provide (twisted.trial's
+        # brings unittest), start-up time and memory a daemon never uses.
+        @staticmethod
+        def _getPlugins(interface: Any, package: Any = None) -> list[Any]:
+            return [netd]
+
+    sys.argv = ["netd", "--nodaemon", "--pidfile=", "netd", "-c", arguments.file]
     if arguments.ports_file:
         sys.argv += ["--ports-file", arguments.ports_file]
-    twistd()
+    app.run(runApp, NetdOnly)
     return 0
 
 

@@ -16,12 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Starts the map's daemon as twistd would, waits until it is ready, echoes one
-# message through the service "echo", then prints the loaded modules' names.
+# Starts the map's daemon as twistd would (netd.tap imported first, as by twistd),
+# waits until it is ready, echoes one message through the service "echo", then
+# prints the loaded modules' names.
 _SERVE_ONE_ECHO = """
 import json, sys
-from twisted.internet import protocol, reactor
 from netd.tap import Options, makeService
+from twisted.internet import protocol, reactor
 
 options = Options()
 options.parseOptions(["-c", sys.argv[1]])
@@ -51,7 +52,7 @@ reactor.callLater(20, reactor.stop)  # a bound on a daemon that never answers
 root.privilegedStartService()
 root.startService()
 reactor.run()
-print(json.dumps(sorted(sys.modules)))
+print(json.dumps(sorted(name for name, module in sys.modules.items() if module is not None)))
 """
 
 _ECHO_ONLY = """\
@@ -88,6 +89,8 @@ _HEAVY = (
     "netd.tls",
     "netd.services.http",
     "netd.services.smtp",
+    # PyYAML's libyaml binding: netd composes maps in Python, to keep positions.
+    "yaml._yaml",
 )
 
 
@@ -154,3 +157,40 @@ def test_a_chat_map_loads_wsproto_only_with_a_websocket_listener(tmp_path: Path)
     websocket = "    websocket: ['tcp:0:interface=127.0.0.1']\n"
     modules = _modules_serving(tmp_path, _ECHO_ONLY + chat + websocket)
     assert _loaded(modules, "wsproto", "netd.websockets") != []
+
+
+# Runs `netd run MAP` in this interpreter and writes the loaded modules' names to
+# a file (twistd takes stdout for its log) once the reactor runs: the map is
+# loaded and its services built by then.
+_NETD_RUN = """
+import json, sys
+from pathlib import Path
+from twisted.internet import reactor
+
+report_to = Path(sys.argv[2])  # before netd run replaces sys.argv for twistd
+
+def report():
+    loaded = [name for name, module in sys.modules.items() if module is not None]
+    report_to.write_text(json.dumps(sorted(loaded)))
+    reactor.stop()
+
+reactor.callWhenRunning(report)
+from netd.cli import main
+main(["run", sys.argv[1]])
+"""
+
+
+def test_netd_run_skips_the_scan_of_every_twistd_plugin(tmp_path: Path) -> None:
+    (tmp_path / "netd.yaml").write_text(_ECHO_ONLY)
+    done = subprocess.run(
+        [sys.executable, "-c", _NETD_RUN, str(tmp_path / "netd.yaml"), "modules.json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    modules = set(json.loads((tmp_path / "modules.json").read_text()))
+    assert "netd.services.simple" in modules
+    # twistd's scan imports what every plugin provides: twisted.trial's reporters bring unittest.
+    assert _loaded(modules, "twisted.trial", "unittest", "yaml._yaml", *_HEAVY) == []
