@@ -10,17 +10,8 @@ from __future__ import annotations
 import os
 import pwd
 import signal
-import sys
 from pathlib import Path
 from typing import Any
-
-# netd reads maps with PyYAML's pure-Python composer (it keeps every node's
-# position for error messages), yet `import yaml` also loads PyYAML's libyaml
-# binding when installed: 1.4 MiB of every daemon's idle RSS that nothing in it
-# uses.  Kept out only here, where this process is a daemon about to import yaml
-# for the first time, never in a process that imported yaml already.
-if "yaml" not in sys.modules:
-    sys.modules["yaml._yaml"] = None  # type: ignore[assignment]  # an ImportError to PyYAML
 
 from twisted.application.service import IService, MultiService
 from twisted.python import usage

@@ -27,6 +27,7 @@ __all__ = [
     "inherited_descriptors",
     "may_send_now",
     "parse_endpoint",
+    "run_twistd_with",
     "share_listening_socket",
 ]
 
@@ -103,3 +104,22 @@ def buffered_bytes(layer: object) -> int:
         total += len(buffered) - inspect.getattr_static(layer, "offset", 0)
         total += inspect.getattr_static(layer, "_tempDataLen", 0)
     return total + sum(map(len, inspect.getattr_static(layer, "_appSendBuffer", ())))
+
+
+def run_twistd_with(plugin: Any) -> None:
+    """
+    Run twistd on C{sys.argv} with C{plugin} as its only plugin.  twistd's
+    own option parser looks through every installed plugin, importing the
+    interfaces they provide (twisted.trial's brings unittest): start-up time
+    and memory a daemon never uses.  C{ServerOptions._getPlugins} is the
+    private seam twistd reads its plugins through.
+    """
+    from twisted.application import app
+    from twisted.scripts.twistd import ServerOptions, runApp  # type: ignore[attr-defined]
+
+    class PluginOnly(ServerOptions):
+        @staticmethod
+        def _getPlugins(interface: Any, package: Any = None) -> list[Any]:
+            return [plugin]
+
+    app.run(runApp, PluginOnly)
