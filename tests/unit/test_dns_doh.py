@@ -1,0 +1,160 @@
+"""
+DNS over HTTPS without sockets: the lean HTTP/1.1 reader on a string transport
+(pipelining, bodies, bad heads) and HTTP/2 through hyper-h2's own client.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import dns.message
+import h2.config
+import h2.connection
+import h2.events
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from netd.services.dns.doh import DoHFactory
+from tests.unit.test_dns import server
+
+WWW = dns.message.make_query("www.netd.test", "A", id=0).to_wire()
+GET = b"GET /dns-query?dns=%s HTTP/1.1\r\nhost: x\r\n\r\n" % base64.urlsafe_b64encode(WWW).rstrip(
+    b"="
+)
+
+
+class H2Transport(StringTransport):
+    negotiatedProtocol = b"h2"
+
+
+def connect(
+    tmp_path: Path, transport: StringTransport | None = None
+) -> tuple[Protocol, StringTransport, Clock]:
+    clock = Clock()
+    factory = DoHFactory(server(tmp_path, clock=clock), timeout=30)
+    protocol = factory.buildProtocol(None)
+    transport = transport or StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
+    protocol.makeConnection(transport)
+    return protocol, transport, clock
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
+    """The HTTP/1.1 responses in C{raw}, each status, headers and body."""
+    found = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        fields = dict(line.split(b": ", 1) for line in lines[1:])
+        length = int(fields[b"content-length"])
+        found.append((int(lines[0].split(b" ")[1]), fields, raw[:length]))
+        raw = raw[length:]
+    return found
+
+
+def test_pipelined_gets_are_answered_in_order_with_max_age(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path)
+    other = dns.message.make_query("nobody.netd.test", "A", id=0).to_wire()
+    post = (
+        b"POST /dns-query HTTP/1.1\r\ncontent-type: application/dns-message\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(other), other)
+    )
+    # Split mid-head and mid-body: the reader waits for the rest.
+    data = GET + post + GET
+    for start in range(0, len(data), 7):
+        protocol.dataReceived(data[start : start + 7])
+    answers = responses(transport.value())
+    assert [status for status, _, _ in answers] == [200, 200, 200]
+    first = dns.message.from_wire(answers[0][2])
+    assert first.answer and answers[0][1][b"cache-control"] == b"max-age=60"
+    assert dns.message.from_wire(answers[1][2]).rcode() == dns.rcode.NXDOMAIN
+    assert answers[2][2] == answers[0][2]
+    assert not transport.disconnecting
+
+
+def test_a_body_too_large_is_read_and_dropped_then_413_and_serving_on(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path)
+    big = (
+        b"POST /dns-query HTTP/1.1\r\ncontent-type: application/dns-message\r\n"
+        b"content-length: 70000\r\n\r\n" + b"\x00" * 70000
+    )
+    protocol.dataReceived(big + GET)
+    answers = responses(transport.value())
+    assert [status for status, _, _ in answers] == [413, 200]
+    assert not transport.disconnecting
+
+
+def test_bad_requests_get_their_status(tmp_path: Path) -> None:
+    cases = [
+        (b"PUT /dns-query HTTP/1.1\r\n\r\n", 405, False),
+        (b"GET /other HTTP/1.1\r\n\r\n", 404, False),
+        (b"GET /dns-query?dns=%%%25 HTTP/1.1\r\n\r\n", 400, False),
+        (b"GET /dns-query?dns=AAAA&dns=AAAA HTTP/1.1\r\n\r\n", 400, False),
+        (b"POST /dns-query HTTP/1.1\r\ncontent-type: text/plain\r\n\r\n", 415, False),
+        (b"POST /dns-query HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", 411, True),
+        (b"GARBAGE\r\n\r\n", 400, True),
+        (b"GET /dns-query HTTP/1.1\r\nno colon\r\n\r\n", 400, True),
+        (b"GET /dns-query HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400, True),
+        (b"GET /dns-query HTTP/1.1\r\nx: " + b"a" * 20000, 431, True),
+    ]
+    for request, status, closes in cases:
+        protocol, transport, _ = connect(tmp_path)
+        protocol.dataReceived(request)
+        assert responses(transport.value())[0][0] == status, request
+        assert transport.disconnecting is closes, request
+
+
+def test_http_1_0_and_connection_close_close_after_the_answer(tmp_path: Path) -> None:
+    for request in (GET.replace(b"HTTP/1.1", b"HTTP/1.0"), GET[:-2] + b"connection: close\r\n\r\n"):
+        protocol, transport, _ = connect(tmp_path)
+        protocol.dataReceived(request + GET)
+        answers = responses(transport.value())
+        assert len(answers) == 1 and answers[0][1][b"connection"] == b"close"
+        assert transport.disconnecting
+
+
+def test_an_idle_connection_is_closed_after_the_timeout(tmp_path: Path) -> None:
+    protocol, transport, clock = connect(tmp_path)
+    protocol.dataReceived(GET[:10])
+    clock.advance(29)
+    assert not transport.disconnecting and not transport.disconnected
+    clock.advance(2)
+    assert transport.disconnecting or transport.disconnected
+
+
+def test_http2_streams_are_answered_and_bad_ones_refused(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    path = b"/dns-query?dns=" + base64.urlsafe_b64encode(WWW).rstrip(b"=")
+    for stream_id, target in ((1, path), (3, b"/dns-query?dns=%%%25"), (5, path)):
+        client.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"x"),
+                (b":path", target),
+            ],
+            end_stream=True,
+        )
+    protocol.dataReceived(client.data_to_send())
+    statuses: dict[int, bytes] = {}
+    bodies: dict[int, bytes] = {}
+    for event in client.receive_data(transport.value()):
+        if isinstance(event, h2.events.ResponseReceived):
+            statuses[event.stream_id] = dict(event.headers)[b":status"]
+        elif isinstance(event, h2.events.DataReceived):
+            bodies[event.stream_id] = bodies.get(event.stream_id, b"") + event.data
+    assert statuses == {1: b"200", 3: b"400", 5: b"200"}
+    assert dns.message.from_wire(bodies[5]).answer
+    # Garbage instead of frames ends the connection, with a GOAWAY.
+    transport.clear()
+    protocol.dataReceived(b"\x00" * 64)
+    assert transport.disconnecting
+    assert any(
+        isinstance(event, h2.events.ConnectionTerminated)
+        for event in client.receive_data(transport.value())
+    )
