@@ -34,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 import _bench
-from _bench import VENV_BIN, pinned, proc_mib
+from _bench import VENV_BIN, cpu_seconds, pinned, proc_mib
 
 HERE = Path(__file__).resolve().parent
 NAMES = 1000
@@ -251,6 +251,7 @@ def main() -> None:
         upstream.start()
         results: dict[str, dict[str, list[float]]] = {}
         rss: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         try:
             for round_number in range(options.rounds):
                 for case in options.cases.split(","):
@@ -261,38 +262,45 @@ def main() -> None:
                         server.start()
                         try:
                             warm_up(server.port, queries)
+                            used = cpu_seconds(server.pid)
                             qps = dnsperf(
                                 server.port, queries, options.duration, options.outstanding
                             )
+                            # CPU per query moves less than q/s when other work shares the CPU.
+                            used = cpu_seconds(server.pid) - used
+                            per_query = used / (qps * options.duration) * 1e6
                             results.setdefault(case, {}).setdefault(server.name, []).append(qps)
                             rss.setdefault(f"{case} {server.name}", []).append(proc_mib(server.pid))
+                            cpu.setdefault(f"{case} {server.name}", []).append(per_query)
                             print(
                                 f"round {round_number + 1} {case:6} {server.name:10} "
-                                f"{qps:10,.0f} q/s",
+                                f"{qps:10,.0f} q/s {per_query:6.1f} us CPU a query",
                                 file=sys.stderr,
                             )
                         finally:
                             server.stop()
         finally:
             upstream.stop()
-        report(results, rss, options)
+        report(results, rss, cpu, options)
 
 
 def report(
     results: dict[str, dict[str, list[float]]],
     rss: dict[str, list[float]],
+    cpu: dict[str, list[float]],
     options: argparse.Namespace,
 ) -> None:
     print(
         f"\ndnsperf -q {options.outstanding} over UDP, {options.duration:g} s a case, "
         f"{options.rounds} rounds, medians\n"
     )
-    print("| case | server | queries/s | peak RSS MiB |")
-    print("|---|---|---|---|")
+    print("| case | server | queries/s | server CPU us a query | peak RSS MiB |")
+    print("|---|---|---|---|---|")
     for case, servers in results.items():
         for name, runs in servers.items():
             print(
                 f"| {case} | {name} | {statistics.median(runs):,.0f} | "
+                f"{statistics.median(cpu[f'{case} {name}']):.1f} | "
                 f"{statistics.median(rss[f'{case} {name}']):.1f} |"
             )
     print()

@@ -170,21 +170,27 @@ class Server:
         @param transport: what the query log calls it (C{https}); C{udp} or C{tcp} by default.
         """
         stats = self.stats
-        recursion = self.forwarder is not None and self._may_recurse(client[0])
+        recursion = False
+        if self.forwarder is not None:
+            known = self.recursion_ok.get(client[0])
+            recursion = self._may_recurse(client[0]) if known is None else known
         prepared_key = None
         if self.send_prepared and len(data) <= _PREPARED_QUERY:
             # The same query bytes (ID aside) from a client of the same standing
             # get the same answer from local data or the cache: send it again.
             prepared_key = (udp, recursion, data[2:])
             prepared = self.prepared.get(prepared_key)
-            if prepared is not None and (
-                prepared.cache_key is None or self._still_cached(prepared)
-            ):
-                # The hot path: counted in place rather than one call a counter.
-                counters = stats.counters
-                for counter in prepared.counters:
-                    counters[counter] = counters.get(counter, 0) + 1
-                return data[:2] + prepared.tail
+            if prepared is not None:
+                fresh = True
+                if prepared.cache_key is not None:
+                    current = self.cache.get(prepared.cache_key)
+                    fresh = current is prepared.sections or self._splice(prepared, current)
+                if fresh:
+                    # The hot path: counted in place rather than one call a counter.
+                    counters = stats.counters
+                    for counter in prepared.counters:
+                        counters[counter] = counters.get(counter, 0) + 1
+                    return data[:2] + prepared.tail
         stats.count("queries")
         if is_update(data):
             if self.updates is None:
@@ -225,16 +231,12 @@ class Server:
                 )
         return self._answer(query, client, udp, transport, recursion, started, prepared_key)
 
-    def _still_cached(self, prepared: _Prepared) -> bool:
+    def _splice(self, prepared: _Prepared, current: Sections | None) -> bool:
         """
-        Whether a prepared cached answer may be sent again: the cache still
-        holds it, its TTLs spliced in afresh when they have counted down (the
-        same records, so the same length, counts and truncation).
+        Whether a prepared cached answer may be sent again now that the cache
+        holds C{current} for it: with the same records (the same length,
+        counts and truncation), their new TTLs spliced in.
         """
-        assert prepared.cache_key is not None
-        current = self.cache.get(prepared.cache_key)
-        if current is prepared.sections:
-            return True
         was = prepared.sections
         if (
             current is None
@@ -488,12 +490,19 @@ class Datagrams(DatagramProtocol):
         self._sendto = sock.sendto if sock is not None else self.transport.write
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.stats.bytes_in += len(data)
+        stats = self.stats
+        stats.bytes_in += len(data)
         answer = self.server.handle(data, addr, True)
         if answer is None:
             return
         if isinstance(answer, bytes):
-            self.send(answer, addr)
+            # send() inline: this is every answer from local data or the cache.
+            try:
+                self._sendto(answer, addr)
+            except OSError:
+                stats.errors += 1
+                return
+            stats.bytes_out += len(answer)
         else:
             answer.addCallback(self.send, addr)
 
