@@ -355,11 +355,10 @@ class Server:
             cache_key = query.name + query.question[-4:] if source == "cache" else None
             # Where the sections' records sit in the tail (after the header's
             # last 10 bytes and the question), unless the answer was truncated.
-            body_at = 10 + len(query.question)
-            if reply[body_at + 2 : body_at + 2 + len(sections.body)] != sections.body:
-                body_at = None
+            start = 10 + len(query.question)
+            whole = reply[start + 2 : start + 2 + len(sections.body)] == sections.body
             self.prepared[prepared_key] = _Prepared(
-                reply[2:], ("queries", *counters), cache_key, sections, body_at
+                reply[2:], ("queries", *counters), cache_key, sections, start if whole else None
             )
         return reply
 
