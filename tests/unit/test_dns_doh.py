@@ -12,13 +12,14 @@ import dns.message
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from netd.services.dns.doh import DoHFactory
-from tests.unit.test_dns import server
+from tests.unit.test_dns import big_server, server
 
 WWW = dns.message.make_query("www.netd.test", "A", id=0).to_wire()
 GET = b"GET /dns-query?dns=%s HTTP/1.1\r\nhost: x\r\n\r\n" % base64.urlsafe_b64encode(WWW).rstrip(
@@ -31,10 +32,11 @@ class H2Transport(StringTransport):
 
 
 def connect(
-    tmp_path: Path, transport: StringTransport | None = None
+    tmp_path: Path, transport: StringTransport | None = None, big: bool = False
 ) -> tuple[Protocol, StringTransport, Clock]:
     clock = Clock()
-    factory = DoHFactory(server(tmp_path, clock=clock), timeout=30)
+    dns_server = big_server(tmp_path) if big else server(tmp_path, clock=clock)
+    factory = DoHFactory(dns_server, timeout=30)
     protocol = factory.buildProtocol(None)
     transport = transport or StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000))
     protocol.makeConnection(transport)
@@ -158,3 +160,87 @@ def test_http2_streams_are_answered_and_bad_ones_refused(tmp_path: Path) -> None
         isinstance(event, h2.events.ConnectionTerminated)
         for event in client.receive_data(transport.value())
     )
+
+
+def h2_exchange(
+    protocol: Protocol, transport: StringTransport, client: h2.connection.H2Connection
+) -> list[h2.events.Event]:
+    """Pump both ways until neither side has anything to send; the client's events."""
+    happened: list[h2.events.Event] = []
+    for _ in range(100):
+        outgoing = client.data_to_send()
+        if outgoing:
+            protocol.dataReceived(outgoing)
+        incoming = transport.value()
+        transport.clear()
+        if incoming:
+            happened.extend(client.receive_data(incoming))
+        if not outgoing and not incoming:
+            return happened
+    raise AssertionError("the exchange did not settle")
+
+
+def test_http2_posts_beyond_the_window_and_over_the_limit(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    h2_exchange(protocol, transport, client)
+    request = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"x"),
+        (b":path", b"/dns-query"),
+        (b"content-type", b"application/dns-message"),
+    ]
+    # 70,000 bytes take more than the first 65,535-byte window: netd must give it back.
+    bodies = {1: WWW, 3: b"\x00" * 70000}
+    for stream_id in bodies:
+        client.send_headers(stream_id, request)
+    statuses: dict[int, bytes] = {}
+    answers: dict[int, bytes] = {}
+    for _ in range(50):
+        for stream_id, rest in list(bodies.items()):
+            room = min(client.local_flow_control_window(stream_id), client.max_outbound_frame_size)
+            if room:
+                client.send_data(stream_id, rest[:room], end_stream=len(rest) <= room)
+                bodies[stream_id] = rest[room:]
+                if len(rest) <= room:
+                    del bodies[stream_id]
+        for event in h2_exchange(protocol, transport, client):
+            if isinstance(event, h2.events.ResponseReceived):
+                statuses[event.stream_id] = dict(event.headers)[b":status"]
+            elif isinstance(event, h2.events.DataReceived):
+                answers[event.stream_id] = answers.get(event.stream_id, b"") + event.data
+        if not bodies:
+            break
+    assert statuses == {1: b"200", 3: b"413"}
+    assert dns.message.from_wire(answers[1]).answer
+    assert not transport.disconnecting
+
+
+def test_http2_answers_wait_for_the_client_window(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport(), big=True)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 500})
+    h2_exchange(protocol, transport, client)
+    query = dns.message.make_query("many.netd.test", "TXT", id=0).to_wire()
+    path = b"/dns-query?dns=" + base64.urlsafe_b64encode(query).rstrip(b"=")
+    client.send_headers(
+        1,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", path)],
+        end_stream=True,
+    )
+    answer = b""
+    ended = False
+    for _ in range(20):
+        for event in h2_exchange(protocol, transport, client):
+            if isinstance(event, h2.events.DataReceived):
+                assert len(event.data) <= 500
+                answer += event.data
+                client.acknowledge_received_data(event.flow_controlled_length, 1)
+            ended = ended or isinstance(event, h2.events.StreamEnded)
+        if ended:
+            break
+    assert ended and len(answer) > 2000
+    assert len(dns.message.from_wire(answer).answer[0]) == 30

@@ -12,8 +12,9 @@ is 413, a bad C{dns} parameter or a message that is no query 400.
 A DoH request is one small message each way, so these listeners speak just
 enough HTTP for it rather than build a twisted.web request per query (its
 headers, arguments, resource lookup and producer machinery cost ten times the
-DNS answer): a lean HTTP/1.1 parser, and hyper-h2's state machine driven
-directly for HTTP/2, every frame a read makes ready sent in one write.
+DNS answer), nor run hyper-h2's general state machine per stream: a lean
+HTTP/1.1 reader, and HTTP/2 framing here with hpack decoding the requests'
+headers, every frame a read makes ready sent in one write.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import binascii
 import struct
 from collections import deque
-from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -63,6 +63,32 @@ _REASONS = {
 _ALLOW = (b"allow", b"GET, HEAD, POST")
 _TEXT = b"text/plain; charset=utf-8"
 _UNIX_CLIENT = "unix"
+
+# HTTP/2 (RFC 9113): frame types, flags, error codes, settings.
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_FRAME = struct.Struct(">HBBBI")
+_SETTING = struct.Struct(">HI")
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS = 0, 1, 3, 4
+_PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 5, 6, 7, 8, 9
+_STREAM_FRAMES = frozenset({_DATA, _HEADERS, _RST_STREAM, _CONTINUATION})
+_CONNECTION_FRAMES = frozenset({_SETTINGS, _PING, _GOAWAY})
+_END_STREAM = _ACK = 0x1
+_END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
+_PROTOCOL_ERROR = (1).to_bytes(4, "big")
+_FLOW_CONTROL_ERROR = (3).to_bytes(4, "big")
+_FRAME_SIZE_ERROR = (6).to_bytes(4, "big")
+_REFUSED_STREAM = (7).to_bytes(4, "big")
+_COMPRESSION_ERROR = (9).to_bytes(4, "big")
+_MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = 3, 4, 5, 6
+# The protocol's defaults, which netd keeps for its own side.
+_H2_WINDOW = 65535
+_H2_FRAME = 16384
+_MAX_WINDOW = 2**31 - 1
+_H2_STREAMS = 100
+# HPACK's static table (RFC 7541 appendix A): ":status: 200", and names answers use.
+_STATUS_200 = b"\x88"
+_STATUS, _CONTENT_TYPE, _CONTENT_LENGTH, _DATE = 8, 31, 28, 33
+_STATIC_NAMES = {b"cache-control": 24, b"allow": 22}
 
 
 class Reply:
@@ -383,169 +409,339 @@ class _HTTP1:
         self._flush()
 
 
+class _Stream:
+    """One HTTP/2 request: what its headers said, its body, the answer's unsent rest."""
+
+    __slots__ = ("body", "ended", "kind", "method", "target", "too_large", "unsent", "window")
+
+    def __init__(self, method: bytes, target: bytes, kind: bytes | None, window: int) -> None:
+        self.method = method
+        self.target = target
+        self.kind = kind
+        self.body = bytearray()
+        self.too_large = False
+        self.ended = False
+        self.window = window
+        self.unsent: memoryview | None = None
+
+
 class _HTTP2:
     """
-    HTTP/2 for DoH on hyper-h2: each read's events handled, then every frame
-    they made ready written at once (one TLS record, one send), and answers
-    that come later from upstreams written as they come.  Bodies over the
-    largest DNS message are read and dropped (their window given back), then 413.
+    HTTP/2 (RFC 9113) for DoH: each read's frames handled, then every frame
+    they made ready written at once (one TLS record, one send); answers that
+    come later from upstreams written as they come.  Request headers are
+    decoded with hpack; answers' headers are written as literals from HPACK's
+    static table, so the encoder keeps no state.  Bodies over the largest DNS
+    message are read and dropped (their window given back), then 413.  Bad
+    framing ends the connection with a GOAWAY.
     """
 
     def __init__(self, connection: _Connection) -> None:
-        from h2.config import H2Configuration
-        from h2.connection import H2Connection
+        from hpack import Decoder
 
         self.connection = connection
         self.doh = connection.doh
         self.transport = connection.transport
-        # Answers' headers are netd's own, valid as written: not checked again per frame.
-        self.h2 = H2Connection(
-            H2Configuration(
-                client_side=False,
-                header_encoding=None,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-                validate_inbound_headers=False,
-                normalize_inbound_headers=False,
-            )
-        )
-        self.h2.initiate_connection()
-        # stream id -> [method, path, content type, body, too large]
-        self.streams: dict[int, list[Any]] = {}
-        # stream id -> the rest of an answer waiting for flow-control window
-        self.unsent: dict[int, memoryview] = {}
+        self.decoder = Decoder(max_header_list_size=_MAX_HEAD)
+        self.buffer = bytearray()
+        self.preface_seen = False
+        self.streams: dict[int, _Stream] = {}
+        self.last_stream = 0
+        # A header block still waiting for its CONTINUATION frames: stream, flags, bytes.
+        self.continued: tuple[int, int, bytearray] | None = None
+        self.window = _H2_WINDOW
+        self.stream_window = _H2_WINDOW
+        self.frame_size = _H2_FRAME
+        self.out: list[bytes] = [_SERVER_SETTINGS]
         self.waiting = 0
-        from h2 import events
-
-        self.handlers: dict[type, Callable[[Any], None]] = {
-            events.RequestReceived: self._request,
-            events.DataReceived: self._data,
-            events.StreamEnded: self._ended,
-            events.StreamReset: self._reset,
-            events.WindowUpdated: self._window,
-            events.RemoteSettingsChanged: self._window,
-            events.ConnectionTerminated: self._terminated,
-        }
+        self.gone = False
 
     def received(self, data: bytes) -> None:
-        from h2.exceptions import ProtocolError
-
-        try:
-            happened = self.h2.receive_data(data)
-        except ProtocolError:
-            self._write()
-            self.transport.loseConnection()
+        if self.gone:
             return
-        handlers = self.handlers
-        for event in happened:
-            handler = handlers.get(type(event))
-            if handler is not None:
-                handler(event)
+        buffer = self.buffer
+        buffer += data
+        offset = 0
+        if not self.preface_seen:
+            if len(buffer) < len(_PREFACE):
+                return
+            if buffer[: len(_PREFACE)] != _PREFACE:
+                self._go_away(_PROTOCOL_ERROR)
+                return
+            self.preface_seen = True
+            offset = len(_PREFACE)
+        end = len(buffer)
+        try:
+            while end - offset >= 9:
+                high, low, kind, flags, stream_id = _FRAME.unpack_from(buffer, offset)
+                length = (high << 8) | low
+                stream_id &= 0x7FFFFFFF
+                if length > _H2_FRAME:
+                    raise _H2Error(_FRAME_SIZE_ERROR)
+                if end - offset - 9 < length:
+                    break
+                payload = bytes(buffer[offset + 9 : offset + 9 + length])
+                offset += 9 + length
+                self._frame(kind, flags, stream_id, payload)
+                if self.gone:
+                    return
+        except _H2Error as e:
+            self._go_away(e.code)
+            return
+        del buffer[:offset]
         self._write()
 
-    def _write(self) -> None:
-        if not self.connection.closed:
-            data = self.h2.data_to_send()
-            if data:
-                self.transport.write(data)
+    def _frame(self, kind: int, flags: int, stream_id: int, payload: bytes) -> None:
+        if self.continued is not None and kind != _CONTINUATION:
+            raise _H2Error(_PROTOCOL_ERROR)
+        if (kind in _STREAM_FRAMES and not stream_id) or (kind in _CONNECTION_FRAMES and stream_id):
+            raise _H2Error(_PROTOCOL_ERROR)
+        if kind == _HEADERS:
+            self._headers(flags, stream_id, payload)
+        elif kind == _CONTINUATION:
+            if self.continued is None or self.continued[0] != stream_id:
+                raise _H2Error(_PROTOCOL_ERROR)
+            self.continued[2].extend(payload)
+            if flags & _END_HEADERS:
+                continued, self.continued = self.continued, None
+                self._header_block(stream_id, continued[1], bytes(continued[2]))
+        elif kind == _DATA:
+            self._data(flags, stream_id, payload)
+        elif kind == _SETTINGS:
+            if not flags & _ACK:
+                self._settings(payload)
+        elif kind == _WINDOW_UPDATE:
+            if len(payload) != 4:
+                raise _H2Error(_FRAME_SIZE_ERROR)
+            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+            if stream_id == 0:
+                self.window += increment
+                if self.window > _MAX_WINDOW:
+                    raise _H2Error(_FLOW_CONTROL_ERROR)
+                for sid in [s for s, stream in self.streams.items() if stream.unsent]:
+                    self._send_data(sid)
+            elif stream_id in self.streams:
+                self.streams[stream_id].window += increment
+                self._send_data(stream_id)
+        elif kind == _PING:
+            if len(payload) != 8:
+                raise _H2Error(_FRAME_SIZE_ERROR)
+            if not flags & _ACK:
+                self.out.append(_frame(_PING, _ACK, 0, payload))
+        elif kind == _RST_STREAM:
+            self.streams.pop(stream_id, None)
+        elif kind == _GOAWAY:
+            self._write()
+            self.gone = True
+            self.transport.loseConnection()
+        elif kind == _PUSH_PROMISE:
+            raise _H2Error(_PROTOCOL_ERROR)
+        # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.3.2, 5.5).
 
-    def _request(self, event: Any) -> None:
-        method = target = kind = None
-        for name, value in event.headers:
+    def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
+        start, end = 0, len(payload)
+        if flags & _PADDED:
+            if not payload:
+                raise _H2Error(_PROTOCOL_ERROR)
+            start, end = 1, end - payload[0]
+        if flags & _PRIORITY:
+            start += 5
+        if start > end:
+            raise _H2Error(_PROTOCOL_ERROR)
+        block = payload[start:end]
+        if flags & _END_HEADERS:
+            self._header_block(stream_id, flags, block)
+        else:
+            self.continued = (stream_id, flags, bytearray(block))
+
+    def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
+        from hpack import HPACKError
+
+        try:
+            # Decoded even for a stream refused below: the decoder's table must follow.
+            headers = self.decoder.decode(block, raw=True)
+        except HPACKError:
+            raise _H2Error(_COMPRESSION_ERROR) from None
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            # Trailers: nothing in them matters to DoH.
+            if flags & _END_STREAM:
+                self._ended(stream_id, stream)
+            return
+        if stream_id % 2 == 0 or stream_id <= self.last_stream:
+            raise _H2Error(_PROTOCOL_ERROR)
+        self.last_stream = stream_id
+        if len(self.streams) >= _H2_STREAMS:
+            self.out.append(_frame(_RST_STREAM, 0, stream_id, _REFUSED_STREAM))
+            return
+        method = target = b""
+        kind = None
+        for name, value in headers:
             if name == b":method":
                 method = value
             elif name == b":path":
                 target = value
             elif name == b"content-type":
                 kind = value
-        self.streams[event.stream_id] = [method or b"", target or b"", kind, bytearray(), False]
+        stream = self.streams[stream_id] = _Stream(method, target, kind, self.stream_window)
+        if flags & _END_STREAM:
+            self._ended(stream_id, stream)
 
-    def _data(self, event: Any) -> None:
-        self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-        stream = self.streams.get(event.stream_id)
-        if stream is None or stream[4]:
-            return
-        body: bytearray = stream[3]
-        if len(body) + len(event.data) > MAX_MESSAGE:
-            stream[3] = bytearray()
-            stream[4] = True
-            return
-        body += event.data
-
-    def _ended(self, event: Any) -> None:
-        stream_id = event.stream_id
+    def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
+        if payload:
+            # Flow control counts the whole frame, padding too; given back at once.
+            self.out.append(_frame(_WINDOW_UPDATE, 0, 0, len(payload).to_bytes(4, "big")))
         stream = self.streams.get(stream_id)
-        if stream is None:
+        if stream is None or stream.ended:
             return
-        method, target, kind, body, too_large = stream
-        client = self.connection.client
-        reply = self.doh.answer(method, target, kind, bytes(body), too_large, client)
+        if flags & _PADDED:
+            if not payload or payload[0] >= len(payload):
+                raise _H2Error(_PROTOCOL_ERROR)
+            payload = payload[1 : len(payload) - payload[0]]
+        if flags & _END_STREAM:
+            self._add_body(stream, payload)
+            self._ended(stream_id, stream)
+            return
+        if payload:
+            self.out.append(_frame(_WINDOW_UPDATE, 0, stream_id, len(payload).to_bytes(4, "big")))
+        self._add_body(stream, payload)
+
+    def _add_body(self, stream: _Stream, data: bytes) -> None:
+        if stream.too_large:
+            return
+        if len(stream.body) + len(data) > MAX_MESSAGE:
+            stream.body = bytearray()
+            stream.too_large = True
+            return
+        stream.body += data
+
+    def _settings(self, payload: bytes) -> None:
+        if len(payload) % 6:
+            raise _H2Error(_FRAME_SIZE_ERROR)
+        for offset in range(0, len(payload), 6):
+            setting, value = _SETTING.unpack_from(payload, offset)
+            if setting == _INITIAL_WINDOW_SIZE:
+                if value > _MAX_WINDOW:
+                    raise _H2Error(_FLOW_CONTROL_ERROR)
+                for stream in self.streams.values():
+                    stream.window += value - self.stream_window
+                self.stream_window = value
+            elif setting == _MAX_FRAME_SIZE:
+                if not _H2_FRAME <= value <= 0xFFFFFF:
+                    raise _H2Error(_PROTOCOL_ERROR)
+                self.frame_size = value
+        self.out.append(_SETTINGS_ACK)
+        for sid in [s for s, stream in self.streams.items() if stream.unsent]:
+            self._send_data(sid)
+
+    def _ended(self, stream_id: int, stream: _Stream) -> None:
+        stream.ended = True
+        reply = self.doh.answer(
+            stream.method,
+            stream.target,
+            stream.kind,
+            bytes(stream.body),
+            stream.too_large,
+            self.connection.client,
+        )
+        stream.body = bytearray()
         if isinstance(reply, Reply):
-            self._send(stream_id, reply)
+            self._send(stream_id, stream, reply)
             return
         self.waiting += 1
 
         def ready(done: Reply) -> None:
             self.waiting -= 1
-            self._send(stream_id, done)
-            self._write()
+            if self.streams.get(stream_id) is stream:
+                self._send(stream_id, stream, done)
+                self._write()
 
         reply.addCallback(ready)
 
-    def _send(self, stream_id: int, reply: Reply) -> None:
-        from h2.exceptions import StreamClosedError
-
-        stream = self.streams.pop(stream_id, None)
-        if stream is None:
-            return
-        head_only = stream[0] == b"HEAD"
-        headers = [
-            (b":status", b"%d" % reply.status),
-            (b"content-type", reply.kind),
-            (b"content-length", b"%d" % len(reply.body)),
-            (b"date", self.doh.date()),
-            *reply.extra,
+    def _send(self, stream_id: int, stream: _Stream, reply: Reply) -> None:
+        head_only = stream.method == b"HEAD"
+        block = [
+            _STATUS_200 if reply.status == 200 else _literal(_STATUS, b"%d" % reply.status),
+            _literal(_CONTENT_TYPE, reply.kind),
+            _literal(_CONTENT_LENGTH, b"%d" % len(reply.body)),
+            _literal(_DATE, self.doh.date()),
         ]
-        try:
-            self.h2.send_headers(stream_id, headers, end_stream=head_only)
-        except StreamClosedError:
+        block.extend(_literal(_STATIC_NAMES[name], value) for name, value in reply.extra)
+        flags = _END_HEADERS | (_END_STREAM if head_only else 0)
+        self.out.append(_frame(_HEADERS, flags, stream_id, b"".join(block)))
+        if head_only:
+            del self.streams[stream_id]
             return
-        if not head_only:
-            self.unsent[stream_id] = memoryview(reply.body)
-            self._send_data(stream_id)
+        stream.unsent = memoryview(reply.body)
+        self._send_data(stream_id)
 
     def _send_data(self, stream_id: int) -> None:
-        """As much of a stream's answer as its window and the frame size allow."""
-        from h2.exceptions import StreamClosedError
+        """As much of a stream's answer as the windows and the frame size allow."""
+        stream = self.streams[stream_id]
+        rest = stream.unsent
+        if rest is None:
+            return
+        while True:
+            room = min(self.window, stream.window, self.frame_size)
+            if room <= 0 and rest:
+                stream.unsent = rest
+                return
+            chunk, rest = rest[:room], rest[room:]
+            self.window -= len(chunk)
+            stream.window -= len(chunk)
+            self.out.append(_frame(_DATA, 0 if rest else _END_STREAM, stream_id, bytes(chunk)))
+            if not rest:
+                del self.streams[stream_id]
+                return
 
-        rest = self.unsent[stream_id]
-        try:
-            while True:
-                room = min(
-                    self.h2.local_flow_control_window(stream_id), self.h2.max_outbound_frame_size
-                )
-                if room <= 0 and rest:
-                    return
-                chunk, rest = rest[:room], rest[room:]
-                self.unsent[stream_id] = rest
-                self.h2.send_data(stream_id, bytes(chunk), end_stream=not rest)
-                if not rest:
-                    break
-        except StreamClosedError:
-            pass
-        del self.unsent[stream_id]
+    def _write(self) -> None:
+        if self.out and not self.connection.closed and not self.gone:
+            self.transport.write(b"".join(self.out))
+        self.out = []
 
-    def _reset(self, event: Any) -> None:
-        self.streams.pop(event.stream_id, None)
-        self.unsent.pop(event.stream_id, None)
-
-    def _window(self, event: Any) -> None:
-        for stream_id in list(self.unsent):
-            self._send_data(stream_id)
-
-    def _terminated(self, event: Any) -> None:
+    def _go_away(self, code: bytes) -> None:
+        self.out.append(_frame(_GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code))
         self._write()
+        self.gone = True
         self.transport.loseConnection()
+
+
+class _H2Error(Exception):
+    """A connection error (RFC 9113 section 5.4.1): GOAWAY with C{code}, then close."""
+
+    def __init__(self, code: bytes) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    size = len(payload)
+    return _FRAME.pack(size >> 8, size & 0xFF, kind, flags, stream_id) + payload
+
+
+def _literal(index: int, value: bytes) -> bytes:
+    """A header as an HPACK literal, not indexed, named from the static table (RFC 7541 6.2.2)."""
+    name = bytes([index]) if index < 15 else bytes([15, index - 15])
+    size = len(value)
+    if size < 127:
+        return name + bytes([size]) + value
+    prefix = bytearray([127])
+    size -= 127
+    while size >= 128:
+        prefix.append((size & 0x7F) | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return name + bytes(prefix) + value
+
+
+_SERVER_SETTINGS = _frame(
+    _SETTINGS,
+    0,
+    0,
+    _SETTING.pack(_MAX_CONCURRENT_STREAMS, _H2_STREAMS)
+    + _SETTING.pack(_MAX_HEADER_LIST_SIZE, _MAX_HEAD),
+)
+_SETTINGS_ACK = _frame(_SETTINGS, _ACK, 0, b"")
 
 
 def max_age(reply: bytes) -> int:
