@@ -6,6 +6,7 @@ DNS over HTTPS without sockets: the lean HTTP/1.1 reader on a string transport
 from __future__ import annotations
 
 import base64
+import struct
 from pathlib import Path
 
 import dns.message
@@ -244,3 +245,55 @@ def test_http2_answers_wait_for_the_client_window(tmp_path: Path) -> None:
             break
     assert ended and len(answer) > 2000
     assert len(dns.message.from_wire(answer).answer[0]) == 30
+
+
+def test_bad_http2_framing_and_hpack_end_the_connection_with_its_error(tmp_path: Path) -> None:
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    cases = {
+        # HEADERS on stream 1 whose block indexes entry 0 (none): COMPRESSION_ERROR.
+        b"\x00\x00\x01\x01\x05\x00\x00\x00\x01\x80": 9,
+        # A header list referring past the dynamic table.
+        b"\x00\x00\x01\x01\x05\x00\x00\x00\x01\xff": 9,
+        # A frame longer than the 16 KiB netd allows: FRAME_SIZE_ERROR.
+        b"\x00\x50\x00\x00\x00\x00\x00\x00\x01": 6,
+        # Stream 2 is the server's to open: PROTOCOL_ERROR.
+        b"\x00\x00\x01\x01\x05\x00\x00\x00\x02\x82": 1,
+        # A PING of 4 bytes.
+        b"\x00\x00\x04\x06\x00\x00\x00\x00\x00abcd": 6,
+    }
+    for frame, code in cases.items():
+        protocol, transport, _ = connect(tmp_path, H2Transport())
+        protocol.dataReceived(preface + frame)
+        assert transport.disconnecting, frame
+        client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+        client.initiate_connection()
+        client.data_to_send()
+        ended = [
+            event
+            for event in client.receive_data(transport.value())
+            if isinstance(event, h2.events.ConnectionTerminated)
+        ]
+        assert ended and ended[0].error_code == code, frame
+
+
+def test_hpack_literals_indexed_into_the_dynamic_table_are_found_again(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    path = b"/dns-query?dns=" + base64.urlsafe_b64encode(WWW).rstrip(b"=")
+    # :method GET, :scheme https, then user-agent (static 58, a prefix byte with
+    # 0x20 set) and :path as literals added to the dynamic table.
+    first = b"\x82\x87\x7a\x04curl\x44" + bytes([len(path)]) + path
+    # The same request again from the table: :path is entry 62, user-agent 63.
+    again = b"\x82\x87\xbf\xbe"
+    frames = b"".join(
+        struct.pack(">HBBBI", 0, len(block), 1, 0x5, stream_id) + block
+        for stream_id, block in ((1, first), (3, again))
+    )
+    protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames)
+    sent, statuses = transport.value(), {}
+    while sent:
+        high, low, kind, _, stream_id = struct.unpack_from(">HBBBI", sent)
+        payload, sent = sent[9 : 9 + (high << 8 | low)], sent[9 + (high << 8 | low) :]
+        if kind == 1:
+            statuses[stream_id] = payload[:1]
+    # 0x88 is ":status: 200" from HPACK's static table.
+    assert statuses == {1: b"\x88", 3: b"\x88"}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import binascii
 import struct
 from collections import deque
+from collections.abc import Callable
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
@@ -89,6 +90,9 @@ _H2_STREAMS = 100
 _STATUS_200 = b"\x88"
 _STATUS, _CONTENT_TYPE, _CONTENT_LENGTH, _DATE = 8, 31, 28, 33
 _STATIC_NAMES = {b"cache-control": 24, b"allow": 22}
+# The HPACK table netd advertises (the default), and Huffman strings kept decoded.
+_HPACK_TABLE = 4096
+_HUFFMAN_KEPT = 10_000
 
 
 class Reply:
@@ -437,12 +441,10 @@ class _HTTP2:
     """
 
     def __init__(self, connection: _Connection) -> None:
-        from hpack import Decoder
-
         self.connection = connection
         self.doh = connection.doh
         self.transport = connection.transport
-        self.decoder = Decoder(max_header_list_size=_MAX_HEAD)
+        self.decoder = _HeaderDecoder()
         self.buffer = bytearray()
         self.preface_seen = False
         self.streams: dict[int, _Stream] = {}
@@ -555,13 +557,8 @@ class _HTTP2:
             self.continued = (stream_id, flags, bytearray(block))
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
-        from hpack import HPACKError
-
-        try:
-            # Decoded even for a stream refused below: the decoder's table must follow.
-            headers = self.decoder.decode(block, raw=True)
-        except HPACKError:
-            raise _H2Error(_COMPRESSION_ERROR) from None
+        # Decoded even for a stream refused below: the decoder's table must follow.
+        headers = self.decoder.decode(block)
         stream = self.streams.get(stream_id)
         if stream is not None:
             # Trailers: nothing in them matters to DoH.
@@ -704,6 +701,118 @@ class _HTTP2:
         self._write()
         self.gone = True
         self.transport.loseConnection()
+
+
+class _HeaderDecoder:
+    """
+    HPACK (RFC 7541) decoding of request headers: the static table, a
+    dynamic table of netd's advertised 4096 bytes, and Huffman strings
+    decoded by hpack's table, kept by their coded bytes (a DoH client asks
+    the same GET paths again, as a resolver asks the same names).
+    Anything malformed is a COMPRESSION_ERROR.
+    """
+
+    def __init__(self) -> None:
+        from hpack.huffman_table import decode_huffman
+        from hpack.table import HeaderTable
+
+        self.static: tuple[tuple[bytes, bytes], ...] = HeaderTable.STATIC_TABLE
+        self.huffman: Callable[[bytes], bytes] = decode_huffman
+        self.dynamic: deque[tuple[bytes, bytes]] = deque()
+        self.size = 0
+        self.limit = _HPACK_TABLE
+        self.decoded: dict[bytes, bytes] = {}
+
+    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+        headers = []
+        listed = 0
+        offset, end = 0, len(block)
+        while offset < end:
+            first = block[offset]
+            if first & 0x80:
+                index, offset = _integer(block, offset, 7)
+                header = self._entry(index)
+            elif first & 0xE0 == 0x20:
+                # A dynamic table size update, at most what netd advertised.
+                self.limit, offset = _integer(block, offset, 5)
+                if self.limit > _HPACK_TABLE:
+                    raise _H2Error(_COMPRESSION_ERROR)
+                self._evict()
+                continue
+            else:
+                indexing = bool(first & 0x40)
+                index, offset = _integer(block, offset, 6 if indexing else 4)
+                if index:
+                    name = self._entry(index)[0]
+                else:
+                    name, offset = self._string(block, offset)
+                value, offset = self._string(block, offset)
+                header = (name, value)
+                if indexing:
+                    self.dynamic.appendleft(header)
+                    self.size += len(name) + len(value) + 32
+                    self._evict()
+            listed += len(header[0]) + len(header[1]) + 32
+            if listed > _MAX_HEAD:
+                raise _H2Error(_COMPRESSION_ERROR)
+            headers.append(header)
+        return headers
+
+    def _entry(self, index: int) -> tuple[bytes, bytes]:
+        if 0 < index <= len(self.static):
+            return self.static[index - 1]
+        index -= len(self.static) + 1
+        if 0 <= index < len(self.dynamic):
+            return self.dynamic[index]
+        raise _H2Error(_COMPRESSION_ERROR)
+
+    def _evict(self) -> None:
+        while self.size > self.limit:
+            name, value = self.dynamic.pop()
+            self.size -= len(name) + len(value) + 32
+
+    def _string(self, block: bytes, offset: int) -> tuple[bytes, int]:
+        if offset >= len(block):
+            raise _H2Error(_COMPRESSION_ERROR)
+        huffman = block[offset] & 0x80
+        length, offset = _integer(block, offset, 7)
+        end = offset + length
+        if end > len(block):
+            raise _H2Error(_COMPRESSION_ERROR)
+        data = block[offset:end]
+        if not huffman:
+            return data, end
+        decoded = self.decoded.get(data)
+        if decoded is None:
+            from hpack import HPACKDecodingError
+
+            try:
+                decoded = self.huffman(data)
+            except HPACKDecodingError:
+                raise _H2Error(_COMPRESSION_ERROR) from None
+            if len(self.decoded) >= _HUFFMAN_KEPT:
+                self.decoded.clear()
+            self.decoded[data] = decoded
+        return decoded, end
+
+
+def _integer(block: bytes, offset: int, bits: int) -> tuple[int, int]:
+    """An HPACK integer with a C{bits}-bit prefix at C{offset}, and the offset past it."""
+    mask = (1 << bits) - 1
+    value = block[offset] & mask
+    offset += 1
+    if value < mask:
+        return value, offset
+    shift = 0
+    while True:
+        if offset >= len(block) or shift > 28:
+            raise _H2Error(_COMPRESSION_ERROR)
+        byte = block[offset]
+        offset += 1
+        value += (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, offset
 
 
 class _H2Error(Exception):
