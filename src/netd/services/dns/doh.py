@@ -273,6 +273,9 @@ class _HTTP1:
         self.closing = False
 
     def received(self, data: bytes) -> None:
+        if self.closing:
+            # The last request is read: what follows it is not kept.
+            return
         buffer = self.buffer
         buffer += data
         offset = 0
