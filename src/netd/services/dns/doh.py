@@ -95,7 +95,7 @@ _HPACK_TABLE = 4096
 _HUFFMAN_KEPT = 10_000
 
 
-class Reply:
+class _Reply:
     """One HTTP answer: status, content type, extra headers, body."""
 
     __slots__ = ("body", "extra", "kind", "status")
@@ -147,7 +147,7 @@ class DoHFactory(Factory):
         body: bytes,
         too_large: bool,
         client: tuple[str, int],
-    ) -> Reply | Deferred[Reply]:
+    ) -> _Reply | Deferred[_Reply]:
         """The reply to one request, now or once an upstream answers."""
         self.stats.count("doh_requests")
         path, _, query = target.partition(b"?")
@@ -181,18 +181,18 @@ class DoHFactory(Factory):
             return self._reply(answer)
         return answer.addCallback(self._reply)
 
-    def _reply(self, answer: bytes) -> Reply:
+    def _reply(self, answer: bytes) -> _Reply:
         key = answer[2:]
         age = self.max_ages.get(key)
         if age is None:
             if len(self.max_ages) >= _MAX_AGES:
                 self.max_ages.clear()
             age = self.max_ages[key] = max_age(answer)
-        return Reply(200, MESSAGE_TYPE, answer, ((b"cache-control", b"max-age=%d" % age),))
+        return _Reply(200, MESSAGE_TYPE, answer, ((b"cache-control", b"max-age=%d" % age),))
 
-    def refuse(self, status: int, why: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+    def refuse(self, status: int, why: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> _Reply:
         self.stats.count("doh_rejected")
-        return Reply(status, _TEXT, why.encode() + b"\n", extra)
+        return _Reply(status, _TEXT, why.encode() + b"\n", extra)
 
 
 def _only_dns_parameter(query: bytes) -> bytes | None:
@@ -363,7 +363,7 @@ class _HTTP1:
         head_only = method == b"HEAD"
         if not keep:
             self.closing = True
-        if isinstance(reply, Reply) and not self.replies:
+        if isinstance(reply, _Reply) and not self.replies:
             self._send(reply, head_only, keep)
             return
         slot: list[Any] = [reply, head_only, keep]
@@ -374,7 +374,7 @@ class _HTTP1:
                 self.paused = True
                 self.transport.pauseProducing()
 
-            def ready(done: Reply) -> None:
+            def ready(done: _Reply) -> None:
                 self.waiting -= 1
                 slot[0] = done
                 self._flush()
@@ -383,14 +383,14 @@ class _HTTP1:
 
     def _flush(self) -> None:
         replies = self.replies
-        while replies and isinstance(replies[0][0], Reply):
+        while replies and isinstance(replies[0][0], _Reply):
             reply, head_only, keep = replies.popleft()
             self._send(reply, head_only, keep)
         if self.paused and self.waiting < _PIPELINE // 2 and not self.connection.closed:
             self.paused = False
             self.transport.resumeProducing()
 
-    def _send(self, reply: Reply, head_only: bool, keep: bool) -> None:
+    def _send(self, reply: _Reply, head_only: bool, keep: bool) -> None:
         if self.connection.closed:
             return
         head = [
@@ -645,12 +645,12 @@ class _HTTP2:
             self.connection.client,
         )
         stream.body = bytearray()
-        if isinstance(reply, Reply):
+        if isinstance(reply, _Reply):
             self._send(stream_id, stream, reply)
             return
         self.waiting += 1
 
-        def ready(done: Reply) -> None:
+        def ready(done: _Reply) -> None:
             self.waiting -= 1
             if self.streams.get(stream_id) is stream:
                 self._send(stream_id, stream, done)
@@ -658,7 +658,7 @@ class _HTTP2:
 
         reply.addCallback(ready)
 
-    def _send(self, stream_id: int, stream: _Stream, reply: Reply) -> None:
+    def _send(self, stream_id: int, stream: _Stream, reply: _Reply) -> None:
         head_only = stream.method == b"HEAD"
         block = [
             _STATUS_200 if reply.status == 200 else _literal(_STATUS, b"%d" % reply.status),
