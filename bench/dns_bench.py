@@ -1,7 +1,7 @@
 """
 netd's dns kind against `twistd dns` and dnsmasq, same dnsperf load, same run.
 
-    python bench/dns_bench.py [--rounds 3] [--duration 5] [--outstanding 100]
+    python bench/dns_bench.py [--rounds 3] [--duration 5] [--outstanding 100] [--baseline SRC]
 
 Two cases over UDP, 1000 names hostN.bench.test (TTL 3600) asked in a shuffled order:
 - local: answered from local data: netd from a hosts file, `twistd dns --pyzone`
@@ -13,7 +13,9 @@ Two cases over UDP, 1000 names hostN.bench.test (TTL 3600) asked in a shuffled o
 
 Each round starts every server fresh on a free loopback port (in a rotated order).
 Servers run on CPU 1 and dnsperf on CPU 0 when taskset exists.  Prints medians of
-queries per second and peak RSS, and netd's ratios within each round.
+queries per second and peak RSS, and netd's ratios within each round.  With
+C{--baseline SRC} (another netd's src/ folder, say C{git archive main src | tar
+-x -C /tmp/base}) that netd runs too, as C{baseline}, for a before/after.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import tempfile
 from pathlib import Path
 
 import _bench
-from _bench import VENV_BIN, pinned, proc_mib
+from _bench import VENV_BIN, cpu_seconds, pinned, proc_mib
 
 HERE = Path(__file__).resolve().parent
 NAMES = 1000
@@ -70,6 +72,8 @@ def twistd(*args: str) -> list[str]:
 class NetdLocal(Server):
     name = "netd"
     cases = ("local",)
+    # Another netd's src/ folder, for --baseline (PYTHONPATH comes before site-packages).
+    source: Path | None = None
 
     def command(self) -> list[str]:
         config = self.work / f"{self.name}-{self.port}.yaml"
@@ -83,7 +87,10 @@ services:
     {self.data()}
 """
         )
-        return twistd(f"--logfile={self.work / 'netd.log'}", "netd", "-c", str(config))
+        command = twistd(f"--logfile={self.work / f'{self.name}.log'}", "netd", "-c", str(config))
+        if self.source is None:
+            return command
+        return ["env", f"PYTHONPATH={self.source}", *command]
 
     def data(self) -> str:
         return f"hosts_file: {self.work / 'hosts'}"
@@ -220,7 +227,14 @@ def main() -> None:
     parser.add_argument("--outstanding", type=int, default=100)
     parser.add_argument("--cases", default="local,cached")
     parser.add_argument("--servers", default="netd,twistd-dns,dnsmasq")
+    parser.add_argument("--baseline", type=Path, help="another netd's src/ to measure too")
     options = parser.parse_args()
+    if options.baseline is not None:
+        for case, netd in (("local", NetdLocal), ("cached", NetdCached)):
+            SERVERS[case]["baseline"] = type(
+                "Baseline", (netd,), {"name": "baseline", "source": options.baseline.resolve()}
+            )
+        options.servers += ",baseline"
     if not 1 <= options.rounds <= 20 or not 0.5 <= options.duration <= 15:
         raise SystemExit("--rounds 1 to 20, --duration 0.5 to 15")
     missing = [tool for tool in ("dnsperf", "dnsmasq") if shutil.which(tool) is None]
@@ -237,6 +251,7 @@ def main() -> None:
         upstream.start()
         results: dict[str, dict[str, list[float]]] = {}
         rss: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         try:
             for round_number in range(options.rounds):
                 for case in options.cases.split(","):
@@ -247,38 +262,45 @@ def main() -> None:
                         server.start()
                         try:
                             warm_up(server.port, queries)
+                            used = cpu_seconds(server.pid)
                             qps = dnsperf(
                                 server.port, queries, options.duration, options.outstanding
                             )
+                            # CPU per query moves less than q/s when other work shares the CPU.
+                            used = cpu_seconds(server.pid) - used
+                            per_query = used / (qps * options.duration) * 1e6
                             results.setdefault(case, {}).setdefault(server.name, []).append(qps)
                             rss.setdefault(f"{case} {server.name}", []).append(proc_mib(server.pid))
+                            cpu.setdefault(f"{case} {server.name}", []).append(per_query)
                             print(
                                 f"round {round_number + 1} {case:6} {server.name:10} "
-                                f"{qps:10,.0f} q/s",
+                                f"{qps:10,.0f} q/s {per_query:6.1f} us CPU a query",
                                 file=sys.stderr,
                             )
                         finally:
                             server.stop()
         finally:
             upstream.stop()
-        report(results, rss, options)
+        report(results, rss, cpu, options)
 
 
 def report(
     results: dict[str, dict[str, list[float]]],
     rss: dict[str, list[float]],
+    cpu: dict[str, list[float]],
     options: argparse.Namespace,
 ) -> None:
     print(
         f"\ndnsperf -q {options.outstanding} over UDP, {options.duration:g} s a case, "
         f"{options.rounds} rounds, medians\n"
     )
-    print("| case | server | queries/s | peak RSS MiB |")
-    print("|---|---|---|---|")
+    print("| case | server | queries/s | server CPU us a query | peak RSS MiB |")
+    print("|---|---|---|---|---|")
     for case, servers in results.items():
         for name, runs in servers.items():
             print(
                 f"| {case} | {name} | {statistics.median(runs):,.0f} | "
+                f"{statistics.median(cpu[f'{case} {name}']):.1f} | "
                 f"{statistics.median(rss[f'{case} {name}']):.1f} |"
             )
     print()

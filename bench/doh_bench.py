@@ -4,13 +4,15 @@ netd's DNS over HTTPS path as a share of its own UDP path: one netd, the same
 over UDP by dnsperf and over DoH (GET, TLS) by h2load, HTTP/2 and HTTP/1.1, with
 the same number of requests in flight, in interleaved rounds.
 
-    python bench/doh_bench.py [--rounds 3] [--duration 5] [--outstanding 100]
+    python bench/doh_bench.py [--rounds 3] [--duration 5] [--outstanding 100] [--baseline SRC]
 
 dnsperf's own DoH mode (2.10) waits about 100 ms between answers on a connection
 whatever the server does, so it measures itself: h2load (nghttp2-client) loads
 DoH here.  The issue's target is DoH >= 0.3x UDP.  Server on CPU 1, the load on
 CPU 0 when taskset exists; medians of queries per second and the DoH/UDP ratio
-of each round.
+of each round.  With C{--baseline SRC} (another netd's src/ folder, say
+C{git archive main src | tar -x -C /tmp/base}) that netd is measured too, in
+the same rounds, for a before/after on the same load.
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ MODES = ("udp", "doh-h2", "doh-h1")
 class Netd(_bench.Server):
     name = "netd"
 
-    def __init__(self, work: Path, doh_port: int) -> None:
+    def __init__(self, work: Path, doh_port: int, source: Path | None = None) -> None:
         super().__init__(work)
         self.doh_port = doh_port
+        self.source = source
+        if source is not None:
+            self.name = "baseline"
 
     def command(self) -> list[str]:
-        config = self.work / "doh-bench.yaml"
+        config = self.work / f"doh-bench-{self.name}.yaml"
         config.write_text(
             f"""
 state_dir: {self.work / "state"}
@@ -55,7 +60,18 @@ services:
     ttl: 3600
 """
         )
-        return [str(VENV_BIN / "netd"), "run", str(config)]
+        if self.source is None:
+            return [str(VENV_BIN / "netd"), "run", str(config)]
+        # The same virtualenv, netd's code from SRC (PYTHONPATH comes before site-packages).
+        return [
+            "env",
+            f"PYTHONPATH={self.source}",
+            str(VENV_BIN / "python"),
+            "-c",
+            "from netd.cli import main; main()",
+            "run",
+            str(config),
+        ]
 
     def ready(self) -> bool:
         return answers(self.port) and _bench.accepts(self.doh_port)
@@ -147,41 +163,46 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--outstanding", type=int, default=100)
+    parser.add_argument("--baseline", type=Path, help="another netd's src/ to measure too")
     args = parser.parse_args()
-    results: dict[str, list[float]] = {mode: [] for mode in MODES}
-    ratios: dict[str, list[float]] = {mode: [] for mode in MODES[1:]}
+    sources: list[Path | None] = [None] if args.baseline is None else [None, args.baseline]
+    names = ["netd", "baseline"][: len(sources)]
+    results = {(name, mode): [] for name in names for mode in MODES}
+    ratios = {(name, mode): [] for name in names for mode in MODES[1:]}
     with tempfile.TemporaryDirectory(prefix="doh-bench-") as scratch:
         work = Path(scratch)
         make_data(work)
         queries = work / "queries.txt"
         for round_number in range(args.rounds):
-            netd = Netd(work, free_port())
-            netd.start()
-            try:
-                figures = {}
-                order = MODES[round_number % 3 :] + MODES[: round_number % 3]
-                uris = make_uris(work, netd.doh_port)
-                for mode in order:
-                    if mode == "udp":
-                        udp_rate(netd, queries, 1, args.outstanding)  # warm-up
-                        rate = udp_rate(netd, queries, args.duration, args.outstanding)
-                    else:
-                        rate = doh_rate(mode, netd, uris, args.duration, args.outstanding)
-                    figures[mode] = rate
-            finally:
-                netd.stop()
-            for mode, qps in figures.items():
-                results[mode].append(qps)
-            for mode in ratios:
-                ratios[mode].append(figures[mode] / figures["udp"])
-            shown = ", ".join(f"{mode} {figures[mode]:,.0f} q/s" for mode in MODES)
-            print(f"round {round_number + 1}: {shown}", flush=True)
+            # Rotated, so neither netd nor any mode always runs first.
+            for source in sources[round_number % 2 :] + sources[: round_number % 2]:
+                netd = Netd(work, free_port(), source)
+                netd.start()
+                try:
+                    figures = {}
+                    order = MODES[round_number % 3 :] + MODES[: round_number % 3]
+                    uris = make_uris(work, netd.doh_port)
+                    for mode in order:
+                        if mode == "udp":
+                            udp_rate(netd, queries, 1, args.outstanding)  # warm-up
+                            rate = udp_rate(netd, queries, args.duration, args.outstanding)
+                        else:
+                            rate = doh_rate(mode, netd, uris, args.duration, args.outstanding)
+                        figures[mode] = rate
+                finally:
+                    netd.stop()
+                for mode, qps in figures.items():
+                    results[netd.name, mode].append(qps)
+                for mode in MODES[1:]:
+                    ratios[netd.name, mode].append(figures[mode] / figures["udp"])
+                shown = ", ".join(f"{mode} {figures[mode]:,.0f} q/s" for mode in MODES)
+                print(f"round {round_number + 1} {netd.name}: {shown}", flush=True)
     print("\nmedians:")
-    for mode in MODES:
-        print(f"  {mode:9} {statistics.median(results[mode]):>10,.0f} q/s")
-    for mode, values in ratios.items():
+    for (name, mode), values in results.items():
+        print(f"  {name:8} {mode:9} {statistics.median(values):>10,.0f} q/s")
+    for (name, mode), values in ratios.items():
         low, high = min(values), max(values)
-        print(f"  {mode} / udp: {statistics.median(values):.2f}x ({low:.2f}-{high:.2f})")
+        print(f"  {name:8} {mode} / udp: {statistics.median(values):.2f}x ({low:.2f}-{high:.2f})")
 
 
 if __name__ == "__main__":

@@ -30,11 +30,10 @@ from twisted.mail import imap4, pop3, smtp
 from twisted.protocols import ftp
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http
 from twisted.web._http2 import H2Stream
 from twisted.web.client import HTTPConnectionPool, Request
 from twisted.web.http_headers import Headers
-from twisted.web.resource import Resource
 from zope.interface import implementer
 
 from netd import compat
@@ -445,18 +444,3 @@ def test_http_channel_members_netds_admin_channel_uses() -> None:
     channel.dataReceived(b"HEAD / HTTP/1.1\r\n")
     assert channel._command == b"HEAD"
     channel.connectionLost(Failure(ConnectionDone()))
-
-
-def test_the_generic_channel_switches_to_the_batching_h2_connection_on_h2() -> None:
-    """netd.compat.web copies twisted.web's switch to HTTP/2 with its own class."""
-    site = server.Site(Resource())
-    channel = compat_web.site_channel_with_batching_h2(site)
-    channel.factory = site
-    channel.requestFactory = site.requestFactory
-    transport = StringTransport()
-    transport.negotiatedProtocol = b"h2"  # type: ignore[attr-defined]
-    channel.makeConnection(transport)
-    channel.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
-    assert isinstance(channel._channel, compat_web.BatchingH2Connection)
-    assert channel._negotiatedProtocol == b"h2"
-    channel._channel.connectionLost(None)

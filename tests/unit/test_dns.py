@@ -1027,6 +1027,26 @@ def test_repeated_cached_answers_follow_the_ttl_countdown(tmp_path: Path) -> Non
     assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["cache_misses"] == 1
 
 
+def test_prepared_cached_answers_take_what_the_cache_holds_now(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)
+    question = key("a.example")
+    srv.cache.put(question, upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"]))
+    ask(srv, "a.example")
+    clock.advance(100.5)
+    # Fetched again, same length, other address: spliced into the kept answer.
+    srv.cache.put(question, upstream_reply(question, ["a.example. 50 IN A 10.0.0.2"]))
+    clock.advance(3)
+    assert str(ask(srv, "a.example").answer[0]) == "a.example. 47 IN A 10.0.0.2"
+    # Two records now: the kept answer is made again.
+    clock.advance(48)
+    two = ["a.example. 60 IN A 10.0.0.3", "a.example. 60 IN A 10.0.0.4"]
+    srv.cache.put(question, upstream_reply(question, two))
+    assert len(ask(srv, "a.example").answer[0]) == 2
+    assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["queries"] == 3
+    assert len(srv.prepared) == 1
+
+
 def test_oversized_queries_are_not_kept(tmp_path: Path) -> None:
     srv = server(tmp_path)
     padding = dns.edns.GenericOption(65001, b"p" * 600)

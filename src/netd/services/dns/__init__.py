@@ -46,10 +46,10 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     factory = StreamFactory(server, service.idle_timeout)
     doh: IProtocolFactory | None = None
     if any(listener.protocol == "doh" for listener in service.listen):
-        # twisted.web (and h2) only for a service that serves DNS over HTTPS.
-        from netd.services.dns.doh import doh_site
+        # h2 only for a service that serves DNS over HTTPS.
+        from netd.services.dns.doh import DoHFactory
 
-        doh = doh_site(server, service.idle_timeout)
+        doh = DoHFactory(server, service.idle_timeout)
 
     services = MultiService()
     RecordsService(server.records).setServiceParent(services)
