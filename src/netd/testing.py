@@ -200,6 +200,9 @@ class Namespace:
     def queries(self, service: str, **query: str) -> Any:
         return self.netd.queries(service, namespace=self.name, **query)
 
+    def sessions(self, service: str, **query: str) -> Any:
+        return self.netd.sessions(service, namespace=self.name, **query)
+
     def events(
         self, service: str | None = None, type: str | None = None, since: int = 0, wait: float = 0.0
     ) -> list[dict[str, Any]]:
@@ -551,9 +554,9 @@ class NetdProcess:
         """Queries a dns service answered."""
         return self.view(service, "queries", **query)
 
-    def sessions(self, service: str) -> Any:
+    def sessions(self, service: str, **query: str) -> Any:
         """Who is connected to a chat or ftp service."""
-        return self.view(service, "sessions")
+        return self.view(service, "sessions", **query)
 
     def reset(self, service: str) -> None:
         """

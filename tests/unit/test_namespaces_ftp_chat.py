@@ -1,0 +1,137 @@
+"""Namespaces on ftp and chat (netd.namespaces): logins, channel prefixes, folders, views."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.task import Clock
+
+from netd.events import Journal
+from netd.namespaces import LoginTag, LoopbackClient, Namespacing, split_login
+from netd.rules import RuleSet
+from netd.services.ftp import RULES as FTP_RULES
+from netd.services.ftp.files import remove_namespace_folders
+from tests.unit.test_ftp import Harness, send
+
+LOGIN_THEN_CLIENT = Namespacing(("login", "client"), (LoginTag(), LoopbackClient()))
+
+
+def test_split_login() -> None:
+    assert split_login("user@t42") == ("user", "t42")
+    assert split_login("User@T42") == ("User", "t42")
+    assert split_login("bob@example.com@t7") == ("bob@example.com", "t7")
+    assert split_login("user") == ("user", None)
+    for bad in ("user@", "@t42", "user@BAD KEY!", "user@a.b", "user@" + "x" * 70):
+        assert split_login(bad) is None, bad
+    assert LoginTag()({"login": "user@t42"}) == "t42"
+    assert LoginTag()({"login": "user@"}) is None
+    assert LoginTag()({"login": None}) is None
+
+
+# -- ftp ---------------------------------------------------------------------------------
+
+
+def namespaced(root: Path, **options: Any) -> Harness:
+    return Harness(
+        root, namespaces=LOGIN_THEN_CLIENT, accounts=frozenset({"alice", "anonymous"}), **options
+    )
+
+
+def test_a_login_user_at_namespace_is_the_user_in_the_namespace_folder(tmp_path: Path) -> None:
+    harness = namespaced(tmp_path)
+    session, transport = harness.connect()
+    assert send(session, transport, b"USER alice@T42", b"PASS wonderland") == [
+        b"331 Password required for alice.",
+        b"230 User logged in, proceed",
+    ]
+    assert (tmp_path / "t42").is_dir()
+    assert session.shell.real_root == os.path.realpath(tmp_path / "t42")
+    assert session.user == "alice" and session.describe()["namespace"] == "t42"
+    [(kind, login)] = harness.events
+    assert kind == "ftp.login" and login["user"] == "alice" and login["namespace"] == "t42"
+    # Anonymous in a namespace, in the same folder of the anonymous root.
+    guest, guest_transport = harness.connect()
+    assert send(guest, guest_transport, b"USER anonymous@t42", b"PASS a@b")[-1].startswith(b"230")
+    assert guest.shell.real_root == os.path.realpath(tmp_path / "t42")
+    # No tag: the whole root, no namespace; a client on 127.0.0.9 has the namespace 9.
+    plain, plain_transport = harness.connect()
+    send(plain, plain_transport, b"USER alice", b"PASS wonderland")
+    assert plain.shell.real_root == os.path.realpath(tmp_path)
+    assert "namespace" not in plain.describe()
+    local, local_transport = harness.connect("127.0.0.9")
+    assert local.describe()["namespace"] == "9"
+    send(local, local_transport, b"USER alice", b"PASS wonderland")
+    assert local.shell.real_root == os.path.realpath(tmp_path / "9")
+
+
+@pytest.mark.parametrize("login", [b"alice@", b"alice@BAD KEY!", b"@t42", b"alice@a.b"])
+def test_a_login_naming_no_namespace_is_refused(tmp_path: Path, login: bytes) -> None:
+    harness = namespaced(tmp_path)
+    session, transport = harness.connect()
+    [refused] = send(session, transport, b"USER " + login)
+    assert refused.startswith(b"530 Not a namespace")
+    assert send(session, transport, b"PASS wonderland")[0].startswith(b"503")
+    assert send(session, transport, b"USER alice", b"PASS wonderland")[-1].startswith(b"230")
+    assert harness.stats.counters["bad_namespaces"] == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_account_named_with_an_at_is_that_account(tmp_path: Path) -> None:
+    harness = namespaced(tmp_path)
+    harness.server.accounts = frozenset({"alice@example.com"})
+    assert harness.server.read_login("alice@example.com") == ("alice@example.com", None)
+    assert harness.server.read_login("alice@example.com@t3") == (
+        "alice@example.com",
+        "alice@example.com@t3",
+    )
+    # Without the login source, a login is an account name as it stands.
+    harness.server.namespaces = Namespacing(("client",), (LoopbackClient(),))
+    assert harness.server.read_login("alice@t3") == ("alice@t3", None)
+
+
+def test_a_namespace_folder_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "t42").symlink_to(outside)
+    harness = namespaced(root)
+    session, transport = harness.connect()
+    assert send(session, transport, b"USER alice@t42", b"PASS wonderland")[-1] == (
+        b"530 Login incorrect: the namespace's folder cannot be opened."
+    )
+    assert session.state == session.UNAUTH and session.namespace is None
+    assert send(session, transport, b"USER alice", b"PASS wonderland")[-1].startswith(b"230")
+
+
+def test_forgetting_a_namespace_removes_its_folders_in_writable_roots(tmp_path: Path) -> None:
+    writable, read_only = tmp_path / "w", tmp_path / "r"
+    for root in (writable, read_only):
+        (root / "t42" / "sub").mkdir(parents=True)
+        (root / "t42" / "sub" / "f").write_text("x")
+        (root / "t43").mkdir()
+    # A root named twice (two users sharing a home) is emptied once.
+    harness = namespaced(tmp_path, writable_roots=(writable, writable))
+    found: list[Any] = []
+    harness.server.forget("t42").addCallback(found.append)
+    assert found == [{"folders": 1}]
+    assert sorted(os.listdir(writable)) == ["t43"]
+    assert sorted(os.listdir(read_only)) == ["t42", "t43"]
+    (writable / "t44").symlink_to(read_only)
+    assert remove_namespace_folders([writable], "t44") == 0
+    assert (read_only / "t42").is_dir()
+
+
+def test_a_scoped_rule_fires_on_its_namespace_sessions_only(tmp_path: Path) -> None:
+    rules = RuleSet("files", FTP_RULES, Clock(), Journal(Clock()))
+    rules.post({"namespace": "t42", "match": {"command": "MKD"}, "reply": "550 ruled"})
+    harness = namespaced(tmp_path, rules=rules)
+    tagged, tagged_transport = harness.connect()
+    send(tagged, tagged_transport, b"USER alice@t42", b"PASS wonderland")
+    assert send(tagged, tagged_transport, b"MKD made") == [b"550 ruled"]
+    other, other_transport = harness.connect()
+    send(other, other_transport, b"USER alice@t43", b"PASS wonderland")
+    assert send(other, other_transport, b"MKD made")[0].startswith(b"257")
+    assert (tmp_path / "t43" / "made").is_dir() and not (tmp_path / "t42" / "made").exists()
