@@ -13,6 +13,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+from tests.integration.test_chat import Raw
 
 
 @pytest.fixture
@@ -84,3 +85,63 @@ def test_a_login_naming_no_namespace_is_refused_and_ftp_serves_on(
         # No namespace: the whole home, which holds no folder made by the refusals.
         assert alice.nlst() == []
     assert files.view("files", "sessions") == []
+
+
+@pytest.fixture
+def chat(start_netd: StartNetd) -> NetdProcess:
+    return start_netd(
+        """
+services:
+  chat:
+    type: chat
+    listen: ["tcp:0:interface=127.0.0.1"]
+    namespace_from: [channel_prefix, login, client]
+"""
+    )
+
+
+def irc_user(netd: NetdProcess, nick: str, user: str = "user") -> Raw:
+    client = Raw(netd, "irc")
+    client.send(f"NICK {nick}", f"USER {user} 0 * :Someone")
+    client.expect(" 001 ")
+    return client
+
+
+def test_each_chat_namespace_sees_its_rooms_sessions_and_events(chat: NetdProcess) -> None:
+    t42, t43 = chat.namespace("t42"), chat.namespace("t43")
+    ann, bob = irc_user(chat, "ann"), irc_user(chat, "bob@t43")
+    try:
+        ann.send("JOIN #t42-a", "PRIVMSG #t42-a :hello from t42")
+        bob.send("JOIN #lobby", "PRIVMSG #lobby :hello from t43")
+        said = t42.wait_for("chat", "chat.message")
+        assert (said["room"], said["text"], said["namespace"]) == ("t42-a", "hello from t42", "t42")
+        assert t43.wait_for("chat", "chat.message")["text"] == "hello from t43"
+        assert [e["text"] for e in t42.events("chat", "chat.message")] == ["hello from t42"]
+        assert [e["nick"] for e in t43.events("chat", "chat.login")] == ["bob"]
+        assert [s["nick"] for s in t42.sessions("chat")] == ["ann"]
+        assert [s["nick"] for s in t43.sessions("chat")] == ["bob"]
+        assert [r["room"] for r in t42.view("chat", "rooms")] == ["t42-a"]
+        # Forgetting t42: its rooms' history and events go, t43's stay.
+        assert t42.reset()["services"]["chat"]["rooms"] == {"rooms": 1}
+        assert t42.view("chat", "rooms")[0]["history"] == 0
+        assert t42.events("chat") == [] and t43.events("chat", "chat.message")
+    finally:
+        ann.close()
+        bob.close()
+
+
+def test_a_chat_login_naming_no_namespace_is_refused_and_chat_serves_on(
+    chat: NetdProcess,
+) -> None:
+    carol = Raw(chat, "irc")
+    try:
+        carol.send("NICK carol@", "NICK carol@BAD!")
+        assert carol.expect(" 432 ").endswith("carol@ :Erroneous nickname")
+        assert carol.expect(" 432 ").endswith("carol@BAD! :Erroneous nickname")
+        carol.send("NICK carol", "USER carol@ 0 * :Carol")
+        assert " 468 * carol@ :Not a namespace" in carol.expect(" 468 ")
+        carol.send("USER carol 0 * :Carol", "JOIN #t9-x")
+        carol.expect(" 001 carol ")
+        assert chat.namespace("t9").wait_for("chat", "chat.join")["nick"] == "carol"
+    finally:
+        carol.close()

@@ -8,12 +8,19 @@ from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger
 
-from netd.events import Journal
+from netd.config import parse_config
+from netd.events import Journal, ServiceStats
+from netd.kinds import BuildContext
 from netd.namespaces import LoginTag, LoopbackClient, Namespacing, split_login
 from netd.rules import RuleSet
+from netd.services.chat import CHAT
+from netd.services.chat.hub import ChannelPrefix
 from netd.services.ftp import RULES as FTP_RULES
 from netd.services.ftp.files import remove_namespace_folders
+from tests.unit.test_chat import Chat, Client, irc_user, sasl
 from tests.unit.test_ftp import Harness, send
 
 LOGIN_THEN_CLIENT = Namespacing(("login", "client"), (LoginTag(), LoopbackClient()))
@@ -68,7 +75,7 @@ def test_a_login_user_at_namespace_is_the_user_in_the_namespace_folder(tmp_path:
 
 
 @pytest.mark.parametrize("login", [b"alice@", b"alice@BAD KEY!", b"@t42", b"alice@a.b"])
-def test_a_login_naming_no_namespace_is_refused(tmp_path: Path, login: bytes) -> None:
+def test_an_ftp_login_naming_no_namespace_is_refused(tmp_path: Path, login: bytes) -> None:
     harness = namespaced(tmp_path)
     session, transport = harness.connect()
     [refused] = send(session, transport, b"USER " + login)
@@ -135,3 +142,125 @@ def test_a_scoped_rule_fires_on_its_namespace_sessions_only(tmp_path: Path) -> N
     send(other, other_transport, b"USER alice@t43", b"PASS wonderland")
     assert send(other, other_transport, b"MKD made")[0].startswith(b"257")
     assert (tmp_path / "t43" / "made").is_dir() and not (tmp_path / "t42" / "made").exists()
+
+
+# -- chat --------------------------------------------------------------------------------
+
+
+def test_channel_prefix() -> None:
+    prefix = ChannelPrefix()
+    assert prefix({"channel": "#t42-room"}) == "t42"
+    assert prefix({"channel": "T7-a-b"}) == "t7"
+    for name in ("#lobby", "#-x", "#a.b-x", "#" + "x" * 70 + "-y", None):
+        assert prefix({"channel": name}) is None, name
+    assert prefix({"channel": ["lobby", "t1-a", "t2-b"]}) == "t1"
+
+
+def namespaced_chat(tmp_path: Path, sources: str = "[channel_prefix, login]") -> Chat:
+    text = (
+        "services:\n  chat:\n    type: chat\n    listen: ['tcp:0']\n"
+        f"    users: {{alice: {{password: wonderland}}}}\n    namespace_from: {sources}\n"
+    )
+    config = parse_config(text, tmp_path / "netd.yaml").services["chat"]
+    clock = MemoryReactorClock()
+    stats = ServiceStats()
+    journal = Journal(clock)
+    context = BuildContext(
+        reactor=clock,
+        name="chat",
+        state_dir=tmp_path,
+        journal=journal,
+        stats=stats,
+        log=Logger(),
+        tls={},
+        namespaces=config.namespace_from,
+    )
+    return Chat(CHAT.build(config, context), clock, stats, journal)
+
+
+def namespaces_of(chat: Chat, type: str) -> list[object]:
+    return [event.get("namespace") for event in chat.events(type)]
+
+
+def test_a_room_prefix_stamps_what_happens_in_the_room(tmp_path: Path) -> None:
+    chat = namespaced_chat(tmp_path)
+    ann = irc_user(chat, "ann")
+    ann.send("JOIN #t42-a,#lobby", "PRIVMSG #t42-a :hi", "PRIVMSG #lobby :hello", "PRIVMSG ann :me")
+    assert namespaces_of(chat, "chat.join") == ["t42", None]
+    assert namespaces_of(chat, "chat.message") == ["t42", None, "t42"]
+    # The session: the first of its rooms (by name) that has a namespace.
+    [session] = chat.handlers.views["sessions"].list({})
+    assert session["namespace"] == "t42"
+    rooms = {r["room"]: r.get("namespace") for r in chat.handlers.views["rooms"].list({})}
+    assert rooms == {"lobby": None, "t42-a": "t42"}
+    ann.send("QUIT")
+    assert namespaces_of(chat, "chat.quit") == ["t42"]
+
+
+def test_a_chat_login_names_the_namespace(tmp_path: Path) -> None:
+    chat = namespaced_chat(tmp_path)
+    bob = chat.connect("irc")
+    bob.send("NICK Bob@T7", "USER bob 0 * :Bob")
+    assert bob.read()[0].startswith(":chat.netd.test 001 Bob :Welcome")
+    carol = chat.connect("irc")
+    carol.send("NICK carol", "USER carol@t8 0 * :Carol")
+    assert carol.read()[0].startswith(":chat.netd.test 001 carol :Welcome to the netd IRC network")
+    alice = chat.connect("irc")
+    alice.send("CAP REQ :sasl", "NICK alice", "USER alice 0 * :Alice")
+    alice.read()
+    assert sasl(alice, b"\0alice@t9\0wonderland")[-1].endswith(":SASL authentication successful")
+    alice.send("CAP END")
+    dan = chat.connect("line")
+    dan.send("/nick dan@t10")
+    assert "* you are dan" in dan.read()
+    assert namespaces_of(chat, "chat.login") == ["t7", "t8", "t9", "t10"]
+    assert [e["account"] for e in chat.events("chat.sasl")] == ["alice"]
+    # A room's prefix comes first in this service's namespace_from.
+    carol.send("JOIN #t1-x", "PRIVMSG #t1-x :hi", "JOIN #other", "PRIVMSG #other :hi")
+    assert namespaces_of(chat, "chat.message") == ["t1", "t8"]
+    listed = {s["nick"]: s["namespace"] for s in chat.handlers.views["sessions"].list({})}
+    assert listed == {"Bob": "t7", "carol": "t1", "alice": "t9", "dan": "t10"}
+
+
+def test_a_chat_login_naming_no_namespace_is_refused(tmp_path: Path) -> None:
+    chat = namespaced_chat(tmp_path)
+    bob = chat.connect("irc")
+    bob.send("NICK bob@", "NICK bob@a.b")
+    assert bob.read() == [
+        ":chat.netd.test 432 * bob@ :Erroneous nickname",
+        ":chat.netd.test 432 * bob@a.b :Erroneous nickname",
+    ]
+    bob.send("NICK bob", "USER bob@ 0 * :Bob")
+    assert bob.read() == [
+        ":chat.netd.test 468 * bob@ :Not a namespace after '@' (letters, digits, '_', '-'):"
+        " USER name@NAMESPACE"
+    ]
+    bob.send("USER bob 0 * :Bob")  # registration goes on, in no namespace
+    assert bob.read()[0].startswith(":chat.netd.test 001 bob ")
+    alice = chat.connect("irc")
+    alice.send("CAP REQ :sasl")
+    alice.read()
+    assert sasl(alice, b"\0alice@\0wonderland") == [
+        ":chat.netd.test 904 * :SASL authentication failed"
+    ]
+    dan = chat.connect("line")
+    dan.send("/nick dan@BAD!")
+    assert dan.read()[-1].startswith("* dan@BAD! is not a valid nick")
+    assert namespaces_of(chat, "chat.login") == [None]
+
+
+def test_without_the_login_source_an_at_is_no_login(tmp_path: Path) -> None:
+    chat = namespaced_chat(tmp_path, "[channel_prefix]")
+    bob = chat.connect("irc")
+    bob.send("NICK bob@t7")
+    assert bob.read() == [":chat.netd.test 432 * bob@t7 :Erroneous nickname"]
+
+
+def test_forgetting_a_namespace_clears_its_rooms_history(tmp_path: Path) -> None:
+    chat = namespaced_chat(tmp_path)
+    ann: Client = irc_user(chat, "ann")
+    ann.send("JOIN #t42-a,#t43-a,#lobby", *(f"PRIVMSG {r} :x" for r in ("#t42-a", "#t43-a")))
+    rooms = chat.handlers.views["rooms"]
+    assert rooms.forget is not None and rooms.forget("t42") == {"rooms": 1}
+    history = {r["room"]: r["history"] for r in rooms.list({})}
+    assert history == {"lobby": 0, "t42-a": 0, "t43-a": 1}
