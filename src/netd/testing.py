@@ -228,6 +228,11 @@ class Namespace:
         """
         return self.netd.scenario(f"{name}@{self.name}", state)
 
+    def scenarios(self) -> dict[str, str]:
+        """This namespace's states of scenarios, by the scenarios' names."""
+        scoped = self.netd.scenarios(namespace=self.name)
+        return {name.removesuffix(f"@{self.name}"): state for name, state in scoped.items()}
+
     def reset(self) -> dict[str, Any]:
         """Forget this namespace's messages, requests, queries, rules, scenarios and events."""
         return self.netd.forget_namespace(self.name)
@@ -652,9 +657,10 @@ class NetdProcess:
             answer = self.admin("GET", path)
         return str(answer["state"])
 
-    def scenarios(self) -> dict[str, str]:
-        """Every scenario's state."""
-        found: dict[str, str] = self.admin("GET", "/api/scenarios")["scenarios"]
+    def scenarios(self, **query: str) -> dict[str, str]:
+        """Every scenario's state (C{namespace=NS}: the namespace's copies, C{NAME@NS})."""
+        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+        found: dict[str, str] = self.admin("GET", f"/api/scenarios{suffix}")["scenarios"]
         return found
 
     def reset_scenarios(self) -> None:

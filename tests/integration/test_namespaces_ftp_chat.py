@@ -145,3 +145,13 @@ def test_a_chat_login_naming_no_namespace_is_refused_and_chat_serves_on(
         assert chat.namespace("t9").wait_for("chat", "chat.join")["nick"] == "carol"
     finally:
         carol.close()
+
+
+def test_the_scenarios_of_one_namespace(chat: NetdProcess) -> None:
+    t42 = chat.namespace("t42")
+    t42.scenario("signup", "mailed")
+    chat.namespace("t43").scenario("signup", "started")
+    chat.scenario("global", "on")
+    assert t42.scenarios() == {"signup": "mailed"}
+    assert chat.scenarios(namespace="t43") == {"signup@t43": "started"}
+    assert len(chat.scenarios()) == 3
