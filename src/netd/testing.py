@@ -191,6 +191,12 @@ class Namespace:
     def message(self, service: str, message_id: str) -> bytes:
         return self.netd.message(service, message_id)
 
+    def links(self, service: str, message_id: str) -> list[str]:
+        return self.netd.links(service, message_id)
+
+    def codes(self, service: str, message_id: str) -> list[str]:
+        return self.netd.codes(service, message_id)
+
     def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> dict[str, Any]:
         return self.netd.wait_for_message(service, to, timeout, namespace=self.name)
 
@@ -216,6 +222,11 @@ class Namespace:
         **match: Any,
     ) -> dict[str, Any]:
         return self.netd.wait_for(service, type, timeout, namespace=self.name, **match)
+
+    def wait_for_count(
+        self, service: str | None, type: str, count: int, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        return self.netd.wait_for_count(service, type, count, timeout, namespace=self.name)
 
     def rule(self, service: str, match: Mapping[str, Any] | None = None, **rule: Any) -> RuleHandle:
         """A rule that fires only on this namespace's events (C{namespace:} in the map)."""
@@ -721,11 +732,17 @@ class NetdProcess:
                 since = events[-1]["id"]
 
     def wait_for_count(
-        self, service: str | None, type: str, count: int, timeout: float = 10.0
+        self,
+        service: str | None,
+        type: str,
+        count: int,
+        timeout: float = 10.0,
+        namespace: str | None = None,
     ) -> list[dict[str, Any]]:
         """
-        The first C{count} events of C{service} and C{type}, past or coming:
-        e.g. every connection of a test seen closed before its next step.
+        The first C{count} events of C{service} and C{type} (and C{namespace}),
+        past or coming: e.g. every connection of a test seen closed before its
+        next step.
         """
         deadline = time.monotonic() + timeout
         found: list[dict[str, Any]] = []
@@ -734,7 +751,7 @@ class NetdProcess:
             if left <= 0:
                 raise TimeoutError(f"{len(found)} of {count} {type} of {service or 'any service'}")
             since = int(found[-1]["id"]) if found else 0
-            found += self.events(service, type, since, wait=min(left, 30.0))
+            found += self.events(service, type, since, wait=min(left, 30.0), namespace=namespace)
         return found[:count]
 
     def namespace(self, name: str) -> Namespace:

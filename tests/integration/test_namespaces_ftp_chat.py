@@ -118,6 +118,8 @@ def test_each_chat_namespace_sees_its_rooms_sessions_and_events(chat: NetdProces
         assert t43.wait_for("chat", "chat.message")["text"] == "hello from t43"
         assert [e["text"] for e in t42.events("chat", "chat.message")] == ["hello from t42"]
         assert [e["nick"] for e in t43.events("chat", "chat.login")] == ["bob"]
+        [joined] = t42.wait_for_count("chat", "chat.join", 1)
+        assert (joined["nick"], joined["room"]) == ("ann", "t42-a")
         assert [s["nick"] for s in t42.sessions("chat")] == ["ann"]
         assert [s["nick"] for s in t43.sessions("chat")] == ["bob"]
         assert [r["room"] for r in t42.view("chat", "rooms")] == ["t42-a"]

@@ -156,7 +156,9 @@ def test_channel_prefix() -> None:
     assert prefix({"channel": ["lobby", "t1-a", "t2-b"]}) == "t1"
 
 
-def namespaced_chat(tmp_path: Path, sources: str = "[channel_prefix, login]") -> Chat:
+def namespaced_chat(
+    tmp_path: Path, sources: str = "[channel_prefix, login]", *rules: dict[str, Any]
+) -> Chat:
     text = (
         "services:\n  chat:\n    type: chat\n    listen: ['tcp:0']\n"
         f"    users: {{alice: {{password: wonderland}}}}\n    namespace_from: {sources}\n"
@@ -165,6 +167,9 @@ def namespaced_chat(tmp_path: Path, sources: str = "[channel_prefix, login]") ->
     clock = MemoryReactorClock()
     stats = ServiceStats()
     journal = Journal(clock)
+    rule_set = RuleSet("chat", CHAT.rules, clock, journal)
+    for rule in rules:
+        rule_set.post(rule)
     context = BuildContext(
         reactor=clock,
         name="chat",
@@ -173,6 +178,7 @@ def namespaced_chat(tmp_path: Path, sources: str = "[channel_prefix, login]") ->
         stats=stats,
         log=Logger(),
         tls={},
+        rules=rule_set,
         namespaces=config.namespace_from,
     )
     return Chat(CHAT.build(config, context), clock, stats, journal)
@@ -264,3 +270,15 @@ def test_forgetting_a_namespace_clears_its_rooms_history(tmp_path: Path) -> None
     assert rooms.forget is not None and rooms.forget("t42") == {"rooms": 1}
     history = {r["room"]: r["history"] for r in rooms.list({})}
     assert history == {"lobby": 0, "t42-a": 0, "t43-a": 1}
+
+
+def test_a_scoped_chat_rule_fires_in_its_namespace_only(tmp_path: Path) -> None:
+    ruled = {"namespace": "t42", "match": {"command": "JOIN"}, "numeric": "474 Banned (+b)"}
+    chat = namespaced_chat(tmp_path, "[channel_prefix, login]", ruled)
+    ann = irc_user(chat, "ann")
+    ann.send("JOIN #t42-a")
+    assert ann.read() == [":chat.netd.test 474 ann #t42-a :Banned (+b)"]
+    ann.send("JOIN #t43-a")
+    assert ann.read()[0].startswith(":ann!ann@192.0.2.7 JOIN")
+    [fired] = chat.events("rule.fired")
+    assert fired["namespace"] == "t42"
