@@ -22,6 +22,7 @@ from netd.services.ftp import RULES as FTP_RULES
 from netd.services.ftp.files import remove_namespace_folders
 from tests.unit.test_chat import Chat, Client, irc_user, sasl
 from tests.unit.test_ftp import Harness, send
+from tests.unit.test_namespaces import errors, namespacing
 
 LOGIN_THEN_CLIENT = Namespacing(("login", "client"), (LoginTag(), LoopbackClient()))
 
@@ -36,6 +37,23 @@ def test_split_login() -> None:
     assert LoginTag()({"login": "user@t42"}) == "t42"
     assert LoginTag()({"login": "user@"}) is None
     assert LoginTag()({"login": None}) is None
+
+
+def test_the_sources_of_ftp_and_chat_in_the_map(tmp_path: Path) -> None:
+    ftp_root = "root: .\n        anonymous: read"
+    assert namespacing(tmp_path, "ftp", "[login, client]", ftp_root).reads_logins
+    assert not namespacing(tmp_path, "chat", "[channel_prefix, client]").reads_logins
+    where = "services.svc.namespace_from"
+    assert errors(
+        tmp_path, "chat", "[{login: x}, channel_prefix, {channel_prefix: 1}, suffix]"
+    ) == [
+        (f"{where}[0].login", "'login' takes no argument"),
+        (f"{where}[2].channel_prefix", "'channel_prefix' takes no argument"),
+        (f"{where}[3]", "unknown namespace source 'suffix' (one of channel_prefix, login, client)"),
+    ]
+    assert errors(tmp_path, "ftp", "[channel_prefix]")[1:] == [
+        (f"{where}[0]", "unknown namespace source 'channel_prefix' (one of login, client)")
+    ]
 
 
 # -- ftp ---------------------------------------------------------------------------------
