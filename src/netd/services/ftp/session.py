@@ -554,7 +554,14 @@ class Session(ftp.FTP):
             return made.addCallbacks(lambda shell: welcome(self._rooted(shell, result)), no_home)
 
         def no_home(reason: Failure) -> str:
-            _log.failure("FTP folder of namespace {namespace}", reason, namespace=namespace)
+            # The operator's to fix (a root netd cannot write to, a link): a line, no traceback.
+            _log.warn(
+                "ftp session {session} {client}: no folder for namespace {namespace}: {why}",
+                session=self.id,
+                client=self.client,
+                namespace=namespace,
+                why=reason.getErrorMessage(),
+            )
             self.state = self.UNAUTH
             self.shell = None
             return _NO_NAMESPACE_HOME
