@@ -409,7 +409,11 @@ class AdminResource(Resource):
             raise _HTTPError(404, "not found")
         else:
             _allow(method, "GET", "HEAD")
-        return _json(request, {"scenarios": scenarios.describe()})
+        described = scenarios.describe()
+        namespace = _query(request).get("namespace")
+        if namespace is not None:  # its own copies, NAME@NS (netd.rules.scoped_scenario)
+            described = {n: s for n, s in described.items() if n.endswith("@" + namespace)}
+        return _json(request, {"scenarios": described})
 
     def _forget_namespace(self, request: Request, name: str) -> int:
         """

@@ -32,13 +32,16 @@ __all__ = [
     "NO_NAMESPACES",
     "BelowSuffix",
     "Derive",
+    "LoginTag",
     "LoopbackClient",
     "Namespacing",
     "SourceReader",
     "below_suffix",
     "in_namespace",
     "key",
+    "login_source",
     "read_namespace_from",
+    "split_login",
     "suffix_source",
 ]
 
@@ -103,6 +106,46 @@ def suffix_source(carried_name: str) -> SourceReader:
     return read
 
 
+def split_login(login: str) -> tuple[str, str | None] | None:
+    """
+    A login C{user@t42} as the account it names and its namespace
+    (C{("user", "t42")}); C{("user", None)} without an C{@}; L{None} when the
+    text after the last C{@} is no key or nothing comes before it (C{user@},
+    C{@t42}, C{user@a b}).
+    """
+    name, at, tag = login.rpartition("@")
+    if not at:
+        return login, None
+    found = key(tag)
+    if not name or found is None:
+        return None
+    return name, found
+
+
+@attrs.frozen
+class LoginTag:
+    """
+    C{login}: the namespace a login names after its last C{@} (ftp's USER
+    C{user@t42}, chat's C{alice@t42}); the kind carries the login as
+    C{login} only once it has read it with L{split_login}.
+    """
+
+    def __call__(self, carried: Carried) -> str | None:
+        login = carried.get("login")
+        if not login:
+            return None
+        split = split_login(login)
+        return split[1] if split is not None else None
+
+
+def login_source(argument: Value | None) -> Derive | None:
+    """C{login}, named bare."""
+    if argument is not None:
+        argument.error("'login' takes no argument")
+        return None
+    return LoginTag()
+
+
 @attrs.frozen
 class LoopbackClient:
     """C{client}: a client on 127.0.0.N has the namespace N (not 127.0.0.1, everyone's)."""
@@ -142,6 +185,11 @@ class Namespacing:
     @property
     def enabled(self) -> bool:
         return bool(self.sources)
+
+    @property
+    def reads_logins(self) -> bool:
+        """Whether a login C{user@t42} names a namespace here (the C{login} source)."""
+        return any(isinstance(source, LoginTag) for source in self.sources)
 
     def derive(self, **carried: Any) -> str | None:
         """The first key a source yields from what the exchange carries, or L{None}."""

@@ -191,6 +191,12 @@ class Namespace:
     def message(self, service: str, message_id: str) -> bytes:
         return self.netd.message(service, message_id)
 
+    def links(self, service: str, message_id: str) -> list[str]:
+        return self.netd.links(service, message_id)
+
+    def codes(self, service: str, message_id: str) -> list[str]:
+        return self.netd.codes(service, message_id)
+
     def wait_for_message(self, service: str, to: str, timeout: float = 10.0) -> dict[str, Any]:
         return self.netd.wait_for_message(service, to, timeout, namespace=self.name)
 
@@ -199,6 +205,9 @@ class Namespace:
 
     def queries(self, service: str, **query: str) -> Any:
         return self.netd.queries(service, namespace=self.name, **query)
+
+    def sessions(self, service: str, **query: str) -> Any:
+        return self.netd.sessions(service, namespace=self.name, **query)
 
     def events(
         self, service: str | None = None, type: str | None = None, since: int = 0, wait: float = 0.0
@@ -214,6 +223,11 @@ class Namespace:
     ) -> dict[str, Any]:
         return self.netd.wait_for(service, type, timeout, namespace=self.name, **match)
 
+    def wait_for_count(
+        self, service: str | None, type: str, count: int, timeout: float = 10.0
+    ) -> list[dict[str, Any]]:
+        return self.netd.wait_for_count(service, type, count, timeout, namespace=self.name)
+
     def rule(self, service: str, match: Mapping[str, Any] | None = None, **rule: Any) -> RuleHandle:
         """A rule that fires only on this namespace's events (C{namespace:} in the map)."""
         return self.netd.rule(service, match, namespace=self.name, **rule)
@@ -224,6 +238,11 @@ class Namespace:
         C{namespace:}) read and move; with C{state}, set it first.
         """
         return self.netd.scenario(f"{name}@{self.name}", state)
+
+    def scenarios(self) -> dict[str, str]:
+        """This namespace's states of scenarios, by the scenarios' names."""
+        scoped = self.netd.scenarios(namespace=self.name)
+        return {name.removesuffix(f"@{self.name}"): state for name, state in scoped.items()}
 
     def reset(self) -> dict[str, Any]:
         """Forget this namespace's messages, requests, queries, rules, scenarios and events."""
@@ -551,9 +570,9 @@ class NetdProcess:
         """Queries a dns service answered."""
         return self.view(service, "queries", **query)
 
-    def sessions(self, service: str) -> Any:
+    def sessions(self, service: str, **query: str) -> Any:
         """Who is connected to a chat or ftp service."""
-        return self.view(service, "sessions")
+        return self.view(service, "sessions", **query)
 
     def reset(self, service: str) -> None:
         """
@@ -649,9 +668,10 @@ class NetdProcess:
             answer = self.admin("GET", path)
         return str(answer["state"])
 
-    def scenarios(self) -> dict[str, str]:
-        """Every scenario's state."""
-        found: dict[str, str] = self.admin("GET", "/api/scenarios")["scenarios"]
+    def scenarios(self, **query: str) -> dict[str, str]:
+        """Every scenario's state (C{namespace=NS}: the namespace's copies, C{NAME@NS})."""
+        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
+        found: dict[str, str] = self.admin("GET", f"/api/scenarios{suffix}")["scenarios"]
         return found
 
     def reset_scenarios(self) -> None:
@@ -712,11 +732,17 @@ class NetdProcess:
                 since = events[-1]["id"]
 
     def wait_for_count(
-        self, service: str | None, type: str, count: int, timeout: float = 10.0
+        self,
+        service: str | None,
+        type: str,
+        count: int,
+        timeout: float = 10.0,
+        namespace: str | None = None,
     ) -> list[dict[str, Any]]:
         """
-        The first C{count} events of C{service} and C{type}, past or coming:
-        e.g. every connection of a test seen closed before its next step.
+        The first C{count} events of C{service} and C{type} (and C{namespace}),
+        past or coming: e.g. every connection of a test seen closed before its
+        next step.
         """
         deadline = time.monotonic() + timeout
         found: list[dict[str, Any]] = []
@@ -725,7 +751,7 @@ class NetdProcess:
             if left <= 0:
                 raise TimeoutError(f"{len(found)} of {count} {type} of {service or 'any service'}")
             since = int(found[-1]["id"]) if found else 0
-            found += self.events(service, type, since, wait=min(left, 30.0))
+            found += self.events(service, type, since, wait=min(left, 30.0), namespace=namespace)
         return found[:count]
 
     def namespace(self, name: str) -> Namespace:

@@ -11,6 +11,7 @@ The C{chat} service kind: shared rooms for IRC clients and telnet users.
       flood: {messages: 10, per_seconds: 5}
       users: {alice: {password: "..."}}   # IRCv3 SASL PLAIN accounts
       websocket: ["tcp:8067"]             # IRC over WebSocket (browsers)
+      namespace_from: [channel_prefix, login, client]   # #t42-room, alice@t42
 
 One L{Hub} per service holds the rooms and users; each listener's C{protocol:}
 picks the wire its connections speak (C{irc}, the default, or C{line}); the
@@ -32,10 +33,12 @@ from twisted.internet.threads import deferToThreadPool
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import Derive, SourceReader, login_source
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
 from netd.services.chat.hub import (
     NICK_LENGTH,
+    ChannelPrefix,
     FloodLimit,
     Hub,
     Options,
@@ -161,6 +164,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         journal_active=lambda: context.journal.active,
         rules=context.rules,
         run_in_thread=functools.partial(_in_thread, context.reactor),
+        namespaces=context.namespaces,
     )
     irc_wire = IrcWire(options.server_name, context.reactor)
     line_wire = LineWire()
@@ -207,7 +211,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         busy_reply=b"ERROR :Closing Link: too many connections\r\n",
         views={
             "sessions": AdminView(list=sessions, item=session),
-            "rooms": AdminView(list=lambda query: hub.describe_rooms(), item=room),
+            "rooms": AdminView(
+                list=lambda query: hub.describe_rooms(), item=room, forget=hub.forget
+            ),
         },
     )
 
@@ -226,6 +232,26 @@ RULES = Vocabulary(
     generic=("delay", "reset", "close", "stall"),
 )
 
+
+def _channel_prefix(argument: Value | None) -> Derive | None:
+    if argument is not None:
+        argument.error("'channel_prefix' takes no argument")
+        return None
+    return ChannelPrefix()
+
+
+# namespace_from: a room's prefix (#t42-room), a login (alice@t42: nick, USER or SASL).
+NAMESPACES: Mapping[str, SourceReader] = {
+    "channel_prefix": _channel_prefix,
+    "login": login_source,
+}
+
 CHAT: ServiceKind[Options] = ServiceKind(
-    "chat", parse, build, protocols=_PROTOCOLS, rules=RULES, listener_keys=("websocket",)
+    "chat",
+    parse,
+    build,
+    protocols=_PROTOCOLS,
+    rules=RULES,
+    listener_keys=("websocket",),
+    namespaces=NAMESPACES,
 )

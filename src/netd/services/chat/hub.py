@@ -25,9 +25,12 @@ from zope.interface import implementer
 
 from netd import passwords
 from netd.events import ServiceStats
+from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
+from netd.namespaces import key as namespace_key
 from netd.rules import RuleSet
 
 __all__ = [
+    "ChannelPrefix",
     "ChatError",
     "Flood",
     "Hub",
@@ -68,6 +71,24 @@ def room_key(name: str) -> str | None:
     if not bare or len(bare) > ROOM_LENGTH or _ROOM.match(bare) is None:
         return None
     return fold(bare)
+
+
+@attrs.frozen
+class ChannelPrefix:
+    """
+    C{channel_prefix}: the label before the first C{-} of a room's name,
+    C{#t42-room} -> C{t42}; what the hub carries as C{channel} is a name, or
+    a session's room names (the first that yields a key wins).
+    """
+
+    def __call__(self, carried: Mapping[str, Any]) -> str | None:
+        names = carried.get("channel")
+        for name in [names] if isinstance(names, str) else names or ():
+            label, dash, _ = name.removeprefix("#").partition("-")
+            found = namespace_key(label) if dash else None
+            if found is not None:
+                return found
+        return None
 
 
 @attrs.frozen
@@ -374,6 +395,8 @@ class Session(Protocol, ABC):
         self.realname = ""
         self.away = ""
         self.host = ""
+        # A nick given as bob@t42 (namespace_from: login): registered as bob.
+        self.nick_login: str | None = None
         self.rooms: dict[str, Room] = {}
         self.flood = Flood(hub.options.flood, hub.clock)
         self.connected_at = hub.clock.seconds()
@@ -391,6 +414,11 @@ class Session(Protocol, ABC):
     @property
     def prefix(self) -> str:
         return f"{self.nick}!{self.user or 'user'}@{self.host}"
+
+    @property
+    def login(self) -> str | None:
+        """The login naming the session's namespace (C{bob@t42}), if one does."""
+        return self.nick_login
 
     @property
     def registered(self) -> bool:
@@ -500,6 +528,7 @@ class Session(Protocol, ABC):
             "rooms": sorted(room.name for room in self.rooms.values()),
             "away": self.away or None,
             "since": self.connected_at,
+            **self.hub.stamp(self),
         }
 
 
@@ -516,6 +545,8 @@ class Hub:
     rules: RuleSet = attrs.field(factory=RuleSet)
     # Password hashes are checked here (bcrypt is slow on purpose): a thread pool.
     run_in_thread: Callable[..., Deferred[Any]] = maybeDeferred
+    # namespace_from (netd.namespaces): stamped on events and view entries.
+    namespaces: Namespacing = NO_NAMESPACES
     rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
     users: dict[str, Session] = attrs.field(init=False, factory=dict)
     sessions: dict[Session, None] = attrs.field(init=False, factory=dict)
@@ -567,6 +598,62 @@ class Hub:
     def connected(self, session: Session) -> None:
         self.sessions[session] = None
 
+    # --- namespaces ---------------------------------------------------------------
+
+    def read_login(self, text: str) -> tuple[str, str | None] | None:
+        """
+        A login (a nick, a USER name, a SASL account) as the name it stands for
+        and the login naming a namespace (C{bob@t42} with the C{login} source),
+        or L{None} when what follows its last C{@} is no namespace.  An
+        account of C{users} is that account, whatever its name holds.
+        """
+        if not self.namespaces.reads_logins or text in self.options.users:
+            return text, None
+        split = split_login(text)
+        if split is None:
+            return None
+        name, tag = split
+        return name, text if tag is not None else None
+
+    def read_nick(self, text: str) -> tuple[str, str | None]:
+        """A nick to register and its login: C{bob@t42} is bob in t42; BAD_NICK if no key."""
+        read = self.read_login(text) if "@" in text else (text, None)
+        if read is None:
+            raise ChatError(ChatError.BAD_NICK, text)
+        return read
+
+    def namespace(self, session: Session, channel: str | None = None) -> str | None:
+        """
+        The namespace of what C{session} does in C{channel}, or of the session
+        itself (then its rooms, by name, are the channels its prefix is read from).
+        """
+        if not self.namespaces.enabled:
+            return None
+        channels = (
+            channel if channel is not None else sorted(r.name for r in session.rooms.values())
+        )
+        return self.namespaces.derive(channel=channels, login=session.login, client=session.host)
+
+    def stamp(self, session: Session, channel: str | None = None) -> dict[str, str]:
+        """What an event or a view entry carries of the namespace: C{namespace}, or nothing."""
+        found = self.namespace(session, channel)
+        return {"namespace": found} if found is not None else {}
+
+    def room_namespace(self, room: Room) -> str | None:
+        return self.namespaces.derive(channel=room.name) if self.namespaces.enabled else None
+
+    def forget(self, namespace: str) -> dict[str, int]:
+        """
+        C{DELETE /api/namespaces/NS}: the history of its rooms goes, so a room
+        joined again replays nothing of before; connected users stay.
+        """
+        cleared = 0
+        for room in self.rooms.values():
+            if room.history and self.room_namespace(room) == namespace:
+                room.history.clear()
+                cleared += 1
+        return {"rooms": cleared}
+
     def nick_free(self, nick: str, session: Session | None = None) -> bool:
         holder = self.users.get(fold(nick))
         return holder is None or holder is session
@@ -582,7 +669,13 @@ class Hub:
         session.nick = nick
         self.users[fold(nick)] = session
         self._gauges()
-        self.emit("chat.login", nick=nick, protocol=session.protocol_name, client=session.host)
+        self.emit(
+            "chat.login",
+            nick=nick,
+            protocol=session.protocol_name,
+            client=session.host,
+            **self.stamp(session),
+        )
 
     def rename(self, session: Session, nick: str) -> None:
         self.check_nick(nick, session)
@@ -594,7 +687,7 @@ class Hub:
             itertools.chain((session,), self._neighbours(session)),
             lambda wire: wire.renamed(session, old_prefix, old_nick),
         )
-        self.emit("chat.nick", old=old_nick, nick=nick)
+        self.emit("chat.nick", old=old_nick, nick=nick, **self.stamp(session))
 
     @staticmethod
     def _announce(members: Iterable[Session], encode: Callable[[Wire], bytes]) -> None:
@@ -624,14 +717,21 @@ class Hub:
             (m for m in self._neighbours(session) if m is not session),
             lambda wire: wire.quit(session, reason),
         )
+        stamp = self.stamp(session)  # read from its rooms too: before it leaves them
         for room in list(session.rooms.values()):
             self._remove(session, room)
         self._gauges()
-        self.emit("chat.quit", nick=session.nick, reason=reason)
+        self.emit("chat.quit", nick=session.nick, reason=reason, **stamp)
 
     def dropped_slow(self, session: Session) -> None:
         self.stats.count("chat_dropped_slow")
-        self.emit("chat.dropped", nick=session.nick, client=session.host, reason="send queue")
+        self.emit(
+            "chat.dropped",
+            nick=session.nick,
+            client=session.host,
+            reason="send queue",
+            **self.stamp(session),
+        )
 
     # --- rooms ------------------------------------------------------------------
 
@@ -667,7 +767,7 @@ class Hub:
         if room.count == 1:
             room.operators.add(session)  # whoever opens an empty room runs it
         self._announce(room.all_members(), lambda wire: wire.joined(session, room))
-        self.emit("chat.join", nick=session.nick, room=room.name)
+        self.emit("chat.join", nick=session.nick, room=room.name, **self.stamp(session, room.name))
         return room
 
     @staticmethod
@@ -689,7 +789,13 @@ class Hub:
             raise ChatError(ChatError.NOT_IN_ROOM, name)
         self._announce(room.all_members(), lambda wire: wire.parted(session, room, reason))
         self._remove(session, room)
-        self.emit("chat.part", nick=session.nick, room=room.name, reason=reason)
+        self.emit(
+            "chat.part",
+            nick=session.nick,
+            room=room.name,
+            reason=reason,
+            **self.stamp(session, room.name),
+        )
         return room
 
     def _remove(self, session: Session, room: Room) -> None:
@@ -716,7 +822,13 @@ class Hub:
             raise ChatError(ChatError.NOT_OPERATOR, f"#{room.name}")
         room.topic = topic[:TOPIC_LENGTH]
         self._announce(room.all_members(), lambda wire: wire.topic(session, room))
-        self.emit("chat.topic", nick=session.nick, room=room.name, topic=room.topic)
+        self.emit(
+            "chat.topic",
+            nick=session.nick,
+            room=room.name,
+            topic=room.topic,
+            **self.stamp(session, room.name),
+        )
         return room
 
     # --- messages -----------------------------------------------------------------
@@ -727,10 +839,22 @@ class Hub:
             return True
         self.stats.count("chat_flood_dropped")
         if session.flood.persistent:
-            self.emit("chat.flood", nick=session.nick, client=session.host, action="disconnect")
+            self.emit(
+                "chat.flood",
+                nick=session.nick,
+                client=session.host,
+                action="disconnect",
+                **self.stamp(session),
+            )
             session.disconnect("Excess flood")
         elif session.flood.strikes == 1:
-            self.emit("chat.flood", nick=session.nick, client=session.host, action="drop")
+            self.emit(
+                "chat.flood",
+                nick=session.nick,
+                client=session.host,
+                action="drop",
+                **self.stamp(session),
+            )
             session.notify(
                 f"flood: more than {self.options.flood.messages} messages in "
                 f"{self.options.flood.per_seconds:g} s; messages dropped"
@@ -750,7 +874,13 @@ class Hub:
         self.stats.count("chat_messages")
         self.stats.count("chat_deliveries", room.count - 1)
         if self.journal_active():
-            self.emit("chat.message", nick=session.nick, room=room.name, text=text)
+            self.emit(
+                "chat.message",
+                nick=session.nick,
+                room=room.name,
+                text=text,
+                **self.stamp(session, room.name),
+            )
         return room
 
     @staticmethod
@@ -788,7 +918,14 @@ class Hub:
         reason = reason or session.nick
         self._announce(room.all_members(), lambda wire: wire.kicked(session, room, target, reason))
         self._remove(target, room)
-        self.emit("chat.kick", nick=session.nick, room=room.name, target=target.nick, reason=reason)
+        self.emit(
+            "chat.kick",
+            nick=session.nick,
+            room=room.name,
+            target=target.nick,
+            reason=reason,
+            **self.stamp(session, room.name),
+        )
         return room
 
     def invite(self, session: Session, nick: str, name: str) -> Session:
@@ -807,7 +944,13 @@ class Hub:
         if len(room.invited) < len(self.users):
             room.invited.add(fold(target.nick))
         target.write(target.wire.invited(session, target, room))
-        self.emit("chat.invite", nick=session.nick, room=room.name, target=target.nick)
+        self.emit(
+            "chat.invite",
+            nick=session.nick,
+            room=room.name,
+            target=target.nick,
+            **self.stamp(session, room.name),
+        )
         return target
 
     def change_modes(self, session: Session, name: str, changes: list[ModeChange]) -> Room:
@@ -831,6 +974,7 @@ class Hub:
                     nick=session.nick,
                     room=room.name,
                     changes=[attrs.astuple(change) for change in applied],
+                    **self.stamp(session, room.name),
                 )
         return room
 
@@ -889,7 +1033,9 @@ class Hub:
         self.stats.count("chat_messages")
         self.stats.count("chat_deliveries")
         if self.journal_active():
-            self.emit("chat.message", nick=session.nick, to=target.nick, text=text)
+            self.emit(
+                "chat.message", nick=session.nick, to=target.nick, text=text, **self.stamp(session)
+            )
         return target
 
     def check_password(self, account: str, password: bytes) -> Deferred[bool]:
@@ -912,8 +1058,8 @@ class Hub:
             self.describe_room(room) for room in sorted(self.rooms.values(), key=lambda r: r.key)
         ]
 
-    @staticmethod
-    def describe_room(room: Room) -> dict[str, Any]:
+    def describe_room(self, room: Room) -> dict[str, Any]:
+        namespace = self.room_namespace(room)
         return {
             "room": room.name,
             "topic": room.topic,
@@ -923,4 +1069,5 @@ class Hub:
             "modes": " ".join(room.mode_flags(with_key=False)),
             "bans": [mask for mask, _, _ in room.bans],
             "history": len(room.history),
+            **({"namespace": namespace} if namespace is not None else {}),
         }

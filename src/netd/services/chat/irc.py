@@ -75,6 +75,9 @@ VERSION = "netd-chat-1"
 # From the modern IRC client protocol, not RFC 2812.
 ERR_INPUTTOOLONG = "417"
 ERR_INVALIDCAPCMD = "410"
+# ircu's and InspIRCd's answer to a USER name refused.
+ERR_INVALIDUSERNAME = "468"
+_NO_NAMESPACE = "Not a namespace after '@' (letters, digits, '_', '-'): USER name@NAMESPACE"
 # Channel mode changes that take an argument, at most, in one MODE command.
 MAX_MODE_ARGUMENTS = 4
 _ISUPPORT = (
@@ -261,12 +264,20 @@ class IrcSession(Session, irc.IRC):
         self._timer: IDelayedCall | None = None
         self.caps: set[str] = set()
         self.account: str | None = None
+        # Logins naming a namespace (alice@t42), by where they came from.
+        self.sasl_login: str | None = None
+        self.user_login: str | None = None
         self._sasl: list[str] | None = None
         self._sasl_failures = 0
         self._sasl_checking = False
         # The client tags of the command being handled.
         self._tags = b""
         self._batches = itertools.count(1)
+
+    @property
+    def login(self) -> str | None:
+        """The SASL account's, the USER name's or the nick's login (C{alice@t42}), in that order."""
+        return self.sasl_login or self.user_login or self.nick_login
 
     # --- connection ---------------------------------------------------------------
 
@@ -333,7 +344,8 @@ class IrcSession(Session, irc.IRC):
         rules = self.hub.rules
         if rules.event_rules:
             channel = params[0] if params and params[0][:1] in ("#", "&") else ""
-            fired = rules.check(self.host, command=command, channel=channel)
+            namespace = self.hub.namespace(self, channel or None)
+            fired = rules.check(self.host, namespace, command=command, channel=channel)
             if fired is not None:
                 self._ruled(fired, command, prefix, params, channel)
                 return
@@ -486,17 +498,21 @@ class IrcSession(Session, irc.IRC):
         if authorize and authorize != name:
             self._sasl_failed(account)  # no logging in as someone else
             return
+        read = self.hub.read_login(account)
+        if read is None:
+            self._sasl_failed(account)  # alice@: no namespace to log in to
+            return
         self._sasl_checking = True
-        checked = self.hub.check_password(account, password)
+        checked = self.hub.check_password(read[0], password)
         checked.addErrback(self._check_failed)
-        checked.addCallback(self._sasl_checked, account)
+        checked.addCallback(self._sasl_checked, *read)
 
     @staticmethod
     def _check_failed(reason: Failure) -> bool:
         _log.failure("chat: SASL password check failed", reason)
         return False
 
-    def _sasl_checked(self, ok: bool, account: str) -> None:
+    def _sasl_checked(self, ok: bool, account: str, login: str | None = None) -> None:
         if self.gone:
             self._sasl_checking = False
             return
@@ -506,11 +522,14 @@ class IrcSession(Session, irc.IRC):
             return
         self._sasl_checking = False
         self.account = account
+        self.sasl_login = login
         nick = self.nick or self.wanted_nick or "*"
         mask = f"{nick}!{self.user or 'user'}@{self.host}"
         self.numeric("900", mask, account, f"You are now logged in as {account}")
         self.numeric("903", "SASL authentication successful")
-        self.hub.emit("chat.sasl", account=account, client=self.host, ok=True)
+        self.hub.emit(
+            "chat.sasl", account=account, client=self.host, ok=True, **self.hub.stamp(self)
+        )
         self.hub.flush_soon()
 
     def _sasl_refused(self, account: str) -> None:
@@ -546,18 +565,24 @@ class IrcSession(Session, irc.IRC):
                 if nick != self.nick:
                     self.hub.rename(self, nick)
                 return
+            nick, login = self.hub.read_nick(nick)
             self.hub.check_nick(nick, self)
         except ChatError as e:
             self.refuse(e)
             return
-        self.wanted_nick = nick
+        self.wanted_nick, self.nick_login = nick, login
         self._try_register()
 
     def irc_USER(self, prefix: str, params: list[str]) -> None:
         if self.registered:
             self.numeric(irc.ERR_ALREADYREGISTRED, "You may not reregister")
         elif self._enough("USER", params, 4):
-            self.user = "".join(c for c in params[0] if c.isalnum() or c in "-_.")[:10] or "user"
+            read = self.hub.read_login(params[0])
+            if read is None:
+                self.numeric(ERR_INVALIDUSERNAME, params[0], _NO_NAMESPACE)
+                return
+            name, self.user_login = read
+            self.user = "".join(c for c in name if c.isalnum() or c in "-_.")[:10] or "user"
             self.realname = params[3]
             self._try_register()
 

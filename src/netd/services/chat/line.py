@@ -18,7 +18,7 @@ __all__ = ["LineSession", "LineWire"]
 _TELNET = re.compile(rb"\xff\xff|\xff\xfa.*?\xff\xf0|\xff[\xfb-\xfe].|\xff[\xf0-\xf9]", re.DOTALL)
 
 HELP = (
-    "/nick NAME        choose or change your nick",
+    "/nick NAME        choose or change your nick (NAME@NAMESPACE: in a namespace)",
     "/join ROOM [KEY]  join ROOM (created if new) and make it current",
     "/part [ROOM]      leave ROOM (default: the current room)",
     "/msg NICK TEXT    a private message",
@@ -220,7 +220,8 @@ class LineSession(Session):
         elif self.registered:
             self.hub.rename(self, rest)
         else:
-            self.hub.register(self, rest)
+            nick, self.nick_login = self.hub.read_nick(rest)
+            self.hub.register(self, nick)
             self.notify(f"you are {self.nick}")
             if self.hub.options.rooms:
                 self.do_join(self.hub.options.rooms[0])

@@ -12,6 +12,7 @@ The C{ftp} service kind: anonymous and user FTP with FTPS, on twisted.protocols.
       tls: lab                    # offers AUTH TLS and PROT P
       require_tls: false
       umask: "022"                # new files and folders, and the most SITE CHMOD grants
+      namespace_from: [login]     # USER user@t42: user, in the folder t42/ of its root
 
 The protocol lives in L{netd.services.ftp.session}, accounts, confined shells
 and the fast transfer paths in L{netd.services.ftp.files}.
@@ -30,10 +31,11 @@ from twisted.cred.portal import Portal
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.namespaces import login_source
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
 from netd.services.ftp.files import Accounts, Realm, User, in_thread
-from netd.services.ftp.session import FTPServer, SessionLimits
+from netd.services.ftp.session import FTPServer, SessionFactory, SessionLimits
 
 __all__ = ["FTP", "Options", "User", "build", "parse"]
 
@@ -186,6 +188,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         tls=context.tls.get(options.tls) if options.tls else None,
         require_tls=options.require_tls,
         rules=context.rules,
+        namespaces=context.namespaces,
+        accounts=frozenset({SessionFactory.userAnonymous, *users}),
+        writable_roots=_writable_roots(options),
     )
 
     def stream(listener: ListenerConfig) -> Any:
@@ -201,8 +206,16 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         stream=stream,
         busy_reply=b"421 Too many connections, try again later.\r\n",
         per_client_reply=b"421 Too many connections from your address.\r\n",
-        views={"sessions": AdminView(list=server.list_sessions)},
+        views={"sessions": AdminView(list=server.list_sessions, forget=server.forget)},
     )
+
+
+def _writable_roots(options: Options) -> tuple[Path, ...]:
+    """The roots clients may write to: a namespace's folders there hold what they sent."""
+    roots = [user.home for user in options.users if user.write]
+    if options.anonymous == "write" and options.root is not None:
+        roots.append(options.root)
+    return tuple(roots)
 
 
 # A command's rules: its verb and its argument as sent (a path, mostly).
@@ -212,4 +225,12 @@ RULES = Vocabulary(
     generic=("delay", "throttle", "reset", "close", "stall"),
 )
 
-FTP: ServiceKind[Options] = ServiceKind("ftp", parse, build, per_client_default=10, rules=RULES)
+FTP: ServiceKind[Options] = ServiceKind(
+    "ftp",
+    parse,
+    build,
+    per_client_default=10,
+    rules=RULES,
+    # namespace_from: the login USER user@t42.
+    namespaces={"login": login_source},
+)

@@ -12,9 +12,10 @@ import grp
 import os
 import pwd
 import secrets
+import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -45,6 +46,7 @@ __all__ = [
     "Upload",
     "User",
     "in_thread",
+    "remove_namespace_folders",
 ]
 
 # Uploads are written under this prefix next to their final name and renamed
@@ -174,6 +176,20 @@ class Realm:
         return ftp.IFTPShell, shell, lambda: None
 
 
+def remove_namespace_folders(roots: Iterable[Path], folder: str) -> int:
+    """
+    Remove the folder C{folder} (a namespace's) of each root, how many went
+    (blocking: run in a thread).  A link of that name is left, not followed.
+    """
+    removed = 0
+    for root in {os.path.realpath(root) for root in roots}:
+        path = os.path.join(root, folder)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not os.path.lexists(path)
+    return removed
+
+
 _UNSAFE = frozenset("\0\r\n")
 
 
@@ -238,6 +254,22 @@ class Shell(ftp.FTPShell):
         if not self._inside(found.path):
             raise _denied(path)
         return found
+
+    def for_namespace(self, folder: str) -> Shell:
+        """
+        This shell's twin rooted in C{folder} of its root, made if missing
+        (blocking: run in a thread).  A folder that is a link, or a file, is
+        refused (L{Refused}).
+        """
+        path = os.path.join(self.real_root, folder)
+        try:
+            os.mkdir(path)
+            os.chmod(path, 0o777 & ~self.umask)  # the service's umask, not the daemon's
+        except FileExistsError:
+            pass
+        if os.path.islink(path) or not os.path.isdir(path):
+            raise Refused(f"{folder}: not a folder")
+        return Shell(Path(path), self.writable, self.run_in_thread, self.umask, self.anonymous)
 
     def _writing(self, path: Segments) -> None:
         if not self.writable:

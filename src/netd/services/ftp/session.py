@@ -54,6 +54,7 @@ from zope.interface import implementer
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
 from netd.rules import Fired, RuleSet
 from netd.sendfile import plain_socket, send_file
 from netd.services.ftp.data import (
@@ -66,7 +67,7 @@ from netd.services.ftp.data import (
     PassivePort,
     plain_host,
 )
-from netd.services.ftp.files import FACTS, RunInThread, Upload
+from netd.services.ftp.files import FACTS, RunInThread, Upload, remove_namespace_folders
 
 __all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 
@@ -84,6 +85,8 @@ _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _IDLE = "421 Idle timeout, closing control connection."
 _SLOW_LINE = "421 Command line not complete in time, closing control connection."
+_BAD_NAMESPACE = "530 Not a namespace after '@' (letters, digits, '_', '-'): USER name@NAMESPACE."
+_NO_NAMESPACE_HOME = "530 Login incorrect: the namespace's folder cannot be opened."
 
 
 # Path commands Twisted implements, parsing paths itself (see Session._segments).
@@ -155,6 +158,11 @@ class FTPServer:
     tls: IOpenSSLServerConnectionCreator | None = None
     require_tls: bool = False
     rules: RuleSet = attrs.field(factory=RuleSet)
+    # namespace_from (netd.namespaces); a login names an account of these as it is.
+    namespaces: Namespacing = NO_NAMESPACES
+    accounts: frozenset[str] = frozenset()
+    # The roots clients write to: a namespace's folders there go when it is forgotten.
+    writable_roots: tuple[Path, ...] = ()
     listen_passive: ListenPassive = attrs.field(
         default=attrs.Factory(lambda self: partial(PassivePort, self.reactor), takes_self=True)
     )
@@ -193,6 +201,36 @@ class FTPServer:
 
     def list_sessions(self, query: Mapping[str, str]) -> list[dict[str, Any]]:
         return [session.describe() for session in self.sessions.values()]
+
+    def read_login(self, text: str) -> tuple[str, str | None] | None:
+        """
+        USER's C{text} as the account to check and the login naming a namespace
+        (C{user@t42} with the C{login} source), or L{None} when what follows
+        its last C{@} is no namespace.  An account's own name (C{anonymous},
+        C{bob@example.com} in C{users}) is that account, whatever it holds.
+        """
+        if not self.namespaces.reads_logins or text in self.accounts:
+            return text, None
+        split = split_login(text)
+        if split is None:
+            return None
+        name, tag = split
+        return name, text if tag is not None else None
+
+    def namespace_of(self, login: str | None, client: str) -> str | None:
+        if not self.namespaces.enabled:
+            return None
+        return self.namespaces.derive(login=login, client=client)
+
+    def forget(self, namespace: str) -> Deferred[dict[str, int]]:
+        """
+        C{DELETE /api/namespaces/NS}: the namespace's folders in the writable
+        roots go, off the reactor thread; its live sessions stay connected.
+        """
+        removed: Deferred[int] = self.run_in_thread(
+            remove_namespace_folders, self.writable_roots, namespace
+        )
+        return removed.addCallback(lambda count: {"folders": count})
 
 
 class SessionFactory(Factory):
@@ -248,6 +286,9 @@ class Session(ftp.FTP):
         self.client = ""
         self.client_host = ""
         self.user: str | None = None
+        # Its namespace: the client's until a login names one (netd.namespaces).
+        self.namespace: str | None = None
+        self._login_namespace: str | None = None
         self.secure = implicit
         self.data_tls = data_tls or server.tls
         # Implicit FTPS protects data from the start, as clients expect.
@@ -271,6 +312,7 @@ class Session(ftp.FTP):
         peer = self.transport.getPeer()
         self.client_host = plain_host(getattr(peer, "host", ""))
         self.client = f"{self.client_host}:{getattr(peer, 'port', '')}"
+        self.namespace = self.server.namespace_of(None, self.client_host)
         self.server.sessions[self.id] = self
         # Replies are small and each waits on the one before: with Nagle's algorithm
         # and delayed ACKs every exchange would stall for tens of milliseconds.
@@ -417,7 +459,9 @@ class Session(ftp.FTP):
         rules = self.server.rules
         if rules.event_rules:
             path = params[0] if params else ""
-            fired = rules.check(self.client_host, command=command.upper(), path=path)
+            fired = rules.check(
+                self.client_host, self.namespace, command=command.upper(), path=path
+            )
             if fired is not None:
                 return self._ruled(fired, command, params)
         return self._process(command, *params)
@@ -458,9 +502,24 @@ class Session(ftp.FTP):
             "data_tls": self.protect_data,
             "since": self.started,
             "transfer": transfer,
+            **self._stamp(),
         }
 
+    def _stamp(self, namespace: str | None = None) -> dict[str, str]:
+        """C{namespace} (default: the session's) as events and views carry it."""
+        found = namespace or self.namespace
+        return {"namespace": found} if found is not None else {}
+
     # -- login -----------------------------------------------------------------------
+
+    def ftp_USER(self, username: str) -> Any:
+        read = self.server.read_login(username)
+        if read is None:
+            self.server.stats.count("bad_namespaces")
+            return _BAD_NAMESPACE
+        name, login = read
+        self._login_namespace = self.server.namespace_of(login, self.client_host)
+        return super().ftp_USER(name)
 
     def ftp_PASS(self, password: str) -> Deferred[Any]:
         if self.state != self.INAUTH:
@@ -468,16 +527,44 @@ class Session(ftp.FTP):
             # that expects USER just before.
             return fail(ftp.BadCmdSequenceError("already logged in"))
         user = getattr(self, "_user", "")
+        namespace = self._login_namespace
         logged_in: Deferred[Any] = super().ftp_PASS(password)
 
-        def success(result: Any) -> Any:
+        def welcome(result: Any) -> Any:
             self.user = user
+            self.namespace = namespace
             self.server.failed_logins.forget(self.client_host)
             self.server.stats.count("logins")
             self.server.emit(
-                "ftp.login", client=self.client, user=user, session=self.id, tls=self.secure
+                "ftp.login",
+                client=self.client,
+                user=user,
+                session=self.id,
+                tls=self.secure,
+                **self._stamp(),
             )
             return result
+
+        def success(result: Any) -> Any:
+            if namespace is None:
+                return welcome(result)
+            # The session is rooted in the namespace's folder of its root, made
+            # at its first login: two tests never see each other's files.
+            made = self.server.run_in_thread(self.shell.for_namespace, namespace)
+            return made.addCallbacks(lambda shell: welcome(self._rooted(shell, result)), no_home)
+
+        def no_home(reason: Failure) -> str:
+            # The operator's to fix (a root netd cannot write to, a link): a line, no traceback.
+            _log.warn(
+                "ftp session {session} {client}: no folder for namespace {namespace}: {why}",
+                session=self.id,
+                client=self.client,
+                namespace=namespace,
+                why=reason.getErrorMessage(),
+            )
+            self.state = self.UNAUTH
+            self.shell = None
+            return _NO_NAMESPACE_HOME
 
         def failure(reason: Failure) -> Deferred[Any]:
             # Every failed PASS takes this path, whatever made it fail: one that
@@ -488,7 +575,13 @@ class Session(ftp.FTP):
                 reason = Failure(ftp.AuthorizationError())
             self.failures += 1
             self.server.stats.count("login_failures")
-            self.server.emit("ftp.login_failed", client=self.client, user=user, session=self.id)
+            self.server.emit(
+                "ftp.login_failed",
+                client=self.client,
+                user=user,
+                session=self.id,
+                **self._stamp(namespace),
+            )
             delayed: Deferred[Any] = Deferred()
 
             def answer() -> None:
@@ -508,6 +601,10 @@ class Session(ftp.FTP):
             return delayed
 
         return logged_in.addCallbacks(success, failure)
+
+    def _rooted(self, shell: Any, result: Any) -> Any:
+        self.shell = shell
+        return result
 
     # -- TLS (RFC 4217) --------------------------------------------------------------
 
@@ -655,7 +752,9 @@ class Session(ftp.FTP):
             return fail(ftp.BadCmdSequenceError("may not send PORT after EPSV ALL"))
         if plain_host(host) != self.client_host or not 1024 <= port <= 65535:
             self.server.stats.count("bounce_refused")
-            self.server.emit("ftp.bounce_refused", client=self.client, target=f"{host}:{port}")
+            self.server.emit(
+                "ftp.bounce_refused", client=self.client, target=f"{host}:{port}", **self._stamp()
+            )
             return _BOUNCE
         self._new_channel().connect(host, port)
         return ftp.ENTERING_PORT_MODE
@@ -902,6 +1001,7 @@ class Session(ftp.FTP):
             bytes=transfer.bytes,
             seconds=round(time.time() - transfer.started, 6),
             ok=ok,
+            **self._stamp(),
         )
 
     def ftp_RETR(self, path: str) -> Deferred[Any]:
