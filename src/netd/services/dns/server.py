@@ -385,6 +385,7 @@ def _forwarders(options: Options, context: BuildContext) -> Forwarders | None:
             timeout=options.forward_timeout,
             payload=options.udp_payload,
             attempts=options.forward_attempts,
+            strategy=options.forward_strategy,
         )
 
     if not options.forward and not options.forward_zones:
