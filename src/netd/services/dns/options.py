@@ -216,7 +216,7 @@ def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, i
     path = Path(value.as_str())
     stem = path.name.removesuffix(".zone").removesuffix(".db")
     try:
-        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
+        records, apex = parse_master_file(text, name_to_wire(stem), ttl, value.as_path())
     except (DataError, ValueError) as e:
         line = getattr(e, "line", None)
         value.error(f"{path}{f' line {line}' if line else ''}: {e}")
