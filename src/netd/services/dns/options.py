@@ -23,7 +23,7 @@ from netd.services.dns.data import (
     reverse_name,
 )
 from netd.services.dns.forward import STRATEGIES, Upstream, certificates
-from netd.services.dns.local import made_up_soa
+from netd.services.dns.local import LocalData, made_up_soa
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
@@ -99,6 +99,9 @@ class Options:
     """
     @ivar records: every local record as (owner, type, ttl, rdata) in wire
         form: the C{records} map, the zone files and the hosts file together.
+    @ivar local: C{records} ready to answer from, built with the map read
+        (so a reload builds it off the reactor thread, with the zone files
+        read); not compared: C{records} says the same.
     """
 
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
@@ -116,6 +119,7 @@ class Options:
     persist: Path | None = None
     record_to: Path | None = None
     update: UpdateOptions = attrs.field(factory=UpdateOptions)
+    local: LocalData | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -159,6 +163,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         persist=section.file_path("persist"),
         record_to=section.file_path("record_to"),
         update=section.read("update", parse_update, UpdateOptions()),
+        local=LocalData(records, cache.negative_ttl),
     )
     return options
 

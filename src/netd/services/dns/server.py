@@ -99,6 +99,7 @@ class Server:
             context.emit,
             saver,
             options.update.allow,
+            options.local,
         )
         self.local = self.records.local
         self.updates: Updates | None = None
