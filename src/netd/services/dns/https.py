@@ -84,6 +84,11 @@ class _Body(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
+    def discard(self) -> None:
+        """Read no more of it: the connection goes, and nobody waits on the body."""
+        self.finished.addErrback(lambda reason: None)
+        self.finished.cancel()
+
     def dataReceived(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > _MAX_MESSAGE:
@@ -168,15 +173,13 @@ class HTTPSClient:
             # A kept connection the server closed while idle: POST is not
             # retried by the pool, so once more on a connection of its own.
             response = await self._post(query)
-        if response.code != 200:
-            response.deliverBody(Protocol())
-            raise UpstreamFailed(f"HTTP {response.code}")
-        media = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        if media.split(b";")[0].strip().lower() != _MEDIA_TYPE:
-            response.deliverBody(Protocol())
-            raise UpstreamFailed(f"an answer of type {media!r}")
         body = _Body()
         response.deliverBody(body)
+        media = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        if response.code != 200 or media.split(b";")[0].strip().lower() != _MEDIA_TYPE:
+            # Whatever the body is, it is no answer: not worth reading, nor the connection.
+            body.discard()
+            raise UpstreamFailed(f"HTTP {response.code} {media!r}")
         return await body.finished
 
     def _post(self, query: bytes) -> Deferred[IResponse]:
