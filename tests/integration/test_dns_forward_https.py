@@ -6,6 +6,8 @@ kept-alive connection verified for the upstream's server_name.
 
 from __future__ import annotations
 
+import time
+
 import dns.message
 import dns.query
 import dns.rcode
@@ -53,8 +55,7 @@ def test_forwarding_over_https_reuses_one_verified_connection(
 ) -> None:
     ca = upstream_netd.ca_file("upstream")
     url = f"https://127.0.0.1:{doh_port(upstream_netd)}/dns-query"
-    resolver = start_netd(
-        f"""
+    resolver_map = f"""
 services:
   resolver:
     type: dns
@@ -64,7 +65,7 @@ services:
       timeout: 5
     cache: {{size: 0}}
 """
-    )
+    resolver = start_netd(resolver_map)
     for _ in range(3):
         reply = ask(resolver, "www.up.test")
         assert [str(r) for r in reply.answer] == ["www.up.test. 60 IN A 10.8.0.1"]
@@ -76,6 +77,19 @@ services:
     counters = resolver.services()["resolver"]["counters"]
     assert counters["upstream_queries"] == 4
     assert "upstream_failures" not in counters
+    # A reload that replaces the resolver closes the connection it kept.
+    resolver.reload(resolver_map.replace("timeout: 5", "timeout: 4"))
+    assert connections_closed(upstream_netd)
+
+
+def connections_closed(netd: NetdProcess) -> bool:
+    """Whether the upstream sees every connection to it closed, within 5 s."""
+    deadline = time.monotonic() + 5
+    while netd.services()["upstream"]["counters"]["connections_active"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_a_certificate_not_for_the_server_name_is_servfail(
