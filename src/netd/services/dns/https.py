@@ -90,6 +90,8 @@ class _Body(Protocol):
         self.finished.cancel()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return  # over the limit already, the connection on its way out
         self.size += len(data)
         if self.size > _MAX_MESSAGE:
             self._finish(Failure(UpstreamFailed("an answer over 65535 bytes")))

@@ -145,8 +145,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         except ValueError:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
-    no_forward = _Forward()
-    forward = section.read("forward", _forward, no_forward)
+    forward = section.read("forward", _forward, _Forward())
     options = Options(
         records=tuple(records),
         forward=forward.upstreams,
