@@ -20,6 +20,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IListeningPort, IOpenSSLServerConnectionCreator
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -508,7 +509,11 @@ class Daemon(MultiService):
     @inlineCallbacks
     def _reload(self) -> Any:
         try:
-            new = load_config(self.config.file)
+            # Reading the map reads every file it names (zone files of a
+            # million lines, say): in a thread, so services answer meanwhile.
+            new = yield deferToThreadPool(
+                self.reactor, self.reactor.getThreadPool(), load_config, self.config.file
+            )
         except ConfigErrors as e:
             return ReloadResult(errors=tuple(str(error) for error in e.errors))
         try:

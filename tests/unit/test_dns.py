@@ -184,7 +184,7 @@ def test_zone_file_errors_carry_the_line(tmp_path: Path) -> None:
     (tmp_path / "hosts").write_text("127.0.0.1 localhost\nnot-an-address host\n")
     found = errors(tmp_path, "    zone_files: [a.test.zone, b.test.zone]\n    hosts_file: hosts\n")
     assert any("a.test.zone line 3: not a 16-bit number: 'ten'" in e for e in found)
-    assert any("b.test.zone line 1: $INCLUDE is not supported" in e for e in found)
+    assert any("b.test.zone line 1: $INCLUDE other.zone: cannot read" in e for e in found)
     assert any("hosts line 2: not an IP address: 'not-an-address'" in e for e in found)
 
 

@@ -8,7 +8,7 @@ its own cache, over UDP, TCP and DNS over TLS (C{ssl:} listeners, RFC 7858).
       records:
         www.netd.test: {A: [127.0.0.1], AAAA: ["::1"]}
         "*.apps.netd.test": {A: [127.0.0.2]}
-      forward: ["127.0.0.1:5300"]
+      forward: ["127.0.0.1:5300", "https://127.0.0.1:8443/dns-query"]
       cache: {size: 10000, max_ttl: 86400, negative_ttl: 300}
       udp_payload: 1232
       query_log: true
@@ -32,6 +32,7 @@ from twisted.internet.interfaces import IProtocolFactory
 from netd.config import ListenerConfig, ServiceConfig
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.namespaces import suffix_source
+from netd.services.dns.forward import ForwardingService
 from netd.services.dns.live import RecordsService, records_view
 from netd.services.dns.options import CacheOptions, Options, parse
 from netd.services.dns.rules import RULES
@@ -55,6 +56,8 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     RecordsService(server.records).setServiceParent(services)
     if server.recorder is not None:
         server.recorder.setServiceParent(services)
+    if server.forwarder is not None:
+        ForwardingService(server.forwarder).setServiceParent(services)
 
     def stream(listener: ListenerConfig) -> IProtocolFactory:
         if listener.protocol == "doh":

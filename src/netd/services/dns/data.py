@@ -13,6 +13,7 @@ import io
 import ipaddress
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 from twisted.names import dns
@@ -258,58 +259,171 @@ def _strip_comment(line: str) -> str:
 _CLASSES = {"IN"}
 
 
+@attrs.define
+class _Reading:
+    """Where a master file's reading stands: what its directives set so far."""
+
+    origin: bytes
+    ttl: int
+    folder: Path | None
+    owner: bytes | None = None
+    apex: bytes | None = None
+    records: list[tuple[bytes, int, int, bytes]] = attrs.field(factory=list)
+
+
 def parse_master_file(
-    text: str, origin: bytes, default_ttl: int
+    text: str, origin: bytes, default_ttl: int, path: Path | None = None
 ) -> tuple[list[tuple[bytes, int, int, bytes]], bytes]:
     """
     The records of an RFC 1035 master file as (owner, type, ttl, rdata), and
-    its zone's apex: the origin its first record was read under.  C{$INCLUDE}
-    and C{$GENERATE} are refused.
+    its zone's apex: the origin its first record was read under.
+
+    @param path: the file C{text} was read from; C{$INCLUDE} reads files
+        beside it, and only in its folder (and folders under it).
     """
-    records: list[tuple[bytes, int, int, bytes]] = []
-    apex = origin
-    ttl = default_ttl
-    owner: bytes | None = None
+    folder = path.resolve().parent if path is not None else None
+    reading = _Reading(origin, default_ttl, folder)
+    _read_master(text, reading, path.resolve() if path is not None else None, ())
+    return reading.records, reading.apex or origin
+
+
+def _read_master(
+    text: str, reading: _Reading, path: Path | None, including: tuple[Path, ...]
+) -> None:
     for line, blank_owner, words in _entries(text):
         try:
-            first = words[0][0]
-            if first.upper() == "$ORIGIN":
-                origin = _name(_expect(words[1:], 1, "$ORIGIN NAME")[0], None)
-                continue
-            if first.upper() == "$TTL":
-                ttl = _time(_expect(words[1:], 1, "$TTL SECONDS")[0])
-                continue
-            if first.startswith("$"):
-                raise DataError(f"{first} is not supported")
-            if not blank_owner:
-                owner = _name(first, origin)
-                words = words[1:]
-            if owner is None:
-                raise DataError("the first record needs an owner name")
-            record_ttl = ttl
-            while words and not words[0][1]:
-                word = words[0][0]
-                if word.upper() in _CLASSES:
-                    words = words[1:]
-                elif word[0].isdigit():
-                    record_ttl = _time(word)
-                    words = words[1:]
-                else:
-                    break
-            if not words:
-                raise DataError("a record needs a type")
-            type_text = words[0][0].upper()
-            if type_text not in TYPES:
-                raise DataError(
-                    f"unsupported record type {words[0][0]!r} (one of {', '.join(TYPES)})"
-                )
-            rtype = TYPES[type_text]
-            if not records:
-                apex = origin
-            records.append((owner, rtype, record_ttl, parse_rdata(rtype, words[1:], origin)))
+            first = words[0][0].upper()
+            if first == "$ORIGIN":
+                reading.origin = _name(_expect(words[1:], 1, "$ORIGIN NAME")[0], None)
+            elif first == "$TTL":
+                reading.ttl = _time(_expect(words[1:], 1, "$TTL SECONDS")[0])
+            elif first == "$INCLUDE":
+                _include(words[1:], reading, path, including)
+            elif first == "$GENERATE":
+                _generate(words[1:], reading)
+            elif first.startswith("$"):
+                raise DataError(f"{words[0][0]} is not supported")
+            else:
+                _record(words, blank_owner, reading)
         except DataError as e:
             raise DataError(str(e), line) from None
-    return records, apex
+
+
+def _record(words: list[tuple[str, bool]], blank_owner: bool, reading: _Reading) -> None:
+    origin = reading.origin
+    if not blank_owner:
+        reading.owner = _name(words[0][0], origin)
+        words = words[1:]
+    owner = reading.owner
+    if owner is None:
+        raise DataError("the first record needs an owner name")
+    record_ttl = reading.ttl
+    while words and not words[0][1]:
+        word = words[0][0]
+        if word.upper() in _CLASSES:
+            words = words[1:]
+        elif word[0].isdigit():
+            record_ttl = _time(word)
+            words = words[1:]
+        else:
+            break
+    if not words:
+        raise DataError("a record needs a type")
+    type_text = words[0][0].upper()
+    if type_text not in TYPES:
+        raise DataError(f"unsupported record type {words[0][0]!r} (one of {', '.join(TYPES)})")
+    rtype = TYPES[type_text]
+    if reading.apex is None:
+        reading.apex = origin
+    reading.records.append((owner, rtype, record_ttl, parse_rdata(rtype, words[1:], origin)))
+
+
+# Deeper nesting than this is a mistake, not a zone's layout.
+MAX_INCLUDE_DEPTH = 8
+
+
+def _include(
+    args: list[tuple[str, bool]], reading: _Reading, path: Path | None, including: tuple[Path, ...]
+) -> None:
+    """
+    C{$INCLUDE FILE [ORIGIN]} (RFC 1035 section 5.1): FILE relative to the file
+    naming it; the origin and owner go back to what they were afterwards.
+    """
+    if not 1 <= len(args) <= 2:
+        raise DataError("expected $INCLUDE FILE [ORIGIN]")
+    if path is None or reading.folder is None:
+        raise DataError("$INCLUDE is for zone files")
+    name = args[0][0]
+    if len(including) >= MAX_INCLUDE_DEPTH:
+        raise DataError(f"$INCLUDE {name}: files included more than {MAX_INCLUDE_DEPTH} deep")
+    target = (path.parent / name).resolve()
+    # A map that names a zone file trusts that file's folder, nothing else:
+    # not ../../etc/shadow, nor a symbolic link leading out of it.
+    if not target.is_relative_to(reading.folder):
+        raise DataError(f"$INCLUDE {name}: outside the zone file's folder {reading.folder}")
+    if target == path or target in including:
+        raise DataError(f"$INCLUDE {name}: the file includes itself")
+    try:
+        text = target.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else str(e)
+        raise DataError(f"$INCLUDE {name}: cannot read {target}: {reason}") from None
+    saved = reading.origin, reading.owner
+    if len(args) == 2:
+        reading.origin = _name(args[1][0], reading.origin)
+    try:
+        _read_master(text, reading, target, (*including, path))
+    except DataError as e:
+        where = f" line {e.line}" if e.line else ""
+        raise DataError(f"{name}{where}: {e}") from None
+    reading.origin, reading.owner = saved
+
+
+MAX_GENERATED = 65536
+_RANGE = re.compile(r"(\d{1,10})-(\d{1,10})(?:/(\d{1,10}))?")
+# $, ${offset}, ${offset,width}, ${offset,width,base}; \$ is a dollar sign.
+_ITERATOR = re.compile(r"\\\$|\$(?:\{(-?\d{1,10})(?:,(\d{1,3})(?:,(\w))?)?\})?")
+_BASES = {"d": "d", "o": "o", "x": "x", "X": "X"}
+
+
+def _generate(args: list[tuple[str, bool]], reading: _Reading) -> None:
+    """
+    BIND's C{$GENERATE START-STOP[/STEP] OWNER [TTL] [CLASS] TYPE DATA}: one
+    record per number, C{$} in OWNER and DATA replaced by it (C{${offset,width,base}}
+    with base d, o, x or X), at most 65,536 of them a line.
+    """
+    if len(args) < 3:
+        raise DataError("expected $GENERATE START-STOP[/STEP] OWNER [TTL] [CLASS] TYPE DATA")
+    match = _RANGE.fullmatch(args[0][0])
+    if match is None:
+        raise DataError(f"not a $GENERATE range: {args[0][0]!r} (as in 1-100 or 0-254/2)")
+    start, stop = int(match[1]), int(match[2])
+    step = int(match[3] or 1)
+    if stop < start or step < 1:
+        raise DataError(f"an empty $GENERATE range: {args[0][0]!r}")
+    count = (stop - start) // step + 1
+    if count > MAX_GENERATED:
+        raise DataError(f"$GENERATE makes {count} records, more than {MAX_GENERATED}")
+    templates = args[1:]
+    for _, _, base in _ITERATOR.findall(" ".join(word for word, _ in templates)):
+        if base and base not in _BASES:
+            raise DataError(f"$GENERATE base {base!r} is not one of d, o, x, X")
+    for number in range(start, stop + 1, step):
+        words = [(_substitute(word, number), quoted) for word, quoted in templates]
+        _record(words, False, reading)
+
+
+def _substitute(template: str, number: int) -> str:
+    if "$" not in template:
+        return template
+
+    def one(match: re.Match[str]) -> str:
+        if match[0] == "\\$":
+            return "$"
+        offset, width, base = match[1], match[2], match[3]
+        return format(number + int(offset or 0), f"0{int(width or 0)}{_BASES[base or 'd']}")
+
+    return _ITERATOR.sub(one, template)
 
 
 def parse_hosts(text: str) -> list[tuple[bytes, int, bytes]]:

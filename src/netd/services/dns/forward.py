@@ -9,15 +9,17 @@ sits, and counts the TTLs down by patching those four bytes.
 
 from __future__ import annotations
 
+import random
 import secrets
 import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred, fail
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
@@ -50,7 +52,19 @@ from netd.services.dns.wire import (
     walk_records,
 )
 
-__all__ = ["Cache", "Forwarder", "Forwarders", "Upstream", "UpstreamFailed", "certificates"]
+if TYPE_CHECKING:
+    from netd.services.dns.https import HTTPSClient
+
+__all__ = [
+    "STRATEGIES",
+    "Cache",
+    "Forwarder",
+    "Forwarders",
+    "ForwardingService",
+    "Upstream",
+    "UpstreamFailed",
+    "certificates",
+]
 
 _HEADER = struct.Struct(">HHHHHH")
 _TTL = struct.Struct(">I")
@@ -60,6 +74,13 @@ _SOA = 6
 MAX_IN_FLIGHT = 1000
 # An upstream answering these did not answer: the next one may.
 _TRY_NEXT = frozenset({SERVFAIL, NOTIMP, REFUSED, FORMERR})
+STRATEGIES = ("in_order", "fastest", "random")
+# C{fastest}: round-trip times smoothed as TCP's (RFC 6298's 1/8), and a probe
+# of the upstream left unused the longest every 50 queries or 20 seconds
+# (dnsmasq's numbers for re-testing its servers).
+_SMOOTHING = 0.125
+_PROBE_QUERIES = 50
+_PROBE_SECONDS = 20.0
 
 
 @attrs.frozen
@@ -72,6 +93,8 @@ class Upstream:
     @ivar server_name: the name (or address) the certificate must carry, and
         the SNI sent; the host by default.
     @ivar ca: PEM certificates to trust instead of the system's store.
+    @ivar path: for DNS over HTTPS (RFC 8484, C{https://HOST[:PORT]/PATH}),
+        the path queries are posted to; None for the other transports.
     """
 
     host: str
@@ -79,9 +102,16 @@ class Upstream:
     tls: bool = False
     server_name: str | None = None
     ca: bytes | None = attrs.field(default=None, repr=False)
+    path: str | None = None
+
+    @property
+    def https(self) -> bool:
+        return self.path is not None
 
     def __str__(self) -> str:
         address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.path is not None:
+            return f"https://{address}{self.path}"
         return f"tls://{address}" if self.tls else address
 
 
@@ -234,13 +264,27 @@ class _TCPExchange(_Exchange, Protocol):
             self.connecting.cancel()
 
 
+@attrs.define
+class _Speed:
+    """How one upstream has answered, for the C{fastest} strategy."""
+
+    rtt: float = 0.0  # smoothed seconds; 0 until measured, so each is tried early
+    failed: bool = False
+    used: float = 0.0
+
+
 class Forwarder:
     """
-    Asks upstreams in turn, from the one that answered last: UDP from a fresh
-    random port with a random ID, TCP when the answer is truncated (DNS over
-    TLS for a C{tls} upstream), the next upstream on silence or failure; the
-    whole list C{attempts} times, each try given C{timeout} seconds.
-    Identical questions in flight share one upstream query.
+    Asks upstreams in turn: UDP from a fresh random port with a random ID, TCP
+    when the answer is truncated (DNS over TLS for a C{tls} upstream, a POST
+    on a kept HTTPS connection for an C{https} one), the next upstream on
+    silence or failure; the whole list C{attempts} times, each try given
+    C{timeout} seconds.  Identical questions in flight share one upstream query.
+
+    @param strategy: the order upstreams are tried in: C{in_order} from the one
+        that answered last; C{fastest} by smoothed round-trip time, a failed
+        one last, the one unused the longest tried first now and then so a
+        demoted one can come back; C{random} shuffled for each question.
     """
 
     def __init__(
@@ -253,9 +297,14 @@ class Forwarder:
         socket_factory: Callable[[int, int], socket.socket] = socket.socket,
         payload: int = EDNS_PAYLOAD,
         attempts: int = 1,
+        strategy: str = "in_order",
+        shuffler: random.Random | None = None,
     ) -> None:
         self.reactor = reactor
         self.attempts = attempts
+        self.strategy = strategy
+        self.shuffler = shuffler or random.Random()
+        self._https_clients: dict[Upstream, HTTPSClient] = {}
         self._tls_options: dict[Upstream, Any] = {}
         # The UDP answer size netd takes from upstreams, as it offers clients.
         self.opt = opt_record(payload)
@@ -266,6 +315,9 @@ class Forwarder:
         self.timeout = timeout
         self._pending: dict[bytes, list[Deferred[bytes]]] = {}
         self._preferred = 0
+        self.speeds = {upstream: _Speed() for upstream in self.upstreams}
+        self._unprobed_queries = 0
+        self._probed = reactor.seconds()
 
     def resolve(self, question: bytes) -> Deferred[bytes]:
         """The upstream's reply to C{question} (lower-case name, type, class)."""
@@ -286,34 +338,96 @@ class Forwarder:
         for waiter in self._pending.pop(question, []):
             waiter.callback(result)
 
-    async def _resolve(self, question: bytes) -> bytes:
+    def _order(self) -> tuple[Upstream, ...]:
+        if self.strategy == "random":
+            return tuple(self.shuffler.sample(self.upstreams, len(self.upstreams)))
+        if self.strategy == "fastest":
+            return self._fastest()
         # Start with the upstream that answered last: a dead first upstream
         # would otherwise cost every question its timeout.
         first = self._preferred
-        order = self.upstreams[first:] + self.upstreams[:first]
-        for upstream in order * self.attempts:
-            ident = secrets.randbelow(1 << 16)
+        return self.upstreams[first:] + self.upstreams[:first]
+
+    def _fastest(self) -> tuple[Upstream, ...]:
+        speeds = self.speeds
+        order = sorted(self.upstreams, key=lambda upstream: speeds[upstream].rtt)
+        self._unprobed_queries += 1
+        now = self.reactor.seconds()
+        due = self._unprobed_queries >= _PROBE_QUERIES or now - self._probed >= _PROBE_SECONDS
+        if due and len(order) > 1:
+            # Real traffic re-measures the upstream left alone the longest: a
+            # demoted one that recovered, or one that has become the fastest.
+            # Should it still fail, this question moves on to the others.
+            self._unprobed_queries = 0
+            self._probed = now
+            stale = min(order[1:], key=lambda upstream: speeds[upstream].used)
+            order.remove(stale)
+            order.insert(0, stale)
+            self.stats.count("upstream_probes")
+        return tuple(order)
+
+    def _measured(self, upstream: Upstream, rtt: float) -> None:
+        speed = self.speeds[upstream]
+        if speed.failed or not speed.rtt:
+            speed.rtt = rtt
+        else:
+            speed.rtt += _SMOOTHING * (rtt - speed.rtt)
+        speed.failed = False
+
+    def _failed(self, upstream: Upstream) -> None:
+        self.stats.count("upstream_failures")
+        speed = self.speeds[upstream]
+        # Behind every upstream that answers within the timeout.
+        speed.rtt = min(max(speed.rtt * 2, self.timeout * 2), self.timeout * 8)
+        speed.failed = True
+
+    async def _resolve(self, question: bytes) -> bytes:
+        for upstream in self._order() * self.attempts:
+            # RFC 8484 section 4.1: DoH queries carry ID 0 (TLS keeps out spoofers).
+            ident = 0 if upstream.https else secrets.randbelow(1 << 16)
             query = _HEADER.pack(ident, RD, 1, 0, 0, 1) + question + self.opt
             self.stats.count("upstream_queries")
+            started = self.reactor.seconds()
+            self.speeds[upstream].used = started
             try:
-                if upstream.tls:
+                if upstream.https:
+                    reply = await self._https(upstream, ident, question, query)
+                elif upstream.tls:
                     reply = await self._tcp(upstream, ident, question, query)
                 else:
                     reply = await self._udp(upstream, ident, question, query)
-                if reply[2] & (TC >> 8) and not upstream.tls:
+                if reply[2] & (TC >> 8) and not (upstream.tls or upstream.https):
                     self.stats.count("upstream_tcp_retries")
                     reply = await self._tcp(upstream, ident, question, query)
             except CancelledError:
                 raise
             except Exception:
-                self.stats.count("upstream_failures")
+                self._failed(upstream)
                 continue
             if reply[3] & 0xF in _TRY_NEXT or not _readable(reply, len(question)):
-                self.stats.count("upstream_failures")
+                self._failed(upstream)
                 continue
+            self._measured(upstream, self.reactor.seconds() - started)
             self._preferred = self.upstreams.index(upstream)
             return reply
         raise UpstreamFailed("every upstream failed")
+
+    async def _https(self, upstream: Upstream, ident: int, question: bytes, query: bytes) -> bytes:
+        client = self._https_clients.get(upstream)
+        if client is None:
+            # twisted.web's client only for a service that forwards over HTTPS.
+            from netd.services.dns.https import HTTPSClient
+
+            client = HTTPSClient(self.reactor, upstream, self.timeout)
+            self._https_clients[upstream] = client
+        reply = await client.ask(query)
+        if not _matches(reply, ident, question):
+            raise UpstreamFailed("an answer that does not match the query")
+        return reply
+
+    def close(self) -> Deferred[Any]:
+        """Drop the connections kept to HTTPS upstreams."""
+        return DeferredList([client.close() for client in self._https_clients.values()])
 
     def _udp(
         self, upstream: Upstream, ident: int, question: bytes, query: bytes
@@ -390,6 +504,10 @@ class Forwarders:
         self.default = default
         self.zones = zones
 
+    def close(self) -> Deferred[Any]:
+        forwarders = [*self.zones.values(), *([self.default] if self.default else [])]
+        return DeferredList([forwarder.close() for forwarder in forwarders])
+
     def resolve(self, question: bytes) -> Deferred[bytes]:
         name: bytes | None = question[:-4]
         while name is not None and self.zones:
@@ -400,6 +518,17 @@ class Forwarders:
         if self.default is None:
             return fail(UpstreamFailed("no upstream for this name"))
         return self.default.resolve(question)
+
+
+class ForwardingService(Service):
+    """Drops the connections kept to HTTPS upstreams when the service stops."""
+
+    def __init__(self, forwarders: Forwarders) -> None:
+        self.forwarders = forwarders
+
+    def stopService(self) -> Deferred[Any]:
+        Service.stopService(self)
+        return self.forwarders.close()
 
 
 @attrs.define

@@ -80,6 +80,8 @@ class Records:
     @param emit: journals one changed set.
     @param zones: zones to serve even with no record in the map (those open to
         updates), with a made-up SOA unless a zone above holds them.
+    @param prepared: C{configured} as L{LocalData} already, built where the
+        map was read (off the reactor thread on a reload).
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class Records:
         emit: Callable[..., None],
         saver: Saver | None = None,
         zones: Sequence[bytes] = (),
+        prepared: LocalData | None = None,
     ) -> None:
         self.configured = configured
         self.negative_ttl = negative_ttl
@@ -98,7 +101,7 @@ class Records:
         self.changed = changed
         self.emit = emit
         self.saver = saver
-        mapped = LocalData(configured, negative_ttl)
+        mapped = prepared if prepared is not None else LocalData(configured, negative_ttl)
         # A zone open to updates exists even if the map has no name in it yet.
         missing = [z for z in zones if mapped.zone_of(z) is None]
         if missing:
@@ -128,7 +131,7 @@ class Records:
                 if _serial(soa) < live_serial:
                     kept = (ttl, (_with_serial(soa, live_serial),))
                     self.live.changes[key] = Change(base, kept)
-        self.local = self._build()
+        self.local = self._build() if self.live.changes else mapped
 
     def publish(self) -> None:
         """This service now serves: its changes are the ones a reload carries over."""

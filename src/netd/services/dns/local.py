@@ -29,6 +29,17 @@ _PREPARED_LIMIT = 50_000
 # Where the target name starts in the data of the types with additional section processing.
 _TARGET_OFFSET = {dns.MX: 2, dns.NS: 0, dns.SRV: 6}
 _ADDITIONAL_LIMIT = 512
+# RFC 8482 section 4.2: ANY over UDP answered by one synthesised HINFO, its
+# TTL CoreDNS's `any` plugin's (a long one, so resolvers keep asking less).
+_HINFO = 13
+_RFC8482_DATA = b"\x07RFC8482\x00"
+_MINIMAL_ANY = Sections(
+    AA | NOERROR,
+    1,
+    0,
+    0,
+    _QUESTION_POINTER + _RR.pack(_HINFO, dns.IN, 8482, len(_RFC8482_DATA)) + _RFC8482_DATA,
+)
 
 
 def made_up_soa(apex: bytes, negative_ttl: int) -> bytes:
@@ -103,6 +114,17 @@ class LocalData:
             self._prepared.clear()
         self._prepared[key] = sections
         return sections
+
+    def minimal_any(self, name: bytes) -> Sections | None:
+        """
+        The answer to ANY for C{name} over UDP (RFC 8482): one HINFO
+        C{"RFC8482" ""} if the name has records, so a small query cannot fetch
+        every set of a name; a name without any answers as for any type.
+        """
+        sections = self.answer(name, dns.ALL_RECORDS)
+        if sections is None or sections.rcode != NOERROR or not sections.an:
+            return sections
+        return _MINIMAL_ANY
 
     def _node(self, name: bytes) -> dict[int, tuple[int, list[bytes]]] | None:
         node = self.sets.get(name)

@@ -22,8 +22,8 @@ from netd.services.dns.data import (
     parse_rdata,
     reverse_name,
 )
-from netd.services.dns.forward import Upstream, certificates
-from netd.services.dns.local import made_up_soa
+from netd.services.dns.forward import STRATEGIES, Upstream, certificates
+from netd.services.dns.local import LocalData, made_up_soa
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
@@ -99,12 +99,16 @@ class Options:
     """
     @ivar records: every local record as (owner, type, ttl, rdata) in wire
         form: the C{records} map, the zone files and the hosts file together.
+    @ivar local: C{records} ready to answer from, built with the map read
+        (so a reload builds it off the reactor thread, with the zone files
+        read); not compared: C{records} says the same.
     """
 
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
     forward: tuple[Upstream, ...] = ()
     forward_timeout: float = 2.0
     forward_attempts: int = 1
+    forward_strategy: str = "in_order"
     forward_zones: tuple[tuple[bytes, tuple[Upstream, ...]], ...] = ()
     cache: CacheOptions = CacheOptions()
     recursion_from: tuple[Network, ...] = LOOPBACK
@@ -115,6 +119,7 @@ class Options:
     persist: Path | None = None
     record_to: Path | None = None
     update: UpdateOptions = attrs.field(factory=UpdateOptions)
+    local: LocalData | None = attrs.field(default=None, eq=False, repr=False)
 
 
 def parse(section: Section, profiles: TLSProfiles) -> Options:
@@ -140,13 +145,13 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         except ValueError:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
-    no_forward: tuple[tuple[Upstream, ...], float, int] = ((), 2.0, 1)
-    forward, forward_timeout, forward_attempts = section.read("forward", _forward, no_forward)
+    forward = section.read("forward", _forward, _Forward())
     options = Options(
         records=tuple(records),
-        forward=forward,
-        forward_timeout=forward_timeout,
-        forward_attempts=forward_attempts,
+        forward=forward.upstreams,
+        forward_timeout=forward.timeout,
+        forward_attempts=forward.attempts,
+        forward_strategy=forward.strategy,
         forward_zones=section.read("forward_zones", _forward_zones, ()),
         cache=cache,
         recursion_from=section.networks("recursion_from", LOOPBACK),
@@ -157,6 +162,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         persist=section.file_path("persist"),
         record_to=section.file_path("record_to"),
         update=section.read("update", parse_update, UpdateOptions()),
+        local=LocalData(records, cache.negative_ttl),
     )
     return options
 
@@ -214,7 +220,7 @@ def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, i
     path = Path(value.as_str())
     stem = path.name.removesuffix(".zone").removesuffix(".db")
     try:
-        records, apex = parse_master_file(text, name_to_wire(stem), ttl)
+        records, apex = parse_master_file(text, name_to_wire(stem), ttl, value.as_path())
     except (DataError, ValueError) as e:
         line = getattr(e, "line", None)
         value.error(f"{path}{f' line {line}' if line else ''}: {e}")
@@ -242,17 +248,29 @@ def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
     return records
 
 
-def _forward(value: Value) -> tuple[tuple[Upstream, ...], float, int]:
-    """C{forward}: a list of upstreams, or {upstreams, timeout, attempts}."""
+@attrs.frozen
+class _Forward:
+    upstreams: tuple[Upstream, ...] = ()
+    timeout: float = 2.0
+    attempts: int = 1
+    strategy: str = "in_order"
+
+
+def _forward(value: Value) -> _Forward:
+    """C{forward}: a list of upstreams, or {upstreams, timeout, attempts, strategy}."""
     if not value.is_mapping:
-        return _upstreams(value), 2.0, 1
+        return _Forward(_upstreams(value))
     section = value.section()
     upstreams_value = section.require("upstreams")
     upstreams = _upstreams(upstreams_value) if upstreams_value is not None else ()
-    timeout = section.number("timeout", 2.0, minimum=0.1)
-    attempts = section.integer("attempts", 1, minimum=1, maximum=10)
+    forward = _Forward(
+        upstreams,
+        timeout=section.number("timeout", 2.0, minimum=0.1),
+        attempts=section.integer("attempts", 1, minimum=1, maximum=10),
+        strategy=section.choice("strategy", STRATEGIES, "in_order"),
+    )
     section.finish()
-    return upstreams, timeout, attempts
+    return forward
 
 
 def _upstreams(value: Value) -> tuple[Upstream, ...]:
@@ -272,7 +290,10 @@ def _forward_zones(value: Value) -> tuple[tuple[bytes, tuple[Upstream, ...]], ..
 
 
 def _upstream(value: Value) -> Upstream | None:
-    """C{IP[:PORT]}, C{tls://IP[:PORT]} or {address, server_name, ca} for a tls:// one."""
+    """
+    C{IP[:PORT]}, C{tls://IP[:PORT]}, C{https://HOST[:PORT]/PATH}, or
+    {address, server_name, ca} for a tls:// or https:// one.
+    """
     if not value.is_mapping:
         return _address(value)
     section = value.section()
@@ -292,22 +313,34 @@ def _upstream(value: Value) -> Upstream | None:
         except (OSError, ValueError) as e:
             ca_value.error(f"cannot read CA certificates from {path}: {e}")
             return None
-    if (server_name or ca) and not upstream.tls:
-        value.error("server_name and ca are for tls:// upstreams")
+    if (server_name or ca) and not (upstream.tls or upstream.https):
+        value.error("server_name and ca are for tls:// and https:// upstreams")
         return None
     return attrs.evolve(upstream, server_name=server_name, ca=ca)
 
 
 def _address(value: Value) -> Upstream | None:
     text = value.as_str()
+    if text.startswith("https://"):
+        authority, slash, path = text[8:].partition("/")
+        address = _rest(value, authority).as_host_port(443)
+        if address is None:
+            return None
+        if not slash or not path or any(c.isspace() or c in "?#" for c in path):
+            value.error(f"not https://HOST[:PORT]/PATH: {text!r} (as in https://9.9.9.9/dns-query)")
+            return None
+        return Upstream(*address, path="/" + path)
     tls = text.startswith("tls://")
     if tls:
-        node = value.node
-        value = attrs.evolve(
-            value, node=yaml.ScalarNode(node.tag, text[6:], node.start_mark, node.end_mark)
-        )
-    address = value.as_host_port(853 if tls else 53, numeric=True)
-    return Upstream(*address, tls=tls) if address is not None else None
+        value = _rest(value, text[6:])
+    host_port = value.as_host_port(853 if tls else 53, numeric=True)
+    return Upstream(*host_port, tls=tls) if host_port is not None else None
+
+
+def _rest(value: Value, text: str) -> Value:
+    """C{value} with only C{text} of it, for errors still at its place in the file."""
+    node = value.node
+    return attrs.evolve(value, node=yaml.ScalarNode(node.tag, text, node.start_mark, node.end_mark))
 
 
 def _cache(value: Value) -> CacheOptions:

@@ -123,6 +123,7 @@ class Server:
             context.emit,
             saver,
             options.update.allow,
+            options.local,
         )
         self.local = self.records.local
         self.updates: Updates | None = None
@@ -267,7 +268,7 @@ class Server:
         """The service's own answer to a parsed query."""
         stats = self.stats
         limit = udp_limit(query, self.udp_payload) if udp else None
-        sections, source = self._answer_now(query, recursion)
+        sections, source = self._answer_now(query, recursion, udp)
         if sections is not None:
             # RA says this client may ask for any name, whatever answered this one.
             flags = RA if recursion else 0
@@ -298,10 +299,13 @@ class Server:
         # Replies prepared from the old records must not be sent again.
         self.prepared.clear()
 
-    def _answer_now(self, query: Query, recursion: bool) -> tuple[Sections | None, str]:
+    def _answer_now(self, query: Query, recursion: bool, udp: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
             return _REFUSED, "refused"
-        local = self.local.answer(query.name, query.type)
+        if query.type == dns.ALL_RECORDS and udp:
+            local = self.local.minimal_any(query.name)
+        else:
+            local = self.local.answer(query.name, query.type)
         if local is not None:
             return local, "local"
         if self.catch_all is not None and query.type == dns.A:
@@ -438,6 +442,7 @@ def _forwarders(options: Options, context: BuildContext) -> Forwarders | None:
             timeout=options.forward_timeout,
             payload=options.udp_payload,
             attempts=options.forward_attempts,
+            strategy=options.forward_strategy,
         )
 
     if not options.forward and not options.forward_zones:

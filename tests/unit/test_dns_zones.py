@@ -1,0 +1,125 @@
+"""
+Local data features: minimal answers to ANY over UDP (RFC 8482), and zone
+files with $INCLUDE and $GENERATE.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dns.rcode
+import dns.rdatatype
+
+from tests.unit.test_dns import ask, errors, server, texts
+
+
+def test_any_over_udp_is_one_hinfo_and_over_tcp_every_set(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    small = ask(srv, "netd.test", "ANY")
+    assert texts(small) == ['netd.test. 8482 IN HINFO "RFC8482" ""']
+    assert small.rcode() == dns.rcode.NOERROR
+    full = ask(srv, "netd.test", "ANY", udp=False)
+    types = {rrset.rdtype for rrset in full.answer}
+    assert {dns.rdatatype.MX, dns.rdatatype.TXT, dns.rdatatype.NS, dns.rdatatype.CAA} <= types
+    # Prepared answers are kept apart by transport: UDP stays minimal after TCP.
+    assert texts(ask(srv, "netd.test", "ANY")) == ['netd.test. 8482 IN HINFO "RFC8482" ""']
+
+
+def test_any_for_a_name_without_records_answers_as_any_type(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    missing = ask(srv, "nope.netd.test", "ANY")
+    assert missing.rcode() == dns.rcode.NXDOMAIN and missing.authority
+    assert ask(srv, "x.apps.netd.test", "ANY").answer[0].rdtype == dns.rdatatype.HINFO
+
+
+def test_include_reads_a_file_beside_the_zone_with_its_own_origin(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    (zones / "parts").mkdir(parents=True)
+    (zones / "inc.test.zone").write_text(
+        "$TTL 300\n@ SOA ns hostmaster 7 3600 600 86400 30\n"
+        "$INCLUDE parts/hosts.inc\n"
+        "$INCLUDE parts/lab.inc lab.inc.test.\n"
+        "after A 10.0.0.9\n"
+    )
+    (zones / "parts" / "hosts.inc").write_text('www A 10.0.0.1\n  TXT "from an include"\n')
+    (zones / "parts" / "lab.inc").write_text("$INCLUDE more.inc\nbox A 10.0.1.1\n")
+    (zones / "parts" / "more.inc").write_text("deep A 10.0.2.1\n")
+    srv = server(tmp_path, "    zone_files: [zones/inc.test.zone]\n")
+    assert texts(ask(srv, "www.inc.test")) == ["www.inc.test. 300 IN A 10.0.0.1"]
+    assert texts(ask(srv, "www.inc.test", "TXT")) == ['www.inc.test. 300 IN TXT "from an include"']
+    assert texts(ask(srv, "box.lab.inc.test")) == ["box.lab.inc.test. 300 IN A 10.0.1.1"]
+    assert texts(ask(srv, "deep.lab.inc.test")) == ["deep.lab.inc.test. 300 IN A 10.0.2.1"]
+    # The origin is the zone's again after each include.
+    assert texts(ask(srv, "after.inc.test")) == ["after.inc.test. 300 IN A 10.0.0.9"]
+
+
+def test_include_stays_in_the_zone_folder_and_out_of_loops(tmp_path: Path) -> None:
+    zones = tmp_path / "zones"
+    zones.mkdir()
+    (tmp_path / "secret.txt").write_text("www A 10.6.6.6\n")
+    (zones / "escape.zone").symlink_to(tmp_path / "secret.txt")
+    (zones / "a.test.zone").write_text("www A 10.0.0.1\n$INCLUDE ../secret.txt\n")
+    (zones / "b.test.zone").write_text(f"$INCLUDE {tmp_path / 'secret.txt'}\n")
+    (zones / "c.test.zone").write_text("$INCLUDE escape.zone\n")
+    (zones / "d.test.zone").write_text("$INCLUDE loop.inc\n")
+    (zones / "loop.inc").write_text("x A 10.0.0.1\n$INCLUDE d.test.zone\n")
+    (zones / "e.test.zone").write_text("$INCLUDE e.test.zone\n")
+    (zones / "f.test.zone").write_text("$INCLUDE\n")
+    names = "abcdef"
+    found = errors(
+        tmp_path, f"    zone_files: [{', '.join(f'zones/{n}.test.zone' for n in names)}]\n"
+    )
+    assert len(found) == len(names), found
+    a, b, c, d, e, f = found
+    assert "a.test.zone line 2: $INCLUDE ../secret.txt: outside the zone file's folder" in a
+    assert "outside the zone file's folder" in b and "outside the zone file's folder" in c
+    assert "d.test.zone line 1: loop.inc line 2: $INCLUDE d.test.zone: the file includes" in d
+    assert "e.test.zone line 1: $INCLUDE e.test.zone: the file includes itself" in e
+    assert "f.test.zone line 1: expected $INCLUDE FILE [ORIGIN]" in f
+
+
+def test_include_depth_is_bounded(tmp_path: Path) -> None:
+    for level in range(12):
+        (tmp_path / f"n{level}.inc").write_text(f"$INCLUDE n{level + 1}.inc\n")
+    (tmp_path / "deep.test.zone").write_text("$INCLUDE n0.inc\n")
+    (found,) = errors(tmp_path, "    zone_files: [deep.test.zone]\n")
+    assert "files included more than 8 deep" in found
+
+
+def test_generate_with_modifiers(tmp_path: Path) -> None:
+    (tmp_path / "gen.test.zone").write_text(
+        "$GENERATE 1-100 host-$ A 10.0.0.$\n"
+        "$GENERATE 0-10/5 ${10,3} 120 IN CNAME host-${1}\n"
+        '$GENERATE 250-255 x${0,4,x} TXT "n=${0,0,X}" price\\$5\n'
+        "$GENERATE 8-9 o${0,3,o} AAAA fd00::$\n"
+    )
+    srv = server(tmp_path, "    zone_files: [gen.test.zone]\n")
+    assert texts(ask(srv, "host-1.gen.test")) == ["host-1.gen.test. 60 IN A 10.0.0.1"]
+    assert texts(ask(srv, "host-100.gen.test")) == ["host-100.gen.test. 60 IN A 10.0.0.100"]
+    assert ask(srv, "host-101.gen.test").rcode() == dns.rcode.NXDOMAIN
+    assert texts(ask(srv, "015.gen.test", "CNAME")) == [
+        "015.gen.test. 120 IN CNAME host-6.gen.test."
+    ]
+    assert ask(srv, "011.gen.test", "CNAME").rcode() == dns.rcode.NXDOMAIN
+    assert texts(ask(srv, "x00ff.gen.test", "TXT")) == [
+        'x00ff.gen.test. 60 IN TXT "n=FF" "price$5"'
+    ]
+    assert texts(ask(srv, "o011.gen.test", "AAAA")) == ["o011.gen.test. 60 IN AAAA fd00::9"]
+
+
+def test_generate_is_bounded_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "a.test.zone").write_text("$GENERATE 0-65536 h$ A 10.0.0.1\n")
+    (tmp_path / "b.test.zone").write_text("x A 10.0.0.1\n$GENERATE 10-1 h$ A 10.0.0.1\n")
+    (tmp_path / "c.test.zone").write_text("$GENERATE 1-2 h${0,1,q} A 10.0.0.1\n")
+    (tmp_path / "d.test.zone").write_text("$GENERATE 1-300 h$ A 10.0.0.$\n")
+    (tmp_path / "e.test.zone").write_text("$GENERATE one-2 h$ A 10.0.0.1\n")
+    found = errors(
+        tmp_path,
+        "    zone_files: [a.test.zone, b.test.zone, c.test.zone, d.test.zone, e.test.zone]\n",
+    )
+    a, b, c, d, e = found
+    assert "a.test.zone line 1: $GENERATE makes 65537 records, more than 65536" in a
+    assert "b.test.zone line 2: an empty $GENERATE range: '10-1'" in b
+    assert "base 'q' is not one of d, o, x, X" in c
+    assert "d.test.zone line 1: not an IPv4 address: '10.0.0.256'" in d
+    assert "not a $GENERATE range: 'one-2'" in e
