@@ -129,6 +129,8 @@ def test_a_reload_reads_a_large_zone_while_the_old_one_answers(
     # at once; then the new ones, and never the old again.
     assert [answer for _, answer in seen] == [old] * (len(seen) - 1) + [new]
     assert len(seen) >= 5, seen
-    assert max(latency for latency, _ in seen) < 1.0, seen
+    # Read on the reactor thread, the zone would hold a query for the whole read (5 s or
+    # more here); in a thread, a query waits at most for the GIL's turns.
+    assert max(latency for latency, _ in seen) < 2.0, seen
     assert texts(ask(netd, "www.lab.test")) == new
     assert texts(ask(netd, "h65535.g0.lab.test")) == ["h65535.g0.lab.test. 300 IN A 10.0.0.1"]
