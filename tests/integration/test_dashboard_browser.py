@@ -69,6 +69,7 @@ services:
     listen: ["tcp:0:interface=127.0.0.1"]
     hostname: mx.netd.test
     relay: {{allow_from: [127.0.0.0/8], domains: [netd.test]}}
+    namespace_from: [plus_tag]
   bulk:
     type: smtp
     listen: ["tcp:0:interface=127.0.0.1"]
@@ -80,6 +81,7 @@ services:
     listen: ["tcp:0:interface=127.0.0.1"]
     routes: [{{path: /signup, status: 201, body: "created\\n"}}]
     record: 100
+    namespace_from: [header]
   dns:
     type: dns
     listen: ["udp:0:interface=127.0.0.1"]
@@ -327,6 +329,74 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
     assert page.execute_script("return typeof window.pwned") == "undefined"
     assert page.execute_script("return document.scripts.length") == 1  # app.js alone
     assert no_alert(page)
+
+
+def test_the_namespace_filter_scopes_every_list_and_the_live_stream(
+    netd: NetdProcess, page: WebDriver
+) -> None:
+    def request(namespace: str, path: str) -> None:
+        asked = urllib.request.Request(
+            netd.url("web", path=path), headers={"X-Netd-Namespace": namespace}
+        )
+        with urllib.request.urlopen(asked, timeout=10) as answer:
+            assert answer.status == 201
+
+    for namespace in ("ns-a", "ns-b"):
+        send_mail(netd, "mail", mail(f"For {namespace} 3101", to=f"reader+{namespace}@netd.test"))
+        request(namespace, f"/signup?for={namespace}")
+
+    # A link to a namespace's page shows that namespace's mail alone.
+    go(page, "#/mail/mail?namespace=ns-a")
+    wait(page).until(
+        lambda b: (
+            [r.text for r in rows(b, "table.mail-list tbody tr")] != []
+            and all("For ns-a" in r.text for r in rows(b, "table.mail-list tbody tr"))
+        )
+    )
+    assert len(rows(page, "table.mail-list tbody tr")) == 1
+    assert page.find_element(By.ID, "namespace").get_attribute("value") == "ns-a"
+    # Live, in scope: another ns-a mail appears, the ns-b one sent just before it does not.
+    send_mail(netd, "mail", mail("Later for ns-b 3102", to="reader+ns-b@netd.test"))
+    send_mail(netd, "mail", mail("Later for ns-a 3102", to="reader+ns-a@netd.test"))
+    wait(page).until(lambda b: len(rows(b, "table.mail-list tbody tr")) == 2)
+    assert all("for ns-a" in r.text.lower() for r in rows(page, "table.mail-list tbody tr"))
+
+    # The page links keep the namespace.
+    click(page, "#nav a", "HTTP")
+    wait(page).until(lambda b: b.execute_script("return location.hash") == "#/http?namespace=ns-a")
+    wait(page).until(lambda b: "/signup?for=ns-a" in b.find_element(By.TAG_NAME, "main").text)
+    assert "for=ns-b" not in page.find_element(By.TAG_NAME, "main").text
+
+    # The header's field chooses another, for the page shown and the stream.
+    field = page.find_element(By.ID, "namespace")
+    field.clear()
+    field.send_keys("ns-b\n")
+    wait(page).until(lambda b: b.execute_script("return location.hash") == "#/http?namespace=ns-b")
+    wait(page).until(lambda b: "/signup?for=ns-b" in b.find_element(By.TAG_NAME, "main").text)
+    assert "for=ns-a" not in page.find_element(By.TAG_NAME, "main").text
+    click(page, "#nav a", "Journal")
+    visible(page, "table.journal")
+    request("ns-a", "/signup?live=ns-a")
+    request("ns-b", "/signup?live=ns-b")
+    wait(page).until(lambda b: "live=ns-b" in b.find_element(By.CSS_SELECTOR, "table.journal").text)
+    journal = page.find_element(By.CSS_SELECTOR, "table.journal").text
+    assert "live=ns-a" not in journal and "For ns-a" not in journal
+
+    # Cleared: every namespace again.
+    field = page.find_element(By.ID, "namespace")
+    field.clear()
+    field.send_keys("\n")
+    wait(page).until(lambda b: b.execute_script("return location.hash") == "#/journal")
+    go(page, "#/mail/mail")
+    wait(page).until(
+        lambda b: (
+            {"For ns-a 3101", "For ns-b 3101"}
+            <= {
+                r.find_element(By.CSS_SELECTOR, "td.subject").text
+                for r in rows(b, "table.mail-list tbody tr")
+            }
+        )
+    )
 
 
 def test_a_thousand_messages_render_fast_page_through_and_the_page_is_light(
