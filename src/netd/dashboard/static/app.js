@@ -306,7 +306,9 @@
     }
     const known = Object.keys(state.services).sort().join(",");
     state.services = answer.services;
-    if (Object.keys(state.services).sort().join(",") !== known) probeRules();
+    // Once the page shown has asked for its lists: a probe for each service
+    // would otherwise take the browser's few connections to this host first.
+    if (Object.keys(state.services).sort().join(",") !== known) setTimeout(probeRules);
     if (state.onServices) state.onServices();
   }
 
