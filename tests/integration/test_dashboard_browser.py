@@ -358,7 +358,7 @@ def test_hostile_mail_and_request_bodies_run_nothing(netd: NetdProcess, page: We
 
 
 def test_the_namespace_filter_scopes_every_list_and_the_live_stream(
-    netd: NetdProcess, page: WebDriver
+    netd: NetdProcess, page: WebDriver, shots: Path
 ) -> None:
     def request(namespace: str, path: str) -> None:
         asked = urllib.request.Request(
@@ -386,6 +386,7 @@ def test_the_namespace_filter_scopes_every_list_and_the_live_stream(
     send_mail(netd, "mail", mail("Later for ns-a 3102", to="reader+ns-a@netd.test"))
     wait(page).until(lambda b: len(rows(b, "table.mail-list tbody tr")) == 2)
     assert all("for ns-a" in r.text.lower() for r in rows(page, "table.mail-list tbody tr"))
+    assert png_size(screenshot(page, shots, "namespace")) == (WIDTH, HEIGHT)
 
     # The page links keep the namespace.
     click(page, "#nav a", "HTTP")
@@ -543,6 +544,18 @@ def test_every_page_live_in_screenshots(netd: NetdProcess, page: WebDriver, shot
             ).text
             not in ("", "0")
         )
+    )
+    # And the rate graph has a line: two rates, three samples.
+    wait(page).until(
+        lambda b: (
+            " "
+            in (
+                b.find_element(
+                    By.CSS_SELECTOR, '#services tr[data-service="mail"] polyline'
+                ).get_attribute("points")
+                or ""
+            )
+        ),
     )
     taken.append(screenshot(page, folder, "services"))
     go(page, "#/mail/mail")

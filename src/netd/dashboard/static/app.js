@@ -376,8 +376,8 @@
           body,
         ),
       ),
-      state.namespace ? el("p", { class: "muted", text: "Counters count every namespace." }) : null,
     );
+    if (state.namespace) main.append(el("p", { class: "muted", text: "Counters count every namespace." }));
     const draw = () => {
       body.replaceChildren(
         ...Object.keys(state.services)
