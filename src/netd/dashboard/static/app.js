@@ -40,6 +40,8 @@
     namespacesSeen: new Set(),
     started: false,
     firstServices: null,
+    // A mail list asked for with the session, when the page opens on one: {path, answer}.
+    firstList: null,
   };
 
   class ApiError extends Error {
@@ -484,9 +486,12 @@
     async function load() {
       const params = { order: "newest", limit: PAGE_SIZE, offset: query.offset };
       for (const name of ["from", "to", "subject", "text"]) if (query[name]) params[name] = query[name];
+      const path = scoped(`/api/services/${enc(service)}/messages`, params);
+      const early = state.firstList && state.firstList.path === path ? state.firstList.answer : null;
+      state.firstList = null;
       let answer;
       try {
-        answer = await api("GET", scoped(`/api/services/${enc(service)}/messages`, params));
+        answer = (await early) || (await api("GET", path));
       } catch (e) {
         count.textContent = `Could not list: ${e.message}`;
         return;
@@ -1089,8 +1094,16 @@
     document.getElementById("notice").addEventListener("click", () => notice(""));
     document.getElementById("namespace-form").addEventListener("submit", chooseNamespace);
     document.getElementById("namespace").addEventListener("change", chooseNamespace);
-    // Asked together: a signed-in page needs both before its first view.
+    // Asked together: a signed-in page needs both before its first view, and
+    // a page opened on a mail list (a link, a reload) its first 50 as well.
     const services = api("GET", "/api/services").catch(() => null);
+    scope(hashNamespace());
+    const [page, listed, id] = location.hash.replace(/^#\/?/, "").split("?", 1)[0].split("/");
+    if (page === "mail" && listed && !id) {
+      const first = { order: "newest", limit: PAGE_SIZE, offset: 0 };
+      const path = scoped(`/api/services/${enc(decodeURIComponent(listed))}/messages`, first);
+      state.firstList = { path, answer: api("GET", path).catch(() => null) };
+    }
     const session = await api("GET", "/ui/session");
     state.tokenRequired = session.token_required;
     state.firstServices = await services;
