@@ -243,8 +243,14 @@
     main.hidden = false;
     document.getElementById("logout").hidden = !state.tokenRequired;
     scope(hashNamespace());
-    openStream(Math.max(0, state.lastId - 200));
-    refreshServices(state.firstServices).then(route);
+    // The stream once the first page has asked for its lists: its backlog
+    // would otherwise be read before them.  It starts from the session's
+    // event id, so nothing emitted meanwhile is missed.
+    const since = Math.max(0, state.lastId - 200);
+    refreshServices(state.firstServices).then(() => {
+      route();
+      openStream(since);
+    });
     state.firstServices = null;
     if (!state.started) {
       state.started = true;
