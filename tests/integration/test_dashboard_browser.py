@@ -415,11 +415,30 @@ def test_the_namespace_filter_scopes_every_list_and_the_live_stream(
     journal = page.find_element(By.CSS_SELECTOR, "table.journal").text
     assert "live=ns-a" not in journal and "For ns-a" not in journal
 
+    # A rule added from the form while scoped is that namespace's alone.
+    if _rules_api(netd):
+        click(page, "#nav a", "Rules")
+        Select(visible(page, "#rule-service")).select_by_value("mail")
+        form = visible(page, "#rule-text")
+        form.send_keys('{"match": {"stage": "rcpt"}, "reply": "451 4.3.0 try later"}')
+        form.submit()
+        visible(page, 'table.rules tr[data-service="mail"]')
+        [rule] = netd.admin("GET", "/api/services/mail/rules")["rules"]
+        assert rule["namespace"] == "ns-b"
+        try:
+            with smtplib.SMTP(*netd.address("mail"), timeout=10) as client:
+                client.ehlo()
+                client.mail("alice@client.test")
+                assert client.rcpt("reader+ns-b@netd.test")[0] == 451
+                assert client.rcpt("reader+ns-a@netd.test")[0] == 250
+        finally:
+            netd.admin("DELETE", f"/api/services/mail/rules/{rule['id']}")
+
     # Cleared: every namespace again.
     field = page.find_element(By.ID, "namespace")
     field.clear()
     field.send_keys("\n")
-    wait(page).until(lambda b: b.execute_script("return location.hash") == "#/journal")
+    wait(page).until(lambda b: "namespace" not in b.execute_script("return location.hash"))
     go(page, "#/mail/mail")
     wait(page).until(
         lambda b: (

@@ -1107,7 +1107,8 @@
     const [page, listed, id] = location.hash.replace(/^#\/?/, "").split("?", 1)[0].split("/");
     if (page === "mail" && listed && !id) {
       const first = { order: "newest", limit: PAGE_SIZE, offset: 0 };
-      const path = scoped(`/api/services/${enc(decodeURIComponent(listed))}/messages`, first);
+      // As the hash spells the service: a name spelt otherwise is asked for again.
+      const path = scoped(`/api/services/${listed}/messages`, first);
       state.firstList = { path, answer: api("GET", path).catch(() => null) };
     }
     const session = await api("GET", "/ui/session");
