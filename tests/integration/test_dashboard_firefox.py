@@ -44,6 +44,7 @@ services:
     listen: ["tcp:0:interface=127.0.0.1"]
     hostname: mx.netd.test
     relay: {{allow_from: [127.0.0.0/8], domains: [netd.test]}}
+    namespace_from: [plus_tag]
   web:
     type: http
     listen: ["tcp:0:interface=127.0.0.1"]
@@ -202,6 +203,26 @@ def test_a_hostile_mail_and_request_run_nothing_in_firefox(
     assert page.evaluate("typeof window.pwned") == "undefined"
     assert page.evaluate("document.scripts.length") == 1  # app.js alone
     assert page.prompts() == []
+
+
+def test_a_link_to_a_namespace_shows_its_mail_alone_in_firefox(
+    netd: NetdProcess, page: Firefox
+) -> None:
+    for namespace in ("fx-a", "fx-b"):
+        message = EmailMessage()
+        message["From"], message["To"], message["Subject"] = (
+            "alice@client.test",
+            f"reader+{namespace}@netd.test",
+            f"Scoped to {namespace}",
+        )
+        message.set_content("scoped\n")
+        send_mail(netd, message)
+    go(page, "#/mail/mail?namespace=fx-b")
+    subjects = page.wait_until(
+        "[...document.querySelectorAll('table.mail-list td.subject')].map((td) => td.textContent)"
+    )
+    assert subjects == ["Scoped to fx-b"]
+    assert page.evaluate("document.getElementById('namespace').value") == "fx-b"
 
 
 def test_the_pages_fit_a_phone_in_firefox(netd: NetdProcess, page: Firefox, tmp_path: Path) -> None:
