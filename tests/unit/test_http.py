@@ -279,6 +279,20 @@ def test_routes(tmp_path: Path) -> None:
     assert answer(app, "/elsewhere").status == 404
 
 
+def test_a_record_and_its_event_carry_the_time_to_the_response_finished(root: Path) -> None:
+    app = make_app(root)
+    events: list[tuple[str, dict[str, Any]]] = []
+    app.emit = lambda type, **fields: events.append((type, fields))
+    exchange = answer(app, "/a.txt")
+    assert isinstance(app.clock, Clock)
+    app.clock.advance(0.0375)  # the response's last byte leaves 37.5 ms after its head came
+    app.completed(exchange)
+    [record] = app.list_requests({})
+    assert record["duration_ms"] == 37.5
+    [(kind, fields)] = events
+    assert kind == "http.request" and fields["duration_ms"] == 37.5
+
+
 def test_records_and_the_access_log(root: Path) -> None:
     app = make_app(root, record=2)
     seen: list[dict[str, Any]] = []

@@ -34,8 +34,14 @@
     cleanup: null,
     onServices: null,
     mailQuery: { from: "", to: "", subject: "", text: "", offset: 0 },
+    // The namespace every page and the live stream are scoped to ("": all),
+    // kept in the URL's hash (#/mail/mail?namespace=t42) so a link keeps it.
+    namespace: null,
+    namespacesSeen: new Set(),
     started: false,
     firstServices: null,
+    // A mail list asked for with the session, when the page opens on one: {path, answer}.
+    firstList: null,
   };
 
   class ApiError extends Error {
@@ -94,6 +100,19 @@
 
   const enc = encodeURIComponent;
 
+  // A page's hash, keeping the namespace the reader chose.
+  function pageHash(path, namespace = state.namespace) {
+    return namespace ? `${path}?namespace=${enc(namespace)}` : path;
+  }
+
+  // An API path scoped to the chosen namespace (the admin API's ?namespace=).
+  function scoped(path, params) {
+    const query = new URLSearchParams(params || {});
+    if (state.namespace) query.set("namespace", state.namespace);
+    const text = query.toString();
+    return text ? `${path}?${text}` : path;
+  }
+
   function time(seconds) {
     if (typeof seconds !== "number") return "";
     const date = new Date(seconds * 1000);
@@ -111,6 +130,10 @@
     if (n < 1024) return `${n} B`;
     if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
     return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  }
+
+  function millis(value) {
+    return typeof value === "number" ? value.toFixed(value < 10 ? 2 : 1) : "";
   }
 
   function brief(value) {
@@ -219,8 +242,15 @@
     document.querySelector(".top").hidden = false;
     main.hidden = false;
     document.getElementById("logout").hidden = !state.tokenRequired;
-    openStream(Math.max(0, state.lastId - 200));
-    refreshServices(state.firstServices).then(route);
+    scope(hashNamespace());
+    // The stream once the first page has asked for its lists: its backlog
+    // would otherwise be read before them.  It starts from the session's
+    // event id, so nothing emitted meanwhile is missed.
+    const since = Math.max(0, state.lastId - 200);
+    refreshServices(state.firstServices).then(() => {
+      route();
+      openStream(since);
+    });
     state.firstServices = null;
     if (!state.started) {
       state.started = true;
@@ -234,7 +264,7 @@
   function openStream(since) {
     if (state.source) state.source.close();
     const live = document.getElementById("live");
-    const source = new EventSource(`/api/events/stream?since=${since}`);
+    const source = new EventSource(scoped("/api/events/stream", { since }));
     source.onopen = () => {
       live.textContent = "live";
       live.classList.add("on");
@@ -247,6 +277,10 @@
       const event = JSON.parse(message.data);
       state.lastId = event.id;
       state.events.push(event);
+      if (event.namespace && !state.namespacesSeen.has(event.namespace)) {
+        state.namespacesSeen.add(event.namespace);
+        document.getElementById("namespaces").append(el("option", { value: event.namespace }));
+      }
       if (state.events.length > MAX_EVENTS) state.events.shift();
       for (const listener of state.listeners) listener(event);
     };
@@ -280,7 +314,9 @@
     }
     const known = Object.keys(state.services).sort().join(",");
     state.services = answer.services;
-    if (Object.keys(state.services).sort().join(",") !== known) probeRules();
+    // Once the page shown has asked for its lists: a probe for each service
+    // would otherwise take the browser's few connections to this host first.
+    if (Object.keys(state.services).sort().join(",") !== known) setTimeout(probeRules);
     if (state.onServices) state.onServices();
   }
 
@@ -349,6 +385,7 @@
         ),
       ),
     );
+    if (state.namespace) main.append(el("p", { class: "muted", text: "Counters count every namespace." }));
     const draw = () => {
       body.replaceChildren(
         ...Object.keys(state.services)
@@ -407,7 +444,7 @@
     const newer = el("button", { type: "button", text: "‹ Newer" });
     const chooser = el(
       "select",
-      { "aria-label": "service", onchange: (e) => (location.hash = `#/mail/${enc(e.target.value)}`) },
+      { "aria-label": "service", onchange: (e) => (location.hash = pageHash(`#/mail/${enc(e.target.value)}`)) },
       services.map((name) => el("option", { value: name, selected: name === service, text: name })),
     );
     const form = el(
@@ -429,7 +466,7 @@
       }),
       el("span", { class: "spacer" }),
       fresh,
-      el("button", {
+      state.namespace ? null : el("button", {
         type: "button",
         class: "danger",
         text: "Delete all",
@@ -441,7 +478,7 @@
       }),
     );
     main.append(
-      el("h1", { text: `Mail · ${service}` }),
+      el("h1", { text: `Mail · ${service}${state.namespace ? ` · ${state.namespace}` : ""}` }),
       form,
       el(
         "div",
@@ -453,11 +490,14 @@
     let firstDrawn = false;
 
     async function load() {
-      const params = new URLSearchParams({ order: "newest", limit: PAGE_SIZE, offset: query.offset });
-      for (const name of ["from", "to", "subject", "text"]) if (query[name]) params.set(name, query[name]);
+      const params = { order: "newest", limit: PAGE_SIZE, offset: query.offset };
+      for (const name of ["from", "to", "subject", "text"]) if (query[name]) params[name] = query[name];
+      const path = scoped(`/api/services/${enc(service)}/messages`, params);
+      const early = state.firstList && state.firstList.path === path ? state.firstList.answer : null;
+      state.firstList = null;
       let answer;
       try {
-        answer = await api("GET", `/api/services/${enc(service)}/messages?${params}`);
+        answer = (await early) || (await api("GET", path));
       } catch (e) {
         count.textContent = `Could not list: ${e.message}`;
         return;
@@ -469,7 +509,7 @@
             {
               class: "clickable",
               "data-id": m.id,
-              onclick: () => (location.hash = `#/mail/${enc(service)}/${enc(m.id)}`),
+              onclick: () => (location.hash = pageHash(`#/mail/${enc(service)}/${enc(m.id)}`)),
             },
             el("td", { class: "num", text: dateTime(m.received) }),
             el("td", { text: m.from || "<>" }),
@@ -524,7 +564,7 @@
 
   function messageView(service, id) {
     const base = `/ui/messages/${enc(service)}/${enc(id)}`;
-    const back = el("a", { href: `#/mail/${enc(service)}`, text: "‹ Back to the list" });
+    const back = el("a", { href: pageHash(`#/mail/${enc(service)}`), text: "‹ Back to the list" });
     const remove = el("button", {
       type: "button",
       class: "danger",
@@ -533,7 +573,7 @@
       onclick: async () => {
         try {
           await api("DELETE", `/api/services/${enc(service)}/messages/${enc(id)}`);
-          location.hash = `#/mail/${enc(service)}`;
+          location.hash = pageHash(`#/mail/${enc(service)}`);
         } catch (e) {
           notice(`Could not delete: ${e.message}`, true);
         }
@@ -663,7 +703,8 @@
           loads[service]();
         },
       });
-      const canClear = view !== "sessions";
+      // Clearing reaches every namespace's entries: not offered while scoped to one.
+      const canClear = view !== "sessions" && !state.namespace;
       main.append(
         el(
           "section",
@@ -674,9 +715,10 @@
       );
       const load = async () => {
         try {
-          const answer = await api("GET", `/api/services/${enc(service)}/${view}`);
+          const answer = await api("GET", scoped(`/api/services/${enc(service)}/${view}`));
           const rows = Array.isArray(answer) ? answer : answer[view] || [];
-          holder.replaceChildren(rows.length ? draw(rows.slice().reverse()) : el("p", { class: "muted", text: nothingYet }));
+          const none = state.namespace ? `Nothing in namespace ${state.namespace}.` : nothingYet;
+          holder.replaceChildren(rows.length ? draw(rows.slice().reverse()) : el("p", { class: "muted", text: none }));
         } catch (e) {
           holder.replaceChildren(el("p", { class: "error", text: e.message }));
         }
@@ -702,7 +744,7 @@
           { hidden: !opened.has(key) },
           el(
             "td",
-            { colspan: 7 },
+            { colspan: 8 },
             table(["Header", "Value"], (r.headers || []).map(([n, v]) => el("tr", null, el("td", { text: n }), el("td", { text: v }))), "headers"),
             el("pre", { class: "body", text: r.body || "(no body)" }),
             r.body_truncated ? el("p", { class: "muted", text: `Body cut at ${bytes(r.body.length)} of ${bytes(r.body_size)}.` }) : null,
@@ -724,6 +766,7 @@
             el("td", { text: r.method }),
             el("td", { class: "subject", text: r.path }),
             el("td", { class: "num", text: r.status }),
+            el("td", { class: "num", text: millis(r.duration_ms) }),
             el("td", { class: "hide-narrow", text: r.protocol }),
             el("td", { class: "num", text: bytes(r.body_size) }),
           ),
@@ -736,7 +779,7 @@
         el(
           "table",
           { class: "requests" },
-          el("thead", null, el("tr", null, ["Time", "Client", "Method", "Path", "Status", "Protocol", "Body"].map((h) => el("th", { text: h })))),
+          el("thead", null, el("tr", null, ["Time", "Client", "Method", "Path", "Status", "ms", "Protocol", "Body"].map((h) => el("th", { text: h })))),
           body,
         ),
       );
@@ -759,7 +802,7 @@
             el("td", { text: q.rcode }),
             el("td", { text: q.source }),
             el("td", null, (q.answer || []).map((a) => el("div", { text: a }))),
-            el("td", { class: "num", text: q.latency_ms }),
+            el("td", { class: "num", text: millis(q.latency_ms) }),
           ),
         ),
         "queries",
@@ -842,9 +885,11 @@
         return;
       }
       const found = answer && answer.scenarios !== undefined ? answer.scenarios : answer;
-      const pairs = Array.isArray(found)
-        ? found.map((s) => [s.name, s.state])
-        : Object.entries(found || {}).map(([name, s]) => [name, typeof s === "object" && s ? s.state : s]);
+      const pairs = (
+        Array.isArray(found)
+          ? found.map((s) => [s.name, s.state])
+          : Object.entries(found || {}).map(([name, s]) => [name, typeof s === "object" && s ? s.state : s])
+      ).filter(([name]) => !state.namespace || name.endsWith(`@${state.namespace}`));
       scenarios.replaceChildren(
         pairs.length
           ? table(
@@ -899,6 +944,10 @@
         errors.textContent = `Not JSON: ${e.message}`;
         return;
       }
+      // A rule added while scoped fires only on that namespace's traffic.
+      if (state.namespace && body && typeof body === "object" && !Array.isArray(body) && !("namespace" in body)) {
+        body.namespace = state.namespace;
+      }
       try {
         await api("POST", `/api/services/${enc(chooser.value)}/rules`, body);
         rule.value = "";
@@ -928,7 +977,7 @@
     const load = debounce(async () => {
       const found = [];
       for (const service of state.rulesServices) {
-        const answer = await api("GET", `/api/services/${enc(service)}/rules`).catch(() => ({ rules: [] }));
+        const answer = await api("GET", scoped(`/api/services/${enc(service)}/rules`)).catch(() => ({ rules: [] }));
         for (const r of Array.isArray(answer) ? answer : answer.rules || []) found.push([service, r]);
       }
       inForce.replaceChildren(
@@ -999,7 +1048,9 @@
 
   function route() {
     if (main.hidden) return;
-    const [page, ...args] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+    const [path] = location.hash.replace(/^#\/?/, "").split("?", 1);
+    const [page, ...args] = path.split("/").map(decodeURIComponent);
+    scope(hashNamespace());
     const name = Object.hasOwn(pages, page) ? page : "services";
     if (state.cleanup) state.cleanup();
     state.cleanup = null;
@@ -1007,10 +1058,39 @@
     state.onServices = null;
     for (const link of document.querySelectorAll("#nav a")) {
       link.classList.toggle("current", link.dataset.page === name);
+      link.setAttribute("href", pageHash(`#/${link.dataset.page}`));
     }
     main.replaceChildren();
     main.dataset.page = name;
     state.cleanup = pages[name](args) || null;
+  }
+
+  function hashNamespace() {
+    const query = location.hash.split("?", 2)[1];
+    return new URLSearchParams(query || "").get("namespace") || "";
+  }
+
+  // Scope every page and the live stream to one namespace ("": all of them).
+  // The journal kept so far is another scope's: the stream starts again.
+  function scope(namespace) {
+    if (namespace === state.namespace) return;
+    const first = state.namespace === null;
+    state.namespace = namespace;
+    document.getElementById("namespace").value = namespace;
+    document.querySelector(".top").classList.toggle("scoped", Boolean(namespace));
+    if (first) return;
+    state.mailQuery.offset = 0;
+    state.events = [];
+    openStream(Math.max(0, state.lastId - 200));
+  }
+
+  // The reader chose a namespace: the same page, in its scope.
+  function chooseNamespace(event) {
+    if (event) event.preventDefault();
+    const namespace = document.getElementById("namespace").value.trim().toLowerCase();
+    const [path] = location.hash.split("?", 1);
+    const target = pageHash(path || "#/services", namespace);
+    if (target !== location.hash) location.hash = target;
   }
 
   async function start() {
@@ -1018,8 +1098,19 @@
     document.getElementById("logout").addEventListener("click", signOut);
     document.getElementById("reload").addEventListener("click", reloadMap);
     document.getElementById("notice").addEventListener("click", () => notice(""));
-    // Asked together: a signed-in page needs both before its first view.
+    document.getElementById("namespace-form").addEventListener("submit", chooseNamespace);
+    document.getElementById("namespace").addEventListener("change", chooseNamespace);
+    // Asked together: a signed-in page needs both before its first view, and
+    // a page opened on a mail list (a link, a reload) its first 50 as well.
     const services = api("GET", "/api/services").catch(() => null);
+    scope(hashNamespace());
+    const [page, listed, id] = location.hash.replace(/^#\/?/, "").split("?", 1)[0].split("/");
+    if (page === "mail" && listed && !id) {
+      const first = { order: "newest", limit: PAGE_SIZE, offset: 0 };
+      // As the hash spells the service: a name spelt otherwise is asked for again.
+      const path = scoped(`/api/services/${listed}/messages`, first);
+      state.firstList = { path, answer: api("GET", path).catch(() => null) };
+    }
     const session = await api("GET", "/ui/session");
     state.tokenRequired = session.token_required;
     state.firstServices = await services;

@@ -625,12 +625,15 @@ class App:
         if exchange.status >= 500:
             stats.errors += 1
         target = exchange.target
+        # From the request's head parsed to its response's last byte handed to the transport.
+        duration_ms = round((self.clock.seconds() - exchange.started) * 1000, 3)
         self.emit(
             "http.request",
             method=exchange.method,
             path=target,
             status=exchange.status,
             client=exchange.client,
+            duration_ms=duration_ms,
             **({"namespace": exchange.namespace} if exchange.namespace is not None else {}),
         )
         if self.access_log:
@@ -676,6 +679,7 @@ class App:
                     "body_size": exchange.body.size,
                     "body_truncated": exchange.body.size > len(body),
                     "status": exchange.status,
+                    "duration_ms": duration_ms,
                     "route": exchange.route,
                     "unmatched": exchange.unmatched,
                     **({"near_miss": exchange.near_miss} if exchange.near_miss else {}),
