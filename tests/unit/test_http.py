@@ -30,7 +30,9 @@ from zope.interface import implementer
 from netd.events import Journal, ServiceStats
 from netd.services.http import Options
 from netd.services.http.app import (
+    HELD_MAX,
     App,
+    BodyStream,
     Exchange,
     Route,
     StaticOptions,
@@ -560,6 +562,31 @@ def test_h2_body_over_the_limit_is_refused_at_once(root: Path) -> None:
     wire.client.send_headers(5, [*request[:1], (":path", "/a.txt"), *request[2:]], end_stream=True)
     wire.send()
     assert wire.statuses()[5] == b"405"  # POST on the root: the connection carries on
+
+
+def test_h2_offers_extended_connect_only_without_proxy_routes(root: Path) -> None:
+    for app, offered in ((make_app(root), 1), (_waiting_proxy(root)[0], 0)):
+        wire = H2Wire(app, Limits())
+        wire.send()
+        assert wire.client.remote_settings.enable_connect_protocol == offered
+
+
+def test_a_body_waiting_for_its_taker_pauses_the_client_past_a_bound() -> None:
+    body = BodyStream(None, 0)
+    calls: list[str] = []
+    body.pause = lambda: calls.append("pause")
+    body.resume = lambda: calls.append("resume")
+    body.want()  # an upstream still connecting
+    chunk = b"x" * (64 * 1024)
+    for _ in range(HELD_MAX // len(chunk)):
+        body.feed(chunk)
+    assert calls == []
+    body.feed(chunk)
+    body.feed(chunk)  # what was in flight still lands, once paused
+    assert calls == ["pause"]
+    taken = bytearray()
+    body.take(taken.extend, lambda: None)
+    assert (len(taken), calls) == (HELD_MAX + 2 * len(chunk), ["pause", "resume"])
 
 
 def _send(wire: H2Wire, byte: bytes, frames: int, end: bool = False) -> None:

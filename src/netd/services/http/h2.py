@@ -12,6 +12,7 @@ from typing import Any
 
 import h2.errors
 import h2.exceptions
+from h2.settings import SettingCodes
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -25,6 +26,7 @@ from netd.services.http.app import (
     BodyStream,
     Exchange,
     Headers,
+    WebSocketStream,
     peer_host,
     reason,
 )
@@ -83,6 +85,15 @@ class LimitedH2Connection(H2Connection):
             if h2_producer_paused(stream):
                 stream.windowUpdated()
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.app.proxy is None:
+            # RFC 8441: WebSocket stub routes take an extended CONNECT.  Not
+            # with proxy routes: a proxied WebSocket goes upstream as an
+            # HTTP/1.1 upgrade, so a browser must open it on HTTP/1.1.
+            self.conn.update_settings({SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
+            self._tryToWriteControlData()
+
     def _requestReceived(self, event: Any) -> None:
         super()._requestReceived(event)
         stream = self.streams.get(event.stream_id)
@@ -91,6 +102,8 @@ class LimitedH2Connection(H2Connection):
             return
         # What a rule's generic acts (a throttle, a reset) act on.
         request.connection_transport = self.transport
+        # twisted.web drops pseudo-header fields it does not know.
+        request.connect_protocol = dict(event.headers).get(b":protocol")
         if event.stream_ended is not None and request.body.expected is None:
             request.body.expected = 0  # END_STREAM on the headers: no body at all
         self._refuse_if_too_large(event.stream_id)
@@ -191,6 +204,8 @@ class _H2Request(server.Request):
     discarding = False
     dispatched = False
     connection_transport: Any = None
+    # An extended CONNECT's :protocol (RFC 8441): b"websocket".
+    connect_protocol: bytes | None = None
     body: BodyStream
 
     def gotLength(self, length: int | None) -> None:
@@ -207,7 +222,8 @@ class _H2Request(server.Request):
         if self.discarding or self.finished:
             return
         self.received += len(data)
-        if self.received > self.max_body:
+        # A WebSocket's frames are bounded by message, not as one body.
+        if self.received > self.max_body and self.connect_protocol is None:
             self.too_large = True
             return
         self.body.feed(data)
@@ -225,7 +241,7 @@ class _H2Request(server.Request):
 class H2Exchange(Exchange):
     """An exchange on one HTTP/2 stream, through twisted.web's L{server.Request}."""
 
-    def __init__(self, app: App, request: server.Request, scheme: str) -> None:
+    def __init__(self, app: App, request: _H2Request, scheme: str) -> None:
         self.app = app
         self.request = request
         self.method = request.method.decode("ascii", "replace")
@@ -238,7 +254,7 @@ class H2Exchange(Exchange):
         ]
         self.client = peer_host(request.getClientAddress())
         self.scheme = scheme
-        self.body = request.body if isinstance(request, _H2Request) else _no_body(app)
+        self.body = request.body
         self.done = False
         # The stream, kept: twisted.web forgets it (request.channel) when it is lost.
         self.stream: Any = request.channel
@@ -292,6 +308,11 @@ class H2Exchange(Exchange):
     def connection_transport(self) -> Any:
         return getattr(self.request, "connection_transport", None)
 
+    def websocket_stream(self) -> WebSocketStream | None:
+        if self.method != "CONNECT" or self.request.connect_protocol != b"websocket":
+            return None
+        return _WebSocketStream(self)
+
     def abort(self) -> None:
         if self.done:
             return  # finished, or the stream is gone (request.channel with it)
@@ -311,10 +332,25 @@ class H2Exchange(Exchange):
             self.request.unregisterProducer()
 
 
-def _no_body(app: App) -> BodyStream:
-    body = BodyStream(0, app.record_body)
-    body.end()
-    return body
+class _WebSocketStream:
+    """An RFC 8441 WebSocket: the stream's body in, DATA out, END_STREAM when over."""
+
+    def __init__(self, exchange: H2Exchange) -> None:
+        self.exchange = exchange
+
+    def accept(self, headers: Headers, peer: Any) -> None:
+        exchange = self.exchange
+        exchange.start(200, headers, None)
+        exchange.request.write(b"")  # the headers now: the client waits for them
+        # Reset or lost: the script stops.
+        exchange.proxy_cancel = peer.loseConnection
+        exchange.body.take(peer.write, peer.loseConnection)
+
+    def to_client(self, data: bytes) -> None:
+        self.exchange.write(data)
+
+    def upstream_lost(self) -> None:
+        self.exchange.finish()
 
 
 class _H2Resource(Resource):
@@ -326,12 +362,8 @@ class _H2Resource(Resource):
         self.scheme = scheme
 
     def render(self, request: server.Request) -> Any:
-        exchange = H2Exchange(self.app, request, self.scheme)
-        if getattr(request, "too_large", False):
-            exchange.started = self.app.clock.seconds()
-            self.app.error(exchange, 413)
-        else:
-            self.app.handle(exchange)
+        assert isinstance(request, _H2Request)  # h2_site's requestFactory
+        self.app.handle(H2Exchange(self.app, request, self.scheme))
         return server.NOT_DONE_YET
 
 
