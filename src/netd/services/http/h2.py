@@ -129,11 +129,10 @@ class LimitedH2Connection(H2Connection):
         if event.stream_id in self.streams:
             super()._requestAborted(event)
 
-    def connectionLost(
-        self, reason: Failure = connectionDone, _cancelTimeouts: bool = True
-    ) -> None:
+    def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
+        # Its streams are done with it: nothing is reset or given back then.
         self.lost = True
-        super().connectionLost(reason, _cancelTimeouts)
+        super().connectionLost(reason, *args, **kwargs)
 
     def _requestDone(self, streamID: int) -> None:
         stream = self.streams[streamID]
