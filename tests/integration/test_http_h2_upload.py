@@ -1,7 +1,6 @@
 """
 Uploads over HTTP/2 to a proxy route stream to the upstream as they arrive, paced by
-it.  (Refused past C{max_body} mid-stream: test_http_review, with a bare h2 client,
-since httpx sends a whole body before it reads an early answer.)
+it, and are refused past C{max_body} as they cross it.
 """
 
 from __future__ import annotations
@@ -12,6 +11,10 @@ import threading
 import time
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import httpx
 import pytest
 
@@ -24,9 +27,10 @@ CHUNK = 256 << 10
 
 class SlowUpstream:
     """
-    An HTTP/1.1 upstream that reads request bodies (Content-Length framed) at
-    about 16 MiB/s, noting how much the client had sent when its first MiB
-    came in, then answers with the byte count.
+    An HTTP/1.1 upstream that reads request bodies at about 16 MiB/s, noting
+    how much the client had sent when its first MiB came in, then answers with
+    the byte count.  A chunked body is read until the connection closes (and
+    never answered): L{cut} counts the connections closed mid-body.
     """
 
     def __init__(self) -> None:
@@ -37,6 +41,7 @@ class SlowUpstream:
         self.client_sent = 0  # what the test's client has produced so far
         self.sent_at_first_mib: int | None = None
         self.received = 0
+        self.cut = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -58,12 +63,16 @@ class SlowUpstream:
                 head += data
             head, _, body = head.partition(b"\r\n\r\n")
             fields = dict(line.split(b":", 1) for line in head.split(b"\r\n")[1:] if b":" in line)
-            length = int(fields.get(b"Content-Length", b"0"))
+            length = int(fields.get(b"Content-Length", b"%d" % (1 << 40)))
             got = len(body)
             deadline = time.monotonic() + 60
             while got < length and time.monotonic() < deadline:
-                data = conn.recv(min(64 << 10, length - got))
+                try:
+                    data = conn.recv(min(64 << 10, length - got))
+                except ConnectionResetError:
+                    data = b""  # an aborted connection (Twisted's abortConnection)
                 if not data:
+                    self.cut += 1
                     return
                 got += len(data)
                 self.received = got
@@ -101,6 +110,14 @@ services:
       - {{path: /up/, proxy: "http://127.0.0.1:{upstream.port}/"}}
       - {{path: /hello, body: "hello\\n"}}
     limits: {{max_body: {64 << 20}}}
+  small:
+    type: http
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
+    access_log: false
+    routes:
+      - {{path: /up/, proxy: "http://127.0.0.1:{upstream.port}/"}}
+      - {{path: /hello, body: "hello\\n"}}
+    limits: {{max_body: {1 << 20}}}
 """
     process = NetdProcess.start(config, base / "netd")
     yield process
@@ -143,3 +160,50 @@ def test_h2_upload_streams_to_a_slow_upstream_with_flat_memory(
     (record,) = [r for r in netd.view("web", "requests") if r["method"] == "POST"]
     assert (record["protocol"], record["status"], record["body_size"]) == ("HTTP/2", 200, UPLOAD)
     assert record["body"].startswith("uuuu")
+
+
+def test_h2_upload_over_max_body_is_refused_mid_stream(
+    netd: NetdProcess, upstream: SlowUpstream
+) -> None:
+    # A bare h2 client: httpx sends a whole body before it reads an early answer.
+    context = _trust(netd)
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(netd.address("small", tls=True), timeout=10)
+    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    request = [(":method", "POST"), (":scheme", "https"), (":authority", "localhost")]
+    # No Content-Length: the body is streamed to the upstream until it crosses 1 MiB.
+    client.send_headers(1, [*request, (":path", "/up/store")])
+    sock.sendall(client.data_to_send())
+    cut_before = upstream.cut
+    status, reset, sent = 0, None, 0
+    deadline = time.monotonic() + 20
+    while (not status or reset is None) and time.monotonic() < deadline:
+        room = min(client.local_flow_control_window(1), 16384) if reset is None else 0
+        if room and sent < 8 << 20:
+            client.send_data(1, b"z" * room)
+            sock.sendall(client.data_to_send())
+            sent += room
+        sock.settimeout(0.02 if room else 2)
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        assert data, "netd closed the connection"
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.StreamReset):
+                reset = event.error_code
+        sock.sendall(client.data_to_send())
+    assert (status, reset) == (413, h2.errors.ErrorCodes.NO_ERROR)
+    assert 1 << 20 < sent < 4 << 20  # refused as the limit was crossed, not at the end
+    # The upstream had the body streamed to it, and is cut off mid-way.
+    while upstream.cut == cut_before and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the upstream thread's counter, not netd
+    assert upstream.cut == cut_before + 1
+    sock.close()
+    with httpx.Client(http2=True, verify=_trust(netd), timeout=10) as http:
+        hello = http.get(netd.url("small", tls=True, path="/hello"))
+    assert (hello.http_version, hello.text) == ("HTTP/2", "hello\n")
