@@ -30,7 +30,9 @@ from zope.interface import implementer
 from netd.events import Journal, ServiceStats
 from netd.services.http import Options
 from netd.services.http.app import (
+    HELD_MAX,
     App,
+    BodyStream,
     Exchange,
     Route,
     StaticOptions,
@@ -536,10 +538,26 @@ class H2Wire:
         }
 
 
+def _waiting_proxy(root: Path) -> tuple[App, list[Exchange]]:
+    """An app whose C{/api/} proxy takes each exchange and never answers."""
+    proxied: list[Exchange] = []
+    app = make_app(root, (Route("/api/", prefix=True, proxy="http://127.0.0.1:9/"),))
+
+    def proxy(exchange: Exchange, route: Route, rest: str) -> None:
+        exchange.body.want()  # as the proxy's upload does
+        proxied.append(exchange)
+
+    app.proxy = proxy
+    return app, proxied
+
+
+_H2_POST = [(":method", "POST"), (":path", "/api/x"), (":scheme", "https"), (":authority", "x")]
+
+
 def test_h2_body_over_the_limit_is_refused_at_once(root: Path) -> None:
-    wire = H2Wire(make_app(root), Limits(max_body=10))
-    request = [(":method", "POST"), (":path", "/a.txt"), (":scheme", "https")]
-    request.append((":authority", "x"))
+    app, _ = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(max_body=10))
+    request = list(_H2_POST)
     # The whole body and END_STREAM in one read: refused at the crossing DATA.
     wire.client.send_headers(1, request)
     wire.client.send_data(1, b"x" * 20, end_stream=True)
@@ -555,9 +573,86 @@ def test_h2_body_over_the_limit_is_refused_at_once(root: Path) -> None:
     resets = [e for e in wire.events if isinstance(e, h2.events.StreamReset)]
     assert [e.stream_id for e in resets] == [3] and resets[0].error_code == 0
     assert wire.client.outbound_flow_control_window > 30000  # kept, it would be 5515
-    wire.client.send_headers(5, request, end_stream=True)
+    wire.client.send_headers(5, [*request[:1], (":path", "/a.txt"), *request[2:]], end_stream=True)
     wire.send()
     assert wire.statuses()[5] == b"405"  # POST on the root: the connection carries on
+
+
+def test_h2_offers_extended_connect_only_without_proxy_routes(root: Path) -> None:
+    for app, offered in ((make_app(root), 1), (_waiting_proxy(root)[0], 0)):
+        wire = H2Wire(app, Limits())
+        wire.send()
+        assert wire.client.remote_settings.enable_connect_protocol == offered
+
+
+def test_a_body_waiting_for_its_taker_pauses_the_client_past_a_bound() -> None:
+    body = BodyStream(None, 0)
+    calls: list[str] = []
+    body.pause = lambda: calls.append("pause")
+    body.resume = lambda: calls.append("resume")
+    body.want()  # an upstream still connecting
+    chunk = b"x" * (64 * 1024)
+    for _ in range(HELD_MAX // len(chunk)):
+        body.feed(chunk)
+    assert calls == []
+    body.feed(chunk)
+    body.feed(chunk)  # what was in flight still lands, once paused
+    assert calls == ["pause"]
+    taken = bytearray()
+    body.take(taken.extend, lambda: None)
+    assert (len(taken), calls) == (HELD_MAX + 2 * len(chunk), ["pause", "resume"])
+
+
+def _send(wire: H2Wire, byte: bytes, frames: int, end: bool = False) -> None:
+    for index in range(frames):
+        wire.client.send_data(1, byte * 10000, end_stream=end and index == frames - 1)
+    wire.send()
+
+
+def test_h2_body_streams_to_its_taker_at_its_pace(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(max_body=1 << 20))
+    wire.client.send_headers(1, [*_H2_POST, ("content-length", "100000")])
+    _send(wire, b"a", 1)
+    # Handed over at its headers, with what came of its body so far.
+    (exchange,) = proxied
+    received = bytearray()
+    exchange.body.take(received.extend, lambda: received.extend(b"<end>"))
+    assert (exchange.body.expected, bytes(received)) == (100000, b"a" * 10000)
+    _send(wire, b"b", 3)
+    # Taken as it came: the window is given back (h2 does it by halves).
+    assert wire.client.local_flow_control_window(1) == 65535
+    exchange.body.pause()  # the upstream is slow: the window stays used
+    _send(wire, b"c", 4)
+    assert len(received) == 40000
+    assert wire.client.local_flow_control_window(1) == 65535 - 40000
+    exchange.body.resume()
+    wire.send()
+    assert len(received) == 80000
+    assert wire.client.local_flow_control_window(1) == 65535
+    _send(wire, b"d", 2, end=True)
+    assert bytes(received) == b"a" * 10000 + b"b" * 30000 + b"c" * 40000 + b"d" * 20000 + b"<end>"
+
+
+def test_h2_answer_before_the_body_resets_the_stream_and_keeps_the_window(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(max_body=1 << 20))
+    wire.client.send_headers(1, [*_H2_POST, ("content-length", "100000")])
+    _send(wire, b"a", 1)
+    (exchange,) = proxied
+    exchange.body.pause()
+    _send(wire, b"b", 4)
+    assert wire.client.outbound_flow_control_window == 65535 - 50000
+    exchange.respond(200, [], b"early\n")  # an upstream that answers at once
+    wire.send()
+    assert wire.statuses() == {1: b"200"}
+    resets = [e for e in wire.events if isinstance(e, h2.events.StreamReset)]
+    assert [(e.stream_id, e.error_code) for e in resets] == [(1, 0)]  # NO_ERROR: stop sending
+    # What the paused stream held back was given back to the connection.
+    assert wire.client.outbound_flow_control_window == 65535
+    record = app.records[-1]
+    # The body as far as it was taken: what came after the answer was dropped.
+    assert (record["status"], record["body_size"], record["protocol"]) == (200, 10000, "HTTP/2")
 
 
 @implementer(IStreamClientEndpoint)

@@ -374,6 +374,31 @@ def test_routes_added_at_run_time(tmp_path: Path) -> None:
     assert ask(app, "/users").data == b"list"  # a refused route changes nothing
 
 
+def test_run_time_routes_are_carried_to_the_next_build(tmp_path: Path) -> None:
+    carried: dict[str, Any] = {}
+    old = app_for(tmp_path, MATCHING)
+    view = RoutesView(old, _route)
+    assert view.restore(carried) == []  # a first build: nothing to carry
+    view.post({"id": "seq", "path": "/seq", "responses": [{"body": "one"}, {"body": "two"}]})
+    view.post({"id": "mine", "path": "/mine", "body": "api"})  # the next map takes this id
+    view.post({"id": "last", "path": "/last", "body": "last"})
+    view.remove("last")
+    assert ask(old, "/seq").data == b"one"
+    view.publish(carried)
+    new = app_for(tmp_path, MATCHING + '      - {id: mine, path: /mine, body: "map"}\n')
+    restored = RoutesView(new, _route)
+    assert restored.restore(carried) == ["mine"]  # the map's route of that id wins
+    assert ask(new, "/mine").data == b"map"
+    assert [r["id"] for r in restored.list({})["routes"] if r["source"] == "api"] == ["seq"]
+    assert ask(new, "/seq").data == b"two"  # the sequence goes on where it was
+    assert ask(new, "/last").status == 404
+    restored.publish(carried)
+    assert restored.remove("seq") == {"removed": "seq"}
+    third = RoutesView(app_for(tmp_path, MATCHING), _route)
+    third.restore(carried)  # removed after it was handed on: not carried again
+    assert all(r["source"] == "map" for r in third.list({})["routes"])
+
+
 def test_websocket_scripts_are_checked_when_read(tmp_path: Path) -> None:
     found = "\n".join(
         WEB.errors(

@@ -269,15 +269,24 @@ def _headers(value: Value) -> tuple[tuple[str, str], ...]:
     return tuple(found)
 
 
-class _Upstreams(Service):
-    """Closes the proxy's kept-alive upstream connections when the service stops."""
+class _Running(Service):
+    """
+    Hands the run-time routes on to the next build once this one serves, and
+    closes the proxy's kept-alive upstream connections when it stops.
+    """
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, routes: RoutesView, carried: dict[str, Any], proxy: Proxy | None) -> None:
+        self.routes = routes
+        self.carried = carried
         self.proxy = proxy
 
-    def stopService(self) -> Deferred[None]:
+    def startService(self) -> None:
+        super().startService()
+        self.routes.publish(self.carried)
+
+    def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self.proxy.close()
+        return self.proxy.close() if self.proxy is not None else None
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
@@ -307,22 +316,24 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     def stream(listener: ListenerConfig) -> Any:
         return factory_for(app, options.limits, listener.tls, options.http2)
 
+    routes = RoutesView(app, _route)
+    for route_id in routes.restore(context.carried):
+        context.log.warn(
+            "run-time route {route} not kept across the reload: the map has its id, "
+            "or it no longer reads",
+            route=route_id,
+        )
     return Handlers(
         stream=stream,
         busy_reply=busy_reply(),
-        service=_Upstreams(proxy) if proxy is not None else None,
+        service=_Running(routes, context.carried, proxy),
         views={
             "requests": AdminView(
                 list=app.list_requests, clear=app.clear_requests, forget=app.forget_requests
             ),
-            "routes": _routes_view(app),
+            "routes": AdminView(list=routes.list, post=routes.post, remove=routes.remove),
         },
     )
-
-
-def _routes_view(app: App) -> AdminView:
-    routes = RoutesView(app, _route)
-    return AdminView(list=routes.list, post=routes.post, remove=routes.remove)
 
 
 def _workers_refusal(options: Options) -> str | None:

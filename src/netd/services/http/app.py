@@ -33,6 +33,7 @@ from netd.services.http.stubs import Stub, Stubs, explain, near_miss
 from netd.services.http.websocket import Script, serve
 
 __all__ = [
+    "HELD_MAX",
     "HOP_BY_HOP_FRAMING",
     "App",
     "BodyStream",
@@ -41,6 +42,7 @@ __all__ = [
     "Route",
     "StaticOptions",
     "Upgrade",
+    "WebSocketStream",
     "peer_host",
 ]
 
@@ -86,6 +88,9 @@ _REASONS: dict[int, bytes] = {
     505: b"HTTP Version Not Supported",
 }
 
+
+# Request body bytes kept for a taker that has not come yet, before the client is paused.
+HELD_MAX = 256 * 1024
 
 # What HTTP/1.1 and HTTP/2 each frame their own way: never copied into a response.
 HOP_BY_HOP_FRAMING = (b"content-length", b"transfer-encoding", b"connection")
@@ -162,6 +167,9 @@ class BodyStream:
     nobody takes it, the body is dropped as it arrives, apart from what the record keeps,
     unless it is held from the start (C{hold}: some route matches on bodies, and a
     body may come in before its request is handled: pipelined, or over h2).
+
+    What waits for a taker (an upstream still connecting, a rule's delay) is
+    bounded: past L{HELD_MAX} bytes the wire is paused (L{pause}) until L{take}.
     """
 
     def __init__(self, expected: int | None, keep: int, hold: bool = False) -> None:
@@ -171,6 +179,8 @@ class BodyStream:
         self.size = 0
         self.ended = False
         self._pending: list[bytes] | None = [] if hold else None
+        self._pending_size = 0
+        self._held_back = False
         self._sink: Callable[[bytes], None] | None = None
         self._done: Callable[[], None] | None = None
         self.pause: Callable[[], None] = _nothing
@@ -190,6 +200,10 @@ class BodyStream:
             self._sink(data)
         elif self._pending is not None:
             self._pending.append(data)
+            self._pending_size += len(data)
+            if self._pending_size > HELD_MAX and not self._held_back:
+                self._held_back = True
+                self.pause()
 
     def end(self) -> None:
         self.ended = True
@@ -203,6 +217,9 @@ class BodyStream:
         self._sink, self._done = sink, done
         if self.ended:
             done()
+        elif self._held_back:
+            self._held_back = False
+            self.resume()
 
 
 def _nothing() -> None:
@@ -227,6 +244,22 @@ class Upgrade(Protocol):
 
     def upstream_lost(self) -> None:
         """The upstream closed the spliced connection."""
+
+
+class WebSocketStream(Protocol):
+    """
+    A WebSocket on an HTTP/2 stream (RFC 8441: an extended CONNECT), as a
+    stub route runs one: frames go both ways as the stream's DATA.
+    """
+
+    def accept(self, headers: Headers, peer: Any) -> None:
+        """Answer 200 with C{headers}; then the client's bytes go to C{peer.write}."""
+
+    def to_client(self, data: bytes) -> None:
+        """Bytes for the client (frames)."""
+
+    def upstream_lost(self) -> None:
+        """The WebSocket is over: end the stream."""
 
 
 class Exchange(ABC):
@@ -280,6 +313,10 @@ class Exchange(ABC):
         The connection, if this request asks to switch protocols and its
         connection can (HTTP/1.1); None otherwise.
         """
+        return None
+
+    def websocket_stream(self) -> WebSocketStream | None:
+        """The stream, if this request opens a WebSocket over HTTP/2 (RFC 8441); else None."""
         return None
 
     def connection_transport(self) -> Any:
@@ -511,9 +548,11 @@ class App:
         self, exchange: Exchange, path: str, request: Request | None, start: int = 0
     ) -> None:
         routes = self.routes
+        # Over h2 a 200 opens a WebSocket (RFC 8441): only a WebSocket route may answer one.
+        websocket = exchange.method == "CONNECT" and exchange.websocket_stream() is not None
         for index in range(start, len(routes)):
             route = routes[index]
-            if not route.matches(path):
+            if not route.matches(path) or (websocket and route.websocket is None):
                 continue
             when = route.when
             if when is not None:

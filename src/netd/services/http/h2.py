@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import h2.errors
 import h2.exceptions
+from h2.settings import SettingCodes
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -23,6 +26,7 @@ from netd.services.http.app import (
     BodyStream,
     Exchange,
     Headers,
+    WebSocketStream,
     peer_host,
     reason,
 )
@@ -52,10 +56,19 @@ class LimitedH2Connection(H2Connection):
     Bodies over C{max_body}: answered 413 as soon as the limit is crossed (or a
     declared Content-Length exceeds it), and the stream is reset with NO_ERROR
     (RFC 9113 8.1), instead of reading the whole body first.
+
+    Bodies streamed: twisted.web hands a request to its resource only once the
+    client ended the stream, its body stored whole meanwhile.  Here a request
+    is handed over as soon as its headers are in, and its body goes on to the
+    exchange's L{BodyStream} as it arrives, as over HTTP/1.1: a proxied upload
+    reaches the upstream while the client still sends it.  The stream's window
+    is opened only as the body is taken, so a slow upstream pauses the client
+    (the stream stops producing and its DATA waits in the client's window).
     """
 
     app: App
     client: str
+    lost = False
 
     def remainingOutboundWindow(self, streamID: int) -> int:
         share = max(_H2_CONNECTION_BUFFER // (len(self.streams) or 1), _H2_STREAM_BUFFER_MIN)
@@ -72,14 +85,32 @@ class LimitedH2Connection(H2Connection):
             if h2_producer_paused(stream):
                 stream.windowUpdated()
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.app.proxy is None:
+            # RFC 8441: WebSocket stub routes take an extended CONNECT.  Not
+            # with proxy routes: a proxied WebSocket goes upstream as an
+            # HTTP/1.1 upgrade, so a browser must open it on HTTP/1.1.
+            self.conn.update_settings({SettingCodes.ENABLE_CONNECT_PROTOCOL: 1})
+            self._tryToWriteControlData()
+
     def _requestReceived(self, event: Any) -> None:
         super()._requestReceived(event)
         stream = self.streams.get(event.stream_id)
         request = h2_stream_request(stream) if stream is not None else None
-        if isinstance(request, _H2Request):
-            # What a rule's generic acts (a throttle, a reset) act on.
-            request.connection_transport = self.transport
+        if not isinstance(request, _H2Request):
+            return
+        # What a rule's generic acts (a throttle, a reset) act on.
+        request.connection_transport = self.transport
+        # twisted.web drops pseudo-header fields it does not know.
+        request.connect_protocol = dict(event.headers).get(b":protocol")
+        if event.stream_ended is not None and request.body.expected is None:
+            request.body.expected = 0  # END_STREAM on the headers: no body at all
         self._refuse_if_too_large(event.stream_id)
+        if event.stream_id in self.streams and not request.too_large:
+            # Answered from its headers; the end of the stream ends its body.
+            assert stream is not None
+            request.requestReceived(stream.command, stream.path, b"HTTP/2")
 
     def _requestDataReceived(self, event: Any) -> None:
         if event.stream_id not in self.streams:
@@ -98,11 +129,49 @@ class LimitedH2Connection(H2Connection):
         if event.stream_id in self.streams:
             super()._requestAborted(event)
 
+    def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
+        # Its streams are done with it: nothing is reset or given back then.
+        self.lost = True
+        super().connectionLost(reason, *args, **kwargs)
+
+    def _requestDone(self, streamID: int) -> None:
+        stream = self.streams[streamID]
+        request = h2_stream_request(stream)
+        if isinstance(request, _H2Request) and not request.body.ended and not self.lost:
+            # Answered (or gone) before its body was all in: RFC 9113 8.1, the
+            # client may stop sending (NO_ERROR).  What the stream held back
+            # while paused is dropped and given back to the connection's
+            # window, or every such stream would shrink it for good.
+            request.discarding = True
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.reset_stream(streamID)
+            if not stream.producing:
+                stream.resumeProducing()
+        super()._requestDone(streamID)
+
     def _refuse_if_too_large(self, streamID: int) -> None:
         stream = self.streams.get(streamID)
-        if stream is None or not getattr(h2_stream_request(stream), "too_large", False):
+        if stream is None:
             return
+        request = h2_stream_request(stream)
+        if not isinstance(request, _H2Request) or not request.too_large or request.discarding:
+            return
+        request.discarding = True
         status = 413
+        if request.startedWriting:
+            # A response is on its way (an upstream answered before the body
+            # was all in): a 413 cannot follow it, the stream is only cut.
+            with contextlib.suppress(h2.exceptions.StreamClosedError):
+                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.CANCEL)
+        else:
+            self._send_refusal(streamID, status)
+        self.app.stats.count("rejected")
+        self.app.emit("http.rejected", status=status, client=self.client)
+        if self._tryToWriteControlData():
+            stream.connectionLost(Failure(ConnectionLost("request body too large")))
+            self._requestDone(streamID)
+
+    def _send_refusal(self, streamID: int, status: int) -> None:
         body = b"%d %s\n" % (status, reason(status))
         headers = [(b":status", b"%d" % status), (b"server", b"netd")]
         if self.conn.local_flow_control_window(streamID) >= len(body):
@@ -118,39 +187,60 @@ class LimitedH2Connection(H2Connection):
         # sent it all already (END_STREAM in the same read), and the stream is closed.
         with contextlib.suppress(h2.exceptions.StreamClosedError):
             self.conn.reset_stream(streamID)
-        self.app.stats.count("rejected")
-        self.app.emit("http.rejected", status=status, client=self.client)
-        if self._tryToWriteControlData():
-            stream.connectionLost(Failure(ConnectionLost("request body too large")))
-            self._requestDone(streamID)
 
 
 class _H2Request(server.Request):
-    """A request whose body stops being stored past the service's limit."""
+    """
+    A request handed over from its headers, its body streamed to L{body}
+    (never stored in C{content}) up to the service's limit.
+    """
 
+    app: App
     max_body = 0
     too_large = False
     received = 0
+    # Answered or refused before its body was all in: the rest is dropped.
+    discarding = False
+    dispatched = False
     connection_transport: Any = None
+    # An extended CONNECT's :protocol (RFC 8441): b"websocket".
+    connect_protocol: bytes | None = None
+    body: BodyStream
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self.max_body:
             self.too_large = True  # refused as soon as its headers are in
-            length = 0  # and no buffer (nor temporary file) of that size
-        super().gotLength(length)
+        self.body = BodyStream(length, self.app.record_body, self.app.reads_bodies)
+        # The stream stops producing (and opening its window) while the
+        # body's taker cannot keep up.
+        self.body.pause = self.channel.pauseProducing
+        self.body.resume = self.channel.resumeProducing
+        super().gotLength(0)  # content stays an empty buffer, never a temporary file
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.discarding or self.finished:
+            return
         self.received += len(data)
-        if self.received > self.max_body:
+        # A WebSocket's frames are bounded by message, not as one body.
+        if self.received > self.max_body and self.connect_protocol is None:
             self.too_large = True
             return
-        super().handleContentChunk(data)
+        self.body.feed(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.dispatched:
+            # Called again by the stream at its end: the body is all in.
+            if not self.discarding:
+                self.body.end()
+            return
+        self.dispatched = True
+        super().requestReceived(command, path, version)
 
 
 class H2Exchange(Exchange):
     """An exchange on one HTTP/2 stream, through twisted.web's L{server.Request}."""
 
-    def __init__(self, app: App, request: server.Request, scheme: str) -> None:
+    def __init__(self, app: App, request: _H2Request, scheme: str) -> None:
         self.app = app
         self.request = request
         self.method = request.method.decode("ascii", "replace")
@@ -163,11 +253,7 @@ class H2Exchange(Exchange):
         ]
         self.client = peer_host(request.getClientAddress())
         self.scheme = scheme
-        content = request.content
-        data = content.read() if content is not None else b""
-        self.body = BodyStream(len(data), app.record_body, app.reads_bodies)
-        self.body.feed(data)
-        self.body.end()
+        self.body = request.body
         self.done = False
         # The stream, kept: twisted.web forgets it (request.channel) when it is lost.
         self.stream: Any = request.channel
@@ -221,6 +307,11 @@ class H2Exchange(Exchange):
     def connection_transport(self) -> Any:
         return getattr(self.request, "connection_transport", None)
 
+    def websocket_stream(self) -> WebSocketStream | None:
+        if self.method != "CONNECT" or self.request.connect_protocol != b"websocket":
+            return None
+        return _WebSocketStream(self)
+
     def abort(self) -> None:
         if self.done:
             return  # finished, or the stream is gone (request.channel with it)
@@ -240,6 +331,27 @@ class H2Exchange(Exchange):
             self.request.unregisterProducer()
 
 
+class _WebSocketStream:
+    """An RFC 8441 WebSocket: the stream's body in, DATA out, END_STREAM when over."""
+
+    def __init__(self, exchange: H2Exchange) -> None:
+        self.exchange = exchange
+
+    def accept(self, headers: Headers, peer: Any) -> None:
+        exchange = self.exchange
+        exchange.start(200, headers, None)
+        exchange.request.write(b"")  # the headers now: the client waits for them
+        # Reset or lost: the script stops.
+        exchange.proxy_cancel = peer.loseConnection
+        exchange.body.take(peer.write, peer.loseConnection)
+
+    def to_client(self, data: bytes) -> None:
+        self.exchange.write(data)
+
+    def upstream_lost(self) -> None:
+        self.exchange.finish()
+
+
 class _H2Resource(Resource):
     isLeaf = True
 
@@ -249,12 +361,8 @@ class _H2Resource(Resource):
         self.scheme = scheme
 
     def render(self, request: server.Request) -> Any:
-        exchange = H2Exchange(self.app, request, self.scheme)
-        if getattr(request, "too_large", False):
-            exchange.started = self.app.clock.seconds()
-            self.app.error(exchange, 413)
-        else:
-            self.app.handle(exchange)
+        assert isinstance(request, _H2Request)  # h2_site's requestFactory
+        self.app.handle(H2Exchange(self.app, request, self.scheme))
         return server.NOT_DONE_YET
 
 
@@ -270,6 +378,7 @@ def h2_site(app: App, scheme: str, max_body: int) -> server.Site:
         pass
 
     Request.max_body = max_body
+    Request.app = app
     site = _H2Site(_H2Resource(app, scheme), reactor=app.clock)
     site.requestFactory = Request
     return site

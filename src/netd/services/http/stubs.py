@@ -26,7 +26,7 @@ import attrs
 import yaml
 
 from netd.kinds import ViewRefused
-from netd.schema import Problems, Section, Value, compose
+from netd.schema import ConfigErrors, Problems, Section, Value, compose
 from netd.services.http.match import Request, plain
 from netd.services.http.template import JSONTemplate, Scope, Template, TemplateError
 
@@ -37,6 +37,9 @@ Headers = list[tuple[bytes, bytes]]
 _STUB_KEYS = ("json", "delay", "responses", "template")
 _ANSWER_KEYS = ("status", "headers", "body", "body_file", "json", "delay")
 _ID = re.compile(r"[A-Za-z0-9_.-]{1,100}\Z")
+# Keys of the service's BuildContext.carried: the run-time routes and their counts.
+_CARRIED_ROUTES = "http.routes"
+_CARRIED_COUNTS = "http.matched"
 _JSON_TYPE = (b"Content-Type", b"application/json")
 _TEXT_TYPE = (b"Content-Type", b"text/plain; charset=utf-8")
 
@@ -262,12 +265,43 @@ class RoutesView:
     C{POST} adds one (the map's syntax as JSON), C{DELETE .../routes/ID} removes
     one added so.  Routes from the API may not read files or proxy: what the
     map's author allows, not whoever holds the admin token.
+
+    Routes added so outlive a reload that rebuilds the service (WireMock keeps
+    its run-time stubs until reset): L{restore} reads the predecessor's from
+    the service's C{carried}, L{publish} hands this one's on once it serves.
     """
 
     def __init__(self, app: Any, read_route: Callable[[Value], Any]) -> None:
         self.app = app
         self.read_route = read_route
         self.posted: dict[str, Any] = {}
+
+    def restore(self, carried: dict[str, Any]) -> list[str]:
+        """
+        Add again the routes the service this one replaces had from the API, in
+        the order they came, with their match counts (a C{responses:} sequence
+        goes on where it was).  Returns the ids left out: the map has a route of
+        that id now, or the route no longer reads (the map's edit wins).
+        """
+        left_out = []
+        counts = carried.get(_CARRIED_COUNTS, {})
+        for route_id, body in carried.get(_CARRIED_ROUTES, {}).items():
+            if any(r.id == route_id for r in self.app.routes):
+                left_out.append(route_id)
+                continue
+            try:
+                self._add(route_id, body)
+            except (ConfigErrors, ViewRefused):
+                left_out.append(route_id)
+                continue
+            if route_id in counts:
+                self.app.matched[route_id] = counts[route_id]
+        return left_out
+
+    def publish(self, carried: dict[str, Any]) -> None:
+        """This service serves now: its run-time routes are what a reload carries over."""
+        carried[_CARRIED_ROUTES] = self.posted
+        carried[_CARRIED_COUNTS] = self.app.matched
 
     def list(self, query: Any) -> dict[str, Any]:
         return {"routes": [self._describe(r) for r in self.app.routes]}
@@ -299,6 +333,9 @@ class RoutesView:
             raise ViewRefused(400, "an id is 1-100 letters, digits, '_', '.' or '-'")
         if any(r.id == route_id for r in self.app.routes):
             raise ViewRefused(409, f"a route {route_id} exists")
+        return self._describe(self._add(route_id, body))
+
+    def _add(self, route_id: str, body: dict[str, Any]) -> Any:
         problems = Problems()
         node = compose(yaml.safe_dump(body), "request body", problems)
         problems.raise_if_any()
@@ -307,7 +344,7 @@ class RoutesView:
         problems.raise_if_any()
         self.posted[route_id] = body
         self.app.add_route(route)
-        return self._describe(route)
+        return route
 
     def remove(self, key: str) -> dict[str, Any] | None:
         if key not in self.posted:

@@ -166,12 +166,16 @@ def serve(exchange: Any, script: Script, clock: Any) -> None:
     """Answer a request on a WebSocket route: switch and run C{script}, or say why not."""
     from netd.websockets import accept, handshake_problem
 
+    stream = exchange.websocket_stream()
+    if stream is not None:
+        _serve_over_h2(exchange, stream, script)
+        return
     upgrade = exchange.upgrade()
     problem = handshake_problem(exchange.header) if upgrade is not None else None
     if upgrade is None or problem is not None:
-        # HTTP/2 (RFC 8441 is not offered) or a plain request: a WebSocket lives here.
+        # A plain request (or, over HTTP/2, not an extended CONNECT): a WebSocket lives here.
         status = 426 if upgrade is None else 400
-        body = (problem or "a WebSocket endpoint: connect with ws:// or wss:// (HTTP/1.1)") + "\n"
+        body = (problem or "a WebSocket endpoint: connect with ws:// or wss://") + "\n"
         headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         if status == 426:
             headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
@@ -198,3 +202,24 @@ def serve(exchange: Any, script: Script, clock: Any) -> None:
     # Not at once: the wire is still inside its parser, which has yet to hand
     # over what the client sent after the head (frames sent with the handshake).
     clock.callLater(0, switch)
+
+
+def _serve_over_h2(exchange: Any, stream: Any, script: Script) -> None:
+    """RFC 8441: an extended CONNECT opened the WebSocket; no key, no 101, a 200."""
+    if exchange.header(b"sec-websocket-version") != b"13":
+        exchange.respond(
+            400,
+            [(b"Content-Type", b"text/plain; charset=utf-8"), (b"Sec-WebSocket-Version", b"13")],
+            b"Sec-WebSocket-Version: 13 only\n",
+        )
+        return
+    headers = []
+    chosen = _subprotocol(exchange, script)
+    if chosen is not None:
+        headers.append((b"Sec-WebSocket-Protocol", chosen.encode("ascii")))
+    from netd.services.http.wspeer import StubSocket
+
+    peer = StubSocket(script, stream)
+    stream.accept(headers, peer)
+    if not peer.ended:
+        peer.open()
