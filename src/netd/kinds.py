@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import attrs
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import Interface
@@ -118,6 +122,9 @@ class BuildContext:
     A kind reads it while building and writes it only once started, so a
     replacement whose reload fails leaves its predecessor's state as it was.
     """
+    # The service's bound stream listeners, as they are now: a kind that stops
+    # accepting for a while (a proxy that is down) reaches its ports here.
+    stream_ports: Callable[[], Sequence[IListeningPort]] = tuple
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)

@@ -127,6 +127,7 @@ class RunningService(ListenerGroup, Service):
             rules=self.rules,
             namespaces=config.namespace_from,
             carried={} if carried is None else carried,
+            stream_ports=lambda: [b.port for b in self.listeners if not b.config.datagram],
         )
         handlers = kind.build(config, self.context)
         rules_view = AdminView(

@@ -81,11 +81,9 @@ def test_the_python_client_makes_a_proxy_and_a_toxic_that_acts(
     assert answer == b"ping" and 0.24 <= elapsed <= 0.5, elapsed
     netd.wait_for("echo_px", "toxic.fired", toxic="latency_downstream")
 
-    # Down: accepted and reset at once, never relayed.
-    with proxy.down(), pytest.raises(OSError), socket.create_connection(address, 5) as sock:
-        sock.sendall(b"ping")
-        if not sock.recv(100):
-            raise ConnectionResetError("closed without a reset")
+    # Down: not listening, as Toxiproxy's.
+    with proxy.down(), pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, 5).close()
     proxy.destroy_toxic("latency_downstream")
     assert _round_trip(address)[1] < 0.2
     # A run-time proxy is a service like the map's: listed, counted, in /metrics.
@@ -157,3 +155,68 @@ def test_status_codes_and_shapes_are_toxiproxys(netd: NetdProcess) -> None:
     assert _call(netd, "GET", "/proxies/db")[0] == 404
     # Still serving after all that.
     assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["port-0", "fixed-port"])
+def test_down_refuses_connections_cuts_open_ones_and_up_listens_on_the_same_port(
+    netd: NetdProcess, toxiproxy: Toxiproxy, fixed: bool
+) -> None:
+    listen = f"127.0.0.1:{_free_port() if fixed else 0}"
+    proxy = toxiproxy.create(
+        upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="flappy", listen=listen
+    )
+    address = _address(proxy.listen)
+    with socket.create_connection(address, timeout=10) as open_one:
+        open_one.sendall(b"ping")
+        assert open_one.recv(100) == b"ping"
+        for _ in range(3):  # down and up again, more than once
+            proxy.disable()
+            netd.wait_for("flappy", "proxy.disabled")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(address, timeout=5).close()
+            # The port stays ours while down: nobody else may bind it.
+            with socket.socket() as squatter, pytest.raises(OSError):
+                squatter.bind(address)
+            assert _call(netd, "GET", "/proxies/flappy")[1]["listen"] == proxy.listen
+            proxy.enable()
+            assert _round_trip(address)[0] == b"ping"
+        # The connection open before the first down was cut (aborted: a reset).
+        with pytest.raises(ConnectionResetError):
+            open_one.recv(100)
+    assert netd.services()["flappy"]["listeners"][0]["port"] == address[1]
+    assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
+def test_a_proxy_made_down_never_accepts_until_enabled(netd: NetdProcess) -> None:
+    echo = f"127.0.0.1:{netd.address('echo')[1]}"
+    status, made = _call(
+        netd, "POST", "/proxies", {"name": "later", "upstream": echo, "enabled": False}
+    )
+    assert status == 200 and made["enabled"] is False
+    address = _address(made["listen"])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5).close()
+    _call(netd, "POST", "/proxies/later", {"enabled": True})
+    assert _round_trip(address)[0] == b"ping"
+
+
+def test_a_proxy_restarted_by_a_reload_while_down_accepts_again(netd: NetdProcess) -> None:
+    address = netd.address("mapped")
+    _call(netd, "POST", "/proxies/mapped", {"enabled": False})
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5).close()
+    text = netd.config_path.read_text()  # type: ignore[union-attr]
+    moved = text.replace("upstream: 127.0.0.1:1", f"upstream: 127.0.0.1:{netd.address('echo')[1]}")
+    assert moved != text
+    # The successor takes the same socket over, and starts up, as a new map's proxy does.
+    assert "mapped" in netd.reload(moved)["restarted"]
+    assert netd.address("mapped") == address
+    assert _round_trip(address)[0] == b"ping"
+    assert _call(netd, "GET", "/proxies/mapped")[1]["enabled"] is True

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from netd.kinds import BuildContext
 from netd.rules import moved
 from netd.schema import client_address
+from netd.services.proxy.listening import accept_again, stop_accepting
 from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
 
@@ -136,11 +137,19 @@ class Proxy(Service):
     # Control
 
     def set_enabled(self, enabled: bool) -> None:
-        """Down refuses new connections and cuts the open ones, as Toxiproxy's disabled proxy."""
+        """
+        Down stops listening (L{netd.services.proxy.listening}) and cuts the
+        open connections, as Toxiproxy's disabled proxy; up listens again.
+        """
         if enabled == self.enabled:
             return
         self.enabled = enabled
         self.context.emit("proxy.enabled" if enabled else "proxy.disabled")
+        for port in self.context.stream_ports():
+            if enabled:
+                accept_again(port)
+            else:
+                stop_accepting(port)
         if not enabled:
             for relay in list(self.live):
                 relay.cut()
