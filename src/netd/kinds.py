@@ -186,7 +186,8 @@ class Handlers:
     @ivar per_client_reply: written to a connection refused by
         C{max_connections_per_client}; L{None}: the C{busy_reply}.
     @ivar service: started before and stopped after the listeners (queues, caches).
-    @ivar views: per-service admin views by name (C{requests}, C{messages}, ...).
+    @ivar views: per-service admin views by name (C{requests}, C{messages}, ...);
+        the core adds C{rules} (over L{BuildContext.rules}) unless the kind serves it.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None

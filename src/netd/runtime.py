@@ -138,8 +138,9 @@ class RunningService(ListenerGroup, Service):
             remove=self.rules.remove,
             forget=self.rules.forget,
         )
+        # A kind may serve the rules view itself, over these (the proxy's adds its toxics).
         self.handlers: Handlers = attrs.evolve(
-            handlers, views={**handlers.views, "rules": rules_view}
+            handlers, views={"rules": rules_view, **handlers.views}
         )
         self.datagram_protocols: list[Any] = []
         self.rules.watchers.append(self._rules_changed)

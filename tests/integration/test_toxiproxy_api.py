@@ -16,7 +16,7 @@ from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
 from netd.testing import AdminError, NetdProcess
-from tests.conftest import StartNetd
+from tests.conftest import StartNetd, unused_port
 
 
 @pytest.fixture
@@ -157,18 +157,11 @@ def test_status_codes_and_shapes_are_toxiproxys(netd: NetdProcess) -> None:
     assert netd.admin("GET", "/healthz") == b"ok\n"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.mark.parametrize("fixed", [False, True], ids=["port-0", "fixed-port"])
 def test_down_refuses_connections_cuts_open_ones_and_up_listens_on_the_same_port(
     netd: NetdProcess, toxiproxy: Toxiproxy, fixed: bool
 ) -> None:
-    listen = f"127.0.0.1:{_free_port() if fixed else 0}"
+    listen = f"127.0.0.1:{unused_port() if fixed else 0}"
     proxy = toxiproxy.create(
         upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="flappy", listen=listen
     )
