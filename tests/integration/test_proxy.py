@@ -513,3 +513,21 @@ def test_down_refuses_tcp_and_resets_unix_connections(netd: NetdProcess, tmp_pat
     host, port = netd.address("web-px")
     with urllib.request.urlopen(f"http://{host}:{port}/hello.txt", timeout=10) as r:
         assert r.read() == b"hello through the proxy\n"
+
+
+def test_an_open_connection_passes_from_straight_reads_to_a_toxic_and_back(
+    netd: NetdProcess,
+) -> None:
+    payload = bytes(range(256)) * 2048  # 512 KiB: more than one read of either path
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 0.15
+        with netd.toxic("echo", "latency", latency=200, stream="upstream"):
+            assert 0.16 < _round_trip(sock) < 5  # the toxic takes the next chunk
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += sock.recv(1 << 20)
+            assert got == payload  # in order, none lost, across the paths
+        assert _round_trip(sock) < 0.15  # straight again once it is gone
+    closed = netd.wait_for("echo", "connection.closed")
+    assert closed["bytes_in"] == closed["bytes_out"] == 3 * 64 + len(payload)

@@ -21,7 +21,13 @@ from netd.kinds import BuildContext
 from netd.rules import moved
 from netd.schema import client_address
 from netd.services.proxy.listening import accept_again, stop_accepting
-from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
+from netd.services.proxy.relay import (
+    RELAY_READ_SIZE,
+    ClientSide,
+    Relay,
+    UpstreamSide,
+    connecting,
+)
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
 
 __all__ = ["Proxy", "UpstreamTLS"]
@@ -75,10 +81,21 @@ class Proxy(Service):
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
+        self._read_buffer: memoryview | None = None
         # The daemon's scenarios, which toxics read (state) and move (next_state) as rules do.
         self.scenarios = context.rules.scenarios
 
     # Connections
+
+    @property
+    def read_buffer(self) -> memoryview:
+        """
+        Where every relay between plain sockets reads, made on first use:
+        bytes are sent from it before the next read, so one serves them all.
+        """
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(RELAY_READ_SIZE))
+        return self._read_buffer
 
     def relay(self, client: ClientSide) -> Relay:
         relay = Relay(self, client)
