@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -213,3 +215,35 @@ def test_a_proxy_restarted_by_a_reload_while_down_accepts_again(netd: NetdProces
     assert netd.address("mapped") == address
     assert _round_trip(address)[0] == b"ping"
     assert _call(netd, "GET", "/proxies/mapped")[1]["enabled"] is True
+
+
+def test_a_toxiproxy_listener_serves_its_api_without_the_admin_token(
+    start_netd: StartNetd,
+) -> None:
+    netd = start_netd(
+        """
+admin:
+  listen: ["tcp:0:interface=127.0.0.1"]
+  token: s3cret
+  toxiproxy: ["tcp:0:interface=127.0.0.1"]
+services:
+  echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}
+"""
+    )
+    admin, plain = netd.ports["admin"]["listeners"]
+    assert plain["protocol"] == "toxiproxy" and "protocol" not in admin
+    saved = APIConsumer.host, APIConsumer.port
+    server = Toxiproxy()
+    server.update_api_consumer(plain["host"], plain["port"])
+    try:
+        proxy = server.create(upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="open")
+        assert _round_trip(_address(proxy.listen))[0] == b"ping"
+    finally:
+        APIConsumer.host, APIConsumer.port = saved
+    # That listener serves nothing else; the admin listener still asks for the token.
+    for path, where in (("/api/services", plain), ("/proxies", admin)):
+        request = urllib.request.Request(f"http://127.0.0.1:{where['port']}{path}")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == (404 if where is plain else 401)
+    assert "open" in netd.admin("GET", "/proxies")  # with the token, as before
