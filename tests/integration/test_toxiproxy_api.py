@@ -200,6 +200,15 @@ def test_a_proxy_made_down_never_accepts_until_enabled(netd: NetdProcess) -> Non
         socket.create_connection(address, timeout=5).close()
     _call(netd, "POST", "/proxies/later", {"enabled": True})
     assert _round_trip(address)[0] == b"ping"
+    # Deleted while down: its port is let go like any other.
+    _call(netd, "POST", "/proxies/later", {"enabled": False})
+    assert _call(netd, "DELETE", "/proxies/later")[0] == 200  # 204
+    netd.wait_for("later", "proxy.deleted")
+    with socket.socket() as successor:
+        successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        successor.bind(address)
+        successor.listen()
+    assert netd.admin("GET", "/healthz") == b"ok\n"
 
 
 def test_a_proxy_restarted_by_a_reload_while_down_accepts_again(netd: NetdProcess) -> None:
