@@ -311,7 +311,7 @@ class AdminResource(Resource):
             if not self.daemon.ready:
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
-        site = getattr(request, "site", None)  # a test's DummyRequest has none
+        site = getattr(request, "site", None)  # one made without a site (DummyRequest) has none
         if isinstance(site, _AdminSite) and site.toxiproxy_only:
             root = admin_root(parts[0]) if parts else None
             if root is None:
