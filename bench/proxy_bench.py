@@ -10,7 +10,9 @@ bench/echo_client.py, the client of every echo benchmark:
   bulk  4 connections streaming 256 KiB writes: echoed bytes/s (MB/s here);
   rr    1 connection, one 64-byte message in flight: p50 round trip, and what
         the proxy adds to the direct p50.
-netd runs with no toxics.  The rounds interleave the proxies so that a load
+The proxy's own CPU seconds per GB echoed during bulk are shown too (not for
+socat, which forks a process per connection): steadier than MB/s on a loaded
+machine.  netd runs with no toxics.  The rounds interleave the proxies so that a load
 change on the machine hits all of them alike; the table gives each one's median,
 and netd's bulk against each peer as the median of the ratios within each round.
 Every run is bounded: at most 10 rounds of at most 10 s per case.
@@ -27,11 +29,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _bench import VENV_BIN, Server, pinned, wait_for
+from _bench import VENV_BIN, Server, cpu_seconds, pinned, wait_for
 
 BENCH_DIR = Path(__file__).parent
 CLIENT = BENCH_DIR / "echo_client.py"
 MAX_ROUNDS, MAX_DURATION = 10, 10.0
+WARMUP = 0.5  # echo_client.py's, before its measured window
 
 
 class Upstream(Server):
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_for(lambda: upstream.ready(), "the upstream echo")
         servers = {name: kinds[name](Path(scratch), upstream.port) for name in wanted}
         rows: dict[str, dict[str, list[float]]] = {
-            name: {"bulk": [], "p50": []} for name in ["direct", *servers]
+            name: {"bulk": [], "p50": [], "cpu": []} for name in ["direct", *servers]
         }
         try:
             for server in servers.values():
@@ -149,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"round {round_number + 1}/{rounds}", file=sys.stderr)
                 ports = {"direct": upstream.port, **{n: s.port for n, s in servers.items()}}
                 for name, port in ports.items():
-                    rows[name]["bulk"].append(measure(port, "bulk", duration)["rate"])
+                    server = servers.get(name)
+                    before = cpu_seconds(server.pid) if server is not None else 0.0
+                    bulk = measure(port, "bulk", duration)
+                    rows[name]["bulk"].append(bulk["rate"])
+                    if server is not None:
+                        # Over the client's warm-up and window alike.
+                        echoed = bulk["rate"] * (bulk["window_s"] + WARMUP)
+                        rows[name]["cpu"].append((cpu_seconds(server.pid) - before) / echoed * 1e9)
                     rows[name]["p50"].append(_p50_us(measure(port, "rr", duration)))
         finally:
             for server in servers.values():
@@ -158,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             upstream.stop()
     direct_p50 = statistics.median(rows["direct"]["p50"])
     netd_bulk = rows["netd"]["bulk"] if "netd" in rows else []
-    print("| proxy | bulk MB/s | netd's bulk is | p50 64 B round trip µs | added µs |")
-    print("|---|---|---|---|---|")
+    print("| proxy | bulk MB/s | netd's bulk is | CPU s/GB | p50 64 B round trip µs | added µs |")
+    print("|---|---|---|---|---|---|")
     for name, row in rows.items():
         bulk, p50 = statistics.median(row["bulk"]), statistics.median(row["p50"])
         ratio = ""
@@ -168,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             ratios = [n / b for n, b in zip(netd_bulk, row["bulk"], strict=True)]
             ratio = f"{statistics.median(ratios):.2f}x"
         added = f"{p50 - direct_p50:.0f}" if name != "direct" else ""
-        print(f"| {name} | {bulk / 1e6:.0f} | {ratio} | {p50:.0f} | {added} |")
+        cpu = f"{statistics.median(row['cpu']):.2f}" if row["cpu"] and name != "socat" else ""
+        print(f"| {name} | {bulk / 1e6:.0f} | {ratio} | {cpu} | {p50:.0f} | {added} |")
     return 0
 
 

@@ -34,7 +34,7 @@ from netd.connections import ConnectionSet, TrackingFactory, describe_address, u
 from netd.dashboard import Dashboard
 from netd.events import Event, Journal, ServiceStats
 from netd.eventstream import EventStreams, StreamRefused
-from netd.kinds import AdminView, IOwesReplies, RepliesOwed, ViewRefused
+from netd.kinds import AdminRoot, AdminView, IOwesReplies, RepliesOwed, ViewRefused
 from netd.later import answer_later, finish
 from netd.listeners import ListenerGroup
 from netd.namespaces import in_namespace
@@ -234,11 +234,14 @@ class _AdminSite(Site):
         reactor: IReactorTime,
         stats: ServiceStats,
         journal: Journal,
+        toxiproxy_only: bool = False,
     ) -> None:
         super().__init__(resource, timeout=config.idle_timeout, reactor=reactor)
         self.config = config
         self.stats = stats
         self.journal = journal
+        # An admin toxiproxy: listener's site: Toxiproxy's API alone, no token asked.
+        self.toxiproxy_only = toxiproxy_only
 
     def acceptableProtocols(self) -> list[bytes]:
         # No h2 over TLS: the deadlines are HTTP/1.1's, and an operator's API needs no more.
@@ -308,6 +311,12 @@ class AdminResource(Resource):
             if not self.daemon.ready:
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
+        site = getattr(request, "site", None)  # one made without a site (DummyRequest) has none
+        if isinstance(site, _AdminSite) and site.toxiproxy_only:
+            root = admin_root(parts[0]) if parts else None
+            if root is None:
+                raise _HTTPError(404, "not found: this listener serves Toxiproxy's API alone")
+            return self._root(request, method, parts, root)
         if self.dashboard.is_public(parts):
             return self.dashboard.render_public(request, method, parts)
         self._authorize(request)
@@ -315,10 +324,7 @@ class AdminResource(Resource):
             return self.dashboard.render_private(request, method, parts)
         root = admin_root(parts[0]) if parts else None
         if root is not None:
-            # A kind's own API at the root (Toxiproxy's): it answers in its own shapes.
-            body = request.content.read() if request.content is not None else b""
-            handled = maybeDeferred(root.handle, self.daemon, method, parts, body)
-            return self._deferred(request, handled, lambda answer: answer)
+            return self._root(request, method, parts, root)
         if parts == ["metrics"]:
             _allow(method, "GET", "HEAD")
             request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
@@ -326,6 +332,12 @@ class AdminResource(Resource):
         if parts[:1] != ["api"]:
             raise _HTTPError(404, "not found")
         return self._api(request, method, parts[1:])
+
+    def _root(self, request: Request, method: str, parts: list[str], root: AdminRoot) -> int:
+        # A kind's own API at the root (Toxiproxy's): it answers in its own shapes.
+        body = request.content.read() if request.content is not None else b""
+        handled = maybeDeferred(root.handle, self.daemon, method, parts, body)
+        return self._deferred(request, handled, lambda answer: answer)
 
     def _metrics(self) -> bytes:
         # prometheus-client loads on the first scrape: an admin API nobody
@@ -744,7 +756,7 @@ class AdminServer(ListenerGroup):
         self.creators = creators
         self.label = "admin"
         self.summary_prefix = "admin API"
-        self.listener_configs = config.listen
+        self.listener_configs = (*config.listen, *config.toxiproxy)
         self.listeners = []
         self.stats = ServiceStats()
         reactor = daemon.reactor
@@ -760,12 +772,10 @@ class AdminServer(ListenerGroup):
             MAX_WAIT + config.idle_timeout,
             _BUSY_REPLY,
         )
-        self.site = _AdminSite(
-            AdminResource(daemon, config.token, self.counters),
-            config,
-            reactor,
-            self.stats,
-            daemon.journal,
+        resource = AdminResource(daemon, config.token, self.counters)
+        self.site = _AdminSite(resource, config, reactor, self.stats, daemon.journal)
+        self.toxiproxy_site = _AdminSite(
+            resource, config, reactor, self.stats, daemon.journal, toxiproxy_only=True
         )
 
     def counters(self) -> dict[str, int]:
@@ -786,6 +796,7 @@ class AdminServer(ListenerGroup):
             creator,
             held=held,
         )
-        factory = TrackingFactory(self.site, self.connections)
+        site = self.toxiproxy_site if listener.protocol == "toxiproxy" else self.site
+        factory = TrackingFactory(site, self.connections)
         listening: Deferred[IListeningPort] = endpoint.listen(factory)
         return listening

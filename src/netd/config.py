@@ -154,6 +154,9 @@ class AdminConfig:
     body_timeout: float = 30.0
     idle_timeout: float = 60.0
     max_body: int = 64 * 1024
+    # Listeners that serve Toxiproxy's API alone, without the token (its
+    # clients send none): loopback only.
+    toxiproxy: tuple[ListenerConfig, ...] = ()
 
 
 @attrs.frozen
@@ -434,6 +437,7 @@ def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> Admin
         else ()
     )
     token = section.optional_str("token")
+    toxiproxy = _read_listener_key(section.get("toxiproxy"), "toxiproxy", TLSProfiles(profiles))
     defaults = AdminConfig(listen=(), token=None, position=value.position)
     config = AdminConfig(
         listen=listen,
@@ -444,8 +448,15 @@ def _read_admin(value: Value, profiles: Mapping[str, TLSProfileConfig]) -> Admin
         body_timeout=section.number("body_timeout", defaults.body_timeout, minimum=0.1),
         idle_timeout=section.number("idle_timeout", defaults.idle_timeout, minimum=0.1),
         max_body=section.integer("max_body", defaults.max_body, minimum=0),
+        toxiproxy=toxiproxy,
     )
     section.finish()
+    for listener in toxiproxy:
+        if not endpoints.is_loopback(listener.endpoint):
+            section.value.error(
+                f"admin toxiproxy listener {listener.endpoint!r} is not loopback-only:"
+                " Toxiproxy's clients send no token"
+            )
     if not token:
         for listener in listen:
             if not endpoints.is_loopback(listener.endpoint):

@@ -274,6 +274,12 @@ class _InheritedStreamEndpoint:
             port: IListeningPort = self.reactor.adoptStreamPort(
                 self.descriptor, self.family, factory
             )
+            listening: Any = port
+            if not listening.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                # The listener it replaces had stopped accepting (a proxy that
+                # is down, netd.services.proxy.listening): this one accepts,
+                # with the system's backlog (an adopted port knows none).
+                listening.socket.listen()
         except Exception:
             return fail()
         return succeed(port)

@@ -16,7 +16,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import attrs
 from twisted.application.service import IService
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IProtocolFactory
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+)
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import Interface
@@ -118,6 +122,9 @@ class BuildContext:
     A kind reads it while building and writes it only once started, so a
     replacement whose reload fails leaves its predecessor's state as it was.
     """
+    # The service's bound stream listeners, as they are now: a kind that stops
+    # accepting for a while (a proxy that is down) reaches its ports here.
+    stream_ports: Callable[[], Sequence[IListeningPort]] = tuple
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
@@ -179,7 +186,8 @@ class Handlers:
     @ivar per_client_reply: written to a connection refused by
         C{max_connections_per_client}; L{None}: the C{busy_reply}.
     @ivar service: started before and stopped after the listeners (queues, caches).
-    @ivar views: per-service admin views by name (C{requests}, C{messages}, ...).
+    @ivar views: per-service admin views by name (C{requests}, C{messages}, ...);
+        the core adds C{rules} (over L{BuildContext.rules}) unless the kind serves it.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None

@@ -128,6 +128,7 @@ class RunningService(ListenerGroup, Service):
             rules=self.rules,
             namespaces=config.namespace_from,
             carried={} if carried is None else carried,
+            stream_ports=lambda: [b.port for b in self.listeners if not b.config.datagram],
         )
         handlers = kind.build(config, self.context)
         rules_view = AdminView(
@@ -138,8 +139,9 @@ class RunningService(ListenerGroup, Service):
             remove=self.rules.remove,
             forget=self.rules.forget,
         )
+        # A kind may serve the rules view itself, over these (the proxy's adds its toxics).
         self.handlers: Handlers = attrs.evolve(
-            handlers, views={**handlers.views, "rules": rules_view}
+            handlers, views={"rules": rules_view, **handlers.views}
         )
         self.datagram_protocols: list[Any] = []
         self.rules.watchers.append(self._rules_changed)

@@ -605,6 +605,8 @@ class NetdProcess:
         described = self.admin(
             "POST", f"/api/services/{_quote(service)}/rules", json.dumps(body).encode()
         )
+        if "type" in described:  # a proxy's toxic, in the toxic vocabulary
+            return ToxicHandle(self, service, described)
         return RuleHandle(self, service, described)
 
     def toxic(

@@ -443,3 +443,91 @@ def test_a_client_gone_before_the_upstream_answers_leaves_nothing_open(
         time.sleep(0.05)
     with _connect(netd) as sock:
         assert 0.15 < _round_trip(sock) < 5
+
+
+def _rules(netd: NetdProcess, service: str = "echo") -> dict[str, Any]:
+    listed = netd.admin("GET", f"/api/services/{service}/rules")["rules"]
+    return {rule["id"]: rule for rule in listed}
+
+
+def test_toxics_are_rules_on_the_rules_view(netd: NetdProcess) -> None:
+    with netd.rule("echo", id="slow", type="latency", attributes={"latency": 200}) as slow:
+        with _connect(netd) as sock:
+            assert 0.16 < _round_trip(sock) < 5
+        # Journaled with rule.fired's fields, and awaited through the netd.testing handle.
+        (fired,) = slow.wait_fired(1)
+        assert (fired["type"], fired["rule"], fired["source"]) == ("toxic.fired", "slow", "api")
+        assert fired["acts"] == ["latency"] and fired["fired"] == 1
+        assert slow.fired == 1
+        # One toxic, two views: the rules view lists it as a rule with its count, and the
+        # toxics view (and a toxic added there) the same.
+        with netd.toxic("echo", "limit_data", name="cap", stream="upstream", bytes=1 << 20):
+            with _connect(netd) as sock:
+                _round_trip(sock)
+            rules = _rules(netd)
+            assert rules["slow"]["fired"] == 2 and rules["slow"]["attributes"]["latency"] == 200
+            assert rules["cap"]["fired"] == 1 and rules["cap"]["type"] == "limit_data"
+            assert rules["slow"]["source"] == "api" and rules["slow"]["spent"] is False
+        toxics = netd.view("echo", "toxics")
+        assert [(t["name"], t["fired"]) for t in toxics] == [("slow", 2)]
+        # A core connection rule sits beside the toxics, ids and names one namespace.
+        with netd.rule("echo", id="cut", reset=True, times=1):
+            assert set(_rules(netd)) == {"cut", "slow"}
+            with pytest.raises(AdminError) as taken:
+                netd.rule("echo", id="cut", type="latency")
+            assert taken.value.status == 409
+            with _connect(netd) as sock, pytest.raises(ConnectionResetError):
+                if not sock.recv(10):
+                    raise AssertionError("closed without a reset")
+    # Leaving the block DELETEd it through the rules view: no toxic acts any more.
+    assert "slow" not in _rules(netd) and netd.view("echo", "toxics") == []
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 0.15
+
+
+def test_a_bad_toxic_on_the_rules_view_names_its_key_and_the_proxy_serves_on(
+    netd: NetdProcess,
+) -> None:
+    for bad, key in (
+        ({"type": "latency", "attributes": {"lag": 1}}, "attributes.lag"),
+        ({"type": "latency", "stream": "sideways"}, "stream"),
+        ({"type": "warp"}, "type"),
+    ):
+        with pytest.raises(AdminError) as refused:
+            netd.rule("echo", **bad)
+        assert refused.value.status == 400 and key in refused.value.body
+    assert _rules(netd) == {}
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 5
+
+
+def test_down_refuses_tcp_and_resets_unix_connections(netd: NetdProcess, tmp_path: Path) -> None:
+    netd.admin("POST", "/proxies/web-px", b'{"enabled": false}')
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(netd.address("web-px"), timeout=5).close()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(tmp_path / "px.sock"))
+        assert sock.recv(10) == b""  # closed at once, never relayed
+    netd.admin("POST", "/proxies/web-px", b'{"enabled": true}')
+    host, port = netd.address("web-px")
+    with urllib.request.urlopen(f"http://{host}:{port}/hello.txt", timeout=10) as r:
+        assert r.read() == b"hello through the proxy\n"
+
+
+def test_an_open_connection_passes_from_straight_reads_to_a_toxic_and_back(
+    netd: NetdProcess,
+) -> None:
+    payload = bytes(range(256)) * 2048  # 512 KiB: more than one read of either path
+    with _connect(netd) as sock:
+        assert _round_trip(sock) < 0.15
+        with netd.toxic("echo", "latency", latency=200, stream="upstream"):
+            assert 0.16 < _round_trip(sock) < 5  # the toxic takes the next chunk
+            sock.sendall(payload)
+            got = b""
+            while len(got) < len(payload):
+                got += sock.recv(1 << 20)
+            assert got == payload  # in order, none lost, across the paths
+        assert _round_trip(sock) < 0.15  # straight again once it is gone
+    closed = netd.wait_for("echo", "connection.closed")
+    assert closed["bytes_in"] == closed["bytes_out"] == 3 * 64 + len(payload)

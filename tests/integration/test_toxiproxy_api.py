@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import socket
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +18,7 @@ from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
 from netd.testing import AdminError, NetdProcess
-from tests.conftest import StartNetd
+from tests.conftest import StartNetd, unused_port
 
 
 @pytest.fixture
@@ -81,11 +83,9 @@ def test_the_python_client_makes_a_proxy_and_a_toxic_that_acts(
     assert answer == b"ping" and 0.24 <= elapsed <= 0.5, elapsed
     netd.wait_for("echo_px", "toxic.fired", toxic="latency_downstream")
 
-    # Down: accepted and reset at once, never relayed.
-    with proxy.down(), pytest.raises(OSError), socket.create_connection(address, 5) as sock:
-        sock.sendall(b"ping")
-        if not sock.recv(100):
-            raise ConnectionResetError("closed without a reset")
+    # Down: not listening, as Toxiproxy's.
+    with proxy.down(), pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, 5).close()
     proxy.destroy_toxic("latency_downstream")
     assert _round_trip(address)[1] < 0.2
     # A run-time proxy is a service like the map's: listed, counted, in /metrics.
@@ -157,3 +157,102 @@ def test_status_codes_and_shapes_are_toxiproxys(netd: NetdProcess) -> None:
     assert _call(netd, "GET", "/proxies/db")[0] == 404
     # Still serving after all that.
     assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["port-0", "fixed-port"])
+def test_down_refuses_connections_cuts_open_ones_and_up_listens_on_the_same_port(
+    netd: NetdProcess, toxiproxy: Toxiproxy, fixed: bool
+) -> None:
+    listen = f"127.0.0.1:{unused_port() if fixed else 0}"
+    proxy = toxiproxy.create(
+        upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="flappy", listen=listen
+    )
+    address = _address(proxy.listen)
+    with socket.create_connection(address, timeout=10) as open_one:
+        open_one.sendall(b"ping")
+        assert open_one.recv(100) == b"ping"
+        for _ in range(3):  # down and up again, more than once
+            proxy.disable()
+            netd.wait_for("flappy", "proxy.disabled")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(address, timeout=5).close()
+            # The port stays ours while down: nobody else may bind it.
+            with socket.socket() as squatter, pytest.raises(OSError):
+                squatter.bind(address)
+            assert _call(netd, "GET", "/proxies/flappy")[1]["listen"] == proxy.listen
+            proxy.enable()
+            assert _round_trip(address)[0] == b"ping"
+        # The connection open before the first down was cut (aborted: a reset).
+        with pytest.raises(ConnectionResetError):
+            open_one.recv(100)
+    assert netd.services()["flappy"]["listeners"][0]["port"] == address[1]
+    assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
+def test_a_proxy_made_down_never_accepts_until_enabled(netd: NetdProcess) -> None:
+    echo = f"127.0.0.1:{netd.address('echo')[1]}"
+    status, made = _call(
+        netd, "POST", "/proxies", {"name": "later", "upstream": echo, "enabled": False}
+    )
+    assert status == 200 and made["enabled"] is False
+    address = _address(made["listen"])
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5).close()
+    _call(netd, "POST", "/proxies/later", {"enabled": True})
+    assert _round_trip(address)[0] == b"ping"
+    # Deleted while down: its port is let go like any other.
+    _call(netd, "POST", "/proxies/later", {"enabled": False})
+    assert _call(netd, "DELETE", "/proxies/later")[0] == 200  # 204
+    netd.wait_for("later", "proxy.deleted")
+    with socket.socket() as successor:
+        successor.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        successor.bind(address)
+        successor.listen()
+    assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
+def test_a_proxy_restarted_by_a_reload_while_down_accepts_again(netd: NetdProcess) -> None:
+    address = netd.address("mapped")
+    _call(netd, "POST", "/proxies/mapped", {"enabled": False})
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(address, timeout=5).close()
+    text = netd.config_path.read_text()  # type: ignore[union-attr]
+    moved = text.replace("upstream: 127.0.0.1:1", f"upstream: 127.0.0.1:{netd.address('echo')[1]}")
+    assert moved != text
+    # The successor takes the same socket over, and starts up, as a new map's proxy does.
+    assert "mapped" in netd.reload(moved)["restarted"]
+    assert netd.address("mapped") == address
+    assert _round_trip(address)[0] == b"ping"
+    assert _call(netd, "GET", "/proxies/mapped")[1]["enabled"] is True
+
+
+def test_a_toxiproxy_listener_serves_its_api_without_the_admin_token(
+    start_netd: StartNetd,
+) -> None:
+    netd = start_netd(
+        """
+admin:
+  listen: ["tcp:0:interface=127.0.0.1"]
+  token: s3cret
+  toxiproxy: ["tcp:0:interface=127.0.0.1"]
+services:
+  echo: {type: echo, listen: ["tcp:0:interface=127.0.0.1"]}
+"""
+    )
+    admin, plain = netd.ports["admin"]["listeners"]
+    assert plain["protocol"] == "toxiproxy" and "protocol" not in admin
+    saved = APIConsumer.host, APIConsumer.port
+    server = Toxiproxy()
+    server.update_api_consumer(plain["host"], plain["port"])
+    try:
+        proxy = server.create(upstream=f"127.0.0.1:{netd.address('echo')[1]}", name="open")
+        assert _round_trip(_address(proxy.listen))[0] == b"ping"
+    finally:
+        APIConsumer.host, APIConsumer.port = saved
+    # That listener serves nothing else; the admin listener still asks for the token.
+    for path, where in (("/api/services", plain), ("/proxies", admin)):
+        request = urllib.request.Request(f"http://127.0.0.1:{where['port']}{path}")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == (404 if where is plain else 401)
+    assert "open" in netd.admin("GET", "/proxies")  # with the token, as before

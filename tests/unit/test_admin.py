@@ -305,7 +305,7 @@ def test_admin_limits_have_defaults_and_can_be_set(tmp_path: Path) -> None:
         "  max_connections: 5\n  header_timeout: 0.5\n  body_timeout: 2\n"
         "  idle_timeout: 7\n  max_body: 0\n"
     )
-    assert attrs.astuple(admin_map(tmp_path, keys))[3:] == (5, 0.5, 2.0, 7.0, 0)
+    assert attrs.astuple(admin_map(tmp_path, keys))[3:8] == (5, 0.5, 2.0, 7.0, 0)
 
 
 def test_admin_limits_are_checked_with_their_positions(tmp_path: Path) -> None:

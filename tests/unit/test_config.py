@@ -650,6 +650,19 @@ def test_admin_off_loopback_without_token(map_file: Path) -> None:
     ]
 
 
+def test_admin_toxiproxy_listeners_are_loopback_only_even_with_a_token(map_file: Path) -> None:
+    text = """\
+        admin:
+          listen: ["tcp:8025:interface=0.0.0.0"]
+          token: s3cret
+          toxiproxy: ["tcp:8474:interface=127.0.0.1", "tcp:8475:interface=0.0.0.0"]
+        """
+    assert errors(map_file, text + ECHO) == [
+        "2:3: admin: admin toxiproxy listener 'tcp:8475:interface=0.0.0.0' is not "
+        "loopback-only: Toxiproxy's clients send no token",
+    ]
+
+
 def test_admin_without_listen_or_with_udp(map_file: Path) -> None:
     assert errors(map_file, "admin: {token: x}\n" + ECHO) == [
         "1:8: admin: missing required key 'listen'"

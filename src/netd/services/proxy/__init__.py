@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 
 from netd.config import ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind, ViewRefused
+from netd.rules import RuleSet
 from netd.schema import Section, Value
 from netd.services.proxy.datagram import DatagramRelay
 from netd.services.proxy.relay import ClientSide
@@ -138,6 +139,58 @@ def toxics_view(proxy: Proxy) -> AdminView:
     return AdminView(list=listing, item=item, clear=clear, post=post, put=put, remove=remove)
 
 
+def rules_view(rules: RuleSet, proxy: Proxy) -> AdminView:
+    """
+    C{/api/services/NAME/rules} of a proxy: the core's connection rules, then
+    the toxics, each as the scenario rule it is (its name as its C{id}, with
+    C{fired} and C{spent}).  A rule POSTed in the toxic vocabulary (with a
+    C{type}; C{id} for its C{name}) is added as a toxic.  A name in force as
+    one is refused for the other here.
+    """
+
+    def listing(query: Mapping[str, str]) -> Any:
+        return {
+            "rules": [
+                *rules.list(query)["rules"],
+                *(state.rule.describe() for state in proxy.toxics),
+            ]
+        }
+
+    def item(key: str) -> Any:
+        state = proxy.toxics.get(key)
+        return state.rule.describe() if state is not None else rules.item(key)
+
+    def post(body: Any) -> Any:
+        if not (isinstance(body, dict) and "type" in body):
+            rule_id = body.get("id") if isinstance(body, dict) else None
+            if isinstance(rule_id, str) and proxy.toxics.get(rule_id) is not None:
+                raise ViewRefused(409, f"a toxic {rule_id!r} is in force already")
+            return rules.post(body)
+        fields = {key: value for key, value in body.items() if key != "id"}
+        if "id" in body:
+            fields.setdefault("name", body["id"])
+        toxic = _toxic_or_refusal(fields)
+        if proxy.toxics.get(toxic.name) is not None or rules.item(toxic.name) is not None:
+            raise ViewRefused(409, f"a rule {toxic.name!r} is in force already")
+        return proxy.toxics.add(toxic).rule.describe()
+
+    def remove(key: str) -> Any:
+        state = proxy.toxics.get(key)
+        if state is None:
+            return rules.remove(key)
+        proxy.toxics.remove(key)
+        return {"removed": state.rule.describe()}
+
+    def clear() -> Any:
+        cleared = rules.clear()["cleared"] + len(proxy.toxics)
+        proxy.clear_toxics()
+        return {"cleared": cleared}
+
+    return AdminView(
+        list=listing, item=item, clear=clear, post=post, remove=remove, forget=rules.forget
+    )
+
+
 def _toxic_or_refusal(body: Any, base: Toxic | None = None) -> Toxic:
     try:
         return read_toxic(body, base=base)
@@ -159,7 +212,7 @@ def build_proxy(service: ServiceConfig, context: BuildContext) -> Handlers:
         stream=lambda listener: factory,
         datagram=lambda listener: DatagramRelay(proxy, options.udp_clients, options.udp_idle),
         service=proxy,
-        views={"toxics": toxics_view(proxy)},
+        views={"toxics": toxics_view(proxy), "rules": rules_view(context.rules, proxy)},
     )
 
 

@@ -8,6 +8,10 @@ acts and the far side keeps up; otherwise it queues them with the time each may
 leave (latency, bandwidth, slicer) or what ends the connection (limit_data,
 timeout, reset_peer, slow_close), and one timer sends the head of the queue.
 
+Between two plain sockets (no TLS on either side) a direction also reads for
+itself (L{Direction.read_through}): into one buffer the proxy reuses, and sent
+from there, so a relayed chunk makes no bytes object on the way.
+
 Back-pressure: a direction is the streaming producer of the transport it writes
 to.  When that transport's buffer fills (its reader is slow) it pauses the
 direction, which pauses reading from the other side; the same happens when the
@@ -17,6 +21,8 @@ that much per direction, whatever the two peers do.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import inspect
 import socket
 import struct
@@ -24,7 +30,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
@@ -53,6 +59,10 @@ _BANDWIDTH_SLICES_PER_SECOND = 10
 # mmap threshold: Python allocates the whole size for every recv, and a larger
 # buffer is mapped and unmapped again for each small read (+15 µs each).
 READ_SIZE = (1 << 17) - 4096
+# Bytes a direction between two plain sockets reads at once, into the proxy's
+# one buffer (L{Direction.read_through}): no allocation, so no such limit.
+RELAY_READ_SIZE = 1 << 18
+_TRY_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 def socket_of(transport: Any) -> tcp.Connection | None:
@@ -82,6 +92,16 @@ def bare_socket(transport: Any) -> tcp.Connection | None:
     """C{transport} itself when it is a plain TCP (or UNIX) socket: the upstream's, without TLS."""
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport
+    return None
+
+
+def plain_socket(transport: Any) -> tcp.Connection | None:
+    """The TCP (or UNIX) socket right under C{transport} (netd's wrapper at most), not TLS."""
+    layer = transport
+    if isinstance(layer, TrackedConnection):
+        layer = inspect.getattr_static(layer, "transport", None)
+    if isinstance(layer, tcp.Connection) and not layer.TLS:
+        return layer
     return None
 
 
@@ -153,6 +173,9 @@ class Direction:
         self.sink: Any = None
         # The sink when it is a bare socket, written with L{send_now}.
         self.bare: tcp.Connection | None = None
+        # Both sides as plain sockets, when they are (L{read_through}).
+        self._reading: Any = None
+        self._writing: Any = None
         self.queue: deque[tuple[float, bytes | str]] = deque()
         self.queued = 0
         self.last_due = 0.0
@@ -183,7 +206,52 @@ class Direction:
         self.source, self.sink = source, sink
         self.bare = bare_socket(sink)
         sink.registerProducer(self, True)
+        reading, writing = plain_socket(source), plain_socket(sink)
+        if reading is not None and writing is not None:
+            self._reading, self._writing = reading, writing
+            # An instance attribute: the reactor calls it instead of Twisted's doRead.
+            reading.doRead = self.read_through  # type: ignore[method-assign]
         self.pump()  # anything that came before the far side was there
+
+    def read_through(self) -> Any:
+        """
+        The source socket is readable (both sides plain sockets): read into
+        the proxy's buffer and send from it, with no bytes object made in
+        between, while no toxic acts and the sink keeps up; otherwise hand a
+        copy to the source's protocol, as Twisted's C{doRead} does.  Returns
+        what C{doRead} returns.
+        """
+        reading, writing = self._reading, self._writing
+        view = self.relay.proxy.read_buffer
+        try:
+            size = reading.socket.recv_into(view)
+        except OSError as e:
+            return None if e.errno in _TRY_AGAIN else main.CONNECTION_LOST
+        if not size:
+            return main.CONNECTION_DONE
+        chunk = view[:size]
+        if (
+            self.ended
+            or self.queue
+            or self.sink_paused
+            or self.sink is None
+            or self.relay.acting(self.stream)
+            or "write" in self.sink.__dict__  # a connection rule shapes the sink's writes
+        ):
+            reading.protocol.dataReceived(bytes(chunk))
+            return None
+        if self.source is not reading:
+            self.source.bytes_in += size
+        if self.sink is not writing:
+            self.sink.bytes_out += size
+        sent = 0
+        # A full buffer, or a lost connection (doWrite sees which): the rest is buffered.
+        if may_send_now(writing):
+            with contextlib.suppress(OSError):
+                sent = writing.socket.send(chunk)
+        if sent < size:
+            writing.write(bytes(chunk[sent:]))
+        return None
 
     def feed(self, data: bytes) -> None:
         if self.ended:

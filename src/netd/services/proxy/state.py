@@ -20,7 +20,14 @@ from twisted.python.failure import Failure
 from netd.kinds import BuildContext
 from netd.rules import moved
 from netd.schema import client_address
-from netd.services.proxy.relay import ClientSide, Relay, UpstreamSide, connecting
+from netd.services.proxy.listening import accept_again, stop_accepting
+from netd.services.proxy.relay import (
+    RELAY_READ_SIZE,
+    ClientSide,
+    Relay,
+    UpstreamSide,
+    connecting,
+)
 from netd.services.proxy.toxics import Toxic, ToxicSet, ToxicState
 
 __all__ = ["Proxy", "UpstreamTLS"]
@@ -74,10 +81,21 @@ class Proxy(Service):
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
+        self._read_buffer: memoryview | None = None
         # The daemon's scenarios, which toxics read (state) and move (next_state) as rules do.
         self.scenarios = context.rules.scenarios
 
     # Connections
+
+    @property
+    def read_buffer(self) -> memoryview:
+        """
+        Where every relay between plain sockets reads, made on first use:
+        bytes are sent from it before the next read, so one serves them all.
+        """
+        if self._read_buffer is None:
+            self._read_buffer = memoryview(bytearray(RELAY_READ_SIZE))
+        return self._read_buffer
 
     def relay(self, client: ClientSide) -> Relay:
         relay = Relay(self, client)
@@ -136,11 +154,19 @@ class Proxy(Service):
     # Control
 
     def set_enabled(self, enabled: bool) -> None:
-        """Down refuses new connections and cuts the open ones, as Toxiproxy's disabled proxy."""
+        """
+        Down stops listening (L{netd.services.proxy.listening}) and cuts the
+        open connections, as Toxiproxy's disabled proxy; up listens again.
+        """
         if enabled == self.enabled:
             return
         self.enabled = enabled
         self.context.emit("proxy.enabled" if enabled else "proxy.disabled")
+        for port in self.context.stream_ports():
+            if enabled:
+                accept_again(port)
+            else:
+                stop_accepting(port)
         if not enabled:
             for relay in list(self.live):
                 relay.cut()
