@@ -790,6 +790,39 @@ def test_body_and_bodystructure_are_what_dovecot_answers(
     assert said(transport) == [b"* 1 FETCH (" + dovecot + b")", b"c OK FETCH completed"]
 
 
+def test_a_message_nested_too_deep_or_wide_is_described_to_a_limit(tmp_path: Path) -> None:
+    deep = b"Subject: deep\r\n" + b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n) for n in range(300)
+    )
+    wide = b"Content-Type: multipart/mixed; boundary=w\r\n\r\n" + b"--w\r\n\r\nx\r\n" * 20_000
+    lab = Lab(tmp_path)
+    for data in (deep + b"\r\nx\r\n", wide):
+        transaction = Transaction(
+            sender=None,
+            recipients=(Mailbox("ann", "netd.test"),),
+            data=data,
+            helo="c.test",
+            client="127.0.0.1",
+            user=None,
+            protocol="ESMTP",
+        )
+        result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1:2 BODYSTRUCTURE\r\n")
+    for _ in range(3):
+        lab.clock.advance(0)
+    first, second, done = said(transport)
+    # 100 multiparts deep, then the rest as one text part; 10,000 parts listed.
+    assert first.count(b'"mixed" ("boundary"') == 100 and b'"b99"' in first
+    assert first.count(b'"text" "plain"') == 1
+    assert second.count(b'("text" "plain" ("charset" "us-ascii")') == 9_999
+    assert done == b"c OK FETCH completed"
+    session.dataReceived(b"d NOOP\r\n")
+    assert said(transport) == [b"d OK NOOP No operation performed"]
+
+
 def test_each_build_of_a_spools_mailboxes_has_a_larger_uid_validity(tmp_path: Path) -> None:
     first = uid_validity(tmp_path / "a", 1_800_000_000.5)
     assert first == 1_800_000_000

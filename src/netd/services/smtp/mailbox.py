@@ -383,18 +383,26 @@ def _mime_parts(body: bytes, boundary: bytes) -> list[bytes]:
     The parts of a multipart body, as octets (RFC 2046 5.1.1): the CRLF before
     a delimiter belongs to the delimiter; the preamble and epilogue are no part.
     A body without its close delimiter ends at its end, as Dovecot reads it.
+    Delimiters are looked for with bytes.find, not a regular expression: a
+    scan of the body at C speed for each level of a nested message.
     """
-    delimiter = re.compile(
-        rb"(?:\A|\r?\n)--" + re.escape(boundary) + rb"(?P<close>--)?[ \t]*(?=\r?\n|\Z)"
-    )
+    dashes = b"--" + boundary
     parts: list[bytes] = []
     start: int | None = None
-    for match in delimiter.finditer(body):
+    at = 0
+    while (found := body.find(dashes, at)) >= 0:
+        at = found + len(dashes)
+        if found and body[found - 1] != 0x0A:  # not at the start of a line
+            continue
+        close = body.startswith(b"--", at)
+        line_end = body.find(b"\n", at)
+        if body[at + 2 * close : len(body) if line_end < 0 else line_end].strip(b" \t\r"):
+            continue  # a longer boundary that starts with this one
         if start is not None:
-            parts.append(body[start : match.start()])
-        if match.group("close"):
+            end = found - 1 if found else 0
+            parts.append(body[start : end - 1 if body[end - 1 : end] == b"\r" else end])
+        if close:
             return parts
-        line_end = body.find(b"\n", match.end())
         start = len(body) if line_end < 0 else line_end + 1
     if start is not None:
         parts.append(body[start:])
@@ -428,56 +436,88 @@ def _language(header: EmailMessage) -> list[str] | None:
     return tags or None
 
 
-def body_structure(
-    raw: bytes, extended: bool, utf8: bool = False, default_type: str = "text/plain"
-) -> list[Any]:
+# Past these, a part's parts are not listed (Dovecot's own limits): a message
+# nested thousands deep or wide costs no more than these to describe.
+_MAX_NESTING = 100
+_MAX_PARTS = 10_000
+
+
+def body_structure(raw: bytes, extended: bool, utf8: bool = False) -> list[Any]:
     """
-    RFC 3501 7.4.2's BODY (or, C{extended}, BODYSTRUCTURE) of one MIME entity,
-    read from its octets as Dovecot reads them: sizes and line counts of each
-    body as it is (the CRLF before a delimiter not counted; a line is an LF),
+    RFC 3501 7.4.2's BODY (or, C{extended}, BODYSTRUCTURE) of a message, read
+    from its octets as Dovecot reads them: sizes and line counts of each body
+    as it is (the CRLF before a delimiter not counted; a line is an LF),
     RFC 2045's defaults (text/plain; charset=us-ascii, 7bit) where a header
     says nothing.  Twisted's own gave a single part the whole message's size,
     counted a last line without its CRLF, and NIL for a missing type.
     """
-    head, body = _head_and_body(raw)
-    header = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-    header.set_default_type(default_type)
-    main, sub = header.get_content_maintype(), header.get_content_subtype()
-    _, params = _params(header, "content-type")
-    boundary = header.get_boundary()
-    parts = _mime_parts(body, boundary.encode("ascii", "surrogateescape")) if boundary else []
-    if main == "multipart" and parts:
+    return _Structure(extended, utf8).of(raw, "text/plain", 0)
+
+
+@attrs.define
+class _Structure:
+    extended: bool
+    utf8: bool
+    parts_left: int = _MAX_PARTS
+
+    def of(self, raw: bytes, default_type: str, depth: int) -> list[Any]:
+        """The structure of one MIME entity C{depth} entities deep."""
+        self.parts_left -= 1
+        head, body = _head_and_body(raw)
+        header = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
+        header.set_default_type(default_type)
+        main, sub = header.get_content_maintype(), header.get_content_subtype()
+        _, params = _params(header, "content-type")
+        nested = depth < _MAX_NESTING and self.parts_left > 0
+        if main == "multipart":
+            boundary = header.get_boundary() if nested else None
+            parts = (
+                _mime_parts(body, boundary.encode("ascii", "surrogateescape")) if boundary else []
+            )
+            if parts:
+                return self._multipart(header, sub, params, parts, depth)
+            # No parts to list: read as text (RFC 2046 5.1.3 reads an unknown one as mixed).
+            main, sub, params = "text", "plain", []
+        if (main, sub) == ("message", "rfc822") and not nested:
+            main, sub = "application", "octet-stream"
+        if main == "text" and "charset" not in params[::2]:
+            params = ["charset", "us-ascii", *params]
+        structure = [
+            main,
+            sub,
+            params or None,
+            _header_value(header, "content-id"),
+            _header_value(header, "content-description"),
+            _header_value(header, "content-transfer-encoding") or "7bit",
+            len(body),
+        ]
+        if (main, sub) == ("message", "rfc822"):
+            contained = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(body)
+            envelope = getEnvelope(_Part(contained, self.utf8))
+            inner = self.of(body, "text/plain", depth + 1)
+            structure += [envelope, inner, body.count(b"\n")]
+        elif main == "text":
+            structure.append(body.count(b"\n"))
+        if self.extended:
+            structure.append(_header_value(header, "content-md5"))
+            structure += [_disposition(header), _language(header)]
+            structure.append(_header_value(header, "content-location"))
+        return structure
+
+    def _multipart(
+        self, header: EmailMessage, sub: str, params: list[str], parts: list[bytes], depth: int
+    ) -> list[Any]:
         inner = "message/rfc822" if sub == "digest" else "text/plain"
-        structure: list[Any] = [body_structure(part, extended, utf8, inner) for part in parts]
+        structure: list[Any] = []
+        for part in parts:
+            structure.append(self.of(part, inner, depth + 1))
+            if self.parts_left <= 0:
+                break
         structure.append(sub)
-        if extended:
+        if self.extended:
             extension = [_disposition(header), _language(header)]
             structure += [params or None, *extension, _header_value(header, "content-location")]
         return structure
-    if main == "multipart":  # no parts to list: RFC 2046 5.1.3 reads it as text
-        main, sub, params = "text", "plain", []
-    if main == "text" and "charset" not in params[::2]:
-        params = ["charset", "us-ascii", *params]
-    structure = [
-        main,
-        sub,
-        params or None,
-        _header_value(header, "content-id"),
-        _header_value(header, "content-description"),
-        _header_value(header, "content-transfer-encoding") or "7bit",
-        len(body),
-    ]
-    if (main, sub) == ("message", "rfc822"):
-        contained = email.message_from_bytes(body, policy=_POLICY)
-        envelope = getEnvelope(_Part(contained, utf8))
-        structure += [envelope, body_structure(body, extended, utf8), body.count(b"\n")]
-    elif main == "text":
-        structure.append(body.count(b"\n"))
-    if extended:
-        structure.append(_header_value(header, "content-md5"))
-        structure += [_disposition(header), _language(header)]
-        structure.append(_header_value(header, "content-location"))
-    return structure
 
 
 @implementer(IMessagePart)
