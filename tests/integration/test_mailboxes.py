@@ -42,7 +42,8 @@ MAILBOXES = {
     f'"dee@netd.test": {{password: "{PASSWORD}"}}, '
     f'"eve@netd.test": {{password: "{PASSWORD}"}}, '
     f'"fay@netd.test": {{password: "{PASSWORD}"}}, '
-    f'"gus@netd.test": {{password: "{PASSWORD}"}}}}}}',
+    f'"gus@netd.test": {{password: "{PASSWORD}"}}, '
+    f'"hal@netd.test": {{password: "{PASSWORD}"}}}}}}',
 }
 
 
@@ -165,6 +166,28 @@ def test_imap_starttls_fetch_search_store_expunge(netd: NetdProcess) -> None:
     assert ids(netd, "ann@netd.test") == [first]
     assert second not in ids(netd, "ann@netd.test")
     client.logout()
+
+
+def test_imap_bodystructure_sizes_and_fetch_without_items(netd: NetdProcess) -> None:
+    send(netd, "hal@netd.test", "Structure", "line one\nline two\n")
+    client = imap(netd, "hal@netd.test")
+    try:
+        assert client.select("INBOX") == ("OK", [b"1"])
+        # The body's octets and lines, not the whole message's (as Dovecot answers).
+        status, data = client.fetch("1", "(BODYSTRUCTURE BODY.PEEK[TEXT])")
+        assert status == "OK"
+        head, body = data[0]  # type: ignore[misc]
+        assert body == b"line one\r\nline two\r\n"
+        assert (
+            b'BODYSTRUCTURE ("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 20 2 '
+            b"NIL NIL NIL NIL)" in head
+        )
+        with pytest.raises(imaplib.IMAP4.error, match="FETCH needs items"):
+            client.fetch("1", "")
+        assert client.noop()[0] == "OK"
+        assert client.fetch("1", "(FLAGS)") == ("OK", [b"1 (FLAGS ())"])
+    finally:
+        client.logout()
 
 
 def test_imap_implicit_tls_and_the_all_mailbox(netd: NetdProcess) -> None:

@@ -598,7 +598,7 @@ def test_a_silent_client_is_timed_out_and_others_are_served(
         assert replies.readline().startswith(b"220 ")
         silent.sendall(b"EHLO client.test\r\nMAIL FROM:<a@client.test>\r\n")
         silent.sendall(b"RCPT TO:<slow@netd.test>\r\nDATA\r\nSubject: slow\r\n")
-        lines = [replies.readline() for _ in range(13)]
+        lines = [replies.readline() for _ in range(14)]
         assert lines[-1] == b"421 4.4.2 mx.netd.test Error: timeout exceeded\r\n", lines
         assert replies.readline() == b""  # closed
     with smtp(netd) as client:

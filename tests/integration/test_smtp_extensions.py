@@ -7,6 +7,7 @@ an aiosmtpd smarthost.
 from __future__ import annotations
 
 import email
+import imaplib
 import json
 import poplib
 import socket
@@ -189,6 +190,57 @@ def test_an_oversized_bdat_is_refused_and_the_session_goes_on(netd: NetdProcess)
         b"250 2.0.0",
     ]
     assert netd.messages("mail", to="big@netd.test") == []
+
+
+def test_binarymime_by_bdat_is_stored_octet_for_octet_and_read_over_imap(
+    netd: NetdProcess,
+) -> None:
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    head = b"Subject: binary\r\nTo: bin@netd.test\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    body = b"\x00\x01\xfe\xff bare\nLF, bare\rCR, " + b"long" * 500 + b"\x00"
+    with smtp(netd) as client:
+        client.ehlo()
+        assert client.has_extn("binarymime") and client.has_extn("chunking")
+        assert client.mail("alice@client.test", ["BODY=BINARYMIME"])[0] == 250
+        assert client.rcpt("bin@netd.test")[0] == 250
+        client.send(b"BDAT %d\r\n" % len(head) + head)
+        assert client.getreply()[0] == 250
+        client.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        code, reply = client.getreply()
+        assert code == 250 and reply.startswith(b"2.0.0 Ok: queued"), reply
+    [event] = netd.events("mail", "message.accepted", last, wait=10)
+    raw = netd.message("mail", event["message_id"])
+    assert raw.endswith(head + body)  # no CRLF rewriting, no line limit, no CRLF added
+    client_imap = imaplib.IMAP4(*netd.address("mail", protocol="imap"), timeout=10)
+    try:
+        client_imap.login("bin@netd.test", "secret")
+        client_imap.select("INBOX")
+        status, data = client_imap.fetch("1", "(BODY.PEEK[TEXT])")
+        assert status == "OK" and data[0][1] == body
+    finally:
+        client_imap.logout()
+
+
+def test_binarymime_by_data_or_over_the_size_is_refused_and_the_session_goes_on(
+    netd: NetdProcess,
+) -> None:
+    with smtp(netd) as client:
+        client.ehlo()
+        client.mail("alice@client.test", ["BODY=BINARYMIME"])
+        client.rcpt("binbad@netd.test")
+        assert client.docmd("DATA") == (
+            503,
+            b"5.5.1 BODY=BINARYMIME comes by BDAT, not DATA (RFC 3030 3)",
+        )
+        assert client.rset()[0] == 250
+        client.mail("alice@client.test", ["BODY=BINARYMIME"])
+        client.rcpt("binbad@netd.test")
+        client.send(b"BDAT 70000 LAST\r\n" + b"\x00" * 70000)
+        assert client.getreply()[0] == 552  # max_message_size is 65536 here
+        assert client.noop()[0] == 250
+    assert netd.messages("mail", to="binbad@netd.test") == []
+    with smtp(netd) as client:
+        assert client.noop()[0] == 250
 
 
 @pytest.fixture

@@ -229,6 +229,9 @@ def test_imap_starttls_drops_what_came_with_it(tmp_path: Path) -> None:
         (b"a FETCH 1 (FLAGS", b"a BAD Illegal syntax: bad FETCH items: Whitespace expected"),
         (b"a FETCH 1:1000000 FLAGS", b"a OK FETCH completed"),
         (b"a FETCH 0 FLAGS", b"a BAD Illegal syntax: Bad message number 0"),
+        (b"a FETCH 1", b"a BAD Illegal syntax: FETCH needs items"),
+        (b"a UID FETCH 1:* ", b"a BAD Illegal syntax: FETCH needs items"),
+        (b"a FETCH 1 ()", b"a BAD Illegal syntax: "),
         (b"a FETCH 99999999999999999999 FLAGS", b"a OK FETCH completed"),
         (b"a STORE 1 FLAGS \\Seen", b"a NO STORE on a read-only mailbox (EXAMINE)"),
     ],
@@ -679,6 +682,145 @@ def test_a_part_the_message_lacks_is_nil_and_the_session_goes_on(
     answer = transport.value()
     assert answer.startswith(b"* 1 FETCH (BODY[5] NIL BODY[1.3] NIL ENVELOPE (")
     assert answer.endswith(b"c OK FETCH completed\r\n") and not transport.disconnecting
+
+
+# Messages and the BODYSTRUCTURE and BODY Dovecot 2.3 answered for each (FETCH n
+# (BODYSTRUCTURE BODY)), read from a Maildir.
+DOVECOT_STRUCTURES = [
+    (
+        b"Subject: one\r\n\r\nhello\r\nworld\r\n",
+        b'BODYSTRUCTURE ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 2 NIL NIL '
+        b'NIL NIL) BODY ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 2)',
+    ),
+    (
+        b"Subject: two\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nline\r\n\r\nlast "
+        b"without crlf",
+        b'BODYSTRUCTURE ("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 25 2 NIL NIL '
+        b'NIL NIL) BODY ("text" "plain" ("charset" "utf-8") NIL NIL "7bit" 25 2)',
+    ),
+    (
+        b"Subject: three\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\nBBBB\r\n",
+        b'BODYSTRUCTURE ("application" "octet-stream" NIL NIL NIL "base64" 12 NIL NIL NIL '
+        b'NIL) BODY ("application" "octet-stream" NIL NIL NIL "base64" 12)',
+    ),
+    (
+        b"Subject: four\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; "
+        b"boundary=XX\r\n\r\npre\r\n--XX\r\nContent-Type: text/plain\r\n\r\npart one\r\n"
+        b"second\r\n--XX\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--XX--\r\n",
+        b'BODYSTRUCTURE (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 16 1 NIL '
+        b'NIL NIL NIL)("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 8 0 NIL NIL NIL '
+        b'NIL) "mixed" ("boundary" "XX") NIL NIL NIL) BODY (("text" "plain" ("charset" '
+        b'"us-ascii") NIL NIL "7bit" 16 1)("text" "html" ("charset" "us-ascii") NIL NIL '
+        b'"7bit" 8 0) "mixed")',
+    ),
+    (
+        b"Subject: five\r\n\r\n",
+        b'BODYSTRUCTURE ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0 NIL NIL '
+        b'NIL NIL) BODY ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0)',
+    ),
+    (
+        b'Subject: six\r\nContent-Type: multipart/mixed; boundary="a b"\r\n'
+        b"Content-Language: en, de\r\n\r\n--a b\r\nContent-Type: multipart/alternative; "
+        b"boundary=in\r\n\r\n--in\r\n\r\nno header part\r\n--in\r\nContent-Type: "
+        b'text/html; charset="UTF-8"\r\nContent-ID: <x@y>\r\nContent-Description: the '
+        b"html\r\n\r\n<b>hi</b>\r\n\r\n--in--\r\n--a b\r\nContent-Type: application/pdf; "
+        b'name="r.pdf"\r\nContent-Disposition: attachment; filename="r.pdf"; size=3\r\n'
+        b"Content-Transfer-Encoding: BASE64\r\nContent-Location: http://x/y\r\n"
+        b"Content-MD5: abc\r\n\r\nQUJD\r\n--a b\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"From: A <a@b.test>\r\nTo: c@d.test, e@f.test\r\nSubject: inner\r\nDate: Mon, 1 "
+        b"Jan 2024 00:00:00 +0000\r\nMessage-ID: <m@x>\r\n\r\ninner body\r\nline 2\r\n--a "
+        b"b--\r\nepilogue\r\n",
+        b'BODYSTRUCTURE ((("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 0 NIL '
+        b'NIL NIL NIL)("text" "html" ("charset" "UTF-8") "<x@y>" "the html" "7bit" 11 1 '
+        b'NIL NIL NIL NIL) "alternative" ("boundary" "in") NIL NIL NIL)("application" '
+        b'"pdf" ("name" "r.pdf") NIL NIL "BASE64" 4 "abc" ("attachment" ("filename" '
+        b'"r.pdf" "size" "3")) NIL "http://x/y")("message" "rfc822" NIL NIL NIL "7bit" 137 '
+        b'("Mon, 1 Jan 2024 00:00:00 +0000" "inner" (("A" NIL "a" "b.test")) (("A" NIL "a" '
+        b'"b.test")) (("A" NIL "a" "b.test")) ((NIL NIL "c" "d.test")(NIL NIL "e" '
+        b'"f.test")) NIL NIL NIL "<m@x>") ("text" "plain" ("charset" "us-ascii") NIL NIL '
+        b'"7bit" 18 1 NIL NIL NIL NIL) 7 NIL NIL NIL NIL) "mixed" ("boundary" "a b") NIL '
+        b'("en" "de") NIL) BODY ((("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 '
+        b'0)("text" "html" ("charset" "UTF-8") "<x@y>" "the html" "7bit" 11 1) '
+        b'"alternative")("application" "pdf" ("name" "r.pdf") NIL NIL "BASE64" '
+        b'4)("message" "rfc822" NIL NIL NIL "7bit" 137 ("Mon, 1 Jan 2024 00:00:00 +0000" '
+        b'"inner" (("A" NIL "a" "b.test")) (("A" NIL "a" "b.test")) (("A" NIL "a" '
+        b'"b.test")) ((NIL NIL "c" "d.test")(NIL NIL "e" "f.test")) NIL NIL NIL "<m@x>") '
+        b'("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 18 1) 7) "mixed")',
+    ),
+    (
+        b"Subject: seven\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n--zz\r\n"
+        b"Content-Type: text/plain\r\n\r\nunterminated\r\nmore\r\n",
+        b'BODYSTRUCTURE (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 20 2 NIL '
+        b'NIL NIL NIL) "mixed" ("boundary" "zz") NIL NIL NIL) BODY (("text" "plain" '
+        b'("charset" "us-ascii") NIL NIL "7bit" 20 2) "mixed")',
+    ),
+    (
+        b"Subject: eight\r\nContent-Type: text/plain; format=flowed; charset=iso-8859-1\r\n"
+        b"Content-Disposition: inline\r\n\r\na\r\nb\r\n",
+        b'BODYSTRUCTURE ("text" "plain" ("format" "flowed" "charset" "iso-8859-1") NIL NIL '
+        b'"7bit" 6 2 NIL ("inline" NIL) NIL NIL) BODY ("text" "plain" ("format" "flowed" '
+        b'"charset" "iso-8859-1") NIL NIL "7bit" 6 2)',
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "dovecot"), DOVECOT_STRUCTURES)
+def test_body_and_bodystructure_are_what_dovecot_answers(
+    tmp_path: Path, data: bytes, dovecot: bytes
+) -> None:
+    lab = Lab(tmp_path)
+    transaction = Transaction(
+        sender=None,
+        recipients=(Mailbox("ann", "netd.test"),),
+        data=data,
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1 (BODYSTRUCTURE BODY)\r\n")
+    for _ in range(3):
+        lab.clock.advance(0)
+    # Neither is a body section: no \Seen.
+    assert said(transport) == [b"* 1 FETCH (" + dovecot + b")", b"c OK FETCH completed"]
+
+
+def test_a_message_nested_too_deep_or_wide_is_described_to_a_limit(tmp_path: Path) -> None:
+    deep = b"Subject: deep\r\n" + b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n) for n in range(300)
+    )
+    wide = b"Content-Type: multipart/mixed; boundary=w\r\n\r\n" + b"--w\r\n\r\nx\r\n" * 20_000
+    lab = Lab(tmp_path)
+    for data in (deep + b"\r\nx\r\n", wide):
+        transaction = Transaction(
+            sender=None,
+            recipients=(Mailbox("ann", "netd.test"),),
+            data=data,
+            helo="c.test",
+            client="127.0.0.1",
+            user=None,
+            protocol="ESMTP",
+        )
+        result_of(lab.store.accept(transaction))
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+    said(transport)
+    session.dataReceived(b"c FETCH 1:2 BODYSTRUCTURE\r\n")
+    for _ in range(3):
+        lab.clock.advance(0)
+    first, second, done = said(transport)
+    # 100 multiparts deep, then the rest as one text part; 10,000 parts listed.
+    assert first.count(b'"mixed" ("boundary"') == 100 and b'"b99"' in first
+    assert first.count(b'"text" "plain"') == 1
+    assert second.count(b'("text" "plain" ("charset" "us-ascii")') == 9_999
+    assert done == b"c OK FETCH completed"
+    session.dataReceived(b"d NOOP\r\n")
+    assert said(transport) == [b"d OK NOOP No operation performed"]
 
 
 def test_each_build_of_a_spools_mailboxes_has_a_larger_uid_validity(tmp_path: Path) -> None:

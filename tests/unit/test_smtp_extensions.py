@@ -247,6 +247,58 @@ def test_bdat_timeout_and_a_client_gone_mid_chunk() -> None:
     assert not harness.accepted
 
 
+# BINARYMIME ------------------------------------------------------------------
+
+BINARY = b"Subject: bin\r\nContent-Transfer-Encoding: binary\r\n\r\n\x00\xff\rraw\n" + b"z" * 300
+
+
+def test_binarymime_is_offered_and_kept_octet_for_octet() -> None:
+    harness = Harness(limits=Limits(max_message_size=4096, max_line_length=100), binarymime=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    assert "BINARYMIME" in [line[4:] for line in replies(transport)]
+    send(session, "MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@netd.test>\r\n")
+    half = len(BINARY) // 2
+    send(session, b"BDAT %d\r\n" % half + BINARY[:half])
+    send(session, b"BDAT %d LAST\r\n" % (len(BINARY) - half) + BINARY[half:])
+    assert codes(transport) == ["250 2.1.0", "250 2.1.5", "250 2.0.0", "250 2.0.0"]
+    # No bare CR or LF rewriting, no line-length limit, no final CRLF added.
+    assert harness.accepted[0].data == BINARY
+
+
+def test_binarymime_refusals() -> None:
+    harness = Harness(binarymime=True)  # max_message_size 4096
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@netd.test>\r\n")
+    replies(transport)
+    # RFC 3030 3: DATA after BODY=BINARYMIME is 503; the client is to RSET.
+    send(session, "DATA\r\nRSET\r\n")
+    assert replies(transport) == [
+        "503 5.5.1 BODY=BINARYMIME comes by BDAT, not DATA (RFC 3030 3)",
+        "250 2.0.0 Ok",
+    ]
+    # The size limit holds for binary chunks too; the chunk is read and dropped.
+    send(session, "MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@netd.test>\r\n")
+    send(session, b"BDAT 5000 LAST\r\n" + b"\x00" * 5000 + b"NOOP\r\n")
+    assert codes(transport) == ["250 2.1.0", "250 2.1.5", "552 5.3.4", "250 2.0.0"]
+    send(session, "MAIL FROM:<a@b.test> BODY=binarymime\r\nRCPT TO:<x@netd.test>\r\n")
+    send(session, b"BDAT 2 LAST\r\n\x00\x01")
+    assert codes(transport) == ["250 2.1.0", "250 2.1.5", "250 2.0.0"]
+    assert [t.data for t in harness.accepted] == [b"\x00\x01"]
+
+
+def test_binarymime_is_refused_where_it_could_not_be_sent_on() -> None:
+    harness = Harness()  # binarymime False: a relaying service
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    assert "BINARYMIME" not in [line[4:] for line in replies(transport)]
+    send(session, "MAIL FROM:<a@b.test> BODY=BINARYMIME\r\nMAIL FROM:<a@b.test> BODY=QP\r\n")
+    assert replies(transport) == [
+        "555 5.5.4 BODY=BINARYMIME is taken in capture mode only",
+        "501 5.5.4 BODY is 7BIT, 8BITMIME or BINARYMIME",
+    ]
+
+
 def test_rules_see_bdat_at_data_and_eom() -> None:
     harness = rules_harness(
         {"match": {"stage": "data"}, "reply": "554 5.7.0 no data today", "times": 1},

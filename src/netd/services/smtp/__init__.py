@@ -434,6 +434,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         portal=portal,
         allow_insecure_auth=options.auth.allow_insecure_auth if options.auth else False,
         reject_bare_newlines=options.bare_newlines == "reject",
+        binarymime=isinstance(delivery.route, Capture),
         rules=context.rules,
         namespaces=context.namespaces,
     )

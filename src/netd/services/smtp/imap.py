@@ -13,6 +13,7 @@ store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, IPushProducer
@@ -77,10 +78,16 @@ def _from_index(part: Any) -> bool:
     return part.type in _FROM_INDEX
 
 
+def _is_structure(part: Any) -> bool:
+    """BODY without a section: the body's structure, not its text."""
+    return not (part.header or part.text or part.mime or part.empty)
+
+
 def _marks_seen(part: Any) -> bool:
-    # RFC 3501 6.4.5: fetching a body sets \Seen, unless BODY.PEEK.
+    # RFC 3501 6.4.5: fetching a body section sets \Seen, unless BODY.PEEK;
+    # BODY, the structure, does not.
     return part.type in ("rfc822", "rfc822text") or (
-        part.type == "body" and not getattr(part, "peek", True)
+        part.type == "body" and not getattr(part, "peek", True) and not _is_structure(part)
     )
 
 
@@ -116,6 +123,40 @@ def _utf8(item: Any) -> Any:
     if isinstance(item, list | tuple):
         return [_utf8(inner) for inner in item]
     return item
+
+
+_QUOTABLE = re.compile(rb"[\x20-\x7e]*\Z")
+
+
+def _sexp(items: list[Any] | tuple[Any, ...]) -> bytes:
+    """
+    A BODY or BODYSTRUCTURE list in IMAP syntax: a string quoted (a literal if
+    it has CR, LF or 8-bit octets), None as NIL.  In a list that starts with a
+    list (a multipart's bodies, an address list) lists in a row have no space
+    between them (RFC 3501 9: body-type-mpart is 1*body SP media-subtype,
+    env-from "(" 1*address ")"), where Twisted's collapseNestedLists puts one.
+    """
+    pieces: list[bytes] = []
+    abutting = bool(items) and isinstance(items[0], list | tuple)
+    after_list = False
+    for item in items:
+        is_list = isinstance(item, list | tuple)
+        if pieces and not (abutting and is_list and after_list):
+            pieces.append(b" ")
+        if item is None:
+            pieces.append(b"NIL")
+        elif isinstance(item, int):
+            pieces.append(b"%d" % item)
+        elif is_list:
+            pieces.append(b"(" + _sexp(item) + b")")
+        else:
+            text = item.encode("utf-8") if isinstance(item, str) else item
+            if _QUOTABLE.match(text):
+                pieces.append(b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+            else:
+                pieces.append(_literal(text))
+        after_list = is_list
+    return b"".join(pieces)
 
 
 def _format_headers(headers: dict[str, str]) -> bytes:
@@ -340,7 +381,11 @@ class IMAPSession(IMAP4Server):
         return found
 
     def arg_fetchatt(self, line: bytes) -> tuple[Any, bytes]:
-        return list(_fetch_items(line)), b""
+        items = _fetch_items(line)
+        if not items:
+            # RFC 3501 9: FETCH takes one item or a list of one or more; Twisted answered OK.
+            raise IllegalClientResponse("FETCH needs items")
+        return list(items), b""
 
     def arg_searchkeys(self, line: bytes) -> tuple[Any, bytes]:
         try:
@@ -364,9 +409,6 @@ class IMAPSession(IMAP4Server):
     )
 
     def do_FETCH(self, tag: bytes, messages: Any, query: list[Any], uid: int = 0) -> None:
-        if not query:
-            self.sendPositiveResponse(tag, b"FETCH complete")
-            return
         assert self.mbox is not None
         fetched = self.mbox.fetch(messages, uid=bool(uid))
         # As Twisted's FETCH: the commands that come meanwhile wait for it.
@@ -426,6 +468,9 @@ class IMAPSession(IMAP4Server):
 
     def spew_envelope(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"ENVELOPE " + collapseNestedLists([_utf8(getEnvelope(msg))]))
+
+    def spew_bodystructure(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
+        (_w or self.transport.write)(b"BODYSTRUCTURE (" + _sexp(msg.structure(True)) + b")")
 
     def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         headers = _format_headers(msg.getHeaders(True))
@@ -489,7 +534,9 @@ class IMAPSession(IMAP4Server):
                 part.getBytes(length=msg.getSize()) + b" " + _literal(whole)
             )
             return None
-        return super().spew_body(part, id, msg, _w, _f)
+        # BODY without a section: the structure without extension data.
+        (_w or self.transport.write)(b"BODY (" + _sexp(msg.structure(False)) + b")")
+        return None
 
     def expunge_due(self) -> None:
         """Told by the selected mailbox: messages left the store."""

@@ -17,6 +17,9 @@ it falls short for a relay replaced by name.
   - SMTPUTF8 (RFC 6531): a transaction that says so may use UTF-8 addresses.
   - CHUNKING (RFC 3030): BDAT chunks are read by count, not by lines, and
     meet DATA's checks (size, line length, bare CR or LF, hops) and spool.
+  - BINARYMIME (RFC 3030 3), where the receiver offers it (capture only: the
+    relay sends by DATA, which cannot carry binary): such a message comes by
+    BDAT only, and is kept octet for octet, checked for size and hops only.
   - DSN (RFC 3461): RET, ENVID, NOTIFY and ORCPT are checked and kept with the
     message for the relay's reports.
   - The service's rules (L{netd.rules}) are checked at each stage (connect,
@@ -151,6 +154,7 @@ class _MailParameters:
     utf8: bool = False
     ret: str | None = None
     envid: str | None = None
+    binary: bool = False  # BODY=BINARYMIME
 
 
 def _xtext(value: bytes) -> str | None:
@@ -201,6 +205,8 @@ class Receiver:
     @ivar portal: checks AUTH PLAIN/LOGIN, or None (not offered).
     @ivar reject_bare_newlines: 554 for a bare CR or LF in DATA; otherwise each
         becomes CRLF.
+    @ivar binarymime: BINARYMIME offered and BODY=BINARYMIME taken; otherwise
+        it is refused with 555 (nothing downstream could send it on).
     """
 
     hostname: str
@@ -214,6 +220,7 @@ class Receiver:
     portal: Portal | None = None
     allow_insecure_auth: bool = False
     reject_bare_newlines: bool = False
+    binarymime: bool = False
     rules: RuleSet = attrs.field(factory=RuleSet)
     namespaces: Namespacing = NO_NAMESPACES
 
@@ -579,6 +586,8 @@ class Session(smtp.ESMTP):
             b"CHUNKING": None,
             b"DSN": None,
         }
+        if self.receiver.binarymime:
+            found[b"BINARYMIME"] = None
         if self.canStartTLS and not self.startedTLS:
             found[b"STARTTLS"] = None
         if self.challengers and self._auth_allowed():
@@ -650,7 +659,7 @@ class Session(smtp.ESMTP):
 
     def _mail_parameters(self, params: bytes) -> _MailParameters | tuple[int, bytes]:
         """MAIL FROM's parameters, or the reply refusing them."""
-        utf8 = False
+        utf8 = binary = False
         ret = envid = None
         seen: set[bytes] = set()
         for param in params.split():
@@ -674,15 +683,18 @@ class Session(smtp.ESMTP):
                 if len(value) > 20 or int(value) > self.receiver.limits.max_message_size:
                     return 552, b"5.3.4 Message size exceeds fixed maximum message size"
             elif key == b"BODY":
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
-                    return 501, b"5.5.4 BODY is 7BIT or 8BITMIME"
+                binary = value.upper() == b"BINARYMIME"
+                if binary and not self.receiver.binarymime:
+                    return 555, b"5.5.4 BODY=BINARYMIME is taken in capture mode only"
+                if not binary and value.upper() not in (b"7BIT", b"8BITMIME"):
+                    return 501, b"5.5.4 BODY is 7BIT, 8BITMIME or BINARYMIME"
             elif key == b"SMTPUTF8":
                 if value or b"=" in param:
                     return 501, b"5.5.4 SMTPUTF8 takes no value"
                 utf8 = True
             elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
                 return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
-        return _MailParameters(utf8=utf8, ret=ret, envid=envid)
+        return _MailParameters(utf8=utf8, ret=ret, envid=envid, binary=binary)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._mail is None:
@@ -745,6 +757,10 @@ class Session(smtp.ESMTP):
             return
         if self._mail.chunks is not None:
             self.sendCode(503, b"5.5.1 DATA cannot follow BDAT (RFC 3030 2)")
+            return
+        if self._mail.parameters.binary:
+            # RFC 3030 3: the transaction is left as it is, for the client to RSET.
+            self.sendCode(503, b"5.5.1 BODY=BINARYMIME comes by BDAT, not DATA (RFC 3030 3)")
             return
         if self.receiver.rules.event_rules:
             self._ruled("data", self._data_ok, mail=_path_text(self._mail.sender))
@@ -858,8 +874,10 @@ class Session(smtp.ESMTP):
         self._transactions += 1
         if self._may_finish_one:
             self._await_quit()
-        # RFC 5322 text ends with a CRLF, which BDAT does not promise.
-        end = b"" if mail.chunks.endswith(b"\r\n") else b"\r\n"
+        # RFC 5322 text ends with a CRLF, which BDAT does not promise; a
+        # binary body is kept as it came.
+        binary = mail.parameters.binary
+        end = b"" if binary or mail.chunks.endswith(b"\r\n") else b"\r\n"
         self._end_of_data(mail, b"\r\n" + bytes(mail.chunks) + end, stuffed=False)
 
     def _end_of_data(self, mail: _Mail, text: bytes, stuffed: bool = True) -> None:
@@ -877,7 +895,9 @@ class Session(smtp.ESMTP):
         # Unstuff first: only the client's CRLF lines were dot-stuffed.
         if stuffed and b"\r\n." in text:
             text = text.replace(b"\r\n.", b"\r\n")
-        if not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
+        # Binary octets have no lines: neither bare CR or LF nor line length applies.
+        binary = mail.parameters.binary
+        if not binary and not text.count(b"\r") == text.count(b"\n") == text.count(b"\r\n"):
             if self.receiver.reject_bare_newlines:
                 stats.count("smtp_messages_rejected")
                 self.sendCode(554, b"5.6.0 Bare CR or LF in message text (RFC 5321 2.3.8)")
@@ -886,7 +906,7 @@ class Session(smtp.ESMTP):
             # (the relay dot-stuffs what it sends).
             text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
             stats.count("smtp_bare_newlines_normalised")
-        if not _lines_fit(text, limits.max_line_length):
+        if not binary and not _lines_fit(text, limits.max_line_length):
             stats.count("smtp_messages_rejected")
             self.sendCode(
                 554,
