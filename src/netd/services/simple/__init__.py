@@ -5,20 +5,27 @@ quote of the day (865) and daytime (867), over streams and datagrams.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import itertools
 import time
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import main, tcp
 from twisted.internet.interfaces import IProtocolFactory, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from netd.compat import may_send_now
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
+from netd.connections import TrackedConnection
 from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 from netd.schema import Section
+from netd.sendfile import plain_socket
 
 __all__ = ["CHARGEN", "DAYTIME", "DISCARD", "ECHO", "QOTD"]
 
@@ -37,6 +44,9 @@ def _stream(protocol: type[Protocol]) -> Callable[[ListenerConfig], IProtocolFac
     return lambda listener: factory
 
 
+_TRY_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
 class Echo(Protocol):
     transport: Any  # a TCP, TLS or UNIX transport: all are producers and consumers
 
@@ -46,9 +56,57 @@ class Echo(Protocol):
         self.transport.registerProducer(self.transport, True)
         # Reads go straight to the transport's write: one Python call fewer per echo.
         self.dataReceived = self.transport.write  # type: ignore[method-assign]
+        connection = plain_socket(self.transport)
+        if connection is not None and isinstance(self.transport, TrackedConnection):
+            # An instance attribute: the reactor calls it instead of Twisted's doRead.
+            connection.doRead = functools.partial(  # type: ignore[method-assign]
+                _echo_straight, connection, self.transport, _read_buffer()
+            )
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
+
+
+@functools.cache
+def _read_buffer() -> memoryview:
+    """
+    What an echo reads at once on a plain socket, into one buffer every echo
+    connection of the process shares (made at the first, not at import: idle
+    memory): each read is sent back, or what the socket does not take copied
+    into Twisted's write buffer, before the next read.
+    """
+    return memoryview(bytearray(1 << 18))
+
+
+def _echo_straight(
+    connection: tcp.Connection, tracked: TrackedConnection, buffer: memoryview
+) -> Any:
+    """
+    Twisted's C{doRead} for an echo over a plain socket: read into the shared
+    buffer and send from it, with no bytes object made for what the socket
+    takes at once (Twisted's own reads allocate 64 KiB each and its writes wait
+    for the next reactor turn).  Returns what C{doRead} returns.
+    """
+    try:
+        size = connection.socket.recv_into(buffer)
+    except OSError as e:
+        return None if e.errno in _TRY_AGAIN else main.CONNECTION_LOST
+    if not size:
+        return main.CONNECTION_DONE
+    chunk = buffer[:size]
+    if tracked.shaper is not None:
+        tracked.dataReceived(bytes(chunk))  # a rule paces or cuts the writes: through it
+        return None
+    tracked.bytes_in += size
+    tracked.bytes_out += size
+    sent = 0
+    if may_send_now(connection):
+        # A lost connection sends nothing here: the buffered write lets doWrite see it.
+        with contextlib.suppress(OSError):
+            sent = connection.socket.send(chunk)
+    if sent < size:
+        connection.write(bytes(chunk[sent:]))
+    return None
 
 
 class Discard(Protocol):
