@@ -16,7 +16,6 @@ pays one empty-tuple test per connection.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Network
@@ -40,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
 from netd.acts import Shaper
-from netd.compat import buffered_bytes, may_send_now
+from netd.compat import buffered_bytes, may_send_now, own_attribute
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
 from netd.rules import Fired, RuleSet
@@ -99,7 +98,7 @@ def unsent_bytes(transport: Any) -> int:
         if transport is None:
             break
         total += buffered_bytes(transport)
-        transport = inspect.getattr_static(transport, "transport", None)
+        transport = own_attribute(transport, "transport", None)
     return total
 
 
