@@ -6,6 +6,7 @@ it serves, loopback upstreams it talks to, and small socket helpers.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.server
 import json
@@ -258,6 +259,8 @@ def full_map(base: Path, http_upstream: int, dns_upstream: int) -> dict[str, Any
             "dns": {
                 "type": "dns",
                 "listen": [f"udp:0:interface={LOCAL}", tcp],
+                # DNS over HTTPS on its own HTTP/1.1 reader and HTTP/2 framing.
+                "doh": [{"endpoint": f"ssl:0:interface={LOCAL}", "tls": "lab"}],
                 "records": {"www.netd.test": {"A": ["127.0.0.1"]}},
                 "forward": [f"{LOCAL}:{dns_upstream}"],
                 "idle_timeout": 5,
@@ -484,11 +487,11 @@ def _check_dns(netd: NetdProcess, transport: str) -> bool:
     return bool(answer.answer) and answer.answer[0][0].address == "127.0.0.1"
 
 
-def _check_h2(netd: NetdProcess) -> bool:
+def _check_h2(netd: NetdProcess, service: str = "web", path: str = "/health") -> bool:
     import h2.connection
     import h2.events
 
-    host, port = netd.address("web", tls=True)
+    host, port = netd.address(service, tls=True)
     with (
         connect((host, port)) as raw,
         tls_client_context(["h2"]).wrap_socket(raw, server_hostname="localhost") as sock,
@@ -497,7 +500,7 @@ def _check_h2(netd: NetdProcess) -> bool:
         connection.initiate_connection()
         connection.send_headers(
             1,
-            [(":method", "GET"), (":path", "/health"), (":scheme", "https"), (":authority", "x")],
+            [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "x")],
             end_stream=True,
         )
         sock.sendall(connection.data_to_send())
@@ -520,6 +523,7 @@ _CHECKS: dict[str, Callable[[NetdProcess], bool]] = {
     "echo": _check_echo,
     "http": lambda netd: http_get(netd.address("web"), "/health") == 200,
     "h2": _check_h2,
+    "doh": lambda netd: _check_h2(netd, "dns", "/dns-query?dns=" + doh_parameter("www.netd.test")),
     "smtp": _check_smtp,
     "ftp": _check_ftp,
     "dns-udp": lambda netd: _check_dns(netd, "udp"),
@@ -530,6 +534,12 @@ _CHECKS: dict[str, Callable[[NetdProcess], bool]] = {
     "line": lambda netd: _check_line(line_chat_address(netd), b"/rooms\r\n", b"lobby"),
     "admin": _check_admin,
 }
+
+
+def doh_parameter(name: str) -> str:
+    """RFC 8484's C{dns} parameter asking C{name} A: base64url, no padding, ID 0."""
+    wire = dns.message.make_query(name, "A", id=0).to_wire()
+    return base64.urlsafe_b64encode(wire).rstrip(b"=").decode()
 
 
 def admin_address(netd: NetdProcess) -> tuple[str, int]:

@@ -26,6 +26,7 @@ from ._harness import (
     Row,
     Sampler,
     admin_address,
+    doh_parameter,
     full_daemon,
     line_chat_address,
     serving,
@@ -106,6 +107,22 @@ def _h2_seeds() -> list[bytes]:
     return seeds
 
 
+def _doh_seeds() -> list[bytes]:
+    """DoH over HTTP/2 (RFC 8484): a GET with ?dns= and a POST of a message, on one stream each."""
+    query = dns.message.make_query("www.netd.test", "A", id=0).to_wire()
+    connection = h2.connection.H2Connection()
+    connection.initiate_connection()
+    get = f"/dns-query?dns={doh_parameter('www.netd.test')}"
+    common = [(":scheme", "https"), (":authority", "x"), ("accept", "application/dns-message")]
+    connection.send_headers(1, [(":method", "GET"), (":path", get), *common], end_stream=True)
+    post = [(":method", "POST"), (":path", "/dns-query"), *common]
+    post.append(("content-type", "application/dns-message"))
+    connection.send_headers(3, post)
+    connection.send_data(3, query, end_stream=True)
+    connection.ping(b"12345678")
+    return [connection.data_to_send()]
+
+
 def _dns_queries() -> list[bytes]:
     queries = [
         dns.message.make_query("www.netd.test", "A"),
@@ -184,6 +201,7 @@ def targets() -> list[Target]:
             ],
         ),
         Target("h2", "h2", lambda d: d.netd.address("web", tls=True), _h2_seeds(), "tls-h2"),
+        Target("doh h2", "doh", lambda d: d.netd.address("dns", tls=True), _doh_seeds(), "tls-h2"),
         Target("dns udp", "dns-udp", lambda d: d.netd.address("dns", "udp"), _dns_queries(), "udp"),
         Target(
             "dns tcp",
