@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd import endpoints
-from netd.compat import share_listening_socket
+from netd.compat import share_listening_socket, wake_one_waiter
 from netd.config import ListenerConfig, LogConfig, ServiceConfig, TLSProfileConfig
 from netd.events import Journal
 from netd.kinds import AdminView, ViewRefused
@@ -742,11 +742,14 @@ class _Worker(amp.AMP):
             for offset, (endpoint, family) in enumerate(spec.listeners)
         }
         try:
-            yield service.listen(held)
+            bound = yield service.listen(held)
         finally:
             # Adopting took dups of them.
             for socket in held.values():
                 socket.close()
+        for listener in bound:
+            # Every worker waits on this socket: one is woken per datagram or connection.
+            wake_one_waiter(self.reactor, listener.port)
         self.service = service
         service.startService()
         service.state = "running"

@@ -444,3 +444,35 @@ def test_http_channel_members_netds_admin_channel_uses() -> None:
     channel.dataReceived(b"HEAD / HTTP/1.1\r\n")
     assert channel._command == b"HEAD"
     channel.connectionLost(Failure(ConnectionDone()))
+
+
+def _epoll_events(poller: object, descriptor: int) -> int:
+    """The event mask the kernel holds for C{descriptor} in the epoll object C{poller}."""
+    fdinfo = Path(f"/proc/self/fdinfo/{poller.fileno()}").read_text()  # type: ignore[attr-defined]
+    for line in fdinfo.splitlines():
+        fields = line.split()
+        if fields[:2] == ["tfd:", str(descriptor)]:
+            return int(fields[3], 16)
+    raise AssertionError(f"{descriptor} is not registered")
+
+
+def test_wake_one_waiter_registers_a_reading_port_exclusively_and_twisted_can_drop_it() -> None:
+    import select
+
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    reactor = EPollReactor()
+    try:
+        port = reactor.listenUDP(0, DatagramProtocol(), interface="127.0.0.1")
+        descriptor = port.fileno()
+        assert not _epoll_events(reactor._poller, descriptor) & select.EPOLLEXCLUSIVE
+        assert compat.wake_one_waiter(reactor, port)
+        assert _epoll_events(reactor._poller, descriptor) & select.EPOLLEXCLUSIVE
+        port.stopReading()  # Twisted unregisters it as it would any reader
+        assert not compat.wake_one_waiter(reactor, port)  # not reading: left alone
+        port.startReading()
+        assert not _epoll_events(reactor._poller, descriptor) & select.EPOLLEXCLUSIVE
+        port.stopListening()
+    finally:
+        reactor._poller.close()

@@ -29,6 +29,7 @@ __all__ = [
     "parse_endpoint",
     "run_twistd_with",
     "share_listening_socket",
+    "wake_one_waiter",
 ]
 
 
@@ -140,3 +141,31 @@ def run_twistd_with(plugin: Any) -> None:
             return [plugin]
 
     app.run(runApp, PluginOnly)
+
+
+def wake_one_waiter(reactor: Any, port: Any) -> bool:
+    """
+    Have the kernel wake one of the processes waiting on C{port}'s socket, not
+    all of them: workers share each listening socket, and without
+    C{EPOLLEXCLUSIVE} (Linux 4.5) a datagram or a connection wakes every
+    worker and all but one find nothing to read.  Twisted's epoll reactor
+    keeps its epoll object private (C{_poller}) and registers readers without
+    the flag; it is re-registered here with it.  Only for a port registered for
+    reading alone: an exclusive registration cannot be modified, and Twisted
+    modifies one to add writing (a listening or UDP port never writes through
+    the reactor).  Should Twisted register it again (a port that stopped
+    reading and starts again), it goes back to waking every waiter.  Returns
+    whether the flag was set.
+    """
+    import select
+
+    exclusive = getattr(select, "EPOLLEXCLUSIVE", None)
+    poller = getattr(reactor, "_poller", None)
+    if exclusive is None or not isinstance(poller, select.epoll):
+        return False
+    if port not in reactor.getReaders() or port in reactor.getWriters():
+        return False
+    descriptor = port.fileno()
+    poller.unregister(descriptor)
+    poller.register(descriptor, select.EPOLLIN | exclusive)
+    return True
