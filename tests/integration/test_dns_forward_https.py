@@ -15,15 +15,9 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+from tests.integration.test_dns_forward_tls import ask
 
 pytestmark = pytest.mark.integration
-
-LOCAL = "127.0.0.1"
-
-
-def ask(netd: NetdProcess, name: str, rdtype: str = "A") -> dns.message.Message:
-    query = dns.message.make_query(name, rdtype)
-    return dns.query.udp(query, LOCAL, port=netd.address("resolver", "udp")[1], timeout=10)
 
 
 @pytest.fixture

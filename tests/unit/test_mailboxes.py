@@ -95,6 +95,28 @@ class Lab:
         id: str = result_of(self.store.accept(transaction))
         return id
 
+    def accept_raw(self, data: bytes, sender: Mailbox | None = None, utf8: bool = False) -> str:
+        """Store C{data} as it is for ann@netd.test; its id."""
+        transaction = Transaction(
+            sender=sender,
+            recipients=(Mailbox("ann", "netd.test"),),
+            data=data,
+            helo="c.test",
+            client="127.0.0.1",
+            user=None,
+            protocol="UTF8SMTP" if utf8 else "ESMTP",
+            utf8=utf8,
+        )
+        id: str = result_of(self.store.accept(transaction))
+        return id
+
+    def ann_selected(self) -> tuple[IMAPSession, TLSStringTransport]:
+        """An IMAP session logged in as ann@netd.test with INBOX selected, its greeting read."""
+        session, transport = self.imap()
+        session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
+        said(transport)
+        return session, transport
+
     def imap(
         self, secure: bool = False, transport: TLSStringTransport | None = None
     ) -> tuple[IMAPSession, TLSStringTransport]:
@@ -583,24 +605,12 @@ def test_pop3_deleted_messages_leave_stat_and_list(tmp_path: Path) -> None:
 
 def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
-    transaction = Transaction(
-        sender=Mailbox("shop", "client.test"),
-        recipients=(Mailbox("ann", "netd.test"),),
-        data=(
-            "Subject: Grüße =?utf-8?q?caf=C3=A9?=\r\nFrom: Jörg <j@x.test>\r\n\r\nHällo\r\n"
-        ).encode(),
-        helo="c.test",
-        client="127.0.0.1",
-        user=None,
-        protocol="ESMTP",
-    )
-    result_of(lab.store.accept(transaction))
+    data = "Subject: Grüße =?utf-8?q?caf=C3=A9?=\r\nFrom: Jörg <j@x.test>\r\n\r\nHällo\r\n"
+    lab.accept_raw(data.encode(), sender=Mailbox("shop", "client.test"))
     [listed] = result_of(lab.store.list({}))["messages"]
     assert listed["subject"] == "Grüße =?utf-8?q?caf=C3=A9?="
     assert ["From", "Jörg <j@x.test>"] in listed["headers"]
-    session, transport = lab.imap()
-    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
-    said(transport)
+    session, transport = lab.ann_selected()
     session.dataReceived(b"c FETCH 1 (ENVELOPE)\r\n")
     lab.clock.advance(0)
     envelope = said(transport)[0]
@@ -615,17 +625,8 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
 
 def test_utf8_accept_sends_headers_as_they_are(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
-    transaction = Transaction(
-        sender=Mailbox("jörg", "bücher.test"),
-        recipients=(Mailbox("ann", "netd.test"),),
-        data="Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo\r\n".encode(),
-        helo="c.test",
-        client="127.0.0.1",
-        user=None,
-        protocol="UTF8SMTP",
-        utf8=True,
-    )
-    result_of(lab.store.accept(transaction))
+    data = "Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo\r\n".encode()
+    lab.accept_raw(data, sender=Mailbox("jörg", "bücher.test"), utf8=True)
     session, transport = lab.imap()
     assert b" ENABLE " in said(transport)[0]
     session.dataReceived(b"a LOGIN ann@netd.test x\r\nb ENABLE\r\n")
@@ -663,19 +664,8 @@ def test_a_part_the_message_lacks_is_nil_and_the_session_goes_on(
     tmp_path: Path, data: bytes
 ) -> None:
     lab = Lab(tmp_path)
-    transaction = Transaction(
-        sender=None,
-        recipients=(Mailbox("ann", "netd.test"),),
-        data=data,
-        helo="c.test",
-        client="127.0.0.1",
-        user=None,
-        protocol="ESMTP",
-    )
-    result_of(lab.store.accept(transaction))
-    session, transport = lab.imap()
-    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
-    said(transport)
+    lab.accept_raw(data)
+    session, transport = lab.ann_selected()
     session.dataReceived(b"c FETCH 1 (BODY[5] BODY[1.3] ENVELOPE BODYSTRUCTURE)\r\n")
     for _ in range(3):
         lab.clock.advance(0)
@@ -770,19 +760,8 @@ def test_body_and_bodystructure_are_what_dovecot_answers(
     tmp_path: Path, data: bytes, dovecot: bytes
 ) -> None:
     lab = Lab(tmp_path)
-    transaction = Transaction(
-        sender=None,
-        recipients=(Mailbox("ann", "netd.test"),),
-        data=data,
-        helo="c.test",
-        client="127.0.0.1",
-        user=None,
-        protocol="ESMTP",
-    )
-    result_of(lab.store.accept(transaction))
-    session, transport = lab.imap()
-    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
-    said(transport)
+    lab.accept_raw(data)
+    session, transport = lab.ann_selected()
     session.dataReceived(b"c FETCH 1 (BODYSTRUCTURE BODY)\r\n")
     for _ in range(3):
         lab.clock.advance(0)
@@ -797,19 +776,8 @@ def test_a_message_nested_too_deep_or_wide_is_described_to_a_limit(tmp_path: Pat
     wide = b"Content-Type: multipart/mixed; boundary=w\r\n\r\n" + b"--w\r\n\r\nx\r\n" * 20_000
     lab = Lab(tmp_path)
     for data in (deep + b"\r\nx\r\n", wide):
-        transaction = Transaction(
-            sender=None,
-            recipients=(Mailbox("ann", "netd.test"),),
-            data=data,
-            helo="c.test",
-            client="127.0.0.1",
-            user=None,
-            protocol="ESMTP",
-        )
-        result_of(lab.store.accept(transaction))
-    session, transport = lab.imap()
-    session.dataReceived(b"a LOGIN ann@netd.test x\r\nb SELECT INBOX\r\n")
-    said(transport)
+        lab.accept_raw(data)
+    session, transport = lab.ann_selected()
     session.dataReceived(b"c FETCH 1:2 BODYSTRUCTURE\r\n")
     for _ in range(3):
         lab.clock.advance(0)
