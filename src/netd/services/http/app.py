@@ -207,17 +207,22 @@ class BodyStream:
 
     def end(self) -> None:
         self.ended = True
-        if self._done is not None:
-            self._done()
+        # Let go of the taker: its callbacks often hold this stream (a closure over
+        # it), and a cycle a request would leave every collection of the young
+        # generation to find.
+        done, self._sink, self._done = self._done, None, None
+        if done is not None:
+            done()
 
     def take(self, sink: Callable[[bytes], None], done: Callable[[], None]) -> None:
         for chunk in self._pending or ():
             sink(chunk)
         self._pending = None
-        self._sink, self._done = sink, done
         if self.ended:
             done()
-        elif self._held_back:
+            return
+        self._sink, self._done = sink, done
+        if self._held_back:
             self._held_back = False
             self.resume()
 
