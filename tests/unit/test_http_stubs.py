@@ -163,6 +163,32 @@ def test_a_body_that_arrives_after_the_head_is_waited_for(tmp_path: Path) -> Non
     assert app.list_requests({})[-1]["body"] == json.dumps(order)
 
 
+@pytest.mark.parametrize("arrives_later", [False, True])
+def test_a_route_after_one_that_read_the_body_gets_it_whole(
+    tmp_path: Path, arrives_later: bool
+) -> None:
+    """The body a route's match read is held again for the proxy route that takes the request."""
+    app = app_for(
+        tmp_path,
+        """\
+      - {id: vip, path: /orders, match: {body: {json: {tier: gold}}}, body: "vip"}
+      - {id: upstream, path: /orders, proxy: "http://127.0.0.1:9/"}
+""",
+    )
+    taken: list[bytes] = []
+
+    def proxy(exchange: Any, route: Any, rest: str) -> None:
+        exchange.body.take(taken.append, lambda: exchange.respond(200, [], b"".join(taken)))
+
+    app.proxy = proxy
+    order = b'{"tier": "silver", "items": [1, 2]}'
+    exchange = ask(app, "/orders", "POST", order, arrives_later=arrives_later)
+    assert (exchange.route, exchange.data) == ("upstream", order)
+    assert ask(app, "/orders", "POST", b'{"tier": "gold"}', arrives_later=arrives_later).data == (
+        b"vip"
+    )
+
+
 def test_a_request_whose_body_is_matched_leaves_no_cycle(tmp_path: Path) -> None:
     """
     Objects of a request are freed when it is answered, by reference counting:

@@ -214,6 +214,11 @@ class BodyStream:
         if done is not None:
             done()
 
+    def rewind(self, body: bytes) -> None:
+        """The whole body, read by a first taker, held again for the next one."""
+        self._pending = [body]
+        self._pending_size = len(body)
+
     def take(self, sink: Callable[[bytes], None], done: Callable[[], None]) -> None:
         for chunk in self._pending or ():
             sink(chunk)
@@ -550,8 +555,17 @@ class App:
         fired.act(exchange.connection_transport(), proceed, answer)
 
     def _dispatch(
-        self, exchange: Exchange, path: str, request: Request | None, start: int = 0
+        self,
+        exchange: Exchange,
+        path: str,
+        request: Request | None,
+        start: int = 0,
+        resumed: int = -1,
     ) -> None:
+        """
+        Answer from the first route that takes the request, from C{start};
+        C{resumed}: the route whose head conditions held before its body came in.
+        """
         routes = self.routes
         # Over h2 a 200 opens a WebSocket (RFC 8441): only a WebSocket route may answer one.
         websocket = exchange.method == "CONNECT" and exchange.websocket_stream() is not None
@@ -563,7 +577,7 @@ class App:
             if when is not None:
                 if request is None:
                     request = Request(exchange, path)
-                verdict = when.verdict(request)
+                verdict = when.body_holds(request) if index == resumed else when.verdict(request)
                 if verdict is WAIT:
                     self._after_body(exchange, path, request, index)
                     return
@@ -613,14 +627,13 @@ class App:
         routes = self.routes
 
         def done() -> None:
-            request.body = bytes(received)
+            request.body = body = bytes(received)
             # What the route chosen next (a proxy, say) takes: the same body, whole.
-            replay = BodyStream(len(received), stream.keep)
-            replay.feed(request.body)
-            replay.end()
-            exchange.body = replay
-            # Routes added or removed meanwhile: their order is new, start over.
-            self._dispatch(exchange, path, request, index if self.routes is routes else 0)
+            stream.rewind(body)
+            if self.routes is routes:
+                self._dispatch(exchange, path, request, index, resumed=index)
+            else:  # routes added or removed meanwhile: their order is new, start over
+                self._dispatch(exchange, path, request)
 
         stream.want()
         stream.take(received.extend, done)

@@ -234,6 +234,10 @@ class Conditions:
             return WAIT
         return not self.body.mismatches(request)
 
+    def body_holds(self, request: Request) -> bool:
+        """The body's conditions, once the others held (L{verdict} said L{WAIT})."""
+        return self.body is None or not self.body.mismatches(request)
+
     def mismatches(self, request: Request) -> list[str]:
         """Each condition the request fails, said for a person (the body's if it was read)."""
         found = []
