@@ -88,7 +88,7 @@ def run_in_parallel(
 def test_four_workers_each_see_their_own_traffic(
     pytester: pytest.Pytester, start_netd: StartNetd, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run_in_parallel(pytester, start_netd, monkeypatch, per_worker=10)
+    run_in_parallel(pytester, start_netd, monkeypatch, per_worker=4)
 
 
 @pytest.mark.slow
