@@ -1027,6 +1027,27 @@ def test_repeated_cached_answers_follow_the_ttl_countdown(tmp_path: Path) -> Non
     assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["cache_misses"] == 1
 
 
+def test_a_prepared_cached_answer_asks_the_cache_once_a_second(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)
+    question = key("a.example")
+    srv.cache.put(question, upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"]))
+    asked: list[bytes] = []
+    get_until = srv.cache.get_until
+
+    def counted(question: bytes) -> tuple[Any, float]:
+        asked.append(question)
+        return get_until(question)
+
+    srv.cache.get_until = counted  # type: ignore[method-assign]
+    # The first answer is made (one look), the second kept with the time its TTLs hold.
+    assert {ask(srv, "a.example").answer[0].ttl for _ in range(5)} == {100}
+    assert len(asked) == 2
+    clock.advance(1)
+    assert {ask(srv, "a.example").answer[0].ttl for _ in range(5)} == {99}
+    assert len(asked) == 3 and srv.stats.counters["cache_hits"] == 10
+
+
 def test_prepared_cached_answers_take_what_the_cache_holds_now(tmp_path: Path) -> None:
     clock = Clock()
     srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)

@@ -566,13 +566,20 @@ class Cache:
         self._entries.clear()
 
     def get(self, question: bytes) -> Sections | None:
+        return self.get_until(question)[0]
+
+    def get_until(self, question: bytes) -> tuple[Sections | None, float]:
+        """
+        The sections for C{question}, and the time until which they stay the
+        same: TTLs count down a second at a time, then the entry expires.
+        """
         entry = self._entries.get(question)
         if entry is None:
-            return None
+            return None, 0.0
         now = self.clock.seconds()
         if now >= entry.expires:
             del self._entries[question]
-            return None
+            return None, 0.0
         self._entries.move_to_end(question)
         age = int(now - entry.stored)
         if entry.current is None or age != entry.age:
@@ -581,7 +588,7 @@ class Cache:
                 _TTL.pack_into(body, offset, max(ttl - age, 0))
             entry.age = age
             entry.current = Sections(entry.flags, entry.an, entry.ns, entry.ar, bytes(body))
-        return entry.current
+        return entry.current, min(entry.expires, entry.stored + age + 1)
 
     def put(self, question: bytes, reply: bytes) -> Sections:
         """Keep C{reply} (already matched to C{question}); the sections to answer with."""

@@ -82,10 +82,11 @@ class _Prepared:
     """
     A whole answer kept to be sent again: its bytes after the ID, the counters
     it adds, and for a cached answer the cache's key, the sections it was made
-    from and where their records sit in C{tail}.
+    from, where their records sit in C{tail}, and until when the cache keeps
+    those sections as they are (no need to ask it before).
     """
 
-    __slots__ = ("body_at", "cache_key", "counters", "sections", "tail")
+    __slots__ = ("body_at", "cache_key", "counters", "sections", "tail", "until")
 
     def __init__(
         self,
@@ -100,6 +101,7 @@ class _Prepared:
         self.cache_key = cache_key
         self.sections = sections
         self.body_at = body_at
+        self.until = 0.0
 
 
 class Server:
@@ -183,8 +185,10 @@ class Server:
             prepared = self.prepared.get(prepared_key)
             if prepared is not None:
                 fresh = True
-                if prepared.cache_key is not None:
-                    current = self.cache.get(prepared.cache_key)
+                # A cached answer's TTLs change once a second: the cache is
+                # asked then, not for every query (its LRU order moves as often).
+                if prepared.cache_key is not None and self.clock.seconds() >= prepared.until:
+                    current, prepared.until = self.cache.get_until(prepared.cache_key)
                     fresh = current is prepared.sections or self._splice(prepared, current)
                 if fresh:
                     # The hot path: counted in place rather than one call a counter.
