@@ -101,10 +101,29 @@ def own_attribute(layer: object, name: str, default: Any) -> Any:
     own = getattr(layer, "__dict__", None)
     if own is not None and name in own:
         return own[name]
-    for klass in type(layer).__mro__:
-        if name in klass.__dict__:
-            return klass.__dict__[name]
-    return default
+    found, value = _class_attribute(type(layer), name)
+    return value if found else default
+
+
+_CLASS_ATTRIBUTES: dict[tuple[type, str], tuple[bool, Any]] = {}
+
+
+def _class_attribute(klass: type, name: str) -> tuple[bool, Any]:
+    """
+    What C{klass} or a class it inherits from holds for C{name}: looked up once
+    a class and name (a walk along the MRO each time was most of what asking
+    an FTP connection's unsent bytes cost, at every command).  Classes here
+    are not changed while netd runs.
+    """
+    key = (klass, name)
+    known = _CLASS_ATTRIBUTES.get(key)
+    if known is None:
+        known = next(
+            ((True, base.__dict__[name]) for base in klass.__mro__ if name in base.__dict__),
+            (False, None),
+        )
+        _CLASS_ATTRIBUTES[key] = known
+    return known
 
 
 def buffered_bytes(layer: object) -> int:

@@ -529,7 +529,7 @@ def _paced(entries: list[_T]) -> Iterator[_T]:
     that long after each of its system calls, and transfers crawl meanwhile.
     """
     for index, entry in enumerate(entries):
-        if not index % _PACE:
+        if index and not index % _PACE:
             time.sleep(0)
         yield entry
 
