@@ -303,6 +303,14 @@ class RoutesView:
         carried[_CARRIED_ROUTES] = self.posted
         carried[_CARRIED_COUNTS] = self.app.matched
 
+    def keep(self, carried: dict[str, Any]) -> None:
+        """
+        The routes of a service in workers, kept by its main process, which
+        counts no match: each worker, and a rebuild, starts counting at 0.
+        """
+        carried[_CARRIED_ROUTES] = self.posted
+        carried[_CARRIED_COUNTS] = {}
+
     def list(self, query: Any) -> dict[str, Any]:
         return {"routes": [self._describe(r) for r in self.app.routes]}
 
