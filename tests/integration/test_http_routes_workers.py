@@ -18,19 +18,19 @@ from typing import Any
 import httpx
 import pytest
 
-from netd.testing import NetdProcess
+from netd.testing import AdminError, NetdProcess
 
 # Requests tried before giving up on seeing every worker answer, and how many at once.
 _ATTEMPTS = 400
 _BURST = 8
 
 
-def _map(body: str = "one") -> dict[str, Any]:
+def _map(body: str = "one", workers: int = 2) -> dict[str, Any]:
     return {
         "services": {
             "web": {
                 "type": "http",
-                "workers": 2,
+                "workers": workers,
                 "listen": ["tcp:0:interface=127.0.0.1"],
                 "routes": [{"path": "/body", "body": body}],
                 "access_log": False,
@@ -146,3 +146,32 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_run_time_routes(
         "second",
         "first",
     ]
+
+
+def test_routes_come_along_into_workers_and_out_and_bad_writes_change_nothing(
+    tmp_path: Path,
+) -> None:
+    with NetdProcess.start(_map(workers=0), tmp_path) as netd:
+        _post(netd, id="hello", path="/hello", json={"hi": 1})
+        assert netd.reload(_map(workers=2))["restarted"] == ["web"]
+        workers = _wait_workers(netd, 2, 0)
+        _every_worker_answers(netd, workers, "/hello", _from_the_routes)
+
+        refused_posts: list[tuple[dict[str, Any], int]] = [
+            ({"path": "no-slash", "body": "x"}, 400),
+            ({"path": "/f", "body_file": "/etc/passwd"}, 400),
+            ({"id": "hello", "path": "/other", "body": "x"}, 409),
+        ]
+        for route, status in refused_posts:
+            with pytest.raises(AdminError) as refused:
+                _post(netd, **route)
+            assert refused.value.status == status, (route, refused.value.body)
+        for route_id, status in [("routes[0]", 403), ("nothing", 404)]:
+            with pytest.raises(AdminError) as refused:
+                netd.admin("DELETE", f"/api/services/web/routes/{route_id}")
+            assert refused.value.status == status, (route_id, refused.value.body)
+        assert [r["id"] for r in netd.view("web", "routes")] == ["hello", "routes[0]"]
+        _every_worker_answers(netd, workers, "/hello", _from_the_routes)
+
+        assert netd.reload(_map(workers=0))["restarted"] == ["web"]
+        _from_the_routes(httpx.get(netd.url("web", path="/hello"), timeout=10))
