@@ -14,6 +14,9 @@ boots the worker with the service's configuration, tells it to stop listening
 and to stop; the worker sends its journal events as they happen and its
 counters when they change, and answers the service's admin views.  A worker
 that dies is started again, sooner the longer it had been up (L{Backoff}).
+What the admin API writes to a kind that keeps it (http's run-time routes,
+L{netd.kinds.Handlers.keep}) the main process holds too, and each worker boots
+with it.
 """
 
 from __future__ import annotations
@@ -396,8 +399,9 @@ class WorkerPool(RunningService):
     A service of the map run by C{config.workers} worker processes.
 
     The main process builds the service too, and never starts it: a kind's
-    error names the service at start-up as it does without workers, and the
-    build tells which admin views the workers have.
+    error names the service at start-up as it does without workers, the
+    build tells which admin views the workers have, and it keeps the writes
+    to them of a kind with L{netd.kinds.Handlers.keep}.
     """
 
     def __init__(

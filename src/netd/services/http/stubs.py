@@ -269,6 +269,8 @@ class RoutesView:
     Routes added so outlive a reload that rebuilds the service (WireMock keeps
     its run-time stubs until reset): L{restore} reads the predecessor's from
     the service's C{carried}, L{publish} hands this one's on once it serves.
+    With C{workers}, the main process's build holds them (L{keep}) and every
+    worker is built from what it holds.
     """
 
     def __init__(self, app: Any, read_route: Callable[[Value], Any]) -> None:
