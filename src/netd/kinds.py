@@ -188,6 +188,15 @@ class Handlers:
     @ivar service: started before and stopped after the listeners (queues, caches).
     @ivar views: per-service admin views by name (C{requests}, C{messages}, ...);
         the core adds C{rules} (over L{BuildContext.rules}) unless the kind serves it.
+    @ivar keep: for a kind whose views' writes change what it answers (http's
+        routes), run in C{workers} (L{netd.workers}): the main process's build,
+        which never serves, keeps those writes.  Each write to one of the
+        kind's views reaches it before the workers (its refusal is the
+        answer); this, called as the workers start, writes what it holds to
+        L{BuildContext.carried}, and each worker is built from C{carried} as a
+        rebuilt service is.  The views' list entries are then one an C{id},
+        their C{matched} summed over the live workers.  L{None}: a worker
+        started later starts from the map.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
@@ -196,6 +205,7 @@ class Handlers:
     per_client_reply: bytes | None = None
     service: IService | None = None
     views: Mapping[str, AdminView] = attrs.field(factory=dict)
+    keep: Callable[[], None] | None = None
 
 
 class HostedService(Protocol):

@@ -330,6 +330,7 @@ class Daemon(MultiService):
                     config.tls,
                     config.shutdown_grace,
                     config.log,
+                    self._carried.setdefault(service_config.name, {}),
                 )
             return RunningService(
                 service_config,

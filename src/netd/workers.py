@@ -14,6 +14,9 @@ boots the worker with the service's configuration, tells it to stop listening
 and to stop; the worker sends its journal events as they happen and its
 counters when they change, and answers the service's admin views.  A worker
 that dies is started again, sooner the longer it had been up (L{Backoff}).
+What the admin API writes to a kind that keeps it (http's run-time routes,
+L{netd.kinds.Handlers.keep}) the main process holds too, and each worker boots
+with it.
 """
 
 from __future__ import annotations
@@ -139,6 +142,10 @@ class _Report(amp.Command):
     requiresAnswer = False
 
 
+# A write to a view as it crosses to a worker: view, action, key, JSON body.
+_Write = tuple[str, str, str, bytes]
+
+
 @attrs.frozen
 class _Spec:
     """What a worker needs to build its service: sent pickled at boot."""
@@ -152,6 +159,8 @@ class _Spec:
     journal_active: bool
     # (endpoint, family) of each inherited listener, from _FIRST_LISTENER_FD on.
     listeners: tuple[tuple[str, int], ...]
+    # What the main process keeps of the service's run-time state (Handlers.keep).
+    carried: dict[str, Any]
 
 
 # -- the main process's side ---------------------------------------------------------
@@ -390,8 +399,9 @@ class WorkerPool(RunningService):
     A service of the map run by C{config.workers} worker processes.
 
     The main process builds the service too, and never starts it: a kind's
-    error names the service at start-up as it does without workers, and the
-    build tells which admin views the workers have.
+    error names the service at start-up as it does without workers, the
+    build tells which admin views the workers have, and it keeps the writes
+    to them of a kind with L{netd.kinds.Handlers.keep}.
     """
 
     def __init__(
@@ -405,8 +415,11 @@ class WorkerPool(RunningService):
         tls_profiles: Mapping[str, TLSProfileConfig],
         shutdown_grace: float,
         log_config: LogConfig,
+        carried: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(config, reactor, base_dir, journal, tls_creators, state_dir)
+        super().__init__(
+            config, reactor, base_dir, journal, tls_creators, state_dir, carried=carried
+        )
         self.journal = journal
         self.tls_profiles = {name: tls_profiles[name] for name in config.tls_profiles}
         self.shutdown_grace = shutdown_grace
@@ -424,6 +437,8 @@ class WorkerPool(RunningService):
         self.departed: dict[str, int] = {}
         self._first_boots: list[object] = []
         self._serving_waiters: list[Callable[[object], None]] = []
+        # Kept writes each booting worker has yet to take: it was built before them.
+        self._booting: list[list[_Write]] = []
 
     def _listen_one(
         self, listener: ListenerConfig, held: endpoints.HeldSocket | None
@@ -440,6 +455,10 @@ class WorkerPool(RunningService):
 
     def startService(self) -> None:
         RunningService.startService(self)
+        if self.handlers.keep is not None:
+            # This build keeps the run-time state from now on: the workers and
+            # the service's next build start from what it holds.
+            self.handlers.keep()
         booted = gatherResults([slot.start() for slot in self.slots], consumeErrors=True)
         booted.addBoth(self._booted)
 
@@ -482,6 +501,7 @@ class WorkerPool(RunningService):
             log=self.log_config,
             journal_active=self.journal.active,
             listeners=tuple((endpoint, _family(port)) for endpoint, port in listening),
+            carried=dict(self.context.carried) if self.handlers.keep is not None else {},
         )
         environment = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY}
         link = _Link(self)
@@ -493,10 +513,21 @@ class WorkerPool(RunningService):
             childFDs=child_fds,
         )
 
+        # Pickled now: the writes kept after this reach the worker as it boots.
+        missed: list[_Write] = []
+        self._booting.append(missed)
+
         def boot() -> Deferred[_Link]:
             booting: Deferred[dict[str, Any]] = link.callRemote(_Boot, spec=pickle.dumps(spec))
+            caught_up = booting.addCallback(lambda _: self._catch_up(link, missed))
 
-            def booted(answer: dict[str, Any]) -> _Link:
+            def no_longer_booting(result: object) -> object:
+                self._booting.remove(missed)
+                return result
+
+            caught_up.addBoth(no_longer_booting)
+
+            def booted(_: object) -> _Link:
                 log.info(
                     "service {name}: worker {pid} serving", name=self.config.name, pid=link.pid
                 )
@@ -507,10 +538,21 @@ class WorkerPool(RunningService):
                 link.kill()
                 return failure
 
-            serving: Deferred[_Link] = booting.addCallbacks(booted, refused)
+            serving: Deferred[_Link] = caught_up.addCallbacks(booted, refused)
             return serving
 
         return boot()
+
+    def _catch_up(self, link: _Link, missed: list[_Write]) -> Deferred[None]:
+        """Give a booted worker, in their order, the kept writes made while it booted."""
+        if not missed:
+            return succeed(None)
+        view, action, key, body = missed.pop(0)
+        told: Deferred[Any] = link.callRemote(
+            _CallView, view=view, action=action, key=key, body=body
+        )
+        caught_up: Deferred[None] = told.addCallback(lambda _: self._catch_up(link, missed))
+        return caught_up
 
     def _exited(self, pid: int, reason: str, restart_in: float | None) -> None:
         report = self.reports.pop(pid, None)
@@ -594,6 +636,8 @@ class WorkerPool(RunningService):
 
     def _fan_out(self, name: str, view: AdminView) -> AdminView:
         """The view as one: every live worker asked, their answers merged."""
+        # The core's rules are not carried: a worker started later has the map's.
+        kept = self.handlers.keep is not None and name != "rules"
 
         def call(action: str, key: str = "", body: Any = None) -> Deferred[list[Any]]:
             asked = [
@@ -611,21 +655,74 @@ class WorkerPool(RunningService):
         def first(results: list[Any]) -> Any:
             return next((r for r in results if r is not None), None)
 
+        def write(action: str, own: Callable[[], Any], key: str = "", body: Any = None) -> Any:
+            if not kept:
+                return call(action, key, body).addCallback(first)
+            return maybeDeferred(own).addCallback(self._kept, name, action, key, body, call)
+
+        def listing(query: Mapping[str, str]) -> Any:
+            listed = call("list", body=dict(query))
+            if not kept:
+                return listed.addCallback(_merged)
+            own = maybeDeferred(view.list, query)
+            both = gatherResults([own, listed], consumeErrors=True).addErrback(_first_failure)
+            return both.addCallback(lambda answers: _counted(*answers))
+
         def when(present: object, function: Callable[..., Any]) -> Any:
             return function if present is not None else None
 
+        def post(body: Any) -> Any:
+            return write("post", lambda: _must(view.post)(body), body=body)
+
+        def put(key: str, body: Any) -> Any:
+            return write("put", lambda: _must(view.put)(key, body), key, body)
+
+        def remove(key: str) -> Any:
+            return write("remove", lambda: _must(view.remove)(key), key)
+
         return AdminView(
-            list=lambda query: call("list", body=dict(query)).addCallback(_merged),
+            list=listing,
             item=when(view.item, lambda key: call("item", key).addCallback(first)),
             clear=when(view.clear, lambda: call("clear").addCallback(_merged)),
-            post=when(view.post, lambda body: call("post", body=body).addCallback(first)),
-            put=when(view.put, lambda key, body: call("put", key, body).addCallback(first)),
-            remove=when(view.remove, lambda key: call("remove", key).addCallback(first)),
+            post=when(view.post, post),
+            put=when(view.put, put),
+            remove=when(view.remove, remove),
             act=when(view.act, lambda key, body: call("act", key, body).addCallback(first)),
             forget=when(
                 view.forget, lambda namespace: call("forget", namespace).addCallback(_merged)
             ),
         )
+
+    def _kept(
+        self,
+        answer: Any,
+        name: str,
+        action: str,
+        key: str,
+        body: Any,
+        call: Callable[[str, str, Any], Deferred[list[Any]]],
+    ) -> Any:
+        """
+        A write this process's build took (and completed: an id it chose is
+        in C{body} now), passed on to every worker, those booting included;
+        the answer is this build's.
+        """
+        if answer is None:
+            return None  # nothing of that key here, nor in any worker
+        for missed in self._booting:
+            missed.append((name, action, key, json.dumps(body).encode()))
+
+        def not_taken(failure: Failure) -> None:
+            # A worker that died meanwhile is replaced from what this process keeps.
+            log.warn(
+                "service {name}: a worker did not take a {action} on {view}: {error}",
+                name=self.config.name,
+                action=action,
+                view=name,
+                error=failure.getErrorMessage(),
+            )
+
+        return call(action, key, body).addErrback(not_taken).addCallback(lambda _: answer)
 
 
 def _fileno(port: IListeningPort) -> int:
@@ -664,6 +761,45 @@ def _merged(results: list[Any]) -> Any:
                     merged[key] += value
         return merged
     return results[0]
+
+
+def _counted(own: Any, answers: list[Any]) -> Any:
+    """
+    A kept view's list: this process's entries (one a key, in order), the
+    C{matched} of each the sum over the workers' entries of its C{id}.
+    """
+    totals: dict[Any, int] = {}
+    for answer in answers:
+        for entry in _listed(answer):
+            if _counts_matches(entry):
+                totals[entry["id"]] = totals.get(entry["id"], 0) + entry["matched"]
+
+    def counted(entry: Any) -> Any:
+        if not _counts_matches(entry):
+            return entry
+        return {**entry, "matched": totals.get(entry["id"], 0)}
+
+    if isinstance(own, dict):
+        return {
+            key: [counted(e) for e in value] if isinstance(value, list) else value
+            for key, value in own.items()
+        }
+    if isinstance(own, list):
+        return [counted(entry) for entry in own]
+    return own
+
+
+def _listed(answer: Any) -> list[Any]:
+    """The entries of a list answer: a list, or the lists a mapping holds."""
+    if isinstance(answer, list):
+        return answer
+    if isinstance(answer, dict):
+        return [e for value in answer.values() if isinstance(value, list) for e in value]
+    return []
+
+
+def _counts_matches(entry: Any) -> bool:
+    return isinstance(entry, dict) and "id" in entry and _is_count(entry.get("matched"))
 
 
 def _is_count(value: object) -> bool:
@@ -736,6 +872,7 @@ class _Worker(amp.AMP):
             journal,
             build_tls(spec.tls, spec.state_dir),
             spec.state_dir,
+            carried=spec.carried,
         )
         held = {
             endpoint: endpoints.HeldSocket(_FIRST_LISTENER_FD + offset, family)

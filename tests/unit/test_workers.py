@@ -8,24 +8,34 @@ from __future__ import annotations
 import os
 import textwrap
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
-from netd.config import ConfigErrors, NetdConfig, parse_config
-from netd.kinds import ViewRefused
+from netd.config import ConfigErrors, NetdConfig, ServiceConfig, parse_config
+from netd.events import Journal
+from netd.kinds import AdminView, ViewRefused
+from netd.runtime import RunningService
 from netd.schema import ConfigError, Position
+from netd.services.http.stubs import RoutesView
 from netd.workers import (
     Backoff,
+    WorkerPool,
     _Big,
+    _CallView,
     _encode_refusal,
     _encode_value,
     _Link,
     _merged,
+    _must,
     _outcome,
     _Slot,
+    _Worker,
+    _Write,
 )
 
 
@@ -257,3 +267,123 @@ def test_workers_are_refused_where_state_or_a_listener_cannot_be_shared(tmp_path
         "(a UNIX path, or TLS keys in the string: use a 'tls:' profile)",
         "9:50: services.time.workers: expected an integer, got a string",
     ]
+
+
+# --- run-time routes kept by the main process ---------------------------------------
+
+
+class _InProcessLink:
+    """A link whose worker is a L{_Worker} in this process, its service built, never bound."""
+
+    def __init__(self, pid: int, config: ServiceConfig, reactor: MemoryReactorClock) -> None:
+        self.pid = pid
+        self.worker = _Worker(reactor)
+        self.worker.service = RunningService(
+            config, reactor, Path("/"), Journal(reactor), {}, Path("/")
+        )
+        self.asked: list[tuple[str, str, str]] = []
+
+    def callRemote(self, command: object, **arguments: Any) -> Deferred[dict[str, bytes]]:
+        assert command is _CallView
+        self.asked.append((arguments["view"], arguments["action"], arguments["key"]))
+        answered: Deferred[dict[str, bytes]] = self.worker.call_view(**arguments)
+        return answered
+
+    def routes(self) -> dict[str, int]:
+        listed = self._view().list({})
+        return {route["id"]: route["matched"] for route in listed["routes"]}
+
+    def matched(self, route_id: str, count: int) -> None:
+        """As if C{count} requests had matched the route in this worker."""
+        # The view's methods are its RoutesView's, which counts in its app.
+        post: Any = self._view().post
+        routes: RoutesView = post.__self__
+        routes.app.matched[route_id] = count
+
+    def _view(self) -> AdminView:
+        assert self.worker.service is not None
+        return self.worker.service.handlers.views["routes"]
+
+
+def _pool(tmp_path: Path) -> tuple[WorkerPool, list[_InProcessLink]]:
+    config = _parse(
+        tmp_path,
+        """
+        services:
+          web:
+            type: http
+            workers: 2
+            listen: ["tcp:0:interface=127.0.0.1"]
+            routes: [{id: health, path: /health, body: ok}]
+        """,
+    )
+    reactor = MemoryReactorClock()
+    web = config.services["web"]
+    pool = WorkerPool(
+        web, reactor, tmp_path, Journal(reactor), {}, tmp_path, {}, 1.0, config.log, {}
+    )
+    links = [_InProcessLink(pid, web, reactor) for pid in (201, 202)]
+    for slot, link in zip(pool.slots, links, strict=True):
+        slot.link = cast(_Link, link)
+    return pool, links
+
+
+def _answer(result: Deferred[Any] | Any) -> Any:
+    found: list[Any] = []
+    result.addBoth(found.append)
+    [answer] = found
+    if isinstance(answer, Failure):
+        answer.raiseException()
+    return answer
+
+
+def test_the_main_process_takes_a_route_first_and_chooses_its_id(tmp_path: Path) -> None:
+    pool, links = _pool(tmp_path)
+    routes = pool.handlers.views["routes"]
+    added = _answer(_must(routes.post)({"path": "/x", "body": "x"}))
+    # Every worker has the route under the id the main process chose.
+    assert all(set(link.routes()) == {added["id"], "health"} for link in links)
+    with pytest.raises(ViewRefused) as refused:
+        _answer(_must(routes.post)({"id": added["id"], "path": "/y", "body": "y"}))
+    assert refused.value.status == 409
+    with pytest.raises(ViewRefused) as refused:
+        _answer(_must(routes.remove)("health"))
+    assert refused.value.status == 403
+    assert _answer(_must(routes.remove)("nothing")) is None
+    # Refused or unknown here: asked of no worker.
+    assert all(link.asked == [("routes", "post", "")] for link in links)
+    assert _answer(_must(routes.remove)(added["id"])) == {"removed": added["id"]}
+    assert all(set(link.routes()) == {"health"} for link in links)
+
+
+def test_a_kept_route_is_listed_once_with_its_matches_summed(tmp_path: Path) -> None:
+    pool, links = _pool(tmp_path)
+    routes = pool.handlers.views["routes"]
+    _answer(_must(routes.post)({"id": "x", "path": "/x", "body": "x"}))
+    for link, count in zip(links, (3, 4), strict=True):
+        link.matched("x", count)
+    listed = _answer(routes.list({}))["routes"]
+    assert [(r["id"], r["matched"], r["source"]) for r in listed] == [
+        ("x", 7, "api"),
+        ("health", 0, "map"),
+    ]
+
+
+def test_a_booting_worker_takes_the_writes_it_missed_in_order(tmp_path: Path) -> None:
+    pool, links = _pool(tmp_path)
+    booting = links.pop()
+    pool.slots[1].link = None
+    missed: list[_Write] = []
+    pool._booting.append(missed)
+    routes = pool.handlers.views["routes"]
+    _answer(_must(routes.post)({"id": "a", "path": "/o", "body": "a"}))
+    _answer(_must(routes.post)({"id": "b", "path": "/o", "body": "b"}))
+    _answer(_must(routes.remove)("a"))
+    assert booting.asked == [] and len(missed) == 3
+    _answer(pool._catch_up(cast(_Link, booting), missed))
+    assert booting.asked == [
+        ("routes", "post", ""),
+        ("routes", "post", ""),
+        ("routes", "remove", "a"),
+    ]
+    assert list(booting.routes()) == list(links[0].routes()) == ["b", "health"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         stream=stream,
         busy_reply=busy_reply(),
         service=_Running(routes, context.carried, proxy),
+        keep=partial(routes.keep, context.carried),
         views={
             "requests": AdminView(
                 list=app.list_requests, clear=app.clear_requests, forget=app.forget_requests

@@ -269,6 +269,8 @@ class RoutesView:
     Routes added so outlive a reload that rebuilds the service (WireMock keeps
     its run-time stubs until reset): L{restore} reads the predecessor's from
     the service's C{carried}, L{publish} hands this one's on once it serves.
+    With C{workers}, the main process's build holds them (L{keep}) and every
+    worker is built from what it holds.
     """
 
     def __init__(self, app: Any, read_route: Callable[[Value], Any]) -> None:
@@ -302,6 +304,14 @@ class RoutesView:
         """This service serves now: its run-time routes are what a reload carries over."""
         carried[_CARRIED_ROUTES] = self.posted
         carried[_CARRIED_COUNTS] = self.app.matched
+
+    def keep(self, carried: dict[str, Any]) -> None:
+        """
+        The routes of a service in workers, kept by its main process, which
+        counts no match: each worker, and a rebuild, starts counting at 0.
+        """
+        carried[_CARRIED_ROUTES] = self.posted
+        carried[_CARRIED_COUNTS] = {}
 
     def list(self, query: Any) -> dict[str, Any]:
         return {"routes": [self._describe(r) for r in self.app.routes]}
