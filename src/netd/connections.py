@@ -17,6 +17,7 @@ pays one empty-tuple test per connection.
 from __future__ import annotations
 
 import itertools
+import socket
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Network
 from typing import Any, ClassVar
@@ -102,6 +103,20 @@ def unsent_bytes(transport: Any) -> int:
     return total
 
 
+def _no_delay(transport: Any) -> None:
+    """
+    Turn Nagle's algorithm off on an accepted TCP connection (under TLS too),
+    as asyncio does on every TCP transport: L{TrackedConnection.write} sends
+    at once, so a reply written in two pieces (an HTTP head and its body, a
+    message and the line that ends it) would otherwise keep the second until
+    the client's delayed ACK, 40 ms later.
+    """
+    get_handle = getattr(transport, "getHandle", None)
+    handle = get_handle() if get_handle is not None else None
+    if isinstance(handle, socket.socket) and handle.family in (socket.AF_INET, socket.AF_INET6):
+        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @implementer(IHalfCloseableProtocol)
 class TrackedConnection(ProtocolWrapper):
     """
@@ -156,6 +171,7 @@ class TrackedConnection(ProtocolWrapper):
         self.client = describe_address(transport.getPeer())
         if isinstance(transport, tcp.Connection):  # UNIX's Server is one too
             self._socket = transport
+        _no_delay(transport)
         Protocol.makeConnection(self, transport)
         self.factory.registerProtocol(self)
         rules = self.factory.connections.rules

@@ -10,6 +10,8 @@ import http.client
 import json
 import select
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
@@ -183,3 +185,48 @@ def test_a_persistent_upstream_connection_is_reused(
     assert _pipelined(netd, 3) == [b"200 OK"] * 3, netd.output
     assert [status for status, _ in _sequential(netd, 3, method="POST")] == [200] * 3
     assert len(peers) == 6 and len(set(peers)) == 1, peers
+
+
+def test_a_proxied_answer_does_not_wait_for_the_clients_delayed_ack(
+    start_netd: StartNetd,
+) -> None:
+    """
+    The proxy writes an answer's head and then its body: on a kept-alive
+    connection with Nagle's algorithm on, the body would wait for the client's
+    delayed ACK (40 ms) every time; accepted connections turn it off.
+    """
+    origin = start_netd(
+        "services:\n  origin:\n    type: http\n"
+        '    listen: ["tcp:0:interface=127.0.0.1"]\n'
+        "    routes: [{path: '/*', body: origin}]\n"
+    )
+    netd = start_netd(proxying(origin.address("origin")[1], "/up/", timeout=10))
+    _sequential(netd, 1)  # the upstream connection, made
+    started = time.monotonic()
+    answers = _sequential(netd, 20)
+    elapsed = time.monotonic() - started
+    assert answers == [(200, b"origin")] * 20
+    assert elapsed < 0.8, f"20 proxied answers took {elapsed:.2f} s: 40 ms each is Nagle's"
+
+
+def test_upstream_connections_are_kept_for_as_many_clients_at_once(
+    start_netd: StartNetd, start_upstream: StartUpstream
+) -> None:
+    """Eight clients at once, five requests each: eight upstream connections, reused."""
+    port, peers = start_upstream(_Upstream, "HTTP/1.1")
+    netd = start_netd(proxying(port, "/up/", timeout=10))
+    barrier = threading.Barrier(8)
+    answers: list[list[tuple[int, bytes]]] = []
+
+    def client() -> None:
+        barrier.wait(10)
+        answers.append(_sequential(netd, 5))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [status for each in answers for status, _ in each] == [200] * 40
+    # Twisted's pool keeps 2 idle a host: most requests would have connected anew.
+    assert len(peers) == 40 and len(set(peers)) <= 8, len(set(peers))

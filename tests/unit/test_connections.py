@@ -646,6 +646,9 @@ class Socket(Connection):
     def getPeer(self) -> IPv4Address:
         return IPv4Address("TCP", "192.0.2.7", 40001)
 
+    def getHandle(self) -> None:
+        return None  # no socket for its options
+
     def queued(self) -> bytes:
         return self.dataBuffer[self.offset :] + b"".join(self._tempDataBuffer)
 

@@ -314,11 +314,6 @@ class Session(ftp.FTP):
         self.client = f"{self.client_host}:{getattr(peer, 'port', '')}"
         self.namespace = self.server.namespace_of(None, self.client_host)
         self.server.sessions[self.id] = self
-        # Replies are small and each waits on the one before: with Nagle's algorithm
-        # and delayed ACKs every exchange would stall for tens of milliseconds.
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            no_delay(True)
         handle = getattr(self.transport, "getHandle", lambda: None)()
         if isinstance(handle, socket.socket):
             # ABOR sent as urgent data (ftplib does) would lose its last byte.

@@ -65,6 +65,8 @@ _NOT_FORWARDED_UP = frozenset({b"content-length", b"expect"})
 _OURS = frozenset({b"date", b"server"})
 # An upgrade answer's head is read whole before the switch; bounded like a request's.
 _MAX_UPSTREAM_HEAD = 65536
+# Idle connections kept for each upstream host, to be reused.
+_IDLE_UPSTREAM_CONNECTIONS = 32
 
 
 def _forwardable(headers: Headers) -> Headers:
@@ -325,6 +327,10 @@ class Proxy:
         self.stats = stats
         self.log = log
         self.pool = HTTPConnectionPool(reactor, persistent=True)
+        # Twisted keeps 2 idle connections a host: with more clients at once
+        # than that, most requests would connect anew (and leave a TIME_WAIT
+        # socket) each time.  As nginx's `keepalive 32` for an upstream.
+        self.pool.maxPersistentPerHost = _IDLE_UPSTREAM_CONNECTIONS
         # A request the upstream may have half-processed must not be sent twice.
         self.pool.retryAutomatically = False
         set_pool_protocol_factory(self.pool, _QuietClientFactory)

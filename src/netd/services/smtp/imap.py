@@ -100,14 +100,6 @@ FETCH_BATCH_BYTES = 1 << 20
 _log = Logger()
 
 
-def _no_delay(transport: Any) -> None:
-    # Small answers (a FLAGS, a tagged OK) go out as they are written: with
-    # Nagle's algorithm one would wait for the client's delayed ACK, ~40 ms.
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        set_no_delay(True)
-
-
 def _literal(data: bytes) -> bytes:
     return b"{%d}\r\n%b" % (len(data), data)
 
@@ -300,7 +292,6 @@ class IMAPSession(IMAP4Server):
         self.callLater = access.reactor.callLater  # type: ignore[method-assign]
 
     def connectionMade(self) -> None:
-        _no_delay(self.transport)
         address = client_address(self.transport.getPeer())
         self.client = str(address) if address is not None else ""
         super().connectionMade()

@@ -51,11 +51,6 @@ class POP3Session(pop3.POP3):
     def connectionMade(self) -> None:
         address = client_address(self.transport.getPeer())
         self.client = str(address) if address is not None else ""
-        # A RETR answer goes out in pieces (the message, then ".\r\n"): with
-        # Nagle's algorithm the last would wait for the client's delayed ACK.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            set_no_delay(True)
         super().connectionMade()
 
     def do_RETR(self, i: bytes) -> Any:
