@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from netd.kinds import BuildContext
 from netd.namespaces import key as namespace_key
+from netd.services.smtp import mime
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
 
@@ -77,6 +78,7 @@ __all__ = [
     "Maildrop",
     "Search",
     "SessionPortal",
+    "body_structure",
     "compile_search",
     "login_namespace",
     "login_password",
@@ -371,44 +373,6 @@ def _decoded(value: str) -> str:
 # BODY and BODYSTRUCTURE --------------------------------------------------------
 
 
-def _head_and_body(raw: bytes) -> tuple[bytes, bytes]:
-    """A MIME entity's header (with its last CRLF) and body; a part may have no header."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw[2:]
-    return _split(raw)
-
-
-def _mime_parts(body: bytes, boundary: bytes) -> list[bytes]:
-    """
-    The parts of a multipart body, as octets (RFC 2046 5.1.1): the CRLF before
-    a delimiter belongs to the delimiter; the preamble and epilogue are no part.
-    A body without its close delimiter ends at its end, as Dovecot reads it.
-    Delimiters are looked for with bytes.find, not a regular expression: a
-    scan of the body at C speed for each level of a nested message.
-    """
-    dashes = b"--" + boundary
-    parts: list[bytes] = []
-    start: int | None = None
-    at = 0
-    while (found := body.find(dashes, at)) >= 0:
-        at = found + len(dashes)
-        if found and body[found - 1] != 0x0A:  # not at the start of a line
-            continue
-        close = body.startswith(b"--", at)
-        line_end = body.find(b"\n", at)
-        if body[at + 2 * close : len(body) if line_end < 0 else line_end].strip(b" \t\r"):
-            continue  # a longer boundary that starts with this one
-        if start is not None:
-            end = found - 1 if found else 0
-            parts.append(body[start : end - 1 if body[end - 1 : end] == b"\r" else end])
-        if close:
-            return parts
-        start = len(body) if line_end < 0 else line_end + 1
-    if start is not None:
-        parts.append(body[start:])
-    return parts
-
-
 def _header_value(header: EmailMessage, name: str) -> str | None:
     value = header.get(name)
     return None if value is None else "".join(_unicode(str(value)).splitlines()).strip()
@@ -436,88 +400,54 @@ def _language(header: EmailMessage) -> list[str] | None:
     return tags or None
 
 
-# Past these, a part's parts are not listed (Dovecot's own limits): a message
-# nested thousands deep or wide costs no more than these to describe.
-_MAX_NESTING = 100
-_MAX_PARTS = 10_000
-
-
 def body_structure(raw: bytes, extended: bool, utf8: bool = False) -> list[Any]:
     """
     RFC 3501 7.4.2's BODY (or, C{extended}, BODYSTRUCTURE) of a message, read
-    from its octets as Dovecot reads them: sizes and line counts of each body
-    as it is (the CRLF before a delimiter not counted; a line is an LF),
-    RFC 2045's defaults (text/plain; charset=us-ascii, 7bit) where a header
-    says nothing.  Twisted's own gave a single part the whole message's size,
-    counted a last line without its CRLF, and NIL for a missing type.
+    from its octets as Dovecot reads them (L{mime.read}): sizes and line
+    counts of each body as it is (the CRLF before a delimiter not counted; a
+    line is an LF), RFC 2045's defaults (text/plain; charset=us-ascii, 7bit)
+    where a header says nothing.  Twisted's own gave a single part the whole
+    message's size, counted a last line without its CRLF, and NIL for a
+    missing type.
     """
-    return _Structure(extended, utf8).of(raw, "text/plain", 0)
+    return _structure(mime.read(raw), extended, utf8)
 
 
-@attrs.define
-class _Structure:
-    extended: bool
-    utf8: bool
-    parts_left: int = _MAX_PARTS
-
-    def of(self, raw: bytes, default_type: str, depth: int) -> list[Any]:
-        """The structure of one MIME entity C{depth} entities deep."""
-        self.parts_left -= 1
-        head, body = _head_and_body(raw)
-        header = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-        header.set_default_type(default_type)
-        main, sub = header.get_content_maintype(), header.get_content_subtype()
-        _, params = _params(header, "content-type")
-        nested = depth < _MAX_NESTING and self.parts_left > 0
-        if main == "multipart":
-            boundary = header.get_boundary() if nested else None
-            parts = (
-                _mime_parts(body, boundary.encode("ascii", "surrogateescape")) if boundary else []
-            )
-            if parts:
-                return self._multipart(header, sub, params, parts, depth)
-            # No parts to list: read as text (RFC 2046 5.1.3 reads an unknown one as mixed).
-            main, sub, params = "text", "plain", []
-        if (main, sub) == ("message", "rfc822") and not nested:
-            main, sub = "application", "octet-stream"
-        if main == "text" and "charset" not in params[::2]:
-            params = ["charset", "us-ascii", *params]
-        structure = [
-            main,
-            sub,
-            params or None,
-            _header_value(header, "content-id"),
-            _header_value(header, "content-description"),
-            _header_value(header, "content-transfer-encoding") or "7bit",
-            len(body),
-        ]
-        if (main, sub) == ("message", "rfc822"):
-            contained = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(body)
-            envelope = getEnvelope(_Part(contained, self.utf8))
-            inner = self.of(body, "text/plain", depth + 1)
-            structure += [envelope, inner, body.count(b"\n")]
-        elif main == "text":
-            structure.append(body.count(b"\n"))
-        if self.extended:
-            structure.append(_header_value(header, "content-md5"))
-            structure += [_disposition(header), _language(header)]
-            structure.append(_header_value(header, "content-location"))
-        return structure
-
-    def _multipart(
-        self, header: EmailMessage, sub: str, params: list[str], parts: list[bytes], depth: int
-    ) -> list[Any]:
-        inner = "message/rfc822" if sub == "digest" else "text/plain"
-        structure: list[Any] = []
-        for part in parts:
-            structure.append(self.of(part, inner, depth + 1))
-            if self.parts_left <= 0:
-                break
-        structure.append(sub)
-        if self.extended:
+def _structure(entity: mime.Entity, extended: bool, utf8: bool) -> list[Any]:
+    header = entity.header
+    main, sub = entity.main, entity.sub
+    _, params = _params(header, "content-type")
+    if main == "multipart":
+        parts: list[Any] = [_structure(part, extended, utf8) for part in entity.parts]
+        parts.append(sub)
+        if extended:
             extension = [_disposition(header), _language(header)]
-            structure += [params or None, *extension, _header_value(header, "content-location")]
-        return structure
+            parts += [params or None, *extension, _header_value(header, "content-location")]
+        return parts
+    if header.get_content_maintype() == "multipart":
+        params = []  # no parts to list: read as text/plain, its parameters with it
+    if main == "text" and "charset" not in params[::2]:
+        params = ["charset", "us-ascii", *params]
+    structure: list[Any] = [
+        main,
+        sub,
+        params or None,
+        _header_value(header, "content-id"),
+        _header_value(header, "content-description"),
+        _header_value(header, "content-transfer-encoding") or "7bit",
+        entity.end - entity.body_start,
+    ]
+    if entity.parts:  # message/rfc822
+        (contained,) = entity.parts
+        envelope = getEnvelope(_Part(contained.header, utf8))
+        structure += [envelope, _structure(contained, extended, utf8), entity.lines]
+    elif main == "text":
+        structure.append(entity.lines)
+    if extended:
+        structure.append(_header_value(header, "content-md5"))
+        structure += [_disposition(header), _language(header)]
+        structure.append(_header_value(header, "content-location"))
+    return structure
 
 
 @implementer(IMessagePart)
