@@ -65,6 +65,7 @@ from netd.services.smtp.store import MailStore
 __all__ = [
     "ALL",
     "EVERY_NAMESPACE",
+    "KEPT_STRUCTURE_OCTETS",
     "LOGIN_FAILURES",
     "MAX_WAITING_COMMANDS",
     "NAMESPACE_LOGIN",
@@ -80,6 +81,8 @@ __all__ = [
     "SessionPortal",
     "body_structure",
     "compile_search",
+    "imap_list",
+    "literal",
     "login_namespace",
     "login_password",
     "uid_validity",
@@ -245,6 +248,12 @@ def uid_validity(spool: Path, now: float) -> int:
     return validity
 
 
+# The BODY and BODYSTRUCTURE texts a service keeps, in octets: a hostile
+# message's (10,000 parts) is under a megabyte, an ordinary one's a few
+# hundred octets.
+KEPT_STRUCTURE_OCTETS = 16 << 20
+
+
 class Mailboxes:
     """The service's messages by login, with the flags and UIDs its sessions share."""
 
@@ -255,6 +264,10 @@ class Mailboxes:
         self.next_uid = 1
         self.flags: dict[str, set[str]] = {}
         self.inboxes: list[Inbox] = []
+        # BODY and BODYSTRUCTURE in IMAP syntax by (id, extended, UTF-8
+        # headers): a message never changes, so each is worked out once.
+        self.structures: dict[tuple[str, bool, bool], bytes] = {}
+        self.structure_octets = 0
         for envelope in store.messages.values():
             self._number(envelope.id)
         store.watchers.append(self)
@@ -295,6 +308,28 @@ class Mailboxes:
         for id in gone:
             self.uids.pop(id, None)
             self.flags.pop(id, None)
+            for key in itertools.product((id,), (False, True), (False, True)):
+                self._forget_structure(key)
+
+    # BODY and BODYSTRUCTURE kept -------------------------------------------
+
+    def keep_structure(self, key: tuple[str, bool, bool], text: bytes) -> None:
+        """
+        Keep a message's BODY or BODYSTRUCTURE, while the message stays;
+        past L{KEPT_STRUCTURE_OCTETS} in all the oldest kept go first.
+        """
+        if key[0] not in self.uids:
+            return  # it left while it was worked out
+        self._forget_structure(key)
+        self.structures[key] = text
+        self.structure_octets += len(text)
+        while self.structure_octets > KEPT_STRUCTURE_OCTETS:
+            self._forget_structure(next(iter(self.structures)))
+
+    def _forget_structure(self, key: tuple[str, bool, bool]) -> None:
+        text = self.structures.pop(key, None)
+        if text is not None:
+            self.structure_octets -= len(text)
 
 
 # Messages -------------------------------------------------------------------
@@ -398,6 +433,46 @@ def _language(header: EmailMessage) -> list[str] | None:
     value = _header_value(header, "content-language")
     tags = [tag.strip() for tag in value.split(",") if tag.strip()] if value else []
     return tags or None
+
+
+def literal(data: bytes) -> bytes:
+    """An IMAP literal (RFC 3501 4.3)."""
+    return b"{%d}\r\n%b" % (len(data), data)
+
+
+_QUOTABLE = re.compile(rb"[\x20-\x7e]*\Z")
+
+
+def imap_list(items: list[Any] | tuple[Any, ...]) -> bytes:
+    """
+    A BODY or BODYSTRUCTURE list in IMAP syntax, without its parentheses: a
+    string quoted (a literal if it has CR, LF or 8-bit octets), None as NIL.
+    In a list that starts with a list (a multipart's bodies, an address list)
+    lists in a row have no space between them (RFC 3501 9: body-type-mpart is
+    1*body SP media-subtype, env-from "(" 1*address ")"), where Twisted's
+    collapseNestedLists puts one.
+    """
+    pieces: list[bytes] = []
+    abutting = bool(items) and isinstance(items[0], list | tuple)
+    after_list = False
+    for item in items:
+        is_list = isinstance(item, list | tuple)
+        if pieces and not (abutting and is_list and after_list):
+            pieces.append(b" ")
+        if item is None:
+            pieces.append(b"NIL")
+        elif isinstance(item, int):
+            pieces.append(b"%d" % item)
+        elif is_list:
+            pieces.append(b"(" + imap_list(item) + b")")
+        else:
+            text = item.encode("utf-8") if isinstance(item, str) else item
+            if _QUOTABLE.match(text):
+                pieces.append(b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+            else:
+                pieces.append(literal(text))
+        after_list = is_list
+    return b"".join(pieces)
 
 
 def body_structure(raw: bytes, extended: bool, utf8: bool = False) -> list[Any]:
@@ -551,10 +626,16 @@ class Message:
     def getSubPart(self, part: int) -> _Part:
         return _Part(self._message(), self.utf8).getSubPart(part)
 
-    def structure(self, extended: bool) -> list[Any]:
-        """Its BODY (or, C{extended}, BODYSTRUCTURE): see L{body_structure}."""
+    def structure(self, extended: bool) -> bytes:
+        """
+        Its BODY (or, C{extended}, BODYSTRUCTURE) in IMAP syntax (see
+        L{body_structure}): as L{Inbox.describe} kept it, else worked out now.
+        """
+        kept = self.mailboxes.structures.get((self.id, extended, self.utf8))
+        if kept is not None:
+            return kept
         assert self.raw is not None, "load() first"
-        return body_structure(self.raw, extended, self.utf8)
+        return imap_list(body_structure(self.raw, extended, self.utf8))
 
     def open(self) -> BytesIO:
         assert self.raw is not None, "load() first"
@@ -987,6 +1068,37 @@ class Inbox(_InboxInfo):
 
         ids = [message.id for message in missing] + ahead
         return self.mailboxes.store.read_many(ids).addCallback(keep)
+
+    def describe(
+        self, messages: list[Message], forms: Iterable[bool], utf8: bool
+    ) -> Deferred[None]:
+        """
+        Have the BODY (or, for C{True} in C{forms}, BODYSTRUCTURE) of read
+        messages ready for L{Message.structure}: those the service has not
+        kept yet worked out in one thread call.  A message of 10,000 parts
+        takes a good part of a second to describe, which must not hold up
+        every other session.
+        """
+        mailboxes = self.mailboxes
+        wanted = [
+            (message.id, message.raw, extended)
+            for message in messages
+            for extended in forms
+            if message.raw is not None
+            and message.id in mailboxes.store.messages
+            and (message.id, extended, utf8) not in mailboxes.structures
+        ]
+        if not wanted:
+            return succeed(None)
+
+        def work() -> list[bytes]:
+            return [imap_list(body_structure(raw, extended, utf8)) for _, raw, extended in wanted]
+
+        def keep(found: list[bytes]) -> None:
+            for (id, _, extended), text in zip(wanted, found, strict=True):
+                mailboxes.keep_structure((id, extended, utf8), text)
+
+        return mailboxes.store.spool.run(work).addCallback(keep)
 
     def store(
         self, messages: MessageSet, flags: list[str], mode: int, uid: bool
