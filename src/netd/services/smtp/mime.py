@@ -12,6 +12,7 @@ message for one nested 100 deep).  No octet is copied but a header.
 
 from __future__ import annotations
 
+import base64
 import email.parser
 import email.policy
 import re
@@ -21,7 +22,7 @@ from email.message import Message as EmailMessage
 
 import attrs
 
-__all__ = ["MAX_NESTING", "MAX_PARTS", "POLICY", "Entity", "read"]
+__all__ = ["MAX_NESTING", "MAX_PARTS", "POLICY", "Entity", "NotConvertible", "read", "seven_bit"]
 
 # Past these, a part's parts are not listed (Dovecot's own limits): a message
 # nested thousands deep or wide costs no more than these to describe.
@@ -36,8 +37,9 @@ _DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
 @attrs.frozen
 class Entity:
     """
-    One MIME entity: its header, parsed, and its octets C{raw[start:end]},
-    the body from C{body_start}.
+    One MIME entity: its header, parsed, and its octets C{raw[start:end]}:
+    the header to C{head_end} (with its last CRLF), the body from
+    C{body_start}.
 
     @ivar main: its type as read: a multipart without parts to list reads as
         text/plain (RFC 2046 5.1.3), a message/rfc822 past the limits as
@@ -51,6 +53,7 @@ class Entity:
     main: str
     sub: str
     start: int
+    head_end: int
     body_start: int
     end: int
     lines: int
@@ -101,27 +104,28 @@ class _Reader:
                 else []
             )
             if spans:
-                return self._multipart(header, sub, start, body_start, end, spans, depth)
+                return self._multipart(
+                    header, sub, (start, head_end, body_start, end), spans, depth
+                )
             main, sub = "text", "plain"
         if (main, sub) == ("message", "rfc822"):
             if nested:
                 inner = self.entity(body_start, end, "text/plain", depth + 1)
                 lines = raw.count(b"\n", body_start, inner.body_start) + inner.lines
-                return Entity(header, main, sub, start, body_start, end, lines, (inner,))
+                return Entity(header, main, sub, start, head_end, body_start, end, lines, (inner,))
             main, sub = "application", "octet-stream"
         lines = raw.count(b"\n", body_start, end)
-        return Entity(header, main, sub, start, body_start, end, lines)
+        return Entity(header, main, sub, start, head_end, body_start, end, lines)
 
     def _multipart(
         self,
         header: EmailMessage,
         sub: str,
-        start: int,
-        body_start: int,
-        end: int,
+        offsets: tuple[int, int, int, int],
         spans: list[tuple[int, int]],
         depth: int,
     ) -> Entity:
+        start, head_end, body_start, end = offsets
         inner = "message/rfc822" if sub == "digest" else "text/plain"
         parts = []
         # The body's LFs: each part's own, and those between them counted once here.
@@ -135,7 +139,9 @@ class _Reader:
             if self.parts_left <= 0:
                 break
         lines += self.raw.count(b"\n", counted, end)
-        return Entity(header, "multipart", sub, start, body_start, end, lines, tuple(parts))
+        return Entity(
+            header, "multipart", sub, start, head_end, body_start, end, lines, tuple(parts)
+        )
 
     def _delimiter_lines(self) -> dict[bytes, list[int]]:
         """
@@ -183,3 +189,98 @@ class _Reader:
         if part_end > part_start and self.raw[part_end - 1] == 0x0D:
             part_end -= 1
         return max(part_start, part_end)
+
+
+# Seven bit, for DATA -----------------------------------------------------------
+
+
+class NotConvertible(Exception):
+    """A message L{seven_bit} cannot make fit for DATA; its text says why."""
+
+
+# What DATA cannot carry as it is: a NUL, a bare CR or LF, a line over 998
+# octets (RFC 5321 4.5.3.1.6) and, in a body that no extension vouches for,
+# 8-bit octets.
+_NOT_LINES = re.compile(rb"\x00|\r(?!\n)|(?<!\r)\n|[^\r\n]{999}")
+_NOT_SEVEN_BIT = re.compile(rb"[\x00\x80-\xff]|\r(?!\n)|(?<!\r)\n|[^\r\n]{999}")
+_CTE_FIELD = re.compile(
+    rb"^content-transfer-encoding[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*",
+    re.IGNORECASE | re.MULTILINE,
+)
+_UNENCODED = frozenset({"7bit", "8bit", "binary"})
+
+
+def seven_bit(raw: bytes) -> bytes:
+    """
+    A message that came with BODY=BINARYMIME made fit for a next hop reached
+    by DATA (RFC 3030 3): each part whose body is not 7-bit lines in base64
+    (its Content-Transfer-Encoding says so), a multipart or message/rfc822
+    said to be C{binary} or C{8bit} said to be C{7bit}, and every other octet
+    as it came: headers (UTF-8 ones too, for SMTPUTF8), preambles, delimiters,
+    the parts that were lines already.  L{NotConvertible} if some octets
+    would still not be lines: in a part past the reading's limits, in a
+    multipart without delimiters, in a quoted-printable part.
+    """
+    top = read(raw)
+    edits: list[tuple[int, int, bytes]] = []
+    encoded = _seven_bit(raw, top, edits)
+    if encoded and top.header.get("mime-version") is None:
+        edits.append((top.head_end, top.head_end, b"MIME-Version: 1.0\r\n"))
+    pieces = []
+    copied = 0
+    for start, end, text in sorted(edits, key=lambda edit: edit[:2]):
+        pieces += [raw[copied:start], text]
+        copied = end
+    pieces.append(raw[copied:])
+    converted = b"".join(pieces)
+    wrong = _NOT_LINES.search(converted)
+    if wrong is not None:
+        raise NotConvertible(
+            f"octet {wrong.start()} is no line of text even so (past {MAX_NESTING} levels"
+            f" or {MAX_PARTS:,} parts, outside any part, or in a header)"
+        )
+    return converted
+
+
+def _seven_bit(raw: bytes, entity: Entity, edits: list[tuple[int, int, bytes]]) -> bool:
+    """Add the edits that make C{entity} 7-bit to C{edits}; whether a part went in base64."""
+    encoding = str(entity.header.get("content-transfer-encoding", "7bit")).strip().lower()
+    if entity.parts:
+        inside = [_seven_bit(raw, part, edits) for part in entity.parts]
+        if encoding in ("8bit", "binary"):
+            _say_encoding(raw, entity, b"7bit", edits)
+        return any(inside)
+    if entity.body_start == entity.end:
+        return False
+    if _NOT_SEVEN_BIT.search(raw, entity.body_start, entity.end) is None:
+        if encoding in ("8bit", "binary"):
+            _say_encoding(raw, entity, b"7bit", edits)
+        return False
+    declared = entity.header.get_content_type()
+    if declared.startswith("multipart/") or declared in ("message/rfc822", "message/partial"):
+        # Its parts were not read (past the limits, or no delimiters): base64 is no encoding for it.
+        raise NotConvertible(
+            f"the {declared} at octet {entity.start} holds octets that are no lines"
+        )
+    body = raw[entity.body_start : entity.end]
+    if encoding == "base64":
+        body = base64.b64decode(body)  # lines too long, or bare line ends: wrapped anew
+    elif encoding not in _UNENCODED:
+        raise NotConvertible(f"the {encoding} part at octet {entity.start} is no lines of text")
+    encoded = base64.encodebytes(body).replace(b"\n", b"\r\n")
+    if entity.end < len(raw):
+        encoded = encoded[:-2]  # the CRLF before the next delimiter is the delimiter's
+    edits.append((entity.body_start, entity.end, encoded))
+    _say_encoding(raw, entity, b"base64", edits)
+    return True
+
+
+def _say_encoding(
+    raw: bytes, entity: Entity, encoding: bytes, edits: list[tuple[int, int, bytes]]
+) -> None:
+    """An entity's Content-Transfer-Encoding fields replaced by one saying C{encoding}."""
+    head = raw[entity.start : entity.head_end]
+    for field in _CTE_FIELD.finditer(head):
+        edits.append((entity.start + field.start(), entity.start + field.end(), b""))
+    field_text = b"Content-Transfer-Encoding: " + encoding + b"\r\n"
+    edits.append((entity.head_end, entity.head_end, field_text))
