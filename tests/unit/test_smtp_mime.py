@@ -94,3 +94,12 @@ def test_an_envelope_keeps_that_it_came_as_binarymime() -> None:
     assert data["binarymime"] is True and Envelope.from_json(data) == envelope
     del data["binarymime"]  # spooled before netd kept it
     assert Envelope.from_json(data).binary is False
+
+
+def test_lines_of_998_octets_stay_and_longer_ones_go_in_base64() -> None:
+    fits = b"Subject: x\r\n\r\n" + (b"a" * 998 + b"\r\n") * 3 + b"b" * 998
+    assert seven_bit(fits) == fits
+    for longer in (b"a" * 999 + b"\r\n", b"a\r\n" + b"b" * 999):
+        converted = seven_bit(b"Subject: x\r\n\r\n" + longer)
+        assert b"Content-Transfer-Encoding: base64\r\n" in converted
+        assert base64.b64decode(converted.partition(b"\r\n\r\n")[2]) == longer
