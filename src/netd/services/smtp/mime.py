@@ -21,14 +21,14 @@ from email.message import Message as EmailMessage
 
 import attrs
 
-__all__ = ["MAX_NESTING", "MAX_PARTS", "POLICY", "Entity", "NotConvertible", "read", "seven_bit"]
+__all__ = ["MAX_NESTING", "MAX_PARTS", "Entity", "NotConvertible", "read", "seven_bit"]
 
 # Past these, a part's parts are not listed (Dovecot's own limits): a message
 # nested thousands deep or wide costs no more than these to describe.
 MAX_NESTING = 100
 MAX_PARTS = 10_000
 
-POLICY = email.policy.compat32.clone(linesep="\r\n")
+_POLICY = email.policy.compat32.clone(linesep="\r\n")
 # A line that may be a multipart delimiter, and what follows its "--".
 _DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
 
@@ -84,7 +84,7 @@ class _Reader:
         else:
             blank = raw.find(b"\r\n\r\n", start, end)
             head_end, body_start = (end, end) if blank < 0 else (blank + 2, blank + 4)
-        header = email.parser.BytesHeaderParser(policy=POLICY).parsebytes(raw[start:head_end])
+        header = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(raw[start:head_end])
         header.set_default_type(default_type)
         main, sub = header.get_content_maintype(), header.get_content_subtype()
         nested = depth < MAX_NESTING and self.parts_left > 0
