@@ -5,7 +5,8 @@ one), and the edges a daemon facing the network needs: STARTTLS drops the
 plaintext that came with it, malformed arguments get C{BAD} rather than a
 logged traceback, an overlong line gets C{BYE}, a message is read from the
 spool in a thread only when a FETCH wants more than its headers (and read
-ahead for a client that walks the mailbox), and a message removed from the
+ahead for a client that walks the mailbox), its BODY and BODYSTRUCTURE are
+worked out in a thread once and kept, and a message removed from the
 store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 5161, 6855) has headers sent as they came, UTF-8 and all.
 """

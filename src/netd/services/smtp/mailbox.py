@@ -1080,23 +1080,25 @@ class Inbox(_InboxInfo):
         every other session.
         """
         mailboxes = self.mailboxes
-        wanted = [
-            (message.id, message.raw, extended)
-            for message in messages
-            for extended in forms
-            if message.raw is not None
-            and message.id in mailboxes.store.messages
-            and (message.id, extended, utf8) not in mailboxes.structures
-        ]
+        wanted: list[tuple[str, bytes, list[bool]]] = []
+        for message in messages:
+            missing = [e for e in forms if (message.id, e, utf8) not in mailboxes.structures]
+            if missing and message.raw is not None and message.id in mailboxes.store.messages:
+                wanted.append((message.id, message.raw, missing))
         if not wanted:
             return succeed(None)
 
-        def work() -> list[bytes]:
-            return [imap_list(body_structure(raw, extended, utf8)) for _, raw, extended in wanted]
+        def work() -> list[list[bytes]]:
+            found = []
+            for _, raw, missing in wanted:
+                tree = mime.read(raw)  # once, for both forms if both are wanted
+                found.append([imap_list(_structure(tree, extended, utf8)) for extended in missing])
+            return found
 
-        def keep(found: list[bytes]) -> None:
-            for (id, _, extended), text in zip(wanted, found, strict=True):
-                mailboxes.keep_structure((id, extended, utf8), text)
+        def keep(found: list[list[bytes]]) -> None:
+            for (id, _, missing), texts in zip(wanted, found, strict=True):
+                for extended, text in zip(missing, texts, strict=True):
+                    mailboxes.keep_structure((id, extended, utf8), text)
 
         return mailboxes.store.spool.run(work).addCallback(keep)
 
