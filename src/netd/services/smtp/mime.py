@@ -169,6 +169,8 @@ class _Reader:
                 break
             if part_start is not None:
                 spans.append((part_start, self._before(part_start, found)))
+                if len(spans) >= self.parts_left:
+                    return spans  # no more are read
             line_end = raw.find(b"\n", found, end)
             part_start = end if line_end < 0 else line_end + 1
         if part_start is not None:
