@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -188,6 +189,79 @@ def test_imap_bodystructure_sizes_and_fetch_without_items(netd: NetdProcess) -> 
         assert client.fetch("1", "(FLAGS)") == ("OK", [b"1 (FLAGS ())"])
     finally:
         client.logout()
+
+
+def _crafted() -> bytes:
+    """A message at Dovecot's limits: multiparts 100 deep, 10,000 parts with headers."""
+    levels = b"".join(
+        b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n) for n in range(99)
+    )
+    parts = b"".join(
+        b"--w\r\nContent-Type: text/plain; charset=utf-8; format=flowed\r\n"
+        b"Content-ID: <%d@netd.test>\r\nContent-Language: en, fr\r\n"
+        b'Content-Disposition: inline; filename="part%d.txt"\r\n\r\nx\r\n' % (n, n)
+        for n in range(10_000)
+    )
+    return (
+        b"From: shop@client.test\r\nTo: ann@netd.test\r\nSubject: crafted\r\n"
+        + levels
+        + b"Content-Type: multipart/mixed; boundary=w\r\n\r\n"
+        + parts
+        + b"--w--\r\n"
+    )
+
+
+def test_a_crafted_bodystructure_does_not_hold_up_other_sessions(tmp_path: Path) -> None:
+    crafted = _crafted()
+    text = mail_map(tmp_path / "state", **MAILBOXES)
+    text = text.replace("max_message_size: 65536", f"max_message_size: {2 * len(crafted)}")
+    with NetdProcess.start(text, tmp_path) as process:
+        with smtp(process) as client:
+            client.sendmail("shop@client.test", ["ann@netd.test"], crafted)
+        process.wait_for_message("mail", to="ann@netd.test", timeout=10)
+        _fetch_while_another_session_waits(process)
+
+
+class _LongLines(imaplib.IMAP4):
+    """imaplib without its limit of a million octets a line (a BODYSTRUCTURE of 10,000 parts)."""
+
+    def readline(self) -> bytes:
+        line: bytes = self.file.readline()
+        return line
+
+
+def _fetch_while_another_session_waits(netd: NetdProcess) -> None:
+    host, port = netd.address("mail", protocol="imap")
+    reader = _LongLines(host, port, timeout=30)
+    reader.starttls(tls(netd))
+    reader.login("ann@netd.test", PASSWORD)
+    other = imap(netd, "ann@netd.test")
+    try:
+        assert reader.select("INBOX") == other.select("INBOX") == ("OK", [b"1"])
+        answers: list[Any] = []
+        fetching = threading.Thread(
+            target=lambda: answers.append(reader.fetch("1", "BODYSTRUCTURE"))
+        )
+        fetching.start()
+        waits = []
+        # The other session's NOOPs while the structure is worked out (about a
+        # second's work, in a thread): each answered at once.
+        deadline = time.monotonic() + 60
+        while fetching.is_alive() and len(waits) < 2_000 and time.monotonic() < deadline:
+            started = time.monotonic()
+            assert other.noop()[0] == "OK"
+            waits.append(time.monotonic() - started)
+        fetching.join(60)
+        assert len(waits) >= 2 and max(waits) < 0.5, waits
+        [(status, [text])] = answers
+        assert status == "OK" and text.startswith(b"1 (BODYSTRUCTURE ((")
+        assert text.count(b'"mixed" ("boundary"') == 100
+        assert text.count(b'("inline" ("filename" "part') == 9_900
+        # Kept: the same answer, without the work.
+        assert reader.fetch("1", "BODYSTRUCTURE") == answers[0]
+    finally:
+        reader.logout()
+        other.logout()
 
 
 def test_imap_implicit_tls_and_the_all_mailbox(netd: NetdProcess) -> None:

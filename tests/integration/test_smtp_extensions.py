@@ -380,6 +380,72 @@ def test_release_sends_a_captured_message_on_to_a_smarthost(
     assert [m["id"] for m in netd.messages("mail", to="held@netd.test")] == [message_id]
 
 
+def _bdat_binarymime(netd: NetdProcess, to: str, message: bytes) -> str:
+    """C{message} sent with BODY=BINARYMIME in one BDAT; its id."""
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        client.ehlo()
+        assert client.mail("alice@client.test", ["BODY=BINARYMIME"])[0] == 250
+        assert client.rcpt(to)[0] == 250
+        client.send(b"BDAT %d LAST\r\n" % len(message) + message)
+        assert client.getreply()[0] == 250
+    [event] = netd.events("mail", "message.accepted", last, wait=10)
+    message_id: str = event["message_id"]
+    return message_id
+
+
+def test_a_released_binarymime_message_goes_on_as_7bit_mime(
+    netd: NetdProcess, smarthost: Smarthost
+) -> None:
+    binary = bytes(range(256)) + b"bare\nLF, bare\rCR, " + b"long" * 500
+    message = (
+        b"From: alice@client.test\r\nTo: bin-release@netd.test\r\nSubject: binary\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=zz\r\n\r\n"
+        b"--zz\r\nContent-Type: text/plain\r\n\r\nSee the attachment.\r\n"
+        b"--zz\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: binary\r\n\r\n" + binary + b"\r\n--zz--\r\n"
+    )
+    message_id = _bdat_binarymime(netd, "bin-release@netd.test", message)
+    assert netd.messages("mail", to="bin-release@netd.test")[0]["binarymime"] is True
+    answer = _release(
+        netd, message_id, {"to": ["real@far.test"], "smarthost": f"127.0.0.1:{smarthost.port}"}
+    )
+    assert answer["released"] == 1
+    [*_, (sender, recipients, content)] = _wait_received(smarthost, 1)
+    assert (sender, recipients) == ("alice@client.test", ["real@far.test"])
+    # Lines of 7-bit text, each CRLF-ended and short enough for DATA...
+    assert content.isascii() and b"\x00" not in content
+    lines = content.split(b"\r\n")
+    assert all(b"\r" not in line and b"\n" not in line and len(line) <= 998 for line in lines)
+    # ... that parse as the message captured: the text as it was, the binary in base64.
+    parsed = email.message_from_bytes(content)
+    text, attachment = parsed.get_payload()  # type: ignore[misc]
+    assert text.get_payload() == "See the attachment."
+    assert attachment["Content-Transfer-Encoding"] == "base64"
+    assert attachment.get_payload(decode=True) == binary
+    captured = netd.message("mail", message_id)
+    assert content.startswith(captured[: captured.index(b"--zz\r\nContent-Type: application")])
+
+
+def test_a_binarymime_message_that_cannot_be_made_7bit_is_not_released(
+    netd: NetdProcess, smarthost: Smarthost
+) -> None:
+    # Binary in a quoted-printable part: no encoding to give it but its own.
+    message = b"Subject: broken\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\x00=00\n"
+    message_id = _bdat_binarymime(netd, "bin-refused@netd.test", message)
+    target = {"to": ["real@far.test"], "smarthost": f"127.0.0.1:{smarthost.port}"}
+    with pytest.raises(AdminError) as refused:
+        _release(netd, message_id, target)
+    assert refused.value.status == 422
+    assert "BINARYMIME" in str(refused.value) and smarthost.received == []
+    # The daemon goes on: the message is still there, and a 7-bit one is released.
+    assert [m["id"] for m in netd.messages("mail", to="bin-refused@netd.test")] == [message_id]
+    plain = _bdat_binarymime(netd, "bin-refused@netd.test", b"Subject: fine\r\n\r\nlines\r\n")
+    assert _release(netd, plain, target)["released"] == 1
+    [(_, _, content)] = _wait_received(smarthost, 1)
+    assert content.endswith(b"Subject: fine\r\n\r\nlines\r\n")
+
+
 @pytest.mark.parametrize(
     ("path", "body", "status"),
     [

@@ -5,7 +5,8 @@ one), and the edges a daemon facing the network needs: STARTTLS drops the
 plaintext that came with it, malformed arguments get C{BAD} rather than a
 logged traceback, an overlong line gets C{BYE}, a message is read from the
 spool in a thread only when a FETCH wants more than its headers (and read
-ahead for a client that walks the mailbox), and a message removed from the
+ahead for a client that walks the mailbox), its BODY and BODYSTRUCTURE are
+worked out in a thread once and kept, and a message removed from the
 store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 5161, 6855) has headers sent as they came, UTF-8 and all.
 """
@@ -13,9 +14,9 @@ store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -39,6 +40,7 @@ from netd.services.smtp.mailbox import (
     Message,
     SessionPortal,
     compile_search,
+    literal,
 )
 
 __all__ = ["IMAPFactory", "IMAPSession"]
@@ -83,6 +85,11 @@ def _is_structure(part: Any) -> bool:
     return not (part.header or part.text or part.mime or part.empty)
 
 
+def _is_form(part: Any) -> bool:
+    """BODYSTRUCTURE, or BODY without a section."""
+    return part.type == "bodystructure" or (part.type == "body" and _is_structure(part))
+
+
 def _marks_seen(part: Any) -> bool:
     # RFC 3501 6.4.5: fetching a body section sets \Seen, unless BODY.PEEK;
     # BODY, the structure, does not.
@@ -100,10 +107,6 @@ FETCH_BATCH_BYTES = 1 << 20
 _log = Logger()
 
 
-def _literal(data: bytes) -> bytes:
-    return b"{%d}\r\n%b" % (len(data), data)
-
-
 def _ignore() -> None:
     pass
 
@@ -115,40 +118,6 @@ def _utf8(item: Any) -> Any:
     if isinstance(item, list | tuple):
         return [_utf8(inner) for inner in item]
     return item
-
-
-_QUOTABLE = re.compile(rb"[\x20-\x7e]*\Z")
-
-
-def _sexp(items: list[Any] | tuple[Any, ...]) -> bytes:
-    """
-    A BODY or BODYSTRUCTURE list in IMAP syntax: a string quoted (a literal if
-    it has CR, LF or 8-bit octets), None as NIL.  In a list that starts with a
-    list (a multipart's bodies, an address list) lists in a row have no space
-    between them (RFC 3501 9: body-type-mpart is 1*body SP media-subtype,
-    env-from "(" 1*address ")"), where Twisted's collapseNestedLists puts one.
-    """
-    pieces: list[bytes] = []
-    abutting = bool(items) and isinstance(items[0], list | tuple)
-    after_list = False
-    for item in items:
-        is_list = isinstance(item, list | tuple)
-        if pieces and not (abutting and is_list and after_list):
-            pieces.append(b" ")
-        if item is None:
-            pieces.append(b"NIL")
-        elif isinstance(item, int):
-            pieces.append(b"%d" % item)
-        elif is_list:
-            pieces.append(b"(" + _sexp(item) + b")")
-        else:
-            text = item.encode("utf-8") if isinstance(item, str) else item
-            if _QUOTABLE.match(text):
-                pieces.append(b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
-            else:
-                pieces.append(_literal(text))
-        after_list = is_list
-    return b"".join(pieces)
 
 
 def _format_headers(headers: dict[str, str]) -> bytes:
@@ -190,6 +159,8 @@ class _FetchAnswer:
         self.query = query
         self.uid = uid
         self.loads = not all(map(_from_index, query))
+        # The structures it answers with (BODYSTRUCTURE: extended), worked out in a thread.
+        self.forms = {part.type == "bodystructure" for part in query if _is_form(part)}
         self.next = 0
         self.paused = False
         self.reading = False
@@ -216,14 +187,19 @@ class _FetchAnswer:
             batch = self.fetched[start:end]
             if self.loads:
                 self.reading = True
-                self.inbox.read(batch, FETCH_BATCH, FETCH_BATCH_BYTES).addCallback(
-                    self._loaded, batch
-                ).addErrback(self._failed)
+                read = self.inbox.read(batch, FETCH_BATCH, FETCH_BATCH_BYTES)
+                if self.forms:
+                    read.addCallback(self._describe, batch)
+                read.addCallback(self._loaded, batch).addErrback(self._failed)
                 return
             try:
                 self._write_batch(batch)
             except Exception:
                 self._failed(Failure())
+
+    def _describe(self, _: object, batch: list[tuple[int, Message]]) -> Deferred[None]:
+        messages = [message for _, message in batch]
+        return self.inbox.describe(messages, self.forms, self.session.utf8)
 
     def _loaded(self, _: object, batch: list[tuple[int, Message]]) -> None:
         self.reading = False
@@ -461,17 +437,17 @@ class IMAPSession(IMAP4Server):
         (_w or self.transport.write)(b"ENVELOPE " + collapseNestedLists([_utf8(getEnvelope(msg))]))
 
     def spew_bodystructure(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        (_w or self.transport.write)(b"BODYSTRUCTURE (" + _sexp(msg.structure(True)) + b")")
+        (_w or self.transport.write)(b"BODYSTRUCTURE (" + msg.structure(True) + b")")
 
     def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         headers = _format_headers(msg.getHeaders(True))
-        (_w or self.transport.write)(b"RFC822.HEADER " + _literal(headers))
+        (_w or self.transport.write)(b"RFC822.HEADER " + literal(headers))
 
     def spew_rfc822(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        (_w or self.transport.write)(b"RFC822 " + _literal(msg.open().read()))
+        (_w or self.transport.write)(b"RFC822 " + literal(msg.open().read()))
 
     def spew_rfc822text(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        (_w or self.transport.write)(b"RFC822.TEXT " + _literal(msg.getBodyFile().read()))
+        (_w or self.transport.write)(b"RFC822.TEXT " + literal(msg.getBodyFile().read()))
 
     select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)  # type: ignore[assignment]
     select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
@@ -510,23 +486,23 @@ class IMAPSession(IMAP4Server):
                 else target.getHeaders(True)
             )
             (_w or self.transport.write)(
-                part.__bytes__() + b" " + _literal(_format_headers(headers))
+                part.__bytes__() + b" " + literal(_format_headers(headers))
             )
             return None
         # The message is read whole before its answer: its literal goes in
         # the same write, not through Twisted's FileProducer a turn later.
         if part.text:
             text = target.getBodyFile().read()
-            (_w or self.transport.write)(part.__bytes__() + b" " + _literal(text))
+            (_w or self.transport.write)(part.__bytes__() + b" " + literal(text))
             return None
         if part.empty:
             whole = target.getBodyFile().read() if part.part else msg.open().read()
             (_w or self.transport.write)(
-                part.getBytes(length=msg.getSize()) + b" " + _literal(whole)
+                part.getBytes(length=msg.getSize()) + b" " + literal(whole)
             )
             return None
         # BODY without a section: the structure without extension data.
-        (_w or self.transport.write)(b"BODY (" + _sexp(msg.structure(False)) + b")")
+        (_w or self.transport.write)(b"BODY (" + msg.structure(False) + b")")
         return None
 
     def expunge_due(self) -> None:

@@ -58,12 +58,14 @@ from zope.interface import implementer
 
 from netd.kinds import BuildContext
 from netd.namespaces import key as namespace_key
+from netd.services.smtp import mime
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
 
 __all__ = [
     "ALL",
     "EVERY_NAMESPACE",
+    "KEPT_STRUCTURE_OCTETS",
     "LOGIN_FAILURES",
     "MAX_WAITING_COMMANDS",
     "NAMESPACE_LOGIN",
@@ -77,7 +79,10 @@ __all__ = [
     "Maildrop",
     "Search",
     "SessionPortal",
+    "body_structure",
     "compile_search",
+    "imap_list",
+    "literal",
     "login_namespace",
     "login_password",
     "uid_validity",
@@ -243,6 +248,12 @@ def uid_validity(spool: Path, now: float) -> int:
     return validity
 
 
+# The BODY and BODYSTRUCTURE texts a service keeps, in octets: a hostile
+# message's (10,000 parts) is under a megabyte, an ordinary one's a few
+# hundred octets.
+KEPT_STRUCTURE_OCTETS = 16 << 20
+
+
 class Mailboxes:
     """The service's messages by login, with the flags and UIDs its sessions share."""
 
@@ -253,6 +264,10 @@ class Mailboxes:
         self.next_uid = 1
         self.flags: dict[str, set[str]] = {}
         self.inboxes: list[Inbox] = []
+        # BODY and BODYSTRUCTURE in IMAP syntax by (id, extended, UTF-8
+        # headers): a message never changes, so each is worked out once.
+        self.structures: dict[tuple[str, bool, bool], bytes] = {}
+        self.structure_octets = 0
         for envelope in store.messages.values():
             self._number(envelope.id)
         store.watchers.append(self)
@@ -293,6 +308,28 @@ class Mailboxes:
         for id in gone:
             self.uids.pop(id, None)
             self.flags.pop(id, None)
+            for key in itertools.product((id,), (False, True), (False, True)):
+                self._forget_structure(key)
+
+    # BODY and BODYSTRUCTURE kept -------------------------------------------
+
+    def keep_structure(self, key: tuple[str, bool, bool], text: bytes) -> None:
+        """
+        Keep a message's BODY or BODYSTRUCTURE, while the message stays;
+        past L{KEPT_STRUCTURE_OCTETS} in all the oldest kept go first.
+        """
+        if key[0] not in self.uids:
+            return  # it left while it was worked out
+        self._forget_structure(key)
+        self.structures[key] = text
+        self.structure_octets += len(text)
+        while self.structure_octets > KEPT_STRUCTURE_OCTETS:
+            self._forget_structure(next(iter(self.structures)))
+
+    def _forget_structure(self, key: tuple[str, bool, bool]) -> None:
+        text = self.structures.pop(key, None)
+        if text is not None:
+            self.structure_octets -= len(text)
 
 
 # Messages -------------------------------------------------------------------
@@ -371,44 +408,6 @@ def _decoded(value: str) -> str:
 # BODY and BODYSTRUCTURE --------------------------------------------------------
 
 
-def _head_and_body(raw: bytes) -> tuple[bytes, bytes]:
-    """A MIME entity's header (with its last CRLF) and body; a part may have no header."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw[2:]
-    return _split(raw)
-
-
-def _mime_parts(body: bytes, boundary: bytes) -> list[bytes]:
-    """
-    The parts of a multipart body, as octets (RFC 2046 5.1.1): the CRLF before
-    a delimiter belongs to the delimiter; the preamble and epilogue are no part.
-    A body without its close delimiter ends at its end, as Dovecot reads it.
-    Delimiters are looked for with bytes.find, not a regular expression: a
-    scan of the body at C speed for each level of a nested message.
-    """
-    dashes = b"--" + boundary
-    parts: list[bytes] = []
-    start: int | None = None
-    at = 0
-    while (found := body.find(dashes, at)) >= 0:
-        at = found + len(dashes)
-        if found and body[found - 1] != 0x0A:  # not at the start of a line
-            continue
-        close = body.startswith(b"--", at)
-        line_end = body.find(b"\n", at)
-        if body[at + 2 * close : len(body) if line_end < 0 else line_end].strip(b" \t\r"):
-            continue  # a longer boundary that starts with this one
-        if start is not None:
-            end = found - 1 if found else 0
-            parts.append(body[start : end - 1 if body[end - 1 : end] == b"\r" else end])
-        if close:
-            return parts
-        start = len(body) if line_end < 0 else line_end + 1
-    if start is not None:
-        parts.append(body[start:])
-    return parts
-
-
 def _header_value(header: EmailMessage, name: str) -> str | None:
     value = header.get(name)
     return None if value is None else "".join(_unicode(str(value)).splitlines()).strip()
@@ -436,88 +435,94 @@ def _language(header: EmailMessage) -> list[str] | None:
     return tags or None
 
 
-# Past these, a part's parts are not listed (Dovecot's own limits): a message
-# nested thousands deep or wide costs no more than these to describe.
-_MAX_NESTING = 100
-_MAX_PARTS = 10_000
+def literal(data: bytes) -> bytes:
+    """An IMAP literal (RFC 3501 4.3)."""
+    return b"{%d}\r\n%b" % (len(data), data)
+
+
+_QUOTABLE = re.compile(rb"[\x20-\x7e]*\Z")
+
+
+def imap_list(items: list[Any] | tuple[Any, ...]) -> bytes:
+    """
+    A BODY or BODYSTRUCTURE list in IMAP syntax, without its parentheses: a
+    string quoted (a literal if it has CR, LF or 8-bit octets), None as NIL.
+    In a list that starts with a list (a multipart's bodies, an address list)
+    lists in a row have no space between them (RFC 3501 9: body-type-mpart is
+    1*body SP media-subtype, env-from "(" 1*address ")"), where Twisted's
+    collapseNestedLists puts one.
+    """
+    pieces: list[bytes] = []
+    abutting = bool(items) and isinstance(items[0], list | tuple)
+    after_list = False
+    for item in items:
+        is_list = isinstance(item, list | tuple)
+        if pieces and not (abutting and is_list and after_list):
+            pieces.append(b" ")
+        if item is None:
+            pieces.append(b"NIL")
+        elif isinstance(item, int):
+            pieces.append(b"%d" % item)
+        elif is_list:
+            pieces.append(b"(" + imap_list(item) + b")")
+        else:
+            text = item.encode("utf-8") if isinstance(item, str) else item
+            if _QUOTABLE.match(text):
+                pieces.append(b'"' + text.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"')
+            else:
+                pieces.append(literal(text))
+        after_list = is_list
+    return b"".join(pieces)
 
 
 def body_structure(raw: bytes, extended: bool, utf8: bool = False) -> list[Any]:
     """
     RFC 3501 7.4.2's BODY (or, C{extended}, BODYSTRUCTURE) of a message, read
-    from its octets as Dovecot reads them: sizes and line counts of each body
-    as it is (the CRLF before a delimiter not counted; a line is an LF),
-    RFC 2045's defaults (text/plain; charset=us-ascii, 7bit) where a header
-    says nothing.  Twisted's own gave a single part the whole message's size,
-    counted a last line without its CRLF, and NIL for a missing type.
+    from its octets as Dovecot reads them (L{mime.read}): sizes and line
+    counts of each body as it is (the CRLF before a delimiter not counted; a
+    line is an LF), RFC 2045's defaults (text/plain; charset=us-ascii, 7bit)
+    where a header says nothing.  Twisted's own gave a single part the whole
+    message's size, counted a last line without its CRLF, and NIL for a
+    missing type.
     """
-    return _Structure(extended, utf8).of(raw, "text/plain", 0)
+    return _structure(mime.read(raw), extended, utf8)
 
 
-@attrs.define
-class _Structure:
-    extended: bool
-    utf8: bool
-    parts_left: int = _MAX_PARTS
-
-    def of(self, raw: bytes, default_type: str, depth: int) -> list[Any]:
-        """The structure of one MIME entity C{depth} entities deep."""
-        self.parts_left -= 1
-        head, body = _head_and_body(raw)
-        header = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(head)
-        header.set_default_type(default_type)
-        main, sub = header.get_content_maintype(), header.get_content_subtype()
-        _, params = _params(header, "content-type")
-        nested = depth < _MAX_NESTING and self.parts_left > 0
-        if main == "multipart":
-            boundary = header.get_boundary() if nested else None
-            parts = (
-                _mime_parts(body, boundary.encode("ascii", "surrogateescape")) if boundary else []
-            )
-            if parts:
-                return self._multipart(header, sub, params, parts, depth)
-            # No parts to list: read as text (RFC 2046 5.1.3 reads an unknown one as mixed).
-            main, sub, params = "text", "plain", []
-        if (main, sub) == ("message", "rfc822") and not nested:
-            main, sub = "application", "octet-stream"
-        if main == "text" and "charset" not in params[::2]:
-            params = ["charset", "us-ascii", *params]
-        structure = [
-            main,
-            sub,
-            params or None,
-            _header_value(header, "content-id"),
-            _header_value(header, "content-description"),
-            _header_value(header, "content-transfer-encoding") or "7bit",
-            len(body),
-        ]
-        if (main, sub) == ("message", "rfc822"):
-            contained = email.parser.BytesHeaderParser(policy=_POLICY).parsebytes(body)
-            envelope = getEnvelope(_Part(contained, self.utf8))
-            inner = self.of(body, "text/plain", depth + 1)
-            structure += [envelope, inner, body.count(b"\n")]
-        elif main == "text":
-            structure.append(body.count(b"\n"))
-        if self.extended:
-            structure.append(_header_value(header, "content-md5"))
-            structure += [_disposition(header), _language(header)]
-            structure.append(_header_value(header, "content-location"))
-        return structure
-
-    def _multipart(
-        self, header: EmailMessage, sub: str, params: list[str], parts: list[bytes], depth: int
-    ) -> list[Any]:
-        inner = "message/rfc822" if sub == "digest" else "text/plain"
-        structure: list[Any] = []
-        for part in parts:
-            structure.append(self.of(part, inner, depth + 1))
-            if self.parts_left <= 0:
-                break
-        structure.append(sub)
-        if self.extended:
+def _structure(entity: mime.Entity, extended: bool, utf8: bool) -> list[Any]:
+    header = entity.header
+    main, sub = entity.main, entity.sub
+    _, params = _params(header, "content-type")
+    if main == "multipart":
+        parts: list[Any] = [_structure(part, extended, utf8) for part in entity.parts]
+        parts.append(sub)
+        if extended:
             extension = [_disposition(header), _language(header)]
-            structure += [params or None, *extension, _header_value(header, "content-location")]
-        return structure
+            parts += [params or None, *extension, _header_value(header, "content-location")]
+        return parts
+    if header.get_content_maintype() == "multipart":
+        params = []  # no parts to list: read as text/plain, its parameters with it
+    if main == "text" and "charset" not in params[::2]:
+        params = ["charset", "us-ascii", *params]
+    structure: list[Any] = [
+        main,
+        sub,
+        params or None,
+        _header_value(header, "content-id"),
+        _header_value(header, "content-description"),
+        _header_value(header, "content-transfer-encoding") or "7bit",
+        entity.end - entity.body_start,
+    ]
+    if entity.parts:  # message/rfc822
+        (contained,) = entity.parts
+        envelope = getEnvelope(_Part(contained.header, utf8))
+        structure += [envelope, _structure(contained, extended, utf8), entity.lines]
+    elif main == "text":
+        structure.append(entity.lines)
+    if extended:
+        structure.append(_header_value(header, "content-md5"))
+        structure += [_disposition(header), _language(header)]
+        structure.append(_header_value(header, "content-location"))
+    return structure
 
 
 @implementer(IMessagePart)
@@ -621,10 +626,16 @@ class Message:
     def getSubPart(self, part: int) -> _Part:
         return _Part(self._message(), self.utf8).getSubPart(part)
 
-    def structure(self, extended: bool) -> list[Any]:
-        """Its BODY (or, C{extended}, BODYSTRUCTURE): see L{body_structure}."""
+    def structure(self, extended: bool) -> bytes:
+        """
+        Its BODY (or, C{extended}, BODYSTRUCTURE) in IMAP syntax (see
+        L{body_structure}): as L{Inbox.describe} kept it, else worked out now.
+        """
+        kept = self.mailboxes.structures.get((self.id, extended, self.utf8))
+        if kept is not None:
+            return kept
         assert self.raw is not None, "load() first"
-        return body_structure(self.raw, extended, self.utf8)
+        return imap_list(body_structure(self.raw, extended, self.utf8))
 
     def open(self) -> BytesIO:
         assert self.raw is not None, "load() first"
@@ -1057,6 +1068,39 @@ class Inbox(_InboxInfo):
 
         ids = [message.id for message in missing] + ahead
         return self.mailboxes.store.read_many(ids).addCallback(keep)
+
+    def describe(
+        self, messages: list[Message], forms: Iterable[bool], utf8: bool
+    ) -> Deferred[None]:
+        """
+        Have the BODY (or, for C{True} in C{forms}, BODYSTRUCTURE) of read
+        messages ready for L{Message.structure}: those the service has not
+        kept yet worked out in one thread call.  A message of 10,000 parts
+        takes a good part of a second to describe, which must not hold up
+        every other session.
+        """
+        mailboxes = self.mailboxes
+        wanted: list[tuple[str, bytes, list[bool]]] = []
+        for message in messages:
+            missing = [e for e in forms if (message.id, e, utf8) not in mailboxes.structures]
+            if missing and message.raw is not None and message.id in mailboxes.store.messages:
+                wanted.append((message.id, message.raw, missing))
+        if not wanted:
+            return succeed(None)
+
+        def work() -> list[list[bytes]]:
+            found = []
+            for _, raw, missing in wanted:
+                tree = mime.read(raw)  # once, for both forms if both are wanted
+                found.append([imap_list(_structure(tree, extended, utf8)) for extended in missing])
+            return found
+
+        def keep(found: list[list[bytes]]) -> None:
+            for (id, _, missing), texts in zip(wanted, found, strict=True):
+                for extended, text in zip(missing, texts, strict=True):
+                    mailboxes.keep_structure((id, extended, utf8), text)
+
+        return mailboxes.store.spool.run(work).addCallback(keep)
 
     def store(
         self, messages: MessageSet, flags: list[str], mode: int, uid: bool

@@ -135,6 +135,7 @@ class Transaction:
     ret: str | None = None
     envid: str | None = None
     dsn: Mapping[str, Notify] = attrs.field(factory=dict)
+    binary: bool = False  # BODY=BINARYMIME
 
 
 @attrs.define
@@ -941,6 +942,7 @@ class Session(smtp.ESMTP):
             ret=mail.parameters.ret,
             envid=mail.parameters.envid,
             dsn=mail.dsn,
+            binary=mail.parameters.binary,
         )
         accepted = self.receiver.accept(transaction)
 

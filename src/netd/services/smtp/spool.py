@@ -118,6 +118,8 @@ class Envelope:
     @ivar size: the message's length in bytes, which recovery checks.
     @ivar bounce: whether this message is a delivery status notification netd wrote.
     @ivar utf8: it came with SMTPUTF8 (RFC 6531), and goes on with it.
+    @ivar binary: it came with BODY=BINARYMIME (RFC 3030 3): a release makes it
+        7-bit first (L{netd.services.smtp.mime.seven_bit}).
     @ivar ret: DSN's C{FULL} or C{HDRS} (RFC 3461 4.3): what a report quotes.
     @ivar envid: DSN's envelope id, xtext decoded (RFC 3461 4.4).
     @ivar dsn: the recipients' DSN requests, by address, for those that made one.
@@ -136,6 +138,7 @@ class Envelope:
     ret: str | None = None
     envid: str | None = None
     dsn: Mapping[str, Notify] = attrs.field(factory=dict, hash=False)
+    binary: bool = False
 
     def notify(self, recipient: str) -> Notify:
         return self.dsn.get(recipient, _NO_REQUEST)
@@ -152,6 +155,7 @@ class Envelope:
             "user": self.user,
             "bounce": self.bounce,
             "smtputf8": self.utf8,
+            "binarymime": self.binary,
             "ret": self.ret,
             "envid": self.envid,
             "dsn": {recipient: notify.as_json() for recipient, notify in self.dsn.items()},
@@ -173,6 +177,7 @@ class Envelope:
             ret=data.get("ret"),
             envid=data.get("envid"),
             dsn={str(r): Notify.from_json(n) for r, n in (data.get("dsn") or {}).items()},
+            binary=bool(data.get("binarymime", False)),
         )
 
 
