@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import Iterator
@@ -207,3 +208,23 @@ def test_many_streams_in_flight_on_one_h2_connection_are_all_answered(netd: Netd
         answer = http.get(doh_url(netd), params={"dns": encoded("www.doh.test")})
     assert answer.status_code == 200
     assert dns.message.from_wire(answer.content).answer[0].to_text().endswith("127.0.0.1")
+
+
+def test_a_client_pipelining_without_reading_its_answers_is_cut(netd: NetdProcess) -> None:
+    port = int(doh_url(netd, tls=False).split(":")[2].split("/")[0])
+    get = f"GET /dns-query?dns={encoded('www.doh.test')} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+    cut = False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # A small receive buffer, set before connecting: the answers pile up in netd.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(20)
+        sock.connect((LOCAL, port))
+        for _ in range(2000):  # 40 MB of answers at most
+            try:
+                sock.sendall(get * 200)
+            except (ConnectionError, TimeoutError):
+                cut = True
+                break
+    assert cut
+    with client(netd) as http:
+        assert http.get(doh_url(netd), params={"dns": encoded("www.doh.test")}).status_code == 200

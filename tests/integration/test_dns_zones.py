@@ -25,6 +25,8 @@ pytestmark = pytest.mark.integration
 LOCAL = "127.0.0.1"
 DIG = shutil.which("dig")
 KDIG = shutil.which("kdig")
+# 2001:db8::/64's reverse zone, its pointers made by $GENERATE in nibble format.
+REVERSE = "0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
 
 
 @pytest.fixture
@@ -38,6 +40,9 @@ def zones(tmp_path: Path) -> Path:
         "$GENERATE 1-20 node-${0,2} A 10.0.1.$\n"
     )
     (folder / "parts" / "hosts.inc").write_text("www A 10.0.0.1\nmail A 10.0.0.2\n")
+    (folder / f"{REVERSE}.zone").write_text(
+        "$TTL 300\n$GENERATE 0-4095 ${0,31,n} PTR host-${0,3,x}.lab.test.\n"
+    )
     return folder
 
 
@@ -49,7 +54,7 @@ services:
   dns:
     type: dns
     listen: ["udp:0:interface=127.0.0.1", "tcp:0:interface=127.0.0.1"]
-    zone_files: [{zones / "lab.test.zone"}]
+    zone_files: [{zones / "lab.test.zone"}, {zones / f"{REVERSE}.zone"}]
 """
     )
 
@@ -134,3 +139,12 @@ def test_a_reload_reads_a_large_zone_while_the_old_one_answers(
     assert max(latency for latency, _ in seen) < 2.0, seen
     assert texts(ask(netd, "www.lab.test")) == new
     assert texts(ask(netd, "h65535.g0.lab.test")) == ["h65535.g0.lab.test. 300 IN A 10.0.0.1"]
+
+
+@pytest.mark.skipif(DIG is None, reason="dig is not installed (apt-get install dnsutils)")
+def test_dig_resolves_a_generated_ip6_arpa_pointer(netd: NetdProcess) -> None:
+    port = str(netd.address("dns", "udp")[1])
+    out = run(DIG, "+notcp", "-p", port, "+short", "-x", "2001:db8::abc")
+    assert out.strip() == "host-abc.lab.test."
+    missing = run(DIG, "+notcp", "-p", port, "-x", "2001:db8::1000")
+    assert "status: NXDOMAIN" in missing and f"\n{REVERSE}. 300 IN SOA ns.{REVERSE}." in missing

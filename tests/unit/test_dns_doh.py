@@ -14,6 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
@@ -26,6 +27,10 @@ WWW = dns.message.make_query("www.netd.test", "A", id=0).to_wire()
 GET = b"GET /dns-query?dns=%s HTTP/1.1\r\nhost: x\r\n\r\n" % base64.urlsafe_b64encode(WWW).rstrip(
     b"="
 )
+
+
+# The client's connection preface: the magic, then its SETTINGS (empty here).
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
 class H2Transport(StringTransport):
@@ -248,7 +253,7 @@ def test_http2_answers_wait_for_the_client_window(tmp_path: Path) -> None:
 
 
 def test_bad_http2_framing_and_hpack_end_the_connection_with_its_error(tmp_path: Path) -> None:
-    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    preface = PREFACE
     cases = {
         # HEADERS on stream 1 whose block indexes entry 0 (none): COMPRESSION_ERROR.
         b"\x00\x00\x01\x01\x05\x00\x00\x00\x01\x80": 9,
@@ -288,7 +293,7 @@ def test_hpack_literals_indexed_into_the_dynamic_table_are_found_again(tmp_path:
         struct.pack(">HBBBI", 0, len(block), 1, 0x5, stream_id) + block
         for stream_id, block in ((1, first), (3, again))
     )
-    protocol.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frames)
+    protocol.dataReceived(PREFACE + frames)
     sent, statuses = transport.value(), {}
     while sent:
         high, low, kind, _, stream_id = struct.unpack_from(">HBBBI", sent)
@@ -297,3 +302,147 @@ def test_hpack_literals_indexed_into_the_dynamic_table_are_found_again(tmp_path:
             statuses[stream_id] = payload[:1]
     # 0x88 is ":status: 200" from HPACK's static table.
     assert statuses == {1: b"\x88", 3: b"\x88"}
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">HBBBI", len(payload) >> 8, len(payload) & 0xFF, kind, flags, stream_id) + (
+        payload
+    )
+
+
+def h2_frames(raw: bytes) -> list[tuple[int, int, int, bytes]]:
+    """The frames in C{raw}: type, flags, stream, payload."""
+    found = []
+    while raw:
+        high, low, kind, flags, stream_id = struct.unpack_from(">HBBBI", raw)
+        size = high << 8 | low
+        found.append((kind, flags, stream_id, raw[9 : 9 + size]))
+        raw = raw[9 + size :]
+    return found
+
+
+def go_away_code(transport: StringTransport) -> int | None:
+    codes = [
+        int.from_bytes(payload[4:8], "big")
+        for kind, _, _, payload in h2_frames(transport.value())
+        if kind == 7
+    ]
+    return codes[-1] if codes else None
+
+
+def resets(transport: StringTransport) -> dict[int, int]:
+    return {
+        stream_id: int.from_bytes(payload, "big")
+        for kind, _, stream_id, payload in h2_frames(transport.value())
+        if kind == 3
+    }
+
+
+def request_block(encoder: hpack.Encoder, path: bytes, *extra: tuple[bytes, bytes]) -> bytes:
+    block: bytes = encoder.encode(
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":path", path), *extra]
+    )
+    return block
+
+
+DNS_PATH = b"/dns-query?dns=" + base64.urlsafe_b64encode(WWW).rstrip(b"=")
+WINDOW_ZERO = h2_frame(4, 0, 0, struct.pack(">HI", 4, 0))
+
+
+def test_bad_http2_settings_windows_and_header_blocks_end_the_connection(tmp_path: Path) -> None:
+    # Each was read on before, or answered in a way a client could not follow.
+    post = hpack.Encoder().encode([(b":method", b"POST"), (b":path", b"/dns-query")])
+    cases = {
+        "an ACK of SETTINGS with settings in it": (h2_frame(4, 1, 0, b"\x00" * 6), 6),
+        "push enabled with 2": (h2_frame(4, 0, 0, struct.pack(">HI", 2, 2)), 1),
+        "a window grown by 0": (h2_frame(8, 0, 0, b"\x00" * 4), 1),
+        "a RST_STREAM of 3 bytes": (h2_frame(3, 0, 1, b"abc"), 6),
+        "a GOAWAY of 4 bytes": (h2_frame(7, 0, 0, b"abcd"), 6),
+        "a table size update after a field": (h2_frame(1, 0x5, 1, b"\x82\x20"), 9),
+        "CONTINUATION frames without end": (
+            h2_frame(1, 0, 1, b"\x82")
+            + b"".join(h2_frame(9, 0, 1, b"\x00" * 16384) for _ in range(5)),
+            11,
+        ),
+        "DATA past the window": (
+            h2_frame(1, 0x4, 1, post)
+            + b"".join(h2_frame(0, 0, 1, b"\x00" * 16384) for _ in range(5)),
+            3,
+        ),
+    }
+    for why, (frames, code) in cases.items():
+        protocol, transport, _ = connect(tmp_path, H2Transport())
+        protocol.dataReceived(PREFACE + frames)
+        assert transport.disconnecting, why
+        assert go_away_code(transport) == code, why
+    # The preface must be followed by the client's SETTINGS.
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    protocol.dataReceived(PREFACE[:24] + h2_frame(6, 0, 0, b"\x00" * 8))
+    assert transport.disconnecting and go_away_code(transport) == 1
+
+
+def test_bad_http2_streams_are_reset_and_the_connection_serves_on(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    encoder = hpack.Encoder()
+    request = request_block(encoder, DNS_PATH)
+    # With a window of 0 the answers wait, and their streams stay open.
+    protocol.dataReceived(
+        PREFACE
+        + WINDOW_ZERO
+        + h2_frame(1, 0x5, 1, request)
+        # The same request again on its stream: answered once, the stream reset.
+        + h2_frame(1, 0x5, 1, request_block(encoder, DNS_PATH))
+        + h2_frame(1, 0x5, 3, request_block(encoder, DNS_PATH))
+        # A window grown by 0 on a stream, and a PRIORITY of 4 bytes.
+        + h2_frame(8, 0, 3, b"\x00" * 4)
+        + h2_frame(1, 0x5, 5, request_block(encoder, DNS_PATH))
+        + h2_frame(2, 0, 5, b"\x00" * 4)
+    )
+    assert resets(transport) == {1: 5, 3: 1, 5: 6}
+    assert [stream for kind, _, stream, _ in h2_frames(transport.value()) if kind == 1] == [1, 3, 5]
+    transport.clear()
+    protocol.dataReceived(
+        h2_frame(4, 0, 0, struct.pack(">HI", 4, 65535))
+        + h2_frame(1, 0x5, 7, request_block(encoder, DNS_PATH))
+    )
+    sent = h2_frames(transport.value())
+    assert [(kind, stream) for kind, _, stream, _ in sent if kind in (0, 1)] == [(1, 7), (0, 7)]
+    assert dns.message.from_wire(sent[-1][3]).answer
+    assert not transport.disconnecting
+
+
+def test_a_header_list_over_16_kib_is_431_and_the_connection_serves_on(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    encoder = hpack.Encoder()
+    big = request_block(encoder, DNS_PATH, (b"x-big", b"7" * 23000))
+    assert len(big) > 16384
+    protocol.dataReceived(
+        PREFACE
+        + h2_frame(1, 0x1, 1, big[:16384])
+        + h2_frame(9, 0x4, 1, big[16384:])
+        # The next request leans on the dynamic table the big one updated.
+        + h2_frame(1, 0x5, 3, request_block(encoder, DNS_PATH))
+    )
+    decoder = hpack.Decoder()
+    statuses = {
+        stream: dict(decoder.decode(payload, raw=True))[b":status"]
+        for kind, _, stream, payload in h2_frames(transport.value())
+        if kind == 1
+    }
+    assert statuses == {1: b"431", 3: b"200"}
+    assert not transport.disconnecting
+
+
+def test_a_client_goaway_waits_for_the_answers_it_is_owed(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport())
+    protocol.dataReceived(
+        PREFACE
+        + WINDOW_ZERO
+        + h2_frame(1, 0x5, 1, request_block(hpack.Encoder(), DNS_PATH))
+        + h2_frame(7, 0, 0, b"\x00" * 8)
+    )
+    assert not transport.disconnecting
+    protocol.dataReceived(h2_frame(8, 0, 1, struct.pack(">I", 65535)))
+    sent = h2_frames(transport.value())
+    assert sent[-1][0] == 0 and dns.message.from_wire(sent[-1][3]).answer
+    assert transport.disconnecting

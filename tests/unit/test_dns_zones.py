@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dns.rcode
 import dns.rdatatype
+import dns.reversename
 
 from tests.unit.test_dns import ask, errors, server, texts
 
@@ -120,6 +121,90 @@ def test_generate_is_bounded_and_checked(tmp_path: Path) -> None:
     a, b, c, d, e = found
     assert "a.test.zone line 1: $GENERATE makes 65537 records, more than 65536" in a
     assert "b.test.zone line 2: an empty $GENERATE range: '10-1'" in b
-    assert "base 'q' is not one of d, o, x, X" in c
+    assert "base 'q' is not one of d, o, x, X, n, N" in c
     assert "d.test.zone line 1: not an IPv4 address: '10.0.0.256'" in d
     assert "not a $GENERATE range: 'one-2'" in e
+
+
+def test_generate_bind_documentation_examples(tmp_path: Path) -> None:
+    # The examples of BIND 9's reference manual, "The $GENERATE Directive".
+    (tmp_path / "0.0.192.in-addr.arpa.zone").write_text(
+        "$TTL 300\n$GENERATE 1-2 @ NS SERVER$.EXAMPLE.\n$GENERATE 1-127 $ CNAME $.0\n"
+    )
+    (tmp_path / "example.zone").write_text(
+        "$TTL 300\n"
+        "$GENERATE 1-127 HOST-$ A 1.2.3.$\n"
+        '$GENERATE 1-127 HOST-$ MX "0 ."\n'
+        "$GENERATE 0-2 HOST-${0,4,d} A 1.2.3.${1,0,d}\n"
+        "$GENERATE 1024-1026 ${0,3,n} AAAA 2001:db8::${0,4,x}\n"
+    )
+    srv = server(tmp_path, "    zone_files: [0.0.192.in-addr.arpa.zone, example.zone]\n")
+    assert sorted(texts(ask(srv, "0.0.192.in-addr.arpa", "NS"))[0].split("\n")) == [
+        "0.0.192.in-addr.arpa. 300 IN NS server1.example.",
+        "0.0.192.in-addr.arpa. 300 IN NS server2.example.",
+    ]
+    assert texts(ask(srv, "127.0.0.192.in-addr.arpa", "CNAME")) == [
+        "127.0.0.192.in-addr.arpa. 300 IN CNAME 127.0.0.0.192.in-addr.arpa."
+    ]
+    assert texts(ask(srv, "host-3.example")) == ["host-3.example. 300 IN A 1.2.3.3"]
+    assert texts(ask(srv, "host-127.example", "MX")) == ["host-127.example. 300 IN MX 0 ."]
+    assert texts(ask(srv, "host-0002.example")) == ["host-0002.example. 300 IN A 1.2.3.3"]
+    for number in range(3):
+        assert texts(ask(srv, f"{number}.0.4.example", "AAAA")) == [
+            f"{number}.0.4.example. 300 IN AAAA 2001:db8::40{number}"
+        ]
+
+
+def test_generate_nibbles_width_counts_the_dots_as_bind(tmp_path: Path) -> None:
+    (tmp_path / "nib.test.zone").write_text(
+        "$TTL 60\n"
+        # Width 1 or 0: the value's own nibbles, however many.
+        "$GENERATE 255-255 a.${0,1,n} A 10.0.0.1\n"
+        # Odd widths pad with zero nibbles; an even width ends in the dot (so the
+        # name is absolute, as in BIND), and N is upper case.
+        "$GENERATE 10-10 b.${0,5,N}.nib.test. A 10.0.0.2\n"
+        "$GENERATE 10-10 c.${0,4,n}nib.test. A 10.0.0.3\n"
+        # A negative offset and a $$ for a dollar sign.
+        "$GENERATE 5-5 d.${-5,3,n} TXT cost$$${-4}\n"
+    )
+    srv = server(tmp_path, "    zone_files: [nib.test.zone]\n")
+    assert texts(ask(srv, "a.f.f.nib.test")) == ["a.f.f.nib.test. 60 IN A 10.0.0.1"]
+    assert texts(ask(srv, "b.a.0.0.nib.test")) == ["b.a.0.0.nib.test. 60 IN A 10.0.0.2"]
+    assert texts(ask(srv, "c.a.0.nib.test")) == ["c.a.0.nib.test. 60 IN A 10.0.0.3"]
+    assert texts(ask(srv, "d.0.0.nib.test", "TXT")) == ['d.0.0.nib.test. 60 IN TXT "cost$1"']
+
+
+def test_generate_ip6_arpa_pointers_and_ttl_class_in_either_order(tmp_path: Path) -> None:
+    (tmp_path / "0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.zone").write_text(
+        "$TTL 60\n"
+        "$GENERATE 0-255 ${0,31,n} IN 300 PTR host-${0,2,x}.lab.test.\n"
+        "$GENERATE 256-257 ${0,31,n} 120 IN PTR host-$.lab.test.\n"
+    )
+    srv = server(tmp_path, "    zone_files: [0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa.zone]\n")
+    name = dns.reversename.from_address("2001:db8::ff").to_text()
+    assert texts(ask(srv, name, "PTR")) == [f"{name} 300 IN PTR host-ff.lab.test."]
+    name = dns.reversename.from_address("2001:db8::101").to_text()
+    assert texts(ask(srv, name, "PTR")) == [f"{name} 120 IN PTR host-257.lab.test."]
+    outside = dns.reversename.from_address("2001:db8::1:0").to_text()
+    assert ask(srv, outside, "PTR").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_generate_modifiers_are_checked(tmp_path: Path) -> None:
+    lines = {
+        "a": "$GENERATE 1-2 h${0,x} A 10.0.0.1",
+        "b": "$GENERATE 1-2 h${0,200} A 10.0.0.1",
+        "c": "$GENERATE 0-1 h${-1,0,n} A 10.0.0.1",
+        "d": "$GENERATE 0-1 h${-1,0,x} A 10.0.0.1",
+        "e": "$GENERATE 0-2147483648 h$ A 10.0.0.1",
+        "f": "$GENERATE 1-2 h${1 A 10.0.0.1",
+    }
+    for name, line in lines.items():
+        (tmp_path / f"{name}.test.zone").write_text(line + "\n")
+    found = errors(tmp_path, f"    zone_files: [{', '.join(f'{n}.test.zone' for n in lines)}]\n")
+    a, b, c, d, e, f = found
+    assert "a.test.zone line 1: not a $GENERATE modifier in 'h${0,x}'" in a
+    assert "$GENERATE width 200 is more than 127" in b
+    assert "$GENERATE value -1 is negative, and base 'n' is not d" in c
+    assert "$GENERATE value -1 is negative, and base 'x' is not d" in d
+    assert "$GENERATE range '0-2147483648' goes past 2147483647" in e
+    assert "not a $GENERATE modifier in 'h${1'" in f

@@ -34,6 +34,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.connections import unsent_bytes
 from netd.services.dns.server import Server
 from netd.services.dns.wire import OPT, Malformed, skip_name, walk_records
 
@@ -64,28 +65,40 @@ _REASONS = {
 _ALLOW = (b"allow", b"GET, HEAD, POST")
 _TEXT = b"text/plain; charset=utf-8"
 _UNIX_CLIENT = "unix"
+# Answers written and not yet taken by a client that keeps sending: more than
+# this and the client is not reading them (a PING flood, say); looked at after
+# every so many bytes written.
+_UNREAD_ANSWERS = 1 << 20
+_UNREAD_LOOK_EVERY = 64 * 1024
 
 # HTTP/2 (RFC 9113): frame types, flags, error codes, settings.
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _FRAME = struct.Struct(">HBBBI")
 _SETTING = struct.Struct(">HI")
-_DATA, _HEADERS, _RST_STREAM, _SETTINGS = 0, 1, 3, 4
+_DATA, _HEADERS, _PRIORITY_FRAME, _RST_STREAM, _SETTINGS = 0, 1, 2, 3, 4
 _PUSH_PROMISE, _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 5, 6, 7, 8, 9
-_STREAM_FRAMES = frozenset({_DATA, _HEADERS, _RST_STREAM, _CONTINUATION})
+_STREAM_FRAMES = frozenset({_DATA, _HEADERS, _PRIORITY_FRAME, _RST_STREAM, _CONTINUATION})
 _CONNECTION_FRAMES = frozenset({_SETTINGS, _PING, _GOAWAY})
 _END_STREAM = _ACK = 0x1
 _END_HEADERS, _PADDED, _PRIORITY = 0x4, 0x8, 0x20
+_NO_ERROR = (0).to_bytes(4, "big")
 _PROTOCOL_ERROR = (1).to_bytes(4, "big")
 _FLOW_CONTROL_ERROR = (3).to_bytes(4, "big")
+_STREAM_CLOSED = (5).to_bytes(4, "big")
 _FRAME_SIZE_ERROR = (6).to_bytes(4, "big")
 _REFUSED_STREAM = (7).to_bytes(4, "big")
 _COMPRESSION_ERROR = (9).to_bytes(4, "big")
-_MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE, _MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = 3, 4, 5, 6
+_ENHANCE_YOUR_CALM = (11).to_bytes(4, "big")
+_ENABLE_PUSH, _MAX_CONCURRENT_STREAMS, _INITIAL_WINDOW_SIZE = 2, 3, 4
+_MAX_FRAME_SIZE, _MAX_HEADER_LIST_SIZE = 5, 6
 # The protocol's defaults, which netd keeps for its own side.
 _H2_WINDOW = 65535
 _H2_FRAME = 16384
 _MAX_WINDOW = 2**31 - 1
 _H2_STREAMS = 100
+# A header block is at most this long over its CONTINUATION frames: four times
+# the header list netd takes, for Huffman codes of up to 30 bits a character.
+_MAX_HEADER_BLOCK = 4 * _MAX_HEAD
 # HPACK's static table (RFC 7541 appendix A): ":status: 200", and names answers use.
 _STATUS_200 = b"\x88"
 _STATUS, _CONTENT_TYPE, _CONTENT_LENGTH, _DATE = 8, 31, 28, 33
@@ -224,6 +237,8 @@ class _Connection(Protocol, TimeoutMixin):
         self.doh = factory
         self.http: _HTTP1 | _HTTP2 | None = None
         self.closed = False
+        # Bytes written since the last look at how many the client has not taken.
+        self.written = 0
 
     def connectionMade(self) -> None:
         self.callLater = self.doh.clock.callLater  # type: ignore[method-assign]
@@ -233,6 +248,12 @@ class _Connection(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
+        if self.written > _UNREAD_LOOK_EVERY:
+            self.written = 0
+            if unsent_bytes(self.transport) > _UNREAD_ANSWERS:
+                # Requests keep coming, answers are not read: cut it, not our memory.
+                self.transport.abortConnection()
+                return
         if self.http is None:
             if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
                 self.http = _HTTP2(self)
@@ -404,7 +425,9 @@ class _HTTP1:
         head.append(b"\r\n")
         if not head_only:
             head.append(reply.body)
-        self.transport.write(b"".join(head))
+        data = b"".join(head)
+        self.connection.written += len(data)
+        self.transport.write(data)
         if not keep:
             self.transport.loseConnection()
 
@@ -439,8 +462,11 @@ class _HTTP2:
     come later from upstreams written as they come.  Request headers are
     decoded with hpack; answers' headers are written as literals from HPACK's
     static table, so the encoder keeps no state.  Bodies over the largest DNS
-    message are read and dropped (their window given back), then 413.  Bad
-    framing ends the connection with a GOAWAY.
+    message are read and dropped (their window given back), then 413; a
+    header list over 16 KiB is 431.  Bad framing ends the connection with a
+    GOAWAY, a bad frame on one stream that stream with a RST_STREAM (RFC 9113
+    section 5.4).  A client's GOAWAY closes the connection once the answers
+    it waits for are written.
     """
 
     def __init__(self, connection: _Connection) -> None:
@@ -458,7 +484,13 @@ class _HTTP2:
         self.stream_window = _H2_WINDOW
         self.frame_size = _H2_FRAME
         self.out: list[bytes] = [_SERVER_SETTINGS]
+        # DATA bytes read since netd last wrote the WINDOW_UPDATEs giving them
+        # back: the most a client may send on the windows it was given.
+        self.unacknowledged = 0
+        self.settings_seen = False
         self.waiting = 0
+        # The client said GOAWAY: close once nothing is owed.
+        self.closing = False
         self.gone = False
 
     def received(self, data: bytes) -> None:
@@ -487,6 +519,11 @@ class _HTTP2:
                     break
                 payload = bytes(buffer[offset + 9 : offset + 9 + length])
                 offset += 9 + length
+                if not self.settings_seen:
+                    # The client's preface ends with its SETTINGS (RFC 9113 section 3.4).
+                    if kind != _SETTINGS or flags & _ACK:
+                        raise _H2Error(_PROTOCOL_ERROR)
+                    self.settings_seen = True
                 self._frame(kind, flags, stream_id, payload)
                 if self.gone:
                     return
@@ -507,6 +544,9 @@ class _HTTP2:
             if self.continued is None or self.continued[0] != stream_id:
                 raise _H2Error(_PROTOCOL_ERROR)
             self.continued[2].extend(payload)
+            if len(self.continued[2]) > _MAX_HEADER_BLOCK:
+                # CONTINUATION frames without end would hold memory without end.
+                raise _H2Error(_ENHANCE_YOUR_CALM)
             if flags & _END_HEADERS:
                 continued, self.continued = self.continued, None
                 self._header_block(stream_id, continued[1], bytes(continued[2]))
@@ -515,33 +555,59 @@ class _HTTP2:
         elif kind == _SETTINGS:
             if not flags & _ACK:
                 self._settings(payload)
-        elif kind == _WINDOW_UPDATE:
-            if len(payload) != 4:
+            elif payload:
                 raise _H2Error(_FRAME_SIZE_ERROR)
-            increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-            if stream_id == 0:
-                self.window += increment
-                if self.window > _MAX_WINDOW:
-                    raise _H2Error(_FLOW_CONTROL_ERROR)
-                for sid in [s for s, stream in self.streams.items() if stream.unsent]:
-                    self._send_data(sid)
-            elif stream_id in self.streams:
-                self.streams[stream_id].window += increment
-                self._send_data(stream_id)
+        elif kind == _WINDOW_UPDATE:
+            self._window_update(stream_id, payload)
         elif kind == _PING:
             if len(payload) != 8:
                 raise _H2Error(_FRAME_SIZE_ERROR)
             if not flags & _ACK:
                 self.out.append(_frame(_PING, _ACK, 0, payload))
         elif kind == _RST_STREAM:
+            if len(payload) != 4:
+                raise _H2Error(_FRAME_SIZE_ERROR)
             self.streams.pop(stream_id, None)
         elif kind == _GOAWAY:
-            self._write()
-            self.gone = True
-            self.transport.loseConnection()
+            if len(payload) < 8:
+                raise _H2Error(_FRAME_SIZE_ERROR)
+            self.closing = True
+        elif kind == _PRIORITY_FRAME:
+            # Read and ignored (RFC 9113 section 5.3.2), but it has a size.
+            if len(payload) != 5:
+                self._reset(stream_id, _FRAME_SIZE_ERROR)
         elif kind == _PUSH_PROMISE:
             raise _H2Error(_PROTOCOL_ERROR)
-        # PRIORITY and unknown frame types are ignored (RFC 9113 sections 5.3.2, 5.5).
+        # Unknown frame types are ignored (RFC 9113 section 5.5).
+
+    def _window_update(self, stream_id: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _H2Error(_FRAME_SIZE_ERROR)
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if stream_id == 0:
+            if not increment:
+                raise _H2Error(_PROTOCOL_ERROR)
+            self.window += increment
+            if self.window > _MAX_WINDOW:
+                raise _H2Error(_FLOW_CONTROL_ERROR)
+            for sid in [s for s, stream in self.streams.items() if stream.unsent]:
+                self._send_data(sid)
+            return
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        stream.window += increment
+        if not increment:
+            self._reset(stream_id, _PROTOCOL_ERROR)
+        elif stream.window > _MAX_WINDOW:
+            self._reset(stream_id, _FLOW_CONTROL_ERROR)
+        else:
+            self._send_data(stream_id)
+
+    def _reset(self, stream_id: int, code: bytes) -> None:
+        """A stream error (RFC 9113 section 5.4.2): RST_STREAM, and the stream forgotten."""
+        self.streams.pop(stream_id, None)
+        self.out.append(_frame(_RST_STREAM, 0, stream_id, code))
 
     def _headers(self, flags: int, stream_id: int, payload: bytes) -> None:
         start, end = 0, len(payload)
@@ -561,18 +627,30 @@ class _HTTP2:
 
     def _header_block(self, stream_id: int, flags: int, block: bytes) -> None:
         # Decoded even for a stream refused below: the decoder's table must follow.
-        headers = self.decoder.decode(block)
+        headers, too_long = self.decoder.decode(block)
         stream = self.streams.get(stream_id)
         if stream is not None:
-            # Trailers: nothing in them matters to DoH.
-            if flags & _END_STREAM:
+            if stream.ended:
+                # Its request is complete (half-closed, RFC 9113 section 5.1): a
+                # second one on it would be answered twice.
+                self._reset(stream_id, _STREAM_CLOSED)
+            elif flags & _END_STREAM:
+                # Trailers: nothing in them matters to DoH.
                 self._ended(stream_id, stream)
             return
         if stream_id % 2 == 0 or stream_id <= self.last_stream:
             raise _H2Error(_PROTOCOL_ERROR)
         self.last_stream = stream_id
-        if len(self.streams) >= _H2_STREAMS:
+        # Streams reset while their answers are on the way still count: else
+        # opening and resetting streams would queue upstream queries without end.
+        if len(self.streams) >= _H2_STREAMS or self.waiting >= _H2_STREAMS:
             self.out.append(_frame(_RST_STREAM, 0, stream_id, _REFUSED_STREAM))
+            return
+        if too_long:
+            stream = self.streams[stream_id] = _Stream(b"", b"", None, self.stream_window)
+            stream.ended = True
+            refusal = self.doh.refuse(431, "the request's header list is over 16 KiB")
+            self._send(stream_id, stream, refusal)
             return
         method = target = b""
         kind = None
@@ -590,6 +668,9 @@ class _HTTP2:
     def _data(self, flags: int, stream_id: int, payload: bytes) -> None:
         if payload:
             # Flow control counts the whole frame, padding too; given back at once.
+            self.unacknowledged += len(payload)
+            if self.unacknowledged > _H2_WINDOW:
+                raise _H2Error(_FLOW_CONTROL_ERROR)
             self.out.append(_frame(_WINDOW_UPDATE, 0, 0, len(payload).to_bytes(4, "big")))
         stream = self.streams.get(stream_id)
         if stream is None or stream.ended:
@@ -625,7 +706,12 @@ class _HTTP2:
                     raise _H2Error(_FLOW_CONTROL_ERROR)
                 for stream in self.streams.values():
                     stream.window += value - self.stream_window
+                    if stream.window > _MAX_WINDOW:
+                        raise _H2Error(_FLOW_CONTROL_ERROR)
                 self.stream_window = value
+            elif setting == _ENABLE_PUSH:
+                if value > 1:
+                    raise _H2Error(_PROTOCOL_ERROR)
             elif setting == _MAX_FRAME_SIZE:
                 if not _H2_FRAME <= value <= 0xFFFFFF:
                     raise _H2Error(_PROTOCOL_ERROR)
@@ -696,8 +782,14 @@ class _HTTP2:
 
     def _write(self) -> None:
         if self.out and not self.connection.closed and not self.gone:
-            self.transport.write(b"".join(self.out))
+            data = b"".join(self.out)
+            self.connection.written += len(data)
+            self.transport.write(data)
         self.out = []
+        self.unacknowledged = 0
+        if self.closing and not self.streams and not self.waiting and not self.gone:
+            self.gone = True
+            self.transport.loseConnection()
 
     def _go_away(self, code: bytes) -> None:
         self.out.append(_frame(_GOAWAY, 0, 0, self.last_stream.to_bytes(4, "big") + code))
@@ -726,7 +818,11 @@ class _HeaderDecoder:
         self.limit = _HPACK_TABLE
         self.decoded: dict[bytes, bytes] = {}
 
-    def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
+    def decode(self, block: bytes) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """
+        The header list of C{block}, and whether it is over 16 KiB (then read to
+        its end all the same, for the table, and what is past the limit dropped).
+        """
         headers = []
         listed = 0
         offset, end = 0, len(block)
@@ -736,9 +832,10 @@ class _HeaderDecoder:
                 index, offset = _integer(block, offset, 7)
                 header = self._entry(index)
             elif first & 0xE0 == 0x20:
-                # A dynamic table size update, at most what netd advertised.
+                # A dynamic table size update: at most what netd advertised, and
+                # only before the block's first field (RFC 7541 section 4.2).
                 self.limit, offset = _integer(block, offset, 5)
-                if self.limit > _HPACK_TABLE:
+                if self.limit > _HPACK_TABLE or listed:
                     raise _H2Error(_COMPRESSION_ERROR)
                 self._evict()
                 continue
@@ -756,10 +853,9 @@ class _HeaderDecoder:
                     self.size += len(name) + len(value) + 32
                     self._evict()
             listed += len(header[0]) + len(header[1]) + 32
-            if listed > _MAX_HEAD:
-                raise _H2Error(_COMPRESSION_ERROR)
-            headers.append(header)
-        return headers
+            if listed <= _MAX_HEAD:
+                headers.append(header)
+        return headers, listed > _MAX_HEAD
 
     def _entry(self, index: int) -> tuple[bytes, bytes]:
         if 0 < index <= len(self.static):

@@ -146,8 +146,10 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
     forward = section.read("forward", _forward, _Forward())
+    # One tuple for both, so a worker's copy of the options pickles it once.
+    configured = tuple(records)
     options = Options(
-        records=tuple(records),
+        records=configured,
         forward=forward.upstreams,
         forward_timeout=forward.timeout,
         forward_attempts=forward.attempts,
@@ -162,7 +164,7 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         persist=section.file_path("persist"),
         record_to=section.file_path("record_to"),
         update=section.read("update", parse_update, UpdateOptions()),
-        local=LocalData(records, cache.negative_ttl),
+        local=LocalData(configured, cache.negative_ttl),
     )
     return options
 
