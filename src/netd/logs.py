@@ -167,7 +167,12 @@ def install_for_twistd(
         return None
     options = twistd_options or {}
     logfile = options.get("logfile") or ("-" if options.get("nodaemon", True) else "twistd.log")
-    output: IO[str] = sys.stdout if logfile == "-" else LogFile.fromFullPath(logfile)
+    # No rotation by size (Twisted's LogFile rotates every megabyte, renaming
+    # every older file each time: with an access log, thousands of renames a
+    # rotation): the file rotates on SIGUSR1, as logrotate drives nginx's.
+    output: IO[str] = (
+        sys.stdout if logfile == "-" else LogFile.fromFullPath(logfile, rotateLength=None)
+    )
     installed = LogOutput(BufferedObserver(output, config.format == "json", clock), config)
     application.setComponent(ILogObserver, installed.observer)
     return installed

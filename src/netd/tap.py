@@ -119,12 +119,20 @@ class _Root(MultiService):
         signal.signal(signal.SIGUSR1, reopen_log)
 
     def _rotate_log(self) -> None:
+        """
+        SIGUSR1: when logrotate has moved the file away, open a new one by its
+        name (writing on would go to the moved file); otherwise move it to
+        FILE.1 (older ones to .2, .3, ...) and start a new one, as twistd does.
+        """
         if self.log_output is None:
             return
         sink = self.log_output.sink
         if isinstance(sink.output, LogFile):
             sink.flush()
-            sink.output.rotate()
+            if os.path.exists(sink.output.path):
+                sink.output.rotate()
+            else:
+                sink.output.reopen()
 
 
 class _ParentNotice:

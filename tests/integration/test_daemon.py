@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from netd.testing import NetdProcess, StartFailed, twistd_command
@@ -487,10 +488,52 @@ def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
         process.send_signal(signal.SIGUSR1)
         wait_until((tmp_path / "rotated.log.1").exists, "log rotated on SIGUSR1", timeout=10)
         assert "listening on" in (tmp_path / "rotated.log.1").read_text()
+        # As logrotate does it: the file moved away, then SIGUSR1 to open a new one.
+        logged.rename(tmp_path / "moved.log")
+        process.send_signal(signal.SIGUSR1)
+        wait_until(logged.exists, "log reopened on SIGUSR1", timeout=10)
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
     assert "netd stopped" in logged.read_text()
+    assert "netd stopped" not in (tmp_path / "moved.log").read_text()
+    assert not (tmp_path / "rotated.log.2").exists()
+
+
+def test_the_log_file_does_not_rotate_by_size(tmp_path: Path) -> None:
+    """Twisted's LogFile would start another file every megabyte; netd's waits for SIGUSR1."""
+    config = tmp_path / "netd.yaml"
+    config.write_text(
+        "services:\n  web:\n    type: http\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+        "    access_log: true\n    routes: [{path: /, body: hi}]\n"
+    )
+    logged = tmp_path / "netd.log"
+    process = subprocess.Popen(
+        [
+            *twistd_command(),
+            "-n",
+            "--pidfile=",
+            f"--logfile={logged}",
+            "netd",
+            "-c",
+            str(config),
+            "--ports-file",
+            str(tmp_path / "ports.json"),
+        ],
+        cwd=tmp_path,
+    )
+    try:
+        wait_until((tmp_path / "ports.json").exists, "ports file", process=process)
+        port = json.loads((tmp_path / "ports.json").read_text())["services"]["web"]["listeners"]
+        url = f"http://127.0.0.1:{port[0]['port']}/?{'x' * 4000}"
+        with httpx.Client(timeout=10) as client:
+            for _ in range(400):  # 400 access lines of 4 KB: 1.6 MB
+                assert client.get(url).status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    assert logged.stat().st_size > 1_500_000
+    assert not (tmp_path / "netd.log.1").exists()
 
 
 def test_reload_applies_a_changed_log_section(start_netd: StartNetd) -> None:
