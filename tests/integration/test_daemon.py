@@ -465,10 +465,9 @@ def test_daemonized_twistd_reports_start_and_failure(tmp_path: Path) -> None:
     assert "service e: cannot listen on" in (tmp_path / "netd.log").read_text()
 
 
-def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
-    config = tmp_path / "netd.yaml"
-    config.write_text(SIMPLE)
-    logged = tmp_path / "rotated.log"
+def _logging_to(tmp_path: Path, config: str, logged: Path) -> subprocess.Popen[bytes]:
+    """twistd netd on C{config}, logging to the file C{logged}; ready when this returns."""
+    (tmp_path / "netd.yaml").write_text(config)
     process = subprocess.Popen(
         [
             *twistd_command(),
@@ -477,14 +476,20 @@ def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
             f"--logfile={logged}",
             "netd",
             "-c",
-            str(config),
+            str(tmp_path / "netd.yaml"),
             "--ports-file",
             str(tmp_path / "ports.json"),
         ],
         cwd=tmp_path,
     )
+    wait_until((tmp_path / "ports.json").exists, "ports file", process=process)
+    return process
+
+
+def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
+    logged = tmp_path / "rotated.log"
+    process = _logging_to(tmp_path, SIMPLE, logged)
     try:
-        wait_until((tmp_path / "ports.json").exists, "ports file", process=process)
         process.send_signal(signal.SIGUSR1)
         wait_until((tmp_path / "rotated.log.1").exists, "log rotated on SIGUSR1", timeout=10)
         assert "listening on" in (tmp_path / "rotated.log.1").read_text()
@@ -502,28 +507,13 @@ def test_sigusr1_rotates_the_log_file(tmp_path: Path) -> None:
 
 def test_the_log_file_does_not_rotate_by_size(tmp_path: Path) -> None:
     """Twisted's LogFile would start another file every megabyte; netd's waits for SIGUSR1."""
-    config = tmp_path / "netd.yaml"
-    config.write_text(
+    config = (
         "services:\n  web:\n    type: http\n    listen: ['tcp:0:interface=127.0.0.1']\n"
         "    access_log: true\n    routes: [{path: /, body: hi}]\n"
     )
     logged = tmp_path / "netd.log"
-    process = subprocess.Popen(
-        [
-            *twistd_command(),
-            "-n",
-            "--pidfile=",
-            f"--logfile={logged}",
-            "netd",
-            "-c",
-            str(config),
-            "--ports-file",
-            str(tmp_path / "ports.json"),
-        ],
-        cwd=tmp_path,
-    )
+    process = _logging_to(tmp_path, config, logged)
     try:
-        wait_until((tmp_path / "ports.json").exists, "ports file", process=process)
         port = json.loads((tmp_path / "ports.json").read_text())["services"]["web"]["listeners"]
         url = f"http://127.0.0.1:{port[0]['port']}/?{'x' * 4000}"
         with httpx.Client(timeout=10) as client:
