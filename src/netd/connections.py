@@ -16,6 +16,8 @@ pays one empty-tuple test per connection.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import socket
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ from ipaddress import IPv4Address, IPv6Network
 from typing import Any, ClassVar
 
 import attrs
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import (
     IAddress,
@@ -101,6 +103,39 @@ def unsent_bytes(transport: Any) -> int:
         total += buffered_bytes(transport)
         transport = own_attribute(transport, "transport", None)
     return total
+
+
+_TRY_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
+
+
+def read_into(connection: tcp.Connection, buffer: memoryview) -> int | BaseException | None:
+    """
+    One read of C{connection}'s socket into C{buffer}, for a kind that takes
+    over Twisted's C{doRead} to pass bytes on without making a bytes object for
+    each read (Twisted's reads allocate 64 KiB each): how many bytes came, or
+    what C{doRead} returns when none did (None: nothing yet; C{CONNECTION_DONE}
+    at the end; C{CONNECTION_LOST} on an error).
+    """
+    try:
+        size = connection.socket.recv_into(buffer)
+    except OSError as e:
+        return None if e.errno in _TRY_AGAIN else main.CONNECTION_LOST
+    return size if size else main.CONNECTION_DONE
+
+
+def send_now(connection: tcp.Connection, data: bytes | memoryview) -> None:
+    """
+    Send C{data} on C{connection}'s socket at once when nothing is queued ahead
+    (L{may_send_now}); what the socket does not take, or all of it otherwise,
+    goes to Twisted's buffer, copied out of a shared read buffer.
+    """
+    sent = 0
+    if may_send_now(connection):
+        # A lost connection sends nothing here: the buffered write lets doWrite see it.
+        with contextlib.suppress(OSError):
+            sent = connection.socket.send(data)
+    if sent < len(data):
+        connection.write(bytes(data[sent:]))
 
 
 def _no_delay(transport: Any) -> None:

@@ -21,16 +21,13 @@ that much per direction, whatever the two peers do.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import inspect
 import socket
 import struct
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet import main, tcp
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IPushProducer
@@ -38,8 +35,8 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.compat import may_send_now
-from netd.connections import TrackedConnection
+from netd.compat import own_attribute
+from netd.connections import TrackedConnection, read_into, send_now
 from netd.services.proxy.toxics import ToxicState
 
 if TYPE_CHECKING:
@@ -62,7 +59,6 @@ READ_SIZE = (1 << 17) - 4096
 # Bytes a direction between two plain sockets reads at once, into the proxy's
 # one buffer (L{Direction.read_through}): no allocation, so no such limit.
 RELAY_READ_SIZE = 1 << 18
-_TRY_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 def socket_of(transport: Any) -> tcp.Connection | None:
@@ -71,7 +67,7 @@ def socket_of(transport: Any) -> tcp.Connection | None:
     for _ in range(4):  # netd's wrapper, TLS, the socket: never deeper
         if isinstance(layer, tcp.Connection):
             return layer
-        layer = inspect.getattr_static(layer, "transport", None)
+        layer = own_attribute(layer, "transport", None)
     return None
 
 
@@ -99,26 +95,10 @@ def plain_socket(transport: Any) -> tcp.Connection | None:
     """The TCP (or UNIX) socket right under C{transport} (netd's wrapper at most), not TLS."""
     layer = transport
     if isinstance(layer, TrackedConnection):
-        layer = inspect.getattr_static(layer, "transport", None)
+        layer = own_attribute(layer, "transport", None)
     if isinstance(layer, tcp.Connection) and not layer.TLS:
         return layer
     return None
-
-
-def send_now(connection: tcp.Connection, data: bytes) -> None:
-    """
-    Write to a bare socket as netd's wrapper does (L{TrackedConnection.write}):
-    at once when nothing is queued ahead.  Twisted's own C{write} only buffers,
-    and the bytes leave on the reactor's next turn after two epoll_ctl calls.
-    """
-    if may_send_now(connection):
-        sent = connection.writeSomeData(data)
-        if isinstance(sent, int):
-            if sent == len(data):
-                return
-            data = data[sent:]
-        # else the connection is lost: the buffered write lets doWrite see it
-    connection.write(data)
 
 
 def reset(transport: Any) -> None:
@@ -141,7 +121,7 @@ def can_half_close(transport: Any) -> bool:
             return True
         if not isinstance(layer, TrackedConnection):
             return False
-        layer = inspect.getattr_static(layer, "transport", None)
+        layer = own_attribute(layer, "transport", None)
     return False
 
 
@@ -223,12 +203,9 @@ class Direction:
         """
         reading, writing = self._reading, self._writing
         view = self.relay.proxy.read_buffer
-        try:
-            size = reading.socket.recv_into(view)
-        except OSError as e:
-            return None if e.errno in _TRY_AGAIN else main.CONNECTION_LOST
-        if not size:
-            return main.CONNECTION_DONE
+        size = read_into(reading, view)
+        if not isinstance(size, int):
+            return size
         chunk = view[:size]
         if (
             self.ended
@@ -244,13 +221,7 @@ class Direction:
             self.source.bytes_in += size
         if self.sink is not writing:
             self.sink.bytes_out += size
-        sent = 0
-        # A full buffer, or a lost connection (doWrite sees which): the rest is buffered.
-        if may_send_now(writing):
-            with contextlib.suppress(OSError):
-                sent = writing.socket.send(chunk)
-        if sent < size:
-            writing.write(bytes(chunk[sent:]))
+        send_now(writing, chunk)
         return None
 
     def feed(self, data: bytes) -> None:

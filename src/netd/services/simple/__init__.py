@@ -5,8 +5,6 @@ quote of the day (865) and daytime (867), over streams and datagrams.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
 import itertools
 import time
@@ -14,14 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import main, tcp
+from twisted.internet import tcp
 from twisted.internet.interfaces import IProtocolFactory, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
-from netd.compat import may_send_now
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
-from netd.connections import TrackedConnection
+from netd.connections import TrackedConnection, read_into, send_now
 from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 from netd.schema import Section
@@ -42,9 +39,6 @@ def _stream(protocol: type[Protocol]) -> Callable[[ListenerConfig], IProtocolFac
     factory = Factory.forProtocol(protocol)
     factory.noisy = False
     return lambda listener: factory
-
-
-_TRY_AGAIN = (errno.EAGAIN, errno.EWOULDBLOCK)
 
 
 class Echo(Protocol):
@@ -87,25 +81,16 @@ def _echo_straight(
     takes at once (Twisted's own reads allocate 64 KiB each and its writes wait
     for the next reactor turn).  Returns what C{doRead} returns.
     """
-    try:
-        size = connection.socket.recv_into(buffer)
-    except OSError as e:
-        return None if e.errno in _TRY_AGAIN else main.CONNECTION_LOST
-    if not size:
-        return main.CONNECTION_DONE
+    size = read_into(connection, buffer)
+    if not isinstance(size, int):
+        return size
     chunk = buffer[:size]
     if tracked.shaper is not None:
         tracked.dataReceived(bytes(chunk))  # a rule paces or cuts the writes: through it
         return None
     tracked.bytes_in += size
     tracked.bytes_out += size
-    sent = 0
-    if may_send_now(connection):
-        # A lost connection sends nothing here: the buffered write lets doWrite see it.
-        with contextlib.suppress(OSError):
-            sent = connection.socket.send(chunk)
-    if sent < size:
-        connection.write(bytes(chunk[sent:]))
+    send_now(connection, chunk)
     return None
 
 
