@@ -149,7 +149,9 @@ def _no_delay(transport: Any) -> None:
     get_handle = getattr(transport, "getHandle", None)
     handle = get_handle() if get_handle is not None else None
     if isinstance(handle, socket.socket) and handle.family in (socket.AF_INET, socket.AF_INET6):
-        handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # A connection the client already reset may refuse it: nothing then to hurry.
+        with contextlib.suppress(OSError):
+            handle.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 @implementer(IHalfCloseableProtocol)
