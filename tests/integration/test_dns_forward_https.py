@@ -15,7 +15,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.conftest import StartNetd
-from tests.integration.test_dns_forward_tls import ask
+from tests.integration.test_dns_forward_tls import ask, start_resolver
 
 pytestmark = pytest.mark.integration
 
@@ -91,16 +91,13 @@ def test_a_certificate_not_for_the_server_name_is_servfail(
 ) -> None:
     ca = upstream_netd.ca_file("upstream")
     url = f"https://127.0.0.1:{doh_port(upstream_netd)}/dns-query"
-    resolver = start_netd(
+    resolver = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    forward: [{{address: "{url}", ca: {ca}, server_name: other.test}}]
-    forward_zones:
-      up.test: ["{url}"]       # the system store knows no lab CA
-"""
+forward: [{{address: "{url}", ca: {ca}, server_name: other.test}}]
+forward_zones:
+  up.test: ["{url}"]       # the system store knows no lab CA
+""",
     )
     assert ask(resolver, "www.elsewhere.test").rcode() == dns.rcode.SERVFAIL
     assert ask(resolver, "www.up.test").rcode() == dns.rcode.SERVFAIL
@@ -113,17 +110,14 @@ def test_an_upstream_that_is_not_doh_fails_over_to_the_next(
 ) -> None:
     ca = upstream_netd.ca_file("upstream")
     port = doh_port(upstream_netd)
-    resolver = start_netd(
+    resolver = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    forward:
-      upstreams:
-        - {{address: "https://127.0.0.1:{port}/elsewhere", ca: {ca}, server_name: doh.up.test}}
-        - {{address: "https://127.0.0.1:{port}/dns-query", ca: {ca}, server_name: doh.up.test}}
-"""
+forward:
+  upstreams:
+    - {{address: "https://127.0.0.1:{port}/elsewhere", ca: {ca}, server_name: doh.up.test}}
+    - {{address: "https://127.0.0.1:{port}/dns-query", ca: {ca}, server_name: doh.up.test}}
+""",
     )
     reply = ask(resolver, "www.up.test")
     assert [str(r) for r in reply.answer] == ["www.up.test. 60 IN A 10.8.0.1"]

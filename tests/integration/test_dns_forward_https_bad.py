@@ -21,6 +21,7 @@ import pytest
 from netd.tls import ensure_self_signed
 from tests.conftest import StartNetd
 from tests.fakes.upstreams import QuietHandler
+from tests.integration.test_dns_forward_tls import start_resolver
 
 pytestmark = pytest.mark.integration
 
@@ -78,22 +79,18 @@ def test_wrong_answers_from_doh_upstreams_count_as_failures(
     port, ca, asked = bad_doh
     paths = ["/wrong-type", "/huge", "/other-question", "/error", "/dns-query"]
     upstreams = "\n".join(
-        f'        - {{address: "https://127.0.0.1:{port}{path}", ca: {ca}, '
-        "server_name: doh.bad.test}"
+        f'    - {{address: "https://127.0.0.1:{port}{path}", ca: {ca}, server_name: doh.bad.test}}'
         for path in paths
     )
-    resolver = start_netd(
+    resolver = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    cache: {{size: 0}}
-    forward:
-      upstreams:
+cache: {{size: 0}}
+forward:
+  upstreams:
 {upstreams}
-      timeout: 5
-"""
+  timeout: 5
+""",
     )
     for name in ("www.bad.test", "again.bad.test"):
         query = dns.message.make_query(name, "A")

@@ -6,6 +6,7 @@ forward_zones sending one suffix to its own upstreams (split horizon).
 from __future__ import annotations
 
 import ssl
+import textwrap
 from pathlib import Path
 
 import dns.flags
@@ -19,6 +20,14 @@ from tests.conftest import StartNetd
 from tests.integration.test_dns import Upstream
 
 LOCAL = "127.0.0.1"
+
+
+def start_resolver(start_netd: StartNetd, settings: str) -> NetdProcess:
+    """A netd whose dns service C{resolver} listens on UDP with C{settings} (its YAML keys)."""
+    return start_netd(
+        'services:\n  resolver:\n    type: dns\n    listen: ["udp:0:interface=127.0.0.1"]\n'
+        + textwrap.indent(settings.lstrip("\n"), "    ")
+    )
 
 
 def ask(netd: NetdProcess, name: str, rdtype: str = "A") -> dns.message.Message:
@@ -52,17 +61,14 @@ def test_forwarding_over_tls_verified_against_the_upstreams_ca(
 ) -> None:
     ca = upstream_netd.ca_file("upstream")
     address = f"tls://127.0.0.1:{dot_port(upstream_netd)}"
-    resolver = start_netd(
+    resolver = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    forward:
-      upstreams:
-        - {{address: "{address}", ca: {ca}, server_name: dot.up.test}}
-      timeout: 5
-"""
+forward:
+  upstreams:
+    - {{address: "{address}", ca: {ca}, server_name: dot.up.test}}
+  timeout: 5
+""",
     )
     reply = ask(resolver, "www.up.test")
     assert [str(r) for r in reply.answer] == ["www.up.test. 60 IN A 10.8.0.1"]
@@ -76,16 +82,13 @@ def test_a_certificate_not_for_the_server_name_or_ca_is_servfail(
 ) -> None:
     ca = upstream_netd.ca_file("upstream")
     port = dot_port(upstream_netd)
-    resolver = start_netd(
+    resolver = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    forward: [{{address: "tls://127.0.0.1:{port}", ca: {ca}, server_name: other.test}}]
-    forward_zones:
-      up.test: ["tls://127.0.0.1:{port}"]       # the system store knows no lab CA
-"""
+forward: [{{address: "tls://127.0.0.1:{port}", ca: {ca}, server_name: other.test}}]
+forward_zones:
+  up.test: ["tls://127.0.0.1:{port}"]       # the system store knows no lab CA
+""",
     )
     assert ask(resolver, "www.up.test").rcode() == dns.rcode.SERVFAIL
     assert ask(resolver, "www.elsewhere.test").rcode() == dns.rcode.SERVFAIL
@@ -160,14 +163,11 @@ services:
     assert "a.fwd.test. 300 IN A 10.0.0.7\n" in text
     assert len([line for line in text.splitlines() if line.startswith("big.fwd.test.")]) == 40
     assert "nx.fwd.test" not in text
-    replay = start_netd(
+    replay = start_resolver(
+        start_netd,
         f"""
-services:
-  resolver:
-    type: dns
-    listen: ["udp:0:interface=127.0.0.1"]
-    zone_files: [{recording}]
-"""
+zone_files: [{recording}]
+""",
     )
     # No forward at all: the same names answer the same, now authoritatively.
     for name, answer in seen.items():
