@@ -196,6 +196,18 @@ def test_sendfile_sends_what_was_buffered_then_the_whole_file(
     assert pair.raw.producer is None
 
 
+def test_the_cork_is_lifted_once_the_file_has_started(pair: Pair, source: io.FileIO) -> None:
+    # Corked for the whole file, the kernel held each call's last partial
+    # segment back: a 1 GiB download ran at half the rate.
+    pair.raw.write(b"head\r\n")
+    sending = send_file(pair.raw, source)
+    assert pair.corked()
+    pair.raw.doWrite()  # the head, then the file's first chunk
+    assert pair.raw.producer is not None  # more of the file is still to come
+    assert not pair.corked()
+    pair.run(sending)
+
+
 def test_sendfile_sends_a_range(pair: Pair, source: io.FileIO) -> None:
     sending = send_file(pair.raw, source, SENDFILE_CHUNK - 3, SENDFILE_CHUNK + 10)
     seen = outcome(sending)
