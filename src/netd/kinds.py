@@ -189,14 +189,17 @@ class Handlers:
     @ivar views: per-service admin views by name (C{requests}, C{messages}, ...);
         the core adds C{rules} (over L{BuildContext.rules}) unless the kind serves it.
     @ivar keep: for a kind whose views' writes change what it answers (http's
-        routes), run in C{workers} (L{netd.workers}): the main process's build,
-        which never serves, keeps those writes.  Each write to one of the
-        kind's views reaches it before the workers (its refusal is the
-        answer); this, called as the workers start, writes what it holds to
-        L{BuildContext.carried}, and each worker is built from C{carried} as a
-        rebuilt service is.  The views' list entries are then one an C{id},
-        their C{matched} summed over the live workers.  L{None}: a worker
-        started later starts from the map.
+        routes, dns's live records), run in C{workers} (L{netd.workers}): the
+        main process's build, which never serves, keeps the writes to the
+        views named in C{kept_views}.  Each such write reaches it before the
+        workers (its refusal is the answer); this, called as the workers
+        start, writes what it holds to L{BuildContext.carried}, and each
+        worker is built from C{carried} as a rebuilt service is.  Those views
+        list what the main process holds, an entry's C{matched} (with an
+        C{id}) summed over the live workers.  L{None}: a worker started later
+        starts from the map.
+    @ivar kept_views: the views whose writes C{keep} is for; the others (a
+        query log, say) are each worker's own, and join.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
@@ -206,6 +209,7 @@ class Handlers:
     service: IService | None = None
     views: Mapping[str, AdminView] = attrs.field(factory=dict)
     keep: Callable[[], None] | None = None
+    kept_views: frozenset[str] = frozenset()
 
 
 class HostedService(Protocol):

@@ -15,8 +15,8 @@ and to stop; the worker sends its journal events as they happen and its
 counters when they change, and answers the service's admin views.  A worker
 that dies is started again, sooner the longer it had been up (L{Backoff}).
 What the admin API writes to a kind that keeps it (http's run-time routes,
-L{netd.kinds.Handlers.keep}) the main process holds too, and each worker boots
-with it.
+dns's live records: L{netd.kinds.Handlers.keep}) the main process holds too,
+and each worker boots with it.
 """
 
 from __future__ import annotations
@@ -637,7 +637,7 @@ class WorkerPool(RunningService):
     def _fan_out(self, name: str, view: AdminView) -> AdminView:
         """The view as one: every live worker asked, their answers merged."""
         # The core's rules are not carried: a worker started later has the map's.
-        kept = self.handlers.keep is not None and name != "rules"
+        kept = self.handlers.keep is not None and name in self.handlers.kept_views
 
         def call(action: str, key: str = "", body: Any = None) -> Deferred[list[Any]]:
             asked = [
@@ -671,6 +671,12 @@ class WorkerPool(RunningService):
         def when(present: object, function: Callable[..., Any]) -> Any:
             return function if present is not None else None
 
+        def clear() -> Any:
+            if not kept:
+                return call("clear").addCallback(_merged)
+            # Kept: the main process's answer, as for any write (dns: back to the map).
+            return write("clear", lambda: _must(view.clear)())
+
         def post(body: Any) -> Any:
             return write("post", lambda: _must(view.post)(body), body=body)
 
@@ -683,7 +689,7 @@ class WorkerPool(RunningService):
         return AdminView(
             list=listing,
             item=when(view.item, lambda key: call("item", key).addCallback(first)),
-            clear=when(view.clear, lambda: call("clear").addCallback(_merged)),
+            clear=when(view.clear, clear),
             post=when(view.post, post),
             put=when(view.put, put),
             remove=when(view.remove, remove),

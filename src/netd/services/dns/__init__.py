@@ -80,6 +80,10 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
             ),
             "records": records_view(server.records, options.ttl),
         },
+        # With workers, the main process holds the live records: a worker that
+        # replaces a dead one, or a rebuilt service's, starts with them.
+        keep=server.records.publish,
+        kept_views=frozenset({"records"}),
     )
 
 

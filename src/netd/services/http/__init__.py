@@ -329,6 +329,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         busy_reply=busy_reply(),
         service=_Running(routes, context.carried, proxy),
         keep=partial(routes.keep, context.carried),
+        kept_views=frozenset({"routes"}),
         views={
             "requests": AdminView(
                 list=app.list_requests, clear=app.clear_requests, forget=app.forget_requests
