@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse, _SystemdParser
 from twisted.internet.interfaces import IListeningPort
 
@@ -135,6 +136,10 @@ def buffered_bytes(layer: object) -> int:
     Reads the layer's own attributes only: a ProtocolWrapper answers any other
     name for its transport, which would count that layer twice.
     """
+    if isinstance(layer, FileDescriptor):
+        # A socket (the layer asked about most, at every command of a session)
+        # answers no name for another layer: its attributes are its own.
+        return len(layer.dataBuffer) - layer.offset + layer._tempDataLen
     total = 0
     buffered = own_attribute(layer, "dataBuffer", b"")
     if isinstance(buffered, bytes):
