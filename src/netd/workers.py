@@ -105,7 +105,9 @@ class _BootFailed(Exception):
 
 
 class _Boot(amp.Command):
-    arguments = [(b"spec", _Big())]
+    # The spec is pickled once a pool; what changes from one boot to the next
+    # (what the main process keeps, whether its journal is read) comes apart.
+    arguments = [(b"spec", _Big()), (b"carried", _Big()), (b"journal_active", amp.Boolean())]
     errors = {_BootFailed: b"BOOT_FAILED"}
 
 
@@ -148,7 +150,7 @@ _Write = tuple[str, str, str, bytes]
 
 @attrs.frozen
 class _Spec:
-    """What a worker needs to build its service: sent pickled at boot."""
+    """What a worker needs to build its service, the same for each of a pool's workers."""
 
     service: ServiceConfig
     tls: Mapping[str, TLSProfileConfig]
@@ -156,11 +158,8 @@ class _Spec:
     state_dir: Path
     shutdown_grace: float
     log: LogConfig
-    journal_active: bool
     # (endpoint, family) of each inherited listener, from _FIRST_LISTENER_FD on.
     listeners: tuple[tuple[str, int], ...]
-    # What the main process keeps of the service's run-time state (Handlers.keep).
-    carried: dict[str, Any]
 
 
 # -- the main process's side ---------------------------------------------------------
@@ -439,6 +438,7 @@ class WorkerPool(RunningService):
         self._serving_waiters: list[Callable[[object], None]] = []
         # Kept writes each booting worker has yet to take: it was built before them.
         self._booting: list[list[_Write]] = []
+        self._spec: bytes | None = None
 
     def _listen_one(
         self, listener: ListenerConfig, held: endpoints.HeldSocket | None
@@ -492,17 +492,7 @@ class WorkerPool(RunningService):
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: 2}
         for offset, (_, port) in enumerate(listening):
             child_fds[_FIRST_LISTENER_FD + offset] = _fileno(port)
-        spec = _Spec(
-            service=self.config,
-            tls=self.tls_profiles,
-            base_dir=self.base_dir,
-            state_dir=self.context.state_dir,
-            shutdown_grace=self.shutdown_grace,
-            log=self.log_config,
-            journal_active=self.journal.active,
-            listeners=tuple((endpoint, _family(port)) for endpoint, port in listening),
-            carried=dict(self.context.carried) if self.handlers.keep is not None else {},
-        )
+        spec, carried = self._boot_arguments()
         environment = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY}
         link = _Link(self)
         self.reactor.spawnProcess(
@@ -518,7 +508,9 @@ class WorkerPool(RunningService):
         self._booting.append(missed)
 
         def boot() -> Deferred[_Link]:
-            booting: Deferred[dict[str, Any]] = link.callRemote(_Boot, spec=pickle.dumps(spec))
+            booting: Deferred[dict[str, Any]] = link.callRemote(
+                _Boot, spec=spec, carried=carried, journal_active=self.journal.active
+            )
             caught_up = booting.addCallback(lambda _: self._catch_up(link, missed))
 
             def no_longer_booting(result: object) -> object:
@@ -542,6 +534,30 @@ class WorkerPool(RunningService):
             return serving
 
         return boot()
+
+    def _boot_arguments(self) -> tuple[bytes, bytes]:
+        """
+        The pool's spec, pickled at its first boot only: a map's records or
+        routes can take a third of a second to pickle (200,000 zone records),
+        and a worker replaced in a crash loop would hold the reactor, and every
+        other service, that long each time.  What the main process keeps
+        (L{netd.kinds.Handlers.keep}) is pickled as each worker boots.
+        """
+        if self._spec is None:
+            listening = [(bound.config.endpoint, bound.port) for bound in self.listeners]
+            self._spec = pickle.dumps(
+                _Spec(
+                    service=self.config,
+                    tls=self.tls_profiles,
+                    base_dir=self.base_dir,
+                    state_dir=self.context.state_dir,
+                    shutdown_grace=self.shutdown_grace,
+                    log=self.log_config,
+                    listeners=tuple((endpoint, _family(port)) for endpoint, port in listening),
+                )
+            )
+        kept = dict(self.context.carried) if self.handlers.keep is not None else {}
+        return self._spec, pickle.dumps(kept)
 
     def _catch_up(self, link: _Link, missed: list[_Write]) -> Deferred[None]:
         """Give a booted worker, in their order, the kept writes made while it booted."""
@@ -861,16 +877,19 @@ class _Worker(amp.AMP):
         self.callRemote(_Log, level=level, namespace=namespace, text=text.encode())
 
     @_Boot.responder
-    def boot(self, spec: bytes) -> Deferred[dict[str, Any]]:
-        return maybeDeferred(self._boot, pickle.loads(spec)).addErrback(_boot_failed)
+    def boot(self, spec: bytes, carried: bytes, journal_active: bool) -> Deferred[dict[str, Any]]:
+        booting = maybeDeferred(
+            self._boot, pickle.loads(spec), pickle.loads(carried), journal_active
+        )
+        return booting.addErrback(_boot_failed)
 
     @inlineCallbacks
-    def _boot(self, spec: _Spec) -> Any:
+    def _boot(self, spec: _Spec, carried: dict[str, Any], journal_active: bool) -> Any:
         self.log_observer.least = _LEVELS.index(LogLevel.levelWithName(spec.log.level))
         self.grace = spec.shutdown_grace
         journal = Journal(self.reactor)
         journal.subscribe(self._forward)
-        journal.active = self.journal_active = spec.journal_active
+        journal.active = self.journal_active = journal_active
         service = RunningService(
             spec.service,
             self.reactor,
@@ -878,7 +897,7 @@ class _Worker(amp.AMP):
             journal,
             build_tls(spec.tls, spec.state_dir),
             spec.state_dir,
-            carried=spec.carried,
+            carried=carried,
         )
         held = {
             endpoint: endpoints.HeldSocket(_FIRST_LISTENER_FD + offset, family)

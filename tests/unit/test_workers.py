@@ -6,6 +6,7 @@ driven by a Clock, and for the map's C{workers} key.
 from __future__ import annotations
 
 import os
+import pickle
 import textwrap
 from pathlib import Path
 from typing import Any, cast
@@ -387,3 +388,19 @@ def test_a_booting_worker_takes_the_writes_it_missed_in_order(tmp_path: Path) ->
         ("routes", "remove", "a"),
     ]
     assert list(booting.routes()) == list(links[0].routes()) == ["b", "health"]
+
+
+def test_a_pool_pickles_its_spec_once_and_what_it_keeps_at_each_boot(tmp_path: Path) -> None:
+    # A big map pickles for a third of a second: a worker replaced in a crash
+    # loop must not hold the reactor that long each time.
+    pool, _ = _pool(tmp_path)
+    assert pool.handlers.keep is not None
+    pool.handlers.keep()  # as the pool's start does
+    spec, carried = pool._boot_arguments()
+    assert pickle.loads(spec).service == pool.config
+    _answer(_must(pool.handlers.views["routes"].post)({"id": "x", "path": "/x", "body": "x"}))
+    again, carried_again = pool._boot_arguments()
+    assert again is spec
+    assert (
+        "x" not in str(pickle.loads(carried)) and "x" in pickle.loads(carried_again)["http.routes"]
+    )
