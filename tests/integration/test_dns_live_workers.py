@@ -8,8 +8,6 @@ reaches every worker, those started later included.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +19,7 @@ import dns.rdatatype
 import pytest
 
 from netd.testing import NetdProcess
+from tests.integration.test_http_routes_workers import replace_one, workers_started
 
 RECORDS = "/api/services/dns/records"
 # Queries tried before giving up on seeing every worker answer, and how many at once.
@@ -51,17 +50,6 @@ def netd(tmp_path: Path) -> Any:
     with NetdProcess.start(_map(), tmp_path) as process:
         process.wait_for_count("dns", "worker.started", 2)
         yield process
-
-
-def _started_since(netd: NetdProcess, count: int, since: int) -> set[int]:
-    """The pids of the C{count} workers started after event C{since}."""
-    deadline = time.monotonic() + 30
-    started: list[dict[str, Any]] = []
-    while len(started) < count:
-        assert time.monotonic() < deadline, f"{len(started)} of {count} workers started"
-        last = started[-1]["id"] if started else since
-        started += netd.events("dns", "worker.started", last, wait=5)
-    return {e["worker"] for e in started[:count]}
 
 
 def _every_worker_answers(
@@ -105,14 +93,10 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
 ) -> None:
     _send(netd, "PUT", "/new.live.test/A", {"values": ["10.0.0.9"]})
     _send(netd, "PUT", "/www.live.test/A", {"values": ["10.0.0.2"]})
-    workers = _started_since(netd, 2, 0)
+    workers = workers_started(netd, "dns", 2, 0)
     _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
 
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
-    exited = netd.wait_for("dns", "worker.exited", worker=victim)
-    [replacement] = _started_since(netd, 1, exited["id"])
-    workers = (workers - {victim}) | {replacement}
+    workers = replace_one(netd, "dns", workers)
     _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
     _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.2"])
     # The view lists what the main process holds: each set once.
@@ -124,16 +108,12 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
 
     last = netd.events()[-1]["id"]
     assert netd.reload(_map(ttl=30))["restarted"] == ["dns"]
-    workers = _started_since(netd, 2, last)
+    workers = workers_started(netd, "dns", 2, last)
     _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
 
     # Back to the map: every worker, and one started after, answers from it.
     assert _send(netd, "DELETE", "")["reverted"] >= 2
     _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
-    exited = netd.wait_for("dns", "worker.exited", worker=victim)
-    [replacement] = _started_since(netd, 1, exited["id"])
-    workers = (workers - {victim}) | {replacement}
+    workers = replace_one(netd, "dns", workers)
     _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
     _every_worker_answers(netd, workers, "new.live.test", [])

@@ -53,15 +53,24 @@ def _post(netd: NetdProcess, **route: Any) -> dict[str, Any]:
     return added
 
 
-def _wait_workers(netd: NetdProcess, count: int, since: int) -> set[int]:
-    """The pids of the C{count} workers started after event C{since}, once all serve."""
+def workers_started(netd: NetdProcess, service: str, count: int, since: int) -> set[int]:
+    """The pids of the C{count} workers of C{service} started after event C{since}."""
     deadline = time.monotonic() + 30
     started: list[dict[str, Any]] = []
     while len(started) < count:
         assert time.monotonic() < deadline, f"{len(started)} of {count} workers started"
         last = started[-1]["id"] if started else since
-        started += netd.events("web", "worker.started", last, wait=5)
+        started += netd.events(service, "worker.started", last, wait=5)
     return {e["worker"] for e in started[:count]}
+
+
+def replace_one(netd: NetdProcess, service: str, workers: set[int]) -> set[int]:
+    """Kill one of C{workers} (-9); the workers once its replacement serves."""
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    exited = netd.wait_for(service, "worker.exited", worker=victim)
+    [replacement] = workers_started(netd, service, 1, exited["id"])
+    return (workers - {victim}) | {replacement}
 
 
 def _every_worker_answers(
@@ -112,14 +121,10 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_run_time_routes(
     hello = _post(netd, path="/hello", json={"hi": 1})  # the main process gives the id
     _post(netd, id="first", path="/order", body="first\n")
     _post(netd, id="second", path="/order", body="second\n")
-    workers = _wait_workers(netd, 2, 0)
+    workers = workers_started(netd, "web", 2, 0)
     _every_worker_answers(netd, workers, "/hello", _from_the_routes)
 
-    victim = min(workers)
-    os.kill(victim, signal.SIGKILL)
-    exited = netd.wait_for("web", "worker.exited", worker=victim)
-    [replacement] = _wait_workers(netd, 1, exited["id"])
-    workers = (workers - {victim}) | {replacement}
+    workers = replace_one(netd, "web", workers)
     asked = _every_worker_answers(netd, workers, "/hello", _from_the_routes)
     _every_worker_answers(netd, workers, "/order", _latest_first)
 
@@ -135,7 +140,7 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_run_time_routes(
 
     last = netd.events()[-1]["id"]
     assert netd.reload(_map("two"))["restarted"] == ["web"]
-    workers = _wait_workers(netd, 2, last)
+    workers = workers_started(netd, "web", 2, last)
     _every_worker_answers(netd, workers, "/hello", _from_the_routes)
     _every_worker_answers(netd, workers, "/order", _latest_first)
     assert httpx.get(netd.url("web", path="/body"), timeout=10).text == "two"
@@ -154,7 +159,7 @@ def test_routes_come_along_into_workers_and_out_and_bad_writes_change_nothing(
     with NetdProcess.start(_map(workers=0), tmp_path) as netd:
         _post(netd, id="hello", path="/hello", json={"hi": 1})
         assert netd.reload(_map(workers=2))["restarted"] == ["web"]
-        workers = _wait_workers(netd, 2, 0)
+        workers = workers_started(netd, "web", 2, 0)
         _every_worker_answers(netd, workers, "/hello", _from_the_routes)
 
         refused_posts: list[tuple[dict[str, Any], int]] = [
