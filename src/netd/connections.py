@@ -383,6 +383,12 @@ class ConnectionSet:
 
     @ivar max_per_client: connections one client may hold at once; 0, no limit.
     @ivar per_client_reply: what refuses a client over it; the busy reply if None.
+    @ivar evict_silent: at C{max_connections}, a new connection takes the place
+        of the oldest one that has sent nothing yet (cut), rather than being
+        refused while such a one waits for its deadline: for a listener whose
+        clients always speak first and come back often (the admin API), where
+        a few dozen idle connections would otherwise lock out everyone else
+        for their whole header deadline.
     """
 
     _sweeps_per_timeout: ClassVar[int] = 4
@@ -397,6 +403,7 @@ class ConnectionSet:
     max_per_client: int = 0
     per_client_reply: bytes | None = None
     rules: RuleSet | None = None
+    evict_silent: bool = False
     _live: dict[TrackedConnection, None] = attrs.field(init=False, factory=dict)
     _per_client: dict[IPv4Address | IPv6Network, int] = attrs.field(init=False, factory=dict)
     _sweep: IDelayedCall | None = attrs.field(init=False, default=None)
@@ -418,7 +425,7 @@ class ConnectionSet:
         The reply that refuses a new connection from C{addr} (counted as
         C{client}), journaled and counted; L{None} if it may come in.
         """
-        if len(self._live) >= self.max_connections:
+        if len(self._live) >= self.max_connections and not self._evicted_silent():
             self.stats.connections_refused += 1
             reason, reply = "max_connections", self.busy_reply
         elif client is not None and self._per_client.get(client, 0) >= self.max_per_client:
@@ -431,6 +438,26 @@ class ConnectionSet:
             self.service, "connection.refused", client=describe_address(addr), reason=reason
         )
         return reply
+
+    def _evicted_silent(self) -> bool:
+        """Whether the oldest connection that has sent nothing was cut to make room."""
+        if not self.evict_silent:
+            return False
+        # Oldest first: the live connections are kept in the order they came.
+        silent = next((c for c in self._live if c.bytes_in == 0), None)
+        if silent is None:
+            return False
+        self.stats.count("silent_evicted")
+        self.journal.emit(
+            self.service,
+            "connection.evicted",
+            client=silent.client,
+            connection=silent.connection_id,
+        )
+        # Out of the count now: its close comes in a later turn of the reactor.
+        self.forget(silent)
+        silent.transport.abortConnection()
+        return True
 
     def add(self, connection: TrackedConnection) -> None:
         self._live[connection] = None

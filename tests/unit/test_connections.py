@@ -135,6 +135,7 @@ def harness(
     protocol: type[Recorder] = Recorder,
     max_per_client: int = 0,
     per_client_reply: bytes | None = None,
+    evict_silent: bool = False,
 ) -> Harness:
     clock = Clock()
     stats = ServiceStats()
@@ -149,6 +150,7 @@ def harness(
         busy_reply=busy_reply,
         max_per_client=max_per_client,
         per_client_reply=per_client_reply,
+        evict_silent=evict_silent,
     )
     wrapped = CountingFactory(protocol)
     return Harness(
@@ -187,6 +189,29 @@ def test_refusal_without_a_reply_just_closes() -> None:
     _, transport = h.connect()
     assert transport.value() == b""
     assert not transport.connected
+    assert h.stats.connections_refused == 1
+
+
+def test_at_the_limit_a_new_connection_takes_the_place_of_the_oldest_silent_one() -> None:
+    # The admin API's choice: idle connections must not lock everyone else out.
+    h = harness(max_connections=3, busy_reply=b"busy", evict_silent=True)
+    talking, _ = h.connect()
+    talking.dataReceived(b"GET / HTTP/1.1\r\n")
+    oldest_silent, oldest_transport = h.connect()
+    _, newer_transport = h.connect()
+    newcomer, _ = h.connect()
+    assert isinstance(newcomer, TrackedConnection)
+    assert oldest_transport.aborted and not newer_transport.aborted
+    assert len(h.connections) == 3 and oldest_silent not in list(h.connections)
+    assert h.stats.counters["silent_evicted"] == 1 and h.stats.connections_refused == 0
+    assert h.events("connection.evicted") == [
+        {"client": oldest_silent.client, "connection": oldest_silent.connection_id}
+    ]
+    # Once every connection has spoken, the next is refused as without the option.
+    for connection in h.connections:
+        connection.dataReceived(b"x")
+    refused, transport = h.connect()
+    assert not isinstance(refused, TrackedConnection) and transport.value() == b"busy"
     assert h.stats.connections_refused == 1
 
 
