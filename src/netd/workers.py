@@ -120,11 +120,13 @@ class _Stop(amp.Command):
 
 
 class _CallView(amp.Command):
+    # kept: a write the main process took first (Handlers.keep) and journaled.
     arguments = [
         (b"view", amp.Unicode()),
         (b"action", amp.Unicode()),
         (b"key", amp.Unicode()),
         (b"body", _Big()),
+        (b"kept", amp.Boolean()),
     ]
     response = [(b"outcome", _Big())]
 
@@ -565,7 +567,7 @@ class WorkerPool(RunningService):
             return succeed(None)
         view, action, key, body = missed.pop(0)
         told: Deferred[Any] = link.callRemote(
-            _CallView, view=view, action=action, key=key, body=body
+            _CallView, view=view, action=action, key=key, body=body, kept=True
         )
         caught_up: Deferred[None] = told.addCallback(lambda _: self._catch_up(link, missed))
         return caught_up
@@ -663,6 +665,7 @@ class WorkerPool(RunningService):
                     action=action,
                     key=key,
                     body=json.dumps(body).encode(),
+                    kept=kept and action not in ("list", "item"),
                 ).addCallback(lambda answer: _outcome(answer["outcome"]))
                 for link in self._links()
             ]
@@ -858,6 +861,7 @@ class _Worker(amp.AMP):
         self.service: RunningService | None = None
         self.grace = 0.0
         self.journal_active = False
+        self.repeating = False
         self.stopped: Deferred[None] | None = None
         self.last_report: dict[str, Any] | None = None
         self.reporting = LoopingCall(self._report)
@@ -921,7 +925,7 @@ class _Worker(amp.AMP):
     def _forward(self, event: Any) -> None:
         # Nobody reads the main process's journal (no admin API, no event
         # log), or the main process is gone and this worker is finishing.
-        if not self.journal_active or not self.channel_open:
+        if not self.journal_active or not self.channel_open or self.repeating:
             return
         fields = {"service": event.service, "type": event.type, **event.fields}
         self.callRemote(_Emit, event=json.dumps(fields, default=str).encode())
@@ -985,7 +989,9 @@ class _Worker(amp.AMP):
             self.reactor.stop()
 
     @_CallView.responder
-    def call_view(self, view: str, action: str, key: str, body: bytes) -> Deferred[dict[str, Any]]:
+    def call_view(
+        self, view: str, action: str, key: str, body: bytes, kept: bool
+    ) -> Deferred[dict[str, Any]]:
         assert self.service is not None
         found = self.service.handlers.views[view]
         argument = json.loads(body)
@@ -999,7 +1005,14 @@ class _Worker(amp.AMP):
             "act": lambda: _must(found.act)(key, argument),
             "forget": lambda: _must(found.forget)(key),
         }
-        return maybeDeferred(calls[action]).addCallbacks(_encode_value, _encode_refusal)
+        # The main process journaled a kept write when it took it: the events
+        # this worker's copy of it makes would repeat that once a worker.
+        self.repeating = kept
+        try:
+            done = maybeDeferred(calls[action])
+        finally:
+            self.repeating = False
+        return done.addCallbacks(_encode_value, _encode_refusal)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         super().connectionLost(reason)

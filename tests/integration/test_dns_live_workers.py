@@ -95,6 +95,11 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
     _send(netd, "PUT", "/www.live.test/A", {"values": ["10.0.0.2"]})
     workers = workers_started(netd, "dns", 2, 0)
     _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
+    # Journaled once, by the main process: each worker's copy of the write is
+    # quiet. Every worker's queries since are in the journal, so its events
+    # about the write, sent before them on the same channel, would be too.
+    journaled = [e for e in netd.events("dns", "record") if e["name"] == "new.live.test"]
+    assert [e.get("worker") for e in journaled] == [None]
 
     workers = replace_one(netd, "dns", workers)
     _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
