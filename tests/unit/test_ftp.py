@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 
 from netd.events import ServiceStats
 from netd.services.ftp import Options
-from netd.services.ftp.data import LineEnds
+from netd.services.ftp.data import LineEnds, PassivePort
 from netd.services.ftp.files import (
     FACTS,
     UPLOAD_PREFIX,
@@ -461,6 +461,7 @@ def test_mistakes_after_login_get_their_reply(tmp_path: Path) -> None:
         b"MKD " + b"n" * 300,
         b"RNFR full",
         b"RNTO full/x/y",
+        b"TYPE ",
         b"PWD",
     )
     assert replies == [
@@ -475,6 +476,7 @@ def test_mistakes_after_login_get_their_reply(tmp_path: Path) -> None:
         b"553 Requested action not taken, file name not allowed",
         b"350 Requested file action pending further information.",
         b"550 Requested action not taken: full: cannot be moved into itself",
+        b"501 syntax error in argument(s) TYPE needs a type code.",
         b'257 "/"',
     ]
     assert not (tmp_path / "new").exists()
@@ -802,3 +804,19 @@ def test_a_listing_is_a_transfer_cut_when_it_stalls(tmp_path: Path) -> None:
         ("listing", True),
         ("listing", False),
     ]
+
+
+def test_a_passive_port_ignores_a_stale_write_event() -> None:
+    # The epoll reactor dispatches the events of one poll in turn: a writer that
+    # closed earlier in the batch frees its descriptor, a PASV in the same batch
+    # takes the number, and the writer's event then reaches the passive port.
+    from twisted.internet.epollreactor import EPollReactor
+
+    reactor = EPollReactor()
+    port = PassivePort(reactor, 0, None, "127.0.0.1")
+    try:
+        reactor._doReadOrWrite(port, port.fileno(), reactor._POLL_OUT)
+        assert port.socket is not None and port in reactor.getReaders()
+    finally:
+        port.stopListening()
+        reactor._poller.close()

@@ -117,6 +117,15 @@ class PassivePort:
             connection.setblocking(False)
             self.reactor.adoptStreamConnection(connection.fileno(), self.family, self.factory)
 
+    def doWrite(self) -> None:
+        """
+        Nothing to write: a stale event.  A connection registered for writing
+        that closed earlier in the same turn of the reactor frees its
+        descriptor; a PASV answered in that turn may take the number, and the
+        write event already polled for it then reaches this port (the fuzz of
+        `make stress` hit it: the port was dropped, its client got 425).
+        """
+
     def connectionLost(self, reason: Failure) -> None:
         self.stopListening()
 

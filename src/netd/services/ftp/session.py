@@ -402,7 +402,7 @@ class Session(ftp.FTP):
         arguments = (argument,) if _ else ()
         done = maybeDeferred(self.processCommand, command, *arguments)
         done.addCallbacks(self._answer, self._failed, errbackArgs=(command,))
-        done.addErrback(lambda f: _log.failure("FTP command failed", f))
+        done.addErrback(lambda f: _log.failure("FTP command {line!r} failed", f, line=text))
         # Not done.called: a Deferred that fired but waits on another (a login
         # check answered at once, then held back by the failed-login delay) is
         # "called" too, and the next lines would run before its answer.
@@ -714,6 +714,13 @@ class Session(ftp.FTP):
             self.data = None
             self.server.stats.count("passive_exhausted")
             raise
+
+    def ftp_TYPE(self, type: str) -> Any:
+        if not type.strip():
+            # Twisted answers an empty type with a 500 whose text it forgets to
+            # fill in (a TypeError, no reply at all: found by make stress's fuzz).
+            return (ftp.SYNTAX_ERR_IN_ARGS, "TYPE needs a type code")
+        return super().ftp_TYPE(type)
 
     def ftp_PASV(self) -> Any:
         if self._epsvAll:
