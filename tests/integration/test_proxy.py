@@ -19,6 +19,7 @@ import pytest
 
 from netd.testing import AdminError, NetdProcess
 from tests.conftest import StartNetd, unused_port
+from tests.signals import wait_until
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -459,6 +460,12 @@ def test_toxics_are_rules_on_the_rules_view(netd: NetdProcess) -> None:
         assert (fired["type"], fired["rule"], fired["source"]) == ("toxic.fired", "slow", "api")
         assert fired["acts"] == ["latency"] and fired["fired"] == 1
         assert slow.fired == 1
+        # A toxic applies to the connections open when it comes, as Toxiproxy's do:
+        # the one above must be gone, or a loaded netd counts it for the next too.
+        wait_until(
+            lambda: not netd.services()["echo"]["counters"]["connections_active"],
+            "the first connection closed",
+        )
         # One toxic, two views: the rules view lists it as a rule with its count, and the
         # toxics view (and a toxic added there) the same.
         with netd.toxic("echo", "limit_data", name="cap", stream="upstream", bytes=1 << 20):
