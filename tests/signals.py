@@ -26,12 +26,14 @@ def client_address(sock: socket.socket) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def wait_closed(netd: NetdProcess, service: str, client: str) -> dict[str, Any]:
+def wait_closed(
+    netd: NetdProcess, service: str, client: str, timeout: float = 10.0
+) -> dict[str, Any]:
     """
     netd's C{connection.closed} event for C{client} (see L{client_address}):
     netd has seen the connection go and let go of what it held for it.
     """
-    return netd.wait_for(service, "connection.closed", client=client)
+    return netd.wait_for(service, "connection.closed", timeout, client=client)
 
 
 def wait_until(
