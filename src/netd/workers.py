@@ -546,7 +546,6 @@ class WorkerPool(RunningService):
         (L{netd.kinds.Handlers.keep}) is pickled as each worker boots.
         """
         if self._spec is None:
-            listening = [(bound.config.endpoint, bound.port) for bound in self.listeners]
             self._spec = pickle.dumps(
                 _Spec(
                     service=self.config,
@@ -555,7 +554,9 @@ class WorkerPool(RunningService):
                     state_dir=self.context.state_dir,
                     shutdown_grace=self.shutdown_grace,
                     log=self.log_config,
-                    listeners=tuple((endpoint, _family(port)) for endpoint, port in listening),
+                    listeners=tuple(
+                        (bound.config.endpoint, _family(bound.port)) for bound in self.listeners
+                    ),
                 )
             )
         kept = dict(self.context.carried) if self.handlers.keep is not None else {}
