@@ -5,6 +5,7 @@ virtualenv, and a plugin directory the daemon's user cannot write to.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import site
@@ -100,40 +101,67 @@ def runs_echo(python: Path, workdir: Path) -> None:
     assert "echo (echo)" in check.stdout
 
 
-@pytest.mark.parametrize("editable", [False, True], ids=["wheel", "editable"])
-def test_install_into_new_venv(world_readable_dir: Path, editable: bool) -> None:
+@pytest.fixture(scope="session")
+def netd_wheel(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """
+    netd's wheel, built once a run: building it is most of these tests' cost, so
+    xdist's workers share one, the first to ask building it under a lock.
+    """
+    run_root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        run_root = run_root.parent  # every worker's basetemp is under the run's
+    wheels = run_root / "netd-wheel"
+    with (run_root / "netd-wheel.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not any(wheels.glob("netd-*.whl")):
+            build_wheel(wheels)
+    [wheel] = wheels.glob("netd-*.whl")
+    return wheel
+
+
+@pytest.fixture
+def wheel_python(world_readable_dir: Path, netd_wheel: Path) -> Path:
+    """The python of a new virtualenv with netd installed from its wheel."""
     python = new_venv(world_readable_dir / "venv")
-    if editable:
-        pip(python, "--no-build-isolation", "-e", str(ROOT))
-    else:
-        wheels = world_readable_dir / "wheels"
-        build_wheel(wheels)
-        [wheel] = wheels.glob("netd-*.whl")
-        pip(python, str(wheel))
+    pip(python, str(netd_wheel))
+    return python
+
+
+def serves_from(python: Path, workdir: Path) -> None:
+    """twistd lists netd, netd checks a map, and the dashboard's files are there."""
     result = twistd(python, "--help")
     assert result.returncode == 0, result.stderr
     assert lists_netd(result.stdout), result.stdout
-    runs_echo(python, world_readable_dir)
+    runs_echo(python, workdir)
     # The dashboard's page is package data: the installed netd finds every file.
     assets = subprocess.run(
         [str(python), "-c", "from netd.dashboard import _load_assets; print(*_load_assets())"],
         capture_output=True,
         text=True,
-        cwd=world_readable_dir,
+        cwd=workdir,
     )
     assert set(assets.stdout.split()) >= {"index.html", "app.js", "app.css"}, assets.stderr
 
 
+def test_wheel_installs_into_new_venv(world_readable_dir: Path, wheel_python: Path) -> None:
+    serves_from(wheel_python, world_readable_dir)
+
+
+def test_editable_install_into_new_venv(world_readable_dir: Path) -> None:
+    python = new_venv(world_readable_dir / "venv")
+    pip(python, "--no-build-isolation", "-e", str(ROOT))
+    serves_from(python, world_readable_dir)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run twistd as nobody")
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv (util-linux)")
-def test_read_only_install_still_finds_the_plugin(world_readable_dir: Path) -> None:
-    python = new_venv(world_readable_dir / "venv")
-    wheels = world_readable_dir / "wheels"
-    build_wheel(wheels)
-    pip(python, *map(str, wheels.glob("netd-*.whl")))
+def test_read_only_install_still_finds_the_plugin(
+    world_readable_dir: Path, wheel_python: Path
+) -> None:
+    python = wheel_python
     # No dropin.cache written at install time, and the directory belongs to root:
     # the daemon's user can neither create nor refresh the cache.
-    for cache in (world_readable_dir / "venv").rglob("dropin.cache"):
+    for cache in python.parents[1].rglob("dropin.cache"):
         cache.unlink()
     result = subprocess.run(
         [
@@ -170,12 +198,11 @@ def test_client_calls_the_api(netd):
 """
 
 
-def test_another_projects_suite_needs_one_install_and_ten_lines(world_readable_dir: Path) -> None:
+def test_another_projects_suite_needs_one_install_and_ten_lines(
+    world_readable_dir: Path, wheel_python: Path
+) -> None:
     """The wheel alone brings the pytest plugin: no conftest, no fixture code."""
-    python = new_venv(world_readable_dir / "venv")
-    wheels = world_readable_dir / "wheels"
-    build_wheel(wheels)
-    pip(python, *map(str, wheels.glob("netd-*.whl")))
+    python = wheel_python
     project = world_readable_dir / "project"
     project.mkdir()
     (project / "test_app.py").write_text(THROWAWAY_TEST)

@@ -29,11 +29,11 @@ def test_using_netd_in_your_tests_examples_pass(pytester: pytest.Pytester) -> No
     result.assert_outcomes(passed=sum(len(re.findall(r"^def test_", e, re.M)) for e in examples))
 
 
-def test_namespaces_recipe_passes_under_four_workers(pytester: pytest.Pytester) -> None:
+def test_namespaces_recipe_passes_under_two_workers(pytester: pytest.Pytester) -> None:
     examples = python_blocks(section("Namespaces: one daemon for a parallel test run"))
     assert len(examples) == 2
     for number, example in enumerate(examples):
         pytester.makepyfile(**{f"test_readme_ns_{number}": example})
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "4")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
     # Four mail tests (one per user), the retry, the HTTP and the DNS test.
     result.assert_outcomes(passed=7)

@@ -104,8 +104,11 @@ def test_workers_answer_on_one_port_and_counters_sum(tmp_path: Path) -> None:
                 break
         assert _worker_pids(netd, "web", "http.request") == workers
 
+        # The dns workers start on their own; until both have, one answers everything.
+        assert len(_started(netd, "dns", 2)) == 2
         dns_address = netd.address("dns", "udp")
         asked = 0
+        deadline = time.monotonic() + 30
         while asked < _ATTEMPTS and time.monotonic() < deadline:
             query = dns.message.make_query("www.netd.test", dns.rdatatype.A)
             answer = dns.query.udp(query, dns_address[0], port=dns_address[1], timeout=5)
