@@ -22,6 +22,7 @@ from twisted.internet.interfaces import (
     IProtocolFactory,
 )
 from twisted.internet.protocol import DatagramProtocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import Interface
 
@@ -41,12 +42,21 @@ __all__ = [
     "HostedService",
     "IOwesReplies",
     "RepliesOwed",
+    "RunInThread",
     "ServiceHost",
     "ServiceKind",
     "ViewRefused",
 ]
 
 Options = TypeVar("Options")
+Result = TypeVar("Result")
+
+RunInThread = Callable[..., "Deferred[Any]"]
+"""
+Runs a blocking callable with its arguments off the reactor thread and gives a
+Deferred of its result: L{BuildContext.in_thread} in netd, C{maybeDeferred} in
+unit tests that want it synchronous.
+"""
 
 
 class IOwesReplies(Interface):
@@ -128,6 +138,16 @@ class BuildContext:
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
+
+    def in_thread(self, work: Callable[..., Result], *args: Any) -> Deferred[Result]:
+        """
+        C{work(*args)} on this reactor's thread pool: what blocks (a file
+        system call, an fsync, a password hash) never runs on the reactor thread.
+        """
+        ran: Deferred[Result] = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), work, *args
+        )
+        return ran
 
 
 @attrs.frozen

@@ -12,8 +12,15 @@ import hmac
 import re
 import warnings
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-__all__ = ["hash_problem", "is_hash", "verify"]
+from twisted.internet.defer import Deferred, succeed
+
+if TYPE_CHECKING:
+    from netd.kinds import RunInThread
+    from netd.schema import Value
+
+__all__ = ["check", "hash_problem", "is_hash", "read_users", "verify"]
 
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
 _CRYPT = re.compile(r"\$(1|5|6)\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]+\Z")
@@ -54,6 +61,47 @@ def verify(password: bytes, stored: str) -> bool:
     except UnicodeDecodeError:
         return False  # crypt(3) hashes are made from text, and the module takes only text
     return hmac.compare_digest(crypt(text, stored) or "", stored)
+
+
+def check(password: bytes, stored: str, run_in_thread: RunInThread) -> Deferred[bool]:
+    """
+    L{verify}, with a hash checked in a thread: a bcrypt round costs a fifth of
+    a second on purpose, which the reactor thread must not wait out.
+    """
+    if not is_hash(stored):
+        return succeed(verify(password, stored))
+    checked: Deferred[bool] = run_in_thread(verify, password, stored)
+    return checked
+
+
+def read_users(
+    value: Value, name_problem: Callable[[str], str | None] = lambda name: None
+) -> dict[str, str]:
+    """
+    A map's C{users}, C{NAME: {password: ...}}: each password in clear (not
+    empty) or a hash L{verify} can check.  A name C{name_problem} has one for is
+    an error, as is a bad password; the users read well are returned.
+    """
+    users: dict[str, str] = {}
+    for name, entry in value.items():
+        problem = name_problem(name)
+        if problem is not None:
+            entry.error(problem)
+            continue
+        user = entry.section()
+        password_value = user.require("password")
+        user.finish()
+        if password_value is None:
+            continue
+        password = password_value.as_str()
+        problem = hash_problem(password) if is_hash(password) else None
+        if problem is not None:
+            password_value.error(problem)
+        elif not password:
+            password_value.error("a password cannot be empty")
+        else:
+            users[name] = password
+    return users
 
 
 def _crypt() -> Callable[[str, str], str | None] | None:

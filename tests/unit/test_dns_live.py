@@ -449,9 +449,8 @@ def test_forward_options(tmp_path: Path) -> None:
 
 
 def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path / "rec.zone", Clock(), Logger(), "dns")
     thread = FakeThread()
-    recorder.saver = Saver(tmp_path / "rec.zone", thread, Logger())
+    recorder = Recorder(tmp_path / "rec.zone", thread, Logger(), "dns")
     reply = dns_message.make_response(dns_message.make_query("www.example.test", "A"))
     reply.answer.append(dns_rrset.from_text("WWW.example.test.", 300, "IN", "A", "10.0.0.1"))
     reply.answer.append(dns_rrset.from_text("www.example.test.", 300, "IN", "HINFO", "a b"))

@@ -21,14 +21,11 @@ L{netd.websockets.LinesOverWebSocket}).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.threads import deferToThreadPool
 
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
@@ -86,7 +83,11 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         history=section.integer("history", defaults.history, minimum=0, maximum=10_000),
         flood=section.read("flood", _flood, defaults.flood),
         password=password,
-        users=section.read("users", _users, defaults.users),
+        users=section.read(
+            "users",
+            lambda users: passwords.read_users(users, _account_name_problem),
+            defaults.users,
+        ),
         ping_interval=section.number("ping_interval", defaults.ping_interval, minimum=1),
         ping_timeout=section.number("ping_timeout", defaults.ping_timeout, minimum=1),
     )
@@ -105,26 +106,10 @@ def _room(value: Value) -> str:
     return name.removeprefix("#")
 
 
-def _users(value: Value) -> dict[str, str]:
-    users: dict[str, str] = {}
-    for name, entry in value.items():
-        if not name or len(name) > 64 or any(c in name for c in " \0\r\n"):
-            entry.error("account names are 1-64 characters, no spaces")
-            continue
-        user = entry.section()
-        password_value = user.require("password")
-        user.finish()
-        if password_value is None:
-            continue
-        password = password_value.as_str()
-        problem = passwords.hash_problem(password) if passwords.is_hash(password) else None
-        if problem is not None:
-            password_value.error(problem)
-        elif not password:
-            password_value.error("a password cannot be empty")
-        else:
-            users[name] = password
-    return users
+def _account_name_problem(name: str) -> str | None:
+    if not name or len(name) > 64 or any(c in name for c in " \0\r\n"):
+        return "account names are 1-64 characters, no spaces"
+    return None
 
 
 def _flood(value: Value) -> FloodLimit:
@@ -136,10 +121,6 @@ def _flood(value: Value) -> FloodLimit:
     )
     section.finish()
     return limit
-
-
-def _in_thread(reactor: Any, work: Any, *args: Any) -> Deferred[Any]:
-    return deferToThreadPool(reactor, reactor.getThreadPool(), work, *args)
 
 
 class _ChatFactory(Factory):
@@ -163,7 +144,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         context.emit,
         journal_active=lambda: context.journal.active,
         rules=context.rules,
-        run_in_thread=functools.partial(_in_thread, context.reactor),
+        run_in_thread=context.in_thread,
         namespaces=context.namespaces,
     )
     irc_wire = IrcWire(options.server_name, context.reactor)

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from netd import passwords
 from netd.events import ServiceStats
+from netd.kinds import RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
 from netd.namespaces import key as namespace_key
 from netd.rules import RuleSet
@@ -544,7 +545,7 @@ class Hub:
     journal_active: Callable[[], bool] = lambda: True
     rules: RuleSet = attrs.field(factory=RuleSet)
     # Password hashes are checked here (bcrypt is slow on purpose): a thread pool.
-    run_in_thread: Callable[..., Deferred[Any]] = maybeDeferred
+    run_in_thread: RunInThread = maybeDeferred
     # namespace_from (netd.namespaces): stamped on events and view entries.
     namespaces: Namespacing = NO_NAMESPACES
     rooms: dict[str, Room] = attrs.field(init=False, factory=dict)
@@ -1043,10 +1044,7 @@ class Hub:
         stored = self.options.users.get(account)
         if stored is None:
             return succeed(False)
-        if not passwords.is_hash(stored):
-            return succeed(passwords.verify(password, stored))
-        checked: Deferred[bool] = self.run_in_thread(passwords.verify, password, stored)
-        return checked
+        return passwords.check(password, stored, self.run_in_thread)
 
     # --- the admin view -------------------------------------------------------------
 

@@ -23,12 +23,11 @@ from typing import Any
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.names import dns as names
 from twisted.python.failure import Failure
 
-from netd.kinds import AdminView, ViewRefused
+from netd.kinds import AdminView, RunInThread, ViewRefused
 from netd.schema import ConfigError, ConfigErrors, Position
 from netd.services.dns.data import TYPES, DataError, parse_rdata, type_name
 from netd.services.dns.local import LocalData, made_up_soa
@@ -41,7 +40,6 @@ __all__ = [
     "Records",
     "RecordsService",
     "Saver",
-    "in_thread",
     "records_view",
 ]
 
@@ -325,15 +323,6 @@ def write_durably(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def in_thread(reactor: Any) -> Callable[[Callable[[], None]], Deferred[None]]:
-    """Runs a blocking call in C{reactor}'s thread pool."""
-
-    def run(work: Callable[[], None]) -> Deferred[None]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
-    return run
-
-
 class Saver:
     """
     Writes the live changes to C{persist: FILE} in a thread, one write at a
@@ -344,7 +333,7 @@ class Saver:
     def __init__(
         self,
         path: Path,
-        in_thread: Callable[[Callable[[], None]], Deferred[None]],
+        in_thread: RunInThread,
         log: Logger,
     ) -> None:
         self.path = path

@@ -14,7 +14,6 @@ of a zone file netd reads) only names a zone of its own that holds nothing.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import dns.exception
 import dns.message
@@ -24,8 +23,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from netd.kinds import RunInThread
 from netd.services.dns.data import TYPES
-from netd.services.dns.live import Saver, in_thread
+from netd.services.dns.live import Saver
 
 __all__ = ["Recorder"]
 
@@ -35,8 +35,8 @@ _SERVED = frozenset(TYPES.values())
 class Recorder(Service):
     """Keeps what upstreams answered, each record once, and writes it to C{path}."""
 
-    def __init__(self, path: Path, reactor: Any, log: Logger, name: str) -> None:
-        self.saver = Saver(path, in_thread(reactor), log)
+    def __init__(self, path: Path, in_thread: RunInThread, log: Logger, name: str) -> None:
+        self.saver = Saver(path, in_thread, log)
         self.label = f"netd service {name}"
         # (owner, type, data) -> TTL: the TTL of the latest answer that carried it.
         self.records: dict[tuple[str, str, str], int] = {}

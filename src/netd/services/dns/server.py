@@ -24,7 +24,7 @@ from netd.services.dns.data import (
     type_name,
 )
 from netd.services.dns.forward import Cache, Forwarder, Forwarders, Upstream
-from netd.services.dns.live import Records, Saver, in_thread
+from netd.services.dns.live import Records, Saver
 from netd.services.dns.local import LocalData
 from netd.services.dns.options import Options
 from netd.services.dns.rules import answer_by_rule, query_event
@@ -113,7 +113,7 @@ class Server:
         self.stats = context.stats
         self.clock = context.reactor
         saver = (
-            Saver(options.persist, in_thread(context.reactor), context.log)
+            Saver(options.persist, context.in_thread, context.log)
             if options.persist is not None
             else None
         )
@@ -141,7 +141,9 @@ class Server:
         if options.record_to is not None and self.forwarder is not None:
             from netd.services.dns.record import Recorder
 
-            self.recorder = Recorder(options.record_to, context.reactor, context.log, context.name)
+            self.recorder = Recorder(
+                options.record_to, context.in_thread, context.log, context.name
+            )
         self.cache = Cache(
             context.reactor,
             options.cache.size,

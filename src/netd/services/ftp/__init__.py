@@ -34,7 +34,7 @@ from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.namespaces import login_source
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
-from netd.services.ftp.files import Accounts, Realm, User, in_thread
+from netd.services.ftp.files import Accounts, Realm, User
 from netd.services.ftp.session import FTPServer, SessionFactory, SessionLimits
 
 __all__ = ["FTP", "Options", "User", "build", "parse"]
@@ -170,7 +170,7 @@ def _ipv4(value: Value) -> str | None:
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: Options = service.options
     users = {user.name: user for user in options.users}
-    run_in_thread = in_thread(context.reactor)
+    run_in_thread = context.in_thread
     portal = Portal(
         Realm(options.root, options.anonymous == "write", users, run_in_thread, options.umask),
         [Accounts(users, options.anonymous != "none", run_in_thread)],

@@ -24,7 +24,6 @@ from twisted.cred import credentials, error
 from twisted.cred.checkers import ANONYMOUS, ICredentialsChecker
 from twisted.cred.portal import IRealm
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
@@ -32,6 +31,7 @@ from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from netd import passwords
+from netd.kinds import RunInThread
 
 __all__ = [
     "FACTS",
@@ -45,7 +45,6 @@ __all__ = [
     "Shell",
     "Upload",
     "User",
-    "in_thread",
     "remove_namespace_folders",
 ]
 
@@ -57,22 +56,11 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 _log = Logger(namespace="netd.ftp")
 
-RunInThread = Callable[..., "Deferred[Any]"]
 Segments = list[str]
 _T = TypeVar("_T")
 
 # The MLST/MLSD facts offered (RFC 3659 section 7), in the order they are written.
 FACTS = ("type", "size", "modify", "perm", "unique")
-
-
-def in_thread(reactor: Any) -> RunInThread:
-    """Run blocking calls on C{reactor}'s thread pool (tests pass C{maybeDeferred})."""
-    pool = reactor.getThreadPool()
-
-    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, pool, function, *args)
-
-    return run
 
 
 @attrs.frozen
@@ -130,11 +118,10 @@ class Accounts:
                 if decoy is not None
                 else succeed(False)
             )
-        elif user.password is not None:
-            checked = succeed(passwords.verify(password, user.password))
         else:
-            assert user.password_hash is not None
-            checked = self.run_in_thread(passwords.verify, password, user.password_hash)
+            stored = user.password if user.password is not None else user.password_hash
+            assert stored is not None
+            checked = passwords.check(password, stored, self.run_in_thread)
 
         def decide(ok: bool) -> Any:
             if not ok:

@@ -53,7 +53,7 @@ from zope.interface import implementer
 
 from netd.connections import unsent_bytes
 from netd.events import ServiceStats
-from netd.kinds import IOwesReplies, RepliesOwed
+from netd.kinds import IOwesReplies, RepliesOwed, RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
 from netd.rules import Fired, RuleSet
 from netd.sendfile import plain_socket, send_file
@@ -67,7 +67,7 @@ from netd.services.ftp.data import (
     PassivePort,
     plain_host,
 )
-from netd.services.ftp.files import FACTS, RunInThread, Upload, remove_namespace_folders
+from netd.services.ftp.files import FACTS, Upload, remove_namespace_folders
 
 __all__ = ["FTPServer", "FailedLogins", "Session", "SessionFactory", "SessionLimits"]
 

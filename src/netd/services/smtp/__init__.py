@@ -35,14 +35,13 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
-from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
-from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
+from netd.kinds import AdminView, BuildContext, Handlers, RunInThread, ServiceKind
 from netd.namespaces import Derive, SourceReader, suffix_source
 from netd.namespaces import key as namespace_key
 from netd.rules import Vocabulary, exact, glob, reply_line
@@ -204,7 +203,7 @@ def _listener_section(value: Value) -> bool:
 
 def _mailboxes(value: Value) -> MailboxOptions:
     section = value.section()
-    users: dict[str, str] = section.read("users", _users, {})
+    users: dict[str, str] = section.read("users", passwords.read_users, {})
     options = MailboxOptions(
         users={login.lower(): password for login, password in users.items()},
         any_password=section.flag("any_password", False),
@@ -224,32 +223,11 @@ def _auth(value: Value) -> AuthOptions:
     section = value.section()
     users_value = section.require("users")
     options = AuthOptions(
-        users=_users(users_value) if users_value is not None else {},
+        users=passwords.read_users(users_value) if users_value is not None else {},
         allow_insecure_auth=section.flag("allow_insecure_auth", False),
     )
     section.finish()
     return options
-
-
-def _users(users_value: Value) -> dict[str, str]:
-    """C{NAME: {password: ...}}: in clear, or a bcrypt or crypt hash."""
-    users: dict[str, str] = {}
-    for name, entry in users_value.items():
-        user = entry.section()
-        password_value = user.require("password")
-        user.finish()
-        if password_value is None:
-            continue
-        password = password_value.as_str()
-        problem = passwords.hash_problem(password) if passwords.is_hash(password) else None
-        if problem is not None:
-            password_value.error(problem)
-            continue
-        if not password:
-            password_value.error("a password cannot be empty")
-            continue
-        users[name] = password
-    return users
 
 
 def _domain(value: Value) -> str | None:
@@ -327,7 +305,7 @@ class _PasswordChecker:
     def __init__(
         self,
         users: Mapping[str, str],
-        run: Callable[[Callable[[], Any]], Any],
+        run: RunInThread,
         fold_case: bool = False,
         lookup: Callable[[Mapping[str, str], str], str | None] = Mapping.get,
     ) -> None:
@@ -346,11 +324,7 @@ class _PasswordChecker:
         expected = self.lookup(self.users, name)
         if expected is None:
             return self._refuse()
-        if not passwords.is_hash(expected):
-            matched = succeed(passwords.verify(password, expected))
-        else:
-            # bcrypt costs a fifth of a second on purpose: not on the reactor thread.
-            matched = self.run(lambda: passwords.verify(password, expected))
+        matched = passwords.check(password, expected, self.run)
         return matched.addCallback(lambda ok: name if ok else self._refuse())
 
     def _refuse(self) -> Deferred[Any]:
@@ -367,16 +341,9 @@ class _Realm:
         return interfaces[0], avatarId, lambda: None
 
 
-def _in_thread(reactor: Any) -> Callable[[Callable[[], Any]], Deferred[Any]]:
-    def run(work: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
-
-    return run
-
-
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: Options = service.options
-    run = _in_thread(context.reactor)
+    run = context.in_thread
     # Not getfqdn(): a reverse lookup would block the reactor during a reload.
     hostname = options.hostname or socket.gethostname()
     spool = Spool(context.state_dir / "smtp" / service.name, run)

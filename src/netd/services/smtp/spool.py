@@ -24,16 +24,16 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
 
-__all__ = ["HEAD_BYTES", "Envelope", "Notify", "RetryState", "Spool", "new_id"]
+from netd.kinds import RunInThread
 
-RunInThread = Callable[[Callable[[], Any]], "Deferred[Any]"]
+__all__ = ["HEAD_BYTES", "Envelope", "Notify", "RetryState", "Spool", "new_id"]
 
 _SUFFIX = ".msg"
 _TEMPORARY = ".tmp"
