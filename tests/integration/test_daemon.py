@@ -364,12 +364,14 @@ def test_netd_run_foreground(tmp_path: Path) -> None:
 
 def test_startup_under_one_second(tmp_path: Path) -> None:
     config = Path(__file__).parents[2] / "config" / "netd.yaml"
-    started = time.monotonic()
     netd = NetdProcess.start(_on_port_zero(config, tmp_path), tmp_path / "run")
-    elapsed = time.monotonic() - started
+    # The CPU the daemon spent until ready, not the wall time: on a machine whose
+    # two cores other tests share, the wall time says how busy they were.
+    fields = Path(f"/proc/{netd.process.pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     netd.stop()
-    # The budget is 1 s on an idle machine; CI shares two cores with other tests.
-    assert elapsed < 5, elapsed
+    # 0.74 s on the quiet 2-core machine; contention for its caches inflates CPU time too.
+    assert cpu < 1.5, cpu
 
 
 def _on_port_zero(config: Path, tmp_path: Path) -> str:

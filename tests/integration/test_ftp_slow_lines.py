@@ -1,7 +1,8 @@
 """
 A command line trickled a byte at a time (slowloris) moves bytes, so no idle
 timer cuts it: ftp's line_timeout does, with a 421.  Whole lines, however slow the
-pause between them, and a transfer still running are not cut by it.
+pause between them, pipelined lines whose reads end mid-line, and a transfer
+still running are not cut by it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ services:
     assert received.startswith(b"421 Command line not complete in time")
     assert LINE_TIMEOUT <= cut_after < LINE_TIMEOUT + 3
     netd.wait_for("files", "connection.closed")
+
+    # Pipelined commands whose sends each end mid-line, for longer than
+    # line_timeout: every line is whole in time, so none is cut.
+    with socket.create_connection((host, port), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220")
+        sock.sendall(b"NO")
+        sends = int(LINE_TIMEOUT * 2.5 / 0.2)
+        for _ in range(sends):
+            time.sleep(0.2)
+            sock.sendall(b"OP\r\nNO")
+        sock.sendall(b"OP\r\nQUIT\r\n")
+        replies = [line[:3] for line in reader]
+    assert replies == [b"200"] * (sends + 1) + [b"221"]
 
     client = ftplib.FTP()
     client.connect(host, port, timeout=10)

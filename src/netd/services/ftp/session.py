@@ -367,22 +367,33 @@ class Session(ftp.FTP):
             # ABOR cuts the transfer now (426), and is answered in its turn after.
             self.server.stats.count("aborts")
             self._stop_transfer()
+        waiting = len(self._buffer) + len(data)
         super().dataReceived(data)
         if not self.paused:
             self._owed.settled()
-        self._watch_line()
+        # The buffer shrinks only by whole lines taken from its front.
+        self._watch_line(line_ended=len(self._buffer) < waiting)
 
-    def _watch_line(self) -> None:
-        """Time the line being received, from its first byte; not one a running command holds."""
+    def _watch_line(self, line_ended: bool) -> None:
+        """
+        Time the line being received, from its first byte; not one a running
+        command holds.  A read that ends a line and begins the next starts the
+        clock again: a client pipelining commands, its reads ending mid-line,
+        is not a slow one.
+        """
         receiving = bool(self._buffer) and not self.paused
-        if receiving and self._line_deadline is None:
+        deadline = self._line_deadline
+        if not receiving:
+            if deadline is not None:
+                if deadline.active():
+                    deadline.cancel()
+                self._line_deadline = None
+        elif deadline is None:
             self._line_deadline = self.server.reactor.callLater(
                 self.server.limits.line_timeout, self._line_too_slow
             )
-        elif not receiving and self._line_deadline is not None:
-            if self._line_deadline.active():
-                self._line_deadline.cancel()
-            self._line_deadline = None
+        elif line_ended:
+            deadline.reset(self.server.limits.line_timeout)
 
     def _line_too_slow(self) -> None:
         self._line_deadline = None
