@@ -1168,3 +1168,36 @@ def test_rules_answer_at_their_stage_and_then_no_more() -> None:
         "452 4.2.2",
         "250 2.1.5",
     ]
+
+
+def test_a_message_waits_for_the_spool_to_be_read_before_it_is_written(tmp_path: Path) -> None:
+    """Recovery makes the spool's folder and lists it: a message written meanwhile is not lost."""
+    pending: list[tuple[Deferred[Any], Callable[[], Any]]] = []
+
+    def later(work: Callable[[], Any]) -> Deferred[Any]:
+        done: Deferred[Any] = Deferred()
+        pending.append((done, work))
+        return done
+
+    def run_next() -> None:
+        done, work = pending.pop(0)
+        done.callback(work())
+
+    store, journal, _ = make_store(tmp_path)
+    store = MailStore(Spool(tmp_path / "later", later), store.context, "mx.netd.test")
+    store.startService()
+    transaction = Transaction(
+        sender=Mailbox("a", "b.test"),
+        recipients=(Mailbox("x", "netd.test"),),
+        data=b"Subject: early\r\n\r\nbody\r\n",
+        helo="c.test",
+        client="127.0.0.1",
+        user=None,
+        protocol="ESMTP",
+    )
+    accepted = store.accept(transaction)
+    assert len(pending) == 1  # the recovery alone: the message waits for it
+    run_next()
+    run_next()
+    assert result_of(accepted) == result_of(store.list({}))["messages"][0]["id"]
+    assert len(journal.select(types=["message.accepted"])) == 1

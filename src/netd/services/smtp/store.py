@@ -191,7 +191,7 @@ class MailStore(Service):
             dsn=dict(transaction.dsn),
             binary=transaction.binary,
         )
-        stored = self.spool.store(envelope, data)
+        stored = self._store(envelope, data)
 
         def spooled(_: None) -> str:
             owner = self._serving()
@@ -221,7 +221,17 @@ class MailStore(Service):
             if self.deliver is not None:
                 self.deliver(envelope, data)
 
-        return self.spool.store(envelope, data).addCallback(spooled)
+        return self._store(envelope, data).addCallback(spooled)
+
+    def _store(self, envelope: Envelope, data: bytes) -> Deferred[None]:
+        """
+        The spool's store, once recovery has read the spool: recovery creates
+        its folder, and a message written while it lists the folder would be
+        found there too, and delivered twice.
+        """
+        if self._recovered:
+            return self.spool.store(envelope, data)
+        return self._when_ready().addCallback(lambda _: self.spool.store(envelope, data))
 
     def forget(self, ids: list[str]) -> Deferred[None]:
         """
