@@ -160,16 +160,23 @@ class Firefox:
         return [child["context"] for child in tab["children"] or []]
 
     def click(self, css: str, context: str | None = None) -> None:
-        """A real pointer click (not a script's) in the middle of C{css}'s element."""
+        """
+        A real pointer click (not a script's) in the middle of C{css}'s element,
+        once there is one: a frame's document may still be coming (its first,
+        empty one says it is complete too).
+        """
         target = context or self.context
-        nodes = self.call(
-            "browsingContext.locateNodes",
-            context=target,
-            locator={"type": "css", "value": css},
-            maxNodeCount=1,
-        )["nodes"]
-        if not nodes:
-            raise BiDiError(f"nothing matches {css!r}")
+
+        def located() -> list[dict[str, Any]]:
+            found: list[dict[str, Any]] = self.call(
+                "browsingContext.locateNodes",
+                context=target,
+                locator={"type": "css", "value": css},
+                maxNodeCount=1,
+            )["nodes"]
+            return found
+
+        nodes = self.poll(located, f"an element matching {css!r}")
         origin = {"type": "element", "element": {"sharedId": nodes[0]["sharedId"]}}
         self.call(
             "input.performActions",

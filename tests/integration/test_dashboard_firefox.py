@@ -118,11 +118,16 @@ def open_row(page: Firefox, text: str) -> None:
 
 
 def mail_frame(page: Firefox) -> str:
-    """The browsing context of the message's HTML frame, once its document is in."""
+    """
+    The browsing context of the message's HTML frame, once its document is in:
+    the frame's first document, an empty about:blank, says it is complete too.
+    """
 
     def loaded() -> str | None:
         frames = page.frames()
-        if frames and page.evaluate("document.readyState", frames[0]) == "complete":
+        if frames and page.evaluate(
+            "location.href !== 'about:blank' && document.readyState === 'complete'", frames[0]
+        ):
             return frames[0]
         return None
 
