@@ -52,14 +52,14 @@ def netd(tmp_path: Path) -> Any:
         yield process
 
 
-def _every_worker_answers(
+def every_worker_answers(
     netd: NetdProcess, workers: set[int], name: str, expected: list[str]
-) -> None:
+) -> int:
     """
     Ask C{name} in bursts of concurrent queries (the kernel gives each datagram
     to a waiting worker: a sequential client may only ever meet one) until each
     of C{workers} has answered it, bounded in count and time; every answer is
-    C{expected} (its addresses; [] for none).
+    C{expected} (its addresses; [] for none).  Returns how many were asked.
     """
     mark = netd.events()[-1]["id"]
     host, port = netd.address("dns", "udp")
@@ -82,6 +82,7 @@ def _every_worker_answers(
             if seen >= workers:
                 break
     assert seen >= workers, f"workers {workers - seen} never answered {name} in {asked} queries"
+    return asked
 
 
 def _send(netd: NetdProcess, method: str, path: str, body: object = None) -> Any:
@@ -94,7 +95,7 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
     _send(netd, "PUT", "/new.live.test/A", {"values": ["10.0.0.9"]})
     _send(netd, "PUT", "/www.live.test/A", {"values": ["10.0.0.2"]})
     workers = workers_started(netd, "dns", 2, 0)
-    _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
+    every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
     # Journaled once, by the main process: each worker's copy of the write is
     # quiet. Every worker's queries since are in the journal, so its events
     # about the write, sent before them on the same channel, would be too.
@@ -102,8 +103,8 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
     assert [e.get("worker") for e in journaled] == [None]
 
     workers = replace_one(netd, "dns", workers)
-    _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
-    _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.2"])
+    every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
+    every_worker_answers(netd, workers, "www.live.test", ["10.0.0.2"])
     # The view lists what the main process holds: each set once.
     listed = [s for s in _send(netd, "GET", "") if s["live"]]
     assert [(s["name"], s["values"]) for s in listed if s["type"] == "A"] == [
@@ -114,11 +115,11 @@ def test_a_replaced_worker_and_a_rebuilt_service_answer_from_live_records(
     last = netd.events()[-1]["id"]
     assert netd.reload(_map(ttl=30))["restarted"] == ["dns"]
     workers = workers_started(netd, "dns", 2, last)
-    _every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
+    every_worker_answers(netd, workers, "new.live.test", ["10.0.0.9"])
 
     # Back to the map: every worker, and one started after, answers from it.
     assert _send(netd, "DELETE", "")["reverted"] >= 2
-    _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
+    every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
     workers = replace_one(netd, "dns", workers)
-    _every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
-    _every_worker_answers(netd, workers, "new.live.test", [])
+    every_worker_answers(netd, workers, "www.live.test", ["10.0.0.1"])
+    every_worker_answers(netd, workers, "new.live.test", [])
