@@ -820,3 +820,31 @@ def test_a_passive_port_ignores_a_stale_write_event() -> None:
     finally:
         port.stopListening()
         reactor._poller.close()
+
+
+class UnreadTransport(TLSStringTransport):
+    """Holds every reply as Twisted's socket buffers would for a client that never reads."""
+
+    dataBuffer = b""
+    offset = 0
+    _tempDataLen = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self._tempDataLen += len(data)
+
+
+def test_commands_whose_replies_go_unread_are_cut_once_they_ran(tmp_path: Path) -> None:
+    """The last read of a client that then sends nothing and reads nothing: cut, not held."""
+    harness = Harness(tmp_path)
+    session = harness.server.factory(None, False).buildProtocol(None)
+    transport = UnreadTransport(
+        peerAddress=IPv4Address("TCP", "127.0.0.1", 40000),
+        hostAddress=IPv4Address("TCP", "127.0.0.1", 2121),
+    )
+    session.makeConnection(transport)
+    session.dataReceived(b"NOOP\r\n" * 100)
+    assert not transport.disconnected
+    session.dataReceived(b"FEAT\r\n" * 10_000)
+    assert len(transport.value()) > 1 << 20
+    assert transport.disconnected  # aborted now: no further read would come to ask

@@ -354,10 +354,6 @@ class Session(ftp.FTP):
         if self.disconnected or self.transport is None or self.transport.disconnecting:
             # Closing (after a 421): lines still buffered from the client are not run.
             return
-        if unsent_bytes(self.transport) > _UNREAD_REPLIES:
-            # Commands keep coming, replies are not read: cut it, not our memory.
-            self.transport.abortConnection()
-            return
         # While a command runs, lines wait in the buffer (Twisted pauses the whole
         # transport instead, and then never sees the client go away mid-transfer).
         if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
@@ -369,6 +365,14 @@ class Session(ftp.FTP):
             self._stop_transfer()
         waiting = len(self._buffer) + len(data)
         super().dataReceived(data)
+        if self.disconnected:
+            return
+        if unsent_bytes(self.transport) > _UNREAD_REPLIES:
+            # Commands keep coming, replies are not read: cut it, not our memory.
+            # Asked after the commands ran, not before the next read: a client
+            # that sent its last commands and reads nothing sends no next read.
+            self.transport.abortConnection()
+            return
         if not self.paused:
             self._owed.settled()
         # The buffer shrinks only by whole lines taken from its front.
