@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from netd import endpoints
 from netd.config import AdminConfig, ListenerConfig
-from netd.connections import ConnectionSet, TrackingFactory, describe_address, unsent_bytes
+from netd.connections import ConnectionSet, TrackingFactory, cut_if_unread, describe_address
 from netd.dashboard import Dashboard
 from netd.events import Event, Journal, ServiceStats
 from netd.eventstream import EventStreams, StreamRefused
@@ -53,8 +53,6 @@ __all__ = ["AdminServer"]
 log = Logger(namespace="netd.admin")
 
 MAX_WAIT = 300.0
-# Answers written and not read by a client that keeps sending requests.
-_UNREAD_ANSWERS = 1 << 20
 # The admin listener's name in the journal and in metrics (with type "admin").
 NAME = "admin"
 _BUSY_BODY = b'{"error": "too many admin connections"}\n'
@@ -146,9 +144,9 @@ class _AdminChannel(HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._stage == "closing":
             return  # answered and closing: nothing more is read
-        if unsent_bytes(self.transport) > _UNREAD_ANSWERS:
-            # Requests keep coming, answers are not read: cut it, not our memory.
-            self.transport.abortConnection()
+        if cut_if_unread(self.transport):
+            # Requests keep coming, answers are not read: not our memory.  Asked
+            # before the next request, not after one: an answer may be large.
             return
         if self._stage == "idle":
             self.setTimeout(self.site.config.header_timeout)

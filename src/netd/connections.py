@@ -49,10 +49,12 @@ from netd.rules import Fired, RuleSet
 from netd.schema import client_address
 
 __all__ = [
+    "UNREAD_LIMIT",
     "ConnectionSet",
     "TrackedConnection",
     "TrackingFactory",
     "client_key",
+    "cut_if_unread",
     "describe_address",
     "unsent_bytes",
 ]
@@ -84,6 +86,26 @@ def client_key(address: IAddress | None) -> IPv4Address | IPv6Network | None:
     if ip is None or isinstance(ip, IPv4Address):
         return ip
     return IPv6Network((ip, _IPV6_CLIENT_PREFIX), strict=False)
+
+
+# Replies a client may leave unread before a request/reply protocol (ftp, smtp, DoH,
+# the admin API) cuts it: one that keeps answering a client that keeps sending and
+# never reads would otherwise buffer without bound.
+UNREAD_LIMIT = 1 << 20
+
+
+def cut_if_unread(transport: Any) -> bool:
+    """
+    Abort C{transport} if more than L{UNREAD_LIMIT} bytes written to it wait
+    unsent; returns whether it did.  A protocol whose answers are small asks
+    after a read's requests were answered (a client that sent its last ones
+    and reads nothing sends no next read to ask at); one that may write a
+    large answer at once asks before reading more requests.
+    """
+    if unsent_bytes(transport) > UNREAD_LIMIT:
+        transport.abortConnection()
+        return True
+    return False
 
 
 def unsent_bytes(transport: Any) -> int:

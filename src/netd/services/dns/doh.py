@@ -34,7 +34,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.connections import unsent_bytes
+from netd.connections import cut_if_unread
 from netd.services.dns.server import Server
 from netd.services.dns.wire import OPT, Malformed, skip_name, walk_records
 
@@ -65,10 +65,8 @@ _REASONS = {
 _ALLOW = (b"allow", b"GET, HEAD, POST")
 _TEXT = b"text/plain; charset=utf-8"
 _UNIX_CLIENT = "unix"
-# Answers written and not yet taken by a client that keeps sending: more than
-# this and the client is not reading them (a PING flood, say); looked at after
-# every so many bytes written.
-_UNREAD_ANSWERS = 1 << 20
+# Answer bytes written between two looks at what a client has left unread
+# (netd.connections.cut_if_unread, a PING flood say): not a look per read.
 _UNREAD_LOOK_EVERY = 64 * 1024
 
 # HTTP/2 (RFC 9113): frame types, flags, error codes, settings.
@@ -248,18 +246,16 @@ class _Connection(Protocol, TimeoutMixin):
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
-        if self.written > _UNREAD_LOOK_EVERY:
-            self.written = 0
-            if unsent_bytes(self.transport) > _UNREAD_ANSWERS:
-                # Requests keep coming, answers are not read: cut it, not our memory.
-                self.transport.abortConnection()
-                return
         if self.http is None:
             if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
                 self.http = _HTTP2(self)
             else:
                 self.http = _HTTP1(self)
         self.http.received(data)
+        if self.written > _UNREAD_LOOK_EVERY and not self.closed:
+            # Requests keep coming, answers are not read: cut it, not our memory.
+            self.written = 0
+            cut_if_unread(self.transport)
 
     def timeoutConnection(self) -> None:
         if self.http is not None and self.http.waiting:

@@ -51,7 +51,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.connections import unsent_bytes
+from netd.connections import cut_if_unread
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed, RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
@@ -77,8 +77,6 @@ _log = Logger(namespace="netd.ftp")
 _AUTH_OK = "234 AUTH TLS successful, negotiating."
 _TLS_REQUIRED = "530 TLS is required here: use AUTH TLS first."
 _PROT_REQUIRED = "521 Data connections must be protected: send PBSZ 0 and PROT P."
-# Replies a client may leave unread while it goes on sending commands.
-_UNREAD_REPLIES = 1 << 20
 _NO_TLS = "502 TLS is not configured on this server."
 _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
@@ -367,12 +365,8 @@ class Session(ftp.FTP):
         super().dataReceived(data)
         if self.disconnected:
             return
-        if unsent_bytes(self.transport) > _UNREAD_REPLIES:
-            # Commands keep coming, replies are not read: cut it, not our memory.
-            # Asked after the commands ran, not before the next read: a client
-            # that sent its last commands and reads nothing sends no next read.
-            self.transport.abortConnection()
-            return
+        if cut_if_unread(self.transport):
+            return  # commands keep coming, replies are not read: not our memory
         if not self.paused:
             self._owed.settled()
         # The buffer shrinks only by whole lines taken from its front.

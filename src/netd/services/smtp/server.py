@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.compat.mail import IllegalClientResponse, LOGINCredentials, PLAINCredentials
-from netd.connections import unsent_bytes
+from netd.connections import cut_if_unread
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
 from netd.namespaces import NO_NAMESPACES, Namespacing
@@ -99,10 +99,8 @@ _MAX_ORCPT = 500  # RFC 3461 4.2
 _HOLD_LIMIT = 256 * 1024
 # Seconds a stopping session that has sent its mail is given to say QUIT.
 _QUIT_WAIT = 2.0
-# Replies a client may leave unread while it goes on sending commands.
-_UNREAD_REPLIES = 1 << 20
-# Reply bytes written between two looks at what the client has left unread: the
-# look walks the transport's layers (about 0.3 ms), so it is not made per read.
+# Reply bytes written between two looks at what the client has left unread
+# (netd.connections.cut_if_unread): not a look per read.
 _UNREAD_LOOK_EVERY = 64 * 1024
 # RFC 5321 4.5.3.1.4: 512 for a command line; AUTH responses may be longer (RFC 4954: 12288).
 _COMMAND_LINE = 12288
@@ -401,14 +399,12 @@ class Session(smtp.ESMTP):
         super().sendLine(line)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._replied_since_look > _UNREAD_LOOK_EVERY:
-            self._replied_since_look = 0
-            if unsent_bytes(self.transport) > _UNREAD_REPLIES:
-                # Commands keep coming, replies are not read: cut it, not our memory.
-                self.transport.abortConnection()
-                return
         self._input += data
         self._process()
+        if self._replied_since_look > _UNREAD_LOOK_EVERY and not self._gone:
+            # Commands keep coming, replies are not read: cut it, not our memory.
+            self._replied_since_look = 0
+            cut_if_unread(self.transport)
 
     def _process(self) -> None:
         if self._processing:
