@@ -114,6 +114,7 @@ def test_parse_reports_every_error(tmp_path: Path) -> None:
         "      dave: {password: x, password_hash: y, home: .}\n"
         "      erin: {password_hash: 'plain', home: .}\n"
         "      frank: {password: x, home: ., shell: /bin/sh}\n"
+        "      gina: {password: '$6$looks$hashed', home: .}\n"
         "    passive_ports: '900-100'\n"
         "    passive_host: ::1\n"
         "    tls: nope\n"
@@ -133,6 +134,8 @@ def test_parse_reports_every_error(tmp_path: Path) -> None:
         "services.files.users.erin.password_hash: not a bcrypt ($2b$...) or crypt(3)"
         " ($6$..., $5$..., $1$...) hash",
         "services.files.users.frank.shell: unknown key",
+        "services.files.users.gina.password: starts with '$' as a hash does: give a hash as"
+        " 'password_hash'",
         "services.files.passive_ports: passive ports are between 1024 and 65535, low-high",
         "services.files.passive_host: PASV announces an IPv4 address, got '::1'",
         "services.files.tls: unknown TLS profile 'nope' (known: lab)",

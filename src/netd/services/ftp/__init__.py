@@ -125,6 +125,12 @@ def _users(value: Value) -> tuple[User, ...]:
             hashed = section.get("password_hash")
             assert hashed is not None
             hashed.error(problem)
+        if password is not None and passwords.is_hash(password):
+            # netd.passwords reads a password starting with '$' as a hash, which
+            # would never match as clear text.
+            clear = section.get("password")
+            assert clear is not None
+            clear.error("starts with '$' as a hash does: give a hash as 'password_hash'")
         write = section.flag("write", False)
         section.finish()
         users.append(User(name, home, write, password, password_hash))
