@@ -175,10 +175,21 @@ def shared_port() -> int:
         return port
 
 
+_REFUSING: list[socket.socket] = []
+
+
 def dead_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((LOCAL, 0))
-        port: int = sock.getsockname()[1]
+    """
+    A loopback UDP port that refuses for the rest of the run (ICMP port
+    unreachable, at once): bound, so that another test's upstream cannot take
+    it meanwhile and answer in its place, and connected elsewhere, so that the
+    kernel gives it no datagram.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 0))
+    sock.connect((LOCAL, 9))
+    _REFUSING.append(sock)
+    port: int = sock.getsockname()[1]
     return port
 
 
@@ -608,7 +619,7 @@ services:
   dns:
     type: dns
     listen: ["udp:0:interface=127.0.0.1"]
-    forward: ["127.0.0.1:{dead_udp_port()}", "127.0.0.1:{unused_port()}"]
+    forward: ["127.0.0.1:{dead_udp_port()}", "127.0.0.1:{dead_udp_port()}"]
 """
     netd = start_netd(config)
     started = time.monotonic()
