@@ -764,8 +764,8 @@ def make_courier(
     return courier, store, upstream, clock, journal
 
 
-def accept(store: MailStore, sender: Mailbox | None, *to: str) -> str:
-    transaction = Transaction(
+def transaction(sender: Mailbox | None, *to: str) -> Transaction:
+    return Transaction(
         sender=sender,
         recipients=tuple(Mailbox(*r.split("@")) for r in to),
         data=b"Subject: s\r\n\r\nbody\r\n",
@@ -774,7 +774,10 @@ def accept(store: MailStore, sender: Mailbox | None, *to: str) -> str:
         user=None,
         protocol="ESMTP",
     )
-    id: str = result_of(store.accept(transaction))
+
+
+def accept(store: MailStore, sender: Mailbox | None, *to: str) -> str:
+    id: str = result_of(store.accept(transaction(sender, *to)))
     return id
 
 
@@ -937,16 +940,7 @@ def test_parse_mx_delivery(tmp_path: Path) -> None:
 def test_a_replaced_service_hands_what_it_still_accepts_to_its_successor(tmp_path: Path) -> None:
     old, _, _ = make_store(tmp_path)
     new, _, _ = make_store(tmp_path)  # a reload: both serve the same folder for a while
-    transaction = Transaction(
-        sender=None,
-        recipients=(Mailbox("late", "netd.test"),),
-        data=b"Subject: late\r\n\r\nx\r\n",
-        helo="c",
-        client="127.0.0.1",
-        user=None,
-        protocol="ESMTP",
-    )
-    id = result_of(old.accept(transaction))
+    id = accept(old, None, "late@netd.test")
     assert id in new.messages
     old.stopService()
     assert [m["id"] for m in result_of(new.list({}))["messages"]] == [id]
@@ -1185,16 +1179,7 @@ def test_a_message_waits_for_the_spool_to_be_read_before_it_is_written(tmp_path:
     store, journal, _ = make_store(tmp_path)
     store = MailStore(Spool(tmp_path / "later", later), store.context, "mx.netd.test")
     store.startService()
-    transaction = Transaction(
-        sender=Mailbox("a", "b.test"),
-        recipients=(Mailbox("x", "netd.test"),),
-        data=b"Subject: early\r\n\r\nbody\r\n",
-        helo="c.test",
-        client="127.0.0.1",
-        user=None,
-        protocol="ESMTP",
-    )
-    accepted = store.accept(transaction)
+    accepted = store.accept(transaction(Mailbox("a", "b.test"), "x@netd.test"))
     assert len(pending) == 1  # the recovery alone: the message waits for it
     run_next()
     run_next()

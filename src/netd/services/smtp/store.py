@@ -227,7 +227,8 @@ class MailStore(Service):
         """
         The spool's store, once recovery has read the spool: recovery creates
         its folder, and a message written while it lists the folder would be
-        found there too, and delivered twice.
+        found there too and added twice (an IMAP mailbox would list it twice,
+        under two UIDs; the courier delivers an id once).
         """
         if self._recovered:
             return self.spool.store(envelope, data)
