@@ -11,6 +11,11 @@ Two cases over UDP, 1000 names hostN.bench.test (TTL 3600) asked in a shuffled o
   one warm-up pass over all names: netd's `forward` and dnsmasq's `--server`.
   twistd dns forwards only to resolv.conf servers on port 53, so it is left out.
 
+Both cases also run `python-floor` (dns_floor.py): a bare CPython loop of recvfrom,
+a dict lookup and sendto, answers learned from the upstream in the warm-up pass.
+It is what the interpreter alone costs a query, the most any CPython server could
+reach here; the run prints it against dnsmasq too.
+
 Each round starts every server fresh on a free loopback port (in a rotated order).
 Servers run on CPU 1 and dnsperf on CPU 0 when taskset exists.  Prints medians of
 queries per second and peak RSS, and netd's ratios within each round.  With
@@ -153,9 +158,24 @@ class DnsmasqCached(Server):
         return dnsmasq(self.port, f"--server=127.0.0.1#{self.upstream}", "--cache-size=10000")
 
 
+class PythonFloor(Server):
+    """dns_floor.py: what the interpreter alone costs a query (learned from the upstream)."""
+
+    name = "python-floor"
+    cases = ("local", "cached")
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(HERE / "dns_floor.py"), str(self.port), str(self.upstream)]
+
+
 SERVERS: dict[str, dict[str, type[Server]]] = {
-    "local": {"netd": NetdLocal, "twistd-dns": TwistdDns, "dnsmasq": DnsmasqLocal},
-    "cached": {"netd": NetdCached, "dnsmasq": DnsmasqCached},
+    "local": {
+        "netd": NetdLocal,
+        "twistd-dns": TwistdDns,
+        "dnsmasq": DnsmasqLocal,
+        "python-floor": PythonFloor,
+    },
+    "cached": {"netd": NetdCached, "dnsmasq": DnsmasqCached, "python-floor": PythonFloor},
 }
 
 
@@ -226,7 +246,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=5)
     parser.add_argument("--outstanding", type=int, default=100)
     parser.add_argument("--cases", default="local,cached")
-    parser.add_argument("--servers", default="netd,twistd-dns,dnsmasq")
+    parser.add_argument("--servers", default="netd,twistd-dns,dnsmasq,python-floor")
     parser.add_argument("--baseline", type=Path, help="another netd's src/ to measure too")
     options = parser.parse_args()
     if options.baseline is not None:
@@ -316,6 +336,15 @@ def report(
             print(
                 f"{case:6} netd / {peer}: {statistics.median(rounds):.2f}x median of rounds "
                 f"({', '.join(f'{r:.2f}' for r in rounds)})"
+            )
+        floor, dnsmasq = servers.get("python-floor"), servers.get("dnsmasq")
+        if floor and dnsmasq:
+            # Where the interpreter alone stands: the most any netd could reach.
+            rounds = [a / b for a, b in zip(floor, dnsmasq, strict=True)]
+            summary[f"{case} python-floor/dnsmasq"] = round(statistics.median(rounds), 2)
+            print(
+                f"{case:6} python-floor / dnsmasq: {statistics.median(rounds):.2f}x median of "
+                f"rounds ({', '.join(f'{r:.2f}' for r in rounds)})"
             )
     print(json.dumps(summary))
 

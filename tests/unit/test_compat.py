@@ -476,3 +476,28 @@ def test_wake_one_waiter_registers_a_reading_port_exclusively_and_twisted_can_dr
         port.stopListening()
     finally:
         reactor._poller.close()
+
+
+def test_read_datagrams_with_is_what_the_reactor_calls_when_the_port_can_be_read() -> None:
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.protocol import DatagramProtocol
+
+    class Refuses(DatagramProtocol):
+        def datagramReceived(self, datagram: bytes, addr: object) -> None:
+            raise AssertionError("the reader reads, not Twisted's loop")
+
+    reactor = EPollReactor()
+    try:
+        port = reactor.listenUDP(0, Refuses(), interface="127.0.0.1")
+        read: list[bytes] = []
+        compat.read_datagrams_with(port, lambda: read.append(port.socket.recv(100)))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+            client.sendto(b"ping", port.socket.getsockname())
+            for _ in range(50):  # bounded: one datagram on loopback is there at once
+                reactor.doIteration(0.1)
+                if read:
+                    break
+        assert read == [b"ping"]
+        port.stopListening()
+    finally:
+        reactor._poller.close()

@@ -6,7 +6,9 @@ input, the cache on a fake clock, TCP framing on a string transport.
 from __future__ import annotations
 
 import functools
+import socket
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +35,7 @@ from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services.dns import Options, build
 from netd.services.dns.forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
-from netd.services.dns.server import Server, Stream
+from netd.services.dns.server import Datagrams, Server, Stream
 from netd.services.dns.wire import name_to_wire
 from tests.maps import ServiceMap
 
@@ -1066,6 +1068,101 @@ def test_prepared_cached_answers_take_what_the_cache_holds_now(tmp_path: Path) -
     assert len(ask(srv, "a.example").answer[0]) == 2
     assert srv.stats.counters["cache_hits"] == 3 and srv.stats.counters["queries"] == 3
     assert len(srv.prepared) == 1
+
+
+class ReadingPort:
+    """What L{Datagrams.read} uses of a udp.Port, over a real loopback socket."""
+
+    maxPacketSize = 8192
+    addressFamily = socket.AF_INET
+
+    def __init__(self, max_throughput: int = 256 * 1024) -> None:
+        self.maxThroughput = max_throughput
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.socket.bind(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+
+    def doRead(self) -> None:
+        raise AssertionError("the protocol reads the socket itself")
+
+
+@pytest.fixture
+def udp_pair(tmp_path: Path) -> Iterator[tuple[Server, ReadingPort, socket.socket]]:
+    srv = server(tmp_path)
+    port = ReadingPort()
+    Datagrams(srv).makeConnection(port)  # type: ignore[arg-type]
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2)
+    client.connect(port.socket.getsockname())
+    yield srv, port, client
+    client.close()
+    port.socket.close()
+
+
+def replies(client: socket.socket, count: int) -> list[dns.message.Message]:
+    return [dns.message.from_wire(client.recv(4096)) for _ in range(count)]
+
+
+def test_udp_read_answers_every_waiting_query_prepared_or_not(
+    udp_pair: tuple[Server, ReadingPort, socket.socket],
+) -> None:
+    srv, port, client = udp_pair
+    queries = [dns.message.make_query(name, "A") for name in ("www.netd.test",) * 3]
+    queries.append(dns.message.make_query("elsewhere.example", "A"))
+    for query in queries:
+        client.send(query.to_wire())
+    port.doRead()  # the reactor's call: all four wait, all four are answered
+    answers = replies(client, 4)
+    assert [a.id for a in answers] == [q.id for q in queries]
+    assert [dns.rcode.to_text(a.rcode()) for a in answers] == ["NOERROR"] * 3 + ["REFUSED"]
+    assert texts(answers[2]) == texts(answers[0])  # the third sent as prepared
+    counters = srv.stats.counters
+    assert counters["queries"] == 4 and counters["rcode_NOERROR"] == 3
+    assert srv.stats.bytes_in == sum(len(q.to_wire()) for q in queries)
+    assert srv.stats.bytes_out == sum(len(a.to_wire()) for a in answers)
+    port.doRead()  # nothing waits: returns at once
+    assert counters["queries"] == 4
+
+
+def test_udp_read_takes_at_most_the_ports_throughput_a_turn(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    port = ReadingPort(max_throughput=1)  # one datagram a turn
+    Datagrams(srv).makeConnection(port)  # type: ignore[arg-type]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+        client.connect(port.socket.getsockname())
+        for _ in range(2):
+            client.send(make_wire("www.netd.test"))
+        port.doRead()
+        assert srv.stats.counters["queries"] == 1
+        port.doRead()
+        assert srv.stats.counters["queries"] == 2 and len(replies(client, 2)) == 2
+    port.socket.close()
+
+
+def test_a_query_that_fails_is_logged_and_the_next_still_answered(tmp_path: Path) -> None:
+    log = EventLoggingObserver()
+    srv = server(tmp_path, log=log)
+    port = ReadingPort()
+    Datagrams(srv).makeConnection(port)  # type: ignore[arg-type]
+    answer = srv.answer
+
+    def fails_once(data: bytes, *args: Any) -> Any:
+        srv.answer = answer  # type: ignore[method-assign]
+        raise RuntimeError("a defect")
+
+    srv.answer = fails_once  # type: ignore[method-assign]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+        client.connect(port.socket.getsockname())
+        client.send(make_wire("www.netd.test"))
+        client.send(make_wire("netd.test", "MX"))
+        port.doRead()
+        (reply,) = replies(client, 1)
+    port.socket.close()
+    assert texts(reply) == ["netd.test. 300 IN MX 10 mx.netd.test."]
+    assert srv.stats.errors == 1
+    assert [e["log_failure"].value.args for e in log if "log_failure" in e] == [("a defect",)]
 
 
 def test_oversized_queries_are_not_kept(tmp_path: Path) -> None:

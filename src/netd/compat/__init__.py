@@ -16,6 +16,7 @@ without web or mail services never loads twisted.web, h2 or twisted.mail.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
@@ -28,6 +29,7 @@ __all__ = [
     "may_send_now",
     "own_attribute",
     "parse_endpoint",
+    "read_datagrams_with",
     "run_twistd_with",
     "share_listening_socket",
     "wake_one_waiter",
@@ -165,6 +167,19 @@ def run_twistd_with(plugin: Any) -> None:
             return [plugin]
 
     app.run(runApp, PluginOnly)
+
+
+def read_datagrams_with(port: Any, read: Callable[[], None]) -> None:
+    """
+    Have the reactor call C{read} where it calls C{port.doRead}: the protocol
+    reads the udp.Port's socket itself.  Twisted has no hook between its read
+    loop and C{datagramReceived}, and for a server whose whole work a datagram
+    is a dict lookup (dns's prepared answers) that loop and the call a datagram
+    are most of the Python it runs.  The reactor looks C{doRead} up on the port
+    each time, so an attribute of the instance takes its place; the port's own
+    method stays for anyone who calls it by class.
+    """
+    port.doRead = read
 
 
 def wake_one_waiter(reactor: Any, port: Any) -> bool:
