@@ -148,6 +148,7 @@ class Realm:
         self.users = users
         self.run_in_thread = run_in_thread
         self.umask = umask
+        self._places: dict[Path, Place] = {}
 
     def requestAvatar(self, avatar_id: Any, mind: object, *interfaces: Any) -> Any:
         if ftp.IFTPShell not in interfaces:
@@ -155,12 +156,26 @@ class Realm:
         if avatar_id is ANONYMOUS:
             assert self.root is not None
             shell = Shell(
-                self.root, self.anonymous_write, self.run_in_thread, self.umask, anonymous=True
+                self._place(self.root),
+                self.anonymous_write,
+                self.run_in_thread,
+                self.umask,
+                anonymous=True,
             )
         else:
             user = self.users[avatar_id]
-            shell = Shell(user.home, user.write, self.run_in_thread, self.umask)
+            shell = Shell(self._place(user.home), user.write, self.run_in_thread, self.umask)
         return ftp.IFTPShell, shell, lambda: None
+
+    def _place(self, root: Path) -> Place:
+        # Found at the first login, not at build: twistd drops privileges after
+        # the map is built, and the rights are the daemon's then.  Kept until a
+        # reload builds the realm again, so a login makes no system call on
+        # the reactor's thread (a realpath, a pathconf, the process's groups).
+        found = self._places.get(root)
+        if found is None:
+            found = self._places[root] = Place.of(root)
+        return found
 
 
 def remove_namespace_folders(roots: Iterable[Path], folder: str) -> int:
@@ -210,21 +225,32 @@ class Shell(ftp.FTPShell):
 
     def __init__(
         self,
-        root: Path,
+        place: Place,
         writable: bool,
         run_in_thread: RunInThread = maybeDeferred,
         umask: int = 0o022,
         anonymous: bool = False,
     ) -> None:
-        super().__init__(FilePath(os.path.realpath(root)))
-        self.real_root = self.filesystemRoot.path
+        super().__init__(FilePath(place.real_root))
+        self.real_root = place.real_root
         self.writable = writable
         self.run_in_thread = run_in_thread
         self.umask = umask
         self.anonymous = anonymous
-        self.name_max = _name_max(self.real_root)
-        # Who the daemon is now (after twistd dropped privileges), for the perm fact.
-        self.rights = _Rights(os.geteuid(), frozenset({os.getegid(), *os.getgroups()}))
+        self.name_max = place.name_max
+        self.rights = place.rights
+
+    @classmethod
+    def at(
+        cls,
+        root: Path,
+        writable: bool,
+        run_in_thread: RunInThread = maybeDeferred,
+        umask: int = 0o022,
+        anonymous: bool = False,
+    ) -> Shell:
+        """A shell rooted at C{root} (blocking: finds its L{Place})."""
+        return cls(Place.of(root), writable, run_in_thread, umask, anonymous)
 
     def _path(self, path: Segments) -> FilePath[str]:
         # CR and LF would forge lines in listings and replies; NUL ends C strings.
@@ -256,7 +282,7 @@ class Shell(ftp.FTPShell):
             pass
         if os.path.islink(path) or not os.path.isdir(path):
             raise Refused(f"{folder}: not a folder")
-        return Shell(Path(path), self.writable, self.run_in_thread, self.umask, self.anonymous)
+        return Shell.at(Path(path), self.writable, self.run_in_thread, self.umask, self.anonymous)
 
     def _writing(self, path: Segments) -> None:
         if not self.writable:
@@ -477,6 +503,22 @@ class Shell(ftp.FTPShell):
         if not found.parent().isdir():
             raise ftp.FileNotFoundError("/".join(path))
         return Path(found.path)
+
+
+@attrs.frozen
+class Place:
+    """What a shell needs of its root and of the daemon, found with system calls."""
+
+    real_root: str
+    name_max: int
+    rights: _Rights
+
+    @classmethod
+    def of(cls, root: Path) -> Place:
+        """(blocking) C{root}'s real path, its longest name, who the daemon is now."""
+        real_root = os.path.realpath(root)
+        groups = frozenset({os.getegid(), *os.getgroups()})
+        return cls(real_root, _name_max(real_root), _Rights(os.geteuid(), groups))
 
 
 @attrs.frozen
