@@ -33,6 +33,7 @@ from netd.services.ftp.files import (
     UPLOAD_PREFIX,
     Accounts,
     NameNotAllowed,
+    Place,
     Realm,
     Shell,
     Upload,
@@ -220,7 +221,7 @@ def tree(tmp_path: Path) -> Path:
     [["out_link"], ["out_dir"], ["out_dir", "secret.txt"], [UPLOAD_PREFIX + "0123"], ["a\0b"]],
 )
 def test_shell_refuses_paths_out_of_its_root(tree: Path, segments: list[str]) -> None:
-    shell = Shell.at(tree, writable=True)
+    shell = Shell(Place.of(tree), writable=True)
     with pytest.raises(ftp.FTPCmdError):
         shell.open_for_reading(segments)
     with pytest.raises(ftp.FTPCmdError):
@@ -228,7 +229,7 @@ def test_shell_refuses_paths_out_of_its_root(tree: Path, segments: list[str]) ->
 
 
 def test_shell_lists_only_what_it_serves_and_writes_only_with_the_flag(tree: Path) -> None:
-    shell = Shell.at(tree, writable=False)
+    shell = Shell(Place.of(tree), writable=False)
     assert shell.listing([], long=False) == [b"file.txt", b"in_link", b"sub"]
     file_line, link_line, dir_line = shell.listing([], long=True)
     assert re.fullmatch(
@@ -244,7 +245,7 @@ def test_shell_lists_only_what_it_serves_and_writes_only_with_the_flag(tree: Pat
         shell.upload_target(["new.txt"])
     with pytest.raises(ftp.PermissionDeniedError):
         shell.makeDirectory(["new"])
-    writable = Shell.at(tree, writable=True)
+    writable = Shell(Place.of(tree), writable=True)
     assert writable.upload_target(["sub", "new.txt"]) == tree.resolve() / "sub" / "new.txt"
     with pytest.raises(ftp.IsADirectoryError):
         writable.upload_target(["sub"])
@@ -259,7 +260,7 @@ def reply_to(outcome: Any) -> str:
 
 
 def test_shell_errors_carry_their_reply_and_reason(tree: Path) -> None:
-    shell = Shell.at(tree, writable=True)
+    shell = Shell(Place.of(tree), writable=True)
     (tree / "sub" / "inner.txt").write_text("x")
     assert reply_to(result_of(shell.removeDirectory(["sub"]))) == (
         "550 Requested action not taken: sub: Directory not empty"
@@ -682,8 +683,8 @@ def test_perm_follows_the_write_flag_and_the_daemons_rights(tree: Path) -> None:
         folder.chmod(0o757)
     (tree / "file.txt").chmod(0o646)
     stranger = _Rights(uid=12345, groups=frozenset({54321}))
-    reader = Shell.at(tree, writable=False)
-    writer = Shell.at(tree, writable=True)
+    reader = Shell(Place.of(tree), writable=False)
+    writer = Shell(Place.of(tree), writable=True)
     reader.rights = writer.rights = stranger
     seen = facts_of(reader.facts([], FACTS, entries=True))
     assert set(seen) == {".", "file.txt", "in_link", "sub", "locked.txt"}  # no link out
@@ -715,15 +716,15 @@ def test_mfmt_stamps_and_site_chmod_modes(tree: Path) -> None:
     assert _timestamp("20200102030405.5") == 1577934245.5
     for bad in ("2020", "20201301000000", "2020010203040x", "20200102030405.", ""):
         assert _timestamp(bad) is None
-    shell = Shell.at(tree, writable=True, umask=0o077)
+    shell = Shell(Place.of(tree), writable=True, umask=0o077)
     assert shell.change_mode(["file.txt"], 0o755) == 0o700
     assert os.stat(tree / "file.txt").st_mode & 0o777 == 0o700
     shell.set_modified(["file.txt"], 1577934245)
     assert os.stat(tree / "file.txt").st_mtime == 1577934245
     with pytest.raises(ftp.PermissionDeniedError):
-        Shell.at(tree, writable=True, anonymous=True).change_mode(["file.txt"], 0o644)
+        Shell(Place.of(tree), writable=True, anonymous=True).change_mode(["file.txt"], 0o644)
     with pytest.raises(ftp.PermissionDeniedError):
-        Shell.at(tree, writable=False).set_modified(["file.txt"], 0)
+        Shell(Place.of(tree), writable=False).set_modified(["file.txt"], 0)
     with pytest.raises(ftp.PermissionDeniedError):
         shell.change_mode([], 0o755)  # the root itself
     with pytest.raises(ftp.PermissionDeniedError):

@@ -572,14 +572,17 @@ class Datagrams(DatagramProtocol):
                             made.addCallback(self.send, addr)
                             continue
                         answer = made
-                    sendto(answer, addr)
-                    sent += len(answer)
-                except OSError:
-                    # A client's address the kernel will not send to: nothing to tell it.
-                    stats.errors += 1
                 except Exception:
                     server.context.log.failure("answering a query over UDP")
                     stats.errors += 1
+                    continue
+                try:
+                    sendto(answer, addr)
+                except OSError:
+                    # A client's address the kernel will not send to: nothing to tell it.
+                    stats.errors += 1
+                    continue
+                sent += len(answer)
         finally:
             stats.bytes_in += received
             stats.bytes_out += sent

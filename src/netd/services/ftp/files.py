@@ -240,18 +240,6 @@ class Shell(ftp.FTPShell):
         self.name_max = place.name_max
         self.rights = place.rights
 
-    @classmethod
-    def at(
-        cls,
-        root: Path,
-        writable: bool,
-        run_in_thread: RunInThread = maybeDeferred,
-        umask: int = 0o022,
-        anonymous: bool = False,
-    ) -> Shell:
-        """A shell rooted at C{root} (blocking: finds its L{Place})."""
-        return cls(Place.of(root), writable, run_in_thread, umask, anonymous)
-
     def _path(self, path: Segments) -> FilePath[str]:
         # CR and LF would forge lines in listings and replies; NUL ends C strings.
         if any(segment.startswith(UPLOAD_PREFIX) or _UNSAFE & set(segment) for segment in path):
@@ -282,7 +270,8 @@ class Shell(ftp.FTPShell):
             pass
         if os.path.islink(path) or not os.path.isdir(path):
             raise Refused(f"{folder}: not a folder")
-        return Shell.at(Path(path), self.writable, self.run_in_thread, self.umask, self.anonymous)
+        place = Place.of(Path(path))
+        return Shell(place, self.writable, self.run_in_thread, self.umask, self.anonymous)
 
     def _writing(self, path: Segments) -> None:
         if not self.writable:
