@@ -17,6 +17,7 @@ import pytest
 import pytest_twisted
 import yaml
 
+from netd import testing
 from netd.testing import AdminError, NetdProcess, StartFailed, start_asyncio, start_deferred
 from tests.signals import wait_until
 
@@ -165,6 +166,18 @@ def test_an_asyncio_start_given_up_on_leaves_no_daemon(tmp_path: Path) -> None:
 
     asyncio.run(give_up())  # returns once the starting thread is done
     wait_until(lambda: not netd_children(), "the given-up daemon's exit")
+
+
+def test_a_start_that_fails_once_the_daemon_runs_leaves_no_daemon(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreadable(path: Path) -> None:
+        raise ValueError("this process cannot read the map back")
+
+    monkeypatch.setattr(testing, "load_config", unreadable)
+    with pytest.raises(ValueError, match="read the map back"):
+        NetdProcess.start(WEB, workdir=tmp_path)
+    assert netd_children() == []  # killed and reaped before the error reached the caller
 
 
 def netd_children() -> list[int]:
