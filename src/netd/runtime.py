@@ -404,9 +404,15 @@ class Daemon(MultiService):
     def privilegedStartService(self) -> None:
         self._build()
         bound: list[Failure | Any] = []
+
+        def settled(result: Any) -> Any:
+            bound.append(result)
+            return result  # a late failure goes on to _failed_late
+
         all_bound = gatherResults([s.listen() for s in self._bindables()], consumeErrors=True)
-        all_bound.addBoth(bound.append)
+        all_bound.addBoth(settled)
         if bound and isinstance(bound[0], Failure):
+            all_bound.addErrback(lambda _: None)  # raised here instead
             self._unbind()
             raise StartupError(str(_first_error(bound[0])))
         if not bound:

@@ -266,6 +266,28 @@ services:
     taken.close()
 
 
+def test_a_services_later_listener_that_cannot_bind_stops_everything(
+    start_netd: StartNetd,
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    # UDP binds the number TCP cannot: the bound listener is let go (on the
+    # reactor's next turn), and then the start fails.  It exits 0 on this path,
+    # not 1 as SPEC says: twistd has no exit status for a failure once it runs.
+    config = f"""
+services:
+  both:
+    type: echo
+    listen: ["udp:{port}:interface=127.0.0.1", "tcp:{port}:interface=127.0.0.1"]
+"""
+    with pytest.raises(StartFailed) as failed:
+        start_netd(config)
+    assert f"service both: cannot listen on tcp:{port}:interface=127.0.0.1" in failed.value.output
+    taken.close()
+
+
 def test_config_errors_all_at_once_without_traceback(start_netd: StartNetd) -> None:
     config = """
 services:
