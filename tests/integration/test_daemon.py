@@ -14,6 +14,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -242,11 +243,17 @@ def test_sigterm_exits_zero_and_removes_ports_file(start_netd: StartNetd) -> Non
         connect(netd.address("echo"))
 
 
-def test_bind_failure_stops_everything(start_netd: StartNetd, tmp_path: Path) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A loopback TCP port another socket listens on for the test."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+def test_bind_failure_stops_everything(start_netd: StartNetd, taken: int) -> None:
+    port = taken
     config = f"""
 services:
   first:
@@ -263,16 +270,12 @@ services:
     assert f"service second: cannot listen on tcp:{port}:interface=127.0.0.1" in output
     assert "Address already in use" in output
     assert "Traceback" not in output
-    taken.close()
 
 
 def test_a_services_later_listener_that_cannot_bind_stops_everything(
-    start_netd: StartNetd,
+    start_netd: StartNetd, taken: int
 ) -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    port = taken.getsockname()[1]
+    port = taken
     # UDP binds the number TCP cannot: the bound listener is let go (on the
     # reactor's next turn), and then the start fails.  It exits 0 on this path,
     # not 1 as SPEC says: twistd has no exit status for a failure once it runs.
@@ -285,7 +288,6 @@ services:
     with pytest.raises(StartFailed) as failed:
         start_netd(config)
     assert f"service both: cannot listen on tcp:{port}:interface=127.0.0.1" in failed.value.output
-    taken.close()
 
 
 def test_config_errors_all_at_once_without_traceback(start_netd: StartNetd) -> None:
