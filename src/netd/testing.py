@@ -369,16 +369,15 @@ class NetdProcess:
                 if process.poll() is not None:
                     raise StartFailed("netd exited during start-up", _read(log), process.returncode)
                 if time.monotonic() > deadline:
-                    process.kill()
-                    process.wait()
                     raise StartFailed(f"netd not ready after {timeout}s", _read(log), None)
                 time.sleep(0.01)
             ports = json.loads(ports_file.read_text(encoding="utf-8"))
             written = not isinstance(config, Path)
             return cls(process, ports, log, config_path, scratch, written, admin and written)
         except BaseException:
-            # Whatever stops the start once the daemon runs (a map this process
-            # cannot read back, a test's timeout): the daemon does not outlive it.
+            # Whatever stops the start once the daemon runs (not ready in time, a
+            # map this process cannot read back, a test's timeout): the daemon
+            # does not outlive it.
             if process.poll() is None:
                 process.kill()
                 process.wait()

@@ -1124,6 +1124,25 @@ def test_udp_read_answers_every_waiting_query_prepared_or_not(
     assert counters["queries"] == 4
 
 
+def test_a_transport_without_a_socket_gets_answers_through_datagram_received(
+    tmp_path: Path,
+) -> None:
+    srv = server(tmp_path)
+    sent: list[tuple[bytes, Any]] = []
+
+    class Transport:
+        def write(self, data: bytes, addr: Any) -> None:
+            sent.append((data, addr))
+
+    protocol = Datagrams(srv)
+    protocol.makeConnection(Transport())  # type: ignore[arg-type]
+    query = dns.message.make_query("www.netd.test", "A")
+    protocol.datagramReceived(query.to_wire(), CLIENT)
+    ((answer, addr),) = sent
+    assert addr == CLIENT and dns.message.from_wire(answer).id == query.id
+    assert srv.stats.bytes_out == len(answer)
+
+
 def test_udp_read_takes_at_most_the_ports_throughput_a_turn(tmp_path: Path) -> None:
     srv = server(tmp_path)
     port = ReadingPort(max_throughput=1)  # one datagram a turn
