@@ -305,6 +305,9 @@ class Daemon(MultiService):
         self.added: dict[str, ServiceConfig] = {}
         self.admin: AdminServer | None = None
         self.ready = False
+        # Why the start failed once the reactor ran (an asynchronous bind):
+        # the process running us decides what that means for its exit status.
+        self.start_failure: Failure | None = None
         self._reloading = False
         self._carried: dict[str, dict[str, Any]] = {}
 
@@ -425,6 +428,7 @@ class Daemon(MultiService):
 
     def _failed_late(self, failure: Failure) -> None:
         log.critical("{error}", error=_first_error(failure))
+        self.start_failure = failure
         self._unbind()
         self.reactor.stop()
 

@@ -7,9 +7,11 @@ service map, then hands back the service tree for twistd to start.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pwd
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,17 @@ class _Root(MultiService):
                 raise
             raise SystemExit(1) from None
         self._hand_over_state()
+
+    def stopService(self) -> Any:
+        stopped = super().stopService()
+        if self.daemon.start_failure is not None:
+            # A start that fails once the reactor runs (a bind that completes
+            # late) stops the reactor, and twistd then returns normally: its
+            # console script would exit 0 and systemd's Restart=on-failure
+            # would not see a failure.  atexit runs this first (last in, first
+            # out), once twistd has removed its pid file and closed its log.
+            atexit.register(_exit_status_one)
+        return stopped
 
     def _hand_over_state(self) -> None:
         """
@@ -133,6 +146,12 @@ class _Root(MultiService):
                 sink.output.rotate()
             else:
                 sink.output.reopen()
+
+
+def _exit_status_one() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 class _ParentNotice:

@@ -277,8 +277,7 @@ def test_a_services_later_listener_that_cannot_bind_stops_everything(
 ) -> None:
     port = taken
     # UDP binds the number TCP cannot: the bound listener is let go (on the
-    # reactor's next turn), and then the start fails.  It exits 0 on this path,
-    # not 1 as SPEC says: twistd has no exit status for a failure once it runs.
+    # reactor's next turn), and then the start fails, once the reactor runs.
     config = f"""
 services:
   both:
@@ -288,6 +287,7 @@ services:
     with pytest.raises(StartFailed) as failed:
         start_netd(config)
     assert f"service both: cannot listen on tcp:{port}:interface=127.0.0.1" in failed.value.output
+    assert failed.value.returncode == 1
 
 
 def test_config_errors_all_at_once_without_traceback(start_netd: StartNetd) -> None:
