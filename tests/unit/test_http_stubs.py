@@ -189,6 +189,43 @@ def test_a_route_after_one_that_read_the_body_gets_it_whole(
     )
 
 
+def test_a_body_in_the_same_read_as_its_head_is_matched_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A request of known length whose body came with its head is handled once
+    the body is in: its route matches at once, without waiting for the body
+    (a stub's common case, and a second pass through the routes saved).
+    """
+    app = app_for(tmp_path, MATCHING)
+    waits: list[int] = []
+    after_body = app._after_body
+    monkeypatch.setattr(app, "_after_body", lambda *args: (waits.append(1), after_body(*args))[1])
+    wire = HTTPConnection(factory_for(app, Limits(), tls=False, http2=False))
+    transport = StringTransport()
+    wire.makeConnection(transport)
+    order = json.dumps({"customer": {"name": "alice"}, "items": [{"sku": "A"}]}).encode()
+    head = b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(order)
+    wire.dataReceived(head + order)
+    assert transport.value().startswith(b"HTTP/1.1 201 ") and waits == []
+    transport.clear()
+    # Its body split across reads: handled at the end of the first read, it waits.
+    wire.dataReceived(head + order[:5])
+    assert transport.value() == b"" and waits == [1]
+    wire.dataReceived(order[5:])
+    assert transport.value().startswith(b"HTTP/1.1 201 ")
+
+
+def test_a_route_that_does_not_read_the_body_answers_before_it_is_in(tmp_path: Path) -> None:
+    """Holding a request back until its body is in lasts one read at most."""
+    app = app_for(tmp_path, MATCHING + "      - {id: upload, path: /upload, body: thanks}\n")
+    wire = HTTPConnection(factory_for(app, Limits(), tls=False, http2=False))
+    transport = StringTransport()
+    wire.makeConnection(transport)
+    wire.dataReceived(b"PUT /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+    assert transport.value().endswith(b"\r\n\r\nthanks")
+
+
 def test_a_request_whose_body_is_matched_leaves_no_cycle(tmp_path: Path) -> None:
     """
     Objects of a request are freed when it is answered, by reference counting:
@@ -602,3 +639,24 @@ def test_hostile_bodies_do_not_break_matching(tmp_path: Path) -> None:
         assert ask(app, "/orders", "POST", body).status == 404
         assert ask(app, "/login", "POST", body).status == 404
     assert ask(app, "/users").data == b"list"  # still answering
+
+
+@pytest.mark.parametrize(
+    ("encoded", "matched"),
+    [
+        (lambda text: text.encode(), True),
+        (lambda text: b" \r\n\t" + text.encode() + b"\n ", True),
+        (lambda text: text.encode("utf-8-sig"), True),  # a BOM, as json.loads takes it
+        (lambda text: text.encode("utf-16"), True),
+        (lambda text: text.encode("utf-32-le"), True),
+        (lambda text: text.encode() + b" {}", False),  # extra data
+        (lambda text: text.encode()[:-1], False),
+    ],
+)
+def test_json_bodies_are_read_as_json_loads_reads_them(
+    tmp_path: Path, encoded: Any, matched: bool
+) -> None:
+    app = app_for(tmp_path, MATCHING)
+    order = json.dumps({"customer": {"name": "alice"}, "items": [{"sku": "A"}]})
+    exchange = ask(app, "/orders", "POST", encoded(order))
+    assert exchange.status == (201 if matched else 404)

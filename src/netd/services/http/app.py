@@ -214,6 +214,13 @@ class BodyStream:
         if done is not None:
             done()
 
+    def whole(self) -> bytes | None:
+        """The whole body, if it has all come in and is still held (not taken)."""
+        pending = self._pending
+        if not self.ended or pending is None or self._pending_size != self.size:
+            return None
+        return pending[0] if len(pending) == 1 else b"".join(pending)
+
     def rewind(self, body: bytes) -> None:
         """The whole body, read by a first taker, held again for the next one."""
         self._pending = [body]

@@ -55,29 +55,36 @@ class Answer:
     body_file: str | None = None
     delay: float = 0.0
 
-    @property
-    def reads_body(self) -> bool:
+    # Worked out once: they are asked for every request the route answers.
+    reads_body: bool = attrs.field(init=False)
+    typed: bool = attrs.field(init=False)
+
+    @reads_body.default
+    def _reads_body(self) -> bool:
         return (
             any(value.reads_body for _, value in self.headers)
             or (self.body is not None and self.body.reads_body)
             or (self.json is not None and self.json.reads_body)
         )
 
+    @typed.default
+    def _typed(self) -> bool:
+        return any(name.lower() == "content-type" for name, _ in self.headers)
+
     def render(self, scope: Scope, files: dict[str, bytes]) -> tuple[int, Headers, bytes]:
         headers = [
             (name.encode("latin-1"), _header(value.render(scope))) for name, value in self.headers
         ]
-        typed = any(name.lower() == b"content-type" for name, _ in headers)
         if self.json is not None:
             body = self.json.render(scope)
-            if not typed:
+            if not self.typed:
                 headers.append(_JSON_TYPE)
         else:
             if self.body_file is not None:
                 body = files[self.body_file]
             else:
                 body = self.body.render(scope).encode() if self.body is not None else b""
-            if not typed:
+            if not self.typed:
                 headers.append(_TEXT_TYPE)
         return self.status, headers, body
 
@@ -97,10 +104,11 @@ class Stub:
     answers: tuple[Answer, ...]
     check: Callable[[Request], str | None] | None = None
     body_read: bool = False
+    # Whether its answers are built from the body: then it waits for all of it.
+    reads_body: bool = attrs.field(init=False)
 
-    @property
-    def reads_body(self) -> bool:
-        """Whether its answers are built from the body: then it waits for all of it."""
+    @reads_body.default
+    def _reads_body(self) -> bool:
         return self.body_read or any(answer.reads_body for answer in self.answers)
 
 

@@ -60,9 +60,13 @@ class TemplateError(ValueError):
     """A template that is not in the language (said when the route is read)."""
 
 
-@attrs.frozen
+@attrs.define
 class Scope:
-    """What a template may read: the request, the route's counter, the clock."""
+    """
+    What a template may read: the request, the route's counter, the clock.
+    (Not frozen: one is made a templated request, and a frozen class's
+    initialiser costs three times as much; templates only read it.)
+    """
 
     request: Request
     counter: int
@@ -328,8 +332,10 @@ class JSONTemplate:
         if self.fixed is not None:
             return self.fixed
         text = "".join(
-            piece if isinstance(piece, str) else _encode(piece.value(scope))
-            for piece in self.pieces
+            [
+                piece if isinstance(piece, str) else _encode(piece.value(scope))
+                for piece in self.pieces
+            ]
         )
         if len(text) > MAX_RENDERED:
             raise TemplateError(f"renders past {MAX_RENDERED} characters")

@@ -240,6 +240,8 @@ class HTTPConnection(Protocol):
         self.queue: deque[LineExchange] = deque()
         self.current: LineExchange | None = None
         self.receiving: LineExchange | None = None
+        # A request held back, within one read, until its body is in (see on_headers_complete).
+        self.early: LineExchange | None = None
         self.served = 0
         self.in_head = False
         self.head_fed = 0
@@ -328,6 +330,10 @@ class HTTPConnection(Protocol):
             # trailer field (counted from the read after the last body data, so
             # at most one read more than the limit is ever held).
             self.reject(431)
+        early = self.early
+        if early is not None:  # its body goes on in a later read: routes wait for it
+            self.early = None
+            self.dispatch(early)
 
     def connectionLost(self, why: Failure = connectionDone) -> None:
         if self.h2 is not None:
@@ -388,6 +394,7 @@ class HTTPConnection(Protocol):
     def reject(self, status: int) -> None:
         """Bad input: one error response, then close without reading further."""
         self.closing = True
+        self.early = None  # the error answers it
         self.queue.clear()
         receiving = self.receiving
         if receiving is not None and receiving.status and receiving is not self.current:
@@ -514,8 +521,20 @@ class HTTPConnection(Protocol):
         self.fields = []
         self.receiving = exchange
         self.arm(self.limits.body_timeout)
-        if self.current is None:
-            self.dispatch(exchange)
+        if self.current is None and self.early is None:
+            if (
+                length
+                and self.app.reads_bodies
+                and not exchange.expect_continue
+                and not parser.should_upgrade()
+            ):
+                # Some route matches on bodies, and this one, of a known length,
+                # most often came in the same read as its head: handled once it
+                # is in (or at the end of this read), a route looks at it at
+                # once instead of waiting for it and matching again.
+                self.early = exchange
+            else:
+                self.dispatch(exchange)
         else:
             self.queue.append(exchange)
             self.pause_reading()
@@ -533,12 +552,15 @@ class HTTPConnection(Protocol):
     def on_message_complete(self) -> None:
         exchange = self.receiving
         self.receiving = None
+        if exchange is not None:
+            exchange.body.end()
+            if exchange is self.early:
+                self.early = None
+                self.dispatch(exchange)
         if self.current is None and not self.queue:
             self.arm(self.limits.keepalive_timeout)
         else:
             self.deadline = None
-        if exchange is not None:
-            exchange.body.end()
 
     # -- exchanges, in order ------------------------------------------------------------
 
