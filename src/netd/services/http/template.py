@@ -251,6 +251,10 @@ def _place(inside: str) -> _Place:
 
 # One encoder for every answer: json.dumps with options builds a new one per call.
 _encode = json.JSONEncoder(ensure_ascii=False).encode
+# What that encoder does with a string (the common filled-in value), without its
+# Python-level dispatch: a request's answer is built with caches cold, where
+# each Python function it passes through costs more than its work.
+_encode_text = json.encoder.encode_basestring
 
 
 def _joined(pieces: list[str | Template]) -> list[str | Template]:
@@ -331,12 +335,14 @@ class JSONTemplate:
     def render(self, scope: Scope) -> bytes:
         if self.fixed is not None:
             return self.fixed
-        text = "".join(
-            [
-                piece if isinstance(piece, str) else _encode(piece.value(scope))
-                for piece in self.pieces
-            ]
-        )
+        pieces = []
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                pieces.append(piece)
+            else:
+                value = piece.value(scope)
+                pieces.append(_encode_text(value) if isinstance(value, str) else _encode(value))
+        text = "".join(pieces)
         if len(text) > MAX_RENDERED:
             raise TemplateError(f"renders past {MAX_RENDERED} characters")
         return text.encode()
