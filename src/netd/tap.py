@@ -8,6 +8,7 @@ service map, then hands back the service tree for twistd to start.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import pwd
 import signal
@@ -186,9 +187,41 @@ class _ParentNotice:
         self._say(b"1 netd stopped before it was ready; see the log")
 
 
+class _CollectorPause:
+    """
+    Keeps Python's cyclic garbage collector off from reading the map until the
+    daemon is ready or stopping.  Start-up imports every kind the map names and
+    builds hundreds of classes; each collection of the young generation then
+    walks all of them again, about a tenth of the time to ready for the
+    showcase map.  What start-up leaves as cyclic garbage is collected once, at
+    ready, before the first client is served.
+    """
+
+    def __init__(self) -> None:
+        gc.disable()
+
+    def ready(self, daemon: Daemon) -> None:
+        self._resume()
+
+    def reloading(self, daemon: Daemon) -> None:
+        pass
+
+    def reloaded(self, daemon: Daemon) -> None:
+        pass
+
+    def stopping(self, daemon: Daemon) -> None:
+        self._resume()
+
+    def _resume(self) -> None:
+        if not gc.isenabled():
+            gc.collect()
+            gc.enable()
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    collector = _CollectorPause()
     try:
         config = load_config(options["config"])
     except ConfigErrors as e:
@@ -201,4 +234,5 @@ def makeService(options: Options) -> IService:
         raise SystemExit(1)
     daemon = Daemon(config, reactor, ports_file=ports_file)
     daemon.observers.append(systemd.Notifier.from_environment(os.environ, reactor))
+    daemon.observers.append(collector)
     return _Root(daemon, reactor, getattr(options, "parent", None))

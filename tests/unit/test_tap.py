@@ -1,11 +1,17 @@
-"""The answer a daemonizing twistd's parent waits for."""
+"""The answer a daemonizing twistd's parent waits for; the collector's pause at start-up."""
 
 from __future__ import annotations
 
+import gc
 import os
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
-from netd.tap import _ParentNotice
+import pytest
+
+from netd.tap import Options, _CollectorPause, _ParentNotice, makeService
 
 NO_DAEMON: Any = None
 
@@ -33,3 +39,52 @@ def test_stopping_before_ready_is_a_failure_in_twistds_format() -> None:
     notice.ready(NO_DAEMON)
     # twistd's parent prints what follows the first two bytes ("1 ").
     assert read_all(read).startswith(b"1 netd stopped before it was ready")
+
+
+class _Cyclic:
+    def __init__(self) -> None:
+        self.me = self
+
+
+@pytest.fixture
+def collector_restored() -> Iterator[None]:
+    yield
+    gc.enable()
+
+
+def _paused_start(tmp_path: Path) -> tuple[Any, _CollectorPause]:
+    service_map = tmp_path / "netd.yaml"
+    service_map.write_text(
+        "state_dir: state\n"
+        "services:\n  echo:\n    type: echo\n    listen: ['tcp:0:interface=127.0.0.1']\n"
+    )
+    options = Options()
+    options.parseOptions(["-c", str(service_map)])
+    root = makeService(options)
+    [pause] = [o for o in root.daemon.observers if isinstance(o, _CollectorPause)]
+    return root.daemon, pause
+
+
+def test_the_collector_is_off_from_reading_the_map_until_ready(
+    tmp_path: Path, collector_restored: None
+) -> None:
+    daemon, pause = _paused_start(tmp_path)
+    assert not gc.isenabled()
+    garbage = weakref.ref(_Cyclic())
+    for _ in range(10 * gc.get_threshold()[0]):
+        _Cyclic()  # allocations that would start collections, were it on
+    pause.reloading(daemon)
+    pause.reloaded(daemon)
+    assert not gc.isenabled()
+    assert garbage() is not None
+    pause.ready(daemon)
+    assert gc.isenabled()
+    assert garbage() is None  # what start-up left in cycles is collected at ready
+
+
+def test_a_daemon_stopping_before_ready_turns_the_collector_back_on(
+    tmp_path: Path, collector_restored: None
+) -> None:
+    daemon, pause = _paused_start(tmp_path)
+    pause.stopping(daemon)
+    assert gc.isenabled()
