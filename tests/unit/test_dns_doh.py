@@ -446,3 +446,66 @@ def test_a_client_goaway_waits_for_the_answers_it_is_owed(tmp_path: Path) -> Non
     sent = h2_frames(transport.value())
     assert sent[-1][0] == 0 and dns.message.from_wire(sent[-1][3]).answer
     assert transport.disconnecting
+
+
+def _get(client: h2.connection.H2Connection, stream_id: int, query: bytes) -> None:
+    path = b"/dns-query?dns=" + base64.urlsafe_b64encode(query).rstrip(b"=")
+    client.send_headers(
+        stream_id,
+        [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"x"), (b":path", path)],
+        end_stream=True,
+    )
+
+
+def test_http2_a_reply_is_made_once_and_dated_at_each_sending(tmp_path: Path) -> None:
+    protocol, transport, clock = connect(tmp_path, H2Transport())
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    h2_exchange(protocol, transport, client)
+    heads: dict[int, dict[bytes, bytes]] = {}
+    bodies: dict[int, bytes] = {}
+    for stream_id in (1, 3):
+        _get(client, stream_id, WWW)
+        for event in h2_exchange(protocol, transport, client):
+            if isinstance(event, h2.events.ResponseReceived):
+                heads[event.stream_id] = dict(event.headers)
+            elif isinstance(event, h2.events.DataReceived):
+                bodies[event.stream_id] = event.data
+        clock.advance(1)
+    assert bodies[1] == bodies[3] and dns.message.from_wire(bodies[1]).answer
+    assert heads[1][b"date"] != heads[3][b"date"]
+    del heads[1][b"date"], heads[3][b"date"]
+    assert heads[1] == heads[3]
+    assert heads[1][b"content-length"] == b"%d" % len(bodies[1])
+    assert list(protocol.doh.replies) == [bodies[1]]  # type: ignore[attr-defined]
+
+
+def test_http2_answers_in_one_frame_keep_to_the_connection_window(tmp_path: Path) -> None:
+    protocol, transport, _ = connect(tmp_path, H2Transport(), big=True)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(header_encoding=None))
+    client.initiate_connection()
+    h2_exchange(protocol, transport, client)
+    query = dns.message.make_query("many.netd.test", "TXT", id=0).to_wire()
+    # 40 answers of over 2,000 bytes each: more than the connection's 65,535-byte
+    # window, though each fits its own stream's window and one frame.
+    streams = range(1, 81, 2)
+    for stream_id in streams:
+        _get(client, stream_id, query)
+    answers: dict[int, bytes] = {}
+    ended: set[int] = set()
+    held_back = False
+    for _ in range(40):
+        # hyper-h2 raises FlowControlError on DATA beyond the window it gave.
+        events = h2_exchange(protocol, transport, client)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                answers[event.stream_id] = answers.get(event.stream_id, b"") + event.data
+                client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                ended.add(event.stream_id)
+        held_back = held_back or 0 < len(ended) < len(streams)
+        if len(ended) == len(streams):
+            break
+    assert held_back and ended == set(streams)
+    assert len({answers[s] for s in streams}) == 1
+    assert len(dns.message.from_wire(answers[1]).answer[0]) == 30

@@ -109,7 +109,7 @@ _HUFFMAN_KEPT = 10_000
 class _Reply:
     """One HTTP answer: status, content type, extra headers, body."""
 
-    __slots__ = ("body", "extra", "kind", "status")
+    __slots__ = ("body", "extra", "h2_fields", "kind", "status")
 
     def __init__(
         self, status: int, kind: bytes, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()
@@ -118,6 +118,9 @@ class _Reply:
         self.kind = kind
         self.body = body
         self.extra = extra
+        # Its HTTP/2 header fields but the date, HPACK-encoded when first sent:
+        # a reply is kept (DoHFactory.replies) and sent again for the same answer.
+        self.h2_fields: bytes | None = None
 
 
 @implementer(IProtocolNegotiationFactory)
@@ -135,7 +138,10 @@ class DoHFactory(Factory):
         self.clock = dns_server.clock
         self.timeout = timeout
         self.max_ages: dict[bytes, int] = {}
-        self._date = (-1, b"")
+        # GET queries carry ID 0 (RFC 8484 section 4.1), so a name asked again
+        # has the same answer, byte for byte: its reply is made once.
+        self.replies: dict[bytes, _Reply] = {}
+        self._date = (-1, b"", b"")
 
     def acceptableProtocols(self) -> list[bytes]:
         return [b"h2", b"http/1.1"]
@@ -145,10 +151,18 @@ class DoHFactory(Factory):
 
     def date(self) -> bytes:
         """The Date header's value (RFC 9110 section 6.6.1), made once a second."""
+        return self._now()[1]
+
+    def date_field(self) -> bytes:
+        """The Date header as an HPACK field, made once a second."""
+        return self._now()[2]
+
+    def _now(self) -> tuple[int, bytes, bytes]:
         now = int(self.clock.seconds())
         if self._date[0] != now:
-            self._date = (now, formatdate(now, usegmt=True).encode())
-        return self._date[1]
+            date = formatdate(now, usegmt=True).encode()
+            self._date = (now, date, _literal(_DATE, date))
+        return self._date
 
     def answer(
         self,
@@ -193,13 +207,20 @@ class DoHFactory(Factory):
         return answer.addCallback(self._reply)
 
     def _reply(self, answer: bytes) -> _Reply:
+        reply = self.replies.get(answer)
+        if reply is not None:
+            return reply
         key = answer[2:]
         age = self.max_ages.get(key)
         if age is None:
             if len(self.max_ages) >= _MAX_AGES:
                 self.max_ages.clear()
             age = self.max_ages[key] = max_age(answer)
-        return _Reply(200, MESSAGE_TYPE, answer, ((b"cache-control", b"max-age=%d" % age),))
+        reply = _Reply(200, MESSAGE_TYPE, answer, ((b"cache-control", b"max-age=%d" % age),))
+        if len(self.replies) >= _MAX_AGES:
+            self.replies.clear()
+        self.replies[answer] = reply
+        return reply
 
     def refuse(self, status: int, why: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> _Reply:
         self.stats.count("doh_rejected")
@@ -742,19 +763,30 @@ class _HTTP2:
 
     def _send(self, stream_id: int, stream: _Stream, reply: _Reply) -> None:
         head_only = stream.method == b"HEAD"
-        block = [
-            _STATUS_200 if reply.status == 200 else _literal(_STATUS, b"%d" % reply.status),
-            _literal(_CONTENT_TYPE, reply.kind),
-            _literal(_CONTENT_LENGTH, b"%d" % len(reply.body)),
-            _literal(_DATE, self.doh.date()),
-        ]
-        block.extend(_literal(_STATIC_NAMES[name], value) for name, value in reply.extra)
+        fields = reply.h2_fields
+        if fields is None:
+            fields = reply.h2_fields = b"".join(
+                [
+                    _STATUS_200 if reply.status == 200 else _literal(_STATUS, b"%d" % reply.status),
+                    _literal(_CONTENT_TYPE, reply.kind),
+                    _literal(_CONTENT_LENGTH, b"%d" % len(reply.body)),
+                    *(_literal(_STATIC_NAMES[name], value) for name, value in reply.extra),
+                ]
+            )
         flags = _END_HEADERS | (_END_STREAM if head_only else 0)
-        self.out.append(_frame(_HEADERS, flags, stream_id, b"".join(block)))
+        self.out.append(_frame(_HEADERS, flags, stream_id, fields + self.doh.date_field()))
         if head_only:
             del self.streams[stream_id]
             return
-        stream.unsent = memoryview(reply.body)
+        body = reply.body
+        size = len(body)
+        if 0 < size <= self.window and size <= stream.window and size <= self.frame_size:
+            # A DNS answer nearly always goes in one DATA frame.
+            self.window -= size
+            del self.streams[stream_id]
+            self.out.append(_frame(_DATA, _END_STREAM, stream_id, body))
+            return
+        stream.unsent = memoryview(body)
         self._send_data(stream_id)
 
     def _send_data(self, stream_id: int) -> None:
