@@ -197,6 +197,14 @@ class Server:
         this standing, counted as sent, or None: the same query gets the same
         answer from local data or the cache, sent again without parsing it.
         """
+        prepared = self.prepared_for(data, udp, recursion)
+        if prepared is None:
+            return None
+        self.count_prepared({prepared: 1})
+        return data[:2] + prepared.tail
+
+    def prepared_for(self, data: bytes, udp: bool, recursion: bool) -> _Prepared | None:
+        """L{prepared_reply}'s answer, not yet counted: its bytes are C{data[:2] + tail}."""
         if not self.send_prepared or len(data) > _PREPARED_QUERY:
             return None
         prepared = self.prepared.get((udp, recursion, data[2:]))
@@ -208,11 +216,14 @@ class Server:
             current, prepared.until = self.cache.get_until(prepared.cache_key)
             if current is not prepared.sections and not self._splice(prepared, current):
                 return None
-        # The hot path: counted in place rather than one call a counter.
+        return prepared
+
+    def count_prepared(self, sent: dict[_Prepared, int]) -> None:
+        """Counts prepared answers sent, as many times as C{sent} says each."""
         counters = self.stats.counters
-        for counter in prepared.counters:
-            counters[counter] = counters.get(counter, 0) + 1
-        return data[:2] + prepared.tail
+        for prepared, times in sent.items():
+            for counter in prepared.counters:
+                counters[counter] = counters.get(counter, 0) + times
 
     def answer(
         self, data: bytes, client: Any, udp: bool, recursion: bool, transport: str | None = None
@@ -545,11 +556,15 @@ class Datagrams(DatagramProtocol):
         stats = self.stats
         recvfrom = port.socket.recvfrom
         sendto = self._sendto
-        standing = server.standing
-        prepared_reply = server.prepared_reply
+        # Without upstreams no client may recurse: nothing to ask a query.
+        standing = server.standing if server.forwarder is not None else None
+        prepared_for = server.prepared_for
         limit = port.maxThroughput
         trim = port.addressFamily == socket.AF_INET6
         received = sent = 0
+        # The prepared answers sent this turn, each with how many times: their
+        # counters are added once a turn, not two or three dict updates a query.
+        tally: dict[_Prepared, int] = {}
         try:
             while received < limit:
                 try:
@@ -562,9 +577,12 @@ class Datagrams(DatagramProtocol):
                 if trim:
                     addr = addr[:2]  # as Twisted gives it: no flow label, no scope
                 try:
-                    recursion = standing(addr)
-                    answer = prepared_reply(data, True, recursion)
-                    if answer is None:
+                    recursion = False if standing is None else standing(addr)
+                    prepared = prepared_for(data, True, recursion)
+                    if prepared is not None:
+                        tally[prepared] = tally.get(prepared, 0) + 1
+                        answer = data[:2] + prepared.tail
+                    else:
                         made = server.answer(data, addr, True, recursion)
                         if made is None:
                             continue
@@ -586,6 +604,8 @@ class Datagrams(DatagramProtocol):
         finally:
             stats.bytes_in += received
             stats.bytes_out += sent
+            if tally:
+                server.count_prepared(tally)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         # Only for a transport that is not a udp.Port (L{read} serves those).
