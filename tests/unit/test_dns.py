@@ -1124,6 +1124,33 @@ def test_udp_read_answers_every_waiting_query_prepared_or_not(
     assert counters["queries"] == 4
 
 
+def test_udp_read_sends_prepared_cached_answers_with_the_turns_ttls(tmp_path: Path) -> None:
+    clock = Clock()
+    srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)
+    question = key("a.example")
+    srv.cache.put(question, upstream_reply(question, ["a.example. 100 IN A 10.0.0.1"]))
+    port = ReadingPort()
+    Datagrams(srv).makeConnection(port)  # type: ignore[arg-type]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+        client.connect(port.socket.getsockname())
+        for seconds in (0, 0, 10):
+            clock.advance(seconds)
+            for _ in range(3):
+                client.send(make_wire("a.example"))
+            port.doRead()
+            assert [a.answer[0].ttl for a in replies(client, 3)] == [100 - int(clock.seconds())] * 3
+        # Gone from the cache: the prepared answer is not sent, the upstream is asked.
+        clock.advance(90)
+        srv.forwarder.resolve = lambda q: Deferred()  # type: ignore[method-assign,union-attr]
+        client.send(make_wire("a.example"))
+        port.doRead()
+    port.socket.close()
+    counters = srv.stats.counters
+    assert counters["cache_hits"] == 9 and counters["cache_misses"] == 1
+    assert counters["queries"] == 10
+
+
 def test_a_transport_without_a_socket_gets_answers_through_datagram_received(
     tmp_path: Path,
 ) -> None:
