@@ -563,9 +563,9 @@ class Datagrams(DatagramProtocol):
         sendto = self._sendto
         # Without upstreams no client may recurse: nothing to ask a query.
         standing = server.standing if server.forwarder is not None else None
-        # Server.prepared_for, taken apart: its tests once a turn, its lookup
-        # inline (a call a query was 3% of a local answer's CPU), the cache's
-        # TTLs against the turn's clock.
+        # Server.prepared_for, taken apart: whether prepared answers may be sent
+        # asked once a turn, the lookup inline (a call a query cost about 2% of a
+        # local answer's CPU), cached TTLs checked against the turn's clock.
         prepared_answers = server.prepared.get if server.send_prepared else None
         fresh = server.fresh
         now = server.clock.seconds()
