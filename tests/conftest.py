@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable, Iterator
 from itertools import count
@@ -43,3 +44,24 @@ def unused_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
     return port
+
+
+def fixed_port(host: str = "127.0.0.1", udp: bool = False) -> int:
+    """
+    A port free just now on C{host} (TCP, and UDP too if asked), for a map that
+    names its port.  Below the kernel's ephemeral range: a port the kernel hands
+    out and takes back (port 0) may be another test daemon's port 0 a moment
+    later, and netd, binding it after that, fails to start or loses a listener
+    (CI runs failed both ways).
+    """
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(10000, ephemeral)
+        try:
+            with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dgram:
+                tcp.bind((host, port))
+                if udp:
+                    dgram.bind((host, port))
+        except OSError:
+            continue
+        return port

@@ -19,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from netd.testing import NetdProcess
-from tests.conftest import StartNetd
+from tests.conftest import StartNetd, fixed_port
 
 TOKEN = "s3cret-token"
 
@@ -254,9 +254,7 @@ def test_non_loopback_admin_without_token_is_refused(start_netd: StartNetd) -> N
 
 
 def test_reload_moves_a_fixed_port_to_another_interface(start_netd: StartNetd) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = fixed_port("")  # netd binds it on every interface first
     before = BASE.replace(
         'type: qotd\n    listen: ["tcp:0:interface=127.0.0.1"]',
         f'type: qotd\n    listen: ["tcp:{port}"]',

@@ -30,7 +30,7 @@ import dns.rrset
 import pytest
 
 from netd.testing import NetdProcess
-from tests.conftest import StartNetd
+from tests.conftest import StartNetd, fixed_port
 from tests.maps import lab_map
 
 DIG = shutil.which("dig")
@@ -164,23 +164,8 @@ def upstream() -> Iterator[Upstream]:
 
 
 def shared_port() -> int:
-    """
-    A loopback port free for both TCP and UDP: dig retries a truncated answer on
-    the same one.  Below the kernel's ephemeral range: a port the kernel hands
-    out and takes back (port 0) may be another daemon's port 0 a moment later,
-    and netd, binding it after that, would lose one of its two listeners (a CI
-    run's dns service started without them).
-    """
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-    while True:
-        port = random.randrange(10000, int(ephemeral[0]))
-        try:
-            with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                tcp.bind((LOCAL, port))
-                udp.bind((LOCAL, port))
-        except OSError:
-            continue
-        return port
+    """A loopback port free for both TCP and UDP: dig retries a truncated answer on the same one."""
+    return fixed_port(LOCAL, udp=True)
 
 
 _REFUSING: list[socket.socket] = []
