@@ -331,6 +331,24 @@ def test_upload_replaces_the_target_only_when_complete(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin"]
 
 
+def test_upload_batches_fill_one_kept_buffer_across_uneven_reads(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    upload = Upload(target, 0, maybeDeferred, [].append, os.path.realpath(tmp_path))
+    upload.batch, upload.high_water = 4, 16
+    result_of(upload.open())
+    data = bytes(range(30))
+    filled: list[bytearray] = []  # kept alive, so a new buffer cannot take an old one's place
+    for start in range(0, len(data), 3):
+        upload.write(data[start : start + 3])  # reads that straddle the batches
+        buffer = upload._filling
+        if buffer is not None and not any(buffer is seen for seen in filled):
+            filled.append(buffer)
+    result_of(upload.finish())
+    assert target.read_bytes() == data
+    # Two buffers in turn, the rest of a read going into one while the other is written.
+    assert len(filled) == 2
+
+
 def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Path) -> None:
     pending: list[Deferred[Any]] = []
 

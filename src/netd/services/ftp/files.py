@@ -664,6 +664,11 @@ class Upload:
     An upload in progress: bytes are batched in memory and written by a thread
     to a temporary file next to the target, renamed over it only when complete.
 
+    A batch is gathered in a buffer of C{batch} bytes that the upload keeps and
+    fills again once written, not as the reads' own bytes objects: freeing a
+    batch of those let glibc give the heap's top back after every batch and
+    fault it in again for the next (a third of an upload's system time).
+
     @ivar offset: C{REST} (or the current size, for C{APPE}): that many bytes of
         the existing file are copied into the temporary file first.
     """
@@ -691,7 +696,13 @@ class Upload:
         self.run_in_thread = run_in_thread
         self.pause = pause
         self.received = 0
-        self._pending: list[bytes] = []
+        # Batches full and waiting for the writer, the one being filled, and
+        # buffers written and free to fill again.
+        self._full: list[memoryview] = []
+        self._filling: bytearray | None = None
+        self._filled = 0
+        self._free: list[bytearray] = []
+        # Bytes received and not yet handed to the writer.
         self._pending_bytes = 0
         self._writing: Deferred[None] | None = None
         self._paused = False
@@ -733,24 +744,43 @@ class Upload:
 
     def write(self, data: bytes) -> None:
         self.received += len(data)
-        self._pending.append(data)
         self._pending_bytes += len(data)
-        if self._writing is None and self._pending_bytes >= self.batch:
+        rest = memoryview(data)
+        while rest:
+            if self._filling is None:
+                # A new buffer grows with what comes (a small upload stays
+                # small); a written one is filled again in place.
+                self._filling = self._free.pop() if self._free else bytearray()
+                self._filled = 0
+            piece = rest[: self.batch - self._filled]
+            self._filling[self._filled : self._filled + len(piece)] = piece
+            self._filled += len(piece)
+            rest = rest[len(piece) :]
+            if self._filled == self.batch:
+                self._full.append(memoryview(self._filling)[: self.batch])
+                self._filling = None
+        if self._writing is None and self._full:
             self._flush()
         elif self._pending_bytes >= self.high_water and not self._paused:
             self._paused = True
             self.pause(True)
 
     def _flush(self) -> Deferred[None]:
-        chunks = self._pending
-        self._pending, self._pending_bytes = [], 0
+        batch = self._full.pop(0)
+        self._pending_bytes -= len(batch)
         assert self._file is not None
-        self._writing = self.run_in_thread(_write_all, self._file.fileno(), chunks)
-        return self._writing.addCallbacks(self._written, self._write_failed)
+        self._writing = self.run_in_thread(_write_all, self._file.fileno(), [batch])
+        return self._writing.addCallbacks(self._written, self._write_failed, (batch,))
 
-    def _written(self, result: object) -> None:
+    def _written(self, result: object, batch: memoryview | None = None) -> None:
         self._writing = None
-        if self._pending_bytes >= self.batch and not (self._failed or self._finishing):
+        if batch is not None:
+            buffer = batch.obj
+            batch.release()
+            # Two buffers keep a steady upload going: one written, one filled.
+            if isinstance(buffer, bytearray) and len(self._free) < 2:
+                self._free.append(buffer)
+        if self._full and not (self._failed or self._finishing):
             self._flush()
         if self._paused and self._pending_bytes < self.high_water:
             self._paused = False
@@ -759,7 +789,18 @@ class Upload:
     def _write_failed(self, reason: Failure) -> None:
         self._writing = None
         self._failed = reason
-        self._pending, self._pending_bytes = [], 0
+        self._drop_pending()
+
+    def _take_pending(self) -> list[memoryview]:
+        """Every byte not yet handed to the writer, in order; none kept after."""
+        batches = self._full
+        if self._filling is not None and self._filled:
+            batches.append(memoryview(self._filling)[: self._filled])
+        self._drop_pending()
+        return batches
+
+    def _drop_pending(self) -> None:
+        self._full, self._filling, self._filled, self._pending_bytes = [], None, 0, 0
 
     def finish(self) -> Deferred[None]:
         """Write what is left and put the file in place."""
@@ -770,13 +811,11 @@ class Upload:
             if self._failed is not None:
                 failed = self._failed
                 return self.abort().addCallback(lambda _: failed)
-            chunks = self._pending
-            self._pending, self._pending_bytes = [], 0
-            return self.run_in_thread(self._commit, chunks)
+            return self.run_in_thread(self._commit, self._take_pending())
 
         return waiting.addCallback(complete)
 
-    def _commit(self, chunks: list[bytes]) -> None:
+    def _commit(self, chunks: list[memoryview]) -> None:
         assert self._file is not None
         assert self._folder is not None
         try:
@@ -796,7 +835,7 @@ class Upload:
     def abort(self) -> Deferred[None]:
         """Forget the upload: the target keeps what it had."""
         self._finishing = True
-        self._pending, self._pending_bytes = [], 0
+        self._drop_pending()
         waiting = self._writing if self._writing is not None else succeed(None)
         return waiting.addBoth(lambda _: self.run_in_thread(self._discard))
 
@@ -814,7 +853,7 @@ class Upload:
             os.close(folder)
 
 
-def _write_all(fd: int, chunks: list[bytes]) -> None:
+def _write_all(fd: int, chunks: list[memoryview]) -> None:
     """Write C{chunks} in order with as few C{writev} calls as the kernel allows."""
     views = [memoryview(chunk) for chunk in chunks if chunk]
     while views:
