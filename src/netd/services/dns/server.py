@@ -200,7 +200,7 @@ class Server:
         prepared = self.prepared_for(data, udp, recursion)
         if prepared is None:
             return None
-        self.count_prepared({prepared: 1})
+        self.count_prepared(prepared, 1)
         return data[:2] + prepared.tail
 
     def prepared_for(self, data: bytes, udp: bool, recursion: bool) -> _Prepared | None:
@@ -223,12 +223,11 @@ class Server:
                 return None
         return prepared
 
-    def count_prepared(self, sent: dict[_Prepared, int]) -> None:
-        """Counts prepared answers sent, as many times as C{sent} says each."""
+    def count_prepared(self, prepared: _Prepared, times: int) -> None:
+        """Counts a prepared answer sent C{times} times."""
         counters = self.stats.counters
-        for prepared, times in sent.items():
-            for counter in prepared.counters:
-                counters[counter] = counters.get(counter, 0) + times
+        for counter in prepared.counters:
+            counters[counter] = counters.get(counter, 0) + times
 
     def answer(
         self, data: bytes, client: Any, udp: bool, recursion: bool, transport: str | None = None
@@ -618,8 +617,8 @@ class Datagrams(DatagramProtocol):
         finally:
             stats.bytes_in += received
             stats.bytes_out += sent
-            if tally:
-                server.count_prepared(tally)
+            for prepared, times in tally.items():
+                server.count_prepared(prepared, times)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         # Only for a transport that is not a udp.Port (L{read} serves those).
