@@ -155,6 +155,12 @@ def measure_round(
     for server in servers:
         record(server, "rss_idle_mib", proc_mib(server.pid, "VmRSS"))
         curl_rate(f"ftp://127.0.0.1:{server.port}/big.bin")  # warm the page cache and server
+        # And one upload: on this VM a process's first 100 MiB written to the page
+        # cache often cost 150-300 ms of kernel CPU (in the copy into new pages),
+        # later ones 20 ms, in any program (a plain Python writer too), which
+        # made a server's upload CPU depend on which run was its first.
+        curl_rate("-T", str(source), f"ftp://127.0.0.1:{server.port}/up.bin")
+        os.unlink(server.root / "up.bin")
     size_mib = source.stat().st_size / 2**20
 
     def timed(

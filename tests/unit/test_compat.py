@@ -478,7 +478,7 @@ def test_wake_one_waiter_registers_a_reading_port_exclusively_and_twisted_can_dr
         reactor._poller.close()
 
 
-def test_read_datagrams_with_is_what_the_reactor_calls_when_the_port_can_be_read() -> None:
+def test_read_with_is_what_the_reactor_calls_when_a_port_can_be_read() -> None:
     from twisted.internet.epollreactor import EPollReactor
     from twisted.internet.protocol import DatagramProtocol
 
@@ -490,7 +490,7 @@ def test_read_datagrams_with_is_what_the_reactor_calls_when_the_port_can_be_read
     try:
         port = reactor.listenUDP(0, Refuses(), interface="127.0.0.1")
         read: list[bytes] = []
-        compat.read_datagrams_with(port, lambda: read.append(port.socket.recv(100)))
+        compat.read_with(port, lambda: read.append(port.socket.recv(100)))
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
             client.sendto(b"ping", port.socket.getsockname())
             for _ in range(50):  # bounded: one datagram on loopback is there at once

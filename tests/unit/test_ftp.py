@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from twisted.cred import credentials
 from twisted.cred.checkers import ANONYMOUS
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet import main
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -26,7 +28,7 @@ from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
 from netd.events import ServiceStats
-from netd.services.ftp import Options
+from netd.services.ftp import Options, files
 from netd.services.ftp.data import LineEnds, PassivePort
 from netd.services.ftp.files import (
     FACTS,
@@ -347,6 +349,83 @@ def test_upload_batches_fill_one_kept_buffer_across_uneven_reads(tmp_path: Path)
     assert target.read_bytes() == data
     # Two buffers in turn, the rest of a read going into one while the other is written.
     assert len(filled) == 2
+
+
+def test_upload_read_into_its_own_buffer_keeps_the_bytes_in_order(tmp_path: Path) -> None:
+    target = tmp_path / "file.bin"
+    upload = Upload(target, 0, maybeDeferred, [].append, os.path.realpath(tmp_path))
+    upload.batch, upload.high_water = 4, 16
+    result_of(upload.open())
+    upload.write(b"ab")  # early bytes, copied in before the socket is read into the buffer
+    offered: list[int] = []
+    for arrived in (b"c", b"defgh", b"ijk"):  # what each turn finds on the socket
+        while arrived:
+            space = upload.space()
+            offered.append(len(space))
+            count = min(len(space), len(arrived))  # a read takes no more than it is offered
+            space[:count] = arrived[:count]
+            del space  # as the reader does: no view outlives the read
+            upload.filled(count)
+            arrived = arrived[count:]
+    result_of(upload.finish())
+    assert target.read_bytes() == b"abcdefghijk"
+    # Each offer is the rest of the batch being filled: never empty, never past it.
+    assert offered == [2, 1, 4, 4]
+    assert upload.received == 11
+
+
+def test_upload_read_into_starts_small_and_doubles_to_a_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(files, "_FIRST_READ", 4)
+    target = tmp_path / "file.bin"
+    upload = Upload(target, 0, maybeDeferred, [].append, os.path.realpath(tmp_path))
+    upload.batch, upload.high_water = 16, 64
+    result_of(upload.open())
+    data = bytes(range(40))
+    offered: list[int] = []
+    while len(offered) < 40 and upload.received < len(data):
+        space = upload.space()
+        offered.append(len(space))
+        count = len(space)
+        space[:] = data[upload.received : upload.received + count].ljust(count, b"?")
+        del space
+        upload.filled(min(count, len(data) - upload.received))
+    result_of(upload.finish())
+    assert target.read_bytes() == data
+    # 4, then doubled to 8 and 16 bytes (the batch); a written batch's buffer is reused whole.
+    assert offered[:5] == [4, 4, 8, 16, 16]
+
+
+def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
+    from netd.services.ftp.data import _reader
+
+    class Into:
+        def __init__(self) -> None:
+            self.buffer = bytearray(8)
+            self.got = bytearray()
+
+        def space(self) -> memoryview:
+            return memoryview(self.buffer)
+
+        def filled(self, count: int) -> None:
+            self.got += self.buffer[:count]
+
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        into = Into()
+        read = _reader(ours, into)
+        assert read() is None and into.got == b""  # nothing there yet: no data, not an end
+        theirs.sendall(b"0123456789")
+        assert read() is None and read() is None
+        assert into.got == b"0123456789"  # read in the pieces the buffer offers
+        theirs.shutdown(socket.SHUT_WR)
+        assert read() is main.CONNECTION_DONE
+        theirs.close()
+    broken = socket.socket()
+    broken.close()
+    assert _reader(broken, Into())() is main.CONNECTION_LOST
 
 
 def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ __all__ = [
     "may_send_now",
     "own_attribute",
     "parse_endpoint",
-    "read_datagrams_with",
+    "read_with",
     "run_twistd_with",
     "share_listening_socket",
     "wake_one_waiter",
@@ -180,17 +180,22 @@ def run_twistd_with(plugin: Any) -> None:
     app.run(runApp, PluginOnly)
 
 
-def read_datagrams_with(port: Any, read: Callable[[], None]) -> None:
+def read_with(descriptor: Any, read: Callable[[], object]) -> None:
     """
-    Have the reactor call C{read} where it calls C{port.doRead}: the protocol
-    reads the udp.Port's socket itself.  Twisted has no hook between its read
-    loop and C{datagramReceived}, and for a server whose whole work a datagram
-    is a dict lookup (dns's prepared answers) that loop and the call a datagram
-    are most of the Python it runs.  The reactor looks C{doRead} up on the port
-    each time, so an attribute of the instance takes its place; the port's own
+    Have the reactor call C{read} where it calls C{descriptor.doRead}: the
+    protocol reads the socket itself.  Twisted has no hook between its read
+    loop and the protocol: a udp.Port calls C{datagramReceived} for each
+    datagram, and for a server whose whole work a datagram is a dict lookup
+    (dns's prepared answers) that loop and the call are most of the Python it
+    runs; a tcp.Connection reads into a new bytes object each time, which an
+    upload then copies into its own buffer (ftp's uploads read into that buffer
+    instead).  C{read} returns what C{doRead} would: None, or why the
+    connection ended (L{twisted.internet.main}'s C{CONNECTION_DONE} or
+    C{CONNECTION_LOST}).  The reactor looks C{doRead} up on the descriptor each
+    time, so an attribute of the instance takes its place; the class's own
     method stays for anyone who calls it by class.
     """
-    port.doRead = read
+    descriptor.doRead = read
 
 
 def wake_one_waiter(reactor: Any, port: Any) -> bool:

@@ -19,7 +19,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.compat import read_datagrams_with
+from netd.compat import read_with
 from netd.kinds import BuildContext, IOwesReplies, RepliesOwed
 from netd.schema import in_networks
 from netd.services.dns.data import (
@@ -547,7 +547,7 @@ class Datagrams(DatagramProtocol):
         sock = getattr(self.transport, "socket", None)
         self._sendto = sock.sendto if sock is not None else self.transport.write
         if sock is not None:
-            read_datagrams_with(self.transport, self.read)
+            read_with(self.transport, self.read)
 
     def read(self) -> None:
         """

@@ -10,8 +10,10 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as net_error
+from twisted.internet import main, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -29,6 +31,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.compat import read_with
 from netd.schema import client_address
 from netd.services.ftp.files import Upload
 
@@ -43,6 +46,7 @@ __all__ = [
     "ListenPassive",
     "NoPassivePort",
     "PassivePort",
+    "ReadInto",
     "plain_host",
 ]
 
@@ -159,17 +163,59 @@ class DataConnection(Protocol):
             if sum(map(len, self._early)) > Upload.high_water:
                 self.transport.pauseProducing()
 
-    def take(self, sink: Callable[[bytes], None]) -> None:
+    def take(self, sink: Callable[[bytes], None], into: ReadInto | None = None) -> None:
+        """
+        What was received and what comes goes to C{sink}; or, given C{into} and
+        a plain TCP transport, what comes is read from the socket straight
+        into the buffer C{into} offers (see L{ReadInto}).
+        """
         self.sink = sink
         early, self._early = self._early, []
         for data in early:
             sink(data)
+        # A connection that has ended already (a short upload read whole before
+        # the command got here) has no socket left to read.
+        sock = getattr(self.transport, "socket", None)
+        if into is not None and isinstance(self.transport, tcp.Connection) and sock is not None:
+            read_with(self.transport, _reader(sock, into))
         self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.channel.lost(self)
         # Whether the connection ended cleanly (a FIN, not a reset or an abort).
         self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
+
+
+class ReadInto(TypingProtocol):
+    """Where an upload takes its bytes when the socket is read into its buffer."""
+
+    def space(self) -> memoryview:
+        """Where the next bytes go (never empty)."""
+
+    def filled(self, count: int) -> None:
+        """C{count} bytes were put at the start of the last L{space}."""
+
+
+def _reader(sock: socket.socket, into: ReadInto) -> Callable[[], object]:
+    """
+    The data connection's C{doRead}: Twisted's (EWOULDBLOCK is no data yet,
+    any other error a lost connection, nothing read the end), reading into
+    C{into}'s buffer rather than a new bytes object for the protocol.
+    """
+
+    def read() -> object:
+        try:
+            count = sock.recv_into(into.space())
+        except BlockingIOError:
+            return None
+        except OSError:
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        into.filled(count)
+        return None
+
+    return read
 
 
 class _DataFactory(ClientFactory, ServerFactory):

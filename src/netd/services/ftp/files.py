@@ -659,6 +659,10 @@ def _name_max(root: str) -> int:
         return 255
 
 
+# The first read of an upload into its own buffer (L{Upload.space}) offers this much.
+_FIRST_READ = 64 << 10
+
+
 class Upload:
     """
     An upload in progress: bytes are batched in memory and written by a thread
@@ -743,8 +747,7 @@ class Upload:
                 os.close(kept)
 
     def write(self, data: bytes) -> None:
-        self.received += len(data)
-        self._pending_bytes += len(data)
+        """Take C{data}, copied into the batch being filled."""
         rest = memoryview(data)
         while rest:
             if self._filling is None:
@@ -754,11 +757,49 @@ class Upload:
                 self._filled = 0
             piece = rest[: self.batch - self._filled]
             self._filling[self._filled : self._filled + len(piece)] = piece
-            self._filled += len(piece)
+            self._advance(len(piece))
             rest = rest[len(piece) :]
-            if self._filled == self.batch:
-                self._full.append(memoryview(self._filling)[: self.batch])
-                self._filling = None
+        self._settle()
+
+    def space(self) -> memoryview:
+        """
+        Where the next bytes go: the rest of the buffer being filled, for a
+        socket to read into (then L{filled}), which spares the copy L{write}
+        makes.  An upload's first buffer starts at C{_FIRST_READ} bytes and
+        doubles as it fills, up to a batch, so a small upload stays small here
+        too.
+        """
+        filling = self._filling
+        if filling is None:
+            if self._free:
+                filling = self._free.pop()
+            else:
+                # Whole from the second batch on: the first showed a large upload.
+                size = self.batch if self.received else min(_FIRST_READ, self.batch)
+                filling = bytearray(size)
+            self._filling = filling
+            self._filled = 0
+        elif self._filled == len(filling):
+            grow = max(len(filling), _FIRST_READ)
+            filling.extend(bytes(min(grow, self.batch - len(filling))))
+        return memoryview(filling)[self._filled :]
+
+    def filled(self, count: int) -> None:
+        """C{count} bytes were put at the start of L{space}."""
+        self._advance(count)
+        self._settle()
+
+    def _advance(self, count: int) -> None:
+        self.received += count
+        self._pending_bytes += count
+        self._filled += count
+        if self._filled == self.batch:
+            assert self._filling is not None
+            self._full.append(memoryview(self._filling))
+            self._filling = None
+
+    def _settle(self) -> None:
+        """A full batch goes to the writer if it is free; too much waiting pauses the reads."""
         if self._writing is None and self._full:
             self._flush()
         elif self._pending_bytes >= self.high_water and not self._paused:

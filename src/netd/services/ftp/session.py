@@ -1119,7 +1119,10 @@ class Session(ftp.FTP):
                 upload.write(newlines.to_local(data) if newlines is not None else data)
 
             def opened(_: object) -> Deferred[Any]:
-                connection.take(receive)
+                # A binary upload is read into the upload's own buffer (one copy
+                # less); ASCII mode rewrites line ends on the way.
+                into = _Counted(upload, self._account) if newlines is None else None
+                connection.take(receive, into)
                 return connection.closed.addCallback(closed)
 
             def closed(clean: bool) -> Deferred[Any]:
@@ -1163,6 +1166,19 @@ class Session(ftp.FTP):
 
     def ftp_ABOR(self) -> Any:
         return (ftp.CLOSING_DATA_CNX,)
+
+
+class _Counted:
+    """An upload read into (L{ReadInto}), its bytes counted as the session counts them."""
+
+    def __init__(self, upload: Upload, account: Callable[[int, bool], None]) -> None:
+        self.space = upload.space
+        self._filled = upload.filled
+        self._account = account
+
+    def filled(self, count: int) -> None:
+        self._account(count, True)
+        self._filled(count)
 
 
 def _response(error: Any) -> str:
