@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 
 from netd.events import ServiceStats
 from netd.services.ftp import Options, files
-from netd.services.ftp.data import LineEnds, PassivePort
+from netd.services.ftp.data import KernelPorts, LineEnds, PassivePort
 from netd.services.ftp.files import (
     FACTS,
     UPLOAD_PREFIX,
@@ -920,6 +920,40 @@ def test_a_passive_port_ignores_a_stale_write_event() -> None:
         assert port.socket is not None and port in reactor.getReaders()
     finally:
         port.stopListening()
+        reactor._poller.close()
+
+
+def test_kernel_ports_are_the_kernels_range_less_its_reserved_ports(tmp_path: Path) -> None:
+    (tmp_path / "ip_local_port_range").write_text("40000\t40009\n")
+    (tmp_path / "ip_local_reserved_ports").write_text("40000-40004,40006\n")
+    ports = KernelPorts.of_this_system(tmp_path)
+    picked = [list(ports.candidates()) for _ in range(50)]
+    assert all(tries[-1] == 0 for tries in picked)  # the kernel's choice comes last
+    chosen = {port for tries in picked for port in tries[:-1]}
+    assert chosen == {40005, 40007, 40008, 40009}  # random, in the range, never reserved
+    assert KernelPorts.of_this_system(tmp_path / "missing").low == 32768  # Linux's default
+
+
+def test_a_passive_port_takes_a_port_left_in_time_wait() -> None:
+    # The server's side of a data connection it closed first: its port in TIME_WAIT.
+    from twisted.internet.epollreactor import EPollReactor
+
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        number = listening.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", number))
+        served, _ = listening.accept()
+        served.close()
+        assert client.recv(1) == b""
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError) as taken:
+        plain.bind(("127.0.0.1", number))
+    assert taken.value.errno == errno.EADDRINUSE  # what port 0's search steps over
+    reactor = EPollReactor()
+    try:
+        port = PassivePort(reactor, number, None, "127.0.0.1")
+        assert port.host.port == number
+        port.stopListening()
+    finally:
         reactor._poller.close()
 
 

@@ -7,8 +7,10 @@ L{netd.sendfile}.
 
 from __future__ import annotations
 
+import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
@@ -42,6 +44,7 @@ __all__ = [
     "READ_CHUNK",
     "DataChannel",
     "DataConnection",
+    "KernelPorts",
     "LineEnds",
     "ListenPassive",
     "NoPassivePort",
@@ -67,15 +70,59 @@ def plain_host(host: str) -> str:
 ListenPassive = Callable[[int, "_DataFactory", str], Any]
 
 
+class KernelPorts:
+    """
+    Ports for passive listeners when the map names none: picked at random from
+    the range the kernel picks its own from (C{ip_local_port_range}), less the
+    ports kept for services (C{ip_local_reserved_ports}), and bound by number.
+
+    Binding port 0 has the kernel find a port with no socket on it at all, and
+    the server's side of every data connection it closes first (each listing,
+    each download) stays in TIME_WAIT for a minute on its port: at a thousand
+    sessions a second every port of the range holds one, and each PASV scanned
+    the whole range (three quarters of the daemon's CPU, then 425 once the scan
+    finds nothing).  A port named with C{SO_REUSEADDR} is taken over a
+    TIME_WAIT; one with a live socket refuses, and the next is tried.
+    """
+
+    tries = 8
+
+    def __init__(self, low: int, high: int, reserved: frozenset[int] = frozenset()) -> None:
+        self.low, self.high, self.reserved = low, high, reserved
+
+    @classmethod
+    def of_this_system(cls, proc: Path = Path("/proc/sys/net/ipv4")) -> KernelPorts:
+        try:
+            low, high = map(int, (proc / "ip_local_port_range").read_text().split())
+            kept = (proc / "ip_local_reserved_ports").read_text().strip()
+        except (OSError, ValueError):
+            return cls(32768, 60999)  # Linux's defaults
+        reserved: set[int] = set()
+        for part in filter(None, kept.split(",")):
+            first, _, last = part.partition("-")
+            reserved.update(range(int(first), int(last or first) + 1))
+        return cls(low, high, frozenset(reserved))
+
+    def candidates(self) -> Iterator[int]:
+        """A few random ports of the range, then 0 (the kernel's choice)."""
+        span = self.high - self.low + 1
+        for _ in range(self.tries):
+            port = self.low + secrets.randbelow(span)
+            if port not in self.reserved:
+                yield port
+        yield 0
+
+
 @implementer(IReadDescriptor)
 class PassivePort:
     """
     The listening socket of one passive data connection, our own rather than
-    Twisted's C{listenTCP}: that one logs two lines for every transfer, and sets
-    C{SO_REUSEADDR}, with which Linux looks for a port nothing has ever used --
-    slow when thousands of data connections sit in TIME_WAIT (3 ms a PASV
-    here).  A port chosen from C{passive_ports} does need it, to be taken again
-    soon after.  Accepted connections are handed to the reactor as they are.
+    Twisted's C{listenTCP}, which logs two lines for every transfer.  A port
+    named (from C{passive_ports}, or one of L{KernelPorts}) is bound with
+    C{SO_REUSEADDR}, so one that earlier data connections left in TIME_WAIT
+    is taken again; port 0, the kernel's choice, without it (with it Linux looks
+    for a port nothing has ever used).  Accepted connections are handed to the
+    reactor as they are.
     """
 
     def __init__(self, reactor: Any, port: int, factory: Any, interface: str) -> None:

@@ -61,6 +61,7 @@ from netd.services.ftp.data import (
     READ_CHUNK,
     DataChannel,
     DataConnection,
+    KernelPorts,
     LineEnds,
     ListenPassive,
     NoPassivePort,
@@ -153,6 +154,7 @@ class FTPServer:
     anonymous: bool
     passive_ports: tuple[int, int] | None = None
     passive_host: str | None = None
+    kernel_ports: KernelPorts = attrs.field(factory=KernelPorts.of_this_system)
     tls: IOpenSSLServerConnectionCreator | None = None
     require_tls: bool = False
     rules: RuleSet = attrs.field(factory=RuleSet)
@@ -188,7 +190,7 @@ class FTPServer:
     def passive_candidates(self) -> Iterator[int]:
         """Ports to try for a passive listener, rotating through the range."""
         if self.passive_ports is None:
-            yield 0
+            yield from self.kernel_ports.candidates()
             return
         low, high = self.passive_ports
         size = high - low + 1
