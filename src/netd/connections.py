@@ -123,6 +123,9 @@ def unsent_bytes(transport: Any) -> int:
         if transport is None:
             break
         total += buffered_bytes(transport)
+        held = own_attribute(transport, "held", None)
+        if held:
+            total += sum(map(len, held))
         transport = own_attribute(transport, "transport", None)
     return total
 
@@ -201,6 +204,9 @@ class TrackedConnection(ProtocolWrapper):
     shaper: Shaper | None = None
     started = True
     closed = False
+    # This turn's writes, waiting to leave together at its end (see write);
+    # None when none wait.
+    held: list[bytes] | None = None
 
     def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
@@ -308,18 +314,73 @@ class TrackedConnection(ProtocolWrapper):
         # Twisted's FileDescriptor.write only buffers: the bytes leave on the
         # reactor's next turn, after two epoll_ctl calls and a writable event.
         # When nothing is queued ahead (netd.compat.may_send_now says when), send
-        # now, as asyncio does; the rest of a partial send, and every other
-        # case, takes Twisted's own path.  This is most of what a small echo, an
-        # HTTP response or one chat delivery costs.
+        # now, as asyncio does, or, for a kind that batches its writes, at the
+        # end of this turn (ConnectionSet.hold); the rest of a partial send, and
+        # every other case, takes Twisted's own path.  This is most of what a
+        # small echo, an HTTP response or one chat delivery costs.
+        held = self.held
+        if held is not None:
+            held.append(data)
+            return
         socket = self._socket
         if socket is not None and data and may_send_now(socket):
-            sent = socket.writeSomeData(data)
-            if isinstance(sent, int):
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            # else the connection is lost: the buffered write lets doWrite see it
+            if self.factory.connections.batch_writes:
+                self.held = [data]
+                self.factory.connections.hold(self)
+                return
+            self._send(socket, data)
+            return
         self.transport.write(data)
+
+    def _send(self, socket: tcp.Connection, data: bytes) -> None:
+        sent = socket.writeSomeData(data)
+        if isinstance(sent, int):
+            if sent == len(data):
+                return
+            data = data[sent:]
+        # else the connection is lost: the buffered write lets doWrite see it
+        self.transport.write(data)
+
+    def send_held(self) -> None:
+        """
+        Send the writes this turn held, now: at the turn's end, and before
+        anything else reaches the socket (a file sent from the kernel, TLS
+        started, a producer, the close), which would otherwise overtake them.
+        """
+        held = self.held
+        if held is None:
+            return
+        self.held = None
+        data = held[0] if len(held) == 1 else b"".join(held)
+        socket = self._socket
+        if socket is not None and may_send_now(socket):
+            self._send(socket, data)
+        else:
+            self.transport.write(data)
+
+    def loseConnection(self) -> None:
+        self.send_held()
+        super().loseConnection()
+
+    def loseWriteConnection(self) -> None:
+        self.send_held()
+        self.transport.loseWriteConnection()
+
+    def abortConnection(self) -> None:
+        self.held = None  # an abort drops what is unsent
+        self.transport.abortConnection()
+
+    def startTLS(self, contextFactory: Any, *args: Any, **kwargs: Any) -> None:
+        self.send_held()  # the last plaintext reply before the handshake
+        self.transport.startTLS(contextFactory, *args, **kwargs)
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.send_held()
+        super().registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.send_held()
+        super().unregisterProducer()
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
@@ -351,6 +412,7 @@ class TrackedConnection(ProtocolWrapper):
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.closed = True
+        self.held = None
         self.factory.connections.forget(self)
         if self.shaper is not None:
             self.shaper.stop()
@@ -411,6 +473,10 @@ class ConnectionSet:
         clients always speak first and come back often (the admin API), where
         a few dozen idle connections would otherwise lock out everyone else
         for their whole header deadline.
+    @ivar batch_writes: a connection's writes on a plain socket wait for the
+        end of the reactor turn and leave with the other connections' (L{hold});
+        for a kind that never writes to the socket itself (echo's and the
+        proxy's straight paths do).
     """
 
     _sweeps_per_timeout: ClassVar[int] = 4
@@ -426,7 +492,9 @@ class ConnectionSet:
     per_client_reply: bytes | None = None
     rules: RuleSet | None = None
     evict_silent: bool = False
+    batch_writes: bool = False
     _live: dict[TrackedConnection, None] = attrs.field(init=False, factory=dict)
+    _holding: list[TrackedConnection] = attrs.field(init=False, factory=list)
     _per_client: dict[IPv4Address | IPv6Network, int] = attrs.field(init=False, factory=dict)
     _sweep: IDelayedCall | None = attrs.field(init=False, default=None)
 
@@ -480,6 +548,24 @@ class ConnectionSet:
         self.forget(silent)
         silent.transport.abortConnection()
         return True
+
+    def hold(self, connection: TrackedConnection) -> None:
+        """
+        C{connection} holds writes until the end of this reactor turn: the
+        responses of every connection the turn served then leave one after the
+        other.  A client's process asleep on its socket is woken by the kernel
+        at each send (on a VM, an interrupt to another virtual CPU: a fifth of
+        an HTTP server's CPU at 13,000 small responses a second); sent
+        together, the later ones find it awake.
+        """
+        if not self._holding:
+            self.clock.callLater(0, self._send_held)
+        self._holding.append(connection)
+
+    def _send_held(self) -> None:
+        holding, self._holding = self._holding, []
+        for connection in holding:
+            connection.send_held()
 
     def add(self, connection: TrackedConnection) -> None:
         self._live[connection] = None

@@ -312,6 +312,10 @@ class ServiceKind(Generic[Options]):
         C{listener.protocol}.
     @ivar namespaces: the sources of C{namespace_from:} the kind's exchanges
         carry, by name (L{netd.namespaces}); C{client} is the core's.
+    @ivar batch_writes: whether a connection's writes on a plain socket leave
+        at the end of the reactor turn, together with the other connections'
+        (L{netd.connections.ConnectionSet.hold}), rather than each at once: for
+        a kind that never writes to a socket past the connection's C{write}.
     """
 
     name: str
@@ -326,6 +330,7 @@ class ServiceKind(Generic[Options]):
     rules: Vocabulary = CONNECTIONS_ONLY
     listener_keys: tuple[str, ...] = ()
     namespaces: Mapping[str, SourceReader] = attrs.field(factory=dict)
+    batch_writes: bool = False
 
 
 def no_options(section: Section, profiles: TLSProfiles) -> None:

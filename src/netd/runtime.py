@@ -156,6 +156,7 @@ class RunningService(ListenerGroup, Service):
             config.max_connections_per_client,
             self.handlers.per_client_reply,
             self.rules,
+            batch_writes=kind.batch_writes,
         )
         self.listeners = []
         self.listener_configs = config.listen

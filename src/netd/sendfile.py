@@ -54,6 +54,7 @@ def plain_socket(consumer: Any) -> tcp.Connection | None:
     if isinstance(consumer, TrackedConnection):
         if consumer.shaper is not None:
             return None  # a rule paces or cuts its writes: they must pass through it
+        consumer.send_held()  # what was written before goes first
         consumer = consumer.transport
     if isinstance(consumer, tcp.Connection) and not consumer.TLS:
         return consumer

@@ -31,9 +31,11 @@ from netd.connections import (
     TrackingFactory,
     client_key,
     describe_address,
+    unsent_bytes,
 )
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
+from netd.sendfile import plain_socket
 
 IDLE = 100.0  # seconds; the sweep runs every quarter of it
 CONNECTION_DONE = Failure(ConnectionDone())
@@ -136,6 +138,7 @@ def harness(
     max_per_client: int = 0,
     per_client_reply: bytes | None = None,
     evict_silent: bool = False,
+    batch_writes: bool = False,
 ) -> Harness:
     clock = Clock()
     stats = ServiceStats()
@@ -151,6 +154,7 @@ def harness(
         max_per_client=max_per_client,
         per_client_reply=per_client_reply,
         evict_silent=evict_silent,
+        batch_writes=batch_writes,
     )
     wrapped = CountingFactory(protocol)
     return Harness(
@@ -678,8 +682,8 @@ class Socket(Connection):
         return self.dataBuffer[self.offset :] + b"".join(self._tempDataBuffer)
 
 
-def on_socket(room: int) -> tuple[TrackedConnection, Socket]:
-    h = harness()
+def on_socket(room: int, h: Harness | None = None) -> tuple[TrackedConnection, Socket]:
+    h = harness() if h is None else h
     connection = h.factory.buildProtocol(IPv4Address("TCP", "192.0.2.7", 40001))
     assert isinstance(connection, TrackedConnection)
     socket = Socket(room)
@@ -755,3 +759,75 @@ def test_no_direct_write_once_closing_or_lost() -> None:
     closing_socket.loseConnection()
     closing.write(b"bye")
     assert closing_socket.sent == []
+
+
+def test_no_direct_write_once_aborted() -> None:
+    # abortConnection stops Twisted's writes but leaves the socket "connected"
+    # until connectionLost, a turn later: nothing may reach the peer meanwhile.
+    connection, socket = on_socket(room=100)
+    socket._aborting = True
+    connection.write(b"after the abort")
+    assert socket.sent == []
+
+
+# --- writes held to the end of the turn (a kind's batch_writes) -------------------------
+
+
+def test_a_batching_kinds_writes_leave_together_at_the_end_of_the_turn() -> None:
+    h = harness(batch_writes=True)
+    first, first_socket = on_socket(100, h)
+    second, second_socket = on_socket(100, h)
+    first.write(b"HTTP/1.1 200 OK\r\n\r\n")
+    second.write(b"one ")
+    first.write(b"body")
+    second.writeSequence([b"two ", b"three"])
+    assert first_socket.sent == second_socket.sent == []  # nothing before the turn ends
+    assert (first.bytes_out, second.bytes_out) == (23, 13)  # counted as written
+    h.clock.advance(0)
+    assert first_socket.sent == [b"HTTP/1.1 200 OK\r\n\r\nbody"]  # one send each
+    assert second_socket.sent == [b"one two three"]
+    second.write(b"next turn")
+    h.clock.advance(0)
+    assert second_socket.sent[-1] == b"next turn"
+
+
+def test_held_writes_leave_before_the_socket_is_used_another_way() -> None:
+    h = harness(batch_writes=True)
+    # sendfile(2) writes to the socket past Python: the head written before goes first.
+    connection, socket = on_socket(100, h)
+    connection.write(b"head")
+    assert plain_socket(connection) is socket and socket.sent == [b"head"]
+    # STARTTLS: the last plaintext reply leaves before the handshake.
+    connection, socket = on_socket(100, h)
+    before_tls: list[list[bytes]] = []
+    socket.startTLS = lambda *args, **kwargs: before_tls.append(list(socket.sent))  # type: ignore[method-assign]
+    connection.write(b"220 Ready to start TLS\r\n")
+    connection.startTLS(object())
+    assert before_tls == [[b"220 Ready to start TLS\r\n"]]
+    # A producer, a half-close, a close.
+    for end in ("registerProducer", "loseWriteConnection", "loseConnection"):
+        connection, socket = on_socket(100, h)
+        socket.loseWriteConnection = lambda: None  # type: ignore[method-assign]
+        connection.write(end.encode())
+        if end == "registerProducer":
+            connection.registerProducer(socket, True)
+        else:
+            getattr(connection, end)()
+        assert socket.sent == [end.encode()], end
+
+
+def test_an_abort_drops_the_held_writes() -> None:
+    h = harness(batch_writes=True)
+    connection, socket = on_socket(100, h)
+    socket.abortConnection = lambda: None  # type: ignore[method-assign]
+    connection.write(b"never")
+    assert unsent_bytes(connection) == 5  # held counts as unsent, for cut_if_unread
+    connection.abortConnection()
+    h.clock.advance(0)
+    assert socket.sent == [] and unsent_bytes(connection) == 0
+
+
+def test_a_kind_that_does_not_batch_sends_at_once() -> None:
+    connection, socket = on_socket(100, harness(batch_writes=False))
+    connection.write(b"now")
+    assert socket.sent == [b"now"]

@@ -92,6 +92,8 @@ def may_send_now(socket: Any) -> bool:
 
     FileDescriptor keeps its queue (C{_tempDataLen}) and half-close state
     (C{_writeDisconnecting}) private; there is no public "is anything queued".
+    Nor is there a public "aborted": C{abortConnection} leaves C{disconnecting}
+    alone and only stops Twisted's own writes (C{_aborting}).
     """
     return (
         not socket._tempDataLen
@@ -100,6 +102,7 @@ def may_send_now(socket: Any) -> bool:
         and socket.connected
         and not socket.disconnecting
         and not socket._writeDisconnecting
+        and not getattr(socket, "_aborting", False)
         and (socket.producer is None or socket.streamingProducer)
     )
 

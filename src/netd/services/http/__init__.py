@@ -416,4 +416,5 @@ HTTP: ServiceKind[Options] = ServiceKind(
     workers_refusal=_workers_refusal,
     rules=RULES,
     namespaces=NAMESPACES,
+    batch_writes=True,
 )

@@ -95,6 +95,7 @@ def plain_socket(transport: Any) -> tcp.Connection | None:
     """The TCP (or UNIX) socket right under C{transport} (netd's wrapper at most), not TLS."""
     layer = transport
     if isinstance(layer, TrackedConnection):
+        layer.send_held()  # what was written before goes first
         layer = own_attribute(layer, "transport", None)
     if isinstance(layer, tcp.Connection) and not layer.TLS:
         return layer
