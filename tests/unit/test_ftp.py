@@ -10,6 +10,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import bcrypt
@@ -415,7 +416,8 @@ def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
     with ours, theirs:
         ours.setblocking(False)
         into = Into()
-        read = _reader(ours, into)
+        connection: Any = SimpleNamespace(socket=ours)  # what the reader uses of a tcp.Connection
+        read = _reader(connection, into)
         assert read() is None and into.got == b""  # nothing there yet: no data, not an end
         theirs.sendall(b"0123456789")
         assert read() is None and read() is None
@@ -425,7 +427,7 @@ def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
         theirs.close()
     broken = socket.socket()
     broken.close()
-    assert _reader(broken, Into())() is main.CONNECTION_LOST
+    assert _reader(SimpleNamespace(socket=broken), Into())() is main.CONNECTION_LOST  # type: ignore[arg-type]
 
 
 def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Path) -> None:

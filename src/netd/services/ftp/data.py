@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import error as net_error
-from twisted.internet import main, tcp
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.compat import read_with
+from netd.connections import read_into
 from netd.schema import client_address
 from netd.services.ftp.files import Upload
 
@@ -222,9 +223,9 @@ class DataConnection(Protocol):
             sink(data)
         # A connection that has ended already (a short upload read whole before
         # the command got here) has no socket left to read.
-        sock = getattr(self.transport, "socket", None)
-        if into is not None and isinstance(self.transport, tcp.Connection) and sock is not None:
-            read_with(self.transport, _reader(sock, into))
+        transport = self.transport
+        if into is not None and isinstance(transport, tcp.Connection) and transport.connected:
+            read_with(transport, _reader(transport, into))
         self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -243,23 +244,17 @@ class ReadInto(TypingProtocol):
         """C{count} bytes were put at the start of the last L{space}."""
 
 
-def _reader(sock: socket.socket, into: ReadInto) -> Callable[[], object]:
+def _reader(connection: tcp.Connection, into: ReadInto) -> Callable[[], object]:
     """
-    The data connection's C{doRead}: Twisted's (EWOULDBLOCK is no data yet,
-    any other error a lost connection, nothing read the end), reading into
-    C{into}'s buffer rather than a new bytes object for the protocol.
+    The data connection's C{doRead}: Twisted's, reading into C{into}'s buffer
+    rather than a new bytes object for the protocol.
     """
 
     def read() -> object:
-        try:
-            count = sock.recv_into(into.space())
-        except BlockingIOError:
-            return None
-        except OSError:
-            return main.CONNECTION_LOST
-        if not count:
-            return main.CONNECTION_DONE
-        into.filled(count)
+        size = read_into(connection, into.space())
+        if not isinstance(size, int):
+            return size
+        into.filled(size)
         return None
 
     return read

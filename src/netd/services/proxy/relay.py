@@ -35,7 +35,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.compat import own_attribute
+from netd.compat import own_attribute, read_with
 from netd.connections import TrackedConnection, read_into, send_now
 from netd.services.proxy.toxics import ToxicState
 
@@ -190,8 +190,7 @@ class Direction:
         reading, writing = plain_socket(source), plain_socket(sink)
         if reading is not None and writing is not None:
             self._reading, self._writing = reading, writing
-            # An instance attribute: the reactor calls it instead of Twisted's doRead.
-            reading.doRead = self.read_through  # type: ignore[method-assign]
+            read_with(reading, self.read_through)
         self.pump()  # anything that came before the far side was there
 
     def read_through(self) -> Any:

@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IProtocolFactory, IPullProducer
 from twisted.internet.protocol import Factory, Protocol
 from zope.interface import implementer
 
+from netd.compat import read_with
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.connections import TrackedConnection, read_into, send_now
 from netd.datagrams import answering
@@ -52,9 +53,9 @@ class Echo(Protocol):
         self.dataReceived = self.transport.write  # type: ignore[method-assign]
         connection = plain_socket(self.transport)
         if connection is not None and isinstance(self.transport, TrackedConnection):
-            # An instance attribute: the reactor calls it instead of Twisted's doRead.
-            connection.doRead = functools.partial(  # type: ignore[method-assign]
-                _echo_straight, connection, self.transport, _read_buffer()
+            read_with(
+                connection,
+                functools.partial(_echo_straight, connection, self.transport, _read_buffer()),
             )
 
     def dataReceived(self, data: bytes) -> None:
