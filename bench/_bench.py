@@ -6,6 +6,7 @@ own folder is first on sys.path), never imported by netd or its tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -84,6 +85,19 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """
+    C{cpu_seconds} of a process and of its children alive now: nginx's worker
+    does its work, not the master the benchmark started.
+    """
+    total = cpu_seconds(pid)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(FileNotFoundError):  # ended meanwhile
+                total += tree_cpu_seconds(int(child))
+    return total
 
 
 class Server:

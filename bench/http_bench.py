@@ -8,7 +8,9 @@ warms it up for a second, then runs `wrk -t1 -cN` against a 1 KiB file, a 1 MiB
 file and a canned route (nginx: `return 200`; twistd web has none).  Servers run
 on CPU 1 and wrk on CPU 0 when taskset exists.  Every server logs each request:
 netd through twisted.logger to its log file, twistd web its combined log, nginx
-its access log.  Prints medians of req/s, MiB/s, peak RSS, and netd's ratios.
+its access log.  Prints medians of req/s, MiB/s, requests per server CPU-second
+(the server's process and its children: nginx's worker), peak RSS, and netd's
+ratios in both.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import _bench
-from _bench import VENV_BIN, pinned, proc_mib
+from _bench import VENV_BIN, pinned, proc_mib, tree_cpu_seconds
 
 CASES = {"1k": "/1k.bin", "1m": "/1m.bin", "canned": "/canned"}
 HERE = Path(__file__).resolve().parent
@@ -171,7 +174,7 @@ def main() -> None:
         www.mkdir()
         (www / "1k.bin").write_bytes(os.urandom(1024))
         (www / "1m.bin").write_bytes(os.urandom(1 << 20))
-        results: dict[str, dict[str, list[tuple[float, float]]]] = {}
+        results: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
         rss: dict[str, list[float]] = {}
         for round_number in range(options.rounds):
             shift = round_number % len(chosen)
@@ -183,11 +186,15 @@ def main() -> None:
                     for case, path in CASES.items():
                         if case == "canned" and kind is TwistdWeb:
                             continue
-                        measured = wrk(server.port, path, options.duration, options.connections)
+                        cpu, started = tree_cpu_seconds(server.pid), time.monotonic()
+                        rps, mib = wrk(server.port, path, options.duration, options.connections)
+                        busy = tree_cpu_seconds(server.pid) - cpu
+                        per_cpu = rps * (time.monotonic() - started) / busy if busy else 0.0
+                        measured = (rps, mib, per_cpu)
                         results.setdefault(server.name, {}).setdefault(case, []).append(measured)
                         print(
                             f"round {round_number + 1} {server.name:10} {case:6} "
-                            f"{measured[0]:10,.0f} req/s {measured[1]:8,.1f} MiB/s",
+                            f"{rps:10,.0f} req/s {mib:8,.1f} MiB/s {per_cpu:10,.0f} per CPU-s",
                             file=sys.stderr,
                         )
                     rss.setdefault(server.name, []).append(proc_mib(server.pid))
@@ -197,7 +204,7 @@ def main() -> None:
 
 
 def report(
-    results: dict[str, dict[str, list[tuple[float, float]]]],
+    results: dict[str, dict[str, list[tuple[float, float, float]]]],
     rss: dict[str, list[float]],
     options: argparse.Namespace,
 ) -> None:
@@ -209,16 +216,17 @@ def report(
         f"\nwrk -t1 -c{options.connections}, {options.duration} s a case, "
         f"{options.rounds} rounds, medians\n"
     )
-    print("| server | case | req/s | MiB/s | peak RSS MiB |")
-    print("|---|---|---|---|---|")
+    print("| server | case | req/s | MiB/s | req per server CPU-s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|")
     for name in results:
         for case in CASES:
             rps = median(name, case, 0)
             if rps is None:
                 continue
             mib = median(name, case, 1) or 0.0
+            per_cpu = median(name, case, 2) or 0.0
             print(
-                f"| {name} | {case} | {rps:,.0f} | {mib:,.1f} | "
+                f"| {name} | {case} | {rps:,.0f} | {mib:,.1f} | {per_cpu:,.0f} | "
                 f"{statistics.median(rss[name]):.1f} |"
             )
     print()
@@ -227,16 +235,18 @@ def report(
         netd = median("netd", case, 0)
         for peer in ("twistd-web", "nginx"):
             other = median(peer, case, 0)
-            if netd and other:
+            if not (netd and other):
+                continue
+            for index, measure, key in ((0, "req/s", ""), (2, "per CPU-s", " per CPU")):
                 # Other work on the machine moves whole rounds; ratios within a round do not.
-                rounds = [
-                    ours[0] / theirs[0]
-                    for ours, theirs in zip(results["netd"][case], results[peer][case], strict=True)
-                ]
-                summary[f"{case} netd/{peer}"] = round(statistics.median(rounds), 2)
+                pairs = zip(results["netd"][case], results[peer][case], strict=True)
+                rounds = [ours[index] / theirs[index] for ours, theirs in pairs if theirs[index]]
+                if not rounds:
+                    continue
+                summary[f"{case} netd/{peer}{key}"] = round(statistics.median(rounds), 2)
                 print(
-                    f"{case:6} netd / {peer}: {statistics.median(rounds):.2f}x median of rounds "
-                    f"({', '.join(f'{r:.2f}' for r in rounds)}); {netd / other:.2f}x of medians"
+                    f"{case:6} netd / {peer} {measure}: {statistics.median(rounds):.2f}x median"
+                    f" of rounds ({', '.join(f'{r:.2f}' for r in rounds)})"
                 )
     print(json.dumps(summary))
 
