@@ -1,0 +1,122 @@
+"""
+The http kind's writes held to the end of a reactor turn (ServiceKind.batch_writes),
+with real clients: many keep-alive connections at once, small responses held and
+large files sent by sendfile(2) on the same connections, and pipelined requests
+whose responses must still come in order and whole.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from netd.testing import NetdProcess
+from tests.maps import lab_map
+
+SMALL = {f"/small{i}.txt": f"small file {i}\n".encode() * (i + 1) for i in range(5)}
+BIG = os.urandom(3 << 20)  # over the static kind's in-memory limit: sent by sendfile(2)
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
+    www = tmp_path_factory.mktemp("www")
+    for path, body in SMALL.items():
+        (www / path.lstrip("/")).write_bytes(body)
+    (www / "big.bin").write_bytes(BIG)
+    config = lab_map(
+        f"""
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    root: {www}
+    routes:
+      - {{path: /canned, body: "canned\\n"}}
+"""
+    )
+    process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
+    yield process
+    process.stop()
+
+
+def _client_session(base: str, number: int) -> list[str]:
+    """One keep-alive client's requests, mixed; returns what came back wrong."""
+    wrong: list[str] = []
+    with httpx.Client(base_url=base, timeout=20) as client:
+        for i in range(24):
+            kind = (number + i) % 4
+            if kind == 0:
+                path = f"/small{(number + i) % 5}.txt"
+                response = client.get(path)
+                if response.status_code != 200 or response.content != SMALL[path]:
+                    wrong.append(f"{path}: {response.status_code} {response.content[:40]!r}")
+            elif kind == 1:
+                response = client.get("/big.bin")
+                if response.status_code != 200 or response.content != BIG:
+                    wrong.append(f"/big.bin: {response.status_code}, {len(response.content)} B")
+            elif kind == 2:
+                response = client.head("/big.bin")
+                if response.headers.get("content-length") != str(len(BIG)) or response.content:
+                    wrong.append(f"HEAD /big.bin: {response.headers}")
+            else:
+                response = client.get("/canned")
+                if response.content != b"canned\n":
+                    wrong.append(f"/canned: {response.content!r}")
+    return wrong
+
+
+def test_many_keepalive_clients_get_whole_responses(netd: NetdProcess) -> None:
+    host, port = netd.address("web")
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda n: _client_session(f"http://{host}:{port}", n), range(8)))
+    assert [wrong for wrong in found if wrong] == []
+
+
+def _read_response(sock: socket.socket, buffered: bytearray) -> tuple[bytes, bytes]:
+    """One response's head and body (by Content-Length) from C{sock}."""
+    while b"\r\n\r\n" not in buffered:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a whole head: {bytes(buffered[:200])!r}"
+        buffered += chunk
+    end = buffered.index(b"\r\n\r\n") + 4
+    head = bytes(buffered[:end])
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(buffered) < end + length:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed before a whole body"
+        buffered += chunk
+    body = bytes(buffered[end : end + length])
+    del buffered[: end + length]
+    return head, body
+
+
+def test_pipelined_responses_keep_their_order_around_a_file_sent_by_sendfile(
+    netd: NetdProcess,
+) -> None:
+    # Sent in one write, read by netd in one turn: the first response is held
+    # for the turn's end, the second's head is held and its body goes by
+    # sendfile(2), the third waits for the second; each must come whole, in order.
+    requests = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for path in ("/small1.txt", "/big.bin", "/small2.txt", "/canned", "/small0.txt")
+    )
+    with socket.create_connection(netd.address("web"), timeout=20) as sock:
+        sock.sendall(requests)
+        buffered = bytearray()
+        bodies = [_read_response(sock, buffered) for _ in range(5)]
+    assert all(head.startswith(b"HTTP/1.1 200 ") for head, _ in bodies)
+    assert [body for _, body in bodies] == [
+        SMALL["/small1.txt"],
+        BIG,
+        SMALL["/small2.txt"],
+        b"canned\n",
+        SMALL["/small0.txt"],
+    ]
