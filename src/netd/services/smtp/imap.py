@@ -209,15 +209,18 @@ class _FetchAnswer:
         self._read_batch()
 
     def _write_batch(self, batch: list[tuple[int, Message]]) -> None:
+        # A batch's answers go out in one write (at most FETCH_BATCH_BYTES and
+        # their framing), not one each: 4 KiB writes a message were a send(2)
+        # each, and many small segments in a slow reader's buffer.
         session = self.session
-        last = self.next == len(self.fetched)
-        for index, (number, message) in enumerate(batch):
-            answer = session.fetch_answer(number, message, self.query, self.uid)
-            if last and index == len(batch) - 1:
-                # The last answer and the tagged OK leave together: one packet.
-                self._finish(answer)
-                return
-            session.transport.write(answer)
+        answers = b"".join(
+            session.fetch_answer(number, message, self.query, self.uid) for number, message in batch
+        )
+        if self.next == len(self.fetched):
+            # The last answers and the tagged OK leave together.
+            self._finish(answers)
+        else:
+            session.transport.write(answers)
 
     def _finish(self, last: bytes = b"") -> None:
         self.stopped = True
