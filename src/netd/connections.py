@@ -148,6 +148,21 @@ def read_into(connection: tcp.Connection, buffer: memoryview) -> int | BaseExcep
     return size if size else main.CONNECTION_DONE
 
 
+def socket_under(transport: Any) -> tcp.Connection | None:
+    """
+    The TCP (or UNIX) socket right under C{transport}, for a kind that reads or
+    writes it past Python's copies (sendfile, a relay, echo), or None under TLS
+    or anything but netd's wrapper.  The wrapper's writes held for the end of
+    the turn (L{ConnectionSet.hold}) are sent first: nothing may overtake them.
+    """
+    if isinstance(transport, TrackedConnection):
+        transport.send_held()
+        transport = own_attribute(transport, "transport", None)
+    if isinstance(transport, tcp.Connection) and not transport.TLS:
+        return transport
+    return None
+
+
 def send_now(connection: tcp.Connection, data: bytes | memoryview) -> None:
     """
     Send C{data} on C{connection}'s socket at once when nothing is queued ahead

@@ -30,7 +30,7 @@ from twisted.internet.interfaces import IConsumer, IPullProducer
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from netd.connections import TrackedConnection
+from netd.connections import TrackedConnection, socket_under
 
 __all__ = ["READ_CHUNK", "SENDFILE_CHUNK", "Truncated", "plain_socket", "send_file"]
 
@@ -48,17 +48,13 @@ def plain_socket(consumer: Any) -> tcp.Connection | None:
     """
     The socket transport under C{consumer}, if C{sendfile} can write to it.
 
-    The core's byte-counting wrapper is looked through; nothing else is, since a
-    TLS wrapper hands out the socket under it as its C{transport} too.
+    The core's byte-counting wrapper is looked through (L{socket_under});
+    nothing else is, since a TLS wrapper hands out the socket under it as its
+    C{transport} too.
     """
-    if isinstance(consumer, TrackedConnection):
-        if consumer.shaper is not None:
-            return None  # a rule paces or cuts its writes: they must pass through it
-        consumer.send_held()  # what was written before goes first
-        consumer = consumer.transport
-    if isinstance(consumer, tcp.Connection) and not consumer.TLS:
-        return consumer
-    return None
+    if isinstance(consumer, TrackedConnection) and consumer.shaper is not None:
+        return None  # a rule paces or cuts its writes: they must pass through it
+    return socket_under(consumer)
 
 
 def send_file(

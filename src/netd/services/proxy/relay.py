@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.compat import own_attribute, read_with
-from netd.connections import TrackedConnection, read_into, send_now
+from netd.connections import TrackedConnection, read_into, send_now, socket_under
 from netd.services.proxy.toxics import ToxicState
 
 if TYPE_CHECKING:
@@ -88,17 +88,6 @@ def bare_socket(transport: Any) -> tcp.Connection | None:
     """C{transport} itself when it is a plain TCP (or UNIX) socket: the upstream's, without TLS."""
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport
-    return None
-
-
-def plain_socket(transport: Any) -> tcp.Connection | None:
-    """The TCP (or UNIX) socket right under C{transport} (netd's wrapper at most), not TLS."""
-    layer = transport
-    if isinstance(layer, TrackedConnection):
-        layer.send_held()  # what was written before goes first
-        layer = own_attribute(layer, "transport", None)
-    if isinstance(layer, tcp.Connection) and not layer.TLS:
-        return layer
     return None
 
 
@@ -187,7 +176,7 @@ class Direction:
         self.source, self.sink = source, sink
         self.bare = bare_socket(sink)
         sink.registerProducer(self, True)
-        reading, writing = plain_socket(source), plain_socket(sink)
+        reading, writing = socket_under(source), socket_under(sink)
         if reading is not None and writing is not None:
             self._reading, self._writing = reading, writing
             read_with(reading, self.read_through)
