@@ -430,6 +430,40 @@ def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
     assert _reader(SimpleNamespace(socket=broken), Into())() is main.CONNECTION_LOST  # type: ignore[arg-type]
 
 
+def test_a_binary_upload_on_a_plain_socket_reads_into_the_uploads_buffer() -> None:
+    from twisted.internet import tcp
+    from twisted.internet.testing import MemoryReactor
+
+    from netd.services.ftp.data import DataConnection
+
+    class Into:
+        def __init__(self) -> None:
+            self.buffer = bytearray(64)
+            self.got = bytearray()
+
+        def space(self) -> memoryview:
+            return memoryview(self.buffer)
+
+        def filled(self, count: int) -> None:
+            self.got += self.buffer[:count]
+
+    for into in (Into(), None):  # binary, then ASCII (line ends rewritten: Twisted's read)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            connection = DataConnection(None)  # type: ignore[arg-type]  # take() needs no channel
+            transport = tcp.Connection(ours, connection, MemoryReactor())
+            transport.connected = True
+            connection.transport = transport
+            received: list[bytes] = []
+            connection.take(received.append, into)
+            theirs.sendall(b"upload bytes")
+            assert transport.doRead() is None
+            if into is not None:
+                assert (into.got, received) == (b"upload bytes", [])
+            else:
+                assert received == [b"upload bytes"]
+
+
 def test_upload_pauses_the_data_connection_while_a_write_is_pending(tmp_path: Path) -> None:
     pending: list[Deferred[Any]] = []
 
