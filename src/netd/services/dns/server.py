@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import socket
 import struct
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -108,6 +108,37 @@ class _Prepared:
         self.until = 0.0
 
 
+class _PreparedAnswers:
+    """
+    The prepared answers, by the query's bytes after the ID, in one table for
+    each standing of a query (over UDP or not, from a client that may recurse
+    or not): the UDP loop looks a query up in its standing's table with the
+    query's bytes alone, not with a key tuple made for each query.
+    """
+
+    __slots__ = ("_tables",)
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[bool, bool], dict[bytes, _Prepared]] = {
+            (udp, recursion): {} for udp in (True, False) for recursion in (True, False)
+        }
+
+    def table(self, udp: bool, recursion: bool) -> dict[bytes, _Prepared]:
+        """The table for queries of this standing: the same dict for the server's life."""
+        return self._tables[udp, recursion]
+
+    def clear(self) -> None:
+        for table in self._tables.values():
+            table.clear()
+
+    def __len__(self) -> int:
+        return sum(len(table) for table in self._tables.values())
+
+
+# Where an answer would be prepared: its standing's table and the query's bytes after the ID.
+_PreparedAt = tuple[dict[bytes, _Prepared], bytes]
+
+
 class Server:
     """Turns query bytes into answer bytes, now or later (a L{Deferred})."""
 
@@ -168,7 +199,7 @@ class Server:
         self.prepared_size = max(EDNS_PAYLOAD, options.udp_payload)
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
-        self.prepared: dict[tuple[bool, bool, bytes], _Prepared] = {}
+        self.prepared = _PreparedAnswers()
 
     def handle(
         self, data: bytes, client: Any, udp: bool, transport: str | None = None
@@ -207,7 +238,7 @@ class Server:
         """L{prepared_reply}'s answer, not yet counted: its bytes are C{data[:2] + tail}."""
         if not self.send_prepared or len(data) > _PREPARED_QUERY:
             return None
-        prepared = self.prepared.get((udp, recursion, data[2:]))
+        prepared = self.prepared.table(udp, recursion).get(data[2:])
         if prepared is None or prepared.cache_key is None:
             return prepared
         return self.fresh(prepared, self.clock.seconds())
@@ -234,8 +265,8 @@ class Server:
     ) -> bytes | Deferred[bytes] | None:
         """L{handle} once no prepared answer was sent: parsed, answered, prepared for next time."""
         stats = self.stats
-        prepared_key = (
-            (udp, recursion, data[2:])
+        prepared_at = (
+            (self.prepared.table(udp, recursion), data[2:])
             if self.send_prepared and len(data) <= _PREPARED_QUERY
             else None
         )
@@ -277,7 +308,7 @@ class Server:
                     ),
                     lambda: self._answer(query, client, udp, transport, recursion, started),
                 )
-        return self._answer(query, client, udp, transport, recursion, started, prepared_key)
+        return self._answer(query, client, udp, transport, recursion, started, prepared_at)
 
     def _splice(self, prepared: _Prepared, current: Sections | None) -> bool:
         """
@@ -310,7 +341,7 @@ class Server:
         transport: str,
         recursion: bool,
         started: float,
-        prepared_key: tuple[bool, bool, bytes] | None = None,
+        prepared_at: _PreparedAt | None = None,
     ) -> bytes | Deferred[bytes] | None:
         """The service's own answer to a parsed query."""
         stats = self.stats
@@ -320,7 +351,7 @@ class Server:
             # RA says this client may ask for any name, whatever answered this one.
             flags = RA if recursion else 0
             return self._reply(
-                sections, query, limit, client, transport, source, started, flags, prepared_key
+                sections, query, limit, client, transport, source, started, flags, prepared_at
             )
         assert self.forwarder is not None
         key = query.name + query.question[-4:]
@@ -387,7 +418,7 @@ class Server:
         source: str,
         started: float,
         flags: int = 0,
-        prepared_key: tuple[bool, bool, bytes] | None = None,
+        prepared_at: _PreparedAt | None = None,
     ) -> bytes:
         reply = encode_reply(query, sections, limit, flags, self.opt)
         counters = [f"rcode_{_RCODES.get(sections.rcode, str(sections.rcode))}"]
@@ -399,16 +430,17 @@ class Server:
             self.stats.count(counter)
         if self.options.query_log:
             self._record(query, reply, client, transport, source, started)
-        if prepared_key is not None and len(reply) <= self.prepared_size:
-            if len(self.prepared) >= _PREPARED_REPLIES:
+        if prepared_at is not None and len(reply) <= self.prepared_size:
+            table, question = prepared_at
+            if len(table) >= _PREPARED_REPLIES:
                 # Distinct queries by the thousand (a scan): start again rather than grow.
-                self.prepared.clear()
+                table.clear()
             cache_key = query.name + query.question[-4:] if source == "cache" else None
             # Where the sections' records sit in the tail (after the header's
             # last 10 bytes and the question), unless the answer was truncated.
             start = 10 + len(query.question)
             whole = reply[start + 2 : start + 2 + len(sections.body)] == sections.body
-            self.prepared[prepared_key] = _Prepared(
+            table[question] = _Prepared(
                 reply[2:], ("queries", *counters), cache_key, sections, start if whole else None
             )
         return reply
@@ -560,24 +592,31 @@ class Datagrams(DatagramProtocol):
         stats = self.stats
         recvfrom = port.socket.recvfrom
         sendto = self._sendto
-        # Without upstreams no client may recurse: nothing to ask a query.
-        standing = server.standing if server.forwarder is not None else None
-        # Server.prepared_for, taken apart: whether prepared answers may be sent
-        # asked once a turn, the lookup inline (a call a query cost about 2% of a
-        # local answer's CPU), cached TTLs checked against the turn's clock.
-        prepared_answers = server.prepared.get if server.send_prepared else None
+        # Server.standing and Server.prepared_for, taken apart: a call a query
+        # cost about 2% of a local answer's CPU.  Without upstreams no client
+        # may recurse; whether prepared answers may be sent is asked once a
+        # turn; a client's standing and a cached answer's freshness are asked
+        # of the server only when not already known (cached TTLs are checked
+        # against the turn's clock).
+        recursion_known = server.recursion_ok.get if server.forwarder is not None else None
+        may_recurse = server._may_recurse
+        sending_prepared = server.send_prepared
+        prepared_local = server.prepared.table(True, False).get
+        prepared_recursive = server.prepared.table(True, True).get
         fresh = server.fresh
         now = server.clock.seconds()
         limit = port.maxThroughput
+        size = port.maxPacketSize
         trim = port.addressFamily == socket.AF_INET6
         received = sent = 0
-        # The prepared answers sent this turn, each with how many times: their
-        # counters are added once a turn, not two or three dict updates a query.
-        tally: dict[_Prepared, int] = {}
+        # The prepared answers sent this turn: their counters are added once a
+        # turn (L{Counter} counts the list in C), not two or three dict updates a query.
+        hits: list[_Prepared] = []
+        hit = hits.append
         try:
             while received < limit:
                 try:
-                    data, addr = recvfrom(port.maxPacketSize)
+                    data, addr = recvfrom(size)
                 except OSError as e:
                     if e.errno in _READ_LATER:
                         return
@@ -586,14 +625,25 @@ class Datagrams(DatagramProtocol):
                 if trim:
                     addr = addr[:2]  # as Twisted gives it: no flow label, no scope
                 try:
-                    recursion = False if standing is None else standing(addr)
+                    if recursion_known is None:
+                        recursion = False
+                    else:
+                        known = recursion_known(addr[0])
+                        recursion = may_recurse(addr[0]) if known is None else known
                     prepared = None
-                    if prepared_answers is not None and len(data) <= _PREPARED_QUERY:
-                        prepared = prepared_answers((True, recursion, data[2:]))
-                        if prepared is not None and prepared.cache_key is not None:
+                    if sending_prepared and len(data) <= _PREPARED_QUERY:
+                        question = data[2:]
+                        prepared = (
+                            prepared_recursive(question) if recursion else prepared_local(question)
+                        )
+                        if (
+                            prepared is not None
+                            and prepared.cache_key is not None
+                            and now >= prepared.until
+                        ):
                             prepared = fresh(prepared, now)
                     if prepared is not None:
-                        tally[prepared] = tally.get(prepared, 0) + 1
+                        hit(prepared)
                         answer = data[:2] + prepared.tail
                     else:
                         made = server.answer(data, addr, True, recursion)
@@ -617,8 +667,9 @@ class Datagrams(DatagramProtocol):
         finally:
             stats.bytes_in += received
             stats.bytes_out += sent
-            for prepared, times in tally.items():
-                server.count_prepared(prepared, times)
+            if hits:
+                for prepared, times in Counter(hits).items():
+                    server.count_prepared(prepared, times)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         # Only for a transport that is not a udp.Port (L{read} serves those).
