@@ -1124,6 +1124,31 @@ def test_udp_read_answers_every_waiting_query_prepared_or_not(
     assert counters["queries"] == 4
 
 
+def test_udp_read_counts_a_turns_prepared_answers_by_their_counters(
+    udp_pair: tuple[Server, ReadingPort, socket.socket],
+) -> None:
+    srv, port, client = udp_pair
+    asked = [("www.netd.test", "A"), ("netd.test", "MX"), ("nope.netd.test", "A")]
+    for name, rdtype in asked:  # one turn each: answered, then prepared
+        client.send(make_wire(name, rdtype))
+        port.doRead()
+    replies(client, 3)
+    # Two answers of one kind (NOERROR), one of another (NXDOMAIN): two sets of counters.
+    prepared = [srv.prepared_for(make_wire(n, t), True, False) for n, t in asked]
+    assert all(p is not None for p in prepared)
+    assert prepared[0].counters is prepared[1].counters  # type: ignore[union-attr]
+    assert prepared[2].counters != prepared[0].counters  # type: ignore[union-attr]
+    for _ in range(3):
+        for name, rdtype in asked:
+            client.send(make_wire(name, rdtype))
+    port.doRead()  # one turn: nine prepared answers
+    rcodes = [dns.rcode.to_text(a.rcode()) for a in replies(client, 9)]
+    assert rcodes == ["NOERROR", "NOERROR", "NXDOMAIN"] * 3
+    counters = srv.stats.counters
+    assert counters["queries"] == 12
+    assert counters["rcode_NOERROR"] == 8 and counters["rcode_NXDOMAIN"] == 4
+
+
 def test_udp_read_sends_prepared_cached_answers_with_the_turns_ttls(tmp_path: Path) -> None:
     clock = Clock()
     srv = server(tmp_path, "    forward: ['127.0.0.1:9']\n", clock=clock)

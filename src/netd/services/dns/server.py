@@ -200,6 +200,10 @@ class Server:
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
         self.prepared = _PreparedAnswers()
+        # One tuple object for each set of counters prepared answers add (a
+        # handful: the rcode, whether cached, whether truncated), so the UDP
+        # loop counts a turn's sends by set, not by answer.
+        self._counter_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def handle(
         self, data: bytes, client: Any, udp: bool, transport: str | None = None
@@ -256,8 +260,12 @@ class Server:
 
     def count_prepared(self, prepared: _Prepared, times: int) -> None:
         """Counts a prepared answer sent C{times} times."""
+        self.count_sent(prepared.counters, times)
+
+    def count_sent(self, names: tuple[str, ...], times: int) -> None:
+        """Adds C{times} to each of the counters C{names} (a prepared answer's)."""
         counters = self.stats.counters
-        for counter in prepared.counters:
+        for counter in names:
             counters[counter] = counters.get(counter, 0) + times
 
     def answer(
@@ -440,8 +448,13 @@ class Server:
             # last 10 bytes and the question), unless the answer was truncated.
             start = 10 + len(query.question)
             whole = reply[start + 2 : start + 2 + len(sections.body)] == sections.body
+            names = ("queries", *counters)
             table[question] = _Prepared(
-                reply[2:], ("queries", *counters), cache_key, sections, start if whole else None
+                reply[2:],
+                self._counter_sets.setdefault(names, names),
+                cache_key,
+                sections,
+                start if whole else None,
             )
         return reply
 
@@ -609,9 +622,10 @@ class Datagrams(DatagramProtocol):
         size = port.maxPacketSize
         trim = port.addressFamily == socket.AF_INET6
         received = sent = 0
-        # The prepared answers sent this turn: their counters are added once a
-        # turn (L{Counter} counts the list in C), not two or three dict updates a query.
-        hits: list[_Prepared] = []
+        # The counters of the prepared answers sent this turn: added once a turn
+        # for each set (L{Counter} counts the list in C), not two or three dict
+        # updates a query, nor a call for each answer.
+        hits: list[tuple[str, ...]] = []
         hit = hits.append
         try:
             while received < limit:
@@ -643,7 +657,7 @@ class Datagrams(DatagramProtocol):
                         ):
                             prepared = fresh(prepared, now)
                     if prepared is not None:
-                        hit(prepared)
+                        hit(prepared.counters)
                         answer = data[:2] + prepared.tail
                     else:
                         made = server.answer(data, addr, True, recursion)
@@ -668,8 +682,8 @@ class Datagrams(DatagramProtocol):
             stats.bytes_in += received
             stats.bytes_out += sent
             if hits:
-                for prepared, times in Counter(hits).items():
-                    server.count_prepared(prepared, times)
+                for names, times in Counter(hits).items():
+                    server.count_sent(names, times)
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
         # Only for a transport that is not a udp.Port (L{read} serves those).
