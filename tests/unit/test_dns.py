@@ -35,7 +35,7 @@ from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.services.dns import Options, build
 from netd.services.dns.forward import Cache, Forwarder, Upstream, UpstreamFailed, _matches
-from netd.services.dns.server import Datagrams, Server, Stream
+from netd.services.dns.server import _BURST, Datagrams, Server, Stream
 from netd.services.dns.wire import name_to_wire
 from tests.maps import ServiceMap
 
@@ -1122,6 +1122,54 @@ def test_udp_read_answers_every_waiting_query_prepared_or_not(
     assert srv.stats.bytes_out == sum(len(a.to_wire()) for a in answers)
     port.doRead()  # nothing waits: returns at once
     assert counters["queries"] == 4
+
+
+class _RecordingSocket:
+    """A socket whose receives and sends are noted in order: in, out, or empty."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.calls: list[str] = []
+
+    def recvfrom(self, size: int) -> tuple[bytes, Any]:
+        try:
+            received = self.sock.recvfrom(size)
+        except OSError:
+            self.calls.append("empty")
+            raise
+        self.calls.append("in")
+        return received
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        self.calls.append("out")
+        return self.sock.sendto(data, addr)
+
+
+def test_udp_read_sends_a_turns_answers_in_bursts(tmp_path: Path) -> None:
+    srv = server(tmp_path)
+    port = ReadingPort()
+    recording = _RecordingSocket(port.socket)
+    port.socket = recording  # type: ignore[assignment]
+    Datagrams(srv).makeConnection(port)  # type: ignore[arg-type]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+        client.connect(recording.sock.getsockname())
+        queries = [dns.message.make_query("www.netd.test", "A") for _ in range(_BURST + 8)]
+        for query in queries:
+            client.send(query.to_wire())
+        port.doRead()
+        # A whole burst is sent before the next query is read; the rest once
+        # the socket is found empty.
+        assert recording.calls == (
+            ["in"] * _BURST + ["out"] * _BURST + ["in"] * 8 + ["empty"] + ["out"] * 8
+        )
+        assert [a.id for a in replies(client, len(queries))] == [q.id for q in queries]
+        recording.calls.clear()
+        client.send(queries[0].to_wire())
+        port.doRead()  # a lone query is not held for company
+        assert recording.calls == ["in", "empty", "out"]
+        assert replies(client, 1)[0].id == queries[0].id
+    recording.sock.close()
 
 
 def test_udp_read_counts_a_turns_prepared_answers_by_their_counters(
