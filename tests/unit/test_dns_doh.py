@@ -15,12 +15,13 @@ import h2.connection
 import h2.events
 import h2.settings
 import hpack
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from netd.services.dns.doh import DoHFactory
+from netd.services.dns.doh import DoHFactory, _HeaderDecoder, _only_dns_parameter
 from tests.unit.test_dns import big_server, server
 
 WWW = dns.message.make_query("www.netd.test", "A", id=0).to_wire()
@@ -509,3 +510,29 @@ def test_http2_answers_in_one_frame_keep_to_the_connection_window(tmp_path: Path
     assert held_back and ended == set(streams)
     assert len({answers[s] for s in streams}) == 1
     assert len(dns.message.from_wire(answers[1]).answer[0]) == 30
+
+
+@pytest.mark.parametrize("huffman", [True, False])
+def test_hpack_decoding_agrees_with_hpack_on_long_indexes_and_lengths(huffman: bool) -> None:
+    # 110 small fields fill the dynamic table, so sent again they are indexed
+    # past 127 (a multi-byte index); a 300-byte value needs a multi-byte length.
+    small = [(b"x-%d" % i, b"v") for i in range(110)]
+    indexed_past_127 = False
+    encoder, theirs, ours = hpack.Encoder(), hpack.Decoder(), _HeaderDecoder()
+    for fields in (small, small, [(b"x-long", b"a" * 300)], small):
+        block = encoder.encode(fields, huffman=huffman)
+        headers, over = ours.decode(block)
+        assert not over and headers == fields
+        assert headers == [(bytes(n), bytes(v)) for n, v in theirs.decode(block, raw=True)]
+        if fields is small and b"\xff" in block:
+            indexed_past_127 = True
+    assert indexed_past_127
+
+
+def test_only_the_dns_parameter_is_read_from_a_query_string() -> None:
+    assert _only_dns_parameter(b"dns=AAAB-_") == b"AAAB-_"
+    assert _only_dns_parameter(b"ct=x&dns=AAAB") == b"AAAB"
+    assert _only_dns_parameter(b"d%6Es=AA%41B") == b"AAAB"
+    assert _only_dns_parameter(b"dns=AAAB&dns=AAAB") is None
+    assert _only_dns_parameter(b"dns") is None
+    assert _only_dns_parameter(b"other=1") is None

@@ -229,6 +229,8 @@ class DoHFactory(Factory):
 
 def _only_dns_parameter(query: bytes) -> bytes | None:
     """The value of the one C{dns} parameter of a query string, or None."""
+    if query.startswith(b"dns=") and b"&" not in query and b"%" not in query and b"+" not in query:
+        return query[4:]  # the usual query string, alone and unquoted
     found = None
     for pair in query.split(b"&"):
         name, equals, value = pair.partition(b"=")
@@ -854,11 +856,19 @@ class _HeaderDecoder:
         headers = []
         listed = 0
         offset, end = 0, len(block)
+        static = self.static
+        statics = len(static)
         while offset < end:
             first = block[offset]
             if first & 0x80:
-                index, offset = _integer(block, offset, 7)
-                header = self._entry(index)
+                # An indexed field, most of a request's: its one-byte index and a
+                # static entry taken here, not by two calls a field.
+                index = first & 0x7F
+                if index < 0x7F:
+                    offset += 1
+                else:
+                    index, offset = _integer(block, offset, 7)
+                header = static[index - 1] if 0 < index <= statics else self._entry(index)
             elif first & 0xE0 == 0x20:
                 # A dynamic table size update: at most what netd advertised, and
                 # only before the block's first field (RFC 7541 section 4.2).
@@ -902,7 +912,11 @@ class _HeaderDecoder:
         if offset >= len(block):
             raise _H2Error(_COMPRESSION_ERROR)
         huffman = block[offset] & 0x80
-        length, offset = _integer(block, offset, 7)
+        length = block[offset] & 0x7F
+        if length < 0x7F:
+            offset += 1
+        else:
+            length, offset = _integer(block, offset, 7)
         end = offset + length
         if end > len(block):
             raise _H2Error(_COMPRESSION_ERROR)
