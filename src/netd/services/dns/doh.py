@@ -227,9 +227,19 @@ class DoHFactory(Factory):
         return _Reply(status, _TEXT, why.encode() + b"\n", extra)
 
 
+# Looked for as byte values: "in" with an int is a tenth of the time of "in" with
+# a one-byte bytes object, which goes through the buffer protocol (CPython 3.11).
+_AMPERSAND, _PERCENT, _PLUS = b"&%+"
+
+
 def _only_dns_parameter(query: bytes) -> bytes | None:
     """The value of the one C{dns} parameter of a query string, or None."""
-    if query.startswith(b"dns=") and b"&" not in query and b"%" not in query and b"+" not in query:
+    if (
+        query.startswith(b"dns=")
+        and _AMPERSAND not in query
+        and _PERCENT not in query
+        and _PLUS not in query
+    ):
         return query[4:]  # the usual query string, alone and unquoted
     found = None
     for pair in query.split(b"&"):
