@@ -33,6 +33,7 @@ from twisted.internet.protocol import DatagramProtocol
 from zope.interface import implementer
 
 from netd.compat import inherited_descriptors, parse_endpoint, share_listening_socket
+from netd.connections import SendsNowFactory
 
 __all__ = [
     "HeldSocket",
@@ -417,4 +418,18 @@ def server_endpoint(
         inner = _plain_tcp(reactor, args, kwargs)
     else:
         inner = serverFromString(reactor, normalize(description, base_dir))
-    return inner if tls is None else wrapServerTLS(tls, inner, reactor)
+    if tls is None:
+        return inner
+    return wrapServerTLS(tls, _SendingNow(inner), reactor)
+
+
+@implementer(IStreamServerEndpoint)
+class _SendingNow:
+    """A TLS listener's stream endpoint: TLS sends through L{SendsNow}."""
+
+    def __init__(self, inner: IStreamServerEndpoint) -> None:
+        self.inner = inner
+
+    def listen(self, factory: IProtocolFactory) -> Deferred[IListeningPort]:
+        listening: Deferred[IListeningPort] = self.inner.listen(SendsNowFactory(factory))
+        return listening

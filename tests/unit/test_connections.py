@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Any
 
 import attrs
@@ -27,6 +28,8 @@ from zope.interface import implementer
 
 from netd.connections import (
     ConnectionSet,
+    SendsNow,
+    SendsNowFactory,
     TrackedConnection,
     TrackingFactory,
     client_key,
@@ -831,3 +834,29 @@ def test_a_kind_that_does_not_batch_sends_at_once() -> None:
     connection, socket = on_socket(100, harness(batch_writes=False))
     connection.write(b"now")
     assert socket.sent == [b"now"]
+
+
+def test_what_tls_writes_is_sent_at_once_unless_bytes_wait_ahead() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        reactor = MemoryReactor()
+        sender = SendsNowFactory(Factory.forProtocol(Protocol)).buildProtocol(None)
+        assert isinstance(sender, SendsNow)
+        transport = Connection(ours, sender, reactor)
+        transport.connected = True
+        sender.makeConnection(transport)
+        sender.write(b"hello")
+        # On the socket already: no writable event waited for.
+        assert theirs.recv(100) == b"hello" and reactor.getWriters() == []
+        transport.write(b"queued ")  # Twisted's buffer: the next write goes behind it
+        sender.writeSequence([b"after", b" it"])
+        with pytest.raises(BlockingIOError):
+            theirs.recv(100)
+        transport.doWrite()
+        assert theirs.recv(100) == b"queued after it"
+    other = StringTransportWithDisconnection()
+    sender.makeConnection(other)  # not a socket: its own write
+    sender.write(b"plain")
+    assert other.value() == b"plain"

@@ -23,6 +23,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from netd import endpoints
+from netd.connections import SendsNowFactory
 
 BASE = Path("/srv/netd")
 
@@ -46,6 +47,14 @@ def _accept_with(listening: IProtocolFactory, creator: FakeCreator) -> IProtocol
     protocol.makeConnection(StringTransport())
     assert creator.asked == [protocol]
     return protocol
+
+
+def _tls_under(listening: IProtocolFactory) -> TLSMemoryBIOFactory:
+    """A TLS listener's TLS factory, under the layer that sends what TLS writes at once."""
+    assert isinstance(listening, SendsNowFactory)
+    tls = listening.wrappedFactory
+    assert isinstance(tls, TLSMemoryBIOFactory)
+    return tls
 
 
 def _factory() -> Factory:
@@ -302,9 +311,9 @@ def test_server_endpoint_ssl_with_profile_wraps_plain_tcp() -> None:
     endpoint.listen(factory)
     ((port, listening, backlog, interface),) = reactor.tcpServers
     assert (port, backlog, interface) == (7443, 7, "127.0.0.1")
-    assert isinstance(listening, TLSMemoryBIOFactory)
-    assert listening.wrappedFactory is factory
-    _accept_with(listening, creator)
+    tls = _tls_under(listening)
+    assert tls.wrappedFactory is factory
+    _accept_with(tls, creator)
     assert reactor.sslServers == []  # TLS by memory BIO, not the reactor's own listenSSL
 
 
@@ -316,8 +325,7 @@ def test_server_endpoint_ssl_with_profile_on_ipv6() -> None:
     )
     ((port, listening, _, interface),) = reactor.tcpServers
     assert (port, interface) == (0, "::1")
-    assert isinstance(listening, TLSMemoryBIOFactory)
-    _accept_with(listening, creator)
+    _accept_with(_tls_under(listening), creator)
 
 
 def test_server_endpoint_profile_on_another_stream_endpoint() -> None:
@@ -327,9 +335,9 @@ def test_server_endpoint_profile_on_another_stream_endpoint() -> None:
     endpoints.server_endpoint(reactor, "unix:run/tls.sock", BASE, creator).listen(factory)
     ((address, listening, *_),) = reactor.unixServers
     assert address == "/srv/netd/run/tls.sock"
-    assert isinstance(listening, TLSMemoryBIOFactory)
-    assert listening.wrappedFactory is factory
-    _accept_with(listening, creator)
+    tls = _tls_under(listening)
+    assert tls.wrappedFactory is factory
+    _accept_with(tls, creator)
 
 
 def test_server_endpoint_unix_path_relative_to_the_map() -> None:
