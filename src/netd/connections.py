@@ -184,8 +184,14 @@ class SendsNow(ProtocolWrapper):
     nothing is queued ahead (L{send_now}), not on the reactor's next turn.
     Twisted's FileDescriptor.write only buffers, and each of TLS's flushes (one
     a turn) then cost two epoll_ctl calls and a writable event more, as a
-    plain write did before L{TrackedConnection.write} sent at once.
+    plain write did before L{TrackedConnection.write} sent at once.  It also
+    turns Nagle's algorithm off (L{_no_delay}): the wrapper above TLS finds
+    TLS, not the socket.
     """
+
+    def makeConnection(self, transport: Any) -> None:
+        _no_delay(transport)
+        super().makeConnection(transport)
 
     def write(self, data: bytes) -> None:
         connection: Any = self.transport

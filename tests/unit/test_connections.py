@@ -860,3 +860,16 @@ def test_what_tls_writes_is_sent_at_once_unless_bytes_wait_ahead() -> None:
     sender.makeConnection(other)  # not a socket: its own write
     sender.write(b"plain")
     assert other.value() == b"plain"
+
+
+def test_a_tls_listeners_tcp_connection_turns_nagle_off() -> None:
+    listening = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listening.getsockname())
+    accepted, _ = listening.accept()
+    with listening, client, accepted:
+        assert not accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        sender = SendsNowFactory(Factory.forProtocol(Protocol)).buildProtocol(None)
+        assert sender is not None
+        sender.makeConnection(Connection(accepted, sender, MemoryReactor()))
+        # Under TLS, netd's own wrapper sees TLS's handle, not this socket.
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
