@@ -2,7 +2,8 @@
 The http kind's writes held to the end of a reactor turn (ServiceKind.batch_writes),
 with real clients: many keep-alive connections at once, small responses held and
 large files sent by sendfile(2) on the same connections, and pipelined requests
-whose responses must still come in order and whole.
+whose responses must still come in order and whole, over TLS too (what TLS writes
+is sent at once when nothing waits ahead: connections.SendsNow).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import socket
+import ssl
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -32,7 +35,7 @@ def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
         f"""
   web:
     type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
+    listen: ["tcp:0:interface=127.0.0.1", {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
     root: {www}
     routes:
       - {{path: /canned, body: "canned\\n"}}
@@ -117,6 +120,34 @@ def test_pipelined_responses_keep_their_order_around_a_file_sent_by_sendfile(
         SMALL["/small1.txt"],
         BIG,
         SMALL["/small2.txt"],
+        b"canned\n",
+        SMALL["/small0.txt"],
+    ]
+
+
+@pytest.mark.parametrize("stall", [0.0, 1.0])
+def test_pipelined_responses_over_tls_come_whole_whether_read_at_once_or_late(
+    netd: NetdProcess, stall: float
+) -> None:
+    # Over TLS the file is read and encrypted, not sent by sendfile(2); a client
+    # that stops reading fills the socket, and the rest must queue behind it.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    requests = b"".join(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        for path in ("/small1.txt", "/big.bin", "/canned", "/small0.txt")
+    )
+    plain = socket.create_connection(netd.address("web", tls=True), timeout=20)
+    with context.wrap_socket(plain, server_hostname="localhost") as sock:
+        sock.sendall(requests)
+        time.sleep(stall)  # not for readiness: the reader stalls on purpose
+        buffered = bytearray()
+        bodies = [_read_response(sock, buffered) for _ in range(4)]
+    assert all(head.startswith(b"HTTP/1.1 200 ") for head, _ in bodies)
+    assert [body for _, body in bodies] == [
+        SMALL["/small1.txt"],
+        BIG,
         b"canned\n",
         SMALL["/small0.txt"],
     ]
