@@ -101,28 +101,34 @@ def _read_response(sock: socket.socket, buffered: bytearray) -> tuple[bytes, byt
     return head, body
 
 
+# Paths asked in one pipelined write, and the bodies they must come back with, in order.
+PIPELINED = {
+    "/small1.txt": SMALL["/small1.txt"],
+    "/big.bin": BIG,
+    "/small2.txt": SMALL["/small2.txt"],
+    "/canned": b"canned\n",
+    "/small0.txt": SMALL["/small0.txt"],
+}
+
+
+def _pipelined_bodies(sock: socket.socket, stall: float = 0.0) -> list[bytes]:
+    """Every path of L{PIPELINED} asked in one write; the bodies, once each head said 200."""
+    sock.sendall(b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for path in PIPELINED))
+    time.sleep(stall)  # not for readiness: the reader stalls on purpose
+    buffered = bytearray()
+    responses = [_read_response(sock, buffered) for _ in PIPELINED]
+    assert all(head.startswith(b"HTTP/1.1 200 ") for head, _ in responses)
+    return [body for _, body in responses]
+
+
 def test_pipelined_responses_keep_their_order_around_a_file_sent_by_sendfile(
     netd: NetdProcess,
 ) -> None:
     # Sent in one write, read by netd in one turn: the first response is held
     # for the turn's end, the second's head is held and its body goes by
     # sendfile(2), the third waits for the second; each must come whole, in order.
-    requests = b"".join(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        for path in ("/small1.txt", "/big.bin", "/small2.txt", "/canned", "/small0.txt")
-    )
     with socket.create_connection(netd.address("web"), timeout=20) as sock:
-        sock.sendall(requests)
-        buffered = bytearray()
-        bodies = [_read_response(sock, buffered) for _ in range(5)]
-    assert all(head.startswith(b"HTTP/1.1 200 ") for head, _ in bodies)
-    assert [body for _, body in bodies] == [
-        SMALL["/small1.txt"],
-        BIG,
-        SMALL["/small2.txt"],
-        b"canned\n",
-        SMALL["/small0.txt"],
-    ]
+        assert _pipelined_bodies(sock) == list(PIPELINED.values())
 
 
 @pytest.mark.parametrize("stall", [0.0, 1.0])
@@ -134,20 +140,6 @@ def test_pipelined_responses_over_tls_come_whole_whether_read_at_once_or_late(
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    requests = b"".join(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
-        for path in ("/small1.txt", "/big.bin", "/canned", "/small0.txt")
-    )
     plain = socket.create_connection(netd.address("web", tls=True), timeout=20)
     with context.wrap_socket(plain, server_hostname="localhost") as sock:
-        sock.sendall(requests)
-        time.sleep(stall)  # not for readiness: the reader stalls on purpose
-        buffered = bytearray()
-        bodies = [_read_response(sock, buffered) for _ in range(4)]
-    assert all(head.startswith(b"HTTP/1.1 200 ") for head, _ in bodies)
-    assert [body for _, body in bodies] == [
-        SMALL["/small1.txt"],
-        BIG,
-        b"canned\n",
-        SMALL["/small0.txt"],
-    ]
+        assert _pipelined_bodies(sock, stall) == list(PIPELINED.values())
