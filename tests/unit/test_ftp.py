@@ -398,24 +398,27 @@ def test_upload_read_into_starts_small_and_doubles_to_a_batch(
     assert offered[:5] == [4, 4, 8, 16, 16]
 
 
+class _Into:
+    """A read-into sink (what an upload offers): one buffer of C{size}, what was filled kept."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(size)
+        self.got = bytearray()
+
+    def space(self) -> memoryview:
+        return memoryview(self.buffer)
+
+    def filled(self, count: int) -> None:
+        self.got += self.buffer[:count]
+
+
 def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
     from netd.services.ftp.data import _reader
-
-    class Into:
-        def __init__(self) -> None:
-            self.buffer = bytearray(8)
-            self.got = bytearray()
-
-        def space(self) -> memoryview:
-            return memoryview(self.buffer)
-
-        def filled(self, count: int) -> None:
-            self.got += self.buffer[:count]
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
         ours.setblocking(False)
-        into = Into()
+        into = _Into(8)
         connection: Any = SimpleNamespace(socket=ours)  # what the reader uses of a tcp.Connection
         read = _reader(connection, into)
         assert read() is None and into.got == b""  # nothing there yet: no data, not an end
@@ -427,7 +430,7 @@ def test_data_connection_reader_reads_as_twisted_would(tmp_path: Path) -> None:
         theirs.close()
     broken = socket.socket()
     broken.close()
-    assert _reader(SimpleNamespace(socket=broken), Into())() is main.CONNECTION_LOST  # type: ignore[arg-type]
+    assert _reader(SimpleNamespace(socket=broken), _Into(8))() is main.CONNECTION_LOST  # type: ignore[arg-type]
 
 
 def test_a_binary_upload_on_a_plain_socket_reads_into_the_uploads_buffer() -> None:
@@ -436,18 +439,7 @@ def test_a_binary_upload_on_a_plain_socket_reads_into_the_uploads_buffer() -> No
 
     from netd.services.ftp.data import DataConnection
 
-    class Into:
-        def __init__(self) -> None:
-            self.buffer = bytearray(64)
-            self.got = bytearray()
-
-        def space(self) -> memoryview:
-            return memoryview(self.buffer)
-
-        def filled(self, count: int) -> None:
-            self.got += self.buffer[:count]
-
-    for into in (Into(), None):  # binary, then ASCII (line ends rewritten: Twisted's read)
+    for into in (_Into(64), None):  # binary, then ASCII (line ends rewritten: Twisted's read)
         ours, theirs = socket.socketpair()
         with ours, theirs:
             connection = DataConnection(None)  # type: ignore[arg-type]  # take() needs no channel

@@ -244,7 +244,7 @@ class Server:
         prepared = self.prepared_for(data, udp, recursion)
         if prepared is None:
             return None
-        self.count_prepared(prepared, 1)
+        self.count_sent(prepared.counters, 1)
         return data[:2] + prepared.tail
 
     def prepared_for(self, data: bytes, udp: bool, recursion: bool) -> _Prepared | None:
@@ -266,10 +266,6 @@ class Server:
             if current is not prepared.sections and not self._splice(prepared, current):
                 return None
         return prepared
-
-    def count_prepared(self, prepared: _Prepared, times: int) -> None:
-        """Counts a prepared answer sent C{times} times."""
-        self.count_sent(prepared.counters, times)
 
     def count_sent(self, names: tuple[str, ...], times: int) -> None:
         """Adds C{times} to each of the counters C{names} (a prepared answer's)."""
@@ -720,13 +716,8 @@ class Datagrams(DatagramProtocol):
             answer.addCallback(self.send, addr)
 
     def send(self, answer: bytes, addr: Any) -> None:
-        try:
-            self._sendto(answer, addr)
-        except OSError:
-            # A client's address the kernel will not send to: nothing to tell it.
-            self.stats.errors += 1
-            return
-        self.stats.bytes_out += len(answer)
+        """Sends one answer made later (an upstream's, through a Deferred)."""
+        self.stats.bytes_out += self._send_held([(answer, addr)], self._sendto)
 
 
 @implementer(IOwesReplies)
