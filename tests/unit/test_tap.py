@@ -82,6 +82,26 @@ def test_the_collector_is_off_from_reading_the_map_until_ready(
     assert garbage() is None  # what start-up left in cycles is collected at ready
 
 
+def test_the_collection_at_ready_leaves_the_old_generation_alone(
+    tmp_path: Path, collector_restored: None
+) -> None:
+    daemon, pause = _paused_start(tmp_path)
+    collected: list[int] = []
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collected.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        pause.ready(daemon)
+    finally:
+        gc.callbacks.remove(watch)
+    # Walking every object Python and Twisted made before the map was read
+    # would cost start-up more than the rest of the collection.
+    assert collected == [1]
+
+
 def test_a_daemon_stopping_before_ready_turns_the_collector_back_on(
     tmp_path: Path, collector_restored: None
 ) -> None:
