@@ -196,6 +196,17 @@ def test_sendfile_sends_what_was_buffered_then_the_whole_file(
     assert pair.raw.producer is None
 
 
+def test_with_nothing_queued_the_file_starts_at_once(pair: Pair, source: io.FileIO) -> None:
+    # No reactor turn, no writer registered and no cork: what waiting for the
+    # transport to ask cost every response whose head had already gone.
+    sending = send_file(pair.raw, source, 0, 5000)
+    seen = outcome(sending)
+    assert seen == [None]
+    assert pair.raw not in pair.reactor.getWriters()
+    assert pair.raw.producer is None
+    assert pair.drain() == CONTENT[:5000]
+
+
 def test_the_cork_is_lifted_once_the_file_has_started(pair: Pair, source: io.FileIO) -> None:
     # Corked for the whole file, the kernel held each call's last partial
     # segment back: a 1 GiB download ran at half the rate.
@@ -229,10 +240,11 @@ def test_sendfile_fails_when_the_file_is_truncated_under_it(
 ) -> None:
     sending = send_file(pair.raw, source, 0, len(CONTENT))
     seen = outcome(sending)
-    os.truncate(tmp_path / "data.bin", 100)
+    # The first chunk went at once (nothing was queued); the file ends in the second.
+    os.truncate(tmp_path / "data.bin", SENDFILE_CHUNK + 100)
     received = pair.run(sending)
     assert len(seen) == 1 and isinstance(seen[0], Truncated)
-    assert received == CONTENT[:100]
+    assert received == CONTENT[: SENDFILE_CHUNK + 100]
     assert pair.raw.producer is None
     assert not pair.corked()
 
