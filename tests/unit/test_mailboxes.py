@@ -162,6 +162,21 @@ def said(transport: TLSStringTransport) -> list[bytes]:
     return [line for line in lines if line]
 
 
+def test_the_store_reads_many_messages_in_the_order_asked(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    ids = [lab.deliver("ann@netd.test", body=f"number {n}") for n in range(3)]
+    asked = [ids[2], ids[0], ids[1]]
+
+    def bodies() -> list[bytes | None]:
+        read = result_of(lab.store.read_many(asked))
+        return [None if raw is None else raw.rsplit(b"\r\n\r\n", 1)[1] for raw in read]
+
+    assert bodies() == [b"number 2\r\n", b"number 0\r\n", b"number 1\r\n"]
+    # One that left the store meanwhile stands as None in its place.
+    result_of(lab.store.remove(ids[0]))
+    assert bodies() == [b"number 2\r\n", None, b"number 1\r\n"]
+
+
 def test_imap_select_fetch_and_expunge_reach_the_store(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     kept = lab.deliver("ann@netd.test", subject="one")

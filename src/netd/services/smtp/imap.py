@@ -14,6 +14,7 @@ store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -213,9 +214,10 @@ class _FetchAnswer:
         # their framing), not one each: 4 KiB writes a message were a send(2)
         # each, and many small segments in a slow reader's buffer.
         session = self.session
-        answers = b"".join(
-            session.fetch_answer(number, message, self.query, self.uid) for number, message in batch
-        )
+        pieces: list[bytes] = []
+        for number, message in batch:
+            session.fetch_answer(number, message, self.query, self.uid, pieces.append)
+        answers = b"".join(pieces)
         if self.next == len(self.fetched):
             # The last answers and the tagged OK leave together.
             self._finish(answers)
@@ -391,16 +393,26 @@ class IMAPSession(IMAP4Server):
             # (an answer written at once leaves the timer as it is).
             self._held_timeout = (self.setTimeout(None),)
 
-    def fetch_answer(self, number: int, message: Message, query: list[Any], uid: bool) -> bytes:
-        """The C{* N FETCH (...)} line of one message, its literals in it."""
+    def fetch_answer(
+        self,
+        number: int,
+        message: Message,
+        query: list[Any],
+        uid: bool,
+        write: Callable[[bytes], object],
+    ) -> None:
+        """
+        The C{* N FETCH (...)} line of one message, its literals in it, given
+        to C{write} in pieces: a batch's answers are joined once, so a message
+        is copied once on its way out rather than once a layer.
+        """
         message.utf8 = self.utf8
         writeable = self.mbox is not None and self.mbox.isWriteable()
         changed = writeable and any(map(_marks_seen, query)) and self.access.mark_seen(message.id)
         if changed and not any(part.type == "flags" for part in query):
             # RFC 3501 6.4.5: flags the fetch changed come with its answer.
             query = [*query, _FLAGS]
-        pieces = [b"* %d FETCH (" % number]
-        write = pieces.append
+        write(b"* %d FETCH (" % number)
         seen_uid = False
         for index, part in enumerate(query):
             if index:
@@ -415,7 +427,6 @@ class IMAPSession(IMAP4Server):
             write(b" ")
             self.spew_uid(number, message, write, _ignore)
         write(b")\r\n")
-        return b"".join(pieces)
 
     def fetch_done(self, tag: bytes, last: bytes = b"") -> None:
         """The FETCH is answered: its tagged OK (with C{last}, in one write), then what waited."""
@@ -500,9 +511,10 @@ class IMAPSession(IMAP4Server):
             return None
         if part.empty:
             whole = target.getBodyFile().read() if part.part else msg.open().read()
-            (_w or self.transport.write)(
-                part.getBytes(length=msg.getSize()) + b" " + literal(whole)
-            )
+            write = _w or self.transport.write
+            # The message itself is one piece, not copied into its literal's framing.
+            write(part.getBytes(length=msg.getSize()) + b" {%d}\r\n" % len(whole))
+            write(whole)
             return None
         # BODY without a section: the structure without extension data.
         (_w or self.transport.write)(b"BODY (" + msg.structure(False) + b")")

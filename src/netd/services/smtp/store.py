@@ -264,6 +264,8 @@ class MailStore(Service):
     def read_many(self, ids: list[str]) -> Deferred[list[bytes | None]]:
         """Messages as spooled, in one thread call; None for each one gone."""
         present = [id for id in ids if id in self.messages]
+        if len(present) == len(ids):
+            return self.spool.read_many(present)  # in the order asked, none gone
 
         def placed(found: list[bytes | None]) -> list[bytes | None]:
             by_id = dict(zip(present, found, strict=True))
