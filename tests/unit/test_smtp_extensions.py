@@ -49,6 +49,22 @@ def test_utf8_paths_are_read_only_with_smtputf8() -> None:
     assert parse_path(b"<bob@netd.test>", True, "mx", utf8=True) == Mailbox("bob", "netd.test")
 
 
+# RFC 5322 3.2.3's atext, to which RFC 6531 3.3 adds every non-ASCII character.
+_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~")
+
+
+@pytest.mark.parametrize(
+    "character", [chr(c) for c in range(33, 127) if chr(c) != "."] + list("éß中😀\U0010fffd")
+)
+def test_a_utf8_local_part_takes_atext_and_non_ascii(character: str) -> None:
+    raw = f"<a{character}b@netd.test>".encode()
+    if character in _ATEXT or ord(character) > 127:
+        assert parse_path(raw, False, "mx", utf8=True) == Mailbox(f"a{character}b", "netd.test")
+    else:
+        with pytest.raises(PathRefused):
+            parse_path(raw, False, "mx", utf8=True)
+
+
 @pytest.mark.parametrize(
     ("path", "code"),
     [

@@ -18,11 +18,11 @@ import attrs
 __all__ = ["Mailbox", "PathRefused", "parse_path"]
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
-# RFC 6531 3.3: atext gains every non-ASCII character (UTF8-non-ascii).
-_UTF8_DOT_ATOM = re.compile(
-    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+"
-    r"(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~\u0080-\U0010ffff-]+)*\Z"
-)
+# RFC 6531 3.3: atext gains every non-ASCII character (UTF8-non-ascii).  Said
+# as what it is not (ASCII's controls, space and specials), since a class that
+# lists U+0080-U+10FFFF costs 3.5 ms to compile at every start.
+_UTF8_ATEXT = r'[^\x00-\x20"(),.:;<>@\[\\\]\x7f]'
+_UTF8_DOT_ATOM = re.compile(rf"{_UTF8_ATEXT}+(\.{_UTF8_ATEXT}+)*\Z")
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = re.compile(rf"({_LABEL}\.)*{_LABEL}\Z")
 _ADDRESS_LITERAL = re.compile(r"\[[^\[\]\\]+\]\Z")
