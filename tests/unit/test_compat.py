@@ -40,6 +40,7 @@ from netd import compat
 from netd.compat import mail as compat_mail
 from netd.compat import tls as compat_tls
 from netd.compat import web as compat_web
+from netd.compat import web_client as compat_web_client
 
 _SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -286,9 +287,9 @@ def test_http11_client_factory_builds_the_protocol_with_the_pools_callback() -> 
     def quiescent(protocol: object) -> None:
         pass
 
-    factory = compat_web.HTTP11ClientFactory(quiescent, "upstream")
+    factory = compat_web_client.HTTP11ClientFactory(quiescent, "upstream")
     protocol = factory.buildProtocol(None)
-    assert isinstance(protocol, compat_web.HTTP11ClientProtocol)
+    assert isinstance(protocol, compat_web_client.HTTP11ClientProtocol)
     # netd.services.http.proxy._QuietClientFactory builds its protocol with it.
     assert factory._quiescentCallback is quiescent
     assert protocol._quiescentCallback is quiescent
@@ -304,16 +305,16 @@ class _RecordingEndpoint:
 
 
 def test_set_pool_protocol_factory_is_what_the_pool_connects_with() -> None:
-    class Chosen(compat_web.HTTP11ClientFactory):
+    class Chosen(compat_web_client.HTTP11ClientFactory):
         pass
 
     pool = HTTPConnectionPool(MemoryReactor(), persistent=True)
-    compat_web.set_pool_protocol_factory(pool, Chosen)
+    compat_web_client.set_pool_protocol_factory(pool, Chosen)
     endpoint = _RecordingEndpoint()
     pool.getConnection(("http", b"example", 80), endpoint)
     [factory] = endpoint.factories
     assert isinstance(factory, Chosen)
-    assert isinstance(factory.buildProtocol(None), compat_web.HTTP11ClientProtocol)
+    assert isinstance(factory.buildProtocol(None), compat_web_client.HTTP11ClientProtocol)
 
 
 def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_set() -> None:
@@ -321,7 +322,7 @@ def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_
     # and reads the version and Connection values from the private _parser there.
     seen: list[tuple[object, object, object]] = []
 
-    class Upstream(compat_web.HTTP11ClientProtocol):
+    class Upstream(compat_web_client.HTTP11ClientProtocol):
         def _finishResponse_WAITING(self, rest: bytes) -> None:
             parser = self._parser
             seen.append(
@@ -333,7 +334,9 @@ def test_a_whole_response_reaches_finish_response_waiting_with_the_parser_still_
             )
             super()._finishResponse_WAITING(rest)
 
-    _assert_method(compat_web.HTTP11ClientProtocol, "_finishResponse_WAITING", ["self", "rest"])
+    _assert_method(
+        compat_web_client.HTTP11ClientProtocol, "_finishResponse_WAITING", ["self", "rest"]
+    )
     protocol = Upstream()
     protocol.makeConnection(StringTransport())
     protocol.request(Request(b"GET", b"/", Headers({b"host": [b"example"]}), None, True))

@@ -138,13 +138,17 @@ def test_an_http_map_loads_stub_libraries_only_for_routes_that_use_them(tmp_path
     modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub)
     assert _loaded(modules, "netd.services.http.match") != []
     assert _loaded(modules, "jsonpath", "wsproto", "openapi_core", "werkzeug") == []
+    assert _loaded(modules, "twisted.web.client", "netd.services.http.proxy") == []
     richer = (
         "    - {path: /b, match: {body: {jsonpath: '$.a'}}, body: x}\n"
         "    - {path: /ws, websocket: {echo: true}}\n"
     )
     modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub + richer)
     assert _loaded(modules, "jsonpath", "wsproto") != []
-    assert _loaded(modules, "openapi_core") == []
+    assert _loaded(modules, "openapi_core", "twisted.web.client") == []
+    proxied = "    - {path: /up/, proxy: 'http://127.0.0.1:9/'}\n"
+    modules = _modules_serving(tmp_path, _ECHO_ONLY + web + stub + proxied)
+    assert _loaded(modules, "twisted.web.client", "netd.services.http.proxy") != []
 
 
 def test_a_chat_map_loads_wsproto_only_with_a_websocket_listener(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ versions that test passed on.
 
 This module holds what the core needs, from modules the reactor and
 twisted.internet.endpoints load anyway; the names of a heavier area live in
-their own submodule (netd.compat.web: HTTP client and HTTP/2; netd.compat.mail:
-SASL; netd.compat.tls: ALPN), imported by the code that serves it, so a map
-without web or mail services never loads twisted.web, h2 or twisted.mail.
+their own submodule (netd.compat.web: HTTP/2; netd.compat.web_client: the
+HTTP/1.1 client; netd.compat.mail: SASL; netd.compat.tls: ALPN), imported by
+the code that serves it, so a map without web or mail services never loads
+twisted.web, h2 or twisted.mail, nor one without a proxy route twisted.web.client.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """
-Private twisted.web names (HTTP/1.1 client, HTTP/2) netd uses; see netd.compat.
+Private twisted.web names of its HTTP/2 server netd uses; see netd.compat (the
+HTTP/1.1 client's are in netd.compat.web_client).
 
 Imported only by the http kind: it loads twisted.web and h2.
 """
@@ -7,35 +8,12 @@ Imported only by the http kind: it loads twisted.web and h2.
 from __future__ import annotations
 
 from twisted.web._http2 import H2Connection, H2Stream
-from twisted.web._newclient import HTTP11ClientProtocol
-from twisted.web.client import HTTPConnectionPool
-from twisted.web.client import _HTTP11ClientFactory as HTTP11ClientFactory
 from twisted.web.http import Request
 
-__all__ = [
-    "H2Connection",
-    "HTTP11ClientFactory",
-    "HTTP11ClientProtocol",
-    "h2_producer_paused",
-    "h2_stream_request",
-    "set_pool_protocol_factory",
-]
+__all__ = ["H2Connection", "h2_producer_paused", "h2_stream_request"]
 
-# Re-exported as they are:
-# - H2Connection: twisted.web serves HTTP/2 with it but exports no class to
-#   subclass for flow-control and body-size limits.
-# - HTTP11ClientProtocol: twisted.web.client uses it but does not export it
-#   (_newclient documents it as public).
-# - HTTP11ClientFactory: the factory HTTPConnectionPool builds connections with;
-#   a pool that should use another protocol has to subclass it.
-
-
-def set_pool_protocol_factory(pool: HTTPConnectionPool, factory: type[HTTP11ClientFactory]) -> None:
-    """
-    Make C{pool} connect with C{factory}: the pool's private C{_factory} is the
-    only way to choose the protocol its connections speak.
-    """
-    pool._factory = factory
+# Re-exported as it is: twisted.web serves HTTP/2 with H2Connection but exports
+# no class to subclass for flow-control and body-size limits.
 
 
 def h2_stream_request(stream: H2Stream) -> Request:

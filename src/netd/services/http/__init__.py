@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -37,11 +37,13 @@ from netd.rules import Vocabulary, exact, fields, glob
 from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Reply, Route, StaticOptions
 from netd.services.http.match import Conditions, path_pattern, read_conditions
-from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
 from netd.services.http.stubs import RoutesView, read_stub
 from netd.services.http.websocket import read_script
 from netd.services.http.wire import Limits, busy_reply, factory_for
+
+if TYPE_CHECKING:
+    from netd.services.http.proxy import Proxy
 
 __all__ = ["HTTP", "Limits", "Options", "Route"]
 
@@ -294,6 +296,10 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     options: Options = service.options
     proxy = None
     if any(route.proxy for route in options.routes):
+        # Imported here: the proxy loads twisted.web.client, which a map
+        # without a proxy route never needs.
+        from netd.services.http.proxy import Proxy
+
         proxy = Proxy(context.reactor, context.stats, context.log)
     app = App(
         clock=context.reactor,

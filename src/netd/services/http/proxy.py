@@ -28,7 +28,11 @@ from twisted.web.http_headers import Headers as TwistedHeaders
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
 from zope.interface import implementer
 
-from netd.compat.web import HTTP11ClientFactory, HTTP11ClientProtocol, set_pool_protocol_factory
+from netd.compat.web_client import (
+    HTTP11ClientFactory,
+    HTTP11ClientProtocol,
+    set_pool_protocol_factory,
+)
 from netd.events import ServiceStats
 from netd.services.http.app import (
     BodyStream,
