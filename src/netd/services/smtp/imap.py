@@ -42,6 +42,7 @@ from netd.services.smtp.mailbox import (
     SessionPortal,
     compile_search,
     literal,
+    literal_head,
 )
 
 __all__ = ["IMAPFactory", "IMAPSession"]
@@ -513,7 +514,7 @@ class IMAPSession(IMAP4Server):
             whole = target.getBodyFile().read() if part.part else msg.open().read()
             write = _w or self.transport.write
             # The message itself is one piece, not copied into its literal's framing.
-            write(part.getBytes(length=msg.getSize()) + b" {%d}\r\n" % len(whole))
+            write(part.getBytes(length=msg.getSize()) + b" " + literal_head(whole))
             write(whole)
             return None
         # BODY without a section: the structure without extension data.

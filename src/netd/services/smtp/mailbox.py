@@ -83,6 +83,7 @@ __all__ = [
     "compile_search",
     "imap_list",
     "literal",
+    "literal_head",
     "login_namespace",
     "login_password",
     "uid_validity",
@@ -437,7 +438,12 @@ def _language(header: EmailMessage) -> list[str] | None:
 
 def literal(data: bytes) -> bytes:
     """An IMAP literal (RFC 3501 4.3)."""
-    return b"{%d}\r\n%b" % (len(data), data)
+    return literal_head(data) + data
+
+
+def literal_head(data: bytes) -> bytes:
+    """What goes before C{data} in its literal, for a writer that sends C{data} as it is."""
+    return b"{%d}\r\n" % len(data)
 
 
 _QUOTABLE = re.compile(rb"[\x20-\x7e]*\Z")
