@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     arguments = parser.parse_args(argv)
 
     if arguments.command == "check":
-        # Imported here: `netd run` must be the first to import PyYAML (see below).
+        # Imported here: under `netd run` the daemon's makeService must be the
+        # first to import PyYAML (netd.keep_libyaml_out).
         from netd.config import ConfigErrors, load_config
 
         try:
@@ -62,14 +63,6 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(_plan(config))
         return 0
-
-    # This process is about to become the daemon and has not imported PyYAML
-    # yet: keep out PyYAML's libyaml binding, which `import yaml` loads when
-    # installed and netd never uses (it composes maps in Python, to keep every
-    # node's position): about 0.2 MiB of idle RSS (measured again: the 1.4 MiB
-    # first quoted was all of PyYAML's import).
-    if "yaml" not in sys.modules:
-        sys.modules["yaml._yaml"] = None  # type: ignore[assignment]  # an ImportError to PyYAML
 
     from netd.compat import run_twistd_with
     from twisted.plugins.netd_plugin import netd

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from netd.tap import Options, _CollectorPause, _ParentNotice, makeService
+from netd.tap import Options, makeService
+from netd.twistd_service import _CollectorPause, _ParentNotice
 
 NO_DAEMON: Any = None
 
