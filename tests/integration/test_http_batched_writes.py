@@ -23,6 +23,7 @@ from tests.maps import lab_map
 
 SMALL = {f"/small{i}.txt": f"small file {i}\n".encode() * (i + 1) for i in range(5)}
 BIG = os.urandom(3 << 20)  # over the static kind's in-memory limit: sent by sendfile(2)
+MID = os.urandom(70_000)  # sent by sendfile(2) too, in one call once its turn comes
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,7 @@ def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     for path, body in SMALL.items():
         (www / path.lstrip("/")).write_bytes(body)
     (www / "big.bin").write_bytes(BIG)
+    (www / "mid.bin").write_bytes(MID)
     config = lab_map(
         f"""
   web:
@@ -143,3 +145,24 @@ def test_pipelined_responses_over_tls_come_whole_whether_read_at_once_or_late(
     plain = socket.create_connection(netd.address("web", tls=True), timeout=20)
     with context.wrap_socket(plain, server_hostname="localhost") as sock:
         assert _pipelined_bodies(sock, stall) == list(PIPELINED.values())
+
+
+def test_hundreds_of_requests_queued_behind_a_file_are_all_answered_in_order(
+    netd: NetdProcess,
+) -> None:
+    # They queue while the big file fills the stalled client's socket; once it is
+    # out, each of the rest is answered at once (a small file from memory, a canned
+    # route, a file in one sendfile) and ends before the next is dispatched: the
+    # next must not be dispatched from one level deeper each time, or a few hundred
+    # of them overflow Python's stack and the connection stalls unanswered.
+    rotation = [("/mid.bin", MID), ("/small3.txt", SMALL["/small3.txt"]), ("/canned", b"canned\n")]
+    asked = [("/big.bin", BIG)] + [rotation[i % 3] for i in range(300)]
+    with socket.create_connection(netd.address("web"), timeout=20) as sock:
+        sock.sendall(
+            b"".join(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for path, _ in asked)
+        )
+        time.sleep(1.0)  # not for readiness: the reader stalls on purpose
+        buffered = bytearray()
+        bodies = [_read_response(sock, buffered)[1] for _ in asked]
+    assert [len(body) for body in bodies] == [len(body) for _, body in asked]
+    assert bodies == [body for _, body in asked]

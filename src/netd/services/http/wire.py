@@ -243,6 +243,8 @@ class HTTPConnection(Protocol):
         # A request held back, within one read, until its body is in (see on_headers_complete).
         self.early: LineExchange | None = None
         self.served = 0
+        # True while finished() dispatches queued requests (see _dispatch_queued).
+        self.dispatching = False
         self.in_head = False
         self.head_fed = 0
         self.head_size = 0
@@ -593,11 +595,29 @@ class HTTPConnection(Protocol):
             self.transport.loseConnection()
             return
         if self.queue:
-            self.dispatch(self.queue.popleft())
+            self._dispatch_queued()
         elif self.receiving is None:
             self.arm(self.limits.keepalive_timeout)
         if not self.queue and not self.closing:
             self.resume_reading()
+
+    def _dispatch_queued(self) -> None:
+        """
+        Dispatch queued requests, one after another, while each is answered at
+        once (a small file, a canned route, a file sent in one sendfile call):
+        such a request finishes inside its own dispatch, and its finished()
+        leaves the next one to this loop, one level up, rather than dispatching
+        it from one level deeper each time (a few hundred pipelined requests
+        overflowed Python's stack, and the connection stalled unanswered).
+        """
+        if self.dispatching:
+            return
+        self.dispatching = True
+        try:
+            while self.queue and self.current is None and not self.gone and not self.closing:
+                self.dispatch(self.queue.popleft())
+        finally:
+            self.dispatching = False
 
     def pause_reading(self) -> None:
         if not self.paused:
