@@ -179,10 +179,6 @@ class _ParentNotice:
         self._say(b"1 netd stopped before it was ready; see the log")
 
 
-# gc.collect's generation argument: 1 collects generations 0 and 1.
-_YOUNG_GENERATIONS = 1
-
-
 class _CollectorPause:
     """
     Keeps Python's cyclic garbage collector off from reading the map until the
@@ -190,12 +186,11 @@ class _CollectorPause:
     builds hundreds of classes; each collection of the young generation then
     walks all of them again, about a tenth of the time to ready for the
     showcase map.  What start-up leaves as cyclic garbage is collected once, at
-    ready, before the first client is served: a collection of the young
-    generations, which hold all that start-up made meanwhile.  A full one would
-    also walk everything Python, twistd and Twisted made before the map was
-    read (two thirds of the showcase's 70,000 objects): 32 ms at ready against
-    12, for the few hundred objects of older garbage, which the collector's own
-    schedule finds later.
+    ready, before the first client is served, by a full collection (about 30 ms
+    for the showcase's 70,000 objects).  A collection of the young generations
+    alone took 12 ms there, but it left Python's count of objects awaiting a
+    full collection high, and the collector ran one (25 ms) in the first second
+    and a half of serving instead.
     """
 
     def __init__(self) -> None:
@@ -215,7 +210,7 @@ class _CollectorPause:
 
     def _resume(self) -> None:
         if not gc.isenabled():
-            gc.collect(_YOUNG_GENERATIONS)
+            gc.collect()
             gc.enable()
 
 
