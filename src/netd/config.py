@@ -15,6 +15,7 @@ import attrs
 
 from netd import endpoints
 from netd.namespaces import NO_NAMESPACES, Namespacing, read_namespace_from
+from netd.records import Record
 from netd.rules import RuleSpec, read_rules, read_scenarios
 from netd.schema import ConfigError, ConfigErrors, Position, Problems, Section, Value, compose
 
@@ -41,14 +42,14 @@ _LABEL = r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9])?"
 _HOST_NAME = re.compile(rf"(\*\.)?({_LABEL}\.)*{_LABEL}\.?\Z")
 
 
-@attrs.frozen
-class KeyPairConfig:
+@attrs.frozen(repr=False)
+class KeyPairConfig(Record):
     cert: Path
     key: Path
 
 
-@attrs.frozen
-class TLSProfileConfig:
+@attrs.frozen(repr=False)
+class TLSProfileConfig(Record):
     name: str
     position: Position = attrs.field(eq=False)
     self_signed: tuple[str, ...] = ()
@@ -95,8 +96,8 @@ class TLSProfiles(Mapping[str, TLSProfileConfig]):
         return name
 
 
-@attrs.frozen
-class ListenerConfig:
+@attrs.frozen(repr=False)
+class ListenerConfig(Record):
     """One listener: an endpoint string plus what netd layers on top of it."""
 
     endpoint: str
@@ -111,8 +112,8 @@ class ListenerConfig:
         return self.tls_profile is not None or endpoints.has_own_tls(self.endpoint)
 
 
-@attrs.frozen
-class ServiceConfig:
+@attrs.frozen(repr=False)
+class ServiceConfig(Record):
     """
     One service of the map.  Equality ignores file positions, so a reload can
     tell a changed service from one that only moved in the file.
@@ -138,8 +139,8 @@ class ServiceConfig:
     namespace_from: Namespacing = NO_NAMESPACES
 
 
-@attrs.frozen
-class AdminConfig:
+@attrs.frozen(repr=False)
+class AdminConfig(Record):
     """
     The admin API's listeners and limits.  It may face the network (with a
     token), so it bounds how many connections it holds and how slowly a client
@@ -159,15 +160,15 @@ class AdminConfig:
     toxiproxy: tuple[ListenerConfig, ...] = ()
 
 
-@attrs.frozen
-class LogConfig:
+@attrs.frozen(repr=False)
+class LogConfig(Record):
     format: str = "text"
     level: str = "info"
     events: bool = False  # mirror the event journal into the log
 
 
-@attrs.frozen
-class NetdConfig:
+@attrs.frozen(repr=False)
+class NetdConfig(Record):
     file: Path
     state_dir: Path
     shutdown_grace: float = 10.0

@@ -45,6 +45,7 @@ from netd.acts import Shaper
 from netd.compat import buffered_bytes, may_send_now, own_attribute
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
+from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.schema import client_address
 
@@ -508,8 +509,8 @@ class _Refusal(Protocol):
         self.transport.loseConnection()
 
 
-@attrs.define(eq=False)
-class ConnectionSet:
+@attrs.define(eq=False, repr=False)
+class ConnectionSet(Record):
     """
     The live connections of one service, across all its stream listeners.
 

@@ -34,6 +34,7 @@ from zope.interface import implementer
 
 from netd.compat import inherited_descriptors, parse_endpoint, share_listening_socket
 from netd.connections import SendsNowFactory
+from netd.records import Record
 
 __all__ = [
     "HeldSocket",
@@ -256,8 +257,8 @@ def inherited_socket(
 
 
 @implementer(IStreamServerEndpoint)
-@attrs.frozen
-class _InheritedStreamEndpoint:
+@attrs.frozen(repr=False)
+class _InheritedStreamEndpoint(Record):
     """
     Listens on a dup of a socket systemd passed, leaving systemd's descriptor
     open; or on a dup of the socket of a listener being replaced.
@@ -310,8 +311,8 @@ def can_share(description: str) -> bool:
     )
 
 
-@attrs.frozen
-class HeldSocket:
+@attrs.frozen(repr=False)
+class HeldSocket(Record):
     """
     A dup of a bound listener's socket, held while a reload replaces the
     listener: whichever listener closes first, the socket stays bound.

@@ -13,11 +13,13 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from netd.records import Record
+
 __all__ = ["Event", "Journal", "ServiceStats"]
 
 
-@attrs.define
-class ServiceStats:
+@attrs.define(repr=False)
+class ServiceStats(Record):
     """Running totals for one service; kinds add their own under C{counters} and C{gauges}."""
 
     connections_total: int = 0
@@ -48,8 +50,8 @@ class ServiceStats:
         }
 
 
-@attrs.frozen
-class Event:
+@attrs.frozen(repr=False)
+class Event(Record):
     id: int
     time: float
     service: str
@@ -66,8 +68,8 @@ class Event:
         }
 
 
-@attrs.define
-class _Waiter:
+@attrs.define(repr=False)
+class _Waiter(Record):
     matches: Callable[[Event], bool]
     deferred: Deferred[list[Event]]
     timer: IDelayedCall | None = None

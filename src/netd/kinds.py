@@ -28,6 +28,7 @@ from zope.interface import Interface
 
 from netd.events import Journal, ServiceStats
 from netd.namespaces import NO_NAMESPACES, Namespacing, SourceReader
+from netd.records import Record
 from netd.rules import CONNECTIONS_ONLY, RuleSet, Vocabulary
 
 if TYPE_CHECKING:
@@ -78,8 +79,8 @@ class IOwesReplies(Interface):
         """
 
 
-@attrs.define
-class RepliesOwed:
+@attrs.define(repr=False)
+class RepliesOwed(Record):
     """
     What a protocol providing L{IOwesReplies} keeps: who waits for its replies.
 
@@ -107,8 +108,8 @@ class RepliesOwed:
             replied.callback(None)
 
 
-@attrs.frozen
-class BuildContext:
+@attrs.frozen(repr=False)
+class BuildContext(Record):
     """What a kind's builder may use: never the global reactor, always this one."""
 
     reactor: Any
@@ -150,8 +151,8 @@ class BuildContext:
         return ran
 
 
-@attrs.frozen
-class AdminView:
+@attrs.frozen(repr=False)
+class AdminView(Record):
     """
     One per-service view of the admin API, under C{/api/services/NAME/VIEW}.
 
@@ -195,8 +196,8 @@ class ViewRefused(Exception):
         self.reason = reason
 
 
-@attrs.frozen
-class Handlers:
+@attrs.frozen(repr=False)
+class Handlers(Record):
     """
     What a built service puts behind its listeners.
 
@@ -260,8 +261,8 @@ class ServiceHost(Protocol):
         """Stop a service made at run time, cutting its connections."""
 
 
-@attrs.frozen
-class AdminRoot:
+@attrs.frozen(repr=False)
+class AdminRoot(Record):
     """
     A kind's own resource at the admin API's root, for clients that expect an
     API at fixed paths (Toxiproxy's C{/proxies}).  The first path segments it
@@ -276,8 +277,8 @@ class AdminRoot:
     handle: Callable[[ServiceHost, str, Sequence[str], bytes], Any]
 
 
-@attrs.frozen
-class ServiceKind(Generic[Options]):
+@attrs.frozen(repr=False)
+class ServiceKind(Record, Generic[Options]):
     """
     One service type of the service map.
 

@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from netd.config import ListenerConfig
 from netd.endpoints import HeldSocket
+from netd.records import Record
 
 __all__ = ["BoundListener", "ListenerGroup", "StartupError", "handover_key", "os_message"]
 
@@ -28,8 +29,8 @@ class StartupError(Exception):
     """netd cannot start as configured; str() is the operator's message."""
 
 
-@attrs.frozen
-class BoundListener:
+@attrs.frozen(repr=False)
+class BoundListener(Record):
     config: ListenerConfig
     port: IListeningPort
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import attrs
 
+from netd.records import Record
 from netd.schema import Value, client_address
 
 __all__ = [
@@ -71,8 +72,8 @@ def below_suffix(name: str, suffix: str) -> str | None:
     return key(name[: -len(tail)].rpartition(".")[2])
 
 
-@attrs.frozen
-class BelowSuffix:
+@attrs.frozen(repr=False)
+class BelowSuffix(Record):
     """
     The label under C{suffix} in what the kind carries as C{carried} (a
     domain or a list of them, a Host, a query name).  A class, not a closure:
@@ -122,8 +123,8 @@ def split_login(login: str) -> tuple[str, str | None] | None:
     return name, found
 
 
-@attrs.frozen
-class LoginTag:
+@attrs.frozen(repr=False)
+class LoginTag(Record):
     """
     C{login}: the namespace a login names after its last C{@} (ftp's USER
     C{user@t42}, chat's C{alice@t42}); the kind carries the login as
@@ -146,8 +147,8 @@ def login_source(argument: Value | None) -> Derive | None:
     return LoginTag()
 
 
-@attrs.frozen
-class LoopbackClient:
+@attrs.frozen(repr=False)
+class LoopbackClient(Record):
     """C{client}: a client on 127.0.0.N has the namespace N (not 127.0.0.1, everyone's)."""
 
     def __call__(self, carried: Carried) -> str | None:
@@ -172,8 +173,8 @@ CORE_SOURCES: Mapping[str, SourceReader] = {"client": _client}
 _NEEDS_ARGUMENT = {"suffix": "{suffix: lab.test}"}
 
 
-@attrs.frozen
-class Namespacing:
+@attrs.frozen(repr=False)
+class Namespacing(Record):
     """
     A service's C{namespace_from}: its sources in order.  Equal when read
     from the same text, so a reload tells a changed list from one that moved.

@@ -42,6 +42,7 @@ from yaml.constructor import SafeConstructor
 from netd import acts
 from netd.events import Journal
 from netd.namespaces import key as namespace_key
+from netd.records import Record
 from netd.schema import (
     Network,
     Position,
@@ -95,8 +96,8 @@ _CONTROL = (
 )
 
 
-@attrs.frozen
-class Vocabulary:
+@attrs.frozen(repr=False)
+class Vocabulary(Record):
     """
     What a kind's rules may say.
 
@@ -216,8 +217,8 @@ def reply_line(first_digits: str = "2345") -> ActReader:
     return read
 
 
-@attrs.frozen
-class RuleSpec:
+@attrs.frozen(repr=False)
+class RuleSpec(Record):
     """
     One rule as read from the map or the API; immutable.  Its live state (how
     often it fired) is a L{Rule}'s.
@@ -485,8 +486,8 @@ class Scenarios:
         return dict(sorted(self.states.items()))
 
 
-@attrs.define(eq=False)
-class Rule:
+@attrs.define(eq=False, repr=False)
+class Rule(Record):
     """A rule in force on one service: its spec and how often it fired."""
 
     spec: RuleSpec
@@ -555,8 +556,8 @@ def moved(rule: Rule, scenarios: Scenarios) -> dict[str, str]:
     return {"scenario": spec.scenario_key, "state": spec.next_state}
 
 
-@attrs.frozen
-class Fired:
+@attrs.frozen(repr=False)
+class Fired(Record):
     """A rule that fired on one event: its acts, for the kind to carry out."""
 
     rule: Rule

@@ -38,6 +38,7 @@ from netd.connections import ConnectionSet, TrackingFactory
 from netd.events import Event, Journal, ServiceStats
 from netd.kinds import AdminView, BuildContext, Handlers
 from netd.listeners import ListenerGroup, StartupError, handover_key, os_message
+from netd.records import Record
 from netd.rules import RuleSet, Scenarios
 from netd.services import load_kind
 
@@ -258,8 +259,8 @@ def _first_error(failure: Failure) -> BaseException | None:
     return sub.value if sub is not None else error
 
 
-@attrs.frozen
-class ReloadResult:
+@attrs.frozen(repr=False)
+class ReloadResult(Record):
     """What a reload did, or the errors that stopped it (then nothing changed)."""
 
     errors: tuple[str, ...] = ()

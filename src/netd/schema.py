@@ -22,6 +22,8 @@ import yaml
 from twisted.internet.interfaces import IAddress
 from yaml.constructor import ConstructorError, SafeConstructor
 
+from netd.records import Record
+
 __all__ = [
     "LOOPBACK",
     "ConfigError",
@@ -52,8 +54,8 @@ _BOOL = "tag:yaml.org,2002:bool"
 _NULL = "tag:yaml.org,2002:null"
 
 
-@attrs.frozen
-class Position:
+@attrs.frozen(repr=False)
+class Position(Record):
     file: str
     line: int
     column: int
@@ -62,8 +64,8 @@ class Position:
         return f"{self.file}:{self.line}:{self.column}"
 
 
-@attrs.frozen
-class ConfigError:
+@attrs.frozen(repr=False)
+class ConfigError(Record):
     position: Position
     path: str
     message: str
@@ -160,8 +162,8 @@ def _scalar(node: yaml.ScalarNode) -> Any:
         return None
 
 
-@attrs.frozen
-class Value:
+@attrs.frozen(repr=False)
+class Value(Record):
     """One node of the map, with its dotted path for messages."""
 
     node: yaml.Node

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from netd.compat import may_send_now
 from netd.connections import TrackedConnection, socket_under
+from netd.records import Record
 
 __all__ = ["READ_CHUNK", "SENDFILE_CHUNK", "Truncated", "plain_socket", "send_file"]
 
@@ -94,8 +95,8 @@ def send_file(
     return producer.done
 
 
-@attrs.define(eq=False)
-class _FileProducer:
+@attrs.define(eq=False, repr=False)
+class _FileProducer(Record):
     """What both ways share: the range left (C{remaining} C{None}: to the end) and how it ends."""
 
     consumer: IConsumer
@@ -137,7 +138,7 @@ class _FileProducer:
 
 
 @implementer(IPullProducer)
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class _Chunks(_FileProducer):
     """Reads of L{READ_CHUNK}, each written to the consumer when it asks for more."""
 
@@ -165,7 +166,7 @@ class _Chunks(_FileProducer):
 
 
 @implementer(IPullProducer)
-@attrs.define(eq=False)
+@attrs.define(eq=False, repr=False)
 class _Sendfile(_FileProducer):
     """
     C{sendfile(2)} straight to the socket, each time the transport has sent

@@ -29,6 +29,7 @@ from OpenSSL.crypto import X509, PKey
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 
 from netd.compat.tls import protosFromProtocol
+from netd.records import Record
 
 __all__ = ["KeyPair", "Minter", "TLSError", "ensure_self_signed", "minter", "server_options"]
 
@@ -70,8 +71,8 @@ class TLSError(Exception):
     """
 
 
-@attrs.frozen
-class KeyPair:
+@attrs.frozen(repr=False)
+class KeyPair(Record):
     """PEM files for one identity."""
 
     chain: Path  # leaf certificate first, then chain certificates

@@ -43,6 +43,8 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 from zope.interface import implementer
 
+from netd.records import Record
+
 __all__ = [
     "Frames",
     "LineSocketOptions",
@@ -189,8 +191,8 @@ class Frames:
 # -- a line protocol on a WebSocket listener --------------------------------------------
 
 
-@attrs.frozen
-class LineSocketOptions:
+@attrs.frozen(repr=False)
+class LineSocketOptions(Record):
     """
     @ivar subprotocols: the subprotocols served, each with whether its
         messages are binary (the first offered by the client is chosen, as

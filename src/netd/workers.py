@@ -64,6 +64,7 @@ from netd.config import ListenerConfig, LogConfig, ServiceConfig, TLSProfileConf
 from netd.events import Journal
 from netd.kinds import AdminView, ViewRefused
 from netd.listeners import BoundListener
+from netd.records import Record
 from netd.runtime import RunningService, build_tls
 from netd.schema import ConfigError, ConfigErrors, Position
 
@@ -150,8 +151,8 @@ class _Report(amp.Command):
 _Write = tuple[str, str, str, bytes]
 
 
-@attrs.frozen
-class _Spec:
+@attrs.frozen(repr=False)
+class _Spec(Record):
     """What a worker needs to build its service, the same for each of a pool's workers."""
 
     service: ServiceConfig
@@ -167,8 +168,8 @@ class _Spec:
 # -- the main process's side ---------------------------------------------------------
 
 
-@attrs.define
-class Backoff:
+@attrs.define(repr=False)
+class Backoff(Record):
     """
     How long to wait before starting a dead worker again: C{first} seconds,
     doubling with each death up to C{most}; a worker that was up for

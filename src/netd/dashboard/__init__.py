@@ -28,6 +28,7 @@ from twisted.web.server import Request
 
 from netd.kinds import ViewRefused
 from netd.later import answer_later, finish
+from netd.records import Record
 
 if TYPE_CHECKING:
     from netd.runtime import Daemon
@@ -67,8 +68,8 @@ _TYPES = {
 }
 
 
-@attrs.frozen
-class _Asset:
+@attrs.frozen(repr=False)
+class _Asset(Record):
     body: bytes
     content_type: bytes
     etag: bytes
@@ -85,8 +86,8 @@ def _load_assets() -> dict[str, _Asset]:
     return assets
 
 
-@attrs.define
-class Session:
+@attrs.define(repr=False)
+class Session(Record):
     csrf: str
     expires: float
 

@@ -28,6 +28,7 @@ from netd.events import ServiceStats
 from netd.kinds import RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
 from netd.namespaces import key as namespace_key
+from netd.records import Record
 from netd.rules import RuleSet
 
 __all__ = [
@@ -74,8 +75,8 @@ def room_key(name: str) -> str | None:
     return fold(bare)
 
 
-@attrs.frozen
-class ChannelPrefix:
+@attrs.frozen(repr=False)
+class ChannelPrefix(Record):
     """
     C{channel_prefix}: the label before the first C{-} of a room's name,
     C{#t42-room} -> C{t42}; what the hub carries as C{channel} is a name, or
@@ -92,14 +93,14 @@ class ChannelPrefix:
         return None
 
 
-@attrs.frozen
-class FloodLimit:
+@attrs.frozen(repr=False)
+class FloodLimit(Record):
     messages: int = 10
     per_seconds: float = 5.0
 
 
-@attrs.frozen
-class Options:
+@attrs.frozen(repr=False)
+class Options(Record):
     server_name: str = "chat.netd.test"
     rooms: tuple[str, ...] = ("lobby",)
     create_rooms: bool = True
@@ -158,8 +159,8 @@ def mask_matches(mask: str, prefix: str) -> bool:
     return re.fullmatch(pattern, fold(prefix)) is not None
 
 
-@attrs.frozen
-class ModeChange:
+@attrs.frozen(repr=False)
+class ModeChange(Record):
     """One channel mode change: C{+o nick}, C{-k}, C{+b mask}..."""
 
     adding: bool
@@ -167,8 +168,8 @@ class ModeChange:
     argument: str | None = None
 
 
-@attrs.define(eq=False)
-class Flood:
+@attrs.define(eq=False, repr=False)
+class Flood(Record):
     """
     A token bucket: C{messages} at once, refilled over C{per_seconds}.
 
@@ -203,8 +204,8 @@ class Flood:
         return self.strikes > self.limit.messages
 
 
-@attrs.define(eq=False)
-class LineFramer:
+@attrs.define(eq=False, repr=False)
+class LineFramer(Record):
     """
     Splits a byte stream into lines of at most C{limit} bytes, CRLF included.
 
@@ -312,8 +313,8 @@ class Wire(ABC):
         """Private, in this wire's words (C{tags} as for L{deliver})."""
 
 
-@attrs.define(eq=False)
-class Room:
+@attrs.define(eq=False, repr=False)
+class Room(Record):
     name: str
     history: deque[tuple[float, str, str]]
     created: float = 0.0
@@ -533,8 +534,8 @@ class Session(Protocol, ABC):
         }
 
 
-@attrs.define(eq=False)
-class Hub:
+@attrs.define(eq=False, repr=False)
+class Hub(Record):
     """Every room and user of one chat service."""
 
     options: Options

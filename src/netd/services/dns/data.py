@@ -19,6 +19,7 @@ from pathlib import Path
 import attrs
 from twisted.names import dns
 
+from netd.records import Record
 from netd.services.dns.wire import name_to_wire
 
 __all__ = [
@@ -59,8 +60,8 @@ class DataError(ValueError):
         self.line = line
 
 
-@attrs.frozen
-class RecordSet:
+@attrs.frozen(repr=False)
+class RecordSet(Record):
     """Records of one name and type; owner and names inside are lower-case wire form."""
 
     owner: bytes
@@ -274,8 +275,8 @@ def _strip_comment(line: str) -> str:
 _CLASSES = {"IN"}
 
 
-@attrs.define
-class _Reading:
+@attrs.define(repr=False)
+class _Reading(Record):
     """Where a master file's reading stands: what its directives set so far."""
 
     origin: bytes
@@ -403,8 +404,8 @@ _MODIFIER = re.compile(r"\{([+-]?\d{1,10})(?:,(\d{1,10})(?:,([^}]))?)?\}")
 _BASES = "doxXnN"
 
 
-@attrs.frozen
-class _Counter:
+@attrs.frozen(repr=False)
+class _Counter(Record):
     """One C{$} of a $GENERATE template: the number shifted by C{offset}, formatted."""
 
     offset: int

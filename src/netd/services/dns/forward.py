@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.events import ServiceStats
+from netd.records import Record
 from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     FORMERR,
@@ -83,8 +84,8 @@ _PROBE_QUERIES = 50
 _PROBE_SECONDS = 20.0
 
 
-@attrs.frozen
-class Upstream:
+@attrs.frozen(repr=False)
+class Upstream(Record):
     """
     One upstream resolver.
 
@@ -264,8 +265,8 @@ class _TCPExchange(_Exchange, Protocol):
             self.connecting.cancel()
 
 
-@attrs.define
-class _Speed:
+@attrs.define(repr=False)
+class _Speed(Record):
     """How one upstream has answered, for the C{fastest} strategy."""
 
     rtt: float = 0.0  # smoothed seconds; 0 until measured, so each is tried early
@@ -531,8 +532,8 @@ class ForwardingService(Service):
         return self.forwarders.close()
 
 
-@attrs.define
-class _Entry:
+@attrs.define(repr=False)
+class _Entry(Record):
     expires: float
     stored: float
     flags: int

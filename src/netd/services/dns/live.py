@@ -28,6 +28,7 @@ from twisted.names import dns as names
 from twisted.python.failure import Failure
 
 from netd.kinds import AdminView, RunInThread, ViewRefused
+from netd.records import Record
 from netd.schema import ConfigError, ConfigErrors, Position
 from netd.services.dns.data import TYPES, DataError, parse_rdata, type_name
 from netd.services.dns.local import LocalData, made_up_soa
@@ -54,14 +55,14 @@ _SERIAL = slice(-20, -16)
 _BODY = Position("request body", 1, 1)
 
 
-@attrs.frozen
-class Change:
+@attrs.frozen(repr=False)
+class Change(Record):
     base: RecordSet | None
     live: RecordSet | None
 
 
-@attrs.define
-class LiveChanges:
+@attrs.define(repr=False)
+class LiveChanges(Record):
     changes: dict[Key, Change] = attrs.field(factory=dict)
 
 

@@ -13,6 +13,7 @@ import yaml
 from twisted.names import dns
 
 from netd.config import TLSProfiles
+from netd.records import Record
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.dns.data import (
     TYPES,
@@ -36,22 +37,22 @@ ALGORITHMS = ("hmac-sha1", "hmac-sha224", "hmac-sha256", "hmac-sha384", "hmac-sh
 T = TypeVar("T")
 
 
-@attrs.frozen
-class CacheOptions:
+@attrs.frozen(repr=False)
+class CacheOptions(Record):
     size: int = 10000
     max_ttl: int = 86400
     negative_ttl: int = 300
 
 
-@attrs.frozen
-class TSIGKey:
+@attrs.frozen(repr=False)
+class TSIGKey(Record):
     name: str
     algorithm: str
     secret: bytes = attrs.field(repr=False)
 
 
-@attrs.frozen
-class UpdateOptions:
+@attrs.frozen(repr=False)
+class UpdateOptions(Record):
     keys: tuple[TSIGKey, ...] = ()
     allow: tuple[bytes, ...] = ()
 
@@ -94,8 +95,8 @@ def parse_update(value: Value) -> UpdateOptions:
     return UpdateOptions(tuple(keys), tuple(allow))
 
 
-@attrs.frozen
-class Options:
+@attrs.frozen(repr=False)
+class Options(Record):
     """
     @ivar records: every local record as (owner, type, ttl, rdata) in wire
         form: the C{records} map, the zone files and the hosts file together.
@@ -250,8 +251,8 @@ def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:
     return records
 
 
-@attrs.frozen
-class _Forward:
+@attrs.frozen(repr=False)
+class _Forward(Record):
     upstreams: tuple[Upstream, ...] = ()
     timeout: float = 2.0
     attempts: int = 1

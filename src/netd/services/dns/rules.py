@@ -20,6 +20,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.names import dns
 
+from netd.records import Record
 from netd.rules import Fired, Vocabulary, exact, glob
 from netd.schema import Value
 from netd.services.dns.data import TYPES, DataError, parse_rdata
@@ -38,8 +39,8 @@ _OWN_ACTS = ("rcode", "answers", "ttl", "truncate")
 Answer = bytes | Deferred[bytes] | None
 
 
-@attrs.frozen
-class _Record:
+@attrs.frozen(repr=False)
+class _Record(Record):
     type: int
     rdata: bytes
 

@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import attrs
 
+from netd.records import Record
+
 __all__ = [
     "AA",
     "BADVERS",
@@ -33,7 +35,7 @@ __all__ = [
     "TC",
     "Malformed",
     "Query",
-    "Record",
+    "RecordSpan",
     "Sections",
     "encode_reply",
     "is_update",
@@ -135,7 +137,7 @@ def read_name(data: bytes, offset: int) -> int:
     return offset
 
 
-class Record(NamedTuple):
+class RecordSpan(NamedTuple):
     """Where one resource record sits in a message."""
 
     start: int
@@ -145,7 +147,7 @@ class Record(NamedTuple):
     end: int
 
 
-def walk_records(data: bytes, offset: int, count: int) -> tuple[list[Record], int]:
+def walk_records(data: bytes, offset: int, count: int) -> tuple[list[RecordSpan], int]:
     """The next C{count} records from C{offset}, and the offset past them."""
     records = []
     for _ in range(count):
@@ -158,7 +160,7 @@ def walk_records(data: bytes, offset: int, count: int) -> tuple[list[Record], in
         offset = rdata + length
         if offset > len(data):
             raise Malformed(FORMERR, "record data runs past the end")
-        records.append(Record(start, rtype, rdata - 6, rdata, offset))
+        records.append(RecordSpan(start, rtype, rdata - 6, rdata, offset))
     return records, offset
 
 
@@ -226,8 +228,8 @@ def opt_record(payload: int, extended_rcode: int = 0) -> bytes:
 _OPT_REPLY = opt_record(EDNS_PAYLOAD)
 
 
-@attrs.frozen
-class Sections:
+@attrs.frozen(repr=False)
+class Sections(Record):
     """
     The part of an answer after the question, ready to send.
 

@@ -32,6 +32,7 @@ from netd import passwords
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.namespaces import login_source
+from netd.records import Record
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import Section, Value
 from netd.services.ftp.files import Accounts, Realm, User
@@ -45,8 +46,8 @@ _PORTS = re.compile(r"(\d+)-(\d+)\Z")
 _OCTAL = re.compile(r"(?:0o)?([0-7]{1,4})\Z")
 
 
-@attrs.frozen
-class Options:
+@attrs.frozen(repr=False)
+class Options(Record):
     root: Path | None = None
     anonymous: str = "none"
     users: tuple[User, ...] = ()

@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from netd import passwords
 from netd.kinds import RunInThread
+from netd.records import Record
 
 __all__ = [
     "FACTS",
@@ -63,8 +64,8 @@ _T = TypeVar("_T")
 FACTS = ("type", "size", "modify", "perm", "unique")
 
 
-@attrs.frozen
-class User:
+@attrs.frozen(repr=False)
+class User(Record):
     """
     One account of the C{users} map.
 
@@ -494,8 +495,8 @@ class Shell(ftp.FTPShell):
         return Path(found.path)
 
 
-@attrs.frozen
-class Place:
+@attrs.frozen(repr=False)
+class Place(Record):
     """What a shell needs of its root and of the daemon, found with system calls."""
 
     real_root: str
@@ -510,8 +511,8 @@ class Place:
         return cls(real_root, _name_max(real_root), _Rights(os.geteuid(), groups))
 
 
-@attrs.frozen
-class _Rights:
+@attrs.frozen(repr=False)
+class _Rights(Record):
     """The daemon's user and groups, to tell what it may do to a file from its stat."""
 
     uid: int

@@ -55,6 +55,7 @@ from netd.connections import cut_if_unread
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed, RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
+from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.sendfile import plain_socket, send_file
 from netd.services.ftp.data import (
@@ -99,8 +100,8 @@ _TELNET = bytes([255, 242, 244])
 _ABORT = re.compile(rb"(?:^|\n)[\xff\xf2\xf4]*ABOR\r?\n", re.IGNORECASE)
 
 
-@attrs.frozen
-class SessionLimits:
+@attrs.frozen(repr=False)
+class SessionLimits(Record):
     max_line: int = 2048
     login_delay: float = 1.0
     max_login_failures: int = 3
@@ -110,8 +111,8 @@ class SessionLimits:
     line_timeout: float = 30.0
 
 
-@attrs.define
-class FailedLogins:
+@attrs.define(repr=False)
+class FailedLogins(Record):
     """
     Recent failed logins by client address: each one doubles the delay of the
     next answer to that address, so reconnecting does not reset the pace of a
@@ -141,8 +142,8 @@ class FailedLogins:
         self._recent.pop(host, None)
 
 
-@attrs.define(eq=False)
-class FTPServer:
+@attrs.define(eq=False, repr=False)
+class FTPServer(Record):
     """What the sessions of one service share: options, accounts, TLS, bookkeeping."""
 
     reactor: Any
@@ -254,8 +255,8 @@ class SessionFactory(Factory):
         return session
 
 
-@attrs.define
-class Transfer:
+@attrs.define(repr=False)
+class Transfer(Record):
     direction: str
     path: str
     started: float

@@ -33,6 +33,7 @@ from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
 from netd.namespaces import Derive, SourceReader, suffix_source
 from netd.namespaces import key as namespace_key
+from netd.records import Record
 from netd.rules import Vocabulary, exact, fields, glob
 from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Reply, Route, StaticOptions
@@ -51,8 +52,8 @@ _REDIRECTS = (301, 302, 303, 307, 308)
 _FRAMING = ("content-length", "transfer-encoding")
 
 
-@attrs.frozen
-class Options:
+@attrs.frozen(repr=False)
+class Options(Record):
     root: Path | None = None
     listing: bool = False
     routes: tuple[Route, ...] = ()
@@ -387,8 +388,8 @@ RULES = Vocabulary(
 NAMESPACE_HEADER = "X-Netd-Namespace"
 
 
-@attrs.frozen
-class Header:
+@attrs.frozen(repr=False)
+class Header(Record):
     """C{header}: the namespace a request names in a header."""
 
     name: str

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from netd.events import ServiceStats
 from netd.namespaces import NO_NAMESPACES, Namespacing
+from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
@@ -105,8 +106,8 @@ def reason(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-@attrs.frozen
-class Route:
+@attrs.frozen(repr=False)
+class Route(Record):
     """
     One entry of C{routes}: a canned answer, a redirect, a reverse proxy or a
     stub (L{netd.services.http.stubs}), for a path and, with C{when}, what
@@ -144,8 +145,8 @@ def in_order(routes: tuple[Route, ...] | list[Route]) -> tuple[Route, ...]:
     return tuple(sorted(routes, key=lambda route: route.priority))
 
 
-@attrs.frozen
-class Reply:
+@attrs.frozen(repr=False)
+class Reply(Record):
     """A rule's C{reply}: the answer it gives instead of the service's."""
 
     status: int = 200
@@ -153,8 +154,8 @@ class Reply:
     body: bytes = b""
 
 
-@attrs.frozen
-class StaticOptions:
+@attrs.frozen(repr=False)
+class StaticOptions(Record):
     root: str | None
     listing: bool
 

@@ -31,6 +31,7 @@ from typing import Any
 import attrs
 from yaml.constructor import ConstructorError, SafeConstructor
 
+from netd.records import Record
 from netd.schema import Value
 
 __all__ = [
@@ -147,8 +148,8 @@ def _json_of(body: bytes) -> Any:
         return _NOT_JSON
 
 
-@attrs.frozen
-class Text:
+@attrs.frozen(repr=False)
+class Text(Record):
     """A matcher of one text value (a header, a parameter, a cookie, a body)."""
 
     equals: str | None = None
@@ -180,8 +181,8 @@ class Text:
         return " and ".join(wanted) or "present"
 
 
-@attrs.frozen
-class Body:
+@attrs.frozen(repr=False)
+class Body(Record):
     """Conditions on the body; all of them hold for a match."""
 
     text: Text | None = None
@@ -221,8 +222,8 @@ class Body:
         return found
 
 
-@attrs.frozen
-class Conditions:
+@attrs.frozen(repr=False)
+class Conditions(Record):
     """What a route asks of a request besides its path."""
 
     methods: frozenset[str] | None = None

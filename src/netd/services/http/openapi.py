@@ -26,6 +26,7 @@ from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers as WerkzeugHeaders
 from werkzeug.datastructures import ImmutableMultiDict
 
+from netd.records import Record
 from netd.services.http.match import Request
 from netd.services.http.stubs import Answer, Stub
 from netd.services.http.template import JSONTemplate, Template
@@ -42,8 +43,8 @@ class OpenAPIError(ValueError):
     """A file that is not an OpenAPI description openapi-core accepts."""
 
 
-@attrs.frozen
-class Operation:
+@attrs.frozen(repr=False)
+class Operation(Record):
     """One operation as a route: where it is, and the stub that answers it."""
 
     method: str

@@ -26,6 +26,7 @@ import attrs
 import yaml
 
 from netd.kinds import ViewRefused
+from netd.records import Record
 from netd.schema import ConfigErrors, Problems, Section, Value, compose
 from netd.services.http.match import Request, plain
 from netd.services.http.template import JSONTemplate, Scope, Template, TemplateError
@@ -44,8 +45,8 @@ _JSON_TYPE = (b"Content-Type", b"application/json")
 _TEXT_TYPE = (b"Content-Type", b"text/plain; charset=utf-8")
 
 
-@attrs.frozen
-class Answer:
+@attrs.frozen(repr=False)
+class Answer(Record):
     """One answer of a stub route; templates only where the route says C{template: true}."""
 
     status: int = 200
@@ -94,8 +95,8 @@ def _header(text: str) -> bytes:
     return "".join(c for c in text if c not in "\r\n\0").encode("latin-1", "replace")
 
 
-@attrs.frozen
-class Stub:
+@attrs.frozen(repr=False)
+class Stub(Record):
     """
     A route's answers; C{check}, if given, refuses a request with 400 and its
     reasons (an OpenAPI operation's validation); C{body_read}: it reads the body.

@@ -26,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from netd.records import Record
 from netd.services.http.match import Request
 
 __all__ = ["NAMES", "JSONTemplate", "Scope", "Template", "TemplateError"]
@@ -60,8 +61,8 @@ class TemplateError(ValueError):
     """A template that is not in the language (said when the route is read)."""
 
 
-@attrs.define
-class Scope:
+@attrs.define(repr=False)
+class Scope(Record):
     """
     What a template may read: the request, the route's counter, the clock.
     (Not frozen: one is made a templated request, and a frozen class's
@@ -77,8 +78,8 @@ class Scope:
 Lookup = Callable[[Scope], Any]
 
 
-@attrs.frozen
-class _Place:
+@attrs.frozen(repr=False)
+class _Place(Record):
     lookup: Lookup
     default: str | None
     reads_body: bool

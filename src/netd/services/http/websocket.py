@@ -24,21 +24,22 @@ from typing import Any
 
 import attrs
 
+from netd.records import Record
 from netd.schema import Value
 from netd.services.http.match import Text, json_subset, plain, read_regex
 
 __all__ = ["Script", "read_script", "serve"]
 
 
-@attrs.frozen
-class Send:
+@attrs.frozen(repr=False)
+class Send(Record):
     """One message to send: text, or bytes for a binary message."""
 
     data: str | bytes
 
 
-@attrs.frozen
-class Reply:
+@attrs.frozen(repr=False)
+class Reply(Record):
     """Messages it matches (all given conditions), what it sends back, whether it closes."""
 
     text: Text | None = None
@@ -60,8 +61,8 @@ class Reply:
         return True
 
 
-@attrs.frozen
-class Script:
+@attrs.frozen(repr=False)
+class Script(Record):
     on_open: tuple[Send, ...] = ()
     replies: tuple[Reply, ...] = ()
     echo: bool = False

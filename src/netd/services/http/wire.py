@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from netd.compat.web import H2Connection
 from netd.kinds import IOwesReplies, RepliesOwed
+from netd.records import Record
 from netd.sendfile import send_file
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
@@ -43,8 +44,8 @@ _KEEP_ALIVE = b"Connection: keep-alive\r\n\r\n"
 _CLOSE = b"Connection: close\r\n\r\n"
 
 
-@attrs.frozen
-class Limits:
+@attrs.frozen(repr=False)
+class Limits(Record):
     """What one client may send, and how slowly (seconds)."""
 
     max_request_line: int = 8192

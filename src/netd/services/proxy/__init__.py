@@ -25,6 +25,7 @@ from twisted.internet.protocol import Factory
 
 from netd.config import ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind, ViewRefused
+from netd.records import Record
 from netd.rules import RuleSet
 from netd.schema import Section, Value
 from netd.services.proxy.datagram import DatagramRelay
@@ -35,8 +36,8 @@ from netd.services.proxy.toxics import Toxic, ToxicError, read_toxic
 __all__ = ["PROXY", "ProxyOptions"]
 
 
-@attrs.frozen
-class ProxyOptions:
+@attrs.frozen(repr=False)
+class ProxyOptions(Record):
     """
     @ivar udp_clients: client addresses a udp: listener maps to upstream sockets at once.
     @ivar udp_idle: seconds a quiet mapping lives.

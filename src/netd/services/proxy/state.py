@@ -18,6 +18,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
+from netd.records import Record
 from netd.rules import moved
 from netd.schema import client_address
 from netd.services.proxy.listening import accept_again, stop_accepting
@@ -36,8 +37,8 @@ __all__ = ["Proxy", "UpstreamTLS"]
 CONNECT_TIMEOUT = 10
 
 
-@attrs.frozen
-class UpstreamTLS:
+@attrs.frozen(repr=False)
+class UpstreamTLS(Record):
     """TLS to the upstream: verified against C{ca} (or the system's), for C{server_name}."""
 
     server_name: str

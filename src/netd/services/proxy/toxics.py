@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 from twisted.internet.interfaces import IAddress
 
+from netd.records import Record
 from netd.rules import Rule, RuleSpec, Scenarios, admits, is_name
 from netd.schema import Network
 
@@ -69,8 +70,8 @@ class ToxicError(ValueError):
         self.message = message
 
 
-@attrs.frozen
-class Toxic:
+@attrs.frozen(repr=False)
+class Toxic(Record):
     """
     One toxic as configured.
 
@@ -289,8 +290,8 @@ class ToxicState:
         return {**self.toxic.as_json(), "fired": self.fired}
 
 
-@attrs.define(eq=False)
-class ToxicSet:
+@attrs.define(eq=False, repr=False)
+class ToxicSet(Record):
     """A proxy's toxics, in the order they act, by name."""
 
     _states: dict[str, ToxicState] = attrs.field(factory=dict)

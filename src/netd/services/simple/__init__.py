@@ -22,6 +22,7 @@ from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.connections import TrackedConnection, read_into, send_now
 from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
+from netd.records import Record
 from netd.schema import Section
 from netd.sendfile import plain_socket
 
@@ -157,8 +158,8 @@ def _build_daytime(service: ServiceConfig, context: BuildContext) -> Handlers:
     )
 
 
-@attrs.frozen
-class QuoteOptions:
+@attrs.frozen(repr=False)
+class QuoteOptions(Record):
     quotes: tuple[str, ...]
 
 

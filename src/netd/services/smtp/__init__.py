@@ -44,6 +44,7 @@ from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, RunInThread, ServiceKind
 from netd.namespaces import Derive, SourceReader, suffix_source
 from netd.namespaces import key as namespace_key
+from netd.records import Record
 from netd.rules import Vocabulary, exact, glob, reply_line
 from netd.schema import LOOPBACK, Network, Section, Value
 from netd.services.smtp.extract import DEFAULT_CODES
@@ -83,8 +84,8 @@ _NOTHING: tuple[str, ...] = ()
 STAGES = ("connect", "helo", "auth", "starttls", "mail", "rcpt", "data", "eom")
 
 
-@attrs.frozen
-class AuthOptions:
+@attrs.frozen(repr=False)
+class AuthOptions(Record):
     """
     @ivar users: user name to password: in clear, a bcrypt hash (C{$2b$...}) or a
         crypt hash (C{$6$...}).
@@ -94,14 +95,14 @@ class AuthOptions:
     allow_insecure_auth: bool = False
 
 
-@attrs.frozen
-class RelayOptions:
+@attrs.frozen(repr=False)
+class RelayOptions(Record):
     allow_from: tuple[Network, ...] = LOOPBACK
     domains: tuple[str, ...] = ()
 
 
-@attrs.frozen
-class Capture:
+@attrs.frozen(repr=False)
+class Capture(Record):
     """Keep every message for the admin API's C{messages} view; deliver none."""
 
 
@@ -109,8 +110,8 @@ class Capture:
 Route = Capture | SmarthostOptions | MxOptions
 
 
-@attrs.frozen
-class DeliveryOptions:
+@attrs.frozen(repr=False)
+class DeliveryOptions(Record):
     """
     @ivar route: capture, a smarthost, or each recipient domain's MX.
     @ivar retry: seconds between attempts; the last one repeats.
@@ -125,8 +126,8 @@ class DeliveryOptions:
     delay_warning: float = 14400.0
 
 
-@attrs.frozen
-class Options:
+@attrs.frozen(repr=False)
+class Options(Record):
     hostname: str | None = None
     tls: str | None = None
     bare_newlines: str = "normalize"
@@ -463,8 +464,8 @@ RULES = Vocabulary(
 )
 
 
-@attrs.frozen
-class PlusTag:
+@attrs.frozen(repr=False)
+class PlusTag(Record):
     """C{plus_tag}: a recipient's tag, C{bob+t42@example.test} -> C{t42}."""
 
     def __call__(self, carried: Mapping[str, Any]) -> str | None:
@@ -477,8 +478,8 @@ class PlusTag:
         return None
 
 
-@attrs.frozen
-class AuthUser:
+@attrs.frozen(repr=False)
+class AuthUser(Record):
     """C{auth_user}: the user the session authenticated as."""
 
     def __call__(self, carried: Mapping[str, Any]) -> str | None:

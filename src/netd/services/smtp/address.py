@@ -15,6 +15,8 @@ import re
 
 import attrs
 
+from netd.records import Record
+
 __all__ = ["Mailbox", "PathRefused", "parse_path"]
 
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
@@ -56,8 +58,8 @@ def _trick(text: str) -> PathRefused:
     return PathRefused(550, "5.7.1", f"{text}: routing through this server is not allowed")
 
 
-@attrs.frozen
-class Mailbox:
+@attrs.frozen(repr=False)
+class Mailbox(Record):
     """C{local@domain}; C{domain} is lower-case (an internationalised one in U-labels)."""
 
     local: str

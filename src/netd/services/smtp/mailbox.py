@@ -58,6 +58,7 @@ from zope.interface import implementer
 
 from netd.kinds import BuildContext
 from netd.namespaces import key as namespace_key
+from netd.records import Record
 from netd.services.smtp import mime
 from netd.services.smtp.spool import Envelope
 from netd.services.smtp.store import MailStore
@@ -116,8 +117,8 @@ def login_password(users: Mapping[str, str], login: str) -> str | None:
     return found
 
 
-@attrs.frozen
-class MailboxOptions:
+@attrs.frozen(repr=False)
+class MailboxOptions(Record):
     """
     Who may read mail over the service's IMAP and POP3 listeners.
 
@@ -131,8 +132,8 @@ class MailboxOptions:
     allow_insecure_auth: bool = False
 
 
-@attrs.frozen
-class Access:
+@attrs.frozen(repr=False)
+class Access(Record):
     """What the IMAP and POP3 sessions of one service share."""
 
     context: BuildContext
@@ -716,8 +717,8 @@ def _compare(
     return test
 
 
-@attrs.frozen
-class Search:
+@attrs.frozen(repr=False)
+class Search(Record):
     """A parsed SEARCH: the test, and whether it reads message bodies."""
 
     test: _Test

@@ -21,6 +21,8 @@ from email.message import Message as EmailMessage
 
 import attrs
 
+from netd.records import Record
+
 __all__ = ["MAX_NESTING", "MAX_PARTS", "Entity", "NotConvertible", "read", "seven_bit"]
 
 # Past these, a part's parts are not listed (Dovecot's own limits): a message
@@ -33,8 +35,8 @@ _POLICY = email.policy.compat32.clone(linesep="\r\n")
 _DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
 
 
-@attrs.frozen
-class Entity:
+@attrs.frozen(repr=False)
+class Entity(Record):
     """
     One MIME entity: its header, parsed, and its octets C{raw[start:end]}:
     the header to C{head_end} (with its last CRLF), the body from

@@ -19,6 +19,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
 
+from netd.records import Record
 from netd.services.smtp.relay import (
     Outcome,
     Replies,
@@ -32,8 +33,8 @@ from netd.services.smtp.spool import Envelope
 __all__ = ["MxOptions", "mx_sender", "resolver_for"]
 
 
-@attrs.frozen
-class MxOptions:
+@attrs.frozen(repr=False)
+class MxOptions(Record):
     """
     @ivar port: the port every exchanger is reached on (25; tests use others).
     @ivar resolver: a DNS server as (host, port); None reads /etc/resolv.conf.

@@ -29,6 +29,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext
+from netd.records import Record
 from netd.services.smtp.spool import Envelope, RetryState, Spool, new_id
 
 if TYPE_CHECKING:
@@ -73,8 +74,8 @@ _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\b")
 _CONCURRENT_DELIVERIES = 10
 
 
-@attrs.frozen
-class SmarthostOptions:
+@attrs.frozen(repr=False)
+class SmarthostOptions(Record):
     host: str
     port: int = 25
     tls: str = "opportunistic"  # none | opportunistic | required
@@ -89,8 +90,8 @@ def _status_of(code: int, text: str) -> str:
     return found.group(1) if found else f"{code // 100}.0.0"
 
 
-@attrs.define
-class _Job:
+@attrs.define(repr=False)
+class _Job(Record):
     """One message for one destination; C{data} is dot-stuffed already."""
 
     envelope: Envelope
@@ -275,8 +276,8 @@ class _Sender(smtp.ESMTPSender):
 
 
 # Not slotted: Twisted's factories set attributes of their own.
-@attrs.define(slots=False, eq=False)
-class Hop(ClientFactory):
+@attrs.define(slots=False, eq=False, repr=False)
+class Hop(Record, ClientFactory):
     """
     A destination (a smarthost, or one exchanger's address) and the messages
     waiting for it.  Up to C{connections} connections each send message after
@@ -397,8 +398,8 @@ def send_message(
 _RELEASE_HOPS = 16
 
 
-@attrs.define
-class Releaser:
+@attrs.define(repr=False)
+class Releaser(Record):
     """
     Sends captured messages on to a smarthost named with each (Mailpit's
     release), through a L{Hop} per smarthost: its queue and its connections,
@@ -547,8 +548,8 @@ def _address_type(address: str) -> str:
     return "rfc822" if address.isascii() else "utf-8"
 
 
-@attrs.define
-class _Queued:
+@attrs.define(repr=False)
+class _Queued(Record):
     envelope: Envelope
     attempts: int = 0
     timer: IDelayedCall | None = None
@@ -562,8 +563,8 @@ def _seconds(values: Sequence[float]) -> tuple[float, ...]:
 
 
 # Not slotted: twisted.application's Service sets attributes of its own.
-@attrs.define(slots=False, eq=False)
-class Courier(Service):
+@attrs.define(slots=False, eq=False, repr=False)
+class Courier(Record, Service):
     """
     Sends spooled messages on and retries them on the C{retry} schedule.
 

@@ -49,6 +49,7 @@ from netd.connections import cut_if_unread
 from netd.events import ServiceStats
 from netd.kinds import IOwesReplies, RepliesOwed
 from netd.namespaces import NO_NAMESPACES, Namespacing
+from netd.records import Record
 from netd.rules import RuleSet
 from netd.schema import Network, client_address, in_networks
 from netd.services.smtp.address import Mailbox, PathRefused, parse_path
@@ -109,8 +110,8 @@ _AUTH_FAILURES = 3
 _MAX_HOPS = 50
 
 
-@attrs.frozen
-class Limits:
+@attrs.frozen(repr=False)
+class Limits(Record):
     max_message_size: int = 10 * 1024 * 1024
     max_recipients: int = 100
     max_line_length: int = 1000
@@ -118,8 +119,8 @@ class Limits:
     data_timeout: float = 600.0
 
 
-@attrs.frozen
-class Transaction:
+@attrs.frozen(repr=False)
+class Transaction(Record):
     """One message as the session hands it over, before it is spooled."""
 
     sender: Mailbox | None
@@ -136,8 +137,8 @@ class Transaction:
     binary: bool = False  # BODY=BINARYMIME
 
 
-@attrs.define
-class _Mail:
+@attrs.define(repr=False)
+class _Mail(Record):
     sender: Mailbox | None
     parameters: _MailParameters
     recipients: list[Mailbox] = attrs.field(factory=list)
@@ -146,8 +147,8 @@ class _Mail:
     chunks: bytearray | None = None
 
 
-@attrs.frozen
-class _MailParameters:
+@attrs.frozen(repr=False)
+class _MailParameters(Record):
     """What MAIL FROM's parameters asked for."""
 
     utf8: bool = False
@@ -194,8 +195,8 @@ def _rcpt_parameters(params: bytes) -> Notify | tuple[int, bytes]:
     return Notify(notify=notify, orcpt=orcpt)
 
 
-@attrs.frozen
-class Receiver:
+@attrs.frozen(repr=False)
+class Receiver(Record):
     """
     What every session of one service shares.
 

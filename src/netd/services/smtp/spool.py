@@ -32,6 +32,7 @@ import attrs
 from twisted.internet.defer import Deferred
 
 from netd.kinds import RunInThread
+from netd.records import Record
 
 __all__ = ["HEAD_BYTES", "Envelope", "Notify", "RetryState", "Spool", "new_id"]
 
@@ -58,8 +59,8 @@ def new_id(now: float) -> str:
     return f"{int(now * 1000):012x}{_PROCESS}{next(_COUNTER) & 0xFFFFFF:06x}"
 
 
-@attrs.frozen
-class Notify:
+@attrs.frozen(repr=False)
+class Notify(Record):
     """
     One recipient's DSN request (RFC 3461 4).
 
@@ -91,8 +92,8 @@ class Notify:
 _NO_REQUEST = Notify()
 
 
-@attrs.frozen
-class RetryState:
+@attrs.frozen(repr=False)
+class RetryState(Record):
     """
     Where a queued message's retries have got to.
 
@@ -107,8 +108,8 @@ class RetryState:
     warned: bool = False
 
 
-@attrs.frozen
-class Envelope:
+@attrs.frozen(repr=False)
+class Envelope(Record):
     """
     What SMTP said about a message, besides the message.
 
