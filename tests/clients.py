@@ -60,6 +60,16 @@ def smtp(netd: NetdProcess) -> smtplib.SMTP:
     return smtplib.SMTP(host, port, local_hostname="client.test", timeout=10)
 
 
+def deliver(netd: NetdProcess, to: str, raw: bytes) -> str:
+    """C{raw} mailed to C{to} from shop@client.test as it is; the id the admin API gives it."""
+    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
+    with smtp(netd) as client:
+        client.sendmail("shop@client.test", [to], raw)
+    [event] = netd.events("mail", "message.accepted", last, wait=10)
+    message_id: str = event["message_id"]
+    return message_id
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as sock:

@@ -6,6 +6,7 @@ STARTTLS/STLS and over implicit TLS, each verifying the lab profile's CA.
 
 from __future__ import annotations
 
+import email.policy
 import imaplib
 import poplib
 import socket
@@ -27,7 +28,7 @@ from twisted.internet.threads import deferToThread
 from twisted.mail import imap4
 
 from netd.testing import AdminError, NetdProcess
-from tests.clients import smtp
+from tests.clients import deliver, smtp
 from tests.maps import mail_map
 
 PASSWORD = "mail-secret"
@@ -104,12 +105,7 @@ def send(netd: NetdProcess, to: str, subject: str, body: str) -> str:
     mail["To"] = to
     mail["Subject"] = subject
     mail.set_content(body)
-    last = netd.admin("GET", "/api/events?service=mail")["last_id"]
-    with smtp(netd) as client:
-        client.send_message(mail)
-    [event] = netd.events("mail", "message.accepted", last, wait=10)
-    message_id: str = event["message_id"]
-    return message_id
+    return deliver(netd, to, mail.as_bytes(policy=email.policy.SMTP))
 
 
 def imap(netd: NetdProcess, login: str) -> imaplib.IMAP4:

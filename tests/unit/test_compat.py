@@ -13,6 +13,7 @@ import inspect
 import os
 import socket
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import pytest
@@ -412,6 +413,30 @@ def test_imap_and_pop3_members_netds_sessions_use() -> None:
     _assert_method(pop3.POP3, "_unblock", ["self", "_"])
     _assert_method(imap4.IMAP4Server, "_unblock", ["self"])
     assert pop3.POP3.blocked is None and imap4.IMAP4Server.blocked is None
+    for table in ("select_EXPUNGE",):
+        assert callable(getattr(imap4.IMAP4Server, table)[0]), table
+
+
+def test_pop3_message_sender_sends_a_wrapped_message() -> None:
+    # POP3Session's TOP goes through compat_mail.send_pop3_message with its own wrapper.
+    class Maildrop:
+        def listMessages(self, i: int) -> int:
+            return 12
+
+        def getMessage(self, i: int) -> BytesIO:
+            return BytesIO(b"H: v\n\nbody\n")
+
+    server = pop3.POP3()
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.mbox = Maildrop()
+    transport.clear()
+    compat_mail.send_pop3_message(server, b"1", lambda f: BytesIO(f.read()[:6]), lambda n: "top")
+    for _ in range(10):  # Twisted's FileSender is a pull producer: pull it to the end
+        if transport.producer is None:
+            break
+        transport.producer.resumeProducing()
+    assert transport.value() == b"+OK top\r\nH: v\r\n\r\n.\r\n"
 
 
 # --- members other kinds' subclasses rely on ------------------------------------------

@@ -37,7 +37,7 @@ from netd.services.smtp.mailbox import (
     compile_search,
     uid_validity,
 )
-from netd.services.smtp.pop3 import POP3Session
+from netd.services.smtp.pop3 import POP3Session, top_of
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import Spool
 from netd.services.smtp.store import MailStore
@@ -302,11 +302,41 @@ def test_imap_overlong_line_says_bye(tmp_path: Path) -> None:
 
 
 def test_search_keys_compile_once_and_refuse_unknown_ones() -> None:
-    assert not compile_search([b"FROM", b"x", [b"OR", b"SEEN", b"UNSEEN"]]).needs_text
-    assert compile_search([b"NOT", b"TEXT", b"code"]).needs_text
+    headers = compile_search([b"FROM", b"x", [b"OR", b"SEEN", b"UNSEEN"]], 3, 7)
+    assert not headers.needs_text and headers.needs_head
+    text = compile_search([b"NOT", b"TEXT", b"code"], 3, 7)
+    assert text.needs_text and not text.needs_head
     for bad in ([b"SINCE", b"yesterday"], [b"NOSUCHKEY"], [b"LARGER", b"big"], []):
         with pytest.raises(IllegalClientResponse):
-            compile_search(bad)
+            compile_search(bad, 3, 7)
+
+
+@pytest.mark.parametrize(
+    ("keys", "numbers"),
+    [
+        ([b"*"], [6]),
+        ([b"2,*"], [2, 6]),
+        ([b"5:*"], [5, 6]),
+        ([b"100:*"], [6]),
+        ([b"*:4"], [4, 5, 6]),
+        ([b"UID", b"*"], [6]),
+        ([b"UID", b"60:*"], [6]),
+        ([b"UID", b"15:25"], [2]),
+    ],
+)
+def test_search_star_is_the_last_number_in_use(keys: list[bytes], numbers: list[int]) -> None:
+    # RFC 3501 9: "*" is the largest number in use; "n:*" is "*:n" when n is larger.
+    search = compile_search(keys, 6, 60)
+    messages = {seq: _uid_only(seq * 10) for seq in range(1, 7)}
+    assert [seq for seq, m in messages.items() if search.test(seq, m)] == numbers
+
+
+def _uid_only(uid: int) -> Any:
+    class WithUID:
+        def getUID(self) -> int:
+            return uid
+
+    return WithUID()
 
 
 def test_pop3_refuses_before_login_then_serves_and_deletes_at_quit(tmp_path: Path) -> None:
@@ -1143,3 +1173,19 @@ def test_a_uid_fetch_names_messages_by_uid_ranges(tmp_path: Path) -> None:
         lines = said(transport)
         assert lines[-1] == b"e OK FETCH completed"
         assert [int(line.split(b"UID ")[1].split(b")")[0]) for line in lines[:-1]] == uids
+
+
+@pytest.mark.parametrize(
+    ("lines", "top"),
+    [
+        (0, b"A: 1\nB: 2\n\n"),
+        (1, b"A: 1\nB: 2\n\n" + b"L" * 40_000 + b"\n"),
+        (2, b"A: 1\nB: 2\n\n" + b"L" * 40_000 + b"\n\n"),
+        (9, b"A: 1\nB: 2\n\n" + b"L" * 40_000 + b"\n\nend\n"),
+    ],
+)
+def test_pop3_top_is_the_header_and_so_many_body_lines(lines: int, top: bytes) -> None:
+    # RFC 1939 7: a line of any length counts as one, a blank one too.
+    message = b"A: 1\nB: 2\n\n" + b"L" * 40_000 + b"\n\nend\n"
+    assert top_of(message, lines) == top
+    assert top_of(b"A: 1\nno blank line\n", 3) == b"A: 1\nno blank line\n"

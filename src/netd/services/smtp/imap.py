@@ -41,6 +41,7 @@ from netd.services.smtp.mailbox import (
     Message,
     SessionPortal,
     compile_search,
+    header_section,
     literal,
     literal_head,
 )
@@ -80,6 +81,41 @@ def _from_index(part: Any) -> bool:
     if part.type == "body":
         return bool(getattr(part, "header", None)) and not part.part
     return part.type in _FROM_INDEX
+
+
+def _reads_header(part: Any) -> bool:
+    """Answered from the message's header: from the index, unless the index has only its start."""
+    return part.type in ("envelope", "rfc822header") or (
+        part.type == "body" and bool(part.header) and not part.part
+    )
+
+
+def _section_label(part: Any) -> bytes:
+    """
+    How a FETCH answer names a body section (RFC 3501 7.4.2): C{BODY[...]}
+    without C{.PEEK}, and a partial fetch by its first octet alone
+    (C{BODY[]<0>}), which Twisted's label gives as C{<0.10>}.
+    """
+    numbers = b".".join(b"%d" % (number + 1) for number in part.part)
+    if part.header:
+        name = bytes(part.header)
+    elif part.text:
+        name = b"TEXT"
+    elif part.mime:
+        name = b"MIME"
+    else:
+        name = b""
+    label = b"BODY[" + numbers + (b"." if numbers and name else b"") + name + b"]"
+    if part.partialBegin is not None:
+        label += b"<%d>" % part.partialBegin
+    return label
+
+
+def _partial(part: Any, data: bytes) -> bytes:
+    """C{<start.length>}: those octets of the section; past its end, none (RFC 3501 6.4.5)."""
+    if part.partialBegin is None:
+        return data
+    return data[part.partialBegin : part.partialBegin + part.partialLength]
 
 
 def _is_structure(part: Any) -> bool:
@@ -122,19 +158,6 @@ def _utf8(item: Any) -> Any:
     return item
 
 
-def _format_headers(headers: dict[str, str]) -> bytes:
-    """
-    C{BODY[HEADER.FIELDS ...]}: in UTF-8 (8-bit only after UTF8=ACCEPT), and
-    with the blank line that ends a header (RFC 3501 6.4.5), which Twisted's
-    leaves out.
-    """
-    lines = [
-        f"{name.title()}: " + "\r\n".join(value.splitlines()) + "\r\n"
-        for name, value in headers.items()
-    ]
-    return ("".join(lines) + "\r\n").encode("utf-8")
-
-
 @implementer(IPushProducer)
 class _FetchAnswer:
     """
@@ -161,6 +184,9 @@ class _FetchAnswer:
         self.query = query
         self.uid = uid
         self.loads = not all(map(_from_index, query))
+        self.reads_header = any(map(_reads_header, query))
+        # Some message had been removed before its text could be read (RFC 5530 EXPUNGEISSUED).
+        self.expunged = False
         # The structures it answers with (BODYSTRUCTURE: extended), worked out in a thread.
         self.forms = {part.type == "bodystructure" for part in query if _is_form(part)}
         self.next = 0
@@ -187,7 +213,9 @@ class _FetchAnswer:
                 return
             self.next = end
             batch = self.fetched[start:end]
-            if self.loads:
+            if self.loads or (
+                self.reads_header and not all(message.head_indexed() for _, message in batch)
+            ):
                 self.reading = True
                 read = self.inbox.read(batch, FETCH_BATCH, FETCH_BATCH_BYTES)
                 if self.forms:
@@ -217,6 +245,10 @@ class _FetchAnswer:
         session = self.session
         pieces: list[bytes] = []
         for number, message in batch:
+            if message.gone and self.loads:
+                # Its text went with it: no answer rather than a wrong one (RFC 2180 4.1.3).
+                self.expunged = True
+                continue
             session.fetch_answer(number, message, self.query, self.uid, pieces.append)
         answers = b"".join(pieces)
         if self.next == len(self.fetched):
@@ -228,7 +260,7 @@ class _FetchAnswer:
     def _finish(self, last: bytes = b"") -> None:
         self.stopped = True
         self.session.transport.unregisterProducer()
-        self.session.fetch_done(self.tag, last)
+        self.session.fetch_done(self.tag, last, self.expunged)
 
     def _failed(self, failure: Failure) -> None:
         # Part of the answer may be out already: nothing the client could parse.
@@ -365,7 +397,49 @@ class IMAPSession(IMAP4Server):
             keys, rest = super().arg_searchkeys(line)
         except IMAP4Exception as e:
             raise IllegalClientResponse(f"bad SEARCH keys: {e}") from None
-        return compile_search(keys), rest
+        assert self.mbox is not None
+        count = self.mbox.getMessageCount()
+        last_uid = self.mbox.getUID(count) if count else 0
+        return compile_search(keys, count, last_uid), rest
+
+    def do_SEARCH(self, tag: bytes, charset: Any, query: Any, uid: int = 0) -> None:
+        # As for FETCH, the commands that come while its messages are read
+        # wait for its answer: an EXPUNGE meanwhile would renumber what it found.
+        assert self.mbox is not None
+        self._hold_commands()
+        found = self.mbox.search(query, bool(uid))
+        found.addCallback(self._searched, tag).addErrback(self._failed, tag, b"SEARCH")
+        found.addBoth(lambda _: self._unblock())
+
+    def _searched(self, found: list[int], tag: bytes) -> None:
+        self.sendUntaggedResponse(b"SEARCH " + b" ".join(b"%d" % number for number in found))
+        self.sendPositiveResponse(tag, b"SEARCH completed")
+
+    def do_EXPUNGE(self, tag: bytes) -> None:
+        assert self.mbox is not None
+        if not self.mbox.isWriteable():
+            self.sendNegativeResponse(tag, b"EXPUNGE ignored on read-only mailbox")
+            return
+        # Its messages leave this session's numbering at once, so the commands
+        # after it wait until its EXPUNGE lines are out (the removal from disk).
+        self._hold_commands()
+        gone = self.mbox.expunge()
+        gone.addCallback(self._expunged, tag).addErrback(self._failed, tag, b"EXPUNGE")
+        gone.addBoth(lambda _: self._unblock())
+
+    def _expunged(self, numbers: list[int], tag: bytes) -> None:
+        for number in numbers:
+            self.sendUntaggedResponse(b"%d EXPUNGE" % number)
+        self.sendPositiveResponse(tag, b"EXPUNGE completed")
+
+    def _failed(self, failure: Failure, tag: bytes, command: bytes) -> None:
+        _log.failure("{command} failed", failure, command=command.decode())
+        self.sendNegativeResponse(tag, command + b" failed")
+
+    def _hold_commands(self) -> None:
+        """Commands that come from now on wait (Twisted's own mechanism, as FETCH uses)."""
+        if self.blocked is None:
+            self.blocked = []
 
     def do_STORE(self, tag: bytes, *args: Any, **kwargs: Any) -> None:
         if self.mbox is not None and not self.mbox.isWriteable():
@@ -429,14 +503,23 @@ class IMAPSession(IMAP4Server):
             self.spew_uid(number, message, write, _ignore)
         write(b")\r\n")
 
-    def fetch_done(self, tag: bytes, last: bytes = b"") -> None:
-        """The FETCH is answered: its tagged OK (with C{last}, in one write), then what waited."""
+    def fetch_done(self, tag: bytes, last: bytes = b"", expunged: bool = False) -> None:
+        """
+        The FETCH is answered: its tagged answer (with C{last}, in one write),
+        then what waited.  C{expunged}: messages it asked for were removed before
+        they could be read, and were left out (Dovecot's answer, RFC 5530).
+        """
         if self._held_timeout is not None:
             self.setTimeout(self._held_timeout[0])
             self._held_timeout = None
         self._held = [last]
         try:
-            self.sendPositiveResponse(tag, b"FETCH completed")
+            if expunged:
+                self.sendNegativeResponse(
+                    tag, b"[EXPUNGEISSUED] Some of the messages were removed meanwhile"
+                )
+            else:
+                self.sendPositiveResponse(tag, b"FETCH completed")
         finally:
             held, self._held = self._held, None
         self.transport.write(b"".join(held))
@@ -455,8 +538,8 @@ class IMAPSession(IMAP4Server):
         (_w or self.transport.write)(b"BODYSTRUCTURE (" + msg.structure(True) + b")")
 
     def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        headers = _format_headers(msg.getHeaders(True))
-        (_w or self.transport.write)(b"RFC822.HEADER " + literal(headers))
+        header = header_section(msg.header_bytes(), None, False, self.utf8)
+        (_w or self.transport.write)(b"RFC822.HEADER " + literal(header))
 
     def spew_rfc822(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"RFC822 " + literal(msg.open().read()))
@@ -465,7 +548,8 @@ class IMAPSession(IMAP4Server):
         (_w or self.transport.write)(b"RFC822.TEXT " + literal(msg.getBodyFile().read()))
 
     select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)  # type: ignore[assignment]
-    select_SEARCH = (IMAP4Server.do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
+    select_SEARCH = (do_SEARCH, IMAP4Server.opt_charset, arg_searchkeys)  # type: ignore[assignment]
+    select_EXPUNGE = (do_EXPUNGE,)  # type: ignore[assignment]
     # netd's mailboxes take mail over SMTP alone: no APPEND, no COPY.
     auth_APPEND = select_APPEND = select_COPY = None  # type: ignore[assignment]
 
@@ -480,6 +564,7 @@ class IMAPSession(IMAP4Server):
         super().dispatchCommand(tag, cmd, rest if rest is not None else b"", uid)
 
     def spew_body(self, part: Any, id: int, msg: Any, _w: Any = None, _f: Any = None) -> Any:
+        write = _w or self.transport.write
         # A part the message does not have (BODY[2] of a single part) is NIL,
         # as Dovecot answers; Twisted raises, and drops the connection for it.
         target = msg
@@ -492,33 +577,30 @@ class IMAPSession(IMAP4Server):
             elif number > 0:
                 target = None
             if target is None:
-                (_w or self.transport.write)(part.__bytes__() + b" NIL")
+                write(_section_label(part) + b" NIL")
                 return None
-        if part.header or part.mime:
-            headers = (
-                target.getHeaders(part.header.negate, *part.header.fields)
-                if part.header
-                else target.getHeaders(True)
-            )
-            (_w or self.transport.write)(
-                part.__bytes__() + b" " + literal(_format_headers(headers))
-            )
+        if part.part and (part.header or part.text):
+            # HEADER and TEXT of a part name the message a message/rfc822 part holds.
+            target = target.embedded() or target
+        if not (part.header or part.mime or part.text or part.empty):
+            # BODY without a section: the structure without extension data.
+            write(b"BODY (" + msg.structure(False) + b")")
             return None
-        # The message is read whole before its answer: its literal goes in
-        # the same write, not through Twisted's FileProducer a turn later.
-        if part.text:
-            text = target.getBodyFile().read()
-            (_w or self.transport.write)(part.__bytes__() + b" " + literal(text))
-            return None
-        if part.empty:
-            whole = target.getBodyFile().read() if part.part else msg.open().read()
-            write = _w or self.transport.write
-            # The message itself is one piece, not copied into its literal's framing.
-            write(part.getBytes(length=msg.getSize()) + b" " + literal_head(whole))
-            write(whole)
-            return None
-        # BODY without a section: the structure without extension data.
-        (_w or self.transport.write)(b"BODY (" + msg.structure(False) + b")")
+        if part.header:
+            fields = part.header.fields
+            data = header_section(target.header_bytes(), fields, part.header.negate, self.utf8)
+        elif part.mime:
+            data = header_section(target.header_bytes(), None, False, self.utf8)
+        elif part.text or part.part:
+            data = target.getBodyFile().read()
+        else:
+            data = msg.open().read()
+        data = _partial(part, data)
+        # The message is read whole before its answer: its literal goes in the
+        # same write, not through Twisted's FileProducer a turn later, and the
+        # text is one piece, not copied into its literal's framing.
+        write(_section_label(part) + b" " + literal_head(data))
+        write(data)
         return None
 
     def expunge_due(self) -> None:

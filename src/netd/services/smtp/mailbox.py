@@ -60,7 +60,7 @@ from netd.kinds import BuildContext
 from netd.namespaces import key as namespace_key
 from netd.records import Record
 from netd.services.smtp import mime
-from netd.services.smtp.spool import Envelope
+from netd.services.smtp.spool import HEAD_BYTES, Envelope
 from netd.services.smtp.store import MailStore
 
 __all__ = [
@@ -344,6 +344,51 @@ def _split(raw: bytes) -> tuple[bytes, bytes]:
     return raw[: end + 2], raw[end + 4 :]
 
 
+def header_block(raw: bytes) -> bytes:
+    """
+    C{BODY[HEADER]} (RFC 3501 6.4.5): the header as it came, with the blank
+    line that ends it; a message without a body is all header.
+    """
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[: end + 4]
+
+
+# One header field: its first line and the folded lines that continue it (RFC 5322 2.2.3).
+_FIELD = re.compile(rb"[^ \t\r\n][^\r\n]*(?:\r\n[ \t][^\r\n]*)*(?:\r\n|\Z)")
+
+
+def header_section(block: bytes, fields: Iterable[bytes] | None, negate: bool, utf8: bool) -> bytes:
+    """
+    A header section of FETCH (RFC 3501 6.4.5) from a header block: the whole
+    header (C{fields} None), or only the fields named (C{HEADER.FIELDS}) or
+    all but them (C{.NOT}), each as it came (repeated fields and the case of
+    their names kept, in their order) and ended by a blank line.  For a
+    session that did not enable UTF8=ACCEPT a field with 8-bit text goes out
+    in RFC 2047 words (RFC 6855 3: no UTF-8 to such a client).
+    """
+    if fields is None and (utf8 or block.isascii()):
+        return block
+    wanted = None if fields is None else {name.lower() for name in fields}
+    chosen = []
+    for match in _FIELD.finditer(block):
+        field = match.group()
+        name = field.partition(b":")[0].strip().lower()
+        if wanted is not None and (name in wanted) == negate:
+            continue
+        if not field.endswith(b"\r\n"):
+            field += b"\r\n"
+        chosen.append(field if utf8 or field.isascii() else _seven_bit_field(field))
+    return b"".join(chosen) + b"\r\n"
+
+
+def _seven_bit_field(field: bytes) -> bytes:
+    name, _, value = field.partition(b":")
+    text = value.decode("ascii", "surrogateescape")
+    unfolded = "".join(text.splitlines()).strip()
+    seven = _seven_bit(name.decode("ascii", "replace"), unfolded)
+    return name + b": " + seven.encode("ascii") + b"\r\n"
+
+
 def _header_dict(
     items: Iterable[tuple[str, Any]],
     negate: bool,
@@ -543,6 +588,20 @@ class _Part:
     def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
         return _header_dict(self.part.raw_items(), negate, names, self.utf8)
 
+    def header_bytes(self) -> bytes:
+        """The part's header (its MIME header), with the blank line that ends it."""
+        return header_block(self.part.as_bytes(policy=_POLICY))
+
+    def embedded(self) -> _Part | None:
+        """
+        The message a message/rfc822 part holds: what its C{HEADER} and
+        C{TEXT} sections name (RFC 3501 6.4.5), not the part's own.
+        """
+        if self.part.get_content_type() != "message/rfc822":
+            return None
+        inner: Any = self.part.get_payload()
+        return _Part(inner[0], self.utf8) if isinstance(inner, list) and inner else None
+
     def _body(self) -> bytes:
         return _split(self.part.as_bytes(policy=_POLICY))[1]
 
@@ -565,15 +624,23 @@ class _Part:
 @implementer(IMessage, IMessageFile)
 class Message:
     """
-    One message of a mailbox.  Headers come from the store's index; the
+    One message of a mailbox.  Headers come from the store's index (a copy
+    of which the message keeps, so one removed meanwhile still has them); the
     whole message is read from the spool (in a thread) only by L{load}.
+
+    @ivar gone: L{load} found the message removed from the spool: it reads as
+        its header alone.
     """
 
-    def __init__(self, mailboxes: Mailboxes, id: str, envelope: Envelope, uid: int) -> None:
+    def __init__(
+        self, mailboxes: Mailboxes, id: str, envelope: Envelope, uid: int, head: bytes
+    ) -> None:
         self.mailboxes = mailboxes
         self.id = id
         self.envelope = envelope
         self.uid = uid
+        self.head = head
+        self.gone = False
         self.raw: bytes | None = None
         self._parsed: EmailMessage | None = None
         # Headers in UTF-8 as they are (the session enabled UTF8=ACCEPT), else 7-bit.
@@ -585,11 +652,30 @@ class Message:
         return self.mailboxes.store.read(self.id).addCallback(self.keep)
 
     def keep(self, raw: bytes | None) -> None:
-        """The message as read; removed meanwhile, what the index still had stands in for it."""
-        self.raw = raw if raw is not None else self._head()
+        """The message as read; removed meanwhile, its header stands in for it."""
+        if raw is None:
+            self.gone = True
+            raw = self.header_bytes()
+        self.raw = raw
 
     def _head(self) -> bytes:
-        return self.mailboxes.store.heads.get(self.id, b"")
+        return self.head
+
+    def head_indexed(self) -> bool:
+        """
+        Whether the index's copy is the whole header: the store keeps the first
+        C{HEAD_BYTES} of a message, so a longer header needs the message read.
+        """
+        return self.envelope.size <= HEAD_BYTES or len(self.head) < HEAD_BYTES
+
+    def header_bytes(self) -> bytes:
+        """C{BODY[HEADER]}: from the message once read, else from the index's copy."""
+        if self.raw is not None:
+            return header_block(self.raw)
+        # The index keeps the header without the blank line that ends it.
+        if len(self.head) < self.envelope.size:
+            return self.head + b"\r\n"
+        return self.head
 
     def _message(self) -> EmailMessage:
         if self._parsed is None:
@@ -719,18 +805,29 @@ def _compare(
 
 @attrs.frozen(repr=False)
 class Search(Record):
-    """A parsed SEARCH: the test, and whether it reads message bodies."""
+    """
+    A parsed SEARCH: the test, and whether it reads message bodies
+    (C{needs_text}) or headers (C{needs_head}: the index has the start of a
+    long header alone).
+    """
 
     test: _Test
     needs_text: bool
+    needs_head: bool
 
 
 class _SearchParser:
-    """RFC 3501 6.4.4 search keys, as a test of (sequence number, message)."""
+    """
+    RFC 3501 6.4.4 search keys, as a test of (sequence number, message);
+    C{*} in a set is the last sequence number or UID of the mailbox.
+    """
 
-    def __init__(self, tokens: list[Any]) -> None:
+    def __init__(self, tokens: list[Any], last_seq: int, last_uid: int) -> None:
         self.tokens = tokens
+        self.last_seq = last_seq
+        self.last_uid = last_uid
         self.needs_text = False
+        self.needs_head = False
 
     def all(self) -> _Test:
         tests = []
@@ -763,8 +860,10 @@ class _SearchParser:
             if key == "UN" + name:
                 return _flag(flag, False)
         if key in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            self.needs_head = True
             return _header(key.lower(), _text(self._take()))
         if key == "HEADER":
+            self.needs_head = True
             name = _text(self._take()).lower()
             return _header(name, _text(self._take()))
         if key in ("BODY", "TEXT"):
@@ -774,6 +873,7 @@ class _SearchParser:
         if key in ("SINCE", "BEFORE", "ON"):
             return _compare(_received_day, key, _day(self._take()))
         if key in ("SENTSINCE", "SENTBEFORE", "SENTON"):
+            self.needs_head = True
             return _compare(_sent_day, key, _day(self._take()))
         if key in ("LARGER", "SMALLER"):
             try:
@@ -792,17 +892,18 @@ class _SearchParser:
             left, right = self.one(), self.one()
             return lambda seq, m: left(seq, m) or right(seq, m)
         if key == "UID":
-            uids = _id_set(self._take())
-            return lambda seq, m: _contains(uids, m.getUID())
+            uids, last_uid = _id_set(self._take()), self.last_uid
+            return lambda seq, m: _contains(uids, m.getUID(), last_uid)
         if key[:1].isdigit() or key[:1] == "*":
-            numbers = _id_set(token)
-            return lambda seq, m: _contains(numbers, seq)
+            numbers, last_seq = _id_set(token), self.last_seq
+            return lambda seq, m: _contains(numbers, seq, last_seq)
         raise IllegalClientResponse(f"unknown search key {key}")
 
     def nested(self, tokens: list[Any]) -> _Test:
-        inner = _SearchParser(list(tokens))
+        inner = _SearchParser(list(tokens), self.last_seq, self.last_uid)
         test = inner.all()
         self.needs_text = self.needs_text or inner.needs_text
+        self.needs_head = self.needs_head or inner.needs_head
         return test
 
 
@@ -814,20 +915,26 @@ def _id_set(token: Any) -> MessageSet:
     return found
 
 
-def _contains(ids: MessageSet, value: int) -> bool:
-    # An open range ("5:*") reaches the highest number there is.
-    return any(
-        (low if low is not None else 0) <= value <= (high if high is not None else value)
-        for low, high in ids.ranges
-    )
+def _contains(ids: MessageSet, value: int, last: int) -> bool:
+    # "*" is the last number in use, and a range is the same either way round,
+    # so "9:*" names the last message even when there are fewer than 9 (RFC 3501 9).
+    for low, high in ids.ranges:
+        first = last if low is None else low
+        end = last if high is None else high
+        if min(first, end) <= value <= max(first, end):
+            return True
+    return False
 
 
-def compile_search(tokens: list[Any]) -> Search:
-    """Parse SEARCH's keys once, before any message is looked at."""
-    parser = _SearchParser(list(tokens))
+def compile_search(tokens: list[Any], last_seq: int, last_uid: int) -> Search:
+    """
+    Parse SEARCH's keys once, before any message is looked at, with the
+    mailbox's last sequence number and UID (what C{*} names).
+    """
+    parser = _SearchParser(list(tokens), last_seq, last_uid)
     if not parser.tokens:
         raise IllegalClientResponse("SEARCH needs a key")
-    return Search(parser.all(), parser.needs_text)
+    return Search(parser.all(), parser.needs_text, parser.needs_head)
 
 
 # IMAP -------------------------------------------------------------------------
@@ -891,7 +998,8 @@ class Inbox(_InboxInfo):
         self.writeable = writeable
         super().__init__()
         self.ids = mailboxes.ids_for(login)
-        self.vanishing: dict[str, tuple[Envelope, int]] = {}
+        # Messages that left the store, until this session says EXPUNGE: envelope, UID, header.
+        self.vanishing: dict[str, tuple[Envelope, int, bytes]] = {}
         self.listeners: list[Any] = []
         # Messages read before a FETCH asked for them (L{read}), by id.
         self.read_ahead: dict[str, bytes] = {}
@@ -912,10 +1020,12 @@ class Inbox(_InboxInfo):
         in answer to FETCH, STORE or SEARCH); until then they read as their
         headers alone.
         """
-        uids = self.mailboxes.uids
+        uids, heads = self.mailboxes.uids, self.mailboxes.store.heads
         for id in gone:
             self.read_ahead.pop(id, None)
-        vanished = {id: (gone[id], uids.get(id, 0)) for id in self.ids if id in gone}
+        vanished = {
+            id: (gone[id], uids.get(id, 0), heads.get(id, b"")) for id in self.ids if id in gone
+        }
         if not vanished:
             return
         self.vanishing.update(vanished)
@@ -932,11 +1042,13 @@ class Inbox(_InboxInfo):
         return numbers[::-1]
 
     def _message(self, id: str) -> Message:
-        envelope = self.mailboxes.store.messages.get(id)
+        store = self.mailboxes.store
+        envelope = store.messages.get(id)
         if envelope is None:
-            envelope, uid = self.vanishing[id]
-            return Message(self.mailboxes, id, envelope, uid)
-        return Message(self.mailboxes, id, envelope, self.mailboxes.uids.get(id, 0))
+            envelope, uid, head = self.vanishing[id]
+            return Message(self.mailboxes, id, envelope, uid, head)
+        uid = self.mailboxes.uids.get(id, 0)
+        return Message(self.mailboxes, id, envelope, uid, store.heads.get(id, b""))
 
     # IMailboxInfo/IMailbox ---------------------------------------------------
 
@@ -1142,11 +1254,16 @@ class Inbox(_InboxInfo):
         return self.mailboxes.store.forget(sorted(gone)).addCallback(lambda _: numbers)
 
     def search(self, query: Search, uid: bool) -> Deferred[list[int]]:
+        """The sequence numbers (C{uid}: the UIDs) of the messages that match."""
         candidates = [(seq, self._message(id)) for seq, id in enumerate(self.ids, 1)]
-        loading = [m.load() for _, m in candidates] if query.needs_text else []
+        loading = [
+            m.load()
+            for _, m in candidates
+            if query.needs_text or (query.needs_head and not m.head_indexed())
+        ]
 
         def match(_: object) -> list[int]:
-            return [seq for seq, m in candidates if query.test(seq, m)]
+            return [m.getUID() if uid else seq for seq, m in candidates if query.test(seq, m)]
 
         return gatherResults(loading).addCallback(match)
 

@@ -9,18 +9,38 @@ without a logged traceback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from io import BytesIO
 from typing import Any
 
 from twisted.internet.interfaces import IAddress, ITLSTransport
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.mail import pop3
 
+from netd.compat.mail import send_pop3_message
 from netd.schema import client_address
 from netd.services.smtp.mailbox import MAX_WAITING_COMMANDS, Access, Maildrop, SessionPortal
 
-__all__ = ["POP3Factory", "POP3Session"]
+__all__ = ["POP3Factory", "POP3Session", "top_of"]
 
 _MAX_LINE = 1024  # RFC 2449 4: 255 octets a command; generous, bounded
+
+
+def top_of(message: bytes, lines: int) -> bytes:
+    """
+    RFC 1939 TOP: the header, the blank line after it, then the first
+    C{lines} lines of the body (all of a shorter one).  Lines end in LF here
+    (the maildrop hands POP3 its messages so).
+    """
+    cut = message.find(b"\n\n")
+    if cut < 0:
+        return message
+    cut += 2
+    for _ in range(lines):
+        end = message.find(b"\n", cut)
+        if end < 0:
+            return message
+        cut = end + 1
+    return message[:cut]
 
 
 class POP3Session(pop3.POP3):
@@ -58,8 +78,27 @@ class POP3Session(pop3.POP3):
         return super().do_RETR(i)
 
     def do_TOP(self, i: bytes, size: bytes) -> Any:
+        # Twisted's TOP looks for the blank line in each 16 KiB read on its own
+        # (one that straddles two reads is missed, and body lines follow up to
+        # the next), and takes a read without a whole line for the end.
+        if not size.isdigit():
+            self.failResponse(b"Bad line count argument")
+            return None
         self._line_start = True
-        return super().do_TOP(i, size)
+        lines = int(size)
+        return send_pop3_message(
+            self,
+            i,
+            lambda file: BytesIO(top_of(file.read(), lines)),
+            lambda _: "Top of message follows",
+        )
+
+    def do_DELE(self, i: bytes) -> None:
+        # RFC 1939 5: a message marked deleted may not be named again; Twisted says +OK.
+        if not any(i.isdigit() and number == int(i) for number, _, _ in self._live()):
+            self.failResponse(b"no such message")
+            return
+        super().do_DELE(i)
 
     def transformChunk(self, chunk: bytes) -> bytes:
         # Twisted's dot-stuffing misses a "." that starts the message or the

@@ -246,14 +246,16 @@ class MailStore(Service):
 
     def _drop(self, ids: list[str]) -> None:
         gone = [envelope for id in ids if (envelope := self.messages.pop(id, None)) is not None]
+        self.context.stats.gauge("smtp_spool_messages", len(self.messages))
+        if gone:
+            # Before the headers go: an IMAP session keeps them for the messages
+            # it still numbers until it says EXPUNGE.
+            for watcher in self.watchers:
+                watcher.removed(gone)
         for id in ids:
             self.heads.pop(id, None)
             self.summaries.pop(id, None)
             self.namespaces.pop(id, None)
-        self.context.stats.gauge("smtp_spool_messages", len(self.messages))
-        if gone:
-            for watcher in self.watchers:
-                watcher.removed(gone)
 
     def read(self, id: str) -> Deferred[bytes | None]:
         """A message as spooled, read in a thread; None once it is gone."""
