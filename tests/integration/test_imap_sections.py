@@ -222,3 +222,41 @@ def test_pop3_top_and_dele_as_rfc_1939_has_them(netd: NetdProcess) -> None:
     _, lines, _ = client.retr(2)
     assert lines[-1] == b"end"
     client.quit()
+
+
+def test_select_codes_and_envelope_addresses(netd: NetdProcess) -> None:
+    deliver(
+        netd, "gus@netd.test", b"From: root\r\nTo: undisclosed-recipients:;\r\nSubject: a\r\n\r\n."
+    )
+    deliver(
+        netd,
+        "gus@netd.test",
+        b'From: "Shop, Ltd" <"a@b"@client.test>\r\nReply-To: help@client.test\r\n'
+        b"To: Team: ann@netd.test, =?utf-8?q?B=C3=A9a?= <bea@netd.test>;, gus@netd.test\r\n"
+        b"Subject: b\r\n\r\n.",
+    )
+    client = imap(netd, "gus")
+    # RFC 3501 6.3.1: SELECT's required OK codes, UNSEEN the first message without \Seen.
+    assert client.untagged_responses["UNSEEN"] == [b"1"]
+    assert client.untagged_responses["PERMANENTFLAGS"] == [
+        b"(\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)"
+    ]
+    [uid_next] = client.untagged_responses["UIDNEXT"]
+    _, [uids] = client.uid("SEARCH", "ALL")  # type: ignore[misc]
+    assert int(uid_next) > max(map(int, uids.split()))
+    _, data = client.fetch("1:2", "(ENVELOPE)")
+    # An address without a domain has Dovecot's MISSING_DOMAIN; an empty group its markers.
+    assert data[0] == (
+        b'1 (ENVELOPE (NIL "a" ((NIL NIL "root" "MISSING_DOMAIN")) '
+        b'((NIL NIL "root" "MISSING_DOMAIN")) ((NIL NIL "root" "MISSING_DOMAIN")) '
+        b'((NIL NIL "undisclosed-recipients" NIL) (NIL NIL NIL NIL)) NIL NIL NIL NIL))'
+    )
+    # Four items an address; Sender is From; a group opened and closed around its members.
+    assert data[1] == (
+        b'2 (ENVELOPE (NIL "b" (("Shop, Ltd" NIL "a@b" "client.test")) '
+        b'(("Shop, Ltd" NIL "a@b" "client.test")) ((NIL NIL "help" "client.test")) '
+        b'((NIL NIL "Team" NIL) (NIL NIL "ann" "netd.test") '
+        b'("=?utf-8?q?B=C3=A9a?=" NIL "bea" "netd.test") (NIL NIL NIL NIL) '
+        b'(NIL NIL "gus" "netd.test")) NIL NIL NIL NIL))'
+    )
+    client.logout()

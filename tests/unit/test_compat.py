@@ -402,6 +402,8 @@ def test_imap_and_pop3_members_netds_sessions_use() -> None:
     _assert_method(imap4.IMAP4Server, "dispatchCommand", ["self", "tag", "cmd", "rest", "uid"])
     _assert_method(imap4.IMAP4Server, "spewMessage", ["self", "id", "msg", "query", "uid"])
     _assert_method(imap4.IMAP4Server, "arg_searchkeys", ["self", "line"])
+    _assert_method(imap4.IMAP4Server, "_cbSelectWork", ["self", "mbox", "cmdName", "tag"])
+    assert imap4.IMAP4Server.auth_SELECT[0] is imap4.IMAP4Server._selectWork
     for table in ("select_FETCH", "select_SEARCH", "select_STORE", "unauth_STARTTLS"):
         assert callable(getattr(imap4.IMAP4Server, table)[0]), table
     # POP3Session sets magic (the greeting) and callLater, extends AUTH_CMDS

@@ -27,7 +27,6 @@ from twisted.mail.imap4 import (
     IMAP4Server,
     MessageSet,
     collapseNestedLists,
-    getEnvelope,
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -41,6 +40,7 @@ from netd.services.smtp.mailbox import (
     Message,
     SessionPortal,
     compile_search,
+    envelope,
     header_section,
     literal,
     literal_head,
@@ -441,6 +441,35 @@ class IMAPSession(IMAP4Server):
         if self.blocked is None:
             self.blocked = []
 
+    def _cbSelectWork(self, mbox: Inbox | None, cmdName: bytes, tag: bytes) -> None:
+        """
+        SELECT and EXAMINE's answer with all RFC 3501 6.3.1 requires: Twisted's
+        leaves out OK [UNSEEN], [PERMANENTFLAGS] and [UIDNEXT], which clients
+        that keep a copy (Thunderbird, offlineimap) use to sync.
+        """
+        if mbox is None:
+            self.sendNegativeResponse(tag, b"No such mailbox")
+            return
+        flags = b" ".join(flag.encode() for flag in mbox.getFlags())
+        self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
+        self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
+        self.sendUntaggedResponse(b"FLAGS (" + flags + b")")
+        unseen = mbox.first_unseen()
+        if unseen is not None:
+            self.sendPositiveResponse(None, b"[UNSEEN %d] First unseen" % unseen)
+        if mbox.isWriteable():
+            # Keywords too: STORE keeps any flag a client sets.
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS (" + flags + b" \\*)] Kept")
+        else:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS ()] Read-only")
+        self.sendPositiveResponse(None, b"[UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
+        self.sendPositiveResponse(None, b"[UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        mode = b"READ-WRITE" if mbox.isWriteable() else b"READ-ONLY"
+        mbox.addListener(self)
+        self.sendPositiveResponse(tag, b"[" + mode + b"] " + cmdName + b" successful")
+        self.state = "select"
+        self.mbox = mbox
+
     def do_STORE(self, tag: bytes, *args: Any, **kwargs: Any) -> None:
         if self.mbox is not None and not self.mbox.isWriteable():
             # Twisted answers a mailbox's refusal as a server error (BAD).
@@ -532,7 +561,8 @@ class IMAPSession(IMAP4Server):
         super().sendLine(line)
 
     def spew_envelope(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        (_w or self.transport.write)(b"ENVELOPE " + collapseNestedLists([_utf8(getEnvelope(msg))]))
+        found = envelope(msg.getHeaders(True), self.utf8)
+        (_w or self.transport.write)(b"ENVELOPE " + collapseNestedLists([_utf8(found)]))
 
     def spew_bodystructure(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"BODYSTRUCTURE (" + msg.structure(True) + b")")

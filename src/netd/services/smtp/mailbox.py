@@ -15,9 +15,11 @@ mailbox.
 from __future__ import annotations
 
 import email
+import email.headerregistry
 import email.parser
 import email.policy
 import email.utils
+import functools
 import itertools
 import re
 import time
@@ -450,6 +452,83 @@ def _decoded(value: str) -> str:
         except LookupError:  # a charset Python does not know
             words.append(chunk.decode("utf-8", "replace"))
     return "".join(words)
+
+
+# ENVELOPE ----------------------------------------------------------------------
+
+_ADDRESS_PARSER = email.headerregistry.HeaderRegistry()
+# What Dovecot puts for an address without a domain: NIL there would mark a group.
+_NO_DOMAIN = "MISSING_DOMAIN"
+
+
+def envelope(headers: Mapping[str, str], utf8: bool) -> list[Any]:
+    """
+    RFC 3501 7.4.2 ENVELOPE from a message's headers (the first of each name,
+    as L{Message.getHeaders} gives them: 7-bit, or UTF-8 after UTF8=ACCEPT):
+    date, subject, from, sender, reply-to, to, cc, bcc, in-reply-to,
+    message-id.  Sender and Reply-To default to From; an address is (name,
+    route, mailbox, host), a group is opened by (NIL NIL name NIL) and closed
+    by (NIL NIL NIL NIL).  Twisted's gave three-item addresses for an address
+    without a domain and none of the group markers.
+    """
+    from_ = _addresses(headers.get("from"), utf8)
+    return [
+        headers.get("date"),
+        headers.get("subject"),
+        from_,
+        _addresses(headers.get("sender"), utf8) or from_,
+        _addresses(headers.get("reply-to"), utf8) or from_,
+        _addresses(headers.get("to"), utf8),
+        _addresses(headers.get("cc"), utf8),
+        _addresses(headers.get("bcc"), utf8),
+        headers.get("in-reply-to"),
+        headers.get("message-id"),
+    ]
+
+
+@functools.lru_cache(maxsize=4096)
+def _addresses(value: str | None, utf8: bool) -> tuple[tuple[str | None, ...], ...] | None:
+    # Kept per header text: the same senders and recipients recur, and the
+    # parser takes ~80 us an address.
+    if value is None or not value.strip():
+        return None
+    try:
+        parsed: Any = _ADDRESS_PARSER("to", value)
+    except Exception:  # a header the parser cannot take reads as no address
+        return None
+    groups = parsed.groups
+    found: list[tuple[str | None, ...]] = []
+    for group in groups:
+        if group.display_name is not None:
+            found.append((None, None, _envelope_text(group.display_name, utf8), None))
+        for address in group.addresses:
+            if not address.username and not address.domain:
+                continue
+            found.append(
+                (
+                    _envelope_text(address.display_name, utf8) or None,
+                    None,
+                    _address_part(address.username, utf8),
+                    _address_part(address.domain, utf8) or _NO_DOMAIN,
+                )
+            )
+        if group.display_name is not None:
+            found.append((None, None, None, None))
+    return tuple(found) or None
+
+
+def _envelope_text(text: str, utf8: bool) -> str:
+    """A name as the parser decoded it, back in RFC 2047 words for a 7-bit session."""
+    if utf8 or text.isascii():
+        return text
+    return Header(text, "utf-8", maxlinelen=0).encode()
+
+
+def _address_part(text: str, utf8: bool) -> str:
+    # An internationalised address (SMTPUTF8) has no 7-bit form.
+    if utf8 or text.isascii():
+        return text
+    return text.encode("ascii", "replace").decode("ascii")
 
 
 # BODY and BODYSTRUCTURE --------------------------------------------------------
@@ -1070,6 +1149,14 @@ class Inbox(_InboxInfo):
     def getUnseenCount(self) -> int:
         flags = self.mailboxes.flags
         return sum(1 for id in self.ids if "\\Seen" not in flags.get(id, ()))
+
+    def first_unseen(self) -> int | None:
+        """The sequence number of the first message without \\Seen (SELECT's OK [UNSEEN])."""
+        flags = self.mailboxes.flags
+        for seq, id in enumerate(self.ids, 1):
+            if "\\Seen" not in flags.get(id, ()):
+                return seq
+        return None
 
     def isWriteable(self) -> bool:
         return self.writeable
