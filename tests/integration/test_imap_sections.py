@@ -173,7 +173,9 @@ def test_a_message_removed_under_an_open_session(netd: NetdProcess) -> None:
     deliver(netd, "eve@netd.test", b"Subject: stays\r\n\r\nkept\r\n")
     dropped = deliver(netd, "eve@netd.test", b"Subject: goes\r\n\r\nremoved\r\n")
     client = imap(netd, "eve")
+    client.store("2", "+FLAGS", "(\\Flagged)")
     netd.admin("DELETE", f"/api/services/mail/messages/{dropped}")
+    assert client.search(None, "FLAGGED") == ("OK", [b"2"])  # the flags it left with
     # FETCH may not announce the EXPUNGE (RFC 3501 7.4.1): message 2 keeps its number,
     # its header is still known, its text is not: no answer for it, and NO (RFC 5530).
     assert fetched(client, "2", "BODY.PEEK[HEADER.FIELDS (SUBJECT)]")[1] == (
@@ -259,4 +261,27 @@ def test_select_codes_and_envelope_addresses(netd: NetdProcess) -> None:
         b'("=?utf-8?q?B=C3=A9a?=" NIL "bea" "netd.test") (NIL NIL NIL NIL) '
         b'(NIL NIL "gus" "netd.test")) NIL NIL NIL NIL))'
     )
+    client.logout()
+
+
+def test_a_part_is_its_stored_octets(netd: NetdProcess) -> None:
+    # What a signature over a part covers (RFC 1847): its header and body as sent.
+    signed = (
+        b"Content-Type: text/plain;\r\n\tcharset=us-ascii\r\n"
+        b"content-transfer-encoding:7bit\r\n\r\n"
+        b"From the shop:  \r\n\ttabbed line\r\n=2E not decoded\r\n"
+    )
+    raw = (
+        b"From: shop@client.test\r\nSubject: signed\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/signed; boundary="s"; protocol="application/pgp-signature"\r\n'
+        b"\r\n--s\r\n" + signed + b"--s\r\nContent-Type: application/pgp-signature\r\n\r\n"
+        b"-----BEGIN PGP SIGNATURE-----\r\n--s--\r\n"
+    )
+    deliver(netd, "ann@netd.test", raw)
+    client = imap(netd, "ann")
+    _, [number] = client.search(None, "SUBJECT", "signed")  # type: ignore[misc]
+    header, _, body = signed.partition(b"\r\n\r\n")
+    assert fetched(client, number.decode(), "BODY.PEEK[1.MIME]")[1] == header + b"\r\n\r\n"
+    # The CRLF before the next delimiter belongs to the delimiter (RFC 2046 5.1.1).
+    assert fetched(client, number.decode(), "BODY.PEEK[1]")[1] == body.removesuffix(b"\r\n")
     client.logout()

@@ -22,7 +22,7 @@ from netd.config import ConfigErrors, parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext
 from netd.namespaces import NO_NAMESPACES, Namespacing
-from netd.services.smtp import PlusTag, extract
+from netd.services.smtp import PlusTag, extract, mime
 from netd.services.smtp import imap as imap_module
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.imap import IMAPSession
@@ -35,6 +35,7 @@ from netd.services.smtp.mailbox import (
     MailRealm,
     body_structure,
     compile_search,
+    section_entity,
     uid_validity,
 )
 from netd.services.smtp.pop3 import POP3Session, top_of
@@ -1189,3 +1190,30 @@ def test_pop3_top_is_the_header_and_so_many_body_lines(lines: int, top: bytes) -
     message = b"A: 1\nB: 2\n\n" + b"L" * 40_000 + b"\n\nend\n"
     assert top_of(message, lines) == top
     assert top_of(b"A: 1\nno blank line\n", 3) == b"A: 1\nno blank line\n"
+
+
+NESTED = (
+    b'Content-Type: multipart/mixed; boundary="o"\r\n\r\n'
+    b"--o\r\n\r\none\r\n"
+    b'--o\r\nContent-Type: multipart/alternative; boundary="i"\r\n\r\n'
+    b"--i\r\n\r\nalt one\r\n--i\r\n\r\nalt two\r\n--i--\r\n"
+    b"--o\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n"
+    b"--o--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("numbers", "body"),
+    [
+        ((0,), b"one"),
+        ((1, 0), b"alt one"),
+        ((1, 1), b"alt two"),
+        ((2,), b"Subject: inner\r\n\r\ninner body"),  # a message/rfc822 part's body: the message
+        ((2, 0), b"inner body"),  # part 1 of a single-part message: its body
+        ((3,), None),
+        ((2, 1), None),
+    ],
+)
+def test_section_numbers_name_entities(numbers: tuple[int, ...], body: bytes | None) -> None:
+    found = section_entity(mime.read(NESTED), numbers)
+    assert (None if found is None else NESTED[found.body_start : found.end]) == body

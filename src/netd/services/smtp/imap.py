@@ -44,6 +44,7 @@ from netd.services.smtp.mailbox import (
     header_section,
     literal,
     literal_head,
+    section_entity,
 )
 
 __all__ = ["IMAPFactory", "IMAPSession"]
@@ -595,34 +596,22 @@ class IMAPSession(IMAP4Server):
 
     def spew_body(self, part: Any, id: int, msg: Any, _w: Any = None, _f: Any = None) -> Any:
         write = _w or self.transport.write
-        # A part the message does not have (BODY[2] of a single part) is NIL,
-        # as Dovecot answers; Twisted raises, and drops the connection for it.
-        target = msg
-        for number in part.part:
-            if target.isMultipart():
-                try:
-                    target = target.getSubPart(number)
-                except IndexError:
-                    target = None
-            elif number > 0:
-                target = None
-            if target is None:
-                write(_section_label(part) + b" NIL")
-                return None
-        if part.part and (part.header or part.text):
-            # HEADER and TEXT of a part name the message a message/rfc822 part holds.
-            target = target.embedded() or target
         if not (part.header or part.mime or part.text or part.empty):
             # BODY without a section: the structure without extension data.
             write(b"BODY (" + msg.structure(False) + b")")
             return None
-        if part.header:
+        if part.part:
+            data = self._part_section(part, msg)
+            if data is None:
+                # A part the message does not have (BODY[2] of a single part) is
+                # NIL, as Dovecot answers; Twisted raises, and drops the connection.
+                write(_section_label(part) + b" NIL")
+                return None
+        elif part.header:
             fields = part.header.fields
-            data = header_section(target.header_bytes(), fields, part.header.negate, self.utf8)
-        elif part.mime:
-            data = header_section(target.header_bytes(), None, False, self.utf8)
-        elif part.text or part.part:
-            data = target.getBodyFile().read()
+            data = header_section(msg.header_bytes(), fields, part.header.negate, self.utf8)
+        elif part.text:
+            data = msg.getBodyFile().read()
         else:
             data = msg.open().read()
         data = _partial(part, data)
@@ -632,6 +621,28 @@ class IMAPSession(IMAP4Server):
         write(_section_label(part) + b" " + literal_head(data))
         write(data)
         return None
+
+    def _part_section(self, part: Any, msg: Message) -> bytes | None:
+        """
+        A section of one of the message's parts: its octets as they are stored,
+        not a copy the email package wrote again, so that a signature over a
+        part (S/MIME, PGP/MIME) still verifies on what the client reads.
+        """
+        target = section_entity(msg.entity(), part.part)
+        if target is None:
+            return None
+        raw = msg.raw
+        assert raw is not None, "load() first"
+        if part.mime:
+            return header_section(raw[target.start : target.body_start], None, False, self.utf8)
+        if part.header or part.text:
+            # Of a message/rfc822 part, they name the message it holds.
+            inner = target.parts[0] if target.main == "message" and target.parts else target
+            if part.text:
+                return raw[inner.body_start : inner.end]
+            block = raw[inner.start : inner.body_start]
+            return header_section(block, part.header.fields, part.header.negate, self.utf8)
+        return raw[target.body_start : target.end]
 
     def expunge_due(self) -> None:
         """Told by the selected mailbox: messages left the store."""

@@ -24,7 +24,7 @@ import itertools
 import re
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from email.header import Header, decode_header
 from email.message import Message as EmailMessage
 from io import BytesIO
@@ -46,13 +46,10 @@ from twisted.mail.imap4 import (
     IllegalClientResponse,
     IMailbox,
     IMailboxInfo,
-    IMessage,
     IMessageFile,
-    IMessagePart,
     ISearchableMailbox,
     MailboxException,
     MessageSet,
-    getEnvelope,
     parseIdList,
 )
 from twisted.python.failure import Failure
@@ -645,8 +642,8 @@ def _structure(entity: mime.Entity, extended: bool, utf8: bool) -> list[Any]:
     ]
     if entity.parts:  # message/rfc822
         (contained,) = entity.parts
-        envelope = getEnvelope(_Part(contained.header, utf8))
-        structure += [envelope, _structure(contained, extended, utf8), entity.lines]
+        headers = _header_dict(contained.header.raw_items(), True, (), utf8)
+        structure += [envelope(headers, utf8), _structure(contained, extended, utf8), entity.lines]
     elif main == "text":
         structure.append(entity.lines)
     if extended:
@@ -656,51 +653,30 @@ def _structure(entity: mime.Entity, extended: bool, utf8: bool) -> list[Any]:
     return structure
 
 
-@implementer(IMessagePart)
-class _Part:
-    """One MIME part of a message, for BODY[n] and BODYSTRUCTURE."""
-
-    def __init__(self, part: EmailMessage, utf8: bool) -> None:
-        self.part = part
-        self.utf8 = utf8
-
-    def getHeaders(self, negate: bool, *names: str | bytes) -> dict[str, str]:
-        return _header_dict(self.part.raw_items(), negate, names, self.utf8)
-
-    def header_bytes(self) -> bytes:
-        """The part's header (its MIME header), with the blank line that ends it."""
-        return header_block(self.part.as_bytes(policy=_POLICY))
-
-    def embedded(self) -> _Part | None:
-        """
-        The message a message/rfc822 part holds: what its C{HEADER} and
-        C{TEXT} sections name (RFC 3501 6.4.5), not the part's own.
-        """
-        if self.part.get_content_type() != "message/rfc822":
+def section_entity(top: mime.Entity, numbers: Sequence[int]) -> mime.Entity | None:
+    """
+    The entity a FETCH section's part numbers name in a message (RFC 3501
+    6.4.5; C{numbers} from 0, as Twisted parses them), or None if it has no
+    such part: a multipart's parts are numbered, a message/rfc822 part's
+    numbers go on in the message it holds, and a single part (a message
+    without parts among them) is its own part 1.
+    """
+    entity, is_message = top, True
+    for number in numbers:
+        if entity.main == "multipart":
+            children = entity.parts
+        elif entity.parts and not is_message:  # message/rfc822
+            (inner,) = entity.parts
+            children = inner.parts if inner.main == "multipart" else (inner,)
+        else:
+            children = (entity,)
+        if not 0 <= number < len(children):
             return None
-        inner: Any = self.part.get_payload()
-        return _Part(inner[0], self.utf8) if isinstance(inner, list) and inner else None
-
-    def _body(self) -> bytes:
-        return _split(self.part.as_bytes(policy=_POLICY))[1]
-
-    def getBodyFile(self) -> BytesIO:
-        return BytesIO(self._body())
-
-    def getSize(self) -> int:
-        return len(self._body())
-
-    def isMultipart(self) -> bool:
-        return self.part.is_multipart()
-
-    def getSubPart(self, part: int) -> _Part:
-        parts: Any = self.part.get_payload()
-        if not isinstance(parts, list) or not 0 <= part < len(parts):
-            raise IndexError(part)
-        return _Part(parts[part], self.utf8)
+        entity, is_message = children[number], False
+    return entity
 
 
-@implementer(IMessage, IMessageFile)
+@implementer(IMessageFile)
 class Message:
     """
     One message of a mailbox.  Headers come from the store's index (a copy
@@ -709,19 +685,31 @@ class Message:
 
     @ivar gone: L{load} found the message removed from the spool: it reads as
         its header alone.
+
+    Twisted's C{spew_*} methods read the members of its C{IMessageIMAP} they
+    answer with (UID, flags, date, headers, size); it has no C{IMessageIMAPPart}
+    parts: the sections of its parts are cut from its octets (L{entity}).
     """
 
     def __init__(
-        self, mailboxes: Mailboxes, id: str, envelope: Envelope, uid: int, head: bytes
+        self,
+        mailboxes: Mailboxes,
+        id: str,
+        envelope: Envelope,
+        uid: int,
+        head: bytes,
+        left_with: frozenset[str] | None = None,
     ) -> None:
         self.mailboxes = mailboxes
         self.id = id
         self.envelope = envelope
         self.uid = uid
         self.head = head
+        # The flags of a message removed from the store, as it left.
+        self.left_with = left_with
         self.gone = False
         self.raw: bytes | None = None
-        self._parsed: EmailMessage | None = None
+        self._entity: mime.Entity | None = None
         # Headers in UTF-8 as they are (the session enabled UTF8=ACCEPT), else 7-bit.
         self.utf8 = False
 
@@ -756,17 +744,16 @@ class Message:
             return self.head + b"\r\n"
         return self.head
 
-    def _message(self) -> EmailMessage:
-        if self._parsed is None:
-            assert self.raw is not None, "load() first"
-            self._parsed = email.message_from_bytes(self.raw, policy=_POLICY)
-        return self._parsed
-
     def getUID(self) -> int:
         return self.uid
 
+    def flag_set(self) -> Collection[str]:
+        if self.left_with is not None:
+            return self.left_with
+        return self.mailboxes.flags.get(self.id, ())
+
     def getFlags(self) -> list[str]:
-        return sorted(self.mailboxes.flags.get(self.id, ()))
+        return sorted(self.flag_set())
 
     def getInternalDate(self) -> str:
         return email.utils.formatdate(self.envelope.received)
@@ -792,11 +779,12 @@ class Message:
     def getSize(self) -> int:
         return self.envelope.size
 
-    def isMultipart(self) -> bool:
-        return self._message().is_multipart()
-
-    def getSubPart(self, part: int) -> _Part:
-        return _Part(self._message(), self.utf8).getSubPart(part)
+    def entity(self) -> mime.Entity:
+        """Its MIME entities as offsets into its octets, for sections of its parts."""
+        if self._entity is None:
+            assert self.raw is not None, "load() first"
+            self._entity = mime.read(self.raw)
+        return self._entity
 
     def structure(self, extended: bool) -> bytes:
         """
@@ -858,7 +846,7 @@ def _sent_day(message: Message) -> tuple[int, int, int] | None:
 
 
 def _flag(name: str, present: bool = True) -> _Test:
-    return lambda seq, m: (name in m.mailboxes.flags.get(m.id, ())) == present
+    return lambda seq, m: (name in m.flag_set()) == present
 
 
 def _header(name: str, needle: str) -> _Test:
@@ -1064,6 +1052,16 @@ class _InboxInfo:
         return "/"
 
 
+@attrs.frozen(repr=False)
+class _Vanished(Record):
+    """A message that left the store, as a session that still numbers it keeps it."""
+
+    envelope: Envelope
+    uid: int
+    head: bytes
+    flags: frozenset[str]
+
+
 @implementer(IMailbox, ISearchableMailbox, ICloseableMailbox)
 class Inbox(_InboxInfo):
     """
@@ -1078,7 +1076,7 @@ class Inbox(_InboxInfo):
         super().__init__()
         self.ids = mailboxes.ids_for(login)
         # Messages that left the store, until this session says EXPUNGE: envelope, UID, header.
-        self.vanishing: dict[str, tuple[Envelope, int, bytes]] = {}
+        self.vanishing: dict[str, _Vanished] = {}
         self.listeners: list[Any] = []
         # Messages read before a FETCH asked for them (L{read}), by id.
         self.read_ahead: dict[str, bytes] = {}
@@ -1097,13 +1095,20 @@ class Inbox(_InboxInfo):
         Messages left the store.  They keep their numbers until the session
         says EXPUNGE (RFC 3501 7.4.1: not while no command is in progress, nor
         in answer to FETCH, STORE or SEARCH); until then they read as their
-        headers alone.
+        headers alone, with the flags they had.
         """
-        uids, heads = self.mailboxes.uids, self.mailboxes.store.heads
+        mailboxes = self.mailboxes
         for id in gone:
             self.read_ahead.pop(id, None)
         vanished = {
-            id: (gone[id], uids.get(id, 0), heads.get(id, b"")) for id in self.ids if id in gone
+            id: _Vanished(
+                gone[id],
+                mailboxes.uids.get(id, 0),
+                mailboxes.store.heads.get(id, b""),
+                frozenset(mailboxes.flags.get(id, ())),
+            )
+            for id in self.ids
+            if id in gone
         }
         if not vanished:
             return
@@ -1124,8 +1129,8 @@ class Inbox(_InboxInfo):
         store = self.mailboxes.store
         envelope = store.messages.get(id)
         if envelope is None:
-            envelope, uid, head = self.vanishing[id]
-            return Message(self.mailboxes, id, envelope, uid, head)
+            left = self.vanishing[id]
+            return Message(self.mailboxes, id, left.envelope, left.uid, left.head, left.flags)
         uid = self.mailboxes.uids.get(id, 0)
         return Message(self.mailboxes, id, envelope, uid, store.heads.get(id, b""))
 
@@ -1203,7 +1208,7 @@ class Inbox(_InboxInfo):
         if uid:
             uids = self.mailboxes.uids
             numbers = [
-                uids[id] if id in uids else self.vanishing[id][1] if id in self.vanishing else 0
+                uids[id] if id in uids else self.vanishing[id].uid if id in self.vanishing else 0
                 for id in self.ids
             ]
             messages.last = max(numbers, default=1)
@@ -1315,6 +1320,10 @@ class Inbox(_InboxInfo):
             raise MailboxException("the mailbox is read-only (EXAMINE)")
         changed = {}
         for seq, id in self._numbered(messages, uid):
+            if id in self.vanishing:
+                # Gone from the store: its flags are what it left with, kept by no one.
+                changed[seq] = sorted(self.vanishing[id].flags)
+                continue
             current = self.mailboxes.flags.setdefault(id, set())
             if mode > 0:
                 current.update(flags)
