@@ -63,11 +63,13 @@ def port(netd: NetdProcess) -> int:
     return netd.address("dns", "udp")[1]
 
 
-def nsupdate(netd: NetdProcess, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+def nsupdate(
+    netd: NetdProcess, script: str, *args: str, zone: str = "zone dyn.test\n"
+) -> subprocess.CompletedProcess[str]:
     assert NSUPDATE is not None
     return subprocess.run(
         [NSUPDATE, "-t", "5", *args],
-        input=f"server {LOCAL} {port(netd)}\nzone dyn.test\n{script}\nsend\n",
+        input=f"server {LOCAL} {port(netd)}\n{zone}{script}\nsend\n",
         capture_output=True,
         text=True,
         timeout=30,
@@ -107,6 +109,34 @@ def test_nsupdate_with_the_key_changes_what_dig_sees(netd: NetdProcess) -> None:
     assert event["source"] == "update" and event["values"] == ["10.0.0.5"]
     listed = netd.admin("GET", "/api/services/dns/records/new.dyn.test/A")
     assert listed == {"name": "new.dyn.test", "type": "A", "ttl": 300, "values": ["10.0.0.5"]}
+
+
+@needs_bind_tools
+def test_nsupdate_finds_the_zone_with_a_signed_query(netd: NetdProcess) -> None:
+    # Without a "zone" line nsupdate asks for the name's SOA, signed with the key, and
+    # gives up on an answer that is not signed (RFC 8945 5.3).
+    key = ("-y", f"hmac-sha256:ci-key:{SECRET}")
+    done = nsupdate(netd, "update add found.dyn.test 300 A 10.0.0.7", *key, zone="")
+    assert done.returncode == 0, done.stderr
+    assert dig(netd, "found.dyn.test") == ["10.0.0.7"]
+    assert DIG is not None
+    signed = subprocess.run(
+        [DIG, f"@{LOCAL}", "-p", str(port(netd)), "+time=5", "+tries=1", *key, "www.dyn.test"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert "10.0.0.1" in signed.stdout and "TSIG PSEUDOSECTION" in signed.stdout
+    assert "Couldn't verify signature" not in signed.stdout + signed.stderr
+    # A signed query with a key netd does not hold: NOTAUTH, nothing answered.
+    query = dns.message.make_query("www.dyn.test", "A")
+    query.use_tsig(dns.tsigkeyring.from_text({"other-key": SECRET}), keyname="other-key")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(query.to_wire(), (LOCAL, port(netd)))
+        refused = sock.recv(4096)  # dnspython would drop it: its TSIG carries BADKEY
+    rcode, answers = refused[3] & 0xF, struct.unpack(">H", refused[6:8])[0]
+    assert (rcode, answers) == (dns.rcode.NOTAUTH, 0)
 
 
 @needs_bind_tools

@@ -351,6 +351,11 @@ def test_edns_is_echoed_and_advertises_our_payload(tmp_path: Path) -> None:
     assert ask(srv, "www.netd.test").edns == -1
     bad = ask(srv, "www.netd.test", use_edns=1)
     assert bad.rcode() == dns.rcode.BADVERS
+    # RFC 3225 3: the DO bit is copied into the answer's OPT, asked twice (the
+    # second from the prepared answers, which keep queries with and without it apart).
+    for _ in range(2):
+        assert ask(srv, "www.netd.test", want_dnssec=True).ednsflags & dns.flags.DO
+        assert not ask(srv, "www.netd.test", use_edns=0).ednsflags & dns.flags.DO
 
 
 def big_server(tmp_path: Path) -> Server:
@@ -657,6 +662,10 @@ def test_upstream_replies_must_match_id_and_question() -> None:
     assert not _matches(reply, ident, key("b.example"))
     assert not _matches(reply, ident, key("a.example", 28))
     assert not _matches(reply[:14], ident, question)
+    # The name in any case, the type exactly: HTTPS is 0x0041, an upper-case A.
+    https = key("a.example", 65)
+    reply = upstream_reply(https, []).replace(b"a\x07example", b"A\x07EXAMPLE", 1)
+    assert _matches(reply, struct.unpack(">H", reply[:2])[0], https)
 
 
 # -- query log -----------------------------------------------------------------

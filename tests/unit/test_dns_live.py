@@ -31,10 +31,17 @@ from netd.config import parse_config
 from netd.events import Journal, ServiceStats
 from netd.kinds import BuildContext, ViewRefused
 from netd.schema import ConfigErrors
-from netd.services.dns.data import parse_master_file, parse_rdata
+from netd.services.dns.data import CAA, parse_master_file, parse_rdata
 from netd.services.dns.doh import max_age
 from netd.services.dns.forward import Forwarder, Forwarders, Upstream, UpstreamFailed
-from netd.services.dns.live import Records, RecordSet, RecordsService, Saver, records_view
+from netd.services.dns.live import (
+    Records,
+    RecordSet,
+    RecordsService,
+    Saver,
+    rdata_text,
+    records_view,
+)
 from netd.services.dns.local import LocalData
 from netd.services.dns.record import Recorder
 from netd.services.dns.server import Server
@@ -515,3 +522,18 @@ def test_mx_ns_and_srv_targets_held_locally_come_with_their_addresses(tmp_path: 
     assert additional("lab.test", "SOA") == []
     # Eight targets' addresses would take the answer past 512 bytes: left out.
     assert additional("many.lab.test", "MX") == []
+
+
+@pytest.mark.parametrize(
+    ("rtype", "text"),
+    [
+        (dns.TXT, '"caf\\195\\169" "a \\"quote\\"" "back\\\\slash" "\\000\\255"'),
+        (CAA, '0 issue "ca.example; policy=\\195\\169"'),
+    ],
+)
+def test_record_text_reads_back_as_the_same_octets(rtype: int, text: str) -> None:
+    # What the admin API, the persist file and record_to write (dnspython's escapes) is
+    # read back as the same record: \DDD is an octet (RFC 1035 5.1), not three digits.
+    rdata = parse_rdata(rtype, text, None)
+    assert parse_rdata(rtype, rdata_text(rtype, rdata), None) == rdata
+    assert "é".encode() in rdata

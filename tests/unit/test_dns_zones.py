@@ -102,10 +102,11 @@ def test_generate_with_modifiers(tmp_path: Path) -> None:
         "015.gen.test. 120 IN CNAME host-6.gen.test."
     ]
     assert ask(srv, "011.gen.test", "CNAME").rcode() == dns.rcode.NXDOMAIN
+    # Without $TTL, a record without a TTL has the last one given (RFC 1035 5.1): 120.
     assert texts(ask(srv, "x00ff.gen.test", "TXT")) == [
-        'x00ff.gen.test. 60 IN TXT "n=FF" "price$5"'
+        'x00ff.gen.test. 120 IN TXT "n=FF" "price$5"'
     ]
-    assert texts(ask(srv, "o011.gen.test", "AAAA")) == ["o011.gen.test. 60 IN AAAA fd00::9"]
+    assert texts(ask(srv, "o011.gen.test", "AAAA")) == ["o011.gen.test. 120 IN AAAA fd00::9"]
 
 
 def test_generate_is_bounded_and_checked(tmp_path: Path) -> None:
@@ -208,3 +209,35 @@ def test_generate_modifiers_are_checked(tmp_path: Path) -> None:
     assert "$GENERATE value -1 is negative, and base 'x' is not d" in d
     assert "$GENERATE range '0-2147483648' goes past 2147483647" in e
     assert "not a $GENERATE modifier in 'h${1'" in f
+
+
+def test_master_file_syntax_as_bind_reads_it(tmp_path: Path) -> None:
+    # RFC 1035 5.1: escapes in names and strings, parentheses and ";" inside quotes are
+    # text, a relative $ORIGIN hangs under the one before, and without $TTL a record
+    # without a TTL has the last one given.
+    (tmp_path / "syntax.test.zone").write_text(
+        "@ 300 SOA ns hostmaster 1 3600 600 86400 30\n"
+        "a\\.b A 10.0.0.1\n"
+        "sp\\032ace A 10.0.0.2\n"
+        'quoted TXT "has (paren) inside" "dec\\065x" "\\195\\169" "x\\\\" ; a comment\n'
+        "plain TXT semi\\;colon\n"
+        "$ORIGIN sub\n"
+        "inner A 10.0.0.3\n"
+    )
+    srv = server(tmp_path, "    zone_files: [syntax.test.zone]\n")
+    assert texts(ask(srv, "a\\.b.syntax.test")) == ["a\\.b.syntax.test. 300 IN A 10.0.0.1"]
+    assert texts(ask(srv, "sp\\032ace.syntax.test")) == [
+        "sp\\032ace.syntax.test. 300 IN A 10.0.0.2"
+    ]
+    [txt] = ask(srv, "quoted.syntax.test", "TXT").answer[0]
+    assert txt.strings == (b"has (paren) inside", b"decAx", "é".encode(), b"x\\")
+    [semi] = ask(srv, "plain.syntax.test", "TXT").answer[0]
+    assert semi.strings == (b"semi;colon",)
+    assert texts(ask(srv, "inner.sub.syntax.test")) == ["inner.sub.syntax.test. 300 IN A 10.0.0.3"]
+
+
+def test_a_ttl_past_31_bits_is_refused(tmp_path: Path) -> None:
+    # RFC 2181 8: it could not go on the wire, and every answer for the name failed.
+    (tmp_path / "big.test.zone").write_text("@ 4294967296 A 10.0.0.1\n")
+    (found,) = errors(tmp_path, "    zone_files: [big.test.zone]\n")
+    assert "at most 2147483647 seconds" in found

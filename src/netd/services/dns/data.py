@@ -74,7 +74,11 @@ _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|([^\s"]+)')
 
 
 def tokens(text: str) -> list[tuple[str, bool]]:
-    """Words and quoted strings (with C{\\"} escapes), each with whether it was quoted."""
+    """
+    Words and quoted strings, each with whether it was quoted; escapes are left
+    in (a character-string's are decoded by L{character_string}, a name's by
+    L{name_to_wire}).
+    """
     if '"' not in text:
         # Most lines of a large zone: no quotes, so words are what split() finds.
         return [(word, False) for word in text.split()]
@@ -85,12 +89,18 @@ def tokens(text: str) -> list[tuple[str, bool]]:
             raise DataError(f"cannot read {text!r}")
         position = match.end()
         if match.group(1) is not None:
-            found.append((re.sub(r"\\(.)", r"\1", match.group(1)), True))
+            found.append((match.group(1), True))
         else:
             found.append((match.group(2), False))
     if text[position:].strip():
         raise DataError(f"unterminated quote in {text!r}")
     return found
+
+
+def _absolute(text: str) -> bool:
+    """Whether a name ends in a dot of its own, not an escaped one ("a\\." is relative)."""
+    body = text[:-1]
+    return text.endswith(".") and (len(body) - len(body.rstrip("\\"))) % 2 == 0
 
 
 def _name(text: str, origin: bytes | None) -> bytes:
@@ -101,7 +111,7 @@ def _name(text: str, origin: bytes | None) -> bytes:
         wire = name_to_wire(text)
     except (ValueError, UnicodeEncodeError):
         raise DataError(f"not a domain name: {text!r}") from None
-    if origin is not None and not text.endswith(".") and wire != b"\x00":
+    if origin is not None and not _absolute(text) and wire != b"\x00":
         wire = wire[:-1] + origin
         if len(wire) > 255:
             raise DataError(f"name longer than 255 bytes: {text!r}")
@@ -160,7 +170,7 @@ def _mx(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
 def _txt(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
     if not words:
         raise DataError("expected at least one string")
-    strings = [word.encode() for word, _ in words]
+    strings = [character_string(word) for word, _ in words]
     if any(len(s) > 255 for s in strings):
         # One configured string longer than a character-string goes out in pieces.
         strings = [s[i : i + 255] for s in strings for i in range(0, max(len(s), 1), 255)]
@@ -182,7 +192,7 @@ def _caa(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
     if not re.fullmatch(r"[A-Za-z0-9]{1,15}", tag):
         raise DataError(f"not a CAA tag: {tag!r}")
     tag_bytes = tag.encode()
-    return bytes([_integer(flags, 8), len(tag_bytes)]) + tag_bytes + value.encode()
+    return bytes([_integer(flags, 8), len(tag_bytes)]) + tag_bytes + character_string(value)
 
 
 def _soa(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
@@ -217,20 +227,58 @@ def parse_rdata(rtype: int, text: str | list[tuple[str, bool]], origin: bytes | 
     """
     words = tokens(text) if isinstance(text, str) else text
     if rtype == dns.TXT and isinstance(text, str) and not any(quoted for _, quoted in words):
-        # In the service map an unquoted TXT value is one string, spaces and all.
-        words = [(text, True)]
+        # In the service map an unquoted TXT value is one string, spaces, and
+        # backslashes, and all.
+        words = [(text.replace("\\", "\\\\"), True)]
     return _READERS[rtype](words, origin)
+
+
+# RFC 2181 8: a TTL is 31 bits; a larger one cannot go on the wire.
+MAX_TTL = 2**31 - 1
 
 
 def _time(text: str) -> int:
     """A TTL: seconds, or with units as BIND writes them (1h30m, 2d)."""
     if text.isdigit():
-        return int(text)
-    match = re.fullmatch(r"(?:\d+[smhdwSMHDW])+", text)
-    if not match:
-        raise DataError(f"not a time: {text!r}")
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    return sum(int(n) * units[u.lower()] for n, u in re.findall(r"(\d+)([a-zA-Z])", text))
+        seconds = int(text)
+    else:
+        match = re.fullmatch(r"(?:\d+[smhdwSMHDW])+", text)
+        if not match:
+            raise DataError(f"not a time: {text!r}")
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        found = re.findall(r"(\d+)([a-zA-Z])", text)
+        seconds = sum(int(n) * units[u.lower()] for n, u in found)
+    if seconds > MAX_TTL:
+        raise DataError(f"a time is at most {MAX_TTL} seconds (RFC 2181 8): {text!r}")
+    return seconds
+
+
+_ESCAPE = re.compile(r"\\(?:(\d{3})|(.))", re.DOTALL)
+
+
+def character_string(text: str) -> bytes:
+    """
+    A character-string as a master file writes it (RFC 1035 5.1): C{\\X} is
+    X, C{\\DDD} the octet DDD (how dig and dnspython write what is not
+    printable ASCII), other text as UTF-8.
+    """
+    if "\\" not in text:
+        return text.encode()
+    found = bytearray()
+    position = 0
+    for match in _ESCAPE.finditer(text):
+        found += text[position : match.start()].encode()
+        digits, char = match.groups()
+        if digits is not None:
+            if int(digits) > 255:
+                raise DataError(f"not an octet: \\{digits}")
+            found.append(int(digits))
+        else:
+            found += char.encode()
+        position = match.end()
+    if position < len(text) and text.endswith("\\"):
+        raise DataError(f"a string ends in a lone backslash: {text!r}")
+    return bytes(found + text[position:].encode())
 
 
 def _entries(text: str) -> Iterator[tuple[int, bool, list[tuple[str, bool]]]]:
@@ -245,9 +293,7 @@ def _entries(text: str) -> Iterator[tuple[int, bool, list[tuple[str, bool]]]]:
             if not line.strip():
                 continue
             first, blank_owner, words = number, line[:1].isspace(), []
-        if "(" in line or ")" in line:
-            line = line.replace("(", " ( ").replace(")", " ) ")
-        for word, quoted in tokens(line):
+        for word, quoted in _grouped(tokens(line)):
             if not quoted and word in "()":
                 depth += 1 if word == "(" else -1
                 if depth < 0:
@@ -260,12 +306,25 @@ def _entries(text: str) -> Iterator[tuple[int, bool, list[tuple[str, bool]]]]:
         raise DataError("'(' without ')'", first)
 
 
+def _grouped(words: list[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+    """The words with parentheses outside quotes as words of their own ("(1" is "(" "1")."""
+    for word, quoted in words:
+        if quoted or ("(" not in word and ")" not in word):
+            yield word, quoted
+        else:
+            yield from ((piece, False) for piece in re.split(r"([()])", word) if piece)
+
+
 def _strip_comment(line: str) -> str:
-    if '"' not in line:
+    if '"' not in line and "\\" not in line:
         return line.partition(";")[0]
-    quoted = False
+    quoted = escaped = False
     for index, char in enumerate(line):
-        if char == '"' and (index == 0 or line[index - 1] != "\\"):
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True  # "\\;" and '\\"' are text, and '\\\\"' a backslash, then a quote
+        elif char == '"':
             quoted = not quoted
         elif char == ";" and not quoted:
             return line[:index]
@@ -282,6 +341,9 @@ class _Reading(Record):
     origin: bytes
     ttl: int
     folder: Path | None
+    # Without $TTL, a record without a TTL has the last one given (RFC 1035 5.1).
+    ttl_directive: bool = False
+    last_ttl: int | None = None
     owner: bytes | None = None
     apex: bytes | None = None
     records: list[tuple[bytes, int, int, bytes]] = attrs.field(factory=list)
@@ -310,9 +372,12 @@ def _read_master(
         try:
             first = words[0][0].upper()
             if first == "$ORIGIN":
-                reading.origin = _name(_expect(words[1:], 1, "$ORIGIN NAME")[0], None)
+                # A relative name hangs under the origin before it (RFC 1035 5.1).
+                name = _expect(words[1:], 1, "$ORIGIN NAME")[0]
+                reading.origin = _name(name, reading.origin)
             elif first == "$TTL":
                 reading.ttl = _time(_expect(words[1:], 1, "$TTL SECONDS")[0])
+                reading.ttl_directive = True
             elif first == "$INCLUDE":
                 _include(words[1:], reading, path, including)
             elif first == "$GENERATE":
@@ -334,12 +399,14 @@ def _record(words: list[tuple[str, bool]], blank_owner: bool, reading: _Reading)
     if owner is None:
         raise DataError("the first record needs an owner name")
     record_ttl = reading.ttl
+    if not reading.ttl_directive and reading.last_ttl is not None:
+        record_ttl = reading.last_ttl
     while words and not words[0][1]:
         word = words[0][0]
         if word.upper() in _CLASSES:
             words = words[1:]
         elif word[0].isdigit():
-            record_ttl = _time(word)
+            record_ttl = reading.last_ttl = _time(word)
             words = words[1:]
         else:
             break

@@ -121,15 +121,21 @@ class UpstreamFailed(Exception):
 
 
 def _matches(reply: bytes, ident: int, question: bytes) -> bool:
-    """Whether C{reply} answers our query: its ID and its question (any case) are ours."""
+    """
+    Whether C{reply} answers our query: its ID and its question are ours, the
+    name in any case (RFC 1035 7.3), the type and class exactly (lowering those
+    too made type HTTPS, 0x0041, never match).
+    """
     if len(reply) < 12 + len(question):
         return False
     rid, flags, qdcount = struct.unpack_from(">HHH", reply)
+    name_end = 12 + len(question) - 4
     return (
         rid == ident
         and bool(flags & QR)
         and qdcount == 1
-        and reply[12 : 12 + len(question)].lower() == question
+        and reply[12:name_end].lower() == question[:-4]
+        and reply[name_end : name_end + 4] == question[-4:]
     )
 
 

@@ -42,6 +42,7 @@ from netd.services.dns.wire import (
     Query,
     Sections,
     encode_reply,
+    is_signed,
     is_update,
     malformed_reply,
     name_to_text,
@@ -277,6 +278,11 @@ class Server:
         self, data: bytes, client: Any, udp: bool, recursion: bool, transport: str | None = None
     ) -> bytes | Deferred[bytes] | None:
         """L{handle} once no prepared answer was sent: parsed, answered, prepared for next time."""
+        if self.updates is not None and is_signed(data) and not is_update(data):
+            # Answered as the same query unsigned (prepared answers and all), then signed.
+            return self.updates.answer_signed(
+                data, lambda unsigned: self.handle(unsigned, client, udp, transport)
+            )
         stats = self.stats
         prepared_at = (
             (self.prepared.table(udp, recursion), data[2:])

@@ -22,6 +22,7 @@ L{netd.services.dns.live.Records}.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any, cast
 
 import dns.exception
@@ -35,6 +36,7 @@ import dns.rdtypes.ANY.TSIG
 import dns.rrset
 import dns.tsig
 import dns.update
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from netd.events import ServiceStats
@@ -117,6 +119,46 @@ class Updates:
         wire: bytes = response.to_wire()
         return wire
 
+    def answer_signed(
+        self, data: bytes, answer: Callable[[bytes], bytes | Deferred[bytes] | None]
+    ) -> bytes | Deferred[bytes] | None:
+        """
+        The answer to a TSIG-signed query, signed with its key (RFC 8945 5.3):
+        C{answer} answers the query without its TSIG record, as any other.
+        A key, MAC or time that does not check is NOTAUTH with the error, as
+        for an UPDATE.  nsupdate signs the SOA query it finds the zone with,
+        and gives up on an unsigned answer.
+        """
+        try:
+            message = dns.message.from_wire(data, keyring=_unchecked)
+        except dns.exception.DNSException:
+            self.stats.count("malformed")
+            return _header_only(data, dns.rcode.FORMERR)
+        response = dns.message.make_response(message)
+        try:
+            key = self._verify(data, message, response)
+        except Refusal as refusal:
+            self.stats.count("tsig_refused")
+            self.log.info("signed query refused: {why}", why=str(refusal))
+            response.set_rcode(dns.rcode.Rcode.make(refusal.rcode))
+            refused: bytes = response.to_wire()
+            return refused
+        tsig = _tsig(message)
+
+        def sign(reply: bytes) -> bytes:
+            signed = dns.message.from_wire(reply)
+            signed.use_tsig(key, fudge=tsig.fudge, algorithm=key.algorithm)
+            signed.request_mac = tsig.mac
+            wire: bytes = signed.to_wire()
+            return wire
+
+        reply = answer(_without_tsig(data))
+        if reply is None:
+            return None
+        if isinstance(reply, Deferred):
+            return reply.addCallback(sign)
+        return sign(reply)
+
     def _verify(
         self, data: bytes, message: dns.message.Message, response: dns.message.Message
     ) -> dns.tsig.Key:
@@ -180,6 +222,12 @@ def _tsig_start(data: bytes) -> int:
     offset = read_name(data, 12) + 4
     records, _ = walk_records(data, offset, sum(counts[1:]))
     return records[-1].start
+
+
+def _without_tsig(data: bytes) -> bytes:
+    """The query as it was before it was signed: its TSIG record gone, ARCOUNT one less."""
+    arcount = struct.unpack_from(">H", data, 10)[0]
+    return data[:10] + struct.pack(">H", arcount - 1) + data[12 : _tsig_start(data)]
 
 
 def _unsigned_error(

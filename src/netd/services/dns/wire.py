@@ -11,6 +11,7 @@ that uses a pointer at all is malformed.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import NamedTuple
 
@@ -96,6 +97,8 @@ class Query(NamedTuple):
     cls: int
     payload: int | None = None
     edns_version: int = 0
+    # The DO bit of its OPT record, which the answer's OPT copies (RFC 3225 3).
+    dnssec_ok: bool = False
 
 
 def skip_name(data: bytes, offset: int) -> int:
@@ -184,6 +187,7 @@ def parse_query(data: bytes) -> Query:
     records, _ = walk_records(data, end + 4, ancount + nscount + arcount)
     payload: int | None = None
     version = 0
+    dnssec_ok = False
     for index, record in enumerate(records):
         if record.type != OPT:
             continue
@@ -192,6 +196,7 @@ def parse_query(data: bytes) -> Query:
         # The OPT record's class is the payload size, its TTL the extended flags.
         payload = max(512, int.from_bytes(data[record.ttl_offset - 2 : record.ttl_offset], "big"))
         version = data[record.ttl_offset + 1]
+        dnssec_ok = bool(data[record.ttl_offset + 2] & 0x80)
     return Query(
         id=ident,
         flags=flags,
@@ -201,7 +206,23 @@ def parse_query(data: bytes) -> Query:
         cls=qclass,
         payload=payload,
         edns_version=version,
+        dnssec_ok=dnssec_ok,
     )
+
+
+TSIG = 250
+
+
+def is_signed(data: bytes) -> bool:
+    """Whether a message's last record is a TSIG record (RFC 8945 4.1: it can only be last)."""
+    if len(data) < 12 or data[10:12] == b"\x00\x00":
+        return False
+    try:
+        counts = struct.unpack_from(">HHH", data, 6)
+        records, _ = walk_records(data, read_name(data, 12) + 4, sum(counts))
+    except Malformed:
+        return False
+    return bool(records) and records[-1].type == TSIG
 
 
 def is_update(data: bytes) -> bool:
@@ -259,6 +280,8 @@ def encode_reply(
     """
     if query.payload is None:
         opt = b""
+    elif query.dnssec_ok and opt:
+        opt = opt[:7] + bytes([opt[7] | 0x80]) + opt[8:]
     flags |= sections.flags
     header = reply_header(query, flags, sections.an, sections.ns, sections.ar + (1 if opt else 0))
     reply = header + query.question + sections.body + opt
@@ -303,17 +326,56 @@ def name_to_text(wire: bytes) -> str:
 
 
 def name_to_wire(text: str) -> bytes:
-    """Dotted text (ASCII, relative or absolute) as a lower-cased wire-form name."""
-    text = text.rstrip(".")
-    if not text:
+    """
+    Dotted text (ASCII, relative or absolute, with RFC 1035 5.1's C{\\.} and
+    C{\\DDD} escapes) as a lower-cased wire-form name.
+    """
+    if "\\" in text:
+        labels = _escaped_labels(text)
+    else:
+        text = text.rstrip(".")
+        if not text:
+            return b"\x00"
+        labels = text.lower().encode("ascii").split(b".")
+    if labels == [b""]:
         return b"\x00"
-    labels = text.lower().encode("ascii").split(b".")
     if any(not label or len(label) > 63 for label in labels):
         raise ValueError(f"not a domain name: {text!r}")
     wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
     if len(wire) > _MAX_NAME:
         raise ValueError(f"name longer than 255 bytes: {text!r}")
     return wire
+
+
+_ESCAPE = re.compile(r"\\(?:(\d{3})|(.))", re.DOTALL)
+
+
+def _escaped_labels(text: str) -> list[bytes]:
+    """The labels of a name with escapes: C{\\X} is X, C{\\DDD} the octet DDD."""
+    labels = [bytearray()]
+    position = 0
+    for match in _ESCAPE.finditer(text):
+        _add_plain(labels, text[position : match.start()])
+        digits, char = match.groups()
+        if digits is not None:
+            if int(digits) > 255:
+                raise ValueError(f"not an octet: \\{digits}")
+            labels[-1].append(int(digits))
+        else:
+            labels[-1] += char.encode("ascii")
+        position = match.end()
+    if text.endswith("\\") and position < len(text):
+        raise ValueError(f"a name ends in a lone backslash: {text!r}")
+    _add_plain(labels, text[position:])
+    if len(labels) > 1 and not labels[-1]:
+        labels.pop()  # the root after a trailing dot
+    return [bytes(label).lower() for label in labels]
+
+
+def _add_plain(labels: list[bytearray], text: str) -> None:
+    first, *rest = text.encode("ascii").split(b".")
+    labels[-1] += first
+    labels.extend(bytearray(label) for label in rest)
 
 
 def parent(wire: bytes) -> bytes | None:
