@@ -1185,3 +1185,83 @@ def test_a_message_waits_for_the_spool_to_be_read_before_it_is_written(tmp_path:
     run_next()
     assert result_of(accepted) == result_of(store.list({}))["messages"][0]["id"]
     assert len(journal.select(types=["message.accepted"])) == 1
+
+
+def test_a_line_too_long_over_many_reads_gets_one_answer() -> None:
+    # RFC 2920 3: one reply a command, in order, however TCP splits the line.
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    replies(transport)
+    for _ in range(4):
+        send(session, "A" * 15000)
+    send(session, "\r\nNOOP\r\n")
+    assert codes(transport) == ["500 5.5.6", "250 2.0.0"]
+    # Its CRLF split across reads: the LF does not end a line of its own.
+    send(session, "NOOP " + "a" * 13000 + "\r")
+    send(session, "\nNOOP\r\n")
+    assert codes(transport) == ["500 5.5.6", "250 2.0.0"]
+    # Ended by a bare LF, still one answer.
+    send(session, "B" * 13000)
+    send(session, "\nNOOP\r\n")
+    assert codes(transport) == ["500 5.5.6", "250 2.0.0"]
+
+
+def test_the_size_limit_does_not_count_the_dots_the_client_doubled() -> None:
+    # RFC 1870 4: the size excludes dot-stuffing, so a message at the limit passes
+    # whether it comes in one read or in many.
+    lines = "." + "x" * 98 + "\r\n"  # 101 octets sent, 100 in the message
+    body = lines * 40 + "y" * 54 + "\r\n"  # 4,096 octets once unstuffed
+    for step in (10_000, 100):
+        harness = Harness()
+        session, transport = harness.connect()
+        send(session, "EHLO c\r\nMAIL FROM:<a@b.test> SIZE=4096\r\nRCPT TO:<x@netd.test>\r\n")
+        send(session, "DATA\r\n")
+        stuffed = ("." + lines) * 40 + "y" * 54 + "\r\n.\r\n"
+        for start in range(0, len(stuffed), step):
+            send(session, stuffed[start : start + step])
+        assert codes(transport)[-1] == "250 2.0.0", step
+        assert len(harness.accepted[0].data) == 4096 and harness.accepted[0].data == body.encode()
+
+
+def test_postmaster_at_a_hostname_with_capitals() -> None:
+    # RFC 5321 4.5.1: postmaster is accepted, whatever case the hostname was written in.
+    harness = Harness(hostname="MX.Netd.Test", domains=frozenset())
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+    send(session, "RCPT TO:<postmaster@mx.netd.test>\r\nRCPT TO:<Postmaster@MX.NETD.TEST>\r\n")
+    assert codes(transport)[-2:] == ["250 2.1.5", "250 2.1.5"]
+
+
+def test_starttls_forgets_a_login_made_before_it() -> None:
+    # RFC 3207 4.2: a man in the middle could log in before STARTTLS with its own password.
+    portal = Portal(_Realm(), [_PasswordChecker({"bob": "pw"}, maybeDeferred)])
+    harness = Harness(starttls=object(), portal=portal, allow_insecure_auth=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport)[-1] == "235 2.7.0" and session.user == "bob"
+    send(session, "STARTTLS\r\n")
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\n")
+    assert codes(transport)[-1] == "550 5.7.1"
+    assert session.user is None
+    send(session, "RSET\r\nAUTH PLAIN AGJvYgBwdw==\r\n")
+    assert codes(transport)[-1] == "235 2.7.0"
+
+
+def test_helo_sessions_are_smtp_and_small_commands_answer_as_rfc_5321_has_them() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "HELO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\nDATA\r\n" + MESSAGE)
+    assert harness.accepted[0].protocol == "SMTP"  # RFC 5321 4.4: ESMTP is for EHLO
+    replies(transport)
+    send(session, "VRFY\r\nEXPN staff\r\nVRFY x\r\n")
+    assert codes(transport) == ["501 5.5.4", "502 5.5.1", "252 2.5.0"]
+
+
+def test_a_last_chunk_ending_in_a_bare_cr_gets_one_line_end() -> None:
+    harness = Harness()
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@netd.test>\r\n")
+    send(session, "BDAT 13 LAST\r\nSubject: x\r\n\r")
+    assert codes(transport)[-1] == "250 2.0.0"
+    assert harness.accepted[0].data == b"Subject: x\r\n\r\n"

@@ -297,6 +297,8 @@ class Session(smtp.ESMTP):
         self._input = b""
         self._replied_since_look = 0
         self._body: bytearray | None = None
+        # The dots the client doubled in the body so far (not the message's own).
+        self._body_dots = 0
         self._body_too_big = False
         # A BDAT chunk being read: octets still due (None: none is), what has
         # come (None: it is thrown away), whether it is the last, and the reply
@@ -307,6 +309,8 @@ class Session(smtp.ESMTP):
         self._chunk_refusal: tuple[int, bytes] | None = None
         self._mail: _Mail | None = None
         self._greeted = False
+        # EHLO rather than HELO: what the Received line's "with" says.
+        self._extended = False
         self._held = False
         self._holds = 0
         self._processing = False
@@ -427,6 +431,16 @@ class Session(smtp.ESMTP):
 
     def _take_line(self) -> bool:
         """Handle one command line; False when only part of a line is buffered."""
+        if self._skip_line:
+            # The rest of a line already answered as too long, dropped up to its
+            # end (a CRLF or a bare LF) however many reads it takes.
+            end = self._input.find(b"\n")
+            if end < 0:
+                self._input = b""
+                return False
+            self._input = self._input[end + 1 :]
+            self._skip_line = False
+            return True
         end = self._input.find(b"\r\n")
         if end < 0:
             bare = self._input.find(b"\n")
@@ -438,14 +452,12 @@ class Session(smtp.ESMTP):
                 return True
             if len(self._input) <= _COMMAND_LINE:
                 return False
-            self._input = b""
+            # One answer for a line too long (RFC 2920 3: one reply a command).
             self._skip_line = True
             self.sendCode(500, b"5.5.6 Line too long")
             return True
         line, self._input = self._input[:end], self._input[end + 2 :]
-        if self._skip_line:
-            self._skip_line = False  # the end of a line already answered as too long
-        elif len(line) > _COMMAND_LINE:
+        if len(line) > _COMMAND_LINE:
             self.sendCode(500, b"5.5.6 Line too long")
         else:
             self.lineReceived(line)
@@ -542,10 +554,11 @@ class Session(smtp.ESMTP):
 
     # Greetings and the small commands ------------------------------------
 
-    def _greet(self, rest: bytes) -> None:
+    def _greet(self, rest: bytes, extended: bool) -> None:
         self._helo = (rest, self.client.encode())
         self._mail = None
         self._greeted = True
+        self._extended = extended
 
     def do_HELO(self, rest: bytes) -> None:
         if not rest.strip():
@@ -557,7 +570,7 @@ class Session(smtp.ESMTP):
         self._helo_ok(rest)
 
     def _helo_ok(self, rest: bytes) -> None:
-        self._greet(rest)
+        self._greet(rest, extended=False)
         self._send_plain(250, self.host)
 
     def do_EHLO(self, rest: bytes) -> None:
@@ -570,7 +583,7 @@ class Session(smtp.ESMTP):
         self._ehlo_ok(rest)
 
     def _ehlo_ok(self, rest: bytes) -> None:
-        self._greet(rest)
+        self._greet(rest, extended=True)
         greeting = self.host + b" Hello " + _printable(rest).encode()
         self._send_plain(250, greeting + b"\n" + self.listExtensions())
 
@@ -603,7 +616,14 @@ class Session(smtp.ESMTP):
         self.sendCode(250, b"2.0.0 Ok")
 
     def do_VRFY(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 VRFY needs a name or an address (RFC 5321 4.1.1.6)")
+            return
         self.sendCode(252, b"2.5.0 Cannot VRFY; send mail and it will be delivered")
+
+    def do_EXPN(self, rest: bytes) -> None:
+        # RFC 5321 3.5.3: recognised, not done (502), rather than unknown (500).
+        self.sendCode(502, b"5.5.1 EXPN is not done here")
 
     def do_HELP(self, rest: bytes) -> None:
         self.sendCode(214, b"2.0.0 See RFC 5321")
@@ -737,7 +757,8 @@ class Session(smtp.ESMTP):
     def _check_relay(self, recipient: Mailbox) -> None:
         if recipient.domain in self.receiver.domains:
             return
-        if recipient.local.lower() == "postmaster" and recipient.domain == self.receiver.hostname:
+        postmaster = recipient.local.lower() == "postmaster"
+        if postmaster and recipient.domain == self.receiver.hostname.lower():
             return  # RFC 5321 4.5.1: accepted from anyone
         if self.user is not None or self.receiver.may_relay(self.client):
             return
@@ -767,6 +788,7 @@ class Session(smtp.ESMTP):
 
     def _data_ok(self) -> None:
         self._body = bytearray(b"\r\n")  # the CRLF before a first line of "."
+        self._body_dots = 0
         self._body_too_big = False
         self.setTimeout(self.receiver.limits.data_timeout)
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
@@ -775,13 +797,17 @@ class Session(smtp.ESMTP):
         body = self._body
         assert body is not None
         start = max(len(body) - len(_END_OF_DATA) + 1, 0)
+        stuffing_from = max(len(body) - 2, 0)
         body += self._input
         self._input = b""
         self.resetTimeout()
         end = body.find(_END_OF_DATA, start)
         if end < 0:
+            # The dots the client doubled are not the message's (RFC 1870 4):
+            # counted as they come, so the limit is the same however TCP splits it.
+            self._body_dots += body.count(b"\r\n.", stuffing_from)
             # Two bytes of slack: the CRLF sentinel and the final CRLF.
-            if len(body) > self.receiver.limits.max_message_size + 4:
+            if len(body) - self._body_dots > self.receiver.limits.max_message_size + 4:
                 self._body_too_big = True
                 del body[: -len(_END_OF_DATA)]
             return
@@ -875,7 +901,10 @@ class Session(smtp.ESMTP):
         # RFC 5322 text ends with a CRLF, which BDAT does not promise; a
         # binary body is kept as it came.
         binary = mail.parameters.binary
-        end = b"" if binary or mail.chunks.endswith(b"\r\n") else b"\r\n"
+        if binary or mail.chunks.endswith(b"\r\n"):
+            end = b""
+        else:
+            end = b"\n" if mail.chunks.endswith(b"\r") else b"\r\n"
         self._end_of_data(mail, b"\r\n" + bytes(mail.chunks) + end, stuffed=False)
 
     def _end_of_data(self, mail: _Mail, text: bytes, stuffed: bool = True) -> None:
@@ -955,7 +984,10 @@ class Session(smtp.ESMTP):
         self._hold(accepted)
 
     def _protocol_name(self, utf8: bool) -> str:
-        # RFC 3848's "with" keywords, and RFC 6531 4.3's for SMTPUTF8.
+        # RFC 3848's "with" keywords, and RFC 6531 4.3's for SMTPUTF8; a HELO
+        # session is plain SMTP (RFC 5321 4.4), its suffixes are for ESMTP's.
+        if not self._extended:
+            return "SMTP"
         tls = "S" if self.secure or self.startedTLS else ""
         return ("UTF8SMTP" if utf8 else "ESMTP") + tls + ("A" if self.user is not None else "")
 
@@ -982,10 +1014,17 @@ class Session(smtp.ESMTP):
         self.sendCode(220, b"2.0.0 Ready to start TLS")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
-        # RFC 3207 4.2: forget everything learnt before TLS.
+        # RFC 3207 4.2: forget everything learnt before TLS, a login too: a man
+        # in the middle could have logged in with credentials of its own.
         self._greeted = False
         self._mail = None
         self._helo = (None, self.client.encode())
+        if self.user is not None:
+            self.user = None
+            self.authenticated = False
+            if self._onLogout is not None:
+                self._onLogout()
+                self._onLogout = None
 
     def ext_AUTH(self, rest: bytes) -> None:
         if not self.challengers:
