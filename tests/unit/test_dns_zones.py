@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dns.flags
 import dns.rcode
 import dns.rdatatype
 import dns.reversename
@@ -241,3 +242,30 @@ def test_a_ttl_past_31_bits_is_refused(tmp_path: Path) -> None:
     (tmp_path / "big.test.zone").write_text("@ 4294967296 A 10.0.0.1\n")
     (found,) = errors(tmp_path, "    zone_files: [big.test.zone]\n")
     assert "at most 2147483647 seconds" in found
+
+
+def test_a_delegation_inside_a_zone_answers_with_a_referral(tmp_path: Path) -> None:
+    # RFC 1034 4.3.2 step 3b: below a zone cut the parent holds no answers: no AA,
+    # the cut's NS records in authority, their addresses (glue) in additional.
+    (tmp_path / "parent.test.zone").write_text(
+        "$TTL 300\n@ SOA ns hostmaster 1 3600 600 86400 30\n@ NS ns\nns A 10.0.0.53\n"
+        "child NS ns.child\nchild NS ns.elsewhere.test.\nns.child A 10.0.1.53\n"
+        "www A 10.0.0.80\nalias CNAME x.child\n"
+    )
+    srv = server(tmp_path, "    zone_files: [parent.test.zone]\n")
+    for name, rdtype in (("x.child.parent.test", "A"), ("child.parent.test", "NS")):
+        referral = ask(srv, name, rdtype)
+        assert referral.rcode() == dns.rcode.NOERROR and not referral.answer
+        assert not referral.flags & dns.flags.AA
+        assert [str(rrset) for rrset in referral.authority] == [
+            "child.parent.test. 300 IN NS ns.child.parent.test.\n"
+            "child.parent.test. 300 IN NS ns.elsewhere.test."
+        ]
+        assert [str(rrset) for rrset in referral.additional] == [
+            "ns.child.parent.test. 300 IN A 10.0.1.53"
+        ]
+    # Above the cut, answers as before; a CNAME into the child stops at the cut.
+    assert texts(ask(srv, "www.parent.test")) == ["www.parent.test. 300 IN A 10.0.0.80"]
+    assert texts(ask(srv, "alias.parent.test")) == [
+        "alias.parent.test. 300 IN CNAME x.child.parent.test."
+    ]

@@ -158,6 +158,11 @@ class LocalData:
             if name in seen:
                 break  # a loop: what the chain has so far is the answer
             seen.add(name)
+            cut = self._cut(name, zone)
+            if cut is not None:
+                if answers:
+                    break  # a chain into a delegated name: the client follows it there
+                return self._referral(cut)
             owner = _QUESTION_POINTER if name == qname else name
             node = self._node(name)
             if node is None:
@@ -205,6 +210,38 @@ class LocalData:
         # Header, question (the name and type and class), answers, additional, an OPT record.
         size = 12 + len(qname) + 4 + sum(map(len, answers)) + sum(map(len, found)) + 11
         return found if size <= _ADDITIONAL_LIMIT else []
+
+    def _cut(self, name: bytes, zone: bytes) -> bytes | None:
+        """
+        The delegation C{name} lies at or under in C{zone}: the highest name
+        below the apex with NS records (RFC 1034 4.2.1: what lies under a cut
+        is the child zone's, glue aside), or None.
+        """
+        found = None
+        candidate: bytes | None = name
+        while candidate is not None and candidate != zone:
+            node = self.sets.get(candidate)
+            if node is not None and dns.NS in node:
+                found = candidate
+            candidate = parent(candidate)
+        return found
+
+    def _referral(self, cut: bytes) -> Sections:
+        """
+        RFC 1034 4.3.2 step 3b: no answer, not authoritative, the cut's NS
+        records in the authority section and the addresses held for their
+        targets (glue) in the additional section.
+        """
+        ns_ttl, targets = self.sets[cut][dns.NS]
+        authority = _records(cut, dns.NS, ns_ttl, targets)
+        glue = []
+        for target in targets:
+            node = self.sets.get(target, {})
+            for rtype in (dns.A, dns.AAAA):
+                if rtype in node:
+                    glue.extend(_records(target, rtype, *node[rtype]))
+        body = b"".join(authority + glue)
+        return Sections(NOERROR, 0, len(authority), len(glue), body)
 
     def _negative(self, rcode: int, zone: bytes, answers: list[bytes]) -> Sections:
         ttl, soas = self.sets[zone][dns.SOA]
