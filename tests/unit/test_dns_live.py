@@ -221,6 +221,15 @@ def test_the_view_refuses_bad_writes_with_paths() -> None:
     assert deep.value.status == 404
     assert view.remove("nothing.z.test") is None
     assert serial(records) == 7
+    # RFC 1034 3.6.2: a name with a CNAME has no other data, either way round.
+    view.put("alias.z.test/CNAME", {"values": ["www.z.test"]})
+    for path, values in (("alias.z.test/A", ["10.0.0.1"]), ("www.z.test/CNAME", ["z.test"])):
+        with pytest.raises(ViewRefused) as clash:
+            view.put(path, {"values": values})
+        assert clash.value.status == 409
+    with pytest.raises(ViewRefused):
+        view.post({"name": "alias.z.test", "type": "TXT", "values": ["x"]})
+    assert view.put("alias.z.test/CNAME", {"values": ["z.test"]})["values"] == ["z.test."]
 
 
 # -- RFC 2136 UPDATE through the server, on a fake clock ----------------------------

@@ -269,3 +269,12 @@ def test_a_delegation_inside_a_zone_answers_with_a_referral(tmp_path: Path) -> N
     assert texts(ask(srv, "alias.parent.test")) == [
         "alias.parent.test. 300 IN CNAME x.child.parent.test."
     ]
+
+
+def test_a_cname_beside_other_records_is_refused(tmp_path: Path) -> None:
+    # RFC 1034 3.6.2, RFC 2181 10.1: BIND refuses to load it; answers would disagree.
+    (tmp_path / "clash.test.zone").write_text("www A 10.0.0.1\nwww CNAME other.test.\n")
+    (found,) = errors(tmp_path, "    zone_files: [clash.test.zone]\n")
+    assert "www.clash.test. has a CNAME and other records" in found
+    (found,) = errors(tmp_path, "    records:\n      a.map.test: {CNAME: [b.map.test], TXT: [x]}\n")
+    assert "a name with a CNAME has no other records" in found

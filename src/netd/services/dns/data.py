@@ -20,7 +20,7 @@ import attrs
 from twisted.names import dns
 
 from netd.records import Record
-from netd.services.dns.wire import name_to_wire
+from netd.services.dns.wire import name_to_text, name_to_wire
 
 __all__ = [
     "TYPES",
@@ -362,6 +362,13 @@ def parse_master_file(
     folder = path.resolve().parent if path is not None else None
     reading = _Reading(origin, default_ttl, folder)
     _read_master(text, reading, path.resolve() if path is not None else None, ())
+    types: dict[bytes, set[int]] = {}
+    for owner, rtype, _, _ in reading.records:
+        types.setdefault(owner, set()).add(rtype)
+    for owner, found in types.items():
+        if dns.CNAME in found and len(found) > 1:
+            # RFC 1034 3.6.2, RFC 2181 10.1; BIND refuses to load such a zone too.
+            raise DataError(f"{name_to_text(owner)} has a CNAME and other records")
     return reading.records, reading.apex or origin
 
 

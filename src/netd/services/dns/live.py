@@ -419,9 +419,17 @@ def records_view(records: Records, ttl: int) -> AdminView:
         value = records.get(owner, rtype)
         return None if value is None else set_json(owner, rtype, value)
 
+    def alone(owner: bytes, rtype: int) -> None:
+        # RFC 1034 3.6.2, RFC 2181 10.1: a name with a CNAME has no other data (as
+        # UPDATE ignores such an addition, RFC 2136 3.4.2.2); answers would disagree.
+        others = set(records.of_name(owner)) - {rtype}
+        if names.CNAME in others or (rtype == names.CNAME and others):
+            raise ViewRefused(409, "a name with a CNAME has no other records (RFC 1034 3.6.2)")
+
     def put(key: str, body: Any) -> dict[str, Any]:
         owner, rtype = _key(key)
         rtype, value = _body_set(body, rtype, lambda t: records.get(owner, t), ttl)
+        alone(owner, rtype)
         records.commit([((owner, rtype), value)], "admin")
         return set_json(owner, rtype, value)
 
@@ -430,6 +438,7 @@ def records_view(records: Records, ttl: int) -> AdminView:
             raise _invalid("name", "a name to add records to, as in {name, type, values, ttl}")
         owner = _owner(body["name"])
         rtype = _type(body.get("type"))
+        alone(owner, rtype)
         old = records.get(owner, rtype)
         _, (new_ttl, rdatas) = _body_set(body, rtype, lambda t: old, ttl)
         merged = (*(old[1] if old else ()), *(r for r in rdatas if not old or r not in old[1]))

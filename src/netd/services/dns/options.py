@@ -202,6 +202,10 @@ def _name_records(name: str, entry: Value, default_ttl: int) -> list[tuple[bytes
                 found.append((owner, rtype, ttl, parse_rdata(rtype, text, None)))
             except DataError as e:
                 value.error(str(e))
+    types = {rtype for _, rtype, _, _ in found}
+    if dns.CNAME in types and len(types) > 1:
+        # RFC 1034 3.6.2, RFC 2181 10.1: answers for the name would disagree.
+        entry.error("a name with a CNAME has no other records (RFC 1034 3.6.2)")
     return found
 
 
