@@ -1,10 +1,14 @@
 """
-The http kind in the real daemon against the defects of a review: proxy framing, a
-client leaving mid-proxy, chunked trailers, path normalisation, HTTP/2 back-pressure.
+The http kind in the real daemon against the defects of two reviews: proxy framing, a
+client leaving mid-proxy, chunked trailers, path normalisation, HTTP/2 back-pressure;
+then RFC 9110/9112 details (a template of a body that is not JSON, HTTP/1.0 framing and
+expectations, HEAD and 304 lengths, an empty file's range, If-Match, repeated
+X-Forwarded-For, Host values, the scheme's case) with httpx, HTTP/2 too, and raw sockets.
 """
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import socket
 import ssl
@@ -16,6 +20,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+import httpx
 import pytest
 
 from netd.testing import NetdProcess
@@ -45,6 +50,7 @@ def netd(tmp_path_factory: pytest.TempPathFactory, hanging: int) -> Iterator[Net
     (www / "sub").mkdir()
     (www / "secret.txt").write_text("the secret\n")
     (www / "hello.txt").write_text("hello\n")
+    (www / "empty.txt").write_text("")
     with (www / "big.bin").open("wb") as big:
         big.truncate(BIG)  # sparse: costs nothing on disk
     up = unused_port()
@@ -60,12 +66,14 @@ services:
     access_log: false
     routes:
       - {{path: /echo, body: "upstream ok\\n"}}
+      - {{path: /xff, template: true, body: "{{{{request.headers.x-forwarded-for}}}}"}}
   web:
     type: http
     listen: ["tcp:0:interface=127.0.0.1", {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
     root: {www}
     routes:
       - {{path: /secret.txt, status: 403, body: "forbidden\\n"}}
+      - {{path: /whole, template: true, json: {{all: "{{{{request.json}}}}"}}}}
       - {{path: /old/, redirect: /, status: 301}}
       - {{path: /up/, proxy: "http://127.0.0.1:{up}/"}}
       - {{path: /hang/, proxy: "http://127.0.0.1:{hanging}/", timeout: 30}}
@@ -317,3 +325,109 @@ def test_h2_download_to_a_client_that_does_not_read_keeps_memory_flat(
     client.close()
     assert grown < 48 * 1024, f"netd grew by {grown} KiB for a {BIG >> 20} MiB download"
     assert_serving(netd)
+
+
+# -- RFC 9110 and 9112 details (the second review) ----------------------------------
+
+
+def h2_client(netd: NetdProcess) -> httpx.Client:
+    trust = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+    return httpx.Client(http2=True, verify=trust, timeout=10)
+
+
+def exchange(netd: NetdProcess, data: bytes) -> bytes:
+    """Bytes sent on one connection, and all that came back until netd closed it."""
+    host, port = netd.address("web")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(data)
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_template_of_a_body_that_is_not_json(netd: NetdProcess) -> None:
+    # The whole JSON value as a template, the body empty or not JSON: the value is
+    # missing, not a crash that answered 400 (HTTP/1.1) or dropped every stream (HTTP/2).
+    url = netd.url("web", path="/whole")
+    for body in (b"", b"nope"):
+        answer = httpx.post(url, content=body, timeout=10)
+        assert answer.status_code == 200 and answer.json() == {"all": ""}  # as any missing name
+    with h2_client(netd) as client:
+        answer = client.post(netd.url("web", tls=True, path="/whole"), content=b"nope")
+        assert (answer.http_version, answer.status_code) == ("HTTP/2", 200)
+        assert client.get(netd.url("web", tls=True, path="/hello.txt")).text == "hello\n"
+    assert_serving(netd)
+
+
+def test_http_1_0_with_transfer_encoding_closes_after_it(netd: NetdProcess) -> None:
+    # RFC 9112 6.1: its framing is faulty; answered, then the connection closes,
+    # and what came after it on the connection is not read as a request.
+    said = exchange(
+        netd,
+        b"POST /whole HTTP/1.0\r\nConnection: keep-alive\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\n{}\r\n0\r\n\r\nGET /hello.txt HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    )
+    assert said.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in said
+
+
+def test_http_1_0_hears_no_100_continue(netd: NetdProcess) -> None:
+    # RFC 9110 10.1.1: the expectation is ignored; 15.2: no 1xx to an HTTP/1.0 client.
+    said = exchange(
+        netd,
+        b"POST /whole HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    assert said.startswith(b"HTTP/1.1 200 ") and b" 100 " not in said
+
+
+def test_head_and_304_lengths(netd: NetdProcess) -> None:
+    # RFC 9110 8.6, 9.3.2: a proxied HEAD has the length GET would have; a 304 over
+    # HTTP/2 carries none (it was content-length: 0).
+    head = httpx.head(netd.url("web", path="/up/echo"), timeout=10)
+    assert head.status_code == 200 and head.headers["content-length"] == "12"
+    with h2_client(netd) as client:
+        url = netd.url("web", tls=True, path="/hello.txt")
+        etag = client.get(url).headers["etag"]
+        cached = client.get(url, headers={"if-none-match": etag})
+        assert cached.status_code == 304 and "content-length" not in cached.headers
+
+
+def test_an_empty_file_has_no_range_to_give(netd: NetdProcess) -> None:
+    # RFC 9110 14.1.1: "bytes=-5" of nothing is unsatisfiable (it was 206 "bytes 0--1/0").
+    answer = httpx.get(netd.url("web", path="/empty.txt"), headers={"range": "bytes=-5"})
+    assert answer.status_code == 416 and answer.headers["content-range"] == "bytes */0"
+
+
+def test_if_match_and_if_unmodified_since(netd: NetdProcess) -> None:
+    # RFC 9110 13.1.1, 13.1.4: evaluated by an origin server, 412 when they fail.
+    url = netd.url("web", path="/hello.txt")
+    etag = httpx.get(url).headers["etag"]
+    assert httpx.get(url, headers={"if-match": etag}).status_code == 200
+    failed = httpx.get(url, headers={"if-match": '"zz"'})
+    assert (failed.status_code, failed.reason_phrase) == (412, "Precondition Failed")
+    assert httpx.get(url, headers={"if-match": f"W/{etag}"}).status_code == 412  # weak: no match
+    old = email.utils.formatdate(946684800, usegmt=True)  # 2000
+    assert httpx.get(url, headers={"if-unmodified-since": old}).status_code == 412
+
+
+def test_repeated_x_forwarded_for_lines_are_one_list(netd: NetdProcess) -> None:
+    # RFC 9110 5.3: each line kept, then the client netd saw.
+    said = exchange(
+        netd,
+        b"GET /up/xff HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 1.2.3.4\r\n"
+        b"X-Forwarded-For: 5.6.7.8\r\nConnection: close\r\n\r\n",
+    )
+    assert said.endswith(b"1.2.3.4, 5.6.7.8, 127.0.0.1")
+
+
+def test_host_values_and_the_scheme_s_case(netd: NetdProcess) -> None:
+    # RFC 9112 3.2: an invalid Host value is a 400; RFC 9110 4.2.3: the scheme is
+    # case-insensitive in an absolute-form target.
+    bad = exchange(netd, b"GET /hello.txt HTTP/1.1\r\nHost: a b/c\r\n\r\n")
+    assert bad.startswith(b"HTTP/1.1 400 ")
+    for host in (b"localhost", b"127.0.0.1:80", b"[::1]:8080", b"xn--bcher-kva.example"):
+        good = exchange(
+            netd, b"GET /hello.txt HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
+        )
+        assert good.startswith(b"HTTP/1.1 200 "), host
+    upper = exchange(
+        netd, b"GET HTTP://x/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert upper.startswith(b"HTTP/1.1 200 ") and upper.endswith(b"hello\n")

@@ -15,6 +15,7 @@ import urllib.parse
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from typing import IO, Any, Protocol
 
 import attrs
@@ -75,6 +76,7 @@ _REASONS: dict[int, bytes] = {
     405: b"Method Not Allowed",
     408: b"Request Timeout",
     411: b"Length Required",
+    412: b"Precondition Failed",
     413: b"Content Too Large",
     414: b"URI Too Long",
     416: b"Range Not Satisfiable",
@@ -103,7 +105,15 @@ def peer_host(address: IAddress | None) -> str:
 
 
 def reason(status: int) -> bytes:
-    return _REASONS.get(status, b"Unknown")
+    found = _REASONS.get(status)
+    if found is None:
+        # A stub's own status (201, 409, 429...): the standard phrase, which clients show.
+        try:
+            found = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            found = b"Unknown"
+        _REASONS[status] = found  # at most the 500 three-digit codes
+    return found
 
 
 @attrs.frozen(repr=False)
@@ -515,6 +525,19 @@ class App:
     # -- answering -----------------------------------------------------------------
 
     def handle(self, exchange: Exchange) -> None:
+        try:
+            self._handle(exchange)
+        except Exception:
+            # netd's fault, not the client's: a 500 for this request (the
+            # connection, and an HTTP/2 connection's other streams, go on).
+            self.log.failure(
+                "answering {method} {target}", method=exchange.method, target=exchange.target
+            )
+            self.stats.errors += 1
+            if not exchange.status:
+                self.error(exchange, 500)
+
+    def _handle(self, exchange: Exchange) -> None:
         self.dates.refresh()
         exchange.started = self.clock.seconds()
         path = _path_of(exchange.target)
@@ -805,7 +828,7 @@ def _path_of(target: str) -> str | None:
     """
     if target.startswith("/"):
         raw = target.partition("?")[0]
-    elif target.startswith(("http://", "https://")):
+    elif target[:8].lower().startswith(("http://", "https://")):  # a scheme in any case
         raw = urllib.parse.urlsplit(target).path or "/"
     else:
         return None

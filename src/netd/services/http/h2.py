@@ -280,7 +280,8 @@ class H2Exchange(Exchange):
         for name, value in headers:
             if name.lower() not in HOP_BY_HOP_FRAMING:
                 request.responseHeaders.addRawHeader(name, value)
-        if length is not None:
+        if length is not None and status not in (204, 304):
+            # A 304 carries no length but the 200's (RFC 9110 8.6), a 204 none (8.6).
             request.setHeader(b"content-length", b"%d" % length)
 
     def respond(self, status: int, headers: Headers, body: bytes) -> None:

@@ -35,6 +35,7 @@ from netd.records import Record
 from netd.schema import Value
 
 __all__ = [
+    "NOT_JSON",
     "WAIT",
     "Body",
     "Conditions",
@@ -50,7 +51,8 @@ __all__ = [
 WAIT = "wait"
 # Characters that make a route path a glob (fnmatch) rather than an exact path.
 _GLOB = "*?["
-_NOT_JSON = object()
+# What a request body that is not JSON reads as: no JSON value equals it.
+NOT_JSON = object()
 
 
 class Request:
@@ -128,7 +130,7 @@ _raw_decode = json.JSONDecoder().raw_decode
 
 def _json_of(body: bytes) -> Any:
     """
-    C{json.loads(body)}, or L{_NOT_JSON}: UTF-8 (RFC 8259 8.1) straight to the
+    C{json.loads(body)}, or L{NOT_JSON}: UTF-8 (RFC 8259 8.1) straight to the
     decoder, a microsecond less a request than C{json.loads} finds it (which
     first guesses the encoding and then scans for whitespace by regex); it
     has the last word on whatever that path refuses (a BOM, UTF-16).
@@ -139,13 +141,13 @@ def _json_of(body: bytes) -> Any:
         if end == len(text):
             return value
     except RecursionError:
-        return _NOT_JSON
+        return NOT_JSON
     except ValueError:
         pass
     try:
         return json.loads(body)
     except (ValueError, RecursionError):
-        return _NOT_JSON
+        return NOT_JSON
 
 
 @attrs.frozen(repr=False)
@@ -204,11 +206,11 @@ class Body(Record):
         if self.text is not None and not self.text.check(request.text):
             found.append(f"body: expected {self.text.describe()}, got {_shown(request.text)}")
         if self.has_json and not json_subset(self.json, request.json):
-            actual = "not JSON" if request.json is _NOT_JSON else _shown(request.text)
+            actual = "not JSON" if request.json is NOT_JSON else _shown(request.text)
             found.append(f"body: expected JSON with {json.dumps(self.json)}, got {actual}")
         for source, query, wanted in self.jsonpaths:
             document = request.json
-            values = [] if document is _NOT_JSON else query.findall(document)
+            values = [] if document is NOT_JSON else query.findall(document)
             if wanted is None:
                 if not values:
                     found.append(f"body: nothing at {source}")
@@ -318,7 +320,7 @@ def json_subset(expected: Any, actual: Any) -> bool:
         )
     if isinstance(expected, bool) or isinstance(actual, bool):
         return expected is actual
-    return bool(expected == actual) and actual is not _NOT_JSON
+    return bool(expected == actual) and actual is not NOT_JSON
 
 
 def _any_value(wanted: Text, values: list[str] | None) -> bool:

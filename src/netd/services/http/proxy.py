@@ -451,6 +451,11 @@ class Proxy:
             if n.lower() not in _OURS
         ]
         length = None if response.length is UNKNOWN_LENGTH else response.length
+        if exchange.method == "HEAD":
+            # Twisted's client gives any answer to HEAD the length 0; the upstream's
+            # Content-Length, what GET would send (RFC 9110 9.3.2), goes as it came.
+            given = response.headers.getRawHeaders(b"content-length")
+            length = int(given[0]) if given and given[0].isdigit() else None
         exchange.start(response.code, headers, length)
         response.deliverBody(_Relay(exchange))
 
@@ -481,7 +486,8 @@ def _upstream_fields(exchange: Exchange) -> Headers:
         if lower == b"host":
             host = value
         elif lower == b"x-forwarded-for":
-            forwarded_for = value + b", "
+            # Repeated lines are one list (RFC 9110 5.3), each hop's kept.
+            forwarded_for += value + b", "
         elif lower not in _NOT_FORWARDED_UP and lower not in (
             b"x-forwarded-proto",
             b"x-forwarded-host",

@@ -183,6 +183,9 @@ class StaticFiles:
             (b"Last-Modified", http_date(modified)),
             (b"Accept-Ranges", b"bytes"),
         ]
+        if _precondition_failed(exchange, etag, modified):
+            self.error(exchange, 412, headers)
+            return
         if _not_modified(exchange, etag, modified):
             exchange.respond(304, headers, b"")
             return
@@ -289,6 +292,22 @@ def _etags(value: bytes) -> Iterator[bytes]:
         yield tag[2:] if tag.startswith(b"W/") else tag
 
 
+def _precondition_failed(exchange: Exchange, etag: bytes, modified: int) -> bool:
+    """
+    RFC 9110 13.2.2, steps 1 and 2: If-Match (a strong match; a weak tag never
+    matches) decides when present, else If-Unmodified-Since.
+    """
+    match = exchange.header(b"if-match")
+    if match is not None:
+        tags = [tag.strip() for tag in match.split(b",")]
+        return not (tags == [b"*"] or etag in tags)
+    since = exchange.header(b"if-unmodified-since")
+    if since is not None:
+        when = parse_http_date(since)
+        return when is not None and modified > when
+    return False
+
+
 def _not_modified(exchange: Exchange, etag: bytes, modified: int) -> bool:
     """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
     if exchange.method not in ("GET", "HEAD"):
@@ -337,8 +356,8 @@ def _ranges(
             if last == b"":
                 return None
             length = int(last)
-            if length == 0:
-                continue
+            if length == 0 or size == 0:
+                continue  # nothing to give: unsatisfiable (RFC 9110 14.1.1)
             ranges.append((max(size - length, 0), size - 1))
         else:
             start = int(first)

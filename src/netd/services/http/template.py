@@ -27,7 +27,7 @@ from typing import Any
 import attrs
 
 from netd.records import Record
-from netd.services.http.match import Request
+from netd.services.http.match import NOT_JSON, Request
 
 __all__ = ["NAMES", "JSONTemplate", "Scope", "Template", "TemplateError"]
 
@@ -111,6 +111,8 @@ def _group(name: str) -> Lookup:
 def _json_field(steps: list[str]) -> Lookup:
     def lookup(scope: Scope) -> Any:
         value = scope.request.json
+        if value is NOT_JSON:
+            return _MISSING  # an empty body, or not JSON: as a field it lacks
         for step in steps:
             if isinstance(value, dict) and step in value:
                 value = value[step]
@@ -132,7 +134,7 @@ _FIXED: dict[str, Lookup] = {
     "request.path": lambda s: s.request.path,
     "request.body": lambda s: s.request.text,
     "request.client": lambda s: s.request.exchange.client,
-    "request.json": lambda s: s.request.json,
+    "request.json": _json_field([]),
     "counter": lambda s: s.counter,
     "now": lambda s: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.now)),
     "now.epoch": lambda s: int(s.now),

@@ -11,6 +11,7 @@ is handed to twisted.web's L{H2Connection} and its requests reach the same L{App
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import IO, Any
 
@@ -64,6 +65,10 @@ def busy_reply() -> bytes:
         b"Content-Length: 20\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
         b"503 Service Busy...\n"
     )
+
+
+# RFC 9110 7.2's Host: a uri-host (reg-name or IP literal, RFC 3986) and an optional port.
+_HOST = re.compile(rb"[ \t]*(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?[ \t]*")
 
 
 class _Reject(Exception):
@@ -319,10 +324,15 @@ class HTTPConnection(Protocol):
         except httptools.HttpParserError as e:
             # httptools wraps what our callbacks raise.
             cause = e.__context__
-            if not isinstance(cause, _Reject):
+            if isinstance(cause, _Reject):
+                if cause.status:
+                    self.reject(cause.status)
+            elif cause is not None:
+                # A fault of netd's in a callback, not bad input: said, and a 500.
+                self.app.log.failure("reading a request", Failure(cause))
+                self.reject(500)
+            else:
                 self.reject(400)
-            elif cause.status:
-                self.reject(cause.status)
             return
         limits = self.limits
         if self.in_head and self.head_fed > limits.max_request_line + limits.max_header_bytes:
@@ -499,6 +509,8 @@ class HTTPConnection(Protocol):
             lower = name.lower()
             if lower == b"host":
                 hosts += 1
+                if not _HOST.fullmatch(value):
+                    raise _Reject(400)  # RFC 9112 3.2: an invalid Host is a 400
             elif lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding":
@@ -509,9 +521,15 @@ class HTTPConnection(Protocol):
             elif lower == b"expect":
                 if value.strip().lower() != b"100-continue":
                     raise _Reject(417)
-                exchange.expect_continue = True
+                # RFC 9110 10.1.1: ignored from HTTP/1.0, which knows no 1xx (15.2).
+                exchange.expect_continue = version == "1.1"
         if hosts > 1 or (hosts == 0 and version == "1.1"):
             raise _Reject(400)
+        if chunked and version == "1.0":
+            # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+            # framing: answered as chunked, then the connection closes.
+            exchange.keep_alive = False
+            self.last_request = True
         if length is not None and length > self.limits.max_body:
             raise _Reject(413)
         # Unknown length (None) means chunked; no framing at all means no body.
