@@ -67,6 +67,7 @@ services:
     routes:
       - {{path: /echo, body: "upstream ok\\n"}}
       - {{path: /xff, template: true, body: "{{{{request.headers.x-forwarded-for}}}}"}}
+      - {{path: /xfh, template: true, body: "{{{{request.headers.x-forwarded-host}}}}"}}
   web:
     type: http
     listen: ["tcp:0:interface=127.0.0.1", {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
@@ -427,6 +428,12 @@ def test_host_values_and_the_scheme_s_case(netd: NetdProcess) -> None:
             netd, b"GET /hello.txt HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
         )
         assert good.startswith(b"HTTP/1.1 200 "), host
+    # RFC 9112 3.2.2: an absolute-form target's authority, not Host, is the request's.
+    proxied = exchange(
+        netd,
+        b"GET http://target.test:81/up/xfh HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    )
+    assert proxied.startswith(b"HTTP/1.1 200 ") and proxied.endswith(b"\r\n\r\ntarget.test:81")
     upper = exchange(
         netd, b"GET HTTP://x/hello.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )

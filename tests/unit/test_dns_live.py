@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import dns.message as dns_message
+import dns.name as dns_name
 import dns.rcode as dns_rcode
+import dns.rdataclass as dns_rdataclass
+import dns.rdatatype as dns_rdatatype
 import dns.rrset as dns_rrset
 import dns.tsigkeyring as dns_tsigkeyring
 import dns.update as dns_update
@@ -291,6 +294,30 @@ def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path
     done = send_update(server, adding("empty.test.", keyring=KEYRING, keyname="ci-key"))
     assert done.rcode() == dns_rcode.NOERROR
     assert server.records.get(name_to_wire("new.empty.test"), dns.A) == a("10.0.0.2")
+
+
+def test_updates_the_prescan_refuses_as_formerr(tmp_path: Path) -> None:
+    # RFC 2136 3.1.1: the zone section's type is SOA; 3.4.1.3: deleting one RR names a
+    # real type.  Nothing is applied.
+    clock = Clock()
+    clock.advance(time.time())
+    server = update_server(tmp_path, clock)
+    wrong_zone_type = adding(keyring=KEYRING, keyname="ci-key")
+    wrong_zone_type.zone[0].rdtype = dns_rdatatype.A
+    assert send_update(server, wrong_zone_type).rcode() == dns_rcode.FORMERR
+    delete_any = dns_update.UpdateMessage("dyn.test.", keyring=KEYRING, keyname="ci-key")
+    delete_any.add("www.dyn.test.", 60, "A", "10.0.0.2")
+    delete_any.update.append(
+        dns_rrset.RRset(
+            dns_name.from_text("www.dyn.test."),
+            dns_rdataclass.NONE,
+            dns_rdatatype.ANY,
+            deleting=dns_rdataclass.NONE,
+        )
+    )
+    assert send_update(server, delete_any).rcode() == dns_rcode.FORMERR
+    assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
+    assert server.records.get(name_to_wire("www.dyn.test"), dns.A) == a("10.0.0.1")
 
 
 def test_a_service_without_update_keys_refuses_every_update(tmp_path: Path) -> None:

@@ -194,6 +194,8 @@ class Updates:
         (zone_rrset,) = message.zone
         zone_name = zone_rrset.name
         zone = zone_name.canonicalize().to_wire()
+        if zone_rrset.rdtype != dns.rdatatype.SOA:
+            raise Refusal(dns.rcode.FORMERR, "the zone section's type is not SOA (RFC 2136 3.1.1)")
         if zone_rrset.rdclass != dns.rdataclass.IN:
             raise Refusal(dns.rcode.NOTAUTH, "class is not IN")
         if zone not in self.allow:
@@ -339,6 +341,9 @@ def _updates(
             raise Refusal(dns.rcode.FORMERR, f"cannot add {_type(rtype)}")
         if rrset.deleting is not None and rrset.ttl != 0:
             raise Refusal(dns.rcode.FORMERR, "a delete with a TTL")
+        if rrset.deleting == _NONE and rtype == dns.rdatatype.ANY:
+            # RFC 2136 3.4.1.3: deleting one RR names a real type.
+            raise Refusal(dns.rcode.FORMERR, "a delete of one record of type ANY")
         if rtype not in _SERVED_TYPES and rtype != dns.rdatatype.ANY:
             raise Refusal(dns.rcode.REFUSED, f"type {_type(rtype)} is not served here")
     for rrset in updates:

@@ -45,6 +45,7 @@ __all__ = [
     "StaticOptions",
     "Upgrade",
     "WebSocketStream",
+    "authority",
     "peer_host",
 ]
 
@@ -784,9 +785,21 @@ def _reads_bodies(routes: tuple[Route, ...]) -> bool:
     )
 
 
+def authority(exchange: Exchange) -> bytes | None:
+    """
+    The host (and port) a request names: an absolute-form target's, whose Host
+    field is then ignored (RFC 9112 3.2.2), else its Host field.
+    """
+    target = exchange.target
+    if not target.startswith("/") and "://" in target[:8]:
+        netloc = urllib.parse.urlsplit(target).netloc.rpartition("@")[2]
+        return netloc.encode("latin-1") or None
+    return exchange.header(b"host")
+
+
 def _host(exchange: Exchange) -> str | None:
     """The host a request names, without its port, as a rule's C{host} matches it."""
-    host = exchange.header(b"host")
+    host = authority(exchange)
     if host is None:
         return None
     text = host.decode("latin-1")

@@ -40,6 +40,7 @@ from netd.services.http.app import (
     Headers,
     Route,
     Upgrade,
+    authority,
     query_of,
     quote_path,
 )
@@ -479,13 +480,13 @@ class Proxy:
 def _upstream_fields(exchange: Exchange) -> Headers:
     """The client's header fields as the upstream gets them: end to end, plus X-Forwarded-*."""
     fields: Headers = []
-    host = b""
+    host = authority(exchange)
     forwarded_for = b""
     for name, value in _forwardable(exchange.headers):
         lower = name.lower()
         if lower == b"host":
-            host = value
-        elif lower == b"x-forwarded-for":
+            continue  # the upstream's own goes in its place
+        if lower == b"x-forwarded-for":
             # Repeated lines are one list (RFC 9110 5.3), each hop's kept.
             forwarded_for += value + b", "
         elif lower not in _NOT_FORWARDED_UP and lower not in (
