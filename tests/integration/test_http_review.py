@@ -396,6 +396,12 @@ def test_an_empty_file_has_no_range_to_give(netd: NetdProcess) -> None:
     assert answer.status_code == 416 and answer.headers["content-range"] == "bytes */0"
 
 
+def test_a_name_too_long_for_the_file_system_is_not_found(netd: NetdProcess) -> None:
+    # ENAMETOOLONG from stat(2) is no such file (a 404, as nginx), not netd's fault.
+    assert httpx.get(netd.url("web", path="/" + "n" * 300), timeout=10).status_code == 404
+    assert_serving(netd)
+
+
 def test_if_match_and_if_unmodified_since(netd: NetdProcess) -> None:
     # RFC 9110 13.1.1, 13.1.4: evaluated by an origin server, 412 when they fail.
     url = netd.url("web", path="/hello.txt")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import errno
 import functools
 import html
 import io
@@ -77,6 +78,12 @@ class StaticFiles:
             info = os.stat(full)
         except (FileNotFoundError, NotADirectoryError):
             raise _NotFound(404) from None
+        except OSError as e:
+            # A name too long for the file system, a symbolic link loop: no such file
+            # to serve (nginx says 404 to the first, and a loop leads nowhere).
+            if e.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise _NotFound(404) from None
+            raise
         if stat.S_ISDIR(info.st_mode):
             if not path.endswith("/"):
                 # The path is normalised (one leading slash): never protocol-relative.
