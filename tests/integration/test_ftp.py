@@ -275,6 +275,9 @@ def test_failed_logins_are_delayed_counted_and_end_the_session(netd: NetdProcess
 def test_explicit_ftps_with_ftplib_prot_p(netd: NetdProcess, site: Path) -> None:
     client = tls_connect(netd)
     client.login("alice", "wonderland")
+    # RFC 4217 9, RFC 2228: PROT only after PBSZ (which ftplib's prot_p sends first).
+    with pytest.raises(ftplib.error_perm, match=r"^503"):
+        client.sendcmd("PROT P")
     client.prot_p()
     client.storbinary("STOR secure.bin", io.BytesIO(BIG))
     assert retrieve(client, "secure.bin") == BIG

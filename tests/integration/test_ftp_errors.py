@@ -238,3 +238,58 @@ def test_pass_without_user_after_a_failure_is_a_sequence_error(netd: NetdProcess
     assert command(sock, reader, b"PASS wonderland").startswith(b"230")
     hang_up(sock, reader)
     assert_serving_and_no_traceback(netd)
+
+
+def test_a_name_with_a_line_break_cannot_forge_a_reply(netd: NetdProcess) -> None:
+    # RFC 959 4.2: a reply line ends at its CRLF; the client's LF echoed in a reply
+    # made "250 fake" read as the answer to the next command.
+    sock, reader = control(netd)
+    assert command(sock, reader, b"USER alice").startswith(b"331")
+    assert command(sock, reader, b"PASS wonderland").startswith(b"230")
+    assert command(sock, reader, b"SIZE nosuch\n250 fake").startswith(b"550 nosuch?250 fake")
+    assert command(sock, reader, b"NOOP\n").startswith(b"502 ")
+    assert command(sock, reader, b"NOOP") == b"200 Command OK\r\n"  # nothing left over
+    hang_up(sock, reader)
+
+
+def test_rfc_959_replies_a_review_found_wrong(netd: NetdProcess, site: Path) -> None:
+    client = login(netd)
+    # Appendix II: a quote in a 257 reply's name is doubled, so clients read it whole.
+    assert client.mkd('q"x') == 'q"x'
+    client.cwd('q"x')
+    assert client.pwd() == '/q"x'
+    client.cwd("/")
+    # TYPE A N and L 8 (RFC 959 5.1, RFC 1123 4.1.2.2) are TYPE A and I.
+    assert client.sendcmd("TYPE A N").startswith("200") and client.sendcmd("TYPE L 8")[:3] == "200"
+    # RFC 3659 4: SIZE is what RETR would send: refused in TYPE A (as pyftpdlib), 550 for
+    # a directory.
+    client.voidcmd("TYPE A")
+    with pytest.raises(ftplib.error_perm, match="550 SIZE not allowed in TYPE A"):
+        client.size("a.txt")
+    client.voidcmd("TYPE I")
+    assert client.size("a.txt") == 9
+    with pytest.raises(ftplib.error_perm, match="550 SIZE of a directory"):
+        client.size("sub")
+    # RFC 3659 5: REST is for the transfer right after it, not one after a listing.
+    client.sendcmd("REST 2")
+    client.nlst()
+    found = io.BytesIO()
+    client.retrbinary("RETR a.txt", found.write)
+    assert found.getvalue() == b"the file\n"
+    # RFC 959 4.2: an argument missing is a 501, not a 500.
+    with pytest.raises(ftplib.error_perm, match=r"^501"):
+        client.sendcmd("RNFR")
+    client.quit()
+
+
+def test_type_a_keeps_a_crlf_split_between_two_reads(netd: NetdProcess, site: Path) -> None:
+    # RFC 959 3.1.1.1: a CRLF that fell across netd's 256 KiB reads went out as CR CR LF.
+    text = b"x" * (256 * 1024 - 1) + b"\r\n" + b"y" * 10 + b"\n"
+    (site / "alice" / "split.txt").write_bytes(text)
+    client = login(netd)
+    client.voidcmd("TYPE A")
+    with client.transfercmd("RETR split.txt") as data:
+        sent = b"".join(iter(lambda: data.recv(65536), b""))
+    client.voidresp()
+    assert sent == text.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    client.quit()

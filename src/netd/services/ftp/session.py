@@ -294,6 +294,8 @@ class Session(ftp.FTP):
         self.data_tls = data_tls or server.tls
         # Implicit FTPS protects data from the start, as clients expect.
         self.protect_data = implicit and self.data_tls is not None
+        # PBSZ was said: PROT may follow (RFC 4217 9).
+        self.buffer_size_set = False
         self.rest = 0
         self.failures = 0
         self.data: DataChannel | None = None
@@ -344,6 +346,11 @@ class Session(ftp.FTP):
     def sendLine(self, line: str | bytes) -> None:
         if isinstance(line, str):
             line = line.encode("utf-8", "surrogateescape")
+        if b"\r" in line or b"\n" in line or b"\0" in line:
+            # Only a client's own bytes echoed back (a name, a command) hold these:
+            # left in, they would end the reply early and forge the next one (RFC
+            # 959 4.2: a reply line ends at its CRLF).
+            line = line.replace(b"\r", b"?").replace(b"\n", b"?").replace(b"\0", b"?")
         self.transport.write(line + b"\r\n")
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -457,7 +464,8 @@ class Session(ftp.FTP):
             )
             self.sendLine(reply)
         elif reason.check(TypeError):
-            self.reply(ftp.SYNTAX_ERR, f"{command.upper()} needs other arguments.")
+            # RFC 959 4.2: 501 is a syntax error in the arguments.
+            self.reply(ftp.SYNTAX_ERR_IN_ARGS, f"{command.upper()} needs other arguments.")
         else:
             _log.failure("FTP command {command} failed", reason, command=command)
             self.reply(ftp.REQ_ACTN_NOT_TAKEN, "internal server error")
@@ -634,9 +642,13 @@ class Session(ftp.FTP):
     def ftp_PBSZ(self, size: str) -> Any:
         if not self.secure:
             return fail(ftp.BadCmdSequenceError("PBSZ needs AUTH TLS first"))
+        self.buffer_size_set = True
         return "200 PBSZ=0"
 
     def ftp_PROT(self, level: str) -> Any:
+        if not self.buffer_size_set:
+            # RFC 4217 9, RFC 2228: PROT comes after PBSZ.
+            return fail(ftp.BadCmdSequenceError("PROT needs PBSZ first"))
         level = level.upper()
         if level == "P":
             if not self.secure or self.data_tls is None:
@@ -732,7 +744,37 @@ class Session(ftp.FTP):
             # Twisted answers an empty type with a 500 whose text it forgets to
             # fill in (a TypeError, no reply at all: found by make stress's fuzz).
             return (ftp.SYNTAX_ERR_IN_ARGS, "TYPE needs a type code")
+        # "A N" (non-print, RFC 959 5.1's minimum) is A, and "L 8" (RFC 1123
+        # 4.1.2.2: a MUST) is I; Twisted refuses both.
+        words = type.upper().split()
+        if words in (["A", "N"], ["L", "8"]):
+            type = words[0].replace("L", "I")
         return super().ftp_TYPE(type)
+
+    def ftp_PWD(self) -> Any:
+        # RFC 959 Appendix II: a quote in a 257 reply's name is doubled; Twisted's is not,
+        # so a client reads "/q"x" as "/q".
+        return (ftp.PWD_REPLY, ("/" + "/".join(self.workingDirectory)).replace('"', '""'))
+
+    def ftp_MKD(self, path: str) -> Deferred[Any]:
+        made: Deferred[Any] = super().ftp_MKD(path)
+        return made.addCallback(lambda reply: (reply[0], reply[1].replace('"', '""')))
+
+    def ftp_SIZE(self, path: str) -> Deferred[Any]:
+        # RFC 3659 4: the octets a RETR would send now, which in TYPE A depend on
+        # every line end; as pyftpdlib, SIZE is refused there rather than guessed.
+        if not self.binary:
+            return succeed("550 SIZE not allowed in TYPE A.")
+        segments = self._segments(path)
+
+        def size(found: tuple[int, bool]) -> str:
+            length, directory = found
+            if directory:
+                return "550 SIZE of a directory: not a file."
+            return f"213 {length}"
+
+        stated: Deferred[Any] = self.shell.stat(segments, ("size", "directory"))
+        return stated.addCallback(size)
 
     def ftp_PASV(self) -> Any:
         if self._epsvAll:
@@ -818,11 +860,13 @@ class Session(ftp.FTP):
     # -- listings --------------------------------------------------------------------
 
     def ftp_LIST(self, path: str = "") -> Deferred[Any]:
+        self._take_rest()  # REST is for the transfer right after it (RFC 3659 5)
         if path.startswith("-"):
             path = path.partition(" ")[2]
         return self._listing(path, names_only=False)
 
     def ftp_NLST(self, path: str = "") -> Deferred[Any]:
+        self._take_rest()
         if path.startswith("-"):
             path = path.partition(" ")[2]
         return self._listing(path, names_only=True)
@@ -860,6 +904,7 @@ class Session(ftp.FTP):
         return built.addCallback(self._send_listing, segments)
 
     def ftp_MLSD(self, path: str = "") -> Deferred[Any]:
+        self._take_rest()
         segments = self._segments(path)
         built = self.server.run_in_thread(_joined, self.shell.facts, segments, self.facts, True)
         return built.addCallback(self._send_listing, segments)
@@ -1040,7 +1085,7 @@ class Session(ftp.FTP):
                 source,
                 offset,
                 progress=lambda n: self._account(n, False),
-                transform=None if self.binary else _crlf,
+                transform=None if self.binary else _ToCRLF(),
             )
 
             def done(_: object) -> Deferred[Any]:
@@ -1233,9 +1278,21 @@ def _timestamp(stamp: str) -> float | None:
     return calendar.timegm(moment) + float("0" + (match.group(2) or ""))
 
 
-def _crlf(data: bytes) -> bytes:
-    """TYPE A: local line ends to the network's CRLF."""
-    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+class _ToCRLF:
+    """
+    TYPE A: local line ends to the network's CRLF, a read at a time: a CRLF
+    split between two reads stays one line end (it became CR CR LF).
+    """
+
+    def __init__(self) -> None:
+        self.after_cr = False
+
+    def __call__(self, data: bytes) -> bytes:
+        head = b""
+        if self.after_cr and data.startswith(b"\n"):
+            head, data = b"\n", data[1:]  # the CR before it went out with the last read
+        self.after_cr = data.endswith(b"\r")
+        return head + data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def _closing(source: IO[bytes], result: Any) -> Any:
