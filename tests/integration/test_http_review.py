@@ -429,7 +429,13 @@ def test_host_values_and_the_scheme_s_case(netd: NetdProcess) -> None:
     # case-insensitive in an absolute-form target.
     bad = exchange(netd, b"GET /hello.txt HTTP/1.1\r\nHost: a b/c\r\n\r\n")
     assert bad.startswith(b"HTTP/1.1 400 ")
-    for host in (b"localhost", b"127.0.0.1:80", b"[::1]:8080", b"xn--bcher-kva.example"):
+    for host in (
+        b"localhost",
+        b"127.0.0.1:80",
+        b"[::1]:8080",
+        b"[fe80::1%25eth0]",
+        b"b\xc3\xbccher.de",
+    ):
         good = exchange(
             netd, b"GET /hello.txt HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" % host
         )

@@ -35,6 +35,7 @@ from netd.services.smtp.mailbox import (
     MailRealm,
     body_structure,
     compile_search,
+    header_section,
     section_entity,
     uid_validity,
 )
@@ -1217,3 +1218,33 @@ NESTED = (
 def test_section_numbers_name_entities(numbers: tuple[int, ...], body: bytes | None) -> None:
     found = section_entity(mime.read(NESTED), numbers)
     assert (None if found is None else NESTED[found.body_start : found.end]) == body
+
+
+def test_header_fields_end_at_crlf_only() -> None:
+    # A binary (BDAT) message's header may hold a bare LF: text of its line, not a field's
+    # end; a line that starts with whitespace is a folded line, kept as it came.
+    block = b"From: a@b\r\nBare: x\ny\r\nX-Odd:\r\n\tthree\r\nTo: c@d\r\n\r\n"
+    assert header_section(block, [b"BARE"], False, True) == b"Bare: x\ny\r\n\r\n"
+    assert header_section(block, [b"X-ODD", b"TO"], False, True) == (
+        b"X-Odd:\r\n\tthree\r\nTo: c@d\r\n\r\n"
+    )
+    odd = b" leading: ws\r\nFrom: x\r\n\r\n"
+    assert header_section(odd, [b"FROM"], False, True) == b"From: x\r\n\r\n"
+    assert header_section(odd, [b"FROM"], True, True) == b" leading: ws\r\n\r\n"
+
+
+def test_a_search_that_fails_is_answered_and_lets_the_next_commands_run(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    lab.deliver("ann@netd.test", subject="one")
+    session, transport = lab.imap()
+    session.dataReceived(b"a LOGIN ann@netd.test anything\r\nb SELECT INBOX\r\n")
+    said(transport)
+
+    def broken(query: Any, uid: bool) -> Any:
+        raise RuntimeError("a fault of the mailbox's")
+
+    session.mbox.search = broken  # this session's mailbox object only
+    session.dataReceived(b"c SEARCH ALL\r\nd NOOP\r\n")
+    lines = said(transport)
+    assert lines[0] == b"c NO SEARCH failed" and lines[-1].startswith(b"d OK")
+    assert session.blocked is None

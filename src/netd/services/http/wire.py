@@ -67,8 +67,10 @@ def busy_reply() -> bytes:
     )
 
 
-# RFC 9110 7.2's Host: a uri-host (reg-name or IP literal, RFC 3986) and an optional port.
-_HOST = re.compile(rb"[ \t]*(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~%!$&'()*+,;=]*)(?::[0-9]*)?[ \t]*")
+# RFC 9112 3.2's invalid Host values, as nginx judges them: a space, a control
+# character or a delimiter no authority holds ("a b/c"); an IPv6 zone id or raw UTF-8
+# still passes.
+_HOST = re.compile(rb"[ \t]*[^\x00-\x20\x7f/\\?#@]*[ \t]*")
 
 
 class _Reject(Exception):

@@ -17,7 +17,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IAddress, IPushProducer
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -408,7 +408,8 @@ class IMAPSession(IMAP4Server):
         # wait for its answer: an EXPUNGE meanwhile would renumber what it found.
         assert self.mbox is not None
         self._hold_commands()
-        found = self.mbox.search(query, bool(uid))
+        # maybeDeferred: a search that raises still ends in an answer and lets go.
+        found = maybeDeferred(self.mbox.search, query, bool(uid))
         found.addCallback(self._searched, tag).addErrback(self._failed, tag, b"SEARCH")
         found.addBoth(lambda _: self._unblock())
 
@@ -424,7 +425,7 @@ class IMAPSession(IMAP4Server):
         # Its messages leave this session's numbering at once, so the commands
         # after it wait until its EXPUNGE lines are out (the removal from disk).
         self._hold_commands()
-        gone = self.mbox.expunge()
+        gone = maybeDeferred(self.mbox.expunge)
         gone.addCallback(self._expunged, tag).addErrback(self._failed, tag, b"EXPUNGE")
         gone.addBoth(lambda _: self._unblock())
 

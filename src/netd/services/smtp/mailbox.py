@@ -352,8 +352,22 @@ def header_block(raw: bytes) -> bytes:
     return raw if end < 0 else raw[: end + 4]
 
 
-# One header field: its first line and the folded lines that continue it (RFC 5322 2.2.3).
-_FIELD = re.compile(rb"[^ \t\r\n][^\r\n]*(?:\r\n[ \t][^\r\n]*)*(?:\r\n|\Z)")
+def _fields(block: bytes) -> list[bytes]:
+    """
+    A header block's fields, each its first line and the folded lines that
+    continue it (RFC 5322 2.2.3), ends included; lines end at CRLF only (a bare
+    LF in a binary message's header is text of its line), and the blank line
+    ends the header.
+    """
+    fields: list[bytes] = []
+    for line in block.split(b"\r\n"):
+        if not line:
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
 
 
 def header_section(block: bytes, fields: Iterable[bytes] | None, negate: bool, utf8: bool) -> bytes:
@@ -369,13 +383,10 @@ def header_section(block: bytes, fields: Iterable[bytes] | None, negate: bool, u
         return block
     wanted = None if fields is None else {name.lower() for name in fields}
     chosen = []
-    for match in _FIELD.finditer(block):
-        field = match.group()
+    for field in _fields(block):
         name = field.partition(b":")[0].strip().lower()
         if wanted is not None and (name in wanted) == negate:
             continue
-        if not field.endswith(b"\r\n"):
-            field += b"\r\n"
         chosen.append(field if utf8 or field.isascii() else _seven_bit_field(field))
     return b"".join(chosen) + b"\r\n"
 
