@@ -411,9 +411,10 @@ def test_no_path_leaves_the_root(netd: NetdProcess, site: Path) -> None:
         assert command(sock, reader, line)[:1] == b"5", line
     for line in FTP_TRAVERSAL_WRITES:
         assert command(sock, reader, line)[:1] == b"5", line
-    assert command(sock, reader, b"RNFR dir_out/secret.txt")[:3] == b"350"
+    # Refused at RNFR already (the name is looked up there), and so at RNTO too.
+    assert command(sock, reader, b"RNFR dir_out/secret.txt")[:1] == b"5"
     assert command(sock, reader, b"RNTO stolen.txt")[:1] == b"5"
-    assert command(sock, reader, b"RNFR link_out")[:3] == b"350"
+    assert command(sock, reader, b"RNFR link_out")[:1] == b"5"
     assert command(sock, reader, b"RNTO ../moved.txt")[:1] == b"5"
     for line in (
         b"STOR ../planted.txt",

@@ -98,8 +98,9 @@ def test_filesystem_mistakes_get_their_reply_and_a_log_line(netd: NetdProcess, s
     assert command(sock, reader, b"RNTO sub/./inner/../inner").startswith(b"550")
     for verb in (b"MKD", b"CWD", b"SIZE", b"DELE", b"RMD"):
         assert command(sock, reader, verb + b" " + LONG_NAME.encode()).startswith(b"553"), verb
-    assert command(sock, reader, b"RNFR " + LONG_NAME.encode()).startswith(b"350")
-    assert command(sock, reader, b"RNTO short").startswith(b"553")
+    # Refused at RNFR itself, as the name is looked up there (RFC 959 5.4).
+    assert command(sock, reader, b"RNFR " + LONG_NAME.encode()).startswith(b"553")
+    assert command(sock, reader, b"RNTO short").startswith(b"503")
     assert command(sock, reader, b"NOOP").startswith(b"200")  # not left waiting for RNTO
     assert command(sock, reader, b"RNFR a.txt").startswith(b"350")
     assert command(sock, reader, b"RNTO " + LONG_NAME.encode()).startswith(b"553")
@@ -276,6 +277,12 @@ def test_rfc_959_replies_a_review_found_wrong(netd: NetdProcess, site: Path) -> 
     found = io.BytesIO()
     client.retrbinary("RETR a.txt", found.write)
     assert found.getvalue() == b"the file\n"
+    # RFC 959 5.4: RNFR of a name that is not there is 550 at once (it was 350, then 550
+    # at RNTO); one that is there is 350 and the rename goes on.
+    with pytest.raises(ftplib.error_perm, match=r"^550"):
+        client.sendcmd("RNFR no-such.txt")
+    client.rename("a.txt", "b.txt")
+    client.rename("b.txt", "a.txt")
     # RFC 959 4.2: an argument missing is a 501, not a 500.
     with pytest.raises(ftplib.error_perm, match=r"^501"):
         client.sendcmd("RNFR")

@@ -1197,6 +1197,12 @@ class Session(ftp.FTP):
 
         return self._with_data(work)
 
+    def ftp_RNFR(self, from_name: str) -> Deferred[Any]:
+        # RFC 959 5.4: RNFR of a name that is not there is answered 550 itself;
+        # Twisted's says 350 and leaves the 550 to RNTO.
+        found: Deferred[Any] = self.shell.stat(self._segments(from_name), ())
+        return found.addCallback(lambda _: super(Session, self).ftp_RNFR(from_name))
+
     def ftp_RNTO(self, to_name: str) -> Any:
         if not hasattr(self, "_fromName"):
             return fail(ftp.BadCmdSequenceError("RNFR required before RNTO"))
