@@ -20,7 +20,7 @@ import attrs
 from twisted.names import dns
 
 from netd.records import Record
-from netd.services.dns.wire import name_to_text, name_to_wire
+from netd.services.dns.wire import name_to_text, name_to_wire, unescaped
 
 __all__ = [
     "TYPES",
@@ -253,9 +253,6 @@ def _time(text: str) -> int:
     return seconds
 
 
-_ESCAPE = re.compile(r"\\(?:(\d{3})|(.))", re.DOTALL)
-
-
 def character_string(text: str) -> bytes:
     """
     A character-string as a master file writes it (RFC 1035 5.1): C{\\X} is
@@ -264,21 +261,10 @@ def character_string(text: str) -> bytes:
     """
     if "\\" not in text:
         return text.encode()
-    found = bytearray()
-    position = 0
-    for match in _ESCAPE.finditer(text):
-        found += text[position : match.start()].encode()
-        digits, char = match.groups()
-        if digits is not None:
-            if int(digits) > 255:
-                raise DataError(f"not an octet: \\{digits}")
-            found.append(int(digits))
-        else:
-            found += char.encode()
-        position = match.end()
-    if position < len(text) and text.endswith("\\"):
-        raise DataError(f"a string ends in a lone backslash: {text!r}")
-    return bytes(found + text[position:].encode())
+    try:
+        return unescaped(text, labels=False)[0]
+    except ValueError as e:
+        raise DataError(str(e)) from None
 
 
 def _entries(text: str) -> Iterator[tuple[int, bool, list[tuple[str, bool]]]]:

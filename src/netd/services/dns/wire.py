@@ -50,6 +50,7 @@ __all__ = [
     "reply_header",
     "skip_name",
     "udp_limit",
+    "unescaped",
     "walk_records",
 ]
 
@@ -350,32 +351,43 @@ def name_to_wire(text: str) -> bytes:
 _ESCAPE = re.compile(r"\\(?:(\d{3})|(.))", re.DOTALL)
 
 
-def _escaped_labels(text: str) -> list[bytes]:
-    """The labels of a name with escapes: C{\\X} is X, C{\\DDD} the octet DDD."""
-    labels = [bytearray()]
+def unescaped(text: str, labels: bool) -> list[bytes]:
+    """
+    Master-file text as octets (RFC 1035 5.1): C{\\X} is X, C{\\DDD} the octet
+    DDD.  C{labels}: a name, cut at its dots that are not escaped, in ASCII;
+    else one character-string, other text as UTF-8.  Raises ValueError.
+    """
+    encoding = "ascii" if labels else "utf-8"
+    pieces = [bytearray()]
+
+    def plain(part: str) -> None:
+        first, *rest = part.encode(encoding).split(b".") if labels else [part.encode()]
+        pieces[-1] += first
+        pieces.extend(bytearray(piece) for piece in rest)
+
     position = 0
     for match in _ESCAPE.finditer(text):
-        _add_plain(labels, text[position : match.start()])
+        plain(text[position : match.start()])
         digits, char = match.groups()
         if digits is not None:
             if int(digits) > 255:
                 raise ValueError(f"not an octet: \\{digits}")
-            labels[-1].append(int(digits))
+            pieces[-1].append(int(digits))
         else:
-            labels[-1] += char.encode("ascii")
+            pieces[-1] += char.encode(encoding)
         position = match.end()
-    if text.endswith("\\") and position < len(text):
-        raise ValueError(f"a name ends in a lone backslash: {text!r}")
-    _add_plain(labels, text[position:])
+    if position < len(text) and text.endswith("\\"):
+        raise ValueError(f"a lone backslash at the end of {text!r}")
+    plain(text[position:])
+    return [bytes(piece) for piece in pieces]
+
+
+def _escaped_labels(text: str) -> list[bytes]:
+    """The labels of a name with escapes, lower-cased."""
+    labels = unescaped(text, labels=True)
     if len(labels) > 1 and not labels[-1]:
         labels.pop()  # the root after a trailing dot
-    return [bytes(label).lower() for label in labels]
-
-
-def _add_plain(labels: list[bytearray], text: str) -> None:
-    first, *rest = text.encode("ascii").split(b".")
-    labels[-1] += first
-    labels.extend(bytearray(label) for label in rest)
+    return [label.lower() for label in labels]
 
 
 def parent(wire: bytes) -> bytes | None:
