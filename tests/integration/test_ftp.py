@@ -651,3 +651,15 @@ def test_abor_cuts_a_download_short(netd: NetdProcess) -> None:
         "aborts" in netd.admin("GET", "/metrics").decode()
     )  # cut at ABOR, not by the stall timeout
     assert_serving(netd)
+
+
+def test_abor_ends_a_download_still_waiting_for_its_data_connection(netd: NetdProcess) -> None:
+    client = connect(netd, user="anonymous")
+    client.sendcmd("PASV")  # the data connection is never made
+    client.putcmd("RETR huge.bin")
+    reply = client.abort()  # the RETR's own answer comes first
+    assert reply.startswith("426"), reply  # not data_timeout's 425
+    assert client.getline().startswith("226")  # then ABOR's
+    assert client.voidcmd("NOOP").startswith("200")
+    client.quit()
+    assert_serving(netd)

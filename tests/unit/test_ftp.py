@@ -501,6 +501,7 @@ class Harness:
             "listen_passive": lambda port, factory, interface: self.reactor.listenTCP(
                 port, factory, interface=interface
             ),
+            "run_in_thread": maybeDeferred,
             **server_options,
         }
         self.server = FTPServer(
@@ -508,7 +509,6 @@ class Harness:
             portal=portal,
             stats=self.stats,
             emit=lambda type, **fields: self.events.append((type, fields)),
-            run_in_thread=maybeDeferred,
             **options,
         )
 
@@ -691,6 +691,36 @@ def test_data_connection_that_never_comes_times_out(tmp_path: Path) -> None:
     harness.reactor.advance(0)
     assert transport.value().splitlines() == [b"425 Can't open data connection.", b"200 Command OK"]
     assert harness.stats.counters["data_timeouts"] == 1
+
+
+def test_abor_ends_a_transfer_command_waiting_for_its_data_connection(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    (tmp_path / "f.txt").write_text("x")
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x", b"PASV")
+    assert send(session, transport, b"RETR f.txt") == []
+    # RFC 959 4.1.3: the command in progress is answered 426, then ABOR 226.
+    assert send(session, transport, b"ABOR") == [
+        b"426 Transfer aborted.  Data connection closed.",
+        b"226 Abort successful",
+    ]
+    assert harness.stats.counters["aborts"] == 1
+    assert "data_timeouts" not in harness.stats.counters
+
+
+def test_an_abor_read_while_the_file_opens_ends_the_command_it_follows(tmp_path: Path) -> None:
+    opening: Deferred[Any] = Deferred()
+    harness = Harness(tmp_path, run_in_thread=lambda f, *a: opening.addCallback(lambda _: f(*a)))
+    (tmp_path / "f.txt").write_text("x")
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x", b"PASV")
+    assert send(session, transport, b"RETR f.txt", b"ABOR") == []
+    opening.callback(None)
+    harness.reactor.advance(0)
+    assert transport.value().splitlines() == [
+        b"426 Transfer aborted.  Data connection closed.",
+        b"226 Abort successful",
+    ]
 
 
 def test_auth_tls_drops_what_was_pipelined_in_plaintext(tmp_path: Path) -> None:

@@ -301,7 +301,9 @@ class Session(ftp.FTP):
         self.data: DataChannel | None = None
         self.transfer: Transfer | None = None
         self._watchdog: IDelayedCall | None = None
-        self._stop_transfer: Callable[[], object] = lambda: None
+        # What ABOR stops: a transfer, or a transfer command still waiting for its
+        # data connection; None when nothing runs.
+        self._stop_transfer: Callable[[], object] | None = None
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
         self._line_deadline: IDelayedCall | None = None
@@ -367,10 +369,12 @@ class Session(ftp.FTP):
         if self.paused and len(self._buffer) + len(data) > self.MAX_LENGTH * 4:
             self.lineLengthExceeded(data)
             return
-        if self.transfer is not None and _ABORT.search(self._buffer[-8:] + data):
+        stop = self._stop_transfer
+        if stop is not None and _ABORT.search(self._buffer[-8:] + data):
             # ABOR cuts the transfer now (426), and is answered in its turn after.
             self.server.stats.count("aborts")
-            self._stop_transfer()
+            self._stop_transfer = None
+            stop()
         waiting = len(self._buffer) + len(data)
         super().dataReceived(data)
         if self.disconnected:
@@ -842,16 +846,30 @@ class Session(ftp.FTP):
         if self.data is None:
             return fail(ftp.BadCmdSequenceError("PASV, EPSV, PORT or EPRT first"))
         channel = self.data
+        aborted: list[bool] = []
+
+        def abort_waiting() -> None:
+            # RFC 959 4.1.3: ABOR ends the command in progress with 426 even
+            # before its data connection is made, not when data_timeout runs out.
+            aborted.append(True)
+            channel.close()
+
+        if channel.connection is None:
+            self._abortable(abort_waiting)
 
         def no_connection(reason: Failure) -> Any:
+            self._stop_transfer = None
             if channel is self.data:
                 self.data = None
+            if aborted:
+                return (ftp.CNX_CLOSED_TXFR_ABORTED,)
             self.server.stats.count(
                 "data_timeouts" if reason.check(net_error.TimeoutError) else "data_failures"
             )
             return (ftp.CANT_OPEN_DATA_CNX,)
 
         def opened(connection: DataConnection) -> Deferred[Any]:
+            self._stop_transfer = None  # the transfer's own stop, from _begin on
             self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
             return work(connection)
 
@@ -1022,7 +1040,6 @@ class Session(ftp.FTP):
         """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
         transfer = Transfer(direction, "/" + "/".join(segments), time.time())
         self.transfer = transfer
-        self._stop_transfer = stall
         timeout = self.server.limits.data_timeout
         seen = 0
 
@@ -1038,10 +1055,24 @@ class Session(ftp.FTP):
             self._watchdog = self.server.reactor.callLater(timeout, check)
 
         self._watchdog = self.server.reactor.callLater(timeout, check)
+        self._abortable(stall)
         return transfer
+
+    def _abortable(self, stop: Callable[[], object]) -> None:
+        """
+        C{stop} is what ABOR stops from now on.  An ABOR read while the command
+        got ready (its file opened in a thread) waits in the buffer: it stops it
+        at once.
+        """
+        self._stop_transfer = stop
+        if _ABORT.search(self._buffer):
+            self.server.stats.count("aborts")
+            self._stop_transfer = None
+            stop()
 
     def _end(self, transfer: Transfer, ok: bool) -> None:
         self.transfer = None
+        self._stop_transfer = None
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
