@@ -189,6 +189,15 @@ class _AdminChannel(HTTPChannel):
             self._write_error(408, f"request {stage} not complete within {limit:g} s")
         super().timeoutConnection()
 
+    def close_gracefully(self) -> None:
+        """Asked by a retiring admin API: close once the request in hand is answered."""
+        self.persistent = False
+        for request in list(self.requests):
+            if request.answer_now is not None:
+                request.answer_now()  # a long poll or an event stream ends now
+        if not self.requests:
+            self.loseConnection()
+
     def loseConnection(self) -> None:
         # Closing waits for the client to read what is pending; one that never
         # does is cut after abortTimeout, as Twisted does after its own timeout.
@@ -455,8 +464,16 @@ class AdminResource(Resource):
         return self._deferred(request, gatherResults(forgetting, consumeErrors=True), answer)
 
     def _view(self, request: Request, method: str, view: AdminView) -> bytes | int:
+        query = _query(request)
+        namespace = query.get("namespace")
         if method == "DELETE" and view.clear is not None:
-            return self._deferred(request, maybeDeferred(view.clear), lambda r: (200, r))
+            if namespace is None:
+                return self._deferred(request, maybeDeferred(view.clear), lambda r: (200, r))
+            if view.forget is None:
+                raise _HTTPError(400, "this view's entries belong to no namespace")
+            # One test's cleanup in a parallel run: never the other tests' entries.
+            forgetting = maybeDeferred(view.forget, namespace)
+            return self._deferred(request, forgetting, lambda r: (200, r))
         if method == "POST" and view.post is not None:
             return self._deferred(
                 request, maybeDeferred(view.post, _json_body(request)), lambda r: (201, r)
@@ -468,8 +485,6 @@ class AdminResource(Resource):
             *(["DELETE"] if view.clear else []),
             *(["POST"] if view.post else []),
         )
-        query = _query(request)
-        namespace = query.get("namespace")
         return self._deferred(
             request,
             maybeDeferred(view.list, query),
@@ -617,6 +632,8 @@ def _json_body(request: Request) -> Any:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise _HTTPError(400, f"the body is not JSON: {e}") from None
+    except RecursionError:  # thousands of nested brackets: not a map anyone wrote
+        raise _HTTPError(400, "the body is not JSON: nested too deeply") from None
 
 
 def _labelled(
@@ -660,11 +677,19 @@ def _allow(method: str, *allowed: str) -> None:
 
 
 def _query(request: Request) -> dict[str, str]:
-    return {
+    query = {
         key.decode("utf-8", "replace"): values[-1].decode("utf-8", "replace")
         for key, values in (request.args or {}).items()
         if values
     }
+    given = query.pop("namespace", "")
+    if given:
+        # As entries are labelled: folded to its key (X-Netd-Namespace: T42 is t42).
+        namespace = namespace_key(given)
+        if namespace is None:
+            raise _HTTPError(400, f"not a namespace: {given!r} (letters, digits, '_', '-')")
+        query["namespace"] = namespace
+    return query
 
 
 def _json(
@@ -778,6 +803,16 @@ class AdminServer(ListenerGroup):
         self.toxiproxy_site = _AdminSite(
             resource, config, reactor, self.stats, daemon.journal, toxiproxy_only=True
         )
+
+    def retire(self, grace: float) -> Deferred[None]:
+        """
+        Replaced by a reload: stop listening, close idle connections now and the
+        others once the request in hand is answered (at most C{grace} seconds).
+        """
+        self.stop_listening()
+        draining = self.connections.drain(grace)
+        draining.addCallback(lambda _: self.connections.stop())
+        return draining
 
     def counters(self) -> dict[str, int]:
         counters = self.stats.snapshot()

@@ -311,6 +311,7 @@ class Daemon(MultiService):
         # the process running us decides what that means for its exit status.
         self.start_failure: Failure | None = None
         self._reloading = False
+        self._reload_again: list[Deferred[ReloadResult]] = []
         self._carried: dict[str, dict[str, Any]] = {}
 
     def _running_service(
@@ -482,8 +483,7 @@ class Daemon(MultiService):
     def describe(self) -> dict[str, Any]:
         return {name: service.describe() for name, service in self.services_by_name.items()}
 
-    @inlineCallbacks
-    def reload(self) -> Any:
+    def reload(self) -> Deferred[ReloadResult]:
         """
         Re-read the map and apply the difference; returns a L{ReloadResult}.
 
@@ -491,9 +491,34 @@ class Daemon(MultiService):
         service gives up its listeners only once its replacement is built; if
         the replacement cannot bind, the old one takes its ports back and the
         whole reload is undone.
+
+        Asked while one runs (a SIGHUP and an API call, an editor saving twice),
+        it is not refused: the map may have changed after the running reload
+        read it.  One more reload follows that one, and every request made
+        meanwhile gets its result.
         """
         if self._reloading:
-            return ReloadResult(errors=("a reload is already in progress",))
+            follow_up: Deferred[ReloadResult] = Deferred()
+            self._reload_again.append(follow_up)
+            return follow_up
+        done: Deferred[ReloadResult] = self._reload_once()
+        done.addBoth(self._reload_queued)
+        return done
+
+    def _reload_queued(self, result: Any) -> Any:
+        waiting, self._reload_again = self._reload_again, []
+        if waiting:
+            again = self.reload()
+
+            def answer(outcome: ReloadResult) -> None:
+                for follow_up in waiting:
+                    follow_up.callback(outcome)
+
+            again.addCallback(answer)
+        return result
+
+    @inlineCallbacks
+    def _reload_once(self) -> Any:
         self._reloading = True
         for observer in self.observers:
             observer.reloading(self)
@@ -610,9 +635,11 @@ class Daemon(MultiService):
         for retired in retiring:
             if isinstance(retired, RunningService):
                 retired.stop(grace).addBoth(_disown, retired)
-            else:
-                retired.stop_listening()
         if admin_changed:
+            if self.admin is not None:
+                # Its token rotated, say: the old API's kept-alive connections
+                # must not go on answering by its rules.
+                self.admin.retire(grace)
             self.admin = new_admin
         if new.log.events != self.config.log.events:
             if new.log.events:

@@ -19,6 +19,7 @@ import json
 import os
 import select
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -483,19 +484,33 @@ class NetdProcess:
             raise LookupError("this netd has no admin listener")
         entry = self.ports["admin"]["listeners"][0]
         host = f"[{entry['host']}]" if ":" in entry["host"] else entry["host"]
+        tls = self._admin_tls() if entry.get("tls") else None
+        scheme = "http" if tls is None else "https"
         request = urllib.request.Request(
-            f"http://{host}:{entry['port']}{path}", data=body, method=method
+            f"{scheme}://{host}:{entry['port']}{path}", data=body, method=method
         )
         token = self._admin_token()
         if token is not None:
             request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
+            with urllib.request.urlopen(request, timeout=timeout, context=tls) as answer:
                 raw: bytes = answer.read()
                 kind = answer.headers.get_content_type()
         except urllib.error.HTTPError as e:
             raise AdminError(e.code, e.read().decode("utf-8", "replace")) from None
         return json.loads(raw) if kind == "application/json" else raw
+
+    def _admin_tls(self) -> ssl.SSLContext:
+        """
+        What a TLS admin listener is checked against: the CA of its profile when
+        netd made the certificate (C{self_signed}), the system's CAs otherwise.
+        """
+        admin = self._config.admin if self._config is not None else None
+        name = admin.listen[0].tls_profile if admin is not None and admin.listen else None
+        profile = self._config.tls.get(name) if self._config is not None and name else None
+        if profile is not None and profile.self_signed:
+            return ssl.create_default_context(cafile=str(self.ca_file(profile.name)))
+        return ssl.create_default_context()
 
     def _admin_token(self) -> str | None:
         admin = self._config.admin if self._config is not None else None

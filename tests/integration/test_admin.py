@@ -5,6 +5,7 @@ prometheus-client's own text parser.
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import socket
@@ -289,3 +290,71 @@ def test_events_wait_must_be_a_finite_number(netd: NetdProcess) -> None:
         status, _ = call_json(netd, f"/api/events?wait={bad}")
         assert status == 400, bad
     assert call_json(netd, "/api/events?wait=0")[0] == 200
+
+
+def test_a_rotated_token_closes_the_old_admin_apis_kept_alive_connections(
+    netd: NetdProcess,
+) -> None:
+    entry = netd.ports["admin"]["listeners"][0]
+    kept = http.client.HTTPConnection(entry["host"], entry["port"], timeout=10)
+    old = {"Authorization": f"Bearer {TOKEN}"}
+    kept.request("GET", "/api/services", headers=old)
+    assert kept.getresponse().read() and kept.sock is not None
+    write_config(netd, BASE.replace(TOKEN, "n3w-token"))
+    kept.request("POST", "/api/reload", body=b"", headers=old)
+    answer = kept.getresponse()
+    assert answer.status == 200, answer.read()
+    answer.read()
+    # Answered, then closed: the old token is not honoured on it any more.
+    assert kept.sock is None or kept.sock.recv(1) == b""
+    kept.close()
+    assert call(netd, "/api/services")[0] == 401
+    assert call(netd, "/api/services", token="n3w-token")[0] == 200
+
+
+def test_reloads_asked_during_a_reload_all_get_the_map_as_last_written(
+    netd: NetdProcess,
+) -> None:
+    write_config(netd, BASE.replace('quotes: ["first"]', 'quotes: ["second"]'))
+    answers: list[tuple[int, Any]] = []
+
+    def reload() -> None:
+        answers.append(call_json(netd, "/api/reload", method="POST", data=b""))
+
+    threads = [threading.Thread(target=reload) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert [status for status, _ in answers] == [200] * 6, answers
+    assert echo_once(netd.address("qotd"), b"") == b"second\r\n"
+
+
+def test_a_udp_echo_sends_back_the_whole_datagram(netd: NetdProcess) -> None:
+    payload = bytes(range(256)) * 200  # 51,200 bytes: over Twisted's 8 KiB default
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(payload, netd.address("echo", "udp"))
+        assert sock.recv(65535) == payload
+
+
+def test_json_nested_too_deeply_is_a_bad_request(netd: NetdProcess) -> None:
+    status, body = call_json(netd, "/api/services/echo/rules", method="POST", data=b"[" * 5000)
+    assert status == 400 and "nested too deeply" in body["error"]
+    assert echo_once(netd.address("echo")) == b"ping"
+
+
+def test_the_testing_handle_speaks_tls_to_a_tls_admin_listener(start_netd: StartNetd) -> None:
+    netd = start_netd(
+        """
+tls:
+  lab: {self_signed: [localhost, 127.0.0.1]}
+admin:
+  listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}]
+services:
+  echo:
+    type: echo
+    listen: ["tcp:0:interface=127.0.0.1"]
+"""
+    )
+    assert list(netd.services()) == ["echo"]

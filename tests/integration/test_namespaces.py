@@ -185,3 +185,21 @@ services:
     assert red.reset()["services"]["dns"]["queries"] == {"cleared": 20}
     assert red.queries("dns") == []
     assert len(blue.queries("dns")) == 20
+
+
+def test_clearing_a_view_for_one_namespace_keeps_the_others(shared: NetdProcess) -> None:
+    red, blue = shared.namespace("red"), shared.namespace("blue")
+    for ns in (red, blue):
+        httpx.get(shared.url("api", path=f"/{ns.name}"), headers=ns.headers)
+    httpx.get(shared.url("api", path="/green"), headers={"X-Netd-Namespace": "Green"})
+    # A query names a namespace as a header does: in any case.
+    assert [r["path"] for r in shared.view("api", "requests", namespace="GREEN")] == ["/green"]
+    assert [e["namespace"] for e in shared.events(namespace="GREEN")] == ["green"]
+    shared.admin("DELETE", "/api/services/api/requests?namespace=Red")
+    assert red.requests("api") == []
+    assert [r["path"] for r in blue.requests("api")] == ["/blue"]
+    assert len(shared.requests("api")) == 2
+    with pytest.raises(AdminError) as bad:
+        shared.admin("GET", "/api/services/api/requests?namespace=a/b")
+    assert bad.value.status == 400
+    assert [r["path"] for r in blue.requests("api")] == ["/blue"]

@@ -263,7 +263,9 @@ def test_listen_datagram(passed: list[tuple[str, int]]) -> None:
     endpoints.listen_datagram(reactor, "udp:5353:interface=127.0.0.1", protocol)
     assert reactor.udpPorts == [(5353, protocol, "127.0.0.1")]
     endpoints.listen_datagram(reactor, "systemd-udp:domain=INET:name=echo", protocol, passed)
-    assert reactor.adoptedPorts == [(passed[1][1], socket.AF_INET, protocol, 8192)]
+    assert reactor.adoptedPorts == [
+        (passed[1][1], socket.AF_INET, protocol, endpoints.MAX_DATAGRAM)
+    ]
 
 
 def test_adopting_leaves_the_inherited_descriptor_open(passed: list[tuple[str, int]]) -> None:
