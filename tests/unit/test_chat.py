@@ -6,6 +6,7 @@ driven through StringTransport and a Clock.
 from __future__ import annotations
 
 import base64
+import time
 from pathlib import Path
 
 import attrs
@@ -990,3 +991,18 @@ def test_bans_match_masks_and_silence_members(tmp_path: Path) -> None:
     outsider = irc_user(chat, "outsider")
     outsider.send("PRIVMSG #den :from outside")
     assert outsider.read() == [":chat.netd.test 404 outsider #den :Cannot send to channel"]  # +n
+
+
+def test_a_ban_mask_of_many_stars_is_matched_in_linear_time(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #redos", "MODE #redos +b *a*a*a*a*a*a*a*a*b", "MODE #redos +b d?v*!*@*")
+    alice.read()
+    mallory = irc_user(chat, "a" * 30)
+    started = time.perf_counter()
+    mallory.send("JOIN #redos")  # a regular expression took seconds on this, doubling per star
+    assert time.perf_counter() - started < 0.5
+    assert mallory.read()[0].endswith(" JOIN #redos")  # no "b" in the prefix: not banned
+    dave = irc_user(chat, "DAVE")
+    dave.send("JOIN #redos")
+    assert dave.read() == [":chat.netd.test 474 DAVE #redos :Cannot join channel (+b)"]

@@ -154,9 +154,30 @@ def ban_mask(mask: str) -> str:
 
 
 def mask_matches(mask: str, prefix: str) -> bool:
-    """Whether C{prefix} (C{nick!user@host}) matches the ban C{mask}; C{*} and C{?} are wild."""
-    pattern = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in fold(mask))
-    return re.fullmatch(pattern, fold(prefix)) is not None
+    """
+    Whether C{prefix} (C{nick!user@host}) matches the ban C{mask}; C{*} and C{?} are wild.
+
+    A star only ever resumes from the last one seen, so a mask costs at most
+    len(mask) x len(prefix) steps: a regular expression of many stars
+    backtracks exponentially, and any client may set a ban.
+    """
+    mask, prefix = fold(mask), fold(prefix)
+    m = p = 0  # the next character of each
+    star = -1  # the mask just after its last star seen, if any
+    star_p = 0  # where that star's match ends in the prefix so far
+    while p < len(prefix):
+        if m < len(mask) and mask[m] == "*":
+            m += 1
+            star, star_p = m, p
+        elif m < len(mask) and mask[m] in ("?", prefix[p]):
+            m += 1
+            p += 1
+        elif star >= 0:
+            star_p += 1  # the star takes one character more
+            m, p = star, star_p
+        else:
+            return False
+    return not mask[m:].strip("*")
 
 
 @attrs.frozen(repr=False)
