@@ -156,8 +156,9 @@ def test_bad_messages_are_refused_with_a_close_code_and_the_service_keeps_servin
     assert _answer(netd, old).startswith(b"HTTP/1.1 400 ")
     with pytest.raises(InvalidStatus):
         connect(url(netd), additional_headers={"Sec-WebSocket-Version": "8"}, open_timeout=TIMEOUT)
-    # Still serving.
+    # Still serving, even a message of tags alone (answered with nothing).
     with register(netd, "after", ["text.ircv3.net"]) as after:
+        after.send("@+typing=active")
         after.send("JOIN #lobby")
         expect(after, " 366 after #lobby ")
 

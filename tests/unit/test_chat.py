@@ -1006,3 +1006,11 @@ def test_a_ban_mask_of_many_stars_is_matched_in_linear_time(tmp_path: Path) -> N
     dave = irc_user(chat, "DAVE")
     dave.send("JOIN #redos")
     assert dave.read() == [":chat.netd.test 474 DAVE #redos :Cannot join channel (+b)"]
+
+
+def test_a_line_of_tags_alone_is_ignored_and_the_connection_goes_on(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("@+typing=active", "@+typing=active ", ":prefix.only", "PING :still-here")
+    assert alice.read() == [":chat.netd.test PONG chat.netd.test :still-here"]
+    assert not alice.closed

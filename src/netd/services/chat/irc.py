@@ -335,8 +335,8 @@ class IrcSession(Session, irc.IRC):
             return
         try:
             prefix, command, params = irc.parsemsg(text)
-        except (ValueError, IndexError):
-            return  # a lone prefix: nothing to answer
+        except (ValueError, IndexError, irc.IRCBadMessage):
+            return  # a lone prefix or lone tags: no command to answer
         command = command.upper()
         if not self.registered and command not in _BEFORE_REGISTRATION:
             self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
