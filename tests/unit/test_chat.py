@@ -1014,3 +1014,26 @@ def test_a_line_of_tags_alone_is_ignored_and_the_connection_goes_on(tmp_path: Pa
     alice.send("@+typing=active", "@+typing=active ", ":prefix.only", "PING :still-here")
     assert alice.read() == [":chat.netd.test PONG chat.netd.test :still-here"]
     assert not alice.closed
+
+
+def test_a_line_user_kicked_from_its_current_room_is_told_where_it_talks_now(
+    tmp_path: Path,
+) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #k1", "JOIN #k2")
+    victim = line_user(chat, "victim")  # in #lobby
+    victim.send("/join k1", "/join k2")  # talking in #k2
+    victim.read()
+    alice.send("KICK #k2 victim :out")
+    assert victim.read() == ["* alice kicked victim from #k2 (out)", "* now talking in #lobby"]
+    alice.send("KICK #k1 victim")  # not the current room: nothing more to say
+    assert victim.read() == ["* alice kicked victim from #k1 (alice)"]
+    victim.send("/part lobby")
+    assert victim.read()[-1] == "* you are in no room now: /join ROOM"
+    victim.send("/join k1")
+    alice.send("KICK #k1 victim :again")
+    assert victim.read()[-1] == "* you are in no room now: /join ROOM"
+    victim.send("/topic", "still here?")
+    assert victim.read() == ["* you are in no room", "* you are in no room: /join ROOM"]
+    assert not victim.closed

@@ -474,6 +474,9 @@ class Session(Protocol, ABC):
     def line_received(self, line: str) -> None:
         """One line from the client, cleaned, in this protocol's syntax."""
 
+    def kicked_out(self, room: Room) -> None:
+        """Put out of C{room} by an operator, after the kick was announced to it."""
+
     @abstractmethod
     def too_long(self) -> None:
         """A line over L{max_line} was dropped: tell the client."""
@@ -941,6 +944,7 @@ class Hub(Record):
         reason = reason or session.nick
         self._announce(room.all_members(), lambda wire: wire.kicked(session, room, target, reason))
         self._remove(target, room)
+        target.kicked_out(room)
         self.emit(
             "chat.kick",
             nick=session.nick,

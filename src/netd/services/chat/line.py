@@ -198,8 +198,6 @@ class LineSession(Session):
             except ChatError as e:
                 self.notify(_REFUSALS[e.reason].format(e.name))
             return
-        if self.current is not None and self.current not in self.rooms:
-            self.current = next(iter(self.rooms), None)  # kicked out of it
         if not self.registered:
             self.notify("choose a nick first: /nick NAME")
         elif self.current is None:
@@ -260,9 +258,19 @@ class LineSession(Session):
             return
         room = self.hub.part(self, name, "")
         if self.current == room.key:
-            self.current = next(iter(self.rooms), None)
-            if self.current is not None:
-                self.notify(f"now talking in #{self.rooms[self.current].name}")
+            self._talk_elsewhere()
+
+    def kicked_out(self, room: Room) -> None:
+        if self.current == room.key:
+            self._talk_elsewhere()
+
+    def _talk_elsewhere(self) -> None:
+        """The current room was left: another becomes current, and the user hears which."""
+        self.current = next(iter(self.rooms), None)
+        if self.current is not None:
+            self.notify(f"now talking in #{self.rooms[self.current].name}")
+        else:
+            self.notify("you are in no room now: /join ROOM")
 
     def do_msg(self, rest: str) -> None:
         if not self._need_nick():
