@@ -189,6 +189,10 @@ def serve(tmp_path: Path, section: str = "") -> Chat:
     return Chat(CHAT.build(config, context), clock, stats, journal)
 
 
+# For tests of many commands at one instant: JOIN, MODE and the like spend the allowance too.
+GENEROUS_FLOOD = "    flood: {messages: 1000, per_seconds: 1}\n"
+
+
 def line_user(chat: Chat, nick: str) -> Client:
     client = chat.connect("line")
     client.send(f"/nick {nick}")
@@ -416,7 +420,7 @@ def test_irc_password(tmp_path: Path) -> None:
 
 
 def test_irc_rooms_and_queries(tmp_path: Path) -> None:
-    chat = serve(tmp_path, "    rooms: [lobby, dev]\n")
+    chat = serve(tmp_path, "    rooms: [lobby, dev]\n" + GENEROUS_FLOOD)
     alice = irc_user(chat, "alice")
     bob = irc_user(chat, "bob")
     alice.send("JOIN #lobby,#dev,nohash")
@@ -646,7 +650,7 @@ def test_sessions_view(tmp_path: Path) -> None:
 
 
 def test_rooms_clients_made_go_with_their_last_member(tmp_path: Path) -> None:
-    chat = serve(tmp_path, "    history: 5\n")
+    chat = serve(tmp_path, "    history: 5\n" + GENEROUS_FLOOD)
     alice = line_user(chat, "alice")
     alice.send("/join den", "secret", "/part den", "/part lobby")
     assert chat.stats.gauges["chat_rooms"] == 1  # lobby is configured: it stays
@@ -877,7 +881,7 @@ def test_history_batch_and_away_notify(tmp_path: Path) -> None:
 
 
 def test_operators_modes_and_what_they_guard(tmp_path: Path) -> None:
-    chat = serve(tmp_path)
+    chat = serve(tmp_path, GENEROUS_FLOOD)
     alice = irc_user(chat, "alice")
     alice.send("JOIN #den")
     bob = irc_user(chat, "bob")
@@ -970,7 +974,7 @@ def test_operators_modes_and_what_they_guard(tmp_path: Path) -> None:
 
 
 def test_bans_match_masks_and_silence_members(tmp_path: Path) -> None:
-    chat = serve(tmp_path)
+    chat = serve(tmp_path, GENEROUS_FLOOD)
     alice = irc_user(chat, "alice")
     alice.send("JOIN #den")
     bob = irc_user(chat, "bob")
@@ -1037,3 +1041,27 @@ def test_a_line_user_kicked_from_its_current_room_is_told_where_it_talks_now(
     victim.send("/topic", "still here?")
     assert victim.read() == ["* you are in no room", "* you are in no room: /join ROOM"]
     assert not victim.closed
+
+
+def test_commands_others_hear_of_spend_the_flood_allowance(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 3, per_seconds: 3}\n")
+    alice = irc_user(chat, "alice")  # registering costs nothing
+    bob = irc_user(chat, "bob")
+    alice.send("JOIN #f", "NICK al", "TOPIC #f :t", "MODE #f +m")
+    assert alice.read()[-1] == (
+        ":chat.netd.test NOTICE al :flood: more than 3 messages in 3 s; messages dropped"
+    )
+    chat.clock.advance(3)
+    alice.send(*["INVITE bob #f"] * 5)
+    assert [line.split()[1] for line in bob.read()] == ["INVITE"] * 3
+    alice.send("KICK #f bob", "PART #f")
+    assert alice.read()[-1] == "ERROR :Closing Link: 192.0.2.7 (Excess flood)"
+    carol = line_user(chat, "carol")
+    carol.send("/join a", "/part a", "/nick caroline", "/topic t")
+    assert carol.read()[-1] == "* flood: more than 3 messages in 3 s; messages dropped"
+    assert [e["action"] for e in chat.events("chat.flood")] == [
+        "drop",
+        "drop",
+        "disconnect",
+        "drop",
+    ]

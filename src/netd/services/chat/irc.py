@@ -94,6 +94,9 @@ _ISUPPORT = (
     f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
     "NETWORK=netd",
 )
+# Commands that spend from the flood allowance as PRIVMSG does (RFC 2812 5.8):
+# each reaches other users, so a burst of them is a flood too.
+_FLOOD_CHARGED = frozenset({"NICK", "JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 # Commands a client may send before it has registered.
 _BEFORE_REGISTRATION = frozenset(
     {"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"}
@@ -338,8 +341,11 @@ class IrcSession(Session, irc.IRC):
         except (ValueError, IndexError, irc.IRCBadMessage):
             return  # a lone prefix or lone tags: no command to answer
         command = command.upper()
-        if not self.registered and command not in _BEFORE_REGISTRATION:
-            self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
+        if not self.registered:
+            if command not in _BEFORE_REGISTRATION:
+                self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
+                return
+        elif command in _FLOOD_CHARGED and not self.hub.allow(self):
             return
         rules = self.hub.rules
         if rules.event_rules:

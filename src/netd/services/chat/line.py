@@ -14,6 +14,8 @@ from netd.services.chat.hub import ChatError, Hub, ModeChange, Room, Session, Wi
 
 __all__ = ["LineSession", "LineWire"]
 
+# Commands that spend from the flood allowance as a room line does: others hear of them.
+_FLOOD_CHARGED = frozenset({"nick", "join", "part", "topic"})
 # IAC IAC, IAC SB ... IAC SE, IAC WILL/WONT/DO/DONT option, IAC command (RFC 854).
 _TELNET = re.compile(rb"\xff\xff|\xff\xfa.*?\xff\xf0|\xff[\xfb-\xfe].|\xff[\xf0-\xf9]", re.DOTALL)
 
@@ -192,6 +194,8 @@ class LineSession(Session):
             handler = getattr(self, f"do_{command.lower()}", None)
             if handler is None:
                 self.notify(f"unknown command /{command}; /help lists the commands")
+                return
+            if self.registered and command.lower() in _FLOOD_CHARGED and not self.hub.allow(self):
                 return
             try:
                 handler(rest.strip())
