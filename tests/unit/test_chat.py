@@ -1065,3 +1065,12 @@ def test_commands_others_hear_of_spend_the_flood_allowance(tmp_path: Path) -> No
         "disconnect",
         "drop",
     ]
+
+
+def test_nicks_fold_ascii_letters_only(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    karen = irc_user(chat, "karen")
+    alice = irc_user(chat, "alice")
+    alice.send("PRIVMSG \u212aaren :kelvin", "PRIVMSG KAREN :ascii")  # U+212A KELVIN SIGN
+    assert alice.read() == [":chat.netd.test 401 alice \u212aaren :No such nick/channel"]
+    assert karen.read() == [":alice!alice@192.0.2.7 PRIVMSG karen :ascii"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import string
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -53,14 +54,19 @@ MAX_BANS = 100
 # RFC 2812 2.3.1: a letter or "special" first, then letters, digits, specials and "-".
 _NICK = re.compile(r"[A-Za-z\[\]\\`_^{|}][A-Za-z0-9\[\]\\`_^{|}-]*\Z")
 _ROOM = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 # Output a client that has stopped reading may still queue (beyond the transport's
 # own buffer) before it is dropped; a room must not hold memory for its slowest member.
 MAX_BACKLOG = 256 * 1024
 
 
 def fold(name: str) -> str:
-    """The key two nicks or room names share when they differ only in case."""
-    return name.lower()
+    """
+    The key two nicks or room names share when they differ only in case: A-Z
+    only (CASEMAPPING=ascii), where str.lower() would make the Kelvin sign
+    reach "karen".
+    """
+    return name.translate(_ASCII_LOWER)
 
 
 def valid_nick(nick: str) -> bool:
