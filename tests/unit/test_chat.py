@@ -10,8 +10,10 @@ import time
 from pathlib import Path
 
 import attrs
+import bcrypt
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock, StringTransportWithDisconnection
 from twisted.logger import Logger
 
@@ -1074,3 +1076,30 @@ def test_nicks_fold_ascii_letters_only(tmp_path: Path) -> None:
     alice.send("PRIVMSG \u212aaren :kelvin", "PRIVMSG KAREN :ascii")  # U+212A KELVIN SIGN
     assert alice.read() == [":chat.netd.test 401 alice \u212aaren :No such nick/channel"]
     assert karen.read() == [":alice!alice@192.0.2.7 PRIVMSG karen :ascii"]
+
+
+def test_registering_aborts_a_sasl_exchange_under_way(tmp_path: Path) -> None:
+    hashed = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(4)).decode()
+    chat = serve(tmp_path, f"    users: {{alice: {{password: '{hashed}'}}}}\n")
+    early = chat.connect("irc")
+    early.send("CAP REQ :sasl", "NICK early", "USER e 0 * :E", "AUTHENTICATE PLAIN")
+    early.read()
+    early.send("CAP END")
+    lines = early.read()
+    assert lines[0] == ":chat.netd.test 906 * :SASL authentication aborted"
+    assert lines[1].startswith(":chat.netd.test 001 early ")
+    # A password check still in its thread then logs no one in.
+    checking: Deferred[None] = Deferred()
+    late = chat.connect("irc")
+    hub = late.session.hub  # type: ignore[attr-defined]
+    hub.run_in_thread = lambda work, *args: checking.addCallback(lambda _: work(*args))
+    late.send("CAP REQ :sasl", "NICK late", "USER l 0 * :L")
+    late.read()
+    assert sasl(late, b"\0alice\0wonderland") == []
+    late.send("CAP END")
+    assert late.read()[0] == ":chat.netd.test 906 * :SASL authentication aborted"
+    checking.callback(None)
+    chat.clock.advance(SASL_FAILURE_DELAY)
+    assert late.read() == []
+    assert late.session.account is None  # type: ignore[attr-defined]
+    assert chat.events("chat.sasl") == []

@@ -273,6 +273,8 @@ class IrcSession(Session, irc.IRC):
         self._sasl: list[str] | None = None
         self._sasl_failures = 0
         self._sasl_checking = False
+        # Numbers each password check, so the result of one aborted meanwhile is ignored.
+        self._sasl_checks = 0
         # The client tags of the command being handled.
         self._tags = b""
         self._batches = itertools.count(1)
@@ -509,22 +511,25 @@ class IrcSession(Session, irc.IRC):
             self._sasl_failed(account)  # alice@: no namespace to log in to
             return
         self._sasl_checking = True
+        self._sasl_checks += 1
         checked = self.hub.check_password(read[0], password)
         checked.addErrback(self._check_failed)
-        checked.addCallback(self._sasl_checked, *read)
+        checked.addCallback(self._sasl_checked, self._sasl_checks, *read)
 
     @staticmethod
     def _check_failed(reason: Failure) -> bool:
         _log.failure("chat: SASL password check failed", reason)
         return False
 
-    def _sasl_checked(self, ok: bool, account: str, login: str | None = None) -> None:
+    def _sasl_checked(self, ok: bool, check: int, account: str, login: str | None = None) -> None:
+        if check != self._sasl_checks:
+            return  # aborted while the password was checked
         if self.gone:
             self._sasl_checking = False
             return
         if not ok:
             # Still "checking" until the answer: a guess sent meanwhile gets 904 at once.
-            self.hub.clock.callLater(SASL_FAILURE_DELAY, self._sasl_refused, account)
+            self.hub.clock.callLater(SASL_FAILURE_DELAY, self._sasl_refused, check, account)
             return
         self._sasl_checking = False
         self.account = account
@@ -538,7 +543,9 @@ class IrcSession(Session, irc.IRC):
         )
         self.hub.flush_soon()
 
-    def _sasl_refused(self, account: str) -> None:
+    def _sasl_refused(self, check: int, account: str) -> None:
+        if check != self._sasl_checks:
+            return
         self._sasl_checking = False
         if self.gone:
             return
@@ -599,6 +606,12 @@ class IrcSession(Session, irc.IRC):
             self.numeric(irc.ERR_PASSWDMISMATCH, "Password incorrect")
             self.disconnect("Bad password")
             return
+        if self._sasl is not None or self._sasl_checking:
+            # IRCv3 sasl-3.1: registration completing ends an exchange under way.
+            self._sasl = None
+            self._sasl_checking = False
+            self._sasl_checks += 1
+            self.numeric("906", "SASL authentication aborted")
         try:
             self.hub.register(self, self.wanted_nick)
         except ChatError as e:
