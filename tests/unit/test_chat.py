@@ -277,13 +277,14 @@ def test_line_commands(tmp_path: Path) -> None:
 def test_history_is_replayed_on_join(tmp_path: Path) -> None:
     chat = serve(tmp_path, "    history: 2\n")
     alice = line_user(chat, "alice")
-    for n in range(3):
+    for n in range(2):
         alice.send(f"message {n}")
+    alice.send("\x01ACTION waves\x01")  # a CTCP ACTION, as IRC users send /me
     bob = line_user(chat, "bob")
     assert bob.read() == []
     bob = chat.connect("line")
     bob.send("/nick carol")
-    assert bob.read()[-2:] == ["<alice> message 1", "<alice> message 2"]
+    assert bob.read()[-2:] == ["<alice> message 1", "* alice waves"]
 
 
 def test_rooms_cannot_be_created_when_forbidden(tmp_path: Path) -> None:

@@ -251,7 +251,8 @@ class LineSession(Session):
             self.notify(f"topic of #{joined.name}: {joined.topic}")
         self.notify(f"in #{joined.name}: {_members(joined)}")
         for _, nick, text in joined.history:
-            self.write(f"<{nick}> {text}\r\n".encode())
+            shown = _action(nick, text) or f"<{nick}> {text}"
+            self.write(f"{shown}\r\n".encode())
 
     def do_part(self, rest: str) -> None:
         if not self._need_nick():
