@@ -65,13 +65,17 @@ def accept(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key.strip() + _GUID).digest())
 
 
+# RFC 6455 4.2.2: a version not spoken is refused with the one that is.
+_WRONG_VERSION = "Sec-WebSocket-Version: 13 only"
+
+
 def handshake_problem(header: Callable[[bytes], bytes | None]) -> str | None:
     """What is wrong with a WebSocket handshake (RFC 6455 4.2.1), or None; C{header} reads one."""
     upgrade = (header(b"upgrade") or b"").lower()
     if b"websocket" not in [t.strip() for t in upgrade.split(b",")]:
         return "not a WebSocket handshake (Upgrade: websocket)"
     if header(b"sec-websocket-version") != b"13":
-        return "Sec-WebSocket-Version: 13 only"
+        return _WRONG_VERSION
     key = header(b"sec-websocket-key") or b""
     try:
         if len(base64.b64decode(key.strip(), validate=True)) != 16:
@@ -275,7 +279,7 @@ class LinesOverWebSocket(Protocol):
             return
         problem = handshake_problem(headers.get)
         if problem is not None:
-            self._refuse(400, problem)
+            self._refuse(426 if problem == _WRONG_VERSION else 400, problem)
             return
         served = self.options.subprotocols
         offered = offered_subprotocols(headers.get(b"sec-websocket-protocol"))
@@ -300,7 +304,7 @@ class LinesOverWebSocket(Protocol):
     def _refuse(self, status: int, reason: str) -> None:
         self._stop_deadline()
         body = reason.encode() + b"\n"
-        extra = b"Upgrade: websocket\r\n" if status == 426 else b""
+        extra = b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n" if status == 426 else b""
         self.transport.write(
             b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\n"
             b"Content-Length: %d\r\n%sConnection: close\r\n\r\n%s"

@@ -188,6 +188,7 @@ def test_a_slow_handshake_is_cut_at_the_deadline() -> None:
         (b"POST / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nno colon\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 8\r\n\r\n", b"426"),
         (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 300, b"431"),
     ],
 )
