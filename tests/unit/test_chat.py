@@ -1104,3 +1104,21 @@ def test_registering_aborts_a_sasl_exchange_under_way(tmp_path: Path) -> None:
     assert late.read() == []
     assert late.session.account is None  # type: ignore[attr-defined]
     assert chat.events("chat.sasl") == []
+
+
+def test_commands_short_of_arguments_or_naming_no_one_are_answered(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    irc_user(chat, "karen")
+    alice = irc_user(chat, "alice")
+    alice.send("JOIN #c")
+    alice.read()
+    alice.send("MODE #c +k", "MODE #c +l", "MODE #c +o", "MODE ghost", "MODE karen", "USERHOST")
+    alice.send("ISON karen KAREN ghost")
+    short = ":chat.netd.test 461 alice {} :Not enough parameters"
+    assert alice.read() == [
+        *[short.format("MODE")] * 3,
+        ":chat.netd.test 401 alice ghost :No such nick/channel",
+        ":chat.netd.test 502 alice :Cannot change mode for other users",
+        short.format("USERHOST"),
+        ":chat.netd.test 303 alice :karen",
+    ]

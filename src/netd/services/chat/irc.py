@@ -784,6 +784,8 @@ class IrcSession(Session, irc.IRC):
         target = params[0]
         if target.startswith("#"):
             self._channel_mode(target, params[1:])
+        elif fold(target) not in self.hub.users:
+            self.numeric(irc.ERR_NOSUCHNICK, target, "No such nick/channel")
         elif fold(target) != fold(self.nick):
             self.numeric(irc.ERR_USERSDONTMATCH, "Cannot change mode for other users")
         elif len(params) == 1:
@@ -824,7 +826,8 @@ class IrcSession(Session, irc.IRC):
         """
         C{+o-v alice bob}, as changes; None once an unknown mode was answered (472).
         A ban without a mask is the list query (L{_BAN_LIST}); another change that
-        lacks its argument is ignored, as IRC servers do.
+        lacks its argument is answered 461, as ngircd does, and one past
+        L{MAX_MODE_ARGUMENTS} is ignored.
         """
         flags, arguments = words[0], list(words[1:])
         changes: list[ModeChange] = []
@@ -849,7 +852,10 @@ class IrcSession(Session, irc.IRC):
                 changes.append(ModeChange(False, "k"))
                 continue
             if flag in "bovk" or (flag == "l" and adding):
-                if not arguments or taken >= MAX_MODE_ARGUMENTS:
+                if not arguments:
+                    self.numeric(irc.ERR_NEEDMOREPARAMS, "MODE", "Not enough parameters")
+                    continue
+                if taken >= MAX_MODE_ARGUMENTS:
                     continue
                 argument = arguments.pop(0)
                 taken += 1
@@ -1064,6 +1070,8 @@ class IrcSession(Session, irc.IRC):
                     member.write(line)
 
     def irc_USERHOST(self, prefix: str, params: list[str]) -> None:
+        if not self._enough("USERHOST", params):
+            return
         replies = []
         for nick in params[:5]:
             user = self.hub.users.get(fold(nick))
@@ -1076,9 +1084,6 @@ class IrcSession(Session, irc.IRC):
         self._lusers()
 
     def irc_ISON(self, prefix: str, params: list[str]) -> None:
-        present = [
-            self.hub.users[fold(n)].nick
-            for n in " ".join(params).split()
-            if fold(n) in self.hub.users
-        ]
+        asked = dict.fromkeys(fold(n) for n in " ".join(params).split())
+        present = [self.hub.users[n].nick for n in asked if n in self.hub.users]
         self.numeric(irc.RPL_ISON, " ".join(present))
