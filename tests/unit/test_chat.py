@@ -1122,3 +1122,17 @@ def test_commands_short_of_arguments_or_naming_no_one_are_answered(tmp_path: Pat
         short.format("USERHOST"),
         ":chat.netd.test 303 alice :karen",
     ]
+
+
+def test_a_message_reaches_each_target_once_with_its_trailing_spaces(tmp_path: Path) -> None:
+    chat = serve(tmp_path)
+    alice = irc_user(chat, "alice")
+    bob = irc_user(chat, "bob")
+    bob.send("JOIN #c")
+    alice.send("JOIN #c")
+    bob.read()
+    alice.send("PRIVMSG #c,#C,#c :spaced  ", "PRIVMSG bob,BOB :once ")
+    assert bob.read() == [
+        ":alice!alice@192.0.2.7 PRIVMSG #c :spaced  ",
+        ":alice!alice@192.0.2.7 PRIVMSG bob :once ",
+    ]

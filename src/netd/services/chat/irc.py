@@ -324,7 +324,7 @@ class IrcSession(Session, irc.IRC):
     # --- framing and replies ----------------------------------------------------------
 
     def line_received(self, line: str) -> None:
-        text = line.strip(" ")
+        text = line.lstrip(" ")  # trailing spaces may be a trailing parameter's own
         if not text:
             return
         self._tags = b""
@@ -932,7 +932,10 @@ class IrcSession(Session, irc.IRC):
         if not self.hub.allow(self):
             return
         text = params[1]
+        targets: dict[str, str] = {}
         for target in params[0].split(",")[:4]:
+            targets.setdefault(fold(target), target)  # #a,#A is one message to #a
+        for target in targets.values():
             try:
                 if target.startswith("#"):
                     room = self.hub.say(self, target, text, notice, self._tags)
