@@ -291,6 +291,38 @@ def test_toxic_json_takes_toxiproxys_defaults() -> None:
     }
 
 
+def test_an_update_keeps_the_toxics_name_and_stream_whatever_the_body_says(
+    tmp_path: Path,
+) -> None:
+    pipe = _Pipe(
+        tmp_path,
+        Toxic("A", "latency", attributes={"latency": 10}),
+        Toxic("B", "bandwidth", attributes={"rate": 10}),
+    )
+    toxics = pipe.proxy.toxics
+    for body in (
+        {"name": "B", "attributes": {"latency": 50}},
+        {"name": "C", "stream": "upstream", "attributes": {"latency": 50}},
+    ):
+        a = toxics.get("A")
+        assert a is not None
+        toxics.update(read_toxic(body, base=a.toxic))
+    assert [(s.toxic.name, s.toxic.type, s.toxic.stream) for s in toxics] == [
+        ("A", "latency", "downstream"),
+        ("B", "bandwidth", "downstream"),
+    ]
+    b = toxics.get("B")
+    assert b is not None and b.toxic.attributes == {"rate": 10}
+
+
+def test_null_attributes_are_none_given() -> None:
+    # What Toxiproxy's Go client sends: AddToxic(name, type, "", 1, nil).
+    toxic = read_toxic({"type": "latency", "attributes": None})
+    assert toxic.attributes == {"latency": 0, "jitter": 0}
+    updated = read_toxic({"toxicity": 0.5, "attributes": None}, base=toxic)
+    assert updated.toxicity == 0.5 and updated.attributes == toxic.attributes
+
+
 @pytest.mark.parametrize(
     ("raw", "path"),
     [

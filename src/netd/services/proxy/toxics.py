@@ -177,8 +177,9 @@ def read_toxic(raw: Any, default_stream: str = "downstream", base: Toxic | None 
     """
     A toxic from its JSON (the API's body, or a map entry as plain data), with
     Toxiproxy's defaults: stream C{downstream}, toxicity 1, name C{TYPE_STREAM};
-    C{base}, when given, supplies every field C{raw} leaves out (an update).
-    Raises L{ToxicError} naming the first wrong key.
+    C{base}, when given, supplies every field C{raw} leaves out (an update),
+    and its name and stream whatever C{raw} says, as Toxiproxy's update reads
+    neither.  Raises L{ToxicError} naming the first wrong key.
     """
     if not isinstance(raw, dict):
         raise ToxicError("", "a toxic is a JSON object")
@@ -190,16 +191,21 @@ def read_toxic(raw: Any, default_stream: str = "downstream", base: Toxic | None 
         raise ToxicError("type", f"must be one of {', '.join(_TYPES)}, got {kind!r}")
     if base is not None and kind != base.type:
         raise ToxicError("type", "a toxic's type cannot change")
-    stream = raw.get("stream", base.stream if base else default_stream)
-    if stream not in _STREAMS:
-        raise ToxicError("stream", "stream was invalid, can be either upstream or downstream")
-    name = raw.get("name") or (base.name if base else f"{kind}_{stream}")
-    if not isinstance(name, str):
-        raise ToxicError("name", f"expected a string, got {name!r}")
+    if base is not None:
+        name, stream = base.name, base.stream
+    else:
+        stream = raw.get("stream", default_stream)
+        if stream not in _STREAMS:
+            raise ToxicError("stream", "stream was invalid, can be either upstream or downstream")
+        name = raw.get("name") or f"{kind}_{stream}"
+        if not isinstance(name, str):
+            raise ToxicError("name", f"expected a string, got {name!r}")
     toxicity = _number(raw.get("toxicity", base.toxicity if base else 1.0), "toxicity")
     if toxicity > 1:
         raise ToxicError("toxicity", f"a probability from 0 to 1, got {toxicity!r}")
-    given = raw.get("attributes", {})
+    given = raw.get("attributes")
+    if given is None:
+        given = {}  # Toxiproxy's Go client sends null for no attributes
     if not isinstance(given, dict):
         raise ToxicError("attributes", "expected a JSON object")
     defaults = _TYPES[kind]
