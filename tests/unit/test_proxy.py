@@ -168,6 +168,34 @@ def test_timeout_swallows_bytes_and_closes_after_the_quiet_period(tmp_path: Path
     assert to_client.disconnecting
 
 
+def _closed_after(pipe: _Pipe, transport: StringTransport, seconds: float) -> bool:
+    """Whether C{transport} stays open for C{seconds} less 10 ms, and is closed 10 ms later."""
+    pipe.clock.advance(seconds - 0.01)
+    still_open = not transport.disconnecting
+    pipe.clock.advance(0.02)
+    return still_open and transport.disconnecting
+
+
+def test_a_timeout_added_to_an_idle_connection_closes_it_with_no_bytes(
+    tmp_path: Path,
+) -> None:
+    pipe = _Pipe(tmp_path)
+    _, to_client, _ = pipe.open()
+    pipe.proxy.toxics.add(Toxic("t", "timeout", attributes={"timeout": 500}))
+    assert _closed_after(pipe, to_client, 0.5)
+
+
+def test_an_updated_timeout_starts_over_with_its_new_value(tmp_path: Path) -> None:
+    pipe = _Pipe(tmp_path, Toxic("t", "timeout", attributes={"timeout": 1000}))
+    _, to_client, _ = pipe.open()
+    pipe.clock.advance(0.3)
+    pipe.proxy.toxics.update(Toxic("t", "timeout", attributes={"timeout": 0}))
+    pipe.clock.advance(5)
+    assert not to_client.disconnecting  # 0: held for ever
+    pipe.proxy.toxics.update(Toxic("t", "timeout", attributes={"timeout": 200}))
+    assert _closed_after(pipe, to_client, 0.2)
+
+
 def test_disabling_cuts_open_relays_and_refuses_new_ones(tmp_path: Path) -> None:
     pipe = _Pipe(tmp_path)
     _, to_client, _ = pipe.open()

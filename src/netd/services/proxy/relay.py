@@ -37,7 +37,7 @@ from zope.interface import implementer
 
 from netd.compat import own_attribute, read_with
 from netd.connections import TrackedConnection, read_into, send_now, socket_under
-from netd.services.proxy.toxics import ToxicState
+from netd.services.proxy.toxics import Toxic, ToxicState
 
 if TYPE_CHECKING:
     from netd.services.proxy.state import Proxy
@@ -303,7 +303,7 @@ class Direction:
         return pieces, tail
 
     def start_toxic(self, state: ToxicState) -> None:
-        """A toxic began to act on this direction (timeout's clock starts then)."""
+        """A toxic began to act on this direction, or was updated (timeout's clock starts then)."""
         if state.toxic.type == "timeout":
             self._start_timeout(state)
 
@@ -403,6 +403,8 @@ class Relay:
         self.closed = False
         self.client_gone = False
         self._decisions: dict[ToxicState, bool] = {}
+        # The configuration each acting toxic started with here: an update restarts it.
+        self._started: dict[ToxicState, Toxic] = {}
         self._acting: dict[str, list[ToxicState]] = {}
         self._version = -1
         transport = client.transport
@@ -414,31 +416,42 @@ class Relay:
 
     def acting(self, stream: str) -> list[ToxicState]:
         """The toxics acting on this connection's C{stream}, each decided once."""
-        toxics = self.proxy.toxics
-        if toxics.version != self._version:
-            self._version = toxics.version
-            present = set()
-            acting: dict[str, list[ToxicState]] = {"upstream": [], "downstream": []}
-            for state in toxics:
-                if state.toxic.datagram:
-                    continue
-                present.add(state)
-                decided = self._decisions.get(state)
-                if decided is None:
-                    decided = self._decisions[state] = state.decide(self.peer, self.proxy.scenarios)
-                    if decided:
-                        self.proxy.fired(
-                            state, self.peer, connection=self.connection_id, peer=self.client_name
-                        )
-                        self._direction(state.toxic.stream).start_toxic(state)
-                if decided:
-                    acting[state.toxic.stream].append(state)
-            for state in [s for s in self._decisions if s not in present]:
-                del self._decisions[state]
-                self.up.stop_toxic(state)
-                self.down.stop_toxic(state)
-            self._acting = acting
+        if self.proxy.toxics.version != self._version:
+            self.follow_toxics()
         return self._acting[stream]
+
+    def follow_toxics(self) -> None:
+        """
+        Take the proxy's toxics as they are now, as Toxiproxy's link does when
+        one is added, updated or removed: a new one is decided (and a timeout's
+        clock starts), an updated one starts over, a removed one stops.
+        """
+        toxics = self.proxy.toxics
+        self._version = toxics.version
+        present = set()
+        acting: dict[str, list[ToxicState]] = {"upstream": [], "downstream": []}
+        for state in toxics:
+            if state.toxic.datagram:
+                continue
+            present.add(state)
+            decided = self._decisions.get(state)
+            if decided is None:
+                decided = self._decisions[state] = state.decide(self.peer, self.proxy.scenarios)
+                if decided:
+                    self.proxy.fired(
+                        state, self.peer, connection=self.connection_id, peer=self.client_name
+                    )
+            if decided:
+                acting[state.toxic.stream].append(state)
+                if self._started.get(state) is not state.toxic:
+                    self._started[state] = state.toxic
+                    self._direction(state.toxic.stream).start_toxic(state)
+        for state in [s for s in self._decisions if s not in present]:
+            del self._decisions[state]
+            self._started.pop(state, None)
+            self.up.stop_toxic(state)
+            self.down.stop_toxic(state)
+        self._acting = acting
 
     def _direction(self, stream: str) -> Direction:
         return self.up if stream == "upstream" else self.down

@@ -79,6 +79,7 @@ class Proxy(Service):
         self.toxics = ToxicSet()
         for toxic in toxics:
             self.toxics.add(toxic, source="map")
+        self.toxics.watchers.append(self._toxics_changed)
         self.enabled = True
         self.chance = random.Random()
         self.live: dict[Relay, None] = {}
@@ -113,6 +114,12 @@ class Proxy(Service):
         factory.noisy = False
         connected: Deferred[Any] = endpoint.connect(factory)
         return connected
+
+    def _toxics_changed(self) -> None:
+        # Toxiproxy's toxics join every open link as they come, idle ones too.
+        for relay in list(self.live):
+            if not relay.closed:
+                relay.follow_toxics()
 
     def forget(self, relay: Relay) -> None:
         self.live.pop(relay, None)

@@ -14,7 +14,7 @@ with the fields of C{rule.fired}.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -303,6 +303,8 @@ class ToxicSet(Record):
     _states: dict[str, ToxicState] = attrs.field(factory=dict)
     # Bumped on every change: a connection re-reads its toxics when it moved.
     version: int = 0
+    # Called after every change (the proxy's open connections follow at once).
+    watchers: list[Callable[[], None]] = attrs.field(factory=list, repr=False)
 
     def __iter__(self) -> Iterator[ToxicState]:
         return iter(list(self._states.values()))
@@ -318,20 +320,25 @@ class ToxicSet(Record):
         if toxic.name in self._states:
             raise KeyError(toxic.name)
         state = self._states[toxic.name] = ToxicState(toxic, source)
-        self.version += 1
+        self._changed()
         return state
 
     def update(self, toxic: Toxic) -> ToxicState:
         state = self._states[toxic.name]
         state.replace(toxic)
-        self.version += 1
+        self._changed()
         return state
 
     def remove(self, name: str) -> bool:
         found = self._states.pop(name, None) is not None
-        self.version += 1
+        self._changed()
         return found
 
     def clear(self) -> None:
         self._states.clear()
+        self._changed()
+
+    def _changed(self) -> None:
         self.version += 1
+        for watcher in self.watchers:
+            watcher()
