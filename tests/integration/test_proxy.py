@@ -483,6 +483,10 @@ def test_toxics_are_rules_on_the_rules_view(netd: NetdProcess) -> None:
             with pytest.raises(AdminError) as taken:
                 netd.rule("echo", id="cut", type="latency")
             assert taken.value.status == 409
+            for toxics in ("/api/services/echo/toxics", "/proxies/echo/toxics"):
+                with pytest.raises(AdminError) as taken:
+                    netd.admin("POST", toxics, b'{"name": "cut", "type": "latency"}')
+                assert taken.value.status == 409, toxics
             # The reset may reach a loaded client while its connect() is still returning.
             with pytest.raises(ConnectionResetError), _connect(netd) as sock:
                 if not sock.recv(10):

@@ -126,6 +126,8 @@ def toxics_view(proxy: Proxy) -> AdminView:
         toxic = _toxic_or_refusal(body)
         if proxy.toxics.get(toxic.name) is not None:
             raise ViewRefused(409, "toxic already exists")
+        if proxy.context.rules.item(toxic.name) is not None:
+            raise ViewRefused(409, f"a rule {toxic.name!r} is in force already")
         return proxy.toxics.add(toxic).as_json()
 
     def put(name: str, body: Any) -> Any:

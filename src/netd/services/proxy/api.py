@@ -217,6 +217,8 @@ def _toxics(proxy: Proxy, method: str, rest: Sequence[str], raw: bytes) -> Answe
             raise _Refused(status, message) from None
         if proxy.toxics.get(toxic.name) is not None:
             raise _Refused(409, "toxic already exists")
+        if proxy.context.rules.item(toxic.name) is not None:
+            raise _Refused(409, f"a rule {toxic.name!r} is in force already")
         return 200, proxy.toxics.add(toxic).as_json()
     state = proxy.toxics.get(rest[0])
     if len(rest) > 1 or state is None:
