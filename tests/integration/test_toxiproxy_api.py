@@ -226,6 +226,36 @@ def test_a_proxy_restarted_by_a_reload_while_down_accepts_again(netd: NetdProces
     assert _call(netd, "GET", "/proxies/mapped")[1]["enabled"] is True
 
 
+def _toxic_names(netd: NetdProcess, proxy: str) -> list[tuple[str, str]]:
+    return [(t["name"], t["type"]) for t in _call(netd, "GET", f"/proxies/{proxy}/toxics")[1]]
+
+
+def test_the_apis_toxics_outlive_a_reload_or_a_move_that_restarts_their_proxy(
+    netd: NetdProcess,
+) -> None:
+    for name in ("kept", "shadowed"):
+        _call(netd, "POST", "/proxies/mapped/toxics", {"name": name, "type": "latency"})
+    text = netd.config_path.read_text()  # type: ignore[union-attr]
+    edited = text.replace(
+        "upstream: 127.0.0.1:1",
+        "upstream: 127.0.0.1:2\n    toxics: [{name: shadowed, type: bandwidth}]",
+    )
+    assert "mapped" in netd.reload(edited)["restarted"]
+    # The map's toxics first; of the API's, those the map has not named since.
+    assert _toxic_names(netd, "mapped") == [("shadowed", "bandwidth"), ("kept", "latency")]
+    # A run-time proxy moved to another port is restarted too, its toxics with it...
+    echo = f"127.0.0.1:{netd.address('echo')[1]}"
+    _call(netd, "POST", "/proxies", {"name": "mover", "upstream": echo})
+    _call(netd, "POST", "/proxies/mover/toxics", {"name": "kept", "type": "latency"})
+    status, moved = _call(netd, "POST", "/proxies/mover", {"listen": "127.0.0.1:0"})
+    assert status == 200 and moved["toxics"][0]["name"] == "kept"
+    assert _toxic_names(netd, "mover") == [("kept", "latency")]
+    # ...while one deleted and made again under its name starts with none, as Toxiproxy's.
+    assert _call(netd, "DELETE", "/proxies/mover")[0] == 200  # 204
+    _call(netd, "POST", "/proxies", {"name": "mover", "upstream": echo})
+    assert _toxic_names(netd, "mover") == []
+
+
 def test_a_toxiproxy_listener_serves_its_api_without_the_admin_token(
     start_netd: StartNetd,
 ) -> None:

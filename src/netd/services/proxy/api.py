@@ -140,6 +140,7 @@ def _create(host: ServiceHost, raw: Any, where: str = "") -> Any:
 def _remove(host: ServiceHost, name: str) -> Any:
     _, proxy = _found(host, name)
     proxy.context.emit("proxy.deleted")
+    proxy.carry_no_toxics()
     return host.remove_service(name)
 
 
@@ -160,18 +161,35 @@ def _update(host: ServiceHost, name: str, raw: Any) -> Any:
     if listen is not None and listen != _listen_of(service):
         if not host.added_at_run_time(name):
             raise _Refused(409, f"{name} is in the service map: its listeners change there")
-        # Toxiproxy restarts a proxy that moves; its toxics go with it.
-        toxics = [state.toxic for state in proxy.toxics]
-        yield _remove(host, name)
-        service, proxy = yield _create(
-            host, {"name": name, "listen": listen, "upstream": _host_port(*upstream)}
-        )
-        for toxic in toxics:
-            proxy.toxics.add(toxic)
+        service, proxy = yield _move(host, service, proxy, listen, upstream)
     proxy.upstream = upstream
     if "enabled" in raw:
         proxy.set_enabled(bool(raw["enabled"]))
     return 200, _shape(service, proxy)
+
+
+@inlineCallbacks
+def _move(
+    host: ServiceHost,
+    service: HostedService,
+    proxy: Proxy,
+    listen: Any,
+    upstream: tuple[str, int],
+) -> Any:
+    """
+    Toxiproxy restarts a proxy that moves, its toxics with it: netd makes it
+    again on C{listen}, its toxics carried over as a reload's.
+    """
+    name = service.config.name
+    was = {
+        "name": name,
+        "listen": _listen_of(service),
+        "upstream": _host_port(*proxy.upstream),
+        "enabled": proxy.enabled,
+    }
+    proxy.context.emit("proxy.deleted")
+    yield host.remove_service(name)
+    return (yield _create(host, {**was, "listen": listen, "upstream": _host_port(*upstream)}))
 
 
 @inlineCallbacks

@@ -35,6 +35,8 @@ __all__ = ["Proxy", "UpstreamTLS"]
 
 # Seconds to reach the upstream before the client is closed.
 CONNECT_TIMEOUT = 10
+# The key of BuildContext.carried under which a proxy hands its toxics to its successor.
+_CARRIED_TOXICS = "toxics"
 
 
 @attrs.frozen(repr=False)
@@ -79,6 +81,13 @@ class Proxy(Service):
         self.toxics = ToxicSet()
         for toxic in toxics:
             self.toxics.add(toxic, source="map")
+        older = context.carried.get(_CARRIED_TOXICS)
+        if isinstance(older, ToxicSet):
+            for name in self.toxics.adopt(older):
+                context.log.warn(
+                    "run-time toxic {toxic} not kept across the reload: the map has its name",
+                    toxic=name,
+                )
         self.toxics.watchers.append(self._toxics_changed)
         self.enabled = True
         self.chance = random.Random()
@@ -186,6 +195,15 @@ class Proxy(Service):
 
     def clear_toxics(self) -> None:
         self.toxics.clear()
+
+    def startService(self) -> None:
+        super().startService()
+        # Serving now: the API's toxics are what a reload that rebuilds it carries over.
+        self.context.carried[_CARRIED_TOXICS] = self.toxics
+
+    def carry_no_toxics(self) -> None:
+        """Deleted, not rebuilt: a proxy made again under its name starts with no toxics."""
+        self.context.carried.pop(_CARRIED_TOXICS, None)
 
     def stopService(self) -> None:
         super().stopService()

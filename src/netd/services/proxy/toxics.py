@@ -323,6 +323,24 @@ class ToxicSet(Record):
         self._changed()
         return state
 
+    def adopt(self, older: ToxicSet) -> list[str]:
+        """
+        Take the API's toxics of the proxy this one replaces (a reload rebuilt
+        it), with their counts, after the map's.  Returns the names left out:
+        the map has a toxic so named now (the map's edit wins).
+        """
+        left_out = []
+        for state in older:
+            name = state.toxic.name
+            if state.rule.source != "api":
+                continue
+            if name in self._states:
+                left_out.append(name)
+            else:
+                self._states[name] = state
+        self._changed()
+        return left_out
+
     def update(self, toxic: Toxic) -> ToxicState:
         state = self._states[toxic.name]
         state.replace(toxic)
