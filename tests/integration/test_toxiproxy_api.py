@@ -256,6 +256,31 @@ def test_the_apis_toxics_outlive_a_reload_or_a_move_that_restarts_their_proxy(
     assert _toxic_names(netd, "mover") == []
 
 
+def test_odd_bodies_are_refused_and_a_move_to_a_busy_port_keeps_the_proxy(
+    netd: NetdProcess,
+) -> None:
+    echo = f"127.0.0.1:{netd.address('echo')[1]}"
+    assert _call(netd, "POST", "/populate", [{"name": ["a"], "upstream": echo}])[0] == 400
+    with pytest.raises(AdminError) as refused:
+        netd.admin("POST", "/proxies", b"[" * 5000 + b"]" * 5000)
+    assert refused.value.status == 400
+    for enabled in ("false", 0):
+        made = {"name": "en", "upstream": echo, "enabled": enabled}
+        assert _call(netd, "POST", "/proxies", made)[0] == 400
+    assert _call(netd, "GET", "/proxies/en")[0] == 404
+    _, made = _call(netd, "POST", "/proxies", {"name": "mvx", "upstream": echo})
+    _call(netd, "POST", "/proxies/mvx/toxics", {"type": "latency"})
+    assert _call(netd, "POST", "/proxies/mvx", {"enabled": "false"})[0] == 400
+    # Toxiproxy answers a listen error as its 500, and keeps the proxy.
+    status, answer = _call(netd, "POST", "/proxies/mvx", {"listen": echo})
+    assert (status, answer["status"]) == (500, 500)
+    kept = _call(netd, "GET", "/proxies/mvx")[1]
+    assert kept["listen"] == made["listen"] and kept["enabled"] is True
+    assert [t["name"] for t in kept["toxics"]] == ["latency_downstream"]
+    assert _round_trip(_address(kept["listen"]))[0] == b"ping"
+    assert netd.admin("GET", "/healthz") == b"ok\n"
+
+
 def test_a_toxiproxy_listener_serves_its_api_without_the_admin_token(
     start_netd: StartNetd,
 ) -> None:

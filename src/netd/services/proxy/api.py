@@ -89,6 +89,18 @@ def _body(raw: bytes) -> Any:
         return json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as e:
         raise _Refused(400, f"bad request body: {e}") from None
+    except RecursionError:
+        raise _Refused(400, "bad request body: nested too deeply") from None
+
+
+def _enabled(raw: dict[str, Any], default: bool) -> bool:
+    """C{enabled}: a JSON boolean (null, as Go reads it, leaves C{default})."""
+    enabled = raw.get("enabled")
+    if enabled is None:
+        return default
+    if not isinstance(enabled, bool):
+        raise _Refused(400, f"bad request body: enabled must be true or false, not {enabled!r}")
+    return enabled
 
 
 def _service_config(name: str, listen: tuple[str, int], upstream: tuple[str, int]) -> ServiceConfig:
@@ -124,7 +136,7 @@ def _create(host: ServiceHost, raw: Any, where: str = "") -> Any:
         raise _Refused(409, "proxy already exists")
     upstream = _address(raw["upstream"], "upstream")
     listen = _address(raw.get("listen") or "127.0.0.1:0", "listen")
-    enabled = raw.get("enabled", True)
+    enabled = _enabled(raw, True)
     config = _service_config(name, listen, upstream)
     try:
         service = yield host.add_service(config)
@@ -133,7 +145,7 @@ def _create(host: ServiceHost, raw: Any, where: str = "") -> Any:
     proxy = service.handlers.service
     assert isinstance(proxy, Proxy)
     proxy.context.emit("proxy.created", listen=_listen_of(service), upstream=raw["upstream"])
-    proxy.set_enabled(bool(enabled))
+    proxy.set_enabled(enabled)
     return service, proxy
 
 
@@ -157,14 +169,15 @@ def _update(host: ServiceHost, name: str, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise _Refused(400, "bad request body: a proxy is a JSON object")
     upstream = _address(raw["upstream"], "upstream") if "upstream" in raw else proxy.upstream
+    enabled = _enabled(raw, proxy.enabled)
     listen = raw.get("listen")
     if listen is not None and listen != _listen_of(service):
         if not host.added_at_run_time(name):
             raise _Refused(409, f"{name} is in the service map: its listeners change there")
+        _address(listen, "listen")  # refused before the proxy stops
         service, proxy = yield _move(host, service, proxy, listen, upstream)
     proxy.upstream = upstream
-    if "enabled" in raw:
-        proxy.set_enabled(bool(raw["enabled"]))
+    proxy.set_enabled(enabled)
     return 200, _shape(service, proxy)
 
 
@@ -178,7 +191,9 @@ def _move(
 ) -> Any:
     """
     Toxiproxy restarts a proxy that moves, its toxics with it: netd makes it
-    again on C{listen}, its toxics carried over as a reload's.
+    again on C{listen}, its toxics carried over as a reload's.  Where C{listen}
+    cannot be had (a busy port), it is made again as it was, as Toxiproxy
+    keeps it, and the error is the answer.
     """
     name = service.config.name
     was = {
@@ -189,7 +204,11 @@ def _move(
     }
     proxy.context.emit("proxy.deleted")
     yield host.remove_service(name)
-    return (yield _create(host, {**was, "listen": listen, "upstream": _host_port(*upstream)}))
+    try:
+        return (yield _create(host, {**was, "listen": listen, "upstream": _host_port(*upstream)}))
+    except _Refused:
+        yield _create(host, was)
+        raise
 
 
 @inlineCallbacks
@@ -200,6 +219,9 @@ def _populate(host: ServiceHost, raw: Any) -> Any:
         for field in ("name", "upstream"):
             if not isinstance(entry, dict) or not entry.get(field):
                 raise _Refused(400, f"missing required field: {field} at proxy {index}")
+        if not isinstance(entry["name"], str):
+            raise _Refused(400, f"bad request body: name must be a string at proxy {index}")
+        _enabled(entry, True)  # refused before any proxy is replaced
     made = []
     for entry in raw:
         existing = _proxies(host).get(entry["name"])
