@@ -83,8 +83,8 @@ services:
 
     routes = yaml.safe_load(recording.read_text())
     assert len(routes) == 7
-    assert routes[0]["match"] == {"query": {"page": "2"}}
-    assert routes[2]["match"] == {"body": {"equals": '{"sku": "A-1"}'}}
+    assert routes[0]["match"] == {"query_equals": {"page": "2"}}
+    assert routes[2]["match"] == {"query_equals": {}, "body": {"equals": '{"sku": "A-1"}'}}
     assert routes[2]["headers"]["Set-Cookie"] == "(masked by netd)"
     assert "secret-value" not in recording.read_text()
     assert routes[4]["body_file"] == "recorded.yaml.bodies/5.bin"

@@ -32,7 +32,10 @@ WEB = ServiceMap("http", "web", Options)
 
 
 def app_for(tmp_path: Path, routes: str, clock: Clock | None = None) -> App:
-    options = WEB.parse(tmp_path, "    routes:\n" + routes)
+    return app_of(WEB.parse(tmp_path, "    routes:\n" + routes), clock)
+
+
+def app_of(options: Options, clock: Clock | None = None) -> App:
     clock = clock or Clock()
     if not clock.seconds():
         clock.advance(1_700_000_000)

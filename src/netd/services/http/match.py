@@ -7,6 +7,7 @@ headers, cookies and the body (text, a JSON subset, JSONPath queries, form field
       priority: 1
       match:
         query: {page: "2", debug: {absent: true}}
+        query_equals: {page: "2", tag: [a, b]}   # the whole query: these and no others
         headers: {Accept: {contains: json}}
         cookies: {session: {regex: "^[a-f0-9]{8}$"}}
         body: {json: {user: {name: alice}}, jsonpath: "$.items[?@.qty > 1]"}
@@ -43,6 +44,7 @@ __all__ = [
     "Text",
     "path_pattern",
     "plain",
+    "query_values",
     "read_conditions",
     "read_regex",
 ]
@@ -81,12 +83,7 @@ class Request:
     @property
     def query(self) -> dict[str, list[str]]:
         if self._query is None:
-            target: str = self.exchange.target
-            if target.startswith("/"):
-                raw = target.partition("?")[2]
-            else:
-                raw = urllib.parse.urlsplit(target).query  # absolute form
-            self._query = urllib.parse.parse_qs(raw, keep_blank_values=True)
+            self._query = query_values(self.exchange.target)
         return self._query
 
     def header(self, name: str) -> str | None:
@@ -123,6 +120,15 @@ class Request:
         if self._form is None:
             self._form = urllib.parse.parse_qs(self.text, keep_blank_values=True)
         return self._form
+
+
+def query_values(target: str) -> dict[str, list[str]]:
+    """Each parameter of a request target's query with all its values, in order."""
+    if target.startswith("/"):
+        raw = target.partition("?")[2]
+    else:
+        raw = urllib.parse.urlsplit(target).query  # absolute form
+    return urllib.parse.parse_qs(raw, keep_blank_values=True)
 
 
 _raw_decode = json.JSONDecoder().raw_decode
@@ -230,6 +236,8 @@ class Conditions(Record):
 
     methods: frozenset[str] | None = None
     query: tuple[tuple[str, Text], ...] = ()
+    # The whole query, every parameter with all its values (what a recording asks).
+    query_equals: dict[str, list[str]] | None = None
     headers: tuple[tuple[str, Text], ...] = ()
     cookies: tuple[tuple[str, Text], ...] = ()
     body: Body | None = None
@@ -246,6 +254,7 @@ class Conditions(Record):
         return (
             (self.methods is not None)
             + len(self.query)
+            + (self.query_equals is not None)
             + len(self.headers)
             + len(self.cookies)
             + in_body
@@ -258,6 +267,8 @@ class Conditions(Record):
         for name, wanted in self.query:
             if not _any_value(wanted, request.query.get(name)):
                 return False
+        if self.query_equals is not None and request.query != self.query_equals:
+            return False
         for name, wanted in self.headers:
             if not wanted.check(request.header(name)):
                 return False
@@ -285,6 +296,10 @@ class Conditions(Record):
             values = request.query.get(name)
             if not _any_value(wanted, values):
                 found.append(f"query {name}: expected {wanted.describe()}, got {_got(values)}")
+        if self.query_equals is not None and request.query != self.query_equals:
+            expected = _got(urllib.parse.urlencode(self.query_equals, doseq=True) or None)
+            got = _got(urllib.parse.urlencode(request.query, doseq=True) or None)
+            found.append(f"query: expected exactly {expected}, got {got}")
         for name, wanted in self.headers:
             value = request.header(name)
             if not wanted.check(value):
@@ -423,6 +438,14 @@ def _named(value: Value) -> tuple[tuple[str, Text], ...]:
     return tuple((name, read_text(entry)) for name, entry in value.items())
 
 
+def _query_equals(value: Value) -> dict[str, list[str]]:
+    """C{{NAME: VALUE or [VALUE, ...]}}: the parameters, each with all its values in order."""
+    return {
+        name: [e.as_str() for e in entry.elements()] if entry.is_sequence else [entry.as_str()]
+        for name, entry in value.items()
+    }
+
+
 def plain(value: Value) -> Any:
     """A node of the map as the plain data it stands for (for JSON)."""
     try:
@@ -500,6 +523,7 @@ def read_conditions(method: Value | None, match: Value | None) -> Conditions | N
     conditions = Conditions(
         methods=methods,
         query=section.read("query", _named, none),
+        query_equals=section.read("query_equals", _query_equals, None),
         headers=section.read("headers", _named, none),
         cookies=section.read("cookies", _named, none),
         body=section.read("body", _body, None),

@@ -8,24 +8,27 @@ no upstream.
     # later, offline:
     routes_from: [recorded.yaml]
 
-A recorded route matches the method, the path and each query parameter (and the
-body, when the service's record kept all of it); it answers the upstream's status,
-headers and body.  A body that is not UTF-8 text, or over L{INLINE} bytes, goes to a
+A recorded route matches the method, exactly the path and exactly the query (every
+parameter with all its values, no others; and the body, when the service's record
+kept all of it); it answers the upstream's status, headers
+and body.  A body that is not UTF-8 text, or over L{INLINE} bytes, goes to a
 file beside the recording (C{FILE.bodies/N}), so replay sends the very bytes.
 C{Set-Cookie} is written masked unless the route says C{record_secrets: true};
 request headers (C{Authorization}, C{Cookie} ...) are never written.  A request
 already recorded (same method, path, query and body) is not written again: the
-first answer is the one replayed.
+first answer is the one replayed, also across restarts.
 """
 
 from __future__ import annotations
 
+import json
 import re
-import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+
+from netd.services.http.match import query_values
 
 if TYPE_CHECKING:
     from netd.services.http.app import Exchange, Headers
@@ -46,14 +49,20 @@ _GLOB = "*?["
 
 
 class Recorder:
-    """Appends the routes of one C{record_to} file (a YAML list, one item per exchange)."""
+    """
+    Appends the routes of one C{record_to} file (a YAML list, one item per exchange).
+    Built with its service (at start or reload), it goes on from what the file
+    holds: a request recorded before is not written again, and body files are
+    numbered after the last one there.
+    """
 
     def __init__(self, path: str, secrets: bool) -> None:
         self.path = Path(path)
         self.bodies = self.path.with_name(self.path.name + ".bodies")
         self.secrets = secrets
-        self.seen: set[tuple[str, str, tuple[tuple[str, str], ...], bytes | None]] = set()
-        self.count = 0
+        self.seen = {_request_key(route) for route in _recorded(self.path)}
+        numbers = [int(p.stem) for p in self.bodies.glob("*.bin") if p.stem.isdigit()]
+        self.count = max(numbers, default=0)
 
     def wrap(self, exchange: Exchange) -> Exchange:
         """The exchange as the proxy should see it: its answer is recorded on the way out."""
@@ -62,29 +71,28 @@ class Recorder:
         return wrapped
 
     def write(self, exchange: Exchange, status: int, headers: Headers, body: bytes) -> None:
-        query = tuple(
-            urllib.parse.parse_qsl(exchange.target.partition("?")[2], keep_blank_values=True)
-        )
-        request_body = _whole_body(exchange)
-        key = (exchange.method, exchange.path, query, request_body)
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        self.count += 1
-        # A path with glob characters in it is written as a regex of itself.
+        # Exactly the path, as WireMock's recorder writes urlEqualTo: a plain
+        # path ending in / would be a prefix, one with * ? [ a glob.
         path: Any = exchange.path
-        if any(c in path for c in _GLOB):
+        if path.endswith("/") or any(c in path for c in _GLOB):
             path = {"regex": re.escape(path)}
         route: dict[str, Any] = {"path": path, "method": exchange.method}
-        match: dict[str, Any] = {}
-        if query:
-            match["query"] = dict(query)
+        # The whole query, every value: absent parameters are absent on replay too.
+        query = query_values(exchange.target)
+        match: dict[str, Any] = {
+            "query_equals": {k: v[0] if len(v) == 1 else v for k, v in query.items()}
+        }
+        request_body = _whole_body(exchange)
         if request_body:
             text = _inline_text(request_body)
             if text is not None:
                 match["body"] = {"equals": text}
-        if match:
-            route["match"] = match
+        route["match"] = match
+        key = _request_key(route)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.count += 1
         route["status"] = status
         answer_headers: dict[str, str] = {}
         for name, value in headers:
@@ -111,6 +119,22 @@ class Recorder:
         # One small append per exchange to a local file, as the access log writes.
         with self.path.open("a", encoding="utf-8") as file:
             file.write(yaml.safe_dump([route], allow_unicode=True, sort_keys=False))
+
+
+def _request_key(route: Any) -> str:
+    """What makes two recorded routes the same request: method, path and match, as written."""
+    if not isinstance(route, dict):
+        return ""
+    return json.dumps([route.get("method"), route.get("path"), route.get("match")], sort_keys=True)
+
+
+def _recorded(path: Path) -> list[Any]:
+    """The routes a recording holds already (none if it is missing or unreadable)."""
+    try:
+        routes = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    return routes if isinstance(routes, list) else []
 
 
 def _whole_body(exchange: Exchange) -> bytes | None:

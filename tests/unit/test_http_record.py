@@ -1,0 +1,67 @@
+"""
+Record and replay without sockets: what L{Recorder} writes for an exchange is
+read back through C{routes_from}, and a request gets the answer recorded for
+exactly that request (WireMock's recorder writes C{urlEqualTo}).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from netd.services.http.app import App
+from netd.services.http.record import Recorder
+from tests.fakes.exchanges import FakeExchange
+from tests.unit.test_http_stubs import WEB, app_of, ask
+
+
+def record(recorder: Recorder, target: str, answer: bytes, method: str = "GET") -> None:
+    """An exchange the proxy relayed, as the recorder is handed it once answered."""
+    exchange = FakeExchange(method, target)
+    exchange.path = target.partition("?")[0]
+    recorder.write(exchange, 200, [(b"Content-Type", b"text/plain")], answer)
+
+
+def replay(tmp_path: Path) -> App:
+    return app_of(WEB.parse(tmp_path, "    routes_from: [rec.yaml]\n"))
+
+
+def test_a_recorded_path_matches_only_itself(tmp_path: Path) -> None:
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False)
+    for path in ("/api/dir/", "/api/dir/x", "/", "/api/*", "/api/a"):
+        record(recorder, path, path.encode())
+    app = replay(tmp_path)
+    for path in ("/api/dir/", "/api/dir/x", "/", "/api/*", "/api/a"):
+        assert ask(app, path).data == path.encode()
+    assert ask(app, "/api/dir/y").status == 404
+
+
+def test_a_recorded_query_matches_only_itself(tmp_path: Path) -> None:
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False)
+    targets = ("/items", "/items?page=2", "/rep?a=2", "/rep?a=1&a=2", "/rep?a=2&b=")
+    for target in targets:
+        record(recorder, target, target.encode())
+    app = replay(tmp_path)
+    for target in targets:
+        assert ask(app, target).data == target.encode()
+    missed = ask(app, "/items?page=3")
+    assert missed.status == 404
+    assert 'query: expected exactly nothing, got "page=3"' in missed.data.decode()
+    assert ask(app, "/rep?a=2&a=1").status == 404  # the values' order is the query's
+
+
+def test_recording_goes_on_after_a_restart(tmp_path: Path) -> None:
+    path = str(tmp_path / "rec.yaml")
+    first = Recorder(path, secrets=False)
+    record(first, "/a", b"\xff first")  # not UTF-8: a body file
+    record(first, "/b", b"b")
+    again = Recorder(path, secrets=False)  # the daemon restarted
+    record(again, "/a", b"\xff changed")  # recorded before: not again
+    record(again, "/c", b"\xff third")
+    routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
+    assert [r["path"] for r in routes] == ["/a", "/b", "/c"]
+    assert routes[0]["body_file"] != routes[2]["body_file"]
+    app = replay(tmp_path)
+    assert ask(app, "/a").data == b"\xff first"
+    assert ask(app, "/c").data == b"\xff third"
