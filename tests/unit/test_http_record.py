@@ -6,21 +6,24 @@ exactly that request (WireMock's recorder writes C{urlEqualTo}).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
+from twisted.internet.testing import StringTransport
 
-from netd.services.http.app import App
+from netd.services.http.app import App, Headers
 from netd.services.http.record import Recorder
+from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.unit.test_http_stubs import WEB, app_of, ask
 
 
-def record(recorder: Recorder, target: str, answer: bytes, method: str = "GET") -> None:
+def record(recorder: Recorder, target: str, answer: bytes, headers: Headers | None = None) -> None:
     """An exchange the proxy relayed, as the recorder is handed it once answered."""
-    exchange = FakeExchange(method, target)
+    exchange = FakeExchange("GET", target)
     exchange.path = target.partition("?")[0]
-    recorder.write(exchange, 200, [(b"Content-Type", b"text/plain")], answer)
+    recorder.write(exchange, 200, headers or [(b"Content-Type", b"text/plain")], answer)
 
 
 def replay(tmp_path: Path) -> App:
@@ -65,3 +68,15 @@ def test_recording_goes_on_after_a_restart(tmp_path: Path) -> None:
     app = replay(tmp_path)
     assert ask(app, "/a").data == b"\xff first"
     assert ask(app, "/c").data == b"\xff third"
+
+
+def test_repeated_headers_are_recorded_and_replayed_as_they_came(tmp_path: Path) -> None:
+    """Set-Cookie lines are never joined (RFC 6265 3): an Expires date has a comma."""
+    cookies = [b"a=1; Expires=Wed, 21 Oct 2015 07:28:00 GMT", b"b=2; Path=/"]
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=True)
+    record(recorder, "/cookies", b"ok", [(b"Set-Cookie", cookie) for cookie in cookies])
+    transport = StringTransport()
+    connection = HTTPConnection(factory_for(replay(tmp_path), Limits(), tls=False, http2=False))
+    connection.makeConnection(transport)
+    connection.dataReceived(b"GET /cookies HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert re.findall(rb"\r\nSet-Cookie: ([^\r]*)", transport.value()) == cookies

@@ -315,6 +315,31 @@ def test_map_errors_name_their_key(tmp_path: Path) -> None:
     assert "routes[8]: give one of body, body_file and json" in found
 
 
+def test_a_header_given_as_a_list_is_sent_once_for_each_value(tmp_path: Path) -> None:
+    app = app_for(
+        tmp_path,
+        "      - {path: /canned, body: x, headers: {Set-Cookie: [a=1, b=2], X-One: y}}\n"
+        "      - path: /stub\n"
+        "        template: true\n"
+        "        headers: {Set-Cookie: ['m={{request.method}}', 'n=1; Expires=Wed, 21 Oct 2015']}\n"
+        "        body: x\n",
+    )
+    transport = StringTransport()
+    connection = HTTPConnection(factory_for(app, Limits(), tls=False, http2=False))
+    connection.makeConnection(transport)
+    connection.dataReceived(b"GET /canned HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert re.findall(rb"\r\nSet-Cookie: ([^\r]*)", transport.value()) == [b"a=1", b"b=2"]
+    assert b"\r\nX-One: y\r\n" in transport.value()
+    transport.clear()
+    connection.dataReceived(b"GET /stub HTTP/1.1\r\nHost: x\r\n\r\n")
+    cookies = re.findall(rb"\r\nSet-Cookie: ([^\r]*)", transport.value())
+    assert cookies == [b"m=GET", b"n=1; Expires=Wed, 21 Oct 2015"]
+    found = "\n".join(
+        WEB.errors(tmp_path, "    routes: [{path: /a, body: x, headers: {X: [ok, {no: 1}]}}]\n")
+    )
+    assert "routes[0].headers.X[1]: expected a string" in found
+
+
 TEMPLATES = """\
       - id: echo
         path: {regex: "/users/(?P<user>[a-z]+)/(?P<n>[0-9]+)"}

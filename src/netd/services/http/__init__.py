@@ -252,24 +252,26 @@ def _openapi_routes(value: Value) -> tuple[Route, ...]:
 
 
 def _headers(value: Value) -> tuple[tuple[str, str], ...]:
+    """C{{NAME: VALUE}}; C{[VALUE, ...]} sends the header once for each (Set-Cookie)."""
     found = []
     for name, entry in value.items():
-        text = entry.as_str()
-        if not name or any(c in name for c in " \t\r\n:") or any(c in text for c in "\r\n\0"):
-            entry.error("not a valid header name and value")
-            continue
-        try:
-            name.encode("latin-1")
-            text.encode("latin-1")
-        except UnicodeEncodeError:
-            entry.error("headers are latin-1 text")
-            continue
-        if name.lower() in _FRAMING:
-            # The framing is the body's: a configured length was announced to
-            # HEAD (and an unparsable one answered 400) while GET sent the body.
-            entry.error("set by netd from the body")
-            continue
-        found.append((name, text))
+        for item in entry.elements() if entry.is_sequence else [entry]:
+            text = item.as_str()
+            if not name or any(c in name for c in " \t\r\n:") or any(c in text for c in "\r\n\0"):
+                item.error("not a valid header name and value")
+                continue
+            try:
+                name.encode("latin-1")
+                text.encode("latin-1")
+            except UnicodeEncodeError:
+                item.error("headers are latin-1 text")
+                continue
+            if name.lower() in _FRAMING:
+                # The framing is the body's: a configured length was announced to
+                # HEAD (and an unparsable one answered 400) while GET sent the body.
+                item.error("set by netd from the body")
+                continue
+            found.append((name, text))
     return tuple(found)
 
 

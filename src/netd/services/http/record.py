@@ -10,8 +10,8 @@ no upstream.
 
 A recorded route matches the method, exactly the path and exactly the query (every
 parameter with all its values, no others; and the body, when the service's record
-kept all of it); it answers the upstream's status, headers
-and body.  A body that is not UTF-8 text, or over L{INLINE} bytes, goes to a
+kept all of it); it answers the upstream's status, headers (a repeated one as a
+list) and body.  A body that is not UTF-8 text, or over L{INLINE} bytes, goes to a
 file beside the recording (C{FILE.bodies/N}), so replay sends the very bytes.
 C{Set-Cookie} is written masked unless the route says C{record_secrets: true};
 request headers (C{Authorization}, C{Cookie} ...) are never written.  A request
@@ -94,20 +94,17 @@ class Recorder:
         self.seen.add(key)
         self.count += 1
         route["status"] = status
-        answer_headers: dict[str, str] = {}
+        # A repeated header as a list of its values: Set-Cookie cannot be joined (RFC 6265 3).
+        answer_headers: dict[str, list[str]] = {}
         for name, value in headers:
             if name.lower() in _NOT_RECORDED:
                 continue
             text_value = value.decode("latin-1")
             if name.lower() in _SECRET_ANSWER_HEADERS and not self.secrets:
                 text_value = MASK
-            key_name = name.decode("latin-1")
-            if key_name in answer_headers:
-                answer_headers[key_name] += ", " + text_value
-            else:
-                answer_headers[key_name] = text_value
+            answer_headers.setdefault(name.decode("latin-1"), []).append(text_value)
         if answer_headers:
-            route["headers"] = answer_headers
+            route["headers"] = {k: v[0] if len(v) == 1 else v for k, v in answer_headers.items()}
         text = _inline_text(body)
         if text is not None:
             route["body"] = text
