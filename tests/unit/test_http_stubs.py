@@ -428,7 +428,8 @@ def test_hostile_requests_render_as_text(tmp_path: Path) -> None:
         "{{request.query.a.b}}",
         "{% include '/etc/passwd' %}{{",
         "{{request.method | default}}",
-        "{{request.method}}}}",
+        "{{request.method}} {{",
+        "{{{request.method}}}",
         "{{file:/etc/passwd}}",
         "{{ request.body | 'x' | 'y' }}",
     ],
@@ -436,6 +437,21 @@ def test_hostile_requests_render_as_text(tmp_path: Path) -> None:
 def test_hostile_templates_are_refused_when_read(source: str) -> None:
     with pytest.raises(TemplateError):
         Template(source)
+
+
+def test_braces_outside_a_place_are_text(tmp_path: Path) -> None:
+    """As in Handlebars: a stray }} is text (nested JSON ends so), \\{{ the text {{."""
+    app = app_for(
+        tmp_path,
+        "      - path: /nested\n"
+        "        template: true\n"
+        """        body: '{"user": {"name": "{{request.query.name}}"}}'\n"""
+        "      - path: /escaped\n"
+        "        template: true\n"
+        "        json: {text: '\\{{request.method}} is {{request.method}}'}\n",
+    )
+    assert json.loads(ask(app, "/nested?name=ann").data) == {"user": {"name": "ann"}}
+    assert json.loads(ask(app, "/escaped").data) == {"text": "{{request.method}} is GET"}
 
 
 def test_a_sequence_then_its_last_answer_repeats(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ Answers built from the request: a small substitution language, nothing more.
 
     body: "hello {{request.query.name | 'stranger'}}, you are visitor {{counter}}"
 
-A template is text with C{{{REF}}} or C{{{REF | 'default'}}} in it, where REF is one
+A template is text with C{{{REF}}} or C{{{REF | 'default'}}} in it (C{\\{{} for the
+text C{{{}; a C{}}} outside a place is text), where REF is one
 of a fixed list of names (L{NAMES}): parts of the request, a counter, the time, a
 UUID.  Templates are parsed when the route is read, and a REF outside that list
 is an error then, not at request time.  Rendering looks names up in a table of
@@ -49,7 +50,7 @@ NAMES = (
 )
 
 _MISSING = object()
-_PLACE = re.compile(r"\{\{(.*?)\}\}", re.S)
+_PLACE = re.compile(r"(\\?)\{\{(.*?)\}\}", re.S)
 _REF = re.compile(r"[a-z]+(?:\.[A-Za-z0-9_\-]+)*\Z")
 _DEFAULT = re.compile(r"""\s*\|\s*(?:'([^']*)'|"([^"]*)")\s*\Z""")
 # Bytes a template may make, whatever the request holds: a JSON field a megabyte
@@ -185,7 +186,11 @@ class Template:
         last = 0
         for found in _PLACE.finditer(source):
             self._literal(source[last : found.start()])
-            self.parts.append(_place(found.group(1)))
+            if found.group(1):
+                # Handlebars' escape: \{{...}} is that text, its braces kept.
+                self.parts.append(found.group(0)[1:])
+            else:
+                self.parts.append(_place(found.group(2)))
             last = found.end()
         self._literal(source[last:])
 
@@ -198,8 +203,9 @@ class Template:
         return template
 
     def _literal(self, text: str) -> None:
-        if "{{" in text or "}}" in text:
-            raise TemplateError("an unclosed {{ or a stray }}")
+        # A }} outside a place is text (nested JSON ends so), as in Handlebars.
+        if "{{" in text:
+            raise TemplateError("an unclosed {{ (\\{{ for the text {{)")
         if text:
             self.parts.append(text)
 
