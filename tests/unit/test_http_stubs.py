@@ -289,6 +289,21 @@ def test_an_unmatched_request_names_the_closest_route(tmp_path: Path) -> None:
     assert len(app.list_requests({"unmatched": "1"})) == 3
 
 
+def test_header_and_cookie_values_are_utf8_or_else_latin1(tmp_path: Path) -> None:
+    app = app_for(
+        tmp_path,
+        "      - path: /utf\n"
+        "        match: {headers: {X-Name: café}, cookies: {who: zoë}}\n"
+        "        template: true\n"
+        "        body: '{{request.headers.X-Name}} {{request.cookies.who}}'\n",
+    )
+    utf8 = ask(app, "/utf", headers={"X-Name": "café", "Cookie": "who=zoë"})
+    assert utf8.data == "café zoë".encode()
+    latin1 = FakeExchange("GET", "/utf", [(b"x-name", b"caf\xe9"), (b"cookie", b"who=zo\xeb")])
+    app.handle(latin1)
+    assert latin1.data == "café zoë".encode()
+
+
 def test_map_errors_name_their_key(tmp_path: Path) -> None:
     found = "\n".join(
         WEB.errors(

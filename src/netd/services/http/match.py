@@ -88,7 +88,7 @@ class Request:
 
     def header(self, name: str) -> str | None:
         value = self.exchange.header(name.lower().encode("latin-1", "replace"))
-        return value.decode("latin-1") if value is not None else None
+        return _header_text(value) if value is not None else None
 
     @property
     def cookies(self) -> dict[str, str]:
@@ -120,6 +120,17 @@ class Request:
         if self._form is None:
             self._form = urllib.parse.parse_qs(self.text, keep_blank_values=True)
         return self._form
+
+
+def _header_text(value: bytes) -> str:
+    """
+    A header value as text: UTF-8, as clients send non-ASCII values today, or
+    else Latin-1 (RFC 9110 5.5's obs-text), which reads any bytes.
+    """
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def query_values(target: str) -> dict[str, list[str]]:
