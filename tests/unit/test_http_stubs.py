@@ -529,6 +529,11 @@ def test_routes_added_at_run_time(tmp_path: Path) -> None:
         view.post({"path": "nope", "colour": "red", "template": True, "body": "{{evil()}}"})
     paths = {e.path for e in bad.value.errors}
     assert paths == {"route.path", "route.colour", "route.body"}
+    with pytest.raises(ConfigErrors) as not_a_list:
+        view.post({"path": "/r", "responses": 5})
+    assert [str(e).partition(": ")[2] for e in not_a_list.value.errors] == [
+        "route.responses: expected a list, got a number"
+    ]
     assert ask(app, "/users").data == b"list"  # a refused route changes nothing
 
 

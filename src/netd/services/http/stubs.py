@@ -131,7 +131,8 @@ def read_stub(
         lambda v: _answer(v.section(), v, templated, read_headers, finish=True)
     )
     if not answers:
-        responses.error("at least one answer")
+        if responses.is_sequence:  # not a list at all is reported already
+            responses.error("at least one answer")
         return None
     return Stub(answers)
 
@@ -340,7 +341,9 @@ class RoutesView:
     def post(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
             raise ViewRefused(400, "a route is a JSON object, as in the map")
-        for answer in [body, *(body.get("responses") or [])]:
+        responses = body.get("responses")
+        # Responses that are not a list are the route reader's to refuse, with their path.
+        for answer in [body, *(responses if isinstance(responses, list) else [])]:
             if isinstance(answer, dict) and "body_file" in answer:
                 raise ViewRefused(400, "body_file is for the map: the admin API reads no files")
         if "proxy" in body:
