@@ -469,6 +469,31 @@ def test_braces_outside_a_place_are_text(tmp_path: Path) -> None:
     assert json.loads(ask(app, "/escaped").data) == {"text": "{{request.method}} is GET"}
 
 
+def test_json_in_and_out_is_json_only(tmp_path: Path) -> None:
+    """RFC 8259 has no NaN or Infinity: a request holding them is not JSON, nor is a map's."""
+    app = app_for(
+        tmp_path,
+        "      - {path: /echo, template: true, json: {v: '{{request.json.v}}'}}\n"
+        "      - {path: /any, match: {body: {jsonpath: $.v}}, body: matched}\n",
+    )
+
+    def strict(data: bytes) -> Any:
+        return json.loads(data, parse_constant=lambda name: pytest.fail(f"{name} in {data!r}"))
+
+    for body in (b'{"v": 1e400}', b'{"v": -1e400}', b'{"v": NaN}', b'{"v": Infinity}'):
+        assert strict(ask(app, "/echo", "POST", body).data) == {"v": ""}
+        assert ask(app, "/any", "POST", body).status == 404
+    assert strict(ask(app, "/echo", "POST", b'{"v": 1e300}').data) == {"v": 1e300}
+    found = "\n".join(
+        WEB.errors(
+            tmp_path,
+            "    routes: [{path: /a, json: {v: .nan}}, {path: /b, json: {v: 2020-01-01}}]\n",
+        )
+    )
+    assert "routes[0].json: not a template: not JSON" in found
+    assert "routes[1].json: not a template: not JSON" in found
+
+
 def test_a_sequence_then_its_last_answer_repeats(tmp_path: Path) -> None:
     app = app_for(tmp_path, TEMPLATES)
     answers = [ask(app, "/flaky") for _ in range(5)]

@@ -25,6 +25,7 @@ queries compiled once when the map is read.
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.parse
 from typing import Any
@@ -142,7 +143,18 @@ def query_values(target: str) -> dict[str, list[str]]:
     return urllib.parse.parse_qs(raw, keep_blank_values=True)
 
 
-_raw_decode = json.JSONDecoder().raw_decode
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # RFC 8259 6: no NaN or Infinity
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):  # 1e400: no float holds it, and infinity is not JSON
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+_raw_decode = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite).raw_decode
 
 
 def _json_of(body: bytes) -> Any:
@@ -162,7 +174,7 @@ def _json_of(body: bytes) -> Any:
     except ValueError:
         pass
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError):
         return NOT_JSON
 

@@ -29,7 +29,7 @@ from werkzeug.datastructures import ImmutableMultiDict
 from netd.records import Record
 from netd.services.http.match import Request
 from netd.services.http.stubs import Answer, Stub
-from netd.services.http.template import JSONTemplate, Template
+from netd.services.http.template import JSONTemplate, Template, TemplateError
 
 __all__ = ["OpenAPIError", "operations"]
 
@@ -80,7 +80,10 @@ def operations(path: Path) -> list[Operation]:
             operation = item.get(method)
             if not isinstance(operation, dict):
                 continue
-            found.append(_operation(api, spec, base, template, method, operation))
+            try:
+                found.append(_operation(api, spec, base, template, method, operation))
+            except TemplateError as e:  # an example JSON cannot say (NaN, say)
+                raise OpenAPIError(f"{path}: {method.upper()} {template}: {e}") from None
     # A fixed path before a template that would also match it (/pets/mine, /pets/{id}).
     found.sort(key=lambda o: o.parameters)
     return found

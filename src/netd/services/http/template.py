@@ -259,7 +259,7 @@ def _place(inside: str) -> _Place:
 
 
 # One encoder for every answer: json.dumps with options builds a new one per call.
-_encode = json.JSONEncoder(ensure_ascii=False).encode
+_encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 # What that encoder does with a string (the common filled-in value), without its
 # Python-level dispatch: a request's answer is built with caches cold, where
 # each Python function it passes through costs more than its work.
@@ -284,14 +284,18 @@ class JSONTemplate:
         self.document = self._parse(document) if templated else document
         self.constant = self._constant(self.document)
         self.reads_body = self._reads_body(self.document)
-        # A document with nothing to fill is encoded once, not per request.
-        self.fixed = _encode(document).encode() if self.constant else None
-        # Otherwise the document is encoded once around its places: each
-        # request encodes only what it fills in (the same text json.dumps gives).
         self.pieces: list[str | Template] = []
-        if not self.constant:
-            self._compile(self.document)
-            self.pieces = _joined(self.pieces)
+        try:
+            # A document with nothing to fill is encoded once, not per request.
+            self.fixed = _encode(document).encode() if self.constant else None
+            # Otherwise the document is encoded once around its places: each
+            # request encodes only what it fills in (the same text json.dumps gives).
+            if not self.constant:
+                self._compile(self.document)
+                self.pieces = _joined(self.pieces)
+        except (TypeError, ValueError) as e:
+            # YAML's .nan, .inf and dates: no JSON text stands for them.
+            raise TemplateError(f"not JSON: {e}") from None
 
     def _compile(self, node: Any) -> None:
         pieces = self.pieces
