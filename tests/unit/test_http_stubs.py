@@ -304,6 +304,17 @@ def test_header_and_cookie_values_are_utf8_or_else_latin1(tmp_path: Path) -> Non
     assert latin1.data == "café zoë".encode()
 
 
+def test_the_closest_route_is_the_one_with_the_closest_path(tmp_path: Path) -> None:
+    app = app_for(
+        tmp_path,
+        "      - {id: orders, path: /orders, method: POST,"
+        " match: {headers: {Content-Type: {contains: json}}}, body: o}\n"
+        "      - {id: seq, path: /seq, body: s}\n",
+    )
+    assert "closest route: orders (/orders)" in ask(app, "/order").data.decode()
+    assert "closest route: seq (/seq)" in ask(app, "/seqs").data.decode()
+
+
 def test_map_errors_name_their_key(tmp_path: Path) -> None:
     found = "\n".join(
         WEB.errors(

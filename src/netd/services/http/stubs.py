@@ -236,10 +236,11 @@ def describe_path(route: Any) -> str:
 def near_miss(routes: tuple[Any, ...], request: Request) -> dict[str, Any] | None:
     """
     The route an unmatched request came closest to, and each way it missed:
-    a route whose path matched first, then the fewest misses, then the most
-    conditions met, then the most similar path.
+    a route whose path matched first, then the most similar path (WireMock
+    weighs the URL above all else), then the fewest misses, then the most
+    conditions met.
     """
-    best: tuple[tuple[bool, int, int, float], Any, list[str]] | None = None
+    best: tuple[tuple[bool, float, int, int], Any, list[str]] | None = None
     for route in routes:
         path_ok = route.matches(request.path)
         misses = [] if path_ok else [f"path: expected {describe_path(route)}, got {request.path}"]
@@ -251,7 +252,7 @@ def near_miss(routes: tuple[Any, ...], request: Request) -> dict[str, Any] | Non
             1.0 if path_ok else difflib.SequenceMatcher(None, route.path, request.path).ratio()
         )
         asked = route.when.size if route.when is not None else 0
-        key = (not path_ok, len(misses), len(misses) - asked, -similar)
+        key = (not path_ok, -similar, len(misses), len(misses) - asked)
         if best is None or key < best[0]:
             best = (key, route, misses)
     if best is None:
