@@ -693,6 +693,27 @@ def test_bodies_built_to_fit_a_schema() -> None:
 
 
 @pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "integer", "minimum": 1, "multipleOf": 5},
+        {"type": "integer", "exclusiveMinimum": 10, "multipleOf": 4},
+        {"type": "number", "minimum": 0.6, "multipleOf": 0.25},
+        {"type": "array", "minItems": 3, "uniqueItems": True, "items": {"type": "string"}},
+        {"type": "array", "minItems": 2, "uniqueItems": True, "items": {"type": "integer"}},
+        {"type": "array", "minItems": 2, "uniqueItems": True, "items": {"enum": ["a", "b"]}},
+        {"type": "array", "minItems": 2, "uniqueItems": True, "items": {"type": "boolean"}},
+        {"type": "string", "format": "email", "maxLength": 6},
+    ],
+)
+def test_bodies_built_to_fit_a_schema_keep_its_counts_and_steps(schema: dict[str, Any]) -> None:
+    import jsonschema
+
+    from netd.services.http.openapi import minimal
+
+    jsonschema.Draft202012Validator(schema).validate(minimal({}, schema))
+
+
+@pytest.mark.parametrize(
     ("glob", "matched", "missed"),
     [
         ("/a/*/b", "/a/x/b", "/a/x/y/b"),

@@ -14,6 +14,7 @@ map names a file, as it brings werkzeug and jsonschema along.
 from __future__ import annotations
 
 import json
+import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -209,7 +210,11 @@ def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
             for name in schema.get("required") or []
         }
     if kind == "array":
-        return [minimal(spec, schema.get("items", {}), depth + 1)] * int(schema.get("minItems", 0))
+        count = int(schema.get("minItems", 0))
+        item = minimal(spec, schema.get("items", {}), depth + 1)
+        if schema.get("uniqueItems") and count > 1:
+            return _distinct(spec, schema.get("items", {}), item, count)
+        return [item] * count
     if kind in ("integer", "number"):
         low = schema.get("minimum", 0)
         exclusive = schema.get("exclusiveMinimum")
@@ -217,12 +222,38 @@ def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
             low = exclusive + 1
         elif exclusive is True:
             low += 1
-        return int(low) if kind == "integer" else low
+        step = schema.get("multipleOf")
+        if _is_number(step) and step > 0:
+            low = math.ceil(low / step) * step
+        return math.ceil(low) if kind == "integer" else low
     if kind == "boolean":
         return False
     if kind == "string":
         return _string(schema)
     return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _distinct(spec: dict[str, Any], schema: Any, first: Any, count: int) -> list[Any]:
+    """
+    C{count} different values of C{schema} from C{first} (C{uniqueItems}): its
+    enum's values, numbers counting up by C{multipleOf}, strings with a number
+    added; other kinds repeat C{first}.
+    """
+    schema = _resolve(spec, schema)
+    if schema.get("enum"):
+        return list(schema["enum"][:count])
+    if isinstance(first, bool):
+        return [first, not first][:count]
+    if _is_number(first):
+        step = schema.get("multipleOf")
+        return [first + i * (step if _is_number(step) else 1) for i in range(count)]
+    if isinstance(first, str):
+        return [first] + [f"{first}{i}" for i in range(1, count)]
+    return [first] * count
 
 
 def _string(schema: dict[str, Any]) -> str:
@@ -237,7 +268,10 @@ def _string(schema: dict[str, Any]) -> str:
     }
     text = formats.get(str(schema.get("format")), "")
     least = int(schema.get("minLength", 0))
-    return text if len(text) >= least else text + "x" * (least - len(text))
+    text = text if len(text) >= least else text + "x" * (least - len(text))
+    # A length is always checked, a format only if the validator asserts formats.
+    most = schema.get("maxLength")
+    return text[:most] if isinstance(most, int) else text
 
 
 class _Validator:
