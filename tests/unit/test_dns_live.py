@@ -49,7 +49,18 @@ from netd.services.dns.local import LocalData
 from netd.services.dns.record import Recorder
 from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
-from tests.unit.test_dns import CLIENT, DNS, UPSTREAMS, _FakeReactor, key
+from tests.unit.test_dns import (
+    CLIENT,
+    DNS,
+    UPSTREAMS,
+    _FakeReactor,
+    ask,
+    key,
+    make_wire,
+    server,
+    texts,
+    upstream_reply,
+)
 
 SOA = parse_rdata(dns.SOA, "ns.z.test hostmaster.z.test 7 3600 600 86400 30", None)
 WWW = name_to_wire("www.z.test")
@@ -457,6 +468,37 @@ def test_forward_zones_route_by_the_longest_suffix() -> None:
     failed = Forwarders(None, {}).resolve(key("example.com"))
     assert failed.called
     failed.addErrback(lambda f: f.trap(UpstreamFailed))
+
+
+def test_a_forward_zone_under_a_local_zone_is_forwarded(tmp_path: Path) -> None:
+    # The longest suffix wins between local zones and forward_zones, as dnsmasq and CoreDNS.
+    srv = server(
+        tmp_path,
+        "    records:\n"
+        "      corp.test: {A: [192.0.2.10]}\n"
+        "      lab.dev.corp.test: {SOA: ['ns.lab hostmaster.lab 1 2 3 4 5'], A: [192.0.2.11]}\n"
+        "    forward_zones: {dev.corp.test: ['127.0.0.1:9']}\n",
+    )
+    assert srv.forwarder is not None
+    asked: list[bytes] = []
+    upstream: Deferred[bytes] = Deferred()
+
+    def resolve(question: bytes) -> Deferred[bytes]:
+        asked.append(question)
+        return upstream
+
+    srv.forwarder.zones[name_to_wire("dev.corp.test")].resolve = resolve  # type: ignore[method-assign]
+    waiting = srv.handle(make_wire("www.dev.corp.test"), CLIENT, True)
+    assert isinstance(waiting, Deferred) and asked == [key("www.dev.corp.test")]
+    upstream.callback(upstream_reply(asked[0], ["www.dev.corp.test. 60 IN A 10.0.0.1"]))
+    assert [str(r) for r in dns_message.from_wire(waiting.result).answer] == [
+        "www.dev.corp.test. 60 IN A 10.0.0.1"
+    ]
+    # The local zone itself, and a local zone below the forwarded suffix, stay local.
+    assert texts(ask(srv, "corp.test")) == ["corp.test. 60 IN A 192.0.2.10"]
+    assert texts(ask(srv, "lab.dev.corp.test")) == ["lab.dev.corp.test. 60 IN A 192.0.2.11"]
+    assert ask(srv, "other.corp.test").rcode() == dns_rcode.NXDOMAIN
+    assert len(asked) == 1
 
 
 def test_forward_options(tmp_path: Path) -> None:

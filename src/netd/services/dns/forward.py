@@ -515,13 +515,19 @@ class Forwarders:
         forwarders = [*self.zones.values(), *([self.default] if self.default else [])]
         return DeferredList([forwarder.close() for forwarder in forwarders])
 
+    def zone_of(self, name: bytes) -> bytes | None:
+        """The longest C{forward_zones} suffix C{name} (wire form) lies at or under, or None."""
+        candidate: bytes | None = name
+        while candidate is not None and self.zones:
+            if candidate in self.zones:
+                return candidate
+            candidate = None if candidate == b"\x00" else candidate[1 + candidate[0] :]
+        return None
+
     def resolve(self, question: bytes) -> Deferred[bytes]:
-        name: bytes | None = question[:-4]
-        while name is not None and self.zones:
-            forwarder = self.zones.get(name)
-            if forwarder is not None:
-                return forwarder.resolve(question)
-            name = None if name == b"\x00" else name[1 + name[0] :]
+        zone = self.zone_of(question[:-4])
+        if zone is not None:
+            return self.zones[zone].resolve(question)
         if self.default is None:
             return fail(UpstreamFailed("no upstream for this name"))
         return self.default.resolve(question)

@@ -399,7 +399,9 @@ class Server:
     def _answer_now(self, query: Query, recursion: bool, udp: bool) -> tuple[Sections | None, str]:
         if query.cls != dns.IN or query.type in _TRANSFERS:
             return _REFUSED, "refused"
-        if query.type == dns.ALL_RECORDS and udp:
+        if self._forwarded_zone(query.name):
+            local = None
+        elif query.type == dns.ALL_RECORDS and udp:
             local = self.local.minimal_any(query.name)
         else:
             local = self.local.answer(query.name, query.type)
@@ -417,6 +419,21 @@ class Server:
         if cached is not None:
             return cached, "cache"
         return None, "upstream"
+
+    def _forwarded_zone(self, name: bytes) -> bool:
+        """
+        Whether C{name} lies in a C{forward_zones} suffix longer than its local
+        zone: the longest suffix wins, as dnsmasq's server=/local= and
+        CoreDNS's zones have it, so a lab can hand a subdomain of its own zone
+        to another server.
+        """
+        if self.forwarder is None or not self.forwarder.zones:
+            return False
+        forwarded = self.forwarder.zone_of(name)
+        if forwarded is None:
+            return False
+        local = self.local.zone_of(name)
+        return local is None or len(forwarded) > len(local)
 
     def _may_recurse(self, host: str) -> bool:
         allowed = self.recursion_ok.get(host)
