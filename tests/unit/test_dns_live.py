@@ -121,6 +121,26 @@ def test_setting_the_soa_itself_is_not_bumped_again() -> None:
     assert serial(records) == 100
 
 
+def test_soa_serials_are_unsigned_32_bit_and_wrap_past_zero() -> None:
+    # RFC 1035 3.3.13 and RFC 1982: the serial is a 32-bit count, not a time.
+    records, _, _ = make()
+    view = records_view(records, 60)
+    assert view.put is not None
+    high = "ns.z.test. hostmaster.z.test. 3000000000 1h 10m 1d 30"
+    assert view.put("z.test/SOA", {"values": [high]})["values"] == [
+        "ns.z.test. hostmaster.z.test. 3000000000 3600 600 86400 30"
+    ]
+    zone, _ = parse_master_file("@ 60 SOA ns h 4294967295 2 3 4 5\n", ZONE, 60)
+    assert zone[0][3][-20:-16] == b"\xff\xff\xff\xff"
+    for serial_text in ("4294967296", "1h"):
+        with pytest.raises(ValueError, match="not a 32-bit number"):
+            parse_rdata(dns.SOA, f"ns h {serial_text} 2 3 4 5", ZONE)
+    # A change bumps 2^32-1 to 1, never 0, as BIND's increment does.
+    records.commit([((ZONE, dns.SOA), (60, (zone[0][3],)))], "admin")
+    records.commit([((WWW, dns.A), a("10.0.0.2"))], "admin")
+    assert serial(records) == 1
+
+
 def test_a_new_name_outside_every_zone_is_a_zone_of_its_own() -> None:
     records, _, _ = make()
     other = name_to_wire("host.other.test")

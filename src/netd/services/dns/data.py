@@ -196,11 +196,16 @@ def _caa(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
 
 
 def _soa(words: list[tuple[str, bool]], origin: bytes | None) -> bytes:
-    mname, rname, *numbers = _expect(words, 7, "MNAME RNAME SERIAL REFRESH RETRY EXPIRE MINIMUM")
+    mname, rname, serial, *timers = _expect(
+        words, 7, "MNAME RNAME SERIAL REFRESH RETRY EXPIRE MINIMUM"
+    )
+    # The serial is a plain unsigned 32-bit number (RFC 1035 3.3.13, RFC 1982),
+    # not a time: no units, and up to 2^32-1 as BIND takes it.
     return (
         _name(mname, origin)
         + _name(rname, origin)
-        + b"".join(_integer(str(_time(n)), 32).to_bytes(4, "big") for n in numbers)
+        + _integer(serial, 32).to_bytes(4, "big")
+        + b"".join(_time(n).to_bytes(4, "big") for n in timers)
     )
 
 

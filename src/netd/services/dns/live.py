@@ -170,7 +170,7 @@ class Records:
         bumped = []
         for zone in sorted(z for z in zones if z in local.zones and z not in soas_set):
             ttl, (soa, *_) = local.sets[zone][names.SOA]
-            bumped.append(((zone, names.SOA), (ttl, (_with_serial(soa, _serial(soa) + 1),))))
+            bumped.append(((zone, names.SOA), (ttl, (_with_serial(soa, _next_serial(soa)),))))
         for key, value in bumped:
             self._set(key, value)
         self.local = self._build() if bumped else local
@@ -239,8 +239,16 @@ def _serial(soa: bytes) -> int:
     return int.from_bytes(soa[_SERIAL], "big")
 
 
+def _next_serial(soa: bytes) -> int:
+    """
+    The serial after C{soa}'s, in RFC 1982 arithmetic: 2^32-1 wraps to 1,
+    skipping 0, as BIND's increment does.
+    """
+    return _serial(soa) % (2**32 - 1) + 1
+
+
 def _with_serial(soa: bytes, serial: int) -> bytes:
-    return soa[:-20] + (serial % 2**32).to_bytes(4, "big") + soa[-16:]
+    return soa[:-20] + serial.to_bytes(4, "big") + soa[-16:]
 
 
 def _sets(local: LocalData) -> Iterator[tuple[Key, RecordSet]]:
