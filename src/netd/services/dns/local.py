@@ -202,11 +202,12 @@ class LocalData:
         if skip is None:
             return []
         found: list[bytes] = []
-        for rdata in node[qtype][1]:
-            target = self.sets.get(rdata[skip:])
+        # Each target once, however many records name it (RFC 2181 5: no set twice).
+        for name in dict.fromkeys(rdata[skip:] for rdata in node[qtype][1]):
+            target = self.sets.get(name)
             for rtype in (dns.A, dns.AAAA):
                 if target is not None and rtype in target:
-                    found.extend(_records(rdata[skip:], rtype, *target[rtype]))
+                    found.extend(_records(name, rtype, *target[rtype]))
         # Header, question (the name and type and class), answers, additional, an OPT record.
         size = 12 + len(qname) + 4 + sum(map(len, answers)) + sum(map(len, found)) + 11
         return found if size <= _ADDITIONAL_LIMIT else []
