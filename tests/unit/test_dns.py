@@ -623,16 +623,18 @@ def test_negative_answers_live_for_the_soa_minimum(tmp_path: Path) -> None:
     soa = "example. 3600 IN SOA ns.example. host.example. 1 2 3 4 20"
     sections = cache.put(question, upstream_reply(question, [], 3, [soa]))
     assert sections.rcode == 3
+    # RFC 2308 5: the SOA passes on with the TTL netd keeps it for, not its 3600 s.
+    assert cached_ttls(sections.body, question, sections.an, sections.ns) == [20]
     clock.advance(19)
     hit = cache.get(question)
     assert hit is not None and hit.rcode == 3
-    # The SOA's 3600 s passes on as max_ttl's 1000, counting down.
-    assert cached_ttls(hit.body, question, hit.an, hit.ns) == [1000 - 19]
+    assert cached_ttls(hit.body, question, hit.an, hit.ns) == [1]
     clock.advance(1)
     assert cache.get(question) is None
     # negative_ttl caps it; without an SOA nothing is cached (RFC 2308 section 5).
     capped = Cache(clock, size=10, max_ttl=1000, negative_ttl=5)
-    capped.put(question, upstream_reply(question, [], 3, [soa]))
+    fresh = capped.put(question, upstream_reply(question, [], 3, [soa]))
+    assert cached_ttls(fresh.body, question, fresh.an, fresh.ns) == [5]
     clock.advance(5)
     assert capped.get(question) is None
     capped.put(question, upstream_reply(question, [], 3))

@@ -425,6 +425,14 @@ def test_max_age_is_the_smallest_ttl_of_answer_and_authority() -> None:
         dns_rrset.from_text("z.test.", 30, "IN", "SOA", "ns.z.test. h.z.test. 1 2 3 4 30")
     )
     assert max_age(negative.to_wire()) == 30
+    # RFC 8484 5.1: a negative answer is kept no longer than its SOA's MINIMUM.
+    negative.authority[0].ttl = 3600
+    assert max_age(negative.to_wire()) == 30
+    soa = dns_message.make_response(dns_message.make_query("z.test", "SOA"))
+    soa.answer.append(
+        dns_rrset.from_text("z.test.", 3600, "IN", "SOA", "ns.z.test. h.z.test. 1 2 3 4 30")
+    )
+    assert max_age(soa.to_wire()) == 3600  # the SOA asked for is an answer like any other
     assert max_age(dns_message.make_query("x.test", "A").to_wire()) == 0
     assert max_age(b"\x00\x01\x81\x80\x00\x01\x00\x05\x00\x00\x00\x00\x01") == 0  # cut short
 

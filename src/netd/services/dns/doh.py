@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from netd.connections import cut_if_unread
 from netd.services.dns.server import Server
-from netd.services.dns.wire import OPT, Malformed, skip_name, walk_records
+from netd.services.dns.wire import OPT, SOA, Malformed, skip_name, walk_records
 
 __all__ = ["MAX_MESSAGE", "DoHFactory", "max_age"]
 
@@ -1008,8 +1008,8 @@ _SETTINGS_ACK = _frame(_SETTINGS, _ACK, 0, b"")
 def max_age(reply: bytes) -> int:
     """
     How long an HTTP cache may keep C{reply}: the smallest TTL of its answer
-    and authority records (a negative answer's SOA says how long it holds);
-    0 for an answer with neither.
+    and authority records, an authority SOA's (a negative answer's) at most
+    its MINIMUM (RFC 8484 5.1, RFC 2308 5); 0 for an answer with neither.
     """
     try:
         qdcount, ancount, nscount, _ = _COUNTS.unpack_from(reply, 4)
@@ -1023,5 +1023,10 @@ def max_age(reply: bytes) -> int:
         int.from_bytes(reply[r.ttl_offset : r.ttl_offset + 4], "big")
         for r in records
         if r.type != OPT
+    ]
+    ttls += [
+        int.from_bytes(reply[r.end - 4 : r.end], "big")
+        for r in records[ancount:]
+        if r.type == SOA and r.end - r.rdata >= 20
     ]
     return min(ttls, default=0)

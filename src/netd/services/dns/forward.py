@@ -46,6 +46,7 @@ from netd.services.dns.wire import (
     RD,
     REFUSED,
     SERVFAIL,
+    SOA,
     TC,
     Malformed,
     Sections,
@@ -69,7 +70,6 @@ __all__ = [
 
 _HEADER = struct.Struct(">HHHHHH")
 _TTL = struct.Struct(">I")
-_SOA = 6
 # Questions waiting on upstreams at once; each holds a socket, so a flood of
 # distinct names must not run the process out of descriptors.
 MAX_IN_FLIGHT = 1000
@@ -605,8 +605,9 @@ class Cache:
 
     def put(self, question: bytes, reply: bytes) -> Sections:
         """Keep C{reply} (already matched to C{question}); the sections to answer with."""
-        entry = _entry(reply, len(question), self.clock.seconds(), self.max_ttl)
-        lifetime = _lifetime(entry, self.negative_ttl)
+        entry, lifetime = _entry(
+            reply, len(question), self.clock.seconds(), self.max_ttl, self.negative_ttl
+        )
         sections = Sections(entry.flags, entry.an, entry.ns, entry.ar, entry.body)
         if lifetime > 0 and self.size > 0:
             entry.expires = entry.stored + lifetime
@@ -628,7 +629,16 @@ def _readable(reply: bytes, question_length: int) -> bool:
     return True
 
 
-def _entry(reply: bytes, question_length: int, now: float, max_ttl: int) -> _Entry:
+def _entry(
+    reply: bytes, question_length: int, now: float, max_ttl: int, negative_ttl: int
+) -> tuple[_Entry, int]:
+    """
+    The cache entry for C{reply}, its TTLs capped, and how long it may be
+    kept: a positive answer its smallest answer TTL; a negative one (NXDOMAIN,
+    NODATA) min(SOA TTL, SOA minimum, C{negative_ttl}), which is also the TTL
+    its SOA is passed on with, so clients keep it no longer than netd does
+    (RFC 2308 5); 0 for other rcodes and for a negative answer without an SOA.
+    """
     _, flags, _, an, ns, ar = _HEADER.unpack_from(reply)
     start = 12 + question_length
     records, _ = walk_records(reply, start, an + ns + ar)
@@ -641,13 +651,25 @@ def _entry(reply: bytes, question_length: int, now: float, max_ttl: int) -> _Ent
         ar = len(kept) - an - ns
     end = kept[-1].end if kept else start
     body = reply[start:end]
-    ttls = tuple((r.ttl_offset - start, min(_ttl(reply, r.ttl_offset), max_ttl)) for r in kept)
+    ttls = [(r.ttl_offset - start, min(_ttl(reply, r.ttl_offset), max_ttl)) for r in kept]
+    rcode = flags & 0xF
+    lifetime = 0
+    if rcode == NOERROR and an:
+        lifetime = min(ttl for _, ttl in ttls[:an])
+    elif rcode in (NOERROR, NXDOMAIN):
+        for index in range(an, an + ns):
+            record = kept[index]
+            if record.type == SOA and record.end - record.rdata >= 20:
+                offset, ttl = ttls[index]
+                lifetime = min(ttl, _ttl(reply, record.end - 4), negative_ttl)
+                ttls[index] = (offset, lifetime)
+                break
     if any(_ttl(body, offset) != ttl for offset, ttl in ttls):
         capped = bytearray(body)
         for offset, ttl in ttls:
             _TTL.pack_into(capped, offset, ttl)
         body = bytes(capped)
-    return _Entry(
+    entry = _Entry(
         expires=0.0,
         stored=now,
         flags=RA | (flags & 0xF),
@@ -655,31 +677,11 @@ def _entry(reply: bytes, question_length: int, now: float, max_ttl: int) -> _Ent
         ns=ns,
         ar=ar,
         body=body,
-        ttls=ttls,
+        ttls=tuple(ttls),
     )
+    return entry, lifetime
 
 
 def _ttl(data: bytes, offset: int) -> int:
     ttl: int = _TTL.unpack_from(data, offset)[0]
     return ttl
-
-
-def _lifetime(entry: _Entry, negative_ttl: int) -> int:
-    """How long C{entry} may be kept; its TTLs are capped already."""
-    rcode = entry.flags & 0xF
-    body = entry.body
-    if rcode == NOERROR and entry.an:
-        return min(ttl for _, ttl in entry.ttls[: entry.an])
-    if rcode not in (NOERROR, NXDOMAIN):
-        return 0
-    # RFC 2308 section 5: a negative answer lives min(SOA TTL, SOA minimum).
-    try:
-        records, _ = walk_records(body, 0, entry.an + entry.ns)
-    except Malformed:
-        return 0
-    for record in records[entry.an :]:
-        if record.type == _SOA and record.end - record.rdata >= 20:
-            minimum = _ttl(body, record.end - 4)
-            return min(_ttl(body, record.ttl_offset), minimum, negative_ttl)
-    # Without an SOA there is no negative TTL to go by (RFC 2308 section 5).
-    return 0

@@ -33,6 +33,7 @@ __all__ = [
     "RD",
     "REFUSED",
     "SERVFAIL",
+    "SOA",
     "TC",
     "Malformed",
     "Query",
@@ -60,6 +61,7 @@ UPDATE = 5
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
+SOA = 6
 # What netd advertises unless told otherwise: the DNS flag day 2020 size, which
 # fits an Ethernet MTU (BIND's and Unbound's default too).
 EDNS_PAYLOAD = 1232
