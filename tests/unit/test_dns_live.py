@@ -563,7 +563,7 @@ def test_forward_options(tmp_path: Path) -> None:
 
 def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Path) -> None:
     thread = FakeThread()
-    recorder = Recorder(tmp_path / "rec.zone", thread, Logger(), "dns")
+    recorder = Recorder(tmp_path / "rec.zone", thread, Logger(), "dns", {}, {})
     reply = dns_message.make_response(dns_message.make_query("www.example.test", "A"))
     reply.answer.append(dns_rrset.from_text("WWW.example.test.", 300, "IN", "A", "10.0.0.1"))
     reply.answer.append(dns_rrset.from_text("www.example.test.", 300, "IN", "HINFO", "a b"))
@@ -580,6 +580,47 @@ def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Pa
     ]
     records, _ = parse_master_file((tmp_path / "rec.zone").read_text(), name_to_wire("rec"), 60)
     assert records == [(name_to_wire("www.example.test"), dns.A, 60, bytes([10, 0, 0, 1]))]
+
+
+def recorded_reply(name: str, address: str) -> bytes:
+    reply = dns_message.make_response(dns_message.make_query(name, "A"))
+    reply.answer.append(dns_rrset.from_text(name, 300, "IN", "A", address))
+    wire: bytes = reply.to_wire()
+    return wire
+
+
+def test_a_reload_and_a_restart_add_to_what_was_recorded(tmp_path: Path) -> None:
+    path = tmp_path / "rec.zone"
+    carried: dict[str, Any] = {}
+    thread = FakeThread()
+    first = Recorder(path, thread, Logger(), "dns", carried, {})
+    first.startService()
+    first.add(recorded_reply("one.rec.test.", "10.0.0.1"))
+    # A reload: the next service takes the records in memory, newer than the file.
+    second = Recorder(path, thread, Logger(), "dns", carried, {})
+    second.startService()
+    second.add(recorded_reply("two.rec.test.", "10.0.0.2"))
+    thread.finish()
+    thread.finish()
+    lines = ["one.rec.test. 300 IN A 10.0.0.1", "two.rec.test. 300 IN A 10.0.0.2"]
+    assert path.read_text().splitlines()[1:] == lines
+    # A restart: the map's reading of record_to is what the recorder starts from.
+    section = f"    forward: ['127.0.0.1:9']\n    record_to: {path}\n"
+    restarted = Recorder(path, thread, Logger(), "dns", {}, DNS.parse(tmp_path, section).recorded)
+    restarted.add(recorded_reply("three.rec.test.", "10.0.0.3"))
+    thread.finish()
+    assert path.read_text().splitlines()[1:] == [
+        lines[0],
+        "three.rec.test. 300 IN A 10.0.0.3",
+        lines[1],
+    ]
+    # Recorded to another file, nothing is carried over into it.
+    other = Recorder(tmp_path / "other.zone", thread, Logger(), "dns", carried, {})
+    assert other.records == {}
+    path.write_text("www.rec.test. A 10.0.0.1\n")
+    assert DNS.errors(tmp_path, section)[0].endswith(
+        f"services.dns.record_to: {path} line 1: not OWNER TTL IN TYPE DATA, as netd records"
+    )
 
 
 # -- the additional section ------------------------------------------------------------

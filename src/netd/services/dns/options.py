@@ -6,7 +6,7 @@ import base64
 import binascii
 import ipaddress
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import yaml
@@ -29,6 +29,9 @@ from netd.services.dns.wire import (
     EDNS_PAYLOAD,
     name_to_wire,
 )
+
+if TYPE_CHECKING:
+    from netd.services.dns.record import Recorded
 
 __all__ = ["ALGORITHMS", "CacheOptions", "Options", "TSIGKey", "UpdateOptions", "parse"]
 
@@ -103,6 +106,8 @@ class Options(Record):
     @ivar local: C{records} ready to answer from, built with the map read
         (so a reload builds it off the reactor thread, with the zone files
         read); not compared: C{records} says the same.
+    @ivar recorded: what C{record_to} held when the map was read; not
+        compared: it changes as the service records.
     """
 
     records: tuple[tuple[bytes, int, int, bytes], ...] = ()
@@ -119,6 +124,7 @@ class Options(Record):
     udp_payload: int = EDNS_PAYLOAD
     persist: Path | None = None
     record_to: Path | None = None
+    recorded: Recorded = attrs.field(factory=dict, eq=False, repr=False)
     update: UpdateOptions = attrs.field(factory=UpdateOptions)
     local: LocalData | None = attrs.field(default=None, eq=False, repr=False)
 
@@ -147,6 +153,8 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
             if catch_value.is_scalar:
                 catch_value.error(f"not an IPv4 address: {text!r}")
     forward = section.read("forward", _forward, _Forward())
+    nothing_recorded: tuple[Path | None, Recorded] = (None, {})
+    record_to, recorded = section.read("record_to", _record_to, nothing_recorded)
     # One tuple for both, so a worker's copy of the options pickles it once.
     configured = tuple(records)
     options = Options(
@@ -163,7 +171,8 @@ def parse(section: Section, profiles: TLSProfiles) -> Options:
         ttl=ttl,
         udp_payload=section.integer("udp_payload", EDNS_PAYLOAD, minimum=512, maximum=4096),
         persist=section.file_path("persist"),
-        record_to=section.file_path("record_to"),
+        record_to=record_to,
+        recorded=recorded,
         update=section.read("update", parse_update, UpdateOptions()),
         local=LocalData(configured, cache.negative_ttl),
     )
@@ -237,6 +246,31 @@ def _zone_file(value: Value, ttl: int, negative_ttl: int) -> list[tuple[bytes, i
         # that the file does not have are NXDOMAIN, not forwarded.
         records.append((apex, dns.SOA, negative_ttl, made_up_soa(apex, negative_ttl)))
     return records
+
+
+def _record_to(value: Value) -> tuple[Path | None, Recorded]:
+    """
+    C{record_to}'s path and what it holds already: read with the map (off the
+    reactor thread on a reload), so a restart adds to the recording.
+    """
+    path = value.as_path()
+    if not value.is_scalar:
+        return None, {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return path, {}
+    except (OSError, UnicodeDecodeError) as e:
+        value.error(f"cannot read {path}: {e.strerror if isinstance(e, OSError) else e}")
+        return path, {}
+    # dnspython, which the recorder writes with, only for a service that records.
+    from netd.services.dns.record import read_recorded
+
+    try:
+        return path, read_recorded(text)
+    except ValueError as e:
+        value.error(f"{path} {e}")
+        return path, {}
 
 
 def _hosts_file(value: Value, ttl: int) -> list[tuple[bytes, int, int, bytes]]:

@@ -14,6 +14,7 @@ of a zone file netd reads) only names a zone of its own that holds nothing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -27,19 +28,66 @@ from netd.kinds import RunInThread
 from netd.services.dns.data import TYPES
 from netd.services.dns.live import Saver
 
-__all__ = ["Recorder"]
+__all__ = ["Recorded", "Recorder", "read_recorded"]
 
 _SERVED = frozenset(TYPES.values())
+_CARRIED = "recorded"
+
+# (owner, type, data) -> TTL: the TTL of the latest answer that carried it.
+Recorded = dict[tuple[str, str, str], int]
+
+
+def read_recorded(text: str) -> Recorded:
+    """
+    What a recorder wrote to its file (L{Recorder.text}), so a restarted
+    daemon adds to it rather than starting it again; ValueError naming the
+    line of one it cannot read.
+    """
+    recorded: Recorded = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith(";"):
+            continue
+        fields = line.split(None, 4)
+        if len(fields) < 5 or not fields[1].isdigit() or fields[2] != "IN":
+            raise ValueError(f"line {number}: not OWNER TTL IN TYPE DATA, as netd records")
+        owner, ttl, _, kind, data = fields
+        recorded[owner, kind, data] = int(ttl)
+    return recorded
 
 
 class Recorder(Service):
-    """Keeps what upstreams answered, each record once, and writes it to C{path}."""
+    """
+    Keeps what upstreams answered, each record once, and writes it to C{path}.
 
-    def __init__(self, path: Path, in_thread: RunInThread, log: Logger, name: str) -> None:
+    @param carried: the service's L{netd.kinds.BuildContext.carried}: what the
+        service this one replaces recorded to the same C{path}, if any.
+    @param in_file: what C{path} held when the map was read, started from
+        when nothing is carried (at start: a reload carries the records in
+        memory, as they may be newer than the file).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        in_thread: RunInThread,
+        log: Logger,
+        name: str,
+        carried: dict[str, Any],
+        in_file: Recorded,
+    ) -> None:
         self.saver = Saver(path, in_thread, log)
         self.label = f"netd service {name}"
-        # (owner, type, data) -> TTL: the TTL of the latest answer that carried it.
-        self.records: dict[tuple[str, str, str], int] = {}
+        self.carried = carried
+        previous = carried.get(_CARRIED)
+        if isinstance(previous, tuple) and previous[0] == path:
+            self.records: Recorded = previous[1]
+        else:
+            self.records = dict(in_file)
+
+    def startService(self) -> None:
+        super().startService()
+        # This service now records: a reload hands its records to the next one.
+        self.carried[_CARRIED] = (self.saver.path, self.records)
 
     def add(self, reply: bytes) -> None:
         try:

@@ -187,7 +187,12 @@ class Server:
             from netd.services.dns.record import Recorder
 
             self.recorder = Recorder(
-                options.record_to, context.in_thread, context.log, context.name
+                options.record_to,
+                context.in_thread,
+                context.log,
+                context.name,
+                context.carried,
+                options.recorded,
             )
         self.cache = Cache(
             context.reactor,
