@@ -158,6 +158,40 @@ def test_removing_the_last_name_of_a_made_up_zone_does_not_fail() -> None:
     assert records.get(WWW, dns.A) is None
 
 
+def test_deleting_a_made_up_zones_last_records_forwards_its_names_again() -> None:
+    solo = name_to_wire("solo.test")
+    records, events, _ = make([*MAP, (solo, dns.A, 60, bytes([192, 0, 2, 1]))])
+    view = records_view(records, 60)
+    assert view.put is not None and view.remove is not None
+    view.put("svc.example.test/A", {"values": ["192.0.2.7"]})
+    view.remove("svc.example.test")
+    other = name_to_wire("svc.example.test")
+    assert records.local.zone_of(other) is None and records.live.changes == {}
+    assert view.remove("svc.example.test/SOA") is None  # 404: there is no zone there now
+    assert events[-1] == {
+        "type": "record",
+        "action": "remove",
+        "source": "admin",
+        "name": "svc.example.test",
+        "rtype": "SOA",
+    }
+    # A map's name too: without its records it is no zone, as if the map had not named it.
+    view.put("solo.test/A", {"values": ["192.0.2.2"]})
+    view.remove("solo.test")
+    assert records.local.zone_of(solo) is None
+    # A zone whose SOA someone wrote keeps it, and a made-up one keeps it while names remain.
+    view.remove("www.z.test")
+    assert records.local.zone_of(WWW) == ZONE
+    view.put("own.test/SOA", {"values": ["ns.own.test. h.own.test. 5 1 2 3 4"]})
+    view.put("own.test/A", {"values": ["192.0.2.3"]})
+    view.remove("own.test/A")
+    assert records.local.zone_of(name_to_wire("own.test")) == name_to_wire("own.test")
+    view.put("apex.test/A", {"values": ["192.0.2.4"]})
+    view.put("www.apex.test/A", {"values": ["192.0.2.5"]})
+    view.remove("apex.test")
+    assert records.local.zone_of(name_to_wire("www.apex.test")) == name_to_wire("apex.test")
+
+
 def test_a_reload_carries_changes_and_the_map_wins_where_it_changed() -> None:
     carried: dict[str, Any] = {}
     old, _, _ = make(carried=carried)

@@ -110,6 +110,9 @@ class Records:
             ]
             mapped = LocalData(configured, negative_ttl)
         self.map_sets = dict(_sets(mapped))
+        # Zones whose SOA someone wrote (the map, a zone file, update.allow):
+        # the others' SOAs are made up, and go with the zone's last record.
+        self.written_soas = {owner for owner, rtype, _, _ in configured if rtype == names.SOA}
         previous = carried.get(_CARRIED)
         if isinstance(previous, LiveChanges):
             known = previous.changes
@@ -165,6 +168,17 @@ class Records:
         for key, value in done:
             self._set(key, value)
         local = self._build()
+        # A made-up zone left with nothing but its SOA is gone, as if its
+        # names had never been given: forwarded again, not NXDOMAIN for good.
+        emptied = [
+            ((zone, names.SOA), None)
+            for zone in sorted(z for z in zones if z is not None and self._emptied(local, z))
+        ]
+        if emptied:
+            for key, value in emptied:
+                self._set(key, value)
+            done += emptied
+            local = self._build()
         zones |= {local.zone_of(owner) for (owner, _), _ in done}
         soas_set = {owner for (owner, rtype), _ in done if rtype == names.SOA}
         bumped = []
@@ -176,6 +190,15 @@ class Records:
         self.local = self._build() if bumped else local
         self.changed(self.local)
         return done + bumped
+
+    def _emptied(self, local: LocalData, zone: bytes) -> bool:
+        """Whether C{zone} holds only an SOA that nobody wrote (L{made_up_soa}'s)."""
+        node = local.sets.get(zone, {})
+        if zone in self.written_soas or set(node) != {names.SOA}:
+            return False
+        if _with_serial(node[names.SOA][1][0], 1) != made_up_soa(zone, self.negative_ttl):
+            return False  # PUT by someone: the zone they asked for stays
+        return not any(owner != zone and local.zone_of(owner) == zone for owner in local.sets)
 
     def commit(self, edits: Iterable[Edit], source: str) -> list[Edit]:
         """L{apply}, then journal each set changed and write the persist file."""
@@ -457,7 +480,7 @@ def records_view(records: Records, ttl: int) -> AdminView:
     def remove(key: str) -> Any:
         owner, rtype = _key(key)
         types = [rtype] if rtype is not None else sorted(records.of_name(owner))
-        if rtype == names.SOA:
+        if rtype == names.SOA and records.get(owner, rtype) is not None:
             raise ViewRefused(409, "a zone keeps its SOA: PUT another one instead")
         if rtype is None and names.SOA in types:
             types.remove(names.SOA)  # the apex stays a zone; its other records go
