@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.flags as dns_flags
 import dns.message as dns_message
 import dns.name as dns_name
 import dns.rcode as dns_rcode
@@ -46,7 +47,7 @@ from netd.services.dns.live import (
     records_view,
 )
 from netd.services.dns.local import LocalData
-from netd.services.dns.record import Recorder
+from netd.services.dns.record import Recorder, read_recorded
 from netd.services.dns.server import Server
 from netd.services.dns.wire import name_to_wire
 from tests.unit.test_dns import (
@@ -597,7 +598,7 @@ def test_forward_options(tmp_path: Path) -> None:
 
 def test_the_recorder_keeps_served_types_once_with_their_latest_ttl(tmp_path: Path) -> None:
     thread = FakeThread()
-    recorder = Recorder(tmp_path / "rec.zone", thread, Logger(), "dns", {}, {})
+    recorder = Recorder(tmp_path / "rec.zone", thread, Logger(), "dns", {}, {}, 30)
     reply = dns_message.make_response(dns_message.make_query("www.example.test", "A"))
     reply.answer.append(dns_rrset.from_text("WWW.example.test.", 300, "IN", "A", "10.0.0.1"))
     reply.answer.append(dns_rrset.from_text("www.example.test.", 300, "IN", "HINFO", "a b"))
@@ -627,11 +628,11 @@ def test_a_reload_and_a_restart_add_to_what_was_recorded(tmp_path: Path) -> None
     path = tmp_path / "rec.zone"
     carried: dict[str, Any] = {}
     thread = FakeThread()
-    first = Recorder(path, thread, Logger(), "dns", carried, {})
+    first = Recorder(path, thread, Logger(), "dns", carried, {}, 30)
     first.startService()
     first.add(recorded_reply("one.rec.test.", "10.0.0.1"))
     # A reload: the next service takes the records in memory, newer than the file.
-    second = Recorder(path, thread, Logger(), "dns", carried, {})
+    second = Recorder(path, thread, Logger(), "dns", carried, {}, 30)
     second.startService()
     second.add(recorded_reply("two.rec.test.", "10.0.0.2"))
     thread.finish()
@@ -640,7 +641,9 @@ def test_a_reload_and_a_restart_add_to_what_was_recorded(tmp_path: Path) -> None
     assert path.read_text().splitlines()[1:] == lines
     # A restart: the map's reading of record_to is what the recorder starts from.
     section = f"    forward: ['127.0.0.1:9']\n    record_to: {path}\n"
-    restarted = Recorder(path, thread, Logger(), "dns", {}, DNS.parse(tmp_path, section).recorded)
+    restarted = Recorder(
+        path, thread, Logger(), "dns", {}, DNS.parse(tmp_path, section).recorded, 30
+    )
     restarted.add(recorded_reply("three.rec.test.", "10.0.0.3"))
     thread.finish()
     assert path.read_text().splitlines()[1:] == [
@@ -649,12 +652,31 @@ def test_a_reload_and_a_restart_add_to_what_was_recorded(tmp_path: Path) -> None
         lines[1],
     ]
     # Recorded to another file, nothing is carried over into it.
-    other = Recorder(tmp_path / "other.zone", thread, Logger(), "dns", carried, {})
+    other = Recorder(tmp_path / "other.zone", thread, Logger(), "dns", carried, {}, 30)
     assert other.records == {}
     path.write_text("www.rec.test. A 10.0.0.1\n")
     assert DNS.errors(tmp_path, section)[0].endswith(
         f"services.dns.record_to: {path} line 1: not OWNER TTL IN TYPE DATA, as netd records"
     )
+
+
+def test_a_recorded_ns_answer_replays_as_an_answer_not_a_delegation(tmp_path: Path) -> None:
+    path = tmp_path / "recorded.zone"
+    thread = FakeThread()
+    recorder = Recorder(path, thread, Logger(), "dns", {}, {}, 30)
+    recorder.add(recorded_reply("rec.test.", "10.0.0.1"))
+    ns = dns_message.make_response(dns_message.make_query("sub.rec.test", "NS"))
+    ns.answer.append(dns_rrset.from_text("sub.rec.test.", 300, "IN", "NS", "ns1.sub.rec.test."))
+    recorder.add(ns.to_wire())
+    recorder.add(recorded_reply("www.sub.rec.test.", "10.0.0.2"))
+    while thread.calls:
+        thread.finish()
+    replay = server(tmp_path, f"    zone_files: [{path}]\n")
+    www = ask(replay, "www.sub.rec.test")
+    assert texts(www) == ["www.sub.rec.test. 300 IN A 10.0.0.2"] and www.flags & dns_flags.AA
+    assert texts(ask(replay, "sub.rec.test", "NS")) == ["sub.rec.test. 300 IN NS ns1.sub.rec.test."]
+    # The made-up SOA is the file's, not a record: read back, it is not kept as recorded.
+    assert ("sub.rec.test.", "SOA") not in {key[:2] for key in read_recorded(path.read_text())}
 
 
 # -- the additional section ------------------------------------------------------------

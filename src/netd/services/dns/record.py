@@ -9,6 +9,12 @@ written; negative answers are not (a zone file cannot say "this name does not
 exist" outside its own zone).  FILE is rewritten whole, in a thread, after
 each new record; every name in it is absolute, so its file name (the origin
 of a zone file netd reads) only names a zone of its own that holds nothing.
+
+An NS set in an answer says its owner is a zone's apex.  Written alone under
+a recorded name above it, the replay would read it as a delegation (NS below
+an apex) and refer every name under it elsewhere; so unless an SOA was
+recorded there, the file gives that owner a made-up SOA of its own, and the
+replay answers its NS and the names under it authoritatively, as recorded.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ from twisted.logger import Logger
 
 from netd.kinds import RunInThread
 from netd.services.dns.data import TYPES
-from netd.services.dns.live import Saver
+from netd.services.dns.live import Saver, rdata_text
+from netd.services.dns.local import made_up_soa
+from netd.services.dns.wire import SOA, name_to_wire
 
 __all__ = ["Recorded", "Recorder", "read_recorded"]
 
 _SERVED = frozenset(TYPES.values())
 _CARRIED = "recorded"
+# Ends the made-up SOA lines: read back, they are left out (they are written anew).
+_MADE_UP = " ; made up: NS were answered here"
 
 # (owner, type, data) -> TTL: the TTL of the latest answer that carried it.
 Recorded = dict[tuple[str, str, str], int]
@@ -45,7 +55,7 @@ def read_recorded(text: str) -> Recorded:
     """
     recorded: Recorded = {}
     for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.startswith(";"):
+        if not line.strip() or line.startswith(";") or line.endswith(_MADE_UP):
             continue
         fields = line.split(None, 4)
         if len(fields) < 5 or not fields[1].isdigit() or fields[2] != "IN":
@@ -74,8 +84,10 @@ class Recorder(Service):
         name: str,
         carried: dict[str, Any],
         in_file: Recorded,
+        negative_ttl: int,
     ) -> None:
         self.saver = Saver(path, in_thread, log)
+        self.negative_ttl = negative_ttl
         self.label = f"netd service {name}"
         self.carried = carried
         previous = carried.get(_CARRIED)
@@ -112,10 +124,16 @@ class Recorder(Service):
         lines = [
             f"; recorded by {self.label}: list this file under zone_files to replay it\n",
         ]
-        lines += [
-            f"{owner} {ttl} IN {kind} {data}\n"
-            for (owner, kind, data), ttl in sorted(self.records.items())
-        ]
+        records = sorted(self.records.items())
+        with_soa = {owner for (owner, kind, _), _ in records if kind == "SOA"}
+        for (owner, kind, _), _ in records:
+            if kind == "NS" and owner not in with_soa:
+                with_soa.add(owner)
+                soa = made_up_soa(name_to_wire(owner), self.negative_ttl)
+                lines.append(
+                    f"{owner} {self.negative_ttl} IN SOA {rdata_text(SOA, soa)}{_MADE_UP}\n"
+                )
+        lines += [f"{owner} {ttl} IN {kind} {data}\n" for (owner, kind, data), ttl in records]
         return "".join(lines)
 
     def stopService(self) -> Deferred[None]:

@@ -193,6 +193,7 @@ class Server:
                 context.name,
                 context.carried,
                 options.recorded,
+                options.cache.negative_ttl,
             )
         self.cache = Cache(
             context.reactor,
