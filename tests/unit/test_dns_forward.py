@@ -7,9 +7,18 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.web.client import Agent
+from twisted.web.iweb import IAgentEndpointFactory
+from zope.interface import implementer
 
 from netd.events import ServiceStats
 from netd.services.dns.forward import Forwarder, Upstream
+from netd.services.dns.https import HTTPSClient
 from netd.tls import ensure_self_signed
 from tests.unit.test_dns import _FakeReactor, answer_to, errors, key, options
 
@@ -159,3 +168,39 @@ def test_bad_https_upstreams_and_strategy_are_errors_in_place(tmp_path: Path) ->
     assert "strategy" in found[0] and "in_order" in found[0]
     assert all("upstreams" in e for e in found[1:])
     assert "not https://HOST[:PORT]/PATH: 'https://9.9.9.9'" in found[1]
+
+
+@implementer(IAgentEndpointFactory)
+class _Plain:
+    """Every request on a plain connection, so the test reads its head as sent."""
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", 8443)
+
+
+@pytest.mark.parametrize(
+    ("server_name", "port", "host"),
+    [
+        (None, 8443, b"127.0.0.1:8443"),
+        ("up.review.test", 8443, b"up.review.test:8443"),
+        ("up.review.test", 443, b"up.review.test"),
+        ("::1", 8443, b"[::1]:8443"),
+    ],
+)
+def test_a_doh_upstreams_host_header_is_its_server_name(
+    server_name: str | None, port: int, host: bytes
+) -> None:
+    # The name the certificate is checked for is the virtual host asked for.
+    reactor = MemoryReactorClock()
+    upstream = Upstream("127.0.0.1", port, server_name=server_name, path="/dns-query")
+    client = HTTPSClient(reactor, upstream, 2.0)
+    client.agent = Agent.usingEndpointFactory(reactor, _Plain(reactor), client.pool)
+    client.ask(b"query")
+    protocol = reactor.tcpClients[0][2].buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    head = transport.value().split(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    assert [line for line in head if line.startswith(b"host:")] == [b"host: " + host]

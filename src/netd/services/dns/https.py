@@ -140,6 +140,12 @@ class _Endpoints:
         return wrapClientTLS(self.tls, tcp)
 
 
+def _host(name: str, port: int) -> bytes:
+    """A Host header's value for C{name} on C{port} of HTTPS (RFC 9110 7.2)."""
+    host = f"[{name}]".encode("ascii") if ":" in name else name.encode("idna")
+    return host if port == 443 else b"%b:%d" % (host, port)
+
+
 def _is_address(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -162,6 +168,10 @@ class HTTPSClient:
         )
         self.url = str(upstream).encode("ascii")
         self.headers = Headers({b"content-type": [_MEDIA_TYPE], b"accept": [_MEDIA_TYPE]})
+        if upstream.server_name is not None:
+            # The name the certificate is verified for is the one the server
+            # is asked by, or a name-based virtual host would send it elsewhere.
+            self.headers.addRawHeader(b"host", _host(upstream.server_name, upstream.port))
 
     def ask(self, query: bytes) -> Deferred[bytes]:
         """The upstream's answer to C{query}, in C{timeout} seconds or a failure."""
