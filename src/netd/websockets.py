@@ -52,6 +52,7 @@ __all__ = [
     "accept",
     "handshake_problem",
     "offered_subprotocols",
+    "refusal_status",
 ]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -67,6 +68,14 @@ def accept(key: bytes) -> bytes:
 
 # RFC 6455 4.2.2: a version not spoken is refused with the one that is.
 _WRONG_VERSION = "Sec-WebSocket-Version: 13 only"
+
+
+def refusal_status(problem: str) -> int:
+    """
+    The status a handshake refused for C{problem} gets: 426 for a version not
+    spoken, sent with C{Sec-WebSocket-Version: 13} (RFC 6455 4.2.2), else 400.
+    """
+    return 426 if problem == _WRONG_VERSION else 400
 
 
 def handshake_problem(header: Callable[[bytes], bytes | None]) -> str | None:
@@ -279,7 +288,7 @@ class LinesOverWebSocket(Protocol):
             return
         problem = handshake_problem(headers.get)
         if problem is not None:
-            self._refuse(426 if problem == _WRONG_VERSION else 400, problem)
+            self._refuse(refusal_status(problem), problem)
             return
         served = self.options.subprotocols
         offered = offered_subprotocols(headers.get(b"sec-websocket-protocol"))

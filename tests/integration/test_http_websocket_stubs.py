@@ -111,7 +111,9 @@ def test_a_plain_request_and_a_bad_handshake(netd: NetdProcess) -> None:
             b"GET /ws/prices HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Version: 8\r\n\r\n"
         )
-        assert sock.recv(4096).startswith(b"HTTP/1.1 400 ")
+        refused = sock.recv(4096)  # RFC 6455 4.2.2: 426 and the version spoken
+        assert refused.startswith(b"HTTP/1.1 426 ")
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in refused
     # Garbage after the handshake: a protocol error closes that socket only.
     with socket.create_connection(netd.address("web"), timeout=10) as sock:
         sock.sendall(

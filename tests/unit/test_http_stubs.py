@@ -304,6 +304,25 @@ def test_header_and_cookie_values_are_utf8_or_else_latin1(tmp_path: Path) -> Non
     assert latin1.data == "café zoë".encode()
 
 
+def test_a_header_sent_twice_matches_on_either_line_and_cookie_lines_join(
+    tmp_path: Path,
+) -> None:
+    app = app_for(tmp_path, MATCHING)
+    twice = FakeExchange(
+        "GET",
+        "/h",
+        [(b"x-api-key", b"k-1"), (b"x-api-key", b"other"), (b"accept", b"application/json")],
+    )
+    app.handle(twice)
+    assert twice.data == b"header"  # as WireMock: one line of the two is enough
+    cookies = FakeExchange("GET", "/c", [(b"cookie", b"a=1"), (b"cookie", b"session=abc")])
+    app.handle(cookies)
+    assert cookies.data == b"cookie"  # "a=1; session=abc", not "a=1, session=abc"
+    neither = FakeExchange("GET", "/h", [(b"x-api-key", b"k-1"), (b"accept", b"text/html")])
+    app.handle(neither)
+    assert neither.status == 404
+
+
 def test_the_closest_route_is_the_one_with_the_closest_path(tmp_path: Path) -> None:
     app = app_for(
         tmp_path,

@@ -337,6 +337,10 @@ class Exchange(ABC):
                 by_name[key] = by_name[key] + b", " + value if key in by_name else value
         return by_name.get(name)
 
+    def header_lines(self, name: bytes) -> list[bytes]:
+        """Each value of header C{name} (lower case) as it came, one a line."""
+        return [value for key, value in self.headers if key.lower() == name]
+
     def upgrade(self) -> Upgrade | None:
         """
         The connection, if this request asks to switch protocols and its

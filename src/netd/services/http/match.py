@@ -91,12 +91,24 @@ class Request:
         value = self.exchange.header(name.lower().encode("latin-1", "replace"))
         return _header_text(value) if value is not None else None
 
+    def header_holds(self, name: str, wanted: Text) -> bool:
+        """
+        Whether header C{name} is as C{wanted} says: its lines joined (RFC 9110
+        5.3), or any one of them, as WireMock matches a header sent twice.
+        """
+        if wanted.check(self.header(name)):
+            return True
+        lines = self.exchange.header_lines(name.lower().encode("latin-1", "replace"))
+        return len(lines) > 1 and any(wanted.check(_header_text(line)) for line in lines)
+
     @property
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:
             # RFC 6265 5.4 as browsers send it; http.cookies refuses what they accept.
+            # Cookie lines are joined by "; " (RFC 9113 8.2.3), never by a comma.
+            lines = self.exchange.header_lines(b"cookie")
             found: dict[str, str] = {}
-            for piece in (self.header("cookie") or "").split(";"):
+            for piece in "; ".join(map(_header_text, lines)).split(";"):
                 name, equals, value = piece.partition("=")
                 name = name.strip()
                 if name and equals and name not in found:
@@ -293,7 +305,7 @@ class Conditions(Record):
         if self.query_equals is not None and request.query != self.query_equals:
             return False
         for name, wanted in self.headers:
-            if not wanted.check(request.header(name)):
+            if not request.header_holds(name, wanted):
                 return False
         for name, wanted in self.cookies:
             if not wanted.check(request.cookies.get(name)):
@@ -325,7 +337,7 @@ class Conditions(Record):
             found.append(f"query: expected exactly {expected}, got {got}")
         for name, wanted in self.headers:
             value = request.header(name)
-            if not wanted.check(value):
+            if not request.header_holds(name, wanted):
                 found.append(f"header {name}: expected {wanted.describe()}, got {_got(value)}")
         for name, wanted in self.cookies:
             value = request.cookies.get(name)

@@ -165,7 +165,7 @@ def _subprotocol(exchange: Any, script: Script) -> str | None:
 
 def serve(exchange: Any, script: Script, clock: Any) -> None:
     """Answer a request on a WebSocket route: switch and run C{script}, or say why not."""
-    from netd.websockets import accept, handshake_problem
+    from netd.websockets import accept, handshake_problem, refusal_status
 
     stream = exchange.websocket_stream()
     if stream is not None:
@@ -175,11 +175,15 @@ def serve(exchange: Any, script: Script, clock: Any) -> None:
     problem = handshake_problem(exchange.header) if upgrade is not None else None
     if upgrade is None or problem is not None:
         # A plain request (or, over HTTP/2, not an extended CONNECT): a WebSocket lives here.
-        status = 426 if upgrade is None else 400
+        status = 426 if problem is None else refusal_status(problem)
         body = (problem or "a WebSocket endpoint: connect with ws:// or wss://") + "\n"
         headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         if status == 426:
-            headers += [(b"Upgrade", b"websocket"), (b"Connection", b"Upgrade")]
+            headers += [
+                (b"Upgrade", b"websocket"),
+                (b"Connection", b"Upgrade"),
+                (b"Sec-WebSocket-Version", b"13"),
+            ]
         exchange.respond(status, headers, body.encode())
         return
     key = exchange.header(b"sec-websocket-key") or b""
