@@ -193,7 +193,9 @@ def _inherited() -> list[tuple[str, int]]:
     # because ListenFDs maps each name to one descriptor, while a socket unit gives
     # its one name to all of its sockets.
     descriptors = inherited_descriptors()
-    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    given = os.environ.get("LISTEN_FDNAMES")
+    # sd_listen_fds_with_names(3): a launcher that names none names each "unknown".
+    names = given.split(":") if given is not None else ["unknown"] * len(descriptors)
     return list(zip(names, descriptors, strict=True)) if len(names) == len(descriptors) else []
 
 

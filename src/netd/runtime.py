@@ -60,9 +60,15 @@ class LifecycleObserver(Protocol):
 
 
 def build_tls(
-    profiles: Mapping[str, TLSProfileConfig], state_dir: Path
+    profiles: Mapping[str, TLSProfileConfig],
+    state_dir: Path,
+    materials: dict[str, str] | None = None,
 ) -> dict[str, IOpenSSLServerConnectionCreator]:
-    """Load or generate every TLS profile; raise L{StartupError} naming the profile."""
+    """
+    Load or generate every TLS profile; raise L{StartupError} naming the profile.
+
+    @param materials: filled with a digest of each profile's files (L{tls.material}).
+    """
     creators: dict[str, IOpenSSLServerConnectionCreator] = {}
     if not profiles:
         return creators
@@ -87,6 +93,8 @@ def build_tls(
                 sni=sni or None,
                 mint=mint,
             )
+            if materials is not None:
+                materials[name] = tls.material(keypair, sni, profile.client_ca)
         except (tls.TLSError, OSError, ValueError) as e:
             raise StartupError(f"{profile.position}: tls.{name}: {e}") from None
     return creators
@@ -312,6 +320,7 @@ class Daemon(MultiService):
         self.start_failure: Failure | None = None
         self._reloading = False
         self._reload_again: list[Deferred[ReloadResult]] = []
+        self._tls_materials: dict[str, str] = {}
         self._carried: dict[str, dict[str, Any]] = {}
 
     def _running_service(
@@ -394,7 +403,7 @@ class Daemon(MultiService):
             self.config.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
         except OSError as e:
             raise StartupError(f"{self.config.file}: state_dir: {os_message(e)}") from None
-        creators = build_tls(self.config.tls, self.config.state_dir)
+        creators = build_tls(self.config.tls, self.config.state_dir, self._tls_materials)
         for service_config in self.config.services.values():
             if service_config.enabled:
                 running = self._running_service(service_config, self.config, creators)
@@ -556,9 +565,10 @@ class Daemon(MultiService):
             )
         except ConfigErrors as e:
             return ReloadResult(errors=tuple(str(error) for error in e.errors))
+        materials: dict[str, str] = {}
         try:
             new.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)
-            creators = build_tls(new.tls, new.state_dir)
+            creators = build_tls(new.tls, new.state_dir, materials)
         except (OSError, StartupError) as e:
             return ReloadResult(errors=(str(e),))
 
@@ -570,6 +580,8 @@ class Daemon(MultiService):
             name
             for name in set(self.config.tls) | set(new.tls)
             if self.config.tls.get(name) != new.tls.get(name)
+            # The same file names, other certificates in them: renewed in place.
+            or self._tls_materials.get(name) != materials.get(name)
         }
         old = self.services_by_name
         stopped = [n for n in old if n not in wanted]
@@ -647,6 +659,7 @@ class Daemon(MultiService):
             else:
                 self.journal.unsubscribe(_log_event)
         self.config = new
+        self._tls_materials = materials
         self.added = kept_added
         # Recording costs a little per connection: only when someone can read it.
         self.journal.active = new.admin is not None or new.log.events

@@ -7,6 +7,7 @@ exception is L{Minter}, which signs a leaf (in memory, no I/O) during a handshak
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -474,8 +475,16 @@ class _ServerOptions(CertificateOptions):
     error, so curl or any HTTP/2-capable client could not talk TLS to it.
     """
 
+    # What a client certificate must be issued by (mutual TLS): their names go
+    # in the CertificateRequest (RFC 8446 4.2.4, RFC 5246 7.4.4), as nginx's
+    # ssl_client_certificate sends them, so a client holding several
+    # certificates (a browser, a system store) offers the right one.
+    client_ca_names: Sequence[x509.Certificate] = ()
+
     def _makeContext(self, skipCiphers: bool = False) -> SSL.Context:
         context: SSL.Context = super()._makeContext(skipCiphers)
+        for ca in self.client_ca_names:
+            context.add_client_ca(ca)
         static = tuple(self._acceptableProtocols or ())
 
         def select(connection: SSL.Connection, offered: list[bytes]) -> Any:
@@ -484,6 +493,23 @@ class _ServerOptions(CertificateOptions):
 
         context.set_alpn_select_callback(select)
         return context
+
+
+def material(keypair: KeyPair, sni: Mapping[str, KeyPair], client_ca: Path | None) -> str:
+    """
+    A digest of the PEM files a profile is built from: a reload compares it,
+    so a certificate renewed in place (certbot, acme.sh) is served after the
+    reload, as nginx's reload re-reads its files.
+    """
+    paths = [keypair.chain, keypair.key]
+    for pair in sni.values():
+        paths += [pair.chain, pair.key]
+    if client_ca is not None:
+        paths.append(client_ca)
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(_read(path, "TLS file"))
+    return digest.hexdigest()
 
 
 def server_options(
@@ -501,11 +527,8 @@ def server_options(
     """
     if min_version not in _MIN_VERSIONS:
         raise ValueError(f"min_version must be '1.2' or '1.3', not {min_version!r}")
-    ca_certs = (
-        None
-        if client_ca is None
-        else [X509.from_cryptography(c) for c in _load_certificates(client_ca, "CA certificate")]
-    )
+    client_cas = [] if client_ca is None else _load_certificates(client_ca, "CA certificate")
+    ca_certs = None if client_ca is None else [X509.from_cryptography(c) for c in client_cas]
 
     def build(
         pair: KeyPair, select: Callable[[bytes | None], SSL.Context | None] | None = None
@@ -518,7 +541,7 @@ def server_options(
         key: PKey,
         select: Callable[[bytes | None], SSL.Context | None] | None = None,
     ) -> CertificateOptions:
-        return _ServerOptions(
+        options = _ServerOptions(
             privateKey=key,
             certificate=cert,
             extraCertChain=chain,
@@ -528,6 +551,8 @@ def server_options(
             requireCertificate=True,
             contextForServerName=select,
         )
+        options.client_ca_names = client_cas
+        return options
 
     if mint is not None:
         mint.build = lambda cert, chain, key: build_loaded(cert, chain, key).getContext()

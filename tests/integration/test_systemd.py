@@ -351,3 +351,32 @@ services:
         process.send_signal(signal.SIGTERM)
         process.wait(15)
     assert process.returncode == 0, (workdir / "netd.log").read_text()
+
+
+@needs_socket_activate
+def test_socket_activation_without_names_is_read_by_index(tmp_path: Path) -> None:
+    """A launcher that names no socket (no --fdname): sd_listen_fds(3) needs no names."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "netd.yaml").write_text(
+        'services:\n  echo:\n    type: echo\n    listen: ["systemd:domain=INET:index=0"]\n'
+    )
+    port = free_port()
+    passed = {k: os.environ[k] for k in ("PYTHONPATH",) if k in os.environ}
+    command = [
+        *("systemd-socket-activate", "-l", f"127.0.0.1:{port}"),
+        *(f"--setenv={name}={value}" for name, value in passed.items()),
+        "--",
+        *twistd_command(),
+        *("--nodaemon", "--pidfile=", "netd", "-c", "netd.yaml", "--ports-file", "ports.json"),
+    ]
+    with (workdir / "netd.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with connect_when_listening(process, port) as first:
+            first.sendall(b"unnamed")
+            assert first.recv(100) == b"unnamed", (workdir / "netd.log").read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(15)
+    assert process.returncode == 0, (workdir / "netd.log").read_text()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from netd.testing import NetdProcess
 from netd.tls import ensure_self_signed
@@ -109,3 +110,46 @@ def test_reload_applies_a_changed_profile_used_only_for_starttls(tmp_path: Path)
         assert result["restarted"] == ["mail"]
         names = _starttls_names(netd.address("mail"), netd.ca_file("mailtls"))
         assert names == ["localhost", "mail.changed.test"]
+
+
+def _served_certificate(address: tuple[str, int]) -> bytes:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(address, timeout=5)) as tls:
+        served = tls.getpeercert(binary_form=True)
+    assert served is not None
+    return served
+
+
+def _leaf(chain: Path) -> bytes:
+    return x509.load_pem_x509_certificates(chain.read_bytes())[0].public_bytes(Encoding.DER)
+
+
+def test_a_reload_serves_a_certificate_renewed_in_place(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    first, _ = ensure_self_signed(tmp_path / "first", "site", ["localhost"])
+    renewed, _ = ensure_self_signed(tmp_path / "renewed", "site", ["localhost"])
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes(first.chain.read_bytes())
+    key.write_bytes(first.key.read_bytes())
+    netd = start_netd(
+        f"""
+tls:
+  files: {{cert: {cert}, key: {key}}}
+services:
+  echo:
+    type: echo
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: files}}]
+"""
+    )
+    address = netd.address("echo", tls=True)
+    before = _served_certificate(address)
+    assert before == _leaf(first.chain)
+    # Same file names, new contents: as certbot and acme.sh renew.
+    cert.write_bytes(renewed.chain.read_bytes())
+    key.write_bytes(renewed.key.read_bytes())
+    assert netd.reload()["restarted"] == ["echo"]
+    assert _served_certificate(address) == _leaf(renewed.chain)
+    assert netd.reload()["unchanged"] == ["echo"]  # nothing renewed since

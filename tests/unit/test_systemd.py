@@ -21,6 +21,7 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import LogEvent
 
 from netd import endpoints
+from netd.compat import unnamed_descriptors
 from netd.systemd import Notifier, notify_address
 from tests.fakes.reactors import ListeningReactor
 
@@ -312,3 +313,11 @@ def test_datagram_and_identity() -> None:
     assert endpoints.identity("systemd:domain=INET:name=0") != endpoints.identity(
         "systemd:domain=INET:index=0"
     )
+
+
+def test_descriptors_passed_without_names_are_read_as_sd_listen_fds_does() -> None:
+    mine = {"LISTEN_PID": "42", "LISTEN_FDS": "2"}
+    assert unnamed_descriptors(mine, 42) == [3, 4]
+    assert unnamed_descriptors(mine, 43) == []  # passed to another process
+    assert unnamed_descriptors({**mine, "LISTEN_FDNAMES": "a:b"}, 42) == []  # Twisted's to read
+    assert unnamed_descriptors({"LISTEN_PID": "42", "LISTEN_FDS": "x"}, 42) == []

@@ -376,6 +376,22 @@ def test_client_ca_required_and_verified(tmp_path: Path, server: tuple[KeyPair, 
     assert accepted.client_cert.subject.rfc4514_string() == "CN=client-1"
 
 
+def test_client_ca_names_are_sent_in_the_certificate_request(
+    tmp_path: Path, server: tuple[KeyPair, Path]
+) -> None:
+    keypair, _ = server
+    _, client_ca = ensure_self_signed(tmp_path / "clients", "clients", ["clients"])
+    for options in (
+        server_options(keypair, client_ca=client_ca),
+        server_options(keypair, client_ca=client_ca, sni={"other.test": keypair}),
+    ):
+        connection = SSL.Connection(options.getContext(), None)
+        names = [n.commonName for n in connection.get_client_ca_list()]
+        assert names == ["netd clients CA"]
+    plain = SSL.Connection(server_options(keypair).getContext(), None)
+    assert plain.get_client_ca_list() == []
+
+
 def test_client_ca_applies_to_sni_certificates(
     tmp_path: Path, server: tuple[KeyPair, Path]
 ) -> None:

@@ -18,12 +18,15 @@ twisted.web, h2 or twisted.mail, nor one without a proxy route twisted.web.clien
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.endpoints import _parse, _SystemdParser
 from twisted.internet.interfaces import IListeningPort
+
+from netd import LISTEN_ENVIRONMENT
 
 __all__ = [
     "buffered_bytes",
@@ -34,6 +37,7 @@ __all__ = [
     "read_with",
     "run_twistd_with",
     "share_listening_socket",
+    "unnamed_descriptors",
     "wake_one_waiter",
 ]
 
@@ -58,6 +62,10 @@ def _parsed(description: str) -> tuple[tuple[str, ...], tuple[tuple[str, str], .
     return tuple(args), tuple(options.items())
 
 
+# sd-daemon.h's SD_LISTEN_FDS_START: the first descriptor systemd passes.
+_SD_LISTEN_FDS_START = 3
+
+
 def inherited_descriptors() -> list[int]:
     """
     The descriptors systemd handed this process, in order.
@@ -67,7 +75,21 @@ def inherited_descriptors() -> list[int]:
     the only copy, and exports no accessor.
     """
     descriptors: list[int] = _SystemdParser._sddaemon.inheritedDescriptors()
-    return descriptors
+    if descriptors:
+        return descriptors
+    # Twisted keeps none when the launcher named none; sd_listen_fds(3) needs no names.
+    return unnamed_descriptors(LISTEN_ENVIRONMENT, os.getpid())
+
+
+def unnamed_descriptors(environment: Mapping[str, str], pid: int) -> list[int]:
+    """The descriptors C{environment} says were passed to C{pid}, named or not."""
+    if environment.get("LISTEN_PID") != str(pid) or "LISTEN_FDNAMES" in environment:
+        return []  # not ours, or named: Twisted read them (or found them inconsistent)
+    try:
+        count = int(environment.get("LISTEN_FDS", ""))
+    except ValueError:
+        return []
+    return list(range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + max(count, 0)))
 
 
 def share_listening_socket(port: IListeningPort) -> None:
