@@ -153,3 +153,37 @@ services:
     assert netd.reload()["restarted"] == ["echo"]
     assert _served_certificate(address) == _leaf(renewed.chain)
     assert netd.reload()["unchanged"] == ["echo"]  # nothing renewed since
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_session_is_resumed(start_netd: StartNetd, version: ssl.TLSVersion) -> None:
+    """
+    Session tickets, as nginx gives them: a client's next connection skips the
+    full handshake, and an FTPS data connection can resume its control
+    connection's session, as curl does.
+    """
+    netd = start_netd(
+        """
+tls:
+  lab: {self_signed: [localhost]}
+services:
+  echo:
+    type: echo
+    listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}]
+"""
+    )
+    context = ssl.create_default_context(cafile=str(netd.ca_file("lab")))
+    context.maximum_version = version
+    address = netd.address("echo", tls=True)
+    with context.wrap_socket(
+        socket.create_connection(address), server_hostname="localhost"
+    ) as first:
+        first.sendall(b"x")
+        assert first.recv(10) == b"x"  # TLS 1.3's tickets come after the handshake
+        session = first.session
+    with context.wrap_socket(
+        socket.create_connection(address), server_hostname="localhost", session=session
+    ) as again:
+        again.sendall(b"y")
+        assert again.recv(10) == b"y"
+        assert again.session_reused
