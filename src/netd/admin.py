@@ -39,6 +39,7 @@ from netd.later import answer_later, finish
 from netd.listeners import ListenerGroup
 from netd.namespaces import in_namespace
 from netd.namespaces import key as namespace_key
+from netd.rules import is_name
 from netd.schema import ConfigErrors
 from netd.services import admin_root
 
@@ -422,6 +423,13 @@ class AdminResource(Resource):
                 state = body.get("state") if isinstance(body, dict) else body
                 if not isinstance(state, str) or not state:
                     raise _HTTPError(400, 'give the state: {"state": "NAME"}')
+                # As rules name them: a state no rule could name would never match.
+                if not _scenario_name(parts[0]) or not is_name(state):
+                    raise _HTTPError(
+                        400,
+                        "a scenario and its state are names (letters, digits, '_', '.', ':', "
+                        "'-'), a scenario's copy in a namespace NAME@NS",
+                    )
                 scenarios.set(parts[0], state)
             return _json(request, {"name": parts[0], "state": scenarios.state(parts[0])})
         elif parts:
@@ -634,6 +642,12 @@ def _json_body(request: Request) -> Any:
         raise _HTTPError(400, f"the body is not JSON: {e}") from None
     except RecursionError:  # thousands of nested brackets: not a map anyone wrote
         raise _HTTPError(400, "the body is not JSON: nested too deeply") from None
+
+
+def _scenario_name(text: str) -> bool:
+    """A scenario's name, or its copy in a namespace (C{signup@t42}, L{scoped_scenario})."""
+    name, scoped, namespace = text.partition("@")
+    return is_name(name) and (not scoped or namespace_key(namespace) == namespace)
 
 
 def _labelled(

@@ -127,6 +127,13 @@ def test_scenarios_api(start_netd: StartNetd) -> None:
     with pytest.raises(AdminError) as refused:
         netd.admin("PUT", "/api/scenarios/signup", b"{}")
     assert refused.value.status == 400
+    # Names as rules take them: no rule could ever name these.
+    for path, body in (("signup", b'{"state": "bad state!"}'), ("a%20b", b'"half"')):
+        with pytest.raises(AdminError) as refused:
+            netd.admin("PUT", f"/api/scenarios/{path}", body)
+        assert refused.value.status == 400
+    netd.admin("PUT", "/api/scenarios/signup@t42", b'"created"')  # a namespace's copy
+    assert netd.admin("GET", "/api/scenarios/signup")["state"] == "started"
 
 
 def test_udp_drop_at_the_connection_level(start_netd: StartNetd) -> None:
