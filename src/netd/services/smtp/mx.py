@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.names import client, dns
 from twisted.names.error import DNSNameError
+from twisted.python.failure import Failure
 
 from netd.records import Record
 from netd.services.smtp.relay import (
@@ -26,6 +27,7 @@ from netd.services.smtp.relay import (
     Send,
     SmarthostOptions,
     client_tls,
+    error_reply,
     send_message,
 )
 from netd.services.smtp.spool import Envelope
@@ -127,8 +129,8 @@ def mx_sender(reactor: Any, hostname: str, options: MxOptions, resolver: Any) ->
                         recipients,
                         data,
                     )
-                except Exception as e:
-                    last = (451, f"4.4.1 {host} [{address}]: {e}")
+                except Exception:
+                    last = (451, f"4.4.1 {host} [{address}]: {error_reply(Failure())}")
                     continue
                 return outcome
         return dict.fromkeys(recipients, last)

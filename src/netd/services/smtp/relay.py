@@ -45,6 +45,7 @@ __all__ = [
     "SmarthostOptions",
     "client_tls",
     "delivery_report",
+    "error_reply",
     "send_message",
     "smarthost_sender",
 ]
@@ -54,6 +55,18 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def error_reply(failure: Failure) -> str:
+    """
+    Why an attempt failed, on one line for events, logs and DSNs: the next
+    hop's reply (code and text) when it refused, never a session transcript.
+    """
+    error = failure.value
+    if isinstance(error, smtp.SMTPClientError):
+        reply = error.resp.decode("utf-8", "replace")
+        return _one_line(f"{error.code} {reply}" if error.code > 0 else reply)
+    return _one_line(failure.getErrorMessage())
 
 
 class Replies(dict[str, tuple[int, str]]):
@@ -132,6 +145,9 @@ class _Sender(smtp.ESMTPSender):
     """
 
     factory: Hop
+    # Twisted's transcript of the last lines would carry AUTH's credentials
+    # into every error, and from there into events and bounces.
+    debug = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -269,7 +285,7 @@ class _Sender(smtp.ESMTPSender):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
         error = self.error or Failure(
-            smtp.SMTPConnectError(-1, f"connection lost: {reason.getErrorMessage()}")
+            smtp.SMTPConnectError(-1, f"connection lost: {error_reply(reason)}")
         )
         self._finish(error)
         self.factory.lost(self, error)
@@ -680,7 +696,7 @@ class Courier(Record, Service):
             sent: Deferred[Any] = self.send(envelope, data)
             return sent.addErrback(
                 lambda failure: dict.fromkeys(
-                    envelope.recipients, (451, f"4.4.1 {failure.getErrorMessage()}")
+                    envelope.recipients, (451, f"4.4.1 {error_reply(failure)}")
                 )
             )
 

@@ -23,7 +23,7 @@ from netd.kinds import BuildContext, ViewRefused
 from netd.services.smtp import extract, mime
 from netd.services.smtp.address import PathRefused, parse_path
 from netd.services.smtp.namespace import derive_namespace
-from netd.services.smtp.relay import Outcome, Releaser
+from netd.services.smtp.relay import Outcome, Releaser, error_reply
 from netd.services.smtp.server import Transaction
 from netd.services.smtp.spool import HEAD_BYTES, Envelope, Spool, new_id
 
@@ -448,7 +448,7 @@ class MailStore(Service):
             }
 
         def unreached(failure: Failure) -> None:
-            raise ViewRefused(502, f"{smarthost}: {failure.getErrorMessage()}")
+            raise ViewRefused(502, f"{smarthost}: {error_reply(failure)}")
 
         return self._when_ready().addCallback(read)
 

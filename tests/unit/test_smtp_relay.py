@@ -1,0 +1,184 @@
+"""
+The smtp kind's outbound side against a scripted next hop, without sockets:
+what reaches events and bounces, the MAIL parameters it sends, and how the
+courier settles each recipient's reply.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.protocols.basic import LineReceiver
+from twisted.test import iosim
+
+from netd.events import Journal
+from netd.services.smtp.address import Mailbox
+from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions
+from netd.services.smtp.spool import Envelope
+from netd.services.smtp.store import MailStore
+from tests.unit.test_smtp import accept, make_store
+
+
+class ScriptedHop(LineReceiver):
+    """
+    A next hop that answers each command by the first of its C{replies} whose
+    key begins the command line ("HANG": no answer at all); EHLO offers
+    C{extensions}.
+    """
+
+    delimiter = b"\r\n"
+
+    def __init__(self, extensions: list[str], replies: dict[str, str]) -> None:
+        self.extensions = extensions
+        self.replies = replies
+        self.commands: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.data: bytearray | None = None
+
+    def connectionMade(self) -> None:
+        self.sendLine(b"220 hop.test ESMTP")
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.data is not None:
+            if line == b".":
+                self.messages.append(bytes(self.data))
+                self.data = None
+                self._answer(b"END OF DATA", "250 2.0.0 queued")
+            else:
+                self.data += line + b"\r\n"
+            return
+        self.commands.append(line)
+        if line.upper().startswith(b"EHLO"):
+            lines = ["hop.test", *self.extensions]
+            for i, text in enumerate(lines):
+                self.sendLine(f"250{' ' if i == len(lines) - 1 else '-'}{text}".encode())
+        elif line.upper() == b"DATA":
+            self.data = bytearray()
+            self.sendLine(b"354 go ahead")
+        else:
+            self._answer(line)
+
+    def _answer(self, line: bytes, default: str = "250 2.0.0 ok") -> None:
+        upper = line.decode().upper()
+        replies = {"AUTH": "235 2.7.0 ok", "QUIT": "221 2.0.0 bye", **self.replies}
+        reply = next((r for key, r in replies.items() if upper.startswith(key)), default)
+        if reply != "HANG":
+            self.sendLine(reply.encode())
+
+
+class NextHop:
+    """The endpoint of a L{Hop}: every connection goes to a new L{ScriptedHop}."""
+
+    def __init__(self, clock: Clock, extensions: list[str], replies: dict[str, str]) -> None:
+        self.clock = clock
+        self.extensions = extensions
+        self.replies = replies
+        self.servers: list[ScriptedHop] = []
+        self.pumps: list[iosim.IOPump] = []
+
+    def __call__(self) -> NextHop:
+        return self
+
+    def connect(self, hop: Hop) -> Deferred[Any]:
+        client = hop.buildProtocol(None)
+        client.callLater = self.clock.callLater  # its timeout
+        server = ScriptedHop(self.extensions, self.replies)
+        self.servers.append(server)
+        address = IPv4Address("TCP", "127.0.0.1", 4000)
+        pump = iosim.connect(
+            server,
+            iosim.FakeTransport(server, True, peerAddress=address),
+            client,
+            iosim.FakeTransport(client, False),
+            greet=False,
+        )
+        self.pumps.append(pump)
+        pump.flush()
+        return succeed(client)
+
+    def flush(self) -> None:
+        for pump in self.pumps:
+            pump.flush()
+
+
+@attrs.define
+class Relay:
+    """A courier sending through a L{Hop} to a scripted next hop; its reports go aside."""
+
+    courier: Courier
+    store: MailStore
+    next_hop: NextHop
+    clock: Clock
+    journal: Journal
+    reports: list[bytes]
+
+
+def relay_through(
+    tmp_path: Path,
+    extensions: list[str],
+    replies: dict[str, str],
+    max_age: float = 1000,
+    **options: Any,
+) -> Relay:
+    store, journal, clock = make_store(tmp_path)
+    next_hop = NextHop(clock, extensions, replies)
+    smarthost = SmarthostOptions("hop.test", tls="none", timeout=5, **options)
+    hop = Hop("relay.netd.test", smarthost, None, next_hop, connections=1)
+    reports: list[bytes] = []
+
+    def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        if envelope.bounce:
+            reports.append(data)
+            return succeed(dict.fromkeys(envelope.recipients, (250, "2.0.0 ok")))
+        return hop.send(envelope, envelope.recipients, data)
+
+    courier = Courier(store.context, store.spool, send, "mx.netd.test", (10, 60), max_age)
+    store.deliver = courier.schedule
+    courier.store = store
+    courier.startService()
+    return Relay(courier, store, next_hop, clock, journal, reports)
+
+
+# What the next hop saw and said reaches events and bounces as its reply alone.
+
+SECRET = "TopSecret-42"
+AUTH = ["AUTH PLAIN"]
+
+
+def test_a_timed_out_delivery_reports_no_transcript(tmp_path: Path) -> None:
+    relay = relay_through(tmp_path, AUTH, {"MAIL": "HANG"}, username="relayuser", password=SECRET)
+    accept(relay.store, Mailbox("alice", "client.test"), "bob@far.test")
+    relay.clock.advance(0)
+    assert relay.next_hop.servers[0].commands[1].startswith(b"AUTH PLAIN ")  # the secret went out
+    relay.clock.advance(5)
+    relay.next_hop.flush()
+    [deferred] = relay.journal.select(types=["message.deferred"])
+    assert deferred.fields["reply"] == "451 4.4.1 Timeout waiting for SMTP server response"
+    relay.courier.stopService()
+
+
+def test_a_refused_login_bounces_with_the_reply_on_one_line(tmp_path: Path) -> None:
+    relay = relay_through(
+        tmp_path,
+        AUTH,
+        {"AUTH": "535-5.7.8 Authentication credentials invalid\r\n535 5.7.8 try again"},
+        max_age=0,
+        username="relayuser",
+        password=SECRET,
+    )
+    accept(relay.store, Mailbox("alice", "client.test"), "bob@far.test")
+    relay.clock.advance(0)
+    reply = "451 4.4.1 535 5.7.8 Authentication credentials invalid 5.7.8 try again"
+    [bounced] = relay.journal.select(types=["message.bounced"])
+    assert bounced.fields["replies"] == [reply]
+    [report] = relay.reports
+    assert f"Diagnostic-Code: smtp; {reply}\r\n".encode() in report
+    assert b"AUTH" not in report and b">>>" not in report
+    assert b"\n" not in report.replace(b"\r\n", b"")  # no bare LF from a multi-line reply
+    events = str([e.fields for e in relay.journal.select()])
+    assert "AUTH" not in events and ">>>" not in events
