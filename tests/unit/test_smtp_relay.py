@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
@@ -19,9 +19,9 @@ from twisted.test import iosim
 from netd.events import Journal
 from netd.services.smtp.address import Mailbox
 from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions
-from netd.services.smtp.spool import Envelope
+from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
-from tests.unit.test_smtp import accept, make_store
+from tests.unit.test_smtp import Harness, accept, make_store, result_of, send
 
 
 class ScriptedHop(LineReceiver):
@@ -182,3 +182,53 @@ def test_a_refused_login_bounces_with_the_reply_on_one_line(tmp_path: Path) -> N
     assert b"\n" not in report.replace(b"\r\n", b"")  # no bare LF from a multi-line reply
     events = str([e.fields for e in relay.journal.select()])
     assert "AUTH" not in events and ">>>" not in events
+
+
+# 8BITMIME (RFC 6152) on the way out.
+
+EIGHT_BIT = "Subject: 8bit\r\n\r\nGrüße aus Köln\r\n".encode()
+
+
+def test_body_8bitmime_is_kept_and_survives_the_spool(tmp_path: Path) -> None:
+    harness = Harness()
+    session, _ = harness.connect()
+    send(session, "EHLO c\r\nMAIL FROM:<a@b.test> BODY=8BITMIME\r\nRCPT TO:<x@netd.test>\r\n")
+    send(session, b"DATA\r\n" + EIGHT_BIT + b".\r\n")
+    send(session, "MAIL FROM:<a@b.test> BODY=7BIT\r\nRCPT TO:<x@netd.test>\r\nDATA\r\nb\r\n.\r\n")
+    assert [t.eight_bit for t in harness.accepted] == [True, False]
+    store, _, _ = make_store(tmp_path)
+    id = result_of(store.accept(harness.accepted[0]))
+    [(recovered, _)] = result_of(Spool(store.spool.directory, maybeDeferred).recover())
+    assert recovered.id == id and recovered.eight_bit
+    # A spool file written before netd kept the body type reads as 7-bit.
+    older = {k: v for k, v in recovered.as_json().items() if k != "8bitmime"}
+    assert not Envelope.from_json(older).eight_bit
+
+
+def eight_bit_envelope(id: str, eight_bit: bool = True) -> Envelope:
+    return Envelope(id, "a@b.test", ("x@far.test",), 0.0, 1, eight_bit=eight_bit)
+
+
+def test_8bit_mime_goes_with_body_8bitmime_only_to_a_hop_offering_it() -> None:
+    for extensions, mail in ((["8BITMIME"], b" BODY=8BITMIME"), (["PIPELINING"], b"")):
+        next_hop = NextHop(Clock(), extensions, {})
+        options = SmarthostOptions("hop.test", tls="none")
+        hop = Hop("relay.netd.test", options, None, next_hop, connections=1)
+        results = [
+            hop.send(eight_bit_envelope("1"), ["x@far.test"], EIGHT_BIT),
+            hop.send(eight_bit_envelope("2"), ["x@far.test"], b"Subject: 7bit\r\n\r\nb\r\n"),
+            hop.send(eight_bit_envelope("3", False), ["x@far.test"], b"Subject: s\r\n\r\nb\r\n"),
+        ]
+        outcomes = [result_of(r)["x@far.test"] for r in results]
+        sent = [c for s in next_hop.servers for c in s.commands if c.startswith(b"MAIL")]
+        messages = [m for s in next_hop.servers for m in s.messages]
+        if mail:
+            assert [code for code, _ in outcomes] == [250, 250, 250]
+            assert sent == [b"MAIL FROM:<a@b.test>" + mail] * 2 + [b"MAIL FROM:<a@b.test>"]
+            assert messages[0] == EIGHT_BIT
+        else:
+            # Declared 8-bit but all 7-bit: it goes on without BODY=8BITMIME.
+            assert [code for code, _ in outcomes] == [554, 250, 250]
+            assert outcomes[0][1].startswith("5.6.3 8BITMIME is required")
+            assert sent == [b"MAIL FROM:<a@b.test>"] * 2
+            assert EIGHT_BIT not in messages

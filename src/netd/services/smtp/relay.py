@@ -127,9 +127,33 @@ class _Job(Record):
         end = self.data.find(b"\r\n\r\n")
         return not self.data[: end if end >= 0 else len(self.data)].isascii()
 
+    @property
+    def needs_8bit(self) -> bool:
+        """
+        Whether only a next hop that offers 8BITMIME may take it (RFC 6152 3):
+        it came with BODY=8BITMIME and has an 8-bit octet.
+        """
+        return self.envelope.eight_bit and not self.data.isascii()
+
+    def refusal(self, offered: frozenset[bytes]) -> tuple[int, str] | None:
+        """Why a next hop offering C{offered} cannot be sent this message, if it cannot."""
+        if self.needs_utf8 and b"SMTPUTF8" not in offered:
+            return _NO_SMTPUTF8
+        if self.needs_8bit and b"8BITMIME" not in offered:
+            return _NO_8BITMIME
+        return None
+
 
 # RFC 6531 3.2: what becomes of a message needing SMTPUTF8 at a hop without it.
 _NO_SMTPUTF8 = (550, "5.6.7 SMTPUTF8 is required, but was not offered by the next hop")
+# RFC 6152 3 and RFC 3463 5.6.3: 8-bit MIME to a hop without 8BITMIME.  Making it
+# 7-bit would re-encode every 8-bit part as quoted-printable or base64 (RFC 1652 3)
+# and could not mend 8-bit headers: it is returned instead.
+_NO_8BITMIME = (
+    554,
+    "5.6.3 8BITMIME is required, but was not offered by the next hop;"
+    " conversion to 7 bits is not supported",
+)
 
 
 class _Sender(smtp.ESMTPSender):
@@ -183,11 +207,16 @@ class _Sender(smtp.ESMTPSender):
                 self._disconnectFromServer()  # all messages sent
                 return
             assert self.job is not None
-            if not self.job.needs_utf8 or b"SMTPUTF8" in self.offered:
+            refusal = self.job.refusal(self.offered)
+            if refusal is None:
                 break
-            self._finish(dict.fromkeys(self.job.recipients, _NO_SMTPUTF8))
-        parameters = b" SMTPUTF8" if self.job.needs_utf8 else b""
+            self._finish(dict.fromkeys(self.job.recipients, refusal))
         envelope = self.job.envelope
+        parameters = b""
+        if envelope.eight_bit and b"8BITMIME" in self.offered:
+            parameters += b" BODY=8BITMIME"
+        if self.job.needs_utf8:
+            parameters += b" SMTPUTF8"
         if b"DSN" in self.offered:
             if envelope.ret is not None:
                 parameters += b" RET=" + envelope.ret.encode()
@@ -839,6 +868,7 @@ class Courier(Record, Service):
                 helo=self.hostname,
                 bounce=True,
                 utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
+                eight_bit=envelope.eight_bit,  # and RET=FULL quotes the 8-bit body
             )
             self.context.stats.count(_REPORT_COUNTER[action])
             return store.add_own(notice, data)

@@ -135,6 +135,7 @@ class Transaction(Record):
     envid: str | None = None
     dsn: Mapping[str, Notify] = attrs.field(factory=dict)
     binary: bool = False  # BODY=BINARYMIME
+    eight_bit: bool = False  # BODY=8BITMIME
 
 
 @attrs.define(repr=False)
@@ -155,6 +156,7 @@ class _MailParameters(Record):
     ret: str | None = None
     envid: str | None = None
     binary: bool = False  # BODY=BINARYMIME
+    eight_bit: bool = False  # BODY=8BITMIME
 
 
 def _xtext(value: bytes) -> str | None:
@@ -677,7 +679,7 @@ class Session(smtp.ESMTP):
 
     def _mail_parameters(self, params: bytes) -> _MailParameters | tuple[int, bytes]:
         """MAIL FROM's parameters, or the reply refusing them."""
-        utf8 = binary = False
+        utf8 = binary = eight_bit = False
         ret = envid = None
         seen: set[bytes] = set()
         for param in params.split():
@@ -702,6 +704,7 @@ class Session(smtp.ESMTP):
                     return 552, b"5.3.4 Message size exceeds fixed maximum message size"
             elif key == b"BODY":
                 binary = value.upper() == b"BINARYMIME"
+                eight_bit = value.upper() == b"8BITMIME"
                 if binary and not self.receiver.binarymime:
                     return 555, b"5.5.4 BODY=BINARYMIME is taken in capture mode only"
                 if not binary and value.upper() not in (b"7BIT", b"8BITMIME"):
@@ -712,7 +715,7 @@ class Session(smtp.ESMTP):
                 utf8 = True
             elif key != b"AUTH":  # RFC 4954 5: AUTH= may be ignored
                 return 555, b"5.5.4 Unsupported parameter " + _printable(key, 32).encode()
-        return _MailParameters(utf8=utf8, ret=ret, envid=envid, binary=binary)
+        return _MailParameters(utf8=utf8, ret=ret, envid=envid, binary=binary, eight_bit=eight_bit)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._mail is None:
@@ -969,6 +972,7 @@ class Session(smtp.ESMTP):
             envid=mail.parameters.envid,
             dsn=mail.dsn,
             binary=mail.parameters.binary,
+            eight_bit=mail.parameters.eight_bit,
         )
         accepted = self.receiver.accept(transaction)
 

@@ -121,6 +121,8 @@ class Envelope(Record):
     @ivar utf8: it came with SMTPUTF8 (RFC 6531), and goes on with it.
     @ivar binary: it came with BODY=BINARYMIME (RFC 3030 3): a release makes it
         7-bit first (L{netd.services.smtp.mime.seven_bit}).
+    @ivar eight_bit: it came with BODY=8BITMIME (RFC 6152), and goes on with
+        it; 8-bit octets in it go only to a next hop that offers 8BITMIME.
     @ivar ret: DSN's C{FULL} or C{HDRS} (RFC 3461 4.3): what a report quotes.
     @ivar envid: DSN's envelope id, xtext decoded (RFC 3461 4.4).
     @ivar dsn: the recipients' DSN requests, by address, for those that made one.
@@ -140,6 +142,7 @@ class Envelope(Record):
     envid: str | None = None
     dsn: Mapping[str, Notify] = attrs.field(factory=dict, hash=False)
     binary: bool = False
+    eight_bit: bool = False
 
     def notify(self, recipient: str) -> Notify:
         return self.dsn.get(recipient, _NO_REQUEST)
@@ -157,6 +160,7 @@ class Envelope(Record):
             "bounce": self.bounce,
             "smtputf8": self.utf8,
             "binarymime": self.binary,
+            "8bitmime": self.eight_bit,
             "ret": self.ret,
             "envid": self.envid,
             "dsn": {recipient: notify.as_json() for recipient, notify in self.dsn.items()},
@@ -179,6 +183,7 @@ class Envelope(Record):
             envid=data.get("envid"),
             dsn={str(r): Notify.from_json(n) for r, n in (data.get("dsn") or {}).items()},
             binary=bool(data.get("binarymime", False)),
+            eight_bit=bool(data.get("8bitmime", False)),
         )
 
 

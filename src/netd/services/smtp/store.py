@@ -190,6 +190,7 @@ class MailStore(Service):
             envid=transaction.envid,
             dsn=dict(transaction.dsn),
             binary=transaction.binary,
+            eight_bit=transaction.eight_bit,
         )
         stored = self._store(envelope, data)
 
