@@ -577,6 +577,26 @@ def test_codes_stand_alone_outside_links_or_match_the_configured_pattern() -> No
     assert extract.codes(_mail("no digits here")) == []
 
 
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        (
+            "Requested on December 5, 2024 at 10:30. Your code is 839201. (c) 2024 Acme Inc.",
+            ["839201"],
+        ),
+        ("Sent 5 Dec 2024, code 4821", ["4821"]),
+        ("Sent Dec. 5th, 2024 / Sept 2024 / May 2024: 4821", ["4821"]),
+        ("\u00a9 2023 Acme; Copyright 2024. Code 5678", ["5678"]),
+        ("Call 555 1234 or +1 555 123 4567 about code 4821", ["4821"]),
+        ("You may 1234 in 2024", ["1234", "2024"]),  # no month name, no date
+    ],
+)
+def test_a_date_s_year_a_copyright_and_a_phone_number_are_no_codes(
+    text: str, found: list[str]
+) -> None:
+    assert extract.codes(_mail(text)) == found
+
+
 def test_codes_key_is_a_regular_expression(tmp_path: Path) -> None:
     assert _service(tmp_path, "    codes: 'PIN (\\d+)'\n").options.codes == "PIN (\\d+)"
     for bad, error in (("'('", "not a regular expression"), ("'(a)(b)'", "one group at most")):

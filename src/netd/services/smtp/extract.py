@@ -17,8 +17,22 @@ from html.parser import HTMLParser
 
 __all__ = ["DEFAULT_CODES", "codes", "links"]
 
-# A one-time code: 4 to 8 digits standing alone (not inside a longer number or word).
-DEFAULT_CODES = r"(?<![\w.,/-])\d{4,8}(?![\w/-]|[.,]\d)"
+_YEAR = r"(?:19|20)\d\d"
+_MONTH = (
+    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+    r"|sep(?:t|tember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+)
+_DAY = r"\d{1,2}(?:st|nd|rd|th)?"
+# What reads as a code but is none, matched first so that its digits are passed
+# over: a date's year by its month's name ("December 5, 2024", "5 Dec 2024") and
+# a copyright's year ("(c) 2024", "© 2024").
+_NOT_CODES = (
+    rf"\b(?:{_DAY}\s+)?{_MONTH}\b\.?(?:\s+{_DAY})?,?\s+{_YEAR}\b"
+    rf"|(?:\(c\)|©|\bcopyright\b)\s*{_YEAR}\b"
+)
+# A one-time code (the group): 4 to 8 digits standing alone, not inside a longer
+# number or word, nor one of the groups of digits that a phone number is spaced into.
+DEFAULT_CODES = rf"(?i){_NOT_CODES}|(?<![\w.,/-])(?<!\d )(\d{{4,8}})(?![\w/-]|[.,]\d| \d)"
 _URL = re.compile(r"""https?://[^\s<>"'`]+""", re.IGNORECASE)
 # Closing punctuation after a URL in prose is the sentence's, not the URL's.
 _TRAILING = ".,;:!?)]}>'\""
@@ -137,13 +151,15 @@ def links(raw: bytes) -> list[str]:
 
 def codes(raw: bytes, pattern: str = DEFAULT_CODES) -> list[str]:
     """
-    Every match of C{pattern} (its first group, if it has one) in the text
-    outside links, in order of appearance, each once.
+    Every match of C{pattern} (its first group, if it has one and it took
+    part) in the text outside links, in order of appearance, each once.
     """
     compiled = re.compile(pattern)
     prose, _ = _prose_and_links(raw)
     found = []
     for text in prose:
         for match in compiled.finditer(_URL.sub(" ", text)):
-            found.append(match.group(1) if compiled.groups else match.group(0))
+            code = match.group(1) if compiled.groups else match.group(0)
+            if code is not None:
+                found.append(code)
     return _unique(found)
