@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import bcrypt
 import crypt_r
 import pytest
@@ -695,6 +696,35 @@ def test_store_accepts_lists_filters_reads_and_clears(tmp_path: Path) -> None:
     assert result_of(store.clear()) == {"deleted": 2}
     assert result_of(store.list({})) == {"messages": [], "total": 0}
     assert os.listdir(tmp_path / "spool") == []
+
+
+def test_subject_and_searches_read_headers_unfolded_and_decoded(tmp_path: Path) -> None:
+    store, _, _ = make_store(tmp_path)
+    head = (
+        b"From: =?utf-8?q?Zo=C3=AB_M=C3=BCller?= <zoe@b.test>\r\n"
+        b"Subject: =?utf-8?b?Q2Fmw6kgcsOpc3Vtw6k=?=\r\n"
+        b"X-Note: =?x-unknown?q?kept?=\r\n\r\n",
+        b"Subject: Please confirm your account for the\r\n Example Service today\r\n\r\n",
+    )
+    for data in head:
+        result_of(
+            store.accept(attrs.evolve(transaction(None, "x@netd.test"), data=data + b"b\r\n"))
+        )
+    listed = result_of(store.list({}))["messages"]
+    assert [m["subject"] for m in listed] == [
+        "Café résumé",
+        "Please confirm your account for the Example Service today",
+    ]
+    assert ["X-Note", "=?x-unknown?q?kept?="] in listed[0]["headers"]  # headers as they came
+    for query in (
+        {"subject": "CAFÉ"},
+        {"from": "zoë"},
+        {"q": "müller"},
+        {"q": "unknown?q?kept"},
+        {"subject": "for the example service"},
+        {"q": "the example"},
+    ):
+        assert result_of(store.list(query))["total"] == 1, query
 
 
 def test_parse_delivery(tmp_path: Path) -> None:

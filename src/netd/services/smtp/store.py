@@ -5,6 +5,8 @@ admin API, and the hand-over from a session to the spool and on to delivery.
 
 from __future__ import annotations
 
+import email.errors
+import email.header
 import email.parser
 import email.policy
 import functools
@@ -75,6 +77,21 @@ def _text(value: str) -> str:
     if value.isascii():
         return value
     return value.encode("ascii", "surrogateescape").decode("utf-8", "replace")
+
+
+# A line end that folds a header: unfolding drops it, keeping the white space (RFC 5322 2.2.3).
+_FOLD = re.compile(r"\r?\n(?=[ \t])")
+
+
+def _readable(value: str) -> str:
+    """A header's text as it reads: unfolded, its RFC 2047 encoded words decoded."""
+    text = _FOLD.sub("", value)
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (LookupError, UnicodeError, email.errors.HeaderParseError):
+        return text  # an unknown charset, a broken encoded word: as it came
 
 
 # The store that serves each spool folder now.  During a reload the old service
@@ -282,7 +299,8 @@ class MailStore(Service):
         """
         C{GET .../messages}: envelopes and headers, oldest first (C{order=newest}:
         newest first).  C{to} is one recipient; C{from}, C{subject} and C{q} (the
-        envelope and every header) match parts, ignoring case; C{text} searches
+        envelope and every header) match parts of the headers as they read
+        (unfolded, encoded words decoded), ignoring case; C{text} searches
         each raw source, in a thread.  C{offset} and C{limit} page through the
         matches; C{total} counts them all.
         """
@@ -341,13 +359,17 @@ class MailStore(Service):
         return found.addCallback(page)
 
     def _summary(self, id: str) -> dict[str, Any]:
-        """A message's parsed headers and search texts, kept once asked for."""
+        """
+        A message's parsed headers (as they came) and its subject and search
+        texts (as they read), kept once asked for.
+        """
         summary = self.summaries.get(id)
         if summary is None:
             envelope = self.messages[id]
             headers = _headers(self.heads.get(id, b""))
-            named = {n.lower(): v for n, v in reversed(headers)}
-            everything = [envelope.sender, *envelope.recipients, *(v for _, v in headers)]
+            readable = [(name, _readable(value)) for name, value in headers]
+            named = {n.lower(): v for n, v in reversed(readable)}
+            everything = [envelope.sender, *envelope.recipients, *(v for _, v in readable)]
             summary = self.summaries[id] = {
                 "headers": headers,
                 "subject": named.get("subject"),
