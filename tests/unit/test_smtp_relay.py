@@ -232,3 +232,39 @@ def test_8bit_mime_goes_with_body_8bitmime_only_to_a_hop_offering_it() -> None:
             assert outcomes[0][1].startswith("5.6.3 8BITMIME is required")
             assert sent == [b"MAIL FROM:<a@b.test>"] * 2
             assert EIGHT_BIT not in messages
+
+
+# How the courier settles each recipient's reply.
+
+
+def test_552_to_rcpt_waits_and_the_list_shows_the_recipients_still_to_deliver(
+    tmp_path: Path,
+) -> None:
+    relay = relay_through(
+        tmp_path,
+        [],
+        {
+            "RCPT TO:<TMP@": "450 4.2.1 try later",
+            "RCPT TO:<BAD@": "550 5.1.1 no such user",
+            "RCPT TO:<FULL@": "552 5.5.3 too many recipients",
+        },
+    )
+    id = accept(
+        relay.store,
+        Mailbox("alice", "client.test"),
+        *(f"{r}@far.test" for r in ("ok", "tmp", "bad", "full")),
+    )
+    relay.clock.advance(0)
+    [deferred] = relay.journal.select(types=["message.deferred"])
+    assert deferred.fields["recipients"] == ["tmp@far.test", "full@far.test"]
+    [bounced] = relay.journal.select(types=["message.bounced"])
+    assert bounced.fields["recipients"] == ["bad@far.test"]
+    [listed] = result_of(relay.store.list({}))["messages"]
+    assert listed["id"] == id and listed["to"] == ["tmp@far.test", "full@far.test"]
+    assert result_of(relay.store.list({"to": "ok@far.test"}))["total"] == 0
+    relay.next_hop.replies.clear()
+    relay.clock.advance(10)
+    relay.next_hop.flush()
+    rcpts = [c for c in relay.next_hop.servers[-1].commands if c.startswith(b"RCPT")]
+    assert rcpts == [b"RCPT TO:<tmp@far.test>", b"RCPT TO:<full@far.test>"]
+    assert not relay.store.messages

@@ -296,7 +296,7 @@ class _Sender(smtp.ESMTPSender):
             name = address.decode() if isinstance(address, bytes) else str(address)
             detail = _one_line(rcpt_text.decode("utf-8", "replace"))
             # An accepted recipient shares the fate of the DATA that followed.
-            outcome[name] = (code, text) if rcpt_code // 100 == 2 else (rcpt_code, detail)
+            outcome[name] = (code, text) if rcpt_code // 100 == 2 else _refused(rcpt_code, detail)
         for recipient in self.job.recipients:
             outcome.setdefault(recipient, (code, text))  # MAIL FROM refused: all alike
         self.sent += 1
@@ -318,6 +318,18 @@ class _Sender(smtp.ESMTPSender):
         )
         self._finish(error)
         self.factory.lost(self, error)
+
+
+def _refused(code: int, text: str) -> tuple[int, str]:
+    """
+    A recipient's refusal as the courier takes it.  552 to RCPT (too many
+    recipients) is a temporary failure, whatever its first digit (RFC 5321
+    4.5.3.1.10): it becomes 452, as Postfix has it, and a later attempt tries again.
+    """
+    if code != 552:
+        return code, text
+    status = _STATUS.match(text)
+    return 452, f"4{text[1:]}" if status and text.startswith("5") else text
 
 
 # Not slotted: Twisted's factories set attributes of their own.
@@ -782,6 +794,8 @@ class Courier(Record, Service):
             if len(waiting) < len(envelope.recipients):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
                 steps.append(self.spool.replace(queued.envelope))
+                assert self.store is not None
+                self.store.replace(queued.envelope)
             if self._late(queued, now):
                 queued.warned = True
                 steps.append(self._warn(envelope, {r: outcome[r] for r in waiting}))

@@ -262,6 +262,15 @@ class MailStore(Service):
             store._drop(ids)
         return self.spool.remove(ids)
 
+    def replace(self, envelope: Envelope) -> None:
+        """
+        A queued message's envelope once some of its recipients are done with:
+        the admin list shows those still to deliver, as the spool keeps them.
+        """
+        for store in dict.fromkeys((self, self._serving())):
+            if envelope.id in store.messages:
+                store.messages[envelope.id] = envelope
+
     def _drop(self, ids: list[str]) -> None:
         gone = [envelope for id in ids if (envelope := self.messages.pop(id, None)) is not None]
         self.context.stats.gauge("smtp_spool_messages", len(self.messages))
