@@ -268,3 +268,24 @@ def test_552_to_rcpt_waits_and_the_list_shows_the_recipients_still_to_deliver(
     rcpts = [c for c in relay.next_hop.servers[-1].commands if c.startswith(b"RCPT")]
     assert rcpts == [b"RCPT TO:<tmp@far.test>", b"RCPT TO:<full@far.test>"]
     assert not relay.store.messages
+
+
+def test_size_goes_on_mail_and_a_message_past_the_hop_s_limit_is_not_sent() -> None:
+    small, large = b"Subject: s\r\n\r\nb\r\n", b"Subject: s\r\n\r\n" + b"x" * 100 + b"\r\n"
+    for extensions, sent_whole in ((["SIZE 100"], [small]), (["SIZE"], [small, large])):
+        next_hop = NextHop(Clock(), extensions, {})
+        options = SmarthostOptions("hop.test", tls="none")
+        hop = Hop("relay.netd.test", options, None, next_hop, connections=1)
+        results = [
+            hop.send(eight_bit_envelope(str(i), False), ["x@far.test"], data)
+            for i, data in enumerate((small, large))
+        ]
+        outcomes = [result_of(r)["x@far.test"] for r in results]
+        sent = [c for s in next_hop.servers for c in s.commands if c.startswith(b"MAIL")]
+        assert sent == [b"MAIL FROM:<a@b.test> SIZE=%d" % len(data) for data in sent_whole]
+        assert [m for s in next_hop.servers for m in s.messages] == sent_whole
+        if len(sent_whole) == 1:
+            assert outcomes[1] == (
+                552,
+                "5.3.4 Message size exceeds the fixed maximum message size of the next hop",
+            )

@@ -105,11 +105,15 @@ def _status_of(code: int, text: str) -> str:
 
 @attrs.define(repr=False)
 class _Job(Record):
-    """One message for one destination; C{data} is dot-stuffed already."""
+    """
+    One message for one destination; C{data} is dot-stuffed already, C{size}
+    its length before.
+    """
 
     envelope: Envelope
     recipients: tuple[str, ...]
     data: bytes
+    size: int
     result: Deferred[Outcome] = attrs.field(factory=Deferred)
 
     @property
@@ -135,12 +139,17 @@ class _Job(Record):
         """
         return self.envelope.eight_bit and not self.data.isascii()
 
-    def refusal(self, offered: frozenset[bytes]) -> tuple[int, str] | None:
-        """Why a next hop offering C{offered} cannot be sent this message, if it cannot."""
+    def refusal(self, offered: frozenset[bytes], size_limit: int) -> tuple[int, str] | None:
+        """
+        Why a next hop offering C{offered}, and taking messages up to
+        C{size_limit} octets (0: any), cannot be sent this message, if it cannot.
+        """
         if self.needs_utf8 and b"SMTPUTF8" not in offered:
             return _NO_SMTPUTF8
         if self.needs_8bit and b"8BITMIME" not in offered:
             return _NO_8BITMIME
+        if size_limit and self.size > size_limit:
+            return _TOO_BIG  # RFC 1870 6: not sent only to be refused after DATA
         return None
 
 
@@ -154,6 +163,16 @@ _NO_8BITMIME = (
     "5.6.3 8BITMIME is required, but was not offered by the next hop;"
     " conversion to 7 bits is not supported",
 )
+_TOO_BIG = (552, "5.3.4 Message size exceeds the fixed maximum message size of the next hop")
+
+
+def _size_limit(ehlo: bytes) -> int:
+    """The largest message an EHLO reply's C{SIZE} takes (RFC 1870 4), 0 for any."""
+    for line in ehlo.splitlines():
+        words = line.split()
+        if len(words) == 2 and words[0].upper() == b"SIZE" and words[1].isdigit():
+            return int(words[1])
+    return 0
 
 
 class _Sender(smtp.ESMTPSender):
@@ -184,6 +203,7 @@ class _Sender(smtp.ESMTPSender):
         self.error: Failure | None = None
         # The extensions the next hop's last EHLO offered (none after HELO).
         self.offered: frozenset[bytes] = frozenset()
+        self.size_limit = 0
 
     def connectionMade(self) -> None:
         # The body goes out in chunks and ".\r\n" after them: with Nagle's
@@ -197,6 +217,7 @@ class _Sender(smtp.ESMTPSender):
         self.offered = frozenset(
             line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()
         )
+        self.size_limit = _size_limit(resp)
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
@@ -207,7 +228,7 @@ class _Sender(smtp.ESMTPSender):
                 self._disconnectFromServer()  # all messages sent
                 return
             assert self.job is not None
-            refusal = self.job.refusal(self.offered)
+            refusal = self.job.refusal(self.offered, self.size_limit)
             if refusal is None:
                 break
             self._finish(dict.fromkeys(self.job.recipients, refusal))
@@ -215,6 +236,8 @@ class _Sender(smtp.ESMTPSender):
         parameters = b""
         if envelope.eight_bit and b"8BITMIME" in self.offered:
             parameters += b" BODY=8BITMIME"
+        if b"SIZE" in self.offered:
+            parameters += b" SIZE=%d" % self.job.size
         if self.job.needs_utf8:
             parameters += b" SMTPUTF8"
         if b"DSN" in self.offered:
@@ -358,7 +381,7 @@ class Hop(Record, ClientFactory):
         # dot-stuffed.
         lines = _LINE_END.sub(b"\r\n", data)
         stuffed = (b"\r\n" + lines).replace(b"\r\n.", b"\r\n..")[2:]
-        job = _Job(envelope, tuple(recipients), stuffed)
+        job = _Job(envelope, tuple(recipients), stuffed, len(lines))
         self.pending.append(job)
         if self.connections < min(self.limit, len(self.pending)):
             self._connect()
