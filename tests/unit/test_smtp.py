@@ -1177,8 +1177,12 @@ def test_rules_answer_at_their_stage_and_then_no_more() -> None:
         {"match": {"stage": "mail", "mail": ""}, "reply": "550 no bounces here"},
         {"match": {"stage": "rcpt", "rcpt": "*@netd.test"}, "reply": "452 4.2.2 full", "nth": 2},
     )
-    _, refused = harness.connect()
+    refused_session, refused = harness.connect()
     assert replies(refused) == ["554 5.3.2 not now"]
+    # RFC 5321 3.1: after a 554 greeting, 503 to all but QUIT, then closed by QUIT.
+    send(refused_session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\nQUIT\r\n")
+    assert codes(refused) == ["503 5.5.1", "503 5.5.1", "221 2.0.0"]
+    assert refused.disconnecting
     session, transport = harness.connect()
     assert codes(transport) == ["220"]
     send(session, "HELO c\r\nMAIL FROM:<>\r\nMAIL FROM:<a@b.test>\r\n")

@@ -289,3 +289,13 @@ def test_size_goes_on_mail_and_a_message_past_the_hop_s_limit_is_not_sent() -> N
                 552,
                 "5.3.4 Message size exceeds the fixed maximum message size of the next hop",
             )
+
+
+def test_tls_none_sends_no_starttls_to_a_hop_that_offers_it() -> None:
+    """tls: none means none: Twisted's sender would start TLS, verifying the hop's name."""
+    next_hop = NextHop(Clock(), ["STARTTLS"], {"STARTTLS": "454 4.7.0 not now"})
+    hop = Hop("relay.netd.test", SmarthostOptions("hop.test", tls="none"), None, next_hop)
+    sent = hop.send(eight_bit_envelope("1", False), ["x@far.test"], b"Subject: s\r\n\r\nb\r\n")
+    assert result_of(sent)["x@far.test"][0] == 250
+    commands = [c.split(b" ")[0] for s in next_hop.servers for c in s.commands]
+    assert b"STARTTLS" not in commands and b"MAIL" in commands

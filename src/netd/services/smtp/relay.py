@@ -424,6 +424,10 @@ class Hop(Record, ClientFactory):
             self.hostname.encode(),
             hostname=self.hostname,
         )
+        # netd chose the TLS policy (client_tls), and none means none: given
+        # none, Twisted's sender makes one verifying the hop's name, and starts
+        # TLS whenever the hop offers STARTTLS (a self-signed hop then failed).
+        sender.context = self.context
         sender.heloFallback = True
         sender.requireAuthentication = options.username is not None
         sender.requireTransportSecurity = options.tls == "required"

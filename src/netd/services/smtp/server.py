@@ -323,6 +323,7 @@ class Session(smtp.ESMTP):
         # yet)?  Once it has, only QUIT is still answered as usual.
         self._may_finish_one = False
         self._only_quit = False
+        self._refused = False
         self._skip_line = False
         self._paused = False
         self._auth_failures = 0
@@ -337,9 +338,17 @@ class Session(smtp.ESMTP):
         if self.secure:
             self.canStartTLS = False
         if self.receiver.rules.event_rules:
-            self._ruled("connect", super().connectionMade)
+            self._ruled("connect", super().connectionMade, self._greeting_refused)
             return
         super().connectionMade()
+
+    def _greeting_refused(self) -> None:
+        """
+        A rule answered the greeting instead of 220 (RFC 5321 3.1: a 554): the
+        session waits for QUIT, every other command 503, until its timeout.
+        """
+        self._refused = True
+        self.setTimeout(self.timeout)
 
     def _ruled(
         self,
@@ -472,6 +481,14 @@ class Session(smtp.ESMTP):
         return super().lookupMethod(command)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._refused:
+            # Not a reset of the timeout: commands alone do not keep it open.
+            if line.strip().upper() == b"QUIT":
+                self.sendCode(221, b"2.0.0 Bye")
+                self.transport.loseConnection()
+            else:
+                self.sendCode(503, b"5.5.1 Bad sequence of commands: this session was refused")
+            return
         if self._only_quit and self.mode == smtp.COMMAND and line.upper() != b"QUIT":
             self._only_quit = False
             self._close_if_idle()
