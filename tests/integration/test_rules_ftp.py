@@ -80,3 +80,14 @@ def test_ftplib_times_out_on_a_stall(start_netd: StartNetd, tmp_path: Path) -> N
     ftp = client(netd)  # the rule is gone: greeted again
     assert "netd" in ftp.getwelcome()
     ftp.quit()
+
+
+def test_a_reply_of_a_bare_code_is_sent_as_a_reply_line(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    netd = started(start_netd, tmp_path)
+    ftp = client(netd, timeout=3)
+    with netd.rule("files", match={"command": "PWD"}, reply="257"):
+        assert ftp.sendcmd("PWD") == "257 "  # RFC 959 4.2: the code, a space, no text
+    assert ftp.sendcmd("PWD") == '257 "/"'
+    ftp.quit()

@@ -492,7 +492,11 @@ class Session(ftp.FTP):
 
         def answer() -> None:
             assert reply is not None
-            result.callback(f"{reply[0]} {reply[1]}".rstrip())
+            code, text = reply
+            # Sent as given, a bare code too (RFC 959 4.2: the code, a space,
+            # then text that may be none): Twisted's reply() looks codes up.
+            self.sendLine(f"{code} {text}")
+            result.callback(None)
 
         def proceed() -> None:
             maybeDeferred(self._process, command, *params).chainDeferred(result)
