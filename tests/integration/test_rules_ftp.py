@@ -82,12 +82,28 @@ def test_ftplib_times_out_on_a_stall(start_netd: StartNetd, tmp_path: Path) -> N
     ftp.quit()
 
 
-def test_a_reply_of_a_bare_code_is_sent_as_a_reply_line(
-    start_netd: StartNetd, tmp_path: Path
-) -> None:
+@pytest.fixture
+def logged_in(start_netd: StartNetd, tmp_path: Path) -> tuple[NetdProcess, ftplib.FTP]:
     netd = started(start_netd, tmp_path)
-    ftp = client(netd, timeout=3)
+    return netd, client(netd, timeout=3)
+
+
+def test_a_reply_of_a_bare_code_is_sent_as_a_reply_line(
+    logged_in: tuple[NetdProcess, ftplib.FTP],
+) -> None:
+    netd, ftp = logged_in
     with netd.rule("files", match={"command": "PWD"}, reply="257"):
         assert ftp.sendcmd("PWD") == "257 "  # RFC 959 4.2: the code, a space, no text
     assert ftp.sendcmd("PWD") == '257 "/"'
     ftp.quit()
+
+
+def test_a_reply_of_421_closes_the_control_connection(
+    logged_in: tuple[NetdProcess, ftplib.FTP],
+) -> None:
+    netd, ftp = logged_in
+    with netd.rule("files", match={"command": "NOOP"}, reply="421 going down"):
+        # PWD, pipelined after it, is not run.
+        ftp.sock.sendall(b"NOOP\r\nPWD\r\n")
+        assert ftp.file.readline() == "421 going down\n"
+        assert ftp.file.readline() == ""

@@ -496,6 +496,8 @@ class Session(ftp.FTP):
             # Sent as given, a bare code too (RFC 959 4.2: the code, a space,
             # then text that may be none): Twisted's reply() looks codes up.
             self.sendLine(f"{code} {text}")
+            if code == 421:  # RFC 959 4.2.1: "closing control connection"
+                self.transport.loseConnection()
             result.callback(None)
 
         def proceed() -> None:
