@@ -74,3 +74,32 @@ def test_disconnect_on_the_second_message(start_netd: StartNetd) -> None:
     again = Client(netd, "bob")
     again.connection.join("#locked")
     assert again.wait("join").target == "#locked"
+
+
+def in_lobby(netd: NetdProcess, nick: str) -> Client:
+    client = Client(netd, nick)
+    client.connection.join("#lobby")
+    client.wait("join")
+    return client
+
+
+def test_a_delayed_command_holds_the_commands_after_it(start_netd: StartNetd) -> None:
+    netd = start_netd(CHAT_MAP)
+    carol = in_lobby(netd, "carol")
+    bob = Client(netd, "bob")
+    with netd.rule("chat", match={"command": "JOIN"}, delay=0.5):
+        bob.connection.socket.sendall(b"JOIN #lobby\r\nPRIVMSG #lobby :after my join\r\n")
+        # Sent once bob is in: not refused as from outside the channel.
+        assert carol.wait("pubmsg").arguments == ["after my join"]
+
+
+def test_a_stalled_command_stalls_the_commands_after_it(start_netd: StartNetd) -> None:
+    netd = start_netd(CHAT_MAP)
+    carol = in_lobby(netd, "carol")
+    bob = Client(netd, "bob")
+    with netd.rule("chat", match={"command": "JOIN"}, stall=True):
+        bob.connection.socket.sendall(b"JOIN #lobby\r\nPING :after my join\r\n")
+        carol.connection.ping("carol")  # answered after bob's lines were read
+        carol.wait("pong")
+        bob.reactor.process_once(0.2)
+        assert "pong" not in [event.type for event in bob.events]

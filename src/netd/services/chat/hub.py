@@ -433,6 +433,9 @@ class Session(Protocol, ABC):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
+        # Lines received while a rule holds the session (its delay), in order;
+        # None when none holds it.
+        self.held: list[bytes] | None = None
         # The IRCv3 tags this client takes (see netd.services.chat.irc); 0 for none.
         self.tag_profile = 0
         # Output waits here until the hub flushes, so the messages of one
@@ -469,12 +472,34 @@ class Session(Protocol, ABC):
         self.hub.flush_soon()
 
     def dataReceived(self, data: bytes) -> None:
-        for line in self._framer.feed(data):
+        self._take(self._framer.feed(data))
+
+    def _take(self, lines: list[bytes]) -> None:
+        for line in lines:
             if self.gone:
                 return
+            if self.held is not None:
+                self.held.append(line)
+                continue
             self.lines_seen += 1
             self.line_received(clean(line))
         self.hub.flush_soon()
+
+    def hold(self, until: Deferred[None]) -> None:
+        """
+        Take the lines after this one only once C{until} fires (a rule's
+        answer, after its delay), so they are answered in order; never if it
+        does not (a stall), and meanwhile read nothing more.
+        """
+        self.held = []
+        self.transport.pauseProducing()
+        until.addCallback(self._release)
+
+    def _release(self, result: object) -> None:
+        held, self.held = self.held or [], None
+        if not self.gone:
+            self.transport.resumeProducing()
+            self._take(held)
 
     @abstractmethod
     def line_received(self, line: str) -> None:

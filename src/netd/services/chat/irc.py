@@ -379,7 +379,9 @@ class IrcSession(Session, irc.IRC):
             self.hub.flush_soon()
 
         own = numeric is not None or reason is not None
-        fired.act(self.transport, proceed, answer if own else None)
+        done = fired.act(self.transport, proceed, answer if own else None)
+        if not done.called:
+            self.hold(done)
 
     def too_long(self) -> None:
         self.numeric(ERR_INPUTTOOLONG, "Input line was too long")
