@@ -151,6 +151,11 @@ class Shaper:
                 self.budget = budget - len(data)
         if self.rate is None:
             self._send(data)
+            if self.producer is not None and not self.streaming and self._timer is None:
+                # A pull producer (a file) is asked for the rest of the budget
+                # on the next turn, as the transport would ask it (a budget
+                # alone bounds what is written ahead of the socket).
+                self._timer = self.clock.callLater(0, self._pump)
         else:
             if not self.queue:
                 # Credit earned while idle is at most one step: no burst after a pause.

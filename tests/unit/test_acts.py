@@ -92,6 +92,30 @@ def test_close_after_n_bytes_is_a_partial_answer() -> None:
     assert not transport.connected
 
 
+class Chunks:
+    """A pull producer (as a file sent by send_file): 1000 bytes each time it is asked."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.asked = 0
+
+    def resumeProducing(self) -> None:
+        self.asked += 1
+        self.consumer.write(b"y" * 1000)
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+def test_close_after_n_bytes_keeps_asking_a_pull_producer_for_them() -> None:
+    clock, connection, transport = connect({"close": 5007})
+    connection.registerProducer(Chunks(connection), False)
+    for _ in range(10):
+        clock.advance(0)
+    assert transport.value() == b"hello\r\n" + b"y" * 5000
+    assert not transport.connected
+
+
 def test_throttle_paces_writes_then_closes_when_sent() -> None:
     clock, connection, transport = connect({"throttle": 1000})
     connection.dataReceived(b"go")
