@@ -107,3 +107,28 @@ def test_a_reply_of_421_closes_the_control_connection(
         ftp.sock.sendall(b"NOOP\r\nPWD\r\n")
         assert ftp.file.readline() == "421 going down\n"
         assert ftp.file.readline() == ""
+
+
+def test_throttle_and_close_n_act_on_a_downloads_data(
+    logged_in: tuple[NetdProcess, ftplib.FTP], tmp_path: Path
+) -> None:
+    netd, ftp = logged_in
+    (tmp_path / "pub" / "data.bin").write_bytes(bytes(range(256)) * 120)  # 30720 bytes
+    with netd.rule("files", match={"command": "RETR"}, throttle=20000):
+        got = io.BytesIO()
+        begun = time.monotonic()
+        ftp.retrbinary("RETR data.bin", got.write)
+        assert time.monotonic() - begun >= 1.2
+        assert got.getvalue() == bytes(range(256)) * 120
+    with netd.rule("files", match={"command": "RETR"}, close=1000):
+        got = io.BytesIO()
+        with pytest.raises(ftplib.error_temp, match="426"):
+            ftp.retrbinary("RETR data.bin", got.write)
+        assert got.getvalue() == bytes(range(256)) * 3 + bytes(range(232))
+    with netd.rule("files", match={"command": "NLST"}, close=3):
+        names: list[str] = []
+        with pytest.raises(ftplib.error_temp, match="426"):
+            ftp.retrlines("NLST", names.append)
+        assert names == ["dat"]
+    assert ftp.nlst() == ["data.bin", "report.csv"]
+    ftp.quit()

@@ -33,6 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from netd.acts import Shaper
 from netd.compat import read_with
 from netd.connections import read_into
 from netd.schema import client_address
@@ -198,6 +199,14 @@ class DataConnection(Protocol):
         self.sink: Callable[[bytes], None] | None = None
         self._early: list[bytes] = []
         self.closed: Deferred[bool] = Deferred()
+        self._shaped: _Shaped | None = None
+
+    def shape(self, clock: Any, rate: int | None, budget: int | None) -> None:
+        """
+        Pace what this connection sends at C{rate} bytes/s, or close it (FIN)
+        after C{budget} bytes, or both: a rule's acts on a download.
+        """
+        self.transport = self._shaped = _Shaped(self.transport, clock, rate, budget)
 
     def connectionMade(self) -> None:
         self.channel.connected(self)
@@ -229,9 +238,45 @@ class DataConnection(Protocol):
         self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._shaped is not None:
+            self._shaped.lost()
         self.channel.lost(self)
         # Whether the connection ended cleanly (a FIN, not a reset or an abort).
         self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
+
+
+class _Shaped:
+    """
+    A data connection's transport as a rule's throttle or byte budget leaves
+    it: what is sent passes through a L{Shaper}, the rest is the transport's.
+    """
+
+    def __init__(self, transport: Any, clock: Any, rate: int | None, budget: int | None) -> None:
+        self.transport = transport
+        self.shaper = shaper = Shaper(
+            clock,
+            send=transport.write,
+            lose=transport.loseConnection,
+            pause=transport.pauseProducing,
+            resume=transport.resumeProducing,
+            done=lambda: None,  # shaped until the transfer ends
+        )
+        self.write = shaper.write
+        self.writeSequence = shaper.write_sequence
+        self.loseConnection = shaper.lose_connection
+        self.registerProducer = shaper.register_producer
+        self.unregisterProducer = shaper.unregister_producer
+        shaper.set(rate, budget)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+    def lost(self) -> None:
+        """The connection is gone (its budget spent, say): what still sends stops."""
+        producer = self.shaper.producer
+        self.shaper.stop()
+        if producer is not None:
+            producer.stopProducing()
 
 
 class ReadInto(TypingProtocol):

@@ -92,6 +92,9 @@ _NO_NAMESPACE_HOME = "530 Login incorrect: the namespace's folder cannot be open
 # Path commands Twisted implements, parsing paths itself (see Session._segments).
 _TWISTED_PATH_COMMANDS = frozenset({"CWD", "SIZE", "MDTM", "DELE", "RMD", "MKD", "RNFR"})
 _DIRECTORY_PARTS = frozenset({"", ".", ".."})
+# Commands whose answer is data sent to the client: a rule's throttle and
+# close: N act on that data.
+_DOWNLOADS = frozenset({"RETR", "LIST", "NLST", "MLSD"})
 
 _STAMP = re.compile(r"(\d{14})(\.\d{1,3})?")
 _MODE = re.compile(r"[0-7]{1,4}")
@@ -304,6 +307,9 @@ class Session(ftp.FTP):
         # What ABOR stops: a transfer, or a transfer command still waiting for its
         # data connection; None when nothing runs.
         self._stop_transfer: Callable[[], object] | None = None
+        # A rule's throttle or byte budget (clock, rate, budget) for the data
+        # connection of the download it fired on, until that connection opens.
+        self.data_shaping: tuple[Any, int | None, int | None] | None = None
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
         self._line_deadline: IDelayedCall | None = None
@@ -503,7 +509,16 @@ class Session(ftp.FTP):
         def proceed() -> None:
             maybeDeferred(self._process, command, *params).chainDeferred(result)
 
-        fired.act(self.transport, proceed, answer if reply is not None else None)
+        if command.upper() in _DOWNLOADS:
+            fired.act(_DownloadActs(self), proceed, answer if reply is not None else None)
+            result.addBoth(self._unshape_data)
+        else:
+            fired.act(self.transport, proceed, answer if reply is not None else None)
+        return result
+
+    def _unshape_data(self, result: object) -> object:
+        # A download refused before its data connection (a 550) shapes no later one.
+        self.data_shaping = None
         return result
 
     def _process(self, command: str, *params: str) -> Any:
@@ -876,6 +891,9 @@ class Session(ftp.FTP):
 
         def opened(connection: DataConnection) -> Deferred[Any]:
             self._stop_transfer = None  # the transfer's own stop, from _begin on
+            shaping, self.data_shaping = self.data_shaping, None
+            if shaping is not None:
+                connection.shape(*shaping)
             self.reply(ftp.DATA_CNX_ALREADY_OPEN_START_XFR)
             return work(connection)
 
@@ -1257,6 +1275,31 @@ class Session(ftp.FTP):
 
     def ftp_ABOR(self) -> Any:
         return (ftp.CLOSING_DATA_CNX,)
+
+
+@attrs.define
+class _DownloadActs:
+    """
+    The session's connection as a rule's acts on a download see it: a
+    throttle or a byte budget shapes the data sent (as Toxiproxy's bandwidth
+    and limit_data), not the reply lines; the other acts are the control
+    connection's.
+    """
+
+    session: Session
+
+    @property
+    def closed(self) -> bool:
+        return bool(getattr(self.session.transport, "closed", False))
+
+    def abortConnection(self) -> None:
+        self.session.transport.abortConnection()
+
+    def loseConnection(self) -> None:
+        self.session.transport.loseConnection()
+
+    def shape(self, clock: Any, rate: int | None, budget: int | None) -> None:
+        self.session.data_shaping = (clock, rate, budget)
 
 
 class _Counted:
