@@ -189,8 +189,13 @@ class Shaper:
         self.producer = None
 
     def release(self) -> None:
-        """Pace no more once what is queued is sent (the end of a throttled reply)."""
+        """
+        Pace no more once what is queued is sent, and cut nothing more (the end
+        of a shaped reply: a budget it did not spend is not the next reply's).
+        """
         self.released = True
+        if not self.ending:
+            self.budget = None
         if not self.queue:
             self._uninstall_if_idle()
 

@@ -148,3 +148,32 @@ def test_a_throttled_http2_stream(start_netd: StartNetd, tmp_path: Path) -> None
     body, version, seconds = answer.stdout.split()
     assert (body, version) == ("fine", "2")
     assert float(seconds) >= 0.3  # its frames (headers, data, settings) at 200 bytes/s
+
+
+def pipelined(netd: NetdProcess, *targets: str) -> bytes:
+    """What the connection answers to GETs of C{targets} sent at once, until its FIN."""
+    with socket.create_connection(netd.address("web"), timeout=5) as sock:
+        sock.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % t.encode() for t in targets))
+        sock.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := sock.recv(65536):
+            got += chunk
+    return got
+
+
+def test_a_reply_with_close_is_the_connections_last(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    with netd.rule("web", match={"path": "/busy"}, reply={"status": 503}, close=True):
+        got = pipelined(netd, "/busy", "/v1/users")
+    assert got.startswith(b"HTTP/1.1 503 ")
+    assert got.endswith(b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    assert got.count(b"HTTP/1.1") == 1
+
+
+def test_close_n_ends_with_the_reply_it_matched(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = started(start_netd, tmp_path)
+    (tmp_path / "site" / "whole.bin").write_bytes(b"w" * 20000)
+    with netd.rule("web", match={"path": "/missing"}, close=5000):
+        got = pipelined(netd, "/missing", "/whole.bin")
+    assert got.startswith(b"HTTP/1.1 404 ")
+    assert got.endswith(b"Connection: keep-alive\r\n\r\n" + b"w" * 20000)

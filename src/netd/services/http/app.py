@@ -320,10 +320,12 @@ class Exchange(ABC):
     near_miss: dict[str, Any] | None = None
     # Its namespace (netd.namespaces), on its event and its record.
     namespace: str | None = None
-    # A rule throttles this response: the throttle ends with it.
-    throttled = False
+    # A rule paces this response or cuts it after N bytes: that ends with it.
+    shaped = False
     # Answered, or its client is gone: nothing more is sent for it.
     done = False
+    # HTTP/1.x: whether the connection goes on after this response.
+    keep_alive = True
 
     _by_name: dict[bytes, bytes] | None = None
 
@@ -587,7 +589,10 @@ class App:
             if not exchange.done:  # the client may have left while a rule delayed it
                 self._dispatch(exchange, path, None)
 
-        exchange.throttled = "throttle" in fired.acts
+        close = fired.acts.get("close")
+        if close is True and reply is not None:
+            exchange.keep_alive = False  # its reply says so, and nothing is answered after it
+        exchange.shaped = "throttle" in fired.acts or close not in (None, True)
         fired.act(exchange.connection_transport(), proceed, answer)
 
     def _dispatch(
@@ -709,7 +714,7 @@ class App:
 
     def completed(self, exchange: Exchange) -> None:
         """Count, journal, log and record one finished exchange."""
-        if exchange.throttled:
+        if exchange.shaped:
             shaper = getattr(exchange.connection_transport(), "shaper", None)
             if shaper is not None:
                 shaper.release()

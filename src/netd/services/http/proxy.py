@@ -232,7 +232,7 @@ class _UpgradingUpstream(Protocol):
         self.started = True
         self.switched()
         self.exchange.proxy_cancel = self.give_up
-        self.exchange.keep_alive = False  # type: ignore[attr-defined]
+        self.exchange.keep_alive = False
         fields = [(n, v) for n, v in _forwardable(self.fields) if n.lower() not in _OURS]
         length = next((int(v) for n, v in self.fields if n.lower() == b"content-length"), None)
         chunked = any(
