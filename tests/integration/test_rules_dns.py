@@ -83,6 +83,16 @@ def test_truncated_over_udp_then_answered_over_tcp(start_netd: StartNetd) -> Non
     assert dig(netd, "big.test", transport="tcp") == "192.0.2.3\n"  # the rule is UDP's only
 
 
+def test_truncate_is_for_udp_answers_only(start_netd: StartNetd) -> None:
+    netd = start_netd(DNS_MAP)
+    with netd.rule("dns", match={"name": "big.test"}, truncate=True):
+        assert dig(netd, "big.test", transport="tcp") == "192.0.2.3\n"  # the usual answer
+    with netd.rule("dns", match={"name": "retry.test"}, truncate=True, answers=["192.0.2.7"]):
+        truncated = ask(netd, "retry.test")
+        assert truncated.flags & dns.flags.TC and not truncated.answer
+        assert dig(netd, "retry.test", transport="tcp") == "192.0.2.7\n"  # the rule's own
+
+
 def test_dropped_and_delayed(start_netd: StartNetd) -> None:
     netd = start_netd(DNS_MAP)
     with pytest.raises(dns.exception.Timeout):

@@ -104,9 +104,9 @@ def query_event(query: Query, udp: bool) -> dict[str, str]:
     }
 
 
-def _sections(acts: Any, query: Query, default_ttl: int) -> tuple[Sections, int]:
+def _sections(acts: Any, query: Query, default_ttl: int, truncate: bool) -> tuple[Sections, int]:
     """The rule's answer to C{query}, and the flags it adds (TC)."""
-    if acts.get("truncate"):
+    if truncate:
         return Sections(AA, 0, 0, 0, b""), TC
     ttl = acts.get("ttl", default_ttl)
     records = [
@@ -123,16 +123,21 @@ def answer_by_rule(
     query: Query,
     reply: Callable[[Sections, int], bytes],
     usual: Callable[[], Answer],
+    udp: bool,
 ) -> Answer:
     """
     The answer a fired rule gives: none (C{drop}), its own (C{reply} encodes
     it), or the service's usual one (C{usual}); after C{delay} seconds.
+    C{truncate} is for UDP only: over TCP the rule's other answer, or the
+    usual one, is what the client's retry gets (RFC 7766: a TCP answer is
+    never truncated).
     """
     acts = fired.acts
     if acts.get("drop"):
         return None
-    if any(name in acts for name in _OWN_ACTS):
-        sections, flags = _sections(acts, query, server.options.ttl)
+    truncate = udp and bool(acts.get("truncate"))
+    if truncate or any(name in acts for name in _OWN_ACTS if name != "truncate"):
+        sections, flags = _sections(acts, query, server.options.ttl, truncate)
 
         def give() -> Answer:
             return reply(sections, flags)

@@ -332,6 +332,7 @@ class Server:
                         sections, query, limit, client, transport, "rule", started, flags
                     ),
                     lambda: self._answer(query, client, udp, transport, recursion, started),
+                    udp,
                 )
         return self._answer(query, client, udp, transport, recursion, started, prepared_at)
 
