@@ -1277,8 +1277,8 @@ class Session(ftp.FTP):
         return (ftp.CLOSING_DATA_CNX,)
 
 
-@attrs.define
-class _DownloadActs:
+@attrs.define(repr=False)
+class _DownloadActs(Record):
     """
     The session's connection as a rule's acts on a download see it: a
     throttle or a byte budget shapes the data sent (as Toxiproxy's bandwidth
