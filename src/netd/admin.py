@@ -8,6 +8,7 @@ L{netd.kinds.AdminView}s, counters from L{netd.events.ServiceStats}.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 import math
 import re
@@ -314,6 +315,7 @@ class AdminResource(Resource):
     def _dispatch(self, request: Request) -> bytes | int:
         method = (request.method or b"GET").decode("latin-1")
         parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
+        self._refuse_other_sites(request, method)
         if parts == ["healthz"]:
             _allow(method, "GET", "HEAD")
             if not self.daemon.ready:
@@ -521,6 +523,32 @@ class AdminResource(Resource):
         assert view.item is not None
         return self._deferred(request, maybeDeferred(view.item, key), _item_answer)
 
+    def _refuse_other_sites(self, request: Request, method: str) -> None:
+        """
+        What a web page the user's browser shows must not do to the API.
+
+        Without a token (loopback only) the API answers loopback names alone:
+        a name of the attacker's that resolves to 127.0.0.1 (DNS rebinding)
+        would otherwise read its answers.  A change (a method other than GET,
+        HEAD, OPTIONS) from a page of another origin is refused whatever the
+        credentials: a form posts JSON as text/plain without a preflight
+        (OWASP's CSRF cheat sheet: verify the origin with standard headers).
+        Clients that are not browsers send neither header.
+        """
+        host = request.getHeader(b"host")
+        if self.token is None and host is not None and not _loopback_host(host):
+            raise _HTTPError(
+                403, "without a token this API answers loopback names only (localhost, 127.0.0.1)"
+            )
+        if method in ("GET", "HEAD", "OPTIONS"):
+            return
+        site = request.getHeader(b"sec-fetch-site")
+        origin = request.getHeader(b"origin")
+        if site not in (None, b"same-origin", b"none") or (
+            origin is not None and origin.partition(b"://")[2].lower() != (host or b"").lower()
+        ):
+            raise _HTTPError(403, "a page of another origin may not change anything here")
+
     def _authorize(self, request: Request) -> None:
         if self.token is None:
             return
@@ -642,6 +670,21 @@ def _json_body(request: Request) -> Any:
         raise _HTTPError(400, f"the body is not JSON: {e}") from None
     except RecursionError:  # thousands of nested brackets: not a map anyone wrote
         raise _HTTPError(400, "the body is not JSON: nested too deeply") from None
+
+
+def _loopback_host(host: bytes) -> bool:
+    """Whether a Host header names the loopback: localhost (RFC 6761 6.3) or an address."""
+    name = host.decode("latin-1").lower()
+    if name.startswith("["):
+        name = name[1:].partition("]")[0]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def _scenario_name(text: str) -> bool:

@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -358,3 +359,32 @@ services:
 """
     )
     assert list(netd.services()) == ["echo"]
+
+
+def test_pages_of_other_sites_change_nothing_and_a_rebound_name_reads_nothing(
+    start_netd: StartNetd,
+) -> None:
+    """OWASP's CSRF defence by standard headers; DNS rebinding refused by Host."""
+    netd = start_netd(BASE.replace(f"  token: {TOKEN}\n", ""))
+    entry = netd.ports["admin"]["listeners"][0]
+    base = f"http://127.0.0.1:{entry['port']}"
+    rule = b'{"id": "r1", "close": true}'
+    with httpx.Client(base_url=base, timeout=10) as client:
+        # A form of another site posting JSON as text/plain, as a browser sends it.
+        for headers in (
+            {"Origin": "http://localhost:18932", "Content-Type": "text/plain"},
+            {"Sec-Fetch-Site": "cross-site"},
+            {"Sec-Fetch-Site": "same-site", "Origin": f"http://127.0.0.1:{entry['port'] + 1}"},
+            {"Origin": "null"},
+        ):
+            refused = client.post("/api/services/echo/rules", content=rule, headers=headers)
+            assert refused.status_code == 403, headers
+            assert client.post("/api/reload", headers=headers).status_code == 403
+        assert client.get("/api/services/echo/rules").json() == {"rules": []}
+        # A name of the attacker's resolving to 127.0.0.1 reads nothing.
+        assert client.get("/api/services", headers={"Host": "evil.example"}).status_code == 403
+        # The dashboard's own page (same origin), and clients that are not browsers.
+        same = {"Origin": base, "Sec-Fetch-Site": "same-origin"}
+        assert client.post("/api/services/echo/rules", content=rule, headers=same).is_success
+        assert client.get("/api/services", headers={"Host": "localhost"}).status_code == 200
+    assert [r["id"] for r in netd.view("echo", "rules")] == ["r1"]

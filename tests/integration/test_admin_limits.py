@@ -135,7 +135,7 @@ def test_busy_connections_keep_their_places_while_the_cap_turns_others_away(
     def streaming() -> socket.socket:
         """An open event stream, its answer's head read: netd has read the request."""
         sock = sockets.enter_context(socket.create_connection(address, timeout=10))
-        sock.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: netd\r\n\r\n")
+        sock.sendall(b"GET /api/events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(4096)
@@ -193,7 +193,7 @@ def test_a_slow_request_head_is_cut_at_the_header_deadline(start_netd: StartNetd
 def test_a_slow_request_body_is_cut_at_the_body_deadline(start_netd: StartNetd) -> None:
     netd = start_netd(config(body_timeout=1))
     with socket.create_connection(admin_address(netd), timeout=10) as sock:
-        sock.sendall(b"POST /api/reload HTTP/1.1\r\nHost: netd\r\nContent-Length: 200\r\n\r\n")
+        sock.sendall(b"POST /api/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 200\r\n\r\n")
         started = time.monotonic()
         dribble(sock, b"x" * 200, every=0.25)
         answer = read_to_end(sock)
@@ -227,8 +227,8 @@ def test_head_answers_carry_get_headers_and_no_body(start_netd: StartNetd) -> No
             # HEAD's blank line at once, with no body bytes between.
             auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
             sock.sendall(
-                b"HEAD %s HTTP/1.1\r\nHost: netd\r\n%s\r\n" % (path.encode(), auth)
-                + b"GET %s HTTP/1.1\r\nHost: netd\r\nConnection: close\r\n%s\r\n"
+                b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n%s\r\n" % (path.encode(), auth)
+                + b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n%s\r\n"
                 % (path.encode(), auth)
             )
             answers = read_to_end(sock)
@@ -287,7 +287,7 @@ def test_over_tls_the_admin_api_speaks_http1_and_keeps_its_limits(start_netd: St
 def test_a_client_that_pipelines_and_never_reads_is_cut(start_netd: StartNetd) -> None:
     netd = start_netd(config())
     before = status_kib(netd)
-    request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 64
+    request = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n" * 64
     sent = 0
     cut = False
     deadline = time.monotonic() + 20

@@ -158,7 +158,7 @@ def test_irc_registration_and_line_chat(netd: NetdProcess) -> None:
 def test_admin_api(netd: NetdProcess) -> None:
     admin = netd.ports["admin"]["listeners"][0]
     reply = _send_then_half_close(
-        (admin["host"], admin["port"]), b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        (admin["host"], admin["port"]), b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
     )
     assert reply.startswith(b"HTTP/1.1 200")
 
@@ -170,7 +170,7 @@ def test_admin_api_answers_a_long_poll_at_once(netd: NetdProcess) -> None:
     started = time.monotonic()
     reply = _send_then_half_close(
         (admin["host"], admin["port"]),
-        b"GET /api/events?since=1000000&wait=30 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/events?since=1000000&wait=30 HTTP/1.1\r\nHost: localhost\r\n\r\n",
     )
     assert reply.startswith(b"HTTP/1.1 200") and b'"events": []' in reply
     assert time.monotonic() - started < 10

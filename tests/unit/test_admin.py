@@ -158,7 +158,7 @@ def headers_and_body(answer: bytes) -> tuple[dict[bytes, bytes], bytes]:
 def test_a_head_trickled_one_byte_at_a_time_is_cut_at_the_header_deadline() -> None:
     client = Client()
     # Twisted's own idle timeout would never fire: each byte comes well within it.
-    client.trickle(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, every=0.5)
+    client.trickle(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"a" * 100, every=0.5)
     assert client.transport.disconnecting
     assert client.clock.seconds() == pytest.approx(HEADER_TIMEOUT, abs=0.5)
     answer = client.answer()
@@ -187,7 +187,7 @@ def test_a_new_connection_that_sends_nothing_is_closed_at_the_header_deadline() 
 
 def test_a_body_trickled_one_byte_at_a_time_is_cut_at_the_body_deadline() -> None:
     client = Client()
-    client.send(b"POST /api/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+    client.send(b"POST /api/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n")
     started = client.clock.seconds()
     client.trickle(b"x" * 100, every=0.5)
     assert client.clock.seconds() - started == pytest.approx(BODY_TIMEOUT, abs=0.5)
@@ -202,7 +202,7 @@ def test_a_body_trickled_one_byte_at_a_time_is_cut_at_the_body_deadline() -> Non
 
 def test_a_body_over_max_body_is_refused_before_it_is_read() -> None:
     client = Client(max_body=10)
-    client.send(b"POST /api/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n")
+    client.send(b"POST /api/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 11\r\n\r\n")
     answer = client.answer()
     assert status_line(answer) == b"HTTP/1.1 413 Payload Too Large"
     assert json.loads(headers_and_body(answer)[1]) == {"error": "request body over 10 bytes"}
@@ -213,7 +213,7 @@ def test_a_body_over_max_body_is_refused_before_it_is_read() -> None:
 
 def test_a_kept_alive_connection_gets_the_idle_timeout_then_a_fresh_header_deadline() -> None:
     client = Client()
-    client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status_line(client.answer()) == b"HTTP/1.1 200 OK"
     client.clock.advance(IDLE_TIMEOUT - 1)  # far past the header deadline: idle, not slow
     assert not client.transport.disconnecting
@@ -225,7 +225,7 @@ def test_a_kept_alive_connection_gets_the_idle_timeout_then_a_fresh_header_deadl
 
 def test_an_idle_kept_alive_connection_is_closed_quietly() -> None:
     client = Client()
-    client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
     client.answer()
     client.clock.advance(IDLE_TIMEOUT)
     assert client.transport.disconnecting
@@ -234,7 +234,7 @@ def test_an_idle_kept_alive_connection_is_closed_quietly() -> None:
 
 def test_a_long_poll_outlives_every_deadline() -> None:
     client = Client()
-    client.send(b"GET /api/events?wait=100&type=wake HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.send(b"GET /api/events?wait=100&type=wake HTTP/1.1\r\nHost: localhost\r\n\r\n")
     client.clock.advance(IDLE_TIMEOUT + HEADER_TIMEOUT + BODY_TIMEOUT)
     assert not client.transport.disconnecting and client.answer() == b""
     client.daemon.journal.emit("echo", "wake")
@@ -245,7 +245,7 @@ def test_a_long_poll_outlives_every_deadline() -> None:
 
 def test_pipelined_requests_are_all_answered() -> None:
     client = Client()
-    client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    client.send(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * 3)
     assert client.answer().count(b"HTTP/1.1 200 OK") == 3
     assert not client.transport.disconnecting
 
@@ -265,10 +265,10 @@ def test_a_client_that_never_reads_the_error_is_aborted() -> None:
 )
 def test_head_gets_the_headers_of_get_and_no_body(path: bytes, logged: list[LogEvent]) -> None:
     client = Client()
-    client.send(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+    client.send(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path)
     got = client.answer()
     get_headers, get_body = headers_and_body(got)
-    client.send(b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path)
+    client.send(b"HEAD %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % path)
     head = client.answer()
     head_headers, head_body = headers_and_body(head)
     assert status_line(head) == status_line(got)
@@ -280,7 +280,7 @@ def test_head_gets_the_headers_of_get_and_no_body(path: bytes, logged: list[LogE
 
 def test_head_gets_no_body_with_an_error_it_ends_on() -> None:
     client = Client(max_body=1)
-    client.send(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+    client.send(b"HEAD /healthz HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n")
     headers, body = headers_and_body(client.answer())
     assert body == b"" and headers[b"content-length"] != b"0"
 

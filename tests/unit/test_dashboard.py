@@ -27,7 +27,7 @@ def ask(
 ) -> tuple[int, dict[bytes, bytes], bytes]:
     headers["Content_Length"] = str(len(body))
     head = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
-    client.send(f"{method} {target} HTTP/1.1\r\nHost: x\r\n{head}\r\n".encode() + body)
+    client.send(f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n{head}\r\n".encode() + body)
     client.clock.advance(0)
     answer = client.answer()
     found, content = headers_and_body(answer)
@@ -100,7 +100,9 @@ def test_signing_in_sets_an_http_only_strict_cookie_the_api_then_takes() -> None
     # The bearer token keeps working, with or without a cookie.
     assert ask(client, "GET", "/api/services", Authorization=f"Bearer {TOKEN}")[0] == 200
 
-    ask(client, "POST", "/ui/logout", Cookie=cookie)
+    status, headers, body = ask(client, "POST", "/ui/logout", Cookie=cookie)
+    assert (status, json.loads(body)) == (200, {"signed_in": False})
+    assert b"Max-Age=0" in headers[b"set-cookie"]  # the browser forgets it
     assert ask(client, "GET", "/api/services", Cookie=cookie)[0] == 401
 
 
@@ -113,7 +115,7 @@ def test_a_cookie_changes_nothing_without_its_csrf_header() -> None:
     assert client.daemon.reloads == []
     assert ask(client, "POST", "/api/reload", Cookie=cookie, X_CSRF_Token="guess")[0] == 403
     client.send(
-        b"POST /api/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nCookie: %s\r\n"
+        b"POST /api/reload HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nCookie: %s\r\n"
         b"X-CSRF-Token: %s\r\n\r\n" % (cookie.encode(), body["csrf"].encode())
     )
     [reload] = client.daemon.reloads

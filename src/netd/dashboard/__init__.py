@@ -269,8 +269,8 @@ class Dashboard:
         found = self._session(request)
         if found is not None:
             self.sessions.close(found[0])
-        request.addCookie(
-            SESSION_COOKIE, b"", path=b"/", max_age=0, httpOnly=True, sameSite="strict"
+        request.addCookie(  # max_age as text: Twisted formats none but str and bytes
+            SESSION_COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict"
         )
         return _as_json(request, {"signed_in": False})
 
