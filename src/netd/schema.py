@@ -97,13 +97,86 @@ class Problems:
             raise ConfigErrors(self.errors)
 
 
-class _UniqueKeyComposer(yaml.SafeLoader):
-    """A loader whose mappings remember duplicate keys instead of silently merging."""
+# Far deeper than any map: a route's JSON body starts six levels down.  The
+# bound keeps every reader that walks a value (PyYAML's constructor, the http
+# kind's templates) far from Python's recursion limit, whatever the thread.
+_DEEPEST = 100
+# Nodes a map may stand for once its aliases are expanded.  A written map has
+# thousands; nine lines of nine aliases each ("billion laughs") stand for 9**9,
+# which the readers that walk the expanded values would never finish.
+_LARGEST = 1_000_000
+
+
+class _Refused(Exception):
+    """Valid YAML that netd will not read, and where it is."""
+
+    def __init__(self, where: yaml.Event | yaml.Node, message: str) -> None:
+        super().__init__(message)
+        mark = where.start_mark
+        assert mark is not None  # the parser marks every event
+        self.line, self.column = mark.line + 1, mark.column + 1
+
+
+class _MapComposer(yaml.SafeLoader):
+    """
+    A loader that bounds what the map stands for (L{_DEEPEST}, L{_LARGEST}),
+    counting each alias as the nodes it repeats.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._expanded = 0
+        # Each complete node's expanded size and height.
+        self._extents: dict[yaml.Node, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if not isinstance(event, yaml.AliasEvent):
+            self._bound(event, 1)
+            self._depth += 1
+            node = super().compose_node(parent, index)
+            self._depth -= 1
+            assert node is not None  # only a document's end composes to nothing
+            children = [self._extents[child] for child in _children(node)]
+            self._extents[node] = (
+                1 + sum(size for size, _ in children),
+                1 + max((height for _, height in children), default=0),
+            )
+            self._expanded += 1
+            return node
+        node = super().compose_node(parent, index)
+        assert node is not None
+        extent = self._extents.get(node)
+        if extent is None:
+            raise _Refused(event, f"alias {event.anchor!r} is inside the node it names")
+        size, height = extent
+        self._expanded += size
+        if self._expanded > _LARGEST:
+            raise _Refused(event, f"aliases expand the map past {_LARGEST:,} nodes")
+        self._bound(event, height)
+        return node
+
+    def _bound(self, event: yaml.Event, height: int) -> None:
+        if self._depth + height > _DEEPEST:
+            raise _Refused(event, f"nested too deeply (more than {_DEEPEST} levels)")
+
+
+def _children(node: yaml.Node) -> Iterator[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        yield from node.value
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            yield key
+            yield value
 
 
 def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyComposer)
+        node = yaml.compose(text, Loader=_MapComposer)
+    except _Refused as e:
+        problems.add(Position(file, e.line, e.column), "", str(e))
+        return None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)

@@ -773,6 +773,75 @@ def test_invalid_yaml(map_file: Path, text: str, expected: str) -> None:
     assert [str(e) for e in excinfo.value.errors] == [f"{map_file}:{expected}"]
 
 
+# Nine anchors, each a list of nine aliases of the one before: 9**9 nodes once expanded.
+LAUGHS = (
+    "[&a [x, x, x, x, x, x, x, x, x], "
+    + ", ".join(
+        f"&{name} [{', '.join([f'*{before}'] * 9)}]"
+        for before, name in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "]"
+)
+
+
+@pytest.mark.timeout(10)
+def test_aliases_that_expand_past_a_million_nodes_are_refused(map_file: Path) -> None:
+    text = f"""\
+        services:
+          h:
+            type: http
+            listen: ["tcp:0"]
+            routes:
+              - {{path: /a, json: {LAUGHS}}}
+        """
+    # &a to &f count once; the first *f in &g repeats 597,871 nodes, past the bound.
+    column = len("      - {path: /a, json: ") + 1 + LAUGHS.index("*f")
+    assert errors(map_file, text) == [f"6:{column}: aliases expand the map past 1,000,000 nodes"]
+
+
+def test_anchors_and_aliases_share_blocks(map_file: Path) -> None:
+    config = parse(
+        map_file,
+        """\
+        services:
+          a: &echo {type: echo, listen: &any ["tcp:0"], max_connections: 5}
+          b: *echo
+          c: {type: discard, listen: *any}
+        """,
+    )
+    assert [s.max_connections for s in config.services.values()] == [5, 5, 1000]
+    assert [s.listen[0].endpoint for s in config.services.values()] == ["tcp:0"] * 3
+
+
+DEEP = "[" * 20_000 + "]" * 20_000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"services: {DEEP}\n", "1:110: nested too deeply (more than 100 levels)"),
+        (
+            "services:\n  h:\n    type: http\n    listen: ['tcp:0']\n"
+            f"    routes: [{{path: /a, json: {DEEP}}}]\n",
+            "5:126: nested too deeply (more than 100 levels)",
+        ),
+        (
+            # Fifty levels, aliased fifty levels down: past a hundred once expanded.
+            f"x: [&a {'[' * 50}{']' * 50}, {'[' * 50}*a{']' * 50}]\n",
+            "1:160: nested too deeply (more than 100 levels)",
+        ),
+        ("x: &a [*a]\n", "1:8: alias 'a' is inside the node it names"),
+    ],
+)
+def test_maps_too_deep_or_recursive_are_refused(map_file: Path, text: str, expected: str) -> None:
+    assert errors(map_file, text) == [expected]
+
+
+def test_a_hundred_levels_are_read(map_file: Path) -> None:
+    """The map is the first level."""
+    assert errors(map_file, f"{ECHO}x: {'[' * 99}{']' * 99}\n") == ["2:1: x: unknown key"]
+
+
 def test_every_error_at_once_in_file_order(map_file: Path) -> None:
     """Read order (tls before services, top-level keys last) is not report order."""
     text = """\
