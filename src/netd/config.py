@@ -184,12 +184,19 @@ def load_config(path: Path | str) -> NetdConfig:
     """Read and validate the service map at C{path}; raise L{ConfigErrors} listing every error."""
     path = Path(path).absolute()
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else str(e)
+        data = path.read_bytes()
+    except OSError as e:
         raise ConfigErrors(
-            [_error_at(str(path), f"cannot read the service map: {reason}")]
+            [_error_at(str(path), f"cannot read the service map: {e.strerror}")]
         ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # The bytes before the first bad one decode: count lines and columns in them.
+        before = data[: e.start].decode("utf-8")
+        position = Position.in_text(str(path), before, len(before))
+        message = f"cannot read the service map: not UTF-8 (byte 0x{data[e.start]:02x}: {e.reason})"
+        raise ConfigErrors([ConfigError(position, "", message)]) from None
     return parse_config(text, path)
 
 

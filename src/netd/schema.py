@@ -63,6 +63,12 @@ class Position(Record):
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.column}"
 
+    @classmethod
+    def in_text(cls, file: str, text: str, index: int) -> Position:
+        """Where the character at C{index} of the map's C{text} is."""
+        line_start = text.rfind("\n", 0, index) + 1
+        return cls(file, text.count("\n", 0, index) + 1, index - line_start + 1)
+
 
 @attrs.frozen(repr=False)
 class ConfigError(Record):
@@ -181,6 +187,13 @@ def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:
         mark = e.problem_mark or e.context_mark
         line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problems.add(Position(file, line, column), "", f"not valid YAML: {e.problem}")
+        return None
+    except yaml.reader.ReaderError as e:
+        problems.add(
+            Position.in_text(file, text, e.position),
+            "",
+            f"not valid YAML: unacceptable character #x{e.character:04x}: {e.reason}",
+        )
         return None
     except yaml.YAMLError as e:
         problems.add(Position(file, 1, 1), "", f"not valid YAML: {e}")

@@ -287,6 +287,22 @@ def test_load_config_reads_the_file(map_file: Path) -> None:
     assert set(load_config(map_file).services) == {"echo"}
 
 
+def test_load_config_points_at_a_byte_that_is_not_utf_8(map_file: Path) -> None:
+    map_file.parent.mkdir()
+    map_file.write_bytes(ECHO.encode() + 'qotd: ["café", "'.encode() + b'\xff"]\n')
+    with pytest.raises(ConfigErrors) as excinfo:
+        load_config(map_file)
+    assert [str(e) for e in excinfo.value.errors] == [
+        f"{map_file}:2:17: cannot read the service map: not UTF-8 (byte 0xff: invalid start byte)"
+    ]
+
+
+def test_a_character_yaml_refuses_is_pointed_at(map_file: Path) -> None:
+    assert errors(map_file, f"{ECHO}qotd: ['a\x07']\n") == [
+        "2:10: not valid YAML: unacceptable character #x0007: special characters are not allowed"
+    ]
+
+
 def test_load_config_unreadable_file(map_file: Path) -> None:
     with pytest.raises(ConfigErrors) as excinfo:
         load_config(map_file)
