@@ -103,6 +103,8 @@ class Problems:
             raise ConfigErrors(self.errors)
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
 # Far deeper than any map: a route's JSON body starts six levels down.  The
 # bound keeps every reader that walks a value (PyYAML's constructor, the http
 # kind's templates) far from Python's recursion limit, whatever the thread.
@@ -126,7 +128,9 @@ class _Refused(Exception):
 class _MapComposer(yaml.SafeLoader):
     """
     A loader that bounds what the map stands for (L{_DEEPEST}, L{_LARGEST}),
-    counting each alias as the nodes it repeats.
+    counting each alias as the nodes it repeats, and applies YAML 1.1 merge
+    keys (C{<<: *base}) to the composed nodes, whose readers would otherwise
+    see a key named C{<<}.
     """
 
     def __init__(self, stream: str) -> None:
@@ -167,6 +171,12 @@ class _MapComposer(yaml.SafeLoader):
         if self._depth + height > _DEEPEST:
             raise _Refused(event, f"nested too deeply (more than {_DEEPEST} levels)")
 
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        if any(key.tag == _MERGE for key, _ in node.value):
+            node.value = _merged(node)
+        return node
+
 
 def _children(node: yaml.Node) -> Iterator[yaml.Node]:
     if isinstance(node, yaml.SequenceNode):
@@ -175,6 +185,36 @@ def _children(node: yaml.Node) -> Iterator[yaml.Node]:
         for key, value in node.value:
             yield key
             yield value
+
+
+def _merged(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
+    """
+    The pairs of C{node} with each C{<<} replaced by the pairs of the mapping,
+    or list of mappings, it names, but for keys that C{node} itself or an
+    earlier merged mapping sets (YAML 1.1).  Those mappings, composed before
+    C{node}, are merged already.
+    """
+    taken = {key.value for key, _ in node.value if _named(key) and key.tag != _MERGE}
+    pairs = []
+    for key, value in node.value:
+        if key.tag != _MERGE:
+            pairs.append((key, value))
+            continue
+        for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
+            if not isinstance(source, yaml.MappingNode):
+                raise _Refused(source, "'<<' merges a mapping or a list of mappings")
+            for source_key, source_value in source.value:
+                if _named(source_key) and source_key.value in taken:
+                    continue
+                if _named(source_key):
+                    taken.add(source_key.value)
+                pairs.append((source_key, source_value))
+    return pairs
+
+
+def _named(key: yaml.Node) -> bool:
+    """Whether C{key} is one a mapping's reader takes (the others it reports)."""
+    return isinstance(key, yaml.ScalarNode) and key.tag != _NULL
 
 
 def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:

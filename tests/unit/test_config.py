@@ -858,6 +858,44 @@ def test_a_hundred_levels_are_read(map_file: Path) -> None:
     assert errors(map_file, f"{ECHO}x: {'[' * 99}{']' * 99}\n") == ["2:1: x: unknown key"]
 
 
+def test_merge_keys_fill_in_what_a_mapping_does_not_set(map_file: Path) -> None:
+    config = parse(
+        map_file,
+        """\
+        services:
+          a: &base {type: echo, listen: ["tcp:0"], max_connections: 5}
+          b:
+            <<: *base
+            max_connections: 7
+          c:
+            <<: [{idle_timeout: 9, max_connections: 8}, *base]
+        """,
+    )
+    assert [(s.type, s.max_connections) for s in config.services.values()] == [
+        ("echo", 5),
+        ("echo", 7),
+        ("echo", 8),
+    ]
+    assert config.services["c"].idle_timeout == 9
+
+
+def test_errors_in_a_merged_mapping_point_into_it(map_file: Path) -> None:
+    text = """\
+        services:
+          a: &base {type: echo, listen: ["tcp:0"], colour: red}
+          b: {<<: *base, max_connections: 7}
+        """
+    assert errors(map_file, text) == [
+        "2:44: services.a.colour: unknown key",
+        "2:44: services.b.colour: unknown key",
+    ]
+
+
+def test_merge_keys_merge_mappings_only(map_file: Path) -> None:
+    text = "services:\n  a: &base {type: echo}\n  b: {<<: [*base, 5]}\n"
+    assert errors(map_file, text) == ["3:19: '<<' merges a mapping or a list of mappings"]
+
+
 def test_every_error_at_once_in_file_order(map_file: Path) -> None:
     """Read order (tls before services, top-level keys last) is not report order."""
     text = """\
