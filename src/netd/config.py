@@ -229,6 +229,7 @@ def _read_root(top: Section, path: Path) -> NetdConfig:
         "services", lambda v: _read_services(v, profiles), {}
     )
     scenarios: dict[str, str] = top.read("scenarios", read_scenarios, {})
+    top.pass_over_extensions()
     top.finish()
     if not services and not top.has("services"):
         top.value.error("no services: add a 'services' mapping")

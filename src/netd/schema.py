@@ -521,6 +521,13 @@ class Section:
     def has(self, key: str) -> bool:
         return self.get(key) is not None
 
+    def pass_over_extensions(self) -> None:
+        """
+        Keys that begin with C{x-} are the map writer's, not netd's (as Compose
+        files' extension fields): a place for blocks that anchors share.
+        """
+        self._used.update(key for key in self._entries if key.startswith("x-"))
+
     def read(self, key: str, read: Callable[[Value], T], default: T) -> T:
         entry = self.get(key)
         return default if entry is None else read(entry)

@@ -879,6 +879,21 @@ def test_merge_keys_fill_in_what_a_mapping_does_not_set(map_file: Path) -> None:
     assert config.services["c"].idle_timeout == 9
 
 
+def test_top_level_x_keys_are_the_writers_place_for_shared_blocks(map_file: Path) -> None:
+    config = parse(
+        map_file,
+        """\
+        x-limits: &limits {max_connections: 5, idle_timeout: 9}
+        services:
+          a: {<<: *limits, type: echo, listen: ["tcp:0"]}
+        """,
+    )
+    assert (config.services["a"].max_connections, config.services["a"].idle_timeout) == (5, 9)
+    assert errors(map_file, "y-limits: {}\nservices: {a: {type: echo, listen: [tcp:0]}}\n") == [
+        "1:1: y-limits: unknown key"
+    ]
+
+
 def test_errors_in_a_merged_mapping_point_into_it(map_file: Path) -> None:
     text = """\
         services:
