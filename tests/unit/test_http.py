@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -414,6 +415,27 @@ def test_keepalive_request_cap(root: Path) -> None:
     assert out.count(b"HTTP/1.1 200 OK") == 2 and capped.closed
 
 
+def test_a_body_still_coming_after_its_answer_is_recorded_at_its_end(root: Path) -> None:
+    app = make_app(root)  # record_body: 100
+    events: list[str] = []
+    app.emit = lambda type, **fields: events.append(type)
+    wire = Wire(app, Limits())
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    assert [r["body_size"] for r in app.list_requests({})] == [0]  # no body: recorded at once
+    head = b"POST /missing HTTP/1.1\r\nHost: x\r\nContent-Length: 150\r\n\r\n"
+    assert wire.send(head + b"a" * 50).startswith(b"HTTP/1.1 405 ")  # answered from its head
+    assert len(app.list_requests({})) == 1 and events == ["http.request"]
+    wire.send(b"b" * 100)
+    posted = app.list_requests({})[-1]
+    assert posted["body"] == "a" * 50 + "b" * 50  # up to record_body
+    assert (posted["body_size"], posted["body_truncated"]) == (150, True)
+    assert "body_cut" not in posted and events == ["http.request"] * 2
+    wire.send(head + b"c" * 10)
+    wire.protocol.connectionLost(Failure(ConnectionDone()))  # the client leaves mid-body
+    cut = app.list_requests({})[-1]
+    assert (cut["body"], cut["body_size"], cut["body_cut"]) == ("c" * 10, 10, True)
+
+
 def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:
     app = make_app(root)
     with_h2 = factory_for(app, Limits(), tls=True, http2=True)
@@ -634,9 +656,10 @@ def test_h2_body_streams_to_its_taker_at_its_pace(root: Path) -> None:
     assert bytes(received) == b"a" * 10000 + b"b" * 30000 + b"c" * 40000 + b"d" * 20000 + b"<end>"
 
 
-def test_h2_answer_before_the_body_resets_the_stream_and_keeps_the_window(root: Path) -> None:
+def _answered_before_its_body(root: Path) -> tuple[App, H2Wire]:
+    """Half of a 100,000-byte body in, 40,000 of it held while paused, then the answer."""
     app, proxied = _waiting_proxy(root)
-    wire = H2Wire(app, Limits(max_body=1 << 20))
+    wire = H2Wire(app, Limits(max_body=1 << 20, body_timeout=5))
     wire.client.send_headers(1, [*_H2_POST, ("content-length", "100000")])
     _send(wire, b"a", 1)
     (exchange,) = proxied
@@ -646,13 +669,39 @@ def test_h2_answer_before_the_body_resets_the_stream_and_keeps_the_window(root: 
     exchange.respond(200, [], b"early\n")  # an upstream that answers at once
     wire.send()
     assert wire.statuses() == {1: b"200"}
-    resets = [e for e in wire.events if isinstance(e, h2.events.StreamReset)]
-    assert [(e.stream_id, e.error_code) for e in resets] == [(1, 0)]  # NO_ERROR: stop sending
-    # What the paused stream held back was given back to the connection.
-    assert wire.client.outbound_flow_control_window == 65535
-    record = app.records[-1]
-    # The body as far as it was taken: what came after the answer was dropped.
-    assert (record["status"], record["body_size"], record["protocol"]) == (200, 10000, "HTTP/2")
+    assert app.records == deque()  # its body still comes: recorded at its end
+    return app, wire
+
+
+def _resets(wire: H2Wire) -> list[tuple[int, int]]:
+    return [
+        (e.stream_id, e.error_code) for e in wire.events if isinstance(e, h2.events.StreamReset)
+    ]
+
+
+def test_h2_answer_before_the_body_reads_the_rest_for_the_record(root: Path) -> None:
+    app, wire = _answered_before_its_body(root)
+    _send(wire, b"c", 5, end=True)
+    assert _resets(wire) == []
+    (record,) = app.records
+    assert (record["status"], record["body_size"], record["protocol"]) == (200, 100000, "HTTP/2")
+    assert record["body"] == "a" * 100 and "body_cut" not in record  # record_body: 100
+    draining = wire.protocol.h2._drain  # type: ignore[union-attr]
+    assert not [call for call in wire.clock.getDelayedCalls() if call.func == draining]
+
+
+def test_h2_answer_before_a_body_that_stops_resets_the_stream_in_time(root: Path) -> None:
+    app, wire = _answered_before_its_body(root)
+    wire.clock.advance(4)
+    _send(wire, b"c", 1)  # more of it within body_timeout (5 s): it waits another
+    wire.clock.advance(1)
+    wire.clock.advance(4)
+    assert _resets(wire) == [] and not app.records
+    wire.clock.advance(1)
+    wire.send()
+    assert _resets(wire) == [(1, 0)]  # NO_ERROR: stop sending
+    (record,) = app.records
+    assert (record["body_size"], record["body_cut"]) == (60000, True)
 
 
 @implementer(IStreamClientEndpoint)

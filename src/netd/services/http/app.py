@@ -182,6 +182,9 @@ class BodyStream:
 
     What waits for a taker (an upstream still connecting, a rule's delay) is
     bounded: past L{HELD_MAX} bytes the wire is paused (L{pause}) until L{take}.
+
+    A body still coming when its response is sent goes on being read (and kept,
+    up to C{keep}) until its end, or until the wire L{cut}s it short.
     """
 
     def __init__(self, expected: int | None, keep: int, hold: bool = False) -> None:
@@ -190,6 +193,9 @@ class BodyStream:
         self.kept = bytearray()
         self.size = 0
         self.ended = False
+        # The client (or its stream) went before the body had all come in.
+        self.cut_short = False
+        self._over: Callable[[], None] | None = None
         self._pending: list[bytes] | None = [] if hold else None
         self._pending_size = 0
         self._held_back = False
@@ -225,6 +231,40 @@ class BodyStream:
         done, self._sink, self._done = self._done, None, None
         if done is not None:
             done()
+        self._call_over()
+
+    def cut(self) -> None:
+        """Nothing more of the body comes: its client or its stream is gone."""
+        if not self.over:
+            self.cut_short = True
+        self._call_over()
+
+    @property
+    def over(self) -> bool:
+        """Whether nothing more of the body will come: all of it is in, or it was cut."""
+        return self.ended or self.size == self.expected or self.cut_short
+
+    @property
+    def taken(self) -> bool:
+        """Whether a taker has the body and reads the rest of it as it comes."""
+        return self._sink is not None
+
+    def when_over(self, then: Callable[[], None]) -> None:
+        """
+        The response is sent, the body still comes: C{then} once it is L{over}.
+        Without a taker, what was held for one is dropped and the rest comes
+        unpaused, for the record alone.
+        """
+        self._over = then
+        if self._sink is None:
+            self._pending = None
+            self._held_back = False
+            self.resume()
+
+    def _call_over(self) -> None:
+        then, self._over = self._over, None
+        if then is not None:
+            then()
 
     def whole(self) -> bytes | None:
         """The whole body, if it has all come in and is still held (not taken)."""
@@ -713,18 +753,30 @@ class App:
     # -- after the response ----------------------------------------------------------
 
     def completed(self, exchange: Exchange) -> None:
-        """Count, journal, log and record one finished exchange."""
+        """
+        Count, journal, log and record one finished exchange: at once, or once
+        its request's body is over (L{BodyStream.over}) if it still comes.
+        """
         if exchange.shaped:
             shaper = getattr(exchange.connection_transport(), "shaper", None)
             if shaper is not None:
                 shaper.release()
+        # From the request's head parsed to its response's last byte handed to the transport.
+        duration_ms = round((self.clock.seconds() - exchange.started) * 1000, 3)
+        body = exchange.body
+        if body.over:
+            self._journal(exchange, duration_ms)
+        else:
+            # Answered before its body was all in: the record shows the body as
+            # the client sent it, so it (and the event) waits for the body's end.
+            body.when_over(lambda: self._journal(exchange, duration_ms))
+
+    def _journal(self, exchange: Exchange, duration_ms: float) -> None:
         stats = self.stats
         stats.count("requests")
         if exchange.status >= 500:
             stats.errors += 1
         target = exchange.target
-        # From the request's head parsed to its response's last byte handed to the transport.
-        duration_ms = round((self.clock.seconds() - exchange.started) * 1000, 3)
         self.emit(
             "http.request",
             method=exchange.method,
@@ -776,6 +828,7 @@ class App:
                     "body": body.decode("utf-8", "replace"),
                     "body_size": exchange.body.size,
                     "body_truncated": exchange.body.size > len(body),
+                    **({"body_cut": True} if exchange.body.cut_short else {}),
                     "status": exchange.status,
                     "duration_ms": duration_ms,
                     "route": exchange.route,

@@ -8,6 +8,7 @@ L{netd.services.http.wire.HTTPConnection}.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Any
 
 import h2.errors
@@ -68,6 +69,8 @@ class LimitedH2Connection(H2Connection):
 
     app: App
     client: str
+    # Seconds a stream answered before its body was all in waits for each byte of the rest.
+    body_timeout: float
     lost = False
 
     def remainingOutboundWindow(self, streamID: int) -> int:
@@ -122,12 +125,22 @@ class LimitedH2Connection(H2Connection):
         self._refuse_if_too_large(event.stream_id)
 
     def _requestEnded(self, event: Any) -> None:
-        if event.stream_id in self.streams:  # not refused earlier in this batch
-            super()._requestEnded(event)
+        stream = self.streams.get(event.stream_id)
+        if stream is None:  # refused earlier in this batch
+            return
+        super()._requestEnded(event)
+        request = h2_stream_request(stream)
+        if isinstance(request, _H2Request) and request.draining:
+            self._requestDone(event.stream_id)  # its body is in: nothing more to wait for
 
     def _requestAborted(self, event: Any) -> None:
-        if event.stream_id in self.streams:
-            super()._requestAborted(event)
+        stream = self.streams.get(event.stream_id)
+        if stream is None:
+            return
+        request = h2_stream_request(stream)
+        if isinstance(request, _H2Request):
+            request.discarding = True  # reset by the client: no more of its body comes
+        super()._requestAborted(event)
 
     def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
         # Its streams are done with it: nothing is reset or given back then.
@@ -137,17 +150,49 @@ class LimitedH2Connection(H2Connection):
     def _requestDone(self, streamID: int) -> None:
         stream = self.streams[streamID]
         request = h2_stream_request(stream)
-        if isinstance(request, _H2Request) and not request.body.ended and not self.lost:
-            # Answered (or gone) before its body was all in: RFC 9113 8.1, the
-            # client may stop sending (NO_ERROR).  What the stream held back
-            # while paused is dropped and given back to the connection's
-            # window, or every such stream would shrink it for good.
-            request.discarding = True
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.conn.reset_stream(streamID)
-            if not stream.producing:
-                stream.resumeProducing()
+        if not isinstance(request, _H2Request):
+            super()._requestDone(streamID)
+            return
+        if request.drain_timer is not None and request.drain_timer.active():
+            request.drain_timer.cancel()
+        body = request.body
+        if not body.ended:
+            if request.finished and not (
+                body.over or body.taken or request.discarding or self.lost
+            ):
+                self._drain(streamID, request)
+                return
+            if not self.lost:
+                # Gone, or its body stopped coming: RFC 9113 8.1, the client may
+                # stop sending (NO_ERROR).  What the stream held back while
+                # paused is dropped and given back to the connection's window,
+                # or every such stream would shrink it for good.
+                request.discarding = True
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.conn.reset_stream(streamID)
+                if not stream.producing:
+                    stream.resumeProducing()
+            body.cut()  # what came of it is recorded
         super()._requestDone(streamID)
+
+    def _drain(self, streamID: int, request: _H2Request, size: int = -1) -> None:
+        """
+        Answered before its body was all in: the stream stays open for the
+        rest, which the record keeps, as HTTP/1.1 reads it on, until the client
+        ends or resets it, or a L{body_timeout} brings none of it (looked at
+        once a L{body_timeout}: cut between one and two after its last byte).
+        """
+        if not request.draining:
+            request.draining = True
+            self.priority.block(streamID)  # its response is all sent
+        elif request.body.size == size:
+            request.discarding = True
+            self._requestDone(streamID)
+            self._tryToWriteControlData()
+            return
+        request.drain_timer = self.callLater(
+            self.body_timeout, partial(self._drain, streamID, request, request.body.size)
+        )
 
     def _refuse_if_too_large(self, streamID: int) -> None:
         stream = self.streams.get(streamID)
@@ -201,6 +246,9 @@ class _H2Request(server.Request):
     received = 0
     # Answered or refused before its body was all in: the rest is dropped.
     discarding = False
+    # Answered before its body was all in, the stream kept open for the rest (for the record).
+    draining = False
+    drain_timer: Any = None
     dispatched = False
     connection_transport: Any = None
     # An extended CONNECT's :protocol (RFC 8441): b"websocket".
@@ -218,7 +266,7 @@ class _H2Request(server.Request):
         super().gotLength(0)  # content stays an empty buffer, never a temporary file
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self.discarding or self.finished:
+        if self.discarding:
             return
         self.received += len(data)
         # A WebSocket's frames are bounded by message, not as one body.

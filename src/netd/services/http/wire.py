@@ -360,6 +360,8 @@ class HTTPConnection(Protocol):
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None
+        if self.receiving is not None:
+            self.receiving.body.cut()  # what came of it is recorded
         exchanges = [self.current, *self.queue]
         # Nobody is left to answer: queued requests are never dispatched, and
         # whatever still answers the current one (the proxy's failure path
@@ -662,6 +664,7 @@ class HTTPConnection(Protocol):
         h2.requestFactory = site.requestFactory
         h2.factory = site
         h2.timeOut = self.limits.keepalive_timeout
+        h2.body_timeout = self.limits.body_timeout
         h2.callLater = self.clock.callLater
         self.arm(None)
         self.h2 = h2
