@@ -11,6 +11,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,6 +105,16 @@ def test_curl_data_to_a_canned_route_is_recorded(netd: NetdProcess) -> None:
     subprocess.run([CURL, "-sS", "-o", "/dev/null", "-d", "hello-body", url], check=True)
     record = recorded(netd, "/health?curl")
     assert (record["method"], record["body"], record["body_size"]) == ("POST", "hello-body", 10)
+
+
+def test_a_large_body_on_a_closing_connection_is_recorded_whole(netd: NetdProcess) -> None:
+    body = b"z" * 300_000  # many reads: the connection closes only after the last
+    url = netd.url("web", tls=False, path="/health?closing")
+    with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as answer:
+        assert (answer.headers["Connection"], answer.read()) == ("close", b"ok\n")
+    record = recorded(netd, "/health?closing")
+    assert (record["body_size"], record["body_truncated"]) == (300_000, True)
+    assert "body_cut" not in record
 
 
 def test_a_body_over_record_body_is_kept_up_to_it_with_its_true_size(netd: NetdProcess) -> None:

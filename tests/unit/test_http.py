@@ -436,6 +436,24 @@ def test_a_body_still_coming_after_its_answer_is_recorded_at_its_end(root: Path)
     assert (cut["body"], cut["body_size"], cut["body_cut"]) == ("c" * 10, 10, True)
 
 
+def test_a_last_request_s_body_is_read_to_its_end_before_the_close(root: Path) -> None:
+    app = make_app(root)
+    wire = Wire(app, Limits(body_timeout=5))
+    head = b"POST /missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 150\r\n\r\n"
+    answered = wire.send(head + b"a" * 50)
+    assert answered.startswith(b"HTTP/1.1 405 ") and b"Connection: close" in answered
+    assert not wire.closed and not app.list_requests({})
+    wire.send(b"b" * 100 + b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert wire.closed and wire.take() == b""  # nothing answered after the last response
+    [record] = app.list_requests({})
+    assert (record["body_size"], record["body"]) == (150, "a" * 50 + "b" * 50)
+    # A body that stops coming: closed after body_timeout, recorded as far as it came.
+    stalled = Wire(app, Limits(header_timeout=1, body_timeout=5))
+    stalled.send(head + b"c" * 10)
+    stalled.protocol.clock.advance(5)
+    assert stalled.closed and stalled.take() == b""  # no 408 after its answer
+
+
 def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:
     app = make_app(root)
     with_h2 = factory_for(app, Limits(), tls=True, http2=True)

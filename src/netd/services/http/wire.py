@@ -260,6 +260,8 @@ class HTTPConnection(Protocol):
         self.url = b""
         self.fields: Headers = []
         self.closing = False
+        # Closing after the last response, once the body still coming with its request is in.
+        self.body_then_close = False
         self.paused = False
         self.deadline: float | None = None
         self.timer: Any = None
@@ -298,7 +300,7 @@ class HTTPConnection(Protocol):
         if self.held is not None:
             self.held += data  # reading is paused: at most what was in flight
             return
-        if self.closing:
+        if self.closing and not self.body_then_close:
             return
         receiving = self.receiving
         if self.in_head or receiving is None:
@@ -411,6 +413,7 @@ class HTTPConnection(Protocol):
     def reject(self, status: int) -> None:
         """Bad input: one error response, then close without reading further."""
         self.closing = True
+        self.body_then_close = False
         self.early = None  # the error answers it
         self.queue.clear()
         receiving = self.receiving
@@ -451,7 +454,7 @@ class HTTPConnection(Protocol):
 
     def expire(self) -> None:
         self.timer = None
-        if self.deadline is None or self.closing:
+        if self.deadline is None or (self.closing and not self.body_then_close):
             return
         left = self.deadline - self.clock.seconds()
         if left > 0:
@@ -582,7 +585,10 @@ class HTTPConnection(Protocol):
             if exchange is self.early:
                 self.early = None
                 self.dispatch(exchange)
-        if self.current is None and not self.queue:
+        if self.body_then_close:
+            self.body_then_close = False
+            self.transport.loseConnection()
+        elif self.current is None and not self.queue:
             self.arm(self.limits.keepalive_timeout)
         else:
             self.deadline = None
@@ -615,7 +621,13 @@ class HTTPConnection(Protocol):
         if not exchange.keep_alive:
             self.closing = True
             self.queue.clear()
-            self.transport.loseConnection()
+            if exchange.body.over:
+                self.transport.loseConnection()
+            else:
+                # Its body still comes: read to its end (the record keeps it, and
+                # a client still sending would be reset before reading its answer).
+                self.body_then_close = True
+                self.resume_reading()
             return
         if self.queue:
             self._dispatch_queued()
