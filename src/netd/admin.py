@@ -315,12 +315,12 @@ class AdminResource(Resource):
     def _dispatch(self, request: Request) -> bytes | int:
         method = (request.method or b"GET").decode("latin-1")
         parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
-        self._refuse_other_sites(request, method)
-        if parts == ["healthz"]:
+        if parts == ["healthz"]:  # says nothing but "ok", to any monitor under any name
             _allow(method, "GET", "HEAD")
             if not self.daemon.ready:
                 return _text(request, "starting\n", 503)
             return _text(request, "ok\n")
+        self._refuse_other_sites(request, method)
         site = getattr(request, "site", None)  # one made without a site (DummyRequest) has none
         if isinstance(site, _AdminSite) and site.toxiproxy_only:
             root = admin_root(parts[0]) if parts else None

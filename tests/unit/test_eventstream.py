@@ -27,7 +27,7 @@ def frames(answer: bytes) -> list[dict[str, Any]]:
 
 def open_stream(client: Client, target: bytes, *headers: bytes) -> bytes:
     head = b"".join(h + b"\r\n" for h in headers)
-    client.send(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+    client.send(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n" + head + b"\r\n")
     client.clock.advance(0)
     return client.answer()
 
@@ -145,7 +145,7 @@ def test_a_half_closed_client_ends_its_stream_and_a_hang_up_unsubscribes() -> No
 
 def test_head_of_the_stream_is_its_headers() -> None:
     client = Client()
-    client.send(b"HEAD /api/events/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+    client.send(b"HEAD /api/events/stream HTTP/1.1\r\nHost: localhost\r\n\r\n")
     headers, body = headers_and_body(client.answer())
     assert headers[b"content-type"].startswith(b"text/event-stream")
     assert body == b"" and client.daemon.journal._listeners == []
