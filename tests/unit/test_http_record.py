@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import yaml
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from netd.services.http.app import App, Headers
@@ -68,6 +70,40 @@ def test_recording_goes_on_after_a_restart(tmp_path: Path) -> None:
     app = replay(tmp_path)
     assert ask(app, "/a").data == b"\xff first"
     assert ask(app, "/c").data == b"\xff third"
+
+
+def test_a_recording_is_read_back_in_a_thread_and_what_ends_meanwhile_waits(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "rec.yaml")
+    record(Recorder(path, secrets=False), "/a", b"\xff first")  # body file 1.bin
+    work: list[tuple[Any, ...]] = []
+    reading: Deferred[Any] = Deferred()
+
+    def in_thread(function: Any, *args: Any) -> Deferred[Any]:
+        work.append((function, *args))
+        return reading
+
+    again = Recorder(path, secrets=False, in_thread=in_thread)
+    record(again, "/a", b"\xff changed")  # before the read-back: it waits
+    record(again, "/b", b"\xff second")
+    assert len(yaml.safe_load((tmp_path / "rec.yaml").read_text())) == 1
+    function, *args = work[0]
+    reading.callback(function(*args))  # as the thread's answer comes back
+    routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
+    assert [r["path"] for r in routes] == ["/a", "/b"]  # /a was known: not written again
+    assert routes[1]["body_file"].endswith("/2.bin")
+
+
+def test_a_body_file_is_never_written_over(tmp_path: Path) -> None:
+    """A service still draining after a reload may take the next number first."""
+    path = str(tmp_path / "rec.yaml")
+    draining, serving = Recorder(path, secrets=False), Recorder(path, secrets=False)
+    record(draining, "/old", b"\xff old")
+    record(serving, "/new", b"\xff new")
+    app = replay(tmp_path)
+    assert ask(app, "/old").data == b"\xff old"
+    assert ask(app, "/new").data == b"\xff new"
 
 
 def test_repeated_headers_are_recorded_and_replayed_as_they_came(tmp_path: Path) -> None:

@@ -321,6 +321,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         proxy=proxy,
         rules=context.rules,
         namespaces=context.namespaces,
+        in_thread=context.in_thread,
     )
 
     def stream(listener: ListenerConfig) -> Any:

@@ -30,7 +30,7 @@ from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
-from netd.services.http.record import Recorder
+from netd.services.http.record import InThread, Recorder
 from netd.services.http.stubs import Stub, Stubs, explain, near_miss
 from netd.services.http.websocket import Script, serve
 
@@ -506,6 +506,7 @@ class App:
         proxy: Callable[[Exchange, Route, str], None] | None,
         rules: RuleSet | None = None,
         namespaces: Namespacing = NO_NAMESPACES,
+        in_thread: InThread | None = None,
     ) -> None:
         self.namespaces = namespaces
         self.clock = clock
@@ -533,7 +534,7 @@ class App:
         # Requests each route answered, by id: a stub's sequence and counter, the routes view.
         self.matched: dict[str, int] = {}
         self.recorders = {
-            r.id: Recorder(r.record_to, r.record_secrets) for r in routes if r.record_to
+            r.id: Recorder(r.record_to, r.record_secrets, in_thread) for r in routes if r.record_to
         }
 
     # -- the admin view ------------------------------------------------------------

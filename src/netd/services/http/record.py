@@ -22,18 +22,24 @@ first answer is the one replayed, also across restarts.
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
+from twisted.internet.defer import Deferred
 
 from netd.services.http.match import query_values
 
 if TYPE_CHECKING:
     from netd.services.http.app import Exchange, Headers
 
-__all__ = ["INLINE", "Recorder", "Recording"]
+# What runs blocking work off the reactor thread (BuildContext.in_thread).
+InThread = Callable[..., "Deferred[Any]"]
+
+__all__ = ["INLINE", "InThread", "Recorder", "Recording"]
 
 # Bodies up to this size that are UTF-8 text are written in the YAML itself.
 INLINE = 64 * 1024
@@ -56,13 +62,27 @@ class Recorder:
     numbered after the last one there.
     """
 
-    def __init__(self, path: str, secrets: bool) -> None:
+    def __init__(self, path: str, secrets: bool, in_thread: InThread | None = None) -> None:
         self.path = Path(path)
         self.bodies = self.path.with_name(self.path.name + ".bodies")
         self.secrets = secrets
-        self.seen = {_request_key(route) for route in _recorded(self.path)}
-        numbers = [int(p.stem) for p in self.bodies.glob("*.bin") if p.stem.isdigit()]
-        self.count = max(numbers, default=0)
+        self.seen: set[str] = set()
+        self.count = 0
+        # Exchanges that ended while the recording was read back: written after it.
+        self._waiting: list[tuple[Exchange, int, Headers, bytes]] | None = []
+        if in_thread is None:
+            self._read_back(_read_back(self.path, self.bodies))
+        else:
+            # A recording grows without end (20,000 exchanges are 9 s of YAML):
+            # read back in a thread, not on the reactor a reload runs on.
+            in_thread(_read_back, self.path, self.bodies).addBoth(self._read_back)
+
+    def _read_back(self, outcome: Any) -> None:
+        if isinstance(outcome, tuple):  # else a failure: go on from nothing known
+            self.seen, self.count = outcome
+        waiting, self._waiting = self._waiting or [], None
+        for exchange, status, headers, body in waiting:
+            self.write(exchange, status, headers, body)
 
     def wrap(self, exchange: Exchange) -> Exchange:
         """The exchange as the proxy should see it: its answer is recorded on the way out."""
@@ -71,6 +91,9 @@ class Recorder:
         return wrapped
 
     def write(self, exchange: Exchange, status: int, headers: Headers, body: bytes) -> None:
+        if self._waiting is not None:
+            self._waiting.append((exchange, status, headers, body))
+            return
         # Exactly the path, as WireMock's recorder writes urlEqualTo: a plain
         # path ending in / would be a prefix, one with * ? [ a glob.
         path: Any = exchange.path
@@ -109,13 +132,34 @@ class Recorder:
         if text is not None:
             route["body"] = text
         else:
-            self.bodies.mkdir(exist_ok=True)
-            file_name = f"{self.count}.bin"
-            (self.bodies / file_name).write_bytes(body)
-            route["body_file"] = f"{self.bodies.name}/{file_name}"
+            route["body_file"] = f"{self.bodies.name}/{self._new_body_file(body)}"
         # One small append per exchange to a local file, as the access log writes.
         with self.path.open("a", encoding="utf-8") as file:
             file.write(yaml.safe_dump([route], allow_unicode=True, sort_keys=False))
+
+    def _new_body_file(self, body: bytes) -> str:
+        """
+        C{body} in the next numbered file; never over another's (a service this
+        one replaced, still draining, may have taken a number meanwhile).
+        """
+        self.bodies.mkdir(exist_ok=True)
+        while True:
+            name = f"{self.count}.bin"
+            try:
+                descriptor = os.open(self.bodies / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                self.count += 1
+                continue
+            with os.fdopen(descriptor, "wb") as file:
+                file.write(body)
+            return name
+
+
+def _read_back(path: Path, bodies: Path) -> tuple[set[str], int]:
+    """The requests a recording holds already, and the last body file's number."""
+    seen = {_request_key(route) for route in _recorded(path)}
+    numbers = [int(p.stem) for p in bodies.glob("*.bin") if p.stem.isdigit()]
+    return seen, max(numbers, default=0)
 
 
 def _request_key(route: Any) -> str:
@@ -127,8 +171,11 @@ def _request_key(route: Any) -> str:
 
 def _recorded(path: Path) -> list[Any]:
     """The routes a recording holds already (none if it is missing or unreadable)."""
+    # libyaml's loader where PyYAML has it (netd keeps it out of most daemons):
+    # ten times faster on a large recording.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        routes = yaml.safe_load(path.read_text(encoding="utf-8"))
+        routes = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
     return routes if isinstance(routes, list) else []
