@@ -86,6 +86,7 @@ def make(
     configured: list[tuple[bytes, int, int, bytes]] = MAP,
     carried: dict[str, Any] | None = None,
     saver: Saver | None = None,
+    negative_ttl: int = 30,
 ) -> tuple[Records, list[dict[str, Any]], list[LocalData]]:
     events: list[dict[str, Any]] = []
     built: list[LocalData] = []
@@ -93,7 +94,9 @@ def make(
     def emit(type: str, **fields: Any) -> None:
         events.append({"type": type, **fields})
 
-    records = Records(configured, 30, {} if carried is None else carried, built.append, emit, saver)
+    records = Records(
+        configured, negative_ttl, {} if carried is None else carried, built.append, emit, saver
+    )
     return records, events, built
 
 
@@ -271,6 +274,26 @@ def test_saver_writes_one_at_a_time_and_only_the_newest(tmp_path: Path) -> None:
     # A new start reads the file back.
     again, _, _ = make(saver=Saver(path, thread, Logger()))
     assert again.get(WWW, dns.A) == a("10.0.0.4") and serial(again) == 10
+
+
+def test_a_persisted_made_up_zone_goes_with_its_last_records_under_another_negative_ttl(
+    tmp_path: Path,
+) -> None:
+    thread = FakeThread()
+    path = tmp_path / "live.json"
+    records, _, _ = make(saver=Saver(path, thread, Logger()), negative_ttl=300)
+    other = name_to_wire("x.sub.other.test")
+    records.commit([((other, dns.A), a("192.0.2.9"))], "admin")
+    thread.finish()
+    # Restarted with another cache.negative_ttl: the persisted SOA's MINIMUM is the old one.
+    again, _, _ = make(saver=Saver(path, thread, Logger()), negative_ttl=120)
+    soa = again.get(other, dns.SOA)
+    assert soa is not None and soa[1][0][-4:] == (300).to_bytes(4, "big")
+    view = records_view(again, 60)
+    assert view.remove is not None
+    view.remove("x.sub.other.test/A")
+    assert not again.local.is_local(other)  # forwarded again, not NODATA for good
+    assert view.remove("x.sub.other.test/SOA") is None
 
 
 def test_the_view_refuses_bad_writes_with_paths() -> None:

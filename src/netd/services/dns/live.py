@@ -196,7 +196,7 @@ class Records:
         node = local.sets.get(zone, {})
         if zone in self.written_soas or set(node) != {names.SOA}:
             return False
-        if _with_serial(node[names.SOA][1][0], 1) != made_up_soa(zone, self.negative_ttl):
+        if not _made_up(zone, node[names.SOA][1][0]):
             return False  # PUT by someone: the zone they asked for stays
         return not any(owner != zone and local.zone_of(owner) == zone for owner in local.sets)
 
@@ -272,6 +272,16 @@ def _next_serial(soa: bytes) -> int:
 
 def _with_serial(soa: bytes, serial: int) -> bytes:
     return soa[:-20] + serial.to_bytes(4, "big") + soa[-16:]
+
+
+def _made_up(zone: bytes, soa: bytes) -> bool:
+    """
+    Whether C{soa} is L{made_up_soa}'s for C{zone}, whatever its serial and
+    its MINIMUM: a persist file keeps the negative_ttl netd had when it made
+    the SOA up, and a restart may give another.
+    """
+    made = made_up_soa(zone, 0)
+    return soa[:-20] == made[:-20] and soa[-16:-4] == made[-16:-4]
 
 
 def _sets(local: LocalData) -> Iterator[tuple[Key, RecordSet]]:
