@@ -499,6 +499,24 @@ def test_braces_outside_a_place_are_text(tmp_path: Path) -> None:
     assert json.loads(ask(app, "/escaped").data) == {"text": "{{request.method}} is GET"}
 
 
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        (r"a \{{ b", "a {{ b"),
+        (r"a \{{ b }}", "a {{ b }}"),
+        (r"\{{ {{request.method}}", "{{ GET"),
+        (r"\{{{request.method}}}", "{{{request.method}}}"),
+        (r"\\{{request.method}}", "\\GET"),
+        (r"\\\{{request.method}}", "\\\\GET"),
+        (r"a\b {{request.method}}", "a\\b GET"),
+    ],
+)
+def test_backslash_escapes_as_in_handlebars(tmp_path: Path, body: str, answer: str) -> None:
+    """\\{{ is the text {{ with or without a }} after it; \\\\{{ a backslash before a place."""
+    app = app_for(tmp_path, f"      - {{path: /t, template: true, body: '{body}'}}\n")
+    assert ask(app, "/t").data.decode() == answer
+
+
 def test_json_in_and_out_is_json_only(tmp_path: Path) -> None:
     """RFC 8259 has no NaN or Infinity: a request holding them is not JSON, nor is a map's."""
     app = app_for(

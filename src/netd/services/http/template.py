@@ -4,7 +4,8 @@ Answers built from the request: a small substitution language, nothing more.
     body: "hello {{request.query.name | 'stranger'}}, you are visitor {{counter}}"
 
 A template is text with C{{{REF}}} or C{{{REF | 'default'}}} in it (C{\\{{} for the
-text C{{{}; a C{}}} outside a place is text), where REF is one
+text C{{{}, C{\\\\{{} for a backslash before a place; a C{}}} outside a place is
+text), where REF is one
 of a fixed list of names (L{NAMES}): parts of the request, a counter, the time, a
 UUID.  Templates are parsed when the route is read, and a REF outside that list
 is an error then, not at request time.  Rendering looks names up in a table of
@@ -50,7 +51,7 @@ NAMES = (
 )
 
 _MISSING = object()
-_PLACE = re.compile(r"(\\?)\{\{(.*?)\}\}", re.S)
+_OPEN = re.compile(r"(\\*)\{\{")
 _REF = re.compile(r"[a-z]+(?:\.[A-Za-z0-9_\-]+)*\Z")
 _DEFAULT = re.compile(r"""\s*\|\s*(?:'([^']*)'|"([^"]*)")\s*\Z""")
 # Bytes a template may make, whatever the request holds: a JSON field a megabyte
@@ -184,14 +185,20 @@ class Template:
         self.source = source
         self.parts: list[str | _Place] = []
         last = 0
-        for found in _PLACE.finditer(source):
-            self._literal(source[last : found.start()])
-            if found.group(1):
-                # Handlebars' escape: \{{...}} is that text, its braces kept.
-                self.parts.append(found.group(0)[1:])
-            else:
-                self.parts.append(_place(found.group(2)))
-            last = found.end()
+        # As in Handlebars: \{{ is the text {{ (and what follows it is text up
+        # to the next {{), while \\{{ is a backslash before a place.
+        while (found := _OPEN.search(source, last)) is not None:
+            backslashes = found.group(1)
+            if len(backslashes) == 1:
+                self._literal(source[last : found.start()] + "{{")
+                last = found.end()
+                continue
+            self._literal(source[last : found.start()] + backslashes[:-1])
+            close = source.find("}}", found.end())
+            if close < 0:
+                raise TemplateError("an unclosed {{ (\\{{ for the text {{)")
+            self.parts.append(_place(source[found.end() : close]))
+            last = close + 2
         self._literal(source[last:])
 
     @classmethod
@@ -204,9 +211,9 @@ class Template:
 
     def _literal(self, text: str) -> None:
         # A }} outside a place is text (nested JSON ends so), as in Handlebars.
-        if "{{" in text:
-            raise TemplateError("an unclosed {{ (\\{{ for the text {{)")
-        if text:
+        if text and self.parts and isinstance(self.parts[-1], str):
+            self.parts[-1] += text
+        elif text:
             self.parts.append(text)
 
     @property
