@@ -689,6 +689,10 @@ def test_openapi_files_are_checked_when_read(tmp_path: Path) -> None:
         assert "services.web.openapi: " in found and message in found
 
 
+def unique(items: dict[str, Any], count: int = 3) -> dict[str, Any]:
+    return {"type": "array", "minItems": count, "uniqueItems": True, "items": items}
+
+
 def test_bodies_built_to_fit_a_schema() -> None:
     from netd.services.http.openapi import minimal
 
@@ -740,6 +744,31 @@ def test_bodies_built_to_fit_a_schema() -> None:
         {"type": "array", "minItems": 2, "uniqueItems": True, "items": {"enum": ["a", "b"]}},
         {"type": "array", "minItems": 2, "uniqueItems": True, "items": {"type": "boolean"}},
         {"type": "string", "format": "email", "maxLength": 6},
+        {"type": "number", "minimum": 0.3, "multipleOf": 0.1},
+        {"type": "number", "minimum": 0.7, "multipleOf": 0.1},
+        {"type": "number", "exclusiveMinimum": 1.1, "multipleOf": 0.01},
+        {"type": "integer", "minimum": 1, "multipleOf": 0.3},
+        {"type": "number", "minimum": 2, "exclusiveMinimum": 0.5},
+        {"type": "integer", "exclusiveMaximum": -5},
+        unique({"type": "object"}),
+        unique({"type": "array"}),
+        unique({"type": "array", "minItems": 2, "uniqueItems": True, "items": {"type": "integer"}}),
+        unique({"type": "string", "minLength": 1, "maxLength": 1}, 12),
+        unique({"type": "integer", "maximum": 1}),
+        unique({"type": "integer", "exclusiveMaximum": -5}),
+        unique({"type": "number", "minimum": 0.1, "multipleOf": 0.1}, 8),
+        unique({"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.25}, 5),
+        unique(
+            {
+                "type": "object",
+                "required": ["on"],
+                "properties": {"on": {"type": "boolean"}, "n": {"enum": [1, 2]}},
+                "additionalProperties": False,
+            },
+            4,
+        ),
+        unique({"allOf": [{"type": "object", "required": ["a"]}, {"maxProperties": 1}]}),
+        unique({}),
     ],
 )
 def test_bodies_built_to_fit_a_schema_keep_its_counts_and_steps(schema: dict[str, Any]) -> None:
@@ -748,6 +777,40 @@ def test_bodies_built_to_fit_a_schema_keep_its_counts_and_steps(schema: dict[str
     from netd.services.http.openapi import minimal
 
     jsonschema.Draft202012Validator(schema).validate(minimal({}, schema))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        unique({"type": "integer", "minimum": 0, "maximum": 1}),
+        unique({"type": "number", "minimum": 0, "exclusiveMaximum": 0.5, "multipleOf": 0.25}),
+        unique({"type": "boolean"}),
+        unique({"enum": ["a", "b"]}),
+        unique({"type": "string", "maxLength": 0}, 2),
+        unique({"type": "object", "additionalProperties": False}, 2),
+        unique({"type": "null"}, 2),
+        {"type": "integer", "minimum": 5, "maximum": 1},
+    ],
+)
+def test_a_schema_no_body_fits_is_said_when_read(tmp_path: Path, schema: dict[str, Any]) -> None:
+    from netd.services.http.openapi import OpenAPIError, minimal
+
+    with pytest.raises(OpenAPIError, match="no body fits the schema"):
+        minimal({}, schema)
+    media = {"application/json": {"schema": schema}}
+    (tmp_path / "api.json").write_text(
+        json.dumps(
+            {
+                "openapi": "3.1.0",
+                "info": {"title": "x", "version": "1"},
+                "paths": {
+                    "/a": {"get": {"responses": {"200": {"description": "", "content": media}}}}
+                },
+            }
+        )
+    )
+    found = "\n".join(WEB.errors(tmp_path, "    openapi: api.json\n"))
+    assert "GET /a: no body fits the schema" in found
 
 
 @pytest.mark.parametrize(

@@ -5,20 +5,25 @@ Each operation (3.0 or 3.1, YAML or JSON) becomes a route for its method and pat
 template under the first server's path; it answers the operation's first success
 response (lowest 2xx, else C{default}) with the spec's example (the media type's
 C{example}, its first C{examples} entry, the schema's C{example}) or else a small
-body built to fit the schema; and it refuses, with 400 and the reason, a request the
-spec does not allow (parameters, body).  openapi-core reads and checks the file
-and validates requests (C{pip install 'netd[openapi]'}); it is imported only when a
-map names a file, as it brings werkzeug and jsonschema along.
+body built to fit the schema (a schema no body fits, such as three different
+integers from 0 to 1, is an error when the file is read); and it refuses, with
+400 and the reason, a request the spec does not allow (parameters, body).
+openapi-core reads and checks the file and validates requests (C{pip install
+'netd[openapi]'}); it is imported only when a map names a file, as it brings
+werkzeug and jsonschema along.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import urllib.parse
+from collections.abc import Iterable, Iterator
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import attrs
 import yaml
@@ -38,6 +43,8 @@ _METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 _PARAMETER = re.compile(r"\{([^}/]+)\}")
 # Nested $refs followed when a body is built from a schema; deeper is left empty.
 _DEPTH = 12
+# Numbers in a row that do not fit a schema before its values are taken to have run out.
+_TRIES = 1000
 
 
 class OpenAPIError(ValueError):
@@ -83,7 +90,7 @@ def operations(path: Path) -> list[Operation]:
                 continue
             try:
                 found.append(_operation(api, spec, base, template, method, operation))
-            except TemplateError as e:  # an example JSON cannot say (NaN, say)
+            except (TemplateError, OpenAPIError) as e:  # JSON cannot say it (NaN), no body fits
                 raise OpenAPIError(f"{path}: {method.upper()} {template}: {e}") from None
     # A fixed path before a template that would also match it (/pets/mine, /pets/{id}).
     found.sort(key=lambda o: o.parameters)
@@ -213,19 +220,11 @@ def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
         count = int(schema.get("minItems", 0))
         item = minimal(spec, schema.get("items", {}), depth + 1)
         if schema.get("uniqueItems") and count > 1:
-            return _distinct(spec, schema.get("items", {}), item, count)
+            items = schema.get("items", {})
+            return _take(_variants(spec, items, item, depth + 1), count, _resolve(spec, items))
         return [item] * count
     if kind in ("integer", "number"):
-        low = schema.get("minimum", 0)
-        exclusive = schema.get("exclusiveMinimum")
-        if isinstance(exclusive, (int, float)) and not isinstance(exclusive, bool):
-            low = exclusive + 1
-        elif exclusive is True:
-            low += 1
-        step = schema.get("multipleOf")
-        if _is_number(step) and step > 0:
-            low = math.ceil(low / step) * step
-        return math.ceil(low) if kind == "integer" else low
+        return _take(_numbers(schema, kind == "integer"), 1, schema)[0]
     if kind == "boolean":
         return False
     if kind == "string":
@@ -233,27 +232,163 @@ def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
     return None
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _distinct(spec: dict[str, Any], schema: Any, first: Any, count: int) -> list[Any]:
-    """
-    C{count} different values of C{schema} from C{first} (C{uniqueItems}): its
-    enum's values, numbers counting up by C{multipleOf}, strings with a number
-    added; other kinds repeat C{first}.
-    """
+def _take(values: Iterable[Any], count: int, schema: Any) -> list[Any]:
+    """C{count} different ones of C{values}; an error naming C{schema} if it has fewer."""
+    found: list[Any] = []
+    for value in values:
+        if value not in found:
+            found.append(value)
+            if len(found) == count:
+                return found
+    raise OpenAPIError(
+        f"no body fits the schema: {count} different values of {json.dumps(schema)} cannot be"
+        " made (give the response an example)"
+    )
+
+
+def _variants(spec: dict[str, Any], schema: Any, first: Any, depth: int) -> Iterator[Any]:
+    """Values of C{schema}, C{first} first, for C{uniqueItems} to take different ones from."""
     schema = _resolve(spec, schema)
+    yield first
+    if depth > _DEPTH or "const" in schema:
+        return
     if schema.get("enum"):
-        return list(schema["enum"][:count])
-    if isinstance(first, bool):
-        return [first, not first][:count]
-    if _is_number(first):
-        step = schema.get("multipleOf")
-        return [first + i * (step if _is_number(step) else 1) for i in range(count)]
-    if isinstance(first, str):
-        return [first] + [f"{first}{i}" for i in range(1, count)]
-    return [first] * count
+        yield from schema["enum"]
+        return
+    for key in ("oneOf", "anyOf"):
+        if schema.get(key):
+            yield from _variants(spec, schema[key][0], first, depth + 1)
+            return
+    if schema.get("allOf") and isinstance(first, dict):
+        parts = [_resolve(spec, part) for part in schema["allOf"]]
+        properties = {k: v for part in parts for k, v in (part.get("properties") or {}).items()}
+        required = [name for part in parts for name in part.get("required") or []]
+        closed = any(part.get("additionalProperties") is False for part in parts)
+        schema = {
+            "properties": properties,
+            "required": required,
+            "additionalProperties": not closed,
+        }
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "boolean":
+        yield from (False, True)
+    elif kind in ("integer", "number", None) and not isinstance(first, dict):
+        yield from _numbers(schema, kind == "integer")
+    elif kind == "string" and isinstance(first, str):
+        yield from _strings(schema, first)
+    elif kind == "array" and isinstance(first, list):
+        yield from _arrays(spec, schema, len(first), depth)
+    elif isinstance(first, dict):
+        yield from _objects(spec, schema, first, depth)
+
+
+def _numbers(schema: dict[str, Any], integer: bool) -> Iterator[int | float]:
+    """
+    The values of a number schema from its lower bound (or 0) up, then down
+    from there where it has none: each a multiple of C{multipleOf} in the
+    schema's own decimals, and as jsonschema checks one too (in floats, 0.3 /
+    0.1 is not whole).
+    """
+
+    def bounds(name: str) -> list[tuple[Decimal, bool]]:
+        """A bound and whether it is open: 3.1's exclusiveMinimum: N, 3.0's: true."""
+        value, exclusive = schema.get(name), schema.get("exclusive" + name.title())
+        found = [(Decimal(str(value)), exclusive is True)] if _is_number(value) else []
+        return found + ([(Decimal(str(exclusive)), True)] if _is_number(exclusive) else [])
+
+    low, low_open = max(bounds("minimum"), default=(None, False))
+    high, high_open = min(bounds("maximum"), key=lambda b: (b[0], not b[1]), default=(None, False))
+    given = schema.get("multipleOf")
+    step: int | float | None = given if _is_number(given) and given > 0 else None
+    unit = Decimal(str(step)) if step is not None else Decimal(1)
+    start = low if low is not None else min(Decimal(0), high if high is not None else Decimal(0))
+    if step is not None or integer:
+        start = (start / unit).to_integral_value(ROUND_CEILING) * unit
+
+    def fits(value: Decimal) -> bool:
+        if low is not None and (value < low or (low_open and value == low)):
+            return False
+        if high is not None and (value > high or (high_open and value == high)):
+            return False
+        return value == value.to_integral_value() or not integer
+
+    def run(value: Decimal, direction: Decimal) -> Iterator[int | float]:
+        edge = high if direction > 0 else low
+        missed = 0
+        while missed < _TRIES and (edge is None or (value - edge) * direction <= 0):
+            whole = value == value.to_integral_value() and (integer or abs(value) < 2**53)
+            number = int(value) if whole else float(value)
+            if fits(value) and _multiple(number, step):
+                missed = 0
+                yield number
+            missed += 1
+            value += direction
+
+    yield from run(start, unit)
+    if low is None:
+        yield from run(start - unit, -unit)
+
+
+def _multiple(value: int | float, step: int | float | None) -> bool:
+    """Whether C{value} is a multiple of C{step} by jsonschema's (and ajv's) rule."""
+    if step is None:
+        return True
+    if isinstance(step, float):
+        quotient = value / step
+        return math.isfinite(quotient) and int(quotient) == quotient
+    return value % step == 0
+
+
+def _strings(schema: dict[str, Any], first: str) -> Iterator[str]:
+    """C{first} with a hexadecimal count after it, over its end where maxLength says."""
+    most = schema.get("maxLength")
+    for number in itertools.count():
+        tag = format(number, "x")
+        if not isinstance(most, int) or len(first) + len(tag) <= most:
+            yield first + tag
+        elif len(tag) <= most:
+            yield first[: most - len(tag)] + tag
+        else:
+            return
+
+
+def _arrays(spec: dict[str, Any], schema: dict[str, Any], length: int, depth: int) -> Iterator[Any]:
+    """Arrays of C{length} different items, each the last one's items shifted by one."""
+    most = schema.get("maxItems")
+    length = max(length, 1)
+    if isinstance(most, int) and most < length:
+        return
+    items = schema.get("items", {})
+    window: list[Any] = []
+    for value in _variants(spec, items, minimal(spec, items, depth + 1), depth + 1):
+        if value not in window:
+            window = [*window, value][-length:]
+            if len(window) == length:
+                yield window
+
+
+def _objects(
+    spec: dict[str, Any], schema: dict[str, Any], first: dict[str, Any], depth: int
+) -> Iterator[Any]:
+    """C{first} with one member changed, or one member more where the schema allows it."""
+    properties = schema.get("properties") or {}
+    most = schema.get("maxProperties")
+    room = not isinstance(most, int) or len(first) < most
+    for name in [*first, *(p for p in properties if p not in first and room)]:
+        member = properties.get(name, {})
+        known = first[name] if name in first else minimal(spec, member, depth + 1)
+        for value in _variants(spec, member, known, depth + 1):
+            yield {**first, name: value}
+    extra = schema.get("additionalProperties", True)
+    if room and extra is not False:
+        value = minimal(spec, extra if isinstance(extra, dict) else {}, depth + 1)
+        yield from ({**first, f"x{n}": value} for n in itertools.count() if f"x{n}" not in first)
 
 
 def _string(schema: dict[str, Any]) -> str:
