@@ -1051,9 +1051,10 @@ def test_commands_others_hear_of_spend_the_flood_allowance(tmp_path: Path) -> No
     alice = irc_user(chat, "alice")  # registering costs nothing
     bob = irc_user(chat, "bob")
     alice.send("JOIN #f", "NICK al", "TOPIC #f :t", "MODE #f +m")
-    assert alice.read()[-1] == (
-        ":chat.netd.test NOTICE al :flood: more than 3 messages in 3 s; messages dropped"
-    )
+    assert alice.read()[-2:] == [
+        ":chat.netd.test NOTICE al :flood: more than 3 messages in 3 s; messages dropped",
+        ":chat.netd.test 263 al MODE :Please wait a while and try again.",
+    ]
     chat.clock.advance(3)
     alice.send(*["INVITE bob #f"] * 5)
     assert [line.split()[1] for line in bob.read()] == ["INVITE"] * 3
@@ -1067,6 +1068,25 @@ def test_commands_others_hear_of_spend_the_flood_allowance(tmp_path: Path) -> No
         "drop",
         "disconnect",
         "drop",
+    ]
+
+
+def test_queries_a_client_sends_for_its_channels_are_free(tmp_path: Path) -> None:
+    """As irssi syncs each channel it joins: MODE #c, MODE #c b, TOPIC #c, its own MODE."""
+    chat = serve(tmp_path, "    flood: {messages: 3, per_seconds: 3}\n")
+    alice = irc_user(chat, "alice")
+    alice.send("MODE alice", "JOIN #a,#b,#c,#d,#e")
+    for name in "abcde":
+        alice.send(f"MODE #{name}", f"MODE #{name} b", f"MODE #{name} +b", f"TOPIC #{name}")
+    alice.read()
+    alice.send("JOIN #f", "TOPIC #f :set")
+    assert alice.read()[0] == ":alice!alice@192.0.2.7 JOIN #f"
+    assert chat.events("chat.flood") == []
+    # A dropped command is answered (RFC 2812 5.1), not left to hang a client waiting for it.
+    alice.send("JOIN #g")
+    assert alice.read() == [
+        ":chat.netd.test NOTICE alice :flood: more than 3 messages in 3 s; messages dropped",
+        ":chat.netd.test 263 alice JOIN :Please wait a while and try again.",
     ]
 
 

@@ -95,12 +95,25 @@ _ISUPPORT = (
     "NETWORK=netd",
 )
 # Commands that spend from the flood allowance as PRIVMSG does (RFC 2812 5.8):
-# each reaches other users, so a burst of them is a flood too.
+# each reaches other users, so a burst of them is a flood too.  Not their
+# queries (L{_charged}), which clients send for each channel they join.
 _FLOOD_CHARGED = frozenset({"NICK", "JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
 # Commands a client may send before it has registered.
 _BEFORE_REGISTRATION = frozenset(
     {"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"}
 )
+
+
+def _charged(command: str, params: list[str]) -> bool:
+    """
+    Whether C{command} spends from the flood allowance: a query (C{MODE NICK},
+    C{MODE #c}, the ban list's C{MODE #c b}, C{TOPIC #c}) reaches no one.
+    """
+    if command == "TOPIC":
+        return len(params) > 1
+    if command == "MODE":
+        return len(params) > 2 or (len(params) == 2 and not set(params[1]) <= set("+-b"))
+    return command in _FLOOD_CHARGED
 
 
 def _line(text: str) -> bytes:
@@ -347,7 +360,11 @@ class IrcSession(Session, irc.IRC):
             if command not in _BEFORE_REGISTRATION:
                 self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
                 return
-        elif command in _FLOOD_CHARGED and not self.hub.allow(self):
+        elif _charged(command, params) and not self.hub.allow(self):
+            if not self.gone:
+                # RFC 2812 5.1: a command dropped unprocessed is answered so, or
+                # a client waiting for its reply (a JOIN's) would wait for ever.
+                self.numeric(irc.RPL_TRYAGAIN, command, "Please wait a while and try again.")
             return
         rules = self.hub.rules
         if rules.event_rules:
