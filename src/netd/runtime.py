@@ -86,6 +86,10 @@ def build_tls(
             mint = (
                 tls.minter(state_dir / "tls", name, profile.self_signed) if profile.mint else None
             )
+            if materials is not None:
+                # Digested before they are loaded: files renewed in between are
+                # then seen as changed by the next reload, never the other way.
+                materials[name] = tls.material(keypair, sni, profile.client_ca)
             creators[name] = tls.server_options(
                 keypair,
                 min_version=profile.min_version,
@@ -93,8 +97,6 @@ def build_tls(
                 sni=sni or None,
                 mint=mint,
             )
-            if materials is not None:
-                materials[name] = tls.material(keypair, sni, profile.client_ca)
         except (tls.TLSError, OSError, ValueError) as e:
             raise StartupError(f"{profile.position}: tls.{name}: {e}") from None
     return creators
@@ -516,7 +518,11 @@ class Daemon(MultiService):
 
     def _reload_queued(self, result: Any) -> Any:
         waiting, self._reload_again = self._reload_again, []
-        if waiting:
+        if waiting and not self.running:
+            refused = ReloadResult(errors=("netd is stopping",))
+            for follow_up in waiting:
+                follow_up.callback(refused)
+        elif waiting:
             again = self.reload()
 
             def answer(outcome: ReloadResult) -> None:
@@ -565,6 +571,9 @@ class Daemon(MultiService):
             )
         except ConfigErrors as e:
             return ReloadResult(errors=tuple(str(error) for error in e.errors))
+        if not self.running:
+            # Stopped while the map was read: nothing is bound any more.
+            return ReloadResult(errors=("netd is stopping",))
         materials: dict[str, str] = {}
         try:
             new.state_dir.mkdir(mode=0o750, parents=True, exist_ok=True)

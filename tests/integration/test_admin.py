@@ -388,3 +388,22 @@ def test_pages_of_other_sites_change_nothing_and_a_rebound_name_reads_nothing(
         assert client.post("/api/services/echo/rules", content=rule, headers=same).is_success
         assert client.get("/api/services", headers={"Host": "localhost"}).status_code == 200
     assert [r["id"] for r in netd.view("echo", "rules")] == ["r1"]
+
+
+def test_a_toxiproxy_listener_answers_loopback_names_even_when_the_api_has_a_token(
+    start_netd: StartNetd,
+) -> None:
+    netd = start_netd(
+        BASE.replace(
+            '  listen: ["tcp:0:interface=127.0.0.1"]\n  token:',
+            '  listen: ["tcp:0:interface=127.0.0.1"]\n'
+            '  toxiproxy: ["tcp:0:interface=127.0.0.1"]\n  token:',
+        )
+    )
+    toxiproxy = netd.ports["admin"]["listeners"][1]
+    assert toxiproxy["endpoint"] == "tcp:0:interface=127.0.0.1"
+    url = f"http://127.0.0.1:{toxiproxy['port']}/proxies"
+    # Toxiproxy's API asks for no token: a rebound name must not reach it.
+    assert httpx.get(url, headers={"Host": "evil.example"}).status_code == 403
+    for name in ("localhost.", "[::ffff:127.0.0.1]", "localhost", "app.localhost"):
+        assert httpx.get(url, headers={"Host": f"{name}:1"}).status_code == 200, name

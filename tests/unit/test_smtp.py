@@ -1299,3 +1299,12 @@ def test_a_last_chunk_ending_in_a_bare_cr_gets_one_line_end() -> None:
     send(session, "BDAT 13 LAST\r\nSubject: x\r\n\r")
     assert codes(transport)[-1] == "250 2.0.0"
     assert harness.accepted[0].data == b"Subject: x\r\n\r\n"
+
+
+def test_a_rules_banner_or_4xx_greeting_leaves_the_session_as_twisteds_would() -> None:
+    for greeting in ("220 custom banner here", "450 4.3.2 busy, try on"):
+        harness = rules_harness({"match": {"stage": "connect"}, "reply": greeting, "times": 1})
+        session, transport = harness.connect()
+        assert replies(transport) == [greeting]
+        send(session, "EHLO c\r\nMAIL FROM:<a@b.test>\r\n")
+        assert codes(transport)[-1] == "250 2.1.0"  # only a 554 refuses the session

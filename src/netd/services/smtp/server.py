@@ -338,29 +338,30 @@ class Session(smtp.ESMTP):
         if self.secure:
             self.canStartTLS = False
         if self.receiver.rules.event_rules:
-            self._ruled("connect", super().connectionMade, self._greeting_refused)
+            self._ruled("connect", super().connectionMade, self._greeted_by_rule)
             return
         super().connectionMade()
 
-    def _greeting_refused(self) -> None:
+    def _greeted_by_rule(self, code: int) -> None:
         """
-        A rule answered the greeting instead of 220 (RFC 5321 3.1: a 554): the
-        session waits for QUIT, every other command 503, until its timeout.
+        A rule's reply was the greeting.  After a 554 (RFC 5321 3.1) the session
+        waits for QUIT, every other command 503, until its timeout; after a 220
+        (a banner of the test's own) or a 4xx it goes on as after Twisted's.
         """
-        self._refused = True
+        self._refused = code == 554
         self.setTimeout(self.timeout)
 
     def _ruled(
         self,
         stage: str,
         proceed: Callable[[], None],
-        refused: Callable[[], None] | None = None,
+        refused: Callable[[int], None] | None = None,
         **fields: str,
     ) -> None:
         """
         At C{stage}, the first of the service's rules that fires acts instead
         of C{proceed} (or before it: a delay, a throttle); none fires, it runs.
-        C{refused} runs after a rule's reply, which answered instead.
+        C{refused} runs after a rule's reply, which answered instead, with its code.
         """
         # The event's namespace: this RCPT's recipient first, then those given
         # before it, the AUTH user, the client.
@@ -381,7 +382,7 @@ class Session(smtp.ESMTP):
                 if code == 421:  # RFC 5321 3.8: the server closes after a 421
                     self.transport.loseConnection()
                 if refused is not None:
-                    refused()
+                    refused(code)
 
         done = fired.act(self.transport, proceed, answer)
         if not done.called:
@@ -898,7 +899,7 @@ class Session(smtp.ESMTP):
         proceed = functools.partial(self._chunk_ok, mail, chunk, self._chunk_last)
         if mail.chunks is None and self.receiver.rules.event_rules:
 
-            def refused() -> None:
+            def refused(code: int) -> None:
                 if self._mail is mail:
                     self._mail = None  # a rule answered the first chunk: no message
 
