@@ -589,6 +589,15 @@ def test_codes_stand_alone_outside_links_or_match_the_configured_pattern() -> No
         ("\u00a9 2023 Acme; Copyright 2024. Code 5678", ["5678"]),
         ("Call 555 1234 or +1 555 123 4567 about code 4821", ["4821"]),
         ("You may 1234 in 2024", ["1234", "2024"]),  # no month name, no date
+        ("You may 2048 times", ["2048"]),  # "may", the verb, is no month's name
+        ("sent 5 dec 2024 or may 5, 2024: 4821", ["2024", "4821"]),
+        ("Your code is 482913 10 minutes", ["482913"]),
+        ("Code 482913 5 tries left", ["482913"]),
+        ("Your verification code: 739201 2 attempts remaining", ["739201"]),
+        ("Backup codes: 1234 5678 9012", ["1234", "5678", "9012"]),
+        ("Your code is 4829. 5 minutes left", ["4829"]),
+        ("Order 55512 34 items", ["55512"]),
+        ("Call (030) 1234 5678 or +49 30 1234 5678, code 4821", ["4821"]),
     ],
 )
 def test_a_date_s_year_a_copyright_and_a_phone_number_are_no_codes(

@@ -18,21 +18,30 @@ from html.parser import HTMLParser
 __all__ = ["DEFAULT_CODES", "codes", "links"]
 
 _YEAR = r"(?:19|20)\d\d"
+# A month's name as a date writes it: capitalised ("Dec", "December").
 _MONTH = (
-    r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
-    r"|sep(?:t|tember)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)"
+    r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|June?|July?|Aug(?:ust)?"
+    r"|Sep(?:t|tember)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
 )
+# Next to a day's number a month's name is one in any case, but for "may", a verb.
+_DAY_S_MONTH = rf"(?!may\b)(?i:{_MONTH})"
 _DAY = r"\d{1,2}(?:st|nd|rd|th)?"
 # What reads as a code but is none, matched first so that its digits are passed
-# over: a date's year by its month's name ("December 5, 2024", "5 Dec 2024") and
-# a copyright's year ("(c) 2024", "© 2024").
+# over: a date's year ("December 5, 2024", "5 dec 2024", "Dec 2024"), a
+# copyright's year ("(c) 2024", "© 2024") and a phone number, international
+# ("+1 555 123 4567", "+49 30 1234 5678"), with its area code in brackets
+# ("(030) 1234 5678") or local ("555 1234"): a lone group of three digits before
+# the four would, as a code, be a group of four ("1234 5678 9012" are three).
 _NOT_CODES = (
-    rf"\b(?:{_DAY}\s+)?{_MONTH}\b\.?(?:\s+{_DAY})?,?\s+{_YEAR}\b"
-    rf"|(?:\(c\)|©|\bcopyright\b)\s*{_YEAR}\b"
+    rf"\b(?:{_DAY}\s+{_DAY_S_MONTH}\b\.?|{_DAY_S_MONTH}\b\.?\s+{_DAY}\b|{_MONTH}\b\.?)"
+    rf",?\s+{_YEAR}\b"
+    r"|(?i:\(c\)|©|\bcopyright\b)\s*" + _YEAR + r"\b"
+    r"|(?:\+\d{1,3}|\(\d{2,5}\))(?:[ -]\d{2,4})+\b"
+    r"|(?<![\w.,/-])\d{3} \d{4}\b"
 )
 # A one-time code (the group): 4 to 8 digits standing alone, not inside a longer
-# number or word, nor one of the groups of digits that a phone number is spaced into.
-DEFAULT_CODES = rf"(?i){_NOT_CODES}|(?<![\w.,/-])(?<!\d )(\d{{4,8}})(?![\w/-]|[.,]\d| \d)"
+# number or word.
+DEFAULT_CODES = rf"{_NOT_CODES}|(?<![\w.,/-])(\d{{4,8}})(?![\w/-]|[.,]\d)"
 _URL = re.compile(r"""https?://[^\s<>"'`]+""", re.IGNORECASE)
 # Closing punctuation after a URL in prose is the sentence's, not the URL's.
 _TRAILING = ".,;:!?)]}>'\""
