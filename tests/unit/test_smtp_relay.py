@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
@@ -21,7 +22,7 @@ from netd.services.smtp.address import Mailbox
 from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions
 from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
-from tests.unit.test_smtp import Harness, accept, make_store, result_of, send
+from tests.unit.test_smtp import Harness, accept, make_store, result_of, send, transaction
 
 
 class ScriptedHop(LineReceiver):
@@ -123,6 +124,7 @@ def relay_through(
     extensions: list[str],
     replies: dict[str, str],
     max_age: float = 1000,
+    reports_to_hop: bool = False,
     **options: Any,
 ) -> Relay:
     store, journal, clock = make_store(tmp_path)
@@ -134,6 +136,8 @@ def relay_through(
     def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
         if envelope.bounce:
             reports.append(data)
+            if reports_to_hop:
+                return hop.send(envelope, envelope.recipients, data)
             return succeed(dict.fromkeys(envelope.recipients, (250, "2.0.0 ok")))
         return hop.send(envelope, envelope.recipients, data)
 
@@ -232,6 +236,32 @@ def test_8bit_mime_goes_with_body_8bitmime_only_to_a_hop_offering_it() -> None:
             assert outcomes[0][1].startswith("5.6.3 8BITMIME is required")
             assert sent == [b"MAIL FROM:<a@b.test>"] * 2
             assert EIGHT_BIT not in messages
+
+
+@pytest.mark.parametrize("ret", ["FULL", "HDRS"])
+def test_a_bounce_for_want_of_8bitmime_quotes_the_header_only_and_gets_out(
+    tmp_path: Path, ret: str
+) -> None:
+    relay = relay_through(tmp_path, ["PIPELINING"], {}, reports_to_hop=True)
+    sent = attrs.evolve(
+        transaction(Mailbox("alice", "client.test"), "bob@far.test"),
+        data=EIGHT_BIT,
+        eight_bit=True,
+        ret=ret,
+    )
+    result_of(relay.store.accept(sent))
+    relay.clock.advance(0)
+    relay.next_hop.flush()
+    [bounced] = relay.journal.select(types=["message.bounced"])  # none for the report
+    assert bounced.fields["replies"][0].startswith("554 5.6.3 8BITMIME is required")
+    assert bounced.fields["notified"] == "alice@client.test"
+    [report] = relay.reports
+    assert [m for s in relay.next_hop.servers for m in s.messages] == [report]
+    assert b"Content-Type: text/rfc822-headers\r\n" in report and b"Subject: 8bit\r\n" in report
+    assert report.isascii()
+    mail = [c for s in relay.next_hop.servers for c in s.commands if c.startswith(b"MAIL")]
+    assert mail == [b"MAIL FROM:<>"]
+    relay.courier.stopService()
 
 
 # How the courier settles each recipient's reply.

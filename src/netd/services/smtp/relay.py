@@ -541,6 +541,7 @@ def delivery_report(
     envelope: Envelope,
     results: Mapping[str, tuple[int, str]],
     original: bytes,
+    whole: bool,
     now: float,
     action: str = "failed",
     expired: bool = False,
@@ -551,8 +552,7 @@ def delivery_report(
     of some recipients, by C{action}: C{failed} (a bounce; C{expired} when
     C{max_age} ran out), C{relayed} (to a next hop that sends no reports, RFC
     3461 5.2.2) or C{delayed} (still queued, tried until C{retry_until}).
-    C{original} is the whole message when the sender said C{RET=FULL}, its
-    header otherwise.
+    C{original} is the whole message if C{whole}, its header otherwise.
     """
     boundary = "netd-" + secrets.token_hex(8)
     lines = "\r\n".join(f"  <{r}>: {code} {text}" for r, (code, text) in results.items())
@@ -581,7 +581,6 @@ def delivery_report(
         for r, (code, text) in results.items()
     )
     envid = f"Original-Envelope-Id: {envelope.envid}\r\n" if envelope.envid else ""
-    full = envelope.ret == "FULL"
     text = (
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>\r\n"
         f"To: <{envelope.sender}>\r\n"
@@ -607,10 +606,10 @@ def delivery_report(
         f"Arrival-Date: {formatdate(envelope.received)}\r\n"
         f"{per_recipient}"
         f"\r\n--{boundary}\r\n"
-        f"Content-Type: {'message/rfc822' if full else 'text/rfc822-headers'}\r\n"
+        f"Content-Type: {'message/rfc822' if whole else 'text/rfc822-headers'}\r\n"
         f"\r\n"
     )
-    quoted = original if full else original.rstrip(b"\r\n") + b"\r\n"
+    quoted = original if whole else original.rstrip(b"\r\n") + b"\r\n"
     return text.encode() + quoted + f"\r\n--{boundary}--\r\n".encode()
 
 
@@ -882,18 +881,26 @@ class Courier(Record, Service):
             return _all([])  # never report on a report: that is how mail loops start
         store = self.store
         assert store is not None
+        head = store.heads.get(envelope.id, b"")
         if envelope.ret == "FULL":
             original: Deferred[bytes | None] = self.spool.read(envelope.id)
         else:
-            original = succeed(store.heads.get(envelope.id, b""))
+            original = succeed(head)
 
         def spool(text: bytes | None) -> Deferred[None]:
             now = self.context.reactor.seconds()
+            quoted = text or b""
+            # An 8-bit body quoted whole would make the report 8-bit MIME, which a
+            # hop without 8BITMIME refuses (the very hop that refused the message
+            # for it, maybe): the sender would never hear.  The header says which
+            # message it was, as with RET=HDRS.
+            whole = envelope.ret == "FULL" and not (envelope.eight_bit and not quoted.isascii())
             data = delivery_report(
                 self.hostname,
                 envelope,
                 results,
-                text or b"",
+                quoted if whole else head,
+                whole,
                 now,
                 action,
                 expired,
@@ -909,7 +916,7 @@ class Courier(Record, Service):
                 helo=self.hostname,
                 bounce=True,
                 utf8=envelope.utf8,  # its To: and the headers it quotes may be UTF-8
-                eight_bit=envelope.eight_bit,  # and RET=FULL quotes the 8-bit body
+                eight_bit=envelope.eight_bit and not data.isascii(),  # UTF-8 it quotes
             )
             self.context.stats.count(_REPORT_COUNTER[action])
             return store.add_own(notice, data)
