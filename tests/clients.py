@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import shutil
 import smtplib
 import socket
+import subprocess
+from pathlib import Path
 from typing import Any
 
 from netd.testing import NetdProcess
@@ -68,6 +71,22 @@ def deliver(netd: NetdProcess, to: str, raw: bytes) -> str:
     [event] = netd.events("mail", "message.accepted", last, wait=10)
     message_id: str = event["message_id"]
     return message_id
+
+
+def lftp_as(
+    user: str, address: tuple[str, int], script: str, cwd: Path, timeout: float = 30
+) -> subprocess.CompletedProcess[bytes]:
+    """Debian's lftp logged in as C{user} ("name,password"), running C{script}."""
+    lftp = shutil.which("lftp")
+    assert lftp is not None
+    host, port = address
+    return subprocess.run(
+        [lftp, "-u", user, "-p", str(port), "-e", script, host],
+        capture_output=True,
+        cwd=cwd,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _ipv6_loopback() -> bool:

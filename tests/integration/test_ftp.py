@@ -25,7 +25,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES
-from tests.clients import IPV6, command, control, hang_up, passive_port
+from tests.clients import IPV6, command, control, hang_up, lftp_as, passive_port
 from tests.maps import lab_map
 from tests.signals import wait_until
 
@@ -343,6 +343,32 @@ def test_curl_plain_explicit_and_implicit_ftps(netd: NetdProcess, tmp_path: Path
 
 
 @needs_lftp
+def test_lftp_puts_over_prot_p_with_tls13_store_the_whole_file(
+    netd: NetdProcess, tmp_path: Path, site: Path
+) -> None:
+    """
+    lftp reads one record of its data connection and closes: the TLS 1.3
+    session tickets left unread made its kernel reset the connection and drop
+    the file's end (426, nothing stored), unless netd holds them back.
+    """
+    payload = os.urandom(3_000_000)
+    (tmp_path / "up.bin").write_bytes(payload)
+    puts = "; ".join(f"put up.bin -o u{i}.bin" for i in range(6))
+    result = lftp_as(
+        "alice,wonderland",
+        netd.address("files"),
+        f"set net:max-retries 1; set net:timeout 10; set ssl:ca-file {ca_file(netd)};"
+        f" set ftp:ssl-force yes; set ftp:ssl-protect-data yes; {puts}; bye",
+        tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    for i in range(6):
+        assert (site / "alice" / f"u{i}.bin").read_bytes() == payload
+        (site / "alice" / f"u{i}.bin").unlink()
+
+
+@needs_lftp
 def test_lftp_plain_and_tls(netd: NetdProcess, tmp_path: Path, site: Path) -> None:
     assert LFTP is not None
     host, port = netd.address("files")
@@ -364,22 +390,12 @@ def test_lftp_plain_and_tls(netd: NetdProcess, tmp_path: Path, site: Path) -> No
     )
     assert b"hello.txt" in plain.stdout, plain.stderr
     assert (tmp_path / "hello.txt").read_bytes() == b"hello, world\n"
-    secure = subprocess.run(
-        [
-            LFTP,
-            "-u",
-            "alice,wonderland",
-            "-p",
-            str(port),
-            "-e",
-            f"{settings} set ftp:ssl-force yes; set ftp:ssl-protect-data yes;"
-            " put l.txt; cls; rm l.txt; bye",
-            host,
-        ],
-        capture_output=True,
-        cwd=tmp_path,
-        timeout=30,
-        check=False,
+    secure = lftp_as(
+        "alice,wonderland",
+        (host, port),
+        f"{settings} set ftp:ssl-force yes; set ftp:ssl-protect-data yes;"
+        " put l.txt; cls; rm l.txt; bye",
+        tmp_path,
     )
     assert secure.returncode == 0 and b"l.txt" in secure.stdout, secure.stderr
     assert not (site / "alice" / "l.txt").exists()

@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 
 from netd.testing import NetdProcess
-from tests.clients import command, control, hang_up
+from tests.clients import command, control, hang_up, lftp_as
 from tests.signals import wait_until
 
 CURL = shutil.which("curl")
@@ -173,25 +173,11 @@ def test_curl_does_not_get_a_file_through_a_directory_url(netd: NetdProcess) -> 
 
 @pytest.mark.skipif(LFTP is None, reason="lftp is not installed")
 def test_lftp_shows_the_reasons(netd: NetdProcess, tmp_path: Path) -> None:
-    assert LFTP is not None
-    host, port = netd.address("files")
-    done = subprocess.run(
-        [
-            LFTP,
-            "-u",
-            "alice,wonderland",
-            "-p",
-            str(port),
-            "-e",
-            "set net:max-retries 1; set net:timeout 5; rmdir full; mkdir "
-            + LONG_NAME
-            + "; get a.txt/; bye",
-            host,
-        ],
-        capture_output=True,
-        cwd=tmp_path,
-        timeout=30,
-        check=False,
+    done = lftp_as(
+        "alice,wonderland",
+        netd.address("files"),
+        f"set net:max-retries 1; set net:timeout 5; rmdir full; mkdir {LONG_NAME}; get a.txt/; bye",
+        tmp_path,
     )
     said = done.stderr.decode(errors="replace")
     assert "Directory not empty" in said

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from typing import Protocol as TypingProtocol
 
+from OpenSSL import SSL
 from twisted.internet import error as net_error
 from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
+    IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IReadDescriptor,
 )
@@ -29,7 +31,7 @@ from twisted.internet.protocol import (
     ServerFactory,
     connectionDone,
 )
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -189,6 +191,7 @@ class PassivePort:
             self.socket = None
 
 
+@implementer(IHandshakeListener)
 class DataConnection(Protocol):
     """One data connection: what it receives goes to a sink once a command takes it."""
 
@@ -210,6 +213,18 @@ class DataConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.channel.connected(self)
+
+    def handshakeCompleted(self) -> None:
+        """
+        TLS is up.  On an upload's connection, the TLS 1.3 session tickets
+        OpenSSL writes now are held back until netd next writes (its
+        close_notify): a client that only sends (lftp) reads one record and
+        closes with the rest unread, and its kernel's reset then throws away
+        the file's end, still in its send buffer (ProFTPD #959; pyOpenSSL has
+        no SSL_CTX_set_num_tickets to send none).
+        """
+        if self.channel.upload_expected:
+            _hold_pending_records(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.sink is not None:
@@ -241,8 +256,56 @@ class DataConnection(Protocol):
         if self._shaped is not None:
             self._shaped.lost()
         self.channel.lost(self)
-        # Whether the connection ended cleanly (a FIN, not a reset or an abort).
-        self.closed.callback(reason.check(net_error.ConnectionDone) is not None)
+        # Whether the connection ended cleanly: a FIN, not a reset or an abort;
+        # on TLS the peer's close_notify (all was sent), whatever TCP did after.
+        self.closed.callback(
+            reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport)
+        )
+
+
+def _tls_closed(transport: Any) -> bool:
+    """Whether C{transport} is TLS and its peer ended it with a close_notify alert."""
+    if not isinstance(transport, TLSMemoryBIOProtocol):
+        return False  # (a TCP transport's handle is gone once it is lost)
+    handle = transport.getHandle()
+    return isinstance(handle, SSL.Connection) and bool(
+        handle.get_shutdown() & SSL.RECEIVED_SHUTDOWN
+    )
+
+
+def _hold_pending_records(tls: Any) -> None:
+    """
+    Take the records C{tls} (a TLSMemoryBIOProtocol) has made but not sent, and
+    send them just before the next bytes it writes, so the peer reads them in
+    order (each record's sequence number is in its encryption).
+    """
+    handle = tls.getHandle()
+    held = bytearray()
+    while True:
+        try:
+            held += handle.bio_read(65536)
+        except SSL.WantReadError:
+            break
+    if held:
+        tls.transport = _AfterHeld(tls.transport, bytes(held))
+
+
+class _AfterHeld:
+    """A transport that writes C{held} before the first bytes written to it."""
+
+    def __init__(self, transport: Any, held: bytes) -> None:
+        self._transport = transport
+        self._held: bytes | None = held
+
+    def write(self, data: bytes) -> None:
+        held, self._held = self._held, None
+        self._transport.write(data if held is None else held + data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Shaped:
@@ -352,6 +415,8 @@ class DataChannel:
         self._failure: Failure | None = None
         self._accepted = False
         self._closed = False
+        # An upload's command came first: TLS on it holds its session tickets back.
+        self.upload_expected = False
         server = session.server
         self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
 

@@ -1250,6 +1250,8 @@ class Session(ftp.FTP):
             self._guard(upload.abort, storing)
             return storing
 
+        if self.data is not None:
+            self.data.upload_expected = True
         return self._with_data(work)
 
     def ftp_RNFR(self, from_name: str) -> Deferred[Any]:
