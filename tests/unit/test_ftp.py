@@ -730,11 +730,27 @@ def test_auth_tls_drops_what_was_pipelined_in_plaintext(tmp_path: Path) -> None:
     replies = send(session, transport, b"FEAT", b"AUTH TLS", b"USER anonymous")
     assert b" AUTH TLS" in replies and replies[-1] == b"234 AUTH TLS successful, negotiating."
     assert transport.started_tls == [creator]
+    assert send(session, transport, b"PBSZ abc")[0].startswith(b"501 ")  # RFC 2228 3
     assert send(session, transport, b"PBSZ 0", b"PROT P") == [
         b"200 PBSZ=0",
         b"200 Data connections will be protected.",
     ]
     assert session.describe()["tls"] is True
+
+
+def test_cdup_at_the_root_stays_there(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    send(session, transport, b"USER anonymous", b"PASS x")
+    assert send(session, transport, b"CDUP", b"PWD") == [
+        b"250 Requested File Action Completed OK",
+        b'257 "/"',
+    ]
+    assert send(session, transport, b"CWD sub", b"CDUP", b"PWD")[1:] == [
+        b"250 Requested File Action Completed OK",
+        b'257 "/"',
+    ]
 
 
 def test_require_tls_refuses_login_in_plaintext(tmp_path: Path) -> None:

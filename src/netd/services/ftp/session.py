@@ -667,8 +667,17 @@ class Session(ftp.FTP):
     def ftp_PBSZ(self, size: str) -> Any:
         if not self.secure:
             return fail(ftp.BadCmdSequenceError("PBSZ needs AUTH TLS first"))
+        if not size.isdigit():  # RFC 2228 3: a decimal integer
+            return fail(ftp.CmdArgSyntaxError(size))
         self.buffer_size_set = True
         return "200 PBSZ=0"
+
+    def ftp_CDUP(self) -> Any:
+        if not self.workingDirectory:
+            # At the root already: it stays there, as vsftpd and pyftpdlib answer
+            # (Twisted's refuses the path above the root, 550).
+            return (ftp.REQ_FILE_ACTN_COMPLETED_OK,)
+        return super().ftp_CDUP()
 
     def ftp_PROT(self, level: str) -> Any:
         if not self.buffer_size_set:
