@@ -221,6 +221,9 @@ class Handlers(Record):
         starts from the map.
     @ivar kept_views: the views whose writes C{keep} is for; the others (a
         query log, say) are each worker's own, and join.
+    @ivar ready: fires once the started service can do its work (smtp's spool
+        read back); a failure then stops start-up, as a listener that cannot
+        bind does.  L{None}: ready once started.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None
@@ -231,6 +234,7 @@ class Handlers(Record):
     views: Mapping[str, AdminView] = attrs.field(factory=dict)
     keep: Callable[[], None] | None = None
     kept_views: frozenset[str] = frozenset()
+    ready: Callable[[], Deferred[None]] | None = None
 
 
 class HostedService(Protocol):

@@ -227,8 +227,9 @@ class RunningService(ListenerGroup, Service):
             self.handlers.service.startService()
 
     def serving(self) -> Deferred[None]:
-        """Fires once the service answers on its listeners: at once, in this process."""
-        return succeed(None)
+        """Fires once the service answers on its listeners and can do its work."""
+        ready = self.handlers.ready
+        return succeed(None) if ready is None else ready()
 
     @inlineCallbacks
     def stop(self, grace: float) -> Any:

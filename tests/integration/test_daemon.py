@@ -567,3 +567,24 @@ def test_reload_applies_a_changed_log_section(start_netd: StartNetd) -> None:
     assert any(event.get("event_type") == "connection.closed" for event in as_json), lines
     # After the second reload nothing under error is written: no "netd stopping" line.
     assert "netd stopping" not in netd.output
+
+
+def test_an_smtp_spool_that_cannot_be_made_stops_start_up(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """It would answer 220 and then keep no mail: refused at start, as a busy port is."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "smtp").write_text("a file where the spools' folder goes")
+    config = f"""
+state_dir: {state}
+services:
+  mail:
+    type: smtp
+    listen: ["tcp:0:interface=127.0.0.1"]
+"""
+    with pytest.raises(StartFailed) as failed:
+        start_netd(config)
+    assert failed.value.returncode == 1
+    assert "services.mail: cannot read its spool" in failed.value.output
+    assert "Not a directory" in failed.value.output

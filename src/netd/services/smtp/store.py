@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from netd.kinds import BuildContext, ViewRefused
+from netd.listeners import StartupError
 from netd.services.smtp import extract, mime
 from netd.services.smtp.address import PathRefused, parse_path
 from netd.services.smtp.namespace import derive_namespace
@@ -134,6 +135,7 @@ class MailStore(Service):
         self.ready: Deferred[None] = Deferred()
         self.watchers: list[MailWatcher] = []
         self._recovered = False
+        self._recovery_failure: Any = None
 
     def startService(self) -> None:
         super().startService()
@@ -162,8 +164,28 @@ class MailStore(Service):
 
     def _recovery_failed(self, failure: Any) -> None:
         self.context.log.failure("reading the spool failed", failure)
+        self._recovery_failure = failure
         self._recovered = True
         self.ready.callback(None)
+
+    def recovered(self) -> Deferred[None]:
+        """
+        Fires once the spool is read back; fails if it could not be (a file
+        where its folder should be, no permission): a service that cannot keep
+        mail must not answer 220 (L{Handlers.ready}).
+        """
+        waiting = self._when_ready()
+
+        def settled(_: object) -> Any:
+            failure = self._recovery_failure
+            if failure is not None:
+                raise StartupError(
+                    f"services.{self.context.name}: cannot read its spool "
+                    f"{self.spool.directory}: {failure.getErrorMessage()}"
+                )
+            return None
+
+        return waiting.addCallback(settled)
 
     def _when_ready(self) -> Deferred[None]:
         if self._recovered:
