@@ -223,13 +223,26 @@ class RunningService(ListenerGroup, Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.handlers.service is not None:
-            self.handlers.service.startService()
+        self._start_work()
+
+    def _start_work(self) -> None:
+        work = self.handlers.service
+        if work is not None and not work.running:
+            work.startService()
 
     def serving(self) -> Deferred[None]:
         """Fires once the service answers on its listeners and can do its work."""
         ready = self.handlers.ready
         return succeed(None) if ready is None else ready()
+
+    def prepare(self) -> Deferred[None]:
+        """
+        Start the service's work before it has listeners, as a reload's
+        replacement does: fires once it can do that work, fails if it cannot
+        (a spool it cannot read), while the service it replaces still serves.
+        """
+        self._start_work()
+        return RunningService.serving(self)
 
     @inlineCallbacks
     def stop(self, grace: float) -> Any:
@@ -612,6 +625,9 @@ class Daemon(MultiService):
                 fresh[name] = self._running_service(wanted[name], new, creators)
             except StartupError as e:
                 return ReloadResult(errors=(str(e),))
+        refused = yield self._prepare(fresh)
+        if refused is not None:
+            return refused
         admin_changed = new.admin != self.config.admin or bool(changed_profiles)
         new_admin = (
             _admin_server(self, new.admin, creators) if new.admin and admin_changed else None
@@ -640,6 +656,7 @@ class Daemon(MultiService):
                 for socket in sockets.values():
                     socket.close()
         if result is not None:
+            yield self._discard(fresh)
             return result
 
         # Committed.  The map's rules are replaced; those added through the
@@ -691,6 +708,25 @@ class Daemon(MultiService):
             stopped=tuple(stopped),
             unchanged=tuple(unchanged),
         )
+
+    @inlineCallbacks
+    def _prepare(self, fresh: Mapping[str, RunningService]) -> Any:
+        """
+        Start the replacements' work before any listener moves; a
+        L{ReloadResult} with the errors if one cannot do it, the old services
+        then untouched, as when a listener cannot bind.
+        """
+        outcome = yield DeferredList([r.prepare() for r in fresh.values()], consumeErrors=True)
+        failures = [value for ok, value in outcome if not ok]
+        if not failures:
+            return None
+        yield self._discard(fresh)
+        return ReloadResult(errors=tuple(str(f.value) for f in failures))
+
+    @staticmethod
+    def _discard(fresh: Mapping[str, RunningService]) -> Deferred[Any]:
+        """Stop replacements a failed reload started but never committed."""
+        return gatherResults([r.stop(0) for r in fresh.values()])
 
     @inlineCallbacks
     def _rebind(

@@ -431,6 +431,8 @@ class WorkerPool(RunningService):
         self.handlers = attrs.evolve(
             self.handlers,
             service=None,
+            # Each worker waits for its own build's readiness before it serves.
+            ready=None,
             views={name: self._fan_out(name, view) for name, view in self.handlers.views.items()},
         )
         self.slots = [_Slot(reactor, self._spawn, self._exited) for _ in range(config.workers)]
@@ -920,6 +922,9 @@ class _Worker(amp.AMP):
             wake_one_waiter(self.reactor, listener.port)
         self.service = service
         service.startService()
+        # A worker that cannot do the service's work fails its boot (and is
+        # retried) rather than accept what it cannot keep.
+        yield service.serving()
         service.state = "running"
         self.reporting.start(_REPORT_INTERVAL, now=False)
         return {}

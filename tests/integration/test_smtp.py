@@ -588,6 +588,48 @@ def test_messages_stay_listed_across_a_reload(start_netd: StartNetd, tmp_path: P
     assert listed["subject"] == "before"
 
 
+def assert_refused_reload_keeps_mail(netd: NetdProcess, new_map: str, reason: str) -> None:
+    """A reload that fails after the new smtp service was built: the old one serves on."""
+    with smtp(netd) as client:
+        client.sendmail("a@client.test", ["before@netd.test"], b"Subject: before\r\n\r\nx\r\n")
+    with pytest.raises(AdminError) as refused:
+        netd.reload(new_map)
+    assert refused.value.status == 400
+    assert reason in refused.value.body
+    assert netd.services()["mail"]["state"] == "running"
+    with smtp(netd) as client:
+        client.sendmail("a@client.test", ["after@netd.test"], b"Subject: after\r\n\r\ny\r\n")
+    subjects = sorted(listed["subject"] for listed in netd.messages("mail"))
+    assert subjects == ["after", "before"]
+
+
+def test_a_reload_to_a_spool_that_cannot_be_read_is_refused(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """The replacement would answer 220 and keep nothing: undone, as a busy port is."""
+    text = mail_map(tmp_path / "state")
+    netd = start_netd(text)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "smtp").write_text("a file where the spools' folder goes")
+    new_map = text.replace(str(tmp_path / "state"), str(broken))
+    assert_refused_reload_keeps_mail(netd, new_map, "services.mail: cannot read its spool")
+
+
+def test_a_reload_undone_by_a_busy_port_keeps_the_mail_listed(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """The replacement read the spool before its port failed: the old service lists on."""
+    text = mail_map(tmp_path / "state")
+    netd = start_netd(text)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f'"tcp:{holder.getsockname()[1]}:interface=127.0.0.1"'
+        new_map = text.replace('"tcp:0:interface=127.0.0.1"', busy)
+        assert_refused_reload_keeps_mail(netd, new_map, "Address already in use")
+
+
 def test_a_silent_client_is_timed_out_and_others_are_served(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ import email.parser
 import email.policy
 import functools
 import re
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from pathlib import Path
@@ -136,16 +137,35 @@ class MailStore(Service):
         self.watchers: list[MailWatcher] = []
         self._recovered = False
         self._recovery_failure: Any = None
+        # The store this one took the spool from: weak, or every reload's
+        # store would stay alive through its successor.
+        self._replaced: weakref.ref[MailStore] | None = None
 
     def startService(self) -> None:
         super().startService()
+        replaced = _SERVING.get(self.spool.directory)
+        self._replaced = None if replaced is None else weakref.ref(replaced)
         _SERVING[self.spool.directory] = self
         self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
 
     def stopService(self) -> None:
         super().stopService()
-        if _SERVING.get(self.spool.directory) is self:
+        if _SERVING.get(self.spool.directory) is not self:
+            return
+        replaced = self._replaced() if self._replaced is not None else None
+        if replaced is None or not replaced.running:
             del _SERVING[self.spool.directory]
+            return
+        # A reload undone after this store started: the one it was to replace
+        # serves the spool again, and takes what its sessions spooled
+        # meanwhile.  Sent on again too: a duplicate is better than a loss
+        # (RFC 5321 6.1), and this store's deliveries stop with it.
+        _SERVING[self.spool.directory] = replaced
+        for id, envelope in self.messages.items():
+            if id not in replaced.messages:
+                replaced._add(envelope, self.heads[id])
+                if replaced.deliver is not None:
+                    replaced.deliver(envelope, None)
 
     def _serving(self) -> MailStore:
         return _SERVING.get(self.spool.directory, self)
