@@ -173,7 +173,11 @@ class _MapComposer(yaml.SafeLoader):
 
     def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
         node = super().compose_mapping_node(anchor)
-        if any(key.tag == _MERGE for key, _ in node.value):
+        merges = [key for key, _ in node.value if key.tag == _MERGE]
+        if len(merges) > 1:
+            # A mapping's keys are unique (YAML 1.1 3.2.1.1): which '<<' wins would be a guess.
+            raise _Refused(merges[1], "duplicate key '<<': merge several as '<<: [*a, *b]'")
+        if merges:
             node.value = _merged(node)
         return node
 

@@ -911,6 +911,12 @@ def test_merge_keys_merge_mappings_only(map_file: Path) -> None:
     assert errors(map_file, text) == ["3:19: '<<' merges a mapping or a list of mappings"]
 
 
+def test_a_merge_key_given_twice_is_an_error(map_file: Path) -> None:
+    """Either could win: refused, with the way to merge both."""
+    text = "x-a: &a {type: echo}\nx-b: &b {max_connections: 3}\nservices:\n  e: {<<: *a, <<: *b}\n"
+    assert errors(map_file, text) == ["4:15: duplicate key '<<': merge several as '<<: [*a, *b]'"]
+
+
 def test_every_error_at_once_in_file_order(map_file: Path) -> None:
     """Read order (tls before services, top-level keys last) is not report order."""
     text = """\
