@@ -12,7 +12,9 @@ from typing import Any
 
 import attrs
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
 from netd.dashboard import MAX_SESSIONS, SESSION_LIFETIME, Sessions, mail
 from netd.kinds import AdminView, Handlers
@@ -104,6 +106,18 @@ def test_signing_in_sets_an_http_only_strict_cookie_the_api_then_takes() -> None
     assert (status, json.loads(body)) == (200, {"signed_in": False})
     assert b"Max-Age=0" in headers[b"set-cookie"]  # the browser forgets it
     assert ask(client, "GET", "/api/services", Cookie=cookie)[0] == 401
+
+
+def test_two_dashboards_on_one_host_keep_their_own_sign_in() -> None:
+    """A browser sends a host's cookies to every port: each netd's cookie has its own name."""
+    first, second = (
+        Client(token=TOKEN, transport=StringTransport(IPv4Address("TCP", "127.0.0.1", port)))
+        for port in (8001, 8002)
+    )
+    cookies = "; ".join(cookie_of(sign_in(client)[1]) for client in (first, second))
+    assert cookies.startswith("netd_session_8001=") and "; netd_session_8002=" in cookies
+    assert ask(first, "GET", "/api/services", Cookie=cookies)[0] == 200
+    assert ask(second, "GET", "/api/services", Cookie=cookies)[0] == 200
 
 
 def test_a_cookie_changes_nothing_without_its_csrf_header() -> None:

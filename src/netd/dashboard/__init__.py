@@ -33,10 +33,10 @@ from netd.records import Record
 if TYPE_CHECKING:
     from netd.runtime import Daemon
 
-__all__ = ["CSRF_HEADER", "SESSION_COOKIE", "Dashboard"]
+__all__ = ["CSRF_HEADER", "Dashboard"]
 
 
-SESSION_COOKIE = b"netd_session"
+_SESSION_COOKIE = b"netd_session"
 CSRF_HEADER = b"x-csrf-token"
 SESSION_LIFETIME = 12 * 3600.0
 # Sessions kept at once; signing in past this forgets the oldest.
@@ -157,7 +157,7 @@ class Dashboard:
         return True
 
     def _session(self, request: Request) -> tuple[str, Session] | None:
-        key = (request.getCookie(SESSION_COOKIE) or b"").decode("ascii", "replace")
+        key = (request.getCookie(_session_cookie(request)) or b"").decode("ascii", "replace")
         session = self.sessions.find(key) if key else None
         return (key, session) if session is not None else None
 
@@ -256,7 +256,7 @@ class Dashboard:
             raise ViewRefused(401, "wrong token")
         key, session = self.sessions.open()
         request.addCookie(
-            SESSION_COOKIE,
+            _session_cookie(request),
             key.encode(),
             path=b"/",
             httpOnly=True,
@@ -270,9 +270,20 @@ class Dashboard:
         if found is not None:
             self.sessions.close(found[0])
         request.addCookie(  # max_age as text: Twisted formats none but str and bytes
-            SESSION_COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict"
+            _session_cookie(request), b"", path=b"/", max_age=b"0", httpOnly=True, sameSite="strict"
         )
         return _as_json(request, {"signed_in": False})
+
+
+def _session_cookie(request: Request) -> bytes:
+    """
+    The session cookie's name on the listener C{request} came in on.  A
+    browser sends a host's cookies to all its ports (RFC 6265 8.5): one name
+    for all, and signing in to a second netd on the same host would sign the
+    browser out of the first (Jupyter names its cookies by port too).
+    """
+    port = getattr(request.getHost(), "port", None)
+    return _SESSION_COOKIE if port is None else b"%s_%d" % (_SESSION_COOKIE, port)
 
 
 def page_headers(request: Request) -> None:
