@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
@@ -18,7 +19,7 @@ from twisted.python.failure import Failure
 from netd.config import NetdConfig, parse_config
 from netd.connections import TrackedConnection, TrackingFactory
 from netd.events import Journal
-from netd.runtime import Daemon, RunningService, StartupError
+from netd.runtime import Daemon, ReloadResult, RunningService, StartupError
 from tests.fakes.reactors import ListeningReactor
 
 
@@ -217,3 +218,30 @@ def test_stop_without_connections_is_immediate(tmp_path: Path) -> None:
     assert stopped.called
     assert not any(p.listening for p in reactor.ports)
     assert not (tmp_path / "ports.json").exists()
+
+
+def test_reloads_asked_while_netd_stops_are_refused_and_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One whose map was still being read, and one queued behind it: neither binds anything."""
+    reactor = ListeningReactor()
+    daemon = started(tmp_path, reactor)
+    (tmp_path / "netd.yaml").write_text(textwrap.dedent(MAP).replace("7017", "7018"))
+    reading: list[Deferred[Any]] = []
+
+    def read_later(reactor: Any, pool: Any, read: Any, *args: Any) -> Deferred[Any]:
+        reading.append(Deferred())
+        return reading[-1].addCallback(lambda _: read(*args))
+
+    monkeypatch.setattr("netd.runtime.deferToThreadPool", read_later)
+    monkeypatch.setattr(reactor, "getThreadPool", lambda: None, raising=False)
+    refused: list[ReloadResult] = []
+    daemon.reload().addCallback(refused.append)
+    daemon.reload().addCallback(refused.append)
+    assert len(reading) == 1  # the second waits for the first
+    daemon.stopService()
+    bound_before = len(reactor.ports)
+    reading[0].callback(None)
+    assert [r.errors for r in refused] == [("netd is stopping",)] * 2
+    assert len(reading) == 1 and len(reactor.ports) == bound_before
+    assert daemon.services_by_name["qotd"].config.listen[0].endpoint == "tcp:7017"
