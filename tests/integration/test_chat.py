@@ -61,6 +61,10 @@ services:
   secure:
     type: chat
     listen: [{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}]
+  paced:
+    type: chat
+    listen: ["tcp:0:interface=127.0.0.1"]
+    flood: {messages: 10, per_seconds: 0.5}
 """
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process
@@ -335,6 +339,63 @@ def test_password_ping_and_max_connections(netd: NetdProcess) -> None:
     assert "Ping timeout" in pinged.expect("ERROR")
     for other in others[:-1]:
         other.close()
+
+
+def test_a_burst_waits_for_the_flood_allowance_in_order_and_others_are_not_slowed(
+    netd: NetdProcess,
+) -> None:
+    bots = Bots(netd, "paced")
+    alice = bots.connect("alice7")
+    bob = bots.connect("bob7")
+    carol = bots.connect("carol7")
+    for user, nick in ((bob, "bob7"), (carol, "carol7")):
+        user.join("#burst")
+        bots.wait(nick, "endofnames")
+    rooms = [f"#burst{n}" for n in range(10)] + ["#burst"]
+    said = [f"m{n}" for n in range(39)]
+    sent = time.monotonic()
+    for room in rooms:
+        alice.send_raw(f"JOIN {room}")
+    for text in said:
+        alice.privmsg("#burst", text)
+    carol.privmsg("#burst", "carol is not slowed")
+    heard: list[str] = []
+    deadline = time.monotonic() + TIMEOUT
+    while said[-1] not in heard and time.monotonic() < deadline:
+        bots.reactor.process_once(0.05)
+        heard += [e.arguments[0] for who, e in bots.events if who == "bob7" and e.type == "pubmsg"]
+        bots.events = [(who, e) for who, e in bots.events if who != "bob7"]
+    # 40 of the 50 past the allowance of 10, at 20 a second.
+    assert time.monotonic() - sent >= 1.8
+    assert heard == ["carol is not slowed", *said]
+    joined = [e.target for who, e in bots.events if who == "alice7" and e.type == "join"]
+    assert joined == rooms
+    assert [e["action"] for e in netd.events("paced", "chat.flood") if e["nick"] == "alice7"] == [
+        "delay"
+    ]
+    for user in (alice, bob, carol):
+        user.disconnect()
+
+
+def test_excess_flood_cuts_one_client_and_the_service_goes_on(netd: NetdProcess) -> None:
+    bots = Bots(netd, "paced")
+    dave = bots.connect("dave7")
+    erin = bots.connect("erin7")
+    for user, nick in ((erin, "erin7"), (dave, "dave7")):
+        user.join("#excess")
+        bots.wait(nick, "endofnames")
+    dave.socket.sendall(b"PRIVMSG #excess :flooding on and on\r\n" * 500)
+    assert bots.wait("dave7", "error").target == "Closing Link: 127.0.0.1 (Excess Flood)"
+    bots.wait("dave7", "disconnect")
+    assert bots.wait("erin7", "quit").arguments == ["Excess Flood"]
+    frank = bots.connect("frank7")
+    frank.join("#excess")
+    frank.privmsg("#excess", "still served")
+    assert bots.wait("erin7", "pubmsg", "still served").source.nick == "frank7"
+    flood = [e for e in netd.events("paced", "chat.flood") if e["nick"] == "dave7"]
+    assert [e["action"] for e in flood] == ["delay", "disconnect"]
+    for user in (erin, frank):
+        user.disconnect()
 
 
 class _Bot(IRCClient):

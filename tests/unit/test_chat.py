@@ -24,6 +24,7 @@ from netd.schema import Position
 from netd.services.chat import CHAT
 from netd.services.chat.hub import (
     MAX_BACKLOG,
+    MAX_QUEUED,
     FloodLimit,
     Hub,
     LineFramer,
@@ -296,26 +297,31 @@ def test_rooms_cannot_be_created_when_forbidden(tmp_path: Path) -> None:
     assert alice.read() == ["* no room bad!name"]
 
 
-def test_line_flood_drops_then_disconnects(tmp_path: Path) -> None:
+def test_line_flood_waits_then_excess_flood_disconnects(tmp_path: Path) -> None:
     chat = serve(tmp_path, "    flood: {messages: 3, per_seconds: 3}\n")
     alice = line_user(chat, "alice")
     bob = line_user(chat, "bob")
     alice.read()
-    for n in range(4):
-        alice.send(f"m{n}")
+    alice.send("m0", "m1", "m2", "m3", "/msg bob m4")
     assert bob.read() == ["<alice> m0", "<alice> m1", "<alice> m2"]
-    assert alice.read() == ["* flood: more than 3 messages in 3 s; messages dropped"]
-    chat.clock.advance(1)  # one message's worth of allowance comes back
-    alice.send("m4")
-    assert bob.read() == ["<alice> m4"]
-    for n in range(3):
-        alice.send(f"x{n}")
+    assert alice.read() == ["* flood: more than 3 messages in 3 s; messages delayed"]
+    chat.clock.advance(0.999)
+    assert bob.read() == []
+    chat.clock.advance(0.001)  # one message's worth of allowance comes back
+    assert bob.read() == ["<alice> m3"]
+    chat.clock.advance(1)
+    assert bob.read() == ["*alice* m4"]
+    # Whatever waits past MAX_QUEUED bytes is a flood on purpose.
+    assert MAX_QUEUED == 16 + 16 * 511
+    alice.feed(b"y" * 16 + b"\r\n")
+    alice.feed((b"x" * 511 + b"\n") * 16)  # 8192 bytes wait, line ends not counted
     assert not alice.closed
-    alice.send("x3")
-    assert alice.read()[-1] == "* bye: Excess flood"
+    alice.feed(b"x\n")
+    assert alice.read()[-1] == "* bye: Excess Flood"
     assert alice.closed
-    assert bob.read() == ["* alice quit (Excess flood)"]
-    assert [e["action"] for e in chat.events("chat.flood")] == ["drop", "drop", "disconnect"]
+    assert bob.read() == ["* alice quit (Excess Flood)"]
+    assert [e["action"] for e in chat.events("chat.flood")] == ["delay", "delay", "disconnect"]
+    assert chat.stats.counters["chat_flood_delayed"] == 3
 
 
 def test_long_lines_and_garbage(tmp_path: Path) -> None:
@@ -370,6 +376,21 @@ def irc_user(chat: Chat, nick: str) -> Client:
     assert f":chat.netd.test 001 {nick} " in client.transport.value().decode()
     client.read()
     return client
+
+
+def in_lobby(chat: Chat, *nicks: str) -> list[Client]:
+    """IRC users, registered and in #lobby, their output so far read."""
+    users = [irc_user(chat, nick) for nick in nicks]
+    for user in users:
+        user.send("JOIN #lobby")
+    for user in users:
+        user.read()
+    return users
+
+
+def flood_waits(chat: Chat) -> list[object]:
+    """The calls a session waiting for its flood allowance has pending."""
+    return [call for call in chat.clock.getDelayedCalls() if call.func.__name__ == "_allowed"]
 
 
 def test_irc_registration_and_welcome(tmp_path: Path) -> None:
@@ -592,18 +613,64 @@ def test_irc_ping_timeout(tmp_path: Path) -> None:
     assert alice.closed
 
 
-def test_irc_flood(tmp_path: Path) -> None:
+def test_irc_flood_waits_and_what_follows_waits_behind_it(tmp_path: Path) -> None:
     chat = serve(tmp_path, "    flood: {messages: 2, per_seconds: 10}\n")
-    alice = irc_user(chat, "alice")
-    alice.send("JOIN #lobby")
-    alice.read()
-    for n in range(3):
-        alice.send(f"PRIVMSG #lobby :m{n}")
+    alice, bob = in_lobby(chat, "alice", "bob")
+    alice.send("PRIVMSG #lobby :m0", "PRIVMSG #lobby :m1", "PING :after m1")
     assert alice.read() == [
-        ":chat.netd.test NOTICE alice :flood: more than 2 messages in 10 s; messages dropped"
+        ":chat.netd.test NOTICE alice :flood: more than 2 messages in 10 s; messages delayed"
     ]
-    alice.send("PRIVMSG #lobby :m3", "PRIVMSG #lobby :m4")
-    assert alice.read() == ["ERROR :Closing Link: 192.0.2.7 (Excess flood)"]
+    assert bob.read() == [":alice!alice@192.0.2.7 PRIVMSG #lobby :m0"]
+    chat.clock.advance(5)
+    assert bob.read() == [":alice!alice@192.0.2.7 PRIVMSG #lobby :m1"]
+    assert alice.read() == [":chat.netd.test PONG chat.netd.test :after m1"]
+    # No refusal (263) and no reply waits for ever: a JOIN delayed is answered late.
+    alice.send("JOIN #late")
+    assert alice.read() == [  # a new burst
+        ":chat.netd.test NOTICE alice :flood: more than 2 messages in 10 s; messages delayed"
+    ]
+    chat.clock.advance(5)
+    assert alice.read()[0] == ":alice!alice@192.0.2.7 JOIN #late"
+
+
+def test_a_burst_is_handled_in_order_at_the_allowance_rate_and_others_are_not_slowed(
+    tmp_path: Path,
+) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 10, per_seconds: 5}\n")
+    alice, bob, carol = in_lobby(chat, "alice", "bob", "carol")
+    chat.clock.advance(5)  # the JOINs' allowance back
+    alice.feed(b"".join(b"PRIVMSG #lobby :m%d\r\n" % n for n in range(50)))
+    heard = [line.rsplit(":", 1)[1] for line in bob.read()]
+    assert heard == [f"m{n}" for n in range(10)]
+    carol.send("PRIVMSG #lobby :carol is not slowed")
+    assert bob.read() == [":carol!carol@192.0.2.7 PRIVMSG #lobby :carol is not slowed"]
+    for step in range(40):
+        chat.clock.advance(0.5)  # a message's worth of allowance
+        heard += [line.rsplit(":", 1)[1] for line in bob.read()]
+        assert len(heard) == 11 + step
+    assert heard == [f"m{n}" for n in range(50)]
+    assert chat.stats.counters["chat_flood_delayed"] == 40
+    assert flood_waits(chat) == []
+
+
+def test_irc_excess_flood_cuts_the_client_and_the_others_go_on(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 2, per_seconds: 10}\n")
+    alice, bob = in_lobby(chat, "alice", "bob")
+    alice.feed(b"PRIVMSG #lobby :waiting\r\n" * 400)
+    assert alice.read()[-1] == "ERROR :Closing Link: 192.0.2.7 (Excess Flood)"
+    assert alice.closed
+    assert bob.read() == [
+        ":alice!alice@192.0.2.7 PRIVMSG #lobby :waiting",
+        ":alice!alice@192.0.2.7 QUIT :Excess Flood",
+    ]
+    alice.transport.loseConnection()
+    assert flood_waits(chat) == []
+    chat.clock.advance(60)
+    assert bob.read() == []  # nothing of alice's queue is handled after her
+    carol = irc_user(chat, "carol")
+    carol.send("JOIN #lobby", "PRIVMSG #lobby :still served")
+    assert bob.read()[-1] == ":carol!carol@192.0.2.7 PRIVMSG #lobby :still served"
+    assert [e["action"] for e in chat.events("chat.flood")] == ["delay", "disconnect"]
 
 
 def test_sessions_view(tmp_path: Path) -> None:
@@ -1051,24 +1118,22 @@ def test_commands_others_hear_of_spend_the_flood_allowance(tmp_path: Path) -> No
     alice = irc_user(chat, "alice")  # registering costs nothing
     bob = irc_user(chat, "bob")
     alice.send("JOIN #f", "NICK al", "TOPIC #f :t", "MODE #f +m")
-    assert alice.read()[-2:] == [
-        ":chat.netd.test NOTICE al :flood: more than 3 messages in 3 s; messages dropped",
-        ":chat.netd.test 263 al MODE :Please wait a while and try again.",
-    ]
+    assert alice.read()[-1] == (
+        ":chat.netd.test NOTICE al :flood: more than 3 messages in 3 s; messages delayed"
+    )
+    chat.clock.advance(1)
+    assert alice.read() == [":al!alice@192.0.2.7 MODE #f +m"]
     chat.clock.advance(3)
     alice.send(*["INVITE bob #f"] * 5)
     assert [line.split()[1] for line in bob.read()] == ["INVITE"] * 3
-    alice.send("KICK #f bob", "PART #f")
-    assert alice.read()[-1] == "ERROR :Closing Link: 192.0.2.7 (Excess flood)"
+    chat.clock.advance(2)
+    assert [line.split()[1] for line in bob.read()] == ["INVITE"] * 2
     carol = line_user(chat, "carol")
     carol.send("/join a", "/part a", "/nick caroline", "/topic t")
-    assert carol.read()[-1] == "* flood: more than 3 messages in 3 s; messages dropped"
-    assert [e["action"] for e in chat.events("chat.flood")] == [
-        "drop",
-        "drop",
-        "disconnect",
-        "drop",
-    ]
+    assert carol.read()[-1] == "* flood: more than 3 messages in 3 s; messages delayed"
+    chat.clock.advance(1)
+    assert carol.read() == ["* caroline set the topic of #lobby: t"]
+    assert [e["action"] for e in chat.events("chat.flood")] == ["delay", "delay", "delay"]
 
 
 def test_queries_a_client_sends_for_its_channels_are_free(tmp_path: Path) -> None:
@@ -1082,11 +1147,9 @@ def test_queries_a_client_sends_for_its_channels_are_free(tmp_path: Path) -> Non
     alice.send("JOIN #f", "TOPIC #f :set")
     assert alice.read()[0] == ":alice!alice@192.0.2.7 JOIN #f"
     assert chat.events("chat.flood") == []
-    # A dropped command is answered (RFC 2812 5.1), not left to hang a client waiting for it.
     alice.send("JOIN #g")
     assert alice.read() == [
-        ":chat.netd.test NOTICE alice :flood: more than 3 messages in 3 s; messages dropped",
-        ":chat.netd.test 263 alice JOIN :Please wait a while and try again.",
+        ":chat.netd.test NOTICE alice :flood: more than 3 messages in 3 s; messages delayed"
     ]
 
 

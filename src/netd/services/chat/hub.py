@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -58,6 +58,10 @@ _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 # Output a client that has stopped reading may still queue (beyond the transport's
 # own buffer) before it is dropped; a room must not hold memory for its slowest member.
 MAX_BACKLOG = 256 * 1024
+# Lines beyond the flood allowance wait for it, as IRC servers delay a flood
+# (InspIRCd's fakelag, ircd-hybrid's and ngircd's penalties); a client with more
+# than this waiting (InspIRCd's recvq) is cut off with "Excess Flood".
+MAX_QUEUED = 8 * 1024
 
 
 def fold(name: str) -> str:
@@ -199,36 +203,35 @@ class ModeChange(Record):
 class Flood(Record):
     """
     A token bucket: C{messages} at once, refilled over C{per_seconds}.
-
-    Each message beyond it is a strike; a client that keeps sending through
-    another whole bucket of strikes is flooding on purpose.
     """
 
     limit: FloodLimit
     clock: Any
     tokens: float = attrs.field(init=False)
     updated: float = attrs.field(init=False)
-    strikes: int = 0
 
     def __attrs_post_init__(self) -> None:
         self.tokens = float(self.limit.messages)
         self.updated = self.clock.seconds()
 
+    @property
+    def rate(self) -> float:
+        return self.limit.messages / self.limit.per_seconds
+
     def spend(self) -> bool:
         now = self.clock.seconds()
-        rate = self.limit.messages / self.limit.per_seconds
-        self.tokens = min(self.limit.messages, self.tokens + (now - self.updated) * rate)
+        self.tokens = min(self.limit.messages, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            self.strikes = 0
-            return True
-        self.strikes += 1
-        return False
+        # A token due within a microsecond is there: a line that waited L{wait}
+        # for it must not wait again because the clock's floats rounded its time.
+        if self.tokens < 1 - self.rate * 1e-6:
+            return False
+        self.tokens = max(0.0, self.tokens - 1)
+        return True
 
-    @property
-    def persistent(self) -> bool:
-        return self.strikes > self.limit.messages
+    def wait(self) -> float:
+        """Seconds until the next token, as of the last L{spend}."""
+        return (1 - self.tokens) / self.rate
 
 
 @attrs.define(eq=False, repr=False)
@@ -433,9 +436,16 @@ class Session(Protocol, ABC):
         self.paused = False
         self.gone = False
         self.lines_seen = 0
-        # Lines received while a rule holds the session (its delay), in order;
-        # None when none holds it.
-        self.held: list[bytes] | None = None
+        # Lines received and not yet handled, in order, and their bytes: while a
+        # rule holds the session (its delay) or the flood allowance is spent.
+        self.queue: deque[bytes] = deque()
+        self.queued = 0
+        self.held = False
+        self.flood_wait: IDelayedCall | None = None
+        # Told of its flood once per burst: until its queue has drained.
+        self.flooding = False
+        # The line being handled: first in the queue again if it must wait.
+        self._line = b""
         # The IRCv3 tags this client takes (see netd.services.chat.irc); 0 for none.
         self.tag_profile = 0
         # Output waits here until the hub flushes, so the messages of one
@@ -468,21 +478,32 @@ class Session(Protocol, ABC):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.gone = True
+        self.queue.clear()
+        if self.flood_wait is not None and self.flood_wait.active():
+            self.flood_wait.cancel()
         self.hub.leave(self, "Connection closed")
         self.hub.flush_soon()
 
     def dataReceived(self, data: bytes) -> None:
-        self._take(self._framer.feed(data))
+        lines = self._framer.feed(data)
+        self.queue.extend(lines)
+        self.queued += sum(map(len, lines))
+        self._take()
+        # Reading goes on while the flood allowance refills, as IRC servers
+        # read into their receive queue; only a rule's hold stops it.
+        if self.flood_wait is not None and self.queued > MAX_QUEUED:
+            self.hub.excess_flood(self)
 
-    def _take(self, lines: list[bytes]) -> None:
-        for line in lines:
-            if self.gone:
-                return
-            if self.held is not None:
-                self.held.append(line)
-                continue
+    def _take(self) -> None:
+        """Handle the queued lines, in order, until one must wait."""
+        queue = self.queue
+        while queue and not (self.gone or self.held or self.flood_wait):
+            line = self._line = queue.popleft()
+            self.queued -= len(line)
             self.lines_seen += 1
             self.line_received(clean(line))
+        if not queue and self.flood_wait is None:
+            self.flooding = False
         self.hub.flush_soon()
 
     def hold(self, until: Deferred[None]) -> None:
@@ -491,15 +512,28 @@ class Session(Protocol, ABC):
         answer, after its delay), so they are answered in order; never if it
         does not (a stall), and meanwhile read nothing more.
         """
-        self.held = []
+        self.held = True
         self.transport.pauseProducing()
         until.addCallback(self._release)
 
     def _release(self, result: object) -> None:
-        held, self.held = self.held or [], None
+        self.held = False
         if not self.gone:
             self.transport.resumeProducing()
-            self._take(held)
+            self._take()
+
+    def wait_for_allowance(self) -> None:
+        """
+        Take the line being handled again, and the lines after it, once the
+        flood allowance has a message for it; the client is read meanwhile.
+        """
+        self.queue.appendleft(self._line)
+        self.queued += len(self._line)
+        self.flood_wait = self.hub.clock.callLater(self.flood.wait(), self._allowed)
+
+    def _allowed(self) -> None:
+        self.flood_wait = None
+        self._take()
 
     @abstractmethod
     def line_received(self, line: str) -> None:
@@ -891,32 +925,37 @@ class Hub(Record):
     # --- messages -----------------------------------------------------------------
 
     def allow(self, session: Session) -> bool:
-        """Spend one message of the session's flood allowance; False when it is dropped."""
+        """
+        Spend one message of the session's flood allowance for the line it is
+        handling; False when none is left: the line (nothing of it done yet)
+        waits for the allowance to refill, and the lines after it behind it.
+        """
         if session.flood.spend():
             return True
-        self.stats.count("chat_flood_dropped")
-        if session.flood.persistent:
-            self.emit(
-                "chat.flood",
-                nick=session.nick,
-                client=session.host,
-                action="disconnect",
-                **self.stamp(session),
-            )
-            session.disconnect("Excess flood")
-        elif session.flood.strikes == 1:
-            self.emit(
-                "chat.flood",
-                nick=session.nick,
-                client=session.host,
-                action="drop",
-                **self.stamp(session),
-            )
+        self.stats.count("chat_flood_delayed")
+        if not session.flooding:
+            session.flooding = True
+            self._flood_event(session, "delay")
             session.notify(
                 f"flood: more than {self.options.flood.messages} messages in "
-                f"{self.options.flood.per_seconds:g} s; messages dropped"
+                f"{self.options.flood.per_seconds:g} s; messages delayed"
             )
+        session.wait_for_allowance()
         return False
+
+    def excess_flood(self, session: Session) -> None:
+        """More waits for the session's flood allowance than L{MAX_QUEUED}: cut it off."""
+        self._flood_event(session, "disconnect")
+        session.disconnect("Excess Flood")
+
+    def _flood_event(self, session: Session, action: str) -> None:
+        self.emit(
+            "chat.flood",
+            nick=session.nick,
+            client=session.host,
+            action=action,
+            **self.stamp(session),
+        )
 
     def say(
         self, session: Session, name: str, text: str, notice: bool = False, tags: bytes = b""

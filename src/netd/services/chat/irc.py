@@ -94,10 +94,12 @@ _ISUPPORT = (
     f"CHANLIMIT=#:{MAX_ROOMS_PER_USER}",
     "NETWORK=netd",
 )
-# Commands that spend from the flood allowance as PRIVMSG does (RFC 2812 5.8):
-# each reaches other users, so a burst of them is a flood too.  Not their
-# queries (L{_charged}), which clients send for each channel they join.
-_FLOOD_CHARGED = frozenset({"NICK", "JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"})
+# Commands that spend from the flood allowance (RFC 2812 5.8): messages, and the
+# commands that reach other users as messages do.  Not their queries
+# (L{_charged}), which clients send for each channel they join.
+_FLOOD_CHARGED = frozenset(
+    {"PRIVMSG", "NOTICE", "TAGMSG", "NICK", "JOIN", "PART", "TOPIC", "INVITE", "KICK", "MODE"}
+)
 # Commands a client may send before it has registered.
 _BEFORE_REGISTRATION = frozenset(
     {"CAP", "AUTHENTICATE", "PASS", "NICK", "USER", "PING", "PONG", "QUIT"}
@@ -361,10 +363,7 @@ class IrcSession(Session, irc.IRC):
                 self.numeric(irc.ERR_NOTREGISTERED, "You have not registered")
                 return
         elif _charged(command, params) and not self.hub.allow(self):
-            if not self.gone:
-                # RFC 2812 5.1: a command dropped unprocessed is answered so, or
-                # a client waiting for its reply (a JOIN's) would wait for ever.
-                self.numeric(irc.RPL_TRYAGAIN, command, "Please wait a while and try again.")
+            # It waits for the allowance, unseen by the rules until it is handled.
             return
         rules = self.hub.rules
         if rules.event_rules:
@@ -948,8 +947,6 @@ class IrcSession(Session, irc.IRC):
             if not notice:
                 self.numeric(irc.ERR_NOTEXTTOSEND, "No text to send")
             return
-        if not self.hub.allow(self):
-            return
         text = params[1]
         targets: dict[str, str] = {}
         for target in params[0].split(",")[:4]:
@@ -980,7 +977,7 @@ class IrcSession(Session, irc.IRC):
 
     def irc_TAGMSG(self, prefix: str, params: list[str]) -> None:
         """A message of tags alone (typing notices, reactions), to clients that take tags."""
-        if not self._enough("TAGMSG", params) or not self._tags or not self.hub.allow(self):
+        if not self._enough("TAGMSG", params) or not self._tags:
             return
         target = params[0].split(",")[0]
         recipients: list[Session]
