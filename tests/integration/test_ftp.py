@@ -535,6 +535,44 @@ def test_interrupted_uploads_never_appear_under_their_name(netd: NetdProcess, si
     client.quit()
 
 
+def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(netd: NetdProcess, site: Path) -> None:
+    payload = os.urandom(300 << 10)
+    client = connect(netd, user="alice")
+    with netd.rule("files", match={"command": "STOR"}, throttle=100_000) as throttle:
+        begun = time.monotonic()
+        client.storbinary("STOR paced.bin", io.BytesIO(payload))
+        took = time.monotonic() - begun
+        assert throttle.fired == 1
+    assert 2.5 <= took < 10, took  # 307200 bytes read at 100000 bytes/s
+    assert (site / "alice" / "paced.bin").read_bytes() == payload
+    with (
+        netd.rule("files", match={"command": "APPE"}, close=1000),
+        pytest.raises(ftplib.error_temp, match=r"^426"),
+    ):
+        client.storbinary("APPE paced.bin", io.BytesIO(payload[:30000]))
+    with (
+        netd.rule("files", match={"command": "STOR"}, close=1000),
+        pytest.raises(ftplib.error_temp, match=r"^426"),
+    ):
+        client.storbinary("STOR cut.bin", io.BytesIO(payload[:30000]))
+    # An upload cut is an aborted one: the target keeps what it had, or is not made.
+    wait_until(
+        lambda: not [n for n in os.listdir(site / "alice") if n.startswith(".~netd")],
+        "the partial uploads' removal",
+        timeout=5,
+    )
+    assert sorted(os.listdir(site / "alice")) == ["paced.bin"]
+    assert (site / "alice" / "paced.bin").read_bytes() == payload
+    sizes = [
+        event["bytes"]
+        for event in netd.events("files", "ftp.transfer")
+        if event["path"] in ("/paced.bin", "/cut.bin")
+    ]
+    assert sizes[-3:] == [len(payload), 1000, 1000]
+    client.delete("paced.bin")
+    client.quit()
+
+
 def test_client_vanishing_mid_download(netd: NetdProcess) -> None:
     sock, reader = control(netd)
     login_raw(sock, reader)

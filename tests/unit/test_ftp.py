@@ -28,8 +28,9 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
 
-from netd.events import ServiceStats
-from netd.services.ftp import Options, files
+from netd.events import Journal, ServiceStats
+from netd.rules import RuleSet
+from netd.services.ftp import RULES, Options, files
 from netd.services.ftp.data import KernelPorts, LineEnds, PassivePort
 from netd.services.ftp.files import (
     FACTS,
@@ -807,6 +808,43 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     assert transport.value().splitlines()[-1].startswith(b"426")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["up.txt"]
     assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
+
+
+def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    rules = RuleSet("files", RULES, harness.reactor, Journal(harness.reactor))
+    harness.server.rules = rules
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+
+    rules.post({"match": {"command": "STOR"}, "throttle": 1000})
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"STOR slow.bin")
+    protocol.dataReceived(b"x" * 500)
+    assert data.producerState == "paused"  # half a second's worth: reading waits
+    harness.reactor.advance(0.49)
+    assert data.producerState == "paused"
+    harness.reactor.advance(0.02)
+    assert data.producerState == "producing"
+    protocol.dataReceived(b"y" * 100)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert (tmp_path / "slow.bin").read_bytes() == b"x" * 500 + b"y" * 100
+
+    rules.clear()
+    rules.post({"match": {"command": "APPE"}, "close": 4})
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"APPE slow.bin")
+    protocol.dataReceived(b"abcdef")
+    assert data.disconnected  # aborted: cut after 4 bytes received
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1].startswith(b"426")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.bin"]  # no partial file
+    assert (tmp_path / "slow.bin").read_bytes() == b"x" * 500 + b"y" * 100
+    transfers = [f for t, f in harness.events if t == "ftp.transfer"]
+    assert [(f["ok"], f["bytes"]) for f in transfers] == [(True, 600), (False, 4)]
 
 
 def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,6 +59,8 @@ __all__ = [
 
 # Socket reads of an upload: fewer, larger ones, each a trip through the reactor.
 READ_CHUNK = 256 << 10
+# A throttled upload reads about this many seconds' worth of bytes at a time.
+_PACED_READ = 0.05
 
 
 class NoPassivePort(Exception):
@@ -203,13 +205,40 @@ class DataConnection(Protocol):
         self._early: list[bytes] = []
         self.closed: Deferred[bool] = Deferred()
         self._shaped: _Shaped | None = None
+        self._meter: _ReadMeter | None = None
+        # Why reading is paused: the upload's writer, a throttle, early bytes.
+        self._holds: set[str] = set()
+        self._cut = False
 
     def shape(self, clock: Any, rate: int | None, budget: int | None) -> None:
         """
-        Pace what this connection sends at C{rate} bytes/s, or close it (FIN)
-        after C{budget} bytes, or both: a rule's acts on a download.
+        A rule's throttle (C{rate} bytes/s) or byte budget, or both: on a
+        download's connection they pace what it sends and close it (FIN) after
+        C{budget} bytes; on an upload's they pace what it reads and cut it
+        after C{budget} bytes received.
         """
-        self.transport = self._shaped = _Shaped(self.transport, clock, rate, budget)
+        if not self.channel.upload_expected:
+            self.transport = self._shaped = _Shaped(self.transport, clock, rate, budget)
+            return
+        self._meter = _ReadMeter(self, clock, rate, budget)
+        if budget == 0:
+            self.cut()
+
+    def hold(self, why: str, held: bool) -> None:
+        """Pause reading while any reason C{why} holds it; resume once none does."""
+        if held:
+            if not self._holds:
+                self.transport.pauseProducing()
+            self._holds.add(why)
+        elif why in self._holds:
+            self._holds.discard(why)
+            if not self._holds:
+                self.transport.resumeProducing()
+
+    def cut(self) -> None:
+        """End the connection now, and the transfer on it as not complete."""
+        self._cut = True
+        self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         self.channel.connected(self)
@@ -227,13 +256,20 @@ class DataConnection(Protocol):
             _hold_pending_records(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
+        meter = self._meter
+        if meter is not None:
+            data = meter.kept(data)
+            if not data:
+                return
         if self.sink is not None:
             self.sink(data)
         else:
             # An upload may start before STOR is through; keep a little, then wait.
             self._early.append(data)
             if sum(map(len, self._early)) > Upload.high_water:
-                self.transport.pauseProducing()
+                self.hold("early", True)
+        if meter is not None:
+            meter.count(len(data))
 
     def take(self, sink: Callable[[bytes], None], into: ReadInto | None = None) -> None:
         """
@@ -248,18 +284,28 @@ class DataConnection(Protocol):
         # A connection that has ended already (a short upload read whole before
         # the command got here) has no socket left to read.
         transport = self.transport
+        meter = self._meter
+        if isinstance(transport, tcp.Connection):
+            # Fewer, larger reads: each one is a trip through the reactor.
+            transport.bufferSize = READ_CHUNK if meter is None else meter.read_size(READ_CHUNK)
         if into is not None and isinstance(transport, tcp.Connection) and transport.connected:
+            if meter is not None:
+                into = _MeteredInto(into, meter)
             read_with(transport, _reader(transport, into))
-        self.transport.resumeProducing()
+        self.hold("early", False)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._shaped is not None:
             self._shaped.lost()
+        if self._meter is not None:
+            self._meter.stop()
         self.channel.lost(self)
         # Whether the connection ended cleanly: a FIN, not a reset or an abort;
-        # on TLS the peer's close_notify (all was sent), whatever TCP did after.
+        # on TLS the peer's close_notify (all was sent), whatever TCP did after;
+        # never one netd cut (the close_notify may have been read past the cut).
         self.closed.callback(
-            reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport)
+            not self._cut
+            and (reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport))
         )
 
 
@@ -340,6 +386,81 @@ class _Shaped:
         self.shaper.stop()
         if producer is not None:
             producer.stopProducing()
+
+
+class _ReadMeter:
+    """
+    An upload's reading as a rule's throttle or byte budget leaves it (as
+    Toxiproxy's bandwidth and limit_data upstream): reading pauses while what
+    was read is ahead of C{rate} bytes/s, so the client's TCP window closes
+    (back-pressure: nothing waits in netd), and the connection is cut once
+    C{budget} bytes came.
+    """
+
+    def __init__(
+        self, connection: DataConnection, clock: Any, rate: int | None, budget: int | None
+    ) -> None:
+        self.connection = connection
+        self.clock = clock
+        self.rate = rate
+        self.budget = budget
+        # When the bytes read so far are due at the rate; no credit for idle time.
+        self._due = 0.0
+        self._timer: Any = None
+
+    def read_size(self, room: int) -> int:
+        """How much of C{room} the next socket read may fill: a step at the rate, the budget."""
+        if self.rate is not None:
+            room = min(room, max(1, int(self.rate * _PACED_READ)))
+        return room if self.budget is None else min(room, self.budget)
+
+    def kept(self, data: bytes) -> bytes:
+        """What of C{data}, read already, is the upload's: nothing past the budget."""
+        return data if self.budget is None else data[: self.budget]
+
+    def count(self, size: int) -> None:
+        """C{size} bytes were read: wait while ahead of the rate; cut once the budget is spent."""
+        if self.budget is not None:
+            self.budget -= size
+            if self.budget <= 0:
+                self.connection.cut()
+                return
+        if self.rate is not None:
+            now = self.clock.seconds()
+            self._due = max(self._due, now) + size / self.rate
+            if self._timer is None:
+                self.connection.hold("rate", True)
+                self._timer = self.clock.callLater(self._due - now, self._go_on)
+
+    def _go_on(self) -> None:
+        self._timer = None
+        ahead = self._due - self.clock.seconds()
+        if ahead > 0:
+            # Read while paused: the rest of a TLS read already taken from the socket.
+            self._timer = self.clock.callLater(ahead, self._go_on)
+        else:
+            self.connection.hold("rate", False)
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+
+class _MeteredInto:
+    """An upload's L{ReadInto} with each read sized and counted by a L{_ReadMeter}."""
+
+    def __init__(self, into: ReadInto, meter: _ReadMeter) -> None:
+        self._into = into
+        self._meter = meter
+
+    def space(self) -> memoryview:
+        space = self._into.space()
+        return space[: self._meter.read_size(len(space))]
+
+    def filled(self, count: int) -> None:
+        self._into.filled(count)
+        self._meter.count(count)
 
 
 class ReadInto(TypingProtocol):

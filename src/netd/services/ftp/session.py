@@ -57,9 +57,8 @@ from netd.kinds import IOwesReplies, RepliesOwed, RunInThread
 from netd.namespaces import NO_NAMESPACES, Namespacing, split_login
 from netd.records import Record
 from netd.rules import Fired, RuleSet
-from netd.sendfile import plain_socket, send_file
+from netd.sendfile import send_file
 from netd.services.ftp.data import (
-    READ_CHUNK,
     DataChannel,
     DataConnection,
     KernelPorts,
@@ -92,9 +91,9 @@ _NO_NAMESPACE_HOME = "530 Login incorrect: the namespace's folder cannot be open
 # Path commands Twisted implements, parsing paths itself (see Session._segments).
 _TWISTED_PATH_COMMANDS = frozenset({"CWD", "SIZE", "MDTM", "DELE", "RMD", "MKD", "RNFR"})
 _DIRECTORY_PARTS = frozenset({"", ".", ".."})
-# Commands whose answer is data sent to the client: a rule's throttle and
-# close: N act on that data.
-_DOWNLOADS = frozenset({"RETR", "LIST", "NLST", "MLSD"})
+# Commands that move data: a rule's throttle and close: N act on the data
+# connection, what it sends (RETR, listings) or what it reads (STOR, APPE).
+_TRANSFERS = frozenset({"RETR", "LIST", "NLST", "MLSD", "STOR", "APPE"})
 
 _STAMP = re.compile(r"(\d{14})(\.\d{1,3})?")
 _MODE = re.compile(r"[0-7]{1,4}")
@@ -308,7 +307,7 @@ class Session(ftp.FTP):
         # data connection; None when nothing runs.
         self._stop_transfer: Callable[[], object] | None = None
         # A rule's throttle or byte budget (clock, rate, budget) for the data
-        # connection of the download it fired on, until that connection opens.
+        # connection of the transfer it fired on, until that connection opens.
         self.data_shaping: tuple[Any, int | None, int | None] | None = None
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
@@ -509,15 +508,15 @@ class Session(ftp.FTP):
         def proceed() -> None:
             maybeDeferred(self._process, command, *params).chainDeferred(result)
 
-        if command.upper() in _DOWNLOADS:
-            fired.act(_DownloadActs(self), proceed, answer if reply is not None else None)
+        if command.upper() in _TRANSFERS:
+            fired.act(_TransferActs(self), proceed, answer if reply is not None else None)
             result.addBoth(self._unshape_data)
         else:
             fired.act(self.transport, proceed, answer if reply is not None else None)
         return result
 
     def _unshape_data(self, result: object) -> object:
-        # A download refused before its data connection (a 550) shapes no later one.
+        # A transfer refused before its data connection (a 550) shapes no later one.
         self.data_shaping = None
         return result
 
@@ -1207,24 +1206,15 @@ class Session(ftp.FTP):
             transport = connection.transport
             transfer = self._begin("upload", segments, transport.abortConnection)
 
-            def pause(paused: bool) -> None:
-                if paused:
-                    transport.pauseProducing()
-                else:
-                    transport.resumeProducing()
-
             upload = Upload(
                 target,
                 offset,
                 self.server.run_in_thread,
-                pause,
+                partial(connection.hold, "writing"),
                 self.shell.real_root,
                 0o666 & ~self.shell.umask,
             )
             newlines = LineEnds() if ascii else None
-            if plain_socket(transport) is not None:
-                # Fewer, larger reads: each one is a trip through the reactor.
-                transport.bufferSize = READ_CHUNK
 
             def receive(data: bytes) -> None:
                 self._account(len(data), True)
@@ -1289,12 +1279,12 @@ class Session(ftp.FTP):
 
 
 @attrs.define(repr=False)
-class _DownloadActs(Record):
+class _TransferActs(Record):
     """
-    The session's connection as a rule's acts on a download see it: a
-    throttle or a byte budget shapes the data sent (as Toxiproxy's bandwidth
-    and limit_data), not the reply lines; the other acts are the control
-    connection's.
+    The session's connection as a rule's acts on a transfer see it: a
+    throttle or a byte budget shapes the data sent or received (as
+    Toxiproxy's bandwidth and limit_data), not the reply lines; the other acts
+    are the control connection's.
     """
 
     session: Session
