@@ -368,6 +368,45 @@ def test_lftp_puts_over_prot_p_with_tls13_store_the_whole_file(
         (site / "alice" / f"u{i}.bin").unlink()
 
 
+def test_an_upload_whose_tls_handshake_came_before_stor_stores_the_whole_file(
+    netd: NetdProcess, site: Path
+) -> None:
+    """
+    As lftp, the client reads nothing of its data connection and closes after
+    its close_notify; here it finished the TLS handshake before sending STOR,
+    so the session tickets must be held back then too (426 otherwise).
+    """
+    context = ssl.create_default_context(cafile=ca_file(netd))
+    client = tls_connect(netd)
+    client.login("alice", "wonderland")
+    client.prot_p()
+    data = socket.create_connection(client.makepasv())
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="localhost")
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            data.sendall(outgoing.read())
+            incoming.write(data.recv(65536))
+    data.sendall(outgoing.read())  # the client's Finished
+    client.voidcmd("NOOP")  # one turn of netd's reactor: the handshake is through
+    assert client.sendcmd("STOR early.bin").startswith("125")
+    payload = os.urandom(3_000_000)
+    for start in range(0, len(payload), 65536):
+        tls.write(payload[start : start + 65536])
+        data.sendall(outgoing.read())
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.unwrap()  # the close_notify; netd's is never read
+    data.sendall(outgoing.read())
+    data.close()
+    assert client.voidresp().startswith("226")
+    assert (site / "alice" / "early.bin").read_bytes() == payload
+    client.delete("early.bin")
+    client.quit()
+
+
 @needs_lftp
 def test_lftp_plain_and_tls(netd: NetdProcess, tmp_path: Path, site: Path) -> None:
     assert LFTP is not None

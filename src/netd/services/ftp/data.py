@@ -245,15 +245,15 @@ class DataConnection(Protocol):
 
     def handshakeCompleted(self) -> None:
         """
-        TLS is up.  On an upload's connection, the TLS 1.3 session tickets
-        OpenSSL writes now are held back until netd next writes (its
+        TLS is up.  The TLS 1.3 session tickets OpenSSL writes now are held
+        back until netd next writes (a download's first bytes, an upload's
         close_notify): a client that only sends (lftp) reads one record and
         closes with the rest unread, and its kernel's reset then throws away
         the file's end, still in its send buffer (ProFTPD #959; pyOpenSSL has
-        no SSL_CTX_set_num_tickets to send none).
+        no SSL_CTX_set_num_tickets to send none).  On every data connection,
+        since a client may finish the handshake before its STOR reaches netd.
         """
-        if self.channel.upload_expected:
-            _hold_pending_records(self.transport)
+        _hold_pending_records(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         meter = self._meter
@@ -536,7 +536,8 @@ class DataChannel:
         self._failure: Failure | None = None
         self._accepted = False
         self._closed = False
-        # An upload's command came first: TLS on it holds its session tickets back.
+        # The command waiting for this channel is an upload: a rule's throttle
+        # or byte budget shapes what it reads, not what it sends.
         self.upload_expected = False
         server = session.server
         self.timer = server.reactor.callLater(server.limits.data_timeout, self._timed_out)
