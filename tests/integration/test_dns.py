@@ -484,6 +484,34 @@ def test_bad_datagrams_get_formerr_or_silence(
     assert ask_udp(netd, "www.netd.test").rcode() == dns.rcode.NOERROR
 
 
+OPT_RR = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
+WWW = b"\x03www\x04netd\x04test\x00\x00\x01\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("counts", "flags", "body", "rcode"),
+    [
+        ((1, 0, 0, 1), 0x1100, WWW + OPT_RR, dns.rcode.NOTIMP),  # opcode STATUS
+        ((2, 0, 0, 1), 0x0100, WWW + WWW + OPT_RR, dns.rcode.FORMERR),
+        ((1, 0, 0, 2), 0x0100, WWW + OPT_RR + OPT_RR, dns.rcode.FORMERR),
+    ],
+    ids=["status", "two questions", "two OPTs"],
+)
+def test_formerr_and_notimp_carry_an_opt_when_the_query_did(
+    netd: NetdProcess, counts: tuple[int, int, int, int], flags: int, body: bytes, rcode: int
+) -> None:
+    answer = send_raw(netd, struct.pack(">HH4H", 0xBEEF, flags, *counts) + body)
+    assert answer is not None
+    reply = dns.message.from_wire(answer)
+    assert (reply.id, reply.rcode(), reply.edns) == (0xBEEF, rcode, 0)
+
+
+@needs_dig
+def test_an_unknown_edns_version_is_badvers_with_version_0(netd: NetdProcess) -> None:
+    out = dig(netd, "+edns=1", "+noednsnegotiation", "+qr", "www.netd.test")
+    assert "status: BADVERS" in out and "EDNS: version: 0" in out
+
+
 def test_random_bytes_do_not_stop_the_server(netd: NetdProcess) -> None:
     generator = random.Random(6)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:

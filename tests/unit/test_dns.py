@@ -456,6 +456,34 @@ def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: i
     assert ask(srv, "www.netd.test").rcode() == dns.rcode.NOERROR
 
 
+OPT_RR = b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize(
+    ("data", "rcode"),
+    [
+        (header(flags=0x1000, ar=1) + QUESTION + OPT_RR, dns.rcode.NOTIMP),  # opcode STATUS
+        (header(flags=0x2000, ar=1) + QUESTION + OPT_RR, dns.rcode.NOTIMP),  # opcode NOTIFY
+        (header(qd=2, ar=1) + QUESTION + QUESTION + OPT_RR, dns.rcode.FORMERR),
+        (header(qd=0, ar=1) + OPT_RR, dns.rcode.FORMERR),
+        (header(ar=2) + QUESTION + OPT_RR * 2, dns.rcode.FORMERR),  # RFC 6891 6.1.1
+        (header(an=1) + QUESTION + OPT_RR, dns.rcode.FORMERR),
+        (header(ar=1) + QUESTION + b"\x01a" + OPT_RR, dns.rcode.FORMERR),  # not the root's
+        (header(flags=0x2800, ar=1) + QUESTION + OPT_RR, dns.rcode.REFUSED),  # no update keys
+    ],
+    ids=["status", "notify", "two questions", "none", "two OPTs", "answer", "owner", "update"],
+)
+def test_errors_to_a_query_with_an_opt_carry_ours(tmp_path: Path, data: bytes, rcode: int) -> None:
+    # RFC 6891 7: a client tells a FORMERR or NOTIMP from a server without EDNS by the OPT.
+    answer = server(tmp_path).handle(data, CLIENT, True)
+    assert isinstance(answer, bytes)
+    reply = dns.message.from_wire(answer)
+    assert (reply.id, reply.rcode()) == (0x1234, rcode)
+    assert (reply.edns, reply.payload) == (0, 1232)
+    without = server(tmp_path).handle(header(flags=0x1000) + QUESTION, CLIENT, True)
+    assert isinstance(without, bytes) and dns.message.from_wire(without).edns == -1
+
+
 @functools.cache
 def fuzz_server() -> Server:
     """One server for every generated example: no files are read, so no tmp_path."""

@@ -179,7 +179,12 @@ class Server:
             from netd.services.dns.update import Updates
 
             self.updates = Updates(
-                options.update, self.records, context.reactor, context.stats, context.log
+                options.update,
+                self.records,
+                context.reactor,
+                context.stats,
+                context.log,
+                options.udp_payload,
             )
         self.forwarder = _forwarders(options, context)
         self.recorder: Recorder | None = None
@@ -300,7 +305,7 @@ class Server:
             if self.updates is None:
                 stats.count("updates")
                 stats.count("update_rcode_REFUSED")
-                return malformed_reply(data, REFUSED)
+                return malformed_reply(data, REFUSED, self.opt)
             return self.updates.handle(data, client)
         try:
             query = parse_query(data)
@@ -309,7 +314,7 @@ class Server:
             if e.rcode is None:
                 return None
             stats.count(f"rcode_{_RCODES[e.rcode]}")
-            return malformed_reply(data, e.rcode)
+            return malformed_reply(data, e.rcode, self.opt)
         started = self.clock.seconds() if self.options.query_log else 0.0
         if query.edns_version:
             stats.count("rcode_BADVERS")

@@ -43,7 +43,12 @@ from netd.events import ServiceStats
 from netd.services.dns.data import TYPES
 from netd.services.dns.live import Edit, Records, RecordSet
 from netd.services.dns.options import UpdateOptions
-from netd.services.dns.wire import read_name, walk_records
+from netd.services.dns.wire import (
+    malformed_reply,
+    opt_record,
+    read_name,
+    walk_records,
+)
 
 __all__ = ["Updates"]
 
@@ -69,6 +74,7 @@ class Updates:
         clock: Any,
         stats: ServiceStats,
         log: Logger,
+        udp_payload: int,
     ) -> None:
         self.keyring = {
             dns.name.from_text(k.name): dns.tsig.Key(k.name, k.secret, k.algorithm)
@@ -79,6 +85,7 @@ class Updates:
         self.clock = clock
         self.stats = stats
         self.log = log
+        self.opt = opt_record(udp_payload)
 
     def handle(self, data: bytes, client: Any) -> bytes | None:
         """The answer to the UPDATE in C{data}, or None if it is not worth one."""
@@ -90,7 +97,7 @@ class Updates:
         except dns.exception.DNSException:
             self.stats.count("malformed")
             self.stats.count("update_rcode_FORMERR")
-            return _header_only(data, dns.rcode.FORMERR)
+            return malformed_reply(data, dns.rcode.FORMERR, self.opt)
         assert isinstance(message, dns.update.UpdateMessage)
         response = dns.message.make_response(message)
         key = None
@@ -133,7 +140,7 @@ class Updates:
             message = dns.message.from_wire(data, keyring=_unchecked)
         except dns.exception.DNSException:
             self.stats.count("malformed")
-            return _header_only(data, dns.rcode.FORMERR)
+            return malformed_reply(data, dns.rcode.FORMERR, self.opt)
         response = dns.message.make_response(message)
         try:
             key = self._verify(data, message, response)
@@ -243,11 +250,6 @@ def _unsigned_error(
         0,
         tsig.replace(mac=b"", error=error, other=b""),
     )
-
-
-def _header_only(data: bytes, rcode: int) -> bytes:
-    ident, flags = struct.unpack_from(">HH", data)
-    return struct.pack(">HHHHHH", ident, 0x8000 | (flags & 0x7800) | rcode, 0, 0, 0, 0)
 
 
 class _Working:

@@ -233,10 +233,29 @@ def is_update(data: bytes) -> bool:
     return len(data) >= 12 and not data[2] & 0x80 and (data[2] >> 3) & 0xF == UPDATE
 
 
-def malformed_reply(data: bytes, rcode: int) -> bytes:
-    """A header-only answer to a query netd could not read beyond its header."""
+def malformed_reply(data: bytes, rcode: int, opt: bytes) -> bytes:
+    """
+    A header-only answer to a query netd could not read beyond its header,
+    with C{opt} (our OPT record) if the query carried one, even one at fault:
+    RFC 6891 7, so the client can tell a FORMERR from a server without EDNS.
+    """
     ident, flags = struct.unpack_from(">HH", data)
-    return _HEADER.pack(ident, QR | (flags & (0x7800 | RD)) | rcode, 0, 0, 0, 0)
+    if not _carries_opt(data):
+        opt = b""
+    return _HEADER.pack(ident, QR | (flags & (0x7800 | RD)) | rcode, 0, 0, 0, 1 if opt else 0) + opt
+
+
+def _carries_opt(data: bytes) -> bool:
+    """Whether a message's records, if they can be read at all, include an OPT record."""
+    qdcount, *counts = struct.unpack_from(">HHHH", data, 4)
+    offset = 12
+    try:
+        for _ in range(qdcount):
+            offset = skip_name(data, offset) + 4
+        records, _ = walk_records(data, offset, sum(counts))
+    except Malformed:
+        return False
+    return any(record.type == OPT for record in records)
 
 
 def reply_header(query: Query, flags: int, an: int, ns: int, ar: int) -> bytes:
