@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import dns.flags
 import dns.message
 import dns.name
 import dns.query
@@ -254,3 +255,23 @@ def raw_udp(netd: NetdProcess, wire: bytes) -> bytes:
 def ask(netd: NetdProcess, name: str, rdtype: str = "A") -> dns.message.Message:
     query = dns.message.make_query(name, rdtype)
     return dns.query.udp(query, LOCAL, port=port(netd), timeout=5)
+
+
+def test_a_signed_answer_too_big_for_udp_with_its_tsig_comes_truncated_and_signed(
+    netd: NetdProcess,
+) -> None:
+    # 474 bytes unsigned, so it fits 512; its TSIG record takes it past them.
+    message = update()
+    message.add("mid.dyn.test.", 60, "TXT", f'"{"x" * 215}" "{"y" * 215}"')
+    assert dns.query.tcp(message, LOCAL, port=port(netd), timeout=5).rcode() == dns.rcode.NOERROR
+    assert not ask(netd, "mid.dyn.test", "TXT").flags & dns.flags.TC
+    query = dns.message.make_query("mid.dyn.test", "TXT")
+    query.use_tsig(KEYRING, keyname="ci-key")
+    answer = raw_udp(netd, query.to_wire())
+    assert len(answer) <= 512
+    # Read with the key: a MAC that does not verify raises.
+    reply = dns.message.from_wire(answer, keyring=KEYRING, request_mac=query.mac)
+    assert reply.had_tsig and reply.flags & dns.flags.TC and reply.answer == []
+    whole, over_tcp = dns.query.udp_with_fallback(query, LOCAL, port=port(netd), timeout=5)
+    assert over_tcp and whole.had_tsig
+    assert [rdata.strings for rdata in whole.answer[0]] == [(b"x" * 215, b"y" * 215)]

@@ -337,7 +337,7 @@ UPDATABLE = f"""\
 """
 
 
-def update_server(tmp_path: Path, clock: Clock) -> Server:
+def update_server(tmp_path: Path, clock: Clock, section: str = UPDATABLE) -> Server:
     context = BuildContext(
         reactor=clock,
         name="dns",
@@ -347,7 +347,7 @@ def update_server(tmp_path: Path, clock: Clock) -> Server:
         log=Logger(),
         tls={},
     )
-    return Server(DNS.parse(tmp_path, UPDATABLE), context)
+    return Server(DNS.parse(tmp_path, section), context)
 
 
 def send_update(server: Server, message: dns_message.Message) -> dns_message.Message:
@@ -373,6 +373,44 @@ def test_a_signed_update_is_checked_against_netds_clock(tmp_path: Path) -> None:
     assert (done.rcode(), done.tsig_error) == (dns_rcode.NOERROR, 0)
     assert server.records.get(name_to_wire("new.dyn.test"), dns.A) == a("10.0.0.2")
     assert server.stats.snapshot()["update_rcode_NOTAUTH"] == 1
+
+
+def signed_reply(server: Server, query: dns_message.Message, udp: bool) -> dns_message.Message:
+    query.use_tsig(KEYRING, keyname="ci-key")
+    answer = server.handle(query.to_wire(), CLIENT, udp)
+    assert isinstance(answer, bytes)
+    if udp:
+        assert len(answer) <= (query.payload if query.edns == 0 else 512)
+    # Read with the key: a MAC that does not verify raises.
+    return dns_message.from_wire(answer, keyring=KEYRING, request_mac=query.mac)
+
+
+def test_a_signed_answer_its_tsig_takes_past_the_payload_is_truncated_signed(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    clock.advance(time.time())
+    values = ", ".join(f"'{c * 215}'" for c in "xy")
+    section = UPDATABLE.replace(
+        "    update:", f"      mid.dyn.test: {{TXT: [{values}]}}\n    update:"
+    )
+    server = update_server(tmp_path, clock, section)
+    # Unsigned, the answer fits 512 bytes; the TSIG record takes it past them.
+    assert not ask(server, "mid.dyn.test", "TXT").flags & dns_flags.TC
+    for query in (
+        dns_message.make_query("mid.dyn.test", "TXT"),
+        dns_message.make_query("mid.dyn.test", "TXT", use_edns=0, payload=512),
+    ):
+        reply = signed_reply(server, query, udp=True)
+        # RFC 8945 5.3: the question alone, TC, NOERROR, and signed.
+        assert reply.had_tsig and reply.flags & dns_flags.TC and reply.rcode() == dns_rcode.NOERROR
+        assert (reply.answer, reply.authority, reply.additional) == ([], [], [])
+        assert reply.edns == query.edns
+    roomy = dns_message.make_query("mid.dyn.test", "TXT", use_edns=0, payload=1232)
+    reply = signed_reply(server, roomy, udp=True)
+    assert reply.had_tsig and not reply.flags & dns_flags.TC and len(reply.answer[0]) == 2
+    over_tcp = signed_reply(server, dns_message.make_query("mid.dyn.test", "TXT"), udp=False)
+    assert over_tcp.had_tsig and len(over_tcp.answer[0]) == 2
 
 
 def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path) -> None:

@@ -292,7 +292,7 @@ class Server:
         if self.updates is not None and is_signed(data) and not is_update(data):
             # Answered as the same query unsigned (prepared answers and all), then signed.
             return self.updates.answer_signed(
-                data, lambda unsigned: self.handle(unsigned, client, udp, transport)
+                data, lambda unsigned: self.handle(unsigned, client, udp, transport), udp
             )
         stats = self.stats
         prepared_at = (
@@ -328,7 +328,7 @@ class Server:
             namespace = self._namespace(name_to_text(query.name), client)
             fired = self.rules.check(client[0], namespace, **query_event(query, udp))
             if fired is not None:
-                limit = udp_limit(query, self.udp_payload) if udp else None
+                limit = udp_limit(query.payload, self.udp_payload) if udp else None
                 return answer_by_rule(
                     self,
                     fired,
@@ -376,7 +376,7 @@ class Server:
     ) -> bytes | Deferred[bytes] | None:
         """The service's own answer to a parsed query."""
         stats = self.stats
-        limit = udp_limit(query, self.udp_payload) if udp else None
+        limit = udp_limit(query.payload, self.udp_payload) if udp else None
         sections, source = self._answer_now(query, recursion, udp)
         if sections is not None:
             # RA says this client may ask for any name, whatever answered this one.

@@ -47,6 +47,7 @@ from netd.services.dns.wire import (
     malformed_reply,
     opt_record,
     read_name,
+    udp_limit,
     walk_records,
 )
 
@@ -85,6 +86,7 @@ class Updates:
         self.clock = clock
         self.stats = stats
         self.log = log
+        self.udp_payload = udp_payload
         self.opt = opt_record(udp_payload)
 
     def handle(self, data: bytes, client: Any) -> bytes | None:
@@ -121,13 +123,12 @@ class Updates:
             why=why,
         )
         if key is not None and not response.had_tsig:
-            response.use_tsig(key, fudge=_tsig(message).fudge, algorithm=key.algorithm)
-            response.request_mac = _tsig(message).mac
+            return _signed(response, key, _tsig(message))
         wire: bytes = response.to_wire()
         return wire
 
     def answer_signed(
-        self, data: bytes, answer: Callable[[bytes], bytes | Deferred[bytes] | None]
+        self, data: bytes, answer: Callable[[bytes], bytes | Deferred[bytes] | None], udp: bool
     ) -> bytes | Deferred[bytes] | None:
         """
         The answer to a TSIG-signed query, signed with its key (RFC 8945 5.3):
@@ -151,12 +152,20 @@ class Updates:
             refused: bytes = response.to_wire()
             return refused
         tsig = _tsig(message)
+        client = message.payload if message.edns >= 0 else None
+        limit = udp_limit(client, self.udp_payload) if udp else None
 
         def sign(reply: bytes) -> bytes:
             signed = dns.message.from_wire(reply)
-            signed.use_tsig(key, fudge=tsig.fudge, algorithm=key.algorithm)
-            signed.request_mac = tsig.mac
-            wire: bytes = signed.to_wire()
+            wire = _signed(signed, key, tsig)
+            if limit is not None and len(wire) > limit:
+                # The answer fitted, its TSIG record does not: RFC 8945 5.3
+                # sends the question alone (and the OPT), TC set and NOERROR,
+                # still signed, for the client to ask again over TCP.
+                signed.answer, signed.authority, signed.additional = [], [], []
+                signed.flags |= dns.flags.TC
+                signed.set_rcode(dns.rcode.NOERROR)
+                wire = _signed(signed, key, tsig)
             return wire
 
         reply = answer(_without_tsig(data))
@@ -250,6 +259,16 @@ def _unsigned_error(
         0,
         tsig.replace(mac=b"", error=error, other=b""),
     )
+
+
+def _signed(
+    message: dns.message.Message, key: dns.tsig.Key, tsig: dns.rdtypes.ANY.TSIG.TSIG
+) -> bytes:
+    """C{message} in wire form, signed with C{key} as the answer to the request C{tsig} signed."""
+    message.use_tsig(key, fudge=tsig.fudge, algorithm=key.algorithm)
+    message.request_mac = tsig.mac
+    wire: bytes = message.to_wire()
+    return wire
 
 
 class _Working:

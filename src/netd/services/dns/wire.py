@@ -313,14 +313,15 @@ def encode_reply(
     return reply
 
 
-def udp_limit(query: Query, payload: int = EDNS_PAYLOAD) -> int:
+def udp_limit(client: int | None, payload: int = EDNS_PAYLOAD) -> int:
     """
-    How big a UDP answer to C{query} may be: the smaller of the client's EDNS0
-    payload and ours, C{payload}; RFC 1035's 512 bytes without EDNS0.
+    How big a UDP answer may be to a client offering C{client} bytes of EDNS0
+    payload: the smaller of that and ours, C{payload}, but never below RFC
+    1035's 512 bytes (RFC 6891 6.2.5), the limit without EDNS0 (C{None}).
     """
-    if query.payload is None:
+    if client is None:
         return 512
-    return min(query.payload, payload)
+    return max(512, min(client, payload))
 
 
 # Presentation format (RFC 1035 section 5.1): a query name is any bytes, and a
