@@ -413,6 +413,20 @@ def test_a_signed_answer_its_tsig_takes_past_the_payload_is_truncated_signed(
     assert over_tcp.had_tsig and len(over_tcp.answer[0]) == 2
 
 
+def test_answers_dnspython_makes_advertise_the_services_udp_payload(tmp_path: Path) -> None:
+    clock = Clock()
+    clock.advance(time.time())
+    server = update_server(tmp_path, clock)
+    update = adding(keyring=KEYRING, keyname="ci-key")
+    update.use_edns(0)
+    assert send_update(server, update).payload == 1232
+    query = dns_message.make_query("www.dyn.test", "A", use_edns=0)
+    query.use_tsig(dns_tsigkeyring.from_text({"other-key": SECRET}), keyname="other-key")
+    refused = server.handle(query.to_wire(), CLIENT, True)
+    assert isinstance(refused, bytes)
+    assert dns_message.from_wire(refused, keyring=False).payload == 1232
+
+
 def test_an_allowed_zone_with_no_records_exists_and_takes_updates(tmp_path: Path) -> None:
     clock = Clock()
     clock.advance(time.time())

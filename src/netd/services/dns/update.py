@@ -101,7 +101,7 @@ class Updates:
             self.stats.count("update_rcode_FORMERR")
             return malformed_reply(data, dns.rcode.FORMERR, self.opt)
         assert isinstance(message, dns.update.UpdateMessage)
-        response = dns.message.make_response(message)
+        response = dns.message.make_response(message, our_payload=self.udp_payload)
         key = None
         try:
             if not message.had_tsig:
@@ -142,7 +142,7 @@ class Updates:
         except dns.exception.DNSException:
             self.stats.count("malformed")
             return malformed_reply(data, dns.rcode.FORMERR, self.opt)
-        response = dns.message.make_response(message)
+        response = dns.message.make_response(message, our_payload=self.udp_payload)
         try:
             key = self._verify(data, message, response)
         except Refusal as refusal:
