@@ -350,7 +350,9 @@ def test_edns_is_echoed_and_advertises_our_payload(tmp_path: Path) -> None:
     assert reply.edns == 0 and reply.payload == 1232
     assert ask(srv, "www.netd.test").edns == -1
     bad = ask(srv, "www.netd.test", use_edns=1)
-    assert bad.rcode() == dns.rcode.BADVERS
+    assert (bad.rcode(), bad.edns, bad.ednsflags & dns.flags.DO) == (dns.rcode.BADVERS, 0, 0)
+    bad = ask(srv, "www.netd.test", use_edns=1, want_dnssec=True)
+    assert bad.rcode() == dns.rcode.BADVERS and bad.ednsflags & dns.flags.DO
     # RFC 3225 3: the DO bit is copied into the answer's OPT, asked twice (the
     # second from the prepared answers, which keep queries with and without it apart).
     for _ in range(2):

@@ -48,7 +48,6 @@ from netd.services.dns.wire import (
     name_to_text,
     opt_record,
     parse_query,
-    reply_header,
     udp_limit,
 )
 
@@ -86,6 +85,7 @@ _RR = struct.Struct(">HHIH")
 _REFUSED = Sections(REFUSED, 0, 0, 0, b"")
 _SERVFAIL = Sections(RA | SERVFAIL, 0, 0, 0, b"")
 _CATCH_ALL_NODATA = Sections(AA | NOERROR, 0, 0, 0, b"")
+_NO_RECORDS = Sections(NOERROR, 0, 0, 0, b"")
 _POINTER_TO_QUESTION = b"\xc0\x0c"
 # A read that finds nothing more (or a signal): udp.Port.doRead's errors to ignore.
 _READ_LATER = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR, errno.ECONNREFUSED})
@@ -217,6 +217,7 @@ class Server:
         self.networks = options.recursion_from
         self.udp_payload = options.udp_payload
         self.opt = opt_record(options.udp_payload)
+        self.badvers_opt = opt_record(options.udp_payload, BADVERS)
         self.prepared_size = max(EDNS_PAYLOAD, options.udp_payload)
         self.recursion_ok: dict[str, bool] = {}
         self.log: deque[dict[str, Any]] = deque(maxlen=_QUERY_LOG_SIZE)
@@ -318,11 +319,8 @@ class Server:
         started = self.clock.seconds() if self.options.query_log else 0.0
         if query.edns_version:
             stats.count("rcode_BADVERS")
-            return (
-                reply_header(query, 0, 0, 0, 1)
-                + query.question
-                + opt_record(self.udp_payload, BADVERS)
-            )
+            # Through encode_reply for its OPT to copy the DO bit (RFC 3225 3).
+            return encode_reply(query, _NO_RECORDS, None, 0, self.badvers_opt)
         transport = transport or ("udp" if udp else "tcp")
         if self.rules.event_rules:
             namespace = self._namespace(name_to_text(query.name), client)
