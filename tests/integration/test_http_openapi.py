@@ -5,6 +5,7 @@ its examples or bodies that fit its schemas, and requests it does not allow get 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import httpx
@@ -105,8 +106,13 @@ components:
 
 @pytest.fixture
 def netd(start_netd: StartNetd, tmp_path: Path) -> NetdProcess:
-    spec = tmp_path / "petstore.yaml"
-    spec.write_text(PETSTORE)
+    return serve(start_netd, tmp_path, PETSTORE)
+
+
+def serve(start_netd: StartNetd, tmp_path: Path, description: str) -> NetdProcess:
+    """netd serving C{description}, with a route of its own beside the spec's."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(description)
     return start_netd(
         f"""
 services:
@@ -153,3 +159,62 @@ def test_requests_the_spec_does_not_allow_get_400(netd: NetdProcess) -> None:
         unknown = client.delete("/v1/pets/7")
         assert unknown.status_code == 404 and "closest route: openapi:showPetById" in unknown.text
         assert client.get("/health").text == "ok\n"
+
+
+PATTERNED = """\
+openapi: "3.0.0"
+info: {version: 1.0.0, title: Patterned Petstore}
+servers: [{url: /v1}]
+paths:
+  /pets/{petId}:
+    get:
+      operationId: showPet
+      parameters:
+        - {name: petId, in: path, required: true, schema: {type: string, pattern: "^[a-z]+$"}}
+        - {name: code, in: query, schema: {type: string, pattern: "^[0-9]{3}$"}}
+        - {name: X-Trace, in: header, schema: {type: string, pattern: "^t-[0-9]+$"}}
+      responses:
+        "200":
+          description: A pet
+          content:
+            application/json:
+              schema:
+                type: object
+                required: [id, tag, name]
+                properties:
+                  id: {type: string, pattern: "^[A-Z]{3}-[0-9]{4}$"}
+                  tag: {type: string, pattern: "^[a-z]+$", example: rex}
+                  name: {type: string, minLength: 2}
+  /pets:
+    post:
+      operationId: createPet
+      requestBody:
+        required: true
+        content:
+          application/json:
+            schema:
+              type: object
+              required: [name]
+              properties:
+                name: {type: string, pattern: "^[a-z]+$"}
+      responses:
+        "201": {description: Made}
+"""
+
+
+def test_patterns_are_checked_and_followed(start_netd: StartNetd, tmp_path: Path) -> None:
+    netd = serve(start_netd, tmp_path, PATTERNED)
+    with httpx.Client(base_url=netd.url("api"), timeout=10) as client:
+        pet = client.get("/v1/pets/rex", params={"code": "123"}, headers={"X-Trace": "t-1"})
+        assert pet.status_code == 200, pet.text
+        body = pet.json()
+        assert re.fullmatch("[A-Z]{3}-[0-9]{4}", body["id"]) and body["tag"] == "rex"
+        for refused in (
+            client.get("/v1/pets/REX"),
+            client.get("/v1/pets/rex", params={"code": "12"}),
+            client.get("/v1/pets/rex", headers={"X-Trace": "trace"}),
+            client.post("/v1/pets", json={"name": "Rex"}),
+        ):
+            assert refused.status_code == 400, (refused.request.url, refused.text)
+            assert "does not match" in refused.text
+        assert client.post("/v1/pets", json={"name": "rex"}).status_code == 201

@@ -782,6 +782,40 @@ def test_bodies_built_to_fit_a_schema_keep_its_counts_and_steps(schema: dict[str
 @pytest.mark.parametrize(
     "schema",
     [
+        {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+        {"type": "string", "pattern": "^[a-z]+$", "minLength": 5, "maxLength": 6},
+        {"type": "string", "format": "date", "pattern": "^20[0-9]{2}-"},
+        {"type": "string", "pattern": r"^(cat|dog)s?\.\d+$"},
+        unique({"type": "string", "pattern": "^[a-f]$"}, 4),
+        {
+            "type": "object",
+            "required": ["sku"],
+            "properties": {"sku": {"type": "string", "pattern": "^SKU-[0-9]{6}$"}},
+        },
+    ],
+)
+def test_bodies_built_to_fit_a_schema_match_its_patterns(schema: dict[str, Any]) -> None:
+    import jsonschema
+
+    from netd.services.http.openapi import minimal
+
+    built = minimal({}, schema)
+    jsonschema.Draft202012Validator(schema).validate(built)
+    assert minimal({}, schema) == built  # the same body on every read of the file
+
+
+def test_a_patterned_string_takes_the_schemas_own_value_first() -> None:
+    from netd.services.http.openapi import minimal
+
+    patterned = {"type": "string", "pattern": "^[a-z]+$"}
+    assert minimal({}, {**patterned, "examples": ["rex"]}) == "rex"
+    assert minimal({}, {**patterned, "default": "tom"}) == "tom"
+    assert minimal({}, {**patterned, "enum": ["kit", "cub"]}) == "kit"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
         unique({"type": "integer", "minimum": 0, "maximum": 1}),
         unique({"type": "number", "minimum": 0, "exclusiveMaximum": 0.5, "multipleOf": 0.25}),
         unique({"type": "boolean"}),

@@ -5,8 +5,9 @@ Each operation (3.0 or 3.1, YAML or JSON) becomes a route for its method and pat
 template under the first server's path; it answers the operation's first success
 response (lowest 2xx, else C{default}) with the spec's example (the media type's
 C{example}, its first C{examples} entry, the schema's C{example}) or else a small
-body built to fit the schema (a schema no body fits, such as three different
-integers from 0 to 1, is an error when the file is read); and it refuses, with
+body built to fit the schema, its strings drawn by rstr to match their
+C{pattern} (a schema no body fits, such as three different integers from 0 to
+1, is an error when the file is read); and it refuses, with
 400 and the reason, a request the spec does not allow (parameters, body).
 openapi-core reads and checks the file and validates requests (C{pip install
 'netd[openapi]'}); it is imported only when a map names a file, as it brings
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import re
 import urllib.parse
 from collections.abc import Iterable, Iterator
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 import attrs
+import rstr
 import yaml
 from openapi_core import OpenAPI
 from openapi_core.datatypes import RequestParameters
@@ -45,6 +48,8 @@ _PARAMETER = re.compile(r"\{([^}/]+)\}")
 _DEPTH = 12
 # Numbers in a row that do not fit a schema before its values are taken to have run out.
 _TRIES = 1000
+# Strings drawn for a pattern: the shortest that fits answers, so a "+" drawn long is passed over.
+_DRAWS = 64
 
 
 class OpenAPIError(ValueError):
@@ -195,6 +200,8 @@ def minimal(spec: dict[str, Any], schema: Any, depth: int = 0) -> Any:
     for key in ("example", "default", "const"):
         if key in schema:
             return schema[key]
+    if isinstance(schema.get("examples"), list) and schema["examples"]:
+        return schema["examples"][0]
     if schema.get("enum"):
         return schema["enum"][0]
     for key in ("oneOf", "anyOf"):
@@ -346,7 +353,14 @@ def _multiple(value: int | float, step: int | float | None) -> bool:
 
 
 def _strings(schema: dict[str, Any], first: str) -> Iterator[str]:
-    """C{first} with a hexadecimal count after it, over its end where maxLength says."""
+    """
+    C{first} with a hexadecimal count after it, over its end where maxLength
+    says; for a pattern, C{first} and then other strings drawn to match it.
+    """
+    if "pattern" in schema:
+        yield first
+        yield from _drawn(schema)
+        return
     most = schema.get("maxLength")
     for number in itertools.count():
         tag = format(number, "x")
@@ -406,7 +420,43 @@ def _string(schema: dict[str, Any]) -> str:
     text = text if len(text) >= least else text + "x" * (least - len(text))
     # A length is always checked, a format only if the validator asserts formats.
     most = schema.get("maxLength")
-    return text[:most] if isinstance(most, int) else text
+    text = text[:most] if isinstance(most, int) else text
+    if "pattern" not in schema or _fits(schema, text):
+        return text
+    # A pattern no draw matches (lookarounds, backreferences) leaves the string that fits the rest.
+    return min(itertools.islice(_drawn(schema), _DRAWS), key=len, default=text)
+
+
+def _drawn(schema: dict[str, Any]) -> Iterator[str]:
+    """
+    Different strings that match the schema's pattern (as jsonschema's
+    re.search does) and fit its lengths, drawn by rstr the same on every read.
+    """
+    pattern = str(schema["pattern"])
+    try:
+        re.compile(pattern)
+    except re.error:
+        return
+    draw = rstr.Rstr(random.Random(pattern)).xeger
+    seen: set[str] = set()
+    missed = 0
+    while missed < _TRIES:
+        try:
+            text = draw(pattern)
+        except (LookupError, ValueError):  # what rstr cannot build: (?>...), a bad group
+            return
+        missed += 1
+        if text not in seen and _fits(schema, text):
+            seen.add(text)
+            missed = 0
+            yield text
+
+
+def _fits(schema: dict[str, Any], text: str) -> bool:
+    least, most = schema.get("minLength", 0), schema.get("maxLength")
+    if len(text) < least or (isinstance(most, int) and len(text) > most):
+        return False
+    return re.search(str(schema["pattern"]), text) is not None
 
 
 class _Validator:
