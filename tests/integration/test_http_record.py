@@ -12,7 +12,23 @@ from pathlib import Path
 import httpx
 import yaml
 
+from netd.testing import NetdProcess
 from tests.conftest import StartNetd
+
+
+def recording_proxy(start_netd: StartNetd, upstream: NetdProcess, recording: Path) -> NetdProcess:
+    """netd relaying /api/ to the upstream's origin service, recording to C{recording}."""
+    return start_netd(
+        f"""
+services:
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    record: 10
+    routes:
+      - {{path: /api/, proxy: "{upstream.url("origin", path="/")}", record_to: {recording}}}
+"""
+    )
 
 
 def test_recorded_answers_replay_byte_for_byte(start_netd: StartNetd, tmp_path: Path) -> None:
@@ -46,17 +62,7 @@ services:
 """
     )
     recording = tmp_path / "recorded.yaml"
-    recorder = start_netd(
-        f"""
-services:
-  web:
-    type: http
-    listen: ["tcp:0:interface=127.0.0.1"]
-    record: 10
-    routes:
-      - {{path: /api/, proxy: "{upstream.url("origin", path="/")}", record_to: {recording}}}
-"""
-    )
+    recorder = recording_proxy(start_netd, upstream, recording)
     asked = [
         ("GET", "/api/users?page=2", None),
         ("GET", "/api/users", None),
@@ -109,3 +115,35 @@ services:
     with httpx.Client(base_url=replay.url("web"), timeout=10) as client:
         missed = client.post("/api/orders", content=b'{"sku": "C-3"}')
     assert missed.status_code == 404 and "closest route" in missed.text
+
+
+def test_exchanges_waiting_for_the_read_back_are_written_at_a_stop(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    upstream = start_netd(
+        """
+services:
+  origin:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    routes:
+      - {path: /items, json: {ok: true}}
+"""
+    )
+    recording = tmp_path / "recorded.yaml"
+    # Seconds of YAML to read back: the exchange below ends, and netd stops, meanwhile.
+    recorded = {"path": "/items", "method": "GET", "status": 200, "body": "old"}
+    recording.write_text(
+        "".join(
+            yaml.safe_dump([{**recorded, "match": {"query_equals": {"n": str(n)}}}])
+            for n in range(8_000)
+        )
+    )
+    recorder = recording_proxy(start_netd, upstream, recording)
+    answer = httpx.get(recorder.url("web", path="/api/items?new=1"), timeout=10)
+    assert answer.status_code == 200
+    assert recorder.stop(timeout=60) == 0
+
+    routes = yaml.load(recording.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    assert len(routes) == 8_001
+    assert routes[-1]["match"] == {"query_equals": {"new": "1"}}

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
 from netd.kinds import AdminView, BuildContext, Handlers, ServiceKind
@@ -45,6 +45,7 @@ from netd.services.http.wire import Limits, busy_reply, factory_for
 
 if TYPE_CHECKING:
     from netd.services.http.proxy import Proxy
+    from netd.services.http.record import Recorder
 
 __all__ = ["HTTP", "Limits", "Options", "Route"]
 
@@ -277,14 +278,22 @@ def _headers(value: Value) -> tuple[tuple[str, str], ...]:
 
 class _Running(Service):
     """
-    Hands the run-time routes on to the next build once this one serves, and
-    closes the proxy's kept-alive upstream connections when it stops.
+    Hands the run-time routes on to the next build once this one serves; when
+    it stops, closes the proxy's kept-alive upstream connections and waits for
+    recordings still read back, so the exchanges waiting for them are written.
     """
 
-    def __init__(self, routes: RoutesView, carried: dict[str, Any], proxy: Proxy | None) -> None:
+    def __init__(
+        self,
+        routes: RoutesView,
+        carried: dict[str, Any],
+        proxy: Proxy | None,
+        recorders: Iterable[Recorder],
+    ) -> None:
         self.routes = routes
         self.carried = carried
         self.proxy = proxy
+        self.recorders = tuple(recorders)
 
     def startService(self) -> None:
         super().startService()
@@ -292,7 +301,10 @@ class _Running(Service):
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        return self.proxy.close() if self.proxy is not None else None
+        waits = [recorder.read for recorder in self.recorders]
+        if self.proxy is not None:
+            waits.append(self.proxy.close())
+        return DeferredList(waits).addCallback(lambda _: None) if waits else None
 
 
 def build(service: ServiceConfig, context: BuildContext) -> Handlers:
@@ -337,7 +349,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     return Handlers(
         stream=stream,
         busy_reply=busy_reply(),
-        service=_Running(routes, context.carried, proxy),
+        service=_Running(routes, context.carried, proxy, app.recorders.values()),
         keep=partial(routes.keep, context.carried),
         kept_views=frozenset({"routes"}),
         views={

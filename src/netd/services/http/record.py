@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from netd.services.http.match import query_values
 
@@ -70,12 +70,15 @@ class Recorder:
         self.count = 0
         # Exchanges that ended while the recording was read back: written after it.
         self._waiting: list[tuple[Exchange, int, Headers, bytes]] | None = []
+        self.read: Deferred[None]
+        """Fires once the file is read back and the exchanges that waited for it are written."""
         if in_thread is None:
             self._read_back(_read_back(self.path, self.bodies))
+            self.read = succeed(None)
         else:
             # A recording grows without end (20,000 exchanges are 9 s of YAML):
             # read back in a thread, not on the reactor a reload runs on.
-            in_thread(_read_back, self.path, self.bodies).addBoth(self._read_back)
+            self.read = in_thread(_read_back, self.path, self.bodies).addBoth(self._read_back)
 
     def _read_back(self, outcome: Any) -> None:
         if isinstance(outcome, tuple):  # else a failure: go on from nothing known
