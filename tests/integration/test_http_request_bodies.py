@@ -8,6 +8,7 @@ recorded as far as it came.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -19,8 +20,10 @@ import httpx
 import pytest
 
 from netd.testing import NetdProcess
+from tests.conftest import StartNetd
 from tests.fakes.upstreams import QuietHandler, serving_http
 from tests.maps import lab_map
+from tests.signals import wait_until
 
 CURL = shutil.which("curl")
 RECORD_BODY = 1024
@@ -166,3 +169,32 @@ def test_a_body_cut_short_is_recorded_as_far_as_it_came(netd: NetdProcess) -> No
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")  # answered from its head
     record = recorded(netd, "/health?cut")
     assert (record["body"], record["body_size"], record["body_cut"]) == ("only part", 9, True)
+
+
+def test_a_stop_lets_an_answered_upload_finish_before_closing(start_netd: StartNetd) -> None:
+    netd = start_netd(
+        lab_map(
+            """
+  web:
+    type: http
+    listen: ["tcp:0:interface=127.0.0.1"]
+    routes: [{path: /upload, body: "took it\\n"}]
+""",
+            shutdown_grace=8,
+        )
+    )
+    size, piece = 8_000_000, b"b" * 10_000
+    with socket.create_connection(netd.address("web"), timeout=10) as sock:
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size)
+        sock.recv(1, socket.MSG_PEEK)  # answered, the body not sent yet
+        netd.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "netd stopping" in netd.output, "the stop")
+        # A client that reads its answer once its upload is sent: netd closing
+        # first would reset it (EPIPE here) before it reads that answer.
+        for _ in range(size // len(piece)):
+            sock.sendall(piece)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\ntook it\n")
+    assert netd.stop() == 0

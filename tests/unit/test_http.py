@@ -454,6 +454,23 @@ def test_a_last_request_s_body_is_read_to_its_end_before_the_close(root: Path) -
     assert stalled.closed and stalled.take() == b""  # no 408 after its answer
 
 
+def test_a_stop_reads_an_answered_request_s_body_to_its_end_before_the_close(
+    root: Path,
+) -> None:
+    app = make_app(root)
+    wire = Wire(app, Limits(body_timeout=5))
+    answered = wire.send(
+        b"POST /a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 150\r\n\r\n" + b"a" * 50
+    )
+    assert answered.startswith(b"HTTP/1.1 405 ") and b"keep-alive" in answered
+    wire.protocol.close_gracefully()
+    assert not wire.closed  # the client still sending would be reset before reading its answer
+    wire.send(b"b" * 100 + b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert wire.closed and wire.take() == b""  # nothing answered after the stop
+    [record] = app.list_requests({})
+    assert record["body_size"] == 150
+
+
 def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:
     app = make_app(root)
     with_h2 = factory_for(app, Limits(), tls=True, http2=True)

@@ -397,6 +397,12 @@ class HTTPConnection(Protocol):
             # a client retries a request on a reused connection that closes, not
             # its first one.  That request is answered, then the connection closes.
             self.last_request = True
+        elif self.h2 is None and self.current is None and self.receiving is not None:
+            # Answered before its body was all in: read to its end first, as a
+            # response that closes its connection does (see finished).
+            self.closing = True
+            self.body_then_close = True
+            self.resume_reading()
         elif self.h2 is not None or self.current is None:
             self.transport.loseConnection()
         else:
