@@ -105,6 +105,35 @@ def test_messages_are_searched_paged_and_deleted_one_by_one(netd: NetdProcess) -
     assert gone.value.status == 404
 
 
+def test_text_search_reads_the_decoded_text_as_mailpit_does(netd: NetdProcess) -> None:
+    bodies = {
+        "qp": ("y" * 68 + " marmalade and café crème\n", "utf-8", "quoted-printable"),
+        "b64": ("Grüße aus Köln: the zeppelin lands\n", "utf-8", "base64"),
+        "latin": ("Un déjà-vu à Zürich\n", "iso-8859-1", "8bit"),
+    }
+    with smtp(netd) as client:
+        for name, (body, charset, cte) in bodies.items():
+            mail = message(f"search-{name}@netd.test", f"decoded {name}")
+            mail.set_content(body, charset=charset, cte=cte)
+            client.sendmail("alice@client.test", [f"search-{name}@netd.test"], bytes(mail))
+    raw = netd.message("mail", netd.messages("mail", to="search-qp@netd.test")[0]["id"])
+    assert b"marmalad=\r\ne" in raw and b"caf=C3=A9" in raw  # a soft break splits the word
+    for word, found in (
+        ("MARMALADE", "qp"),
+        ("café crème", "qp"),
+        ("the zeppelin", "b64"),
+        ("grüße aus köln", "b64"),
+        ("déjà-vu à zürich", "latin"),
+        ("decoded latin", "latin"),  # the headers, decoded, still count
+    ):
+        assert [m["to"] for m in netd.messages("mail", text=word)] == [
+            [f"search-{found}@netd.test"]
+        ], word
+    # Only the encoding holds these: Mailpit searches the decoded text, and so does netd.
+    for encoded in ("caf=c3=a9", "marmalad=", "R3LDvMOfZSBhdXMg"):
+        assert netd.messages("mail", text=encoded, q="decoded") == [], encoded
+
+
 def test_swaks_over_starttls_with_auth(netd: NetdProcess) -> None:
     if SWAKS is None:
         pytest.skip("swaks is not installed (apt-get install swaks)")

@@ -727,6 +727,27 @@ def test_subject_and_searches_read_headers_unfolded_and_decoded(tmp_path: Path) 
         assert result_of(store.list(query))["total"] == 1, query
 
 
+def test_text_search_reads_visible_text_and_the_first_mib_of_each_message(
+    tmp_path: Path,
+) -> None:
+    store, _, _ = make_store(tmp_path)
+    html = (
+        b"Subject: page\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        b"<p>Caf<b>&eacute;</b> <a href='https://x.test/'>menu</a></p><script>hidden</script>\r\n"
+    )
+    # The first MiB of each message is searched (extract.SEARCHED).
+    past = b"Subject: long\r\n\r\n" + b"filler line\r\n" * (2**20 // 13) + b"needle\r\n"
+    for data in (html, past):
+        result_of(store.accept(attrs.evolve(transaction(None, "x@netd.test"), data=data)))
+
+    def found(text: str) -> list[str]:
+        return [m["subject"] for m in result_of(store.list({"text": text}))["messages"]]
+
+    assert found("CAFÉ MENU") == ["page"]  # HTML as it reads: tags and entities gone
+    assert found("<b>") == found("hidden") == found("needle") == []
+    assert found("filler line") == ["long"]
+
+
 def test_parse_delivery(tmp_path: Path) -> None:
     options = parse(
         tmp_path,

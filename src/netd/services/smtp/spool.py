@@ -33,6 +33,7 @@ from twisted.internet.defer import Deferred
 
 from netd.kinds import RunInThread
 from netd.records import Record
+from netd.services.smtp import extract
 
 __all__ = ["HEAD_BYTES", "Envelope", "Notify", "RetryState", "Spool", "new_id"]
 
@@ -268,20 +269,21 @@ def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
     return found
 
 
-def _read_message(path: str | Path) -> bytes | None:
+def _read_message(path: str | Path, size: int = -1) -> bytes | None:
+    """A message's octets (its first C{size}, if given), None once it is gone."""
     try:
         with open(path, "rb") as f:
             f.readline()
-            return f.read()
+            return f.read(size)
     except FileNotFoundError:
         return None
 
 
-def _containing(directory: Path, ids: list[str], needle: bytes) -> list[str]:
+def _containing(directory: Path, ids: list[str], needle: str) -> list[str]:
     found = []
     for id in ids:
-        data = _read_message(directory / (id + _SUFFIX))
-        if data is not None and needle in data.lower():
+        data = _read_message(directory / (id + _SUFFIX), extract.SEARCHED)
+        if data is not None and needle in extract.text(data).lower():
             found.append(id)
     return found
 
@@ -383,8 +385,11 @@ class Spool:
         paths = [folder + id + _SUFFIX for id in ids]
         return self.run(lambda: [_read_message(path) for path in paths])
 
-    def containing(self, ids: Iterable[str], needle: bytes) -> Deferred[list[str]]:
-        """The ids, in order, of the messages whose raw source holds C{needle} (lower case)."""
+    def containing(self, ids: Iterable[str], needle: str) -> Deferred[list[str]]:
+        """
+        The ids, in order, of the messages whose text (L{extract.text}) holds
+        C{needle} (lower case), as read in their first L{extract.SEARCHED} octets.
+        """
         listed = list(ids)
         return self.run(lambda: _containing(self.directory, listed, needle))
 

@@ -352,7 +352,8 @@ class MailStore(Service):
         newest first).  C{to} is one recipient; C{from}, C{subject} and C{q} (the
         envelope and every header) match parts of the headers as they read
         (unfolded, encoded words decoded), ignoring case; C{text} searches
-        each raw source, in a thread.  C{offset} and C{limit} page through the
+        those headers and the text of the text and HTML parts (L{extract.text}),
+        decoded in a thread.  C{offset} and C{limit} page through the
         matches; C{total} counts them all.
         """
         try:
@@ -364,7 +365,7 @@ class MailStore(Service):
         sender = query.get("from", "").lower()
         subject = query.get("subject", "").lower()
         anywhere = query.get("q", "").lower()
-        text = query.get("text", "").lower().encode()
+        text = query.get("text", "").lower()
         namespace = query.get("namespace")
 
         def matching(_: None) -> list[str]:
@@ -404,9 +405,20 @@ class MailStore(Service):
                     )
             return {"messages": messages, "total": len(ids)}
 
+        def containing(ids: list[str]) -> Deferred[list[str]]:
+            # The headers are parsed already; only the others' parts are read and decoded.
+            by_header = {id for id in ids if text in self._summary(id)["text"]}
+            searched = self.spool.containing([id for id in ids if id not in by_header], text)
+
+            def merged(by_body: list[str]) -> list[str]:
+                matched = by_header.union(by_body)
+                return [id for id in ids if id in matched]
+
+            return searched.addCallback(merged)
+
         found = self._when_ready().addCallback(matching)
         if text:
-            found.addCallback(lambda ids: self.spool.containing(ids, text))
+            found.addCallback(containing)
         return found.addCallback(page)
 
     def _summary(self, id: str) -> dict[str, Any]:
