@@ -328,7 +328,12 @@ def test_a_message_answered_250_survives_sigkill(start_netd: StartNetd, tmp_path
 class Smarthost:
     """aiosmtpd on loopback as the upstream relay; recipients named reject*/later* fail."""
 
-    def __init__(self, auth_required: bool = True, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        auth_required: bool = True,
+        tls: ssl.SSLContext | None = None,
+        require_starttls: bool | None = None,
+    ) -> None:
         # Bound but not listening, the port refuses connections (the smarthost
         # is down) and no other test can take it; aiosmtpd binds it too
         # (SO_REUSEADDR on both) when switched on.
@@ -338,6 +343,7 @@ class Smarthost:
         self.port: int = self.holder.getsockname()[1]
         self.auth_required = auth_required
         self.tls = tls
+        self.require_starttls = tls is not None if require_starttls is None else require_starttls
         self.received: list[tuple[str, list[str], bytes]] = []
         self.arrived = threading.Condition()
         self.controller: Controller | None = None
@@ -357,7 +363,7 @@ class Smarthost:
             auth_require_tls=False,
             auth_required=self.auth_required,
             tls_context=self.tls,
-            require_starttls=self.tls is not None,
+            require_starttls=self.require_starttls,
         )
         self.controller.start()
 
@@ -528,6 +534,34 @@ def test_mx_delivery_through_twisted_names(start_netd: StartNetd, tmp_path: Path
         resolver.close()
 
 
+def relay_to_smarthosts(
+    start_netd: StartNetd, tmp_path: Path, routes: list[tuple[str, str, str]]
+) -> NetdProcess:
+    """
+    A daemon with an smtp service per route (name, smarthost, tls) that has
+    mailed NAME@far.test through it, retrying only after 30 seconds.
+    """
+    services = "".join(
+        f"""
+  {name}:
+    type: smtp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    delivery: {{mode: smarthost, smarthost: "{smarthost}", tls: {tls}, retry: [30]}}
+"""
+        for name, smarthost, tls in routes
+    )
+    netd = start_netd(
+        f"state_dir: {tmp_path / 'state'}\n"
+        'admin: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
+        f"services:{services}"
+    )
+    for name, _, _ in routes:
+        host, port = netd.address(name)
+        with smtplib.SMTP(host, port, timeout=10) as client:
+            client.sendmail("a@client.test", [f"{name}@far.test"], b"Subject: t\r\n\r\nx\r\n")
+    return netd
+
+
 def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
@@ -536,31 +570,17 @@ def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
     context.load_cert_chain(keypair.chain, keypair.key)
     upstream = Smarthost(auth_required=False, tls=context)
     upstream.start()
-    services = "".join(
-        f"""
-  {name}:
-    type: smtp
-    listen: ["tcp:0:interface=127.0.0.1"]
-    delivery: {{mode: smarthost, smarthost: "{host}:{upstream.port}", tls: {tls},
-      retry: [30]}}
-"""
-        for name, host, tls in (
-            ("good", "localhost", f"required, ca: {ca}"),
-            ("bad", "127.0.0.1", f"required, ca: {ca}"),
-            # Encrypted without a check: the name mismatch does not matter.
-            ("opportunistic", "127.0.0.1", "opportunistic"),
-        )
-    )
-    netd = start_netd(
-        f"state_dir: {tmp_path / 'state'}\n"
-        'admin: {listen: ["tcp:0:interface=127.0.0.1"]}\n'
-        f"services:{services}"
-    )
     try:
-        for name in ("good", "bad", "opportunistic"):
-            host, port = netd.address(name)
-            with smtplib.SMTP(host, port, timeout=10) as client:
-                client.sendmail("a@client.test", [f"{name}@far.test"], b"Subject: t\r\n\r\nx\r\n")
+        netd = relay_to_smarthosts(
+            start_netd,
+            tmp_path,
+            [
+                ("good", f"localhost:{upstream.port}", f"required, ca: {ca}"),
+                ("bad", f"127.0.0.1:{upstream.port}", f"required, ca: {ca}"),
+                # Encrypted without a check: the name mismatch does not matter.
+                ("opportunistic", f"127.0.0.1:{upstream.port}", "opportunistic"),
+            ],
+        )
         with upstream.arrived:
             assert upstream.arrived.wait_for(lambda: len(upstream.received) == 2, timeout=20)
         assert sorted(r for _, [r], _ in upstream.received) == [
@@ -574,6 +594,55 @@ def test_smarthost_tls_required_verifies_and_opportunistic_encrypts(
         assert messages_to_service(netd, "bad") == ["bad@far.test"]
     finally:
         upstream.stop()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_opportunistic_tls_that_fails_goes_on_in_plaintext_at_once(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    keypair, ca = ensure_self_signed(tmp_path / "upstream", "upstream", ["localhost"])
+    # STARTTLS offered, but every handshake fails: it demands a client certificate.
+    broken = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(ca))
+    broken.load_cert_chain(keypair.chain, keypair.key)
+    broken.verify_mode = ssl.CERT_REQUIRED
+    upstream = Smarthost(auth_required=False, tls=broken, require_starttls=False)
+    upstream.start()
+    strict = Smarthost(auth_required=False, tls=broken)  # and says 530 to plaintext MAIL
+    strict.start()
+    try:
+        netd = relay_to_smarthosts(
+            start_netd,
+            tmp_path,
+            [
+                ("opportunistic", f"localhost:{upstream.port}", "opportunistic"),
+                ("required", f"localhost:{upstream.port}", f"required, ca: {ca}"),
+                # AUTH's password never goes in the clear: no plaintext without TLS.
+                (
+                    "login",
+                    f"localhost:{upstream.port}",
+                    "opportunistic, username: relayuser, password: relaypass",
+                ),
+                ("strict", f"localhost:{strict.port}", "opportunistic"),
+            ],
+        )
+        [delivered] = netd.events("opportunistic", "message.delivered", wait=20)
+        assert delivered["recipients"] == ["opportunistic@far.test"]
+        assert delivered["plaintext_after"].startswith("STARTTLS failed: "), delivered
+        assert netd.events("opportunistic", "message.deferred") == []
+        for name in ("required", "login"):
+            [deferred] = netd.events(name, "message.deferred", wait=20)
+            assert deferred["reply"].startswith("451 4.4.1") and "plaintext_after" not in deferred
+            assert messages_to_service(netd, name) == [f"{name}@far.test"]
+        # The hop wants the TLS that failed: kept for when it is mended, not bounced.
+        [deferred] = netd.events("strict", "message.deferred", wait=20)
+        assert deferred["reply"].startswith("454 4.7.0 STARTTLS failed: "), deferred
+        assert deferred["reply"].endswith("530 Must issue a STARTTLS command first")
+        assert deferred["plaintext_after"] and netd.events("strict", "message.bounced") == []
+        assert [r for _, [r], _ in upstream.received] == ["opportunistic@far.test"]
+        assert strict.received == []
+    finally:
+        upstream.stop()
+        strict.stop()
 
 
 def messages_to_service(netd: NetdProcess, service: str) -> list[str]:

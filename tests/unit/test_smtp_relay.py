@@ -14,12 +14,13 @@ import pytest
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
+from twisted.mail import smtp
 from twisted.protocols.basic import LineReceiver
 from twisted.test import iosim
 
 from netd.events import Journal
 from netd.services.smtp.address import Mailbox
-from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions
+from netd.services.smtp.relay import Courier, Hop, Outcome, SmarthostOptions, client_tls
 from netd.services.smtp.spool import Envelope, Spool
 from netd.services.smtp.store import MailStore
 from tests.unit.test_smtp import Harness, accept, make_store, result_of, send, transaction
@@ -329,3 +330,27 @@ def test_tls_none_sends_no_starttls_to_a_hop_that_offers_it() -> None:
     assert result_of(sent)["x@far.test"][0] == 250
     commands = [c.split(b" ")[0] for s in next_hop.servers for c in s.commands]
     assert b"STARTTLS" not in commands and b"MAIL" in commands
+
+
+@pytest.mark.parametrize("username", [None, "relayuser"])
+def test_opportunistic_tls_refused_goes_on_in_plaintext_unless_it_would_log_in(
+    username: str | None,
+) -> None:
+    next_hop = NextHop(Clock(), ["STARTTLS", *AUTH], {"STARTTLS": "454 4.7.0 not now"})
+    options = SmarthostOptions("hop.test", username=username, password=username)
+    hop = Hop("relay.netd.test", options, client_tls(options), next_hop)
+    sent = hop.send(eight_bit_envelope("1", False), ["x@far.test"], b"Subject: s\r\n\r\nb\r\n")
+    next_hop.flush()
+    commands = [[c.split(b" ")[0] for c in s.commands] for s in next_hop.servers]
+    if username is None:
+        assert commands[0] == [b"EHLO", b"STARTTLS", b"QUIT"]
+        assert commands[1][:4] == [b"EHLO", b"MAIL", b"RCPT", b"DATA"]  # no STARTTLS
+        outcome = result_of(sent)
+        assert outcome["x@far.test"][0] == 250
+        assert (
+            outcome.plaintext_after
+            == "STARTTLS failed: 454 Could not complete the SSL/TLS handshake"
+        )
+    else:
+        assert commands == [[b"EHLO", b"STARTTLS", b"QUIT"]]  # its password stays unsent
+        assert result_of(sent).check(smtp.TLSError)

@@ -150,6 +150,7 @@ def mx_sender(reactor: Any, hostname: str, options: MxOptions, resolver: Any) ->
                 merged.update(outcome)
                 if isinstance(outcome, Replies):
                     merged.passed_on |= outcome.passed_on
+                    merged.plaintext_after = merged.plaintext_after or outcome.plaintext_after
             return merged
 
         return gatherResults(attempts, consumeErrors=True).addCallback(merge)

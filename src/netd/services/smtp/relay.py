@@ -73,10 +73,12 @@ class Replies(dict[str, tuple[int, str]]):
     """
     An attempt's replies by recipient, and those recipients whose DSN requests
     the next hop took on (it offered DSN): their reports are its to send
-    (RFC 3461 5.2.2).
+    (RFC 3461 5.2.2).  C{plaintext_after} is why opportunistic TLS failed,
+    when the message then went in plaintext ("" when it did not).
     """
 
     passed_on: frozenset[str] = frozenset()
+    plaintext_after: str = ""
 
 
 # What happened to each recipient of one attempt: address -> (code, text).
@@ -115,6 +117,8 @@ class _Job(Record):
     data: bytes
     size: int
     result: Deferred[Outcome] = attrs.field(factory=Deferred)
+    # Why TLS failed, when it goes on in plaintext (Hop.plaintext).
+    tls_failure: str = ""
 
     @property
     def needs_utf8(self) -> bool:
@@ -204,6 +208,9 @@ class _Sender(smtp.ESMTPSender):
         # The extensions the next hop's last EHLO offered (none after HELO).
         self.offered: frozenset[bytes] = frozenset()
         self.size_limit = 0
+        # From STARTTLS to the first line read through TLS: a failure
+        # meanwhile is TLS's (STARTTLS refused, or the handshake failed).
+        self.securing = False
 
     def connectionMade(self) -> None:
         # The body goes out in chunks and ".\r\n" after them: with Nagle's
@@ -212,6 +219,19 @@ class _Sender(smtp.ESMTPSender):
         if set_no_delay is not None:
             set_no_delay(True)
         super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self._tlsMode:  # read through TLS: the handshake is done
+            self.securing = False
+        super().lineReceived(line)
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        self.securing = True
+        super().esmtpState_starttls(code, resp)
+
+    def esmtpTLSFailed(self, code: int = -1, resp: bytes | None = None) -> None:
+        self.securing = True
+        super().esmtpTLSFailed(code, resp)
 
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
         self.offered = frozenset(
@@ -313,6 +333,7 @@ class _Sender(smtp.ESMTPSender):
         # where a bare LF (and what follows it) must not reach the next hop.
         text = _one_line(resp.decode("utf-8", "replace") if isinstance(resp, bytes) else str(resp))
         outcome = Replies()
+        outcome.plaintext_after = self.job.tls_failure
         if b"DSN" in self.offered:
             outcome.passed_on = frozenset(self.job.recipients)
         for address, rcpt_code, rcpt_text in addresses:
@@ -322,6 +343,12 @@ class _Sender(smtp.ESMTPSender):
             outcome[name] = (code, text) if rcpt_code // 100 == 2 else _refused(rcpt_code, detail)
         for recipient in self.job.recipients:
             outcome.setdefault(recipient, (code, text))  # MAIL FROM refused: all alike
+        if self.job.tls_failure:
+            # "530 Must issue a STARTTLS command first" (RFC 3207 4): the hop
+            # wants the TLS that failed, which may be mended: a wait, not a bounce.
+            for recipient, (reply_code, reply) in outcome.items():
+                if reply_code == 530:
+                    outcome[recipient] = (454, f"4.7.0 {self.job.tls_failure}; then 530 {reply}")
         self.sent += 1
         self._finish(outcome)
 
@@ -375,6 +402,8 @@ class Hop(Record, ClientFactory):
     limit: int = attrs.field(default=_CONCURRENT_DELIVERIES, alias="connections")
     pending: deque[_Job] = attrs.field(init=False, factory=deque)
     connections: int = attrs.field(init=False, default=0)
+    # The same destination without STARTTLS, made at the first TLS failure.
+    plaintext: Hop | None = attrs.field(init=False, default=None)
 
     def send(self, envelope: Envelope, recipients: Sequence[str], data: bytes) -> Deferred[Outcome]:
         # Every line end a CRLF (no bare CR or LF can end DATA downstream), then
@@ -382,10 +411,13 @@ class Hop(Record, ClientFactory):
         lines = _LINE_END.sub(b"\r\n", data)
         stuffed = (b"\r\n" + lines).replace(b"\r\n.", b"\r\n..")[2:]
         job = _Job(envelope, tuple(recipients), stuffed, len(lines))
-        self.pending.append(job)
+        self._queue([job])
+        return job.result
+
+    def _queue(self, jobs: Iterable[_Job]) -> None:
+        self.pending.extend(jobs)
         if self.connections < min(self.limit, len(self.pending)):
             self._connect()
-        return job.result
 
     def take(self) -> _Job | None:
         return self.pending.popleft() if self.pending else None
@@ -412,8 +444,41 @@ class Hop(Record, ClientFactory):
             return
         if sender.sent or sender.idle:
             self._connect()  # the connection had worked: a fresh one for the rest
+        elif sender.securing and self._may_go_plaintext():
+            self._go_plaintext(error)
         else:
             self._fail_pending(error)  # it never sent a message: neither would another
+
+    def _may_go_plaintext(self) -> bool:
+        """
+        Whether mail may go on in plaintext when STARTTLS fails: as Postfix's
+        C{may} level (its smtp_proto.c: "If TLS is optional, try delivery to
+        the same server over a plaintext connection. Otherwise we would defer
+        mail forever with destinations that have no alternate MX host."), only
+        for opportunistic TLS, and never with AUTH credentials, which must not
+        go in the clear (Postfix: no fallback "if we were willing to use
+        SASL-over-TLS authentication").
+        """
+        return self.options.tls == "opportunistic" and self.options.username is None
+
+    def _go_plaintext(self, error: Failure) -> None:
+        """
+        The waiting messages, STARTTLS having failed, sent again at once over
+        a connection without it (Postfix falls back for a message that waited
+        once already; here the attempt in hand does).
+        """
+        if self.plaintext is None:
+            self.plaintext = Hop(
+                self.hostname,
+                attrs.evolve(self.options, tls="none"),
+                None,
+                self.endpoint,
+                connections=self.limit,
+            )
+        waiting, self.pending = self.pending, deque()
+        for job in waiting:
+            job.tls_failure = f"STARTTLS failed: {error_reply(error)}"
+        self.plaintext._queue(waiting)
 
     def buildProtocol(self, addr: Any) -> Any:
         options = self.options
@@ -783,6 +848,9 @@ class Courier(Record, Service):
         now = self.context.reactor.seconds()
         expired = now - envelope.received >= self.max_age
         passed_on = outcome.passed_on if isinstance(outcome, Replies) else frozenset()
+        plaintext_after = outcome.plaintext_after if isinstance(outcome, Replies) else ""
+        # Opportunistic TLS failed and it went in plaintext: the events say so, and why.
+        noted = {"plaintext_after": plaintext_after} if plaintext_after else {}
         unanswered = (451, "4.4.0 No reply for this recipient")
         outcome = {r: outcome.get(r, unanswered) for r in envelope.recipients}
         done = [r for r in envelope.recipients if outcome[r][0] // 100 == 2]
@@ -791,7 +859,7 @@ class Courier(Record, Service):
         stats = self.context.stats
         if done:
             stats.count("smtp_delivered_recipients", len(done))
-            self.context.emit("message.delivered", message_id=envelope.id, recipients=done)
+            self.context.emit("message.delivered", message_id=envelope.id, recipients=done, **noted)
         if failed:
             stats.count("smtp_failed_recipients", len(failed))
         steps: list[Deferred[Any]] = []
@@ -816,6 +884,7 @@ class Courier(Record, Service):
                 recipients=waiting,
                 reply=f"{reason[0]} {reason[1]}",
                 retry_in=delay,
+                **noted,
             )
             if len(waiting) < len(envelope.recipients):
                 queued.envelope = attrs.evolve(envelope, recipients=tuple(waiting))
