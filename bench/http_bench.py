@@ -130,6 +130,25 @@ http {{
         return ["nginx", "-p", str(prefix), "-c", str(conf)]
 
 
+class FloorEpoll(Server):
+    """CPython's floor: no reactor, no parsing (http_floor.py); the 1 KiB case only."""
+
+    name = "floor-epoll"
+    flags: tuple[str, ...] = ()
+
+    def command(self) -> list[str]:
+        floor = HERE / "http_floor.py"
+        return [sys.executable, str(floor), str(self.port), str(self.www / "1k.bin"), *self.flags]
+
+
+class FloorTwisted(FloorEpoll):
+    """What Twisted's reactor adds to that floor: a bare protocol."""
+
+    name = "floor-twisted"
+    flags = ("--twisted",)
+
+
+FLOORS = ("floor-epoll", "floor-twisted")
 _UNITS = {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1, "GB": 1024}
 
 
@@ -160,12 +179,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--servers", default="netd,twistd-web,nginx")
+    parser.add_argument(
+        "--servers", default="netd,twistd-web,nginx", help="also: floor-epoll,floor-twisted"
+    )
     options = parser.parse_args()
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"needs {' and '.join(missing)}: apt-get install -y wrk nginx-light")
-    kinds = {k.name: k for k in (Netd, TwistdWeb, Nginx)}
+    kinds = {k.name: k for k in (Netd, TwistdWeb, Nginx, FloorEpoll, FloorTwisted)}
     chosen = [kinds[name] for name in options.servers.split(",")]
     with tempfile.TemporaryDirectory(prefix="netd-bench-") as scratch:
         work = Path(scratch)
@@ -184,7 +205,9 @@ def main() -> None:
                 try:
                     wrk(server.port, CASES["1k"], 1, options.connections)
                     for case, path in CASES.items():
-                        if case == "canned" and kind is TwistdWeb:
+                        if (case == "canned" and kind is TwistdWeb) or (
+                            case != "1k" and server.name in FLOORS
+                        ):
                             continue
                         cpu, started = tree_cpu_seconds(server.pid), time.monotonic()
                         rps, mib = wrk(server.port, path, options.duration, options.connections)
@@ -233,7 +256,7 @@ def report(
     summary: dict[str, float] = {}
     for case in CASES:
         netd = median("netd", case, 0)
-        for peer in ("twistd-web", "nginx"):
+        for peer in ("twistd-web", "nginx", *FLOORS):
             other = median(peer, case, 0)
             if not (netd and other):
                 continue
