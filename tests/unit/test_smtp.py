@@ -10,8 +10,10 @@ import json
 import os
 import re
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import attrs
@@ -49,7 +51,7 @@ from netd.services.smtp.server import (
     SessionFactory,
     Transaction,
 )
-from netd.services.smtp.spool import Envelope, Spool
+from netd.services.smtp.spool import Envelope, Spool, Writers
 from netd.services.smtp.store import MailStore
 from tests.fakes.transports import TLSStringTransport
 from tests.maps import ServiceMap
@@ -632,6 +634,55 @@ def test_a_message_whose_sync_fails_leaves_no_file(
     Spool(tmp_path, maybeDeferred).store(envelope("a", 1), b"x").addErrback(failures.append)
     assert failures and failures[0].check(OSError)
     assert os.listdir(tmp_path) == []
+
+
+class HandedBack:
+    """A reactor's side of thread work: what threads hand back waits for the test."""
+
+    def __init__(self) -> None:
+        self.calls: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self.shutdown: list[Callable[[], None]] = []
+
+    def callFromThread(self, call: Callable[..., None], *args: Any) -> None:
+        self.calls.put(lambda: call(*args))
+
+    def addSystemEventTrigger(self, phase: str, event: str, call: Callable[[], None]) -> None:
+        assert (phase, event) == ("during", "shutdown")
+        self.shutdown.append(call)
+
+
+def spool_threads() -> int:
+    return sum(thread.name == "netd-spool" for thread in threading.enumerate())
+
+
+def test_spool_writers_sync_side_by_side_and_answer_together(tmp_path: Path) -> None:
+    """
+    A thread a file on its way, up to the most allowed; every file finished
+    before the reactor looks is answered in one call; a failure fails its own
+    message only; the reactor's shutdown ends the threads once their files are done.
+    """
+    reactor = HandedBack()
+    writers = Writers(reactor, most=3)
+    spool = Spool(tmp_path, maybeDeferred, write=writers)
+    broken = Spool(tmp_path / "missing", maybeDeferred, write=writers)
+    before = spool_threads()
+    fired: list[str] = []
+    failures: list[Any] = []
+    for id in ("a", "b", "c"):
+        spool.store(envelope(id, 5), b"data" + id.encode()).addCallback(
+            lambda _, id=id: fired.append(id)
+        )
+    broken.store(envelope("d", 1), b"x").addErrback(failures.append)
+    assert spool_threads() == before + 3
+    [stop] = reactor.shutdown
+    stop()  # the files are all written before it returns
+    assert spool_threads() == before
+    assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg"]
+    assert fired == [] and failures == []
+    reactor.calls.get_nowait()()
+    assert reactor.calls.empty()
+    assert sorted(fired) == ["a", "b", "c"]
+    assert failures and failures[0].check(FileNotFoundError)
 
 
 # The store -----------------------------------------------------------------

@@ -63,7 +63,7 @@ from netd.services.smtp.mailbox import (
 from netd.services.smtp.mx import MxOptions, mx_sender, resolver_for
 from netd.services.smtp.relay import Courier, Releaser, SmarthostOptions, smarthost_sender
 from netd.services.smtp.server import Limits, Receiver, SessionFactory, busy_reply
-from netd.services.smtp.spool import Spool
+from netd.services.smtp.spool import Spool, writers_for
 from netd.services.smtp.store import MailStore
 
 __all__ = [
@@ -347,7 +347,9 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
     run = context.in_thread
     # Not getfqdn(): a reverse lookup would block the reactor during a reload.
     hostname = options.hostname or socket.gethostname()
-    spool = Spool(context.state_dir / "smtp" / service.name, run)
+    spool = Spool(
+        context.state_dir / "smtp" / service.name, run, write=writers_for(context.reactor)
+    )
     delivery = options.delivery
     background: IService
     route = delivery.route
