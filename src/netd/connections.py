@@ -22,7 +22,7 @@ import itertools
 import socket
 from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address, IPv6Network
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import attrs
 from twisted.internet import main, tcp
@@ -41,13 +41,15 @@ from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, implementer, providedBy
 
-from netd.acts import Shaper
 from netd.compat import buffered_bytes, may_send_now, own_attribute
 from netd.events import Journal, ServiceStats
 from netd.kinds import IOwesReplies
 from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.schema import client_address
+
+if TYPE_CHECKING:
+    from netd.acts import Shaper
 
 __all__ = [
     "UNREAD_LIMIT",
@@ -162,6 +164,20 @@ def socket_under(transport: Any) -> tcp.Connection | None:
     if isinstance(transport, tcp.Connection) and not transport.TLS:
         return transport
     return None
+
+
+def plain_socket(consumer: Any) -> tcp.Connection | None:
+    """
+    The socket transport under C{consumer}, if C{sendfile} (or echo's
+    direct path) can write to it.
+
+    The core's byte-counting wrapper is looked through (L{socket_under});
+    nothing else is, since a TLS wrapper hands out the socket under it as its
+    C{transport} too.
+    """
+    if isinstance(consumer, TrackedConnection) and consumer.shaper is not None:
+        return None  # a rule paces or cuts its writes: they must pass through it
+    return socket_under(consumer)
 
 
 def send_now(connection: tcp.Connection, data: bytes | memoryview) -> None:
@@ -324,6 +340,9 @@ class TrackedConnection(ProtocolWrapper):
         """
         shaper = self.shaper
         if shaper is None:
+            # Imported by the first rule that shapes: a map without rules never needs it.
+            from netd.acts import Shaper
+
             shaper = self.shaper = Shaper(
                 clock,
                 send=lambda data: TrackedConnection.write(self, data),

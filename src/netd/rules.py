@@ -39,7 +39,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
 from yaml.constructor import SafeConstructor
 
-from netd import acts
 from netd.events import Journal
 from netd.namespaces import key as namespace_key
 from netd.records import Record
@@ -580,7 +579,10 @@ class Fired(Record):
         @param answer: what the kind does for its own acts (its reply), if the
             rule has any.
         """
-        return acts.perform(self.acts, self.clock, transport, proceed, answer)
+        # Imported by the first rule that fires: a map without rules never needs it.
+        from netd.acts import perform
+
+        return perform(self.acts, self.clock, transport, proceed, answer)
 
 
 def _shown(value: Any) -> bool:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO
 
 import attrs
 from twisted.internet import tcp
@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.compat import may_send_now
-from netd.connections import TrackedConnection, socket_under
+from netd.connections import TrackedConnection, plain_socket
 from netd.records import Record
 
 __all__ = ["READ_CHUNK", "SENDFILE_CHUNK", "Truncated", "plain_socket", "send_file"]
@@ -44,19 +44,6 @@ _TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 class Truncated(Exception):
     """The file ended before the bytes promised for it: the receiver cannot be told in-band."""
-
-
-def plain_socket(consumer: Any) -> tcp.Connection | None:
-    """
-    The socket transport under C{consumer}, if C{sendfile} can write to it.
-
-    The core's byte-counting wrapper is looked through (L{socket_under});
-    nothing else is, since a TLS wrapper hands out the socket under it as its
-    C{transport} too.
-    """
-    if isinstance(consumer, TrackedConnection) and consumer.shaper is not None:
-        return None  # a rule paces or cuts its writes: they must pass through it
-    return socket_under(consumer)
 
 
 def send_file(

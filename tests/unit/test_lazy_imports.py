@@ -114,6 +114,8 @@ def _loaded(modules: set[str], *names: str) -> list[str]:
 def test_an_echo_only_map_loads_no_heavy_module(tmp_path: Path) -> None:
     modules = _modules_serving(tmp_path, _ECHO_ONLY)
     assert _loaded(modules, *_HEAVY) == []
+    # Nor what only a rule's acts or a file's sending use.
+    assert _loaded(modules, "netd.acts", "netd.sendfile") == []
     # Nor PyYAML's libyaml binding, under twistd as under `netd run`.
     assert _loaded(modules, "yaml._yaml") == []
 

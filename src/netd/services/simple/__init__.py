@@ -19,12 +19,11 @@ from zope.interface import implementer
 
 from netd.compat import read_with
 from netd.config import ListenerConfig, ServiceConfig, TLSProfiles
-from netd.connections import TrackedConnection, read_into, send_now
+from netd.connections import TrackedConnection, plain_socket, read_into, send_now
 from netd.datagrams import answering
 from netd.kinds import BuildContext, Handlers, ServiceKind, no_options
 from netd.records import Record
 from netd.schema import Section
-from netd.sendfile import plain_socket
 
 __all__ = ["CHARGEN", "DAYTIME", "DISCARD", "ECHO", "QOTD"]
 
