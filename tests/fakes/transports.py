@@ -19,3 +19,12 @@ class TLSStringTransport(StringTransport):
 
     def startTLS(self, contextFactory: object) -> None:
         self.started_tls.append(contextFactory)
+
+
+class HalfClosingStringTransport(StringTransport):
+    """A TCP connection's transport: records a half-close (our FIN) too."""
+
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import http.client
+import select
 import socket
 import ssl
 import time
@@ -181,16 +182,15 @@ def test_an_endless_trailer_is_cut(netd: NetdProcess) -> None:
         )
         started = time.monotonic()
         sent = 0
-        with pytest.raises(OSError):  # EPIPE or ECONNRESET once netd has closed
-            while time.monotonic() - started < 5:
+        answer = b""
+        while not answer:  # netd reads on, dropping what comes after its answer
+            # Before: llhttp took it all in (hundreds of MB) until body_timeout.
+            assert sent < 16 << 20 and time.monotonic() - started < 3
+            if select.select([sock], [], [], 0)[0]:
+                answer = sock.recv(1000)
+            else:
                 sent += sock.send(b"a" * 65536)
-        # Before: llhttp took it all in (hundreds of MB) until body_timeout.
-        assert sent < 16 << 20 and time.monotonic() - started < 3
-        try:
-            answer = sock.recv(1000)
-        except ConnectionResetError:
-            answer = b""  # the 431 raced our unread bytes' RST
-        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 ")
+        assert answer.startswith(b"HTTP/1.1 431 ")
     assert_serving(netd)
 
 

@@ -18,7 +18,11 @@ import h2.events
 import pytest
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IProtocolNegotiationFactory, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IProtocolNegotiationFactory,
+    ISSLTransport,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, globalLogPublisher
@@ -28,6 +32,7 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers as TwistedHeaders
 from zope.interface import implementer
 
+from netd.connections import ConnectionSet, TrackedConnection, TrackingFactory
 from netd.events import Journal, ServiceStats
 from netd.services.http import Options
 from netd.services.http.app import (
@@ -41,8 +46,15 @@ from netd.services.http.app import (
 )
 from netd.services.http.proxy import Proxy
 from netd.services.http.static import StaticFiles
-from netd.services.http.wire import HTTPConnection, Limits, factory_for
+from netd.services.http.wire import (
+    LINGERING_TIME,
+    LINGERING_TIMEOUT,
+    HTTPConnection,
+    Limits,
+    factory_for,
+)
 from tests.fakes.exchanges import FakeExchange
+from tests.fakes.transports import HalfClosingStringTransport
 from tests.maps import ServiceMap
 
 WEB = ServiceMap("http", "web", Options)
@@ -322,7 +334,7 @@ class Wire:
     """One HTTP/1.1 connection over a StringTransport."""
 
     def __init__(self, app: App, limits: Limits) -> None:
-        self.transport = StringTransport()
+        self.transport = HalfClosingStringTransport()
         self.protocol = HTTPConnection(factory_for(app, limits, tls=False, http2=True))
         self.protocol.makeConnection(self.transport)
 
@@ -337,7 +349,8 @@ class Wire:
 
     @property
     def closed(self) -> bool:
-        return bool(self.transport.disconnecting)
+        """Whether netd's side ended: closed, or half-closed after a refusal."""
+        return bool(self.transport.disconnecting or self.transport.write_closed)
 
 
 @pytest.fixture
@@ -392,6 +405,81 @@ def test_chunked_body_over_the_limit(wire: Wire) -> None:
     assert out.startswith(b"HTTP/1.1 405")  # answered at the head; the body still arrives
     out = wire.send(b"\r\n20\r\n" + b"z" * 32 + b"\r\n")
     assert out == b"" and wire.closed  # 64 > 50 bytes: cut
+
+
+@implementer(ISSLTransport)
+class TLSTransport(HalfClosingStringTransport):
+    """
+    TLS as netd's wrapper sees it: a half-close asked of it would reach the
+    TCP connection under it (ProtocolWrapper forwards what it lacks), a FIN
+    without close_notify, recorded here as C{write_closed}.
+    """
+
+
+def _refused(root: Path, transport: StringTransport) -> tuple[TrackedConnection, Clock]:
+    """
+    An HTTP/1.1 connection inside the core's wrapper, as a listener makes it,
+    just answered 413 while its body still comes; and its clock.
+    """
+    app = make_app(root)
+    connections = ConnectionSet(app.clock, "web", ServiceStats(), Journal(app.clock), 10, 600)
+    http = factory_for(app, Limits(max_body=50), tls=False, http2=False)
+    connection = TrackingFactory(http, connections).buildProtocol(None)
+    assert isinstance(connection, TrackedConnection)
+    connection.makeConnection(transport)
+    connection.dataReceived(
+        b"POST /a.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n" + b"a" * 100
+    )
+    assert transport.value().startswith(b"HTTP/1.1 413 ")
+    transport.clear()
+    return connection, app.clock
+
+
+_MORE = b"b" * 1000 + b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_refusal_ends_netd_s_side_then_drops_what_comes_until_the_client_is_quiet(
+    root: Path, tls: bool
+) -> None:
+    transport = TLSTransport() if tls else HalfClosingStringTransport()
+    connection, clock = _refused(root, transport)
+    # Our FIN after the response (over TLS, TLS's own close: close_notify, then
+    # it reads on until the client's); the client's body is still read, so
+    # that closing does not reset the client before it reads its 413.
+    assert (transport.write_closed, transport.disconnecting) == (not tls, tls)
+    for _ in range(3):
+        clock.advance(LINGERING_TIMEOUT - 0.5)
+        connection.dataReceived(_MORE)
+        assert transport.value() == b"" and not transport.disconnected  # dropped, unparsed
+    assert transport.disconnecting == tls
+    clock.advance(LINGERING_TIMEOUT)
+    # Closed; TLS's close, waiting for the client's close_notify, is cut.
+    assert transport.disconnecting and transport.disconnected == tls
+
+
+def test_lingering_ends_after_its_time_in_all(root: Path) -> None:
+    transport = HalfClosingStringTransport()
+    connection, clock = _refused(root, transport)
+    while clock.seconds() < 1_700_000_000 + LINGERING_TIME - 1:
+        clock.advance(1)
+        connection.dataReceived(_MORE)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting
+
+
+def test_the_client_s_end_ends_lingering_and_a_stop_cuts_it_at_its_grace(root: Path) -> None:
+    transport = HalfClosingStringTransport()
+    connection, _ = _refused(root, transport)
+    connection.readConnectionLost()  # the client's FIN, once it read its answer
+    assert transport.disconnecting
+    transport = HalfClosingStringTransport()
+    connection, clock = _refused(root, transport)
+    connection.factory.connections.drain(2)
+    assert not transport.disconnecting  # nothing to finish: its bounds still end it...
+    clock.advance(2)
+    assert transport.disconnected  # ...or the stop's grace
 
 
 def test_slow_head_times_out_with_408(wire: Wire) -> None:

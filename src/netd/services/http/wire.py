@@ -18,7 +18,7 @@ from typing import IO, Any
 import attrs
 import httptools
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory
+from twisted.internet.interfaces import IAddress, IProtocolNegotiationFactory, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web import server
@@ -57,6 +57,15 @@ class Limits(Record):
     body_timeout: float = 30.0
     keepalive_timeout: float = 15.0
     keepalive_requests: int = 1000
+
+
+# After a refusal (a 413 while the body still comes, a 400, a 408...), what the
+# client still sends is read and dropped, at most this long between two reads and
+# this long in all: nginx's lingering close, with its defaults (lingering_timeout
+# 5s, lingering_time 30s).  Closing a socket with bytes unread sends a reset, and a
+# client still writing its body would take that reset instead of the refusal.
+LINGERING_TIMEOUT = 5.0
+LINGERING_TIME = 30.0
 
 
 def busy_reply() -> bytes:
@@ -276,6 +285,8 @@ class HTTPConnection(Protocol):
         self.spliced: Any = None
         self.owed = RepliesOwed()
         self.last_request = False
+        # After a refusal: when reading and dropping what still comes ends (see linger).
+        self.lingering_until: float | None = None
 
     # -- the connection ----------------------------------------------------------
 
@@ -301,6 +312,8 @@ class HTTPConnection(Protocol):
             self.held += data  # reading is paused: at most what was in flight
             return
         if self.closing and not self.body_then_close:
+            if self.lingering_until is not None:
+                self.deadline = self.clock.seconds() + LINGERING_TIMEOUT
             return
         receiving = self.receiving
         if self.in_head or receiving is None:
@@ -380,14 +393,22 @@ class HTTPConnection(Protocol):
         if receiving is not None and receiving in self.queue:
             # Cut short by the client's FIN: never dispatched, never answered.
             self.queue.remove(receiving)
-        if self.h2 is not None or self.spliced is not None or receiving is self.current:
+        if (
+            self.h2 is not None
+            or self.spliced is not None
+            or receiving is self.current
+            or self.lingering_until is not None
+        ):
             # h2 and a tunnel have no requests to finish in order; a request
-            # whose body the client stopped sending cannot be answered whole.
+            # whose body the client stopped sending cannot be answered whole; a
+            # refusal was the last answer, and the client's FIN ends its lingering.
             return succeed(None)
         return self.owed.wait(self.current is not None)
 
     def close_gracefully(self) -> None:
         """Finish the exchange in progress, then close (the daemon is stopping)."""
+        if self.lingering_until is not None:
+            return  # answered: it ends within its bounds, or the stop's grace cuts it
         if self.spliced is not None:
             # A tunnel has no exchange to finish: both ends close now, in order.
             self.spliced.loseConnection()
@@ -417,7 +438,7 @@ class HTTPConnection(Protocol):
             self.current.keep_alive = False
 
     def reject(self, status: int) -> None:
-        """Bad input: one error response, then close without reading further."""
+        """Bad input: one error response, then close without parsing further (see linger)."""
         self.closing = True
         self.body_then_close = False
         self.early = None  # the error answers it
@@ -425,7 +446,7 @@ class HTTPConnection(Protocol):
         receiving = self.receiving
         if receiving is not None and receiving.status and receiving is not self.current:
             # Answered already (before its body came in): one response a request.
-            self.transport.loseConnection()
+            self.linger()
             return
         current = self.current
         if current is not None:
@@ -446,7 +467,39 @@ class HTTPConnection(Protocol):
             % (status, reason(status), self.app.dates.http, len(body), body)
         )
         self.app.emit("http.rejected", status=status, client=self.client)
-        self.transport.loseConnection()
+        self.linger()
+
+    def linger(self) -> None:
+        """
+        End the connection after its last response, reading and dropping (not
+        parsing) what the client still sends, until it closes or a lingering
+        bound passes (L{LINGERING_TIMEOUT}, L{LINGERING_TIME}).
+        """
+        now = self.clock.seconds()
+        self.lingering_until = now + LINGERING_TIME
+        self.deadline = now + LINGERING_TIMEOUT
+        if self.timer is not None:
+            self.timer.cancel()  # set for a later deadline maybe (body_timeout's)
+        self.timer = self.clock.callLater(LINGERING_TIMEOUT, self.expire)
+        self.resume_reading()
+        if ISSLTransport.providedBy(self.transport):
+            # TLS has no half-close of its own, and the transport's would send a
+            # FIN under TLS without close_notify.  TLS's close sends close_notify
+            # and reads on (handing here what comes, dropped) until the client's
+            # close_notify or FIN: a client still sending is not reset, and the
+            # bounds above keep it from holding the connection for ever.
+            self.transport.loseConnection()
+        else:
+            # Our FIN once the response is out: a client that sends nothing more
+            # sees the end of the response at once, and its own close ends ours
+            # (the core's readConnectionLost, through when_replied).
+            self.transport.loseWriteConnection()
+
+    def stop_lingering(self) -> None:
+        if ISSLTransport.providedBy(self.transport):
+            self.transport.abortConnection()  # its close is waiting for the client's
+        else:
+            self.transport.loseConnection()
 
     # -- timeouts: one timer a connection, moved lazily -----------------------------
 
@@ -460,11 +513,20 @@ class HTTPConnection(Protocol):
 
     def expire(self) -> None:
         self.timer = None
-        if self.deadline is None or (self.closing and not self.body_then_close):
+        deadline = self.deadline
+        lingering_until = self.lingering_until
+        if deadline is None or (
+            self.closing and not self.body_then_close and lingering_until is None
+        ):
             return
-        left = self.deadline - self.clock.seconds()
+        if lingering_until is not None:
+            deadline = min(deadline, lingering_until)
+        left = deadline - self.clock.seconds()
         if left > 0:
             self.timer = self.clock.callLater(left, self.expire)
+            return
+        if lingering_until is not None:
+            self.stop_lingering()
             return
         self.app.stats.count("timeouts")
         if self.in_head or self.receiving is not None:
