@@ -16,6 +16,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
@@ -32,8 +33,10 @@ from twisted.web.client import HTTPConnectionPool
 from twisted.web.http_headers import Headers as TwistedHeaders
 from zope.interface import implementer
 
+from netd.config import parse_config
 from netd.connections import ConnectionSet, TrackedConnection, TrackingFactory
 from netd.events import Journal, ServiceStats
+from netd.runtime import RunningService
 from netd.services.http import Options
 from netd.services.http.app import (
     HELD_MAX,
@@ -55,6 +58,7 @@ from netd.services.http.wire import (
 )
 from tests.fakes.exchanges import FakeExchange
 from tests.fakes.transports import HalfClosingStringTransport
+from tests.fakes.reactors import ListeningReactor
 from tests.maps import ServiceMap
 
 WEB = ServiceMap("http", "web", Options)
@@ -897,3 +901,26 @@ def test_a_pooled_upstream_connection_closed_while_idle_is_not_used_again() -> N
     second = _upstream_connection(pool, upstream)
     assert second is not first and second.state == "QUIESCENT"
     assert len(upstream.transports) == 2
+
+
+def test_requests_build_no_event_while_nobody_can_read_the_journal(tmp_path: Path) -> None:
+    reactor = ListeningReactor()
+    config = parse_config(
+        "services: {web: {type: http, listen: 'tcp:0', routes: [{path: /, body: ok}]}}\n",
+        tmp_path / "netd.yaml",
+    )
+    journal = Journal(reactor, active=False)  # no admin API, no events in the log
+    RunningService(config.services["web"], reactor, tmp_path, journal, {}, tmp_path).listen()
+    _, factory, _, _ = reactor.tcpServers[0]
+    connection = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 50000))
+    transport = StringTransport()
+    connection.makeConnection(transport)
+
+    connection.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().startswith(b"HTTP/1.1 200 ")
+    assert journal.select(types=["http.request"]) == []
+
+    journal.active = True  # a reload that adds the admin API
+    connection.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    (event,) = journal.select(types=["http.request"])
+    assert (event.fields["path"], event.fields["status"]) == ("/", 200)

@@ -334,6 +334,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         rules=context.rules,
         namespaces=context.namespaces,
         in_thread=context.in_thread,
+        journal_active=lambda: context.journal.active,
     )
 
     def stream(listener: ListenerConfig) -> Any:

@@ -507,6 +507,7 @@ class App:
         rules: RuleSet | None = None,
         namespaces: Namespacing = NO_NAMESPACES,
         in_thread: InThread | None = None,
+        journal_active: Callable[[], bool] = lambda: True,
     ) -> None:
         self.namespaces = namespaces
         self.clock = clock
@@ -522,6 +523,9 @@ class App:
         self.log = log
         self.stats = stats
         self.emit = emit
+        # Requests come too often to build an event nobody can read (no admin API,
+        # no events in the log).
+        self.journal_active = journal_active
         self.proxy = proxy
         self.rules = rules if rules is not None else RuleSet()
         self.dates = _DateCache(clock)
@@ -778,15 +782,16 @@ class App:
         if exchange.status >= 500:
             stats.errors += 1
         target = exchange.target
-        self.emit(
-            "http.request",
-            method=exchange.method,
-            path=target,
-            status=exchange.status,
-            client=exchange.client,
-            duration_ms=duration_ms,
-            **({"namespace": exchange.namespace} if exchange.namespace is not None else {}),
-        )
+        if self.journal_active():
+            self.emit(
+                "http.request",
+                method=exchange.method,
+                path=target,
+                status=exchange.status,
+                client=exchange.client,
+                duration_ms=duration_ms,
+                **({"namespace": exchange.namespace} if exchange.namespace is not None else {}),
+            )
         if self.access_log:
             self.dates.refresh()
             referer = exchange.header(b"referer")
