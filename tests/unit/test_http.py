@@ -278,6 +278,32 @@ def test_an_edited_small_file_is_served_fresh(root: Path) -> None:
     assert answer(app, "/a.txt").status == 404
 
 
+def test_a_file_is_looked_at_once_while_its_stat_stays_the_same(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(root)
+    assert isinstance(app.files, StaticFiles)
+    guess = app.files.types.guess_type
+    guessed: list[str] = []
+
+    def counted(url: str, strict: bool = True) -> tuple[str | None, str | None]:
+        guessed.append(url)
+        return guess(url, strict)
+
+    monkeypatch.setattr(app.files.types, "guess_type", counted)
+    head = answer(app, "/a.txt", "HEAD")
+    whole = answer(app, "/a.txt")
+    assert whole.data == b"0123456789" and len(guessed) == 1
+    for name in (b"ETag", b"Last-Modified", b"Content-Type"):
+        assert whole.response_headers[name] == head.response_headers[name]
+    os.utime(root / "a.txt", ns=(1, 2_000_000_000))  # touched: new validators, found at once
+    touched = answer(app, "/a.txt", range="bytes=1-2")
+    assert (touched.status, touched.data) == (206, b"12") and len(guessed) == 2
+    assert touched.response_headers[b"Last-Modified"] == b"Thu, 01 Jan 1970 00:00:02 GMT"
+    assert touched.response_headers[b"ETag"] != head.response_headers[b"ETag"]
+    assert touched.response_headers[b"Content-Type"] == b"text/plain; charset=utf-8"
+
+
 def test_listing(root: Path) -> None:
     app = make_app(root)
     app.files = StaticFiles(StaticOptions(str(root), listing=True), app.clock)

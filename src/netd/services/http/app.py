@@ -51,15 +51,6 @@ __all__ = [
 
 Headers = list[tuple[bytes, bytes]]
 
-# One read of a file no bigger than this is cheaper than a producer.
-_SMALL_FILE = 64 * 1024
-# Small files kept in memory, checked against each request's stat: at most this much.
-_SMALL_FILES_BYTES = 32 * 1024 * 1024
-# More ranges than this in one request is a resource attack (CVE-2011-3192), not a client.
-_MAX_RANGES = 16
-_ALLOW = b"GET, HEAD"
-_REAL_PATHS = 4096
-
 _REASONS: dict[int, bytes] = {
     100: b"Continue",
     200: b"OK",

@@ -19,9 +19,11 @@ from collections import deque
 from collections.abc import Iterator
 from typing import IO, Any
 
+import attrs
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
+from netd.records import Record
 from netd.services.http.app import (
     Exchange,
     Headers,
@@ -43,6 +45,18 @@ _ALLOW = b"GET, HEAD"
 _REAL_PATHS = 4096
 
 
+@attrs.define(repr=False, eq=False)
+class _Known(Record):
+    """One file as its stat left it: its validators, its type and, if small, its content."""
+
+    identity: tuple[int, int, int]
+    etag: bytes
+    modified: int
+    last_modified: bytes
+    kind: bytes
+    content: bytes | None = None
+
+
 class _NotFound(Exception):
     def __init__(self, status: int) -> None:
         self.status = status
@@ -59,7 +73,7 @@ class StaticFiles:
         self.error = respond_error
         # realpath() walks every component with lstat(); its answer is kept a second.
         self._real_paths: dict[str, tuple[str, float]] = {}
-        self._small_files: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+        self._known: dict[str, _Known] = {}
         self._small_bytes = 0
         self.types = mimetypes.MimeTypes()
 
@@ -110,20 +124,21 @@ class StaticFiles:
 
     def _resolve(self, path: str) -> str:
         """The file behind C{path} (normalised: decoded already), never outside the root."""
-        segments = path.split("/")
-        for segment in segments:
-            # _path_of refuses these already; checked again because this is
-            # the line that keeps requests inside the root.
-            if segment in (".", "..") or "\\" in segment or "\x00" in segment:
-                raise _NotFound(404)
-        relative = "/".join(s for s in segments if s)
-        cached = self._real_paths.get(relative)
+        # Kept by the path as asked: only a path that passed the checks below is.
+        cached = self._real_paths.get(path)
         now = self.clock.seconds()
         if cached is None or cached[1] < now:
+            segments = path.split("/")
+            for segment in segments:
+                # _path_of refuses these already; checked again because this is
+                # the line that keeps requests inside the root.
+                if segment in (".", "..") or "\\" in segment or "\x00" in segment:
+                    raise _NotFound(404)
+            relative = "/".join(s for s in segments if s)
             if len(self._real_paths) >= _REAL_PATHS:
                 self._real_paths.clear()
             cached = os.path.realpath(os.path.join(self.root, relative)), now + 1.0
-            self._real_paths[relative] = cached
+            self._real_paths[path] = cached
         real = cached[0]
         if real != self.root and not real.startswith(self.root + os.sep):
             raise _NotFound(403)
@@ -153,41 +168,68 @@ class StaticFiles:
             return f"{kind}; charset=utf-8".encode()
         return kind.encode()
 
-    def _small_file(self, full: str, info: os.stat_result) -> bytes:
+    def _known_file(self, full: str, info: os.stat_result) -> _Known:
         """
-        The content of a small file, kept while its identity stays the same.
+        What a file's responses take from it, kept while its identity stays the same.
 
-        The request's own stat (inode, size, mtime in ns) validates the copy, so
-        an edited file is read again at once; opening and reading every time was
-        a quarter of a small response's cost.
+        The request's own stat (inode, size, mtime in ns) validates what is kept,
+        so an edited file is read again at once; guessing its type and formatting
+        its validators every time was a tenth of a small response's cost.
         """
         identity = (info.st_ino, info.st_size, info.st_mtime_ns)
-        cached = self._small_files.get(full)
-        if cached is not None and cached[0] == identity:
-            return cached[1]
+        known = self._known.get(full)
+        if known is not None and known.identity == identity:
+            return known
+        if known is not None:
+            self._small_bytes -= len(known.content or b"")
+        elif len(self._known) >= _REAL_PATHS:
+            self._forget_files()
+        modified = int(info.st_mtime)
+        known = _Known(
+            identity,
+            b'"%x-%x-%x"' % identity,
+            modified,
+            http_date(modified),
+            self.content_type(full),
+        )
+        self._known[full] = known
+        return known
+
+    def _forget_files(self) -> None:
+        self._known.clear()
+        self._small_bytes = 0
+
+    def _small_file(self, full: str, known: _Known) -> bytes:
+        """
+        The content of a small file, kept with what else is known of it: opening
+        and reading every time was a quarter of a small response's cost.
+        """
+        if known.content is not None:
+            return known.content
+        size = known.identity[1]
         try:
             descriptor = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             raise _NotFound(403) from None
         try:
-            content = os.pread(descriptor, info.st_size, 0)
+            content = os.pread(descriptor, size, 0)
         finally:
             os.close(descriptor)
-        if len(content) == info.st_size:
-            if self._small_bytes + len(content) > _SMALL_FILES_BYTES:
-                self._small_files.clear()
-                self._small_bytes = 0
-            self._small_files[full] = identity, content
-            self._small_bytes += len(content)
+        if len(content) == size and self._known.get(full) is known:
+            if self._small_bytes + size > _SMALL_FILES_BYTES:
+                self._forget_files()
+                self._known[full] = known
+            known.content = content
+            self._small_bytes += size
         return content
 
     def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
         size = info.st_size
-        etag = b'"%x-%x-%x"' % (info.st_ino, size, info.st_mtime_ns)
-        modified = int(info.st_mtime)
+        known = self._known_file(full, info)
+        etag, modified, kind = known.etag, known.modified, known.kind
         headers: Headers = [
             (b"ETag", etag),
-            (b"Last-Modified", http_date(modified)),
+            (b"Last-Modified", known.last_modified),
             (b"Accept-Ranges", b"bytes"),
         ]
         if _precondition_failed(exchange, etag, modified):
@@ -196,7 +238,6 @@ class StaticFiles:
         if _not_modified(exchange, etag, modified):
             exchange.respond(304, headers, b"")
             return
-        kind = self.content_type(full)
         ranges = _ranges(exchange, etag, modified, size)
         if ranges == []:
             headers.append((b"Content-Range", b"bytes */%d" % size))
@@ -237,7 +278,10 @@ class StaticFiles:
             exchange.respond(status, headers, b"")
             return
         if size <= _SMALL_FILE:
-            content = self._small_file(full, info)
+            content = self._small_file(full, known)
+            if ranges is None:
+                exchange.respond(status, headers, content)
+                return
             body = b"".join(
                 preamble + content[offset : offset + count] for preamble, offset, count in parts
             )
