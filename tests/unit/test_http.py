@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import Logger, LogLevel, globalLogPublisher
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web._newclient import Request
 from twisted.web.client import HTTPConnectionPool
@@ -358,6 +358,34 @@ def test_records_and_the_access_log(root: Path) -> None:
         '192.0.2.1 - - [14/Nov/2023:22:13:20 +0000] "GET /a.txt HTTP/1.1" 200 10 "-" "ua/1"'
     )
     assert app.stats.counters["requests"] == 3
+
+
+def test_the_access_log_event_is_log_info_s_handed_to_its_observer(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = make_app(root)
+    seen: list[dict[str, Any]] = []
+    app.log = Logger(namespace="netd.web", observer=seen.append)
+    emitted: list[object] = []
+    emit = Logger.emit
+    monkeypatch.setattr(Logger, "emit", lambda *a, **k: emitted.append(a) or emit(*a, **k))
+    app.completed(answer(app, "/a.txt", referer='http://r/"q"', user_agent="ua\\1"))
+    assert emitted == []  # the dearest step of log.info, skipped
+    (event,) = seen
+    assert formatEvent(event) == (
+        '192.0.2.1 - - [14/Nov/2023:22:13:20 +0000] "GET /a.txt HTTP/1.1" 200 10 '
+        '"http://r/\\"q\\"" "ua\\\\1"'
+    )
+    fields = {k: v for k, v in event.items() if not k.startswith("log_")}
+    reference: list[dict[str, Any]] = []
+    app.log.observer = reference.append
+    monkeypatch.undo()
+    app.log.info("{access}", **fields)
+    (made,) = reference
+    assert list(event) == list(made)  # the same fields in the same order: the same JSON line
+    assert {k: v for k, v in event.items() if k != "log_time"} == {
+        k: v for k, v in made.items() if k != "log_time"
+    }
 
 
 class Wire:

@@ -21,7 +21,7 @@ from typing import IO, Any, Protocol
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IConsumer
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from zope.interface import implementer
 
 from netd.events import ServiceStats
@@ -784,32 +784,7 @@ class App:
                 **({"namespace": exchange.namespace} if exchange.namespace is not None else {}),
             )
         if self.access_log:
-            self.dates.refresh()
-            referer = exchange.header(b"referer")
-            agent = exchange.header(b"user-agent")
-            line = '{} - - [{}] "{} {} {}" {} {} "{}" "{}"'.format(
-                exchange.client,
-                self.dates.log,
-                exchange.method,
-                target,
-                exchange.version,
-                exchange.status,
-                exchange.sent or "-",
-                _log_text(referer),
-                _log_text(agent),
-            )
-            self.log.info(
-                "{access}",
-                access=line,
-                client=exchange.client,
-                method=exchange.method,
-                path=target,
-                protocol=exchange.version,
-                status=exchange.status,
-                size=exchange.sent,
-                referer=_log_text(referer),
-                user_agent=_log_text(agent),
-            )
+            self._access(exchange, target)
         if self.record_size:
             body = bytes(exchange.body.kept)
             self.records.append(
@@ -834,6 +809,45 @@ class App:
                     **({"namespace": exchange.namespace} if exchange.namespace else {}),
                 }
             )
+
+    def _access(self, exchange: Exchange, target: str) -> None:
+        """
+        The access log's line, as the event C{log.info("{access}", ...)} makes,
+        handed to the logger's observer (levels, netd's file) without
+        C{Logger.emit}'s check of its own level constant and copies of the
+        fields: those were a tenth of a small response's cost.
+        """
+        self.dates.refresh()
+        client, method, version, status, sent = (
+            exchange.client,
+            exchange.method,
+            exchange.version,
+            exchange.status,
+            exchange.sent,
+        )
+        referer = _log_text(exchange.header(b"referer"))
+        agent = _log_text(exchange.header(b"user-agent"))
+        log = self.log
+        log.observer(
+            {
+                "access": f'{client} - - [{self.dates.log}] "{method} {target} {version}" '
+                f'{status} {sent or "-"} "{referer}" "{agent}"',
+                "client": client,
+                "method": method,
+                "path": target,
+                "protocol": version,
+                "status": status,
+                "size": sent,
+                "referer": referer,
+                "user_agent": agent,
+                "log_logger": log,
+                "log_level": LogLevel.info,
+                "log_namespace": log.namespace,
+                "log_source": log.source,
+                "log_format": "{access}",
+                "log_time": time.time(),
+            }
+        )
 
 
 def _reads_bodies(routes: tuple[Route, ...]) -> bool:
