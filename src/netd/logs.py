@@ -9,11 +9,11 @@ import sys
 from typing import IO, TYPE_CHECKING, Any
 
 from twisted.logger import (
-    FilteringLogObserver,
     ILogObserver,
     LogEvent,
     LogLevel,
     LogLevelFilterPredicate,
+    PredicateResult,
     eventAsJSON,
     formatEvent,
     formatTime,
@@ -66,10 +66,9 @@ class BufferedObserver:
         if line is None:
             return
         self._pending.append(line)
-        level = event.get("log_level")
         if (
             self.clock is None
-            or (level is not None and level >= LogLevel.warn)
+            or event.get("log_level") in _AT_ONCE
             or event.get("log_namespace") == "netd"  # readiness, reload: rare, awaited
         ):
             self.flush()
@@ -109,6 +108,44 @@ class BufferedObserver:
             self.output.flush()
 
 
+# A set, not >= LogLevel.warn: each comparison of constants is a Python call.
+_AT_ONCE = frozenset(level for level in LogLevel.iterconstants() if level >= LogLevel.warn)
+
+
+@implementer(ILogObserver)
+class _LevelFilter:
+    """
+    FilteringLogObserver over one LogLevelFilterPredicate, with the verdict kept
+    for each namespace and level until the levels change (L{changed}): its
+    chain of predicates and its walk up a namespace's dots, for every event,
+    cost as much as writing the line.
+    """
+
+    def __init__(self, sink: ILogObserver, levels: LogLevelFilterPredicate) -> None:
+        self.sink = sink
+        self.levels = levels
+        self._verdicts: dict[tuple[object, object], bool] = {}
+
+    def __call__(self, event: LogEvent) -> None:
+        key = event.get("log_namespace"), event.get("log_level")
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if len(self._verdicts) >= _VERDICTS:
+                self._verdicts.clear()
+            # The predicate reads nothing of an event but these two.
+            verdict = self._verdicts[key] = self.levels(event) != PredicateResult.no
+        if verdict:
+            if "log_trace" in event:
+                event["log_trace"].append((self, self.sink))
+            self.sink(event)
+
+    def changed(self) -> None:
+        self._verdicts.clear()
+
+
+# Namespaces are a service's or a module's: a few dozen, with five levels each.
+_VERDICTS = 1024
+
 _WHOLE_FIELD = re.compile(r"\{(\w+)\}\Z")
 _whole_field_of: dict[str, str | None] = {}
 
@@ -135,11 +172,12 @@ class LogOutput:
     def __init__(self, sink: BufferedObserver, config: LogConfig) -> None:
         self.sink = sink
         self.levels = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[config.level])
-        self.observer: ILogObserver = FilteringLogObserver(sink, [self.levels])
+        self.observer = _LevelFilter(sink, self.levels)
 
     def apply(self, config: LogConfig) -> None:
         self.sink.json_lines = config.format == "json"
         self.levels.setLogLevelForNamespace("", _LEVELS[config.level])
+        self.observer.changed()
 
     def ready(self, daemon: Daemon) -> None:
         pass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
+from constantly import NamedConstant
 from twisted.internet.task import Clock
 from twisted.logger import Logger, LogLevel, LogPublisher
 from twisted.python.failure import Failure
@@ -104,3 +106,29 @@ def test_a_reloaded_log_section_changes_format_and_level_in_place() -> None:
     first, second = output.getvalue().splitlines()
     assert first.endswith("[netd.web#info] as text")
     assert json.loads(second)["log_format"] == "as json"
+
+
+def test_levels_are_decided_once_a_namespace_and_level_until_a_reload_changes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    output = io.StringIO()
+    installed = LogOutput(BufferedObserver(output, json_lines=False), LogConfig(level="info"))
+    asked: list[str] = []
+    decide = installed.levels.logLevelForNamespace
+
+    def counted(namespace: str) -> NamedConstant:
+        asked.append(namespace)
+        return decide(namespace)
+
+    monkeypatch.setattr(installed.levels, "logLevelForNamespace", counted)
+    log = Logger(namespace="netd.web", observer=LogPublisher(installed.observer))
+    for number in range(3):
+        log.info("request {number}", number=number)
+        log.debug("detail {number}", number=number)
+    assert asked == ["netd.web", "netd.web"]  # info, then debug: each once
+    installed.apply(LogConfig(level="warn"))
+    log.info("quiet now")
+    log.warn("still heard")
+    text = output.getvalue()
+    assert "request 2" in text and "detail" not in text
+    assert "quiet now" not in text and "still heard" in text
