@@ -57,8 +57,8 @@ from netd.services.http.wire import (
     factory_for,
 )
 from tests.fakes.exchanges import FakeExchange
-from tests.fakes.transports import HalfClosingStringTransport
 from tests.fakes.reactors import ListeningReactor
+from tests.fakes.transports import HalfClosingStringTransport
 from tests.maps import ServiceMap
 
 WEB = ServiceMap("http", "web", Options)
