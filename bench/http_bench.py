@@ -180,7 +180,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument(
-        "--servers", default="netd,twistd-web,nginx", help="also: floor-epoll,floor-twisted"
+        "--servers", default="netd,twistd-web,nginx,floor-twisted", help="also: floor-epoll"
     )
     options = parser.parse_args()
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
