@@ -60,6 +60,7 @@ from tests.fakes.exchanges import FakeExchange
 from tests.fakes.reactors import ListeningReactor
 from tests.fakes.transports import HalfClosingStringTransport
 from tests.maps import ServiceMap
+from tests.unit.test_http_stubs import app_for
 
 WEB = ServiceMap("http", "web", Options)
 parse = WEB.parse
@@ -615,6 +616,20 @@ def test_a_stop_reads_an_answered_request_s_body_to_its_end_before_the_close(
     assert wire.closed and wire.take() == b""  # nothing answered after the stop
     [record] = app.list_requests({})
     assert record["body_size"] == 150
+
+
+def test_a_stop_reads_the_body_of_a_request_not_yet_answered_to_its_end(
+    tmp_path: Path,
+) -> None:
+    """A route that answers on the whole body (a proxy relaying it, a body match)."""
+    app = app_for(tmp_path, '      - {path: /up, match: {body: {contains: end}}, body: "whole"}\n')
+    wire = Wire(app, Limits(body_timeout=5))
+    chunked = b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    assert wire.send(chunked + b"6\r\nstart-\r\n") == b""
+    wire.protocol.close_gracefully()
+    answered = wire.send(b"3\r\nend\r\n0\r\n\r\nGET /up HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answered.startswith(b"HTTP/1.1 200 ") and answered.endswith(b"\r\n\r\nwhole")
+    assert b"Connection: close" in answered and wire.closed  # nothing answered after it
 
 
 def test_tls_listeners_name_their_alpn_protocols(root: Path) -> None:

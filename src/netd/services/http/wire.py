@@ -426,6 +426,10 @@ class HTTPConnection(Protocol):
             self.resume_reading()
         elif self.h2 is not None or self.current is None:
             self.transport.loseConnection()
+        elif self.receiving is self.current:
+            # Unanswered while its body still comes (a proxy relays it, a route
+            # matches on it): read to its end, then close once it is answered.
+            self.current.keep_alive = False
         else:
             self.closing_after_current()
 
