@@ -6,7 +6,10 @@ exactly that request (WireMock's recorder writes C{urlEqualTo}).
 
 from __future__ import annotations
 
+import gc
 import re
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,25 @@ def record(recorder: Recorder, target: str, answer: bytes, headers: Headers | No
 
 def replay(tmp_path: Path) -> App:
     return app_of(WEB.parse(tmp_path, "    routes_from: [rec.yaml]\n"))
+
+
+def pending_read_back() -> tuple[Any, Callable[[], Any], Deferred[Any]]:
+    """
+    An C{in_thread} that runs nothing, the read-back it was given (run when the
+    test says, as a slow thread's would) and the Deferred it answered with.
+    """
+    work: list[tuple[Any, ...]] = []
+    reading: Deferred[Any] = Deferred()
+
+    def in_thread(function: Any, *args: Any) -> Deferred[Any]:
+        work.append((function, *args))
+        return reading
+
+    def read_now() -> Any:
+        function, *args = work[0]
+        return function(*args)
+
+    return in_thread, read_now, reading
 
 
 def test_a_recorded_path_matches_only_itself(tmp_path: Path) -> None:
@@ -77,19 +99,12 @@ def test_a_recording_is_read_back_in_a_thread_and_what_ends_meanwhile_waits(
 ) -> None:
     path = str(tmp_path / "rec.yaml")
     record(Recorder(path, secrets=False), "/a", b"\xff first")  # body file 1.bin
-    work: list[tuple[Any, ...]] = []
-    reading: Deferred[Any] = Deferred()
-
-    def in_thread(function: Any, *args: Any) -> Deferred[Any]:
-        work.append((function, *args))
-        return reading
-
+    in_thread, read_now, reading = pending_read_back()
     again = Recorder(path, secrets=False, in_thread=in_thread)
     record(again, "/a", b"\xff changed")  # before the read-back: it waits
     record(again, "/b", b"\xff second")
     assert len(yaml.safe_load((tmp_path / "rec.yaml").read_text())) == 1
-    function, *args = work[0]
-    reading.callback(function(*args))  # as the thread's answer comes back
+    reading.callback(read_now())  # as the thread's answer comes back
     routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
     assert [r["path"] for r in routes] == ["/a", "/b"]  # /a was known: not written again
     assert routes[1]["body_file"].endswith("/2.bin")
@@ -116,3 +131,79 @@ def test_repeated_headers_are_recorded_and_replayed_as_they_came(tmp_path: Path)
     connection.makeConnection(transport)
     connection.dataReceived(b"GET /cookies HTTP/1.1\r\nHost: x\r\n\r\n")
     assert re.findall(rb"\r\nSet-Cookie: ([^\r]*)", transport.value()) == cookies
+
+
+def test_a_draining_service_records_through_its_replacement(tmp_path: Path) -> None:
+    """The old service finishes an exchange after the new one read the file back."""
+    path = str(tmp_path / "rec.yaml")
+    old = Recorder(path, secrets=False)
+    old.start()
+    record(old, "/before", b"before")
+    in_thread, read_now, reading = pending_read_back()
+    new = Recorder(path, secrets=False, in_thread=in_thread)
+    found = read_now()  # the file as the reload's thread reads it
+    new.start()
+    record(old, "/late", b"one")  # a draining connection's exchange ends
+    reading.callback(found)
+    record(new, "/late", b"two")  # the same request, on the new service
+    record(new, "/before", b"again")
+    old.stop()
+    new.stop()
+    routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
+    assert [(r["path"], r["body"]) for r in routes] == [("/before", "before"), ("/late", "one")]
+
+
+def test_an_undone_reload_hands_the_file_back(tmp_path: Path) -> None:
+    path = str(tmp_path / "rec.yaml")
+    old = Recorder(path, secrets=False)
+    old.start()
+    in_thread, read_now, reading = pending_read_back()
+    new = Recorder(path, secrets=False, in_thread=in_thread)
+    new.start()
+    record(old, "/meanwhile", b"one")  # waits for the new one's read-back
+    new.stop()  # the reload is undone before the new service served
+    assert [r["path"] for r in yaml.safe_load((tmp_path / "rec.yaml").read_text())] == [
+        "/meanwhile"
+    ]
+    reading.callback(read_now())
+    record(old, "/meanwhile", b"two")
+    record(old, "/after", b"after")
+    old.stop()
+    routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
+    assert [(r["path"], r["body"]) for r in routes] == [("/meanwhile", "one"), ("/after", "after")]
+
+
+def test_an_exchange_is_masked_as_the_route_that_relayed_it_says(tmp_path: Path) -> None:
+    """A reload that turns record_secrets on does not unmask what the old map relayed."""
+    path = str(tmp_path / "rec.yaml")
+    cookie = [(b"Set-Cookie", b"session=secret")]
+    old = Recorder(path, secrets=False)
+    old.start()
+    new = Recorder(path, secrets=True)
+    new.start()
+    record(old, "/old", b"old", cookie)
+    record(new, "/new", b"new", cookie)
+    new.stop()
+    old.stop()
+    routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
+    assert [r["headers"]["Set-Cookie"] for r in routes] == ["(masked by netd)", "session=secret"]
+
+
+def test_replaced_recorders_are_not_kept_alive(tmp_path: Path) -> None:
+    path = str(tmp_path / "rec.yaml")
+    gone: list[weakref.ref[Recorder]] = []
+    previous: Recorder | None = None
+    for n in range(20):  # reloads, each old service stopping after the new one starts
+        recorder = Recorder(path, secrets=False)
+        recorder.start()
+        record(recorder, f"/{n}", b"x")
+        if previous is not None:
+            previous.stop()
+        gone.append(weakref.ref(recorder))
+        previous = recorder
+    assert previous is not None
+    previous.stop()
+    del recorder, previous
+    gc.collect()
+    assert [ref for ref in gone if ref() is not None] == []
+    assert len(yaml.safe_load((tmp_path / "rec.yaml").read_text())) == 20

@@ -278,9 +278,10 @@ def _headers(value: Value) -> tuple[tuple[str, str], ...]:
 
 class _Running(Service):
     """
-    Hands the run-time routes on to the next build once this one serves; when
-    it stops, closes the proxy's kept-alive upstream connections and waits for
-    recordings still read back, so the exchanges waiting for them are written.
+    Hands the run-time routes on to the next build once this one serves, and its
+    C{record_to} files to its recorders; when it stops, closes the proxy's
+    kept-alive upstream connections and waits for recordings still read back,
+    so the exchanges waiting for them are written.
     """
 
     def __init__(
@@ -298,9 +299,13 @@ class _Running(Service):
     def startService(self) -> None:
         super().startService()
         self.routes.publish(self.carried)
+        for recorder in self.recorders:
+            recorder.start()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
+        for recorder in self.recorders:
+            recorder.stop()
         waits = [recorder.read for recorder in self.recorders]
         if self.proxy is not None:
             waits.append(self.proxy.close())

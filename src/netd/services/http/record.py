@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,23 +54,36 @@ _NOT_RECORDED = frozenset(
 )
 _GLOB = "*?["
 
+# The recorder that appends to each record_to file now, by its resolved path.
+# During a reload the old service still relays on its open connections while
+# the new one's recorder has read the file back: what the old one records goes
+# through the new one, which knows every request written, so none is written
+# twice (two services, or two routes of one, recording to one file share it too).
+_SERVING: dict[Path, Recorder] = {}
+
 
 class Recorder:
     """
     Appends the routes of one C{record_to} file (a YAML list, one item per exchange).
     Built with its service (at start or reload), it goes on from what the file
     holds: a request recorded before is not written again, and body files are
-    numbered after the last one there.
+    numbered after the last one there.  Once started it writes for every
+    recorder of the same file, the one it replaces included, until it stops.
     """
 
     def __init__(self, path: str, secrets: bool, in_thread: InThread | None = None) -> None:
         self.path = Path(path)
+        self.file = self.path.resolve()
         self.bodies = self.path.with_name(self.path.name + ".bodies")
         self.secrets = secrets
         self.seen: set[str] = set()
         self.count = 0
-        # Exchanges that ended while the recording was read back: written after it.
-        self._waiting: list[tuple[Exchange, int, Headers, bytes]] | None = []
+        self.running = False
+        # The recorder this one took the file from: weak, or every reload's
+        # recorder would stay alive through its successor.
+        self._replaced: weakref.ref[Recorder] | None = None
+        # Routes that ended while the recording was read back: written after it.
+        self._waiting: list[tuple[dict[str, Any], bytes]] | None = []
         self.read: Deferred[None]
         """Fires once the file is read back and the exchanges that waited for it are written."""
         if in_thread is None:
@@ -82,10 +96,46 @@ class Recorder:
 
     def _read_back(self, outcome: Any) -> None:
         if isinstance(outcome, tuple):  # else a failure: go on from nothing known
-            self.seen, self.count = outcome
+            self._learn(*outcome)
         waiting, self._waiting = self._waiting or [], None
-        for exchange, status, headers, body in waiting:
-            self.write(exchange, status, headers, body)
+        serving = self._serving()
+        for route, body in waiting:
+            serving._append(route, body)
+
+    def _learn(self, seen: set[str], count: int) -> None:
+        self.seen |= seen
+        self.count = max(self.count, count)
+
+    def _serving(self) -> Recorder:
+        return _SERVING.get(self.file, self)
+
+    def start(self) -> None:
+        """Its service serves: this recorder writes the file from now on."""
+        self.running = True
+        replaced = _SERVING.get(self.file)
+        _SERVING[self.file] = self
+        self._replaced = None if replaced is None else weakref.ref(replaced)
+        if replaced is not None:
+            # What it wrote after this one's read-back had read the file.
+            self._learn(replaced.seen, replaced.count)
+
+    def stop(self) -> None:
+        self.running = False
+        if _SERVING.get(self.file) is not self:
+            return
+        replaced = self._replaced() if self._replaced is not None else None
+        if replaced is None or not replaced.running:
+            del _SERVING[self.file]
+            return
+        # A reload undone after this recorder started (or a stop with the old
+        # service still draining): the one it replaced writes the file again,
+        # knowing what was written meanwhile, and takes what waits here.
+        _SERVING[self.file] = replaced
+        replaced._learn(self.seen, self.count)
+        if self._waiting:
+            waiting, self._waiting = self._waiting, []
+            for route, body in waiting:
+                replaced._append(route, body)
 
     def wrap(self, exchange: Exchange) -> Exchange:
         """The exchange as the proxy should see it: its answer is recorded on the way out."""
@@ -94,9 +144,11 @@ class Recorder:
         return wrapped
 
     def write(self, exchange: Exchange, status: int, headers: Headers, body: bytes) -> None:
-        if self._waiting is not None:
-            self._waiting.append((exchange, status, headers, body))
-            return
+        """
+        Record an exchange this recorder's route relayed, masked as that route
+        says (the route that relayed it decides, as the map a connection was
+        answered under does), through the recorder serving the file now.
+        """
         # Exactly the path, as WireMock's recorder writes urlEqualTo: a plain
         # path ending in / would be a prefix, one with * ? [ a glob.
         path: Any = exchange.path
@@ -114,11 +166,6 @@ class Recorder:
             if text is not None:
                 match["body"] = {"equals": text}
         route["match"] = match
-        key = _request_key(route)
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        self.count += 1
         route["status"] = status
         # A repeated header as a list of its values: Set-Cookie cannot be joined (RFC 6265 3).
         answer_headers: dict[str, list[str]] = {}
@@ -131,6 +178,17 @@ class Recorder:
             answer_headers.setdefault(name.decode("latin-1"), []).append(text_value)
         if answer_headers:
             route["headers"] = {k: v[0] if len(v) == 1 else v for k, v in answer_headers.items()}
+        self._serving()._append(route, body)
+
+    def _append(self, route: dict[str, Any], body: bytes) -> None:
+        if self._waiting is not None:
+            self._waiting.append((route, body))
+            return
+        key = _request_key(route)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.count += 1
         text = _inline_text(body)
         if text is not None:
             route["body"] = text
@@ -142,8 +200,8 @@ class Recorder:
 
     def _new_body_file(self, body: bytes) -> str:
         """
-        C{body} in the next numbered file; never over another's (a service this
-        one replaced, still draining, may have taken a number meanwhile).
+        C{body} in the next numbered file; never over another's (one written
+        since the read-back: by another netd recording to the same file, say).
         """
         self.bodies.mkdir(exist_ok=True)
         while True:
