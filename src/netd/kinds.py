@@ -221,9 +221,11 @@ class Handlers(Record):
         starts from the map.
     @ivar kept_views: the views whose writes C{keep} is for; the others (a
         query log, say) are each worker's own, and join.
-    @ivar ready: fires once the started service can do its work (smtp's spool
-        read back); a failure then stops start-up, as a listener that cannot
-        bind does.  L{None}: ready once started.
+    @ivar ready: whether the service could do its work (smtp: its spool's
+        folder can be made and read), a check that starts nothing: asked at
+        start-up, where a failure stops it as a listener that cannot bind
+        does, and of a reload's replacement before it starts, where a failure
+        undoes the reload.  L{None}: nothing to check.
     """
 
     stream: Callable[[ListenerConfig], IProtocolFactory] | None = None

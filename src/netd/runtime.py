@@ -223,12 +223,8 @@ class RunningService(ListenerGroup, Service):
 
     def startService(self) -> None:
         super().startService()
-        self._start_work()
-
-    def _start_work(self) -> None:
-        work = self.handlers.service
-        if work is not None and not work.running:
-            work.startService()
+        if self.handlers.service is not None:
+            self.handlers.service.startService()
 
     def serving(self) -> Deferred[None]:
         """Fires once the service answers on its listeners and can do its work."""
@@ -237,11 +233,10 @@ class RunningService(ListenerGroup, Service):
 
     def prepare(self) -> Deferred[None]:
         """
-        Start the service's work before it has listeners, as a reload's
-        replacement does: fires once it can do that work, fails if it cannot
-        (a spool it cannot read), while the service it replaces still serves.
+        Whether the service could do its work (L{Handlers.ready}), asked of a
+        reload's replacement before it starts or takes a listener, while the
+        service it replaces still serves; fails with the reason if not.
         """
-        self._start_work()
         return RunningService.serving(self)
 
     @inlineCallbacks
@@ -628,6 +623,8 @@ class Daemon(MultiService):
         refused = yield self._prepare(fresh)
         if refused is not None:
             return refused
+        if not self.running:
+            return ReloadResult(errors=("netd is stopping",))
         admin_changed = new.admin != self.config.admin or bool(changed_profiles)
         new_admin = (
             _admin_server(self, new.admin, creators) if new.admin and admin_changed else None
@@ -656,8 +653,11 @@ class Daemon(MultiService):
                 for socket in sockets.values():
                     socket.close()
         if result is not None:
-            yield self._discard(fresh)
             return result
+        if not self.running:
+            # Stopped while the listeners moved: the new ones go too, unserved.
+            yield gatherResults([group.stop_listening() for group in binding])
+            return ReloadResult(errors=("netd is stopping",))
 
         # Committed.  The map's rules are replaced; those added through the
         # API stay in force, in the replacement of a restarted service too.
@@ -712,21 +712,18 @@ class Daemon(MultiService):
     @inlineCallbacks
     def _prepare(self, fresh: Mapping[str, RunningService]) -> Any:
         """
-        Start the replacements' work before any listener moves; a
-        L{ReloadResult} with the errors if one cannot do it, the old services
-        then untouched, as when a listener cannot bind.
+        Ask the replacements whether they could do their work before any
+        listener moves; a L{ReloadResult} with the errors if one cannot, the
+        old services then untouched, as when a listener cannot bind.  Nothing
+        of theirs starts before the reload commits: a courier started here
+        would send what the old one is sending, and state a kind publishes for
+        its successor (carried) would outlive a reload that is undone.
         """
         outcome = yield DeferredList([r.prepare() for r in fresh.values()], consumeErrors=True)
         failures = [value for ok, value in outcome if not ok]
         if not failures:
             return None
-        yield self._discard(fresh)
         return ReloadResult(errors=tuple(str(f.value) for f in failures))
-
-    @staticmethod
-    def _discard(fresh: Mapping[str, RunningService]) -> Deferred[Any]:
-        """Stop replacements a failed reload started but never committed."""
-        return gatherResults([r.stop(0) for r in fresh.values()])
 
     @inlineCallbacks
     def _rebind(

@@ -431,8 +431,6 @@ class WorkerPool(RunningService):
         self.handlers = attrs.evolve(
             self.handlers,
             service=None,
-            # Each worker waits for its own build's readiness before it serves.
-            ready=None,
             views={name: self._fan_out(name, view) for name, view in self.handlers.views.items()},
         )
         self.slots = [_Slot(reactor, self._spawn, self._exited) for _ in range(config.workers)]

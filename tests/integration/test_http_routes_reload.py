@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +96,24 @@ def test_a_map_route_that_takes_a_run_time_id_wins(netd: NetdProcess) -> None:
     with pytest.raises(AdminError) as refused:
         netd.admin("DELETE", "/api/services/web/routes/users")
     assert refused.value.status == 403  # it is the map's now
+
+
+def test_routes_added_after_an_undone_reload_outlive_the_next(netd: NetdProcess) -> None:
+    """The undone reload's build never started: it publishes no routes of its own."""
+    _post_route(netd, id="before", path="/before", body="before\n")
+    edited = _BASE + '\n      - {path: /new, body: "new\\n"}'
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f'"tcp:{holder.getsockname()[1]}:interface=127.0.0.1"'
+        first, _, last = _map(edited).rpartition('"tcp:0:interface=127.0.0.1"')
+        with pytest.raises(AdminError) as refused:
+            netd.reload(first + busy + last)
+    assert refused.value.status == 400
+    _post_route(netd, id="after", path="/after", body="after\n")
+    assert netd.reload(_map(edited, other_body="two"))["restarted"] == ["web", "other"]
+    assert [_get(netd, path).text for path in ("/before", "/after", "/new")] == [
+        "before\n",
+        "after\n",
+        "new\n",
+    ]

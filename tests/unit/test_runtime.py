@@ -6,12 +6,13 @@ import errno
 import json
 import os
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.testing import StringTransportWithDisconnection
 from twisted.python.failure import Failure
@@ -220,21 +221,29 @@ def test_stop_without_connections_is_immediate(tmp_path: Path) -> None:
     assert not (tmp_path / "ports.json").exists()
 
 
+def moving_qotd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, read_map: Callable[..., Deferred[Any]]
+) -> tuple[ListeningReactor, Daemon]:
+    """A started daemon whose map on disk now moves qotd; C{read_map} reads it for a reload."""
+    reactor = ListeningReactor()
+    daemon = started(tmp_path, reactor)
+    (tmp_path / "netd.yaml").write_text(textwrap.dedent(MAP).replace("7017", "7018"))
+    monkeypatch.setattr("netd.runtime.deferToThreadPool", read_map)
+    monkeypatch.setattr(reactor, "getThreadPool", lambda: None, raising=False)
+    return reactor, daemon
+
+
 def test_reloads_asked_while_netd_stops_are_refused_and_change_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One whose map was still being read, and one queued behind it: neither binds anything."""
-    reactor = ListeningReactor()
-    daemon = started(tmp_path, reactor)
-    (tmp_path / "netd.yaml").write_text(textwrap.dedent(MAP).replace("7017", "7018"))
     reading: list[Deferred[Any]] = []
 
     def read_later(reactor: Any, pool: Any, read: Any, *args: Any) -> Deferred[Any]:
         reading.append(Deferred())
         return reading[-1].addCallback(lambda _: read(*args))
 
-    monkeypatch.setattr("netd.runtime.deferToThreadPool", read_later)
-    monkeypatch.setattr(reactor, "getThreadPool", lambda: None, raising=False)
+    reactor, daemon = moving_qotd(tmp_path, monkeypatch, read_later)
     refused: list[ReloadResult] = []
     daemon.reload().addCallback(refused.append)
     daemon.reload().addCallback(refused.append)
@@ -245,3 +254,25 @@ def test_reloads_asked_while_netd_stops_are_refused_and_change_nothing(
     assert [r.errors for r in refused] == [("netd is stopping",)] * 2
     assert len(reading) == 1 and len(reactor.ports) == bound_before
     assert daemon.services_by_name["qotd"].config.listen[0].endpoint == "tcp:7017"
+
+
+def test_a_reload_whose_replacements_were_asked_while_netd_stopped_binds_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Their check took a thread (an smtp spool): SIGTERM came meanwhile."""
+    reactor, daemon = moving_qotd(tmp_path, monkeypatch, lambda r, p, read, *a: succeed(read(*a)))
+    asked: list[Deferred[None]] = []
+
+    def prepare(service: RunningService) -> Deferred[None]:
+        asked.append(Deferred())
+        return asked[-1]
+
+    monkeypatch.setattr(RunningService, "prepare", prepare)
+    refused: list[ReloadResult] = []
+    daemon.reload().addCallback(refused.append)
+    [check] = asked
+    daemon.stopService()
+    check.callback(None)
+    assert [r.errors for r in refused] == [("netd is stopping",)]
+    assert not any(p.listening for p in reactor.ports)
+    assert all(s.config.listen[0].endpoint != "tcp:7018" for s in daemon.services_by_name.values())

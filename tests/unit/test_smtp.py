@@ -1293,23 +1293,6 @@ def test_a_message_waits_for_the_spool_to_be_read_before_it_is_written(tmp_path:
     assert len(journal.select(types=["message.accepted"])) == 1
 
 
-def test_a_store_stopped_before_it_replaced_another_hands_its_mail_back(tmp_path: Path) -> None:
-    """A reload undone after the new store started: the old one lists what came meanwhile."""
-    old, _, _ = make_store(tmp_path)
-    result_of(old.accept(transaction(Mailbox("a", "b.test"), "before@netd.test")))
-    new = MailStore(old.spool, old.context, "mx.netd.test")
-    new.startService()
-    # A session of the old service finishes its message while the new store serves.
-    meanwhile = result_of(old.accept(transaction(Mailbox("a", "b.test"), "meanwhile@netd.test")))
-    assert meanwhile not in old.messages
-    new.stopService()
-    assert sorted(old.messages) == sorted(new.messages)
-    assert meanwhile in old.messages
-    later = result_of(old.accept(transaction(Mailbox("a", "b.test"), "later@netd.test")))
-    assert later in old.messages
-    assert later not in new.messages
-
-
 def test_a_line_too_long_over_many_reads_gets_one_answer() -> None:
     # RFC 2920 3: one reply a command, in order, however TCP splits the line.
     harness = Harness()

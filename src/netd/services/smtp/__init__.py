@@ -444,7 +444,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         busy_reply=busy_reply(),
         per_client_reply=b"421 4.7.0 Too many connections from your address\r\n",
         service=background,
-        ready=store.recovered,
+        ready=store.can_keep_mail,
         views={
             "messages": AdminView(
                 list=store.list,

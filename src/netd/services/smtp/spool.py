@@ -20,6 +20,7 @@ one before it.)
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -264,6 +265,13 @@ def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
     return envelope, start
 
 
+def _check(directory: Path) -> None:
+    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
+    os.listdir(directory)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
+
+
 def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
     directory.mkdir(mode=0o750, parents=True, exist_ok=True)
     found = []
@@ -453,6 +461,10 @@ class Spool:
         self.directory = directory
         self.run = run
         self.write = run if write is None else write
+
+    def check(self) -> Deferred[None]:
+        """Fails if the folder cannot be made, listed or written to."""
+        return self.run(lambda: _check(self.directory))
 
     def recover(self) -> Deferred[list[tuple[Envelope, bytes]]]:
         """

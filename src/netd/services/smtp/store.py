@@ -11,7 +11,6 @@ import email.parser
 import email.policy
 import functools
 import re
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from email.utils import formatdate
 from pathlib import Path
@@ -136,36 +135,16 @@ class MailStore(Service):
         self.ready: Deferred[None] = Deferred()
         self.watchers: list[MailWatcher] = []
         self._recovered = False
-        self._recovery_failure: Any = None
-        # The store this one took the spool from: weak, or every reload's
-        # store would stay alive through its successor.
-        self._replaced: weakref.ref[MailStore] | None = None
 
     def startService(self) -> None:
         super().startService()
-        replaced = _SERVING.get(self.spool.directory)
-        self._replaced = None if replaced is None else weakref.ref(replaced)
         _SERVING[self.spool.directory] = self
         self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
 
     def stopService(self) -> None:
         super().stopService()
-        if _SERVING.get(self.spool.directory) is not self:
-            return
-        replaced = self._replaced() if self._replaced is not None else None
-        if replaced is None or not replaced.running:
+        if _SERVING.get(self.spool.directory) is self:
             del _SERVING[self.spool.directory]
-            return
-        # A reload undone after this store started: the one it was to replace
-        # serves the spool again, and takes what its sessions spooled
-        # meanwhile.  Sent on again too: a duplicate is better than a loss
-        # (RFC 5321 6.1), and this store's deliveries stop with it.
-        _SERVING[self.spool.directory] = replaced
-        for id, envelope in self.messages.items():
-            if id not in replaced.messages:
-                replaced._add(envelope, self.heads[id])
-                if replaced.deliver is not None:
-                    replaced.deliver(envelope, None)
 
     def _serving(self) -> MailStore:
         return _SERVING.get(self.spool.directory, self)
@@ -184,28 +163,24 @@ class MailStore(Service):
 
     def _recovery_failed(self, failure: Any) -> None:
         self.context.log.failure("reading the spool failed", failure)
-        self._recovery_failure = failure
         self._recovered = True
         self.ready.callback(None)
 
-    def recovered(self) -> Deferred[None]:
+    def can_keep_mail(self) -> Deferred[None]:
         """
-        Fires once the spool is read back; fails if it could not be (a file
-        where its folder should be, no permission): a service that cannot keep
-        mail must not answer 220 (L{Handlers.ready}).
+        Fails if the spool's folder cannot be made or read (a file where it
+        should be, no permission): a service that cannot keep mail must not
+        answer 220 (L{Handlers.ready}).  Starts nothing, so a reload asks it
+        of a replacement while the service it replaces still serves.
         """
-        waiting = self._when_ready()
 
-        def settled(_: object) -> Any:
-            failure = self._recovery_failure
-            if failure is not None:
-                raise StartupError(
-                    f"services.{self.context.name}: cannot read its spool "
-                    f"{self.spool.directory}: {failure.getErrorMessage()}"
-                )
-            return None
+        def refused(failure: Failure) -> None:
+            raise StartupError(
+                f"services.{self.context.name}: cannot read its spool "
+                f"{self.spool.directory}: {failure.getErrorMessage()}"
+            )
 
-        return waiting.addCallback(settled)
+        return self.spool.check().addErrback(refused)
 
     def _when_ready(self) -> Deferred[None]:
         if self._recovered:
