@@ -22,6 +22,7 @@ from netd.kinds import ViewRefused
 from netd.schema import ConfigErrors
 from netd.services.http import Options, _route
 from netd.services.http.app import App, BodyStream
+from netd.services.http.match import NOT_JSON, json_subset, subset_test
 from netd.services.http.stubs import RoutesView
 from netd.services.http.template import Template, TemplateError
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
@@ -915,3 +916,49 @@ def test_json_bodies_are_read_as_json_loads_reads_them(
     order = json.dumps({"customer": {"name": "alice"}, "items": [{"sku": "A"}]})
     exchange = ask(app, "/orders", "POST", encoded(order))
     assert exchange.status == (201 if matched else 404)
+
+
+SUBSETS = [
+    {"customer": {"name": "alice"}},
+    {"n": 1},
+    {"flag": True},
+    {"none": None},
+    {"items": [{"sku": "A"}]},
+    "alice",
+    1,
+    1.0,
+    True,
+    False,
+    None,
+    [],
+    {},
+]
+DOCUMENTS = [
+    {"customer": {"name": "alice", "tier": "gold"}},
+    {"customer": {"name": "bob"}},
+    {"customer": "alice"},
+    {"n": 1},
+    {"n": 1.0},
+    {"n": True},
+    {"flag": True},
+    {"flag": 1},
+    {"none": None},
+    {"items": [{"sku": "A", "qty": 2}]},
+    {"items": [{"sku": "A"}, {"sku": "B"}]},
+    "alice",
+    1,
+    True,
+    0,
+    False,
+    None,
+    [],
+    {},
+    NOT_JSON,
+]
+
+
+@pytest.mark.parametrize("expected", SUBSETS)
+def test_a_json_subset_worked_out_once_judges_as_json_subset(expected: Any) -> None:
+    holds = subset_test(expected)
+    for document in DOCUMENTS:
+        assert holds(document) is json_subset(expected, document), document

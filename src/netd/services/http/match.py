@@ -24,10 +24,13 @@ queries compiled once when the map is read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 import re
 import urllib.parse
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -66,6 +69,19 @@ class Request:
     @ivar body: the whole body once it has come in (L{None} before).
     """
 
+    # One is made for every request a conditional route or a stub looks at.
+    __slots__ = (
+        "_cookies",
+        "_form",
+        "_json",
+        "_json_read",
+        "_query",
+        "body",
+        "exchange",
+        "method",
+        "path",
+    )
+
     def __init__(self, exchange: Any, path: str, body: bytes | None = None) -> None:
         self.exchange = exchange
         self.method: str = exchange.method
@@ -88,17 +104,19 @@ class Request:
         return self._query
 
     def header(self, name: str) -> str | None:
-        value = self.exchange.header(name.lower().encode("latin-1", "replace"))
+        value = self.exchange.header(header_key(name))
         return _header_text(value) if value is not None else None
 
-    def header_holds(self, name: str, wanted: Text) -> bool:
+    def header_holds(self, key: bytes, wanted: Text) -> bool:
         """
-        Whether header C{name} is as C{wanted} says: its lines joined (RFC 9110
-        5.3), or any one of them, as WireMock matches a header sent twice.
+        Whether header C{key} (its name in lower case, as bytes: L{header_key})
+        is as C{wanted} says: its lines joined (RFC 9110 5.3), or any one of
+        them, as WireMock matches a header sent twice.
         """
-        if wanted.check(self.header(name)):
+        value = self.exchange.header(key)
+        if wanted.check(_header_text(value) if value is not None else None):
             return True
-        lines = self.exchange.header_lines(name.lower().encode("latin-1", "replace"))
+        lines = self.exchange.header_lines(key)
         return len(lines) > 1 and any(wanted.check(_header_text(line)) for line in lines)
 
     @property
@@ -133,6 +151,11 @@ class Request:
         if self._form is None:
             self._form = urllib.parse.parse_qs(self.text, keep_blank_values=True)
         return self._form
+
+
+def header_key(name: str) -> bytes:
+    """A header's name as an exchange looks it up."""
+    return name.lower().encode("latin-1", "replace")
 
 
 def _header_text(value: bytes) -> str:
@@ -233,12 +256,18 @@ class Body(Record):
     has_json: bool = False
     jsonpaths: tuple[tuple[str, Any, Text | None], ...] = ()
     form: tuple[tuple[str, Text], ...] = ()
+    # C{json_subset(json, ...)}, worked out once: it is asked for every request.
+    json_holds: Callable[[Any], bool] = attrs.field(init=False, eq=False)
+
+    @json_holds.default
+    def _json_holds(self) -> Callable[[Any], bool]:
+        return subset_test(self.json)
 
     def holds(self, request: Request) -> bool:
         """L{mismatches} finds none; the common conditions asked without saying why."""
         if self.text is not None and not self.text.check(request.text):
             return False
-        if self.has_json and not json_subset(self.json, request.json):
+        if self.has_json and not self.json_holds(request.json):
             return False
         return not (self.jsonpaths or self.form) or not self.mismatches(request)
 
@@ -246,7 +275,7 @@ class Body(Record):
         found = []
         if self.text is not None and not self.text.check(request.text):
             found.append(f"body: expected {self.text.describe()}, got {_shown(request.text)}")
-        if self.has_json and not json_subset(self.json, request.json):
+        if self.has_json and not self.json_holds(request.json):
             actual = "not JSON" if request.json is NOT_JSON else _shown(request.text)
             found.append(f"body: expected JSON with {json.dumps(self.json)}, got {actual}")
         for source, query, wanted in self.jsonpaths:
@@ -276,6 +305,12 @@ class Conditions(Record):
     headers: tuple[tuple[str, Text], ...] = ()
     cookies: tuple[tuple[str, Text], ...] = ()
     body: Body | None = None
+    # The headers' names as exchanges look them up, worked out once, not per request.
+    keyed_headers: tuple[tuple[bytes, Text], ...] = attrs.field(init=False, eq=False)
+
+    @keyed_headers.default
+    def _keyed_headers(self) -> tuple[tuple[bytes, Text], ...]:
+        return tuple((header_key(name), wanted) for name, wanted in self.headers)
 
     @property
     def size(self) -> int:
@@ -304,8 +339,8 @@ class Conditions(Record):
                 return False
         if self.query_equals is not None and request.query != self.query_equals:
             return False
-        for name, wanted in self.headers:
-            if not request.header_holds(name, wanted):
+        for key, wanted in self.keyed_headers:
+            if not request.header_holds(key, wanted):
                 return False
         for name, wanted in self.cookies:
             if not wanted.check(request.cookies.get(name)):
@@ -335,9 +370,9 @@ class Conditions(Record):
             expected = _got(urllib.parse.urlencode(self.query_equals, doseq=True) or None)
             got = _got(urllib.parse.urlencode(request.query, doseq=True) or None)
             found.append(f"query: expected exactly {expected}, got {got}")
-        for name, wanted in self.headers:
+        for (name, wanted), (key, _) in zip(self.headers, self.keyed_headers, strict=True):
             value = request.header(name)
-            if not request.header_holds(name, wanted):
+            if not request.header_holds(key, wanted):
                 found.append(f"header {name}: expected {wanted.describe()}, got {_got(value)}")
         for name, wanted in self.cookies:
             value = request.cookies.get(name)
@@ -371,6 +406,30 @@ def json_subset(expected: Any, actual: Any) -> bool:
     if isinstance(expected, bool) or isinstance(actual, bool):
         return expected is actual
     return bool(expected == actual) and actual is not NOT_JSON
+
+
+def subset_test(expected: Any) -> Callable[[Any], bool]:
+    """
+    C{json_subset(expected, actual)} as a function of C{actual} alone, its
+    objects' members and its strings worked out once: a route's JSON subset
+    is tested against every request it sees.
+    """
+    if isinstance(expected, dict):
+        members = tuple((key, subset_test(value)) for key, value in expected.items())
+
+        def holds(actual: Any) -> bool:
+            if not isinstance(actual, dict):
+                return False
+            for key, member in members:
+                if key not in actual or not member(actual[key]):
+                    return False
+            return True
+
+        return holds
+    if isinstance(expected, str):
+        # Only an equal string equals a string: no bool, no number, not NOT_JSON.
+        return functools.partial(operator.eq, expected)
+    return functools.partial(json_subset, expected)
 
 
 def _any_value(wanted: Text, values: list[str] | None) -> bool:
