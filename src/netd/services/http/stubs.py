@@ -73,9 +73,12 @@ class Answer(Record):
         return any(name.lower() == "content-type" for name, _ in self.headers)
 
     def render(self, scope: Scope, files: dict[str, bytes]) -> tuple[int, Headers, bytes]:
-        headers = [
-            (name.encode("latin-1"), _header(value.render(scope))) for name, value in self.headers
-        ]
+        # Most answers set no header of their own: no comprehension (a call) for none.
+        headers = (
+            [(name.encode("latin-1"), _header(value.render(scope))) for name, value in self.headers]
+            if self.headers
+            else []
+        )
         if self.json is not None:
             body = self.json.render(scope)
             if not self.typed:

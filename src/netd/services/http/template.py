@@ -224,10 +224,16 @@ class Template:
     def reads_body(self) -> bool:
         return any(isinstance(p, _Place) and p.reads_body for p in self.parts)
 
+    @property
+    def lone(self) -> _Place | None:
+        """The place, if this template is one place alone (and no text)."""
+        parts = self.parts
+        return parts[0] if len(parts) == 1 and isinstance(parts[0], _Place) else None
+
     def value(self, scope: Scope) -> Any:
         """A template that is one place alone gives its value as it is (a number stays one)."""
-        if len(self.parts) == 1 and isinstance(self.parts[0], _Place):
-            place = self.parts[0]
+        place = self.lone
+        if place is not None:
             found = place.lookup(scope)
             if found is _MISSING:
                 return place.default if place.default is not None else ""
@@ -273,9 +279,9 @@ _encode = json.JSONEncoder(ensure_ascii=False, allow_nan=False).encode
 _encode_text = json.encoder.encode_basestring
 
 
-def _joined(pieces: list[str | Template]) -> list[str | Template]:
+def _joined(pieces: list[str | Template | _Place]) -> list[str | Template | _Place]:
     """Runs of constant text as one piece."""
-    joined: list[str | Template] = []
+    joined: list[str | Template | _Place] = []
     for piece in pieces:
         if isinstance(piece, str) and joined and isinstance(joined[-1], str):
             joined[-1] += piece
@@ -291,7 +297,9 @@ class JSONTemplate:
         self.document = self._parse(document) if templated else document
         self.constant = self._constant(self.document)
         self.reads_body = self._reads_body(self.document)
-        self.pieces: list[str | Template] = []
+        # Text, and what fills it in: a template, or the lone place of one
+        # (asked straight, without the template's call around it).
+        self.pieces: list[str | Template | _Place] = []
         try:
             # A document with nothing to fill is encoded once, not per request.
             self.fixed = _encode(document).encode() if self.constant else None
@@ -307,7 +315,7 @@ class JSONTemplate:
     def _compile(self, node: Any) -> None:
         pieces = self.pieces
         if isinstance(node, Template):
-            pieces.append(node)
+            pieces.append(node.lone or node)
         elif isinstance(node, dict) and node and not self._constant(node):
             pieces.append("{")
             for index, (key, value) in enumerate(node.items()):
@@ -359,9 +367,14 @@ class JSONTemplate:
         for piece in self.pieces:
             if isinstance(piece, str):
                 pieces.append(piece)
+                continue
+            if isinstance(piece, _Place):
+                value = piece.lookup(scope)
+                if value is _MISSING:
+                    value = piece.default if piece.default is not None else ""
             else:
                 value = piece.value(scope)
-                pieces.append(_encode_text(value) if isinstance(value, str) else _encode(value))
+            pieces.append(_encode_text(value) if isinstance(value, str) else _encode(value))
         text = "".join(pieces)
         if len(text) > MAX_RENDERED:
             raise TemplateError(f"renders past {MAX_RENDERED} characters")
