@@ -87,11 +87,31 @@ class Journal:
         self._clock = clock
         # Whether anything can read the journal (an admin API, the log).  High-rate
         # emitters (a connection's open and close) skip their events otherwise.
-        self.active = active
+        self._active = active
+        self._activity_watchers: list[Callable[[bool], None]] = []
         self._events: deque[Event] = deque(maxlen=size)
         self._ids = itertools.count(1)
         self._waiters: list[_Waiter] = []
         self._listeners: list[Callable[[Event], None]] = []
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, active: bool) -> None:
+        if active == self._active:
+            return
+        self._active = active
+        for watcher in list(self._activity_watchers):
+            watcher(active)
+
+    def watch_activity(self, watcher: Callable[[bool], None]) -> None:
+        """Tell C{watcher} each time L{active} changes (emitters in other processes)."""
+        self._activity_watchers.append(watcher)
+
+    def unwatch_activity(self, watcher: Callable[[bool], None]) -> None:
+        self._activity_watchers.remove(watcher)
 
     # Copied on write, not changed in place: a listener may unsubscribe (an
     # event stream it cuts) while emit goes through the list.

@@ -112,6 +112,13 @@ class _Boot(amp.Command):
     errors = {_BootFailed: b"BOOT_FAILED"}
 
 
+class _JournalActive(amp.Command):
+    """Whether the main process's journal is read: a reload added or removed its reader."""
+
+    arguments = [(b"active", amp.Boolean())]
+    requiresAnswer = False
+
+
 class _StopListening(amp.Command):
     """Stop accepting; the main process closes its own descriptor too."""
 
@@ -442,6 +449,8 @@ class WorkerPool(RunningService):
         # Kept writes each booting worker has yet to take: it was built before them.
         self._booting: list[list[_Write]] = []
         self._spec: bytes | None = None
+        # Every worker's channel from its spawn to its end, booting and retiring ones too.
+        self._channels: set[_Link] = set()
 
     def _listen_one(
         self, listener: ListenerConfig, held: endpoints.HeldSocket | None
@@ -458,6 +467,7 @@ class WorkerPool(RunningService):
 
     def startService(self) -> None:
         RunningService.startService(self)
+        self.journal.watch_activity(self._journal_activity)
         if self.handlers.keep is not None:
             # This build keeps the run-time state from now on: the workers and
             # the service's next build start from what it holds.
@@ -498,6 +508,8 @@ class WorkerPool(RunningService):
         spec, carried = self._boot_arguments()
         environment = {k: v for k, v in os.environ.items() if k not in _PARENT_ONLY}
         link = _Link(self)
+        self._channels.add(link)
+        link.ended.addCallback(self._channel_closed, link)
         self.reactor.spawnProcess(
             _Process(link),
             sys.executable,
@@ -537,6 +549,15 @@ class WorkerPool(RunningService):
             return serving
 
         return boot()
+
+    def _channel_closed(self, reason: str, link: _Link) -> str:
+        self._channels.discard(link)
+        return reason
+
+    def _journal_activity(self, active: bool) -> None:
+        # A worker booting has its Boot, with the value before, ahead of this on its channel.
+        for link in self._channels:
+            link.callRemote(_JournalActive, active=active)
 
     def _boot_arguments(self) -> tuple[bytes, bytes]:
         """
@@ -638,7 +659,12 @@ class WorkerPool(RunningService):
             return
         self.state = "stopping"
         yield self.stop_listening()
-        yield gatherResults([slot.stop(grace) for slot in self.slots])
+        try:
+            yield gatherResults([slot.stop(grace) for slot in self.slots])
+        finally:
+            # A pool built by a reload that failed is stopped unstarted: it never watched.
+            if self.running:
+                self.journal.unwatch_activity(self._journal_activity)
         self.state = "stopped"
         yield Service.stopService(self)
 
@@ -862,7 +888,8 @@ class _Worker(amp.AMP):
         self.reactor = reactor
         self.service: RunningService | None = None
         self.grace = 0.0
-        self.journal_active = False
+        self.journal = Journal(reactor)
+        self.journal.subscribe(self._forward)
         self.repeating = False
         self.stopped: Deferred[None] | None = None
         self.last_report: dict[str, Any] | None = None
@@ -893,14 +920,12 @@ class _Worker(amp.AMP):
     def _boot(self, spec: _Spec, carried: dict[str, Any], journal_active: bool) -> Any:
         self.log_observer.least = _LEVELS.index(LogLevel.levelWithName(spec.log.level))
         self.grace = spec.shutdown_grace
-        journal = Journal(self.reactor)
-        journal.subscribe(self._forward)
-        journal.active = self.journal_active = journal_active
+        self.journal.active = journal_active
         service = RunningService(
             spec.service,
             self.reactor,
             spec.base_dir,
-            journal,
+            self.journal,
             build_tls(spec.tls, spec.state_dir),
             spec.state_dir,
             carried=carried,
@@ -930,7 +955,7 @@ class _Worker(amp.AMP):
     def _forward(self, event: Any) -> None:
         # Nobody reads the main process's journal (no admin API, no event
         # log), or the main process is gone and this worker is finishing.
-        if not self.journal_active or not self.channel_open or self.repeating:
+        if not self.journal.active or not self.channel_open or self.repeating:
             return
         fields = {"service": event.service, "type": event.type, **event.fields}
         self.callRemote(_Emit, event=json.dumps(fields, default=str).encode())
@@ -944,6 +969,11 @@ class _Worker(amp.AMP):
         if report != self.last_report and self.channel_open:
             self.last_report = report
             self.callRemote(_Report, report=json.dumps(report).encode())
+
+    @_JournalActive.responder
+    def journal_activity(self, active: bool) -> dict[str, Any]:
+        self.journal.active = active
+        return {}
 
     @_StopListening.responder
     def stop_listening(self) -> Deferred[dict[str, Any]]:

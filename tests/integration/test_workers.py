@@ -395,3 +395,25 @@ def test_a_failed_reload_gives_the_workers_their_listener_back(tmp_path: Path) -
         for pid in old:
             netd.wait_for("web", "worker.stopped", worker=pid)
         assert len(_started(netd, "web", 4) - old) == 2
+
+
+def test_a_reload_that_adds_an_admin_api_journals_what_running_workers_do(
+    tmp_path: Path,
+) -> None:
+    web = _map()["services"]["web"]
+    with NetdProcess.start({"services": {"web": web}}, tmp_path, admin=False) as started:
+        ports = tmp_path / "ports.json"
+        assert "admin" not in json.loads(ports.read_text())
+        admin = {"listen": ["tcp:0:interface=127.0.0.1"]}
+        # JSON is YAML; the service is unchanged, so its workers keep running.
+        started.workdir.joinpath("netd.yaml").write_text(
+            json.dumps({"services": {"web": web}, "admin": admin})
+        )
+        started.signal(signal.SIGHUP)
+        wait_until(lambda: "admin" in json.loads(ports.read_text()), "the admin API")
+        netd = NetdProcess.attach(tmp_path)
+        [reload] = netd.events("netd", "reload")
+        assert reload["unchanged"] == ["web"]
+        assert _get(started.address("web")) == "one"
+        request = netd.wait_for("web", "http.request", path="/body")
+        assert request["worker"] != started.process.pid

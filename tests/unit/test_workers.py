@@ -14,7 +14,8 @@ from typing import Any, cast
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 
 from netd.config import ConfigErrors, NetdConfig, ServiceConfig, parse_config
@@ -27,9 +28,12 @@ from netd.workers import (
     Backoff,
     WorkerPool,
     _Big,
+    _Boot,
     _CallView,
+    _Emit,
     _encode_refusal,
     _encode_value,
+    _JournalActive,
     _Link,
     _merged,
     _must,
@@ -404,3 +408,69 @@ def test_a_pool_pickles_its_spec_once_and_what_it_keeps_at_each_boot(tmp_path: P
     assert (
         "x" not in str(pickle.loads(carried)) and "x" in pickle.loads(carried_again)["http.routes"]
     )
+
+
+# --- the journal, read or not, across the channel ----------------------------------
+
+
+class _SpawningReactor(MemoryReactorClock):
+    """Starts each worker as a channel to a StringTransport, which stays booting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels: list[StringTransport] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> StringTransport:
+        channel = StringTransport()
+        channel.pid = 300 + len(self.channels)  # type: ignore[attr-defined]
+        self.channels.append(channel)
+        protocol.makeConnection(channel)
+        return channel
+
+
+def _commands(channel: StringTransport) -> list[tuple[bytes, bytes | None]]:
+    """The commands written on C{channel}: each one's name and C{active} argument."""
+    boxes = amp.parseString(channel.value())
+    return [(box[b"_command"], box.get(b"active")) for box in boxes]
+
+
+def test_a_pool_tells_its_workers_when_its_journal_is_read_or_no_longer(
+    tmp_path: Path,
+) -> None:
+    config = _parse(
+        tmp_path,
+        """
+        services:
+          web: {type: http, workers: 2, listen: ["tcp:0"], routes: [{path: /, body: ok}]}
+        """,
+    )
+    reactor = _SpawningReactor()
+    journal = Journal(reactor, active=False)
+    web = config.services["web"]
+    pool = WorkerPool(web, reactor, tmp_path, journal, {}, tmp_path, {}, 1.0, config.log, {})
+    pool.startService()
+    # Told after their boot (the workers here are still booting), in order.
+    journal.active = True
+    journal.active = True
+    journal.active = False
+    for channel in reactor.channels:
+        assert _commands(channel) == [
+            (_Boot.commandName, None),
+            (_JournalActive.commandName, b"True"),
+            (_JournalActive.commandName, b"False"),
+        ]
+
+
+def test_a_worker_forwards_its_events_only_while_the_main_journal_is_read() -> None:
+    worker = _Worker(MemoryReactorClock())
+    channel = StringTransport()
+    worker.makeConnection(channel)
+    told = amp.AmpBox(_command=_JournalActive.commandName, active=b"True")
+    worker.dataReceived(told.serialize())
+    worker.journal.emit("web", "http.request", path="/read")
+    worker.dataReceived(
+        amp.AmpBox(_command=_JournalActive.commandName, active=b"False").serialize()
+    )
+    worker.journal.emit("web", "http.request", path="/unread")
+    assert [name for name, _ in _commands(channel)] == [_Emit.commandName]
+    assert b"/read" in channel.value() and b"/unread" not in channel.value()
