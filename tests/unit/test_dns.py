@@ -459,6 +459,8 @@ def test_bad_input_gets_formerr_or_silence(tmp_path: Path, data: bytes, rcode: i
 
 
 OPT_RR = b"\x00\x00\x29\x10\x00\x00\x00\x00\x00\x00\x00"
+# The same with the DO bit (RFC 3225) set.
+OPT_DO = b"\x00\x00\x29\x10\x00\x00\x00\x80\x00\x00\x00"
 
 
 @pytest.mark.parametrize(
@@ -484,6 +486,25 @@ def test_errors_to_a_query_with_an_opt_carry_ours(tmp_path: Path, data: bytes, r
     assert (reply.edns, reply.payload) == (0, 1232)
     without = server(tmp_path).handle(header(flags=0x1000) + QUESTION, CLIENT, True)
     assert isinstance(without, bytes) and dns.message.from_wire(without).edns == -1
+
+
+@pytest.mark.parametrize(
+    ("data", "rcode"),
+    [
+        (header(flags=0x1000, ar=1) + QUESTION + OPT_DO, dns.rcode.NOTIMP),  # opcode STATUS
+        (header(qd=2, ar=1) + QUESTION + QUESTION + OPT_DO, dns.rcode.FORMERR),
+        (header(flags=0x2800, ar=1) + QUESTION + OPT_DO, dns.rcode.REFUSED),  # no update keys
+    ],
+    ids=["status", "two questions", "update"],
+)
+def test_errors_to_a_query_with_do_copy_it(tmp_path: Path, data: bytes, rcode: int) -> None:
+    # RFC 3225 3: the DO bit of the query goes into the answer's OPT.
+    answer = server(tmp_path).handle(data, CLIENT, True)
+    assert isinstance(answer, bytes)
+    reply = dns.message.from_wire(answer)
+    assert reply.rcode() == rcode and reply.ednsflags & dns.flags.DO
+    without = server(tmp_path).handle(data.replace(OPT_DO, OPT_RR), CLIENT, True)
+    assert isinstance(without, bytes) and not dns.message.from_wire(without).ednsflags
 
 
 @functools.cache

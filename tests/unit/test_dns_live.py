@@ -486,6 +486,24 @@ def test_unsigned_and_malformed_updates(tmp_path: Path) -> None:
     assert server.records.get(name_to_wire("new.dyn.test"), dns.A) is None
 
 
+def test_answers_to_an_update_with_do_copy_it(tmp_path: Path) -> None:
+    # RFC 3225 3: the DO bit of the query goes into the answer's OPT.
+    clock = Clock()
+    clock.advance(time.time())
+    server = update_server(tmp_path, clock)
+    unsigned = adding()
+    unsigned.use_edns(0, dns_flags.DO)
+    refused = send_update(server, unsigned)
+    assert refused.rcode() == dns_rcode.REFUSED and refused.ednsflags & dns_flags.DO
+    signed = adding(keyring=KEYRING, keyname="ci-key")
+    signed.use_edns(0, dns_flags.DO)
+    applied = send_update(server, signed)
+    assert applied.rcode() == dns_rcode.NOERROR and applied.ednsflags & dns_flags.DO
+    plain = adding()
+    plain.use_edns(0)
+    assert not send_update(server, plain).ednsflags & dns_flags.DO
+
+
 def test_update_options_are_checked(tmp_path: Path) -> None:
     found = DNS.errors(
         tmp_path,

@@ -101,7 +101,7 @@ class Updates:
             self.stats.count("update_rcode_FORMERR")
             return malformed_reply(data, dns.rcode.FORMERR, self.opt)
         assert isinstance(message, dns.update.UpdateMessage)
-        response = dns.message.make_response(message, our_payload=self.udp_payload)
+        response = _response(message, self.udp_payload)
         key = None
         try:
             if not message.had_tsig:
@@ -142,7 +142,7 @@ class Updates:
         except dns.exception.DNSException:
             self.stats.count("malformed")
             return malformed_reply(data, dns.rcode.FORMERR, self.opt)
-        response = dns.message.make_response(message, our_payload=self.udp_payload)
+        response = _response(message, self.udp_payload)
         try:
             key = self._verify(data, message, response)
         except Refusal as refusal:
@@ -259,6 +259,14 @@ def _unsigned_error(
         0,
         tsig.replace(mac=b"", error=error, other=b""),
     )
+
+
+def _response(message: dns.message.Message, payload: int) -> dns.message.Message:
+    response = dns.message.make_response(message, our_payload=payload)
+    if message.ednsflags & dns.flags.DO:
+        # RFC 3225 3: the answer copies the DO bit, which dnspython leaves out.
+        response.want_dnssec(True)
+    return response
 
 
 def _signed(

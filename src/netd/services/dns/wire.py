@@ -61,6 +61,8 @@ UPDATE = 5
 
 QR, AA, TC, RD, RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
 OPT = 41
+# In the high byte of an OPT record's flags (RFC 3225).
+_DO = 0x80
 SOA = 6
 # What netd advertises unless told otherwise: the DNS flag day 2020 size, which
 # fits an Ethernet MTU (BIND's and Unbound's default too).
@@ -199,7 +201,7 @@ def parse_query(data: bytes) -> Query:
         # The OPT record's class is the payload size, its TTL the extended flags.
         payload = max(512, int.from_bytes(data[record.ttl_offset - 2 : record.ttl_offset], "big"))
         version = data[record.ttl_offset + 1]
-        dnssec_ok = bool(data[record.ttl_offset + 2] & 0x80)
+        dnssec_ok = bool(data[record.ttl_offset + 2] & _DO)
     return Query(
         id=ident,
         flags=flags,
@@ -238,15 +240,22 @@ def malformed_reply(data: bytes, rcode: int, opt: bytes) -> bytes:
     A header-only answer to a query netd could not read beyond its header,
     with C{opt} (our OPT record) if the query carried one, even one at fault:
     RFC 6891 7, so the client can tell a FORMERR from a server without EDNS.
+    Its DO bit is the query's (RFC 3225 3).
     """
     ident, flags = struct.unpack_from(">HH", data)
-    if not _carries_opt(data):
+    dnssec_ok = _dnssec_ok(data)
+    if dnssec_ok is None:
         opt = b""
+    elif dnssec_ok:
+        opt = _with_do(opt)
     return _HEADER.pack(ident, QR | (flags & (0x7800 | RD)) | rcode, 0, 0, 0, 1 if opt else 0) + opt
 
 
-def _carries_opt(data: bytes) -> bool:
-    """Whether a message's records, if they can be read at all, include an OPT record."""
+def _dnssec_ok(data: bytes) -> bool | None:
+    """
+    The DO bit of a message's first OPT record, or None if it has none or
+    its records cannot be read.
+    """
     qdcount, *counts = struct.unpack_from(">HHHH", data, 4)
     offset = 12
     try:
@@ -254,8 +263,16 @@ def _carries_opt(data: bytes) -> bool:
             offset = skip_name(data, offset) + 4
         records, _ = walk_records(data, offset, sum(counts))
     except Malformed:
-        return False
-    return any(record.type == OPT for record in records)
+        return None
+    for record in records:
+        if record.type == OPT:
+            return bool(data[record.ttl_offset + 2] & _DO)
+    return None
+
+
+def _with_do(opt: bytes) -> bytes:
+    """Our OPT record with the DO bit set, as the answer to a query with it (RFC 3225 3)."""
+    return opt[:7] + bytes([opt[7] | _DO]) + opt[8:]
 
 
 def reply_header(query: Query, flags: int, an: int, ns: int, ar: int) -> bytes:
@@ -303,7 +320,7 @@ def encode_reply(
     if query.payload is None:
         opt = b""
     elif query.dnssec_ok and opt:
-        opt = opt[:7] + bytes([opt[7] | 0x80]) + opt[8:]
+        opt = _with_do(opt)
     flags |= sections.flags
     header = reply_header(query, flags, sections.an, sections.ns, sections.ar + (1 if opt else 0))
     reply = header + query.question + sections.body + opt
