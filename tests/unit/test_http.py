@@ -466,6 +466,46 @@ def test_chunked_body_over_the_limit(wire: Wire) -> None:
     assert out == b"" and wire.closed  # 64 > 50 bytes: cut
 
 
+_BROKEN = b"BROKEN REQUEST\r\n\r\n"
+_SLOW = b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n"
+_FAST = b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n"
+_BAD_CHUNK = b"POST /api/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+
+
+@pytest.mark.parametrize(
+    ("pipelined", "statuses"),
+    [
+        (_SLOW + _BROKEN, [b"200", b"400"]),
+        (_SLOW + _FAST + _BROKEN, [b"200", b"200", b"400"]),
+        (_FAST + _SLOW + _BROKEN, [b"200", b"200", b"400"]),
+        # A bad chunk in a queued request's own body: the requests before it still answered.
+        (_SLOW + _BAD_CHUNK, [b"200", b"400"]),
+    ],
+    ids=["slow", "slow-fast", "fast-slow", "slow-bad-chunk"],
+)
+def test_a_later_request_s_refusal_follows_the_answers_before_it(
+    root: Path, pipelined: bytes, statuses: list[bytes]
+) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = Wire(app, Limits())
+    out = wire.send(pipelined)
+    assert not wire.closed and b" 400 " not in out
+    proxied[0].respond(200, [], b"slow\n")
+    out += wire.take()
+    assert re.findall(rb"HTTP/1\.1 (\d+) ", out) == statuses
+    assert b"slow\n" in out and out.endswith(b"400 Bad Request\n") and wire.closed
+    assert out.count(b"Connection: close") == 1  # the refusal's alone
+    assert wire.send(_FAST) == b""  # nothing more is read
+
+
+def test_a_bad_body_unanswered_gets_the_error_as_its_answer(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = Wire(app, Limits())
+    out = wire.send(_BAD_CHUNK)
+    assert out.startswith(b"HTTP/1.1 400 ") and wire.closed
+    assert proxied[0].done  # the proxy's answer, if it comes, goes nowhere
+
+
 @implementer(ISSLTransport)
 class TLSTransport(HalfClosingStringTransport):
     """

@@ -287,6 +287,8 @@ class HTTPConnection(Protocol):
         self.last_request = False
         # After a refusal: when reading and dropping what still comes ends (see linger).
         self.lingering_until: float | None = None
+        # A later request's refusal, answered once the current request is.
+        self.refusal = 0
 
     # -- the connection ----------------------------------------------------------
 
@@ -446,13 +448,22 @@ class HTTPConnection(Protocol):
         self.closing = True
         self.body_then_close = False
         self.early = None  # the error answers it
-        self.queue.clear()
         receiving = self.receiving
         if receiving is not None and receiving.status and receiving is not self.current:
             # Answered already (before its body came in): one response a request.
+            self.queue.clear()
             self.linger()
             return
         current = self.current
+        if current is not None and receiving is not current:
+            # A later request is at fault (its head, or the body of one queued):
+            # RFC 9112 9.3.2, responses go in request order, so the requests
+            # before it are answered first, then the error (see finished).
+            if receiving is not None and receiving in self.queue:
+                self.queue.remove(receiving)
+            self.refusal = status
+            return
+        self.queue.clear()
         if current is not None:
             if current.status:
                 # A response is on its way; an error cannot be framed after it.
@@ -463,6 +474,10 @@ class HTTPConnection(Protocol):
             self.current = None
             if current.proxy_cancel is not None:
                 current.proxy_cancel()
+        self.refuse(status)
+
+    def refuse(self, status: int) -> None:
+        """Answer C{status}, the connection's last response, then linger."""
         self.app.stats.count("rejected")
         body = b"%d %s\n" % (status, reason(status))
         self.transport.write(
@@ -677,7 +692,7 @@ class HTTPConnection(Protocol):
     def keep_alive_after(self, exchange: LineExchange) -> bool:
         return (
             exchange.keep_alive
-            and not self.closing
+            and (not self.closing or self.refusal != 0)
             and self.served < self.limits.keepalive_requests
             and (exchange.body.ended or self.receiving is exchange)
         )
@@ -686,6 +701,10 @@ class HTTPConnection(Protocol):
         self.current = None
         self.app.completed(exchange)
         if self.gone:
+            return
+        if self.refusal and exchange.keep_alive and not self.queue:
+            self.refuse(self.refusal)
+            self.owed.settled()  # the refusal was the last reply
             return
         if self.owed.awaited and not self.queue:
             self.owed.settled()
@@ -721,7 +740,12 @@ class HTTPConnection(Protocol):
             return
         self.dispatching = True
         try:
-            while self.queue and self.current is None and not self.gone and not self.closing:
+            while (
+                self.queue
+                and self.current is None
+                and not self.gone
+                and (not self.closing or self.refusal != 0)
+            ):
                 self.dispatch(self.queue.popleft())
         finally:
             self.dispatching = False
