@@ -279,6 +279,32 @@ def test_an_edited_small_file_is_served_fresh(root: Path) -> None:
     assert answer(app, "/a.txt").status == 404
 
 
+def _file_clock_past(path: Path) -> None:
+    """Wait until a change made now shows in C{path}'s ctime (the files' clock ticks coarsely)."""
+    probe = path.with_name(path.name + ".probe")
+    while True:
+        probe.touch()
+        if probe.stat().st_ctime_ns > path.stat().st_ctime_ns:
+            probe.unlink()
+            return
+
+
+def test_a_rewrite_in_place_with_its_mtime_restored_is_served_fresh(root: Path) -> None:
+    app = make_app(root)
+    path = root / "a.txt"
+    before = path.stat()
+    first = answer(app, "/a.txt")
+    assert first.data == b"0123456789"
+    _file_clock_past(path)
+    path.write_bytes(b"9876543210")  # same inode, same size: cp -p, rsync -t --inplace
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert answer(app, "/a.txt").data == b"9876543210"  # not the kept bytes
+    fresh = answer(app, "/a.txt", if_none_match=first.response_headers[b"ETag"].decode())
+    assert (fresh.status, fresh.data) == (200, b"9876543210")
+    assert fresh.response_headers[b"ETag"] != first.response_headers[b"ETag"]
+    assert fresh.response_headers[b"Last-Modified"] == first.response_headers[b"Last-Modified"]
+
+
 def test_a_file_is_looked_at_once_while_its_stat_stays_the_same(
     root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
