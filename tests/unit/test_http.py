@@ -966,6 +966,26 @@ def test_h2_answer_before_a_body_that_stops_resets_the_stream_in_time(root: Path
     assert (record["body_size"], record["body_cut"]) == (60000, True)
 
 
+@pytest.mark.parametrize(("complete", "code"), [(True, 0), (False, 8)], ids=["whole", "started"])
+def test_h2_a_body_crossing_the_limit_after_its_answer_resets_by_how_far_the_answer_got(
+    root: Path, complete: bool, code: int
+) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(max_body=25000, body_timeout=5))
+    wire.client.send_headers(1, _H2_POST)  # no Content-Length: refused only as it crosses
+    _send(wire, b"a", 1)
+    (exchange,) = proxied
+    if complete:
+        exchange.respond(200, [], b"early\n")
+    else:
+        exchange.start(200, [], None)
+        exchange.write(b"early\n")
+    _send(wire, b"b", 2)
+    # RFC 9113 8.1: after a complete response, the client is asked to stop
+    # sending without error (NO_ERROR), and keeps its response; during one, CANCEL.
+    assert wire.statuses() == {1: b"200"} and _resets(wire) == [(1, code)]
+
+
 @implementer(IStreamClientEndpoint)
 class _FakeUpstream:
     """An endpoint whose every connection is a StringTransport."""

@@ -204,10 +204,15 @@ class LimitedH2Connection(H2Connection):
         request.discarding = True
         status = 413
         if request.startedWriting:
-            # A response is on its way (an upstream answered before the body
-            # was all in): a 413 cannot follow it, the stream is only cut.
+            # Answered before the body was all in: a 413 cannot follow.  RFC
+            # 9113 8.1: after a whole response the client is asked to stop
+            # sending without error (it keeps the response); during one, the
+            # response is cut.
+            code = (
+                h2.errors.ErrorCodes.NO_ERROR if request.finished else h2.errors.ErrorCodes.CANCEL
+            )
             with contextlib.suppress(h2.exceptions.StreamClosedError):
-                self.conn.reset_stream(streamID, h2.errors.ErrorCodes.CANCEL)
+                self.conn.reset_stream(streamID, code)
         else:
             self._send_refusal(streamID, status)
         self.app.stats.count("rejected")
