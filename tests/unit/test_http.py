@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,6 +304,32 @@ def test_a_rewrite_in_place_with_its_mtime_restored_is_served_fresh(root: Path) 
     assert (fresh.status, fresh.data) == (200, b"9876543210")
     assert fresh.response_headers[b"ETag"] != first.response_headers[b"ETag"]
     assert fresh.response_headers[b"Last-Modified"] == first.response_headers[b"Last-Modified"]
+
+
+def test_a_file_changed_within_the_last_second_is_read_again_each_time(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rewrite within the files' timestamp tick leaves the stat as it was: not kept yet."""
+    app = make_app(root)
+    assert answer(app, "/a.txt").data == b"0123456789"
+    monkeypatch.setattr(os, "stat", _stat_as_it_was(os.stat, root / "a.txt"))
+    with (root / "a.txt").open("r+b") as same_tick:  # as if the stat could not tell
+        same_tick.write(b"9876543210")
+    assert answer(app, "/a.txt").data == b"9876543210"
+    later = time.time_ns() + 2_000_000_000
+    monkeypatch.setattr(time, "time_ns", lambda: later)
+    assert answer(app, "/a.txt").data == b"9876543210"  # kept now
+    (root / "a.txt").write_bytes(b"0000000000")
+    assert answer(app, "/a.txt").data == b"9876543210"  # the kept bytes: its stat is as it was
+
+
+def _stat_as_it_was(real_stat: Any, path: Path) -> Any:
+    first = real_stat(path)
+
+    def stat(target: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        return first if os.fspath(target) == str(path) else real_stat(target, *args, **kwargs)
+
+    return stat
 
 
 def test_a_file_is_looked_at_once_while_its_stat_stays_the_same(

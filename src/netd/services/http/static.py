@@ -14,6 +14,7 @@ import io
 import mimetypes
 import os
 import stat
+import time
 import urllib.parse
 from collections import deque
 from collections.abc import Iterator
@@ -43,6 +44,10 @@ _SMALL_FILES_BYTES = 32 * 1024 * 1024
 _MAX_RANGES = 16
 _ALLOW = b"GET, HEAD"
 _REAL_PATHS = 4096
+# A file changed less than this ago is read again on each request, its bytes not
+# kept: a rewrite within the file system's timestamp tick leaves its stat as it
+# was (git's "racily clean" entries).  Far above any tick (ext4: a few ms).
+_RACY_NS = 1_000_000_000
 
 
 @attrs.define(repr=False, eq=False)
@@ -218,7 +223,8 @@ class StaticFiles:
             content = os.pread(descriptor, size, 0)
         finally:
             os.close(descriptor)
-        if len(content) == size and self._known.get(full) is known:
+        changed_ago = time.time_ns() - known.identity[3]
+        if len(content) == size and self._known.get(full) is known and changed_ago > _RACY_NS:
             if self._small_bytes + size > _SMALL_FILES_BYTES:
                 self._forget_files()
                 self._known[full] = known
