@@ -6,6 +6,7 @@ commands and clients that vanish mid-transfer.
 
 from __future__ import annotations
 
+import contextlib
 import ftplib
 import io
 import os
@@ -609,6 +610,30 @@ def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(netd: NetdProcess, 
     ]
     assert sizes[-3:] == [len(payload), 1000, 1000]
     client.delete("paced.bin")
+    client.quit()
+
+
+def test_close_n_counts_what_an_upload_sent_before_its_command(
+    netd: NetdProcess, site: Path
+) -> None:
+    client = connect(netd, user="alice")
+    client.voidcmd("TYPE I")
+    data = socket.create_connection(ftplib.parse227(client.sendcmd("PASV")))
+    data.sendall(os.urandom(30000))
+    client.voidcmd("NOOP")  # one turn of netd's reactor: the bytes are read, held
+    with netd.rule("files", match={"command": "STOR", "path": "cut*"}, close=1000):
+        assert client.sendcmd("STOR cut_early.bin").startswith("125")
+        with contextlib.suppress(OSError):  # netd may have cut it already
+            data.shutdown(socket.SHUT_WR)  # the end of the file
+        with pytest.raises(ftplib.error_temp, match=r"^426"):
+            client.voidresp()
+    data.close()
+    wait_until(
+        lambda: not [n for n in os.listdir(site / "alice") if n.startswith(".~netd")],
+        "the partial upload's removal",
+        timeout=5,
+    )
+    assert not (site / "alice" / "cut_early.bin").exists()
     client.quit()
 
 

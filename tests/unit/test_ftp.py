@@ -810,12 +810,18 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
 
 
-def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(tmp_path: Path) -> None:
+def alice_under_rules(tmp_path: Path) -> tuple[Harness, RuleSet, Session, TLSStringTransport]:
+    """A session logged in as alice, with rules that the test posts."""
     harness = Harness(tmp_path)
     rules = RuleSet("files", RULES, harness.reactor, Journal(harness.reactor))
     harness.server.rules = rules
     session, transport = harness.connect()
     send(session, transport, b"USER alice", b"PASS wonderland")
+    return harness, rules, session, transport
+
+
+def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(tmp_path: Path) -> None:
+    harness, rules, session, transport = alice_under_rules(tmp_path)
 
     rules.post({"match": {"command": "STOR"}, "throttle": 1000})
     protocol, data = open_passive(harness, session, transport)
@@ -845,6 +851,37 @@ def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(tmp_path: Path) -> 
     assert (tmp_path / "slow.bin").read_bytes() == b"x" * 500 + b"y" * 100
     transfers = [f for t, f in harness.events if t == "ftp.transfer"]
     assert [(f["ok"], f["bytes"]) for f in transfers] == [(True, 600), (False, 4)]
+
+
+def test_what_an_upload_sends_before_its_command_is_paced_and_counted(tmp_path: Path) -> None:
+    harness, rules, session, transport = alice_under_rules(tmp_path)
+
+    rules.post({"match": {"command": "STOR", "path": "cut*"}, "close": 4})
+    protocol, data = open_passive(harness, session, transport)
+    protocol.dataReceived(b"abcdef")  # before STOR: held, not yet anyone's
+    send(session, transport, b"STOR cut.bin")
+    assert data.disconnected  # cut: 6 bytes came, 4 were allowed
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1].startswith(b"426")
+    assert list(tmp_path.iterdir()) == []
+
+    rules.clear()
+    rules.post({"match": {"command": "STOR"}, "throttle": 1000})
+    protocol, data = open_passive(harness, session, transport)
+    protocol.dataReceived(b"x" * 500)
+    send(session, transport, b"STOR early.bin")
+    assert data.producerState == "paused"  # half a second's worth came already
+    harness.reactor.advance(0.49)
+    assert data.producerState == "paused"
+    harness.reactor.advance(0.02)
+    assert data.producerState == "producing"
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert (tmp_path / "early.bin").read_bytes() == b"x" * 500
+    transfers = [f for t, f in harness.events if t == "ftp.transfer"]
+    assert [(f["ok"], f["bytes"]) for f in transfers] == [(False, 4), (True, 500)]
 
 
 def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

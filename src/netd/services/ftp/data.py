@@ -223,6 +223,11 @@ class DataConnection(Protocol):
         self._meter = _ReadMeter(self, clock, rate, budget)
         if budget == 0:
             self.cut()
+            return
+        # What the client sent before its command is the upload's first bytes.
+        early, self._early = self._early, []
+        for data in early:
+            self.dataReceived(data)
 
     def hold(self, why: str, held: bool) -> None:
         """Pause reading while any reason C{why} holds it; resume once none does."""
