@@ -637,6 +637,41 @@ def test_close_n_counts_what_an_upload_sent_before_its_command(
     client.quit()
 
 
+@needs_curl
+def test_a_rules_throttle_paces_uploads_over_prot_p(
+    netd: NetdProcess, tmp_path: Path, site: Path
+) -> None:
+    """A read of TLS brought 64 KiB of the file at once, unpaced (then 226)."""
+    payload = os.urandom(64000)
+    (tmp_path / "up.bin").write_bytes(payload)
+    client = tls_connect(netd)
+    client.login("alice", "wonderland")
+    client.prot_p()
+    with netd.rule("files", match={"command": "STOR"}, throttle=20_000) as throttle:
+        begun = time.monotonic()
+        client.storbinary("STOR paced_tls.bin", io.BytesIO(payload))
+        by_ftplib = time.monotonic() - begun
+        begun = time.monotonic()
+        uploaded = curl(
+            "--ssl-reqd",
+            "--cacert",
+            ca_file(netd),
+            "-T",
+            str(tmp_path / "up.bin"),
+            url(netd, "/paced_curl.bin", "alice:wonderland@"),
+        )
+        by_curl = time.monotonic() - begun
+        assert throttle.fired == 2
+    assert uploaded.returncode == 0, uploaded.stderr
+    # 64000 bytes at 20000 bytes/s
+    assert 2.5 <= by_ftplib < 10, by_ftplib
+    assert 2.5 <= by_curl < 10, by_curl
+    for name in ("paced_tls.bin", "paced_curl.bin"):
+        assert (site / "alice" / name).read_bytes() == payload
+        client.delete(name)
+    client.quit()
+
+
 def test_client_vanishing_mid_download(netd: NetdProcess) -> None:
     sock, reader = control(netd)
     login_raw(sock, reader)

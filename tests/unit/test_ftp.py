@@ -834,7 +834,9 @@ def test_a_rules_throttle_and_close_n_act_on_an_uploads_data(tmp_path: Path) -> 
     assert data.producerState == "producing"
     protocol.dataReceived(b"y" * 100)
     protocol.connectionLost(Failure(ConnectionDone()))
-    harness.reactor.advance(0)
+    harness.reactor.advance(0.09)  # the last 100 bytes are due at 0.6 s
+    assert transport.value().splitlines()[-1].startswith(b"125")
+    harness.reactor.advance(0.02)
     assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
     assert (tmp_path / "slow.bin").read_bytes() == b"x" * 500 + b"y" * 100
 
@@ -872,16 +874,28 @@ def test_what_an_upload_sends_before_its_command_is_paced_and_counted(tmp_path: 
     protocol.dataReceived(b"x" * 500)
     send(session, transport, b"STOR early.bin")
     assert data.producerState == "paused"  # half a second's worth came already
+    protocol.connectionLost(Failure(ConnectionDone()))  # and the end of the file
     harness.reactor.advance(0.49)
-    assert data.producerState == "paused"
+    assert transport.value().splitlines()[-1].startswith(b"125")
     harness.reactor.advance(0.02)
-    assert data.producerState == "producing"
-    protocol.connectionLost(Failure(ConnectionDone()))
-    harness.reactor.advance(0)
     assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
     assert (tmp_path / "early.bin").read_bytes() == b"x" * 500
     transfers = [f for t, f in harness.events if t == "ftp.transfer"]
     assert [(f["ok"], f["bytes"]) for f in transfers] == [(False, 4), (True, 500)]
+
+
+def test_abor_ends_an_upload_waiting_for_its_rate_at_once(tmp_path: Path) -> None:
+    harness, rules, session, transport = alice_under_rules(tmp_path)
+    rules.post({"match": {"command": "STOR"}, "throttle": 1000})
+    protocol, _ = open_passive(harness, session, transport)
+    send(session, transport, b"STOR held.bin")
+    protocol.dataReceived(b"x" * 5000)  # one read (a TLS record) with 5 s of bytes
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(1)
+    send(session, transport, b"ABOR")
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[0].startswith(b"426")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

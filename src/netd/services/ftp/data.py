@@ -209,6 +209,8 @@ class DataConnection(Protocol):
         # Why reading is paused: the upload's writer, a throttle, early bytes.
         self._holds: set[str] = set()
         self._cut = False
+        # A clean end waiting for the upload's bytes to be due at its rate.
+        self._finishing: Any = None
 
     def shape(self, clock: Any, rate: int | None, budget: int | None) -> None:
         """
@@ -220,10 +222,14 @@ class DataConnection(Protocol):
         if not self.channel.upload_expected:
             self.transport = self._shaped = _Shaped(self.transport, clock, rate, budget)
             return
-        self._meter = _ReadMeter(self, clock, rate, budget)
+        meter = self._meter = _ReadMeter(self, clock, rate, budget)
         if budget == 0:
             self.cut()
             return
+        socket = _socket_of(self.transport)
+        if socket is not None:
+            # A step at the rate, under TLS too (a read of Twisted's size: 64 KiB at once).
+            socket.bufferSize = meter.read_size(READ_CHUNK)
         # What the client sent before its command is the upload's first bytes.
         early, self._early = self._early, []
         for data in early:
@@ -244,6 +250,9 @@ class DataConnection(Protocol):
         """End the connection now, and the transfer on it as not complete."""
         self._cut = True
         self.transport.abortConnection()
+        if self._finishing is not None and self._finishing.active():
+            self._finishing.cancel()
+            self.closed.callback(False)
 
     def connectionMade(self) -> None:
         self.channel.connected(self)
@@ -290,9 +299,9 @@ class DataConnection(Protocol):
         # the command got here) has no socket left to read.
         transport = self.transport
         meter = self._meter
-        if isinstance(transport, tcp.Connection):
+        if meter is None and isinstance(transport, tcp.Connection):
             # Fewer, larger reads: each one is a trip through the reactor.
-            transport.bufferSize = READ_CHUNK if meter is None else meter.read_size(READ_CHUNK)
+            transport.bufferSize = READ_CHUNK
         if into is not None and isinstance(transport, tcp.Connection) and transport.connected:
             if meter is not None:
                 into = _MeteredInto(into, meter)
@@ -308,10 +317,25 @@ class DataConnection(Protocol):
         # Whether the connection ended cleanly: a FIN, not a reset or an abort;
         # on TLS the peer's close_notify (all was sent), whatever TCP did after;
         # never one netd cut (the close_notify may have been read past the cut).
-        self.closed.callback(
-            not self._cut
-            and (reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport))
+        clean = not self._cut and (
+            reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport)
         )
+        meter = self._meter
+        if clean and meter is not None and meter.ahead() > 0:
+            # The last read brought more than the rate allows yet (a TLS record,
+            # what came before the command): the upload ends when it is due.
+            self._finishing = meter.clock.callLater(meter.ahead(), self.closed.callback, True)
+        else:
+            self.closed.callback(clean)
+
+
+def _socket_of(transport: Any) -> tcp.Connection | None:
+    """The TCP connection under a data connection's C{transport}, TLS or not."""
+    if isinstance(transport, TLSMemoryBIOProtocol):
+        transport = transport.transport
+        if isinstance(transport, _AfterHeld):
+            transport = transport.under
+    return transport if isinstance(transport, tcp.Connection) else None
 
 
 def _tls_closed(transport: Any) -> bool:
@@ -345,18 +369,18 @@ class _AfterHeld:
     """A transport that writes C{held} before the first bytes written to it."""
 
     def __init__(self, transport: Any, held: bytes) -> None:
-        self._transport = transport
+        self.under = transport
         self._held: bytes | None = held
 
     def write(self, data: bytes) -> None:
         held, self._held = self._held, None
-        self._transport.write(data if held is None else held + data)
+        self.under.write(data if held is None else held + data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
+        return getattr(self.under, name)
 
 
 class _Shaped:
@@ -436,6 +460,10 @@ class _ReadMeter:
             if self._timer is None:
                 self.connection.hold("rate", True)
                 self._timer = self.clock.callLater(self._due - now, self._go_on)
+
+    def ahead(self) -> float:
+        """How long until the bytes read so far are due at the rate (0 or less: they are)."""
+        return float(self._due - self.clock.seconds())
 
     def _go_on(self) -> None:
         self._timer = None

@@ -1204,7 +1204,7 @@ class Session(ftp.FTP):
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
-            transfer = self._begin("upload", segments, transport.abortConnection)
+            transfer = self._begin("upload", segments, connection.cut)
 
             upload = Upload(
                 target,
