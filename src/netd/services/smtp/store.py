@@ -327,8 +327,8 @@ class MailStore(Service):
         newest first).  C{to} is one recipient; C{from}, C{subject} and C{q} (the
         envelope and every header) match parts of the headers as they read
         (unfolded, encoded words decoded), ignoring case; C{text} searches
-        those headers and the text of the text and HTML parts (L{extract.text}),
-        decoded in a thread.  C{offset} and C{limit} page through the
+        those headers, the text of the text and HTML parts and the parts' file
+        names (L{extract.text}), decoded in a thread.  C{offset} and C{limit} page through the
         matches; C{total} counts them all.
         """
         try:
