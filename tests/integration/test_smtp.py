@@ -345,6 +345,7 @@ class Smarthost:
         self.tls = tls
         self.require_starttls = tls is not None if require_starttls is None else require_starttls
         self.received: list[tuple[str, list[str], bytes]] = []
+        self.logins: list[bytes] = []
         self.arrived = threading.Condition()
         self.controller: Controller | None = None
 
@@ -352,6 +353,7 @@ class Smarthost:
         def authenticate(
             server: Any, session: Any, envelope: Any, mechanism: str, data: Any
         ) -> AuthResult:
+            self.logins.append(data.login)
             ok = (data.login, data.password) == (b"relayuser", b"relaypass")
             return AuthResult(success=ok)
 
@@ -398,12 +400,15 @@ def wait_event(netd: NetdProcess, kind: str, since: int) -> dict[str, Any]:
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 def test_smarthost_delivery_retries_and_bounces(start_netd: StartNetd, tmp_path: Path) -> None:
-    smarthost = Smarthost()
+    keypair, _ = ensure_self_signed(tmp_path / "upstream", "upstream", ["localhost"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(keypair.chain, keypair.key)
+    smarthost = Smarthost(tls=context)  # credentials go only over TLS
     text = mail_map(tmp_path / "state").replace(
         "relay: {allow_from: [], ", "relay: {allow_from: [127.0.0.1], "
     )
     text += (
-        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}', tls: none,\n"
+        f"    delivery: {{mode: smarthost, smarthost: '127.0.0.1:{smarthost.port}',\n"
         "      username: relayuser, password: relaypass, retry: [0.2], max_age: 60}\n"
     )
     netd = start_netd(text)
@@ -643,6 +648,35 @@ def test_opportunistic_tls_that_fails_goes_on_in_plaintext_at_once(
     finally:
         upstream.stop()
         strict.stop()
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
+def test_credentials_never_go_to_a_smarthost_that_offers_no_starttls(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    # As when a man in the middle takes STARTTLS out of the hop's EHLO reply.
+    stripped = Smarthost()  # AUTH offered, STARTTLS not
+    stripped.start()
+    try:
+        netd = relay_to_smarthosts(
+            start_netd,
+            tmp_path,
+            [
+                (
+                    "login",
+                    f"127.0.0.1:{stripped.port}",
+                    "opportunistic, username: relayuser, password: relaypass",
+                )
+            ],
+        )
+        [deferred] = netd.events("login", "message.deferred", wait=20)
+        assert deferred["reply"] == (
+            "451 4.4.1 454 4.7.0 no TLS to this hop: its AUTH credentials are not sent in the clear"
+        )
+        assert messages_to_service(netd, "login") == ["login@far.test"]
+        assert stripped.logins == [] and stripped.received == []
+    finally:
+        stripped.stop()
 
 
 def messages_to_service(netd: NetdProcess, service: str) -> list[str]:

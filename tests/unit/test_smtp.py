@@ -832,6 +832,13 @@ def test_parse_delivery(tmp_path: Path) -> None:
     assert errors(tmp_path, "    delivery: {mode: smarthost}\n")[0].endswith(
         "services.mail.delivery: mode smarthost needs 'smarthost: HOST:PORT'"
     )
+    in_the_clear = (
+        "    delivery: {mode: smarthost, smarthost: h, tls: none, username: u, password: p}\n"
+    )
+    assert errors(tmp_path, in_the_clear)[0].endswith(
+        "services.mail.delivery: 'username' needs tls: opportunistic or required:"
+        " AUTH credentials never go over a connection without TLS"
+    )
 
 
 # Delivery ------------------------------------------------------------------

@@ -30,7 +30,7 @@ class ScriptedHop(LineReceiver):
     """
     A next hop that answers each command by the first of its C{replies} whose
     key begins the command line ("HANG": no answer at all); EHLO offers
-    C{extensions}.
+    C{extensions}.  STARTTLS, unless scripted, starts iosim's pretend TLS.
     """
 
     delimiter = b"\r\n"
@@ -59,6 +59,9 @@ class ScriptedHop(LineReceiver):
             lines = ["hop.test", *self.extensions]
             for i, text in enumerate(lines):
                 self.sendLine(f"250{' ' if i == len(lines) - 1 else '-'}{text}".encode())
+        elif line.upper() == b"STARTTLS" and "STARTTLS" not in self.replies:
+            self.sendLine(b"220 2.0.0 go ahead")
+            self.transport.startTLS(PretendTLS())
         elif line.upper() == b"DATA":
             self.data = bytearray()
             self.sendLine(b"354 go ahead")
@@ -71,6 +74,13 @@ class ScriptedHop(LineReceiver):
         reply = next((r for key, r in replies.items() if upper.startswith(key)), default)
         if reply != "HANG":
             self.sendLine(reply.encode())
+
+
+class PretendTLS:
+    """A TLS context for iosim's connections, whose handshakes always succeed."""
+
+    def iosimVerify(self, other: object) -> bool:
+        return True
 
 
 class NextHop:
@@ -130,8 +140,10 @@ def relay_through(
 ) -> Relay:
     store, journal, clock = make_store(tmp_path)
     next_hop = NextHop(clock, extensions, replies)
-    smarthost = SmarthostOptions("hop.test", tls="none", timeout=5, **options)
-    hop = Hop("relay.netd.test", smarthost, None, next_hop, connections=1)
+    tls = "opportunistic" if "STARTTLS" in extensions else "none"
+    smarthost = SmarthostOptions("hop.test", **{"tls": tls, "timeout": 5, **options})
+    context = None if smarthost.tls == "none" else PretendTLS()
+    hop = Hop("relay.netd.test", smarthost, context, next_hop, connections=1)
     reports: list[bytes] = []
 
     def send(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
@@ -153,13 +165,16 @@ def relay_through(
 
 SECRET = "TopSecret-42"
 AUTH = ["AUTH PLAIN"]
+AUTH_AFTER_TLS = ["STARTTLS", *AUTH]
 
 
 def test_a_timed_out_delivery_reports_no_transcript(tmp_path: Path) -> None:
-    relay = relay_through(tmp_path, AUTH, {"MAIL": "HANG"}, username="relayuser", password=SECRET)
+    relay = relay_through(
+        tmp_path, AUTH_AFTER_TLS, {"MAIL": "HANG"}, username="relayuser", password=SECRET
+    )
     accept(relay.store, Mailbox("alice", "client.test"), "bob@far.test")
     relay.clock.advance(0)
-    assert relay.next_hop.servers[0].commands[1].startswith(b"AUTH PLAIN ")  # the secret went out
+    assert relay.next_hop.servers[0].commands[3].startswith(b"AUTH PLAIN ")  # the secret went out
     relay.clock.advance(5)
     relay.next_hop.flush()
     [deferred] = relay.journal.select(types=["message.deferred"])
@@ -170,7 +185,7 @@ def test_a_timed_out_delivery_reports_no_transcript(tmp_path: Path) -> None:
 def test_a_refused_login_bounces_with_the_reply_on_one_line(tmp_path: Path) -> None:
     relay = relay_through(
         tmp_path,
-        AUTH,
+        AUTH_AFTER_TLS,
         {"AUTH": "535-5.7.8 Authentication credentials invalid\r\n535 5.7.8 try again"},
         max_age=0,
         username="relayuser",
@@ -187,6 +202,24 @@ def test_a_refused_login_bounces_with_the_reply_on_one_line(tmp_path: Path) -> N
     assert b"\n" not in report.replace(b"\r\n", b"")  # no bare LF from a multi-line reply
     events = str([e.fields for e in relay.journal.select()])
     assert "AUTH" not in events and ">>>" not in events
+
+
+@pytest.mark.parametrize("tls", ["opportunistic", "none"])
+def test_credentials_never_go_to_a_hop_without_tls(tmp_path: Path, tls: str) -> None:
+    # A man in the middle took STARTTLS out of the EHLO reply, or tls: none
+    # (which a map refuses with credentials): the message waits instead.
+    relay = relay_through(tmp_path, AUTH, {}, tls=tls, username="relayuser", password=SECRET)
+    accept(relay.store, Mailbox("alice", "client.test"), "bob@far.test")
+    relay.clock.advance(0)
+    relay.next_hop.flush()
+    [server] = relay.next_hop.servers
+    assert [c.split(b" ")[0] for c in server.commands] == [b"EHLO", b"QUIT"]
+    [deferred] = relay.journal.select(types=["message.deferred"])
+    assert deferred.fields["reply"] == (
+        "451 4.4.1 454 4.7.0 no TLS to this hop: its AUTH credentials are not sent in the clear"
+    )
+    assert relay.journal.select(types=["message.delivered", "message.bounced"]) == []
+    relay.courier.stopService()
 
 
 # 8BITMIME (RFC 6152) on the way out.

@@ -262,6 +262,14 @@ def _delivery(value: Value) -> DeliveryOptions:
     password = section.optional_str("password")
     if (username is None) != (password is None):
         value.error("'username' and 'password' go together")
+    if username is not None and tls == "none":
+        # netd sends no credentials in the clear (_Sender.authenticate): Postfix,
+        # with its default smtp_sasl_security_options = noplaintext and no TLS,
+        # defers such mail for ever; a map that could never log in is refused.
+        value.error(
+            "'username' needs tls: opportunistic or required: AUTH credentials never go"
+            " over a connection without TLS"
+        )
     retry = section.read(
         "retry", lambda v: v.list_of(lambda e: e.as_float(60.0, minimum=0.01)), defaults.retry
     )

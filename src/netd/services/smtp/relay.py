@@ -233,6 +233,20 @@ class _Sender(smtp.ESMTPSender):
         self.securing = True
         super().esmtpTLSFailed(code, resp)
 
+    def authenticate(self, code: int, resp: bytes, items: dict[bytes, bytes | None]) -> None:
+        if self.secret and not self._tlsMode:
+            # A hop that offers no STARTTLS may be a man in the middle who took
+            # it out of the EHLO reply: no credentials in the clear, whatever
+            # the mechanism (Postfix's smtp_sasl_security_options = noplaintext
+            # keeps only PLAIN and LOGIN back).  The message waits for a retry.
+            self.sendError(
+                smtp.SMTPClientError(
+                    454, b"4.7.0 no TLS to this hop: its AUTH credentials are not sent in the clear"
+                )
+            )
+            return
+        super().authenticate(code, resp, items)
+
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
         self.offered = frozenset(
             line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()
