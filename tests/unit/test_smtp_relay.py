@@ -204,6 +204,35 @@ def test_a_refused_login_bounces_with_the_reply_on_one_line(tmp_path: Path) -> N
     assert "AUTH" not in events and ">>>" not in events
 
 
+@pytest.mark.parametrize(
+    ("refusal", "outcome"),
+    [
+        (
+            "530 5.7.0 Must issue a STARTTLS command first",  # RFC 3207 4: TLS may be mended
+            (
+                454,
+                "4.7.0 STARTTLS failed: 454 Could not complete the SSL/TLS handshake;"
+                " then 530 5.7.0 Must issue a STARTTLS command first",
+            ),
+        ),
+        (
+            "530 5.7.0 Authentication required",  # RFC 4954 6: TLS would not log in
+            (530, "5.7.0 Authentication required"),
+        ),
+    ],
+)
+def test_a_530_after_tls_failed_waits_only_when_it_asks_for_tls(
+    refusal: str, outcome: tuple[int, str]
+) -> None:
+    next_hop = NextHop(Clock(), ["STARTTLS"], {"STARTTLS": "454 4.7.0 not now", "MAIL": refusal})
+    options = SmarthostOptions("hop.test")
+    hop = Hop("relay.netd.test", options, client_tls(options), next_hop)
+    sent = hop.send(eight_bit_envelope("1", False), ["x@far.test"], b"Subject: s\r\n\r\nb\r\n")
+    next_hop.flush()
+    assert [c.split(b" ")[0] for c in next_hop.servers[1].commands][:2] == [b"EHLO", b"MAIL"]
+    assert result_of(sent)["x@far.test"] == outcome
+
+
 @pytest.mark.parametrize("tls", ["opportunistic", "none"])
 def test_credentials_never_go_to_a_hop_without_tls(tmp_path: Path, tls: str) -> None:
     # A man in the middle took STARTTLS out of the EHLO reply, or tls: none

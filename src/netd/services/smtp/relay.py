@@ -86,6 +86,8 @@ Outcome = Mapping[str, tuple[int, str]]
 Send = Callable[[Envelope, bytes], Deferred[Outcome]]
 
 _STATUS = re.compile(r"([245]\.\d{1,3}\.\d{1,3})\b")
+# A refusal asking for TLS: "Must issue a STARTTLS command first", "TLS required".
+_WANTS_TLS = re.compile(r"\b(?:START)?TLS\b", re.IGNORECASE)
 _CONCURRENT_DELIVERIES = 10
 
 
@@ -359,9 +361,13 @@ class _Sender(smtp.ESMTPSender):
             outcome.setdefault(recipient, (code, text))  # MAIL FROM refused: all alike
         if self.job.tls_failure:
             # "530 Must issue a STARTTLS command first" (RFC 3207 4): the hop
-            # wants the TLS that failed, which may be mended: a wait, not a bounce.
+            # wants the TLS that failed, which may be mended: a wait, not a
+            # bounce.  "530 5.7.0 Authentication required" (RFC 4954 6) has the
+            # same code and status, and only its text tells it apart: it stays a
+            # bounce, as TLS mended would bring no credentials (with credentials
+            # nothing goes in plaintext, see Hop._may_go_plaintext).
             for recipient, (reply_code, reply) in outcome.items():
-                if reply_code == 530:
+                if reply_code == 530 and _WANTS_TLS.search(reply):
                     outcome[recipient] = (454, f"4.7.0 {self.job.tls_failure}; then 530 {reply}")
         self.sent += 1
         self._finish(outcome)
