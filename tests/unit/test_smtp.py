@@ -924,6 +924,48 @@ def test_courier_retries_on_the_schedule_then_delivers(tmp_path: Path) -> None:
     assert not os.listdir(store.spool.directory)
 
 
+@pytest.mark.parametrize("b_waits", [False, True])
+def test_a_reload_s_new_courier_waits_for_the_old_one_s_attempt(
+    tmp_path: Path, b_waits: bool
+) -> None:
+    store, _, clock = make_store(tmp_path)
+    answer: Deferred[Outcome] = Deferred()
+    old_attempts: list[Envelope] = []
+
+    def slow(envelope: Envelope, data: bytes) -> Deferred[Outcome]:
+        old_attempts.append(envelope)
+        return answer
+
+    old = Courier(store.context, store.spool, slow, "mx.netd.test", (10, 60), 1000)
+    store.deliver, old.store = old.schedule, store
+    old.startService()
+    id = accept(store, Mailbox("s", "client.test"), "a@far.test", "b@far.test")
+    clock.advance(0)
+    assert len(old_attempts) == 1
+    # The reload: a new store and courier on the same spool recover the
+    # message while the old courier's attempt waits for the smarthost.
+    new_store = MailStore(Spool(store.spool.directory, maybeDeferred), store.context, "x.test")
+    upstream = Upstream()
+    new = Courier(store.context, new_store.spool, upstream, "x.test", (10, 60), 1000)
+    new_store.deliver, new.store = new.schedule, new_store
+    new_store.startService()
+    new.startService()
+    old.stopService()
+    clock.advance(0)
+    assert id in new.queue and upstream.attempts == []
+    answer.callback({"a@far.test": (250, "ok"), "b@far.test": (451 if b_waits else 250, "x")})
+    assert upstream.attempts == []
+    if not b_waits:
+        assert id not in new.queue and id not in new_store.messages
+        return
+    upstream.answers = [{"b@far.test": (250, "ok")}]
+    clock.advance(9.9)
+    assert upstream.attempts == []
+    clock.advance(0.1)  # at the old courier's retry, only to b
+    assert [e.recipients for e, _ in upstream.attempts] == [("b@far.test",)]
+    assert id not in new.queue and id not in new_store.messages
+
+
 def test_courier_bounces_refusals_and_expired_messages_but_never_a_bounce(tmp_path: Path) -> None:
     courier, store, upstream, clock, journal = make_courier(tmp_path, max_age=30)
     upstream.answers = [

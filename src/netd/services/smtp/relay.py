@@ -726,6 +726,13 @@ class _Queued(Record):
     warned: bool = False
 
 
+# Per spool directory, the messages a courier is attempting now, and who waits
+# to hear what the attempt left in its queue (None: nothing, done with): a
+# reload's new courier recovers from the spool a message the old one is still
+# sending, and waits for that attempt instead of sending it a second time.
+_ATTEMPTING: dict[Path, dict[str, list[Callable[[_Queued | None], None]]]] = {}
+
+
 def _seconds(values: Sequence[float]) -> tuple[float, ...]:
     return tuple(values)
 
@@ -825,6 +832,11 @@ class Courier(Record, Service):
         if queued is None or queued.busy or self.stopped:
             return
         queued.busy = True
+        attempting = _ATTEMPTING.setdefault(self.spool.directory, {})
+        if id in attempting:  # by the courier this one replaces
+            attempting[id].append(lambda left: self._take_over(id, left))
+            return
+        waiting = attempting[id] = []
         queued.attempts += 1
         attempt = self.limit.run(self._deliver, queued)
 
@@ -836,8 +848,30 @@ class Courier(Record, Service):
 
         def idle(_: object) -> None:
             queued.busy = False
+            del attempting[id]
+            for take_over in waiting:
+                take_over(self.queue.get(id))
 
         attempt.addErrback(failed).addBoth(idle)
+
+    def _take_over(self, id: str, left: _Queued | None) -> None:
+        """
+        Carry on with a message after the attempt of the courier this one
+        replaces: at its next retry, with the recipients it left, or not at
+        all once it was delivered or bounced.
+        """
+        queued = self.queue.get(id)
+        if queued is None or self.stopped:
+            return
+        queued.busy = False
+        if left is None:
+            del self.queue[id]
+            self._gauge()
+            return
+        queued.envelope, queued.attempts, queued.warned = left.envelope, left.attempts, left.warned
+        now = self.context.reactor.seconds()
+        due = left.timer.getTime() if left.timer is not None else now
+        self._later(id, max(due - now, 0.0))
 
     def _deliver(self, queued: _Queued) -> Deferred[Any]:
         envelope = queued.envelope
