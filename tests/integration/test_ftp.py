@@ -12,10 +12,12 @@ import io
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +29,7 @@ import pytest
 from netd.testing import NetdProcess
 from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES
 from tests.clients import IPV6, command, control, hang_up, lftp_as, passive_port
+from tests.conftest import StartNetd
 from tests.maps import lab_map
 from tests.signals import wait_until
 
@@ -816,3 +819,40 @@ def test_abor_ends_a_download_still_waiting_for_its_data_connection(netd: NetdPr
     assert client.voidcmd("NOOP").startswith("200")
     client.quit()
     assert_serving(netd)
+
+
+def test_a_stop_lets_an_upload_finish_then_closes_its_session(
+    start_netd: StartNetd, site: Path
+) -> None:
+    """Not held open to the stop's grace and then reset: 226, then 421 and the end."""
+    netd = start_netd(
+        lab_map(
+            f"""
+  files:
+    type: ftp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    users: {{alice: {{password: wonderland, home: {site / "alice"}, write: true}}}}
+    rules: [{{match: {{command: STOR}}, throttle: 20000}}]
+""",
+            shutdown_grace=20,
+        )
+    )
+    client = connect(netd, user="alice")
+    storing = threading.Thread(
+        target=client.storbinary, args=("STOR stopping.bin", io.BytesIO(b"s" * 40_000))
+    )
+    storing.start()
+    wait_until(
+        lambda: any(n.startswith(".~netd") for n in os.listdir(site / "alice")),
+        "the upload's start",
+    )
+    begun = time.monotonic()
+    netd.process.send_signal(signal.SIGTERM)
+    storing.join(timeout=15)
+    with pytest.raises(ftplib.error_temp, match=r"^421"):
+        client.getresp()
+    assert client.file.readline() == ""  # closed
+    assert netd.process.wait(timeout=15) == 0
+    assert time.monotonic() - begun < 10  # the upload's 2 s, not the 20 s grace
+    assert (site / "alice" / "stopping.bin").read_bytes() == b"s" * 40_000
+    (site / "alice" / "stopping.bin").unlink()

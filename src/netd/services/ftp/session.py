@@ -312,6 +312,8 @@ class Session(ftp.FTP):
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
         self._line_deadline: IDelayedCall | None = None
+        # Asked to close (a stop) while a transfer ran: closes once it is answered.
+        self._close_after_transfer = False
         self.started = time.time()
         self.workingDirectory: list[str] = []
         self.facts: tuple[str, ...] = FACTS
@@ -345,8 +347,19 @@ class Session(ftp.FTP):
         super().connectionLost(reason)
 
     def close_gracefully(self) -> None:
-        """Asked by netd's idle sweep or shutdown: never cut a transfer for idleness."""
+        """
+        Asked by netd's idle sweep or shutdown: a transfer is never cut for
+        it, and the session closes once that transfer is answered, as an idle
+        one does at once (left open, it held a stop to its grace and then was
+        reset, as pyftpdlib and vsftpd do not).
+        """
         if self.transfer is None:
+            self._say_goodbye()
+        else:
+            self._close_after_transfer = True
+
+    def _say_goodbye(self) -> None:
+        if not self.disconnected and self.transfer is None:
             self.sendLine(_IDLE)
             self.transport.loseConnection()
 
@@ -1105,6 +1118,9 @@ class Session(ftp.FTP):
     def _end(self, transfer: Transfer, ok: bool) -> None:
         self.transfer = None
         self._stop_transfer = None
+        if self._close_after_transfer:
+            # After the transfer's own reply, which follows this call.
+            self.server.reactor.callLater(0, self._say_goodbye)
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
