@@ -675,6 +675,62 @@ def test_a_rules_throttle_paces_uploads_over_prot_p(
     client.quit()
 
 
+def test_a_throttles_pause_longer_than_data_timeout_is_not_a_stall(
+    netd: NetdProcess, site: Path
+) -> None:
+    """Each pause below is longer than data_timeout (1 s): they were cut with 426."""
+    client = connect(netd, user="alice")
+    client.voidcmd("TYPE I")
+    early = os.urandom(60000)
+    data = socket.create_connection(ftplib.parse227(client.sendcmd("PASV")))
+    data.sendall(early)  # before its command: read at once, then 3 s at the rate
+    with netd.rule("files", match={"command": "STOR"}, throttle=20_000):
+        begun = time.monotonic()
+        assert client.sendcmd("STOR early.bin").startswith("125")
+        data.shutdown(socket.SHUT_WR)
+        assert client.voidresp().startswith("226")
+        assert 2.5 <= time.monotonic() - begun < 10
+    data.close()
+    assert (site / "alice" / "early.bin").read_bytes() == early
+    (site / "alice" / "slow.bin").write_bytes(early)
+    with netd.rule("files", match={"command": "RETR"}, throttle=20_000):
+        begun = time.monotonic()
+        assert retrieve(client, "slow.bin") == early  # one write of 60000 bytes
+        assert 2.5 <= time.monotonic() - begun < 10
+    client.quit()
+    client = tls_connect(netd)
+    client.login("alice", "wonderland")
+    client.prot_p()
+    payload = os.urandom(20000)
+    with netd.rule("files", match={"command": "STOR"}, throttle=5000):
+        begun = time.monotonic()
+        # A TLS record of 16 KiB is read whole: 3.3 s at the rate.
+        client.storbinary("STOR paced_record.bin", io.BytesIO(payload), blocksize=16384)
+        assert 3.5 <= time.monotonic() - begun < 10
+    assert (site / "alice" / "paced_record.bin").read_bytes() == payload
+    for name in ("early.bin", "slow.bin", "paced_record.bin"):
+        client.delete(name)
+    client.quit()
+
+
+def test_a_client_silent_after_a_throttles_pause_is_cut_after_data_timeout(
+    netd: NetdProcess, site: Path
+) -> None:
+    sock, reader = control(netd)
+    login_raw(sock, reader, b"alice")
+    data = socket.create_connection(("127.0.0.1", passive_port(command(sock, reader, b"PASV"))))
+    data.sendall(os.urandom(30000))  # 1.5 s at the rate, then nothing with the connection open
+    with netd.rule("files", match={"command": "STOR"}, throttle=20_000):
+        begun = time.monotonic()
+        assert command(sock, reader, b"STOR silent.bin").startswith(b"125")
+        assert reader.readline().startswith(b"426")
+        assert 1.5 <= time.monotonic() - begun < 10
+    data.close()
+    assert not (site / "alice" / "silent.bin").exists()
+    hang_up(sock, reader)
+    assert_serving(netd)
+
+
 def test_client_vanishing_mid_download(netd: NetdProcess) -> None:
     sock, reader = control(netd)
     login_raw(sock, reader)

@@ -898,6 +898,48 @@ def test_abor_ends_an_upload_waiting_for_its_rate_at_once(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_throttles_pause_is_not_a_stall_but_a_client_silent_after_it_is(
+    tmp_path: Path,
+) -> None:
+    harness, rules, session, transport = alice_under_rules(tmp_path)  # data_timeout: 5
+    rules.post({"match": {"command": "STOR"}, "throttle": 1000})
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"STOR paced.bin")
+    protocol.dataReceived(b"x" * 12000)  # one read (a TLS record) with 12 s of bytes
+    harness.reactor.pump([1] * 12)
+    assert data.producerState == "producing" and not data.disconnecting
+    protocol.dataReceived(b"y" * 100)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.pump([0.05] * 3)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert (tmp_path / "paced.bin").read_bytes() == b"x" * 12000 + b"y" * 100
+
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"STOR silent.bin")
+    protocol.dataReceived(b"x" * 12000)
+    harness.reactor.pump([1] * 16 + [0.9])  # read again from 12 s on: 4.9 s of silence
+    assert not data.disconnecting
+    harness.reactor.advance(0.2)
+    assert data.disconnecting
+    assert harness.stats.counters["data_stalls"] == 1
+
+
+def test_a_throttled_download_waiting_on_its_rate_is_not_a_stall(tmp_path: Path) -> None:
+    harness, rules, session, transport = alice_under_rules(tmp_path)  # data_timeout: 5
+    (tmp_path / "slow.bin").write_bytes(b"z" * 20000)
+    rules.post({"match": {"command": "RETR"}, "throttle": 1000})
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"RETR slow.bin")  # one write of the file: 20 s at the rate
+    harness.reactor.pump([0.05] * 390)
+    assert not data.disconnecting
+    harness.reactor.pump([0.05] * 10)
+    assert data.disconnecting and not data.disconnected and data.value() == b"z" * 20000
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert "data_stalls" not in harness.stats.counters
+
+
 def test_write_all_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_writev = os.writev
 

@@ -7,6 +7,7 @@ L{netd.sendfile}.
 
 from __future__ import annotations
 
+import math
 import secrets
 import socket
 from collections.abc import Callable, Iterator
@@ -246,6 +247,18 @@ class DataConnection(Protocol):
             if not self._holds:
                 self.transport.resumeProducing()
 
+    def paced_for(self) -> float:
+        """
+        How long a rule's throttle still holds this connection's bytes back
+        (reading or sending them at its rate); less than 0: it let them go
+        that long ago.
+        """
+        if self._meter is not None:
+            return self._meter.ahead()
+        if self._shaped is not None:
+            return self._shaped.paced_for()
+        return -math.inf
+
     def cut(self) -> None:
         """End the connection now, and the transfer on it as not complete."""
         self._cut = True
@@ -408,6 +421,17 @@ class _Shaped:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
+
+    def paced_for(self) -> float:
+        """
+        How long what the throttle holds takes to be sent at its rate.  With
+        nothing held there is no pause to allow for: the throttle asks the
+        producer for more at once, whatever the client does.
+        """
+        shaper = self.shaper
+        if shaper.rate is None or not shaper.queue:
+            return -math.inf
+        return len(shaper.queue) / shaper.rate
 
     def lost(self) -> None:
         """The connection is gone (its budget spent, say): what still sends stops."""

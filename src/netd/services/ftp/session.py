@@ -993,7 +993,7 @@ class Session(ftp.FTP):
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
-            transfer = self._begin("listing", segments, transport.abortConnection)
+            transfer = self._begin("listing", segments, connection, transport.abortConnection)
 
             def counted(chunk: bytes) -> bytes:
                 self._account(len(chunk), False)
@@ -1081,25 +1081,41 @@ class Session(ftp.FTP):
         elif hasattr(tracked, "bytes_out"):
             tracked.bytes_out += count
 
-    def _begin(self, direction: str, segments: list[str], stall: Callable[[], object]) -> Transfer:
-        """A transfer starts; C{stall} ends it if no byte moves for C{data_timeout}."""
+    def _begin(
+        self,
+        direction: str,
+        segments: list[str],
+        connection: DataConnection,
+        stall: Callable[[], object],
+    ) -> Transfer:
+        """
+        A transfer starts on C{connection}; C{stall} ends it if no byte moves
+        for C{data_timeout} while netd is ready to move one.
+        """
         transfer = Transfer(direction, "/" + "/".join(segments), time.time())
         self.transfer = transfer
+        reactor = self.server.reactor
         timeout = self.server.limits.data_timeout
         seen = 0
+        moved = reactor.seconds()
 
         def check() -> None:
-            nonlocal seen
+            nonlocal seen, moved
             if self.transfer is not transfer or self.disconnected:
                 return
-            if transfer.bytes == seen:
+            now = reactor.seconds()
+            if transfer.bytes != seen:
+                seen, moved = transfer.bytes, now
+            # A rule's throttle holding the bytes back is netd's pause, not the
+            # client's: its data_timeout runs from when netd is ready again.
+            waiting_since = max(moved, now + connection.paced_for())
+            if now - waiting_since >= timeout:
                 self.server.stats.count("data_stalls")
                 stall()
                 return
-            seen = transfer.bytes
-            self._watchdog = self.server.reactor.callLater(timeout, check)
+            self._watchdog = reactor.callLater(waiting_since + timeout - now, check)
 
-        self._watchdog = self.server.reactor.callLater(timeout, check)
+        self._watchdog = reactor.callLater(timeout, check)
         self._abortable(stall)
         return transfer
 
@@ -1158,7 +1174,7 @@ class Session(ftp.FTP):
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
-            transfer = self._begin("download", segments, transport.abortConnection)
+            transfer = self._begin("download", segments, connection, transport.abortConnection)
             sent = send_file(
                 transport,
                 source,
@@ -1220,7 +1236,7 @@ class Session(ftp.FTP):
 
         def work(connection: DataConnection) -> Deferred[Any]:
             transport = connection.transport
-            transfer = self._begin("upload", segments, connection.cut)
+            transfer = self._begin("upload", segments, connection, connection.cut)
 
             upload = Upload(
                 target,
