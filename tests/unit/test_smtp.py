@@ -51,7 +51,7 @@ from netd.services.smtp.server import (
     SessionFactory,
     Transaction,
 )
-from netd.services.smtp.spool import Envelope, Spool, Writers
+from netd.services.smtp.spool import Envelope, Spool, Writers, new_id
 from netd.services.smtp.store import MailStore
 from tests.fakes.transports import TLSStringTransport
 from tests.maps import ServiceMap
@@ -1340,6 +1340,22 @@ def test_a_message_waits_for_the_spool_to_be_read_before_it_is_written(tmp_path:
     run_next()
     assert result_of(accepted) == result_of(store.list({}))["messages"][0]["id"]
     assert len(journal.select(types=["message.accepted"])) == 1
+
+
+def test_a_report_an_old_courier_writes_during_a_reload_goes_through_the_new_store(
+    tmp_path: Path,
+) -> None:
+    """The old courier is stopping: its bounce is the new one's to list and send."""
+    old, _, _ = make_store(tmp_path)
+    sent: list[str] = []
+    new = MailStore(
+        old.spool, old.context, "mx.netd.test", deliver=lambda e, data: sent.append(e.id)
+    )
+    new.startService()
+    bounce = Envelope(id=new_id(1.0), sender="", recipients=("a@b.test",), received=1.0, size=9)
+    result_of(old.add_own(bounce, b"\r\nbounced"))
+    assert bounce.id in new.messages and bounce.id not in old.messages
+    assert sent == [bounce.id]
 
 
 def test_a_line_too_long_over_many_reads_gets_one_answer() -> None:

@@ -249,12 +249,17 @@ class MailStore(Service):
         return stored.addCallback(spooled)
 
     def add_own(self, envelope: Envelope, data: bytes) -> Deferred[None]:
-        """Spool a message netd wrote itself (a bounce) and send it on."""
+        """
+        Spool a message netd wrote itself (a bounce) and send it on, through
+        the store serving the spool now: an old courier's report during a
+        reload is the new one's to send.
+        """
 
         def spooled(_: None) -> None:
-            self._add(envelope, _head(data))
-            if self.deliver is not None:
-                self.deliver(envelope, data)
+            owner = self._serving()
+            owner._add(envelope, _head(data))
+            if owner.deliver is not None:
+                owner.deliver(envelope, data)
 
         return self._store(envelope, data).addCallback(spooled)
 
