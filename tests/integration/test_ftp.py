@@ -877,10 +877,11 @@ def test_abor_ends_a_download_still_waiting_for_its_data_connection(netd: NetdPr
     assert_serving(netd)
 
 
-def test_a_stop_lets_an_upload_finish_then_closes_its_session(
-    start_netd: StartNetd, site: Path
+def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
+    start_netd: StartNetd, site: Path, tmp_path: Path
 ) -> None:
-    """Not held open to the stop's grace and then reset: 226, then 421 and the end."""
+    """Not held open to the stop's grace and then reset: the reply, then 421 and the end."""
+    (site / "alice" / "down.bin").write_bytes(b"d" * 40_000)
     netd = start_netd(
         lab_map(
             f"""
@@ -888,7 +889,9 @@ def test_a_stop_lets_an_upload_finish_then_closes_its_session(
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]
     users: {{alice: {{password: wonderland, home: {site / "alice"}, write: true}}}}
-    rules: [{{match: {{command: STOR}}, throttle: 20000}}]
+    rules:
+      - {{match: {{command: STOR}}, throttle: 20000}}
+      - {{match: {{command: RETR}}, throttle: 20000}}
 """,
             shutdown_grace=20,
         )
@@ -898,17 +901,34 @@ def test_a_stop_lets_an_upload_finish_then_closes_its_session(
         target=client.storbinary, args=("STOR stopping.bin", io.BytesIO(b"s" * 40_000))
     )
     storing.start()
+    # lftp reads the 226 and then the data connection's end: a 421 in the same
+    # read made it take the download for failed (exit 1).
+    getting: list[subprocess.CompletedProcess[bytes]] = []
+    lftp = threading.Thread(
+        target=lambda: getting.append(
+            lftp_as("alice,wonderland", netd.address("files"), "get down.bin; bye", tmp_path)
+        )
+    )
+    lftp.start()
     wait_until(
-        lambda: any(n.startswith(".~netd") for n in os.listdir(site / "alice")),
-        "the upload's start",
+        lambda: (
+            any(n.startswith(".~netd") for n in os.listdir(site / "alice"))
+            and (tmp_path / "down.bin").exists()
+        ),
+        "both transfers' start",
     )
     begun = time.monotonic()
     netd.process.send_signal(signal.SIGTERM)
     storing.join(timeout=15)
+    lftp.join(timeout=15)
     with pytest.raises(ftplib.error_temp, match=r"^421"):
         client.getresp()
     assert client.file.readline() == ""  # closed
     assert netd.process.wait(timeout=15) == 0
-    assert time.monotonic() - begun < 10  # the upload's 2 s, not the 20 s grace
+    assert time.monotonic() - begun < 10  # the transfers' 2 s, not the 20 s grace
     assert (site / "alice" / "stopping.bin").read_bytes() == b"s" * 40_000
-    (site / "alice" / "stopping.bin").unlink()
+    [got] = getting
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "down.bin").read_bytes() == b"d" * 40_000
+    for name in ("stopping.bin", "down.bin"):
+        (site / "alice" / name).unlink()

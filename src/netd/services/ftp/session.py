@@ -83,6 +83,8 @@ _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _IDLE = "421 Idle timeout, closing control connection."
+# Seconds a session asked to close during a transfer stays open after its reply.
+_GOODBYE_AFTER = 1.0
 _SLOW_LINE = "421 Command line not complete in time, closing control connection."
 _BAD_NAMESPACE = "530 Not a namespace after '@' (letters, digits, '_', '-'): USER name@NAMESPACE."
 _NO_NAMESPACE_HOME = "530 Login incorrect: the namespace's folder cannot be opened."
@@ -1135,8 +1137,11 @@ class Session(ftp.FTP):
         self.transfer = None
         self._stop_transfer = None
         if self._close_after_transfer:
-            # After the transfer's own reply, which follows this call.
-            self.server.reactor.callLater(0, self._say_goodbye)
+            # After the transfer's reply, and a moment later: a client that
+            # reads 226 and 421 together may take the transfer for failed
+            # before it has read the data connection's end (lftp does), and
+            # one that is done says QUIT by itself within it.
+            self.server.reactor.callLater(_GOODBYE_AFTER, self._say_goodbye)
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
