@@ -88,6 +88,13 @@ class Shaper:
     """
     Paces and cuts what one connection writes.
 
+    It is also the streaming producer of the transport under it, while that
+    slot is free: a client that stops reading fills the transport's buffer,
+    which pauses the pacing, so what the connection writes next waits in the
+    queue, and past its high water the connection's own producer and reading
+    pause in turn (back-pressure: netd does not keep reading the source at the
+    rate for a client that takes nothing).
+
     @ivar rate: bytes a second, or L{None} for no pacing.
     @ivar budget: bytes still let out before the connection is closed (FIN),
         or L{None}.
@@ -96,6 +103,7 @@ class Shaper:
     def __init__(
         self,
         clock: Any,
+        consumer: Any,
         send: Callable[[bytes], None],
         lose: Callable[[], None],
         pause: Callable[[], None],
@@ -121,6 +129,11 @@ class Shaper:
         self._tokens = 0.0
         self._last = 0.0
         self._timer: Any = None
+        self._consumer = consumer
+        self._attached = False
+        # When the transport under it paused the pacing, or None.
+        self.blocked_since: float | None = None
+        self._attach()
 
     def set(self, rate: int | None, budget: int | None) -> None:
         if rate is not None:
@@ -158,10 +171,7 @@ class Shaper:
                 self._timer = self.clock.callLater(0, self._pump)
         else:
             if not self.queue:
-                # Credit earned while idle is at most one step: no burst after a pause.
-                now = self.clock.seconds()
-                self._tokens = min(self._step(), self._tokens + (now - self._last) * self.rate)
-                self._last = now
+                self._credit_idle()
             self.queue += data
             if self._timer is None:
                 # On the next turn: a pull producer writing from its
@@ -178,6 +188,7 @@ class Shaper:
         if self.queue:
             self.lose_when_sent = True
         else:
+            self._detach()
             self._lose()
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
@@ -199,6 +210,41 @@ class Shaper:
         if not self.queue:
             self._uninstall_if_idle()
 
+    # -- the transport's back-pressure (IPushProducer) -----------------------------
+
+    def pauseProducing(self) -> None:
+        self.blocked_since = self.clock.seconds()
+
+    def resumeProducing(self) -> None:
+        if self.blocked_since is None:
+            return
+        self.blocked_since = None
+        if self.queue and self.rate is not None:
+            self._credit_idle()
+        if self._timer is None and not self.stopped:
+            self._timer = self.clock.callLater(0, self._pump)
+
+    def stopProducing(self) -> None:
+        self._attached = False  # the transport is gone, and with it its producer
+        self.stop()
+
+    def _attach(self) -> None:
+        """Follow the transport's back-pressure, unless a producer of its own has it."""
+        consumer = self._consumer
+        if getattr(consumer, "producer", None) is None:
+            self._attached = True
+            consumer.registerProducer(self, True)
+
+    def _detach(self) -> None:
+        """
+        Before the close (a transport with a paused producer resumes it when
+        its buffer drains instead of closing) and once uninstalled.
+        """
+        if self._attached:
+            self._attached = False
+            self.blocked_since = None
+            self._consumer.unregisterProducer()
+
     def stop(self) -> None:
         """The connection is gone."""
         self.stopped = True
@@ -211,8 +257,8 @@ class Shaper:
 
     def _pump(self) -> None:
         self._timer = None
-        if self.stopped:
-            return
+        if self.stopped or self.blocked_since is not None:
+            return  # resumeProducing pumps again
         rate = self.rate or 1
         now = self.clock.seconds()
         step = self._step()
@@ -233,6 +279,7 @@ class Shaper:
             if self.ending:
                 self._end()
             elif self.lose_when_sent:
+                self._detach()
                 self._lose()
             elif self.released:
                 self._uninstall_if_idle()
@@ -256,9 +303,17 @@ class Shaper:
     def _end(self) -> None:
         self.ending = True
         self.stop()
+        self._detach()
         self._lose()
 
     def _uninstall_if_idle(self) -> None:
         if self.budget is None and self.producer is None and not self._paused:
             self.rate = None
+            self._detach()
             self._done()
+
+    def _credit_idle(self) -> None:
+        """Credit earned while idle or held back is at most one step: no burst after a pause."""
+        now = self.clock.seconds()
+        self._tokens = min(self._step(), self._tokens + (now - self._last) * (self.rate or 1))
+        self._last = now

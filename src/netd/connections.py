@@ -345,6 +345,7 @@ class TrackedConnection(ProtocolWrapper):
 
             shaper = self.shaper = Shaper(
                 clock,
+                self.transport,
                 send=lambda data: TrackedConnection.write(self, data),
                 lose=lambda: ProtocolWrapper.loseConnection(self),
                 pause=self.transport.pauseProducing,

@@ -132,3 +132,31 @@ def test_throttle_and_close_n_act_on_a_downloads_data(
         assert names == ["dat"]
     assert ftp.nlst() == ["data.bin", "report.csv"]
     ftp.quit()
+
+
+def rss(netd: NetdProcess) -> int:
+    """netd's resident memory, in bytes."""
+    status = Path(f"/proc/{netd.process.pid}/status").read_text()
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_throttled_download_the_client_does_not_read_holds_no_memory_and_stalls(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    root = tmp_path / "pub"
+    root.mkdir()
+    with (root / "big.bin").open("wb") as big:
+        big.truncate(256 << 20)
+    netd = start_netd(ftp_map(root).replace("    rules:", "    data_timeout: 4\n    rules:"))
+    ftp = client(netd)
+    with netd.rule("files", match={"command": "RETR"}, throttle=8_000_000):
+        data = ftp.transfercmd("RETR big.bin")  # and never read
+        before = rss(netd)
+        time.sleep(3)  # 24 MB at the rate, more than the sockets' buffers hold
+        assert rss(netd) - before < 6 << 20
+        # The client's wait, not the throttle's: data_timeout cuts the transfer.
+        with pytest.raises(ftplib.error_temp, match="426"):
+            ftp.getresp()
+        data.close()
+    ftp.quit()

@@ -138,6 +138,56 @@ def test_throttle_stops_reading_past_the_high_water_mark() -> None:
     assert transport.producerState == "paused"
 
 
+class Source:
+    """A streaming producer (a relay's other side, a proxied body): its consumer pauses it."""
+
+    paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+def test_throttle_sends_nothing_while_the_client_reads_nothing() -> None:
+    clock, connection, transport = connect({"throttle": 10000})
+    source = Source()
+    connection.registerProducer(source, True)
+    clock.advance(1)
+    assert transport.value() == b"hello\r\n"
+    transport.producer.pauseProducing()  # the client's socket buffer is full
+    for _ in range(7):  # 70 KiB for the throttle, past its high water
+        connection.dataReceived(b"more")
+    clock.advance(10)
+    assert transport.value() == b"hello\r\n"
+    assert source.paused
+    assert transport.producerState == "paused"
+    transport.producer.resumeProducing()
+    clock.advance(1)
+    assert 9000 <= len(transport.value()) - 7 <= 11000  # the rate, with no burst
+    clock.advance(10)
+    assert len(transport.value()) == 7 + 7 * 10240
+    assert not source.paused
+
+
+def test_throttle_closes_when_its_held_bytes_are_sent() -> None:
+    clock, connection, transport = connect({"throttle": 10000})
+    transport.producer.pauseProducing()
+    connection.dataReceived(b"more")
+    connection.loseConnection()
+    clock.advance(5)
+    assert transport.connected
+    transport.producer.resumeProducing()
+    clock.advance(5)
+    assert len(transport.value()) == 7 + 10240
+    assert transport.producer is None
+    assert not transport.connected
+
+
 def test_a_removed_rule_no_longer_acts() -> None:
     clock = Clock()
     ruleset = RuleSet("svc", clock=clock)

@@ -406,6 +406,7 @@ class _Shaped:
         self.transport = transport
         self.shaper = shaper = Shaper(
             clock,
+            transport,
             send=transport.write,
             lose=transport.loseConnection,
             pause=transport.pauseProducing,
@@ -426,9 +427,14 @@ class _Shaped:
         """
         How long what the throttle holds takes to be sent at its rate.  With
         nothing held there is no pause to allow for: the throttle asks the
-        producer for more at once, whatever the client does.
+        producer for more at once, whatever the client does; nor while the
+        client is not reading what was sent (the transport paused the
+        throttle): the wait is the client's since then.
         """
         shaper = self.shaper
+        if shaper.blocked_since is not None:
+            now: float = shaper.clock.seconds()
+            return shaper.blocked_since - now
         if shaper.rate is None or not shaper.queue:
             return -math.inf
         return len(shaper.queue) / shaper.rate
