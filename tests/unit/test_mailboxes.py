@@ -753,6 +753,20 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         assert said(transport)[0] == b"* SEARCH 1", needle
 
 
+def test_a_header_in_a_codec_that_is_no_mail_charset_is_searched_as_utf_8(
+    tmp_path: Path,
+) -> None:
+    """punycode words, joined by the email package, decoded in quadratic time on the reactor."""
+    lab = Lab(tmp_path)
+    data = b"Subject: =?punycode?q?caf=C3=A9-?= =?punycode?q?menu?=\r\n\r\nx\r\n"
+    lab.accept_raw(data, sender=Mailbox("shop", "client.test"))
+    [listed] = result_of(lab.store.list({"subject": "café-menu"}))["messages"]
+    assert listed["subject"] == "café-menu"
+    session, transport = lab.ann_selected()
+    session.dataReceived("s SEARCH CHARSET UTF-8 SUBJECT café-menu\r\n".encode())
+    assert said(transport)[0] == b"* SEARCH 1"
+
+
 def test_utf8_accept_sends_headers_as_they_are(tmp_path: Path) -> None:
     lab = Lab(tmp_path)
     data = "Subject: Grüße\r\nFrom: Jörg <jörg@bücher.test>\r\n\r\nHällo\r\n".encode()

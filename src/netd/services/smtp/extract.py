@@ -9,7 +9,6 @@ Runs in a thread: a message may be megabytes of HTML.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
@@ -172,17 +171,9 @@ def _decoded(entity: mime.Entity, raw: bytes) -> str:
         except UnicodeDecodeError:
             return octets.decode("latin-1")
     try:
-        if codecs.lookup(charset).name in _NOT_MAIL_CHARSETS:
-            raise LookupError(charset)
-        return octets.decode(charset, "replace")
-    except (LookupError, ValueError):  # an unknown charset, or no text codec
+        return octets.decode(mime.mail_charset(charset), "replace")
+    except (LookupError, ValueError):  # a codec that is no text codec (base64, say)
         return octets.decode("utf-8", "replace")
-
-
-# Python text codecs that are no mail charset, read as one declared (UTF-8
-# instead): punycode and idna decode in time quadratic in the part's size (a
-# MiB part: minutes of a thread on every search), the escapes are Python's.
-_NOT_MAIL_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
 
 
 def _file_names(entities: Iterable[mime.Entity]) -> Iterator[str]:

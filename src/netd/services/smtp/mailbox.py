@@ -456,8 +456,9 @@ def _decoded(value: str) -> str:
             continue
         try:
             # Text outside encoded words comes back as raw-unicode-escape bytes.
-            words.append(chunk.decode(charset or "raw-unicode-escape", "replace"))
-        except LookupError:  # a charset Python does not know
+            named = mime.mail_charset(charset) if charset else "raw-unicode-escape"
+            words.append(chunk.decode(named, "replace"))
+        except (LookupError, ValueError):  # a codec that is no text codec (base64, say)
             words.append(chunk.decode("utf-8", "replace"))
     return "".join(words)
 

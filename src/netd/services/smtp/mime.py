@@ -13,6 +13,7 @@ message for one nested 100 deep).  Reading copies no octet but headers.
 from __future__ import annotations
 
 import base64
+import codecs
 import email.parser
 import email.policy
 import re
@@ -23,7 +24,15 @@ import attrs
 
 from netd.records import Record
 
-__all__ = ["MAX_NESTING", "MAX_PARTS", "Entity", "NotConvertible", "read", "seven_bit"]
+__all__ = [
+    "MAX_NESTING",
+    "MAX_PARTS",
+    "Entity",
+    "NotConvertible",
+    "mail_charset",
+    "read",
+    "seven_bit",
+]
 
 # Past these, a part's parts are not listed (Dovecot's own limits): a message
 # nested thousands deep or wide costs no more than these to describe.
@@ -33,6 +42,21 @@ MAX_PARTS = 10_000
 _POLICY = email.policy.compat32.clone(linesep="\r\n")
 # A line that may be a multipart delimiter, and what follows its "--".
 _DASH_LINE = re.compile(rb"^--([^\n]*)", re.MULTILINE)
+
+
+# Python text codecs that are no mail charset: punycode and idna decode in time
+# quadratic in their input (a MiB part, or a subject of many encoded words that
+# the email package joins: minutes on every search), the escapes are Python's.
+_NOT_MAIL_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unicode-escape"})
+
+
+def mail_charset(charset: str) -> str:
+    """C{charset} if text declared in it is read so, else C{utf-8} (unknown, or no mail charset)."""
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        return "utf-8"
+    return "utf-8" if name in _NOT_MAIL_CHARSETS else charset
 
 
 @attrs.frozen(repr=False)

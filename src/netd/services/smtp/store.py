@@ -90,7 +90,9 @@ def _readable(value: str) -> str:
     if "=?" not in text:
         return text
     try:
-        return str(email.header.make_header(email.header.decode_header(text)))
+        words = email.header.decode_header(text)
+        readable = [(chunk, mime.mail_charset(cs) if cs else cs) for chunk, cs in words]
+        return str(email.header.make_header(readable))
     except (LookupError, UnicodeError, email.errors.HeaderParseError):
         return text  # an unknown charset, a broken encoded word: as it came
 
