@@ -51,11 +51,14 @@ _NOT_MAIL_CHARSETS = frozenset({"punycode", "idna", "unicode-escape", "raw-unico
 
 
 def mail_charset(charset: str) -> str:
-    """C{charset} if text declared in it is read so, else C{utf-8} (unknown, or no mail charset)."""
+    """
+    C{charset}, or C{utf-8} for a Python codec that is no mail charset; an
+    unknown one is left to its reader (its decode raises LookupError).
+    """
     try:
         name = codecs.lookup(charset).name
     except LookupError:
-        return "utf-8"
+        return charset
     return "utf-8" if name in _NOT_MAIL_CHARSETS else charset
 
 
