@@ -184,6 +184,19 @@ class Shaper:
     def write_sequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
 
+    def flush(self) -> None:
+        """
+        Send what waits now, whatever the rate: the reply before TLS starts
+        (STARTTLS's 220, AUTH TLS's 234) must leave in plaintext, and queued
+        behind the rate it would follow the handshake, encrypted, and the
+        client waiting for it would never start one (RFC 3207 4, RFC 4217 4).
+        """
+        if self.queue and not self.stopped:
+            waiting = bytes(self.queue)
+            self.queue.clear()
+            self._send(waiting)
+            self._pressure()
+
     def lose_connection(self) -> None:
         if self.queue:
             self.lose_when_sent = True

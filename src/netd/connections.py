@@ -440,6 +440,8 @@ class TrackedConnection(ProtocolWrapper):
         self.transport.abortConnection()
 
     def startTLS(self, contextFactory: Any, *args: Any, **kwargs: Any) -> None:
+        if self.shaper is not None:
+            self.shaper.flush()
         self.send_held()  # the last plaintext reply before the handshake
         self.transport.startTLS(contextFactory, *args, **kwargs)
 

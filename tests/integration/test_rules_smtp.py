@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import ssl
 import time
 from typing import Any
 
@@ -138,3 +139,31 @@ def test_netd_testing_rule_and_scenario(start_netd: StartNetd) -> None:
     assert netd.scenarios() == {"signup": "created"}
     netd.reset_scenarios()
     assert netd.scenarios() == {}
+
+
+def test_a_throttled_session_still_starts_tls(start_netd: StartNetd) -> None:
+    """STARTTLS's 220 waited behind the rate and followed the handshake: both sides waited."""
+    netd = start_netd(
+        """
+tls:
+  lab: {self_signed: [localhost, 127.0.0.1]}
+services:
+  mail:
+    type: smtp
+    listen: ["tcp:0:interface=127.0.0.1"]
+    hostname: mx.netd.test
+    tls: lab
+    relay: {domains: [netd.test]}
+    rules:
+      - {match: {stage: helo}, throttle: 2000}
+"""
+    )
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with client(netd) as session:
+        session.ehlo("client.test")
+        session.starttls(context=context)
+        session.ehlo("client.test")
+        assert session.sendmail("a@client.test", ["b@netd.test"], b"Subject: hi\r\n\r\nx\r\n") == {}
+    assert [m["subject"] for m in netd.messages("mail")] == ["hi"]

@@ -202,3 +202,15 @@ def test_a_removed_rule_no_longer_acts() -> None:
     transport.protocol = connection
     connection.makeConnection(transport)
     assert transport.value() == b"hello\r\n"
+
+
+def test_a_throttled_reply_before_tls_starts_leaves_in_plaintext_first() -> None:
+    """STARTTLS's 220 waiting for the rate would follow the handshake, encrypted."""
+    _, connection, transport = connect({"throttle": 100})
+    connection.dataReceived(b"go")  # 10 KiB queued behind the rate
+    before_tls: list[int] = []
+    transport.startTLS = lambda *args, **kwargs: before_tls.append(len(transport.value()))  # type: ignore[attr-defined]
+    connection.write(b"220 Ready to start TLS\r\n")
+    connection.startTLS(object())
+    assert before_tls == [7 + 10240 + 24]
+    assert transport.value().endswith(b"220 Ready to start TLS\r\n")
