@@ -932,3 +932,21 @@ def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
     assert (tmp_path / "down.bin").read_bytes() == b"d" * 40_000
     for name in ("stopping.bin", "down.bin"):
         (site / "alice" / name).unlink()
+
+
+def test_a_client_that_reads_slowly_but_steadily_is_not_cut(netd: NetdProcess) -> None:
+    """data_timeout is the client's silence: what it takes from the kernel's queue counts."""
+    client = connect(netd, user="anonymous")
+    client.voidcmd("TYPE I")
+    data = client.transfercmd("RETR huge.bin")
+    got = 0
+    ends = time.monotonic() + 4  # four data_timeouts, the kernel's buffers full throughout
+    while time.monotonic() < ends:
+        chunk = data.recv(32768)
+        assert chunk, f"cut after {got} bytes"
+        got += len(chunk)
+        time.sleep(0.2)  # the reader's pace: about 160 KB/s
+    data.close()
+    with contextlib.suppress(ftplib.error_temp):  # 426: the client left mid-transfer
+        client.voidresp()
+    client.quit()

@@ -7,9 +7,12 @@ L{netd.sendfile}.
 
 from __future__ import annotations
 
+import fcntl
 import math
 import secrets
 import socket
+import struct
+import termios
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,6 +261,24 @@ class DataConnection(Protocol):
         if self._shaped is not None:
             return self._shaped.paced_for()
         return -math.inf
+
+    def sent_not_taken(self) -> int | None:
+        """
+        Bytes in the kernel's send queue of this connection's socket that the
+        client has not taken yet (Linux's SIOCOUTQ); None where it cannot be
+        asked.  A download to a client that reads slowly hands netd's bytes
+        to the kernel in bursts far apart (a loopback send buffer holds
+        megabytes): the queue going down between them is the client's progress.
+        """
+        connection = _socket_of(self.transport)
+        if connection is None:
+            return None
+        try:
+            answer = fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+        except (OSError, ValueError):
+            return None
+        queued: int = struct.unpack("i", answer)[0]
+        return queued
 
     def cut(self) -> None:
         """End the connection now, and the transfer on it as not complete."""

@@ -1100,14 +1100,18 @@ class Session(ftp.FTP):
         timeout = self.server.limits.data_timeout
         seen = 0
         moved = reactor.seconds()
+        queued = connection.sent_not_taken()
 
         def check() -> None:
-            nonlocal seen, moved
+            nonlocal seen, moved, queued
             if self.transfer is not transfer or self.disconnected:
                 return
             now = reactor.seconds()
-            if transfer.bytes != seen:
+            in_kernel = connection.sent_not_taken()
+            taken = in_kernel is not None and queued is not None and in_kernel < queued
+            if transfer.bytes != seen or taken:
                 seen, moved = transfer.bytes, now
+            queued = in_kernel
             # A rule's throttle holding the bytes back is netd's pause, not the
             # client's: its data_timeout runs from when netd is ready again.
             waiting_since = max(moved, now + connection.paced_for())
