@@ -127,9 +127,10 @@ class Recorder:
         if replaced is None or not replaced.running:
             del _SERVING[self.file]
             return
-        # A reload undone after this recorder started (or a stop with the old
-        # service still draining): the one it replaced writes the file again,
-        # knowing what was written meanwhile, and takes what waits here.
+        # A stop while the service it replaced still drains (a reload's
+        # replacement starts only once the reload commits): the one it
+        # replaced writes the file again, knowing what was written meanwhile,
+        # and takes what waits here.
         _SERVING[self.file] = replaced
         replaced._learn(self.seen, self.count)
         if self._waiting:
