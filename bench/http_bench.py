@@ -142,13 +142,20 @@ class FloorEpoll(Server):
 
 
 class FloorTwisted(FloorEpoll):
-    """What Twisted's reactor adds to that floor: a bare protocol."""
+    """What Twisted's reactor adds to that floor: a bare protocol, Twisted's writes."""
 
     name = "floor-twisted"
     flags = ("--twisted",)
 
 
-FLOORS = ("floor-epoll", "floor-twisted")
+class FloorTwistedNow(FloorEpoll):
+    """The bare protocol writing as netd does: at once when nothing is queued."""
+
+    name = "floor-twisted-now"
+    flags = ("--twisted-now",)
+
+
+FLOORS = ("floor-epoll", "floor-twisted", "floor-twisted-now")
 _UNITS = {"B": 1 / 2**20, "KB": 1 / 1024, "MB": 1, "GB": 1024}
 
 
@@ -180,13 +187,15 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=5)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument(
-        "--servers", default="netd,twistd-web,nginx,floor-twisted", help="also: floor-epoll"
+        "--servers",
+        default="netd,twistd-web,nginx,floor-twisted,floor-twisted-now",
+        help="also: floor-epoll",
     )
     options = parser.parse_args()
     missing = [tool for tool in ("wrk", "nginx") if shutil.which(tool) is None]
     if missing:
         raise SystemExit(f"needs {' and '.join(missing)}: apt-get install -y wrk nginx-light")
-    kinds = {k.name: k for k in (Netd, TwistdWeb, Nginx, FloorEpoll, FloorTwisted)}
+    kinds = {k.name: k for k in (Netd, TwistdWeb, Nginx, FloorEpoll, FloorTwisted, FloorTwistedNow)}
     chosen = [kinds[name] for name in options.servers.split(",")]
     with tempfile.TemporaryDirectory(prefix="netd-bench-") as scratch:
         work = Path(scratch)
