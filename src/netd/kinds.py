@@ -9,7 +9,7 @@ with a L{BuildContext} to get the L{Handlers} it puts behind the listeners.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -40,6 +40,7 @@ __all__ = [
     "AdminView",
     "BuildContext",
     "Handlers",
+    "Holders",
     "HostedService",
     "IOwesReplies",
     "RepliesOwed",
@@ -51,6 +52,8 @@ __all__ = [
 
 Options = TypeVar("Options")
 Result = TypeVar("Result")
+Key = TypeVar("Key", bound=Hashable)
+Holder = TypeVar("Holder")
 
 RunInThread = Callable[..., "Deferred[Any]"]
 """
@@ -108,6 +111,46 @@ class RepliesOwed(Record):
             replied.callback(None)
 
 
+class Holders(Generic[Key, Holder]):
+    """
+    Which running build holds each key (a spool folder, a C{record_to} file)
+    that builds of one service across a reload, or of several services, share.
+
+    The newest holder started of those still running holds the key: a
+    reload's replacement takes it over while the build it replaces drains
+    its connections and hands their work to the holder, and one that stops
+    while a holder started before it still runs (a replacement whose service
+    leaves the map meanwhile) hands the key back.  Only running holders are
+    kept, so a stopped build is not kept alive through its successor.
+    """
+
+    def __init__(self) -> None:
+        self._running: dict[Key, list[Holder]] = {}
+
+    def holder(self, key: Key) -> Holder | None:
+        """The holder of C{key} now; L{None} while none runs."""
+        running = self._running.get(key)
+        return running[-1] if running else None
+
+    def take(self, key: Key, holder: Holder) -> Holder | None:
+        """C{holder} started and holds C{key} from now on; the holder it took it from."""
+        replaced = self.holder(key)
+        self._running.setdefault(key, []).append(holder)
+        return replaced
+
+    def leave(self, key: Key, holder: Holder) -> Holder | None:
+        """
+        C{holder} stopped; the holder it hands C{key} back to, when it held
+        the key and one started before it still runs.
+        """
+        running = self._running.pop(key, [])
+        held = bool(running) and running[-1] is holder
+        left = [other for other in running if other is not holder]
+        if left:
+            self._running[key] = left
+        return left[-1] if held and left else None
+
+
 @attrs.frozen(repr=False)
 class BuildContext(Record):
     """What a kind's builder may use: never the global reactor, always this one."""
@@ -133,12 +176,26 @@ class BuildContext(Record):
     A kind reads it while building and writes it only once started, so a
     replacement whose reload fails leaves its predecessor's state as it was.
     """
+    tables: dict[str, Any] = attrs.field(factory=dict)
+    """
+    What the builds of every service share across reloads (L{Holders} of
+    spool folders, say), each under a key its kind names: the daemon's one
+    dict, which ends with it, so two daemons in one process share nothing.
+    Reached through L{shared}.
+    """
     # The service's bound stream listeners, as they are now: a kind that stops
     # accepting for a while (a proxy that is down) reaches its ports here.
     stream_ports: Callable[[], Sequence[IListeningPort]] = tuple
 
     def emit(self, type: str, **fields: Any) -> None:
         self.journal.emit(self.name, type, **fields)
+
+    def shared(self, key: str, make: Callable[[], Result]) -> Result:
+        """The daemon's one table under C{key} in L{tables}, made on first use."""
+        if key not in self.tables:
+            self.tables[key] = make()
+        table: Result = self.tables[key]
+        return table
 
     def in_thread(self, work: Callable[..., Result], *args: Any) -> Deferred[Result]:
         """

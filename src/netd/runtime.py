@@ -115,6 +115,7 @@ class RunningService(ListenerGroup, Service):
         state_dir: Path,
         scenarios: Scenarios | None = None,
         carried: dict[str, Any] | None = None,
+        tables: dict[str, Any] | None = None,
     ) -> None:
         # Not setName(): during a reload the old and the new service of one
         # name overlap while the old one drains.
@@ -139,6 +140,7 @@ class RunningService(ListenerGroup, Service):
             rules=self.rules,
             namespaces=config.namespace_from,
             carried={} if carried is None else carried,
+            tables={} if tables is None else tables,
             stream_ports=lambda: [b.port for b in self.listeners if not b.config.datagram],
         )
         handlers = kind.build(config, self.context)
@@ -333,6 +335,7 @@ class Daemon(MultiService):
         self._reload_again: list[Deferred[ReloadResult]] = []
         self._tls_materials: dict[str, str] = {}
         self._carried: dict[str, dict[str, Any]] = {}
+        self._tables: dict[str, Any] = {}
 
     def _running_service(
         self,
@@ -357,6 +360,7 @@ class Daemon(MultiService):
                     config.shutdown_grace,
                     config.log,
                     self._carried.setdefault(service_config.name, {}),
+                    self._tables,
                 )
             return RunningService(
                 service_config,
@@ -367,6 +371,7 @@ class Daemon(MultiService):
                 config.state_dir,
                 self.scenarios,
                 self._carried.setdefault(service_config.name, {}),
+                self._tables,
             )
         except Exception as e:
             reason = os_message(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"

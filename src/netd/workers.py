@@ -425,9 +425,17 @@ class WorkerPool(RunningService):
         shutdown_grace: float,
         log_config: LogConfig,
         carried: dict[str, Any] | None = None,
+        tables: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
-            config, reactor, base_dir, journal, tls_creators, state_dir, carried=carried
+            config,
+            reactor,
+            base_dir,
+            journal,
+            tls_creators,
+            state_dir,
+            carried=carried,
+            tables=tables,
         )
         self.journal = journal
         self.tls_profiles = {name: tls_profiles[name] for name in config.tls_profiles}

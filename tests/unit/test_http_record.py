@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
 
 from netd.services.http.app import App, Headers
-from netd.services.http.record import Recorder
+from netd.services.http.record import Recorder, Recorders
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.unit.test_http_stubs import WEB, app_of, ask
@@ -55,7 +55,7 @@ def pending_read_back() -> tuple[Any, Callable[[], Any], Deferred[Any]]:
 
 
 def test_a_recorded_path_matches_only_itself(tmp_path: Path) -> None:
-    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False)
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False, serving=Recorders())
     for path in ("/api/dir/", "/api/dir/x", "/", "/api/*", "/api/a"):
         record(recorder, path, path.encode())
     app = replay(tmp_path)
@@ -65,7 +65,7 @@ def test_a_recorded_path_matches_only_itself(tmp_path: Path) -> None:
 
 
 def test_a_recorded_query_matches_only_itself(tmp_path: Path) -> None:
-    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False)
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=False, serving=Recorders())
     targets = ("/items", "/items?page=2", "/rep?a=2", "/rep?a=1&a=2", "/rep?a=2&b=")
     for target in targets:
         record(recorder, target, target.encode())
@@ -80,10 +80,10 @@ def test_a_recorded_query_matches_only_itself(tmp_path: Path) -> None:
 
 def test_recording_goes_on_after_a_restart(tmp_path: Path) -> None:
     path = str(tmp_path / "rec.yaml")
-    first = Recorder(path, secrets=False)
+    first = Recorder(path, secrets=False, serving=Recorders())
     record(first, "/a", b"\xff first")  # not UTF-8: a body file
     record(first, "/b", b"b")
-    again = Recorder(path, secrets=False)  # the daemon restarted
+    again = Recorder(path, secrets=False, serving=Recorders())  # the daemon restarted
     record(again, "/a", b"\xff changed")  # recorded before: not again
     record(again, "/c", b"\xff third")
     routes = yaml.safe_load((tmp_path / "rec.yaml").read_text())
@@ -98,9 +98,11 @@ def test_a_recording_is_read_back_in_a_thread_and_what_ends_meanwhile_waits(
     tmp_path: Path,
 ) -> None:
     path = str(tmp_path / "rec.yaml")
-    record(Recorder(path, secrets=False), "/a", b"\xff first")  # body file 1.bin
+    record(
+        Recorder(path, secrets=False, serving=Recorders()), "/a", b"\xff first"
+    )  # body file 1.bin
     in_thread, read_now, reading = pending_read_back()
-    again = Recorder(path, secrets=False, in_thread=in_thread)
+    again = Recorder(path, secrets=False, serving=Recorders(), in_thread=in_thread)
     record(again, "/a", b"\xff changed")  # before the read-back: it waits
     record(again, "/b", b"\xff second")
     assert len(yaml.safe_load((tmp_path / "rec.yaml").read_text())) == 1
@@ -113,7 +115,10 @@ def test_a_recording_is_read_back_in_a_thread_and_what_ends_meanwhile_waits(
 def test_a_body_file_is_never_written_over(tmp_path: Path) -> None:
     """A service still draining after a reload may take the next number first."""
     path = str(tmp_path / "rec.yaml")
-    draining, serving = Recorder(path, secrets=False), Recorder(path, secrets=False)
+    draining, serving = (
+        Recorder(path, secrets=False, serving=Recorders()),
+        Recorder(path, secrets=False, serving=Recorders()),
+    )
     record(draining, "/old", b"\xff old")
     record(serving, "/new", b"\xff new")
     app = replay(tmp_path)
@@ -124,7 +129,7 @@ def test_a_body_file_is_never_written_over(tmp_path: Path) -> None:
 def test_repeated_headers_are_recorded_and_replayed_as_they_came(tmp_path: Path) -> None:
     """Set-Cookie lines are never joined (RFC 6265 3): an Expires date has a comma."""
     cookies = [b"a=1; Expires=Wed, 21 Oct 2015 07:28:00 GMT", b"b=2; Path=/"]
-    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=True)
+    recorder = Recorder(str(tmp_path / "rec.yaml"), secrets=True, serving=Recorders())
     record(recorder, "/cookies", b"ok", [(b"Set-Cookie", cookie) for cookie in cookies])
     transport = StringTransport()
     connection = HTTPConnection(factory_for(replay(tmp_path), Limits(), tls=False, http2=False))
@@ -136,11 +141,12 @@ def test_repeated_headers_are_recorded_and_replayed_as_they_came(tmp_path: Path)
 def test_a_draining_service_records_through_its_replacement(tmp_path: Path) -> None:
     """The old service finishes an exchange after the new one read the file back."""
     path = str(tmp_path / "rec.yaml")
-    old = Recorder(path, secrets=False)
+    serving = Recorders()
+    old = Recorder(path, secrets=False, serving=serving)
     old.start()
     record(old, "/before", b"before")
     in_thread, read_now, reading = pending_read_back()
-    new = Recorder(path, secrets=False, in_thread=in_thread)
+    new = Recorder(path, secrets=False, serving=serving, in_thread=in_thread)
     found = read_now()  # the file as the reload's thread reads it
     new.start()
     record(old, "/late", b"one")  # a draining connection's exchange ends
@@ -155,10 +161,11 @@ def test_a_draining_service_records_through_its_replacement(tmp_path: Path) -> N
 
 def test_an_undone_reload_hands_the_file_back(tmp_path: Path) -> None:
     path = str(tmp_path / "rec.yaml")
-    old = Recorder(path, secrets=False)
+    serving = Recorders()
+    old = Recorder(path, secrets=False, serving=serving)
     old.start()
     in_thread, read_now, reading = pending_read_back()
-    new = Recorder(path, secrets=False, in_thread=in_thread)
+    new = Recorder(path, secrets=False, serving=serving, in_thread=in_thread)
     new.start()
     record(old, "/meanwhile", b"one")  # waits for the new one's read-back
     new.stop()  # the reload is undone before the new service served
@@ -176,10 +183,11 @@ def test_an_undone_reload_hands_the_file_back(tmp_path: Path) -> None:
 def test_an_exchange_is_masked_as_the_route_that_relayed_it_says(tmp_path: Path) -> None:
     """A reload that turns record_secrets on does not unmask what the old map relayed."""
     path = str(tmp_path / "rec.yaml")
+    serving = Recorders()
     cookie = [(b"Set-Cookie", b"session=secret")]
-    old = Recorder(path, secrets=False)
+    old = Recorder(path, secrets=False, serving=serving)
     old.start()
-    new = Recorder(path, secrets=True)
+    new = Recorder(path, secrets=True, serving=serving)
     new.start()
     record(old, "/old", b"old", cookie)
     record(new, "/new", b"new", cookie)
@@ -191,10 +199,11 @@ def test_an_exchange_is_masked_as_the_route_that_relayed_it_says(tmp_path: Path)
 
 def test_replaced_recorders_are_not_kept_alive(tmp_path: Path) -> None:
     path = str(tmp_path / "rec.yaml")
+    serving = Recorders()
     gone: list[weakref.ref[Recorder]] = []
     previous: Recorder | None = None
     for n in range(20):  # reloads, each old service stopping after the new one starts
-        recorder = Recorder(path, secrets=False)
+        recorder = Recorder(path, secrets=False, serving=serving)
         recorder.start()
         record(recorder, f"/{n}", b"x")
         if previous is not None:

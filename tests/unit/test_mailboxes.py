@@ -63,6 +63,7 @@ class Lab:
         tmp_path: Path,
         allow_insecure_auth: bool = True,
         namespaces: Namespacing = NO_NAMESPACES,
+        tables: dict[str, Any] | None = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(1_800_000_000)
@@ -76,6 +77,7 @@ class Lab:
             log=Logger(),
             tls={},
             namespaces=namespaces,
+            tables={} if tables is None else tables,
         )
         self.store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
         self.store.startService()
@@ -438,7 +440,8 @@ def test_a_namespace_login_needs_namespaces_and_a_key(tmp_path: Path, login: byt
 def test_an_old_store_forgets_in_the_serving_one_too(tmp_path: Path) -> None:
     old = Lab(tmp_path)
     id = old.deliver("ann@netd.test")
-    new = Lab(tmp_path)  # a reload's replacement: it serves the spool now
+    # A reload's replacement, in the same daemon: it serves the spool now.
+    new = Lab(tmp_path, tables=old.store.context.tables)
     assert id in new.store.messages and id in new.mailboxes.uids
     result_of(old.store.forget([id]))
     assert id not in new.store.messages and id not in new.mailboxes.uids

@@ -688,7 +688,10 @@ def test_spool_writers_sync_side_by_side_and_answer_together(tmp_path: Path) -> 
 # The store -----------------------------------------------------------------
 
 
-def make_store(tmp_path: Path) -> tuple[MailStore, Journal, Clock]:
+def make_store(
+    tmp_path: Path, tables: dict[str, Any] | None = None
+) -> tuple[MailStore, Journal, Clock]:
+    """A started store; one given a daemon's C{tables} shares its spool folders as a reload's."""
     clock = Clock()
     clock.advance(1_800_000_000)
     journal = Journal(clock)
@@ -700,6 +703,7 @@ def make_store(tmp_path: Path) -> tuple[MailStore, Journal, Clock]:
         stats=ServiceStats(),
         log=Logger(),
         tls={},
+        tables={} if tables is None else tables,
     )
     store = MailStore(Spool(tmp_path / "spool", maybeDeferred), context, "mx.netd.test")
     store.startService()
@@ -1090,12 +1094,21 @@ def test_parse_mx_delivery(tmp_path: Path) -> None:
 
 def test_a_replaced_service_hands_what_it_still_accepts_to_its_successor(tmp_path: Path) -> None:
     old, _, _ = make_store(tmp_path)
-    new, _, _ = make_store(tmp_path)  # a reload: both serve the same folder for a while
+    # A reload: both serve the same folder for a while.
+    new, _, _ = make_store(tmp_path, old.context.tables)
     id = accept(old, None, "late@netd.test")
     assert id in new.messages
     old.stopService()
     assert [m["id"] for m in result_of(new.list({}))["messages"]] == [id]
     new.stopService()
+
+
+def test_stores_of_two_daemons_in_one_process_keep_their_own_mail(tmp_path: Path) -> None:
+    """What hands mail across a reload is the daemon's: another daemon's store is no successor."""
+    first, _, _ = make_store(tmp_path)
+    second, _, _ = make_store(tmp_path)
+    id = accept(first, None, "own@netd.test")
+    assert id in first.messages and id not in second.messages
 
 
 def test_recovery_leaves_files_being_written_alone(tmp_path: Path) -> None:

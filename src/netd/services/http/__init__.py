@@ -38,6 +38,7 @@ from netd.rules import Vocabulary, exact, fields, glob
 from netd.schema import Section, Value, compose
 from netd.services.http.app import App, Reply, Route, StaticOptions
 from netd.services.http.match import Conditions, path_pattern, read_conditions
+from netd.services.http.record import recorders
 from netd.services.http.static import StaticFiles
 from netd.services.http.stubs import RoutesView, read_stub
 from netd.services.http.websocket import read_script
@@ -340,6 +341,7 @@ def build(service: ServiceConfig, context: BuildContext) -> Handlers:
         namespaces=context.namespaces,
         in_thread=context.in_thread,
         journal_active=lambda: context.journal.active,
+        recording=recorders(context),
     )
 
     def stream(listener: ListenerConfig) -> Any:

@@ -30,7 +30,7 @@ from netd.records import Record
 from netd.rules import Fired, RuleSet
 from netd.sendfile import send_file
 from netd.services.http.match import WAIT, Conditions, Request
-from netd.services.http.record import InThread, Recorder
+from netd.services.http.record import InThread, Recorder, Recorders
 from netd.services.http.stubs import Stub, Stubs, explain, near_miss
 from netd.services.http.websocket import Script, serve
 
@@ -499,6 +499,7 @@ class App:
         namespaces: Namespacing = NO_NAMESPACES,
         in_thread: InThread | None = None,
         journal_active: Callable[[], bool] = lambda: True,
+        recording: Recorders | None = None,
     ) -> None:
         self.namespaces = namespaces
         self.clock = clock
@@ -528,8 +529,13 @@ class App:
         self.stubs = Stubs(clock, self.bodies)
         # Requests each route answered, by id: a stub's sequence and counter, the routes view.
         self.matched: dict[str, int] = {}
+        # The daemon's recorder of each record_to file (BuildContext.shared);
+        # an app built alone (a test) shares its files with no other.
+        serving = Recorders() if recording is None else recording
         self.recorders = {
-            r.id: Recorder(r.record_to, r.record_secrets, in_thread) for r in routes if r.record_to
+            r.id: Recorder(r.record_to, r.record_secrets, serving, in_thread)
+            for r in routes
+            if r.record_to
         }
 
     # -- the admin view ------------------------------------------------------------

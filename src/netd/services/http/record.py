@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from twisted.internet.defer import Deferred, succeed
 
+from netd.kinds import BuildContext, Holders
 from netd.services.http.match import query_values
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 # What runs blocking work off the reactor thread (BuildContext.in_thread).
 InThread = Callable[..., "Deferred[Any]"]
 
-__all__ = ["INLINE", "InThread", "Recorder", "Recording"]
+__all__ = ["INLINE", "InThread", "Recorder", "Recorders", "Recording", "recorders"]
 
 # Bodies up to this size that are UTF-8 text are written in the YAML itself.
 INLINE = 64 * 1024
@@ -59,7 +59,13 @@ _GLOB = "*?["
 # the new one's recorder has read the file back: what the old one records goes
 # through the new one, which knows every request written, so none is written
 # twice (two services, or two routes of one, recording to one file share it too).
-_SERVING: dict[Path, Recorder] = {}
+Recorders = Holders[Path, "Recorder"]
+
+
+def recorders(context: BuildContext) -> Recorders:
+    """The daemon's recorder of each file, shared by its http services across reloads."""
+    serving: Recorders = context.shared("http.record.serving", Recorders)
+    return serving
 
 
 class Recorder:
@@ -71,17 +77,16 @@ class Recorder:
     recorder of the same file, the one it replaces included, until it stops.
     """
 
-    def __init__(self, path: str, secrets: bool, in_thread: InThread | None = None) -> None:
+    def __init__(
+        self, path: str, secrets: bool, serving: Recorders, in_thread: InThread | None = None
+    ) -> None:
         self.path = Path(path)
         self.file = self.path.resolve()
         self.bodies = self.path.with_name(self.path.name + ".bodies")
         self.secrets = secrets
         self.seen: set[str] = set()
         self.count = 0
-        self.running = False
-        # The recorder this one took the file from: weak, or every reload's
-        # recorder would stay alive through its successor.
-        self._replaced: weakref.ref[Recorder] | None = None
+        self.serving = serving
         # Routes that ended while the recording was read back: written after it.
         self._waiting: list[tuple[dict[str, Any], bytes]] | None = []
         self.read: Deferred[None]
@@ -107,36 +112,29 @@ class Recorder:
         self.count = max(self.count, count)
 
     def _serving(self) -> Recorder:
-        return _SERVING.get(self.file, self)
+        serving = self.serving.holder(self.file)
+        return self if serving is None else serving
 
     def start(self) -> None:
         """Its service serves: this recorder writes the file from now on."""
-        self.running = True
-        replaced = _SERVING.get(self.file)
-        _SERVING[self.file] = self
-        self._replaced = None if replaced is None else weakref.ref(replaced)
+        replaced = self.serving.take(self.file, self)
         if replaced is not None:
             # What it wrote after this one's read-back had read the file.
             self._learn(replaced.seen, replaced.count)
 
     def stop(self) -> None:
-        self.running = False
-        if _SERVING.get(self.file) is not self:
+        # A stop while a service it replaced still drains (a reload's
+        # replacement starts only once the reload commits): that one writes
+        # the file again, knowing what was written meanwhile, and takes what
+        # waits here.
+        handed_back = self.serving.leave(self.file, self)
+        if handed_back is None:
             return
-        replaced = self._replaced() if self._replaced is not None else None
-        if replaced is None or not replaced.running:
-            del _SERVING[self.file]
-            return
-        # A stop while the service it replaced still drains (a reload's
-        # replacement starts only once the reload commits): the one it
-        # replaced writes the file again, knowing what was written meanwhile,
-        # and takes what waits here.
-        _SERVING[self.file] = replaced
-        replaced._learn(self.seen, self.count)
+        handed_back._learn(self.seen, self.count)
         if self._waiting:
             waiting, self._waiting = self._waiting, []
             for route, body in waiting:
-                replaced._append(route, body)
+                handed_back._append(route, body)
 
     def wrap(self, exchange: Exchange) -> Exchange:
         """The exchange as the proxy should see it: its answer is recorded on the way out."""

@@ -730,7 +730,9 @@ class _Queued(Record):
 # to hear what the attempt left in its queue (None: nothing, done with): a
 # reload's new courier recovers from the spool a message the old one is still
 # sending, and waits for that attempt instead of sending it a second time.
-_ATTEMPTING: dict[Path, dict[str, list[Callable[[_Queued | None], None]]]] = {}
+# Kept in the daemon's table (BuildContext.shared) under this key.
+_ATTEMPTING = "smtp.relay.attempting"
+_Attempts = dict[Path, dict[str, list[Callable[[_Queued | None], None]]]]
 
 
 def _seconds(values: Sequence[float]) -> tuple[float, ...]:
@@ -832,7 +834,8 @@ class Courier(Record, Service):
         if queued is None or queued.busy or self.stopped:
             return
         queued.busy = True
-        attempting = _ATTEMPTING.setdefault(self.spool.directory, {})
+        attempts = self.context.shared(_ATTEMPTING, _Attempts)
+        attempting = attempts.setdefault(self.spool.directory, {})
         if id in attempting:  # by the courier this one replaces
             attempting[id].append(lambda left: self._take_over(id, left))
             return

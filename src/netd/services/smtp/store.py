@@ -21,7 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
-from netd.kinds import BuildContext, ViewRefused
+from netd.kinds import BuildContext, Holders, ViewRefused
 from netd.listeners import StartupError
 from netd.services.smtp import extract, mime
 from netd.services.smtp.address import PathRefused, parse_path
@@ -97,10 +97,11 @@ def _readable(value: str) -> str:
         return text  # an unknown charset, a broken encoded word: as it came
 
 
-# The store that serves each spool folder now.  During a reload the old service
-# still takes mail on its open connections while the new one serves: what the
-# old one spools is handed to the new one's index and delivery.
-_SERVING: dict[Path, MailStore] = {}
+# The key of the daemon's table (BuildContext.shared) of the store that serves
+# each spool folder now.  During a reload the old service still takes mail on
+# its open connections while the new one serves: what the old one spools is
+# handed to the new one's index and delivery.
+_SERVING = "smtp.store.serving"
 
 
 class MailStore(Service):
@@ -127,6 +128,7 @@ class MailStore(Service):
         self.releaser = releaser
         self.codes = codes
         self.context = context
+        self.serving: Holders[Path, MailStore] = context.shared(_SERVING, Holders)
         self.hostname = hostname
         self.deliver = deliver
         self.messages: dict[str, Envelope] = {}
@@ -140,16 +142,16 @@ class MailStore(Service):
 
     def startService(self) -> None:
         super().startService()
-        _SERVING[self.spool.directory] = self
+        self.serving.take(self.spool.directory, self)
         self.spool.recover().addCallbacks(self._recovered_from_disk, self._recovery_failed)
 
     def stopService(self) -> None:
         super().stopService()
-        if _SERVING.get(self.spool.directory) is self:
-            del _SERVING[self.spool.directory]
+        self.serving.leave(self.spool.directory, self)
 
     def _serving(self) -> MailStore:
-        return _SERVING.get(self.spool.directory, self)
+        serving = self.serving.holder(self.spool.directory)
+        return self if serving is None else serving
 
     def _recovered_from_disk(self, found: list[tuple[Envelope, bytes]]) -> None:
         for envelope, start in found:
