@@ -159,7 +159,7 @@ def test_a_draining_service_records_through_its_replacement(tmp_path: Path) -> N
     assert [(r["path"], r["body"]) for r in routes] == [("/before", "before"), ("/late", "one")]
 
 
-def test_an_undone_reload_hands_the_file_back(tmp_path: Path) -> None:
+def test_a_replacement_that_stops_while_the_old_one_drains_hands_the_file_back(tmp_path: Path) -> None:
     path = str(tmp_path / "rec.yaml")
     serving = Recorders()
     old = Recorder(path, secrets=False, serving=serving)
@@ -168,7 +168,7 @@ def test_an_undone_reload_hands_the_file_back(tmp_path: Path) -> None:
     new = Recorder(path, secrets=False, serving=serving, in_thread=in_thread)
     new.start()
     record(old, "/meanwhile", b"one")  # waits for the new one's read-back
-    new.stop()  # the reload is undone before the new service served
+    new.stop()  # its service left the map while the old one still drains
     assert [r["path"] for r in yaml.safe_load((tmp_path / "rec.yaml").read_text())] == [
         "/meanwhile"
     ]
