@@ -90,10 +90,11 @@ class Shaper:
 
     It is also the streaming producer of the transport under it, while that
     slot is free: a client that stops reading fills the transport's buffer,
-    which pauses the pacing, so what the connection writes next waits in the
-    queue, and past its high water the connection's own producer and reading
-    pause in turn (back-pressure: netd does not keep reading the source at the
-    rate for a client that takes nothing).
+    which pauses the pacing and the connection's own streaming producer, so
+    what the connection writes next waits in the queue, and past its high
+    water its reading pauses too (back-pressure: netd does not keep reading
+    the source at the rate, nor a budget's worth of it without one, for a
+    client that takes nothing).
 
     @ivar rate: bytes a second, or L{None} for no pacing.
     @ivar budget: bytes still let out before the connection is closed (FIN),
@@ -126,6 +127,8 @@ class Shaper:
         self.producer: Any = None
         self.streaming = False
         self._paused = False
+        # Whether the streaming producer is paused by this shaper.
+        self._producer_held = False
         self._tokens = 0.0
         self._last = 0.0
         self._timer: Any = None
@@ -206,11 +209,25 @@ class Shaper:
 
     def register_producer(self, producer: Any, streaming: bool) -> None:
         self.producer, self.streaming = producer, streaming
+        self._producer_held = False
         if not streaming:
             producer.resumeProducing()
+        self._hold_producer()
 
     def unregister_producer(self) -> None:
         self.producer = None
+
+    def adopt_producer(self, producer: Any, streaming: bool) -> None:
+        """
+        Take over the producer the connection registered on the transport
+        before this shaper came.  The transport may have paused it and will
+        not resume it: the next turn resumes it (or asks it for more) unless
+        this shaper holds it back; not this turn, inside the rule's firing.
+        """
+        self.producer, self.streaming = producer, streaming
+        self._producer_held = streaming
+        if self._timer is None:
+            self._timer = self.clock.callLater(0, self._pump)
 
     def release(self) -> None:
         """
@@ -227,6 +244,7 @@ class Shaper:
 
     def pauseProducing(self) -> None:
         self.blocked_since = self.clock.seconds()
+        self._hold_producer()
 
     def resumeProducing(self) -> None:
         if self.blocked_since is None:
@@ -236,10 +254,18 @@ class Shaper:
             self._credit_idle()
         if self._timer is None and not self.stopped:
             self._timer = self.clock.callLater(0, self._pump)
+        self._hold_producer()
 
     def stopProducing(self) -> None:
         self._attached = False  # the transport is gone, and with it its producer
+        self.lost()
+
+    def lost(self) -> None:
+        """The connection is gone: its producer is told, as the transport tells its own."""
         self.stop()
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
 
     def _attach(self) -> None:
         """Follow the transport's back-pressure, unless a producer of its own has it."""
@@ -302,16 +328,28 @@ class Shaper:
         if queued > _HIGH_WATER and not self._paused:
             self._paused = True
             self._pause_reading()
-            if self.producer is not None and self.streaming:
-                self.producer.pauseProducing()
         elif queued < _LOW_WATER:
             if self._paused:
                 self._paused = False
                 self._resume_reading()
-                if self.producer is not None and self.streaming:
-                    self.producer.resumeProducing()
             if ask and self.producer is not None and not self.streaming:
                 self.producer.resumeProducing()
+        self._hold_producer()
+
+    def _hold_producer(self) -> None:
+        """
+        A streaming producer pauses while the queue is past its high water or
+        the transport is full (what a budget alone lets out goes straight to
+        it), and resumes when neither is.
+        """
+        held = self._paused or self.blocked_since is not None
+        producer = self.producer
+        if producer is not None and self.streaming and held != self._producer_held:
+            self._producer_held = held
+            if held:
+                producer.pauseProducing()
+            else:
+                producer.resumeProducing()
 
     def _end(self) -> None:
         self.ending = True
@@ -320,7 +358,8 @@ class Shaper:
         self._lose()
 
     def _uninstall_if_idle(self) -> None:
-        if self.budget is None and self.producer is None and not self._paused:
+        # A producer goes back to the transport: not while this shaper holds it back.
+        if self.budget is None and not self._paused and self.blocked_since is None:
             self.rate = None
             self._detach()
             self._done()

@@ -272,6 +272,9 @@ class TrackedConnection(ProtocolWrapper):
     # This turn's writes, waiting to leave together at its end (see write);
     # None when none wait.
     held: list[bytes] | None = None
+    # The producer registered on the transport through this wrapper, and
+    # whether it streams: a shaper takes it over, and hands it back when it goes.
+    _registered: tuple[Any, bool] | None = None
 
     def __init__(self, factory: TrackingFactory, wrapped: IProtocol) -> None:
         super().__init__(factory, wrapped)  # type: ignore[arg-type]
@@ -343,6 +346,11 @@ class TrackedConnection(ProtocolWrapper):
             # Imported by the first rule that shapes: a map without rules never needs it.
             from netd.acts import Shaper
 
+            # A producer registered before the rule fired moves to the shaper,
+            # which paces it, and where the kind's unregistering then finds it.
+            registered = self._registered
+            if registered is not None:
+                self.unregisterProducer()
             shaper = self.shaper = Shaper(
                 clock,
                 self.transport,
@@ -358,9 +366,12 @@ class TrackedConnection(ProtocolWrapper):
             self.loseConnection = shaper.lose_connection  # type: ignore[method-assign]
             self.registerProducer = shaper.register_producer  # type: ignore[method-assign]
             self.unregisterProducer = shaper.unregister_producer  # type: ignore[method-assign]
+            if registered is not None:
+                shaper.adopt_producer(*registered)
         shaper.set(rate, budget)
 
     def _unshape(self) -> None:
+        shaper = self.shaper
         for name in (
             "write",
             "writeSequence",
@@ -370,6 +381,8 @@ class TrackedConnection(ProtocolWrapper):
         ):
             self.__dict__.pop(name, None)
         self.shaper = None
+        if shaper is not None and shaper.producer is not None:
+            self.registerProducer(shaper.producer, shaper.streaming)
 
     def logPrefix(self) -> str:
         return self.factory.connections.service
@@ -448,10 +461,12 @@ class TrackedConnection(ProtocolWrapper):
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.send_held()
         super().registerProducer(producer, streaming)
+        self._registered = (producer, streaming)
 
     def unregisterProducer(self) -> None:
         self.send_held()
         super().unregisterProducer()
+        self._registered = None
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
@@ -469,7 +484,7 @@ class TrackedConnection(ProtocolWrapper):
             # The protocol throttled its reading by its writing (echo's
             # back-pressure): with nothing more to read, nothing is left to pause,
             # and a registered producer would hold the close below forever.
-            self.transport.unregisterProducer()
+            self.unregisterProducer()
         owes = IOwesReplies(wrapped, None)
         replied = owes.when_replied() if owes is not None else succeed(None)
         replied.addCallback(lambda _: self.loseConnection())
@@ -486,7 +501,7 @@ class TrackedConnection(ProtocolWrapper):
         self.held = None
         self.factory.connections.forget(self)
         if self.shaper is not None:
-            self.shaper.stop()
+            self.shaper.lost()
         if self.started:
             super().connectionLost(reason)
         else:

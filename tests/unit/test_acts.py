@@ -8,6 +8,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
+from netd.acts import perform
 from netd.connections import ConnectionSet, TrackingFactory
 from netd.events import Journal, ServiceStats
 from netd.rules import RuleSet, parse_api_rule
@@ -214,3 +215,61 @@ def test_a_throttled_reply_before_tls_starts_leaves_in_plaintext_first() -> None
     connection.startTLS(object())
     assert before_tls == [7 + 10240 + 24]
     assert transport.value().endswith(b"220 Ready to start TLS\r\n")
+
+
+def test_a_producer_registered_before_a_throttle_fired_is_unregistered_where_it_is() -> None:
+    """Unregistered from the throttle, it stayed the transport's: the next one raised."""
+    clock, connection, transport = connect()
+    connection.registerProducer(Source(), True)
+    perform({"throttle": 1000}, clock, connection, lambda: None)  # a rule fired mid-connection
+    connection.unregisterProducer()
+    connection.shaper.release()  # the end of the throttled reply
+    assert connection.shaper is None
+    source = Source()
+    connection.registerProducer(source, True)
+    assert transport.producer is source
+
+
+def test_a_throttle_fired_mid_connection_paces_the_producer_registered_before() -> None:
+    clock, connection, transport = connect()
+    source = Source()
+    connection.registerProducer(source, True)
+    source.paused = True  # by the transport, whose buffer was full when the rule fired
+    perform({"throttle": 1000}, clock, connection, lambda: None)
+    clock.advance(0)
+    assert not source.paused  # the throttle holds it now, and it holds nothing back yet
+    connection.write(b"x" * 70000)  # past the throttle's high water
+    assert source.paused
+    clock.advance(100)
+    assert not source.paused
+    connection.shaper.release()
+    assert connection.shaper is None
+    assert transport.producer is source  # the transport's again, unthrottled
+
+
+def test_close_after_n_bytes_pauses_a_streaming_producer_while_the_client_reads_nothing() -> None:
+    """Its writes pass straight to the transport: they must stop when it is full, not at N."""
+    _, connection, transport = connect({"close": 1 << 30})
+    source = Source()
+    connection.registerProducer(source, True)
+    transport.producer.pauseProducing()  # the client's socket buffer is full
+    assert source.paused
+    transport.producer.resumeProducing()
+    assert not source.paused
+
+
+class Stoppable(Source):
+    stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+def test_a_producer_the_throttle_took_over_is_stopped_when_the_connection_is_lost() -> None:
+    """As the transport would have stopped it, had it kept it."""
+    clock, connection, transport = connect()
+    source = Stoppable()
+    connection.registerProducer(source, True)
+    perform({"throttle": 1000}, clock, connection, lambda: None)
+    transport.loseConnection()
+    assert source.stopped
