@@ -533,6 +533,17 @@ class TrackedConnection(ProtocolWrapper):
         else:
             self.loseConnection()
 
+    def close_idle(self) -> None:
+        """
+        Called by the idle sweep: the protocol's C{close_idle} if it has one, so
+        its goodbye can name the timeout rather than a stop; else as a stop.
+        """
+        idle = getattr(self.wrappedProtocol, "close_idle", None)
+        if idle is not None and self.started:
+            idle()
+        else:
+            self.close_gracefully()
+
 
 class _Refusal(Protocol):
     transport: Any
@@ -714,7 +725,7 @@ class ConnectionSet(Record):
                 self.journal.emit(
                     self.service, "connection.idle", connection=connection.connection_id
                 )
-                connection.close_gracefully()
+                connection.close_idle()
             elif connection.quiet_sweeps > self._sweeps_per_timeout:
                 # Still here a sweep later: its peer is not reading what is pending.
                 connection.transport.abortConnection()

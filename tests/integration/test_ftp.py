@@ -921,7 +921,8 @@ def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
     netd.process.send_signal(signal.SIGTERM)
     storing.join(timeout=15)
     lftp.join(timeout=15)
-    with pytest.raises(ftplib.error_temp, match=r"^421"):
+    # RFC 959 4.2.1's words for a server going away, not an idle timeout's.
+    with pytest.raises(ftplib.error_temp, match=r"^421 Service not available, closing"):
         client.getresp()
     assert client.file.readline() == ""  # closed
     assert netd.process.wait(timeout=15) == 0

@@ -90,6 +90,15 @@ class Exchanging(Recorder):
         self.asked_to_finish += 1
 
 
+class TellsIdleFromStop(Exchanging):
+    """A protocol whose goodbye differs for the idle sweep (an FTP 421's text, say)."""
+
+    asked_as_idle = 0
+
+    def close_idle(self) -> None:
+        self.asked_as_idle += 1
+
+
 class CountingFactory(Factory):
     def __init__(self, protocol: type[Recorder] = Recorder) -> None:
         self.protocol = protocol
@@ -394,6 +403,19 @@ def test_idle_close_asks_the_protocol_to_finish_first() -> None:
     assert not transport.close_requested  # the protocol decides how to end
     h.elapse(IDLE / 4)
     assert transport.aborted
+
+
+def test_the_idle_sweep_and_a_drain_ask_a_protocol_that_tells_them_apart_each_its_way() -> None:
+    h = harness(protocol=TellsIdleFromStop)
+    idle, _ = h.connect(close_at_once=False)
+    h.elapse(IDLE)
+    assert (idle.wrappedProtocol.asked_as_idle, idle.wrappedProtocol.asked_to_finish) == (1, 0)
+    stopped, _ = h.connect(close_at_once=False)
+    h.connections.drain(5)
+    assert (stopped.wrappedProtocol.asked_as_idle, stopped.wrappedProtocol.asked_to_finish) == (
+        0,
+        1,
+    )
 
 
 def test_each_connection_has_its_own_idle_time() -> None:

@@ -810,6 +810,43 @@ def test_upload_through_fakes_then_a_stalled_one(tmp_path: Path) -> None:
     assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True, False]
 
 
+def test_a_session_closed_by_a_stop_or_the_idle_sweep_says_which(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    stopped, stopped_transport = harness.connect()
+    stopped.close_gracefully()
+    assert (
+        stopped_transport.value() == b"421 Service not available, closing control connection.\r\n"
+    )
+    assert stopped_transport.disconnecting
+    idle, idle_transport = harness.connect()
+    idle.close_idle()
+    assert idle_transport.value() == b"421 Idle timeout, closing control connection.\r\n"
+    assert idle_transport.disconnecting
+
+
+def test_a_session_asked_to_close_during_a_transfer_starts_no_other(tmp_path: Path) -> None:
+    harness = Harness(tmp_path)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, _ = open_passive(harness, session, transport)
+    send(session, transport, b"STOR first.txt")
+    session.close_gracefully()  # netd stops: the running upload is not cut
+    protocol.dataReceived(b"first")
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert not transport.disconnecting
+    # Within the moment left after that reply, the client starts another.
+    open_passive(harness, session, transport)
+    assert send(session, transport, b"STOR second.txt") == [
+        b"421 Service not available, closing control connection."
+    ]
+    assert transport.disconnecting
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first.txt"]
+    harness.reactor.advance(1)  # the goodbye due after the first reply is not said twice
+    assert transport.value().count(b"421") == 1
+
+
 def alice_under_rules(tmp_path: Path) -> tuple[Harness, RuleSet, Session, TLSStringTransport]:
     """A session logged in as alice, with rules that the test posts."""
     harness = Harness(tmp_path)

@@ -83,6 +83,8 @@ _BOUNCE = "504 Data connections go back to the client's own address only."
 _LINE_TOO_LONG = "500 Command line too long."
 _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _IDLE = "421 Idle timeout, closing control connection."
+# RFC 959 4.2.1's own words for a server going away: a stop, or a reload retiring the service.
+_CLOSING = "421 Service not available, closing control connection."
 # Seconds a session asked to close during a transfer stays open after its reply.
 _GOODBYE_AFTER = 1.0
 _SLOW_LINE = "421 Command line not complete in time, closing control connection."
@@ -314,8 +316,9 @@ class Session(ftp.FTP):
         self._cleanup: list[Callable[[], Any]] = []
         self._owed = RepliesOwed()
         self._line_deadline: IDelayedCall | None = None
-        # Asked to close (a stop) while a transfer ran: closes once it is answered.
-        self._close_after_transfer = False
+        # The 421 of a session asked to close: said at once, or once the transfer
+        # running then is answered; from then on no transfer starts.
+        self._goodbye: str | None = None
         self.started = time.time()
         self.workingDirectory: list[str] = []
         self.facts: tuple[str, ...] = FACTS
@@ -350,19 +353,25 @@ class Session(ftp.FTP):
 
     def close_gracefully(self) -> None:
         """
-        Asked by netd's idle sweep or shutdown: a transfer is never cut for
-        it, and the session closes once that transfer is answered, as an idle
-        one does at once (left open, it held a stop to its grace and then was
-        reset, as pyftpdlib and vsftpd do not).
+        Asked by netd's shutdown or a reload retiring the service: a transfer
+        is never cut for it, and the session closes once that transfer is
+        answered, as an idle one does at once (left open, it held a stop to its
+        grace and then was reset, as pyftpdlib and vsftpd do not).
         """
+        self._close(_CLOSING)
+
+    def close_idle(self) -> None:
+        """Asked by netd's idle sweep: as a stop, with a 421 that names the timeout."""
+        self._close(_IDLE)
+
+    def _close(self, goodbye: str) -> None:
+        self._goodbye = goodbye
         if self.transfer is None:
             self._say_goodbye()
-        else:
-            self._close_after_transfer = True
 
     def _say_goodbye(self) -> None:
-        if not self.disconnected and self.transfer is None:
-            self.sendLine(_IDLE)
+        if self._goodbye is not None and not (self.disconnected or self.transport.disconnecting):
+            self.sendLine(self._goodbye)
             self.transport.loseConnection()
 
     def sendLine(self, line: str | bytes) -> None:
@@ -495,6 +504,11 @@ class Session(ftp.FTP):
             self.reply(ftp.REQ_ACTN_NOT_TAKEN, "internal server error")
 
     def processCommand(self, command: str, *params: str) -> Any:
+        if self._goodbye is not None and command.upper() in _TRANSFERS:
+            # Asked to close during a transfer, and a client starting another in
+            # the moment left after that one's reply: not served to its end.
+            self._say_goodbye()
+            return None
         rules = self.server.rules
         if rules.event_rules:
             path = params[0] if params else ""
@@ -1140,7 +1154,7 @@ class Session(ftp.FTP):
     def _end(self, transfer: Transfer, ok: bool) -> None:
         self.transfer = None
         self._stop_transfer = None
-        if self._close_after_transfer:
+        if self._goodbye is not None:
             # After the transfer's reply, and a moment later: a client that
             # reads 226 and 421 together may take the transfer for failed
             # before it has read the data connection's end (lftp does), and
