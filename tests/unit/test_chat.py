@@ -339,15 +339,13 @@ def test_long_lines_and_garbage(tmp_path: Path) -> None:
 
 
 def test_framer_keeps_partial_lines_and_bounds_them() -> None:
-    dropped: list[int] = []
-    framer = LineFramer(8, lambda: dropped.append(1))
+    framer = LineFramer(8)
     assert framer.feed(b"ab") == []
     assert framer.feed(b"c\r\nde") == [b"abc"]
-    assert framer.feed(b"fghijk") == []
-    assert dropped == [1]
+    assert framer.feed(b"fghijk") == [None]  # dropped, once, where it began
     assert framer.buffer == b""
     assert framer.feed(b"klm\nok\n") == [b"ok"]
-    assert dropped == [1]
+    assert framer.feed(b"before\n123456789\nafter\n") == [b"before", None, b"after"]
 
 
 def test_a_client_that_stops_reading_is_dropped(tmp_path: Path) -> None:
@@ -651,6 +649,32 @@ def test_a_burst_is_handled_in_order_at_the_allowance_rate_and_others_are_not_sl
     assert heard == [f"m{n}" for n in range(50)]
     assert chat.stats.counters["chat_flood_delayed"] == 40
     assert flood_waits(chat) == []
+
+
+def test_an_overlong_line_is_answered_in_its_turn_behind_delayed_lines(tmp_path: Path) -> None:
+    chat = serve(tmp_path, "    flood: {messages: 2, per_seconds: 10}\n")
+    alice = irc_user(chat, "alice")
+    joins = b"".join(b"JOIN #r%d\r\n" % n for n in range(4))
+    # Over the framer's limit (512 bytes and IRCv3 tags): dropped as it is read.
+    alice.feed(joins + b"PRIVMSG #r0 :" + b"x" * 5000 + b"\r\nJOIN #after\r\n")
+    for _ in range(3):
+        chat.clock.advance(5)  # a message's worth of allowance
+    answers = [
+        line
+        for line in alice.read()
+        if line.startswith(":alice!alice@192.0.2.7 JOIN") or " 417 " in line
+    ]
+    assert answers == [
+        ":alice!alice@192.0.2.7 JOIN #r0",
+        ":alice!alice@192.0.2.7 JOIN #r1",
+        ":alice!alice@192.0.2.7 JOIN #r2",  # these two were delayed
+        ":alice!alice@192.0.2.7 JOIN #r3",
+        ":chat.netd.test 417 alice :Input line was too long",
+        ":alice!alice@192.0.2.7 JOIN #after",
+    ]
+    # What they owe counts for the queue's bound: a flood of them is one too.
+    alice.feed(b"JOIN #r0,#r1\r\n" + (b"x" * 5000 + b"\r\n") * 130)
+    assert alice.read()[-1] == "ERROR :Closing Link: 192.0.2.7 (Excess Flood)"
 
 
 def test_irc_excess_flood_cuts_the_client_and_the_others_go_on(tmp_path: Path) -> None:

@@ -62,6 +62,9 @@ MAX_BACKLOG = 256 * 1024
 # (InspIRCd's fakelag, ircd-hybrid's and ngircd's penalties); a client with more
 # than this waiting (InspIRCd's recvq) is cut off with "Excess Flood".
 MAX_QUEUED = 8 * 1024
+# What a line dropped as too long weighs there: none of its bytes wait, only
+# its answer (IRC's 417), about this long.
+_DROPPED_LINE_WEIGHT = 64
 
 
 def fold(name: str) -> str:
@@ -239,32 +242,37 @@ class LineFramer(Record):
     """
     Splits a byte stream into lines of at most C{limit} bytes, CRLF included.
 
-    A longer line is dropped whole (C{too_long} is called once for it) and the
-    partial line kept between reads never grows past the limit.
+    A longer line is dropped whole, L{None} in its place among the lines (once,
+    where it began), and the partial line kept between reads never grows past
+    the limit.
     """
 
     limit: int
-    too_long: Callable[[], None]
     buffer: bytes = b""
     discarding: bool = False
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | None]:
         *complete, rest = (self.buffer + data).split(b"\n")
-        lines = []
+        lines: list[bytes | None] = []
         for line in complete:
             if self.discarding:
                 self.discarding = False
             elif len(line) + 1 > self.limit:
-                self.too_long()
+                lines.append(None)
             else:
                 lines.append(line.rstrip(b"\r"))
         self.buffer = rest
         if len(rest) + 1 > self.limit:
             if not self.discarding:
-                self.too_long()
+                lines.append(None)
             self.discarding = True
             self.buffer = b""
         return lines
+
+
+def _weight(line: bytes | None) -> int:
+    """What a queued line counts for against MAX_QUEUED."""
+    return _DROPPED_LINE_WEIGHT if line is None else len(line)
 
 
 def clean(line: bytes) -> str:
@@ -438,7 +446,8 @@ class Session(Protocol, ABC):
         self.lines_seen = 0
         # Lines received and not yet handled, in order, and their bytes: while a
         # rule holds the session (its delay) or the flood allowance is spent.
-        self.queue: deque[bytes] = deque()
+        # None is a line dropped as too long, answered in its turn.
+        self.queue: deque[bytes | None] = deque()
         self.queued = 0
         self.held = False
         self.flood_wait: IDelayedCall | None = None
@@ -451,7 +460,7 @@ class Session(Protocol, ABC):
         # Output waits here until the hub flushes, so the messages of one
         # reactor turn cost each member one transport write, not one per message.
         self.out: list[bytes] = []
-        self._framer = LineFramer(self.max_line, self.too_long)
+        self._framer = LineFramer(self.max_line)
 
     @property
     def prefix(self) -> str:
@@ -487,7 +496,7 @@ class Session(Protocol, ABC):
     def dataReceived(self, data: bytes) -> None:
         lines = self._framer.feed(data)
         self.queue.extend(lines)
-        self.queued += sum(map(len, lines))
+        self.queued += sum(map(_weight, lines))
         self._take()
         # Reading goes on while the flood allowance refills, as IRC servers
         # read into their receive queue; only a rule's hold stops it.
@@ -498,8 +507,12 @@ class Session(Protocol, ABC):
         """Handle the queued lines, in order, until one must wait."""
         queue = self.queue
         while queue and not (self.gone or self.held or self.flood_wait):
-            line = self._line = queue.popleft()
-            self.queued -= len(line)
+            line = queue.popleft()
+            self.queued -= _weight(line)
+            if line is None:
+                self.too_long()
+                continue
+            self._line = line
             self.lines_seen += 1
             self.line_received(clean(line))
         if not queue and self.flood_wait is None:
