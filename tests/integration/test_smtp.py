@@ -5,6 +5,7 @@ with the admin API as the window into what was captured.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import shutil
 import smtplib
@@ -748,18 +749,41 @@ def test_a_reload_to_a_spool_that_cannot_be_read_is_refused(
     assert_refused_reload_keeps_mail(netd, new_map, "services.mail: cannot read its spool")
 
 
+@contextlib.contextmanager
+def mail_on_a_busy_port(text: str) -> Iterator[str]:
+    """C{text} with C{mail}'s plain listener on a port held meanwhile."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        busy = f'"tcp:{holder.getsockname()[1]}:interface=127.0.0.1"'
+        yield text.replace('"tcp:0:interface=127.0.0.1"', busy)
+
+
 def test_a_reload_undone_by_a_busy_port_keeps_the_mail_listed(
     start_netd: StartNetd, tmp_path: Path
 ) -> None:
     """The replacement read the spool before its port failed: the old service lists on."""
     text = mail_map(tmp_path / "state")
     netd = start_netd(text)
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        busy = f'"tcp:{holder.getsockname()[1]}:interface=127.0.0.1"'
-        new_map = text.replace('"tcp:0:interface=127.0.0.1"', busy)
+    with mail_on_a_busy_port(text) as new_map:
         assert_refused_reload_keeps_mail(netd, new_map, "Address already in use")
+
+
+def test_a_reload_undone_by_another_service_leaves_no_new_spool_folder(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """The new service's spool check makes nothing: that is its start's work, never done here."""
+    text = mail_map(tmp_path / "state")
+    netd = start_netd(text)
+    fresh = (
+        "  fresh:\n"
+        "    type: smtp\n"
+        '    listen: ["tcp:0:interface=127.0.0.1"]\n'
+        "    relay: {allow_from: [], domains: [fresh.test]}\n"
+    )
+    with mail_on_a_busy_port(text) as new_map:
+        assert_refused_reload_keeps_mail(netd, new_map + fresh, "Address already in use")
+    assert [p.name for p in (tmp_path / "state" / "smtp").iterdir()] == ["mail"]
 
 
 def test_a_silent_client_is_timed_out_and_others_are_served(

@@ -5,13 +5,15 @@ through StringTransport and a Clock, its spool and its message store.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import re
 import socket
+import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -612,6 +614,41 @@ def test_spool_syncs_each_message_in_its_own_thread_and_recovers(tmp_path: Path)
         ("c", b"datac"),
     ]
     assert sorted(os.listdir(tmp_path)) == ["a.msg", "b.msg", "c.msg", "e.msg"]
+
+
+@contextlib.contextmanager
+def unwritable(folder: Path) -> Iterator[None]:
+    """C{folder} refuses new entries, to root too (its mode does not stop root)."""
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        try:
+            yield
+        finally:
+            folder.chmod(0o700)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("root, and no chattr +i here to make a folder unwritable")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_the_spool_check_makes_nothing_and_refuses_a_folder_it_could_not_make(
+    tmp_path: Path,
+) -> None:
+    """A reload undone after its checks leaves no folder; start-up's recovery makes it."""
+    missing = tmp_path / "state" / "smtp" / "mail"
+    assert result_of(Spool(missing, maybeDeferred).check()) is None
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("a file where a folder goes")
+    refused = result_of(Spool(tmp_path / "file" / "mail", maybeDeferred).check())
+    assert refused.check(NotADirectoryError)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    with unwritable(parent):
+        refused = result_of(Spool(parent / "smtp" / "mail", maybeDeferred).check())
+    assert refused.check(PermissionError)
 
 
 def test_a_failed_write_fails_its_message(tmp_path: Path) -> None:

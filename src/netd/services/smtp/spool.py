@@ -266,10 +266,18 @@ def _read_header(path: Path) -> tuple[Envelope, bytes] | None:
 
 
 def _check(directory: Path) -> None:
-    directory.mkdir(mode=0o750, parents=True, exist_ok=True)
-    os.listdir(directory)
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(directory))
+    # Nothing is made here: a reload undone after its checks would leave the
+    # folder behind.  The nearest folder that is there must take what start-up
+    # makes in it (_recover), or be the spool itself, readable and writable.
+    nearest = directory
+    while not os.path.lexists(nearest):
+        nearest = nearest.parent
+    if nearest == directory:
+        os.listdir(directory)
+    elif not nearest.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(nearest))
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(nearest))
 
 
 def _recover(directory: Path, now: float) -> list[tuple[Envelope, bytes]]:
@@ -463,7 +471,7 @@ class Spool:
         self.write = run if write is None else write
 
     def check(self) -> Deferred[None]:
-        """Fails if the folder cannot be made, listed or written to."""
+        """Fails if the folder could not be made, or cannot be listed or written to."""
         return self.run(lambda: _check(self.directory))
 
     def recover(self) -> Deferred[list[tuple[Envelope, bytes]]]:

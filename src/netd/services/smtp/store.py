@@ -172,10 +172,12 @@ class MailStore(Service):
 
     def can_keep_mail(self) -> Deferred[None]:
         """
-        Fails if the spool's folder cannot be made or read (a file where it
-        should be, no permission): a service that cannot keep mail must not
-        answer 220 (L{Handlers.ready}).  Starts nothing, so a reload asks it
-        of a replacement while the service it replaces still serves.
+        Fails if the spool's folder could not be made or cannot be read (a
+        file where it should be, no permission): a service that cannot keep
+        mail must not answer 220 (L{Handlers.ready}).  Starts and makes
+        nothing (recovery makes the folder as the service starts), so a reload
+        asks it of a replacement while the service it replaces still serves,
+        and one undone after leaves nothing behind.
         """
 
         def refused(failure: Failure) -> None:
