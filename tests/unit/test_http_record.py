@@ -159,7 +159,7 @@ def test_a_draining_service_records_through_its_replacement(tmp_path: Path) -> N
     assert [(r["path"], r["body"]) for r in routes] == [("/before", "before"), ("/late", "one")]
 
 
-def test_a_replacement_that_stops_while_the_old_one_drains_hands_the_file_back(tmp_path: Path) -> None:
+def test_a_replacement_stopped_while_the_old_one_drains_hands_the_file_back(tmp_path: Path) -> None:
     path = str(tmp_path / "rec.yaml")
     serving = Recorders()
     old = Recorder(path, secrets=False, serving=serving)
