@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import gc
 import re
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
@@ -21,6 +23,7 @@ from netd.services.http.app import App, Headers
 from netd.services.http.record import Recorder, Recorders
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
+from tests.unit.test_config import LAUGHS
 from tests.unit.test_http_stubs import WEB, app_of, ask
 
 
@@ -92,6 +95,28 @@ def test_recording_goes_on_after_a_restart(tmp_path: Path) -> None:
     app = replay(tmp_path)
     assert ask(app, "/a").data == b"\xff first"
     assert ask(app, "/c").data == b"\xff third"
+
+
+@pytest.mark.timeout(10)
+def test_an_alias_bomb_in_a_recording_is_not_read_back(tmp_path: Path) -> None:
+    """Bounded as the map is: what each recorded request matches was walked for its key."""
+    path = tmp_path / "rec.yaml"
+    path.write_text(f"- {{path: /a, method: GET, match: {LAUGHS}}}\n")
+    started = time.monotonic()
+    recorder = Recorder(str(path), secrets=False)
+    assert time.monotonic() - started < 2
+    record(recorder, "/b", b"b")  # recording goes on, from nothing known
+    assert [r["path"] for r in yaml.safe_load(path.read_text())] == ["/a", "/b"]
+
+
+@pytest.mark.slow
+def test_a_recording_past_a_million_nodes_is_read_back(tmp_path: Path) -> None:
+    """Only what aliases repeat is bounded: a recording grows without end."""
+    path = tmp_path / "rec.yaml"
+    route = "- {{path: /{}, method: GET, match: {{query_equals: {{}}}}, status: 200, body: x}}\n"
+    path.write_text("".join(route.format(n) for n in range(80_000)))  # 13 nodes each
+    record(Recorder(str(path), secrets=False), "/0", b"again")
+    assert len(yaml.safe_load(path.read_text())) == 80_000  # /0 was known: not written again
 
 
 def test_a_recording_is_read_back_in_a_thread_and_what_ends_meanwhile_waits(

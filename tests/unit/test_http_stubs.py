@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from netd.services.http.template import Template, TemplateError
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.maps import ServiceMap
+from tests.unit.test_config import LAUGHS
 
 WEB = ServiceMap("http", "web", Options)
 
@@ -688,6 +690,22 @@ def test_openapi_files_are_checked_when_read(tmp_path: Path) -> None:
     ):
         found = "\n".join(WEB.errors(tmp_path, f"    openapi: {name}\n"))
         assert "services.web.openapi: " in found and message in found
+
+
+@pytest.mark.timeout(10)
+def test_alias_bombs_in_files_read_are_refused_at_once(tmp_path: Path) -> None:
+    """Bounded as the map is: the spec's example would be walked for its answer's body."""
+    (tmp_path / "spec.yaml").write_text(
+        "openapi: 3.0.0\ninfo: {title: x, version: '1'}\npaths:\n"
+        "  /a:\n    get:\n      responses:\n        '200':\n          description: x\n"
+        f"          content: {{application/json: {{example: {LAUGHS}}}}}\n"
+    )
+    (tmp_path / "rec.yaml").write_text(f"- {{path: /a, json: {LAUGHS}}}\n")
+    for section in ("    openapi: spec.yaml\n", "    routes_from: rec.yaml\n"):
+        started = time.monotonic()
+        found = "\n".join(WEB.errors(tmp_path, section))
+        assert time.monotonic() - started < 2
+        assert "aliases repeat more than 1,000,000 nodes" in found
 
 
 def unique(items: dict[str, Any], count: int = 3) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from openapi_core.datatypes import RequestParameters
 from werkzeug.datastructures import Headers as WerkzeugHeaders
 from werkzeug.datastructures import ImmutableMultiDict
 
+from netd import schema
 from netd.records import Record
 from netd.services.http.match import Request
 from netd.services.http.stubs import Answer, Stub
@@ -72,7 +73,7 @@ def operations(path: Path) -> list[Operation]:
     """Every operation of the description in C{path}."""
     try:
         text = path.read_text(encoding="utf-8")
-        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        spec = json.loads(text) if path.suffix == ".json" else schema.load(text)
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as e:
         raise OpenAPIError(f"cannot read {path}: {e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("paths"), dict):
