@@ -323,6 +323,31 @@ def test_a_file_changed_within_the_last_second_is_read_again_each_time(
     assert answer(app, "/a.txt").data == b"9876543210"  # the kept bytes: its stat is as it was
 
 
+def test_a_rewrite_within_the_files_tick_is_never_answered_304(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The stat stays as it was, so a tag from it would match the old bytes too:
+    a file changed within the last second is tagged by its content, or not at all.
+    """
+    app = make_app(root)
+    first = answer(app, "/a.txt")  # the file was written a moment ago
+    monkeypatch.setattr(os, "stat", _stat_as_it_was(os.stat, root / "a.txt"))
+    with (root / "a.txt").open("r+b") as same_tick:
+        same_tick.write(b"9876543210")
+    etag = first.response_headers[b"ETag"].decode()
+    for method in ("GET", "HEAD"):
+        assert answer(app, "/a.txt", method, if_none_match=etag).status == 200
+    assert answer(app, "/a.txt", if_match=etag).status == 412
+    assert answer(app, "/a.txt", range="bytes=0-1", if_range=etag).data == b"9876543210"
+    fresh = answer(app, "/a.txt").response_headers[b"ETag"].decode()
+    assert answer(app, "/a.txt", if_none_match=fresh).status == 304
+    assert b"ETag" not in answer(app, "/big.bin", "HEAD").response_headers  # not read for a tag
+    later = time.time_ns() + 2_000_000_000
+    monkeypatch.setattr(time, "time_ns", lambda: later)
+    assert b"ETag" in answer(app, "/big.bin", "HEAD").response_headers
+
+
 def _stat_as_it_was(real_stat: Any, path: Path) -> Any:
     first = real_stat(path)
 
@@ -345,6 +370,8 @@ def test_a_file_is_looked_at_once_while_its_stat_stays_the_same(
         return guess(url, strict)
 
     monkeypatch.setattr(app.files.types, "guess_type", counted)
+    later = time.time_ns() + 2_000_000_000  # its changes settled: tagged by its stat
+    monkeypatch.setattr(time, "time_ns", lambda: later)
     head = answer(app, "/a.txt", "HEAD")
     whole = answer(app, "/a.txt")
     assert whole.data == b"0123456789" and len(guessed) == 1

@@ -9,6 +9,7 @@ import base64
 import email.utils
 import errno
 import functools
+import hashlib
 import html
 import io
 import mimetypes
@@ -223,8 +224,7 @@ class StaticFiles:
             content = os.pread(descriptor, size, 0)
         finally:
             os.close(descriptor)
-        changed_ago = time.time_ns() - known.identity[3]
-        if len(content) == size and self._known.get(full) is known and changed_ago > _RACY_NS:
+        if len(content) == size and self._known.get(full) is known and not _changed_lately(known):
             if self._small_bytes + size > _SMALL_FILES_BYTES:
                 self._forget_files()
                 self._known[full] = known
@@ -235,12 +235,22 @@ class StaticFiles:
     def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
         size = info.st_size
         known = self._known_file(full, info)
-        etag, modified, kind = known.etag, known.modified, known.kind
-        headers: Headers = [
-            (b"ETag", etag),
-            (b"Last-Modified", known.last_modified),
-            (b"Accept-Ranges", b"bytes"),
-        ]
+        etag: bytes | None = known.etag
+        modified, kind = known.modified, known.kind
+        content = None
+        if _changed_lately(known):
+            # Its stat may stay as it is through another rewrite, and a tag
+            # from it would then match bytes it was not given for (a 304 for
+            # changed content).  A small file's tag comes from the bytes
+            # served, read anyway as they are not kept yet; a big one has none
+            # for that second, rather than reading it all twice.
+            if size <= _SMALL_FILE:
+                content = self._small_file(full, known)
+                etag = b'"%s"' % hashlib.blake2b(content, digest_size=8).hexdigest().encode()
+            else:
+                etag = None
+        headers: Headers = [] if etag is None else [(b"ETag", etag)]
+        headers += [(b"Last-Modified", known.last_modified), (b"Accept-Ranges", b"bytes")]
         if _precondition_failed(exchange, etag, modified):
             self.error(exchange, 412, headers)
             return
@@ -287,7 +297,8 @@ class StaticFiles:
             exchange.respond(status, headers, b"")
             return
         if size <= _SMALL_FILE:
-            content = self._small_file(full, known)
+            if content is None:
+                content = self._small_file(full, known)
             if ranges is None:
                 exchange.respond(status, headers, content)
                 return
@@ -304,6 +315,11 @@ class StaticFiles:
             raise _NotFound(403) from None
         exchange.start(status, headers, length)
         _send_parts(exchange, file, parts, tail)
+
+
+def _changed_lately(known: _Known) -> bool:
+    """Whether C{known}'s file may be rewritten yet within the tick of its stat's ctime."""
+    return time.time_ns() - known.identity[3] <= _RACY_NS
 
 
 def _send_parts(
@@ -352,7 +368,7 @@ def _etags(value: bytes) -> Iterator[bytes]:
         yield tag[2:] if tag.startswith(b"W/") else tag
 
 
-def _precondition_failed(exchange: Exchange, etag: bytes, modified: int) -> bool:
+def _precondition_failed(exchange: Exchange, etag: bytes | None, modified: int) -> bool:
     """
     RFC 9110 13.2.2, steps 1 and 2: If-Match (a strong match; a weak tag never
     matches) decides when present, else If-Unmodified-Since.
@@ -360,7 +376,7 @@ def _precondition_failed(exchange: Exchange, etag: bytes, modified: int) -> bool
     match = exchange.header(b"if-match")
     if match is not None:
         tags = [tag.strip() for tag in match.split(b",")]
-        return not (tags == [b"*"] or etag in tags)
+        return not (tags == [b"*"] or (etag is not None and etag in tags))
     since = exchange.header(b"if-unmodified-since")
     if since is not None:
         when = parse_http_date(since)
@@ -368,13 +384,13 @@ def _precondition_failed(exchange: Exchange, etag: bytes, modified: int) -> bool
     return False
 
 
-def _not_modified(exchange: Exchange, etag: bytes, modified: int) -> bool:
+def _not_modified(exchange: Exchange, etag: bytes | None, modified: int) -> bool:
     """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
     if exchange.method not in ("GET", "HEAD"):
         return False
     none_match = exchange.header(b"if-none-match")
     if none_match is not None:
-        return none_match.strip() == b"*" or etag in _etags(none_match)
+        return none_match.strip() == b"*" or (etag is not None and etag in _etags(none_match))
     since = exchange.header(b"if-modified-since")
     if since is not None:
         when = parse_http_date(since)
@@ -383,7 +399,7 @@ def _not_modified(exchange: Exchange, etag: bytes, modified: int) -> bool:
 
 
 def _ranges(
-    exchange: Exchange, etag: bytes, modified: int, size: int
+    exchange: Exchange, etag: bytes | None, modified: int, size: int
 ) -> list[tuple[int, int]] | None:
     """
     The satisfiable byte ranges asked for: None for the whole file, [] for 416.
@@ -397,7 +413,7 @@ def _ranges(
     condition = exchange.header(b"if-range")
     if condition is not None:
         if condition.startswith(b'"'):
-            if condition.strip() != etag:
+            if etag is None or condition.strip() != etag:
                 return None
         elif parse_http_date(condition) != modified:
             return None
