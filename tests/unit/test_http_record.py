@@ -103,7 +103,7 @@ def test_an_alias_bomb_in_a_recording_is_not_read_back(tmp_path: Path) -> None:
     path = tmp_path / "rec.yaml"
     path.write_text(f"- {{path: /a, method: GET, match: {LAUGHS}}}\n")
     started = time.monotonic()
-    recorder = Recorder(str(path), secrets=False)
+    recorder = Recorder(str(path), secrets=False, serving=Recorders())
     assert time.monotonic() - started < 2
     record(recorder, "/b", b"b")  # recording goes on, from nothing known
     assert [r["path"] for r in yaml.safe_load(path.read_text())] == ["/a", "/b"]
@@ -115,7 +115,7 @@ def test_a_recording_past_a_million_nodes_is_read_back(tmp_path: Path) -> None:
     path = tmp_path / "rec.yaml"
     route = "- {{path: /{}, method: GET, match: {{query_equals: {{}}}}, status: 200, body: x}}\n"
     path.write_text("".join(route.format(n) for n in range(80_000)))  # 13 nodes each
-    record(Recorder(str(path), secrets=False), "/0", b"again")
+    record(Recorder(str(path), secrets=False, serving=Recorders()), "/0", b"again")
     assert len(yaml.safe_load(path.read_text())) == 80_000  # /0 was known: not written again
 
 
