@@ -88,7 +88,7 @@ _REASONS: dict[int, bytes] = {
 HELD_MAX = 256 * 1024
 
 # What HTTP/1.1 and HTTP/2 each frame their own way: never copied into a response.
-HOP_BY_HOP_FRAMING = (b"content-length", b"transfer-encoding", b"connection")
+HOP_BY_HOP_FRAMING = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 
 def peer_host(address: IAddress | None) -> str:
@@ -763,23 +763,31 @@ class App:
             shaper = getattr(exchange.connection_transport(), "shaper", None)
             if shaper is not None:
                 shaper.release()
-        # From the request's head parsed to its response's last byte handed to the transport.
-        duration_ms = round((self.clock.seconds() - exchange.started) * 1000, 3)
+        # The response's last byte handed to the transport: its duration ends there.
+        finished = self.clock.seconds()
         body = exchange.body
         if body.over:
-            self._journal(exchange, duration_ms)
+            self._journal(exchange, finished)
         else:
             # Answered before its body was all in: the record shows the body as
             # the client sent it, so it (and the event) waits for the body's end.
-            body.when_over(lambda: self._journal(exchange, duration_ms))
+            body.when_over(lambda: self._journal(exchange, finished))
 
-    def _journal(self, exchange: Exchange, duration_ms: float) -> None:
+    def _journal(self, exchange: Exchange, finished: float) -> None:
         stats = self.stats
         stats.count("requests")
         if exchange.status >= 500:
             stats.errors += 1
         target = exchange.target
-        if self.journal_active():
+        journal_active = self.journal_active()
+        # From the request's head parsed to its response's last byte; worked out
+        # only for a reader (round() was no small part of a request's cost).
+        duration_ms = (
+            round((finished - exchange.started) * 1000, 3)
+            if journal_active or self.record_size
+            else 0.0
+        )
+        if journal_active:
             self.emit(
                 "http.request",
                 method=exchange.method,

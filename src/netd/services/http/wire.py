@@ -111,11 +111,10 @@ class LineExchange(Exchange):
             b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: netd\r\n"
             % (status, reason(status), connection.app.dates.http)
         ]
-        lines.extend(
-            b"%s: %s\r\n" % (name, value)
-            for name, value in headers
-            if name.lower() not in HOP_BY_HOP_FRAMING
-        )
+        # A loop, not a generator: a generator's frame a response cost more than its lines.
+        for name, value in headers:
+            if name.lower() not in HOP_BY_HOP_FRAMING:
+                lines.append(b"%s: %s\r\n" % (name, value))
         bodiless = status in (204, 304) or status < 200
         if length is not None:
             if not bodiless:
@@ -140,9 +139,10 @@ class LineExchange(Exchange):
         if self.done:
             return  # answered already, or the client is gone
         length = len(body)
-        for name, value in headers:
-            if name.lower() == b"content-length" and self.method == "HEAD":
-                length = int(value)  # what GET would send (App's own, digits)
+        if self.method == "HEAD":
+            for name, value in headers:
+                if name.lower() == b"content-length":
+                    length = int(value)  # what GET would send (App's own, digits)
         head = self._head(status, headers, length)
         if self.method == "HEAD" or status in (204, 304):
             self.connection.transport.write(head)
