@@ -362,13 +362,20 @@ class Exchange(ABC):
 
     def header(self, name: bytes) -> bytes | None:
         """The value of header C{name} (lower case); repeated headers joined by commas."""
+        return self.by_name().get(name)
+
+    def by_name(self) -> dict[bytes, bytes]:
+        """
+        Every header's value (L{header}) by its lower-case name: what asks for
+        several costs one call (each was a noticeable part of a small response).
+        """
         by_name = self._by_name
         if by_name is None:
             by_name = self._by_name = {}
             for key, value in self.headers:
                 key = key.lower()
                 by_name[key] = by_name[key] + b", " + value if key in by_name else value
-        return by_name.get(name)
+        return by_name
 
     def header_lines(self, name: bytes) -> list[bytes]:
         """Each value of header C{name} (lower case) as it came, one a line."""
@@ -839,8 +846,9 @@ class App:
             exchange.status,
             exchange.sent,
         )
-        referer = _log_text(exchange.header(b"referer"))
-        agent = _log_text(exchange.header(b"user-agent"))
+        by_name = exchange.by_name()
+        referer = _log_text(by_name.get(b"referer"))
+        agent = _log_text(by_name.get(b"user-agent"))
         log = self.log
         log.observer(
             {

@@ -45,6 +45,11 @@ _SMALL_FILES_BYTES = 32 * 1024 * 1024
 _MAX_RANGES = 16
 _ALLOW = b"GET, HEAD"
 _REAL_PATHS = 4096
+# The request headers that may make a file's answer other than the whole file
+# (RFC 9110 13.1, 14.2); most requests have none, and skip those checks.
+_VALIDATING = frozenset(
+    (b"if-match", b"if-unmodified-since", b"if-none-match", b"if-modified-since", b"range")
+)
 # A file changed less than this ago is read again on each request, its bytes not
 # kept: a rewrite within the file system's timestamp tick leaves its stat as it
 # was (git's "racily clean" entries).  Far above any tick (ext4: a few ms).
@@ -251,13 +256,15 @@ class StaticFiles:
                 etag = None
         headers: Headers = [] if etag is None else [(b"ETag", etag)]
         headers += [(b"Last-Modified", known.last_modified), (b"Accept-Ranges", b"bytes")]
-        if _precondition_failed(exchange, etag, modified):
-            self.error(exchange, 412, headers)
-            return
-        if _not_modified(exchange, etag, modified):
-            exchange.respond(304, headers, b"")
-            return
-        ranges = _ranges(exchange, etag, modified, size)
+        ranges: list[tuple[int, int]] | None = None
+        if not _VALIDATING.isdisjoint(exchange.by_name()):
+            if _precondition_failed(exchange, etag, modified):
+                self.error(exchange, 412, headers)
+                return
+            if _not_modified(exchange, etag, modified):
+                exchange.respond(304, headers, b"")
+                return
+            ranges = _ranges(exchange, etag, modified, size)
         if ranges == []:
             headers.append((b"Content-Range", b"bytes */%d" % size))
             self.error(exchange, 416, headers)

@@ -635,7 +635,9 @@ class HTTPConnection(Protocol):
         # counted against the limits there but must not join the request's headers.
         self.fields = []
         self.receiving = exchange
-        self.arm(self.limits.body_timeout)
+        if expected != 0:
+            # A request without a body ends in this same read (on_message_complete).
+            self.arm(self.limits.body_timeout)
         if self.current is None and self.early is None:
             if (
                 length
