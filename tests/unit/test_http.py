@@ -190,7 +190,9 @@ def test_no_path_leaves_the_root(root: Path, target: str) -> None:
     assert exchange.status in (400, 403, 404) and b"secret" not in exchange.data
 
 
-def test_static_answers(root: Path) -> None:
+def test_static_answers(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    later = time.time_ns() + 2_000_000_000  # the files' dates validate once their second is over
+    monkeypatch.setattr(time, "time_ns", lambda: later)
     app = make_app(root)
     whole = answer(app, "/a.txt")
     assert (whole.status, whole.data) == (200, b"0123456789")
@@ -346,6 +348,25 @@ def test_a_rewrite_within_the_files_tick_is_never_answered_304(
     later = time.time_ns() + 2_000_000_000
     monkeypatch.setattr(time, "time_ns", lambda: later)
     assert b"ETag" in answer(app, "/big.bin", "HEAD").response_headers
+
+
+def test_a_date_within_the_files_last_second_validates_nothing(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Last-Modified names a second the file may be rewritten in yet: a weak date
+    (RFC 9110 8.8.2.2), so neither If-Modified-Since nor a dated If-Range
+    matches it until the second is over.
+    """
+    app = make_app(root)
+    modified = answer(app, "/a.txt").response_headers[b"Last-Modified"].decode()
+    assert answer(app, "/a.txt", if_modified_since=modified).status == 200
+    ranged = answer(app, "/a.txt", range="bytes=0-1", if_range=modified)
+    assert (ranged.status, ranged.data) == (200, (root / "a.txt").read_bytes())
+    later = time.time_ns() + 2_000_000_000
+    monkeypatch.setattr(time, "time_ns", lambda: later)
+    assert answer(app, "/a.txt", if_modified_since=modified).status == 304
+    assert answer(app, "/a.txt", range="bytes=0-1", if_range=modified).status == 206
 
 
 def _stat_as_it_was(real_stat: Any, path: Path) -> Any:

@@ -243,7 +243,8 @@ class StaticFiles:
         etag: bytes | None = known.etag
         modified, kind = known.modified, known.kind
         content = None
-        if _changed_lately(known):
+        racy = _changed_lately(known)
+        if racy:
             # Its stat may stay as it is through another rewrite, and a tag
             # from it would then match bytes it was not given for (a 304 for
             # changed content).  A small file's tag comes from the bytes
@@ -261,10 +262,10 @@ class StaticFiles:
             if _precondition_failed(exchange, etag, modified):
                 self.error(exchange, 412, headers)
                 return
-            if _not_modified(exchange, etag, modified):
+            if _not_modified(exchange, etag, modified, racy):
                 exchange.respond(304, headers, b"")
                 return
-            ranges = _ranges(exchange, etag, modified, size)
+            ranges = _ranges(exchange, etag, modified, size, racy)
         if ranges == []:
             headers.append((b"Content-Range", b"bytes */%d" % size))
             self.error(exchange, 416, headers)
@@ -391,8 +392,12 @@ def _precondition_failed(exchange: Exchange, etag: bytes | None, modified: int) 
     return False
 
 
-def _not_modified(exchange: Exchange, etag: bytes | None, modified: int) -> bool:
-    """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
+def _not_modified(exchange: Exchange, etag: bytes | None, modified: int, racy: bool) -> bool:
+    """
+    RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since.
+    Of a C{racy} file (changed within its last second) the date names a second
+    it may be rewritten in yet, so only a later date means it is unchanged.
+    """
     if exchange.method not in ("GET", "HEAD"):
         return False
     none_match = exchange.header(b"if-none-match")
@@ -401,18 +406,20 @@ def _not_modified(exchange: Exchange, etag: bytes | None, modified: int) -> bool
     since = exchange.header(b"if-modified-since")
     if since is not None:
         when = parse_http_date(since)
-        return when is not None and modified <= when
+        return when is not None and (modified < when if racy else modified <= when)
     return False
 
 
 def _ranges(
-    exchange: Exchange, etag: bytes | None, modified: int, size: int
+    exchange: Exchange, etag: bytes | None, modified: int, size: int, racy: bool
 ) -> list[tuple[int, int]] | None:
     """
     The satisfiable byte ranges asked for: None for the whole file, [] for 416.
 
     A Range header that does not parse is ignored (RFC 9110 14.2), as is one whose
-    If-Range no longer matches the file.
+    If-Range no longer matches the file, or gives a date for a C{racy} one: a
+    date matches only as a strong validator (RFC 9110 13.1.5), and a date within
+    the file's last second is weak (8.8.2.2).
     """
     value = exchange.header(b"range")
     if value is None or exchange.method != "GET":
@@ -422,7 +429,7 @@ def _ranges(
         if condition.startswith(b'"'):
             if etag is None or condition.strip() != etag:
                 return None
-        elif parse_http_date(condition) != modified:
+        elif racy or parse_http_date(condition) != modified:
             return None
     unit, _, specs = value.partition(b"=")
     if unit.strip().lower() != b"bytes" or not specs:
