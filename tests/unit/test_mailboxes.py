@@ -756,6 +756,28 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         assert said(transport)[0] == b"* SEARCH 1", needle
 
 
+def test_the_whole_header_goes_as_stored_without_utf8_accept(tmp_path: Path) -> None:
+    """fetchmail joins RFC822.HEADER and BODY[TEXT]: they must make BODY[], 8-bit and all."""
+    lab = Lab(tmp_path)
+    head = "Subject: Grüße\r\nFrom: Jörg <j@x.test>\r\n\r\n".encode()
+    id = lab.accept_raw(head + "Hällo\r\n".encode(), sender=Mailbox("shop", "client.test"))
+    received: bytes = result_of(lab.store.read(id))
+    session, transport = lab.ann_selected()
+    stored = transport.value()
+    session.dataReceived(
+        b"c FETCH 1 (RFC822.SIZE RFC822.HEADER BODY.PEEK[HEADER]"
+        b" BODY.PEEK[HEADER.FIELDS (FROM)])\r\n"
+    )
+    lab.clock.advance(0)
+    answer = transport.value()[len(stored) :]
+    whole = received[: received.index(b"\r\n\r\n") + 4]
+    assert b"RFC822.SIZE %d " % len(received) in answer
+    assert b"RFC822.HEADER {%d}\r\n%s" % (len(whole), whole) in answer
+    assert b"BODY[HEADER] {%d}\r\n%s" % (len(whole), whole) in answer
+    # A field asked by name is what a client shows: it stays 7-bit.
+    assert b"From: =?utf-8?b?SsO2cmc=?= <j@x.test>\r\n\r\n" in answer
+
+
 def test_a_header_in_a_codec_that_is_no_mail_charset_is_searched_as_utf_8(
     tmp_path: Path,
 ) -> None:

@@ -570,8 +570,7 @@ class IMAPSession(IMAP4Server):
         (_w or self.transport.write)(b"BODYSTRUCTURE (" + msg.structure(True) + b")")
 
     def spew_rfc822header(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
-        header = header_section(msg.header_bytes(), None, False, self.utf8)
-        (_w or self.transport.write)(b"RFC822.HEADER " + literal(header))
+        (_w or self.transport.write)(b"RFC822.HEADER " + literal(msg.header_bytes()))
 
     def spew_rfc822(self, id: int, msg: Any, _w: Any = None, _f: Any = None) -> None:
         (_w or self.transport.write)(b"RFC822 " + literal(msg.open().read()))
@@ -635,7 +634,7 @@ class IMAPSession(IMAP4Server):
         raw = msg.raw
         assert raw is not None, "load() first"
         if part.mime:
-            return header_section(raw[target.start : target.body_start], None, False, self.utf8)
+            return raw[target.start : target.body_start]
         if part.header or part.text:
             # Of a message/rfc822 part, they name the message it holds.
             inner = target.parts[0] if target.main == "message" and target.parts else target

@@ -370,22 +370,26 @@ def _fields(block: bytes) -> list[bytes]:
     return fields
 
 
-def header_section(block: bytes, fields: Iterable[bytes] | None, negate: bool, utf8: bool) -> bytes:
+def header_section(block: bytes, fields: Collection[bytes], negate: bool, utf8: bool) -> bytes:
     """
-    A header section of FETCH (RFC 3501 6.4.5) from a header block: the whole
-    header (C{fields} None), or only the fields named (C{HEADER.FIELDS}) or
-    all but them (C{.NOT}), each as it came (repeated fields and the case of
-    their names kept, in their order) and ended by a blank line.  For a
-    session that did not enable UTF8=ACCEPT a field with 8-bit text goes out
-    in RFC 2047 words (RFC 6855 3: no UTF-8 to such a client).
+    A header section of FETCH (RFC 3501 6.4.5) from a header block: only the
+    fields named (C{HEADER.FIELDS}) or all but them (C{.NOT}), each as it
+    came (repeated fields and the case of their names kept, in their order)
+    and ended by a blank line.  For a session that did not enable UTF8=ACCEPT
+    a field with 8-bit text goes out in RFC 2047 words (RFC 6855 3: no UTF-8
+    to such a client).  All but none (C{HEADER}, as Twisted's parser has it)
+    is the block as stored, 8-bit or not: it is the head of C{BODY[]}, which
+    is served as received, and a client that builds the message from the
+    header and C{BODY[TEXT]} (fetchmail) must get those octets, as many as
+    C{RFC822.SIZE} said.
     """
-    if fields is None and (utf8 or block.isascii()):
+    if negate and not fields:
         return block
-    wanted = None if fields is None else {name.lower() for name in fields}
+    wanted = {name.lower() for name in fields}
     chosen = []
     for field in _fields(block):
         name = field.partition(b":")[0].strip().lower()
-        if wanted is not None and (name in wanted) == negate:
+        if (name in wanted) == negate:
             continue
         chosen.append(field if utf8 or field.isascii() else _seven_bit_field(field))
     return b"".join(chosen) + b"\r\n"
