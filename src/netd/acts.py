@@ -359,10 +359,21 @@ class Shaper:
 
     def _uninstall_if_idle(self) -> None:
         # A producer goes back to the transport: not while this shaper holds it back.
-        if self.budget is None and not self._paused and self.blocked_since is None:
-            self.rate = None
-            self._detach()
-            self._done()
+        if (
+            self.stopped
+            or self.budget is not None
+            or self._paused
+            or self.blocked_since is not None
+        ):
+            return
+        self.rate = None
+        self._detach()
+        self._hold_producer()  # one it took over paused goes back running
+        # Then it acts no more: the rest of a turn of its own (the pump that asked
+        # the producer whose end ended the reply) must not uninstall the shaper
+        # that the next reply's rule installed meanwhile (HTTP/1.1 pipelining).
+        self.stop()
+        self._done()
 
     def _credit_idle(self) -> None:
         """Credit earned while idle or held back is at most one step: no burst after a pause."""

@@ -186,6 +186,41 @@ def test_a_throttle_takes_an_h2_connection_over_and_hands_it_back(netd: NetdProc
     assert "Traceback" not in netd.output
 
 
+def read_answer(reader: io.BufferedReader) -> bytes:
+    """One HTTP/1.1 answer with a Content-Length: its body."""
+    length = None
+    while (line := reader.readline()) != b"\r\n":
+        assert line, "closed before the end of the head"
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    assert length is not None
+    return reader.read(length)
+
+
+def test_a_throttle_on_a_reply_pipelined_behind_a_cut_one_paces_it(netd: NetdProcess) -> None:
+    """
+    The shaper of the first reply, done as its file ends, leaves in place the
+    one the next reply's rule installs in that turn (it used to undo it).
+    """
+    with (
+        netd.rule("web", match={"path": "/big.bin", "header": {"X-Slow": "1"}}, throttle=RATE),
+        netd.rule("web", match={"path": "/big.bin"}, close=BUDGET),
+        socket.create_connection(netd.address("web"), timeout=20) as sock,
+        sock.makefile("rb") as reader,
+    ):
+        sock.sendall(
+            b"GET /big.bin HTTP/1.1\r\nHost: a\r\n\r\n"
+            b"GET /big.bin HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\n\r\n"
+        )
+        assert read_answer(reader) == BODY
+        begun = time.monotonic()
+        assert read_answer(reader) == BODY
+        took = time.monotonic() - begun
+    # Its pacing may start while the client still reads the first answer.
+    assert 0.6 * FILE_SIZE / RATE <= took <= 1.5 * FILE_SIZE / RATE, took
+
+
 def test_a_throttle_pauses_an_h2_connection_whose_client_does_not_read(
     netd: NetdProcess,
 ) -> None:

@@ -273,3 +273,53 @@ def test_a_producer_the_throttle_took_over_is_stopped_when_the_connection_is_los
     perform({"throttle": 1000}, clock, connection, lambda: None)
     transport.loseConnection()
     assert source.stopped
+
+
+class LastReply:
+    """
+    A file sent under a rule, then the reply after it (HTTP/1.1 pipelining):
+    asked again, the file ends, its reply is over, and the next request's
+    rule fires, all inside that ask.
+    """
+
+    def __init__(self, connection: Any, clock: Clock) -> None:
+        self.connection = connection
+        self.clock = clock
+        self.asked = 0
+
+    def resumeProducing(self) -> None:
+        self.asked += 1
+        if self.asked == 1:
+            self.connection.write(b"y" * 1000)
+            return
+        self.connection.unregisterProducer()
+        self.connection.shaper.release()
+        perform({"throttle": 1000}, self.clock, self.connection, lambda: None)
+
+    def stopProducing(self) -> None:
+        """Nothing to stop."""
+
+
+def test_a_throttle_fired_as_the_shaped_reply_before_it_ends_stays() -> None:
+    clock, connection, transport = connect()
+    perform({"close": 1 << 30}, clock, connection, lambda: None)
+    connection.registerProducer(LastReply(connection, clock), False)
+    clock.advance(0)  # the file's end, asked for by the first shaper
+    shaper = connection.shaper
+    assert shaper is not None and shaper.rate == 1000
+    sent = len(transport.value())
+    connection.write(b"z" * 10000)
+    assert len(transport.value()) - sent < 1000  # paced, not sent at once
+
+
+def test_a_producer_taken_over_paused_goes_back_running_when_the_rule_ends_at_once() -> None:
+    clock, connection, transport = connect()
+    source = Source()
+    connection.registerProducer(source, True)
+    source.paused = True  # by the transport, whose buffer was full when the rule fired
+    perform({"close": 1 << 30}, clock, connection, lambda: None)
+    connection.shaper.release()  # a reply over in the same turn
+    clock.advance(0)
+    assert connection.shaper is None
+    assert transport.producer is source
+    assert not source.paused
