@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -877,24 +878,33 @@ def test_abor_ends_a_download_still_waiting_for_its_data_connection(netd: NetdPr
     assert_serving(netd)
 
 
+def netd_to_stop(start_netd: StartNetd, keys: str) -> NetdProcess:
+    """netd with a 20 s shutdown_grace and the ftp service files, with C{keys}, on loopback."""
+    return start_netd(
+        lab_map(
+            "  files:\n"
+            "    type: ftp\n"
+            '    listen: ["tcp:0:interface=127.0.0.1"]\n'
+            + textwrap.indent(textwrap.dedent(keys).strip(), "    ")
+            + "\n",
+            shutdown_grace=20,
+        )
+    )
+
+
 def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
     start_netd: StartNetd, site: Path, tmp_path: Path
 ) -> None:
     """Not held open to the stop's grace and then reset: the reply, then 421 and the end."""
     (site / "alice" / "down.bin").write_bytes(b"d" * 40_000)
-    netd = start_netd(
-        lab_map(
-            f"""
-  files:
-    type: ftp
-    listen: ["tcp:0:interface=127.0.0.1"]
+    netd = netd_to_stop(
+        start_netd,
+        f"""
     users: {{alice: {{password: wonderland, home: {site / "alice"}, write: true}}}}
     rules:
       - {{match: {{command: STOR}}, throttle: 20000}}
       - {{match: {{command: RETR}}, throttle: 20000}}
 """,
-            shutdown_grace=20,
-        )
     )
     client = connect(netd, user="alice")
     storing = threading.Thread(
@@ -933,6 +943,44 @@ def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
     assert (tmp_path / "down.bin").read_bytes() == b"d" * 40_000
     for name in ("stopping.bin", "down.bin"):
         (site / "alice" / name).unlink()
+
+
+@needs_lftp
+def test_a_stop_leaves_a_slow_reader_its_whole_download(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """
+    netd's 226 comes when the file's last byte is in the kernel; a client
+    reading at 1 MB/s still has megabytes in the socket buffers then, and a
+    421 read before them made lftp drop the data connection (exit 1, the
+    file cut short), however long after the 226 it came.
+    """
+    root = tmp_path / "root"
+    root.mkdir()
+    whole = os.urandom(8 << 20)
+    (root / "slow.bin").write_bytes(whole)
+    netd = netd_to_stop(start_netd, f"root: {root}\nanonymous: read")
+    getting: list[subprocess.CompletedProcess[bytes]] = []
+    lftp = threading.Thread(
+        target=lambda: getting.append(
+            lftp_as(
+                "anonymous,guest@",
+                netd.address("files"),
+                "set net:limit-rate 1000000; set net:max-retries 1; get slow.bin; bye",
+                tmp_path,
+            )
+        )
+    )
+    lftp.start()
+    wait_until(lambda: (tmp_path / "slow.bin").exists(), "the download's start")
+    begun = time.monotonic()
+    netd.process.send_signal(signal.SIGTERM)
+    lftp.join(timeout=30)
+    [got] = getting
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "slow.bin").read_bytes() == whole
+    assert netd.process.wait(timeout=30) == 0
+    assert time.monotonic() - begun < 15  # ended by lftp's QUIT, not by the 20 s grace
 
 
 def test_a_client_that_reads_slowly_but_steadily_is_not_cut(netd: NetdProcess) -> None:

@@ -847,6 +847,48 @@ def test_a_session_asked_to_close_during_a_transfer_starts_no_other(tmp_path: Pa
     assert transport.value().count(b"421") == 1
 
 
+def downloaded_at_a_stop(tmp_path: Path) -> tuple[Harness, Session, StringTransport]:
+    """A session asked to close during its download, which then ends: 226."""
+    harness = Harness(tmp_path)
+    (tmp_path / "down.txt").write_bytes(b"d" * 5000)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport)
+    send(session, transport, b"RETR down.txt")
+    session.close_gracefully()  # netd stops: the running download is not cut
+    while data.producer is not None:  # the client reads: the file goes to the kernel
+        data.producer.resumeProducing()
+    harness.reactor.advance(0)
+    assert data.disconnecting and data.value() == b"d" * 5000
+    protocol.connectionLost(Failure(ConnectionDone()))
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    return harness, session, transport
+
+
+def test_a_session_asked_to_close_during_a_download_waits_for_the_clients_next_transfer(
+    tmp_path: Path,
+) -> None:
+    harness, session, transport = downloaded_at_a_stop(tmp_path)
+    # The client may still have the file's end to read from its socket buffers.
+    harness.reactor.advance(60)
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    assert not transport.disconnecting
+    assert send(session, transport, b"NOOP") == [b"200 Command OK"]
+    open_passive(harness, session, transport)
+    assert send(session, transport, b"RETR down.txt") == [
+        b"421 Service not available, closing control connection."
+    ]
+    assert transport.disconnecting
+
+
+def test_a_session_asked_to_close_during_a_download_says_221_to_quit(tmp_path: Path) -> None:
+    harness, session, transport = downloaded_at_a_stop(tmp_path)
+    harness.reactor.advance(5)  # the client reads the file's end, then is done
+    assert send(session, transport, b"QUIT") == [b"221 Goodbye."]
+    assert transport.disconnecting
+
+
 def alice_under_rules(tmp_path: Path) -> tuple[Harness, RuleSet, Session, TLSStringTransport]:
     """A session logged in as alice, with rules that the test posts."""
     harness = Harness(tmp_path)

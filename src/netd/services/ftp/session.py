@@ -85,7 +85,7 @@ _TOO_MANY_FAILURES = "421 Too many failed logins, closing."
 _IDLE = "421 Idle timeout, closing control connection."
 # RFC 959 4.2.1's own words for a server going away: a stop, or a reload retiring the service.
 _CLOSING = "421 Service not available, closing control connection."
-# Seconds a session asked to close during a transfer stays open after its reply.
+# Seconds a session asked to close during an upload stays open after its reply.
 _GOODBYE_AFTER = 1.0
 _SLOW_LINE = "421 Command line not complete in time, closing control connection."
 _BAD_NAMESPACE = "530 Not a namespace after '@' (letters, digits, '_', '-'): USER name@NAMESPACE."
@@ -354,9 +354,9 @@ class Session(ftp.FTP):
     def close_gracefully(self) -> None:
         """
         Asked by netd's shutdown or a reload retiring the service: a transfer
-        is never cut for it, and the session closes once that transfer is
-        answered, as an idle one does at once (left open, it held a stop to its
-        grace and then was reset, as pyftpdlib and vsftpd do not).
+        is never cut for it, and the session closes after that transfer, as an
+        idle one does at once (left open, it held a stop to its grace and then
+        was reset, as pyftpdlib and vsftpd do not): see L{_end} for when.
         """
         self._close(_CLOSING)
 
@@ -505,8 +505,8 @@ class Session(ftp.FTP):
 
     def processCommand(self, command: str, *params: str) -> Any:
         if self._goodbye is not None and command.upper() in _TRANSFERS:
-            # Asked to close during a transfer, and a client starting another in
-            # the moment left after that one's reply: not served to its end.
+            # Asked to close during a transfer, and a client starting another
+            # after that one's reply: not served to its end.
             self._say_goodbye()
             return None
         rules = self.server.rules
@@ -1154,11 +1154,14 @@ class Session(ftp.FTP):
     def _end(self, transfer: Transfer, ok: bool) -> None:
         self.transfer = None
         self._stop_transfer = None
-        if self._goodbye is not None:
-            # After the transfer's reply, and a moment later: a client that
-            # reads 226 and 421 together may take the transfer for failed
-            # before it has read the data connection's end (lftp does), and
-            # one that is done says QUIT by itself within it.
+        if self._goodbye is not None and transfer.direction == "upload":
+            # A moment after the reply, for a client that is done to say QUIT
+            # by itself.  Not after a download or a listing: its 226 comes once
+            # the last byte is in the kernel, and a client may still have
+            # megabytes to read from the socket buffers then; lftp drops them
+            # at a 421, however late it comes.  That session says its 421 when
+            # the client starts another transfer, and the idle sweep or the
+            # stop's grace ends it if the client never asks again.
             self.server.reactor.callLater(_GOODBYE_AFTER, self._say_goodbye)
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
