@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,10 +189,17 @@ def test_no_path_leaves_the_root(root: Path, target: str) -> None:
     assert exchange.status in (400, 403, 404) and b"secret" not in exchange.data
 
 
-def test_static_answers(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    later = time.time_ns() + 2_000_000_000  # the files' dates validate once their second is over
-    monkeypatch.setattr(time, "time_ns", lambda: later)
+def _clock_at(app: App, path: Path, seconds: float) -> None:
+    """Move C{app}'s clock to C{seconds} after C{path}'s last change (its ctime)."""
+    clock: Clock = app.clock
+    step = path.stat().st_ctime_ns / 1e9 + seconds - clock.seconds()
+    assert step >= 0, "the clock only moves on"
+    clock.advance(step)
+
+
+def test_static_answers(root: Path) -> None:
     app = make_app(root)
+    _clock_at(app, root / "big.bin", 2)  # the files' dates validate once their second is over
     whole = answer(app, "/a.txt")
     assert (whole.status, whole.data) == (200, b"0123456789")
     etag = whole.response_headers[b"ETag"]
@@ -313,13 +319,13 @@ def test_a_file_changed_within_the_last_second_is_read_again_each_time(
 ) -> None:
     """A rewrite within the files' timestamp tick leaves the stat as it was: not kept yet."""
     app = make_app(root)
+    _clock_at(app, root / "a.txt", 0.5)
     assert answer(app, "/a.txt").data == b"0123456789"
     monkeypatch.setattr(os, "stat", _stat_as_it_was(os.stat, root / "a.txt"))
     with (root / "a.txt").open("r+b") as same_tick:  # as if the stat could not tell
         same_tick.write(b"9876543210")
     assert answer(app, "/a.txt").data == b"9876543210"
-    later = time.time_ns() + 2_000_000_000
-    monkeypatch.setattr(time, "time_ns", lambda: later)
+    _clock_at(app, root / "a.txt", 1.5)  # the stat as it was, which the server sees
     assert answer(app, "/a.txt").data == b"9876543210"  # kept now
     (root / "a.txt").write_bytes(b"0000000000")
     assert answer(app, "/a.txt").data == b"9876543210"  # the kept bytes: its stat is as it was
@@ -333,7 +339,8 @@ def test_a_rewrite_within_the_files_tick_is_never_answered_304(
     a file changed within the last second is tagged by its content, or not at all.
     """
     app = make_app(root)
-    first = answer(app, "/a.txt")  # the file was written a moment ago
+    _clock_at(app, root / "a.txt", 0.5)
+    first = answer(app, "/a.txt")
     monkeypatch.setattr(os, "stat", _stat_as_it_was(os.stat, root / "a.txt"))
     with (root / "a.txt").open("r+b") as same_tick:
         same_tick.write(b"9876543210")
@@ -345,26 +352,23 @@ def test_a_rewrite_within_the_files_tick_is_never_answered_304(
     fresh = answer(app, "/a.txt").response_headers[b"ETag"].decode()
     assert answer(app, "/a.txt", if_none_match=fresh).status == 304
     assert b"ETag" not in answer(app, "/big.bin", "HEAD").response_headers  # not read for a tag
-    later = time.time_ns() + 2_000_000_000
-    monkeypatch.setattr(time, "time_ns", lambda: later)
+    _clock_at(app, root / "big.bin", 1.5)
     assert b"ETag" in answer(app, "/big.bin", "HEAD").response_headers
 
 
-def test_a_date_within_the_files_last_second_validates_nothing(
-    root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_date_within_the_files_last_second_validates_nothing(root: Path) -> None:
     """
     Last-Modified names a second the file may be rewritten in yet: a weak date
     (RFC 9110 8.8.2.2), so neither If-Modified-Since nor a dated If-Range
     matches it until the second is over.
     """
     app = make_app(root)
+    _clock_at(app, root / "a.txt", 0.5)
     modified = answer(app, "/a.txt").response_headers[b"Last-Modified"].decode()
     assert answer(app, "/a.txt", if_modified_since=modified).status == 200
     ranged = answer(app, "/a.txt", range="bytes=0-1", if_range=modified)
     assert (ranged.status, ranged.data) == (200, (root / "a.txt").read_bytes())
-    later = time.time_ns() + 2_000_000_000
-    monkeypatch.setattr(time, "time_ns", lambda: later)
+    _clock_at(app, root / "a.txt", 1.5)
     assert answer(app, "/a.txt", if_modified_since=modified).status == 304
     assert answer(app, "/a.txt", range="bytes=0-1", if_range=modified).status == 206
 
@@ -391,14 +395,14 @@ def test_a_file_is_looked_at_once_while_its_stat_stays_the_same(
         return guess(url, strict)
 
     monkeypatch.setattr(app.files.types, "guess_type", counted)
-    later = time.time_ns() + 2_000_000_000  # its changes settled: tagged by its stat
-    monkeypatch.setattr(time, "time_ns", lambda: later)
+    _clock_at(app, root / "a.txt", 2)  # its changes settled: tagged by its stat
     head = answer(app, "/a.txt", "HEAD")
     whole = answer(app, "/a.txt")
     assert whole.data == b"0123456789" and len(guessed) == 1
     for name in (b"ETag", b"Last-Modified", b"Content-Type"):
         assert whole.response_headers[name] == head.response_headers[name]
     os.utime(root / "a.txt", ns=(1, 2_000_000_000))  # touched: new validators, found at once
+    _clock_at(app, root / "a.txt", 2)
     touched = answer(app, "/a.txt", range="bytes=1-2")
     assert (touched.status, touched.data) == (206, b"12") and len(guessed) == 2
     assert touched.response_headers[b"Last-Modified"] == b"Thu, 01 Jan 1970 00:00:02 GMT"

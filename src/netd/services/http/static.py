@@ -15,7 +15,6 @@ import io
 import mimetypes
 import os
 import stat
-import time
 import urllib.parse
 from collections import deque
 from collections.abc import Iterator
@@ -229,7 +228,11 @@ class StaticFiles:
             content = os.pread(descriptor, size, 0)
         finally:
             os.close(descriptor)
-        if len(content) == size and self._known.get(full) is known and not _changed_lately(known):
+        if (
+            len(content) == size
+            and self._known.get(full) is known
+            and not self._changed_lately(known)
+        ):
             if self._small_bytes + size > _SMALL_FILES_BYTES:
                 self._forget_files()
                 self._known[full] = known
@@ -237,13 +240,18 @@ class StaticFiles:
             self._small_bytes += size
         return content
 
+    def _changed_lately(self, known: _Known) -> bool:
+        """Whether C{known}'s file may be rewritten yet within the tick of its stat's ctime."""
+        now: float = self.clock.seconds()
+        return now * 1_000_000_000 - known.identity[3] <= _RACY_NS
+
     def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
         size = info.st_size
         known = self._known_file(full, info)
         etag: bytes | None = known.etag
         modified, kind = known.modified, known.kind
         content = None
-        racy = _changed_lately(known)
+        racy = self._changed_lately(known)
         if racy:
             # Its stat may stay as it is through another rewrite, and a tag
             # from it would then match bytes it was not given for (a 304 for
@@ -323,11 +331,6 @@ class StaticFiles:
             raise _NotFound(403) from None
         exchange.start(status, headers, length)
         _send_parts(exchange, file, parts, tail)
-
-
-def _changed_lately(known: _Known) -> bool:
-    """Whether C{known}'s file may be rewritten yet within the tick of its stat's ctime."""
-    return time.time_ns() - known.identity[3] <= _RACY_NS
 
 
 def _send_parts(
