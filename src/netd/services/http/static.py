@@ -264,16 +264,21 @@ class StaticFiles:
             else:
                 etag = None
         headers: Headers = [] if etag is None else [(b"ETag", etag)]
-        headers += [(b"Last-Modified", known.last_modified), (b"Accept-Ranges", b"bytes")]
+        if not racy:
+            # A date is handed out only once the stat tells every change within
+            # its second: a client holding one holds a strong date (RFC 9110
+            # 8.8.2.2) whenever it comes back, when the file is racy again too.
+            headers.append((b"Last-Modified", known.last_modified))
+        headers.append((b"Accept-Ranges", b"bytes"))
         ranges: list[tuple[int, int]] | None = None
         if not _VALIDATING.isdisjoint(exchange.by_name()):
             if _precondition_failed(exchange, etag, modified):
                 self.error(exchange, 412, headers)
                 return
-            if _not_modified(exchange, etag, modified, racy):
+            if _not_modified(exchange, etag, modified):
                 exchange.respond(304, headers, b"")
                 return
-            ranges = _ranges(exchange, etag, modified, size, racy)
+            ranges = _ranges(exchange, etag, modified, size)
         if ranges == []:
             headers.append((b"Content-Range", b"bytes */%d" % size))
             self.error(exchange, 416, headers)
@@ -395,12 +400,8 @@ def _precondition_failed(exchange: Exchange, etag: bytes | None, modified: int) 
     return False
 
 
-def _not_modified(exchange: Exchange, etag: bytes | None, modified: int, racy: bool) -> bool:
-    """
-    RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since.
-    Of a C{racy} file (changed within its last second) the date names a second
-    it may be rewritten in yet, so only a later date means it is unchanged.
-    """
+def _not_modified(exchange: Exchange, etag: bytes | None, modified: int) -> bool:
+    """RFC 9110 13.2.2: If-None-Match decides when present; else If-Modified-Since."""
     if exchange.method not in ("GET", "HEAD"):
         return False
     none_match = exchange.header(b"if-none-match")
@@ -409,20 +410,18 @@ def _not_modified(exchange: Exchange, etag: bytes | None, modified: int, racy: b
     since = exchange.header(b"if-modified-since")
     if since is not None:
         when = parse_http_date(since)
-        return when is not None and (modified < when if racy else modified <= when)
+        return when is not None and modified <= when
     return False
 
 
 def _ranges(
-    exchange: Exchange, etag: bytes | None, modified: int, size: int, racy: bool
+    exchange: Exchange, etag: bytes | None, modified: int, size: int
 ) -> list[tuple[int, int]] | None:
     """
     The satisfiable byte ranges asked for: None for the whole file, [] for 416.
 
     A Range header that does not parse is ignored (RFC 9110 14.2), as is one whose
-    If-Range no longer matches the file, or gives a date for a C{racy} one: a
-    date matches only as a strong validator (RFC 9110 13.1.5), and a date within
-    the file's last second is weak (8.8.2.2).
+    If-Range no longer matches the file.
     """
     value = exchange.header(b"range")
     if value is None or exchange.method != "GET":
@@ -432,7 +431,7 @@ def _ranges(
         if condition.startswith(b'"'):
             if etag is None or condition.strip() != etag:
                 return None
-        elif racy or parse_http_date(condition) != modified:
+        elif parse_http_date(condition) != modified:
             return None
     unit, _, specs = value.partition(b"=")
     if unit.strip().lower() != b"bytes" or not specs:
