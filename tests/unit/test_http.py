@@ -415,6 +415,24 @@ def test_a_date_handed_out_within_the_files_last_second_validates_nothing_later(
     assert (ranged.status, ranged.data) == (206, b"BB")
 
 
+def test_a_future_mtime_is_never_a_date_a_client_holds(root: Path) -> None:
+    """
+    RFC 9110 8.8.2.1: no Last-Modified later than the response's Date.  Held
+    by a client, a date a day ahead validated the file that replaced it.
+    """
+    app = make_app(root)
+    path = root / "a.txt"
+    _clock_at(app, path, 2)
+    ahead = int(app.clock.seconds()) + 86400
+    os.utime(path, (ahead, ahead))
+    _clock_at(app, path, 2)
+    first = answer(app, "/a.txt")
+    assert b"Last-Modified" not in first.response_headers and b"ETag" in first.response_headers
+    path.write_bytes(b"G" * 10)  # replaced: its mtime is now
+    _clock_at(app, path, 2)
+    assert _as_curl_z(app, "/a.txt", first) == b"G" * 10
+
+
 def _stat_as_it_was(real_stat: Any, path: Path) -> Any:
     first = real_stat(path)
 

@@ -212,10 +212,11 @@ class StaticFiles:
         self._known.clear()
         self._small_bytes = 0
 
-    def _small_file(self, full: str, known: _Known) -> bytes:
+    def _small_file(self, full: str, known: _Known, racy: bool) -> bytes:
         """
-        The content of a small file, kept with what else is known of it: opening
-        and reading every time was a quarter of a small response's cost.
+        The content of a small file, kept with what else is known of it unless
+        C{racy}: opening and reading every time was a quarter of a small
+        response's cost.
         """
         if known.content is not None:
             return known.content
@@ -228,11 +229,7 @@ class StaticFiles:
             content = os.pread(descriptor, size, 0)
         finally:
             os.close(descriptor)
-        if (
-            len(content) == size
-            and self._known.get(full) is known
-            and not self._changed_lately(known)
-        ):
+        if len(content) == size and self._known.get(full) is known and not racy:
             if self._small_bytes + size > _SMALL_FILES_BYTES:
                 self._forget_files()
                 self._known[full] = known
@@ -240,18 +237,15 @@ class StaticFiles:
             self._small_bytes += size
         return content
 
-    def _changed_lately(self, known: _Known) -> bool:
-        """Whether C{known}'s file may be rewritten yet within the tick of its stat's ctime."""
-        now: float = self.clock.seconds()
-        return now * 1_000_000_000 - known.identity[3] <= _RACY_NS
-
     def _file(self, exchange: Exchange, full: str, info: os.stat_result) -> None:
         size = info.st_size
         known = self._known_file(full, info)
         etag: bytes | None = known.etag
         modified, kind = known.modified, known.kind
         content = None
-        racy = self._changed_lately(known)
+        now: float = self.clock.seconds()
+        # Whether it may be rewritten yet within the tick of its stat's ctime.
+        racy = now * 1_000_000_000 - known.identity[3] <= _RACY_NS
         if racy:
             # Its stat may stay as it is through another rewrite, and a tag
             # from it would then match bytes it was not given for (a 304 for
@@ -259,15 +253,17 @@ class StaticFiles:
             # served, read anyway as they are not kept yet; a big one has none
             # for that second, rather than reading it all twice.
             if size <= _SMALL_FILE:
-                content = self._small_file(full, known)
+                content = self._small_file(full, known, racy)
                 etag = b'"%s"' % hashlib.blake2b(content, digest_size=8).hexdigest().encode()
             else:
                 etag = None
         headers: Headers = [] if etag is None else [(b"ETag", etag)]
-        if not racy:
+        if not racy and modified < int(now):
             # A date is handed out only once the stat tells every change within
             # its second: a client holding one holds a strong date (RFC 9110
             # 8.8.2.2) whenever it comes back, when the file is racy again too.
+            # A date not yet over (a future mtime) is never sent (8.8.2.1), nor
+            # the response's Date for it: the file may be replaced within it.
             headers.append((b"Last-Modified", known.last_modified))
         headers.append((b"Accept-Ranges", b"bytes"))
         ranges: list[tuple[int, int]] | None = None
@@ -319,7 +315,7 @@ class StaticFiles:
             return
         if size <= _SMALL_FILE:
             if content is None:
-                content = self._small_file(full, known)
+                content = self._small_file(full, known, racy)
             if ranges is None:
                 exchange.respond(status, headers, content)
                 return
