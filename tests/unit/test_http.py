@@ -755,6 +755,27 @@ def test_slow_head_times_out_with_408(wire: Wire) -> None:
     assert wire.take().startswith(b"HTTP/1.1 408 ") and wire.closed
 
 
+def test_a_stalled_body_times_out_at_its_own_timeout_shorter_than_the_heads(root: Path) -> None:
+    app, _ = _waiting_proxy(root)
+    wire = Wire(app, Limits(header_timeout=5, body_timeout=3))
+    clock = wire.protocol.clock
+    head = b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    assert wire.send(head + b"0123456789") == b""
+    clock.advance(2.9)
+    assert wire.take() == b"" and not wire.closed
+    clock.advance(0.1)
+    assert wire.take().startswith(b"HTTP/1.1 408 ") and wire.closed
+
+
+def test_a_head_after_a_long_idle_times_out_at_header_timeout(wire: Wire) -> None:
+    clock = wire.protocol.clock
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
+    clock.advance(Limits().keepalive_timeout - 5)  # idle, within keepalive_timeout
+    assert wire.send(b"GET /a.txt HTTP/1.1\r\nHo") == b""
+    clock.advance(1)  # header_timeout
+    assert wire.take().startswith(b"HTTP/1.1 408 ") and wire.closed
+
+
 def test_idle_keepalive_connection_closes(wire: Wire) -> None:
     assert wire.send(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
     wire.protocol.clock.advance(Limits().keepalive_timeout + 1)

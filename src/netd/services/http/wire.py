@@ -526,9 +526,13 @@ class HTTPConnection(Protocol):
         if seconds is None:
             self.deadline = None
             return
-        self.deadline = self.clock.seconds() + seconds
+        deadline = self.deadline = self.clock.seconds() + seconds
         if self.timer is None:
             self.timer = self.clock.callLater(seconds, self.expire)
+        elif self.timer.getTime() > deadline:
+            # Set for an earlier phase's later deadline (the head's, say, for a
+            # shorter body_timeout): expire only ever moves it later.
+            self.timer.reset(seconds)
 
     def expire(self) -> None:
         self.timer = None
