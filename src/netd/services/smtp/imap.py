@@ -331,6 +331,7 @@ class IMAPSession(IMAP4Server):
             found.pop(b"LOGINDISABLED", None)
         found[b"ENABLE"] = None
         found[b"UTF8=ACCEPT"] = None
+        found[b"CHILDREN"] = None  # LIST's \HasNoChildren (mailbox._InboxInfo)
         return found
 
     def do_ENABLE(self, tag: bytes, line: bytes) -> None:

@@ -1057,12 +1057,18 @@ class Account:
 
 @implementer(IMailboxInfo)
 class _InboxInfo:
-    def __init__(self, flags: tuple[str, ...] = ()) -> None:
-        # LIST's attributes of the name (\Noselect); SELECT's flags are the system ones.
-        self.attributes = flags
+    """
+    A name as LIST shows it.  Twisted answers LIST with C{getFlags()}, which
+    for a mailbox are its message flags (SELECT's C{FLAGS}): here they are the
+    name's attributes (RFC 3501 7.2.2), as Dovecot gives them, INBOX's
+    C{\\HasNoChildren} (RFC 3348) and the root's C{\\Noselect}.
+    """
+
+    def __init__(self, attributes: tuple[str, ...] = ("\\HasNoChildren",)) -> None:
+        self.attributes = attributes
 
     def getFlags(self) -> list[str]:
-        return list(self.attributes or _SYSTEM_FLAGS)
+        return list(self.attributes)
 
     def getHierarchicalDelimiter(self) -> str:
         return "/"
@@ -1098,6 +1104,10 @@ class Inbox(_InboxInfo):
         self.read_ahead: dict[str, bytes] = {}
         # The sequence number after the last message a FETCH read (0: none yet).
         self.next_seq = 0
+
+    def getFlags(self) -> list[str]:
+        """SELECT's C{FLAGS}: the system flags (a client's keywords are kept too)."""
+        return list(_SYSTEM_FLAGS)
 
     # Told by Mailboxes -----------------------------------------------------
 
