@@ -235,32 +235,46 @@ def _children(node: yaml.Node) -> Iterator[yaml.Node]:
 
 def _merged(node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:
     """
-    The pairs of C{node} with each C{<<} replaced by the pairs of the mapping,
-    or list of mappings, it names, but for keys that C{node} itself or an
-    earlier merged mapping sets (YAML 1.1).  Those mappings, composed before
-    C{node}, are merged already.
+    The pairs of C{node} with its C{<<} replaced by the pairs of the mapping, or
+    list of mappings, it names, as PyYAML builds its dict from them: the merged
+    pairs first, then C{node}'s own; a key stays where it first appears, an
+    earlier merged mapping wins over a later one (YAML 1.1) and C{node} over
+    both.  Keys are the same when their values are (C{404} is not C{'404'},
+    C{0x1f} is C{31}).  Those mappings, composed before C{node}, are merged already.
     """
-    taken = {key.value for key, _ in node.value if _named(key) and key.tag != _MERGE}
-    pairs = []
+    merged: list[tuple[yaml.Node, yaml.Node]] = []
+    own: list[tuple[yaml.Node, yaml.Node]] = []
     for key, value in node.value:
         if key.tag != _MERGE:
-            pairs.append((key, value))
+            own.append((key, value))
             continue
         for source in value.value if isinstance(value, yaml.SequenceNode) else [value]:
             if not isinstance(source, yaml.MappingNode):
                 raise _Refused(source, "'<<' merges a mapping or a list of mappings")
-            for source_key, source_value in source.value:
-                if _named(source_key) and source_key.value in taken:
-                    continue
-                if _named(source_key):
-                    taken.add(source_key.value)
-                pairs.append((source_key, source_value))
-    return pairs
+            merged.extend(source.value)
+    constructor = SafeConstructor()
+    slots: dict[object, list[tuple[yaml.Node, yaml.Node]]] = {}
+    for key, value in merged:
+        slots.setdefault(_identity(constructor, key), [(key, value)])
+    overridable = set(slots)
+    for key, value in own:
+        identity = _identity(constructor, key)
+        if identity in overridable:
+            overridable.remove(identity)
+            slots[identity] = []
+        # A key the mapping sets twice stays twice, for its reader to report.
+        slots.setdefault(identity, []).append((key, value))
+    return [pair for pairs in slots.values() for pair in pairs]
 
 
-def _named(key: yaml.Node) -> bool:
-    """Whether C{key} is one a mapping's reader takes (the others it reports)."""
-    return isinstance(key, yaml.ScalarNode) and key.tag != _NULL
+def _identity(constructor: SafeConstructor, key: yaml.Node) -> object:
+    """What C{key} is as a key of PyYAML's dict, or the node itself when it is none."""
+    if isinstance(key, yaml.ScalarNode):
+        try:
+            return constructor.construct_object(key)
+        except (ConstructorError, ValueError):
+            pass
+    return key
 
 
 def compose(text: str, file: str, problems: Problems) -> yaml.Node | None:

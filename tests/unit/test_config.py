@@ -8,12 +8,14 @@ from pathlib import Path
 
 import attrs
 import pytest
+import yaml
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
+from yaml.constructor import SafeConstructor
 
 from netd import endpoints
 from netd.config import ConfigErrors, NetdConfig, load_config, parse_config
-from netd.schema import client_address
+from netd.schema import Problems, client_address, compose
 from netd.services import kind_names
 from netd.services.simple import QuoteOptions
 
@@ -877,6 +879,24 @@ def test_merge_keys_fill_in_what_a_mapping_does_not_set(map_file: Path) -> None:
         ("echo", 8),
     ]
     assert config.services["c"].idle_timeout == 9
+
+
+# PyYAML's own keys for a mapping with a merge key: the merged ones first, in
+# the order merged, then the mapping's own, which win.
+MERGES_AS_PYYAML = [
+    # A key is what it stands for: 404 is not '404', 0x1f is 31.
+    "x-base: &base {'404': merged, 31: merged, a: merged}\nm: {404: own, <<: *base, 0x1f: own}\n",
+    "x-base: &base {x: 1, y: 2}\nm:\n  a: 0\n  <<: *base\n  y: 3\n",
+    "x-base: &base {~: merged, true: merged}\nm: {null: own, <<: *base, yes: own}\n",
+    "x-base: &base {b: merged}\nm: {b: own, <<: *base, b: again}\n",
+]
+
+
+@pytest.mark.parametrize("text", MERGES_AS_PYYAML)
+def test_merge_keys_compose_as_pyyaml_reads_them(map_file: Path, text: str) -> None:
+    """The map's readers take values from the nodes composed (a body's plain data, say)."""
+    node = compose(text, str(map_file), Problems())
+    assert repr(SafeConstructor().construct_document(node)) == repr(yaml.safe_load(text))
 
 
 def test_top_level_x_keys_are_the_writers_place_for_shared_blocks(map_file: Path) -> None:

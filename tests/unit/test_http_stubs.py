@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger
 
+from netd import schema
 from netd.events import Journal, ServiceStats
 from netd.kinds import ViewRefused
 from netd.schema import ConfigErrors
@@ -29,7 +31,7 @@ from netd.services.http.template import Template, TemplateError
 from netd.services.http.wire import HTTPConnection, Limits, factory_for
 from tests.fakes.exchanges import FakeExchange
 from tests.maps import ServiceMap
-from tests.unit.test_config import LAUGHS
+from tests.unit.test_config import LAUGHS, MERGES_AS_PYYAML
 
 WEB = ServiceMap("http", "web", Options)
 
@@ -690,6 +692,25 @@ def test_openapi_files_are_checked_when_read(tmp_path: Path) -> None:
     ):
         found = "\n".join(WEB.errors(tmp_path, f"    openapi: {name}\n"))
         assert "services.web.openapi: " in found and message in found
+
+
+SPEC = (
+    "openapi: 3.0.0\ninfo: {{title: x, version: '1'}}\n"
+    "x-pet: &pet {{name: rex, id: 0}}\npaths:\n  /a:\n    get:\n      responses:\n"
+    "        '200':\n          description: {description}\n"
+    "          content: {{application/json: {{example: {{id: 7, <<: *pet}}}}}}\n"
+)
+
+
+@pytest.mark.parametrize("text", MERGES_AS_PYYAML)
+def test_merge_keys_in_files_read_as_pyyaml_reads_them(text: str) -> None:
+    assert repr(schema.load(text)) == repr(yaml.safe_load(text))
+
+
+def test_an_openapi_example_merged_is_answered_in_pyyaml_order(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(SPEC.format(description="x"))
+    answer = ask(app_of(WEB.parse(tmp_path, "    openapi: spec.yaml\n")), "/a")
+    assert list(json.loads(answer.data).items()) == [("name", "rex"), ("id", 7)]
 
 
 @pytest.mark.timeout(10)
