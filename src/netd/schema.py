@@ -38,6 +38,7 @@ __all__ = [
     "compose",
     "in_networks",
     "load",
+    "load_large",
 ]
 
 T = TypeVar("T")
@@ -210,12 +211,27 @@ if yaml.__with_libyaml__:
 
 def load(text: str) -> Any:
     """
-    The value of YAML C{text}, bounded as the map is: for the files netd reads
-    while it runs (a recording read back, an OpenAPI description).
+    The value of YAML C{text} as PyYAML's safe loader reads it, bounded as the
+    map is: for a file netd reads while it runs (an OpenAPI description).
 
     @raise yaml.YAMLError: C{text} is not YAML, or it is past a bound (where, and which).
     """
-    loader = _FileLoader(text) if yaml.__with_libyaml__ else _MapComposer(text)
+    return _load(_MapComposer(text))
+
+
+def load_large(text: str) -> Any:
+    """
+    The value of YAML C{text} as libyaml reads it, bounded as the map is: for a
+    large file netd wrote itself (a recording read back).
+
+    @raise yaml.YAMLError: C{text} is not YAML, or it is past a bound (where, and which).
+    """
+    if not yaml.__with_libyaml__:
+        return load(text)
+    return _load(_FileLoader(text))
+
+
+def _load(loader: _MapComposer | _FileLoader) -> Any:
     try:
         return loader.get_single_data()
     except _Refused as e:

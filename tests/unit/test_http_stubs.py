@@ -713,6 +713,32 @@ def test_an_openapi_example_merged_is_answered_in_pyyaml_order(tmp_path: Path) -
     assert list(json.loads(answer.data).items()) == [("name", "rex"), ("id", 7)]
 
 
+def test_openapi_files_are_read_by_pyyaml_s_own_parser(tmp_path: Path) -> None:
+    """As before the bound: libyaml's parser refused JSON's escape of U+1F600 (two surrogates)."""
+    (tmp_path / "spec.yaml").write_text(SPEC.format(description='"\\ud83d\\ude00"'))
+    options = WEB.parse(tmp_path, "    openapi: spec.yaml\n")
+    assert ask(app_of(options), "/a").status == 200
+
+
+@pytest.mark.parametrize(
+    ("description", "found"),
+    [
+        # A tab cannot stand before a value: libyaml's parser let it.
+        ("\tx", "found character '\\t' that cannot start any token"),
+        # The line in error, with a caret under where.
+        (
+            "{x",
+            "column 18:\n              content: {application/json: {example: { ... \n"
+            + " " * 21
+            + "^",
+        ),
+    ],
+)
+def test_errors_in_openapi_files_are_pyyaml_s(tmp_path: Path, description: str, found: str) -> None:
+    (tmp_path / "spec.yaml").write_text(SPEC.format(description=description))
+    assert found in "\n".join(WEB.errors(tmp_path, "    openapi: spec.yaml\n"))
+
+
 @pytest.mark.timeout(10)
 def test_alias_bombs_in_files_read_are_refused_at_once(tmp_path: Path) -> None:
     """Bounded as the map is: the spec's example would be walked for its answer's body."""

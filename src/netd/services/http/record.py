@@ -234,7 +234,7 @@ def _recorded(path: Path) -> list[Any]:
     """The routes a recording holds already (none if it is missing or unreadable)."""
     try:
         # Bounded as the map: an alias bomb held the thread that reads it back.
-        routes = schema.load(path.read_text(encoding="utf-8"))
+        routes = schema.load_large(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return []
     return routes if isinstance(routes, list) else []
