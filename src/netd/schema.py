@@ -367,13 +367,13 @@ def in_networks(client: str | IAddress | None, networks: tuple[Network, ...]) ->
     return address is not None and any(address in network for network in networks)
 
 
-_constructor = SafeConstructor()
-
-
 def _scalar(node: yaml.ScalarNode) -> Any:
     """The node's value, or None when its explicit tag does not fit (C{!!int abc})."""
+    # A constructor of its own each time: one keeps every node it built (and,
+    # through the node's marks, the text of its file), so a shared one grew
+    # by every map each reload read, and maps are read in threads too.
     try:
-        return _constructor.construct_object(node, deep=True)
+        return SafeConstructor().construct_object(node, deep=True)
     except (ConstructorError, ValueError, KeyError):
         return None
 

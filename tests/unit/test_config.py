@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import textwrap
+import weakref
 from pathlib import Path
 
 import attrs
@@ -13,6 +15,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import IAddress
 from yaml.constructor import SafeConstructor
 
+from netd import config as config_module
 from netd import endpoints
 from netd.config import ConfigErrors, NetdConfig, load_config, parse_config
 from netd.schema import Problems, client_address, compose
@@ -1030,3 +1033,37 @@ def test_a_mapped_client_is_inside_its_ipv4_network() -> None:
     mapped = client_address("::ffff:127.0.0.1")
     assert mapped is not None and mapped in ipaddress.ip_network("127.0.0.0/8")
     assert ipaddress.ip_address("::ffff:127.0.0.1") not in ipaddress.ip_network("127.0.0.0/8")
+
+
+def test_a_map_read_leaves_none_of_its_text_behind(map_file: Path) -> None:
+    """
+    Its values are read from nodes whose marks hold the map's text: a constructor
+    shared by every read kept them all, and the daemon grew by each map a reload read.
+    """
+    text = textwrap.dedent(
+        """
+        services:
+          echo: {type: echo, listen: ["tcp:0"], max_connections: 7}
+        """
+    )
+    seen = weakref.WeakSet[yaml.Node]()
+
+    def composed(text: str, *args: object, **kwargs: object) -> yaml.Node:
+        node = original(text, *args, **kwargs)
+        seen.update(_nodes(node))
+        return node
+
+    original = config_module.compose
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(config_module, "compose", composed)
+        parse_config(text, map_file)
+    gc.collect()
+    assert not list(seen)
+
+
+def _nodes(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [node, *(n for pair in node.value for item in pair for n in _nodes(item))]
+    if isinstance(node, yaml.SequenceNode):
+        return [node, *(n for item in node.value for n in _nodes(item))]
+    return [node]
