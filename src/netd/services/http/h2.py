@@ -142,6 +142,23 @@ class LimitedH2Connection(H2Connection):
             request.discarding = True  # reset by the client: no more of its body comes
         super()._requestAborted(event)
 
+    def timeoutConnection(self) -> None:
+        # keepalive_timeout is for a connection that waits on its client, as
+        # over HTTP/1.1, where it runs only between requests: a stream whose
+        # request is all in and whose answer netd still owes (a slow upstream,
+        # a route's delay) keeps the connection, and its answer comes.
+        for stream in self.streams.values():
+            request = h2_stream_request(stream)
+            if (
+                isinstance(request, _H2Request)
+                and request.dispatched
+                and not request.finished
+                and request.body.over
+            ):
+                self.resetTimeout()
+                return
+        super().timeoutConnection()
+
     def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
         # Its streams are done with it: nothing is reset or given back then.
         self.lost = True
