@@ -5,6 +5,7 @@ connection driven through StringTransport and a Clock.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections import deque
@@ -1144,6 +1145,60 @@ def test_h2_a_body_crossing_the_limit_after_its_answer_resets_by_how_far_the_ans
     # RFC 9113 8.1: after a complete response, the client is asked to stop
     # sending without error (NO_ERROR), and keeps its response; during one, CANCEL.
     assert wire.statuses() == {1: b"200"} and _resets(wire) == [(1, code)]
+
+
+def _timed_out(wire: H2Wire) -> None:
+    """Past keepalive_timeout: GOAWAY sent, and the transport, like TLS to a
+    client that reads nothing, not gone yet (StringTransport never goes)."""
+    wire.clock.advance(5)
+    assert wire.transport.disconnecting
+    events = wire.client.receive_data(wire.transport.value())
+    assert isinstance(events[-1], h2.events.ConnectionTerminated)
+    wire.transport.clear()
+
+
+def test_h2_an_answer_owed_when_the_connection_times_out_is_not_written(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(keepalive_timeout=5))
+    # Its body stalls: the connection times out while the proxy works on it.
+    wire.client.send_headers(1, [*_H2_POST, ("content-length", "100")])
+    wire.client.send_data(1, b"x" * 10)
+    wire.send()
+    (exchange,) = proxied
+    cancelled: list[bool] = []
+    exchange.proxy_cancel = lambda: cancelled.append(True)
+    _timed_out(wire)
+    # What the proxy then answers (its 502 after the cancel) goes nowhere:
+    # h2's state machine, closed by the GOAWAY, raised ProtocolError here.
+    exchange.respond(502, [], b"502 Bad Gateway\n")
+    wire.clock.advance(0)
+    assert wire.transport.value() == b""
+    assert cancelled == [True] and exchange.done  # its upstream let go at the timeout
+
+
+def test_h2_an_answer_queued_when_the_connection_times_out_is_dropped(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(keepalive_timeout=5))
+    wire.client.send_headers(1, _H2_POST, end_stream=True)
+    wire.send()
+    (exchange,) = proxied
+    h2_connection = wire.protocol.h2
+    assert h2_connection is not None
+    h2_connection.pauseProducing()  # the client reads nothing: TCP backs up
+    exchange.respond(200, [], b"late\n")  # answered whole, queued behind the transport
+    _timed_out(wire)
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        # The transport drains: the sending loop raised ProtocolError for the
+        # queued DATA, an "Unhandled error in Deferred".
+        h2_connection.resumeProducing()
+        wire.clock.advance(0)
+        gc.collect()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert [repr(event["log_failure"].value) for event in seen if "log_failure" in event] == []
+    assert b"late" not in wire.transport.value()
 
 
 @implementer(IStreamClientEndpoint)

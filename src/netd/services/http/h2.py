@@ -158,6 +158,13 @@ class LimitedH2Connection(H2Connection):
                 self.resetTimeout()
                 return
         super().timeoutConnection()
+        # Twisted tells the streams only once the transport is gone: over TLS
+        # to a client that reads nothing, up to abortTimeout later.  Its GOAWAY
+        # closed h2's state machine already, so an answer written meanwhile (a
+        # proxy's, its 502, a route's delayed one) or a frame still queued would
+        # raise there.  The streams are lost now, as when a client's GOAWAY
+        # comes; the timers stay, so a client that never reads is still aborted.
+        self.connectionLost(Failure(ConnectionLost("timed out")), _cancelTimeouts=False)
 
     def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
         # Its streams are done with it: nothing is reset or given back then.
