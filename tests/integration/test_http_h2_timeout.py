@@ -1,0 +1,78 @@
+"""
+An HTTP/2 connection timed out by keepalive_timeout while its client reads
+nothing: over TLS its transport stays until it can flush (abortTimeout), and
+an answer due meanwhile must go nowhere, not into h2's closed state machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import h2.errors
+import pytest
+
+from netd.testing import NetdProcess
+from tests.integration.test_http_review import H2Client
+from tests.maps import lab_map
+from tests.signals import client_address, wait_until
+
+BIG = 96 << 20
+
+
+@pytest.fixture(scope="module")
+def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
+    base = tmp_path_factory.mktemp("h2-timeout")
+    www = base / "www"
+    www.mkdir()
+    with (www / "big.bin").open("wb") as big:
+        big.truncate(BIG)  # sparse: costs nothing on disk
+    config = lab_map(
+        f"""
+  web:
+    type: http
+    listen: [{{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}]
+    root: {www}
+    routes:
+      - {{path: /late, body: "late\\n", delay: 2}}
+    limits: {{keepalive_timeout: 0.5}}
+"""
+    )
+    with NetdProcess.start(config, base / "netd") as process:
+        yield process
+
+
+def sent(netd: NetdProcess) -> int:
+    counters: dict[str, int] = netd.services()["web"]["counters"]
+    return counters["bytes_out"]
+
+
+def test_h2_an_answer_due_after_a_timeout_to_a_client_not_reading_is_dropped(
+    netd: NetdProcess,
+) -> None:
+    client = H2Client(netd, window=2**31 - 1, rcvbuf=4096)
+    client.request(1, "GET", "/big.bin")
+    # Nothing read: netd writes until the kernel takes no more and its own
+    # transport holds the rest, which is what keeps the connection after its
+    # GOAWAY.
+
+    def stalled() -> bool:
+        now = sent(netd)
+        time.sleep(0.2)  # how long its count stands still
+        return now > 1 << 20 and sent(netd) == now
+
+    wait_until(stalled, "netd's writes held back by the client")
+    client.conn.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+    # A body that never comes: the connection is timed out (0.5 s) before the
+    # route's answer is due (2 s).
+    client.request(3, "POST", "/late", end=False, **{"content-length": "10"})
+    # Another connection's answer with the same delay, asked after: once it
+    # is in, the first answer was due too.
+    probe = H2Client(netd)
+    assert probe.get(1, "/late") == (200, b"late\n")
+    probe.close()
+    address = client_address(client.sock)
+    closed = netd.events("web", "connection.closed")
+    assert [event for event in closed if event.get("client") == address] == []  # still there
+    client.close()
+    assert "Unhandled" not in netd.output and "Traceback" not in netd.output
