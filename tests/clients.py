@@ -1,4 +1,7 @@
-"""Clients the integration tests share: raw FTP control connections, raw HTTP, smtplib."""
+"""
+Clients the integration tests share: raw FTP control connections, raw HTTP,
+smtplib, and the Debian tools they run.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from netd.testing import NetdProcess
+
+
+def tool(name: str) -> str:
+    """The path of the client C{name}; the test is skipped where it is not installed."""
+    found = shutil.which(name)
+    if found is None:
+        pytest.skip(f"{name} is not installed (.ci/run installs it)")
+    return found
 
 
 def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:

@@ -78,6 +78,29 @@ def lab_map(services: str, state_dir: str | Path = "state", shutdown_grace: floa
     )
 
 
+def files_service(site: Path, listen: str = "", users: str = "", **extra: str) -> str:
+    """
+    The ftp service C{files} the ftp tests share, for L{lab_map}: plain and
+    implicit FTPS listeners on 127.0.0.1 (and the list items C{listen}),
+    anonymous reading C{site}/pub, alice writing in C{site}/alice (and the
+    entries C{users}), AUTH TLS; C{extra} keys added to it.
+    """
+    return (
+        f"""
+  files:
+    type: ftp
+    listen:
+      - "tcp:0:interface=127.0.0.1"
+      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}{listen}
+    root: {site / "pub"}
+    anonymous: read
+    users:
+      alice: {{password: wonderland, home: {site / "alice"}, write: true}}{users}
+    tls: lab
+"""
+    ) + "".join(f"    {key}: {value}\n" for key, value in extra.items())
+
+
 # Cost 4 keeps the test fast; the map takes any bcrypt cost.
 BOB_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
 

@@ -31,7 +31,7 @@ from netd.testing import NetdProcess
 from tests.batteries import FTP_TRAVERSAL_READS, FTP_TRAVERSAL_WRITES
 from tests.clients import IPV6, command, control, hang_up, lftp_as, passive_port
 from tests.conftest import StartNetd
-from tests.maps import lab_map
+from tests.maps import files_service, lab_map
 from tests.signals import wait_until
 
 CURL = shutil.which("curl")
@@ -67,24 +67,18 @@ def netd(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[NetdP
     bob_hash = bcrypt.hashpw(b"builder", bcrypt.gensalt(4)).decode()
     ipv6 = '\n      - "tcp6:0:interface=\\\\:\\\\:1"' if IPV6 else ""
     config = lab_map(
-        f"""
-  files:
-    type: ftp
-    listen:
-      - "tcp:0:interface=127.0.0.1"
-      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}{ipv6}
-    root: {site / "pub"}
-    anonymous: read
-    users:
-      alice: {{password: wonderland, home: {site / "alice"}, write: true}}
-      bob: {{password_hash: "{bob_hash}", home: {site / "bob"}}}
-    passive_ports: "{PASSIVE_LOW}-{PASSIVE_LOW + 49}"
-    passive_host: 127.0.0.1
-    tls: lab
-    login_delay: 0.3
-    max_login_failures: 2
-    data_timeout: 1
-    max_connections_per_client: 6
+        files_service(
+            site,
+            listen=ipv6,
+            users=f'\n      bob: {{password_hash: "{bob_hash}", home: {site / "bob"}}}',
+            passive_ports=f'"{PASSIVE_LOW}-{PASSIVE_LOW + 49}"',
+            passive_host="127.0.0.1",
+            login_delay="0.3",
+            max_login_failures="2",
+            data_timeout="1",
+            max_connections_per_client="6",
+        )
+        + f"""
   drop:
     type: ftp
     listen: ["tcp:0:interface=127.0.0.1"]

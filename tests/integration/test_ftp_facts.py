@@ -22,7 +22,7 @@ import pytest
 
 from netd.testing import NetdProcess
 from tests.clients import command, control, hang_up, passive_port
-from tests.maps import lab_map
+from tests.maps import files_service, lab_map
 
 CURL = shutil.which("curl")
 LFTP = shutil.which("lftp")
@@ -52,21 +52,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def netd(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Iterator[NetdProcess]:
     config = lab_map(
-        f"""
-  files:
-    type: ftp
-    listen:
-      - "tcp:0:interface=127.0.0.1"
-      - {{endpoint: "ssl:0:interface=127.0.0.1", tls: lab}}
-    root: {site / "pub"}
-    anonymous: read
-    users:
-      alice: {{password: wonderland, home: {site / "alice"}, write: true}}
-    tls: lab
-    umask: "027"
-    data_timeout: 2
-    max_connections_per_client: 8
-"""
+        files_service(site, umask='"027"', data_timeout="2", max_connections_per_client="8")
     )
     process = NetdProcess.start(config, tmp_path_factory.mktemp("netd"))
     yield process

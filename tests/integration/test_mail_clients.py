@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import mailbox
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator
 from email.message import EmailMessage
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from netd.testing import NetdProcess
-from tests.clients import smtp
+from tests.clients import smtp, tool
 from tests.integration.test_mailboxes import MAILBOXES, PASSWORD
 from tests.maps import mail_map
 
@@ -31,13 +30,6 @@ def netd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetdProcess]:
     base = tmp_path_factory.mktemp("clients")
     with NetdProcess.start(mail_map(base / "state", **MAILBOXES), base) as process:
         yield process
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        pytest.skip(f"{name} is not installed (.ci/run installs it)")
-    return found
 
 
 def fill(netd: NetdProcess, user: str) -> list[bytes]:
