@@ -40,7 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from netd.acts import Shaper
-from netd.compat import read_with
+from netd.compat import buffered_bytes, read_with
 from netd.connections import read_into
 from netd.schema import client_address
 from netd.services.ftp.files import Upload
@@ -349,10 +349,17 @@ class DataConnection(Protocol):
             self._meter.stop()
         self.channel.lost(self)
         # Whether the connection ended cleanly: a FIN, not a reset or an abort;
-        # on TLS the peer's close_notify (all was sent), whatever TCP did after;
+        # on TLS the peer's close_notify (all was sent), whatever TCP did after,
+        # or the peer's FIN once netd's own close_notify had left (see _DataTLS);
         # never one netd cut (the close_notify may have been read past the cut).
         clean = not self._cut and (
-            reason.check(net_error.ConnectionDone) is not None or _tls_closed(self.transport)
+            reason.check(net_error.ConnectionDone) is not None
+            or _tls_closed(self.transport)
+            or (
+                isinstance(self.transport, _DataTLS)
+                and self.transport.delivered
+                and reason.check(net_error.ConnectionLost) is not None
+            )
         )
         meter = self._meter
         if clean and meter is not None and meter.ahead() > 0:
@@ -370,6 +377,32 @@ def _socket_of(transport: Any) -> tcp.Connection | None:
         if isinstance(transport, _AfterHeld):
             transport = transport.under
     return transport if isinstance(transport, tcp.Connection) else None
+
+
+class _DataTLS(TLSMemoryBIOProtocol):
+    """
+    TLS on a data connection, noting whether its TCP connection ended with the
+    client's FIN after netd had handed the kernel all it sent, its close_notify
+    included: the end of a download or a listing, as a FIN after netd's own
+    close is on a plain connection.  A client need not answer a close_notify
+    before it closes (RFC 8446 6.1), and wget never does: Twisted reports that
+    FIN as a lost connection, and every download and listing wget made over
+    PROT P was answered 426.  Only netd's own close sends a close_notify, so an
+    upload's end still needs the client's.
+    """
+
+    delivered = False
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        handle = self.getHandle()
+        under = self.transport.under if isinstance(self.transport, _AfterHeld) else self.transport
+        self.delivered = (
+            reason.check(net_error.ConnectionDone) is not None
+            and isinstance(handle, SSL.Connection)
+            and bool(handle.get_shutdown() & SSL.SENT_SHUTDOWN)
+            and buffered_bytes(under) == 0
+        )
+        super().connectionLost(reason)
 
 
 def _tls_closed(transport: Any) -> bool:
@@ -659,9 +692,9 @@ class DataChannel:
         if self.tls is None:
             return connection
         # RFC 4217: the server is the TLS server on every data connection.
-        wrapped: Protocol = TLSMemoryBIOFactory(
-            self.tls, False, _Prebuilt(connection)
-        ).buildProtocol(addr)
+        tls = TLSMemoryBIOFactory(self.tls, False, _Prebuilt(connection))
+        tls.protocol = _DataTLS
+        wrapped: Protocol = tls.buildProtocol(addr)
         return wrapped
 
     def _stop_listening(self) -> None:
