@@ -348,6 +348,19 @@ def test_starttls_discards_plaintext_pipelined_behind_it() -> None:
     assert "250 STARTTLS" not in lines and lines[-1] == "503 5.5.1 Need MAIL before RCPT"
 
 
+def test_a_tls_listener_offers_no_starttls() -> None:
+    # RFC 3207 4.2: never after a TLS handshake, the implicit one of ssl: too
+    # (msmtp --serverinfo listed it on the submissions port).
+    harness = Harness(starttls=object())
+    harness.factory = SessionFactory(harness.receiver, secure=True)
+    session, transport = harness.connect()
+    send(session, "EHLO c\r\n")
+    assert not any("STARTTLS" in line for line in replies(transport))
+    send(session, "STARTTLS\r\n")
+    assert replies(transport) == ["503 5.5.1 TLS already active"]
+    assert transport.started_tls == []
+
+
 def test_starttls_when_it_is_not_available() -> None:
     harness = Harness()
     session, transport = harness.connect()

@@ -335,8 +335,6 @@ class Session(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         self.client = _client_host(self.transport.getPeer())
-        if self.secure:
-            self.canStartTLS = False
         if self.receiver.rules.event_rules:
             self._ruled("connect", super().connectionMade, self._greeted_by_rule)
             return
@@ -619,7 +617,9 @@ class Session(smtp.ESMTP):
         }
         if self.receiver.binarymime:
             found[b"BINARYMIME"] = None
-        if self.canStartTLS and not self.startedTLS:
+        # Not on a TLS listener either (RFC 3207 4.2), whatever twisted's
+        # connectionMade made of canStartTLS: that transport starts TLS too.
+        if self.canStartTLS and not (self.startedTLS or self.secure):
             found[b"STARTTLS"] = None
         if self.challengers and self._auth_allowed():
             found[b"AUTH"] = list(self.challengers)
