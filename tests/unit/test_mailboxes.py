@@ -756,6 +756,27 @@ def test_eight_bit_headers_go_out_seven_bit_and_are_searched_decoded(tmp_path: P
         assert said(transport)[0] == b"* SEARCH 1", needle
 
 
+def test_search_strings_may_be_literals(tmp_path: Path) -> None:
+    """imapclient and Thunderbird send a non-ASCII search string as a literal (RFC 3501 4.3)."""
+    lab = Lab(tmp_path)
+    lab.accept_raw("Subject: Grüße\r\nFrom: Jörg <j@x.test>\r\n\r\nx\r\n".encode())
+    lab.accept_raw(b"Subject: other\r\nFrom: j@x.test\r\n\r\nx\r\n")
+    session, transport = lab.ann_selected()
+    session.dataReceived(b"s UID SEARCH CHARSET UTF-8 SUBJECT {7}\r\n")
+    assert said(transport) == [b"+ Ready for 7 octets of text"]
+    # A literal may hold what would end a line, and another may follow it.
+    session.dataReceived("Grüße FROM {5}\r\n".encode())
+    assert said(transport) == [b"+ Ready for 5 octets of text"]
+    session.dataReceived("Jörg NOT SUBJECT {2}\r\n".encode())
+    assert said(transport) == [b"+ Ready for 2 octets of text"]
+    session.dataReceived(b"}\n\r\nt NOOP\r\n")
+    assert said(transport) == [
+        b"* SEARCH 1",
+        b"s OK SEARCH completed",
+        b"t OK NOOP No operation performed",
+    ]
+
+
 def test_the_whole_header_goes_as_stored_without_utf8_accept(tmp_path: Path) -> None:
     """fetchmail joins RFC822.HEADER and BODY[TEXT]: they must make BODY[], 8-bit and all."""
     lab = Lab(tmp_path)

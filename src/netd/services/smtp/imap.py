@@ -14,6 +14,7 @@ store is C{EXPUNGE}d in every open session.  C{ENABLE UTF8=ACCEPT} (RFC
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -53,6 +54,10 @@ __all__ = ["IMAPFactory", "IMAPSession"]
 _FROM_INDEX = frozenset({"flags", "uid", "internaldate", "rfc822size", "envelope", "rfc822header"})
 # Commands whose answer may not carry EXPUNGE (RFC 3501 7.4.1), unless as UID commands.
 _NO_EXPUNGE_WITH = frozenset({b"FETCH", b"STORE", b"SEARCH"})
+# A synchronizing literal ending a line of SEARCH keys: its octets come after our "+".
+_TRAILING_LITERAL = re.compile(rb"\{(\d+)\}$")
+# SEARCH keys compiled, and what follows them on the line.
+_Keys = tuple[Any, bytes]
 
 
 def _flags_item() -> Any:
@@ -394,7 +399,25 @@ class IMAPSession(IMAP4Server):
             raise IllegalClientResponse("FETCH needs items")
         return list(items), b""
 
-    def arg_searchkeys(self, line: bytes) -> tuple[Any, bytes]:
+    def arg_searchkeys(self, line: bytes) -> _Keys | Deferred[_Keys]:
+        return self._search_keys(b"", line)
+
+    def _search_keys(self, before: bytes, line: bytes) -> _Keys | Deferred[_Keys]:
+        """
+        The keys of C{before} and C{line}, once the literal ending C{line}
+        (and any ending the line after it) is in: imapclient sends a
+        non-ASCII string as one (RFC 3501 4.3), and Twisted read on without
+        it, matching every message and running its octets as a command.
+        """
+        pending = _TRAILING_LITERAL.search(line)
+        if pending is None:
+            return self._compiled_keys(before + line)
+        # parseNestedParens reads a literal as "{n}" CRLF and its n octets.
+        head = before + line + b"\r\n"
+        octets: Deferred[tuple[bytes, bytes]] = self._stringLiteral(int(pending.group(1)))
+        return octets.addCallback(lambda got: self._search_keys(head + got[0], got[1]))
+
+    def _compiled_keys(self, line: bytes) -> _Keys:
         try:
             keys, rest = super().arg_searchkeys(line)
         except IMAP4Exception as e:
