@@ -1,7 +1,9 @@
 """
-An HTTP/2 connection timed out by keepalive_timeout while its client reads
+HTTP/2 connections and keepalive_timeout.  One timed out while its client reads
 nothing: over TLS its transport stays until it can flush (abortTimeout), and
 an answer due meanwhile must go nowhere, not into h2's closed state machine.
+One whose answer is slower than keepalive_timeout keeps it, and times out once
+idle after it; one its client goes away from is closed once answered.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 from collections.abc import Iterator
 
 import h2.errors
+import h2.events
 import pytest
 
 from netd.testing import NetdProcess
@@ -76,3 +79,17 @@ def test_h2_an_answer_due_after_a_timeout_to_a_client_not_reading_is_dropped(
     assert [event for event in closed if event.get("client") == address] == []  # still there
     client.close()
     assert "Unhandled" not in netd.output and "Traceback" not in netd.output
+
+
+def test_h2_after_an_answer_slower_than_keepalive_the_connection_times_out_on_keepalive(
+    netd: NetdProcess,
+) -> None:
+    client = H2Client(netd)
+    assert client.get(1, "/late") == (200, b"late\n")  # 2 s, past keepalive_timeout
+    # Idle from then on: netd's GOAWAY after keepalive_timeout (0.5 s), not
+    # the core's idle sweep minutes later.
+    (goaway,) = [
+        e for e in client.events(timeout=3) if isinstance(e, h2.events.ConnectionTerminated)
+    ]
+    assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    client.close()

@@ -1294,3 +1294,23 @@ def test_requests_build_no_event_while_nobody_can_read_the_journal(tmp_path: Pat
     connection.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     (event,) = journal.select(types=["http.request"])
     assert (event.fields["path"], event.fields["status"]) == ("/", 200)
+
+
+def test_h2_a_connection_waiting_for_an_answer_times_out_on_keepalive_after_it(
+    root: Path,
+) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(keepalive_timeout=5))
+    wire.client.send_headers(1, _H2_POST, end_stream=True)
+    wire.send()
+    (exchange,) = proxied
+    wire.clock.advance(12)  # its answer is owed: not idle
+    assert not wire.transport.disconnecting
+    exchange.respond(200, [], b"late\n")
+    wire.send()
+    assert wire.statuses() == {1: b"200"}
+    # Idle from its answer on: keepalive_timeout, not the core's idle sweep.
+    wire.clock.advance(4.9)
+    assert not wire.transport.disconnecting
+    wire.clock.advance(0.1)
+    assert wire.transport.disconnecting

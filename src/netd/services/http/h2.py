@@ -155,7 +155,9 @@ class LimitedH2Connection(H2Connection):
                 and not request.finished
                 and request.body.over
             ):
-                self.resetTimeout()
+                # TimeoutMixin forgot its timer before calling here, so
+                # resetTimeout would do nothing: a new one is armed.
+                self.setTimeout(self.timeOut)
                 return
         super().timeoutConnection()
         # Twisted tells the streams only once the transport is gone: over TLS
