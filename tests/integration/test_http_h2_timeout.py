@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import h2.errors
 import h2.events
 import pytest
+from hyperframe.frame import GoAwayFrame
 
 from netd.testing import NetdProcess
 from tests.integration.test_http_review import H2Client
@@ -92,4 +93,20 @@ def test_h2_after_an_answer_slower_than_keepalive_the_connection_times_out_on_ke
         e for e in client.events(timeout=3) if isinstance(e, h2.events.ConnectionTerminated)
     ]
     assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    client.close()
+
+
+def test_h2_a_client_going_away_gets_its_answer_then_a_clean_close(netd: NetdProcess) -> None:
+    client = H2Client(netd)
+    client.request(1, "GET", "/late")
+    # Around the client's h2, which would read no answer after its GOAWAY.
+    client.sock.sendall(GoAwayFrame(0, last_stream_id=0).serialize())
+    events: list[h2.events.Event] = []
+    while data := client.sock.recv(65536):  # to netd's close_notify, not abortTimeout's cut
+        events += client.conn.receive_data(data)
+    body = b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+    assert [e.stream_id for e in events if isinstance(e, h2.events.StreamEnded)] == [1]
+    assert body == b"late\n"
+    (goaway,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert (goaway.error_code, goaway.last_stream_id) == (h2.errors.ErrorCodes.NO_ERROR, 1)
     client.close()

@@ -17,6 +17,7 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
@@ -1314,3 +1315,27 @@ def test_h2_a_connection_waiting_for_an_answer_times_out_on_keepalive_after_it(
     assert not wire.transport.disconnecting
     wire.clock.advance(0.1)
     assert wire.transport.disconnecting
+
+
+def test_h2_a_client_going_away_gets_its_answers_then_the_connection_closes(root: Path) -> None:
+    app, proxied = _waiting_proxy(root)
+    wire = H2Wire(app, Limits(keepalive_timeout=5))
+    wire.client.send_headers(1, _H2_POST, end_stream=True)
+    wire.client.send_headers(3, _H2_POST, end_stream=True)
+    wire.send()
+    # RFC 9113 6.8: its last stream ID, 0, is about streams netd would open.
+    # (Sent around the client's h2, which could then read no answer.)
+    wire.protocol.dataReceived(GoAwayFrame(0, last_stream_id=0).serialize())
+    first, second = proxied
+    first.respond(200, [], b"one\n")
+    wire.send()
+    assert wire.statuses() == {1: b"200"} and not wire.transport.disconnecting
+    wire.clock.advance(6)  # its other answer is owed: keepalive_timeout waits
+    second.respond(200, [], b"two\n")
+    wire.send()
+    assert wire.statuses() == {1: b"200", 3: b"200"}
+    assert wire.transport.disconnecting and wire.transport.producer is None
+    data = [(e.stream_id, e.data) for e in wire.events if isinstance(e, h2.events.DataReceived)]
+    assert [chunk for chunk in data if chunk[1]] == [(1, b"one\n"), (3, b"two\n")]
+    (goaway,) = [e for e in wire.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert (goaway.error_code, goaway.last_stream_id) == (0, 3)

@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.resource import Resource
 
-from netd.compat.web import H2Connection, h2_producer_paused, h2_stream_request
+from netd.compat.web import GracefulH2, H2Connection, h2_producer_paused, h2_stream_request
 from netd.services.http.app import (
     HOP_BY_HOP_FRAMING,
     App,
@@ -65,13 +65,43 @@ class LimitedH2Connection(H2Connection):
     reaches the upstream while the client still sends it.  The stream's window
     is opened only as the body is taken, so a slow upstream pauses the client
     (the stream stops producing and its DATA waits in the client's window).
+
+    A client's GOAWAY without error: its open streams are still answered (RFC
+    9113 6.8), then the connection closes; twisted.web dropped them at once.
     """
 
     app: App
     client: str
+    conn: GracefulH2
+    # The TLS transport, whose producer this connection is.
+    transport: Any
     # Seconds a stream answered before its body was all in waits for each byte of the rest.
     body_timeout: float
     lost = False
+    # The client went away (a GOAWAY without error) and its streams are answered.
+    closing = False
+
+    def __init__(self, reactor: Any = None) -> None:
+        super().__init__(reactor)
+        self.conn = GracefulH2(self.conn.config)
+
+    def dataReceived(self, data: bytes) -> None:
+        super().dataReceived(data)
+        self._close_once_answered()
+
+    def _close_once_answered(self) -> None:
+        # The client's GOAWAY kept its streams: once the last is done the
+        # connection closes, with a GOAWAY of netd's (RFC 9113 6.8).
+        if not self.conn.peer_went_away or self.streams or self.lost or self.closing:
+            return
+        self.closing = True
+        self.conn.close_connection()
+        self._tryToWriteControlData()
+        # TLS sends its close_notify only once no producer is registered.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        # A client that reads nothing more is cut, as after a timeout.
+        self.setTimeout(self.abortTimeout)
 
     def remainingOutboundWindow(self, streamID: int) -> int:
         share = max(_H2_CONNECTION_BUFFER // (len(self.streams) or 1), _H2_STREAM_BUFFER_MIN)
@@ -143,6 +173,9 @@ class LimitedH2Connection(H2Connection):
         super()._requestAborted(event)
 
     def timeoutConnection(self) -> None:
+        if self.closing:
+            self.forceAbortClient()
+            return
         # keepalive_timeout is for a connection that waits on its client, as
         # over HTTP/1.1, where it runs only between requests: a stream whose
         # request is all in and whose answer netd still owes (a slow upstream,
@@ -165,7 +198,8 @@ class LimitedH2Connection(H2Connection):
         # closed h2's state machine already, so an answer written meanwhile (a
         # proxy's, its 502, a route's delayed one) or a frame still queued would
         # raise there.  The streams are lost now, as when a client's GOAWAY
-        # comes; the timers stay, so a client that never reads is still aborted.
+        # with an error comes; the timers stay, so a client that never reads
+        # is still aborted.
         self.connectionLost(Failure(ConnectionLost("timed out")), _cancelTimeouts=False)
 
     def connectionLost(self, reason: Failure = connectionDone, *args: Any, **kwargs: Any) -> None:
@@ -200,6 +234,7 @@ class LimitedH2Connection(H2Connection):
                     stream.resumeProducing()
             body.cut()  # what came of it is recorded
         super()._requestDone(streamID)
+        self._close_once_answered()
 
     def _drain(self, streamID: int, request: _H2Request, size: int = -1) -> None:
         """
