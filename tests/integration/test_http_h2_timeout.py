@@ -93,6 +93,10 @@ def test_h2_after_an_answer_slower_than_keepalive_the_connection_times_out_on_ke
         e for e in client.events(timeout=3) if isinstance(e, h2.events.ConnectionTerminated)
     ]
     assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR
+    # Then TLS's close_notify and the end, not abortTimeout's cut 15 s later.
+    client.sock.settimeout(3)
+    while client.sock.recv(65536):
+        pass
     client.close()
 
 

@@ -193,6 +193,10 @@ class LimitedH2Connection(H2Connection):
                 self.setTimeout(self.timeOut)
                 return
         super().timeoutConnection()
+        # Its loseConnection leaves TLS waiting for this connection, still its
+        # producer, so no close_notify went and the client was cut only at
+        # abortTimeout (15 s on): unregistered, TLS closes now.
+        self.transport.unregisterProducer()
         # Twisted tells the streams only once the transport is gone: over TLS
         # to a client that reads nothing, up to abortTimeout later.  Its GOAWAY
         # closed h2's state machine already, so an answer written meanwhile (a
