@@ -355,7 +355,9 @@ class TrackedConnection(ProtocolWrapper):
                 clock,
                 self.transport,
                 send=lambda data: TrackedConnection.write(self, data),
-                lose=lambda: ProtocolWrapper.loseConnection(self),
+                # The close sends the writes held for the turn's end first: the
+                # socket, closed before that end, would drop the reply's last bytes.
+                lose=lambda: TrackedConnection.loseConnection(self),
                 pause=self.transport.pauseProducing,
                 resume=self.transport.resumeProducing,
                 done=self._unshape,

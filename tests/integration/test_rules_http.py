@@ -94,6 +94,21 @@ def test_throttled_body_takes_as_long_as_it_should(start_netd: StartNetd, tmp_pa
     assert float(quick.stdout) < 0.5
 
 
+def test_a_throttled_reply_the_connection_ends_with_arrives_whole(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """Its last bytes, held for the end of the turn, were lost with the close."""
+    netd = started(start_netd, tmp_path)
+    body = bytes(range(256)) * 40
+    (tmp_path / "site" / "slow" / "last.bin").write_bytes(body)
+    url = netd.url("web", path="/slow/last.bin")
+    got = tmp_path / "got.bin"
+    for closing in (["-H", "Connection: close"], ["--http1.0"]):
+        done = curl(*closing, "-o", str(got), url)
+        assert done.returncode == 0, (closing, done.stderr)
+        assert got.read_bytes() == body, closing
+
+
 def test_a_partial_answer_then_deleting_the_rule(start_netd: StartNetd, tmp_path: Path) -> None:
     netd = started(start_netd, tmp_path)
     url = netd.url("web", path="/missing")

@@ -852,6 +852,29 @@ def test_an_abort_drops_the_held_writes() -> None:
     assert socket.sent == [] and unsent_bytes(connection) == 0
 
 
+@pytest.mark.parametrize(("rate", "budget"), [(1000, None), (None, 30)])
+def test_a_rules_close_sends_the_held_writes_first(rate: int | None, budget: int | None) -> None:
+    """
+    A throttled reply closed when sent, or a reply cut after N bytes: a socket
+    with nothing buffered closes within the turn, before the held writes leave.
+    """
+    h = harness(batch_writes=True)
+    connection, socket = on_socket(100, h)
+    out_at_close: list[bytes] = []
+    close = socket.loseConnection
+
+    def closing() -> None:
+        out_at_close.append(b"".join(socket.sent) + socket.queued())
+        close()
+
+    socket.loseConnection = closing  # type: ignore[method-assign]
+    connection.shape(h.clock, rate, budget)
+    connection.write(b"x" * 40)
+    connection.loseConnection()  # the budget's close came first: then this one is a repeat
+    h.elapse(1, step=0.01)
+    assert out_at_close[0] == b"x" * (budget or 40)
+
+
 def test_a_kind_that_does_not_batch_sends_at_once() -> None:
     connection, socket = on_socket(100, harness(batch_writes=False))
     connection.write(b"now")
