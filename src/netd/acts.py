@@ -123,6 +123,9 @@ class Shaper:
         self.ending = False
         self.lose_when_sent = False
         self.released = False
+        # Bytes at the queue's head still paced since the release, or None
+        # while all of it is: what the next reply writes behind them is not.
+        self._paced: int | None = None
         self.stopped = False
         self.producer: Any = None
         self.streaming = False
@@ -144,6 +147,7 @@ class Shaper:
             self._tokens = self._step()
             self._last = self.clock.seconds()
             self.released = False
+            self._paced = None
         if budget is not None:
             self.budget = budget
             if budget == 0:
@@ -197,6 +201,8 @@ class Shaper:
         if self.queue and not self.stopped:
             waiting = bytes(self.queue)
             self.queue.clear()
+            if self._paced is not None:
+                self._paced = 0
             self._send(waiting)
             self._pressure()
 
@@ -229,12 +235,20 @@ class Shaper:
         if self._timer is None:
             self._timer = self.clock.callLater(0, self._pump)
 
-    def release(self) -> None:
+    def release(self, written: bool = False) -> None:
         """
         Pace no more once what is queued is sent, and cut nothing more (the end
         of a shaped reply: a budget it did not spend is not the next reply's).
+
+        @param written: the reply's bytes were all written (HTTP/1.x): what
+            is written after them, the next reply's, leaves unpaced once they
+            are out, where it would wait behind them at the rate.  Otherwise
+            (HTTP/2, whose frames leave on later turns) the rate holds while
+            bytes are queued.
         """
         self.released = True
+        if written and self._paced is None:
+            self._paced = len(self.queue)
         if not self.ending:
             self.budget = None
         if not self.queue:
@@ -304,14 +318,20 @@ class Shaper:
         # A late timer's time is not lost: what it owes is sent now.
         self._tokens += (now - self._last) * rate
         self._last = now
-        count = min(int(self._tokens), len(self.queue))
+        paced = len(self.queue) if self._paced is None else self._paced
+        count = min(int(self._tokens), paced)
+        self._tokens -= count
+        paced -= count
+        if self._paced is not None:
+            self._paced = paced
+            if not paced:
+                count = len(self.queue)
         if count:
             chunk = bytes(self.queue[:count])
             del self.queue[:count]
-            self._tokens -= count
             self._send(chunk)
         if self.queue:
-            wanted = min(len(self.queue), step) - self._tokens
+            wanted = min(paced, step) - self._tokens
             self._timer = self.clock.callLater(max(wanted / rate, 0.001), self._pump)
         self._pressure()
         if not self.queue:

@@ -221,6 +221,28 @@ def test_a_throttle_on_a_reply_pipelined_behind_a_cut_one_paces_it(netd: NetdPro
     assert 0.6 * FILE_SIZE / RATE <= took <= 1.5 * FILE_SIZE / RATE, took
 
 
+def test_a_reply_pipelined_behind_a_throttled_one_is_not_paced(netd: NetdProcess) -> None:
+    """
+    The throttled reply, written whole at once, is over while its bytes still
+    wait for the rate: the file after it waited behind them at that rate too.
+    """
+    slow = 200_000
+    paced = "p" * (slow // 5)
+    with (
+        netd.rule("web", match={"path": "/paced"}, reply={"body": paced}, throttle=slow),
+        socket.create_connection(netd.address("web"), timeout=20) as sock,
+        sock.makefile("rb") as reader,
+    ):
+        sock.sendall(
+            b"GET /paced HTTP/1.1\r\nHost: a\r\n\r\nGET /big.bin HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        assert read_answer(reader) == paced.encode()
+        begun = time.monotonic()
+        assert read_answer(reader) == BODY
+        took = time.monotonic() - begun
+    assert took < 0.1 * FILE_SIZE / slow, took  # 1 s, where the rate took 10
+
+
 def test_a_throttle_pauses_an_h2_connection_whose_client_does_not_read(
     netd: NetdProcess,
 ) -> None:

@@ -323,3 +323,17 @@ def test_a_producer_taken_over_paused_goes_back_running_when_the_rule_ends_at_on
     assert connection.shaper is None
     assert transport.producer is source
     assert not source.paused
+
+
+def test_the_reply_after_a_released_throttle_follows_it_unpaced() -> None:
+    """HTTP/1.1 pipelining: the next reply, no rule's, waited behind at the rate."""
+    clock, connection, transport = connect()
+    perform({"throttle": 1000}, clock, connection, lambda: None)
+    connection.write(b"t" * 2000)
+    connection.shaper.release(written=True)  # the end of the throttled reply
+    connection.write(b"n" * 10000)  # the next one's, written at once
+    clock.advance(1)
+    assert transport.value() == b"hello\r\n" + b"t" * (1000 + 50)  # paced, and nothing overtakes
+    clock.advance(1.1)
+    assert transport.value() == b"hello\r\n" + b"t" * 2000 + b"n" * 10000
+    assert connection.shaper is None

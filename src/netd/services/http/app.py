@@ -769,7 +769,7 @@ class App:
         if exchange.shaped:
             shaper = getattr(exchange.connection_transport(), "shaper", None)
             if shaper is not None:
-                shaper.release()
+                shaper.release(written=exchange.version != "HTTP/2")
         # The response's last byte handed to the transport: its duration ends there.
         finished = self.clock.seconds()
         body = exchange.body
