@@ -20,7 +20,7 @@ import subprocess
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -939,6 +939,39 @@ def test_a_stop_lets_transfers_finish_then_closes_their_sessions(
         (site / "alice" / name).unlink()
 
 
+def lftp_stopped_during_get(
+    start_netd: StartNetd, tmp_path: Path, size: int, rate: int, then: str
+) -> tuple[NetdProcess, bytes, Callable[[], subprocess.CompletedProcess[bytes]], float]:
+    """
+    netd serving C{size} random bytes as big.bin, sent SIGTERM once lftp's
+    get of it (at C{rate} bytes/s, then C{then}) has begun: netd, the file,
+    lftp's outcome (once it is done) and when the stop began.
+    """
+    root = tmp_path / "root"
+    root.mkdir()
+    whole = os.urandom(size)
+    (root / "big.bin").write_bytes(whole)
+    netd = netd_to_stop(start_netd, f"root: {root}\nanonymous: read")
+    getting: list[subprocess.CompletedProcess[bytes]] = []
+    script = f"set net:limit-rate {rate}; set net:max-retries 1; get big.bin; {then}"
+    lftp = threading.Thread(
+        target=lambda: getting.append(
+            lftp_as("anonymous,guest@", netd.address("files"), script, tmp_path)
+        )
+    )
+    lftp.start()
+    wait_until(lambda: (tmp_path / "big.bin").exists(), "the download's start")
+    begun = time.monotonic()
+    netd.process.send_signal(signal.SIGTERM)
+
+    def outcome() -> subprocess.CompletedProcess[bytes]:
+        lftp.join(timeout=30)
+        [got] = getting
+        return got
+
+    return netd, whole, outcome, begun
+
+
 @needs_lftp
 def test_a_stop_leaves_a_slow_reader_its_whole_download(
     start_netd: StartNetd, tmp_path: Path
@@ -949,32 +982,73 @@ def test_a_stop_leaves_a_slow_reader_its_whole_download(
     421 read before them made lftp drop the data connection (exit 1, the
     file cut short), however long after the 226 it came.
     """
-    root = tmp_path / "root"
-    root.mkdir()
-    whole = os.urandom(8 << 20)
-    (root / "slow.bin").write_bytes(whole)
-    netd = netd_to_stop(start_netd, f"root: {root}\nanonymous: read")
-    getting: list[subprocess.CompletedProcess[bytes]] = []
-    lftp = threading.Thread(
-        target=lambda: getting.append(
-            lftp_as(
-                "anonymous,guest@",
-                netd.address("files"),
-                "set net:limit-rate 1000000; set net:max-retries 1; get slow.bin; bye",
-                tmp_path,
-            )
-        )
+    netd, whole, lftp, begun = lftp_stopped_during_get(
+        start_netd, tmp_path, 8 << 20, 1_000_000, "bye"
     )
-    lftp.start()
-    wait_until(lambda: (tmp_path / "slow.bin").exists(), "the download's start")
+    got = lftp()
+    assert got.returncode == 0, got.stderr
+    assert (tmp_path / "big.bin").read_bytes() == whole
+    assert netd.process.wait(timeout=30) == 0
+    assert time.monotonic() - begun < 15  # not by the 20 s grace
+
+
+@needs_lftp
+def test_a_stop_says_421_once_a_client_staying_connected_has_read_its_download(
+    start_netd: StartNetd, tmp_path: Path
+) -> None:
+    """
+    lftp's shell stays connected and silent after a get: the stop waited
+    for its next command, its idle_timeout or the 20 s grace (then a reset,
+    no 421).  netd's FIN after the last byte has lftp close the data
+    connection once it has read it all, and the 421 comes then.  The file is
+    larger than loopback's socket buffers hold: the stop comes during the
+    download, not after its 226.
+    """
+    netd, whole, lftp, begun = lftp_stopped_during_get(
+        start_netd, tmp_path, 16 << 20, 8_000_000, "sleep 10; bye"
+    )
+    assert netd.process.wait(timeout=30) == 0
+    assert time.monotonic() - begun < 5  # the download's 2 s, not lftp's sleep nor the grace
+    got = lftp()
+    assert (tmp_path / "big.bin").read_bytes() == whole
+    assert got.returncode == 0, got.stderr
+    assert b"get:" not in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "prot_p"])
+def test_a_download_running_at_a_stop_is_followed_by_421_without_another_command(
+    start_netd: StartNetd, tmp_path: Path, tls: bool
+) -> None:
+    size = 64 << 20
+    with (tmp_path / "huge.bin").open("wb") as huge:
+        huge.truncate(size)  # sparse: more than loopback buffers hold
+    netd = netd_to_stop(start_netd, f"root: {tmp_path}\nanonymous: read\ntls: lab")
+    client = tls_connect(netd) if tls else connect(netd)
+    client.login()
+    if isinstance(client, ftplib.FTP_TLS):
+        client.prot_p()
+    client.voidcmd("TYPE I")
+    data = client.transfercmd("RETR huge.bin")
+    got = len(data.recv(65536))
     begun = time.monotonic()
     netd.process.send_signal(signal.SIGTERM)
-    lftp.join(timeout=30)
-    [got] = getting
-    assert got.returncode == 0, got.stderr
-    assert (tmp_path / "slow.bin").read_bytes() == whole
-    assert netd.process.wait(timeout=30) == 0
-    assert time.monotonic() - begun < 15  # ended by lftp's QUIT, not by the 20 s grace
+    # The port closes, then its sessions are asked to close: the download still runs.
+    port = netd.address("files")[1]
+    wait_until(lambda: f"(TCP Port {port} Closed)" in netd.output, "the port's close")
+    while chunk := data.recv(1 << 20):
+        assert not chunk.strip(b"\0")
+        got += len(chunk)
+    if isinstance(data, ssl.SSLSocket):
+        data.unwrap()
+    data.close()
+    assert client.voidresp().startswith("226")
+    with pytest.raises(ftplib.error_temp, match=r"^421 Service not available, closing"):
+        client.getresp()
+    assert client.file.readline() == ""  # closed
+    client.close()  # (over TLS netd waits for it after its close_notify)
+    assert netd.process.wait(timeout=15) == 0
+    assert time.monotonic() - begun < 5  # not the 20 s grace
+    assert got == size
 
 
 def test_a_client_that_reads_slowly_but_steadily_is_not_cut(netd: NetdProcess) -> None:

@@ -24,9 +24,11 @@ from twisted.internet import main
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableDescriptor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols import ftp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from netd.events import Journal, ServiceStats
 from netd.rules import RuleSet
@@ -54,7 +56,7 @@ from netd.services.ftp.session import (
     _response,
     _timestamp,
 )
-from tests.fakes.transports import TLSStringTransport
+from tests.fakes.transports import HalfClosingStringTransport, TLSStringTransport
 from tests.maps import ServiceMap
 
 # -- the map section ----------------------------------------------------------------------
@@ -770,12 +772,22 @@ def test_overlong_command_line_closes_the_session(tmp_path: Path) -> None:
     assert transport.disconnecting
 
 
-def open_passive(harness: Harness, session: Session, transport: StringTransport) -> Any:
-    """PASV, then the client's data connection, as a protocol on a StringTransport."""
+@implementer(IHalfCloseableDescriptor)
+class DataSocket(HalfClosingStringTransport):
+    """A plain data connection's TCP transport: it can send netd's FIN alone."""
+
+
+def open_passive(
+    harness: Harness, session: Session, transport: StringTransport, data: Any = None
+) -> Any:
+    """
+    PASV, then the client's data connection, as a protocol on C{data}: a
+    StringTransport unless given (one that cannot half-close, as TLS).
+    """
     send(session, transport, b"PASV")
     factory = harness.reactor.tcpServers[-1][1]
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 6000))
-    data = StringTransport()
+    data = StringTransport() if data is None else data
     protocol.makeConnection(data)
     return protocol, data
 
@@ -847,35 +859,41 @@ def test_a_session_asked_to_close_during_a_transfer_starts_no_other(tmp_path: Pa
     assert transport.value().count(b"421") == 1
 
 
-def downloaded_at_a_stop(tmp_path: Path) -> tuple[Harness, Session, StringTransport]:
-    """A session asked to close during its download, which then ends: 226."""
+def downloaded_at_a_stop(
+    tmp_path: Path, command: bytes = b"RETR down.txt"
+) -> tuple[Harness, Session, StringTransport, Any, DataSocket]:
+    """
+    A session asked to close during its download (or listing) on plain TCP,
+    whose last byte then reaches the kernel: netd's FIN, and 226.
+    """
     harness = Harness(tmp_path)
     (tmp_path / "down.txt").write_bytes(b"d" * 5000)
     session, transport = harness.connect()
     send(session, transport, b"USER alice", b"PASS wonderland")
-    protocol, data = open_passive(harness, session, transport)
-    send(session, transport, b"RETR down.txt")
+    protocol, data = open_passive(harness, session, transport, DataSocket())
+    send(session, transport, command)
     session.close_gracefully()  # netd stops: the running download is not cut
     while data.producer is not None:  # the client reads: the file goes to the kernel
         data.producer.resumeProducing()
     harness.reactor.advance(0)
-    assert data.disconnecting and data.value() == b"d" * 5000
-    protocol.connectionLost(Failure(ConnectionDone()))
+    assert data.write_closed and not data.disconnecting
+    protocol.writeConnectionLost()
     harness.reactor.advance(0)
     assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
-    return harness, session, transport
+    return harness, session, transport, protocol, data
 
 
 def test_a_session_asked_to_close_during_a_download_waits_for_the_clients_next_transfer(
     tmp_path: Path,
 ) -> None:
-    harness, session, transport = downloaded_at_a_stop(tmp_path)
+    harness, session, transport, _, data = downloaded_at_a_stop(tmp_path)
     # The client may still have the file's end to read from its socket buffers.
     harness.reactor.advance(60)
     assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
     assert not transport.disconnecting
     assert send(session, transport, b"NOOP") == [b"200 Command OK"]
     open_passive(harness, session, transport)
+    assert data.disconnecting  # the new PASV's channel replaced the download's
     assert send(session, transport, b"RETR down.txt") == [
         b"421 Service not available, closing control connection."
     ]
@@ -883,10 +901,93 @@ def test_a_session_asked_to_close_during_a_download_waits_for_the_clients_next_t
 
 
 def test_a_session_asked_to_close_during_a_download_says_221_to_quit(tmp_path: Path) -> None:
-    harness, session, transport = downloaded_at_a_stop(tmp_path)
+    harness, session, transport, _, _ = downloaded_at_a_stop(tmp_path)
     harness.reactor.advance(5)  # the client reads the file's end, then is done
     assert send(session, transport, b"QUIT") == [b"221 Goodbye."]
     assert transport.disconnecting
+
+
+@pytest.mark.parametrize("command", [b"RETR down.txt", b"LIST", b"MLSD"])
+def test_a_session_asked_to_close_says_421_once_the_client_closes_its_download(
+    tmp_path: Path, command: bytes
+) -> None:
+    """
+    A client that stays connected and silent after its download (lftp's
+    shell, a GUI) closes the data connection once it has read netd's FIN:
+    the 421 comes then, not at the idle sweep or the stop's grace.
+    """
+    harness, _, transport, protocol, data = downloaded_at_a_stop(tmp_path, command)
+    harness.reactor.advance(5)  # reading the socket buffers
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    protocol.readConnectionLost()  # the client's FIN
+    assert data.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert transport.value().splitlines()[-1] == (
+        b"421 Service not available, closing control connection."
+    )
+    assert transport.disconnecting
+    assert [f["ok"] for t, f in harness.events if t == "ftp.transfer"] == [True]
+
+
+def test_a_download_over_tls_at_a_stop_is_followed_by_421_once_the_client_closed_it(
+    tmp_path: Path,
+) -> None:
+    """
+    TLS has no half-close of Twisted's: netd's close_notify, and the 226 once
+    the client closes its end, having read it all; the 421 follows at once.
+    """
+    harness = Harness(tmp_path)
+    (tmp_path / "down.txt").write_bytes(b"d" * 5000)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport)  # cannot half-close
+    send(session, transport, b"RETR down.txt")
+    session.close_gracefully()
+    while data.producer is not None:
+        data.producer.resumeProducing()
+    harness.reactor.advance(0)
+    assert data.disconnecting  # (TLS: netd's close_notify)
+    protocol.connectionLost(Failure(ConnectionDone()))  # the client's close
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    harness.reactor.advance(0)
+    assert transport.value().splitlines()[-2:] == [
+        b"226 Transfer Complete.",
+        b"421 Service not available, closing control connection.",
+    ]
+    assert transport.disconnecting
+
+
+def test_a_download_not_at_a_stop_closes_at_netds_fin(tmp_path: Path) -> None:
+    """Outside a stop nothing waits for the client: closed once the FIN is in the kernel."""
+    harness = Harness(tmp_path)
+    (tmp_path / "down.txt").write_bytes(b"d" * 5000)
+    session, transport = harness.connect()
+    send(session, transport, b"USER alice", b"PASS wonderland")
+    protocol, data = open_passive(harness, session, transport, DataSocket())
+    send(session, transport, b"RETR down.txt")
+    while data.producer is not None:
+        data.producer.resumeProducing()
+    harness.reactor.advance(0)
+    assert data.write_closed
+    protocol.writeConnectionLost()
+    assert data.disconnecting
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert transport.value().splitlines()[-1] == b"226 Transfer Complete."
+    harness.reactor.advance(60)
+    assert not transport.disconnecting
+
+
+def test_a_client_that_never_closes_its_download_at_a_stop_is_ended_by_the_idle_sweep(
+    tmp_path: Path,
+) -> None:
+    _, session, transport, protocol, data = downloaded_at_a_stop(tmp_path)
+    session.close_idle()
+    assert transport.value().splitlines()[-1] == b"421 Idle timeout, closing control connection."
+    assert transport.disconnecting
+    session.connectionLost(Failure(ConnectionDone()))
+    assert data.disconnecting  # aborted with its session
+    protocol.connectionLost(Failure(ConnectionDone()))
+    assert transport.value().count(b"421") == 1
 
 
 def alice_under_rules(tmp_path: Path) -> tuple[Harness, RuleSet, Session, TLSStringTransport]:

@@ -24,6 +24,8 @@ from twisted.internet import tcp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import (
+    IHalfCloseableDescriptor,
+    IHalfCloseableProtocol,
     IHandshakeListener,
     IOpenSSLServerConnectionCreator,
     IReadDescriptor,
@@ -37,7 +39,7 @@ from twisted.internet.protocol import (
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import alsoProvides, implementer
 
 from netd.acts import Shaper
 from netd.compat import buffered_bytes, read_with
@@ -288,6 +290,41 @@ class DataConnection(Protocol):
             self._finishing.cancel()
             self.closed.callback(False)
 
+    def finish(self) -> Deferred[bool]:
+        """
+        All of a download or a listing is written: end the connection; whether
+        it ended cleanly (L{closed}).  A plain TCP one is half-closed (netd's
+        FIN after the last byte) and closed once that is in the kernel, as it
+        always was; but when its session is closing then (a stop), it is left
+        open for the client to close: L{closed} fires at the FIN (the 226, as
+        ever), and the client's close, which every client makes once it has
+        read to the end, tells the session its 421 can no longer cut a file
+        still in the socket buffers.  TLS has its own: netd's close_notify,
+        then the client's close is L{closed} (see L{_DataTLS}).
+        """
+        if not _can_half_close(self._socket()):
+            self.transport.loseConnection()
+            return self.closed
+        # Only from now on: a client's FIN before the end still ends a transfer at once.
+        alsoProvides(self, IHalfCloseableProtocol)
+        self.transport.loseWriteConnection()
+        return self.closed
+
+    def writeConnectionLost(self) -> None:
+        # The last byte and netd's FIN are in the kernel.
+        if self.channel.session.closing:
+            self.closed.callback(True)
+        else:
+            self._socket().loseConnection()
+
+    def readConnectionLost(self) -> None:
+        # The client's FIN: after netd's, it has read it all.
+        self._socket().loseConnection()
+
+    def _socket(self) -> Any:
+        """The transport under a rule's shaping: a close that need not wait for its queue."""
+        return self._shaped.transport if self._shaped is not None else self.transport
+
     def connectionMade(self) -> None:
         self.channel.connected(self)
 
@@ -348,6 +385,8 @@ class DataConnection(Protocol):
         if self._meter is not None:
             self._meter.stop()
         self.channel.lost(self)
+        if self.closed.called:
+            return  # half-closed at a stop, and answered at netd's FIN
         # Whether the connection ended cleanly: a FIN, not a reset or an abort;
         # on TLS the peer's close_notify (all was sent), whatever TCP did after,
         # or the peer's FIN once netd's own close_notify had left (see _DataTLS);
@@ -368,6 +407,18 @@ class DataConnection(Protocol):
             self._finishing = meter.clock.callLater(meter.ahead(), self.closed.callback, True)
         else:
             self.closed.callback(clean)
+
+
+def _can_half_close(transport: Any) -> bool:
+    """
+    Whether C{transport} is a TCP connection netd can half-close.  Not TLS,
+    which has no half-close of Twisted's: it passes attribute lookups on to
+    the socket below, its C{loseWriteConnection} (which would end the stream
+    without a close_notify) and the socket's interfaces too.
+    """
+    return not isinstance(transport, TLSMemoryBIOProtocol) and bool(
+        IHalfCloseableDescriptor.providedBy(transport)
+    )
 
 
 def _socket_of(transport: Any) -> tcp.Connection | None:
@@ -458,11 +509,12 @@ class _Shaped:
 
     def __init__(self, transport: Any, clock: Any, rate: int | None, budget: int | None) -> None:
         self.transport = transport
+        self._half_close = False
         self.shaper = shaper = Shaper(
             clock,
             transport,
             send=transport.write,
-            lose=transport.loseConnection,
+            lose=self._let_go,
             pause=transport.pauseProducing,
             resume=transport.resumeProducing,
             done=lambda: None,  # shaped until the transfer ends
@@ -476,6 +528,17 @@ class _Shaped:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
+
+    def loseWriteConnection(self) -> None:
+        """Half-close once what the throttle holds is sent."""
+        self._half_close = True
+        self.shaper.lose_connection()
+
+    def _let_go(self) -> None:
+        if self._half_close:
+            self.transport.loseWriteConnection()
+        else:
+            self.transport.loseConnection()
 
     def paced_for(self) -> float:
         """

@@ -364,6 +364,11 @@ class Session(ftp.FTP):
         """Asked by netd's idle sweep: as a stop, with a 421 that names the timeout."""
         self._close(_IDLE)
 
+    @property
+    def closing(self) -> bool:
+        """Asked to close (a stop, a reload, the idle sweep): no transfer starts any more."""
+        return self._goodbye is not None
+
     def _close(self, goodbye: str) -> None:
         self._goodbye = goodbye
         if self.transfer is None:
@@ -790,6 +795,10 @@ class Session(ftp.FTP):
     def data_closed(self, channel: DataChannel) -> None:
         if self.data is channel:
             self.data = None
+            if self.transfer is None:
+                # A download's connection left open at a stop after its 226
+                # (L{DataConnection.finish}): the client read it to the end.
+                self._say_goodbye()
 
     def _passive(self) -> int:
         channel = self._new_channel()
@@ -1027,9 +1036,8 @@ class Session(ftp.FTP):
 
             connection.closed.addCallback(stop_sending)
 
-            def done(_: object) -> Deferred[Any]:
-                transport.loseConnection()
-                return connection.closed
+            def done(_: object) -> Deferred[bool]:
+                return connection.finish()
 
             def failed(reason: Failure) -> bool:
                 transport.abortConnection()
@@ -1156,13 +1164,19 @@ class Session(ftp.FTP):
         self._stop_transfer = None
         if self._goodbye is not None and transfer.direction == "upload":
             # A moment after the reply, for a client that is done to say QUIT
-            # by itself.  Not after a download or a listing: its 226 comes once
-            # the last byte is in the kernel, and a client may still have
-            # megabytes to read from the socket buffers then; lftp drops them
-            # at a 421, however late it comes.  That session says its 421 when
-            # the client starts another transfer, and the idle sweep or the
-            # stop's grace ends it if the client never asks again.
+            # by itself.
             self.server.reactor.callLater(_GOODBYE_AFTER, self._say_goodbye)
+        elif self._goodbye is not None and self.data is None:
+            # A download or a listing whose data connection is gone: the
+            # client closed it, having read it all (TLS: after netd's
+            # close_notify), or it was cut.  After the reply, which follows.
+            self.server.reactor.callLater(0, self._say_goodbye)
+        # Else the data connection is left half-closed (DataConnection.finish):
+        # the 226 comes once the last byte is in the kernel, and a client may
+        # still have megabytes to read from the socket buffers; lftp drops
+        # them at a 421, however late it comes.  The 421 waits for the client
+        # to close it (data_closed), or to start another transfer; the idle
+        # sweep or the stop's grace ends a session whose client does neither.
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
@@ -1209,9 +1223,8 @@ class Session(ftp.FTP):
                 transform=None if self.binary else _ToCRLF(),
             )
 
-            def done(_: object) -> Deferred[Any]:
-                transport.loseConnection()
-                return connection.closed
+            def done(_: object) -> Deferred[bool]:
+                return connection.finish()
 
             def failed(reason: Failure) -> bool:
                 if not reason.check(net_error.ConnectionLost):
