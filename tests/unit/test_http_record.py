@@ -18,6 +18,7 @@ import pytest
 import yaml
 from twisted.internet.defer import Deferred
 from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 
 from netd import schema
 from netd.services.http.app import App, Headers
@@ -159,6 +160,30 @@ def test_recordings_are_bounded_where_an_alias_may_begin(
 ) -> None:
     assert schema.load_large(text) == yaml.load(text, Loader=yaml.CSafeLoader)
     assert bool(composed) == bounded
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("- {path: /a\n", "while parsing"),
+        ("path: /a\n", "not a YAML list of routes"),
+        (f"- {{path: /a, method: GET, match: {LAUGHS}}}\n", "aliases repeat"),
+    ],
+)
+def test_a_recording_not_read_back_is_said(tmp_path: Path, text: str, reason: str) -> None:
+    """Recording goes on from nothing known, so requests it holds may be written again."""
+    path = tmp_path / "rec.yaml"
+    path.write_text(text)
+    said: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        Recorder(str(path), secrets=False, serving=Recorders())
+        Recorder(str(tmp_path / "new.yaml"), secrets=False, serving=Recorders())  # no file yet
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    (warning,) = [e for e in said if e.get("log_namespace") == "netd.http"]
+    assert warning["log_level"] == LogLevel.warn and warning["file"] == str(path)
+    assert reason in warning["reason"]
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
 
 from netd import schema
 from netd.kinds import BuildContext, Holders
@@ -54,6 +55,7 @@ _NOT_RECORDED = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"keep-alive", b"date", b"server"}
 )
 _GLOB = "*?["
+_log = Logger(namespace="netd.http")
 
 # The recorder that appends to each record_to file now, by its resolved path.
 # During a reload the old service still relays on its open connections while
@@ -102,7 +104,17 @@ class Recorder:
 
     def _read_back(self, outcome: Any) -> None:
         if isinstance(outcome, tuple):  # else a failure: go on from nothing known
-            self._learn(*outcome)
+            seen, count, unreadable = outcome
+            self._learn(seen, count)
+            if unreadable is not None:
+                # Recording goes on from nothing known: requests the file holds
+                # may be written to it again, and a replay then has both.
+                _log.warn(
+                    "record_to {file}: not read back ({reason}); exchanges it holds may be"
+                    " written again",
+                    file=str(self.path),
+                    reason=unreadable,
+                )
         waiting, self._waiting = self._waiting or [], None
         serving = self._serving()
         for route, body in waiting:
@@ -216,11 +228,15 @@ class Recorder:
             return name
 
 
-def _read_back(path: Path, bodies: Path) -> tuple[set[str], int]:
-    """The requests a recording holds already, and the last body file's number."""
-    seen = {_request_key(route) for route in _recorded(path)}
+def _read_back(path: Path, bodies: Path) -> tuple[set[str], int, str | None]:
+    """
+    The requests a recording holds already, the last body file's number, and
+    why the recording could not be read (None when it was, or is not there yet).
+    """
+    routes, unreadable = _recorded(path)
+    seen = {_request_key(route) for route in routes}
     numbers = [int(p.stem) for p in bodies.glob("*.bin") if p.stem.isdigit()]
-    return seen, max(numbers, default=0)
+    return seen, max(numbers, default=0), unreadable
 
 
 def _request_key(route: Any) -> str:
@@ -230,14 +246,20 @@ def _request_key(route: Any) -> str:
     return json.dumps([route.get("method"), route.get("path"), route.get("match")], sort_keys=True)
 
 
-def _recorded(path: Path) -> list[Any]:
-    """The routes a recording holds already (none if it is missing or unreadable)."""
+def _recorded(path: Path) -> tuple[list[Any], str | None]:
+    """The routes a recording holds already, and why none could be read from it."""
     try:
         # Bounded as the map: an alias bomb held the thread that reads it back.
         routes = schema.load_large(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
-    return routes if isinstance(routes, list) else []
+    except FileNotFoundError:
+        return [], None  # a first recording
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return [], str(e).splitlines()[0] if str(e) else type(e).__name__
+    if routes is None:
+        return [], None  # empty
+    if not isinstance(routes, list):
+        return [], "not a YAML list of routes"
+    return routes, None
 
 
 def _whole_body(exchange: Exchange) -> bytes | None:
