@@ -17,14 +17,17 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
 from netd.testing import NetdProcess
 from tests.clients import passive_port, tool
 from tests.maps import files_service, lab_map
+from tests.signals import wait_until
 
 DATA = bytes(range(256)) * 1200 + b"\r\n\n\r\x00 end"  # no TYPE A could leave it whole
 TREE = {
@@ -278,15 +281,14 @@ def test_wget_mirrors_over_explicit_and_implicit_ftps(netd: NetdProcess, tmp_pat
     assert (tmp_path / "data.bin").read_bytes() == DATA
 
 
-def test_a_tls_download_whose_client_closes_without_close_notify_is_complete(
-    netd: NetdProcess,
-) -> None:
+@contextmanager
+def prot_p_control(
+    netd: NetdProcess, context: ssl.SSLContext
+) -> Iterator[tuple[Callable[[str], bytes], BinaryIO]]:
     """
-    A client that reads a download to netd's close_notify and closes its TCP
-    connection without answering it got all of the file (226); one that
-    closes halfway is still 426.
+    A raw control connection over explicit TLS, logged in anonymously, with
+    PROT P and TYPE I: what asks a command its reply, and the replies.
     """
-    context = ssl.create_default_context(cafile=ca_file(netd))
     raw = socket.create_connection(netd.address("files"), timeout=10)
     assert raw.recv(1024).startswith(b"220")
     raw.sendall(b"AUTH TLS\r\n")
@@ -300,6 +302,19 @@ def test_a_tls_download_whose_client_closes_without_close_notify_is_complete(
 
         for line in ("USER anonymous", "PASS guest@", "PBSZ 0", "PROT P", "TYPE I"):
             assert ask(line)[:1] in (b"2", b"3")
+        yield ask, replies
+
+
+def test_a_tls_download_whose_client_closes_without_close_notify_is_complete(
+    netd: NetdProcess,
+) -> None:
+    """
+    A client that reads a download to netd's close_notify and closes its TCP
+    connection without answering it got all of the file (226); one that
+    closes halfway is still 426.
+    """
+    context = ssl.create_default_context(cafile=ca_file(netd))
+    with prot_p_control(netd, context) as (ask, replies):
         for wanted, last in ((len(DATA) + 1, b"226"), (1000, b"426")):  # + 1: to its end
             port = passive_port(ask("PASV"))
             data = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -311,6 +326,36 @@ def test_a_tls_download_whose_client_closes_without_close_notify_is_complete(
             secured.close()  # no close_notify: SSLSocket.close does not send one
             assert replies.readline()[:3] == last
             assert received[: len(DATA)] == DATA[: len(received)]
+
+
+def test_a_tls_download_whose_client_gives_up_with_a_fin_is_not_complete(
+    netd: NetdProcess,
+) -> None:
+    """
+    A client that reads part of a download and sends its FIN, without a
+    close_notify, while the rest and netd's close_notify wait in netd's
+    kernel queue did not get the file: 426, not 226.
+    """
+    context = ssl.create_default_context(cafile=ca_file(netd))
+    with prot_p_control(netd, context) as (ask, replies):
+        data = socket.socket()
+        data.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the rest stays in netd's
+        data.settimeout(10)
+        data.connect(("127.0.0.1", passive_port(ask("PASV"))))
+        assert ask("RETR data.bin")[:3] in (b"125", b"150")
+        secured = context.wrap_socket(data, server_hostname="127.0.0.1")
+        received = b""
+        while len(received) < 20000:
+            received += secured.recv(20000 - len(received))
+
+        def all_written() -> bool:
+            transfers = [session["transfer"] for session in netd.sessions("files")]
+            return any(transfer and transfer["bytes"] == len(DATA) for transfer in transfers)
+
+        wait_until(all_written, "the whole file written")
+        secured.shutdown(socket.SHUT_WR)  # a FIN; SSLSocket.shutdown sends no close_notify
+        assert replies.readline()[:3] == b"426"
+        data.close()
 
 
 # -- NcFTP --------------------------------------------------------------------------------

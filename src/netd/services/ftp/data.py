@@ -267,20 +267,12 @@ class DataConnection(Protocol):
     def sent_not_taken(self) -> int | None:
         """
         Bytes in the kernel's send queue of this connection's socket that the
-        client has not taken yet (Linux's SIOCOUTQ); None where it cannot be
-        asked.  A download to a client that reads slowly hands netd's bytes
-        to the kernel in bursts far apart (a loopback send buffer holds
-        megabytes): the queue going down between them is the client's progress.
+        client has not taken yet; None where it cannot be asked.  A download
+        to a client that reads slowly hands netd's bytes to the kernel in
+        bursts far apart (a loopback send buffer holds megabytes): the queue
+        going down between them is the client's progress.
         """
-        connection = _socket_of(self.transport)
-        if connection is None:
-            return None
-        try:
-            answer = fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-        except (OSError, ValueError):
-            return None
-        queued: int = struct.unpack("i", answer)[0]
-        return queued
+        return _not_taken(_socket_of(self.transport))
 
     def cut(self) -> None:
         """End the connection now, and the transfer on it as not complete."""
@@ -430,10 +422,11 @@ def _socket_of(transport: Any) -> tcp.Connection | None:
     return transport if isinstance(transport, tcp.Connection) else None
 
 
+@implementer(IHalfCloseableProtocol)
 class _DataTLS(TLSMemoryBIOProtocol):
     """
     TLS on a data connection, noting whether its TCP connection ended with the
-    client's FIN after netd had handed the kernel all it sent, its close_notify
+    client's FIN after the client had taken all netd sent, its close_notify
     included: the end of a download or a listing, as a FIN after netd's own
     close is on a plain connection.  A client need not answer a close_notify
     before it closes (RFC 8446 6.1), and wget never does: Twisted reports that
@@ -444,16 +437,40 @@ class _DataTLS(TLSMemoryBIOProtocol):
 
     delivered = False
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def readConnectionLost(self) -> None:
+        # The client's FIN, read while the socket is still open to ask what its
+        # kernel queue holds: Twisted's buffer may be empty with the file's end
+        # and the close_notify still there, unread by a client that gave up.
         handle = self.getHandle()
-        under = self.transport.under if isinstance(self.transport, _AfterHeld) else self.transport
+        under: Any = (
+            self.transport.under if isinstance(self.transport, _AfterHeld) else self.transport
+        )
         self.delivered = (
-            reason.check(net_error.ConnectionDone) is not None
-            and isinstance(handle, SSL.Connection)
+            isinstance(handle, SSL.Connection)
             and bool(handle.get_shutdown() & SSL.SENT_SHUTDOWN)
             and buffered_bytes(under) == 0
+            and _not_taken(_socket_of(self)) in (0, None)
         )
-        super().connectionLost(reason)
+        # What Twisted does with the FIN for a protocol without a half-close.
+        under.connectionLost(connectionDone)
+
+    def writeConnectionLost(self) -> None:
+        """Not called: netd never half-closes a TLS socket (see L{_can_half_close})."""
+
+
+def _not_taken(connection: tcp.Connection | None) -> int | None:
+    """
+    Bytes in the kernel's send queue of C{connection} that its peer has not
+    acknowledged yet (Linux's SIOCOUTQ); None where it cannot be asked.
+    """
+    if connection is None:
+        return None
+    try:
+        answer = fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (OSError, ValueError):
+        return None
+    queued: int = struct.unpack("i", answer)[0]
+    return queued
 
 
 def _tls_closed(transport: Any) -> bool:
