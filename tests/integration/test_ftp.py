@@ -670,6 +670,27 @@ def test_a_rules_throttle_paces_uploads_over_prot_p(
     client.quit()
 
 
+def test_a_rules_throttle_paces_downloads_over_prot_p(netd: NetdProcess, site: Path) -> None:
+    """
+    ftplib's TLS handshake on the data connection came after RETR, behind the
+    throttle: it timed out (netd read nothing while the throttle's queue was
+    full), and once read, the session tickets held for the first bytes were
+    lost (a bad record MAC).
+    """
+    payload = os.urandom(100_000)  # more than the throttle queues before reading pauses
+    (site / "alice" / "paced_down.bin").write_bytes(payload)
+    client = tls_connect(netd)
+    client.login("alice", "wonderland")
+    client.prot_p()
+    with netd.rule("files", match={"command": "RETR"}, throttle=40_000) as throttle:
+        begun = time.monotonic()
+        assert retrieve(client, "paced_down.bin") == payload
+        assert 2 <= time.monotonic() - begun < 10  # 2.5 s at the rate
+        assert throttle.fired == 1
+    client.delete("paced_down.bin")
+    client.quit()
+
+
 def test_a_throttles_pause_longer_than_data_timeout_is_not_a_stall(
     netd: NetdProcess, site: Path
 ) -> None:

@@ -18,7 +18,7 @@ import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
@@ -305,16 +305,18 @@ def prot_p_control(
         yield ask, replies
 
 
+@pytest.mark.parametrize("throttle", [None, 2_000_000], ids=["unpaced", "throttled"])
 def test_a_tls_download_whose_client_closes_without_close_notify_is_complete(
-    netd: NetdProcess,
+    netd: NetdProcess, throttle: int | None
 ) -> None:
     """
     A client that reads a download to netd's close_notify and closes its TCP
     connection without answering it got all of the file (226); one that
-    closes halfway is still 426.
+    closes halfway is still 426.  A rule's throttle changes neither.
     """
     context = ssl.create_default_context(cafile=ca_file(netd))
-    with prot_p_control(netd, context) as (ask, replies):
+    rule = netd.rule("files", match={"command": "RETR"}, throttle=throttle) if throttle else None
+    with rule or nullcontext(), prot_p_control(netd, context) as (ask, replies):
         for wanted, last in ((len(DATA) + 1, b"226"), (1000, b"426")):  # + 1: to its end
             port = passive_port(ask("PASV"))
             data = socket.create_connection(("127.0.0.1", port), timeout=10)

@@ -294,7 +294,7 @@ class DataConnection(Protocol):
         still in the socket buffers.  TLS has its own: netd's close_notify,
         then the client's close is L{closed} (see L{_DataTLS}).
         """
-        if not _can_half_close(self._socket()):
+        if not _can_half_close(self._unshaped()):
             self.transport.loseConnection()
             return self.closed
         # Only from now on: a client's FIN before the end still ends a transfer at once.
@@ -307,14 +307,18 @@ class DataConnection(Protocol):
         if self.channel.session.closing:
             self.closed.callback(True)
         else:
-            self._socket().loseConnection()
+            self._unshaped().loseConnection()
 
     def readConnectionLost(self) -> None:
         # The client's FIN: after netd's, it has read it all.
-        self._socket().loseConnection()
+        self._unshaped().loseConnection()
 
-    def _socket(self) -> Any:
-        """The transport under a rule's shaping: a close that need not wait for its queue."""
+    def _unshaped(self) -> Any:
+        """
+        The transport under a rule's shaping: TLS's own (whose records the
+        shaping must not take for cleartext), or a socket's close that need
+        not wait for the shaping's queue.
+        """
         return self._shaped.transport if self._shaped is not None else self.transport
 
     def connectionMade(self) -> None:
@@ -330,7 +334,7 @@ class DataConnection(Protocol):
         no SSL_CTX_set_num_tickets to send none).  On every data connection,
         since a client may finish the handshake before its STOR reaches netd.
         """
-        _hold_pending_records(self.transport)
+        _hold_pending_records(self._unshaped())
 
     def dataReceived(self, data: bytes) -> None:
         meter = self._meter
@@ -383,12 +387,13 @@ class DataConnection(Protocol):
         # on TLS the peer's close_notify (all was sent), whatever TCP did after,
         # or the peer's FIN once netd's own close_notify had left (see _DataTLS);
         # never one netd cut (the close_notify may have been read past the cut).
+        tls = self._unshaped()
         clean = not self._cut and (
             reason.check(net_error.ConnectionDone) is not None
-            or _tls_closed(self.transport)
+            or _tls_closed(tls)
             or (
-                isinstance(self.transport, _DataTLS)
-                and self.transport.delivered
+                isinstance(tls, _DataTLS)
+                and tls.delivered
                 and reason.check(net_error.ConnectionLost) is not None
             )
         )
@@ -532,8 +537,10 @@ class _Shaped:
             transport,
             send=transport.write,
             lose=self._let_go,
-            pause=transport.pauseProducing,
-            resume=transport.resumeProducing,
+            # A download's reading goes on whatever the throttle holds: TLS's
+            # handshake comes on it, and a full queue drains only after that.
+            pause=lambda: None,
+            resume=lambda: None,
             done=lambda: None,  # shaped until the transfer ends
         )
         self.write = shaper.write
