@@ -115,6 +115,17 @@ def more(netd: NetdProcess, user: str) -> list[bytes]:
     return held(netd, user)
 
 
+def run_clean(command: list[str]) -> None:
+    """
+    Run a mail client to its end: it succeeds and says no warning or error (a
+    UIDVALIDITY or UIDNEXT a sync client dislikes would be one or the other).
+    """
+    done = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    said = done.stdout + done.stderr
+    assert done.returncode == 0, said
+    assert not re.search(r"(?i)warning|error", said), said
+
+
 def mbsync(netd: NetdProcess, tmp_path: Path, user: str) -> None:
     """One run of mbsync between C{user}'s INBOX and tmp_path/INBOX (STARTTLS)."""
     host, port = netd.address("mail", protocol="imap")
@@ -130,16 +141,7 @@ def mbsync(netd: NetdProcess, tmp_path: Path, user: str) -> None:
         "Channel inbox\nFar :far:INBOX\nNear :near:INBOX\n"
         "Sync All\nCreate Near\nExpunge Both\nSyncState *\n"
     )
-    done = subprocess.run(
-        [tool("mbsync"), "--config", str(rc), "--verbose", "inbox"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said
-    # A UIDVALIDITY or UIDNEXT it dislikes would be an error or a warning.
-    assert not re.search(r"(?i)warning|error", said), said
+    run_clean([tool("mbsync"), "--config", str(rc), "--verbose", "inbox"])
 
 
 def offlineimap(netd: NetdProcess, tmp_path: Path, user: str) -> None:
@@ -156,15 +158,7 @@ def offlineimap(netd: NetdProcess, tmp_path: Path, user: str) -> None:
         f"remoteuser = {user}@netd.test\nremotepass = {PASSWORD}\nssl = yes\n"
         f"sslcacertfile = {netd.ca_file('lab')}\n"
     )
-    done = subprocess.run(
-        [tool("offlineimap"), "-c", str(rc), "-o", "-u", "basic"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said
-    assert not re.search(r"(?i)warning|error", said), said
+    run_clean([tool("offlineimap"), "-c", str(rc), "-o", "-u", "basic"])
 
 
 # Each sync client, and where it keeps INBOX under its tmp_path.
@@ -230,15 +224,7 @@ def getmail(
         f"[destination]\ntype = MDA_external\npath = {deliver_to}\nallow_root_commands = true\n\n"
         f"[options]\ndelivered_to = false\nreceived = false\n{options}\n"
     )
-    done = subprocess.run(
-        [tool("getmail"), "--getmaildir", str(tmp_path / "state"), "--rcfile", "getmailrc"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    said = done.stdout + done.stderr
-    assert done.returncode == 0, said
-    assert not re.search(r"(?i)warning|error", said), said
+    run_clean([tool("getmail"), "--getmaildir", str(tmp_path / "state"), "--rcfile", "getmailrc"])
     return [
         re.sub(rb"\AReturn-Path: [^\n]*\n", b"", (got / str(n)).read_bytes()).replace(
             b"\n", b"\r\n"
