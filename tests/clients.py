@@ -1,6 +1,6 @@
 """
 Clients the integration tests share: raw FTP control connections, raw HTTP,
-smtplib, and the Debian tools they run.
+smtplib, Toxiproxy's Python client, and the Debian tools they run.
 """
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ import shutil
 import smtplib
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from toxiproxy import Toxiproxy
+from toxiproxy.api import APIConsumer
 
 from netd.testing import NetdProcess
 
@@ -24,6 +28,19 @@ def tool(name: str) -> str:
     if found is None:
         pytest.skip(f"{name} is not installed (.ci/run installs it)")
     return found
+
+
+@contextmanager
+def toxiproxy_client(netd: NetdProcess) -> Iterator[Toxiproxy]:
+    """Toxiproxy's Python client on netd's admin listener (it keeps its address class-wide)."""
+    admin = netd.ports["admin"]["listeners"][0]
+    saved = APIConsumer.host, APIConsumer.port
+    server = Toxiproxy()
+    server.update_api_consumer(admin["host"], admin["port"])
+    try:
+        yield server
+    finally:
+        APIConsumer.host, APIConsumer.port = saved
 
 
 def control(netd: NetdProcess, service: str = "files") -> tuple[socket.socket, Any]:

@@ -18,6 +18,7 @@ from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 
 from netd.testing import AdminError, NetdProcess
+from tests.clients import toxiproxy_client
 from tests.conftest import StartNetd, unused_port
 
 
@@ -37,14 +38,8 @@ services:
 
 @pytest.fixture
 def toxiproxy(netd: NetdProcess) -> Iterator[Toxiproxy]:
-    admin = netd.ports["admin"]["listeners"][0]
-    saved = APIConsumer.host, APIConsumer.port
-    server = Toxiproxy()
-    server.update_api_consumer(admin["host"], admin["port"])
-    try:
+    with toxiproxy_client(netd) as server:
         yield server
-    finally:
-        APIConsumer.host, APIConsumer.port = saved
 
 
 def _call(netd: NetdProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
