@@ -342,6 +342,10 @@ class Exchange(ABC):
     status: int = 0
     sent: int = 0
     started: float = 0.0
+    # Whether the response's bytes are all handed to the connection once it is
+    # complete (HTTP/1.x), so a shaper can pace those alone; HTTP/2's frames
+    # leave on later turns, interleaved with other streams'.
+    written_when_complete = True
     # Set by the proxy while it waits on the upstream (a stub while it delays);
     # the wire calls it if the client goes.
     proxy_cancel: Callable[[], None] | None = None
@@ -769,7 +773,7 @@ class App:
         if exchange.shaped:
             shaper = getattr(exchange.connection_transport(), "shaper", None)
             if shaper is not None:
-                shaper.release(written=exchange.version != "HTTP/2")
+                shaper.release(written=exchange.written_when_complete)
         # The response's last byte handed to the transport: its duration ends there.
         finished = self.clock.seconds()
         body = exchange.body

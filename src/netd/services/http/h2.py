@@ -358,6 +358,8 @@ class _H2Request(server.Request):
 class H2Exchange(Exchange):
     """An exchange on one HTTP/2 stream, through twisted.web's L{server.Request}."""
 
+    written_when_complete = False  # the stream's frames leave on later turns
+
     def __init__(self, app: App, request: _H2Request, scheme: str) -> None:
         self.app = app
         self.request = request
